@@ -1,0 +1,316 @@
+"""Run a check plugin through the Unix process API, bounded in time, output and concurrency.
+
+A plugin is an absolute path plus an argv list, never a shell command. It starts with a clean
+environment (``LC_ALL=C``, a minimal ``PATH``), no stdin, and a process group of its own, so the
+deadline can TERM and then KILL everything it started. Captured output is capped, and every way a
+plugin can misbehave (timeout, signal, exit code outside 0-3, silence) becomes a result with a line
+saying what happened, as Nagios 4 reports it, rather than an exception.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import os
+import signal
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+from agents.monitor import perfdata as perfdata_grammar
+from agents.monitor.output import PluginOutput, parse_output
+from agents.monitor.ranges import State, format_number
+
+__all__ = [
+    "CheckResult",
+    "PluginError",
+    "PluginPool",
+    "run_plugin",
+    "clean_environment",
+    "CLEAN_PATH",
+    "DEFAULT_OUTPUT_CAP",
+    "DEFAULT_KILL_GRACE",
+]
+
+CLEAN_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+DEFAULT_OUTPUT_CAP = 64 * 1024
+DEFAULT_KILL_GRACE = 2.0
+_READ_CHUNK = 64 * 1024
+
+
+class PluginError(ValueError):
+    """The plugin cannot be run as asked: bad argv, relative path, not an executable file."""
+
+
+@dataclass(frozen=True)
+class CheckResult:
+    """The outcome of one plugin run. ``exit_code`` is None when the plugin did not exit by itself."""
+
+    state: State
+    text: str
+    long_text: str
+    perfdata: str
+    duration: float
+    exit_code: int | None
+    truncated: bool = False
+    timed_out: bool = False
+
+    @property
+    def metrics(self) -> perfdata_grammar.Perfdata:
+        """``perfdata`` parsed into items (bad items are listed in ``.errors``)."""
+        return perfdata_grammar.parse(self.perfdata)
+
+    def render(self) -> str:
+        """The result as plugin output, for relaying it to Nagios unchanged in meaning."""
+        return PluginOutput(self.text, self.long_text, self.perfdata).render()
+
+    def as_dict(self) -> dict[str, object]:
+        """Plain types for the wire (msgpack): the state by name, perfdata raw and parsed."""
+        return {
+            "state": self.state.name,
+            "code": int(self.state),
+            "text": self.text,
+            "long_text": self.long_text,
+            "perfdata": self.perfdata,
+            "metrics": [item.as_dict() for item in self.metrics],
+            "duration": self.duration,
+            "exit_code": self.exit_code,
+            "truncated": self.truncated,
+            "timed_out": self.timed_out,
+        }
+
+
+def clean_environment(extra: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The environment a plugin gets: ``LC_ALL=C`` and a minimal ``PATH``, plus ``extra``."""
+    env = {"PATH": CLEAN_PATH, "LC_ALL": "C"}
+    for key, value in (extra or {}).items():
+        if not isinstance(key, str) or not key or "=" in key or "\0" in key:
+            raise PluginError(f"bad environment variable name {key!r}")
+        if not isinstance(value, str) or "\0" in value:
+            raise PluginError(f"environment variable {key} must be text without NUL bytes")
+        env[key] = value
+    return env
+
+
+def checked_argv(argv: Sequence[str]) -> list[str]:
+    """Validate a plugin argv: a list of strings whose first is an absolute path to an executable."""
+    if isinstance(argv, (str, bytes)) or not isinstance(argv, Sequence):
+        raise PluginError("argv must be a list of strings, not a command line (no shell is used)")
+    if not argv:
+        raise PluginError("argv is empty: the first element must be the plugin's absolute path")
+    for index, arg in enumerate(argv):
+        if not isinstance(arg, str):
+            raise PluginError(f"argv[{index}] must be a string, got {type(arg).__name__}")
+        if "\0" in arg:
+            raise PluginError(f"argv[{index}] contains a NUL byte")
+    path = argv[0]
+    if not os.path.isabs(path):
+        raise PluginError(f"plugin path must be absolute, got {path!r}")
+    if not os.path.isfile(path):
+        raise PluginError(f"plugin {path} does not exist or is not a regular file")
+    if not os.access(path, os.X_OK):
+        raise PluginError(f"plugin {path} is not executable")
+    return list(argv)
+
+
+def _positive(value: float, name: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{name} must be a positive number of seconds, got {value!r}")
+    return float(value)
+
+
+async def run_plugin(
+    argv: Sequence[str],
+    *,
+    timeout: float,
+    timeout_state: State = State.UNKNOWN,
+    output_cap: int = DEFAULT_OUTPUT_CAP,
+    env: Mapping[str, str] | None = None,
+    kill_grace: float = DEFAULT_KILL_GRACE,
+) -> CheckResult:
+    """Run one plugin and return its result; raises PluginError only when it cannot be started.
+
+    ``timeout`` is the plugin's deadline in seconds; past it the whole process group gets SIGTERM,
+    then SIGKILL after ``kill_grace`` seconds, and the result is ``timeout_state``. At most
+    ``output_cap`` bytes of stdout (and of stderr) are kept. ``env`` adds to the clean environment.
+    """
+    args = checked_argv(argv)
+    timeout = _positive(timeout, "timeout")
+    kill_grace = _positive(kill_grace, "kill_grace")
+    timeout_state = State.parse(timeout_state)
+    if isinstance(output_cap, bool) or not isinstance(output_cap, int) or output_cap < 1:
+        raise ValueError(f"output_cap must be a positive number of bytes, got {output_cap!r}")
+    environment = clean_environment(env)
+
+    loop = asyncio.get_running_loop()
+    started = time.monotonic()
+    # Our own pipes rather than asyncio's PIPE: this Python's Process.wait() also waits for the
+    # pipes to close, which a left-behind grandchild can hold open forever.
+    out_r, out_w = os.pipe()
+    err_r, err_w = os.pipe()
+    try:
+        proc = await asyncio.create_subprocess_exec(
+            *args,
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=out_w,
+            stderr=err_w,
+            env=environment,
+            cwd="/",
+            start_new_session=True,
+        )
+    except OSError as exc:
+        for fd in (out_r, err_r):
+            os.close(fd)
+        return CheckResult(State.UNKNOWN, f"Could not run plugin {args[0]}: {exc.strerror or exc}",
+                           "", "", time.monotonic() - started, None)
+    finally:
+        os.close(out_w)
+        os.close(err_w)
+    group = proc.pid  # start_new_session made the plugin the leader of a new group
+
+    out_transport, out_reader = await _pipe_reader(loop, out_r)
+    err_transport, err_reader = await _pipe_reader(loop, err_r)
+    stdout_task = asyncio.ensure_future(_read_capped(out_reader, output_cap))
+    stderr_task = asyncio.ensure_future(_read_capped(err_reader, output_cap))
+    exit_task = asyncio.ensure_future(proc.wait())
+    tasks = {stdout_task, stderr_task, exit_task}
+    timed_out = False
+    try:
+        _, pending = await asyncio.wait(tasks, timeout=timeout)
+        if pending:
+            timed_out = True
+            _signal_group(group, signal.SIGTERM)
+            _, pending = await asyncio.wait(tasks, timeout=kill_grace)
+        # Also after a normal exit: nothing the plugin started may outlive its check.
+        _signal_group(group, signal.SIGKILL)
+        if pending:
+            _, pending = await asyncio.wait(tasks, timeout=kill_grace)
+    except BaseException:
+        _signal_group(group, signal.SIGKILL)
+        raise
+    finally:
+        # A process that escaped the group (setsid) may still hold a pipe: stop listening to it.
+        for task in tasks:
+            task.cancel()
+        out_transport.close()
+        err_transport.close()
+    duration = time.monotonic() - started
+
+    stdout, truncated = stdout_task.result() if stdout_task.done() and not stdout_task.cancelled() else (b"", False)
+    stderr, _ = stderr_task.result() if stderr_task.done() and not stderr_task.cancelled() else (b"", False)
+    return _result(
+        returncode=proc.returncode,
+        stdout=stdout.decode("utf-8", errors="replace"),
+        stderr=stderr.decode("utf-8", errors="replace"),
+        truncated=truncated,
+        timed_out=timed_out,
+        timeout=timeout,
+        timeout_state=timeout_state,
+        output_cap=output_cap,
+        duration=duration,
+    )
+
+
+async def _pipe_reader(
+    loop: asyncio.AbstractEventLoop, fd: int
+) -> tuple[asyncio.ReadTransport, asyncio.StreamReader]:
+    reader = asyncio.StreamReader(limit=_READ_CHUNK)
+    transport, _ = await loop.connect_read_pipe(
+        lambda: asyncio.StreamReaderProtocol(reader), os.fdopen(fd, "rb", buffering=0)
+    )
+    return transport, reader
+
+
+async def _read_capped(reader: asyncio.StreamReader, cap: int) -> tuple[bytes, bool]:
+    """Keep the first ``cap`` bytes; drain the rest so the plugin is never blocked on a full pipe."""
+    kept = bytearray()
+    truncated = False
+    while chunk := await reader.read(_READ_CHUNK):
+        room = cap - len(kept)
+        if len(chunk) > room:
+            truncated = True
+        if room > 0:
+            kept += chunk[:room]
+    return bytes(kept), truncated
+
+
+def _signal_group(group: int, sig: signal.Signals) -> None:
+    try:
+        os.killpg(group, sig)
+    except ProcessLookupError:
+        pass  # the whole group is already gone
+
+
+def _result(
+    *,
+    returncode: int | None,
+    stdout: str,
+    stderr: str,
+    truncated: bool,
+    timed_out: bool,
+    timeout: float,
+    timeout_state: State,
+    output_cap: int,
+    duration: float,
+) -> CheckResult:
+    parsed = parse_output(stdout)
+    text, long_text, perf = parsed.text, parsed.long_text, parsed.perfdata
+
+    def headline(line: str) -> str:
+        return f"{line}: {text}" if text else line
+
+    if timed_out:
+        state = timeout_state
+        text = headline(f"Plugin timed out after {format_number(timeout)} s")
+        perf = ""  # measurements from a run that did not finish are not to be trusted
+        returncode = None
+    elif returncode is None:
+        state, text = State.UNKNOWN, headline("Plugin did not exit")
+    elif returncode < 0:
+        try:
+            name = signal.Signals(-returncode).name
+        except ValueError:
+            name = f"signal {-returncode}"
+        state = State.UNKNOWN
+        text = headline(f"Plugin was killed by {name} ({-returncode})")
+        returncode = None
+    elif returncode > 3:
+        state = State.UNKNOWN
+        text = headline(f"Plugin exited with code {returncode}, outside 0-3")
+    else:
+        state = State(returncode)
+    if not (text or long_text or perf):
+        first_err = stderr.strip().split("\n", 1)[0].strip()
+        # Nagios 4's words for a silent plugin.
+        text = f"(No output on stdout) stderr: {first_err}" if first_err else "(No output returned from plugin)"
+    if truncated:
+        if long_text and not long_text.endswith("\n"):
+            long_text += "\n"
+        long_text += f"(output truncated: plugin wrote more than {output_cap} bytes)"
+    return CheckResult(state, text, long_text, perf, duration, returncode, truncated, timed_out)
+
+
+class PluginPool:
+    """Runs plugins with at most ``limit`` at a time; further runs wait their turn."""
+
+    def __init__(self, limit: int = 8) -> None:
+        if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
+            raise ValueError(f"plugin pool limit must be a positive integer, got {limit!r}")
+        self.limit = limit
+        self._semaphore = asyncio.Semaphore(limit)
+        self._running = 0
+
+    @property
+    def running(self) -> int:
+        """How many plugins are running now."""
+        return self._running
+
+    async def run(self, argv: Sequence[str], **options: object) -> CheckResult:
+        """``run_plugin(argv, **options)`` once a slot is free; bad argv fails before queueing."""
+        checked_argv(argv)
+        async with self._semaphore:
+            self._running += 1
+            try:
+                return await run_plugin(argv, **options)  # type: ignore[arg-type]
+            finally:
+                self._running -= 1
