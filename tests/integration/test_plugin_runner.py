@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from agents.monitor.checks import default_checks
 from agents.monitor.ranges import State
 from agents.monitor.runner import CLEAN_PATH, PluginError, PluginPool, run_plugin
 
@@ -283,3 +284,27 @@ async def test_result_as_dict_is_plain() -> None:
     assert data["state"] == "OK" and data["code"] == 0
     assert data["metrics"][0]["label"] == "procs"
     assert data["metrics"][0]["crit"] == "1:"
+
+
+@pytest.mark.parametrize(
+    ("name", "args", "prefix"),
+    [
+        ("load", {"warn": "1000", "crit": "2000"}, "LOAD OK"),
+        ("disk", {"warn": "0%", "crit": "0%"}, "DISK OK"),
+        ("procs", {"crit": "1:"}, "PROCS OK"),
+        ("users", {"warn": 1000, "crit": 2000}, "USERS OK"),
+        ("dummy", {"state": 1, "text": "from the catalogue"}, "WARNING: from the catalogue"),
+    ],
+)
+async def test_default_catalogue_runs_real_plugins(name: str, args: dict, prefix: str) -> None:
+    check = default_checks()[name]
+    result = await run_plugin(check.argv(args), timeout=check.timeout, timeout_state=check.timeout_state)
+    assert result.text.startswith(prefix), result.text
+    assert result.state is (State.WARNING if name == "dummy" else State.OK)
+
+
+async def test_catalogue_value_with_metacharacters_is_one_literal_argument() -> None:
+    check = default_checks()["dummy"]
+    value = "$(id) `id` ; && > /tmp/x * ~"
+    result = await run_plugin(check.argv({"state": 0, "text": value}), timeout=check.timeout)
+    assert result.text == f"OK: {value}"
