@@ -1,0 +1,432 @@
+"""The btrfs storage driver: volumes and clones are subvolumes, snapshots are read-only subvolume snapshots
+(atomic, point-in-time even with writers running), replication is `btrfs send [-p parent]` / `btrfs
+receive` wrapped in the framed, checksummed stream of stream.py. Needs root and a btrfs filesystem.
+
+Layout under the driver root: volumes/<name> (writable subvolumes: volumes and clones),
+snapshots/<volume>/<snap>/tree (read-only subvolumes, each in a plain directory: a read-only subvolume
+cannot be moved to another parent directory, but the plain directory around it can, which is how a received
+snapshot is published in one rename), snapshots/<volume>/.recv-* and tmp/ (staging, cleared at start),
+state.sqlite (what btrfs does not record: kinds, clone origins, replication guids).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sqlite3
+import subprocess
+import tempfile
+import threading
+import time
+import uuid
+from collections import Counter
+from pathlib import Path
+from typing import Any, Iterable, Iterator
+
+import blake3
+
+from agents.storage import driver as d
+from agents.storage.driver import SnapshotInfo, StorageDriver, StorageError, VolumeInfo
+from agents.storage.names import validate_name
+from agents.storage.stream import cdc_pieces, read_frames, write_stream
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS volumes(
+    name TEXT PRIMARY KEY, kind TEXT NOT NULL, origin_volume TEXT, origin_snap TEXT, created REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS snapshots(
+    volume TEXT NOT NULL, name TEXT NOT NULL, guid TEXT NOT NULL, created REAL NOT NULL,
+    logical_bytes INTEGER NOT NULL, PRIMARY KEY(volume, name));
+"""
+
+
+def _run(argv: list[str]) -> str:
+    try:
+        done = subprocess.run(argv, capture_output=True, text=True, check=False)
+    except FileNotFoundError:
+        raise StorageError(f"{argv[0]} is not installed; install btrfs-progs", code="environment") from None
+    if done.returncode != 0:
+        raise StorageError(f"`{' '.join(argv)}` failed (exit {done.returncode}): "
+                           f"{done.stderr.strip() or done.stdout.strip()}", code="failed")
+    return done.stdout
+
+
+class BtrfsDriver(StorageDriver):
+    name = "btrfs"
+
+    def __init__(self, root: str | os.PathLike[str]) -> None:
+        self.root = Path(root).resolve()
+        if os.geteuid() != 0:
+            raise StorageError("the btrfs driver needs root (subvolume create/delete and send/receive); run "
+                               "the storage agent as root or use the embedded driver", code="environment")
+        if shutil.which("btrfs") is None:
+            raise StorageError("the btrfs command is missing; install btrfs-progs (apt-get install -y "
+                               "btrfs-progs) or use the embedded driver", code="environment")
+        probe = self.root
+        while not probe.exists():
+            probe = probe.parent
+        fstype = _run(["stat", "-f", "-c", "%T", str(probe)]).strip()
+        if fstype != "btrfs":
+            raise StorageError(f"{self.root} is on a {fstype} filesystem, not btrfs; point the btrfs driver at "
+                               f"a directory on a mounted btrfs filesystem or use the embedded driver",
+                               code="environment")
+        for sub in ("volumes", "snapshots", "tmp"):
+            (self.root / sub).mkdir(parents=True, exist_ok=True)
+        self._lock = threading.RLock()
+        self._holds: Counter[tuple[str, str]] = Counter()
+        self.db = sqlite3.connect(self.root / "state.sqlite", check_same_thread=False)
+        self.db.executescript(_SCHEMA)
+        for leftover in [*(self.root / "tmp").iterdir(), *(self.root / "snapshots").glob("*/.recv-*")]:
+            self._delete_any(leftover)
+
+    def close(self) -> None:
+        with self._lock:
+            self.db.close()
+
+    # capabilities and listing -------------------------------------------------------------------------
+    def capabilities(self) -> set[str]:
+        caps = {d.CAP_VOLUMES, d.CAP_SNAPSHOTS, d.CAP_CLONES, d.CAP_ROLLBACK, d.CAP_REFRESH, d.CAP_SEND,
+                d.CAP_RECEIVE, d.CAP_INCREMENTAL, d.CAP_ATOMIC_SNAPSHOT, d.CAP_REFLINK_CLONES}
+        if self._quotas_enabled():
+            caps.add(d.CAP_SPACE_EXACT)
+        return caps
+
+    def list_volumes(self) -> list[VolumeInfo]:
+        with self._lock:
+            names = [r[0] for r in self.db.execute("SELECT name FROM volumes ORDER BY name")]
+            return [self._volume_info(n) for n in names]
+
+    def list_snapshots(self, volume: str) -> list[SnapshotInfo]:
+        with self._lock:
+            self._volume_row(volume)
+            names = [r[0] for r in self.db.execute(
+                "SELECT name FROM snapshots WHERE volume = ? ORDER BY created, rowid", (volume,))]
+            return [self._snapshot_info(volume, n) for n in names]
+
+    def path(self, name: str) -> Path:
+        with self._lock:
+            if self._volume_row(name)[1] == "replica":
+                raise StorageError(f"volume {name!r} is a replica that holds only received snapshots; clone "
+                                   f"one of them to get a writable directory", code="invalid")
+            return self.root / "volumes" / name
+
+    # volumes and clones -------------------------------------------------------------------------------
+    def create_volume(self, name: str) -> VolumeInfo:
+        validate_name(name, "volume name")
+        with self._lock:
+            self._refuse_existing(name)
+            _run(["btrfs", "subvolume", "create", str(self.root / "volumes" / name)])
+            self.db.execute("INSERT INTO volumes(name, kind, created) VALUES (?, 'volume', ?)",
+                            (name, time.time()))
+            self.db.commit()
+            return self._volume_info(name)
+
+    def destroy_volume(self, name: str) -> None:
+        with self._lock:
+            if self._volume_row(name)[1] == "clone":
+                raise StorageError(f"{name!r} is a clone; destroy it with destroy_clone", code="invalid")
+            self._destroy(name)
+
+    def destroy_clone(self, clone: str) -> None:
+        with self._lock:
+            if self._volume_row(clone)[1] != "clone":
+                raise StorageError(f"{clone!r} is not a clone; destroy volumes with destroy_volume",
+                                   code="invalid")
+            self._destroy(clone)
+
+    def _destroy(self, name: str) -> None:
+        snaps = [r[0] for r in self.db.execute("SELECT name FROM snapshots WHERE volume = ? ORDER BY created",
+                                               (name,))]
+        if snaps:
+            shown = ", ".join(f"{name}@{s}" for s in snaps)
+            raise StorageError(f"cannot destroy {name!r}: it still has snapshots {shown}; destroy them first",
+                               code="has_dependants", dependants=[f"{name}@{s}" for s in snaps])
+        live = self.root / "volumes" / name
+        if live.exists():
+            _run(["btrfs", "subvolume", "delete", str(live)])
+        snapdir = self.root / "snapshots" / name
+        if snapdir.exists():
+            self._delete_any(snapdir)
+        self.db.execute("DELETE FROM volumes WHERE name = ?", (name,))
+        self.db.commit()
+
+    def clone(self, volume: str, snap: str, clone_name: str) -> VolumeInfo:
+        validate_name(clone_name, "clone name")
+        with self._lock:
+            source = self._snapshot_path(volume, snap)
+            self._refuse_existing(clone_name)
+            _run(["btrfs", "subvolume", "snapshot", str(source), str(self.root / "volumes" / clone_name)])
+            self.db.execute("INSERT INTO volumes(name, kind, origin_volume, origin_snap, created) "
+                            "VALUES (?, 'clone', ?, ?, ?)", (clone_name, volume, snap, time.time()))
+            self.db.commit()
+            return self._volume_info(clone_name)
+
+    def rollback(self, volume: str, snap: str) -> None:
+        with self._lock:
+            if self._volume_row(volume)[1] == "replica":
+                raise StorageError(f"{volume!r} is a replica and has no tree to roll back; clone one of its "
+                                   f"snapshots instead", code="invalid")
+            self._replace_tree(volume, self._snapshot_path(volume, snap))
+
+    def refresh_clone(self, clone: str, snap: str) -> VolumeInfo:
+        with self._lock:
+            row = self._volume_row(clone)
+            if row[1] != "clone":
+                raise StorageError(f"{clone!r} is not a clone; only clones can be refreshed", code="invalid")
+            self._replace_tree(clone, self._snapshot_path(row[2], snap))
+            self.db.execute("UPDATE volumes SET origin_snap = ? WHERE name = ?", (snap, clone))
+            self.db.commit()
+            return self._volume_info(clone)
+
+    def _replace_tree(self, name: str, source: Path) -> None:
+        fresh = self.root / "tmp" / f"fresh-{uuid.uuid4().hex}"
+        old = self.root / "tmp" / f"old-{uuid.uuid4().hex}"
+        _run(["btrfs", "subvolume", "snapshot", str(source), str(fresh)])
+        live = self.root / "volumes" / name
+        os.rename(live, old)
+        os.rename(fresh, live)
+        _run(["btrfs", "subvolume", "delete", str(old)])
+
+    # snapshots ----------------------------------------------------------------------------------------
+    def snapshot(self, volume: str, snap: str) -> SnapshotInfo:
+        validate_name(snap, "snapshot name")
+        with self._lock:
+            if self._volume_row(volume)[1] == "replica":
+                raise StorageError(f"{volume!r} is a replica; its snapshots come only from receive",
+                                   code="invalid")
+            self._refuse_existing_snapshot(volume, snap)
+            target = self.root / "snapshots" / volume / snap / "tree"
+            target.parent.mkdir(parents=True)
+            try:
+                _run(["btrfs", "subvolume", "snapshot", "-r", str(self.root / "volumes" / volume), str(target)])
+            except StorageError:
+                target.parent.rmdir()
+                raise
+            self._record_snapshot(volume, snap, self._uuids(target)[0], target)
+            return self._snapshot_info(volume, snap)
+
+    def destroy_snapshot(self, volume: str, snap: str) -> None:
+        with self._lock:
+            target = self._snapshot_path(volume, snap)
+            clones = [r[0] for r in self.db.execute(
+                "SELECT name FROM volumes WHERE origin_volume = ? AND origin_snap = ? ORDER BY name",
+                (volume, snap))]
+            if clones:
+                raise StorageError(f"cannot destroy {volume}@{snap}: clones {', '.join(clones)} were made "
+                                   f"from it; destroy or refresh them first", code="has_dependants",
+                                   dependants=clones)
+            if self._holds[(volume, snap)]:
+                raise StorageError(f"cannot destroy {volume}@{snap}: a send of it is running; wait for it "
+                                   f"to finish or cancel it", code="busy")
+            _run(["btrfs", "subvolume", "delete", str(target)])
+            target.parent.rmdir()
+            self.db.execute("DELETE FROM snapshots WHERE volume = ? AND name = ?", (volume, snap))
+            self.db.commit()
+
+    # send and receive ---------------------------------------------------------------------------------
+    def send(self, volume: str, to_snap: str, from_snap: str | None = None) -> Iterator[bytes]:
+        with self._lock:
+            to_path = self._snapshot_path(volume, to_snap)
+            from_path = self._snapshot_path(volume, from_snap) if from_snap is not None else None
+            to_guid = self._guid(volume, to_snap)
+            from_guid = self._guid(volume, from_snap) if from_snap is not None else None
+        header = {"driver": self.name, "volume": volume, "to_snap": to_snap, "to_guid": to_guid,
+                  "from_snap": from_snap, "from_guid": from_guid}
+        argv = ["btrfs", "send", "-q"] + (["-p", str(from_path)] if from_path else []) + [str(to_path)]
+        held = [(volume, to_snap)] + ([(volume, from_snap)] if from_snap is not None else [])
+        return self._send(header, argv, held)
+
+    def _send(self, header: dict[str, Any], argv: list[str], held: list[tuple[str, str]]) -> Iterator[bytes]:
+        with self._lock:
+            self._holds.update(held)
+        try:
+            with tempfile.TemporaryFile() as errors:
+                proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=errors)
+                try:
+                    yield from write_stream(header, self._data_frames(proc, argv, errors))
+                finally:
+                    if proc.poll() is None:
+                        proc.kill()
+                    proc.wait()
+        finally:
+            with self._lock:
+                self._holds.subtract(held)
+
+    def _data_frames(self, proc: subprocess.Popen[bytes], argv: list[str], errors: Any) -> Iterator[dict]:
+        assert proc.stdout is not None
+        for cid, data in cdc_pieces(proc.stdout):
+            yield {"t": "data", "id": cid, "d": data}
+        if proc.wait() != 0:
+            errors.seek(0)
+            raise StorageError(f"`{' '.join(argv)}` failed (exit {proc.returncode}): "
+                               f"{errors.read().decode(errors='replace').strip()}", code="failed")
+
+    def receive(self, volume: str, snap: str, stream: Iterable[bytes]) -> SnapshotInfo:
+        validate_name(volume, "volume name")
+        validate_name(snap, "snapshot name")
+        with self._lock:
+            self._refuse_existing_snapshot(volume, snap)
+            staging = self.root / "snapshots" / volume / f".recv-{uuid.uuid4().hex}"
+            staging.mkdir(parents=True)
+            try:
+                return self._receive(volume, snap, stream, staging)
+            finally:
+                self._delete_any(staging)
+                if not self.db.execute("SELECT 1 FROM volumes WHERE name = ?", (volume,)).fetchone():
+                    shutil.rmtree(staging.parent, ignore_errors=True)   # a failed first receive
+
+    def _receive(self, volume: str, snap: str, stream: Iterable[bytes], staging: Path) -> SnapshotInfo:
+        frames = read_frames(stream, expect_driver=self.name)
+        header = next(frames)
+        row = self.db.execute("SELECT kind FROM volumes WHERE name = ?", (volume,)).fetchone()
+        if header.get("from_guid") is None:
+            if row is not None and row[0] != "replica":
+                raise StorageError(f"{volume!r} exists and is not a replica; a full stream can only be "
+                                   f"received into a new volume name or an existing replica", code="exists")
+        elif self.db.execute("SELECT 1 FROM snapshots WHERE volume = ? AND guid = ?",
+                             (volume, header["from_guid"])).fetchone() is None:
+            raise StorageError(f"this incremental stream needs base snapshot {header.get('from_snap')!r} "
+                               f"(guid {header['from_guid']}) in volume {volume!r}, which this store does "
+                               f"not hold; send a full stream or from a snapshot both sides hold",
+                               code="not_found")
+        argv = ["btrfs", "receive", str(staging)]
+        with tempfile.TemporaryFile() as errors:
+            proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=errors, stderr=errors)
+            assert proc.stdin is not None
+            try:
+                for frame in frames:
+                    if frame["t"] != "data":
+                        raise StorageError(f"replication stream has unknown frame type {frame['t']!r}; "
+                                           f"upgrade this agent", code="unsupported")
+                    if blake3.blake3(frame["d"]).digest() != frame["id"]:
+                        raise StorageError("replication stream corrupt: a data piece does not match its id; "
+                                           "nothing was published, send the stream again", code="corrupt")
+                    try:
+                        proc.stdin.write(frame["d"])
+                    except BrokenPipeError:
+                        break       # btrfs receive gave up; its exit status and message follow
+                try:
+                    proc.stdin.close()
+                except BrokenPipeError:
+                    pass
+                if proc.wait() != 0:
+                    errors.seek(0)
+                    raise StorageError(f"`{' '.join(argv)}` failed (exit {proc.returncode}): "
+                                       f"{errors.read().decode(errors='replace').strip()}; nothing was "
+                                       f"published", code="failed")
+            finally:
+                if proc.poll() is None:
+                    proc.kill()
+                    proc.wait()
+        received = list(staging.iterdir())
+        if len(received) != 1:
+            raise StorageError(f"btrfs receive produced {len(received)} subvolumes instead of one; nothing "
+                               f"was published", code="failed")
+        if received[0].name != "tree":
+            os.rename(received[0], staging / "tree")      # same parent: allowed for a read-only subvolume
+        if row is None:
+            self.db.execute("INSERT INTO volumes(name, kind, created) VALUES (?, 'replica', ?)",
+                            (volume, time.time()))
+        os.rename(staging, self.root / "snapshots" / volume / snap)    # the publish: one rename
+        self._record_snapshot(volume, snap, header["to_guid"], self.root / "snapshots" / volume / snap / "tree")
+        return self._snapshot_info(volume, snap)
+
+    # internals ----------------------------------------------------------------------------------------
+    def _record_snapshot(self, volume: str, snap: str, guid: str, target: Path) -> None:
+        logical = sum(os.lstat(os.path.join(dp, f)).st_size for dp, _, fs in os.walk(target) for f in fs)
+        self.db.execute("INSERT INTO snapshots(volume, name, guid, created, logical_bytes) "
+                        "VALUES (?, ?, ?, ?, ?)", (volume, snap, guid, time.time(), logical))
+        self.db.commit()
+
+    def _uuids(self, subvol: Path) -> tuple[str, str | None]:
+        """(UUID, Received UUID or None) of a subvolume."""
+        fields = {}
+        for line in _run(["btrfs", "subvolume", "show", str(subvol)]).splitlines():
+            key, _, value = line.strip().partition(":")
+            fields[key.strip()] = value.strip()
+        received = fields.get("Received UUID")
+        return fields["UUID"], None if received in (None, "-") else received
+
+    def _guid(self, volume: str, snap: str) -> str:
+        return self.db.execute("SELECT guid FROM snapshots WHERE volume = ? AND name = ?",
+                               (volume, snap)).fetchone()[0]
+
+    def _delete_any(self, path: Path) -> None:
+        """Remove a staging path, deleting any subvolumes in it (a plain rmtree cannot)."""
+        if not path.exists():
+            return
+        for dirpath, dirnames, _ in os.walk(path, topdown=False):
+            for name in dirnames:
+                sub = Path(dirpath) / name
+                if sub.stat().st_ino == 256:      # inode 256 is the root of a btrfs subvolume
+                    subprocess.run(["btrfs", "property", "set", "-ts", str(sub), "ro", "false"],
+                                   capture_output=True, check=False)
+                    _run(["btrfs", "subvolume", "delete", str(sub)])
+        if path.stat().st_ino == 256:
+            _run(["btrfs", "subvolume", "delete", str(path)])
+        else:
+            shutil.rmtree(path)
+
+    def _quotas_enabled(self) -> bool:
+        done = subprocess.run(["btrfs", "qgroup", "show", "--raw", str(self.root)], capture_output=True,
+                              check=False)
+        return done.returncode == 0
+
+    def _used(self, live: Path) -> tuple[int, str]:
+        done = subprocess.run(["btrfs", "qgroup", "show", "--raw", "-f", str(live)], capture_output=True,
+                              text=True, check=False)
+        if done.returncode == 0:
+            for line in done.stdout.splitlines():
+                parts = line.split()
+                if parts and parts[0].startswith("0/"):
+                    return int(parts[2]), "qgroup-exclusive: bytes only this subvolume holds"
+        total = sum(os.lstat(os.path.join(dp, n)).st_blocks * 512
+                    for dp, dns, fns in os.walk(live) for n in dns + fns)
+        return total, ("du: allocated blocks, extents shared with snapshots counted in full (enable btrfs "
+                       "quotas for exclusive bytes)")
+
+    def _volume_row(self, name: str) -> tuple[Any, ...]:
+        validate_name(name, "volume name")
+        row = self.db.execute("SELECT name, kind, origin_volume, origin_snap FROM volumes WHERE name = ?",
+                              (name,)).fetchone()
+        if row is None:
+            raise StorageError(f"no volume or clone named {name!r}; list_volumes shows what exists",
+                               code="not_found")
+        return row
+
+    def _snapshot_path(self, volume: str, snap: str) -> Path:
+        self._volume_row(volume)
+        validate_name(snap, "snapshot name")
+        if self.db.execute("SELECT 1 FROM snapshots WHERE volume = ? AND name = ?", (volume, snap)).fetchone() \
+                is None:
+            raise StorageError(f"volume {volume!r} has no snapshot {snap!r}; list_snapshots shows its "
+                               f"snapshots", code="not_found")
+        return self.root / "snapshots" / volume / snap / "tree"
+
+    def _refuse_existing(self, name: str) -> None:
+        if self.db.execute("SELECT 1 FROM volumes WHERE name = ?", (name,)).fetchone() \
+                or (self.root / "volumes" / name).exists():
+            raise StorageError(f"a volume or clone named {name!r} already exists; pick another name",
+                               code="exists")
+
+    def _refuse_existing_snapshot(self, volume: str, snap: str) -> None:
+        if self.db.execute("SELECT 1 FROM snapshots WHERE volume = ? AND name = ?", (volume, snap)).fetchone():
+            raise StorageError(f"volume {volume!r} already has a snapshot {snap!r}; pick another name",
+                               code="exists")
+
+    def _volume_info(self, name: str) -> VolumeInfo:
+        row = self._volume_row(name)
+        snaps = tuple(r[0] for r in self.db.execute(
+            "SELECT name FROM snapshots WHERE volume = ? ORDER BY created, rowid", (name,)))
+        live = self.root / "volumes" / name
+        used, method = self._used(live) if live.exists() else (0, "replica: no writable tree")
+        return VolumeInfo(name=name, kind=row[1], used_bytes=used, used_method=method,
+                          origin=(row[2], row[3]) if row[2] else None, snapshots=snaps)
+
+    def _snapshot_info(self, volume: str, snap: str) -> SnapshotInfo:
+        guid, created, logical = self.db.execute(
+            "SELECT guid, created, logical_bytes FROM snapshots WHERE volume = ? AND name = ?",
+            (volume, snap)).fetchone()
+        clones = tuple(r[0] for r in self.db.execute(
+            "SELECT name FROM volumes WHERE origin_volume = ? AND origin_snap = ? ORDER BY name", (volume, snap)))
+        return SnapshotInfo(volume=volume, name=snap, guid=guid, created=created, logical_bytes=logical,
+                            clones=clones)
