@@ -378,7 +378,8 @@ class BtrfsDriver(StorageDriver):
             for line in done.stdout.splitlines():
                 parts = line.split()
                 if parts and parts[0].startswith("0/"):
-                    return int(parts[2]), "qgroup-exclusive: bytes only this subvolume holds"
+                    return int(parts[2]), ("qgroup-exclusive: bytes only this subvolume holds, as of the last "
+                                            "transaction commit")
         total = sum(os.lstat(os.path.join(dp, n)).st_blocks * 512
                     for dp, dns, fns in os.walk(live) for n in dns + fns)
         return total, ("du: allocated blocks, extents shared with snapshots counted in full (enable btrfs "

@@ -49,10 +49,15 @@ def btrfs_mounts(tmp_path):
             mounts.append(_loop_btrfs(tmp_path, name))
         yield mounts
     finally:
+        busy = []
         for mnt in mounts:
-            subprocess.run(["umount", str(mnt)], check=False, capture_output=True)
+            if subprocess.run(["umount", str(mnt)], capture_output=True).returncode != 0:
+                # Never leak a mount; detach lazily, then fail so the leak's cause gets fixed.
+                subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
+                busy.append(str(mnt))
         for image in tmp_path.glob("*.img"):
             image.unlink()
+        assert not busy, f"btrfs test mounts were still busy at teardown: {busy}"
 
 
 @pytest.fixture(params=["embedded", "btrfs"])
@@ -66,7 +71,10 @@ def pair(request, tmp_path):
     else:
         from agents.storage.btrfs import BtrfsDriver
         mounts = request.getfixturevalue("btrfs_mounts")
-        yield BtrfsDriver(mounts[0] / "vertebra"), BtrfsDriver(mounts[1] / "vertebra")
+        a, b = BtrfsDriver(mounts[0] / "vertebra"), BtrfsDriver(mounts[1] / "vertebra")
+        yield a, b
+        a.close()
+        b.close()
 
 
 def tree(top: Path) -> dict[str, tuple]:
