@@ -1,0 +1,278 @@
+"""An agent: an actor that serves the ops its class declares.
+
+An op's whole path through an agent, in order:
+
+1. advertise — on every session, each op becomes a disco#info feature, the agent's kind and
+   resources go into an XEP-0128 form, and a directed presence with the XEP-0115 caps hash goes to
+   the broker (``on_session``);
+2. receive — an IQ-set ``<op>`` arrives; limits are checked before decoding (``protocol.decode``);
+3. deduplicate — a request id seen before returns the first outcome and never runs twice;
+4. validate — the op's declaration checks and converts the arguments (``OpSpec.validate``);
+5. authorize — the hook decides on the caller's bare JID as the server stamped it (``authz``);
+6. execute — within the op's deadline; a long op answers at once with a job id and reports
+   sequence-numbered progress, then exactly one outcome;
+7. audit — the decision and the outcome are logged (the audit issue makes this a hash-chained log).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+from slixmpp import Iq, Presence
+from slixmpp.xmlstream.handler import Callback
+from slixmpp.xmlstream.matcher import StanzaPath
+
+from . import __version__, protocol, resources as paths
+from .actor import Actor, Endpoint
+from .authz import AdminsOnly, Authorizer, decide
+from .errors import BadArguments, BadPayload, Denied, InternalError, OpError, OpTimeout, UnknownOp
+from .ops import OpSpec, op, ops_of
+
+log = logging.getLogger(__name__)
+audit_log = logging.getLogger("vertebra.audit")
+
+AGENT_FORM = "urn:vertebra:1#agent"
+IDEMPOTENCY_WINDOW = 600.0  # seconds a finished request's outcome is kept for repeats
+IDEMPOTENCY_ENTRIES = 20_000
+
+
+@dataclass
+class Call:
+    """What an op's implementation knows about the request it serves."""
+
+    agent: "Agent"
+    caller: str  # bare JID, as the server stamped it
+    rid: str
+    resources: list[str]
+    deadline: float  # loop time by which the op must end
+    _reply_to: str = ""
+    _job: str = ""
+    _seq: int = field(default=0)
+
+    async def progress(self, payload: Any) -> None:
+        """Report progress to the caller (long ops only; ignored for quick ones)."""
+        if not self._job:
+            return
+        self._seq += 1
+        msg = self.agent.xmpp.make_message(mto=self._reply_to)
+        msg["vertebra_progress"]["job"] = self._job
+        msg["vertebra_progress"]["rid"] = self.rid
+        msg["vertebra_progress"]["seq"] = str(self._seq)
+        msg["vertebra_progress"].xml.text = protocol.encode(payload)
+        msg.send()
+
+
+@dataclass
+class _Answer:
+    """A request's outcome, kept so a repeated request id gets the same answer."""
+
+    result: Any = None
+    error: OpError | None = None
+    job: str = ""
+    at: float = 0.0
+
+
+def info_op(kind: str):
+    """The ``KIND.info`` op every agent kind serves: who it is and what it holds."""
+
+    @op(f"{kind}.info", deadline=5)
+    async def info(self: "Agent", call: Call) -> dict:
+        """Name, kind, version, resources and ops of this agent."""
+        return self.describe()
+
+    return info
+
+
+class Agent(Actor):
+    """Serves the ops declared on its class. Subclasses set ``kind`` and declare ops with ``@op``."""
+
+    kind = "agent"
+    resource = "agent"
+
+    def __init__(self, jid: str, password: str, endpoint: Endpoint, *, resources: Sequence[str] = (),
+                 broker: str | None = None, authorizer: Authorizer | None = None,
+                 settings: dict[str, Any] | None = None, name: str | None = None) -> None:
+        super().__init__(jid, password, endpoint)
+        self.name = name or jid.split("@", 1)[0]
+        self.resources = [paths.check(r) for r in resources]
+        self.broker = broker
+        self.authorizer = authorizer or AdminsOnly(())
+        self.settings = settings or {}
+        self.ops: dict[str, OpSpec] = ops_of(type(self))
+        self._answers: OrderedDict[tuple[str, str], _Answer] = OrderedDict()
+        self._running: dict[tuple[str, str], asyncio.Future[_Answer]] = {}
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self.xmpp.register_handler(Callback("vertebra op", StanzaPath("iq@type=set/vertebra_op"), self._on_op))
+        self.xmpp.add_event_handler("presence_available", self._on_presence)
+        self._advertise_features()
+
+    def describe(self) -> dict[str, Any]:
+        return {"name": self.name, "jid": str(self.jid), "kind": self.kind, "version": __version__,
+                "resources": list(self.resources), "ops": sorted(self.ops)}
+
+    # -- advertise -----------------------------------------------------------------------------
+
+    def _advertise_features(self) -> None:
+        disco = self.xmpp.plugin["xep_0030"]
+        disco.add_identity(category="automation", itype="rpc", name=f"vertebra {self.kind} agent")
+        for spec in self.ops.values():
+            disco.add_feature(spec.feature)
+        form = self.xmpp.plugin["xep_0004"].make_form(ftype="result")
+        form.add_field(var="FORM_TYPE", ftype="hidden", value=AGENT_FORM)
+        form.add_field(var="kind", ftype="text-single", value=self.kind)
+        form.add_field(var="name", ftype="text-single", value=self.name)
+        form.add_field(var="resources", ftype="text-multi", value=list(self.resources))
+        self.xmpp.plugin["xep_0128"].add_extended_info(data=form)
+
+    async def on_session(self) -> None:
+        # The caps hash covers features and the form, so agents alike share one disco query.
+        await self.xmpp.plugin["xep_0115"].update_caps(broadcast=False)
+        self.xmpp.send_presence()  # available, so a broker's hello to our bare JID reaches us
+        self.announce()
+
+    def announce(self) -> None:
+        """Directed presence (with caps) to the broker: the server then tells the broker when we go."""
+        if self.broker:
+            self.xmpp.send_presence(pto=self.broker)
+
+    def _on_presence(self, pres: Presence) -> None:
+        # A broker that (re)starts says hello with a directed presence; answer so it knows us again.
+        if self.broker and pres["from"].bare == self.broker and pres["from"] != self.jid:
+            self.announce()
+
+    # -- receive, deduplicate, validate, authorize, execute ------------------------------------
+
+    def _on_op(self, iq: Iq) -> None:
+        task = asyncio.get_running_loop().create_task(self._serve(iq))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _serve(self, iq: Iq) -> None:
+        req = iq["vertebra_op"]
+        caller = iq["from"].bare
+        rid = req["rid"]
+        if not rid or len(rid) > 128:
+            self.xmpp.send(protocol.error_reply(iq, BadPayload("request has no valid rid (1-128 characters)")))
+            return
+        key = (caller, rid)
+        answer = self._answers.get(key)
+        if answer is None:
+            running = self._running.get(key)
+            if running is not None:
+                answer = await asyncio.shield(running)
+            else:
+                fut: asyncio.Future[_Answer] = asyncio.get_running_loop().create_future()
+                self._running[key] = fut
+                try:
+                    answer = await self._admit_and_run(iq, caller, rid)
+                finally:
+                    del self._running[key]
+                fut.set_result(answer)
+                self._remember(key, answer)
+        self.xmpp.send(self._reply(iq, answer))
+
+    def _reply(self, iq: Iq, answer: _Answer) -> Iq:
+        if answer.error is not None:
+            return protocol.error_reply(iq, answer.error)
+        reply = iq.reply(clear=True)
+        if answer.job:
+            reply["vertebra_accepted"]["job"] = answer.job
+        else:
+            reply["vertebra_outcome"]["status"] = "ok"
+            reply["vertebra_outcome"].xml.text = protocol.encode(answer.result)
+        return reply
+
+    def _remember(self, key: tuple[str, str], answer: _Answer) -> None:
+        answer.at = time.monotonic()
+        self._answers[key] = answer
+        horizon = answer.at - IDEMPOTENCY_WINDOW
+        while self._answers and (len(self._answers) > IDEMPOTENCY_ENTRIES
+                                 or next(iter(self._answers.values())).at < horizon):
+            self._answers.popitem(last=False)
+
+    async def _admit_and_run(self, iq: Iq, caller: str, rid: str) -> _Answer:
+        started = time.monotonic()
+        spec: OpSpec | None = None
+        try:
+            req = iq["vertebra_op"]
+            if len(req.xml):
+                raise BadPayload("the <op/> element must hold only its base64 payload, no child elements")
+            spec = self.ops.get(req["name"])
+            if spec is None:
+                raise UnknownOp(f"{req['name']!r} is not an op of {self.kind} agent {self.name};"
+                                f" it offers {', '.join(sorted(self.ops))}")
+            args = spec.validate(protocol.decode(req.xml.text) or {})
+            try:
+                addressed = [paths.check(r) for r in req["on"].split()]
+            except paths.BadResource as exc:
+                raise BadArguments(str(exc)) from None
+            resources = addressed + spec.resources_for(args) or list(self.resources)
+            decision = decide(self.authorizer, caller, spec, resources)
+            audit_log.info("decide rid=%s caller=%s op=%s resources=%s allowed=%s reason=%s",
+                           rid, caller, spec.name, resources, decision.allowed, decision.reason)
+            if not decision.allowed:
+                raise Denied(decision.reason)
+            timeout = min(spec.deadline, _budget(req["timeout"], spec.deadline))
+            call = Call(self, caller, rid, resources, asyncio.get_running_loop().time() + timeout)
+            if spec.progress:
+                call._reply_to, call._job = str(iq["from"]), uuid.uuid4().hex
+                self._spawn(self._run_job(spec, call, args, timeout))
+                return _Answer(job=call._job)
+            return _Answer(result=await self._execute(spec, call, args, timeout))
+        except OpError as exc:
+            self._audit_end(rid, caller, spec, exc.condition, started)
+            return _Answer(error=exc)
+
+    async def _execute(self, spec: OpSpec, call: Call, args: dict[str, Any], timeout: float) -> Any:
+        started = time.monotonic()
+        try:
+            result = await asyncio.wait_for(spec.func(self, call, **args), timeout)
+        except asyncio.TimeoutError:
+            raise OpTimeout(f"{spec.name} did not finish within {timeout:g}s and was stopped") from None
+        except OpError:
+            raise
+        except Exception as exc:
+            log.exception("op %s failed", spec.name)
+            raise InternalError(f"{spec.name} failed unexpectedly: {exc.__class__.__name__}: {exc}") from None
+        self._audit_end(call.rid, call.caller, spec, "ok", started)
+        return result
+
+    async def _run_job(self, spec: OpSpec, call: Call, args: dict[str, Any], timeout: float) -> None:
+        msg = self.xmpp.make_message(mto=call._reply_to)
+        outcome = msg["vertebra_outcome"]
+        outcome["job"] = call._job
+        outcome["rid"] = call.rid
+        try:
+            result = await self._execute(spec, call, args, timeout)
+            outcome["status"] = "ok"
+            outcome.xml.text = protocol.encode(result)
+        except OpError as exc:
+            self._audit_end(call.rid, call.caller, spec, exc.condition, time.monotonic())
+            outcome["status"] = exc.outcome.value
+            outcome["condition"] = exc.condition
+            outcome.xml.text = protocol.encode(exc.text)
+        msg.send()
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def _audit_end(self, rid: str, caller: str, spec: OpSpec | None, outcome: str, started: float) -> None:
+        audit_log.info("end rid=%s caller=%s op=%s outcome=%s duration=%.3fs", rid, caller,
+                       spec.name if spec else "?", outcome, time.monotonic() - started)
+
+
+def _budget(text: str, default: float) -> float:
+    """The caller's remaining time in seconds, from the request's ``timeout`` (milliseconds)."""
+    try:
+        value = int(text) / 1000.0
+    except (TypeError, ValueError):
+        return default
+    return value if value > 0 else default

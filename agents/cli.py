@@ -1,0 +1,377 @@
+"""`vertebra`: run a mesh and drive it from the command line.
+
+    vertebra up                      private server, broker and every agent of the mesh file
+    vertebra server start|stop|status
+    vertebra broker | agent NAME     run one actor in the foreground
+    vertebra agents [--json]         the live agents, their ops and resources
+    vertebra call OP [--on RESOURCE ...] [--scope all|one] [--to JID ...] [--timeout S] [--json] key=value ...
+    vertebra help [OP]               an op's arguments, generated from its declaration
+
+Exit codes of `call` and `agents`: 0 every target ok; 1 some target failed; 2 bad command line or
+arguments (nothing was sent); 3 denied; 4 timeout; 5 unreachable (an agent, the broker or the
+server); 6 not discovered (no live agent offers the op there). With several outcomes the highest
+code wins.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+from . import config as meshconf
+from .actor import ConnectError
+from .authz import AdminsOnly
+from .client import EXIT_USAGE, CallReport, Client, TargetResult
+from .errors import BadArguments, Outcome
+from .gateway import Gateway, GatewayUnavailable, call_via_gateway
+from .kinds import agent_class, catalogue
+
+EXIT_UNREACHABLE = 5
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = _parser()
+    ns = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if ns.verbose else logging.WARNING,
+                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    if ns.command is None:
+        parser.print_help()
+        return EXIT_USAGE
+    try:
+        if ns.command == "help":
+            return _help(ns.op)
+        mesh = meshconf.load(ns.mesh, ns.home)
+        return COMMANDS[ns.command](mesh, ns)
+    except meshconf.ConfigError as exc:
+        print(f"vertebra: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        return 130
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="vertebra", description="An agent mesh for managing infrastructure over XMPP.",
+                                epilog=__doc__.split("\n\n", 2)[2], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--home", help="state directory (default: $VERTEBRA_HOME, else ./.vertebra)")
+    p.add_argument("--mesh", help="mesh file (default: HOME/mesh.yaml, created from deploy/mesh.example.yaml)")
+    p.add_argument("-v", "--verbose", action="store_true", help="log what the runtime does")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+    srv = sub.add_parser("server", help="manage the mesh's private XMPP server")
+    srv.add_argument("action", choices=("start", "stop", "status"))
+    sub.add_parser("up", help="start the server, the broker and every agent; Ctrl-C stops them all")
+    sub.add_parser("broker", help="run the broker in the foreground")
+    ag = sub.add_parser("agent", help="run one agent of the mesh file in the foreground")
+    ag.add_argument("name")
+    lst = sub.add_parser("agents", help="list the live agents with their ops and resources")
+    lst.add_argument("--json", action="store_true")
+    lst.add_argument("--timeout", type=float, default=10.0)
+    call = sub.add_parser("call", help="call an op on the agents that offer it")
+    call.add_argument("op")
+    call.add_argument("pairs", nargs="*", metavar="key=value")
+    call.add_argument("--on", action="append", default=[], metavar="RESOURCE",
+                      help="only agents holding this resource, an ancestor or a descendant (repeatable)")
+    call.add_argument("--scope", choices=("all", "one"), default="all",
+                      help="all: every match; one: one match that accepts, exactly once")
+    call.add_argument("--to", action="append", default=[], metavar="JID",
+                      help="send to these agents directly, without discovery (repeatable)")
+    call.add_argument("--timeout", type=float, default=30.0, help="seconds for the whole call (default 30)")
+    call.add_argument("--json", action="store_true", help="print the results as JSON")
+    hlp = sub.add_parser("help", help="show an op's arguments, or list every op")
+    hlp.add_argument("op", nargs="?")
+    return p
+
+
+# -- help ----------------------------------------------------------------------------------------
+
+def _help(op_name: str | None) -> int:
+    ops = catalogue()
+    if op_name is None:
+        width = max(map(len, ops))
+        for name, spec in ops.items():
+            print(f"{name:<{width}}  {spec.summary}")
+        return 0
+    spec = ops.get(op_name)
+    if spec is None:
+        print(f"vertebra: no op named {op_name!r}; `vertebra help` lists them", file=sys.stderr)
+        return EXIT_USAGE
+    print(spec.help_text())
+    return 0
+
+
+# -- calling ---------------------------------------------------------------------------------------
+
+async def mesh_call(mesh: meshconf.MeshConfig, op: str, args: dict[str, Any], *, on: Sequence[str] = (),
+                    scope: str = "all", to: Sequence[str] = (), timeout: float = 30.0,
+                    progress: Any = None) -> CallReport:
+    """Call through the local gateway when one runs, else log in directly as the mesh's operator."""
+    jid, password = mesh.jid(mesh.operator), mesh.password(mesh.operator)
+    call = {"op": op, "args": args, "on": list(on), "scope": scope, "to": list(to), "timeout": timeout}
+    try:
+        return await call_via_gateway(mesh.gateway_socket, jid, password, call, progress)
+    except GatewayUnavailable:
+        pass
+    client = Client(jid, password, mesh.endpoint(), broker=mesh.broker_jid)
+    await client.start(timeout=min(10.0, timeout))
+    try:
+        return await client.call(op, args, on=on, scope=scope, to=to, timeout=timeout, progress=progress)
+    finally:
+        await client.stop()
+
+
+def _run_call(mesh: meshconf.MeshConfig, op: str, args: dict[str, Any], timeout: float, **kw: Any) -> CallReport:
+    async def run() -> CallReport:
+        # A last guard: whatever happens inside, the command ends.
+        async with asyncio.timeout(timeout + 30.0):
+            return await mesh_call(mesh, op, args, timeout=timeout, **kw)
+    try:
+        return asyncio.run(run())
+    except (ConnectError, TimeoutError, OSError) as exc:
+        return CallReport(op, [TargetResult(mesh.server.host, Outcome.UNREACHABLE, error=f"mesh unreachable: {exc}")])
+
+
+def _full_jid(mesh: meshconf.MeshConfig, target: str) -> str:
+    """Accept `storage1`, `storage1@domain` or a full JID for --to."""
+    if "@" not in target:
+        target = mesh.jid(target)
+    if "/" not in target:
+        target += "/" + ("broker" if target.split("@")[0] == mesh.broker else "agent")
+    return target
+
+
+def cmd_call(mesh: meshconf.MeshConfig, ns: argparse.Namespace) -> int:
+    spec = catalogue().get(ns.op)
+    try:
+        if spec is not None:
+            args = spec.parse_pairs(ns.pairs)
+        else:  # an op this installation does not know: the agent validates it
+            args = dict(p.partition("=")[::2] for p in ns.pairs)
+        on = [meshconf.paths.check(r) for r in ns.on]
+    except (BadArguments, meshconf.paths.BadResource) as exc:
+        print(f"vertebra: {exc}", file=sys.stderr)
+        if spec is not None:
+            print(f"(see `vertebra help {spec.name}`)", file=sys.stderr)
+        return EXIT_USAGE
+
+    def progress(target: str, seq: int, payload: Any) -> None:
+        print(f"{target}: progress {seq}: {_show(payload)}", file=sys.stderr)
+
+    report = _run_call(mesh, ns.op, args, ns.timeout, on=on, scope=ns.scope,
+                       to=[_full_jid(mesh, t) for t in ns.to], progress=progress)
+    _print_report(report, ns.json)
+    return report.exit_code
+
+
+def cmd_agents(mesh: meshconf.MeshConfig, ns: argparse.Namespace) -> int:
+    report = _run_call(mesh, "mesh.agents", {}, ns.timeout, to=[mesh.broker_jid])
+    if report.ok and not ns.json:
+        agents = report.results[0].result
+        for a in agents:
+            print(f"{a['jid']}  ({a['kind']})")
+            print(f"    resources: {' '.join(a['resources']) or '-'}")
+            print(f"    ops:       {' '.join(a['ops'])}")
+        print(f"{len(agents)} live agent{'s' * (len(agents) != 1)}")
+    elif report.ok:
+        print(json.dumps({"agents": report.results[0].result}, indent=2))
+    else:
+        _print_report(report, ns.json)
+    return report.exit_code
+
+
+def _show(value: Any) -> str:
+    return value if isinstance(value, str) else json.dumps(value, sort_keys=True, default=str)
+
+
+def _print_report(report: CallReport, as_json: bool) -> None:
+    if as_json:
+        print(json.dumps({"results": [r.to_dict() for r in report.results]}, indent=2, default=str))
+        return
+    width = max([len(r.target) for r in report.results] + [6])
+    print(f"{'TARGET':<{width}}  {'OUTCOME':<14}  RESULT")
+    for r in report.results:
+        detail = _show(r.result) if r.outcome is Outcome.OK else (r.error or "")
+        print(f"{r.target:<{width}}  {r.outcome.value:<14}  {detail}")
+    counts = ", ".join(f"{n} {o}" for o, n in report.counts().items()) or "no targets"
+    print(f"{report.op}: {counts}")
+
+
+# -- running actors --------------------------------------------------------------------------------
+
+def _server(mesh: meshconf.MeshConfig) -> Any:
+    from .server import PrivateServer
+    return PrivateServer(mesh.home, domain=mesh.server.domain, host=mesh.server.host, port=mesh.server.port)
+
+
+def start_server(mesh: meshconf.MeshConfig) -> Any:
+    """Start the private server (if it is not running) and make sure every account exists."""
+    server = _server(mesh)
+    server.start()
+    server.register_many(mesh.ensure_passwords())
+    return server
+
+
+def cmd_server(mesh: meshconf.MeshConfig, ns: argparse.Namespace) -> int:
+    from .server import ServerError
+    server = _server(mesh)
+    try:
+        if ns.action == "start":
+            start_server(mesh)
+            print(f"private Prosody running on {mesh.server.host}:{mesh.server.port} for {mesh.server.domain}"
+                  f" (state in {mesh.home / 'server'})")
+        elif ns.action == "stop":
+            print("stopped" if server.stop() else "was not running")
+        else:
+            st = server.status()
+            print(f"{'running' if st['running'] else 'stopped'}: {st}")
+            return 0 if st["running"] else 3
+    except ServerError as exc:
+        print(f"vertebra: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def build_actor(mesh: meshconf.MeshConfig, name: str) -> Any:
+    """The actor the mesh file describes under ``name`` (the broker's account, or an agent's)."""
+    authorizer = AdminsOnly(mesh.admins)
+    if name == mesh.broker:
+        return agent_class("broker")(mesh.jid(name), mesh.password(name), mesh.endpoint(),
+                                     authorizer=authorizer, state_dir=_state_dir(mesh, name), name=name)
+    cfg = mesh.agent(name)
+    return agent_class(cfg.kind)(mesh.jid(name), mesh.password(name), mesh.endpoint(),
+                                 resources=cfg.resources, broker=mesh.jid(mesh.broker), authorizer=authorizer,
+                                 settings=cfg.settings, name=name)
+
+
+def _state_dir(mesh: meshconf.MeshConfig, name: str) -> Path:
+    path = mesh.home / "state" / name
+    path.mkdir(parents=True, exist_ok=True, mode=0o700)
+    return path
+
+
+async def serve(mesh: meshconf.MeshConfig, name: str) -> None:
+    """Run one actor until SIGINT or SIGTERM."""
+    actor = build_actor(mesh, name)
+    gateway = None
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await actor.start(timeout=30.0)
+    if name != mesh.broker and mesh.agent(name).gateway:
+        gateway = Gateway(mesh.gateway_socket, mesh.endpoint(), mesh.broker_jid)
+        await gateway.start()
+    logging.getLogger("vertebra").info("%s online as %s", name, actor.jid)
+    await stop.wait()
+    if gateway:
+        await gateway.stop()
+    await actor.stop()
+
+
+def cmd_broker(mesh: meshconf.MeshConfig, ns: argparse.Namespace) -> int:
+    return _serve_cmd(mesh, mesh.broker)
+
+
+def cmd_agent(mesh: meshconf.MeshConfig, ns: argparse.Namespace) -> int:
+    mesh.agent(ns.name)  # a clear error before any connection
+    return _serve_cmd(mesh, ns.name)
+
+
+def _serve_cmd(mesh: meshconf.MeshConfig, name: str) -> int:
+    try:
+        asyncio.run(serve(mesh, name))
+    except ConnectError as exc:
+        print(f"vertebra: {exc}", file=sys.stderr)
+        return EXIT_UNREACHABLE
+    return 0
+
+
+def cmd_up(mesh: meshconf.MeshConfig, ns: argparse.Namespace) -> int:
+    from .server import ServerError
+    try:
+        server = _server(mesh)
+        was_running = server.status()["running"]
+        start_server(mesh)
+    except ServerError as exc:
+        print(f"vertebra: {exc}", file=sys.stderr)
+        return 1
+    logs = mesh.home / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    signal.signal(signal.SIGTERM, signal.default_int_handler)  # stop cleanly on TERM as on Ctrl-C
+    children: list[subprocess.Popen[bytes]] = []
+    base = [sys.executable, "-m", "agents.cli", "--home", str(mesh.home), "--mesh", str(mesh.path), "-v"]
+    try:
+        for name, cmd in [(mesh.broker, ["broker"])] + [(a.name, ["agent", a.name]) for a in mesh.agents]:
+            with open(logs / f"{name}.log", "ab") as log_file:
+                children.append(subprocess.Popen(base + cmd, stdout=log_file, stderr=subprocess.STDOUT,
+                                                 stdin=subprocess.DEVNULL))
+        report = _wait_for_agents(mesh, len(mesh.agents), children)
+        _print_welcome(mesh, report)
+        while all(c.poll() is None for c in children):
+            time.sleep(0.5)
+        dead = [c.args[-1] for c in children if c.poll() is not None]
+        print(f"vertebra: {', '.join(dead)} exited; see {logs}. Stopping the rest.", file=sys.stderr)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        print("vertebra: stopping...", file=sys.stderr)
+        _stop_children(children)
+        if not was_running:
+            server.stop()
+    return 0
+
+
+def _wait_for_agents(mesh: meshconf.MeshConfig, expected: int, children: list[Any]) -> CallReport:
+    report = CallReport("mesh.agents")
+    for _ in range(60):
+        if any(c.poll() is not None for c in children):
+            break
+        report = _run_call(mesh, "mesh.agents", {}, 5.0, to=[mesh.broker_jid])
+        if report.ok and len(report.results[0].result) >= expected:
+            break
+        time.sleep(0.5)
+    return report
+
+
+def _print_welcome(mesh: meshconf.MeshConfig, report: CallReport) -> None:
+    me = "vertebra" if os.environ.get("VIRTUAL_ENV") else ".venv/bin/vertebra"
+    home = "" if mesh.home == meshconf.default_home() else f" --home {mesh.home}"
+    print(f"Vertebra mesh is up: private Prosody on {mesh.server.host}:{mesh.server.port}"
+          f" ({mesh.server.domain}), state in {mesh.home}")
+    print(f"  broker    {mesh.broker_jid}")
+    agents = report.results[0].result if report.ok else []
+    for a in agents:
+        print(f"  {a['kind']:<9} {a['jid']}  {' '.join(a['resources'])}")
+    if len(agents) < len(mesh.agents):
+        print(f"  (only {len(agents)} of {len(mesh.agents)} agents came up; see {mesh.home / 'logs'})")
+    print("\nTry, in another terminal in this directory:")
+    for cmd in ("agents", "help", "help monitor.info", "call monitor.info --on /host/localhost",
+                "call storage.info --json", "call fencing.info --on /cluster/demo --scope one"):
+        print(f"  {me}{home} {cmd}")
+    print("\nCtrl-C stops everything this started.", flush=True)
+
+
+def _stop_children(children: list[subprocess.Popen[bytes]]) -> None:
+    for c in children:
+        if c.poll() is None:
+            c.terminate()
+    for c in children:
+        try:
+            c.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            c.kill()
+            c.wait()
+
+
+COMMANDS = {"server": cmd_server, "up": cmd_up, "broker": cmd_broker, "agent": cmd_agent,
+            "agents": cmd_agents, "call": cmd_call}
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,231 @@
+"""The mesh file: one YAML document that says which server, broker, agents and admins make a mesh.
+
+Every error names the file, the field and what was expected, e.g.
+``mesh.yaml: agents[1].resources[0]: resource 'host' must be an absolute path such as /host/db1``.
+The state directory (``--home``, else ``$VERTEBRA_HOME``, else ``./.vertebra``) holds everything a
+mesh writes: the private server, generated passwords, the agents' state and the gateway socket.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import secrets
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from . import resources as paths
+from .actor import Endpoint
+
+KINDS = ("storage", "fencing", "monitor")
+_NAME = re.compile(r"^[a-z][a-z0-9._-]{0,62}$")
+EXAMPLE = Path(__file__).resolve().parents[1] / "deploy" / "mesh.example.yaml"
+
+
+class ConfigError(ValueError):
+    pass
+
+
+def default_home(home: str | os.PathLike[str] | None = None) -> Path:
+    return Path(home or os.environ.get("VERTEBRA_HOME") or ".vertebra").absolute()
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    domain: str = "vertebra.test"
+    host: str = "127.0.0.1"
+    port: int = 5322
+
+
+@dataclass(frozen=True)
+class AgentConfig:
+    name: str  # the XMPP account (node part of the JID)
+    kind: str
+    resources: tuple[str, ...] = ()
+    gateway: bool = False  # this agent serves the local gateway socket
+    settings: dict[str, Any] = field(default_factory=dict)
+    password_file: Path | None = None
+
+
+@dataclass(frozen=True)
+class MeshConfig:
+    path: Path
+    home: Path
+    server: ServerConfig
+    broker: str
+    operator: str  # the account `vertebra` commands use
+    admins: tuple[str, ...]  # bare JIDs
+    agents: tuple[AgentConfig, ...]
+    password_files: dict[str, Path] = field(default_factory=dict)
+
+    def jid(self, account: str) -> str:
+        return f"{account}@{self.server.domain}"
+
+    @property
+    def broker_jid(self) -> str:
+        return f"{self.jid(self.broker)}/broker"
+
+    @property
+    def accounts(self) -> list[str]:
+        return [self.broker, self.operator] + [a.name for a in self.agents]
+
+    @property
+    def gateway_socket(self) -> Path:
+        return self.home / "run" / "gateway.sock"
+
+    def agent(self, name: str) -> AgentConfig:
+        for a in self.agents:
+            if a.name == name:
+                return a
+        raise ConfigError(f"{self.path}: no agent named {name!r}; the mesh has"
+                          f" {', '.join(a.name for a in self.agents) or 'no agents'}")
+
+    def password_file(self, account: str) -> Path:
+        return self.password_files.get(account) or self.home / "secrets" / f"{account}.password"
+
+    def password(self, account: str) -> str:
+        path = self.password_file(account)
+        try:
+            return path.read_text().strip()
+        except FileNotFoundError:
+            raise ConfigError(f"no password for {account} at {path}: run `vertebra server start` to create"
+                              " the mesh's accounts") from None
+
+    def ensure_passwords(self) -> dict[str, str]:
+        """Create a random password file (0600) for every account that has none; return them all."""
+        out = {}
+        for account in self.accounts:
+            path = self.password_file(account)
+            if not path.exists():
+                path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+                with os.fdopen(fd, "w") as f:
+                    f.write(secrets.token_urlsafe(24))
+            out[account] = self.password(account)
+        return out
+
+    def endpoint(self) -> Endpoint:
+        cert = self.home / "server" / "cert.pem"
+        if not cert.exists():
+            raise ConfigError(f"no server certificate at {cert}: start the server first (`vertebra server start`)")
+        return Endpoint.pinned(self.server.host, self.server.port, self.server.domain, str(cert))
+
+
+def load(path: str | os.PathLike[str] | None = None, home: str | os.PathLike[str] | None = None) -> MeshConfig:
+    """Load and validate a mesh file (default: HOME/mesh.yaml, created from the example if missing)."""
+    home_dir = default_home(home)
+    if path is None:
+        path = home_dir / "mesh.yaml"
+        if not path.exists():
+            home_dir.mkdir(parents=True, exist_ok=True)
+            path.write_text(EXAMPLE.read_text())
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such mesh file") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    return parse(data, path, home_dir)
+
+
+def parse(data: Any, path: Path, home: Path) -> MeshConfig:
+    where = _Where(path)
+    root = where.mapping(data, "", {"server", "broker", "operator", "admins", "agents", "passwords"})
+    srv = where.mapping(root.get("server", {}), "server", {"domain", "host", "port"})
+    server = ServerConfig(
+        domain=where.string(srv.get("domain", ServerConfig.domain), "server.domain",
+                            r"[a-z0-9]([a-z0-9.-]*[a-z0-9])?", "a lowercase DNS name"),
+        host=where.string(srv.get("host", ServerConfig.host), "server.host", r"[0-9A-Za-z.:_-]+", "a host or address"),
+        port=where.integer(srv.get("port", ServerConfig.port), "server.port", 1, 65535))
+    broker = where.name(root.get("broker", "broker"), "broker")
+    operator = where.name(root.get("operator", "operator"), "operator")
+    admins = tuple(where.bare_jid(a, f"admins[{i}]", server.domain)
+                   for i, a in enumerate(where.sequence(root.get("admins", [operator]), "admins")))
+    agents = []
+    for i, raw in enumerate(where.sequence(root.get("agents", []), "agents")):
+        f = f"agents[{i}]"
+        a = where.mapping(raw, f, {"name", "kind", "resources", "gateway", "settings", "password_file"})
+        if "name" not in a or "kind" not in a:
+            raise where.error(f, "each agent needs a name and a kind")
+        kind = a["kind"]
+        if kind not in KINDS:
+            raise where.error(f"{f}.kind", f"expected one of {', '.join(KINDS)}, got {kind!r}")
+        res = []
+        for j, r in enumerate(where.sequence(a.get("resources", []), f"{f}.resources")):
+            try:
+                res.append(paths.check(r))
+            except paths.BadResource as exc:
+                raise where.error(f"{f}.resources[{j}]", str(exc)) from None
+        agents.append(AgentConfig(
+            name=where.name(a["name"], f"{f}.name"), kind=kind, resources=tuple(res),
+            gateway=where.boolean(a.get("gateway", False), f"{f}.gateway"),
+            settings=where.mapping(a.get("settings", {}), f"{f}.settings", None),
+            password_file=_path(a.get("password_file"), path)))
+    names = [a.name for a in agents] + [broker, operator]
+    dupes = sorted({n for n in names if names.count(n) > 1})
+    if dupes:
+        raise where.error("agents", f"account names must be unique; {', '.join(dupes)} used twice")
+    if sum(a.gateway for a in agents) > 1:
+        raise where.error("agents", "at most one agent per mesh file may serve the gateway")
+    pw = where.mapping(root.get("passwords", {}), "passwords", None)
+    password_files = {where.name(k, "passwords"): _path(v, path) for k, v in pw.items()}
+    password_files.update({a.name: a.password_file for a in agents if a.password_file})
+    return MeshConfig(path=path, home=home, server=server, broker=broker, operator=operator, admins=admins,
+                      agents=tuple(agents), password_files=password_files)
+
+
+def _path(value: Any, mesh: Path) -> Path | None:
+    return None if value is None else (mesh.parent / str(value)).absolute()
+
+
+class _Where:
+    """Typed field readers whose errors name the file and the field."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def error(self, field_name: str, message: str) -> ConfigError:
+        return ConfigError(f"{self.path}: {field_name or 'top level'}: {message}")
+
+    def mapping(self, value: Any, f: str, allowed: set[str] | None) -> dict[str, Any]:
+        if value is None:
+            return {}
+        if not isinstance(value, dict):
+            raise self.error(f, f"expected a mapping, got {type(value).__name__}")
+        if allowed is not None:
+            unknown = sorted(set(map(str, value)) - allowed)
+            if unknown:
+                raise self.error(f, f"unknown key {unknown[0]!r}; allowed keys: {', '.join(sorted(allowed))}")
+        return value
+
+    def sequence(self, value: Any, f: str) -> list[Any]:
+        if not isinstance(value, list):
+            raise self.error(f, f"expected a list, got {type(value).__name__}")
+        return value
+
+    def string(self, value: Any, f: str, pattern: str, what: str) -> str:
+        if not isinstance(value, str) or not re.fullmatch(pattern, value):
+            raise self.error(f, f"expected {what}, got {value!r}")
+        return value
+
+    def name(self, value: Any, f: str) -> str:
+        return self.string(value, f, _NAME.pattern, "an account name (lowercase letters, digits, . _ -)")
+
+    def bare_jid(self, value: Any, f: str, domain: str) -> str:
+        if isinstance(value, str) and "@" not in value:
+            value = f"{self.name(value, f)}@{domain}"
+        return self.string(value, f, r"[a-z0-9._-]+@[a-z0-9.-]+", "an account name or a bare JID (user@domain)")
+
+    def integer(self, value: Any, f: str, lo: int, hi: int) -> int:
+        if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
+            raise self.error(f, f"expected an integer from {lo} to {hi}, got {value!r}")
+        return value
+
+    def boolean(self, value: Any, f: str) -> bool:
+        if not isinstance(value, bool):
+            raise self.error(f, f"expected true or false, got {value!r}")
+        return value

@@ -1,0 +1,78 @@
+"""The errors an op can end in, and how each travels on the wire.
+
+Each error has an application condition (an element in the Vertebra namespace), the standard XMPP
+stanza error condition and type it rides on, and the outcome a caller reports for it. This table is
+the only place that mapping is written; the agent uses it to answer and the client to read answers.
+"""
+
+from __future__ import annotations
+
+from enum import Enum
+
+
+class Outcome(str, Enum):
+    """The one named state every target of a call ends in."""
+
+    OK = "ok"
+    FAILED = "failed"
+    DENIED = "denied"
+    TIMEOUT = "timeout"
+    UNREACHABLE = "unreachable"
+    NOT_DISCOVERED = "not-discovered"
+
+
+class OpError(Exception):
+    """An op ended without a result. The message is a sentence a person can act on."""
+
+    condition = "failed"  # application condition
+    stanza_condition = "undefined-condition"
+    stanza_type = "cancel"
+    outcome = Outcome.FAILED
+
+    def __init__(self, text: str, **details: object) -> None:
+        super().__init__(text)
+        self.text = text
+        self.details = details
+
+
+class BadArguments(OpError):
+    condition, stanza_condition, stanza_type = "bad-argument", "bad-request", "modify"
+
+
+class BadPayload(OpError):
+    condition, stanza_condition, stanza_type = "bad-payload", "bad-request", "modify"
+
+
+class TooLarge(OpError):
+    condition, stanza_condition, stanza_type = "too-large", "policy-violation", "modify"
+
+
+class UnknownOp(OpError):
+    condition, stanza_condition, stanza_type = "unknown-op", "feature-not-implemented", "cancel"
+
+
+class Denied(OpError):
+    condition, stanza_condition, stanza_type = "denied", "forbidden", "auth"
+    outcome = Outcome.DENIED
+
+
+class OpTimeout(OpError):
+    condition, stanza_condition, stanza_type = "timeout", "remote-server-timeout", "wait"
+    outcome = Outcome.TIMEOUT
+
+
+class InternalError(OpError):
+    condition, stanza_condition, stanza_type = "internal", "internal-server-error", "cancel"
+
+
+_BY_CONDITION = {cls.condition: cls for cls in
+                 (OpError, BadArguments, BadPayload, TooLarge, UnknownOp, Denied, OpTimeout, InternalError)}
+
+# Stanza errors the server itself returns when the addressee is gone.
+UNREACHABLE_CONDITIONS = {"service-unavailable", "recipient-unavailable", "item-not-found",
+                          "remote-server-not-found", "gone"}
+
+
+def error_for(condition: str | None, text: str) -> OpError:
+    """Rebuild the error an agent sent, from its application condition."""
+    return _BY_CONDITION.get(condition or "", OpError)(text)

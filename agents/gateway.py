@@ -1,0 +1,161 @@
+"""The local gateway: short-lived programs reach the mesh through a long-lived agent's Unix socket.
+
+A login costs tens of milliseconds of SCRAM; `check_vertebra`, `fence_vertebra` and the CLI run for
+less than that. So one agent per host listens on a Unix socket (mode 0600 in a 0700 directory:
+only its own user, or root, can connect) and keeps one logged-in client session per identity that
+has used it. A program presents its own JID and password; the first call logs that identity in,
+later calls reuse the session. Calls still go out as the caller's own JID, so authorization and
+audit see who asked, not the gateway.
+
+Frames on the socket are a 4-byte big-endian length and a msgpack map. Request:
+``{"jid", "password", "call": {"op", "args", "on", "scope", "to", "timeout"}}``; answers:
+zero or more ``{"progress": [target, seq, payload]}`` then one ``{"report": CallReport}`` or
+``{"error": sentence}``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+import logging
+import os
+import struct
+import time
+from pathlib import Path
+from typing import Any
+
+import msgpack
+
+from .actor import ConnectError, Endpoint
+from .client import CallReport, Client, ProgressFn
+
+log = logging.getLogger(__name__)
+
+MAX_FRAME = 256 * 1024
+IDLE_SESSION = 300.0  # seconds an unused identity's session is kept
+
+
+class GatewayUnavailable(Exception):
+    """No gateway answers at the socket; the caller should log in directly."""
+
+
+async def _read(reader: asyncio.StreamReader) -> Any:
+    (size,) = struct.unpack(">I", await reader.readexactly(4))
+    if size > MAX_FRAME:
+        raise ValueError(f"gateway frame of {size} bytes exceeds {MAX_FRAME}")
+    return msgpack.unpackb(await reader.readexactly(size), raw=False)
+
+
+def _frame(obj: Any) -> bytes:
+    data = msgpack.packb(obj, use_bin_type=True)
+    return struct.pack(">I", len(data)) + data
+
+
+class Gateway:
+    def __init__(self, path: Path, endpoint: Endpoint, broker: str) -> None:
+        self.path, self.endpoint, self.broker = path, endpoint, broker
+        self._sessions: dict[str, tuple[bytes, Client, float]] = {}
+        self._locks: dict[str, asyncio.Lock] = {}
+        self._server: asyncio.AbstractServer | None = None
+        self._reaper: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        os.chmod(self.path.parent, 0o700)
+        if self.path.exists():
+            self.path.unlink()  # a socket left by a process that died; nothing listens on it
+        old = os.umask(0o177)
+        try:
+            self._server = await asyncio.start_unix_server(self._handle, path=str(self.path))
+        finally:
+            os.umask(old)
+        os.chmod(self.path, 0o600)
+        self._reaper = asyncio.get_running_loop().create_task(self._reap())
+
+    async def stop(self) -> None:
+        if self._reaper:
+            self._reaper.cancel()
+        if self._server:
+            self._server.close()
+        for _digest, client, _used in self._sessions.values():
+            await client.stop()
+        self._sessions.clear()
+        if self.path.exists():
+            self.path.unlink()
+
+    async def _session(self, jid: str, password: str) -> Client:
+        digest = hashlib.sha256(password.encode()).digest()
+        async with self._locks.setdefault(jid, asyncio.Lock()):
+            known = self._sessions.get(jid)
+            if known and hmac.compare_digest(known[0], digest) and known[1].online:
+                self._sessions[jid] = (digest, known[1], time.monotonic())
+                return known[1]
+            if known:
+                await known[1].stop()
+                del self._sessions[jid]
+            client = Client(jid, password, self.endpoint, broker=self.broker)
+            await client.start()  # the XMPP server checks the password
+            self._sessions[jid] = (digest, client, time.monotonic())
+            return client
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            req = await _read(reader)
+            call = req["call"]
+            client = await self._session(str(req["jid"]), str(req["password"]))
+
+            def progress(target: str, seq: int, payload: Any) -> None:
+                writer.write(_frame({"progress": [target, seq, payload]}))
+
+            report = await client.call(call["op"], call.get("args") or {}, on=call.get("on") or (),
+                                       scope=call.get("scope", "all"), to=call.get("to") or (),
+                                       timeout=float(call.get("timeout", 30.0)), progress=progress)
+            writer.write(_frame({"report": report.to_dict()}))
+        except ConnectError as exc:
+            writer.write(_frame({"error": str(exc)}))
+        except (KeyError, TypeError, ValueError) as exc:
+            writer.write(_frame({"error": f"malformed gateway request: {exc}"}))
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            try:
+                await writer.drain()
+                writer.close()
+            except ConnectionError:
+                pass
+
+    async def _reap(self) -> None:
+        while True:
+            await asyncio.sleep(IDLE_SESSION / 5)
+            horizon = time.monotonic() - IDLE_SESSION
+            for jid, (_digest, client, used) in list(self._sessions.items()):
+                if used < horizon:
+                    del self._sessions[jid]
+                    await client.stop()
+
+
+async def call_via_gateway(path: Path, jid: str, password: str, call: dict[str, Any],
+                           progress: ProgressFn | None = None) -> CallReport:
+    """Make a call through the gateway at ``path``; GatewayUnavailable if none answers there."""
+    try:
+        reader, writer = await asyncio.open_unix_connection(str(path))
+    except (FileNotFoundError, ConnectionRefusedError, PermissionError) as exc:
+        raise GatewayUnavailable(f"no gateway at {path}: {exc.strerror}") from None
+    try:
+        writer.write(_frame({"jid": jid, "password": password, "call": call}))
+        # The call's own budget bounds the gateway; the extra seconds cover a first login.
+        async with asyncio.timeout(float(call.get("timeout", 30.0)) + 20.0):
+            while True:
+                msg = await _read(reader)
+                if "progress" in msg:
+                    if progress:
+                        progress(*msg["progress"])
+                elif "report" in msg:
+                    return CallReport.from_dict(msg["report"])
+                else:
+                    raise ConnectError(msg.get("error", "gateway gave no answer"))
+    except asyncio.IncompleteReadError:
+        raise GatewayUnavailable(f"the gateway at {path} closed the connection") from None
+    finally:
+        writer.close()

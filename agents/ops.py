@@ -1,0 +1,281 @@
+"""Op declarations: one decorated coroutine per op, from which everything else is derived.
+
+An op is declared once, where it is implemented::
+
+    @op("storage.snapshot.create", destructive=True, deadline=60,
+        resources=("/volume/{volume}",))
+    async def snapshot_create(self, call: Call,
+                              volume: Annotated[str, Arg("volume to snapshot")],
+                              name: Annotated[str, Arg("snapshot name")] = "") -> dict:
+        "Take a read-only snapshot of a volume."
+
+The typed signature is the schema. From the resulting :class:`OpSpec` the runtime derives argument
+validation (``OpSpec.validate``), the disco feature it advertises (``OpSpec.feature``), the CLI's and
+chat's ``key=value`` parsing (``OpSpec.parse_pairs``), help text (``OpSpec.help_text``) and a
+JSON-able description for forms and documentation (``OpSpec.describe``). Nothing about an op is
+written twice.
+"""
+
+from __future__ import annotations
+
+import inspect
+import re
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Awaitable, Callable, Literal, Mapping, Sequence
+
+from .errors import BadArguments
+
+#: Every op is advertised as a disco#info feature with this prefix.
+OP_FEATURE_PREFIX = "urn:vertebra:op:"
+
+_OP_NAME = re.compile(r"^[a-z][a-z0-9_]*(\.[a-z][a-z0-9_]*)+$")
+_ARG_NAME = re.compile(r"^[a-z][a-z0-9_]*$")
+_MISSING = inspect.Parameter.empty
+
+# Scalar types an argument may have; lists of them are allowed too.
+_SCALARS: dict[type, str] = {str: "string", int: "integer", float: "number", bool: "boolean"}
+_TRUE = {"true", "yes", "on", "1"}
+_FALSE = {"false", "no", "off", "0"}
+
+
+@dataclass(frozen=True)
+class Arg:
+    """Metadata for one argument, attached with ``typing.Annotated``."""
+
+    help: str = ""
+    pattern: str | None = None  # a full-match regex for strings
+    min: float | None = None
+    max: float | None = None
+    secret: bool = False  # never echoed in help, logs or audit
+
+
+@dataclass(frozen=True)
+class Param:
+    """One argument of an op, as derived from the declaration's signature."""
+
+    name: str
+    kind: str  # string | integer | number | boolean
+    many: bool  # a list of `kind`
+    required: bool
+    default: Any
+    help: str
+    choices: tuple[Any, ...] | None = None
+    pattern: str | None = None
+    min: float | None = None
+    max: float | None = None
+    secret: bool = False
+
+    @property
+    def type_name(self) -> str:
+        base = "|".join(map(str, self.choices)) if self.choices else self.kind
+        return f"list of {base}" if self.many else base
+
+    def check(self, value: Any) -> Any:
+        """Return ``value`` as this parameter's type, or raise BadArguments saying what is expected."""
+        if self.many:
+            if isinstance(value, (str, bytes)) or not isinstance(value, (list, tuple)):
+                value = [value]
+            return [self._check_one(v) for v in value]
+        return self._check_one(value)
+
+    def _check_one(self, value: Any) -> Any:
+        expected = f"argument {self.name!r} expects {self.type_name}"
+        kind = self.kind
+        if kind == "boolean":
+            if isinstance(value, str) and value.lower() in _TRUE | _FALSE:
+                value = value.lower() in _TRUE
+            if not isinstance(value, bool):
+                raise BadArguments(f"{expected}, got {value!r}", argument=self.name)
+        elif kind in ("integer", "number"):
+            if isinstance(value, str):
+                try:
+                    value = int(value) if kind == "integer" else float(value)
+                except ValueError:
+                    raise BadArguments(f"{expected}, got {value!r}", argument=self.name) from None
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise BadArguments(f"{expected}, got {value!r}", argument=self.name)
+            if kind == "integer" and not float(value).is_integer():
+                raise BadArguments(f"{expected}, got {value!r}", argument=self.name)
+            value = int(value) if kind == "integer" else float(value)
+            if (self.min is not None and value < self.min) or (self.max is not None and value > self.max):
+                raise BadArguments(
+                    f"argument {self.name!r} must be between {self.min} and {self.max}, got {value}",
+                    argument=self.name)
+        else:
+            if not isinstance(value, str):
+                raise BadArguments(f"{expected}, got {value!r}", argument=self.name)
+            if self.pattern and not re.fullmatch(self.pattern, value):
+                raise BadArguments(f"argument {self.name!r} must match {self.pattern}, got {value!r}",
+                                   argument=self.name)
+        if self.choices is not None and value not in self.choices:
+            raise BadArguments(f"argument {self.name!r} must be one of {', '.join(map(str, self.choices))};"
+                               f" got {value!r}", argument=self.name)
+        return value
+
+
+@dataclass(frozen=True)
+class OpSpec:
+    """Everything the mesh knows about one op, derived from its declaration."""
+
+    name: str
+    summary: str
+    description: str
+    params: tuple[Param, ...]
+    destructive: bool
+    deadline: float  # seconds the executor gives the op before it ends as timeout
+    progress: bool  # long op: answers with an ack and a job id, then progress, then one outcome
+    resources: tuple[str, ...]  # templates formatted with the arguments, e.g. "/volume/{volume}"
+    func: Callable[..., Awaitable[Any]] = field(repr=False, compare=False)
+
+    @property
+    def feature(self) -> str:
+        return OP_FEATURE_PREFIX + self.name
+
+    def param(self, name: str) -> Param | None:
+        return next((p for p in self.params if p.name == name), None)
+
+    def validate(self, args: Mapping[str, Any]) -> dict[str, Any]:
+        """Check and convert arguments; fill defaults. Raises BadArguments naming the argument."""
+        if not isinstance(args, Mapping):
+            raise BadArguments(f"{self.name}: arguments must be a map of name to value")
+        known = {p.name for p in self.params}
+        unknown = sorted(str(k) for k in args if k not in known)
+        if unknown:
+            hint = f"; it takes {', '.join(sorted(known))}" if known else "; it takes no arguments"
+            raise BadArguments(f"{self.name}: unknown argument {', '.join(map(repr, unknown))}{hint}",
+                               argument=unknown[0])
+        out: dict[str, Any] = {}
+        for p in self.params:
+            if p.name in args and args[p.name] is not None:
+                out[p.name] = p.check(args[p.name])
+            elif p.required:
+                raise BadArguments(f"{self.name}: missing required argument {p.name!r} ({p.type_name}:"
+                                   f" {p.help or 'no help'})", argument=p.name)
+            else:
+                out[p.name] = p.default
+        return out
+
+    def parse_pairs(self, pairs: Sequence[str]) -> dict[str, Any]:
+        """Turn ``key=value`` words (CLI, chat) into an argument map; repeated keys make lists."""
+        args: dict[str, Any] = {}
+        for pair in pairs:
+            key, sep, value = pair.partition("=")
+            if not sep or not key:
+                raise BadArguments(f"{self.name}: expected key=value, got {pair!r}")
+            p = self.param(key)
+            if p is not None and p.many:
+                args.setdefault(key, []).append(value)
+            elif key in args:
+                raise BadArguments(f"{self.name}: argument {key!r} given twice", argument=key)
+            else:
+                args[key] = value
+        return self.validate(args)
+
+    def resources_for(self, args: Mapping[str, Any]) -> list[str]:
+        return [t.format(**args) for t in self.resources]
+
+    def describe(self) -> dict[str, Any]:
+        """A JSON-able schema: what forms, docs and remote help are generated from."""
+        return {
+            "name": self.name, "summary": self.summary, "description": self.description,
+            "destructive": self.destructive, "deadline": self.deadline, "progress": self.progress,
+            "resources": list(self.resources),
+            "params": [{"name": p.name, "type": p.kind, "many": p.many, "required": p.required,
+                        "default": None if p.secret else p.default, "help": p.help,
+                        "choices": list(p.choices) if p.choices else None, "pattern": p.pattern,
+                        "min": p.min, "max": p.max, "secret": p.secret} for p in self.params],
+        }
+
+    def help_text(self) -> str:
+        lines = [f"{self.name} - {self.summary}"]
+        if self.description:
+            lines += ["", self.description]
+        flags = [f"deadline {self.deadline:g}s"]
+        if self.destructive:
+            flags.insert(0, "destructive")
+        if self.progress:
+            flags.append("long-running, reports progress")
+        lines += ["", "(" + ", ".join(flags) + ")"]
+        if self.resources:
+            lines.append("acts on: " + " ".join(self.resources))
+        lines += ["", "arguments:" if self.params else "arguments: none"]
+        for p in self.params:
+            default = "required" if p.required else f"default: {'(secret)' if p.secret else p.default!r}"
+            lines.append(f"  {p.name}={p.type_name:<12} {p.help} ({default})")
+        example = " ".join(f"{p.name}=..." for p in self.params if p.required)
+        lines += ["", f"usage: vertebra call {self.name} [--on RESOURCE ...] {example}".rstrip()]
+        return "\n".join(lines)
+
+
+def op(name: str, *, destructive: bool = False, deadline: float = 30.0, progress: bool = False,
+       resources: Sequence[str] = ()) -> Callable[[Callable[..., Awaitable[Any]]], Callable[..., Awaitable[Any]]]:
+    """Declare a method as an op. Its docstring's first line is the summary; its typed keyword
+    parameters after ``call`` are the arguments."""
+    if not _OP_NAME.match(name):
+        raise ValueError(f"op name {name!r} must be dotted lowercase words, e.g. storage.snapshot.create")
+
+    def decorate(func: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
+        if not inspect.iscoroutinefunction(func):
+            raise TypeError(f"op {name}: {func.__qualname__} must be an async def")
+        doc = inspect.getdoc(func) or ""
+        summary, _, description = doc.partition("\n")
+        func.__vertebra_op__ = OpSpec(  # type: ignore[attr-defined]
+            name=name, summary=summary.strip() or name, description=description.strip(),
+            params=tuple(_params_of(name, func)), destructive=destructive, deadline=float(deadline),
+            progress=progress, resources=tuple(resources), func=func)
+        return func
+
+    return decorate
+
+
+def ops_of(cls: type) -> dict[str, OpSpec]:
+    """The ops a class declares (its own and inherited), by name."""
+    found: dict[str, OpSpec] = {}
+    for klass in reversed(cls.__mro__):
+        for attr in vars(klass).values():
+            spec = getattr(attr, "__vertebra_op__", None)
+            if spec is not None:
+                found[spec.name] = spec
+    return found
+
+
+def _params_of(op_name: str, func: Callable[..., Any]) -> list[Param]:
+    hints = typing.get_type_hints(func, include_extras=True)
+    sig = inspect.signature(func)
+    names = list(sig.parameters)
+    if names[:2] != ["self", "call"]:
+        raise TypeError(f"op {op_name}: signature must start with (self, call, ...)")
+    params = []
+    for pname in names[2:]:
+        sp = sig.parameters[pname]
+        if not _ARG_NAME.match(pname):
+            raise TypeError(f"op {op_name}: argument name {pname!r} must be lowercase")
+        hint = hints.get(pname)
+        meta = Arg()
+        if typing.get_origin(hint) is typing.Annotated:
+            hint, *extras = typing.get_args(hint)
+            meta = next((e for e in extras if isinstance(e, Arg)), meta)
+        optional = False
+        if typing.get_origin(hint) in (typing.Union, types.UnionType):
+            members = [a for a in typing.get_args(hint) if a is not type(None)]
+            optional = len(members) < len(typing.get_args(hint))
+            if len(members) != 1:
+                raise TypeError(f"op {op_name}: argument {pname} has an unsupported union type")
+            hint = members[0]
+        many = typing.get_origin(hint) is list
+        if many:
+            (hint,) = typing.get_args(hint)
+        choices = None
+        if typing.get_origin(hint) is Literal:
+            choices = typing.get_args(hint)
+            hint = type(choices[0])
+        if hint not in _SCALARS:
+            raise TypeError(f"op {op_name}: argument {pname} has unsupported type {hint!r}")
+        default = None if sp.default is _MISSING else sp.default
+        params.append(Param(
+            name=pname, kind=_SCALARS[hint], many=many, required=sp.default is _MISSING and not optional,
+            default=list(default) if many and default is not None else default, help=meta.help,
+            choices=choices, pattern=meta.pattern, min=meta.min, max=meta.max, secret=meta.secret))
+    return params

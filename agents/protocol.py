@@ -1,0 +1,147 @@
+"""The Vertebra wire protocol as a slixmpp plugin, in the shape of slixmpp's own XEP plugins.
+
+A request is an IQ-set carrying ``<op xmlns="urn:vertebra:1" name=... rid=... timeout=...>``
+whose text is base64 msgpack arguments. A quick op's answer is an IQ-result with ``<outcome>``; a
+long op's is an IQ-result with ``<accepted job=.../>``, followed by ``<progress seq=...>`` messages
+and exactly one ``<outcome job=...>`` message. Errors are stanza errors with an application
+condition in the same namespace (see ``errors``). docs/protocol.md is the written specification.
+
+Limits are checked on the raw text before anything is decoded; msgpack's own decoder then bounds
+container nesting (it refuses more than 1,024 levels before building anything) and ``decode``
+refuses anything deeper than ``MAX_DEPTH``.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+from typing import Any
+
+import msgpack
+from slixmpp import Iq, Message
+from slixmpp.plugins import BasePlugin, register_plugin
+from slixmpp.xmlstream import ElementBase, ET, register_stanza_plugin
+
+from .errors import BadPayload, OpError, TooLarge
+
+NS = "urn:vertebra:1"
+
+MAX_PAYLOAD = 64 * 1024  # decoded msgpack bytes per request or outcome
+MAX_TEXT = (MAX_PAYLOAD * 4) // 3 + 4  # the same limit, as base64 characters
+MAX_DEPTH = 32
+MAX_ITEMS = 10_000  # elements of any one array or map
+
+
+class OpRequest(ElementBase):
+    """``<op name rid timeout on>`` — a request to run an op; the text is the arguments, ``on`` the
+    space-separated resources the caller addressed."""
+
+    name = "op"
+    namespace = NS
+    plugin_attrib = "vertebra_op"
+    interfaces = {"name", "rid", "timeout", "on"}
+
+
+class Outcome(ElementBase):
+    """``<outcome status job rid condition>`` — the one terminal result of a request. Its text is the
+    result when status is ``ok``, else the error sentence; ``condition`` names the error."""
+
+    name = "outcome"
+    namespace = NS
+    plugin_attrib = "vertebra_outcome"
+    interfaces = {"status", "job", "rid", "condition"}
+
+
+class Accepted(ElementBase):
+    """``<accepted job>`` — a long op was admitted and runs as job ``job``."""
+
+    name = "accepted"
+    namespace = NS
+    plugin_attrib = "vertebra_accepted"
+    interfaces = {"job"}
+
+
+class Progress(ElementBase):
+    """``<progress job rid seq>`` — one progress report of a long op; the text is its payload."""
+
+    name = "progress"
+    namespace = NS
+    plugin_attrib = "vertebra_progress"
+    interfaces = {"job", "rid", "seq"}
+
+
+def encode(obj: Any) -> str:
+    return base64.b64encode(msgpack.packb(obj, use_bin_type=True)).decode("ascii")
+
+
+def decode(text: str | None) -> Any:
+    """Decode a payload, enforcing the size limit before decoding and the depth limit after."""
+    text = text or ""
+    if len(text) > MAX_TEXT:
+        raise TooLarge(f"payload is {len(text)} characters; the limit is {MAX_TEXT}"
+                       f" (about {MAX_PAYLOAD // 1024} KiB decoded): send large data out of band")
+    if not text:
+        return None
+    try:
+        raw = base64.b64decode(text, validate=True)
+        obj = msgpack.unpackb(raw, raw=False, strict_map_key=False,
+                              max_array_len=MAX_ITEMS, max_map_len=MAX_ITEMS)
+    except msgpack.StackError:
+        raise TooLarge(f"payload nests deeper than {MAX_DEPTH} levels") from None
+    except (binascii.Error, ValueError, msgpack.UnpackException) as exc:
+        raise BadPayload(f"payload is not base64 msgpack ({exc.__class__.__name__}: {exc})") from None
+    _check_depth(obj)
+    return obj
+
+
+def _check_depth(obj: Any) -> None:
+    level: list[Any] = [obj]
+    for _ in range(MAX_DEPTH + 1):
+        nxt = []
+        for item in level:
+            if isinstance(item, dict):
+                nxt.extend(item.keys())
+                nxt.extend(item.values())
+            elif isinstance(item, list):
+                nxt.extend(item)
+        if not nxt:
+            return
+        level = nxt
+    raise TooLarge(f"payload nests deeper than {MAX_DEPTH} levels")
+
+
+def error_reply(iq: Iq, error: OpError) -> Iq:
+    """Build the stanza error answering ``iq`` for ``error``, with its application condition."""
+    reply = iq.reply(clear=True)
+    reply["type"] = "error"
+    reply["error"]["type"] = error.stanza_type
+    reply["error"]["condition"] = error.stanza_condition
+    reply["error"]["text"] = error.text[:1000]
+    reply["error"].xml.append(ET.Element(f"{{{NS}}}{error.condition}"))
+    return reply
+
+
+def app_condition(stanza: Iq | Message) -> str | None:
+    """The Vertebra application condition of an error stanza, if any."""
+    for child in stanza["error"].xml:
+        if child.tag.startswith("{" + NS + "}"):
+            return child.tag.split("}", 1)[1]
+    return None
+
+
+class XEP_Vertebra(BasePlugin):
+    """Registers the Vertebra stanzas; handlers are registered by the agent and client."""
+
+    name = "vertebra"
+    description = "Vertebra ops over IQ (urn:vertebra:1)"
+    dependencies = {"xep_0030"}
+
+    def plugin_init(self) -> None:
+        register_stanza_plugin(Iq, OpRequest)
+        register_stanza_plugin(Iq, Outcome)
+        register_stanza_plugin(Iq, Accepted)
+        register_stanza_plugin(Message, Outcome)
+        register_stanza_plugin(Message, Progress)
+
+
+register_plugin(XEP_Vertebra)

@@ -1,0 +1,158 @@
+"""The broker actor: keeps the directory from presence and caps, and answers discovery as ops.
+
+Agents send the broker a directed presence carrying their caps hash; the XMPP server then tells the
+broker, with an unavailable presence, the moment an agent's session ends. For each caps hash not
+seen before the broker asks that agent for disco#info once, checks the hash against the answer, and
+files the agent's ops and resources under it. When the broker itself (re)starts it sends a directed
+presence to every agent it has known, which each answers with its own, so a restarted broker has
+the whole directory back without waiting for agents to reconnect.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sqlite3
+from pathlib import Path
+from typing import Annotated, Any
+
+from slixmpp import Presence
+from slixmpp.exceptions import IqError, IqTimeout
+
+from agents.agent import AGENT_FORM, Agent, Call, info_op
+from agents.ops import OP_FEATURE_PREFIX, Arg, op
+from agents.resources import check as check_resource, BadResource
+from agents.errors import BadArguments
+
+from .directory import Capabilities, Directory
+
+log = logging.getLogger(__name__)
+
+DISCO_TIMEOUT = 10.0
+
+
+class Broker(Agent):
+    kind = "broker"
+    resource = "broker"
+
+    info = info_op("mesh")
+
+    def __init__(self, *args: Any, state_dir: Path | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.directory = Directory()
+        self._present: set[str] = set()
+        self._learning: dict[str, asyncio.Future[Capabilities | None]] = {}
+        self._known = _KnownAgents(state_dir / "broker.sqlite" if state_dir else None)
+        caps = self.xmpp.plugin["xep_0115"]
+        # slixmpp's caps plugin would also query every new hash; the directory does that itself.
+        self.xmpp.del_event_handler("entity_caps", caps._process_caps)
+        self.xmpp.del_event_handler("presence_available", self._on_presence)
+        self.xmpp.add_event_handler("presence_available", self._on_available)
+        self.xmpp.add_event_handler("presence_unavailable", self._on_unavailable)
+
+    async def on_session(self) -> None:
+        await self.xmpp.plugin["xep_0115"].update_caps(broadcast=False)
+        self.xmpp.send_presence()  # available, so presence sent to our bare JID reaches us
+        for bare in self._known.all():
+            self.xmpp.send_presence(pto=bare)
+
+    # -- the ops the broker serves ------------------------------------------------------------
+
+    @op("mesh.discover", deadline=5)
+    async def discover(self, call: Call,
+                       op: Annotated[str, Arg("only agents offering this op (all ops if empty)")] = "",
+                       resources: Annotated[list[str], Arg("only agents holding these resources,"
+                                                           " their ancestors or descendants")] = ()) -> list:
+        """Find the live agents that offer an op on resources."""
+        try:
+            wanted = [check_resource(r) for r in resources]
+        except BadResource as exc:
+            raise BadArguments(str(exc), argument="resources") from None
+        return [e.to_dict() for e in self.directory.discover(op or None, wanted)]
+
+    @op("mesh.agents", deadline=5)
+    async def agents(self, call: Call) -> list:
+        """List every live agent with its kind, ops and resources."""
+        return [e.to_dict() for e in self.directory.entries()]
+
+    # -- presence and caps -------------------------------------------------------------------
+
+    async def _on_available(self, pres: Presence) -> None:
+        jid = str(pres["from"])
+        ver = pres["caps"]["ver"]
+        if pres["from"].bare == self.jid.bare or not ver:
+            return
+        self._present.add(jid)
+        caps = self.directory.caps.get(ver) or await self._learn(jid, pres["caps"]["node"], ver,
+                                                                 pres["caps"]["hash"])
+        if caps is not None and jid in self._present:
+            self.directory.add(jid, caps)
+            self._known.add(pres["from"].bare)
+
+    def _on_unavailable(self, pres: Presence) -> None:
+        jid = str(pres["from"])
+        self._present.discard(jid)
+        if self.directory.remove(jid):
+            log.info("agent %s left the directory", jid)
+
+    async def _learn(self, jid: str, node: str, ver: str, hash_name: str) -> Capabilities | None:
+        """One disco#info query per caps hash, however many agents present it at once."""
+        pending = self._learning.get(ver)
+        if pending is not None:
+            return await asyncio.shield(pending)
+        fut: asyncio.Future[Capabilities | None] = asyncio.get_running_loop().create_future()
+        self._learning[ver] = fut
+        caps = None
+        try:
+            caps = await self._query(jid, node, ver, hash_name)
+        finally:
+            del self._learning[ver]
+            fut.set_result(caps)
+        if caps is not None:
+            self.directory.caps[ver] = caps
+        return caps
+
+    async def _query(self, jid: str, node: str, ver: str, hash_name: str) -> Capabilities | None:
+        plugin = self.xmpp.plugin["xep_0115"]
+        try:
+            iq = await self.xmpp.plugin["xep_0030"].get_info(jid=jid, node=f"{node}#{ver}", timeout=DISCO_TIMEOUT)
+        except (IqError, IqTimeout) as exc:
+            log.warning("disco#info of %s failed: %s", jid, exc)
+            return None
+        info = iq["disco_info"]
+        if hash_name not in plugin.hashes or plugin.generate_verstring(info, hash_name) != ver:
+            log.warning("%s presented caps %s that do not match its disco#info; ignored", jid, ver)
+            return None
+        form_class = self.xmpp.plugin["xep_0004"].stanza.Form
+        form = next((f for f in info["substanzas"] if isinstance(f, form_class)
+                     and AGENT_FORM in _values(f.get_values().get("FORM_TYPE"))), None)
+        if form is None:
+            return None  # not a Vertebra agent
+        values = form.get_values()
+        ops = frozenset(f[len(OP_FEATURE_PREFIX):] for f in info["features"] if f.startswith(OP_FEATURE_PREFIX))
+        return Capabilities(kind=str(values.get("kind") or "agent"), ops=ops,
+                            resources=tuple(_values(values.get("resources"))))
+
+
+def _values(value: Any) -> list[str]:
+    """A form field's values as a list, whichever shape slixmpp returns them in."""
+    if value is None:
+        return []
+    return value.splitlines() if isinstance(value, str) else [str(v) for v in value]
+
+
+class _KnownAgents:
+    """The bare JIDs of agents seen before, kept on disk so a restarted broker can greet them."""
+
+    def __init__(self, path: Path | None) -> None:
+        self._db = sqlite3.connect(path or ":memory:", isolation_level=None)
+        self._db.execute("CREATE TABLE IF NOT EXISTS known_agents (jid TEXT PRIMARY KEY)")
+        self._cache = {row[0] for row in self._db.execute("SELECT jid FROM known_agents")}
+
+    def add(self, jid: str) -> None:
+        if jid not in self._cache:
+            self._cache.add(jid)
+            self._db.execute("INSERT OR IGNORE INTO known_agents VALUES (?)", (jid,))
+
+    def all(self) -> list[str]:
+        return sorted(self._cache)
