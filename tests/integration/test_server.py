@@ -1,0 +1,222 @@
+"""The private Prosody server: life cycle, accounts and TLS, against the real prosody binary."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import ssl
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import slixmpp
+
+from agents.server import PrivateServer, ServerError
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _pid_exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+@pytest.fixture
+def server(tmp_path: Path) -> Iterator[PrivateServer]:
+    srv = PrivateServer(tmp_path / "home", port=_free_port())
+    yield srv
+    srv.stop()
+
+
+async def _login(srv: PrivateServer, user: str, password: str, ctx: ssl.SSLContext | None = None) -> bool:
+    """Log in over STARTTLS with SCRAM-SHA-1, pinning the server's certificate; True on success."""
+    client = slixmpp.ClientXMPP(f"{user}@{srv.domain}/test", password, sasl_mech="SCRAM-SHA-1")
+    client.ssl_context = ctx or srv.ssl_context()
+    client.enable_direct_tls = False
+    client.enable_starttls = True
+    client.enable_plaintext = False
+    outcome: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+
+    def settle(value: bool) -> None:
+        if not outcome.done():
+            outcome.set_result(value)
+
+    client.add_event_handler("session_start", lambda _: settle(True))
+    client.add_event_handler("failed_all_auth", lambda _: settle(False))
+    client.add_event_handler("disconnected", lambda _: settle(False))
+    client.add_event_handler("connection_failed", lambda _: settle(False))
+    client.connect(host=srv.host, port=srv.port)
+    try:
+        return await asyncio.wait_for(outcome, 20)
+    finally:
+        await client.disconnect()
+
+
+def test_start_reports_running_and_writes_private_files(server: PrivateServer) -> None:
+    server.start()
+    status = server.status()
+    assert status["running"] is True
+    assert isinstance(status["pid"], int) and _pid_exists(status["pid"])
+    assert (status["host"], status["port"], status["domain"]) == (server.host, server.port, "vertebra.test")
+    assert oct(server.key_path.stat().st_mode & 0o777) == "0o600"
+    config = server.config_path.read_text()
+    assert f"c2s_ports = {{ {server.port} }}" in config
+    with socket.create_connection((server.host, server.port), timeout=5):
+        pass
+
+
+def test_loaded_modules_follow_the_design(server: PrivateServer) -> None:
+    server.start()
+    # Ask the running server itself, through its private admin socket.
+    out = subprocess.run(
+        ["prosodyctl", "--config", str(server.config_path), "shell", f'module:list("{server.domain}")'],
+        capture_output=True, text=True, timeout=30, check=True,
+    ).stdout
+    loaded = set(out.split())
+    assert {"saslauth", "tls", "disco", "ping", "smacks", "roster", "auth_internal_hashed"} <= loaded
+    assert not loaded & {"limits", "s2s", "register", "register_ibr", "offline"}
+
+
+def test_certificate_names_the_domain(server: PrivateServer) -> None:
+    server.start()
+    out = subprocess.run(
+        ["openssl", "x509", "-noout", "-ext", "subjectAltName", "-in", str(server.cert_path)],
+        capture_output=True, text=True, check=True,
+    ).stdout
+    assert "DNS:vertebra.test" in out
+
+
+async def test_registered_account_logs_in_and_wrong_password_fails(server: PrivateServer) -> None:
+    server.start()
+    server.register("alice", "correct horse")
+    assert await _login(server, "alice", "correct horse") is True
+    assert await _login(server, "alice", "battery staple") is False
+
+
+async def test_register_updates_password_and_many_accounts_work(server: PrivateServer) -> None:
+    server.start()
+    server.register("bob", "first")
+    server.register("bob", "second")
+    server.register_many({f"agent-{i:04d}": f"pw-{i}" for i in range(200)})
+    assert await _login(server, "bob", "second") is True
+    assert await _login(server, "bob", "first") is False
+    assert await _login(server, "agent-0199", "pw-199") is True
+
+
+async def test_accounts_written_while_stopped_survive_start(server: PrivateServer) -> None:
+    server.register("carol", "pw")
+    server.start()
+    assert await _login(server, "carol", "pw") is True
+
+
+async def test_pinned_context_rejects_another_server(server: PrivateServer, tmp_path: Path) -> None:
+    server.start()
+    other = PrivateServer(tmp_path / "other", port=_free_port())
+    other.start()
+    try:
+        other.register("dave", "pw")
+        assert await _login(other, "dave", "pw") is True
+        # Same domain, same account, but a certificate this server's context does not trust.
+        assert await _login(other, "dave", "pw", ctx=server.ssl_context()) is False
+    finally:
+        other.stop()
+
+
+def test_stop_leaves_no_process(server: PrivateServer) -> None:
+    server.start()
+    pid = server.status()["pid"]
+    assert server.stop() is True
+    assert not _pid_exists(pid)
+    assert not server.pidfile.exists()
+    assert server.status()["running"] is False
+    assert server.stop() is False
+
+
+def test_second_start_is_harmless(server: PrivateServer) -> None:
+    server.start()
+    pid = server.status()["pid"]
+    server.start()
+    status = server.status()
+    assert status["running"] is True and status["pid"] == pid
+
+
+def test_open_file_limit_is_raised_for_many_clients(server: PrivateServer) -> None:
+    server.start()
+    limits = Path(f"/proc/{server.status()['pid']}/limits").read_text()
+    soft, hard = next(line for line in limits.splitlines() if line.startswith("Max open files")).split()[3:5]
+    assert soft == hard
+
+
+def test_start_with_different_config_while_running_is_refused(server: PrivateServer) -> None:
+    server.start()
+    moved = PrivateServer(server.home, port=_free_port())
+    with pytest.raises(ServerError, match="different config"):
+        moved.start()
+
+
+def test_port_taken_by_another_socket_gives_clear_error(tmp_path: Path) -> None:
+    with socket.socket() as squatter:
+        squatter.bind(("127.0.0.1", 0))
+        squatter.listen()
+        port = squatter.getsockname()[1]
+        srv = PrivateServer(tmp_path / "home", port=port)
+        with pytest.raises(ServerError, match=f"port {port} .* already in use"):
+            srv.start()
+        assert srv.status()["running"] is False
+
+
+def test_stale_pidfile_is_cleared(server: PrivateServer) -> None:
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    server.dir.mkdir(parents=True)
+    server.pidfile.write_text(f"{dead.pid}\n")
+    assert server.status()["running"] is False
+    assert not server.pidfile.exists()
+    server.pidfile.write_text("not a pid\n")
+    server.start()
+    assert server.status()["running"] is True
+
+
+def test_pidfile_of_unrelated_process_is_not_trusted(server: PrivateServer) -> None:
+    server.dir.mkdir(parents=True)
+    sleeper = subprocess.Popen(["sleep", "30"])
+    try:
+        server.pidfile.write_text(f"{sleeper.pid}\n")
+        assert server.status()["running"] is False
+        assert server.stop() is False
+        assert sleeper.poll() is None  # never signal a process that is not ours
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+
+
+def test_bad_input_is_rejected_with_a_reason(tmp_path: Path) -> None:
+    with pytest.raises(ServerError, match="invalid XMPP domain"):
+        PrivateServer(tmp_path, domain="Not A Domain")
+    srv = PrivateServer(tmp_path, port=_free_port())
+    with pytest.raises(ServerError, match="invalid account name"):
+        srv.register("Alice@x", "pw")
+    with pytest.raises(ServerError, match="invalid password"):
+        srv.register("alice", "")
+    with pytest.raises(ServerError, match="start the server first"):
+        srv.ssl_context()
+
+
+def test_prosody_exiting_early_reports_log_tail(server: PrivateServer, tmp_path: Path, monkeypatch) -> None:
+    deploy = tmp_path / "deploy"
+    deploy.mkdir()
+    (deploy / "prosody.cfg.lua.in").write_text("this is not lua ${port}\n")
+    monkeypatch.setenv("VERTEBRA_DEPLOY_DIR", str(deploy))
+    with pytest.raises(ServerError, match="exited") as info:
+        server.start()
+    assert "prosody.log" in str(info.value)
+    assert server.status()["running"] is False
