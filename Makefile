@@ -1,0 +1,25 @@
+# The two commands of the README: `make run` brings a mesh up, `make test` runs every test.
+# Both set the machine up first (deploy/install.sh), so they work on a fresh Debian 12 machine.
+
+VENV := .venv
+PYTHON := $(VENV)/bin/python
+
+.PHONY: install test run bench clean
+
+install:
+	deploy/install.sh
+
+test: install
+	$(PYTHON) -m pytest -q tests/
+
+run: install
+	$(VENV)/bin/vertebra up
+
+bench: install
+	@set -e; for b in bench/*.py; do \
+		[ -e "$$b" ] || { echo "bench: no benchmarks in bench/"; exit 0; }; \
+		echo "bench: $$b"; $(PYTHON) "$$b"; \
+	done
+
+clean:
+	rm -rf $(VENV) .vertebra

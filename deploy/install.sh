@@ -1,0 +1,115 @@
+#!/usr/bin/env bash
+# Set up everything Vertebra needs on a Debian 12 machine, from nothing: the Debian packages of the
+# real parts (Prosody, check plugins, fence agents, Pacemaker, btrfs tools) and the project's virtualenv.
+# Idempotent: a second run checks and returns in well under a second. Run from anywhere; needs root
+# (or sudo) only when a Debian package is missing.
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$ROOT"
+
+# Every package here exists in Debian 12 (bookworm); checked with apt-cache policy.
+PACKAGES=(
+    prosody                    # the private XMPP server (agents/server.py), never its system service
+    openssl                    # the private server's self-signed certificate
+    python3 python3-venv python3-pip
+    monitoring-plugins-basic   # real check plugins for the monitor agent
+    fence-agents               # real fence agents (fence_dummy) for the fencing agent
+    libxml2-utils              # xmllint, to validate fence agent metadata
+    btrfs-progs                # the btrfs storage driver
+    pacemaker-cli-utils        # stonith_admin
+    pacemaker                  # the standalone fencer, pacemaker-fenced
+)
+# More packages for one machine or job, e.g. VERTEBRA_EXTRA_PACKAGES="nagios4-core ejabberd".
+read -r -a EXTRA <<< "${VERTEBRA_EXTRA_PACKAGES:-}"
+PACKAGES+=("${EXTRA[@]}")
+VENV="$ROOT/.venv"
+STAMP="$VENV/.vertebra-installed"
+
+say() { printf 'install: %s\n' "$*"; }
+
+installed() {
+    dpkg-query -W -f='${Status}' "$1" 2>/dev/null | grep -q 'install ok installed'
+}
+
+as_root() {
+    if [ "$(id -u)" -eq 0 ]; then
+        "$@"
+    elif command -v sudo >/dev/null 2>&1; then
+        sudo "$@"
+    else
+        echo "install: missing Debian packages need root: run 'make install' as root or install sudo" >&2
+        exit 1
+    fi
+}
+
+install_packages() {
+    local missing=() pkg
+    for pkg in "${PACKAGES[@]}"; do
+        installed "$pkg" || missing+=("$pkg")
+    done
+    if [ ${#missing[@]} -eq 0 ]; then
+        say "Debian packages present"
+        return
+    fi
+    if ! command -v apt-get >/dev/null 2>&1; then
+        echo "install: apt-get not found; Vertebra's set-up expects Debian 12. Missing: ${missing[*]}" >&2
+        exit 1
+    fi
+    say "installing ${missing[*]}"
+
+    # Keep package scripts from starting system services (above all Prosody on port 5222): the
+    # mesh runs its own private instance. Only add a policy-rc.d if the machine has none.
+    local policy=/usr/sbin/policy-rc.d added_policy=0
+    if [ ! -e "$policy" ]; then
+        as_root sh -c "printf '#!/bin/sh\nexit 101\n' > $policy && chmod 755 $policy"
+        added_policy=1
+    fi
+    # shellcheck disable=SC2064  # expand now: the trap must remove exactly what was added
+    trap "[ $added_policy -eq 0 ] || as_root rm -f $policy" EXIT
+
+    export DEBIAN_FRONTEND=noninteractive
+    local log
+    log="$(mktemp)"
+    if ! { as_root apt-get update -q && as_root apt-get install -y -q --no-install-recommends "${missing[@]}"; } \
+            >"$log" 2>&1; then
+        tail -n 30 "$log" >&2
+        echo "install: apt-get failed (full output in $log); fix the cause above and run 'make install' again" >&2
+        exit 1
+    fi
+    rm -f "$log"
+
+    if [ $added_policy -eq 1 ]; then
+        as_root rm -f "$policy"
+    fi
+    trap - EXIT
+
+    # A system Prosody we just installed must not come up on boot either.
+    if printf '%s\n' "${missing[@]}" | grep -qx prosody; then
+        if [ -d /run/systemd/system ] && command -v systemctl >/dev/null 2>&1; then
+            as_root systemctl disable --now prosody >/dev/null 2>&1 || true
+        elif command -v update-rc.d >/dev/null 2>&1; then
+            as_root update-rc.d prosody disable >/dev/null 2>&1 || true
+            as_root /etc/init.d/prosody stop >/dev/null 2>&1 || true
+        fi
+        say "system Prosody service disabled (Vertebra runs its own instance)"
+    fi
+}
+
+install_venv() {
+    if [ ! -x "$VENV/bin/python" ]; then
+        say "creating $VENV"
+        python3 -m venv "$VENV"
+    fi
+    if [ ! -e "$STAMP" ] || [ "$ROOT/pyproject.toml" -nt "$STAMP" ]; then
+        say "installing vertebra and its test dependencies into $VENV"
+        "$VENV/bin/python" -m pip install -q -e "$ROOT[test]"
+        touch "$STAMP"
+    else
+        say "virtualenv up to date"
+    fi
+}
+
+install_packages
+install_venv
+say "done"
