@@ -80,6 +80,11 @@ def _scram_sha1_keys(password: str, salt: str, iterations: int) -> tuple[str, st
     return stored_key, server_key
 
 
+def _lua_quoted_body(value: object) -> str:
+    """Escape a value for the inside of a double-quoted Lua string (paths may hold quotes)."""
+    return str(value).replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
 def _check_user(user: str) -> None:
     if not isinstance(user, str) or not _USER_RE.match(user):
         raise ServerError(
@@ -160,7 +165,7 @@ class PrivateServer:
         self.dir.mkdir(parents=True, exist_ok=True)
         with self._locked():
             config = self._render_config()
-            pid = self._running_pid()
+            pid = self._running_pid() or self._adopt_orphan()
             if pid is not None:
                 if self.config_path.is_file() and self.config_path.read_text() == config:
                     return
@@ -179,7 +184,7 @@ class PrivateServer:
         if not self.dir.is_dir():
             return False
         with self._locked():
-            pid = self._running_pid()
+            pid = self._running_pid() or self._adopt_orphan()
             if pid is None:
                 return False
             try:
@@ -286,15 +291,15 @@ class PrivateServer:
         template = Template(find_template().read_text())
         try:
             return template.substitute(
-                server_dir=self.dir,
-                pidfile=self.pidfile,
-                data_path=self.data_dir,
-                admin_socket=self.admin_socket,
-                host=self.host,
+                server_dir=_lua_quoted_body(self.dir),
+                pidfile=_lua_quoted_body(self.pidfile),
+                data_path=_lua_quoted_body(self.data_dir),
+                admin_socket=_lua_quoted_body(self.admin_socket),
+                host=_lua_quoted_body(self.host),
                 port=self.port,
-                log_file=self.log_path,
-                cert=self.cert_path,
-                key=self.key_path,
+                log_file=_lua_quoted_body(self.log_path),
+                cert=_lua_quoted_body(self.cert_path),
+                key=_lua_quoted_body(self.key_path),
                 domain=self.domain,
             )
         except (KeyError, ValueError) as exc:
@@ -313,6 +318,24 @@ class PrivateServer:
         if pid > 0 and _pid_alive(pid) and self._is_ours(pid):
             return pid
         self.pidfile.unlink(missing_ok=True)
+        return None
+
+    def _adopt_orphan(self) -> int | None:
+        """Find this instance's Prosody when its pidfile was lost, and write the pidfile again.
+
+        Without this a server whose pidfile was deleted could be neither stopped nor restarted:
+        its port would look taken by a stranger.
+        """
+        if not self.config_path.is_file():
+            return None
+        for entry in Path("/proc").iterdir():
+            if entry.name.isdigit() and entry.name != str(os.getpid()):
+                pid = int(entry.name)
+                argv = _cmdline(pid)
+                if argv and str(self.config_path) in argv and any("prosody" in a for a in argv) \
+                        and _pid_alive(pid):
+                    self._write_private(self.pidfile, f"{pid}\n")
+                    return pid
         return None
 
     def _is_ours(self, pid: int) -> bool:

@@ -220,3 +220,23 @@ def test_prosody_exiting_early_reports_log_tail(server: PrivateServer, tmp_path:
         server.start()
     assert "prosody.log" in str(info.value)
     assert server.status()["running"] is False
+
+
+def test_lost_pidfile_is_recovered_so_the_server_can_be_stopped(server: PrivateServer) -> None:
+    server.start()
+    pid = server.status()["pid"]
+    server.pidfile.unlink()
+    server.start()  # finds its own running Prosody instead of calling the port taken
+    assert server.status()["pid"] == pid
+    assert server.stop() is True
+    assert not _pid_exists(pid)
+
+
+async def test_home_with_awkward_characters(tmp_path: Path) -> None:
+    srv = PrivateServer(tmp_path / 'my "mesh" \\ home', port=_free_port())
+    try:
+        srv.start()
+        srv.register("erin", "pw")
+        assert await _login(srv, "erin", "pw") is True
+    finally:
+        srv.stop()
