@@ -4,7 +4,7 @@ An op's whole path through an agent, in order:
 
 1. advertise — on every session, each op becomes a disco#info feature, the agent's kind and
    resources go into an XEP-0128 form, and a directed presence with the XEP-0115 caps hash goes to
-   the broker (``on_session``);
+   the broker until a broker answers with its own (``on_session``);
 2. receive — an IQ-set ``<op>`` arrives; limits are checked before decoding (``protocol.decode``);
 3. deduplicate — a request id seen before returns the first outcome and never runs twice;
 4. validate — the op's declaration checks and converts the arguments (``OpSpec.validate``);
@@ -29,7 +29,7 @@ from slixmpp.xmlstream.handler import Callback
 from slixmpp.xmlstream.matcher import StanzaPath
 
 from . import __version__, protocol, resources as paths
-from .actor import Actor, Endpoint
+from .actor import Actor, Backoff, Endpoint
 from .authz import AdminsOnly, Authorizer, decide
 from .errors import BadArguments, BadPayload, Denied, InternalError, OpError, OpTimeout, UnknownOp
 from .ops import OpSpec, op, ops_of
@@ -109,7 +109,10 @@ class Agent(Actor):
         self._running: dict[tuple[str, str], asyncio.Future[_Answer]] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
         self.xmpp.register_handler(Callback("vertebra op", StanzaPath("iq@type=set/vertebra_op"), self._on_op))
-        self.xmpp.add_event_handler("presence_available", self._on_presence)
+        self._brokers: set[str] = set()  # full JIDs of brokers that have seen us this session
+        self._announcer: asyncio.Task[None] | None = None
+        self.xmpp.add_event_handler("presence_available", self._on_broker_presence)
+        self.xmpp.add_event_handler("presence_unavailable", self._on_broker_presence)
         self._advertise_features()
 
     def describe(self) -> dict[str, Any]:
@@ -126,7 +129,6 @@ class Agent(Actor):
         form = self.xmpp.plugin["xep_0004"].make_form(ftype="result")
         form.add_field(var="FORM_TYPE", ftype="hidden", value=AGENT_FORM)
         form.add_field(var="kind", ftype="text-single", value=self.kind)
-        form.add_field(var="name", ftype="text-single", value=self.name)
         form.add_field(var="resources", ftype="text-multi", value=list(self.resources))
         self.xmpp.plugin["xep_0128"].add_extended_info(data=form)
 
@@ -134,17 +136,38 @@ class Agent(Actor):
         # The caps hash covers features and the form, so agents alike share one disco query.
         await self.xmpp.plugin["xep_0115"].update_caps(broadcast=False)
         self.xmpp.send_presence()  # available, so a broker's hello to our bare JID reaches us
-        self.announce()
+        self._brokers.clear()
+        self._start_announcing()
 
-    def announce(self) -> None:
-        """Directed presence (with caps) to the broker: the server then tells the broker when we go."""
-        if self.broker:
+    def _start_announcing(self) -> None:
+        if self.broker and (self._announcer is None or self._announcer.done()):
+            self._announcer = asyncio.get_running_loop().create_task(self._announce_until_seen())
+
+    async def _announce_until_seen(self) -> None:
+        """Directed presence (with caps) to the broker, repeated with backoff until a broker answers
+        with its own: a broker that was not online yet would otherwise never hear of us. The server
+        tells the broker, in turn, the moment we go."""
+        backoff = Backoff(base=0.5, cap=10.0)
+        while not self._brokers and self.online_or_starting:
             self.xmpp.send_presence(pto=self.broker)
+            await asyncio.sleep(backoff.next())
 
-    def _on_presence(self, pres: Presence) -> None:
-        # A broker that (re)starts says hello with a directed presence; answer so it knows us again.
-        if self.broker and pres["from"].bare == self.broker and pres["from"] != self.jid:
-            self.announce()
+    @property
+    def online_or_starting(self) -> bool:
+        return not self._stopping and self.xmpp.transport is not None
+
+    def _on_broker_presence(self, pres: Presence) -> None:
+        if not self.broker or pres["from"].bare != self.broker:
+            return
+        broker = str(pres["from"])
+        if pres["type"] == "unavailable":
+            self._brokers.discard(broker)
+            self._start_announcing()  # to be known again as soon as a broker returns
+        elif broker not in self._brokers:
+            # A broker we had not heard from: it acknowledged us, or it (re)started and says hello.
+            # Either way one presence back makes sure it has our current caps.
+            self._brokers.add(broker)
+            self.xmpp.send_presence(pto=broker)
 
     # -- receive, deduplicate, validate, authorize, execute ------------------------------------
 

@@ -41,8 +41,17 @@ class Directory:
     def __len__(self) -> int:
         return len(self._agents)
 
-    def add(self, jid: str, caps: Capabilities) -> None:
-        self._agents[jid] = Entry(jid, caps)
+    def add(self, jid: str, caps: Capabilities) -> bool:
+        """File an agent; True when it is new or its capabilities changed."""
+        entry = Entry(jid, caps)
+        changed = self._agents.get(jid) != entry
+        self._agents[jid] = entry
+        return changed
+
+    def clear(self) -> None:
+        """Forget every agent (not the caps cache): after the broker's own session was lost, only
+        fresh presence says who is still there."""
+        self._agents.clear()
 
     def remove(self, jid: str) -> bool:
         return self._agents.pop(jid, None) is not None

@@ -5,7 +5,9 @@ broker, with an unavailable presence, the moment an agent's session ends. For ea
 seen before the broker asks that agent for disco#info once, checks the hash against the answer, and
 files the agent's ops and resources under it. When the broker itself (re)starts it sends a directed
 presence to every agent it has known, which each answers with its own, so a restarted broker has
-the whole directory back without waiting for agents to reconnect.
+the whole directory back without waiting for agents to reconnect. The broker answers each newly
+listed agent with a directed presence of its own; an agent repeats its announcement, with backoff,
+until some broker has answered, so an agent that came up before the broker is not lost.
 """
 
 from __future__ import annotations
@@ -46,11 +48,15 @@ class Broker(Agent):
         caps = self.xmpp.plugin["xep_0115"]
         # slixmpp's caps plugin would also query every new hash; the directory does that itself.
         self.xmpp.del_event_handler("entity_caps", caps._process_caps)
-        self.xmpp.del_event_handler("presence_available", self._on_presence)
+        self.xmpp.del_event_handler("presence_available", self._on_broker_presence)
+        self.xmpp.del_event_handler("presence_unavailable", self._on_broker_presence)
         self.xmpp.add_event_handler("presence_available", self._on_available)
         self.xmpp.add_event_handler("presence_unavailable", self._on_unavailable)
 
     async def on_session(self) -> None:
+        # A new session (not a resumed one): the server has forgotten our directed presences.
+        self.directory.clear()
+        self._present.clear()
         await self.xmpp.plugin["xep_0115"].update_caps(broadcast=False)
         self.xmpp.send_presence()  # available, so presence sent to our bare JID reaches us
         for bare in self._known.all():
@@ -86,7 +92,10 @@ class Broker(Agent):
         caps = self.directory.caps.get(ver) or await self._learn(jid, pres["caps"]["node"], ver,
                                                                  pres["caps"]["hash"])
         if caps is not None and jid in self._present:
-            self.directory.add(jid, caps)
+            if self.directory.add(jid, caps):
+                # Our presence back acknowledges the agent (it stops repeating its own) and makes the
+                # server tell the agent when this broker goes.
+                self.xmpp.send_presence(pto=jid)
             self._known.add(pres["from"].bare)
 
     def _on_unavailable(self, pres: Presence) -> None:

@@ -1,0 +1,139 @@
+"""Shared fixtures: one real private Prosody for the whole session, and actors on it.
+
+Every test that exercises messaging talks to this server over real sockets. Accounts are created
+per test with fresh names, so tests do not see each other's agents.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any, AsyncIterator, Callable
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests"))
+
+from agents.actor import Endpoint  # noqa: E402
+from agents.authz import AdminsOnly  # noqa: E402
+from agents.client import Client  # noqa: E402
+from agents.server import PrivateServer  # noqa: E402
+from broker.service import Broker  # noqa: E402
+
+DOMAIN = "vertebra.test"
+_names = itertools.count(1)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Mesh:
+    """The test server, plus a factory for accounts and actors that are stopped after each test."""
+
+    def __init__(self, server: PrivateServer, home: Path) -> None:
+        self.server = server
+        self.home = home
+        self.endpoint = Endpoint(server.host, server.port, DOMAIN, server.ssl_context())
+        self.operator = self.account("operator")
+        self.admins = AdminsOnly([self.operator[0]])
+        self.actors: list[Any] = []
+
+    def account(self, prefix: str) -> tuple[str, str]:
+        user = f"{prefix}{next(_names)}"
+        password = f"pw-{user}"
+        self.server.register(user, password)
+        return f"{user}@{DOMAIN}", password
+
+    async def broker(self, **kw: Any) -> Broker:
+        jid, pw = self.account("broker")
+        return await self.start(Broker(jid, pw, self.endpoint, authorizer=self.admins, **kw))
+
+    async def agent(self, cls: type, broker: Broker | None, resources: list[str], **kw: Any) -> Any:
+        jid, pw = self.account(cls.kind)
+        kw.setdefault("authorizer", self.admins)
+        return await self.start(cls(jid, pw, self.endpoint, resources=resources,
+                                    broker=broker.jid.bare if broker else None, **kw))
+
+    async def client(self, broker: Broker | None = None, account: tuple[str, str] | None = None) -> Client:
+        jid, pw = account or self.operator
+        return await self.start(Client(jid, pw, self.endpoint, broker=str(broker.jid) if broker else ""))
+
+    async def start(self, actor: Any) -> Any:
+        await actor.start()
+        self.actors.append(actor)
+        return actor
+
+    async def stop_all(self) -> None:
+        for actor in reversed(self.actors):
+            await actor.stop()
+        self.actors.clear()
+
+
+@pytest.fixture(scope="session")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    home = tmp_path_factory.mktemp("vertebra-home")
+    srv = PrivateServer(home, domain=DOMAIN, port=free_port())
+    srv.start()
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture
+async def mesh(server: PrivateServer, tmp_path: Path) -> AsyncIterator[Mesh]:
+    m = Mesh(server, tmp_path)
+    yield m
+    await m.stop_all()
+
+
+async def until(predicate: Callable[[], Any], timeout: float = 10.0, what: str = "condition") -> Any:
+    """Poll ``predicate`` until it is truthy; fail the test (never hang) after ``timeout``."""
+    loop = asyncio.get_running_loop()
+    end = loop.time() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if loop.time() > end:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        await asyncio.sleep(0.05)
+
+
+@pytest.fixture
+def mesh_home(server: PrivateServer, tmp_path: Path) -> Callable[..., Path]:
+    """A state directory with a mesh file for this server, for CLI and subprocess tests."""
+
+    def make(agents: list[dict[str, Any]], admins: list[str] | None = None, operator: str = "operator") -> Path:
+        home = tmp_path / f"home{next(_names)}"
+        (home / "server").mkdir(parents=True)
+        (home / "server" / "cert.pem").write_bytes(server.cert_path.read_bytes())
+        suffix = next(_names)
+        names = {"broker": f"broker{suffix}", "operator": f"{operator}{suffix}"}
+        mesh = {"server": {"domain": DOMAIN, "host": server.host, "port": server.port},
+                "broker": names["broker"], "operator": names["operator"],
+                "admins": admins if admins is not None else [names["operator"]],
+                "agents": [dict(a, name=f"{a['name']}{suffix}") for a in agents]}
+        (home / "mesh.yaml").write_text(yaml.safe_dump(mesh))
+        from agents import config
+        cfg = config.load(home / "mesh.yaml", home)
+        server.register_many(cfg.ensure_passwords())
+        return home
+
+    return make
+
+
+def vertebra(home: Path, *args: str, timeout: float = 60.0) -> subprocess.CompletedProcess[str]:
+    """Run the real `vertebra` command line against a state directory."""
+    return subprocess.run([sys.executable, "-m", "agents.cli", "--home", str(home), *args], cwd=ROOT,
+                          capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)})

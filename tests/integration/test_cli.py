@@ -1,0 +1,140 @@
+"""The `vertebra` command line against a real mesh: broker and agents as their own processes."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import stat
+import subprocess
+import sys
+import time
+
+import pytest
+import yaml
+
+from conftest import ROOT, vertebra
+
+AGENTS = [{"name": "store", "kind": "storage", "resources": ["/host/cli", "/pool/cli"]},
+          {"name": "mon", "kind": "monitor", "resources": ["/host/cli"], "gateway": True}]
+
+
+@pytest.fixture
+def running_mesh(mesh_home):
+    home = mesh_home(AGENTS)
+    cfg = yaml.safe_load((home / "mesh.yaml").read_text())
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    base = [sys.executable, "-m", "agents.cli", "--home", str(home)]
+    procs = [subprocess.Popen(base + ["broker"], env=env, cwd=ROOT)]
+    procs += [subprocess.Popen(base + ["-v", "agent", a["name"]], env=env, cwd=ROOT, stderr=open(home / f"{a['name']}.log", "w")) for a in cfg["agents"]]
+    try:
+        for _ in range(100):
+            out = vertebra(home, "agents", "--json")
+            if out.returncode == 0 and len(json.loads(out.stdout)["agents"]) == 2:
+                break
+            time.sleep(0.2)
+        else:
+            pytest.fail(f"agents did not come up: {out.stdout} {out.stderr}")
+        yield home, cfg
+    finally:
+        for p in procs:
+            p.terminate()
+        for p in procs:
+            p.wait(timeout=15)
+
+
+def test_agents_lists_live_agents_with_ops_and_resources(running_mesh):
+    home, cfg = running_mesh
+    out = vertebra(home, "agents")
+    assert out.returncode == 0, out.stderr
+    store = cfg["agents"][0]["name"]
+    assert f"{store}@vertebra.test/agent  (storage)" in out.stdout
+    assert "/host/cli /pool/cli" in out.stdout and "storage.info" in out.stdout
+    assert "2 live agents" in out.stdout
+
+
+def test_call_json_and_exit_codes(running_mesh):
+    home, cfg = running_mesh
+    ok = vertebra(home, "call", "storage.info", "--json")
+    assert ok.returncode == 0, ok.stderr
+    results = json.loads(ok.stdout)["results"]
+    assert len(results) == 1
+    assert set(results[0]) == {"target", "outcome", "result", "error"}
+    assert results[0]["outcome"] == "ok" and results[0]["result"]["kind"] == "storage"
+
+    both = vertebra(home, "call", "monitor.info", "--on", "/host/cli")
+    assert both.returncode == 0 and " ok " in both.stdout and "monitor.info: 1 ok" in both.stdout
+
+    nowhere = vertebra(home, "call", "storage.info", "--on", "/host/elsewhere", "--json")
+    assert nowhere.returncode == 6
+    assert json.loads(nowhere.stdout)["results"][0]["outcome"] == "not-discovered"
+
+    bad_arg = vertebra(home, "call", "storage.info", "colour=red")
+    assert bad_arg.returncode == 2 and "unknown argument 'colour'" in bad_arg.stderr
+
+    bad_path = vertebra(home, "call", "storage.info", "--on", "/pool/../etc")
+    assert bad_path.returncode == 2 and "'..'" in bad_path.stderr
+
+    store = cfg["agents"][0]["name"]
+    unknown = vertebra(home, "call", "storage.frobnicate", "--to", store, "--json")
+    assert unknown.returncode == 1
+    assert "unknown-op" in json.loads(unknown.stdout)["results"][0]["error"]
+
+    gone = vertebra(home, "call", "storage.info", "--to", "nobody-here", "--json")
+    assert gone.returncode == 5
+    assert json.loads(gone.stdout)["results"][0]["outcome"] == "unreachable"
+
+
+def test_gateway_socket_is_owner_only_and_keeps_the_callers_identity(running_mesh, server):
+    home, cfg = running_mesh
+    sock = home / "run" / "gateway.sock"
+    assert stat.S_ISSOCK(sock.stat().st_mode)
+    assert stat.S_IMODE(sock.stat().st_mode) == 0o600
+    assert stat.S_IMODE(sock.parent.stat().st_mode) == 0o700
+    info = vertebra(home, "call", "storage.info", "--json")
+    assert json.loads(info.stdout)["results"][0]["outcome"] == "ok"
+
+    # Another identity through the same gateway is still itself, and the agents deny it.
+    intruder = dict(cfg, operator="intruder" + cfg["operator"])
+    (home / "intruder.yaml").write_text(yaml.safe_dump(intruder))
+    server.register(intruder["operator"], "intruder-pw")
+    (home / "secrets" / f"{intruder['operator']}.password").write_text("intruder-pw")
+    denied = vertebra(home, "--mesh", str(home / "intruder.yaml"), "call", "storage.info", "--json")
+    assert denied.returncode == 3, denied.stdout + denied.stderr
+    assert json.loads(denied.stdout)["results"][0]["outcome"] == "denied"
+
+
+def test_direct_login_when_no_gateway_runs(running_mesh, tmp_path):
+    home, _ = running_mesh
+    other = tmp_path / "nogateway"
+    shutil.copytree(home, other, ignore=shutil.ignore_patterns("run", "*.sock"))
+    out = vertebra(other, "call", "storage.info", "--json")
+    assert out.returncode == 0, out.stderr
+    assert not (other / "run").exists()
+
+
+def test_unreachable_server_is_a_named_outcome_not_a_hang(mesh_home):
+    home = mesh_home(AGENTS)
+    cfg = yaml.safe_load((home / "mesh.yaml").read_text())
+    cfg["server"]["port"] = 1  # nothing listens there
+    (home / "mesh.yaml").write_text(yaml.safe_dump(cfg))
+    out = vertebra(home, "call", "storage.info", "--timeout", "3", "--json")
+    assert out.returncode == 5
+    assert json.loads(out.stdout)["results"][0]["outcome"] == "unreachable"
+
+
+def test_help_is_generated_from_the_declaration():
+    out = vertebra(ROOT, "help", "mesh.discover")
+    assert out.returncode == 0
+    assert "resources=list of string" in out.stdout and "only agents offering this op" in out.stdout
+    listing = vertebra(ROOT, "help")
+    assert "storage.info" in listing.stdout and "fencing.info" in listing.stdout
+    missing = vertebra(ROOT, "help", "storage.nope")
+    assert missing.returncode == 2 and "no op named" in missing.stderr
+
+
+def test_bad_mesh_file_names_the_field(tmp_path):
+    (tmp_path / "mesh.yaml").write_text("agents:\n  - name: a1\n    kind: toaster\n")
+    out = vertebra(tmp_path, "agents")
+    assert out.returncode == 2
+    assert "agents[0].kind: expected one of storage, fencing, monitor, got 'toaster'" in out.stderr
