@@ -1,0 +1,79 @@
+"""Op declarations: the one schema drives validation, key=value parsing and help."""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+import pytest
+
+from agents.errors import BadArguments
+from agents.ops import OP_FEATURE_PREFIX, Arg, op, ops_of
+
+
+class Kind:
+    @op("demo.make", destructive=True, deadline=12, resources=("/volume/{volume}",))
+    async def make(self, call, volume: Annotated[str, Arg("volume name", pattern=r"[a-z]+")],
+                   size: Annotated[int, Arg("size in MiB", min=1, max=1024)] = 64,
+                   fast: bool = False, tags: list[str] = (), ratio: float | None = None,
+                   mode: Literal["thin", "thick"] = "thin") -> None:
+        """Make a volume.
+
+        Longer description."""
+
+
+SPEC = ops_of(Kind)["demo.make"]
+
+
+def test_declaration_is_read_from_the_signature():
+    assert SPEC.summary == "Make a volume." and SPEC.description == "Longer description."
+    assert SPEC.destructive and SPEC.deadline == 12.0 and SPEC.feature == OP_FEATURE_PREFIX + "demo.make"
+    assert [(p.name, p.kind, p.required) for p in SPEC.params] == [
+        ("volume", "string", True), ("size", "integer", False), ("fast", "boolean", False),
+        ("tags", "string", False), ("ratio", "number", False), ("mode", "string", False)]
+    assert SPEC.param("tags").many and SPEC.param("mode").choices == ("thin", "thick")
+
+
+def test_validate_converts_fills_defaults_and_names_what_is_wrong():
+    assert SPEC.validate({"volume": "db"}) == {"volume": "db", "size": 64, "fast": False, "tags": [],
+                                               "ratio": None, "mode": "thin"}
+    assert SPEC.validate({"volume": "db", "tags": "x", "fast": "yes"})["tags"] == ["x"]
+    for args, message in [({}, "missing required argument 'volume'"),
+                          ({"volume": "DB"}, "'volume' must match"),
+                          ({"volume": "db", "size": 0}, "'size' must be between 1 and 1024"),
+                          ({"volume": "db", "size": 1.5}, "'size' expects integer"),
+                          ({"volume": "db", "fast": "maybe"}, "'fast' expects boolean"),
+                          ({"volume": "db", "mode": "fat"}, "must be one of thin, thick"),
+                          ({"volume": "db", "size": True}, "'size' expects integer"),
+                          ({"volume": "db", "color": 1}, "unknown argument 'color'")]:
+        with pytest.raises(BadArguments, match=message):
+            SPEC.validate(args)
+
+
+def test_parse_pairs_takes_command_line_words():
+    args = SPEC.parse_pairs(["volume=db", "size=128", "tags=a", "tags=b", "ratio=0.5"])
+    assert args["size"] == 128 and args["tags"] == ["a", "b"] and args["ratio"] == 0.5
+    with pytest.raises(BadArguments, match="expected key=value"):
+        SPEC.parse_pairs(["volume"])
+    with pytest.raises(BadArguments, match="given twice"):
+        SPEC.parse_pairs(["volume=a", "volume=b"])
+
+
+def test_help_and_description_come_from_the_same_declaration():
+    text = SPEC.help_text()
+    assert "demo.make - Make a volume." in text and "destructive" in text and "deadline 12s" in text
+    assert "size=integer" in text and "size in MiB (default: 64)" in text and "acts on: /volume/{volume}" in text
+    described = SPEC.describe()
+    assert described["params"][0] == {"name": "volume", "type": "string", "many": False, "required": True,
+                                      "default": None, "help": "volume name", "choices": None,
+                                      "pattern": "[a-z]+", "min": None, "max": None, "secret": False}
+    assert SPEC.resources_for({"volume": "db"}) == ["/volume/db"]
+
+
+def test_bad_declarations_fail_at_import_time():
+    with pytest.raises(ValueError, match="dotted lowercase"):
+        op("Bad Name")
+    with pytest.raises(TypeError, match="async def"):
+        op("demo.sync")(lambda self, call: None)
+    with pytest.raises(TypeError, match="unsupported type"):
+        async def f(self, call, x: dict): ...
+        op("demo.dict")(f)
