@@ -149,7 +149,8 @@ class PowerController:
             future.cancel()  # shut down mid-request: callers get CancelledError, not a hang
             raise
         finally:
-            del self._inflight[key]
+            if self._inflight.get(key) is future:
+                del self._inflight[key]
         if not future.done():
             future.set_result(outcome)
 
