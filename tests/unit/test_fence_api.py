@@ -128,3 +128,27 @@ def test_exit_code_meanings():
     assert state_from_status_exit(3) == "unknown"
     assert status_exit_for("off") == ExitCode.STATUS_OFF == 2
     assert status_exit_for("unknown") == ExitCode.UNREACHABLE == 1
+
+
+def test_metadata_xml_escapes_text_and_validates_with_select(tmp_path):
+    import subprocess
+
+    from agents.fencing.fence_api import metadata_xml
+    xml = metadata_xml(name="fence_x", shortdesc='A "quoted" <agent> & co',
+                       longdesc="Power & <plugs>", vendor_url="http://example.com/?a=1&b=2",
+                       parameters=PARAMS)
+    assert '<option value="a" />' in xml and "&amp;" in xml
+    assert '<action name="on" automatic="0" />' in xml
+    path = tmp_path / "m.xml"
+    path.write_text(xml)
+    check = subprocess.run(["xmllint", "--noout", "--relaxng",
+                            "/usr/share/cluster/relaxng/metadata.rng", str(path)],
+                           capture_output=True, text=True)
+    assert check.returncode == 0, check.stderr
+
+
+def test_parameter_declarations_are_checked():
+    with pytest.raises(ValueError, match="choices"):
+        Parameter("mode", "Mode", type="select")
+    with pytest.raises(ValueError, match="declared twice"):
+        build_request({"action": "off"}, PARAMS + (Parameter("plug", "again"),))
