@@ -162,6 +162,9 @@ def run(argv: Sequence[str], stdin_text: str | None) -> int:
     except MeshUnavailableError as error:
         _error(f"Failed: {error}")
         return ExitCode.FAILURE
+    except Exception as error:  # whatever went wrong, the cluster must read "not fenced"
+        _error(f"Failed: unexpected error while asking the mesh: {error!r}")
+        return ExitCode.FAILURE
     allowed = {0, 1, 2} if request.action == "status" else {0, 1}
     if code not in allowed:
         _error(f"Failed: the mesh answered with exit code {code!r}, which {request.action} "
