@@ -30,9 +30,10 @@ from typing import Any, Sequence
 from . import config as meshconf
 from .actor import ConnectError
 from .authz import AdminsOnly
-from .client import EXIT_USAGE, CallReport, Client, TargetResult
+from .client import EXIT_USAGE, CallReport, TargetResult
 from .errors import BadArguments, Outcome
-from .gateway import Gateway, GatewayUnavailable, call_via_gateway
+from .gateway import Gateway
+from .session import mesh_call
 from .kinds import agent_class, catalogue
 
 EXIT_UNREACHABLE = 5
@@ -108,24 +109,6 @@ def _help(op_name: str | None) -> int:
 
 
 # -- calling ---------------------------------------------------------------------------------------
-
-async def mesh_call(mesh: meshconf.MeshConfig, op: str, args: dict[str, Any], *, on: Sequence[str] = (),
-                    scope: str = "all", to: Sequence[str] = (), timeout: float = 30.0,
-                    progress: Any = None) -> CallReport:
-    """Call through the local gateway when one runs, else log in directly as the mesh's operator."""
-    jid, password = mesh.jid(mesh.operator), mesh.password(mesh.operator)
-    call = {"op": op, "args": args, "on": list(on), "scope": scope, "to": list(to), "timeout": timeout}
-    try:
-        return await call_via_gateway(mesh.gateway_socket, jid, password, call, progress)
-    except GatewayUnavailable:
-        pass
-    client = Client(jid, password, mesh.endpoint(), broker=mesh.broker_jid)
-    await client.start(timeout=min(10.0, timeout))
-    try:
-        return await client.call(op, args, on=on, scope=scope, to=to, timeout=timeout, progress=progress)
-    finally:
-        await client.stop()
-
 
 def _run_call(mesh: meshconf.MeshConfig, op: str, args: dict[str, Any], timeout: float, **kw: Any) -> CallReport:
     async def run() -> CallReport:

@@ -1,0 +1,35 @@
+"""How a short-lived program (the CLI, check_vertebra, fence_vertebra) reaches the mesh.
+
+Through the local gateway when one runs (no XMPP login: milliseconds), else by logging in directly
+as the given account for the length of one call. Either way the call goes out under that account's
+own JID, and every wait is bounded by the call's timeout.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+from .client import CallReport, Client, ProgressFn
+from .config import MeshConfig
+from .gateway import GatewayUnavailable, call_via_gateway
+
+LOGIN_TIMEOUT = 10.0
+
+
+async def mesh_call(mesh: MeshConfig, op: str, args: dict[str, Any], *, on: Sequence[str] = (),
+                    scope: str = "all", to: Sequence[str] = (), timeout: float = 30.0,
+                    progress: ProgressFn | None = None, account: str | None = None) -> CallReport:
+    """Call ``op`` as ``account`` (default: the mesh file's operator)."""
+    account = account or mesh.operator
+    jid, password = mesh.jid(account), mesh.password(account)
+    call = {"op": op, "args": args, "on": list(on), "scope": scope, "to": list(to), "timeout": timeout}
+    try:
+        return await call_via_gateway(mesh.gateway_socket, jid, password, call, progress)
+    except GatewayUnavailable:
+        pass
+    client = Client(jid, password, mesh.endpoint(), broker=mesh.broker_jid)
+    await client.start(timeout=min(LOGIN_TIMEOUT, timeout))
+    try:
+        return await client.call(op, args, on=on, scope=scope, to=to, timeout=timeout, progress=progress)
+    finally:
+        await client.stop()
