@@ -194,9 +194,11 @@ class Agent(Actor):
                 self._running[key] = fut
                 try:
                     answer = await self._admit_and_run(iq, caller, rid)
+                    fut.set_result(answer)
                 finally:
                     del self._running[key]
-                fut.set_result(answer)
+                    if not fut.done():
+                        fut.cancel()  # never leave a repeated request waiting on a run that died
                 self._remember(key, answer)
         self.xmpp.send(self._reply(iq, answer))
 
@@ -220,63 +222,76 @@ class Agent(Actor):
             self._answers.popitem(last=False)
 
     async def _admit_and_run(self, iq: Iq, caller: str, rid: str) -> _Answer:
-        started = time.monotonic()
-        spec: OpSpec | None = None
+        name = iq["vertebra_op"]["name"]
         try:
-            req = iq["vertebra_op"]
-            if len(req.xml):
-                raise BadPayload("the <op/> element must hold only its base64 payload, no child elements")
-            spec = self.ops.get(req["name"])
-            if spec is None:
-                raise UnknownOp(f"{req['name']!r} is not an op of {self.kind} agent {self.name};"
-                                f" it offers {', '.join(sorted(self.ops))}")
-            args = spec.validate(protocol.decode(req.xml.text) or {})
-            try:
-                addressed = [paths.check(r) for r in req["on"].split()]
-            except paths.BadResource as exc:
-                raise BadArguments(str(exc)) from None
-            resources = addressed + spec.resources_for(args) or list(self.resources)
-            decision = decide(self.authorizer, caller, spec, resources)
-            audit_log.info("decide rid=%s caller=%s op=%s resources=%s allowed=%s reason=%s",
-                           rid, caller, spec.name, resources, decision.allowed, decision.reason)
-            if not decision.allowed:
-                raise Denied(decision.reason)
-            timeout = min(spec.deadline, _budget(req["timeout"], spec.deadline))
-            call = Call(self, caller, rid, resources, asyncio.get_running_loop().time() + timeout)
-            if spec.progress:
-                call._reply_to, call._job = str(iq["from"]), uuid.uuid4().hex
-                self._spawn(self._run_job(spec, call, args, timeout))
-                return _Answer(job=call._job)
-            return _Answer(result=await self._execute(spec, call, args, timeout))
+            spec, call, args = self._admit(iq, caller, rid)
         except OpError as exc:
-            self._audit_end(rid, caller, spec, exc.condition, started)
+            self._audit_end(rid, caller, name, exc.condition, 0.0)
+            return _Answer(error=exc)
+        except Exception as exc:  # a fault while admitting still answers, and runs nothing
+            log.exception("admitting %s from %s failed", name, caller)
+            return _Answer(error=InternalError(f"{name} could not be admitted: {exc.__class__.__name__}"))
+        if spec.progress:
+            call._reply_to, call._job = str(iq["from"]), uuid.uuid4().hex
+            self._spawn(self._run_job(spec, call, args))
+            return _Answer(job=call._job)
+        try:
+            return _Answer(result=await self._execute(spec, call, args))
+        except OpError as exc:
             return _Answer(error=exc)
 
-    async def _execute(self, spec: OpSpec, call: Call, args: dict[str, Any], timeout: float) -> Any:
+    def _admit(self, iq: Iq, caller: str, rid: str) -> tuple[OpSpec, Call, dict[str, Any]]:
+        """Decode, validate and authorize a request; raises the OpError that refuses it."""
+        req = iq["vertebra_op"]
+        if len(req.xml):
+            raise BadPayload("the <op/> element must hold only its base64 payload, no child elements")
+        spec = self.ops.get(req["name"])
+        if spec is None:
+            raise UnknownOp(f"{req['name']!r} is not an op of {self.kind} agent {self.name};"
+                            f" it offers {', '.join(sorted(self.ops))}")
+        args = spec.validate(protocol.decode(req.xml.text) or {})
+        try:
+            addressed = [paths.check(r) for r in req["on"].split()]
+        except paths.BadResource as exc:
+            raise BadArguments(str(exc)) from None
+        resources = addressed + spec.resources_for(args) or list(self.resources)
+        decision = decide(self.authorizer, caller, spec, resources)
+        audit_log.info("decide rid=%s caller=%s op=%s resources=%s allowed=%s reason=%s",
+                       rid, caller, spec.name, resources, decision.allowed, decision.reason)
+        if not decision.allowed:
+            raise Denied(decision.reason)
+        timeout = min(spec.deadline, _budget(req["timeout"], spec.deadline))
+        return spec, Call(self, caller, rid, resources, asyncio.get_running_loop().time() + timeout), args
+
+    async def _execute(self, spec: OpSpec, call: Call, args: dict[str, Any]) -> Any:
+        """Run the op within the call's deadline; every ending is audited and becomes an OpError or a result."""
         started = time.monotonic()
+        timeout = call.deadline - asyncio.get_running_loop().time()
         try:
             result = await asyncio.wait_for(spec.func(self, call, **args), timeout)
         except asyncio.TimeoutError:
-            raise OpTimeout(f"{spec.name} did not finish within {timeout:g}s and was stopped") from None
-        except OpError:
-            raise
+            error: OpError = OpTimeout(f"{spec.name} did not finish within {timeout:.3g}s and was stopped")
+        except OpError as exc:
+            error = exc
         except Exception as exc:
             log.exception("op %s failed", spec.name)
-            raise InternalError(f"{spec.name} failed unexpectedly: {exc.__class__.__name__}: {exc}") from None
-        self._audit_end(call.rid, call.caller, spec, "ok", started)
-        return result
+            error = InternalError(f"{spec.name} failed unexpectedly: {exc.__class__.__name__}: {exc}")
+        else:
+            self._audit_end(call.rid, call.caller, spec.name, "ok", started)
+            return result
+        self._audit_end(call.rid, call.caller, spec.name, error.condition, started)
+        raise error
 
-    async def _run_job(self, spec: OpSpec, call: Call, args: dict[str, Any], timeout: float) -> None:
+    async def _run_job(self, spec: OpSpec, call: Call, args: dict[str, Any]) -> None:
         msg = self.xmpp.make_message(mto=call._reply_to)
         outcome = msg["vertebra_outcome"]
         outcome["job"] = call._job
         outcome["rid"] = call.rid
         try:
-            result = await self._execute(spec, call, args, timeout)
+            result = await self._execute(spec, call, args)
             outcome["status"] = "ok"
             outcome.xml.text = protocol.encode(result)
         except OpError as exc:
-            self._audit_end(call.rid, call.caller, spec, exc.condition, time.monotonic())
             outcome["status"] = exc.outcome.value
             outcome["condition"] = exc.condition
             outcome.xml.text = protocol.encode(exc.text)
@@ -287,9 +302,9 @@ class Agent(Actor):
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    def _audit_end(self, rid: str, caller: str, spec: OpSpec | None, outcome: str, started: float) -> None:
-        audit_log.info("end rid=%s caller=%s op=%s outcome=%s duration=%.3fs", rid, caller,
-                       spec.name if spec else "?", outcome, time.monotonic() - started)
+    def _audit_end(self, rid: str, caller: str, op_name: str, outcome: str, started: float) -> None:
+        audit_log.info("end rid=%s caller=%s op=%s outcome=%s duration=%.3fs", rid, caller, op_name, outcome,
+                       time.monotonic() - started if started else 0.0)
 
 
 def _budget(text: str, default: float) -> float:
