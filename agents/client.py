@@ -20,6 +20,7 @@ from slixmpp import Iq
 from . import protocol
 from .actor import Actor, Endpoint
 from .errors import Outcome, UNREACHABLE_CONDITIONS, error_for
+from .resources import related
 
 ProgressFn = Callable[[str, int, Any], None]
 
@@ -103,7 +104,6 @@ class Client(Actor):
                 return report
             targets = [e["jid"] for e in found.result]
             held = [r for e in found.result for r in e["resources"]]
-            from .resources import related
             for wanted in on:
                 if not any(related(h, wanted) for h in held):
                     report.results.append(TargetResult(wanted, Outcome.NOT_DISCOVERED,

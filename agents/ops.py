@@ -201,9 +201,10 @@ class OpSpec:
         if self.resources:
             lines.append("acts on: " + " ".join(self.resources))
         lines += ["", "arguments:" if self.params else "arguments: none"]
+        width = max((len(p.name) + len(p.type_name) for p in self.params), default=0) + 1
         for p in self.params:
             default = "required" if p.required else f"default: {'(secret)' if p.secret else p.default!r}"
-            lines.append(f"  {p.name}={p.type_name:<12} {p.help} ({default})")
+            lines.append(f"  {p.name + '=' + p.type_name:<{width}}  {p.help} ({default})")
         example = " ".join(f"{p.name}=..." for p in self.params if p.required)
         lines += ["", f"usage: vertebra call {self.name} [--on RESOURCE ...] {example}".rstrip()]
         return "\n".join(lines)
