@@ -1,0 +1,125 @@
+"""A fencing agent's settings (the mesh file's `settings:` for a fencing agent): its devices, and
+which cluster each node it can fence belongs to.
+
+    settings:
+      cluster: c1                        # every node below belongs to cluster c1, or:
+      clusters: {c1: [node1, node2], c2: [db1]}
+      fencing:                           # the device registry (see devices.py)
+        devices: {...}
+        levels: {node1: [[pdu1]], ...}
+
+The cluster is part of each node's resource path, ``/cluster/{cluster}/node/{node}``: that is what
+the authorization hook sees for a fencing op and what the agent advertises, so a policy can limit a
+cluster's own fencing identity to its own nodes. A node belongs to exactly one cluster; the agent
+refuses an op that names a node with another cluster than the one configured here.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from agents.fencing.devices import DeviceRegistry, FencingConfigError
+
+#: A cluster or node name must be one resource path segment (see agents/resources.py).
+SEGMENT = r"[A-Za-z0-9_][A-Za-z0-9_.:@+-]{0,127}"
+NODE_RESOURCE = "/cluster/{cluster}/node/{node}"
+_KEYS = frozenset({"cluster", "clusters", "fencing"})
+
+
+def node_resource(cluster: str, node: str) -> str:
+    return NODE_RESOURCE.format(cluster=cluster, node=node)
+
+
+@dataclass(frozen=True)
+class FencingSettings:
+    """The registry (None when the agent has no devices yet) and each node's cluster."""
+
+    registry: DeviceRegistry | None
+    clusters: Mapping[str, str]  # node -> cluster
+
+    @classmethod
+    def from_settings(cls, settings: Mapping[str, Any]) -> FencingSettings:
+        """Build and validate; FencingConfigError lists every problem at once."""
+        problems: list[str] = []
+        if not isinstance(settings, Mapping):
+            raise FencingConfigError(["settings: expected a mapping"])
+        for key in sorted(set(map(str, settings)) - _KEYS):
+            problems.append(f"settings.{key}: unknown key (expected {', '.join(sorted(_KEYS))})")
+        if "fencing" not in settings:
+            if "cluster" in settings or "clusters" in settings:
+                problems.append("settings: a cluster is named but settings.fencing (devices and levels)"
+                                " is missing")
+            if problems:
+                raise FencingConfigError(problems)
+            return cls(registry=None, clusters={})
+        try:
+            registry = DeviceRegistry.from_config(settings["fencing"])
+        except FencingConfigError as error:
+            problems += error.problems
+            registry = None
+        nodes = registry.nodes() if registry else []
+        for node in nodes:
+            if not re.fullmatch(SEGMENT, node):
+                problems.append(f"levels.{node}: a node name must be letters, digits and _ . : @ + -"
+                                " (it becomes part of the resource path /cluster/CLUSTER/node/NODE)")
+        clusters = _clusters(settings, nodes, problems)
+        if problems:
+            raise FencingConfigError(problems)
+        return cls(registry=registry, clusters=clusters)
+
+    def resources(self) -> list[str]:
+        """One resource path per node this agent can fence."""
+        return [node_resource(cluster, node) for node, cluster in sorted(self.clusters.items())]
+
+    def by_cluster(self) -> dict[str, list[str]]:
+        out: dict[str, list[str]] = {}
+        for node, cluster in sorted(self.clusters.items()):
+            out.setdefault(cluster, []).append(node)
+        return out
+
+
+def _clusters(settings: Mapping[str, Any], nodes: list[str], problems: list[str]) -> dict[str, str]:
+    single, many = settings.get("cluster"), settings.get("clusters")
+    if single is not None and many is not None:
+        problems.append("settings: give either cluster (one cluster for every node) or clusters"
+                        " (cluster -> nodes), not both")
+        return {}
+    if single is not None:
+        if not isinstance(single, str) or not re.fullmatch(SEGMENT, single):
+            problems.append(f"settings.cluster: expected a cluster name (letters, digits and _ . : @ + -),"
+                            f" got {single!r}")
+            return {}
+        return {node: single for node in nodes}
+    if many is None:
+        if nodes:
+            problems.append("settings: name the cluster the nodes belong to: cluster: NAME, or"
+                            " clusters: {NAME: [node, ...]}")
+        return {}
+    if not isinstance(many, Mapping) or not many:
+        problems.append("settings.clusters: expected a mapping of cluster name to a list of nodes")
+        return {}
+    out: dict[str, str] = {}
+    for cluster, members in many.items():
+        where = f"settings.clusters.{cluster}"
+        if not isinstance(cluster, str) or not re.fullmatch(SEGMENT, cluster):
+            problems.append(f"{where}: a cluster name must be letters, digits and _ . : @ + -")
+            continue
+        if not isinstance(members, list) or not members:
+            problems.append(f"{where}: expected a list of node names")
+            continue
+        for node in map(str, members):
+            if node not in nodes:
+                problems.append(f"{where}: node {node!r} has no fencing levels (configured: "
+                                f"{', '.join(nodes) or 'none'})")
+            elif node in out and out[node] != cluster:
+                problems.append(f"{where}: node {node!r} is also in cluster {out[node]!r}; a node belongs"
+                                " to one cluster")
+            else:
+                out[node] = cluster
+    for node in nodes:
+        if node not in out:
+            problems.append(f"settings.clusters: node {node!r} is in no cluster; add it to one")
+    return out
