@@ -13,26 +13,23 @@ from __future__ import annotations
 
 import os
 import shutil
-import sqlite3
 import subprocess
 import tempfile
-import threading
 import time
 import uuid
-from collections import Counter
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
 import blake3
 
 from agents.storage import driver as d
-from agents.storage.driver import SnapshotInfo, StorageDriver, StorageError, VolumeInfo
+from agents.storage.catalog import CatalogDriver
+from agents.storage.driver import SnapshotInfo, StorageError
 from agents.storage.names import validate_name
 from agents.storage.stream import cdc_pieces, read_frames, write_stream
 
+# The volumes table is the catalog's.
 _SCHEMA = """
-CREATE TABLE IF NOT EXISTS volumes(
-    name TEXT PRIMARY KEY, kind TEXT NOT NULL, origin_volume TEXT, origin_snap TEXT, created REAL NOT NULL);
 CREATE TABLE IF NOT EXISTS snapshots(
     volume TEXT NOT NULL, name TEXT NOT NULL, guid TEXT NOT NULL, created REAL NOT NULL,
     logical_bytes INTEGER NOT NULL, PRIMARY KEY(volume, name));
@@ -50,7 +47,7 @@ def _run(argv: list[str]) -> str:
     return done.stdout
 
 
-class BtrfsDriver(StorageDriver):
+class BtrfsDriver(CatalogDriver):
     name = "btrfs"
 
     def __init__(self, root: str | os.PathLike[str]) -> None:
@@ -71,18 +68,10 @@ class BtrfsDriver(StorageDriver):
                                code="environment")
         for sub in ("volumes", "snapshots", "tmp"):
             (self.root / sub).mkdir(parents=True, exist_ok=True)
-        self._lock = threading.RLock()
-        self._holds: Counter[tuple[str, str]] = Counter()
-        self.db = sqlite3.connect(self.root / "state.sqlite", check_same_thread=False)
-        self.db.executescript(_SCHEMA)
+        self._open_catalog(self.root / "state.sqlite", _SCHEMA)
         for leftover in [*(self.root / "tmp").iterdir(), *(self.root / "snapshots").glob("*/.recv-*")]:
             self._delete_any(leftover)
 
-    def close(self) -> None:
-        with self._lock:
-            self.db.close()
-
-    # capabilities and listing -------------------------------------------------------------------------
     def capabilities(self) -> set[str]:
         caps = {d.CAP_VOLUMES, d.CAP_SNAPSHOTS, d.CAP_CLONES, d.CAP_ROLLBACK, d.CAP_REFRESH, d.CAP_SEND,
                 d.CAP_RECEIVE, d.CAP_INCREMENTAL, d.CAP_ATOMIC_SNAPSHOT, d.CAP_REFLINK_CLONES}
@@ -90,145 +79,53 @@ class BtrfsDriver(StorageDriver):
             caps.add(d.CAP_SPACE_EXACT)
         return caps
 
-    def list_volumes(self) -> list[VolumeInfo]:
-        with self._lock:
-            names = [r[0] for r in self.db.execute("SELECT name FROM volumes ORDER BY name")]
-            return [self._volume_info(n) for n in names]
+    # the catalog's tree hooks -------------------------------------------------------------------------
+    def _make_volume_tree(self, name: str) -> None:
+        _run(["btrfs", "subvolume", "create", str(self.root / "volumes" / name)])
 
-    def list_snapshots(self, volume: str) -> list[SnapshotInfo]:
-        with self._lock:
-            self._volume_row(volume)
-            names = [r[0] for r in self.db.execute(
-                "SELECT name FROM snapshots WHERE volume = ? ORDER BY created, rowid", (volume,))]
-            return [self._snapshot_info(volume, n) for n in names]
+    def _make_clone_tree(self, volume: str, snap: str, clone_name: str) -> None:
+        _run(["btrfs", "subvolume", "snapshot", str(self._snapshot_path(volume, snap)),
+              str(self.root / "volumes" / clone_name)])
 
-    def path(self, name: str) -> Path:
-        with self._lock:
-            if self._volume_row(name)[1] == "replica":
-                raise StorageError(f"volume {name!r} is a replica that holds only received snapshots; clone "
-                                   f"one of them to get a writable directory", code="invalid")
-            return self.root / "volumes" / name
+    def _replace_tree(self, name: str, volume: str, snap: str) -> None:
+        fresh = self.root / "tmp" / f"fresh-{uuid.uuid4().hex}"
+        old = self.root / "tmp" / f"old-{uuid.uuid4().hex}"
+        _run(["btrfs", "subvolume", "snapshot", str(self._snapshot_path(volume, snap)), str(fresh)])
+        live = self.root / "volumes" / name
+        os.rename(live, old)
+        os.rename(fresh, live)
+        _run(["btrfs", "subvolume", "delete", str(old)])
 
-    # volumes and clones -------------------------------------------------------------------------------
-    def create_volume(self, name: str) -> VolumeInfo:
-        validate_name(name, "volume name")
-        with self._lock:
-            self._refuse_existing(name)
-            _run(["btrfs", "subvolume", "create", str(self.root / "volumes" / name)])
-            self.db.execute("INSERT INTO volumes(name, kind, created) VALUES (?, 'volume', ?)",
-                            (name, time.time()))
-            self.db.commit()
-            return self._volume_info(name)
-
-    def destroy_volume(self, name: str) -> None:
-        with self._lock:
-            if self._volume_row(name)[1] == "clone":
-                raise StorageError(f"{name!r} is a clone; destroy it with destroy_clone", code="invalid")
-            self._destroy(name)
-
-    def destroy_clone(self, clone: str) -> None:
-        with self._lock:
-            if self._volume_row(clone)[1] != "clone":
-                raise StorageError(f"{clone!r} is not a clone; destroy volumes with destroy_volume",
-                                   code="invalid")
-            self._destroy(clone)
-
-    def _destroy(self, name: str) -> None:
-        snaps = [r[0] for r in self.db.execute("SELECT name FROM snapshots WHERE volume = ? ORDER BY created",
-                                               (name,))]
-        if snaps:
-            shown = ", ".join(f"{name}@{s}" for s in snaps)
-            raise StorageError(f"cannot destroy {name!r}: it still has snapshots {shown}; destroy them first",
-                               code="has_dependants", dependants=[f"{name}@{s}" for s in snaps])
+    def _remove_volume_data(self, name: str) -> None:
         live = self.root / "volumes" / name
         if live.exists():
             _run(["btrfs", "subvolume", "delete", str(live)])
         snapdir = self.root / "snapshots" / name
         if snapdir.exists():
             self._delete_any(snapdir)
-        self.db.execute("DELETE FROM volumes WHERE name = ?", (name,))
-        self.db.commit()
 
-    def clone(self, volume: str, snap: str, clone_name: str) -> VolumeInfo:
-        validate_name(clone_name, "clone name")
-        with self._lock:
-            source = self._snapshot_path(volume, snap)
-            self._refuse_existing(clone_name)
-            _run(["btrfs", "subvolume", "snapshot", str(source), str(self.root / "volumes" / clone_name)])
-            self.db.execute("INSERT INTO volumes(name, kind, origin_volume, origin_snap, created) "
-                            "VALUES (?, 'clone', ?, ?, ?)", (clone_name, volume, snap, time.time()))
-            self.db.commit()
-            return self._volume_info(clone_name)
-
-    def rollback(self, volume: str, snap: str) -> None:
-        with self._lock:
-            if self._volume_row(volume)[1] == "replica":
-                raise StorageError(f"{volume!r} is a replica and has no tree to roll back; clone one of its "
-                                   f"snapshots instead", code="invalid")
-            self._replace_tree(volume, self._snapshot_path(volume, snap))
-
-    def refresh_clone(self, clone: str, snap: str) -> VolumeInfo:
-        with self._lock:
-            row = self._volume_row(clone)
-            if row[1] != "clone":
-                raise StorageError(f"{clone!r} is not a clone; only clones can be refreshed", code="invalid")
-            self._replace_tree(clone, self._snapshot_path(row[2], snap))
-            self.db.execute("UPDATE volumes SET origin_snap = ? WHERE name = ?", (snap, clone))
-            self.db.commit()
-            return self._volume_info(clone)
-
-    def _replace_tree(self, name: str, source: Path) -> None:
-        fresh = self.root / "tmp" / f"fresh-{uuid.uuid4().hex}"
-        old = self.root / "tmp" / f"old-{uuid.uuid4().hex}"
-        _run(["btrfs", "subvolume", "snapshot", str(source), str(fresh)])
-        live = self.root / "volumes" / name
-        os.rename(live, old)
-        os.rename(fresh, live)
-        _run(["btrfs", "subvolume", "delete", str(old)])
-
-    # snapshots ----------------------------------------------------------------------------------------
-    def snapshot(self, volume: str, snap: str) -> SnapshotInfo:
-        validate_name(snap, "snapshot name")
-        with self._lock:
-            if self._volume_row(volume)[1] == "replica":
-                raise StorageError(f"{volume!r} is a replica; its snapshots come only from receive",
-                                   code="invalid")
-            self._refuse_existing_snapshot(volume, snap)
-            target = self.root / "snapshots" / volume / snap / "tree"
-            target.parent.mkdir(parents=True)
-            try:
-                _run(["btrfs", "subvolume", "snapshot", "-r", str(self.root / "volumes" / volume), str(target)])
-            except StorageError:
-                target.parent.rmdir()
-                raise
-            self._record_snapshot(volume, snap, self._uuids(target)[0], target)
-            return self._snapshot_info(volume, snap)
-
-    def destroy_snapshot(self, volume: str, snap: str) -> None:
-        with self._lock:
-            target = self._snapshot_path(volume, snap)
-            clones = [r[0] for r in self.db.execute(
-                "SELECT name FROM volumes WHERE origin_volume = ? AND origin_snap = ? ORDER BY name",
-                (volume, snap))]
-            if clones:
-                raise StorageError(f"cannot destroy {volume}@{snap}: clones {', '.join(clones)} were made "
-                                   f"from it; destroy or refresh them first", code="has_dependants",
-                                   dependants=clones)
-            if self._holds[(volume, snap)]:
-                raise StorageError(f"cannot destroy {volume}@{snap}: a send of it is running; wait for it "
-                                   f"to finish or cancel it", code="busy")
-            _run(["btrfs", "subvolume", "delete", str(target)])
+    def _capture(self, volume: str, snap: str) -> None:
+        target = self.root / "snapshots" / volume / snap / "tree"
+        target.parent.mkdir(parents=True)
+        try:
+            _run(["btrfs", "subvolume", "snapshot", "-r", str(self.root / "volumes" / volume), str(target)])
+        except StorageError:
             target.parent.rmdir()
-            self.db.execute("DELETE FROM snapshots WHERE volume = ? AND name = ?", (volume, snap))
-            self.db.commit()
+            raise
+        self._record_snapshot(volume, snap, self._uuids(target)[0], target)
+
+    def _drop_snapshot(self, volume: str, snap: str) -> None:
+        target = self._snapshot_path(volume, snap)
+        _run(["btrfs", "subvolume", "delete", str(target)])
+        target.parent.rmdir()
 
     # send and receive ---------------------------------------------------------------------------------
     def send(self, volume: str, to_snap: str, from_snap: str | None = None) -> Iterator[bytes]:
         with self._lock:
             to_path = self._snapshot_path(volume, to_snap)
             from_path = self._snapshot_path(volume, from_snap) if from_snap is not None else None
-            to_guid = self._guid(volume, to_snap)
-            from_guid = self._guid(volume, from_snap) if from_snap is not None else None
+            to_guid = self._snapshot_row(volume, to_snap)[2]
+            from_guid = self._snapshot_row(volume, from_snap)[2] if from_snap is not None else None
         header = {"driver": self.name, "volume": volume, "to_snap": to_snap, "to_guid": to_guid,
                   "from_snap": from_snap, "from_guid": from_guid}
         argv = ["btrfs", "send", "-q"] + (["-p", str(from_path)] if from_path else []) + [str(to_path)]
@@ -236,20 +133,14 @@ class BtrfsDriver(StorageDriver):
         return self._send(header, argv, held)
 
     def _send(self, header: dict[str, Any], argv: list[str], held: list[tuple[str, str]]) -> Iterator[bytes]:
-        with self._lock:
-            self._holds.update(held)
-        try:
-            with tempfile.TemporaryFile() as errors:
-                proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=errors)
-                try:
-                    yield from write_stream(header, self._data_frames(proc, argv, errors))
-                finally:
-                    if proc.poll() is None:
-                        proc.kill()
-                    proc.wait()
-        finally:
-            with self._lock:
-                self._holds.subtract(held)
+        with self._holding(held), tempfile.TemporaryFile() as errors:
+            proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=errors)
+            try:
+                yield from write_stream(header, self._data_frames(proc, argv, errors))
+            finally:
+                if proc.poll() is None:
+                    proc.kill()
+                proc.wait()
 
     def _data_frames(self, proc: subprocess.Popen[bytes], argv: list[str], errors: Any) -> Iterator[dict]:
         assert proc.stdout is not None
@@ -277,17 +168,7 @@ class BtrfsDriver(StorageDriver):
     def _receive(self, volume: str, snap: str, stream: Iterable[bytes], staging: Path) -> SnapshotInfo:
         frames = read_frames(stream, expect_driver=self.name)
         header = next(frames)
-        row = self.db.execute("SELECT kind FROM volumes WHERE name = ?", (volume,)).fetchone()
-        if header.get("from_guid") is None:
-            if row is not None and row[0] != "replica":
-                raise StorageError(f"{volume!r} exists and is not a replica; a full stream can only be "
-                                   f"received into a new volume name or an existing replica", code="exists")
-        elif self.db.execute("SELECT 1 FROM snapshots WHERE volume = ? AND guid = ?",
-                             (volume, header["from_guid"])).fetchone() is None:
-            raise StorageError(f"this incremental stream needs base snapshot {header.get('from_snap')!r} "
-                               f"(guid {header['from_guid']}) in volume {volume!r}, which this store does "
-                               f"not hold; send a full stream or from a snapshot both sides hold",
-                               code="not_found")
+        self._receive_base(volume, header)
         argv = ["btrfs", "receive", str(staging)]
         with tempfile.TemporaryFile() as errors:
             proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=errors, stderr=errors)
@@ -323,9 +204,7 @@ class BtrfsDriver(StorageDriver):
                                f"was published", code="failed")
         if received[0].name != "tree":
             os.rename(received[0], staging / "tree")      # same parent: allowed for a read-only subvolume
-        if row is None:
-            self.db.execute("INSERT INTO volumes(name, kind, created) VALUES (?, 'replica', ?)",
-                            (volume, time.time()))
+        self._ensure_replica(volume)
         os.rename(staging, self.root / "snapshots" / volume / snap)    # the publish: one rename
         self._record_snapshot(volume, snap, header["to_guid"], self.root / "snapshots" / volume / snap / "tree")
         return self._snapshot_info(volume, snap)
@@ -345,10 +224,6 @@ class BtrfsDriver(StorageDriver):
             fields[key.strip()] = value.strip()
         received = fields.get("Received UUID")
         return fields["UUID"], None if received in (None, "-") else received
-
-    def _guid(self, volume: str, snap: str) -> str:
-        return self.db.execute("SELECT guid FROM snapshots WHERE volume = ? AND name = ?",
-                               (volume, snap)).fetchone()[0]
 
     def _delete_any(self, path: Path) -> None:
         """Remove a staging path, deleting any subvolumes in it (a plain rmtree cannot)."""
@@ -371,7 +246,7 @@ class BtrfsDriver(StorageDriver):
                               check=False)
         return done.returncode == 0
 
-    def _used(self, live: Path) -> tuple[int, str]:
+    def _space(self, live: Path) -> tuple[int, str]:
         done = subprocess.run(["btrfs", "qgroup", "show", "--raw", "-f", str(live)], capture_output=True,
                               text=True, check=False)
         if done.returncode == 0:
@@ -385,49 +260,6 @@ class BtrfsDriver(StorageDriver):
         return total, ("du: allocated blocks, extents shared with snapshots counted in full (enable btrfs "
                        "quotas for exclusive bytes)")
 
-    def _volume_row(self, name: str) -> tuple[Any, ...]:
-        validate_name(name, "volume name")
-        row = self.db.execute("SELECT name, kind, origin_volume, origin_snap FROM volumes WHERE name = ?",
-                              (name,)).fetchone()
-        if row is None:
-            raise StorageError(f"no volume or clone named {name!r}; list_volumes shows what exists",
-                               code="not_found")
-        return row
-
     def _snapshot_path(self, volume: str, snap: str) -> Path:
-        self._volume_row(volume)
-        validate_name(snap, "snapshot name")
-        if self.db.execute("SELECT 1 FROM snapshots WHERE volume = ? AND name = ?", (volume, snap)).fetchone() \
-                is None:
-            raise StorageError(f"volume {volume!r} has no snapshot {snap!r}; list_snapshots shows its "
-                               f"snapshots", code="not_found")
+        self._snapshot_row(volume, snap)
         return self.root / "snapshots" / volume / snap / "tree"
-
-    def _refuse_existing(self, name: str) -> None:
-        if self.db.execute("SELECT 1 FROM volumes WHERE name = ?", (name,)).fetchone() \
-                or (self.root / "volumes" / name).exists():
-            raise StorageError(f"a volume or clone named {name!r} already exists; pick another name",
-                               code="exists")
-
-    def _refuse_existing_snapshot(self, volume: str, snap: str) -> None:
-        if self.db.execute("SELECT 1 FROM snapshots WHERE volume = ? AND name = ?", (volume, snap)).fetchone():
-            raise StorageError(f"volume {volume!r} already has a snapshot {snap!r}; pick another name",
-                               code="exists")
-
-    def _volume_info(self, name: str) -> VolumeInfo:
-        row = self._volume_row(name)
-        snaps = tuple(r[0] for r in self.db.execute(
-            "SELECT name FROM snapshots WHERE volume = ? ORDER BY created, rowid", (name,)))
-        live = self.root / "volumes" / name
-        used, method = self._used(live) if live.exists() else (0, "replica: no writable tree")
-        return VolumeInfo(name=name, kind=row[1], used_bytes=used, used_method=method,
-                          origin=(row[2], row[3]) if row[2] else None, snapshots=snaps)
-
-    def _snapshot_info(self, volume: str, snap: str) -> SnapshotInfo:
-        guid, created, logical = self.db.execute(
-            "SELECT guid, created, logical_bytes FROM snapshots WHERE volume = ? AND name = ?",
-            (volume, snap)).fetchone()
-        clones = tuple(r[0] for r in self.db.execute(
-            "SELECT name FROM volumes WHERE origin_volume = ? AND origin_snap = ? ORDER BY name", (volume, snap)))
-        return SnapshotInfo(volume=volume, name=snap, guid=guid, created=created, logical_bytes=logical,
-                            clones=clones)

@@ -17,20 +17,18 @@ from __future__ import annotations
 
 import os
 import shutil
-import sqlite3
 import stat
 import struct
-import threading
 import time
 import uuid
-from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
 from agents.storage import driver as d
 from agents.storage.chunkstore import SEGMENT_IDS, ChunkStore, split_ids
-from agents.storage.driver import SnapshotInfo, StorageDriver, StorageError, VolumeInfo
+from agents.storage.catalog import CatalogDriver
+from agents.storage.driver import SnapshotInfo, StorageError
 from agents.storage.names import validate_name
 from agents.storage.stream import read_frames, write_stream
 
@@ -39,9 +37,8 @@ _READ_BYTES = 128 * BLOCK_SIZE
 _PATCH_BATCH = 4096           # changed block positions per patch frame
 _INDEX = struct.Struct(">I")
 
+# The volumes table is the catalog's; snapshots carry an integer id that keys their manifest entries.
 _SCHEMA = """
-CREATE TABLE IF NOT EXISTS volumes(
-    name TEXT PRIMARY KEY, kind TEXT NOT NULL, origin_volume TEXT, origin_snap TEXT, created REAL NOT NULL);
 CREATE TABLE IF NOT EXISTS snapshots(
     id INTEGER PRIMARY KEY, volume TEXT NOT NULL, name TEXT NOT NULL, guid TEXT NOT NULL,
     created REAL NOT NULL, logical_bytes INTEGER NOT NULL, UNIQUE(volume, name));
@@ -79,7 +76,7 @@ class Diff:
     new_chunks: int               # chunks the newer snapshot references that the older does not
 
 
-class EmbeddedDriver(StorageDriver):
+class EmbeddedDriver(CatalogDriver):
     name = "embedded"
 
     def __init__(self, root: str | os.PathLike[str]) -> None:
@@ -90,170 +87,74 @@ class EmbeddedDriver(StorageDriver):
         except OSError as exc:
             raise StorageError(f"cannot create the embedded store at {self.root}: {exc.strerror}; "
                                f"choose a writable directory", code="environment") from None
-        self._lock = threading.RLock()
-        self._holds: Counter[int] = Counter()
-        self.db = sqlite3.connect(self.root / "store.sqlite", check_same_thread=False)
+        self._open_catalog(self.root / "store.sqlite", _SCHEMA)
         self.db.execute("PRAGMA auto_vacuum = INCREMENTAL")   # only takes effect on a new database
         self.db.execute("PRAGMA journal_mode = WAL")
         self.db.execute("PRAGMA synchronous = NORMAL")
-        self.db.executescript(_SCHEMA)
         self.store = ChunkStore(self.db)
         # Leftovers of a crash mid-clone or mid-receive: scratch trees and unreferenced chunks.
         for leftover in (self.root / "tmp").iterdir():
             _remove_tree(leftover)
         self.store.gc()
 
-    def close(self) -> None:
-        with self._lock:
-            self.db.close()
-
-    # capabilities and listing -------------------------------------------------------------------------
     def capabilities(self) -> set[str]:
         return {d.CAP_VOLUMES, d.CAP_SNAPSHOTS, d.CAP_CLONES, d.CAP_ROLLBACK, d.CAP_REFRESH, d.CAP_SEND,
                 d.CAP_RECEIVE, d.CAP_INCREMENTAL, d.CAP_DIFF, d.CAP_ROOTLESS}
-
-    def list_volumes(self) -> list[VolumeInfo]:
-        with self._lock:
-            names = [r[0] for r in self.db.execute("SELECT name FROM volumes ORDER BY name")]
-            return [self._volume_info(n) for n in names]
-
-    def list_snapshots(self, volume: str) -> list[SnapshotInfo]:
-        with self._lock:
-            self._volume_row(volume)
-            names = [r[0] for r in self.db.execute(
-                "SELECT name FROM snapshots WHERE volume = ? ORDER BY id", (volume,))]
-            return [self._snapshot_info(volume, n) for n in names]
 
     def store_stats(self) -> dict[str, int]:
         """Chunks held, their logical bytes and the bytes they take after compression and dedupe."""
         with self._lock:
             return self.store.stats()
 
-    def path(self, name: str) -> Path:
-        with self._lock:
-            kind = self._volume_row(name)[1]
-            if kind == "replica":
-                raise StorageError(f"volume {name!r} is a replica that holds only received snapshots; clone "
-                                   f"one of them to get a writable directory", code="invalid")
-            return self.root / "volumes" / name
+    # the catalog's tree hooks -------------------------------------------------------------------------
+    def _make_volume_tree(self, name: str) -> None:
+        (self.root / "volumes" / name).mkdir(mode=0o755)
 
-    # volumes and clones -------------------------------------------------------------------------------
-    def create_volume(self, name: str) -> VolumeInfo:
-        validate_name(name, "volume name")
-        with self._lock:
-            self._refuse_existing(name)
-            (self.root / "volumes" / name).mkdir(mode=0o755)
-            self.db.execute("INSERT INTO volumes(name, kind, created) VALUES (?, 'volume', ?)",
-                            (name, time.time()))
-            self.db.commit()
-            return self._volume_info(name)
+    def _make_clone_tree(self, volume: str, snap: str, clone_name: str) -> None:
+        tree = self._materialize(self._snapshot_row(volume, snap)[0])
+        os.rename(tree, self.root / "volumes" / clone_name)
 
-    def destroy_volume(self, name: str) -> None:
-        with self._lock:
-            kind = self._volume_row(name)[1]
-            if kind == "clone":
-                raise StorageError(f"{name!r} is a clone; destroy it with destroy_clone", code="invalid")
-            self._destroy(name)
-
-    def destroy_clone(self, clone: str) -> None:
-        with self._lock:
-            if self._volume_row(clone)[1] != "clone":
-                raise StorageError(f"{clone!r} is not a clone; destroy volumes with destroy_volume",
-                                   code="invalid")
-            self._destroy(clone)
-
-    def _destroy(self, name: str) -> None:
-        snaps = [r[0] for r in self.db.execute("SELECT name FROM snapshots WHERE volume = ? ORDER BY id",
-                                               (name,))]
-        if snaps:
-            shown = ", ".join(f"{name}@{s}" for s in snaps)
-            raise StorageError(f"cannot destroy {name!r}: it still has snapshots {shown}; destroy them first",
-                               code="has_dependants", dependants=[f"{name}@{s}" for s in snaps])
-        live = self.root / "volumes" / name
-        if live.exists():
-            # Move aside first so a crash never leaves a half-deleted tree under a valid name.
-            scratch = self._scratch("destroy")
-            os.rename(live, scratch)
-            _remove_tree(scratch)
-        self.db.execute("DELETE FROM volumes WHERE name = ?", (name,))
-        self.db.commit()
-
-    def clone(self, volume: str, snap: str, clone_name: str) -> VolumeInfo:
-        validate_name(clone_name, "clone name")
-        with self._lock:
-            snap_id = self._snapshot_row(volume, snap)[0]
-            self._refuse_existing(clone_name)
-            tree = self._materialize(snap_id)
-            os.rename(tree, self.root / "volumes" / clone_name)
-            self.db.execute("INSERT INTO volumes(name, kind, origin_volume, origin_snap, created) "
-                            "VALUES (?, 'clone', ?, ?, ?)", (clone_name, volume, snap, time.time()))
-            self.db.commit()
-            return self._volume_info(clone_name)
-
-    def rollback(self, volume: str, snap: str) -> None:
-        with self._lock:
-            if self._volume_row(volume)[1] == "replica":
-                raise StorageError(f"{volume!r} is a replica and has no tree to roll back; clone one of its "
-                                   f"snapshots instead", code="invalid")
-            snap_id = self._snapshot_row(volume, snap)[0]
-            self._swap_tree(volume, self._materialize(snap_id))
-
-    def refresh_clone(self, clone: str, snap: str) -> VolumeInfo:
-        with self._lock:
-            row = self._volume_row(clone)
-            if row[1] != "clone":
-                raise StorageError(f"{clone!r} is not a clone; only clones can be refreshed", code="invalid")
-            origin = row[2]
-            snap_id = self._snapshot_row(origin, snap)[0]
-            self._swap_tree(clone, self._materialize(snap_id))
-            self.db.execute("UPDATE volumes SET origin_snap = ? WHERE name = ?", (snap, clone))
-            self.db.commit()
-            return self._volume_info(clone)
-
-    def _swap_tree(self, name: str, tree: Path) -> None:
+    def _replace_tree(self, name: str, volume: str, snap: str) -> None:
+        tree = self._materialize(self._snapshot_row(volume, snap)[0])
         live = self.root / "volumes" / name
         old = self._scratch("old")
         os.rename(live, old)
         os.rename(tree, live)
         _remove_tree(old)
 
-    # snapshots ----------------------------------------------------------------------------------------
-    def snapshot(self, volume: str, snap: str) -> SnapshotInfo:
-        validate_name(snap, "snapshot name")
-        with self._lock:
-            if self._volume_row(volume)[1] == "replica":
-                raise StorageError(f"{volume!r} is a replica; its snapshots come only from receive",
-                                   code="invalid")
-            self._refuse_existing_snapshot(volume, snap)
-            try:
-                entries = list(self._ingest(self.root / "volumes" / volume))
-                self._publish(volume, snap, uuid.uuid4().hex, entries)
-            except BaseException:
-                self.db.rollback()
-                self.store.gc()
-                raise
-            return self._snapshot_info(volume, snap)
+    def _remove_volume_data(self, name: str) -> None:
+        live = self.root / "volumes" / name
+        if live.exists():
+            # Move aside first so a crash never leaves a half-deleted tree under a valid name.
+            scratch = self._scratch("destroy")
+            os.rename(live, scratch)
+            _remove_tree(scratch)
+
+    def _space(self, live: Path) -> tuple[int, str]:
+        return _allocated_bytes(live), ("du: blocks allocated by the writable tree; snapshots share the "
+                                        "chunk store (store_stats)")
+
+    def _capture(self, volume: str, snap: str) -> None:
+        try:
+            entries = list(self._ingest(self.root / "volumes" / volume))
+            self._publish(volume, snap, uuid.uuid4().hex, entries)
+        except BaseException:
+            self.db.rollback()
+            self.store.gc()
+            raise
+
+    def _drop_snapshot(self, volume: str, snap: str) -> None:
+        snap_id = self._snapshot_row(volume, snap)[0]
+        for (segs,) in self.db.execute("SELECT segs FROM entries WHERE snap = ?", (snap_id,)).fetchall():
+            self.store.ref_segments(segs, -1)
+        self.db.execute("DELETE FROM entries WHERE snap = ?", (snap_id,))
 
     def destroy_snapshot(self, volume: str, snap: str) -> None:
         with self._lock:
-            snap_id = self._snapshot_row(volume, snap)[0]
-            clones = [r[0] for r in self.db.execute(
-                "SELECT name FROM volumes WHERE origin_volume = ? AND origin_snap = ? ORDER BY name",
-                (volume, snap))]
-            if clones:
-                raise StorageError(f"cannot destroy {volume}@{snap}: clones {', '.join(clones)} were made "
-                                   f"from it; destroy or refresh them first", code="has_dependants",
-                                   dependants=clones)
-            if self._holds[snap_id]:
-                raise StorageError(f"cannot destroy {volume}@{snap}: a send of it is running; wait for it "
-                                   f"to finish or cancel it", code="busy")
-            for (segs,) in self.db.execute("SELECT segs FROM entries WHERE snap = ?", (snap_id,)).fetchall():
-                self.store.ref_segments(segs, -1)
-            self.db.execute("DELETE FROM entries WHERE snap = ?", (snap_id,))
-            self.db.execute("DELETE FROM snapshots WHERE id = ?", (snap_id,))
-            self.db.commit()
+            super().destroy_snapshot(volume, snap)
             self.store.gc()
 
+    # snapshots ----------------------------------------------------------------------------------------
     def diff(self, volume: str, older: str, newer: str) -> Diff:
         with self._lock:
             a = self._entries(self._snapshot_row(volume, older)[0])
@@ -283,21 +184,21 @@ class EmbeddedDriver(StorageDriver):
             from_row = self._snapshot_row(volume, from_snap) if from_snap is not None else None
         header = {"driver": self.name, "volume": volume, "to_snap": to_snap, "to_guid": to_row[2],
                   "from_snap": from_snap, "from_guid": from_row[2] if from_row else None}
-        return self._send(header, to_row[0], from_row[0] if from_row else None)
+        held = [(volume, to_snap)] + ([(volume, from_snap)] if from_snap is not None else [])
+        return self._send(header, held, to_row[0], from_row[0] if from_row else None)
 
-    def _send(self, header: dict[str, Any], to_id: int, from_id: int | None) -> Iterator[bytes]:
-        held = [to_id] + ([from_id] if from_id is not None else [])
-        with self._lock:
-            for sid in held:
-                if self.db.execute("SELECT 1 FROM snapshots WHERE id = ?", (sid,)).fetchone() is None:
-                    raise StorageError("a snapshot being sent was destroyed before the send started; "
-                                       "start the send again", code="not_found")
-            self._holds.update(held)
-        try:
-            yield from write_stream(header, self._send_frames(to_id, from_id))
-        finally:
+    def _send(self, header: dict[str, Any], held: list[tuple[str, str]], to_id: int,
+              from_id: int | None) -> Iterator[bytes]:
+        with self._holding(held):
+            # Held first, checked second: a destroy that came before the hold shows here, any later one
+            # is refused as busy.
             with self._lock:
-                self._holds.subtract(held)
+                for sid in (to_id, from_id):
+                    if sid is not None and self.db.execute("SELECT 1 FROM snapshots WHERE id = ?",
+                                                           (sid,)).fetchone() is None:
+                        raise StorageError("a snapshot being sent was destroyed before the send started; "
+                                           "start the send again", code="not_found")
+            yield from write_stream(header, self._send_frames(to_id, from_id))
 
     def _send_frames(self, to_id: int, from_id: int | None) -> Iterator[dict[str, Any]]:
         with self._lock:
@@ -361,24 +262,8 @@ class EmbeddedDriver(StorageDriver):
     def _receive(self, volume: str, snap: str, stream: Iterable[bytes]) -> SnapshotInfo:
         frames = read_frames(stream, expect_driver=self.name)
         header = next(frames)
-        base: dict[str, Entry] = {}
-        row = self.db.execute("SELECT kind FROM volumes WHERE name = ?", (volume,)).fetchone()
-        if not isinstance(header.get("to_guid"), str):
-            raise StorageError("replication stream header lacks the snapshot guid; nothing was published",
-                               code="corrupt")
-        if header.get("from_guid") is None:
-            if row is not None and row[0] != "replica":
-                raise StorageError(f"{volume!r} exists and is not a replica; a full stream can only be "
-                                   f"received into a new volume name or an existing replica", code="exists")
-        else:
-            found = self.db.execute("SELECT id FROM snapshots WHERE volume = ? AND guid = ?",
-                                    (volume, header["from_guid"])).fetchone()
-            if found is None:
-                raise StorageError(f"this incremental stream needs base snapshot {header.get('from_snap')!r} "
-                                   f"(guid {header['from_guid']}) in volume {volume!r}, which this store "
-                                   f"does not hold; send a full stream or from a snapshot both sides hold",
-                                   code="not_found")
-            base = self._entries(found[0])
+        base_id = self._receive_base(volume, header)
+        base = self._entries(base_id) if base_id is not None else {}
         result = dict(base)
         builder: _FileBuilder | None = None
         pending: dict[str, Any] | None = None
@@ -417,9 +302,7 @@ class EmbeddedDriver(StorageDriver):
                 raise StorageError(f"replication stream has unknown frame type {t!r}; upgrade this agent",
                                    code="unsupported")
         finish()
-        if row is None:
-            self.db.execute("INSERT INTO volumes(name, kind, created) VALUES (?, 'replica', ?)",
-                            (volume, time.time()))
+        self._ensure_replica(volume)
         self._publish(volume, snap, header["to_guid"], list(result.values()))
         return self._snapshot_info(volume, snap)
 
@@ -513,54 +396,6 @@ class EmbeddedDriver(StorageDriver):
 
     def _scratch(self, what: str) -> Path:
         return self.root / "tmp" / f"{what}-{uuid.uuid4().hex}"
-
-    def _volume_row(self, name: str) -> tuple[Any, ...]:
-        validate_name(name, "volume name")
-        row = self.db.execute("SELECT name, kind, origin_volume, origin_snap FROM volumes WHERE name = ?",
-                              (name,)).fetchone()
-        if row is None:
-            raise StorageError(f"no volume or clone named {name!r}; list_volumes shows what exists",
-                               code="not_found")
-        return row
-
-    def _snapshot_row(self, volume: str, snap: str) -> tuple[Any, ...]:
-        self._volume_row(volume)
-        validate_name(snap, "snapshot name")
-        row = self.db.execute("SELECT id, name, guid FROM snapshots WHERE volume = ? AND name = ?",
-                              (volume, snap)).fetchone()
-        if row is None:
-            raise StorageError(f"volume {volume!r} has no snapshot {snap!r}; list_snapshots shows its "
-                               f"snapshots", code="not_found")
-        return row
-
-    def _refuse_existing(self, name: str) -> None:
-        if self.db.execute("SELECT 1 FROM volumes WHERE name = ?", (name,)).fetchone():
-            raise StorageError(f"a volume or clone named {name!r} already exists; pick another name",
-                               code="exists")
-
-    def _refuse_existing_snapshot(self, volume: str, snap: str) -> None:
-        if self.db.execute("SELECT 1 FROM snapshots WHERE volume = ? AND name = ?", (volume, snap)).fetchone():
-            raise StorageError(f"volume {volume!r} already has a snapshot {snap!r}; pick another name",
-                               code="exists")
-
-    def _volume_info(self, name: str) -> VolumeInfo:
-        row = self._volume_row(name)
-        snaps = tuple(r[0] for r in self.db.execute("SELECT name FROM snapshots WHERE volume = ? ORDER BY id",
-                                                     (name,)))
-        live = self.root / "volumes" / name
-        return VolumeInfo(name=name, kind=row[1], used_bytes=_allocated_bytes(live) if live.exists() else 0,
-                          used_method="du: blocks allocated by the writable tree; snapshots share the "
-                                      "chunk store (store_stats)",
-                          origin=(row[2], row[3]) if row[2] else None, snapshots=snaps)
-
-    def _snapshot_info(self, volume: str, snap: str) -> SnapshotInfo:
-        sid, name, guid, created, logical = self.db.execute(
-            "SELECT id, name, guid, created, logical_bytes FROM snapshots WHERE volume = ? AND name = ?",
-            (volume, snap)).fetchone()
-        clones = tuple(r[0] for r in self.db.execute(
-            "SELECT name FROM volumes WHERE origin_volume = ? AND origin_snap = ? ORDER BY name", (volume, snap)))
-        return SnapshotInfo(volume=volume, name=name, guid=guid, created=created, logical_bytes=logical,
-                            clones=clones)
 
 
 class _FileBuilder:
