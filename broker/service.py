@@ -26,6 +26,7 @@ from agents.ops import OP_FEATURE_PREFIX, Arg, op
 from agents.resources import check as check_resource, BadResource
 from agents.errors import BadArguments
 
+from .alerts import AlertsMixin
 from .directory import Capabilities, Directory
 
 log = logging.getLogger(__name__)
@@ -33,7 +34,7 @@ log = logging.getLogger(__name__)
 DISCO_TIMEOUT = 10.0
 
 
-class Broker(Agent):
+class Broker(AlertsMixin, Agent):
     kind = "broker"
     resource = "broker"
 

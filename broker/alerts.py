@@ -1,0 +1,101 @@
+"""Alerts: monitor agents post hard state changes to the broker, which keeps the recent ones.
+
+``mesh.alert`` is declared here and mixed into the broker; ``mesh.alerts`` lists what was kept, for
+operators and for the chat issue, which will also subscribe with :meth:`AlertsMixin.on_alert` to
+show each one in the operators' room. The poster is the caller's JID as the server stamped it,
+never a field of the alert.
+
+Who may post: every live agent in the broker's directory (a monitor agent reporting on its own
+host is not an operator, and the mesh file's admins are not the right list for it); anyone else
+is up to the mesh's authorizer, as for every other op.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import time
+from collections import deque
+from dataclasses import asdict, dataclass
+from typing import Annotated, Any, Callable, Literal, Sequence
+
+from agents.agent import Call
+from agents.authz import Authorizer, Decision
+from agents.ops import Arg, OpSpec, op
+
+log = logging.getLogger(__name__)
+
+RECENT_ALERTS = 500
+_STATE = Literal["OK", "WARNING", "CRITICAL", "UNKNOWN"]
+
+
+@dataclass(frozen=True)
+class Alert:
+    seq: int
+    at: float
+    source: str  # bare JID of the agent that posted it
+    check: str
+    host: str
+    state: str
+    previous: str
+    text: str
+
+
+class AgentsMayAlert:
+    """Admit ``mesh.alert`` from live agents; ask the mesh's authorizer about everything else."""
+
+    def __init__(self, inner: Authorizer, live_agents: Callable[[], set[str]]) -> None:
+        self.inner = inner
+        self.live_agents = live_agents
+
+    def decide(self, caller: str, spec: OpSpec, resources: Sequence[str]) -> Decision:
+        if spec.name == "mesh.alert" and caller.lower() in self.live_agents():
+            return Decision(True, "live agents of the mesh may post alerts")
+        return self.inner.decide(caller, spec, resources)
+
+
+class AlertsMixin:
+    """Mixed into the broker before ``Agent``: declares the alert ops and keeps recent alerts."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.alerts: deque[Alert] = deque(maxlen=RECENT_ALERTS)
+        self._alert_seq = itertools.count(1)
+        self._alert_listeners: list[Callable[[Alert], Any]] = []
+        self.authorizer = AgentsMayAlert(self.authorizer, self._live_agent_jids)  # type: ignore[has-type]
+
+    def _live_agent_jids(self) -> set[str]:
+        directory = getattr(self, "directory", None)
+        return {e.jid.split("/", 1)[0].lower() for e in directory.entries()} if directory is not None else set()
+
+    def on_alert(self, listener: Callable[[Alert], Any]) -> None:
+        """Call ``listener`` with each new alert (the operator chat shows them)."""
+        self._alert_listeners.append(listener)
+
+    @op("mesh.alert", deadline=5)
+    async def alert(self, call: Call,
+                    check: Annotated[str, Arg("the check whose state changed", pattern=r"[^\x00-\x1f]{1,128}")],
+                    host: Annotated[str, Arg("the host it checks", pattern=r"[^\x00-\x1f]{1,255}")],
+                    state: Annotated[_STATE, Arg("the new hard state")],
+                    previous: Annotated[str, Arg("the hard state before (empty for a first problem)",
+                                                 pattern=r"(OK|WARNING|CRITICAL|UNKNOWN)?")] = "",
+                    text: Annotated[str, Arg("the check's short text", pattern=r"[^\x00]{0,1024}")] = "") -> dict:
+        """Post a check's hard state change; the broker keeps it and tells operators."""
+        alert = Alert(next(self._alert_seq), time.time(), call.caller, check, host, state, previous, text)
+        self.alerts.append(alert)
+        log.info("alert %d from %s: %s on %s %s -> %s", alert.seq, alert.source, check, host, previous or "-", state)
+        for listener in list(self._alert_listeners):
+            try:
+                listener(alert)
+            except Exception:  # a broken listener must not lose the alert for the others
+                log.exception("alert listener failed")
+        return {"seq": alert.seq}
+
+    @op("mesh.alerts", deadline=5)
+    async def recent_alerts(self, call: Call,
+                            since: Annotated[int, Arg("only alerts after this sequence number", min=0)] = 0,
+                            limit: Annotated[int, Arg("at most this many, newest last", min=1,
+                                                      max=RECENT_ALERTS)] = 50) -> list:
+        """The recent alerts the broker keeps, oldest first."""
+        found = [asdict(a) for a in self.alerts if a.seq > since]
+        return found[-limit:]
