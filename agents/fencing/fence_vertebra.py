@@ -2,26 +2,38 @@
 
 Pacemaker (or any RHCS-style cluster manager) runs it like any `fence_*` program: `key=value` lines on
 stdin, or command-line options. `metadata` and `validate-all` are answered here; off, on, reboot,
-status, list and monitor go to the mesh through `perform`, which finishes inside the `timeout`
-parameter (default 50 s, inside Pacemaker's 60 s) and fails rather than run out of time.
+status, list and monitor go to the mesh through `perform`: the mesh file in `vertebra_home`, the
+local gateway (else a direct login) as `account`, a fencing agent that can fence the node on
+/cluster/{cluster}/node/{node}. It finishes inside the `timeout` parameter (default 50 s, inside
+Pacemaker's 60 s) and fails rather than run out of time; off/on/reboot exit 0 only when the mesh
+confirms the new power state.
 """
 
 from __future__ import annotations
 
 import asyncio
 import os
+import re
 import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
+from agents import config
+from agents.config import ConfigError, MeshConfig
 from agents.fencing import fence_api
 from agents.fencing.fence_api import ExitCode, FenceApiError, Parameter
+from agents.fencing.settings import SEGMENT, node_resource
+
+if TYPE_CHECKING:
+    from agents.client import CallReport
 
 NAME = "fence_vertebra"
 DEFAULT_TIMEOUT = "50"
 MAX_TIMEOUT = 600.0
 DEFAULT_HOME = "/var/lib/vertebra"
-SOCKET_NAME = "gateway.sock"
+# Kept back from the timeout so the mesh's own answer (even a timeout) arrives before we give up.
+ANSWER_MARGIN = 1.0
 
 PARAMETERS: tuple[Parameter, ...] = (
     Parameter("action", "Fencing action", required=True, short="o", value_hint="action"),
@@ -35,8 +47,8 @@ PARAMETERS: tuple[Parameter, ...] = (
     Parameter("vertebra_home",
               "Vertebra state directory (default: $VERTEBRA_HOME, then /var/lib/vertebra)",
               value_hint="dir"),
-    Parameter("socket", f"Local gateway socket (default: <vertebra_home>/{SOCKET_NAME})",
-              value_hint="path"),
+    Parameter("account", "Mesh account to fence as (default: the mesh file's operator); its "
+              "password is read from the state directory", value_hint="name"),
     Parameter("timeout", "Seconds to wait for the mesh before reporting failure",
               type="second", default=DEFAULT_TIMEOUT, value_hint="seconds"),
     Parameter("verbose", "Verbose mode", type="boolean", short="v"),
@@ -65,8 +77,17 @@ def vertebra_home(options: Mapping[str, str]) -> Path:
     return Path(options.get("vertebra_home") or os.environ.get("VERTEBRA_HOME") or DEFAULT_HOME)
 
 
-def gateway_socket(options: Mapping[str, str]) -> Path:
-    return Path(options.get("socket") or vertebra_home(options) / SOCKET_NAME)
+def load_mesh(options: Mapping[str, str]) -> MeshConfig:
+    """The mesh file in the state directory; never creates one (a fence agent must not guess)."""
+    home = vertebra_home(options)
+    path = home / "mesh.yaml"
+    if not path.is_file():
+        raise MeshUnavailableError(f"no mesh file at {path}: set vertebra_home= (or $VERTEBRA_HOME) to"
+                                   " the Vertebra state directory of this host")
+    try:
+        return config.load(path, home)
+    except config.ConfigError as error:
+        raise MeshUnavailableError(str(error)) from None
 
 
 def validate(request: fence_api.FenceRequest) -> list[str]:
@@ -75,10 +96,15 @@ def validate(request: fence_api.FenceRequest) -> list[str]:
     timeout = request.options.get("timeout")
     if timeout is not None and not problems and not 0 < float(timeout) <= MAX_TIMEOUT:
         problems.append(f"timeout={timeout} must be more than 0 and at most {MAX_TIMEOUT:g} seconds")
-    for key in ("vertebra_home", "socket"):
+    value = request.options.get("vertebra_home")
+    if value is not None and not os.path.isabs(value):
+        problems.append(f"vertebra_home={value!r} must be an absolute path")
+    for key in ("cluster", "account"):
         value = request.options.get(key)
-        if value is not None and not os.path.isabs(value):
-            problems.append(f"{key}={value!r} must be an absolute path")
+        if value is not None and not re.fullmatch(SEGMENT, value):
+            problems.append(f"{key}={value!r} is not a valid name (letters, digits and _ . : @ + -)")
+    if request.node is not None and not re.fullmatch(SEGMENT, request.node):
+        problems.append(f"node {request.node!r} is not a valid node name (letters, digits and _ . : @ + -)")
     home = os.environ.get("VERTEBRA_HOME")
     if "vertebra_home" not in request.options and home and not os.path.isabs(home):
         problems.append(f"$VERTEBRA_HOME={home!r} must be an absolute path")
@@ -90,11 +116,101 @@ def validate(request: fence_api.FenceRequest) -> list[str]:
 async def perform(action: str, node: str | None, options: Mapping[str, str]) -> int:
     """Carry out off/on/reboot/status/list/monitor through the mesh; the Fence Agent API exit code.
 
-    The mesh client is not written yet, so this refuses clearly instead of pretending.
+    One request per action, under one request id, and no retries here: Pacemaker retries a failed
+    device action itself (with a fresh run), and a retry of ours could not reuse the request id
+    through the session API, so it might run twice. Every wait ends ANSWER_MARGIN before `timeout`.
     """
-    raise MeshUnavailableError(
-        f"fence_vertebra cannot reach the mesh yet: the mesh client is not implemented "
-        f"(would ask the gateway at {gateway_socket(options)} to {action} {node or 'the mesh'})")
+    from agents.errors import Outcome  # the mesh runtime loads only when the mesh is asked
+    from agents.session import mesh_call
+
+    loop = asyncio.get_running_loop()
+    end = loop.time() + float(options.get("timeout", DEFAULT_TIMEOUT)) - ANSWER_MARGIN
+    mesh = load_mesh(options)
+    account = options.get("account") or None
+
+    async def ask(op: str, args: dict[str, str], on: list[str], scope: str) -> CallReport:
+        remaining = end - loop.time()
+        if remaining <= 0:
+            raise MeshUnavailableError(f"no time left to ask the mesh for {op}")
+        try:
+            return await mesh_call(mesh, op, args, on=on, scope=scope, timeout=remaining,
+                                   account=account)
+        except ConfigError as error:  # e.g. no password file for the account
+            raise MeshUnavailableError(str(error)) from None
+
+    if action in ("list", "monitor"):
+        cluster = options.get("cluster") or ""
+        report = await ask("fence.list", {"cluster": cluster},
+                           [node_resource_prefix(cluster)] if cluster else [], "all")
+        answered = [r for r in report.results if r.outcome is Outcome.OK]
+        for r in report.results:
+            if r.outcome is not Outcome.OK:
+                (_error if not answered else _warn)(f"{r.target}: {r.outcome.value}: {r.error}")
+        if not answered:
+            return ExitCode.FAILURE
+        if action == "list":
+            nodes = sorted({n for r in answered for names in r.result["clusters"].values() for n in names})
+            for name in nodes:
+                print(f"{name},")  # plug,alias as fencing.py prints it; no aliases here
+        return ExitCode.SUCCESS
+
+    assert node is not None  # validate() made sure of it
+    cluster = options.get("cluster") or await _cluster_of(node, ask)
+    report = await ask(f"fence.{action}", {"cluster": cluster, "node": node},
+                       [node_resource(cluster, node)], "one")
+    return _exit_code(action, node, report)
+
+
+def node_resource_prefix(cluster: str) -> str:
+    return f"/cluster/{cluster}"
+
+
+async def _cluster_of(node: str, ask) -> str:
+    """The one cluster whose fencing agents list `node`; used when no cluster= was given."""
+    from agents.errors import Outcome
+
+    report = await ask("fence.list", {"cluster": ""}, [], "all")
+    found = sorted({c for r in report.results if r.outcome is Outcome.OK
+                    for c, names in r.result["clusters"].items() if node in names})
+    if len(found) == 1:
+        return found[0]
+    if found:
+        raise MeshUnavailableError(f"node {node} is in clusters {', '.join(found)}: pass cluster=NAME")
+    errors = "; ".join(f"{r.target}: {r.outcome.value}" for r in report.results
+                       if r.outcome is not Outcome.OK)
+    raise MeshUnavailableError(f"no fencing agent in the mesh can fence node {node}"
+                               + (f" ({errors})" if errors else ""))
+
+
+def _exit_code(action: str, node: str, report: CallReport) -> int:
+    """Success only for exactly one ok answer that confirms what was asked."""
+    from agents.errors import Outcome
+
+    if not report.results or not all(r.outcome is Outcome.OK for r in report.results) \
+            or len(report.results) != 1:
+        for r in report.results:
+            if r.outcome is not Outcome.OK:
+                _error(f"Failed: {action} {node} via {r.target}: {r.outcome.value}: {r.error}")
+        if action != "status":
+            _error(f"Failed: {node} is NOT known to be {'off' if action != 'on' else 'on'}")
+        return ExitCode.FAILURE
+    result = report.results[0].result
+    state = result.get("state") if isinstance(result, dict) else None
+    if action == "status":
+        if state in ("on", "off"):
+            print(f"Status: {state.upper()}")
+            return fence_api.status_exit_for(state)
+        _error(f"Failed: the mesh reported no power state for {node}")
+        return ExitCode.UNREACHABLE
+    confirmed = isinstance(result, dict) and result.get("ok") is True and (
+        state == action or (action == "reboot" and result.get("devices")))
+    if not confirmed:
+        _error(f"Failed: the mesh answered {action} {node} without confirming it: {result!r}")
+        return ExitCode.FAILURE
+    if action == "reboot" and result.get("on_error"):
+        _warn(f"{node} was fenced, but did not power back on: {result['on_error']}")
+    print(f"Success: {result.get('message', action)}")
+    return ExitCode.SUCCESS
 
 
 def _error(message: str) -> None:

@@ -1,5 +1,5 @@
 """fence_vertebra as a program: metadata valid against the installed RelaxNG schema and accepted by
-Pacemaker's stonith_admin, validate-all, option=, and an honest failure while the mesh is unreachable."""
+Pacemaker's stonith_admin, validate-all, option=, and an honest failure without a mesh."""
 
 import os
 import shutil
@@ -28,7 +28,7 @@ def test_metadata_validates_against_the_relaxng_schema(tmp_path):
     check = subprocess.run(["xmllint", "--noout", "--relaxng", SCHEMA, str(xml)],
                            capture_output=True, text=True)
     assert check.returncode == 0, check.stderr
-    for name in ("plug", "port", "nodename", "vertebra_home", "socket", "cluster", "timeout"):
+    for name in ("plug", "port", "nodename", "vertebra_home", "account", "cluster", "timeout"):
         assert f'<parameter name="{name}"' in done.stdout
 
 
@@ -67,17 +67,17 @@ def test_validate_all_names_the_problem(line, message):
 
 @pytest.mark.parametrize("stdin", ["action=off\nport=node1\n", "action=reboot\nplug=node1\n",
                                    "action=status\nnodename=node1\n"])
-def test_power_actions_fail_honestly_until_the_mesh_client_exists(stdin):
-    done = fence_vertebra(stdin=stdin)
+def test_power_actions_fail_honestly_without_a_mesh(stdin, tmp_path):
+    done = fence_vertebra(stdin=stdin, env={"VERTEBRA_HOME": str(tmp_path)})
     assert done.returncode == 1
-    assert "fence_vertebra cannot reach the mesh yet" in done.stderr
-    assert "node1" in done.stderr
+    assert f"no mesh file at {tmp_path}/mesh.yaml" in done.stderr
+    assert not (tmp_path / "mesh.yaml").exists()  # never created on a guess
 
 
-def test_deprecated_option_key_is_an_action_with_a_warning_never_a_reboot():
-    done = fence_vertebra(stdin="option=status\nport=node1\n")
-    assert "deprecated" in done.stderr
-    assert "to status node1" in done.stderr and "reboot" not in done.stderr
+def test_deprecated_option_key_is_an_action_with_a_warning_never_a_reboot(tmp_path):
+    done = fence_vertebra(stdin="option=status\nport=node1\n", env={"VERTEBRA_HOME": str(tmp_path)})
+    assert "deprecated" in done.stderr and "read option=status as action=status" in done.stderr
+    assert "reboot" not in done.stderr
     assert done.returncode == 1
 
 
@@ -88,9 +88,10 @@ def test_missing_action_and_missing_node_are_errors():
     assert done.returncode == 1 and "needs the node" in done.stderr
 
 
-def test_command_line_options_work_and_ignore_stdin():
-    done = fence_vertebra("-o", "off", "-n", "node2", stdin="action=metadata\n")
-    assert done.returncode == 1 and "to off node2" in done.stderr
+def test_command_line_options_work_and_ignore_stdin(tmp_path):
+    done = fence_vertebra("-o", "off", "-n", "node2", "--vertebra-home", str(tmp_path),
+                          stdin="action=metadata\n")
+    assert done.returncode == 1 and "no mesh file at" in done.stderr and "<resource-agent" not in done.stdout
 
 
 def test_help_lists_the_options():
