@@ -1,16 +1,22 @@
 """The one authorization hook the runtime calls before executing any op.
 
 ``Authorizer.decide`` answers for a caller's bare JID (as the XMPP server stamped it), an op and
-the canonical resources it acts on. Until the RBAC issue replaces it with the casbin policy in
-``rbac/``, the hook is :class:`AdminsOnly`: the admins the mesh file lists may do anything, and
-everyone else nothing. Any exception while deciding is a deny.
+the canonical resources it acts on. A mesh with a policy uses :class:`PolicyAuthorizer`, which asks
+the ``rbac`` gate (default deny, denies override grants, decisions cached per policy version) and
+refuses destructive ops once the policy is older than a configured age, since a stale policy may
+still hold someone who was revoked. A mesh without a policy keeps :class:`AdminsOnly`: the admins
+the mesh file lists may do anything, and everyone else nothing. Any exception while deciding is a
+deny.
 """
 
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Iterable, Protocol, Sequence
+
+from rbac import Gate, LoadResult
 
 from .ops import OpSpec
 
@@ -21,6 +27,8 @@ log = logging.getLogger(__name__)
 class Decision:
     allowed: bool
     reason: str  # the rule that decided, for the caller's error and the audit trail
+    rule: str = ""  # the policy rule alone (reason adds words for the caller); "" for AdminsOnly
+    version: int = 0  # the policy version that decided; 0 without a policy
 
 
 class Authorizer(Protocol):
@@ -35,9 +43,51 @@ class AdminsOnly:
 
     def decide(self, caller: str, spec: OpSpec, resources: Sequence[str]) -> Decision:
         if caller.lower() in self.admins:
-            return Decision(True, "caller is a mesh admin")
+            return Decision(True, "caller is a mesh admin", "mesh admins")
         return Decision(False, f"{caller} may not run {spec.name}: only the mesh file's admins may run ops"
-                               " until a policy grants more")
+                               " until a policy grants more", "mesh admins only")
+
+
+class PolicyAuthorizer:
+    """Decides with an ``rbac.Gate``; refuses destructive ops when the policy is too old.
+
+    ``max_age`` (seconds, None for no limit) counts from when the policy was installed or last
+    confirmed current by its source (``gate.confirm_current``, called when the broker re-pushes).
+    """
+
+    def __init__(self, gate: Gate | None = None, *, site: str | None = None,
+                 max_age: float | None = None) -> None:
+        self.gate = gate or Gate()
+        self.site = site
+        self.max_age = max_age
+
+    @classmethod
+    def from_file(cls, path: str | Path, **kw: object) -> "PolicyAuthorizer":
+        """An authorizer with the policy at ``path`` loaded; raises ValueError naming every problem."""
+        authorizer = cls(**kw)  # type: ignore[arg-type]
+        result = authorizer.load(Path(path).read_text(encoding="utf-8"))
+        if not result.ok:
+            raise ValueError(f"{path}: {result}")
+        return authorizer
+
+    def load(self, text: str, issued_at: float | None = None) -> LoadResult:
+        """Install a new policy version; a refused one leaves the active policy in force."""
+        return self.gate.load(text, issued_at)
+
+    def decide(self, caller: str, spec: OpSpec, resources: Sequence[str]) -> Decision:
+        d = self.gate.decide(caller, spec.name, resources, self.site)
+        if not d.allowed:
+            on = f" on {' '.join(resources)}" if resources else ""
+            return Decision(False, f"{caller} may not run {spec.name}{on}: {d.rule}", d.rule, d.version)
+        if spec.destructive and self.max_age is not None:
+            age = self.gate.age()
+            if age > self.max_age:
+                rule = f"policy too old for destructive ops ({age:.0f}s > {self.max_age:g}s)"
+                return Decision(False, f"{spec.name} is destructive and this agent's policy (version"
+                                       f" {d.version}) is {age:.0f}s old, over the {self.max_age:g}s limit:"
+                                       " destructive ops are refused until the broker pushes a current"
+                                       " policy", rule, d.version)
+        return Decision(True, d.rule, d.rule, d.version)
 
 
 def decide(authorizer: Authorizer, caller: str, spec: OpSpec, resources: Sequence[str]) -> Decision:
