@@ -1,13 +1,188 @@
-"""The storage agent: provisions volumes, snapshots and clones and replicates them (see the storage issue).
+"""The storage agent: serves volumes, snapshots and writable clones from one driver (see the storage issue).
 
-For now it serves only ``storage.info``; its ops are declared on this class as they land."""
+The driver comes from the agent's settings in the mesh file::
+
+    settings:
+      driver: embedded      # or btrfs (root and a mounted btrfs filesystem needed)
+      root: /srv/vertebra   # where the driver keeps its data; default: <agent state dir>/storage
+
+Every op names what it acts on as /volume/NAME resources (a clone is a volume too), so a policy can give a
+developer their own clone and nothing else. Driver calls block on disk, so they run in a worker thread.
+"""
 
 from __future__ import annotations
 
-from ..agent import Agent, info_op
+import asyncio
+import dataclasses
+from pathlib import Path
+from typing import Annotated, Any, Callable, TypeVar
+
+from ..agent import Agent, Call, info_op
+from ..errors import BadArguments
+from ..ops import Arg, op
+from .driver import SnapshotInfo, StorageDriver, StorageError, VolumeInfo
+from .faults import op_error
+from .names import NAME_PATTERN
+
+T = TypeVar("T")
+
+DRIVERS = ("embedded", "btrfs")
+_SETTINGS = {"driver", "root"}
+_RULE = "1-64 of A-Z a-z 0-9 _ . -, starting with a letter or digit, no '..'"
+_DATA_DEADLINE = 3600.0   # ops that copy or capture a whole tree: as long as the data takes
+
+Volume = Annotated[str, Arg(f"volume name ({_RULE})", pattern=NAME_PATTERN)]
+Snapshot = Annotated[str, Arg(f"snapshot name ({_RULE})", pattern=NAME_PATTERN)]
+Clone = Annotated[str, Arg(f"clone name ({_RULE})", pattern=NAME_PATTERN)]
+
+
+class SettingsError(ValueError):
+    """The agent's settings cannot work; the message says which setting and what to write instead."""
+
+
+def open_driver(settings: dict[str, Any], state_dir: Path | None) -> StorageDriver:
+    """The driver the settings ask for, opened on its root. Raises SettingsError or StorageError."""
+    unknown = sorted(set(settings) - _SETTINGS)
+    if unknown:
+        raise SettingsError(f"unknown storage setting {', '.join(unknown)}; the storage agent takes "
+                            f"{', '.join(sorted(_SETTINGS))}")
+    kind = settings.get("driver", "embedded")
+    if kind not in DRIVERS:
+        raise SettingsError(f"storage setting driver is {kind!r}; use one of {', '.join(DRIVERS)}")
+    root = settings.get("root")
+    if root is None:
+        if state_dir is None:
+            raise SettingsError("the storage agent has no place for its data: set settings.root to an "
+                                "absolute directory in the mesh file")
+        root = Path(state_dir) / "storage"
+    elif not isinstance(root, str) or not Path(root).is_absolute():
+        raise SettingsError(f"storage setting root must be an absolute directory, got {root!r}")
+    if kind == "btrfs":
+        from .btrfs import BtrfsDriver
+        return BtrfsDriver(root)
+    from .embedded import EmbeddedDriver
+    return EmbeddedDriver(root)
 
 
 class StorageAgent(Agent):
     kind = "storage"
 
+    def __init__(self, *args: Any, state_dir: Path | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.driver = open_driver(self.settings, state_dir)
+
+    async def stop(self) -> None:
+        await super().stop()
+        close = getattr(self.driver, "close", None)
+        if close is not None:
+            close()
+
+    def describe(self) -> dict[str, Any]:
+        return {**super().describe(), "driver": self.driver.name,
+                "capabilities": sorted(self.driver.capabilities())}
+
+    async def _drive(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run one driver call in a worker thread; a StorageError becomes the OpError that says why."""
+        try:
+            return await asyncio.to_thread(fn, *args)
+        except StorageError as exc:
+            raise op_error(exc) from None
+
     info = info_op("storage")
+
+    # volumes ------------------------------------------------------------------------------------------
+    @op("storage.volume.create", resources=("/volume/{volume}",))
+    async def volume_create(self, call: Call, volume: Volume) -> dict:
+        """Create an empty volume (a directory tree, e.g. a database's data directory)."""
+        return await self._drive(lambda: self._volume(self.driver.create_volume(volume)))
+
+    @op("storage.volume.list")
+    async def volume_list(self, call: Call) -> list:
+        """List volumes, clones and replicas with the space each uses and how it was measured."""
+        return await self._drive(lambda: [self._volume(v) for v in self.driver.list_volumes()])
+
+    @op("storage.volume.destroy", destructive=True, deadline=600, resources=("/volume/{volume}",))
+    async def volume_destroy(self, call: Call, volume: Volume) -> dict:
+        """Destroy a volume and its data; refused while it has snapshots, which it names."""
+        await self._drive(self.driver.destroy_volume, volume)
+        return {"destroyed": volume}
+
+    # snapshots ----------------------------------------------------------------------------------------
+    @op("storage.snapshot.create", deadline=_DATA_DEADLINE, progress=True, resources=("/volume/{volume}",))
+    async def snapshot_create(self, call: Call, volume: Volume, snapshot: Snapshot) -> dict:
+        """Take a read-only snapshot of a volume or clone.
+
+        With the embedded driver the tree is read file by file: stop or quiesce writers first. The btrfs
+        driver's snapshot is atomic."""
+        await call.progress({"phase": "capturing", "volume": volume})
+        return _snapshot(await self._drive(self.driver.snapshot, volume, snapshot))
+
+    @op("storage.snapshot.list", resources=("/volume/{volume}",))
+    async def snapshot_list(self, call: Call, volume: Volume) -> list:
+        """List a volume's snapshots, oldest first, with the clones made from each."""
+        return [_snapshot(s) for s in await self._drive(self.driver.list_snapshots, volume)]
+
+    @op("storage.snapshot.destroy", destructive=True, deadline=600, resources=("/volume/{volume}",))
+    async def snapshot_destroy(self, call: Call, volume: Volume, snapshot: Snapshot) -> dict:
+        """Destroy a snapshot; refused while clones made from it exist, which it names."""
+        await self._drive(self.driver.destroy_snapshot, volume, snapshot)
+        return {"destroyed": f"{volume}@{snapshot}"}
+
+    # clones -------------------------------------------------------------------------------------------
+    @op("storage.clone.create", deadline=_DATA_DEADLINE, progress=True,
+        resources=("/volume/{volume}", "/volume/{clone}"))
+    async def clone_create(self, call: Call, volume: Volume, snapshot: Snapshot, clone: Clone) -> dict:
+        """Make a writable clone of volume@snapshot under a new name."""
+        await call.progress({"phase": "cloning", "from": f"{volume}@{snapshot}", "clone": clone})
+        return await self._drive(lambda: self._volume(self.driver.clone(volume, snapshot, clone)))
+
+    @op("storage.clone.refresh", destructive=True, deadline=_DATA_DEADLINE, progress=True,
+        resources=("/volume/{clone}",))
+    async def clone_refresh(self, call: Call, clone: Clone,
+                            snapshot: Annotated[str, Arg("snapshot of the volume the clone was made from "
+                                                         "(usually a newer one)", pattern=NAME_PATTERN)]) -> dict:
+        """Replace a clone's contents with another snapshot of its origin volume; local changes are lost."""
+        await call.progress({"phase": "refreshing", "clone": clone, "snapshot": snapshot})
+        return await self._drive(lambda: self._volume(self.driver.refresh_clone(clone, snapshot)))
+
+    @op("storage.clone.rollback", destructive=True, deadline=_DATA_DEADLINE, progress=True,
+        resources=("/volume/{clone}",))
+    async def clone_rollback(self, call: Call, clone: Clone,
+                             snapshot: Annotated[str, Arg("one of the clone's own snapshots",
+                                                          pattern=NAME_PATTERN)]) -> dict:
+        """Rewind a clone to one of its own snapshots; changes made since are lost."""
+        kind = (await self._drive(self._find, clone)).kind
+        if kind != "clone":
+            raise BadArguments(f"{clone!r} is a {kind}, not a clone; storage.clone.rollback rewinds clones "
+                               f"only", argument="clone")
+        await call.progress({"phase": "rolling back", "clone": clone, "snapshot": snapshot})
+        await self._drive(self.driver.rollback, clone, snapshot)
+        return await self._drive(lambda: self._volume(self._find(clone)))
+
+    @op("storage.clone.destroy", destructive=True, deadline=600, resources=("/volume/{clone}",))
+    async def clone_destroy(self, call: Call, clone: Clone) -> dict:
+        """Destroy a clone; refused while it has snapshots of its own, which it names."""
+        await self._drive(self.driver.destroy_clone, clone)
+        return {"destroyed": clone}
+
+    def _find(self, name: str) -> VolumeInfo:
+        found = [v for v in self.driver.list_volumes() if v.name == name]
+        if not found:
+            raise StorageError(f"no volume or clone named {name!r}; storage.volume.list shows what exists",
+                               code="not_found")
+        return found[0]
+
+    def _volume(self, info: VolumeInfo) -> dict[str, Any]:
+        """A volume for the wire (called in the worker thread: path() takes the driver's lock)."""
+        out = dataclasses.asdict(info)
+        out["origin"] = "@".join(info.origin) if info.origin else None
+        out["snapshots"] = list(info.snapshots)
+        if info.kind != "replica":
+            out["path"] = str(self.driver.path(info.name))
+        return out
+
+
+def _snapshot(info: SnapshotInfo) -> dict[str, Any]:
+    out = dataclasses.asdict(info)
+    out["clones"] = list(info.clones)
+    return out

@@ -10,6 +10,8 @@ MAX_NAME_LENGTH = 64
 # Conservative on purpose: these names become directory names, btrfs subvolume paths, XMPP resource path
 # components and SQLite keys, so only characters that are harmless in all of them are allowed.
 _ALLOWED = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]*")
+# The same rule as one regex, for op argument schemas (checked before authorization sees a resource path).
+NAME_PATTERN = r"(?!.*\.\.)[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}"
 _RULE = ("use 1 to 64 characters from A-Z a-z 0-9 _ . -, starting with a letter or digit, "
          "without '..'")
 
