@@ -1,0 +1,181 @@
+"""The audit log: chained records, verify naming the first bad one, filters, the denial rate limit."""
+
+from __future__ import annotations
+
+import sqlite3
+
+import pytest
+
+from agents import audit
+from agents.audit import AuditLog, args_hash, audit_show, audit_verify, show, verify
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1_700_000_000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def log(tmp_path):
+    clock = Clock()
+    a = AuditLog(tmp_path / "audit.db", clock=clock, denial_burst=3, denials_per_minute=6)
+    a.clock_ = clock
+    yield a
+    a.db.close()
+
+
+def record_requests(log: AuditLog, n: int) -> None:
+    for i in range(n):
+        log.decided(rid=f"r{i}", caller="alice@x.test", op="sample.echo", resources=["/host/a"],
+                    args={"text": "hi"}, secret=(), allowed=True, rule="grant line 3", version=1)
+        log.clock_.now += 1
+        log.ended(rid=f"r{i}", caller="alice@x.test", op="sample.echo", outcome="ok", duration=0.01)
+
+
+def tamper(path, sql: str) -> None:
+    db = sqlite3.connect(path)
+    db.execute("DROP TRIGGER records_no_update")
+    db.execute("DROP TRIGGER records_no_delete")
+    db.execute(sql)
+    db.commit()
+    db.close()
+
+
+def test_records_carry_what_the_issue_asks(log):
+    log.decided(rid="r1", caller="alice@x.test", op="fencing.node.fence", resources=["/cluster/c1/node/1"],
+                args={"node": "1", "password": "hunter2"}, secret=["password"], allowed=True,
+                rule="grant line 9", version=4)
+    log.ended(rid="r1", caller="alice@x.test", op="fencing.node.fence", outcome="ok", duration=1.5)
+    decided, ended = show(log.path)
+    assert decided["kind"] == "decided" and decided["rid"] == "r1" and decided["caller"] == "alice@x.test"
+    assert decided["resources"] == ["/cluster/c1/node/1"] and decided["decision"] == "allow"
+    assert decided["rule"] == "grant line 9" and decided["policy_version"] == 4
+    assert decided["args"] == args_hash({"node": "1", "password": "anything-else"}, ["password"])
+    assert "hunter2" not in (log.path.read_bytes() + (log.path.parent / "audit.db-wal").read_bytes()).decode(
+        "latin-1")
+    assert ended["outcome"] == "ok" and ended["duration"] == 1.5
+
+
+def test_intact_chain_verifies(log):
+    record_requests(log, 5)
+    result = verify(log.path)
+    assert result.ok and result.records == 10
+    assert audit_verify(log.path)[0] == 0
+
+
+def test_updates_and_deletes_are_refused_by_the_database(log):
+    record_requests(log, 1)
+    with pytest.raises(sqlite3.DatabaseError, match="append-only"):
+        log.db.execute("UPDATE records SET caller = 'mallory@x.test'")
+    with pytest.raises(sqlite3.DatabaseError, match="append-only"):
+        log.db.execute("DELETE FROM records")
+
+
+def test_an_edited_record_is_named(log):
+    record_requests(log, 5)
+    tamper(log.path, "UPDATE records SET body = replace(body, 'alice', 'mallory') WHERE seq = 4")
+    result = verify(log.path)
+    assert not result.ok and result.bad_seq == 4 and "record 4 was edited" in result.message
+    code, message = audit_verify(log.path)
+    assert code == 1 and "record 4" in message
+
+
+def test_an_edited_index_column_is_named(log):
+    record_requests(log, 3)
+    tamper(log.path, "UPDATE records SET caller = 'mallory@x.test' WHERE seq = 2")
+    assert verify(log.path).bad_seq == 2
+
+
+def test_a_deleted_record_is_named(log):
+    record_requests(log, 5)
+    tamper(log.path, "DELETE FROM records WHERE seq = 3")
+    result = verify(log.path)
+    assert not result.ok and result.bad_seq == 3 and "missing" in result.message
+
+
+def test_reordered_records_are_named(log):
+    record_requests(log, 5)
+    db = sqlite3.connect(log.path)
+    rows = db.execute("SELECT seq, at, kind, caller, op, body, prev, hash FROM records WHERE seq IN (5, 6)"
+                      " ORDER BY seq").fetchall()
+    db.close()
+    # Swap the content of records 5 and 6, keeping the sequence numbers in place.
+    tamper(log.path, "DELETE FROM records WHERE seq IN (5, 6)")
+    db = sqlite3.connect(log.path)
+    for (seq, *_), (_, *rest) in zip(rows, reversed(rows)):
+        db.execute("INSERT INTO records VALUES (?, ?, ?, ?, ?, ?, ?, ?)", (seq, *rest))
+    db.commit()
+    db.close()
+    result = verify(log.path)
+    assert not result.ok and result.bad_seq == 5
+
+
+def test_records_cut_off_the_end_are_caught_with_an_anchor(log):
+    record_requests(log, 3)
+    anchor = log.head()
+    tamper(log.path, "DELETE FROM records WHERE seq = 6")
+    assert verify(log.path).ok  # a shorter chain is still a chain...
+    result = verify(log.path, expect_head=anchor)
+    assert not result.ok and "cut off" in result.message  # ...which the anchor catches
+
+
+def test_show_filters_by_caller_op_and_time(log):
+    record_requests(log, 2)
+    log.clock_.now += 5
+    t = log.clock_.now
+    log.decided(rid="b1", caller="bob@x.test", op="storage.info", resources=[], args={}, secret=(),
+                allowed=False, rule="default deny", version=1)
+    assert [r["rid"] for r in show(log.path, caller="bob@x.test")] == ["b1"]
+    assert len(show(log.path, op="sample.echo")) == 4
+    assert [r["rid"] for r in show(log.path, since=t)] == ["b1"]
+    assert len(show(log.path, until=t - 1)) == 4
+    lines = audit_show(log.path, caller="bob@x.test")
+    assert len(lines) == 1 and "DENY by default deny" in lines[0]
+
+
+def test_a_denial_flood_is_summarized_not_written(log):
+    for i in range(1000):
+        log.decided(rid=f"f{i}", caller="mallory@x.test", op="sample.echo", resources=[], args={}, secret=(),
+                    allowed=False, rule="default deny", version=1)
+        log.ended(rid=f"f{i}", caller="mallory@x.test", op="sample.echo", outcome="denied", duration=0)
+    assert len(show(log.path)) == 3  # the burst; denied requests get no "ended" record
+    log.clock_.now += 10  # one token back: the held-back count is written before the next denial
+    assert log.decided(rid="late", caller="mallory@x.test", op="sample.echo", resources=[], args={}, secret=(),
+                       allowed=False, rule="default deny", version=1)
+    summary, late = show(log.path)[-2:]
+    assert summary["kind"] == "denials-suppressed" and summary["count"] == 997
+    assert summary["ops"] == {"sample.echo": 997} and late["rid"] == "late"
+    # Allowed requests of the same sender are never held back.
+    assert log.decided(rid="ok", caller="mallory@x.test", op="sample.echo", resources=[], args={}, secret=(),
+                       allowed=True, rule="grant", version=1)
+    assert verify(log.path).ok
+
+
+def test_flush_writes_what_is_held_back(log):
+    for i in range(5):
+        log.decided(rid=f"f{i}", caller="m@x.test", op="a.b", resources=[], args={}, secret=(), allowed=False,
+                    rule="deny", version=1)
+    log.flush()
+    assert show(log.path)[-1]["count"] == 2
+
+
+def test_missing_log_is_reported_not_raised(tmp_path):
+    code, message = audit_verify(tmp_path / "none.db")
+    assert code == 2 and "no audit log" in message
+
+
+def test_two_writers_share_one_chain(tmp_path):
+    a = AuditLog(tmp_path / "shared.db")
+    b = AuditLog(tmp_path / "shared.db")
+    for i in range(10):
+        (a if i % 2 else b).ended(rid=str(i), caller="x@y", op="a.b", outcome="ok", duration=0)
+    assert verify(tmp_path / "shared.db").records == 10 and verify(tmp_path / "shared.db").ok
+    a.close()
+    b.close()
+
+
+def test_canonical_is_stable():
+    assert audit.canonical({"b": 1, "a": [1, "é"]}) == '{"a":[1,"\\u00e9"],"b":1}'
