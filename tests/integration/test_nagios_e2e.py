@@ -1,0 +1,137 @@
+"""End to end with a real Nagios 4: an active service whose command is check_vertebra reaches a
+monitor agent through the mesh, and a passive service receives a scheduled result through the
+bridge. Broker and agents run as their own processes, as `vertebra agent` runs them."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import ROOT, vertebra
+from nagios_instance import NAGIOS, Nagios, command, host, service
+
+DUMMY = "/usr/lib/nagios/plugins/check_dummy"
+CHECK_VERTEBRA = Path(sys.executable).with_name("check_vertebra")
+
+pytestmark = pytest.mark.skipif(not (Path(NAGIOS).exists() and Path(DUMMY).exists() and CHECK_VERTEBRA.exists()),
+                                reason="needs nagios4-core, monitoring-plugins-basic and the installed check_vertebra")
+
+
+def _agents(command_file: Path) -> list[dict]:
+    return [
+        {"name": "mon", "kind": "monitor", "resources": ["/host/web1", "/cluster/e2e/web1"], "gateway": True,
+         "settings": {"checks": {"svc": {"plugin": DUMMY, "args": ["1", "slow | latency=0.5s;0.3;1;0"]}}}},
+        {"name": "pub", "kind": "monitor", "resources": ["/host/web2", "/cluster/e2e/web2"],
+         "settings": {"checks": {"svc": {"plugin": DUMMY, "args": ["0", "fine | latency=0.1s;0.3;1;0"]},
+                                 "pas": {"plugin": DUMMY, "args": ["2", "passive problem | q=3"]}},
+                      "schedule": {"pas": {"interval": 0.3, "repeats": 1}}}},
+        {"name": "bridge", "kind": "monitor", "resources": ["/host/nagios"],
+         "settings": {"checks": {}, "nagios": {"command_file": str(command_file), "hosts": {"placeholder": "web1"},
+                                               "services": {"pas": "Passive Check"}}}},
+    ]
+
+
+@pytest.fixture
+def running_mesh(mesh_home, tmp_path):
+    nagios_dir = tmp_path / "nagios"
+    nagios_dir.mkdir()
+    home = mesh_home(_agents(nagios_dir / "nagios.cmd"))
+    cfg = yaml.safe_load((home / "mesh.yaml").read_text())
+    mon, pub, bridge = (a["name"] for a in cfg["agents"])
+    # Names get a per-test suffix: wire the publisher to the bridge now that both are known.
+    cfg["agents"][1]["settings"]["publish_to"] = [bridge]
+    cfg["agents"][2]["settings"]["nagios"]["hosts"] = {pub: "web1"}
+    (home / "mesh.yaml").write_text(yaml.safe_dump(cfg))
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    base = [sys.executable, "-m", "agents.cli", "--home", str(home)]
+    procs = [subprocess.Popen(base + ["broker"], env=env, cwd=ROOT, stderr=open(home / "broker.log", "w"))]
+    procs += [subprocess.Popen(base + ["-v", "agent", a["name"]], env=env, cwd=ROOT,
+                               stderr=open(home / f"{a['name']}.log", "w")) for a in cfg["agents"]]
+    try:
+        for _ in range(100):
+            out = vertebra(home, "agents", "--json")
+            if out.returncode == 0 and len(json.loads(out.stdout)["agents"]) == 3:
+                break
+            time.sleep(0.2)
+        else:
+            pytest.fail(f"agents did not come up: {out.stdout} {out.stderr}")
+        yield home, nagios_dir
+    finally:
+        for p in procs:
+            p.terminate()
+        for p in procs:
+            p.wait(timeout=15)
+
+
+def check_vertebra(home: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([str(CHECK_VERTEBRA), "--home", str(home), *args], capture_output=True, text=True,
+                          timeout=60, cwd="/")
+
+
+def test_nagios_runs_check_vertebra_and_receives_bridged_results(running_mesh):
+    home, nagios_dir = running_mesh
+    objects = (command("check_vertebra", f"{CHECK_VERTEBRA} --home {home} -H $HOSTNAME$ -c $ARG1$ -t 20")
+               + host("web1") + service("web1", "Mesh Service", "check_vertebra!svc")
+               + service("web1", "Passive Check", "host-up", active=False))
+    # As root: the project's interpreter lives under /root, which the nagios user cannot enter.
+    nagios = Nagios(nagios_dir, objects)
+    nagios.verify()
+    nagios.start()
+    try:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            status = nagios.services()
+            active = status.get(("web1", "Mesh Service"), {})
+            passive = status.get(("web1", "Passive Check"), {})
+            if active.get("has_been_checked") == "1" and passive.get("has_been_checked") == "1":
+                break
+            time.sleep(0.2)
+        else:
+            pytest.fail(f"nagios recorded no results: {nagios.services()}\n{nagios.log()}")
+    finally:
+        nagios.stop()
+    assert active["current_state"] == "1", active
+    assert active["plugin_output"] == "WARNING: slow"
+    assert active["performance_data"] == "latency=0.5s;0.3;1;0"
+    assert active["check_type"] == "0"  # active
+    assert passive["current_state"] == "2", passive
+    assert passive["plugin_output"] == "CRITICAL: passive problem"
+    assert passive["performance_data"] == "q=3"
+    assert passive["check_type"] == "1"  # passive
+
+
+def test_check_vertebra_exit_codes_aggregate_and_mesh_problems(running_mesh, tmp_path):
+    home, _ = running_mesh
+    one = check_vertebra(home, "-H", "web1", "-c", "svc")
+    assert (one.returncode, one.stdout) == (1, "WARNING: slow | latency=0.5s;0.3;1;0\n")
+
+    many = check_vertebra(home, "-R", "/cluster/e2e", "-c", "svc")
+    assert many.returncode == 1, many.stdout
+    assert many.stdout.splitlines()[0] == ("WARNING - 1 OK, 1 WARNING (web1) | web1:latency=0.5s;0.3;1;0"
+                                           " web2:latency=0.1s;0.3;1;0")
+
+    nobody = check_vertebra(home, "-H", "nosuchhost", "-c", "svc", "-t", "5")
+    assert nobody.returncode == 3 and nobody.stdout.startswith("UNKNOWN - check_vertebra: not-discovered on /host/nosuchhost")
+    bad = check_vertebra(home, "-H", "web1", "-c", "svc", "-a", "evil=1")
+    assert bad.returncode == 3 and "does not take argument(s) 'evil'" in bad.stdout
+
+    # No gateway socket in this copy of the state directory: check_vertebra logs in directly.
+    direct = tmp_path / "direct"
+    shutil.copytree(home, direct, ignore=shutil.ignore_patterns("run", "state", "*.log"))
+    assert not (direct / "run").exists()
+    alone = check_vertebra(direct, "-H", "web1", "-c", "svc")
+    assert (alone.returncode, alone.stdout) == (1, "WARNING: slow | latency=0.5s;0.3;1;0\n")
+
+    # An account the mesh does not admit (the bridge agent's own): denied, and said so.
+    bridge = yaml.safe_load((home / "mesh.yaml").read_text())["agents"][2]["name"]
+    denied = check_vertebra(direct, "--account", bridge, "-H", "web1", "-c", "svc")
+    assert denied.returncode == 3 and denied.stdout.startswith("UNKNOWN - check_vertebra: denied on "), denied.stdout
+    assert "may not run" in denied.stdout
