@@ -129,11 +129,13 @@ class Actor:
         self.xmpp.enable_direct_tls = False
         self.xmpp.enable_starttls = True
         self.xmpp.enable_plaintext = False
+        # SCRAM only: never send a password (PLAIN), even over TLS, whatever the server offers.
+        self.xmpp.plugin["feature_mechanisms"].use_mechs = {"SCRAM-SHA-1", "SCRAM-SHA-256", "SCRAM-SHA-512"}
         for plugin in ("xep_0030", "xep_0004", "xep_0128", "xep_0115", "xep_0198"):
             self.xmpp.register_plugin(plugin)
         self.xmpp.register_plugin("xep_0199", {"keepalive": True, "interval": 30, "timeout": 10})
         self.xmpp.register_plugin(protocol.XEP_Vertebra.name)
-        self._pending: dict[str, asyncio.Future[Iq]] = {}
+        self._pending: dict[str, tuple[asyncio.Future[Iq], str]] = {}  # IQ id -> (reply, addressee)
         self._jobs: dict[tuple[str, str], asyncio.Queue[Message]] = {}
         self._stopping = False
         self._online = asyncio.Event()
@@ -175,7 +177,7 @@ class Actor:
                 await self.xmpp.disconnect(wait=1.0)
             except Exception:  # a broken transport is already as closed as we need it
                 self.xmpp.abort()
-        for fut in self._pending.values():
+        for fut, _to in self._pending.values():
             if not fut.done():
                 fut.cancel()
 
@@ -193,7 +195,7 @@ class Actor:
 
     async def _on_disconnected(self, _event: Any) -> None:
         self._online.clear()
-        for fut in self._pending.values():
+        for fut, _to in self._pending.values():
             if not fut.done():
                 fut.set_exception(ConnectionError("connection to the XMPP server lost"))
         if self._stopping:
@@ -210,7 +212,7 @@ class Actor:
         """Send an IQ and return its reply (result or error). Raises asyncio.TimeoutError."""
         fut: asyncio.Future[Iq] = asyncio.get_running_loop().create_future()
         iq_id = iq["id"]
-        self._pending[iq_id] = fut
+        self._pending[iq_id] = (fut, str(iq["to"]))
         try:
             self.xmpp.send(iq)
             return await asyncio.wait_for(fut, timeout)
@@ -218,8 +220,9 @@ class Actor:
             self._pending.pop(iq_id, None)
 
     def _on_reply(self, iq: Iq) -> None:
-        fut = self._pending.get(iq["id"])
-        if fut is not None and not fut.done():
+        fut, to = self._pending[iq["id"]]
+        # Only the addressee (or the server bouncing on its behalf, which uses the same address) answers.
+        if str(iq["from"]) == to and not fut.done():
             fut.set_result(iq)
 
     def watch_job(self, agent: str, rid: str) -> asyncio.Queue[Message]:

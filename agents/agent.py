@@ -17,11 +17,13 @@ An op's whole path through an agent, in order:
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import time
 import uuid
 from collections import OrderedDict
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Sequence
 
 from slixmpp import Iq, Presence
@@ -64,7 +66,7 @@ class Call:
         msg["vertebra_progress"]["job"] = self._job
         msg["vertebra_progress"]["rid"] = self.rid
         msg["vertebra_progress"]["seq"] = str(self._seq)
-        msg["vertebra_progress"].xml.text = protocol.encode(payload)
+        msg["vertebra_progress"].xml.text = protocol.encode(payload, what="a progress report")
         msg.send()
 
 
@@ -72,10 +74,24 @@ class Call:
 class _Answer:
     """A request's outcome, kept so a repeated request id gets the same answer."""
 
-    result: Any = None
+    payload: str = ""  # the encoded result of a quick op
     error: OpError | None = None
-    job: str = ""
-    at: float = 0.0
+    job: str = ""  # a long op's job id; its outcome message follows in `job_end`
+    job_end: asyncio.Future[tuple[str, str, str]] | None = None  # (status, condition, encoded payload)
+
+
+@dataclass
+class _Request:
+    """A request id as first seen from one caller: what it asked for and how it ended."""
+
+    fingerprint: str  # a repeated id must ask for exactly the same thing
+    answer: asyncio.Future[_Answer]
+    at: float = float("inf")  # when it ended; running requests are never forgotten
+
+
+def _fingerprint(iq: Iq) -> str:
+    req = iq["vertebra_op"]
+    return hashlib.sha256("\0".join((req["name"], req["on"], req.xml.text or "")).encode()).hexdigest()
 
 
 def info_op(kind: str):
@@ -97,16 +113,17 @@ class Agent(Actor):
 
     def __init__(self, jid: str, password: str, endpoint: Endpoint, *, resources: Sequence[str] = (),
                  broker: str | None = None, authorizer: Authorizer | None = None,
-                 settings: dict[str, Any] | None = None, name: str | None = None) -> None:
+                 settings: dict[str, Any] | None = None, name: str | None = None,
+                 state_dir: Path | None = None) -> None:
         super().__init__(jid, password, endpoint)
+        self.state_dir = state_dir  # where this agent keeps durable state, if it has any
         self.name = name or jid.split("@", 1)[0]
         self.resources = [paths.check(r) for r in resources]
         self.broker = broker
         self.authorizer = authorizer or AdminsOnly(())
         self.settings = settings or {}
         self.ops: dict[str, OpSpec] = ops_of(type(self))
-        self._answers: OrderedDict[tuple[str, str], _Answer] = OrderedDict()
-        self._running: dict[tuple[str, str], asyncio.Future[_Answer]] = {}
+        self._requests: OrderedDict[tuple[str, str], _Request] = OrderedDict()
         self._tasks: set[asyncio.Task[Any]] = set()
         self.xmpp.register_handler(Callback("vertebra op", StanzaPath("iq@type=set/vertebra_op"), self._on_op))
         self._brokers: set[str] = set()  # full JIDs of brokers that have seen us this session
@@ -129,7 +146,8 @@ class Agent(Actor):
         form = self.xmpp.plugin["xep_0004"].make_form(ftype="result")
         form.add_field(var="FORM_TYPE", ftype="hidden", value=AGENT_FORM)
         form.add_field(var="kind", ftype="text-single", value=self.kind)
-        form.add_field(var="resources", ftype="text-multi", value=list(self.resources))
+        if self.resources:  # an empty field is hashed differently by slixmpp than XEP-0115 says
+            form.add_field(var="resources", ftype="text-multi", value=list(self.resources))
         self.xmpp.plugin["xep_0128"].add_extended_info(data=form)
 
     async def on_session(self) -> None:
@@ -177,30 +195,32 @@ class Agent(Actor):
         task.add_done_callback(self._tasks.discard)
 
     async def _serve(self, iq: Iq) -> None:
-        req = iq["vertebra_op"]
         caller = iq["from"].bare
-        rid = req["rid"]
+        rid = iq["vertebra_op"]["rid"]
         if not rid or len(rid) > 128:
             self.xmpp.send(protocol.error_reply(iq, BadPayload("request has no valid rid (1-128 characters)")))
             return
-        key = (caller, rid)
-        answer = self._answers.get(key)
-        if answer is None:
-            running = self._running.get(key)
-            if running is not None:
-                answer = await asyncio.shield(running)
-            else:
-                fut: asyncio.Future[_Answer] = asyncio.get_running_loop().create_future()
-                self._running[key] = fut
-                try:
-                    answer = await self._admit_and_run(iq, caller, rid)
-                    fut.set_result(answer)
-                finally:
-                    del self._running[key]
-                    if not fut.done():
-                        fut.cancel()  # never leave a repeated request waiting on a run that died
-                self._remember(key, answer)
+        key, fingerprint = (caller, rid), _fingerprint(iq)
+        seen = self._requests.get(key)
+        repeat = seen is not None
+        if seen is None:
+            seen = self._requests[key] = _Request(fingerprint, asyncio.get_running_loop().create_future())
+            try:
+                seen.answer.set_result(await self._admit_and_run(iq, caller, rid))
+            finally:
+                if not seen.answer.done():  # the run died: forget it, and fail any repeat waiting on it
+                    seen.answer.set_result(_Answer(error=InternalError(f"request {rid} was interrupted")))
+                    del self._requests[key]
+                seen.at = time.monotonic()
+                self._forget_old()
+        elif seen.fingerprint != fingerprint:
+            self.xmpp.send(protocol.error_reply(iq, BadPayload(
+                f"request id {rid} was already used for a different request; use a new id for a new request")))
+            return
+        answer = await asyncio.shield(seen.answer)
         self.xmpp.send(self._reply(iq, answer))
+        if answer.job and repeat:
+            self._spawn(self._send_outcome_when_done(answer, str(iq["from"]), rid))
 
     def _reply(self, iq: Iq, answer: _Answer) -> Iq:
         if answer.error is not None:
@@ -210,16 +230,21 @@ class Agent(Actor):
             reply["vertebra_accepted"]["job"] = answer.job
         else:
             reply["vertebra_outcome"]["status"] = "ok"
-            reply["vertebra_outcome"].xml.text = protocol.encode(answer.result)
+            reply["vertebra_outcome"].xml.text = answer.payload
         return reply
 
-    def _remember(self, key: tuple[str, str], answer: _Answer) -> None:
-        answer.at = time.monotonic()
-        self._answers[key] = answer
-        horizon = answer.at - IDEMPOTENCY_WINDOW
-        while self._answers and (len(self._answers) > IDEMPOTENCY_ENTRIES
-                                 or next(iter(self._answers.values())).at < horizon):
-            self._answers.popitem(last=False)
+    def _forget_old(self) -> None:
+        horizon = time.monotonic() - IDEMPOTENCY_WINDOW
+        while self._requests:
+            oldest = next(iter(self._requests.values()))
+            if oldest.at > horizon and len(self._requests) <= IDEMPOTENCY_ENTRIES:
+                break
+            if oldest.at == float("inf"):  # still running: move it back rather than lose it
+                self._requests.move_to_end(next(iter(self._requests)))
+                if len(self._requests) <= IDEMPOTENCY_ENTRIES:
+                    break
+                continue
+            self._requests.popitem(last=False)
 
     async def _admit_and_run(self, iq: Iq, caller: str, rid: str) -> _Answer:
         name = iq["vertebra_op"]["name"]
@@ -233,10 +258,11 @@ class Agent(Actor):
             return _Answer(error=InternalError(f"{name} could not be admitted: {exc.__class__.__name__}"))
         if spec.progress:
             call._reply_to, call._job = str(iq["from"]), uuid.uuid4().hex
-            self._spawn(self._run_job(spec, call, args))
-            return _Answer(job=call._job)
+            answer = _Answer(job=call._job, job_end=asyncio.get_running_loop().create_future())
+            self._spawn(self._run_job(spec, call, args, answer))
+            return answer
         try:
-            return _Answer(result=await self._execute(spec, call, args))
+            return _Answer(payload=await self._execute(spec, call, args))
         except OpError as exc:
             return _Answer(error=exc)
 
@@ -250,11 +276,7 @@ class Agent(Actor):
             raise UnknownOp(f"{req['name']!r} is not an op of {self.kind} agent {self.name};"
                             f" it offers {', '.join(sorted(self.ops))}")
         args = spec.validate(protocol.decode(req.xml.text) or {})
-        try:
-            addressed = [paths.check(r) for r in req["on"].split()]
-        except paths.BadResource as exc:
-            raise BadArguments(str(exc)) from None
-        resources = addressed + spec.resources_for(args) or list(self.resources)
+        resources = self._resources_of(spec, args, req["on"].split())
         decision = decide(self.authorizer, caller, spec, resources)
         audit_log.info("decide rid=%s caller=%s op=%s resources=%s allowed=%s reason=%s",
                        rid, caller, spec.name, resources, decision.allowed, decision.reason)
@@ -263,12 +285,30 @@ class Agent(Actor):
         timeout = min(spec.deadline, _budget(req["timeout"], spec.deadline))
         return spec, Call(self, caller, rid, resources, asyncio.get_running_loop().time() + timeout), args
 
-    async def _execute(self, spec: OpSpec, call: Call, args: dict[str, Any]) -> Any:
-        """Run the op within the call's deadline; every ending is audited and becomes an OpError or a result."""
+    def _resources_of(self, spec: OpSpec, args: dict[str, Any], addressed: list[str]) -> list[str]:
+        """The canonical resources a request acts on, which authorization decides over: the
+        declaration's templates filled with the arguments, and of what the caller addressed, the
+        most specific of each pair of an addressed path and a related path this agent holds (the
+        agent's own resources when nothing narrows them)."""
+        try:
+            addressed = [paths.check(r) for r in addressed]
+            named = [paths.check(r) for r in spec.resources_for(args)]
+        except paths.BadResource as exc:
+            raise BadArguments(str(exc)) from None
+        narrowed = sorted({max(h, r, key=len) for h in self.resources for r in addressed if paths.related(h, r)})
+        if addressed and not narrowed:
+            raise BadArguments(f"{self.name} holds none of {' '.join(addressed)}; it holds"
+                               f" {' '.join(self.resources) or 'no resources'}")
+        return narrowed + named or list(self.resources)
+
+    async def _execute(self, spec: OpSpec, call: Call, args: dict[str, Any]) -> str:
+        """Run the op within the call's deadline and return its encoded result; every ending is
+        audited, and every failure (a result too large to send included) is an OpError."""
         started = time.monotonic()
         timeout = call.deadline - asyncio.get_running_loop().time()
         try:
             result = await asyncio.wait_for(spec.func(self, call, **args), timeout)
+            payload = protocol.encode(result, what=f"the result of {spec.name}")
         except asyncio.TimeoutError:
             error: OpError = OpTimeout(f"{spec.name} did not finish within {timeout:.3g}s and was stopped")
         except OpError as exc:
@@ -278,23 +318,29 @@ class Agent(Actor):
             error = InternalError(f"{spec.name} failed unexpectedly: {exc.__class__.__name__}: {exc}")
         else:
             self._audit_end(call.rid, call.caller, spec.name, "ok", started)
-            return result
+            return payload
         self._audit_end(call.rid, call.caller, spec.name, error.condition, started)
         raise error
 
-    async def _run_job(self, spec: OpSpec, call: Call, args: dict[str, Any]) -> None:
-        msg = self.xmpp.make_message(mto=call._reply_to)
-        outcome = msg["vertebra_outcome"]
-        outcome["job"] = call._job
-        outcome["rid"] = call.rid
+    async def _run_job(self, spec: OpSpec, call: Call, args: dict[str, Any], answer: _Answer) -> None:
         try:
-            result = await self._execute(spec, call, args)
-            outcome["status"] = "ok"
-            outcome.xml.text = protocol.encode(result)
+            end = ("ok", "", await self._execute(spec, call, args))
         except OpError as exc:
-            outcome["status"] = exc.outcome.value
-            outcome["condition"] = exc.condition
-            outcome.xml.text = protocol.encode(exc.text)
+            end = (exc.outcome.value, exc.condition, protocol.encode(exc.text[:4000]))
+        answer.job_end.set_result(end)
+        self._send_outcome(end, call._reply_to, call._job, call.rid)
+
+    async def _send_outcome_when_done(self, answer: _Answer, to: str, rid: str) -> None:
+        """A repeated request for a long op gets the job's one outcome too, once there is one."""
+        self._send_outcome(await asyncio.shield(answer.job_end), to, answer.job, rid)
+
+    def _send_outcome(self, end: tuple[str, str, str], to: str, job: str, rid: str) -> None:
+        msg = self.xmpp.make_message(mto=to)
+        outcome = msg["vertebra_outcome"]
+        outcome["job"], outcome["rid"], outcome["status"] = job, rid, end[0]
+        if end[1]:
+            outcome["condition"] = end[1]
+        outcome.xml.text = end[2]
         msg.send()
 
     def _spawn(self, coro: Any) -> None:

@@ -230,7 +230,7 @@ def build_actor(mesh: meshconf.MeshConfig, name: str) -> Any:
     cfg = mesh.agent(name)
     return agent_class(cfg.kind)(mesh.jid(name), mesh.password(name), mesh.endpoint(),
                                  resources=cfg.resources, broker=mesh.jid(mesh.broker), authorizer=authorizer,
-                                 settings=cfg.settings, name=name)
+                                 settings=cfg.settings, name=name, state_dir=_state_dir(mesh, name))
 
 
 def _state_dir(mesh: meshconf.MeshConfig, name: str) -> Path:

@@ -19,7 +19,7 @@ from slixmpp import Iq
 
 from . import protocol
 from .actor import Actor, Endpoint
-from .errors import Outcome, UNREACHABLE_CONDITIONS, error_for
+from .errors import OpError, Outcome, UNREACHABLE_CONDITIONS, error_for
 from .resources import related
 
 ProgressFn = Callable[[str, int, Any], None]
@@ -59,7 +59,7 @@ class CallReport:
 
     @property
     def exit_code(self) -> int:
-        """0 when every target is ok; else the code of the most common failure, worst first."""
+        """0 when every target is ok; else the highest code among the targets' outcomes."""
         if not self.results:
             return EXIT_CODES[Outcome.NOT_DISCOVERED]
         return max(EXIT_CODES[r.outcome] for r in self.results) if not self.ok else 0
@@ -93,6 +93,7 @@ class Client(Actor):
         loop = asyncio.get_running_loop()
         end = loop.time() + timeout
         report = CallReport(op)
+        scoped: dict[str, list[str]] = {}  # per target, the addressed resources it holds or relates to
         if to:
             targets = list(to)
         else:
@@ -103,6 +104,7 @@ class Client(Actor):
                 report.results.append(found)
                 return report
             targets = [e["jid"] for e in found.result]
+            scoped = {e["jid"]: [w for w in on if any(related(h, w) for h in e["resources"])] for e in found.result}
             held = [r for e in found.result for r in e["resources"]]
             for wanted in on:
                 if not any(related(h, wanted) for h in held):
@@ -115,8 +117,8 @@ class Client(Actor):
         if scope == "one":
             random.shuffle(targets)
             for target in targets:
-                res = await self.request(target, op, args, on=on, timeout=end - loop.time(), rid=rid,
-                                         progress=progress)
+                res = await self.request(target, op, args, on=scoped.get(target, on), timeout=end - loop.time(),
+                                         rid=rid, progress=progress)
                 report.results.append(res)
                 # Only a target that certainly did not run the op may be passed over for the next.
                 if res.outcome not in (Outcome.DENIED, Outcome.UNREACHABLE):
@@ -124,7 +126,8 @@ class Client(Actor):
                     break
         else:
             report.results += await asyncio.gather(*(
-                self.request(t, op, args, on=on, timeout=end - loop.time(), rid=rid, progress=progress)
+                self.request(t, op, args, on=scoped.get(t, on), timeout=end - loop.time(), rid=rid,
+                             progress=progress)
                 for t in targets))
         return report
 
@@ -148,7 +151,9 @@ class Client(Actor):
             except asyncio.TimeoutError:
                 return TargetResult(target, Outcome.TIMEOUT, error=f"no answer within {timeout:g}s")
             except ConnectionError as exc:
-                return TargetResult(target, Outcome.UNREACHABLE, error=str(exc))
+                # The request may have arrived and run: that is not "unreachable", which would let
+                # scope one try the next target.
+                return TargetResult(target, Outcome.TIMEOUT, error=f"{exc} before an answer came; the op may have run")
             if reply["type"] == "error":
                 return _from_error(target, reply)
             if reply.xml.find(f"{{{protocol.NS}}}accepted") is None:
@@ -163,7 +168,10 @@ class Client(Actor):
                     return _from_outcome(target, msg["vertebra_outcome"])
                 if progress is not None:
                     p = msg["vertebra_progress"]
-                    progress(target, int(p["seq"] or 0), protocol.decode(p.xml.text))
+                    try:
+                        progress(target, int(p["seq"] or 0), protocol.decode(p.xml.text))
+                    except (ValueError, OpError):  # a garbled report is skipped; the outcome still counts
+                        pass
         finally:
             self.unwatch_job(target, rid)
 

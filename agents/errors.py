@@ -44,7 +44,9 @@ class BadPayload(OpError):
 
 
 class TooLarge(OpError):
-    condition, stanza_condition, stanza_type = "too-large", "policy-violation", "modify"
+    # RFC 6120's not-acceptable ("does not meet criteria defined by the recipient"); slixmpp cannot
+    # emit policy-violation, which it does not know.
+    condition, stanza_condition, stanza_type = "too-large", "not-acceptable", "modify"
 
 
 class UnknownOp(OpError):

@@ -32,7 +32,8 @@ from .client import CallReport, Client, ProgressFn
 
 log = logging.getLogger(__name__)
 
-MAX_FRAME = 256 * 1024
+MAX_REQUEST = 256 * 1024  # a call: op, arguments, targets
+MAX_ANSWER = 256 * 1024 * 1024  # a report may carry a result from each of thousands of targets
 IDLE_SESSION = 300.0  # seconds an unused identity's session is kept
 
 
@@ -40,10 +41,10 @@ class GatewayUnavailable(Exception):
     """No gateway answers at the socket; the caller should log in directly."""
 
 
-async def _read(reader: asyncio.StreamReader) -> Any:
+async def _read(reader: asyncio.StreamReader, limit: int) -> Any:
     (size,) = struct.unpack(">I", await reader.readexactly(4))
-    if size > MAX_FRAME:
-        raise ValueError(f"gateway frame of {size} bytes exceeds {MAX_FRAME}")
+    if size > limit:
+        raise ValueError(f"gateway frame of {size} bytes exceeds {limit}")
     return msgpack.unpackb(await reader.readexactly(size), raw=False)
 
 
@@ -101,7 +102,7 @@ class Gateway:
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
-            req = await _read(reader)
+            req = await _read(reader, MAX_REQUEST)
             call = req["call"]
             client = await self._session(str(req["jid"]), str(req["password"]))
 
@@ -147,7 +148,7 @@ async def call_via_gateway(path: Path, jid: str, password: str, call: dict[str, 
         # The call's own budget bounds the gateway; the extra seconds cover a first login.
         async with asyncio.timeout(float(call.get("timeout", 30.0)) + 20.0):
             while True:
-                msg = await _read(reader)
+                msg = await _read(reader, MAX_ANSWER)
                 if "progress" in msg:
                     if progress:
                         progress(*msg["progress"])
@@ -155,7 +156,9 @@ async def call_via_gateway(path: Path, jid: str, password: str, call: dict[str, 
                     return CallReport.from_dict(msg["report"])
                 else:
                     raise ConnectError(msg.get("error", "gateway gave no answer"))
-    except asyncio.IncompleteReadError:
-        raise GatewayUnavailable(f"the gateway at {path} closed the connection") from None
+    except (asyncio.IncompleteReadError, ConnectionError, ValueError) as exc:
+        # Not GatewayUnavailable: the call may have gone out, and falling back would send it again.
+        raise ConnectError(f"the gateway at {path} failed during the call ({exc.__class__.__name__});"
+                           " the op may have run") from None
     finally:
         writer.close()

@@ -70,8 +70,14 @@ class Progress(ElementBase):
     interfaces = {"job", "rid", "seq"}
 
 
-def encode(obj: Any) -> str:
-    return base64.b64encode(msgpack.packb(obj, use_bin_type=True)).decode("ascii")
+def encode(obj: Any, what: str = "payload") -> str:
+    """Encode a payload; raises TooLarge when it exceeds what a receiver accepts, so the sender says
+    so instead of the receiver failing to read it."""
+    raw = msgpack.packb(obj, use_bin_type=True)
+    if len(raw) > MAX_PAYLOAD:
+        raise TooLarge(f"{what} is {len(raw)} bytes encoded; the limit is {MAX_PAYLOAD}:"
+                       " send large data out of band")
+    return base64.b64encode(raw).decode("ascii")
 
 
 def decode(text: str | None) -> Any:
@@ -88,7 +94,11 @@ def decode(text: str | None) -> Any:
                               max_array_len=MAX_ITEMS, max_map_len=MAX_ITEMS)
     except msgpack.StackError:
         raise TooLarge(f"payload nests deeper than {MAX_DEPTH} levels") from None
-    except (binascii.Error, ValueError, msgpack.UnpackException) as exc:
+    except ValueError as exc:
+        if "exceeds max_" in str(exc):
+            raise TooLarge(f"payload has a list or map of more than {MAX_ITEMS} items") from None
+        raise BadPayload(f"payload is not base64 msgpack ({exc.__class__.__name__}: {exc})") from None
+    except (binascii.Error, TypeError, msgpack.UnpackException) as exc:
         raise BadPayload(f"payload is not base64 msgpack ({exc.__class__.__name__}: {exc})") from None
     _check_depth(obj)
     return obj

@@ -32,6 +32,8 @@ from .directory import Capabilities, Directory
 log = logging.getLogger(__name__)
 
 DISCO_TIMEOUT = 10.0
+CAPS_HASHES = {"sha-1", "sha-256", "sha-512"}  # XEP-0115's; md5 and the like are refused
+BAD_CAPS_MEMORY = 60.0  # seconds a caps hash that failed to verify is not asked about again
 
 
 class Broker(AlertsMixin, Agent):
@@ -40,12 +42,13 @@ class Broker(AlertsMixin, Agent):
 
     info = info_op("mesh")
 
-    def __init__(self, *args: Any, state_dir: Path | None = None, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.directory = Directory()
         self._present: set[str] = set()
         self._learning: dict[str, asyncio.Future[Capabilities | None]] = {}
-        self._known = _KnownAgents(state_dir / "broker.sqlite" if state_dir else None)
+        self._bad_caps: dict[str, float] = {}  # caps hash -> loop time until which it is ignored
+        self._known = _KnownAgents(self.state_dir / "broker.sqlite" if self.state_dir else None)
         caps = self.xmpp.plugin["xep_0115"]
         # slixmpp's caps plugin would also query every new hash; the directory does that itself.
         self.xmpp.del_event_handler("entity_caps", caps._process_caps)
@@ -110,6 +113,9 @@ class Broker(AlertsMixin, Agent):
         pending = self._learning.get(ver)
         if pending is not None:
             return await asyncio.shield(pending)
+        now = asyncio.get_running_loop().time()
+        if self._bad_caps.get(ver, 0.0) > now:
+            return None  # an agent repeating a bad announcement costs no new query
         fut: asyncio.Future[Capabilities | None] = asyncio.get_running_loop().create_future()
         self._learning[ver] = fut
         caps = None
@@ -120,6 +126,8 @@ class Broker(AlertsMixin, Agent):
             fut.set_result(caps)
         if caps is not None:
             self.directory.caps[ver] = caps
+        else:
+            self._bad_caps[ver] = now + BAD_CAPS_MEMORY
         return caps
 
     async def _query(self, jid: str, node: str, ver: str, hash_name: str) -> Capabilities | None:
@@ -130,7 +138,7 @@ class Broker(AlertsMixin, Agent):
             log.warning("disco#info of %s failed: %s", jid, exc)
             return None
         info = iq["disco_info"]
-        if hash_name not in plugin.hashes or plugin.generate_verstring(info, hash_name) != ver:
+        if hash_name not in CAPS_HASHES or plugin.generate_verstring(info, hash_name) != ver:
             log.warning("%s presented caps %s that do not match its disco#info; ignored", jid, ver)
             return None
         form_class = self.xmpp.plugin["xep_0004"].stanza.Form

@@ -62,6 +62,8 @@ class Mesh:
     async def agent(self, cls: type, broker: Broker | None, resources: list[str], **kw: Any) -> Any:
         jid, pw = self.account(cls.kind)
         kw.setdefault("authorizer", self.admins)
+        kw.setdefault("state_dir", self.home / "state" / jid.split("@")[0])
+        kw["state_dir"].mkdir(parents=True, exist_ok=True)
         return await self.start(cls(jid, pw, self.endpoint, resources=resources,
                                     broker=broker.jid.bare if broker else None, **kw))
 

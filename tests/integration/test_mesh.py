@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import os
 import subprocess
 import sys
 import uuid
 
+import msgpack
 import pytest
 
 from agents import protocol
@@ -139,6 +141,20 @@ async def test_repeated_request_id_runs_once_and_returns_first_outcome(mesh):
     assert agent.runs == 1
     fresh = await client.request(target, "sample.count", {}, timeout=5)
     assert fresh.result == 2
+    # The same id for a different request is refused, not answered with the first one's outcome.
+    other = await client.request(target, "sample.echo", {"text": "x"}, timeout=5, rid=rid)
+    assert other.outcome is Outcome.FAILED and "already used for a different request" in other.error
+    assert agent.runs == 2
+
+
+async def test_repeated_request_id_of_a_long_op_gets_its_one_outcome(mesh):
+    agent = await mesh.agent(SampleAgent, None, ["/host/idem-long"])
+    client = await mesh.client()
+    rid = uuid.uuid4().hex
+    first = await client.request(str(agent.jid), "sample.steps", {"steps": 2}, timeout=5, rid=rid)
+    again = await client.request(str(agent.jid), "sample.steps", {"steps": 2}, timeout=5, rid=rid)
+    assert first.outcome is again.outcome is Outcome.OK
+    assert first.result == again.result == {"done": 2}
 
 
 async def test_bad_arguments_name_the_argument(mesh):
@@ -156,6 +172,11 @@ async def test_bad_arguments_name_the_argument(mesh):
         assert res.error.startswith("bad-argument:") and expected in res.error, res.error
     bad_path = await client.request(target, "sample.echo", {"text": "x"}, on=["/host/../etc"], timeout=5)
     assert bad_path.outcome is Outcome.FAILED and "'..'" in bad_path.error
+    # An agent acts only on resources related to its own, whatever a caller addresses.
+    elsewhere = await client.request(target, "sample.echo", {"text": "x"}, on=["/pool/tank"], timeout=5)
+    assert elsewhere.outcome is Outcome.FAILED and "holds none of /pool/tank" in elsewhere.error
+    narrowed = await client.request(target, "sample.echo", {"text": "x"}, on=["/host"], timeout=5)
+    assert narrowed.result["resources"] == ["/host/args"]
 
 
 async def test_unknown_op_is_refused_with_what_is_offered(mesh):
@@ -183,7 +204,7 @@ async def _raw(client, agent, *, text=None, child=False, name="sample.echo"):
 async def test_oversized_nested_and_malformed_payloads_are_refused_before_running(mesh):
     agent = await mesh.agent(SampleAgent, None, ["/host/limits"])
     client = await mesh.client()
-    big = protocol.encode({"text": "x" * (protocol.MAX_PAYLOAD + 10)})
+    big = base64.b64encode(msgpack.packb({"text": "x" * (protocol.MAX_PAYLOAD + 10)})).decode()
     cond, text = await _raw(client, agent, text=big)
     assert cond == "too-large" and "limit" in text
     deep: object = "x"
@@ -193,10 +214,12 @@ async def test_oversized_nested_and_malformed_payloads_are_refused_before_runnin
     assert cond == "too-large" and "nests deeper" in text
     cond, _ = await _raw(client, agent, text="!!not base64!!")
     assert cond == "bad-payload"
-    cond, _ = await _raw(client, agent, text="3q2+7w==")  # valid base64, not msgpack
+    cond, _ = await _raw(client, agent, text="wQ==")  # valid base64; 0xc1 is never msgpack
     assert cond == "bad-payload"
     cond, text = await _raw(client, agent, text=protocol.encode({"text": "x"}), child=True)
     assert cond == "bad-payload" and "child" in text
+    too_big = await client.request(str(agent.jid), "sample.echo", {"text": "x" * 60_000, "times": 2}, timeout=5)
+    assert too_big.outcome is Outcome.FAILED and "the result of sample.echo is" in too_big.error
     # The agent is unharmed and still answers.
     ok = await client.request(str(agent.jid), "sample.echo", {"text": "still here"}, timeout=5)
     assert ok.result["text"] == "still here"
