@@ -19,14 +19,13 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from agents import config
-from agents.config import ConfigError, MeshConfig
 from agents.fencing import fence_api
 from agents.fencing.fence_api import ExitCode, FenceApiError, Parameter
 from agents.fencing.settings import SEGMENT, node_resource
 
 if TYPE_CHECKING:
     from agents.client import CallReport
+    from agents.config import MeshConfig
 
 NAME = "fence_vertebra"
 DEFAULT_TIMEOUT = "50"
@@ -79,6 +78,10 @@ def vertebra_home(options: Mapping[str, str]) -> Path:
 
 def load_mesh(options: Mapping[str, str]) -> MeshConfig:
     """The mesh file in the state directory; never creates one (a fence agent must not guess)."""
+    # The mesh runtime (slixmpp and all) loads only when the mesh is asked: metadata and
+    # validate-all, which Pacemaker runs often, stay quick.
+    from agents import config
+
     home = vertebra_home(options)
     path = home / "mesh.yaml"
     if not path.is_file():
@@ -120,7 +123,8 @@ async def perform(action: str, node: str | None, options: Mapping[str, str]) -> 
     device action itself (with a fresh run), and a retry of ours could not reuse the request id
     through the session API, so it might run twice. Every wait ends ANSWER_MARGIN before `timeout`.
     """
-    from agents.errors import Outcome  # the mesh runtime loads only when the mesh is asked
+    from agents.config import ConfigError
+    from agents.errors import Outcome
     from agents.session import mesh_call
 
     loop = asyncio.get_running_loop()
