@@ -17,11 +17,9 @@ An op's whole path through an agent, in order:
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import logging
 import time
 import uuid
-from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -34,14 +32,13 @@ from . import __version__, protocol, resources as paths
 from .actor import Actor, Backoff, Endpoint
 from .authz import AdminsOnly, Authorizer, decide
 from .errors import BadArguments, BadPayload, Denied, InternalError, OpError, OpTimeout, UnknownOp
+from .idempotency import Answer, RequestLog, fingerprint
 from .ops import OpSpec, op, ops_of
 
 log = logging.getLogger(__name__)
 audit_log = logging.getLogger("vertebra.audit")
 
 AGENT_FORM = "urn:vertebra:1#agent"
-IDEMPOTENCY_WINDOW = 600.0  # seconds a finished request's outcome is kept for repeats
-IDEMPOTENCY_ENTRIES = 20_000
 
 
 @dataclass
@@ -68,30 +65,6 @@ class Call:
         msg["vertebra_progress"]["seq"] = str(self._seq)
         msg["vertebra_progress"].xml.text = protocol.encode(payload, what="a progress report")
         msg.send()
-
-
-@dataclass
-class _Answer:
-    """A request's outcome, kept so a repeated request id gets the same answer."""
-
-    payload: str = ""  # the encoded result of a quick op
-    error: OpError | None = None
-    job: str = ""  # a long op's job id; its outcome message follows in `job_end`
-    job_end: asyncio.Future[tuple[str, str, str]] | None = None  # (status, condition, encoded payload)
-
-
-@dataclass
-class _Request:
-    """A request id as first seen from one caller: what it asked for and how it ended."""
-
-    fingerprint: str  # a repeated id must ask for exactly the same thing
-    answer: asyncio.Future[_Answer]
-    at: float = float("inf")  # when it ended; running requests are never forgotten
-
-
-def _fingerprint(iq: Iq) -> str:
-    req = iq["vertebra_op"]
-    return hashlib.sha256("\0".join((req["name"], req["on"], req.xml.text or "")).encode()).hexdigest()
 
 
 def info_op(kind: str):
@@ -123,7 +96,7 @@ class Agent(Actor):
         self.authorizer = authorizer or AdminsOnly(())
         self.settings = settings or {}
         self.ops: dict[str, OpSpec] = ops_of(type(self))
-        self._requests: OrderedDict[tuple[str, str], _Request] = OrderedDict()
+        self._requests = RequestLog(state_dir / "requests.sqlite" if state_dir else None)
         self._tasks: set[asyncio.Task[Any]] = set()
         self.xmpp.register_handler(Callback("vertebra op", StanzaPath("iq@type=set/vertebra_op"), self._on_op))
         self._brokers: set[str] = set()  # full JIDs of brokers that have seen us this session
@@ -131,6 +104,10 @@ class Agent(Actor):
         self.xmpp.add_event_handler("presence_available", self._on_broker_presence)
         self.xmpp.add_event_handler("presence_unavailable", self._on_broker_presence)
         self._advertise_features()
+
+    async def stop(self) -> None:
+        await super().stop()
+        self._requests.close()
 
     def describe(self) -> dict[str, Any]:
         return {"name": self.name, "jid": str(self.jid), "kind": self.kind, "version": __version__,
@@ -195,25 +172,24 @@ class Agent(Actor):
         task.add_done_callback(self._tasks.discard)
 
     async def _serve(self, iq: Iq) -> None:
-        caller = iq["from"].bare
-        rid = iq["vertebra_op"]["rid"]
+        req = iq["vertebra_op"]
+        caller, rid = iq["from"].bare, req["rid"]
         if not rid or len(rid) > 128:
             self.xmpp.send(protocol.error_reply(iq, BadPayload("request has no valid rid (1-128 characters)")))
             return
-        key, fingerprint = (caller, rid), _fingerprint(iq)
+        key, fp = (caller, rid), fingerprint(req["name"], req["on"], req.xml.text or "")
         seen = self._requests.get(key)
         repeat = seen is not None
         if seen is None:
-            seen = self._requests[key] = _Request(fingerprint, asyncio.get_running_loop().create_future())
+            seen = self._requests.start(key, fp)
+            spec = self.ops.get(req["name"])
             try:
-                seen.answer.set_result(await self._admit_and_run(iq, caller, rid))
+                answer = await self._admit_and_run(iq, caller, rid, key, fp)
+                self._requests.finish(key, seen, answer, durable=bool(spec and spec.destructive))
             finally:
-                if not seen.answer.done():  # the run died: forget it, and fail any repeat waiting on it
-                    seen.answer.set_result(_Answer(error=InternalError(f"request {rid} was interrupted")))
-                    del self._requests[key]
-                seen.at = time.monotonic()
-                self._forget_old()
-        elif seen.fingerprint != fingerprint:
+                if not seen.answer.done():
+                    self._requests.abandon(key, seen, InternalError(f"request {rid} was interrupted"))
+        elif seen.fingerprint != fp:
             self.xmpp.send(protocol.error_reply(iq, BadPayload(
                 f"request id {rid} was already used for a different request; use a new id for a new request")))
             return
@@ -222,7 +198,7 @@ class Agent(Actor):
         if answer.job and repeat:
             self._spawn(self._send_outcome_when_done(answer, str(iq["from"]), rid))
 
-    def _reply(self, iq: Iq, answer: _Answer) -> Iq:
+    def _reply(self, iq: Iq, answer: Answer) -> Iq:
         if answer.error is not None:
             return protocol.error_reply(iq, answer.error)
         reply = iq.reply(clear=True)
@@ -233,38 +209,25 @@ class Agent(Actor):
             reply["vertebra_outcome"].xml.text = answer.payload
         return reply
 
-    def _forget_old(self) -> None:
-        horizon = time.monotonic() - IDEMPOTENCY_WINDOW
-        while self._requests:
-            oldest = next(iter(self._requests.values()))
-            if oldest.at > horizon and len(self._requests) <= IDEMPOTENCY_ENTRIES:
-                break
-            if oldest.at == float("inf"):  # still running: move it back rather than lose it
-                self._requests.move_to_end(next(iter(self._requests)))
-                if len(self._requests) <= IDEMPOTENCY_ENTRIES:
-                    break
-                continue
-            self._requests.popitem(last=False)
-
-    async def _admit_and_run(self, iq: Iq, caller: str, rid: str) -> _Answer:
+    async def _admit_and_run(self, iq: Iq, caller: str, rid: str, key: tuple[str, str], fp: str) -> Answer:
         name = iq["vertebra_op"]["name"]
         try:
             spec, call, args = self._admit(iq, caller, rid)
         except OpError as exc:
             self._audit_end(rid, caller, name, exc.condition, 0.0)
-            return _Answer(error=exc)
+            return Answer(error=exc)
         except Exception as exc:  # a fault while admitting still answers, and runs nothing
             log.exception("admitting %s from %s failed", name, caller)
-            return _Answer(error=InternalError(f"{name} could not be admitted: {exc.__class__.__name__}"))
+            return Answer(error=InternalError(f"{name} could not be admitted: {exc.__class__.__name__}"))
         if spec.progress:
             call._reply_to, call._job = str(iq["from"]), uuid.uuid4().hex
-            answer = _Answer(job=call._job, job_end=asyncio.get_running_loop().create_future())
-            self._spawn(self._run_job(spec, call, args, answer))
+            answer = Answer(job=call._job, job_end=asyncio.get_running_loop().create_future())
+            self._spawn(self._run_job(spec, call, args, answer, key, fp))
             return answer
         try:
-            return _Answer(payload=await self._execute(spec, call, args))
+            return Answer(payload=await self._execute(spec, call, args))
         except OpError as exc:
-            return _Answer(error=exc)
+            return Answer(error=exc)
 
     def _admit(self, iq: Iq, caller: str, rid: str) -> tuple[OpSpec, Call, dict[str, Any]]:
         """Decode, validate and authorize a request; raises the OpError that refuses it."""
@@ -322,15 +285,18 @@ class Agent(Actor):
         self._audit_end(call.rid, call.caller, spec.name, error.condition, started)
         raise error
 
-    async def _run_job(self, spec: OpSpec, call: Call, args: dict[str, Any], answer: _Answer) -> None:
+    async def _run_job(self, spec: OpSpec, call: Call, args: dict[str, Any], answer: Answer,
+                       key: tuple[str, str], fp: str) -> None:
         try:
             end = ("ok", "", await self._execute(spec, call, args))
         except OpError as exc:
             end = (exc.outcome.value, exc.condition, protocol.encode(exc.text[:4000]))
         answer.job_end.set_result(end)
+        if spec.destructive:
+            self._requests.finish_job(key, fp, end)
         self._send_outcome(end, call._reply_to, call._job, call.rid)
 
-    async def _send_outcome_when_done(self, answer: _Answer, to: str, rid: str) -> None:
+    async def _send_outcome_when_done(self, answer: Answer, to: str, rid: str) -> None:
         """A repeated request for a long op gets the job's one outcome too, once there is one."""
         self._send_outcome(await asyncio.shield(answer.job_end), to, answer.job, rid)
 

@@ -32,6 +32,14 @@ class SampleAgent(Agent):
         await asyncio.sleep(0.2)
         return self.runs
 
+    @op("sample.toggle", deadline=5, destructive=True)
+    async def toggle(self, call: Call, target: str) -> int:
+        """A destructive op with a visible effect: append a line to a file, return how many it has."""
+        with open(target, "a") as f:
+            f.write("toggled\n")
+        with open(target) as f:
+            return len(f.readlines())
+
     @op("sample.sleep", deadline=30)
     async def sleep(self, call: Call, seconds: float) -> str:
         """Sleep, then answer."""

@@ -147,6 +147,28 @@ async def test_repeated_request_id_runs_once_and_returns_first_outcome(mesh):
     assert agent.runs == 2
 
 
+async def test_destructive_op_is_not_repeated_after_the_agent_restarts(mesh, tmp_path):
+    state = tmp_path / "durable"
+    state.mkdir()
+    jid, pw = mesh.account("durable")
+    effect = tmp_path / "effect"
+
+    async def start_agent():
+        return await mesh.start(SampleAgent(jid, pw, mesh.endpoint, resources=["/host/d"], authorizer=mesh.admins,
+                                            state_dir=state))
+
+    agent = await start_agent()
+    client = await mesh.client()
+    rid = uuid.uuid4().hex
+    first = await client.request(str(agent.jid), "sample.toggle", {"target": str(effect)}, timeout=5, rid=rid)
+    await agent.stop()
+    agent = await start_agent()
+    retry = await client.request(str(agent.jid), "sample.toggle", {"target": str(effect)}, timeout=5, rid=rid)
+    assert first.outcome is retry.outcome is Outcome.OK
+    assert first.result == retry.result == 1
+    assert effect.read_text() == "toggled\n"
+
+
 async def test_repeated_request_id_of_a_long_op_gets_its_one_outcome(mesh):
     agent = await mesh.agent(SampleAgent, None, ["/host/idem-long"])
     client = await mesh.client()
