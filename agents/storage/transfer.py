@@ -1,0 +1,307 @@
+"""The replication data plane: a driver's send stream moved over a direct TCP connection, resumable.
+
+The plan (this module is its first, tested part: the transfer between two endpoints):
+
+1. Negotiation over XMPP. `storage.replicate` on the source asks the target storage agent for an inbox
+   (`storage.package.receive`, say): the target answers with an address, a transfer id and a one-time token
+   (Inbox.offer). Every (re)connection needs a fresh token: a token admits exactly one connection.
+2. The stream. One TCP connection (TLS on by default per action: Inbox takes an ssl context) carries
+   msgpack frames framed as stream.py frames them. The sender says hello with the token and the transfer
+   id; the inbox answers how many bytes of this transfer it already holds and the BLAKE3 of those bytes;
+   the sender regenerates its stream, checks that its first bytes hash the same (else the inbox starts
+   over), skips them, and sends only the rest as data frames, then a done frame with the total length and
+   digest. Nothing already received is sent again; the inbox confirms only a complete, matching spool.
+3. Atomic publish. The inbox spools to a private file; only a complete spool is handed to the driver's
+   receive, which itself publishes all or nothing (and verifies the stream's own end-to-end checksum).
+4. Throttle. The sender paces data through a Throttle whose rate can be changed at any moment (the
+   `storage.replication.throttle` op will call set_rate on the running action).
+5. Still to come: the ops (replicate, replication.list|pause|resume|throttle|destroy, package.list),
+   packages on the target, scheduling and continuous mode, progress reports with rate and ETA.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import secrets
+import ssl
+import struct
+import time
+from collections.abc import Awaitable, Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import blake3
+import msgpack
+
+from agents.storage.driver import StorageError
+from agents.storage.names import validate_name
+from agents.storage.stream import encode_frame
+
+_LEN = struct.Struct(">I")
+_MAX_FRAME = 16 * 1024 * 1024
+_DATA_BYTES = 256 * 1024          # bytes per data frame
+_HASH_READ = 1 << 20
+
+
+IDLE_TIMEOUT = 60.0               # a silent peer is dropped, so a half-open connection cannot hold a transfer
+
+
+async def _read_frame(reader: asyncio.StreamReader) -> dict[str, Any]:
+    try:
+        head = await asyncio.wait_for(reader.readexactly(_LEN.size), IDLE_TIMEOUT)
+        (length,) = _LEN.unpack(head)
+        if length > _MAX_FRAME:
+            raise StorageError(f"transfer peer sent a {length}-byte frame, over the limit", code="corrupt")
+        frame = msgpack.unpackb(await asyncio.wait_for(reader.readexactly(length), IDLE_TIMEOUT), raw=False)
+    except asyncio.IncompleteReadError:
+        raise StorageError("transfer connection closed mid-frame; resume the transfer", code="failed") from None
+    except asyncio.TimeoutError:
+        raise StorageError(f"transfer peer silent for {IDLE_TIMEOUT:g}s; resume the transfer",
+                           code="failed") from None
+    if not isinstance(frame, dict) or not isinstance(frame.get("t"), str):
+        raise StorageError("transfer peer sent a frame without a type", code="corrupt")
+    return frame
+
+
+class Throttle:
+    """Paces bytes to a rate (bytes per second; None for no limit) that may change at any time."""
+
+    def __init__(self, rate: float | None = None, clock: Callable[[], float] = time.monotonic) -> None:
+        self._clock = clock
+        self._rate: float | None = None
+        self._next = clock()          # when the next byte may go
+        self.set_rate(rate)
+
+    @property
+    def rate(self) -> float | None:
+        return self._rate
+
+    def set_rate(self, rate: float | None) -> None:
+        if rate is not None and not rate > 0:
+            raise StorageError(f"throttle rate must be a positive number of bytes per second or none, got "
+                               f"{rate!r}", code="invalid")
+        self._rate = rate
+        self._next = min(self._next, self._clock())     # a new rate applies from now, owing nothing
+
+    def delay_for(self, nbytes: int) -> float:
+        """Account for sending `nbytes` now; return how long to wait before sending them."""
+        now = self._clock()
+        if self._rate is None:
+            self._next = now
+            return 0.0
+        start = max(self._next, now)
+        self._next = start + nbytes / self._rate
+        return start - now
+
+    async def pace(self, nbytes: int) -> None:
+        delay = self.delay_for(nbytes)
+        if delay > 0:
+            await asyncio.sleep(delay)
+
+
+@dataclass
+class _Transfer:
+    spool: Path
+    tokens: set[str] = field(default_factory=set)
+    complete: asyncio.Event = field(default_factory=asyncio.Event)
+    # One connection at a time appends to the spool: a resumed sender waits until the cut one is done.
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+
+
+class Inbox:
+    """The receiving endpoint: a TCP listener that spools each transfer to a private file."""
+
+    def __init__(self, spool_dir: Path, host: str = "127.0.0.1", ssl_context: ssl.SSLContext | None = None):
+        self.spool_dir = Path(spool_dir)
+        self.spool_dir.mkdir(parents=True, exist_ok=True)
+        self.host = host
+        self.port = 0
+        self._ssl = ssl_context
+        self._server: asyncio.base_events.Server | None = None
+        self._transfers: dict[str, _Transfer] = {}
+
+    async def start(self) -> None:
+        self._server = await asyncio.start_server(self._serve, self.host, 0, ssl=self._ssl)
+        self.port = self._server.sockets[0].getsockname()[1]
+
+    async def stop(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+
+    def offer(self, transfer: str) -> str:
+        """A one-time token admitting one connection for `transfer` (new, or resumed from its spool)."""
+        validate_name(transfer, "transfer id")
+        entry = self._transfers.setdefault(transfer, _Transfer(self.spool_dir / f"{transfer}.part"))
+        token = secrets.token_urlsafe(24)
+        entry.tokens.add(token)
+        return token
+
+    def held(self, transfer: str) -> int:
+        spool = self.spool_dir / f"{transfer}.part"
+        return spool.stat().st_size if spool.exists() else 0
+
+    async def completed(self, transfer: str) -> Path:
+        """Wait until the whole stream of `transfer` is spooled; return the spool file."""
+        entry = self._transfers[transfer]
+        await entry.complete.wait()
+        return entry.spool
+
+    def discard(self, transfer: str) -> None:
+        entry = self._transfers.pop(transfer, None)
+        if entry is not None:
+            entry.spool.unlink(missing_ok=True)
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            await self._receive(reader, writer)
+        except (StorageError, ConnectionError, OSError) as exc:
+            try:
+                writer.write(encode_frame({"t": "error", "text": str(exc)}))
+                await writer.drain()
+            except (ConnectionError, OSError):
+                pass
+        finally:
+            writer.close()
+
+    async def _receive(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        hello = await _read_frame(reader)
+        entry = self._transfers.get(str(hello.get("transfer")))
+        if hello.get("t") != "hello" or entry is None or hello.get("token") not in entry.tokens:
+            raise StorageError("transfer refused: unknown transfer or a token that is wrong or already "
+                               "used; ask the target for a new one", code="invalid")
+        entry.tokens.discard(hello["token"])                         # one connection per token
+        async with entry.lock:
+            await self._spool(entry, reader, writer)
+
+    async def _spool(self, entry: _Transfer, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if entry.complete.is_set():
+            writer.write(encode_frame({"t": "ok", "bytes": entry.spool.stat().st_size}))
+            await writer.drain()
+            return
+        held, digest = await asyncio.to_thread(_hash_file, entry.spool)
+        writer.write(encode_frame({"t": "have", "bytes": held, "blake3": digest.digest()}))
+        await writer.drain()
+        with open(entry.spool, "ab") as out:
+            while True:
+                frame = await _read_frame(reader)
+                if frame["t"] == "restart":       # the sender's stream does not extend what we hold
+                    out.truncate(0)
+                    out.seek(0)
+                    digest, held = blake3.blake3(), 0
+                elif frame["t"] == "data":
+                    if frame.get("off") != held:
+                        raise StorageError(f"transfer data at offset {frame.get('off')} but {held} bytes are "
+                                           f"held; resume the transfer", code="corrupt")
+                    out.write(frame["d"])
+                    digest.update(frame["d"])
+                    held += len(frame["d"])
+                elif frame["t"] == "done":
+                    out.flush()
+                    os.fsync(out.fileno())
+                    if frame.get("bytes") != held or frame.get("blake3") != digest.digest():
+                        out.truncate(0)
+                        raise StorageError("transfer checksum mismatch over the whole stream; the spool was "
+                                           "dropped, send it again", code="corrupt")
+                    break
+                else:
+                    raise StorageError(f"transfer peer sent an unknown frame {frame['t']!r}", code="unsupported")
+        entry.complete.set()
+        writer.write(encode_frame({"t": "ok", "bytes": held}))
+        await writer.drain()
+
+
+def _hash_file(path: Path) -> tuple[int, Any]:
+    digest = blake3.blake3()
+    size = 0
+    if path.exists():
+        with open(path, "rb") as f:
+            while block := f.read(_HASH_READ):
+                digest.update(block)
+                size += len(block)
+    return size, digest
+
+
+@dataclass(frozen=True)
+class SendResult:
+    total_bytes: int        # length of the whole stream
+    sent_bytes: int         # bytes this connection carried (the rest the inbox already held)
+    resumed_from: int
+
+
+async def send(host: str, port: int, transfer: str, token: str, stream: Callable[[], Iterable[bytes]], *,
+               throttle: Throttle | None = None, ssl_context: ssl.SSLContext | None = None,
+               on_bytes: Callable[[int], Awaitable[None] | None] | None = None) -> SendResult:
+    """Send the stream `stream()` yields (a driver's send; called anew on each attempt) to an inbox,
+    skipping what it already holds. Raises StorageError or OSError when the connection fails: ask the
+    inbox for a new token and call again to resume."""
+    throttle = throttle or Throttle()
+    reader, writer = await asyncio.open_connection(host, port, ssl=ssl_context)
+    try:
+        writer.write(encode_frame({"t": "hello", "transfer": transfer, "token": token}))
+        await writer.drain()
+        have = await _read_frame(reader)
+        if have["t"] == "ok":
+            return SendResult(have["bytes"], 0, have["bytes"])
+        if have["t"] != "have":
+            raise StorageError(f"inbox refused the transfer: {have.get('text', have['t'])}", code="failed")
+        pieces = _Pieces(stream())
+        held = int(have["bytes"])
+        prefix = await asyncio.to_thread(pieces.skip, held)
+        resumed = held
+        if prefix.digest() != have["blake3"]:
+            # The stream differs from what the inbox holds (a regenerated btrfs send, say): start over.
+            writer.write(encode_frame({"t": "restart"}))
+            pieces = _Pieces(stream())
+            resumed = 0
+        offset, sent = resumed, 0
+        while (data := await asyncio.to_thread(pieces.next, _DATA_BYTES)):
+            await throttle.pace(len(data))
+            writer.write(encode_frame({"t": "data", "off": offset, "d": data}))
+            await writer.drain()
+            offset += len(data)
+            sent += len(data)
+            if on_bytes is not None:
+                maybe = on_bytes(len(data))
+                if maybe is not None:
+                    await maybe
+        writer.write(encode_frame({"t": "done", "bytes": offset, "blake3": pieces.digest.digest()}))
+        await writer.drain()
+        answer = await _read_frame(reader)
+        if answer["t"] != "ok":
+            raise StorageError(f"inbox did not accept the stream: {answer.get('text', answer['t'])}",
+                               code="failed")
+        return SendResult(offset, sent, resumed)
+    finally:
+        writer.close()
+
+
+class _Pieces:
+    """A byte stream re-cut into pieces of a chosen size, hashing everything it hands out or skips."""
+
+    def __init__(self, source: Iterable[bytes]) -> None:
+        self._source: Iterator[bytes] = iter(source)
+        self._buf = b""
+        self.digest = blake3.blake3()
+
+    def next(self, size: int) -> bytes:
+        while len(self._buf) < size:
+            piece = next(self._source, None)
+            if piece is None:
+                break
+            self._buf += piece
+        out, self._buf = self._buf[:size], self._buf[size:]
+        self.digest.update(out)
+        return out
+
+    def skip(self, nbytes: int) -> Any:
+        """Consume the first `nbytes` (fewer if the stream is shorter); return the digest so far."""
+        left = nbytes
+        while left > 0:
+            got = self.next(min(left, _HASH_READ))
+            if not got:
+                break
+            left -= len(got)
+        return self.digest.copy()
