@@ -68,14 +68,22 @@ class Policy:
     sites: frozenset[str]
     examples: tuple[Example, ...]
     digest: str  # sha256 of the source text
-    _by_role: dict[str, tuple[Rule, ...]] = field(default_factory=dict, repr=False)
+    # The index that keeps a cold decision cheap at 10,000 rules: a request only looks at rules of
+    # the caller's roles that name its op exactly, plus that role's wildcard rules.
+    _exact: dict[tuple[str, str], list[Rule]] = field(default_factory=dict, repr=False)
+    _wild: dict[tuple[str, str], list[Rule]] = field(default_factory=dict, repr=False)  # (role, first word)
+    _roles_sorted: dict[str, tuple[str, ...]] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
-        by_role: dict[str, list[Rule]] = {}
         for rule in self.rules:
-            by_role.setdefault(rule.role, []).append(rule)
-        # Denies first, so the first matching rule of a resource is the deny that overrides.
-        self._by_role = {r: tuple(sorted(rs, key=lambda x: x.effect != DENY)) for r, rs in by_role.items()}
+            if any("*" in words or "**" in words for words in rule.ops):
+                firsts = {words[0] if words[0] not in ("*", "**") else "*" for words in rule.ops}
+                for first in firsts:
+                    self._wild.setdefault((rule.role, first), []).append(rule)
+            else:
+                for words in rule.ops:
+                    self._exact.setdefault((rule.role, ".".join(words)), []).append(rule)
+        self._roles_sorted = {jid: tuple(sorted(roles)) for jid, roles in self.members.items()}
 
     def roles_of(self, caller: str) -> frozenset[str]:
         return self.members.get(caller, frozenset())
@@ -89,10 +97,15 @@ class Policy:
                 check_path(path)
             except BadPath as exc:
                 return Verdict(False, f"{exc} (deny)")
-        roles = self.roles_of(caller)
+        roles = self._roles_sorted.get(caller)
         if not roles:
             return Verdict(False, f"{caller} holds no role in the policy (default deny)")
-        rules = [r for role in sorted(roles) for r in self._by_role.get(role, ())]
+        rules: list[Rule] = []
+        first = op.partition(".")[0]
+        for role in roles:
+            rules += self._exact.get((role, op), ())
+            rules += self._wild.get((role, first), ())
+            rules += self._wild.get((role, "*"), ())
         denies = [r for r in rules if r.effect == DENY]
         grants = [r for r in rules if r.effect == ALLOW]
         granted_by: Rule | None = None
