@@ -172,6 +172,8 @@ class Bench:
             verify.append(time.perf_counter() - start)
         through = self.series(fv, pcmk, 0)
         startup = [timed(fv, "action=metadata\n")[0] for _ in range(self.runs)]
+        imports = [timed([sys.executable, "-c", "import agents.fencing.fence_vertebra, agents.config,"
+                          " agents.session"], "")[0] for _ in range(self.runs)]
         mesh_samples, one, ten, one_runs, ten_runs = asyncio.run(self.in_process())
 
         added = p50(through) - p50(direct)
@@ -180,7 +182,8 @@ class Bench:
                 ("fence_dummy off + status, direct", verify),
                 ("fence_vertebra off -> mesh -> agent", through),
                 ("mesh_call fence.off from a live process", mesh_samples),
-                ("fence_vertebra start alone (metadata)", startup)]
+                ("fence_vertebra start alone (metadata)", startup),
+                ("python + the mesh runtime's imports", imports)]
         for label, samples in rows:
             print(f"  {label:<42} {p50(samples):7.1f}  {p95(samples):7.1f}")
         print(f"  added latency at p50: {added:.1f} ms (target <= {TARGET_ADDED_MS:.0f} ms);"

@@ -1,0 +1,704 @@
+#!/usr/bin/env python3
+"""Vertebra's overhead against bare slixmpp, on one private Prosody, in one run.
+
+Measured, each time against a bare slixmpp baseline on the same server:
+
+1. sequential round trips: a tiny custom IQ-get answered by a plain slixmpp Callback, vs a
+   Vertebra op (Client.request to an Agent's one-argument op: validation, msgpack, the
+   authorization hook and dedup all run) — p50, p95, ratio of p50s (target <= 1.3x);
+2. throughput with 100 requests in flight (target >= 0.7x bare);
+3. scatter/gather to N agents hosted by worker processes (many agents per event loop): a bare IQ
+   fan-out (each agent also answers the bare IQ) vs ``Client.call(op, args, to=[...])`` (target
+   <= 1.5x bare), plus, for information, the same call with discovery through a Broker.
+
+Usage::
+
+    python bench/roundtrip.py              # N = 100 and 1,000
+    python bench/roundtrip.py --quick      # smoke run: N = 100, fewer iterations
+    python bench/roundtrip.py --agents 100,500
+
+The server, every worker and the temporary home are removed at the end, also on Ctrl-C or error;
+every wait has a timeout. The exit status is 0 when every target is met, 1 otherwise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import logging
+import math
+import os
+import resource
+import shutil
+import signal
+import socket
+import ssl
+import statistics
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+from typing import Annotated, Any, Callable
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+import slixmpp  # noqa: E402
+from slixmpp import Iq  # noqa: E402
+from slixmpp.xmlstream import ElementBase, register_stanza_plugin  # noqa: E402
+from slixmpp.xmlstream.handler import Callback  # noqa: E402
+from slixmpp.xmlstream.matcher import StanzaPath  # noqa: E402
+from slixmpp.xmlstream.matcher.base import MatcherBase  # noqa: E402
+
+from agents.actor import Endpoint  # noqa: E402  (also swaps in the C PBKDF2 for SCRAM logins)
+from agents.agent import Agent, Call  # noqa: E402
+from agents.authz import AdminsOnly  # noqa: E402
+from agents.errors import Outcome  # noqa: E402
+from agents.ops import Arg, op  # noqa: E402
+
+DOMAIN = "vertebra.test"
+BENCH_NS = "urn:vertebra:bench:0"
+OP = "bench.echo"
+PASSWORD_PREFIX = "bench-pw-"
+
+log = logging.getLogger("bench")
+
+
+# -- what runs on both sides -----------------------------------------------------------------------
+
+
+class BenchPing(ElementBase):
+    """``<ping xmlns="urn:vertebra:bench:0" n="..."/>``: the bare IQ's payload, echoed in the result."""
+
+    name = "ping"
+    namespace = BENCH_NS
+    plugin_attrib = "bench_ping"
+    interfaces = {"n"}
+
+
+register_stanza_plugin(Iq, BenchPing)
+
+
+class BenchAgent(Agent):
+    """One trivial op with one argument, so every stage of the runtime's path runs."""
+
+    kind = "bench"
+
+    @op(OP, deadline=10)
+    async def echo(self, call: Call, n: Annotated[int, Arg("a number to send back")]) -> int:
+        """Send the number back."""
+        return n
+
+
+def answer_bare_pings(xmpp: slixmpp.BaseXMPP) -> None:
+    """Answer the bench IQ with a plain slixmpp Callback: the reply echoes the child element."""
+
+    def on_ping(iq: Iq) -> None:
+        iq.reply(clear=False).send()
+
+    xmpp.register_handler(Callback("bench ping", StanzaPath("iq@type=get/bench_ping"), on_ping))
+
+
+def plain_client(jid: str, password: str, ctx: ssl.SSLContext) -> slixmpp.ClientXMPP:
+    """A stock slixmpp client, configured only as needed to log in to the private server."""
+    xmpp = slixmpp.ClientXMPP(jid, password, ssl_context=ctx)
+    xmpp.enable_direct_tls = False
+    xmpp.enable_starttls = True
+    xmpp.enable_plaintext = False
+    return xmpp
+
+
+async def start_plain(xmpp: slixmpp.ClientXMPP, host: str, port: int, timeout: float = 20.0) -> None:
+    started = asyncio.Event()
+    xmpp.add_event_handler("session_start", lambda _e: started.set())
+    xmpp.connect(host, port)
+    try:
+        await asyncio.wait_for(started.wait(), timeout)
+    except asyncio.TimeoutError:
+        xmpp.abort()
+        raise RuntimeError(f"{xmpp.boundjid}: no session within {timeout:g}s") from None
+
+
+async def stop_plain(xmpp: slixmpp.ClientXMPP) -> None:
+    with contextlib.suppress(Exception):
+        xmpp.cancel_connection_attempt()
+        if xmpp.transport is not None:
+            await asyncio.wait_for(xmpp.disconnect(wait=1.0), 3.0)
+    with contextlib.suppress(Exception):
+        if xmpp.transport is not None:
+            xmpp.abort()
+
+
+class KeyedReplies(MatcherBase):
+    """One handler for every pending bare IQ, keyed by id (what Iq.send() does with one handler each)."""
+
+    def __init__(self, xmpp: slixmpp.BaseXMPP) -> None:
+        super().__init__(None)
+        self.xmpp = xmpp
+        self.pending: dict[str, asyncio.Future] = {}
+        xmpp.register_handler(Callback("bench keyed replies", self, self.resolve))
+
+    def match(self, stanza: Any) -> bool:
+        xml = stanza.xml
+        return xml.get("type") in ("result", "error") and xml.get("id") in self.pending
+
+    def resolve(self, iq: Iq) -> None:
+        fut = self.pending.pop(iq["id"], None)
+        if fut is not None and not fut.done():
+            fut.set_result(iq)
+
+    async def send(self, iq: Iq, timeout: float) -> Iq:
+        fut = asyncio.get_running_loop().create_future()
+        self.pending[iq["id"]] = fut
+        try:
+            self.xmpp.send(iq)
+            return await asyncio.wait_for(fut, timeout)
+        finally:
+            self.pending.pop(iq["id"], None)
+
+
+def rss_kib(pid: int | str = "self") -> int:
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
+def raise_nofile() -> None:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
+# -- worker processes: many actors on one event loop -------------------------------------------------
+
+
+def die_with_parent() -> None:
+    """Linux: get SIGTERM if the coordinator dies without cleaning up."""
+    with contextlib.suppress(Exception):
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+        if os.getppid() == 1:
+            os._exit(1)
+
+
+async def worker_main() -> None:
+    die_with_parent()
+    raise_nofile()
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    reader = asyncio.StreamReader(limit=16 * 1024 * 1024)
+    await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
+
+    def emit(**event: Any) -> None:
+        sys.stdout.write(json.dumps(event) + "\n")
+        sys.stdout.flush()
+
+    cfg = json.loads(await asyncio.wait_for(reader.readline(), 30))
+    ctx = ssl.create_default_context(cafile=cfg["cert"])  # one context for every actor here
+    endpoint = Endpoint(cfg["host"], cfg["port"], cfg["domain"], ctx)
+    authorizer = AdminsOnly(cfg["admins"])
+    base_rss = rss_kib()
+    actors: list[Any] = []
+    plains: list[slixmpp.ClientXMPP] = []
+    gate = asyncio.Semaphore(cfg["concurrency"])
+
+    async def start_agent(user: str) -> None:
+        agent = BenchAgent(f"{user}@{cfg['domain']}", PASSWORD_PREFIX + user, endpoint,
+                           broker=cfg["broker"], authorizer=authorizer)
+        answer_bare_pings(agent.xmpp)
+        async with gate:
+            await agent.start(timeout=60)
+        actors.append(agent)
+
+    async def start_bare(user: str) -> None:
+        xmpp = plain_client(f"{user}@{cfg['domain']}/bare", PASSWORD_PREFIX + user, ctx)
+        answer_bare_pings(xmpp)
+        async with gate:
+            await start_plain(xmpp, cfg["host"], cfg["port"], timeout=60)
+        plains.append(xmpp)
+
+    async def shutdown() -> None:
+        async def one(a: Any) -> None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(a.stop(), 3)
+        await asyncio.wait_for(asyncio.gather(*(one(a) for a in actors), *(stop_plain(x) for x in plains),
+                                              return_exceptions=True), 15)
+
+    try:
+        t0 = time.monotonic()
+        starting = asyncio.gather(*(start_agent(u) for u in cfg["agents"]),
+                                  *(start_bare(u) for u in cfg.get("bare", [])))
+        waiter = loop.create_task(stop.wait())
+        done, _ = await asyncio.wait({starting, waiter}, timeout=cfg["start_timeout"],
+                                     return_when=asyncio.FIRST_COMPLETED)
+        if starting not in done:
+            starting.cancel()
+            with contextlib.suppress(BaseException):
+                await starting
+            emit(event="error", error=f"agents not all online within {cfg['start_timeout']}s"
+                                      f" ({len(actors)}/{len(cfg['agents'])})")
+            return
+        waiter.cancel()
+        starting.result()  # raise a ConnectError, if any
+        emit(event="ready", jids=[str(a.jid) for a in actors], bare=[str(x.boundjid) for x in plains],
+             seconds=time.monotonic() - t0, rss_kib=rss_kib(), base_rss_kib=base_rss, pid=os.getpid())
+
+        # Wait for "stop", stdin closing (the coordinator went) or a signal.
+        async def read_until_stop() -> None:
+            while True:
+                line = await reader.readline()
+                if not line or line.strip() == b"stop":
+                    return
+                if line.strip() == b"rss":
+                    emit(event="rss", rss_kib=rss_kib())
+        reading = loop.create_task(read_until_stop())
+        waiter = loop.create_task(stop.wait())
+        await asyncio.wait({reading, waiter}, return_when=asyncio.FIRST_COMPLETED)
+        reading.cancel()
+        waiter.cancel()
+    except Exception as exc:
+        emit(event="error", error=f"{exc.__class__.__name__}: {exc}")
+    finally:
+        with contextlib.suppress(BaseException):
+            await shutdown()
+        emit(event="stopped")
+
+
+# -- the coordinator's side of the workers ------------------------------------------------------------
+
+
+class Worker:
+    def __init__(self, name: str, cfg: dict[str, Any], log_dir: Path) -> None:
+        self.name = name
+        self.cfg = cfg
+        self.log_path = log_dir / f"{name}.log"
+        self.proc: asyncio.subprocess.Process | None = None
+        self.ready: dict[str, Any] = {}
+
+    async def spawn(self) -> None:
+        with open(self.log_path, "wb") as err:
+            self.proc = await asyncio.create_subprocess_exec(
+                sys.executable, str(Path(__file__).resolve()), "--worker",
+                stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=err,
+                start_new_session=True,  # a Ctrl-C reaches only the coordinator, which stops us in order
+                limit=16 * 1024 * 1024)
+        self.proc.stdin.write((json.dumps(self.cfg) + "\n").encode())
+        await self.proc.stdin.drain()
+
+    async def wait_ready(self, timeout: float) -> dict[str, Any]:
+        assert self.proc is not None
+        line = await asyncio.wait_for(self.proc.stdout.readline(), timeout)
+        if not line:
+            raise RuntimeError(f"worker {self.name} exited early: {self.tail()}")
+        event = json.loads(line)
+        if event.get("event") != "ready":
+            raise RuntimeError(f"worker {self.name}: {event.get('error')} {self.tail()}")
+        self.ready = event
+        return event
+
+    async def rss(self) -> int:
+        if self.proc is None or self.proc.returncode is not None:
+            return 0
+        return rss_kib(self.proc.pid)
+
+    def tail(self, lines: int = 8) -> str:
+        with contextlib.suppress(OSError):
+            text = self.log_path.read_text(errors="replace").strip().splitlines()[-lines:]
+            return ("\n  " + "\n  ".join(text)) if text else ""
+        return ""
+
+    async def stop(self, timeout: float = 20.0) -> None:
+        proc = self.proc
+        if proc is None or proc.returncode is not None:
+            return
+        with contextlib.suppress(Exception):
+            proc.stdin.write(b"stop\n")
+            await proc.stdin.drain()
+            proc.stdin.close()
+        try:
+            await asyncio.wait_for(proc.wait(), timeout)
+            return
+        except (asyncio.TimeoutError, Exception):
+            pass
+        self.kill()
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(proc.wait(), 5)
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.proc.pid, signal.SIGKILL)
+
+
+# -- measuring ------------------------------------------------------------------------------------------
+
+
+class CallFailed(RuntimeError):
+    pass
+
+
+def percentile(samples: list[float], p: float) -> float:
+    s = sorted(samples)
+    if not s:
+        return math.nan
+    k = (len(s) - 1) * p
+    lo, hi = math.floor(k), math.ceil(k)
+    return s[lo] + (s[hi] - s[lo]) * (k - lo)
+
+
+class Bench:
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self.rows: list[tuple[str, str, str, str, str, str]] = []
+        self.notes: list[str] = []
+        self.bare: slixmpp.ClientXMPP | None = None
+        self.keyed: KeyedReplies | None = None
+        self.client: Any = None
+        self.broker: Any = None
+        self.workers: list[Worker] = []
+        self.server: Any = None
+        self.home: Path | None = None
+
+    def row(self, name: str, bare: str, vert: str, ratio: float | None, target: str,
+            ok: bool | None) -> None:
+        verdict = "" if ok is None else ("PASS" if ok else "FAIL")
+        self.rows.append((name, bare, vert, "" if ratio is None else f"{ratio:.2f}x", target, verdict))
+        print(f"  {name}: bare {bare}  vertebra {vert}  ratio {'' if ratio is None else f'{ratio:.2f}x'}"
+              f"  {verdict}", flush=True)
+
+    # The bare side: slixmpp's normal Iq.send().
+    async def bare_rt(self, to: str, n: int) -> None:
+        iq = self.bare.make_iq_get(ito=to)
+        iq["bench_ping"]["n"] = str(n)
+        reply = await iq.send(timeout=10)
+        if reply["bench_ping"]["n"] != str(n):
+            raise RuntimeError(f"bare reply from {to} did not echo {n}")
+
+    async def bare_keyed_rt(self, to: str, n: int) -> None:
+        iq = self.bare.make_iq_get(ito=to)
+        iq["bench_ping"]["n"] = str(n)
+        reply = await self.keyed.send(iq, 10)
+        if reply["bench_ping"]["n"] != str(n):
+            raise RuntimeError(f"bare reply from {to} did not echo {n}")
+
+    async def vert_rt(self, to: str, n: int) -> None:
+        res = await self.client.request(to, OP, {"n": n}, timeout=10)
+        if res.outcome is not Outcome.OK or res.result != n:
+            raise RuntimeError(f"vertebra request to {to}: {res.outcome.value} {res.error}")
+
+    async def sequential(self, bare_to: str, vert_to: str) -> None:
+        count, rounds = (300, 3) if self.args.quick else (1000, 5)
+        for i in range(50):  # warm-up
+            await self.bare_rt(bare_to, i)
+            await self.vert_rt(vert_to, i)
+        bare_s: list[float] = []
+        vert_s: list[float] = []
+        clock = time.perf_counter
+        for _ in range(rounds):  # interleaved, so drift hits both sides alike
+            for samples, rt, to in ((bare_s, self.bare_rt, bare_to), (vert_s, self.vert_rt, vert_to)):
+                for i in range(count):
+                    t = clock()
+                    await rt(to, i)
+                    samples.append(clock() - t)
+        b50, b95 = percentile(bare_s, .5) * 1e3, percentile(bare_s, .95) * 1e3
+        v50, v95 = percentile(vert_s, .5) * 1e3, percentile(vert_s, .95) * 1e3
+        self.row("sequential round trip p50", f"{b50:.2f} ms", f"{v50:.2f} ms", v50 / b50, "<= 1.30x",
+                 v50 / b50 <= 1.3)
+        self.row("sequential round trip p95", f"{b95:.2f} ms", f"{v95:.2f} ms", v95 / b95, "(info)", None)
+
+    async def throughput(self, bare_to: str, vert_to: str, in_flight: int = 100) -> None:
+        total, rounds = (2000, 3) if self.args.quick else (5000, 5)
+
+        async def run(rt: Callable[[str, int], Any], to: str, n: int) -> float:
+            counter = iter(range(n))
+
+            async def lane() -> None:
+                for i in counter:
+                    await rt(to, i)
+            t = time.perf_counter()
+            await asyncio.wait_for(asyncio.gather(*(lane() for _ in range(in_flight))), 120)
+            return n / (time.perf_counter() - t)
+
+        await run(self.bare_rt, bare_to, 500)
+        await run(self.vert_rt, vert_to, 500)
+        bare_r, vert_r = [], []
+        for _ in range(rounds):
+            bare_r.append(await run(self.bare_rt, bare_to, total))
+            vert_r.append(await run(self.vert_rt, vert_to, total))
+        b, v = statistics.median(bare_r), statistics.median(vert_r)
+        self.row(f"throughput, {in_flight} in flight", f"{b:,.0f}/s", f"{v:,.0f}/s", v / b, ">= 0.70x",
+                 v / b >= 0.7)
+
+    async def fan_out(self, jids: list[str], reps: int) -> None:
+        n = len(jids)
+
+        async def bare(rt: Callable[[str, int], Any] = self.bare_rt) -> float:
+            t = time.perf_counter()
+            await asyncio.wait_for(asyncio.gather(*(rt(j, 1) for j in jids)), 120)
+            return time.perf_counter() - t
+
+        async def vert(to: list[str] | None) -> float:
+            t = time.perf_counter()
+            report = await self.client.call(OP, {"n": 1}, to=to or (), timeout=60)
+            elapsed = time.perf_counter() - t
+            counts = report.counts()
+            if counts != {"ok": n} or len(report.results) != n:
+                errors = sorted({r.error or "" for r in report.results if r.error})[:2]
+                raise CallFailed(f"call to {n} agents{' with discovery' if not to else ''}: {counts}"
+                                 f" {'; '.join(e[:300] for e in errors)}")
+            return elapsed
+
+        async def discovered() -> float | None:
+            try:
+                return await vert(None)
+            except CallFailed as exc:
+                if f"FAILED: {exc}" not in self.notes:
+                    self.notes.append(f"FAILED: {exc}")
+                return None
+
+        await bare()  # warm-up: first contact with each agent
+        await vert(jids)
+        await discovered()
+        await bare(self.bare_keyed_rt)
+        bare_t, keyed_t, vert_t, disc_t = [], [], [], []
+        for _ in range(reps):
+            bare_t.append(await bare())
+            keyed_t.append(await bare(self.bare_keyed_rt))
+            vert_t.append(await vert(jids))
+            disc_t.append(await discovered())
+        b, k, v = (statistics.median(x) * 1e3 for x in (bare_t, keyed_t, vert_t))
+        ok_disc = [x for x in disc_t if x is not None]
+        d = statistics.median(ok_disc) * 1e3 if ok_disc else math.nan
+        self.row(f"scatter/gather to {n:,} agents", f"{b:,.0f} ms", f"{v:,.0f} ms", v / b, "<= 1.50x",
+                 v / b <= 1.5)
+        self.row("  vs bare with an id-keyed correlator", f"{k:,.0f} ms", f"{v:,.0f} ms", v / k, "(info)", None)
+        self.row("  vertebra with broker discovery", f"{b:,.0f} ms",
+                 f"{d:,.0f} ms" if ok_disc else "failed", d / b if ok_disc else None, "(info)", None)
+
+    # -- set-up and tear-down ------------------------------------------------------------------
+
+    async def spawn_workers(self, users: list[str], nworkers: int, bare: list[str] | None = None,
+                            ) -> list[Worker]:
+        chunks = [users[i::nworkers] for i in range(nworkers)]
+        start_timeout = 60 + 0.25 * max(len(c) for c in chunks)
+        made = []
+        for i, chunk in enumerate(chunks):
+            w = Worker(f"worker{len(self.workers)}", {
+                "host": self.server.host, "port": self.server.port, "domain": DOMAIN,
+                "cert": str(self.server.cert_path), "admins": [self.client_jid], "broker": self.broker_jid,
+                "agents": chunk, "bare": bare if i == 0 and bare else [],
+                "concurrency": self.args.login_concurrency, "start_timeout": start_timeout,
+            }, self.home)
+            self.workers.append(w)
+            made.append(w)
+            await w.spawn()
+        await asyncio.gather(*(w.wait_ready(start_timeout + 15) for w in made))
+        return made
+
+    async def wait_directory(self, n: int, timeout: float) -> None:
+        end = time.monotonic() + timeout
+        while len(self.broker.directory) < n:
+            if time.monotonic() > end:
+                raise RuntimeError(f"broker lists {len(self.broker.directory)} of {n} agents after {timeout:g}s")
+            await asyncio.sleep(0.1)
+
+    async def run(self) -> None:
+        from agents.client import Client
+        from agents.kinds import agent_class
+        from agents.server import PrivateServer
+
+        args = self.args
+        sizes = sorted({int(x) for x in args.agents.split(",") if x.strip()})
+        if args.quick:
+            sizes = [min(sizes)] if args.agents_given else [100]
+        self.home = Path(tempfile.mkdtemp(prefix="vertebra-bench-"))
+        port = free_port()
+        self.server = PrivateServer(self.home, domain=DOMAIN, port=port)
+        print(f"private Prosody on 127.0.0.1:{port}, home {self.home}", flush=True)
+        self.server.start()
+
+        users = {u: PASSWORD_PREFIX + u for u in ["bench", "broker", "echo", "plain"]}
+        agent_users = [f"a{i:05d}" for i in range(max(sizes))]
+        users.update({u: PASSWORD_PREFIX + u for u in agent_users})
+        t = time.monotonic()
+        self.server.register_many(users)
+        print(f"registered {len(users):,} accounts in {time.monotonic() - t:.1f}s", flush=True)
+
+        self.client_jid = f"bench@{DOMAIN}"
+        self.broker_jid = f"broker@{DOMAIN}"
+        ctx = self.server.ssl_context()
+        endpoint = Endpoint(self.server.host, self.server.port, DOMAIN, ctx)
+        self.broker = agent_class("broker")(self.broker_jid, PASSWORD_PREFIX + "broker", endpoint,
+                                            authorizer=AdminsOnly([self.client_jid]))
+        await self.broker.start(timeout=20)
+        self.client = Client(self.client_jid, PASSWORD_PREFIX + "bench", endpoint,
+                             broker=f"{self.broker_jid}/{self.broker.resource}")
+        await self.client.start(timeout=20)
+        self.bare = plain_client(f"{self.client_jid}/bare-{uuid.uuid4().hex[:6]}", PASSWORD_PREFIX + "bench", ctx)
+        await start_plain(self.bare, self.server.host, self.server.port)
+        self.keyed = KeyedReplies(self.bare)
+
+        # 1 and 2: one responder of each kind, alone in a worker process of their own.
+        print("\n[1,2] one caller, one responder", flush=True)
+        (pair,) = await self.spawn_workers(["echo"], 1, bare=["plain"])
+        bare_to, vert_to = pair.ready["bare"][0], pair.ready["jids"][0]
+        await self.sequential(bare_to, vert_to)
+        await self.throughput(bare_to, vert_to)
+        # Where the difference comes from: the same bare IQ, but between the Vertebra connections.
+        same: list[float] = []
+        saved, self.bare = self.bare, self.client.xmpp
+        try:
+            for i in range(300 if args.quick else 1000):
+                t0 = time.perf_counter()
+                await self.bare_rt(vert_to, i)
+                same.append(time.perf_counter() - t0)
+        finally:
+            self.bare = saved
+        self.notes.append(f"bare IQ between the Vertebra client's and agent's own connections"
+                          f" (XEP-0198, caps, ping plugins loaded): p50 {percentile(same, .5) * 1e3:.2f} ms")
+        await pair.stop()
+        self.workers.remove(pair)
+
+        # 3: scatter/gather, growing the agent population size by size.
+        online: list[str] = []
+        agent_workers: list[Worker] = []
+        reps = 3 if args.quick else 5
+        for n in sizes:
+            add = agent_users[len(online):n]
+            if add:
+                nworkers = max(args.workers, math.ceil(len(add) / args.per_worker))
+                print(f"\n[3] starting {len(add):,} more agents in {nworkers} worker processes", flush=True)
+                t = time.monotonic()
+                made = await self.spawn_workers(add, nworkers)
+                agent_workers += made
+                for w in made:
+                    online += w.ready["jids"]
+                print(f"  {len(online):,} agents online after {time.monotonic() - t:.1f}s", flush=True)
+                await self.wait_directory(len(online), 60 + len(add) * 0.05)
+                print(f"  broker lists {len(self.broker.directory):,} agents", flush=True)
+            await self.fan_out(online[:n], reps)
+            worker_rss = [await w.rss() for w in agent_workers]
+            base = [w.ready.get("base_rss_kib", 0) for w in agent_workers]
+            per_agent = (sum(worker_rss) - sum(base)) / max(1, len(online))
+            prosody_rss = rss_kib(self.server.status()["pid"] or 0)
+            self.notes.append(
+                f"{len(online):,} agents in {len(agent_workers)} processes: RSS {sum(worker_rss) / 1024:,.0f} MiB"
+                f" in all ({statistics.mean(worker_rss) / 1024:,.0f} MiB per process),"
+                f" ~{per_agent:,.0f} KiB per agent above an idle interpreter;"
+                f" Prosody {prosody_rss / 1024:,.0f} MiB")
+
+    async def close(self) -> None:
+        async def quietly(aw: Any, timeout: float) -> None:
+            with contextlib.suppress(BaseException):
+                await asyncio.wait_for(aw, timeout)
+        await asyncio.gather(*(quietly(w.stop(), 25) for w in self.workers), return_exceptions=True)
+        for w in self.workers:
+            w.kill()
+        if self.client is not None:
+            await quietly(self.client.stop(), 5)
+        if self.broker is not None:
+            await quietly(self.broker.stop(), 5)
+        if self.bare is not None:
+            await quietly(stop_plain(self.bare), 5)
+
+    def cleanup_sync(self) -> None:
+        for w in self.workers:
+            w.kill()
+        if self.server is not None:
+            try:
+                self.server.stop(timeout=10)
+            except Exception as exc:
+                print(f"warning: stopping the private server: {exc}", file=sys.stderr)
+        if self.home is not None and not self.args.keep:
+            shutil.rmtree(self.home, ignore_errors=True)
+
+    def table(self) -> bool:
+        head = ("measurement", "bare", "vertebra", "ratio", "target", "")
+        rows = [head] + self.rows
+        widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
+        print()
+        for k, r in enumerate(rows):
+            print("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))))
+            if k == 0:
+                print("  ".join("-" * w for w in widths))
+        for note in self.notes:
+            print(f"- {note}")
+        return all(r[5] != "FAIL" for r in self.rows)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+async def coordinator(bench: Bench) -> None:
+    loop = asyncio.get_running_loop()
+    task = asyncio.current_task()
+    loop.add_signal_handler(signal.SIGTERM, task.cancel)
+    try:
+        await asyncio.wait_for(bench.run(), bench.args.time_limit)
+    finally:
+        await asyncio.shield(bench.close())
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="smoke run: N=100 only, fewer iterations")
+    parser.add_argument("--agents", default=None, help="comma-separated fan-out sizes (default 100,1000)")
+    parser.add_argument("--workers", type=int, default=max(2, os.cpu_count() or 2),
+                        help="at least this many worker processes per batch of agents")
+    parser.add_argument("--per-worker", type=int, default=250, help="at most this many agents per worker")
+    parser.add_argument("--login-concurrency", type=int, default=8, help="logins in flight per worker")
+    parser.add_argument("--time-limit", type=float, default=1800, help="abort the whole run after this many s")
+    parser.add_argument("--keep", action="store_true", help="keep the temporary home (logs) afterwards")
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s")
+    if args.worker:
+        try:
+            asyncio.run(worker_main())
+        except KeyboardInterrupt:
+            pass
+        return 0
+    args.agents_given = args.agents is not None
+    args.agents = args.agents or "100,1000"
+    raise_nofile()
+    bench = Bench(args)
+    ok = False
+    t = time.monotonic()
+    try:
+        asyncio.run(coordinator(bench))
+        ok = bench.table()
+    except (KeyboardInterrupt, asyncio.CancelledError):
+        print("\ninterrupted; cleaning up", file=sys.stderr)
+        bench.table()
+    except BaseException as exc:
+        print(f"\nbenchmark failed: {exc.__class__.__name__}: {exc}", file=sys.stderr)
+        bench.table()
+        for w in bench.workers:
+            tail = w.tail()
+            if tail:
+                print(f"{w.name} log:{tail}", file=sys.stderr)
+    finally:
+        bench.cleanup_sync()
+    print(f"\n{'all targets met' if ok else 'NOT all targets met'} ({time.monotonic() - t:.0f}s)")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
