@@ -252,7 +252,7 @@ class _Lint:
             if site is not None and site not in sites:
                 self.err(entry.at("site"), f"rule names unknown site {site!r}"
                                            + (_did_you_mean(str(site), sites) if sites else "; declare it in sites:"))
-            key = (role, tuple(sorted(ops)), tuple(sorted(on)) if on is not None else None, site)
+            key = (role, tuple(sorted(set(ops))), tuple(sorted(set(on))) if on is not None else None, site)
             if key in seen:
                 self.err(line, f"duplicate rule: same role, ops, resources and site as line {seen[key]}")
             seen[key] = line
@@ -330,8 +330,8 @@ def _closest(word: str, choices: set[str]) -> str | None:
     lowered = {c.lower(): c for c in choices}
     if word.lower() in lowered:
         return lowered[word.lower()]
-    found = difflib.get_close_matches(word, sorted(choices), n=1, cutoff=0.6)
-    return found[0] if found else None
+    found = difflib.get_close_matches(word.lower(), sorted(lowered), n=1, cutoff=0.6)
+    return lowered[found[0]] if found else None
 
 
 def _did_you_mean(word: str, choices: set[str]) -> str:
