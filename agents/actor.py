@@ -14,8 +14,9 @@ import hashlib
 import logging
 import random
 import ssl
+import uuid
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import slixmpp
 from slixmpp import Iq, Message
@@ -24,6 +25,8 @@ from slixmpp.xmlstream.handler import Callback
 from slixmpp.xmlstream.matcher.base import MatcherBase
 
 from . import protocol
+from .errors import ConnectError, OpError, Outcome, UNREACHABLE_CONDITIONS, error_for
+from .report import ProgressFn, TargetResult
 
 log = logging.getLogger(__name__)
 
@@ -35,10 +38,6 @@ def _pbkdf2_hi(self: Any, text: Any, salt: bytes, iterations: int) -> bytes:
 
 
 _sasl.SCRAM.Hi = _pbkdf2_hi
-
-
-class ConnectError(Exception):
-    """The actor could not get a session; the message says why and what to check."""
 
 
 @dataclass(frozen=True)
@@ -112,6 +111,12 @@ class _VertebraMessage(MatcherBase):
         return any(child.tag in self.tags for child in stanza.xml)
 
 
+@dataclass(frozen=True)
+class Timeouts:
+    discover: float = 5.0  # asking the broker who offers an op
+    reply_margin: float = 0.25  # kept back from the agent's budget for its answer to travel
+
+
 class Actor:
     """A participant of the mesh on one XMPP connection.
 
@@ -121,8 +126,10 @@ class Actor:
 
     resource = "vertebra"
 
-    def __init__(self, jid: str, password: str, endpoint: Endpoint, *, resource: str | None = None) -> None:
+    def __init__(self, jid: str, password: str, endpoint: Endpoint, *, resource: str | None = None,
+                 timeouts: Timeouts = Timeouts()) -> None:
         self.endpoint = endpoint
+        self.timeouts = timeouts
         self.xmpp = _Stream(f"{jid}/{resource or self.resource}", password, ssl_context=endpoint.ssl_context)
         self.xmpp.backoff = Backoff()
         # Explicit, because with a given host and port slixmpp would try direct TLS first.
@@ -246,3 +253,71 @@ class Actor:
 
     def on(self, event: str, handler: Callable[..., Any]) -> None:
         self.xmpp.add_event_handler(event, handler)
+
+    # -- calling ops ---------------------------------------------------------------------------
+
+    async def request(self, target: str, op: str, args: dict[str, Any], *, on: Sequence[str] = (),
+                      timeout: float, rid: str | None = None, progress: ProgressFn | None = None) -> TargetResult:
+        """Send one request to one agent and wait for its one outcome, at most ``timeout`` seconds."""
+        loop = asyncio.get_running_loop()
+        end = loop.time() + timeout
+        rid = rid or uuid.uuid4().hex
+        iq = self.xmpp.make_iq_set(ito=target)
+        req = iq["vertebra_op"]
+        req["name"], req["rid"] = op, rid
+        req["timeout"] = str(max(1, int((timeout - self.timeouts.reply_margin) * 1000)))
+        if on:
+            req["on"] = " ".join(on)
+        req.xml.text = protocol.encode(args)
+        jobs = self.watch_job(target, rid)  # before sending: progress may follow the ack at once
+        try:
+            try:
+                reply = await self.send_iq(iq, max(0.0, end - loop.time()))
+            except asyncio.TimeoutError:
+                return TargetResult(target, Outcome.TIMEOUT, error=f"no answer within {timeout:g}s")
+            except ConnectionError as exc:
+                # The request may have arrived and run: that is not "unreachable", which would let
+                # scope one try the next target.
+                return TargetResult(target, Outcome.TIMEOUT, error=f"{exc} before an answer came; the op may have run")
+            if reply["type"] == "error":
+                return _from_error(target, reply)
+            if reply.xml.find(f"{{{protocol.NS}}}accepted") is None:
+                return _from_outcome(target, reply["vertebra_outcome"])
+            while True:
+                try:
+                    msg = await asyncio.wait_for(jobs.get(), max(0.0, end - loop.time()))
+                except asyncio.TimeoutError:
+                    return TargetResult(target, Outcome.TIMEOUT,
+                                        error=f"accepted, but no outcome within {timeout:g}s")
+                if msg.xml.find(f"{{{protocol.NS}}}outcome") is not None:
+                    return _from_outcome(target, msg["vertebra_outcome"])
+                if progress is not None:
+                    p = msg["vertebra_progress"]
+                    try:
+                        progress(target, int(p["seq"] or 0), protocol.decode(p.xml.text))
+                    except (ValueError, OpError):  # a garbled report is skipped; the outcome still counts
+                        pass
+        finally:
+            self.unwatch_job(target, rid)
+
+
+def _from_error(target: str, reply: Iq) -> TargetResult:
+    err = reply["error"]
+    condition = protocol.app_condition(reply)
+    text = err["text"] or err["condition"]
+    if condition is None and err["condition"] in UNREACHABLE_CONDITIONS:
+        return TargetResult(target, Outcome.UNREACHABLE, error=f"{target} is not connected ({err['condition']})")
+    if condition is None:
+        return TargetResult(target, Outcome.FAILED, error=f"{err['condition']}: {text}")
+    return TargetResult(target, error_for(condition, text).outcome, error=f"{condition}: {text}")
+
+
+def _from_outcome(target: str, outcome: Any) -> TargetResult:
+    try:
+        payload = protocol.decode(outcome.xml.text)
+    except Exception as exc:  # an agent's malformed answer is that agent's failure, not ours
+        return TargetResult(target, Outcome.FAILED, error=f"unreadable outcome: {exc}")
+    if outcome["status"] == "ok":
+        return TargetResult(target, Outcome.OK, result=payload)
+    condition = outcome["condition"] or "failed"
+    return TargetResult(target, error_for(condition, str(payload)).outcome, error=f"{condition}: {payload}")

@@ -151,6 +151,13 @@ class Agent(Actor):
     def online_or_starting(self) -> bool:
         return not self._stopping and self.xmpp.transport is not None
 
+    @property
+    def broker_jid(self) -> str | None:
+        """The full JID of a broker that has seen this agent, else the conventional one."""
+        if not self.broker:
+            return None
+        return next(iter(sorted(self._brokers)), f"{self.broker}/broker")
+
     def _on_broker_presence(self, pres: Presence) -> None:
         if not self.broker or pres["from"].bare != self.broker:
             return

@@ -28,10 +28,9 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from . import config as meshconf
-from .actor import ConnectError
 from .authz import AdminsOnly
-from .client import EXIT_USAGE, CallReport, TargetResult
-from .errors import BadArguments, Outcome
+from .errors import BadArguments, ConnectError, Outcome
+from .report import EXIT_USAGE, CallReport, TargetResult
 from .gateway import Gateway
 from .session import mesh_call
 from .kinds import agent_class, catalogue

@@ -13,12 +13,14 @@ import re
 import secrets
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
+if TYPE_CHECKING:
+    from .actor import Endpoint
+
 from . import resources as paths
-from .actor import Endpoint
 
 KINDS = ("storage", "fencing", "monitor")
 _NAME = re.compile(r"^[a-z][a-z0-9._-]{0,62}$")
@@ -107,7 +109,9 @@ class MeshConfig:
             out[account] = self.password(account)
         return out
 
-    def endpoint(self) -> Endpoint:
+    def endpoint(self) -> "Endpoint":
+        from .actor import Endpoint  # XMPP loads only for programs that log in themselves
+
         cert = self.home / "server" / "cert.pem"
         if not cert.exists():
             raise ConfigError(f"no server certificate at {cert}: start the server first (`vertebra server start`)")

@@ -21,6 +21,10 @@ class Outcome(str, Enum):
     NOT_DISCOVERED = "not-discovered"
 
 
+class ConnectError(Exception):
+    """No session with the mesh could be had; the message says why and what to check."""
+
+
 class OpError(Exception):
     """An op ended without a result. The message is a sentence a person can act on."""
 

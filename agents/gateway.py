@@ -23,12 +23,16 @@ import os
 import struct
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import msgpack
 
-from .actor import ConnectError, Endpoint
-from .client import CallReport, Client, ProgressFn
+from .errors import ConnectError
+from .report import CallReport, ProgressFn
+
+if TYPE_CHECKING:
+    from .actor import Endpoint
+    from .client import Client
 
 log = logging.getLogger(__name__)
 
@@ -54,9 +58,9 @@ def _frame(obj: Any) -> bytes:
 
 
 class Gateway:
-    def __init__(self, path: Path, endpoint: Endpoint, broker: str) -> None:
+    def __init__(self, path: Path, endpoint: "Endpoint", broker: str) -> None:
         self.path, self.endpoint, self.broker = path, endpoint, broker
-        self._sessions: dict[str, tuple[bytes, Client, float]] = {}
+        self._sessions: dict[str, tuple[bytes, "Client", float]] = {}
         self._locks: dict[str, asyncio.Lock] = {}
         self._server: asyncio.AbstractServer | None = None
         self._reaper: asyncio.Task[None] | None = None
@@ -85,7 +89,9 @@ class Gateway:
         if self.path.exists():
             self.path.unlink()
 
-    async def _session(self, jid: str, password: str) -> Client:
+    async def _session(self, jid: str, password: str) -> "Client":
+        from .client import Client  # only the gateway's own process logs in
+
         digest = hashlib.sha256(password.encode()).digest()
         async with self._locks.setdefault(jid, asyncio.Lock()):
             known = self._sessions.get(jid)

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 from typing import Any, Sequence
 
-from .client import CallReport, Client, ProgressFn
 from .config import MeshConfig
 from .gateway import GatewayUnavailable, call_via_gateway
+from .report import CallReport, ProgressFn
 
 LOGIN_TIMEOUT = 10.0
 
@@ -27,6 +27,8 @@ async def mesh_call(mesh: MeshConfig, op: str, args: dict[str, Any], *, on: Sequ
         return await call_via_gateway(mesh.gateway_socket, jid, password, call, progress)
     except GatewayUnavailable:
         pass
+    from .client import Client  # the XMPP stack loads only when there is no gateway to use
+
     client = Client(jid, password, mesh.endpoint(), broker=mesh.broker_jid)
     await client.start(timeout=min(LOGIN_TIMEOUT, timeout))
     try:

@@ -24,7 +24,7 @@ from agents.fencing.fence_api import ExitCode, FenceApiError, Parameter
 from agents.fencing.settings import SEGMENT, node_resource
 
 if TYPE_CHECKING:
-    from agents.client import CallReport
+    from agents.report import CallReport
     from agents.config import MeshConfig
 
 NAME = "fence_vertebra"

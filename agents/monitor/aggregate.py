@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from agents.client import CallReport, TargetResult
+from agents.report import CallReport, TargetResult
 from agents.errors import Outcome
 from agents.monitor import perfdata as perfdata_grammar
 from agents.monitor.ranges import State

@@ -97,7 +97,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _run(ns: argparse.Namespace) -> tuple[str, State]:
     from agents import config as meshconf, resources
-    from agents.actor import ConnectError
+    from agents.errors import ConnectError
     from agents.errors import Outcome
     from agents.monitor.aggregate import aggregate
     from agents.session import mesh_call

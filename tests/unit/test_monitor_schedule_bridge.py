@@ -7,7 +7,7 @@ import random
 
 import pytest
 
-from agents.client import CallReport, TargetResult
+from agents.report import CallReport, TargetResult
 from agents.errors import BadArguments, Outcome
 from agents.monitor.agent import parse_pairs
 from agents.monitor.aggregate import aggregate
