@@ -7,9 +7,19 @@ served by a :class:`rbac.gate.Gate` that versions it, caches decisions per versi
 good policy when a load fails. :mod:`rbac.paths` is the one place resource path rules live.
 """
 
-from .gate import Gate, GateDecision, LoadResult
-from .lint import PolicyRejected, check_file, compile_policy
-from .paths import BadPath, check_path
+from __future__ import annotations
 
-__all__ = ["Gate", "GateDecision", "LoadResult", "PolicyRejected", "check_file", "compile_policy",
-           "BadPath", "check_path"]
+from importlib import import_module
+from typing import Any
+
+# Loaded on first use: the runtime imports rbac.paths on every start, and casbin and the policy
+# compiler are not needed until a policy is.
+_EXPORTS = {"Gate": "gate", "GateDecision": "gate", "LoadResult": "gate", "PolicyRejected": "lint",
+            "check_file": "lint", "compile_policy": "lint", "BadPath": "paths", "check_path": "paths"}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'rbac' has no attribute {name!r}")
+    return getattr(import_module(f"{__name__}.{_EXPORTS[name]}"), name)
