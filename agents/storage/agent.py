@@ -67,9 +67,9 @@ def open_driver(settings: dict[str, Any], state_dir: Path | None) -> StorageDriv
 class StorageAgent(Agent):
     kind = "storage"
 
-    def __init__(self, *args: Any, state_dir: Path | None = None, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self.driver = open_driver(self.settings, state_dir)
+        self.driver = open_driver(self.settings, self.state_dir)
 
     async def stop(self) -> None:
         await super().stop()
