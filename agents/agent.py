@@ -30,6 +30,7 @@ from slixmpp.xmlstream.matcher import StanzaPath
 
 from . import __version__, protocol, resources as paths
 from .actor import Actor, Backoff, Endpoint
+from .audit import AuditLog
 from .authz import AdminsOnly, Authorizer, decide
 from .errors import BadArguments, BadPayload, Denied, InternalError, OpError, OpTimeout, UnknownOp
 from .idempotency import Answer, RequestLog, fingerprint
@@ -90,6 +91,7 @@ class Agent(Actor):
                  state_dir: Path | None = None) -> None:
         super().__init__(jid, password, endpoint)
         self.state_dir = state_dir  # where this agent keeps durable state, if it has any
+        self.audit = AuditLog(state_dir / "audit.sqlite") if state_dir else None
         self.name = name or jid.split("@", 1)[0]
         self.resources = [paths.check(r) for r in resources]
         self.broker = broker
@@ -101,13 +103,24 @@ class Agent(Actor):
         self.xmpp.register_handler(Callback("vertebra op", StanzaPath("iq@type=set/vertebra_op"), self._on_op))
         self._brokers: set[str] = set()  # full JIDs of brokers that have seen us this session
         self._announcer: asyncio.Task[None] | None = None
+        self._audit_flusher: asyncio.Task[None] | None = None
         self.xmpp.add_event_handler("presence_available", self._on_broker_presence)
         self.xmpp.add_event_handler("presence_unavailable", self._on_broker_presence)
         self._advertise_features()
 
+    async def _flush_audit(self) -> None:
+        # Denials held back by the per-sender rate limit are written as one summary now and then.
+        while True:
+            await asyncio.sleep(60)
+            self.audit.flush()
+
     async def stop(self) -> None:
+        if self._audit_flusher is not None:
+            self._audit_flusher.cancel()
         await super().stop()
         self._requests.close()
+        if self.audit is not None:
+            self.audit.close()
 
     def describe(self) -> dict[str, Any]:
         return {"name": self.name, "jid": str(self.jid), "kind": self.kind, "version": __version__,
@@ -131,6 +144,8 @@ class Agent(Actor):
         # The caps hash covers features and the form, so agents alike share one disco query.
         await self.xmpp.plugin["xep_0115"].update_caps(broadcast=False)
         self.xmpp.send_presence()  # available, so a broker's hello to our bare JID reaches us
+        if self.audit is not None and self._audit_flusher is None:
+            self._audit_flusher = asyncio.get_running_loop().create_task(self._flush_audit())
         self._brokers.clear()
         self._start_announcing()
 
@@ -220,8 +235,8 @@ class Agent(Actor):
         name = iq["vertebra_op"]["name"]
         try:
             spec, call, args = self._admit(iq, caller, rid)
-        except OpError as exc:
-            self._audit_end(rid, caller, name, exc.condition, 0.0)
+        except OpError as exc:  # refused before running: the decision record (if any) says it all
+            log.info("refused rid=%s caller=%s op=%s: %s", rid, caller, name, exc.text)
             return Answer(error=exc)
         except Exception as exc:  # a fault while admitting still answers, and runs nothing
             log.exception("admitting %s from %s failed", name, caller)
@@ -250,6 +265,10 @@ class Agent(Actor):
         decision = decide(self.authorizer, caller, spec, resources)
         audit_log.info("decide rid=%s caller=%s op=%s resources=%s allowed=%s reason=%s",
                        rid, caller, spec.name, resources, decision.allowed, decision.reason)
+        if self.audit is not None:
+            self.audit.decided(rid=rid, caller=caller, op=spec.name, resources=resources, args=args,
+                               secret=[p.name for p in spec.params if p.secret], allowed=decision.allowed,
+                               rule=decision.rule or decision.reason, version=decision.version or 0)
         if not decision.allowed:
             raise Denied(decision.reason)
         timeout = min(spec.deadline, _budget(req["timeout"], spec.deadline))
@@ -322,8 +341,11 @@ class Agent(Actor):
         task.add_done_callback(self._tasks.discard)
 
     def _audit_end(self, rid: str, caller: str, op_name: str, outcome: str, started: float) -> None:
+        duration = time.monotonic() - started
         audit_log.info("end rid=%s caller=%s op=%s outcome=%s duration=%.3fs", rid, caller, op_name, outcome,
-                       time.monotonic() - started if started else 0.0)
+                       duration)
+        if self.audit is not None:
+            self.audit.ended(rid=rid, caller=caller, op=op_name, outcome=outcome, duration=duration)
 
 
 def _budget(text: str, default: float) -> float:

@@ -6,6 +6,8 @@
     vertebra agents [--json]         the live agents, their ops and resources
     vertebra call OP [--on RESOURCE ...] [--scope all|one] [--to JID ...] [--timeout S] [--json] key=value ...
     vertebra help [OP]               an op's arguments, generated from its declaration
+    vertebra policy check FILE       lint an authorization policy and check its examples, offline
+    vertebra audit verify|show       check the hash chains of the agents' audit logs, or read them
 
 Exit codes of `call` and `agents`: 0 every target ok; 1 some target failed; 2 bad command line or
 arguments (nothing was sent); 3 denied; 4 timeout; 5 unreachable (an agent, the broker or the
@@ -28,7 +30,6 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from . import config as meshconf
-from .authz import AdminsOnly
 from .errors import BadArguments, ConnectError, Outcome
 from .report import EXIT_USAGE, CallReport, TargetResult
 from .gateway import Gateway
@@ -49,6 +50,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if ns.command == "help":
             return _help(ns.op)
+        if ns.command == "policy":
+            return _policy_check(ns.file)
         mesh = meshconf.load(ns.mesh, ns.home)
         return COMMANDS[ns.command](mesh, ns)
     except meshconf.ConfigError as exc:
@@ -87,6 +90,17 @@ def _parser() -> argparse.ArgumentParser:
     call.add_argument("--json", action="store_true", help="print the results as JSON")
     hlp = sub.add_parser("help", help="show an op's arguments, or list every op")
     hlp.add_argument("op", nargs="?")
+    pol = sub.add_parser("policy", help="check an authorization policy file offline")
+    pol.add_argument("action", choices=("check",))
+    pol.add_argument("file")
+    aud = sub.add_parser("audit", help="verify or show the audit logs of this machine's agents")
+    aud.add_argument("action", choices=("verify", "show"))
+    aud.add_argument("--agent", action="append", default=[], metavar="NAME",
+                     help="only this agent's log (repeatable; default: every log under HOME/state)")
+    aud.add_argument("--caller", help="show: only this caller's records (bare JID)")
+    aud.add_argument("--op", help="show: only this op's records")
+    aud.add_argument("--since", help="show: from this time (epoch seconds or ISO 8601)")
+    aud.add_argument("--until", help="show: until this time")
     return p
 
 
@@ -105,6 +119,41 @@ def _help(op_name: str | None) -> int:
         return EXIT_USAGE
     print(spec.help_text())
     return 0
+
+
+def _policy_check(path: str) -> int:
+    from rbac.lint import check_file
+
+    problems = check_file(path)
+    for line in problems:
+        print(line)
+    if not problems:
+        print(f"{path}: policy is valid and every example holds")
+    return 1 if problems else 0
+
+
+# -- audit -----------------------------------------------------------------------------------------
+
+def cmd_audit(mesh: meshconf.MeshConfig, ns: argparse.Namespace) -> int:
+    from . import audit
+
+    state = mesh.home / "state"
+    logs = ([state / name / "audit.sqlite" for name in ns.agent] if ns.agent
+            else sorted(state.glob("*/audit.sqlite")))
+    if not logs:
+        print(f"vertebra: no audit logs under {state}", file=sys.stderr)
+        return EXIT_USAGE
+    worst = 0
+    for path in logs:
+        if ns.action == "verify":
+            code, message = audit.audit_verify(path)
+            print(message)
+            worst = max(worst, code)
+        else:
+            print(f"== {path.parent.name}")
+            for line in audit.audit_show(path, caller=ns.caller, op=ns.op, since=ns.since, until=ns.until):
+                print(line)
+    return worst
 
 
 # -- calling ---------------------------------------------------------------------------------------
@@ -222,7 +271,7 @@ def cmd_server(mesh: meshconf.MeshConfig, ns: argparse.Namespace) -> int:
 
 def build_actor(mesh: meshconf.MeshConfig, name: str) -> Any:
     """The actor the mesh file describes under ``name`` (the broker's account, or an agent's)."""
-    authorizer = AdminsOnly(mesh.admins)
+    authorizer = mesh.authorizer()
     if name == mesh.broker:
         return agent_class("broker")(mesh.jid(name), mesh.password(name), mesh.endpoint(),
                                      authorizer=authorizer, state_dir=_state_dir(mesh, name), name=name)
@@ -353,7 +402,7 @@ def _stop_children(children: list[subprocess.Popen[bytes]]) -> None:
 
 
 COMMANDS = {"server": cmd_server, "up": cmd_up, "broker": cmd_broker, "agent": cmd_agent,
-            "agents": cmd_agents, "call": cmd_call}
+            "agents": cmd_agents, "call": cmd_call, "audit": cmd_audit}
 
 if __name__ == "__main__":
     sys.exit(main())

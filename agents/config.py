@@ -19,6 +19,7 @@ import yaml
 
 if TYPE_CHECKING:
     from .actor import Endpoint
+    from .authz import Authorizer
 
 from . import resources as paths
 
@@ -62,6 +63,20 @@ class MeshConfig:
     admins: tuple[str, ...]  # bare JIDs
     agents: tuple[AgentConfig, ...]
     password_files: dict[str, Path] = field(default_factory=dict)
+    policy: Path | None = None  # an RBAC policy file; without one only the admins may run ops
+    site: str | None = None  # this mesh's site, for site-scoped policy rules
+    policy_max_age: int | None = None  # seconds after which destructive ops need a fresher policy
+
+    def authorizer(self) -> "Authorizer":
+        """The authorization hook every actor of this mesh enforces with."""
+        from .authz import AdminsOnly, PolicyAuthorizer
+
+        if self.policy is None:
+            return AdminsOnly(self.admins)
+        try:
+            return PolicyAuthorizer.from_file(self.policy, site=self.site, max_age=self.policy_max_age)
+        except ValueError as exc:
+            raise ConfigError(f"{self.path}: policy: {exc}") from None
 
     def jid(self, account: str) -> str:
         return f"{account}@{self.server.domain}"
@@ -138,7 +153,8 @@ def load(path: str | os.PathLike[str] | None = None, home: str | os.PathLike[str
 
 def parse(data: Any, path: Path, home: Path) -> MeshConfig:
     where = _Where(path)
-    root = where.mapping(data, "", {"server", "broker", "operator", "admins", "agents", "passwords"})
+    root = where.mapping(data, "", {"server", "broker", "operator", "admins", "agents", "passwords", "policy",
+                                    "site", "policy_max_age"})
     srv = where.mapping(root.get("server", {}), "server", {"domain", "host", "port"})
     server = ServerConfig(
         domain=where.string(srv.get("domain", ServerConfig.domain), "server.domain",
@@ -178,8 +194,18 @@ def parse(data: Any, path: Path, home: Path) -> MeshConfig:
     pw = where.mapping(root.get("passwords", {}), "passwords", None)
     password_files = {where.name(k, "passwords"): _path(v, path) for k, v in pw.items()}
     password_files.update({a.name: a.password_file for a in agents if a.password_file})
+    policy = _path(root.get("policy"), path)
+    if policy is not None and not policy.is_file():
+        raise where.error("policy", f"no policy file at {policy}")
+    site = root.get("site")
+    if site is not None:
+        site = where.name(site, "site")
+    max_age = root.get("policy_max_age")
+    if max_age is not None:
+        max_age = where.integer(max_age, "policy_max_age", 1, 10 ** 9)
     return MeshConfig(path=path, home=home, server=server, broker=broker, operator=operator, admins=admins,
-                      agents=tuple(agents), password_files=password_files)
+                      agents=tuple(agents), password_files=password_files, policy=policy, site=site,
+                      policy_max_age=max_age)
 
 
 def _path(value: Any, mesh: Path) -> Path | None:

@@ -55,24 +55,24 @@ def test_every_resource_must_be_allowed(gate):
 
 def test_traversal_and_look_alikes_are_denied_not_normalized(gate):
     fence = "fence-c1" + D
-    assert gate.decide(fence, "fencing.node.fence", ["/cluster/c1/node/2"]).allowed
+    assert gate.decide(fence, "fence.off", ["/cluster/c1/node/2"]).allowed
     for path in ["/cluster/c1/node/../../c2/node/2", "/cluster/c1/node/%2e%2e", "/cluster/c1/node//2",
                  "/cluster/c1/node/2\x00", "/cluster/c\u0031\u0307/node/2"]:
-        d = gate.decide(fence, "fencing.node.fence", [path])
+        d = gate.decide(fence, "fence.off", [path])
         assert not d.allowed and "not allowed" in d.rule or "must be" in d.rule
-    d = gate.decide(fence, "fencing.node.f\u0435nce", ["/cluster/c1/node/2"])  # Cyrillic e
+    d = gate.decide(fence, "fence.\u043eff", ["/cluster/c1/node/2"])  # Cyrillic e
     assert not d.allowed and "not a canonical op name" in d.rule
 
 
 def test_automation_identities_are_confined(gate):
     nagios, fence = "nagios" + D, "fence-c1" + D
-    assert gate.decide(nagios, "monitor.check.run", ["/host/db1"]).allowed
+    assert gate.decide(nagios, "monitor.check", ["/host/db1"]).allowed
     assert not gate.decide(nagios, "storage.snapshot.delete", ["/pool/tank"]).allowed
-    assert not gate.decide(nagios, "fencing.node.fence", ["/cluster/c1/node/1"]).allowed
-    assert gate.decide(fence, "fencing.node.fence", ["/cluster/c1/node/7"]).allowed
-    assert not gate.decide(fence, "fencing.node.fence", ["/cluster/c2/node/7"]).allowed
-    assert not gate.decide(fence, "fencing.node.fence", ["/cluster/c1"]).allowed
-    assert not gate.decide(fence, "fencing.node.fence", []).allowed  # no resource named: not "any"
+    assert not gate.decide(nagios, "fence.off", ["/cluster/c1/node/1"]).allowed
+    assert gate.decide(fence, "fence.off", ["/cluster/c1/node/7"]).allowed
+    assert not gate.decide(fence, "fence.off", ["/cluster/c2/node/7"]).allowed
+    assert not gate.decide(fence, "fence.off", ["/cluster/c1"]).allowed
+    assert not gate.decide(fence, "fence.off", []).allowed  # no resource named: not "any"
 
 
 def test_site_scoped_grant(gate):
@@ -137,7 +137,7 @@ def test_casbin_reads_the_policy_the_same_way():
     e = enforcer(policy)
     rng = random.Random(3)
     callers = [f"{n}{D}" for n in ("alice", "carol", "root", "nagios", "fence-c1", "auditor", "nobody")]
-    ops = ["storage.info", "storage.snapshot.create", "monitor.check.run", "fencing.node.fence", "host.reboot",
+    ops = ["storage.info", "storage.snapshot.create", "monitor.check", "fence.off", "host.reboot",
            "sample.echo"]
     paths = ["/pool/tank", "/pool/prod/db", "/pool/prod", "/cluster/c1/node/1", "/cluster/c2/node/1",
              "/cluster/c1", "/host/db1", "/pool/test/a/b"]
