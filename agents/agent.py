@@ -25,8 +25,6 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from slixmpp import Iq, Presence
-from slixmpp.xmlstream.handler import Callback
-from slixmpp.xmlstream.matcher import StanzaPath
 
 from . import __version__, protocol, resources as paths
 from .actor import Actor, Backoff, Endpoint
@@ -100,7 +98,7 @@ class Agent(Actor):
         self.ops: dict[str, OpSpec] = ops_of(type(self))
         self._requests = RequestLog(state_dir / "requests.sqlite" if state_dir else None)
         self._tasks: set[asyncio.Task[Any]] = set()
-        self.xmpp.register_handler(Callback("vertebra op", StanzaPath("iq@type=set/vertebra_op"), self._on_op))
+        self._serve_op = self._on_op
         self._brokers: set[str] = set()  # full JIDs of brokers that have seen us this session
         self._announcer: asyncio.Task[None] | None = None
         self._audit_flusher: asyncio.Task[None] | None = None
@@ -223,7 +221,8 @@ class Agent(Actor):
     def _reply(self, iq: Iq, answer: Answer) -> Iq:
         if answer.error is not None:
             return protocol.error_reply(iq, answer.error)
-        reply = iq.reply(clear=True)
+        # Not iq.reply(clear=True): that deep-copies the whole request, payload and all, only to clear it.
+        reply = self.xmpp.make_iq_result(iq["id"], ito=iq["from"])
         if answer.job:
             reply["vertebra_accepted"]["job"] = answer.job
         else:
@@ -296,7 +295,8 @@ class Agent(Actor):
         started = time.monotonic()
         timeout = call.deadline - asyncio.get_running_loop().time()
         try:
-            result = await asyncio.wait_for(spec.func(self, call, **args), timeout)
+            async with asyncio.timeout(timeout):  # unlike wait_for, no second task per request
+                result = await spec.func(self, call, **args)
             payload = protocol.encode(result, what=f"the result of {spec.name}")
         except asyncio.TimeoutError:
             error: OpError = OpTimeout(f"{spec.name} did not finish within {timeout:.3g}s and was stopped")

@@ -26,7 +26,9 @@ from .errors import BadPayload, OpError, TooLarge
 
 NS = "urn:vertebra:1"
 
-MAX_PAYLOAD = 64 * 1024  # decoded msgpack bytes per request or outcome
+# Decoded msgpack bytes per request or outcome: as base64 (4/3 larger) plus the envelope, it still fits
+# the private server's 256 KiB stanza limit, and a discovery answer naming 1,000 agents fits in it.
+MAX_PAYLOAD = 160 * 1024
 MAX_TEXT = (MAX_PAYLOAD * 4) // 3 + 4  # the same limit, as base64 characters
 MAX_DEPTH = 32
 MAX_ITEMS = 10_000  # elements of any one array or map
@@ -122,11 +124,8 @@ def _check_depth(obj: Any) -> None:
 
 def error_reply(iq: Iq, error: OpError) -> Iq:
     """Build the stanza error answering ``iq`` for ``error``, with its application condition."""
-    reply = iq.reply(clear=True)
-    reply["type"] = "error"
-    reply["error"]["type"] = error.stanza_type
-    reply["error"]["condition"] = error.stanza_condition
-    reply["error"]["text"] = error.text[:1000]
+    reply = iq.stream.make_iq_error(iq["id"], type=error.stanza_type, condition=error.stanza_condition,
+                                    text=error.text[:1000], ito=iq["from"])
     reply["error"].xml.append(ET.Element(f"{{{NS}}}{error.condition}"))
     return reply
 

@@ -78,7 +78,8 @@ class Broker(AlertsMixin, Agent):
             wanted = [check_resource(r) for r in resources]
         except BadResource as exc:
             raise BadArguments(str(exc), argument="resources") from None
-        return [e.to_dict() for e in self.directory.discover(op or None, wanted)]
+        # Only what a caller needs to address and scope each target: a thousand agents must fit one answer.
+        return [{"jid": e.jid, "resources": list(e.caps.resources)} for e in self.directory.discover(op or None, wanted)]
 
     @op("mesh.agents", deadline=5)
     async def agents(self, call: Call) -> list:

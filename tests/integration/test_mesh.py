@@ -240,7 +240,7 @@ async def test_oversized_nested_and_malformed_payloads_are_refused_before_runnin
     assert cond == "bad-payload"
     cond, text = await _raw(client, agent, text=protocol.encode({"text": "x"}), child=True)
     assert cond == "bad-payload" and "child" in text
-    too_big = await client.request(str(agent.jid), "sample.echo", {"text": "x" * 60_000, "times": 2}, timeout=5)
+    too_big = await client.request(str(agent.jid), "sample.echo", {"text": "x" * 90_000, "times": 2}, timeout=5)
     assert too_big.outcome is Outcome.FAILED and "the result of sample.echo is" in too_big.error
     # The agent is unharmed and still answers.
     ok = await client.request(str(agent.jid), "sample.echo", {"text": "still here"}, timeout=5)
