@@ -88,6 +88,10 @@ class Agent(Actor):
                  settings: dict[str, Any] | None = None, name: str | None = None,
                  state_dir: Path | None = None) -> None:
         super().__init__(jid, password, endpoint)
+        # Advertising needs forms (XEP-0004, XEP-0128) and caps (XEP-0115); clients do without them
+        # and so without their handlers and filters on every stanza.
+        for plugin in ("xep_0004", "xep_0128", "xep_0115"):
+            self.xmpp.register_plugin(plugin)
         self.state_dir = state_dir  # where this agent keeps durable state, if it has any
         self.audit = AuditLog(state_dir / "audit.sqlite") if state_dir else None
         self.name = name or jid.split("@", 1)[0]
