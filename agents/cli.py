@@ -321,6 +321,9 @@ def _serve_cmd(mesh: meshconf.MeshConfig, name: str) -> int:
     except ConnectError as exc:
         print(f"vertebra: {exc}", file=sys.stderr)
         return EXIT_UNREACHABLE
+    except ValueError as exc:  # an agent kind's settings errors (config, checks, devices, drivers) name the field
+        print(f"vertebra: {name}: {exc}", file=sys.stderr)
+        return EXIT_USAGE
     return 0
 
 

@@ -28,7 +28,10 @@ class Client(Actor):
         self.broker = broker
 
     async def call(self, op: str, args: dict[str, Any], *, on: Sequence[str] = (), scope: str = "all",
-                   to: Sequence[str] = (), timeout: float = 30.0, progress: ProgressFn | None = None) -> CallReport:
+                   to: Sequence[str] = (), timeout: float = 30.0, progress: ProgressFn | None = None,
+                   rid: str | None = None) -> CallReport:
+        """Call ``op`` on every target (scope all) or on one that accepts (scope one). Give ``rid`` to
+        retry an earlier call: agents that saw it return its first outcome instead of running again."""
         loop = asyncio.get_running_loop()
         end = loop.time() + timeout
         report = CallReport(op)
@@ -52,7 +55,7 @@ class Client(Actor):
             if not targets and not on:
                 report.results.append(TargetResult("*", Outcome.NOT_DISCOVERED,
                                                    error=f"no live agent offers {op}"))
-        rid = uuid.uuid4().hex
+        rid = rid or uuid.uuid4().hex
         if scope == "one":
             random.shuffle(targets)
             for target in targets:

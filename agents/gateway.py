@@ -8,7 +8,7 @@ later calls reuse the session. Calls still go out as the caller's own JID, so au
 audit see who asked, not the gateway.
 
 Frames on the socket are a 4-byte big-endian length and a msgpack map. Request:
-``{"jid", "password", "call": {"op", "args", "on", "scope", "to", "timeout"}}``; answers:
+``{"jid", "password", "call": {"op", "args", "on", "scope", "to", "timeout", "rid"}}``; answers:
 zero or more ``{"progress": [target, seq, payload]}`` then one ``{"report": CallReport}`` or
 ``{"error": sentence}``.
 """
@@ -117,7 +117,8 @@ class Gateway:
 
             report = await client.call(call["op"], call.get("args") or {}, on=call.get("on") or (),
                                        scope=call.get("scope", "all"), to=call.get("to") or (),
-                                       timeout=float(call.get("timeout", 30.0)), progress=progress)
+                                       timeout=float(call.get("timeout", 30.0)), progress=progress,
+                                       rid=call.get("rid"))
             writer.write(_frame({"report": report.to_dict()}))
         except ConnectError as exc:
             writer.write(_frame({"error": str(exc)}))

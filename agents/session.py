@@ -18,11 +18,12 @@ LOGIN_TIMEOUT = 10.0
 
 async def mesh_call(mesh: MeshConfig, op: str, args: dict[str, Any], *, on: Sequence[str] = (),
                     scope: str = "all", to: Sequence[str] = (), timeout: float = 30.0,
-                    progress: ProgressFn | None = None, account: str | None = None) -> CallReport:
-    """Call ``op`` as ``account`` (default: the mesh file's operator)."""
+                    progress: ProgressFn | None = None, account: str | None = None,
+                    rid: str | None = None) -> CallReport:
+    """Call ``op`` as ``account`` (default: the mesh file's operator); ``rid`` retries an earlier call."""
     account = account or mesh.operator
     jid, password = mesh.jid(account), mesh.password(account)
-    call = {"op": op, "args": args, "on": list(on), "scope": scope, "to": list(to), "timeout": timeout}
+    call = {"op": op, "args": args, "on": list(on), "scope": scope, "to": list(to), "timeout": timeout, "rid": rid}
     try:
         return await call_via_gateway(mesh.gateway_socket, jid, password, call, progress)
     except GatewayUnavailable:
@@ -32,6 +33,6 @@ async def mesh_call(mesh: MeshConfig, op: str, args: dict[str, Any], *, on: Sequ
     client = Client(jid, password, mesh.endpoint(), broker=mesh.broker_jid)
     await client.start(timeout=min(LOGIN_TIMEOUT, timeout))
     try:
-        return await client.call(op, args, on=on, scope=scope, to=to, timeout=timeout, progress=progress)
+        return await client.call(op, args, on=on, scope=scope, to=to, timeout=timeout, progress=progress, rid=rid)
     finally:
         await client.stop()

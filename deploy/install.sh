@@ -19,8 +19,10 @@ PACKAGES=(
     btrfs-progs                # the btrfs storage driver
     pacemaker-cli-utils        # stonith_admin
     pacemaker                  # the standalone fencer, pacemaker-fenced
+    nagios4-core               # Nagios runs check_vertebra in the end-to-end test
+    nagios-nrpe-server nagios-nrpe-plugin   # NRPE, the baseline bench/checks.py measures against
 )
-# More packages for one machine or job, e.g. VERTEBRA_EXTRA_PACKAGES="nagios4-core ejabberd".
+# More packages for one machine or job, e.g. VERTEBRA_EXTRA_PACKAGES="ejabberd".
 read -r -a EXTRA <<< "${VERTEBRA_EXTRA_PACKAGES:-}"
 PACKAGES+=("${EXTRA[@]}")
 VENV="$ROOT/.venv"
@@ -84,16 +86,20 @@ install_packages() {
     fi
     trap - EXIT
 
-    # A system Prosody we just installed must not come up on boot either.
-    if printf '%s\n' "${missing[@]}" | grep -qx prosody; then
+    # System services we just installed must not come up on boot either: the mesh runs its own
+    # Prosody, and the tests and benchmarks start Nagios and NRPE as plain processes of their own.
+    local pair package service
+    for pair in prosody:prosody nagios4-core:nagios4 nagios-nrpe-server:nagios-nrpe-server; do
+        package="${pair%%:*}" service="${pair#*:}"
+        printf '%s\n' "${missing[@]}" | grep -qx "$package" || continue
         if [ -d /run/systemd/system ] && command -v systemctl >/dev/null 2>&1; then
-            as_root systemctl disable --now prosody >/dev/null 2>&1 || true
+            as_root systemctl disable --now "$service" >/dev/null 2>&1 || true
         elif command -v update-rc.d >/dev/null 2>&1; then
-            as_root update-rc.d prosody disable >/dev/null 2>&1 || true
-            as_root /etc/init.d/prosody stop >/dev/null 2>&1 || true
+            as_root update-rc.d "$service" disable >/dev/null 2>&1 || true
+            as_root "/etc/init.d/$service" stop >/dev/null 2>&1 || true
         fi
-        say "system Prosody service disabled (Vertebra runs its own instance)"
-    fi
+        say "system $service service disabled (Vertebra starts its own when it needs one)"
+    done
 }
 
 install_venv() {
