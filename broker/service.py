@@ -28,6 +28,7 @@ from agents.errors import BadArguments
 
 from .alerts import AlertsMixin
 from .directory import Capabilities, Directory
+from .workflows import WorkflowMixin
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +37,7 @@ CAPS_HASHES = {"sha-1", "sha-256", "sha-512"}  # XEP-0115's; md5 and the like ar
 BAD_CAPS_MEMORY = 60.0  # seconds a caps hash that failed to verify is not asked about again
 
 
-class Broker(AlertsMixin, Agent):
+class Broker(WorkflowMixin, AlertsMixin, Agent):
     kind = "broker"
     resource = "broker"
 

@@ -1,0 +1,472 @@
+"""The workflow engine: the broker runs declarative workflows, durably, under role constraints.
+
+Mixed into the broker (``class Broker(WorkflowMixin, AlertsMixin, Agent)``), it serves these ops,
+so `vertebra call workflow.run --to broker workflow=NAME param=node=3` and the operator chat work
+without more code:
+
+- ``workflow.list``     the definitions (``*.yaml`` in the broker's ``settings["workflows"]``
+                        directory, read afresh each time) and recent instances;
+- ``workflow.run``      start an instance as the caller; waits up to ``wait`` seconds for it to
+                        finish or stop at an approval, and returns its status;
+- ``workflow.approve``  approve a step as the caller (separation of duty, no approving twice);
+- ``workflow.perform``  take a ``hold:`` step as the caller, who becomes its performer (binding of duty);
+- ``workflow.status``   one instance: each step's state, approvers, outcome and what it waits for;
+- ``workflow.cancel``   stop an instance before its next step.
+
+Definitions are parsed in :mod:`broker.workflow_spec`; state lives in :mod:`broker.workflow_store`;
+the constraints are :mod:`broker.constraints`, checked when a step is approved and again when it
+is about to run (approvals re-checked then: an approver revoked in between no longer counts).
+
+Durability: a step becomes ``running`` on disk before its request leaves, and its request id is
+derived from (instance, step). After a restart the broker resumes every unfinished instance; a
+finished step is never sent again, and a step that was in flight is sent again with the same
+request id, so the agent answers with the first outcome instead of running it twice (agents keep
+destructive outcomes on disk for a day; see ``agents.idempotency``).
+
+Who may do what:
+
+- the runtime's gate decides each workflow op as usual (``workflow.run`` on ``/workflow/NAME``, the
+  others on no resource, so a role needs a grant without ``on:`` to use them);
+- every step is decided for the requester (or the ``hold`` step's performer) with the broker's
+  authorizer, on the step's op and resources, when the run starts (a run any of whose steps the
+  requester may not run is refused, and nothing runs) and again just before the step runs;
+- approving is the right to ``workflow.approve`` on ``/workflow/NAME/STEP``: a grant without ``on:``
+  lets a role approve everything, and a deny with ``on:`` takes particular steps away.
+
+On whose behalf steps run: the broker sends each step from its own JID, so today an agent's gate
+decides on the broker's identity (the broker needs grants for the ops workflows use) and the
+agent's audit names the broker. The requester is named in the broker's audit log, which records a
+``decided`` and an ``ended`` record for each step under the same request id the agent logs, so the
+two join on ``rid``. The minimal runtime change that lets agents see the requester too: an optional
+``for`` attribute on the ``<op/>`` element (``Actor.request(..., behalf=JID)``), which an agent
+honours only when the stanza comes from its own configured broker (``Agent.broker``); the agent then
+authorizes both the broker and the requester (both must be allowed), passes ``call.behalf``, and
+writes ``caller=broker, for=requester`` in its audit records. Nobody else can claim a ``for``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from pathlib import Path
+from typing import Annotated, Any, Callable
+
+from agents.agent import Call
+from agents.authz import Decision, decide
+from agents.errors import BadArguments, Denied, Outcome
+from agents.ops import Arg, OpSpec, op
+
+from .constraints import APPROVED, RateLimits, StepRule, check_approval, check_perform
+from .workflow_spec import Plan, Step, Workflow, WorkflowError, load_dir
+from .workflow_store import FINISHED, WorkflowStore
+
+log = logging.getLogger(__name__)
+
+DISCOVER_WAIT = 30.0  # seconds a step waits for an agent offering its op to be in the directory
+RETRY_PAUSE = 1.0  # seconds between attempts of a step whose outcome was timeout or unreachable
+_NAME = r"[a-z][a-z0-9_-]{0,62}"
+_INSTANCE = r"[0-9a-f]{12}"
+_STEP = r"[a-z][a-z0-9_-]{0,62}(:[A-Za-z0-9_][A-Za-z0-9_.:@+-]{0,127})?"
+_WAIT = Arg("seconds to wait for the instance to finish or stop at an approval (0: return at once)",
+            min=0, max=50)
+
+
+async def _remote(*_a: Any, **_k: Any) -> None:
+    """Stands in for the implementation of an op another agent serves."""
+
+
+def step_spec(step: Step) -> OpSpec:
+    """The OpSpec the authorizer decides a step's op on (the broker does not serve it itself)."""
+    return OpSpec(name=step.op, summary=step.op, description="", params=(), destructive=step.destructive,
+                  deadline=step.timeout, progress=False, resources=(), func=_remote)
+
+
+def step_rid(instance: str, step: str) -> str:
+    """The request id of a step: the same on every attempt and after every restart."""
+    return f"wf-{instance}-{step}"[:128]
+
+
+class WorkflowMixin:
+    """Mixed into the broker before ``Agent``: workflow ops, the runner, and resuming after a restart."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        state: Path | None = self.state_dir  # type: ignore[attr-defined]
+        self.workflow_store = WorkflowStore(state / "workflows.sqlite" if state else None)
+        self.rate_limits = RateLimits(state / "rates.sqlite" if state else ":memory:")
+        self._runners: dict[str, asyncio.Task[None]] = {}
+        self._dirty: set[str] = set()  # instances that changed while their runner was busy
+        self._installed: dict[str, OpSpec] | None = None
+
+    # -- lifecycle ------------------------------------------------------------------------------
+
+    async def start(self, timeout: float = 15.0) -> None:
+        await super().start(timeout)  # type: ignore[misc]
+        for iid in self.workflow_store.unfinished():
+            log.info("resuming workflow instance %s", iid)
+            self._kick(iid)
+
+    async def stop(self) -> None:
+        # Cancelled, never failed: a step in flight stays `running` on disk, to be resent with its rid.
+        runners = [t for t in self._runners.values() if not t.done()]
+        for task in runners:
+            task.cancel()
+        await asyncio.gather(*runners, return_exceptions=True)
+        await super().stop()  # type: ignore[misc]
+        self.workflow_store.close()
+        self.rate_limits.close()
+
+    # -- definitions ----------------------------------------------------------------------------
+
+    def workflow_definitions(self) -> tuple[dict[str, Workflow], dict[str, str]]:
+        """The definitions in the configured directory (good ones by name, bad files with errors)."""
+        where = self.settings.get("workflows")  # type: ignore[attr-defined]
+        if not where or not Path(where).is_dir():
+            return {}, {}
+        return load_dir(where)
+
+    def _is_destructive(self, op_name: str) -> bool:
+        """What the installation declares; read late, since the catalogue imports the broker."""
+        if self._installed is None:
+            from agents.kinds import catalogue
+            self._installed = catalogue()
+        spec = self._installed.get(op_name)
+        return bool(spec and spec.destructive)
+
+    # -- ops --------------------------------------------------------------------------------------
+
+    @op("workflow.list", deadline=10)
+    async def workflow_list(self, call: Call,
+                            state: Annotated[str, Arg("only instances in this state (running, waiting, done,"
+                                                      " failed, cancelled)", pattern=r"[a-z]*")] = "",
+                            limit: Annotated[int, Arg("at most this many instances, newest first",
+                                                      min=1, max=500)] = 20) -> dict:
+        """The workflows this broker can run, and its recent workflow instances."""
+        good, bad = self.workflow_definitions()
+        return {"workflows": [wf.describe() for wf in good.values()],
+                "broken": [{"file": f, "error": e} for f, e in bad.items()],
+                "instances": self.workflow_store.instances(state, limit)}
+
+    @op("workflow.run", deadline=60, resources=("/workflow/{workflow}",))
+    async def workflow_run(self, call: Call,
+                           workflow: Annotated[str, Arg("the workflow to run", pattern=_NAME)],
+                           param: Annotated[list[str], Arg("a parameter as name=value; repeat the name for"
+                                                           " each item of a list parameter")] = (),
+                           wait: Annotated[float, _WAIT] = 10.0) -> dict:
+        """Start a workflow as the caller, and report its status."""
+        good, bad = self.workflow_definitions()
+        wf = good.get(workflow)
+        if wf is None:
+            broken = next((e for e in bad.values() if f"{workflow}.yaml" in e), "")
+            raise BadArguments(broken or f"no workflow {workflow!r}; this broker has"
+                               f" {', '.join(sorted(good)) or 'none (set the broker settings key workflows)'}",
+                               argument="workflow")
+        try:
+            plan = wf.plan(_pairs(wf, param), self._is_destructive)
+        except WorkflowError as exc:
+            raise BadArguments(str(exc), argument="param") from None
+        for step in plan.steps():  # refused up front, so a run never stops half way for want of a grant
+            d = self._decide_step(call.caller, step)
+            if not d.allowed:
+                raise Denied(f"workflow {workflow}: step {step.name}: {d.reason}")
+        iid = uuid.uuid4().hex[:12]
+        self.workflow_store.create(iid, workflow, call.caller, wf.bind(_pairs(wf, param)), plan.to_json(),
+                                   [s.name for s in plan.steps()])
+        log.info("workflow %s instance %s requested by %s", workflow, iid, call.caller)
+        await self._settle(iid, wait)
+        return self._status(iid)
+
+    @op("workflow.approve", deadline=60)
+    async def workflow_approve(self, call: Call,
+                               instance: Annotated[str, Arg("the instance id", pattern=_INSTANCE)],
+                               step: Annotated[str, Arg("the step to approve", pattern=_STEP)],
+                               wait: Annotated[float, _WAIT] = 10.0) -> dict:
+        """Approve a step of a workflow instance as the caller."""
+        inst, s = self._find(instance, step)
+        verdict = check_approval(self.workflow_store.history(instance), _rule(s), call.caller)
+        allowed = verdict.ok and self._may_approve(inst["workflow"], s)(call.caller)
+        reason = verdict.reason if not verdict.ok else (
+            "approval accepted" if allowed else
+            f"{call.caller} may not approve step {s.base} of workflow {inst['workflow']}")
+        self._audit(call.rid, call.caller, "workflow.approve", [f"/workflow/{inst['workflow']}/{s.base}"],
+                    {"instance": instance, "step": step}, allowed, f"workflow constraint: {reason}")
+        if not allowed:
+            raise Denied(reason)
+        self.workflow_store.add_event(instance, APPROVED, s.name, call.caller)
+        log.info("workflow instance %s step %s approved by %s", instance, s.name, call.caller)
+        await self._settle(instance, wait)
+        return self._status(instance)
+
+    @op("workflow.perform", deadline=60)
+    async def workflow_perform(self, call: Call,
+                               instance: Annotated[str, Arg("the instance id", pattern=_INSTANCE)],
+                               step: Annotated[str, Arg("the held step to perform", pattern=_STEP)],
+                               wait: Annotated[float, _WAIT] = 10.0) -> dict:
+        """Take a held step of a workflow instance: it runs on the caller's behalf."""
+        inst, s = self._find(instance, step)
+        if not s.hold:
+            raise BadArguments(f"step {s.name} is not held: it runs on its own as {inst['requester']}",
+                               argument="step")
+        row = self.workflow_store.step(instance, s.name)
+        if row["performer"]:
+            raise Denied(f"step {s.name} is already taken by {row['performer']}")
+        verdict = check_perform(self.workflow_store.history(instance), StepRule(s.name, bound_to=s.bound_to),
+                                call.caller, lambda _jid: True)
+        d = self._decide_step(call.caller, s)
+        allowed = verdict.ok and d.allowed
+        reason = verdict.reason if not verdict.ok else d.reason
+        self._audit(call.rid, call.caller, s.op, s.on, s.args, allowed,
+                    f"workflow {inst['workflow']} step {s.name} taken: {reason}")
+        if not allowed:
+            raise Denied(reason)
+        self.workflow_store.set_step(instance, s.name, performer=call.caller)
+        await self._settle(instance, wait)
+        return self._status(instance)
+
+    @op("workflow.status", deadline=10)
+    async def workflow_status(self, call: Call,
+                              instance: Annotated[str, Arg("the instance id", pattern=_INSTANCE)],
+                              wait: Annotated[float, Arg("seconds to wait for it to finish or stop at an"
+                                                         " approval first", min=0, max=8)] = 0.0) -> dict:
+        """One workflow instance: its steps, approvals, outcomes and what it waits for."""
+        self._find(instance)
+        if wait:
+            task = self._runners.get(instance)
+            if task is not None and not task.done():
+                await asyncio.wait({task}, timeout=wait)
+        return self._status(instance)
+
+    @op("workflow.cancel", deadline=10)
+    async def workflow_cancel(self, call: Call,
+                              instance: Annotated[str, Arg("the instance id", pattern=_INSTANCE)]) -> dict:
+        """Stop a workflow instance before its next step (a step already sent still ends)."""
+        inst, _ = self._find(instance)
+        if inst["state"] in FINISHED:
+            raise BadArguments(f"instance {instance} is already {inst['state']}", argument="instance")
+        self.workflow_store.set_instance(instance, "cancelled", f"cancelled by {call.caller}")
+        return self._status(instance)
+
+    # -- running ---------------------------------------------------------------------------------
+
+    def _kick(self, iid: str) -> asyncio.Task[None]:
+        task = self._runners.get(iid)
+        if task is not None and not task.done():
+            self._dirty.add(iid)  # the busy runner looks again before it rests
+            return task
+        task = asyncio.get_running_loop().create_task(self._run(iid))
+        self._runners[iid] = task
+        task.add_done_callback(lambda t, iid=iid: self._runners.pop(iid, None) if self._runners.get(iid) is t
+                               else None)
+        return task
+
+    async def _settle(self, iid: str, wait: float) -> None:
+        """Kick the instance and wait, at most ``wait`` seconds, until it finishes or waits."""
+        task = self._kick(iid)
+        if wait > 0:
+            await asyncio.wait({task}, timeout=wait)
+
+    async def _run(self, iid: str) -> None:
+        store = self.workflow_store
+        try:
+            while True:
+                self._dirty.discard(iid)
+                state, error = await self._advance(iid)
+                if store.instance(iid)["state"] == "cancelled":
+                    return
+                store.set_instance(iid, state, error)
+                if state != "waiting" or iid not in self._dirty:
+                    return
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # a fault of the engine ends the instance rather than looping on it
+            log.exception("workflow instance %s failed in the engine", iid)
+            store.set_instance(iid, "failed", f"engine error: {exc.__class__.__name__}: {exc}")
+
+    async def _advance(self, iid: str) -> tuple[str, str]:
+        """Run stages in order until one fails or waits; return the instance's new state and error."""
+        inst = self.workflow_store.instance(iid)
+        if inst is None or inst["state"] in FINISHED:
+            return (inst or {}).get("state", "failed"), (inst or {}).get("error", "")
+        for stage in Plan.from_json(inst["plan"]).stages:
+            ends = await asyncio.gather(*(self._run_step(inst, s) for s in stage))
+            failed = [reason for state, reason in ends if state == "failed"]
+            if failed:
+                return "failed", failed[0]
+            waiting = [reason for state, reason in ends if state == "waiting"]
+            if waiting:
+                return "waiting", "; ".join(waiting)
+            if self.workflow_store.instance(iid)["state"] == "cancelled":
+                return "cancelled", ""
+        return "done", ""
+
+    async def _run_step(self, inst: dict[str, Any], step: Step) -> tuple[str, str]:
+        """Bring one step to ok, failed or waiting; returns (state, reason)."""
+        store, iid = self.workflow_store, inst["id"]
+        row = store.step(iid, step.name)
+        if row["state"] in ("ok", "failed"):
+            return row["state"], row["reason"]
+        if row["state"] != "running":
+            if store.instance(iid)["state"] == "cancelled":
+                return "waiting", "cancelled"
+            ready = await self._admit_step(inst, step, row)
+            if ready is not None:
+                return ready
+            row = store.step(iid, step.name)
+        return await self._send_step(inst, step, row)
+
+    async def _admit_step(self, inst: dict[str, Any], step: Step, row: dict[str, Any]) -> tuple[str, str] | None:
+        """Constraints, authorization and rate limit for a step about to run; None when it may run
+        (it is then `running` on disk, with its target), else the step's new state and why."""
+        store, iid = self.workflow_store, inst["id"]
+        if step.hold and not row["performer"]:
+            reason = f"step {step.name} is held until someone performs it (workflow.perform)"
+            store.set_step(iid, step.name, state="held", reason=reason)
+            return "waiting", reason
+        performer = row["performer"] or inst["requester"]
+        history = store.history(iid)
+        verdict = check_perform(history, StepRule(step.name, bound_to=step.bound_to), performer, lambda _j: True)
+        if verdict.ok:
+            verdict = check_perform(history, _rule(step), performer, self._may_approve(inst["workflow"], step))
+            if not verdict.ok:  # only approvals are missing: wait for more
+                store.set_step(iid, step.name, state="waiting", reason=verdict.reason)
+                return "waiting", verdict.reason
+        rid = step_rid(iid, step.name)
+        d = self._decide_step(performer, step) if verdict.ok else Decision(False, verdict.reason)
+        if not d.allowed:
+            return self._fail_step(inst, step, performer, d.reason, "denied")
+        target = await self._target(step)
+        if target is None:
+            on = f" on {' '.join(step.on)}" if step.on else ""
+            return self._fail_step(inst, step, performer, f"no live agent offers {step.op}{on}",
+                                   Outcome.NOT_DISCOVERED.value)
+        if step.rate and not row["rate_taken"]:
+            taken = self.rate_limits.take(step.rate["key"], step.rate["limit"], step.rate["per"],
+                                          f"{performer} {iid}/{step.name}")
+            if not taken.ok:
+                return self._fail_step(inst, step, performer, taken.reason, "denied")
+            store.set_step(iid, step.name, rate_taken=1)
+        store.start_step(iid, step.name, performer, target)
+        self._audit(rid, performer, step.op, step.on, step.args, True,
+                    f"workflow {inst['workflow']} instance {iid} step {step.name}, sent by the broker on"
+                    f" behalf of {performer}: {d.rule or d.reason}", version=d.version)
+        return None
+
+    async def _target(self, step: Step) -> str | None:
+        """A live agent offering the step's op on its resources; waits a while for one, since a
+        broker that just restarted learns its directory back from the agents' presence."""
+        loop = asyncio.get_running_loop()
+        end = loop.time() + min(DISCOVER_WAIT, step.timeout)
+        while True:
+            entries = self.directory.discover(step.op, step.on)  # type: ignore[attr-defined]
+            if entries or loop.time() > end:
+                return entries[0].jid if entries else None
+            await asyncio.sleep(0.2)
+
+    async def _send_step(self, inst: dict[str, Any], step: Step, row: dict[str, Any]) -> tuple[str, str]:
+        """Send (or resend, with the same rid) a running step and record its one outcome."""
+        store, iid, rid = self.workflow_store, inst["id"], step_rid(inst["id"], step.name)
+        started = time.monotonic()
+        for attempt in range(step.retries + 1):
+            store.set_step(iid, step.name, attempts=row["attempts"] + attempt + 1)
+            res = await self.request(row["target"], step.op, step.args, on=step.on,  # type: ignore[attr-defined]
+                                     timeout=step.timeout, rid=rid)
+            if res.outcome not in (Outcome.TIMEOUT, Outcome.UNREACHABLE) or attempt == step.retries:
+                break
+            # The same rid again: an agent that already ran it answers with the first outcome.
+            await asyncio.sleep(RETRY_PAUSE)
+        ok = res.outcome is Outcome.OK
+        reason = "" if ok else f"step {step.name}: {res.outcome.value}: {res.error}"
+        store.set_step(iid, step.name, state="ok" if ok else "failed", outcome=res.outcome.value,
+                       result=res.result, reason=reason, ended=time.time())
+        if self.audit is not None:  # type: ignore[attr-defined]
+            self.audit.ended(rid=rid, caller=row["performer"], op=step.op,  # type: ignore[attr-defined]
+                             outcome=res.outcome.value, duration=time.monotonic() - started)
+        log.info("workflow instance %s step %s: %s", iid, step.name, res.outcome.value)
+        return ("ok", "") if ok else ("failed", reason)
+
+    def _fail_step(self, inst: dict[str, Any], step: Step, performer: str, reason: str, outcome: str
+                   ) -> tuple[str, str]:
+        """A step refused before it was sent: nothing ran. Refusals by a rule are audited."""
+        text = f"step {step.name}: {reason}"
+        self.workflow_store.set_step(inst["id"], step.name, state="failed", outcome=outcome, reason=text,
+                                     ended=time.time())
+        if outcome == "denied":
+            self._audit(step_rid(inst["id"], step.name), performer, step.op, step.on, step.args, False,
+                        f"workflow {inst['workflow']} instance {inst['id']}: {reason}")
+        return "failed", text
+
+    # -- decisions ---------------------------------------------------------------------------------
+
+    def _decide_step(self, who: str, step: Step) -> Decision:
+        return decide(self.authorizer, who, step_spec(step), step.on)  # type: ignore[attr-defined]
+
+    def _may_approve(self, workflow: str, step: Step) -> Callable[[str], bool]:
+        """Whether someone may approve this step now: asked afresh each time, so a revocation counts."""
+        spec = self.ops["workflow.approve"]  # type: ignore[attr-defined]
+        resource = [f"/workflow/{workflow}/{step.base}"]
+        return lambda jid: decide(self.authorizer, jid, spec, resource).allowed  # type: ignore[attr-defined]
+
+    def _audit(self, rid: str, caller: str, op_name: str, resources: list[str], args: dict[str, Any],
+               allowed: bool, rule: str, version: int = 0) -> None:
+        if self.audit is not None:  # type: ignore[attr-defined]
+            self.audit.decided(rid=rid, caller=caller, op=op_name, resources=resources,  # type: ignore[attr-defined]
+                               args=args, secret=(), allowed=allowed, rule=rule, version=version)
+
+    # -- reading ---------------------------------------------------------------------------------------
+
+    def _find(self, iid: str, step: str | None = None) -> tuple[dict[str, Any], Step | None]:
+        inst = self.workflow_store.instance(iid)
+        if inst is None:
+            raise BadArguments(f"no workflow instance {iid} (workflow.list shows the recent ones)",
+                               argument="instance")
+        if step is None:
+            return inst, None
+        found = Plan.from_json(inst["plan"]).step(step)
+        if found is None:
+            names = ", ".join(s.name for s in Plan.from_json(inst["plan"]).steps())
+            raise BadArguments(f"instance {iid} has no step {step!r}; its steps are {names}", argument="step")
+        if inst["state"] in FINISHED:
+            raise BadArguments(f"instance {iid} is already {inst['state']}", argument="instance")
+        return inst, found
+
+    def _status(self, iid: str) -> dict[str, Any]:
+        store = self.workflow_store
+        inst = store.instance(iid)
+        rows, history = store.steps(iid), store.history(iid)
+        steps = []
+        for n, stage in enumerate(Plan.from_json(inst["plan"]).stages, 1):
+            for s in stage:
+                r = rows[s.name]
+                steps.append({"name": s.name, "stage": n, "op": s.op, "on": s.on, "state": r["state"],
+                              "destructive": s.destructive, "needs_approvals": s.needed,
+                              "approved_by": [e.actor for e in history if e.kind == APPROVED and e.step == s.name],
+                              "hold": s.hold, "performer": r["performer"], "target": r["target"],
+                              "outcome": r["outcome"], "result": r["result"], "reason": r["reason"],
+                              "rid": step_rid(iid, s.name)})
+        return {"instance": iid, "workflow": inst["workflow"], "requester": inst["requester"],
+                "params": inst["params"], "state": inst["state"], "error": inst["error"],
+                "created": inst["created"], "updated": inst["updated"], "steps": steps}
+
+
+def _rule(step: Step) -> StepRule:
+    return StepRule(step.name, destructive=step.destructive, approvals=step.approvals, bound_to=step.bound_to)
+
+
+def _pairs(wf: Workflow, words: list[str]) -> dict[str, Any]:
+    """``name=value`` words as parameters; a repeated name (or any name of a list parameter) is a list."""
+    many = {p.name for p in wf.params if p.many}
+    out: dict[str, Any] = {}
+    for word in words:
+        name, sep, value = word.partition("=")
+        if not sep or not name:
+            raise BadArguments(f"expected param=name=value, got {word!r}", argument="param")
+        if name in many:
+            out.setdefault(name, []).append(value)
+        elif name in out:
+            raise BadArguments(f"parameter {name!r} given twice", argument="param")
+        else:
+            out[name] = value
+    return out
+
