@@ -338,7 +338,10 @@ def cmd_up(mesh: meshconf.MeshConfig, ns: argparse.Namespace) -> int:
         return 1
     logs = mesh.home / "logs"
     logs.mkdir(parents=True, exist_ok=True)
-    signal.signal(signal.SIGTERM, signal.default_int_handler)  # stop cleanly on TERM as on Ctrl-C
+    # Stop cleanly on TERM as on Ctrl-C, and on INT even when started in the background (which
+    # leaves SIGINT ignored, and Python then keeps it so).
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     children: list[subprocess.Popen[bytes]] = []
     base = [sys.executable, "-m", "agents.cli", "--home", str(mesh.home), "--mesh", str(mesh.path), "-v"]
     try:
@@ -386,8 +389,8 @@ def _print_welcome(mesh: meshconf.MeshConfig, report: CallReport) -> None:
     if len(agents) < len(mesh.agents):
         print(f"  (only {len(agents)} of {len(mesh.agents)} agents came up; see {mesh.home / 'logs'})")
     print("\nTry, in another terminal in this directory:")
-    for cmd in ("agents", "help", "help monitor.info", "call monitor.info --on /host/localhost",
-                "call storage.info --json", "call fencing.info --on /cluster/demo --scope one"):
+    for cmd in ("agents", "help", "help monitor.check", "call monitor.check check=load --on /host/localhost",
+                "call storage.volume.create volume=db --json", "call fencing.info --scope one"):
         print(f"  {me}{home} {cmd}")
     print("\nCtrl-C stops everything this started.", flush=True)
 
