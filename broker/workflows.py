@@ -444,7 +444,7 @@ class WorkflowMixin:
                               "approved_by": [e.actor for e in history if e.kind == APPROVED and e.step == s.name],
                               "hold": s.hold, "performer": r["performer"], "target": r["target"],
                               "outcome": r["outcome"], "result": r["result"], "reason": r["reason"],
-                              "rid": step_rid(iid, s.name)})
+                              "attempts": r["attempts"], "rid": step_rid(iid, s.name)})
         return {"instance": iid, "workflow": inst["workflow"], "requester": inst["requester"],
                 "params": inst["params"], "state": inst["state"], "error": inst["error"],
                 "created": inst["created"], "updated": inst["updated"], "steps": steps}
