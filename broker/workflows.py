@@ -47,6 +47,7 @@ writes ``caller=broker, for=requester`` in its audit records. Nobody else can cl
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import time
 import uuid
@@ -84,8 +85,10 @@ def step_spec(step: Step) -> OpSpec:
 
 
 def step_rid(instance: str, step: str) -> str:
-    """The request id of a step: the same on every attempt and after every restart."""
-    return f"wf-{instance}-{step}"[:128]
+    """The request id of a step: the same on every attempt and after every restart (readable when
+    it fits the protocol's 128 characters, else hashed, never cut: two cut names could collide)."""
+    rid = f"wf-{instance}-{step}"
+    return rid if len(rid) <= 128 else f"wf-{instance}-{hashlib.sha256(step.encode()).hexdigest()}"
 
 
 class WorkflowMixin:

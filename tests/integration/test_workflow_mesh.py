@@ -219,6 +219,18 @@ async def test_binding_of_duty_between_held_steps(world):
     assert status["state"] == "done" and step(status, "give")["performer"] == world.jid("bob")
 
 
+async def test_a_cancelled_instance_takes_no_more_steps(world):
+    agent = await world.agent()
+    await world.live(agent)
+    iid = (await world.ok("operator", "workflow.run", workflow="bound"))["instance"]
+    status = await world.ok("operator", "workflow.cancel", instance=iid)
+    assert status["state"] == "cancelled" and world.jid("operator") in status["error"]
+    late = await world.call("bob", "workflow.perform", instance=iid, step="take")
+    assert late.outcome is Outcome.FAILED and "already cancelled" in late.error
+    status = await world.ok("operator", "workflow.status", instance=iid)
+    assert [s["state"] for s in status["steps"]] == ["held", "pending"]
+
+
 async def test_rate_limit_refuses_the_one_over(world):
     agent = await world.agent()
     await world.live(agent)

@@ -1,0 +1,113 @@
+"""Workflow definitions: what a file may say, the errors that name the field, and a run's plan."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from broker.workflow_spec import Plan, WorkflowError, fill, load_dir, parse
+from broker.workflow_store import WorkflowStore
+from broker.constraints import APPROVED, PERFORMED, REQUESTED
+
+EXAMPLES = Path(__file__).resolve().parents[2] / "deploy" / "workflows"
+
+
+def wf(text: str):
+    return parse(yaml.safe_load(text), "wf.yaml")
+
+
+def error(text: str) -> str:
+    with pytest.raises(WorkflowError) as exc:
+        wf(text)
+    return str(exc.value)
+
+
+def test_the_examples_load_and_plan():
+    good, bad = load_dir(EXAMPLES)
+    assert bad == {} and {"fence-verify-release", "masked-copy"} <= set(good)
+    plan = good["masked-copy"].plan({"volume": "proddb", "developers": ["alice", "bob"]})
+    assert [s.name for s in plan.stages[-1]] == ["clone:alice", "clone:bob"]
+    assert plan.stages[-1][1].args["clone"] == "proddb-bob" and plan.stages[0][0].args["snapshot"] == "nightly"
+
+
+def test_installed_destructive_ops_keep_the_two_person_rule_whatever_the_file_says():
+    good, _ = load_dir(EXAMPLES)
+    plan = good["fence-verify-release"].plan({"cluster": "c1", "node": "3"}, lambda op: op == "fence.off")
+    fence = plan.step("fence")
+    assert fence.destructive and fence.needed == 2 and fence.on == ["/cluster/c1/node/3"]
+    assert fence.rate == {"key": "fence.off:/cluster/c1", "limit": 3, "per": 3600.0}
+    assert plan.step("verify").needed == 0
+
+
+def test_bare_on_key_is_the_resources_not_yaml_true():
+    w = wf("name: a\nsteps:\n  - {name: s, op: x.y, on: [/host/a]}\n")
+    assert w.stages[0][0].on == ("/host/a",)
+
+
+def test_parallel_group_is_one_stage_and_plan_round_trips_through_json():
+    w = wf("name: a\nparams: {n: {}}\nsteps:\n  - {name: s, op: x.y}\n"
+           "  - parallel: [{name: p, op: x.y, args: {v: '{n}'}}, {name: q, op: x.z}]\n")
+    plan = w.plan({"n": "7"})
+    assert [[s.name for s in st] for st in plan.stages] == [["s"], ["p", "q"]]
+    assert Plan.from_json(plan.to_json()) == plan and plan.step("p").args == {"v": "7"}
+
+
+def test_parameters_cannot_smuggle_path_segments():
+    w = wf("name: a\nparams: {node: {}}\nsteps:\n  - {name: s, op: x.y, on: ['/cluster/c1/node/{node}']}\n")
+    with pytest.raises(WorkflowError, match="must match"):
+        w.plan({"node": "../../c2/node/1"})
+    with pytest.raises(WorkflowError, match="missing parameter 'node'"):
+        w.plan({})
+    with pytest.raises(WorkflowError, match="unknown parameter 'nod'"):
+        w.plan({"node": "1", "nod": "2"})
+
+
+def test_fill_keeps_a_whole_list_and_refuses_one_inside_text():
+    assert fill("{xs}", {"xs": ["a", "b"]}) == ["a", "b"]
+    assert fill({"k": ["{x}-1", 3]}, {"x": "v"}) == {"k": ["v-1", 3]}
+    with pytest.raises(WorkflowError, match="whole value"):
+        fill("pre-{xs}", {"xs": ["a"]})
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("name: a\nsteps: []\n", "steps: expected a non-empty list"),
+    ("name: a\nsteps:\n  - {name: s, op: x.y, aprovals: 2}\n", "steps[0]: unknown key 'aprovals'"),
+    ("name: a\nsteps:\n  - {name: s, op: X}\n", "steps[0].op: expected an op name"),
+    ("name: a\nsteps:\n  - {name: s, op: x.y}\n  - {name: s, op: x.z}\n", "step s: step names must be unique"),
+    ("name: a\nsteps:\n  - {name: s, op: x.y, args: {v: '{nope}'}}\n", "undeclared parameter 'nope'"),
+    ("name: a\nsteps:\n  - {name: s, op: x.y, bound_to: t}\n  - {name: t, op: x.y}\n", "'t' is not an earlier step"),
+    ("name: a\nsteps:\n  - {name: s, op: x.y, rate: {limit: 0, per: 60}}\n", "rate.limit"),
+    ("name: a\nparams: {d: {}}\nsteps:\n  - {name: s, op: x.y, for_each: d, as: x}\n", "'d' is not a list parameter"),
+    ("name: a\nsteps:\n  - {name: s, op: x.y, destructive: yes please}\n", "destructive: expected true or false"),
+    ("name: A\nsteps:\n  - {name: s, op: x.y}\n", "name: expected a lowercase name"),
+])
+def test_mistakes_name_the_file_and_field(text, expected):
+    message = error(text)
+    assert message.startswith("wf.yaml: ") and expected in message
+
+
+def test_a_broken_file_is_reported_and_the_others_still_load(tmp_path):
+    (tmp_path / "good.yaml").write_text("name: good\nsteps:\n  - {name: s, op: x.y}\n")
+    (tmp_path / "bad.yaml").write_text("name: bad\nsteps:\n  - {name: s, op: x.y, typo: 1}\n")
+    good, bad = load_dir(tmp_path)
+    assert set(good) == {"good"} and "unknown key 'typo'" in bad["bad.yaml"]
+
+
+def test_store_keeps_state_and_history_across_reopening(tmp_path):
+    path = tmp_path / "workflows.sqlite"
+    store = WorkflowStore(path)
+    store.create("abc", "w", "alice", {"n": "1"}, [[{"name": "s"}]], ["s", "t"])
+    store.add_event("abc", APPROVED, "s", "bob")
+    store.start_step("abc", "s", "alice", "agent@x/agent")
+    store.close()
+    store = WorkflowStore(path)
+    assert store.unfinished() == ["abc"] and store.instance("abc")["params"] == {"n": "1"}
+    assert store.step("abc", "s")["state"] == "running" and store.step("abc", "s")["target"] == "agent@x/agent"
+    kinds = [(e.kind, e.step, e.actor) for e in store.history("abc")]
+    assert kinds == [(REQUESTED, "s", "alice"), (REQUESTED, "t", "alice"), (APPROVED, "s", "bob"),
+                     (PERFORMED, "s", "alice")]
+    store.set_instance("abc", "done")
+    assert store.unfinished() == [] and store.instances()[0]["state"] == "done"
+    store.close()
