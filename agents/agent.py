@@ -22,17 +22,17 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Annotated, Any, Sequence
 
 from slixmpp import Iq, Presence
 
-from . import __version__, protocol, resources as paths
+from . import __version__, policy_sync, protocol, resources as paths
 from .actor import Actor, Backoff, Endpoint
 from .audit import AuditLog
 from .authz import AdminsOnly, Authorizer, decide
 from .errors import BadArguments, BadPayload, Denied, InternalError, OpError, OpTimeout, UnknownOp
 from .idempotency import Answer, RequestLog, fingerprint
-from .ops import OpSpec, op, ops_of
+from .ops import Arg, OpSpec, op, ops_of
 
 log = logging.getLogger(__name__)
 audit_log = logging.getLogger("vertebra.audit")
@@ -123,6 +123,12 @@ class Agent(Actor):
         self._requests.close()
         if self.audit is not None:
             self.audit.close()
+
+    @op(policy_sync.INSTALL_OP, deadline=10)
+    async def policy_install(self, call: Call, text: Annotated[str, Arg("the policy, as YAML")],
+                             issued_at: Annotated[float, Arg("when the broker vouched for it (epoch s)")]) -> dict:
+        """Install the authorization policy this agent's broker pushes (accepted from the broker only)."""
+        return policy_sync.install(self.authorizer, text, issued_at)
 
     def describe(self) -> dict[str, Any]:
         return {"name": self.name, "jid": str(self.jid), "kind": self.kind, "version": __version__,
@@ -265,7 +271,9 @@ class Agent(Actor):
                             f" it offers {', '.join(sorted(self.ops))}")
         args = spec.validate(protocol.decode(req.xml.text) or {})
         resources = self._resources_of(spec, args, req["on"].split())
-        decision = decide(self.authorizer, caller, spec, resources)
+        # Policy pushes are the broker's alone, whatever the policy says (see policy_sync).
+        decision = (policy_sync.authorize_install(caller, self.broker) if spec.name == policy_sync.INSTALL_OP
+                    else decide(self.authorizer, caller, spec, resources))
         audit_log.info("decide rid=%s caller=%s op=%s resources=%s allowed=%s reason=%s",
                        rid, caller, spec.name, resources, decision.allowed, decision.reason)
         if self.audit is not None:

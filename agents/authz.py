@@ -11,6 +11,7 @@ deny.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -60,14 +61,19 @@ class PolicyAuthorizer:
         self.gate = gate or Gate()
         self.site = site
         self.max_age = max_age
+        self.source: Path | None = None  # the policy file, where this copy is the broker's
+        self.digest: str | None = None  # of the active policy's text, to tell a re-push from a new one
 
     @classmethod
     def from_file(cls, path: str | Path, **kw: object) -> "PolicyAuthorizer":
         """An authorizer with the policy at ``path`` loaded; raises ValueError naming every problem."""
         authorizer = cls(**kw)  # type: ignore[arg-type]
-        result = authorizer.load(Path(path).read_text(encoding="utf-8"))
+        text = Path(path).read_text(encoding="utf-8")
+        result = authorizer.load(text)
         if not result.ok:
             raise ValueError(f"{path}: {result}")
+        authorizer.source = Path(path)
+        authorizer.digest = hashlib.sha256(text.encode()).hexdigest()
         return authorizer
 
     def load(self, text: str, issued_at: float | None = None) -> LoadResult:

@@ -7,6 +7,7 @@
     vertebra call OP [--on RESOURCE ...] [--scope all|one] [--to JID ...] [--timeout S] [--json] key=value ...
     vertebra help [OP]               an op's arguments, generated from its declaration
     vertebra policy check FILE       lint an authorization policy and check its examples, offline
+    vertebra policy reload           the broker re-reads the mesh's policy file and pushes it to every agent
     vertebra audit verify|show       check the hash chains of the agents' audit logs, or read them
 
 Exit codes of `call` and `agents`: 0 every target ok; 1 some target failed; 2 bad command line or
@@ -50,7 +51,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if ns.command == "help":
             return _help(ns.op)
-        if ns.command == "policy":
+        if ns.command == "policy" and ns.action == "check":
+            if not ns.file:
+                parser.error("policy check needs the FILE to check")
             return _policy_check(ns.file)
         mesh = meshconf.load(ns.mesh, ns.home)
         return COMMANDS[ns.command](mesh, ns)
@@ -90,9 +93,10 @@ def _parser() -> argparse.ArgumentParser:
     call.add_argument("--json", action="store_true", help="print the results as JSON")
     hlp = sub.add_parser("help", help="show an op's arguments, or list every op")
     hlp.add_argument("op", nargs="?")
-    pol = sub.add_parser("policy", help="check an authorization policy file offline")
-    pol.add_argument("action", choices=("check",))
-    pol.add_argument("file")
+    pol = sub.add_parser("policy", help="check a policy file offline, or have the broker reload and push it")
+    pol.add_argument("action", choices=("check", "reload"))
+    pol.add_argument("file", nargs="?", help="check: the policy file")
+    pol.add_argument("--timeout", type=float, default=60.0)
     aud = sub.add_parser("audit", help="verify or show the audit logs of this machine's agents")
     aud.add_argument("action", choices=("verify", "show"))
     aud.add_argument("--agent", action="append", default=[], metavar="NAME",
@@ -133,6 +137,12 @@ def _policy_check(path: str) -> int:
 
 
 # -- audit -----------------------------------------------------------------------------------------
+
+def cmd_policy_reload(mesh: meshconf.MeshConfig, ns: argparse.Namespace) -> int:
+    report = _run_call(mesh, "policy.reload", {}, ns.timeout, to=[mesh.broker_jid])
+    _print_report(report, False)
+    return report.exit_code
+
 
 def cmd_audit(mesh: meshconf.MeshConfig, ns: argparse.Namespace) -> int:
     from . import audit
@@ -408,7 +418,7 @@ def _stop_children(children: list[subprocess.Popen[bytes]]) -> None:
 
 
 COMMANDS = {"server": cmd_server, "up": cmd_up, "broker": cmd_broker, "agent": cmd_agent,
-            "agents": cmd_agents, "call": cmd_call, "audit": cmd_audit}
+            "agents": cmd_agents, "call": cmd_call, "audit": cmd_audit, "policy": cmd_policy_reload}
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -28,6 +28,7 @@ from agents.errors import BadArguments
 
 from .alerts import AlertsMixin
 from .directory import Capabilities, Directory
+from .policy import PolicyDistribution
 from .workflows import WorkflowMixin
 
 log = logging.getLogger(__name__)
@@ -37,7 +38,7 @@ CAPS_HASHES = {"sha-1", "sha-256", "sha-512"}  # XEP-0115's; md5 and the like ar
 BAD_CAPS_MEMORY = 60.0  # seconds a caps hash that failed to verify is not asked about again
 
 
-class Broker(WorkflowMixin, AlertsMixin, Agent):
+class Broker(WorkflowMixin, AlertsMixin, PolicyDistribution, Agent):
     kind = "broker"
     resource = "broker"
 
@@ -102,6 +103,7 @@ class Broker(WorkflowMixin, AlertsMixin, Agent):
                 # Our presence back acknowledges the agent (it stops repeating its own) and makes the
                 # server tell the agent when this broker goes.
                 self.xmpp.send_presence(pto=jid)
+                self.policy_on_join(jid)
             self._known.add(pres["from"].bare)
 
     def _on_unavailable(self, pres: Presence) -> None:

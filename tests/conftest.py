@@ -57,7 +57,8 @@ class Mesh:
 
     async def broker(self, **kw: Any) -> Broker:
         jid, pw = self.account("broker")
-        return await self.start(Broker(jid, pw, self.endpoint, authorizer=self.admins, **kw))
+        kw.setdefault("authorizer", self.admins)
+        return await self.start(Broker(jid, pw, self.endpoint, **kw))
 
     async def agent(self, cls: type, broker: Broker | None, resources: list[str], **kw: Any) -> Any:
         jid, pw = self.account(cls.kind)

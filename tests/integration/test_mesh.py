@@ -10,7 +10,6 @@ import sys
 import uuid
 
 import msgpack
-import pytest
 
 from agents import protocol
 from agents.errors import Outcome
