@@ -5,6 +5,8 @@ The driver comes from the agent's settings in the mesh file::
     settings:
       driver: embedded      # or btrfs (root and a mounted btrfs filesystem needed)
       root: /srv/vertebra   # where the driver keeps its data; default: <agent state dir>/storage
+      inbox_host: 0.0.0.0   # where replication inboxes listen; default 127.0.0.1
+      inbox_advertise: db2.example.net   # the address sources are told; default inbox_host
 
 Every op names what it acts on as /volume/NAME resources (a clone is a volume too), so a policy can give a
 developer their own clone and nothing else. Driver calls block on disk, so they run in a worker thread.
@@ -23,11 +25,12 @@ from ..ops import Arg, op
 from .driver import SnapshotInfo, StorageDriver, StorageError, VolumeInfo
 from .faults import op_error
 from .names import NAME_PATTERN
+from .replication_ops import ReplicationOps
 
 T = TypeVar("T")
 
 DRIVERS = ("embedded", "btrfs")
-_SETTINGS = {"driver", "root"}
+_SETTINGS = {"driver", "root", "inbox_host", "inbox_advertise"}
 _RULE = "1-64 of A-Z a-z 0-9 _ . -, starting with a letter or digit, no '..'"
 _DATA_DEADLINE = 3600.0   # ops that copy or capture a whole tree: as long as the data takes
 
@@ -64,14 +67,20 @@ def open_driver(settings: dict[str, Any], state_dir: Path | None) -> StorageDriv
     return EmbeddedDriver(root)
 
 
-class StorageAgent(Agent):
+class StorageAgent(ReplicationOps, Agent):
     kind = "storage"
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.driver = open_driver(self.settings, self.state_dir)
+        self._open_replication(self.state_dir, self.settings)
+
+    async def start(self, timeout: float = 15.0) -> None:
+        await super().start(timeout)
+        self.replicator.start()     # actions carry on: schedules, and updates an interruption left pending
 
     async def stop(self) -> None:
+        await self._close_replication()
         await super().stop()
         close = getattr(self.driver, "close", None)
         if close is not None:

@@ -108,6 +108,9 @@ class _Transfer:
     complete: asyncio.Event = field(default_factory=asyncio.Event)
     # One connection at a time appends to the spool: a resumed sender waits until the cut one is done.
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    # Open connections, so a destroyed package (or a test) can cut them; and the bytes ever appended to
+    # the spool, which shows that a resumed transfer received nothing twice.
+    writers: set[asyncio.StreamWriter] = field(default_factory=set)
 
 
 class Inbox:
@@ -121,6 +124,7 @@ class Inbox:
         self._ssl = ssl_context
         self._server: asyncio.base_events.Server | None = None
         self._transfers: dict[str, _Transfer] = {}
+        self._received: dict[str, int] = {}     # bytes appended per transfer, kept after discard
 
     async def start(self) -> None:
         self._server = await asyncio.start_server(self._serve, self.host, 0, ssl=self._ssl)
@@ -149,9 +153,30 @@ class Inbox:
         await entry.complete.wait()
         return entry.spool
 
+    def is_complete(self, transfer: str) -> bool:
+        entry = self._transfers.get(transfer)
+        return entry is not None and entry.complete.is_set()
+
+    def spool(self, transfer: str) -> Path:
+        return self._transfers[transfer].spool
+
+    def received(self, transfer: str) -> int:
+        """Bytes appended to the spool of `transfer` by every connection of this process."""
+        return self._received.get(transfer, 0)
+
+    def cut(self, transfer: str) -> int:
+        """Abort the open connections of `transfer` (as a network fault would); return how many."""
+        entry = self._transfers.get(transfer)
+        writers = list(entry.writers) if entry is not None else []
+        for writer in writers:
+            writer.transport.abort()
+        return len(writers)
+
     def discard(self, transfer: str) -> None:
         entry = self._transfers.pop(transfer, None)
         if entry is not None:
+            for writer in list(entry.writers):
+                writer.transport.abort()
             entry.spool.unlink(missing_ok=True)
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -173,10 +198,14 @@ class Inbox:
             raise StorageError("transfer refused: unknown transfer or a token that is wrong or already "
                                "used; ask the target for a new one", code="invalid")
         entry.tokens.discard(hello["token"])                         # one connection per token
-        async with entry.lock:
-            await self._spool(entry, reader, writer)
+        entry.writers.add(writer)
+        try:
+            async with entry.lock:
+                await self._spool(str(hello["transfer"]), entry, reader, writer)
+        finally:
+            entry.writers.discard(writer)
 
-    async def _spool(self, entry: _Transfer, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def _spool(self, transfer: str, entry: _Transfer, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         if entry.complete.is_set():
             writer.write(encode_frame({"t": "ok", "bytes": entry.spool.stat().st_size}))
             await writer.drain()
@@ -198,6 +227,7 @@ class Inbox:
                     out.write(frame["d"])
                     digest.update(frame["d"])
                     held += len(frame["d"])
+                    self._received[transfer] = self._received.get(transfer, 0) + len(frame["d"])
                 elif frame["t"] == "done":
                     out.flush()
                     os.fsync(out.fileno())

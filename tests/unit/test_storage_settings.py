@@ -12,7 +12,7 @@ from agents.storage.driver import StorageError
     ({"driver": "zfs"}, ["driver", "'zfs'", "embedded, btrfs"]),
     ({"root": "relative/dir"}, ["root", "absolute", "'relative/dir'"]),
     ({"root": 5}, ["root", "absolute"]),
-    ({"pool": "tank"}, ["unknown storage setting pool", "driver, root"]),
+    ({"pool": "tank"}, ["unknown storage setting pool", "driver, inbox_advertise, inbox_host, root"]),
 ])
 def test_bad_settings_say_what_to_write(settings, words, tmp_path):
     with pytest.raises(SettingsError) as err:

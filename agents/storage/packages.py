@@ -1,0 +1,140 @@
+"""The target side of replication: packages (one replica volume per source action) and the inboxes that
+receive into them.
+
+A source opens a transfer with `offer` (over XMPP: the storage.package.receive op) and gets an address, a
+transfer id, a one-time token and, with TLS, the certificate to pin. The transfer id is derived here from
+the package and snapshot, never taken from the sender, so one source cannot touch another's spool. After
+the stream is whole, `commit` (storage.package.commit) hands the spool to the driver's receive, which
+publishes the snapshot all or nothing. Spools live in the state directory, so a restarted target resumes
+from what it already holds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+from typing import Any, Iterator
+
+import blake3
+
+from agents.storage.driver import StorageDriver, StorageError
+from agents.storage.inbox_tls import server_context
+from agents.storage.replication_state import Package, ReplicationState
+from agents.storage.transfer import Inbox
+
+_READ = 1 << 20
+
+
+def transfer_id(package: str, snapshot: str) -> str:
+    return "t" + blake3.blake3(f"{package}/{snapshot}".encode()).hexdigest()[:40]
+
+
+def _pieces(path: Path) -> Iterator[bytes]:
+    with open(path, "rb") as f:
+        while block := f.read(_READ):
+            yield block
+
+
+class PackageHost:
+    """Packages and inboxes of one target agent."""
+
+    def __init__(self, driver: StorageDriver, state: ReplicationState, directory: Path, *,
+                 host: str = "127.0.0.1", advertise: str | None = None) -> None:
+        self.driver = driver
+        self.state = state
+        self.directory = directory
+        self.host = host
+        self.advertise = advertise or host
+        # One inbox per mode, started on first use: TLS is chosen per action.
+        self.inboxes: dict[bool, Inbox] = {}
+        self._cert_pem = ""
+        self._opening = asyncio.Lock()
+
+    async def stop(self) -> None:
+        for inbox in self.inboxes.values():
+            await inbox.stop()
+        self.inboxes.clear()
+
+    async def _inbox(self, tls: bool) -> Inbox:
+        async with self._opening:
+            if tls not in self.inboxes:
+                ctx = None
+                if tls:
+                    ctx, self._cert_pem = await asyncio.to_thread(server_context, self.directory)
+                inbox = Inbox(self.directory / "spool", self.host, ssl_context=ctx)
+                await inbox.start()
+                self.inboxes[tls] = inbox
+            return self.inboxes[tls]
+
+    def _find(self, transfer: str) -> Inbox | None:
+        return next((i for i in self.inboxes.values() if i.is_complete(transfer)), None)
+
+    # ops --------------------------------------------------------------------------------------------
+    async def offer(self, caller: str, package: str, action: str, source_volume: str, snapshot: str,
+                    tls: bool) -> dict[str, Any]:
+        """Open (or reopen) the transfer of `snapshot` into `package` for `caller`."""
+        owned = self.state.package(package)
+        if owned is None:
+            if any(v.name == package for v in await asyncio.to_thread(self.driver.list_volumes)):
+                raise StorageError(f"{package!r} already exists on this agent and is not a package; choose "
+                                   f"another package name", code="exists")
+            self.state.add_package(Package(package, action, caller, source_volume, time.time()))
+        elif owned.source != caller or owned.action != action:
+            raise StorageError(f"package {package!r} belongs to action {owned.action} of {owned.source}; "
+                               f"choose another package name", code="exists")
+        held = await asyncio.to_thread(self._snapshots, package)
+        transfer = transfer_id(package, snapshot)
+        inbox = await self._inbox(tls)
+        return {"host": self.advertise, "port": inbox.port, "transfer": transfer,
+                "token": inbox.offer(transfer), "held": inbox.held(transfer), "snapshots": held,
+                "cert": self._cert_pem if tls else None}
+
+    async def commit(self, caller: str, package: str, snapshot: str) -> dict[str, Any]:
+        """Publish the complete spool of `snapshot` as package@snapshot (idempotent)."""
+        owned = self.state.package(package)
+        if owned is None or owned.source != caller:
+            raise StorageError(f"no package {package!r} of {caller} here", code="not_found")
+        held = await asyncio.to_thread(self._snapshots, package)
+        done = [s for s in held if s["name"] == snapshot]
+        if done:
+            return done[0]
+        transfer = transfer_id(package, snapshot)
+        inbox = self._find(transfer)
+        if inbox is None:
+            raise StorageError(f"the stream of {package}@{snapshot} is not complete here; resume the transfer",
+                               code="busy")
+        try:
+            info = await asyncio.to_thread(self.driver.receive, package, snapshot, _pieces(inbox.spool(transfer)))
+        except StorageError as exc:
+            if exc.code == "corrupt":      # a whole but bad spool would fail forever: make the next try fresh
+                inbox.discard(transfer)
+            raise
+        inbox.discard(transfer)
+        return {"name": info.name, "guid": info.guid, "logical_bytes": info.logical_bytes}
+
+    def list(self) -> list[dict[str, Any]]:
+        out = []
+        for p in self.state.packages():
+            snaps = self._snapshots(p.name)
+            out.append({"package": p.name, "action": p.action, "source": p.source,
+                        "source_volume": p.source_volume, "created": p.created, "snapshots": snaps,
+                        "latest": snaps[-1]["name"] if snaps else None})
+        return out
+
+    def destroy(self, package: str) -> dict[str, Any]:
+        """Destroy a package's snapshots and replica; refused (naming them) while clones depend on it."""
+        if self.state.package(package) is None:
+            raise StorageError(f"no package {package!r}; storage.package.list shows them", code="not_found")
+        for snap in self._snapshots(package):
+            self.driver.destroy_snapshot(package, snap["name"])
+        if any(v.name == package for v in self.driver.list_volumes()):
+            self.driver.destroy_volume(package)
+        self.state.drop_package(package)
+        return {"destroyed": package}
+
+    def _snapshots(self, package: str) -> list[dict[str, Any]]:
+        if not any(v.name == package for v in self.driver.list_volumes()):
+            return []
+        return [{"name": s.name, "guid": s.guid, "created": s.created, "logical_bytes": s.logical_bytes,
+                 "clones": list(s.clones)} for s in self.driver.list_snapshots(package)]

@@ -1,0 +1,165 @@
+"""The storage agent's replication ops, as a mixin of StorageAgent: actions on the source
+(storage.replicate, storage.replication.*) and packages on the target (storage.package.*).
+
+Two of them are for agents rather than people: a source calls storage.package.receive on the target to
+open an inbox for one snapshot, then storage.package.commit to publish it. A policy that lets a site
+replicate into another grants the source agent's JID those two ops on the target (on /volume/<package>).
+A package is a replica volume: its snapshots are listed with storage.snapshot.list and cloned with
+storage.clone.create like any other, and have no writable tree of their own.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any
+
+from ..agent import Call
+from ..ops import Arg, op
+from .driver import StorageError
+from .faults import op_error
+from .names import NAME_PATTERN
+from .packages import PackageHost
+from .replication import Replicator
+from .replication_state import ReplicationState
+
+if TYPE_CHECKING:
+    from .driver import StorageDriver
+
+_DATA_DEADLINE = 3600.0
+_RULE = "1-64 of A-Z a-z 0-9 _ . -, starting with a letter or digit, no '..'"
+
+Volume = Annotated[str, Arg(f"source volume name ({_RULE})", pattern=NAME_PATTERN)]
+Package = Annotated[str, Arg(f"package name on the target ({_RULE})", pattern=NAME_PATTERN)]
+ActionId = Annotated[str, Arg("replication action id (storage.replication.list)", pattern=r"r[0-9a-f]{8}")]
+Rate = Annotated[float, Arg("bandwidth limit in bytes per second; 0 for none", min=0)]
+
+
+class ReplicationOps:
+    """Replication ops; the class mixing this in provides driver, state_dir, settings, request, _drive."""
+
+    driver: "StorageDriver"
+    replicator: Replicator
+    packages: PackageHost
+
+    def _open_replication(self, state_dir: Path | None, settings: dict[str, Any]) -> None:
+        directory = Path(state_dir) / "replication" if state_dir else self.driver.root / "replication"
+        self.replication_state = ReplicationState(directory / "replication.sqlite")
+        self.packages = PackageHost(self.driver, self.replication_state, directory,
+                                    host=settings.get("inbox_host", "127.0.0.1"),
+                                    advertise=settings.get("inbox_advertise"))
+        self.replicator = Replicator(self.driver, self.replication_state, self.request,  # type: ignore[attr-defined]
+                                     own_resource=self.resource)  # type: ignore[attr-defined]
+
+    async def _close_replication(self) -> None:
+        await self.replicator.stop()
+        await self.packages.stop()
+        self.replication_state.close()
+
+    async def _guard(self, coro: Any) -> Any:
+        try:
+            return await coro
+        except StorageError as exc:
+            raise op_error(exc) from None
+
+    async def _wait_update(self, call: Call, action_id: str) -> dict[str, Any]:
+        async def report(payload: dict[str, Any]) -> None:
+            await call.progress(payload)
+
+        try:
+            task = self.replicator.update(action_id, report)
+        except StorageError as exc:
+            raise op_error(exc) from None
+        try:
+            return await self._guard(asyncio.shield(task))
+        except asyncio.CancelledError:
+            if task.cancelled():        # paused (or the agent is stopping) while this op waited
+                raise op_error(StorageError(f"replication action {action_id} was paused or stopped during "
+                                            f"the update; storage.replication.resume continues it",
+                                            code="busy")) from None
+            raise
+
+    # source -------------------------------------------------------------------------------------------
+    @op("storage.replicate", deadline=_DATA_DEADLINE, progress=True, resources=("/volume/{volume}",))
+    async def replicate(self, call: Call, volume: Volume,
+                        target: Annotated[str, Arg("JID of the target storage agent",
+                                                   pattern=r"[^\s/@]+@[^\s/@]+(/\S+)?")],
+                        package: Annotated[str, Arg(f"package name on the target (default: "
+                                                    f"<volume>.<action id>; {_RULE})",
+                                                    pattern=f"|{NAME_PATTERN}")] = "",
+                        interval: Annotated[float, Arg("seconds between scheduled updates; 0 for on demand "
+                                                       "(storage.replication.update)", min=0)] = 0.0,
+                        continuous: Annotated[bool, Arg("start each update as soon as the last one ends")] = False,
+                        tls: Annotated[bool, Arg("encrypt the data stream (the target's certificate is "
+                                                 "pinned through XMPP)")] = True,
+                        rate: Rate = 0.0) -> dict:
+        """Create a replication action from a volume to a package on another storage agent, and run its
+        first (full) update, reporting bytes, rate and ETA."""
+        await self._drive(self.driver.list_snapshots, volume)     # the volume must exist   # type: ignore[attr-defined]
+        try:
+            action = self.replicator.create(volume, target, package, interval, continuous, tls, rate or None)
+        except StorageError as exc:
+            raise op_error(exc) from None
+        self.replicator.schedule(action.id)
+        return await self._wait_update(call, action.id)
+
+    @op("storage.replication.update", deadline=_DATA_DEADLINE, progress=True)
+    async def replication_update(self, call: Call, action: ActionId) -> dict:
+        """Run one update of an action now (or join the one running): snapshot, send incrementally, publish."""
+        return await self._wait_update(call, action)
+
+    @op("storage.replication.list")
+    async def replication_list(self, call: Call) -> list:
+        """List replication actions: target, package, schedule, throttle, state, last update, live progress."""
+        return self.replicator.list()
+
+    @op("storage.replication.pause")
+    async def replication_pause(self, call: Call, action: ActionId) -> dict:
+        """Pause an action: a running transfer stops where it is and resumes from there later."""
+        return (await self._guard(self.replicator.pause(action))).to_wire()
+
+    @op("storage.replication.resume")
+    async def replication_resume(self, call: Call, action: ActionId) -> dict:
+        """Resume a paused action: an interrupted update continues, then the schedule runs again."""
+        return (await self._guard(self._async(self.replicator.resume, action))).to_wire()
+
+    @op("storage.replication.throttle")
+    async def replication_throttle(self, call: Call, action: ActionId, rate: Rate) -> dict:
+        """Change an action's bandwidth limit; a running transfer paces to it at once."""
+        return (await self._guard(self._async(self.replicator.throttle, action, rate or None))).to_wire()
+
+    @op("storage.replication.destroy", destructive=True, deadline=600)
+    async def replication_destroy(self, call: Call, action: ActionId) -> dict:
+        """Destroy an action and its snapshots on the source; its package on the target stays."""
+        return await self._guard(self.replicator.destroy(action))
+
+    # target -------------------------------------------------------------------------------------------
+    @op("storage.package.list")
+    async def package_list(self, call: Call) -> list:
+        """List the packages this agent holds: source agent and volume, action, snapshots."""
+        return await self._drive(self.packages.list)  # type: ignore[attr-defined]
+
+    @op("storage.package.receive", resources=("/volume/{package}",))
+    async def package_receive(self, call: Call, package: Package,
+                              action: ActionId, source_volume: Volume,
+                              snapshot: Annotated[str, Arg("snapshot to receive", pattern=NAME_PATTERN)],
+                              tls: bool = True) -> dict:
+        """(For source agents.) Open an inbox for one snapshot: address, one-time token, what is held."""
+        return await self._guard(self.packages.offer(call.caller, package, action, source_volume, snapshot, tls))
+
+    @op("storage.package.commit", deadline=_DATA_DEADLINE, resources=("/volume/{package}",))
+    async def package_commit(self, call: Call, package: Package,
+                             snapshot: Annotated[str, Arg("snapshot whose stream is complete",
+                                                          pattern=NAME_PATTERN)]) -> dict:
+        """(For source agents.) Publish a completely received snapshot into its package, all or nothing."""
+        return await self._guard(self.packages.commit(call.caller, package, snapshot))
+
+    @op("storage.package.destroy", destructive=True, deadline=600, resources=("/volume/{package}",))
+    async def package_destroy(self, call: Call, package: Package) -> dict:
+        """Destroy a package and its snapshots; refused while clones made from them exist, which it names."""
+        return await self._drive(self.packages.destroy, package)  # type: ignore[attr-defined]
+
+    @staticmethod
+    async def _async(fn: Any, *args: Any) -> Any:
+        """A quick synchronous call as a coroutine, so _guard turns its StorageError into an OpError."""
+        return fn(*args)
