@@ -15,8 +15,8 @@ The plan (this module is its first, tested part: the transfer between two endpoi
    receive, which itself publishes all or nothing (and verifies the stream's own end-to-end checksum).
 4. Throttle. The sender paces data through a Throttle whose rate can be changed at any moment (the
    `storage.replication.throttle` op will call set_rate on the running action).
-5. Still to come: the ops (replicate, replication.list|pause|resume|throttle|destroy, package.list),
-   packages on the target, scheduling and continuous mode, progress reports with rate and ETA.
+5. Built on this: packages.py (the target's packages and inboxes), replication.py (the source's actions,
+   updates, schedules and progress) and replication_ops.py (the ops).
 """
 
 from __future__ import annotations

@@ -239,3 +239,17 @@ async def test_a_restarted_source_agent_finishes_the_pending_update(mesh, tmp_pa
     assert last["snapshot"] == f"{action['id']}-000001" and last["connections"][-1]["resumed_from"] > 0
     assert inbox_of(s).received(transfer) == last["stream_bytes"]
     await s.clone_matches(action["package"], last["snapshot"], live, "check")
+
+
+async def test_a_scheduled_action_updates_on_its_own(mesh, tmp_path):
+    s = await sites(mesh, tmp_path)
+    live = Path((await s.a.ok("storage.volume.create", volume="db"))["path"])
+    (live / "v").write_text("first\n")
+    action = await s.a.ok("storage.replicate", volume="db", target=str(s.dst.jid.bare), interval=0.2)
+    (live / "v").write_text("later\n")
+    (pkg,) = await until(lambda: [a for a in s.src.replicator.list() if a["seq"] >= 3 and not a["pending"]],
+                         what="two scheduled updates")
+    assert pkg["interval"] == 0.2 and pkg["error"] is None
+    await s.a.ok("storage.replication.pause", action=action["id"])
+    latest = (await s.a.ok("storage.replication.list"))[0]["last_snap"]
+    await s.clone_matches(action["package"], latest, live, "check")

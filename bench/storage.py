@@ -1,0 +1,254 @@
+#!/usr/bin/env python3
+"""Storage benchmark (issue 6), every figure beside its baseline from the same run:
+
+1. btrfs clone time of a small vs a big volume (target ratio <= 1.5: a clone costs the same at any size);
+2. embedded snapshot ingest MB/s vs a bare read + 8 KiB cut + BLAKE3 loop over the same file (>= 0.3x);
+3. bytes an incremental update sends after rewriting 1% of a file's pages in place vs bytes changed (<= 1.05);
+4. replication throughput (two storage agents on a private Prosody, btrfs driver, TLS on) vs
+   `btrfs send | btrfs receive` of the same snapshot (>= 0.5x);
+5. the average rate of a throttled replication vs its limit (within 10%).
+
+Needs root (loop-mounted btrfs images) and prosody. Sizes are modest by default for a shared machine
+(--big-mib 2048 gives the issue's 2 GiB volume; default 1024).
+
+Usage::
+
+    python bench/storage.py [--big-mib 1024] [--data-mib 256] [--keep]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import random
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import blake3  # noqa: E402
+
+from agents.actor import Endpoint  # noqa: E402
+from agents.authz import AdminsOnly  # noqa: E402
+from agents.client import Client  # noqa: E402
+from agents.errors import Outcome  # noqa: E402
+from agents.server import PrivateServer  # noqa: E402
+from agents.storage.agent import StorageAgent  # noqa: E402
+from agents.storage.btrfs import BtrfsDriver  # noqa: E402
+from agents.storage.embedded import EmbeddedDriver  # noqa: E402
+
+DOMAIN = "bench.storage"
+PAGE = 8192
+MiB = 1 << 20
+_RESULTS: list[tuple[str, str, bool]] = []
+
+
+def report(name: str, text: str, ok: bool) -> None:
+    _RESULTS.append((name, text, ok))
+    print(f"{'PASS' if ok else 'MISS'}  {name}: {text}", flush=True)
+
+
+def write_random(path: Path, size: int) -> None:
+    """Real, incompressible data that never repeats (btrfs does not dedupe, the embedded store would)."""
+    with open(path, "wb") as f:
+        left = size
+        while left > 0:
+            f.write(os.urandom(min(left, 16 * MiB)))
+            left -= 16 * MiB
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def loop_btrfs(work: Path, name: str, size: int) -> Path:
+    image, mnt = work / f"{name}.img", work / name
+    with open(image, "wb") as f:
+        f.truncate(size)
+    subprocess.run(["mkfs.btrfs", "-q", str(image)], check=True, capture_output=True)
+    mnt.mkdir()
+    subprocess.run(["mount", "-o", "loop", str(image), str(mnt)], check=True, capture_output=True)
+    return mnt
+
+
+def timed(fn, *args) -> float:
+    t = time.perf_counter()
+    fn(*args)
+    return time.perf_counter() - t
+
+
+def bench_clone(mnt: Path, small_mib: int, big_mib: int) -> None:
+    drv = BtrfsDriver(mnt / "clones")
+    medians = {}
+    for name, mib in (("small", small_mib), ("big", big_mib)):
+        drv.create_volume(name)
+        write_random(drv.path(name) / "data", mib * MiB)
+        drv.snapshot(name, "s")
+        times = [timed(drv.clone, name, "s", f"{name}-c{i}") for i in range(5)]
+        medians[name] = statistics.median(times)
+    drv.close()
+    ratio = medians["big"] / medians["small"]
+    report("btrfs clone", f"{small_mib} MiB {medians['small'] * 1000:.1f} ms, {big_mib} MiB "
+           f"{medians['big'] * 1000:.1f} ms (median of 5): ratio {ratio:.2f} (target <= 1.5)", ratio <= 1.5)
+
+
+def bench_ingest(work: Path, mib: int) -> None:
+    drv = EmbeddedDriver(work / "ingest")
+    drv.create_volume("v")
+    data = drv.path("v") / "table"
+    write_random(data, mib * MiB)
+
+    def bare() -> None:
+        with open(data, "rb", buffering=0) as f:
+            while buf := f.read(128 * PAGE):
+                view = memoryview(buf)
+                for i in range(0, len(buf), PAGE):
+                    blake3.blake3(view[i:i + PAGE]).digest()
+
+    bare()                                   # both read from the page cache
+    t_bare = timed(bare)
+    t_snap = timed(drv.snapshot, "v", "s")
+    drv.close()
+    ratio = t_bare / t_snap
+    report("embedded ingest", f"snapshot {mib / t_snap:.0f} MB/s vs bare chunk+hash {mib / t_bare:.0f} MB/s: "
+           f"{ratio:.2f}x (target >= 0.3x; the store also compresses with zstd and writes SQLite)", ratio >= 0.3)
+
+
+class Mesh:
+    """A private Prosody, two storage agents and a client."""
+
+    def __init__(self, home: Path) -> None:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        self.home = home
+        self.server = PrivateServer(home / "server-home", domain=DOMAIN, port=port)
+        self.actors: list = []
+
+    async def start(self, roots: tuple[Path, Path], driver: str) -> tuple[StorageAgent, StorageAgent, Client]:
+        endpoint = Endpoint("127.0.0.1", self.server.port, DOMAIN, self.server.ssl_context())
+        n = len(self.actors)
+        accounts = {f"op{n}": "pw-op", f"src{n}": "pw-src", f"dst{n}": "pw-dst"}
+        self.server.register_many(accounts)
+        op, src_jid, dst_jid = (f"{u}@{DOMAIN}" for u in accounts)
+        for sub in ("src", "dst"):
+            (self.home / f"state{n}-{sub}").mkdir(parents=True)
+        src = StorageAgent(src_jid, "pw-src", endpoint, authorizer=AdminsOnly([op]), state_dir=self.home / f"state{n}-src",
+                           settings={"driver": driver, "root": str(roots[0])})
+        dst = StorageAgent(dst_jid, "pw-dst", endpoint, authorizer=AdminsOnly([op, src_jid]),
+                           state_dir=self.home / f"state{n}-dst", settings={"driver": driver, "root": str(roots[1])})
+        client = Client(op, "pw-op", endpoint, broker="")
+        for actor in (src, dst, client):
+            await actor.start()
+            self.actors.append(actor)
+        return src, dst, client
+
+    async def stop(self) -> None:
+        for actor in reversed(self.actors):
+            await actor.stop()
+
+
+async def call(client: Client, agent: StorageAgent, op: str, **args) -> dict:
+    (res,) = (await client.call(op, args, to=[str(agent.jid)], timeout=3600)).results
+    if res.outcome is not Outcome.OK:
+        raise SystemExit(f"{op}: {res.outcome.value}: {res.error}")
+    return res.result
+
+
+async def bench_replication(mesh: Mesh, work: Path, mounts: tuple[Path, Path], data_mib: int) -> None:
+    # Baseline: btrfs send | btrfs receive of the same snapshot, between the same two filesystems.
+    src, dst, client = await mesh.start((mounts[0] / "repl", mounts[1] / "repl"), "btrfs")
+    vol = await call(client, src, "storage.volume.create", volume="db")
+    write_random(Path(vol["path"]) / "table", data_mib * MiB)
+    base_dir = mounts[0] / "baseline"
+    subprocess.run(["btrfs", "subvolume", "snapshot", "-r", vol["path"], str(base_dir)], check=True,
+                   capture_output=True)
+    subprocess.run(["sync"], check=True)
+    recv_dir = mounts[1] / "baseline-recv"
+    recv_dir.mkdir()
+    t = time.perf_counter()
+    subprocess.run(f"btrfs send -q {base_dir} | btrfs receive -q {recv_dir}", shell=True, check=True)
+    subprocess.run(["sync"], check=True)
+    t_pipe = time.perf_counter() - t
+
+    t = time.perf_counter()
+    action = await call(client, src, "storage.replicate", volume="db", target=str(dst.jid.bare))
+    t_repl = time.perf_counter() - t
+    ratio = t_pipe / t_repl
+    report("replication throughput", f"{data_mib} MiB btrfs through two agents (TLS on) {data_mib / t_repl:.0f} "
+           f"MiB/s vs btrfs send|receive {data_mib / t_pipe:.0f} MiB/s: {ratio:.2f}x (target >= 0.5x; "
+           f"stream {action['last']['stream_bytes'] / MiB:.0f} MiB)", ratio >= 0.5)
+
+
+async def bench_incremental_and_throttle(mesh: Mesh, work: Path, data_mib: int) -> None:
+    src, dst, client = await mesh.start((work / "emb-a", work / "emb-b"), "embedded")
+    vol = await call(client, src, "storage.volume.create", volume="db")
+    table = Path(vol["path"]) / "table"
+    pages = 64 * MiB // PAGE
+    write_random(table, pages * PAGE)
+    first = await call(client, src, "storage.replicate", volume="db", target=str(dst.jid.bare), tls=False)
+    rewritten = random.Random(1).sample(range(pages), pages // 100)
+    with open(table, "r+b") as f:
+        for p in rewritten:
+            f.seek(p * PAGE)
+            f.write(os.urandom(PAGE))
+    changed = len(rewritten) * PAGE
+    last = (await call(client, src, "storage.replication.update", action=first["id"]))["last"]
+    ratio = last["sent_bytes"] / changed
+    report("incremental bytes", f"1% of 64 MiB rewritten in place ({changed} B changed): {last['sent_bytes']} B "
+           f"sent: {ratio:.3f} (target <= 1.05)", ratio <= 1.05)
+
+    # Throttle: a fresh 32 MiB volume under an 8 MiB/s limit.
+    limit = 8 * MiB
+    vol2 = await call(client, src, "storage.volume.create", volume="t")
+    write_random(Path(vol2["path"]) / "data", 32 * MiB)
+    done = (await call(client, src, "storage.replicate", volume="t", target=str(dst.jid.bare), tls=False,
+                       rate=limit))["last"]
+    rate = done["sent_bytes"] / done["seconds"]
+    off = abs(rate - limit) / limit
+    report("throttle", f"limit {limit / MiB:.1f} MiB/s, average {rate / MiB:.2f} MiB/s over "
+           f"{done['seconds']:.1f} s ({off * 100:.1f}% off; target within 10%)", off <= 0.10)
+
+
+async def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--small-mib", type=int, default=100)
+    ap.add_argument("--big-mib", type=int, default=1024)
+    ap.add_argument("--data-mib", type=int, default=256)
+    ap.add_argument("--keep", action="store_true", help="keep the work directory")
+    args = ap.parse_args()
+    if os.geteuid() != 0 or shutil.which("mkfs.btrfs") is None:
+        print("bench/storage.py needs root and btrfs-progs (loop-mounted btrfs images)", file=sys.stderr)
+        return 2
+    work = Path(tempfile.mkdtemp(prefix="vertebra-bench-storage-"))
+    mounts: list[Path] = []
+    mesh = Mesh(work)
+    try:
+        mounts.append(loop_btrfs(work, "clones", (args.small_mib + args.big_mib) * MiB + 1024 * MiB))
+        bench_clone(mounts[0], args.small_mib, args.big_mib)
+        bench_ingest(work, args.data_mib)
+        mesh.server.start()
+        for name in ("site-a", "site-b"):
+            mounts.append(loop_btrfs(work, name, 3 * args.data_mib * MiB + 512 * MiB))
+        await bench_replication(mesh, work, (mounts[1], mounts[2]), args.data_mib)
+        await bench_incremental_and_throttle(mesh, work, args.data_mib)
+    finally:
+        await mesh.stop()
+        mesh.server.stop()
+        for mnt in mounts:
+            subprocess.run(["umount", str(mnt)], capture_output=True)
+        if not args.keep:
+            shutil.rmtree(work, ignore_errors=True)
+    missed = [name for name, _, ok in _RESULTS if not ok]
+    print(f"\n{len(_RESULTS) - len(missed)}/{len(_RESULTS)} targets met" + (f"; missed: {', '.join(missed)}"
+                                                                          if missed else ""))
+    return 1 if missed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(asyncio.run(main()))
