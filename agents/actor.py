@@ -272,8 +272,12 @@ class Actor:
     # -- calling ops ---------------------------------------------------------------------------
 
     async def request(self, target: str, op: str, args: dict[str, Any], *, on: Sequence[str] = (),
-                      timeout: float, rid: str | None = None, progress: ProgressFn | None = None) -> TargetResult:
-        """Send one request to one agent and wait for its one outcome, at most ``timeout`` seconds."""
+                      timeout: float, rid: str | None = None, progress: ProgressFn | None = None,
+                      behalf: str | None = None) -> TargetResult:
+        """Send one request to one agent and wait for its one outcome, at most ``timeout`` seconds.
+
+        ``behalf`` names the person this actor acts for (the broker running a workflow step, the chat
+        bot relaying an operator); agents honour it only from the delegates they are configured with."""
         loop = asyncio.get_running_loop()
         end = loop.time() + timeout
         rid = rid or uuid.uuid4().hex
@@ -283,6 +287,8 @@ class Actor:
         req["timeout"] = str(max(1, int((timeout - self.timeouts.reply_margin) * 1000)))
         if on:
             req["on"] = " ".join(on)
+        if behalf:
+            req["for"] = behalf
         req.xml.text = protocol.encode(args)
         jobs = self.watch_job(target, rid)  # before sending: progress may follow the ack at once
         try:

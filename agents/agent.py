@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -45,10 +46,11 @@ class Call:
     """What an op's implementation knows about the request it serves."""
 
     agent: "Agent"
-    caller: str  # bare JID, as the server stamped it
+    caller: str  # bare JID of whom the request is for: the sender as the server stamped it, or whom a delegate acts for
     rid: str
     resources: list[str]
     deadline: float  # loop time by which the op must end
+    via: str = ""  # the delegate (broker, chat bot) that sent it on the caller's behalf, if any
     _reply_to: str = ""
     _job: str = ""
     _seq: int = field(default=0)
@@ -86,7 +88,7 @@ class Agent(Actor):
     def __init__(self, jid: str, password: str, endpoint: Endpoint, *, resources: Sequence[str] = (),
                  broker: str | None = None, authorizer: Authorizer | None = None,
                  settings: dict[str, Any] | None = None, name: str | None = None,
-                 state_dir: Path | None = None) -> None:
+                 state_dir: Path | None = None, delegates: Sequence[str] = ()) -> None:
         super().__init__(jid, password, endpoint)
         # Advertising needs forms (XEP-0004, XEP-0128) and caps (XEP-0115); clients do without them
         # and so without their handlers and filters on every stanza.
@@ -97,6 +99,9 @@ class Agent(Actor):
         self.name = name or jid.split("@", 1)[0]
         self.resources = [paths.check(r) for r in resources]
         self.broker = broker
+        # Who may send requests on someone else's behalf (``for``): the broker, running workflow steps,
+        # and any configured delegate such as the operators' chat bot. Nobody else can claim a ``for``.
+        self.delegates = frozenset(d.lower() for d in (*delegates, *([broker] if broker else [])))
         self.authorizer = authorizer or AdminsOnly(())
         self.settings = settings or {}
         self.ops: dict[str, OpSpec] = ops_of(type(self))
@@ -271,19 +276,34 @@ class Agent(Actor):
                             f" it offers {', '.join(sorted(self.ops))}")
         args = spec.validate(protocol.decode(req.xml.text) or {})
         resources = self._resources_of(spec, args, req["on"].split())
+        via, caller = self._subject(caller, req["for"])
         # Policy pushes are the broker's alone, whatever the policy says (see policy_sync).
         decision = (policy_sync.authorize_install(caller, self.broker) if spec.name == policy_sync.INSTALL_OP
                     else decide(self.authorizer, caller, spec, resources))
         audit_log.info("decide rid=%s caller=%s op=%s resources=%s allowed=%s reason=%s",
                        rid, caller, spec.name, resources, decision.allowed, decision.reason)
         if self.audit is not None:
+            rule = decision.rule or decision.reason
             self.audit.decided(rid=rid, caller=caller, op=spec.name, resources=resources, args=args,
                                secret=[p.name for p in spec.params if p.secret], allowed=decision.allowed,
-                               rule=decision.rule or decision.reason, version=decision.version or 0)
+                               rule=f"{rule} (sent by {via} on the caller's behalf)" if via else rule,
+                               version=decision.version or 0)
         if not decision.allowed:
             raise Denied(decision.reason)
         timeout = min(spec.deadline, _budget(req["timeout"], spec.deadline))
-        return spec, Call(self, caller, rid, resources, asyncio.get_running_loop().time() + timeout), args
+        return spec, Call(self, caller, rid, resources, asyncio.get_running_loop().time() + timeout, via), args
+
+    def _subject(self, sender: str, behalf: str) -> tuple[str, str]:
+        """(delegate, subject): whom a request is decided and audited for. A ``for`` is honoured from
+        this agent's delegates only, and names a bare JID."""
+        if not behalf:
+            return "", sender
+        if sender.lower() not in self.delegates:
+            raise Denied(f"{sender} may not act on behalf of {behalf}: only this agent's broker and configured"
+                         " delegates may")
+        if not re.fullmatch(r"[^@/\s]+@[^@/\s]+", behalf):
+            raise BadPayload(f"'for' must name a bare JID (user@domain), got {behalf!r}")
+        return sender, behalf.lower()
 
     def _resources_of(self, spec: OpSpec, args: dict[str, Any], addressed: list[str]) -> list[str]:
         """The canonical resources a request acts on, which authorization decides over: the

@@ -8,6 +8,7 @@
     vertebra help [OP]               an op's arguments, generated from its declaration
     vertebra policy check FILE       lint an authorization policy and check its examples, offline
     vertebra policy reload           the broker re-reads the mesh's policy file and pushes it to every agent
+    vertebra workflow run|approve|perform|status|list|cancel ...   the broker's durable workflows
     vertebra audit verify|show       check the hash chains of the agents' audit logs, or read them
 
 Exit codes of `call` and `agents`: 0 every target ok; 1 some target failed; 2 bad command line or
@@ -23,6 +24,7 @@ import asyncio
 import json
 import logging
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -97,6 +99,14 @@ def _parser() -> argparse.ArgumentParser:
     pol.add_argument("action", choices=("check", "reload"))
     pol.add_argument("file", nargs="?", help="check: the policy file")
     pol.add_argument("--timeout", type=float, default=60.0)
+    wf = sub.add_parser("workflow", help="run, approve and follow the broker's workflows",
+                        description="Shorthand for the broker's workflow.* ops: words without '=' fill the op's"
+                                    " arguments in order; for run, NAME=VALUE words are the workflow's"
+                                    " parameters. `vertebra help workflow.run` shows each op.")
+    wf.add_argument("action", choices=("run", "approve", "perform", "status", "list", "cancel"))
+    wf.add_argument("words", nargs="*", metavar="WORD", help="e.g. run masked-copy source=db; approve ID STEP")
+    wf.add_argument("--timeout", type=float, default=90.0)
+    wf.add_argument("--json", action="store_true")
     aud = sub.add_parser("audit", help="verify or show the audit logs of this machine's agents")
     aud.add_argument("action", choices=("verify", "show"))
     aud.add_argument("--agent", action="append", default=[], metavar="NAME",
@@ -137,6 +147,28 @@ def _policy_check(path: str) -> int:
 
 
 # -- audit -----------------------------------------------------------------------------------------
+
+def cmd_workflow(mesh: meshconf.MeshConfig, ns: argparse.Namespace) -> int:
+    spec = catalogue()[f"workflow.{ns.action}"]
+    positional = [w for w in ns.words if "=" not in w]
+    pairs = [w for w in ns.words if "=" in w]
+    if ns.action == "run":
+        pairs = [f"param={p}" for p in pairs]  # NAME=VALUE words are the workflow's own parameters
+    try:
+        if len(positional) > len(spec.params):
+            raise BadArguments(f"{spec.name} takes at most {len(spec.params)} arguments in order"
+                               f" ({', '.join(p.name for p in spec.params)}), got {len(positional)}")
+        args = spec.parse_pairs([f"{p.name}={v}" for p, v in zip(spec.params, positional)] + pairs)
+    except BadArguments as exc:
+        print(f"vertebra: {exc} (see `vertebra help {spec.name}`)", file=sys.stderr)
+        return EXIT_USAGE
+    report = _run_call(mesh, spec.name, args, ns.timeout, to=[mesh.broker_jid])
+    if report.ok and not ns.json:
+        print(json.dumps(report.results[0].result, indent=2, default=str))
+    else:
+        _print_report(report, ns.json)
+    return report.exit_code
+
 
 def cmd_policy_reload(mesh: meshconf.MeshConfig, ns: argparse.Namespace) -> int:
     report = _run_call(mesh, "policy.reload", {}, ns.timeout, to=[mesh.broker_jid])
@@ -284,7 +316,8 @@ def build_actor(mesh: meshconf.MeshConfig, name: str) -> Any:
     authorizer = mesh.authorizer()
     if name == mesh.broker:
         return agent_class("broker")(mesh.jid(name), mesh.password(name), mesh.endpoint(),
-                                     authorizer=authorizer, state_dir=_state_dir(mesh, name), name=name)
+                                     authorizer=authorizer, state_dir=_state_dir(mesh, name), name=name,
+                                     settings={"workflows": str(mesh.workflows)})
     cfg = mesh.agent(name)
     return agent_class(cfg.kind)(mesh.jid(name), mesh.password(name), mesh.endpoint(),
                                  resources=cfg.resources, broker=mesh.jid(mesh.broker), authorizer=authorizer,
@@ -348,6 +381,8 @@ def cmd_up(mesh: meshconf.MeshConfig, ns: argparse.Namespace) -> int:
         return 1
     logs = mesh.home / "logs"
     logs.mkdir(parents=True, exist_ok=True)
+    if not mesh.workflows.exists():  # first use: the example workflows, to edit or remove
+        shutil.copytree(meshconf.EXAMPLE.parent / "workflows", mesh.workflows)
     # Stop cleanly on TERM as on Ctrl-C, and on INT even when started in the background (which
     # leaves SIGINT ignored, and Python then keeps it so).
     signal.signal(signal.SIGTERM, signal.default_int_handler)
@@ -418,7 +453,8 @@ def _stop_children(children: list[subprocess.Popen[bytes]]) -> None:
 
 
 COMMANDS = {"server": cmd_server, "up": cmd_up, "broker": cmd_broker, "agent": cmd_agent,
-            "agents": cmd_agents, "call": cmd_call, "audit": cmd_audit, "policy": cmd_policy_reload}
+            "agents": cmd_agents, "call": cmd_call, "audit": cmd_audit, "policy": cmd_policy_reload,
+            "workflow": cmd_workflow}
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -66,6 +66,7 @@ class MeshConfig:
     policy: Path | None = None  # an RBAC policy file; without one only the admins may run ops
     site: str | None = None  # this mesh's site, for site-scoped policy rules
     policy_max_age: int | None = None  # seconds after which destructive ops need a fresher policy
+    workflows: Path = Path("workflows")  # the broker's workflow definitions, one YAML file each
 
     def authorizer(self) -> "Authorizer":
         """The authorization hook every actor of this mesh enforces with."""
@@ -154,7 +155,7 @@ def load(path: str | os.PathLike[str] | None = None, home: str | os.PathLike[str
 def parse(data: Any, path: Path, home: Path) -> MeshConfig:
     where = _Where(path)
     root = where.mapping(data, "", {"server", "broker", "operator", "admins", "agents", "passwords", "policy",
-                                    "site", "policy_max_age"})
+                                    "site", "policy_max_age", "workflows"})
     srv = where.mapping(root.get("server", {}), "server", {"domain", "host", "port"})
     server = ServerConfig(
         domain=where.string(srv.get("domain", ServerConfig.domain), "server.domain",
@@ -205,7 +206,7 @@ def parse(data: Any, path: Path, home: Path) -> MeshConfig:
         max_age = where.integer(max_age, "policy_max_age", 1, 10 ** 9)
     return MeshConfig(path=path, home=home, server=server, broker=broker, operator=operator, admins=admins,
                       agents=tuple(agents), password_files=password_files, policy=policy, site=site,
-                      policy_max_age=max_age)
+                      policy_max_age=max_age, workflows=_path(root.get("workflows"), path) or home / "workflows")
 
 
 def _path(value: Any, mesh: Path) -> Path | None:

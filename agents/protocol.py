@@ -35,13 +35,13 @@ MAX_ITEMS = 10_000  # elements of any one array or map
 
 
 class OpRequest(ElementBase):
-    """``<op name rid timeout on>`` — a request to run an op; the text is the arguments, ``on`` the
-    space-separated resources the caller addressed."""
+    """``<op name rid timeout on for>`` — a request to run an op; the text is the arguments, ``on`` the
+    space-separated resources the caller addressed, ``for`` the bare JID a delegate acts for."""
 
     name = "op"
     namespace = NS
     plugin_attrib = "vertebra_op"
-    interfaces = {"name", "rid", "timeout", "on"}
+    interfaces = {"name", "rid", "timeout", "on", "for"}
 
 
 class Outcome(ElementBase):

@@ -374,7 +374,7 @@ class WorkflowMixin:
         for attempt in range(step.retries + 1):
             store.set_step(iid, step.name, attempts=row["attempts"] + attempt + 1)
             res = await self.request(row["target"], step.op, step.args, on=step.on,  # type: ignore[attr-defined]
-                                     timeout=step.timeout, rid=rid)
+                                     timeout=step.timeout, rid=rid, behalf=row["performer"] or inst["requester"])
             if res.outcome not in (Outcome.TIMEOUT, Outcome.UNREACHABLE) or attempt == step.retries:
                 break
             # The same rid again: an agent that already ran it answers with the first outcome.

@@ -265,3 +265,19 @@ async def test_agent_killed_mid_op_ends_in_a_named_outcome(mesh, server):
     finally:
         proc.kill()
         proc.wait()
+
+
+async def test_only_delegates_may_act_on_someone_elses_behalf(mesh):
+    broker = await mesh.broker()
+    agent = await mesh.agent(SampleAgent, broker, ["/host/deleg"])
+    client = await mesh.client(broker)
+    intruder = mesh.account("intruder")
+    # An admin may not borrow anyone's identity, not even to make themselves someone less privileged.
+    claimed = await client.request(str(agent.jid), "sample.echo", {"text": "x"}, timeout=5, behalf=intruder[0])
+    assert claimed.outcome is Outcome.DENIED and "may not act on behalf of" in claimed.error
+    # The broker is a delegate: the agent then decides for the person named, not for the broker.
+    denied = await broker.request(str(agent.jid), "sample.echo", {"text": "x"}, timeout=5, behalf=intruder[0])
+    assert denied.outcome is Outcome.DENIED and intruder[0] in denied.error
+    allowed = await broker.request(str(agent.jid), "sample.echo", {"text": "x"}, timeout=5,
+                                   behalf=mesh.operator[0])
+    assert allowed.outcome is Outcome.OK and allowed.result["caller"] == mesh.operator[0]

@@ -106,9 +106,10 @@ class World:
         self.mesh.actors.remove(self.broker)
 
     async def agent(self, cls=SampleAgent, resources=("/host/a",)):
-        # Agents trust the broker (steps come from its JID) and nobody else; the broker checks the people.
+        # Steps come from the broker as the people's delegate: agents decide for the person a step runs
+        # for, with the same rights the broker checked (here: everyone who takes part may run ops).
         return await self.mesh.agent(cls, self.broker, list(resources),
-                                     authorizer=AdminsOnly([self.broker_account[0]]))
+                                     authorizer=AdminsOnly([acct[0] for acct in self.people.values()]))
 
     async def call(self, who: str, op_name: str, **args):
         if who not in self.clients:
@@ -149,13 +150,15 @@ async def test_steps_run_in_order_and_in_parallel_groups(world):
     assert step(status, "one")["result"] == 1 and step(status, "two")["result"] == 2
     assert step(status, "left")["result"]["text"] == "hi" and step(status, "right")["result"]["text"] == "HI"
     assert [s["stage"] for s in status["steps"]] == [1, 2, 2, 3]
-    # Steps come from the broker's JID; the broker's audit names the requester under the same rid.
-    assert step(status, "left")["result"]["caller"] == world.broker_account[0]
+    # Steps come from the broker on the requester's behalf: the agent decides for, and both audit
+    # logs name, the requester, under the same rid; the agent's record says which delegate sent it.
+    assert step(status, "left")["result"]["caller"] == world.jid("operator")
     rid = step(status, "left")["rid"]
     ours = [r for r in audit.show(world.state / "audit.sqlite", op="sample.echo") if r.get("rid") == rid]
     assert ours and ours[0]["caller"] == world.jid("operator") and ours[0]["decision"] == "allow"
     theirs = [r for r in audit.show(agent.state_dir / "audit.sqlite", op="sample.echo") if r.get("rid") == rid]
-    assert theirs and theirs[0]["caller"] == world.broker_account[0]
+    assert theirs and theirs[0]["caller"] == world.jid("operator")
+    assert f"sent by {world.broker_account[0]}" in theirs[0]["rule"]
 
 
 async def test_destructive_step_needs_two_approvers_neither_the_requester(world, tmp_path):
