@@ -393,7 +393,7 @@ def cmd_up(mesh: meshconf.MeshConfig, ns: argparse.Namespace) -> int:
         for name, cmd in [(mesh.broker, ["broker"])] + [(a.name, ["agent", a.name]) for a in mesh.agents]:
             with open(logs / f"{name}.log", "ab") as log_file:
                 children.append(subprocess.Popen(base + cmd, stdout=log_file, stderr=subprocess.STDOUT,
-                                                 stdin=subprocess.DEVNULL))
+                                                 stdin=subprocess.DEVNULL, preexec_fn=_die_with_parent))
         report = _wait_for_agents(mesh, len(mesh.agents), children)
         _print_welcome(mesh, report)
         while all(c.poll() is None for c in children):
@@ -438,6 +438,15 @@ def _print_welcome(mesh: meshconf.MeshConfig, report: CallReport) -> None:
                 "call storage.volume.create volume=db --json", "call fencing.info --scope one"):
         print(f"  {me}{home} {cmd}")
     print("\nCtrl-C stops everything this started.", flush=True)
+
+
+def _die_with_parent() -> None:
+    """In a child of `vertebra up`: have the kernel send SIGTERM if `up` itself dies, even by SIGKILL,
+    so no agent outlives the command that started it."""
+    import ctypes
+
+    PR_SET_PDEATHSIG = 1
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 def _stop_children(children: list[subprocess.Popen[bytes]]) -> None:

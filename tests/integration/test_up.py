@@ -50,6 +50,9 @@ def test_up_starts_server_broker_and_agents_and_ctrl_c_stops_them_all(tmp_path):
         assert proc.wait(timeout=30) == 0
     finally:
         if proc.poll() is None:
-            proc.kill()
+            proc.kill()  # its agents die with it (PR_SET_PDEATHSIG); the server is stopped below
+            proc.wait()
+            subprocess.run([sys.executable, "-m", "agents.cli", "--home", str(home), "server", "stop"], cwd=ROOT,
+                           env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, timeout=30)
     assert _processes_mentioning(str(home)) == []
     assert not (home / "run" / "gateway.sock").exists()
