@@ -92,7 +92,7 @@ async def test_call_answers_a_line_per_target_and_a_summary(chat):
     assert text.splitlines()[0].startswith("ok: sample") and "HELLO THERE" in text
     # The agent ran it for the operator, not for the bot, and its audit log says both.
     assert f'"caller":"{me.client.jid.bare}"' in text
-    record = audit.show(agent.state_dir / "audit.sqlite", op="sample.echo")[-1]
+    record = [r for r in audit.show(agent.state_dir / "audit.sqlite", op="sample.echo") if r["kind"] == "decided"][-1]
     assert record["caller"] == me.client.jid.bare and f"sent by {bot.jid.bare}" in record["rule"]
     assert "not-discovered" in await me.ask("call sample.echo on /host/zzz text=x", "not-discovered")
 
