@@ -8,25 +8,38 @@ it can fence, so discovery on a node's path finds the agents that can fence it.
 Every power op is carried out by the PowerController: off counts only when status confirms OFF,
 reboot is a verified off then on, a timeout is a failure, and concurrent requests for one node and
 action share one device action. A repeated request id gets the first outcome from the runtime.
-Each attempt and outcome is announced (logged on ``vertebra.fencing.events`` and kept in
-``events``) until the broker has a place to receive them.
+
+Each attempt and outcome is announced: logged on ``vertebra.fencing.events``, kept in ``events``,
+and posted to the broker as ``mesh.fence.event`` (broker/fencing.py), which records a fencing
+epoch for a node after a verified off and ends it after a verified on. The outcome is posted before
+the op answers (briefly: a broker that does not answer delays nobody's fence, and a post that
+failed is retried in the background), so by the time a caller hears "off" the broker knows too.
+
+Authorization: the mesh's authorizer decides as for every op, wrapped in the agent's own rules:
+a person's manual fence needs approval where the settings say so (guard.py), and identities of
+fenced nodes may not run destructive ops (epochs.py; the runtime will do this for every agent).
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
+import hashlib
 import json
 import logging
 import time
 from typing import Annotated, Any
 
+from .. import policy_sync
+from ..actor import Backoff
 from ..agent import Agent, Call, info_op
 from ..config import ConfigError
-from ..errors import BadArguments, OpError
+from ..errors import BadArguments, OpError, Outcome
 from ..ops import Arg, op
 from .devices import FencingConfigError
 from .driver import KILL_GRACE
+from .epochs import FencedIdentities, FenceGuard, install_op, runtime_checks_fencing
+from .guard import ApprovalGuard
 from .power import PowerController, PowerOutcome
 from .settings import NODE_RESOURCE, SEGMENT, FencingSettings
 
@@ -39,6 +52,13 @@ OP_DEADLINE = 55.0
 #: hung) before the runtime's timeout would: a killed agent gets KILL_GRACE after SIGTERM.
 ANSWER_MARGIN = KILL_GRACE + 1.0
 EVENTS_KEPT = 1000
+EVENT_OP = "mesh.fence.event"
+#: How long an op waits for the broker to take its outcome before answering anyway.
+ANNOUNCE_WAIT = 3.0
+#: Tries of one announcement (the first inside ANNOUNCE_WAIT, the rest in the background).
+ANNOUNCE_TRIES = 8
+#: Whether agents/agent.py declares fenced.install and checks fenced identities itself.
+_RUNTIME_FENCED = runtime_checks_fencing(Agent)
 
 Node = Annotated[str, Arg("the node to act on, as the fencing settings name it", pattern=SEGMENT)]
 Cluster = Annotated[str, Arg("the cluster the node belongs to", pattern=SEGMENT)]
@@ -48,6 +68,8 @@ class FencingAgent(Agent):
     kind = "fencing"
 
     info = info_op("fencing")
+    if not _RUNTIME_FENCED:  # until the runtime does it for every agent
+        fenced_install = install_op()
 
     def __init__(self, *args: Any, settings: dict[str, Any] | None = None,
                  resources: Any = (), name: str | None = None, **kwargs: Any) -> None:
@@ -62,6 +84,37 @@ class FencingAgent(Agent):
         self.fencing = fencing
         self.power = PowerController(fencing.registry) if fencing.registry else None
         self.events: collections.deque[dict[str, Any]] = collections.deque(maxlen=EVENTS_KEPT)
+        self._via = ""  # the delegate of the request being admitted (see _subject)
+        guard = ApprovalGuard(self.authorizer, fencing, self._take_via, lambda: self.broker)
+        if _RUNTIME_FENCED:
+            self.authorizer = guard
+        else:
+            self.fenced = FencedIdentities()
+            self.authorizer = FenceGuard(guard, self.fenced, lambda: self.broker)
+
+    def _subject(self, sender: str, behalf: str) -> tuple[str, str]:
+        # The runtime decides for the person a delegate acts for and does not tell the authorizer
+        # who the delegate was; the approval rule needs it (the broker's workflow engine has had a
+        # fence approved, the chat bot has not). _admit calls this and then the authorizer in one
+        # synchronous stretch, so what is kept here belongs to the very request being decided; the
+        # guard takes it (resetting it), so it cannot count for another request.
+        via, subject = super()._subject(sender, behalf)
+        self._via = via
+        return via, subject
+
+    def _take_via(self) -> str:
+        via, self._via = self._via, ""
+        return via
+
+    @op(policy_sync.INSTALL_OP, deadline=10)
+    async def policy_install(self, call: Call, text: Annotated[str, Arg("the policy, as YAML")],
+                             issued_at: Annotated[float, Arg("when the broker vouched for it (epoch s)")]) -> dict:
+        """Install the authorization policy this agent's broker pushes (accepted from the broker only)."""
+        # The runtime's own op, handed the policy inside this agent's guards (which wrap it).
+        inner = self.authorizer
+        while hasattr(inner, "inner"):
+            inner = inner.inner
+        return policy_sync.install(inner, text, issued_at)
 
     # -- ops ------------------------------------------------------------------------------------
 
@@ -117,13 +170,16 @@ class FencingAgent(Agent):
                           f" (it needs more than {ANSWER_MARGIN:g}s); nothing was done")
         self._announce("attempt", call, action, cluster, node)
         outcome: PowerOutcome = await getattr(self.power, action)(node, budget=budget)
-        self._announce("outcome", call, action, cluster, node, outcome)
+        posted = self._announce("outcome", call, action, cluster, node, outcome)
+        wait = min(ANNOUNCE_WAIT, call.deadline - asyncio.get_running_loop().time() - 0.5)
+        if posted is not None and wait > 0:
+            await asyncio.wait({posted}, timeout=wait)  # never cancels it: it goes on in the background
         if not outcome.ok:
             raise OpError(outcome.message)
         return _result(cluster, outcome)
 
     def _announce(self, what: str, call: Call, action: str, cluster: str, node: str,
-                  outcome: PowerOutcome | None = None) -> None:
+                  outcome: PowerOutcome | None = None) -> asyncio.Task[None] | None:
         event: dict[str, Any] = {"event": what, "at": time.time(), "agent": self.name, "rid": call.rid,
                                  "caller": call.caller, "action": action, "cluster": cluster,
                                  "node": node}
@@ -133,6 +189,32 @@ class FencingAgent(Agent):
                          attempts=[_attempt(a) for a in outcome.attempts])
         self.events.append(event)
         events_log.info("%s", json.dumps(event, sort_keys=True))
+        if not self.broker:
+            return None
+        task = asyncio.get_running_loop().create_task(self._post(event))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    async def _post(self, event: dict[str, Any]) -> None:
+        """Post an event to the broker, retrying while it is unreachable or slow, under one request id
+        (so the broker takes it once however often it arrives)."""
+        args = {"event": event["event"], "requester": event["caller"], "request": event["rid"],
+                "action": event["action"], "cluster": event["cluster"], "node": event["node"],
+                "ok": bool(event.get("ok", False)), "state": str(event.get("state") or ""),
+                "message": str(event.get("message") or "")[:1000], "on_error": str(event.get("on_error") or ""),
+                "identities": list(self.fencing.identities.get(event["node"], ())), "at": event["at"]}
+        rid = hashlib.sha256(f"{self.name}|{event['rid']}|{event['event']}|{event['action']}".encode()).hexdigest()[:40]
+        backoff = Backoff(base=0.5, cap=30.0)
+        for attempt in range(ANNOUNCE_TRIES):
+            res = await self.request(self.broker_jid, EVENT_OP, args, timeout=5.0, rid=rid)
+            if res.outcome is Outcome.OK:
+                event["posted"] = True
+                return
+            if res.outcome not in (Outcome.TIMEOUT, Outcome.UNREACHABLE) or attempt == ANNOUNCE_TRIES - 1:
+                events_log.warning("the broker did not take fencing event %s: %s", rid, res.error)
+                return
+            await asyncio.sleep(backoff.next())
 
 
 def _attempt(a: Any) -> dict[str, Any]:

@@ -7,6 +7,17 @@ which cluster each node it can fence belongs to.
       fencing:                           # the device registry (see devices.py)
         devices: {...}
         levels: {node1: [[pdu1]], ...}
+      identities:                        # who belongs to each node (fencing epochs, see epochs.py)
+        node1: [db1@vertebra.test]
+      approval:                          # clusters whose manual fences need a second person
+        c1: {fencers: [fence-c1@vertebra.test]}   # its own fencing identities fence at once
+
+``identities`` are the bare JIDs that run on a node: while the node is fenced, every agent refuses
+their destructive ops. ``approval`` lists the clusters where a person's fence.off, fence.on or
+fence.reboot sent straight to this agent is refused: it must come through the broker's workflow
+engine, which runs it only after approvals by people other than the requester (see guard.py). The
+cluster's own fencing identities (Pacemaker's, through fence_vertebra) are exempt: a cluster must be
+able to fence a dead node at once, and the policy limits them to their own nodes.
 
 The cluster is part of each node's resource path, ``/cluster/{cluster}/node/{node}``: that is what
 the authorization hook sees for a fencing op and what the agent advertises, so a policy can limit a
@@ -18,7 +29,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from agents.fencing.devices import DeviceRegistry, FencingConfigError
@@ -26,7 +37,8 @@ from agents.fencing.devices import DeviceRegistry, FencingConfigError
 #: A cluster or node name must be one resource path segment (see agents/resources.py).
 SEGMENT = r"[A-Za-z0-9_][A-Za-z0-9_.:@+-]{0,127}"
 NODE_RESOURCE = "/cluster/{cluster}/node/{node}"
-_KEYS = frozenset({"cluster", "clusters", "fencing"})
+_KEYS = frozenset({"cluster", "clusters", "fencing", "identities", "approval"})
+_JID = re.compile(r"[^@/\s]{1,1023}@[^@/\s]{1,1023}")
 
 
 def node_resource(cluster: str, node: str) -> str:
@@ -39,6 +51,15 @@ class FencingSettings:
 
     registry: DeviceRegistry | None
     clusters: Mapping[str, str]  # node -> cluster
+    identities: Mapping[str, tuple[str, ...]] = field(default_factory=dict)  # node -> bare JIDs on it
+    approval: Mapping[str, frozenset[str]] = field(default_factory=dict)  # cluster -> its fencers
+
+    def needs_approval(self, cluster: str) -> bool:
+        return cluster in self.approval
+
+    def is_fencer(self, cluster: str, caller: str) -> bool:
+        """Whether ``caller`` is one of ``cluster``'s own fencing identities."""
+        return caller.lower() in self.approval.get(cluster, frozenset())
 
     @classmethod
     def from_settings(cls, settings: Mapping[str, Any]) -> FencingSettings:
@@ -49,7 +70,7 @@ class FencingSettings:
         for key in sorted(set(map(str, settings)) - _KEYS):
             problems.append(f"settings.{key}: unknown key (expected {', '.join(sorted(_KEYS))})")
         if "fencing" not in settings:
-            if "cluster" in settings or "clusters" in settings:
+            if set(settings) & {"cluster", "clusters", "identities", "approval"}:
                 problems.append("settings: a cluster is named but settings.fencing (devices and levels)"
                                 " is missing")
             if problems:
@@ -66,9 +87,11 @@ class FencingSettings:
                 problems.append(f"levels.{node}: a node name must be letters, digits and _ . : @ + -"
                                 " (it becomes part of the resource path /cluster/CLUSTER/node/NODE)")
         clusters = _clusters(settings, nodes, problems)
+        identities = _identities(settings.get("identities"), nodes, problems)
+        approval = _approval(settings.get("approval"), set(clusters.values()), problems)
         if problems:
             raise FencingConfigError(problems)
-        return cls(registry=registry, clusters=clusters)
+        return cls(registry=registry, clusters=clusters, identities=identities, approval=approval)
 
     def resources(self) -> list[str]:
         """One resource path per node this agent can fence."""
@@ -122,4 +145,47 @@ def _clusters(settings: Mapping[str, Any], nodes: list[str], problems: list[str]
     for node in nodes:
         if node not in out:
             problems.append(f"settings.clusters: node {node!r} is in no cluster; add it to one")
+    return out
+
+
+def _jids(value: Any, where: str, problems: list[str]) -> tuple[str, ...]:
+    if not isinstance(value, list) or not all(isinstance(j, str) and _JID.fullmatch(j) for j in value):
+        problems.append(f"{where}: expected a list of bare JIDs such as db1@vertebra.test")
+        return ()
+    return tuple(j.lower() for j in value)
+
+
+def _identities(raw: Any, nodes: list[str], problems: list[str]) -> dict[str, tuple[str, ...]]:
+    if raw is None:
+        return {}
+    if not isinstance(raw, Mapping):
+        problems.append("settings.identities: expected a mapping of node to the bare JIDs running on it")
+        return {}
+    out = {}
+    for node, jids in raw.items():
+        where = f"settings.identities.{node}"
+        if str(node) not in nodes:
+            problems.append(f"{where}: no such node (this agent fences {', '.join(nodes) or 'none'})")
+            continue
+        out[str(node)] = _jids(jids, where, problems)
+    return out
+
+
+def _approval(raw: Any, clusters: set[str], problems: list[str]) -> dict[str, frozenset[str]]:
+    if raw is None:
+        return {}
+    if not isinstance(raw, Mapping):
+        problems.append("settings.approval: expected a mapping of cluster to {fencers: [JID, ...]}")
+        return {}
+    out = {}
+    for cluster, spec in raw.items():
+        where = f"settings.approval.{cluster}"
+        if str(cluster) not in clusters:
+            problems.append(f"{where}: no such cluster (this agent fences {', '.join(sorted(clusters)) or 'none'})")
+            continue
+        spec = {} if spec is None else spec
+        if not isinstance(spec, Mapping) or set(map(str, spec)) - {"fencers"}:
+            problems.append(f"{where}: expected {{fencers: [JID, ...]}} (the cluster's own fencing identities)")
+            continue
+        out[str(cluster)] = frozenset(_jids(spec.get("fencers", []), f"{where}.fencers", problems))
     return out

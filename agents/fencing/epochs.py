@@ -1,0 +1,180 @@
+"""Fencing epochs as every agent sees them: which identities belong to a node that is fenced now.
+
+After a verified off the broker opens a fencing epoch for the node (see ``broker.fencing``); a
+verified on ends it. While it is open, the node may still be running a zombie process that holds
+its old credentials (a hung kernel that wakes, a network partition that heals): whatever it asks
+must not change shared state. So every agent refuses *destructive* ops requested by the node's
+identities (the bare JIDs the fencing agent's settings list under ``identities:``), with an error
+saying which node was fenced, when and by whom. Reads stay allowed: they change nothing.
+
+How agents learn it: the broker pushes the whole list of open epochs with the ``fenced.install``
+op, to every agent that offers it, whenever an epoch opens or ends and to each agent as it joins.
+Like ``policy.install``, the op is accepted from the agent's own broker only, whatever a policy
+says: nobody else can fence or unfence identities. A push replaces the whole list, so a missed
+push is repaired by the next one.
+
+The runtime calls :meth:`FencedIdentities.check` after authorization, so the refusal is part of the
+decision the audit log records. Until ``agents/agent.py`` does that itself, :class:`FenceGuard`
+wraps an authorizer to the same effect and :func:`guarded` adds both to an agent class.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass
+from datetime import datetime, timezone
+from typing import Annotated, Any, Callable, Iterable, Mapping, Sequence
+
+from ..authz import Authorizer, Decision, decide
+from ..errors import BadArguments
+from ..ops import Arg, OpSpec, op
+
+INSTALL_OP = "fenced.install"
+
+
+@dataclass(frozen=True)
+class Fenced:
+    """One open fencing epoch, as the broker pushes it."""
+
+    cluster: str
+    node: str
+    epoch: int  # counts this node's verified offs, so a later epoch is always a larger number
+    fenced_at: float  # epoch seconds of the verified off
+    fenced_by: str  # the fencing agent that did it
+    requester: str  # who asked for it
+    identities: tuple[str, ...]  # bare JIDs that belong to the node
+
+    def describe(self) -> str:
+        when = datetime.fromtimestamp(self.fenced_at, timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+        return (f"node {self.node} of cluster {self.cluster} was fenced at {when} (epoch {self.epoch},"
+                f" by {self.fenced_by} for {self.requester})")
+
+    @classmethod
+    def from_dict(cls, raw: Mapping[str, Any]) -> "Fenced":
+        try:
+            return cls(cluster=str(raw["cluster"]), node=str(raw["node"]), epoch=int(raw["epoch"]),
+                       fenced_at=float(raw["fenced_at"]), fenced_by=str(raw.get("fenced_by", "")),
+                       requester=str(raw.get("requester", "")),
+                       identities=tuple(str(j).lower() for j in raw.get("identities", ())))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise BadArguments(f"a fenced entry needs cluster, node, epoch and fenced_at: {exc}",
+                               argument="fenced") from None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "identities": list(self.identities)}
+
+
+class FencedIdentities:
+    """The open epochs an agent knows of, indexed by identity; decides what a fenced identity may do."""
+
+    def __init__(self) -> None:
+        self._by_identity: dict[str, Fenced] = {}
+        self.entries: tuple[Fenced, ...] = ()
+        self.installed_at: float | None = None  # when the broker last told us (None: never)
+
+    def install(self, entries: Iterable[Fenced]) -> None:
+        """Replace what we know with the broker's whole list."""
+        self.entries = tuple(entries)
+        by_identity: dict[str, Fenced] = {}
+        for f in self.entries:
+            for jid in f.identities:
+                # An identity of two fenced nodes: the older fence is the one it has lived under longest.
+                if jid not in by_identity or f.fenced_at < by_identity[jid].fenced_at:
+                    by_identity[jid] = f
+        self._by_identity = by_identity
+        self.installed_at = time.time()
+
+    def of(self, caller: str) -> Fenced | None:
+        return self._by_identity.get(caller.lower())
+
+    def check(self, caller: str, spec: OpSpec) -> Decision | None:
+        """A denial when ``caller`` belongs to a fenced node and ``spec`` is destructive, else None."""
+        if not spec.destructive or not self._by_identity:
+            return None
+        fenced = self.of(caller)
+        if fenced is None:
+            return None
+        return Decision(False, f"{caller} belongs to a fenced node: {fenced.describe()}; its destructive"
+                               f" ops ({spec.name}) are refused until the node is unfenced (a verified"
+                               " fence.on)", f"fenced node {fenced.cluster}/{fenced.node} epoch {fenced.epoch}")
+
+
+def encode_entries(entries: Iterable[Fenced]) -> str:
+    """The ``fenced`` argument of ``fenced.install`` (op arguments are scalars or lists of them)."""
+    return json.dumps([f.to_dict() for f in entries], sort_keys=True)
+
+
+def parse_entries(text: str) -> list[Fenced]:
+    try:
+        raw = json.loads(text)
+    except ValueError as exc:
+        raise BadArguments(f"fenced: not JSON: {exc}", argument="fenced") from None
+    if not isinstance(raw, list) or not all(isinstance(r, dict) for r in raw):
+        raise BadArguments("fenced: expected a JSON list of objects", argument="fenced")
+    return [Fenced.from_dict(r) for r in raw]
+
+
+def authorize_install(caller: str, broker: str | None) -> Decision:
+    """``fenced.install`` is its broker's alone, whatever a policy says."""
+    if broker and caller.lower() == broker.lower():
+        return Decision(True, "fenced nodes pushed by this agent's broker")
+    return Decision(False, f"{caller} may not install fencing epochs here: only this agent's broker"
+                           f" ({broker or 'none configured'}) pushes them")
+
+
+def install_op() -> Any:
+    """The ``fenced.install`` op, for an agent class body (``fenced_install = install_op()``); the
+    agent keeps what it learns in ``self.fenced`` (a FencedIdentities)."""
+
+    @op(INSTALL_OP, deadline=10)
+    async def fenced_install(self: Any, call: Any,
+                             fenced: Annotated[str, Arg("every open fencing epoch, as a JSON list of"
+                                                        " {cluster, node, epoch, fenced_at, fenced_by,"
+                                                        " requester, identities}")] = "[]") -> dict:
+        """Take the broker's list of fenced nodes (accepted from this agent's broker only)."""
+        entries = parse_entries(fenced)
+        self.fenced.install(entries)
+        return {"fenced": len(entries), "identities": sum(len(f.identities) for f in entries)}
+
+    return fenced_install
+
+
+class FenceGuard:
+    """An authorizer that adds the fencing rules to another: ``fenced.install`` from the broker only,
+    and destructive ops refused to identities of fenced nodes. ``inner`` decides everything else."""
+
+    def __init__(self, inner: Authorizer, fenced: FencedIdentities, broker: Callable[[], str | None]) -> None:
+        self.inner = inner
+        self.fenced = fenced
+        self.broker = broker
+
+    def decide(self, caller: str, spec: OpSpec, resources: Sequence[str]) -> Decision:
+        if spec.name == INSTALL_OP:
+            return authorize_install(caller, self.broker())
+        d = decide(self.inner, caller, spec, resources)
+        return (self.fenced.check(caller, spec) or d) if d.allowed else d
+
+
+def runtime_checks_fencing(cls: type) -> bool:
+    """Whether the runtime itself (agents/agent.py) already declares ``fenced.install`` and checks."""
+    from ..ops import ops_of
+
+    return INSTALL_OP in ops_of(cls)
+
+
+def guarded(cls: type) -> type:
+    """``cls`` with the fencing-epoch check and ``fenced.install``, unless the runtime has them."""
+    if runtime_checks_fencing(cls):
+        return cls
+
+    class Guarded(cls):  # type: ignore[valid-type, misc]
+        fenced_install = install_op()
+
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            self.fenced = FencedIdentities()
+            self.authorizer = FenceGuard(self.authorizer, self.fenced, lambda: self.broker)
+
+    Guarded.__name__ = Guarded.__qualname__ = f"Fenced{cls.__name__}"
+    return Guarded
