@@ -13,6 +13,7 @@ import asyncio
 import math
 import os
 import signal
+import subprocess
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -36,6 +37,8 @@ CLEAN_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 DEFAULT_OUTPUT_CAP = 64 * 1024
 DEFAULT_KILL_GRACE = 2.0
 _READ_CHUNK = 64 * 1024
+_HAVE_PIDFD = hasattr(os, "pidfd_open") and hasattr(os, "waitid")
+_KILLED = {getattr(os, "CLD_KILLED", 2), getattr(os, "CLD_DUMPED", 3)}
 
 
 class PluginError(ValueError):
@@ -142,6 +145,224 @@ async def run_plugin(
         raise ValueError(f"output_cap must be a positive number of bytes, got {output_cap!r}")
     environment = clean_environment(env)
 
+    if _HAVE_PIDFD:
+        return await _run_watched(args, timeout, timeout_state, output_cap, environment, kill_grace)
+    return await _run_with_asyncio(args, timeout, timeout_state, output_cap, environment, kill_grace)
+
+
+async def _run_watched(args: list[str], timeout: float, timeout_state: State, output_cap: int,
+                       environment: dict[str, str], kill_grace: float) -> CheckResult:
+    """The plugin under a pidfd and two pipe readers on the event loop: no watcher thread, no
+    transport or stream objects, no tasks per run (the cost of asyncio's subprocess machinery is
+    most of what a check costs the agent beyond the spawn itself).
+
+    The leader is reaped only after the final group KILL: until then it stays a zombie, so its pid,
+    which is the group's id, cannot be reused by an unrelated group that the KILL would hit."""
+    loop = asyncio.get_running_loop()
+    started = time.monotonic()
+    out_r, out_w = os.pipe()
+    err_r, err_w = os.pipe()
+    try:
+        proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=out_w, stderr=err_w, env=environment,
+                                cwd="/", start_new_session=True, close_fds=True)
+    except OSError as exc:
+        for fd in (out_r, err_r):
+            os.close(fd)
+        return CheckResult(State.UNKNOWN, f"Could not run plugin {args[0]}: {exc.strerror or exc}",
+                           "", "", time.monotonic() - started, None)
+    finally:
+        os.close(out_w)
+        os.close(err_w)
+    group = proc.pid  # start_new_session made the plugin the leader of a new group
+    run = _Watched(loop, proc, out_r, err_r, output_cap)
+    timed_out = False
+    try:
+        try:
+            run.watch()
+        except OSError:  # no pidfd to be had (fd limit): never leave the plugin running unwatched
+            _signal_group(group, signal.SIGKILL)
+            raise
+        if not await run.finished(timeout):
+            timed_out = True
+            _signal_group(group, signal.SIGTERM)
+            await run.finished(kill_grace)
+        # Also after a normal exit: nothing the plugin started may outlive its check.
+        _signal_group(group, signal.SIGKILL)
+        if not run.all_done.done():
+            await run.finished(kill_grace)
+        if timed_out:
+            # Members killed now may still be on their way out after closing the pipes: the check
+            # ends when they are gone, so a timed-out plugin leaves nothing running behind it.
+            await _members_gone(loop, group, kill_grace)
+    except BaseException:
+        _signal_group(group, signal.SIGKILL)
+        raise
+    finally:
+        run.close()  # stops listening (a process that escaped the group may hold a pipe) and reaps
+    duration = time.monotonic() - started
+    return _result(
+        returncode=run.returncode,
+        stdout=run.out.decode("utf-8", errors="replace"),
+        stderr=run.err.decode("utf-8", errors="replace"),
+        truncated=run.truncated,
+        timed_out=timed_out,
+        timeout=timeout,
+        timeout_state=timeout_state,
+        output_cap=output_cap,
+        duration=duration,
+    )
+
+
+async def _members_gone(loop: asyncio.AbstractEventLoop, group: int, timeout: float) -> None:
+    """Wait until no process of ``group`` runs any more (zombies count as gone), at most ``timeout``."""
+    waiting: list[asyncio.Future[None]] = []
+    fds = []
+    try:
+        for pid in _group_members(group):
+            try:
+                fd = os.pidfd_open(pid)
+            except OSError:  # gone already, or not ours to watch
+                continue
+            fds.append(fd)
+            gone = loop.create_future()
+            loop.add_reader(fd, lambda f=gone: f.done() or f.set_result(None))
+            waiting.append(gone)
+        if waiting:
+            await asyncio.wait(waiting, timeout=timeout)
+    finally:
+        for fd in fds:
+            loop.remove_reader(fd)
+            os.close(fd)
+
+
+def _group_members(group: int) -> list[int]:
+    """Pids of live (not zombie) processes in process group ``group``, from /proc."""
+    members = []
+    try:
+        entries = os.listdir("/proc")
+    except OSError:
+        return members
+    for entry in entries:
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", "rb") as f:
+                fields = f.read().rsplit(b")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if len(fields) > 2 and int(fields[2]) == group and fields[0] not in (b"Z", b"X"):
+            members.append(int(entry))
+    return members
+
+
+class _Watched:
+    """One running plugin: its capped stdout and stderr, and its exit, as seen from the loop."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, proc: subprocess.Popen[bytes], out_fd: int, err_fd: int,
+                 cap: int) -> None:
+        self.loop, self.proc, self.cap = loop, proc, cap
+        self.fds = {out_fd: bytearray(), err_fd: bytearray()}
+        self.out_fd, self.err_fd = out_fd, err_fd
+        self.truncated = False  # stdout only, as before: stderr is only read for a silent plugin
+        self.pidfd = -1
+        self.exited = False
+        self.returncode: int | None = None
+        self.reaped = False
+        self.open = 3  # two pipes and the exit still to come
+        self.all_done: asyncio.Future[None] = loop.create_future()
+
+    def watch(self) -> None:
+        for fd in self.fds:
+            os.set_blocking(fd, False)
+            self.loop.add_reader(fd, self._readable, fd)
+        self.pidfd = os.pidfd_open(self.proc.pid)
+        self.loop.add_reader(self.pidfd, self._exited)
+
+    async def finished(self, timeout: float) -> bool:
+        """Wait until the plugin exited and both pipes closed, at most ``timeout`` seconds."""
+        if not self.all_done.done():
+            await asyncio.wait((self.all_done,), timeout=timeout)
+        return self.all_done.done()
+
+    def _one_done(self) -> None:
+        self.open -= 1
+        if self.open == 0 and not self.all_done.done():
+            self.all_done.set_result(None)
+
+    def _readable(self, fd: int) -> None:
+        try:
+            chunk = os.read(fd, _READ_CHUNK)
+        except BlockingIOError:
+            return
+        except OSError:
+            chunk = b""
+        if not chunk:
+            self.loop.remove_reader(fd)
+            self._one_done()
+            return
+        kept = self.fds[fd]
+        room = self.cap - len(kept)
+        if len(chunk) > room and fd == self.out_fd:
+            self.truncated = True
+        if room > 0:
+            kept += chunk[:room]
+        # beyond the cap the rest is drained and dropped, so the plugin never blocks on a full pipe
+
+    def _exited(self) -> None:
+        self.loop.remove_reader(self.pidfd)
+        try:
+            # WNOWAIT: read the status but leave the zombie, which holds the group id, until close().
+            info = os.waitid(os.P_PID, self.proc.pid, os.WEXITED | os.WNOWAIT)
+        except ChildProcessError:  # reaped by someone else: the status is lost
+            info = None
+        if info is not None:
+            self.returncode = -info.si_status if info.si_code in _KILLED else info.si_status
+        self.exited = True
+        self._one_done()
+
+    @property
+    def out(self) -> bytes:
+        return bytes(self.fds[self.out_fd])
+
+    @property
+    def err(self) -> bytes:
+        return bytes(self.fds[self.err_fd])
+
+    def close(self) -> None:
+        for fd in self.fds:
+            self.loop.remove_reader(fd)
+            os.close(fd)
+        if self.pidfd < 0:
+            self._reap(block=True)  # only after the group KILL: this wait is short
+            return
+        if self.exited:
+            self.loop.remove_reader(self.pidfd)
+            self._reap(block=False)
+            os.close(self.pidfd)
+        else:
+            # Still running (cancelled, or stuck after KILL): reap it whenever it does go.
+            self.loop.remove_reader(self.pidfd)
+            self.loop.add_reader(self.pidfd, self._reap_later)
+
+    def _reap_later(self) -> None:
+        self.loop.remove_reader(self.pidfd)
+        self._reap(block=False)
+        os.close(self.pidfd)
+
+    def _reap(self, *, block: bool) -> None:
+        try:
+            pid, status = os.waitpid(self.proc.pid, 0 if block else os.WNOHANG)
+        except ChildProcessError:
+            pid, status = self.proc.pid, 0
+        if pid:
+            # Popen must not wait for (or signal) a pid that may already belong to someone else.
+            self.proc.returncode = os.waitstatus_to_exitcode(status) if status else 0
+            self.reaped = True
+
+
+async def _run_with_asyncio(args: list[str], timeout: float, timeout_state: State, output_cap: int,
+                            environment: dict[str, str], kill_grace: float) -> CheckResult:
+    """The same run through asyncio's subprocess machinery, where there are no pidfds."""
     loop = asyncio.get_running_loop()
     started = time.monotonic()
     # Our own pipes rather than asyncio's PIPE: this Python's Process.wait() also waits for the
