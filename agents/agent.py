@@ -95,7 +95,7 @@ class Agent(Actor):
         for plugin in ("xep_0004", "xep_0128", "xep_0115"):
             self.xmpp.register_plugin(plugin)
         self.state_dir = state_dir  # where this agent keeps durable state, if it has any
-        self.audit = AuditLog(state_dir / "audit.sqlite") if state_dir else None
+        self.audit = AuditLog(state_dir / "audit.sqlite", write_behind=0.05) if state_dir else None
         self.name = name or jid.split("@", 1)[0]
         self.resources = [paths.check(r) for r in resources]
         self.broker = broker
@@ -213,11 +213,11 @@ class Agent(Actor):
             self.xmpp.send(protocol.error_reply(iq, BadPayload("request has no valid rid (1-128 characters)")))
             return
         key, fp = (caller, rid), fingerprint(req["name"], req["on"], req.xml.text or "")
-        seen = self._requests.get(key)
+        spec = self.ops.get(req["name"])
+        seen = self._requests.get(key, durable=bool(spec and spec.destructive))
         repeat = seen is not None
         if seen is None:
             seen = self._requests.start(key, fp)
-            spec = self.ops.get(req["name"])
             try:
                 answer = await self._admit_and_run(iq, caller, rid, key, fp)
                 self._requests.finish(key, seen, answer, durable=bool(spec and spec.destructive))

@@ -57,9 +57,10 @@ class RequestLog:
                              " payload TEXT, condition TEXT, text TEXT, at REAL, PRIMARY KEY (caller, rid))")
             self._db.execute("DELETE FROM outcomes WHERE at < ?", (time.time() - DURABLE_WINDOW,))
 
-    def get(self, key: tuple[str, str]) -> Seen | None:
+    def get(self, key: tuple[str, str], durable: bool) -> Seen | None:
+        """The request seen under ``key``; on disk too when ``durable`` (only destructive ops are kept there)."""
         seen = self._seen.get(key)
-        if seen is None and self._db is not None:
+        if seen is None and durable and self._db is not None:
             row = self._db.execute("SELECT fingerprint, payload, condition, text FROM outcomes"
                                    " WHERE caller = ? AND rid = ?", key).fetchone()
             if row is not None:
