@@ -1,0 +1,155 @@
+"""Fencing epochs and the fencing rules as pure logic: the broker's ledger (which outcomes open and
+end an epoch), what a fenced identity may do, who may push epochs, the manual-approval rule, and
+the settings that configure them."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from agents.authz import AdminsOnly, Decision
+from agents.errors import BadArguments
+from agents.fencing.devices import FencingConfigError
+from agents.fencing.epochs import (Fenced, FencedIdentities, FenceGuard, authorize_install, encode_entries,
+                                   parse_entries)
+from agents.fencing.guard import ApprovalGuard
+from agents.fencing.settings import FencingSettings
+from agents.ops import OpSpec
+from broker.fencing import FenceLedger, FencersMayAnnounce
+
+
+async def _noop(*_a, **_k):
+    return None
+
+
+def spec(name: str, destructive: bool = True) -> OpSpec:
+    return OpSpec(name=name, summary=name, description="", params=(), destructive=destructive, deadline=5,
+                  progress=False, resources=(), func=_noop)
+
+
+def outcome(action: str, ok: bool = True, node: str = "n1", at: float = 100.0, **kw) -> dict:
+    return {"event": "outcome", "action": action, "cluster": "c1", "node": node, "ok": ok, "at": at,
+            "requester": "pcmk@x.test", "identities": ["DB1@x.test"], **kw}
+
+
+def test_a_verified_off_opens_an_epoch_and_a_verified_on_ends_it():
+    ledger = FenceLedger(":memory:")
+    assert ledger.record("f@x.test", outcome("off", ok=False))[1] is None  # a failure proves nothing
+    assert ledger.record("f@x.test", {**outcome("off"), "event": "attempt"})[1] is None
+    assert ledger.fenced() == []
+    assert ledger.record("f@x.test", outcome("off"))[1] == "fenced"
+    (f,) = ledger.fenced()
+    assert (f.node, f.epoch, f.fenced_at, f.fenced_by, f.identities) == ("n1", 1, 100.0, "f@x.test", ("db1@x.test",))
+    assert ledger.record("f@x.test", outcome("off", at=150.0))[1] is None  # still the same fencing period
+    assert ledger.fenced()[0].fenced_at == 100.0
+    assert ledger.record("f@x.test", outcome("on", at=200.0))[1] == "unfenced"
+    assert ledger.fenced() == []
+    assert ledger.record("f@x.test", outcome("off", at=300.0))[1] == "fenced"
+    assert [e["epoch"] for e in ledger.epochs()] == [1, 2]  # numbers only grow
+    assert ledger.epochs()[0]["unfenced_at"] == 200.0
+    assert len(ledger.events()) == 6
+
+
+def test_a_reboot_is_an_epoch_that_ends_at_once_unless_power_stayed_off():
+    ledger = FenceLedger(":memory:")
+    assert ledger.record("f@x.test", outcome("reboot"))[1] == "rebooted"
+    assert ledger.fenced() == [] and ledger.epochs()[0]["epoch"] == 1
+    assert ledger.record("f@x.test", outcome("reboot", on_error="power did not come back"))[1] == "fenced"
+    assert ledger.fenced()[0].epoch == 2
+
+
+def test_epochs_survive_a_restart(tmp_path):
+    path = tmp_path / "fencing.sqlite"
+    ledger = FenceLedger(path)
+    ledger.record("f@x.test", outcome("off"))
+    ledger.close()
+    assert [f.node for f in FenceLedger(path).fenced()] == ["n1"]
+
+
+def fenced_db1() -> FencedIdentities:
+    view = FencedIdentities()
+    view.install([Fenced("c1", "n1", 3, 0.0, "f@x.test", "pcmk@x.test", ("db1@x.test",))])
+    return view
+
+
+def test_a_fenced_identity_is_refused_destructive_ops_only():
+    view = fenced_db1()
+    d = view.check("DB1@x.test", spec("storage.volume.destroy"))
+    assert d is not None and not d.allowed
+    assert "node n1 of cluster c1 was fenced at 1970-01-01T00:00:00Z (epoch 3" in d.reason
+    assert d.rule == "fenced node c1/n1 epoch 3"
+    assert view.check("db1@x.test", spec("storage.info", destructive=False)) is None
+    assert view.check("db2@x.test", spec("storage.volume.destroy")) is None
+    view.install([])  # unfenced: the broker's next push replaces the whole list
+    assert view.check("db1@x.test", spec("storage.volume.destroy")) is None
+
+
+def test_entries_travel_as_json_and_bad_ones_are_named():
+    entries = fenced_db1().entries
+    assert parse_entries(encode_entries(entries)) == list(entries)
+    with pytest.raises(BadArguments, match="not JSON"):
+        parse_entries("{")
+    with pytest.raises(BadArguments, match="needs cluster, node, epoch"):
+        parse_entries(json.dumps([{"cluster": "c1"}]))
+
+
+def test_only_the_agents_broker_pushes_epochs_whatever_the_policy_says():
+    guard = FenceGuard(AdminsOnly(["root@x.test"]), FencedIdentities(), lambda: "broker@x.test")
+    assert guard.decide("broker@x.test", spec("fenced.install", False), []).allowed
+    assert not guard.decide("root@x.test", spec("fenced.install", False), []).allowed
+    assert not authorize_install("broker@x.test", None).allowed
+
+
+def test_the_guard_asks_the_policy_first_and_then_the_epochs():
+    guard = FenceGuard(AdminsOnly(["db1@x.test"]), fenced_db1(), lambda: None)
+    assert "was fenced at" in guard.decide("db1@x.test", spec("sample.toggle"), []).reason
+    assert "only the mesh file's admins" in guard.decide("db2@x.test", spec("sample.toggle"), []).reason
+
+
+SETTINGS = {"clusters": {"c1": ["n1"], "c2": ["n2"]},
+            "fencing": {"devices": {"d": {"agent": "fence_dummy", "params": {"type": "file", "status_file": "/x"},
+                                          "plugs": {"n1": "1", "n2": "2"}}},
+                        "levels": {"n1": [["d"]], "n2": [["d"]]}},
+            "identities": {"n1": ["DB1@x.test"]},
+            "approval": {"c1": {"fencers": ["fence-c1@x.test"]}}}
+
+
+def approval_guard(via: str = "") -> ApprovalGuard:
+    return ApprovalGuard(AdminsOnly(["alice@x.test", "fence-c1@x.test"]), FencingSettings.from_settings(SETTINGS),
+                         lambda: via, lambda: "broker@x.test")
+
+
+def test_a_persons_manual_fence_needs_approval_where_the_cluster_asks_for_it():
+    n1, n2 = ["/cluster/c1/node/n1"], ["/cluster/c2/node/n2"]
+    d = approval_guard().decide("alice@x.test", spec("fence.off"), n1)
+    assert not d.allowed and "workflow=fence-node param=cluster=c1 param=node=n1" in d.reason
+    assert approval_guard().decide("alice@x.test", spec("fence.off"), n2).allowed  # c2 asks for none
+    assert approval_guard().decide("alice@x.test", spec("fence.status", False), n1).allowed  # a read
+    assert approval_guard().decide("fence-c1@x.test", spec("fence.reboot"), n1).allowed  # c1's own fencer
+    assert approval_guard(via="broker@x.test").decide("alice@x.test", spec("fence.on"), n1).allowed
+    # Another delegate (the chat bot) relays the person's own command: still needs approval.
+    assert not approval_guard(via="bot@x.test").decide("alice@x.test", spec("fence.off"), n1).allowed
+    # The policy still decides after the rule: the broker's word does not make a stranger allowed.
+    assert not approval_guard(via="broker@x.test").decide("eve@x.test", spec("fence.off"), n1).allowed
+
+
+def test_fencing_settings_name_what_is_wrong():
+    s = FencingSettings.from_settings(SETTINGS)
+    assert s.identities == {"n1": ("db1@x.test",)} and s.needs_approval("c1") and not s.needs_approval("c2")
+    assert s.is_fencer("c1", "Fence-C1@x.test") and not s.is_fencer("c2", "fence-c1@x.test")
+    with pytest.raises(FencingConfigError) as info:
+        FencingSettings.from_settings({**SETTINGS, "identities": {"n9": ["db"]}, "approval": {"c9": {}, "c2": [1]}})
+    problems = "\n".join(info.value.problems)
+    assert "settings.identities.n9: no such node" in problems
+    assert "settings.approval.c9: no such cluster" in problems and "settings.approval.c2: expected" in problems
+
+
+def test_only_a_live_fencing_agent_announces_and_only_for_its_nodes():
+    gate = FencersMayAnnounce(AdminsOnly(["root@x.test"]), lambda: {"f@x.test": {"/cluster/c1/node/n1"}})
+    event = spec("mesh.fence.event", False)
+    assert gate.decide("F@x.test", event, ["/cluster/c1/node/n1"]).allowed
+    assert not gate.decide("f@x.test", event, ["/cluster/c1/node/n2"]).allowed
+    assert not gate.decide("root@x.test", event, ["/cluster/c1/node/n1"]).allowed  # admins cannot forge one
+    assert gate.decide("root@x.test", spec("mesh.fence.epochs", False), []) == Decision(
+        True, "caller is a mesh admin", "mesh admins")
