@@ -27,6 +27,7 @@ from agents.resources import check as check_resource, BadResource
 from agents.errors import BadArguments
 
 from .alerts import AlertsMixin
+from .fencing import FencingMixin
 from .directory import Capabilities, Directory
 from .policy import PolicyDistribution
 from .workflows import WorkflowMixin
@@ -38,7 +39,7 @@ CAPS_HASHES = {"sha-1", "sha-256", "sha-512"}  # XEP-0115's; md5 and the like ar
 BAD_CAPS_MEMORY = 60.0  # seconds a caps hash that failed to verify is not asked about again
 
 
-class Broker(WorkflowMixin, AlertsMixin, PolicyDistribution, Agent):
+class Broker(FencingMixin, WorkflowMixin, AlertsMixin, PolicyDistribution, Agent):
     kind = "broker"
     resource = "broker"
 
