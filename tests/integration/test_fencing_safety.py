@@ -250,3 +250,17 @@ async def test_only_a_fencing_agent_may_announce_and_only_its_own_nodes(world):
                                      timeout=10)
     refused(res, "does not fence that node")
     assert world.events == [] and world.broker.fence_ledger.events() == []
+
+
+async def test_a_restarted_broker_still_knows_the_fenced_node_and_tells_agents_that_join(world):
+    assert (await world.fence("fence-c1", "off", "node1")).outcome is Outcome.OK
+    await world.mesh.stop_all()  # the whole mesh goes down, the broker's state stays on disk
+    world.clients.clear()
+    jid, pw = world.accounts["broker"]
+    broker = await world.mesh.start(FencingBroker(jid, pw, world.mesh.endpoint, authorizer=world.authorizer(),
+                                                  state_dir=world.tmp / "broker-state"))
+    sample = await world.mesh.agent(GuardedSample, broker, ["/host/db3"], authorizer=world.authorizer())
+    await until(lambda: sample.fenced.of(world.jids["db1"]), what="the open epoch pushed to a joining agent")
+    res = await world.call("db1", sample, "sample.toggle", {"target": str(world.tmp / "t")})
+    refused(res, "epoch 1")
+    assert not (world.tmp / "t").exists()
