@@ -55,20 +55,27 @@ _tostring.escape = _escape
 
 @dataclass(frozen=True)
 class Endpoint:
-    """Where and how to reach the XMPP server."""
+    """Where and how to reach the XMPP service: one server, or the nodes of a cluster serving one
+    domain (``alternates``), any of which will do."""
 
     host: str
     port: int
     domain: str
     ssl_context: ssl.SSLContext
+    alternates: tuple[tuple[str, int], ...] = ()
+
+    @property
+    def addresses(self) -> list[tuple[str, int]]:
+        return [(self.host, self.port), *self.alternates]
 
     @classmethod
-    def pinned(cls, host: str, port: int, domain: str, cert_path: str) -> "Endpoint":
+    def pinned(cls, host: str, port: int, domain: str, cert_path: str,
+               alternates: tuple[tuple[str, int], ...] = ()) -> "Endpoint":
         """An endpoint that trusts exactly the certificate at ``cert_path`` (the private server's)."""
         ctx = ssl.create_default_context(cafile=cert_path)
         ctx.check_hostname = True
         ctx.verify_mode = ssl.CERT_REQUIRED
-        return cls(host, port, domain, ctx)
+        return cls(host, port, domain, ctx, alternates)
 
 
 class Backoff:
@@ -88,13 +95,16 @@ class Backoff:
 
 
 class _Stream(slixmpp.ClientXMPP):
-    """slixmpp's client, with its fixed connect-retry schedule replaced by jittered backoff."""
+    """slixmpp's client, with its fixed connect-retry schedule replaced by jittered backoff that
+    moves on to the next server of the endpoint at each attempt."""
 
     backoff: Backoff
+    next_address: Callable[[], tuple[str, int]]
 
     def reschedule_connection_attempt(self) -> asyncio.Future | None:
         if self._current_connection_attempt is None:
             return None
+        self.custom_address = self.next_address()
         self._connect_loop_wait = self.backoff.next()
         self._current_connection_attempt = asyncio.ensure_future(self._connect_loop(), loop=self.loop)
         return self._current_connection_attempt
@@ -127,6 +137,11 @@ class Actor:
         self.timeouts = timeouts
         self.xmpp = _Stream(f"{jid}/{resource or self.resource}", password, ssl_context=endpoint.ssl_context)
         self.xmpp.backoff = Backoff()
+        # Each actor starts at a random server of a cluster, so a node's clients do not all land on
+        # the same other node when it goes away.
+        self._addresses = endpoint.addresses
+        self._address = random.randrange(len(self._addresses))
+        self.xmpp.next_address = self._next_address
         # Explicit, because with a given host and port slixmpp would try direct TLS first.
         self.xmpp.enable_direct_tls = False
         self.xmpp.enable_starttls = True
@@ -162,12 +177,12 @@ class Actor:
     async def start(self, timeout: float = 15.0) -> None:
         """Connect and wait for a session. Raises ConnectError saying what failed."""
         self._stopping = False
-        self.xmpp.connect(self.endpoint.host, self.endpoint.port)
+        self.xmpp.connect(*self._addresses[self._address])
         try:
             await asyncio.wait_for(self._online.wait(), timeout)
         except asyncio.TimeoutError:
             reason = self._auth_failed or (
-                f"no session with {self.endpoint.host}:{self.endpoint.port} within {timeout:g}s"
+                f"no session with {' or '.join(f'{h}:{p}' for h, p in self._addresses)} within {timeout:g}s"
                 " (is the server running? `vertebra server status`)")
             await self.stop()
             raise ConnectError(f"{self.xmpp.boundjid.bare}: {reason}") from None
@@ -184,6 +199,15 @@ class Actor:
         for fut, _to in self._pending.values():
             if not fut.done():
                 fut.cancel()
+
+    def _next_address(self) -> tuple[str, int]:
+        self._address = (self._address + 1) % len(self._addresses)
+        return self._addresses[self._address]
+
+    @property
+    def server_address(self) -> tuple[str, int]:
+        """The server this actor is (or was last) connected to."""
+        return self._addresses[self._address]
 
     async def on_session(self) -> None:
         """Called on every new session; subclasses advertise themselves here."""
@@ -208,7 +232,7 @@ class Actor:
         log.info("%s: disconnected; reconnecting in %.2fs", self.xmpp.boundjid, delay)
         await asyncio.sleep(delay)
         if not self._stopping and self.xmpp.transport is None:
-            self.xmpp.connect(self.endpoint.host, self.endpoint.port)
+            self.xmpp.connect(*self._next_address())
 
     # -- requests ------------------------------------------------------------------------------
 

@@ -41,6 +41,8 @@ class ServerConfig:
     domain: str = "vertebra.test"
     host: str = "127.0.0.1"
     port: int = 5322
+    # Further nodes of a cluster serving the same domain (host, port); actors use any live one.
+    nodes: tuple[tuple[str, int], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -131,7 +133,8 @@ class MeshConfig:
         cert = self.home / "server" / "cert.pem"
         if not cert.exists():
             raise ConfigError(f"no server certificate at {cert}: start the server first (`vertebra server start`)")
-        return Endpoint.pinned(self.server.host, self.server.port, self.server.domain, str(cert))
+        return Endpoint.pinned(self.server.host, self.server.port, self.server.domain, str(cert),
+                               alternates=self.server.nodes)
 
 
 def load(path: str | os.PathLike[str] | None = None, home: str | os.PathLike[str] | None = None) -> MeshConfig:
@@ -156,12 +159,14 @@ def parse(data: Any, path: Path, home: Path) -> MeshConfig:
     where = _Where(path)
     root = where.mapping(data, "", {"server", "broker", "operator", "admins", "agents", "passwords", "policy",
                                     "site", "policy_max_age", "workflows"})
-    srv = where.mapping(root.get("server", {}), "server", {"domain", "host", "port"})
+    srv = where.mapping(root.get("server", {}), "server", {"domain", "host", "port", "nodes"})
     server = ServerConfig(
         domain=where.string(srv.get("domain", ServerConfig.domain), "server.domain",
                             r"[a-z0-9]([a-z0-9.-]*[a-z0-9])?", "a lowercase DNS name"),
         host=where.string(srv.get("host", ServerConfig.host), "server.host", r"[0-9A-Za-z.:_-]+", "a host or address"),
-        port=where.integer(srv.get("port", ServerConfig.port), "server.port", 1, 65535))
+        port=where.integer(srv.get("port", ServerConfig.port), "server.port", 1, 65535),
+        nodes=tuple(where.address(n, f"server.nodes[{i}]")
+                    for i, n in enumerate(where.sequence(srv.get("nodes", []), "server.nodes"))))
     broker = where.name(root.get("broker", "broker"), "broker")
     operator = where.name(root.get("operator", "operator"), "operator")
     admins = tuple(where.bare_jid(a, f"admins[{i}]", server.domain)
@@ -250,6 +255,12 @@ class _Where:
         if isinstance(value, str) and "@" not in value:
             value = f"{self.name(value, f)}@{domain}"
         return self.string(value, f, r"[a-z0-9._-]+@[a-z0-9.-]+", "an account name or a bare JID (user@domain)")
+
+    def address(self, value: Any, f: str) -> tuple[str, int]:
+        host, _, port = str(value).rpartition(":")
+        if not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise self.error(f, f"expected HOST:PORT of another node serving the domain, got {value!r}")
+        return host, int(port)
 
     def integer(self, value: Any, f: str, lo: int, hi: int) -> int:
         if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
