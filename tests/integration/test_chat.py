@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 
 import pytest
+import yaml
 
 from agents import audit
 from agents.authz import PolicyAuthorizer
@@ -16,13 +17,13 @@ from conftest import until
 from sample_agent import SampleAgent
 
 
-def policy(operator: str, helper: str, bot: str) -> str:
+def policy(operator: str, helper: str, bot: str, others: tuple[str, ...] = ()) -> str:
     return f"""
 roles:
   viewer: {{}}
   operator: {{inherits: [viewer]}}
 members:
-  operator: [{operator}]
+  operator: [{", ".join((operator, *others))}]
   viewer: [{helper}]
 grants:
   - {{role: viewer, ops: ["*.info", "sample.echo", "mesh.agents", "mesh.discover", "workflow.list"]}}
@@ -49,10 +50,14 @@ class Chatter:
 
 @pytest.fixture
 async def chat(mesh, tmp_path):
-    helper = mesh.account("helper")
+    helper, requester = mesh.account("helper"), mesh.account("requester")
     bot_jid, bot_pw = mesh.account("bot")
     authz = PolicyAuthorizer()
-    assert authz.load(policy(mesh.operator[0], helper[0], bot_jid)).ok
+    assert authz.load(policy(mesh.operator[0], helper[0], bot_jid, others=(requester[0],))).ok
+    (tmp_path / "workflows").mkdir()
+    (tmp_path / "workflows" / "guarded.yaml").write_text(yaml.safe_dump({"name": "guarded", "steps": [
+        {"name": "toggle", "op": "sample.toggle", "args": {"target": str(tmp_path / "toggled")},
+         "destructive": True}]}))
     # The bot holds no role: its identity grants nothing. Agents and the broker take its `for`.
     broker = await mesh.broker(delegates=[bot_jid], settings={"workflows": str(tmp_path / "workflows")})
     broker.authorizer.inner = authz
@@ -64,6 +69,7 @@ async def chat(mesh, tmp_path):
     await until(lambda: broker.directory.discover("sample.echo", []), what="the agent in the directory")
     me = Chatter(await mesh.client(), str(bot.jid))
     helper_chat = Chatter(await mesh.client(account=helper), str(bot.jid))
+    me.requester = await mesh.client(broker, account=requester)
     return bot, broker, agent, me, helper_chat
 
 
@@ -101,7 +107,7 @@ async def test_agents_and_workflows(chat):
     _, _, _, me, _ = chat
     text = await me.ask("agents", "live agents")
     assert "(sample): /host/a" in text and "1 live agents" in text
-    assert "no workflows are defined" in await me.ask("workflows", "workflows")
+    assert "workflow guarded" in await me.ask("workflows", "workflow")
 
 
 async def test_long_op_answers_with_a_job_then_progress_then_the_result(chat):
@@ -174,3 +180,21 @@ async def test_an_agent_that_does_not_delegate_to_the_bot_denies_instead_of_trus
     await until(lambda: len(broker.directory.discover("sample.count", [])) == 2, what="two agents")
     text = await me.ask("call sample.count on /host/b", "sample.count: 1 denied")
     assert "may not act on behalf of" in text and other.runs == 0
+
+
+async def test_approve_and_deny_from_chat_record_the_operator_not_the_bot(chat, tmp_path):
+    bot, broker, agent, me, _ = chat
+    runs = []
+    for _ in range(2):  # the requester starts two runs; two-person rule: someone else must approve
+        res = await me.requester.request(str(broker.jid), "workflow.run", {"workflow": "guarded", "wait": 5}, timeout=10)
+        assert res.result["state"] == "waiting", res
+        runs.append(res.result["instance"])
+    listed = await me.ask("workflows", "workflow guarded")
+    assert f"instance {runs[0]}: guarded waiting" in listed
+    text = await me.ask(f"approve {runs[0]}", "approved toggle")
+    assert f"it has 1 ({me.client.jid.bare})" in text  # two-person rule: one more approver needed
+    status = broker._status(runs[0])
+    assert status["steps"][0]["approved_by"] == [me.client.jid.bare]  # the operator, never the bot
+    assert not (tmp_path / "toggled").exists()
+    assert "is cancelled" in await me.ask(f"deny {runs[1]}", "denied: workflow instance")
+    assert broker._status(runs[1])["state"] == "cancelled"
