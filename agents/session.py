@@ -7,11 +7,13 @@ own JID, and every wait is bounded by the call's timeout.
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
-from .config import MeshConfig
 from .gateway import GatewayUnavailable, call_via_gateway
-from .report import CallReport, ProgressFn
+
+if TYPE_CHECKING:
+    from .config import MeshConfig
+    from .report import CallReport, ProgressFn
 
 LOGIN_TIMEOUT = 10.0
 

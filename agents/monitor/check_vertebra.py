@@ -10,33 +10,47 @@ agent, denied, timeout, unreachable) are UNKNOWN with a line that says which; a 
 given another state with ``-t 10:CRITICAL``. ``-h`` and ``-V`` exit 3, as the Monitoring Plugins
 guidelines want. The mesh is found as the `vertebra` CLI finds it (--home, $VERTEBRA_HOME,
 ./.vertebra) and reached through the local gateway, or a direct login when none runs.
+
+Nagios starts this program for every check, so its start is most of its cost. The common command
+lines (``-H``/``-R``, ``-c``, ``-a``, ``-t SECONDS``, ``--home``, ``--mesh``, ``--account``) take a
+lean path when a gateway runs: no argparse, no asyncio, no YAML parser; a plain socket to the gateway.
+What the call needs from the mesh file (domain, operator, password files, policy) is kept in
+``HOME/run/check_vertebra.cache`` keyed by the mesh file's exact bytes, its path, the state
+directory and the mesh-file parser's own file, so an edited mesh file is always parsed again; the
+password itself is read every time. Anything else (``-h``, ``-V``, ``-t 10:CRITICAL``, odd
+spellings, usage errors, no gateway) goes the full way, with the same answers.
 """
 
 from __future__ import annotations
 
-import argparse
-import asyncio
+import os
 import sys
-from typing import NoReturn, Sequence
+from typing import TYPE_CHECKING, Any, NoReturn, Sequence
 
-from agents.monitor.ranges import State
+if TYPE_CHECKING:
+    import argparse
 
-UNKNOWN = int(State.UNKNOWN)
+    from agents.monitor.ranges import State
+
+UNKNOWN = 3  # State.UNKNOWN, without loading the ranges module on the lean path
+_STATE_NAMES = ("OK", "WARNING", "CRITICAL", "UNKNOWN")
 PROG = "check_vertebra"
 GRACE = 5.0  # beyond -t, for the program's own last-resort guard
+CACHE_NAME = "check_vertebra.cache"
+CACHE_VERSION = 1
+MAX_CACHED_MESH = 256 * 1024
+DEFAULT_TIMEOUT = 30.0
 
 
 class _Usage(Exception):
     pass
 
 
-class _Parser(argparse.ArgumentParser):
-    # A plugin's usage errors are UNKNOWN (3), not argparse's 2.
-    def error(self, message: str) -> NoReturn:
-        raise _Usage(message)
+def _timeout(text: str) -> tuple[float, "State"]:
+    import argparse
 
+    from agents.monitor.ranges import State
 
-def _timeout(text: str) -> tuple[float, State]:
     seconds, _, state = text.partition(":")
     try:
         value = float(seconds)
@@ -50,8 +64,17 @@ def _timeout(text: str) -> tuple[float, State]:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
-def _parser() -> _Parser:
+def _parser() -> "argparse.ArgumentParser":
+    import argparse
+
     from agents import __version__
+    from agents.monitor.ranges import State
+
+    class _Parser(argparse.ArgumentParser):
+        # A plugin's usage errors are UNKNOWN (3), not argparse's 2.
+        def error(self, message: str) -> NoReturn:
+            raise _Usage(message)
+
     p = _Parser(prog=PROG, add_help=False, formatter_class=argparse.RawDescriptionHelpFormatter,
                 description="Run a named check on monitor agents through the Vertebra mesh.",
                 epilog="Exit codes: 0 OK, 1 WARNING, 2 CRITICAL, 3 UNKNOWN (also for -h, -V and mesh problems).")
@@ -62,7 +85,8 @@ def _parser() -> _Parser:
     p.add_argument("-c", "--check", metavar="CHECK", help="the check to run (see `vertebra call monitor.list`)")
     p.add_argument("-a", "--arg", action="append", default=[], metavar="NAME=VALUE",
                    help="an argument the check declares (repeatable)")
-    p.add_argument("-t", "--timeout", type=_timeout, default=(30.0, State.UNKNOWN), metavar="SECONDS[:STATE]",
+    p.add_argument("-t", "--timeout", type=_timeout, default=(DEFAULT_TIMEOUT, State.UNKNOWN),
+                   metavar="SECONDS[:STATE]",
                    help="give up after SECONDS (default 30); the state for a timeout (default UNKNOWN)")
     p.add_argument("--home", help="mesh state directory (default: $VERTEBRA_HOME, else ./.vertebra)")
     p.add_argument("--mesh", help="mesh file (default: HOME/mesh.yaml)")
@@ -73,9 +97,25 @@ def _parser() -> _Parser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    words = list(sys.argv[1:] if argv is None else argv)
+    lean = lean_args(words)
+    if lean is not None:
+        try:
+            answer = _lean_run(lean)
+        except Exception as exc:  # whatever broke, a plugin answers UNKNOWN with one line
+            answer = f"UNKNOWN - {PROG}: {exc.__class__.__name__}: {exc}", UNKNOWN
+        if answer is not None:
+            print(answer[0])
+            return answer[1]
+    return _full_main(words)
+
+
+def _full_main(words: list[str]) -> int:
+    from agents.monitor.ranges import State
+
     parser = _parser()
     try:
-        ns = parser.parse_args(argv)
+        ns = parser.parse_args(words)
     except _Usage as exc:
         print(f"{PROG}: {exc}\n{parser.format_usage().strip()}")
         return UNKNOWN
@@ -95,11 +135,232 @@ def main(argv: Sequence[str] | None = None) -> int:
     return int(state)
 
 
-def _run(ns: argparse.Namespace) -> tuple[str, State]:
-    from agents import config as meshconf, resources
+# -- the lean path -------------------------------------------------------------------------------
+
+_LEAN_OPTIONS = {"-H": "hostname", "--hostname": "hostname", "-R": "resource", "--resource": "resource",
+                 "-c": "check", "--check": "check", "-a": "arg", "--arg": "arg", "-t": "timeout",
+                 "--timeout": "timeout", "--home": "home", "--mesh": "mesh", "--account": "account"}
+
+
+def lean_args(words: Sequence[str]) -> dict[str, Any] | None:
+    """The command line as the full parser would read it, for the plain spellings only: each option
+    a separate word followed by its value, none repeated but ``-a``, values that do not start with
+    ``-``, a timeout in plain seconds, ``-c`` and exactly one of ``-H``/``-R``. Anything else is
+    None, and the full parser takes it (with its help, errors and all)."""
+    out: dict[str, Any] = {"arg": []}
+    i = 0
+    while i < len(words):
+        key = _LEAN_OPTIONS.get(words[i])
+        if key is None or i + 1 >= len(words):
+            return None
+        value = words[i + 1]
+        if not value or value.startswith("-"):
+            return None
+        if key == "arg":
+            out["arg"].append(value)
+        elif key in out:
+            return None
+        else:
+            out[key] = value
+        i += 2
+    if "check" not in out or ("hostname" in out) == ("resource" in out):
+        return None
+    if "timeout" in out:
+        try:
+            seconds = float(out["timeout"])
+        except ValueError:
+            return None
+        if ":" in out["timeout"] or not 0 < seconds <= 3600:
+            return None
+        out["timeout"] = seconds
+    else:
+        out["timeout"] = DEFAULT_TIMEOUT
+    return out
+
+
+def _home(home: str | None) -> str:
+    """config.default_home, without loading the config module."""
+    path = home or os.environ.get("VERTEBRA_HOME") or ".vertebra"
+    return path if os.path.isabs(path) else os.path.join(os.getcwd(), path)
+
+
+def _lean_run(o: dict[str, Any]) -> tuple[str, int] | None:
+    """Run the call through the gateway; None when the full path must do it (no gateway, a mesh
+    file that does not load, a password missing: the full path says what is wrong)."""
+    from agents import resources
     from agents.errors import ConnectError
+    from agents.gateway import GatewayUnavailable, call_via_gateway_blocking
+
+    home = _home(o.get("home"))
+    socket_path = os.path.join(home, "run", "gateway.sock")
+    if not os.path.exists(socket_path):
+        return None
+    try:
+        target = resources.check(f"/host/{o['hostname']}" if "hostname" in o else o["resource"])
+    except resources.BadResource:
+        return None
+    identity = _identity(o, home)
+    if identity is None:
+        return None
+    seconds = o["timeout"]
+    call = {"op": "monitor.check", "args": {"check": o["check"], "args": o["arg"]}, "on": [target],
+            "scope": "one" if "hostname" in o else "all", "to": [], "timeout": seconds, "rid": None}
+    try:
+        report = call_via_gateway_blocking(socket_path, identity[0], identity[1], call, limit=seconds + GRACE)
+    except GatewayUnavailable:
+        return None  # nothing was sent: the full path logs in directly
+    except (ConnectError, OSError, TimeoutError) as exc:
+        return f"UNKNOWN - {PROG}: mesh unreachable: {exc}", UNKNOWN
+    if "resource" in o:
+        from agents.report import CallReport
+
+        output, state = _aggregate(CallReport.from_dict(report), target)
+        return output, int(state)
+    return _one(report, target, UNKNOWN)
+
+
+def _identity(o: dict[str, Any], home: str) -> tuple[str, str] | None:
+    """The caller's JID and password, from the cache or, when it does not match, the mesh file."""
+    mesh_path = o.get("mesh") or os.path.join(home, "mesh.yaml")
+    if not os.path.isabs(mesh_path):
+        mesh_path = os.path.join(os.getcwd(), mesh_path)
+    try:
+        with open(mesh_path, "rb") as f:
+            data = f.read(MAX_CACHED_MESH + 1)
+    except OSError:
+        return None
+    cache = os.path.join(home, "run", CACHE_NAME)
+    key = {"v": CACHE_VERSION, "parser": _parser_stamp(), "mesh": mesh_path, "home": home, "bytes": data}
+    entry = _read_cache(cache, key)
+    if entry is None:
+        from agents import config as meshconf
+
+        try:
+            mesh = meshconf.load(mesh_path, home)
+        except (meshconf.ConfigError, OSError):
+            return None
+        entry = {"domain": mesh.server.domain, "operator": mesh.operator,
+                 "passwords": {name: str(path) for name, path in mesh.password_files.items()},
+                 "policy": str(mesh.policy) if mesh.policy is not None else None}
+        if len(data) <= MAX_CACHED_MESH:
+            _write_cache(cache, {**key, "entry": entry})
+    if entry["policy"] is not None and not os.path.isfile(entry["policy"]):
+        return None  # the full path reports the missing policy file, as loading the mesh does
+    account = o.get("account") or entry["operator"]
+    password_file = entry["passwords"].get(account) or os.path.join(home, "secrets", f"{account}.password")
+    try:
+        with open(password_file) as f:
+            password = f.read().strip()
+    except OSError:
+        return None
+    return f"{account}@{entry['domain']}", password
+
+
+def _parser_stamp() -> list[int]:
+    """Which mesh-file parser filled the cache: a changed agents/config.py parses anew."""
+    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    try:
+        st = os.stat(os.path.join(here, "config.py"))
+    except OSError:
+        return [0, 0]
+    return [st.st_mtime_ns, st.st_size]
+
+
+def _read_cache(path: str, key: dict[str, Any]) -> dict[str, Any] | None:
+    import msgpack
+
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+    except OSError:
+        return None
+    try:
+        st = os.fstat(fd)
+        if st.st_uid != os.getuid() or st.st_mode & 0o022 or st.st_size > 2 * MAX_CACHED_MESH:
+            return None  # only a cache of our own that nobody else could have written
+        with os.fdopen(fd, "rb") as f:
+            fd = -1
+            cached = msgpack.unpackb(f.read(), raw=False)
+    except (OSError, ValueError, msgpack.UnpackException):
+        return None
+    finally:
+        if fd >= 0:
+            os.close(fd)
+    if not isinstance(cached, dict) or any(cached.get(k) != v for k, v in key.items()):
+        return None
+    entry = cached.get("entry")
+    ok = (isinstance(entry, dict) and isinstance(entry.get("domain"), str) and isinstance(entry.get("operator"), str)
+          and isinstance(entry.get("passwords"), dict) and isinstance(entry.get("policy"), (str, type(None))))
+    return entry if ok else None
+
+
+def _write_cache(path: str, content: dict[str, Any]) -> None:
+    """Replace the cache atomically; quietly nothing when the run directory is not ours alone."""
+    import msgpack
+
+    folder = os.path.dirname(path)
+    tmp = f"{path}.{os.getpid()}.tmp"
+    try:
+        st = os.stat(folder)
+        if st.st_uid != os.getuid() or st.st_mode & 0o077:
+            return
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+        with os.fdopen(fd, "wb") as f:
+            f.write(msgpack.packb(content, use_bin_type=True))
+        os.replace(tmp, path)
+    except OSError:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+
+
+# -- answers -------------------------------------------------------------------------------------
+
+def _problem(outcome: str, where: str, error: str | None, state: int) -> tuple[str, int]:
+    return f"{_STATE_NAMES[state]} - {PROG}: {outcome} on {where}: {error or 'no detail'}", state
+
+
+def _one(report: dict[str, Any], target: str, timeout_state: int) -> tuple[str, int]:
+    """The answer for -H from a report (as ``CallReport.to_dict`` gives it): the agent's output and
+    state, or UNKNOWN (the timeout state for a timeout) with a line saying what went wrong."""
+    results = report["results"]
+    answered = [r for r in results if r["outcome"] != "not-discovered"] or results
+    if not answered:
+        return _problem("not-discovered", target, f"no monitor agent holds {target}", UNKNOWN)
+    res = answered[-1]
+    if res["outcome"] != "ok" or not isinstance(res.get("result"), dict):
+        where = res["target"] if res["target"].startswith("/") else res["target"].split("/")[0]
+        return _problem(res["outcome"], where, res.get("error"), timeout_state if res["outcome"] == "timeout"
+                        else UNKNOWN)
+    code = res["result"]["code"]
+    if isinstance(code, bool) or not isinstance(code, int) or not 0 <= code <= 3:
+        from agents.monitor.ranges import State
+
+        code = int(State.parse(code))
+    return str(res["result"]["output"]), code
+
+
+def _aggregate(report: Any, target: str) -> tuple[str, "State"]:
     from agents.errors import Outcome
     from agents.monitor.aggregate import aggregate
+    from agents.monitor.ranges import State
+
+    if not report.results or all(r.outcome is Outcome.NOT_DISCOVERED for r in report.results):
+        output, code = _problem("not-discovered", target, f"no monitor agent offers monitor.check under {target}",
+                                UNKNOWN)
+        return output, State(code)
+    agg = aggregate(report)
+    return agg.render(), agg.worst
+
+
+# -- the full path -------------------------------------------------------------------------------
+
+def _run(ns: "argparse.Namespace") -> tuple[str, "State"]:
+    import asyncio
+
+    from agents import config as meshconf, resources
+    from agents.errors import ConnectError
+    from agents.monitor.ranges import State
     from agents.session import mesh_call
 
     seconds, timeout_state = ns.timeout
@@ -118,23 +379,10 @@ def _run(ns: argparse.Namespace) -> tuple[str, State]:
     except (ConnectError, OSError, TimeoutError, meshconf.ConfigError) as exc:
         return f"UNKNOWN - {PROG}: mesh unreachable: {exc}", State.UNKNOWN
 
-    def mesh_problem(outcome: Outcome, where: str, error: str | None) -> tuple[str, State]:
-        state = timeout_state if outcome is Outcome.TIMEOUT else State.UNKNOWN
-        return f"{state.name} - {PROG}: {outcome.value} on {where}: {error or 'no detail'}", state
-
     if ns.resource:
-        if not report.results or all(r.outcome is Outcome.NOT_DISCOVERED for r in report.results):
-            return mesh_problem(Outcome.NOT_DISCOVERED, target, f"no monitor agent offers monitor.check under {target}")
-        agg = aggregate(report)
-        return agg.render(), agg.worst
-    answered = [r for r in report.results if r.outcome is not Outcome.NOT_DISCOVERED] or report.results
-    if not answered:
-        return mesh_problem(Outcome.NOT_DISCOVERED, target, f"no monitor agent holds {target}")
-    res = answered[-1]
-    if res.outcome is not Outcome.OK or not isinstance(res.result, dict):
-        return mesh_problem(res.outcome, res.target if res.target.startswith("/") else res.target.split("/")[0],
-                            res.error)
-    return str(res.result["output"]), State.parse(res.result["code"])
+        return _aggregate(report, target)
+    output, code = _one(report.to_dict(), target, int(timeout_state))
+    return output, State(code)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,128 @@
+"""check_vertebra's lean path: its command-line reading agrees with the full parser, and what it
+keeps from the mesh file follows every edit of the file."""
+
+from __future__ import annotations
+
+import os
+import stat
+from pathlib import Path
+
+import pytest
+
+from agents import config as meshconf
+from agents.monitor import check_vertebra as cv
+from agents.monitor.ranges import State
+
+LEAN = [
+    ["-H", "db1", "-c", "load"],
+    ["-c", "load", "-H", "db1"],
+    ["--hostname", "db1", "--check", "load", "-a", "warn=1", "--arg", "crit=2", "-a", "x=a b;c"],
+    ["-R", "/cluster/c1", "-c", "disk", "-t", "12.5"],
+    ["-H", "db1", "-c", "load", "--home", "/tmp/h", "--mesh", "m.yaml", "--account", "nagios", "--timeout", "7"],
+]
+FULL_ONLY = [
+    [],
+    ["-h"],
+    ["-V"],
+    ["-H", "db1"],
+    ["-H", "db1", "-R", "/x", "-c", "load"],
+    ["-H", "db1", "-c", "load", "-t", "5:CRITICAL"],
+    ["-H", "db1", "-c", "load", "-t", "0"],
+    ["-H", "db1", "-c", "load", "-t", "nan"],
+    ["-Hdb1", "-c", "load"],
+    ["--hostname=db1", "-c", "load"],
+    ["--host", "db1", "-c", "load"],
+    ["-H", "db1", "-c", "load", "-c", "disk"],
+    ["-H", "db1", "-c", "load", "-a", "-w"],
+    ["-H", "", "-c", "load"],
+    ["-H", "db1", "-c"],
+    ["-H", "db1", "-c", "load", "extra"],
+]
+
+
+@pytest.mark.parametrize("argv", LEAN, ids=" ".join)
+def test_lean_reading_matches_the_full_parser(argv: list[str]) -> None:
+    lean = cv.lean_args(argv)
+    full = cv._parser().parse_args(argv)
+    assert lean is not None
+    assert lean.get("hostname") == full.hostname and lean.get("resource") == full.resource
+    assert lean["check"] == full.check and lean["arg"] == full.arg
+    assert (lean["timeout"], State.UNKNOWN) == full.timeout
+    for key in ("home", "mesh", "account"):
+        assert lean.get(key) == getattr(full, key)
+
+
+@pytest.mark.parametrize("argv", FULL_ONLY, ids=lambda a: " ".join(a) or "(none)")
+def test_other_spellings_go_the_full_way(argv: list[str]) -> None:
+    assert cv.lean_args(argv) is None
+
+
+def test_home_is_found_as_the_mesh_config_finds_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("VERTEBRA_HOME", raising=False)
+    assert Path(cv._home(None)) == meshconf.default_home(None)
+    assert Path(cv._home("rel/h")) == meshconf.default_home("rel/h")
+    monkeypatch.setenv("VERTEBRA_HOME", str(tmp_path / "env"))
+    assert Path(cv._home(None)) == meshconf.default_home(None)
+
+
+def _home(tmp_path: Path, domain: str, operator: str = "operator") -> Path:
+    home = tmp_path / "home"
+    (home / "run").mkdir(parents=True, exist_ok=True)
+    os.chmod(home / "run", 0o700)
+    (home / "secrets").mkdir(exist_ok=True)
+    (home / "secrets" / f"{operator}.password").write_text(f"pw-{operator}\n")
+    (home / "mesh.yaml").write_text(f"server: {{domain: {domain}}}\noperator: {operator}\n")
+    return home
+
+
+def test_identity_follows_every_edit_of_the_mesh_file(tmp_path: Path) -> None:
+    home = _home(tmp_path, "one.test")
+    assert cv._identity({}, str(home)) == ("operator@one.test", "pw-operator")
+    cache = home / "run" / cv.CACHE_NAME
+    assert stat.S_IMODE(cache.stat().st_mode) == 0o600
+    assert cv._identity({}, str(home)) == ("operator@one.test", "pw-operator")  # from the cache
+    # Same length, same second: only the content differs, and that is what the cache is keyed by.
+    _home(tmp_path, "two.test", "operatoz")
+    assert cv._identity({}, str(home)) == ("operatoz@two.test", "pw-operatoz")
+    assert cv._identity({"account": "operator"}, str(home)) == ("operator@two.test", "pw-operator")
+
+
+def test_password_is_read_every_time(tmp_path: Path) -> None:
+    home = _home(tmp_path, "one.test")
+    assert cv._identity({}, str(home)) == ("operator@one.test", "pw-operator")
+    (home / "secrets" / "operator.password").write_text("rotated\n")
+    assert cv._identity({}, str(home)) == ("operator@one.test", "rotated")
+    (home / "secrets" / "operator.password").unlink()
+    assert cv._identity({}, str(home)) is None  # the full path says which password is missing
+
+
+def test_a_cache_anyone_else_could_write_is_ignored(tmp_path: Path) -> None:
+    home = _home(tmp_path, "one.test")
+    cv._identity({}, str(home))
+    cache = home / "run" / cv.CACHE_NAME
+    key = {"v": cv.CACHE_VERSION, "parser": cv._parser_stamp(), "mesh": str(home / "mesh.yaml"),
+           "home": str(home), "bytes": (home / "mesh.yaml").read_bytes()}
+    assert cv._read_cache(str(cache), key) is not None
+    os.chmod(cache, 0o666)
+    assert cv._read_cache(str(cache), key) is None
+    os.chmod(cache, 0o600)
+    assert cv._read_cache(str(cache), {**key, "bytes": b"server: {domain: evil.test}\n"}) is None
+
+
+def test_a_mesh_file_that_does_not_load_goes_the_full_way(tmp_path: Path) -> None:
+    home = _home(tmp_path, "one.test")
+    (home / "mesh.yaml").write_text("server: [unclosed\n")
+    assert cv._identity({}, str(home)) is None
+    assert not (home / "run" / cv.CACHE_NAME).exists()
+
+
+def test_one_reads_the_report_as_the_full_path_did() -> None:
+    ok = {"results": [{"target": "mon@x.test/agent", "outcome": "ok", "error": None,
+                       "result": {"output": "OK: fine | a=1", "code": 0}}]}
+    assert cv._one(ok, "/host/a", 3) == ("OK: fine | a=1", 0)
+    missing = {"results": [{"target": "/host/a", "outcome": "not-discovered", "error": "no live agent", "result": None}]}
+    assert cv._one(missing, "/host/a", 3) == ("UNKNOWN - check_vertebra: not-discovered on /host/a: no live agent", 3)
+    slow = {"results": [{"target": "mon@x.test/agent", "outcome": "timeout", "error": "no answer", "result": None}]}
+    assert cv._one(slow, "/host/a", 2) == ("CRITICAL - check_vertebra: timeout on mon@x.test: no answer", 2)
+    assert cv._one({"results": []}, "/host/a", 3)[1] == 3
