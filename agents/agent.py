@@ -27,10 +27,10 @@ from typing import Annotated, Any, Sequence
 
 from slixmpp import Iq, Presence
 
-from . import __version__, policy_sync, protocol, resources as paths
+from . import __version__, fenced, policy_sync, protocol, resources as paths
 from .actor import Actor, Backoff, Endpoint
 from .audit import AuditLog
-from .authz import AdminsOnly, Authorizer, decide
+from .authz import AdminsOnly, Authorizer, decide, from_broker
 from .errors import BadArguments, BadPayload, Denied, InternalError, OpError, OpTimeout, UnknownOp
 from .idempotency import Answer, RequestLog, fingerprint
 from .ops import Arg, OpSpec, op, ops_of
@@ -68,6 +68,10 @@ class Call:
         msg.send()
 
 
+# Ops whose only legitimate sender is the agent's broker, and what each pushes.
+_FROM_BROKER = {policy_sync.INSTALL_OP: "policies", fenced.INSTALL_OP: "fenced nodes"}
+
+
 def info_op(kind: str):
     """The ``KIND.info`` op every agent kind serves: who it is and what it holds."""
 
@@ -95,6 +99,7 @@ class Agent(Actor):
         for plugin in ("xep_0004", "xep_0128", "xep_0115"):
             self.xmpp.register_plugin(plugin)
         self.state_dir = state_dir  # where this agent keeps durable state, if it has any
+        self.fenced = fenced.FencedIdentities()  # identities of nodes fenced now, as the broker pushes them
         self.audit = AuditLog(state_dir / "audit.sqlite", write_behind=0.05) if state_dir else None
         self.name = name or jid.split("@", 1)[0]
         self.resources = [paths.check(r) for r in resources]
@@ -128,6 +133,8 @@ class Agent(Actor):
         self._requests.close()
         if self.audit is not None:
             self.audit.close()
+
+    fenced_install = fenced.install_op()
 
     @op(policy_sync.INSTALL_OP, deadline=10)
     async def policy_install(self, call: Call, text: Annotated[str, Arg("the policy, as YAML")],
@@ -277,9 +284,12 @@ class Agent(Actor):
         args = spec.validate(protocol.decode(req.xml.text) or {})
         resources = self._resources_of(spec, args, req["on"].split())
         via, caller = self._subject(caller, req["for"])
-        # Policy pushes are the broker's alone, whatever the policy says (see policy_sync).
-        decision = (policy_sync.authorize_install(caller, self.broker) if spec.name == policy_sync.INSTALL_OP
-                    else decide(self.authorizer, caller, spec, resources))
+        if spec.name in _FROM_BROKER:  # pushes only the broker makes, whatever a policy says
+            decision = from_broker(caller, self.broker, _FROM_BROKER[spec.name])
+        else:
+            decision = decide(self.authorizer, caller, spec, resources)
+            if decision.allowed:  # a fenced node's identities run no destructive op (see fenced.py)
+                decision = self.fenced.check(caller, spec) or decision
         audit_log.info("decide rid=%s caller=%s op=%s resources=%s allowed=%s reason=%s",
                        rid, caller, spec.name, resources, decision.allowed, decision.reason)
         if self.audit is not None:

@@ -96,6 +96,15 @@ class PolicyAuthorizer:
         return Decision(True, d.rule, d.rule, d.version)
 
 
+def from_broker(caller: str, broker: str | None, what: str) -> Decision:
+    """The rule for what only an agent's broker pushes (policies, fenced nodes): its broker may,
+    nobody else may, whatever a policy says, so no policy can lock out its own updates."""
+    if broker and caller.lower() == broker.lower():
+        return Decision(True, f"{what} pushed by this agent's broker")
+    return Decision(False, f"{caller} may not push {what} here: only this agent's broker"
+                           f" ({broker or 'none configured'}) does")
+
+
 def decide(authorizer: Authorizer, caller: str, spec: OpSpec, resources: Sequence[str]) -> Decision:
     """Ask ``authorizer``, turning any failure into a deny."""
     try:

@@ -34,7 +34,7 @@ from typing import Annotated, Any, Callable, Literal, Sequence
 
 from agents.agent import Call
 from agents.authz import Authorizer, Decision, decide
-from agents.fencing.epochs import INSTALL_OP, Fenced, FencedIdentities, FenceGuard, encode_entries
+from agents.fenced import INSTALL_OP, Fenced, FencedIdentities, FenceGuard, encode_entries
 from agents.fencing.settings import NODE_RESOURCE, SEGMENT
 from agents.ops import Arg, OpSpec, op
 

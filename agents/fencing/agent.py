@@ -30,7 +30,6 @@ import logging
 import time
 from typing import Annotated, Any
 
-from .. import policy_sync
 from ..actor import Backoff
 from ..agent import Agent, Call, info_op
 from ..config import ConfigError
@@ -38,7 +37,6 @@ from ..errors import BadArguments, OpError, Outcome
 from ..ops import Arg, op
 from .devices import FencingConfigError
 from .driver import KILL_GRACE
-from .epochs import FencedIdentities, FenceGuard, install_op, runtime_checks_fencing
 from .guard import ApprovalGuard
 from .power import PowerController, PowerOutcome
 from .settings import NODE_RESOURCE, SEGMENT, FencingSettings
@@ -57,8 +55,6 @@ EVENT_OP = "mesh.fence.event"
 ANNOUNCE_WAIT = 3.0
 #: Tries of one announcement (the first inside ANNOUNCE_WAIT, the rest in the background).
 ANNOUNCE_TRIES = 8
-#: Whether agents/agent.py declares fenced.install and checks fenced identities itself.
-_RUNTIME_FENCED = runtime_checks_fencing(Agent)
 
 Node = Annotated[str, Arg("the node to act on, as the fencing settings name it", pattern=SEGMENT)]
 Cluster = Annotated[str, Arg("the cluster the node belongs to", pattern=SEGMENT)]
@@ -68,8 +64,6 @@ class FencingAgent(Agent):
     kind = "fencing"
 
     info = info_op("fencing")
-    if not _RUNTIME_FENCED:  # until the runtime does it for every agent
-        fenced_install = install_op()
 
     def __init__(self, *args: Any, settings: dict[str, Any] | None = None,
                  resources: Any = (), name: str | None = None, **kwargs: Any) -> None:
@@ -85,12 +79,7 @@ class FencingAgent(Agent):
         self.power = PowerController(fencing.registry) if fencing.registry else None
         self.events: collections.deque[dict[str, Any]] = collections.deque(maxlen=EVENTS_KEPT)
         self._via = ""  # the delegate of the request being admitted (see _subject)
-        guard = ApprovalGuard(self.authorizer, fencing, self._take_via, lambda: self.broker)
-        if _RUNTIME_FENCED:
-            self.authorizer = guard
-        else:
-            self.fenced = FencedIdentities()
-            self.authorizer = FenceGuard(guard, self.fenced, lambda: self.broker)
+        self.authorizer = ApprovalGuard(self.authorizer, fencing, self._take_via, lambda: self.broker)
 
     def _subject(self, sender: str, behalf: str) -> tuple[str, str]:
         # The runtime decides for the person a delegate acts for and does not tell the authorizer
@@ -105,16 +94,6 @@ class FencingAgent(Agent):
     def _take_via(self) -> str:
         via, self._via = self._via, ""
         return via
-
-    @op(policy_sync.INSTALL_OP, deadline=10)
-    async def policy_install(self, call: Call, text: Annotated[str, Arg("the policy, as YAML")],
-                             issued_at: Annotated[float, Arg("when the broker vouched for it (epoch s)")]) -> dict:
-        """Install the authorization policy this agent's broker pushes (accepted from the broker only)."""
-        # The runtime's own op, handed the policy inside this agent's guards (which wrap it).
-        inner = self.authorizer
-        while hasattr(inner, "inner"):
-            inner = inner.inner
-        return policy_sync.install(inner, text, issued_at)
 
     # -- ops ------------------------------------------------------------------------------------
 

@@ -21,7 +21,7 @@ from agents import audit
 from agents.authz import PolicyAuthorizer
 from agents.errors import Outcome
 from agents.fencing.agent import FencingAgent
-from agents.fencing.epochs import guarded
+from agents.fenced import guarded
 from broker.fencing import FencingMixin
 from broker.service import Broker
 from conftest import ROOT, until

@@ -11,7 +11,7 @@ import pytest
 from agents.authz import AdminsOnly, Decision
 from agents.errors import BadArguments
 from agents.fencing.devices import FencingConfigError
-from agents.fencing.epochs import (Fenced, FencedIdentities, FenceGuard, authorize_install, encode_entries,
+from agents.fenced import (Fenced, FencedIdentities, FenceGuard, authorize_install, encode_entries,
                                    parse_entries)
 from agents.fencing.guard import ApprovalGuard
 from agents.fencing.settings import FencingSettings

@@ -13,9 +13,10 @@ Like ``policy.install``, the op is accepted from the agent's own broker only, wh
 says: nobody else can fence or unfence identities. A push replaces the whole list, so a missed
 push is repaired by the next one.
 
-The runtime calls :meth:`FencedIdentities.check` after authorization, so the refusal is part of the
-decision the audit log records. Until ``agents/agent.py`` does that itself, :class:`FenceGuard`
-wraps an authorizer to the same effect and :func:`guarded` adds both to an agent class.
+The runtime (``agents/agent.py``) declares ``fenced.install`` on every agent and calls
+:meth:`FencedIdentities.check` after authorization, so the refusal is part of the decision the audit
+log records. :class:`FenceGuard` and :func:`guarded` add the same to classes that do not inherit the
+runtime's (they do nothing for those that do).
 """
 
 from __future__ import annotations
@@ -26,9 +27,9 @@ from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from typing import Annotated, Any, Callable, Iterable, Mapping, Sequence
 
-from ..authz import Authorizer, Decision, decide
-from ..errors import BadArguments
-from ..ops import Arg, OpSpec, op
+from .authz import Authorizer, Decision, decide, from_broker
+from .errors import BadArguments
+from .ops import Arg, OpSpec, op
 
 INSTALL_OP = "fenced.install"
 
@@ -117,10 +118,7 @@ def parse_entries(text: str) -> list[Fenced]:
 
 def authorize_install(caller: str, broker: str | None) -> Decision:
     """``fenced.install`` is its broker's alone, whatever a policy says."""
-    if broker and caller.lower() == broker.lower():
-        return Decision(True, "fenced nodes pushed by this agent's broker")
-    return Decision(False, f"{caller} may not install fencing epochs here: only this agent's broker"
-                           f" ({broker or 'none configured'}) pushes them")
+    return from_broker(caller, broker, "fenced nodes")
 
 
 def install_op() -> Any:
@@ -158,7 +156,7 @@ class FenceGuard:
 
 def runtime_checks_fencing(cls: type) -> bool:
     """Whether the runtime itself (agents/agent.py) already declares ``fenced.install`` and checks."""
-    from ..ops import ops_of
+    from .ops import ops_of
 
     return INSTALL_OP in ops_of(cls)
 
