@@ -317,11 +317,12 @@ def build_actor(mesh: meshconf.MeshConfig, name: str) -> Any:
     if name == mesh.broker:
         return agent_class("broker")(mesh.jid(name), mesh.password(name), mesh.endpoint(),
                                      authorizer=authorizer, state_dir=_state_dir(mesh, name), name=name,
-                                     settings={"workflows": str(mesh.workflows)})
+                                     settings={"workflows": str(mesh.workflows)}, delegates=mesh.delegates)
     cfg = mesh.agent(name)
     return agent_class(cfg.kind)(mesh.jid(name), mesh.password(name), mesh.endpoint(),
                                  resources=cfg.resources, broker=mesh.jid(mesh.broker), authorizer=authorizer,
-                                 settings=cfg.settings, name=name, state_dir=_state_dir(mesh, name))
+                                 settings=cfg.settings, name=name, state_dir=_state_dir(mesh, name),
+                                 delegates=mesh.delegates)
 
 
 def _state_dir(mesh: meshconf.MeshConfig, name: str) -> Path:
@@ -339,6 +340,7 @@ async def serve(mesh: meshconf.MeshConfig, name: str) -> None:
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     await actor.start(timeout=30.0)
+    bot = await _start_chat(mesh, actor) if name == mesh.broker and mesh.chat else None
     if name != mesh.broker and mesh.agent(name).gateway:
         gateway = Gateway(mesh.gateway_socket, mesh.endpoint(), mesh.broker_jid)
         await gateway.start()
@@ -346,7 +348,29 @@ async def serve(mesh: meshconf.MeshConfig, name: str) -> None:
     await stop.wait()
     if gateway:
         await gateway.stop()
+    if bot:
+        await bot.stop()
     await actor.stop()
+
+
+async def _start_chat(mesh: meshconf.MeshConfig, broker: Any) -> Any:
+    """The operators' chat bot, in the broker's process so that its ops room can follow the broker's
+    alerts and approvals as they happen."""
+    from broker.adhoc import AdHoc
+    from broker.chat import ChatBot, RateLimit
+    from broker.room import OpsRoom
+
+    chat = mesh.chat
+    bot = ChatBot(mesh.jid(chat.account), mesh.password(chat.account), mesh.endpoint(), broker=mesh.broker_jid,
+                  authorizer=mesh.authorizer(), state_dir=_state_dir(mesh, chat.account),
+                  rate=RateLimit(chat.burst, chat.per_second))
+    AdHoc(bot)
+    if chat.room:
+        room = OpsRoom(bot, chat.room)
+        bot.relayed.append(room.relayed)
+        room.follow(broker)
+    await bot.start(timeout=30.0)
+    return bot
 
 
 def cmd_broker(mesh: meshconf.MeshConfig, ns: argparse.Namespace) -> int:

@@ -56,6 +56,16 @@ class AgentConfig:
 
 
 @dataclass(frozen=True)
+class ChatConfig:
+    """The operators' chat bot: its account, the ops room it posts to, and its per-sender rate limit."""
+
+    account: str = "bot"
+    room: str | None = None  # e.g. ops@rooms.vertebra.test
+    burst: int = 5
+    per_second: float = 1.0
+
+
+@dataclass(frozen=True)
 class MeshConfig:
     path: Path
     home: Path
@@ -69,6 +79,7 @@ class MeshConfig:
     site: str | None = None  # this mesh's site, for site-scoped policy rules
     policy_max_age: int | None = None  # seconds after which destructive ops need a fresher policy
     workflows: Path = Path("workflows")  # the broker's workflow definitions, one YAML file each
+    chat: ChatConfig | None = None  # the operators' chat bot, run in the broker's process
 
     def authorizer(self) -> "Authorizer":
         """The authorization hook every actor of this mesh enforces with."""
@@ -90,7 +101,12 @@ class MeshConfig:
 
     @property
     def accounts(self) -> list[str]:
-        return [self.broker, self.operator] + [a.name for a in self.agents]
+        return [self.broker, self.operator] + [a.name for a in self.agents] + ([self.chat.account] if self.chat else [])
+
+    @property
+    def delegates(self) -> list[str]:
+        """Who may send requests on a person's behalf besides the broker: the chat bot."""
+        return [self.jid(self.chat.account)] if self.chat else []
 
     @property
     def gateway_socket(self) -> Path:
@@ -158,7 +174,7 @@ def load(path: str | os.PathLike[str] | None = None, home: str | os.PathLike[str
 def parse(data: Any, path: Path, home: Path) -> MeshConfig:
     where = _Where(path)
     root = where.mapping(data, "", {"server", "broker", "operator", "admins", "agents", "passwords", "policy",
-                                    "site", "policy_max_age", "workflows"})
+                                    "site", "policy_max_age", "workflows", "chat"})
     srv = where.mapping(root.get("server", {}), "server", {"domain", "host", "port", "nodes"})
     server = ServerConfig(
         domain=where.string(srv.get("domain", ServerConfig.domain), "server.domain",
@@ -191,7 +207,8 @@ def parse(data: Any, path: Path, home: Path) -> MeshConfig:
             gateway=where.boolean(a.get("gateway", False), f"{f}.gateway"),
             settings=where.mapping(a.get("settings", {}), f"{f}.settings", None),
             password_file=_path(a.get("password_file"), path)))
-    names = [a.name for a in agents] + [broker, operator]
+    names = [a.name for a in agents] + [broker, operator] + (
+        [root["chat"].get("account", "bot")] if isinstance(root.get("chat"), dict) else [])
     dupes = sorted({n for n in names if names.count(n) > 1})
     if dupes:
         raise where.error("agents", f"account names must be unique; {', '.join(dupes)} used twice")
@@ -209,9 +226,20 @@ def parse(data: Any, path: Path, home: Path) -> MeshConfig:
     max_age = root.get("policy_max_age")
     if max_age is not None:
         max_age = where.integer(max_age, "policy_max_age", 1, 10 ** 9)
+    chat = None
+    if "chat" in root:
+        c = where.mapping(root["chat"], "chat", {"account", "room", "burst", "per_second"})
+        room = c.get("room")
+        if room is not None:
+            room = where.string(room, "chat.room", r"[a-z0-9._-]+@[a-z0-9.-]+", "a room JID such as ops@rooms."
+                                + server.domain)
+        chat = ChatConfig(account=where.name(c.get("account", "bot"), "chat.account"), room=room,
+                          burst=where.integer(c.get("burst", 5), "chat.burst", 1, 1000),
+                          per_second=float(where.integer(c.get("per_second", 1), "chat.per_second", 1, 1000)))
     return MeshConfig(path=path, home=home, server=server, broker=broker, operator=operator, admins=admins,
                       agents=tuple(agents), password_files=password_files, policy=policy, site=site,
-                      policy_max_age=max_age, workflows=_path(root.get("workflows"), path) or home / "workflows")
+                      policy_max_age=max_age, workflows=_path(root.get("workflows"), path) or home / "workflows",
+                      chat=chat)
 
 
 def _path(value: Any, mesh: Path) -> Path | None:
