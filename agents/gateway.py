@@ -23,14 +23,14 @@ import os
 import struct
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
-
 import msgpack
 
 from .errors import ConnectError
 
+TYPE_CHECKING = False  # typing costs short programs milliseconds; annotations are strings here
 if TYPE_CHECKING:
     import asyncio
+    from typing import Any
 
     from .actor import Endpoint
     from .client import Client

@@ -25,10 +25,10 @@ from __future__ import annotations
 
 import os
 import sys
-from typing import TYPE_CHECKING, Any, NoReturn, Sequence
-
+TYPE_CHECKING = False  # typing itself costs a plugin start milliseconds; annotations are strings here
 if TYPE_CHECKING:
     import argparse
+    from typing import Any, NoReturn, Sequence
 
     from agents.monitor.ranges import State
 
