@@ -172,7 +172,7 @@ def load(path: str | os.PathLike[str] | None = None, home: str | os.PathLike[str
 
 
 def parse(data: Any, path: Path, home: Path) -> MeshConfig:
-    where = _Where(path)
+    where = Fields(path)
     root = where.mapping(data, "", {"server", "broker", "operator", "admins", "agents", "passwords", "policy",
                                     "site", "policy_max_age", "workflows", "chat"})
     srv = where.mapping(root.get("server", {}), "server", {"domain", "host", "port", "nodes"})
@@ -246,14 +246,15 @@ def _path(value: Any, mesh: Path) -> Path | None:
     return None if value is None else (mesh.parent / str(value)).absolute()
 
 
-class _Where:
-    """Typed field readers whose errors name the file and the field."""
+class Fields:
+    """Typed readers for a parsed YAML document, whose errors name the document and the field (the
+    mesh file here; workflow definitions use them too)."""
 
-    def __init__(self, path: Path) -> None:
-        self.path = path
+    def __init__(self, where: str | Path, error: type[ValueError] = ConfigError) -> None:
+        self.where, self.error_type = where, error
 
-    def error(self, field_name: str, message: str) -> ConfigError:
-        return ConfigError(f"{self.path}: {field_name or 'top level'}: {message}")
+    def error(self, field_name: str, message: str) -> ValueError:
+        return self.error_type(f"{self.where}: {field_name or 'top level'}: {message}")
 
     def mapping(self, value: Any, f: str, allowed: set[str] | None) -> dict[str, Any]:
         if value is None:

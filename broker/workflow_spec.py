@@ -42,6 +42,7 @@ from typing import Any, Callable, Mapping
 import yaml
 
 from agents import resources as paths
+from agents.config import Fields
 
 _NAME = re.compile(r"[a-z][a-z0-9_-]{0,62}\Z")
 _OP = re.compile(r"[a-z][a-z0-9_]*(\.[a-z][a-z0-9_]*)+\Z")
@@ -374,23 +375,11 @@ def _cross_check(where: "_Where", params: tuple[ParamSpec, ...], stages: list[tu
         earlier.update((s.name, s) for s in stage)
 
 
-class _Where:
+class _Where(Fields):
+    """The mesh file's field readers, with workflow errors and workflow names."""
+
     def __init__(self, source: str) -> None:
-        self.source = source
-
-    def error(self, f: str, what: str) -> WorkflowError:
-        return WorkflowError(f"{self.source}: {f + ': ' if f else ''}{what}")
-
-    def mapping(self, value: Any, f: str, allowed: set[str] | None) -> dict[str, Any]:
-        if value is None:
-            return {}
-        if not isinstance(value, dict):
-            raise self.error(f, f"expected a mapping, got {type(value).__name__}")
-        if allowed is not None:
-            unknown = sorted(set(map(str, value)) - allowed)
-            if unknown:
-                raise self.error(f, f"unknown key {unknown[0]!r}; allowed keys: {', '.join(sorted(allowed))}")
-        return value
+        super().__init__(source, WorkflowError)
 
     def name(self, value: Any, f: str) -> str:
         if not isinstance(value, str) or not _NAME.match(value):
