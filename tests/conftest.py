@@ -7,13 +7,16 @@ per test with fresh names, so tests do not see each other's agents.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
+import json
 import os
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
-from typing import Any, AsyncIterator, Callable
+from typing import Any, AsyncIterator, Callable, Iterator
 
 import pytest
 import yaml
@@ -140,3 +143,42 @@ def vertebra(home: Path, *args: str, timeout: float = 60.0) -> subprocess.Comple
     return subprocess.run([sys.executable, "-m", "agents.cli", "--home", str(home), *args], cwd=ROOT,
                           capture_output=True, text=True, timeout=timeout,
                           env={**os.environ, "PYTHONPATH": str(ROOT)})
+
+
+@contextlib.contextmanager
+def running(home: Path, expect_agents: int = 1) -> Iterator[dict[str, Any]]:
+    """Start the broker and every agent of HOME/mesh.yaml as processes; stop them afterwards."""
+    cfg = yaml.safe_load((home / "mesh.yaml").read_text())
+    gateway = any(a.get("gateway") for a in cfg["agents"])
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    base = [sys.executable, "-m", "agents.cli", "--home", str(home)]
+    procs = [subprocess.Popen(base + ["broker"], env=env, cwd=ROOT,
+                              stderr=open(home / "broker.log", "w"))]
+    procs += [subprocess.Popen(base + ["-v", "agent", a["name"]], env=env, cwd=ROOT,
+                               stderr=open(home / f"{a['name']}.log", "w")) for a in cfg["agents"]]
+    try:
+        out = None
+        for _ in range(150):
+            out = vertebra(home, "agents", "--json")
+            if out.returncode == 0 and len(json.loads(out.stdout)["agents"]) == expect_agents \
+                    and (home / "run" / "gateway.sock").exists() == gateway:
+                break
+            if any(p.poll() is not None for p in procs):
+                break
+            time.sleep(0.2)
+        else:
+            raise AssertionError(f"agents did not come up: {out and out.stdout} {out and out.stderr}")
+        dead = [p.args for p in procs if p.poll() is not None]
+        if dead:
+            logs = "\n".join(f.read_text() for f in home.glob("*.log"))
+            raise AssertionError(f"{dead} exited early:\n{logs}")
+        yield cfg
+    finally:
+        for p in procs:
+            p.terminate()
+        for p in procs:
+            try:
+                p.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()

@@ -3,18 +3,14 @@ over a state directory made by the `mesh_home` fixture, and a way to run fence_v
 
 from __future__ import annotations
 
-import contextlib
-import json
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
-import yaml
 
-from conftest import ROOT, vertebra
+from conftest import ROOT, running, vertebra  # noqa: F401 (running: the fence tests' mesh)
 
 
 def dummy_device(status_file: Path, **params: str) -> dict[str, Any]:
@@ -24,44 +20,6 @@ def dummy_device(status_file: Path, **params: str) -> dict[str, Any]:
 
 def fencing_settings(devices: dict[str, Any], levels: dict[str, Any], cluster: str = "c1") -> dict[str, Any]:
     return {"cluster": cluster, "fencing": {"devices": devices, "levels": levels}}
-
-
-@contextlib.contextmanager
-def running(home: Path, expect_agents: int = 1) -> Iterator[dict[str, Any]]:
-    """Start the broker and every agent of HOME/mesh.yaml as processes; stop them afterwards."""
-    cfg = yaml.safe_load((home / "mesh.yaml").read_text())
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    base = [sys.executable, "-m", "agents.cli", "--home", str(home)]
-    procs = [subprocess.Popen(base + ["broker"], env=env, cwd=ROOT,
-                              stderr=open(home / "broker.log", "w"))]
-    procs += [subprocess.Popen(base + ["-v", "agent", a["name"]], env=env, cwd=ROOT,
-                               stderr=open(home / f"{a['name']}.log", "w")) for a in cfg["agents"]]
-    try:
-        out = None
-        for _ in range(150):
-            out = vertebra(home, "agents", "--json")
-            if out.returncode == 0 and len(json.loads(out.stdout)["agents"]) == expect_agents \
-                    and (home / "run" / "gateway.sock").exists():
-                break
-            if any(p.poll() is not None for p in procs):
-                break
-            time.sleep(0.2)
-        else:
-            raise AssertionError(f"agents did not come up: {out and out.stdout} {out and out.stderr}")
-        dead = [p.args for p in procs if p.poll() is not None]
-        if dead:
-            logs = "\n".join(f.read_text() for f in home.glob("*.log"))
-            raise AssertionError(f"{dead} exited early:\n{logs}")
-        yield cfg
-    finally:
-        for p in procs:
-            p.terminate()
-        for p in procs:
-            try:
-                p.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait()
 
 
 def fence_vertebra(stdin: str = "", *argv: str, env: dict[str, str] | None = None,

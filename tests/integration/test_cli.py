@@ -3,17 +3,13 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import stat
-import subprocess
-import sys
-import time
 
 import pytest
 import yaml
 
-from conftest import ROOT, vertebra
+from conftest import ROOT, running, vertebra
 
 AGENTS = [{"name": "store", "kind": "storage", "resources": ["/host/cli", "/pool/cli"]},
           {"name": "mon", "kind": "monitor", "resources": ["/host/cli"], "gateway": True}]
@@ -22,25 +18,8 @@ AGENTS = [{"name": "store", "kind": "storage", "resources": ["/host/cli", "/pool
 @pytest.fixture
 def running_mesh(mesh_home):
     home = mesh_home(AGENTS)
-    cfg = yaml.safe_load((home / "mesh.yaml").read_text())
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    base = [sys.executable, "-m", "agents.cli", "--home", str(home)]
-    procs = [subprocess.Popen(base + ["broker"], env=env, cwd=ROOT)]
-    procs += [subprocess.Popen(base + ["-v", "agent", a["name"]], env=env, cwd=ROOT, stderr=open(home / f"{a['name']}.log", "w")) for a in cfg["agents"]]
-    try:
-        for _ in range(100):
-            out = vertebra(home, "agents", "--json")
-            if out.returncode == 0 and len(json.loads(out.stdout)["agents"]) == 2:
-                break
-            time.sleep(0.2)
-        else:
-            pytest.fail(f"agents did not come up: {out.stdout} {out.stderr}")
+    with running(home, expect_agents=2) as cfg:
         yield home, cfg
-    finally:
-        for p in procs:
-            p.terminate()
-        for p in procs:
-            p.wait(timeout=15)
 
 
 def test_agents_lists_live_agents_with_ops_and_resources(running_mesh):

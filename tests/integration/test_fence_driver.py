@@ -1,7 +1,6 @@
 """The fence agent driver against real programs: fence_dummy, and small fence_* scripts that hang,
 fail loudly or report what they were given."""
 
-import os
 from pathlib import Path
 
 import pytest

@@ -4,8 +4,6 @@ bridge. Broker and agents run as their own processes, as `vertebra agent` runs t
 
 from __future__ import annotations
 
-import json
-import os
 import shutil
 import subprocess
 import sys
@@ -15,7 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import ROOT, vertebra
+from conftest import running
 from nagios_instance import NAGIOS, Nagios, command, host, service
 
 DUMMY = "/usr/lib/nagios/plugins/check_dummy"
@@ -50,25 +48,8 @@ def running_mesh(mesh_home, tmp_path):
     cfg["agents"][1]["settings"]["publish_to"] = [bridge]
     cfg["agents"][2]["settings"]["nagios"]["hosts"] = {pub: "web1"}
     (home / "mesh.yaml").write_text(yaml.safe_dump(cfg))
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    base = [sys.executable, "-m", "agents.cli", "--home", str(home)]
-    procs = [subprocess.Popen(base + ["broker"], env=env, cwd=ROOT, stderr=open(home / "broker.log", "w"))]
-    procs += [subprocess.Popen(base + ["-v", "agent", a["name"]], env=env, cwd=ROOT,
-                               stderr=open(home / f"{a['name']}.log", "w")) for a in cfg["agents"]]
-    try:
-        for _ in range(100):
-            out = vertebra(home, "agents", "--json")
-            if out.returncode == 0 and len(json.loads(out.stdout)["agents"]) == 3:
-                break
-            time.sleep(0.2)
-        else:
-            pytest.fail(f"agents did not come up: {out.stdout} {out.stderr}")
+    with running(home, expect_agents=3):
         yield home, nagios_dir
-    finally:
-        for p in procs:
-            p.terminate()
-        for p in procs:
-            p.wait(timeout=15)
 
 
 def check_vertebra(home: Path, *args: str) -> subprocess.CompletedProcess[str]:

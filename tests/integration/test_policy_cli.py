@@ -4,16 +4,12 @@ checks policies offline and verifies the audit chains."""
 from __future__ import annotations
 
 import json
-import os
 import sqlite3
-import subprocess
-import sys
-import time
 
 import pytest
 import yaml
 
-from conftest import ROOT, vertebra
+from conftest import ROOT, running, vertebra
 
 
 @pytest.fixture
@@ -30,24 +26,8 @@ def policed_mesh(mesh_home, tmp_path):
     (home / "policy.yaml").write_text(yaml.safe_dump(policy))
     cfg["policy"] = "policy.yaml"
     (home / "mesh.yaml").write_text(yaml.safe_dump(cfg))
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    base = [sys.executable, "-m", "agents.cli", "--home", str(home)]
-    procs = [subprocess.Popen(base + ["broker"], env=env, cwd=ROOT),
-             subprocess.Popen(base + ["agent", cfg["agents"][0]["name"]], env=env, cwd=ROOT)]
-    try:
-        for _ in range(100):
-            out = vertebra(home, "agents", "--json")
-            if out.returncode == 0 and json.loads(out.stdout)["agents"]:
-                break
-            time.sleep(0.2)
-        else:
-            pytest.fail(f"mesh did not come up: {out.stdout} {out.stderr}")
+    with running(home, expect_agents=1):
         yield home, cfg
-    finally:
-        for p in procs:
-            p.terminate()
-        for p in procs:
-            p.wait(timeout=15)
 
 
 def test_policy_decides_and_every_decision_is_audited(policed_mesh):

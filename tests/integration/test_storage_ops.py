@@ -8,7 +8,6 @@ import os
 from pathlib import Path
 from typing import Any, Sequence
 
-import pytest
 
 from agents.authz import Decision
 from agents.errors import Outcome
