@@ -313,7 +313,10 @@ class Actor:
             req["on"] = " ".join(on)
         if behalf:
             req["for"] = behalf
-        req.xml.text = protocol.encode(args)
+        try:
+            req.xml.text = protocol.encode(args, what=f"the arguments of {op}")
+        except OpError as exc:  # nothing was sent: this target's failure, not the whole call's
+            return TargetResult(target, exc.outcome, error=f"{exc.condition}: {exc.text}")
         jobs = self.watch_job(target, rid)  # before sending: progress may follow the ack at once
         try:
             try:
@@ -352,6 +355,9 @@ def _from_error(target: str, reply: Iq) -> TargetResult:
     text = err["text"] or err["condition"]
     if condition is None and err["condition"] in UNREACHABLE_CONDITIONS:
         return TargetResult(target, Outcome.UNREACHABLE, error=f"{target} is not connected ({err['condition']})")
+    if condition is None and err["condition"] == "recipient-unavailable":
+        return TargetResult(target, Outcome.TIMEOUT, error=f"{target} went away before answering; the op may"
+                                                           " have run (recipient-unavailable)")
     if condition is None:
         return TargetResult(target, Outcome.FAILED, error=f"{err['condition']}: {text}")
     return TargetResult(target, error_for(condition, text).outcome, error=f"{condition}: {text}")

@@ -31,7 +31,7 @@ from . import __version__, fenced, policy_sync, protocol, resources as paths
 from .actor import Actor, Backoff, Endpoint
 from .audit import AuditLog
 from .authz import AdminsOnly, Authorizer, decide, from_broker
-from .errors import BadArguments, BadPayload, Denied, InternalError, OpError, OpTimeout, UnknownOp
+from .errors import BadArguments, BadPayload, Denied, InternalError, OpError, OpTimeout, TooLarge, UnknownOp
 from .idempotency import Answer, RequestLog, fingerprint
 from .ops import Arg, OpSpec, op, ops_of
 
@@ -67,6 +67,8 @@ class Call:
         msg["vertebra_progress"].xml.text = protocol.encode(payload, what="a progress report")
         msg.send()
 
+
+MAX_ADDRESSED = 64  # resources one request may address
 
 # Ops whose only legitimate sender is the agent's broker, and what each pushes.
 _FROM_BROKER = {policy_sync.INSTALL_OP: "policies", fenced.INSTALL_OP: "fenced nodes"}
@@ -219,7 +221,7 @@ class Agent(Actor):
         if not rid or len(rid) > 128:
             self.xmpp.send(protocol.error_reply(iq, BadPayload("request has no valid rid (1-128 characters)")))
             return
-        key, fp = (caller, rid), fingerprint(req["name"], req["on"], req.xml.text or "")
+        key, fp = (caller, rid), fingerprint(req["name"], req["on"], req["for"], req.xml.text or "")
         spec = self.ops.get(req["name"])
         seen = self._requests.get(key, durable=bool(spec and spec.destructive))
         repeat = seen is not None
@@ -283,9 +285,12 @@ class Agent(Actor):
                             f" it offers {', '.join(sorted(self.ops))}")
         args = spec.validate(protocol.decode(req.xml.text) or {})
         resources = self._resources_of(spec, args, req["on"].split())
-        via, caller = self._subject(caller, req["for"])
+        sender = caller
+        via, caller = self._subject(sender, req["for"])
         if spec.name in _FROM_BROKER:  # pushes only the broker makes, whatever a policy says
-            decision = from_broker(caller, self.broker, _FROM_BROKER[spec.name])
+            if via:  # decided on who sends it, so nobody may send it "for" the broker
+                raise Denied(f"{spec.name} is never sent on someone's behalf")
+            decision = from_broker(sender, self.broker, _FROM_BROKER[spec.name])
         else:
             decision = decide(self.authorizer, caller, spec, resources)
             if decision.allowed:  # a fenced node's identities run no destructive op (see fenced.py)
@@ -320,6 +325,8 @@ class Agent(Actor):
         declaration's templates filled with the arguments, and of what the caller addressed, the
         most specific of each pair of an addressed path and a related path this agent holds (the
         agent's own resources when nothing narrows them)."""
+        if len(addressed) > MAX_ADDRESSED:
+            raise TooLarge(f"a request may address at most {MAX_ADDRESSED} resources, got {len(addressed)}")
         try:
             addressed = [paths.check(r) for r in addressed]
             named = [paths.check(r) for r in spec.resources_for(args)]

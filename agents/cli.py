@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from . import config as meshconf
-from .errors import BadArguments, ConnectError, Outcome
+from .errors import BadArguments, CallInterrupted, ConnectError, Outcome
 from .report import EXIT_USAGE, CallReport, TargetResult
 from .gateway import Gateway
 from .session import mesh_call
@@ -207,7 +207,9 @@ def _run_call(mesh: meshconf.MeshConfig, op: str, args: dict[str, Any], timeout:
             return await mesh_call(mesh, op, args, timeout=timeout, **kw)
     try:
         return asyncio.run(run())
-    except (ConnectError, TimeoutError, OSError) as exc:
+    except (CallInterrupted, TimeoutError) as exc:  # the call may have gone out: not "unreachable"
+        return CallReport(op, [TargetResult(mesh.server.host, Outcome.TIMEOUT, error=f"call interrupted: {exc}")])
+    except (ConnectError, OSError) as exc:
         return CallReport(op, [TargetResult(mesh.server.host, Outcome.UNREACHABLE, error=f"mesh unreachable: {exc}")])
 
 

@@ -25,6 +25,10 @@ class ConnectError(Exception):
     """No session with the mesh could be had; the message says why and what to check."""
 
 
+class CallInterrupted(ConnectError):
+    """The way to the mesh broke during a call: the op may have run (a timeout, not unreachable)."""
+
+
 class OpError(Exception):
     """An op ended without a result. The message is a sentence a person can act on."""
 
@@ -74,9 +78,10 @@ class InternalError(OpError):
 _BY_CONDITION = {cls.condition: cls for cls in
                  (OpError, BadArguments, BadPayload, TooLarge, UnknownOp, Denied, OpTimeout, InternalError)}
 
-# Stanza errors the server itself returns when the addressee is gone.
-UNREACHABLE_CONDITIONS = {"service-unavailable", "recipient-unavailable", "item-not-found",
-                          "remote-server-not-found", "gone"}
+# Stanza errors the server itself returns when the addressee is gone before a request reached it.
+# Not recipient-unavailable: Prosody bounces with it the stanzas a dropped session had received but
+# not yet acknowledged (XEP-0198), so the request may have run; a caller reports that as a timeout.
+UNREACHABLE_CONDITIONS = {"service-unavailable", "item-not-found", "remote-server-not-found", "gone"}
 
 
 def error_for(condition: str | None, text: str) -> OpError:

@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 import msgpack
 
-from .errors import ConnectError
+from .errors import CallInterrupted, ConnectError
 
 TYPE_CHECKING = False  # typing costs short programs milliseconds; annotations are strings here
 if TYPE_CHECKING:
@@ -180,8 +180,8 @@ async def call_via_gateway(path: Path, jid: str, password: str, call: dict[str, 
                     raise ConnectError(msg.get("error", "gateway gave no answer"))
     except (asyncio.IncompleteReadError, ConnectionError, ValueError) as exc:
         # Not GatewayUnavailable: the call may have gone out, and falling back would send it again.
-        raise ConnectError(f"the gateway at {path} failed during the call ({exc.__class__.__name__});"
-                           " the op may have run") from None
+        raise CallInterrupted(f"the gateway at {path} failed during the call ({exc.__class__.__name__});"
+                              " the op may have run") from None
     finally:
         writer.close()
 
@@ -235,7 +235,7 @@ def call_via_gateway_blocking(path: Path | str, jid: str, password: str, call: d
                 raise ConnectError(msg.get("error", "gateway gave no answer"))
         except (ConnectionError, ValueError) as exc:
             # Not GatewayUnavailable: the call may have gone out, and falling back would send it again.
-            raise ConnectError(f"the gateway at {path} failed during the call ({exc.__class__.__name__});"
-                               " the op may have run") from None
+            raise CallInterrupted(f"the gateway at {path} failed during the call ({exc.__class__.__name__});"
+                                  " the op may have run") from None
     finally:
         sock.close()

@@ -43,8 +43,9 @@ class Seen:
     at: float = field(default=float("inf"))  # when it ended; running requests are never forgotten
 
 
-def fingerprint(op: str, on: str, payload: str) -> str:
-    return hashlib.sha256("\0".join((op, on, payload)).encode()).hexdigest()
+def fingerprint(op: str, on: str, behalf: str, payload: str) -> str:
+    """What a request asks for: its op, addressed resources, whom it is for, and its arguments."""
+    return hashlib.sha256("\0".join((op, on, behalf, payload)).encode()).hexdigest()
 
 
 class RequestLog:
@@ -76,14 +77,23 @@ class RequestLog:
 
     def finish(self, key: tuple[str, str], seen: Seen, answer: Answer, durable: bool) -> None:
         seen.answer.set_result(answer)
-        seen.at = time.monotonic()
         self._seen.move_to_end(key)
+        if answer.job_end is not None and not answer.job_end.done():
+            # A long op is running until its job ends, however long that takes: never forgotten before.
+            answer.job_end.add_done_callback(lambda _f: self._ended(key, seen))
+        else:
+            seen.at = time.monotonic()
         if durable and self._db is not None and not answer.job:
             err = answer.error
             self._db.execute("INSERT OR REPLACE INTO outcomes VALUES (?, ?, ?, ?, ?, ?, ?)",
                              (*key, seen.fingerprint, answer.payload, err.condition if err else None,
                               err.text if err else None, time.time()))
         self._forget_old()
+
+    def _ended(self, key: tuple[str, str], seen: Seen) -> None:
+        seen.at = time.monotonic()
+        if key in self._seen:
+            self._seen.move_to_end(key)
 
     def finish_job(self, key: tuple[str, str], fp: str, end: tuple[str, str, str]) -> None:
         """Record a destructive long op's final outcome, once its job has ended."""

@@ -35,7 +35,9 @@ from .workflows import WorkflowMixin
 log = logging.getLogger(__name__)
 
 DISCO_TIMEOUT = 10.0
-CAPS_HASHES = {"sha-1", "sha-256", "sha-512"}  # XEP-0115's; md5 and the like are refused
+# The hash functions caps are checked with: XEP-0115 names more, but slixmpp's caps plugin computes
+# only sha-1 (and md5, which is refused), so a sha-256 hash could never be verified here.
+CAPS_HASHES = {"sha-1"}
 BAD_CAPS_MEMORY = 60.0  # seconds a caps hash that failed to verify is not asked about again
 
 

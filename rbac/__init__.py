@@ -10,7 +10,10 @@ good policy when a load fails. :mod:`rbac.paths` is the one place resource path 
 from __future__ import annotations
 
 from importlib import import_module
-from typing import Any
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from typing import Any
 
 # Loaded on first use: the runtime imports rbac.paths on every start, and casbin and the policy
 # compiler are not needed until a policy is.

@@ -281,3 +281,15 @@ async def test_only_delegates_may_act_on_someone_elses_behalf(mesh):
     allowed = await broker.request(str(agent.jid), "sample.echo", {"text": "x"}, timeout=5,
                                    behalf=mesh.operator[0])
     assert allowed.outcome is Outcome.OK and allowed.result["caller"] == mesh.operator[0]
+    # Broker-only pushes are decided on who sends them: never accepted "for" anyone, the broker included.
+    posed = await broker.request(str(agent.jid), "policy.install", {"text": "roles: {}", "issued_at": 0.0},
+                                 timeout=5, behalf=broker.jid.bare)
+    assert posed.outcome is Outcome.DENIED and "never sent on someone's behalf" in posed.error
+    # A request id is bound to whom it is for: reused for someone else, it is refused, not replayed.
+    rid = uuid.uuid4().hex
+    first = await broker.request(str(agent.jid), "sample.echo", {"text": "x"}, timeout=5, rid=rid,
+                                 behalf=mesh.operator[0])
+    other = await broker.request(str(agent.jid), "sample.echo", {"text": "x"}, timeout=5, rid=rid,
+                                 behalf=intruder[0])
+    assert first.outcome is Outcome.OK
+    assert other.outcome is Outcome.FAILED and "already used for a different request" in other.error
