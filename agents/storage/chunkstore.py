@@ -1,15 +1,32 @@
-"""The embedded driver's content-addressed store in SQLite: zstd-compressed chunks named by BLAKE3, and
-segments (runs of up to SEGMENT_IDS chunk ids) that manifests point to, both reference-counted so that
-garbage collection is a delete of everything whose count fell to zero.
+"""The embedded driver's content-addressed store: chunks named by BLAKE3 of their content, zstd-compressed
+(or raw when that is not smaller), their bytes in append-only pack files (packs.py) and their index in
+SQLite; and segments (runs of up to SEGMENT_IDS chunk ids) that manifests point to. Chunks and segments
+are reference-counted: garbage collection deletes what fell to zero and compaction rewrites packs that
+became mostly dead.
 
 Two levels keep snapshots of large files cheap: a file's chunk list is cut into segments, and a segment
 whose pages did not change is shared by every snapshot that contains it.
+
+Ingest is a two-stage pipeline. The caller's thread reads, hashes (BLAKE3 holds the GIL on 8 KiB
+inputs), looks ids up in the index and records segments; one writer thread compresses new blocks (zstd
+releases the GIL) and appends them to the active pack. Index rows are inserted as the writer returns
+them, all in the caller's open transaction. `commit()` drains the writer, fdatasyncs the packs and only
+then commits, so no index row ever names bytes that are not durable; `abort()` rolls the transaction back
+and cuts the packs back to their committed length, so an interrupted snapshot or receive leaves nothing.
+
+Compression tries a fast zstd level first when the previous block did not compress, and compresses at
+ZSTD_LEVEL only if that probe shrank the block (the early abort ZFS uses for zstd): incompressible data
+(already-compressed or encrypted pages) costs a cheap probe instead of a full compression attempt.
+
+Stores written before packs existed (chunk bytes inside SQLite) are not migrated: opening one fails with a
+message saying so.
 """
 
 from __future__ import annotations
 
 import sqlite3
-from collections import Counter
+from collections import Counter, deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Iterable, Sequence
 
@@ -17,21 +34,28 @@ import blake3
 import zstandard
 
 from agents.storage.driver import StorageError
+from agents.storage.packs import HEADER, MAGIC, PackFiles
 
 ID_BYTES = 32
 SEGMENT_IDS = 1024          # one segment covers 8 MiB of file at 8 KiB blocks and is a 32 KiB blob
+ZSTD_LEVEL = 3
+PROBE_LEVEL = -1            # the early-abort probe: ~3x faster than level 3 on data that does not compress
 _QUERY_BATCH = 500          # stays under SQLite's host-parameter limit on every version
-_COMMIT_BYTES = 64 << 20    # commit new chunks every so often so one big ingest does not grow the WAL
+_MAX_JOBS = 8               # batches queued for the writer (each holds one read buffer, ~1 MiB)
+_ROW_BATCH = 4096           # index rows inserted together
+_STORED_BATCH = 4 << 20     # received chunks handed to the writer together
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS chunks(
-    id BLOB PRIMARY KEY, z INTEGER NOT NULL, size INTEGER NOT NULL, data BLOB NOT NULL,
-    refs INTEGER NOT NULL DEFAULT 0);
+    id BLOB PRIMARY KEY, pack INTEGER NOT NULL, off INTEGER NOT NULL, len INTEGER NOT NULL,
+    z INTEGER NOT NULL, size INTEGER NOT NULL, refs INTEGER NOT NULL DEFAULT 0) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS segments(
     id BLOB PRIMARY KEY, ids BLOB NOT NULL, refs INTEGER NOT NULL DEFAULT 0);
 CREATE INDEX IF NOT EXISTS chunks_unreferenced ON chunks(refs) WHERE refs <= 0;
 CREATE INDEX IF NOT EXISTS segments_unreferenced ON segments(refs) WHERE refs <= 0;
 """
+
+Row = tuple[bytes, int, int, int, int, int]     # id, pack, offset, stored length, z, raw size
 
 
 def split_ids(blob: bytes) -> list[bytes]:
@@ -39,41 +63,49 @@ def split_ids(blob: bytes) -> list[bytes]:
 
 
 class ChunkStore:
-    """Chunks and segments in one SQLite database. Not thread-safe: the driver serializes access."""
+    """Chunks and segments: index in SQLite, data in packs under `pack_dir`. Not thread-safe: the driver
+    serializes access (the writer thread is internal)."""
 
-    def __init__(self, db: sqlite3.Connection) -> None:
+    def __init__(self, db: sqlite3.Connection, pack_dir: Path) -> None:
         self.db = db
+        columns = [r[1] for r in self.db.execute("PRAGMA table_info(chunks)")]
+        if columns and "pack" not in columns:
+            raise StorageError(f"the embedded store at {pack_dir.parent} was written by an earlier version "
+                               f"that kept chunk data inside SQLite; it is not migrated. Move it aside and "
+                               f"let a new store be created (replicate back what it held)", code="environment")
         self.db.executescript(_SCHEMA)
-        self._compress = zstandard.ZstdCompressor(level=3)
+        self.packs = PackFiles(pack_dir, db)
         self._decompress = zstandard.ZstdDecompressor()
-        self._uncommitted = 0
+        self._full = zstandard.ZstdCompressor(level=ZSTD_LEVEL)     # used by the writer thread only
+        self._probe = zstandard.ZstdCompressor(level=PROBE_LEVEL)   # likewise
+        self._last_raw = False                                      # likewise
+        self._writer = ThreadPoolExecutor(1, thread_name_prefix="chunkstore-writer")
+        self._jobs: deque[Future[list[Row]]] = deque()
+        self._inflight: set[bytes] = set()        # ids handed to the writer, not yet in the index
+        self._rows: list[Row] = []                # written, waiting to be inserted
+        self._refs: Counter[bytes] = Counter()    # chunk references from new segments, not yet applied
+        self._stored: dict[bytes, tuple[int, int, bytes]] = {}   # received, not yet handed to the writer
+        self._stored_bytes = 0
 
-    # chunks ---------------------------------------------------------------------------------------------
-    def missing(self, ids: Iterable[bytes]) -> set[bytes]:
-        wanted = set(ids)
-        have: set[bytes] = set()
-        todo = list(wanted)
-        for i in range(0, len(todo), _QUERY_BATCH):
-            part = todo[i:i + _QUERY_BATCH]
-            rows = self.db.execute(f"SELECT id FROM chunks WHERE id IN ({','.join('?' * len(part))})", part)
-            have.update(r[0] for r in rows)
-        return wanted - have
+    def close(self) -> None:
+        self._drain(raise_errors=False)
+        self._writer.shutdown(wait=True)
+        self.packs.close()
 
+    # writing ----------------------------------------------------------------------------------------------
     def put_blocks(self, blocks: Sequence[bytes | memoryview]) -> list[bytes]:
-        """Store blocks not yet present (unreferenced until a segment names them); return their ids."""
+        """Hash blocks and queue those not yet stored for the writer; return their ids. The blocks must not
+        change afterwards (the writer reads them later). Nothing is durable or visible before commit()."""
         ids = [blake3.blake3(b).digest() for b in blocks]
-        new = self.missing(ids)
-        rows = []
-        for cid, block in zip(ids, blocks):
-            if cid in new:
-                new.discard(cid)
-                packed = self._compress.compress(block)
-                # Incompressible pages (already-compressed data, encrypted tablespaces) are kept raw.
-                if len(packed) < len(block):
-                    rows.append((cid, 1, len(block), packed))
-                else:
-                    rows.append((cid, 0, len(block), bytes(block)))
-        self._insert_chunks(rows)
+        new = self._unknown(ids)
+        if new:
+            todo = []
+            for cid, block in zip(ids, blocks):
+                if cid in new:
+                    new.discard(cid)
+                    todo.append((cid, block))
+            self._inflight.update(cid for cid, _ in todo)
+            self._submit(self._compress_and_append, todo)
         return ids
 
     def put_stored(self, cid: bytes, z: int, data: bytes) -> None:
@@ -86,41 +118,162 @@ class ChunkStore:
         if blake3.blake3(raw).digest() != cid:
             raise StorageError(f"replication stream corrupt: chunk {cid.hex()[:16]} does not match its "
                                f"id; nothing was published, send the stream again", code="corrupt")
-        self._insert_chunks([(cid, z, len(raw), data)])
+        if cid not in self._stored:
+            self._stored[cid] = (z, len(raw), data)
+            self._stored_bytes += len(data)
+            if self._stored_bytes >= _STORED_BATCH:
+                self._submit_stored()
 
-    def _insert_chunks(self, rows: list[tuple[bytes, int, int, bytes]]) -> None:
-        if not rows:
+    def _submit_stored(self) -> None:
+        if not self._stored:
             return
-        self.db.executemany("INSERT OR IGNORE INTO chunks(id, z, size, data) VALUES (?, ?, ?, ?)", rows)
-        self._uncommitted += sum(len(r[3]) for r in rows)
-        if self._uncommitted >= _COMMIT_BYTES:
-            self.db.commit()
-            self._uncommitted = 0
+        new = self._unknown(list(self._stored))
+        todo = [(cid, z, size, data) for cid, (z, size, data) in self._stored.items() if cid in new]
+        self._stored.clear()
+        self._stored_bytes = 0
+        if todo:
+            self._inflight.update(new)
+            self._submit(self._append_stored, todo)
 
-    def get_stored(self, ids: Sequence[bytes]) -> dict[bytes, tuple[int, bytes]]:
-        """{id: (z, stored bytes)} for the given ids; raises if any is missing."""
-        out: dict[bytes, tuple[int, bytes]] = {}
-        todo = list(set(ids))
+    def _submit(self, fn, todo) -> None:  # type: ignore[no-untyped-def]
+        while self._jobs and (self._jobs[0].done() or len(self._jobs) >= _MAX_JOBS):
+            self._rows.extend(self._jobs.popleft().result())
+        self._jobs.append(self._writer.submit(fn, todo))
+        if len(self._rows) >= _ROW_BATCH:
+            self._insert_rows()
+
+    # the writer thread
+    def _compress_and_append(self, todo: list[tuple[bytes, bytes | memoryview]]) -> list[Row]:
+        records = []
+        for cid, block in todo:
+            z, data = self._pack(block)
+            records.append((cid, z, len(block), data))
+        return self._append_stored(records)
+
+    def _pack(self, block: bytes | memoryview) -> tuple[int, bytes | memoryview]:
+        if self._last_raw:
+            probe = self._probe.compress(block)
+            if len(probe) >= len(block):
+                return 0, block
+            packed = self._full.compress(block)
+            if len(probe) < len(packed):
+                packed = probe
+        else:
+            packed = self._full.compress(block)
+        # Incompressible pages (already-compressed data, encrypted tablespaces) are kept raw.
+        self._last_raw = len(packed) >= len(block)
+        return (0, block) if self._last_raw else (1, packed)
+
+    def _append_stored(self, records: list[tuple[bytes, int, int, bytes | memoryview]]) -> list[Row]:
+        locs = self.packs.append(records)
+        return [(cid, pack, off, len(data), z, size)
+                for (cid, z, size, data), (pack, off) in zip(records, locs)]
+
+    # the caller's thread again
+    def _drain(self, raise_errors: bool = True) -> None:
+        error: BaseException | None = None
+        while self._jobs:
+            try:
+                self._rows.extend(self._jobs.popleft().result())
+            except BaseException as exc:  # keep draining: the writer must be idle before anyone goes on
+                error = error or exc
+        if error is not None and raise_errors:
+            raise error
+
+    def _insert_rows(self) -> None:
+        if not self._rows:
+            return
+        refs = self._refs
+        self.db.executemany("INSERT INTO chunks(id, pack, off, len, z, size, refs) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                            [(*r, refs.pop(r[0], 0)) for r in self._rows])
+        self._inflight.difference_update(r[0] for r in self._rows)
+        self._rows = []
+
+    def _flush(self) -> None:
+        """Everything queued in the index (inside the open transaction), with its references."""
+        self._submit_stored()
+        self._drain()
+        self._insert_rows()
+        if self._refs:
+            self._add_chunk_refs(self._refs, +1)
+            self._refs = Counter()
+
+    def commit(self) -> None:
+        """Make the chunks written so far durable, then commit the transaction that indexes them."""
+        self._flush()
+        if self.packs.dirty():
+            self.packs.sync()
+        self.db.commit()
+
+    def abort(self) -> None:
+        """Drop everything since the last commit: the transaction, and the pack bytes written for it."""
+        self._drain(raise_errors=False)
+        self._rows, self._refs, self._stored, self._stored_bytes = [], Counter(), {}, 0
+        self._inflight.clear()
+        self.db.rollback()
+        self.packs.recover()
+
+    # reading ----------------------------------------------------------------------------------------------
+    def _unknown(self, ids: Iterable[bytes]) -> set[bytes]:
+        """The ids neither indexed nor on their way to the writer."""
+        todo = [c for c in set(ids) if c not in self._inflight]
+        have: set[bytes] = set()
         for i in range(0, len(todo), _QUERY_BATCH):
             part = todo[i:i + _QUERY_BATCH]
-            rows = self.db.execute(
-                f"SELECT id, z, data FROM chunks WHERE id IN ({','.join('?' * len(part))})", part)
-            out.update((r[0], (r[1], r[2])) for r in rows)
-        if len(out) != len(todo):
-            lost = next(c for c in todo if c not in out)
+            rows = self.db.execute(f"SELECT id FROM chunks WHERE id IN ({','.join('?' * len(part))})", part)
+            have.update(r[0] for r in rows)
+        return set(todo) - have
+
+    def missing(self, ids: Iterable[bytes]) -> set[bytes]:
+        return {c for c in self._unknown(ids) if c not in self._stored}
+
+    def _load(self, ids: Sequence[bytes]) -> dict[bytes, tuple[int, bytes, bytes]]:
+        """{id: (z, stored bytes, raw bytes)}, each checked against its id; raises if any is missing or
+        damaged."""
+        self._flush()
+        todo = list(set(ids))
+        locs: list[tuple[bytes, int, int, int]] = []
+        zs: dict[bytes, int] = {}
+        for i in range(0, len(todo), _QUERY_BATCH):
+            part = todo[i:i + _QUERY_BATCH]
+            for cid, pack, off, length, z in self.db.execute(
+                    f"SELECT id, pack, off, len, z FROM chunks WHERE id IN ({','.join('?' * len(part))})", part):
+                locs.append((cid, pack, off, length))
+                zs[cid] = z
+        if len(locs) != len(todo):
+            lost = next(c for c in todo if c not in zs)
             raise StorageError(f"chunk {lost.hex()[:16]} is missing from the store at "
                                f"{self.path_hint()}; the store is damaged, restore it from a replica",
                                code="corrupt")
+        out: dict[bytes, tuple[int, bytes, bytes]] = {}
+        for cid, (z, size, data) in self.packs.read(locs).items():
+            if z != zs[cid]:
+                raise self._damaged(cid, "its record and its index entry disagree on compression")
+            try:
+                raw = self._decompress.decompress(data) if z else data
+            except zstandard.ZstdError:
+                raise self._damaged(cid, "it does not decompress") from None
+            if len(raw) != size or blake3.blake3(raw).digest() != cid:
+                raise self._damaged(cid, "its content does not match its id")
+            out[cid] = (z, data, raw)
         return out
 
+    def _damaged(self, cid: bytes, why: str) -> StorageError:
+        return StorageError(f"chunk {cid.hex()[:16]} in the store at {self.path_hint()} is damaged ({why}); "
+                            f"restore the store from a replica", code="corrupt")
+
+    def get_stored(self, ids: Sequence[bytes]) -> dict[bytes, tuple[int, bytes]]:
+        """{id: (z, stored bytes)} for the given ids, verified; raises if any is missing or damaged."""
+        return {cid: (z, data) for cid, (z, data, _) in self._load(ids).items()}
+
     def get_blocks(self, ids: Sequence[bytes]) -> list[bytes]:
-        stored = self.get_stored(ids)
-        plain = {cid: (self._decompress.decompress(d) if z else d) for cid, (z, d) in stored.items()}
-        return [plain[c] for c in ids]
+        loaded = self._load(ids)
+        return [loaded[c][2] for c in ids]
 
     # segments -------------------------------------------------------------------------------------------
     def put_segments(self, ids: Sequence[bytes]) -> bytes:
-        """Group a file's chunk ids into segments; return the concatenated segment ids."""
+        """Group a file's chunk ids into segments; return the concatenated segment ids. The chunks must
+        have been put (they may still be on their way to the writer)."""
         seg_ids = []
         for i in range(0, len(ids), SEGMENT_IDS):
             part = ids[i:i + SEGMENT_IDS]
@@ -128,7 +281,7 @@ class ChunkStore:
             sid = blake3.blake3(blob).digest()
             cur = self.db.execute("INSERT OR IGNORE INTO segments(id, ids) VALUES (?, ?)", (sid, blob))
             if cur.rowcount == 1:
-                self._add_chunk_refs(Counter(part), +1)
+                self._refs.update(part)      # applied as the chunks' rows are inserted, or at commit
             seg_ids.append(sid)
         return b"".join(seg_ids)
 
@@ -153,19 +306,55 @@ class ChunkStore:
 
     # accounting and collection --------------------------------------------------------------------------
     def gc(self) -> int:
-        """Delete unreferenced segments and chunks; return the number of chunks removed. The caller must
-        hold the driver lock, so no ingest or receive has chunks in flight."""
+        """Delete unreferenced segments and chunks, then compact packs that became mostly dead; return the
+        number of chunks removed. The caller must hold the driver lock, so no ingest or receive has chunks
+        in flight (anything uncommitted is committed with it)."""
+        self._flush()
         for sid, blob in self.db.execute("SELECT id, ids FROM segments WHERE refs <= 0").fetchall():
             self._add_chunk_refs(Counter(split_ids(blob)), -1)
         self.db.execute("DELETE FROM segments WHERE refs <= 0")
+        dead = self.db.execute(f"SELECT pack, sum(len) + count(*) * {HEADER.size} FROM chunks WHERE refs <= 0 "
+                               f"GROUP BY pack").fetchall()
+        self.db.executemany("UPDATE packs SET dead = dead + ? WHERE id = ?", [(n, p) for p, n in dead])
         removed = self.db.execute("DELETE FROM chunks WHERE refs <= 0").rowcount
-        self.db.commit()
+        self.commit()
+        self._compact()
         self.db.execute("PRAGMA incremental_vacuum")
         return removed
 
+    def _compact(self) -> None:
+        """Rewrite packs at least half dead: copy their live records to the active pack, commit the moved
+        index entries once the copies are durable, then delete the old packs."""
+        victims = [pid for pid, size, dead in self.db.execute("SELECT id, size, dead FROM packs WHERE dead > 0")
+                   if dead * 2 >= size - len(MAGIC) and pid not in self.packs.damaged]
+        if not victims:
+            return
+        if self.packs.active in victims:
+            self.packs.seal()
+        moved: list[tuple[int, int, bytes]] = []
+        for pid in victims:
+            for batch in self.packs.records(pid):
+                ids = list({rec[0] for _, rec in batch})
+                index: dict[bytes, tuple[int, int]] = {}
+                for i in range(0, len(ids), _QUERY_BATCH):
+                    part = ids[i:i + _QUERY_BATCH]
+                    for cid, pack, off in self.db.execute(
+                            f"SELECT id, pack, off FROM chunks WHERE id IN ({','.join('?' * len(part))})", part):
+                        index[cid] = (pack, off)
+                # A record is live if the index points at it; the rest are chunks already collected.
+                live = [rec for off, rec in batch if index.get(rec[0]) == (pid, off)]
+                for (cid, *_), (pack, off) in zip(live, self.packs.append(live)):
+                    moved.append((pack, off, cid))
+        self.db.executemany("UPDATE chunks SET pack = ?, off = ? WHERE id = ?", moved)
+        self.packs.sync()
+        self.db.executemany("DELETE FROM packs WHERE id = ?", [(p,) for p in victims])
+        self.db.commit()
+        self.packs.remove(victims)
+
     def stats(self) -> dict[str, int]:
+        self._flush()
         n, logical, stored = self.db.execute(
-            "SELECT count(*), coalesce(sum(size), 0), coalesce(sum(length(data)), 0) FROM chunks").fetchone()
+            "SELECT count(*), coalesce(sum(size), 0), coalesce(sum(len), 0) FROM chunks").fetchone()
         return {"chunks": n, "logical_bytes": logical, "stored_bytes": stored}
 
     def path_hint(self) -> str:

@@ -91,11 +91,17 @@ class EmbeddedDriver(CatalogDriver):
         self.db.execute("PRAGMA auto_vacuum = INCREMENTAL")   # only takes effect on a new database
         self.db.execute("PRAGMA journal_mode = WAL")
         self.db.execute("PRAGMA synchronous = NORMAL")
-        self.store = ChunkStore(self.db)
-        # Leftovers of a crash mid-clone or mid-receive: scratch trees and unreferenced chunks.
+        self.store = ChunkStore(self.db, self.root / "packs")
+        # Leftovers of a crash mid-clone or mid-receive: scratch trees and unreferenced chunks (the packs
+        # were already cut back to what the index committed).
         for leftover in (self.root / "tmp").iterdir():
             _remove_tree(leftover)
         self.store.gc()
+
+    def close(self) -> None:
+        with self._lock:
+            self.store.close()
+            super().close()
 
     def capabilities(self) -> set[str]:
         return {d.CAP_VOLUMES, d.CAP_SNAPSHOTS, d.CAP_CLONES, d.CAP_ROLLBACK, d.CAP_REFRESH, d.CAP_SEND,
@@ -139,8 +145,7 @@ class EmbeddedDriver(CatalogDriver):
             entries = list(self._ingest(self.root / "volumes" / volume))
             self._publish(volume, snap, uuid.uuid4().hex, entries)
         except BaseException:
-            self.db.rollback()
-            self.store.gc()
+            self.store.abort()      # the transaction and every pack byte written for it
             raise
 
     def _drop_snapshot(self, volume: str, snap: str) -> None:
@@ -255,8 +260,7 @@ class EmbeddedDriver(CatalogDriver):
             try:
                 return self._receive(volume, snap, stream)
             except BaseException:
-                self.db.rollback()
-                self.store.gc()     # drops the chunks this receive stored; nothing else is unreferenced
+                self.store.abort()  # drops the chunks this receive stored and the pack bytes they took
                 raise
 
     def _receive(self, volume: str, snap: str, stream: Iterable[bytes]) -> SnapshotInfo:
@@ -318,7 +322,7 @@ class EmbeddedDriver(CatalogDriver):
         for e in entries:
             if e.segs:
                 self.store.ref_segments(e.segs, +1)
-        self.db.commit()
+        self.store.commit()     # the packs are made durable before the index that names them commits
 
     def _ingest(self, top: Path) -> Iterator[Entry]:
         for dirpath, dirnames, filenames in os.walk(top):
@@ -340,7 +344,10 @@ class EmbeddedDriver(CatalogDriver):
                 # Sockets, fifos and device nodes are runtime state, not data: they are not captured.
 
     def _ingest_file(self, full: str) -> tuple[bytes, int]:
+        # Segments are recorded as soon as they are full, so the store learns each chunk's references
+        # while the chunk is still on its way to the pack, and a huge file's ids never pile up in memory.
         ids: list[bytes] = []
+        segs: list[bytes] = []
         size = 0
         with open(full, "rb", buffering=0) as f:
             while buf := f.read(_READ_BYTES):
@@ -348,7 +355,12 @@ class EmbeddedDriver(CatalogDriver):
                 view = memoryview(buf)
                 ids.extend(self.store.put_blocks([view[i:i + BLOCK_SIZE]
                                                   for i in range(0, len(buf), BLOCK_SIZE)]))
-        return self.store.put_segments(ids), size
+                if len(ids) >= SEGMENT_IDS:
+                    full_segments = len(ids) - len(ids) % SEGMENT_IDS
+                    segs.append(self.store.put_segments(ids[:full_segments]))
+                    del ids[:full_segments]
+        segs.append(self.store.put_segments(ids))
+        return b"".join(segs), size
 
     def _materialize(self, snap_id: int) -> Path:
         """Write a snapshot's tree into a fresh scratch directory and return it."""

@@ -1,0 +1,320 @@
+"""Append-only pack files holding the embedded store's chunk data; SQLite (chunkstore.py) holds only the
+index from chunk id to (pack, offset, length).
+
+A pack is `packs/<id>.pack`: an 8-byte magic, then records, each a 41-byte header (chunk id, zstd flag,
+raw size, stored length) followed by the stored bytes. The header lets a reader check that an index entry
+points at the chunk it names, and lets a pack be read without the index.
+
+Durability is by commit, not by chunk: records are appended sequentially (the OS is asked to start
+writeback early), and `sync()` fdatasyncs every pack written since the last sync, and the directory when a
+pack was created, before the caller commits the index rows that name those records. The packs table
+records each pack's committed length in the same transaction. So after a crash or an aborted ingest,
+`recover()` makes the files agree with the last commit: a pack file with no row (created by an ingest that
+never committed, or left behind by a compaction that did) is removed, and a pack longer than its committed
+length is cut back to it (an interrupted or uncommitted append; the cut part was never referenced). A pack
+shorter than its committed length has lost committed data: it is reported, never appended to, and reads of
+its missing records fail as corrupt.
+
+Space is reclaimed by compaction (chunkstore.gc): `dead` counts the record bytes of collected chunks; a
+pack that is mostly dead has its live records copied to the active pack, and is deleted once the index
+commit that moves them is durable.
+
+Not thread-safe by itself: the chunk store lets only its one writer thread append, and reads, syncs and
+recovery happen only when that thread is idle.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import os
+import sqlite3
+import struct
+from pathlib import Path
+from typing import Iterable, Iterator, Sequence
+
+from agents.storage.driver import StorageError
+
+MAGIC = b"VTBPACK1"
+HEADER = struct.Struct(">32sBII")       # chunk id, zstd flag, raw size, stored length
+PACK_BYTES = 256 << 20                  # a pack is closed for appends once it reaches this size
+_HINT_BYTES = 32 << 20                  # ask the kernel to start writeback after this many new bytes
+_SPAN_BYTES = 8 << 20                   # longest single read when fetching adjacent records
+
+PACKS_SCHEMA = """
+CREATE TABLE IF NOT EXISTS packs(
+    id INTEGER PRIMARY KEY, size INTEGER NOT NULL, dead INTEGER NOT NULL DEFAULT 0);
+"""
+
+
+def _sync_file_range():  # type: ignore[no-untyped-def]
+    """libc's sync_file_range (Linux), used only as a hint to start writeback; None elsewhere."""
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        fn = libc.sync_file_range
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+    fn.restype = ctypes.c_int
+    return fn
+
+
+_SYNC_FILE_RANGE = _sync_file_range()
+_SYNC_FILE_RANGE_WRITE = 2
+
+
+class PackFiles:
+    def __init__(self, directory: Path, db: sqlite3.Connection) -> None:
+        self.dir = directory
+        self.db = db
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.db.executescript(PACKS_SCHEMA)
+        self._readers: dict[int, int] = {}
+        self._writer: int | None = None            # fd of the active pack
+        self._active: int | None = None            # its id
+        self._size = 0                              # its length, committed or not
+        self._sizes: dict[int, int] = {}            # every pack written since the last sync: its length
+        self._created = False                       # a pack file was created since the last sync
+        self._hinted = 0
+        self.damaged: dict[int, str] = {}
+        self.recover()
+
+    # recovery -------------------------------------------------------------------------------------------
+    def recover(self) -> None:
+        """Make the pack files match the committed packs table (see the module docstring)."""
+        self._close_writer()
+        self._close_readers()
+        self._sizes.clear()
+        self._created = False
+        committed = dict(self.db.execute("SELECT id, size FROM packs").fetchall())
+        self.damaged.clear()
+        for path in self.dir.iterdir():
+            pid = _pack_id(path)
+            if pid is None:
+                continue
+            if pid not in committed:
+                path.unlink()
+                continue
+            have = path.stat().st_size
+            if have > committed[pid]:
+                os.truncate(path, committed[pid])
+        for pid, size in committed.items():
+            path = self._path(pid)
+            have = path.stat().st_size if path.exists() else -1
+            if have < size:
+                self.damaged[pid] = (f"pack {path} is missing" if have < 0 else
+                                     f"pack {path} holds {have} bytes of its committed {size}")
+        self._fsync_dir()
+        # Append to the newest pack if it is intact and has room; otherwise the next append starts one.
+        self._next_id = max(committed, default=0) + 1
+        newest = max(committed, default=None)
+        if newest is not None and newest not in self.damaged and committed[newest] < PACK_BYTES:
+            self._open_writer(newest, committed[newest])
+
+    # appending (the writer thread) ----------------------------------------------------------------------
+    def append(self, records: Sequence[tuple[bytes, int, int, bytes | memoryview]]) -> list[tuple[int, int]]:
+        """Append (id, z, raw size, stored bytes) records in order; return each one's (pack, offset)."""
+        out: list[tuple[int, int]] = []
+        i = 0
+        while i < len(records):
+            if self._writer is None or self._size >= PACK_BYTES:
+                self._start_pack()
+            assert self._writer is not None and self._active is not None
+            bufs: list[bytes | memoryview] = []
+            start = off = self._size
+            while i < len(records) and off < PACK_BYTES:
+                cid, z, size, data = records[i]
+                bufs.append(HEADER.pack(cid, z, size, len(data)))
+                bufs.append(data)
+                out.append((self._active, off))
+                off += HEADER.size + len(data)
+                i += 1
+            self._write_all(bufs, start, off - start)
+            self._size = off
+            self._sizes[self._active] = off
+        return out
+
+    def _write_all(self, bufs: list[bytes | memoryview], offset: int, total: int) -> None:
+        assert self._writer is not None
+        done = idx = 0
+        while idx < len(bufs):
+            n = os.pwritev(self._writer, bufs[idx:idx + 512], offset + done)   # IOV_MAX is 1024 on Linux
+            done += n
+            # Skip what was written, keeping the unwritten tail of a partly written buffer.
+            while idx < len(bufs) and n >= len(bufs[idx]):
+                n -= len(bufs[idx])
+                idx += 1
+            if n:
+                bufs[idx] = memoryview(bufs[idx])[n:]
+        assert done == total
+        self._hinted += total
+        if self._hinted >= _HINT_BYTES and _SYNC_FILE_RANGE is not None:
+            _SYNC_FILE_RANGE(self._writer, offset + total - self._hinted, self._hinted, _SYNC_FILE_RANGE_WRITE)
+            self._hinted = 0
+
+    def _start_pack(self) -> None:
+        self._close_writer()
+        pid = self._next_id
+        self._next_id += 1
+        fd = os.open(self._path(pid), os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        os.write(fd, MAGIC)
+        self._writer, self._active, self._size = fd, pid, len(MAGIC)
+        self._sizes[pid] = len(MAGIC)
+        self._created = True
+        self._hinted = 0
+
+    def seal(self) -> None:
+        """Stop appending to the active pack (the next append starts a new one)."""
+        self._close_writer()
+
+    # durability (main thread, writer idle) --------------------------------------------------------------
+    def sync(self) -> None:
+        """Make every append since the last sync durable and record the packs' lengths in the (open)
+        transaction; the caller commits it."""
+        for pid, size in self._sizes.items():
+            if pid == self._active and self._writer is not None:
+                os.fdatasync(self._writer)
+            else:
+                fd = os.open(self._path(pid), os.O_RDONLY | os.O_CLOEXEC)
+                try:
+                    os.fdatasync(fd)
+                finally:
+                    os.close(fd)
+            self.db.execute("INSERT INTO packs(id, size) VALUES (?, ?) ON CONFLICT(id) DO UPDATE SET "
+                            "size = excluded.size", (pid, size))
+        if self._created:
+            self._fsync_dir()
+        self._sizes.clear()
+        self._created = False
+        self._hinted = 0
+
+    def dirty(self) -> bool:
+        return bool(self._sizes)
+
+    # reading --------------------------------------------------------------------------------------------
+    def read(self, locs: Iterable[tuple[bytes, int, int, int]]) -> dict[bytes, tuple[int, int, bytes]]:
+        """{id: (z, raw size, stored bytes)} for (id, pack, offset, stored length) index entries; adjacent
+        records are fetched with one read. Raises corrupt if a record is missing or names another chunk."""
+        out: dict[bytes, tuple[int, int, bytes]] = {}
+        todo = sorted(locs, key=lambda r: (r[1], r[2]))
+        i = 0
+        while i < len(todo):
+            pack, start = todo[i][1], todo[i][2]
+            j, end = i, start
+            while j < len(todo) and todo[j][1] == pack and todo[j][2] == end and end - start < _SPAN_BYTES:
+                end += HEADER.size + todo[j][3]
+                j += 1
+            span = os.pread(self._reader(pack), end - start, start)
+            pos = 0
+            for cid, _, off, length in todo[i:j]:
+                if len(span) < pos + HEADER.size + length:
+                    raise self._lost(pack, f"record at offset {off} is cut short")
+                hid, z, size, hlen = HEADER.unpack_from(span, pos)
+                if hid != cid or hlen != length:
+                    raise self._lost(pack, f"record at offset {off} is not chunk {cid.hex()[:16]}")
+                out[cid] = (z, size, span[pos + HEADER.size:pos + HEADER.size + length])
+                pos += HEADER.size + length
+            i = j
+        return out
+
+    def records(self, pack: int) -> Iterator[list[tuple[int, tuple[bytes, int, int, bytes]]]]:
+        """The committed records of a pack in order, as (offset, (id, z, raw size, stored bytes)), in
+        batches of about _SPAN_BYTES."""
+        (committed,) = self.db.execute("SELECT size FROM packs WHERE id = ?", (pack,)).fetchone()
+        try:
+            f = open(self._path(pack), "rb", buffering=1 << 20)
+        except FileNotFoundError:
+            raise self._lost(pack, "the file is missing") from None
+        with f:
+            if f.read(len(MAGIC)) != MAGIC:
+                raise self._lost(pack, "it does not start with the pack magic")
+            pos = len(MAGIC)
+            batch: list[tuple[int, tuple[bytes, int, int, bytes]]] = []
+            held = 0
+            while pos < committed:
+                head = f.read(HEADER.size)
+                if len(head) < HEADER.size:
+                    raise self._lost(pack, f"record at offset {pos} is cut short")
+                cid, z, size, length = HEADER.unpack(head)
+                if pos + HEADER.size + length > committed:
+                    raise self._lost(pack, f"record at offset {pos} runs past the committed end")
+                data = f.read(length)
+                if len(data) < length:
+                    raise self._lost(pack, f"record at offset {pos} is cut short")
+                batch.append((pos, (cid, z, size, data)))
+                pos += HEADER.size + length
+                held += HEADER.size + length
+                if held >= _SPAN_BYTES:
+                    yield batch
+                    batch, held = [], 0
+            if batch:
+                yield batch
+
+    def _lost(self, pack: int, what: str) -> StorageError:
+        why = self.damaged.get(pack, f"pack {self._path(pack)}: {what}")
+        return StorageError(f"chunk data lost: {why}; the store is damaged, restore it from a replica",
+                            code="corrupt")
+
+    def _reader(self, pack: int) -> int:
+        fd = self._readers.get(pack)
+        if fd is None:
+            try:
+                fd = os.open(self._path(pack), os.O_RDONLY | os.O_CLOEXEC)
+            except FileNotFoundError:
+                raise self._lost(pack, "the file is missing") from None
+            self._readers[pack] = fd
+        return fd
+
+    # removal --------------------------------------------------------------------------------------------
+    def remove(self, packs: Iterable[int]) -> None:
+        """Delete pack files whose rows are already gone from the committed packs table."""
+        for pid in packs:
+            fd = self._readers.pop(pid, None)
+            if fd is not None:
+                os.close(fd)
+            if pid == self._active:
+                self._close_writer()
+            self._path(pid).unlink(missing_ok=True)
+            self.damaged.pop(pid, None)
+        self._fsync_dir()
+
+    def file_bytes(self) -> int:
+        return sum(p.stat().st_size for p in self.dir.iterdir() if _pack_id(p) is not None)
+
+    @property
+    def active(self) -> int | None:
+        return self._active
+
+    def close(self) -> None:
+        self._close_writer()
+        self._close_readers()
+
+    # helpers --------------------------------------------------------------------------------------------
+    def _path(self, pid: int) -> Path:
+        return self.dir / f"{pid:08d}.pack"
+
+    def _open_writer(self, pid: int, size: int) -> None:
+        self._writer = os.open(self._path(pid), os.O_WRONLY | os.O_CLOEXEC)
+        self._active, self._size = pid, size
+
+    def _close_writer(self) -> None:
+        if self._writer is not None:
+            os.close(self._writer)
+        self._writer, self._active, self._size = None, None, 0
+
+    def _close_readers(self) -> None:
+        for fd in self._readers.values():
+            os.close(fd)
+        self._readers.clear()
+
+    def _fsync_dir(self) -> None:
+        fd = os.open(self.dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def _pack_id(path: Path) -> int | None:
+    stem, dot, ext = path.name.partition(".")
+    return int(stem) if ext == "pack" and stem.isdigit() else None
