@@ -7,7 +7,13 @@ Measured, each time against a bare slixmpp baseline on the same server:
    Vertebra op (Client.request to an Agent's one-argument op: validation, msgpack, the
    authorization hook and dedup all run) — p50, p95, ratio of p50s (target <= 1.3x);
 2. throughput with 100 requests in flight (target >= 0.7x bare);
-3. scatter/gather to N agents hosted by worker processes (many agents per event loop): a bare IQ
+3. a text command through the operators' chat bot: a plain slixmpp client account sends
+   ``call bench.echo n=N`` to a ChatBot (broker/chat.py, in this process as `vertebra broker` runs
+   it: discovery through the broker, the bot's own authorization and audit log, the relay on the
+   operator's behalf) and waits for the final result message, vs the same op through the CLI's
+   client library, ``Client.call(op, args)`` with discovery through the same broker — p50, p95,
+   ratio of p50s (target <= 1.5x);
+4. scatter/gather to N agents hosted by worker processes (many agents per event loop): a bare IQ
    fan-out (each agent also answers the bare IQ) vs ``Client.call(op, args, to=[...])`` (target
    <= 1.5x bare), plus, for information, the same call with discovery through a Broker.
 
@@ -218,7 +224,7 @@ async def worker_main() -> None:
 
     async def start_agent(user: str) -> None:
         agent = BenchAgent(f"{user}@{cfg['domain']}", PASSWORD_PREFIX + user, endpoint,
-                           broker=cfg["broker"], authorizer=authorizer)
+                           broker=cfg["broker"], authorizer=authorizer, delegates=cfg.get("delegates", ()))
         answer_bare_pings(agent.xmpp)
         async with gate:
             await agent.start(timeout=60)
@@ -369,6 +375,8 @@ class Bench:
         self.keyed: KeyedReplies | None = None
         self.client: Any = None
         self.broker: Any = None
+        self.bot: Any = None
+        self._chat_reply: asyncio.Future | None = None
         self.workers: list[Worker] = []
         self.server: Any = None
         self.home: Path | None = None
@@ -489,6 +497,52 @@ class Bench:
         self.row("  vertebra with broker discovery", f"{b:,.0f} ms",
                  f"{d:,.0f} ms" if ok_disc else "failed", d / b if ok_disc else None, "(info)", None)
 
+    # A text command through the chat bot vs the CLI's client library, both with discovery.
+    async def call_rt(self, n: int) -> None:
+        report = await self.client.call(OP, {"n": n}, timeout=10)
+        if report.counts() != {"ok": 1} or report.results[0].result != n:
+            raise RuntimeError(f"Client.call {OP}: {report.counts()} {[r.error for r in report.results]}")
+
+    def on_chat(self, msg: Any) -> None:
+        waiter = self._chat_reply
+        if msg["type"] == "chat" and msg["from"].bare == self.bot_jid and msg["body"] \
+                and waiter is not None and not waiter.done():
+            waiter.set_result(msg["body"])
+
+    async def chat_rt(self, n: int) -> None:
+        """Send ``call OP n=N`` from the plain client account; wait for the bot's final result."""
+        self._chat_reply = asyncio.get_running_loop().create_future()
+        try:
+            self.bare.send_message(mto=self.bot_to, mbody=f"call {OP} n={n}", mtype="chat")
+            body = await asyncio.wait_for(self._chat_reply, 10)
+        finally:
+            self._chat_reply = None
+        if body != f"ok: echo: {n}\n{OP}: 1 ok":
+            raise RuntimeError(f"the chat bot answered `call {OP} n={n}` with {body!r}")
+
+    async def chat(self) -> None:
+        count, rounds = (100, 3) if self.args.quick else (300, 5)
+        for i in range(20):  # warm-up
+            await self.call_rt(i)
+            await self.chat_rt(i)
+        call_s: list[float] = []
+        chat_s: list[float] = []
+        clock = time.perf_counter
+        for _ in range(rounds):  # interleaved, so drift hits both sides alike
+            for samples, rt in ((call_s, self.call_rt), (chat_s, self.chat_rt)):
+                for i in range(count):
+                    t = clock()
+                    await rt(i)
+                    samples.append(clock() - t)
+        c50, c95 = percentile(call_s, .5) * 1e3, percentile(call_s, .95) * 1e3
+        t50, t95 = percentile(chat_s, .5) * 1e3, percentile(chat_s, .95) * 1e3
+        self.row("chat command p50 (bare = Client.call)", f"{c50:.2f} ms", f"{t50:.2f} ms", t50 / c50, "<= 1.50x",
+                 t50 / c50 <= 1.5)
+        self.row("chat command p95 (bare = Client.call)", f"{c95:.2f} ms", f"{t95:.2f} ms", t95 / c95, "(info)", None)
+        self.notes.append("chat command: 6 stanzas through the server per command (the message, the bot's"
+                          " mesh.discover and op request with their answers, the reply message) vs 4 for"
+                          " Client.call (discover, op); bot, broker and both callers share this process")
+
     # -- set-up and tear-down ------------------------------------------------------------------
 
     async def spawn_workers(self, users: list[str], nworkers: int, bare: list[str] | None = None,
@@ -500,6 +554,7 @@ class Bench:
             w = Worker(f"worker{len(self.workers)}", {
                 "host": self.server.host, "port": self.server.port, "domain": DOMAIN,
                 "cert": str(self.server.cert_path), "admins": [self.client_jid], "broker": self.broker_jid,
+                "delegates": [self.bot_jid],
                 "agents": chunk, "bare": bare if i == 0 and bare else [],
                 "concurrency": self.args.login_concurrency, "start_timeout": start_timeout,
             }, self.home)
@@ -518,7 +573,9 @@ class Bench:
 
     async def run(self) -> None:
         from agents.client import Client
-        from agents.kinds import agent_class
+        from agents.kinds import agent_class, catalogue
+        from agents.ops import ops_of
+        from broker.chat import ChatBot, RateLimit
         from agents.server import PrivateServer
 
         args = self.args
@@ -531,7 +588,7 @@ class Bench:
         print(f"private Prosody on 127.0.0.1:{port}, home {self.home}", flush=True)
         self.server.start()
 
-        users = {u: PASSWORD_PREFIX + u for u in ["bench", "broker", "echo", "plain"]}
+        users = {u: PASSWORD_PREFIX + u for u in ["bench", "broker", "echo", "plain", "chatbot"]}
         agent_users = [f"a{i:05d}" for i in range(max(sizes))]
         users.update({u: PASSWORD_PREFIX + u for u in agent_users})
         t = time.monotonic()
@@ -540,17 +597,29 @@ class Bench:
 
         self.client_jid = f"bench@{DOMAIN}"
         self.broker_jid = f"broker@{DOMAIN}"
+        self.bot_jid = f"chatbot@{DOMAIN}"
         ctx = self.server.ssl_context()
         endpoint = Endpoint(self.server.host, self.server.port, DOMAIN, ctx)
+        # The broker and the agents take the chat bot's on-behalf-of assertion (its `for`).
         self.broker = agent_class("broker")(self.broker_jid, PASSWORD_PREFIX + "broker", endpoint,
-                                            authorizer=AdminsOnly([self.client_jid]))
+                                            authorizer=AdminsOnly([self.client_jid]), delegates=[self.bot_jid])
         await self.broker.start(timeout=20)
+        # The operators' chat bot as `vertebra broker` runs it (same process, its own audit log), with
+        # a rate limit that a benchmark's one operator does not reach.
+        (self.home / "chatbot").mkdir()
+        self.bot = ChatBot(self.bot_jid, PASSWORD_PREFIX + "chatbot", endpoint,
+                           broker=f"{self.broker_jid}/{self.broker.resource}",
+                           authorizer=AdminsOnly([self.client_jid]), ops={**catalogue(), **ops_of(BenchAgent)},
+                           state_dir=self.home / "chatbot", rate=RateLimit(burst=1000, rate=1e6))
+        await self.bot.start(timeout=20)
+        self.bot_to = str(self.bot.jid)
         self.client = Client(self.client_jid, PASSWORD_PREFIX + "bench", endpoint,
                              broker=f"{self.broker_jid}/{self.broker.resource}")
         await self.client.start(timeout=20)
         self.bare = plain_client(f"{self.client_jid}/bare-{uuid.uuid4().hex[:6]}", PASSWORD_PREFIX + "bench", ctx)
         await start_plain(self.bare, self.server.host, self.server.port)
         self.keyed = KeyedReplies(self.bare)
+        self.bare.add_event_handler("message", self.on_chat)
 
         # 1 and 2: one responder of each kind, alone in a worker process of their own.
         print("\n[1,2] one caller, one responder", flush=True)
@@ -570,10 +639,15 @@ class Bench:
             self.bare = saved
         self.notes.append(f"bare IQ between the Vertebra client's and agent's own connections"
                           f" (XEP-0198, caps, ping plugins loaded): p50 {percentile(same, .5) * 1e3:.2f} ms")
+
+        # 3: the same op as a text command through the chat bot vs Client.call, both via discovery.
+        print("\n[3] a text command through the chat bot vs Client.call", flush=True)
+        await self.wait_directory(1, 30)
+        await self.chat()
         await pair.stop()
         self.workers.remove(pair)
 
-        # 3: scatter/gather, growing the agent population size by size.
+        # 4: scatter/gather, growing the agent population size by size.
         online: list[str] = []
         agent_workers: list[Worker] = []
         reps = 3 if args.quick else 5
@@ -581,7 +655,7 @@ class Bench:
             add = agent_users[len(online):n]
             if add:
                 nworkers = max(args.workers, math.ceil(len(add) / args.per_worker))
-                print(f"\n[3] starting {len(add):,} more agents in {nworkers} worker processes", flush=True)
+                print(f"\n[4] starting {len(add):,} more agents in {nworkers} worker processes", flush=True)
                 t = time.monotonic()
                 made = await self.spawn_workers(add, nworkers)
                 agent_workers += made
@@ -610,6 +684,8 @@ class Bench:
             w.kill()
         if self.client is not None:
             await quietly(self.client.stop(), 5)
+        if self.bot is not None:
+            await quietly(self.bot.stop(), 5)
         if self.broker is not None:
             await quietly(self.broker.stop(), 5)
         if self.bare is not None:
