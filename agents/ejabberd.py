@@ -232,6 +232,8 @@ class PrivateEjabberd:
             PrivateServer._write_private(self.config_path, config)
             PrivateServer._write_private(self.ctl_config_path, self._render_ctl_config())
             self._write_ctl(system_ctl)
+            # ejabberdctl points ERL_INETRC at the config dir; without the file every VM logs an error.
+            PrivateServer._write_private(self.dir / "inetrc", '{lookup, ["file", "native"]}.\n')
             if self.epmd_port is not None:
                 self._ensure_epmd()
             fresh = not any(self.spool_dir.iterdir())  # no Mnesia schema yet: certainly not a member
@@ -280,6 +282,13 @@ class PrivateEjabberd:
         if not _NODE_RE.match(node):
             raise ServerError(f"invalid node name {node!r}")
         self.ctl("leave_cluster", node, timeout=60.0)
+
+    def _ctl_ok(self, *args: str) -> bool:
+        try:
+            self.ctl(*args, timeout=30.0)
+        except ServerError:
+            return False
+        return True
 
     def ctl(self, *args: str, timeout: float = 60.0) -> str:
         """Run the node's private ejabberdctl with ``args``; its output, or ServerError with it."""
@@ -577,19 +586,21 @@ class PrivateEjabberd:
             time.sleep(0.05)
 
     def _stop_epmd_if_unused(self) -> None:
+        """End the epmd once no node is registered with it (epmd itself refuses otherwise)."""
         if self.epmd_port is None:
             return
+        me = self.node_name.split("@")[0]
         deadline = time.monotonic() + 3
         while True:
             names = self._epmd_names()
             if names is None:
                 return
             if not names:
-                self._epmd("-kill")  # epmd refuses this while any node is registered
+                self._epmd("-kill")
                 return
-            if time.monotonic() > deadline:
-                return  # another node still uses it
-            time.sleep(0.1)
+            if me not in names or time.monotonic() > deadline:
+                return  # other nodes still use it
+            time.sleep(0.05)  # this node's name goes when its VM's connection to epmd closes
 
     def _spawn(self, timeout: float) -> None:
         self.pidfile.unlink(missing_ok=True)
@@ -612,7 +623,9 @@ class PrivateEjabberd:
                 _children.pop(str(self.dir), None)
                 raise ServerError(f"ejabberd node {self.node_name} exited with status {code} while starting; "
                                   + self._log_tails(start_offset, log_offset))
-            if self._accepts_tcp() and self._running_pid() is not None:
+            # The client port opens before ejabberd has finished starting (its account tables may
+            # not exist yet); `ejabberdctl status` exits 0 only once the node is fully started.
+            if self._accepts_tcp() and self._running_pid() is not None and self._ctl_ok("status"):
                 return
             if time.monotonic() > deadline:
                 self._kill_group(proc)
@@ -635,7 +648,7 @@ class PrivateEjabberd:
                               f"cookie?): {exc}") from exc
         # Joining restarts ejabberd on this node: wait until it serves clients again.
         deadline = time.monotonic() + timeout
-        while not self._accepts_tcp():
+        while not (self._accepts_tcp() and self._ctl_ok("status")):
             if time.monotonic() > deadline:
                 raise ServerError(f"ejabberd node {self.node_name} did not serve clients again after joining "
                                   f"{self.cluster_join}; " + self._log_tails(0, 0))
