@@ -366,6 +366,7 @@ async def _start_chat(mesh: meshconf.MeshConfig, broker: Any) -> Any:
     bot = ChatBot(mesh.jid(chat.account), mesh.password(chat.account), mesh.endpoint(), broker=mesh.broker_jid,
                   authorizer=mesh.authorizer(), state_dir=_state_dir(mesh, chat.account),
                   rate=RateLimit(chat.burst, chat.per_second))
+    bot.directory = broker.directory
     AdHoc(bot)
     if chat.room:
         room = OpsRoom(bot, chat.room)

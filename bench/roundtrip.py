@@ -611,6 +611,7 @@ class Bench:
                            broker=f"{self.broker_jid}/{self.broker.resource}",
                            authorizer=AdminsOnly([self.client_jid]), ops={**catalogue(), **ops_of(BenchAgent)},
                            state_dir=self.home / "chatbot", rate=RateLimit(burst=1000, rate=1e6))
+        self.bot.directory = self.broker.directory  # as `vertebra broker` wires it (agents/cli.py)
         await self.bot.start(timeout=20)
         self.bot_to = str(self.bot.jid)
         self.client = Client(self.client_jid, PASSWORD_PREFIX + "bench", endpoint,

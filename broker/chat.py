@@ -207,10 +207,13 @@ class ChatBot(Actor):
             ops = catalogue() if ops is None else ops
             broker_ops = list(ops_of(agent_class("broker"))) if broker_ops is None else broker_ops
         self.broker = broker  # full JID of the broker
+        # The broker's directory when the bot runs in its process (`vertebra broker` with chat:), read
+        # directly instead of asking mesh.discover: the bot decides every target for the operator anyway.
+        self.directory: Any = None
         self.authorizer = authorizer
         self.ops: dict[str, OpSpec] = dict(sorted(ops.items()))
         self.broker_ops = frozenset(broker_ops)  # served by the broker itself, not found by discovery
-        self.audit = AuditLog(state_dir / "audit.sqlite") if state_dir else None
+        self.audit = AuditLog(state_dir / "audit.sqlite", write_behind=0.05) if state_dir else None
         self.rate = rate or RateLimit()
         domain = JID(jid).domain
         self.muc_domains = frozenset(muc_domains or (f"rooms.{domain}", f"conference.{domain}"))
@@ -520,8 +523,12 @@ class ChatBot(Actor):
         """(target, resources it holds) for each agent to send to; what is missing goes in ``report``."""
         if spec.name in self.broker_ops:
             return [(self.broker, [])]
-        found = await self.request(self.broker, "mesh.discover", {"op": spec.name, "resources": on},
-                                   timeout=timeout, behalf=operator)
+        if self.directory is not None:  # in the broker's process: its directory, without a round trip
+            entries = [{"jid": e.jid, "resources": list(e.caps.resources)} for e in self.directory.discover(spec.name, on)]
+            found = TargetResult(self.broker, Outcome.OK, result=entries)
+        else:
+            found = await self.request(self.broker, "mesh.discover", {"op": spec.name, "resources": on},
+                                       timeout=timeout, behalf=operator)
         if found.outcome is not Outcome.OK:
             found.error = f"discovery through the broker failed: {found.error}"
             report.results.append(found)
