@@ -1,0 +1,139 @@
+"""The pack files and the chunk store's transaction rules, on real files and a real SQLite database: appends
+are invisible and undone until commit, commit makes them durable before the index names them, recovery cuts
+what no commit covers, reads check every record, and packs roll over at their size limit."""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+
+import pytest
+
+from agents.storage import packs as packs_mod
+from agents.storage.chunkstore import ChunkStore
+from agents.storage.driver import StorageError
+from agents.storage.packs import HEADER, MAGIC, PackFiles
+
+BLOCK = 8192
+
+
+def open_store(tmp_path) -> tuple[sqlite3.Connection, ChunkStore]:
+    db = sqlite3.connect(tmp_path / "index.sqlite", check_same_thread=False)
+    return db, ChunkStore(db, tmp_path / "packs")
+
+
+def pack_sizes(tmp_path) -> dict[str, int]:
+    return {p.name: p.stat().st_size for p in (tmp_path / "packs").glob("*.pack")}
+
+
+def test_abort_undoes_written_chunks(tmp_path):
+    db, store = open_store(tmp_path)
+    try:
+        kept = [os.urandom(BLOCK) for _ in range(4)]
+        ids = store.put_blocks(kept)
+        store.put_segments(ids)
+        store.commit()
+        before = pack_sizes(tmp_path)
+        dropped = [os.urandom(BLOCK) for _ in range(300)]
+        dropped_ids = store.put_blocks(dropped)
+        store.put_segments(dropped_ids)
+        store._flush()                                  # the chunks are in the pack and the open transaction
+        assert sum(pack_sizes(tmp_path).values()) > sum(before.values())
+        store.abort()
+        assert pack_sizes(tmp_path) == before
+        assert store.missing(dropped_ids) == set(dropped_ids)
+        assert store.get_blocks(ids) == kept
+        assert store.stats()["chunks"] == 4
+    finally:
+        store.close()
+        db.close()
+
+
+def test_uncommitted_chunks_are_not_in_the_committed_index(tmp_path):
+    db, store = open_store(tmp_path)
+    try:
+        ids = store.put_blocks([os.urandom(BLOCK) for _ in range(10)])
+        store.put_segments(ids)
+        store._flush()
+        reader = sqlite3.connect(tmp_path / "index.sqlite")
+        assert reader.execute("SELECT count(*) FROM chunks").fetchone()[0] == 0
+        store.commit()
+        assert reader.execute("SELECT count(*) FROM chunks").fetchone()[0] == 10
+        # Every committed record lies within its pack's committed length.
+        sizes = dict(reader.execute("SELECT id, size FROM packs"))
+        for pack, off, length in reader.execute("SELECT pack, off, len FROM chunks"):
+            assert off + HEADER.size + length <= sizes[pack]
+        reader.close()
+    finally:
+        store.close()
+        db.close()
+
+
+def test_blocks_that_compress_and_blocks_that_do_not(tmp_path):
+    db, store = open_store(tmp_path)
+    try:
+        text = (b"INSERT INTO t VALUES (1, 'hello');\n" * 300)[:BLOCK]
+        noise = os.urandom(BLOCK)
+        # Alternate so the early-abort probe is both skipped and taken.
+        blocks = [noise, text, os.urandom(BLOCK), os.urandom(BLOCK), text[::-1], b"\0" * BLOCK]
+        ids = store.put_blocks(blocks)
+        store.put_segments(ids)
+        store.commit()
+        z = dict(db.execute("SELECT id, z FROM chunks"))
+        assert [z[i] for i in ids] == [0, 1, 0, 0, 1, 1]
+        stats = store.stats()
+        assert stats["logical_bytes"] == 6 * BLOCK and stats["stored_bytes"] < 4 * BLOCK
+        assert store.get_blocks(ids) == blocks
+    finally:
+        store.close()
+        db.close()
+
+
+def test_recover_cuts_uncommitted_tail_and_removes_unknown_packs(tmp_path):
+    db = sqlite3.connect(tmp_path / "index.sqlite")
+    files = PackFiles(tmp_path / "packs", db)
+    cid = b"\7" * 32
+    ((pack, off),) = files.append([(cid, 0, 5, b"hello")])
+    files.sync()
+    db.commit()
+    committed = (tmp_path / "packs" / f"{pack:08d}.pack").stat().st_size
+    files.append([(b"\x08" * 32, 0, 5, b"world")])                  # never committed
+    (tmp_path / "packs" / "00000042.pack").write_bytes(MAGIC)     # never committed either
+    files.close()
+    again = PackFiles(tmp_path / "packs", db)
+    assert pack_sizes(tmp_path) == {f"{pack:08d}.pack": committed}
+    assert again.read([(cid, pack, off, 5)]) == {cid: (0, 5, b"hello")}
+    assert [rec for batch in again.records(pack) for rec in batch] == [(off, (cid, 0, 5, b"hello"))]
+    again.close()
+    db.close()
+
+
+def test_read_refuses_a_record_that_names_another_chunk(tmp_path):
+    db = sqlite3.connect(tmp_path / "index.sqlite")
+    files = PackFiles(tmp_path / "packs", db)
+    ((pack, off),) = files.append([(b"\1" * 32, 0, 3, b"abc")])
+    files.sync()
+    db.commit()
+    with pytest.raises(StorageError) as err:
+        files.read([(b"\2" * 32, pack, off, 3)])                  # an index entry pointing at the wrong record
+    assert err.value.code == "corrupt"
+    with pytest.raises(StorageError):
+        files.read([(b"\1" * 32, pack, off + 1000, 3)])           # past the end
+    files.close()
+    db.close()
+
+
+def test_packs_roll_over_at_their_size_limit(tmp_path, monkeypatch):
+    monkeypatch.setattr(packs_mod, "PACK_BYTES", 64 << 10)      # a smaller limit, same code path
+    db, store = open_store(tmp_path)
+    try:
+        blocks = [os.urandom(BLOCK) for _ in range(40)]
+        ids = store.put_blocks(blocks)
+        store.put_segments(ids)
+        store.commit()
+        assert len(pack_sizes(tmp_path)) >= 4
+        assert all(size <= (64 << 10) + HEADER.size + BLOCK for size in pack_sizes(tmp_path).values())
+        assert store.get_blocks(ids) == blocks
+    finally:
+        store.close()
+        db.close()
