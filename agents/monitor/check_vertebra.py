@@ -15,9 +15,9 @@ Nagios starts this program for every check, so its start is most of its cost. Th
 lines (``-H``/``-R``, ``-c``, ``-a``, ``-t SECONDS``, ``--home``, ``--mesh``, ``--account``) take a
 lean path when a gateway runs: no argparse, no asyncio, no YAML parser; a plain socket to the gateway.
 What the call needs from the mesh file (domain, operator, password files, policy) is kept in
-``HOME/run/check_vertebra.cache`` keyed by the mesh file's exact bytes, its path, the state
-directory and the mesh-file parser's own file, so an edited mesh file is always parsed again; the
-password itself is read every time. Anything else (``-h``, ``-V``, ``-t 10:CRITICAL``, odd
+``HOME/run/check_vertebra.cache`` by ``agents.fastpath``, keyed by the mesh file's exact bytes, its
+path, the state directory and the mesh-file parser's own file, so an edited mesh file is always
+parsed again; the password itself is read every time. Anything else (``-h``, ``-V``, ``-t 10:CRITICAL``, odd
 spellings, usage errors, no gateway) goes the full way, with the same answers.
 """
 
@@ -37,8 +37,6 @@ _STATE_NAMES = ("OK", "WARNING", "CRITICAL", "UNKNOWN")
 PROG = "check_vertebra"
 GRACE = 5.0  # beyond -t, for the program's own last-resort guard
 CACHE_NAME = "check_vertebra.cache"
-CACHE_VERSION = 1
-MAX_CACHED_MESH = 256 * 1024
 DEFAULT_TIMEOUT = 30.0
 
 
@@ -221,97 +219,9 @@ def _lean_run(o: dict[str, Any]) -> tuple[str, int] | None:
 
 def _identity(o: dict[str, Any], home: str) -> tuple[str, str] | None:
     """The caller's JID and password, from the cache or, when it does not match, the mesh file."""
-    mesh_path = o.get("mesh") or os.path.join(home, "mesh.yaml")
-    if not os.path.isabs(mesh_path):
-        mesh_path = os.path.join(os.getcwd(), mesh_path)
-    try:
-        with open(mesh_path, "rb") as f:
-            data = f.read(MAX_CACHED_MESH + 1)
-    except OSError:
-        return None
-    cache = os.path.join(home, "run", CACHE_NAME)
-    key = {"v": CACHE_VERSION, "parser": _parser_stamp(), "mesh": mesh_path, "home": home, "bytes": data}
-    entry = _read_cache(cache, key)
-    if entry is None:
-        from agents import config as meshconf
+    from agents import fastpath
 
-        try:
-            mesh = meshconf.load(mesh_path, home)
-        except (meshconf.ConfigError, OSError):
-            return None
-        entry = {"domain": mesh.server.domain, "operator": mesh.operator,
-                 "passwords": {name: str(path) for name, path in mesh.password_files.items()},
-                 "policy": str(mesh.policy) if mesh.policy is not None else None}
-        if len(data) <= MAX_CACHED_MESH:
-            _write_cache(cache, {**key, "entry": entry})
-    if entry["policy"] is not None and not os.path.isfile(entry["policy"]):
-        return None  # the full path reports the missing policy file, as loading the mesh does
-    account = o.get("account") or entry["operator"]
-    password_file = entry["passwords"].get(account) or os.path.join(home, "secrets", f"{account}.password")
-    try:
-        with open(password_file) as f:
-            password = f.read().strip()
-    except OSError:
-        return None
-    return f"{account}@{entry['domain']}", password
-
-
-def _parser_stamp() -> list[int]:
-    """Which mesh-file parser filled the cache: a changed agents/config.py parses anew."""
-    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    try:
-        st = os.stat(os.path.join(here, "config.py"))
-    except OSError:
-        return [0, 0]
-    return [st.st_mtime_ns, st.st_size]
-
-
-def _read_cache(path: str, key: dict[str, Any]) -> dict[str, Any] | None:
-    import msgpack
-
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
-    except OSError:
-        return None
-    try:
-        st = os.fstat(fd)
-        if st.st_uid != os.getuid() or st.st_mode & 0o022 or st.st_size > 2 * MAX_CACHED_MESH:
-            return None  # only a cache of our own that nobody else could have written
-        with os.fdopen(fd, "rb") as f:
-            fd = -1
-            cached = msgpack.unpackb(f.read(), raw=False)
-    except (OSError, ValueError, msgpack.UnpackException):
-        return None
-    finally:
-        if fd >= 0:
-            os.close(fd)
-    if not isinstance(cached, dict) or any(cached.get(k) != v for k, v in key.items()):
-        return None
-    entry = cached.get("entry")
-    ok = (isinstance(entry, dict) and isinstance(entry.get("domain"), str) and isinstance(entry.get("operator"), str)
-          and isinstance(entry.get("passwords"), dict) and isinstance(entry.get("policy"), (str, type(None))))
-    return entry if ok else None
-
-
-def _write_cache(path: str, content: dict[str, Any]) -> None:
-    """Replace the cache atomically; quietly nothing when the run directory is not ours alone."""
-    import msgpack
-
-    folder = os.path.dirname(path)
-    tmp = f"{path}.{os.getpid()}.tmp"
-    try:
-        st = os.stat(folder)
-        if st.st_uid != os.getuid() or st.st_mode & 0o077:
-            return
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
-        with os.fdopen(fd, "wb") as f:
-            f.write(msgpack.packb(content, use_bin_type=True))
-        os.replace(tmp, path)
-    except OSError:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
+    return fastpath.identity(o.get("mesh") or os.path.join(home, "mesh.yaml"), home, o.get("account"), CACHE_NAME)
 
 
 # -- answers -------------------------------------------------------------------------------------

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from agents import config as meshconf
+from agents import config as meshconf, fastpath
 from agents.monitor import check_vertebra as cv
 from agents.monitor.ranges import State
 
@@ -101,13 +101,13 @@ def test_a_cache_anyone_else_could_write_is_ignored(tmp_path: Path) -> None:
     home = _home(tmp_path, "one.test")
     cv._identity({}, str(home))
     cache = home / "run" / cv.CACHE_NAME
-    key = {"v": cv.CACHE_VERSION, "parser": cv._parser_stamp(), "mesh": str(home / "mesh.yaml"),
+    key = {"v": fastpath.CACHE_VERSION, "parser": fastpath.parser_stamp(), "mesh": str(home / "mesh.yaml"),
            "home": str(home), "bytes": (home / "mesh.yaml").read_bytes()}
-    assert cv._read_cache(str(cache), key) is not None
+    assert fastpath.read_cache(str(cache), key) is not None
     os.chmod(cache, 0o666)
-    assert cv._read_cache(str(cache), key) is None
+    assert fastpath.read_cache(str(cache), key) is None
     os.chmod(cache, 0o600)
-    assert cv._read_cache(str(cache), {**key, "bytes": b"server: {domain: evil.test}\n"}) is None
+    assert fastpath.read_cache(str(cache), {**key, "bytes": b"server: {domain: evil.test}\n"}) is None
 
 
 def test_a_mesh_file_that_does_not_load_goes_the_full_way(tmp_path: Path) -> None:
