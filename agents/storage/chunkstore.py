@@ -24,7 +24,9 @@ message saying so.
 
 from __future__ import annotations
 
+import os
 import sqlite3
+import struct
 from collections import Counter, deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -41,9 +43,10 @@ SEGMENT_IDS = 1024          # one segment covers 8 MiB of file at 8 KiB blocks a
 ZSTD_LEVEL = 3
 PROBE_LEVEL = -1            # the early-abort probe: ~3x faster than level 3 on data that does not compress
 _QUERY_BATCH = 500          # stays under SQLite's host-parameter limit on every version
-_MAX_JOBS = 8               # batches queued for the writer (each holds one read buffer, ~1 MiB)
+_MAX_JOBS = 4               # batches queued for the writer (each holds one read buffer, ~4 MiB)
 _ROW_BATCH = 4096           # index rows inserted together
 _STORED_BATCH = 4 << 20     # received chunks handed to the writer together
+_THREADS = min(2, os.cpu_count() or 1)    # zstd's own threads for a batch at the full level
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS chunks(
@@ -56,6 +59,10 @@ CREATE INDEX IF NOT EXISTS segments_unreferenced ON segments(refs) WHERE refs <=
 """
 
 Row = tuple[bytes, int, int, int, int, int]     # id, pack, offset, stored length, z, raw size
+
+
+def _segments(buf: bytes, spans: list[tuple[int, int]]) -> zstandard.BufferWithSegments:
+    return zstandard.BufferWithSegments(buf, struct.pack(f"<{2 * len(spans)}Q", *(v for s in spans for v in s)))
 
 
 def split_ids(blob: bytes) -> list[bytes]:
@@ -93,20 +100,36 @@ class ChunkStore:
         self.packs.close()
 
     # writing ----------------------------------------------------------------------------------------------
-    def put_blocks(self, blocks: Sequence[bytes | memoryview]) -> list[bytes]:
-        """Hash blocks and queue those not yet stored for the writer; return their ids. The blocks must not
-        change afterwards (the writer reads them later). Nothing is durable or visible before commit()."""
-        ids = [blake3.blake3(b).digest() for b in blocks]
-        new = self._unknown(ids)
-        if new:
-            todo = []
-            for cid, block in zip(ids, blocks):
-                if cid in new:
-                    new.discard(cid)
-                    todo.append((cid, block))
-            self._inflight.update(cid for cid, _ in todo)
-            self._submit(self._compress_and_append, todo)
+    def put_buffer(self, buf: bytes, block_size: int) -> list[bytes]:
+        """Cut `buf` into blocks of `block_size` (the last may be shorter), hash them, and queue those not
+        yet stored for the writer; return their ids. `buf` must not change afterwards (the writer reads it
+        later). Nothing is durable or visible before commit()."""
+        view = memoryview(buf)
+        ids = [blake3.blake3(view[i:i + block_size]).digest() for i in range(0, len(buf), block_size)]
+        self._queue(buf, ids, [(i, min(block_size, len(buf) - i)) for i in range(0, len(buf), block_size)])
         return ids
+
+    def put_blocks(self, blocks: Sequence[bytes | memoryview]) -> list[bytes]:
+        """put_buffer for blocks of any sizes (copied into one buffer)."""
+        ids = [blake3.blake3(b).digest() for b in blocks]
+        spans, off = [], 0
+        for b in blocks:
+            spans.append((off, len(b)))
+            off += len(b)
+        self._queue(b"".join(blocks), ids, spans)
+        return ids
+
+    def _queue(self, buf: bytes, ids: list[bytes], spans: list[tuple[int, int]]) -> None:
+        new = self._unknown(ids)
+        if not new:
+            return
+        todo = []
+        for cid, span in zip(ids, spans):
+            if cid in new:
+                new.discard(cid)
+                todo.append((cid, span))
+        self._inflight.update(cid for cid, _ in todo)
+        self._submit(self._compress_and_append, buf, todo)
 
     def put_stored(self, cid: bytes, z: int, data: bytes) -> None:
         """Store a chunk as it came off a stream, after checking that its content matches its id."""
@@ -135,34 +158,43 @@ class ChunkStore:
             self._inflight.update(new)
             self._submit(self._append_stored, todo)
 
-    def _submit(self, fn, todo) -> None:  # type: ignore[no-untyped-def]
+    def _submit(self, fn, *args) -> None:  # type: ignore[no-untyped-def]
         while self._jobs and (self._jobs[0].done() or len(self._jobs) >= _MAX_JOBS):
             self._rows.extend(self._jobs.popleft().result())
-        self._jobs.append(self._writer.submit(fn, todo))
+        self._jobs.append(self._writer.submit(fn, *args))
         if len(self._rows) >= _ROW_BATCH:
             self._insert_rows()
 
     # the writer thread
-    def _compress_and_append(self, todo: list[tuple[bytes, bytes | memoryview]]) -> list[Row]:
-        records = []
-        for cid, block in todo:
-            z, data = self._pack(block)
-            records.append((cid, z, len(block), data))
-        return self._append_stored(records)
-
-    def _pack(self, block: bytes | memoryview) -> tuple[int, bytes | memoryview]:
+    def _compress_and_append(self, buf: bytes, todo: list[tuple[bytes, tuple[int, int]]]) -> list[Row]:
+        """Compress a batch of blocks (spans of `buf`) with zstd's multi-frame API, one call per level, so
+        the GIL is released once per batch rather than once per block; then append them."""
+        view = memoryview(buf)
+        probe = None
         if self._last_raw:
-            probe = self._probe.compress(block)
-            if len(probe) >= len(block):
-                return 0, block
-            packed = self._full.compress(block)
-            if len(probe) < len(packed):
-                packed = probe
+            # Early abort: a fast probe first; only blocks it shrinks are compressed at the full level.
+            probe = self._probe.multi_compress_to_buffer(_segments(buf, [s for _, s in todo]), threads=1)
+            again = [k for k, (_, (_, n)) in enumerate(todo) if len(probe[k]) < n]
         else:
-            packed = self._full.compress(block)
-        # Incompressible pages (already-compressed data, encrypted tablespaces) are kept raw.
-        self._last_raw = len(packed) >= len(block)
-        return (0, block) if self._last_raw else (1, packed)
+            again = list(range(len(todo)))
+        packed: list[bytes | None] = [None] * len(todo)
+        if again:
+            full = self._full.multi_compress_to_buffer(_segments(buf, [todo[k][1] for k in again]),
+                                                       threads=_THREADS)
+            for j, k in enumerate(again):
+                best = full[j] if probe is None or len(full[j]) <= len(probe[k]) else probe[k]
+                packed[k] = best.tobytes()
+        records = []
+        raw = 0
+        for (cid, (off, n)), data in zip(todo, packed):
+            # Incompressible pages (already-compressed data, encrypted tablespaces) are kept raw.
+            if data is None or len(data) >= n:
+                records.append((cid, 0, n, view[off:off + n]))
+                raw += 1
+            else:
+                records.append((cid, 1, n, data))
+        self._last_raw = raw * 2 > len(todo)
+        return self._append_stored(records)
 
     def _append_stored(self, records: list[tuple[bytes, int, int, bytes | memoryview]]) -> list[Row]:
         locs = self.packs.append(records)
@@ -184,8 +216,9 @@ class ChunkStore:
         if not self._rows:
             return
         refs = self._refs
+        # In id order: neighbouring keys land on the same B-tree pages (ids are uniformly random).
         self.db.executemany("INSERT INTO chunks(id, pack, off, len, z, size, refs) VALUES (?, ?, ?, ?, ?, ?, ?)",
-                            [(*r, refs.pop(r[0], 0)) for r in self._rows])
+                            sorted((*r, refs.pop(r[0], 0)) for r in self._rows))
         self._inflight.difference_update(r[0] for r in self._rows)
         self._rows = []
 

@@ -33,7 +33,7 @@ from agents.storage.names import validate_name
 from agents.storage.stream import read_frames, write_stream
 
 BLOCK_SIZE = 8192
-_READ_BYTES = 128 * BLOCK_SIZE
+_READ_BYTES = 512 * BLOCK_SIZE      # 4 MiB: one index lookup and one writer batch each
 _PATCH_BATCH = 4096           # changed block positions per patch frame
 _INDEX = struct.Struct(">I")
 
@@ -352,9 +352,7 @@ class EmbeddedDriver(CatalogDriver):
         with open(full, "rb", buffering=0) as f:
             while buf := f.read(_READ_BYTES):
                 size += len(buf)
-                view = memoryview(buf)
-                ids.extend(self.store.put_blocks([view[i:i + BLOCK_SIZE]
-                                                  for i in range(0, len(buf), BLOCK_SIZE)]))
+                ids.extend(self.store.put_buffer(buf, BLOCK_SIZE))
                 if len(ids) >= SEGMENT_IDS:
                     full_segments = len(ids) - len(ids) % SEGMENT_IDS
                     segs.append(self.store.put_segments(ids[:full_segments]))
