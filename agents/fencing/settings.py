@@ -33,16 +33,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from agents.fencing.devices import DeviceRegistry, FencingConfigError
+from agents.fencing.names import NODE_RESOURCE, SEGMENT, node_resource
 
-#: A cluster or node name must be one resource path segment (see agents/resources.py).
-SEGMENT = r"[A-Za-z0-9_][A-Za-z0-9_.:@+-]{0,127}"
-NODE_RESOURCE = "/cluster/{cluster}/node/{node}"
+__all__ = ["FencingSettings", "NODE_RESOURCE", "SEGMENT", "node_resource"]
+
 _KEYS = frozenset({"cluster", "clusters", "fencing", "identities", "approval"})
 _JID = re.compile(r"[^@/\s]{1,1023}@[^@/\s]{1,1023}")
-
-
-def node_resource(cluster: str, node: str) -> str:
-    return NODE_RESOURCE.format(cluster=cluster, node=node)
 
 
 @dataclass(frozen=True)
