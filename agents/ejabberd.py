@@ -275,6 +275,18 @@ class PrivateEjabberd:
         out = self.ctl("list_cluster")
         return sorted(set(re.findall(r"[A-Za-z0-9_-]+@[A-Za-z0-9.:_-]+", out)))
 
+    def _db_nodes(self) -> list[str]:
+        """Every node in this node's Mnesia schema, running or not."""
+        script = (f"case rpc:call('{self.node_name}', mnesia, system_info, [db_nodes], 30000) of "
+                  "L when is_list(L) -> [io:format(\"~s~n\", [N]) || N <- L], halt(0); "
+                  "E -> io:format(\"ERROR ~p~n\", [E]), halt(1) end.")
+        proc = subprocess.run(self._erl_client_argv("db", script), env=self._client_env(), cwd=self.dir,
+                              capture_output=True, text=True, timeout=60)
+        if proc.returncode != 0:
+            raise ServerError(f"cannot read the cluster membership of {self.node_name}: "
+                              f"{(proc.stdout + proc.stderr).strip()[-300:]}")
+        return [line for line in proc.stdout.split() if _NODE_RE.match(line)]
+
     def leave_cluster(self, node: str | None = None) -> None:
         """Remove ``node`` (by default this one) from the cluster: ``ejabberdctl leave_cluster``.
         A node that leaves is stopped by ejabberd and loses its copy of the shared data."""
@@ -629,15 +641,21 @@ class PrivateEjabberd:
                 return
             if time.monotonic() > deadline:
                 self._kill_group(proc)
-                raise ServerError(f"ejabberd node {self.node_name} did not accept connections on "
-                                  f"{self.host}:{self.port} within {timeout:g} s; "
+                hint = ""
+                if self.epmd_port is not None:
+                    hint = ("if this node belongs to a cluster, Mnesia may be waiting for the node that "
+                            "stopped last: start that node (or all of them) first; ")
+                raise ServerError(f"ejabberd node {self.node_name} did not finish starting on "
+                                  f"{self.host}:{self.port} within {timeout:g} s; " + hint
                                   + self._log_tails(start_offset, log_offset))
             time.sleep(0.05)
 
     def _join_if_needed(self, timeout: float, fresh: bool = False) -> None:
         if not self.cluster_join or self.cluster_join == self.node_name:
             return
-        if not fresh and self.cluster_join in self.cluster_nodes():
+        # Membership is in the node's own schema (db_nodes), which also lists members that are down:
+        # a member whose peers are all stopped must start alone, not try to join again.
+        if not fresh and self.cluster_join in self._db_nodes():
             return
         try:
             self.ctl("join_cluster", self.cluster_join, timeout=timeout + 30)

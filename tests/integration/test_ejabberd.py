@@ -323,7 +323,7 @@ async def test_op_from_a_client_on_node1_reaches_an_agent_on_node2(
                                         "resources": ["/host/b"]}
 
 
-async def test_stopping_node2_leaves_node1_serving_and_node2_rejoins(tmp_path: Path) -> None:
+async def test_a_lost_node_leaves_the_other_serving_and_rejoins(tmp_path: Path) -> None:
     first, second = _cluster(tmp_path / "home")
     try:
         await asyncio.to_thread(first.start)
@@ -354,6 +354,12 @@ async def test_stopping_node2_leaves_node1_serving_and_node2_rejoins(tmp_path: P
         # Node 2 comes back as a member (no second join) and knows the account made while it was away.
         await asyncio.to_thread(second.start)
         assert second.cluster_nodes() == ["node1@127.0.0.1", "node2@127.0.0.1"]
+        assert await _login(second, "late", "pw-late") is True
+        # Lose node 1 instead; then node 2, the last to stop, starts alone as a member: no join attempt.
+        assert await asyncio.to_thread(first.stop) is True
+        assert await asyncio.to_thread(second.stop) is True
+        await asyncio.to_thread(second.start)
+        assert second.cluster_nodes() == ["node2@127.0.0.1"]
         assert await _login(second, "late", "pw-late") is True
     finally:
         await asyncio.to_thread(second.stop)
