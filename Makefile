@@ -4,13 +4,17 @@
 VENV := .venv
 PYTHON := $(VENV)/bin/python
 
-.PHONY: install test run bench clean
+.PHONY: install test test-ejabberd run bench clean
 
 install:
 	deploy/install.sh
 
 test: install
 	$(PYTHON) -m pytest -q tests/
+
+# The scale-out tests alone: private ejabberd nodes and a two-node cluster on loopback (also in `test`).
+test-ejabberd: install
+	$(PYTHON) -m pytest -q tests/integration/test_ejabberd.py
 
 run: install
 	$(VENV)/bin/vertebra up

@@ -21,8 +21,9 @@ PACKAGES=(
     pacemaker                  # the standalone fencer, pacemaker-fenced
     nagios4-core               # Nagios runs check_vertebra in the end-to-end test
     nagios-nrpe-server nagios-nrpe-plugin   # NRPE, the baseline bench/checks.py measures against
+    ejabberd                   # the clustered XMPP server for scale-out (agents/ejabberd.py)
 )
-# More packages for one machine or job, e.g. VERTEBRA_EXTRA_PACKAGES="ejabberd".
+# More packages for one machine or job: VERTEBRA_EXTRA_PACKAGES="pkg1 pkg2".
 read -r -a EXTRA <<< "${VERTEBRA_EXTRA_PACKAGES:-}"
 PACKAGES+=("${EXTRA[@]}")
 VENV="$ROOT/.venv"
@@ -87,9 +88,9 @@ install_packages() {
     trap - EXIT
 
     # System services we just installed must not come up on boot either: the mesh runs its own
-    # Prosody, and the tests and benchmarks start Nagios and NRPE as plain processes of their own.
+    # Prosody or ejabberd nodes, and the tests and benchmarks start Nagios and NRPE as plain processes.
     local pair package service
-    for pair in prosody:prosody nagios4-core:nagios4 nagios-nrpe-server:nagios-nrpe-server; do
+    for pair in prosody:prosody nagios4-core:nagios4 nagios-nrpe-server:nagios-nrpe-server ejabberd:ejabberd; do
         package="${pair%%:*}" service="${pair#*:}"
         printf '%s\n' "${missing[@]}" | grep -qx "$package" || continue
         if [ -d /run/systemd/system ] && command -v systemctl >/dev/null 2>&1; then
