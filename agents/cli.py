@@ -75,6 +75,8 @@ def _parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
     srv = sub.add_parser("server", help="manage the mesh's private XMPP server")
     srv.add_argument("action", choices=("start", "stop", "status"))
+    srv.add_argument("--engine", choices=("prosody", "ejabberd"), help="overrides the mesh file's server.engine")
+    srv.add_argument("--cluster-join", metavar="NODE", help="ejabberd: join the cluster of this Erlang node")
     sub.add_parser("up", help="start the server, the broker and every agent; Ctrl-C stops them all")
     sub.add_parser("broker", help="run the broker in the foreground")
     ag = sub.add_parser("agent", help="run one agent of the mesh file in the foreground")
@@ -280,14 +282,20 @@ def _print_report(report: CallReport, as_json: bool) -> None:
 
 # -- running actors --------------------------------------------------------------------------------
 
-def _server(mesh: meshconf.MeshConfig) -> Any:
+def _server(mesh: meshconf.MeshConfig, engine: str | None = None, cluster_join: str | None = None) -> Any:
+    """This machine's private XMPP server: Prosody, or an ejabberd node (possibly joining a cluster)."""
+    s = mesh.server
+    if (engine or s.engine) == "ejabberd":
+        from .ejabberd import PrivateEjabberd
+        return PrivateEjabberd(mesh.home, domain=s.domain, host=s.host, port=s.port, node_name=s.node_name,
+                               dist_port=s.dist_port, epmd_port=s.epmd_port, cluster_join=cluster_join or s.cluster_join)
     from .server import PrivateServer
-    return PrivateServer(mesh.home, domain=mesh.server.domain, host=mesh.server.host, port=mesh.server.port)
+    return PrivateServer(mesh.home, domain=s.domain, host=s.host, port=s.port)
 
 
-def start_server(mesh: meshconf.MeshConfig) -> Any:
+def start_server(mesh: meshconf.MeshConfig, server: Any = None) -> Any:
     """Start the private server (if it is not running) and make sure every account exists."""
-    server = _server(mesh)
+    server = server or _server(mesh)
     server.start()
     server.register_many(mesh.ensure_passwords())
     return server
@@ -295,12 +303,12 @@ def start_server(mesh: meshconf.MeshConfig) -> Any:
 
 def cmd_server(mesh: meshconf.MeshConfig, ns: argparse.Namespace) -> int:
     from .server import ServerError
-    server = _server(mesh)
+    server = _server(mesh, ns.engine, ns.cluster_join)
     try:
         if ns.action == "start":
-            start_server(mesh)
-            print(f"private Prosody running on {mesh.server.host}:{mesh.server.port} for {mesh.server.domain}"
-                  f" (state in {mesh.home / 'server'})")
+            start_server(mesh, server)
+            print(f"private {type(server).__name__.removeprefix('Private')} running on {mesh.server.host}:"
+                  f"{mesh.server.port} for {mesh.server.domain} (state in {server.dir})")
         elif ns.action == "stop":
             print("stopped" if server.stop() else "was not running")
         else:
@@ -452,7 +460,7 @@ def _wait_for_agents(mesh: meshconf.MeshConfig, expected: int, children: list[An
 def _print_welcome(mesh: meshconf.MeshConfig, report: CallReport) -> None:
     me = "vertebra" if os.environ.get("VIRTUAL_ENV") else ".venv/bin/vertebra"
     home = "" if mesh.home == meshconf.default_home() else f" --home {mesh.home}"
-    print(f"Vertebra mesh is up: private Prosody on {mesh.server.host}:{mesh.server.port}"
+    print(f"Vertebra mesh is up: private {mesh.server.engine.capitalize()} on {mesh.server.host}:{mesh.server.port}"
           f" ({mesh.server.domain}), state in {mesh.home}")
     print(f"  broker    {mesh.broker_jid}")
     agents = report.results[0].result if report.ok else []

@@ -43,6 +43,17 @@ class ServerConfig:
     port: int = 5322
     # Further nodes of a cluster serving the same domain (host, port); actors use any live one.
     nodes: tuple[tuple[str, int], ...] = ()
+    engine: str = "prosody"  # or "ejabberd", whose nodes can form a cluster (deploy/ejabberd/README.md)
+    node_name: str = "vertebra@127.0.0.1"  # ejabberd: this node's Erlang name
+    dist_port: int | None = None  # ejabberd: Erlang distribution port
+    epmd_port: int | None = None  # ejabberd: the port mapper a cluster's nodes on one host share
+    cluster_join: str | None = None  # ejabberd: an existing node to join
+
+    def cert_dir(self, home: Path) -> Path:
+        """Where this machine's server keeps its state and certificate."""
+        if self.engine == "ejabberd":
+            return home / f"ejabberd-{self.node_name.split('@', 1)[0]}"
+        return home / "server"
 
 
 @dataclass(frozen=True)
@@ -146,7 +157,7 @@ class MeshConfig:
     def endpoint(self) -> "Endpoint":
         from .actor import Endpoint  # XMPP loads only for programs that log in themselves
 
-        cert = self.home / "server" / "cert.pem"
+        cert = self.server.cert_dir(self.home) / "cert.pem"
         if not cert.exists():
             raise ConfigError(f"no server certificate at {cert}: start the server first (`vertebra server start`)")
         return Endpoint.pinned(self.server.host, self.server.port, self.server.domain, str(cert),
@@ -175,14 +186,26 @@ def parse(data: Any, path: Path, home: Path) -> MeshConfig:
     where = Fields(path)
     root = where.mapping(data, "", {"server", "broker", "operator", "admins", "agents", "passwords", "policy",
                                     "site", "policy_max_age", "workflows", "chat"})
-    srv = where.mapping(root.get("server", {}), "server", {"domain", "host", "port", "nodes"})
+    srv = where.mapping(root.get("server", {}), "server", {"domain", "host", "port", "nodes", "engine", "node_name",
+                                                            "dist_port", "epmd_port", "cluster_join"})
+    engine = srv.get("engine", "prosody")
+    if engine not in ("prosody", "ejabberd"):
+        raise where.error("server.engine", f"expected prosody or ejabberd, got {engine!r}")
+    erlang_node = r"[a-z][a-z0-9_-]*@[A-Za-z0-9.-]+"
     server = ServerConfig(
         domain=where.string(srv.get("domain", ServerConfig.domain), "server.domain",
                             r"[a-z0-9]([a-z0-9.-]*[a-z0-9])?", "a lowercase DNS name"),
         host=where.string(srv.get("host", ServerConfig.host), "server.host", r"[0-9A-Za-z.:_-]+", "a host or address"),
         port=where.integer(srv.get("port", ServerConfig.port), "server.port", 1, 65535),
         nodes=tuple(where.address(n, f"server.nodes[{i}]")
-                    for i, n in enumerate(where.sequence(srv.get("nodes", []), "server.nodes"))))
+                    for i, n in enumerate(where.sequence(srv.get("nodes", []), "server.nodes"))),
+        engine=engine,
+        node_name=where.string(srv.get("node_name", ServerConfig.node_name), "server.node_name", erlang_node,
+                               "an Erlang node name such as vertebra1@127.0.0.1"),
+        dist_port=None if srv.get("dist_port") is None else where.integer(srv["dist_port"], "server.dist_port", 1, 65535),
+        epmd_port=None if srv.get("epmd_port") is None else where.integer(srv["epmd_port"], "server.epmd_port", 1, 65535),
+        cluster_join=None if srv.get("cluster_join") is None else where.string(
+            srv["cluster_join"], "server.cluster_join", erlang_node, "an Erlang node name to join"))
     broker = where.name(root.get("broker", "broker"), "broker")
     operator = where.name(root.get("operator", "operator"), "operator")
     admins = tuple(where.bare_jid(a, f"admins[{i}]", server.domain)
