@@ -2,6 +2,11 @@
 
 Every test that exercises messaging talks to this server over real sockets. Accounts are created
 per test with fresh names, so tests do not see each other's agents.
+
+With VERTEBRA_TEST_ENGINE=ejabberd (``make test-ejabberd``) the session runs a two-node ejabberd
+cluster on loopback instead: ``server`` is the first node (accounts registered through it are known
+to both), and the ``mesh`` fixture's actors take turns on which node they connect to first, each
+with the other node as its alternate, so ops, discovery and pushes cross the cluster.
 """
 
 from __future__ import annotations
@@ -32,6 +37,10 @@ from agents.server import PrivateServer  # noqa: E402
 from broker.service import Broker  # noqa: E402
 
 DOMAIN = "vertebra.test"
+ENGINE = os.environ.get("VERTEBRA_TEST_ENGINE", "prosody").strip().lower() or "prosody"
+if ENGINE not in ("prosody", "ejabberd"):
+    raise RuntimeError(f"VERTEBRA_TEST_ENGINE={ENGINE!r}: use prosody (the default) or ejabberd")
+ON_EJABBERD = ENGINE == "ejabberd"
 _names = itertools.count(1)
 
 
@@ -86,18 +95,68 @@ class Mesh:
         self.actors.clear()
 
 
+class ClusterMesh(Mesh):
+    """A Mesh on a cluster: every read of ``endpoint`` gives the next node as the one to try first
+    (the others as alternates), so consecutive actors land on different nodes."""
+
+    def __init__(self, nodes: list[Any], home: Path) -> None:
+        ctx = nodes[0].ssl_context()  # every node serves the first node's certificate (tls_from)
+        addresses = [(n.host, n.port) for n in nodes]
+        self.endpoints = [Endpoint(host, port, DOMAIN, ctx, tuple(a for a in addresses if a != (host, port)))
+                          for host, port in addresses]
+        self._turn = itertools.count()
+        super().__init__(nodes[0], home)
+
+    @property
+    def endpoint(self) -> Endpoint:  # type: ignore[override]
+        return self.endpoints[next(self._turn) % len(self.endpoints)]
+
+    @endpoint.setter
+    def endpoint(self, value: Endpoint) -> None:
+        pass  # Mesh.__init__'s single endpoint: the nodes' endpoints above take its place
+
+
+def _ejabberd_cluster(home: Path) -> Iterator[list[Any]]:
+    from agents.ejabberd import PrivateEjabberd, ejabberd_installed
+
+    if not ejabberd_installed():
+        pytest.exit("VERTEBRA_TEST_ENGINE=ejabberd, but ejabberd is not installed: "
+                    "run `apt-get install -y ejabberd`", returncode=2)
+    epmd = free_port()  # a private epmd: the machine's own (port 4369) is never touched
+    first = PrivateEjabberd(home, DOMAIN, port=free_port(), node_name="suite1@127.0.0.1", epmd_port=epmd)
+    second = PrivateEjabberd(home, DOMAIN, port=free_port(), node_name="suite2@127.0.0.1", epmd_port=epmd,
+                             cluster_join=first.node_name, tls_from=first.dir)
+    try:
+        first.start()
+        second.start()
+        yield [first, second]
+    finally:
+        second.stop()
+        first.stop()
+
+
 @pytest.fixture(scope="session")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Any:
+def servers(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    """Every node of the session's XMPP service: one Prosody, or (VERTEBRA_TEST_ENGINE=ejabberd)
+    two clustered ejabberd nodes."""
     home = tmp_path_factory.mktemp("vertebra-home")
+    if ON_EJABBERD:
+        yield from _ejabberd_cluster(home)
+        return
     srv = PrivateServer(home, domain=DOMAIN, port=free_port())
     srv.start()
-    yield srv
+    yield [srv]
     srv.stop()
 
 
+@pytest.fixture(scope="session")
+def server(servers: list[Any]) -> Any:
+    return servers[0]
+
+
 @pytest.fixture
-async def mesh(server: PrivateServer, tmp_path: Path) -> AsyncIterator[Mesh]:
-    m = Mesh(server, tmp_path)
+async def mesh(servers: list[Any], tmp_path: Path) -> AsyncIterator[Mesh]:
+    m = ClusterMesh(servers, tmp_path) if len(servers) > 1 else Mesh(servers[0], tmp_path)
     yield m
     await m.stop_all()
 
@@ -116,7 +175,7 @@ async def until(predicate: Callable[[], Any], timeout: float = 10.0, what: str =
 
 
 @pytest.fixture
-def mesh_home(server: PrivateServer, tmp_path: Path) -> Callable[..., Path]:
+def mesh_home(server: PrivateServer, servers: list[Any], tmp_path: Path) -> Callable[..., Path]:
     """A state directory with a mesh file for this server, for CLI and subprocess tests."""
 
     def make(agents: list[dict[str, Any]], admins: list[str] | None = None, operator: str = "operator") -> Path:
@@ -129,6 +188,8 @@ def mesh_home(server: PrivateServer, tmp_path: Path) -> Callable[..., Path]:
                 "broker": names["broker"], "operator": names["operator"],
                 "admins": admins if admins is not None else [names["operator"]],
                 "agents": [dict(a, name=f"{a['name']}{suffix}") for a in agents]}
+        if len(servers) > 1:  # a cluster: the mesh's programs may use any node (server.nodes)
+            mesh["server"]["nodes"] = [f"{n.host}:{n.port}" for n in servers[1:]]
         (home / "mesh.yaml").write_text(yaml.safe_dump(mesh))
         from agents import config
         cfg = config.load(home / "mesh.yaml", home)
