@@ -100,6 +100,11 @@ class Agent(Actor):
         # and so without their handlers and filters on every stanza.
         for plugin in ("xep_0004", "xep_0128", "xep_0115"):
             self.xmpp.register_plugin(plugin)
+        # The caps plugin adds caps to presence through an async output filter, which slixmpp runs in a
+        # task of its own for every stanza sent (each reply paid several loop turns for it); the agent
+        # puts caps on the few presences it sends itself instead (``presence``).
+        self.xmpp.del_filter("out", self.xmpp.plugin["xep_0115"]._filter_add_caps)
+        self._caps_ver: str | None = None
         self.state_dir = state_dir  # where this agent keeps durable state, if it has any
         self.fenced = fenced.FencedIdentities()  # identities of nodes fenced now, as the broker pushes them
         self.audit = AuditLog(state_dir / "audit.sqlite", write_behind=0.05) if state_dir else None
@@ -164,12 +169,22 @@ class Agent(Actor):
 
     async def on_session(self) -> None:
         # The caps hash covers features and the form, so agents alike share one disco query.
-        await self.xmpp.plugin["xep_0115"].update_caps(broadcast=False)
-        self.xmpp.send_presence()  # available, so a broker's hello to our bare JID reaches us
+        caps = self.xmpp.plugin["xep_0115"]
+        await caps.update_caps(broadcast=False)
+        self._caps_ver = await caps.get_verstring(self.jid)
+        self.presence()  # available, so a broker's hello to our bare JID reaches us
         if self.audit is not None and self._audit_flusher is None:
             self._audit_flusher = asyncio.get_running_loop().create_task(self._flush_audit())
         self._brokers.clear()
         self._start_announcing()
+
+    def presence(self, to: str | None = None) -> None:
+        """Send available presence (to ``to``, else broadcast) carrying this agent's caps hash."""
+        pres = self.xmpp.make_presence(pto=to)
+        if self._caps_ver:
+            caps = self.xmpp.plugin["xep_0115"]
+            pres["caps"]["node"], pres["caps"]["hash"], pres["caps"]["ver"] = caps.caps_node, caps.hash, self._caps_ver
+        pres.send()
 
     def _start_announcing(self) -> None:
         if self.broker and (self._announcer is None or self._announcer.done()):
@@ -181,7 +196,7 @@ class Agent(Actor):
         tells the broker, in turn, the moment we go."""
         backoff = Backoff(base=0.5, cap=10.0)
         while not self._brokers and self.online_or_starting:
-            self.xmpp.send_presence(pto=self.broker)
+            self.presence(self.broker)
             await asyncio.sleep(backoff.next())
 
     @property
@@ -206,7 +221,7 @@ class Agent(Actor):
             # A broker we had not heard from: it acknowledged us, or it (re)started and says hello.
             # Either way one presence back makes sure it has our current caps.
             self._brokers.add(broker)
-            self.xmpp.send_presence(pto=broker)
+            self.presence(broker)
 
     # -- receive, deduplicate, validate, authorize, execute ------------------------------------
 

@@ -66,10 +66,12 @@ class Broker(FencingMixin, WorkflowMixin, AlertsMixin, PolicyDistribution, Agent
         # A new session (not a resumed one): the server has forgotten our directed presences.
         self.directory.clear()
         self._present.clear()
-        await self.xmpp.plugin["xep_0115"].update_caps(broadcast=False)
-        self.xmpp.send_presence()  # available, so presence sent to our bare JID reaches us
+        caps = self.xmpp.plugin["xep_0115"]
+        await caps.update_caps(broadcast=False)
+        self._caps_ver = await caps.get_verstring(self.jid)
+        self.presence()  # available, so presence sent to our bare JID reaches us
         for bare in self._known.all():
-            self.xmpp.send_presence(pto=bare)
+            self.presence(bare)
 
     # -- the ops the broker serves ------------------------------------------------------------
 
@@ -105,7 +107,7 @@ class Broker(FencingMixin, WorkflowMixin, AlertsMixin, PolicyDistribution, Agent
             if self.directory.add(jid, caps):
                 # Our presence back acknowledges the agent (it stops repeating its own) and makes the
                 # server tell the agent when this broker goes.
-                self.xmpp.send_presence(pto=jid)
+                self.presence(jid)
                 self.policy_on_join(jid)
             self._known.add(pres["from"].bare)
 
