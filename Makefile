@@ -12,11 +12,10 @@ install:
 test: install
 	$(PYTHON) -m pytest -q tests/
 
-# The integration tests on a two-node ejabberd cluster on loopback (actors spread over both nodes),
-# plus the private-node and cluster tests themselves (those also run in `test`).
+# Every integration test with the session's mesh on a two-node ejabberd cluster on loopback (actors
+# spread over both nodes), plus the private-node and cluster tests themselves (those also run in `test`).
 test-ejabberd: install
-	VERTEBRA_TEST_ENGINE=ejabberd $(PYTHON) -m pytest -q tests/integration/test_mesh.py tests/integration/test_reconnect.py \
-		tests/integration/test_policy_push.py tests/integration/test_workflow_mesh.py tests/integration/test_ejabberd.py
+	VERTEBRA_TEST_ENGINE=ejabberd $(PYTHON) -m pytest -q tests/integration
 
 run: install
 	$(VENV)/bin/vertebra up
