@@ -58,6 +58,7 @@ from .server import (
     _DOMAIN_RE,
     _pid_alive,
     _raise_nofile_limit,
+    find_template,
 )
 
 TEMPLATE_NAME = "ejabberd.yml.in"
@@ -70,19 +71,7 @@ _children: dict[str, subprocess.Popen] = {}
 
 
 def _find_template() -> Path:
-    candidates = []
-    if env := os.environ.get("VERTEBRA_DEPLOY_DIR"):
-        candidates.append(Path(env) / TEMPLATE_NAME)
-    candidates.append(Path(__file__).resolve().parents[1] / "deploy" / TEMPLATE_NAME)
-    candidates.append(Path("/usr/share/vertebra/deploy") / TEMPLATE_NAME)
-    for path in candidates:
-        if path.is_file():
-            return path
-    raise ServerError(
-        f"cannot find the ejabberd config template {TEMPLATE_NAME}; looked in "
-        + ", ".join(str(p.parent) for p in candidates)
-        + ". Run from a source checkout or set VERTEBRA_DEPLOY_DIR to the deploy/ directory."
-    )
+    return find_template(TEMPLATE_NAME)
 
 
 def _yaml_quoted_body(value: object) -> str:

@@ -46,22 +46,22 @@ class ServerError(Exception):
     """The private server could not do what was asked; the message says why and what to do."""
 
 
-def find_template() -> Path:
-    """Locate deploy/prosody.cfg.lua.in.
+def find_template(name: str = TEMPLATE_NAME) -> Path:
+    """Locate a server config template in deploy/ (Prosody's by default).
 
     The repository copy wins (the project is installed with ``pip install -e``); VERTEBRA_DEPLOY_DIR
     points elsewhere for installs that do not keep the source tree.
     """
     candidates = []
     if env := os.environ.get("VERTEBRA_DEPLOY_DIR"):
-        candidates.append(Path(env) / TEMPLATE_NAME)
-    candidates.append(Path(__file__).resolve().parents[1] / "deploy" / TEMPLATE_NAME)
-    candidates.append(Path("/usr/share/vertebra/deploy") / TEMPLATE_NAME)
+        candidates.append(Path(env) / name)
+    candidates.append(Path(__file__).resolve().parents[1] / "deploy" / name)
+    candidates.append(Path("/usr/share/vertebra/deploy") / name)
     for path in candidates:
         if path.is_file():
             return path
     raise ServerError(
-        f"cannot find the Prosody config template {TEMPLATE_NAME}; looked in "
+        f"cannot find the config template {name}; looked in "
         + ", ".join(str(p.parent) for p in candidates)
         + ". Run from a source checkout or set VERTEBRA_DEPLOY_DIR to the deploy/ directory."
     )
