@@ -539,9 +539,10 @@ class Bench:
         self.row("chat command p50 (bare = Client.call)", f"{c50:.2f} ms", f"{t50:.2f} ms", t50 / c50, "<= 1.50x",
                  t50 / c50 <= 1.5)
         self.row("chat command p95 (bare = Client.call)", f"{c95:.2f} ms", f"{t95:.2f} ms", t95 / c95, "(info)", None)
-        self.notes.append("chat command: 6 stanzas through the server per command (the message, the bot's"
-                          " mesh.discover and op request with their answers, the reply message) vs 4 for"
-                          " Client.call (discover, op); bot, broker and both callers share this process")
+        self.notes.append("chat command: 4 stanzas through the server per command (the message, the op"
+                          " request and its answer, the reply message; the bot reads the broker's directory"
+                          " in-process) vs 4 for Client.call (discover, op); bot, broker and both callers"
+                          " share this process")
 
     # -- set-up and tear-down ------------------------------------------------------------------
 
