@@ -468,6 +468,9 @@ def _print_welcome(mesh: meshconf.MeshConfig, report: CallReport) -> None:
         print(f"  {a['kind']:<9} {a['jid']}  {' '.join(a['resources'])}")
     if len(agents) < len(mesh.agents):
         print(f"  (only {len(agents)} of {len(mesh.agents)} agents came up; see {mesh.home / 'logs'})")
+    if mesh.chat:
+        room = f", ops room {mesh.chat.room}" if mesh.chat.room else ""
+        print(f"  chat bot  {mesh.jid(mesh.chat.account)} (message it `help` from any XMPP client{room})")
     print("\nTry, in another terminal in this directory:")
     for cmd in ("agents", "help", "help monitor.check", "call monitor.check check=load --on /host/localhost",
                 "call storage.volume.create volume=db --json", "call fencing.info --scope one"):
