@@ -145,9 +145,9 @@ async def run_plugin(
         raise ValueError(f"output_cap must be a positive number of bytes, got {output_cap!r}")
     environment = clean_environment(env)
 
-    if _HAVE_PIDFD:
-        return await _run_watched(args, timeout, timeout_state, output_cap, environment, kill_grace)
-    return await _run_with_asyncio(args, timeout, timeout_state, output_cap, environment, kill_grace)
+    if not _HAVE_PIDFD:
+        raise PluginError("running plugins needs pidfds (Linux 5.3 or later, as on Debian 12)")
+    return await _run_watched(args, timeout, timeout_state, output_cap, environment, kill_grace)
 
 
 async def _run_watched(args: list[str], timeout: float, timeout_state: State, output_cap: int,
@@ -180,14 +180,14 @@ async def _run_watched(args: list[str], timeout: float, timeout_state: State, ou
         try:
             run.watch()
         except OSError:  # no pidfd to be had (fd limit): never leave the plugin running unwatched
-            _signal_group(group, signal.SIGKILL)
+            signal_group(group, signal.SIGKILL)
             raise
         if not await run.finished(timeout):
             timed_out = True
-            _signal_group(group, signal.SIGTERM)
+            signal_group(group, signal.SIGTERM)
             await run.finished(kill_grace)
         # Also after a normal exit: nothing the plugin started may outlive its check.
-        _signal_group(group, signal.SIGKILL)
+        signal_group(group, signal.SIGKILL)
         if not run.all_done.done():
             await run.finished(kill_grace)
         if timed_out:
@@ -195,7 +195,7 @@ async def _run_watched(args: list[str], timeout: float, timeout_state: State, ou
             # ends when they are gone, so a timed-out plugin leaves nothing running behind it.
             await _members_gone(loop, group, kill_grace)
     except BaseException:
-        _signal_group(group, signal.SIGKILL)
+        signal_group(group, signal.SIGKILL)
         raise
     finally:
         run.close()  # stops listening (a process that escaped the group may hold a pipe) and reaps
@@ -360,89 +360,7 @@ class _Watched:
             self.reaped = True
 
 
-async def _run_with_asyncio(args: list[str], timeout: float, timeout_state: State, output_cap: int,
-                            environment: dict[str, str], kill_grace: float) -> CheckResult:
-    """The same run through asyncio's subprocess machinery, where there are no pidfds."""
-    loop = asyncio.get_running_loop()
-    started = time.monotonic()
-    # Our own pipes rather than asyncio's PIPE: this Python's Process.wait() also waits for the
-    # pipes to close, which a left-behind grandchild can hold open forever.
-    out_r, out_w = os.pipe()
-    err_r, err_w = os.pipe()
-    try:
-        proc = await asyncio.create_subprocess_exec(
-            *args,
-            stdin=asyncio.subprocess.DEVNULL,
-            stdout=out_w,
-            stderr=err_w,
-            env=environment,
-            cwd="/",
-            start_new_session=True,
-        )
-    except OSError as exc:
-        for fd in (out_r, err_r):
-            os.close(fd)
-        return CheckResult(State.UNKNOWN, f"Could not run plugin {args[0]}: {exc.strerror or exc}",
-                           "", "", time.monotonic() - started, None)
-    finally:
-        os.close(out_w)
-        os.close(err_w)
-    group = proc.pid  # start_new_session made the plugin the leader of a new group
-
-    out_transport, out_reader = await _pipe_reader(loop, out_r)
-    err_transport, err_reader = await _pipe_reader(loop, err_r)
-    stdout_task = asyncio.ensure_future(_read_capped(out_reader, output_cap))
-    stderr_task = asyncio.ensure_future(_read_capped(err_reader, output_cap))
-    exit_task = asyncio.ensure_future(proc.wait())
-    tasks = {stdout_task, stderr_task, exit_task}
-    timed_out = False
-    try:
-        _, pending = await asyncio.wait(tasks, timeout=timeout)
-        if pending:
-            timed_out = True
-            _signal_group(group, signal.SIGTERM)
-            _, pending = await asyncio.wait(tasks, timeout=kill_grace)
-        # Also after a normal exit: nothing the plugin started may outlive its check.
-        _signal_group(group, signal.SIGKILL)
-        if pending:
-            _, pending = await asyncio.wait(tasks, timeout=kill_grace)
-    except BaseException:
-        _signal_group(group, signal.SIGKILL)
-        raise
-    finally:
-        # A process that escaped the group (setsid) may still hold a pipe: stop listening to it.
-        for task in tasks:
-            task.cancel()
-        out_transport.close()
-        err_transport.close()
-    duration = time.monotonic() - started
-
-    stdout, truncated = stdout_task.result() if stdout_task.done() and not stdout_task.cancelled() else (b"", False)
-    stderr, _ = stderr_task.result() if stderr_task.done() and not stderr_task.cancelled() else (b"", False)
-    return _result(
-        returncode=proc.returncode,
-        stdout=stdout.decode("utf-8", errors="replace"),
-        stderr=stderr.decode("utf-8", errors="replace"),
-        truncated=truncated,
-        timed_out=timed_out,
-        timeout=timeout,
-        timeout_state=timeout_state,
-        output_cap=output_cap,
-        duration=duration,
-    )
-
-
-async def _pipe_reader(
-    loop: asyncio.AbstractEventLoop, fd: int
-) -> tuple[asyncio.ReadTransport, asyncio.StreamReader]:
-    reader = asyncio.StreamReader(limit=_READ_CHUNK)
-    transport, _ = await loop.connect_read_pipe(
-        lambda: asyncio.StreamReaderProtocol(reader), os.fdopen(fd, "rb", buffering=0)
-    )
-    return transport, reader
-
-
-async def _read_capped(reader: asyncio.StreamReader, cap: int) -> tuple[bytes, bool]:
+async def read_capped(reader: asyncio.StreamReader, cap: int) -> tuple[bytes, bool]:
     """Keep the first ``cap`` bytes; drain the rest so the plugin is never blocked on a full pipe."""
     kept = bytearray()
     truncated = False
@@ -455,7 +373,7 @@ async def _read_capped(reader: asyncio.StreamReader, cap: int) -> tuple[bytes, b
     return bytes(kept), truncated
 
 
-def _signal_group(group: int, sig: signal.Signals) -> None:
+def signal_group(group: int, sig: signal.Signals) -> None:
     try:
         os.killpg(group, sig)
     except ProcessLookupError:

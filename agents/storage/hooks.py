@@ -17,7 +17,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from agents.monitor.runner import PluginError, checked_argv, clean_environment
+from agents.monitor.runner import PluginError, checked_argv, clean_environment, read_capped, signal_group
 from agents.storage.driver import StorageError
 
 DEFAULT_OUTPUT_CAP = 64 * 1024
@@ -93,20 +93,20 @@ async def run_hook(argv: Sequence[str], directory: Path, *, timeout: float,
     reader = asyncio.StreamReader(limit=_READ)
     transport, _ = await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader),
                                                 os.fdopen(read_fd, "rb", buffering=0))
-    output = asyncio.ensure_future(_read_capped(reader, output_cap))
+    output = asyncio.ensure_future(read_capped(reader, output_cap))
     exited = asyncio.ensure_future(proc.wait())
     timed_out = False
     try:
         done, _ = await asyncio.wait({exited}, timeout=timeout)
         if not done:
             timed_out = True
-            _signal_group(proc.pid, signal.SIGTERM)
+            signal_group(proc.pid, signal.SIGTERM)
             done, _ = await asyncio.wait({exited}, timeout=kill_grace)
-        _signal_group(proc.pid, signal.SIGKILL)      # also after a normal exit: nothing may outlive it
+        signal_group(proc.pid, signal.SIGKILL)      # also after a normal exit: nothing may outlive it
         await asyncio.wait({exited}, timeout=kill_grace)
         await asyncio.wait({output}, timeout=kill_grace)
     except BaseException:
-        _signal_group(proc.pid, signal.SIGKILL)
+        signal_group(proc.pid, signal.SIGKILL)
         raise
     finally:
         exited.cancel()
@@ -118,19 +118,3 @@ async def run_hook(argv: Sequence[str], directory: Path, *, timeout: float,
                       text.decode("utf-8", errors="replace"), time.monotonic() - started, timed_out, truncated)
 
 
-async def _read_capped(reader: asyncio.StreamReader, cap: int) -> tuple[bytes, bool]:
-    """Keep the first `cap` bytes; drain the rest so the hook never blocks on a full pipe."""
-    kept = bytearray()
-    truncated = False
-    while chunk := await reader.read(_READ):
-        room = cap - len(kept)
-        truncated = truncated or len(chunk) > room
-        kept += chunk[:max(room, 0)]
-    return bytes(kept), truncated
-
-
-def _signal_group(group: int, sig: signal.Signals) -> None:
-    try:
-        os.killpg(group, sig)
-    except ProcessLookupError:
-        pass      # the whole group is gone already
