@@ -31,7 +31,6 @@ import base64
 import errno
 import hashlib
 import hmac
-import fcntl
 import ipaddress
 import os
 import re
@@ -39,18 +38,15 @@ import secrets
 import shutil
 import signal
 import socket
-import ssl
 import subprocess
 import time
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 from pathlib import Path
 from string import Template
 
 from .server import (
     ITERATIONS,
-    PrivateServer,
+    PrivateNode,
     ServerError,
     _check_password,
     _check_user,
@@ -132,8 +128,10 @@ def _system_ejabberdctl() -> Path | None:
     return None
 
 
-class PrivateEjabberd:
+class PrivateEjabberd(PrivateNode):
     """One private ejabberd node; everything it owns lives under ``home/"ejabberd-<name>"``."""
+
+    noun = "node"
 
     def __init__(self, home: Path, domain: str = "vertebra.test", host: str = "127.0.0.1", port: int = 5322,
                  *, node_name: str = "vertebra@127.0.0.1", dist_port: int | None = None,
@@ -218,11 +216,11 @@ class PrivateEjabberd:
             self._ensure_cookie()
             self.spool_dir.mkdir(mode=0o700, exist_ok=True)
             self.logs_dir.mkdir(mode=0o700, exist_ok=True)
-            PrivateServer._write_private(self.config_path, config)
-            PrivateServer._write_private(self.ctl_config_path, self._render_ctl_config())
+            self._write_private(self.config_path, config)
+            self._write_private(self.ctl_config_path, self._render_ctl_config())
             self._write_ctl(system_ctl)
             # ejabberdctl points ERL_INETRC at the config dir; without the file every VM logs an error.
-            PrivateServer._write_private(self.dir / "inetrc", '{lookup, ["file", "native"]}.\n')
+            self._write_private(self.dir / "inetrc", '{lookup, ["file", "native"]}.\n')
             if self.epmd_port is not None:
                 self._ensure_epmd()
             fresh = not any(self.spool_dir.iterdir())  # no Mnesia schema yet: certainly not a member
@@ -240,22 +238,6 @@ class PrivateEjabberd:
             return False
         with self._locked():
             return self._stop_locked(timeout)
-
-    def status(self) -> dict:
-        """Whether the node runs, and where; clears a stale pidfile."""
-        pid = self._running_pid() if self.dir.is_dir() else None
-        return {
-            "running": pid is not None,
-            "pid": pid,
-            "host": self.host,
-            "port": self.port,
-            "domain": self.domain,
-            "home": str(self.home),
-            "engine": "ejabberd",
-            "node": self.node_name,
-            "dist_port": self.dist_port,
-            "epmd_port": self.epmd_port,
-        }
 
     # -- cluster ----------------------------------------------------------------------------------
 
@@ -308,6 +290,10 @@ class PrivateEjabberd:
 
     # -- accounts ---------------------------------------------------------------------------------
 
+    def _describe(self) -> dict:
+        return {"engine": "ejabberd", "node": self.node_name, "dist_port": self.dist_port,
+                "epmd_port": self.epmd_port}
+
     def register(self, user: str, password: str) -> None:
         """Create the account ``user@domain`` or change its password."""
         self.register_many({user: password})
@@ -350,22 +336,7 @@ class PrivateEjabberd:
             raise ServerError(f"registering accounts on ejabberd node {self.node_name} failed: "
                               + ("; ".join(failures[:5]) or out.strip()[-500:] or f"exit {proc.returncode}"))
 
-    def ssl_context(self) -> ssl.SSLContext:
-        """A client TLS context that trusts exactly this node's certificate."""
-        if not self.cert_path.is_file():
-            raise ServerError(f"no certificate at {self.cert_path} yet: start the node first")
-        return ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(self.cert_path))
-
     # -- internals: files -------------------------------------------------------------------------
-
-    @contextmanager
-    def _locked(self) -> Iterator[None]:
-        fd = os.open(self._lock_path, os.O_RDWR | os.O_CREAT, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
-            yield
-        finally:
-            os.close(fd)
 
     def _render_config(self) -> str:
         component = ""
@@ -443,7 +414,7 @@ class PrivateEjabberd:
         if n != 1:
             raise ServerError(f"{system_ctl} does not look like Debian's ejabberdctl (no INSTALLUSER line); "
                               f"reinstall it: {INSTALL_HINT}")
-        PrivateServer._write_private(self.ctl_path, patched)
+        self._write_private(self.ctl_path, patched)
         os.chmod(self.ctl_path, 0o700)
 
     def _ensure_cookie(self) -> None:
@@ -454,7 +425,7 @@ class PrivateEjabberd:
             except FileNotFoundError:
                 cookie = secrets.token_hex(20)
                 self.home.mkdir(parents=True, exist_ok=True)
-                PrivateServer._write_private(self._shared_cookie_path, cookie + "\n")
+                self._write_private(self._shared_cookie_path, cookie + "\n")
         try:
             if self.cookie_path.read_text() == cookie:
                 return
@@ -462,7 +433,7 @@ class PrivateEjabberd:
             pass
         if self.cookie_path.exists():
             os.chmod(self.cookie_path, 0o600)
-        PrivateServer._write_private(self.cookie_path, cookie)
+        self._write_private(self.cookie_path, cookie)
         os.chmod(self.cookie_path, 0o400)  # Erlang refuses a cookie file others can read
 
     def _ensure_cert(self) -> None:
@@ -472,15 +443,11 @@ class PrivateEjabberd:
                 raise ServerError(f"no cert.pem and key.pem in {self.tls_from} to share: start the first "
                                   "node before the ones that copy its certificate")
             if not (self.cert_path.is_file() and self.cert_path.read_bytes() == src_cert.read_bytes()):
-                PrivateServer._write_private(self.key_path, src_key.read_text())
-                PrivateServer._write_private(self.cert_path, src_cert.read_text())
+                self._write_private(self.key_path, src_key.read_text())
+                self._write_private(self.cert_path, src_cert.read_text())
                 os.chmod(self.cert_path, 0o644)
             return
-        # The same self-signed certificate naming the domain as the Prosody path makes.
-        PrivateServer._ensure_cert(self)  # type: ignore[arg-type]
-
-    def _cert_names_domain(self) -> bool:
-        return PrivateServer._cert_names_domain(self)  # type: ignore[arg-type]
+        super()._ensure_cert()
 
     # -- internals: processes ---------------------------------------------------------------------
 
@@ -539,7 +506,7 @@ class PrivateEjabberd:
             if entry.name.isdigit():
                 pid = int(entry.name)
                 if self._is_ours(pid) and _pid_alive(pid):
-                    PrivateServer._write_private(self.pidfile, f"{pid}\n")
+                    self._write_private(self.pidfile, f"{pid}\n")
                     return pid
         return None
 
@@ -707,13 +674,6 @@ class PrivateEjabberd:
             pass
         proc.wait()
         _children.pop(str(self.dir), None)
-
-    def _accepts_tcp(self) -> bool:
-        try:
-            with socket.create_connection((self.host, self.port), timeout=0.5):
-                return True
-        except OSError:
-            return False
 
     def _log_tails(self, console_offset: int, log_offset: int, lines: int = 15) -> str:
         parts = []

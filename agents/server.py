@@ -129,7 +129,100 @@ def _cmdline(pid: int) -> list[str]:
         return []
 
 
-class PrivateServer:
+class PrivateNode:
+    """What every private XMPP server this project runs has, Prosody here or an ejabberd node
+    (``agents.ejabberd``): a self-signed certificate naming the domain, which clients pin; a lock that
+    serializes start and stop between processes; a status. Subclasses set ``home``, ``domain``, ``host``,
+    ``port``, ``dir``, ``cert_path``, ``key_path`` and ``_lock_path``, and define ``_running_pid``."""
+
+    noun = "server"  # what messages call it
+
+    def status(self) -> dict:
+        """Whether it runs, and where; clears a stale pidfile."""
+        pid = self._running_pid() if self.dir.is_dir() else None
+        return {"running": pid is not None, "pid": pid, "host": self.host, "port": self.port,
+                "domain": self.domain, "home": str(self.home), **self._describe()}
+
+    def _describe(self) -> dict:
+        """What status() adds for this kind of server."""
+        return {}
+
+    def ssl_context(self) -> ssl.SSLContext:
+        """A client TLS context that trusts exactly this server's certificate."""
+        if not self.cert_path.is_file():
+            raise ServerError(f"no certificate at {self.cert_path} yet: start the {self.noun} first")
+        ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(self.cert_path))
+        return ctx
+
+    @staticmethod
+    def _write_private(path: Path, text: str) -> None:
+        # Write then rename, so Prosody never reads half a file.
+        tmp = path.with_name(path.name + f".{os.getpid()}.{uuid.uuid4().hex[:8]}~")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            with os.fdopen(fd, "w") as f:
+                f.write(text)
+            os.replace(tmp, path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+
+    @contextmanager
+    def _locked(self) -> Iterator[None]:
+        # Serializes start/stop between processes sharing one home (CLI, fixtures, make run).
+        fd = os.open(self._lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)
+
+    def _ensure_cert(self) -> None:
+        if self.cert_path.is_file() and self.key_path.is_file() and self._cert_names_domain():
+            return
+        openssl = shutil.which("openssl")
+        if openssl is None:
+            raise ServerError("the 'openssl' program is not installed: run `make install` "
+                              "(or `apt-get install openssl` as root)")
+        tmp_key = self.dir / "key.pem.new"
+        tmp_cert = self.dir / "cert.pem.new"
+        old_umask = os.umask(0o077)
+        try:
+            proc = subprocess.run(
+                [openssl, "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
+                 "-nodes", "-days", "3650", "-subj", f"/CN={self.domain}",
+                 "-keyout", str(tmp_key), "-out", str(tmp_cert),
+                 "-addext", f"subjectAltName=DNS:{self.domain}",
+                 "-addext", "basicConstraints=critical,CA:TRUE",
+                 "-addext", "keyUsage=critical,digitalSignature,keyCertSign",
+                 "-addext", "extendedKeyUsage=serverAuth"],
+                capture_output=True, text=True,
+            )
+        finally:
+            os.umask(old_umask)
+        if proc.returncode != 0:
+            raise ServerError(f"openssl could not make the server certificate: {proc.stderr.strip()}")
+        os.chmod(tmp_key, 0o600)
+        os.chmod(tmp_cert, 0o644)  # public; other local users' clients pin it
+        os.replace(tmp_key, self.key_path)
+        os.replace(tmp_cert, self.cert_path)
+
+    def _cert_names_domain(self) -> bool:
+        proc = subprocess.run(
+            ["openssl", "x509", "-noout", "-in", str(self.cert_path), "-checkhost", self.domain],
+            capture_output=True, text=True,
+        )
+        return proc.returncode == 0 and "does match" in proc.stdout
+
+    def _accepts_tcp(self) -> bool:
+        try:
+            with socket.create_connection((self.host, self.port), timeout=0.5):
+                return True
+        except OSError:
+            return False
+
+
+class PrivateServer(PrivateNode):
     """One private Prosody instance; everything it owns lives under ``home/"server"``."""
 
     def __init__(self, home: Path, domain: str = "vertebra.test", host: str = "127.0.0.1", port: int = 5322):
@@ -201,19 +294,10 @@ class PrivateServer:
             self.pidfile.unlink(missing_ok=True)
             return True
 
-    def status(self) -> dict:
-        """Whether the server runs, and where; clears a stale pidfile."""
-        pid = self._running_pid() if self.dir.is_dir() else None
-        return {
-            "running": pid is not None,
-            "pid": pid,
-            "host": self.host,
-            "port": self.port,
-            "domain": self.domain,
-            "home": str(self.home),
-        }
-
     # -- accounts ---------------------------------------------------------------------------------
+
+    def _describe(self) -> dict:
+        return {"engine": "prosody"}
 
     def register(self, user: str, password: str) -> None:
         """Create the account ``user@domain`` or change its password."""
@@ -241,13 +325,6 @@ class PrivateServer:
             for _ in pool.map(lambda item: self._write_account(store, *item), items):
                 pass
 
-    def ssl_context(self) -> ssl.SSLContext:
-        """A client TLS context that trusts exactly this server's certificate."""
-        if not self.cert_path.is_file():
-            raise ServerError(f"no certificate at {self.cert_path} yet: start the server first")
-        ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(self.cert_path))
-        return ctx
-
     # -- internals --------------------------------------------------------------------------------
 
     def _write_account(self, store: Path, user: str, password: str) -> None:
@@ -263,29 +340,6 @@ class PrivateServer:
             "};\n"
         )
         self._write_private(store / f"{_path_encode(user)}.dat", text)
-
-    @staticmethod
-    def _write_private(path: Path, text: str) -> None:
-        # Write then rename, so Prosody never reads half a file.
-        tmp = path.with_name(path.name + f".{os.getpid()}.{uuid.uuid4().hex[:8]}~")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        try:
-            with os.fdopen(fd, "w") as f:
-                f.write(text)
-            os.replace(tmp, path)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
-
-    @contextmanager
-    def _locked(self) -> Iterator[None]:
-        # Serializes start/stop between processes sharing one home (CLI, fixtures, make run).
-        fd = os.open(self._lock_path, os.O_RDWR | os.O_CREAT, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
-            yield
-        finally:
-            os.close(fd)
 
     def _render_config(self) -> str:
         template = Template(find_template().read_text())
@@ -361,43 +415,6 @@ class PrivateServer:
                 raise ServerError(f"cannot listen on {self.host}:{self.port}: {exc.strerror}; "
                                   "choose a local address and a free port") from exc
 
-    def _ensure_cert(self) -> None:
-        if self.cert_path.is_file() and self.key_path.is_file() and self._cert_names_domain():
-            return
-        openssl = shutil.which("openssl")
-        if openssl is None:
-            raise ServerError("the 'openssl' program is not installed: run `make install` "
-                              "(or `apt-get install openssl` as root)")
-        tmp_key = self.dir / "key.pem.new"
-        tmp_cert = self.dir / "cert.pem.new"
-        old_umask = os.umask(0o077)
-        try:
-            proc = subprocess.run(
-                [openssl, "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
-                 "-nodes", "-days", "3650", "-subj", f"/CN={self.domain}",
-                 "-keyout", str(tmp_key), "-out", str(tmp_cert),
-                 "-addext", f"subjectAltName=DNS:{self.domain}",
-                 "-addext", "basicConstraints=critical,CA:TRUE",
-                 "-addext", "keyUsage=critical,digitalSignature,keyCertSign",
-                 "-addext", "extendedKeyUsage=serverAuth"],
-                capture_output=True, text=True,
-            )
-        finally:
-            os.umask(old_umask)
-        if proc.returncode != 0:
-            raise ServerError(f"openssl could not make the server certificate: {proc.stderr.strip()}")
-        os.chmod(tmp_key, 0o600)
-        os.chmod(tmp_cert, 0o644)  # public; other local users' clients pin it
-        os.replace(tmp_key, self.key_path)
-        os.replace(tmp_cert, self.cert_path)
-
-    def _cert_names_domain(self) -> bool:
-        proc = subprocess.run(
-            ["openssl", "x509", "-noout", "-in", str(self.cert_path), "-checkhost", self.domain],
-            capture_output=True, text=True,
-        )
-        return proc.returncode == 0 and "does match" in proc.stdout
-
     def _spawn(self, prosody: str, timeout: float) -> None:
         self.pidfile.unlink(missing_ok=True)
         env = dict(os.environ, HOME=str(self.dir))
@@ -431,13 +448,6 @@ class PrivateServer:
         # status() and stop() work from the moment start() returns.
         if not self.pidfile.is_file():
             self._write_private(self.pidfile, f"{proc.pid}\n")
-
-    def _accepts_tcp(self) -> bool:
-        try:
-            with socket.create_connection((self.host, self.port), timeout=0.5):
-                return True
-        except OSError:
-            return False
 
     def _kill_failed(self, proc: subprocess.Popen) -> None:
         try:
