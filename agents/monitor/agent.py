@@ -12,12 +12,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-import uuid
 from typing import Annotated, Any
 
-from agents import protocol
 from agents.agent import Agent, Call, info_op
-from agents.errors import BadArguments
+from agents.errors import BadArguments, Outcome
 from agents.monitor.bridge import NagiosBridge, publish_result
 from agents.monitor.checks import CheckArgumentError, CheckSpec
 from agents.monitor.ranges import State
@@ -120,26 +118,12 @@ class MonitorAgent(Agent):
         args = {"check": entry.name, "host": self.host, "state": change.state.name,
                 "previous": change.previous.name if change.previous is not None else "",
                 "text": result.text[:1024]}
-        target = next(iter(self._brokers), f"{self.broker}/broker")
-        problem = await self.request(target, "mesh.alert", args, ALERT_TIMEOUT)
-        if problem:
-            log.warning("alert %s %s→%s not posted: %s", entry.name, args["previous"], args["state"], problem)
+        posted = await self.request(self.broker_jid, "mesh.alert", args, timeout=ALERT_TIMEOUT)
+        if posted.outcome is not Outcome.OK:
+            log.warning("alert %s %s→%s not posted: %s: %s", entry.name, args["previous"], args["state"],
+                        posted.outcome.value, posted.error)
         else:
             self.alerts_posted += 1
-
-    async def request(self, target: str, op_name: str, args: dict[str, Any], timeout: float) -> str | None:
-        """Send one quick op request from this agent's own JID; None when it succeeded, else why not."""
-        iq = self.xmpp.make_iq_set(ito=target)
-        req = iq["vertebra_op"]
-        req["name"], req["rid"], req["timeout"] = op_name, uuid.uuid4().hex, str(int(timeout * 1000))
-        req.xml.text = protocol.encode(args)
-        try:
-            reply = await self.send_iq(iq, timeout)
-        except (asyncio.TimeoutError, ConnectionError) as exc:
-            return f"{target} did not answer: {exc or 'timeout'}"
-        if reply["type"] == "error":
-            return f"{reply['error']['condition']}: {reply['error']['text']}"
-        return None
 
 
 def parse_pairs(words: list[str]) -> dict[str, str]:
