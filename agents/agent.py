@@ -30,7 +30,7 @@ from slixmpp import Iq, Presence
 from . import __version__, fenced, policy_sync, protocol, resources as paths
 from .actor import Actor, Backoff, Endpoint
 from .audit import AuditLog
-from .authz import AdminsOnly, Authorizer, decide, from_broker
+from .authz import AdminsOnly, Authorizer, current_via, decide, from_broker
 from .errors import BadArguments, BadPayload, Denied, InternalError, OpError, OpTimeout, TooLarge, UnknownOp
 from .idempotency import Answer, RequestLog, fingerprint
 from .ops import Arg, OpSpec, op, ops_of
@@ -307,7 +307,11 @@ class Agent(Actor):
                 raise Denied(f"{spec.name} is never sent on someone's behalf")
             decision = from_broker(sender, self.broker, _FROM_BROKER[spec.name])
         else:
-            decision = decide(self.authorizer, caller, spec, resources)
+            token = current_via.set(via)
+            try:
+                decision = decide(self.authorizer, caller, spec, resources)
+            finally:
+                current_via.reset(token)
             if decision.allowed:  # a fenced node's identities run no destructive op (see fenced.py)
                 decision = self.fenced.check(caller, spec) or decision
         audit_log.info("decide rid=%s caller=%s op=%s resources=%s allowed=%s reason=%s",

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+from contextvars import ContextVar
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Protocol, Sequence
@@ -22,6 +23,12 @@ from rbac import Gate, LoadResult
 from .ops import OpSpec
 
 log = logging.getLogger(__name__)
+
+
+#: The delegate (broker, chat bot) that sent the request being decided, "" when its sender asked for
+#: itself. Set by the runtime around each decision, for the few rules that depend on the relay (the
+#: fencing approval rule: a fence the broker's workflow engine had approved).
+current_via: ContextVar[str] = ContextVar("vertebra_via", default="")
 
 
 @dataclass(frozen=True)

@@ -32,6 +32,7 @@ from typing import Annotated, Any
 
 from ..actor import Backoff
 from ..agent import Agent, Call, info_op
+from ..authz import current_via
 from ..config import ConfigError
 from ..errors import BadArguments, OpError, Outcome
 from ..ops import Arg, op
@@ -78,22 +79,7 @@ class FencingAgent(Agent):
         self.fencing = fencing
         self.power = PowerController(fencing.registry) if fencing.registry else None
         self.events: collections.deque[dict[str, Any]] = collections.deque(maxlen=EVENTS_KEPT)
-        self._via = ""  # the delegate of the request being admitted (see _subject)
-        self.authorizer = ApprovalGuard(self.authorizer, fencing, self._take_via, lambda: self.broker)
-
-    def _subject(self, sender: str, behalf: str) -> tuple[str, str]:
-        # The runtime decides for the person a delegate acts for and does not tell the authorizer
-        # who the delegate was; the approval rule needs it (the broker's workflow engine has had a
-        # fence approved, the chat bot has not). _admit calls this and then the authorizer in one
-        # synchronous stretch, so what is kept here belongs to the very request being decided; the
-        # guard takes it (resetting it), so it cannot count for another request.
-        via, subject = super()._subject(sender, behalf)
-        self._via = via
-        return via, subject
-
-    def _take_via(self) -> str:
-        via, self._via = self._via, ""
-        return via
+        self.authorizer = ApprovalGuard(self.authorizer, fencing, current_via.get, lambda: self.broker)
 
     # -- ops ------------------------------------------------------------------------------------
 

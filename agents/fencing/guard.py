@@ -50,7 +50,7 @@ class ApprovalGuard:
         self.broker = broker
 
     def refusal(self, caller: str, spec: OpSpec, resources: Sequence[str]) -> Decision | None:
-        via = self.via()  # taken for every op, so it never outlives the request it belongs to
+        via = self.via()  # the runtime sets it for the request being decided (authz.current_via)
         if spec.name not in POWER_OPS:
             return None
         broker = self.broker()
