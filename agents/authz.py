@@ -16,7 +16,7 @@ import logging
 from contextvars import ContextVar
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Protocol, Sequence
+from typing import Any, Iterable, Protocol, Sequence
 
 from rbac import Gate, LoadResult
 
@@ -101,6 +101,14 @@ class PolicyAuthorizer:
                                        " destructive ops are refused until the broker pushes a current"
                                        " policy", rule, d.version)
         return Decision(True, d.rule, d.rule, d.version)
+
+
+def policy_of(authorizer: Any) -> "PolicyAuthorizer | None":
+    """The policy inside ``authorizer``, which agent kinds and the broker may wrap with rules of their
+    own (each wrapper keeps the one it wraps as ``inner``); None for a mesh without a policy."""
+    while not isinstance(authorizer, PolicyAuthorizer) and hasattr(authorizer, "inner"):
+        authorizer = authorizer.inner
+    return authorizer if isinstance(authorizer, PolicyAuthorizer) else None
 
 
 def from_broker(caller: str, broker: str | None, what: str) -> Decision:

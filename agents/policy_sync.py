@@ -12,7 +12,7 @@ from __future__ import annotations
 import hashlib
 from typing import Any
 
-from .authz import PolicyAuthorizer
+from .authz import policy_of
 from .errors import OpError
 
 INSTALL_OP = "policy.install"
@@ -20,9 +20,8 @@ INSTALL_OP = "policy.install"
 
 def install(authorizer: Any, text: str, issued_at: float) -> dict:
     """Install or confirm a pushed policy on ``authorizer``; raises OpError saying why not."""
-    while not isinstance(authorizer, PolicyAuthorizer) and hasattr(authorizer, "inner"):
-        authorizer = authorizer.inner  # the policy inside a wrapper (e.g. an agent kind's own rules)
-    if not isinstance(authorizer, PolicyAuthorizer):
+    authorizer = policy_of(authorizer)
+    if authorizer is None:
         raise OpError("this agent runs without a policy (admins only): give its mesh file `policy: FILE`"
                       " to have it take the broker's policy")
     digest = hashlib.sha256(text.encode()).hexdigest()

@@ -16,7 +16,7 @@ import logging
 import time
 
 from agents.agent import Call
-from agents.authz import PolicyAuthorizer
+from agents.authz import PolicyAuthorizer, policy_of
 from agents.errors import OpError
 from agents.ops import op
 from agents.policy_sync import INSTALL_OP
@@ -35,11 +35,7 @@ class PolicyDistribution:
     _repusher: asyncio.Task[None] | None = None
 
     def _policy_authorizer(self) -> PolicyAuthorizer | None:
-        # The broker's authorizer may be wrapped (alerts admit live agents); the policy is inside.
-        authorizer = self.authorizer
-        while not isinstance(authorizer, PolicyAuthorizer) and hasattr(authorizer, "inner"):
-            authorizer = authorizer.inner
-        return authorizer if isinstance(authorizer, PolicyAuthorizer) else None
+        return policy_of(self.authorizer)
 
     @op("policy.reload", destructive=True, deadline=60)
     async def policy_reload(self, call: Call) -> dict:
