@@ -15,8 +15,7 @@ push is repaired by the next one.
 
 The runtime (``agents/agent.py``) declares ``fenced.install`` on every agent and calls
 :meth:`FencedIdentities.check` after authorization, so the refusal is part of the decision the audit
-log records. :class:`FenceGuard` and :func:`guarded` add the same to classes that do not inherit the
-runtime's (they do nothing for those that do).
+log records. The broker also checks it when it decides a workflow step for its requester.
 """
 
 from __future__ import annotations
@@ -25,9 +24,9 @@ import json
 import time
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
-from typing import Annotated, Any, Callable, Iterable, Mapping, Sequence
+from typing import Annotated, Any, Iterable, Mapping
 
-from .authz import Authorizer, Decision, decide, from_broker
+from .authz import Decision, from_broker
 from .errors import BadArguments
 from .ops import Arg, OpSpec, op
 
@@ -136,43 +135,3 @@ def install_op() -> Any:
         return {"fenced": len(entries), "identities": sum(len(f.identities) for f in entries)}
 
     return fenced_install
-
-
-class FenceGuard:
-    """An authorizer that adds the fencing rules to another: ``fenced.install`` from the broker only,
-    and destructive ops refused to identities of fenced nodes. ``inner`` decides everything else."""
-
-    def __init__(self, inner: Authorizer, fenced: FencedIdentities, broker: Callable[[], str | None]) -> None:
-        self.inner = inner
-        self.fenced = fenced
-        self.broker = broker
-
-    def decide(self, caller: str, spec: OpSpec, resources: Sequence[str]) -> Decision:
-        if spec.name == INSTALL_OP:
-            return authorize_install(caller, self.broker())
-        d = decide(self.inner, caller, spec, resources)
-        return (self.fenced.check(caller, spec) or d) if d.allowed else d
-
-
-def runtime_checks_fencing(cls: type) -> bool:
-    """Whether the runtime itself (agents/agent.py) already declares ``fenced.install`` and checks."""
-    from .ops import ops_of
-
-    return INSTALL_OP in ops_of(cls)
-
-
-def guarded(cls: type) -> type:
-    """``cls`` with the fencing-epoch check and ``fenced.install``, unless the runtime has them."""
-    if runtime_checks_fencing(cls):
-        return cls
-
-    class Guarded(cls):  # type: ignore[valid-type, misc]
-        fenced_install = install_op()
-
-        def __init__(self, *args: Any, **kwargs: Any) -> None:
-            super().__init__(*args, **kwargs)
-            self.fenced = FencedIdentities()
-            self.authorizer = FenceGuard(self.authorizer, self.fenced, lambda: self.broker)
-
-    Guarded.__name__ = Guarded.__qualname__ = f"Fenced{cls.__name__}"
-    return Guarded

@@ -34,7 +34,7 @@ from typing import Annotated, Any, Callable, Literal, Sequence
 
 from agents.agent import Call
 from agents.authz import Authorizer, Decision, decide
-from agents.fenced import INSTALL_OP, Fenced, FencedIdentities, FenceGuard, encode_entries
+from agents.fenced import INSTALL_OP, Fenced, FencedIdentities, encode_entries
 from agents.fencing.settings import NODE_RESOURCE, SEGMENT
 from agents.ops import Arg, OpSpec, op
 
@@ -146,12 +146,19 @@ class FencersMayAnnounce:
         return Decision(True, "a live fencing agent announcing its own node", "fencing agents, own nodes")
 
 
-class BrokerFenceGuard(FenceGuard):
-    """The broker's own check: a fenced identity may not request destructive workflow steps (decided
-    for the requester through this authorizer), nor approve or take a step."""
+class BrokerFenceGuard:
+    """The broker's own check: a fenced identity may not request destructive workflow steps (the
+    workflow engine decides each step for its requester through this authorizer, outside the
+    runtime's own check of requests), nor approve or take a step."""
+
+    def __init__(self, inner: Authorizer, fenced: FencedIdentities) -> None:
+        self.inner = inner
+        self.fenced = fenced
 
     def decide(self, caller: str, spec: OpSpec, resources: Sequence[str]) -> Decision:
-        d = super().decide(caller, spec, resources)
+        d = decide(self.inner, caller, spec, resources)
+        if d.allowed:
+            d = self.fenced.check(caller, spec) or d
         if d.allowed and spec.name in BROKER_ACTS:
             fenced = self.fenced.of(caller)
             if fenced is not None:
@@ -169,11 +176,9 @@ class FencingMixin:
         state: Path | None = self.state_dir  # type: ignore[attr-defined]
         self.fence_ledger = FenceLedger(state / "fencing.sqlite" if state else ":memory:")
         self._fence_listeners: list[Callable[[dict[str, Any]], Any]] = []
-        # The runtime's own view when it keeps one; this broker's otherwise.
-        self.fenced: FencedIdentities = getattr(self, "fenced", None) or FencedIdentities()
-        self.fenced.install(self.fence_ledger.fenced())
+        self.fenced.install(self.fence_ledger.fenced())  # type: ignore[attr-defined] (the runtime's view)
         inner = FencersMayAnnounce(self.authorizer, self._fencing_agents)  # type: ignore[has-type]
-        self.authorizer = BrokerFenceGuard(inner, self.fenced, lambda: None)
+        self.authorizer = BrokerFenceGuard(inner, self.fenced)  # type: ignore[attr-defined]
 
     async def stop(self) -> None:
         await super().stop()  # type: ignore[misc]

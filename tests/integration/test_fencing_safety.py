@@ -21,7 +21,6 @@ from agents import audit
 from agents.authz import PolicyAuthorizer
 from agents.errors import Outcome
 from agents.fencing.agent import FencingAgent
-from agents.fenced import guarded
 from broker.fencing import FencingMixin
 from broker.service import Broker
 from conftest import ROOT, until
@@ -30,7 +29,7 @@ from sample_agent import SampleAgent
 
 # The broker as the lead wires it (FencingMixin among its bases), or with it added for this test.
 FencingBroker = Broker if issubclass(Broker, FencingMixin) else type("FencingBroker", (FencingMixin, Broker), {})
-GuardedSample = guarded(SampleAgent)
+GuardedSample = SampleAgent  # every agent refuses fenced identities' destructive ops
 
 
 def policy(j: dict[str, str]) -> str:

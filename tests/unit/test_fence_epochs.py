@@ -11,7 +11,8 @@ import pytest
 from agents.authz import AdminsOnly, Decision
 from agents.errors import BadArguments
 from agents.fencing.devices import FencingConfigError
-from agents.fenced import (Fenced, FencedIdentities, FenceGuard, authorize_install, encode_entries,
+from broker.fencing import BrokerFenceGuard
+from agents.fenced import (Fenced, FencedIdentities, authorize_install, encode_entries,
                                    parse_entries)
 from agents.fencing.guard import ApprovalGuard
 from agents.fencing.settings import FencingSettings
@@ -95,14 +96,13 @@ def test_entries_travel_as_json_and_bad_ones_are_named():
 
 
 def test_only_the_agents_broker_pushes_epochs_whatever_the_policy_says():
-    guard = FenceGuard(AdminsOnly(["root@x.test"]), FencedIdentities(), lambda: "broker@x.test")
-    assert guard.decide("broker@x.test", spec("fenced.install", False), []).allowed
-    assert not guard.decide("root@x.test", spec("fenced.install", False), []).allowed
+    assert authorize_install("broker@x.test", "broker@x.test").allowed
+    assert not authorize_install("root@x.test", "broker@x.test").allowed
     assert not authorize_install("broker@x.test", None).allowed
 
 
-def test_the_guard_asks_the_policy_first_and_then_the_epochs():
-    guard = FenceGuard(AdminsOnly(["db1@x.test"]), fenced_db1(), lambda: None)
+def test_the_brokers_guard_asks_the_policy_first_and_then_the_epochs():
+    guard = BrokerFenceGuard(AdminsOnly(["db1@x.test"]), fenced_db1())
     assert "was fenced at" in guard.decide("db1@x.test", spec("sample.toggle"), []).reason
     assert "only the mesh file's admins" in guard.decide("db2@x.test", spec("sample.toggle"), []).reason
 
