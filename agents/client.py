@@ -47,14 +47,7 @@ class Client(Actor):
                 return report
             targets = [e["jid"] for e in found.result]
             scoped = {e["jid"]: [w for w in on if any(related(h, w) for h in e["resources"])] for e in found.result}
-            held = [r for e in found.result for r in e["resources"]]
-            for wanted in on:
-                if not any(related(h, wanted) for h in held):
-                    report.results.append(TargetResult(wanted, Outcome.NOT_DISCOVERED,
-                                                       error=f"no live agent offers {op} on {wanted}"))
-            if not targets and not on:
-                report.results.append(TargetResult("*", Outcome.NOT_DISCOVERED,
-                                                   error=f"no live agent offers {op}"))
+            report.results += not_discovered(op, on, found.result)
         rid = rid or uuid.uuid4().hex
         if scope == "one":
             random.shuffle(targets)
@@ -72,3 +65,14 @@ class Client(Actor):
                              progress=progress)
                 for t in targets))
         return report
+
+
+def not_discovered(op: str, on: Sequence[str], found: Sequence[dict[str, Any]]) -> list[TargetResult]:
+    """A not-discovered result for each addressed resource no discovered agent relates to (or for
+    the op itself when nothing at all offers it), from discovery's ``{jid, resources}`` entries."""
+    held = [r for e in found for r in e["resources"]]
+    missing = [TargetResult(w, Outcome.NOT_DISCOVERED, error=f"no live agent offers {op} on {w}")
+               for w in on if not any(related(h, w) for h in held)]
+    if not found and not on:
+        missing.append(TargetResult("*", Outcome.NOT_DISCOVERED, error=f"no live agent offers {op}"))
+    return missing

@@ -44,6 +44,7 @@ from slixmpp import JID, Message
 from agents import resources as paths
 from agents.actor import Actor, Endpoint, Timeouts
 from agents.audit import AuditLog
+from agents.client import not_discovered
 from agents.authz import Authorizer, decide
 from agents.errors import BadArguments, Outcome
 from agents.ops import OpSpec
@@ -533,13 +534,7 @@ class ChatBot(Actor):
             found.error = f"discovery through the broker failed: {found.error}"
             report.results.append(found)
             return []
-        held_all = [r for e in found.result for r in e["resources"]]
-        for wanted in on:
-            if not any(paths.related(h, wanted) for h in held_all):
-                report.results.append(TargetResult(wanted, Outcome.NOT_DISCOVERED,
-                                                   error=f"no live agent offers {spec.name} on {wanted}"))
-        if not found.result and not on:
-            report.results.append(TargetResult("*", Outcome.NOT_DISCOVERED, error=f"no live agent offers {spec.name}"))
+        report.results += not_discovered(spec.name, on, found.result)
         return [(e["jid"], list(e["resources"])) for e in found.result]
 
     def _audit_decision(self, rid: str, operator: str, spec: OpSpec, resources: list[str], args: dict[str, Any],
