@@ -16,7 +16,9 @@ and cuts the packs back to their committed length, so an interrupted snapshot or
 
 Compression tries a fast zstd level first when the previous block did not compress, and compresses at
 ZSTD_LEVEL only if that probe shrank the block (the early abort ZFS uses for zstd): incompressible data
-(already-compressed or encrypted pages) costs a cheap probe instead of a full compression attempt.
+(already-compressed or encrypted pages) costs a cheap probe instead of a full compression attempt. After a
+batch that did not compress, only a sample of the next (every 16th block) is probed first, and the batch is
+kept raw unless a sampled block shrinks (the sampling btrfs does before compressing an extent).
 
 Stores written before packs existed (chunk bytes inside SQLite) are not migrated: opening one fails with a
 message saying so.
@@ -42,6 +44,8 @@ ID_BYTES = 32
 SEGMENT_IDS = 1024          # one segment covers 8 MiB of file at 8 KiB blocks and is a 32 KiB blob
 ZSTD_LEVEL = 3
 PROBE_LEVEL = -1            # the early-abort probe: ~3x faster than level 3 on data that does not compress
+_SAMPLE_STRIDE = 16         # after a batch that did not compress, probe every 16th block of the next first
+_SAMPLE_MIN = 64            # batches smaller than this are probed whole
 _QUERY_BATCH = 500          # stays under SQLite's host-parameter limit on every version
 _MAX_JOBS = 4               # batches queued for the writer (each holds one read buffer, ~4 MiB)
 _ROW_BATCH = 4096           # index rows inserted together
@@ -171,6 +175,10 @@ class ChunkStore:
         the GIL is released once per batch rather than once per block; then append them."""
         view = memoryview(buf)
         probe = None
+        if self._last_raw and len(todo) >= _SAMPLE_MIN and not self._sample_compresses(buf, todo):
+            # The previous batch did not compress and neither does a sample of this one: keep it raw.
+            self._last_raw = True
+            return self._append_stored([(cid, 0, n, view[off:off + n]) for cid, (off, n) in todo])
         if self._last_raw:
             # Early abort: a fast probe first; only blocks it shrinks are compressed at the full level.
             probe = self._probe.multi_compress_to_buffer(_segments(buf, [s for _, s in todo]), threads=1)
@@ -195,6 +203,13 @@ class ChunkStore:
                 records.append((cid, 1, n, data))
         self._last_raw = raw * 2 > len(todo)
         return self._append_stored(records)
+
+    def _sample_compresses(self, buf: bytes, todo: list[tuple[bytes, tuple[int, int]]]) -> bool:
+        """Whether any of an evenly spread sample of the batch's blocks shrinks by at least 1/16 at the
+        probe level (the sampling btrfs's compression heuristic does before it compresses an extent)."""
+        sample = [span for _, span in todo[::_SAMPLE_STRIDE]]
+        out = self._probe.multi_compress_to_buffer(_segments(buf, sample), threads=1)
+        return any(len(out[k]) < n - n // 16 for k, (_, n) in enumerate(sample))
 
     def _append_stored(self, records: list[tuple[bytes, int, int, bytes | memoryview]]) -> list[Row]:
         locs = self.packs.append(records)

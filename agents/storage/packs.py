@@ -5,15 +5,15 @@ A pack is `packs/<id>.pack`: an 8-byte magic, then records, each a 41-byte heade
 raw size, stored length) followed by the stored bytes. The header lets a reader check that an index entry
 points at the chunk it names, and lets a pack be read without the index.
 
-Durability is by commit, not by chunk: records are appended sequentially (the OS is asked to start
-writeback early), and `sync()` fdatasyncs every pack written since the last sync, and the directory when a
-pack was created, before the caller commits the index rows that name those records. The packs table
-records each pack's committed length in the same transaction. So after a crash or an aborted ingest,
-`recover()` makes the files agree with the last commit: a pack file with no row (created by an ingest that
-never committed, or left behind by a compaction that did) is removed, and a pack longer than its committed
-length is cut back to it (an interrupted or uncommitted append; the cut part was never referenced). A pack
-shorter than its committed length has lost committed data: it is reported, never appended to, and reads of
-its missing records fail as corrupt.
+Durability is by commit, not by chunk: records are appended sequentially (writeback starts behind the appends,
+and written pages leave the page cache), and `sync()` fdatasyncs every pack written since the last sync, and
+the directory when a pack was created, before the caller commits the index rows that name those records. The
+packs table records each pack's committed length in the same transaction. So after a crash or an aborted
+ingest, `recover()` makes the files agree with the last commit: a pack file with no row (created by an ingest
+that never committed, or left behind by a compaction that did) is removed, and a pack longer than its
+committed length is cut back to it (an interrupted or uncommitted append; the cut part was never referenced).
+A pack shorter than its committed length has lost committed data: it is reported, never appended to, and reads
+of its missing records fail as corrupt.
 
 Space is reclaimed by compaction (chunkstore.gc): `dead` counts the record bytes of collected chunks; a
 pack that is mostly dead has its live records copied to the active pack, and is deleted once the index
@@ -38,7 +38,7 @@ from agents.storage.driver import StorageError
 MAGIC = b"VTBPACK1"
 HEADER = struct.Struct(">32sBII")       # chunk id, zstd flag, raw size, stored length
 PACK_BYTES = 256 << 20                  # a pack is closed for appends once it reaches this size
-_HINT_BYTES = 32 << 20                  # ask the kernel to start writeback after this many new bytes
+_HINT_BYTES = 32 << 20                  # writeback window of the active pack (see _writeback)
 _SPAN_BYTES = 8 << 20                   # longest single read when fetching adjacent records
 
 PACKS_SCHEMA = """
@@ -61,6 +61,7 @@ def _sync_file_range():  # type: ignore[no-untyped-def]
 
 _SYNC_FILE_RANGE = _sync_file_range()
 _SYNC_FILE_RANGE_WRITE = 2
+_SYNC_FILE_RANGE_WAIT_ALL = 1 | 2 | 4       # wait for earlier writeback, start it, wait for it
 
 
 class PackFiles:
@@ -75,7 +76,7 @@ class PackFiles:
         self._size = 0                              # its length, committed or not
         self._sizes: dict[int, int] = {}            # every pack written since the last sync: its length
         self._created = False                       # a pack file was created since the last sync
-        self._hinted = 0
+        self._kicked = self._dropped = 0            # active pack: writeback started / cache dropped up to
         self.damaged: dict[int, str] = {}
         self.recover()
 
@@ -147,10 +148,23 @@ class PackFiles:
             if n:
                 bufs[idx] = memoryview(bufs[idx])[n:]
         assert done == total
-        self._hinted += total
-        if self._hinted >= _HINT_BYTES and _SYNC_FILE_RANGE is not None:
-            _SYNC_FILE_RANGE(self._writer, offset + total - self._hinted, self._hinted, _SYNC_FILE_RANGE_WRITE)
-            self._hinted = 0
+        self._writeback(offset + total)
+
+    def _writeback(self, end: int) -> None:
+        """Stream the active pack to disk behind the appends: start writeback of every _HINT_BYTES of new
+        bytes, and once the window before it has been written, drop its pages from the page cache. Pack
+        bytes are rarely read soon after an ingest, so an ingest of a large volume neither evicts the
+        volume's own hot data nor piles up dirty pages, and the page cache it uses stays one or two windows
+        big (recycled pages are also much cheaper to fill than fresh ones). Durability is still the
+        fdatasync in sync(): this is only scheduling."""
+        if end - self._kicked < _HINT_BYTES or _SYNC_FILE_RANGE is None or self._writer is None:
+            return
+        if self._kicked > self._dropped:
+            _SYNC_FILE_RANGE(self._writer, self._dropped, self._kicked - self._dropped, _SYNC_FILE_RANGE_WAIT_ALL)
+            os.posix_fadvise(self._writer, self._dropped, self._kicked - self._dropped, os.POSIX_FADV_DONTNEED)
+            self._dropped = self._kicked
+        _SYNC_FILE_RANGE(self._writer, self._kicked, end - self._kicked, _SYNC_FILE_RANGE_WRITE)
+        self._kicked = end
 
     def _start_pack(self) -> None:
         self._close_writer()
@@ -161,7 +175,7 @@ class PackFiles:
         self._writer, self._active, self._size = fd, pid, len(MAGIC)
         self._sizes[pid] = len(MAGIC)
         self._created = True
-        self._hinted = 0
+        self._kicked = self._dropped = 0
 
     def seal(self) -> None:
         """Stop appending to the active pack (the next append starts a new one)."""
@@ -186,7 +200,6 @@ class PackFiles:
             self._fsync_dir()
         self._sizes.clear()
         self._created = False
-        self._hinted = 0
 
     def dirty(self) -> bool:
         return bool(self._sizes)
@@ -296,6 +309,7 @@ class PackFiles:
     def _open_writer(self, pid: int, size: int) -> None:
         self._writer = os.open(self._path(pid), os.O_WRONLY | os.O_CLOEXEC)
         self._active, self._size = pid, size
+        self._kicked = self._dropped = size
 
     def _close_writer(self) -> None:
         if self._writer is not None:

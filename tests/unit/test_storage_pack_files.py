@@ -89,6 +89,51 @@ def test_blocks_that_compress_and_blocks_that_do_not(tmp_path):
         db.close()
 
 
+def test_batch_after_incompressible_one_is_sampled_not_skipped(tmp_path):
+    """After a batch that did not compress, a sample decides: a batch of noise is kept raw without a full
+    probe, and a batch of mostly text following it is still compressed."""
+    db, store = open_store(tmp_path)
+    try:
+        noise = [os.urandom(BLOCK) for _ in range(128)]
+        text = [(b"%06d INSERT INTO t VALUES (1, 'hello');\n" % i * 250)[:BLOCK] for i in range(128)]
+        mixed = [os.urandom(BLOCK) if i % 5 == 0 else t for i, t in enumerate(text)]
+        batches = [noise, [os.urandom(BLOCK) for _ in range(128)], mixed]
+        ids = [store.put_blocks(b) for b in batches]
+        for part in ids:
+            store.put_segments(part)
+        store.commit()
+        z = dict(db.execute("SELECT id, z FROM chunks"))
+        assert all(z[i] == 0 for i in ids[1])
+        assert [z[i] for i in ids[2]] == [0 if i % 5 == 0 else 1 for i in range(128)]
+        assert store.get_blocks(ids[2]) == mixed
+    finally:
+        store.close()
+        db.close()
+
+
+def test_writeback_window_drops_written_pages_and_keeps_data(tmp_path, monkeypatch):
+    """Appends spanning several writeback windows (each started, waited for and dropped from the cache behind
+    the writer) read back intact, and survive a reopen."""
+    monkeypatch.setattr(packs_mod, "_HINT_BYTES", 64 * 1024)
+    db, store = open_store(tmp_path)
+    try:
+        blocks = [os.urandom(BLOCK) for _ in range(100)]
+        ids = []
+        for i in range(0, 100, 10):
+            ids += store.put_blocks(blocks[i:i + 10])
+        store.put_segments(ids)
+        store.commit()
+        assert store.get_blocks(ids) == blocks
+    finally:
+        store.close()
+    store = ChunkStore(db, tmp_path / "packs")
+    try:
+        assert store.get_blocks(ids) == blocks
+    finally:
+        store.close()
+        db.close()
+
+
 def test_recover_cuts_uncommitted_tail_and_removes_unknown_packs(tmp_path):
     db = sqlite3.connect(tmp_path / "index.sqlite")
     files = PackFiles(tmp_path / "packs", db)
