@@ -13,8 +13,17 @@ zero or more ``{"progress": [target, seq, payload]}`` then one ``{"report": Call
 ``{"error": sentence}``.
 
 Callers that only need the socket may use ``call_via_gateway_blocking``: a plain socket, no event
-loop. This module imports asyncio and the report types only where it uses them, so a short program
+loop, and the standard library only: its frames are read and written by the small msgpack codec
+below (``pack``/``unpack``, the subset the gateway's frames use), not the msgpack package. This module
+imports asyncio, msgpack and the report types only where it uses them, so a short program
 (check_vertebra) that calls through the gateway does not pay tens of milliseconds to load them.
+
+The gateway remembers, per caller, op and resource, which agent answered a call of scope ``one`` on
+one resource (``-H HOST`` of check_vertebra, fence_vertebra's target), and sends the next such call
+straight to that agent: one XMPP round trip instead of two (discovery, then the call). Only an
+answer that says the request certainly did not run there (unreachable: the agent is gone; denied:
+another holder may allow it) sends the call through discovery again, with the same request id;
+any other answer but ok forgets the agent, so the next call asks the broker again.
 """
 
 from __future__ import annotations
@@ -22,14 +31,13 @@ from __future__ import annotations
 import os
 import struct
 import time
-from pathlib import Path
-import msgpack
 
-from .errors import CallInterrupted, ConnectError
+from .errors import CallInterrupted, ConnectError, Outcome
 
 TYPE_CHECKING = False  # typing costs short programs milliseconds; annotations are strings here
 if TYPE_CHECKING:
     import asyncio
+    from pathlib import Path
     from typing import Any
 
     from .actor import Endpoint
@@ -40,6 +48,7 @@ if TYPE_CHECKING:
 MAX_REQUEST = 256 * 1024  # a call: op, arguments, targets
 MAX_ANSWER = 256 * 1024 * 1024  # a report may carry a result from each of thousands of targets
 IDLE_SESSION = 300.0  # seconds an unused identity's session is kept
+MAX_HOLDERS = 4096  # remembered (caller, op, resource) -> agent entries; the oldest go first
 
 
 class GatewayUnavailable(Exception):
@@ -47,6 +56,8 @@ class GatewayUnavailable(Exception):
 
 
 async def _read(reader: asyncio.StreamReader, limit: int) -> Any:
+    import msgpack
+
     (size,) = struct.unpack(">I", await reader.readexactly(4))
     if size > limit:
         raise ValueError(f"gateway frame of {size} bytes exceeds {limit}")
@@ -54,14 +65,137 @@ async def _read(reader: asyncio.StreamReader, limit: int) -> Any:
 
 
 def _frame(obj: Any) -> bytes:
+    import msgpack
+
     data = msgpack.packb(obj, use_bin_type=True)
     return struct.pack(">I", len(data)) + data
+
+
+# -- the standard library's msgpack, for short programs -------------------------------------------
+
+def pack(obj: Any) -> bytes:
+    """``obj`` (None, bool, int, float, str, bytes, list/tuple, dict) as msgpack, as
+    ``msgpack.packb(obj, use_bin_type=True)`` reads back; TypeError for anything else."""
+    out: list[bytes] = []
+    _pack(obj, out)
+    return b"".join(out)
+
+
+def _pack(obj: Any, out: list[bytes]) -> None:
+    if obj is None:
+        out.append(b"\xc0")
+    elif obj is True or obj is False:
+        out.append(b"\xc3" if obj else b"\xc2")
+    elif isinstance(obj, int):
+        if 0 <= obj < 0x80:
+            out.append(bytes((obj,)))
+        elif -32 <= obj < 0:
+            out.append(struct.pack(">b", obj))
+        elif 0 <= obj < 1 << 64:
+            out.append(b"\xcf" + struct.pack(">Q", obj))
+        elif -(1 << 63) <= obj < 0:
+            out.append(b"\xd3" + struct.pack(">q", obj))
+        else:
+            raise OverflowError(f"integer {obj} does not fit msgpack's 64 bits")
+    elif isinstance(obj, float):
+        out.append(b"\xcb" + struct.pack(">d", obj))
+    elif isinstance(obj, str):
+        data = obj.encode("utf-8")
+        n = len(data)
+        out.append(bytes((0xA0 | n,)) if n < 32 else b"\xd9" + bytes((n,)) if n < 0x100
+                   else b"\xda" + struct.pack(">H", n) if n < 0x10000 else b"\xdb" + struct.pack(">I", n))
+        out.append(data)
+    elif isinstance(obj, (bytes, bytearray, memoryview)):
+        data = bytes(obj)
+        n = len(data)
+        out.append(b"\xc4" + bytes((n,)) if n < 0x100 else b"\xc5" + struct.pack(">H", n) if n < 0x10000
+                   else b"\xc6" + struct.pack(">I", n))
+        out.append(data)
+    elif isinstance(obj, (list, tuple)):
+        n = len(obj)
+        out.append(bytes((0x90 | n,)) if n < 16 else b"\xdc" + struct.pack(">H", n) if n < 0x10000
+                   else b"\xdd" + struct.pack(">I", n))
+        for item in obj:
+            _pack(item, out)
+    elif isinstance(obj, dict):
+        n = len(obj)
+        out.append(bytes((0x80 | n,)) if n < 16 else b"\xde" + struct.pack(">H", n) if n < 0x10000
+                   else b"\xdf" + struct.pack(">I", n))
+        for key, value in obj.items():
+            _pack(key, out)
+            _pack(value, out)
+    else:
+        raise TypeError(f"cannot pack {type(obj).__name__}")
+
+
+_CONSTANTS = {0xC0: None, 0xC2: False, 0xC3: True}
+# first byte -> (struct format, size) of a fixed-size scalar
+_SCALARS = {0xCA: (">f", 4), 0xCB: (">d", 8), 0xCC: (">B", 1), 0xCD: (">H", 2), 0xCE: (">I", 4),
+            0xCF: (">Q", 8), 0xD0: (">b", 1), 0xD1: (">h", 2), 0xD2: (">i", 4), 0xD3: (">q", 8)}
+# first byte -> (kind, struct format of the length, its size) of a sized item
+_SIZED = {0xC4: ("bin", ">B", 1), 0xC5: ("bin", ">H", 2), 0xC6: ("bin", ">I", 4),
+          0xD9: ("str", ">B", 1), 0xDA: ("str", ">H", 2), 0xDB: ("str", ">I", 4),
+          0xDC: ("array", ">H", 2), 0xDD: ("array", ">I", 4), 0xDE: ("map", ">H", 2), 0xDF: ("map", ">I", 4)}
+
+
+def unpack(data: bytes) -> Any:
+    """One msgpack object that fills ``data``, as ``msgpack.unpackb(data, raw=False)`` gives it
+    (map keys must be text or bytes; extension types are refused); ValueError if malformed."""
+    try:
+        obj, end = _unpack(data, 0)
+    except (IndexError, struct.error, UnicodeDecodeError, RecursionError) as exc:
+        raise ValueError(f"malformed msgpack ({exc.__class__.__name__})") from None
+    if end != len(data):
+        raise ValueError(f"malformed msgpack: {len(data) - end} bytes after the object")
+    return obj
+
+
+def _unpack(data: bytes, i: int) -> tuple[Any, int]:
+    b = data[i]
+    i += 1
+    if b < 0x80:
+        return b, i
+    if b >= 0xE0:
+        return b - 0x100, i
+    if b < 0xC0:
+        kind, n = ("map", b & 0x0F) if b < 0x90 else ("array", b & 0x0F) if b < 0xA0 else ("str", b & 0x1F)
+    elif b in _CONSTANTS:
+        return _CONSTANTS[b], i
+    elif b in _SCALARS:
+        fmt, size = _SCALARS[b]
+        return struct.unpack_from(fmt, data, i)[0], i + size
+    elif b in _SIZED:
+        kind, fmt, size = _SIZED[b]
+        (n,) = struct.unpack_from(fmt, data, i)
+        i += size
+    else:
+        raise ValueError(f"msgpack type byte 0x{b:02x} is not supported here")
+    if kind == "str" or kind == "bin":
+        if i + n > len(data):
+            raise IndexError("truncated")
+        chunk = data[i:i + n]
+        return (chunk.decode("utf-8") if kind == "str" else bytes(chunk)), i + n
+    if kind == "array":
+        items = []
+        for _ in range(n):
+            item, i = _unpack(data, i)
+            items.append(item)
+        return items, i
+    mapping: dict[Any, Any] = {}
+    for _ in range(n):
+        key, i = _unpack(data, i)
+        if not isinstance(key, (str, bytes)):
+            raise ValueError(f"msgpack map key of type {type(key).__name__}")
+        mapping[key], i = _unpack(data, i)
+    return mapping, i
 
 
 class Gateway:
     def __init__(self, path: Path, endpoint: "Endpoint", broker: str) -> None:
         self.path, self.endpoint, self.broker = path, endpoint, broker
         self._sessions: dict[str, tuple[bytes, "Client", float]] = {}
+        # (caller JID, op, resource) -> the agent that last answered ok for it, oldest first
+        self._holders: dict[tuple[str, str, str], str] = {}
         self._locks: dict[str, asyncio.Lock] = {}
         self._server: asyncio.AbstractServer | None = None
         self._reaper: asyncio.Task[None] | None = None
@@ -89,6 +223,7 @@ class Gateway:
         for _digest, client, _used in self._sessions.values():
             await client.stop()
         self._sessions.clear()
+        self._holders.clear()
         if self.path.exists():
             self.path.unlink()
 
@@ -124,10 +259,7 @@ class Gateway:
             def progress(target: str, seq: int, payload: Any) -> None:
                 writer.write(_frame({"progress": [target, seq, payload]}))
 
-            report = await client.call(call["op"], call.get("args") or {}, on=call.get("on") or (),
-                                       scope=call.get("scope", "all"), to=call.get("to") or (),
-                                       timeout=float(call.get("timeout", 30.0)), progress=progress,
-                                       rid=call.get("rid"))
+            report = await self._call(str(req["jid"]), client, call, progress)
             writer.write(_frame({"report": report.to_dict()}))
         except ConnectError as exc:
             writer.write(_frame({"error": str(exc)}))
@@ -141,6 +273,41 @@ class Gateway:
                 writer.close()
             except ConnectionError:
                 pass
+
+    async def _call(self, jid: str, client: "Client", call: dict[str, Any], progress: "ProgressFn") -> "CallReport":
+        """Make ``call`` as ``jid``: straight to the agent that last answered it, if the gateway
+        remembers one (see the module's docstring), else through discovery."""
+        import asyncio
+        import uuid
+
+        op, on, to = call["op"], list(call.get("on") or ()), list(call.get("to") or ())
+        args, scope = call.get("args") or {}, call.get("scope", "all")
+        timeout = float(call.get("timeout", 30.0))
+        rid = call.get("rid") or uuid.uuid4().hex  # one id for both tries: an agent never runs it twice
+        key = (jid, op, on[0]) if scope == "one" and len(on) == 1 and not to else None
+        holder = self._holders.get(key) if key is not None else None
+        if holder is not None:
+            loop = asyncio.get_running_loop()
+            started = loop.time()
+            report = await client.call(op, args, on=on, scope="one", to=[holder], timeout=timeout, progress=progress,
+                                       rid=rid)
+            outcome = report.results[-1].outcome if report.results else None
+            if outcome is Outcome.OK:
+                return report
+            self._holders.pop(key, None)
+            # Only where it certainly did not run may the call go on to another holder, as in Client.call.
+            if outcome not in (Outcome.UNREACHABLE, Outcome.DENIED):
+                return report
+            timeout -= loop.time() - started
+            if timeout <= 0:
+                return report
+        report = await client.call(op, args, on=on, scope=scope, to=to, timeout=timeout, progress=progress, rid=rid)
+        if key is not None and len(report.results) == 1 and report.results[0].outcome is Outcome.OK:
+            self._holders.pop(key, None)
+            self._holders[key] = report.results[0].target
+            while len(self._holders) > MAX_HOLDERS:
+                del self._holders[next(iter(self._holders))]
+        return report
 
     async def _reap(self) -> None:
         import asyncio
@@ -194,9 +361,11 @@ def call_via_gateway_blocking(path: Path | str, jid: str, password: str, call: d
     (the op may have run: do not fall back to a login then), TimeoutError past the same bound as
     ``call_via_gateway`` (the call's timeout plus 20 s for a first login), or past ``limit``
     seconds if that is given."""
-    import socket
+    # _socket, the socket module's own core: the module adds enum, selectors and milliseconds of
+    # import to a program that needs only connect, sendall and recv.
+    import _socket
 
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
     try:
         try:
             sock.connect(str(path))
@@ -213,7 +382,7 @@ def call_via_gateway_blocking(path: Path | str, jid: str, password: str, call: d
                 sock.settimeout(left)
                 try:
                     chunk = sock.recv(min(size - got, 1 << 20))
-                except socket.timeout:
+                except TimeoutError:  # socket.timeout
                     raise TimeoutError(f"the gateway at {path} gave no answer in time") from None
                 if not chunk:
                     raise ConnectionResetError("the gateway closed the connection")
@@ -222,12 +391,13 @@ def call_via_gateway_blocking(path: Path | str, jid: str, password: str, call: d
             return b"".join(chunks)
 
         try:
-            sock.sendall(_frame({"jid": jid, "password": password, "call": call}))
+            request = pack({"jid": jid, "password": password, "call": call})
+            sock.sendall(struct.pack(">I", len(request)) + request)
             while True:
                 (size,) = struct.unpack(">I", read_exactly(4))
                 if size > MAX_ANSWER:
                     raise ValueError(f"gateway frame of {size} bytes exceeds {MAX_ANSWER}")
-                msg = msgpack.unpackb(read_exactly(size), raw=False)
+                msg = unpack(read_exactly(size))
                 if "progress" in msg:
                     continue
                 if "report" in msg:
