@@ -185,7 +185,6 @@ def _home(home: str | None) -> str:
 def _lean_run(o: dict[str, Any]) -> tuple[str, int] | None:
     """Run the call through the gateway; None when the full path must do it (no gateway, a mesh
     file that does not load, a password missing: the full path says what is wrong)."""
-    from agents import resources
     from agents.errors import ConnectError
     from agents.gateway import GatewayUnavailable, call_via_gateway_blocking
 
@@ -193,10 +192,9 @@ def _lean_run(o: dict[str, Any]) -> tuple[str, int] | None:
     socket_path = os.path.join(home, "run", "gateway.sock")
     if not os.path.exists(socket_path):
         return None
-    try:
-        target = resources.check(f"/host/{o['hostname']}" if "hostname" in o else o["resource"])
-    except resources.BadResource:
-        return None
+    target = f"/host/{o['hostname']}" if "hostname" in o else o["resource"]
+    if not plain_resource(target):
+        return None  # the full path checks it and says what is wrong
     identity = _identity(o, home)
     if identity is None:
         return None
@@ -215,6 +213,26 @@ def _lean_run(o: dict[str, Any]) -> tuple[str, int] | None:
         output, state = _aggregate(CallReport.from_dict(report), target)
         return output, int(state)
     return _one(report, target, UNKNOWN)
+
+
+# rbac.paths' rules (the one place they live) without loading re: a segment is a letter, digit or _,
+# then up to 127 of those or . : @ + -; at most MAX_SEGMENTS segments. A test holds the two to agreement.
+_SEGMENT_FIRST = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_")
+_SEGMENT_REST = _SEGMENT_FIRST | frozenset(".:@+-")
+_MAX_SEGMENTS = 16
+
+
+def plain_resource(path: str) -> bool:
+    """Whether ``path`` is a canonical resource path, as ``agents.resources.check`` decides."""
+    if not path.startswith("/"):
+        return False
+    segments = path[1:].split("/")
+    if len(segments) > _MAX_SEGMENTS:
+        return False
+    for seg in segments:
+        if not seg or len(seg) > 128 or seg[0] not in _SEGMENT_FIRST or not _SEGMENT_REST.issuperset(seg):
+            return False
+    return True
 
 
 def _identity(o: dict[str, Any], home: str) -> tuple[str, str] | None:

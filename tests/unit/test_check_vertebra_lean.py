@@ -126,3 +126,32 @@ def test_one_reads_the_report_as_the_full_path_did() -> None:
     slow = {"results": [{"target": "mon@x.test/agent", "outcome": "timeout", "error": "no answer", "result": None}]}
     assert cv._one(slow, "/host/a", 2) == ("CRITICAL - check_vertebra: timeout on mon@x.test: no answer", 2)
     assert cv._one({"results": []}, "/host/a", 3)[1] == 3
+
+
+PATHS = ["/host/db1", "/cluster/c1/node/3", "/h", "/", "", "host/db1", "/host/", "//x", "/host/./x", "/host/..",
+         "/.x", "/_x", "/a.b:c@d+e-f", "/-x", "/x-", "/x y", "/x\n", "/x\x00", "/é", "/x%2f", "/x/" + "a" * 128,
+         "/x/" + "a" * 129, "/" + "/".join("s" * 16), "/" + "/".join("s" * 17), "/a*", "/a/**", "/A/Z9"]
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_lean_resource_check_agrees_with_the_path_rules(path: str) -> None:
+    from agents import resources
+
+    try:
+        resources.check(path)
+        canonical = True
+    except resources.BadResource:
+        canonical = False
+    assert cv.plain_resource(path) is canonical
+
+
+def test_lean_resource_check_agrees_on_every_character() -> None:
+    from agents import resources
+
+    for code in range(0x180):
+        for path in (f"/{chr(code)}", f"/a{chr(code)}", f"/a{chr(code)}b/c"):
+            try:
+                canonical = resources.check(path) == path
+            except resources.BadResource:
+                canonical = False
+            assert cv.plain_resource(path) is canonical, repr(path)
