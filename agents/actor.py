@@ -10,6 +10,7 @@ which costs a scan of every pending request for every stanza that arrives.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hashlib
 import importlib
 import logging
@@ -63,10 +64,19 @@ class Endpoint:
     domain: str
     ssl_context: ssl.SSLContext
     alternates: tuple[tuple[str, int], ...] = ()
+    # False: start at a random node (clients and agents spread over a cluster); True: at host:port
+    # first (a broker instance belongs to one node).
+    first: bool = False
 
     @property
     def addresses(self) -> list[tuple[str, int]]:
         return [(self.host, self.port), *self.alternates]
+
+    def starting_at(self, index: int) -> "Endpoint":
+        """The same service, tried from its ``index``-th node on (then the others, in order)."""
+        nodes = self.addresses
+        (host, port), *rest = nodes[index % len(nodes):] + nodes[:index % len(nodes)]
+        return dataclasses.replace(self, host=host, port=port, alternates=tuple(rest), first=True)
 
     @classmethod
     def pinned(cls, host: str, port: int, domain: str, cert_path: str,
@@ -140,7 +150,7 @@ class Actor:
         # Each actor starts at a random server of a cluster, so a node's clients do not all land on
         # the same other node when it goes away.
         self._addresses = endpoint.addresses
-        self._address = random.randrange(len(self._addresses))
+        self._address = 0 if endpoint.first else random.randrange(len(self._addresses))
         self.xmpp.next_address = self._next_address
         # Explicit, because with a given host and port slixmpp would try direct TLS first.
         self.xmpp.enable_direct_tls = False

@@ -94,8 +94,8 @@ class Agent(Actor):
     def __init__(self, jid: str, password: str, endpoint: Endpoint, *, resources: Sequence[str] = (),
                  broker: str | None = None, authorizer: Authorizer | None = None,
                  settings: dict[str, Any] | None = None, name: str | None = None,
-                 state_dir: Path | None = None, delegates: Sequence[str] = ()) -> None:
-        super().__init__(jid, password, endpoint)
+                 state_dir: Path | None = None, delegates: Sequence[str] = (), resource: str | None = None) -> None:
+        super().__init__(jid, password, endpoint, resource=resource)
         # Advertising needs forms (XEP-0004, XEP-0128) and caps (XEP-0115); clients do without them
         # and so without their handlers and filters on every stanza.
         for plugin in ("xep_0004", "xep_0128", "xep_0115"):

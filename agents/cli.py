@@ -78,7 +78,9 @@ def _parser() -> argparse.ArgumentParser:
     srv.add_argument("--engine", choices=("prosody", "ejabberd"), help="overrides the mesh file's server.engine")
     srv.add_argument("--cluster-join", metavar="NODE", help="ejabberd: join the cluster of this Erlang node")
     sub.add_parser("up", help="start the server, the broker and every agent; Ctrl-C stops them all")
-    sub.add_parser("broker", help="run the broker in the foreground")
+    brk = sub.add_parser("broker", help="run the broker (one of its instances) in the foreground")
+    brk.add_argument("--instance", type=int, default=1, metavar="N",
+                     help="on a cluster, the instance by the N-th node of server.nodes (1: server.host)")
     ag = sub.add_parser("agent", help="run one agent of the mesh file in the foreground")
     ag.add_argument("name")
     lst = sub.add_parser("agents", help="list the live agents with their ops and resources")
@@ -164,7 +166,7 @@ def cmd_workflow(mesh: meshconf.MeshConfig, ns: argparse.Namespace) -> int:
     except BadArguments as exc:
         print(f"vertebra: {exc} (see `vertebra help {spec.name}`)", file=sys.stderr)
         return EXIT_USAGE
-    report = _run_call(mesh, spec.name, args, ns.timeout, to=[mesh.broker_jid])
+    report = _call_broker(mesh, spec.name, args, ns.timeout)
     if report.ok and not ns.json:
         print(json.dumps(report.results[0].result, indent=2, default=str))
     else:
@@ -173,7 +175,7 @@ def cmd_workflow(mesh: meshconf.MeshConfig, ns: argparse.Namespace) -> int:
 
 
 def cmd_policy_reload(mesh: meshconf.MeshConfig, ns: argparse.Namespace) -> int:
-    report = _run_call(mesh, "policy.reload", {}, ns.timeout, to=[mesh.broker_jid])
+    report = _call_broker(mesh, "policy.reload", {}, ns.timeout)
     _print_report(report, False)
     return report.exit_code
 
@@ -215,6 +217,11 @@ def _run_call(mesh: meshconf.MeshConfig, op: str, args: dict[str, Any], timeout:
         return CallReport(op, [TargetResult(mesh.server.host, Outcome.UNREACHABLE, error=f"mesh unreachable: {exc}")])
 
 
+def _call_broker(mesh: meshconf.MeshConfig, op: str, args: dict[str, Any], timeout: float) -> CallReport:
+    """An op of the broker itself: any of its instances will do (workflows go on to the leading one)."""
+    return _run_call(mesh, op, args, timeout, to=mesh.broker_jids, scope="one")
+
+
 def _full_jid(mesh: meshconf.MeshConfig, target: str) -> str:
     """Accept `storage1`, `storage1@domain` or a full JID for --to."""
     if "@" not in target:
@@ -248,7 +255,7 @@ def cmd_call(mesh: meshconf.MeshConfig, ns: argparse.Namespace) -> int:
 
 
 def cmd_agents(mesh: meshconf.MeshConfig, ns: argparse.Namespace) -> int:
-    report = _run_call(mesh, "mesh.agents", {}, ns.timeout, to=[mesh.broker_jid])
+    report = _call_broker(mesh, "mesh.agents", {}, ns.timeout)
     if report.ok and not ns.json:
         agents = report.results[0].result
         for a in agents:
@@ -321,12 +328,19 @@ def cmd_server(mesh: meshconf.MeshConfig, ns: argparse.Namespace) -> int:
     return 0
 
 
-def build_actor(mesh: meshconf.MeshConfig, name: str) -> Any:
-    """The actor the mesh file describes under ``name`` (the broker's account, or an agent's)."""
+def build_actor(mesh: meshconf.MeshConfig, name: str, instance: int = 1) -> Any:
+    """The actor the mesh file describes under ``name`` (the broker's account, or an agent's); for
+    the broker, its ``instance``-th instance, which belongs to the server's ``instance``-th node."""
     authorizer = mesh.authorizer()
     if name == mesh.broker:
-        return agent_class("broker")(mesh.jid(name), mesh.password(name), mesh.endpoint(),
-                                     authorizer=authorizer, state_dir=_state_dir(mesh, name), name=name,
+        resources = mesh.broker_resources
+        if not 1 <= instance <= len(resources):
+            raise meshconf.ConfigError(f"broker instance {instance}: the mesh file's server has {len(resources)}"
+                                       f" node(s), so instances 1 to {len(resources)}")
+        own = name if instance == 1 else f"{name}-{instance}"
+        return agent_class("broker")(mesh.jid(name), mesh.password(name), mesh.endpoint().starting_at(instance - 1),
+                                     resource=resources[instance - 1], authorizer=authorizer,
+                                     state_dir=_state_dir(mesh, own), shared_dir=_state_dir(mesh, name), name=name,
                                      settings={"workflows": str(mesh.workflows)}, delegates=mesh.delegates)
     cfg = mesh.agent(name)
     return agent_class(cfg.kind)(mesh.jid(name), mesh.password(name), mesh.endpoint(),
@@ -341,18 +355,19 @@ def _state_dir(mesh: meshconf.MeshConfig, name: str) -> Path:
     return path
 
 
-async def serve(mesh: meshconf.MeshConfig, name: str) -> None:
+async def serve(mesh: meshconf.MeshConfig, name: str, instance: int = 1) -> None:
     """Run one actor until SIGINT or SIGTERM."""
-    actor = build_actor(mesh, name)
+    actor = build_actor(mesh, name, instance)
     gateway = None
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     await actor.start(timeout=30.0)
-    bot = await _start_chat(mesh, actor) if name == mesh.broker and mesh.chat else None
+    # The chat bot is one account: it runs beside the broker's first instance only.
+    bot = await _start_chat(mesh, actor) if name == mesh.broker and mesh.chat and instance == 1 else None
     if name != mesh.broker and mesh.agent(name).gateway:
-        gateway = Gateway(mesh.gateway_socket, mesh.endpoint(), mesh.broker_jid)
+        gateway = Gateway(mesh.gateway_socket, mesh.endpoint(), mesh.broker_jids)
         await gateway.start()
     logging.getLogger("vertebra").info("%s online as %s", name, actor.jid)
     await stop.wait()
@@ -385,7 +400,7 @@ async def _start_chat(mesh: meshconf.MeshConfig, broker: Any) -> Any:
 
 
 def cmd_broker(mesh: meshconf.MeshConfig, ns: argparse.Namespace) -> int:
-    return _serve_cmd(mesh, mesh.broker)
+    return _serve_cmd(mesh, mesh.broker, ns.instance)
 
 
 def cmd_agent(mesh: meshconf.MeshConfig, ns: argparse.Namespace) -> int:
@@ -393,9 +408,9 @@ def cmd_agent(mesh: meshconf.MeshConfig, ns: argparse.Namespace) -> int:
     return _serve_cmd(mesh, ns.name)
 
 
-def _serve_cmd(mesh: meshconf.MeshConfig, name: str) -> int:
+def _serve_cmd(mesh: meshconf.MeshConfig, name: str, instance: int = 1) -> int:
     try:
-        asyncio.run(serve(mesh, name))
+        asyncio.run(serve(mesh, name, instance))
     except ConnectError as exc:
         print(f"vertebra: {exc}", file=sys.stderr)
         return EXIT_UNREACHABLE
@@ -425,7 +440,9 @@ def cmd_up(mesh: meshconf.MeshConfig, ns: argparse.Namespace) -> int:
     children: list[subprocess.Popen[bytes]] = []
     base = [sys.executable, "-m", "agents.cli", "--home", str(mesh.home), "--mesh", str(mesh.path), "-v"]
     try:
-        for name, cmd in [(mesh.broker, ["broker"])] + [(a.name, ["agent", a.name]) for a in mesh.agents]:
+        brokers = [(mesh.broker if n == 1 else f"{mesh.broker}-{n}", ["broker", "--instance", str(n)])
+                   for n in range(1, len(mesh.broker_resources) + 1)]
+        for name, cmd in brokers + [(a.name, ["agent", a.name]) for a in mesh.agents]:
             with open(logs / f"{name}.log", "ab") as log_file:
                 children.append(subprocess.Popen(base + cmd, stdout=log_file, stderr=subprocess.STDOUT,
                                                  stdin=subprocess.DEVNULL, preexec_fn=_die_with_parent))
@@ -450,7 +467,7 @@ def _wait_for_agents(mesh: meshconf.MeshConfig, expected: int, children: list[An
     for _ in range(60):
         if any(c.poll() is not None for c in children):
             break
-        report = _run_call(mesh, "mesh.agents", {}, 5.0, to=[mesh.broker_jid])
+        report = _call_broker(mesh, "mesh.agents", {}, 5.0)
         if report.ok and len(report.results[0].result) >= expected:
             break
         time.sleep(0.5)

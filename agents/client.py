@@ -22,10 +22,21 @@ from .resources import related
 class Client(Actor):
     """An actor that calls ops. Each client logs in with its own resource so several may run at once."""
 
-    def __init__(self, jid: str, password: str, endpoint: Endpoint, *, broker: str,
+    def __init__(self, jid: str, password: str, endpoint: Endpoint, *, broker: str | Sequence[str],
                  timeouts: Timeouts = Timeouts()) -> None:
         super().__init__(jid, password, endpoint, resource=f"client-{uuid.uuid4().hex[:8]}", timeouts=timeouts)
-        self.broker = broker
+        # A broker runs as one instance per cluster node; any live one answers discovery.
+        self.brokers = [broker] if isinstance(broker, str) else list(broker)
+        self.broker = self.brokers[0] if self.brokers else ""
+
+    async def discover(self, op: str, on: Sequence[str], timeout: float) -> TargetResult:
+        """Ask the broker who offers ``op`` on ``on``: its first instance that is connected answers."""
+        found = TargetResult("", Outcome.UNREACHABLE, error="no broker is configured")
+        for broker in self.brokers:
+            found = await self.request(broker, "mesh.discover", {"op": op, "resources": list(on)}, timeout=timeout)
+            if found.outcome is not Outcome.UNREACHABLE:
+                break
+        return found
 
     async def call(self, op: str, args: dict[str, Any], *, on: Sequence[str] = (), scope: str = "all",
                    to: Sequence[str] = (), timeout: float = 30.0, progress: ProgressFn | None = None,
@@ -39,8 +50,7 @@ class Client(Actor):
         if to:
             targets = list(to)
         else:
-            found = await self.request(self.broker, "mesh.discover", {"op": op, "resources": list(on)},
-                                       timeout=min(self.timeouts.discover, timeout))
+            found = await self.discover(op, on, min(self.timeouts.discover, timeout))
             if found.outcome is not Outcome.OK:
                 found.error = f"discovery through the broker failed: {found.error}"
                 report.results.append(found)

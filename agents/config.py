@@ -107,8 +107,19 @@ class MeshConfig:
         return f"{account}@{self.server.domain}"
 
     @property
+    def broker_resources(self) -> list[str]:
+        """One broker instance per server node (broker/leadership.py): ``broker`` runs by the first
+        node, ``broker-2`` by the second, and so on."""
+        return ["broker"] + [f"broker-{n}" for n in range(2, len(self.server.nodes) + 2)]
+
+    @property
+    def broker_jids(self) -> list[str]:
+        """The broker's instances, the one by the first node first."""
+        return [f"{self.jid(self.broker)}/{r}" for r in self.broker_resources]
+
+    @property
     def broker_jid(self) -> str:
-        return f"{self.jid(self.broker)}/broker"
+        return self.broker_jids[0]
 
     @property
     def accounts(self) -> list[str]:

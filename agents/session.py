@@ -32,7 +32,7 @@ async def mesh_call(mesh: MeshConfig, op: str, args: dict[str, Any], *, on: Sequ
         pass
     from .client import Client  # the XMPP stack loads only when there is no gateway to use
 
-    client = Client(jid, password, mesh.endpoint(), broker=mesh.broker_jid)
+    client = Client(jid, password, mesh.endpoint(), broker=mesh.broker_jids)
     await client.start(timeout=min(LOGIN_TIMEOUT, timeout))
     try:
         return await client.call(op, args, on=on, scope=scope, to=to, timeout=timeout, progress=progress, rid=rid)

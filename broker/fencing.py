@@ -61,7 +61,10 @@ class FenceLedger:
     """The events and epochs, in SQLite so a restarted broker still knows which nodes are fenced."""
 
     def __init__(self, path: str | Path) -> None:
-        self.db = sqlite3.connect(path, isolation_level=None)
+        # Shared by a broker's instances (one per cluster node): WAL, and each record one transaction.
+        self.db = sqlite3.connect(path, isolation_level=None, timeout=30)
+        if str(path) != ":memory:":
+            self.db.execute("PRAGMA journal_mode=WAL")
         self.db.executescript(_SCHEMA)
 
     def close(self) -> None:
@@ -70,6 +73,16 @@ class FenceLedger:
     def record(self, agent: str, event: dict[str, Any]) -> tuple[int, str | None]:
         """Keep an event and apply it to the node's epochs; returns its sequence number and the change
         (``fenced``, ``unfenced``, ``rebooted`` or None)."""
+        self.db.execute("BEGIN IMMEDIATE")
+        try:
+            out = self._record(agent, event)
+        except BaseException:
+            self.db.execute("ROLLBACK")
+            raise
+        self.db.execute("COMMIT")
+        return out
+
+    def _record(self, agent: str, event: dict[str, Any]) -> tuple[int, str | None]:
         cur = self.db.execute("INSERT INTO fence_events (at, agent, body) VALUES (?, ?, ?)",
                               (event["at"], agent, json.dumps(event, sort_keys=True)))
         seq = int(cur.lastrowid or 0)
@@ -173,7 +186,7 @@ class FencingMixin:
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        state: Path | None = self.state_dir  # type: ignore[attr-defined]
+        state: Path | None = self.shared_dir  # type: ignore[attr-defined]
         self.fence_ledger = FenceLedger(state / "fencing.sqlite" if state else ":memory:")
         self._fence_listeners: list[Callable[[dict[str, Any]], Any]] = []
         self.fenced.install(self.fence_ledger.fenced())  # type: ignore[attr-defined] (the runtime's view)

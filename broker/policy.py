@@ -55,7 +55,15 @@ class PolicyDistribution:
         authorizer.digest = hashlib.sha256(text.encode()).hexdigest()
         self._policy_text, self._policy_issued = text, time.time()
         pushed = await self.push_policy()
-        return {"version": result.version, "agents": len(pushed), "failed": {j: e for j, e in pushed.items() if e}}
+        out = {"version": result.version, "agents": len(pushed), "failed": {j: e for j, e in pushed.items() if e}}
+        if call.via != self.jid.bare:
+            # The broker's other instances (one per cluster node) reload too, or their re-pushes would
+            # bring the old version back; asked for the same person, so they decide as here.
+            answers = await asyncio.gather(*(self.request(j, "policy.reload", {}, behalf=call.caller, timeout=PUSH_TIMEOUT)
+                                             for j in sorted(self.siblings)))
+            out["instances"] = {r.target: "ok" if r.outcome.value == "ok" else f"{r.outcome.value}: {r.error}"
+                                for r in answers}
+        return out
 
     def _current_policy(self) -> tuple[str, float] | None:
         authorizer = self._policy_authorizer()

@@ -29,6 +29,7 @@ from agents.errors import BadArguments
 from .alerts import AlertsMixin
 from .fencing import FencingMixin
 from .directory import Capabilities, Directory
+from .leadership import LeadershipMixin
 from .policy import PolicyDistribution
 from .workflows import WorkflowMixin
 
@@ -41,19 +42,22 @@ CAPS_HASHES = {"sha-1"}
 BAD_CAPS_MEMORY = 60.0  # seconds a caps hash that failed to verify is not asked about again
 
 
-class Broker(FencingMixin, WorkflowMixin, AlertsMixin, PolicyDistribution, Agent):
+class Broker(FencingMixin, WorkflowMixin, LeadershipMixin, AlertsMixin, PolicyDistribution, Agent):
     kind = "broker"
     resource = "broker"
 
     info = info_op("mesh")
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, shared_dir: Path | None = None, **kwargs: Any) -> None:
+        # Set first: the mixins open their stores in it. One instance per cluster node each has a
+        # state_dir of its own (audit log, request log) and all share shared_dir (workflows, leases).
+        self._shared_dir = shared_dir
         super().__init__(*args, **kwargs)
         self.directory = Directory()
         self._present: set[str] = set()
         self._learning: dict[str, asyncio.Future[Capabilities | None]] = {}
         self._bad_caps: dict[str, float] = {}  # caps hash -> loop time until which it is ignored
-        self._known = _KnownAgents(self.state_dir / "broker.sqlite" if self.state_dir else None)
+        self._known = _KnownAgents(self.shared_dir / "broker.sqlite" if self.shared_dir else None)
         caps = self.xmpp.plugin["xep_0115"]
         # slixmpp's caps plugin would also query every new hash; the directory does that itself.
         self.xmpp.del_event_handler("entity_caps", caps._process_caps)
@@ -72,6 +76,12 @@ class Broker(FencingMixin, WorkflowMixin, AlertsMixin, PolicyDistribution, Agent
         self.presence()  # available, so presence sent to our bare JID reaches us
         for bare in self._known.all():
             self.presence(bare)
+        self.start_leading()
+
+    @property
+    def shared_dir(self) -> Path | None:
+        """Where the state all instances of this broker share lives (by default its own state_dir)."""
+        return self._shared_dir or self.state_dir
 
     # -- the ops the broker serves ------------------------------------------------------------
 
@@ -98,7 +108,11 @@ class Broker(FencingMixin, WorkflowMixin, AlertsMixin, PolicyDistribution, Agent
     async def _on_available(self, pres: Presence) -> None:
         jid = str(pres["from"])
         ver = pres["caps"]["ver"]
-        if pres["from"].bare == self.jid.bare or not ver:
+        if pres["from"].bare == self.jid.bare:
+            if jid != str(self.jid):
+                self.sibling_seen(jid, available=True)
+            return
+        if not ver:
             return
         self._present.add(jid)
         caps = self.directory.caps.get(ver) or await self._learn(jid, pres["caps"]["node"], ver,
@@ -113,6 +127,9 @@ class Broker(FencingMixin, WorkflowMixin, AlertsMixin, PolicyDistribution, Agent
 
     def _on_unavailable(self, pres: Presence) -> None:
         jid = str(pres["from"])
+        if pres["from"].bare == self.jid.bare and jid != str(self.jid):
+            self.sibling_seen(jid, available=False)
+            return
         self._present.discard(jid)
         if self.directory.remove(jid):
             log.info("agent %s left the directory", jid)

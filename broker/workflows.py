@@ -61,6 +61,7 @@ from agents.ops import Arg, OpSpec, op
 
 from .constraints import APPROVED, RateLimits, StepRule, check_approval, check_perform
 from .workflow_spec import Plan, Step, Workflow, WorkflowError, load_dir
+from .leadership import Deposed
 from .workflow_store import FINISHED, WorkflowStore
 
 log = logging.getLogger(__name__)
@@ -96,7 +97,7 @@ class WorkflowMixin:
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        state: Path | None = self.state_dir  # type: ignore[attr-defined]
+        state: Path | None = self.shared_dir  # type: ignore[attr-defined]
         self.workflow_store = WorkflowStore(state / "workflows.sqlite" if state else None)
         self.rate_limits = RateLimits(state / "rates.sqlite" if state else ":memory:")
         self._runners: dict[str, asyncio.Task[None]] = {}
@@ -105,17 +106,21 @@ class WorkflowMixin:
 
     # -- lifecycle ------------------------------------------------------------------------------
 
-    async def start(self, timeout: float = 15.0) -> None:
-        await super().start(timeout)  # type: ignore[misc]
+    def on_elected(self) -> None:
+        """Leading now (see broker.leadership): resume every unfinished instance."""
         for iid in self.workflow_store.unfinished():
             log.info("resuming workflow instance %s", iid)
             self._kick(iid)
 
-    async def stop(self) -> None:
-        # Cancelled, never failed: a step in flight stays `running` on disk, to be resent with its rid.
-        runners = [t for t in self._runners.values() if not t.done()]
-        for task in runners:
+    def on_deposed(self) -> None:
+        # Cancelled, never failed: a step in flight stays `running` on disk, for the next leader to
+        # resend with its rid.
+        for task in self._runners.values():
             task.cancel()
+
+    async def stop(self) -> None:
+        runners = [t for t in self._runners.values() if not t.done()]
+        await self.stop_leading()  # type: ignore[attr-defined]
         await asyncio.gather(*runners, return_exceptions=True)
         await super().stop()  # type: ignore[misc]
         self.workflow_store.close()
@@ -283,6 +288,8 @@ class WorkflowMixin:
                     return
         except asyncio.CancelledError:
             raise
+        except Deposed:
+            log.info("workflow instance %s left to the next leading broker instance", iid)
         except Exception as exc:  # a fault of the engine ends the instance rather than looping on it
             log.exception("workflow instance %s failed in the engine", iid)
             store.set_instance(iid, "failed", f"engine error: {exc.__class__.__name__}: {exc}")
@@ -350,6 +357,8 @@ class WorkflowMixin:
             if not taken.ok:
                 return self._fail_step(inst, step, performer, taken.reason, "denied")
             store.set_step(iid, step.name, rate_taken=1)
+        if not self.lead():  # type: ignore[attr-defined]
+            raise Deposed  # the point of no return is the leader's alone
         store.start_step(iid, step.name, performer, target)
         self._audit(rid, performer, step.op, step.on, step.args, True,
                     f"workflow {inst['workflow']} instance {iid} step {step.name}, sent by the broker on"
@@ -375,6 +384,8 @@ class WorkflowMixin:
             store.set_step(iid, step.name, attempts=row["attempts"] + attempt + 1)
             res = await self.request(row["target"], step.op, step.args, on=step.on,  # type: ignore[attr-defined]
                                      timeout=step.timeout, rid=rid, behalf=row["performer"] or inst["requester"])
+            if not (self.leading and self.online):  # type: ignore[attr-defined]
+                raise Deposed  # an outcome seen while losing the lead or the session is not recorded
             if res.outcome not in (Outcome.TIMEOUT, Outcome.UNREACHABLE) or attempt == step.retries:
                 break
             # The same rid again: an agent that already ran it answers with the first outcome.

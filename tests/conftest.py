@@ -116,15 +116,16 @@ class ClusterMesh(Mesh):
         pass  # Mesh.__init__'s single endpoint: the nodes' endpoints above take its place
 
 
-def _ejabberd_cluster(home: Path) -> Iterator[list[Any]]:
+def ejabberd_cluster(home: Path, prefix: str = "suite") -> Iterator[list[Any]]:
+    """Two private ejabberd nodes on loopback, the second joined to the first; stopped afterwards."""
     from agents.ejabberd import PrivateEjabberd, ejabberd_installed
 
     if not ejabberd_installed():
         pytest.exit("VERTEBRA_TEST_ENGINE=ejabberd, but ejabberd is not installed: "
                     "run `apt-get install -y ejabberd`", returncode=2)
     epmd = free_port()  # a private epmd: the machine's own (port 4369) is never touched
-    first = PrivateEjabberd(home, DOMAIN, port=free_port(), node_name="suite1@127.0.0.1", epmd_port=epmd)
-    second = PrivateEjabberd(home, DOMAIN, port=free_port(), node_name="suite2@127.0.0.1", epmd_port=epmd,
+    first = PrivateEjabberd(home, DOMAIN, port=free_port(), node_name=f"{prefix}1@127.0.0.1", epmd_port=epmd)
+    second = PrivateEjabberd(home, DOMAIN, port=free_port(), node_name=f"{prefix}2@127.0.0.1", epmd_port=epmd,
                              cluster_join=first.node_name, tls_from=first.dir)
     try:
         first.start()
@@ -141,7 +142,7 @@ def servers(tmp_path_factory: pytest.TempPathFactory) -> Any:
     two clustered ejabberd nodes."""
     home = tmp_path_factory.mktemp("vertebra-home")
     if ON_EJABBERD:
-        yield from _ejabberd_cluster(home)
+        yield from ejabberd_cluster(home)
         return
     srv = PrivateServer(home, domain=DOMAIN, port=free_port())
     srv.start()

@@ -1,0 +1,186 @@
+"""Which broker instance runs the workflows, when the broker runs as one instance per cluster node.
+
+Every instance answers discovery and the other ops from its own directory (each hears every agent's
+presence: agents address the broker's bare JID, which the server delivers to all of its resources).
+Workflows are different: their steps must run once, so one instance at a time *leads*. It holds a
+lease, a row in a small SQLite database in the state directory the instances share, taken and renewed
+in ``BEGIN IMMEDIATE`` transactions; the other instances forward workflow ops to it (as the caller's
+delegate, so the leader decides and audits for the caller as usual).
+
+An instance leads only while it has a session with the XMPP service: it gives the lease up the
+moment its connection drops, so another takes over within one renewal period; an instance whose
+process or machine dies stops renewing, and the lease expires after ``LEASE_TERM`` (at once when
+the server tells the others that the holder's session ended). The new leader resumes every
+unfinished instance from the shared store: a step that was in flight is sent again under its
+request id, and the agent answers with the first run's outcome instead of running it again
+(``agents.idempotency``), so no step runs twice when a leader dies mid-step. Before a step passes
+its point of no return the leader checks that it still holds the lease.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import sqlite3
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+from agents.errors import OpError, Outcome, error_for
+
+log = logging.getLogger(__name__)
+
+LEASE_TERM = 6.0  # seconds a lease lasts unless renewed
+RENEW_EVERY = LEASE_TERM / 3
+
+# Ops whose state must be single: served by the leading instance only.
+LEADER_OPS = frozenset({"workflow.run", "workflow.approve", "workflow.perform", "workflow.status",
+                        "workflow.list", "workflow.cancel"})
+
+
+class Lease:
+    """One named lease in a SQLite file that every instance opens (or in memory, for one instance)."""
+
+    def __init__(self, path: Path | None, holder: str, term: float = LEASE_TERM,
+                 clock: Callable[[], float] = time.time) -> None:
+        self.holder, self.term, self._clock = holder, term, clock
+        self._db = sqlite3.connect(path or ":memory:", isolation_level=None, timeout=30)
+        if path is not None:
+            self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("CREATE TABLE IF NOT EXISTS lease (name TEXT PRIMARY KEY, holder TEXT NOT NULL,"
+                         " expires REAL NOT NULL)")
+
+    def take(self, gone: str = "") -> bool:
+        """Take or renew the lease; True while this holder has it. It is taken only when it is free,
+        expired, already ours, or held by ``gone`` (an instance the server said has left)."""
+        now = self._clock()
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            row = self._db.execute("SELECT holder, expires FROM lease WHERE name = 'workflows'").fetchone()
+            mine = row is None or row[0] in (self.holder, gone) or row[1] < now
+            if mine:
+                self._db.execute("INSERT OR REPLACE INTO lease VALUES ('workflows', ?, ?)",
+                                 (self.holder, now + self.term))
+        finally:
+            self._db.execute("COMMIT")
+        return mine
+
+    def current(self) -> str | None:
+        """The holder of an unexpired lease, if any."""
+        row = self._db.execute("SELECT holder, expires FROM lease WHERE name = 'workflows'").fetchone()
+        return row[0] if row is not None and row[1] >= self._clock() else None
+
+    def release(self) -> None:
+        self._db.execute("DELETE FROM lease WHERE name = 'workflows' AND holder = ?", (self.holder,))
+
+    def close(self) -> None:
+        self._db.close()
+
+
+class Deposed(Exception):
+    """This instance lost the lead (or its session) while running a workflow step."""
+
+
+class LeadershipMixin:
+    """Mixed into the broker before the workflow mixin: the lease, its renewal, forwarding to the
+    leader, and the hooks the workflow runner calls (``on_elected``, ``on_deposed``)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        shared: Path | None = self.shared_dir  # type: ignore[attr-defined]
+        self.lease = Lease(shared / "leader.sqlite" if shared else None, str(self.xmpp.boundjid))  # type: ignore[attr-defined]
+        self.leading = False
+        self.siblings: set[str] = set()  # the other live instances (full JIDs), from their presence
+        self._renewer: asyncio.Task[None] | None = None
+        # A broker delegates to its siblings: a forwarded op is decided for the person who asked.
+        self.delegates = self.delegates | {self.xmpp.boundjid.bare.lower()}  # type: ignore[attr-defined]
+        self.xmpp.add_event_handler("disconnected", self._on_connection_lost)  # type: ignore[attr-defined]
+        ops = self.ops  # type: ignore[attr-defined]
+        for name in LEADER_OPS & ops.keys():
+            ops[name] = dataclasses.replace(ops[name], func=_led(name, ops[name].func))
+
+    def on_elected(self) -> None:
+        """This instance has just taken the lead."""
+
+    def on_deposed(self) -> None:
+        """This instance has just lost the lead: stop what only the leader may do."""
+
+    def lead(self, gone: str = "") -> bool:
+        """Take or renew the lead if this instance may; True while it leads."""
+        was = self.leading
+        self.leading = self.online and self.lease.take(gone)  # type: ignore[attr-defined]
+        if self.leading and not was:
+            log.info("%s leads the workflows", self.lease.holder)
+            self.on_elected()
+        elif was and not self.leading:
+            log.warning("%s no longer leads the workflows", self.lease.holder)
+            self.on_deposed()
+        return self.leading
+
+    def _step_down(self) -> None:
+        if self.leading:
+            self.leading = False
+            self.on_deposed()
+        self.lease.release()
+
+    def start_leading(self) -> None:
+        """Called with each new session: take part in the election."""
+        if self._renewer is None or self._renewer.done():
+            self._renewer = asyncio.get_running_loop().create_task(self._renew_forever())
+        self.lead()
+
+    async def _renew_forever(self) -> None:
+        while True:
+            await asyncio.sleep(RENEW_EVERY)
+            try:
+                self.lead()
+            except sqlite3.Error as exc:  # a busy or broken store must not end the renewals
+                log.warning("lease renewal failed: %s", exc)
+                self._step_down()
+
+    def _on_connection_lost(self, _event: Any) -> None:
+        # Without a session this instance can send no step and hear no outcome: let another lead now.
+        self._step_down()
+
+    def sibling_seen(self, jid: str, available: bool) -> None:
+        if available:
+            self.siblings.add(jid)
+            return
+        self.siblings.discard(jid)
+        if self.lease.current() == jid:  # the server says the leader's session ended: take over now
+            self.lead(gone=jid)
+
+    async def stop_leading(self) -> None:
+        if self._renewer is not None:
+            self._renewer.cancel()
+        self._step_down()
+
+    async def forward_to_leader(self, name: str, call: Any, args: dict[str, Any]) -> Any:
+        """Where a leader-only op is served: None when here (this instance leads, or has just taken
+        the free lead), else the leader's answer, asked for on the caller's behalf."""
+        if self.lead():
+            return None
+        leader = self.lease.current()
+        if leader is None:  # released between the two reads: the next renewal settles it
+            raise OpError("no broker instance leads the workflows at this moment; try again in a few seconds")
+        budget = call.deadline - asyncio.get_running_loop().time()
+        res = await self.request(leader, name, args, timeout=budget,  # type: ignore[attr-defined]
+                                 behalf=call.caller)
+        if res.outcome is Outcome.OK:
+            return res
+        if res.outcome is Outcome.UNREACHABLE and self.lead(gone=leader):
+            return None  # the leader had gone, and this instance has taken over
+        condition, _, text = (res.error or "").partition(": ")
+        err = error_for(condition, text or condition)
+        if type(err) is OpError:  # no application condition: say where it failed
+            err = OpError(f"the leading broker instance {leader} answered {res.outcome.value}: {res.error}")
+        raise err
+
+
+def _led(name: str, func: Callable[..., Any]) -> Callable[..., Any]:
+    """An op implementation that runs on the leading instance only."""
+    async def serve(self: Any, call: Any, **args: Any) -> Any:
+        answer = await self.forward_to_leader(name, call, args)
+        return await func(self, call, **args) if answer is None else answer.result
+    return serve
