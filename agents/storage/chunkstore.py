@@ -47,6 +47,10 @@ PROBE_LEVEL = -1            # the early-abort probe: ~3x faster than level 3 on 
 _SAMPLE_STRIDE = 16         # after a batch that did not compress, probe every 16th block of the next first
 _SAMPLE_MIN = 64            # batches smaller than this are probed whole
 _QUERY_BATCH = 500          # stays under SQLite's host-parameter limit on every version
+# Many ids looked up in one statement, passed as one blob of concatenated ids; CROSS JOIN keeps the id list
+# the outer loop (one index probe per id, never a scan of the chunks).
+_LOOKUP = ("WITH RECURSIVE k(i) AS (VALUES(0) UNION ALL SELECT i + 1 FROM k WHERE i + 1 < ?2) "
+           "SELECT c.id FROM k CROSS JOIN chunks c ON c.id = substr(?1, k.i * 32 + 1, 32)")
 _MAX_JOBS = 4               # batches queued for the writer (each holds one read buffer, ~4 MiB)
 _ROW_BATCH = 4096           # index rows inserted together
 _STORED_BATCH = 4 << 20     # received chunks handed to the writer together
@@ -237,6 +241,11 @@ class ChunkStore:
         self._inflight.difference_update(r[0] for r in self._rows)
         self._rows = []
 
+    def flush(self) -> None:
+        """Everything queued in the index (inside the open transaction), with its references; afterwards the
+        writer is idle and the caller may use the connection freely until it stores chunks again."""
+        self._flush()
+
     def _flush(self) -> None:
         """Everything queued in the index (inside the open transaction), with its references."""
         self._submit_stored()
@@ -264,13 +273,10 @@ class ChunkStore:
     # reading ----------------------------------------------------------------------------------------------
     def _unknown(self, ids: Iterable[bytes]) -> set[bytes]:
         """The ids neither indexed nor on their way to the writer."""
-        todo = [c for c in set(ids) if c not in self._inflight]
-        have: set[bytes] = set()
-        for i in range(0, len(todo), _QUERY_BATCH):
-            part = todo[i:i + _QUERY_BATCH]
-            rows = self.db.execute(f"SELECT id FROM chunks WHERE id IN ({','.join('?' * len(part))})", part)
-            have.update(r[0] for r in rows)
-        return set(todo) - have
+        todo = {c for c in ids if c not in self._inflight}
+        if not todo:
+            return todo
+        return todo - {r[0] for r in self.db.execute(_LOOKUP, (b"".join(todo), len(todo)))}
 
     def missing(self, ids: Iterable[bytes]) -> set[bytes]:
         return {c for c in self._unknown(ids) if c not in self._stored}

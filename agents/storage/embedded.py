@@ -63,8 +63,31 @@ class Entry:
     segs: bytes
 
     def row(self, snap: int) -> tuple[Any, ...]:
-        return (snap, self.path, self.kind, self.mode, self.uid, self.gid, self.size, self.mtime_ns,
-                self.target, self.segs)
+        return (snap, _name_out(self.path), self.kind, self.mode, self.uid, self.gid, self.size, self.mtime_ns,
+                _name_out(self.target), self.segs)
+
+    @classmethod
+    def from_row(cls, row: tuple[Any, ...]) -> Entry:
+        path, kind, mode, uid, gid, size, mtime_ns, target, segs = row
+        return cls(_name_in(path), kind, mode, uid, gid, size, mtime_ns, _name_in(target), segs)
+
+
+def _name_out(name: str | None) -> str | bytes | None:
+    """A path or symlink target for SQLite or the stream: text when it is valid UTF-8, otherwise its raw
+    bytes. Names come from the OS as str with undecodable bytes smuggled as surrogates (surrogateescape),
+    which neither SQLite nor msgpack can encode as text."""
+    if name is None:
+        return None
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        return os.fsencode(name)
+    return name
+
+
+def _name_in(name: str | bytes | None) -> str | None:
+    """The inverse of _name_out: raw bytes back to the OS's str form (surrogateescape)."""
+    return os.fsdecode(name) if isinstance(name, bytes) else name
 
 
 @dataclass(frozen=True)
@@ -212,15 +235,15 @@ class EmbeddedDriver(CatalogDriver):
         sent: set[bytes] = set()
         deleted = sorted(old.keys() - new.keys())
         for i in range(0, len(deleted), 1000):
-            yield {"t": "deleted", "paths": deleted[i:i + 1000]}
+            yield {"t": "deleted", "paths": [_name_out(p) for p in deleted[i:i + 1000]]}
         for path in sorted(new):
             entry = new[path]
             base = old.get(path)
             if base == entry:
                 continue
             use_base = base is not None and base.kind == "f" and entry.kind == "f"
-            yield {"t": "entry", "p": entry.path, "k": entry.kind, "m": entry.mode, "u": entry.uid,
-                   "g": entry.gid, "s": entry.size, "mt": entry.mtime_ns, "l": entry.target,
+            yield {"t": "entry", "p": _name_out(entry.path), "k": entry.kind, "m": entry.mode, "u": entry.uid,
+                   "g": entry.gid, "s": entry.size, "mt": entry.mtime_ns, "l": _name_out(entry.target),
                    "n": _blocks(entry.size) if entry.kind == "f" else 0, "base": use_base}
             if entry.kind != "f":
                 continue
@@ -276,8 +299,9 @@ class EmbeddedDriver(CatalogDriver):
             nonlocal builder, pending
             if pending is not None:
                 segs = builder.finish() if builder is not None else b""
-                result[pending["p"]] = Entry(pending["p"], pending["k"], pending["m"], pending["u"],
-                                             pending["g"], pending["s"], pending["mt"], pending["l"], segs)
+                path = _name_in(pending["p"])
+                result[path] = Entry(path, pending["k"], pending["m"], pending["u"], pending["g"], pending["s"],
+                                     pending["mt"], _name_in(pending["l"]), segs)
             builder, pending = None, None
 
         for frame in frames:
@@ -293,7 +317,7 @@ class EmbeddedDriver(CatalogDriver):
                 finish()
                 pending = frame
                 if frame["k"] == "f":
-                    old = base.get(frame["p"]) if frame["base"] else None
+                    old = base.get(_name_in(frame["p"])) if frame["base"] else None
                     if frame["base"] and (old is None or old.kind != "f"):
                         raise StorageError(f"replication stream does not match base snapshot: "
                                            f"{frame['p']!r} is not a file there", code="corrupt")
@@ -301,11 +325,12 @@ class EmbeddedDriver(CatalogDriver):
             elif t == "deleted":
                 finish()
                 for p in frame["paths"]:
-                    result.pop(p, None)
+                    result.pop(_name_in(p), None)
             else:
                 raise StorageError(f"replication stream has unknown frame type {t!r}; upgrade this agent",
                                    code="unsupported")
         finish()
+        self.store.flush()      # the writer is idle from here on: the catalog may use the connection
         self._ensure_replica(volume)
         self._publish(volume, snap, header["to_guid"], list(result.values()))
         return self._snapshot_info(volume, snap)
@@ -313,6 +338,7 @@ class EmbeddedDriver(CatalogDriver):
     # internals ----------------------------------------------------------------------------------------
     def _publish(self, volume: str, snap: str, guid: str, entries: list[Entry]) -> None:
         """Make a snapshot visible in one transaction (the chunks it needs are already stored)."""
+        self.store.flush()      # the writer is idle from here on: the catalog may use the connection
         cur = self.db.execute("INSERT INTO snapshots(volume, name, guid, created, logical_bytes) "
                               "VALUES (?, ?, ?, ?, ?)",
                               (volume, snap, guid, time.time(), sum(e.size for e in entries if e.kind == "f")))
@@ -402,7 +428,8 @@ class EmbeddedDriver(CatalogDriver):
     def _entries(self, snap_id: int) -> dict[str, Entry]:
         rows = self.db.execute("SELECT path, kind, mode, uid, gid, size, mtime_ns, target, segs FROM entries "
                                "WHERE snap = ?", (snap_id,))
-        return {r[0]: Entry(*r) for r in rows}
+        entries = (Entry.from_row(r) for r in rows)
+        return {e.path: e for e in entries}
 
     def _scratch(self, what: str) -> Path:
         return self.root / "tmp" / f"{what}-{uuid.uuid4().hex}"

@@ -105,3 +105,59 @@ def test_replica_has_no_writable_tree(store, tmp_path):
             other.snapshot("db", "s2")
     finally:
         other.close()
+
+
+def test_names_that_are_not_utf8(store, tmp_path):
+    """File names and symlink targets are bytes on POSIX: one that is not valid UTF-8 is snapshotted,
+    cloned, replicated (full and incremental), deleted and restarted over with its bytes intact."""
+    store.create_volume("db")
+    top = os.fsencode(store.path("db"))
+    odd = b"caf\xe9-latin1.dat"                       # Latin-1, invalid as UTF-8
+    odd_dir = b"dir-\xff\xfe"
+    os.mkdir(os.path.join(top, odd_dir))
+    with open(os.path.join(top, odd_dir, odd), "wb") as f:
+        f.write(os.urandom(BLOCK_SIZE * 3))
+    with open(os.path.join(top, b"plain"), "wb") as f:
+        f.write(b"plain")
+    os.symlink(b"target-\x80", os.path.join(top, b"link-\x81"))
+    store.snapshot("db", "s1")
+
+    def tree(root: bytes) -> dict[bytes, bytes]:
+        out = {}
+        for dirpath, dirnames, filenames in os.walk(root):
+            for name in dirnames + filenames:
+                full = os.path.join(dirpath, name)
+                rel = os.path.relpath(full, root)
+                out[rel] = (b"->" + os.readlink(full) if os.path.islink(full) else
+                            b"<dir>" if os.path.isdir(full) else open(full, "rb").read())
+        return out
+
+    expected = tree(top)
+    assert os.path.join(odd_dir, odd) in expected and expected[b"link-\x81"] == b"->target-\x80"
+    store.clone("db", "s1", "c1")
+    assert tree(os.fsencode(store.path("c1"))) == expected
+
+    other = EmbeddedDriver(tmp_path / "other")
+    try:
+        other.receive("db", "s1", store.send("db", "s1"))
+        other.clone("db", "s1", "r1")
+        assert tree(os.fsencode(other.path("r1"))) == expected
+        # Incremental: the odd file changes, the odd link goes away.
+        with open(os.path.join(top, odd_dir, odd), "r+b") as f:
+            f.write(os.urandom(BLOCK_SIZE))
+        os.unlink(os.path.join(top, b"link-\x81"))
+        store.snapshot("db", "s2")
+        expected2 = tree(top)
+        other.receive("db", "s2", store.send("db", "s2", from_snap="s1"))
+        other.clone("db", "s2", "r2")
+        assert tree(os.fsencode(other.path("r2"))) == expected2
+        assert other.diff("db", "s1", "s2").removed == {os.fsdecode(b"link-\x81")}
+    finally:
+        other.close()
+    store.close()
+    reopened = EmbeddedDriver(tmp_path / "store")
+    try:
+        reopened.clone("db", "s2", "c2")
+        assert tree(os.fsencode(reopened.path("c2"))) == expected2
+    finally:
+        reopened.close()
