@@ -7,6 +7,7 @@ The driver comes from the agent's settings in the mesh file::
       root: /srv/vertebra   # where the driver keeps its data; default: <agent state dir>/storage
       inbox_host: 0.0.0.0   # where replication inboxes listen; default 127.0.0.1
       inbox_advertise: db2.example.net   # the address sources are told; default inbox_host
+      keep_received: 7      # per package, keep the newest 7 received snapshots; default: keep all
 
 Every op names what it acts on as /volume/NAME resources (a clone is a volume too), so a policy can give a
 developer their own clone and nothing else. Driver calls block on disk, so they run in a worker thread.
@@ -30,7 +31,7 @@ from .replication_ops import ReplicationOps
 T = TypeVar("T")
 
 DRIVERS = ("embedded", "btrfs")
-_SETTINGS = {"driver", "root", "inbox_host", "inbox_advertise"}
+_SETTINGS = {"driver", "root", "inbox_host", "inbox_advertise", "keep_received"}
 _RULE = "1-64 of A-Z a-z 0-9 _ . -, starting with a letter or digit, no '..'"
 _DATA_DEADLINE = 3600.0   # ops that copy or capture a whole tree: as long as the data takes
 
@@ -49,6 +50,10 @@ def open_driver(settings: dict[str, Any], state_dir: Path | None) -> StorageDriv
     if unknown:
         raise SettingsError(f"unknown storage setting {', '.join(unknown)}; the storage agent takes "
                             f"{', '.join(sorted(_SETTINGS))}")
+    keep = settings.get("keep_received")
+    if keep is not None and (isinstance(keep, bool) or not isinstance(keep, int) or keep < 1):
+        raise SettingsError(f"storage setting keep_received must be a whole number of snapshots, at least 1 "
+                            f"(the newest is the next update's base), got {keep!r}; leave it out to keep all")
     kind = settings.get("driver", "embedded")
     if kind not in DRIVERS:
         raise SettingsError(f"storage setting driver is {kind!r}; use one of {', '.join(DRIVERS)}")

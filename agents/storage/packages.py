@@ -7,6 +7,11 @@ the package and snapshot, never taken from the sender, so one source cannot touc
 the stream is whole, `commit` (storage.package.commit) hands the spool to the driver's receive, which
 publishes the snapshot all or nothing. Spools live in the state directory, so a restarted target resumes
 from what it already holds.
+
+Retention: with the storage setting `keep_received: N`, each successful commit prunes the package down to
+its newest N received snapshots. The newest is always kept (it is the base of the next incremental update),
+and so is any snapshot that a stream already spooling here names as its base; a snapshot that clones were
+made from, or that is being sent on, cannot be destroyed and stays until a later prune.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ import blake3
 from agents.storage.driver import StorageDriver, StorageError
 from agents.storage.inbox_tls import server_context
 from agents.storage.replication_state import Package, ReplicationState
+from agents.storage.stream import peek_header
 from agents.storage.transfer import Inbox
 
 _READ = 1 << 20
@@ -40,8 +46,11 @@ class PackageHost:
     """Packages and inboxes of one target agent."""
 
     def __init__(self, driver: StorageDriver, state: ReplicationState, directory: Path, *,
-                 host: str = "127.0.0.1", advertise: str | None = None) -> None:
+                 host: str = "127.0.0.1", advertise: str | None = None, keep: int | None = None) -> None:
+        if keep is not None and keep < 1:
+            raise ValueError("keep must be at least 1: the newest snapshot is the next update's base")
         self.driver = driver
+        self.keep = keep            # received snapshots kept per package; None: all
         self.state = state
         self.directory = directory
         self.host = host
@@ -111,7 +120,38 @@ class PackageHost:
                 inbox.discard(transfer)
             raise
         inbox.discard(transfer)
-        return {"name": info.name, "guid": info.guid, "logical_bytes": info.logical_bytes}
+        pruned = await asyncio.to_thread(self.prune, package)
+        return {"name": info.name, "guid": info.guid, "logical_bytes": info.logical_bytes, "pruned": pruned}
+
+    def prune(self, package: str) -> list[str]:
+        """Destroy the package's received snapshots older than its newest `keep` (see the module docstring);
+        return the names destroyed."""
+        if self.keep is None:
+            return []
+        snaps = self.driver.list_snapshots(package)      # oldest first
+        bases = self._spooled_bases()
+        pruned = []
+        for s in snaps[:-self.keep]:
+            if s.guid in bases or s.clones:
+                continue
+            try:
+                self.driver.destroy_snapshot(package, s.name)
+            except StorageError:
+                continue        # being sent on, or a clone was just made from it: the next prune retries
+            pruned.append(s.name)
+        return pruned
+
+    def _spooled_bases(self) -> set[str]:
+        """Guids of the base snapshots that streams spooling here (complete or not) are incremental from."""
+        spool = self.directory / "spool"
+        if not spool.is_dir():
+            return set()
+        bases = set()
+        for part in spool.glob("*.part"):
+            header = peek_header(part)
+            if header is not None and isinstance(header.get("from_guid"), str):
+                bases.add(header["from_guid"])
+        return bases
 
     def list(self) -> list[dict[str, Any]]:
         out = []

@@ -47,7 +47,8 @@ class ReplicationOps:
         self.replication_state = ReplicationState(directory / "replication.sqlite")
         self.packages = PackageHost(self.driver, self.replication_state, directory,
                                     host=settings.get("inbox_host", "127.0.0.1"),
-                                    advertise=settings.get("inbox_advertise"))
+                                    advertise=settings.get("inbox_advertise"),
+                                    keep=settings.get("keep_received"))
         self.replicator = Replicator(self.driver, self.replication_state, self.request,  # type: ignore[attr-defined]
                                      own_resource=self.resource)  # type: ignore[attr-defined]
 

@@ -10,6 +10,7 @@ normally: only then is the whole stream known to be complete and intact.
 
 from __future__ import annotations
 
+import os
 import struct
 from typing import Any, Iterable, Iterator
 
@@ -127,6 +128,31 @@ def read_frames(data: Iterable[bytes], expect_driver: str | None = None) -> Iter
         consumed += len(raw)
         count += 1
         yield frame
+
+
+def peek_header(path: str | os.PathLike[str]) -> dict[str, Any] | None:
+    """The header frame at the start of a (possibly partial) stream file, or None if it has not fully
+    arrived or is not a header. Nothing after it is checked."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(_LEN.size)
+            if len(head) < _LEN.size:
+                return None
+            (length,) = _LEN.unpack(head)
+            if length > MAX_FRAME_BYTES:
+                return None
+            body = f.read(length)
+    except OSError:
+        return None
+    if len(body) < length:
+        return None
+    try:
+        frame = msgpack.unpackb(body, raw=False)
+    except Exception:  # msgpack raises several unrelated types for garbage
+        return None
+    if not isinstance(frame, dict) or frame.get("t") != "header" or frame.get("format") != FORMAT:
+        return None
+    return frame
 
 
 def _check_header(frame: Any, expect_driver: str | None) -> None:

@@ -12,7 +12,10 @@ from agents.storage.driver import StorageError
     ({"driver": "zfs"}, ["driver", "'zfs'", "embedded, btrfs"]),
     ({"root": "relative/dir"}, ["root", "absolute", "'relative/dir'"]),
     ({"root": 5}, ["root", "absolute"]),
-    ({"pool": "tank"}, ["unknown storage setting pool", "driver, inbox_advertise, inbox_host, root"]),
+    ({"pool": "tank"}, ["unknown storage setting pool", "driver, inbox_advertise, inbox_host, keep_received, root"]),
+    ({"keep_received": 0}, ["keep_received", "at least 1", "0"]),
+    ({"keep_received": "7"}, ["keep_received", "'7'"]),
+    ({"keep_received": True}, ["keep_received", "True"]),
 ])
 def test_bad_settings_say_what_to_write(settings, words, tmp_path):
     with pytest.raises(SettingsError) as err:
