@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import compileall
 import json
 import os
 import shutil
@@ -170,6 +171,10 @@ def main(argv: list[str] | None = None) -> int:
             print(f"missing {need}: install monitoring-plugins-basic, nagios-nrpe-server, nagios-nrpe-plugin"
                   " and the project (make install)", file=sys.stderr)
             return 2
+    # Bytecode as an installed package has it (pip compiles on install): a shell with
+    # PYTHONDONTWRITEBYTECODE set would otherwise make every check_vertebra compile what it imports.
+    for package in ("agents", "rbac"):
+        compileall.compile_dir(str(ROOT / package), quiet=1)
     home = Path(tempfile.mkdtemp(prefix="vertebra-bench-checks-"))
     mesh, nrpe = Mesh(home), Nrpe(home)
     try:

@@ -16,6 +16,7 @@ import signal
 import subprocess
 import time
 from collections.abc import Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 from agents.monitor import perfdata as perfdata_grammar
@@ -154,7 +155,8 @@ async def _run_watched(args: list[str], timeout: float, timeout_state: State, ou
                        environment: dict[str, str], kill_grace: float) -> CheckResult:
     """The plugin under a pidfd and two pipe readers on the event loop: no watcher thread, no
     transport or stream objects, no tasks per run (the cost of asyncio's subprocess machinery is
-    most of what a check costs the agent beyond the spawn itself).
+    most of what a check costs the agent beyond the spawn itself). Only the start itself runs on
+    a spawn thread, so the loop is not stopped for the millisecond until the plugin has exec'd.
 
     The leader is reaped only after the final group KILL: until then it stays a zombie, so its pid,
     which is the group's id, cannot be reused by an unrelated group that the KILL would hit."""
@@ -162,17 +164,25 @@ async def _run_watched(args: list[str], timeout: float, timeout_state: State, ou
     started = time.monotonic()
     out_r, out_w = os.pipe()
     err_r, err_w = os.pipe()
+    # The spawn runs on a thread of its own: Popen waits (without the GIL) until the plugin has
+    # exec'd, about a millisecond in which the loop goes on serving other requests.
+    spawning = _spawner().submit(_spawn, args, out_w, err_w, environment)
     try:
-        proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=out_w, stderr=err_w, env=environment,
-                                cwd="/", start_new_session=True, close_fds=True)
+        proc = await asyncio.wrap_future(spawning, loop=loop)
     except OSError as exc:
         for fd in (out_r, err_r):
             os.close(fd)
         return CheckResult(State.UNKNOWN, f"Could not run plugin {args[0]}: {exc.strerror or exc}",
                            "", "", time.monotonic() - started, None)
-    finally:
-        os.close(out_w)
-        os.close(err_w)
+    except BaseException:  # cancelled while spawning: the plugin must not run on unwatched
+        for fd in (out_r, err_r):
+            os.close(fd)
+        if spawning.cancel():  # never started: its pipe ends are still ours to close
+            os.close(out_w)
+            os.close(err_w)
+        else:
+            spawning.add_done_callback(_kill_abandoned)
+        raise
     group = proc.pid  # start_new_session made the plugin the leader of a new group
     run = _Watched(loop, proc, out_r, err_r, output_cap)
     timed_out = False
@@ -211,6 +221,37 @@ async def _run_watched(args: list[str], timeout: float, timeout_state: State, ou
         output_cap=output_cap,
         duration=duration,
     )
+
+
+SPAWN_THREADS = 2
+_spawn_pool: ThreadPoolExecutor | None = None
+
+
+def _spawner() -> ThreadPoolExecutor:
+    global _spawn_pool
+    if _spawn_pool is None:
+        _spawn_pool = ThreadPoolExecutor(SPAWN_THREADS, thread_name_prefix="plugin-spawn")
+    return _spawn_pool
+
+
+def _spawn(args: list[str], out_w: int, err_w: int, environment: dict[str, str]) -> subprocess.Popen[bytes]:
+    """Start the plugin (on a spawn thread) as the leader of a new process group; the pipes' write
+    ends are the child's alone afterwards."""
+    try:
+        return subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=out_w, stderr=err_w, env=environment,
+                                cwd="/", start_new_session=True, close_fds=True)
+    finally:
+        os.close(out_w)
+        os.close(err_w)
+
+
+def _kill_abandoned(spawning: Future[subprocess.Popen[bytes]]) -> None:
+    """A plugin whose check was cancelled while it was being started: kill its group and reap it."""
+    if spawning.cancelled() or spawning.exception() is not None:
+        return
+    proc = spawning.result()
+    signal_group(proc.pid, signal.SIGKILL)
+    proc.wait()  # on the spawn thread, or wherever the spawn finished: the KILL makes this short
 
 
 async def _members_gone(loop: asyncio.AbstractEventLoop, group: int, timeout: float) -> None:
