@@ -14,6 +14,7 @@ test: install
 
 # Every integration test with the session's mesh on a two-node ejabberd cluster on loopback (actors
 # spread over both nodes), plus the private-node and cluster tests themselves (those also run in `test`).
+# CI runs it after `test` (.ci/run).
 test-ejabberd: install
 	VERTEBRA_TEST_ENGINE=ejabberd $(PYTHON) -m pytest -q tests/integration
 

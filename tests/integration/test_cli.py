@@ -102,6 +102,14 @@ def test_unreachable_server_is_a_named_outcome_not_a_hang(mesh_home):
     assert json.loads(out.stdout)["results"][0]["outcome"] == "unreachable"
 
 
+def test_a_broker_instance_the_mesh_has_no_node_for_is_refused(mesh_home):
+    home = mesh_home(AGENTS)
+    nodes = len(yaml.safe_load((home / "mesh.yaml").read_text())["server"].get("nodes", [])) + 1
+    out = vertebra(home, "broker", "--instance", str(nodes + 1))
+    assert out.returncode == 2
+    assert f"broker instance {nodes + 1}: the mesh file's server has {nodes} node(s)" in out.stderr
+
+
 def test_help_is_generated_from_the_declaration():
     out = vertebra(ROOT, "help", "mesh.discover")
     assert out.returncode == 0

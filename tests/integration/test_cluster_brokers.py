@@ -20,7 +20,7 @@ import yaml
 
 from agents.actor import Endpoint
 from agents.agent import Call
-from agents.authz import AdminsOnly
+from agents.authz import AdminsOnly, PolicyAuthorizer, policy_of
 from agents.client import Client
 from agents.errors import Outcome
 from agents.ops import op
@@ -67,6 +67,12 @@ class World:
         workflows.mkdir(parents=True)
         (workflows / "relay.yaml").write_text(yaml.safe_dump(WORKFLOW))
         self.settings = {"workflows": str(workflows)}
+        self.policy = home / "policy.yaml"
+        self.write_policy(["**"])
+
+    def write_policy(self, ops: list[str]) -> None:
+        self.policy.write_text(yaml.safe_dump({"roles": {"ops": {}}, "members": {"ops": [self.operator]},
+                                               "grants": [{"role": "ops", "ops": ops}]}))
 
     def on_node(self, n: int, alone: bool = False) -> Endpoint:
         """Node ``n`` first, the other as its alternate; ``alone``: node ``n`` only, so the actor is
@@ -84,7 +90,7 @@ class World:
         (self.home / resource).mkdir()
         return await self.start(Broker(f"broker@{DOMAIN}", "pw-broker", self.on_node(n, alone=True),
                                        resource=resource, state_dir=self.home / resource, shared_dir=self.shared,
-                                       authorizer=AdminsOnly([self.operator]), settings=self.settings))
+                                       authorizer=PolicyAuthorizer.from_file(self.policy), settings=self.settings))
 
     async def agent(self, cls: type, name: str, n: int) -> Any:
         (self.home / name).mkdir()
@@ -151,6 +157,16 @@ async def test_workflow_ops_asked_of_any_instance_are_served_by_the_leader(world
     assert [w["name"] for w in listing.result["workflows"]] == ["relay"]
     bad = await world.c1.request(str(world.b1.jid), "workflow.run", {"workflow": "nope"}, timeout=20)
     assert bad.outcome is Outcome.FAILED and "no workflow 'nope'" in bad.error  # the leader's words, passed on
+
+
+async def test_a_policy_reload_asked_of_one_instance_reaches_the_other(world: World) -> None:
+    world.write_policy(["**", "sample.echo"])
+    before = policy_of(world.b2.authorizer).digest
+    reload = await world.c1.request(str(world.b1.jid), "policy.reload", {}, timeout=30)
+    assert reload.outcome is Outcome.OK, reload.error
+    assert reload.result["instances"] == {str(world.b2.jid): "ok"}
+    # Otherwise the other instance's periodic re-push would bring the old version back.
+    assert policy_of(world.b2.authorizer).digest == policy_of(world.b1.authorizer).digest != before
 
 
 async def test_losing_a_node_moves_its_agents_and_the_lead_without_repeating_a_step(world: World) -> None:

@@ -57,3 +57,22 @@ def test_missing_home_file_is_created_from_the_example(tmp_path):
     mesh = config.load(home=tmp_path)
     assert (tmp_path / "mesh.yaml").read_text() == EXAMPLE.read_text()
     assert mesh.home == tmp_path
+
+
+def test_one_broker_instance_per_cluster_node(tmp_path):
+    mesh = parse({"server": {"engine": "ejabberd", "port": 5400, "nodes": ["127.0.0.1:5401", "127.0.0.1:5402"]}},
+                 tmp_path)
+    assert mesh.broker_resources == ["broker", "broker-2", "broker-3"]
+    assert mesh.broker_jids == [f"broker@vertebra.test/{r}" for r in mesh.broker_resources]
+    assert mesh.broker_jid == mesh.broker_jids[0]
+
+
+def test_an_endpoint_can_start_at_any_node():
+    import ssl
+
+    from agents.actor import Endpoint
+
+    ep = Endpoint("h1", 1, "d", ssl.create_default_context(), (("h2", 2), ("h3", 3)))
+    second = ep.starting_at(1)
+    assert second.addresses == [("h2", 2), ("h3", 3), ("h1", 1)] and second.first and not ep.first
+    assert ep.starting_at(3).addresses == ep.addresses
