@@ -138,7 +138,20 @@ async def run_plugin(
     then SIGKILL after ``kill_grace`` seconds, and the result is ``timeout_state``. At most
     ``output_cap`` bytes of stdout (and of stderr) are kept. ``env`` adds to the clean environment.
     """
-    args = checked_argv(argv)
+    return await _run_checked(checked_argv(argv), timeout=timeout, timeout_state=timeout_state,
+                              output_cap=output_cap, env=env, kill_grace=kill_grace)
+
+
+async def _run_checked(
+    args: list[str],
+    *,
+    timeout: float,
+    timeout_state: State = State.UNKNOWN,
+    output_cap: int = DEFAULT_OUTPUT_CAP,
+    env: Mapping[str, str] | None = None,
+    kill_grace: float = DEFAULT_KILL_GRACE,
+) -> CheckResult:
+    """``run_plugin`` for an argv that ``checked_argv`` has passed."""
     timeout = _positive(timeout, "timeout")
     kill_grace = _positive(kill_grace, "kill_grace")
     timeout_state = State.parse(timeout_state)
@@ -487,10 +500,10 @@ class PluginPool:
 
     async def run(self, argv: Sequence[str], **options: object) -> CheckResult:
         """``run_plugin(argv, **options)`` once a slot is free; bad argv fails before queueing."""
-        checked_argv(argv)
+        args = checked_argv(argv)
         async with self._semaphore:
             self._running += 1
             try:
-                return await run_plugin(argv, **options)  # type: ignore[arg-type]
+                return await _run_checked(args, **options)  # type: ignore[arg-type]
             finally:
                 self._running -= 1
