@@ -40,6 +40,7 @@ DISCO_TIMEOUT = 10.0
 # only sha-1 (and md5, which is refused), so a sha-256 hash could never be verified here.
 CAPS_HASHES = {"sha-1"}
 BAD_CAPS_MEMORY = 60.0  # seconds a caps hash that failed to verify is not asked about again
+HELLO_AGAIN = 3.0  # seconds after a new session until the second hello to agents not yet listed
 
 
 class Broker(FencingMixin, WorkflowMixin, LeadershipMixin, AlertsMixin, PolicyDistribution, Agent):
@@ -74,9 +75,21 @@ class Broker(FencingMixin, WorkflowMixin, LeadershipMixin, AlertsMixin, PolicyDi
         await caps.update_caps(broadcast=False)
         self._caps_ver = await caps.get_verstring(self.jid)
         self.presence()  # available, so presence sent to our bare JID reaches us
-        for bare in self._known.all():
-            self.presence(bare)
+        self._hello_known()
+        # Another instance of this broker may be learning an agent that announced itself just before
+        # this one came online (and so never reached it): a second hello a little later finds it.
+        asyncio.get_running_loop().call_later(HELLO_AGAIN, self._hello_known, True)
         self.start_leading()
+
+    def _hello_known(self, unlisted_only: bool = False) -> None:
+        """Directed presence to every agent any instance of this broker has seen; each answers with
+        its own, which lists it here."""
+        if not self.online and unlisted_only:
+            return  # stopped or lost in the meantime: the next session says hello again anyway
+        listed = {e.jid.split("/")[0] for e in self.directory.entries()} if unlisted_only else set()
+        for bare in self._known.all():
+            if bare not in listed:
+                self.presence(bare)
 
     @property
     def shared_dir(self) -> Path | None:
@@ -189,7 +202,9 @@ class _KnownAgents:
     """The bare JIDs of agents seen before, kept on disk so a restarted broker can greet them."""
 
     def __init__(self, path: Path | None) -> None:
-        self._db = sqlite3.connect(path or ":memory:", isolation_level=None)
+        self._db = sqlite3.connect(path or ":memory:", isolation_level=None, timeout=30)
+        if path is not None:
+            self._db.execute("PRAGMA journal_mode=WAL")  # the broker's instances share it
         self._db.execute("CREATE TABLE IF NOT EXISTS known_agents (jid TEXT PRIMARY KEY)")
         self._cache = {row[0] for row in self._db.execute("SELECT jid FROM known_agents")}
 
@@ -199,4 +214,6 @@ class _KnownAgents:
             self._db.execute("INSERT OR IGNORE INTO known_agents VALUES (?)", (jid,))
 
     def all(self) -> list[str]:
+        """Read afresh: the broker's other instances add to the same table."""
+        self._cache = {row[0] for row in self._db.execute("SELECT jid FROM known_agents")}
         return sorted(self._cache)

@@ -214,16 +214,22 @@ def running(home: Path, expect_agents: int = 1) -> Iterator[dict[str, Any]]:
     gateway = any(a.get("gateway") for a in cfg["agents"])
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     base = [sys.executable, "-m", "agents.cli", "--home", str(home)]
-    procs = [subprocess.Popen(base + ["broker"], env=env, cwd=ROOT,
-                              stderr=open(home / "broker.log", "w"))]
+    # One broker instance per server node, as `vertebra up` starts them.
+    instances = range(1, len(cfg["server"].get("nodes", [])) + 2)
+    procs = [subprocess.Popen(base + ["broker", "--instance", str(n)], env=env, cwd=ROOT,
+                              stderr=open(home / f"broker-{n}.log", "w")) for n in instances]
     procs += [subprocess.Popen(base + ["-v", "agent", a["name"]], env=env, cwd=ROOT,
                                stderr=open(home / f"{a['name']}.log", "w")) for a in cfg["agents"]]
     try:
         out = None
+        broker = f"{cfg['broker']}@{cfg['server']['domain']}"
         for _ in range(150):
-            out = vertebra(home, "agents", "--json")
-            if out.returncode == 0 and len(json.loads(out.stdout)["agents"]) == expect_agents \
-                    and (home / "run" / "gateway.sock").exists() == gateway:
+            # Every instance must list them: a test's next call may be answered by any.
+            outs = [vertebra(home, "call", "mesh.agents", "--to", f"{broker}/{'broker' if n == 1 else f'broker-{n}'}",
+                             "--json") for n in instances]
+            out = outs[-1]
+            if all(o.returncode == 0 and len(json.loads(o.stdout)["results"][0]["result"]) == expect_agents
+                   for o in outs) and (home / "run" / "gateway.sock").exists() == gateway:
                 break
             if any(p.poll() is not None for p in procs):
                 break
