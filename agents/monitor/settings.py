@@ -8,7 +8,8 @@
       schedule:                         # checks run on their own, results published, alerts raised
         root-disk: {check: disk, args: {warn: "20%"}, interval: 60, jitter: 0.1, repeats: 3}
       publish_to: [nagios1]             # accounts (or JIDs) whose bridge receives scheduled results
-      nagios: {command_file: ..., host: NAME, hosts: {...}, services: {...}}   # this agent bridges
+      nagios: {command_file: ..., hosts: {...}, services: {...}}   # this agent bridges (or, instead of
+                                        # command_file, check_result_path: Nagios' spool directory)
 
 Every error names the field and says what was expected; a bad catalogue stops the agent at start,
 never at the first call.
@@ -53,12 +54,15 @@ class ScheduledCheck:
 class BridgeSettings:
     """Where published results go into Nagios, and under which Nagios names.
 
-    ``hosts`` maps a publishing agent (account name or bare JID) to a Nagios host name; ``services``
-    maps a scheduled check's name to a Nagios service description (default: the same name)."""
+    Exactly one of ``command_file`` (Nagios' external command file) and ``check_result_path`` (its
+    check result spool directory) is set. ``hosts`` maps a publishing agent (account name or bare
+    JID) to a Nagios host name; ``services`` maps a scheduled check's name to a Nagios service
+    description (default: the same name)."""
 
-    command_file: str
+    command_file: str | None
     hosts: dict[str, str]
     services: dict[str, str] = field(default_factory=dict)
+    check_result_path: str | None = None
 
 
 @dataclass(frozen=True)
@@ -135,19 +139,25 @@ def _scheduled(name: Any, spec: Any, checks: Mapping[str, CheckSpec]) -> Schedul
 
 def _bridge(value: Any) -> BridgeSettings:
     spec = _mapping(value, "nagios")
-    unknown = sorted(set(spec) - {"command_file", "hosts", "services"})
+    unknown = sorted(set(spec) - {"command_file", "check_result_path", "hosts", "services"})
     if unknown:
         raise SettingsError(f"monitor settings: nagios: unknown key {unknown[0]!r}; allowed keys:"
-                            " command_file, hosts, services")
-    command_file = spec.get("command_file")
-    if not isinstance(command_file, str) or not command_file.startswith("/"):
+                            " command_file or check_result_path, hosts, services")
+    if ("command_file" in spec) == ("check_result_path" in spec):
+        raise SettingsError("monitor settings: nagios: give exactly one of command_file (Nagios' external command"
+                            " file) and check_result_path (its check result directory)")
+    command_file, spool = spec.get("command_file"), spec.get("check_result_path")
+    if command_file is not None and (not isinstance(command_file, str) or not command_file.startswith("/")):
         raise SettingsError("monitor settings: nagios.command_file: expected the absolute path of Nagios'"
                             f" external command file, got {command_file!r}")
+    if spool is not None and (not isinstance(spool, str) or not spool.startswith("/")):
+        raise SettingsError("monitor settings: nagios.check_result_path: expected the absolute path of Nagios'"
+                            f" check result directory (check_result_path in nagios.cfg), got {spool!r}")
     hosts = _names(spec.get("hosts"), "nagios.hosts")
     if not hosts:
         raise SettingsError("monitor settings: nagios.hosts: map each publishing agent to its Nagios host name;"
                             " results from agents not listed are dropped")
-    return BridgeSettings(command_file, hosts, _names(spec.get("services"), "nagios.services"))
+    return BridgeSettings(command_file, hosts, _names(spec.get("services"), "nagios.services"), spool)
 
 
 def _names(value: Any, where: str) -> dict[str, str]:

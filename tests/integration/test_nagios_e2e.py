@@ -1,6 +1,7 @@
 """End to end with a real Nagios 4: an active service whose command is check_vertebra reaches a
-monitor agent through the mesh, and a passive service receives a scheduled result through the
-bridge. Broker and agents run as their own processes, as `vertebra agent` runs them."""
+monitor agent through the mesh, and passive services receive a scheduled result through the
+bridge, once by the external command file and once by the check result spool directory. Broker and
+agents run as their own processes, as `vertebra agent` runs them."""
 
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ pytestmark = pytest.mark.skipif(not (Path(NAGIOS).exists() and Path(DUMMY).exist
                                 reason="needs nagios4-core, monitoring-plugins-basic and the installed check_vertebra")
 
 
-def _agents(command_file: Path) -> list[dict]:
+def _agents(command_file: Path, spool: Path) -> list[dict]:
     return [
         {"name": "mon", "kind": "monitor", "resources": ["/host/web1", "/cluster/e2e/web1"], "gateway": True,
          "settings": {"checks": {"svc": {"plugin": DUMMY, "args": ["1", "slow | latency=0.5s;0.3;1;0"]}}}},
@@ -34,6 +35,9 @@ def _agents(command_file: Path) -> list[dict]:
         {"name": "bridge", "kind": "monitor", "resources": ["/host/nagios"],
          "settings": {"checks": {}, "nagios": {"command_file": str(command_file), "hosts": {"placeholder": "web1"},
                                                "services": {"pas": "Passive Check"}}}},
+        {"name": "spool", "kind": "monitor", "resources": ["/host/nagios-spool"],
+         "settings": {"checks": {}, "nagios": {"check_result_path": str(spool), "hosts": {"placeholder": "web1"},
+                                               "services": {"pas": "Spooled Check"}}}},
     ]
 
 
@@ -41,14 +45,16 @@ def _agents(command_file: Path) -> list[dict]:
 def running_mesh(mesh_home, tmp_path):
     nagios_dir = tmp_path / "nagios"
     nagios_dir.mkdir()
-    home = mesh_home(_agents(nagios_dir / "nagios.cmd"))
+    (nagios_dir / "checkresults").mkdir()
+    home = mesh_home(_agents(nagios_dir / "nagios.cmd", nagios_dir / "checkresults"))
     cfg = yaml.safe_load((home / "mesh.yaml").read_text())
-    mon, pub, bridge = (a["name"] for a in cfg["agents"])
-    # Names get a per-test suffix: wire the publisher to the bridge now that both are known.
-    cfg["agents"][1]["settings"]["publish_to"] = [bridge]
+    mon, pub, bridge, spool = (a["name"] for a in cfg["agents"])
+    # Names get a per-test suffix: wire the publisher to the bridges now that all are known.
+    cfg["agents"][1]["settings"]["publish_to"] = [bridge, spool]
     cfg["agents"][2]["settings"]["nagios"]["hosts"] = {pub: "web1"}
+    cfg["agents"][3]["settings"]["nagios"]["hosts"] = {pub: "web1"}
     (home / "mesh.yaml").write_text(yaml.safe_dump(cfg))
-    with running(home, expect_agents=3):
+    with running(home, expect_agents=4):
         yield home, nagios_dir
 
 
@@ -61,7 +67,8 @@ def test_nagios_runs_check_vertebra_and_receives_bridged_results(running_mesh):
     home, nagios_dir = running_mesh
     objects = (command("check_vertebra", f"{CHECK_VERTEBRA} --home {home} -H $HOSTNAME$ -c $ARG1$ -t 20")
                + host("web1") + service("web1", "Mesh Service", "check_vertebra!svc")
-               + service("web1", "Passive Check", "host-up", active=False))
+               + service("web1", "Passive Check", "host-up", active=False)
+               + service("web1", "Spooled Check", "host-up", active=False))
     # As root: the project's interpreter lives under /root, which the nagios user cannot enter.
     nagios = Nagios(nagios_dir, objects)
     nagios.verify()
@@ -72,7 +79,8 @@ def test_nagios_runs_check_vertebra_and_receives_bridged_results(running_mesh):
             status = nagios.services()
             active = status.get(("web1", "Mesh Service"), {})
             passive = status.get(("web1", "Passive Check"), {})
-            if active.get("has_been_checked") == "1" and passive.get("has_been_checked") == "1":
+            spooled = status.get(("web1", "Spooled Check"), {})
+            if all(s.get("has_been_checked") == "1" for s in (active, passive, spooled)):
                 break
             time.sleep(0.2)
         else:
@@ -87,6 +95,14 @@ def test_nagios_runs_check_vertebra_and_receives_bridged_results(running_mesh):
     assert passive["plugin_output"] == "CRITICAL: passive problem"
     assert passive["performance_data"] == "q=3"
     assert passive["check_type"] == "1"  # passive
+    assert spooled["current_state"] == "2", spooled
+    assert spooled["plugin_output"] == "CRITICAL: passive problem"
+    assert spooled["performance_data"] == "q=3"
+    assert spooled["check_type"] == "1"  # passive
+    assert float(spooled["check_latency"]) < 30 and float(spooled["check_execution_time"]) < 30
+    # Nagios took the files it read away, with their markers; none is left half-written.
+    left = [p.name for p in (nagios_dir / "checkresults").iterdir()]
+    assert all(name.startswith("c") and len(name) in (7, 10) for name in left), left
 
 
 def test_check_vertebra_exit_codes_aggregate_and_mesh_problems(running_mesh, tmp_path):

@@ -11,7 +11,7 @@ from agents.report import CallReport, TargetResult
 from agents.errors import BadArguments, Outcome
 from agents.monitor.agent import parse_pairs
 from agents.monitor.aggregate import aggregate
-from agents.monitor.bridge import MAX_COMMAND, command_line
+from agents.monitor.bridge import MAX_COMMAND, MAX_OUTPUT, CheckResultSpool, check_result_file, command_line
 from agents.monitor.check_vertebra import main as check_vertebra
 from agents.monitor.ranges import State
 from agents.monitor.schedule import StateChange, StateTracker, next_delay
@@ -62,6 +62,56 @@ def test_command_line_escapes_newlines_and_fits_one_atomic_write() -> None:
             command_line(bad, "s", OK, "x")
 
 
+def test_command_line_never_ends_in_half_an_escape() -> None:
+    for tail in ("\\", "\n", "\\\\", "é"):
+        for pad in range(4):
+            line = command_line("h", "s", OK, "x" * (MAX_COMMAND - 40 + pad) + tail * 40)
+            output = line.split(";", 4)[4][:-1]
+            assert len(line.encode()) <= MAX_COMMAND
+            assert (len(output) - len(output.rstrip("\\"))) % 2 == 0, output[-6:]
+
+
+def test_check_result_file_is_what_nagios_4_reads() -> None:
+    text = check_result_file("web1", "Disk /", CRIT, "DISK CRITICAL\nlong one\\x | a=1", start=1700000000.25,
+                             finish=1700000001.000007, latency=0.5, when=1700000002)
+    assert text == ("### Passive Check Result File ###\n"
+                    "file_time=1700000002\n"
+                    "\n"
+                    "### Nagios Service Check Result ###\n"
+                    "host_name=web1\n"
+                    "service_description=Disk /\n"
+                    "check_type=1\n"
+                    "check_options=0\n"
+                    "scheduled_check=0\n"
+                    "reschedule_check=0\n"
+                    "latency=0.500000\n"
+                    "start_time=1700000000.250000\n"
+                    "finish_time=1700000001.7\n"
+                    "early_timeout=0\n"
+                    "exited_ok=1\n"
+                    "return_code=2\n"
+                    "output=DISK CRITICAL\\nlong one\\\\x | a=1\n")
+    huge = check_result_file("h", "s", OK, "y" * 20_000, start=1, finish=2)
+    assert huge.endswith("output=" + "y" * MAX_OUTPUT + "\n")
+    for bad in ("a\nb", ""):
+        with pytest.raises(ValueError):
+            check_result_file(bad, "s", OK, "x", start=1, finish=2)
+
+
+async def test_spool_files_appear_complete_with_their_ok_marker(tmp_path) -> None:
+    spool = CheckResultSpool(str(tmp_path))
+    written = [await spool.write(f"result {i}\n") for i in range(50)]
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert len(set(written)) == 50
+    assert names == sorted([n.rsplit("/", 1)[1] for n in written] + [n.rsplit("/", 1)[1] + ".ok" for n in written])
+    for path in written:
+        name = path.rsplit("/", 1)[1]
+        assert len(name) == 7 and name[0] == "c" and name[1:].isalnum()  # what Nagios 4 picks up
+        assert open(path).read() == f"result {written.index(path)}\n"
+    with pytest.raises(OSError, match="check result directory"):
+        await CheckResultSpool(str(tmp_path / "missing")).write("x\n")
+
+
 def test_aggregate_counts_missing_hosts_as_unknown() -> None:
     report = CallReport("monitor.check", [
         TargetResult("a@d/agent", Outcome.OK, {"code": 0, "host": "db1", "text": "OK", "perfdata": "x=1"}),
@@ -93,6 +143,9 @@ def test_check_arguments_are_name_value_words() -> None:
     ({"nagios": {"command_file": "rel", "hosts": {"a": "b"}}}, "absolute path"),
     ({"nagios": {"command_file": "/x", "hosts": {}}}, "nagios.hosts"),
     ({"nagios": {"command_file": "/x", "hosts": {"a": "b;c"}}}, "without ';'"),
+    ({"nagios": {"hosts": {"a": "b"}}}, "exactly one of command_file"),
+    ({"nagios": {"command_file": "/x", "check_result_path": "/y", "hosts": {"a": "b"}}}, "exactly one of"),
+    ({"nagios": {"check_result_path": "spool", "hosts": {"a": "b"}}}, "nagios.check_result_path"),
 ])
 def test_bad_settings_name_the_field(settings: dict, message: str) -> None:
     with pytest.raises(SettingsError, match=None) as exc:
