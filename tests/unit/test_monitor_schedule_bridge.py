@@ -65,9 +65,9 @@ def test_command_line_escapes_newlines_and_fits_one_atomic_write() -> None:
 def test_command_line_never_ends_in_half_an_escape() -> None:
     for tail in ("\\", "\n", "\\\\", "é"):
         for pad in range(4):
-            line = command_line("h", "s", OK, "x" * (MAX_COMMAND - 40 + pad) + tail * 40)
+            line = command_line("h", "s", OK, "x" * (MAX_COMMAND - 100 + pad) + tail * 60)
             output = line.split(";", 4)[4][:-1]
-            assert len(line.encode()) <= MAX_COMMAND
+            assert len(line.encode()) <= MAX_COMMAND and output.startswith("x") and output[-1] != "x"
             assert (len(output) - len(output.rstrip("\\"))) % 2 == 0, output[-6:]
 
 
