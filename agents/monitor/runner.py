@@ -264,7 +264,7 @@ def _kill_abandoned(spawning: Future[subprocess.Popen[bytes]]) -> None:
         return
     proc = spawning.result()
     signal_group(proc.pid, signal.SIGKILL)
-    proc.wait()  # on the spawn thread, or wherever the spawn finished: the KILL makes this short
+    _spawner().submit(proc.wait)  # reaped on a spawn thread, never on the event loop
 
 
 async def _members_gone(loop: asyncio.AbstractEventLoop, group: int, timeout: float) -> None:
