@@ -22,8 +22,10 @@ The gateway remembers, per caller, op and resource, which agent answered a call 
 one resource (``-H HOST`` of check_vertebra, fence_vertebra's target), and sends the next such call
 straight to that agent: one XMPP round trip instead of two (discovery, then the call). Only an
 answer that says the request certainly did not run there (unreachable: the agent is gone; denied:
-another holder may allow it) sends the call through discovery again, with the same request id;
-any other answer but ok forgets the agent, so the next call asks the broker again.
+another holder may allow it; a refusal as bad-argument or unknown-op: it no longer holds the
+resource or offers the op) sends the call through discovery again, with the same request id, so
+an agent that did see it answers as the first time; any other answer but ok forgets the agent,
+so the next call asks the broker again.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ import os
 import struct
 import time
 
-from .errors import CallInterrupted, ConnectError, Outcome
+from .errors import BadArguments, CallInterrupted, ConnectError, Outcome, UnknownOp
 
 TYPE_CHECKING = False  # typing costs short programs milliseconds; annotations are strings here
 if TYPE_CHECKING:
@@ -49,6 +51,8 @@ MAX_REQUEST = 256 * 1024  # a call: op, arguments, targets
 MAX_ANSWER = 256 * 1024 * 1024  # a report may carry a result from each of thousands of targets
 IDLE_SESSION = 300.0  # seconds an unused identity's session is kept
 MAX_HOLDERS = 4096  # remembered (caller, op, resource) -> agent entries; the oldest go first
+# How a target's refusal before running reads in a TargetResult ("CONDITION: text", agents.actor).
+_REFUSED = tuple(f"{cls.condition}: " for cls in (BadArguments, UnknownOp))
 
 
 class GatewayUnavailable(Exception):
@@ -291,12 +295,14 @@ class Gateway:
             started = loop.time()
             report = await client.call(op, args, on=on, scope="one", to=[holder], timeout=timeout, progress=progress,
                                        rid=rid)
-            outcome = report.results[-1].outcome if report.results else None
-            if outcome is Outcome.OK:
+            last = report.results[-1] if report.results else None
+            if last is not None and last.outcome is Outcome.OK:
                 return report
             self._holders.pop(key, None)
-            # Only where it certainly did not run may the call go on to another holder, as in Client.call.
-            if outcome not in (Outcome.UNREACHABLE, Outcome.DENIED):
+            # Only where it certainly did not run may the call go on to another holder, as in Client.call;
+            # and refused as not its to run: an agent that no longer holds the resource or offers the op.
+            if last is None or not (last.outcome in (Outcome.UNREACHABLE, Outcome.DENIED)
+                                    or (last.outcome is Outcome.FAILED and (last.error or "").startswith(_REFUSED))):
                 return report
             timeout -= loop.time() - started
             if timeout <= 0:

@@ -90,8 +90,8 @@ async def test_a_refusing_agent_is_forgotten_and_a_denied_caller_is_never_rememb
     assert (await blocking(gw, mesh.operator, check("/host/cache-c")))["results"][0]["outcome"] == "ok"
     assert gw._holders[key] == str(mon.jid)
 
-    # Any other answer than ok is the report as it is (it may have run: not sent elsewhere), and
-    # the next call asks the broker again.
+    # A refusal goes through discovery again under the same request id: the same agent, which
+    # answers as the first time; and the next call asks the broker again.
     failed = await blocking(gw, mesh.operator, check("/host/cache-c", name="no-such-check"))
     assert [(r["target"], r["outcome"]) for r in failed["results"]] == [(str(mon.jid), "failed")]
     assert "no check named 'no-such-check'" in failed["results"][0]["error"]
@@ -103,6 +103,32 @@ async def test_a_refusing_agent_is_forgotten_and_a_denied_caller_is_never_rememb
         denied = await blocking(gw, stranger, check("/host/cache-c"))
         assert [r["outcome"] for r in denied["results"]] == ["denied"]
     assert (stranger[0], "monitor.check", "/host/cache-c") not in gw._holders
+
+
+async def test_an_agent_that_no_longer_holds_the_resource_is_passed_over_within_the_call(mesh, gateway):
+    gw, broker = gateway
+    first = await mesh.agent(MonitorAgent, broker, ["/host/cache-d"])
+    await until(lambda: len(broker.directory) == 1, what="the monitor agent in the directory")
+    assert (await blocking(gw, mesh.operator, check("/host/cache-d")))["results"][0]["outcome"] == "ok"
+    key = (mesh.operator[0], "monitor.check", "/host/cache-d")
+    assert gw._holders[key] == str(first.jid)
+
+    # The same account comes back holding something else; another agent holds the resource now.
+    await first.stop()
+    mesh.actors.remove(first)
+    password = f"pw-{first.jid.user}"  # conftest.Mesh.account's passwords
+    again = await mesh.start(MonitorAgent(first.jid.bare, password, mesh.endpoint, resources=["/host/cache-other"],
+                                          broker=broker.jid.bare, authorizer=mesh.admins,
+                                          state_dir=mesh.home / "state" / first.jid.user))
+    holder = await mesh.agent(MonitorAgent, broker, ["/host/cache-d"])
+    await until(lambda: sorted(e.jid for e in broker.directory.entries()) == sorted([str(again.jid), str(holder.jid)]),
+                what="both agents in the directory")
+    assert str(again.jid) == str(first.jid)
+
+    report = await blocking(gw, mesh.operator, check("/host/cache-d", args=["text=holder"]))
+    assert [(r["target"], r["outcome"]) for r in report["results"]] == [(str(holder.jid), "ok")]
+    assert report["results"][0]["result"]["output"] == "OK: holder"
+    assert gw._holders[key] == str(holder.jid)
 
 
 async def test_only_single_resource_calls_of_scope_one_are_remembered(mesh, gateway):
