@@ -2,7 +2,8 @@
 """Storage benchmark (issue 6), every figure beside its baseline from the same run:
 
 1. btrfs clone time of a small vs a big volume (target ratio <= 1.5: a clone costs the same at any size);
-2. embedded snapshot ingest MB/s vs a bare read + 8 KiB cut + BLAKE3 loop over the same file (>= 0.3x);
+2. embedded snapshot ingest MB/s vs a bare read + 8 KiB cut + BLAKE3 loop over the same cached file, in
+   alternating rounds on fresh stores, median ratio (>= 0.3x);
 3. bytes an incremental update sends after rewriting 1% of a file's pages in place vs bytes changed (<= 1.05);
 4. replication throughput (two storage agents on a private Prosody, btrfs driver, TLS on) vs
    `btrfs send | btrfs receive` of the same snapshot (>= 0.5x);
@@ -13,7 +14,7 @@ Needs root (loop-mounted btrfs images) and prosody. Sizes are modest by default 
 
 Usage::
 
-    python bench/storage.py [--big-mib 1024] [--data-mib 256] [--keep]
+    python bench/storage.py [--big-mib 1024] [--data-mib 256] [--ingest-rounds 3] [--keep]
 """
 
 from __future__ import annotations
@@ -98,10 +99,10 @@ def bench_clone(mnt: Path, small_mib: int, big_mib: int) -> None:
            f"{medians['big'] * 1000:.1f} ms (median of 7): ratio {ratio:.2f} (target <= 1.5)", ratio <= 1.5)
 
 
-def bench_ingest(work: Path, mib: int) -> None:
-    drv = EmbeddedDriver(work / "ingest")
-    drv.create_volume("v")
-    data = drv.path("v") / "table"
+def bench_ingest(work: Path, mib: int, rounds: int) -> None:
+    """The same file (hard-linked into a fresh store each round, so both loops read it from the page cache)
+    through the bare loop and through a snapshot, alternately; the ratio of each round, and their median."""
+    data = work / "ingest-data"
     write_random(data, mib * MiB)
 
     def bare() -> None:
@@ -111,13 +112,25 @@ def bench_ingest(work: Path, mib: int) -> None:
                 for i in range(0, len(buf), PAGE):
                     blake3.blake3(view[i:i + PAGE]).digest()
 
-    bare()                                   # both read from the page cache
-    t_bare = timed(bare)
-    t_snap = timed(drv.snapshot, "v", "s")
-    drv.close()
-    ratio = t_bare / t_snap
-    report("embedded ingest", f"snapshot {mib / t_snap:.0f} MB/s vs bare chunk+hash {mib / t_bare:.0f} MB/s: "
-           f"{ratio:.2f}x (target >= 0.3x; the store also compresses with zstd and writes SQLite)", ratio >= 0.3)
+    bare()                                   # into the page cache, for both
+    ratios, rates = [], []
+    for k in range(rounds):
+        root = work / f"ingest-{k}"
+        drv = EmbeddedDriver(root)
+        drv.create_volume("v")
+        os.link(data, drv.path("v") / "table")
+        os.sync()                            # nobody's writeback (an earlier round's, the data's) lands inside
+        t_bare = timed(bare)
+        t_snap = timed(drv.snapshot, "v", "s")
+        drv.close()
+        shutil.rmtree(root)
+        ratios.append(t_bare / t_snap)
+        rates.append((mib / t_snap, mib / t_bare))
+    ratio = statistics.median(ratios)
+    each = ", ".join(f"{snap:.0f} vs {b:.0f} MB/s ({r:.2f}x)" for (snap, b), r in zip(rates, ratios))
+    report("embedded ingest", f"snapshot vs bare read+cut+hash of {mib} MiB, {rounds} rounds: {each}; median "
+           f"{ratio:.2f}x (target >= 0.3x; the store also probes for compressibility, writes packs, indexes in "
+           f"SQLite and fsyncs)", ratio >= 0.3)
 
 
 class Mesh:
@@ -221,6 +234,8 @@ async def main() -> int:
     ap.add_argument("--small-mib", type=int, default=100)
     ap.add_argument("--big-mib", type=int, default=1024)
     ap.add_argument("--data-mib", type=int, default=256)
+    ap.add_argument("--ingest-rounds", type=int, default=3)
+    ap.add_argument("--ingest-only", action="store_true", help="run only the embedded ingest figure")
     ap.add_argument("--keep", action="store_true", help="keep the work directory")
     args = ap.parse_args()
     if os.geteuid() != 0 or shutil.which("mkfs.btrfs") is None:
@@ -230,14 +245,17 @@ async def main() -> int:
     mounts: list[Path] = []
     mesh = Mesh(work)
     try:
-        mounts.append(loop_btrfs(work, "clones", (args.small_mib + args.big_mib) * MiB + 1024 * MiB))
-        bench_clone(mounts[0], args.small_mib, args.big_mib)
-        bench_ingest(work, args.data_mib)
-        mesh.server.start()
-        for name in ("site-a", "site-b"):
-            mounts.append(loop_btrfs(work, name, 3 * args.data_mib * MiB + 512 * MiB))
-        await bench_replication(mesh, work, (mounts[1], mounts[2]), args.data_mib)
-        await bench_incremental_and_throttle(mesh, work, args.data_mib)
+        # Ingest first: it is the phase most sensitive to what the page cache and writeback hold, and the
+        # btrfs phases leave gigabytes of loop-image pages behind.
+        bench_ingest(work, args.data_mib, args.ingest_rounds)
+        if not args.ingest_only:
+            mounts.append(loop_btrfs(work, "clones", (args.small_mib + args.big_mib) * MiB + 1024 * MiB))
+            bench_clone(mounts[0], args.small_mib, args.big_mib)
+            mesh.server.start()
+            for name in ("site-a", "site-b"):
+                mounts.append(loop_btrfs(work, name, 3 * args.data_mib * MiB + 512 * MiB))
+            await bench_replication(mesh, work, (mounts[1], mounts[2]), args.data_mib)
+            await bench_incremental_and_throttle(mesh, work, args.data_mib)
     finally:
         await mesh.stop()
         mesh.server.stop()

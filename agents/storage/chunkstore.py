@@ -7,11 +7,12 @@ became mostly dead.
 Two levels keep snapshots of large files cheap: a file's chunk list is cut into segments, and a segment
 whose pages did not change is shared by every snapshot that contains it.
 
-Ingest is a two-stage pipeline. The caller's thread reads, hashes (BLAKE3 holds the GIL on 8 KiB
-inputs), looks ids up in the index and records segments; one writer thread compresses new blocks (zstd
-releases the GIL) and appends them to the active pack. Index rows are inserted as the writer returns
-them, all in the caller's open transaction. `commit()` drains the writer, fdatasyncs the packs and only
-then commits, so no index row ever names bytes that are not durable; `abort()` rolls the transaction back
+Ingest is a two-stage pipeline. The caller's thread reads, hashes and records segments; one writer thread
+looks each batch's ids up in the index (one statement per batch), compresses the new blocks (zstd releases the
+GIL), appends them to the active pack and inserts their index rows, all in the caller's open transaction.
+SQLite, zstd and the pack writes run without the GIL, so the writer's work overlaps the caller's hashing; a
+lock serializes the two threads' use of the connection. `commit()` drains the writer, fdatasyncs the packs and
+only then commits, so no index row ever names bytes that are not durable; `abort()` rolls the transaction back
 and cuts the packs back to their committed length, so an interrupted snapshot or receive leaves nothing.
 
 Compression tries a fast zstd level first when the previous block did not compress, and compresses at
@@ -29,6 +30,7 @@ from __future__ import annotations
 import os
 import sqlite3
 import struct
+import threading
 from collections import Counter, deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -89,14 +91,20 @@ class ChunkStore:
                                f"that kept chunk data inside SQLite; it is not migrated. Move it aside and "
                                f"let a new store be created (replicate back what it held)", code="environment")
         self.db.executescript(_SCHEMA)
+        row = self.db.execute("PRAGMA database_list").fetchone()
+        self._path_hint = str(Path(row[2])) if row and row[2] else "(memory)"
         self.packs = PackFiles(pack_dir, db)
         self._decompress = zstandard.ZstdDecompressor()
         self._full = zstandard.ZstdCompressor(level=ZSTD_LEVEL)     # used by the writer thread only
         self._probe = zstandard.ZstdCompressor(level=PROBE_LEVEL)   # likewise
         self._last_raw = False                                      # likewise
         self._writer = ThreadPoolExecutor(1, thread_name_prefix="chunkstore-writer")
-        self._jobs: deque[Future[list[Row]]] = deque()
-        self._inflight: set[bytes] = set()        # ids handed to the writer, not yet in the index
+        self._jobs: deque[Future[None]] = deque()
+        # The writer looks the ids of each batch up and inserts the index rows of what it wrote itself,
+        # into the caller's open transaction (SQLite works without the GIL, so this overlaps the caller's
+        # hashing). _db_lock serializes the two threads' use of the connection and guards the next three.
+        self._db_lock = threading.Lock()
+        self._inflight: set[bytes] = set()        # ids claimed by the writer, not yet in the index
         self._rows: list[Row] = []                # written, waiting to be inserted
         self._refs: Counter[bytes] = Counter()    # chunk references from new segments, not yet applied
         self._stored: dict[bytes, tuple[int, int, bytes]] = {}   # received, not yet handed to the writer
@@ -128,16 +136,7 @@ class ChunkStore:
         return ids
 
     def _queue(self, buf: bytes, ids: list[bytes], spans: list[tuple[int, int]]) -> None:
-        new = self._unknown(ids)
-        if not new:
-            return
-        todo = []
-        for cid, span in zip(ids, spans):
-            if cid in new:
-                new.discard(cid)
-                todo.append((cid, span))
-        self._inflight.update(cid for cid, _ in todo)
-        self._submit(self._compress_and_append, buf, todo)
+        self._submit(self._claim_and_append, buf, ids, spans)
 
     def put_stored(self, cid: bytes, z: int, data: bytes) -> None:
         """Store a chunk as it came off a stream, after checking that its content matches its id."""
@@ -163,18 +162,31 @@ class ChunkStore:
         self._stored.clear()
         self._stored_bytes = 0
         if todo:
-            self._inflight.update(new)
+            with self._db_lock:
+                self._inflight.update(new)
             self._submit(self._append_stored, todo)
 
     def _submit(self, fn, *args) -> None:  # type: ignore[no-untyped-def]
         while self._jobs and (self._jobs[0].done() or len(self._jobs) >= _MAX_JOBS):
-            self._rows.extend(self._jobs.popleft().result())
+            self._jobs.popleft().result()
         self._jobs.append(self._writer.submit(fn, *args))
-        if len(self._rows) >= _ROW_BATCH:
-            self._insert_rows()
 
     # the writer thread
-    def _compress_and_append(self, buf: bytes, todo: list[tuple[bytes, tuple[int, int]]]) -> list[Row]:
+    def _claim_and_append(self, buf: bytes, ids: list[bytes], spans: list[tuple[int, int]]) -> None:
+        """Store the blocks of a batch that are neither indexed nor already claimed, each once."""
+        with self._db_lock:
+            new = self._unknown_locked(ids)
+            self._inflight.update(new)
+        if not new:
+            return
+        todo = []
+        for cid, span in zip(ids, spans):
+            if cid in new:
+                new.discard(cid)
+                todo.append((cid, span))
+        self._compress_and_append(buf, todo)
+
+    def _compress_and_append(self, buf: bytes, todo: list[tuple[bytes, tuple[int, int]]]) -> None:
         """Compress a batch of blocks (spans of `buf`) with zstd's multi-frame API, one call per level, so
         the GIL is released once per batch rather than once per block; then append them."""
         view = memoryview(buf)
@@ -182,7 +194,8 @@ class ChunkStore:
         if self._last_raw and len(todo) >= _SAMPLE_MIN and not self._sample_compresses(buf, todo):
             # The previous batch did not compress and neither does a sample of this one: keep it raw.
             self._last_raw = True
-            return self._append_stored([(cid, 0, n, view[off:off + n]) for cid, (off, n) in todo])
+            self._append_stored([(cid, 0, n, view[off:off + n]) for cid, (off, n) in todo])
+            return
         if self._last_raw:
             # Early abort: a fast probe first; only blocks it shrinks are compressed at the full level.
             probe = self._probe.multi_compress_to_buffer(_segments(buf, [s for _, s in todo]), threads=1)
@@ -206,7 +219,7 @@ class ChunkStore:
             else:
                 records.append((cid, 1, n, data))
         self._last_raw = raw * 2 > len(todo)
-        return self._append_stored(records)
+        self._append_stored(records)
 
     def _sample_compresses(self, buf: bytes, todo: list[tuple[bytes, tuple[int, int]]]) -> bool:
         """Whether any of an evenly spread sample of the batch's blocks shrinks by at least 1/16 at the
@@ -215,23 +228,28 @@ class ChunkStore:
         out = self._probe.multi_compress_to_buffer(_segments(buf, sample), threads=1)
         return any(len(out[k]) < n - n // 16 for k, (_, n) in enumerate(sample))
 
-    def _append_stored(self, records: list[tuple[bytes, int, int, bytes | memoryview]]) -> list[Row]:
+    def _append_stored(self, records: list[tuple[bytes, int, int, bytes | memoryview]]) -> None:
         locs = self.packs.append(records)
-        return [(cid, pack, off, len(data), z, size)
-                for (cid, z, size, data), (pack, off) in zip(records, locs)]
+        rows = [(cid, pack, off, len(data), z, size) for (cid, z, size, data), (pack, off) in zip(records, locs)]
+        with self._db_lock:
+            self._rows.extend(rows)
+            if len(self._rows) >= _ROW_BATCH:
+                self._insert_rows()
 
     # the caller's thread again
     def _drain(self, raise_errors: bool = True) -> None:
         error: BaseException | None = None
         while self._jobs:
             try:
-                self._rows.extend(self._jobs.popleft().result())
+                self._jobs.popleft().result()
             except BaseException as exc:  # keep draining: the writer must be idle before anyone goes on
                 error = error or exc
         if error is not None and raise_errors:
             raise error
 
     def _insert_rows(self) -> None:
+        """Insert the waiting rows with the references new segments already gave them (either thread, with
+        _db_lock held). A row leaves _inflight only once inserted, so a lookup never misses a chunk."""
         if not self._rows:
             return
         refs = self._refs
@@ -250,7 +268,8 @@ class ChunkStore:
         """Everything queued in the index (inside the open transaction), with its references."""
         self._submit_stored()
         self._drain()
-        self._insert_rows()
+        with self._db_lock:
+            self._insert_rows()
         if self._refs:
             self._add_chunk_refs(self._refs, +1)
             self._refs = Counter()
@@ -273,6 +292,10 @@ class ChunkStore:
     # reading ----------------------------------------------------------------------------------------------
     def _unknown(self, ids: Iterable[bytes]) -> set[bytes]:
         """The ids neither indexed nor on their way to the writer."""
+        with self._db_lock:
+            return self._unknown_locked(ids)
+
+    def _unknown_locked(self, ids: Iterable[bytes]) -> set[bytes]:
         todo = {c for c in ids if c not in self._inflight}
         if not todo:
             return todo
@@ -333,16 +356,18 @@ class ChunkStore:
             part = ids[i:i + SEGMENT_IDS]
             blob = b"".join(part)
             sid = blake3.blake3(blob).digest()
-            cur = self.db.execute("INSERT OR IGNORE INTO segments(id, ids) VALUES (?, ?)", (sid, blob))
-            if cur.rowcount == 1:
-                self._refs.update(part)      # applied as the chunks' rows are inserted, or at commit
+            with self._db_lock:
+                cur = self.db.execute("INSERT OR IGNORE INTO segments(id, ids) VALUES (?, ?)", (sid, blob))
+                if cur.rowcount == 1:
+                    self._refs.update(part)      # applied as the chunks' rows are inserted, or at commit
             seg_ids.append(sid)
         return b"".join(seg_ids)
 
     def chunk_ids(self, segs: bytes) -> list[bytes]:
         ids: list[bytes] = []
         for sid in split_ids(segs):
-            row = self.db.execute("SELECT ids FROM segments WHERE id = ?", (sid,)).fetchone()
+            with self._db_lock:
+                row = self.db.execute("SELECT ids FROM segments WHERE id = ?", (sid,)).fetchone()
             if row is None:
                 raise StorageError(f"segment {sid.hex()[:16]} is missing from the store at "
                                    f"{self.path_hint()}; the store is damaged", code="corrupt")
@@ -412,5 +437,4 @@ class ChunkStore:
         return {"chunks": n, "logical_bytes": logical, "stored_bytes": stored}
 
     def path_hint(self) -> str:
-        row = self.db.execute("PRAGMA database_list").fetchone()
-        return str(Path(row[2])) if row and row[2] else "(memory)"
+        return self._path_hint

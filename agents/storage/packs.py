@@ -5,15 +5,16 @@ A pack is `packs/<id>.pack`: an 8-byte magic, then records, each a 41-byte heade
 raw size, stored length) followed by the stored bytes. The header lets a reader check that an index entry
 points at the chunk it names, and lets a pack be read without the index.
 
-Durability is by commit, not by chunk: records are appended sequentially (writeback starts behind the appends,
-and written pages leave the page cache), and `sync()` fdatasyncs every pack written since the last sync, and
-the directory when a pack was created, before the caller commits the index rows that name those records. The
-packs table records each pack's committed length in the same transaction. So after a crash or an aborted
-ingest, `recover()` makes the files agree with the last commit: a pack file with no row (created by an ingest
-that never committed, or left behind by a compaction that did) is removed, and a pack longer than its
-committed length is cut back to it (an interrupted or uncommitted append; the cut part was never referenced).
-A pack shorter than its committed length has lost committed data: it is reported, never appended to, and reads
-of its missing records fail as corrupt.
+Durability is by commit, not by chunk: records are appended sequentially, with direct I/O where the filesystem
+takes it (around the page cache, see _Stage; elsewhere writeback starts behind the appends and written pages
+leave the page cache), and `sync()` fdatasyncs every pack written since the last sync, and the directory when
+a pack was created, before the caller commits the index rows that name those records. The packs table records
+each pack's committed length in the same transaction. So after a crash or an aborted ingest, `recover()` makes
+the files agree with the last commit: a pack file with no row (created by an ingest that never committed, or
+left behind by a compaction that did) is removed, and a pack longer than its committed length is cut back to
+it (an interrupted or uncommitted append; the cut part was never referenced). A pack shorter than its
+committed length has lost committed data: it is reported, never appended to, and reads of its missing records
+fail as corrupt.
 
 Space is reclaimed by compaction (chunkstore.gc): `dead` counts the record bytes of collected chunks; a
 pack that is mostly dead has its live records copied to the active pack, and is deleted once the index
@@ -27,9 +28,11 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import mmap
 import os
 import sqlite3
 import struct
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Iterable, Iterator, Sequence
 
@@ -40,6 +43,9 @@ HEADER = struct.Struct(">32sBII")       # chunk id, zstd flag, raw size, stored 
 PACK_BYTES = 256 << 20                  # a pack is closed for appends once it reaches this size
 _HINT_BYTES = 32 << 20                  # writeback window of the active pack (see _writeback)
 _SPAN_BYTES = 8 << 20                   # longest single read when fetching adjacent records
+_ALIGN = 4096                           # direct I/O: offsets, lengths and buffer addresses are multiples
+_STAGE_BYTES = 8 << 20                  # direct I/O: the staging buffer of the active pack
+DIRECT = hasattr(os, "O_DIRECT")        # try direct appends at all (tests switch it off)
 
 PACKS_SCHEMA = """
 CREATE TABLE IF NOT EXISTS packs(
@@ -64,6 +70,92 @@ _SYNC_FILE_RANGE_WRITE = 2
 _SYNC_FILE_RANGE_WAIT_ALL = 1 | 2 | 4       # wait for earlier writeback, start it, wait for it
 
 
+class _Stage:
+    """Direct (O_DIRECT) appends to one pack file: records are copied into a page-aligned buffer and written
+    in whole aligned blocks, around the page cache (no copy into it, no writeback work, no pages to reclaim).
+    Two buffers alternate, and the I/O thread writes one while records fill the other, so the device works
+    while the caller computes. The last, partial block stays in the buffer; whenever the file must show
+    every byte (a read, a sync, a close) the writes are waited for, the partial block is written padded to a
+    whole block, and the file is cut back to its true length."""
+
+    def __init__(self, fd: int, size: int, tail: bytes, io: ThreadPoolExecutor) -> None:
+        self.fd = fd
+        self.io = io
+        self.bufs = [mmap.mmap(-1, _STAGE_BYTES), mmap.mmap(-1, _STAGE_BYTES)]
+        self.writes: list[Future[None] | None] = [None, None]     # the write in flight from each buffer
+        self.cur = 0
+        self.buf = self.bufs[0]
+        self.start = size - len(tail)           # file offset of buf[0], a multiple of _ALIGN
+        self.used = len(tail)                   # bytes in buf
+        self.buf[:len(tail)] = tail
+        self.dirty = False                      # the file does not show every byte appended yet
+
+    def room(self, n: int) -> None:
+        """Make room for n more bytes: hand the whole blocks to the I/O thread, grow the buffer if still short."""
+        if self.used + n <= len(self.buf):
+            return
+        self.write(final=False)
+        if self.used + n > len(self.buf):
+            size = (self.used + n + _ALIGN - 1) // _ALIGN * _ALIGN
+            bigger = mmap.mmap(-1, size)
+            bigger[:self.used] = self.buf[:self.used]
+            self.buf.close()
+            self.buf = self.bufs[self.cur] = bigger
+
+    def write(self, final: bool) -> None:
+        """Start writing the whole blocks; final: wait for every write, then write the partial last block
+        padded and cut the file back."""
+        full = self.used - self.used % _ALIGN
+        if not final:
+            if full:
+                other = 1 - self.cur
+                self._wait(other)               # its earlier write must be done before it is refilled
+                tail = self.used - full
+                self.bufs[other][:tail] = self.buf[full:self.used]
+                self.writes[self.cur] = self.io.submit(_write_fully, self.fd, self.buf, full, self.start)
+                self.cur, self.buf = other, self.bufs[other]
+                self.start += full
+                self.used = tail
+            self.dirty = True
+            return
+        self._wait(0)
+        self._wait(1)
+        if self.used:
+            length = full + _ALIGN if self.used > full else full
+            self.buf[self.used:length] = bytes(length - self.used)
+            _write_fully(self.fd, self.buf, length, self.start)
+            if length > self.used:
+                os.ftruncate(self.fd, self.start + self.used)
+            if full:
+                self.buf.move(0, full, self.used - full)
+                self.start += full
+                self.used -= full
+        self.dirty = False
+
+    def _wait(self, k: int) -> None:
+        done, self.writes[k] = self.writes[k], None
+        if done is not None:
+            done.result()
+
+    def close(self) -> None:
+        """Wait for the writes in flight (their errors no longer matter) and free the buffers."""
+        for k in (0, 1):
+            try:
+                self._wait(k)
+            except OSError:
+                pass
+        for buf in self.bufs:
+            buf.close()
+
+
+def _write_fully(fd: int, buf: mmap.mmap, length: int, offset: int) -> None:
+    """Write buf[:length] at offset (the I/O thread, or the caller's; the GIL is released in the syscall)."""
+    with memoryview(buf) as view:
+        done = 0
+        while done < length:
+            done += os.pwrite(fd, view[done:length], offset + done)
+
+
 class PackFiles:
     def __init__(self, directory: Path, db: sqlite3.Connection) -> None:
         self.dir = directory
@@ -77,13 +169,16 @@ class PackFiles:
         self._sizes: dict[int, int] = {}            # every pack written since the last sync: its length
         self._created = False                       # a pack file was created since the last sync
         self._kicked = self._dropped = 0            # active pack: writeback started / cache dropped up to
+        self._stage: _Stage | None = None           # the active pack's direct appends, if direct
         self.damaged: dict[int, str] = {}
+        self._direct = DIRECT and self._direct_works()
+        self._io = ThreadPoolExecutor(1, thread_name_prefix="pack-io") if self._direct else None
         self.recover()
 
     # recovery -------------------------------------------------------------------------------------------
     def recover(self) -> None:
         """Make the pack files match the committed packs table (see the module docstring)."""
-        self._close_writer()
+        self._close_writer(flush=False)
         self._close_readers()
         self._sizes.clear()
         self._created = False
@@ -121,6 +216,9 @@ class PackFiles:
             if self._writer is None or self._size >= PACK_BYTES:
                 self._start_pack()
             assert self._writer is not None and self._active is not None
+            if self._stage is not None:
+                i = self._stage_records(records, i, out)
+                continue
             bufs: list[bytes | memoryview] = []
             start = off = self._size
             while i < len(records) and off < PACK_BYTES:
@@ -134,6 +232,27 @@ class PackFiles:
             self._size = off
             self._sizes[self._active] = off
         return out
+
+    def _stage_records(self, records: Sequence[tuple[bytes, int, int, bytes | memoryview]], i: int,
+                       out: list[tuple[int, int]]) -> int:
+        """Direct appends of records[i:] until the pack is full; return the index of the first left."""
+        stage, pid, off = self._stage, self._active, self._size
+        assert stage is not None and pid is not None
+        while i < len(records) and off < PACK_BYTES:
+            cid, z, size, data = records[i]
+            n = HEADER.size + len(data)
+            stage.room(n)
+            pos = stage.used
+            HEADER.pack_into(stage.buf, pos, cid, z, size, len(data))
+            stage.buf[pos + HEADER.size:pos + n] = data
+            stage.used = pos + n
+            out.append((pid, off))
+            off += n
+            i += 1
+        stage.write(final=False)
+        self._size = off
+        self._sizes[pid] = off
+        return i
 
     def _write_all(self, bufs: list[bytes | memoryview], offset: int, total: int) -> None:
         assert self._writer is not None
@@ -170,8 +289,16 @@ class PackFiles:
         self._close_writer()
         pid = self._next_id
         self._next_id += 1
-        fd = os.open(self._path(pid), os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-        os.write(fd, MAGIC)
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
+        if self._direct:
+            fd = os.open(self._path(pid), flags | os.O_DIRECT, 0o600)
+            self._stage = _Stage(fd, 0, b"", self._io)
+            self._stage.buf[:len(MAGIC)] = MAGIC
+            self._stage.used = len(MAGIC)
+            self._stage.dirty = True
+        else:
+            fd = os.open(self._path(pid), flags, 0o600)
+            os.write(fd, MAGIC)
         self._writer, self._active, self._size = fd, pid, len(MAGIC)
         self._sizes[pid] = len(MAGIC)
         self._created = True
@@ -187,6 +314,7 @@ class PackFiles:
         transaction; the caller commits it."""
         for pid, size in self._sizes.items():
             if pid == self._active and self._writer is not None:
+                self._flush_stage()
                 os.fdatasync(self._writer)
             else:
                 fd = os.open(self._path(pid), os.O_RDONLY | os.O_CLOEXEC)
@@ -208,6 +336,7 @@ class PackFiles:
     def read(self, locs: Iterable[tuple[bytes, int, int, int]]) -> dict[bytes, tuple[int, int, bytes]]:
         """{id: (z, raw size, stored bytes)} for (id, pack, offset, stored length) index entries; adjacent
         records are fetched with one read. Raises corrupt if a record is missing or names another chunk."""
+        self._flush_stage()
         out: dict[bytes, tuple[int, int, bytes]] = {}
         todo = sorted(locs, key=lambda r: (r[1], r[2]))
         i = 0
@@ -233,6 +362,7 @@ class PackFiles:
     def records(self, pack: int) -> Iterator[list[tuple[int, tuple[bytes, int, int, bytes]]]]:
         """The committed records of a pack in order, as (offset, (id, z, raw size, stored bytes)), in
         batches of about _SPAN_BYTES."""
+        self._flush_stage()
         (committed,) = self.db.execute("SELECT size FROM packs WHERE id = ?", (pack,)).fetchone()
         try:
             f = open(self._path(pack), "rb", buffering=1 << 20)
@@ -286,12 +416,13 @@ class PackFiles:
             if fd is not None:
                 os.close(fd)
             if pid == self._active:
-                self._close_writer()
+                self._close_writer(flush=False)
             self._path(pid).unlink(missing_ok=True)
             self.damaged.pop(pid, None)
         self._fsync_dir()
 
     def file_bytes(self) -> int:
+        self._flush_stage()
         return sum(p.stat().st_size for p in self.dir.iterdir() if _pack_id(p) is not None)
 
     @property
@@ -299,22 +430,60 @@ class PackFiles:
         return self._active
 
     def close(self) -> None:
-        self._close_writer()
+        self._close_writer(flush=False)     # whatever was not synced is not committed: recover() cuts it
         self._close_readers()
+        if self._io is not None:
+            self._io.shutdown(wait=True)
 
     # helpers --------------------------------------------------------------------------------------------
     def _path(self, pid: int) -> Path:
         return self.dir / f"{pid:08d}.pack"
 
     def _open_writer(self, pid: int, size: int) -> None:
-        self._writer = os.open(self._path(pid), os.O_WRONLY | os.O_CLOEXEC)
+        path = self._path(pid)
+        if self._direct:
+            with open(path, "rb") as f:                  # the partial last block, to stage again
+                f.seek(size - size % _ALIGN)
+                tail = f.read(size % _ALIGN)
+            self._writer = os.open(path, os.O_WRONLY | os.O_CLOEXEC | os.O_DIRECT)
+            self._stage = _Stage(self._writer, size, tail, self._io)
+        else:
+            self._writer = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
         self._active, self._size = pid, size
         self._kicked = self._dropped = size
 
-    def _close_writer(self) -> None:
+    def _flush_stage(self) -> None:
+        """Let the active pack file show every byte appended to it (direct appends keep a partial block)."""
+        if self._stage is not None and self._stage.dirty:
+            self._stage.write(final=True)
+
+    def _close_writer(self, flush: bool = True) -> None:
+        if self._stage is not None:
+            try:
+                if flush:
+                    self._flush_stage()
+            finally:
+                self._stage.close()
+                self._stage = None
         if self._writer is not None:
             os.close(self._writer)
         self._writer, self._active, self._size = None, None, 0
+
+    def _direct_works(self) -> bool:
+        """Whether this directory's filesystem takes direct, _ALIGN-aligned writes (tmpfs, for one, does not)."""
+        probe = self.dir / ".direct-probe"
+        try:
+            fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC | os.O_DIRECT, 0o600)
+        except OSError:
+            return False
+        try:
+            with mmap.mmap(-1, _ALIGN) as block:
+                return os.pwrite(fd, block, 0) == _ALIGN
+        except OSError:
+            return False
+        finally:
+            os.close(fd)
+            probe.unlink(missing_ok=True)
 
     def _close_readers(self) -> None:
         for fd in self._readers.values():

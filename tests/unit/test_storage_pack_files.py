@@ -38,7 +38,7 @@ def test_abort_undoes_written_chunks(tmp_path):
         dropped_ids = store.put_blocks(dropped)
         store.put_segments(dropped_ids)
         store._flush()                                  # the chunks are in the pack and the open transaction
-        assert sum(pack_sizes(tmp_path).values()) > sum(before.values())
+        assert store.packs.file_bytes() > sum(before.values())      # (file_bytes waits for direct writes)
         store.abort()
         assert pack_sizes(tmp_path) == before
         assert store.missing(dropped_ids) == set(dropped_ids)
@@ -115,8 +115,10 @@ def test_writeback_window_drops_written_pages_and_keeps_data(tmp_path, monkeypat
     """Appends spanning several writeback windows (each started, waited for and dropped from the cache behind
     the writer) read back intact, and survive a reopen."""
     monkeypatch.setattr(packs_mod, "_HINT_BYTES", 64 * 1024)
+    monkeypatch.setattr(packs_mod, "DIRECT", False)             # the buffered appends of filesystems like tmpfs
     db, store = open_store(tmp_path)
     try:
+        assert not store.packs._direct
         blocks = [os.urandom(BLOCK) for _ in range(100)]
         ids = []
         for i in range(0, 100, 10):
@@ -132,6 +134,69 @@ def test_writeback_window_drops_written_pages_and_keeps_data(tmp_path, monkeypat
     finally:
         store.close()
         db.close()
+
+
+@pytest.mark.parametrize("direct", [True, False])
+def test_odd_sized_appends_across_syncs_reopens_and_aborts(tmp_path, monkeypatch, direct):
+    """Records of odd sizes, so direct appends keep a partial block staged: after each sync the file is
+    exactly its committed length, reads see staged bytes, a reopened pack continues its partial block, an
+    uncommitted tail is cut, and small staging buffers (filled, swapped and grown) lose nothing."""
+    monkeypatch.setattr(packs_mod, "DIRECT", direct)
+    monkeypatch.setattr(packs_mod, "_STAGE_BYTES", 3 * 4096)
+    db = sqlite3.connect(tmp_path / "index.sqlite")
+    files = PackFiles(tmp_path / "packs", db)
+    if direct and not files._direct:
+        files.close()
+        pytest.skip("this filesystem does not take direct I/O")
+    assert files._direct == direct
+    expected: dict[bytes, tuple[int, int, int, bytes]] = {}
+
+    def put(n: int, size: int) -> None:
+        records = []
+        for _ in range(n):
+            cid, data = os.urandom(32), os.urandom(size)
+            records.append((cid, 0, size, data))
+        for (cid, _, size, data), (pack, off) in zip(records, files.append(records)):
+            expected[cid] = (pack, off, size, data)
+
+    def check(pf: PackFiles) -> None:
+        got = pf.read([(cid, pack, off, len(data)) for cid, (pack, off, _, data) in expected.items()])
+        assert got == {cid: (0, size, data) for cid, (_, _, size, data) in expected.items()}
+
+    put(7, 5003)
+    check(files)                                       # staged bytes are readable before any sync
+    put(1, 20000)                                      # bigger than the staging buffer: it grows
+    files.sync()
+    db.commit()
+    committed = pack_sizes(tmp_path)
+    (size,) = committed.values()
+    assert size == len(MAGIC) + sum(HEADER.size + len(d) for *_, d in expected.values())
+    put(3, 777)
+    files.sync()
+    db.commit()
+    committed = pack_sizes(tmp_path)
+    files.close()
+
+    again = PackFiles(tmp_path / "packs", db)          # continues the committed partial block
+    check(again)
+    files = again
+    put(5, 4097)
+    files.sync()
+    db.commit()
+    committed = pack_sizes(tmp_path)
+    put(2, 100)                                        # never committed
+    files.recover()
+    assert pack_sizes(tmp_path) == committed
+    for cid in [c for c, (_, _, size, _) in expected.items() if size == 100]:
+        del expected[cid]
+    check(files)
+    files.close()
+    last = PackFiles(tmp_path / "packs", db)
+    check(last)
+    assert [rec for batch in last.records(next(iter(expected.values()))[0]) for _, rec in batch] == \
+        [(cid, 0, size, data) for cid, (_, _, size, data) in sorted(expected.items(), key=lambda e: e[1][1])]
+    last.close()
+    db.close()
 
 
 def test_recover_cuts_uncommitted_tail_and_removes_unknown_packs(tmp_path):
