@@ -44,7 +44,8 @@ PACK_BYTES = 256 << 20                  # a pack is closed for appends once it r
 _HINT_BYTES = 32 << 20                  # writeback window of the active pack (see _writeback)
 _SPAN_BYTES = 8 << 20                   # longest single read when fetching adjacent records
 _ALIGN = 4096                           # direct I/O: offsets, lengths and buffer addresses are multiples
-_STAGE_BYTES = 8 << 20                  # direct I/O: the staging buffer of the active pack
+_STAGE_BYTES = 8 << 20                  # direct I/O: each staging buffer of the active pack
+_STAGE_BUFFERS = 3                      # direct I/O: buffers in rotation (all but one may be in flight)
 DIRECT = hasattr(os, "O_DIRECT")        # try direct appends at all (tests switch it off)
 
 PACKS_SCHEMA = """
@@ -73,7 +74,7 @@ _SYNC_FILE_RANGE_WAIT_ALL = 1 | 2 | 4       # wait for earlier writeback, start 
 class _Stage:
     """Direct (O_DIRECT) appends to one pack file: records are copied into a page-aligned buffer and written
     in whole aligned blocks, around the page cache (no copy into it, no writeback work, no pages to reclaim).
-    Two buffers alternate, and the I/O thread writes one while records fill the other, so the device works
+    Buffers rotate, and the I/O thread writes the full ones while records fill the next, so the device works
     while the caller computes. The last, partial block stays in the buffer; whenever the file must show
     every byte (a read, a sync, a close) the writes are waited for, the partial block is written padded to a
     whole block, and the file is cut back to its true length."""
@@ -81,8 +82,8 @@ class _Stage:
     def __init__(self, fd: int, size: int, tail: bytes, io: ThreadPoolExecutor) -> None:
         self.fd = fd
         self.io = io
-        self.bufs = [mmap.mmap(-1, _STAGE_BYTES), mmap.mmap(-1, _STAGE_BYTES)]
-        self.writes: list[Future[None] | None] = [None, None]     # the write in flight from each buffer
+        self.bufs = [mmap.mmap(-1, _STAGE_BYTES) for _ in range(_STAGE_BUFFERS)]
+        self.writes: list[Future[None] | None] = [None] * _STAGE_BUFFERS     # each buffer's write in flight
         self.cur = 0
         self.buf = self.bufs[0]
         self.start = size - len(tail)           # file offset of buf[0], a multiple of _ALIGN
@@ -108,7 +109,7 @@ class _Stage:
         full = self.used - self.used % _ALIGN
         if not final:
             if full:
-                other = 1 - self.cur
+                other = (self.cur + 1) % len(self.bufs)
                 self._wait(other)               # its earlier write must be done before it is refilled
                 tail = self.used - full
                 self.bufs[other][:tail] = self.buf[full:self.used]
@@ -118,8 +119,8 @@ class _Stage:
                 self.used = tail
             self.dirty = True
             return
-        self._wait(0)
-        self._wait(1)
+        for k in range(len(self.bufs)):
+            self._wait(k)
         if self.used:
             length = full + _ALIGN if self.used > full else full
             self.buf[self.used:length] = bytes(length - self.used)
@@ -139,7 +140,7 @@ class _Stage:
 
     def close(self) -> None:
         """Wait for the writes in flight (their errors no longer matter) and free the buffers."""
-        for k in (0, 1):
+        for k in range(len(self.bufs)):
             try:
                 self._wait(k)
             except OSError:
@@ -238,17 +239,28 @@ class PackFiles:
         """Direct appends of records[i:] until the pack is full; return the index of the first left."""
         stage, pid, off = self._stage, self._active, self._size
         assert stage is not None and pid is not None
+        pack = HEADER.pack
         while i < len(records) and off < PACK_BYTES:
-            cid, z, size, data = records[i]
-            n = HEADER.size + len(data)
-            stage.room(n)
-            pos = stage.used
-            HEADER.pack_into(stage.buf, pos, cid, z, size, len(data))
-            stage.buf[pos + HEADER.size:pos + n] = data
-            stage.used = pos + n
-            out.append((pid, off))
-            off += n
-            i += 1
+            # Fill the staging buffer with as many records as fit, each with two C calls (mmap.write moves
+            # the buffer's position along), then hand its whole blocks to the I/O thread.
+            buf = stage.buf
+            buf.seek(stage.used)
+            room = len(buf) - stage.used
+            first = off
+            while i < len(records) and off < PACK_BYTES:
+                cid, z, size, data = records[i]
+                n = HEADER.size + len(data)
+                if n > room:
+                    break
+                buf.write(pack(cid, z, size, len(data)))
+                buf.write(data)
+                out.append((pid, off))
+                off += n
+                room -= n
+                i += 1
+            stage.used += off - first
+            if i < len(records) and off < PACK_BYTES:
+                stage.room(HEADER.size + len(records[i][3]))
         stage.write(final=False)
         self._size = off
         self._sizes[pid] = off
