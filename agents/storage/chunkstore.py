@@ -97,7 +97,7 @@ class ChunkStore:
         self._decompress = zstandard.ZstdDecompressor()
         self._full = zstandard.ZstdCompressor(level=ZSTD_LEVEL)     # used by the writer thread only
         self._probe = zstandard.ZstdCompressor(level=PROBE_LEVEL)   # likewise
-        self._last_raw = False                                      # likewise
+        self._last_raw = True       # likewise; a first batch is probed before it is compressed in full
         self._writer = ThreadPoolExecutor(1, thread_name_prefix="chunkstore-writer")
         self._jobs: deque[Future[None]] = deque()
         # The writer looks the ids of each batch up and inserts the index rows of what it wrote itself,
