@@ -108,7 +108,8 @@ install_venv() {
         say "creating $VENV"
         python3 -m venv "$VENV"
     fi
-    if [ ! -e "$STAMP" ] || [ "$ROOT/pyproject.toml" -nt "$STAMP" ]; then
+    # Newer project metadata or a newer way of installing it (this script): install again.
+    if [ ! -e "$STAMP" ] || [ "$ROOT/pyproject.toml" -nt "$STAMP" ] || [ "$ROOT/deploy/install.sh" -nt "$STAMP" ]; then
         say "installing vertebra and its test dependencies into $VENV"
         # compat: a path entry, not an import hook that every program (check_vertebra from Nagios,
         # fence_vertebra from Pacemaker) would pay ~8 ms to load at start.
