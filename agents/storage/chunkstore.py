@@ -7,13 +7,14 @@ became mostly dead.
 Two levels keep snapshots of large files cheap: a file's chunk list is cut into segments, and a segment
 whose pages did not change is shared by every snapshot that contains it.
 
-Ingest is a two-stage pipeline. The caller's thread reads, hashes and records segments; one writer thread
-looks each batch's ids up in the index (one statement per batch), compresses the new blocks (zstd releases the
-GIL), appends them to the active pack and inserts their index rows, all in the caller's open transaction.
-SQLite, zstd and the pack writes run without the GIL, so the writer's work overlaps the caller's hashing; a
-lock serializes the two threads' use of the connection. `commit()` drains the writer, fdatasyncs the packs and
-only then commits, so no index row ever names bytes that are not durable; `abort()` rolls the transaction back
-and cuts the packs back to their committed length, so an interrupted snapshot or receive leaves nothing.
+Ingest is a two-stage pipeline. The caller's thread reads, hashes, looks each batch's ids up in the index
+(one statement per batch) and records segments; one writer thread compresses the new blocks (zstd releases
+the GIL), appends them to the active pack and inserts their index rows, all in the caller's open
+transaction. SQLite, zstd and the pack writes run without the GIL, so the writer's work overlaps the
+caller's hashing; a lock serializes the two threads' use of the connection. `commit()` drains the writer,
+fdatasyncs the packs and only then commits, so no index row ever names bytes that are not durable;
+`abort()` rolls the transaction back and cuts the packs back to their committed length, so an interrupted
+snapshot or receive leaves nothing.
 
 Compression tries a fast zstd level first when the previous block did not compress, and compresses at
 ZSTD_LEVEL only if that probe shrank the block (the early abort ZFS uses for zstd): incompressible data
@@ -100,9 +101,9 @@ class ChunkStore:
         self._last_raw = True       # likewise; a first batch is probed before it is compressed in full
         self._writer = ThreadPoolExecutor(1, thread_name_prefix="chunkstore-writer")
         self._jobs: deque[Future[None]] = deque()
-        # The writer looks the ids of each batch up and inserts the index rows of what it wrote itself,
-        # into the caller's open transaction (SQLite works without the GIL, so this overlaps the caller's
-        # hashing). _db_lock serializes the two threads' use of the connection and guards the next three.
+        # The writer inserts the index rows of what it wrote itself, into the caller's open transaction
+        # (SQLite works without the GIL, so this overlaps the caller's hashing). _db_lock serializes the two
+        # threads' use of the connection and guards the next three fields.
         self._db_lock = threading.Lock()
         self._inflight: set[bytes] = set()        # ids claimed by the writer, not yet in the index
         self._rows: list[Row] = []                # written, waiting to be inserted
@@ -136,7 +137,17 @@ class ChunkStore:
         return ids
 
     def _queue(self, buf: bytes, ids: list[bytes], spans: list[tuple[int, int]]) -> None:
-        self._submit(self._claim_and_append, buf, ids, spans)
+        with self._db_lock:
+            new = self._unknown_locked(ids)
+            self._inflight.update(new)
+        if not new:
+            return
+        todo = []
+        for cid, span in zip(ids, spans):
+            if cid in new:
+                new.discard(cid)
+                todo.append((cid, span))
+        self._submit(self._compress_and_append, buf, todo)
 
     def put_stored(self, cid: bytes, z: int, data: bytes) -> None:
         """Store a chunk as it came off a stream, after checking that its content matches its id."""
@@ -172,20 +183,6 @@ class ChunkStore:
         self._jobs.append(self._writer.submit(fn, *args))
 
     # the writer thread
-    def _claim_and_append(self, buf: bytes, ids: list[bytes], spans: list[tuple[int, int]]) -> None:
-        """Store the blocks of a batch that are neither indexed nor already claimed, each once."""
-        with self._db_lock:
-            new = self._unknown_locked(ids)
-            self._inflight.update(new)
-        if not new:
-            return
-        todo = []
-        for cid, span in zip(ids, spans):
-            if cid in new:
-                new.discard(cid)
-                todo.append((cid, span))
-        self._compress_and_append(buf, todo)
-
     def _compress_and_append(self, buf: bytes, todo: list[tuple[bytes, tuple[int, int]]]) -> None:
         """Compress a batch of blocks (spans of `buf`) with zstd's multi-frame API, one call per level, so
         the GIL is released once per batch rather than once per block; then append them."""
