@@ -77,22 +77,37 @@ class _Stage:
     Buffers rotate, and the I/O thread writes the full ones while records fill the next, so the device works
     while the caller computes. The last, partial block stays in the buffer; whenever the file must show
     every byte (a read, a sync, a close) the writes are waited for, the partial block is written padded to a
-    whole block, and the file is cut back to its true length."""
+    whole block, and the file is cut back to its true length. Between syncs and the next append the buffers
+    are given back (parked), keeping only that partial block."""
 
     def __init__(self, fd: int, size: int, tail: bytes, io: ThreadPoolExecutor) -> None:
         self.fd = fd
         self.io = io
-        self.bufs = [mmap.mmap(-1, _STAGE_BYTES) for _ in range(_STAGE_BUFFERS)]
+        self.bufs: list[mmap.mmap] = []
         self.writes: list[Future[None] | None] = [None] * _STAGE_BUFFERS     # each buffer's write in flight
-        self.cur = 0
-        self.buf = self.bufs[0]
         self.start = size - len(tail)           # file offset of buf[0], a multiple of _ALIGN
         self.used = len(tail)                   # bytes in buf
-        self.buf[:len(tail)] = tail
+        self.tail = tail                        # buf[:used] while parked
         self.dirty = False                      # the file does not show every byte appended yet
+
+    def unpark(self) -> None:
+        if not self.bufs:
+            self.bufs = [mmap.mmap(-1, _STAGE_BYTES) for _ in range(_STAGE_BUFFERS)]
+            self.cur = 0
+            self.buf = self.bufs[0]
+            self.buf[:self.used] = self.tail
+
+    def park(self) -> None:
+        """Give the buffers back; only after write(final=True), so nothing is in flight."""
+        if self.bufs:
+            self.tail = self.buf[:self.used]
+            for buf in self.bufs:
+                buf.close()
+            self.bufs = []
 
     def room(self, n: int) -> None:
         """Make room for n more bytes: hand the whole blocks to the I/O thread, grow the buffer if still short."""
+        self.unpark()
         if self.used + n <= len(self.buf):
             return
         self.write(final=False)
@@ -106,6 +121,7 @@ class _Stage:
     def write(self, final: bool) -> None:
         """Start writing the whole blocks; final: wait for every write, then write the partial last block
         padded and cut the file back."""
+        self.unpark()
         full = self.used - self.used % _ALIGN
         if not final:
             if full:
@@ -119,7 +135,7 @@ class _Stage:
                 self.used = tail
             self.dirty = True
             return
-        for k in range(len(self.bufs)):
+        for k in range(len(self.writes)):
             self._wait(k)
         if self.used:
             length = full + _ALIGN if self.used > full else full
@@ -140,7 +156,7 @@ class _Stage:
 
     def close(self) -> None:
         """Wait for the writes in flight (their errors no longer matter) and free the buffers."""
-        for k in range(len(self.bufs)):
+        for k in range(len(self.writes)):
             try:
                 self._wait(k)
             except OSError:
@@ -240,6 +256,7 @@ class PackFiles:
         stage, pid, off = self._stage, self._active, self._size
         assert stage is not None and pid is not None
         pack = HEADER.pack
+        stage.unpark()
         while i < len(records) and off < PACK_BYTES:
             # Fill the staging buffer with as many records as fit, each with two C calls (mmap.write moves
             # the buffer's position along), then hand its whole blocks to the I/O thread.
@@ -304,9 +321,7 @@ class PackFiles:
         flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
         if self._direct:
             fd = os.open(self._path(pid), flags | os.O_DIRECT, 0o600)
-            self._stage = _Stage(fd, 0, b"", self._io)
-            self._stage.buf[:len(MAGIC)] = MAGIC
-            self._stage.used = len(MAGIC)
+            self._stage = _Stage(fd, len(MAGIC), MAGIC, self._io)
             self._stage.dirty = True
         else:
             fd = os.open(self._path(pid), flags, 0o600)
@@ -328,6 +343,8 @@ class PackFiles:
             if pid == self._active and self._writer is not None:
                 self._flush_stage()
                 os.fdatasync(self._writer)
+                if self._stage is not None:
+                    self._stage.park()          # an idle store holds no staging memory
             else:
                 fd = os.open(self._path(pid), os.O_RDONLY | os.O_CLOEXEC)
                 try:
