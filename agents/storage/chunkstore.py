@@ -35,7 +35,7 @@ import threading
 from collections import Counter, deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import BinaryIO, Iterable, Iterator, Sequence
 
 import blake3
 import zstandard
@@ -105,11 +105,12 @@ class ChunkStore:
         # (SQLite works without the GIL, so this overlaps the caller's hashing). _db_lock serializes the two
         # threads' use of the connection and guards the next three fields.
         self._db_lock = threading.Lock()
-        self._inflight: set[bytes] = set()        # ids claimed by the writer, not yet in the index
+        self._inflight: set[bytes] = set()        # ids handed to the writer, not yet in the index
         self._rows: list[Row] = []                # written, waiting to be inserted
         self._refs: Counter[bytes] = Counter()    # chunk references from new segments, not yet applied
         self._stored: dict[bytes, tuple[int, int, bytes]] = {}   # received, not yet handed to the writer
         self._stored_bytes = 0
+        self._buffers: list[bytearray] = []       # read buffers of put_file to reuse (list ops are atomic)
 
     def close(self) -> None:
         self._drain(raise_errors=False)
@@ -126,6 +127,21 @@ class ChunkStore:
         self._queue(buf, ids, [(i, min(block_size, len(buf) - i)) for i in range(0, len(buf), block_size)])
         return ids
 
+    def put_file(self, f: BinaryIO, block_size: int, batch_bytes: int) -> Iterator[tuple[int, list[bytes]]]:
+        """put_buffer for everything left in file `f`, read in batches of `batch_bytes` into buffers that are
+        reused once the writer is done with them (fresh 4 MiB buffers cost a page fault per 4 KiB); yield
+        each batch's length and block ids."""
+        while True:
+            buf = self._buffers.pop() if self._buffers else bytearray(batch_bytes)
+            n = f.readinto(buf) if len(buf) == batch_bytes else 0
+            if not n:
+                return
+            data = buf if n == len(buf) else memoryview(buf)[:n]
+            view = memoryview(data)
+            ids = [blake3.blake3(view[i:i + block_size]).digest() for i in range(0, n, block_size)]
+            self._queue(data, ids, [(i, min(block_size, n - i)) for i in range(0, n, block_size)], buf)
+            yield n, ids
+
     def put_blocks(self, blocks: Sequence[bytes | memoryview]) -> list[bytes]:
         """put_buffer for blocks of any sizes (copied into one buffer)."""
         ids = [blake3.blake3(b).digest() for b in blocks]
@@ -136,18 +152,21 @@ class ChunkStore:
         self._queue(b"".join(blocks), ids, spans)
         return ids
 
-    def _queue(self, buf: bytes, ids: list[bytes], spans: list[tuple[int, int]]) -> None:
+    def _queue(self, buf: bytes | bytearray | memoryview, ids: list[bytes], spans: list[tuple[int, int]],
+               reuse: bytearray | None = None) -> None:
         with self._db_lock:
             new = self._unknown_locked(ids)
             self._inflight.update(new)
         if not new:
+            if reuse is not None:
+                self._buffers.append(reuse)
             return
         todo = []
         for cid, span in zip(ids, spans):
             if cid in new:
                 new.discard(cid)
                 todo.append((cid, span))
-        self._submit(self._compress_and_append, buf, todo)
+        self._submit(self._compress_and_append, buf, todo, reuse)
 
     def put_stored(self, cid: bytes, z: int, data: bytes) -> None:
         """Store a chunk as it came off a stream, after checking that its content matches its id."""
@@ -183,9 +202,19 @@ class ChunkStore:
         self._jobs.append(self._writer.submit(fn, *args))
 
     # the writer thread
-    def _compress_and_append(self, buf: bytes, todo: list[tuple[bytes, tuple[int, int]]]) -> None:
+    def _compress_and_append(self, buf: bytes | bytearray | memoryview, todo: list[tuple[bytes, tuple[int, int]]],
+                             reuse: bytearray | None = None) -> None:
         """Compress a batch of blocks (spans of `buf`) with zstd's multi-frame API, one call per level, so
-        the GIL is released once per batch rather than once per block; then append them."""
+        the GIL is released once per batch rather than once per block; then append them. `reuse`, the read
+        buffer behind `buf`, goes back to the pool afterwards (the packs hold copies by then)."""
+        try:
+            self._compress_and_append_batch(buf, todo)
+        finally:
+            if reuse is not None:
+                self._buffers.append(reuse)
+
+    def _compress_and_append_batch(self, buf: bytes | bytearray | memoryview,
+                                   todo: list[tuple[bytes, tuple[int, int]]]) -> None:
         view = memoryview(buf)
         probe = None
         if self._last_raw and len(todo) >= _SAMPLE_MIN and not self._sample_compresses(buf, todo):

@@ -376,9 +376,9 @@ class EmbeddedDriver(CatalogDriver):
         segs: list[bytes] = []
         size = 0
         with open(full, "rb", buffering=0) as f:
-            while buf := f.read(_READ_BYTES):
-                size += len(buf)
-                ids.extend(self.store.put_buffer(buf, BLOCK_SIZE))
+            for n, batch in self.store.put_file(f, BLOCK_SIZE, _READ_BYTES):
+                size += n
+                ids.extend(batch)
                 if len(ids) >= SEGMENT_IDS:
                     full_segments = len(ids) - len(ids) % SEGMENT_IDS
                     segs.append(self.store.put_segments(ids[:full_segments]))
