@@ -14,7 +14,7 @@ Needs root (loop-mounted btrfs images) and prosody. Sizes are modest by default 
 
 Usage::
 
-    python bench/storage.py [--big-mib 1024] [--data-mib 256] [--ingest-rounds 3] [--keep]
+    python bench/storage.py [--big-mib 1024] [--data-mib 256] [--ingest-rounds 5] [--keep]
 """
 
 from __future__ import annotations
@@ -234,7 +234,7 @@ async def main() -> int:
     ap.add_argument("--small-mib", type=int, default=100)
     ap.add_argument("--big-mib", type=int, default=1024)
     ap.add_argument("--data-mib", type=int, default=256)
-    ap.add_argument("--ingest-rounds", type=int, default=3)
+    ap.add_argument("--ingest-rounds", type=int, default=5)
     ap.add_argument("--ingest-only", action="store_true", help="run only the embedded ingest figure")
     ap.add_argument("--keep", action="store_true", help="keep the work directory")
     args = ap.parse_args()

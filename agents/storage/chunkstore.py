@@ -133,8 +133,11 @@ class ChunkStore:
         each batch's length and block ids."""
         while True:
             buf = self._buffers.pop() if self._buffers else bytearray(batch_bytes)
-            n = f.readinto(buf) if len(buf) == batch_bytes else 0
+            if len(buf) != batch_bytes:
+                buf = bytearray(batch_bytes)
+            n = f.readinto(buf)
             if not n:
+                self._buffers.append(buf)
                 return
             data = buf if n == len(buf) else memoryview(buf)[:n]
             view = memoryview(data)

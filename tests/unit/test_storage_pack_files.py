@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import sqlite3
 
+import blake3
 import pytest
 
 from agents.storage import packs as packs_mod
@@ -244,6 +245,32 @@ def test_packs_roll_over_at_their_size_limit(tmp_path, monkeypatch):
         assert len(pack_sizes(tmp_path)) >= 4
         assert all(size <= (64 << 10) + HEADER.size + BLOCK for size in pack_sizes(tmp_path).values())
         assert store.get_blocks(ids) == blocks
+    finally:
+        store.close()
+        db.close()
+
+
+def test_put_file_reads_every_batch_into_reused_buffers(tmp_path):
+    """A file of several batches (one all duplicates, the last short) comes back whole, with the ids put_buffer
+    gives, although its read buffers are reused as soon as the writer is done with them."""
+    db, store = open_store(tmp_path)
+    try:
+        batch = 64 * BLOCK
+        first = os.urandom(batch)
+        data = first + first + os.urandom(batch) + os.urandom(3 * BLOCK + 5)   # batch 2 repeats batch 1
+        path = tmp_path / "file"
+        path.write_bytes(data)
+        got, sizes = [], []
+        with open(path, "rb", buffering=0) as f:
+            for n, ids in store.put_file(f, BLOCK, batch):
+                sizes.append(n)
+                got.extend(ids)
+        assert sizes == [batch, batch, batch, 3 * BLOCK + 5]
+        assert got == [blake3.blake3(data[i:i + BLOCK]).digest() for i in range(0, len(data), BLOCK)]
+        store.put_segments(got)
+        store.commit()
+        assert b"".join(store.get_blocks(got)) == data
+        assert len(store._buffers) >= 1
     finally:
         store.close()
         db.close()
