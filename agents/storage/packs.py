@@ -46,7 +46,7 @@ _SPAN_BYTES = 8 << 20                   # longest single read when fetching adja
 _ALIGN = 4096                           # direct I/O: offsets, lengths and buffer addresses are multiples
 _STAGE_BYTES = 8 << 20                  # direct I/O: each staging buffer of the active pack
 _STAGE_BUFFERS = 3                      # direct I/O: buffers in rotation (all but one may be in flight)
-DIRECT = hasattr(os, "O_DIRECT")        # try direct appends at all (tests switch it off)
+DIRECT = hasattr(os, "O_DIRECT") and hasattr(os, "memfd_create")   # try direct appends (tests switch it off)
 
 PACKS_SCHEMA = """
 CREATE TABLE IF NOT EXISTS packs(
@@ -72,8 +72,9 @@ _SYNC_FILE_RANGE_WAIT_ALL = 1 | 2 | 4       # wait for earlier writeback, start 
 
 
 class _Stage:
-    """Direct (O_DIRECT) appends to one pack file: records are copied into a page-aligned buffer and written
-    in whole aligned blocks, around the page cache (no copy into it, no writeback work, no pages to reclaim).
+    """Direct (O_DIRECT) appends to one pack file: records are copied into a page-aligned buffer (by the
+    kernel, with pwritev into the memory file behind it, so without the GIL) and written in whole aligned
+    blocks, around the page cache (no copy into it, no writeback work, no pages to reclaim).
     Buffers rotate, and the I/O thread writes the full ones while records fill the next, so the device works
     while the caller computes. The last, partial block stays in the buffer; whenever the file must show
     every byte (a read, a sync, a close) the writes are waited for, the partial block is written padded to a
@@ -84,6 +85,7 @@ class _Stage:
         self.fd = fd
         self.io = io
         self.bufs: list[mmap.mmap] = []
+        self.fds: list[int] = []                # the memory files behind bufs
         self.writes: list[Future[None] | None] = [None] * _STAGE_BUFFERS     # each buffer's write in flight
         self.start = size - len(tail)           # file offset of buf[0], a multiple of _ALIGN
         self.used = len(tail)                   # bytes in buf
@@ -92,18 +94,32 @@ class _Stage:
 
     def unpark(self) -> None:
         if not self.bufs:
-            self.bufs = [mmap.mmap(-1, _STAGE_BYTES) for _ in range(_STAGE_BUFFERS)]
+            self.fds = []
+            self.bufs = [self._buffer(_STAGE_BYTES) for _ in range(_STAGE_BUFFERS)]
             self.cur = 0
             self.buf = self.bufs[0]
             self.buf[:self.used] = self.tail
+
+    def _buffer(self, size: int) -> mmap.mmap:
+        """A page-aligned buffer backed by a memory file, so records can be copied into it by the kernel
+        (pwritev to the memory file) without holding the GIL."""
+        fd = os.memfd_create("vertebra-stage", os.MFD_CLOEXEC)
+        os.ftruncate(fd, size)
+        self.fds.append(fd)
+        return mmap.mmap(fd, size)
+
+    def fill(self, iov: list[bytes | memoryview], n: int) -> None:
+        """Append n bytes given as buffers (at most 1024) to the current buffer, which has room."""
+        done = os.pwritev(self.fds[self.cur], iov, self.used)
+        if done != n:                   # a memory file takes everything at once; short means broken
+            raise OSError(f"staging copy wrote {done} of {n} bytes")
+        self.used += n
 
     def park(self) -> None:
         """Give the buffers back; only after write(final=True), so nothing is in flight."""
         if self.bufs:
             self.tail = self.buf[:self.used]
-            for buf in self.bufs:
-                buf.close()
-            self.bufs = []
+            self._free()
 
     def room(self, n: int) -> None:
         """Make room for n more bytes: hand the whole blocks to the I/O thread, grow the buffer if still short."""
@@ -113,9 +129,11 @@ class _Stage:
         self.write(final=False)
         if self.used + n > len(self.buf):
             size = (self.used + n + _ALIGN - 1) // _ALIGN * _ALIGN
-            bigger = mmap.mmap(-1, size)
+            bigger = self._buffer(size)
             bigger[:self.used] = self.buf[:self.used]
             self.buf.close()
+            os.close(self.fds[self.cur])
+            self.fds[self.cur] = self.fds.pop()
             self.buf = self.bufs[self.cur] = bigger
 
     def write(self, final: bool) -> None:
@@ -161,8 +179,14 @@ class _Stage:
                 self._wait(k)
             except OSError:
                 pass
+        self._free()
+
+    def _free(self) -> None:
         for buf in self.bufs:
             buf.close()
+        for fd in self.fds:
+            os.close(fd)
+        self.bufs, self.fds = [], []
 
 
 def _write_fully(fd: int, buf: mmap.mmap, length: int, offset: int) -> None:
@@ -258,25 +282,25 @@ class PackFiles:
         pack = HEADER.pack
         stage.unpark()
         while i < len(records) and off < PACK_BYTES:
-            # Fill the staging buffer with as many records as fit, each with two C calls (mmap.write moves
-            # the buffer's position along), then hand its whole blocks to the I/O thread.
-            buf = stage.buf
-            buf.seek(stage.used)
-            room = len(buf) - stage.used
+            # Copy as many records as fit (512 per call: IOV_MAX is 1024) into the staging buffer, then
+            # hand its whole blocks to the I/O thread.
+            room = len(stage.buf) - stage.used
             first = off
-            while i < len(records) and off < PACK_BYTES:
+            iov: list[bytes | memoryview] = []
+            while i < len(records) and off < PACK_BYTES and len(iov) < 1024:
                 cid, z, size, data = records[i]
                 n = HEADER.size + len(data)
                 if n > room:
                     break
-                buf.write(pack(cid, z, size, len(data)))
-                buf.write(data)
+                iov.append(pack(cid, z, size, len(data)))
+                iov.append(data)
                 out.append((pid, off))
                 off += n
                 room -= n
                 i += 1
-            stage.used += off - first
-            if i < len(records) and off < PACK_BYTES:
+            if iov:
+                stage.fill(iov, off - first)
+            if i < len(records) and off < PACK_BYTES and len(iov) < 1024:
                 stage.room(HEADER.size + len(records[i][3]))
         stage.write(final=False)
         self._size = off
