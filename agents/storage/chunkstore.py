@@ -54,7 +54,7 @@ _QUERY_BATCH = 500          # stays under SQLite's host-parameter limit on every
 # the outer loop (one index probe per id, never a scan of the chunks).
 _LOOKUP = ("WITH RECURSIVE k(i) AS (VALUES(0) UNION ALL SELECT i + 1 FROM k WHERE i + 1 < ?2) "
            "SELECT c.id FROM k CROSS JOIN chunks c ON c.id = substr(?1, k.i * 32 + 1, 32)")
-_MAX_JOBS = 4               # batches queued for the writer (each holds one read buffer, ~4 MiB)
+_MAX_JOBS = 4               # batches queued for the writer (each holds one read buffer, 1 MiB on ingest)
 _ROW_BATCH = 4096           # index rows inserted together
 _STORED_BATCH = 4 << 20     # received chunks handed to the writer together
 _THREADS = min(2, os.cpu_count() or 1)    # zstd's own threads for a batch at the full level

@@ -33,7 +33,8 @@ from agents.storage.names import validate_name
 from agents.storage.stream import read_frames, write_stream
 
 BLOCK_SIZE = 8192
-_READ_BYTES = 512 * BLOCK_SIZE      # 4 MiB: one index lookup and one writer batch each
+_READ_BYTES = 128 * BLOCK_SIZE      # 1 MiB: one index lookup and one writer batch each (finer batches
+                                    # pipeline better: measured 1 MiB > 2 MiB > 4 MiB > 8 MiB)
 _PATCH_BATCH = 4096           # changed block positions per patch frame
 _INDEX = struct.Struct(">I")
 
