@@ -118,19 +118,11 @@ class ChunkStore:
         self.packs.close()
 
     # writing ----------------------------------------------------------------------------------------------
-    def put_buffer(self, buf: bytes, block_size: int) -> list[bytes]:
-        """Cut `buf` into blocks of `block_size` (the last may be shorter), hash them, and queue those not
-        yet stored for the writer; return their ids. `buf` must not change afterwards (the writer reads it
-        later). Nothing is durable or visible before commit()."""
-        view = memoryview(buf)
-        ids = [blake3.blake3(view[i:i + block_size]).digest() for i in range(0, len(buf), block_size)]
-        self._queue(buf, ids, [(i, min(block_size, len(buf) - i)) for i in range(0, len(buf), block_size)])
-        return ids
-
     def put_file(self, f: BinaryIO, block_size: int, batch_bytes: int) -> Iterator[tuple[int, list[bytes]]]:
-        """put_buffer for everything left in file `f`, read in batches of `batch_bytes` into buffers that are
-        reused once the writer is done with them (fresh 4 MiB buffers cost a page fault per 4 KiB); yield
-        each batch's length and block ids."""
+        """Read what is left of file `f` in batches of `batch_bytes`, cut each into blocks of `block_size`
+        (the last may be shorter), hash them, and queue those not yet stored for the writer; yield each
+        batch's length and block ids. The read buffers are reused once the writer is done with them (fresh
+        buffers cost a page fault per 4 KiB). Nothing is durable or visible before commit()."""
         while True:
             buf = self._buffers.pop() if self._buffers else bytearray(batch_bytes)
             if len(buf) != batch_bytes:
@@ -146,7 +138,8 @@ class ChunkStore:
             yield n, ids
 
     def put_blocks(self, blocks: Sequence[bytes | memoryview]) -> list[bytes]:
-        """put_buffer for blocks of any sizes (copied into one buffer)."""
+        """Hash blocks of any sizes and queue those not yet stored (copied into one buffer); return their
+        ids."""
         ids = [blake3.blake3(b).digest() for b in blocks]
         spans, off = [], 0
         for b in blocks:
