@@ -14,7 +14,8 @@ itself is never cached: it is read every time. Each program has its own cache fi
 caller's): they may be run by different users or with different mesh files, and neither should
 keep replacing the other's entry.
 
-This module must stay cheap to import: os and, only when the cache is read or written, msgpack.
+This module must stay cheap to import: os and, only when the cache is read or written, the
+gateway's standard-library msgpack codec.
 """
 
 from __future__ import annotations
@@ -79,7 +80,7 @@ def parser_stamp() -> list[int]:
 
 def read_cache(path: str, key: dict[str, Any]) -> dict[str, Any] | None:
     """The cached entry if the cache at ``path`` is ours, untouched by others and keyed by ``key``."""
-    import msgpack
+    from .gateway import unpack  # msgpack in the standard library: importing msgpack costs ~3 ms
 
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
@@ -91,8 +92,8 @@ def read_cache(path: str, key: dict[str, Any]) -> dict[str, Any] | None:
             return None  # only a cache of our own that nobody else could have written
         with os.fdopen(fd, "rb") as f:
             fd = -1
-            cached = msgpack.unpackb(f.read(), raw=False)
-    except (OSError, ValueError, msgpack.UnpackException):
+            cached = unpack(f.read())
+    except (OSError, ValueError):
         return None
     finally:
         if fd >= 0:
@@ -107,7 +108,7 @@ def read_cache(path: str, key: dict[str, Any]) -> dict[str, Any] | None:
 
 def write_cache(path: str, content: dict[str, Any]) -> None:
     """Replace the cache atomically; quietly nothing when the run directory is not ours alone."""
-    import msgpack
+    from .gateway import pack
 
     folder = os.path.dirname(path)
     tmp = f"{path}.{os.getpid()}.tmp"
@@ -117,7 +118,7 @@ def write_cache(path: str, content: dict[str, Any]) -> None:
             return
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
         with os.fdopen(fd, "wb") as f:
-            f.write(msgpack.packb(content, use_bin_type=True))
+            f.write(pack(content))
         os.replace(tmp, path)
     except OSError:
         try:
