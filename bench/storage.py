@@ -122,8 +122,8 @@ def bench_ingest(work: Path, mib: int, rounds: int) -> None:
         os.sync()                            # nobody's writeback (an earlier round's, the data's) lands inside
         t_bare = timed(bare)
         t_snap = timed(drv.snapshot, "v", "s")
-        drv.close()             # the stores are removed after the last round: on a filesystem mounted with
-        ratios.append(t_bare / t_snap)          # online discard a removal keeps the device busy for a while
+        drv.close()             # the stores are removed after the last round, so nothing of a removal
+        ratios.append(t_bare / t_snap)          # (unlinks, discards) can overlap a timed round
         rates.append((mib / t_snap, mib / t_bare))
     for k in range(rounds):
         shutil.rmtree(work / f"ingest-{k}")
