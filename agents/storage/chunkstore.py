@@ -111,6 +111,7 @@ class ChunkStore:
         self._stored: dict[bytes, tuple[int, int, bytes]] = {}   # received, not yet handed to the writer
         self._stored_bytes = 0
         self._buffers: list[bytearray] = []       # read buffers of put_file to reuse (list ops are atomic)
+        self._span_lists: dict[tuple[int, int], list[tuple[int, int]]] = {}
 
     def close(self) -> None:
         self._drain(raise_errors=False)
@@ -134,8 +135,17 @@ class ChunkStore:
             data = buf if n == len(buf) else memoryview(buf)[:n]
             view = memoryview(data)
             ids = [blake3.blake3(view[i:i + block_size]).digest() for i in range(0, n, block_size)]
-            self._queue(data, ids, [(i, min(block_size, n - i)) for i in range(0, n, block_size)], buf)
+            self._queue(data, ids, self._spans(n, block_size), buf)
             yield n, ids
+
+    def _spans(self, n: int, block_size: int) -> list[tuple[int, int]]:
+        """(offset, length) of each block of an n-byte buffer; the same list (read only) for every full batch."""
+        spans = self._span_lists.get((n, block_size))
+        if spans is None:
+            spans = [(i, min(block_size, n - i)) for i in range(0, n, block_size)]
+            if len(self._span_lists) < 4:
+                self._span_lists[(n, block_size)] = spans
+        return spans
 
     def put_blocks(self, blocks: Sequence[bytes | memoryview]) -> list[bytes]:
         """Hash blocks of any sizes and queue those not yet stored (copied into one buffer); return their
@@ -157,11 +167,14 @@ class ChunkStore:
             if reuse is not None:
                 self._buffers.append(reuse)
             return
-        todo = []
-        for cid, span in zip(ids, spans):
-            if cid in new:
-                new.discard(cid)
-                todo.append((cid, span))
+        if len(new) == len(ids):                # all new and distinct: the usual case for new data
+            todo = list(zip(ids, spans))
+        else:
+            todo = []
+            for cid, span in zip(ids, spans):
+                if cid in new:
+                    new.discard(cid)
+                    todo.append((cid, span))
         self._submit(self._compress_and_append, buf, todo, reuse)
 
     def put_stored(self, cid: bytes, z: int, data: bytes) -> None:
