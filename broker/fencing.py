@@ -66,9 +66,16 @@ class FenceLedger:
         if str(path) != ":memory:":
             self.db.execute("PRAGMA journal_mode=WAL")
         self.db.executescript(_SCHEMA)
+        self._seen_version: int | None = None
 
     def close(self) -> None:
         self.db.close()
+
+    def written_elsewhere(self) -> bool:
+        """Whether another connection (another instance of the broker) has written since the last ask."""
+        (version,) = self.db.execute("PRAGMA data_version").fetchone()
+        changed, self._seen_version = version != self._seen_version, version
+        return changed
 
     def record(self, agent: str, event: dict[str, Any]) -> tuple[int, str | None]:
         """Keep an event and apply it to the node's epochs; returns its sequence number and the change
@@ -164,11 +171,14 @@ class BrokerFenceGuard:
     workflow engine decides each step for its requester through this authorizer, outside the
     runtime's own check of requests), nor approve or take a step."""
 
-    def __init__(self, inner: Authorizer, fenced: FencedIdentities) -> None:
+    def __init__(self, inner: Authorizer, fenced: FencedIdentities,
+                 refresh: Callable[[], None] = lambda: None) -> None:
         self.inner = inner
         self.fenced = fenced
+        self.refresh = refresh  # brings ``fenced`` up to date first (another instance may have fenced)
 
     def decide(self, caller: str, spec: OpSpec, resources: Sequence[str]) -> Decision:
+        self.refresh()
         d = decide(self.inner, caller, spec, resources)
         if d.allowed:
             d = self.fenced.check(caller, spec) or d
@@ -189,9 +199,15 @@ class FencingMixin:
         state: Path | None = self.shared_dir  # type: ignore[attr-defined]
         self.fence_ledger = FenceLedger(state / "fencing.sqlite" if state else ":memory:")
         self._fence_listeners: list[Callable[[dict[str, Any]], Any]] = []
-        self.fenced.install(self.fence_ledger.fenced())  # type: ignore[attr-defined] (the runtime's view)
+        self._fenced_from_ledger()
         inner = FencersMayAnnounce(self.authorizer, self._fencing_agents)  # type: ignore[has-type]
-        self.authorizer = BrokerFenceGuard(inner, self.fenced)  # type: ignore[attr-defined]
+        self.authorizer = BrokerFenceGuard(inner, self.fenced, self._fenced_from_ledger)  # type: ignore[attr-defined]
+
+    def _fenced_from_ledger(self) -> None:
+        """The runtime's view of fenced identities, from the ledger the broker's instances share, when
+        it has changed (one cheap PRAGMA per decision otherwise)."""
+        if self.fence_ledger.written_elsewhere():
+            self.fenced.install(self.fence_ledger.fenced())  # type: ignore[attr-defined]
 
     async def stop(self) -> None:
         await super().stop()  # type: ignore[misc]

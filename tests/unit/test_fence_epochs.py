@@ -153,3 +153,22 @@ def test_only_a_live_fencing_agent_announces_and_only_for_its_nodes():
     assert not gate.decide("root@x.test", event, ["/cluster/c1/node/n1"]).allowed  # admins cannot forge one
     assert gate.decide("root@x.test", spec("mesh.fence.epochs", False), []) == Decision(
         True, "caller is a mesh admin", "mesh admins")
+
+
+def test_a_fencing_recorded_by_another_broker_instance_reaches_this_ones_decisions(tmp_path):
+    # Two instances of one broker share the ledger file; each decides with its own view.
+    mine, other = FenceLedger(tmp_path / "fencing.sqlite"), FenceLedger(tmp_path / "fencing.sqlite")
+    view = FencedIdentities()
+
+    def refresh() -> None:
+        if mine.written_elsewhere():
+            view.install(mine.fenced())
+
+    guard = BrokerFenceGuard(AdminsOnly(["db1@x.test"]), view, refresh)
+    assert guard.decide("db1@x.test", spec("workflow.run"), []).allowed
+    assert not mine.written_elsewhere()  # nothing new: no re-read on the next decision
+    other.record("f@x.test", outcome("off"))
+    denied = guard.decide("db1@x.test", spec("workflow.run"), [])
+    assert not denied.allowed and "fenced node" in denied.reason
+    other.record("f@x.test", outcome("on", at=200.0))
+    assert guard.decide("db1@x.test", spec("workflow.run"), []).allowed
