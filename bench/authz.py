@@ -118,7 +118,6 @@ def measure(rules: int, n: int, casbin_n: int) -> dict[str, float]:
 
 async def round_trips(batches: int, per_batch: int) -> dict[str, float]:
     """p50 of a mesh op round trip (ms): gate off, gate on, gate on with the audit log."""
-    import asyncio
     import socket
     import tempfile
 

@@ -151,7 +151,7 @@ class LeadershipMixin:
         if self.lease.current() == jid:  # the server says the leader's session ended: take over now
             self.lead(gone=jid)
 
-    async def stop_leading(self) -> None:
+    def stop_leading(self) -> None:
         if self._renewer is not None:
             self._renewer.cancel()
         self._step_down()

@@ -120,7 +120,7 @@ class WorkflowMixin:
 
     async def stop(self) -> None:
         runners = [t for t in self._runners.values() if not t.done()]
-        await self.stop_leading()  # type: ignore[attr-defined]
+        self.stop_leading()  # type: ignore[attr-defined]
         await asyncio.gather(*runners, return_exceptions=True)
         await super().stop()  # type: ignore[misc]
         self.workflow_store.close()

@@ -41,7 +41,7 @@ async def test_alerts_reach_the_room_and_room_messages_are_not_commands(mesh):
     await until(lambda: any("OK: disk on db1 (was CRITICAL): DISK OK" in b for b in seen), what=seen)
 
     # An occupant's message that looks like a command is chat, not a command, and runs nothing.
-    watcher.xmpp.send_message(mto=room_jid, mbody=f"call sample.count on /host/db1", mtype="groupchat")
+    watcher.xmpp.send_message(mto=room_jid, mbody="call sample.count on /host/db1", mtype="groupchat")
     bot_nick = f"{room_jid}/vertebra"
     watcher.xmpp.send_message(mto=bot_nick, mbody="call sample.count", mtype="chat")  # private, via the room
     watcher.xmpp.send_message(mto=str(bot.jid), mbody="jobs", mtype="chat")  # a direct command still works

@@ -11,7 +11,6 @@ import random
 from pathlib import Path
 from typing import Any
 
-import pytest
 
 from agents.authz import AdminsOnly
 from agents.errors import Outcome
