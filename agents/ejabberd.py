@@ -635,17 +635,7 @@ class PrivateEjabberd(PrivateNode):
             self._stop_epmd_if_unused()
             return False
         if pid is not None:
-            try:
-                os.kill(pid, signal.SIGTERM)  # the Erlang VM stops gracefully (init:stop) on SIGTERM
-            except ProcessLookupError:
-                pass
-            if not self._wait_gone(pid, timeout):
-                try:
-                    os.kill(pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-                if not self._wait_gone(pid, 5.0):
-                    raise ServerError(f"ejabberd (pid {pid}) did not exit even after SIGKILL; check `ps {pid}`")
+            self._terminate(pid, timeout, "ejabberd")  # the Erlang VM stops gracefully (init:stop) on SIGTERM
         if proc is not None:
             try:
                 proc.wait(timeout=5)

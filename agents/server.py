@@ -137,6 +137,23 @@ class PrivateNode:
 
     noun = "server"  # what messages call it
 
+    def _terminate(self, pid: int, timeout: float, name: str) -> None:
+        """SIGTERM (both servers stop gracefully on it), SIGKILL if still there after ``timeout``."""
+        try:
+            os.kill(pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+        if not self._wait_gone(pid, timeout):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            if not self._wait_gone(pid, 5.0):
+                raise ServerError(f"{name} (pid {pid}) did not exit even after SIGKILL; check `ps {pid}`")
+
+    def _wait_gone(self, pid: int, timeout: float) -> bool:
+        raise NotImplementedError
+
     def status(self) -> dict:
         """Whether it runs, and where; clears a stale pidfile."""
         pid = self._running_pid() if self.dir.is_dir() else None
@@ -280,17 +297,7 @@ class PrivateServer(PrivateNode):
             pid = self._running_pid() or self._adopt_orphan()
             if pid is None:
                 return False
-            try:
-                os.kill(pid, signal.SIGTERM)
-            except ProcessLookupError:
-                pass
-            if not self._wait_gone(pid, timeout):
-                try:
-                    os.kill(pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-                if not self._wait_gone(pid, 5.0):
-                    raise ServerError(f"Prosody (pid {pid}) did not exit even after SIGKILL; check `ps {pid}`")
+            self._terminate(pid, timeout, "Prosody")
             self.pidfile.unlink(missing_ok=True)
             return True
 

@@ -24,7 +24,6 @@ out, a forged "on" would let a fenced node's zombie write again.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 import sqlite3
@@ -38,10 +37,11 @@ from agents.fenced import INSTALL_OP, Fenced, FencedIdentities, encode_entries
 from agents.fencing.settings import NODE_RESOURCE, SEGMENT
 from agents.ops import Arg, OpSpec, op
 
+from .policy import push
+
 log = logging.getLogger(__name__)
 
 EVENT_OP = "mesh.fence.event"
-PUSH_TIMEOUT = 10.0
 RECENT_EVENTS = 1000
 #: Broker ops a fenced identity may not use either: approving or taking a step is acting.
 BROKER_ACTS = frozenset({"workflow.approve", "workflow.perform"})
@@ -286,14 +286,8 @@ class FencingMixin:
     async def push_fenced(self, targets: list[str] | None = None) -> dict[str, str]:
         """Push the open epochs; returns each target's error ("" when it took them)."""
         targets = self._takers() if targets is None else targets
-        text = encode_entries(self.fence_ledger.fenced())
-        results = await asyncio.gather(*(self.request(jid, INSTALL_OP, {"fenced": text},  # type: ignore[attr-defined]
-                                                      timeout=PUSH_TIMEOUT) for jid in targets))
-        out = {r.target: ("" if r.outcome.value == "ok" else str(r.error)) for r in results}
-        for jid, error in out.items():
-            if error:
-                log.warning("pushing fenced nodes to %s failed: %s", jid, error)
-        return out
+        return await push(self, targets, INSTALL_OP, {"fenced": encode_entries(self.fence_ledger.fenced())},
+                          "the fenced nodes")
 
     def policy_on_join(self, jid: str) -> None:
         """A newly listed agent gets the fenced nodes at once (and the policy, by the next mixin)."""

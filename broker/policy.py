@@ -14,6 +14,7 @@ import asyncio
 import hashlib
 import logging
 import time
+from typing import Any
 
 from agents.agent import Call
 from agents.authz import PolicyAuthorizer, policy_of
@@ -25,6 +26,16 @@ log = logging.getLogger(__name__)
 
 PUSH_TIMEOUT = 10.0
 REPUSH_INTERVAL = 60.0  # seconds between confirmations; keep it well under any agent's max age
+
+
+async def push(broker: Any, targets: list[str], op_name: str, args: dict[str, Any], what: str) -> dict[str, str]:
+    """Send one install op to every target at once; returns each target's error ("" when it took it)."""
+    results = await asyncio.gather(*(broker.request(jid, op_name, args, timeout=PUSH_TIMEOUT) for jid in targets))
+    out = {r.target: ("" if r.outcome.value == "ok" else str(r.error)) for r in results}
+    for jid, error in out.items():
+        if error:
+            log.warning("pushing %s to %s failed: %s", what, jid, error)
+    return out
 
 
 class PolicyDistribution:
@@ -79,13 +90,7 @@ class PolicyDistribution:
             return {}
         text, issued = current
         targets = targets if targets is not None else [e.jid for e in self.directory.entries()]
-        results = await asyncio.gather(*(self.request(jid, INSTALL_OP, {"text": text, "issued_at": issued},
-                                                      timeout=PUSH_TIMEOUT) for jid in targets))
-        out = {r.target: ("" if r.outcome.value == "ok" else str(r.error)) for r in results}
-        for jid, error in out.items():
-            if error:
-                log.warning("policy push to %s failed: %s", jid, error)
-        return out
+        return await push(self, targets, INSTALL_OP, {"text": text, "issued_at": issued}, "the policy")
 
     def policy_on_join(self, jid: str) -> None:
         """A newly listed agent gets the current policy at once."""
