@@ -36,7 +36,6 @@ import math
 import os
 import re
 import shutil
-import signal
 import statistics
 import sys
 import tempfile
@@ -267,24 +266,11 @@ class ClusterBench:
             print(f"- {note}")
 
 
-async def coordinator(bench: ClusterBench) -> None:
-    loop = asyncio.get_running_loop()
-    task = asyncio.current_task()
-    loop.add_signal_handler(signal.SIGTERM, task.cancel)
-    try:
-        await asyncio.wait_for(bench.run(), bench.args.time_limit)
-    finally:
-        await asyncio.shield(bench.close())
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="smoke run: N=100, fewer iterations")
     parser.add_argument("--agents", type=int, default=None, help="agents per node for scatter/gather (1000)")
-    parser.add_argument("--per-worker", type=int, default=250, help="at most this many agents per worker")
-    parser.add_argument("--login-concurrency", type=int, default=8, help="logins in flight per worker")
-    parser.add_argument("--time-limit", type=float, default=1800, help="abort the whole run after this many s")
-    parser.add_argument("--keep", action="store_true", help="keep the temporary home (logs) afterwards")
+    rt.add_worker_options(parser)
     args = parser.parse_args(argv)
     args.agents = args.agents or (100 if args.quick else 1000)
     logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s")
@@ -294,7 +280,7 @@ def main(argv: list[str] | None = None) -> int:
     t = time.monotonic()
     try:
         bench.start_cluster()
-        asyncio.run(coordinator(bench))
+        asyncio.run(rt.coordinator(bench))
         ok = True
     except (KeyboardInterrupt, asyncio.CancelledError):
         print("\ninterrupted; cleaning up", file=sys.stderr)

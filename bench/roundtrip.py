@@ -724,7 +724,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-async def coordinator(bench: Bench) -> None:
+async def coordinator(bench: Any) -> None:
+    """Run a benchmark (``run``, ``close``, ``args.time_limit``) to its end or its time limit; SIGTERM
+    cancels it, and it is closed whatever happened (bench/cluster.py runs its own through this too)."""
     loop = asyncio.get_running_loop()
     task = asyncio.current_task()
     loop.add_signal_handler(signal.SIGTERM, task.cancel)
@@ -734,16 +736,21 @@ async def coordinator(bench: Bench) -> None:
         await asyncio.shield(bench.close())
 
 
+def add_worker_options(parser: argparse.ArgumentParser) -> None:
+    """The options of a benchmark whose agents run in worker processes."""
+    parser.add_argument("--per-worker", type=int, default=250, help="at most this many agents per worker")
+    parser.add_argument("--login-concurrency", type=int, default=8, help="logins in flight per worker")
+    parser.add_argument("--time-limit", type=float, default=1800, help="abort the whole run after this many s")
+    parser.add_argument("--keep", action="store_true", help="keep the temporary home (logs) afterwards")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="smoke run: N=100 only, fewer iterations")
     parser.add_argument("--agents", default=None, help="comma-separated fan-out sizes (default 100,1000)")
     parser.add_argument("--workers", type=int, default=max(2, os.cpu_count() or 2),
                         help="at least this many worker processes per batch of agents")
-    parser.add_argument("--per-worker", type=int, default=250, help="at most this many agents per worker")
-    parser.add_argument("--login-concurrency", type=int, default=8, help="logins in flight per worker")
-    parser.add_argument("--time-limit", type=float, default=1800, help="abort the whole run after this many s")
-    parser.add_argument("--keep", action="store_true", help="keep the temporary home (logs) afterwards")
+    add_worker_options(parser)
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s")
