@@ -338,10 +338,14 @@ def build_actor(mesh: meshconf.MeshConfig, name: str, instance: int = 1) -> Any:
             raise meshconf.ConfigError(f"broker instance {instance}: the mesh file's server has {len(resources)}"
                                        f" node(s), so instances 1 to {len(resources)}")
         own = name if instance == 1 else f"{name}-{instance}"
-        return agent_class("broker")(mesh.jid(name), mesh.password(name), mesh.endpoint().starting_at(instance - 1),
-                                     resource=resources[instance - 1], authorizer=authorizer,
-                                     state_dir=_state_dir(mesh, own), shared_dir=_state_dir(mesh, name), name=name,
-                                     settings={"workflows": str(mesh.workflows)}, delegates=mesh.delegates)
+        broker = agent_class("broker")(mesh.jid(name), mesh.password(name), mesh.endpoint().starting_at(instance - 1),
+                                       resource=resources[instance - 1], authorizer=authorizer,
+                                       state_dir=_state_dir(mesh, own), shared_dir=_state_dir(mesh, name), name=name,
+                                       settings={"workflows": str(mesh.workflows)}, delegates=mesh.delegates)
+        # The mesh file, not what an account advertises, says who is an agent of the mesh.
+        for bare, agent in mesh.roster().items():
+            broker.admit(bare, agent.kind, agent.resources, agent.settings)
+        return broker
     cfg = mesh.agent(name)
     return agent_class(cfg.kind)(mesh.jid(name), mesh.password(name), mesh.endpoint(),
                                  resources=cfg.resources, broker=mesh.jid(mesh.broker), authorizer=authorizer,

@@ -141,6 +141,11 @@ class MeshConfig:
         raise ConfigError(f"{self.path}: no agent named {name!r}; the mesh has"
                           f" {', '.join(a.name for a in self.agents) or 'no agents'}")
 
+    def roster(self) -> dict[str, AgentConfig]:
+        """The agents the broker admits to its directory, by lowercased bare JID: only these, each
+        under its configured kind and for (some of) its configured resources."""
+        return {self.jid(a.name).lower(): a for a in self.agents}
+
     def password_file(self, account: str) -> Path:
         return self.password_files.get(account) or self.home / "secrets" / f"{account}.password"
 

@@ -19,6 +19,11 @@ _CLASSES = {
 }
 
 
+def distribution_kinds() -> tuple[str, ...]:
+    """The kinds this distribution has a class for: the only ones a broker admits from a mesh file."""
+    return tuple(_CLASSES)
+
+
 def agent_class(kind: str) -> type[Agent]:
     module, _, name = _CLASSES[kind].partition(":")
     return getattr(importlib.import_module(module), name)

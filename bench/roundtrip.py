@@ -604,6 +604,9 @@ class Bench:
         # The broker and the agents take the chat bot's on-behalf-of assertion (its `for`).
         self.broker = agent_class("broker")(self.broker_jid, PASSWORD_PREFIX + "broker", endpoint,
                                             authorizer=AdminsOnly([self.client_jid]), delegates=[self.bot_jid])
+        # Every agent the workers will run, as a mesh file's agents: would name them (no resources).
+        for user in ["echo", *agent_users]:
+            self.broker.admit(f"{user}@{DOMAIN}", BenchAgent.kind, ())
         await self.broker.start(timeout=20)
         # The operators' chat bot as `vertebra broker` runs it (same process, its own audit log), with
         # a rate limit that a benchmark's one operator does not reach.

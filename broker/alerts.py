@@ -5,9 +5,10 @@ operators and for the chat issue, which will also subscribe with :meth:`AlertsMi
 show each one in the operators' room. The poster is the caller's JID as the server stamped it,
 never a field of the alert.
 
-Who may post: every live agent in the broker's directory (a monitor agent reporting on its own
-host is not an operator, and the mesh file's admins are not the right list for it); anyone else
-is up to the mesh's authorizer, as for every other op.
+Who may post: every live agent in the broker's directory that the mesh file configures as a
+monitor (a monitor agent reporting on its own host is not an operator, and the mesh file's admins
+are not the right list for it); anyone else is up to the mesh's authorizer, as for every other op.
+The kind is the broker's configuration (its roster), never what the agent advertises.
 """
 
 from __future__ import annotations
@@ -41,16 +42,19 @@ class Alert:
     text: str
 
 
-class AgentsMayAlert:
-    """Admit ``mesh.alert`` from live agents; ask the mesh's authorizer about everything else."""
+ALERTING_KIND = "monitor"
 
-    def __init__(self, inner: Authorizer, live_agents: Callable[[], set[str]]) -> None:
+
+class AgentsMayAlert:
+    """Admit ``mesh.alert`` from live monitor agents; ask the mesh's authorizer about everything else."""
+
+    def __init__(self, inner: Authorizer, monitors: Callable[[], set[str]]) -> None:
         self.inner = inner
-        self.live_agents = live_agents
+        self.monitors = monitors
 
     def decide(self, caller: str, spec: OpSpec, resources: Sequence[str]) -> Decision:
-        if spec.name == "mesh.alert" and caller.lower() in self.live_agents():
-            return Decision(True, "live agents of the mesh may post alerts")
+        if spec.name == "mesh.alert" and caller.lower() in self.monitors():
+            return Decision(True, "live monitor agents of the mesh may post alerts")
         return self.inner.decide(caller, spec, resources)
 
 
@@ -62,11 +66,15 @@ class AlertsMixin:
         self.alerts: deque[Alert] = deque(maxlen=RECENT_ALERTS)
         self._alert_seq = itertools.count(1)
         self._alert_listeners: list[Callable[[Alert], Any]] = []
-        self.authorizer = AgentsMayAlert(self.authorizer, self._live_agent_jids)  # type: ignore[has-type]
+        self.authorizer = AgentsMayAlert(self.authorizer, self._live_monitors)  # type: ignore[has-type]
 
-    def _live_agent_jids(self) -> set[str]:
-        directory = getattr(self, "directory", None)
-        return {e.jid.split("/", 1)[0].lower() for e in directory.entries()} if directory is not None else set()
+    def _live_monitors(self) -> set[str]:
+        """Bare JIDs of the listed agents the broker's configuration (its roster) says are monitors."""
+        directory, roster = getattr(self, "directory", None), getattr(self, "roster", {})
+        if directory is None:
+            return set()
+        live = {e.jid.split("/", 1)[0].lower() for e in directory.entries()}
+        return {bare for bare in live if (a := roster.get(bare)) is not None and a.kind == ALERTING_KIND}
 
     def on_alert(self, listener: Callable[[Alert], Any]) -> None:
         """Call ``listener`` with each new alert (the operator chat shows them)."""

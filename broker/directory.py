@@ -4,14 +4,102 @@ It is fed from presence (an agent is in while its presence is available, out the
 and from disco#info, which is asked once per distinct XEP-0115 caps hash: agents with identical
 ops and resources share one entry in ``caps``. ``discover`` matches a requested resource against
 each agent's resources, their ancestors and their descendants.
+
+Who may be filed at all is configuration's to say, not the agent's: the broker's roster holds one
+``Admission`` per bare JID (from the mesh file's ``agents:``), and an advertisement is admitted only
+if its kind is the configured one and its resources are among the configured ones
+(``Admission.refusal``). The caches here are keyed by strings any account can invent (caps hashes),
+so they are bounded (``BoundedMap``).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Iterable
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Any, Generic, Iterable, Iterator, Mapping, TypeVar
 
 from agents.resources import related
+
+K = TypeVar("K")
+V = TypeVar("V")
+
+CAPS_CACHE = 4096  # distinct caps hashes remembered; a mesh's own agents need one per kind of agent
+
+
+class BoundedMap(Generic[K, V]):
+    """A mapping that keeps at most ``limit`` items, forgetting the least recently used first: for
+    caches keyed by what peers send, which must not grow with what they invent."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self._items: OrderedDict[K, V] = OrderedDict()
+
+    def get(self, key: K, default: Any = None) -> Any:
+        try:
+            self._items.move_to_end(key)
+        except KeyError:
+            return default
+        return self._items[key]
+
+    def __setitem__(self, key: K, value: V) -> None:
+        self._items[key] = value
+        self._items.move_to_end(key)
+        while len(self._items) > self.limit:
+            self._items.popitem(last=False)
+
+    def __getitem__(self, key: K) -> V:
+        value = self.get(key, _MISSING)
+        if value is _MISSING:
+            raise KeyError(key)
+        return value
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._items
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def __iter__(self) -> Iterator[K]:
+        return iter(list(self._items))
+
+    def pop(self, key: K, default: Any = None) -> Any:
+        return self._items.pop(key, default)
+
+    def clear(self) -> None:
+        self._items.clear()
+
+
+_MISSING = object()
+
+
+@dataclass(frozen=True)
+class Admission:
+    """What configuration lets one account (bare JID) be listed as: its kind, the resources it may
+    claim (it may claim fewer), and its configured settings (the fencing agent's nodes and
+    identities are read from here, never from what the agent sends)."""
+
+    kind: str
+    resources: tuple[str, ...]
+    settings: Mapping[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "resources", tuple(self.resources))
+        object.__setattr__(self, "settings", MappingProxyType(dict(self.settings or {})))
+
+    def refusal(self, caps: "Capabilities", known_kinds: Iterable[str]) -> str | None:
+        """Why an advertisement of ``caps`` may not be listed under this admission, or None."""
+        known = set(known_kinds)
+        if caps.kind not in known:
+            return (f"it claims kind {caps.kind!r}, which this broker does not know"
+                    f" (it knows {', '.join(sorted(known))})")
+        if caps.kind != self.kind:
+            return f"it claims kind {caps.kind!r}, but the mesh file configures it as kind {self.kind!r}"
+        extra = [r for r in caps.resources if r not in self.resources]
+        if extra:
+            return (f"it claims resources {' '.join(caps.resources)}, beyond its configured"
+                    f" {' '.join(self.resources) or '(none)'}: {' '.join(extra)} not configured for it")
+        return None
 
 
 @dataclass(frozen=True)
@@ -34,8 +122,9 @@ class Entry:
 
 
 class Directory:
-    def __init__(self) -> None:
-        self.caps: dict[str, Capabilities] = {}  # caps hash -> capabilities
+    def __init__(self, caps_limit: int = CAPS_CACHE) -> None:
+        # caps hash -> capabilities; bounded, since any account may announce hashes it invents
+        self.caps: BoundedMap[str, Capabilities] = BoundedMap(caps_limit)
         self._agents: dict[str, Entry] = {}  # full JID -> entry
 
     def __len__(self) -> int:

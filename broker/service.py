@@ -8,6 +8,13 @@ presence to every agent it has known, which each answers with its own, so a rest
 the whole directory back without waiting for agents to reconnect. The broker answers each newly
 listed agent with a directed presence of its own; an agent repeats its announcement, with backoff,
 until some broker has answered, so an agent that came up before the broker is not lost.
+
+Only agents that configuration names are listed: the broker's ``roster`` (from the mesh file's
+``agents:``, or ``admit``) gives each bare JID its kind and the resources it may claim, and an
+advertisement that is not admitted (an account the mesh file does not name, another kind, a kind the
+broker does not know, resources beyond the configured ones) is not listed, acknowledged, recorded
+or pushed anything. An account the roster does not name costs no disco query at all; the caches
+and the queries a configured account can cause are bounded, whatever hashes it invents.
 """
 
 from __future__ import annotations
@@ -16,7 +23,7 @@ import asyncio
 import logging
 import sqlite3
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Iterable, Mapping
 
 from slixmpp import Presence
 from slixmpp.exceptions import IqError, IqTimeout
@@ -25,10 +32,12 @@ from agents.agent import AGENT_FORM, Agent, Call, info_op
 from agents.ops import OP_FEATURE_PREFIX, Arg, op
 from agents.resources import check as check_resource, BadResource
 from agents.errors import BadArguments
+from agents.kinds import distribution_kinds
 
 from .alerts import AlertsMixin
 from .fencing import FencingMixin
-from .directory import Capabilities, Directory
+from .chat import RateLimit
+from .directory import Admission, BoundedMap, Capabilities, Directory
 from .leadership import LeadershipMixin
 from .policy import PolicyDistribution
 from .workflows import WorkflowMixin
@@ -40,6 +49,16 @@ DISCO_TIMEOUT = 10.0
 # only sha-1 (and md5, which is refused), so a sha-256 hash could never be verified here.
 CAPS_HASHES = {"sha-1"}
 BAD_CAPS_MEMORY = 60.0  # seconds a caps hash that failed to verify is not asked about again
+# What one announcement may cost, however many hashes an account invents: the broker remembers at
+# most BAD_CAPS_CACHE bad hashes and asks about at most LEARNING_LIMIT hashes at once, at most
+# QUERIES_PER_SENDER of them for one account, which gets QUERY_BURST queries and then one every
+# 1/QUERY_RATE seconds (an agent's hash changes only when its configuration does).
+BAD_CAPS_CACHE = 4096
+LEARNING_LIMIT = 256
+QUERIES_PER_SENDER = 2
+QUERY_BURST, QUERY_RATE = 10, 0.2
+MAX_VER, MAX_NODE = 128, 512  # characters; a sha-512 hash in base64 has 88
+REFUSAL_MEMORY = 600.0  # seconds an account's refusal is not logged again at WARNING
 HELLO_AGAIN = 3.0  # seconds after a new session until the second hello to agents not yet listed
 
 
@@ -55,9 +74,17 @@ class Broker(FencingMixin, WorkflowMixin, LeadershipMixin, AlertsMixin, PolicyDi
         self._shared_dir = shared_dir
         super().__init__(*args, **kwargs)
         self.directory = Directory()
+        # Who may be listed, by lowercased bare JID: the mesh file's agents (``admit``).
+        self.roster: dict[str, Admission] = {}
+        self._admitted_kinds: set[str] = set()
         self._present: set[str] = set()
-        self._learning: dict[str, asyncio.Future[Capabilities | None]] = {}
-        self._bad_caps: dict[str, float] = {}  # caps hash -> loop time until which it is ignored
+        self._learning: dict[str, asyncio.Future[Capabilities | None]] = {}  # at most LEARNING_LIMIT
+        self._querying: dict[str, int] = {}  # bare JID -> disco queries in flight for it
+        self._query_budget = RateLimit(burst=QUERY_BURST, rate=QUERY_RATE, max_senders=BAD_CAPS_CACHE)
+        # (bare JID, caps hash) -> loop time until which it is ignored: keyed by sender too, so that
+        # an account announcing another's hash and failing its query cannot get that one ignored.
+        self._bad_caps: BoundedMap[tuple[str, str], float] = BoundedMap(BAD_CAPS_CACHE)
+        self._refused: BoundedMap[str, tuple[str, float]] = BoundedMap(BAD_CAPS_CACHE)  # bare -> last warning
         self._known = _KnownAgents(self.shared_dir / "broker.sqlite" if self.shared_dir else None)
         caps = self.xmpp.plugin["xep_0115"]
         # slixmpp's caps plugin would also query every new hash; the directory does that itself.
@@ -82,14 +109,34 @@ class Broker(FencingMixin, WorkflowMixin, LeadershipMixin, AlertsMixin, PolicyDi
         self.start_leading()
 
     def _hello_known(self, unlisted_only: bool = False) -> None:
-        """Directed presence to every agent any instance of this broker has seen; each answers with
-        its own, which lists it here."""
+        """Directed presence to every admitted agent any instance of this broker has seen; each
+        answers with its own, which lists it here."""
         if not self.online and unlisted_only:
             return  # stopped or lost in the meantime: the next session says hello again anyway
-        listed = {e.jid.split("/")[0] for e in self.directory.entries()} if unlisted_only else set()
+        listed = {e.jid.split("/")[0].lower() for e in self.directory.entries()} if unlisted_only else set()
         for bare in self._known.all():
-            if bare not in listed:
+            if bare.lower() in self.roster and bare.lower() not in listed:
                 self.presence(bare)
+
+    def admit(self, bare_jid: str, kind: str, resources: Iterable[str],
+              settings: Mapping[str, Any] | None = None) -> Admission:
+        """Let the account ``bare_jid`` be listed as an agent of ``kind`` holding some or all of
+        ``resources`` (the mesh file's ``agents:`` entries go through here; so do tests). A kind
+        named here becomes one the broker knows."""
+        settings = settings or {}
+        try:
+            checked = tuple(check_resource(r) for r in _advertised_resources(kind, resources, settings))
+        except BadResource as exc:
+            raise ValueError(f"cannot admit {bare_jid}: {exc}") from None
+        admission = Admission(kind, checked, settings)
+        self.roster[bare_jid.split("/", 1)[0].lower()] = admission
+        self._admitted_kinds.add(kind)
+        return admission
+
+    @property
+    def known_kinds(self) -> set[str]:
+        """The kinds an agent may be admitted as: the distribution's own, and any ``admit`` named."""
+        return set(distribution_kinds()) | self._admitted_kinds
 
     @property
     def shared_dir(self) -> Path | None:
@@ -127,16 +174,47 @@ class Broker(FencingMixin, WorkflowMixin, LeadershipMixin, AlertsMixin, PolicyDi
             return
         if not ver:
             return
+        bare = pres["from"].bare.lower()
+        admission = self.roster.get(bare)
+        if admission is None:
+            # Before any query: an account configuration does not name costs one log line at most.
+            self._refuse(jid, bare, "the mesh file's agents: names no agent with this account (add it there"
+                                    " if it is one)")
+            return
+        node = pres["caps"]["node"]
+        if len(ver) > MAX_VER or len(node) > MAX_NODE:
+            self._refuse(jid, bare, f"its caps hash or node is too long (at most {MAX_VER} and {MAX_NODE}"
+                                    " characters)")
+            return
         self._present.add(jid)
-        caps = self.directory.caps.get(ver) or await self._learn(jid, pres["caps"]["node"], ver,
-                                                                 pres["caps"]["hash"])
-        if caps is not None and jid in self._present:
-            if self.directory.add(jid, caps):
-                # Our presence back acknowledges the agent (it stops repeating its own) and makes the
-                # server tell the agent when this broker goes.
-                self.presence(jid)
-                self.policy_on_join(jid)
-            self._known.add(pres["from"].bare)
+        caps = self.directory.caps.get(ver) or await self._learn(jid, bare, node, ver, pres["caps"]["hash"])
+        if caps is None or jid not in self._present:
+            return
+        refusal = admission.refusal(caps, self.known_kinds)
+        if refusal is not None:
+            if self.directory.remove(jid):
+                log.warning("agent %s left the directory: its new advertisement is refused", jid)
+            self._refuse(jid, bare, refusal)
+            return
+        if self.directory.add(jid, caps):
+            # Our presence back acknowledges the agent (it stops repeating its own) and makes the
+            # server tell the agent when this broker goes.
+            self.presence(jid)
+            self.policy_on_join(jid)
+        self._refused.pop(bare)
+        self._known.add(pres["from"].bare)
+
+    def _refuse(self, jid: str, bare: str, why: str) -> None:
+        """Log a refused advertisement: at WARNING the first time (and when the reason changes or
+        REFUSAL_MEMORY has passed), so an account that keeps announcing does not flood the log."""
+        now = asyncio.get_running_loop().time()
+        last = self._refused.get(bare)
+        if last is not None and last[0] == why and now - last[1] < REFUSAL_MEMORY:
+            log.debug("refused %s again: %s", jid, why)
+            return
+        self._refused[bare] = (why, now)
+        log.warning("refused to list %s as an agent: %s; it is not listed and gets no acknowledgement,"
+                    " policy or requests", jid, why)
 
     def _on_unavailable(self, pres: Presence) -> None:
         jid = str(pres["from"])
@@ -147,26 +225,41 @@ class Broker(FencingMixin, WorkflowMixin, LeadershipMixin, AlertsMixin, PolicyDi
         if self.directory.remove(jid):
             log.info("agent %s left the directory", jid)
 
-    async def _learn(self, jid: str, node: str, ver: str, hash_name: str) -> Capabilities | None:
-        """One disco#info query per caps hash, however many agents present it at once."""
+    async def _learn(self, jid: str, bare: str, node: str, ver: str, hash_name: str) -> Capabilities | None:
+        """One disco#info query per caps hash, however many agents present it at once; within the
+        bounds above, beyond which an announcement is ignored (an agent repeats its own until a
+        broker answers, 4.4 of docs/protocol.md)."""
         pending = self._learning.get(ver)
         if pending is not None:
             return await asyncio.shield(pending)
         now = asyncio.get_running_loop().time()
-        if self._bad_caps.get(ver, 0.0) > now:
+        if self._bad_caps.get((bare, ver), 0.0) > now:
             return None  # an agent repeating a bad announcement costs no new query
+        if len(self._learning) >= LEARNING_LIMIT or self._querying.get(bare, 0) >= QUERIES_PER_SENDER:
+            log.debug("not asking %s about caps %s now: too many queries in flight", jid, ver)
+            return None
+        allowed, warn = self._query_budget.take(bare)
+        if not allowed:
+            if warn:
+                log.warning("%s announces new caps hashes faster than %g a second; the broker asks about"
+                            " them no faster than that", bare, QUERY_RATE)
+            return None
         fut: asyncio.Future[Capabilities | None] = asyncio.get_running_loop().create_future()
         self._learning[ver] = fut
+        self._querying[bare] = self._querying.get(bare, 0) + 1
         caps = None
         try:
             caps = await self._query(jid, node, ver, hash_name)
         finally:
             del self._learning[ver]
+            self._querying[bare] -= 1
+            if not self._querying[bare]:
+                del self._querying[bare]
             fut.set_result(caps)
         if caps is not None:
             self.directory.caps[ver] = caps
         else:
-            self._bad_caps[ver] = now + BAD_CAPS_MEMORY
+            self._bad_caps[(bare, ver)] = now + BAD_CAPS_MEMORY
         return caps
 
     async def _query(self, jid: str, node: str, ver: str, hash_name: str) -> Capabilities | None:
@@ -189,6 +282,23 @@ class Broker(FencingMixin, WorkflowMixin, LeadershipMixin, AlertsMixin, PolicyDi
         ops = frozenset(f[len(OP_FEATURE_PREFIX):] for f in info["features"] if f.startswith(OP_FEATURE_PREFIX))
         return Capabilities(kind=str(values.get("kind") or "agent"), ops=ops,
                             resources=tuple(_values(values.get("resources"))))
+
+
+def _advertised_resources(kind: str, resources: Iterable[str], settings: Mapping[str, Any]) -> list[str]:
+    """The resources an agent so configured advertises: its configured ones and, for a fencing
+    agent, one per node its settings give it to fence (as agents/fencing/agent.py adds them)."""
+    out = list(resources)
+    if kind != "fencing":
+        return out
+    # Read from the settings alone: the device checks (secret files readable) are the agent's
+    # machine's to make, not the broker's.
+    from agents.fencing.settings import _clusters, node_resource
+
+    fencing = settings.get("fencing")
+    levels = fencing.get("levels") if isinstance(fencing, Mapping) else None
+    nodes = sorted(map(str, levels)) if isinstance(levels, Mapping) else []
+    return out + [r for node, cluster in sorted(_clusters(settings, nodes, []).items())
+                  if (r := node_resource(cluster, node)) not in out]
 
 
 def _values(value: Any) -> list[str]:

@@ -77,6 +77,8 @@ class Mesh:
         kw.setdefault("authorizer", self.admins)
         kw.setdefault("state_dir", self.home / "state" / jid.split("@")[0])
         kw["state_dir"].mkdir(parents=True, exist_ok=True)
+        if broker is not None:  # as the mesh file's agents: entry would (the broker lists no one else)
+            broker.admit(jid, cls.kind, resources, kw.get("settings"))
         return await self.start(cls(jid, pw, self.endpoint, resources=resources,
                                     broker=broker.jid.bare if broker else None, **kw))
 

@@ -94,6 +94,8 @@ class World:
 
     async def agent(self, cls: type, name: str, n: int) -> Any:
         (self.home / name).mkdir()
+        for broker in (a for a in self.actors if isinstance(a, Broker)):  # as the mesh file names it for each
+            broker.admit(f"{name}@{DOMAIN}", cls.kind, [f"/host/{name}"])
         return await self.start(cls(f"{name}@{DOMAIN}", f"pw-{name}", self.on_node(n), resources=[f"/host/{name}"],
                                     broker=f"broker@{DOMAIN}", state_dir=self.home / name,
                                     authorizer=AdminsOnly([self.operator])))

@@ -117,6 +117,7 @@ async def test_an_agent_that_no_longer_holds_the_resource_is_passed_over_within_
     await first.stop()
     mesh.actors.remove(first)
     password = f"pw-{first.jid.user}"  # conftest.Mesh.account's passwords
+    broker.admit(first.jid.bare, MonitorAgent.kind, ["/host/cache-other"])  # its mesh file entry changed too
     again = await mesh.start(MonitorAgent(first.jid.bare, password, mesh.endpoint, resources=["/host/cache-other"],
                                           broker=broker.jid.bare, authorizer=mesh.admins,
                                           state_dir=mesh.home / "state" / first.jid.user))

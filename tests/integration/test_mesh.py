@@ -249,6 +249,7 @@ async def test_oversized_nested_and_malformed_payloads_are_refused_before_runnin
 async def test_agent_killed_mid_op_ends_in_a_named_outcome(mesh, server):
     broker = await mesh.broker()
     jid, pw = mesh.account("victim")
+    broker.admit(jid, SampleAgent.kind, ["/host/victim"])
     proc = subprocess.Popen([sys.executable, str(ROOT / "tests" / "sample_agent.py"), jid, pw, str(server.port),
                              str(server.cert_path), broker.jid.bare, mesh.operator[0], "/host/victim"],
                             stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})

@@ -129,6 +129,7 @@ async def test_scheduled_check_alerts_the_broker_on_hard_changes_and_bridges_res
     command_file.write_text("")
     bridge_jid, bridge_pw = mesh.account("bridge")
     pub_jid, pub_pw = mesh.account("monitor")
+    broker.admit(pub_jid, MonitorAgent.kind, ["/host/web1"])  # the publisher only: it alerts the broker
     bridge = await mesh.start(MonitorAgent(bridge_jid, bridge_pw, mesh.endpoint, resources=["/host/nagios"],
                                            authorizer=mesh.admins, settings={"nagios": {
                                                "command_file": str(command_file), "hosts": {pub_jid: "web1"},

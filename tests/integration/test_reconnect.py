@@ -21,6 +21,7 @@ async def test_actors_reconnect_and_readvertise_after_server_restart(tmp_path):
         endpoint = Endpoint(server.host, server.port, DOMAIN, server.ssl_context())
         admins = AdminsOnly([f"op@{DOMAIN}"])
         broker = Broker(f"broker@{DOMAIN}", "b-pw", endpoint, authorizer=admins, state_dir=tmp_path)
+        broker.admit(f"agent@{DOMAIN}", SampleAgent.kind, ["/host/r"])
         agent = SampleAgent(f"agent@{DOMAIN}", "a-pw", endpoint, resources=["/host/r"],
                             broker=f"broker@{DOMAIN}", authorizer=admins)
         client = Client(f"op@{DOMAIN}", "o-pw", endpoint, broker=f"broker@{DOMAIN}/broker")

@@ -97,8 +97,12 @@ class World:
 
     async def start_broker(self) -> Broker:
         jid, pw = self.broker_account
-        self.broker = await self.mesh.start(Broker(jid, pw, self.mesh.endpoint, authorizer=self.authz,
-                                                   state_dir=self.state, settings={"workflows": str(self.workflows)}))
+        broker = Broker(jid, pw, self.mesh.endpoint, authorizer=self.authz, state_dir=self.state,
+                        settings={"workflows": str(self.workflows)})
+        # A restarted broker reads the same mesh file: the agents admitted before are admitted again.
+        for bare, admitted in getattr(self, "broker", broker).roster.items():
+            broker.admit(bare, admitted.kind, admitted.resources, admitted.settings)
+        self.broker = await self.mesh.start(broker)
         return self.broker
 
     async def stop_broker(self) -> None:
