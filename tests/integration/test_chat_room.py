@@ -7,6 +7,7 @@ import itertools
 
 from slixmpp import JID
 
+from agents.monitor.agent import MonitorAgent
 from broker.chat import ChatBot
 from broker.room import OpsRoom
 from conftest import DOMAIN, until
@@ -31,13 +32,15 @@ async def test_alerts_reach_the_room_and_room_messages_are_not_commands(mesh):
     watcher.on("groupchat_message", lambda m: seen.append(m["body"]) if m["mucnick"] == "vertebra" else None)
     await watcher.xmpp.plugin["xep_0045"].join_muc_wait(JID(room_jid), "watcher", maxstanzas=0, timeout=10)
 
-    agent = await mesh.agent(SampleAgent, broker, ["/host/db1"])  # a live agent may post alerts
-    await until(lambda: broker.directory.discover("sample.count", []), what="the agent in the directory")
+    agent = await mesh.agent(SampleAgent, broker, ["/host/db1"])
+    monitor = await mesh.agent(MonitorAgent, broker, ["/host/db1"])  # a live monitor agent may post alerts
+    await until(lambda: broker.directory.discover("sample.count", []) and broker.directory.discover("monitor.check", []),
+                what="the agents in the directory")
     post = {"check": "disk", "host": "db1", "previous": "OK", "state": "CRITICAL", "text": "DISK CRITICAL - / 97%"}
-    assert (await agent.request(str(broker.jid), "mesh.alert", post, timeout=5)).outcome.value == "ok"
+    assert (await monitor.request(str(broker.jid), "mesh.alert", post, timeout=5)).outcome.value == "ok"
     await until(lambda: any("CRITICAL: disk on db1 (was OK): DISK CRITICAL - / 97%" in b for b in seen), what=seen)
     post.update(previous="CRITICAL", state="OK", text="DISK OK")
-    assert (await agent.request(str(broker.jid), "mesh.alert", post, timeout=5)).outcome.value == "ok"
+    assert (await monitor.request(str(broker.jid), "mesh.alert", post, timeout=5)).outcome.value == "ok"
     await until(lambda: any("OK: disk on db1 (was CRITICAL): DISK OK" in b for b in seen), what=seen)
 
     # An occupant's message that looks like a command is chat, not a command, and runs nothing.
