@@ -8,6 +8,8 @@ The driver comes from the agent's settings in the mesh file::
       inbox_host: 0.0.0.0   # where replication inboxes listen; default 127.0.0.1
       inbox_advertise: db2.example.net   # the address sources are told; default inbox_host
       keep_received: 7      # per package, keep the newest 7 received snapshots; default: keep all
+      masking:              # hooks storage.mask may run (agents/storage/masking.py); never the caller's
+        hooks: {demo: {argv: [masking/sqlite-mask, app.db, mask-demo.sql], timeout: 60}}
 
 Every op names what it acts on as /volume/NAME resources (a clone is a volume too), so a policy can give a
 developer their own clone and nothing else. Driver calls block on disk, so they run in a worker thread.
@@ -25,13 +27,14 @@ from ..errors import BadArguments
 from ..ops import Arg, op
 from .driver import SnapshotInfo, StorageDriver, StorageError, VolumeInfo
 from .faults import op_error
+from .masking import MaskingSettingsError, mask_clone, masking_from_settings
 from .names import NAME_PATTERN
 from .replication_ops import ReplicationOps
 
 T = TypeVar("T")
 
 DRIVERS = ("embedded", "btrfs")
-_SETTINGS = {"driver", "root", "inbox_host", "inbox_advertise", "keep_received"}
+_SETTINGS = {"driver", "root", "inbox_host", "inbox_advertise", "keep_received", "masking"}
 _RULE = "1-64 of A-Z a-z 0-9 _ . -, starting with a letter or digit, no '..'"
 _DATA_DEADLINE = 3600.0   # ops that copy or capture a whole tree: as long as the data takes
 
@@ -77,6 +80,11 @@ class StorageAgent(ReplicationOps, Agent):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        try:
+            self.masking = masking_from_settings(self.settings.get("masking"))
+        except MaskingSettingsError as exc:
+            raise SettingsError(str(exc)) from None
+        self._masking_now: set[str] = set()     # clones a storage.mask is running on
         self.driver = open_driver(self.settings, self.state_dir)
         self._open_replication(self.state_dir, self.settings)
 
@@ -145,10 +153,45 @@ class StorageAgent(ReplicationOps, Agent):
     # clones -------------------------------------------------------------------------------------------
     @op("storage.clone.create", deadline=_DATA_DEADLINE, progress=True,
         resources=("/volume/{volume}", "/volume/{clone}"))
-    async def clone_create(self, call: Call, volume: Volume, snapshot: Snapshot, clone: Clone) -> dict:
-        """Make a writable clone of volume@snapshot under a new name."""
+    async def clone_create(self, call: Call, volume: Volume, snapshot: Snapshot, clone: Clone,
+                           masked_only: Annotated[bool, Arg("refuse unless a successful storage.mask produced "
+                                                            "volume@snapshot (what masked copies use)")] = False
+                           ) -> dict:
+        """Make a writable clone of volume@snapshot under a new name.
+
+        With masked_only=true the clone is made only from a snapshot that a successful masking hook
+        produced (storage.mask records which), so a developer never gets unmasked data by mistake."""
         await call.progress({"phase": "cloning", "from": f"{volume}@{snapshot}", "clone": clone})
-        return await self._drive(lambda: self._volume(self.driver.clone(volume, snapshot, clone)))
+        return await self._drive(lambda: self._volume(self.driver.clone(volume, snapshot, clone, masked_only)))
+
+    @op("storage.mask", deadline=_DATA_DEADLINE, progress=True, resources=("/volume/{clone}",))
+    async def mask(self, call: Call, clone: Clone,
+                   snapshot: Annotated[str, Arg("the snapshot of the masked clone to take when the hook "
+                                                "succeeds", pattern=NAME_PATTERN)],
+                   hook: Annotated[str, Arg("which of this agent's configured masking hooks to run (empty: "
+                                            "its default)", pattern=f"({NAME_PATTERN})?")] = "") -> dict:
+        """Run a configured masking hook in a clone, then snapshot it as masked.
+
+        The hook is a program from this agent's settings (masking.hooks), never from the caller. It runs
+        in the clone's directory with a clean environment, in its own process group, under its deadline
+        (then TERM, then KILL) and with its output capped; the result reports its exit code, duration,
+        deadline and output. Only when it exits 0 in time is clone@snapshot taken and recorded as masked,
+        which is what storage.clone.create masked_only=true requires. The clone changes in place."""
+        try:
+            chosen = self.masking.hook(hook)
+            if clone in self._masking_now:
+                raise StorageError(f"a storage.mask is already running on {clone!r}; wait for it", code="busy")
+        except StorageError as exc:
+            raise op_error(exc) from None
+        self._masking_now.add(clone)
+        try:
+            await call.progress({"phase": "masking", "clone": clone, "hook": chosen.name,
+                                 "deadline": chosen.timeout})
+            return await mask_clone(self.driver, clone, snapshot, chosen)
+        except StorageError as exc:
+            raise op_error(exc) from None
+        finally:
+            self._masking_now.discard(clone)
 
     @op("storage.clone.refresh", destructive=True, deadline=_DATA_DEADLINE, progress=True,
         resources=("/volume/{clone}",))

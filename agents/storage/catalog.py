@@ -24,6 +24,11 @@ from agents.storage.names import validate_name
 VOLUMES_SCHEMA = """
 CREATE TABLE IF NOT EXISTS volumes(
     name TEXT PRIMARY KEY, kind TEXT NOT NULL, origin_volume TEXT, origin_snap TEXT, created REAL NOT NULL);
+-- Snapshots a successful masking hook produced (storage.mask): only these may be cloned with masked_only.
+-- A row goes with its snapshot; a snapshot without one was never masked, whatever its name says.
+CREATE TABLE IF NOT EXISTS masked_snapshots(
+    volume TEXT NOT NULL, snap TEXT NOT NULL, hook TEXT NOT NULL, masked_from TEXT NOT NULL, at REAL NOT NULL,
+    PRIMARY KEY (volume, snap));
 """
 
 
@@ -100,10 +105,16 @@ class CatalogDriver(StorageDriver):
             self._record_volume(name, "volume")
             return self._volume_info(name)
 
-    def clone(self, volume: str, snap: str, clone_name: str) -> VolumeInfo:
+    def clone(self, volume: str, snap: str, clone_name: str, masked_only: bool = False) -> VolumeInfo:
+        """A writable clone of volume@snap; with masked_only, refused unless a successful masking hook
+        produced that snapshot (mark_masked)."""
         validate_name(clone_name, "clone name")
         with self._lock:
             self._snapshot_row(volume, snap)
+            if masked_only and self.masking_of(volume, snap) is None:
+                raise StorageError(f"{volume}@{snap} was not produced by a successful masking hook, so no "
+                                   f"masked clone is made from it; mask a clone with storage.mask and clone "
+                                   f"the snapshot that takes", code="not_masked")
             self._refuse_existing(clone_name)
             self._make_clone_tree(volume, snap, clone_name)
             self._record_volume(clone_name, "clone", (volume, snap))
@@ -175,7 +186,32 @@ class CatalogDriver(StorageDriver):
                                    f"to finish or cancel it", code="busy")
             self._drop_snapshot(volume, snap)
             self.db.execute("DELETE FROM snapshots WHERE volume = ? AND name = ?", (volume, snap))
+            self.db.execute("DELETE FROM masked_snapshots WHERE volume = ? AND snap = ?", (volume, snap))
             self.db.commit()
+
+    # masking ------------------------------------------------------------------------------------------
+    def mark_masked(self, volume: str, snap: str, hook: str) -> None:
+        """Record that a successful run of the masking hook `hook` produced volume@snap (a snapshot of a
+        clone, taken right after the hook succeeded); what the clone was made from is kept with it."""
+        with self._lock:
+            row = self._volume_row(volume)
+            self._snapshot_row(volume, snap)
+            origin = f"{row[2]}@{row[3]}" if row[2] else ""
+            self.db.execute("INSERT OR REPLACE INTO masked_snapshots(volume, snap, hook, masked_from, at) "
+                            "VALUES (?, ?, ?, ?, ?)", (volume, snap, hook, origin, time.time()))
+            self.db.commit()
+
+    def masking_of(self, volume: str, snap: str) -> dict[str, Any] | None:
+        """How volume@snap was masked ({hook, masked_from, at}), or None if no masking hook produced it."""
+        with self._lock:
+            row = self.db.execute("SELECT hook, masked_from, at FROM masked_snapshots WHERE volume = ? AND snap = ?",
+                                  (volume, snap)).fetchone()
+        return None if row is None else {"hook": row[0], "masked_from": row[1], "at": row[2]}
+
+    def volume_names(self) -> set[str]:
+        """The names of every volume, clone and replica, without measuring anything (cheap)."""
+        with self._lock:
+            return {r[0] for r in self.db.execute("SELECT name FROM volumes")}
 
     @contextmanager
     def _holding(self, snaps: Iterable[tuple[str, str]]) -> Iterator[None]:

@@ -29,11 +29,12 @@ Unsupported = _kind("unsupported", "feature-not-implemented")
 Environment = _kind("environment", "internal-server-error")
 StorageFailed = _kind("storage-failed", "undefined-condition")
 HookFailed = _kind("hook-failed", "undefined-condition")
+NotMasked = _kind("not-masked", "not-allowed")   # a masked-only clone asked of a snapshot no mask produced
 
 _BY_CODE: dict[str, type[OpError]] = {
     "invalid": BadArguments, "not_found": NotFound, "exists": Exists, "has_dependants": HasDependants,
     "busy": Busy, "corrupt": Corrupt, "unsupported": Unsupported, "environment": Environment,
-    "failed": StorageFailed, "hook_failed": HookFailed,
+    "failed": StorageFailed, "hook_failed": HookFailed, "not_masked": NotMasked,
 }
 
 

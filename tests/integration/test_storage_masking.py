@@ -1,9 +1,12 @@
-"""Masked copies end to end on the embedded driver, with real hook processes: developers get only masked
-data, a failing or hanging hook stops the round with its output and leaves no developer clone."""
+"""Masking on the embedded driver, with real hook processes (agents/storage/masking.py): a successful hook
+yields a snapshot recorded as masked, the only kind a masked-only clone is made from; a failing or hanging
+hook takes no snapshot and reports its exit, deadline and output; settings that cannot work are refused
+when the agent starts, with a sentence saying which setting."""
 
 from __future__ import annotations
 
 import os
+import sqlite3
 import time
 from pathlib import Path
 
@@ -12,7 +15,7 @@ import pytest
 from agents.storage.driver import StorageError
 from agents.storage.embedded import EmbeddedDriver
 from agents.storage.hooks import run_hook
-from agents.storage.masking import masked_copies
+from agents.storage.masking import MaskingSettingsError, SHIPPED_HOOKS, mask_clone, masking_from_settings
 
 MASK = r"""#!/bin/sh
 # Replace every e-mail address in users.csv, as a real masking script would.
@@ -26,7 +29,7 @@ exit 3
 """
 HANG = """#!/bin/sh
 sleep 60 &
-echo $! > "$PIDFILE"
+echo $! > "$VERTEBRA_VOLUME_PATH/child.pid"
 sleep 60
 """
 
@@ -38,67 +41,79 @@ def script(tmp_path: Path, name: str, body: str) -> str:
     return str(path)
 
 
+def hook(argv, **extra):
+    return masking_from_settings({"hooks": {"h": {"argv": argv, **extra}}}).hook("")
+
+
 @pytest.fixture
 def store(tmp_path):
     drv = EmbeddedDriver(tmp_path / "store")
     drv.create_volume("prod")
     (drv.path("prod") / "users.csv").write_text("1,ann@example.com\n2,bo@example.com\n")
+    drv.snapshot("prod", "s1")
+    drv.clone("prod", "s1", "work")
     yield drv
     drv.close()
 
 
-async def test_developers_get_masked_clones_and_later_a_refresh(store, tmp_path):
-    mask = script(tmp_path, "mask", MASK)
-    done = await masked_copies(store, source="prod", snapshot="s1", developers=["alice", "bob"], hook=[mask],
-                               timeout=30)
-    assert done.masked == "prod-masked@s1" and done.clones == ("alice", "bob")
-    assert "masked 2 rows" in done.hook_output
-    for dev in ("alice", "bob"):
-        text = (store.path(dev) / "users.csv").read_text()
-        assert "example.com" not in text and text.count("user@masked.invalid") == 2
-    assert "ann@example.com" in (store.path("prod") / "users.csv").read_text()
-
-    (store.path("prod") / "users.csv").write_text("1,ann@example.com\n2,bo@example.com\n3,cy@example.com\n")
-    await masked_copies(store, source="prod", snapshot="s2", developers=["alice", "bob"], hook=[mask], timeout=30)
-    clones = {v.name: v for v in store.list_volumes()}
-    assert clones["alice"].origin == ("prod-masked", "s2") and clones["bob"].origin == ("prod-masked", "s2")
-    assert (store.path("alice") / "users.csv").read_text().count("user@masked.invalid") == 3
-
-
-async def test_a_failing_hook_leaves_no_developer_clone_and_reports_its_output(store, tmp_path):
+async def test_a_successful_mask_takes_a_masked_snapshot_that_masked_only_clones_accept(store, tmp_path):
+    done = await mask_clone(store, "work", "masked", hook([script(tmp_path, "mask", MASK)]))
+    assert done["exit_code"] == 0 and done["masked"] == "work@masked" and done["masked_from"] == "prod@s1"
+    assert "masked 2 rows" in done["output"] and done["deadline"] == 60 and not done["output_truncated"]
+    assert store.masking_of("work", "masked")["hook"] == "h"
+    store.clone("work", "masked", "alice", masked_only=True)
+    text = (store.path("alice") / "users.csv").read_text()
+    assert "example.com" not in text and text.count("user@masked.invalid") == 2
+    # Production's own snapshot was never masked: a masked-only clone of it is refused, by name.
     with pytest.raises(StorageError) as err:
-        await masked_copies(store, source="prod", snapshot="s1", developers=["alice"],
-                            hook=[script(tmp_path, "fail", FAIL)], timeout=30)
-    assert err.value.code == "hook_failed"
-    assert "exited with code 3" in str(err.value) and "rules.yaml not found" in str(err.value)
-    assert "connecting to the masking catalogue" in str(err.value)
-    assert [v.name for v in store.list_volumes()] == ["prod"]
-
-
-async def test_a_failing_second_round_keeps_developers_on_the_last_masked_copy(store, tmp_path):
-    await masked_copies(store, source="prod", snapshot="s1", developers=["alice"],
-                        hook=[script(tmp_path, "mask", MASK)], timeout=30)
-    before = (store.path("alice") / "users.csv").read_text()
+        store.clone("prod", "s1", "bob", masked_only=True)
+    assert err.value.code == "not_masked" and "prod@s1 was not produced by a successful masking hook" in str(err.value)
+    # A snapshot of the clone taken by hand is not masked either, whatever it is called.
+    store.snapshot("work", "masked-too")
     with pytest.raises(StorageError):
-        await masked_copies(store, source="prod", snapshot="s2", developers=["alice", "bob"],
-                            hook=[script(tmp_path, "fail", FAIL)], timeout=30)
-    names = {v.name: v for v in store.list_volumes()}
-    assert "bob" not in names and names["alice"].origin == ("prod-masked", "s1")
-    assert (store.path("alice") / "users.csv").read_text() == before
-    # The masking volume went back to its masked state: no unmasked tree is left lying around.
-    assert "example.com" not in (store.path("prod-masked") / "users.csv").read_text()
+        store.clone("work", "masked-too", "bob", masked_only=True)
+    # The record is durable: a reopened catalog still knows, and it goes with the snapshot.
+    root = store.root
+    store.close()
+    again = EmbeddedDriver(root)
+    try:
+        assert again.masking_of("work", "masked") is not None and again.masking_of("work", "masked-too") is None
+        again.destroy_clone("alice")
+        again.destroy_snapshot("work", "masked")
+        again.snapshot("work", "masked")
+        assert again.masking_of("work", "masked") is None
+    finally:
+        again.close()
+
+
+async def test_a_failing_hook_takes_no_snapshot_and_reports_its_exit_and_output(store, tmp_path):
+    with pytest.raises(StorageError) as err:
+        await mask_clone(store, "work", "masked", hook([script(tmp_path, "fail", FAIL)]))
+    text = str(err.value)
+    assert err.value.code == "hook_failed" and "exited with code 3" in text and "rules.yaml not found" in text
+    assert "connecting to the masking catalogue" in text and "still holds what the hook left" in text
+    assert store.list_snapshots("work") == []
+
+
+async def test_a_failing_second_mask_rolls_the_clone_back_to_its_masked_snapshot(store, tmp_path):
+    await mask_clone(store, "work", "m1", hook([script(tmp_path, "mask", MASK)]))
+    (store.path("work") / "users.csv").write_text("3,cy@example.com\n")  # as a refresh would bring back
+    with pytest.raises(StorageError) as err:
+        await mask_clone(store, "work", "m2", hook([script(tmp_path, "fail", FAIL)]))
+    assert "rolled back to its last masked snapshot work@m1" in str(err.value)
+    assert "example.com" not in (store.path("work") / "users.csv").read_text()
+    assert [s.name for s in store.list_snapshots("work")] == ["m1"]
 
 
 async def test_a_hanging_hook_is_killed_with_everything_it_started(store, tmp_path):
-    pidfile = tmp_path / "child.pid"
     with pytest.raises(StorageError) as err:
-        await masked_copies(store, source="prod", snapshot="s1", developers=["alice"],
-                            hook=[script(tmp_path, "hang", HANG)], timeout=0.5, env={"PIDFILE": str(pidfile)})
+        await mask_clone(store, "work", "masked", hook([script(tmp_path, "hang", HANG)], timeout=0.5))
     assert err.value.code == "hook_failed" and "did not finish within its deadline" in str(err.value)
-    assert [v.name for v in store.list_volumes()] == ["prod"]
-    child = int(pidfile.read_text())
+    assert store.list_snapshots("work") == []
+    child = int((store.path("work") / "child.pid").read_text())
     # The background sleep was in the hook's process group; it is gone (or a zombie being reaped).
-    for _ in range(100):
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
         try:
             os.kill(child, 0)
             state = Path(f"/proc/{child}/stat").read_text().split()[2]
@@ -111,16 +126,48 @@ async def test_a_hanging_hook_is_killed_with_everything_it_started(store, tmp_pa
         pytest.fail(f"the hook's background child {child} survived the deadline")
 
 
-@pytest.mark.parametrize("hook, words", [
-    (["mask.sh"], "must be absolute"),
-    ("/bin/true --x", "not a command line"),
-    (["/nonexistent/mask"], "does not exist"),
-])
-async def test_a_hook_that_cannot_run_changes_nothing(store, hook, words):
+async def test_masking_runs_on_clones_only(store, tmp_path):
     with pytest.raises(StorageError) as err:
-        await masked_copies(store, source="prod", snapshot="s1", developers=["alice"], hook=hook, timeout=5)
-    assert err.value.code == "invalid" and words in str(err.value)
-    assert [v.name for v in store.list_volumes()] == ["prod"] and store.list_snapshots("prod") == []
+        await mask_clone(store, "prod", "masked", hook([script(tmp_path, "mask", MASK)]))
+    assert err.value.code == "invalid" and "never on a source volume" in str(err.value)
+    assert "ann@example.com" in (store.path("prod") / "users.csv").read_text()
+
+
+@pytest.mark.parametrize("settings, words", [
+    ({"hooks": {"h": {"argv": "/bin/true --x"}}}, "not a command line"),
+    ({"hooks": {"h": {"argv": ["/nonexistent/mask"]}}}, "does not exist"),
+    ({"hooks": {"h": {"argv": ["masking/no-such-hook"]}}}, "does not exist"),
+    ({"hooks": {"h": {"argv": ["/bin/true"], "timeout": 0}}}, "masking.hooks.h.timeout"),
+    ({"hooks": {"h": {"argv": ["/bin/true"], "shell": True}}}, "masking.hooks.h must be a map with argv"),
+    ({"hooks": {"a": {"argv": ["/bin/true"]}}, "default": "b"}, "masking.default names 'b'"),
+    ({"hooks": {"bad/name": {"argv": ["/bin/true"]}}}, "masking hook name"),
+])
+def test_masking_settings_that_cannot_work_are_refused(settings, words):
+    with pytest.raises(MaskingSettingsError) as err:
+        masking_from_settings(settings)
+    assert words in str(err.value)
+
+
+def test_a_caller_chooses_among_configured_hooks_only():
+    masking = masking_from_settings({"hooks": {"a": {"argv": ["/bin/true"]}, "b": {"argv": ["/bin/false"]}}})
+    with pytest.raises(StorageError, match="name the masking hook to run"):
+        masking.hook("")
+    with pytest.raises(StorageError, match="no masking hook '/bin/sh'"):
+        masking.hook("/bin/sh")
+    assert masking.hook("b").argv == ("/bin/false",)
+
+
+async def test_the_shipped_sqlite_hook_masks_the_demo_database(tmp_path):
+    db = tmp_path / "app.db"
+    with sqlite3.connect(db) as conn:
+        conn.executescript((SHIPPED_HOOKS / "masking" / "demo-source.sql").read_text())
+    assert b"ada.lovelace@example.com" in db.read_bytes()
+    demo = masking_from_settings({"hooks": {"demo": {"argv": ["masking/sqlite-mask", "app.db", "mask-demo.sql"]}}})
+    result = await run_hook(demo.hook("demo").argv, tmp_path, timeout=30)
+    assert result.ok, result.describe()
+    assert "masked 4 customers" in result.output
+    raw = db.read_bytes()   # the file itself, free pages included: nothing personal survives
+    assert b"example.com" not in raw and b"Lovelace" not in raw and b"4556 7375" not in raw
 
 
 async def test_hook_output_is_captured_in_order_and_capped(tmp_path):
