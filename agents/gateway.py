@@ -20,7 +20,9 @@ imports asyncio, msgpack and the report types only where it uses them, so a shor
 
 The gateway remembers, per caller, op and resource, which agent answered a call of scope ``one`` on
 one resource (``-H HOST`` of check_vertebra, fence_vertebra's target), and sends the next such call
-straight to that agent: one XMPP round trip instead of two (discovery, then the call). Only an
+straight to that agent: one XMPP round trip instead of two (discovery, then the call). What it
+remembers is only ever a target discovery returned (a call with ``to`` is never remembered), and
+the broker lists only the agents its mesh file admits, so no other account can become one. Only an
 answer that says the request certainly did not run there (unreachable: the agent is gone; denied:
 another holder may allow it; a refusal as bad-argument or unknown-op: it no longer holds the
 resource or offers the op) sends the call through discovery again, with the same request id, so

@@ -12,6 +12,7 @@ import asyncio
 import base64
 import hashlib
 import logging
+import tempfile
 import uuid
 import xml.etree.ElementTree as ET
 from pathlib import Path
@@ -24,12 +25,15 @@ import yaml
 from agents.authz import PolicyAuthorizer
 from agents.errors import Outcome
 from agents.fencing.agent import FencingAgent
+from agents.gateway import Gateway, call_via_gateway_blocking
+from agents.monitor.agent import MonitorAgent
 from broker import service
 from broker.directory import BoundedMap
 from conftest import DOMAIN, until
 from rawxmpp import NS_CLIENT, NS_VERTEBRA, RawXMPP, app_condition, encode_args
 from sample_agent import SampleAgent
 
+DUMMY = "/usr/lib/nagios/plugins/check_dummy"
 NS_CAPS = "http://jabber.org/protocol/caps"
 NS_DISCO = "http://jabber.org/protocol/disco#info"
 NODE = "https://example.org/impostor"
@@ -184,6 +188,31 @@ async def test_an_impostor_with_a_valid_hash_is_not_listed_asked_or_pushed_anyth
         await impostor.close()
 
 
+@pytest.mark.skipif(not Path(DUMMY).exists(), reason="monitoring-plugins-basic is not installed")
+async def test_the_gateway_never_remembers_an_impostor(mesh):
+    broker = await mesh.broker()
+    monitor = await mesh.agent(MonitorAgent, broker, ["/host/gw1"])
+    impostor = await Impostor.login(mesh, "monitor", ["/host/gw1"], ops=("monitor.check",),
+                                    answer={"code": 0, "output": "OK: forged"})
+    gw = Gateway(Path(tempfile.mkdtemp(prefix="vgw-")) / "gateway.sock", mesh.endpoint, str(broker.jid))
+    await gw.start()
+    try:
+        await until(lambda: len(broker.directory) == 1, what="the monitor agent listed")
+        await impostor.raw.presence(broker.jid.bare, impostor.caps())
+        await impostor.raw.iq(str(broker.jid), "<ping xmlns='urn:xmpp:ping'/>", type="get")  # read by now
+        call = {"op": "monitor.check", "args": {"check": "dummy", "args": ["text=real"]}, "on": ["/host/gw1"],
+                "scope": "one", "to": [], "timeout": 10.0}
+        for _ in range(4):  # check_vertebra -H gw1, four times
+            report = await asyncio.to_thread(call_via_gateway_blocking, gw.path, *mesh.operator, call)
+            assert [(r["target"], r["outcome"]) for r in report["results"]] == [(str(monitor.jid), "ok")]
+            assert report["results"][0]["result"]["output"] == "OK: real"
+        assert gw._holders == {(mesh.operator[0], "monitor.check", "/host/gw1"): str(monitor.jid)}
+        assert impostor.ops == []
+    finally:
+        await gw.stop()
+        await impostor.close()
+
+
 async def test_a_configured_agent_claiming_more_than_its_configuration_is_refused(mesh, caplog):
     caplog.set_level(logging.WARNING, logger="broker.service")
     broker = await mesh.broker()
@@ -274,3 +303,22 @@ def test_bounded_map_forgets_the_least_recently_used_first():
     assert cache.get("k2") == 2  # used: now the most recent
     cache["k5"] = 5
     assert list(cache) == ["k4", "k2", "k5"] and cache.get("k3") is None
+
+
+async def test_the_broker_a_mesh_file_starts_admits_exactly_its_agents(mesh_home, tmp_path):
+    from agents import config
+    from agents.cli import build_actor
+
+    fencing = {"cluster": "c1", "fencing": {"devices": {"pdu": {"agent": "fence_dummy", "params": {
+        "type": "file", "status_file": str(tmp_path / "s")}}}, "levels": {"node1": [["pdu"]]}},
+        "identities": {"node1": ["db1@vertebra.test"]}}
+    home = mesh_home([{"name": "fence", "kind": "fencing", "resources": ["/host/f"], "settings": fencing},
+                      {"name": "mon", "kind": "monitor", "resources": ["/host/m"]}])
+    mesh = config.load(home / "mesh.yaml", home)
+    broker = build_actor(mesh, mesh.broker)
+    fence, mon = (mesh.jid(a.name) for a in mesh.agents)
+    assert sorted(broker.roster) == sorted([fence, mon])
+    assert (broker.roster[fence].kind, broker.roster[fence].resources) == ("fencing", ("/host/f", NODE1))
+    assert broker.roster[fence].settings["identities"] == {"node1": ["db1@vertebra.test"]}
+    assert (broker.roster[mon].kind, broker.roster[mon].resources) == ("monitor", ("/host/m",))
+    await broker.stop()  # never started: closes its stores
