@@ -213,8 +213,8 @@ class Broker(FencingMixin, WorkflowMixin, LeadershipMixin, AlertsMixin, PolicyDi
             log.debug("refused %s again: %s", jid, why)
             return
         self._refused[bare] = (why, now)
-        log.warning("refused to list %s as an agent: %s; it is not listed and gets no acknowledgement,"
-                    " policy or requests", jid, why)
+        log.warning("refused the agent advertisement of %s: %s; it is not listed and gets no"
+                    " acknowledgement, policy or requests", jid, why)
 
     def _on_unavailable(self, pres: Presence) -> None:
         jid = str(pres["from"])

@@ -119,7 +119,7 @@ class Impostor:
 def refusals(caplog: pytest.LogCaptureFixture, jid: str) -> list[str]:
     return [r.getMessage() for r in caplog.records
             if r.name == "broker.service" and r.levelno == logging.WARNING and jid in r.getMessage()
-            and "refused to list" in r.getMessage()]
+            and "refused the agent advertisement" in r.getMessage()]
 
 
 def policy_file(tmp_path: Path, operator: str) -> Path:
