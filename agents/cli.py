@@ -91,8 +91,9 @@ def _parser() -> argparse.ArgumentParser:
     call.add_argument("pairs", nargs="*", metavar="key=value")
     call.add_argument("--on", action="append", default=[], metavar="RESOURCE",
                       help="only agents holding this resource, an ancestor or a descendant (repeatable)")
-    call.add_argument("--scope", choices=("all", "one"), default="all",
-                      help="all: every match; one: one match that accepts, exactly once")
+    call.add_argument("--scope", choices=("all", "one"), default=None,
+                      help="all: every match; one: one match that accepts, exactly once (default: what the"
+                           " op declares, usually all)")
     call.add_argument("--to", action="append", default=[], metavar="JID",
                       help="send to these agents directly, without discovery (repeatable)")
     call.add_argument("--timeout", type=float, default=30.0, help="seconds for the whole call (default 30)")
@@ -239,6 +240,9 @@ def cmd_call(mesh: meshconf.MeshConfig, ns: argparse.Namespace) -> int:
         else:  # an op this installation does not know: the agent validates it
             args = dict(p.partition("=")[::2] for p in ns.pairs)
         on = [meshconf.paths.check(r) for r in ns.on]
+        if spec is not None and spec.address and not on and not ns.to:
+            # The op says where it goes (e.g. the agent holding /volume/db), not every agent offering it.
+            on = [meshconf.paths.check(spec.address.format(**args))]
     except (BadArguments, meshconf.paths.BadResource) as exc:
         print(f"vertebra: {exc}", file=sys.stderr)
         if spec is not None:
@@ -248,7 +252,8 @@ def cmd_call(mesh: meshconf.MeshConfig, ns: argparse.Namespace) -> int:
     def progress(target: str, seq: int, payload: Any) -> None:
         print(f"{target}: progress {seq}: {_show(payload)}", file=sys.stderr)
 
-    report = _run_call(mesh, ns.op, args, ns.timeout, on=on, scope=ns.scope,
+    scope = ns.scope or (spec.scope if spec is not None else "all")
+    report = _run_call(mesh, ns.op, args, ns.timeout, on=on, scope=scope,
                        to=[_full_jid(mesh, t) for t in ns.to], progress=progress)
     _print_report(report, ns.json)
     return report.exit_code

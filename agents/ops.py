@@ -128,6 +128,10 @@ class OpSpec:
     progress: bool  # long op: answers with an ack and a job id, then progress, then one outcome
     resources: tuple[str, ...]  # templates formatted with the arguments, e.g. "/volume/{volume}"
     func: Callable[..., Awaitable[Any]] = field(repr=False, compare=False)
+    # Where a call that addresses nothing itself goes: this template filled with the arguments (the
+    # agent holding that volume), instead of every agent offering the op.
+    address: str | None = None
+    scope: str = "all"  # a call's scope unless the caller says: "one" for an op that makes something once
 
     @property
     def feature(self) -> str:
@@ -181,7 +185,7 @@ class OpSpec:
         return {
             "name": self.name, "summary": self.summary, "description": self.description,
             "destructive": self.destructive, "deadline": self.deadline, "progress": self.progress,
-            "resources": list(self.resources),
+            "resources": list(self.resources), "address": self.address, "scope": self.scope,
             "params": [{"name": p.name, "type": p.kind, "many": p.many, "required": p.required,
                         "default": None if p.secret else p.default, "help": p.help,
                         "choices": list(p.choices) if p.choices else None, "pattern": p.pattern,
@@ -200,6 +204,10 @@ class OpSpec:
         lines += ["", "(" + ", ".join(flags) + ")"]
         if self.resources:
             lines.append("acts on: " + " ".join(self.resources))
+        if self.address:
+            lines.append(f"without --on, goes to the agent holding {self.address}")
+        elif self.scope == "one":
+            lines.append("without --scope, goes to one agent that offers it")
         lines += ["", "arguments:" if self.params else "arguments: none"]
         width = max((len(p.name) + len(p.type_name) for p in self.params), default=0) + 1
         for p in self.params:
@@ -211,11 +219,14 @@ class OpSpec:
 
 
 def op(name: str, *, destructive: bool = False, deadline: float = 30.0, progress: bool = False,
-       resources: Sequence[str] = ()) -> Callable[[Callable[..., Awaitable[Any]]], Callable[..., Awaitable[Any]]]:
+       resources: Sequence[str] = (), address: str | None = None, scope: Literal["all", "one"] = "all"
+       ) -> Callable[[Callable[..., Awaitable[Any]]], Callable[..., Awaitable[Any]]]:
     """Declare a method as an op. Its docstring's first line is the summary; its typed keyword
     parameters after ``call`` are the arguments."""
     if not _OP_NAME.match(name):
         raise ValueError(f"op name {name!r} must be dotted lowercase words, e.g. storage.snapshot.create")
+    if scope not in ("all", "one"):
+        raise ValueError(f"op {name}: scope must be 'all' or 'one', got {scope!r}")
 
     def decorate(func: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
         if not inspect.iscoroutinefunction(func):
@@ -225,7 +236,7 @@ def op(name: str, *, destructive: bool = False, deadline: float = 30.0, progress
         func.__vertebra_op__ = OpSpec(  # type: ignore[attr-defined]
             name=name, summary=summary.strip() or name, description=description.strip(),
             params=tuple(_params_of(name, func)), destructive=destructive, deadline=float(deadline),
-            progress=progress, resources=tuple(resources), func=func)
+            progress=progress, resources=tuple(resources), func=func, address=address, scope=scope)
         return func
 
     return decorate

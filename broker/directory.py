@@ -126,6 +126,9 @@ class Directory:
         # caps hash -> capabilities; bounded, since any account may announce hashes it invents
         self.caps: BoundedMap[str, Capabilities] = BoundedMap(caps_limit)
         self._agents: dict[str, Entry] = {}  # full JID -> entry
+        # full JID -> where it holds volumes (/volume/NAME), as a listed storage agent reports them
+        # (broker/volumes.py): routing only, never part of what admission checks
+        self._located: dict[str, frozenset[str]] = {}
 
     def __len__(self) -> int:
         return len(self._agents)
@@ -141,9 +144,25 @@ class Directory:
         """Forget every agent (not the caps cache): after the broker's own session was lost, only
         fresh presence says who is still there."""
         self._agents.clear()
+        self._located.clear()
 
     def remove(self, jid: str) -> bool:
+        self._located.pop(jid, None)
         return self._agents.pop(jid, None) is not None
+
+    def locate(self, jid: str, resources: frozenset[str]) -> None:
+        """Record where a listed agent holds things that come and go (its volumes); ignored for an
+        agent not listed, and forgotten when it leaves."""
+        if jid in self._agents:
+            self._located[jid] = frozenset(resources)
+
+    def held(self, entry: Entry, wanted: Iterable[str] = ()) -> list[str]:
+        """What an entry holds as far as a caller addressing ``wanted`` needs to know: its advertised
+        resources, and those of its located ones related to ``wanted`` (a storage agent may hold
+        thousands of volumes; an answer about a thousand agents must stay small)."""
+        wanted = list(wanted)
+        located = sorted(r for r in self._located.get(entry.jid, ()) if any(related(r, w) for w in wanted))
+        return list(entry.caps.resources) + located
 
     def entries(self) -> list[Entry]:
         return sorted(self._agents.values(), key=lambda e: e.jid)
@@ -156,7 +175,8 @@ class Directory:
         for entry in self.entries():
             if op is not None and op not in entry.caps.ops:
                 continue
-            if wanted and not any(related(held, w) for held in entry.caps.resources for w in wanted):
+            if wanted and not any(related(held, w) for held in entry.caps.resources for w in wanted) \
+                    and not any(related(r, w) for r in self._located.get(entry.jid, ()) for w in wanted):
                 continue
             found.append(entry)
         return found

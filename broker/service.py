@@ -40,6 +40,7 @@ from .chat import RateLimit
 from .directory import Admission, BoundedMap, Capabilities, Directory
 from .leadership import LeadershipMixin
 from .policy import PolicyDistribution
+from .volumes import VolumesMixin
 from .workflows import WorkflowMixin
 
 log = logging.getLogger(__name__)
@@ -62,7 +63,7 @@ REFUSAL_MEMORY = 600.0  # seconds an account's refusal is not logged again at WA
 HELLO_AGAIN = 3.0  # seconds after a new session until the second hello to agents not yet listed
 
 
-class Broker(FencingMixin, WorkflowMixin, LeadershipMixin, AlertsMixin, PolicyDistribution, Agent):
+class Broker(FencingMixin, WorkflowMixin, LeadershipMixin, AlertsMixin, VolumesMixin, PolicyDistribution, Agent):
     kind = "broker"
     resource = "broker"
 
@@ -156,7 +157,8 @@ class Broker(FencingMixin, WorkflowMixin, LeadershipMixin, AlertsMixin, PolicyDi
         except BadResource as exc:
             raise BadArguments(str(exc), argument="resources") from None
         # Only what a caller needs to address and scope each target: a thousand agents must fit one answer.
-        return [{"jid": e.jid, "resources": list(e.caps.resources)} for e in self.directory.discover(op or None, wanted)]
+        return [{"jid": e.jid, "resources": self.directory.held(e, wanted)}
+                for e in self.directory.discover(op or None, wanted)]
 
     @op("mesh.agents", deadline=5)
     async def agents(self, call: Call) -> list:

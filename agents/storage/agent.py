@@ -27,6 +27,7 @@ from ..errors import BadArguments
 from ..ops import Arg, op
 from .driver import SnapshotInfo, StorageDriver, StorageError, VolumeInfo
 from .faults import op_error
+from .locations import VolumeLocations
 from .masking import MaskingSettingsError, mask_clone, masking_from_settings
 from .names import NAME_PATTERN
 from .replication_ops import ReplicationOps
@@ -37,6 +38,10 @@ DRIVERS = ("embedded", "btrfs")
 _SETTINGS = {"driver", "root", "inbox_host", "inbox_advertise", "keep_received", "masking"}
 _RULE = "1-64 of A-Z a-z 0-9 _ . -, starting with a letter or digit, no '..'"
 _DATA_DEADLINE = 3600.0   # ops that copy or capture a whole tree: as long as the data takes
+
+# A call that addresses nothing itself goes to the agent holding the volume it names (locations.py),
+# and a volume is created on one agent, not on every agent offering the op.
+_AT_VOLUME, _AT_CLONE = "/volume/{volume}", "/volume/{clone}"
 
 Volume = Annotated[str, Arg(f"volume name ({_RULE})", pattern=NAME_PATTERN)]
 Snapshot = Annotated[str, Arg(f"snapshot name ({_RULE})", pattern=NAME_PATTERN)]
@@ -75,7 +80,7 @@ def open_driver(settings: dict[str, Any], state_dir: Path | None) -> StorageDriv
     return EmbeddedDriver(root)
 
 
-class StorageAgent(ReplicationOps, Agent):
+class StorageAgent(VolumeLocations, ReplicationOps, Agent):
     kind = "storage"
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -87,12 +92,15 @@ class StorageAgent(ReplicationOps, Agent):
         self._masking_now: set[str] = set()     # clones a storage.mask is running on
         self.driver = open_driver(self.settings, self.state_dir)
         self._open_replication(self.state_dir, self.settings)
+        self._open_locations()      # its volumes, told to its brokers (locations.py)
 
     async def start(self, timeout: float = 15.0) -> None:
         await super().start(timeout)
+        self._start_locations()
         self.replicator.start()     # actions carry on: schedules, and updates an interruption left pending
 
     async def stop(self) -> None:
+        await self._stop_locations()
         await self._close_replication()
         await super().stop()
         close = getattr(self.driver, "close", None)
@@ -113,7 +121,7 @@ class StorageAgent(ReplicationOps, Agent):
     info = info_op("storage")
 
     # volumes ------------------------------------------------------------------------------------------
-    @op("storage.volume.create", resources=("/volume/{volume}",))
+    @op("storage.volume.create", resources=("/volume/{volume}",), scope="one")
     async def volume_create(self, call: Call, volume: Volume) -> dict:
         """Create an empty volume (a directory tree, e.g. a database's data directory)."""
         return await self._drive(lambda: self._volume(self.driver.create_volume(volume)))
@@ -123,14 +131,16 @@ class StorageAgent(ReplicationOps, Agent):
         """List volumes, clones and replicas with the space each uses and how it was measured."""
         return await self._drive(lambda: [self._volume(v) for v in self.driver.list_volumes()])
 
-    @op("storage.volume.destroy", destructive=True, deadline=600, resources=("/volume/{volume}",))
+    @op("storage.volume.destroy", destructive=True, deadline=600, resources=("/volume/{volume}",),
+        address=_AT_VOLUME)
     async def volume_destroy(self, call: Call, volume: Volume) -> dict:
         """Destroy a volume and its data; refused while it has snapshots, which it names."""
         await self._drive(self.driver.destroy_volume, volume)
         return {"destroyed": volume}
 
     # snapshots ----------------------------------------------------------------------------------------
-    @op("storage.snapshot.create", deadline=_DATA_DEADLINE, progress=True, resources=("/volume/{volume}",))
+    @op("storage.snapshot.create", deadline=_DATA_DEADLINE, progress=True, resources=("/volume/{volume}",),
+        address=_AT_VOLUME)
     async def snapshot_create(self, call: Call, volume: Volume, snapshot: Snapshot) -> dict:
         """Take a read-only snapshot of a volume or clone.
 
@@ -139,12 +149,13 @@ class StorageAgent(ReplicationOps, Agent):
         await call.progress({"phase": "capturing", "volume": volume})
         return _snapshot(await self._drive(self.driver.snapshot, volume, snapshot))
 
-    @op("storage.snapshot.list", resources=("/volume/{volume}",))
+    @op("storage.snapshot.list", resources=("/volume/{volume}",), address=_AT_VOLUME)
     async def snapshot_list(self, call: Call, volume: Volume) -> list:
         """List a volume's snapshots, oldest first, with the clones made from each."""
         return [_snapshot(s) for s in await self._drive(self.driver.list_snapshots, volume)]
 
-    @op("storage.snapshot.destroy", destructive=True, deadline=600, resources=("/volume/{volume}",))
+    @op("storage.snapshot.destroy", destructive=True, deadline=600, resources=("/volume/{volume}",),
+        address=_AT_VOLUME)
     async def snapshot_destroy(self, call: Call, volume: Volume, snapshot: Snapshot) -> dict:
         """Destroy a snapshot; refused while clones made from it exist, which it names."""
         await self._drive(self.driver.destroy_snapshot, volume, snapshot)
@@ -152,7 +163,7 @@ class StorageAgent(ReplicationOps, Agent):
 
     # clones -------------------------------------------------------------------------------------------
     @op("storage.clone.create", deadline=_DATA_DEADLINE, progress=True,
-        resources=("/volume/{volume}", "/volume/{clone}"))
+        resources=("/volume/{volume}", "/volume/{clone}"), address=_AT_VOLUME)
     async def clone_create(self, call: Call, volume: Volume, snapshot: Snapshot, clone: Clone,
                            masked_only: Annotated[bool, Arg("refuse unless a successful storage.mask produced "
                                                             "volume@snapshot (what masked copies use)")] = False
@@ -164,7 +175,8 @@ class StorageAgent(ReplicationOps, Agent):
         await call.progress({"phase": "cloning", "from": f"{volume}@{snapshot}", "clone": clone})
         return await self._drive(lambda: self._volume(self.driver.clone(volume, snapshot, clone, masked_only)))
 
-    @op("storage.mask", deadline=_DATA_DEADLINE, progress=True, resources=("/volume/{clone}",))
+    @op("storage.mask", deadline=_DATA_DEADLINE, progress=True, resources=("/volume/{clone}",),
+        address=_AT_CLONE)
     async def mask(self, call: Call, clone: Clone,
                    snapshot: Annotated[str, Arg("the snapshot of the masked clone to take when the hook "
                                                 "succeeds", pattern=NAME_PATTERN)],
@@ -194,7 +206,7 @@ class StorageAgent(ReplicationOps, Agent):
             self._masking_now.discard(clone)
 
     @op("storage.clone.refresh", destructive=True, deadline=_DATA_DEADLINE, progress=True,
-        resources=("/volume/{clone}",))
+        resources=("/volume/{clone}",), address=_AT_CLONE)
     async def clone_refresh(self, call: Call, clone: Clone,
                             snapshot: Annotated[str, Arg("snapshot of the volume the clone was made from "
                                                          "(usually a newer one)", pattern=NAME_PATTERN)]) -> dict:
@@ -203,7 +215,7 @@ class StorageAgent(ReplicationOps, Agent):
         return await self._drive(lambda: self._volume(self.driver.refresh_clone(clone, snapshot)))
 
     @op("storage.clone.rollback", destructive=True, deadline=_DATA_DEADLINE, progress=True,
-        resources=("/volume/{clone}",))
+        resources=("/volume/{clone}",), address=_AT_CLONE)
     async def clone_rollback(self, call: Call, clone: Clone,
                              snapshot: Annotated[str, Arg("one of the clone's own snapshots",
                                                           pattern=NAME_PATTERN)]) -> dict:
@@ -216,7 +228,8 @@ class StorageAgent(ReplicationOps, Agent):
         await self._drive(self.driver.rollback, clone, snapshot)
         return await self._drive(lambda: self._volume(self._find(clone)))
 
-    @op("storage.clone.destroy", destructive=True, deadline=600, resources=("/volume/{clone}",))
+    @op("storage.clone.destroy", destructive=True, deadline=600, resources=("/volume/{clone}",),
+        address=_AT_CLONE)
     async def clone_destroy(self, call: Call, clone: Clone) -> dict:
         """Destroy a clone; refused while it has snapshots of its own, which it names."""
         await self._drive(self.driver.destroy_clone, clone)

@@ -28,8 +28,11 @@ def test_the_examples_load_and_plan():
     good, bad = load_dir(EXAMPLES)
     assert bad == {} and {"fence-verify-release", "masked-copy"} <= set(good)
     plan = good["masked-copy"].plan({"volume": "proddb", "developers": ["alice", "bob"]})
-    assert [s.name for s in plan.stages[-1]] == ["clone:alice", "clone:bob"]
+    assert [s.name for s in plan.stages[-1]] == ["developer-clone:alice", "developer-clone:bob"]
     assert plan.stages[-1][1].args["clone"] == "proddb-bob" and plan.stages[0][0].args["snapshot"] == "nightly"
+    # Developers' clones come from the masked snapshot only, at the agent holding the volume.
+    assert [s.op for s in plan.steps()][:3] == ["storage.snapshot.create", "storage.clone.create", "storage.mask"]
+    assert plan.stages[-1][0].args["masked_only"] is True and plan.stages[-1][0].on == ["/volume/proddb"]
 
 
 def test_installed_destructive_ops_keep_the_two_person_rule_whatever_the_file_says():

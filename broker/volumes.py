@@ -1,0 +1,91 @@
+"""Where volumes are: storage agents report the volumes they hold, so a call on /volume/NAME is
+discovered at the one agent that holds NAME.
+
+Volumes come and go with ops, so they are not part of an agent's advertisement: its caps (and the
+resources the mesh file configures for it, which admission checks every advertisement against) stay
+what configuration says. Instead each storage agent sends ``mesh.volumes`` with the full list of its
+volume names to every broker instance that has acknowledged it, and again after each op that creates
+or destroys a volume. The broker files them as ``/volume/NAME`` locations beside that agent's entry in
+the directory (``Directory.locate``), and they go when the entry goes. Locations only route calls:
+every agent still authorizes each request it receives itself, over the resources the request names.
+
+Who may report: a live agent in the directory that the mesh file configures as a storage agent (its
+roster kind, never what it advertises), for its own entries only, never on someone's behalf.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Sequence
+
+from agents.agent import Call
+from agents.authz import Authorizer, Decision
+from agents.errors import BadArguments, Denied
+from agents.ops import Arg, OpSpec, op
+from agents.storage.names import NAME_PATTERN
+
+REPORTING_KIND = "storage"
+MAX_VOLUMES = 10000  # names one report may carry (a 64-character name each: well within a stanza)
+REPORT_OP = "mesh.volumes"
+
+
+def volume_path(name: str) -> str:
+    """The resource a volume is addressed as; the ops' declarations name the same (/volume/{volume})."""
+    return f"/volume/{name}"
+
+
+class StorageMayReport:
+    """Admit ``mesh.volumes`` from live storage agents; ask the inner authorizer about everything else."""
+
+    def __init__(self, inner: Authorizer, reporters: Any) -> None:
+        self.inner = inner
+        self.reporters = reporters
+
+    def decide(self, caller: str, spec: OpSpec, resources: Sequence[str]) -> Decision:
+        if spec.name == REPORT_OP:
+            if caller.lower() in self.reporters():
+                return Decision(True, "live storage agents of the mesh report the volumes they hold")
+            return Decision(False, f"{caller} is not a live storage agent of this mesh; only those report volumes")
+        return self.inner.decide(caller, spec, resources)
+
+
+class VolumesMixin:
+    """Mixed into the broker before ``Agent``: the ``mesh.volumes`` op and its admission rule."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.authorizer = StorageMayReport(self.authorizer, self._live_storage)  # type: ignore[has-type]
+
+    def _listed(self, bare: str) -> list[str]:
+        """Full JIDs of the directory's entries for one account whose configured kind is storage."""
+        roster = getattr(self, "roster", {})
+        admission = roster.get(bare.lower())
+        if admission is None or admission.kind != REPORTING_KIND:
+            return []
+        return [e.jid for e in self.directory.entries()  # type: ignore[attr-defined]
+                if e.jid.split("/", 1)[0].lower() == bare.lower()]
+
+    def _live_storage(self) -> set[str]:
+        directory = getattr(self, "directory", None)
+        if directory is None:
+            return set()
+        live = {e.jid.split("/", 1)[0].lower() for e in directory.entries()}
+        return {bare for bare in live if self._listed(bare)}
+
+    @op(REPORT_OP, deadline=5)
+    async def volumes_report(self, call: Call,
+                             volumes: Annotated[list[str], Arg("every volume, clone and replica the reporting"
+                                                               " storage agent holds", pattern=NAME_PATTERN)] = ()
+                             ) -> dict:
+        """(For storage agents.) Report the volumes this agent holds; replaces its previous report."""
+        if call.via:
+            raise Denied(f"{REPORT_OP} is never sent on someone's behalf")
+        if len(volumes) > MAX_VOLUMES:
+            raise BadArguments(f"a report may name at most {MAX_VOLUMES} volumes, got {len(volumes)}",
+                               argument="volumes")
+        jids = self._listed(call.caller)
+        if not jids:
+            raise Denied(f"{call.caller} is not a live storage agent of this mesh; only those report volumes")
+        paths = frozenset(volume_path(v) for v in volumes)
+        for jid in jids:
+            self.directory.locate(jid, paths)  # type: ignore[attr-defined]
+        return {"located": len(paths)}
