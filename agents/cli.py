@@ -456,7 +456,8 @@ def cmd_up(mesh: meshconf.MeshConfig, ns: argparse.Namespace) -> int:
                 children.append(subprocess.Popen(base + cmd, stdout=log_file, stderr=subprocess.STDOUT,
                                                  stdin=subprocess.DEVNULL, preexec_fn=_die_with_parent))
         report = _wait_for_agents(mesh, len(mesh.agents), children)
-        _print_welcome(mesh, report)
+        demo = _seed_demo(mesh) if report.ok else None
+        _print_welcome(mesh, report, demo)
         while all(c.poll() is None for c in children):
             time.sleep(0.5)
         dead = [c.args[-1] for c in children if c.poll() is not None]
@@ -483,7 +484,35 @@ def _wait_for_agents(mesh: meshconf.MeshConfig, expected: int, children: list[An
     return report
 
 
-def _print_welcome(mesh: meshconf.MeshConfig, report: CallReport) -> None:
+DEMO_VOLUME = "demo"
+DEMO_SOURCE = meshconf.EXAMPLE.parent / "masking" / "demo-source.sql"
+
+
+def _seed_demo(mesh: meshconf.MeshConfig) -> str | None:
+    """On first use, the demo source for the masked-copy workflow: the volume `demo` on the first storage
+    agent that has masking hooks, holding app.db, a small SQLite database with personal data in it
+    (deploy/masking/demo-source.sql). Returns a line for the welcome, or None when there is no such agent."""
+    agent = next((a for a in mesh.agents if a.kind == "storage" and (a.settings.get("masking") or {}).get("hooks")),
+                 None)
+    if agent is None:
+        return None
+    marker = mesh.home / "state" / agent.name / "demo-seeded"
+    if marker.exists():  # once: a demo volume destroyed on purpose stays destroyed
+        return f"volume {DEMO_VOLUME} on {agent.name} (the masked-copy demo source, see the README)"
+    report = _run_call(mesh, "storage.volume.create", {"volume": DEMO_VOLUME}, 30.0,
+                       to=[_full_jid(mesh, agent.name)], scope="one")
+    if not report.ok:
+        return f"no demo volume: {report.results[0].error if report.results else 'no answer'}"
+    import sqlite3
+
+    with sqlite3.connect(Path(report.results[0].result["path"]) / "app.db") as db:
+        db.executescript(DEMO_SOURCE.read_text())
+    db.close()
+    marker.write_text("the demo volume was created once; delete this file to have `vertebra up` make it again\n")
+    return f"volume {DEMO_VOLUME} on {agent.name}: app.db with personal data, for the masked-copy demo (README)"
+
+
+def _print_welcome(mesh: meshconf.MeshConfig, report: CallReport, demo: str | None = None) -> None:
     me = "vertebra" if os.environ.get("VIRTUAL_ENV") else ".venv/bin/vertebra"
     home = "" if mesh.home == meshconf.default_home() else f" --home {mesh.home}"
     print(f"Vertebra mesh is up: private {mesh.server.engine.capitalize()} on {mesh.server.host}:{mesh.server.port}"
@@ -497,9 +526,14 @@ def _print_welcome(mesh: meshconf.MeshConfig, report: CallReport) -> None:
     if mesh.chat:
         room = f", ops room {mesh.chat.room}" if mesh.chat.room else ""
         print(f"  chat bot  {mesh.jid(mesh.chat.account)} (message it `help` from any XMPP client{room})")
+    if demo:
+        print(f"  demo      {demo}")
     print("\nTry, in another terminal in this directory:")
-    for cmd in ("agents", "help", "help monitor.check", "call monitor.check check=load --on /host/localhost",
-                "call storage.volume.create volume=db --json", "call fencing.info --scope one"):
+    cmds = ["agents", "help", "help monitor.check", "call monitor.check check=load --on /host/localhost",
+            "call storage.volume.create volume=db --json", "call fencing.info --scope one"]
+    if demo and not demo.startswith("no "):
+        cmds.append(f"workflow run masked-copy volume={DEMO_VOLUME} snapshot=s1 developers=alice developers=bob")
+    for cmd in cmds:
         print(f"  {me}{home} {cmd}")
     print("\nCtrl-C stops everything this started.", flush=True)
 

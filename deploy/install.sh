@@ -22,6 +22,7 @@ PACKAGES=(
     nagios4-core               # Nagios runs check_vertebra in the end-to-end test
     nagios-nrpe-server nagios-nrpe-plugin   # NRPE, the baseline bench/checks.py measures against
     ejabberd                   # the clustered XMPP server for scale-out (agents/ejabberd.py)
+    sqlite3                    # the demo masking hook (deploy/masking/sqlite-mask) runs SQL over a clone
 )
 # More packages for one machine or job: VERTEBRA_EXTRA_PACKAGES="pkg1 pkg2".
 read -r -a EXTRA <<< "${VERTEBRA_EXTRA_PACKAGES:-}"
