@@ -1,4 +1,5 @@
-"""Run a workflow hook (a masking script, say) through the Unix process API, the way check plugins run.
+"""Run a storage hook (the masking hooks storage.mask runs, agents/storage/masking.py) through the Unix
+process API, the way check plugins run.
 
 A hook is an absolute path plus an argv list, never a shell command. It runs in the directory it works
 on (also given as VERTEBRA_VOLUME_PATH), with the plugins' clean environment, no stdin, and a process
