@@ -157,6 +157,11 @@ class CatalogDriver(StorageDriver):
             if row[1] != "clone":
                 raise StorageError(f"{clone!r} is not a clone; only clones can be refreshed", code="invalid")
             self._snapshot_row(row[2], snap)
+            # A masked copy stays one: refreshed only to another snapshot a successful mask produced.
+            if self.masking_of(row[2], row[3]) is not None and self.masking_of(row[2], snap) is None:
+                raise StorageError(f"{clone!r} is a masked copy of {row[2]}@{row[3]}, and {row[2]}@{snap} was "
+                                   f"not produced by a successful masking hook; refresh it to a masked "
+                                   f"snapshot (storage.mask takes them)", code="not_masked")
             self._replace_tree(clone, row[2], snap)
             self.db.execute("UPDATE volumes SET origin_snap = ? WHERE name = ?", (snap, clone))
             self.db.commit()

@@ -72,13 +72,19 @@ async def test_a_successful_mask_takes_a_masked_snapshot_that_masked_only_clones
     store.snapshot("work", "masked-too")
     with pytest.raises(StorageError):
         store.clone("work", "masked-too", "bob", masked_only=True)
+    # A masked copy is refreshed only to another masked snapshot, never to one taken by hand.
+    with pytest.raises(StorageError) as err:
+        store.refresh_clone("alice", "masked-too")
+    assert err.value.code == "not_masked" and "'alice' is a masked copy of work@masked" in str(err.value)
+    assert "example.com" not in (store.path("alice") / "users.csv").read_text()
+    await mask_clone(store, "work", "masked-2", hook([script(tmp_path, "mask", MASK)]))
+    assert store.refresh_clone("alice", "masked-2").origin == ("work", "masked-2")
     # The record is durable: a reopened catalog still knows, and it goes with the snapshot.
     root = store.root
     store.close()
     again = EmbeddedDriver(root)
     try:
         assert again.masking_of("work", "masked") is not None and again.masking_of("work", "masked-too") is None
-        again.destroy_clone("alice")
         again.destroy_snapshot("work", "masked")
         again.snapshot("work", "masked")
         assert again.masking_of("work", "masked") is None
