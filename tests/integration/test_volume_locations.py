@@ -9,6 +9,7 @@ import pytest
 
 from agents.errors import Outcome
 from agents.storage.agent import StorageAgent
+from broker.service import Broker
 from conftest import DOMAIN, until
 from rawxmpp import RawXMPP, app_condition
 from sample_agent import SampleAgent
@@ -63,3 +64,17 @@ async def test_a_report_is_sent_again_when_a_volume_goes_and_the_broker_forgets_
     assert gone.outcome is Outcome.OK, gone.error
     # The op answered after its brokers had the new list.
     assert located(broker, "db") == []
+
+
+async def test_a_restarted_broker_learns_the_volumes_again(mesh, scene, tmp_path):
+    broker, store, _ = scene
+    jid, password = str(broker.jid.bare), f"pw-{broker.jid.user}"
+    roster = dict(broker.roster)
+    await broker.stop()
+    mesh.actors.remove(broker)
+    again = Broker(jid, password, mesh.endpoint, authorizer=mesh.admins)
+    for bare, admitted in roster.items():  # the same mesh file admits the same agents
+        again.admit(bare, admitted.kind, admitted.resources, admitted.settings)
+    await mesh.start(again)
+    # Nothing was created in between: the agent tells the new broker instance on its own.
+    await until(lambda: located(again, "db") == [str(store.jid)], what="db located by the restarted broker")
