@@ -487,6 +487,12 @@ class ChatBot(Actor):
         end = loop.time() + timeout
         rid = uuid.uuid4().hex
         report = CallReport(spec.name)
+        addressed = bool(on)
+        if not on and spec.address:  # as `vertebra call`: the op says where it goes (agents/ops.py)
+            try:
+                on = [paths.check(spec.address.format(**args))]
+            except (KeyError, paths.BadResource):
+                pass
         targets = await self._targets(operator, spec, list(on), report, min(self.timeouts.discover, timeout))
         sends = []
         for target, held in targets:
@@ -503,6 +509,8 @@ class ChatBot(Actor):
                 continue
             scoped = [w for w in on if any(paths.related(h, w) for h in held)] if held else list(on)
             sends.append((target, scoped))
+        if spec.scope == "one" and not addressed:
+            sends = sends[:1]  # e.g. a volume is created on one agent, not on every one that offers it
         started = time.monotonic()
         results = await asyncio.gather(*(
             self.request(t, spec.name, args, on=scoped, timeout=max(0.0, end - loop.time()), rid=rid,
