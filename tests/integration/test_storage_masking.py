@@ -181,3 +181,13 @@ async def test_hook_output_is_captured_in_order_and_capped(tmp_path):
     result = await run_hook([noisy], tmp_path, timeout=10, output_cap=1000)
     assert result.ok and result.truncated
     assert result.output.startswith("one\ntwo\nthree\n") and len(result.output) == 1000
+
+
+async def test_the_shipped_sqlite_hook_fails_on_a_database_it_cannot_mask(store):
+    with sqlite3.connect(store.path("work") / "app.db") as db:
+        db.execute("CREATE TABLE accounts(email TEXT)")  # not the schema mask-demo.sql masks
+    demo = masking_from_settings({"hooks": {"demo": {"argv": ["masking/sqlite-mask", "app.db", "mask-demo.sql"]}}})
+    with pytest.raises(StorageError) as err:
+        await mask_clone(store, "work", "masked", demo.hook(""))
+    assert err.value.code == "hook_failed" and "no such table: customers" in str(err.value)
+    assert store.list_snapshots("work") == []
