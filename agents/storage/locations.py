@@ -29,10 +29,13 @@ log = logging.getLogger(__name__)
 REPORT_OP = "mesh.volumes"
 REPORT_TIMEOUT = 5.0    # seconds one report to one broker may take
 CHANGE_WAIT = 3.0       # seconds an op that changed the volumes waits for its brokers to know
-# Ops after which the set of volumes may differ (a clone and a received replica are volumes too).
-CHANGES_VOLUMES = frozenset({"storage.volume.create", "storage.volume.destroy", "storage.clone.create",
-                             "storage.clone.destroy", "storage.package.receive", "storage.package.commit",
-                             "storage.package.destroy"})
+# Ops after which the set of volumes may differ (a clone and a received replica are volumes too): those
+# whose argument names the volume they made or removed, when they succeed, and those that make or remove
+# replicas, after which the catalog is read again.
+ADDS = {"storage.volume.create": "volume", "storage.clone.create": "clone"}
+REMOVES = {"storage.volume.destroy": "volume", "storage.clone.destroy": "clone"}
+REREADS = frozenset({"storage.package.receive", "storage.package.commit", "storage.package.destroy"})
+CHANGES_VOLUMES = frozenset(ADDS) | frozenset(REMOVES) | REREADS
 
 
 def volume_path(name: str) -> str:
@@ -100,9 +103,8 @@ class VolumeLocations:
             else:
                 backoff.reset()
 
-    async def _volumes_changed(self) -> None:
-        """Re-read the volume names; if they changed, have the brokers told and wait a little for it."""
-        names = frozenset(await asyncio.to_thread(self.driver.volume_names))  # type: ignore[attr-defined]
+    async def _volumes_changed(self, names: frozenset[str]) -> None:
+        """If the volume names changed, have the brokers told and wait a little for it."""
         if names == self._volume_names:
             return
         self._volume_names = names
@@ -123,11 +125,21 @@ class VolumeLocations:
             log.info("brokers not yet told of the volumes after %s; the report goes on in the background", version)
 
     async def _execute(self, spec: OpSpec, call: Call, args: dict[str, Any]) -> str:
+        ok = False
         try:
-            return await super()._execute(spec, call, args)  # type: ignore[misc]
+            result = await super()._execute(spec, call, args)  # type: ignore[misc]
+            ok = True
+            return result
         finally:
-            if spec.name in CHANGES_VOLUMES:
-                await self._volumes_changed()
+            # From the op's own arguments where they say it, so a long op of another caller holding the
+            # driver's lock does not hold this answer back too.
+            if ok and spec.name in ADDS:
+                await self._volumes_changed(self._volume_names | {args[ADDS[spec.name]]})
+            elif ok and spec.name in REMOVES:
+                await self._volumes_changed(self._volume_names - {args[REMOVES[spec.name]]})
+            elif spec.name in REREADS:
+                await self._volumes_changed(frozenset(
+                    await asyncio.to_thread(self.driver.volume_names)))  # type: ignore[attr-defined]
 
     # -- being addressed -----------------------------------------------------------------------------
     def _resources_of(self, spec: OpSpec, args: dict[str, Any], addressed: list[str]) -> list[str]:
