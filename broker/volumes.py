@@ -21,16 +21,10 @@ from agents.agent import Call
 from agents.authz import Authorizer, Decision
 from agents.errors import BadArguments, Denied
 from agents.ops import Arg, OpSpec, op
+from agents.storage.locations import MAX_REPORTED, REPORT_OP, volume_path
 from agents.storage.names import NAME_PATTERN
 
 REPORTING_KIND = "storage"
-MAX_VOLUMES = 10000  # names one report may carry (a 64-character name each: well within a stanza)
-REPORT_OP = "mesh.volumes"
-
-
-def volume_path(name: str) -> str:
-    """The resource a volume is addressed as; the ops' declarations name the same (/volume/{volume})."""
-    return f"/volume/{name}"
 
 
 class StorageMayReport:
@@ -79,8 +73,8 @@ class VolumesMixin:
         """(For storage agents.) Report the volumes this agent holds; replaces its previous report."""
         if call.via:
             raise Denied(f"{REPORT_OP} is never sent on someone's behalf")
-        if len(volumes) > MAX_VOLUMES:
-            raise BadArguments(f"a report may name at most {MAX_VOLUMES} volumes, got {len(volumes)}",
+        if len(volumes) > MAX_REPORTED:
+            raise BadArguments(f"a report may name at most {MAX_REPORTED} volumes, got {len(volumes)}",
                                argument="volumes")
         jids = self._listed(call.caller)
         if not jids:
