@@ -77,7 +77,7 @@ _FROM_BROKER = {policy_sync.INSTALL_OP: "policies", fenced.INSTALL_OP: "fenced n
 def info_op(kind: str):
     """The ``KIND.info`` op every agent kind serves: who it is and what it holds."""
 
-    @op(f"{kind}.info", deadline=5)
+    @op(f"{kind}.info", effect="read", deadline=5)
     async def info(self: "Agent", call: Call) -> dict:
         """Name, kind, version, resources and ops of this agent."""
         return self.describe()
@@ -143,7 +143,7 @@ class Agent(Actor):
 
     fenced_install = fenced.install_op()
 
-    @op(policy_sync.INSTALL_OP, deadline=10)
+    @op(policy_sync.INSTALL_OP, effect="change", deadline=10)
     async def policy_install(self, call: Call, text: Annotated[str, Arg("the policy, as YAML")],
                              issued_at: Annotated[float, Arg("when the broker vouched for it (epoch s)")]) -> dict:
         """Install the authorization policy this agent's broker pushes (accepted from the broker only)."""
@@ -312,7 +312,7 @@ class Agent(Actor):
                 decision = decide(self.authorizer, caller, spec, resources)
             finally:
                 current_via.reset(token)
-            if decision.allowed:  # a fenced node's identities run no destructive op (see fenced.py)
+            if decision.allowed:  # a fenced node's identities run no op that changes state (see fenced.py)
                 decision = self.fenced.check(caller, spec) or decision
         audit_log.info("decide rid=%s caller=%s op=%s resources=%s allowed=%s reason=%s",
                        rid, caller, spec.name, resources, decision.allowed, decision.reason)

@@ -3,9 +3,10 @@
 After a verified off the broker opens a fencing epoch for the node (see ``broker.fencing``); a
 verified on ends it. While it is open, the node may still be running a zombie process that holds
 its old credentials (a hung kernel that wakes, a network partition that heals): whatever it asks
-must not change shared state. So every agent refuses *destructive* ops requested by the node's
-identities (the bare JIDs the fencing agent's settings list under ``identities:``), with an error
-saying which node was fenced, when and by whom. Reads stay allowed: they change nothing.
+must not change shared state. So every agent refuses every op that changes state (declared with
+effect ``change`` or ``destructive``, ``agents/ops.py``) requested by the node's identities (the bare
+JIDs the fencing agent's settings list under ``identities:``), with an error saying which node was
+fenced, when and by whom. Reads (effect ``read``) stay allowed: they change nothing.
 
 How agents learn it: the broker pushes the whole list of open epochs with the ``fenced.install``
 op, to every agent that offers it, whenever an epoch opens or ends and to each agent as it joins.
@@ -89,15 +90,17 @@ class FencedIdentities:
         return self._by_identity.get(caller.lower())
 
     def check(self, caller: str, spec: OpSpec) -> Decision | None:
-        """A denial when ``caller`` belongs to a fenced node and ``spec`` is destructive, else None."""
-        if not spec.destructive or not self._by_identity:
+        """A denial when ``caller`` belongs to a fenced node and ``spec`` changes state (any effect
+        but read), else None."""
+        if not spec.changes_state or not self._by_identity:
             return None
         fenced = self.of(caller)
         if fenced is None:
             return None
-        return Decision(False, f"{caller} belongs to a fenced node: {fenced.describe()}; its destructive"
-                               f" ops ({spec.name}) are refused until the node is unfenced (a verified"
-                               " fence.on)", f"fenced node {fenced.cluster}/{fenced.node} epoch {fenced.epoch}")
+        return Decision(False, f"{caller} belongs to a fenced node: {fenced.describe()}; its ops that change"
+                               f" state ({spec.name}) are refused until the node is unfenced (a verified"
+                               " fence.on); reads are still served",
+                        f"fenced node {fenced.cluster}/{fenced.node} epoch {fenced.epoch}")
 
 
 def encode_entries(entries: Iterable[Fenced]) -> str:
@@ -124,7 +127,7 @@ def install_op() -> Any:
     """The ``fenced.install`` op, for an agent class body (``fenced_install = install_op()``); the
     agent keeps what it learns in ``self.fenced`` (a FencedIdentities)."""
 
-    @op(INSTALL_OP, deadline=10)
+    @op(INSTALL_OP, effect="change", deadline=10)
     async def fenced_install(self: Any, call: Any,
                              fenced: Annotated[str, Arg("every open fencing epoch, as a JSON list of"
                                                         " {cluster, node, epoch, fenced_at, fenced_by,"

@@ -2,12 +2,18 @@
 
 An op is declared once, where it is implemented::
 
-    @op("storage.snapshot.create", destructive=True, deadline=60,
+    @op("storage.snapshot.create", effect="change", deadline=60,
         resources=("/volume/{volume}",))
     async def snapshot_create(self, call: Call,
                               volume: Annotated[str, Arg("volume to snapshot")],
                               name: Annotated[str, Arg("snapshot name")] = "") -> dict:
         "Take a read-only snapshot of a volume."
+
+``effect`` says what running the op does to the world: ``"read"`` (changes nothing), ``"change"``
+(makes or alters something) or ``"destructive"`` (destroys, rolls back, powers off: the two-person
+rule in workflows, the durable record of its outcome, the policy-age check). The default is
+``"change"``, so an op whose author forgot to say fails closed: a fenced node's identities may run
+only reads (``agents/fenced.py``).
 
 The typed signature is the schema. From the resulting :class:`OpSpec` the runtime derives argument
 validation (``OpSpec.validate``), the disco feature it advertises (``OpSpec.feature``), the CLI's and
@@ -37,6 +43,10 @@ _MISSING = inspect.Parameter.empty
 # Scalar types an argument may have; lists of them are allowed too.
 _SCALARS: dict[type, str] = {str: "string", int: "integer", float: "number", bool: "boolean"}
 _TRUE = {"true", "yes", "on", "1"}
+
+#: What an op does to the world, from least to most harm.
+Effect = Literal["read", "change", "destructive"]
+EFFECTS: tuple[str, ...] = typing.get_args(Effect)
 _FALSE = {"false", "no", "off", "0"}
 
 
@@ -123,7 +133,7 @@ class OpSpec:
     summary: str
     description: str
     params: tuple[Param, ...]
-    destructive: bool
+    effect: Effect  # read | change | destructive; see the module docstring
     deadline: float  # seconds the executor gives the op before it ends as timeout
     progress: bool  # long op: answers with an ack and a job id, then progress, then one outcome
     resources: tuple[str, ...]  # templates formatted with the arguments, e.g. "/volume/{volume}"
@@ -132,6 +142,20 @@ class OpSpec:
     # agent holding that volume), instead of every agent offering the op.
     address: str | None = None
     scope: str = "all"  # a call's scope unless the caller says: "one" for an op that makes something once
+
+    @property
+    def destructive(self) -> bool:
+        return self.effect == "destructive"
+
+    @property
+    def effect_text(self) -> str:
+        """The effect in words, as help and forms show it."""
+        return _EFFECT_WORDS[self.effect]
+
+    @property
+    def changes_state(self) -> bool:
+        """Whether the op makes, alters or destroys anything (every effect but read)."""
+        return self.effect != "read"
 
     @property
     def feature(self) -> str:
@@ -184,8 +208,8 @@ class OpSpec:
         """A JSON-able schema: what forms, docs and remote help are generated from."""
         return {
             "name": self.name, "summary": self.summary, "description": self.description,
-            "destructive": self.destructive, "deadline": self.deadline, "progress": self.progress,
-            "resources": list(self.resources), "address": self.address, "scope": self.scope,
+            "effect": self.effect, "destructive": self.destructive, "deadline": self.deadline,
+            "progress": self.progress, "resources": list(self.resources), "address": self.address, "scope": self.scope,
             "params": [{"name": p.name, "type": p.kind, "many": p.many, "required": p.required,
                         "default": None if p.secret else p.default, "help": p.help,
                         "choices": list(p.choices) if p.choices else None, "pattern": p.pattern,
@@ -196,9 +220,7 @@ class OpSpec:
         lines = [f"{self.name} - {self.summary}"]
         if self.description:
             lines += ["", self.description]
-        flags = [f"deadline {self.deadline:g}s"]
-        if self.destructive:
-            flags.insert(0, "destructive")
+        flags = [self.effect_text, f"deadline {self.deadline:g}s"]
         if self.progress:
             flags.append("long-running, reports progress")
         lines += ["", "(" + ", ".join(flags) + ")"]
@@ -218,13 +240,21 @@ class OpSpec:
         return "\n".join(lines)
 
 
-def op(name: str, *, destructive: bool = False, deadline: float = 30.0, progress: bool = False,
-       resources: Sequence[str] = (), address: str | None = None, scope: Literal["all", "one"] = "all"
+_EFFECT_WORDS = {"read": "read-only", "change": "changes state", "destructive": "destructive"}
+
+
+def op(name: str, *, effect: Effect = "change", deadline: float = 30.0, progress: bool = False,
+       resources: Sequence[str] = (), address: str | None = None, scope: Literal["all", "one"] = "all",
+       destructive: bool | None = None
        ) -> Callable[[Callable[..., Awaitable[Any]]], Callable[..., Awaitable[Any]]]:
     """Declare a method as an op. Its docstring's first line is the summary; its typed keyword
     parameters after ``call`` are the arguments."""
     if not _OP_NAME.match(name):
         raise ValueError(f"op name {name!r} must be dotted lowercase words, e.g. storage.snapshot.create")
+    if destructive is not None:  # the flag ``effect`` replaced: one way to say it, not two that disagree
+        raise TypeError(f"op {name}: say effect='destructive' (or 'change', 'read') instead of destructive=")
+    if effect not in EFFECTS:
+        raise ValueError(f"op {name}: effect must be one of {', '.join(EFFECTS)}, got {effect!r}")
     if scope not in ("all", "one"):
         raise ValueError(f"op {name}: scope must be 'all' or 'one', got {scope!r}")
 
@@ -235,7 +265,7 @@ def op(name: str, *, destructive: bool = False, deadline: float = 30.0, progress
         summary, _, description = doc.partition("\n")
         func.__vertebra_op__ = OpSpec(  # type: ignore[attr-defined]
             name=name, summary=summary.strip() or name, description=description.strip(),
-            params=tuple(_params_of(name, func)), destructive=destructive, deadline=float(deadline),
+            params=tuple(_params_of(name, func)), effect=effect, deadline=float(deadline),
             progress=progress, resources=tuple(resources), func=func, address=address, scope=scope)
         return func
 

@@ -131,7 +131,7 @@ async def round_trips(batches: int, per_batch: int) -> dict[str, float]:
     class BenchAgent(Agent):
         kind = "bench"
 
-        @op("storage.create", deadline=5)  # an op name the generated policy uses
+        @op("storage.create", effect="change", deadline=5)  # an op name the generated policy uses
         async def create(self, call, value: int = 0) -> int:  # noqa: ANN001 (a local class: no forward refs)
             return value
 

@@ -94,7 +94,7 @@ class BenchAgent(Agent):
 
     kind = "bench"
 
-    @op(OP, deadline=10)
+    @op(OP, effect="read", deadline=10)
     async def echo(self, call: Call, n: Annotated[int, Arg("a number to send back")]) -> int:
         """Send the number back."""
         return n

@@ -206,7 +206,7 @@ class AdHoc:
         form = Form()
         form["type"] = "form"
         form["title"] = spec.name
-        form["instructions"] = spec.summary + (" (destructive)" if spec.destructive else "")
+        form["instructions"] = f"{spec.summary} ({spec.effect_text})"
         for p in spec.params:
             _add_field(form, p, values.get(p.name), error[1] if error and error[0] == p.name else None)
         on_error = error[1] if error and error[0] == ON_FIELD else None

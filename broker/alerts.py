@@ -80,7 +80,7 @@ class AlertsMixin:
         """Call ``listener`` with each new alert (the operator chat shows them)."""
         self._alert_listeners.append(listener)
 
-    @op("mesh.alert", deadline=5)
+    @op("mesh.alert", effect="change", deadline=5)
     async def alert(self, call: Call,
                     check: Annotated[str, Arg("the check whose state changed", pattern=r"[^\x00-\x1f]{1,128}")],
                     host: Annotated[str, Arg("the host it checks", pattern=r"[^\x00-\x1f]{1,255}")],
@@ -99,7 +99,7 @@ class AlertsMixin:
                 log.exception("alert listener failed")
         return {"seq": alert.seq}
 
-    @op("mesh.alerts", deadline=5)
+    @op("mesh.alerts", effect="read", deadline=5)
     async def recent_alerts(self, call: Call,
                             since: Annotated[int, Arg("only alerts after this sequence number", min=0)] = 0,
                             limit: Annotated[int, Arg("at most this many, newest last", min=1,

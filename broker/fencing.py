@@ -227,7 +227,7 @@ class FencingMixin:
 
     # -- ops ------------------------------------------------------------------------------------
 
-    @op(EVENT_OP, deadline=10, resources=(NODE_RESOURCE,))
+    @op(EVENT_OP, effect="change", deadline=10, resources=(NODE_RESOURCE,))
     async def fence_event(self, call: Call,
                           event: Annotated[Literal["attempt", "outcome"], Arg("what happened")],
                           action: Annotated[Literal["off", "on", "reboot", "status"], Arg("the power action")],
@@ -261,7 +261,7 @@ class FencingMixin:
         return {"seq": seq, "change": change, "fenced": opened is not None,
                 "epoch": opened.epoch if opened else None}
 
-    @op("mesh.fence.events", deadline=5)
+    @op("mesh.fence.events", effect="read", deadline=5)
     async def fence_events(self, call: Call,
                            since: Annotated[int, Arg("only events after this sequence number", min=0)] = 0,
                            limit: Annotated[int, Arg("at most this many, newest last", min=1,
@@ -269,7 +269,7 @@ class FencingMixin:
         """The fencing attempts and outcomes the broker keeps, oldest first."""
         return self.fence_ledger.events(since, limit)
 
-    @op("mesh.fence.epochs", deadline=5)
+    @op("mesh.fence.epochs", effect="read", deadline=5)
     async def fence_epochs(self, call: Call,
                            cluster: Annotated[str, Arg("only this cluster (default: all)")] = "",
                            node: Annotated[str, Arg("only this node (default: all)")] = "") -> dict:

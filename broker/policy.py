@@ -48,7 +48,7 @@ class PolicyDistribution:
     def _policy_authorizer(self) -> PolicyAuthorizer | None:
         return policy_of(self.authorizer)
 
-    @op("policy.reload", destructive=True, deadline=60)
+    @op("policy.reload", effect="destructive", deadline=60)
     async def policy_reload(self, call: Call) -> dict:
         """Re-read the mesh's policy file, install it here if it is valid, and push it to every agent."""
         authorizer = self._policy_authorizer()

@@ -146,7 +146,7 @@ class Broker(FencingMixin, WorkflowMixin, LeadershipMixin, AlertsMixin, VolumesM
 
     # -- the ops the broker serves ------------------------------------------------------------
 
-    @op("mesh.discover", deadline=5)
+    @op("mesh.discover", effect="read", deadline=5)
     async def discover(self, call: Call,
                        op: Annotated[str, Arg("only agents offering this op (all ops if empty)")] = "",
                        resources: Annotated[list[str], Arg("only agents holding these resources,"
@@ -160,7 +160,7 @@ class Broker(FencingMixin, WorkflowMixin, LeadershipMixin, AlertsMixin, VolumesM
         return [{"jid": e.jid, "resources": self.directory.held(e, wanted)}
                 for e in self.directory.discover(op or None, wanted)]
 
-    @op("mesh.agents", deadline=5)
+    @op("mesh.agents", effect="read", deadline=5)
     async def agents(self, call: Call) -> list:
         """List every live agent with its kind, ops and resources."""
         return [e.to_dict() for e in self.directory.entries()]

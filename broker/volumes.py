@@ -65,7 +65,7 @@ class VolumesMixin:
         live = {e.jid.split("/", 1)[0].lower() for e in directory.entries()}
         return {bare for bare in live if self._listed(bare)}
 
-    @op(REPORT_OP, deadline=5)
+    @op(REPORT_OP, effect="change", deadline=5)
     async def volumes_report(self, call: Call,
                              volumes: Annotated[list[str], Arg("every volume, clone and replica the reporting"
                                                                " storage agent holds", pattern=NAME_PATTERN)] = ()

@@ -79,9 +79,12 @@ async def _remote(*_a: Any, **_k: Any) -> None:
     """Stands in for the implementation of an op another agent serves."""
 
 
-def step_spec(step: Step) -> OpSpec:
-    """The OpSpec the authorizer decides a step's op on (the broker does not serve it itself)."""
-    return OpSpec(name=step.op, summary=step.op, description="", params=(), destructive=step.destructive,
+def step_spec(step: Step, installed: OpSpec | None = None) -> OpSpec:
+    """The OpSpec the authorizer decides a step's op on (the broker does not serve it itself). Its
+    effect is the installed declaration's, raised to destructive when the step says so; an op the
+    installation does not declare counts as a change (so a fenced identity may not run it)."""
+    effect = "destructive" if step.destructive else installed.effect if installed else "change"
+    return OpSpec(name=step.op, summary=step.op, description="", params=(), effect=effect,
                   deadline=step.timeout, progress=False, resources=(), func=_remote)
 
 
@@ -135,17 +138,20 @@ class WorkflowMixin:
             return {}, {}
         return load_dir(where)
 
-    def _is_destructive(self, op_name: str) -> bool:
+    def _installed_spec(self, op_name: str) -> OpSpec | None:
         """What the installation declares; read late, since the catalogue imports the broker."""
         if self._installed is None:
             from agents.kinds import catalogue
             self._installed = catalogue()
-        spec = self._installed.get(op_name)
+        return self._installed.get(op_name)
+
+    def _is_destructive(self, op_name: str) -> bool:
+        spec = self._installed_spec(op_name)
         return bool(spec and spec.destructive)
 
     # -- ops --------------------------------------------------------------------------------------
 
-    @op("workflow.list", deadline=10)
+    @op("workflow.list", effect="read", deadline=10)
     async def workflow_list(self, call: Call,
                             state: Annotated[str, Arg("only instances in this state (running, waiting, done,"
                                                       " failed, cancelled)", pattern=r"[a-z]*")] = "",
@@ -157,7 +163,7 @@ class WorkflowMixin:
                 "broken": [{"file": f, "error": e} for f, e in bad.items()],
                 "instances": self.workflow_store.instances(state, limit)}
 
-    @op("workflow.run", deadline=60, resources=("/workflow/{workflow}",))
+    @op("workflow.run", effect="change", deadline=60, resources=("/workflow/{workflow}",))
     async def workflow_run(self, call: Call,
                            workflow: Annotated[str, Arg("the workflow to run", pattern=_NAME)],
                            param: Annotated[list[str], Arg("a parameter as name=value; repeat the name for"
@@ -186,7 +192,7 @@ class WorkflowMixin:
         await self._settle(iid, wait)
         return self._status(iid)
 
-    @op("workflow.approve", deadline=60)
+    @op("workflow.approve", effect="change", deadline=60)
     async def workflow_approve(self, call: Call,
                                instance: Annotated[str, Arg("the instance id", pattern=_INSTANCE)],
                                step: Annotated[str, Arg("the step to approve", pattern=_STEP)],
@@ -207,7 +213,7 @@ class WorkflowMixin:
         await self._settle(instance, wait)
         return self._status(instance)
 
-    @op("workflow.perform", deadline=60)
+    @op("workflow.perform", effect="change", deadline=60)
     async def workflow_perform(self, call: Call,
                                instance: Annotated[str, Arg("the instance id", pattern=_INSTANCE)],
                                step: Annotated[str, Arg("the held step to perform", pattern=_STEP)],
@@ -233,7 +239,7 @@ class WorkflowMixin:
         await self._settle(instance, wait)
         return self._status(instance)
 
-    @op("workflow.status", deadline=10)
+    @op("workflow.status", effect="read", deadline=10)
     async def workflow_status(self, call: Call,
                               instance: Annotated[str, Arg("the instance id", pattern=_INSTANCE)],
                               wait: Annotated[float, Arg("seconds to wait for it to finish or stop at an"
@@ -246,7 +252,7 @@ class WorkflowMixin:
                 await asyncio.wait({task}, timeout=wait)
         return self._status(instance)
 
-    @op("workflow.cancel", deadline=10)
+    @op("workflow.cancel", effect="change", deadline=10)
     async def workflow_cancel(self, call: Call,
                               instance: Annotated[str, Arg("the instance id", pattern=_INSTANCE)]) -> dict:
         """Stop a workflow instance before its next step (a step already sent still ends)."""
@@ -414,7 +420,8 @@ class WorkflowMixin:
     # -- decisions ---------------------------------------------------------------------------------
 
     def _decide_step(self, who: str, step: Step) -> Decision:
-        return decide(self.authorizer, who, step_spec(step), step.on)  # type: ignore[attr-defined]
+        return decide(self.authorizer, who, step_spec(step, self._installed_spec(step.op)),  # type: ignore[attr-defined]
+                      step.on)
 
     def _may_approve(self, workflow: str, step: Step) -> Callable[[str], bool]:
         """Whether someone may approve this step now: asked afresh each time, so a revocation counts."""

@@ -17,7 +17,7 @@ class SampleAgent(Agent):
         super().__init__(*args, **kwargs)
         self.runs = 0
 
-    @op("sample.echo", deadline=5)
+    @op("sample.echo", effect="read", deadline=5)
     async def echo(self, call: Call, text: Annotated[str, Arg("what to send back")],
                    times: Annotated[int, Arg("how often", min=1, max=10)] = 1,
                    mode: Literal["plain", "upper"] = "plain") -> dict:
@@ -25,14 +25,14 @@ class SampleAgent(Agent):
         out = text.upper() if mode == "upper" else text
         return {"text": out * times, "caller": call.caller, "resources": call.resources}
 
-    @op("sample.count", deadline=5)
+    @op("sample.count", effect="change", deadline=5)
     async def count(self, call: Call) -> int:
         """Count how often this op really ran (for idempotency tests)."""
         self.runs += 1
         await asyncio.sleep(0.2)
         return self.runs
 
-    @op("sample.toggle", deadline=5, destructive=True)
+    @op("sample.toggle", effect="destructive", deadline=5)
     async def toggle(self, call: Call, target: str) -> int:
         """A destructive op with a visible effect: append a line to a file, return how many it has."""
         with open(target, "a") as f:
@@ -40,23 +40,23 @@ class SampleAgent(Agent):
         with open(target) as f:
             return len(f.readlines())
 
-    @op("sample.sleep", deadline=30)
+    @op("sample.sleep", effect="read", deadline=30)
     async def sleep(self, call: Call, seconds: float) -> str:
         """Sleep, then answer."""
         await asyncio.sleep(seconds)
         return "awake"
 
-    @op("sample.fail", deadline=5)
+    @op("sample.fail", effect="read", deadline=5)
     async def fail(self, call: Call) -> None:
         """Always fail, with a sentence a person can act on."""
         raise OpError("the sample device is unplugged: plug it in and retry")
 
-    @op("sample.crash", deadline=5)
+    @op("sample.crash", effect="read", deadline=5)
     async def crash(self, call: Call) -> None:
         """Raise an unexpected exception."""
         raise RuntimeError("boom")
 
-    @op("sample.steps", deadline=10, progress=True, destructive=True)
+    @op("sample.steps", effect="destructive", deadline=10, progress=True)
     async def steps(self, call: Call, steps: int = 3) -> dict:
         """A long op: report each step, then finish."""
         for i in range(steps):

@@ -83,19 +83,19 @@ class FencingAgent(Agent):
 
     # -- ops ------------------------------------------------------------------------------------
 
-    @op("fence.off", destructive=True, deadline=OP_DEADLINE, resources=(NODE_RESOURCE,))
+    @op("fence.off", effect="destructive", deadline=OP_DEADLINE, resources=(NODE_RESOURCE,))
     async def off(self, call: Call, cluster: Cluster, node: Node) -> dict:
         """Power a node off; ok only when the device's status confirms OFF.
 
         Levels are tried in order; concurrent requests for the node share one device action."""
         return await self._power(call, "off", cluster, node)
 
-    @op("fence.on", destructive=True, deadline=OP_DEADLINE, resources=(NODE_RESOURCE,))
+    @op("fence.on", effect="destructive", deadline=OP_DEADLINE, resources=(NODE_RESOURCE,))
     async def on(self, call: Call, cluster: Cluster, node: Node) -> dict:
         """Power a node on (unfence); ok only when the device's status confirms ON."""
         return await self._power(call, "on", cluster, node)
 
-    @op("fence.reboot", destructive=True, deadline=OP_DEADLINE, resources=(NODE_RESOURCE,))
+    @op("fence.reboot", effect="destructive", deadline=OP_DEADLINE, resources=(NODE_RESOURCE,))
     async def reboot(self, call: Call, cluster: Cluster, node: Node) -> dict:
         """Power a node off (verified), then on; ok once off is verified.
 
@@ -103,12 +103,12 @@ class FencingAgent(Agent):
         on_error."""
         return await self._power(call, "reboot", cluster, node)
 
-    @op("fence.status", deadline=OP_DEADLINE, resources=(NODE_RESOURCE,))
+    @op("fence.status", effect="read", deadline=OP_DEADLINE, resources=(NODE_RESOURCE,))
     async def status(self, call: Call, cluster: Cluster, node: Node) -> dict:
         """A node's power state (on or off) as its fence device reports it; failed when unknown."""
         return await self._power(call, "status", cluster, node)
 
-    @op("fence.list", deadline=5)
+    @op("fence.list", effect="read", deadline=5)
     async def list_nodes(self, call: Call,
                    cluster: Annotated[str, Arg("only nodes of this cluster (default: all)")] = "") -> dict:
         """The nodes this agent can fence, by cluster."""

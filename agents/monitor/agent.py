@@ -62,7 +62,7 @@ class MonitorAgent(Agent):
 
     # -- ops -------------------------------------------------------------------------------------
 
-    @op("monitor.check", deadline=120)
+    @op("monitor.check", effect="read", deadline=120)
     async def check(self, call: Call,
                     check: Annotated[str, Arg("a check this agent offers (see monitor.list)")],
                     args: Annotated[list[str], Arg("NAME=VALUE for an argument the check declares;"
@@ -85,7 +85,7 @@ class MonitorAgent(Agent):
                                      timeout_state=spec.timeout_state, kill_grace=KILL_GRACE)
         return self.describe_result(check, result)
 
-    @op("monitor.list", deadline=5)
+    @op("monitor.list", effect="read", deadline=5)
     async def list_checks(self, call: Call) -> dict:
         """The checks this agent offers, with the arguments a caller may set, and its schedule."""
         return {"host": self.host, "checks": [self.checks[n].describe() for n in sorted(self.checks)],

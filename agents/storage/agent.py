@@ -121,17 +121,17 @@ class StorageAgent(VolumeLocations, ReplicationOps, Agent):
     info = info_op("storage")
 
     # volumes ------------------------------------------------------------------------------------------
-    @op("storage.volume.create", resources=("/volume/{volume}",), scope="one")
+    @op("storage.volume.create", effect="change", resources=("/volume/{volume}",), scope="one")
     async def volume_create(self, call: Call, volume: Volume) -> dict:
         """Create an empty volume (a directory tree, e.g. a database's data directory)."""
         return await self._drive(lambda: self._volume(self.driver.create_volume(volume)))
 
-    @op("storage.volume.list")
+    @op("storage.volume.list", effect="read")
     async def volume_list(self, call: Call) -> list:
         """List volumes, clones and replicas with the space each uses and how it was measured."""
         return await self._drive(lambda: [self._volume(v) for v in self.driver.list_volumes()])
 
-    @op("storage.volume.destroy", destructive=True, deadline=600, resources=("/volume/{volume}",),
+    @op("storage.volume.destroy", effect="destructive", deadline=600, resources=("/volume/{volume}",),
         address=_AT_VOLUME)
     async def volume_destroy(self, call: Call, volume: Volume) -> dict:
         """Destroy a volume and its data; refused while it has snapshots, which it names."""
@@ -139,8 +139,8 @@ class StorageAgent(VolumeLocations, ReplicationOps, Agent):
         return {"destroyed": volume}
 
     # snapshots ----------------------------------------------------------------------------------------
-    @op("storage.snapshot.create", deadline=_DATA_DEADLINE, progress=True, resources=("/volume/{volume}",),
-        address=_AT_VOLUME)
+    @op("storage.snapshot.create", effect="change", deadline=_DATA_DEADLINE, progress=True,
+        resources=("/volume/{volume}",), address=_AT_VOLUME)
     async def snapshot_create(self, call: Call, volume: Volume, snapshot: Snapshot) -> dict:
         """Take a read-only snapshot of a volume or clone.
 
@@ -149,12 +149,12 @@ class StorageAgent(VolumeLocations, ReplicationOps, Agent):
         await call.progress({"phase": "capturing", "volume": volume})
         return _snapshot(await self._drive(self.driver.snapshot, volume, snapshot))
 
-    @op("storage.snapshot.list", resources=("/volume/{volume}",), address=_AT_VOLUME)
+    @op("storage.snapshot.list", effect="read", resources=("/volume/{volume}",), address=_AT_VOLUME)
     async def snapshot_list(self, call: Call, volume: Volume) -> list:
         """List a volume's snapshots, oldest first, with the clones made from each."""
         return [_snapshot(s) for s in await self._drive(self.driver.list_snapshots, volume)]
 
-    @op("storage.snapshot.destroy", destructive=True, deadline=600, resources=("/volume/{volume}",),
+    @op("storage.snapshot.destroy", effect="destructive", deadline=600, resources=("/volume/{volume}",),
         address=_AT_VOLUME)
     async def snapshot_destroy(self, call: Call, volume: Volume, snapshot: Snapshot) -> dict:
         """Destroy a snapshot; refused while clones made from it exist, which it names."""
@@ -162,7 +162,7 @@ class StorageAgent(VolumeLocations, ReplicationOps, Agent):
         return {"destroyed": f"{volume}@{snapshot}"}
 
     # clones -------------------------------------------------------------------------------------------
-    @op("storage.clone.create", deadline=_DATA_DEADLINE, progress=True,
+    @op("storage.clone.create", effect="change", deadline=_DATA_DEADLINE, progress=True,
         resources=("/volume/{volume}", "/volume/{clone}"), address=_AT_VOLUME)
     async def clone_create(self, call: Call, volume: Volume, snapshot: Snapshot, clone: Clone,
                            masked_only: Annotated[bool, Arg("refuse unless a successful storage.mask produced "
@@ -175,7 +175,7 @@ class StorageAgent(VolumeLocations, ReplicationOps, Agent):
         await call.progress({"phase": "cloning", "from": f"{volume}@{snapshot}", "clone": clone})
         return await self._drive(lambda: self._volume(self.driver.clone(volume, snapshot, clone, masked_only)))
 
-    @op("storage.mask", deadline=_DATA_DEADLINE, progress=True, resources=("/volume/{clone}",),
+    @op("storage.mask", effect="change", deadline=_DATA_DEADLINE, progress=True, resources=("/volume/{clone}",),
         address=_AT_CLONE)
     async def mask(self, call: Call, clone: Clone,
                    snapshot: Annotated[str, Arg("the snapshot of the masked clone to take when the hook "
@@ -205,7 +205,7 @@ class StorageAgent(VolumeLocations, ReplicationOps, Agent):
         finally:
             self._masking_now.discard(clone)
 
-    @op("storage.clone.refresh", destructive=True, deadline=_DATA_DEADLINE, progress=True,
+    @op("storage.clone.refresh", effect="destructive", deadline=_DATA_DEADLINE, progress=True,
         resources=("/volume/{clone}",), address=_AT_CLONE)
     async def clone_refresh(self, call: Call, clone: Clone,
                             snapshot: Annotated[str, Arg("snapshot of the volume the clone was made from "
@@ -214,7 +214,7 @@ class StorageAgent(VolumeLocations, ReplicationOps, Agent):
         await call.progress({"phase": "refreshing", "clone": clone, "snapshot": snapshot})
         return await self._drive(lambda: self._volume(self.driver.refresh_clone(clone, snapshot)))
 
-    @op("storage.clone.rollback", destructive=True, deadline=_DATA_DEADLINE, progress=True,
+    @op("storage.clone.rollback", effect="destructive", deadline=_DATA_DEADLINE, progress=True,
         resources=("/volume/{clone}",), address=_AT_CLONE)
     async def clone_rollback(self, call: Call, clone: Clone,
                              snapshot: Annotated[str, Arg("one of the clone's own snapshots",
@@ -228,7 +228,7 @@ class StorageAgent(VolumeLocations, ReplicationOps, Agent):
         await self._drive(self.driver.rollback, clone, snapshot)
         return await self._drive(lambda: self._volume(self._find(clone)))
 
-    @op("storage.clone.destroy", destructive=True, deadline=600, resources=("/volume/{clone}",),
+    @op("storage.clone.destroy", effect="destructive", deadline=600, resources=("/volume/{clone}",),
         address=_AT_CLONE)
     async def clone_destroy(self, call: Call, clone: Clone) -> dict:
         """Destroy a clone; refused while it has snapshots of its own, which it names."""

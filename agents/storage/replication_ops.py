@@ -81,7 +81,7 @@ class ReplicationOps:
             raise
 
     # source -------------------------------------------------------------------------------------------
-    @op("storage.replicate", deadline=_DATA_DEADLINE, progress=True, resources=("/volume/{volume}",))
+    @op("storage.replicate", effect="change", deadline=_DATA_DEADLINE, progress=True, resources=("/volume/{volume}",))
     async def replicate(self, call: Call, volume: Volume,
                         target: Annotated[str, Arg("JID of the target storage agent",
                                                    pattern=r"[^\s/@]+@[^\s/@]+(/\S+)?")],
@@ -104,43 +104,43 @@ class ReplicationOps:
         self.replicator.schedule(action.id)
         return await self._wait_update(call, action.id)
 
-    @op("storage.replication.update", deadline=_DATA_DEADLINE, progress=True)
+    @op("storage.replication.update", effect="change", deadline=_DATA_DEADLINE, progress=True)
     async def replication_update(self, call: Call, action: ActionId) -> dict:
         """Run one update of an action now (or join the one running): snapshot, send incrementally, publish."""
         return await self._wait_update(call, action)
 
-    @op("storage.replication.list")
+    @op("storage.replication.list", effect="read")
     async def replication_list(self, call: Call) -> list:
         """List replication actions: target, package, schedule, throttle, state, last update, live progress."""
         return self.replicator.list()
 
-    @op("storage.replication.pause")
+    @op("storage.replication.pause", effect="change")
     async def replication_pause(self, call: Call, action: ActionId) -> dict:
         """Pause an action: a running transfer stops where it is and resumes from there later."""
         return (await self._guard(self.replicator.pause(action))).to_wire()
 
-    @op("storage.replication.resume")
+    @op("storage.replication.resume", effect="change")
     async def replication_resume(self, call: Call, action: ActionId) -> dict:
         """Resume a paused action: an interrupted update continues, then the schedule runs again."""
         return (await self._guard(self._async(self.replicator.resume, action))).to_wire()
 
-    @op("storage.replication.throttle")
+    @op("storage.replication.throttle", effect="change")
     async def replication_throttle(self, call: Call, action: ActionId, rate: Rate) -> dict:
         """Change an action's bandwidth limit; a running transfer paces to it at once."""
         return (await self._guard(self._async(self.replicator.throttle, action, rate or None))).to_wire()
 
-    @op("storage.replication.destroy", destructive=True, deadline=600)
+    @op("storage.replication.destroy", effect="destructive", deadline=600)
     async def replication_destroy(self, call: Call, action: ActionId) -> dict:
         """Destroy an action and its snapshots on the source; its package on the target stays."""
         return await self._guard(self.replicator.destroy(action))
 
     # target -------------------------------------------------------------------------------------------
-    @op("storage.package.list")
+    @op("storage.package.list", effect="read")
     async def package_list(self, call: Call) -> list:
         """List the packages this agent holds: source agent and volume, action, snapshots."""
         return await self._drive(self.packages.list)  # type: ignore[attr-defined]
 
-    @op("storage.package.receive", resources=("/volume/{package}",))
+    @op("storage.package.receive", effect="change", resources=("/volume/{package}",))
     async def package_receive(self, call: Call, package: Package,
                               action: ActionId, source_volume: Volume,
                               snapshot: Annotated[str, Arg("snapshot to receive", pattern=NAME_PATTERN)],
@@ -148,14 +148,14 @@ class ReplicationOps:
         """(For source agents.) Open an inbox for one snapshot: address, one-time token, what is held."""
         return await self._guard(self.packages.offer(call.caller, package, action, source_volume, snapshot, tls))
 
-    @op("storage.package.commit", deadline=_DATA_DEADLINE, resources=("/volume/{package}",))
+    @op("storage.package.commit", effect="change", deadline=_DATA_DEADLINE, resources=("/volume/{package}",))
     async def package_commit(self, call: Call, package: Package,
                              snapshot: Annotated[str, Arg("snapshot whose stream is complete",
                                                           pattern=NAME_PATTERN)]) -> dict:
         """(For source agents.) Publish a completely received snapshot into its package, all or nothing."""
         return await self._guard(self.packages.commit(call.caller, package, snapshot))
 
-    @op("storage.package.destroy", destructive=True, deadline=600, resources=("/volume/{package}",))
+    @op("storage.package.destroy", effect="destructive", deadline=600, resources=("/volume/{package}",))
     async def package_destroy(self, call: Call, package: Package) -> dict:
         """Destroy a package and its snapshots; refused while clones made from them exist, which it names."""
         return await self._drive(self.packages.destroy, package)  # type: ignore[attr-defined]

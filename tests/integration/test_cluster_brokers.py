@@ -44,7 +44,7 @@ class GatedAgent(SampleAgent):
         self.release = asyncio.Event()
         self.gated_runs = 0
 
-    @op("sample.gated", deadline=60)
+    @op("sample.gated", effect="change", deadline=60)
     async def gated(self, call: Call) -> int:
         """Wait for the test, then answer how often this ran."""
         self.gated_runs += 1

@@ -56,7 +56,7 @@ class GatedAgent(SampleAgent):
         self.release = asyncio.Event()
         self.gated_runs = 0
 
-    @op("sample.gated", deadline=30, destructive=True)
+    @op("sample.gated", effect="destructive", deadline=30)
     async def gated(self, call: Call, target: str) -> int:
         """Wait for the test, then append a line to a file and return how many it has."""
         self.gated_runs += 1

@@ -24,8 +24,9 @@ async def _noop(*_a, **_k):
     return None
 
 
-def spec(name: str, destructive: bool = True) -> OpSpec:
-    return OpSpec(name=name, summary=name, description="", params=(), destructive=destructive, deadline=5,
+def spec(name: str, destructive: bool = True, effect: str | None = None) -> OpSpec:
+    effect = effect or ("destructive" if destructive else "read")
+    return OpSpec(name=name, summary=name, description="", params=(), effect=effect, deadline=5,
                   progress=False, resources=(), func=_noop)
 
 
@@ -84,6 +85,16 @@ def test_a_fenced_identity_is_refused_destructive_ops_only():
     assert view.check("db2@x.test", spec("storage.volume.destroy")) is None
     view.install([])  # unfenced: the broker's next push replaces the whole list
     assert view.check("db1@x.test", spec("storage.volume.destroy")) is None
+
+
+def test_a_fenced_identity_is_refused_every_op_that_changes_state_and_may_still_read():
+    view = fenced_db1()
+    for name, effect in [("storage.volume.create", "change"), ("storage.snapshot.create", "change"),
+                         ("storage.package.commit", "change"), ("storage.volume.destroy", "destructive")]:
+        d = view.check("db1@x.test", spec(name, effect=effect))
+        assert d is not None and not d.allowed, name
+        assert f"ops that change state ({name}) are refused" in d.reason
+    assert view.check("db1@x.test", spec("storage.volume.list", effect="read")) is None
 
 
 def test_entries_travel_as_json_and_bad_ones_are_named():

@@ -11,7 +11,7 @@ from agents.ops import OP_FEATURE_PREFIX, Arg, op, ops_of
 
 
 class Kind:
-    @op("demo.make", destructive=True, deadline=12, resources=("/volume/{volume}",))
+    @op("demo.make", effect="destructive", deadline=12, resources=("/volume/{volume}",))
     async def make(self, call, volume: Annotated[str, Arg("volume name", pattern=r"[a-z]+")],
                    size: Annotated[int, Arg("size in MiB", min=1, max=1024)] = 64,
                    fast: bool = False, tags: list[str] = (), ratio: float | None = None,
@@ -77,3 +77,47 @@ def test_bad_declarations_fail_at_import_time():
     with pytest.raises(TypeError, match="unsupported type"):
         async def f(self, call, x: dict): ...
         op("demo.dict")(f)
+
+
+def test_an_ops_effect_is_declared_once_and_shown_wherever_the_op_is_described():
+    class Kinds:
+        @op("demo.look", effect="read")
+        async def look(self, call) -> None:
+            """Look."""
+
+        @op("demo.forgot")
+        async def forgot(self, call) -> None:
+            """An op whose author said nothing about its effect."""
+
+    specs = ops_of(Kinds)
+    look, forgot = specs["demo.look"], specs["demo.forgot"]
+    assert (look.effect, look.changes_state, look.destructive) == ("read", False, False)
+    # Unmarked fails closed: it counts as changing state, so a fenced node's identities may not run it.
+    assert (forgot.effect, forgot.changes_state, forgot.destructive) == ("change", True, False)
+    assert (SPEC.effect, SPEC.changes_state, SPEC.destructive) == ("destructive", True, True)
+    assert look.describe()["effect"] == "read" and SPEC.describe()["effect"] == "destructive"
+    assert "(read-only, deadline 30s)" in look.help_text() and "(changes state," in forgot.help_text()
+    with pytest.raises(ValueError, match="effect must be one of read, change, destructive"):
+        op("demo.x", effect="harmless")
+    with pytest.raises(TypeError, match="effect='destructive'"):
+        op("demo.x", destructive=True)
+
+
+def test_every_installed_op_declares_what_it_does():
+    from agents.kinds import catalogue
+
+    by_effect: dict[str, set[str]] = {}
+    for name, spec in catalogue().items():
+        by_effect.setdefault(spec.effect, set()).add(name)
+    assert by_effect["read"] == {
+        "fence.list", "fence.status", "fencing.info", "mesh.agents", "mesh.alerts", "mesh.discover",
+        "mesh.fence.epochs", "mesh.fence.events", "mesh.info", "monitor.check", "monitor.info", "monitor.list",
+        "storage.info", "storage.package.list", "storage.replication.list", "storage.snapshot.list",
+        "storage.volume.list", "workflow.list", "workflow.status"}
+    assert by_effect["destructive"] == {
+        "fence.off", "fence.on", "fence.reboot", "policy.reload", "storage.clone.destroy",
+        "storage.clone.refresh", "storage.clone.rollback", "storage.package.destroy",
+        "storage.replication.destroy", "storage.snapshot.destroy", "storage.volume.destroy"}
+    # What makes or alters something, but destroys nothing.
+    assert {"storage.volume.create", "storage.snapshot.create", "storage.clone.create", "storage.replicate",
+            "storage.package.commit", "storage.package.receive", "workflow.run"} <= by_effect["change"]
