@@ -16,6 +16,7 @@ import importlib
 import logging
 import random
 import ssl
+import time
 import uuid
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
@@ -318,7 +319,11 @@ class Actor:
         iq = self.xmpp.make_iq_set(ito=target)
         req = iq["vertebra_op"]
         req["name"], req["rid"] = op, rid
-        req["timeout"] = str(max(1, int((timeout - self.timeouts.reply_margin) * 1000)))
+        budget_ms = max(1, int((timeout - self.timeouts.reply_margin) * 1000))
+        req["timeout"] = str(budget_ms)
+        # The same moment on our wall clock: an agent that gets the request only after it (stopped,
+        # or the request held up on the way) never starts it (docs/protocol.md section 9).
+        req["deadline"] = str(int(time.time() * 1000) + budget_ms)
         if on:
             req["on"] = " ".join(on)
         if behalf:

@@ -29,7 +29,7 @@ from slixmpp import Iq, Presence
 
 from . import __version__, fenced, policy_sync, protocol, resources as paths
 from .actor import Actor, Backoff, Endpoint
-from .audit import AuditLog
+from .audit import AuditLog, private_file
 from .authz import AdminsOnly, Authorizer, current_via, decide, from_broker
 from .errors import BadArguments, BadPayload, Denied, InternalError, OpError, OpTimeout, TooLarge, UnknownOp
 from .idempotency import Answer, RequestLog, fingerprint
@@ -39,6 +39,7 @@ log = logging.getLogger(__name__)
 audit_log = logging.getLogger("vertebra.audit")
 
 AGENT_FORM = "urn:vertebra:1#agent"
+ANCHOR_OP = "mesh.audit.anchor"  # an agent's audit head, sent to its brokers (broker/anchors.py)
 
 
 @dataclass
@@ -117,25 +118,58 @@ class Agent(Actor):
         self.authorizer = authorizer or AdminsOnly(())
         self.settings = settings or {}
         self.ops: dict[str, OpSpec] = ops_of(type(self))
-        self._requests = RequestLog(state_dir / "requests.sqlite" if state_dir else None)
+        # Private like the audit log (it names every caller and op): 0600 in a 0700 directory.
+        self._requests = RequestLog(private_file(state_dir / "requests.sqlite") if state_dir else None)
         self._tasks: set[asyncio.Task[Any]] = set()
         self._serve_op = self._on_op
         self._brokers: set[str] = set()  # full JIDs of brokers that have seen us this session
         self._announcer: asyncio.Task[None] | None = None
         self._audit_flusher: asyncio.Task[None] | None = None
+        self._anchored: dict[str, int] = {}  # broker full JID -> audit sequence it holds as our anchor
         self.xmpp.add_event_handler("presence_available", self._on_broker_presence)
         self.xmpp.add_event_handler("presence_unavailable", self._on_broker_presence)
         self._advertise_features()
 
+    # Seconds between the audit log's flushes, each followed by sending its head to the brokers when it
+    # changed (what records since the last anchor a truncation can take unnoticed; README, audit).
+    audit_anchor_interval = 30.0
+
     async def _flush_audit(self) -> None:
-        # Denials held back by the per-sender rate limit are written as one summary now and then.
+        # Denials held back by the per-sender rate limit are written as one summary now and then, and
+        # the head is anchored at the brokers (broker/anchors.py) so the log cannot be cut unnoticed.
         while True:
-            await asyncio.sleep(60)
+            await asyncio.sleep(self.audit_anchor_interval)
             self.audit.flush()
+            await self._anchor_audit()
+
+    async def _anchor_audit(self, timeout: float = 5.0) -> None:
+        """Send the audit log's head (sequence, keyed hash) to each broker that has seen this agent
+        and does not have it yet; one that fails is tried again next time."""
+        if self.audit is None or not self.broker:
+            return
+        seq, digest = self.audit.head()
+        brokers = [b for b in sorted(self._brokers) if self._anchored.get(b) != seq]
+        if not seq or not brokers:
+            return
+        results = await asyncio.gather(*(self.request(b, ANCHOR_OP, {"seq": seq, "hash": digest}, timeout=timeout)
+                                         for b in brokers), return_exceptions=True)
+        for broker, res in zip(brokers, results):
+            if not isinstance(res, BaseException) and res.ok:
+                self._anchored[broker] = seq
+            else:
+                log.warning("could not anchor the audit log's head (record %d) at %s: %s; trying again in %gs",
+                            seq, broker, res if isinstance(res, BaseException) else f"{res.outcome.value}: {res.error}",
+                            self.audit_anchor_interval)
 
     async def stop(self) -> None:
         if self._audit_flusher is not None:
             self._audit_flusher.cancel()
+        if self.audit is not None and self.online:
+            self.audit.flush()
+            try:  # the last records this agent wrote: a cut after shutdown is detected too
+                await self._anchor_audit(timeout=3.0)
+            except Exception:
+                log.warning("could not anchor the audit log's head on shutdown", exc_info=True)
         await super().stop()
         self._requests.close()
         if self.audit is not None:
@@ -271,14 +305,20 @@ class Agent(Actor):
 
     async def _admit_and_run(self, iq: Iq, caller: str, rid: str, key: tuple[str, str], fp: str) -> Answer:
         name = iq["vertebra_op"]["name"]
+        decided: list[str] = []  # _admit notes here once the decision is recorded
         try:
-            spec, call, args = self._admit(iq, caller, rid)
-        except OpError as exc:  # refused before running: the decision record (if any) says it all
+            spec, call, args = self._admit(iq, caller, rid, decided)
+        except OpError as exc:  # refused before running: the decision record says it all, or a refusal's
             log.info("refused rid=%s caller=%s op=%s: %s", rid, caller, name, exc.text)
+            if not decided:
+                self._audit_refusal(iq, caller, rid, exc)
             return Answer(error=exc)
         except Exception as exc:  # a fault while admitting still answers, and runs nothing
             log.exception("admitting %s from %s failed", name, caller)
-            return Answer(error=InternalError(f"{name} could not be admitted: {exc.__class__.__name__}"))
+            error = InternalError(f"{name} could not be admitted: {exc.__class__.__name__}")
+            if not decided:
+                self._audit_refusal(iq, caller, rid, error)
+            return Answer(error=error)
         if spec.progress:
             call._reply_to, call._job = str(iq["from"]), uuid.uuid4().hex
             answer = Answer(job=call._job, job_end=asyncio.get_running_loop().create_future())
@@ -289,11 +329,15 @@ class Agent(Actor):
         except OpError as exc:
             return Answer(error=exc)
 
-    def _admit(self, iq: Iq, caller: str, rid: str) -> tuple[OpSpec, Call, dict[str, Any]]:
-        """Decode, validate and authorize a request; raises the OpError that refuses it."""
+    def _admit(self, iq: Iq, caller: str, rid: str, decided: list[str] | None = None
+               ) -> tuple[OpSpec, Call, dict[str, Any]]:
+        """Decode, validate and authorize a request; raises the OpError that refuses it. Once the
+        decision is in the audit log, the op's name is added to ``decided`` (a refusal before that is
+        audited by the caller)."""
         req = iq["vertebra_op"]
         if len(req.xml):
             raise BadPayload("the <op/> element must hold only its base64 payload, no child elements")
+        deadline = protocol.parse_deadline(req["deadline"])  # wall clock, seconds; None from older senders
         spec = self.ops.get(req["name"])
         if spec is None:
             raise UnknownOp(f"{req['name']!r} is not an op of {self.kind} agent {self.name};"
@@ -318,14 +362,38 @@ class Agent(Actor):
                        rid, caller, spec.name, resources, decision.allowed, decision.reason)
         if self.audit is not None:
             rule = decision.rule or decision.reason
+            # A destructive op's decision is committed before the op starts: a crash it causes (or one
+            # during it) must not lose who powered off a node. Other decisions are written in batches.
             self.audit.decided(rid=rid, caller=caller, op=spec.name, resources=resources, args=args,
                                secret=[p.name for p in spec.params if p.secret], allowed=decision.allowed,
                                rule=f"{rule} (sent by {via} on the caller's behalf)" if via else rule,
-                               version=decision.version or 0)
+                               version=decision.version or 0, durable=decision.allowed and spec.destructive)
+        if decided is not None:
+            decided.append(spec.name)
         if not decision.allowed:
             raise Denied(decision.reason)
         timeout = min(spec.deadline, _budget(req["timeout"], spec.deadline))
+        if deadline is not None:  # the caller's own end, whatever held the request up on the way
+            left = deadline + protocol.CLOCK_SKEW_ALLOWANCE - time.time()
+            if left <= 0:
+                self._audit_end(rid, caller, spec.name, OpTimeout.condition, time.monotonic())
+                raise OpTimeout(
+                    f"{spec.name} was not started: the request reached {self.name} {time.time() - deadline:.1f}s"
+                    f" after its deadline (allowing {protocol.CLOCK_SKEW_ALLOWANCE:g}s of clock skew), when the"
+                    " caller had stopped waiting; nothing was done. Send it again, with a new request id, if"
+                    " it is still wanted")
+            timeout = min(timeout, left)
         return spec, Call(self, caller, rid, resources, asyncio.get_running_loop().time() + timeout, via), args
+
+    def _audit_refusal(self, iq: Iq, sender: str, rid: str, error: OpError) -> None:
+        """Audit a request refused before any decision (rate-limited per sender like denials): a forged
+        ``for``, a payload that does not decode, an unknown op, bad arguments."""
+        req = iq["vertebra_op"]
+        audit_log.info("refused rid=%s sender=%s op=%.200s for=%.200s condition=%s", rid, sender, req["name"],
+                       req["for"], error.condition)
+        if self.audit is not None:
+            self.audit.refused(rid=rid, caller=sender, op=req["name"] or "", condition=error.condition,
+                               reason=error.text, behalf=req["for"] or "")
 
     def _subject(self, sender: str, behalf: str) -> tuple[str, str]:
         """(delegate, subject): whom a request is decided and audited for. A ``for`` is honoured from
@@ -363,6 +431,10 @@ class Agent(Actor):
         started = time.monotonic()
         timeout = call.deadline - asyncio.get_running_loop().time()
         try:
+            # Out of time before it began: never start it (a coroutine runs up to its first await).
+            if timeout <= 0:
+                raise OpTimeout(f"{spec.name} was not started: its deadline passed before it could begin; nothing"
+                                " was done")
             async with asyncio.timeout(timeout):  # unlike wait_for, no second task per request
                 result = await spec.func(self, call, **args)
             payload = protocol.encode(result, what=f"the result of {spec.name}")

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import re
 from typing import Any
 
 import msgpack
@@ -32,16 +33,25 @@ MAX_PAYLOAD = 160 * 1024
 MAX_TEXT = (MAX_PAYLOAD * 4) // 3 + 4  # the same limit, as base64 characters
 MAX_DEPTH = 32
 MAX_ITEMS = 10_000  # elements of any one array or map
+#: How far an agent's wall clock may lag or lead a sender's before a request's ``deadline`` is
+#: misjudged: an agent starts a request until this long after its deadline by the agent's clock.
+#: NTP keeps hosts within milliseconds; two seconds also covers a host that has lost its time source
+#: for a while, and is still far below any op's useful time (docs/protocol.md section 9).
+CLOCK_SKEW_ALLOWANCE = 2.0
+_DEADLINE = re.compile(r"[1-9][0-9]{0,15}")
 
 
 class OpRequest(ElementBase):
-    """``<op name rid timeout on for>`` — a request to run an op; the text is the arguments, ``on`` the
-    space-separated resources the caller addressed, ``for`` the bare JID a delegate acts for."""
+    """``<op name rid timeout deadline on for>`` — a request to run an op; the text is the arguments,
+    ``on`` the space-separated resources the caller addressed, ``for`` the bare JID a delegate acts
+    for. ``timeout`` is the caller's remaining budget in milliseconds, ``deadline`` the same moment as
+    the sender's wall clock (Unix time in milliseconds), so a request held up on the way is not
+    started late (docs/protocol.md section 9)."""
 
     name = "op"
     namespace = NS
     plugin_attrib = "vertebra_op"
-    interfaces = {"name", "rid", "timeout", "on", "for"}
+    interfaces = {"name", "rid", "timeout", "deadline", "on", "for"}
 
 
 class Outcome(ElementBase):
@@ -120,6 +130,18 @@ def _check_depth(obj: Any) -> None:
             return
         level = nxt
     raise TooLarge(f"payload nests deeper than {MAX_DEPTH} levels")
+
+
+def parse_deadline(text: str) -> float | None:
+    """A request's ``deadline`` attribute as Unix time in seconds; None when absent (an older sender:
+    its relative ``timeout`` alone applies). Anything else than a positive decimal integer of
+    milliseconds is refused: a sender that states a deadline must be held to it, not ignored."""
+    if not text:
+        return None
+    if not _DEADLINE.fullmatch(text):
+        raise BadPayload(f"'deadline' must be the sender's wall-clock time in milliseconds since 1970 as a"
+                         f" positive decimal integer, got {text[:40]!r}")
+    return int(text) / 1000.0
 
 
 def error_reply(iq: Iq, error: OpError) -> Iq:

@@ -1,0 +1,140 @@
+"""Absolute deadlines on the real server (docs/protocol.md section 9): a request carries the sender's
+wall-clock deadline beside its relative timeout, and an agent never starts a request whose deadline
+(plus the clock-skew allowance) has passed, however long the request was held up on the way.
+
+The attacks are sent with the raw client (tests/rawxmpp.py), written from the protocol text; the
+frozen agent is a real process stopped with SIGSTOP while a destructive request waits for it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import time
+import xml.etree.ElementTree as ET
+
+from agents import audit, protocol
+from agents.errors import Outcome
+from conftest import DOMAIN, ROOT, until
+from rawxmpp import NS_CLIENT, NS_VERTEBRA, RawXMPP
+from sample_agent import SampleAgent
+
+
+async def raw_operator(mesh) -> RawXMPP:
+    jid, password = mesh.operator  # a mesh admin: what it asks is allowed, so only the deadline can stop it
+    return await RawXMPP.login(mesh.server.host, mesh.server.port, DOMAIN, jid.split("@")[0], password,
+                               ssl_context=mesh.server.ssl_context(), resource="raw")
+
+
+def now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+def answer_to(iq_id: str):
+    return lambda e: e.tag == f"{{{NS_CLIENT}}}iq" and e.get("id") == iq_id and e.get("type") in ("result", "error")
+
+
+def condition(reply: ET.Element) -> tuple[str | None, str]:
+    """The Vertebra application condition of an error answer, and its sentence."""
+    error = reply.find(f"{{{NS_CLIENT}}}error")
+    assert error is not None, ET.tostring(reply)
+    cond = next((c.tag.split("}", 1)[1] for c in error if c.tag.startswith(f"{{{NS_VERTEBRA}}}")), None)
+    text = error.find("{urn:ietf:params:xml:ns:xmpp-stanzas}text")
+    return cond, text.text if text is not None else ""
+
+
+async def test_a_request_held_up_while_its_agent_was_stopped_is_never_started(mesh, server, tmp_path):
+    broker = await mesh.broker()
+    jid, pw = mesh.account("frozen")
+    broker.admit(jid, SampleAgent.kind, ["/host/frozen"])
+    proc = subprocess.Popen([sys.executable, str(ROOT / "tests" / "sample_agent.py"), jid, pw, str(server.port),
+                             str(server.cert_path), broker.jid.bare, mesh.operator[0], "/host/frozen"],
+                            stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    target, effect, raw_effect = f"{jid}/agent", tmp_path / "powered-off", tmp_path / "raw-powered-off"
+    raw = None
+    try:
+        ready = await asyncio.wait_for(asyncio.to_thread(proc.stdout.readline), 30)
+        assert ready.strip() == "ready"
+        client = await mesh.client(broker)
+        raw = await raw_operator(mesh)
+        proc.send_signal(signal.SIGSTOP)
+
+        # The runtime's own caller, and a raw one that keeps listening after it has given up.
+        deadline_ms = now_ms() + 3000
+        await raw.send(f"<iq type='set' id='late1' to='{target}'>"
+                       + raw.op_xml("sample.toggle", {"target": str(raw_effect)}, timeout_ms=3000,
+                                    attrs={"deadline": str(deadline_ms)}) + "</iq>")
+        latest = time.time() + 3  # no later than the client's deadline
+        res = await client.request(target, "sample.toggle", {"target": str(effect)}, timeout=3)
+        assert res.outcome is Outcome.TIMEOUT, (res.outcome, res.error)
+        # Both callers have given up; once their deadlines are past by the skew allowance, too, the agent wakes.
+        await until(lambda: time.time() > latest + protocol.CLOCK_SKEW_ALLOWANCE + 0.5, timeout=15,
+                    what="the deadlines to pass")
+        proc.send_signal(signal.SIGCONT)
+
+        late = await raw.next(answer_to("late1"), timeout=20)
+        cond, text = condition(late)
+        assert cond == "timeout" and "was not started" in text and "nothing was done" in text, text
+        # It is awake and serving, and neither held-up request ran.
+        fresh = await client.request(target, "sample.echo", {"text": "awake"}, timeout=10)
+        assert fresh.outcome is Outcome.OK
+        assert not effect.exists() and not raw_effect.exists()
+        again = await client.request(target, "sample.toggle", {"target": str(effect)}, timeout=10)
+        assert again.outcome is Outcome.OK and again.result == 1  # what the held-up one would have done
+    finally:
+        proc.send_signal(signal.SIGCONT)
+        proc.kill()
+        proc.wait()
+        if raw is not None:
+            await raw.close()
+
+
+async def test_a_request_whose_deadline_has_passed_is_answered_timeout_audited_and_not_run(mesh, tmp_path):
+    agent = await mesh.agent(SampleAgent, None, ["/host/late"])
+    raw = await raw_operator(mesh)
+    target, effect = str(agent.jid), tmp_path / "effect"
+    try:
+        # Its relative timeout alone would let it run; its deadline is 10 s gone.
+        stale = raw.op_xml("sample.toggle", {"target": str(effect)}, rid="stale-1", timeout_ms=5000,
+                           attrs={"deadline": str(now_ms() - 10_000)})
+        cond, text = condition(await raw.iq(target, stale))
+        assert cond == "timeout" and "sample.toggle was not started" in text and "nothing was done" in text, text
+        assert "allowing 2s of clock skew" in text
+        assert not effect.exists()
+        # Audited: allowed by the policy, then ended as timeout without running.
+        def records() -> list[tuple[str, str]]:
+            return [(r["kind"], r.get("decision") or r.get("outcome"))
+                    for r in audit.show(agent.state_dir / "audit.sqlite", op="sample.toggle") if r["rid"] == "stale-1"]
+
+        await until(lambda: len(records()) == 2, what="both audit records")
+        assert records() == [("decided", "allow"), ("ended", "timeout")], records()
+
+        # A deadline that is not a whole number of milliseconds is refused, not ignored.
+        for bad in ("soon", "1.5e12", "-5"):
+            reply = await raw.iq(target, raw.op_xml("sample.toggle", {"target": str(effect)}, timeout_ms=5000,
+                                                    attrs={"deadline": bad}))
+            cond, text = condition(reply)
+            assert cond == "bad-payload" and "'deadline' must be" in text, (bad, text)
+        assert not effect.exists()
+
+        # An older sender states no deadline: its relative timeout alone applies, as before.
+        reply = await raw.iq(target, raw.op_xml("sample.toggle", {"target": str(effect)}, timeout_ms=5000))
+        assert reply.get("type") == "result" and effect.read_text() == "toggled\n"
+    finally:
+        await raw.close()
+
+
+async def test_the_deadline_also_ends_an_op_that_has_started(mesh):
+    agent = await mesh.agent(SampleAgent, None, ["/host/capped"])
+    raw = await raw_operator(mesh)
+    try:
+        # 30 s by the relative timeout, but the sender's deadline is one second away: the op is
+        # stopped at that deadline (plus the skew allowance), not left to sleep for 20 s.
+        req = raw.op_xml("sample.sleep", {"seconds": 20}, timeout_ms=30_000, attrs={"deadline": str(now_ms() + 1000)})
+        cond, text = condition(await raw.iq(str(agent.jid), req, timeout=15))
+        assert cond == "timeout" and "did not finish within" in text, text
+    finally:
+        await raw.close()
