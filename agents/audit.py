@@ -1,28 +1,48 @@
-"""The audit trail: an append-only, hash-chained SQLite log of every decision and every ending.
+"""The audit trail: an append-only, keyed, hash-chained SQLite log of every decision and every ending.
 
 Each record's hash covers the previous record's hash and the record's own canonical content
 (sequence number, time, kind and fields), so editing, deleting or reordering any record breaks the
 chain at that record and :func:`verify` names it. Triggers refuse UPDATE and DELETE, which stops
-accidents; a deliberate edit (dropping the triggers) is what the chain catches. Cutting records off
-the end leaves a valid shorter chain: keep :meth:`AuditLog.head` somewhere else (the broker) and
-pass it to ``verify(expect_head=...)`` to catch that too.
+accidents; a deliberate edit (dropping the triggers) is what the chain catches.
 
-Two kinds of records for a request: ``decided`` (time, rid, caller, op, canonical resources, a hash
-of the arguments with secret parameters redacted, decision, the rule that decided, policy version)
-and ``ended`` (outcome, duration). A denied request has only its ``decided`` record.
+The chain is keyed: each hash is an HMAC-SHA256 under a per-log key kept outside the database, in a
+file beside it (``audit.key``, mode 0600, made on first use). Someone who can write the database but
+not read the key cannot recompute the hashes after an edit. HMAC rather than Ed25519 signatures:
+whoever verifies a log is on the agent's machine with the log (``vertebra audit verify`` reads the
+state directory), so a public key buys nothing there, while HMAC costs about a microsecond per record
+on every request's path and needs nothing beyond the standard library. What the key does not stop
+(someone holding it, or cutting records off the end) the anchors do: each agent sends its head
+(sequence, keyed hash) to its broker now and then and on shutdown (broker/anchors.py), and
+:func:`verify` given those anchors reports a log that ends before an anchored record (truncation) or
+holds another hash there (a rewrite). A log written before keys existed keeps its unkeyed records and
+continues keyed; :func:`verify` accepts unkeyed records only before the first keyed one, and warns.
+
+Records of a request: ``decided`` (time, rid, caller, op, canonical resources, a hash of the
+arguments with secret parameters redacted, decision, the rule that decided, policy version) and
+``ended`` (outcome, duration); a request refused before any decision could be made (a ``for`` from
+someone who is not a delegate, a payload that does not decode, an unknown op, bad arguments) has one
+``refused`` record (sender, op name as sent, condition, reason). A denied request has only its
+``decided`` record. The ``decided`` record of a destructive op is committed (and synced) before the
+op starts; the others are written in small batches (``write_behind``).
 
 Denials are rate-limited per sender (a token bucket: ``denial_burst`` at once, then
 ``denials_per_minute``) and overall, so a flood of refused requests cannot fill the disk. What
 is held back is counted, not lost: the next record written for that sender (or :meth:`flush`) is
 preceded by one ``denials-suppressed`` record with the count, the first and last time and the ops
-most often tried. Allowed requests are never held back.
+most often tried. Refusals count as denials. Allowed requests are never held back.
+
+The log, its key and its directory are private to the agent's user (files 0600): every decision
+names who asked for what (:func:`private_file`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import hashlib
+import hmac
 import json
+import os
+import secrets
 import sqlite3
 import time
 import weakref
@@ -36,6 +56,7 @@ GENESIS = "0" * 64
 # The logs this process has open, so that reading one here includes records still held back.
 _OPEN: weakref.WeakValueDictionary[Path, "AuditLog"] = weakref.WeakValueDictionary()
 REDACTED = "[secret]"
+MAX_SENT_TEXT = 200  # characters of a sender's own text (an op name, a 'for', a reason) a record keeps
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS records (
@@ -67,8 +88,73 @@ def canonical(value: Any) -> str:
     return _CANONICAL.encode(value)
 
 
-def chain_hash(prev: str, body: str) -> str:
-    return hashlib.sha256(f"{prev}\n{body}".encode()).hexdigest()
+def chain_hash(prev: str, body: str, key: bytes | None = None) -> str:
+    """A record's hash: HMAC-SHA256 under the log's key, or plain SHA-256 for records written before
+    the log had one."""
+    data = f"{prev}\n{body}".encode()
+    if key is None:
+        return hashlib.sha256(data).hexdigest()
+    return hmac.new(key, data, hashlib.sha256).hexdigest()
+
+
+def key_path(log_path: str | Path) -> Path:
+    """Where a log's key lives: beside the database, outside it (audit.sqlite -> audit.key)."""
+    return Path(log_path).with_suffix(".key")
+
+
+def private_file(path: str | Path) -> Path:
+    """Make ``path`` private to this user before anything writes into it: create it 0600 if it is
+    missing, tighten it (and its directory, to 0700) if it is not. For the audit log, its key, the
+    request log and log files: each names who asked for what."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    _tighten(path.parent, 0o700)
+    try:
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+    except FileExistsError:
+        _tighten(path, 0o600)
+    # SQLite's -wal and -shm files take the database's mode when it makes them; ones left by an
+    # earlier run keep theirs.
+    for extra in (path.with_name(path.name + "-wal"), path.with_name(path.name + "-shm")):
+        if extra.exists():
+            _tighten(extra, 0o600)
+    return path
+
+
+def _tighten(path: Path, mode: int) -> None:
+    try:
+        if path.stat().st_mode & 0o777 & ~mode:
+            os.chmod(path, mode)
+    except PermissionError:  # not ours (a shared directory): the files in it still are private
+        pass
+
+
+def load_key(path: str | Path, create: bool = False) -> bytes | None:
+    """The log's key (32 random bytes, hex in a 0600 file); made when missing if ``create``."""
+    path = Path(path)
+    if create and not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except FileExistsError:
+            pass  # another writer made it first: read theirs
+        else:
+            with os.fdopen(fd, "w") as f:
+                f.write(secrets.token_hex(32) + "\n")
+                f.flush()
+                os.fsync(f.fileno())
+    try:
+        text = path.read_text().strip()
+    except FileNotFoundError:
+        return None
+    try:
+        key = bytes.fromhex(text)
+    except ValueError:
+        raise ValueError(f"the audit key {path} is not 64 hexadecimal characters; restore it from a backup"
+                         " (a new key cannot check the records the old one made)") from None
+    if len(key) < 16:
+        raise ValueError(f"the audit key {path} is too short ({len(key)} bytes); restore it from a backup")
+    return key
 
 
 def args_hash(args: Mapping[str, Any], secret: Iterable[str] = ()) -> str:
@@ -94,8 +180,12 @@ class AuditLog:
 
     def __init__(self, path: str | Path, *, clock: Callable[[], float] = time.time, denial_burst: int = 10,
                  denials_per_minute: float = 6.0, all_denials_per_minute: float = 600.0,
-                 max_senders: int = 10_000, write_behind: float = 0.0) -> None:
-        self.path = Path(path)
+                 max_senders: int = 10_000, write_behind: float = 0.0, keyed: bool = True) -> None:
+        self.path = private_file(path)
+        # Made on first use (keyed=False only to build a log as it was before keys, for tests).
+        self.key = load_key(key_path(self.path), create=True) if keyed else None
+        if self.key is not None:
+            private_file(key_path(self.path))
         # With write_behind > 0 (seconds), records gathered inside that window are chained and committed
         # in one transaction, off the request's path: one commit per request pair cost an op round trip
         # about 25% (bench/authz.py). What a crash can lose is that window; stop() and flush() write it.
@@ -118,6 +208,16 @@ class AuditLog:
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute("PRAGMA synchronous=NORMAL")
         self.db.executescript(_SCHEMA)
+        if self.key is not None:
+            self._mark_keyed()
+
+    def _mark_keyed(self) -> None:
+        """A log begun before keys existed continues keyed from a ``keyed`` record written at once,
+        so that it never shows a key beside records none of which it made."""
+        row = self.db.execute("SELECT seq, body, prev, hash FROM records ORDER BY seq DESC LIMIT 1").fetchone()
+        if row is not None and chain_hash(row[2], row[1], self.key) != row[3]:
+            self._pending.append((self.clock(), "keyed", "", "*", {"unkeyed_before": row[0] + 1}))
+            self._write_pending(sync=True)
 
     def close(self) -> None:
         self.flush()
@@ -127,14 +227,32 @@ class AuditLog:
     # -- what the agent and broker call -----------------------------------------------------------
 
     def decided(self, *, rid: str, caller: str, op: str, resources: Sequence[str], args: Mapping[str, Any],
-                secret: Iterable[str], allowed: bool, rule: str, version: int) -> bool:
-        """Record a decision; returns False when a denial was only counted (rate limit)."""
+                secret: Iterable[str], allowed: bool, rule: str, version: int, durable: bool = False) -> bool:
+        """Record a decision; returns False when a denial was only counted (rate limit). With
+        ``durable`` the record (and every one before it) is committed and synced before this returns:
+        the decision to run a destructive op must outlive a crash the op may cause."""
         fields = {"rid": rid, "resources": list(resources), "args": args_hash(args, secret),
                   "decision": "allow" if allowed else "deny", "rule": rule, "policy_version": version}
         if not allowed and not self._admit_denial(caller, op):
             return False
         self._summarize(caller)
         self._append("decided", caller, op, fields)
+        if durable:
+            self._write_pending(sync=True)
+        return True
+
+    def refused(self, *, rid: str, caller: str, op: str, condition: str, reason: str, behalf: str = "") -> bool:
+        """Record a request refused before any decision (who sent it, the op it named, why); rate-limited
+        per sender like denials. ``caller`` is the sender as the server stamped it, ``behalf`` the
+        ``for`` it claimed. Returns False when it was only counted."""
+        op = op[:MAX_SENT_TEXT]
+        if not self._admit_denial(caller, op):
+            return False
+        self._summarize(caller)
+        fields = {"rid": rid[:MAX_SENT_TEXT], "condition": condition, "reason": reason[:MAX_SENT_TEXT]}
+        if behalf:
+            fields["for"] = behalf[:MAX_SENT_TEXT]
+        self._append("refused", caller, op, fields)
         return True
 
     def ended(self, *, rid: str, caller: str, op: str, outcome: str, duration: float) -> None:
@@ -168,13 +286,15 @@ class AuditLog:
             except RuntimeError:  # no event loop to write later from: write now
                 self._write_pending()
 
-    def _write_pending(self) -> None:
+    def _write_pending(self, sync: bool = False) -> None:
         if self._writer is not None:
             self._writer.cancel()
             self._writer = None
         if not self._pending:
             return
         pending, self._pending = self._pending, []
+        if sync:  # this commit reaches the disk itself, not only the OS (a power cut keeps it too)
+            self.db.execute("PRAGMA synchronous=FULL")
         cur = self.db.cursor()
         cur.execute("BEGIN IMMEDIATE")  # other writers of the same file wait: one chain, no forks
         try:
@@ -183,7 +303,7 @@ class AuditLog:
             for now, kind, caller, op, fields in pending:
                 seq += 1
                 body = canonical({**fields, "seq": seq, "at": now, "kind": kind, "caller": caller, "op": op})
-                digest = chain_hash(prev, body)
+                digest = chain_hash(prev, body, self.key)
                 cur.execute("INSERT INTO records (seq, at, kind, caller, op, body, prev, hash)"
                             " VALUES (?, ?, ?, ?, ?, ?, ?, ?)", (seq, now, kind, caller, op, body, prev, digest))
                 prev = digest
@@ -191,6 +311,9 @@ class AuditLog:
         except BaseException:
             cur.execute("ROLLBACK")
             raise
+        finally:
+            if sync:
+                self.db.execute("PRAGMA synchronous=NORMAL")
 
     # -- the denial rate limit -------------------------------------------------------------------
 
@@ -243,14 +366,30 @@ class AuditLog:
 # -- reading: what `vertebra audit verify|show` call -------------------------------------------------
 
 @dataclass(frozen=True)
+class Anchor:
+    """A head an agent sent its broker: its log had record ``seq`` with hash ``hash`` at time ``at``."""
+
+    seq: int
+    hash: str
+    at: float | None = None
+
+    def when(self) -> str:
+        return f" (anchored {_iso(self.at)})" if self.at else ""
+
+
+@dataclass(frozen=True)
 class Verification:
     ok: bool
     records: int  # how many records were checked
     bad_seq: int | None = None  # the first record that does not hold (None when ok)
     message: str = ""
+    warnings: tuple[str, ...] = ()  # what was not or could not be checked, in sentences
 
     def __str__(self) -> str:
         return self.message
+
+
+_FROM_FILE: Any = object()  # verify's default: the key in the file beside the log, if there is one
 
 
 def _open_read(path: str | Path) -> sqlite3.Connection:
@@ -262,11 +401,23 @@ def _open_read(path: str | Path) -> sqlite3.Connection:
     return sqlite3.connect(f"file:{Path(path)}?mode=ro", uri=True)
 
 
-def verify(path: str | Path, expect_head: tuple[int, str] | None = None) -> Verification:
-    """Walk the chain in order; name the first record that was edited, removed or moved."""
+def verify(path: str | Path, expect_head: tuple[int, str] | None = None, *,
+           anchors: Iterable[Anchor] | None = None, key: bytes | None = _FROM_FILE) -> Verification:
+    """Walk the chain in order and name the first record that was edited, removed or moved; then
+    compare the log with the heads its agent anchored at the broker (``anchors``, and/or one
+    ``expect_head``), which names a log cut off before an anchored record or rewritten up to one.
+
+    Records are checked under the log's key (by default read from :func:`key_path`); unkeyed records
+    are accepted only before the first keyed one (a log begun before keys existed), with a warning."""
+    if key is _FROM_FILE:
+        key = load_key(key_path(path))
+    wanted = sorted({*(anchors or ()), *([Anchor(*expect_head)] if expect_head and expect_head[0] > 0 else [])},
+                    key=lambda a: (a.seq, a.at or 0.0))
+    anchored_seqs = {a.seq for a in wanted}
+    hashes: dict[int, str] = {}
     db = _open_read(path)
     try:
-        prev, expected_seq, count = GENESIS, 1, 0
+        prev, expected_seq, count, keyed_from = GENESIS, 1, 0, None
         for seq, at, kind, caller, op, body, stored_prev, stored_hash in db.execute(
                 "SELECT seq, at, kind, caller, op, body, prev, hash FROM records ORDER BY seq"):
             count += 1
@@ -276,9 +427,15 @@ def verify(path: str | Path, expect_head: tuple[int, str] | None = None) -> Veri
             if stored_prev != prev:
                 return Verification(False, count, seq, f"record {seq} does not follow record {seq - 1}:"
                                                        " a record before it was changed, removed or moved")
-            if chain_hash(prev, body) != stored_hash:
-                return Verification(False, count, seq, f"record {seq} was edited: its hash does not match"
-                                                       " its content")
+            if key is not None and chain_hash(prev, body, key) == stored_hash:
+                keyed_from = keyed_from or seq
+            elif keyed_from is not None or chain_hash(prev, body) != stored_hash:
+                if key is None:
+                    return Verification(False, count, seq, f"record {seq} was edited, or is keyed and there is no"
+                                                           f" key at {key_path(path)} to check it: its hash does"
+                                                           " not match its content")
+                return Verification(False, count, seq, f"record {seq} was edited: its hash does not match its"
+                                                       " content under the log's key")
             try:
                 content = json.loads(body)
             except ValueError:
@@ -287,18 +444,41 @@ def verify(path: str | Path, expect_head: tuple[int, str] | None = None) -> Veri
                     content.get("op")) != (seq, at, kind, caller, op):
                 return Verification(False, count, seq, f"record {seq} was edited: its indexed columns do not"
                                                        " match its hashed content")
+            if seq in anchored_seqs:
+                hashes[seq] = stored_hash
             prev, expected_seq = stored_hash, seq + 1
-        if expect_head is not None and expect_head[0] > 0:
-            head_seq, head_hash = expect_head
-            if count < head_seq:
-                return Verification(False, count, count + 1, f"the log ends at record {count} but the anchor"
-                                                             f" says {head_seq}: records were cut off the end")
-            row = db.execute("SELECT hash FROM records WHERE seq = ?", (head_seq,)).fetchone()
-            if row is None or row[0] != head_hash:
-                return Verification(False, count, head_seq, f"record {head_seq} does not match the anchor")
-        return Verification(True, count, None, f"{count} records, chain intact")
     finally:
         db.close()
+    warnings: list[str] = []
+    if key is None and count:
+        warnings.append(f"the log is unkeyed (no key at {key_path(path)}): an edit that recomputes every later"
+                        " hash is detected only by the broker's anchors")
+    elif key is not None and count and keyed_from is None:
+        return Verification(False, count, 1, f"no record is keyed though the log has a key at {key_path(path)}:"
+                                             " the log was replaced or rewritten without the key")
+    elif keyed_from is not None and keyed_from > 1:
+        warnings.append(f"records 1-{keyed_from - 1} were written before the log had a key; they are held by"
+                        f" record {keyed_from}'s keyed hash, and by the anchors")
+    problems: list[str] = []
+    bad: int | None = None
+    for anchor in wanted:
+        if anchor.seq > count:
+            problems.append(f"records were cut off the end: the log ends at record {count}, but its agent"
+                            f" anchored record {anchor.seq}{anchor.when()} at the broker")
+            bad = count + 1 if bad is None else bad
+            break  # every later anchor says the same
+        if hashes.get(anchor.seq) != anchor.hash:
+            problems.append(f"the log was rewritten: record {anchor.seq} is not the one its agent anchored at"
+                            f" the broker{anchor.when()} (it or a record before it was replaced)")
+            bad = anchor.seq if bad is None else bad
+            break  # the first rewritten anchor is where to look
+    if problems:
+        return Verification(False, count, bad, "; ".join(problems), tuple(warnings))
+    keyed = "keyed" if keyed_from is not None else "unkeyed"
+    message = f"{count} records, chain intact ({keyed})"
+    if wanted:
+        message += f", matching the {len(wanted)} anchors at the broker (the last for record {wanted[-1].seq})"
+    return Verification(True, count, None, message, tuple(warnings))
 
 
 def _when(value: float | str | None) -> float | None:
@@ -343,6 +523,11 @@ def format_record(rec: Mapping[str, Any]) -> str:
                 f" (policy v{rec['policy_version']}, rid {rec['rid']})")
     if rec["kind"] == "ended":
         return f"{head} {rec['outcome']} in {rec['duration']:.3f}s (rid {rec['rid']})"
+    if rec["kind"] == "keyed":
+        return f"{head} the log is keyed from here on (records before {rec.get('unkeyed_before')} are not)"
+    if rec["kind"] == "refused":
+        behalf = f" for {rec['for']}" if rec.get("for") else ""
+        return f"{head}{behalf} REFUSED {rec['condition']}: {rec['reason']} (rid {rec['rid']})"
     return (f"{head} {rec.get('count')} denials held back between {_iso(rec.get('first', 0))} and"
             f" {_iso(rec.get('last', 0))}; most tried: {rec.get('ops')}")
 
@@ -351,13 +536,17 @@ def _iso(at: float) -> str:
     return datetime.fromtimestamp(at, timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
-def audit_verify(path: str | Path, expect_head: tuple[int, str] | None = None) -> tuple[int, str]:
-    """For the CLI: (exit code, message). 0 intact, 1 tampered, 2 unreadable."""
+def audit_verify(path: str | Path, expect_head: tuple[int, str] | None = None, *,
+                 anchors: Iterable[Anchor] | None = None) -> tuple[int, str]:
+    """For the CLI: (exit code, message with any warnings on lines of their own). 0 intact, 1
+    tampered (edited, cut off or rewritten), 2 unreadable (the log or its key)."""
     try:
-        result = verify(path, expect_head)
-    except (OSError, sqlite3.Error) as exc:
+        result = verify(path, expect_head, anchors=anchors)
+    except (OSError, sqlite3.Error, ValueError) as exc:
         return 2, f"cannot read audit log {path}: {exc}"
-    return (0 if result.ok else 1), f"{path}: {result.message}"
+    lines = [f"{path}: {'' if result.ok else 'TAMPERED: '}{result.message}"]
+    lines += [f"  warning: {w}" for w in result.warnings]
+    return (0 if result.ok else 1), "\n".join(lines)
 
 
 def audit_show(path: str | Path, **filters: Any) -> list[str]:

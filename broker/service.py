@@ -35,6 +35,7 @@ from agents.errors import BadArguments
 from agents.kinds import distribution_kinds
 
 from .alerts import AlertsMixin
+from .anchors import AnchorsMixin
 from .fencing import FencingMixin
 from .chat import RateLimit
 from .directory import Admission, BoundedMap, Capabilities, Directory
@@ -63,7 +64,8 @@ REFUSAL_MEMORY = 600.0  # seconds an account's refusal is not logged again at WA
 HELLO_AGAIN = 3.0  # seconds after a new session until the second hello to agents not yet listed
 
 
-class Broker(FencingMixin, WorkflowMixin, LeadershipMixin, AlertsMixin, VolumesMixin, PolicyDistribution, Agent):
+class Broker(FencingMixin, WorkflowMixin, LeadershipMixin, AlertsMixin, VolumesMixin, AnchorsMixin, PolicyDistribution,
+             Agent):
     kind = "broker"
     resource = "broker"
 

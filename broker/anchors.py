@@ -1,0 +1,167 @@
+"""Audit anchors: each agent's audit head, kept by the broker so a cut or rewritten log is found.
+
+An agent's audit log (agents/audit.py) is a keyed hash chain on the agent's own machine; whoever
+holds that machine can still cut records off the end, or, holding the key too, rewrite the log and
+recompute every hash. So every agent sends its head (sequence number and keyed hash of its last
+record) to the brokers that have seen it, every ``Agent.audit_anchor_interval`` seconds when it
+changed and on shutdown (``mesh.audit.anchor``). The broker keeps every anchor durably in SQLite in
+its shared state directory (one file for all its instances) and serves them (``mesh.audit.anchors``),
+and ``vertebra audit verify`` compares each log with them: a log that ends before an anchored record
+was cut; one whose record differs from its anchor was rewritten.
+
+Who may anchor: a live agent in the directory that the mesh file names, for its own log only (the
+anchor is filed under the sender's bare JID as the server stamped it, never an argument), never on
+someone's behalf. The first anchor for a sequence number stands: one that names another hash for it
+is refused and logged, as it means the log was rewritten (or its state directory replaced). Who may
+read anchors: whoever the mesh's policy lets run ``mesh.audit.anchors`` (by default the admins).
+"""
+
+from __future__ import annotations
+
+import logging
+import sqlite3
+import time
+from pathlib import Path
+from typing import Annotated, Any, Sequence
+
+from agents.agent import ANCHOR_OP, Call
+from agents.audit import private_file
+from agents.authz import Authorizer, Decision
+from agents.errors import BadArguments, Denied
+from agents.ops import Arg, OpSpec, op
+
+log = logging.getLogger(__name__)
+
+ANCHORS_OP = "mesh.audit.anchors"
+HASH_PATTERN = r"[0-9a-f]{64}"
+# Anchors kept per agent: one each 30 s is 2,880 a day, so about a month. The oldest go first; the
+# newest (which catch a cut) always stay.
+MAX_ANCHORS_PER_AGENT = 100_000
+PAGE = 1000  # anchors per answer: well inside a payload's 160 KiB (docs/protocol.md 3.2)
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS anchors (
+    agent TEXT NOT NULL,      -- bare JID, lowercased, as the server stamped the sender
+    seq   INTEGER NOT NULL,
+    hash  TEXT NOT NULL,
+    at    REAL NOT NULL,      -- when the broker received it (its wall clock)
+    PRIMARY KEY (agent, seq)
+);
+"""
+
+
+class AnchorStore:
+    """The anchors, in SQLite (WAL, synced commits: an anchor acknowledged is on disk)."""
+
+    def __init__(self, path: Path | None) -> None:
+        self.path = private_file(path) if path is not None else None
+        self.db = sqlite3.connect(path or ":memory:", isolation_level=None, timeout=30)
+        if path is not None:
+            self.db.execute("PRAGMA journal_mode=WAL")  # the broker's instances share it
+            self.db.execute("PRAGMA synchronous=FULL")
+        self.db.executescript(_SCHEMA)
+
+    def add(self, agent: str, seq: int, digest: str, at: float | None = None) -> str | None:
+        """File an anchor; returns why it was refused (it contradicts one already kept), else None."""
+        agent = agent.lower()
+        row = self.db.execute("SELECT hash, at FROM anchors WHERE agent = ? AND seq = ?", (agent, seq)).fetchone()
+        if row is not None:
+            if row[0] == digest:
+                return None  # the same head again (another broker instance, a resend)
+            return (f"record {seq} of {agent}'s audit log was anchored with another hash at"
+                    f" {time.strftime('%Y-%m-%d %H:%M:%SZ', time.gmtime(row[1]))}: the log was rewritten or"
+                    " its state directory replaced")
+        last = self.db.execute("SELECT MAX(seq) FROM anchors WHERE agent = ?", (agent,)).fetchone()[0]
+        if last is not None and seq < last:
+            log.warning("the audit log of %s went back from record %d to %d: it was cut, or its state directory"
+                        " replaced; `vertebra audit verify` reports it", agent, last, seq)
+        self.db.execute("INSERT INTO anchors (agent, seq, hash, at) VALUES (?, ?, ?, ?)",
+                        (agent, seq, digest, time.time() if at is None else at))
+        self.db.execute("DELETE FROM anchors WHERE agent = ? AND seq <= (SELECT seq FROM anchors WHERE agent = ?"
+                        " ORDER BY seq DESC LIMIT 1 OFFSET ?)", (agent, agent, MAX_ANCHORS_PER_AGENT))
+        return None
+
+    def of(self, agent: str, after: int = 0, limit: int = PAGE) -> list[tuple[int, str, float]]:
+        """An agent's anchors after sequence ``after``, oldest first, at most ``limit``."""
+        return [tuple(r) for r in self.db.execute(  # type: ignore[misc]
+            "SELECT seq, hash, at FROM anchors WHERE agent = ? AND seq > ? ORDER BY seq LIMIT ?",
+            (agent.lower(), after, limit))]
+
+    def close(self) -> None:
+        self.db.close()
+
+
+def read_anchors(path: str | Path, agent: str) -> list[tuple[int, str, float]]:
+    """Every anchor of ``agent`` in a broker's anchor database, read-only (`vertebra audit verify
+    --anchors PATH`, for a broker that is not running)."""
+    if not Path(path).exists():
+        raise FileNotFoundError(f"no anchor database at {path}")
+    db = sqlite3.connect(f"file:{Path(path)}?mode=ro", uri=True)
+    try:
+        return [tuple(r) for r in db.execute(  # type: ignore[misc]
+            "SELECT seq, hash, at FROM anchors WHERE agent = ? ORDER BY seq", (agent.lower(),))]
+    finally:
+        db.close()
+
+
+class AgentsMayAnchor:
+    """Admit ``mesh.audit.anchor`` from live agents the mesh file names; ask the inner authorizer about
+    everything else."""
+
+    def __init__(self, inner: Authorizer, agents: Any) -> None:
+        self.inner = inner
+        self.agents = agents
+
+    def decide(self, caller: str, spec: OpSpec, resources: Sequence[str]) -> Decision:
+        if spec.name == ANCHOR_OP:
+            if caller.lower() in self.agents():
+                return Decision(True, "live agents of the mesh anchor their own audit logs")
+            return Decision(False, f"{caller} is not a live agent of this mesh; only those anchor audit logs")
+        return self.inner.decide(caller, spec, resources)
+
+
+class AnchorsMixin:
+    """Mixed into the broker before ``Agent``: the anchor ops and their store."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        shared = self.shared_dir  # type: ignore[attr-defined]
+        self.anchors = AnchorStore(shared / "audit-anchors.sqlite" if shared else None)
+        self.authorizer = AgentsMayAnchor(self.authorizer, self._live_agents)  # type: ignore[has-type]
+
+    def _live_agents(self) -> set[str]:
+        """Bare JIDs (lowercased) of the directory's live agents that the mesh file names."""
+        directory, roster = getattr(self, "directory", None), getattr(self, "roster", {})
+        if directory is None:
+            return set()
+        return {bare for e in directory.entries() if (bare := e.jid.split("/", 1)[0].lower()) in roster}
+
+    async def stop(self) -> None:
+        await super().stop()  # type: ignore[misc]
+        self.anchors.close()
+
+    @op(ANCHOR_OP, effect="change", deadline=5)
+    async def audit_anchor(self, call: Call,
+                           seq: Annotated[int, Arg("the sequence number of the last record of the sender's"
+                                                   " audit log", min=1)],
+                           hash: Annotated[str, Arg("that record's keyed hash (64 hex digits)",
+                                                    pattern=HASH_PATTERN)]) -> dict:
+        """(For agents.) Anchor the head of the sender's own audit log at the broker."""
+        if call.via:
+            raise Denied(f"{ANCHOR_OP} is never sent on someone's behalf")
+        if call.caller.lower() not in self._live_agents():
+            raise Denied(f"{call.caller} is not a live agent of this mesh; only those anchor audit logs")
+        refusal = self.anchors.add(call.caller, seq, hash)
+        if refusal is not None:
+            log.warning("refused an audit anchor from %s: %s", call.caller, refusal)
+            raise BadArguments(f"{refusal}; run `vertebra audit verify` on that agent's machine", argument="hash")
+        return {"anchored": seq}
+
+    @op(ANCHORS_OP, effect="read", deadline=10)
+    async def audit_anchors(self, call: Call,
+                            agent: Annotated[str, Arg("the agent's bare JID")],
+                            after: Annotated[int, Arg("only anchors after this sequence number", min=0)] = 0
+                            ) -> dict:
+        """The anchors an agent's audit log has at this broker, oldest first, a page at a time."""
+        page = self.anchors.of(agent, after, PAGE + 1)
+        return {"agent": agent.lower(), "anchors": [list(a) for a in page[:PAGE]], "more": len(page) > PAGE}
