@@ -34,12 +34,12 @@ from ..actor import Backoff
 from ..agent import Agent, Call, info_op
 from ..authz import current_via
 from ..config import ConfigError
-from ..errors import BadArguments, OpError, Outcome
+from ..errors import BadArguments, OpError, OpTimeout, Outcome
 from ..ops import Arg, op
 from .devices import FencingConfigError
 from .driver import KILL_GRACE
 from .guard import ApprovalGuard
-from .power import PowerController, PowerOutcome
+from .power import PowerController, PowerOutcome, StillInFlight
 from .settings import NODE_RESOURCE, SEGMENT, FencingSettings
 
 events_log = logging.getLogger("vertebra.fencing.events")
@@ -50,6 +50,9 @@ OP_DEADLINE = 55.0
 #: Kept back from the op's time so the controller ends with its own failure (naming the device that
 #: hung) before the runtime's timeout would: a killed agent gets KILL_GRACE after SIGTERM.
 ANSWER_MARGIN = KILL_GRACE + 1.0
+#: A caller that joined an action in flight stops waiting this long before its deadline, to answer
+#: with its own sentence (the action still running) rather than the runtime's timeout.
+JOIN_MARGIN = 0.2
 EVENTS_KEPT = 1000
 EVENT_OP = "mesh.fence.event"
 #: How long an op waits for the broker to take its outcome before answering anyway.
@@ -129,12 +132,18 @@ class FencingAgent(Agent):
             raise BadArguments(f"fencing agent {self.name} fences no node {node!r} in cluster {cluster!r}"
                                f" (it fences: {served}); check the cluster and node names",
                                argument="node")
-        budget = call.deadline - asyncio.get_running_loop().time() - ANSWER_MARGIN
-        if budget <= 0:
+        loop = asyncio.get_running_loop()
+        budget = call.deadline - loop.time() - ANSWER_MARGIN
+        # Joining an action in flight needs no device time of its own: that action keeps its budget.
+        if budget <= 0 and not self.power.in_flight(node, action):
             raise OpError(f"{action} {node}: the request left too little time to run a fence device"
                           f" (it needs more than {ANSWER_MARGIN:g}s); nothing was done")
         self._announce("attempt", call, action, cluster, node)
-        outcome: PowerOutcome = await getattr(self.power, action)(node, budget=budget)
+        try:
+            outcome: PowerOutcome = await getattr(self.power, action)(
+                node, budget=budget, wait=call.deadline - loop.time() - JOIN_MARGIN)
+        except StillInFlight as still:  # this caller's time is up; the fence goes on to its verified end
+            raise OpTimeout(str(still)) from None
         posted = self._announce("outcome", call, action, cluster, node, outcome)
         wait = min(ANNOUNCE_WAIT, call.deadline - asyncio.get_running_loop().time() - 0.5)
         if posted is not None and wait > 0:

@@ -9,6 +9,11 @@ Levels follow Pacemaker's fencing topology: a node's levels are tried in order; 
 only when every device in it succeeds (both power supplies of a node must be off), and the first
 device that fails ends that level. Concurrent requests for the same node and action coalesce into
 one device action whose outcome every caller gets; different actions on one node run one at a time.
+
+A coalesced action keeps the budget of the request that started it: a caller that joins it with less
+time left only stops waiting when its own time is up (``StillInFlight``), and the action goes on to
+its verified end, which the request that started it reports (and announces, agents/fencing/agent.py).
+A caller never cuts a fence short for everyone, nor runs a second one beside it.
 """
 
 from __future__ import annotations
@@ -27,6 +32,11 @@ log = logging.getLogger(__name__)
 # Inside Pacemaker's default 60 s per device action, with room to report back.
 DEFAULT_BUDGET = 50.0
 POWER_ACTIONS = ("off", "on", "reboot", "status")
+
+
+class StillInFlight(Exception):
+    """A caller that joined a device action stopped waiting before the action ended; the action goes
+    on with its own budget. The message says so, as a sentence a person can act on."""
 
 
 @dataclass(frozen=True)
@@ -78,24 +88,28 @@ class PowerController:
     registry: DeviceRegistry
     device_runs: int = 0      # fence agent processes started, for tests and benchmarks
     _inflight: dict[tuple[str, str], asyncio.Future[PowerOutcome]] = field(default_factory=dict)
+    _budgets: dict[tuple[str, str], float] = field(default_factory=dict)  # each in-flight action's own budget
     _locks: dict[str, asyncio.Lock] = field(default_factory=dict)
     _tasks: set[asyncio.Task[None]] = field(default_factory=set)
 
-    async def off(self, node: str, *, budget: float = DEFAULT_BUDGET) -> PowerOutcome:
+    # `budget`: the device time of an action this request starts. `wait`: how long this request
+    # waits for an action it joins (default: its budget); past it, StillInFlight.
+
+    async def off(self, node: str, *, budget: float = DEFAULT_BUDGET, wait: float | None = None) -> PowerOutcome:
         """Power `node` off; ok only when a status run confirms OFF."""
-        return await self._request("off", node, budget)
+        return await self._request("off", node, budget, wait)
 
-    async def on(self, node: str, *, budget: float = DEFAULT_BUDGET) -> PowerOutcome:
+    async def on(self, node: str, *, budget: float = DEFAULT_BUDGET, wait: float | None = None) -> PowerOutcome:
         """Power `node` on; ok only when a status run confirms ON."""
-        return await self._request("on", node, budget)
+        return await self._request("on", node, budget, wait)
 
-    async def reboot(self, node: str, *, budget: float = DEFAULT_BUDGET) -> PowerOutcome:
+    async def reboot(self, node: str, *, budget: float = DEFAULT_BUDGET, wait: float | None = None) -> PowerOutcome:
         """Verified off, then on; ok once off is verified, with `on_error` if on then failed."""
-        return await self._request("reboot", node, budget)
+        return await self._request("reboot", node, budget, wait)
 
-    async def status(self, node: str, *, budget: float = DEFAULT_BUDGET) -> PowerOutcome:
+    async def status(self, node: str, *, budget: float = DEFAULT_BUDGET, wait: float | None = None) -> PowerOutcome:
         """The node's power state; ok with state on/off, or not ok with state 'unknown'."""
-        return await self._request("status", node, budget)
+        return await self._request("status", node, budget, wait)
 
     def nodes(self) -> list[str]:
         """The nodes this controller can fence (the Fence Agent API's `list`)."""
@@ -103,11 +117,13 @@ class PowerController:
 
     # -- coalescing ---------------------------------------------------------------------------
 
-    async def _request(self, action: str, node: str, budget: float) -> PowerOutcome:
+    def in_flight(self, node: str, action: str) -> bool:
+        """Whether a request would join a device action already running for `node` and `action`."""
+        return (node, action) in self._inflight
+
+    async def _request(self, action: str, node: str, budget: float, wait: float | None = None) -> PowerOutcome:
         if action not in POWER_ACTIONS:
             raise ValueError(f"unknown power action {action!r}")
-        if not budget > 0:
-            raise ValueError(f"budget must be a positive number of seconds, got {budget!r}")
         try:
             self.registry.levels_for(node)
         except UnknownNodeError as error:
@@ -116,17 +132,33 @@ class PowerController:
         key = (node, action)
         future = self._inflight.get(key)
         if future is None:
+            if not budget > 0:
+                return PowerOutcome(ok=False, action=action, node=node, devices=(), state="unknown",
+                                    message=f"cannot {action} {node}: the request left too little time to run a"
+                                            " fence device; nothing was done")
             loop = asyncio.get_running_loop()
             future = loop.create_future()
             self._inflight[key] = future
+            self._budgets[key] = budget
             # The work runs in its own task: a caller that gives up must not abort a fence
             # action that other callers are waiting on.
             task = asyncio.create_task(self._perform(key, future, loop.time() + budget))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
-        else:
-            log.info("%s %s: joining the request already in flight", action, node)
-        return await asyncio.shield(future)
+            return await asyncio.shield(future)
+        # Joining: the action keeps the budget it started with, whatever this caller has left.
+        own = self._budgets.get(key, budget)
+        patience = budget if wait is None else wait
+        log.info("%s %s: joining the action already in flight (its budget %.1fs; this caller waits %.1fs)",
+                 action, node, own, max(patience, 0.0))
+        try:
+            return await asyncio.wait_for(asyncio.shield(future), max(patience, 0.0))
+        except asyncio.TimeoutError:
+            raise StillInFlight(
+                f"{action} {node} is still in progress: this request joined the {action} already running"
+                f" (which keeps its own {own:g}s budget and goes on to a verified result) and stopped"
+                f" waiting when its own time ran out; ask fence.status {node}, or the request that"
+                " started it, for the result") from None
 
     async def _perform(self, key: tuple[str, str], future: asyncio.Future[PowerOutcome],
                        until: float) -> None:
@@ -151,6 +183,7 @@ class PowerController:
         finally:
             if self._inflight.get(key) is future:
                 del self._inflight[key]
+                self._budgets.pop(key, None)
         if not future.done():
             future.set_result(outcome)
 

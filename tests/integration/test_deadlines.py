@@ -1,6 +1,8 @@
 """Absolute deadlines on the real server (docs/protocol.md section 9): a request carries the sender's
 wall-clock deadline beside its relative timeout, and an agent never starts a request whose deadline
-(plus the clock-skew allowance) has passed, however long the request was held up on the way.
+(plus the clock-skew allowance) has passed, however long the request was held up on the way. And a
+short deadline never shortens someone else's fence: a caller that joins a fence in flight only stops
+waiting (real fence_dummy devices).
 
 The attacks are sent with the raw client (tests/rawxmpp.py), written from the protocol text; the
 frozen agent is a real process stopped with SIGSTOP while a destructive request waits for it.
@@ -16,9 +18,15 @@ import sys
 import time
 import xml.etree.ElementTree as ET
 
+import pytest
+
 from agents import audit, protocol
 from agents.errors import Outcome
+from agents.fencing.agent import FencingAgent
+from agents.fencing.devices import DeviceRegistry
+from agents.fencing.power import PowerController, StillInFlight
 from conftest import DOMAIN, ROOT, until
+from fence_mesh import dummy_device
 from rawxmpp import NS_CLIENT, NS_VERTEBRA, RawXMPP
 from sample_agent import SampleAgent
 
@@ -138,3 +146,49 @@ async def test_the_deadline_also_ends_an_op_that_has_started(mesh):
         assert cond == "timeout" and "did not finish within" in text, text
     finally:
         await raw.close()
+
+
+async def test_a_short_caller_joining_a_fence_in_flight_does_not_cut_its_budget(mesh, tmp_path):
+    node1 = tmp_path / "node1.state"
+    node1.write_text("on")
+    # fence_dummy waits power_wait seconds after switching, so the off is in flight for a while.
+    fencing = await mesh.agent(FencingAgent, None, ["/host/fencer"], settings={
+        "clusters": {"c1": ["node1"]},
+        "fencing": {"devices": {"pdu1": dummy_device(node1, power_wait="3")}, "levels": {"node1": [["pdu1"]]}}})
+    first, hurried = await mesh.client(), await mesh.client()
+    args = {"cluster": "c1", "node": "node1"}
+    started = asyncio.create_task(first.request(str(fencing.jid), "fence.off", args, timeout=30))
+    await until(lambda: fencing.power.in_flight("node1", "off"), what="the off in flight")
+
+    # Two seconds: less than the fence needs, and less than a fence device's answer margin.
+    short = await hurried.request(str(fencing.jid), "fence.off", args, timeout=2)
+    assert short.outcome is Outcome.TIMEOUT, (short.outcome, short.error)
+    assert "still in progress" in short.error and "keeps its own" in short.error, short.error
+
+    done = await started
+    assert done.outcome is Outcome.OK and done.result["state"] == "off", done.error
+    assert node1.read_text() == "off"
+    # One device action (off, then the status that verifies it): the short caller neither cut it
+    # short nor started one of its own; the verified result is recorded.
+    assert [(a["action"], a["ok"]) for a in done.result["attempts"]] == [("off", True), ("status", True)]
+    assert fencing.power.device_runs == 2
+    outcomes = [e for e in fencing.events if e["event"] == "outcome"]
+    assert [(e["ok"], e["state"]) for e in outcomes] == [(True, "off")]
+
+
+async def test_the_power_controller_keeps_the_budget_of_the_action_a_caller_joins(tmp_path):
+    node1 = tmp_path / "node1.state"
+    node1.write_text("on")
+    power = PowerController(DeviceRegistry.from_config({"devices": {"pdu1": dummy_device(node1, power_wait="2")},
+                                                        "levels": {"node1": [["pdu1"]]}}))
+    started = asyncio.create_task(power.off("node1", budget=30))
+    await until(lambda: power.in_flight("node1", "off"), what="the off in flight")
+    # Joining with almost no time, and none to wait: it stops waiting, the action goes on.
+    with pytest.raises(StillInFlight, match="keeps its own 30s budget"):
+        await power.off("node1", budget=0.01, wait=0.01)
+    outcome = await started
+    assert outcome.ok and outcome.state == "off" and node1.read_text() == "off"
+    assert power.device_runs == 2
+    # With nothing in flight, too little time starts nothing.
+    refused = await power.on("node1", budget=0)
+    assert not refused.ok and "too little time" in refused.message and power.device_runs == 2
