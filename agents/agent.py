@@ -31,7 +31,8 @@ from . import __version__, fenced, policy_sync, protocol, resources as paths
 from .actor import Actor, Backoff, Endpoint
 from .audit import AuditLog, private_file
 from .authz import AdminsOnly, Authorizer, current_via, decide, from_broker
-from .errors import BadArguments, BadPayload, Denied, InternalError, OpError, OpTimeout, TooLarge, UnknownOp
+from .errors import (BadArguments, BadPayload, Denied, InternalError, OpError, OpTimeout, Outcome, TooLarge,
+                     UnknownOp)
 from .idempotency import Answer, RequestLog, fingerprint
 from .ops import Arg, OpSpec, op, ops_of
 
@@ -139,8 +140,11 @@ class Agent(Actor):
         # the head is anchored at the brokers (broker/anchors.py) so the log cannot be cut unnoticed.
         while True:
             await asyncio.sleep(self.audit_anchor_interval)
-            self.audit.flush()
-            await self._anchor_audit()
+            try:
+                self.audit.flush()
+                await self._anchor_audit()
+            except Exception:  # a disk or broker fault this time: the next round tries again
+                log.exception("flushing or anchoring the audit log failed")
 
     async def _anchor_audit(self, timeout: float = 5.0) -> None:
         """Send the audit log's head (sequence, keyed hash) to each broker that has seen this agent
@@ -154,7 +158,7 @@ class Agent(Actor):
         results = await asyncio.gather(*(self.request(b, ANCHOR_OP, {"seq": seq, "hash": digest}, timeout=timeout)
                                          for b in brokers), return_exceptions=True)
         for broker, res in zip(brokers, results):
-            if not isinstance(res, BaseException) and res.ok:
+            if not isinstance(res, BaseException) and res.outcome is Outcome.OK:
                 self._anchored[broker] = seq
             else:
                 log.warning("could not anchor the audit log's head (record %d) at %s: %s; trying again in %gs",

@@ -107,8 +107,7 @@ def private_file(path: str | Path) -> Path:
     missing, tighten it (and its directory, to 0700) if it is not. For the audit log, its key, the
     request log and log files: each names who asked for what."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    _tighten(path.parent, 0o700)
+    private_dir(path.parent)
     try:
         os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
     except FileExistsError:
@@ -118,6 +117,14 @@ def private_file(path: str | Path) -> Path:
     for extra in (path.with_name(path.name + "-wal"), path.with_name(path.name + "-shm")):
         if extra.exists():
             _tighten(extra, 0o600)
+    return path
+
+
+def private_dir(path: str | Path) -> Path:
+    """A directory only this user may enter (0700): made so, or tightened if it is not."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True, mode=0o700)
+    _tighten(path, 0o700)
     return path
 
 

@@ -120,6 +120,12 @@ def _parser() -> argparse.ArgumentParser:
     aud.add_argument("--op", help="show: only this op's records")
     aud.add_argument("--since", help="show: from this time (epoch seconds or ISO 8601)")
     aud.add_argument("--until", help="show: until this time")
+    where = aud.add_mutually_exclusive_group()
+    where.add_argument("--anchors", metavar="PATH", help="verify: read the anchors from this broker anchor database"
+                       " (HOME/state/BROKER/audit-anchors.sqlite) instead of asking the broker")
+    where.add_argument("--no-anchors", action="store_true",
+                       help="verify: check the chains alone (a cut or a rewrite with the key goes unnoticed)")
+    aud.add_argument("--timeout", type=float, default=30.0, help="verify: seconds to wait for the broker")
     return p
 
 
@@ -191,16 +197,55 @@ def cmd_audit(mesh: meshconf.MeshConfig, ns: argparse.Namespace) -> int:
         print(f"vertebra: no audit logs under {state}", file=sys.stderr)
         return EXIT_USAGE
     worst = 0
+    agents = {a.name for a in mesh.agents}
     for path in logs:
         if ns.action == "verify":
-            code, message = audit.audit_verify(path)
+            name = path.parent.name
+            anchors, problem = None, None
+            if name not in agents:  # the broker's and the chat bot's own logs
+                problem = f"{name} is not an agent of the mesh file, so its log has no anchors: the chain alone" \
+                          " was checked"
+            elif not ns.no_anchors:
+                anchors, problem = _audit_anchors(mesh, mesh.jid(name), ns)
+            code, message = audit.audit_verify(path, anchors=anchors)
             print(message)
-            worst = max(worst, code)
+            if problem:
+                print(f"  warning: {problem}")
+            # Anchors asked for and not had: what they would have caught is unchecked, so not "intact".
+            worst = max(worst, code, 2 if name in agents and anchors is None and not ns.no_anchors else 0)
         else:
             print(f"== {path.parent.name}")
             for line in audit.audit_show(path, caller=ns.caller, op=ns.op, since=ns.since, until=ns.until):
                 print(line)
     return worst
+
+
+def _audit_anchors(mesh: meshconf.MeshConfig, jid: str, ns: argparse.Namespace) -> tuple[list[Any] | None, str | None]:
+    """(anchors, None), or (None, why they could not be had): from the anchor database ``--anchors``
+    names, else from the broker a page at a time (``mesh.audit.anchors``)."""
+    from .audit import Anchor
+
+    if ns.anchors:
+        import sqlite3
+
+        from broker.anchors import read_anchors
+
+        try:
+            return [Anchor(*a) for a in read_anchors(ns.anchors, jid)], None
+        except (OSError, sqlite3.Error) as exc:
+            return None, f"cannot read the anchors of {jid} from {ns.anchors}: {exc}; the chain alone was checked"
+    anchors: list[Any] = []
+    while True:
+        report = _call_broker(mesh, "mesh.audit.anchors", {"agent": jid, "after": anchors[-1].seq if anchors else 0},
+                              ns.timeout)
+        if not report.ok:
+            why = "; ".join(f"{r.outcome.value}: {r.error}" for r in report.results)
+            return None, (f"could not get the anchors of {jid} from the broker ({why}); the chain alone was checked:"
+                          " start the mesh, or give --anchors PATH")
+        page = report.results[0].result
+        anchors += [Anchor(*a) for a in page["anchors"]]
+        if not page["more"] or not page["anchors"]:
+            return anchors, None
 
 
 # -- calling ---------------------------------------------------------------------------------------
@@ -359,9 +404,11 @@ def build_actor(mesh: meshconf.MeshConfig, name: str, instance: int = 1) -> Any:
 
 
 def _state_dir(mesh: meshconf.MeshConfig, name: str) -> Path:
-    path = mesh.home / "state" / name
-    path.mkdir(parents=True, exist_ok=True, mode=0o700)
-    return path
+    """An actor's state directory, private to this user (0700, and HOME/state too): its audit log and
+    request log name every caller and op."""
+    from .audit import private_dir
+
+    return private_dir(private_dir(mesh.home / "state") / name)
 
 
 async def serve(mesh: meshconf.MeshConfig, name: str, instance: int = 1) -> None:
@@ -438,8 +485,9 @@ def cmd_up(mesh: meshconf.MeshConfig, ns: argparse.Namespace) -> int:
     except ServerError as exc:
         print(f"vertebra: {exc}", file=sys.stderr)
         return 1
-    logs = mesh.home / "logs"
-    logs.mkdir(parents=True, exist_ok=True)
+    from .audit import private_dir, private_file
+
+    logs = private_dir(mesh.home / "logs")  # each actor's log names every decision it made: 0700, files 0600
     if not mesh.workflows.exists():  # first use: the example workflows, to edit or remove
         shutil.copytree(meshconf.EXAMPLE.parent / "workflows", mesh.workflows)
     # Stop cleanly on TERM as on Ctrl-C, and on INT even when started in the background (which
@@ -452,7 +500,7 @@ def cmd_up(mesh: meshconf.MeshConfig, ns: argparse.Namespace) -> int:
         brokers = [(mesh.broker if n == 1 else f"{mesh.broker}-{n}", ["broker", "--instance", str(n)])
                    for n in range(1, len(mesh.broker_resources) + 1)]
         for name, cmd in brokers + [(a.name, ["agent", a.name]) for a in mesh.agents]:
-            with open(logs / f"{name}.log", "ab") as log_file:
+            with open(private_file(logs / f"{name}.log"), "ab") as log_file:
                 children.append(subprocess.Popen(base + cmd, stdout=log_file, stderr=subprocess.STDOUT,
                                                  stdin=subprocess.DEVNULL, preexec_fn=_die_with_parent))
         report = _wait_for_agents(mesh, len(mesh.agents), children)

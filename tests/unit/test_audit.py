@@ -179,3 +179,137 @@ def test_two_writers_share_one_chain(tmp_path):
 
 def test_canonical_is_stable():
     assert audit.canonical({"b": 1, "a": [1, "é"]}) == '{"a":[1,"\\u00e9"],"b":1}'
+
+
+# -- keyed chain, anchors, durable decisions, refusals, private files (issue 12) ----------------------
+
+def rehash(path, key: bytes | None, start: int = 1, stop: int = 1 << 62) -> None:
+    """Recompute every hash from record ``start`` (to ``stop``), as someone who edited the log would."""
+    db = sqlite3.connect(path)
+    db.execute("DROP TRIGGER IF EXISTS records_no_update")
+    prev = db.execute("SELECT hash FROM records WHERE seq = ?", (start - 1,)).fetchone()
+    prev = prev[0] if prev else audit.GENESIS
+    for seq, body in db.execute("SELECT seq, body FROM records WHERE seq BETWEEN ? AND ? ORDER BY seq",
+                                 (start, stop)).fetchall():
+        digest = audit.chain_hash(prev, body, key)
+        db.execute("UPDATE records SET prev = ?, hash = ? WHERE seq = ?", (prev, digest, seq))
+        prev = digest
+    db.commit()
+    db.close()
+
+
+def test_the_chain_is_keyed_with_a_private_key_file_beside_the_log(log):
+    record_requests(log, 2)
+    key_file = audit.key_path(log.path)
+    assert key_file.exists() and (key_file.stat().st_mode & 0o777) == 0o600
+    assert (log.path.stat().st_mode & 0o777) == 0o600 and (log.path.parent.stat().st_mode & 0o777) == 0o700
+    assert audit.load_key(key_file) == log.key and len(log.key) == 32
+    result = verify(log.path)
+    assert result.ok and "(keyed)" in result.message and not result.warnings
+
+
+def test_an_edit_with_every_later_hash_recomputed_without_the_key_is_named(log):
+    record_requests(log, 4)
+    tamper(log.path, "UPDATE records SET body = replace(body, '\"rid\":\"', '\"rid\":\"X') WHERE seq = 3")
+    rehash(log.path, key=None, start=3)
+    result = verify(log.path)
+    assert not result.ok and result.bad_seq == 3 and "under the log's key" in result.message
+    # Rewritten from the first record, unkeyed throughout: the key beside it says that cannot be.
+    rehash(log.path, key=None, start=1)
+    result = verify(log.path)
+    assert not result.ok and "no record is keyed though the log has a key" in result.message
+
+
+def test_with_the_key_a_rewrite_passes_the_chain_and_fails_the_anchors(log):
+    record_requests(log, 4)
+    anchors = [audit.Anchor(*log.head(), at=1_700_000_100.0)]
+    tamper(log.path, "UPDATE records SET body = replace(body, '\"rid\":\"', '\"rid\":\"X') WHERE seq = 3")
+    rehash(log.path, key=log.key, start=3)
+    assert verify(log.path).ok
+    result = verify(log.path, anchors=anchors)
+    assert not result.ok and result.bad_seq == 8 and "the log was rewritten: record 8" in result.message
+    assert "anchored 2023-11-14T22:15:00" in result.message
+
+
+def test_truncation_is_named_against_the_last_anchor(log):
+    record_requests(log, 3)
+    early = audit.Anchor(*log.head())
+    record_requests(log, 2)
+    late = audit.Anchor(*log.head())
+    tamper(log.path, "DELETE FROM records WHERE seq > 7")
+    assert verify(log.path, anchors=[early]).ok
+    result = verify(log.path, anchors=[early, late])
+    assert not result.ok and "the log ends at record 7, but its agent anchored record 10" in result.message
+    code, message = audit_verify(log.path, anchors=[early, late])
+    assert code == 1 and message.startswith(f"{log.path}: TAMPERED: records were cut off the end")
+
+
+def test_an_unkeyed_log_still_verifies_with_a_warning_and_continues_keyed(tmp_path):
+    old = AuditLog(tmp_path / "audit.sqlite", keyed=False)  # as logs were written before keys
+    record_requests_plain(old, 3)
+    old.close()
+    assert not audit.key_path(tmp_path / "audit.sqlite").exists()
+    result = verify(tmp_path / "audit.sqlite")
+    assert result.ok and "(unkeyed)" in result.message and "the log is unkeyed" in result.warnings[0]
+    new = AuditLog(tmp_path / "audit.sqlite")  # the agent upgraded: a key, and the log goes on keyed
+    assert show(new.path)[-1]["kind"] == "keyed"
+    record_requests_plain(new, 1)
+    new.close()
+    result = verify(tmp_path / "audit.sqlite")
+    assert result.ok and "(keyed)" in result.message and "records 1-3 were written before" in result.warnings[0]
+    # The unkeyed part is held by the first keyed record: editing it breaks the chain there.
+    tamper(tmp_path / "audit.sqlite",
+           "UPDATE records SET body = replace(body, '\"rid\":\"', '\"rid\":\"X') WHERE seq = 2")
+    rehash(tmp_path / "audit.sqlite", key=None, start=2, stop=3)  # all the unkeyed ones; the keyed cannot be
+    result = verify(tmp_path / "audit.sqlite")
+    assert result.bad_seq == 4 and "does not follow record 3" in result.message
+
+
+def record_requests_plain(log: AuditLog, n: int) -> None:
+    for i in range(n):
+        log.ended(rid=f"p{i}", caller="alice@x.test", op="sample.echo", outcome="ok", duration=0.01)
+
+
+def test_a_missing_key_fails_the_keyed_records(log):
+    record_requests(log, 1)
+    audit.key_path(log.path).unlink()
+    result = verify(log.path)
+    assert not result.ok and result.bad_seq == 1 and "no key at" in result.message
+
+
+async def test_a_durable_decision_is_written_before_decided_returns(tmp_path):
+    log = AuditLog(tmp_path / "audit.sqlite", write_behind=10.0)
+    args = dict(caller="alice@x.test", resources=[], args={}, secret=(), allowed=True, rule="grant", version=1)
+    log.decided(rid="batched", op="sample.echo", **args)
+    log.decided(rid="fence", op="fencing.node.off", durable=True, **args)
+    other = sqlite3.connect(tmp_path / "audit.sqlite")  # another reader sees both, in order, at once
+    assert [r for (r,) in other.execute("SELECT json_extract(body, '$.rid') FROM records ORDER BY seq")] == [
+        "batched", "fence"]
+    other.close()
+    log.close()
+
+
+def test_refusals_are_recorded_and_rate_limited_like_denials(log):
+    for i in range(50):
+        log.refused(rid=f"x{i}", caller="mallory@x.test", op="sample.echo" * 40, condition="denied",
+                    reason="mallory@x.test may not act on behalf of alice@x.test", behalf="alice@x.test")
+    written = show(log.path)
+    assert len(written) == 3 and written[0]["kind"] == "refused" and written[0]["for"] == "alice@x.test"
+    assert len(written[0]["op"]) == audit.MAX_SENT_TEXT
+    log.flush()
+    assert show(log.path)[-1]["count"] == 47
+    assert "REFUSED denied" in audit_show(log.path)[0]
+    assert verify(log.path).ok
+
+
+def test_private_file_tightens_what_exists(tmp_path):
+    import os
+
+    d = tmp_path / "open"
+    d.mkdir(mode=0o755)
+    f = d / "requests.sqlite"
+    f.write_text("")
+    os.chmod(d, 0o755)
+    os.chmod(f, 0o644)
+    audit.private_file(f)
+    assert (f.stat().st_mode & 0o777) == 0o600 and (d.stat().st_mode & 0o777) == 0o700
