@@ -313,6 +313,8 @@ class Actor:
 
         ``behalf`` names the person this actor acts for (the broker running a workflow step, the chat
         bot relaying an operator); agents honour it only from the delegates they are configured with."""
+        if not timeout > 0:  # a request sent now would reach its agent already expired, or be run late
+            return TargetResult(target, Outcome.TIMEOUT, error=f"no time was left to send {op}; nothing was sent")
         loop = asyncio.get_running_loop()
         end = loop.time() + timeout
         rid = rid or uuid.uuid4().hex

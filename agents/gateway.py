@@ -8,9 +8,12 @@ later calls reuse the session. Calls still go out as the caller's own JID, so au
 audit see who asked, not the gateway.
 
 Frames on the socket are a 4-byte big-endian length and a msgpack map. Request:
-``{"jid", "password", "call": {"op", "args", "on", "scope", "to", "timeout", "rid"}}``; answers:
-zero or more ``{"progress": [target, seq, payload]}`` then one ``{"report": CallReport}`` or
-``{"error": sentence}``.
+``{"jid", "password", "call": {"op", "args", "on", "scope", "to", "timeout", "deadline", "rid"}}``;
+answers: zero or more ``{"progress": [target, seq, payload]}`` then one ``{"report": CallReport}``
+or ``{"error": sentence}``. ``deadline`` (optional) is the program's own end as Unix time in
+seconds, which ``call_via_gateway`` and ``call_via_gateway_blocking`` set: a gateway that reads the
+call late (it was stopped, or busy) then sends the requests with only the time the program has left,
+and sends nothing once it has none, so the mesh never starts what the program gave up on.
 
 Callers that only need the socket may use ``call_via_gateway_blocking``: a plain socket, no event
 loop, and the standard library only: its frames are read and written by the small msgpack codec
@@ -286,9 +289,17 @@ class Gateway:
         import asyncio
         import uuid
 
+        from .report import CallReport, TargetResult
+
         op, on, to = call["op"], list(call.get("on") or ()), list(call.get("to") or ())
         args, scope = call.get("args") or {}, call.get("scope", "all")
         timeout = float(call.get("timeout", 30.0))
+        if call.get("deadline") is not None:  # the program's own end, however late we read its call
+            timeout = min(timeout, float(call["deadline"]) - time.time())
+            if timeout <= 0:
+                return CallReport(op, [TargetResult(
+                    "gateway", Outcome.TIMEOUT,
+                    error=f"the gateway read the call of {op} after its caller's deadline; nothing was sent")])
         rid = call.get("rid") or uuid.uuid4().hex  # one id for both tries: an agent never runs it twice
         key = (jid, op, on[0]) if scope == "one" and len(on) == 1 and not to else None
         holder = self._holders.get(key) if key is not None else None
@@ -329,6 +340,13 @@ class Gateway:
                     await client.stop()
 
 
+def _with_deadline(call: dict[str, Any]) -> dict[str, Any]:
+    """The call with the caller's end as a clock time (the gateway is on this host: one clock)."""
+    if call.get("deadline") is not None:
+        return call
+    return {**call, "deadline": time.time() + float(call.get("timeout", 30.0))}
+
+
 async def call_via_gateway(path: Path, jid: str, password: str, call: dict[str, Any],
                            progress: ProgressFn | None = None) -> CallReport:
     """Make a call through the gateway at ``path``; GatewayUnavailable if none answers there."""
@@ -341,7 +359,7 @@ async def call_via_gateway(path: Path, jid: str, password: str, call: dict[str, 
     except (FileNotFoundError, ConnectionRefusedError, PermissionError) as exc:
         raise GatewayUnavailable(f"no gateway at {path}: {exc.strerror}") from None
     try:
-        writer.write(_frame({"jid": jid, "password": password, "call": call}))
+        writer.write(_frame({"jid": jid, "password": password, "call": _with_deadline(call)}))
         # The call's own budget bounds the gateway; the extra seconds cover a first login.
         async with asyncio.timeout(float(call.get("timeout", 30.0)) + 20.0):
             while True:
@@ -399,7 +417,7 @@ def call_via_gateway_blocking(path: Path | str, jid: str, password: str, call: d
             return b"".join(chunks)
 
         try:
-            request = pack({"jid": jid, "password": password, "call": call})
+            request = pack({"jid": jid, "password": password, "call": _with_deadline(call)})
             sock.sendall(struct.pack(">I", len(request)) + request)
             while True:
                 (size,) = struct.unpack(">I", read_exactly(4))

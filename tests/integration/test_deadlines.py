@@ -15,8 +15,10 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 import xml.etree.ElementTree as ET
+from pathlib import Path
 
 import pytest
 
@@ -25,6 +27,7 @@ from agents.errors import Outcome
 from agents.fencing.agent import FencingAgent
 from agents.fencing.devices import DeviceRegistry
 from agents.fencing.power import PowerController, StillInFlight
+from agents.gateway import Gateway, call_via_gateway, call_via_gateway_blocking
 from conftest import DOMAIN, ROOT, until
 from fence_mesh import dummy_device
 from rawxmpp import NS_CLIENT, NS_VERTEBRA, RawXMPP
@@ -192,3 +195,27 @@ async def test_the_power_controller_keeps_the_budget_of_the_action_a_caller_join
     # With nothing in flight, too little time starts nothing.
     refused = await power.on("node1", budget=0)
     assert not refused.ok and "too little time" in refused.message and power.device_runs == 2
+
+
+async def test_the_gateway_sends_nothing_for_a_program_whose_deadline_has_passed(mesh, tmp_path):
+    broker = await mesh.broker()
+    agent = await mesh.agent(SampleAgent, broker, ["/host/gw"])
+    folder = Path(tempfile.mkdtemp(prefix="vgw-"))  # short: a socket path has at most 107 bytes
+    gw = await mesh.start(Gateway(folder / "run" / "gateway.sock", mesh.endpoint, str(broker.jid)))
+    effect = tmp_path / "effect"
+    call = {"op": "sample.toggle", "args": {"target": str(effect)}, "to": [str(agent.jid)], "scope": "all",
+            "timeout": 10.0}
+    # A program that gave up before the gateway read its call (the gateway was busy or stopped).
+    late = await call_via_gateway(gw.path, *mesh.operator, {**call, "deadline": time.time() - 1})
+    (res,) = late.results
+    assert res.outcome is Outcome.TIMEOUT and "nothing was sent" in res.error, res
+    # Nor does any actor send a request it has no time left for.
+    none_left = await broker.request(str(agent.jid), "sample.toggle", {"target": str(effect)}, timeout=0)
+    assert none_left.outcome is Outcome.TIMEOUT and "nothing was sent" in none_left.error
+    assert not effect.exists()
+    # A program in time: the gateway stamps its deadline itself, and the call runs.
+    report = await call_via_gateway(gw.path, *mesh.operator, call)
+    assert report.results[0].outcome is Outcome.OK, report
+    blocking = await asyncio.to_thread(call_via_gateway_blocking, gw.path, *mesh.operator, call)  # check_vertebra's way
+    assert blocking["results"][0]["outcome"] == "ok", blocking
+    assert effect.read_text() == "toggled\ntoggled\n"
