@@ -31,8 +31,8 @@ from . import __version__, fenced, policy_sync, protocol, resources as paths
 from .actor import Actor, Backoff, Endpoint
 from .audit import AuditLog, private_file
 from .authz import AdminsOnly, Authorizer, current_via, decide, from_broker
-from .errors import (BadArguments, BadPayload, Denied, InternalError, OpError, OpTimeout, Outcome, TooLarge,
-                     UnknownOp)
+from .errors import (BadArguments, BadPayload, Denied, Expired, InternalError, OpError, OpTimeout, Outcome,
+                     TooLarge, UnknownOp)
 from .idempotency import Answer, RequestLog, fingerprint
 from .ops import Arg, OpSpec, op, ops_of
 
@@ -272,7 +272,9 @@ class Agent(Actor):
         req = iq["vertebra_op"]
         caller, rid = iq["from"].bare, req["rid"]
         if not rid or len(rid) > 128:
-            self.xmpp.send(protocol.error_reply(iq, BadPayload("request has no valid rid (1-128 characters)")))
+            error = BadPayload("request has no valid rid (1-128 characters)")
+            self._audit_refusal(iq, caller, rid or "", error)
+            self.xmpp.send(protocol.error_reply(iq, error))
             return
         key, fp = (caller, rid), fingerprint(req["name"], req["on"], req["for"], req.xml.text or "")
         spec = self.ops.get(req["name"])
@@ -282,13 +284,18 @@ class Agent(Actor):
             seen = self._requests.start(key, fp)
             try:
                 answer = await self._admit_and_run(iq, caller, rid, key, fp)
-                self._requests.finish(key, seen, answer, durable=bool(spec and spec.destructive))
+                if isinstance(answer.error, Expired):  # never started: a retry under this rid, in time, may run
+                    self._requests.abandon(key, seen, answer.error)
+                else:
+                    self._requests.finish(key, seen, answer, durable=bool(spec and spec.destructive))
             finally:
                 if not seen.answer.done():
                     self._requests.abandon(key, seen, InternalError(f"request {rid} was interrupted"))
         elif seen.fingerprint != fp:
-            self.xmpp.send(protocol.error_reply(iq, BadPayload(
-                f"request id {rid} was already used for a different request; use a new id for a new request")))
+            error = BadPayload(f"request id {rid} was already used for a different request; use a new id for a new"
+                               " request")
+            self._audit_refusal(iq, caller, rid, error)
+            self.xmpp.send(protocol.error_reply(iq, error))
             return
         answer = await asyncio.shield(seen.answer)
         self.xmpp.send(self._reply(iq, answer))
@@ -380,12 +387,11 @@ class Agent(Actor):
         if deadline is not None:  # the caller's own end, whatever held the request up on the way
             left = deadline + protocol.CLOCK_SKEW_ALLOWANCE - time.time()
             if left <= 0:
-                self._audit_end(rid, caller, spec.name, OpTimeout.condition, time.monotonic())
-                raise OpTimeout(
+                self._audit_end(rid, caller, spec.name, Expired.condition, time.monotonic())
+                raise Expired(
                     f"{spec.name} was not started: the request reached {self.name} {time.time() - deadline:.1f}s"
                     f" after its deadline (allowing {protocol.CLOCK_SKEW_ALLOWANCE:g}s of clock skew), when the"
-                    " caller had stopped waiting; nothing was done. Send it again, with a new request id, if"
-                    " it is still wanted")
+                    " caller had stopped waiting; nothing was done. Send it again if it is still wanted")
             timeout = min(timeout, left)
         return spec, Call(self, caller, rid, resources, asyncio.get_running_loop().time() + timeout, via), args
 
@@ -437,8 +443,8 @@ class Agent(Actor):
         try:
             # Out of time before it began: never start it (a coroutine runs up to its first await).
             if timeout <= 0:
-                raise OpTimeout(f"{spec.name} was not started: its deadline passed before it could begin; nothing"
-                                " was done")
+                raise Expired(f"{spec.name} was not started: its deadline passed before it could begin; nothing"
+                              " was done")
             async with asyncio.timeout(timeout):  # unlike wait_for, no second task per request
                 result = await spec.func(self, call, **args)
             payload = protocol.encode(result, what=f"the result of {spec.name}")

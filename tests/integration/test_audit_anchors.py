@@ -220,11 +220,14 @@ async def test_requests_refused_before_a_decision_are_audited_per_sender_within_
         assert app_condition(bad) == "bad-payload"
         unknown = await raw.iq(to, raw.op_xml("sample.nosuch", {}, rid="unknown", timeout_ms=5000))
         assert app_condition(unknown) == "unknown-op"
+        no_rid = await raw.iq(to, _raw_op("sample.echo", "", ""))
+        assert app_condition(no_rid) == "bad-payload"
         refused = {r["rid"]: r for r in audit.show(agent.state_dir / "audit.sqlite", caller=mallory[0])}
         assert refused["forged"]["kind"] == "refused" and refused["forged"]["for"] == mesh.operator[0]
         assert refused["forged"]["condition"] == "denied" and refused["forged"]["op"] == "sample.echo"
         assert refused["badpayload"]["condition"] == "bad-payload"
         assert refused["unknown"]["op"] == "sample.nosuch" and refused["unknown"]["condition"] == "unknown-op"
+        assert refused[""]["condition"] == "bad-payload" and "no valid rid" in refused[""]["reason"]
 
         # A flood of them costs a few records and one count, not a record each.
         for i in range(60):
@@ -237,7 +240,7 @@ async def test_requests_refused_before_a_decision_are_audited_per_sender_within_
     mine = audit.show(agent.state_dir / "audit.sqlite", caller=mallory[0])
     written = [r for r in mine if r["kind"] == "refused"]
     held = sum(r["count"] for r in mine if r["kind"] == "denials-suppressed")
-    assert len(written) <= agent.audit.burst + 1 and len(written) + held == 63, (len(written), held)
+    assert len(written) <= agent.audit.burst + 1 and len(written) + held == 64, (len(written), held)
     assert audit.verify(agent.state_dir / "audit.sqlite").ok
 
 
