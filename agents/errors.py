@@ -71,6 +71,11 @@ class OpTimeout(OpError):
     outcome = Outcome.TIMEOUT
 
 
+class Expired(OpTimeout):
+    """A request that reached its agent after its deadline and was never started. On the wire it is a
+    plain ``timeout``; the agent does not remember it under its rid, so a retry with time left runs."""
+
+
 class InternalError(OpError):
     condition, stanza_condition, stanza_type = "internal", "internal-server-error", "cancel"
 

@@ -122,6 +122,12 @@ async def test_a_request_whose_deadline_has_passed_is_answered_timeout_audited_a
 
         await until(lambda: len(records()) == 2, what="both audit records")
         assert records() == [("decided", "allow"), ("ended", "timeout")], records()
+        # Not remembered under its rid, since it never started: sent again in time, it runs (once).
+        retry = raw.op_xml("sample.toggle", {"target": str(effect)}, rid="stale-1", timeout_ms=5000,
+                           attrs={"deadline": str(now_ms() + 5000)})
+        for _ in range(2):
+            reply = await raw.iq(target, retry)
+            assert reply.get("type") == "result" and effect.read_text() == "toggled\n", ET.tostring(reply)
 
         # A deadline that is not a whole number of milliseconds is refused, not ignored.
         for bad in ("soon", "1.5e12", "-5"):
@@ -129,11 +135,11 @@ async def test_a_request_whose_deadline_has_passed_is_answered_timeout_audited_a
                                                     attrs={"deadline": bad}))
             cond, text = condition(reply)
             assert cond == "bad-payload" and "'deadline' must be" in text, (bad, text)
-        assert not effect.exists()
+        assert effect.read_text() == "toggled\n"
 
         # An older sender states no deadline: its relative timeout alone applies, as before.
         reply = await raw.iq(target, raw.op_xml("sample.toggle", {"target": str(effect)}, timeout_ms=5000))
-        assert reply.get("type") == "result" and effect.read_text() == "toggled\n"
+        assert reply.get("type") == "result" and effect.read_text() == "toggled\ntoggled\n"
     finally:
         await raw.close()
 
