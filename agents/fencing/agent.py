@@ -17,7 +17,7 @@ failed is retried in the background), so by the time a caller hears "off" the br
 
 Authorization: the mesh's authorizer decides as for every op, wrapped in the agent's own rules:
 a person's manual fence needs approval where the settings say so (guard.py), and identities of
-fenced nodes may not run destructive ops (epochs.py; the runtime will do this for every agent).
+fenced nodes may not run ops that change state (agents/fenced.py, as on every agent).
 """
 
 from __future__ import annotations
