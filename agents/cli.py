@@ -9,7 +9,7 @@
     vertebra policy check FILE       lint an authorization policy and check its examples, offline
     vertebra policy reload           the broker re-reads the mesh's policy file and pushes it to every agent
     vertebra workflow run|approve|perform|status|list|cancel ...   the broker's durable workflows
-    vertebra audit verify|show       check the hash chains of the agents' audit logs, or read them
+    vertebra audit verify|show       check the agents' audit logs against the broker's anchors, or read them
 
 Exit codes of `call` and `agents`: 0 every target ok; 1 some target failed; 2 bad command line or
 arguments (nothing was sent); 3 denied; 4 timeout; 5 unreachable (an agent, the broker or the
