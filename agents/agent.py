@@ -72,7 +72,7 @@ class Call:
 
 MAX_ADDRESSED = 64  # resources one request may address
 
-# Ops whose only legitimate sender is the agent's broker, and what each pushes.
+# What the runtime's own broker-only ops (declared ``sender="broker"``) push, for the refusal's words.
 _FROM_BROKER = {policy_sync.INSTALL_OP: "policies", fenced.INSTALL_OP: "fenced nodes"}
 
 
@@ -181,7 +181,7 @@ class Agent(Actor):
 
     fenced_install = fenced.install_op()
 
-    @op(policy_sync.INSTALL_OP, effect="change", deadline=10)
+    @op(policy_sync.INSTALL_OP, effect="change", deadline=10, sender="broker")
     async def policy_install(self, call: Call, text: Annotated[str, Arg("the policy, as YAML")],
                              issued_at: Annotated[float, Arg("when the broker vouched for it (epoch s)")]) -> dict:
         """Install the authorization policy this agent's broker pushes (accepted from the broker only)."""
@@ -357,10 +357,10 @@ class Agent(Actor):
         resources = self._resources_of(spec, args, req["on"].split())
         sender = caller
         via, caller = self._subject(sender, req["for"])
-        if spec.name in _FROM_BROKER:  # pushes only the broker makes, whatever a policy says
+        if spec.sender == "broker":  # only the broker sends it, whatever a policy says (ops.py)
             if via:  # decided on who sends it, so nobody may send it "for" the broker
                 raise Denied(f"{spec.name} is never sent on someone's behalf")
-            decision = from_broker(sender, self.broker, _FROM_BROKER[spec.name])
+            decision = from_broker(sender, self.broker, _FROM_BROKER.get(spec.name, spec.name))
         else:
             token = current_via.set(via)
             try:

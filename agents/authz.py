@@ -116,7 +116,7 @@ def from_broker(caller: str, broker: str | None, what: str) -> Decision:
     nobody else may, whatever a policy says, so no policy can lock out its own updates."""
     if broker and caller.lower() == broker.lower():
         return Decision(True, f"{what} pushed by this agent's broker")
-    return Decision(False, f"{caller} may not push {what} here: only this agent's broker"
+    return Decision(False, f"{caller} may not send {what} here: only this agent's broker"
                            f" ({broker or 'none configured'}) does")
 
 

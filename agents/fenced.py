@@ -127,7 +127,7 @@ def install_op() -> Any:
     """The ``fenced.install`` op, for an agent class body (``fenced_install = install_op()``); the
     agent keeps what it learns in ``self.fenced`` (a FencedIdentities)."""
 
-    @op(INSTALL_OP, effect="change", deadline=10)
+    @op(INSTALL_OP, effect="change", deadline=10, sender="broker")
     async def fenced_install(self: Any, call: Any,
                              fenced: Annotated[str, Arg("every open fencing epoch, as a JSON list of"
                                                         " {cluster, node, epoch, fenced_at, fenced_by,"

@@ -142,6 +142,9 @@ class OpSpec:
     # agent holding that volume), instead of every agent offering the op.
     address: str | None = None
     scope: str = "all"  # a call's scope unless the caller says: "one" for an op that makes something once
+    # Who may send it: "anyone" the authorizer allows, or "broker": this agent's broker alone, whatever
+    # a policy says (the pushes that keep an agent current, and what only the broker may read).
+    sender: str = "anyone"
 
     @property
     def destructive(self) -> bool:
@@ -210,6 +213,7 @@ class OpSpec:
             "name": self.name, "summary": self.summary, "description": self.description,
             "effect": self.effect, "destructive": self.destructive, "deadline": self.deadline,
             "progress": self.progress, "resources": list(self.resources), "address": self.address, "scope": self.scope,
+            "sender": self.sender,
             "params": [{"name": p.name, "type": p.kind, "many": p.many, "required": p.required,
                         "default": None if p.secret else p.default, "help": p.help,
                         "choices": list(p.choices) if p.choices else None, "pattern": p.pattern,
@@ -245,7 +249,7 @@ _EFFECT_WORDS = {"read": "read-only", "change": "changes state", "destructive": 
 
 def op(name: str, *, effect: Effect = "change", deadline: float = 30.0, progress: bool = False,
        resources: Sequence[str] = (), address: str | None = None, scope: Literal["all", "one"] = "all",
-       destructive: bool | None = None
+       destructive: bool | None = None, sender: Literal["anyone", "broker"] = "anyone"
        ) -> Callable[[Callable[..., Awaitable[Any]]], Callable[..., Awaitable[Any]]]:
     """Declare a method as an op. Its docstring's first line is the summary; its typed keyword
     parameters after ``call`` are the arguments."""
@@ -257,6 +261,8 @@ def op(name: str, *, effect: Effect = "change", deadline: float = 30.0, progress
         raise ValueError(f"op {name}: effect must be one of {', '.join(EFFECTS)}, got {effect!r}")
     if scope not in ("all", "one"):
         raise ValueError(f"op {name}: scope must be 'all' or 'one', got {scope!r}")
+    if sender not in ("anyone", "broker"):
+        raise ValueError(f"op {name}: sender must be 'anyone' or 'broker', got {sender!r}")
 
     def decorate(func: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
         if not inspect.iscoroutinefunction(func):
@@ -266,7 +272,8 @@ def op(name: str, *, effect: Effect = "change", deadline: float = 30.0, progress
         func.__vertebra_op__ = OpSpec(  # type: ignore[attr-defined]
             name=name, summary=summary.strip() or name, description=description.strip(),
             params=tuple(_params_of(name, func)), effect=effect, deadline=float(deadline),
-            progress=progress, resources=tuple(resources), func=func, address=address, scope=scope)
+            progress=progress, resources=tuple(resources), func=func, address=address, scope=scope,
+            sender=sender)
         return func
 
     return decorate
