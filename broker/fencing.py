@@ -9,17 +9,31 @@ chat room shows them), and keeps each node's fencing epochs:
 - a verified on (``fence.on`` ok) ends the open epoch;
 - a reboot is a verified off then on: a new epoch that ends at once, or stays open when power did
   not come back (the outcome's ``on_error``);
-- a failed attempt changes nothing: only a verified state counts.
+- a failed attempt changes nothing: only a verified state counts;
+- an outcome older than the node's last change (a late resend, another agent's older report) is
+  kept as an event and changes nothing.
 
-While an epoch is open, the identities that belong to the node (the fencing agent's settings,
-``identities:``, sent with each event) may run no destructive op anywhere: the broker pushes the
-open epochs to every agent that offers ``fenced.install`` (agents/fencing/epochs.py) whenever one
-opens or ends, and to each agent as it joins, and refuses them itself (workflow steps they request,
-approvals they give).
+Each event carries the fencing agent's id for it, the same on every resend: the broker records an
+event once per (agent, id), so an agent may resend until it hears ok (agents/fencing/outbox.py)
+without counting twice or opening a second epoch.
 
-Who may post: a live fencing agent of the directory, for a node it advertises (it can fence that
-node), and nobody else, whatever the policy says: a forged "off" would lock a node's identities
-out, a forged "on" would let a fenced node's zombie write again.
+While an epoch is open, the identities that belong to the node may run no op that changes state
+anywhere: the broker pushes the open epochs to every agent that offers ``fenced.install``
+(agents/fenced.py) whenever one opens or ends, and to each agent as it joins, and refuses them
+itself (workflow steps they request, approvals they give). Which identities belong to a node is the
+broker's configuration: the mesh file's settings of the fencing agent (``identities:``), as the
+roster holds them, never what an event says.
+
+Who may post: an account the broker's roster admits as kind ``fencing``, for a node its configured
+settings give it to fence, and nobody else, whatever the policy says: a forged "off" would lock a
+node's identities out, a forged "on" would let a fenced node's zombie write again.
+
+Reconciling: when a fencing agent joins the directory (which includes every agent after the broker
+restarts), the broker reads its ledger (``fence.ledger``, which the agent serves to its broker
+only): the last verified outcome per node. Each one the broker has not recorded is recorded as if
+posted, under the same rules, so an epoch opened while the broker was down is not lost even if
+the agent's outbox was. Only roster fencing agents are asked, and only their configured nodes
+count; an "on" ends an epoch only as a verified on newer than the off that opened it.
 """
 
 from __future__ import annotations
@@ -29,12 +43,13 @@ import logging
 import sqlite3
 import time
 from pathlib import Path
-from typing import Annotated, Any, Callable, Literal, Sequence
+from typing import Annotated, Any, Callable, Literal, Mapping, Sequence
 
 from agents.agent import Call
 from agents.authz import Authorizer, Decision, decide
 from agents.fenced import INSTALL_OP, Fenced, FencedIdentities, encode_entries
-from agents.fencing.settings import NODE_RESOURCE, SEGMENT
+from agents.errors import OpError, Outcome
+from agents.fencing.settings import NODE_RESOURCE, SEGMENT, _clusters, _identities, node_resource
 from agents.ops import Arg, OpSpec, op
 
 from .policy import push
@@ -42,13 +57,16 @@ from .policy import push
 log = logging.getLogger(__name__)
 
 EVENT_OP = "mesh.fence.event"
+LEDGER_OP = "fence.ledger"  # served by fencing agents to their broker (agents/fencing/agent.py)
+FENCING_KIND = "fencing"
+EVENT_ID = r"[A-Za-z0-9_.:-]{1,64}"
 RECENT_EVENTS = 1000
 #: Broker ops a fenced identity may not use either: approving or taking a step is acting.
 BROKER_ACTS = frozenset({"workflow.approve", "workflow.perform"})
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS fence_events (seq INTEGER PRIMARY KEY, at REAL NOT NULL, agent TEXT NOT NULL,
-                                         body TEXT NOT NULL);
+                                         body TEXT NOT NULL, event_id TEXT);
 CREATE TABLE IF NOT EXISTS epochs (
     cluster TEXT NOT NULL, node TEXT NOT NULL, epoch INTEGER NOT NULL,
     fenced_at REAL NOT NULL, fenced_by TEXT NOT NULL, requester TEXT NOT NULL, identities TEXT NOT NULL,
@@ -66,6 +84,11 @@ class FenceLedger:
         if str(path) != ":memory:":
             self.db.execute("PRAGMA journal_mode=WAL")
         self.db.executescript(_SCHEMA)
+        columns = {row[1] for row in self.db.execute("PRAGMA table_info(fence_events)")}
+        if "event_id" not in columns:  # a ledger written before events had ids
+            self.db.execute("ALTER TABLE fence_events ADD COLUMN event_id TEXT")
+        # One record per event however often its agent resends it.
+        self.db.execute("CREATE UNIQUE INDEX IF NOT EXISTS fence_event_once ON fence_events (agent, event_id)")
         self._seen_version: int | None = None
 
     def close(self) -> None:
@@ -77,9 +100,16 @@ class FenceLedger:
         changed, self._seen_version = version != self._seen_version, version
         return changed
 
-    def record(self, agent: str, event: dict[str, Any]) -> tuple[int, str | None]:
-        """Keep an event and apply it to the node's epochs; returns its sequence number and the change
-        (``fenced``, ``unfenced``, ``rebooted`` or None)."""
+    def recorded(self, agent: str, event_id: str) -> int | None:
+        """The sequence number of the agent's event ``event_id``, if it is recorded."""
+        row = self.db.execute("SELECT seq FROM fence_events WHERE agent = ? AND event_id = ?",
+                              (agent.lower(), event_id)).fetchone()
+        return row[0] if row else None
+
+    def record(self, agent: str, event: dict[str, Any]) -> tuple[int, str | None, bool]:
+        """Keep an event (once per agent and ``event["id"]``) and apply it to the node's epochs;
+        returns its sequence number, the change (``fenced``, ``unfenced``, ``rebooted`` or None)
+        and whether it was new (False: a resend of one recorded before, which changes nothing)."""
         self.db.execute("BEGIN IMMEDIATE")
         try:
             out = self._record(agent, event)
@@ -89,24 +119,38 @@ class FenceLedger:
         self.db.execute("COMMIT")
         return out
 
-    def _record(self, agent: str, event: dict[str, Any]) -> tuple[int, str | None]:
-        cur = self.db.execute("INSERT INTO fence_events (at, agent, body) VALUES (?, ?, ?)",
-                              (event["at"], agent, json.dumps(event, sort_keys=True)))
+    def _record(self, agent: str, event: dict[str, Any]) -> tuple[int, str | None, bool]:
+        agent = agent.lower()
+        event_id = event.get("id") or None
+        if event_id is not None and (seq := self.recorded(agent, event_id)) is not None:
+            return seq, None, False
+        cur = self.db.execute("INSERT INTO fence_events (at, agent, body, event_id) VALUES (?, ?, ?, ?)",
+                              (event["at"], agent, json.dumps(event, sort_keys=True), event_id))
         seq = int(cur.lastrowid or 0)
         if event["event"] != "outcome" or not event["ok"]:
-            return seq, None
+            return seq, None, True
         cluster, node, action = event["cluster"], event["node"], event["action"]
+        if event["at"] < self._last_change(cluster, node):
+            # Older than what the node's epochs already say (a late resend, another agent's older
+            # report): the newer verified state stands.
+            return seq, None, True
         opened = self.open_epoch(cluster, node)
         if action in ("off", "reboot") and opened is None:
             self._open(agent, event)
             if action == "reboot" and not event.get("on_error"):
                 self._close(cluster, node, agent, event["at"])
-                return seq, "rebooted"
-            return seq, "fenced"
-        if action == "on" and opened is not None:
+                return seq, "rebooted", True
+            return seq, "fenced", True
+        if action == "on" and opened is not None and event.get("state") == "on":
             self._close(cluster, node, agent, event["at"])
-            return seq, "unfenced"
-        return seq, None
+            return seq, "unfenced", True
+        return seq, None, True
+
+    def _last_change(self, cluster: str, node: str) -> float:
+        """When the node's epochs last changed (its latest fence or unfence), 0 if never."""
+        (last,) = self.db.execute("SELECT max(max(fenced_at, coalesce(unfenced_at, 0))) FROM epochs"
+                                  " WHERE cluster = ? AND node = ?", (cluster, node)).fetchone()
+        return float(last or 0.0)
 
     def _open(self, agent: str, event: dict[str, Any]) -> None:
         (last,) = self.db.execute("SELECT coalesce(max(epoch), 0) FROM epochs WHERE cluster = ? AND node = ?",
@@ -145,25 +189,46 @@ class FenceLedger:
         return [{"seq": seq, "agent": agent, **json.loads(body)} for seq, agent, body in reversed(rows)]
 
 
-class FencersMayAnnounce:
-    """Admit ``mesh.fence.event`` from a live fencing agent for the nodes it advertises, from nobody
-    else; ask the inner authorizer about every other op."""
+def configured_nodes(settings: Any) -> dict[str, tuple[str, ...]]:
+    """The nodes a fencing agent's configured settings give it to fence, as resource paths, each with
+    the bare JIDs that belong to it (``identities:``). Read from the settings alone, with the
+    agent's own rules (agents/fencing/settings.py): the device checks (secret files readable) are the
+    agent's machine's to make, not the broker's. Settings that do not validate cover no node."""
+    if not isinstance(settings, Mapping):
+        return {}
+    fencing = settings.get("fencing")
+    levels = fencing.get("levels") if isinstance(fencing, Mapping) else None
+    nodes = sorted(map(str, levels)) if isinstance(levels, Mapping) else []
+    problems: list[str] = []
+    clusters = _clusters(settings, nodes, problems)
+    identities = _identities(settings.get("identities"), nodes, problems)
+    if problems:
+        log.warning("fencing agent settings in the mesh file do not validate, so the broker believes its"
+                    " fencing events for no node: %s", "; ".join(problems))
+        return {}
+    return {node_resource(cluster, node): identities.get(node, ()) for node, cluster in clusters.items()}
 
-    def __init__(self, inner: Authorizer, fencers: Callable[[], dict[str, set[str]]]) -> None:
+
+class FencersMayAnnounce:
+    """Admit ``mesh.fence.event`` from the accounts the roster admits as fencing agents, for the nodes
+    their configured settings give them to fence, from nobody else; ask the inner authorizer about
+    every other op."""
+
+    def __init__(self, inner: Authorizer, fencers: Callable[[str], dict[str, tuple[str, ...]] | None]) -> None:
         self.inner = inner
-        self.fencers = fencers
+        self.fencers = fencers  # bare JID -> its configured nodes (configured_nodes), None if not a fencer
 
     def decide(self, caller: str, spec: OpSpec, resources: Sequence[str]) -> Decision:
         if spec.name != EVENT_OP:
             return decide(self.inner, caller, spec, resources)
-        held = self.fencers().get(caller.lower())
+        held = self.fencers(caller)
         if held is None:
-            return Decision(False, f"{caller} may not announce fencing events: only live fencing agents do",
-                            "fencing agents only")
-        if not resources or not set(resources) <= held:
-            return Decision(False, f"{caller} may not announce fencing of {' '.join(resources)}: it does not"
-                                   " fence that node", "fencing agents only, for their own nodes")
-        return Decision(True, "a live fencing agent announcing its own node", "fencing agents, own nodes")
+            return Decision(False, f"{caller} may not announce fencing events: only the fencing agents the mesh"
+                                   " file configures do", "fencing agents only")
+        if not resources or not set(resources) <= set(held):
+            return Decision(False, f"{caller} may not announce fencing of {' '.join(resources)}: the mesh file"
+                                   " does not configure it to fence that node", "fencing agents only, for their own nodes")
+        return Decision(True, "a configured fencing agent announcing its own node", "fencing agents, own nodes")
 
 
 class BrokerFenceGuard:
@@ -200,7 +265,7 @@ class FencingMixin:
         self.fence_ledger = FenceLedger(state / "fencing.sqlite" if state else ":memory:")
         self._fence_listeners: list[Callable[[dict[str, Any]], Any]] = []
         self._fenced_from_ledger()
-        inner = FencersMayAnnounce(self.authorizer, self._fencing_agents)  # type: ignore[has-type]
+        inner = FencersMayAnnounce(self.authorizer, self._fencing_agent)  # type: ignore[has-type]
         self.authorizer = BrokerFenceGuard(inner, self.fenced, self._fenced_from_ledger)  # type: ignore[attr-defined]
 
     def _fenced_from_ledger(self) -> None:
@@ -217,18 +282,20 @@ class FencingMixin:
         """Call ``listener`` with each fencing event as the broker keeps it (the chat room shows them)."""
         self._fence_listeners.append(listener)
 
-    def _fencing_agents(self) -> dict[str, set[str]]:
-        """Live fencing agents by bare JID, with the node paths each advertises."""
-        out: dict[str, set[str]] = {}
-        for e in self.directory.entries():  # type: ignore[attr-defined]
-            if e.caps.kind == "fencing":
-                out.setdefault(e.jid.split("/", 1)[0].lower(), set()).update(e.caps.resources)
-        return out
+    def _fencing_agent(self, caller: str) -> dict[str, tuple[str, ...]] | None:
+        """The nodes (resource paths, with their identities) the mesh file configures the account
+        ``caller`` to fence, or None if the roster does not admit it as a fencing agent."""
+        admission = getattr(self, "roster", {}).get(caller.split("/", 1)[0].lower())
+        if admission is None or admission.kind != FENCING_KIND:
+            return None
+        return configured_nodes(admission.settings)
 
     # -- ops ------------------------------------------------------------------------------------
 
     @op(EVENT_OP, effect="change", deadline=10, resources=(NODE_RESOURCE,))
     async def fence_event(self, call: Call,
+                          id: Annotated[str, Arg("the agent's id for this event, the same on every resend",
+                                                 pattern=EVENT_ID)],
                           event: Annotated[Literal["attempt", "outcome"], Arg("what happened")],
                           action: Annotated[Literal["off", "on", "reboot", "status"], Arg("the power action")],
                           cluster: Annotated[str, Arg("the node's cluster", pattern=SEGMENT)],
@@ -239,27 +306,79 @@ class FencingMixin:
                           state: Annotated[str, Arg("outcome: the verified power state")] = "",
                           message: Annotated[str, Arg("outcome: what the agent reported")] = "",
                           on_error: Annotated[str, Arg("reboot: why power did not come back")] = "",
-                          identities: Annotated[list[str], Arg("the bare JIDs that belong to the node")] = (),
                           at: Annotated[float, Arg("when it happened (epoch s)")] = 0.0) -> dict:
-        """Announce a fencing attempt or outcome (fencing agents only, for their own nodes)."""
-        body = {"event": event, "action": action, "cluster": cluster, "node": node, "requester": requester,
-                "request": request, "ok": ok, "state": state, "message": message, "on_error": on_error,
-                "identities": list(identities), "at": at or time.time(), "received": time.time()}
-        seq, change = self.fence_ledger.record(call.caller, body)
-        body.update(seq=seq, agent=call.caller, change=change)
-        log.info("fencing %s from %s: %s %s/%s ok=%s%s", event, call.caller, action, cluster, node, ok,
-                 f" -> {change}" if change else "")
+        """Announce a fencing attempt or outcome (configured fencing agents only, for their own nodes).
+
+        Recorded once per agent and id: the ok answer is the agent's acknowledgement, and a resend
+        changes nothing."""
+        args = {"id": id, "event": event, "action": action, "cluster": cluster, "node": node,
+                "requester": requester, "request": request, "ok": ok, "state": state, "message": message,
+                "on_error": on_error, "at": at}
+        return self._take_event(call.caller, args)
+
+    def _take_event(self, agent: str, args: dict[str, Any], reconciled: bool = False) -> dict[str, Any]:
+        """Record one fencing event of a configured fencing agent (posted, or read from its ledger),
+        apply it to the epochs, push and tell the listeners when it is new."""
+        nodes = self._fencing_agent(agent) or {}
+        # Whose node it is: the broker's configuration of this agent, never the event's word.
+        identities = nodes.get(node_resource(args["cluster"], args["node"]), ())
+        body = {**args, "identities": list(identities), "at": args["at"] or time.time(), "received": time.time()}
+        if reconciled:
+            body["reconciled"] = True
+        seq, change, new = self.fence_ledger.record(agent, body)
+        opened = self.fence_ledger.open_epoch(args["cluster"], args["node"])
+        answer = {"seq": seq, "change": change, "fenced": opened is not None,
+                  "epoch": opened.epoch if opened else None, "duplicate": not new}
+        if not new:
+            log.debug("fencing event %s from %s again: recorded before as %d", args["id"], agent, seq)
+            return answer
+        body.update(seq=seq, agent=agent.lower(), change=change)
+        log.info("fencing %s from %s%s: %s %s/%s ok=%s%s", args["event"], agent, " (from its ledger)" if reconciled
+                 else "", args["action"], args["cluster"], args["node"], args["ok"], f" -> {change}" if change else "")
         if change is not None:
-            self.fenced.install(self.fence_ledger.fenced())
+            self.fenced.install(self.fence_ledger.fenced())  # type: ignore[attr-defined]
             self._spawn(self.push_fenced())  # type: ignore[attr-defined]
         for listener in list(self._fence_listeners):
             try:
                 listener(dict(body))
             except Exception:  # one broken listener must not lose the event for the others
                 log.exception("fencing event listener failed")
-        opened = self.fence_ledger.open_epoch(cluster, node)
-        return {"seq": seq, "change": change, "fenced": opened is not None,
-                "epoch": opened.epoch if opened else None}
+        return answer
+
+    async def reconcile_fencing(self, jid: str) -> int:
+        """Read a fencing agent's ledger (its last verified outcome per node) and record each outcome
+        not recorded yet; returns how many were new. Only an agent the roster admits as a fencing
+        agent is asked, only its configured nodes count, and each entry passes the event op's own
+        checks: its word is taken no further than if it had posted the event."""
+        bare = jid.split("/", 1)[0].lower()
+        nodes = self._fencing_agent(bare)
+        if not nodes:
+            return 0
+        res = await self.request(jid, LEDGER_OP, {}, timeout=10.0)  # type: ignore[attr-defined]
+        if res.outcome is not Outcome.OK or not isinstance(res.result, dict):
+            log.warning("could not read the fencing ledger of %s (%s: %s); its events arrive as it resends them",
+                        jid, res.outcome.value, res.error)
+            return 0
+        spec = self.ops[EVENT_OP]  # type: ignore[attr-defined]
+        new = 0
+        for raw in res.result.get("entries", [])[:len(nodes) * 4]:
+            try:
+                args = spec.validate(raw)
+            except OpError as exc:
+                log.warning("ignored an entry of %s's fencing ledger: %s", jid, exc.text)
+                continue
+            if node_resource(args["cluster"], args["node"]) not in nodes:
+                log.warning("ignored %s's ledger entry for %s/%s: the mesh file does not configure it to fence"
+                            " that node", jid, args["cluster"], args["node"])
+                continue
+            if args["event"] != "outcome" or not args["ok"]:
+                continue  # only a verified state counts
+            if not self._take_event(bare, args, reconciled=True)["duplicate"]:
+                new += 1
+        if new:
+            log.warning("recorded %d fencing outcome(s) of %s from its ledger that the broker had not received",
+                        new, jid)
+        return new
 
     @op("mesh.fence.events", effect="read", deadline=5)
     async def fence_events(self, call: Call,
@@ -290,9 +409,18 @@ class FencingMixin:
                           "the fenced nodes")
 
     def policy_on_join(self, jid: str) -> None:
-        """A newly listed agent gets the fenced nodes at once (and the policy, by the next mixin)."""
+        """A newly listed agent gets the fenced nodes at once (and the policy, by the next mixin); a
+        fencing agent's ledger is reconciled (after a broker restart, every agent joins again)."""
         parent = getattr(super(), "policy_on_join", None)
         if parent is not None:
             parent(jid)
+        if self._fencing_agent(jid):
+            self._spawn(self._reconcile_quietly(jid))  # type: ignore[attr-defined]
         if jid in self._takers():
             self._spawn(self.push_fenced([jid]))  # type: ignore[attr-defined]
+
+    async def _reconcile_quietly(self, jid: str) -> None:
+        try:
+            await self.reconcile_fencing(jid)
+        except Exception:  # the agent's resends still deliver what it holds
+            log.exception("reconciling the fencing ledger of %s failed", jid)

@@ -11,9 +11,14 @@ action share one device action. A repeated request id gets the first outcome fro
 
 Each attempt and outcome is announced: logged on ``vertebra.fencing.events``, kept in ``events``,
 and posted to the broker as ``mesh.fence.event`` (broker/fencing.py), which records a fencing
-epoch for a node after a verified off and ends it after a verified on. The outcome is posted before
-the op answers (briefly: a broker that does not answer delays nobody's fence, and a post that
-failed is retried in the background), so by the time a caller hears "off" the broker knows too.
+epoch for a node after a verified off and ends it after a verified on. Every event is first written
+to the agent's durable outbox (outbox.py; the attempt before the device runs, the outcome before
+the op answers), then sent, oldest first and under its own id, until the broker answers ok, with
+backoff and at once whenever a broker (re)appears: a broker that was down, or an agent that
+crashed, loses no fence. The op waits briefly for its outcome's acknowledgement (a broker that does
+not answer delays nobody's fence), so by the time a caller hears "off" the broker usually knows too.
+The agent also keeps the last verified outcome per node (its ledger), which the broker reads with
+``fence.ledger`` (from the broker only) when the agent joins.
 
 Authorization: the mesh's authorizer decides as for every op, wrapped in the agent's own rules:
 a person's manual fence needs approval where the settings say so (guard.py), and identities of
@@ -24,10 +29,10 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import hashlib
 import json
 import logging
 import time
+import uuid
 from typing import Annotated, Any
 
 from ..actor import Backoff
@@ -37,6 +42,7 @@ from ..config import ConfigError
 from ..errors import BadArguments, OpError, OpTimeout, Outcome
 from ..ops import Arg, op
 from .devices import FencingConfigError
+from .outbox import FenceOutbox
 from .driver import KILL_GRACE
 from .guard import ApprovalGuard
 from .power import PowerController, PowerOutcome, StillInFlight
@@ -55,10 +61,11 @@ ANSWER_MARGIN = KILL_GRACE + 1.0
 JOIN_MARGIN = 0.2
 EVENTS_KEPT = 1000
 EVENT_OP = "mesh.fence.event"
+LEDGER_OP = "fence.ledger"
 #: How long an op waits for the broker to take its outcome before answering anyway.
 ANNOUNCE_WAIT = 3.0
-#: Tries of one announcement (the first inside ANNOUNCE_WAIT, the rest in the background).
-ANNOUNCE_TRIES = 8
+#: Seconds one post of an event waits for the broker's answer.
+POST_TIMEOUT = 5.0
 
 Node = Annotated[str, Arg("the node to act on, as the fencing settings name it", pattern=SEGMENT)]
 Cluster = Annotated[str, Arg("the cluster the node belongs to", pattern=SEGMENT)]
@@ -83,6 +90,29 @@ class FencingAgent(Agent):
         self.power = PowerController(fencing.registry) if fencing.registry else None
         self.events: collections.deque[dict[str, Any]] = collections.deque(maxlen=EVENTS_KEPT)
         self.authorizer = ApprovalGuard(self.authorizer, fencing, current_via.get, lambda: self.broker)
+        self.outbox = FenceOutbox(self.state_dir / "fencing.sqlite" if self.state_dir else None)
+        self._acked: dict[str, asyncio.Future[None]] = {}  # event id -> done when the broker took it
+        self._wake: asyncio.Event | None = None  # set when there is something to send or a broker to try
+        self._sender: asyncio.Task[None] | None = None
+
+    async def on_session(self) -> None:
+        await super().on_session()
+        if self._sender is None or self._sender.done():
+            self._wake = asyncio.Event()
+            self._sender = asyncio.get_running_loop().create_task(self._send_outbox())
+        self._wake.set()  # a new session: what is still in the outbox goes now
+
+    def _on_broker_presence(self, pres: Any) -> None:
+        super()._on_broker_presence(pres)
+        if self._wake is not None and pres["type"] != "unavailable" and self.broker \
+                and pres["from"].bare == self.broker:
+            self._wake.set()  # a broker (re)appeared: resend at once rather than at the next backoff
+
+    async def stop(self) -> None:
+        if self._sender is not None:
+            self._sender.cancel()
+        await super().stop()
+        self.outbox.close()
 
     # -- ops ------------------------------------------------------------------------------------
 
@@ -120,6 +150,12 @@ class FencingAgent(Agent):
             clusters = {cluster: clusters[cluster]} if cluster in clusters else {}
         return {"clusters": clusters}
 
+    @op(LEDGER_OP, effect="read", deadline=5, sender="broker")
+    async def ledger(self, call: Call) -> dict:
+        """The last verified outcome per node, as posted (this agent's broker only: it reconciles its
+        fencing epochs from it when the agent joins)."""
+        return {"entries": [_event_args(e) for e in self.outbox.ledger()]}
+
     # -- doing it -------------------------------------------------------------------------------
 
     async def _power(self, call: Call, action: str, cluster: str, node: str) -> dict:
@@ -144,18 +180,21 @@ class FencingAgent(Agent):
                 node, budget=budget, wait=call.deadline - loop.time() - JOIN_MARGIN)
         except StillInFlight as still:  # this caller's time is up; the fence goes on to its verified end
             raise OpTimeout(str(still)) from None
-        posted = self._announce("outcome", call, action, cluster, node, outcome)
+        acked = self._announce("outcome", call, action, cluster, node, outcome)
         wait = min(ANNOUNCE_WAIT, call.deadline - asyncio.get_running_loop().time() - 0.5)
-        if posted is not None and wait > 0:
-            await asyncio.wait({posted}, timeout=wait)  # never cancels it: it goes on in the background
+        if acked is not None and wait > 0:
+            # Never cancels it: the outbox keeps it, and sends it until the broker takes it.
+            await asyncio.wait({acked}, timeout=wait)
         if not outcome.ok:
             raise OpError(outcome.message)
         return _result(cluster, outcome)
 
     def _announce(self, what: str, call: Call, action: str, cluster: str, node: str,
-                  outcome: PowerOutcome | None = None) -> asyncio.Task[None] | None:
-        event: dict[str, Any] = {"event": what, "at": time.time(), "agent": self.name, "rid": call.rid,
-                                 "caller": call.caller, "action": action, "cluster": cluster,
+                  outcome: PowerOutcome | None = None) -> asyncio.Future[None] | None:
+        """Keep an event durably (outbox.py) and have it sent; returns what is done once the broker
+        has acknowledged it (None without a broker)."""
+        event: dict[str, Any] = {"id": uuid.uuid4().hex, "event": what, "at": time.time(), "agent": self.name,
+                                 "rid": call.rid, "caller": call.caller, "action": action, "cluster": cluster,
                                  "node": node}
         if outcome is not None:
             event.update(ok=outcome.ok, state=outcome.state, devices=list(outcome.devices),
@@ -165,30 +204,58 @@ class FencingAgent(Agent):
         events_log.info("%s", json.dumps(event, sort_keys=True))
         if not self.broker:
             return None
-        task = asyncio.get_running_loop().create_task(self._post(event))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-        return task
+        self.outbox.keep(event)  # on disk before the device runs (attempt) or the caller hears (outcome)
+        acked = self._acked[event["id"]] = asyncio.get_running_loop().create_future()
+        if self._wake is not None:
+            self._wake.set()
+        return acked
 
-    async def _post(self, event: dict[str, Any]) -> None:
-        """Post an event to the broker, retrying while it is unreachable or slow, under one request id
-        (so the broker takes it once however often it arrives)."""
-        args = {"event": event["event"], "requester": event["caller"], "request": event["rid"],
-                "action": event["action"], "cluster": event["cluster"], "node": event["node"],
-                "ok": bool(event.get("ok", False)), "state": str(event.get("state") or ""),
-                "message": str(event.get("message") or "")[:1000], "on_error": str(event.get("on_error") or ""),
-                "identities": list(self.fencing.identities.get(event["node"], ())), "at": event["at"]}
-        rid = hashlib.sha256(f"{self.name}|{event['rid']}|{event['event']}|{event['action']}".encode()).hexdigest()[:40]
+    async def _send_outbox(self) -> None:
+        """Send what the outbox holds, oldest first, each under its own id, until the broker answers ok
+        (then it is deleted); after a failure wait with backoff, or until a broker (re)appears."""
         backoff = Backoff(base=0.5, cap=30.0)
-        for attempt in range(ANNOUNCE_TRIES):
-            res = await self.request(self.broker_jid, EVENT_OP, args, timeout=5.0, rid=rid)
-            if res.outcome is Outcome.OK:
-                event["posted"] = True
-                return
-            if res.outcome not in (Outcome.TIMEOUT, Outcome.UNREACHABLE) or attempt == ANNOUNCE_TRIES - 1:
-                events_log.warning("the broker did not take fencing event %s: %s", rid, res.error)
-                return
-            await asyncio.sleep(backoff.next())
+        assert self._wake is not None
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            failed = False
+            while self.online and not failed:
+                pending = self.outbox.pending()
+                if not pending:
+                    break
+                for event in pending:
+                    res = await self.request(self.broker_jid, EVENT_OP, _event_args(event), timeout=POST_TIMEOUT,
+                                             rid=f"fence-event-{event['id']}")
+                    if res.outcome is Outcome.OK:
+                        self.outbox.delivered(event["id"])
+                        event["posted"] = True
+                        done = self._acked.pop(event["id"], None)
+                        if done is not None and not done.done():
+                            done.set_result(None)
+                        backoff.reset()
+                        continue
+                    self.outbox.tried(event["id"])
+                    level = logging.INFO if res.outcome in (Outcome.TIMEOUT, Outcome.UNREACHABLE) else logging.WARNING
+                    events_log.log(level, "the broker did not take fencing event %s (%s %s/%s) yet: %s: %s; it is"
+                                   " kept and sent again", event["id"], event["action"], event["cluster"],
+                                   event["node"], res.outcome.value, res.error)
+                    failed = True
+                    break
+            if failed or (not self.online and self.outbox.pending(1)):
+                try:  # wait out the backoff, or less if a broker says hello or a new event comes
+                    await asyncio.wait_for(self._wake.wait(), timeout=backoff.next())
+                except asyncio.TimeoutError:
+                    pass
+                self._wake.set()
+
+
+def _event_args(event: dict[str, Any]) -> dict[str, Any]:
+    """An outbox event as ``mesh.fence.event``'s arguments (broker/fencing.py)."""
+    return {"id": event["id"], "event": event["event"], "requester": event["caller"], "request": event["rid"],
+            "action": event["action"], "cluster": event["cluster"], "node": event["node"],
+            "ok": bool(event.get("ok", False)), "state": str(event.get("state") or ""),
+            "message": str(event.get("message") or "")[:1000], "on_error": str(event.get("on_error") or ""),
+            "at": event["at"]}
 
 
 def _attempt(a: Any) -> dict[str, Any]:

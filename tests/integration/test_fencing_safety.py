@@ -241,13 +241,13 @@ async def test_a_fenced_nodes_identities_may_run_no_destructive_op_until_it_is_u
 
 
 async def test_only_a_fencing_agent_may_announce_and_only_its_own_nodes(world):
-    fake = {"event": "outcome", "action": "on", "cluster": "c1", "node": "node1", "ok": True}
+    fake = {"id": "forged1", "event": "outcome", "action": "on", "cluster": "c1", "node": "node1", "ok": True}
     # Even someone whom the policy allows mesh.** cannot forge an unfencing.
-    refused(await world.call("alice", world.broker, "mesh.fence.event", fake), "only live fencing agents")
+    refused(await world.call("alice", world.broker, "mesh.fence.event", fake), "only the fencing agents the mesh")
     # The fencing agent itself, for a node it does not fence (through the broker's gate, as it would be sent).
     res = await world.fencer.request(str(world.broker.jid), "mesh.fence.event", {**fake, "node": "node9"},
                                      timeout=10)
-    refused(res, "does not fence that node")
+    refused(res, "does not configure it to fence that node")
     assert world.events == [] and world.broker.fence_ledger.events() == []
 
 
