@@ -23,6 +23,7 @@ import argparse
 import asyncio
 import json
 import logging
+import math
 import os
 import shutil
 import signal
@@ -44,7 +45,14 @@ EXIT_UNREACHABLE = 5
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
-    ns = parser.parse_args(argv)
+    # Options and key=value pairs mix in any order (`call OP --on RES key=value`, the form `help`
+    # prints): argparse ends a positional list at the first option, so pairs after one come back unknown.
+    ns, rest = parser.parse_known_args(argv)
+    stray = [w for w in rest if not (ns.command == "call" and "=" in w and not w.startswith("-"))]
+    if stray:
+        parser.error(f"unrecognized arguments: {' '.join(stray)}")
+    if rest:
+        ns.pairs = [*ns.pairs, *rest]
     logging.basicConfig(level=logging.INFO if ns.verbose else logging.WARNING,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
     if ns.command is None:
@@ -66,6 +74,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
 
 
+def _seconds(text: str) -> float:
+    """A --timeout: a finite number of seconds above zero (0, negative or NaN would end a call before
+    it could answer, while what it sent may still run)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected seconds, such as 30 or 2.5, got {text!r}") from None
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a number of seconds above 0, got {text!r}")
+    return value
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="vertebra", description="An agent mesh for managing infrastructure over XMPP.",
                                 epilog=__doc__.split("\n\n", 2)[2], formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -85,7 +105,7 @@ def _parser() -> argparse.ArgumentParser:
     ag.add_argument("name")
     lst = sub.add_parser("agents", help="list the live agents with their ops and resources")
     lst.add_argument("--json", action="store_true")
-    lst.add_argument("--timeout", type=float, default=10.0)
+    lst.add_argument("--timeout", type=_seconds, default=10.0)
     call = sub.add_parser("call", help="call an op on the agents that offer it")
     call.add_argument("op")
     call.add_argument("pairs", nargs="*", metavar="key=value")
@@ -96,21 +116,21 @@ def _parser() -> argparse.ArgumentParser:
                            " op declares, usually all)")
     call.add_argument("--to", action="append", default=[], metavar="JID",
                       help="send to these agents directly, without discovery (repeatable)")
-    call.add_argument("--timeout", type=float, default=30.0, help="seconds for the whole call (default 30)")
+    call.add_argument("--timeout", type=_seconds, default=30.0, help="seconds for the whole call (default 30)")
     call.add_argument("--json", action="store_true", help="print the results as JSON")
     hlp = sub.add_parser("help", help="show an op's arguments, or list every op")
     hlp.add_argument("op", nargs="?")
     pol = sub.add_parser("policy", help="check a policy file offline, or have the broker reload and push it")
     pol.add_argument("action", choices=("check", "reload"))
     pol.add_argument("file", nargs="?", help="check: the policy file")
-    pol.add_argument("--timeout", type=float, default=60.0)
+    pol.add_argument("--timeout", type=_seconds, default=60.0)
     wf = sub.add_parser("workflow", help="run, approve and follow the broker's workflows",
                         description="Shorthand for the broker's workflow.* ops: words without '=' fill the op's"
                                     " arguments in order; for run, NAME=VALUE words are the workflow's"
                                     " parameters. `vertebra help workflow.run` shows each op.")
     wf.add_argument("action", choices=("run", "approve", "perform", "status", "list", "cancel"))
     wf.add_argument("words", nargs="*", metavar="WORD", help="e.g. run masked-copy source=db; approve ID STEP")
-    wf.add_argument("--timeout", type=float, default=90.0)
+    wf.add_argument("--timeout", type=_seconds, default=90.0)
     wf.add_argument("--json", action="store_true")
     aud = sub.add_parser("audit", help="verify or show the audit logs of this machine's agents")
     aud.add_argument("action", choices=("verify", "show"))
@@ -125,7 +145,7 @@ def _parser() -> argparse.ArgumentParser:
                        " (HOME/state/BROKER/audit-anchors.sqlite) instead of asking the broker")
     where.add_argument("--no-anchors", action="store_true",
                        help="verify: check the chains alone (a cut or a rewrite with the key goes unnoticed)")
-    aud.add_argument("--timeout", type=float, default=30.0, help="verify: seconds to wait for the broker")
+    aud.add_argument("--timeout", type=_seconds, default=30.0, help="verify: seconds to wait for the broker")
     return p
 
 

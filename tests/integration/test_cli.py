@@ -64,6 +64,23 @@ def test_call_json_and_exit_codes(running_mesh):
     assert json.loads(gone.stdout)["results"][0]["outcome"] == "unreachable"
 
 
+def test_options_and_pairs_mix_in_any_order_and_timeouts_must_be_positive(running_mesh):
+    home, _cfg = running_mesh
+    # The form `vertebra help OP` prints: options first, then key=value.
+    mixed = vertebra(home, "call", "storage.volume.list", "--on", "/pool/cli", "--json")
+    assert mixed.returncode == 0, mixed.stderr
+    after = vertebra(home, "call", "storage.info", "--on", "/host/cli", "colour=red", "--json")
+    assert after.returncode == 2 and "unknown argument 'colour'" in after.stderr  # the pair reached the op
+
+    stray = vertebra(home, "call", "storage.info", "--on", "/host/cli", "stray")
+    assert stray.returncode == 2 and "unrecognized arguments: stray" in stray.stderr
+    for bad in ("0", "-1", "nan", "inf", "soon"):
+        refused = vertebra(home, "call", "storage.volume.create", "volume=never", "--timeout", bad)
+        assert refused.returncode == 2 and "--timeout" in refused.stderr, (bad, refused.stderr)
+    listed = vertebra(home, "call", "storage.volume.list", "--json")
+    assert "never" not in listed.stdout  # a refused command line sent nothing
+
+
 def test_gateway_socket_is_owner_only_and_keeps_the_callers_identity(running_mesh, server):
     home, cfg = running_mesh
     sock = home / "run" / "gateway.sock"
