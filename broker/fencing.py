@@ -11,7 +11,8 @@ chat room shows them), and keeps each node's fencing epochs:
   not come back (the outcome's ``on_error``);
 - a failed attempt changes nothing: only a verified state counts;
 - an outcome older than the node's last change (a late resend, another agent's older report) is
-  kept as an event and changes nothing.
+  kept as an event and changes nothing (an off only when older by more than the clock-skew
+  allowance, agents/protocol.py: in doubt a node stays fenced).
 
 Each event carries the fencing agent's id for it, the same on every resend: the broker records an
 event once per (agent, id), so an agent may resend until it hears ok (agents/fencing/outbox.py)
@@ -49,6 +50,7 @@ from agents.agent import Call
 from agents.authz import Authorizer, Decision, decide
 from agents.fenced import INSTALL_OP, Fenced, FencedIdentities, encode_entries
 from agents.errors import OpError, Outcome
+from agents.protocol import CLOCK_SKEW_ALLOWANCE
 from agents.fencing.settings import NODE_RESOURCE, SEGMENT, _clusters, _identities, node_resource
 from agents.ops import Arg, OpSpec, op
 
@@ -130,9 +132,11 @@ class FenceLedger:
         if event["event"] != "outcome" or not event["ok"]:
             return seq, None, True
         cluster, node, action = event["cluster"], event["node"], event["action"]
-        if event["at"] < self._last_change(cluster, node):
-            # Older than what the node's epochs already say (a late resend, another agent's older
-            # report): the newer verified state stands.
+        # Older than what the node's epochs already say (a late resend, another agent's older report):
+        # the newer verified state stands. Times are the agents' clocks; an off within the clock-skew
+        # allowance of the last change still counts, since erring that way keeps a node fenced.
+        slack = CLOCK_SKEW_ALLOWANCE if action in ("off", "reboot") else 0.0
+        if event["at"] < self._last_change(cluster, node) - slack:
             return seq, None, True
         opened = self.open_epoch(cluster, node)
         if action in ("off", "reboot") and opened is None:

@@ -37,3 +37,53 @@ def wrapper_program(path: Path) -> Path:
                     "-m agents.fencing.fence_vertebra \"$@\"\n")
     path.chmod(0o755)
     return path
+
+
+class FencingWorld:
+    """In one process, on the test server: a broker with a state dir and a fencing agent for node1
+    and node2 of cluster c1 (fence_dummy with status files), each on an account of its own that
+    outlives stopping it, so a test can stop and start either as a restart would."""
+
+    def __init__(self, mesh: Any, tmp_path: Path, identities: dict[str, list[str]] | None = None) -> None:
+        self.mesh, self.tmp = mesh, tmp_path
+        self.broker_account, self.fencer_account = mesh.account("broker"), mesh.account("fencing")
+        self.broker_state, self.fencer_state = tmp_path / "broker-state", tmp_path / "fencer-state"
+        self.broker_state.mkdir()
+        self.fencer_state.mkdir()
+        self.state = {n: tmp_path / f"{n}.state" for n in ("node1", "node2")}
+        for f in self.state.values():
+            f.write_text("on")
+        self.settings = {
+            "cluster": "c1",
+            "fencing": {"devices": {"pdu1": dummy_device(self.state["node1"]),
+                                    "pdu2": dummy_device(self.state["node2"])},
+                        "levels": {"node1": [["pdu1"]], "node2": [["pdu2"]]}},
+            "identities": identities or {}}
+        self.broker: Any = None
+        self.fencer: Any = None
+
+    async def start_broker(self) -> Any:
+        from broker.service import Broker
+        jid, pw = self.broker_account
+        broker = Broker(jid, pw, self.mesh.endpoint, authorizer=self.mesh.admins, state_dir=self.broker_state)
+        # As the mesh file's agents: entry would, before it goes online: the fencing agent, with its settings.
+        broker.admit(self.fencer_account[0], "fencing", ["/host/fencer"], self.settings)
+        self.broker = await self.mesh.start(broker)
+        return self.broker
+
+    async def start_fencer(self) -> Any:
+        from agents.fencing.agent import FencingAgent
+        jid, pw = self.fencer_account
+        self.fencer = await self.mesh.start(FencingAgent(
+            jid, pw, self.mesh.endpoint, resources=["/host/fencer"], broker=self.broker_account[0],
+            authorizer=self.mesh.admins, settings=self.settings, state_dir=self.fencer_state))
+        return self.fencer
+
+    async def stop(self, actor: Any) -> None:
+        """Stop one of them (a crash or a restart, as far as the others can tell)."""
+        await actor.stop()
+        self.mesh.actors.remove(actor)
+
+    def listed(self) -> bool:
+        """Whether the broker lists the fencing agent."""
+        return any(e.jid.startswith(self.fencer_account[0] + "/") for e in self.broker.directory.entries())

@@ -17,7 +17,7 @@ from agents.fenced import (Fenced, FencedIdentities, authorize_install, encode_e
 from agents.fencing.guard import ApprovalGuard
 from agents.fencing.settings import FencingSettings
 from agents.ops import OpSpec
-from broker.fencing import FenceLedger, FencersMayAnnounce
+from broker.fencing import FenceLedger, FencersMayAnnounce, configured_nodes
 
 
 async def _noop(*_a, **_k):
@@ -32,7 +32,8 @@ def spec(name: str, destructive: bool = True, effect: str | None = None) -> OpSp
 
 def outcome(action: str, ok: bool = True, node: str = "n1", at: float = 100.0, **kw) -> dict:
     return {"event": "outcome", "action": action, "cluster": "c1", "node": node, "ok": ok, "at": at,
-            "requester": "pcmk@x.test", "identities": ["DB1@x.test"], **kw}
+            "state": "off" if action == "off" else "on", "requester": "pcmk@x.test",
+            "identities": ["DB1@x.test"], **kw}
 
 
 def test_a_verified_off_opens_an_epoch_and_a_verified_on_ends_it():
@@ -156,8 +157,9 @@ def test_fencing_settings_name_what_is_wrong():
     assert "settings.approval.c9: no such cluster" in problems and "settings.approval.c2: expected" in problems
 
 
-def test_only_a_live_fencing_agent_announces_and_only_for_its_nodes():
-    gate = FencersMayAnnounce(AdminsOnly(["root@x.test"]), lambda: {"f@x.test": {"/cluster/c1/node/n1"}})
+def test_only_a_configured_fencing_agent_announces_and_only_for_its_nodes():
+    gate = FencersMayAnnounce(AdminsOnly(["root@x.test"]), lambda caller: {"/cluster/c1/node/n1": ("db1@x.test",)}
+                              if caller.lower() == "f@x.test" else None)
     event = spec("mesh.fence.event", False)
     assert gate.decide("F@x.test", event, ["/cluster/c1/node/n1"]).allowed
     assert not gate.decide("f@x.test", event, ["/cluster/c1/node/n2"]).allowed
@@ -183,3 +185,29 @@ def test_a_fencing_recorded_by_another_broker_instance_reaches_this_ones_decisio
     assert not denied.allowed and "fenced node" in denied.reason
     other.record("f@x.test", outcome("on", at=200.0))
     assert guard.decide("db1@x.test", spec("workflow.run"), []).allowed
+
+
+def test_an_event_is_recorded_once_per_agent_and_id():
+    ledger = FenceLedger(":memory:")
+    assert ledger.record("f@x.test", outcome("off", id="e1")) == (1, "fenced", True)
+    assert ledger.record("F@x.test", outcome("off", id="e1")) == (1, None, False)  # a resend
+    assert ledger.record("g@x.test", outcome("off", id="e1"))[2]  # another agent's e1 is another event
+    assert [e["epoch"] for e in ledger.epochs()] == [1] and len(ledger.events()) == 2
+
+
+def test_an_outcome_older_than_the_nodes_last_change_changes_nothing():
+    ledger = FenceLedger(":memory:")
+    ledger.record("f@x.test", outcome("off", at=100.0))
+    ledger.record("f@x.test", outcome("on", at=200.0))
+    assert ledger.record("f@x.test", outcome("off", at=150.0))[1] is None  # late: the on stands
+    assert ledger.fenced() == []
+    ledger.record("f@x.test", outcome("off", at=300.0))
+    assert ledger.record("f@x.test", outcome("on", at=250.0))[1] is None  # late: the off stands
+    assert ledger.record("f@x.test", outcome("on", at=400.0, state="unknown"))[1] is None  # not verified on
+    assert [f.epoch for f in ledger.fenced()] == [2]
+
+
+def test_a_nodes_identities_come_from_the_agents_configured_settings():
+    assert configured_nodes(SETTINGS) == {"/cluster/c1/node/n1": ("db1@x.test",), "/cluster/c2/node/n2": ()}
+    assert configured_nodes({**SETTINGS, "identities": {"n9": ["x@x.test"]}}) == {}  # does not validate
+    assert configured_nodes({}) == {} and configured_nodes(None) == {}

@@ -1,0 +1,105 @@
+"""Fencing epochs survive a broker that was down, on the real server with a real fence device
+(fence_dummy, type=file): a node fenced while the broker is stopped shows fenced once it is back,
+from the fencing agent's durable outbox (resent until the broker answers ok, even across a restart
+of the agent itself) or, when that outbox is lost, from the agent's ledger, which the broker
+reconciles as the agent joins. Resends and reconciliation count each event once.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+
+from agents.errors import Outcome
+from conftest import until
+from fence_mesh import FencingWorld
+
+
+async def fenced_nodes(world: FencingWorld) -> list[tuple[str, int, list[str]]]:
+    client = await world.mesh.client()
+    res = await client.request(str(world.broker.jid), "mesh.fence.epochs", {}, timeout=10)
+    assert res.outcome is Outcome.OK, res.error
+    return [(f["node"], f["epoch"], f["identities"]) for f in res.result["fenced"]]
+
+
+async def fence_while_the_broker_is_down(mesh, tmp_path: Path) -> tuple[FencingWorld, str]:
+    db1 = mesh.account("db")[0]
+    world = FencingWorld(mesh, tmp_path, identities={"node1": [db1]})
+    await world.start_broker()
+    await world.start_fencer()
+    await until(world.listed, what="the fencing agent listed")  # the broker knows it, to greet it again
+    await world.stop(world.broker)
+    client = await mesh.client()
+    off = await client.request(str(world.fencer.jid), "fence.off", {"cluster": "c1", "node": "node1"}, timeout=30)
+    assert off.outcome is Outcome.OK and off.result["state"] == "off", off.error
+    assert world.state["node1"].read_text() == "off"
+    assert [e["event"] for e in world.fencer.outbox.pending()] == ["attempt", "outcome"]  # kept, not delivered
+    return world, db1
+
+
+async def test_a_node_fenced_while_the_broker_was_down_shows_fenced_after_it_restarts(mesh, tmp_path: Path):
+    world, db1 = await fence_while_the_broker_is_down(mesh, tmp_path)
+    await world.start_broker()  # same account, same state dir: a restart
+    await until(lambda: world.broker.fence_ledger.fenced(), timeout=30, what="the epoch recorded after the restart")
+    assert await fenced_nodes(world) == [("node1", 1, [db1])]
+    await until(lambda: not world.fencer.outbox.pending(), what="the outbox emptied by the broker's acknowledgement")
+    # Delivered once each, however they got there.
+    assert [(e["event"], e["action"]) for e in world.broker.fence_ledger.events()] == [
+        ("attempt", "off"), ("outcome", "off")]
+
+
+async def test_the_outbox_outlives_the_fencing_agent_too(mesh, tmp_path: Path):
+    world, db1 = await fence_while_the_broker_is_down(mesh, tmp_path)
+    await world.stop(world.fencer)  # its memory is gone; its state dir stays
+    await world.start_broker()
+    await world.start_fencer()
+    await until(lambda: len(world.broker.fence_ledger.events()) == 2, timeout=30,
+                what="both events resent by the restarted agent")
+    assert await fenced_nodes(world) == [("node1", 1, [db1])]
+    # The attempt is only in the outbox (the ledger keeps verified outcomes): it came from there.
+    assert [e["event"] for e in world.broker.fence_ledger.events()] == ["attempt", "outcome"]
+    await until(lambda: not world.fencer.outbox.pending(), what="the outbox emptied")
+
+
+async def test_a_lost_outbox_is_recovered_from_the_agents_ledger(mesh, tmp_path: Path):
+    world, db1 = await fence_while_the_broker_is_down(mesh, tmp_path)
+    await world.stop(world.fencer)
+    with sqlite3.connect(world.fencer_state / "fencing.sqlite") as db:  # the outbox is lost; the ledger is not
+        db.execute("DELETE FROM outbox")
+    await world.start_broker()
+    await world.start_fencer()
+    await until(lambda: world.broker.fence_ledger.fenced(), timeout=30, what="the epoch reconciled from the ledger")
+    assert await fenced_nodes(world) == [("node1", 1, [db1])]
+    (event,) = world.broker.fence_ledger.events()
+    assert (event["event"], event["action"], event["ok"], event.get("reconciled")) == ("outcome", "off", True, True)
+    # Asking again (another join) finds nothing new.
+    assert await world.broker.reconcile_fencing(str(world.fencer.jid)) == 0
+
+
+async def test_an_unfence_missed_while_the_broker_was_down_ends_the_epoch_and_no_older_off_reopens_it(mesh, tmp_path):
+    db1 = mesh.account("db")[0]
+    world = FencingWorld(mesh, tmp_path, identities={"node1": [db1]})
+    await world.start_broker()
+    await world.start_fencer()
+    await until(world.listed, what="the fencing agent listed")
+    client = await mesh.client()
+    node1 = {"cluster": "c1", "node": "node1"}
+    assert (await client.request(str(world.fencer.jid), "fence.off", node1, timeout=30)).outcome is Outcome.OK
+    await until(lambda: world.broker.fence_ledger.fenced(), what="the epoch opened")
+    await world.stop(world.broker)
+    on = await client.request(str(world.fencer.jid), "fence.on", node1, timeout=30)
+    assert on.outcome is Outcome.OK and world.state["node1"].read_text() == "on", on.error
+    await world.start_broker()
+    await until(lambda: not world.broker.fence_ledger.fenced() and not world.fencer.outbox.pending(), timeout=30,
+                what="the verified on recorded after the restart")
+    assert await fenced_nodes(world) == []
+    (epoch,) = world.broker.fence_ledger.epochs()
+    assert epoch["epoch"] == 1 and epoch["unfenced_by"] == world.fencer_account[0]
+    # An older off arriving late under a new id (as another agent's older report would; older than
+    # the on by more than the clock-skew allowance): it is kept as an event and opens nothing.
+    (off,) = [e for e in world.broker.fence_ledger.events() if e["event"] == "outcome" and e["action"] == "off"]
+    late = {k: off[k] for k in ("event", "action", "cluster", "node", "requester", "request", "ok", "state",
+                                "message", "on_error", "at")}
+    answer = world.broker._take_event(world.fencer_account[0], {**late, "id": "late-resend", "at": off["at"] - 10})
+    assert answer["change"] is None and not answer["fenced"]
+    assert len(world.broker.fence_ledger.epochs()) == 1
