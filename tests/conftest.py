@@ -16,6 +16,7 @@ import contextlib
 import itertools
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -207,6 +208,36 @@ def vertebra(home: Path, *args: str, timeout: float = 60.0) -> subprocess.Comple
     return subprocess.run([sys.executable, "-m", "agents.cli", "--home", str(home), *args], cwd=ROOT,
                           capture_output=True, text=True, timeout=timeout,
                           env={**os.environ, "PYTHONPATH": str(ROOT)})
+
+
+@contextlib.contextmanager
+def vertebra_up(tmp_path: Path) -> Iterator[tuple[Path, str]]:
+    """`vertebra up` on the example mesh file (on a free port), as a new user runs it: yields the state
+    directory and what `up` printed until it was ready; then Ctrl-C, which must stop everything (exit 0).
+    A run that fails is killed and its server stopped, so no test leaves a mesh behind."""
+    home = tmp_path / "up-home"
+    home.mkdir()
+    mesh = yaml.safe_load((ROOT / "deploy" / "mesh.example.yaml").read_text())
+    mesh["server"]["port"] = free_port()
+    (home / "mesh.yaml").write_text(yaml.safe_dump(mesh))
+    proc = subprocess.Popen([sys.executable, "-m", "agents.cli", "--home", str(home), "up"], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, "PYTHONPATH": str(ROOT)})
+    lines = []
+    try:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            lines.append(line)
+            if "Ctrl-C stops everything" in line:
+                break
+        yield home, "".join(lines)
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=60) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()  # its agents die with it (PR_SET_PDEATHSIG); the server is stopped here
+            proc.wait()
+            vertebra(home, "server", "stop", timeout=30)
 
 
 @contextlib.contextmanager

@@ -22,7 +22,7 @@ import yaml
 
 from agents import audit
 from agents.audit import Anchor, chain_hash, load_key
-from conftest import DOMAIN, ROOT, free_port, running, until, vertebra
+from conftest import DOMAIN, ROOT, running, until, vertebra, vertebra_up
 from rawxmpp import RawXMPP, app_condition
 from sample_agent import SampleAgent
 
@@ -285,18 +285,7 @@ async def test_an_agents_audit_log_key_and_request_log_are_private(mesh, tmp_pat
 
 
 def test_vertebra_up_keeps_logs_and_state_private(tmp_path):
-    home = tmp_path / "up-home"
-    home.mkdir()
-    mesh = yaml.safe_load((ROOT / "deploy" / "mesh.example.yaml").read_text())
-    mesh["server"]["port"] = free_port()
-    (home / "mesh.yaml").write_text(yaml.safe_dump(mesh))
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    proc = subprocess.Popen([sys.executable, "-m", "agents.cli", "--home", str(home), "up"], cwd=ROOT,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
-    try:
-        for line in proc.stdout:
-            if "Ctrl-C stops everything" in line:
-                break
+    with vertebra_up(tmp_path) as (home, _shown):
         logs = sorted((home / "logs").glob("*.log"))
         assert logs and _mode(home / "logs") == 0o700
         assert {p.name: _mode(p) for p in logs} == {p.name: 0o600 for p in logs}
@@ -309,14 +298,7 @@ def test_vertebra_up_keeps_logs_and_state_private(tmp_path):
                 assert _mode(log.parent / name) == 0o600, log.parent / name
         requests = sorted((home / "state").glob("*/requests.sqlite"))
         assert requests and {p: _mode(p) for p in requests} == {p: 0o600 for p in requests}
-        proc.send_signal(signal.SIGINT)
-        assert proc.wait(timeout=60) == 0
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-            subprocess.run([sys.executable, "-m", "agents.cli", "--home", str(home), "server", "stop"], cwd=ROOT,
-                           env=env, capture_output=True, timeout=30)
+
 
 
 # -- the command line --------------------------------------------------------------------------------

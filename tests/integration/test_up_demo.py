@@ -6,48 +6,24 @@ which none of that data is left."""
 from __future__ import annotations
 
 import json
-import os
-import signal
 import sqlite3
-import subprocess
-import sys
 
-import yaml
 
-from conftest import ROOT, free_port
+from conftest import vertebra, vertebra_up
 
 PERSONAL = [b"ada.lovelace@example.com", b"Lovelace", b"4556 7375 8689 9855", b"+44 20 7946 0018"]
 
 
-def cli(home, *args, timeout=120):
-    return subprocess.run([sys.executable, "-m", "agents.cli", "--home", str(home), *args], cwd=ROOT,
-                          capture_output=True, text=True, timeout=timeout, env={**os.environ, "PYTHONPATH": str(ROOT)})
-
-
 def test_up_gives_the_demo_source_and_the_readme_workflow_masks_it_for_each_developer(tmp_path):
-    home = tmp_path / "up-home"
-    home.mkdir()
-    mesh = yaml.safe_load((ROOT / "deploy" / "mesh.example.yaml").read_text())
-    mesh["server"]["port"] = free_port()
-    (home / "mesh.yaml").write_text(yaml.safe_dump(mesh))
-    proc = subprocess.Popen([sys.executable, "-m", "agents.cli", "--home", str(home), "up"], cwd=ROOT,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env={**os.environ, "PYTHONPATH": str(ROOT)})
-    lines = []
-    try:
-        for line in proc.stdout:
-            lines.append(line)
-            if "Ctrl-C stops everything" in line:
-                break
-        shown = "".join(lines)
+    with vertebra_up(tmp_path) as (home, shown):
         assert "demo      volume demo on storage1" in shown, shown
         assert "workflow run masked-copy volume=demo" in shown, shown
         source = home / "state" / "storage1" / "storage" / "volumes" / "demo" / "app.db"
         assert all(value in source.read_bytes() for value in PERSONAL)
 
         # The README's command, as printed by `up`.
-        run = cli(home, "workflow", "run", "masked-copy", "volume=demo", "snapshot=s1", "developers=alice",
-                  "developers=bob")
+        run = vertebra(home, "workflow", "run", "masked-copy", "volume=demo", "snapshot=s1", "developers=alice",
+                       "developers=bob")
         assert run.returncode == 0, run.stdout + run.stderr
         status = json.loads(run.stdout)
         assert status["state"] == "done", status
@@ -58,13 +34,6 @@ def test_up_gives_the_demo_source_and_the_readme_workflow_masks_it_for_each_deve
             with sqlite3.connect(clone / "app.db") as db:
                 assert db.execute("SELECT email FROM customers WHERE id = 1").fetchone() == ("customer1@masked.invalid",)
         # Each clone is addressed by its volume, as the README shows.
-        listed = cli(home, "call", "storage.snapshot.list", "volume=demo-masking-s1", "--json")
+        listed = vertebra(home, "call", "storage.snapshot.list", "volume=demo-masking-s1", "--json")
         assert listed.returncode == 0, listed.stdout + listed.stderr
         assert [s["name"] for s in json.loads(listed.stdout)["results"][0]["result"]] == ["masked"]
-        proc.send_signal(signal.SIGINT)
-        assert proc.wait(timeout=30) == 0
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-            cli(home, "server", "stop", timeout=30)
