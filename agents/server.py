@@ -425,7 +425,10 @@ class PrivateServer(PrivateNode):
     def _spawn(self, prosody: str, timeout: float) -> None:
         self.pidfile.unlink(missing_ok=True)
         env = dict(os.environ, HOME=str(self.dir))
-        with open(self.log_path, "ab") as log:
+        # The log names every account that logs in, and from where: not for other local users.
+        fd = os.open(self.log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        os.fchmod(fd, 0o600)
+        with open(fd, "ab") as log:
             start_offset = log.tell()
             proc = subprocess.Popen(
                 [prosody, "--config", str(self.config_path), "-F"],

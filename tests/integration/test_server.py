@@ -68,6 +68,7 @@ def test_start_reports_running_and_writes_private_files(server: PrivateServer) -
     assert isinstance(status["pid"], int) and _pid_exists(status["pid"])
     assert (status["host"], status["port"], status["domain"]) == (server.host, server.port, "vertebra.test")
     assert oct(server.key_path.stat().st_mode & 0o777) == "0o600"
+    assert oct(server.log_path.stat().st_mode & 0o777) == "0o600"  # it names every login
     config = server.config_path.read_text()
     assert f"c2s_ports = {{ {server.port} }}" in config
     with socket.create_connection((server.host, server.port), timeout=5):
