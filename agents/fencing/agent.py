@@ -234,13 +234,17 @@ class FencingAgent(Agent):
                             done.set_result(None)
                         backoff.reset()
                         continue
-                    self.outbox.tried(event["id"])
-                    level = logging.INFO if res.outcome in (Outcome.TIMEOUT, Outcome.UNREACHABLE) else logging.WARNING
+                    tries = self.outbox.tried(event["id"])
+                    absent = res.outcome in (Outcome.TIMEOUT, Outcome.UNREACHABLE)
+                    # A broker that is away is normal; a refusal is a configuration to fix, said
+                    # loudly at first and then now and then, not every round.
+                    level = logging.INFO if absent or (tries > 3 and tries % 20) else logging.WARNING
                     events_log.log(level, "the broker did not take fencing event %s (%s %s/%s) yet: %s: %s; it is"
                                    " kept and sent again", event["id"], event["action"], event["cluster"],
                                    event["node"], res.outcome.value, res.error)
                     failed = True
-                    break
+                    if absent:
+                        break  # the rest would go the same way; a refused event holds up no other
             if failed or (not self.online and self.outbox.pending(1)):
                 try:  # wait out the backoff, or less if a broker says hello or a new event comes
                     await asyncio.wait_for(self._wake.wait(), timeout=backoff.next())

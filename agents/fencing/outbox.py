@@ -70,8 +70,11 @@ class FenceOutbox:
         rows = self.db.execute("SELECT body FROM outbox ORDER BY n LIMIT ?", (limit,)).fetchall()
         return [json.loads(body) for (body,) in rows]
 
-    def tried(self, event_id: str) -> None:
+    def tried(self, event_id: str) -> int:
+        """Count a failed send; returns how many there have been."""
         self.db.execute("UPDATE outbox SET tries = tries + 1 WHERE id = ?", (event_id,))
+        row = self.db.execute("SELECT tries FROM outbox WHERE id = ?", (event_id,)).fetchone()
+        return int(row[0]) if row else 0
 
     def delivered(self, event_id: str) -> None:
         """The broker acknowledged it: it is not sent again."""
