@@ -7,12 +7,19 @@ reconciles as the agent joins. Resends and reconciliation count each event once.
 
 from __future__ import annotations
 
+import json
+import os
 import sqlite3
+import subprocess
+import sys
+import time
 from pathlib import Path
 
+import yaml
+
 from agents.errors import Outcome
-from conftest import until
-from fence_mesh import FencingWorld
+from conftest import ROOT, until, vertebra
+from fence_mesh import FencingWorld, dummy_device, fencing_settings
 
 
 async def fenced_nodes(world: FencingWorld) -> list[tuple[str, int, list[str]]]:
@@ -103,3 +110,64 @@ async def test_an_unfence_missed_while_the_broker_was_down_ends_the_epoch_and_no
     answer = world.broker._take_event(world.fencer_account[0], {**late, "id": "late-resend", "at": off["at"] - 10})
     assert answer["change"] is None and not answer["fenced"]
     assert len(world.broker.fence_ledger.epochs()) == 1
+
+
+def test_the_issues_case_with_real_processes(mesh_home, tmp_path: Path):
+    """The mesh as `vertebra` runs it (broker and fencing agent processes from one mesh file): the
+    broker is stopped, node1 is fenced off through the fencing agent, the agent is restarted too, the
+    broker starts again, and node1 shows fenced with the identities the mesh file gives it."""
+    state = tmp_path / "node1.state"
+    state.write_text("on")
+    settings = {**fencing_settings({"dev": dummy_device(state)}, {"node1": [["dev"]]}),
+                "identities": {"node1": ["db1@vertebra.test"]}}
+    home = mesh_home([{"name": "fence", "kind": "fencing", "resources": ["/host/fencer"], "settings": settings}])
+    cfg = yaml.safe_load((home / "mesh.yaml").read_text())
+    fencer, broker = cfg["agents"][0]["name"], cfg["broker"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    base = [sys.executable, "-m", "agents.cli", "--home", str(home)]
+
+    def start(*what: str) -> subprocess.Popen:
+        return subprocess.Popen(base + list(what), env=env, cwd=ROOT,
+                                stderr=open(home / f"{what[-1]}-{time.monotonic_ns()}.log", "w"))
+
+    def call(*args: str) -> dict:
+        done = vertebra(home, "call", *args, "--json")
+        return json.loads(done.stdout)["results"][0] if done.stdout.strip() else {"outcome": done.stderr}
+
+    def wait_for(check, what: str, timeout: float = 60.0):
+        end, value = time.monotonic() + timeout, None
+        while time.monotonic() < end:
+            value = check()
+            if value:
+                return value
+            time.sleep(0.2)
+        raise AssertionError(f"timed out waiting for {what} ({value!r}); logs:\n"
+                             + "\n".join(f.read_text() for f in home.glob("*.log")))
+
+    procs = [start("broker"), start("agent", fencer)]
+    try:
+        wait_for(lambda: len(call("mesh.agents", "--to", broker).get("result") or []) == 1, "the agent listed")
+        procs[0].terminate()
+        procs[0].wait(timeout=15)
+        off = call("fence.off", "cluster=c1", "node=node1", "--to", fencer, "--timeout", "30")
+        assert off["outcome"] == "ok" and state.read_text() == "off", off
+        procs[1].terminate()  # the fencing agent restarts too: only what it kept on disk remains
+        procs[1].wait(timeout=15)
+        procs[0] = start("broker")
+        procs[1] = start("agent", fencer)
+
+        def fenced():
+            res = call("mesh.fence.epochs", "--to", broker)
+            return res.get("outcome") == "ok" and res["result"]["fenced"]
+
+        (epoch,) = wait_for(fenced, "node1 fenced after the broker's restart")
+        assert (epoch["node"], epoch["epoch"], epoch["identities"]) == ("node1", 1, ["db1@vertebra.test"])
+    finally:
+        for p in procs:
+            p.terminate()
+        for p in procs:
+            try:
+                p.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
