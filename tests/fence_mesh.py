@@ -61,6 +61,7 @@ class FencingWorld:
             "identities": identities or {}}
         self.broker: Any = None
         self.fencer: Any = None
+        self.client: Any = None  # a test's own caller, when it wants one kept
 
     async def start_broker(self) -> Any:
         from broker.service import Broker

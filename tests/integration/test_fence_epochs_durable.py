@@ -112,6 +112,23 @@ async def test_an_unfence_missed_while_the_broker_was_down_ends_the_epoch_and_no
     assert len(world.broker.fence_ledger.epochs()) == 1
 
 
+async def test_an_event_the_broker_refuses_holds_up_no_other(mesh, tmp_path: Path):
+    world = FencingWorld(mesh, tmp_path)
+    await world.start_broker()
+    await world.start_fencer()
+    await until(world.listed, what="the fencing agent listed")
+    # Oldest in the outbox: an event for a node the mesh file does not give this agent.
+    world.fencer.outbox.keep({"id": "not-mine", "event": "outcome", "action": "off", "cluster": "c9",
+                              "node": "node9", "ok": True, "state": "off", "at": time.time(),
+                              "caller": mesh.operator[0], "rid": "r1"})
+    client = await mesh.client()
+    off = await client.request(str(world.fencer.jid), "fence.off", {"cluster": "c1", "node": "node1"}, timeout=30)
+    assert off.outcome is Outcome.OK, off.error
+    await until(lambda: [e["id"] for e in world.fencer.outbox.pending()] == ["not-mine"], timeout=20,
+                what="node1's events delivered past the refused one")
+    assert [f.node for f in world.broker.fence_ledger.fenced()] == ["node1"]
+
+
 def test_the_issues_case_with_real_processes(mesh_home, tmp_path: Path):
     """The mesh as `vertebra` runs it (broker and fencing agent processes from one mesh file): the
     broker is stopped, node1 is fenced off through the fencing agent, the agent is restarted too, the

@@ -39,13 +39,9 @@ def denied(reply: ET.Element, *words: str) -> None:
         assert w in text, text
 
 
-async def epochs(broker) -> dict:
-    return await broker_call(broker, "mesh.fence.epochs", {})
-
-
-async def broker_call(broker, op: str, args: dict) -> dict:
-    client = broker._test_client
-    res = await client.request(str(broker.jid), op, args, timeout=10)
+async def epochs(world: FencingWorld) -> dict:
+    """mesh.fence.epochs as an operator sees it."""
+    res = await world.client.request(str(world.broker.jid), "mesh.fence.epochs", {}, timeout=10)
     assert res.outcome is Outcome.OK, res.error
     return res.result
 
@@ -55,7 +51,7 @@ async def world_with_client(mesh, tmp_path: Path, db1: str) -> FencingWorld:
     await world.start_broker()
     await world.start_fencer()
     await until(world.listed, what="the fencing agent listed")
-    world.broker._test_client = await mesh.client()
+    world.client = await mesh.client()  # the operator, a mesh admin
     return world
 
 
@@ -70,15 +66,15 @@ async def test_an_impostor_can_neither_open_an_epoch_nor_close_a_real_one(mesh, 
     try:
         for raw in impostors:  # the admin too: no policy makes an account a fencing agent
             denied(await post(raw, broker, forged("off")), "only the fencing agents the mesh file configures")
-        assert (await epochs(broker)) == {"fenced": [], "epochs": []}
+        assert (await epochs(world)) == {"fenced": [], "epochs": []}
         assert broker.fence_ledger.events() == []
 
         # A real, verified fence opens epoch 1 with the configured identities ...
-        client = broker._test_client
+        client = world.client
         off = await client.request(str(world.fencer.jid), "fence.off", {"cluster": "c1", "node": "node1"}, timeout=30)
         assert off.outcome is Outcome.OK and world.state["node1"].read_text() == "off", off.error
         await until(lambda: broker.fence_ledger.fenced(), what="the epoch opened")
-        before = await epochs(broker)
+        before = await epochs(world)
         (fenced,) = before["fenced"]
         assert (fenced["node"], fenced["epoch"], fenced["identities"]) == ("node1", 1, [db1[0]])
 
@@ -87,7 +83,7 @@ async def test_an_impostor_can_neither_open_an_epoch_nor_close_a_real_one(mesh, 
         impostors.append(zombie)
         for raw in impostors:
             denied(await post(raw, broker, forged("on")), "only the fencing agents the mesh file configures")
-        assert await epochs(broker) == before
+        assert await epochs(world) == before
         assert [e["agent"] for e in broker.fence_ledger.events()] == [world.fencer_account[0]] * 2
     finally:
         for raw in impostors:
@@ -108,14 +104,14 @@ async def test_a_fencing_agents_event_names_no_identities_and_only_its_own_nodes
         denied(await post(raw, broker, forged("off", node="node9")), "does not configure it to fence that node")
         denied(await raw.iq(str(broker.jid), raw.op_xml("mesh.fence.event", {**forged("off"), "cluster": "c2"})),
                "does not configure it to fence that node")
-        assert (await epochs(broker))["epochs"] == []
+        assert (await epochs(world))["epochs"] == []
 
         # Its own node: the epoch locks out the configured identities, whoever the event names.
         reply = await post(raw, broker, forged("off"))
         assert reply.get("type") == "result", ET.tostring(reply)
         status, result = outcome_of(reply)
         assert status == "ok" and result["change"] == "fenced" and result["epoch"] == 1
-        (fenced,) = (await epochs(broker))["fenced"]
+        (fenced,) = (await epochs(world))["fenced"]
         assert fenced["identities"] == [db1[0]] and admin not in fenced["identities"]
 
         # Resent (the agent did not hear the answer): one event, still epoch 1, nothing changes.
@@ -123,7 +119,7 @@ async def test_a_fencing_agents_event_names_no_identities_and_only_its_own_nodes
         status, result = outcome_of(again)
         assert status == "ok" and result["duplicate"] and result["change"] is None and result["epoch"] == 1
         assert len(broker.fence_ledger.events()) == 1
-        assert [e["epoch"] for e in (await epochs(broker))["epochs"]] == [1]
+        assert [e["epoch"] for e in (await epochs(world))["epochs"]] == [1]
     finally:
         await raw.close()
 
@@ -137,7 +133,7 @@ async def test_only_the_broker_may_read_a_fencing_agents_ledger(mesh, tmp_path: 
     finally:
         await raw.close()
     # The broker reads it (what it reconciles from); nothing is new when it has every event.
-    client = world.broker._test_client
+    client = world.client
     assert (await client.request(str(world.fencer.jid), "fence.off", {"cluster": "c1", "node": "node2"},
                                  timeout=30)).outcome is Outcome.OK
     await until(lambda: world.broker.fence_ledger.fenced(), what="the epoch opened")
@@ -150,11 +146,11 @@ async def test_only_the_broker_may_read_a_fencing_agents_ledger(mesh, tmp_path: 
 
 async def test_a_ledger_counts_only_from_a_configured_fencing_agent_for_its_own_nodes(mesh, tmp_path: Path):
     world = await world_with_client(mesh, tmp_path, mesh.account("db")[0])
-    broker, client = world.broker, world.broker._test_client
+    broker, client = world.broker, world.client
     assert (await client.request(str(world.fencer.jid), "fence.off", {"cluster": "c1", "node": "node1"},
                                  timeout=30)).outcome is Outcome.OK
     await until(lambda: broker.fence_ledger.fenced(), what="the epoch opened")
-    before = await epochs(broker)
+    before = await epochs(world)
 
     # An agent of another kind is never asked for a ledger at all.
     monitor = mesh.account("monitor")
@@ -181,4 +177,4 @@ async def test_a_ledger_counts_only_from_a_configured_fencing_agent_for_its_own_
         assert await asking == 0  # node1 is not its node; its own node3's entry is no verified outcome
     finally:
         await raw.close()
-    assert (await epochs(broker))["fenced"] == before["fenced"]
+    assert (await epochs(world))["fenced"] == before["fenced"]
