@@ -48,11 +48,12 @@ from typing import Annotated, Any, Callable, Literal, Mapping, Sequence
 
 from agents.agent import Call
 from agents.authz import Authorizer, Decision, decide
-from agents.fenced import INSTALL_OP, Fenced, FencedIdentities, encode_entries
 from agents.errors import OpError, Outcome
-from agents.protocol import CLOCK_SKEW_ALLOWANCE
+from agents.fenced import INSTALL_OP, Fenced, FencedIdentities, encode_entries
+# The settings' own readers (as broker/service.py uses them): no device checks on the broker's machine.
 from agents.fencing.settings import NODE_RESOURCE, SEGMENT, _clusters, _identities, node_resource
 from agents.ops import Arg, OpSpec, op
+from agents.protocol import CLOCK_SKEW_ALLOWANCE
 
 from .policy import push
 

@@ -42,9 +42,9 @@ from ..config import ConfigError
 from ..errors import BadArguments, OpError, OpTimeout, Outcome
 from ..ops import Arg, op
 from .devices import FencingConfigError
-from .outbox import FenceOutbox
 from .driver import KILL_GRACE
 from .guard import ApprovalGuard
+from .outbox import FenceOutbox
 from .power import PowerController, PowerOutcome, StillInFlight
 from .settings import NODE_RESOURCE, SEGMENT, FencingSettings
 
@@ -248,7 +248,7 @@ class FencingAgent(Agent):
             if failed or (not self.online and self.outbox.pending(1)):
                 try:  # wait out the backoff, or less if a broker says hello or a new event comes
                     await asyncio.wait_for(self._wake.wait(), timeout=backoff.next())
-                except asyncio.TimeoutError:
+                except TimeoutError:
                     pass
                 self._wake.set()
 

@@ -16,10 +16,10 @@ import time
 from pathlib import Path
 
 import yaml
-
-from agents.errors import Outcome
 from conftest import ROOT, until, vertebra
 from fence_mesh import FencingWorld, dummy_device, fencing_settings
+
+from agents.errors import Outcome
 
 
 async def fenced_nodes(world: FencingWorld) -> list[tuple[str, int, list[str]]]:

@@ -11,10 +11,11 @@ import asyncio
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
-from agents.errors import Outcome
 from conftest import DOMAIN, until
 from fence_mesh import FencingWorld
 from rawxmpp import NS_CLIENT, RawXMPP, app_condition, encode_args, outcome_of
+
+from agents.errors import Outcome
 
 
 def forged(action: str, node: str = "node1", **extra) -> dict:
