@@ -44,14 +44,14 @@ import logging
 import sqlite3
 import time
 from pathlib import Path
-from typing import Annotated, Any, Callable, Literal, Mapping, Sequence
+from typing import Annotated, Any, Callable, Literal, Sequence
 
 from agents.agent import Call
 from agents.authz import Authorizer, Decision, decide
 from agents.errors import OpError, Outcome
 from agents.fenced import INSTALL_OP, Fenced, FencedIdentities, encode_entries
 # The settings' own readers (as broker/service.py uses them): no device checks on the broker's machine.
-from agents.fencing.settings import NODE_RESOURCE, SEGMENT, _clusters, _identities, node_resource
+from agents.fencing.settings import NODE_RESOURCE, SEGMENT, configured_nodes, node_resource
 from agents.ops import Arg, OpSpec, op
 from agents.protocol import CLOCK_SKEW_ALLOWANCE
 
@@ -192,26 +192,6 @@ class FenceLedger:
         rows = self.db.execute("SELECT seq, agent, body FROM fence_events WHERE seq > ? ORDER BY seq DESC LIMIT ?",
                                (since, limit)).fetchall()
         return [{"seq": seq, "agent": agent, **json.loads(body)} for seq, agent, body in reversed(rows)]
-
-
-def configured_nodes(settings: Any) -> dict[str, tuple[str, ...]]:
-    """The nodes a fencing agent's configured settings give it to fence, as resource paths, each with
-    the bare JIDs that belong to it (``identities:``). Read from the settings alone, with the
-    agent's own rules (agents/fencing/settings.py): the device checks (secret files readable) are the
-    agent's machine's to make, not the broker's. Settings that do not validate cover no node."""
-    if not isinstance(settings, Mapping):
-        return {}
-    fencing = settings.get("fencing")
-    levels = fencing.get("levels") if isinstance(fencing, Mapping) else None
-    nodes = sorted(map(str, levels)) if isinstance(levels, Mapping) else []
-    problems: list[str] = []
-    clusters = _clusters(settings, nodes, problems)
-    identities = _identities(settings.get("identities"), nodes, problems)
-    if problems:
-        log.warning("fencing agent settings in the mesh file do not validate, so the broker believes its"
-                    " fencing events for no node: %s", "; ".join(problems))
-        return {}
-    return {node_resource(cluster, node): identities.get(node, ()) for node, cluster in clusters.items()}
 
 
 class FencersMayAnnounce:

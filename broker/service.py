@@ -294,15 +294,9 @@ def _advertised_resources(kind: str, resources: Iterable[str], settings: Mapping
     out = list(resources)
     if kind != "fencing":
         return out
-    # Read from the settings alone: the device checks (secret files readable) are the agent's
-    # machine's to make, not the broker's.
-    from agents.fencing.settings import _clusters, node_resource
+    from agents.fencing.settings import configured_nodes
 
-    fencing = settings.get("fencing")
-    levels = fencing.get("levels") if isinstance(fencing, Mapping) else None
-    nodes = sorted(map(str, levels)) if isinstance(levels, Mapping) else []
-    return out + [r for node, cluster in sorted(_clusters(settings, nodes, []).items())
-                  if (r := node_resource(cluster, node)) not in out]
+    return out + [r for r in configured_nodes(settings) if r not in out]
 
 
 def _values(value: Any) -> list[str]:

@@ -27,6 +27,7 @@ refuses an op that names a node with another cluster than the one configured her
 
 from __future__ import annotations
 
+import logging
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -34,6 +35,8 @@ from typing import Any
 
 from agents.fencing.devices import DeviceRegistry, FencingConfigError
 from agents.fencing.names import NODE_RESOURCE, SEGMENT, node_resource
+
+log = logging.getLogger(__name__)
 
 __all__ = ["FencingSettings", "NODE_RESOURCE", "SEGMENT", "node_resource"]
 
@@ -98,6 +101,26 @@ class FencingSettings:
         for node, cluster in sorted(self.clusters.items()):
             out.setdefault(cluster, []).append(node)
         return out
+
+
+def configured_nodes(settings: Any) -> dict[str, tuple[str, ...]]:
+    """The nodes a fencing agent's configured settings give it to fence, as resource paths, each with
+    the bare JIDs that belong to it (``identities:``). Read from the settings alone, with the
+    agent's own rules (below): the device checks (secret files readable) are the
+    agent's machine's to make, not the broker's. Settings that do not validate cover no node."""
+    if not isinstance(settings, Mapping):
+        return {}
+    fencing = settings.get("fencing")
+    levels = fencing.get("levels") if isinstance(fencing, Mapping) else None
+    nodes = sorted(map(str, levels)) if isinstance(levels, Mapping) else []
+    problems: list[str] = []
+    clusters = _clusters(settings, nodes, problems)
+    identities = _identities(settings.get("identities"), nodes, problems)
+    if problems:
+        log.warning("fencing agent settings in the mesh file do not validate, so they cover no node: %s",
+                    "; ".join(problems))
+        return {}
+    return {node_resource(cluster, node): identities.get(node, ()) for node, cluster in clusters.items()}
 
 
 def _clusters(settings: Mapping[str, Any], nodes: list[str], problems: list[str]) -> dict[str, str]:

@@ -15,9 +15,9 @@ from broker.fencing import BrokerFenceGuard
 from agents.fenced import (Fenced, FencedIdentities, authorize_install, encode_entries,
                                    parse_entries)
 from agents.fencing.guard import ApprovalGuard
-from agents.fencing.settings import FencingSettings
+from agents.fencing.settings import FencingSettings, configured_nodes
 from agents.ops import OpSpec
-from broker.fencing import FenceLedger, FencersMayAnnounce, configured_nodes
+from broker.fencing import FenceLedger, FencersMayAnnounce
 
 
 async def _noop(*_a, **_k):
