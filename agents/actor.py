@@ -105,12 +105,52 @@ class Backoff:
         self.attempt = 0
 
 
+# Deepest element nesting a stanza may have, the stanza itself being level 1 (docs/protocol.md 3.2).
+# Vertebra's own stanzas are 2 deep, a disco#info answer with its form 5; slixmpp walks and copies
+# stanzas recursively, so a few thousand levels from any account would overflow Python's stack.
+MAX_STANZA_DEPTH = 32
+# Marks the empty stand-in for a stanza that was too deep (``_Stream.incoming_filter``).
+_OVER_DEEP = "{urn:vertebra:1#internal}over-deep"
+
+
+def nested_deeper_than(xml: Any, limit: int) -> bool:
+    """Whether an element tree has more than ``limit`` levels, found level by level without recursion."""
+    level, depth = [xml], 1
+    while level:
+        if depth > limit:
+            return True
+        level = [child for element in level for child in element]
+        depth += 1
+    return False
+
+
 class _Stream(slixmpp.ClientXMPP):
     """slixmpp's client, with its fixed connect-retry schedule replaced by jittered backoff that
-    moves on to the next server of the endpoint at each attempt."""
+    moves on to the next server of the endpoint at each attempt, and with stanzas nested too deep
+    refused before slixmpp turns them into stanza objects."""
 
     backoff: Backoff
     next_address: Callable[[], tuple[str, int]]
+
+    def incoming_filter(self, xml: Any) -> Any:
+        """Every top-level element the parser completes passes here before slixmpp builds a stanza of
+        it. One nested too deep is replaced by an empty stand-in of the same kind: it is still counted
+        for XEP-0198 (a stanza never counted would sit in the server's resend queue) and then dropped
+        by ``Actor._dispatch``. A request (IQ get or set) is answered with a plain error built afresh,
+        never a copy of what was sent."""
+        if not nested_deeper_than(xml, MAX_STANZA_DEPTH):
+            return xml
+        sender, kind = xml.get("from"), xml.get("type")
+        log.warning("dropped a %s from %s nested deeper than %d levels", xml.tag.rpartition("}")[2], sender,
+                    MAX_STANZA_DEPTH)
+        if xml.tag == _IQ and kind in ("get", "set"):
+            self.make_iq_error(xml.get("id", ""), type="modify", condition="bad-request", ito=sender,
+                               text=f"stanza nested deeper than {MAX_STANZA_DEPTH} levels; nothing was"
+                                    " done").send()
+        stand_in = type(xml)(xml.tag, {name: value for name, value in xml.attrib.items()
+                                       if name in ("from", "to", "id", "type")})
+        stand_in.append(type(xml)(_OVER_DEEP))
+        return stand_in
 
     def reschedule_connection_attempt(self) -> asyncio.Future | None:
         if self._current_connection_attempt is None:
@@ -173,7 +213,7 @@ class Actor:
         # After XEP-0198's own input filter (registered with the plugin), which counts every stanza.
         self.xmpp.add_filter("in", self._dispatch)
         self.xmpp.add_event_handler("session_start", self._on_session_start)
-        self.xmpp.add_event_handler("session_resumed", lambda _e: self._online.set())
+        self.xmpp.add_event_handler("session_resumed", self._on_session_resumed)
         self.xmpp.add_event_handler("disconnected", self._on_disconnected)
         self.xmpp.add_event_handler("failed_all_auth", self._on_failed_auth)
 
@@ -228,6 +268,12 @@ class Actor:
         await self.on_session()
         self._online.set()
 
+    def _on_session_resumed(self, _event: Any) -> None:
+        # Back in business: the next drop starts again from the shortest wait, instead of each drop
+        # (an attack could cause them) waiting longer than the one before, up to the cap.
+        self.xmpp.backoff.reset()
+        self._online.set()
+
     def _on_failed_auth(self, _event: Any) -> None:
         self._auth_failed = "login refused (not-authorized): check the account's password file"
         self._stopping = True  # retrying a wrong password only locks the account out
@@ -263,6 +309,8 @@ class Actor:
         rest on. slixmpp tests every stanza against every registered handler (twenty-odd here), which
         profiling showed to be the largest single cost of an op's round trip."""
         xml = stanza.xml
+        if len(xml) and xml[-1].tag == _OVER_DEEP:  # refused by _Stream.incoming_filter, already counted
+            return None
         if xml.tag == _IQ:
             kind = xml.get("type")
             if kind in ("result", "error") and xml.get("id") in self._pending:
