@@ -32,8 +32,9 @@ from .actor import Actor, Backoff, Endpoint
 from .audit import AuditLog, private_file
 from .authz import AdminsOnly, Authorizer, current_via, decide, from_broker
 from .errors import (BadArguments, BadPayload, Denied, Expired, InternalError, OpError, OpTimeout, Outcome,
-                     TooLarge, UnknownOp)
+                     ResourceConstraint, TooLarge, UnknownOp)
 from .idempotency import Answer, RequestLog, fingerprint
+from .intake import FairIntake, IntakeLimits
 from .ops import Arg, OpSpec, op, ops_of
 
 log = logging.getLogger(__name__)
@@ -71,6 +72,7 @@ class Call:
 
 
 MAX_ADDRESSED = 64  # resources one request may address
+_TOO_MANY = ResourceConstraint("too many requests from you; retry later")
 
 # What the runtime's own broker-only ops (declared ``sender="broker"``) push, for the refusal's words.
 _FROM_BROKER = {policy_sync.INSTALL_OP: "policies", fenced.INSTALL_OP: "fenced nodes"}
@@ -96,7 +98,8 @@ class Agent(Actor):
     def __init__(self, jid: str, password: str, endpoint: Endpoint, *, resources: Sequence[str] = (),
                  broker: str | None = None, authorizer: Authorizer | None = None,
                  settings: dict[str, Any] | None = None, name: str | None = None,
-                 state_dir: Path | None = None, delegates: Sequence[str] = (), resource: str | None = None) -> None:
+                 state_dir: Path | None = None, delegates: Sequence[str] = (), resource: str | None = None,
+                 requests: IntakeLimits | None = None) -> None:
         super().__init__(jid, password, endpoint, resource=resource)
         # Advertising needs forms (XEP-0004, XEP-0128) and caps (XEP-0115); clients do without them
         # and so without their handlers and filters on every stanza.
@@ -122,6 +125,8 @@ class Agent(Actor):
         # Private like the audit log (it names every caller and op): 0600 in a 0700 directory.
         self._requests = RequestLog(private_file(state_dir / "requests.sqlite") if state_dir else None)
         self._tasks: set[asyncio.Task[Any]] = set()
+        # Requests are served fairly per sender and refused over a sender's rate or queue (intake.py).
+        self.intake: FairIntake[Iq] = FairIntake(self._serve, requests or IntakeLimits())
         self._serve_op = self._on_op
         self._brokers: set[str] = set()  # full JIDs of brokers that have seen us this session
         self._announcer: asyncio.Task[None] | None = None
@@ -264,9 +269,9 @@ class Agent(Actor):
     # -- receive, deduplicate, validate, authorize, execute ------------------------------------
 
     def _on_op(self, iq: Iq) -> None:
-        task = asyncio.get_running_loop().create_task(self._serve(iq))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        # Refused unread: no decode, no audit record, no request-log entry; the answer is all it costs.
+        if not self.intake.offer(iq["from"].bare, iq):
+            self.xmpp.send(protocol.error_reply(iq, _TOO_MANY))
 
     async def _serve(self, iq: Iq) -> None:
         req = iq["vertebra_op"]
@@ -332,13 +337,13 @@ class Agent(Actor):
             return Answer(error=error)
         if spec.progress:
             call._reply_to, call._job = str(iq["from"]), uuid.uuid4().hex
-            answer = Answer(job=call._job, job_end=asyncio.get_running_loop().create_future())
+            answer = Answer(job=call._job, job_end=asyncio.get_running_loop().create_future(), admitted=True)
             self._spawn(self._run_job(spec, call, args, answer, key, fp))
             return answer
-        try:
-            return Answer(payload=await self._execute(spec, call, args))
+        try:  # admitted: its outcome, whatever it is, may be kept durably (idempotency.py)
+            return Answer(payload=await self._execute(spec, call, args), admitted=True)
         except OpError as exc:
-            return Answer(error=exc)
+            return Answer(error=exc, admitted=not isinstance(exc, Expired))
 
     def _admit(self, iq: Iq, caller: str, rid: str, decided: list[str] | None = None
                ) -> tuple[OpSpec, Call, dict[str, Any]]:

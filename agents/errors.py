@@ -80,8 +80,15 @@ class InternalError(OpError):
     condition, stanza_condition, stanza_type = "internal", "internal-server-error", "cancel"
 
 
+class ResourceConstraint(OpError):
+    """A request refused unread because its sender is over its rate or has too many waiting (intake.py)."""
+
+    condition, stanza_condition, stanza_type = "resource-constraint", "resource-constraint", "wait"
+
+
 _BY_CONDITION = {cls.condition: cls for cls in
-                 (OpError, BadArguments, BadPayload, TooLarge, UnknownOp, Denied, OpTimeout, InternalError)}
+                 (OpError, BadArguments, BadPayload, TooLarge, UnknownOp, Denied, OpTimeout, InternalError,
+                  ResourceConstraint)}
 
 # Stanza errors the server itself returns when the addressee is gone before a request reached it.
 # Not recipient-unavailable: Prosody bounces with it the stanzas a dropped session had received but

@@ -3,9 +3,12 @@ runs twice.
 
 A request id is scoped to its caller's bare JID and bound to what it asked for (op, addressed
 resources and arguments): the same id for a different request is refused. Outcomes are kept in
-memory for ``WINDOW`` seconds (at most ``ENTRIES``); the outcomes of destructive ops are also written
-to SQLite in the agent's state directory, so a retry after the agent restarted does not power a node
-off twice. A request still running is never forgotten: a repeat waits for its outcome.
+memory for ``WINDOW`` seconds (at most ``ENTRIES``); the outcomes of destructive ops that were admitted
+(authorized and started) are also written to SQLite in the agent's state directory, so a retry after
+the agent restarted does not power a node off twice. A request never admitted (denied, undecodable,
+unknown op, bad arguments; one refused by the intake is not even seen here) ran nothing, so its retry
+after a restart has nothing to repeat: it leaves no row on disk, and a flood of them cannot fill the
+disk. A request still running is never forgotten: a repeat waits for its outcome.
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ class Answer:
     error: OpError | None = None
     job: str = ""
     job_end: asyncio.Future[tuple[str, str, str]] | None = None  # (status, condition, encoded payload)
+    admitted: bool = False  # authorized and started: only then may its outcome be kept on disk
 
 
 @dataclass
@@ -83,7 +87,7 @@ class RequestLog:
             answer.job_end.add_done_callback(lambda _f: self._ended(key, seen))
         else:
             seen.at = time.monotonic()
-        if durable and self._db is not None and not answer.job:
+        if durable and answer.admitted and self._db is not None and not answer.job:
             err = answer.error
             self._db.execute("INSERT OR REPLACE INTO outcomes VALUES (?, ?, ?, ?, ?, ?, ?)",
                              (*key, seen.fingerprint, answer.payload, err.condition if err else None,
