@@ -420,7 +420,7 @@ def build_actor(mesh: meshconf.MeshConfig, name: str, instance: int = 1) -> Any:
     return agent_class(cfg.kind)(mesh.jid(name), mesh.password(name), mesh.endpoint(),
                                  resources=cfg.resources, broker=mesh.jid(mesh.broker), authorizer=authorizer,
                                  settings=cfg.settings, name=name, state_dir=_state_dir(mesh, name),
-                                 delegates=mesh.delegates)
+                                 delegates=mesh.delegates, requests=cfg.requests)
 
 
 def _state_dir(mesh: meshconf.MeshConfig, name: str) -> Path:

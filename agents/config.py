@@ -22,6 +22,7 @@ if TYPE_CHECKING:
     from .authz import Authorizer
 
 from . import resources as paths
+from .intake import IntakeLimits
 
 KINDS = ("storage", "fencing", "monitor")
 _NAME = re.compile(r"^[a-z][a-z0-9._-]{0,62}$")
@@ -64,6 +65,7 @@ class AgentConfig:
     gateway: bool = False  # this agent serves the local gateway socket
     settings: dict[str, Any] = field(default_factory=dict)
     password_file: Path | None = None
+    requests: IntakeLimits = IntakeLimits()  # per-sender rate and queue, requests served at once (intake.py)
 
 
 @dataclass(frozen=True)
@@ -229,7 +231,7 @@ def parse(data: Any, path: Path, home: Path) -> MeshConfig:
     agents = []
     for i, raw in enumerate(where.sequence(root.get("agents", []), "agents")):
         f = f"agents[{i}]"
-        a = where.mapping(raw, f, {"name", "kind", "resources", "gateway", "settings", "password_file"})
+        a = where.mapping(raw, f, {"name", "kind", "resources", "gateway", "settings", "password_file", "requests"})
         if "name" not in a or "kind" not in a:
             raise where.error(f, "each agent needs a name and a kind")
         kind = a["kind"]
@@ -245,7 +247,7 @@ def parse(data: Any, path: Path, home: Path) -> MeshConfig:
             name=where.name(a["name"], f"{f}.name"), kind=kind, resources=tuple(res),
             gateway=where.boolean(a.get("gateway", False), f"{f}.gateway"),
             settings=where.mapping(a.get("settings", {}), f"{f}.settings", None),
-            password_file=_path(a.get("password_file"), path)))
+            password_file=_path(a.get("password_file"), path), requests=_requests(where, a.get("requests"), f)))
     names = [a.name for a in agents] + [broker, operator] + (
         [root["chat"].get("account", "bot")] if isinstance(root.get("chat"), dict) else [])
     dupes = sorted({n for n in names if names.count(n) > 1})
@@ -279,6 +281,18 @@ def parse(data: Any, path: Path, home: Path) -> MeshConfig:
                       agents=tuple(agents), password_files=password_files, policy=policy, site=site,
                       policy_max_age=max_age, workflows=_path(root.get("workflows"), path) or home / "workflows",
                       chat=chat)
+
+
+def _requests(where: "Fields", value: Any, f: str) -> IntakeLimits:
+    """An agent's ``requests:`` (rate and queue per sender, requests served at once); defaults for what is left out."""
+    if value is None:
+        return IntakeLimits()
+    r, d = where.mapping(value, f"{f}.requests", {"burst", "per_second", "queued", "running"}), IntakeLimits()
+    return IntakeLimits(burst=where.integer(r.get("burst", d.burst), f"{f}.requests.burst", 1, 1_000_000),
+                        per_second=float(where.integer(r.get("per_second", int(d.per_second)),
+                                                       f"{f}.requests.per_second", 1, 1_000_000)),
+                        queued=where.integer(r.get("queued", d.queued), f"{f}.requests.queued", 1, 1_000_000),
+                        running=where.integer(r.get("running", d.running), f"{f}.requests.running", 1, 10_000))
 
 
 def _path(value: Any, mesh: Path) -> Path | None:

@@ -46,10 +46,12 @@ class RateLimit:
 class IntakeLimits:
     """An agent's request intake, as the mesh file's ``agents[].requests`` sets it (config.py)."""
 
-    burst: int = 200  # requests a sender may send at once ...
-    per_second: float = 100.0  # ... and then steadily
-    queued: int = 100  # requests of one sender waiting to be served; more are refused
-    running: int = 32  # requests served at once, of all senders (a sender holds at most half)
+    # Generous, because one account may speak for many (the broker running workflows, the chat bot,
+    # the gateway's agent for every local program); the queue bound and the round robin do the rest.
+    burst: int = 2000  # requests a sender may send at once ...
+    per_second: float = 2000.0  # ... and then steadily
+    queued: int = 200  # requests of one sender waiting to be served; more are refused
+    running: int = 64  # requests served at once, of all senders (a sender holds at most half)
 
 
 class FairIntake(Generic[Item]):
