@@ -10,7 +10,10 @@ from __future__ import annotations
 import asyncio
 import sqlite3
 
+import pytest
+
 from conftest import DOMAIN
+from agents import config
 from agents.authz import AdminsOnly
 from agents.errors import Outcome
 from agents.intake import IntakeLimits
@@ -101,3 +104,17 @@ async def test_denied_destructive_requests_leave_no_durable_rows(mesh):
     finally:
         db.close()
     assert rows == [(mesh.operator[0], 1)]
+
+
+def test_the_mesh_file_sets_an_agents_request_limits(tmp_path):
+    def parse(requests):
+        agent = {"name": "s1", "kind": "storage", **({"requests": requests} if requests is not None else {})}
+        return config.parse({"agents": [agent]}, tmp_path / "mesh.yaml", tmp_path).agents[0].requests
+
+    assert parse(None) == IntakeLimits()
+    assert parse({"burst": 10, "per_second": 2}) == IntakeLimits(burst=10, per_second=2.0, queued=IntakeLimits().queued,
+                                                                 running=IntakeLimits().running)
+    with pytest.raises(config.ConfigError, match=r"agents\[0\]\.requests\.burst"):
+        parse({"burst": 0})
+    with pytest.raises(config.ConfigError, match="unknown key 'rate'"):
+        parse({"rate": 5})
