@@ -217,9 +217,9 @@ class FencersMayAnnounce:
 
 
 class BrokerFenceGuard:
-    """The broker's own check: a fenced identity may not request destructive workflow steps (the
-    workflow engine decides each step for its requester through this authorizer, outside the
-    runtime's own check of requests), nor approve or take a step."""
+    """The broker's own check: a fenced identity may not request workflow steps that change state
+    (the workflow engine decides each step for its requester through this authorizer, outside the
+    runtime's own check of requests), nor approve or take a step; reads stay allowed."""
 
     def __init__(self, inner: Authorizer, fenced: FencedIdentities,
                  refresh: Callable[[], None] = lambda: None) -> None:
