@@ -260,6 +260,22 @@ class BtrfsDriver(CatalogDriver):
         return total, ("du: allocated blocks, extents shared with snapshots counted in full (enable btrfs "
                        "quotas for exclusive bytes)")
 
+    def _sharing(self, live: Path) -> tuple[int, int]:
+        """(exclusive, shared) from the subvolume's qgroup: shared = referenced - exclusive."""
+        done = subprocess.run(["btrfs", "qgroup", "show", "--raw", "-f", str(live)], capture_output=True,
+                              text=True, check=False)
+        if done.returncode == 0:
+            for line in done.stdout.splitlines():
+                parts = line.split()
+                if parts and parts[0].startswith("0/"):
+                    return int(parts[2]), max(0, int(parts[1]) - int(parts[2]))
+        return self._space(live)[0], 0
+
+    def _sharing_method(self) -> str:
+        if self._quotas_enabled():
+            return "qgroup: exclusive and referenced-minus-exclusive bytes, as of the last transaction commit"
+        return "du: btrfs quotas are off, so shared extents are not measured (enable quotas to see them)"
+
     def _snapshot_path(self, volume: str, snap: str) -> Path:
         self._snapshot_row(volume, snap)
         return self.root / "snapshots" / volume / snap / "tree"

@@ -29,6 +29,11 @@ CREATE TABLE IF NOT EXISTS volumes(
 CREATE TABLE IF NOT EXISTS masked_snapshots(
     volume TEXT NOT NULL, snap TEXT NOT NULL, hook TEXT NOT NULL, masked_from TEXT NOT NULL, at REAL NOT NULL,
     PRIMARY KEY (volume, snap));
+-- Who a clone belongs to and until when (self-service: storage.report, quotas, expiry). A row goes with its
+-- clone; last_activity is the last op that changed the clone (create, refresh, rollback, snapshot).
+CREATE TABLE IF NOT EXISTS clone_leases(
+    name TEXT PRIMARY KEY, owner TEXT NOT NULL, expires REAL, warned INTEGER NOT NULL DEFAULT 0,
+    last_activity REAL NOT NULL);
 """
 
 
@@ -77,6 +82,13 @@ class CatalogDriver(StorageDriver):
     @abc.abstractmethod
     def _space(self, live: Path) -> tuple[int, str]:
         """(bytes used, how they were measured) of a writable tree."""
+
+    def _sharing(self, live: Path) -> tuple[int, int]:
+        """(exclusive, shared) bytes of a writable tree; a driver that cannot tell says all is exclusive."""
+        return self._space(live)[0], 0
+
+    def _sharing_method(self) -> str:
+        return "not measured: every byte counted as exclusive"
 
     # listing ------------------------------------------------------------------------------------------
     def list_volumes(self) -> list[VolumeInfo]:
@@ -141,6 +153,7 @@ class CatalogDriver(StorageDriver):
                                f"them first", code="has_dependants", dependants=shown)
         self._remove_volume_data(name)
         self.db.execute("DELETE FROM volumes WHERE name = ?", (name,))
+        self.db.execute("DELETE FROM clone_leases WHERE name = ?", (name,))
         self.db.commit()
 
     def rollback(self, volume: str, snap: str) -> None:
@@ -307,9 +320,44 @@ class CatalogDriver(StorageDriver):
         row = self._volume_row(name)
         live = self.root / "volumes" / name
         used, method = self._space(live) if live.exists() else (0, "replica: no writable tree")
+        exclusive, shared = self._sharing(live) if live.exists() else (0, 0)
+        lease = self.lease(name)
         return VolumeInfo(name=name, kind=row[1], used_bytes=used, used_method=method,
                           origin=(row[2], row[3]) if row[2] else None,
-                          snapshots=tuple(self._snapshot_names(name)))
+                          snapshots=tuple(self._snapshot_names(name)), exclusive_bytes=exclusive,
+                          shared_bytes=shared, sharing_method=self._sharing_method(),
+                          owner=lease["owner"] if lease else None, expires=lease["expires"] if lease else None)
+
+    # clone leases: owner, expiry, last activity (self-service) ----------------------------------------
+    def set_lease(self, clone: str, owner: str, expires: float | None) -> None:
+        """Record who owns a clone and when it expires (the agent calls this right after creating it)."""
+        with self._lock:
+            self.db.execute("INSERT OR REPLACE INTO clone_leases(name, owner, expires, warned, last_activity) "
+                            "VALUES (?, ?, ?, 0, ?)", (clone, owner, expires, time.time()))
+            self.db.commit()
+
+    def lease(self, name: str) -> dict[str, Any] | None:
+        """{owner, expires, warned, last_activity} of a clone that has an owner, else None."""
+        with self._lock:
+            row = self.db.execute("SELECT owner, expires, warned, last_activity FROM clone_leases WHERE name = ?",
+                                  (name,)).fetchone()
+        return None if row is None else {"owner": row[0], "expires": row[1], "warned": bool(row[2]),
+                                         "last_activity": row[3]}
+
+    def leases(self) -> dict[str, dict[str, Any]]:
+        """Every clone lease by clone name."""
+        with self._lock:
+            rows = self.db.execute("SELECT name, owner, expires, warned, last_activity FROM clone_leases").fetchall()
+        return {r[0]: {"owner": r[1], "expires": r[2], "warned": bool(r[3]), "last_activity": r[4]} for r in rows}
+
+    def touch_lease(self, name: str, warned: bool | None = None) -> None:
+        """Note activity on a clone now (or only mark its expiry warning as sent, with warned=True)."""
+        with self._lock:
+            if warned is None:
+                self.db.execute("UPDATE clone_leases SET last_activity = ? WHERE name = ?", (time.time(), name))
+            else:
+                self.db.execute("UPDATE clone_leases SET warned = ? WHERE name = ?", (int(warned), name))
+            self.db.commit()
 
     def _snapshot_info(self, volume: str, snap: str) -> SnapshotInfo:
         guid, created, logical = self.db.execute(

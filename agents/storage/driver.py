@@ -49,6 +49,11 @@ class VolumeInfo:
     used_method: str          # how used_bytes was measured, e.g. "du" or "qgroup-exclusive"
     origin: tuple[str, str] | None = None     # (volume, snapshot) a clone was made from
     snapshots: tuple[str, ...] = field(default_factory=tuple)
+    exclusive_bytes: int = 0  # bytes only this tree holds: what destroying it would free
+    shared_bytes: int = 0     # bytes it shares with a snapshot or other clones (reflinks, btrfs extents)
+    sharing_method: str = ""  # how the two were measured, and why shared is 0 where nothing can be shared
+    owner: str | None = None  # who asked for a clone (the caller's bare JID), None for volumes and replicas
+    expires: float | None = None    # unix time a clone is destroyed at, None for never
 
 
 @dataclass(frozen=True)
