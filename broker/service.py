@@ -42,6 +42,7 @@ from .directory import Admission, BoundedMap, Capabilities, Directory
 from .leadership import LeadershipMixin
 from .policy import PolicyDistribution
 from .volumes import VolumesMixin
+from .storage_notices import StorageNoticesMixin
 from .workflows import WorkflowMixin
 
 log = logging.getLogger(__name__)
@@ -64,7 +65,8 @@ REFUSAL_MEMORY = 600.0  # seconds an account's refusal is not logged again at WA
 HELLO_AGAIN = 3.0  # seconds after a new session until the second hello to agents not yet listed
 
 
-class Broker(FencingMixin, WorkflowMixin, LeadershipMixin, AlertsMixin, VolumesMixin, AnchorsMixin, PolicyDistribution,
+class Broker(FencingMixin, WorkflowMixin, LeadershipMixin, AlertsMixin, StorageNoticesMixin, VolumesMixin,
+             AnchorsMixin, PolicyDistribution,
              Agent):
     kind = "broker"
     resource = "broker"

@@ -33,7 +33,7 @@ g = _, _
 e = some(where (p.eft == allow)) && !some(where (p.eft == deny))
 
 [matchers]
-m = g(r.sub, p.sub) && siteMatch(r.site, p.site) && opMatch(r.act, p.act) && pathMatch(r.obj, p.obj)
+m = g(r.sub, p.sub) && siteMatch(r.site, p.site) && opMatch(r.act, p.act) && pathMatch(r.obj, p.obj, r.sub)
 """
 
 ANY = "*"  # in site and obj columns: every site, every resource (and none)
@@ -49,10 +49,10 @@ def _op_match(requested: str, rule: str) -> bool:
     return is_op_name(requested) and match_op(check_op_pattern(rule), requested)
 
 
-def _path_match(requested: str, rule: str) -> bool:
+def _path_match(requested: str, rule: str, caller: str) -> bool:
     if rule == ANY:
         return True
-    return requested != NONE and match_pattern(check_pattern(rule), requested)
+    return requested != NONE and match_pattern(check_pattern(rule), requested, caller)
 
 
 def policy_lines(policy: Policy) -> tuple[list[list[str]], list[list[str]]]:

@@ -4,8 +4,10 @@ A path is checked, never normalized: ``..``, ``.``, empty segments (``//``), per
 whitespace and anything outside a conservative ASCII set are refused, so no spelling of a path can
 reach something another spelling would not. ``agents.resources`` re-exports :func:`check_path`.
 
-A pattern is a path whose segments may also be ``*`` (exactly one segment) or, as the last segment
-only, ``**`` (one or more further segments). Matching compares segment by segment; there is no regex
+A pattern is a path whose segments may also be ``*`` (exactly one segment), ``{caller}`` (exactly the
+segment that is the requesting caller's bare JID: ``/volume/*/owner/{caller}`` grants every clone its owner
+and nobody else, without one rule per clone) or, as the last segment only, ``**`` (one or more further
+segments). Matching compares segment by segment; there is no regex
 and no prefix matching, so ``/cluster/c1/*`` never matches ``/cluster/c10/x`` or ``/cluster/c1/../c2``.
 """
 
@@ -16,6 +18,7 @@ import re
 # ASCII only, matched in full (``\Z``, not ``$``, which would also accept a trailing newline).
 _SEGMENT = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.:@+-]{0,127}\Z", re.ASCII)
 MAX_SEGMENTS = 16
+CALLER = "{caller}"  # the pattern segment that matches only the caller's own bare JID
 
 
 class BadPath(ValueError):
@@ -46,7 +49,7 @@ def check_pattern(pattern: str) -> tuple[str, ...]:
     for i, seg in enumerate(segments):
         if seg == "**" and i != len(segments) - 1:
             raise BadPath(f"resource pattern {pattern!r}: '**' may only be the last segment")
-        if seg in ("*", "**"):
+        if seg in ("*", "**", CALLER):
             continue
         if "*" in seg:
             raise BadPath(f"resource pattern {pattern!r}: segment {seg!r} mixes '*' with text;"
@@ -56,8 +59,9 @@ def check_pattern(pattern: str) -> tuple[str, ...]:
     return segments
 
 
-def match_pattern(segments: tuple[str, ...], path: str) -> bool:
-    """True when canonical ``path`` matches the pattern whose segments :func:`check_pattern` gave."""
+def match_pattern(segments: tuple[str, ...], path: str, caller: str | None = None) -> bool:
+    """True when canonical ``path`` matches the pattern whose segments :func:`check_pattern` gave; a
+    ``{caller}`` segment matches only ``caller`` (compared lowercased, as bare JIDs are)."""
     parts = path[1:].split("/")
     if segments and segments[-1] == "**":
         head = segments[:-1]
@@ -67,7 +71,8 @@ def match_pattern(segments: tuple[str, ...], path: str) -> bool:
         segments = head
     elif len(parts) != len(segments):
         return False
-    return all(s == "*" or s == p for s, p in zip(segments, parts))
+    return all(s == "*" or s == p or (s == CALLER and caller is not None and p.lower() == caller.lower())
+               for s, p in zip(segments, parts))
 
 
 def related(held: str, wanted: str) -> bool:

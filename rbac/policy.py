@@ -30,14 +30,14 @@ class Rule:
     line: int
     label: str  # how decisions and the audit trail name this rule
 
-    def matches(self, op: str, resource: str | None, site: str | None) -> bool:
+    def matches(self, op: str, resource: str | None, site: str | None, caller: str | None = None) -> bool:
         if self.site is not None and self.site != site:
             return False
         if not any(match_op(words, op) for words in self.ops):
             return False
         if self.on is None:
             return True
-        return resource is not None and any(match_pattern(segs, resource) for segs in self.on)
+        return resource is not None and any(match_pattern(segs, resource, caller) for segs in self.on)
 
 
 @dataclass(frozen=True)
@@ -111,9 +111,9 @@ class Policy:
         granted_by: Rule | None = None
         for resource in (resources or [None]):
             for rule in denies:
-                if rule.matches(op, resource, site):
+                if rule.matches(op, resource, site, caller):
                     return Verdict(False, rule.label)
-            grant = next((r for r in grants if r.matches(op, resource, site)), None)
+            grant = next((r for r in grants if r.matches(op, resource, site, caller)), None)
             if grant is None:
                 where = f" on {resource}" if resource else ""
                 return Verdict(False, f"no grant lets {caller} run {op}{where} (default deny)")

@@ -10,6 +10,8 @@ The driver comes from the agent's settings in the mesh file::
       keep_received: 7      # per package, keep the newest 7 received snapshots; default: keep all
       masking:              # hooks storage.mask may run (agents/storage/masking.py); never the caller's
         hooks: {demo: {argv: [masking/sqlite-mask, app.db, mask-demo.sql], timeout: 60}}
+      clones:               # self-service limits (agents/storage/selfservice.py): per_owner, bytes_per_owner,
+        per_owner: 3        # max_expiry, warn_before, sweep_every
 
 Every op names what it acts on as /volume/NAME resources (a clone is a volume too), so a policy can give a
 developer their own clone and nothing else. Driver calls block on disk, so they run in a worker thread.
@@ -19,11 +21,14 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import logging
+import time
+import uuid
 from pathlib import Path
 from typing import Annotated, Any, Callable, TypeVar
 
 from ..agent import Agent, Call, info_op
-from ..errors import BadArguments
+from ..errors import BadArguments, Outcome
 from ..ops import Arg, op
 from .driver import SnapshotInfo, StorageDriver, StorageError, VolumeInfo
 from .faults import op_error
@@ -31,11 +36,14 @@ from .locations import VolumeLocations
 from .masking import MaskingSettingsError, mask_clone, masking_from_settings
 from .names import NAME_PATTERN
 from .replication_ops import ReplicationOps
+from .selfservice import SelfServiceSettingsError, clone_rules, owner_resources, space_report
 
 T = TypeVar("T")
 
 DRIVERS = ("embedded", "btrfs")
-_SETTINGS = {"driver", "root", "inbox_host", "inbox_advertise", "keep_received", "masking"}
+_SETTINGS = {"driver", "root", "inbox_host", "inbox_advertise", "keep_received", "masking", "clones"}
+NOTICE_OP = "mesh.storage.notice"   # the broker op that posts a storage notice to the ops room
+log = logging.getLogger(__name__)
 _RULE = "1-64 of A-Z a-z 0-9 _ . -, starting with a letter or digit, no '..'"
 _DATA_DEADLINE = 3600.0   # ops that copy or capture a whole tree: as long as the data takes
 
@@ -90,7 +98,15 @@ class StorageAgent(VolumeLocations, ReplicationOps, Agent):
         except MaskingSettingsError as exc:
             raise SettingsError(str(exc)) from None
         self._masking_now: set[str] = set()     # clones a storage.mask is running on
+        try:
+            self.clone_rules = clone_rules(self.settings.get("clones"))
+        except SelfServiceSettingsError as exc:
+            raise SettingsError(str(exc)) from None
         self.driver = open_driver(self.settings, self.state_dir)
+        # Owners by clone, kept in memory: authorization reads it on the event loop, where the driver's
+        # lock (held by a long clone in a worker thread) must never be waited for.
+        self._owners = {name: lease["owner"] for name, lease in self._leases().items()}
+        self._sweeper: asyncio.Task[None] | None = None
         self._open_replication(self.state_dir, self.settings)
         self._open_locations()      # its volumes, told to its brokers (locations.py)
 
@@ -98,8 +114,12 @@ class StorageAgent(VolumeLocations, ReplicationOps, Agent):
         await super().start(timeout)
         self._start_locations()
         self.replicator.start()     # actions carry on: schedules, and updates an interruption left pending
+        self._sweeper = asyncio.create_task(self._sweep_expired(), name="storage-expiry")
 
     async def stop(self) -> None:
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            await asyncio.gather(self._sweeper, return_exceptions=True)
         await self._stop_locations()
         await self._close_replication()
         await super().stop()
@@ -147,7 +167,9 @@ class StorageAgent(VolumeLocations, ReplicationOps, Agent):
         With the embedded driver the tree is read file by file: stop or quiesce writers first. The btrfs
         driver's snapshot is atomic."""
         await call.progress({"phase": "capturing", "volume": volume})
-        return _snapshot(await self._drive(self.driver.snapshot, volume, snapshot))
+        result = _snapshot(await self._drive(self.driver.snapshot, volume, snapshot))
+        await self._drive(self.driver.touch_lease, volume)
+        return result
 
     @op("storage.snapshot.list", effect="read", resources=("/volume/{volume}",), address=_AT_VOLUME)
     async def snapshot_list(self, call: Call, volume: Volume) -> list:
@@ -166,14 +188,27 @@ class StorageAgent(VolumeLocations, ReplicationOps, Agent):
         resources=("/volume/{volume}", "/volume/{clone}"), address=_AT_VOLUME)
     async def clone_create(self, call: Call, volume: Volume, snapshot: Snapshot, clone: Clone,
                            masked_only: Annotated[bool, Arg("refuse unless a successful storage.mask produced "
-                                                            "volume@snapshot (what masked copies use)")] = False
-                           ) -> dict:
+                                                            "volume@snapshot (what masked copies use)")] = False,
+                           expires_in: Annotated[int, Arg("seconds until the clone is destroyed (0: the "
+                                                          "agent's maximum, or never if it sets none)",
+                                                          min=0)] = 0) -> dict:
         """Make a writable clone of volume@snapshot under a new name.
 
         With masked_only=true the clone is made only from a snapshot that a successful masking hook
         produced (storage.mask records which), so a developer never gets unmasked data by mistake."""
         await call.progress({"phase": "cloning", "from": f"{volume}@{snapshot}", "clone": clone})
-        return await self._drive(lambda: self._volume(self.driver.clone(volume, snapshot, clone, masked_only)))
+
+        def create() -> dict[str, Any]:
+            # The clone belongs to whoever asked (the person, when a broker relays for them); its owner's
+            # quota is checked first and its lease recorded with it (selfservice.py).
+            expires = self.clone_rules.expiry(expires_in, time.time())
+            owned = [v for v in self.driver.list_volumes() if self._owners.get(v.name) == call.caller]
+            self.clone_rules.check_quota(call.caller, owned, self._clone_cost(volume, snapshot))
+            info = self.driver.clone(volume, snapshot, clone, masked_only)
+            self.driver.set_lease(clone, call.caller, expires)
+            self._owners[clone] = call.caller
+            return self._volume(dataclasses.replace(info, owner=call.caller, expires=expires))
+        return await self._drive(create)
 
     @op("storage.mask", effect="change", deadline=_DATA_DEADLINE, progress=True, resources=("/volume/{clone}",),
         address=_AT_CLONE)
@@ -212,7 +247,9 @@ class StorageAgent(VolumeLocations, ReplicationOps, Agent):
                                                          "(usually a newer one)", pattern=NAME_PATTERN)]) -> dict:
         """Replace a clone's contents with another snapshot of its origin volume; local changes are lost."""
         await call.progress({"phase": "refreshing", "clone": clone, "snapshot": snapshot})
-        return await self._drive(lambda: self._volume(self.driver.refresh_clone(clone, snapshot)))
+        result = await self._drive(lambda: self._volume(self.driver.refresh_clone(clone, snapshot)))
+        await self._drive(self.driver.touch_lease, clone)
+        return result
 
     @op("storage.clone.rollback", effect="destructive", deadline=_DATA_DEADLINE, progress=True,
         resources=("/volume/{clone}",), address=_AT_CLONE)
@@ -226,6 +263,7 @@ class StorageAgent(VolumeLocations, ReplicationOps, Agent):
                                f"only", argument="clone")
         await call.progress({"phase": "rolling back", "clone": clone, "snapshot": snapshot})
         await self._drive(self.driver.rollback, clone, snapshot)
+        await self._drive(self.driver.touch_lease, clone)
         return await self._drive(lambda: self._volume(self._find(clone)))
 
     @op("storage.clone.destroy", effect="destructive", deadline=600, resources=("/volume/{clone}",),
@@ -233,7 +271,101 @@ class StorageAgent(VolumeLocations, ReplicationOps, Agent):
     async def clone_destroy(self, call: Call, clone: Clone) -> dict:
         """Destroy a clone; refused while it has snapshots of its own, which it names."""
         await self._drive(self.driver.destroy_clone, clone)
+        self._owners.pop(clone, None)
         return {"destroyed": clone}
+
+    @op("storage.report", effect="read")
+    async def report(self, call: Call) -> dict:
+        """Space per owner, per source snapshot and per clone (exclusive and shared bytes), with each
+        clone's last activity and expiry, and this agent's clone limits."""
+        def build() -> dict[str, Any]:
+            return space_report(self.driver.list_volumes(), self._leases())
+        out = await self._drive(build)
+        out["limits"] = dataclasses.asdict(self.clone_rules)
+        return out
+
+    # self-service -------------------------------------------------------------------------------------
+    def _resources_of(self, spec: Any, args: dict[str, Any], addressed: list[str]) -> list[str]:
+        """An owned clone is decided over as /volume/NAME/owner/OWNER, so a policy can give every
+        developer their own clones with one rule (``on: ["/volume/*/owner/{caller}"]``)."""
+        return owner_resources(super()._resources_of(spec, args, addressed), self._owners)
+
+    def _leases(self) -> dict[str, dict[str, Any]]:
+        leases = getattr(self.driver, "leases", None)
+        return leases() if leases is not None else {}
+
+    def _clone_cost(self, volume: str, snapshot: str) -> int:
+        """Bytes a new clone of volume@snapshot is expected to take: nothing where clones share extents,
+        the snapshot's logical size where every clone is a full copy."""
+        if "reflink-clones" in self.driver.capabilities() or self.driver.name == "btrfs":
+            return 0
+        found = [s for s in self.driver.list_snapshots(volume) if s.name == snapshot]
+        return found[0].logical_bytes if found else 0
+
+    async def _sweep_expired(self) -> None:
+        """Warn the ops room before a clone expires, and destroy it when it has (audited)."""
+        while True:
+            try:
+                await self.expire_clones()
+            except Exception:       # one bad pass must not end the sweeping
+                log.exception("clone expiry sweep failed")
+            await asyncio.sleep(self.clone_rules.sweep_every)
+
+    async def expire_clones(self, now: float | None = None) -> list[str]:
+        """One expiry pass: warn about clones expiring within warn_before, destroy those past expiry
+        (their own snapshots first). Returns the clones destroyed."""
+        now = time.time() if now is None else now
+        destroyed = []
+        for name, lease in (await self._drive(self._leases)).items():
+            if lease["expires"] is None:
+                continue
+            owner, left = lease["owner"], lease["expires"] - now
+            if left > 0:
+                if left <= self.clone_rules.warn_before and not lease["warned"]:
+                    await self._notice(f"clone {name} of {owner} expires in {left:.0f}s and will then be "
+                                       f"destroyed; its owner may snapshot what they need to keep", name, owner)
+                    await self._drive(self.driver.touch_lease, name, True)
+                continue
+            rid = uuid.uuid4().hex
+            reason = f"expired: clone {name} of {owner} passed its expiry {time.ctime(lease['expires'])}"
+            if self.audit is not None:
+                self.audit.decided(rid=rid, caller=self.jid.bare, op="storage.clone.destroy",
+                                   resources=[f"/volume/{name}/owner/{owner}"], args={"clone": name}, secret=[],
+                                   allowed=True, rule=reason, version=0, durable=True)
+            started = time.monotonic()
+            try:
+                await self._drive(self._destroy_with_snapshots, name)
+            except Exception as exc:
+                outcome = getattr(exc, "condition", "failed")
+                await self._notice(f"clone {name} of {owner} expired but could not be destroyed: {exc}",
+                                   name, owner)
+            else:
+                outcome = "ok"
+                self._owners.pop(name, None)
+                destroyed.append(name)
+                await self._notice(f"clone {name} of {owner} expired and was destroyed", name, owner)
+            if self.audit is not None:
+                self.audit.ended(rid=rid, caller=self.jid.bare, op="storage.clone.destroy",
+                                 outcome=outcome, duration=time.monotonic() - started)
+        return destroyed
+
+    def _destroy_with_snapshots(self, clone: str) -> None:
+        """Destroy an expired clone and its own snapshots (refused, as always, while they have clones)."""
+        for snap in reversed(self._find(clone).snapshots):
+            self.driver.destroy_snapshot(clone, snap)
+        self.driver.destroy_clone(clone)
+
+    async def _notice(self, text: str, clone: str, owner: str) -> None:
+        """Tell the brokers' ops rooms (NOTICE_OP); a broker that cannot take it is logged, not retried."""
+        log.warning("%s", text)
+        for broker in sorted(self._brokers) or ([self.broker_jid] if self.broker_jid else []):
+            try:
+                res = await self.request(broker, NOTICE_OP, {"text": text, "clone": clone, "owner": owner},
+                                         timeout=10)
+                if res.outcome is not Outcome.OK:
+                    log.warning("storage notice not taken by %s: %s", broker, res.error)
+            except Exception as exc:
+                log.warning("storage notice not sent to %s: %s", broker, exc)
 
     def _find(self, name: str) -> VolumeInfo:
         found = [v for v in self.driver.list_volumes() if v.name == name]
