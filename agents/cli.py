@@ -348,6 +348,11 @@ def _print_report(report: CallReport, as_json: bool) -> None:
     if as_json:
         print(json.dumps({"results": [r.to_dict() for r in report.results]}, indent=2, default=str))
         return
+    if report.op == "storage.report" and all(r.outcome is Outcome.OK for r in report.results):
+        from .storage.selfservice import report_tables  # tables per owner, source and clone (issue 14)
+        for r in report.results:
+            print(f"{r.target}\n{report_tables(r.result)}\n")
+        return
     width = max([len(r.target) for r in report.results] + [6])
     print(f"{'TARGET':<{width}}  {'OUTCOME':<14}  RESULT")
     for r in report.results:
@@ -468,7 +473,7 @@ async def _start_chat(mesh: meshconf.MeshConfig, broker: Any) -> Any:
     bot.directory = broker.directory
     AdHoc(bot)
     if chat.room:
-        room = OpsRoom(bot, chat.room)
+        room = OpsRoom(bot, chat.room, admins=mesh.admins)  # members: the admins and whom the policy names
         bot.relayed.append(room.relayed)
         room.follow(broker)
     await bot.start(timeout=30.0)
