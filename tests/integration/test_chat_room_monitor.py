@@ -43,16 +43,18 @@ async def test_room_gets_a_line_when_a_scheduled_check_goes_critical_and_when_it
     bot_jid, bot_pw = mesh.account("bot")
     bot = ChatBot(bot_jid, bot_pw, mesh.endpoint, broker=str(broker.jid), authorizer=mesh.admins)
     room_jid = f"ops-{uuid.uuid4().hex[:8]}@rooms.{DOMAIN}"
-    OpsRoom(bot, room_jid, interval=0.2).follow(broker)
+    watcher_account = mesh.account("watcher")
+    room = OpsRoom(bot, room_jid, nick=f"vertebra-{uuid.uuid4().hex[:6]}", interval=0.2, admins=[watcher_account[0]])  # the room is members-only
+    room.follow(broker)
     await mesh.start(bot)
-    await until(lambda: JID(room_jid) in bot.xmpp.plugin["xep_0045"].get_joined_rooms(), what="the bot in the room")
+    await until(lambda: room.joined.is_set(), what="the bot in the room, configured")
 
     # An occupant on an account of its own (not the bot, not the operator) reads the room.
-    watcher = await mesh.client(account=mesh.account("watcher"))
+    watcher = await mesh.client(account=watcher_account)
     watcher.xmpp.register_plugin("xep_0045")
     seen: list[str] = []
     watcher.on("groupchat_message",
-               lambda m: seen.append(m["body"]) if m["mucnick"] == "vertebra" and m["body"] else None)
+               lambda m: seen.append(m["body"]) if m["mucnick"] == room.nick and m["body"] else None)
     await watcher.xmpp.plugin["xep_0045"].join_muc_wait(JID(room_jid), "watcher", maxstanzas=0, timeout=10)
 
     monitor = await mesh.agent(MonitorAgent, broker, ["/host/files1"], settings=file_age_settings(heartbeat))
@@ -64,7 +66,8 @@ async def test_room_gets_a_line_when_a_scheduled_check_goes_critical_and_when_it
     assert seen == [] and not broker.alerts
 
     heartbeat.unlink()
-    critical = f"CRITICAL: heartbeat on files1 (was OK): FILE_AGE CRITICAL: File not found - {heartbeat}"
+    critical = f"CRITICAL: heartbeat on files1 (was OK): FILE_AGE CRITICAL: File not found - {heartbeat}" \
+               f" (from {monitor.jid.bare})"  # each post names the agent it comes from
     await until(lambda: any(critical in body for body in seen), timeout=15, what=f"the CRITICAL line in {seen}")
 
     heartbeat.write_text("alive again\n")
