@@ -271,6 +271,9 @@ class BtrfsDriver(CatalogDriver):
                     return int(parts[2]), max(0, int(parts[1]) - int(parts[2]))
         return self._space(live)[0], 0
 
+    def _snapshot_sharing(self, volume: str, snap: str) -> tuple[int, int]:
+        return self._sharing(self._snapshot_path(volume, snap))
+
     def _sharing_method(self) -> str:
         if self._quotas_enabled():
             return "qgroup: exclusive and referenced-minus-exclusive bytes, as of the last transaction commit"

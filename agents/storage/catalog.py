@@ -363,5 +363,11 @@ class CatalogDriver(StorageDriver):
         guid, created, logical = self.db.execute(
             "SELECT guid, created, logical_bytes FROM snapshots WHERE volume = ? AND name = ?",
             (volume, snap)).fetchone()
+        exclusive, shared = self._snapshot_sharing(volume, snap)
         return SnapshotInfo(volume=volume, name=snap, guid=guid, created=created, logical_bytes=logical,
-                            clones=tuple(self._clones_of(volume, snap)))
+                            clones=tuple(self._clones_of(volume, snap)), exclusive_bytes=exclusive,
+                            shared_bytes=shared)
+
+    def _snapshot_sharing(self, volume: str, snap: str) -> tuple[int, int]:
+        """(exclusive, shared) bytes of a snapshot; a driver that cannot tell reports (0, 0)."""
+        return 0, 0

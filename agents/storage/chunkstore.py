@@ -418,6 +418,32 @@ class ChunkStore:
         self.db.executemany("UPDATE chunks SET refs = refs + ? WHERE id = ?",
                             [(n * delta, cid) for cid, n in counts.items()])
 
+    def sharing(self, segment_counts: Counter[bytes]) -> tuple[int, int]:
+        """(exclusive, shared) stored bytes of the chunks a set of segment references reaches: a chunk is
+        exclusive when every reference to it comes from segments these references alone hold."""
+        with self._db_lock:
+            own_segments = []
+            chunk_counts: Counter[bytes] = Counter()
+            for sid, n in segment_counts.items():
+                row = self.db.execute("SELECT ids, refs FROM segments WHERE id = ?", (sid,)).fetchone()
+                if row is None:
+                    continue
+                ids = split_ids(row[0])
+                chunk_counts.update(dict.fromkeys(ids, 0))
+                if row[1] <= n:
+                    own_segments.append(sid)
+                    chunk_counts.update(ids)
+            exclusive = shared = 0
+            for cid, own in chunk_counts.items():
+                row = self.db.execute("SELECT len, refs FROM chunks WHERE id = ?", (cid,)).fetchone()
+                if row is None:
+                    continue
+                if own >= row[1]:
+                    exclusive += row[0]
+                else:
+                    shared += row[0]
+        return exclusive, shared
+
     # accounting and collection --------------------------------------------------------------------------
     def gc(self) -> int:
         """Delete unreferenced segments and chunks, then compact packs that became mostly dead; return the

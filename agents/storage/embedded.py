@@ -39,6 +39,7 @@ import stat
 import struct
 import time
 import uuid
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Iterator
@@ -230,6 +231,17 @@ class EmbeddedDriver(CatalogDriver):
                     "filesystem still shares, exclusive_bytes were written since")
         return ("du: this filesystem has no reflinks, so every clone is a full copy (shared_bytes 0); put "
                 "the state directory on btrfs or XFS (reflink=1) for clones that share space")
+
+    def _snapshot_sharing(self, volume: str, snap: str) -> tuple[int, int]:
+        """Stored (compressed) bytes of the chunks only this snapshot holds, and of those it shares with
+        other snapshots; its base tree, if clones made one, counts as exclusive."""
+        snap_id = self._snapshot_row(volume, snap)[0]
+        counts: Counter[bytes] = Counter()
+        for (segs,) in self.db.execute("SELECT segs FROM entries WHERE snap = ?", (snap_id,)):
+            counts.update(split_ids(segs))
+        exclusive, shared = self.store.sharing(counts)
+        base = self.root / "bases" / str(snap_id)
+        return exclusive + (_allocated_bytes(base) if base.exists() else 0), shared
 
     def snapshot_space(self, volume: str, snap: str) -> dict[str, int]:
         """A snapshot's bytes: logical size, and the base tree its clones share (0 until the first clone,

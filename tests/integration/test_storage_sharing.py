@@ -92,3 +92,20 @@ def test_embedded_clone_on_ext4_says_it_shares_nothing(tmp_path):
         assert not (tmp_path / "store" / "bases").exists() or not list((tmp_path / "store" / "bases").iterdir())
     finally:
         driver.close()
+
+
+def test_embedded_snapshots_report_exclusive_and_shared_bytes(tmp_path):
+    driver = EmbeddedDriver(tmp_path / "store")
+    try:
+        _volume_with_data(driver, 4 * MiB)                      # db@s1
+        alone = {s.name: s for s in driver.list_snapshots("db")}["s1"]
+        assert alone.exclusive_bytes >= 4 * MiB and alone.shared_bytes == 0
+        with open(driver.path("db") / "data.bin", "r+b") as f:  # one page rewritten in place
+            f.write(os.urandom(8192))
+        driver.snapshot("db", "s2")
+        snaps = {s.name: s for s in driver.list_snapshots("db")}
+        for name in ("s1", "s2"):
+            assert snaps[name].shared_bytes >= 4 * MiB - 64 * 1024, snaps[name]
+            assert snaps[name].exclusive_bytes < 256 * 1024, snaps[name]   # the page, and sqlite's own
+    finally:
+        driver.close()
