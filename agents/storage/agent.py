@@ -336,17 +336,16 @@ class StorageAgent(VolumeLocations, ReplicationOps, Agent):
             try:
                 await self._drive(self._destroy_with_snapshots, name)
             except Exception as exc:
-                outcome = getattr(exc, "condition", "failed")
-                await self._notice(f"clone {name} of {owner} expired but could not be destroyed: {exc}",
-                                   name, owner)
+                outcome, text = (getattr(exc, "condition", "failed"),
+                                 f"clone {name} of {owner} expired but could not be destroyed: {exc}")
             else:
-                outcome = "ok"
+                outcome, text = "ok", f"clone {name} of {owner} expired and was destroyed"
                 self._owners.pop(name, None)
                 destroyed.append(name)
-                await self._notice(f"clone {name} of {owner} expired and was destroyed", name, owner)
-            if self.audit is not None:
+            if self.audit is not None:   # the record first: the notice may be the last thing that happens
                 self.audit.ended(rid=rid, caller=self.jid.bare, op="storage.clone.destroy",
                                  outcome=outcome, duration=time.monotonic() - started)
+            await self._notice(text, name, owner)
         return destroyed
 
     def _destroy_with_snapshots(self, clone: str) -> None:
