@@ -11,6 +11,8 @@ import sqlite3
 import pytest
 
 from agents.authz import PolicyAuthorizer
+from agents.cli import _print_report
+from agents.report import CallReport, TargetResult
 from agents.errors import Outcome
 from agents.storage.agent import StorageAgent
 from conftest import until
@@ -96,7 +98,7 @@ async def test_a_developer_manages_own_clone_and_is_denied_anothers(world):
     assert (await call(clients["bob"], agent, "storage.clone.destroy", clone="dev-b")).outcome is Outcome.OK
 
 
-async def test_quota_exceeded_is_refused_with_a_clear_error(world):
+async def test_quota_exceeded_is_refused_with_a_clear_error(world, capsys):
     broker, agent, admin, clients, alice, bob = world
     assert (await call(clients["alice"], agent, "storage.clone.create", volume="prod", snapshot="s1",
                        clone="dev-a1")).outcome is Outcome.OK
@@ -113,6 +115,11 @@ async def test_quota_exceeded_is_refused_with_a_clear_error(world):
     assert owners[alice]["clones"] == 1 and bob not in owners
     assert [c["clone"] for c in report.result["clones"]] == ["dev-a1"]
     assert report.result["sources"][0]["source"] == "prod@s1"
+    # The CLI shows it as tables (what `vertebra call storage.report` prints).
+    _print_report(CallReport("storage.report", [TargetResult(str(agent.jid), Outcome.OK, report.result)]), False)
+    shown = capsys.readouterr().out.splitlines()
+    assert "per owner" in shown and "per source" in shown and "per clone" in shown
+    assert any(line.split()[:3] == ["dev-a1", alice, "prod@s1"] for line in shown), shown
 
 
 async def test_an_expired_clone_is_destroyed_with_an_audit_record_and_a_broker_notice(world):
