@@ -107,6 +107,7 @@ class StorageAgent(VolumeLocations, ReplicationOps, Agent):
         # lock (held by a long clone in a worker thread) must never be waited for.
         self._owners = {name: lease["owner"] for name, lease in self._leases().items()}
         self._sweeper: asyncio.Task[None] | None = None
+        self._undestroyable: set[str] = set()   # expired clones whose destroy failed: told once, retried quietly
         self._open_replication(self.state_dir, self.settings)
         self._open_locations()      # its volumes, told to its brokers (locations.py)
 
@@ -345,7 +346,10 @@ class StorageAgent(VolumeLocations, ReplicationOps, Agent):
             if self.audit is not None:   # the record first: the notice may be the last thing that happens
                 self.audit.ended(rid=rid, caller=self.jid.bare, op="storage.clone.destroy",
                                  outcome=outcome, duration=time.monotonic() - started)
-            await self._notice(text, name, owner)
+            if outcome == "ok" or name not in self._undestroyable:
+                await self._notice(text, name, owner)
+            if outcome != "ok":
+                self._undestroyable.add(name)
         return destroyed
 
     def _destroy_with_snapshots(self, clone: str) -> None:
