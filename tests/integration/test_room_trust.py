@@ -218,3 +218,37 @@ async def test_after_a_dropped_connection_the_bot_posts_in_its_room_again(mesh):
             raise AssertionError(f"no post reached the room over sessions {sessions}")
     finally:
         await insider.close()
+
+
+async def test_members_follow_the_policy(mesh):
+    from agents.authz import PolicyAuthorizer
+
+    def policy(*people: str) -> str:
+        return ("roles:\n  viewer: {}\nmembers:\n  viewer: [" + ", ".join(people) + "]\n"
+                "grants:\n  - {role: viewer, ops: ['*.info']}\n")
+
+    first, second = mesh.account("first"), mesh.account("second")
+    authz = PolicyAuthorizer()
+    assert authz.load(policy(first[0])).ok
+    broker = await mesh.broker()
+    broker.authorizer.inner = authz  # the broker's policy, as policy.reload installs it
+    bot_jid, bot_pw = mesh.account("bot")
+    bot = ChatBot(bot_jid, bot_pw, mesh.endpoint, broker=str(broker.jid), authorizer=authz)
+    room_jid = f"ops-{uuid.uuid4().hex[:8]}@rooms.{DOMAIN}"
+    room = OpsRoom(bot, room_jid, nick=f"vertebra-{uuid.uuid4().hex[:6]}", interval=0.1, admins=[mesh.operator[0]])
+    room.follow(broker)
+    await mesh.start(bot)
+    await until(lambda: room.joins >= 1, timeout=20, what="the bot in its room")
+    a, b = await raw(mesh, first), await raw(mesh, second)
+    try:
+        assert (await join(a, room_jid, "first")).get("type") != "error"
+        assert condition(await join(b, room_jid, "second")) == "registration-required"
+        assert authz.load(policy(second[0])).ok  # a reloaded policy names someone else
+        # The one no longer named is put out (status 321), the one named now gets in.
+        await a.next(lambda el: el.tag == "{jabber:client}presence" and el.get("type") == "unavailable"
+                     and el.get("from") == f"{room_jid}/first", timeout=15)
+        await until(lambda: room._members == {mesh.operator[0].lower(), second[0].lower()}, what="the new members")
+        assert (await join(b, room_jid, "second")).get("type") != "error"
+    finally:
+        await a.close()
+        await b.close()
