@@ -12,12 +12,16 @@ import logging
 import uuid
 from xml.etree import ElementTree
 
+import yaml
 from slixmpp import JID
 
+from agents.authz import PolicyAuthorizer
+from broker.alerts import Alert
 from broker.chat import ChatBot
 from broker.room import OpsRoom
 from conftest import DOMAIN, ON_EJABBERD, until
 from rawxmpp import RawXMPP
+from sample_agent import SampleAgent
 
 MUC = "http://jabber.org/protocol/muc"
 STANZAS = "urn:ietf:params:xml:ns:xmpp-stanzas"
@@ -138,7 +142,6 @@ async def test_the_bot_rebuilds_a_destroyed_room_and_posts_say_who_they_come_fro
     try:
         assert condition(await join(outsider, room_jid, "curious")) == "registration-required"
         assert (await join(insider, room_jid, "member")).get("type") != "error"
-        from broker.alerts import Alert
         room.alert(Alert(1, 0.0, "monitor9@vertebra.test", "disk", "db1", "CRITICAL", "OK", "DISK CRITICAL"))
         room.fence_event({"event": "outcome", "action": "off", "cluster": "c1", "node": "node1", "ok": True,
                           "state": "off", "agent": "fencer1@vertebra.test", "requester": "alice@vertebra.test",
@@ -154,10 +157,6 @@ async def test_the_bot_rebuilds_a_destroyed_room_and_posts_say_who_they_come_fro
 
 
 async def test_approvals_still_waiting_after_a_broker_restart_are_announced_again(mesh, tmp_path):
-    import yaml
-
-    from sample_agent import SampleAgent
-
     (tmp_path / "workflows").mkdir()
     (tmp_path / "workflows" / "guarded.yaml").write_text(yaml.safe_dump({"name": "guarded", "steps": [
         {"name": "toggle", "op": "sample.toggle", "args": {"target": str(tmp_path / "toggled")},
@@ -206,9 +205,10 @@ async def test_after_a_dropped_connection_the_bot_posts_in_its_room_again(mesh):
         for attempt in range(3):
             await until(lambda: sessions and room.joined.is_set(), timeout=30, what="the bot back in its room")
             seen = len(sessions)
-            room.coalescer.post("z", f"still here {attempt}")
+            text = f"still here {attempt}"
+            room.coalescer.post("z", text)
             try:
-                await insider.next(lambda el: el.findtext("{jabber:client}body") == f"still here {attempt}", timeout=15)
+                await insider.next(lambda el, text=text: el.findtext("{jabber:client}body") == text, timeout=15)
                 break
             except TimeoutError:
                 # A post sent just before the stream dropped once more (ejabberd's cluster sometimes
@@ -221,8 +221,6 @@ async def test_after_a_dropped_connection_the_bot_posts_in_its_room_again(mesh):
 
 
 async def test_members_follow_the_policy(mesh):
-    from agents.authz import PolicyAuthorizer
-
     def policy(*people: str) -> str:
         return ("roles:\n  viewer: {}\nmembers:\n  viewer: [" + ", ".join(people) + "]\n"
                 "grants:\n  - {role: viewer, ops: ['*.info']}\n")
