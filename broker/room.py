@@ -330,7 +330,9 @@ class OpsRoom:
         broker.on_alert(self.alert)
         if hasattr(broker, "on_fence_event"):
             broker.on_fence_event(self.fence_event)
-        self._authorizers.append(getattr(broker, "authorizer", None))
+        # The broker's policy only: policy.reload replaces it there, and the bot's own copy (read at
+        # start) would go on naming people the new policy dropped.
+        self._authorizers = [getattr(broker, "authorizer", None)]
         if self._watcher is None:
             self._watcher = asyncio.get_running_loop().create_task(self._watch_approvals(broker))
 
