@@ -295,6 +295,10 @@ class OpsRoom:
                             f" by {requester} ({why}). To approve: approve {instance} {step}  to refuse:"
                             f" deny {instance}", "approvals")
 
+    def storage_notice(self, notice: Any) -> None:
+        """A storage agent's notice about a clone (its coming expiry, its destruction)."""
+        self.coalescer.post(("storage", notice.clone), f"{notice.text} (from {notice.source})", "storage")
+
     def fence_event(self, event: dict[str, Any]) -> None:
         """A fencing event the broker accepted, with the fencing agent that posted it."""
         where = f"{event.get('cluster')}/{event.get('node')}"
@@ -330,6 +334,8 @@ class OpsRoom:
         broker.on_alert(self.alert)
         if hasattr(broker, "on_fence_event"):
             broker.on_fence_event(self.fence_event)
+        if hasattr(broker, "on_storage_notice"):
+            broker.on_storage_notice(self.storage_notice)
         # The broker's policy only: policy.reload replaces it there, and the bot's own copy (read at
         # start) would go on naming people the new policy dropped.
         self._authorizers = [getattr(broker, "authorizer", None)]
