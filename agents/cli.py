@@ -370,9 +370,10 @@ def _server(mesh: meshconf.MeshConfig, engine: str | None = None, cluster_join: 
     if (engine or s.engine) == "ejabberd":
         from .ejabberd import PrivateEjabberd
         return PrivateEjabberd(mesh.home, domain=s.domain, host=s.host, port=s.port, node_name=s.node_name,
-                               dist_port=s.dist_port, epmd_port=s.epmd_port, cluster_join=cluster_join or s.cluster_join)
+                               dist_port=s.dist_port, epmd_port=s.epmd_port, cluster_join=cluster_join or s.cluster_join,
+                               read_limit=mesh.read_limit())
     from .server import PrivateServer
-    return PrivateServer(mesh.home, domain=s.domain, host=s.host, port=s.port)
+    return PrivateServer(mesh.home, domain=s.domain, host=s.host, port=s.port, read_limit=mesh.read_limit())
 
 
 def start_server(mesh: meshconf.MeshConfig, server: Any = None) -> Any:

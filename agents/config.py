@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import re
 import secrets
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -20,6 +20,7 @@ import yaml
 if TYPE_CHECKING:
     from .actor import Endpoint
     from .authz import Authorizer
+    from .server import ReadLimit
 
 from . import resources as paths
 from .intake import IntakeLimits
@@ -49,6 +50,10 @@ class ServerConfig:
     dist_port: int | None = None  # ejabberd: Erlang distribution port
     epmd_port: int | None = None  # ejabberd: the port mapper a cluster's nodes on one host share
     cluster_join: str | None = None  # ejabberd: an existing node to join
+    # Bytes a second the server reads from an account the mesh file does not name (0: no limit), and
+    # further accounts read at full speed besides the mesh's own (agents/server.py ReadLimit).
+    read_limit: int = 10_000
+    full_speed: tuple[str, ...] = ()
 
     def cert_dir(self, home: Path) -> Path:
         """Where this machine's server keeps its state and certificate."""
@@ -126,6 +131,16 @@ class MeshConfig:
     @property
     def accounts(self) -> list[str]:
         return [self.broker, self.operator] + [a.name for a in self.agents] + ([self.chat.account] if self.chat else [])
+
+    def read_limit(self) -> "ReadLimit | None":
+        """How fast the server reads accounts this file does not name: everyone it names (the mesh's
+        actors, the operator, the admins and ``server.full_speed``) is read at full speed."""
+        from .server import ReadLimit
+
+        if not self.server.read_limit:
+            return None
+        named = [self.jid(a) for a in self.accounts] + list(self.admins) + list(self.server.full_speed)
+        return ReadLimit(self.server.read_limit, tuple(sorted({j.lower() for j in named})))
 
     @property
     def delegates(self) -> list[str]:
@@ -205,7 +220,8 @@ def parse(data: Any, path: Path, home: Path) -> MeshConfig:
     root = where.mapping(data, "", {"server", "broker", "operator", "admins", "agents", "passwords", "policy",
                                     "site", "policy_max_age", "workflows", "chat"})
     srv = where.mapping(root.get("server", {}), "server", {"domain", "host", "port", "nodes", "engine", "node_name",
-                                                            "dist_port", "epmd_port", "cluster_join"})
+                                                            "dist_port", "epmd_port", "cluster_join", "read_limit",
+                                                            "full_speed"})
     engine = srv.get("engine", "prosody")
     if engine not in ("prosody", "ejabberd"):
         raise where.error("server.engine", f"expected prosody or ejabberd, got {engine!r}")
@@ -223,7 +239,18 @@ def parse(data: Any, path: Path, home: Path) -> MeshConfig:
         dist_port=None if srv.get("dist_port") is None else where.integer(srv["dist_port"], "server.dist_port", 1, 65535),
         epmd_port=None if srv.get("epmd_port") is None else where.integer(srv["epmd_port"], "server.epmd_port", 1, 65535),
         cluster_join=None if srv.get("cluster_join") is None else where.string(
-            srv["cluster_join"], "server.cluster_join", erlang_node, "an Erlang node name to join"))
+            srv["cluster_join"], "server.cluster_join", erlang_node, "an Erlang node name to join"),
+        read_limit=where.integer(srv.get("read_limit", ServerConfig.read_limit), "server.read_limit", 0, 10**12))
+    if 0 < server.read_limit < 1000:
+        raise where.error("server.read_limit", f"expected 0 (no limit) or at least 1000 bytes a second, got"
+                                               f" {server.read_limit}")
+    full_speed = tuple(where.bare_jid(a, f"server.full_speed[{i}]", server.domain)
+                       for i, a in enumerate(where.sequence(srv.get("full_speed", []), "server.full_speed")))
+    for i, jid in enumerate(full_speed):
+        if not jid.endswith("@" + server.domain):
+            raise where.error(f"server.full_speed[{i}]", f"{jid} is not an account of {server.domain}, whose"
+                                                         " server is the only one this setting configures")
+    server = replace(server, full_speed=full_speed)
     broker = where.name(root.get("broker", "broker"), "broker")
     operator = where.name(root.get("operator", "operator"), "operator")
     admins = tuple(where.bare_jid(a, f"admins[{i}]", server.domain)

@@ -48,6 +48,7 @@ from .server import (
     ITERATIONS,
     PrivateNode,
     ServerError,
+    ReadLimit,
     _check_password,
     _check_user,
     _cmdline,
@@ -137,7 +138,8 @@ class PrivateEjabberd(PrivateNode):
                  *, node_name: str = "vertebra@127.0.0.1", dist_port: int | None = None,
                  epmd_port: int | None = None, cluster_join: str | None = None, cookie: str | None = None,
                  tls_from: Path | None = None, component_port: int | None = None,
-                 components: dict[str, str] | None = None, log_level: str = "warning"):
+                 components: dict[str, str] | None = None, log_level: str = "warning",
+                 read_limit: ReadLimit | None = None):
         if not isinstance(domain, str) or not _DOMAIN_RE.match(domain):
             raise ServerError(f"invalid XMPP domain {domain!r}: use a lowercase DNS name such as 'vertebra.test'")
         for name, value in (("port", port), ("dist_port", dist_port), ("epmd_port", epmd_port),
@@ -168,6 +170,7 @@ class PrivateEjabberd(PrivateNode):
         self.component_port = component_port
         self.components = dict(components or {})
         self.log_level = log_level
+        self.read_limit = read_limit  # None: every account is read at full speed (a test node)
         self.dir = self.home / f"ejabberd-{node_name.split('@', 1)[0]}"
         self.config_path = self.dir / "ejabberd.yml"
         self.ctl_config_path = self.dir / "ejabberdctl.cfg"
@@ -358,9 +361,23 @@ class PrivateEjabberd(PrivateNode):
                 key=_yaml_quoted_body(self.key_path),
                 log_level=self.log_level,
                 component_listener=component,
+                **self._read_limits(),
             )
         except (KeyError, ValueError) as exc:
             raise ServerError(f"the config template {_find_template()} has an unknown placeholder: {exc}") from exc
+
+    def _read_limits(self) -> dict[str, str]:
+        """The template's shaper lines: after authentication ejabberd shapes each session by the
+        ``c2s_shaper`` rule, here none for the accounts the mesh names and the read limit for the rest."""
+        limit = self.read_limit
+        if limit is None:
+            return {"read_limit_acl": "", "read_limit_shaper": "", "read_limit_rule": ""}
+        limit.check(self.domain)
+        users = "".join(f'      - "{_yaml_quoted_body(jid)}"\n' for jid in sorted(set(limit.unlimited)))
+        return {"read_limit_acl": "  mesh_named:\n    user:\n" + users if users else "",
+                "read_limit_shaper": f"shaper:\n  unnamed: {limit.bytes_per_second}\n",
+                "read_limit_rule": "  c2s_shaper:\n" + ("    none: mesh_named\n" if users else "")
+                                   + "    unnamed: all\n"}
 
     def _dist_address(self) -> str:
         return self.node_host if _is_ip(self.node_host) else "0.0.0.0"

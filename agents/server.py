@@ -26,6 +26,7 @@ import uuid
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from string import Template
 
@@ -44,6 +45,31 @@ _children: dict[int, subprocess.Popen] = {}
 
 class ServerError(Exception):
     """The private server could not do what was asked; the message says why and what to do."""
+
+
+@dataclass(frozen=True)
+class ReadLimit:
+    """How fast the server reads what accounts the mesh file does not name send.
+
+    An account of the server that is none of the mesh's people, services or actors has no business
+    sending much; if it floods an agent, its stanzas would otherwise queue ahead of everyone else's in
+    that agent's one connection, where no fairness in the agent can reorder them. Read slowly, the flood
+    waits in its own sender's buffers instead. The accounts in ``unlimited`` are read at full speed.
+    """
+
+    bytes_per_second: int = 10_000
+    unlimited: tuple[str, ...] = ()  # bare JIDs
+
+    def check(self, domain: str) -> None:
+        """Raise ServerError unless the rate is a positive whole number and every JID an account of ``domain``."""
+        if not isinstance(self.bytes_per_second, int) or self.bytes_per_second < 1000:
+            raise ServerError(f"invalid read limit {self.bytes_per_second!r}: use a whole number of bytes per second,"
+                              " at least 1000")
+        for jid in self.unlimited:
+            user, _, at = jid.partition("@")
+            _check_user(user)
+            if at != domain:
+                raise ServerError(f"cannot exempt {jid} from the read limit: it is not an account of {domain}")
 
 
 def find_template(name: str = TEMPLATE_NAME) -> Path:
@@ -242,7 +268,8 @@ class PrivateNode:
 class PrivateServer(PrivateNode):
     """One private Prosody instance; everything it owns lives under ``home/"server"``."""
 
-    def __init__(self, home: Path, domain: str = "vertebra.test", host: str = "127.0.0.1", port: int = 5322):
+    def __init__(self, home: Path, domain: str = "vertebra.test", host: str = "127.0.0.1", port: int = 5322,
+                 read_limit: ReadLimit | None = None):
         if not isinstance(domain, str) or not _DOMAIN_RE.match(domain):
             raise ServerError(f"invalid XMPP domain {domain!r}: use a lowercase DNS name such as 'vertebra.test'")
         if not isinstance(port, int) or not 0 < port < 65536:
@@ -251,6 +278,7 @@ class PrivateServer(PrivateNode):
         self.domain = domain
         self.host = host
         self.port = port
+        self.read_limit = read_limit  # None: every account is read at full speed (a test server)
         self.dir = self.home / "server"
         self.config_path = self.dir / "prosody.cfg.lua"
         self.data_dir = self.dir / "data"
@@ -362,9 +390,27 @@ class PrivateServer(PrivateNode):
                 cert=_lua_quoted_body(self.cert_path),
                 key=_lua_quoted_body(self.key_path),
                 domain=self.domain,
+                **self._read_limits(),
             )
         except (KeyError, ValueError) as exc:
             raise ServerError(f"the config template {find_template()} has an unknown placeholder: {exc}") from exc
+
+    def _read_limits(self) -> dict[str, str]:
+        """The template's mod_limits lines: nothing without a read limit."""
+        limit = self.read_limit
+        if limit is None:
+            return {"limits_module": "", "read_limits": ""}
+        limit.check(self.domain)
+        names = "; ".join(f'"{jid}"' for jid in sorted(set(limit.unlimited)))
+        # mod_limits on Prosody's epoll backend pauses reading a session for (bytes read / rate) after
+        # each read; its burst option is not used there. Its rate parser reads "Nb/s" as N*10 bytes, so
+        # the rate is given in kB/s (rounded down).
+        return {"limits_module": '\n    "limits";',
+                "read_limits": (
+                    "\n-- Accounts the mesh file does not name are read at most this fast (agents/server.py ReadLimit);\n"
+                    "-- the mesh's own people, services and actors are read at full speed.\n"
+                    f'limits = {{ c2s = {{ rate = "{limit.bytes_per_second // 1000}kb/s" }} }}\n'
+                    f"unlimited_jids = {{ {names} }}\n")}
 
     def _running_pid(self) -> int | None:
         """The pid of this instance's Prosody, or None; removes a pidfile left by a dead process."""
