@@ -2,9 +2,11 @@
 
 An actor logs in with SASL SCRAM over STARTTLS, trusting exactly the certificate it is given (never
 plaintext), keeps its stream with XEP-0198 where the server offers it, answers and sends XEP-0199
-pings, and reconnects with jittered exponential backoff when the connection drops. Replies to its
-requests are matched by IQ id in one dictionary, instead of slixmpp's one handler per pending IQ,
-which costs a scan of every pending request for every stanza that arrives.
+pings, and reconnects with jittered exponential backoff when the connection drops, to the next server
+of its endpoint each time. The Vertebra protocol itself is a slixmpp plugin (``protocol.XEP_Vertebra``):
+replies to the actor's requests are matched there by IQ id in one dictionary, instead of slixmpp's one
+handler per pending IQ, which costs a scan of every pending request for every stanza that arrives.
+Every task an actor starts goes through :meth:`Actor.spawn`, and :meth:`Actor.stop` cancels them all.
 """
 
 from __future__ import annotations
@@ -16,17 +18,19 @@ import random
 import ssl
 import time
 import uuid
+from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import Any, TypeVar
 
 import slixmpp
 from slixmpp import Iq, Message
 
 from . import protocol, xmpp_speedups
-from .errors import ConnectError, OpError, Outcome, UNREACHABLE_CONDITIONS, error_for
+from .errors import UNREACHABLE_CONDITIONS, ConnectError, OpError, Outcome, error_for
 from .report import ProgressFn, TargetResult
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 xmpp_speedups.install()  # SCRAM and XML escaping in C (see that module)
@@ -50,7 +54,7 @@ class Endpoint:
     def addresses(self) -> list[tuple[str, int]]:
         return [(self.host, self.port), *self.alternates]
 
-    def starting_at(self, index: int) -> "Endpoint":
+    def starting_at(self, index: int) -> Endpoint:
         """The same service, tried from its ``index``-th node on (then the others, in order)."""
         nodes = self.addresses
         (host, port), *rest = nodes[index % len(nodes):] + nodes[:index % len(nodes)]
@@ -58,7 +62,7 @@ class Endpoint:
 
     @classmethod
     def pinned(cls, host: str, port: int, domain: str, cert_path: str,
-               alternates: tuple[tuple[str, int], ...] = ()) -> "Endpoint":
+               alternates: tuple[tuple[str, int], ...] = ()) -> Endpoint:
         """An endpoint that trusts exactly the certificate at ``cert_path`` (the private server's)."""
         ctx = ssl.create_default_context(cafile=cert_path)
         ctx.check_hostname = True
@@ -82,66 +86,12 @@ class Backoff:
         self.attempt = 0
 
 
-# Deepest element nesting a stanza may have, the stanza itself being level 1 (docs/protocol.md 3.2).
-# Vertebra's own stanzas are 2 deep, a disco#info answer with its form 5; slixmpp walks and copies
-# stanzas recursively, so a few thousand levels from any account would overflow Python's stack.
-MAX_STANZA_DEPTH = 32
-# Marks the empty stand-in for a stanza that was too deep (``_Stream.incoming_filter``).
-_OVER_DEEP = "{urn:vertebra:1#internal}over-deep"
-
-
-def nested_deeper_than(xml: Any, limit: int) -> bool:
-    """Whether an element tree has more than ``limit`` levels, found level by level without recursion."""
-    level, depth = [xml], 1
-    while level:
-        if depth > limit:
-            return True
-        level = [child for element in level for child in element]
-        depth += 1
-    return False
-
-
 class _Stream(slixmpp.ClientXMPP):
-    """slixmpp's client, with its fixed connect-retry schedule replaced by jittered backoff that
-    moves on to the next server of the endpoint at each attempt, and with stanzas nested too deep
-    refused before slixmpp turns them into stanza objects."""
-
-    backoff: Backoff
-    next_address: Callable[[], tuple[str, int]]
+    """slixmpp's client, with stanzas nested too deep refused before slixmpp turns them into stanza
+    objects (the Vertebra plugin's ``incoming``, through the hook slixmpp leaves for this)."""
 
     def incoming_filter(self, xml: Any) -> Any:
-        """Every top-level element the parser completes passes here before slixmpp builds a stanza of
-        it. One nested too deep is replaced by an empty stand-in of the same kind: it is still counted
-        for XEP-0198 (a stanza never counted would sit in the server's resend queue) and then dropped
-        by ``Actor._dispatch``. A request (IQ get or set) is answered with a plain error built afresh,
-        never a copy of what was sent."""
-        if not nested_deeper_than(xml, MAX_STANZA_DEPTH):
-            return xml
-        sender, kind = xml.get("from"), xml.get("type")
-        log.warning("dropped a %s from %s nested deeper than %d levels", xml.tag.rpartition("}")[2], sender,
-                    MAX_STANZA_DEPTH)
-        if xml.tag == _IQ and kind in ("get", "set"):
-            self.make_iq_error(xml.get("id", ""), type="modify", condition="bad-request", ito=sender,
-                               text=f"stanza nested deeper than {MAX_STANZA_DEPTH} levels; nothing was"
-                                    " done").send()
-        stand_in = type(xml)(xml.tag, {name: value for name, value in xml.attrib.items()
-                                       if name in ("from", "to", "id", "type")})
-        stand_in.append(type(xml)(_OVER_DEEP))
-        return stand_in
-
-    def reschedule_connection_attempt(self) -> asyncio.Future | None:
-        if self._current_connection_attempt is None:
-            return None
-        self.custom_address = self.next_address()
-        self._connect_loop_wait = self.backoff.next()
-        self._current_connection_attempt = asyncio.ensure_future(self._connect_loop(), loop=self.loop)
-        return self._current_connection_attempt
-
-
-_IQ = "{jabber:client}iq"
-_MESSAGE = "{jabber:client}message"
-_OP = f"{{{protocol.NS}}}op"
-_JOB_TAGS = {f"{{{protocol.NS}}}progress", f"{{{protocol.NS}}}outcome"}
+        return self.plugin["vertebra"].incoming(xml)
 
 
 @dataclass(frozen=True)
@@ -164,12 +114,11 @@ class Actor:
         self.endpoint = endpoint
         self.timeouts = timeouts
         self.xmpp = _Stream(f"{jid}/{resource or self.resource}", password, ssl_context=endpoint.ssl_context)
-        self.xmpp.backoff = Backoff()
+        self.backoff = Backoff()
         # Each actor starts at a random server of a cluster, so a node's clients do not all land on
         # the same other node when it goes away.
         self._addresses = endpoint.addresses
         self._address = 0 if endpoint.first else random.randrange(len(self._addresses))
-        self.xmpp.next_address = self._next_address
         # Explicit, because with a given host and port slixmpp would try direct TLS first.
         self.xmpp.enable_direct_tls = False
         self.xmpp.enable_starttls = True
@@ -180,19 +129,19 @@ class Actor:
         # Ask the server for an ack every 50 stanzas, not every 5: each request is its own packet.
         self.xmpp.register_plugin("xep_0198", {"window": 50})
         self.xmpp.register_plugin("xep_0199", {"keepalive": True, "interval": 30, "timeout": 10})
+        # After XEP-0198, whose input filter counts every stanza before Vertebra's takes its own.
         self.xmpp.register_plugin(protocol.XEP_Vertebra.name)
-        self._pending: dict[str, tuple[asyncio.Future[Iq], str]] = {}  # IQ id -> (reply, addressee)
-        self._jobs: dict[tuple[str, str], asyncio.Queue[Message]] = {}
+        self.vertebra: protocol.XEP_Vertebra = self.xmpp.plugin[protocol.XEP_Vertebra.name]
+        self._tasks: set[asyncio.Task[Any]] = set()  # every task this actor started; stop() cancels them
+        self._reconnect: asyncio.Task[None] | None = None
         self._stopping = False
         self._online = asyncio.Event()
         self._auth_failed: str | None = None
-        self._serve_op: Callable[[Iq], None] | None = None  # set by actors that serve ops
-        # After XEP-0198's own input filter (registered with the plugin), which counts every stanza.
-        self.xmpp.add_filter("in", self._dispatch)
-        self.xmpp.add_event_handler("session_start", self._on_session_start)
-        self.xmpp.add_event_handler("session_resumed", self._on_session_resumed)
-        self.xmpp.add_event_handler("disconnected", self._on_disconnected)
-        self.xmpp.add_event_handler("failed_all_auth", self._on_failed_auth)
+        self.on_event("session_start", self._on_session_start)
+        self.on_event("session_resumed", self._on_session_resumed)
+        self.on_event("disconnected", self._on_disconnected)
+        self.on_event("connection_failed", self._on_connection_failed)
+        self.on_event("failed_all_auth", self._on_failed_auth)
 
     @property
     def jid(self) -> slixmpp.JID:
@@ -208,7 +157,7 @@ class Actor:
         self.xmpp.connect(*self._addresses[self._address])
         try:
             await asyncio.wait_for(self._online.wait(), timeout)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             reason = self._auth_failed or (
                 f"no session with {' or '.join(f'{h}:{p}' for h, p in self._addresses)} within {timeout:g}s"
                 " (is the server running? `vertebra server status`)")
@@ -216,6 +165,8 @@ class Actor:
             raise ConnectError(f"{self.xmpp.boundjid.bare}: {reason}") from None
 
     async def stop(self) -> None:
+        """Close the connection, end every request still waiting, and cancel every task this actor
+        started (``spawn``), waiting until they have ended."""
         self._stopping = True
         self._online.clear()
         self.xmpp.cancel_connection_attempt()
@@ -224,9 +175,24 @@ class Actor:
                 await self.xmpp.disconnect(wait=1.0)
             except Exception:  # a broken transport is already as closed as we need it
                 self.xmpp.abort()
-        for fut, _to in self._pending.values():
-            if not fut.done():
-                fut.cancel()
+        self.vertebra.fail_pending(None)
+        await self.cancel_tasks()
+
+    def spawn(self, coro: Coroutine[Any, Any, T], name: str | None = None) -> asyncio.Task[T]:
+        """Run ``coro`` as a task of this actor: kept until it ends, cancelled by :meth:`stop`."""
+        task = asyncio.get_running_loop().create_task(coro, name=name)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    async def cancel_tasks(self) -> None:
+        """Cancel every task this actor started and wait for them to end (a task that catches the
+        cancellation and goes on is waited for too: stop means stopped)."""
+        current = asyncio.current_task()
+        while tasks := [t for t in self._tasks if t is not current and not t.done()]:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
 
     def _next_address(self) -> tuple[str, int]:
         self._address = (self._address + 1) % len(self._addresses)
@@ -241,29 +207,39 @@ class Actor:
         """Called on every new session; subclasses advertise themselves here."""
 
     async def _on_session_start(self, _event: Any) -> None:
-        self.xmpp.backoff.reset()
+        self.backoff.reset()
         await self.on_session()
         self._online.set()
 
     def _on_session_resumed(self, _event: Any) -> None:
         # Back in business: the next drop starts again from the shortest wait, instead of each drop
         # (an attack could cause them) waiting longer than the one before, up to the cap.
-        self.xmpp.backoff.reset()
+        self.backoff.reset()
         self._online.set()
 
     def _on_failed_auth(self, _event: Any) -> None:
         self._auth_failed = "login refused (not-authorized): check the account's password file"
         self._stopping = True  # retrying a wrong password only locks the account out
 
-    async def _on_disconnected(self, _event: Any) -> None:
+    def _on_disconnected(self, _event: Any) -> None:
         self._online.clear()
-        for fut, _to in self._pending.values():
-            if not fut.done():
-                fut.set_exception(ConnectionError("connection to the XMPP server lost"))
-        if self._stopping:
+        self.vertebra.fail_pending(ConnectionError("connection to the XMPP server lost"))
+        self._reconnect_later("disconnected")
+
+    def _on_connection_failed(self, _event: Any) -> None:
+        # slixmpp would try the same address again after its own fixed schedule; instead the actor
+        # ends that attempt and tries the endpoint's next server after a jittered backoff.
+        self.xmpp.cancel_connection_attempt()
+        self._reconnect_later("could not connect")
+
+    def _reconnect_later(self, why: str) -> None:
+        if self._stopping or (self._reconnect is not None and not self._reconnect.done()):
             return
-        delay = self.xmpp.backoff.next()
-        log.info("%s: disconnected; reconnecting in %.2fs", self.xmpp.boundjid, delay)
+        delay = self.backoff.next()
+        log.info("%s: %s; reconnecting in %.2fs", self.xmpp.boundjid, why, delay)
+        self._reconnect = self.spawn(self._reconnect_after(delay), name=f"reconnect {self.xmpp.boundjid}")
+
+    async def _reconnect_after(self, delay: float) -> None:
         await asyncio.sleep(delay)
         if not self._stopping and self.xmpp.transport is None:
             self.xmpp.connect(*self._next_address())
@@ -272,62 +248,33 @@ class Actor:
 
     async def send_iq(self, iq: Iq, timeout: float) -> Iq:
         """Send an IQ and return its reply (result or error). Raises asyncio.TimeoutError."""
-        fut: asyncio.Future[Iq] = asyncio.get_running_loop().create_future()
-        iq_id = iq["id"]
-        self._pending[iq_id] = (fut, str(iq["to"]))
+        fut = self.vertebra.expect_reply(iq)
         try:
             self.xmpp.send(iq)
             return await asyncio.wait_for(fut, timeout)
         finally:
-            self._pending.pop(iq_id, None)
-
-    def _dispatch(self, stanza: Any) -> Any:
-        """Hand Vertebra's own stanzas straight to their handler, reading raw attributes; pass the
-        rest on. slixmpp tests every stanza against every registered handler (twenty-odd here), which
-        profiling showed to be the largest single cost of an op's round trip."""
-        xml = stanza.xml
-        if len(xml) and xml[-1].tag == _OVER_DEEP:  # refused by _Stream.incoming_filter, already counted
-            return None
-        if xml.tag == _IQ:
-            kind = xml.get("type")
-            if kind in ("result", "error") and xml.get("id") in self._pending:
-                self._on_reply(stanza)
-                return None
-            if kind == "set" and self._serve_op is not None and xml.find(_OP) is not None:
-                self._serve_op(stanza)
-                return None
-        elif xml.tag == _MESSAGE and any(child.tag in _JOB_TAGS for child in xml):
-            self._on_job_message(stanza)
-            return None
-        return stanza
-
-    def _on_reply(self, iq: Iq) -> None:
-        fut, to = self._pending[iq["id"]]
-        # Only the addressee (or the server bouncing on its behalf, which uses the same address) answers.
-        if str(iq["from"]) == to and not fut.done():
-            fut.set_result(iq)
+            self.vertebra.forget_reply(iq["id"])
 
     def watch_job(self, agent: str, rid: str) -> asyncio.Queue[Message]:
         """Queue for the progress and outcome messages of request ``rid``, accepted only from ``agent``."""
-        queue: asyncio.Queue[Message] = asyncio.Queue()
-        self._jobs[(agent, rid)] = queue
-        return queue
+        return self.vertebra.watch_job(agent, rid)
 
     def unwatch_job(self, agent: str, rid: str) -> None:
-        self._jobs.pop((agent, rid), None)
+        self.vertebra.unwatch_job(agent, rid)
 
-    def _on_job_message(self, msg: Message) -> None:
-        sender = str(msg["from"])
-        for child in msg.xml:
-            if child.tag in _JOB_TAGS:
-                # Keyed by sender too: only the agent that accepted the request may report on it.
-                queue = self._jobs.get((sender, child.get("rid", "")))
-                if queue is not None:
-                    queue.put_nowait(msg)
-                return
+    def on_event(self, event: str, handler: Callable[[Any], Any]) -> None:
+        """Call ``handler`` with each slixmpp ``event`` of this actor's stream; a coroutine it returns
+        runs as a task of this actor (:meth:`spawn`), which :meth:`stop` cancels.
 
-    def on(self, event: str, handler: Callable[..., Any]) -> None:
-        self.xmpp.add_event_handler(event, handler)
+        Registering with slixmpp directly would start a coroutine function in a task of slixmpp's own,
+        which no stop reaches, and would drop unawaited the coroutine that a plain function (a lambda
+        calling an ``async def``) returns: that handler would never run."""
+        def run(data: Any) -> None:
+            result = handler(data)
+            if asyncio.iscoroutine(result):
+                self.spawn(result, name=f"{event} handler of {self.xmpp.boundjid}")
+
+        self.xmpp.add_event_handler(event, run)
 
     # -- calling ops ---------------------------------------------------------------------------
 
@@ -363,7 +310,7 @@ class Actor:
         try:
             try:
                 reply = await self.send_iq(iq, max(0.0, end - loop.time()))
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 return TargetResult(target, Outcome.TIMEOUT, error=f"no answer within {timeout:g}s")
             except ConnectionError as exc:
                 # The request may have arrived and run: that is not "unreachable", which would let
@@ -376,7 +323,7 @@ class Actor:
             while True:
                 try:
                     msg = await asyncio.wait_for(jobs.get(), max(0.0, end - loop.time()))
-                except asyncio.TimeoutError:
+                except TimeoutError:
                     return TargetResult(target, Outcome.TIMEOUT,
                                         error=f"accepted, but no outcome within {timeout:g}s")
                 if msg.xml.find(f"{{{protocol.NS}}}outcome") is not None:

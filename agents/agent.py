@@ -124,10 +124,8 @@ class Agent(Actor):
         self.ops: dict[str, OpSpec] = ops_of(type(self))
         # Private like the audit log (it names every caller and op): 0600 in a 0700 directory.
         self._requests = RequestLog(private_file(state_dir / "requests.sqlite") if state_dir else None)
-        self._tasks: set[asyncio.Task[Any]] = set()
         # Requests are served fairly per sender and refused over a sender's rate or queue (intake.py).
-        self.intake: FairIntake[Iq] = FairIntake(self._serve, requests or IntakeLimits())
-        self._serve_op = self._on_op
+        self.intake: FairIntake[Iq] = FairIntake(self._serve, requests or IntakeLimits(), spawn=self.spawn)
         self._brokers: set[str] = set()  # full JIDs of brokers that have seen us this session
         self._announcer: asyncio.Task[None] | None = None
         self._audit_flusher: asyncio.Task[None] | None = None
@@ -201,8 +199,7 @@ class Agent(Actor):
     def _advertise_features(self) -> None:
         disco = self.xmpp.plugin["xep_0030"]
         disco.add_identity(category="automation", itype="rpc", name=f"vertebra {self.kind} agent")
-        for spec in self.ops.values():
-            disco.add_feature(spec.feature)
+        self.vertebra.serve(self._on_op, [spec.feature for spec in self.ops.values()])  # features at session bind
         form = self.xmpp.plugin["xep_0004"].make_form(ftype="result")
         form.add_field(var="FORM_TYPE", ftype="hidden", value=AGENT_FORM)
         form.add_field(var="kind", ftype="text-single", value=self.kind)
@@ -217,7 +214,7 @@ class Agent(Actor):
         self._caps_ver = await caps.get_verstring(self.jid)
         self.presence()  # available, so a broker's hello to our bare JID reaches us
         if self.audit is not None and self._audit_flusher is None:
-            self._audit_flusher = asyncio.get_running_loop().create_task(self._flush_audit())
+            self._audit_flusher = self.spawn(self._flush_audit(), name=f"audit flusher {self.name}")
         self._brokers.clear()
         self._start_announcing()
 
@@ -231,7 +228,7 @@ class Agent(Actor):
 
     def _start_announcing(self) -> None:
         if self.broker and (self._announcer is None or self._announcer.done()):
-            self._announcer = asyncio.get_running_loop().create_task(self._announce_until_seen())
+            self._announcer = self.spawn(self._announce_until_seen(), name=f"announcer {self.name}")
 
     async def _announce_until_seen(self) -> None:
         """Directed presence (with caps) to the broker, repeated with backoff until a broker answers
@@ -491,9 +488,7 @@ class Agent(Actor):
         msg.send()
 
     def _spawn(self, coro: Any) -> None:
-        task = asyncio.get_running_loop().create_task(coro)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        self.spawn(coro)
 
     def _audit_end(self, rid: str, caller: str, op_name: str, outcome: str, started: float) -> None:
         duration = time.monotonic() - started

@@ -14,7 +14,7 @@ import logging
 import time
 from collections import Counter, OrderedDict, deque
 from dataclasses import dataclass
-from typing import Any, Awaitable, Callable, Generic, TypeVar
+from typing import Any, Awaitable, Callable, Coroutine, Generic, TypeVar
 
 log = logging.getLogger(__name__)
 
@@ -59,8 +59,11 @@ class FairIntake(Generic[Item]):
     over the senders that have one waiting."""
 
     def __init__(self, serve: Callable[[Item], Awaitable[Any]], limits: IntakeLimits = IntakeLimits(),
-                 max_senders: int = 10_000) -> None:
+                 max_senders: int = 10_000,
+                 spawn: Callable[[Coroutine[Any, Any, Any]], asyncio.Task[Any]] | None = None) -> None:
         self.serve, self.limits = serve, limits
+        # Who runs each item's task: an actor's ``spawn``, so that stopping the actor cancels them.
+        self.spawn = spawn or (lambda coro: asyncio.get_running_loop().create_task(coro))
         self.per_sender_running = max(1, limits.running // 2)
         self.rate = RateLimit(limits.burst, limits.per_second, max_senders)
         self.max_senders = max_senders
@@ -93,7 +96,7 @@ class FairIntake(Generic[Item]):
     def _start(self, sender: str, item: Item) -> None:
         self._busy += 1
         self._running[sender] += 1
-        task = asyncio.get_running_loop().create_task(self.serve(item))
+        task = self.spawn(self.serve(item))  # type: ignore[arg-type]
         self.tasks.add(task)
         task.add_done_callback(lambda t: self._done(sender, t))
 

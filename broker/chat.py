@@ -200,8 +200,8 @@ class ChatBot(Actor):
         self.muc_domains = frozenset(muc_domains or (f"rooms.{domain}", f"conference.{domain}"))
         self.jobs: OrderedDict[str, Job] = OrderedDict()
         self._job_ids = iter(range(1, 1 << 62))
-        self._tasks: set[asyncio.Task[Any]] = set()
-        self.relayed: list[Callable[[str, OpSpec, CallReport], Any]] = []  # room hooks: fencing events
+        # Room hooks (fencing events): each is called after a relay; a coroutine one returns runs as the bot's task.
+        self.relayed: list[Callable[[str, OpSpec, CallReport], Any]] = []
         self.commands: dict[str, Callable[[JID, list[str], Say], Awaitable[None]]] = {
             "help": self.cmd_help, "agents": self.cmd_agents, "call": self.cmd_call, "jobs": self.cmd_jobs,
             "job": self.cmd_job, "cancel": self.cmd_cancel, "approve": self.cmd_approve,
@@ -212,9 +212,7 @@ class ChatBot(Actor):
         self.xmpp.send_presence()  # shown online in operators' rosters
 
     async def stop(self) -> None:
-        for task in list(self._tasks):
-            task.cancel()
-        await super().stop()
+        await super().stop()  # cancels every task the bot started (commands, followed jobs)
         if self.audit is not None:
             self.audit.close()
 
@@ -245,12 +243,6 @@ class ChatBot(Actor):
 
     def say(self, to: JID | str, text: str) -> None:
         self.xmpp.send_message(mto=to, mbody=text, mtype="chat")
-
-    def spawn(self, coro: Awaitable[Any]) -> asyncio.Task[Any]:
-        task = asyncio.get_running_loop().create_task(coro)  # type: ignore[arg-type]
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-        return task
 
     async def handle(self, sender: JID, body: str) -> None:
         """Run one command line from ``sender`` and answer it."""
@@ -502,7 +494,9 @@ class ChatBot(Actor):
         report.results += results
         for hook in list(self.relayed):
             try:
-                hook(operator, spec, report)
+                result = hook(operator, spec, report)
+                if asyncio.iscoroutine(result):  # called, never awaited, it would not run at all
+                    self.spawn(result)
             except Exception:  # a room that cannot post must not lose the operator's answer
                 log.exception("relay hook failed")
         return report

@@ -153,13 +153,13 @@ class OpsRoom:
         self._wake = asyncio.Event()
         self._keeper: asyncio.Task[None] | None = None
         self._watcher: asyncio.Task[None] | None = None
-        actor.on("session_start", lambda _e: self._lost("a new session started (connected, or the old one"
-                                                           " could not be resumed)"))
+        actor.on_event("session_start", lambda _e: self._lost("a new session started (connected, or the old"
+                                                                 " one could not be resumed)"))
         # A resumed stream keeps the bot's place in the room; a kick or a destroyed room meanwhile
         # arrives as the queued presence that _on_presence reads.
-        actor.on("session_resumed", lambda _e: self._back_in() if self._why is None and self.joins else None)
-        actor.on("disconnected", lambda _e: self.joined.clear())
-        actor.on(f"muc::{self.room.bare}::presence", self._on_presence)
+        actor.on_event("session_resumed", lambda _e: self._back_in() if self._why is None and self.joins else None)
+        actor.on_event("disconnected", lambda _e: self.joined.clear())
+        actor.on_event(f"muc::{self.room.bare}::presence", self._on_presence)
 
     # -- staying in the room ---------------------------------------------------------------------
 

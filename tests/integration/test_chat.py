@@ -36,7 +36,7 @@ class Chatter:
 
     def __init__(self, client, bot: str) -> None:
         self.client, self.bot, self.got = client, bot, []
-        client.on("message", lambda m: self.got.append(m["body"]) if m["body"] else None)
+        client.on_event("message", lambda m: self.got.append(m["body"]) if m["body"] else None)
 
     def send(self, text: str, mtype: str = "chat", to: str | None = None) -> None:
         self.client.xmpp.send_message(mto=to or self.bot, mbody=text, mtype=mtype)

@@ -30,7 +30,7 @@ async def test_alerts_reach_the_room_and_room_messages_are_not_commands(mesh):
     watcher = await mesh.client()  # an operator (a mesh admin, so a member of the room) sitting in it
     watcher.xmpp.register_plugin("xep_0045")
     seen: list[str] = []
-    watcher.on("groupchat_message", lambda m: seen.append(m["body"]) if m["mucnick"] == room.nick else None)
+    watcher.on_event("groupchat_message", lambda m: seen.append(m["body"]) if m["mucnick"] == room.nick else None)
     await watcher.xmpp.plugin["xep_0045"].join_muc_wait(JID(room_jid), "watcher", maxstanzas=0, timeout=10)
 
     agent = await mesh.agent(SampleAgent, broker, ["/host/db1"])
@@ -51,6 +51,6 @@ async def test_alerts_reach_the_room_and_room_messages_are_not_commands(mesh):
     watcher.xmpp.send_message(mto=bot_nick, mbody="call sample.count", mtype="chat")  # private, via the room
     watcher.xmpp.send_message(mto=str(bot.jid), mbody="jobs", mtype="chat")  # a direct command still works
     answers: list[str] = []
-    watcher.on("message", lambda m: answers.append(m["body"]) if m["type"] == "chat" and m["body"] else None)
+    watcher.on_event("message", lambda m: answers.append(m["body"]) if m["type"] == "chat" and m["body"] else None)
     await until(lambda: "you have no jobs" in answers, what="the bot's answer to a direct command")
     assert agent.runs == 0 and not bot.jobs

@@ -53,7 +53,7 @@ async def test_room_gets_a_line_when_a_scheduled_check_goes_critical_and_when_it
     watcher = await mesh.client(account=watcher_account)
     watcher.xmpp.register_plugin("xep_0045")
     seen: list[str] = []
-    watcher.on("groupchat_message",
+    watcher.on_event("groupchat_message",
                lambda m: seen.append(m["body"]) if m["mucnick"] == room.nick and m["body"] else None)
     await watcher.xmpp.plugin["xep_0045"].join_muc_wait(JID(room_jid), "watcher", maxstanzas=0, timeout=10)
 

@@ -199,8 +199,8 @@ async def test_after_a_dropped_connection_the_bot_posts_in_its_room_again(mesh):
     try:
         assert (await join(insider, room_jid, "member")).get("type") != "error"
         sessions: list[str] = []
-        bot.on("session_resumed", lambda _e: sessions.append("resumed"))
-        bot.on("session_start", lambda _e: sessions.append("new"))
+        bot.on_event("session_resumed", lambda _e: sessions.append("resumed"))
+        bot.on_event("session_start", lambda _e: sessions.append("new"))
         bot.xmpp.transport.abort()  # as a network fault would: resumed, or a new session and a rejoin
         for attempt in range(3):
             await until(lambda: sessions and room.joined.is_set(), timeout=30, what="the bot back in its room")

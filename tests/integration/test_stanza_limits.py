@@ -6,7 +6,7 @@ whose connection drops again and again starts each reconnect from the shortest w
 from __future__ import annotations
 
 from conftest import DOMAIN, until
-from agents.actor import MAX_STANZA_DEPTH
+from agents.protocol import MAX_STANZA_DEPTH
 from broker.chat import ChatBot
 from rawxmpp import NS_CLIENT, RawXMPP, outcome_of
 from sample_agent import SampleAgent
@@ -21,7 +21,7 @@ async def attack_and_check(mesh, actor) -> None:
     """Send over-deep stanzas of every kind to ``actor``; it answers each request with an error, stays
     connected, and still answers a ping and a disco#info query."""
     drops: list[object] = []
-    actor.on("disconnected", lambda event: drops.append(event))
+    actor.on_event("disconnected", lambda event: drops.append(event))
     raw = await RawXMPP.login(mesh.server.host, mesh.server.port, DOMAIN, *mesh.account("attacker"),
                               ssl_context=mesh.server.ssl_context())
     to = str(actor.jid)
@@ -89,15 +89,15 @@ async def test_backoff_starts_again_after_each_resumed_session(mesh):
     goes on until three resumes were seen.)"""
     agent = await mesh.agent(SampleAgent, None, ["/host/a"])
     sessions: list[str] = []
-    agent.on("session_resumed", lambda _event: sessions.append("resumed"))
-    agent.on("session_start", lambda _event: sessions.append("new"))
+    agent.on_event("session_resumed", lambda _event: sessions.append("resumed"))
+    agent.on_event("session_start", lambda _event: sessions.append("new"))
     for _ in range(12):
         seen = len(sessions)
         agent.xmpp.transport.abort()  # as a network fault would: the stream is not closed cleanly
         await until(lambda: len(sessions) > seen and agent.online, timeout=20, what="the session back")
         if sessions[-1] == "resumed":
             # Before the fix the backoff kept counting up over resumes (each drop waited longer).
-            assert agent.xmpp.backoff.attempt == 0, "backoff not reset after a resumed session"
+            assert agent.backoff.attempt == 0, "backoff not reset after a resumed session"
         if sessions.count("resumed") >= 3:
             break
     assert sessions.count("resumed") >= 3, f"the server resumed too few sessions to tell: {sessions}"
