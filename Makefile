@@ -21,11 +21,9 @@ test-ejabberd: install
 run: install
 	$(VENV)/bin/vertebra up
 
+# Every benchmark, then one table of every target (bench/run.py; also bench/results/summary.json).
 bench: install
-	@set -e; for b in bench/*.py; do \
-		[ -e "$$b" ] || { echo "bench: no benchmarks in bench/"; exit 0; }; \
-		echo "bench: $$b"; $(PYTHON) "$$b"; \
-	done
+	$(PYTHON) bench/run.py
 
 clean:
 	rm -rf $(VENV) .vertebra

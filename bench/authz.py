@@ -31,6 +31,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import verdicts  # noqa: E402
 from rbac import Gate, compile_policy  # noqa: E402
 from rbac.casbin_model import casbin_decide, enforcer  # noqa: E402
 
@@ -189,6 +190,7 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true")
     args = parser.parse_args()
     n = 2000 if args.quick else 20000
+    verdicts.begin()
     ok = True
     print(f"{'rules':>6} {'load':>8} {'cold p50':>9} {'cold p99':>9} {'warm p50':>9} {'warm p99':>9}"
           f" {'casbin enforce':>15} {'allowed':>8}")
@@ -196,9 +198,11 @@ def main() -> int:
         m = measure(rules, n, 20 if rules > 1000 else 200)
         print(f"{m['rules']:>6} {m['load_s']:>7.2f}s {m['cold_p50']:>7.1f}us {m['cold_p99']:>7.1f}us"
               f" {m['warm_p50']:>7.2f}us {m['warm_p99']:>7.2f}us {m['casbin_us']:>13.0f}us {m['allowed']:>7.0%}")
-        ok &= m["warm_p50"] <= 5.0
+        ok &= verdicts.record(f"warm decision p50, {rules:,} rules", f"{m['warm_p50']:.2f} us", "<= 5 us",
+                              m["warm_p50"] <= 5.0)
         if rules >= 10_000:
-            ok &= m["cold_p50"] <= 1000.0
+            ok &= verdicts.record(f"cold decision p50, {rules:,} rules", f"{m['cold_p50']:.1f} us", "<= 1000 us",
+                                  m["cold_p50"] <= 1000.0)
     import asyncio
 
     p50 = asyncio.run(round_trips(10 if args.quick else 30, 100))
@@ -206,7 +210,8 @@ def main() -> int:
     print(f"mesh round trip p50: gate on {p50['on']:.3f} ms (10,000 rules), gate off {p50['off']:.3f} ms,"
           f" ratio {ratio:.3f}x; with the audit log too: {p50['audited']:.3f} ms"
           f" ({p50['audited'] / p50['off']:.3f}x, for information)")
-    ok &= ratio <= 1.05
+    ok &= verdicts.record("mesh round trip p50, gate on / off", f"{ratio:.3f}x", "<= 1.05x", ratio <= 1.05)
+    verdicts.save()
     print("targets: warm <= 5us, cold at 10,000 rules <= 1ms, round trip <= 1.05x:", "met" if ok else "NOT met")
     return 0 if ok else 1
 

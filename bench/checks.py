@@ -34,6 +34,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+import verdicts  # noqa: E402
 from agents import config as meshconf  # noqa: E402
 from agents.cli import start_server, _server  # noqa: E402
 from agents.client import Client  # noqa: E402
@@ -176,6 +177,7 @@ def main(argv: list[str] | None = None) -> int:
     # PYTHONDONTWRITEBYTECODE set would otherwise make every check_vertebra compile what it imports.
     for package in ("agents", "rbac"):
         compileall.compile_dir(str(ROOT / package), quiet=1)
+    verdicts.begin()
     home = Path(tempfile.mkdtemp(prefix="vertebra-bench-checks-"))
     mesh, nrpe = Mesh(home), Nrpe(home)
     try:
@@ -203,7 +205,11 @@ def main(argv: list[str] | None = None) -> int:
     print(f"  monitor agent (monitor.check dummy)  {agent:8.1f} checks/s")
     print(f"  plain asyncio spawn loop             {spawn:8.1f} checks/s")
     print(f"  agent / spawn loop: {rate_ratio:.2f}x (target >= 0.8x) {'met' if rate_ratio >= 0.8 else 'NOT met'}")
-    return 0 if latency_ratio <= 0.5 and rate_ratio >= 0.8 else 1
+    ok = verdicts.record("check_vertebra p50 / check_nrpe (TLS) p50", f"{latency_ratio:.2f}x", "<= 0.5x",
+                         latency_ratio <= 0.5)
+    ok &= verdicts.record("monitor agent checks/s / spawn loop", f"{rate_ratio:.2f}x", ">= 0.8x", rate_ratio >= 0.8)
+    verdicts.save()
+    return 0 if ok else 1
 
 
 if __name__ == "__main__":

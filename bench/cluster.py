@@ -49,6 +49,7 @@ for p in (ROOT, ROOT / "bench"):
         sys.path.insert(0, str(p))
 
 import roundtrip as rt  # noqa: E402  (its worker processes, BenchAgent and helpers)
+import verdicts  # noqa: E402
 from agents.actor import Endpoint  # noqa: E402
 from agents.errors import Outcome  # noqa: E402
 
@@ -225,6 +226,11 @@ class ClusterBench:
         spread_ms = statistics.median(times["spread over both"]) * 1e3
         self.row("  naive linear extrapolation to 50,000 agents, spread", "2,000 ms (Choria)",
                  f"{spread_ms * 50_000 / n:,.0f} ms", spread_ms * 50_000 / n / 2000)
+        # The target wants a measured 50,000; until a benchmark measures one, the extrapolation stands
+        # in, and says so in its name.
+        verdicts.record(f"one call answered by 50,000 agents (extrapolated from {n:,})",
+                        f"{spread_ms * 50_000 / n:,.0f} ms", "<= 10,000 ms, measured",
+                        spread_ms * 50_000 / n <= 10_000 and n >= 50_000)
 
         # 3: what the nodes held, and what it cost them.
         on_node = [n + 1, n + 1]  # the agents of [2] plus the echo agent of [1]; node 1 also has the client
@@ -275,6 +281,7 @@ def main(argv: list[str] | None = None) -> int:
     args.agents = args.agents or (100 if args.quick else 1000)
     logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s")
     rt.raise_nofile()
+    verdicts.begin()
     bench = ClusterBench(args)
     ok = False
     t = time.monotonic()
@@ -295,6 +302,7 @@ def main(argv: list[str] | None = None) -> int:
             w.kill()
         bench.stop_cluster()
     bench.table()
+    verdicts.save()
     print(f"\n{'done' if ok else 'FAILED'} ({time.monotonic() - t:.0f}s)")
     return 0 if ok else 1
 

@@ -35,6 +35,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+import verdicts  # noqa: E402
 import yaml  # noqa: E402
 
 from agents import config  # noqa: E402
@@ -191,7 +192,11 @@ class Bench:
         print(f"\ncoalescing: one fence.off {one * 1000:.1f} ms ({len(one_runs)} device runs: {one_runs});"
               f" ten concurrent {ten * 1000:.1f} ms ({len(ten_runs)} device runs: {ten_runs});"
               f" ratio {ten / one:.2f}x")
-        met = added <= TARGET_ADDED_MS and ten_runs == ["action=off", "action=status"]
+        met = verdicts.record("fence_vertebra off: added latency p50", f"{added:.1f} ms",
+                              f"<= {TARGET_ADDED_MS:.0f} ms", added <= TARGET_ADDED_MS)
+        met &= verdicts.record("ten concurrent fence.off: device runs", str(len(ten_runs)), "2 (one off, one status)",
+                               ten_runs == ["action=off", "action=status"])
+        verdicts.save()
         print("\ntarget met" if met else "\ntarget NOT met")
         return 0 if met else 1
 
@@ -200,6 +205,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--runs", type=int, default=15, help="samples per series (default 15)")
     bench = Bench(parser.parse_args().runs)
+    verdicts.begin()
     try:
         bench.setup()
         return bench.run()

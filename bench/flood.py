@@ -42,6 +42,7 @@ from pathlib import Path
 from typing import Any
 
 import roundtrip as rt  # noqa: E402  (BenchAgent, the plain slixmpp client, percentile, free_port)
+import verdicts  # noqa: E402
 from agents.actor import Endpoint  # noqa: E402
 from agents.authz import AdminsOnly  # noqa: E402
 from agents.errors import Outcome  # noqa: E402
@@ -202,7 +203,8 @@ class Flood:
         f50, f99 = rt.percentile(during, 0.5), rt.percentile(during, 0.99)
         m50, m99 = rt.percentile(during_member, 0.5), rt.percentile(during_member, 0.99)
         ratio = f99 / q99
-        self.ok = ratio <= TARGET
+        self.ok = verdicts.record("admin op p99 during an unnamed account's flood / quiet p99", f"{ratio:.2f}x",
+                                  f"<= {TARGET:g}x", ratio <= TARGET)
         rounds = f"{args.rounds} x {args.flood:,} requests"
         rows = [("measurement", "samples", "p50 ms", "p99 ms", "p99 / quiet p99", "target", ""),
                 ("admin op round trip, quiet", str(len(quiet)), f"{q50:.2f}", f"{q99:.2f}", "", "", ""),
@@ -263,6 +265,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     args.rounds = args.rounds or (2 if args.quick else 5)
     logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s")
+    verdicts.begin()
     bench = Flood(args)
     try:
         asyncio.run(rt.coordinator(bench))
@@ -272,6 +275,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\nbenchmark failed: {exc.__class__.__name__}: {exc}", file=sys.stderr)
     finally:
         bench.cleanup_sync()
+        verdicts.save()
     print(f"\n{'target met' if bench.ok else 'target NOT met'}")
     return 0 if bench.ok else 1
 

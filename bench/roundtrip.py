@@ -54,6 +54,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 import slixmpp  # noqa: E402
+import verdicts  # noqa: E402
 from slixmpp import Iq  # noqa: E402
 from slixmpp.xmlstream import ElementBase, register_stanza_plugin  # noqa: E402
 from slixmpp.xmlstream.handler import Callback  # noqa: E402
@@ -384,6 +385,8 @@ class Bench:
     def row(self, name: str, bare: str, vert: str, ratio: float | None, target: str,
             ok: bool | None) -> None:
         verdict = "" if ok is None else ("PASS" if ok else "FAIL")
+        if ok is not None:
+            verdicts.record(name, f"{ratio:.2f}x" if ratio is not None else vert, target, ok)
         self.rows.append((name, bare, vert, "" if ratio is None else f"{ratio:.2f}x", target, verdict))
         print(f"  {name}: bare {bare}  vertebra {vert}  ratio {'' if ratio is None else f'{ratio:.2f}x'}"
               f"  {verdict}", flush=True)
@@ -766,6 +769,7 @@ def main(argv: list[str] | None = None) -> int:
     args.agents_given = args.agents is not None
     args.agents = args.agents or "100,1000"
     raise_nofile()
+    verdicts.begin()
     bench = Bench(args)
     ok = False
     t = time.monotonic()
@@ -784,6 +788,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"{w.name} log:{tail}", file=sys.stderr)
     finally:
         bench.cleanup_sync()
+        verdicts.save()
     print(f"\n{'all targets met' if ok else 'NOT all targets met'} ({time.monotonic() - t:.0f}s)")
     return 0 if ok else 1
 
