@@ -49,7 +49,7 @@ def main(argv: list[str]) -> int:
         return 2
     machine = verdicts.begin()
     rows = [row for name in names for row in run(name)]
-    head = ("benchmark", "target", "figure", "wanted", "")
+    head = ("benchmark", "target", "figure", "wanted", "status")
     table = [head] + [(r["benchmark"], r["name"], r["figure"], r["target"], r["status"]) for r in rows]
     widths = [max(len(str(row[i])) for row in table) for i in range(len(head))]
     print(f"\nsummary: {machine['cores']} cores, load average {machine['load_average']:.2f} at the start"
