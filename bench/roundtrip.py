@@ -6,7 +6,8 @@ Measured, each time against a bare slixmpp baseline on the same server:
 1. sequential round trips: a tiny custom IQ-get answered by a plain slixmpp Callback, vs a
    Vertebra op (Client.request to an Agent's one-argument op: validation, msgpack, the
    authorization hook and dedup all run) — p50, p95, ratio of p50s (target <= 1.3x);
-2. throughput with 100 requests in flight (target >= 0.7x bare);
+2. throughput with 100 requests in flight (target >= 0.7x bare), and at the same load each side's
+   p99/p50 and p99.9/p50: Vertebra's over bare's (target p99 <= 1.1x; p99.9 for information);
 3. a text command through the operators' chat bot: a plain slixmpp client account sends
    ``call bench.echo n=N`` to a ChatBot (broker/chat.py, in this process as `vertebra broker` runs
    it: discovery through the broker, the bot's own authorization and audit log, the relay on the
@@ -434,25 +435,38 @@ class Bench:
     async def throughput(self, bare_to: str, vert_to: str, in_flight: int = 100) -> None:
         total, rounds = (2000, 3) if self.args.quick else (5000, 5)
 
-        async def run(rt: Callable[[str, int], Any], to: str, n: int) -> float:
+        clock = time.perf_counter
+
+        async def run(rt: Callable[[str, int], Any], to: str, n: int, latencies: list[float]) -> float:
             counter = iter(range(n))
 
             async def lane() -> None:
                 for i in counter:
+                    t = clock()
                     await rt(to, i)
-            t = time.perf_counter()
+                    latencies.append(clock() - t)
+            t = clock()
             await asyncio.wait_for(asyncio.gather(*(lane() for _ in range(in_flight))), 120)
-            return n / (time.perf_counter() - t)
+            return n / (clock() - t)
 
-        await run(self.bare_rt, bare_to, 500)
-        await run(self.vert_rt, vert_to, 500)
+        await run(self.bare_rt, bare_to, 500, [])
+        await run(self.vert_rt, vert_to, 500, [])
         bare_r, vert_r = [], []
+        bare_l: list[float] = []
+        vert_l: list[float] = []
         for _ in range(rounds):
-            bare_r.append(await run(self.bare_rt, bare_to, total))
-            vert_r.append(await run(self.vert_rt, vert_to, total))
+            bare_r.append(await run(self.bare_rt, bare_to, total, bare_l))
+            vert_r.append(await run(self.vert_rt, vert_to, total, vert_l))
         b, v = statistics.median(bare_r), statistics.median(vert_r)
         self.row(f"throughput, {in_flight} in flight", f"{b:,.0f}/s", f"{v:,.0f}/s", v / b, ">= 0.70x",
                  v / b >= 0.7)
+        # Tail latency under load: how far each side's p99 and p99.9 stray from its own p50, so that the
+        # ratio says what Vertebra adds to the tail, not how much slower each request is.
+        for q, name in ((.99, "p99"), (.999, "p99.9")):
+            bq, vq = percentile(bare_l, q) / percentile(bare_l, .5), percentile(vert_l, q) / percentile(vert_l, .5)
+            self.row(f"{name}/p50 at {in_flight} in flight", f"{bq:.2f} ({percentile(bare_l, q) * 1e3:.1f} ms)",
+                     f"{vq:.2f} ({percentile(vert_l, q) * 1e3:.1f} ms)", vq / bq,
+                     "<= 1.10x" if name == "p99" else "(info)", vq / bq <= 1.1 if name == "p99" else None)
 
     async def fan_out(self, jids: list[str], reps: int) -> None:
         n = len(jids)
