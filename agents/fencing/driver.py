@@ -1,25 +1,23 @@
 """Run one fence agent program by the Fence Agent API, under our own deadline.
 
 Parameters go as `key=value` lines on stdin with `action=` always (never the deprecated `option=`).
-The agent runs in a new process group with `PCMK_service` removed from its environment (with it set,
-agents switch their own timeouts off), and when our deadline passes the whole group gets SIGTERM,
-then SIGKILL. Values marked secret never appear in reprs, logs or errors, and are blanked out of the
-agent's captured output.
+The agent runs through the process runner (agents.process) in a new process group, with our
+environment minus `PCMK_service` (with it set, agents switch their own timeouts off), and when our
+deadline passes the whole group gets SIGTERM, then SIGKILL. Values marked secret never appear in
+reprs, logs or errors, and are blanked out of the agent's captured output.
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import os
 import re
-import signal
 import stat
-import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+from agents import process
 from agents.fencing.fence_api import ACTIONS, RESERVED_KEYS, FenceApiError, format_stdin
 
 log = logging.getLogger(__name__)
@@ -29,6 +27,9 @@ AGENT_DIRS: tuple[Path, ...] = (Path("/usr/sbin"),)
 _AGENT_NAME_RE = re.compile(r"^fence_[A-Za-z0-9_.-]+$")
 # After SIGTERM a well-behaved agent exits at once; this is how long it gets before SIGKILL.
 KILL_GRACE = 2.0
+# Output kept from one run, per stream: far more than any agent's status or plug list, so a runaway
+# agent cannot fill the fencing agent's memory.
+OUTPUT_CAP = 1 << 20
 # Parameter names that carry secrets in fence-agents, hidden even if the caller forgot to mark them.
 SECRET_NAMES: frozenset[str] = frozenset({"passwd", "password", "snmp_priv_passwd"})
 _REDACTED = "<hidden>"
@@ -75,6 +76,7 @@ class AgentRun:
     stderr: str
     timed_out: bool
     duration: float
+    truncated: bool = False  # the agent wrote more than OUTPUT_CAP bytes on stdout or stderr
 
     @property
     def error_text(self) -> str:
@@ -157,75 +159,26 @@ async def run_fence_agent(program: str, params: Mapping[str, ParamValue], action
     stdin_text = build_stdin(params, action, plug)
     secrets = _secret_values(params)
 
-    started = time.monotonic()
-    proc = await asyncio.create_subprocess_exec(
-        str(path),
-        stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE, env=agent_environment(),
-        start_new_session=True,  # its own process group, so the deadline reaches every child
-        close_fds=True,
-    )
-    assert proc.stdin and proc.stdout and proc.stderr
-    out_task = asyncio.ensure_future(proc.stdout.read())
-    err_task = asyncio.ensure_future(proc.stderr.read())
-
-    async def converse() -> None:
-        try:
-            proc.stdin.write(stdin_text.encode())
-            await proc.stdin.drain()
-            proc.stdin.close()
-        except (BrokenPipeError, ConnectionResetError):
-            pass  # an agent may exit without reading stdin; its exit code tells the story
-        # Wait for the output too: a child that kept the pipes open is still part of this run.
-        # Shielded: a timeout cancels this wait, not the readers holding what was said so far.
-        await asyncio.gather(proc.wait(), asyncio.shield(out_task), asyncio.shield(err_task))
-
-    timed_out = False
-    try:
-        await asyncio.wait_for(converse(), timeout)
-    except asyncio.TimeoutError:
-        timed_out = True
-        await _kill_group(proc)
-    except BaseException:
-        # Cancelled by our caller: never leave a fence agent running unsupervised.
-        await _kill_group(proc)
-        raise
-    duration = time.monotonic() - started
-
-    stdout = redact(await _collected(out_task), secrets)
-    stderr = redact(await _collected(err_task), secrets)
-    exit_code = None if timed_out else proc.returncode
-    run = AgentRun(program=str(path), action=action, exit_code=exit_code, stdout=stdout,
-                   stderr=stderr, timed_out=timed_out, duration=duration)
+    ran = await process.run([str(path)], env=agent_environment(), timeout=timeout, kill_grace=KILL_GRACE,
+                            output_cap=OUTPUT_CAP, stdin=stdin_text.encode())
+    stdout = _shown(ran.stdout, ran.stdout_dropped, secrets)
+    stderr = _shown(ran.stderr, ran.stderr_dropped, secrets)
+    exit_code = None if ran.timed_out else ran.returncode
+    run = AgentRun(program=str(path), action=action, exit_code=exit_code, stdout=stdout, stderr=stderr,
+                   timed_out=ran.timed_out, duration=ran.elapsed, truncated=ran.truncated)
     log.info("fence agent %s action=%s plug=%s: %s in %.2fs", path.name, action, plug,
-             "timed out" if timed_out else f"exit {exit_code}", duration)
+             "timed out" if ran.timed_out else f"exit {exit_code}", ran.elapsed)
     return run
 
 
-async def _kill_group(proc: asyncio.subprocess.Process) -> None:
-    """SIGTERM the agent's process group, then SIGKILL whatever is left after KILL_GRACE."""
-    _signal_group(proc, signal.SIGTERM)
-    try:
-        await asyncio.wait_for(proc.wait(), KILL_GRACE)
-    except asyncio.TimeoutError:
-        pass
-    # Children may ignore SIGTERM or outlive the leader while holding our pipes: kill what is left.
-    _signal_group(proc, signal.SIGKILL)
-    await proc.wait()
-
-
-def _signal_group(proc: asyncio.subprocess.Process, sig: signal.Signals) -> None:
-    try:
-        os.killpg(proc.pid, sig)
-    except ProcessLookupError:
-        pass  # the whole group is gone already
-
-
-async def _collected(task: asyncio.Future[bytes]) -> str:
-    """What a reader got; after a kill the pipes close, but a stray holder must not block us."""
-    try:
-        data = await asyncio.wait_for(asyncio.shield(task), KILL_GRACE)
-    except asyncio.TimeoutError:
-        task.cancel()
-        return "(output unavailable: the pipe stayed open after the process group was killed)"
-    return data.decode("utf-8", errors="replace")
+def _shown(data: bytes, dropped: int, secrets: list[str]) -> str:
+    """Captured output as text with the secrets blanked; when the cap cut it, a secret cut in two at
+    the end is blanked too (its start alone would still give part of it away)."""
+    text = redact(data.decode("utf-8", errors="replace"), secrets)
+    if dropped:
+        for value in secrets:
+            cut = next((n for n in range(len(value) - 1, 0, -1) if text.endswith(value[:n])), 0)
+            if cut:
+                text = text[:-cut] + _REDACTED
+                break
+    return text

@@ -84,6 +84,15 @@ async def test_secrets_are_blanked_from_output_and_never_in_the_run(tmp_path):
     assert "hunter22-x" not in repr(run)
 
 
+async def test_output_past_the_cap_is_dropped_without_leaving_half_a_secret(tmp_path, monkeypatch):
+    monkeypatch.setattr(driver, "OUTPUT_CAP", 20)
+    # The cap falls inside the secret: its first half must not be shown either.
+    program = script(tmp_path, "fence_chatty", "printf 'aaaaaaaaaaaaaaahunter22-x and more'\n")
+    run = await run_fence_agent(program, {"passwd": Secret("hunter22-x")}, "status", plug=None, timeout=10)
+    assert run.exit_code == 0 and run.truncated
+    assert run.stdout == "aaaaaaaaaaaaaaa<hidden>"
+
+
 @pytest.mark.parametrize("program, message", [
     ("fence_does_not_exist", "not found"),
     ("/usr/bin/env", "must start with 'fence_'"),
