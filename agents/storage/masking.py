@@ -13,9 +13,9 @@ A masking hook is a real program the storage agent's settings name, never the ca
 relative to Vertebra's own ``deploy/`` directory for a hook shipped with it (deploy/masking/). Settings
 are checked when the agent starts, so a hook that cannot run stops the agent with a sentence saying so.
 
-One run (:func:`mask_clone`) runs the hook in a clone's directory through the process API of
-agents/storage/hooks.py (clean environment, own process group, deadline then TERM and KILL, output
-capped), and only if it exits 0 in time snapshots the clone and records in the driver's catalog that a
+One run (:func:`mask_clone`) runs the hook in a clone's directory through agents/storage/hooks.py and
+the process runner, agents/process.py (clean environment, own process group, deadline then TERM and
+KILL, output capped), and only if it exits 0 in time snapshots the clone and records in the driver's catalog that a
 successful mask produced that snapshot (``mark_masked``). Hook and snapshot are one op, so nothing can
 be written into the clone between the hook's success and the snapshot through the agent. A clone made
 with ``masked_only`` comes only from such a snapshot: that is how the masked-copy workflow refuses to
