@@ -27,10 +27,10 @@ from __future__ import annotations
 
 import asyncio
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, TypeVar
+from typing import Any, TypeVar
 
 from agents.storage.driver import StorageError
 from agents.storage.hooks import DEFAULT_OUTPUT_CAP, check_hook, run_hook
