@@ -1,7 +1,7 @@
 """The mesh file: one YAML document that says which server, broker, agents and admins make a mesh.
 
-Every error names the file, the field and what was expected, e.g.
-``mesh.yaml: agents[1].resources[0]: resource 'host' must be an absolute path such as /host/db1``.
+Every error names the file, the line, the field and what was expected (agents/schema.py), e.g.
+``mesh.yaml:12: agents[1].resources[0]: resource 'host' must be an absolute path such as /host/db1``.
 The state directory (``--home``, else ``$VERTEBRA_HOME``, else ``./.vertebra``) holds everything a
 mesh writes: the private server, generated passwords, the agents' state and the gateway socket.
 """
@@ -15,23 +15,23 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import yaml
-
 if TYPE_CHECKING:
     from .actor import Endpoint
     from .authz import Authorizer
     from .server import ReadLimit
 
 from . import resources as paths
+from . import schema
 from .intake import IntakeLimits
+from .schema import SchemaError
 
 KINDS = ("storage", "fencing", "monitor")
 _NAME = re.compile(r"^[a-z][a-z0-9._-]{0,62}$")
 EXAMPLE = Path(__file__).resolve().parents[1] / "deploy" / "mesh.example.yaml"
 
 
-class ConfigError(ValueError):
-    pass
+class ConfigError(SchemaError):
+    """The mesh file, or something it names, cannot be used; the message says where and what to do."""
 
 
 def default_home(home: str | os.PathLike[str] | None = None) -> Path:
@@ -108,7 +108,7 @@ class MeshConfig:
         try:
             return PolicyAuthorizer.from_file(self.policy, site=self.site, max_age=self.policy_max_age)
         except ValueError as exc:
-            raise ConfigError(f"{self.path}: policy: {exc}") from None
+            raise ConfigError(str(exc), source=self.path, field="policy") from None
 
     def jid(self, account: str) -> str:
         return f"{account}@{self.server.domain}"
@@ -206,17 +206,14 @@ def load(path: str | os.PathLike[str] | None = None, home: str | os.PathLike[str
             home_dir.mkdir(parents=True, exist_ok=True)
             path.write_text(EXAMPLE.read_text())
     path = Path(path)
-    try:
-        data = yaml.safe_load(path.read_text())
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: no such mesh file") from None
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
-    return parse(data, path, home_dir)
+    if not path.exists():
+        raise ConfigError("no such mesh file", source=path)
+    return parse(schema.read(path, ConfigError), path, home_dir)
 
 
 def parse(data: Any, path: Path, home: Path) -> MeshConfig:
-    where = Fields(path)
+    """Check a mesh file's document (lines known when it came from :func:`schema.read`)."""
+    where = Fields(path, document=data)
     root = where.mapping(data, "", {"server", "broker", "operator", "admins", "agents", "passwords", "policy",
                                     "site", "policy_max_age", "workflows", "chat"})
     srv = where.mapping(root.get("server", {}), "server", {"domain", "host", "port", "nodes", "engine", "node_name",
@@ -326,36 +323,12 @@ def _path(value: Any, mesh: Path) -> Path | None:
     return None if value is None else (mesh.parent / str(value)).absolute()
 
 
-class Fields:
-    """Typed readers for a parsed YAML document, whose errors name the document and the field (the
-    mesh file here; workflow definitions use them too)."""
+class Fields(schema.Fields):
+    """The schema layer's field readers with the mesh file's names: accounts and bare JIDs."""
 
-    def __init__(self, where: str | Path, error: type[ValueError] = ConfigError) -> None:
-        self.where, self.error_type = where, error
-
-    def error(self, field_name: str, message: str) -> ValueError:
-        return self.error_type(f"{self.where}: {field_name or 'top level'}: {message}")
-
-    def mapping(self, value: Any, f: str, allowed: set[str] | None) -> dict[str, Any]:
-        if value is None:
-            return {}
-        if not isinstance(value, dict):
-            raise self.error(f, f"expected a mapping, got {type(value).__name__}")
-        if allowed is not None:
-            unknown = sorted(set(map(str, value)) - allowed)
-            if unknown:
-                raise self.error(f, f"unknown key {unknown[0]!r}; allowed keys: {', '.join(sorted(allowed))}")
-        return value
-
-    def sequence(self, value: Any, f: str) -> list[Any]:
-        if not isinstance(value, list):
-            raise self.error(f, f"expected a list, got {type(value).__name__}")
-        return value
-
-    def string(self, value: Any, f: str, pattern: str, what: str) -> str:
-        if not isinstance(value, str) or not re.fullmatch(pattern, value):
-            raise self.error(f, f"expected {what}, got {value!r}")
-        return value
+    def __init__(self, where: str | Path, error: type[schema.SchemaError] | None = None, *,
+                 document: Any = None, prefix: str = "") -> None:
+        super().__init__(where, error or ConfigError, document=document, prefix=prefix)
 
     def name(self, value: Any, f: str) -> str:
         return self.string(value, f, _NAME.pattern, "an account name (lowercase letters, digits, . _ -)")
@@ -364,19 +337,3 @@ class Fields:
         if isinstance(value, str) and "@" not in value:
             value = f"{self.name(value, f)}@{domain}"
         return self.string(value, f, r"[a-z0-9._-]+@[a-z0-9.-]+", "an account name or a bare JID (user@domain)")
-
-    def address(self, value: Any, f: str) -> tuple[str, int]:
-        host, _, port = str(value).rpartition(":")
-        if not host or not port.isdigit() or not 0 < int(port) < 65536:
-            raise self.error(f, f"expected HOST:PORT of another node serving the domain, got {value!r}")
-        return host, int(port)
-
-    def integer(self, value: Any, f: str, lo: int, hi: int) -> int:
-        if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
-            raise self.error(f, f"expected an integer from {lo} to {hi}, got {value!r}")
-        return value
-
-    def boolean(self, value: Any, f: str) -> bool:
-        if not isinstance(value, bool):
-            raise self.error(f, f"expected true or false, got {value!r}")
-        return value

@@ -39,10 +39,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
-import yaml
-
 from agents import resources as paths
-from agents.config import Fields
+from agents import schema
 
 _NAME = re.compile(r"[a-z][a-z0-9_-]{0,62}\Z")
 _OP = re.compile(r"[a-z][a-z0-9_]*(\.[a-z][a-z0-9_]*)+\Z")
@@ -56,8 +54,9 @@ _STEP_KEYS = {"name", "op", "on", "args", "destructive", "approvals", "bound_to"
 _RATE_KEYS = {"limit", "per", "key"}
 
 
-class WorkflowError(ValueError):
-    """A definition or a run's parameters that cannot be used; the message names where and why."""
+class WorkflowError(schema.SchemaError):
+    """A definition or a run's parameters that cannot be used; the message names where (the file and
+    line, for a definition) and why."""
 
 
 @dataclass(frozen=True)
@@ -100,6 +99,7 @@ class StepSpec:
     retries: int = 2
     for_each: str | None = None
     each_as: str | None = None
+    at: str = field(default="", compare=False, repr=False)  # where it is declared, e.g. steps[2], for errors
 
 
 @dataclass(frozen=True)
@@ -240,11 +240,7 @@ def placeholders(template: Any) -> set[str]:
 
 def load_file(path: str | Path) -> Workflow:
     path = Path(path)
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (OSError, yaml.YAMLError) as exc:
-        raise WorkflowError(f"{path.name}: {exc}") from None
-    return parse(data, path.name)
+    return parse(schema.read(path, WorkflowError, name=path.name), path.name)
 
 
 def load_dir(directory: str | Path) -> tuple[dict[str, Workflow], dict[str, str]]:
@@ -266,7 +262,7 @@ def load_dir(directory: str | Path) -> tuple[dict[str, Workflow], dict[str, str]
 
 def parse(data: Any, source: str = "<workflow>") -> Workflow:
     """Check a definition and return it; every error names the file and the field."""
-    where = _Where(source)
+    where = _Where(source, data)
     top = where.mapping(data, "", _TOP_KEYS)
     name = where.name(top.get("name"), "name")
     params = tuple(_param(where, str(k), v) for k, v in where.mapping(top.get("params"), "params", None).items())
@@ -341,7 +337,7 @@ def _step(where: "_Where", f: str, raw: Any) -> StepSpec:
         raise where.error(f, "for_each and as go together: for_each: developers, as: developer")
     return StepSpec(name=name, op=op, on=tuple(on), args=args, destructive=s.get("destructive", False),
                     approvals=approvals, bound_to=s.get("bound_to"), hold=s.get("hold", False), rate=rate,
-                    timeout=float(timeout), retries=retries, for_each=s.get("for_each"), each_as=s.get("as"))
+                    timeout=float(timeout), retries=retries, for_each=s.get("for_each"), each_as=s.get("as"), at=f)
 
 
 def _cross_check(where: "_Where", params: tuple[ParamSpec, ...], stages: list[tuple[StepSpec, ...]]) -> None:
@@ -351,35 +347,39 @@ def _cross_check(where: "_Where", params: tuple[ParamSpec, ...], stages: list[tu
     for stage in stages:
         for s in stage:
             if s.name in earlier or any(o.name == s.name for o in stage if o is not s):
-                raise where.error(f"step {s.name}", "step names must be unique")
+                raise where.error(f"step {s.name}", "step names must be unique", at=f"{s.at}.name")
         for s in stage:
             usable = set(declared)
             if s.for_each:
                 p = declared.get(s.for_each)
                 if p is None or not p.many:
-                    raise where.error(f"step {s.name}.for_each", f"{s.for_each!r} is not a list parameter")
+                    raise where.error(f"step {s.name}.for_each", f"{s.for_each!r} is not a list parameter",
+                                      at=f"{s.at}.for_each")
                 if not _NAME.match(s.each_as or "") or s.each_as in declared:
-                    raise where.error(f"step {s.name}.as", "expected a new lowercase name for each item")
+                    raise where.error(f"step {s.name}.as", "expected a new lowercase name for each item",
+                                      at=f"{s.at}.as")
                 usable.add(s.each_as)  # type: ignore[arg-type]
             rate_key = [s.rate.key] if s.rate else []
             missing = placeholders([list(s.on), dict(s.args), rate_key]) - usable
             if missing:
-                raise where.error(f"step {s.name}", f"uses undeclared parameter {sorted(missing)[0]!r}")
+                raise where.error(f"step {s.name}", f"uses undeclared parameter {sorted(missing)[0]!r}",
+                                  at=s.at)
             if s.bound_to is not None:
                 target = earlier.get(s.bound_to)
                 if target is None:
-                    raise where.error(f"step {s.name}.bound_to", f"{s.bound_to!r} is not an earlier step")
+                    raise where.error(f"step {s.name}.bound_to", f"{s.bound_to!r} is not an earlier step",
+                                      at=f"{s.at}.bound_to")
                 if target.for_each or s.for_each:
                     raise where.error(f"step {s.name}.bound_to", "binding of duty joins two single steps,"
-                                      " not for_each ones")
+                                      " not for_each ones", at=f"{s.at}.bound_to")
         earlier.update((s.name, s) for s in stage)
 
 
-class _Where(Fields):
-    """The mesh file's field readers, with workflow errors and workflow names."""
+class _Where(schema.Fields):
+    """The schema layer's field readers, with workflow errors and workflow names."""
 
-    def __init__(self, source: str) -> None:
-        super().__init__(source, WorkflowError)
+    def __init__(self, source: str, document: Any = None) -> None:
+        super().__init__(source, WorkflowError, document=document)
 
     def name(self, value: Any, f: str) -> str:
         if not isinstance(value, str) or not _NAME.match(value):

@@ -1,6 +1,6 @@
 """The storage agent: serves volumes, snapshots and writable clones from one driver (see the storage issue).
 
-The driver comes from the agent's settings in the mesh file::
+The driver comes from the agent's settings in the mesh file (checked in settings.py)::
 
     settings:
       driver: embedded      # or btrfs (root and a mounted btrfs filesystem needed)
@@ -33,15 +33,15 @@ from ..ops import Arg, op
 from .driver import SnapshotInfo, StorageDriver, StorageError, VolumeInfo
 from .faults import op_error
 from .locations import VolumeLocations
-from .masking import MaskingSettingsError, mask_clone, masking_from_settings
+from .masking import mask_clone
 from .names import NAME_PATTERN
 from .replication_ops import ReplicationOps
-from .selfservice import SelfServiceSettingsError, clone_rules, owner_resources, space_report
+from .selfservice import owner_resources, space_report
+from .settings import DRIVERS, SettingsError, StorageSettings, parse_settings
 
 T = TypeVar("T")
 
-DRIVERS = ("embedded", "btrfs")
-_SETTINGS = {"driver", "root", "inbox_host", "inbox_advertise", "keep_received", "masking", "clones"}
+__all__ = ["DRIVERS", "SettingsError", "StorageAgent", "open_driver"]
 NOTICE_OP = "mesh.storage.notice"   # the broker op that posts a storage notice to the ops room
 log = logging.getLogger(__name__)
 _RULE = "1-64 of A-Z a-z 0-9 _ . -, starting with a letter or digit, no '..'"
@@ -56,32 +56,17 @@ Snapshot = Annotated[str, Arg(f"snapshot name ({_RULE})", pattern=NAME_PATTERN)]
 Clone = Annotated[str, Arg(f"clone name ({_RULE})", pattern=NAME_PATTERN)]
 
 
-class SettingsError(ValueError):
-    """The agent's settings cannot work; the message says which setting and what to write instead."""
-
-
-def open_driver(settings: dict[str, Any], state_dir: Path | None) -> StorageDriver:
+def open_driver(settings: dict[str, Any] | StorageSettings, state_dir: Path | None) -> StorageDriver:
     """The driver the settings ask for, opened on its root. Raises SettingsError or StorageError."""
-    unknown = sorted(set(settings) - _SETTINGS)
-    if unknown:
-        raise SettingsError(f"unknown storage setting {', '.join(unknown)}; the storage agent takes "
-                            f"{', '.join(sorted(_SETTINGS))}")
-    keep = settings.get("keep_received")
-    if keep is not None and (isinstance(keep, bool) or not isinstance(keep, int) or keep < 1):
-        raise SettingsError(f"storage setting keep_received must be a whole number of snapshots, at least 1 "
-                            f"(the newest is the next update's base), got {keep!r}; leave it out to keep all")
-    kind = settings.get("driver", "embedded")
-    if kind not in DRIVERS:
-        raise SettingsError(f"storage setting driver is {kind!r}; use one of {', '.join(DRIVERS)}")
-    root = settings.get("root")
+    if not isinstance(settings, StorageSettings):
+        settings = parse_settings(settings)
+    root = settings.root
     if root is None:
         if state_dir is None:
             raise SettingsError("the storage agent has no place for its data: set settings.root to an "
                                 "absolute directory in the mesh file")
         root = Path(state_dir) / "storage"
-    elif not isinstance(root, str) or not Path(root).is_absolute():
-        raise SettingsError(f"storage setting root must be an absolute directory, got {root!r}")
-    if kind == "btrfs":
+    if settings.driver == "btrfs":
         from .btrfs import BtrfsDriver
         return BtrfsDriver(root)
     from .embedded import EmbeddedDriver
@@ -93,16 +78,11 @@ class StorageAgent(VolumeLocations, ReplicationOps, Agent):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        try:
-            self.masking = masking_from_settings(self.settings.get("masking"))
-        except MaskingSettingsError as exc:
-            raise SettingsError(str(exc)) from None
+        parsed = parse_settings(self.settings)
+        self.masking = parsed.masking
         self._masking_now: set[str] = set()     # clones a storage.mask is running on
-        try:
-            self.clone_rules = clone_rules(self.settings.get("clones"))
-        except SelfServiceSettingsError as exc:
-            raise SettingsError(str(exc)) from None
-        self.driver = open_driver(self.settings, self.state_dir)
+        self.clone_rules = parsed.clones
+        self.driver = open_driver(parsed, self.state_dir)
         # Owners by clone, kept in memory: authorization reads it on the event loop, where the driver's
         # lock (held by a long clone in a worker thread) must never be waited for.
         self._owners = {name: lease["owner"] for name, lease in self._leases().items()}
@@ -333,6 +313,7 @@ class StorageAgent(VolumeLocations, ReplicationOps, Agent):
                 self.audit.decided(rid=rid, caller=self.jid.bare, op="storage.clone.destroy",
                                    resources=[f"/volume/{name}/owner/{owner}"], args={"clone": name}, secret=[],
                                    allowed=True, rule=reason, version=0, durable=True)
+                await self.audit.written()  # the decision is on disk before the clone is destroyed
             started = time.monotonic()
             try:
                 await self._drive(self._destroy_with_snapshots, name)

@@ -32,9 +32,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
+from agents.schema import Fields
 from agents.storage.driver import StorageError
 from agents.storage.hooks import DEFAULT_OUTPUT_CAP, check_hook, run_hook
 from agents.storage.names import NAME_PATTERN
+from agents.storage.settings import SettingsError
 
 T = TypeVar("T")
 
@@ -45,8 +47,8 @@ MAX_OUTPUT_CAP = 1 << 20    # bytes of hook output kept for the result or the er
 _HOOK_KEYS = {"argv", "timeout", "output_cap"}
 
 
-class MaskingSettingsError(ValueError):
-    """The masking settings cannot work; the message names the setting and what to write instead."""
+# The masking settings are the storage agent's: their errors are its settings errors.
+MaskingSettingsError = SettingsError
 
 
 @dataclass(frozen=True)
@@ -78,47 +80,48 @@ class Masking:
         return self.hooks[chosen]
 
 
-def masking_from_settings(value: Any) -> Masking:
-    """The `masking` setting, checked (hooks exist and are executable); raises MaskingSettingsError."""
+def masking_from_settings(value: Any, where: Fields | None = None) -> Masking:
+    """The `masking` setting, checked (hooks exist and are executable); raises MaskingSettingsError.
+    ``where`` places it in the mesh file (agents/schema.py); on its own, errors name ``storage settings``."""
+    where = where or Fields("storage settings", MaskingSettingsError, prefix="masking")
     if value is None:
         return Masking({}, None)
     if not isinstance(value, Mapping) or set(value) - {"hooks", "default"}:
-        raise MaskingSettingsError("storage setting masking must be a map with hooks (NAME: {argv: [...], "
-                                   "timeout: SECONDS}) and optionally default (a hook name)")
+        raise where.error("", "must be a map with hooks (NAME: {argv: [...], timeout: SECONDS}) and optionally"
+                              " default (a hook name)")
     raw = value.get("hooks") or {}
     if not isinstance(raw, Mapping):
-        raise MaskingSettingsError("storage setting masking.hooks must map hook names to {argv: [...], "
-                                   "timeout: SECONDS}")
+        raise where.error("hooks", "must map hook names to {argv: [...], timeout: SECONDS}")
     hooks = {}
     for name, spec in raw.items():
-        where = f"storage setting masking.hooks.{name}"
+        f = f"hooks.{name}"
         if not isinstance(name, str) or not re.fullmatch(NAME_PATTERN, name):
-            raise MaskingSettingsError(f"masking hook name {name!r} must be 1-64 of A-Z a-z 0-9 _ . -")
+            raise where.error(f, f"masking hook name {name!r} must be 1-64 of A-Z a-z 0-9 _ . -")
         if not isinstance(spec, Mapping) or "argv" not in spec or set(spec) - _HOOK_KEYS:
-            raise MaskingSettingsError(f"{where} must be a map with argv (a list: program, then its "
-                                       f"arguments) and optionally timeout and output_cap")
+            raise where.error(f, "must be a map with argv (a list: program, then its arguments) and optionally"
+                                 " timeout and output_cap")
         argv = spec["argv"]
         if isinstance(argv, list) and argv and isinstance(argv[0], str) and not Path(argv[0]).is_absolute():
             argv = [str(SHIPPED_HOOKS / argv[0]), *argv[1:]]
         try:
             argv = check_hook(argv)
         except StorageError as exc:
-            raise MaskingSettingsError(f"{where}.argv: {exc}") from None
+            raise where.error(f"{f}.argv", str(exc)) from None
         timeout = spec.get("timeout", 60)
         if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not 0 < timeout <= MAX_TIMEOUT:
-            raise MaskingSettingsError(f"{where}.timeout must be a number of seconds above 0 and at most "
-                                       f"{MAX_TIMEOUT:g}, got {timeout!r}")
+            raise where.error(f"{f}.timeout", f"must be a number of seconds above 0 and at most {MAX_TIMEOUT:g},"
+                                              f" got {timeout!r}")
         cap = spec.get("output_cap", DEFAULT_OUTPUT_CAP)
         if isinstance(cap, bool) or not isinstance(cap, int) or not 0 < cap <= MAX_OUTPUT_CAP:
-            raise MaskingSettingsError(f"{where}.output_cap must be a whole number of bytes above 0 and at "
-                                       f"most {MAX_OUTPUT_CAP}, got {cap!r}")
+            raise where.error(f"{f}.output_cap", "must be a whole number of bytes above 0 and at most"
+                                                 f" {MAX_OUTPUT_CAP}, got {cap!r}")
         hooks[name] = MaskingHook(name, tuple(argv), float(timeout), cap)
     default = value.get("default")
     if default is None and len(hooks) == 1:
         default = next(iter(hooks))
     if default is not None and default not in hooks:
-        raise MaskingSettingsError(f"storage setting masking.default names {default!r}, which is not one of "
-                                   f"masking.hooks ({', '.join(sorted(hooks)) or 'none'})")
+        raise where.error("default", f"names {default!r}, which is not one of masking.hooks"
+                                     f" ({', '.join(sorted(hooks)) or 'none'})")
     return Masking(hooks, default)
 
 

@@ -22,11 +22,13 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+from agents.schema import Fields
+
 from .driver import StorageError, VolumeInfo
+from .settings import SettingsError
 
-
-class SelfServiceSettingsError(ValueError):
-    """The clones settings cannot work; the message says which key and what to write."""
+# The clones settings are the storage agent's: their errors are its settings errors.
+SelfServiceSettingsError = SettingsError
 
 
 @dataclass(frozen=True)
@@ -62,22 +64,19 @@ class CloneRules:
                                f"destroy a clone first", code="quota")
 
 
-def clone_rules(settings: Any) -> CloneRules:
-    """CloneRules from the ``clones`` setting (None: no limits)."""
+def clone_rules(settings: Any, where: Fields | None = None) -> CloneRules:
+    """CloneRules from the ``clones`` setting (None: no limits); ``where`` places it in the mesh file
+    (agents/schema.py), else errors name ``storage settings``."""
+    where = where or Fields("storage settings", SelfServiceSettingsError, prefix="clones")
     if settings is None:
         return CloneRules()
     if not isinstance(settings, dict):
-        raise SelfServiceSettingsError(f"storage setting clones must be a mapping, got {settings!r}")
-    known = {"per_owner", "bytes_per_owner", "max_expiry", "warn_before", "sweep_every"}
-    unknown = sorted(set(settings) - known)
-    if unknown:
-        raise SelfServiceSettingsError(f"unknown key clones.{', clones.'.join(unknown)}; it takes "
-                                       f"{', '.join(sorted(known))}")
+        raise where.error("", f"must be a mapping, got {settings!r}")
+    where.mapping(settings, "", {"per_owner", "bytes_per_owner", "max_expiry", "warn_before", "sweep_every"})
     values: dict[str, Any] = {}
     for key, value in settings.items():
         if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
-            raise SelfServiceSettingsError(f"storage setting clones.{key} must be a positive number, got "
-                                           f"{value!r}; leave it out for no limit")
+            raise where.error(key, f"must be a positive number, got {value!r}; leave it out for no limit")
         values[key] = int(value) if key in ("per_owner", "bytes_per_owner") else float(value)
     return CloneRules(**values)
 

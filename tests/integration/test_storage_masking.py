@@ -144,8 +144,8 @@ async def test_masking_runs_on_clones_only(store, tmp_path):
     ({"hooks": {"h": {"argv": ["/nonexistent/mask"]}}}, "does not exist"),
     ({"hooks": {"h": {"argv": ["masking/no-such-hook"]}}}, "does not exist"),
     ({"hooks": {"h": {"argv": ["/bin/true"], "timeout": 0}}}, "masking.hooks.h.timeout"),
-    ({"hooks": {"h": {"argv": ["/bin/true"], "shell": True}}}, "masking.hooks.h must be a map with argv"),
-    ({"hooks": {"a": {"argv": ["/bin/true"]}}, "default": "b"}, "masking.default names 'b'"),
+    ({"hooks": {"h": {"argv": ["/bin/true"], "shell": True}}}, "masking.hooks.h: must be a map with argv"),
+    ({"hooks": {"a": {"argv": ["/bin/true"]}}, "default": "b"}, "masking.default: names 'b'"),
     ({"hooks": {"bad/name": {"argv": ["/bin/true"]}}}, "masking hook name"),
 ])
 def test_masking_settings_that_cannot_work_are_refused(settings, words):

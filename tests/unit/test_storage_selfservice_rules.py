@@ -10,11 +10,11 @@ from agents.storage.selfservice import SelfServiceSettingsError, clone_rules, ow
 
 
 @pytest.mark.parametrize("settings,words", [
-    ({"per_owner": 0}, "clones.per_owner must be a positive number"),
-    ({"per_owner": True}, "clones.per_owner must be a positive number"),
-    ({"max_expiry": "1d"}, "clones.max_expiry must be a positive number"),
-    ({"ttl": 5}, "unknown key clones.ttl"),
-    ([1], "must be a mapping"),
+    ({"per_owner": 0}, "clones.per_owner: must be a positive number"),
+    ({"per_owner": True}, "clones.per_owner: must be a positive number"),
+    ({"max_expiry": "1d"}, "clones.max_expiry: must be a positive number"),
+    ({"ttl": 5}, "clones: unknown key 'ttl'"),
+    ([1], "clones: must be a mapping"),
 ])
 def test_bad_settings_name_the_key(settings, words):
     with pytest.raises(SelfServiceSettingsError, match=words):

@@ -12,7 +12,7 @@ from agents.storage.driver import StorageError
     ({"driver": "zfs"}, ["driver", "'zfs'", "embedded, btrfs"]),
     ({"root": "relative/dir"}, ["root", "absolute", "'relative/dir'"]),
     ({"root": 5}, ["root", "absolute"]),
-    ({"pool": "tank"}, ["unknown storage setting pool", "driver, inbox_advertise, inbox_host, keep_received,",
+    ({"pool": "tank"}, ["storage settings: top level: unknown key 'pool'", "driver, inbox_advertise, inbox_host, keep_received,",
                         "masking"]),
     ({"keep_received": 0}, ["keep_received", "at least 1", "0"]),
     ({"keep_received": "7"}, ["keep_received", "'7'"]),
