@@ -29,7 +29,7 @@ from slixmpp import Iq, Presence
 
 from . import __version__, fenced, policy_sync, protocol, resources as paths
 from .actor import Actor, Backoff, Endpoint
-from .audit import AuditLog, private_file
+from .audit import AuditLog
 from .authz import AdminsOnly, Authorizer, current_via, decide, from_broker
 from .errors import (BadArguments, BadPayload, Denied, Expired, InternalError, OpError, OpTimeout, Outcome,
                      ResourceConstraint, TooLarge, UnknownOp)
@@ -122,8 +122,8 @@ class Agent(Actor):
         self.authorizer = authorizer or AdminsOnly(())
         self.settings = settings or {}
         self.ops: dict[str, OpSpec] = ops_of(type(self))
-        # Private like the audit log (it names every caller and op): 0600 in a 0700 directory.
-        self._requests = RequestLog(private_file(state_dir / "requests.sqlite") if state_dir else None)
+        # Private like the audit log (it names every caller and op): 0600 in a 0700 directory (agents.db).
+        self._requests = RequestLog(state_dir / "requests.sqlite" if state_dir else None)
         # Requests are served fairly per sender and refused over a sender's rate or queue (intake.py).
         self.intake: FairIntake[Iq] = FairIntake(self._serve, requests or IntakeLimits(), spawn=self.spawn)
         self._brokers: set[str] = set()  # full JIDs of brokers that have seen us this session
@@ -154,7 +154,7 @@ class Agent(Actor):
         and does not have it yet; one that fails is tried again next time."""
         if self.audit is None or not self.broker:
             return
-        seq, digest = self.audit.head()
+        seq, digest = await self.audit.current_head()
         brokers = [b for b in sorted(self._brokers) if self._anchored.get(b) != seq]
         if not seq or not brokers:
             return
@@ -178,9 +178,9 @@ class Agent(Actor):
             except Exception:
                 log.warning("could not anchor the audit log's head on shutdown", exc_info=True)
         await super().stop()
-        self._requests.close()
+        await self._requests.aclose()
         if self.audit is not None:
-            self.audit.close()
+            await self.audit.aclose()
 
     fenced_install = fenced.install_op()
 
@@ -280,7 +280,9 @@ class Agent(Actor):
             return
         key, fp = (caller, rid), fingerprint(req["name"], req["on"], req["for"], req.xml.text or "")
         spec = self.ops.get(req["name"])
-        seen = self._requests.get(key, durable=bool(spec and spec.destructive))
+        seen = self._requests.get(key)
+        if seen is None and spec is not None and spec.destructive:  # kept on disk across restarts too
+            seen = await self._requests.recall(key)
         repeat = seen is not None
         if seen is None:
             seen = self._requests.start(key, fp)
@@ -289,7 +291,7 @@ class Agent(Actor):
                 if isinstance(answer.error, Expired):  # never started: a retry under this rid, in time, may run
                     self._requests.abandon(key, seen, answer.error)
                 else:
-                    self._requests.finish(key, seen, answer, durable=bool(spec and spec.destructive))
+                    await self._requests.finish(key, seen, answer, durable=bool(spec and spec.destructive))
             finally:
                 if not seen.answer.done():
                     self._requests.abandon(key, seen, InternalError(f"request {rid} was interrupted"))
@@ -321,6 +323,8 @@ class Agent(Actor):
         decided: list[str] = []  # _admit notes here once the decision is recorded
         try:
             spec, call, args = self._admit(iq, caller, rid, decided)
+            if spec.destructive and self.audit is not None:
+                await self.audit.written()  # its decision is on disk before the op starts (audit.py)
         except OpError as exc:  # refused before running: the decision record says it all, or a refusal's
             log.info("refused rid=%s caller=%s op=%s: %s", rid, caller, name, exc.text)
             if not decided:
@@ -471,7 +475,7 @@ class Agent(Actor):
             end = (exc.outcome.value, exc.condition, protocol.encode(exc.text[:4000]))
         answer.job_end.set_result(end)
         if spec.destructive:
-            self._requests.finish_job(key, fp, end)
+            await self._requests.finish_job(key, fp, end)
         self._send_outcome(end, call._reply_to, call._job, call.rid)
 
     async def _send_outcome_when_done(self, answer: Answer, to: str, rid: str) -> None:

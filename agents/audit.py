@@ -23,7 +23,9 @@ arguments with secret parameters redacted, decision, the rule that decided, poli
 someone who is not a delegate, a payload that does not decode, an unknown op, bad arguments) has one
 ``refused`` record (sender, op name as sent, condition, reason). A denied request has only its
 ``decided`` record. The ``decided`` record of a destructive op is committed (and synced) before the
-op starts; the others are written in small batches (``write_behind``).
+op starts; the others are written in small batches (``write_behind``). Every write runs on the
+log's own thread (``agents.db.Store``), never on the event loop: whoever must know a record is on
+disk before going on awaits :meth:`AuditLog.written`.
 
 Denials are rate-limited per sender (a token bucket: ``denial_burst`` at once, then
 ``denials_per_minute``) and overall, so a flood of refused requests cannot fill the disk. What
@@ -32,7 +34,7 @@ preceded by one ``denials-suppressed`` record with the count, the first and last
 most often tried. Refusals count as denials. Allowed requests are never held back.
 
 The log, its key and its directory are private to the agent's user (files 0600): every decision
-names who asked for what (:func:`private_file`).
+names who asked for what (``agents.db.private_file``).
 """
 
 from __future__ import annotations
@@ -41,20 +43,27 @@ import asyncio
 import hashlib
 import hmac
 import json
+import logging
 import os
 import secrets
 import sqlite3
 import time
 import weakref
 from collections import Counter, OrderedDict
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from concurrent.futures import Future
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import Any
+
+from .db import Store, private_file
+
+log = logging.getLogger(__name__)
 
 GENESIS = "0" * 64
 # The logs this process has open, so that reading one here includes records still held back.
-_OPEN: weakref.WeakValueDictionary[Path, "AuditLog"] = weakref.WeakValueDictionary()
+_OPEN: weakref.WeakValueDictionary[Path, AuditLog] = weakref.WeakValueDictionary()
 REDACTED = "[secret]"
 MAX_SENT_TEXT = 200  # characters of a sender's own text (an op name, a 'for', a reason) a record keeps
 
@@ -76,6 +85,10 @@ CREATE TRIGGER IF NOT EXISTS records_no_update BEFORE UPDATE ON records
 CREATE TRIGGER IF NOT EXISTS records_no_delete BEFORE DELETE ON records
     BEGIN SELECT RAISE(ABORT, 'the audit log is append-only'); END;
 """
+
+
+# The log's schema versions (agents.db.migrate): the first is the schema logs had before versions.
+_MIGRATIONS = [_SCHEMA]
 
 
 # Built once: json.dumps with these options builds a new encoder on every call, which was most of a
@@ -100,40 +113,6 @@ def chain_hash(prev: str, body: str, key: bytes | None = None) -> str:
 def key_path(log_path: str | Path) -> Path:
     """Where a log's key lives: beside the database, outside it (audit.sqlite -> audit.key)."""
     return Path(log_path).with_suffix(".key")
-
-
-def private_file(path: str | Path) -> Path:
-    """Make ``path`` private to this user before anything writes into it: create it 0600 if it is
-    missing, tighten it (and its directory, to 0700) if it is not. For the audit log, its key, the
-    request log and log files: each names who asked for what."""
-    path = Path(path)
-    private_dir(path.parent)
-    try:
-        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
-    except FileExistsError:
-        _tighten(path, 0o600)
-    # SQLite's -wal and -shm files take the database's mode when it makes them; ones left by an
-    # earlier run keep theirs.
-    for extra in (path.with_name(path.name + "-wal"), path.with_name(path.name + "-shm")):
-        if extra.exists():
-            _tighten(extra, 0o600)
-    return path
-
-
-def private_dir(path: str | Path) -> Path:
-    """A directory only this user may enter (0700): made so, or tightened if it is not."""
-    path = Path(path)
-    path.mkdir(parents=True, exist_ok=True, mode=0o700)
-    _tighten(path, 0o700)
-    return path
-
-
-def _tighten(path: Path, mode: int) -> None:
-    try:
-        if path.stat().st_mode & 0o777 & ~mode:
-            os.chmod(path, mode)
-    except PermissionError:  # not ours (a shared directory): the files in it still are private
-        pass
 
 
 def load_key(path: str | Path, create: bool = False) -> bytes | None:
@@ -198,7 +177,8 @@ class AuditLog:
         # about 25% (bench/authz.py). What a crash can lose is that window; stop() and flush() write it.
         self.write_behind = write_behind
         self._pending: list[tuple[float, str, str, str, dict[str, Any]]] = []
-        self._writer: asyncio.TimerHandle | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._last_write: Future[None] | None = None  # the latest batch handed to the log's thread
         _OPEN[self.path.resolve()] = self
         self.clock = clock
         self.burst = denial_burst
@@ -209,26 +189,32 @@ class AuditLog:
         self._all = _Bucket(tokens=float(max(denial_burst * 10, 1)), at=clock())
         self._all_rate = all_denials_per_minute / 60.0
         self._all_burst = float(max(denial_burst * 10, 1))
-        self.db = sqlite3.connect(self.path, isolation_level=None, timeout=30)
         # WAL with synchronous=NORMAL: a record survives a process crash at once, a power cut after
         # the next checkpoint; fsync per request would make the log the slow part of every op.
-        self.db.execute("PRAGMA journal_mode=WAL")
-        self.db.execute("PRAGMA synchronous=NORMAL")
-        self.db.executescript(_SCHEMA)
+        self.store = Store(self.path, _MIGRATIONS, name=f"audit {self.path.name}", synchronous="NORMAL")
+        self.db = self.store.db  # statements on it belong on the store's thread (tests read it directly)
         if self.key is not None:
             self._mark_keyed()
 
     def _mark_keyed(self) -> None:
         """A log begun before keys existed continues keyed from a ``keyed`` record written at once,
         so that it never shows a key beside records none of which it made."""
-        row = self.db.execute("SELECT seq, body, prev, hash FROM records ORDER BY seq DESC LIMIT 1").fetchone()
+        row = self.store.call(lambda db: db.execute(
+            "SELECT seq, body, prev, hash FROM records ORDER BY seq DESC LIMIT 1").fetchone())
         if row is not None and chain_hash(row[2], row[1], self.key) != row[3]:
             self._pending.append((self.clock(), "keyed", "", "*", {"unkeyed_before": row[0] + 1}))
-            self._write_pending(sync=True)
+            self._write_pending(sync=True).result()
 
     def close(self) -> None:
+        """Write what is held back, wait for every write, and close the log."""
         self.flush()
-        self.db.close()
+        self.store.close()
+        _OPEN.pop(self.path.resolve(), None)
+
+    async def aclose(self) -> None:
+        """:meth:`close` without holding up the event loop."""
+        self.flush()
+        await self.store.aclose()
         _OPEN.pop(self.path.resolve(), None)
 
     # -- what the agent and broker call -----------------------------------------------------------
@@ -236,8 +222,10 @@ class AuditLog:
     def decided(self, *, rid: str, caller: str, op: str, resources: Sequence[str], args: Mapping[str, Any],
                 secret: Iterable[str], allowed: bool, rule: str, version: int, durable: bool = False) -> bool:
         """Record a decision; returns False when a denial was only counted (rate limit). With
-        ``durable`` the record (and every one before it) is committed and synced before this returns:
-        the decision to run a destructive op must outlive a crash the op may cause."""
+        ``durable`` the record (and every one before it) is committed and synced on the log's thread at
+        once: the decision to run a destructive op must outlive a crash the op may cause, so the
+        caller awaits :meth:`written` before the op starts. Called with no event loop running, this
+        waits for that write itself."""
         fields = {"rid": rid, "resources": list(resources), "args": args_hash(args, secret),
                   "decision": "allow" if allowed else "deny", "rule": rule, "policy_version": version}
         if not allowed and not self._admit_denial(caller, op):
@@ -245,7 +233,9 @@ class AuditLog:
         self._summarize(caller)
         self._append("decided", caller, op, fields)
         if durable:
-            self._write_pending(sync=True)
+            write = self._write_pending(sync=True)
+            if not _in_event_loop():
+                write.result()
         return True
 
     def refused(self, *, rid: str, caller: str, op: str, condition: str, reason: str, behalf: str = "") -> bool:
@@ -268,41 +258,65 @@ class AuditLog:
             return
         self._append("ended", caller, op, {"rid": rid, "outcome": outcome, "duration": round(duration, 6)})
 
-    def flush(self) -> None:
-        """Write the summaries of every denial still held back and every record not yet written
-        (call on stop, and now and then)."""
+    def flush(self) -> Future[None] | None:
+        """Hand the summaries of every denial still held back and every record not yet written to the
+        log's thread (call on stop, and now and then); the future, if any, says when they are written."""
         for caller in list(self._senders):
             self._summarize(caller)
         self._summarize("*")
-        self._write_pending()
+        return self._write_pending()
+
+    async def written(self) -> None:
+        """Wait until every record handed over so far is written; raises if writing one failed."""
+        if self._last_write is not None:
+            await asyncio.wrap_future(self._last_write)
 
     def head(self) -> tuple[int, str]:
-        """The last record's sequence number and hash: an anchor to keep elsewhere."""
-        row = self.db.execute("SELECT seq, hash FROM records ORDER BY seq DESC LIMIT 1").fetchone()
-        return (row[0], row[1]) if row else (0, GENESIS)
+        """The last record's sequence number and hash: an anchor to keep elsewhere. Waits here for the
+        records already handed over; from async code, await :meth:`current_head` instead."""
+        return self.store.call(_head)
+
+    async def current_head(self) -> tuple[int, str]:
+        """:meth:`head`, awaited on the log's thread after every record handed over before it."""
+        return await self.store.run(_head)
 
     # -- the chain -------------------------------------------------------------------------------
 
     def _append(self, kind: str, caller: str, op: str, fields: Mapping[str, Any]) -> None:
         self._pending.append((self.clock(), kind, caller, op, dict(fields)))
-        if self.write_behind <= 0:
+        if not _in_event_loop():  # nothing to give the time back to (the command line, a test): write now
+            self._write_pending().result()
+        elif self.write_behind <= 0:
             self._write_pending()
-        elif self._writer is None:
-            try:
-                self._writer = asyncio.get_running_loop().call_later(self.write_behind, self._write_pending)
-            except RuntimeError:  # no event loop to write later from: write now
-                self._write_pending()
+        elif self._timer is None:
+            self._timer = asyncio.get_running_loop().call_later(self.write_behind, self._write_pending)
 
-    def _write_pending(self, sync: bool = False) -> None:
-        if self._writer is not None:
-            self._writer.cancel()
-            self._writer = None
-        if not self._pending:
-            return
+    def _write_pending(self, sync: bool = False) -> Future[None]:
+        """Hand the records gathered so far to the log's thread, chained and committed in one
+        transaction there (synced to the disk itself with ``sync``); the future says when."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if not self._pending and self._last_write is not None and not sync:
+            return self._last_write
         pending, self._pending = self._pending, []
+        write = self.store.submit(self._write, pending, sync)
+        write.add_done_callback(self._report_failure)
+        self._last_write = write
+        return write
+
+    def _report_failure(self, write: Future[None]) -> None:
+        if not write.cancelled() and write.exception() is not None:
+            log.error("writing records to the audit log %s failed", self.path, exc_info=write.exception())
+
+    def _write(self, db: sqlite3.Connection, pending: list[tuple[float, str, str, str, dict[str, Any]]],
+               sync: bool) -> None:
+        """On the log's thread: append ``pending`` to the chain in one transaction."""
+        if not pending and not sync:
+            return
         if sync:  # this commit reaches the disk itself, not only the OS (a power cut keeps it too)
-            self.db.execute("PRAGMA synchronous=FULL")
-        cur = self.db.cursor()
+            db.execute("PRAGMA synchronous=FULL")
+        cur = db.cursor()
         cur.execute("BEGIN IMMEDIATE")  # other writers of the same file wait: one chain, no forks
         try:
             row = cur.execute("SELECT seq, hash FROM records ORDER BY seq DESC LIMIT 1").fetchone()
@@ -320,7 +334,7 @@ class AuditLog:
             raise
         finally:
             if sync:
-                self.db.execute("PRAGMA synchronous=NORMAL")
+                db.execute("PRAGMA synchronous=NORMAL")
 
     # -- the denial rate limit -------------------------------------------------------------------
 
@@ -399,10 +413,23 @@ class Verification:
 _FROM_FILE: Any = object()  # verify's default: the key in the file beside the log, if there is one
 
 
+def _head(db: sqlite3.Connection) -> tuple[int, str]:
+    row = db.execute("SELECT seq, hash FROM records ORDER BY seq DESC LIMIT 1").fetchone()
+    return (row[0], row[1]) if row else (0, GENESIS)
+
+
+def _in_event_loop() -> bool:
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return False
+    return True
+
+
 def _open_read(path: str | Path) -> sqlite3.Connection:
     log = _OPEN.get(Path(path).resolve())
     if log is not None:  # a log this process writes: the records it holds back are part of it
-        log._write_pending()
+        log._write_pending().result()
     if not Path(path).exists():
         raise FileNotFoundError(f"no audit log at {path}")
     return sqlite3.connect(f"file:{Path(path)}?mode=ro", uri=True)
@@ -492,7 +519,7 @@ def _when(value: float | str | None) -> float | None:
     if value is None or isinstance(value, (int, float)):
         return value
     dt = datetime.fromisoformat(value)
-    return (dt if dt.tzinfo else dt.replace(tzinfo=timezone.utc)).timestamp()
+    return (dt if dt.tzinfo else dt.replace(tzinfo=UTC)).timestamp()
 
 
 def show(path: str | Path, *, caller: str | None = None, op: str | None = None,
@@ -540,7 +567,7 @@ def format_record(rec: Mapping[str, Any]) -> str:
 
 
 def _iso(at: float) -> str:
-    return datetime.fromtimestamp(at, timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    return datetime.fromtimestamp(at, UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
 def audit_verify(path: str | Path, expect_head: tuple[int, str] | None = None, *,

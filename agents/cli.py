@@ -432,7 +432,7 @@ def build_actor(mesh: meshconf.MeshConfig, name: str, instance: int = 1) -> Any:
 def _state_dir(mesh: meshconf.MeshConfig, name: str) -> Path:
     """An actor's state directory, private to this user (0700, and HOME/state too): its audit log and
     request log name every caller and op."""
-    from .audit import private_dir
+    from .db import private_dir
 
     return private_dir(private_dir(mesh.home / "state") / name)
 
@@ -511,7 +511,7 @@ def cmd_up(mesh: meshconf.MeshConfig, ns: argparse.Namespace) -> int:
     except ServerError as exc:
         print(f"vertebra: {exc}", file=sys.stderr)
         return 1
-    from .audit import private_dir, private_file
+    from .db import private_dir, private_file
 
     logs = private_dir(mesh.home / "logs")  # each actor's log names every decision it made: 0700, files 0600
     if not mesh.workflows.exists():  # first use: the example workflows, to edit or remove

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Annotated, Any, Sequence
 
 from agents.agent import ANCHOR_OP, Call
-from agents.audit import private_file
+from agents.db import private_file
 from agents.authz import Authorizer, Decision
 from agents.errors import BadArguments, Denied
 from agents.ops import Arg, OpSpec, op

@@ -214,7 +214,7 @@ class ChatBot(Actor):
     async def stop(self) -> None:
         await super().stop()  # cancels every task the bot started (commands, followed jobs)
         if self.audit is not None:
-            self.audit.close()
+            await self.audit.aclose()
 
     # -- receiving commands --------------------------------------------------------------------
 

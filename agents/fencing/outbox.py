@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ..audit import private_file
+from ..db import private_file
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS outbox (n INTEGER PRIMARY KEY, id TEXT NOT NULL UNIQUE, body TEXT NOT NULL,

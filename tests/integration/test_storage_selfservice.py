@@ -91,6 +91,7 @@ async def test_a_developer_manages_own_clone_and_is_denied_anothers(world):
     assert [s.name for s in agent.driver.list_snapshots("dev-a")] == ["mine"]
     # The denial is in the agent's audit trail, decided over the owner resource.
     agent.audit.flush()
+    await agent.audit.written()  # written on the log's own thread
     rows = agent.audit.db.execute("SELECT caller, op, body FROM records WHERE kind = 'decided'").fetchall()
     assert any(c == bob and o == "storage.clone.destroy" and '"deny"' in f and "/volume/dev-a/owner/" in f
                for c, o, f in rows), rows
@@ -134,6 +135,7 @@ async def test_an_expired_clone_is_destroyed_with_an_audit_record_and_a_broker_n
     texts = [n.text for n in broker.storage_notices]
     assert any("dev-short" in t and "expires in" in t for t in texts), texts   # warned before
     agent.audit.flush()
+    await agent.audit.written()  # written on the log's own thread
     rows = agent.audit.db.execute("SELECT kind, op, body FROM records WHERE op = 'storage.clone.destroy'").fetchall()
     decided = [json.loads(f) for k, o, f in rows if k == "decided"]
     assert any(d["rule"].startswith("expired: clone dev-short") for d in decided), rows

@@ -277,11 +277,14 @@ def test_a_missing_key_fails_the_keyed_records(log):
     assert not result.ok and result.bad_seq == 1 and "no key at" in result.message
 
 
-async def test_a_durable_decision_is_written_before_decided_returns(tmp_path):
+async def test_a_durable_decision_is_written_when_written_returns(tmp_path):
+    """In an event loop the write runs on the log's thread; the agent awaits ``written`` before the op
+    starts (tests/integration/test_audit_anchors.py kills an agent as the op starts and finds it)."""
     log = AuditLog(tmp_path / "audit.sqlite", write_behind=10.0)
     args = dict(caller="alice@x.test", resources=[], args={}, secret=(), allowed=True, rule="grant", version=1)
     log.decided(rid="batched", op="sample.echo", **args)
     log.decided(rid="fence", op="fencing.node.off", durable=True, **args)
+    await log.written()  # not held back for write_behind's ten seconds
     other = sqlite3.connect(tmp_path / "audit.sqlite")  # another reader sees both, in order, at once
     assert [r for (r,) in other.execute("SELECT json_extract(body, '$.rid') FROM records ORDER BY seq")] == [
         "batched", "fence"]

@@ -1,0 +1,91 @@
+"""agents.db: every SQLite file opened one way (private, WAL, busy timeout, schema versions), and
+statements run on the store's own thread, never the event loop's."""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+
+import pytest
+
+from agents import db as dbmod
+from agents.db import SchemaTooNew, Store, open_db
+
+V1 = """
+CREATE TABLE IF NOT EXISTS items (name TEXT PRIMARY KEY, note TEXT NOT NULL DEFAULT 'a;b');
+CREATE TRIGGER IF NOT EXISTS items_no_delete BEFORE DELETE ON items
+    BEGIN SELECT RAISE(ABORT, 'items are kept; forever'); END;
+"""
+V2 = "ALTER TABLE items ADD COLUMN size INTEGER NOT NULL DEFAULT 0;"
+
+
+def test_a_new_file_is_private_in_wal_and_at_the_last_version(tmp_path):
+    path = tmp_path / "state" / "store.sqlite"
+    db = open_db(path, [V1, V2], synchronous="FULL")
+    try:
+        assert path.stat().st_mode & 0o777 == 0o600 and path.parent.stat().st_mode & 0o777 == 0o700
+        assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+        assert db.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL
+        assert db.execute("PRAGMA user_version").fetchone()[0] == 2
+        assert db.execute("PRAGMA busy_timeout").fetchone()[0] == int(dbmod.BUSY_TIMEOUT * 1000)
+        db.execute("INSERT INTO items (name, size) VALUES ('x', 3)")
+        assert db.execute("SELECT note, size FROM items").fetchone() == ("a;b", 3)
+        with pytest.raises(sqlite3.DatabaseError, match="items are kept; forever"):
+            db.execute("DELETE FROM items")
+    finally:
+        db.close()
+
+
+def test_migrations_run_once_and_only_those_missing(tmp_path):
+    path = tmp_path / "store.sqlite"
+    open_db(path, [V1]).close()
+    db = open_db(path, [V1, V2])  # V2's ALTER TABLE would fail if run twice
+    db.close()
+    db = open_db(path, [V1, V2])
+    assert db.execute("PRAGMA user_version").fetchone()[0] == 2
+    db.close()
+
+
+def test_a_file_from_before_versions_takes_the_first_migration_as_its_schema(tmp_path):
+    path = tmp_path / "old.sqlite"
+    old = sqlite3.connect(path)
+    old.executescript(V1 + "INSERT INTO items (name) VALUES ('kept');")
+    old.close()
+    db = open_db(path, [V1, V2])
+    assert db.execute("SELECT name, size FROM items").fetchall() == [("kept", 0)]
+    db.close()
+
+
+def test_a_file_from_a_newer_vertebra_is_refused_with_a_sentence(tmp_path):
+    path = tmp_path / "new.sqlite"
+    open_db(path, [V1, V2]).close()
+    with pytest.raises(SchemaTooNew, match="schema version 2, but this Vertebra knows only up to 1"):
+        open_db(path, [V1])
+
+
+def test_a_failed_migration_leaves_the_file_at_its_last_good_version(tmp_path):
+    path = tmp_path / "store.sqlite"
+    open_db(path, [V1]).close()
+    with pytest.raises(sqlite3.OperationalError):
+        open_db(path, [V1, "ALTER TABLE items ADD COLUMN size INTEGER; ALTER TABLE nosuch ADD COLUMN x;"])
+    db = open_db(path, [V1])
+    assert db.execute("PRAGMA user_version").fetchone()[0] == 1
+    assert [r[1] for r in db.execute("PRAGMA table_info(items)")] == ["name", "note"]
+    db.close()
+
+
+async def test_a_store_runs_statements_on_its_own_thread_in_order(tmp_path):
+    store = Store(tmp_path / "store.sqlite", [V1], name="test")
+    try:
+        loop_thread = threading.get_ident()
+        writes = [store.submit(lambda db, i=i: db.execute("INSERT INTO items (name) VALUES (?)", (f"n{i}",)))
+                  for i in range(20)]
+        names, thread = await store.run(lambda db: ([r[0] for r in db.execute("SELECT name FROM items ORDER BY"
+                                                                             " rowid")], threading.get_ident()))
+        assert all(w.done() for w in writes)
+        assert names == [f"n{i}" for i in range(20)]
+        assert thread != loop_thread
+    finally:
+        await store.aclose()
+    with pytest.raises(sqlite3.ProgrammingError, match="closed"):
+        store.submit(lambda db: None)
