@@ -110,12 +110,19 @@ async def test_the_program_leads_a_process_group_and_session_of_its_own(tmp_path
 async def test_cancelling_the_awaiting_task_kills_the_group(tmp_path: Path) -> None:
     pids = tmp_path / "pids"
     path = script(tmp_path, "hang", f"sleep 300 &\necho $$ $! > {pids}\nwait\n")
-    task = asyncio.ensure_future(process.run([path], env=clean_environment(), timeout=60))
+    before = set(os.listdir("/proc/self/fd"))
+    # More stdin than a pipe holds, never read: the run is cancelled with its stdin writer still waiting.
+    task = asyncio.ensure_future(process.run([path], env=clean_environment(), timeout=60, stdin=b"x" * 1_000_000))
     started = await wait_for_pids(pids, 2)
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
     assert await all_gone(started), f"processes of the cancelled run survived: {started}"
+    for _ in range(300):  # the leader's pidfd is closed when it is reaped, after the KILL lands
+        if set(os.listdir("/proc/self/fd")) <= before:
+            break
+        await asyncio.sleep(0.01)
+    assert set(os.listdir("/proc/self/fd")) <= before
 
 
 async def test_stdin_is_delivered_whole_even_beyond_a_pipe_buffer(tmp_path: Path) -> None:
