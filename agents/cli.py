@@ -65,7 +65,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             if not ns.file:
                 parser.error("policy check needs the FILE to check")
             return _policy_check(ns.file)
-        mesh = meshconf.load(ns.mesh, ns.home)
+        # Commands that start agents check those agents' settings first: a typo stops them here, naming
+        # the mesh file's line, before anything has started.
+        check = {"up": True, "agent": [ns.name] if ns.command == "agent" else []}.get(ns.command, False)
+        mesh = meshconf.load(ns.mesh, ns.home, check_settings=check)
         return COMMANDS[ns.command](mesh, ns)
     except meshconf.ConfigError as exc:
         print(f"vertebra: {exc}", file=sys.stderr)
@@ -504,6 +507,11 @@ def _serve_cmd(mesh: meshconf.MeshConfig, name: str, instance: int = 1) -> int:
 
 def cmd_up(mesh: meshconf.MeshConfig, ns: argparse.Namespace) -> int:
     from .server import ServerError
+    lock = _hold_up_lock(mesh.home)
+    if isinstance(lock, str):
+        print(f"vertebra: a mesh is already running in {mesh.home} (`vertebra up`, pid {lock}); stop it with"
+              f" Ctrl-C in its terminal or `kill {lock}`, then run `vertebra up` again", file=sys.stderr)
+        return 1
     try:
         server = _server(mesh)
         was_running = server.status()["running"]
@@ -521,21 +529,30 @@ def cmd_up(mesh: meshconf.MeshConfig, ns: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, signal.default_int_handler)
     signal.signal(signal.SIGINT, signal.default_int_handler)
     children: list[subprocess.Popen[bytes]] = []
+    failed = False
     base = [sys.executable, "-m", "agents.cli", "--home", str(mesh.home), "--mesh", str(mesh.path), "-v"]
     try:
         brokers = [(mesh.broker if n == 1 else f"{mesh.broker}-{n}", ["broker", "--instance", str(n)])
                    for n in range(1, len(mesh.broker_resources) + 1)]
+        names = {}
         for name, cmd in brokers + [(a.name, ["agent", a.name]) for a in mesh.agents]:
             with open(private_file(logs / f"{name}.log"), "ab") as log_file:
                 children.append(subprocess.Popen(base + cmd, stdout=log_file, stderr=subprocess.STDOUT,
                                                  stdin=subprocess.DEVNULL, preexec_fn=_die_with_parent))
+            names[children[-1].pid] = name
         report = _wait_for_agents(mesh, len(mesh.agents), children)
-        demo = _seed_demo(mesh) if report.ok else None
-        _print_welcome(mesh, report, demo)
+        if all(c.poll() is None for c in children):
+            demo = _seed_demo(mesh) if report.ok else None
+            _print_welcome(mesh, report, demo)
         while all(c.poll() is None for c in children):
             time.sleep(0.5)
-        dead = [c.args[-1] for c in children if c.poll() is not None]
-        print(f"vertebra: {', '.join(dead)} exited; see {logs}. Stopping the rest.", file=sys.stderr)
+        # The mesh is not what the file describes any more (or never was): say who exited and why.
+        failed = True
+        for c in children:
+            if c.poll() is not None:
+                log = logs / f"{names[c.pid]}.log"
+                print(f"vertebra: {names[c.pid]} exited (status {c.returncode}); the end of {log}:\n"
+                      + _tail(log), file=sys.stderr)
     except KeyboardInterrupt:
         pass
     finally:
@@ -543,7 +560,37 @@ def cmd_up(mesh: meshconf.MeshConfig, ns: argparse.Namespace) -> int:
         _stop_children(children)
         if not was_running:
             server.stop()
-    return 0
+    return 1 if failed else 0
+
+
+def _hold_up_lock(home: Path) -> Any:
+    """The state directory's `up` lock, held (flock) while this process runs the mesh, so that a second
+    `vertebra up` there cannot start duplicate actors; returns the open lock file, or the pid of the
+    process holding it."""
+    import fcntl
+
+    from .db import private_dir
+
+    lock = open(private_dir(home / "run") / "up.lock", "a+")  # noqa: SIM115 - held open until `up` exits
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock.seek(0)
+        holder = lock.read().strip() or "unknown"
+        lock.close()
+        return holder
+    lock.seek(0)
+    lock.truncate()
+    lock.write(f"{os.getpid()}\n")
+    lock.flush()
+    return lock
+
+
+def _tail(path: Path, lines: int = 8) -> str:
+    try:
+        return "\n".join("  " + line for line in path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return "  (no log)"
 
 
 def _wait_for_agents(mesh: meshconf.MeshConfig, expected: int, children: list[Any]) -> CallReport:

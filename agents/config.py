@@ -8,8 +8,10 @@ mesh writes: the private server, generated passwords, the agents' state and the 
 
 from __future__ import annotations
 
+import importlib
 import os
 import re
+from collections.abc import Collection
 import secrets
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -26,6 +28,13 @@ from .intake import IntakeLimits
 from .schema import SchemaError
 
 KINDS = ("storage", "fencing", "monitor")
+# Each kind's settings parser (module:function, imported only when settings are checked): what loading the
+# mesh file checks an agent's ``settings:`` with, the same parser the agent builds its settings with.
+SETTINGS_PARSERS = {
+    "storage": "agents.storage.settings:parse_settings",
+    "fencing": "agents.fencing.settings:parse_settings",
+    "monitor": "agents.monitor.settings:parse_settings",
+}
 _NAME = re.compile(r"^[a-z][a-z0-9._-]{0,62}$")
 EXAMPLE = Path(__file__).resolve().parents[1] / "deploy" / "mesh.example.yaml"
 
@@ -98,6 +107,24 @@ class MeshConfig:
     policy_max_age: int | None = None  # seconds after which destructive ops need a fresher policy
     workflows: Path = Path("workflows")  # the broker's workflow definitions, one YAML file each
     chat: ChatConfig | None = None  # the operators' chat bot, run in the broker's process
+    document: Any = field(default=None, repr=False, compare=False)  # the file as read, for its lines
+
+    def check_settings(self, names: Collection[str] | None = None) -> None:
+        """Check the ``settings:`` of the agents named (default: every agent) with their kind's parser,
+        as each agent will at its start; ConfigError names the file, the line and the field. The
+        parsers check this machine too (hook programs, fence agents, secret files): check only the
+        agents that run here."""
+        where = Fields(self.path, document=self.document)
+        for i, agent in enumerate(self.agents):
+            if names is None or agent.name in names:
+                module, _, function = SETTINGS_PARSERS[agent.kind].partition(":")
+                parse_settings = getattr(importlib.import_module(module), function)
+                try:
+                    parse_settings(agent.settings, where.within(f"agents[{i}].settings"))
+                except SchemaError as exc:  # raised on its own, not through `where`: place it in the file
+                    if isinstance(exc, ConfigError) and exc.source == str(self.path):
+                        raise
+                    raise exc.located(where.within(f"agents[{i}].settings")) from None
 
     def authorizer(self) -> "Authorizer":
         """The authorization hook every actor of this mesh enforces with."""
@@ -197,8 +224,11 @@ class MeshConfig:
                                alternates=self.server.nodes)
 
 
-def load(path: str | os.PathLike[str] | None = None, home: str | os.PathLike[str] | None = None) -> MeshConfig:
-    """Load and validate a mesh file (default: HOME/mesh.yaml, created from the example if missing)."""
+def load(path: str | os.PathLike[str] | None = None, home: str | os.PathLike[str] | None = None,
+         check_settings: bool | Collection[str] = False) -> MeshConfig:
+    """Load and validate a mesh file (default: HOME/mesh.yaml, created from the example if missing);
+    with ``check_settings``, also the settings of every agent (True) or of the agents named, which
+    must be the ones that run on this machine (:meth:`MeshConfig.check_settings`)."""
     home_dir = default_home(home)
     if path is None:
         path = home_dir / "mesh.yaml"
@@ -208,7 +238,10 @@ def load(path: str | os.PathLike[str] | None = None, home: str | os.PathLike[str
     path = Path(path)
     if not path.exists():
         raise ConfigError("no such mesh file", source=path)
-    return parse(schema.read(path, ConfigError), path, home_dir)
+    mesh = parse(schema.read(path, ConfigError), path, home_dir)
+    if check_settings:
+        mesh.check_settings(None if check_settings is True else check_settings)
+    return mesh
 
 
 def parse(data: Any, path: Path, home: Path) -> MeshConfig:
@@ -304,7 +337,7 @@ def parse(data: Any, path: Path, home: Path) -> MeshConfig:
     return MeshConfig(path=path, home=home, server=server, broker=broker, operator=operator, admins=admins,
                       agents=tuple(agents), password_files=password_files, policy=policy, site=site,
                       policy_max_age=max_age, workflows=_path(root.get("workflows"), path) or home / "workflows",
-                      chat=chat)
+                      chat=chat, document=data)
 
 
 def _requests(where: "Fields", value: Any, f: str) -> IntakeLimits:

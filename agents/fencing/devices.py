@@ -28,6 +28,7 @@ from agents.fencing.driver import (
     SECRET_NAMES, AgentProgramError, ParamValue, Secret, resolve_program,
 )
 from agents.fencing.fence_api import RESERVED_KEYS
+from agents.schema import SchemaError
 
 DEFAULT_TIMEOUT = 30.0
 MAX_TIMEOUT = 600.0
@@ -36,7 +37,7 @@ _PARAM_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*$")
 _DEVICE_KEYS = frozenset({"agent", "params", "secret_files", "plugs", "timeout"})
 
 
-class FencingConfigError(ValueError):
+class FencingConfigError(SchemaError):
     """The `fencing:` configuration is unusable; `problems` lists each thing to fix."""
 
     def __init__(self, problems: list[str]) -> None:

@@ -35,10 +35,11 @@ from typing import Any
 
 from agents.fencing.devices import DeviceRegistry, FencingConfigError
 from agents.fencing.names import NODE_RESOURCE, SEGMENT, node_resource
+from agents.schema import Fields
 
 log = logging.getLogger(__name__)
 
-__all__ = ["FencingSettings", "NODE_RESOURCE", "SEGMENT", "node_resource"]
+__all__ = ["NODE_RESOURCE", "SEGMENT", "FencingSettings", "node_resource", "parse_settings"]
 
 _KEYS = frozenset({"cluster", "clusters", "fencing", "identities", "approval"})
 _JID = re.compile(r"[^@/\s]{1,1023}@[^@/\s]{1,1023}")
@@ -101,6 +102,32 @@ class FencingSettings:
         for node, cluster in sorted(self.clusters.items()):
             out.setdefault(cluster, []).append(node)
         return out
+
+
+def parse_settings(raw: Any, where: Fields | None = None) -> FencingSettings:
+    """Check a fencing agent's settings (its fence agent programs and secret files must be there); every
+    problem is listed, at the line of the first when ``where`` places them in the mesh file."""
+    try:
+        return FencingSettings.from_settings({} if raw is None else raw)
+    except FencingConfigError as exc:
+        if where is None:
+            raise
+        raise where.error("", "; ".join(exc.problems), at=_problem_field(exc.problems[0])) from None
+
+
+def _problem_field(problem: str) -> str:
+    """Where in the settings a problem's text says it is: ``settings.cluster: ...`` is at ``cluster``,
+    ``device pdu1: params.ip: ...`` at ``fencing.devices.pdu1.params.ip``, ``levels.n1 ...`` at
+    ``fencing.levels.n1``."""
+    head, _, rest = problem.partition(": ")
+    if head.startswith("device "):
+        sub = rest.partition(": ")[0] if ":" in rest else ""
+        sub = sub if re.fullmatch(r"[A-Za-z0-9_.-]+", sub) else ""
+        return ".".join(p for p in ("fencing.devices", head.removeprefix("device "), sub) if p)
+    head = head.split(" ")[0]
+    if head.startswith("levels"):
+        return "fencing." + head
+    return head.removeprefix("settings").removeprefix(".")
 
 
 def configured_nodes(settings: Any) -> dict[str, tuple[str, ...]]:

@@ -1,10 +1,13 @@
-"""`vertebra up` (what `make run` runs): the whole mesh comes up, and Ctrl-C leaves nothing behind."""
+"""`vertebra up` (what `make run` runs): the whole mesh comes up, Ctrl-C leaves nothing behind, a settings
+mistake stops it before anything starts, and a second `up` on the same state directory is refused."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from conftest import vertebra_up
+import yaml
+
+from conftest import ROOT, free_port, vertebra, vertebra_up
 
 
 def _processes_mentioning(text: str) -> list[int]:
@@ -28,3 +31,34 @@ def test_up_starts_server_broker_and_agents_and_ctrl_c_stops_them_all(tmp_path):
         assert _processes_mentioning(str(home)), "nothing runs for this mesh"
     assert _processes_mentioning(str(home)) == []
     assert not (home / "run" / "gateway.sock").exists()
+
+
+def test_a_settings_typo_stops_up_naming_the_line_before_anything_starts(tmp_path):
+    home = tmp_path / "up-home"
+    home.mkdir()
+    mesh = yaml.safe_load((ROOT / "deploy" / "mesh.example.yaml").read_text())
+    mesh["server"]["port"] = free_port()
+    monitor = next(i for i, a in enumerate(mesh["agents"]) if a["kind"] == "monitor")
+    mesh["agents"][monitor]["settings"]["schedule"]["load"]["intervl"] = 60
+    text = yaml.safe_dump(mesh)
+    (home / "mesh.yaml").write_text(text)
+    line = next(n for n, t in enumerate(text.splitlines(), 1) if "intervl" in t)
+
+    up = vertebra(home, "up")
+    assert up.returncode == 2, up.stdout + up.stderr
+    assert (f"{home / 'mesh.yaml'}:{line}: agents[{monitor}].settings.schedule.load: unknown key 'intervl'"
+            in up.stderr), up.stderr
+    assert "mesh is up" not in up.stdout
+    assert _processes_mentioning(str(home)) == []
+    assert not (home / "server").exists() and not (home / "logs").exists()
+
+
+def test_a_second_up_on_the_same_state_directory_is_refused(tmp_path):
+    with vertebra_up(tmp_path) as (home, _):
+        running = sorted(_processes_mentioning(str(home)))
+        holder = (home / "run" / "up.lock").read_text().strip()
+        second = vertebra(home, "up")
+        assert second.returncode == 1, second.stdout + second.stderr
+        assert f"a mesh is already running in {home} (`vertebra up`, pid {holder})" in second.stderr
+        assert f"kill {holder}" in second.stderr
+        assert sorted(_processes_mentioning(str(home))) == running  # nothing more started
