@@ -12,6 +12,7 @@ with the other node as its alternate, so ops, discovery and pushes cross the clu
 from __future__ import annotations
 
 import asyncio
+import inspect
 import contextlib
 import itertools
 import json
@@ -166,11 +167,14 @@ async def mesh(servers: list[Any], tmp_path: Path) -> AsyncIterator[Mesh]:
 
 
 async def until(predicate: Callable[[], Any], timeout: float = 10.0, what: str = "condition") -> Any:
-    """Poll ``predicate`` until it is truthy; fail the test (never hang) after ``timeout``."""
+    """Poll ``predicate`` until it is truthy (awaiting what it returns when that is awaitable); fail the
+    test (never hang) after ``timeout``."""
     loop = asyncio.get_running_loop()
     end = loop.time() + timeout
     while True:
         value = predicate()
+        if inspect.isawaitable(value):
+            value = await value
         if value:
             return value
         if loop.time() > end:

@@ -99,7 +99,7 @@ class FencingAgent(Agent):
         await super().on_session()
         if self._sender is None or self._sender.done():
             self._wake = asyncio.Event()
-            self._sender = asyncio.get_running_loop().create_task(self._send_outbox())
+            self._sender = self.spawn(self._send_outbox(), name=f"fencing outbox sender {self.name}")
         self._wake.set()  # a new session: what is still in the outbox goes now
 
     def _on_broker_presence(self, pres: Any) -> None:
@@ -112,7 +112,7 @@ class FencingAgent(Agent):
         if self._sender is not None:
             self._sender.cancel()
         await super().stop()
-        self.outbox.close()
+        await self.outbox.aclose()
 
     # -- ops ------------------------------------------------------------------------------------
 
@@ -154,7 +154,7 @@ class FencingAgent(Agent):
     async def ledger(self, call: Call) -> dict:
         """The last verified outcome per node, as posted (this agent's broker only: it reconciles its
         fencing epochs from it when the agent joins)."""
-        return {"entries": [_event_args(e) for e in self.outbox.ledger()]}
+        return {"entries": [_event_args(e) for e in await self.outbox.ledger()]}
 
     # -- doing it -------------------------------------------------------------------------------
 
@@ -174,13 +174,13 @@ class FencingAgent(Agent):
         if budget <= 0 and not self.power.in_flight(node, action):
             raise OpError(f"{action} {node}: the request left too little time to run a fence device"
                           f" (it needs more than {ANSWER_MARGIN:g}s); nothing was done")
-        self._announce("attempt", call, action, cluster, node)
+        await self._announce("attempt", call, action, cluster, node)
         try:
             outcome: PowerOutcome = await getattr(self.power, action)(
                 node, budget=budget, wait=call.deadline - loop.time() - JOIN_MARGIN)
         except StillInFlight as still:  # this caller's time is up; the fence goes on to its verified end
             raise OpTimeout(str(still)) from None
-        acked = self._announce("outcome", call, action, cluster, node, outcome)
+        acked = await self._announce("outcome", call, action, cluster, node, outcome)
         wait = min(ANNOUNCE_WAIT, call.deadline - asyncio.get_running_loop().time() - 0.5)
         if acked is not None and wait > 0:
             # Never cancels it: the outbox keeps it, and sends it until the broker takes it.
@@ -189,7 +189,7 @@ class FencingAgent(Agent):
             raise OpError(outcome.message)
         return _result(cluster, outcome)
 
-    def _announce(self, what: str, call: Call, action: str, cluster: str, node: str,
+    async def _announce(self, what: str, call: Call, action: str, cluster: str, node: str,
                   outcome: PowerOutcome | None = None) -> asyncio.Future[None] | None:
         """Keep an event durably (outbox.py) and have it sent; returns what is done once the broker
         has acknowledged it (None without a broker)."""
@@ -204,7 +204,7 @@ class FencingAgent(Agent):
         events_log.info("%s", json.dumps(event, sort_keys=True))
         if not self.broker:
             return None
-        self.outbox.keep(event)  # on disk before the device runs (attempt) or the caller hears (outcome)
+        await self.outbox.keep(event)  # on disk before the device runs (attempt) or the caller hears (outcome)
         acked = self._acked[event["id"]] = asyncio.get_running_loop().create_future()
         if self._wake is not None:
             self._wake.set()
@@ -220,21 +220,21 @@ class FencingAgent(Agent):
             self._wake.clear()
             failed = False
             while self.online and not failed:
-                pending = self.outbox.pending()
+                pending = await self.outbox.pending()
                 if not pending:
                     break
                 for event in pending:
                     res = await self.request(self.broker_jid, EVENT_OP, _event_args(event), timeout=POST_TIMEOUT,
                                              rid=f"fence-event-{event['id']}")
                     if res.outcome is Outcome.OK:
-                        self.outbox.delivered(event["id"])
+                        await self.outbox.delivered(event["id"])
                         event["posted"] = True
                         done = self._acked.pop(event["id"], None)
                         if done is not None and not done.done():
                             done.set_result(None)
                         backoff.reset()
                         continue
-                    tries = self.outbox.tried(event["id"])
+                    tries = await self.outbox.tried(event["id"])
                     absent = res.outcome in (Outcome.TIMEOUT, Outcome.UNREACHABLE)
                     # A broker that is away is normal; a refusal is a configuration to fix, said
                     # loudly at first and then now and then, not every round.
@@ -245,7 +245,7 @@ class FencingAgent(Agent):
                     failed = True
                     if absent:
                         break  # the rest would go the same way; a refused event holds up no other
-            if failed or (not self.online and self.outbox.pending(1)):
+            if failed or (not self.online and await self.outbox.pending(1)):
                 try:  # wait out the backoff, or less if a broker says hello or a new event comes
                     await asyncio.wait_for(self._wake.wait(), timeout=backoff.next())
                 except TimeoutError:

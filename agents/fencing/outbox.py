@@ -11,6 +11,9 @@ log):
 - ``ledger``: the last verified outcome (ok off, on or reboot) per node, kept after delivery. The
   broker reads it when the agent joins (``fence.ledger``, broker/fencing.py) and records what it
   lacks, so an epoch opened while the broker was down is recovered even if the outbox was lost.
+
+The file is read and written on its own thread (``agents.db.Store``): every method is awaited, and
+the event loop goes on while a commit is synced.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ..db import private_file
+from ..db import Store
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS outbox (n INTEGER PRIMARY KEY, id TEXT NOT NULL UNIQUE, body TEXT NOT NULL,
@@ -29,6 +32,8 @@ CREATE TABLE IF NOT EXISTS outbox (n INTEGER PRIMARY KEY, id TEXT NOT NULL UNIQU
 CREATE TABLE IF NOT EXISTS ledger (cluster TEXT NOT NULL, node TEXT NOT NULL, id TEXT NOT NULL,
                                    body TEXT NOT NULL, PRIMARY KEY (cluster, node));
 """
+# The outbox's schema versions (agents.db.migrate): the first is the schema it had before versions.
+_MIGRATIONS = [_SCHEMA]
 #: The power actions whose verified outcome the ledger keeps (a status changes nothing).
 LEDGER_ACTIONS = frozenset({"off", "on", "reboot"})
 
@@ -39,48 +44,54 @@ class FenceOutbox:
     def __init__(self, path: Path | None) -> None:
         # Each write is its own committed transaction (autocommit), synced: an event the agent acted
         # on must outlive a crash right after.
-        target = str(private_file(path)) if path is not None else ":memory:"
-        self.db = sqlite3.connect(target, isolation_level=None, timeout=30)
-        if path is not None:
-            self.db.execute("PRAGMA journal_mode=WAL")
-            self.db.execute("PRAGMA synchronous=FULL")
-        self.db.executescript(_SCHEMA)
+        self.store = Store(path, _MIGRATIONS, name="fencing outbox", synchronous="FULL")
 
     def close(self) -> None:
-        self.db.close()
+        self.store.close()
 
-    def keep(self, event: dict[str, Any]) -> None:
+    async def aclose(self) -> None:
+        await self.store.aclose()
+
+    async def keep(self, event: dict[str, Any]) -> None:
         """Write an event to send (``event["id"]`` names it) and, for a verified outcome, to the ledger;
         one transaction, on disk when this returns."""
-        body = json.dumps(event, sort_keys=True)
-        self.db.execute("BEGIN IMMEDIATE")
-        try:
-            self.db.execute("INSERT OR IGNORE INTO outbox (id, body, created) VALUES (?, ?, ?)",
-                            (event["id"], body, time.time()))
-            if event["event"] == "outcome" and event.get("ok") and event["action"] in LEDGER_ACTIONS:
-                self.db.execute("INSERT OR REPLACE INTO ledger (cluster, node, id, body) VALUES (?, ?, ?, ?)",
-                                (event["cluster"], event["node"], event["id"], body))
-        except BaseException:
-            self.db.execute("ROLLBACK")
-            raise
-        self.db.execute("COMMIT")
+        await self.store.run(_keep, event)
 
-    def pending(self, limit: int = 100) -> list[dict[str, Any]]:
+    async def pending(self, limit: int = 100) -> list[dict[str, Any]]:
         """Events not acknowledged yet, oldest first."""
-        rows = self.db.execute("SELECT body FROM outbox ORDER BY n LIMIT ?", (limit,)).fetchall()
+        rows = await self.store.run(lambda db: db.execute("SELECT body FROM outbox ORDER BY n LIMIT ?",
+                                                          (limit,)).fetchall())
         return [json.loads(body) for (body,) in rows]
 
-    def tried(self, event_id: str) -> int:
+    async def tried(self, event_id: str) -> int:
         """Count a failed send; returns how many there have been."""
-        self.db.execute("UPDATE outbox SET tries = tries + 1 WHERE id = ?", (event_id,))
-        row = self.db.execute("SELECT tries FROM outbox WHERE id = ?", (event_id,)).fetchone()
-        return int(row[0]) if row else 0
+        return await self.store.run(_tried, event_id)
 
-    def delivered(self, event_id: str) -> None:
+    async def delivered(self, event_id: str) -> None:
         """The broker acknowledged it: it is not sent again."""
-        self.db.execute("DELETE FROM outbox WHERE id = ?", (event_id,))
+        await self.store.run(lambda db: db.execute("DELETE FROM outbox WHERE id = ?", (event_id,)))
 
-    def ledger(self) -> list[dict[str, Any]]:
+    async def ledger(self) -> list[dict[str, Any]]:
         """The last verified outcome per node, by cluster and node."""
-        rows = self.db.execute("SELECT body FROM ledger ORDER BY cluster, node").fetchall()
+        rows = await self.store.run(lambda db: db.execute("SELECT body FROM ledger ORDER BY cluster, node").fetchall())
         return [json.loads(body) for (body,) in rows]
+
+
+def _keep(db: sqlite3.Connection, event: dict[str, Any]) -> None:
+    body = json.dumps(event, sort_keys=True)
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        db.execute("INSERT OR IGNORE INTO outbox (id, body, created) VALUES (?, ?, ?)", (event["id"], body, time.time()))
+        if event["event"] == "outcome" and event.get("ok") and event["action"] in LEDGER_ACTIONS:
+            db.execute("INSERT OR REPLACE INTO ledger (cluster, node, id, body) VALUES (?, ?, ?, ?)",
+                       (event["cluster"], event["node"], event["id"], body))
+    except BaseException:
+        db.execute("ROLLBACK")
+        raise
+    db.execute("COMMIT")
+
+
+def _tried(db: sqlite3.Connection, event_id: str) -> int:
+    db.execute("UPDATE outbox SET tries = tries + 1 WHERE id = ?", (event_id,))
+    row = db.execute("SELECT tries FROM outbox WHERE id = ?", (event_id,)).fetchone()
+    return int(row[0]) if row else 0

@@ -29,6 +29,14 @@ async def fenced_nodes(world: FencingWorld) -> list[tuple[str, int, list[str]]]:
     return [(f["node"], f["epoch"], f["identities"]) for f in res.result["fenced"]]
 
 
+async def outbox_empty(world: FencingWorld) -> bool:
+    return not await world.fencer.outbox.pending()
+
+
+async def pending_ids(world: FencingWorld, expected: list[str]) -> bool:
+    return [e["id"] for e in await world.fencer.outbox.pending()] == expected
+
+
 async def fence_while_the_broker_is_down(mesh, tmp_path: Path) -> tuple[FencingWorld, str]:
     db1 = mesh.account("db")[0]
     world = FencingWorld(mesh, tmp_path, identities={"node1": [db1]})
@@ -40,7 +48,7 @@ async def fence_while_the_broker_is_down(mesh, tmp_path: Path) -> tuple[FencingW
     off = await client.request(str(world.fencer.jid), "fence.off", {"cluster": "c1", "node": "node1"}, timeout=30)
     assert off.outcome is Outcome.OK and off.result["state"] == "off", off.error
     assert world.state["node1"].read_text() == "off"
-    assert [e["event"] for e in world.fencer.outbox.pending()] == ["attempt", "outcome"]  # kept, not delivered
+    assert [e["event"] for e in await world.fencer.outbox.pending()] == ["attempt", "outcome"]  # kept, not delivered
     return world, db1
 
 
@@ -49,7 +57,7 @@ async def test_a_node_fenced_while_the_broker_was_down_shows_fenced_after_it_res
     await world.start_broker()  # same account, same state dir: a restart
     await until(lambda: world.broker.fence_ledger.fenced(), timeout=30, what="the epoch recorded after the restart")
     assert await fenced_nodes(world) == [("node1", 1, [db1])]
-    await until(lambda: not world.fencer.outbox.pending(), what="the outbox emptied by the broker's acknowledgement")
+    await until(lambda: outbox_empty(world), what="the outbox emptied by the broker's acknowledgement")
     # Delivered once each, however they got there.
     assert [(e["event"], e["action"]) for e in world.broker.fence_ledger.events()] == [
         ("attempt", "off"), ("outcome", "off")]
@@ -65,7 +73,7 @@ async def test_the_outbox_outlives_the_fencing_agent_too(mesh, tmp_path: Path):
     assert await fenced_nodes(world) == [("node1", 1, [db1])]
     # The attempt is only in the outbox (the ledger keeps verified outcomes): it came from there.
     assert [e["event"] for e in world.broker.fence_ledger.events()] == ["attempt", "outcome"]
-    await until(lambda: not world.fencer.outbox.pending(), what="the outbox emptied")
+    await until(lambda: outbox_empty(world), what="the outbox emptied")
 
 
 async def test_a_lost_outbox_is_recovered_from_the_agents_ledger(mesh, tmp_path: Path):
@@ -97,7 +105,7 @@ async def test_an_unfence_missed_while_the_broker_was_down_ends_the_epoch_and_no
     on = await client.request(str(world.fencer.jid), "fence.on", node1, timeout=30)
     assert on.outcome is Outcome.OK and world.state["node1"].read_text() == "on", on.error
     await world.start_broker()
-    await until(lambda: not world.broker.fence_ledger.fenced() and not world.fencer.outbox.pending(), timeout=30,
+    await until(lambda: not world.broker.fence_ledger.fenced() and outbox_empty(world), timeout=30,
                 what="the verified on recorded after the restart")
     assert await fenced_nodes(world) == []
     (epoch,) = world.broker.fence_ledger.epochs()
@@ -118,13 +126,13 @@ async def test_an_event_the_broker_refuses_holds_up_no_other(mesh, tmp_path: Pat
     await world.start_fencer()
     await until(world.listed, what="the fencing agent listed")
     # Oldest in the outbox: an event for a node the mesh file does not give this agent.
-    world.fencer.outbox.keep({"id": "not-mine", "event": "outcome", "action": "off", "cluster": "c9",
-                              "node": "node9", "ok": True, "state": "off", "at": time.time(),
-                              "caller": mesh.operator[0], "rid": "r1"})
+    await world.fencer.outbox.keep({"id": "not-mine", "event": "outcome", "action": "off", "cluster": "c9",
+                                    "node": "node9", "ok": True, "state": "off", "at": time.time(),
+                                    "caller": mesh.operator[0], "rid": "r1"})
     client = await mesh.client()
     off = await client.request(str(world.fencer.jid), "fence.off", {"cluster": "c1", "node": "node1"}, timeout=30)
     assert off.outcome is Outcome.OK, off.error
-    await until(lambda: [e["id"] for e in world.fencer.outbox.pending()] == ["not-mine"], timeout=20,
+    await until(lambda: pending_ids(world, ["not-mine"]), timeout=20,
                 what="node1's events delivered past the refused one")
     assert [f.node for f in world.broker.fence_ledger.fenced()] == ["node1"]
 
