@@ -27,7 +27,7 @@ from typing import Annotated, Any, Sequence
 
 from slixmpp import Iq, Presence
 
-from . import __version__, fenced, policy_sync, protocol, resources as paths
+from . import __version__, describe, fenced, policy_sync, protocol, resources as paths
 from .actor import Actor, Backoff, Endpoint
 from .audit import AuditLog
 from .authz import AdminsOnly, Authorizer, current_via, decide, from_broker
@@ -206,6 +206,7 @@ class Agent(Actor):
         if self.resources:  # an empty field is hashed differently by slixmpp than XEP-0115 says
             form.add_field(var="resources", ftype="text-multi", value=list(self.resources))
         self.xmpp.plugin["xep_0128"].add_extended_info(data=form)
+        describe.publish(self.xmpp, self.ops)  # each op's arguments and facts on a disco node of its own
 
     async def on_session(self) -> None:
         # The caps hash covers features and the form, so agents alike share one disco query.

@@ -5,7 +5,7 @@
     vertebra broker | agent NAME     run one actor in the foreground
     vertebra agents [--json]         the live agents, their ops and resources
     vertebra call OP [--on RESOURCE ...] [--scope all|one] [--to JID ...] [--timeout S] [--json] key=value ...
-    vertebra help [OP]               an op's arguments, generated from its declaration
+    vertebra help [OP]               an op's arguments, as a live agent offering it describes them
     vertebra policy check FILE       lint an authorization policy and check its examples, offline
     vertebra policy reload           the broker re-reads the mesh's policy file and pushes it to every agent
     vertebra workflow run|approve|perform|status|list|cancel ...   the broker's durable workflows
@@ -38,7 +38,8 @@ from .errors import BadArguments, CallInterrupted, ConnectError, Outcome
 from .report import EXIT_USAGE, CallReport, TargetResult
 from .gateway import Gateway
 from .session import mesh_call
-from .kinds import agent_class, catalogue
+from .pairs import parse_pairs
+from . import kinds
 
 EXIT_UNREACHABLE = 5
 
@@ -59,8 +60,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return EXIT_USAGE
     try:
-        if ns.command == "help":
-            return _help(ns.op)
         if ns.command == "policy" and ns.action == "check":
             if not ns.file:
                 parser.error("policy check needs the FILE to check")
@@ -121,8 +120,9 @@ def _parser() -> argparse.ArgumentParser:
                       help="send to these agents directly, without discovery (repeatable)")
     call.add_argument("--timeout", type=_seconds, default=30.0, help="seconds for the whole call (default 30)")
     call.add_argument("--json", action="store_true", help="print the results as JSON")
-    hlp = sub.add_parser("help", help="show an op's arguments, or list every op")
+    hlp = sub.add_parser("help", help="show an op's arguments, or list every op (asks the running mesh)")
     hlp.add_argument("op", nargs="?")
+    hlp.add_argument("--timeout", type=_seconds, default=10.0)
     pol = sub.add_parser("policy", help="check a policy file offline, or have the broker reload and push it")
     pol.add_argument("action", choices=("check", "reload"))
     pol.add_argument("file", nargs="?", help="check: the policy file")
@@ -154,18 +154,29 @@ def _parser() -> argparse.ArgumentParser:
 
 # -- help ----------------------------------------------------------------------------------------
 
-def _help(op_name: str | None) -> int:
-    ops = catalogue()
-    if op_name is None:
-        width = max(map(len, ops))
-        for name, spec in ops.items():
-            print(f"{name:<{width}}  {spec.summary}")
+def cmd_help(mesh: meshconf.MeshConfig, ns: argparse.Namespace) -> int:
+    """An op's arguments, or every op, as the broker and the live agents describe them
+    (``mesh.describe``): nothing of any kind's code is loaded here."""
+    from .describe import spec_of
+
+    report = _call_broker(mesh, "mesh.describe", {"op": ns.op or ""}, ns.timeout)
+    if not report.ok:
+        result = report.results[0]
+        if ns.op and result.outcome is Outcome.FAILED and repr(ns.op) in (result.error or ""):
+            print(f"vertebra: no op named {ns.op!r} is offered by the broker or a live agent; `vertebra help`"
+                  " lists those that are", file=sys.stderr)
+            return EXIT_USAGE
+        print(f"vertebra: help comes from the running mesh, and the broker did not answer ({result.outcome.value}:"
+              f" {result.error}); start the mesh (`vertebra up`), or read the ops in docs/protocol.md",
+              file=sys.stderr)
+        return report.exit_code
+    answer = report.results[0].result
+    if ns.op:
+        print(spec_of(answer).help_text())
         return 0
-    spec = ops.get(op_name)
-    if spec is None:
-        print(f"vertebra: no op named {op_name!r}; `vertebra help` lists them", file=sys.stderr)
-        return EXIT_USAGE
-    print(spec.help_text())
+    width = max((len(o["name"]) for o in answer), default=0)
+    for o in answer:
+        print(f"{o['name']:<{width}}  {o['summary']}")
     return 0
 
 
@@ -183,7 +194,7 @@ def _policy_check(path: str) -> int:
 # -- audit -----------------------------------------------------------------------------------------
 
 def cmd_workflow(mesh: meshconf.MeshConfig, ns: argparse.Namespace) -> int:
-    spec = catalogue()[f"workflow.{ns.action}"]
+    spec = kinds.catalogue()[f"workflow.{ns.action}"]
     positional = [w for w in ns.words if "=" not in w]
     pairs = [w for w in ns.words if "=" in w]
     if ns.action == "run":
@@ -251,7 +262,7 @@ def _audit_anchors(mesh: meshconf.MeshConfig, jid: str, ns: argparse.Namespace) 
     if ns.anchors:
         import sqlite3
 
-        from broker.anchors import read_anchors
+        read_anchors = kinds.agent_class("broker").read_anchors  # the broker's database, read as it writes it
 
         try:
             return [Anchor(*a) for a in read_anchors(ns.anchors, jid)], None
@@ -301,12 +312,12 @@ def _full_jid(mesh: meshconf.MeshConfig, target: str) -> str:
 
 
 def cmd_call(mesh: meshconf.MeshConfig, ns: argparse.Namespace) -> int:
-    spec = catalogue().get(ns.op)
+    spec = kinds.catalogue().get(ns.op)
     try:
         if spec is not None:
             args = spec.parse_pairs(ns.pairs)
         else:  # an op this installation does not know: the agent validates it
-            args = dict(p.partition("=")[::2] for p in ns.pairs)
+            args = parse_pairs(ns.pairs, ns.op)
         on = [meshconf.paths.check(r) for r in ns.on]
         if spec is not None and spec.address and not on and not ns.to:
             # The op says where it goes (e.g. the agent holding /volume/db), not every agent offering it.
@@ -417,7 +428,7 @@ def build_actor(mesh: meshconf.MeshConfig, name: str, instance: int = 1) -> Any:
             raise meshconf.ConfigError(f"broker instance {instance}: the mesh file's server has {len(resources)}"
                                        f" node(s), so instances 1 to {len(resources)}")
         own = name if instance == 1 else f"{name}-{instance}"
-        broker = agent_class("broker")(mesh.jid(name), mesh.password(name), mesh.endpoint().starting_at(instance - 1),
+        broker = kinds.agent_class("broker")(mesh.jid(name), mesh.password(name), mesh.endpoint().starting_at(instance - 1),
                                        resource=resources[instance - 1], authorizer=authorizer,
                                        state_dir=_state_dir(mesh, own), shared_dir=_state_dir(mesh, name), name=name,
                                        settings={"workflows": str(mesh.workflows)}, delegates=mesh.delegates)
@@ -426,7 +437,7 @@ def build_actor(mesh: meshconf.MeshConfig, name: str, instance: int = 1) -> Any:
             broker.admit(bare, agent.kind, agent.resources, agent.settings)
         return broker
     cfg = mesh.agent(name)
-    return agent_class(cfg.kind)(mesh.jid(name), mesh.password(name), mesh.endpoint(),
+    return kinds.agent_class(cfg.kind)(mesh.jid(name), mesh.password(name), mesh.endpoint(),
                                  resources=cfg.resources, broker=mesh.jid(mesh.broker), authorizer=authorizer,
                                  settings=cfg.settings, name=name, state_dir=_state_dir(mesh, name),
                                  delegates=mesh.delegates, requests=cfg.requests)
@@ -449,8 +460,8 @@ async def serve(mesh: meshconf.MeshConfig, name: str, instance: int = 1) -> None
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     await actor.start(timeout=30.0)
-    # The chat bot is one account: it runs beside the broker's first instance only.
-    bot = await _start_chat(mesh, actor) if name == mesh.broker and mesh.chat and instance == 1 else None
+    # What else runs in this actor's process (the chat bot beside the broker): its kind registers it.
+    companions = [c for start in kinds.companions(actor.kind) if (c := await start(mesh, actor, instance))]
     if name != mesh.broker and mesh.agent(name).gateway:
         gateway = Gateway(mesh.gateway_socket, mesh.endpoint(), mesh.broker_jids)
         await gateway.start()
@@ -458,30 +469,9 @@ async def serve(mesh: meshconf.MeshConfig, name: str, instance: int = 1) -> None
     await stop.wait()
     if gateway:
         await gateway.stop()
-    if bot:
-        await bot.stop()
+    for companion in reversed(companions):
+        await companion.stop()
     await actor.stop()
-
-
-async def _start_chat(mesh: meshconf.MeshConfig, broker: Any) -> Any:
-    """The operators' chat bot, in the broker's process so that its ops room can follow the broker's
-    alerts and approvals as they happen."""
-    from broker.adhoc import AdHoc
-    from broker.chat import ChatBot, RateLimit
-    from broker.room import OpsRoom
-
-    chat = mesh.chat
-    bot = ChatBot(mesh.jid(chat.account), mesh.password(chat.account), mesh.endpoint(), broker=mesh.broker_jid,
-                  authorizer=mesh.authorizer(), state_dir=_state_dir(mesh, chat.account),
-                  rate=RateLimit(chat.burst, chat.per_second))
-    bot.directory = broker.directory
-    AdHoc(bot)
-    if chat.room:
-        room = OpsRoom(bot, chat.room, admins=mesh.admins)  # members: the admins and whom the policy names
-        bot.relayed.append(room.relayed)
-        room.follow(broker)
-    await bot.start(timeout=30.0)
-    return bot
 
 
 def cmd_broker(mesh: meshconf.MeshConfig, ns: argparse.Namespace) -> int:
@@ -685,7 +675,7 @@ def _stop_children(children: list[subprocess.Popen[bytes]]) -> None:
 
 COMMANDS = {"server": cmd_server, "up": cmd_up, "broker": cmd_broker, "agent": cmd_agent,
             "agents": cmd_agents, "call": cmd_call, "audit": cmd_audit, "policy": cmd_policy_reload,
-            "workflow": cmd_workflow}
+            "workflow": cmd_workflow, "help": cmd_help}
 
 if __name__ == "__main__":
     sys.exit(main())

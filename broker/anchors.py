@@ -123,6 +123,8 @@ class AgentsMayAnchor:
 class AnchorsMixin:
     """Mixed into the broker before ``Agent``: the anchor ops and their store."""
 
+    read_anchors = staticmethod(read_anchors)  # `vertebra audit verify --anchors`, through the broker kind
+
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         shared = self.shared_dir  # type: ignore[attr-defined]

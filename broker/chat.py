@@ -541,3 +541,28 @@ def decided_resources(spec: OpSpec, args: Mapping[str, Any], addressed: list[str
     if addressed and held and not narrowed:
         raise BadArguments(f"the agent holds none of {' '.join(addressed)}")
     return narrowed + named or (list(held) if held else list(addressed))
+
+
+async def start_beside_broker(mesh: Any, broker: Any, instance: int) -> ChatBot | None:
+    """The operators' chat bot, in the broker's process so that its ops room can follow the broker's
+    alerts and approvals as they happen: one account, so beside the broker's first instance only
+    (registered for the broker kind in the ``vertebra.companions`` entry points)."""
+    if not mesh.chat or instance != 1:
+        return None
+    from agents.cli import _state_dir
+
+    from .adhoc import AdHoc
+    from .room import OpsRoom
+
+    chat = mesh.chat
+    bot = ChatBot(mesh.jid(chat.account), mesh.password(chat.account), mesh.endpoint(), broker=mesh.broker_jid,
+                  authorizer=mesh.authorizer(), state_dir=_state_dir(mesh, chat.account),
+                  rate=RateLimit(chat.burst, chat.per_second))
+    bot.directory = broker.directory
+    AdHoc(bot)
+    if chat.room:
+        room = OpsRoom(bot, chat.room, admins=mesh.admins)  # members: the admins and whom the policy names
+        bot.relayed.append(room.relayed)
+        room.follow(broker)
+    await bot.start(timeout=30.0)
+    return bot

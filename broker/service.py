@@ -36,6 +36,7 @@ from agents.kinds import distribution_kinds
 
 from .alerts import AlertsMixin
 from .anchors import AnchorsMixin
+from .descriptions import OpDescriptions
 from .fencing import FencingMixin
 from .chat import RateLimit
 from .directory import Admission, BoundedMap, Capabilities, Directory
@@ -66,7 +67,7 @@ HELLO_AGAIN = 3.0  # seconds after a new session until the second hello to agent
 
 
 class Broker(FencingMixin, WorkflowMixin, LeadershipMixin, AlertsMixin, StorageNoticesMixin, VolumesMixin,
-             AnchorsMixin, PolicyDistribution,
+             AnchorsMixin, PolicyDistribution, OpDescriptions,
              Agent):
     kind = "broker"
     resource = "broker"

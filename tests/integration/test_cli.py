@@ -5,11 +5,14 @@ from __future__ import annotations
 import json
 import shutil
 import stat
+import subprocess
+import sys
 
 import pytest
 import yaml
-
 from conftest import ROOT, running, vertebra
+
+from agents.kinds import catalogue
 
 AGENTS = [{"name": "store", "kind": "storage", "resources": ["/host/cli", "/pool/cli"]},
           {"name": "mon", "kind": "monitor", "resources": ["/host/cli"], "gateway": True}]
@@ -127,14 +130,36 @@ def test_a_broker_instance_the_mesh_has_no_node_for_is_refused(mesh_home):
     assert f"broker instance {nodes + 1}: the mesh file's server has {nodes} node(s)" in out.stderr
 
 
-def test_help_is_generated_from_the_declaration():
-    out = vertebra(ROOT, "help", "mesh.discover")
-    assert out.returncode == 0
-    assert "resources=list of string" in out.stdout and "only agents offering this op" in out.stdout
-    listing = vertebra(ROOT, "help")
-    assert "storage.info" in listing.stdout and "fencing.info" in listing.stdout
-    missing = vertebra(ROOT, "help", "storage.nope")
-    assert missing.returncode == 2 and "no op named" in missing.stderr
+def test_help_is_what_the_live_agents_describe(mesh_home, tmp_path):
+    fencing = {"cluster": "c1", "fencing": {"devices": {"pdu": {"agent": "fence_dummy", "params": {
+        "type": "file", "status_file": str(tmp_path / "s")}}}, "levels": {"node1": [["pdu"]]}}}
+    home = mesh_home([*AGENTS, {"name": "fence", "kind": "fencing", "resources": ["/host/f"], "settings": fencing}])
+    with running(home, expect_agents=3):
+        out = vertebra(home, "help", "mesh.discover")
+        assert out.returncode == 0, out.stderr
+        assert "resources=list of string" in out.stdout and "only agents offering this op" in out.stdout
+        # An agent's op, from the agent's disco node: the same text its declaration gives.
+        created = vertebra(home, "help", "storage.volume.create")
+        assert created.returncode == 0, created.stderr
+        assert created.stdout.strip() == catalogue()["storage.volume.create"].help_text()
+        listing = vertebra(home, "help")
+        assert "storage.info" in listing.stdout and "fencing.info" in listing.stdout
+        assert "monitor.check" in listing.stdout
+        missing = vertebra(home, "help", "storage.nope")
+        assert missing.returncode == 2 and "no op named" in missing.stderr
+    # No mesh running: a clear message, not a traceback, and no kind's code loaded to give it.
+    down = vertebra(home, "help", "storage.info", "--timeout", "2")
+    assert down.returncode == 5 and "start the mesh" in down.stderr, down.stderr
+
+
+def test_help_loads_no_kind_code(mesh_home):
+    home = mesh_home(AGENTS)
+    probe = ("import sys, agents.cli; agents.cli.main(sys.argv[1:]);"
+             " print(sorted(m for m in sys.modules if m.split('.')[0] in ('blake3', 'zstandard', 'casbin', 'broker')"
+             " or m.startswith(('agents.storage', 'agents.fencing', 'agents.monitor'))))")
+    out = subprocess.run([sys.executable, "-c", probe, "--home", str(home), "help", "storage.info", "--timeout", "2"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=60, check=False)
+    assert out.stdout.strip().splitlines()[-1] == "[]", out.stdout + out.stderr
 
 
 def test_bad_mesh_file_names_the_field(tmp_path):
