@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 from typing import Any, Awaitable, Callable, Literal, Mapping, Sequence
 
 from .errors import BadArguments
+from .pairs import parse_pairs
 
 #: Every op is advertised as a disco#info feature with this prefix.
 OP_FEATURE_PREFIX = "urn:vertebra:op:"
@@ -190,19 +191,7 @@ class OpSpec:
 
     def parse_pairs(self, pairs: Sequence[str]) -> dict[str, Any]:
         """Turn ``key=value`` words (CLI, chat) into an argument map; repeated keys make lists."""
-        args: dict[str, Any] = {}
-        for pair in pairs:
-            key, sep, value = pair.partition("=")
-            if not sep or not key:
-                raise BadArguments(f"{self.name}: expected key=value, got {pair!r}")
-            p = self.param(key)
-            if p is not None and p.many:
-                args.setdefault(key, []).append(value)
-            elif key in args:
-                raise BadArguments(f"{self.name}: argument {key!r} given twice", argument=key)
-            else:
-                args[key] = value
-        return self.validate(args)
+        return self.validate(parse_pairs(pairs, self.name, many={p.name for p in self.params if p.many}))
 
     def resources_for(self, args: Mapping[str, Any]) -> list[str]:
         return [t.format(**args) for t in self.resources]

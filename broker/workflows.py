@@ -58,6 +58,7 @@ from agents.agent import Call
 from agents.authz import Decision, decide
 from agents.errors import BadArguments, Denied, Outcome
 from agents.ops import Arg, OpSpec, op
+from agents.pairs import parse_pairs
 
 from .constraints import APPROVED, RateLimits, StepRule, check_approval, check_perform
 from .workflow_spec import Plan, Step, Workflow, WorkflowError, load_dir
@@ -477,17 +478,6 @@ def _rule(step: Step) -> StepRule:
 
 def _pairs(wf: Workflow, words: list[str]) -> dict[str, Any]:
     """``name=value`` words as parameters; a repeated name (or any name of a list parameter) is a list."""
-    many = {p.name for p in wf.params if p.many}
-    out: dict[str, Any] = {}
-    for word in words:
-        name, sep, value = word.partition("=")
-        if not sep or not name:
-            raise BadArguments(f"expected param=name=value, got {word!r}", argument="param")
-        if name in many:
-            out.setdefault(name, []).append(value)
-        elif name in out:
-            raise BadArguments(f"parameter {name!r} given twice", argument="param")
-        else:
-            out[name] = value
-    return out
+    return parse_pairs(words, f"workflow {wf.name}", many={p.name for p in wf.params if p.many}, noun="parameter",
+                       argument="param")
 

@@ -23,6 +23,7 @@ from agents.monitor.runner import CheckResult, PluginPool
 from agents.monitor.schedule import Scheduler, StateChange, StateTracker
 from agents.monitor.settings import ScheduledCheck, parse_settings
 from agents.ops import Arg, op
+from agents import pairs
 
 log = logging.getLogger(__name__)
 
@@ -127,16 +128,8 @@ class MonitorAgent(Agent):
 
 
 def parse_pairs(words: list[str]) -> dict[str, str]:
-    """``NAME=VALUE`` words into a map; a word without ``=`` or a name given twice is refused."""
-    out: dict[str, str] = {}
-    for word in words:
-        name, sep, value = word.partition("=")
-        if not sep or not name:
-            raise BadArguments(f"check arguments are NAME=VALUE, got {word!r}", argument="args")
-        if name in out:
-            raise BadArguments(f"check argument {name!r} given twice", argument="args")
-        out[name] = value
-    return out
+    """``NAME=VALUE`` check arguments into a map; a word without ``=`` or a name given twice is refused."""
+    return pairs.parse_pairs(words, "monitor.check", noun="check argument", argument="args")
 
 
 def _full_jid(target: str, domain: str) -> str:
