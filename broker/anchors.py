@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Annotated, Any, Sequence
 
 from agents.agent import ANCHOR_OP, Call
-from agents.db import private_file
+from agents.db import Store
 from agents.authz import Authorizer, Decision
 from agents.errors import BadArguments, Denied
 from agents.ops import Arg, OpSpec, op
@@ -51,44 +51,44 @@ CREATE TABLE IF NOT EXISTS anchors (
 
 
 class AnchorStore:
-    """The anchors, in SQLite (WAL, synced commits: an anchor acknowledged is on disk)."""
+    """The anchors, in SQLite (WAL, shared by the broker's instances; synced commits: an anchor
+    acknowledged is on disk), read and written on the store's own thread (``agents.db.Store``)."""
 
     def __init__(self, path: Path | None) -> None:
-        self.path = private_file(path) if path is not None else None
-        self.db = sqlite3.connect(path or ":memory:", isolation_level=None, timeout=30)
-        if path is not None:
-            self.db.execute("PRAGMA journal_mode=WAL")  # the broker's instances share it
-            self.db.execute("PRAGMA synchronous=FULL")
-        self.db.executescript(_SCHEMA)
+        self.path = Path(path) if path is not None else None
+        self.store = Store(path, [_SCHEMA], name="audit anchors", synchronous="FULL")
 
-    def add(self, agent: str, seq: int, digest: str, at: float | None = None) -> str | None:
+    async def add(self, agent: str, seq: int, digest: str, at: float | None = None) -> str | None:
         """File an anchor; returns why it was refused (it contradicts one already kept), else None."""
-        agent = agent.lower()
-        row = self.db.execute("SELECT hash, at FROM anchors WHERE agent = ? AND seq = ?", (agent, seq)).fetchone()
+        return await self.store.run(self._add, agent.lower(), seq, digest, at)
+
+    def _add(self, db: sqlite3.Connection, agent: str, seq: int, digest: str, at: float | None) -> str | None:
+        row = db.execute("SELECT hash, at FROM anchors WHERE agent = ? AND seq = ?", (agent, seq)).fetchone()
         if row is not None:
             if row[0] == digest:
                 return None  # the same head again (another broker instance, a resend)
             return (f"record {seq} of {agent}'s audit log was anchored with another hash at"
                     f" {time.strftime('%Y-%m-%d %H:%M:%SZ', time.gmtime(row[1]))}: the log was rewritten or"
                     " its state directory replaced")
-        last = self.db.execute("SELECT MAX(seq) FROM anchors WHERE agent = ?", (agent,)).fetchone()[0]
+        last = db.execute("SELECT MAX(seq) FROM anchors WHERE agent = ?", (agent,)).fetchone()[0]
         if last is not None and seq < last:
             log.warning("the audit log of %s went back from record %d to %d: it was cut, or its state directory"
                         " replaced; `vertebra audit verify` reports it", agent, last, seq)
-        self.db.execute("INSERT INTO anchors (agent, seq, hash, at) VALUES (?, ?, ?, ?)",
-                        (agent, seq, digest, time.time() if at is None else at))
-        self.db.execute("DELETE FROM anchors WHERE agent = ? AND seq <= (SELECT seq FROM anchors WHERE agent = ?"
-                        " ORDER BY seq DESC LIMIT 1 OFFSET ?)", (agent, agent, MAX_ANCHORS_PER_AGENT))
+        db.execute("INSERT INTO anchors (agent, seq, hash, at) VALUES (?, ?, ?, ?)",
+                   (agent, seq, digest, time.time() if at is None else at))
+        db.execute("DELETE FROM anchors WHERE agent = ? AND seq <= (SELECT seq FROM anchors WHERE agent = ?"
+                   " ORDER BY seq DESC LIMIT 1 OFFSET ?)", (agent, agent, MAX_ANCHORS_PER_AGENT))
         return None
 
-    def of(self, agent: str, after: int = 0, limit: int = PAGE) -> list[tuple[int, str, float]]:
+    async def of(self, agent: str, after: int = 0, limit: int = PAGE) -> list[tuple[int, str, float]]:
         """An agent's anchors after sequence ``after``, oldest first, at most ``limit``."""
-        return [tuple(r) for r in self.db.execute(  # type: ignore[misc]
+        rows = await self.store.run(lambda db: db.execute(
             "SELECT seq, hash, at FROM anchors WHERE agent = ? AND seq > ? ORDER BY seq LIMIT ?",
-            (agent.lower(), after, limit))]
+            (agent.lower(), after, limit)).fetchall())
+        return [tuple(r) for r in rows]
 
-    def close(self) -> None:
-        self.db.close()
+    async def aclose(self) -> None:
+        await self.store.aclose()
 
 
 def read_anchors(path: str | Path, agent: str) -> list[tuple[int, str, float]]:
@@ -140,7 +140,7 @@ class AnchorsMixin:
 
     async def stop(self) -> None:
         await super().stop()  # type: ignore[misc]
-        self.anchors.close()
+        await self.anchors.aclose()
 
     @op(ANCHOR_OP, effect="change", deadline=5)
     async def audit_anchor(self, call: Call,
@@ -153,7 +153,7 @@ class AnchorsMixin:
             raise Denied(f"{ANCHOR_OP} is never sent on someone's behalf")
         if call.caller.lower() not in self._live_agents():
             raise Denied(f"{call.caller} is not a live agent of this mesh; only those anchor audit logs")
-        refusal = self.anchors.add(call.caller, seq, hash)
+        refusal = await self.anchors.add(call.caller, seq, hash)
         if refusal is not None:
             log.warning("refused an audit anchor from %s: %s", call.caller, refusal)
             raise BadArguments(f"{refusal}; run `vertebra audit verify` on that agent's machine", argument="hash")
@@ -165,5 +165,5 @@ class AnchorsMixin:
                             after: Annotated[int, Arg("only anchors after this sequence number", min=0)] = 0
                             ) -> dict:
         """The anchors an agent's audit log has at this broker, oldest first, a page at a time."""
-        page = self.anchors.of(agent, after, PAGE + 1)
+        page = await self.anchors.of(agent, after, PAGE + 1)
         return {"agent": agent.lower(), "anchors": [list(a) for a in page[:PAGE]], "more": len(page) > PAGE}

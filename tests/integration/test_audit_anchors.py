@@ -33,8 +33,13 @@ class QuickAnchors(SampleAgent):
     audit_anchor_interval = 0.2
 
 
-def _anchors(broker, agent) -> list[Anchor]:
-    return [Anchor(*a) for a in broker.anchors.of(agent.jid.bare, 0, 10_000)]
+async def _anchors(broker, agent) -> list[Anchor]:
+    return [Anchor(*a) for a in await broker.anchors.of(agent.jid.bare, 0, 10_000)]
+
+
+async def _head_anchored(broker, agent, seq: int) -> bool:
+    anchors = await _anchors(broker, agent)
+    return bool(anchors) and anchors[-1].seq >= seq
 
 
 def _copy_log(src: Path, dst: Path) -> Path:
@@ -76,10 +81,10 @@ async def test_agents_anchor_their_heads_and_verify_names_a_cut_and_a_rewrite(me
     for i in range(4):
         assert (await client.call("sample.echo", {"text": f"hi{i}"}, to=[str(agent.jid)])).ok
     log = agent.state_dir / "audit.sqlite"
-    await until(lambda: _anchors(broker, agent) and _anchors(broker, agent)[-1].seq >= 8, what="the head anchored")
+    await until(lambda: _head_anchored(broker, agent, 8), what="the head anchored")
     await agent.stop()  # anchors its last head on the way out
     mesh.actors.remove(agent)
-    anchors = _anchors(broker, agent)
+    anchors = await _anchors(broker, agent)
     with sqlite3.connect(log) as db:
         last_seq, last_hash = db.execute("SELECT seq, hash FROM records ORDER BY seq DESC LIMIT 1").fetchone()
     assert (anchors[-1].seq, anchors[-1].hash) == (last_seq, last_hash), "the shutdown anchor is the head"
@@ -127,14 +132,15 @@ async def test_only_live_agents_of_the_mesh_anchor_and_a_contradicting_anchor_is
         assert app_condition(reply) == "denied"
     finally:
         await raw.close()
-    assert broker.anchors.of(stranger[0]) == [] and all(a[0] != 99 for a in broker.anchors.of(agent.jid.bare))
+    assert await broker.anchors.of(stranger[0]) == []
+    assert all(a[0] != 99 for a in await broker.anchors.of(agent.jid.bare))
 
     # The agent itself, contradicting an anchor it sent before (its log rewritten): refused, first one stands.
     first = await agent.request(str(broker.jid), "mesh.audit.anchor", {"seq": 1000, "hash": digest}, timeout=5)
     assert first.outcome.value == "ok", first.error
     other = await agent.request(str(broker.jid), "mesh.audit.anchor", {"seq": 1000, "hash": "cd" * 32}, timeout=5)
     assert other.outcome.value != "ok" and "anchored with another hash" in other.error
-    assert (1000, digest) in [(s, h) for s, h, _ in broker.anchors.of(agent.jid.bare)]
+    assert (1000, digest) in [(s, h) for s, h, _ in await broker.anchors.of(agent.jid.bare)]
 
 
 # -- a destructive op's decision is on disk before the op starts -----------------------------------
