@@ -58,6 +58,7 @@ from pathlib import Path
 from typing import Any
 
 from .db import Store, private_file
+from .ratelimit import TokenBucket
 
 log = logging.getLogger(__name__)
 
@@ -152,9 +153,9 @@ def args_hash(args: Mapping[str, Any], secret: Iterable[str] = ()) -> str:
 
 
 @dataclass
-class _Bucket:
-    tokens: float
-    at: float
+class _Bucket(TokenBucket):
+    """A sender's denial bucket, and what it held back since the last summary."""
+
     held: int = 0
     first: float = 0.0
     last: float = 0.0
@@ -186,9 +187,7 @@ class AuditLog:
         self.max_senders = max_senders
         self._senders: OrderedDict[str, _Bucket] = OrderedDict()
         # Every sender together: many accounts flooding at once are bounded too.
-        self._all = _Bucket(tokens=float(max(denial_burst * 10, 1)), at=clock())
-        self._all_rate = all_denials_per_minute / 60.0
-        self._all_burst = float(max(denial_burst * 10, 1))
+        self._all = _Bucket(float(max(denial_burst * 10, 1)), all_denials_per_minute / 60.0, clock())
         # WAL with synchronous=NORMAL: a record survives a process crash at once, a power cut after
         # the next checkpoint; fsync per request would make the log the slow part of every op.
         self.store = Store(self.path, _MIGRATIONS, name=f"audit {self.path.name}", synchronous="NORMAL")
@@ -338,14 +337,6 @@ class AuditLog:
 
     # -- the denial rate limit -------------------------------------------------------------------
 
-    def _take(self, bucket: _Bucket, rate: float, burst: float, now: float) -> bool:
-        bucket.tokens = min(burst, bucket.tokens + (now - bucket.at) * rate)
-        bucket.at = now
-        if bucket.tokens >= 1.0:
-            bucket.tokens -= 1.0
-            return True
-        return False
-
     def _hold(self, bucket: _Bucket, op: str, now: float) -> None:
         if not bucket.held:
             bucket.first = now
@@ -358,7 +349,7 @@ class AuditLog:
         now = self.clock()
         bucket = self._senders.get(caller)
         if bucket is None:
-            bucket = self._senders[caller] = _Bucket(tokens=float(self.burst), at=now)
+            bucket = self._senders[caller] = _Bucket(float(self.burst), self.rate, now)
             while len(self._senders) > self.max_senders:
                 # The oldest sender's held count moves to the all-senders summary, never lost.
                 _, old = self._senders.popitem(last=False)
@@ -366,10 +357,10 @@ class AuditLog:
                     self._hold(self._all, "*", now)
                     self._all.held += old.held - 1
         self._senders.move_to_end(caller)
-        if not self._take(bucket, self.rate, self.burst, now):
+        if not bucket.take(now):
             self._hold(bucket, op, now)
             return False
-        if not self._take(self._all, self._all_rate, self._all_burst, now):
+        if not self._all.take(now):
             self._hold(self._all, op, now)
             return False
         return True

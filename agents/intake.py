@@ -11,35 +11,15 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from collections import Counter, OrderedDict, deque
 from dataclasses import dataclass
 from typing import Any, Awaitable, Callable, Coroutine, Generic, TypeVar
 
+from .ratelimit import RateLimit
+
 log = logging.getLogger(__name__)
 
 Item = TypeVar("Item")
-
-
-class RateLimit:
-    """A token bucket per sender: ``burst`` requests at once, then ``rate`` per second."""
-
-    def __init__(self, burst: int = 5, rate: float = 1.0, max_senders: int = 10_000,
-                 clock: Callable[[], float] = time.monotonic) -> None:
-        self.burst, self.rate, self.max_senders, self.clock = burst, rate, max_senders, clock
-        self._buckets: OrderedDict[str, list[float]] = OrderedDict()  # sender -> [tokens, at, warned]
-
-    def take(self, sender: str) -> tuple[bool, bool]:
-        """(allowed, warn): warn is true once per overflow, so a flood gets one answer, not many."""
-        now = self.clock()
-        tokens, at, warned = self._buckets.pop(sender, [float(self.burst), now, 0.0])
-        tokens = min(float(self.burst), tokens + (now - at) * self.rate)
-        allowed = tokens >= 1.0
-        warn = not allowed and not warned
-        self._buckets[sender] = [tokens - 1.0 if allowed else tokens, now, 0.0 if allowed else 1.0]
-        while len(self._buckets) > self.max_senders:  # the least recent sender is forgotten first
-            self._buckets.popitem(last=False)
-        return allowed, warn
 
 
 @dataclass(frozen=True)

@@ -43,7 +43,7 @@ from slixmpp import JID, Message
 
 from agents import resources as paths
 from agents.actor import Actor, Endpoint, Timeouts
-from agents.intake import RateLimit  # the token bucket per sender, shared with agents' intake
+from agents.ratelimit import RateLimit  # the token bucket per sender, shared with agents' intake
 from agents.audit import AuditLog
 from agents.client import not_discovered
 from agents.authz import Authorizer, decide

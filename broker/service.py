@@ -38,7 +38,7 @@ from .alerts import AlertsMixin
 from .anchors import AnchorsMixin
 from .descriptions import OpDescriptions
 from .fencing import FencingMixin
-from .chat import RateLimit
+from agents.ratelimit import RateLimit
 from .directory import Admission, BoundedMap, Capabilities, Directory
 from .leadership import LeadershipMixin
 from .policy import PolicyDistribution
