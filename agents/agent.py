@@ -109,6 +109,10 @@ class Agent(Actor):
         # task of its own for every stanza sent (each reply paid several loop turns for it); the agent
         # puts caps on the few presences it sends itself instead (``presence``).
         self.xmpp.del_filter("out", self.xmpp.plugin["xep_0115"]._filter_add_caps)
+        # Nor does it read anyone's caps (the broker keeps its directory from presence itself): slixmpp
+        # would disco-query every new hash any sender puts in a presence and keep each answer, and
+        # each sender's hash, for as long as the agent runs.
+        self.xmpp.remove_handler("Entity Capabilities")
         self._caps_ver: str | None = None
         self.state_dir = state_dir  # where this agent keeps durable state, if it has any
         self.fenced = fenced.FencedIdentities()  # identities of nodes fenced now, as the broker pushes them

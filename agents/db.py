@@ -72,12 +72,13 @@ class SchemaTooNew(sqlite3.DatabaseError):
 
 
 def open_db(path: str | Path | None, migrations: Sequence[str], *, synchronous: str = "NORMAL",
-            busy_timeout: float = BUSY_TIMEOUT, private: bool = True,
+            busy_timeout: float = BUSY_TIMEOUT, private: bool = True, isolation_level: str | None = None,
             row_factory: Callable[[sqlite3.Cursor, tuple[Any, ...]], Any] | None = None) -> sqlite3.Connection:
     """Open the SQLite file at ``path`` (None: a database in memory) in autocommit mode, WAL, with
     ``synchronous`` (``FULL`` where a commit must survive a power cut, not only a crash), and bring
     its schema up to ``len(migrations)``: migration *i* (0-based) takes the file from version *i* to
-    *i + 1*. The connection may be used from another thread than the opening one (a :class:`Store`'s)."""
+    *i + 1*. The connection may be used from another thread than the opening one (a :class:`Store`'s).
+    ``isolation_level`` other than None gives Python's implicit transactions (committed by the caller)."""
     if synchronous not in SYNCHRONOUS:
         raise ValueError(f"synchronous must be one of {', '.join(SYNCHRONOUS)}, got {synchronous!r}")
     target = ":memory:" if path is None else str(private_file(path) if private else path)
@@ -89,6 +90,7 @@ def open_db(path: str | Path | None, migrations: Sequence[str], *, synchronous: 
             db.execute("PRAGMA journal_mode=WAL")
             db.execute(f"PRAGMA synchronous={synchronous}")
         migrate(db, migrations, str(path or ":memory:"))
+        db.isolation_level = isolation_level
     except BaseException:
         db.close()
         raise

@@ -19,6 +19,8 @@ import time
 from pathlib import Path
 from typing import Any, Iterable
 
+from agents.db import open_db
+
 from .constraints import PERFORMED, REQUESTED, Event
 
 FINISHED = ("done", "failed", "cancelled")  # instance states that never change again
@@ -41,15 +43,14 @@ CREATE INDEX IF NOT EXISTS events_instance ON events (instance, seq);
 """
 
 
+# The store's schema versions (agents.db.migrate): the first is the schema it had before versions.
+_MIGRATIONS = [_SCHEMA]
+
+
 class WorkflowStore:
     def __init__(self, path: Path | None) -> None:
-        self.db = sqlite3.connect(path or ":memory:", isolation_level=None)
-        self.db.row_factory = sqlite3.Row
-        if path is not None:
-            self.db.execute("PRAGMA journal_mode=WAL")
-            # A step marked running must be on disk before its request leaves: FULL, not NORMAL.
-            self.db.execute("PRAGMA synchronous=FULL")
-        self.db.executescript(_SCHEMA)
+        # A step marked running must be on disk before its request leaves: FULL, not NORMAL.
+        self.db = open_db(path, _MIGRATIONS, synchronous="FULL", row_factory=sqlite3.Row)
 
     def close(self) -> None:
         self.db.close()

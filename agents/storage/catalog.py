@@ -18,6 +18,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
+from agents.db import open_db
 from agents.storage.driver import SnapshotInfo, StorageDriver, StorageError, VolumeInfo
 from agents.storage.names import validate_name
 
@@ -47,8 +48,10 @@ class CatalogDriver(StorageDriver):
         self._lock = threading.RLock()
         # Snapshots a running send reads, by (volume, snapshot): destroying one must wait for the send.
         self._holds: Counter[tuple[str, str]] = Counter()
-        self.db = sqlite3.connect(db_path, check_same_thread=False)
-        self.db.executescript(VOLUMES_SCHEMA + schema)
+        # Implicit transactions (committed by the methods below); used from the threads ops run driver
+        # calls in, under the lock. Not made private: the directory is the driver's data root.
+        self.db = open_db(db_path, [VOLUMES_SCHEMA + schema], synchronous="FULL", private=False,
+                          isolation_level="DEFERRED")
 
     def close(self) -> None:
         with self._lock:
