@@ -338,6 +338,10 @@ class Gateway:
                 if used < horizon:
                     del self._sessions[jid]
                     await client.stop()
+            # A lock per JID a caller named, kept only while that JID has a session or a login under way:
+            # callers naming ever new JIDs (failed logins) do not grow it without bound.
+            for jid in [j for j, lock in self._locks.items() if j not in self._sessions and not lock.locked()]:
+                del self._locks[jid]
 
 
 def _with_deadline(call: dict[str, Any]) -> dict[str, Any]:
