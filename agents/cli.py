@@ -448,7 +448,7 @@ def _state_dir(mesh: meshconf.MeshConfig, name: str) -> Path:
     request log name every caller and op."""
     from .db import private_dir
 
-    return private_dir(private_dir(mesh.home / "state") / name)
+    return private_dir(private_dir(mesh.state_dir(name).parent) / name)
 
 
 async def serve(mesh: meshconf.MeshConfig, name: str, instance: int = 1) -> None:
@@ -607,7 +607,7 @@ def _seed_demo(mesh: meshconf.MeshConfig) -> str | None:
                  None)
     if agent is None:
         return None
-    marker = mesh.home / "state" / agent.name / "demo-seeded"
+    marker = mesh.state_dir(agent.name) / "demo-seeded"
     if marker.exists():  # once: a demo volume destroyed on purpose stays destroyed
         return f"volume {DEMO_VOLUME} on {agent.name} (the masked-copy demo source, see the README)"
     report = _run_call(mesh, "storage.volume.create", {"volume": DEMO_VOLUME}, 30.0,

@@ -2,8 +2,8 @@
 
 Every error names the file, the line, the field and what was expected (agents/schema.py), e.g.
 ``mesh.yaml:12: agents[1].resources[0]: resource 'host' must be an absolute path such as /host/db1``.
-The state directory (``--home``, else ``$VERTEBRA_HOME``, else ``./.vertebra``) holds everything a
-mesh writes: the private server, generated passwords, the agents' state and the gateway socket.
+The state directory (agents/home.py: ``--home``, else ``$VERTEBRA_HOME``, else ``./.vertebra``) holds
+everything a mesh writes: the private server, generated passwords, the agents' state and the gateway socket.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ if TYPE_CHECKING:
 
 from . import resources as paths
 from . import schema
+from .home import actor_state, state_home
 from .intake import IntakeLimits
 from .schema import SchemaError
 
@@ -44,7 +45,8 @@ class ConfigError(SchemaError):
 
 
 def default_home(home: str | os.PathLike[str] | None = None) -> Path:
-    return Path(home or os.environ.get("VERTEBRA_HOME") or ".vertebra").absolute()
+    """The state directory (agents/home.py says how it is found)."""
+    return state_home(home)
 
 
 @dataclass(frozen=True)
@@ -173,6 +175,10 @@ class MeshConfig:
     def delegates(self) -> list[str]:
         """Who may send requests on a person's behalf besides the broker: the chat bot."""
         return [self.jid(self.chat.account)] if self.chat else []
+
+    def state_dir(self, name: str) -> Path:
+        """Where the actor running as account ``name`` keeps its state (not created here)."""
+        return actor_state(self.home, name)
 
     @property
     def gateway_socket(self) -> Path:

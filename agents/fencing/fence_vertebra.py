@@ -96,7 +96,9 @@ def metadata() -> str:
 
 
 def _home(options: Mapping[str, str]) -> str:
-    return options.get("vertebra_home") or os.environ.get("VERTEBRA_HOME") or DEFAULT_HOME
+    from agents.home import state_home  # the rule `vertebra` finds it by, with this program's default
+
+    return str(state_home(options.get("vertebra_home"), DEFAULT_HOME))
 
 
 def vertebra_home(options: Mapping[str, str]) -> Path:

@@ -177,9 +177,10 @@ def lean_args(words: Sequence[str]) -> dict[str, Any] | None:
 
 
 def _home(home: str | None) -> str:
-    """config.default_home, without loading the config module."""
-    path = home or os.environ.get("VERTEBRA_HOME") or ".vertebra"
-    return path if os.path.isabs(path) else os.path.join(os.getcwd(), path)
+    """The state directory, found as `vertebra` finds it, without loading the config module."""
+    from agents.home import state_home
+
+    return str(state_home(home))
 
 
 def _lean_run(o: dict[str, Any]) -> tuple[str, int] | None:
