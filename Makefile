@@ -4,12 +4,17 @@
 VENV := .venv
 PYTHON := $(VENV)/bin/python
 
-.PHONY: install test test-ejabberd run bench clean
+.PHONY: install lint test test-ejabberd run bench clean
 
 install:
 	deploy/install.sh
 
-test: install
+# ruff and mypy (their settings are in pyproject.toml): a few seconds, before any test starts a server.
+lint: install
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy
+
+test: lint
 	$(PYTHON) -m pytest -q tests/
 
 # Every integration test with the session's mesh on a two-node ejabberd cluster on loopback (actors
