@@ -7,11 +7,11 @@ in flight (its snapshot, base and transfer id), so that a resumed update regener
 from __future__ import annotations
 
 import json
-import sqlite3
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
+from agents.db import open_db
 from agents.storage.driver import StorageError
 
 _SCHEMA = """
@@ -64,9 +64,9 @@ class ReplicationState:
 
     def __init__(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
-        self.db = sqlite3.connect(path, check_same_thread=False)
-        self.db.executescript(_SCHEMA)
-        self.db.execute("PRAGMA journal_mode = WAL")
+        # Implicit transactions, committed by the methods below; the directory also receives packages,
+        # so its mode is left as it is.
+        self.db = open_db(path, [_SCHEMA], synchronous="FULL", private=False, isolation_level="DEFERRED")
 
     def close(self) -> None:
         self.db.close()
