@@ -118,7 +118,7 @@ class MeshConfig:
         agents that run here."""
         where = Fields(self.path, document=self.document)
         for i, agent in enumerate(self.agents):
-            if names is None or agent.name in names:
+            if (names is None or agent.name in names) and agent.kind in SETTINGS_PARSERS:
                 module, _, function = SETTINGS_PARSERS[agent.kind].partition(":")
                 parse_settings = getattr(importlib.import_module(module), function)
                 try:
