@@ -91,10 +91,12 @@ class AdHoc:
         again per target, by the bot and by each agent."""
         return decide(self.bot.authorizer, caller, spec, []).allowed
 
-    def _items(self, jid: Any, node: Any, ifrom: Any, data: Any) -> DiscoItems:
+    async def _items(self, jid: Any, node: Any, ifrom: Any, data: Any) -> DiscoItems:
         items = DiscoItems()
         items["node"] = NS
         who = ifrom.bare if ifrom is not None else ""
+        if who:
+            await self.bot.refresh_ops(who)  # the ops offered now, as the broker and the agents describe them
         for spec in self.bot.ops.values():
             if who and self.may_run(who, spec):
                 items.add_item(str(self.bot.jid), node=spec.name, name=f"{spec.name}: {spec.summary}")
@@ -110,6 +112,7 @@ class AdHoc:
         if not allowed:
             raise XMPPError("resource-constraint", "too many commands; wait a moment", etype="wait")
         if not sid:
+            await self.bot.refresh_ops(caller.bare)
             spec = self.bot.ops.get(cmd["node"])
             if spec is None or not self.may_run(caller.bare, spec):
                 # The same answer whether it does not exist or is not yours: the list is per role.

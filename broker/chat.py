@@ -2,8 +2,10 @@
 
 Text commands (``help``, ``help OP``, ``agents``, ``call OP [on RESOURCE ...] key=value ...``,
 ``jobs``, ``job ID``, ``cancel ID``, ``approve ID [STEP]``, ``deny ID``, ``workflows``) are parsed
-with the op declarations (``OpSpec.parse_pairs``, ``help_text``), so a new op is callable from chat
-with no chat code. A mistyped command or op gets a suggestion; a bad argument an error naming it.
+with the ops' descriptions (``OpSpec.parse_pairs``, ``help_text``), as the broker and the live agents
+publish them (``mesh.describe``, agents/describe.py): a new op, or a new kind of agent, is callable
+from chat with no chat code and nothing of its code in the bot's process. A mistyped command or op
+gets a suggestion; a bad argument an error naming it.
 
 Whose identity. The operator's bare JID, as the server stamped it on the chat message, is the
 subject of every decision; the bot's own identity grants nothing:
@@ -43,12 +45,13 @@ from slixmpp import JID, Message
 
 from agents import resources as paths
 from agents.actor import Actor, Endpoint, Timeouts
-from agents.ratelimit import RateLimit  # the token bucket per sender, shared with agents' intake
 from agents.audit import AuditLog
-from agents.client import not_discovered
 from agents.authz import Authorizer, decide
-from agents.errors import BadArguments, Outcome
+from agents.client import not_discovered
+from agents.describe import spec_of
+from agents.errors import BadArguments, OpError, Outcome
 from agents.ops import OpSpec
+from agents.ratelimit import RateLimit  # the token bucket per sender, shared with agents' intake
 from agents.report import CallReport, TargetResult
 
 log = logging.getLogger(__name__)
@@ -182,18 +185,23 @@ class ChatBot(Actor):
                  state_dir: Path | None = None, rate: RateLimit | None = None,
                  muc_domains: Sequence[str] = (), timeouts: Timeouts = Timeouts()) -> None:
         super().__init__(jid, password, endpoint, timeouts=timeouts)
-        if ops is None or broker_ops is None:
-            from agents.kinds import agent_class, catalogue  # the broker's module imports this package
+        if ops is not None and broker_ops is None:  # ops given (tests, benchmarks): the broker's are its class's
             from agents.ops import ops_of
-            ops = catalogue() if ops is None else ops
-            broker_ops = list(ops_of(agent_class("broker"))) if broker_ops is None else broker_ops
+
+            from .service import Broker  # late: the broker's module imports this one
+            broker_ops = list(ops_of(Broker))
         self.broker = broker  # full JID of the broker
         # The broker's directory when the bot runs in its process (`vertebra broker` with chat:), read
         # directly instead of asking mesh.discover: the bot decides every target for the operator anyway.
         self.directory: Any = None
         self.authorizer = authorizer
-        self.ops: dict[str, OpSpec] = dict(sorted(ops.items()))
-        self.broker_ops = frozenset(broker_ops)  # served by the broker itself, not found by discovery
+        # The ops the bot offers: as given, else as described by the broker and the live agents, asked
+        # again before each command (``refresh_ops``) from ``describer``: the broker itself when the bot
+        # runs in its process, else ``mesh.describe`` sent to it for the operator.
+        self.ops: dict[str, OpSpec] = dict(sorted((ops or {}).items()))
+        self.broker_ops = frozenset(broker_ops or ())  # served by the broker itself, not found by discovery
+        self.describer: Any = None if ops is not None else RemoteDescriptions(self)
+        self._described: dict[str, tuple[Any, OpSpec]] = {}  # op -> (its description, the spec made of it)
         self.audit = AuditLog(state_dir / "audit.sqlite", write_behind=0.05) if state_dir else None
         self.rate = rate or RateLimit()
         domain = JID(jid).domain
@@ -259,6 +267,7 @@ class ChatBot(Actor):
             return None
         name, rest = words[0].lower(), words[1:]
         command = self.commands.get(name)
+        await self.refresh_ops(sender.bare)
         try:
             if command is None:
                 if name in self.ops:
@@ -271,6 +280,32 @@ class ChatBot(Actor):
             log.exception("chat command %r from %s failed", body, sender)
             say(f"{name} failed inside the bot ({exc.__class__.__name__}); the bot's log has the details")
         return None
+
+    async def refresh_ops(self, operator: str) -> None:
+        """Bring ``ops`` up to what the broker and the live agents offer now (unless ops were given):
+        descriptions are read once per op and kept while the broker returns the same one."""
+        if self.describer is None:
+            return
+        try:
+            listed = await self.describer.op_summaries(operator)
+            wanted = {o["name"]: o for o in listed}
+            names = list(wanted)
+            found = await asyncio.gather(*(self.describer.op_description(n, operator) for n in names),
+                                         return_exceptions=True)
+        except (OpError, OSError, TimeoutError) as exc:
+            log.warning("could not read the ops' descriptions (%s); the bot offers those it knew", exc)
+            return
+        ops: dict[str, OpSpec] = {}
+        for name, description in zip(names, found):
+            if isinstance(description, BaseException):
+                log.warning("no description of %s: %s", name, description)
+                continue
+            known = self._described.get(name)
+            if known is None or known[0] != description:
+                known = self._described[name] = (description, spec_of(description))
+            ops[name] = known[1]
+        self.ops = dict(sorted(ops.items()))
+        self.broker_ops = frozenset(n for n, o in wanted.items() if o.get("broker"))
 
     # -- commands ----------------------------------------------------------------------------------
 
@@ -543,6 +578,42 @@ def decided_resources(spec: OpSpec, args: Mapping[str, Any], addressed: list[str
     return narrowed + named or (list(held) if held else list(addressed))
 
 
+class RemoteDescriptions:
+    """Op descriptions from the broker's ``mesh.describe``, asked for the operator (as every request
+    the bot sends); the broker reads them from the agents, cached per caps hash."""
+
+    TIMEOUT = 5.0
+
+    def __init__(self, bot: ChatBot) -> None:
+        self.bot = bot
+
+    async def _ask(self, operator: str, op: str) -> Any:
+        answer = await self.bot.request(self.bot.broker, "mesh.describe", {"op": op}, timeout=self.TIMEOUT,
+                                        behalf=operator)
+        if answer.outcome is not Outcome.OK:
+            raise OpError(f"mesh.describe {op!r}: {answer.outcome.value}: {answer.error}")
+        return answer.result
+
+    async def op_summaries(self, operator: str) -> list[dict[str, Any]]:
+        return await self._ask(operator, "")
+
+    async def op_description(self, name: str, operator: str) -> dict[str, Any]:
+        return await self._ask(operator, name)
+
+
+class BrokerDescriptions:
+    """Op descriptions straight from the broker the bot runs beside (its ``mesh.describe``, no round trip)."""
+
+    def __init__(self, broker: Any) -> None:
+        self.broker = broker
+
+    async def op_summaries(self, operator: str) -> list[dict[str, Any]]:
+        return await self.broker.op_summaries()
+
+    async def op_description(self, name: str, operator: str) -> dict[str, Any]:
+        return await self.broker.op_description(name)
+
+
 async def start_beside_broker(mesh: Any, broker: Any, instance: int) -> ChatBot | None:
     """The operators' chat bot, in the broker's process so that its ops room can follow the broker's
     alerts and approvals as they happen: one account, so beside the broker's first instance only
@@ -559,6 +630,7 @@ async def start_beside_broker(mesh: Any, broker: Any, instance: int) -> ChatBot 
                   authorizer=mesh.authorizer(), state_dir=_state_dir(mesh, chat.account),
                   rate=RateLimit(chat.burst, chat.per_second))
     bot.directory = broker.directory
+    bot.describer = BrokerDescriptions(broker)
     AdHoc(bot)
     if chat.room:
         room = OpsRoom(bot, chat.room, admins=mesh.admins)  # members: the admins and whom the policy names

@@ -69,8 +69,9 @@ class OpDescriptions:
             return found
         raise UnknownOp(f"no live agent offering {name!r} described it; try again when one is back")
 
-    async def op_summaries(self) -> list[dict[str, str]]:
-        """Every op the broker and the live agents offer, with its summary, sorted by name."""
+    async def op_summaries(self) -> list[dict[str, Any]]:
+        """Every op the broker and the live agents offer, with its summary, sorted by name; the
+        broker's own are marked ``"broker": true`` (sent to the broker, not found by discovery)."""
         out = {name: spec.summary for name, spec in self.ops.items()}
         by_caps: dict[Capabilities, list[str]] = {}
         for entry in self.directory.entries():
@@ -93,4 +94,5 @@ class OpDescriptions:
         for found in await asyncio.gather(*(summaries(c, j) for c, j in by_caps.items())):
             for name, summary in found.items():
                 out[name] = out.get(name) or summary
-        return [{"name": name, "summary": out[name]} for name in sorted(out)]
+        return [{"name": name, "summary": out[name], **({"broker": True} if name in self.ops else {})}
+                for name in sorted(out)]

@@ -12,7 +12,7 @@ from agents import audit
 from agents.authz import PolicyAuthorizer
 from agents.kinds import catalogue
 from agents.ops import ops_of
-from broker.chat import ChatBot, RateLimit
+from broker.chat import ChatBot, RateLimit, RemoteDescriptions, help_for
 from conftest import until
 from sample_agent import SampleAgent
 
@@ -26,7 +26,7 @@ members:
   operator: [{", ".join((operator, *others))}]
   viewer: [{helper}]
 grants:
-  - {{role: viewer, ops: ["*.info", "sample.echo", "mesh.agents", "mesh.discover", "workflow.list"]}}
+  - {{role: viewer, ops: ["*.info", "sample.echo", "mesh.agents", "mesh.discover", "mesh.describe", "workflow.list"]}}
   - {{role: operator, ops: ["sample.**", "workflow.**"]}}
 """
 
@@ -79,6 +79,18 @@ async def test_help_lists_commands_and_ops_from_the_declarations(chat):
     assert "sample.echo" in text and "storage.snapshot.create" in text and "approve ID" in text
     one = await me.ask("help sample.echo", "sample.echo - Send the text back.")
     assert "mode=plain|upper" in one and "usage: call sample.echo [on RESOURCE ...] text=..." in one
+
+
+async def test_without_ops_given_the_bot_offers_what_the_broker_and_live_agents_describe(chat):
+    bot, _, agent, me, _ = chat
+    bot.ops, bot.broker_ops, bot.describer = {}, frozenset(), RemoteDescriptions(bot)  # no ops given
+    one = await me.ask("help sample.echo", "sample.echo - Send the text back.")
+    assert one == help_for(ops_of(SampleAgent)["sample.echo"])  # from the agent's disco node, as declared
+    listing = await me.ask("help", "commands:")
+    assert "sample.echo" in listing and "mesh.agents" in listing and "storage.snapshot.create" not in listing
+    assert "HELLO" in await me.ask("call sample.echo text=hello mode=upper", "sample.echo: 1 ok")
+    assert "live agents" in await me.ask("agents", "live agents")  # a broker op, sent to the broker
+    assert "did you mean sample.echo" in await me.ask("call sample.ecko text=hi", "no op")
 
 
 async def test_typos_get_suggestions_and_bad_arguments_are_named(chat):

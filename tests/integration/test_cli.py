@@ -10,9 +10,12 @@ import sys
 
 import pytest
 import yaml
-from conftest import ROOT, running, vertebra
+from conftest import ROOT, running, until, vertebra
 
+from agents import config
+from agents.client import Client
 from agents.kinds import catalogue
+from broker.chat import help_for
 
 AGENTS = [{"name": "store", "kind": "storage", "resources": ["/host/cli", "/pool/cli"]},
           {"name": "mon", "kind": "monitor", "resources": ["/host/cli"], "gateway": True}]
@@ -150,6 +153,33 @@ def test_help_is_what_the_live_agents_describe(mesh_home, tmp_path):
     # No mesh running: a clear message, not a traceback, and no kind's code loaded to give it.
     down = vertebra(home, "help", "storage.info", "--timeout", "2")
     assert down.returncode == 5 and "start the mesh" in down.stderr, down.stderr
+
+
+async def test_chat_bot_beside_the_broker_describes_the_live_agents_ops(mesh_home, server):
+    """The bot `vertebra broker` starts (the mesh file's chat:) is given no ops: it offers what the
+    broker and the live agents describe."""
+    home = mesh_home(AGENTS)
+    cfg = yaml.safe_load((home / "mesh.yaml").read_text())
+    cfg["chat"] = {"account": "bot" + cfg["broker"].removeprefix("broker")}
+    (home / "mesh.yaml").write_text(yaml.safe_dump(cfg))
+    mesh = config.load(home / "mesh.yaml", home)
+    server.register_many(mesh.ensure_passwords())
+    with running(home, expect_agents=2):
+        me = Client(mesh.jid(mesh.operator), mesh.password(mesh.operator), mesh.endpoint(), broker=mesh.broker_jids)
+        got: list[str] = []
+        me.on_event("message", lambda m: got.append(m["body"]) if m["body"] else None)
+        await me.start(timeout=10)
+        try:
+            bot = mesh.jid(mesh.chat.account)
+            me.xmpp.send_message(mto=bot, mbody="help storage.volume.create", mtype="chat")
+            answer = await until(lambda: next(iter(got), None), 20, "the bot's help")
+            assert answer == help_for(catalogue()["storage.volume.create"])
+            me.xmpp.send_message(mto=bot, mbody="help", mtype="chat")
+            listing = await until(lambda: next((b for b in got if "commands:" in b), None), 20, "the bot's list")
+            assert "storage.info" in listing and "monitor.check" in listing and "mesh.agents" in listing
+            assert "fencing.info" not in listing  # no fencing agent is live
+        finally:
+            await me.stop()
 
 
 def test_help_loads_no_kind_code(mesh_home):
