@@ -272,8 +272,10 @@ def parse(data: Any, path: Path, home: Path) -> MeshConfig:
         engine=engine,
         node_name=where.string(srv.get("node_name", ServerConfig.node_name), "server.node_name", erlang_node,
                                "an Erlang node name such as vertebra1@127.0.0.1"),
-        dist_port=None if srv.get("dist_port") is None else where.integer(srv["dist_port"], "server.dist_port", 1, 65535),
-        epmd_port=None if srv.get("epmd_port") is None else where.integer(srv["epmd_port"], "server.epmd_port", 1, 65535),
+        dist_port=None if srv.get("dist_port") is None else where.integer(srv["dist_port"], "server.dist_port",
+                                                                          1, 65535),
+        epmd_port=None if srv.get("epmd_port") is None else where.integer(srv["epmd_port"], "server.epmd_port",
+                                                                          1, 65535),
         cluster_join=None if srv.get("cluster_join") is None else where.string(
             srv["cluster_join"], "server.cluster_join", erlang_node, "an Erlang node name to join"),
         read_limit=where.integer(srv.get("read_limit", ServerConfig.read_limit), "server.read_limit", 0, 10**12))
