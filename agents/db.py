@@ -79,6 +79,8 @@ def open_db(path: str | Path | None, migrations: Sequence[str], *, synchronous: 
     its schema up to ``len(migrations)``: migration *i* (0-based) takes the file from version *i* to
     *i + 1*. The connection may be used from another thread than the opening one (a :class:`Store`'s).
     ``isolation_level`` other than None gives Python's implicit transactions (committed by the caller)."""
+    if path is not None and str(path) == ":memory:":
+        path = None
     if synchronous not in SYNCHRONOUS:
         raise ValueError(f"synchronous must be one of {', '.join(SYNCHRONOUS)}, got {synchronous!r}")
     target = ":memory:" if path is None else str(private_file(path) if private else path)

@@ -13,11 +13,12 @@ Pure logic over :class:`Event` lists plus the SQLite counter; nothing here talks
 
 from __future__ import annotations
 
-import sqlite3
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
+
+from agents.db import open_db
 
 REQUESTED, APPROVED, PERFORMED = "requested", "approved", "performed"
 
@@ -109,6 +110,13 @@ def check_perform(history: Sequence[Event], rule: StepRule, performer: str,
     return Verdict(True, "constraints hold")
 
 
+# The rate store's schema versions (agents.db.migrate): the first is the schema it had before versions.
+_RATE_MIGRATIONS = ["""
+CREATE TABLE IF NOT EXISTS uses (key TEXT NOT NULL, at REAL NOT NULL, who TEXT NOT NULL);
+CREATE INDEX IF NOT EXISTS uses_key ON uses (key, at);
+"""]
+
+
 class RateLimits:
     """At most N uses of a key (an op, or an op on a cluster) per period, counted atomically.
 
@@ -119,10 +127,7 @@ class RateLimits:
 
     def __init__(self, path: str | Path, clock: Callable[[], float] = time.time) -> None:
         self.clock = clock
-        self.db = sqlite3.connect(path, isolation_level=None, timeout=30, check_same_thread=False)
-        self.db.execute("PRAGMA journal_mode=WAL")
-        self.db.execute("CREATE TABLE IF NOT EXISTS uses (key TEXT NOT NULL, at REAL NOT NULL, who TEXT NOT NULL)")
-        self.db.execute("CREATE INDEX IF NOT EXISTS uses_key ON uses (key, at)")
+        self.db = open_db(path, _RATE_MIGRATIONS)
 
     def take(self, key: str, limit: int, period: float, who: str) -> Verdict:
         now = self.clock()

@@ -36,6 +36,15 @@ def test_a_new_file_is_private_in_wal_and_at_the_last_version(tmp_path):
         db.close()
 
 
+def test_memory_databases_are_never_files(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    for path in (None, ":memory:"):
+        db = open_db(path, [V1])
+        assert db.execute("PRAGMA user_version").fetchone()[0] == 1
+        db.close()
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_migrations_run_once_and_only_those_missing(tmp_path):
     path = tmp_path / "store.sqlite"
     open_db(path, [V1]).close()
