@@ -62,3 +62,19 @@ def test_a_second_up_on_the_same_state_directory_is_refused(tmp_path):
         assert f"a mesh is already running in {home} (`vertebra up`, pid {holder})" in second.stderr
         assert f"kill {holder}" in second.stderr
         assert sorted(_processes_mentioning(str(home))) == running  # nothing more started
+
+
+def test_an_agent_that_dies_at_start_makes_up_fail_with_its_log(tmp_path):
+    home = tmp_path / "up-home"
+    home.mkdir()
+    mesh = yaml.safe_load((ROOT / "deploy" / "mesh.example.yaml").read_text())
+    mesh["server"]["port"] = free_port()
+    storage = next(a for a in mesh["agents"] if a["kind"] == "storage")
+    storage["settings"]["root"] = "/proc/vertebra-cannot-be-made"  # valid settings, but no driver opens there
+    (home / "mesh.yaml").write_text(yaml.safe_dump(mesh))
+
+    up = vertebra(home, "up", timeout=180)
+    assert up.returncode == 1, up.stdout + up.stderr
+    assert f"{storage['name']} exited" in up.stderr and "/proc/vertebra-cannot-be-made" in up.stderr, up.stderr
+    assert "mesh is up" not in up.stdout
+    assert _processes_mentioning(str(home)) == []
