@@ -87,7 +87,7 @@ async def flooder_main(host: str, port: int, jid: str, password: str, to: str, c
     print("ready", flush=True)
     loop = asyncio.get_running_loop()
     round_no = 0
-    while (line := await loop.run_in_executor(None, sys.stdin.readline)).strip() == "go":
+    while (await loop.run_in_executor(None, sys.stdin.readline)).strip() == "go":
         round_no += 1
         ids = [f"f{round_no}-{i}" for i in range(count)]
         wanted.update(ids)
@@ -99,7 +99,7 @@ async def flooder_main(host: str, port: int, jid: str, password: str, to: str, c
             f" timeout='30000'>{payload}</op></iq>" for iq_id in ids))
         try:
             await asyncio.wait_for(all_in.wait(), seconds)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             pass
         unanswered = len(wanted)
         wanted.clear()  # answers to this round's requests that come later are not counted
@@ -139,7 +139,8 @@ class Flood:
             raise RuntimeError(f"the flooding process of {jid} did not log in")
         return proc
 
-    async def flood(self, flooder: asyncio.subprocess.Process, client: Any, to: str, name: str) -> tuple[list[float], list[int]]:
+    async def flood(self, flooder: asyncio.subprocess.Process, client: Any, to: str,
+                    name: str) -> tuple[list[float], list[int]]:
         """The admin's round trips during ``rounds`` bursts from ``flooder``, and the flood's answers."""
         assert flooder.stdin is not None and flooder.stdout is not None
         during: list[float] = []

@@ -126,7 +126,7 @@ async def start_plain(xmpp: slixmpp.ClientXMPP, host: str, port: int, timeout: f
     xmpp.connect(host, port)
     try:
         await asyncio.wait_for(started.wait(), timeout)
-    except asyncio.TimeoutError:
+    except TimeoutError:
         xmpp.abort()
         raise RuntimeError(f"{xmpp.boundjid}: no session within {timeout:g}s") from None
 
@@ -340,7 +340,7 @@ class Worker:
         try:
             await asyncio.wait_for(proc.wait(), timeout)
             return
-        except (asyncio.TimeoutError, Exception):
+        except Exception:  # timed out, or already gone
             pass
         self.kill()
         with contextlib.suppress(Exception):

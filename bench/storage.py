@@ -195,8 +195,8 @@ class Mesh:
         op, src_jid, dst_jid = (f"{u}@{DOMAIN}" for u in accounts)
         for sub in ("src", "dst"):
             (self.home / f"state{n}-{sub}").mkdir(parents=True)
-        src = StorageAgent(src_jid, "pw-src", endpoint, authorizer=AdminsOnly([op]), state_dir=self.home / f"state{n}-src",
-                           settings={"driver": driver, "root": str(roots[0])})
+        src = StorageAgent(src_jid, "pw-src", endpoint, authorizer=AdminsOnly([op]),
+                           state_dir=self.home / f"state{n}-src", settings={"driver": driver, "root": str(roots[0])})
         dst = StorageAgent(dst_jid, "pw-dst", endpoint, authorizer=AdminsOnly([op, src_jid]),
                            state_dir=self.home / f"state{n}-dst", settings={"driver": driver, "root": str(roots[1])})
         client = Client(op, "pw-op", endpoint, broker="")

@@ -108,8 +108,8 @@ class _Lint:
         for key in m:
             if key not in allowed:
                 hint = _closest(str(key), allowed)
-                self.err(m.at(key), f"unknown key {key!r} in {what}" + (f" (did you mean {hint!r}?)" if hint
-                                                                       else f"; expected one of {', '.join(sorted(allowed))}"))
+                advice = f" (did you mean {hint!r}?)" if hint else f"; expected one of {', '.join(sorted(allowed))}"
+                self.err(m.at(key), f"unknown key {key!r} in {what}{advice}")
 
     def words(self, value: Any, line: int, what: str) -> list[tuple[Any, int]]:
         """A scalar or a list of scalars, each with its line."""

@@ -191,11 +191,11 @@ class RawXMPP:
             self._arrived.clear()
             remaining = end - loop.time()
             if remaining <= 0:
-                raise asyncio.TimeoutError("no matching stanza arrived in time")
+                raise TimeoutError("no matching stanza arrived in time")
             try:
                 await asyncio.wait_for(self._arrived.wait(), remaining)
-            except asyncio.TimeoutError:
-                raise asyncio.TimeoutError("no matching stanza arrived in time") from None
+            except TimeoutError:
+                raise TimeoutError("no matching stanza arrived in time") from None
 
     # -- writing ----------------------------------------------------------------------------------
 
@@ -240,7 +240,7 @@ class RawXMPP:
             return False
         try:
             reply = await self.iq(self.domain, "<ping xmlns='urn:xmpp:ping'/>", type="get", timeout=timeout)
-        except (asyncio.TimeoutError, XMPPError, OSError):
+        except (TimeoutError, XMPPError, OSError):
             return False
         return reply.get("type") == "result"
 

@@ -153,7 +153,7 @@ class PowerController:
                  action, node, own, max(patience, 0.0))
         try:
             return await asyncio.wait_for(asyncio.shield(future), max(patience, 0.0))
-        except asyncio.TimeoutError:
+        except TimeoutError:
             raise StillInFlight(
                 f"{action} {node} is still in progress: this request joined the {action} already running"
                 f" (which keeps its own {own:g}s budget and goes on to a verified result) and stopped"

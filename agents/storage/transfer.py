@@ -57,7 +57,7 @@ async def _read_frame(reader: asyncio.StreamReader) -> dict[str, Any]:
         frame = msgpack.unpackb(await asyncio.wait_for(reader.readexactly(length), IDLE_TIMEOUT), raw=False)
     except asyncio.IncompleteReadError:
         raise StorageError("transfer connection closed mid-frame; resume the transfer", code="failed") from None
-    except asyncio.TimeoutError:
+    except TimeoutError:
         raise StorageError(f"transfer peer silent for {IDLE_TIMEOUT:g}s; resume the transfer",
                            code="failed") from None
     if not isinstance(frame, dict) or not isinstance(frame.get("t"), str):

@@ -35,8 +35,8 @@ async def test_alerts_reach_the_room_and_room_messages_are_not_commands(mesh):
 
     agent = await mesh.agent(SampleAgent, broker, ["/host/db1"])
     monitor = await mesh.agent(MonitorAgent, broker, ["/host/db1"])  # a live monitor agent may post alerts
-    await until(lambda: broker.directory.discover("sample.count", []) and broker.directory.discover("monitor.check", []),
-                what="the agents in the directory")
+    await until(lambda: (broker.directory.discover("sample.count", [])
+                         and broker.directory.discover("monitor.check", [])), what="the agents in the directory")
     post = {"check": "disk", "host": "db1", "previous": "OK", "state": "CRITICAL", "text": "DISK CRITICAL - / 97%"}
     assert (await monitor.request(str(broker.jid), "mesh.alert", post, timeout=5)).outcome.value == "ok"
     await until(lambda: any(f"CRITICAL: disk on db1 (was OK): DISK CRITICAL - / 97% (from {monitor.jid.bare})" in b

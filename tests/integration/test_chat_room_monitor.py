@@ -44,7 +44,8 @@ async def test_room_gets_a_line_when_a_scheduled_check_goes_critical_and_when_it
     bot = ChatBot(bot_jid, bot_pw, mesh.endpoint, broker=str(broker.jid), authorizer=mesh.admins)
     room_jid = f"ops-{uuid.uuid4().hex[:8]}@rooms.{DOMAIN}"
     watcher_account = mesh.account("watcher")
-    room = OpsRoom(bot, room_jid, nick=f"vertebra-{uuid.uuid4().hex[:6]}", interval=0.2, admins=[watcher_account[0]])  # the room is members-only
+    room = OpsRoom(bot, room_jid, nick=f"vertebra-{uuid.uuid4().hex[:6]}", interval=0.2,
+                   admins=[watcher_account[0]])  # the room is members-only
     room.follow(broker)
     await mesh.start(bot)
     await until(lambda: room.joined.is_set(), what="the bot in the room, configured")

@@ -76,7 +76,7 @@ async def test_shell_metacharacters_arrive_as_one_literal_argv_element(mesh, tmp
     record = tmp_path / "argv"
     # The plugin writes each argument on its own NUL-terminated record, exactly as received.
     plugin = script(tmp_path, "argv", f'printf "%s\\0" "$@" > {record}\necho "OK - $# args"\n')
-    evil = "x; touch {p}/pwned && echo $(id) `id` | cat > {p}/pwned2 & '\"\\ *".format(p=tmp_path)
+    evil = f"x; touch {tmp_path}/pwned && echo $(id) `id` | cat > {tmp_path}/pwned2 & '\"\\ *"
     mon = await mesh.agent(MonitorAgent, None, ["/host/mon-c"], settings={"checks": {"argv": {
         "plugin": plugin, "args": ["--fixed"],
         "arguments": {"text": {"type": "str", "option": "--text", "pattern": r"[^\x00-\x1f]{0,300}"}}}}})

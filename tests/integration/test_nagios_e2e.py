@@ -116,7 +116,8 @@ def test_check_vertebra_exit_codes_aggregate_and_mesh_problems(running_mesh, tmp
                                            " web2:latency=0.1s;0.3;1;0")
 
     nobody = check_vertebra(home, "-H", "nosuchhost", "-c", "svc", "-t", "5")
-    assert nobody.returncode == 3 and nobody.stdout.startswith("UNKNOWN - check_vertebra: not-discovered on /host/nosuchhost")
+    assert nobody.returncode == 3
+    assert nobody.stdout.startswith("UNKNOWN - check_vertebra: not-discovered on /host/nosuchhost")
     bad = check_vertebra(home, "-H", "web1", "-c", "svc", "-a", "evil=1")
     assert bad.returncode == 3 and "does not take argument(s) 'evil'" in bad.stdout
 

@@ -29,7 +29,8 @@ def recording_device(tmp_path: Path, state: Path, events: Path) -> str:
     path = tmp_path / "fence_recorded"
     path.write_text("#!/bin/sh\ninput=$(cat)\n"
                     'printf "%s\\n" "$input" | /usr/sbin/fence_dummy; rc=$?\n'
-                    f'case "$input" in *action=off*) echo "device off exit=$rc state=$(cat {state})" >> {events};; esac\n'
+                    'case "$input" in *action=off*)'
+                    f' echo "device off exit=$rc state=$(cat {state})" >> {events};; esac\n'
                     "exit $rc\n")
     path.chmod(0o755)
     return str(path)

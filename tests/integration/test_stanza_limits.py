@@ -94,7 +94,8 @@ async def test_backoff_starts_again_after_each_resumed_session(mesh):
     for _ in range(12):
         seen = len(sessions)
         agent.xmpp.transport.abort()  # as a network fault would: the stream is not closed cleanly
-        await until(lambda: len(sessions) > seen and agent.online, timeout=20, what="the session back")
+        await until(lambda: len(sessions) > seen and agent.online,  # noqa: B023 (awaited within this iteration)
+                    timeout=20, what="the session back")
         if sessions[-1] == "resumed":
             # Before the fix the backoff kept counting up over resumes (each drop waited longer).
             assert agent.backoff.attempt == 0, "backoff not reset after a resumed session"

@@ -32,7 +32,8 @@ def test_up_gives_the_demo_source_and_the_readme_workflow_masks_it_for_each_deve
             data = b"".join(p.read_bytes() for p in clone.rglob("*") if p.is_file())
             assert data and not [v for v in PERSONAL if v in data]
             with sqlite3.connect(clone / "app.db") as db:
-                assert db.execute("SELECT email FROM customers WHERE id = 1").fetchone() == ("customer1@masked.invalid",)
+                email = db.execute("SELECT email FROM customers WHERE id = 1").fetchone()
+                assert email == ("customer1@masked.invalid",)
         # Each clone is addressed by its volume, as the README shows.
         listed = vertebra(home, "call", "storage.snapshot.list", "volume=demo-masking-s1", "--json")
         assert listed.returncode == 0, listed.stdout + listed.stderr

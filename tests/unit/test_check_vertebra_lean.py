@@ -121,7 +121,8 @@ def test_one_reads_the_report_as_the_full_path_did() -> None:
     ok = {"results": [{"target": "mon@x.test/agent", "outcome": "ok", "error": None,
                        "result": {"output": "OK: fine | a=1", "code": 0}}]}
     assert cv._one(ok, "/host/a", 3) == ("OK: fine | a=1", 0)
-    missing = {"results": [{"target": "/host/a", "outcome": "not-discovered", "error": "no live agent", "result": None}]}
+    missing = {"results": [{"target": "/host/a", "outcome": "not-discovered", "error": "no live agent",
+                            "result": None}]}
     assert cv._one(missing, "/host/a", 3) == ("UNKNOWN - check_vertebra: not-discovered on /host/a: no live agent", 3)
     slow = {"results": [{"target": "mon@x.test/agent", "outcome": "timeout", "error": "no answer", "result": None}]}
     assert cv._one(slow, "/host/a", 2) == ("CRITICAL - check_vertebra: timeout on mon@x.test: no answer", 2)

@@ -159,7 +159,7 @@ def test_no_gateway_means_the_full_path_and_its_message(tmp_path: Path) -> None:
 
 def test_importing_it_loads_neither_asyncio_nor_the_device_registry() -> None:
     code = ("import sys, agents.fencing.fence_vertebra as fv; fv.lean_request([], 'action=off\\nport=n\\n');"
-            " bad = {'asyncio', 'yaml', 'agents.fencing.devices', 'agents.fencing.settings', 'agents.fencing.fence_api'}"
-            " & set(sys.modules); print(sorted(bad))")
+            " bad = {'asyncio', 'yaml', 'agents.fencing.devices', 'agents.fencing.settings',"
+            " 'agents.fencing.fence_api'} & set(sys.modules); print(sorted(bad))")
     done = subprocess.run([sys.executable, "-c", code], text=True, capture_output=True, timeout=60)
     assert done.stdout.strip() == "[]", done.stderr

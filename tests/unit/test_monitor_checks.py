@@ -154,7 +154,8 @@ def test_default_catalogue() -> None:
     checks = default_checks()
     assert set(checks) == {"load", "disk", "procs", "users", "dummy"}
     assert checks["disk"].argv() == [f"{P}/check_disk", "-w", "20%", "-c", "10%", "-p", "/"]
-    assert checks["disk"].argv({"path": "/var", "warn": "5"}) == [f"{P}/check_disk", "-w", "5", "-c", "10%", "-p", "/var"]
+    assert checks["disk"].argv({"path": "/var", "warn": "5"}) == [f"{P}/check_disk", "-w", "5", "-c", "10%", "-p",
+                                                                  "/var"]
     assert checks["load"].argv({"per_cpu": True})[-1] == "-r"
     assert checks["procs"].argv({"crit": "1:1", "command": "init"}) == [f"{P}/check_procs", "-c", "1:1", "-C", "init"]
     assert checks["users"].argv() == [f"{P}/check_users", "-w", "5", "-c", "10"]
