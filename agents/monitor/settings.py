@@ -79,10 +79,14 @@ def parse_settings(raw: Mapping[str, Any] | None, where: Fields | None = None) -
     ``monitor settings`` and the field)."""
     where = where or Fields("monitor settings", SettingsError)
     raw = where.mapping(raw, "", {"checks", "max_concurrent", "schedule", "publish_to", "nagios"})
-    try:
-        checks = checks_from_config(raw["checks"]) if "checks" in raw else default_checks()
-    except CheckConfigError as exc:
-        raise where.error("checks", str(exc)) from None
+    if "checks" in raw and not isinstance(raw["checks"], Mapping):
+        raise where.error("checks", f"expected a mapping of check names, got {type(raw['checks']).__name__}")
+    checks = default_checks() if "checks" not in raw else {}
+    for name, spec in (raw.get("checks") or {}).items():
+        try:  # one at a time, so that an error is at its check's line
+            checks.update(checks_from_config({name: spec}))
+        except CheckConfigError as exc:
+            raise where.error(f"checks.{name}", str(exc)) from None
     limit = where.integer(raw.get("max_concurrent", DEFAULT_MAX_CONCURRENT), "max_concurrent", 1, 1024)
     schedule = tuple(_scheduled(where, name, spec, checks)
                      for name, spec in where.mapping(raw.get("schedule"), "schedule", None).items())

@@ -59,6 +59,8 @@ def test_the_mesh_file_and_every_kinds_settings_load(tmp_path):
     ("      clones: {per_owner: 3}", "      masking: {hooks: {h: {argv: [/no/such/hook]}}}",
      "mesh.yaml:8: agents[0].settings.masking.hooks.h.argv: hook cannot be run"),
     ("interval: 60}", "intervall: 60}", "mesh.yaml:13: agents[1].settings.schedule.disk: unknown key 'intervall'"),
+    ("      schedule:\n", "      checks:\n        disk: {plugin: rel/check_disk}\n      schedule:\n",
+     "mesh.yaml:13: agents[1].settings.checks.disk: check 'disk': field 'plugin' must be an absolute path"),
     ("interval: 60}", "interval: -1}", "mesh.yaml:13: agents[1].settings.schedule.disk.interval: expected a number"),
     ("    kind: fencing", "    kind: fencing\n    settings:\n      clustr: c1",
      "mesh.yaml:17: agents[2].settings: settings.clustr: unknown key"),
