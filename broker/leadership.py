@@ -27,6 +27,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
+from agents.db import open_db
 from agents.errors import OpError, Outcome, error_for
 
 log = logging.getLogger(__name__)
@@ -39,17 +40,18 @@ LEADER_OPS = frozenset({"workflow.run", "workflow.approve", "workflow.perform", 
                         "workflow.list", "workflow.cancel"})
 
 
+# The lease file's schema versions (agents.db.migrate): the first is the schema it had before versions.
+_LEASE_MIGRATIONS = ["CREATE TABLE IF NOT EXISTS lease (name TEXT PRIMARY KEY, holder TEXT NOT NULL,"
+                     " expires REAL NOT NULL)"]
+
+
 class Lease:
     """One named lease in a SQLite file that every instance opens (or in memory, for one instance)."""
 
     def __init__(self, path: Path | None, holder: str, term: float = LEASE_TERM,
                  clock: Callable[[], float] = time.time) -> None:
         self.holder, self.term, self._clock = holder, term, clock
-        self._db = sqlite3.connect(path or ":memory:", isolation_level=None, timeout=30)
-        if path is not None:
-            self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("CREATE TABLE IF NOT EXISTS lease (name TEXT PRIMARY KEY, holder TEXT NOT NULL,"
-                         " expires REAL NOT NULL)")
+        self._db = open_db(path, _LEASE_MIGRATIONS)
 
     def take(self, gone: str = "") -> bool:
         """Take or renew the lease; True while this holder has it. It is taken only when it is free,

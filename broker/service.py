@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import sqlite3
 from pathlib import Path
 from typing import Annotated, Any, Iterable, Mapping
 
@@ -29,6 +28,7 @@ from slixmpp import Presence
 from slixmpp.exceptions import IqError, IqTimeout
 
 from agents.agent import AGENT_FORM, Agent, Call, info_op
+from agents.db import open_db
 from agents.ops import OP_FEATURE_PREFIX, Arg, op
 from agents.resources import check as check_resource, BadResource
 from agents.errors import BadArguments
@@ -313,10 +313,8 @@ class _KnownAgents:
     """The bare JIDs of agents seen before, kept on disk so a restarted broker can greet them."""
 
     def __init__(self, path: Path | None) -> None:
-        self._db = sqlite3.connect(path or ":memory:", isolation_level=None, timeout=30)
-        if path is not None:
-            self._db.execute("PRAGMA journal_mode=WAL")  # the broker's instances share it
-        self._db.execute("CREATE TABLE IF NOT EXISTS known_agents (jid TEXT PRIMARY KEY)")
+        # WAL (agents.db.open_db): the broker's instances share it.
+        self._db = open_db(path, ["CREATE TABLE IF NOT EXISTS known_agents (jid TEXT PRIMARY KEY)"])
         self._cache = {row[0] for row in self._db.execute("SELECT jid FROM known_agents")}
 
     def add(self, jid: str) -> None:
