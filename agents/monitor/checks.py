@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from agents.monitor.ranges import State, parse_range
+from agents.schema import SchemaError
 
 __all__ = ["ArgSpec", "CheckSpec", "CheckConfigError", "CheckArgumentError", "ARG_TYPES",
            "PLUGIN_DIR", "default_checks", "checks_from_config"]
@@ -31,7 +32,7 @@ _OPTION = re.compile(r"-[A-Za-z0-9]|--[A-Za-z0-9][A-Za-z0-9-]*")
 _TRUE, _FALSE = {"true", "yes", "on", "1"}, {"false", "no", "off", "0"}
 
 
-class CheckConfigError(ValueError):
+class CheckConfigError(SchemaError):
     """A check's configuration is wrong; the message names the check and the field."""
 
 
