@@ -321,8 +321,11 @@ def parse(data: Any, path: Path, home: Path) -> MeshConfig:
     if sum(a.gateway for a in agents) > 1:
         raise where.error("agents", "at most one agent per mesh file may serve the gateway")
     pw = where.mapping(root.get("passwords", {}), "passwords", None)
-    password_files = {where.name(k, "passwords"): _path(v, path) for k, v in pw.items()}
-    password_files.update({a.name: a.password_file for a in agents if a.password_file})
+    password_files: dict[str, Path] = {}
+    for account, file in [(where.name(k, "passwords"), _path(v, path)) for k, v in pw.items()] + [
+            (a.name, a.password_file) for a in agents]:
+        if file is not None:
+            password_files[account] = file
     policy = _path(root.get("policy"), path)
     if policy is not None and not policy.is_file():
         raise where.error("policy", f"no policy file at {policy}")

@@ -97,7 +97,9 @@ def space_report(volumes: list[VolumeInfo], leases: dict[str, dict[str, Any]], n
                  ) -> dict[str, Any]:
     """Space per owner, per source and per clone, with each clone's last activity and expiry."""
     now = time.time() if now is None else now
-    clones, owners, sources = [], {}, {}
+    clones: list[dict[str, Any]] = []
+    owners: dict[str, dict[str, Any]] = {}
+    sources: dict[str, dict[str, Any]] = {}
     for v in volumes:
         if v.kind != "clone":
             continue
