@@ -66,7 +66,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _policy_check(ns.file)
         # Commands that start agents check those agents' settings first: a typo stops them here, naming
         # the mesh file's line, before anything has started.
-        check = {"up": True, "agent": [ns.name] if ns.command == "agent" else []}.get(ns.command, False)
+        check: bool | list[str] = True if ns.command == "up" else [ns.name] if ns.command == "agent" else False
         mesh = meshconf.load(ns.mesh, ns.home, check_settings=check)
         return COMMANDS[ns.command](mesh, ns)
     except meshconf.ConfigError as exc:
@@ -90,7 +90,8 @@ def _seconds(text: str) -> float:
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="vertebra", description="An agent mesh for managing infrastructure over XMPP.",
-                                epilog=__doc__.split("\n\n", 2)[2], formatter_class=argparse.RawDescriptionHelpFormatter)
+                                epilog=__doc__.split("\n\n", 2)[2],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--home", help="state directory (default: $VERTEBRA_HOME, else ./.vertebra)")
     p.add_argument("--mesh", help="mesh file (default: HOME/mesh.yaml, created from deploy/mesh.example.yaml)")
     p.add_argument("-v", "--verbose", action="store_true", help="log what the runtime does")
@@ -262,7 +263,8 @@ def _audit_anchors(mesh: meshconf.MeshConfig, jid: str, ns: argparse.Namespace) 
     if ns.anchors:
         import sqlite3
 
-        read_anchors = kinds.agent_class("broker").read_anchors  # the broker's database, read as it writes it
+        broker_class: Any = kinds.agent_class("broker")
+        read_anchors = broker_class.read_anchors  # the broker's database, read as it writes it
 
         try:
             return [Anchor(*a) for a in read_anchors(ns.anchors, jid)], None
@@ -384,8 +386,8 @@ def _server(mesh: meshconf.MeshConfig, engine: str | None = None, cluster_join: 
     if (engine or s.engine) == "ejabberd":
         from .ejabberd import PrivateEjabberd
         return PrivateEjabberd(mesh.home, domain=s.domain, host=s.host, port=s.port, node_name=s.node_name,
-                               dist_port=s.dist_port, epmd_port=s.epmd_port, cluster_join=cluster_join or s.cluster_join,
-                               read_limit=mesh.read_limit())
+                               dist_port=s.dist_port, epmd_port=s.epmd_port,
+                               cluster_join=cluster_join or s.cluster_join, read_limit=mesh.read_limit())
     from .server import PrivateServer
     return PrivateServer(mesh.home, domain=s.domain, host=s.host, port=s.port, read_limit=mesh.read_limit())
 
@@ -428,10 +430,11 @@ def build_actor(mesh: meshconf.MeshConfig, name: str, instance: int = 1) -> Any:
             raise meshconf.ConfigError(f"broker instance {instance}: the mesh file's server has {len(resources)}"
                                        f" node(s), so instances 1 to {len(resources)}")
         own = name if instance == 1 else f"{name}-{instance}"
-        broker = kinds.agent_class("broker")(mesh.jid(name), mesh.password(name), mesh.endpoint().starting_at(instance - 1),
-                                       resource=resources[instance - 1], authorizer=authorizer,
-                                       state_dir=_state_dir(mesh, own), shared_dir=_state_dir(mesh, name), name=name,
-                                       settings={"workflows": str(mesh.workflows)}, delegates=mesh.delegates)
+        broker_class: Any = kinds.agent_class("broker")  # its own arguments and admit(), beyond an Agent's
+        broker = broker_class(mesh.jid(name), mesh.password(name), mesh.endpoint().starting_at(instance - 1),
+                              resource=resources[instance - 1], authorizer=authorizer,
+                              state_dir=_state_dir(mesh, own), shared_dir=_state_dir(mesh, name), name=name,
+                              settings={"workflows": str(mesh.workflows)}, delegates=mesh.delegates)
         # The mesh file, not what an account advertises, says who is an agent of the mesh.
         for bare, agent in mesh.roster().items():
             broker.admit(bare, agent.kind, agent.resources, agent.settings)

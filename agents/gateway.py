@@ -45,7 +45,7 @@ TYPE_CHECKING = False  # typing costs short programs milliseconds; annotations a
 if TYPE_CHECKING:
     import asyncio
     from pathlib import Path
-    from typing import Any
+    from typing import Any, Sequence
 
     from .actor import Endpoint
     from .client import Client
@@ -200,7 +200,7 @@ def _unpack(data: bytes, i: int) -> tuple[Any, int]:
 
 
 class Gateway:
-    def __init__(self, path: Path, endpoint: "Endpoint", broker: str) -> None:
+    def __init__(self, path: Path, endpoint: "Endpoint", broker: str | Sequence[str]) -> None:
         self.path, self.endpoint, self.broker = path, endpoint, broker
         self._sessions: dict[str, tuple[bytes, "Client", float]] = {}
         # (caller JID, op, resource) -> the agent that last answered ok for it, oldest first
@@ -303,7 +303,7 @@ class Gateway:
         rid = call.get("rid") or uuid.uuid4().hex  # one id for both tries: an agent never runs it twice
         key = (jid, op, on[0]) if scope == "one" and len(on) == 1 and not to else None
         holder = self._holders.get(key) if key is not None else None
-        if holder is not None:
+        if key is not None and holder is not None:
             loop = asyncio.get_running_loop()
             started = loop.time()
             report = await client.call(op, args, on=on, scope="one", to=[holder], timeout=timeout, progress=progress,

@@ -95,7 +95,7 @@ def find_template(name: str = TEMPLATE_NAME) -> Path:
 
 def _path_encode(s: str) -> str:
     """Escape a name the way Prosody's util.datamanager does for directory and file names."""
-    return "".join(c if c in _ALNUM else "%%%02x" % ord(c) for c in s)
+    return "".join(c if c in _ALNUM else f"%{ord(c):02x}" for c in s)
 
 
 def _scram_sha1_keys(password: str, salt: str, iterations: int) -> tuple[str, str]:
@@ -407,7 +407,8 @@ class PrivateServer(PrivateNode):
         # the rate is given in kB/s (rounded down).
         return {"limits_module": '\n    "limits";',
                 "read_limits": (
-                    "\n-- Accounts the mesh file does not name are read at most this fast (agents/server.py ReadLimit);\n"
+                    "\n-- Accounts the mesh file does not name are read at most this fast"
+                    " (agents/server.py ReadLimit);\n"
                     "-- the mesh's own people, services and actors are read at full speed.\n"
                     f'limits = {{ c2s = {{ rate = "{limit.bytes_per_second // 1000}kb/s" }} }}\n'
                     f"unlimited_jids = {{ {names} }}\n")}

@@ -81,7 +81,8 @@ def _keep(db: sqlite3.Connection, event: dict[str, Any]) -> None:
     body = json.dumps(event, sort_keys=True)
     db.execute("BEGIN IMMEDIATE")
     try:
-        db.execute("INSERT OR IGNORE INTO outbox (id, body, created) VALUES (?, ?, ?)", (event["id"], body, time.time()))
+        db.execute("INSERT OR IGNORE INTO outbox (id, body, created) VALUES (?, ?, ?)",
+                   (event["id"], body, time.time()))
         if event["event"] == "outcome" and event.get("ok") and event["action"] in LEDGER_ACTIONS:
             db.execute("INSERT OR REPLACE INTO ledger (cluster, node, id, body) VALUES (?, ?, ?, ?)",
                        (event["cluster"], event["node"], event["id"], body))

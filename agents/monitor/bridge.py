@@ -68,7 +68,8 @@ def command_line(host: str, service: str, state: State | int, output: str, when:
     """One ``PROCESS_SERVICE_CHECK_RESULT`` external command, newline-terminated, at most MAX_COMMAND
     bytes. Line ends in ``output`` become the two characters ``\\n``, as Nagios expects."""
     _check_names(host, service)
-    head = f"[{int(when if when is not None else time.time())}] PROCESS_SERVICE_CHECK_RESULT;{host};{service};{int(State(state))};"
+    stamp = int(when if when is not None else time.time())
+    head = f"[{stamp}] PROCESS_SERVICE_CHECK_RESULT;{host};{service};{int(State(state))};"
     return head + _escaped(output, MAX_COMMAND - len(head.encode()) - 1) + "\n"
 
 

@@ -183,7 +183,7 @@ class ChunkStore:
             raw = self._decompress.decompress(data) if z else data
         except zstandard.ZstdError as exc:
             raise StorageError(f"replication stream corrupt: chunk {cid.hex()[:16]} does not decompress "
-                               f"({exc}); nothing was published, send the stream again", code="corrupt")
+                               f"({exc}); nothing was published, send the stream again", code="corrupt") from exc
         if blake3.blake3(raw).digest() != cid:
             raise StorageError(f"replication stream corrupt: chunk {cid.hex()[:16]} does not match its "
                                f"id; nothing was published, send the stream again", code="corrupt")
@@ -450,7 +450,7 @@ class ChunkStore:
         number of chunks removed. The caller must hold the driver lock, so no ingest or receive has chunks
         in flight (anything uncommitted is committed with it)."""
         self._flush()
-        for sid, blob in self.db.execute("SELECT id, ids FROM segments WHERE refs <= 0").fetchall():
+        for (blob,) in self.db.execute("SELECT ids FROM segments WHERE refs <= 0").fetchall():
             self._add_chunk_refs(Counter(split_ids(blob)), -1)
         self.db.execute("DELETE FROM segments WHERE refs <= 0")
         dead = self.db.execute(f"SELECT pack, sum(len) + count(*) * {HEADER.size} FROM chunks WHERE refs <= 0 "

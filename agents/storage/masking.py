@@ -15,12 +15,13 @@ are checked when the agent starts, so a hook that cannot run stops the agent wit
 
 One run (:func:`mask_clone`) runs the hook in a clone's directory through agents/storage/hooks.py and
 the process runner, agents/process.py (clean environment, own process group, deadline then TERM and
-KILL, output capped), and only if it exits 0 in time snapshots the clone and records in the driver's catalog that a
-successful mask produced that snapshot (``mark_masked``). Hook and snapshot are one op, so nothing can
-be written into the clone between the hook's success and the snapshot through the agent. A clone made
-with ``masked_only`` comes only from such a snapshot: that is how the masked-copy workflow refuses to
-hand out unmasked data; and a clone made from one is refreshed only to another (catalog.py). If the hook fails, no snapshot is taken and the clone goes back to its latest
-masked snapshot if it has one; otherwise it still holds what the hook left, and the error says so.
+KILL, output capped), and only if it exits 0 in time snapshots the clone and records in the driver's
+catalog that a successful mask produced that snapshot (``mark_masked``). Hook and snapshot are one op,
+so nothing can be written into the clone between the hook's success and the snapshot through the
+agent. A clone made with ``masked_only`` comes only from such a snapshot: that is how the masked-copy
+workflow refuses to hand out unmasked data; and a clone made from one is refreshed only to another
+(agents/storage/catalog.py). If the hook fails, no snapshot is taken and the clone goes back to its
+latest masked snapshot if it has one; otherwise it still holds what the hook left, and the error says so.
 """
 
 from __future__ import annotations

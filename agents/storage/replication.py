@@ -194,7 +194,8 @@ class Replicator:
                     total = await asyncio.to_thread(self._estimate, a.volume, snap, base)
                 meter = _Meter(int(offer["held"]), total)
 
-                async def on_bytes(n: int) -> None:
+                # This attempt's meter and base, bound now (the loop's names change on the next attempt).
+                async def on_bytes(n: int, meter: _Meter = meter, base: str | None = base) -> None:
                     nonlocal sent
                     sent += n           # every byte written, on every connection, cut ones included
                     meter.add(n)
@@ -202,7 +203,7 @@ class Replicator:
                         await self._report(a, meter.report(snap, base))
 
                 result = await send(offer["host"], int(offer["port"]), offer["transfer"], offer["token"],
-                                    lambda: self.driver.send(a.volume, snap, base),
+                                    lambda base=base: self.driver.send(a.volume, snap, base),
                                     throttle=self._throttle(a), on_bytes=on_bytes,
                                     ssl_context=client_context(offer["cert"]) if a.tls else None)
                 total = result.total_bytes

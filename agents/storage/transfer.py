@@ -205,7 +205,8 @@ class Inbox:
         finally:
             entry.writers.discard(writer)
 
-    async def _spool(self, transfer: str, entry: _Transfer, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def _spool(self, transfer: str, entry: _Transfer, reader: asyncio.StreamReader,
+                     writer: asyncio.StreamWriter) -> None:
         if entry.complete.is_set():
             writer.write(encode_frame({"t": "ok", "bytes": entry.spool.stat().st_size}))
             await writer.drain()
