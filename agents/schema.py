@@ -14,7 +14,6 @@ parser names ``monitor settings: schedule.x`` when an agent checks its own setti
 
 from __future__ import annotations
 
-import copy
 import math
 import re
 from pathlib import Path
@@ -46,7 +45,8 @@ class SchemaError(ValueError):
     def located(self, fields: Fields) -> SchemaError:
         """This error (raised by a parser that read part of a document on its own) placed in the
         document ``fields`` reads: its field under the readers' prefix, that field's line, the file."""
-        out = copy.copy(self)
+        out = type(self).__new__(type(self))  # its own class, whatever that class's __init__ takes
+        out.__dict__.update(self.__dict__)
         out.field = fields._full("" if self.field in (None, "top level") else self.field)
         out.source, out.line = str(fields.source), fields.line(out.field)
         out.args = (out._text(),)

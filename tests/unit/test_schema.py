@@ -119,3 +119,16 @@ def test_a_field_path_finds_keys_that_hold_dots(tmp_path):
     assert line_of(doc, "a.hosts.db2.example.net[1]") == 6
     assert line_of(doc, "a.hosts.db1.example.net") == 3
     assert line_of(doc, "a.nothing.here") == 1
+
+
+def test_an_error_raised_on_its_own_is_placed_in_the_file(tmp_path):
+    from agents.fencing.devices import FencingConfigError
+    from agents.schema import Fields
+
+    path = mesh_file(tmp_path, MESH)
+    where = Fields(path, document=read(path)).within("agents[1].settings")
+    placed = SchemaError("expected a number", field="schedule.disk.interval").located(where)
+    assert str(placed) == f"{path}:13: agents[1].settings.schedule.disk.interval: expected a number"
+    fencing = FencingConfigError(["settings.x: unknown key"]).located(where)
+    assert isinstance(fencing, FencingConfigError) and fencing.problems == ["settings.x: unknown key"]
+    assert str(fencing).startswith(f"{path}:11: agents[1].settings: invalid fencing configuration")
