@@ -41,12 +41,12 @@ from __future__ import annotations
 
 import json
 import logging
-import sqlite3
 import time
 from pathlib import Path
 from typing import Annotated, Any, Callable, Literal, Sequence
 
 from agents.agent import Call
+from agents.db import open_db
 from agents.authz import Authorizer, Decision, decide
 from agents.errors import OpError, Outcome
 from agents.fenced import INSTALL_OP, Fenced, FencedIdentities, encode_entries
@@ -83,10 +83,7 @@ class FenceLedger:
 
     def __init__(self, path: str | Path) -> None:
         # Shared by a broker's instances (one per cluster node): WAL, and each record one transaction.
-        self.db = sqlite3.connect(path, isolation_level=None, timeout=30)
-        if str(path) != ":memory:":
-            self.db.execute("PRAGMA journal_mode=WAL")
-        self.db.executescript(_SCHEMA)
+        self.db = open_db(path, [_SCHEMA])
         columns = {row[1] for row in self.db.execute("PRAGMA table_info(fence_events)")}
         if "event_id" not in columns:  # a ledger written before events had ids
             self.db.execute("ALTER TABLE fence_events ADD COLUMN event_id TEXT")
