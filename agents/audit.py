@@ -57,7 +57,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from .db import Store, private_file
+from .db import Store, open_read_only, private_file
 from .ratelimit import TokenBucket
 
 log = logging.getLogger(__name__)
@@ -423,7 +423,7 @@ def _open_read(path: str | Path) -> sqlite3.Connection:
         log._write_pending().result()
     if not Path(path).exists():
         raise FileNotFoundError(f"no audit log at {path}")
-    return sqlite3.connect(f"file:{Path(path)}?mode=ro", uri=True)
+    return open_read_only(path)
 
 
 def verify(path: str | Path, expect_head: tuple[int, str] | None = None, *,

@@ -99,6 +99,15 @@ def open_db(path: str | Path | None, migrations: Sequence[str], *, synchronous: 
     return db
 
 
+def open_read_only(path: str | Path) -> sqlite3.Connection:
+    """Open an existing SQLite file for reading only (``vertebra audit verify`` and the like), leaving
+    its mode, journal and schema as they are; raises FileNotFoundError naming it when it is missing."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"no database at {path}")
+    return sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True, timeout=BUSY_TIMEOUT)
+
+
 def migrate(db: sqlite3.Connection, migrations: Sequence[str], what: str = "the database") -> int:
     """Apply the migrations ``db`` has not had yet, each in one transaction with its version number;
     returns the version it is at. Another process migrating the same file at once waits for the lock

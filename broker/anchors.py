@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Annotated, Any, Sequence
 
 from agents.agent import ANCHOR_OP, Call
-from agents.db import Store
+from agents.db import Store, open_read_only
 from agents.authz import Authorizer, Decision
 from agents.errors import BadArguments, Denied
 from agents.ops import Arg, OpSpec, op
@@ -96,7 +96,7 @@ def read_anchors(path: str | Path, agent: str) -> list[tuple[int, str, float]]:
     --anchors PATH`, for a broker that is not running)."""
     if not Path(path).exists():
         raise FileNotFoundError(f"no anchor database at {path}")
-    db = sqlite3.connect(f"file:{Path(path)}?mode=ro", uri=True)
+    db = open_read_only(path)
     try:
         return [tuple(r) for r in db.execute(  # type: ignore[misc]
             "SELECT seq, hash, at FROM anchors WHERE agent = ? ORDER BY seq", (agent.lower(),))]
