@@ -5,8 +5,9 @@ Pacemaker. Here live: the ``key=value`` stdin format (reading and writing), comm
 the ``port``/``plug``/``nodename`` aliases, action names, exit-code meanings, the deprecated
 ``option=`` key, and metadata XML generated from a parameter declaration list.
 
-References: ClusterLabs fence-agents ``doc/FenceAgentAPI.md`` and ``fencing.py``; the facts checked
-on this platform are in FIELD-NOTES.md and golden/fence_dummy.txt.
+References: ClusterLabs fence-agents ``doc/FenceAgentAPI.md`` and its ``fencing.py`` library; the
+real fence_dummy (tests/integration/test_fence_agent.py) and Pacemaker's fencer
+(tests/integration/test_pacemaker_fencer.py) check these rules on this platform.
 """
 
 from __future__ import annotations
@@ -19,16 +20,9 @@ from dataclasses import dataclass, field
 from enum import IntEnum
 from typing import Literal
 
-ACTIONS: tuple[str, ...] = (
-    "off", "on", "reboot", "status", "list", "monitor", "metadata", "validate-all",
-)
-# Actions that act on one target and therefore need a plug (node) to be named.
-TARGET_ACTIONS: frozenset[str] = frozenset({"off", "on", "reboot", "status"})
-
-# The target may be named by any of these keys; Pacemaker 2.1.5 sends `port`, newer ones `plug`,
-# and always `nodename` (the cluster's name for the node, which a host map may translate into a
-# different plug). Order is precedence: an explicit plug beats the cluster node name.
-NODE_KEYS: tuple[str, ...] = ("plug", "port", "nodename")
+# The API's plain constants live in names.py (fence_vertebra's lean path reads them without this module).
+from .names import ACTIONS, EXIT_FAILURE, EXIT_STATUS_OFF, EXIT_SUCCESS, NODE_KEYS, STATUS_EXIT
+from .names import TARGET_ACTIONS as TARGET_ACTIONS
 
 # Keys only the caller of a fence agent may set: the driver refuses them in device parameters.
 RESERVED_KEYS: frozenset[str] = frozenset({"action", "option", *NODE_KEYS})
@@ -45,12 +39,12 @@ class ExitCode(IntEnum):
     status: 0 on, 2 off, 1 unreachable or unknown. Everything else also exits 1 on failure.
     """
 
-    SUCCESS = 0
-    FAILURE = 1
-    STATUS_OFF = 2
+    SUCCESS = EXIT_SUCCESS
+    FAILURE = EXIT_FAILURE
+    STATUS_OFF = EXIT_STATUS_OFF
 
-    STATUS_ON = 0
-    UNREACHABLE = 1
+    STATUS_ON = EXIT_SUCCESS
+    UNREACHABLE = EXIT_FAILURE
 
 
 PowerState = Literal["on", "off", "unknown"]
@@ -67,7 +61,7 @@ def state_from_status_exit(code: int | None) -> PowerState:
 
 def status_exit_for(state: PowerState) -> int:
     """The exit code a fence agent's status action returns for a power state."""
-    return {"on": ExitCode.STATUS_ON, "off": ExitCode.STATUS_OFF}.get(state, ExitCode.UNREACHABLE)
+    return ExitCode(STATUS_EXIT.get(state, ExitCode.UNREACHABLE))
 
 
 class FenceApiError(ValueError):

@@ -19,6 +19,13 @@ What the call needs from the mesh file (domain, operator, password files, policy
 path, the state directory and the mesh-file parser's own file, so an edited mesh file is always
 parsed again; the password itself is read every time. Anything else (``-h``, ``-V``, ``-t 10:CRITICAL``, odd
 spellings, usage errors, no gateway) goes the full way, with the same answers.
+
+Each shortcut is kept by a measurement (this machine, loaded; 30 interleaved runs through a live
+gateway, or 60 fresh interpreters for one import): a check through the lean path took 43 ms median, the
+full path 130 ms; the full parser alone (argparse and the ranges module its ``-t`` type reads) adds
+17-19 ms to a start, the mesh file's parser 80 ms, ``agents.resources`` 3-4 ms; check_vertebra's p50 is
+0.46x check_nrpe's against a target of 0.5x (bench/checks.py). Tests hold the lean command-line
+reading to the full parser and the lean resource check to the path rules, case by case.
 """
 
 from __future__ import annotations
