@@ -8,10 +8,11 @@ An op's whole path through an agent, in order:
 2. receive — an IQ-set ``<op>`` arrives; limits are checked before decoding (``protocol.decode``);
 3. deduplicate — a request id seen before returns the first outcome and never runs twice;
 4. validate — the op's declaration checks and converts the arguments (``OpSpec.validate``);
-5. authorize — the hook decides on the caller's bare JID as the server stamped it (``authz``);
+5. authorize — the agent's rules (``Agent.rules``) are walked in order for the caller's bare JID as
+   the server stamped it, the delegate that sent it and the resources it acts on (``authz``);
 6. execute — within the op's deadline; a long op answers at once with a job id and reports
    sequence-numbered progress, then exactly one outcome;
-7. audit — the decision and the outcome are logged (the audit issue makes this a hash-chained log).
+7. audit — the decision and the outcome are written to the hash-chained log (``agents/audit.py``).
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from slixmpp import Iq, Presence
 from . import __version__, describe, fenced, policy_sync, protocol, resources as paths
 from .actor import Actor, Backoff, Endpoint
 from .audit import AuditLog
-from .authz import AdminsOnly, Authorizer, current_via, decide, from_broker
+from .authz import AdminsOnly, Authorizer, Decision, Request, Rule, authorize, broker_only
 from .errors import (BadArguments, BadPayload, Denied, Expired, InternalError, OpError, OpTimeout, Outcome,
                      ResourceConstraint, TooLarge, UnknownOp)
 from .idempotency import Answer, RequestLog, fingerprint
@@ -73,9 +74,6 @@ class Call:
 
 MAX_ADDRESSED = 64  # resources one request may address
 _TOO_MANY = ResourceConstraint("too many requests from you; retry later")
-
-# What the runtime's own broker-only ops (declared ``sender="broker"``) push, for the refusal's words.
-_FROM_BROKER = {policy_sync.INSTALL_OP: "policies", fenced.INSTALL_OP: "fenced nodes"}
 
 
 def info_op(kind: str):
@@ -123,7 +121,10 @@ class Agent(Actor):
         # Who may send requests on someone else's behalf (``for``): the broker, running workflow steps,
         # and any configured delegate such as the operators' chat bot. Nobody else can claim a ``for``.
         self.delegates = frozenset(d.lower() for d in (*delegates, *([broker] if broker else [])))
-        self.authorizer = authorizer or AdminsOnly(())
+        self.authorizer = authorizer or AdminsOnly(())  # the policy: the last of the rules below
+        # What authorization walks for every request, in order (agents/authz.py); a kind with a rule
+        # of its own puts it before the policy's.
+        self.rules: list[Rule] = [self.sent_by_broker, self.not_while_fenced, self.by_policy]
         self.settings = settings or {}
         self.ops: dict[str, OpSpec] = ops_of(type(self))
         # Private like the audit log (it names every caller and op): 0600 in a 0700 directory (agents.db).
@@ -193,6 +194,24 @@ class Agent(Actor):
                              issued_at: Annotated[float, Arg("when the broker vouched for it (epoch s)")]) -> dict:
         """Install the authorization policy this agent's broker pushes (accepted from the broker only)."""
         return policy_sync.install(self.authorizer, text, issued_at)
+
+    # -- the rules authorization walks (``self.rules``) -----------------------------------------
+
+    def sent_by_broker(self, request: Request, spec: OpSpec) -> Decision | None:
+        """An op only the broker sends (``sender="broker"``) is its broker's alone."""
+        return broker_only(request, spec, self.broker)
+
+    def not_while_fenced(self, request: Request, spec: OpSpec) -> Decision | None:
+        """A fenced node's identities run no op that changes state (see fenced.py)."""
+        return self.fenced.check(request.caller, spec)
+
+    def by_policy(self, request: Request, spec: OpSpec) -> Decision:
+        """The mesh's policy (or its admins, without one) decides."""
+        return self.authorizer.decide(request.caller, spec, request.resources)
+
+    def authorize(self, request: Request, spec: OpSpec) -> Decision:
+        """Walk this agent's rules for ``request`` (any failure denies)."""
+        return authorize(self.rules, request, spec)
 
     def describe(self) -> dict[str, Any]:
         return {"name": self.name, "jid": str(self.jid), "kind": self.kind, "version": __version__,
@@ -366,20 +385,8 @@ class Agent(Actor):
                             f" it offers {', '.join(sorted(self.ops))}")
         args = spec.validate(protocol.decode(req.xml.text) or {})
         resources = self._resources_of(spec, args, req["on"].split())
-        sender = caller
-        via, caller = self._subject(sender, req["for"])
-        if spec.sender == "broker":  # only the broker sends it, whatever a policy says (ops.py)
-            if via:  # decided on who sends it, so nobody may send it "for" the broker
-                raise Denied(f"{spec.name} is never sent on someone's behalf")
-            decision = from_broker(sender, self.broker, _FROM_BROKER.get(spec.name, spec.name))
-        else:
-            token = current_via.set(via)
-            try:
-                decision = decide(self.authorizer, caller, spec, resources)
-            finally:
-                current_via.reset(token)
-            if decision.allowed:  # a fenced node's identities run no op that changes state (see fenced.py)
-                decision = self.fenced.check(caller, spec) or decision
+        via, caller = self._subject(caller, req["for"])
+        decision = self.authorize(Request(caller, resources, via), spec)
         audit_log.info("decide rid=%s caller=%s op=%s resources=%s allowed=%s reason=%s",
                        rid, caller, spec.name, resources, decision.allowed, decision.reason)
         if self.audit is not None:
@@ -457,7 +464,7 @@ class Agent(Actor):
                 raise Expired(f"{spec.name} was not started: its deadline passed before it could begin; nothing"
                               " was done")
             async with asyncio.timeout(timeout):  # unlike wait_for, no second task per request
-                result = await spec.func(self, call, **args)
+                result = await self.perform(spec, call, args)
             payload = protocol.encode(result, what=f"the result of {spec.name}")
         except asyncio.TimeoutError:
             error: OpError = OpTimeout(f"{spec.name} did not finish within {timeout:.3g}s and was stopped")
@@ -471,6 +478,10 @@ class Agent(Actor):
             return payload
         self._audit_end(call.rid, call.caller, spec.name, error.condition, started)
         raise error
+
+    async def perform(self, spec: OpSpec, call: Call, args: dict[str, Any]) -> Any:
+        """Run an admitted op's implementation here."""
+        return await spec.func(self, call, **args)
 
     async def _run_job(self, spec: OpSpec, call: Call, args: dict[str, Any], answer: Answer,
                        key: tuple[str, str], fp: str) -> None:

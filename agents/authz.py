@@ -1,22 +1,31 @@
-"""The one authorization hook the runtime calls before executing any op.
+"""Authorization: one ordered list of rules, walked for every request before an op runs.
 
-``Authorizer.decide`` answers for a caller's bare JID (as the XMPP server stamped it), an op and
-the canonical resources it acts on. A mesh with a policy uses :class:`PolicyAuthorizer`, which asks
-the ``rbac`` gate (default deny, denies override grants, decisions cached per policy version) and
-refuses destructive ops once the policy is older than a configured age, since a stale policy may
-still hold someone who was revoked. A mesh without a policy keeps :class:`AdminsOnly`: the admins
-the mesh file lists may do anything, and everyone else nothing. Any exception while deciding is a
-deny.
+Each agent holds its rules in ``Agent.rules`` and decides with :func:`authorize`, passing the
+request's context (:class:`Request`: whom it is for, the delegate that sent it, the resources it
+acts on) and the op's declaration (``agents/ops.py``) as arguments. Each rule answers with a
+:class:`Decision` that settles the request, or None to leave it to the next; a request no rule
+settles is denied, and so is one a rule fails on. Every agent walks, in this order:
+
+1. who may send it, from the declaration (``OpSpec.sender``): an op only the agent's broker
+   sends is settled here (:func:`broker_only`); the broker then refuses anyone but the agents the
+   mesh file configures the ops only they send (``broker/directory.py``, ``sent_by_agents``);
+2. an agent kind's own rule, where it has one (the fencing agent's approval rule);
+3. the fenced-identity guard: a fenced node's identities run no op that changes state
+   (``agents/fenced.py``); after it the broker admits those agents to those ops without a grant;
+4. the policy: :class:`PolicyAuthorizer`, which asks the ``rbac`` gate (default deny, denies
+   override grants, decisions cached per policy version) and refuses destructive ops once the
+   policy is older than a configured age, since a stale policy may still hold someone who was
+   revoked; a mesh without a policy keeps :class:`AdminsOnly`: the admins the mesh file lists
+   may do anything, and everyone else nothing.
 """
 
 from __future__ import annotations
 
 import hashlib
 import logging
-from contextvars import ContextVar
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Protocol, Sequence
+from typing import Any, Callable, Iterable, Protocol, Sequence
 
 from rbac import Gate, LoadResult
 
@@ -25,10 +34,13 @@ from .ops import OpSpec
 log = logging.getLogger(__name__)
 
 
-#: The delegate (broker, chat bot) that sent the request being decided, "" when its sender asked for
-#: itself. Set by the runtime around each decision, for the few rules that depend on the relay (the
-#: fencing approval rule: a fence the broker's workflow engine had approved).
-current_via: ContextVar[str] = ContextVar("vertebra_via", default="")
+@dataclass(frozen=True)
+class Request:
+    """What the rules know of the request being decided."""
+
+    caller: str  # bare JID of whom it is decided for: its sender, or whom a delegate sends it for
+    resources: Sequence[str]  # the canonical resources it acts on
+    via: str = ""  # the delegate (broker, chat bot) that sent it on the caller's behalf; "" if none
 
 
 @dataclass(frozen=True)
@@ -103,25 +115,46 @@ class PolicyAuthorizer:
         return Decision(True, d.rule, d.rule, d.version)
 
 
+Rule = Callable[[Request, OpSpec], Decision | None]
+
+
 def policy_of(authorizer: Any) -> "PolicyAuthorizer | None":
-    """The policy inside ``authorizer``, which agent kinds and the broker may wrap with rules of their
-    own (each wrapper keeps the one it wraps as ``inner``); None for a mesh without a policy."""
-    while not isinstance(authorizer, PolicyAuthorizer) and hasattr(authorizer, "inner"):
-        authorizer = authorizer.inner
+    """The policy ``authorizer`` is, or None for a mesh without a policy (admins only)."""
     return authorizer if isinstance(authorizer, PolicyAuthorizer) else None
 
 
-def from_broker(caller: str, broker: str | None, what: str) -> Decision:
-    """The rule for what only an agent's broker pushes (policies, fenced nodes): its broker may,
-    nobody else may, whatever a policy says, so no policy can lock out its own updates."""
-    if broker and caller.lower() == broker.lower():
-        return Decision(True, f"{what} pushed by this agent's broker")
-    return Decision(False, f"{caller} may not send {what} here: only this agent's broker"
+def broker_only(request: Request, spec: OpSpec, broker: str | None) -> Decision | None:
+    """The rule for what only an agent's broker sends (policies, fenced nodes; ``sender="broker"``):
+    its broker may, nobody else may and nobody on someone's behalf, whatever a policy says, so no
+    policy can lock out its own updates. None for every other op."""
+    if spec.sender != "broker":
+        return None
+    if request.via:  # decided on who sends it, so nobody may send it "for" the broker
+        return Decision(False, f"{spec.name} is never sent on someone's behalf")
+    if broker and request.caller.lower() == broker.lower():
+        return Decision(True, f"{spec.name} sent by this agent's broker")
+    return Decision(False, f"{request.caller} may not send {spec.name} here: only this agent's broker"
                            f" ({broker or 'none configured'}) does")
 
 
+def authorize(rules: Iterable[Rule], request: Request, spec: OpSpec) -> Decision:
+    """Walk ``rules`` in order: the first decision settles it; none, or any failure, is a deny."""
+    try:
+        for rule in rules:
+            decision = rule(request, spec)
+            if decision is None:
+                continue
+            if isinstance(decision, Decision):
+                return decision
+            return Decision(False, "authorization rule gave no decision (deny)")
+        return Decision(False, f"no rule lets {request.caller} run {spec.name} (deny)")
+    except Exception as exc:  # fail closed, whatever went wrong
+        log.exception("authorization failed for %s %s", request.caller, spec.name)
+        return Decision(False, f"authorization failed ({exc.__class__.__name__}); denied")
+
+
 def decide(authorizer: Authorizer, caller: str, spec: OpSpec, resources: Sequence[str]) -> Decision:
-    """Ask ``authorizer``, turning any failure into a deny."""
+    """Ask a policy alone (the chat bot's check before it relays), turning any failure into a deny."""
     try:
         decision = authorizer.decide(caller, spec, resources)
         if isinstance(decision, Decision):

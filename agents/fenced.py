@@ -14,9 +14,10 @@ Like ``policy.install``, the op is accepted from the agent's own broker only, wh
 says: nobody else can fence or unfence identities. A push replaces the whole list, so a missed
 push is repaired by the next one.
 
-The runtime (``agents/agent.py``) declares ``fenced.install`` on every agent and calls
-:meth:`FencedIdentities.check` after authorization, so the refusal is part of the decision the audit
-log records. The broker also checks it when it decides a workflow step for its requester.
+The runtime (``agents/agent.py``) declares ``fenced.install`` on every agent (``sender="broker"``)
+and :meth:`FencedIdentities.check` is one of the rules authorization walks (``agents/authz.py``),
+so the refusal is part of the decision the audit log records. The broker walks the same rules when
+it decides a workflow step for its requester, or who may approve one.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from typing import Annotated, Any, Iterable, Mapping
 
-from .authz import Decision, from_broker
+from .authz import Decision
 from .errors import BadArguments
 from .ops import Arg, OpSpec, op
 
@@ -116,11 +117,6 @@ def parse_entries(text: str) -> list[Fenced]:
     if not isinstance(raw, list) or not all(isinstance(r, dict) for r in raw):
         raise BadArguments("fenced: expected a JSON list of objects", argument="fenced")
     return [Fenced.from_dict(r) for r in raw]
-
-
-def authorize_install(caller: str, broker: str | None) -> Decision:
-    """``fenced.install`` is its broker's alone, whatever a policy says."""
-    return from_broker(caller, broker, "fenced nodes")
 
 
 def install_op() -> Any:

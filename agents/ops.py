@@ -15,6 +15,11 @@ rule in workflows, the durable record of its outcome, the policy-age check). The
 ``"change"``, so an op whose author forgot to say fails closed: a fenced node's identities may run
 only reads (``agents/fenced.py``).
 
+Who may send it (``sender``, ``sender_kinds``), whether only the leading broker instance serves it
+(``leader``) and whether a person's direct call needs approval (``approval``) are declared here
+too: authorization (``agents/authz.py``) and the broker read them from the declaration, so no table
+elsewhere repeats an op's name.
+
 The typed signature is the schema. From the resulting :class:`OpSpec` the runtime derives argument
 validation (``OpSpec.validate``), the disco feature it advertises (``OpSpec.feature``), the CLI's and
 chat's ``key=value`` parsing (``OpSpec.parse_pairs``), help text (``OpSpec.help_text``) and a
@@ -48,6 +53,9 @@ _TRUE = {"true", "yes", "on", "1"}
 #: What an op does to the world, from least to most harm.
 Effect = Literal["read", "change", "destructive"]
 EFFECTS: tuple[str, ...] = typing.get_args(Effect)
+#: Who may send an op; see ``OpSpec.sender``.
+Sender = Literal["anyone", "broker", "agent", "live agent"]
+SENDERS: tuple[str, ...] = typing.get_args(Sender)
 _FALSE = {"false", "no", "off", "0"}
 
 
@@ -143,9 +151,24 @@ class OpSpec:
     # agent holding that volume), instead of every agent offering the op.
     address: str | None = None
     scope: str = "all"  # a call's scope unless the caller says: "one" for an op that makes something once
-    # Who may send it: "anyone" the authorizer allows, or "broker": this agent's broker alone, whatever
-    # a policy says (the pushes that keep an agent current, and what only the broker may read).
+    # Who may send it (the first rules authorization walks, agents/authz.py): "anyone" the policy
+    # allows; "broker": this agent's broker alone, whatever a policy says (the pushes that keep an
+    # agent current, and what only the broker may read); "agent" or "live agent": an agent the mesh
+    # file configures (of ``sender_kinds``, when given), for itself and never on someone's behalf,
+    # whatever a policy says ("live agent": listed in the broker's directory now, its advertisement
+    # accepted).
     sender: str = "anyone"
+    # With sender "anyone": live agents of these configured kinds may send it whatever the policy
+    # says, everyone else as the policy says. With "agent" or "live agent": only agents of these kinds.
+    sender_kinds: tuple[str, ...] = ()
+    # With sender "agent" or "live agent": the resources it acts on must be among those the mesh file
+    # configures for the sender; the words say what it may not do otherwise ("fence that node").
+    own_resources: str = ""
+    # Served by the broker instance that leads (broker/leadership.py); the others forward it there.
+    leader: bool = False
+    # Where the agent's settings ask for it, a person's direct call is refused: it runs as a step of
+    # this workflow, which two others approve (agents/fencing/guard.py). "" when it needs no approval.
+    approval: str = ""
 
     @property
     def destructive(self) -> bool:
@@ -238,7 +261,8 @@ _EFFECT_WORDS = {"read": "read-only", "change": "changes state", "destructive": 
 
 def op(name: str, *, effect: Effect = "change", deadline: float = 30.0, progress: bool = False,
        resources: Sequence[str] = (), address: str | None = None, scope: Literal["all", "one"] = "all",
-       destructive: bool | None = None, sender: Literal["anyone", "broker"] = "anyone"
+       destructive: bool | None = None, sender: Sender = "anyone", sender_kinds: Sequence[str] = (),
+       own_resources: str = "", leader: bool = False, approval: str = ""
        ) -> Callable[[Callable[..., Awaitable[Any]]], Callable[..., Awaitable[Any]]]:
     """Declare a method as an op. Its docstring's first line is the summary; its typed keyword
     parameters after ``call`` are the arguments."""
@@ -250,8 +274,13 @@ def op(name: str, *, effect: Effect = "change", deadline: float = 30.0, progress
         raise ValueError(f"op {name}: effect must be one of {', '.join(EFFECTS)}, got {effect!r}")
     if scope not in ("all", "one"):
         raise ValueError(f"op {name}: scope must be 'all' or 'one', got {scope!r}")
-    if sender not in ("anyone", "broker"):
-        raise ValueError(f"op {name}: sender must be 'anyone' or 'broker', got {sender!r}")
+    if sender not in SENDERS:
+        raise ValueError(f"op {name}: sender must be one of {', '.join(map(repr, SENDERS))}, got {sender!r}")
+    if sender == "broker" and sender_kinds:
+        raise ValueError(f"op {name}: an op only the broker sends has no sender_kinds")
+    if own_resources and (sender not in ("agent", "live agent") or not resources):
+        raise ValueError(f"op {name}: own_resources limits an op on resources that agents send"
+                         " (sender='agent' or 'live agent', and resources=...)")
 
     def decorate(func: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
         if not inspect.iscoroutinefunction(func):
@@ -262,7 +291,8 @@ def op(name: str, *, effect: Effect = "change", deadline: float = 30.0, progress
             name=name, summary=summary.strip() or name, description=description.strip(),
             params=tuple(_params_of(name, func)), effect=effect, deadline=float(deadline),
             progress=progress, resources=tuple(resources), func=func, address=address, scope=scope,
-            sender=sender)
+            sender=sender, sender_kinds=tuple(sender_kinds), own_resources=own_resources, leader=leader,
+            approval=approval)
         return func
 
     return decorate

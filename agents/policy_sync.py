@@ -1,10 +1,10 @@
 """How an agent takes the policy its broker pushes (the broker side is ``broker.policy``).
 
-``policy.install`` is declared on every agent. It is the one op whose authorization is not the
-policy's to decide: it is accepted from the mesh's broker and from nobody else, whatever a policy
-says, so no policy can lock its own updates out or let anyone else replace it. The same policy
-text again only restarts the policy's age; a new text is linted and its examples checked, and a
-refused one leaves the active policy in force.
+``policy.install`` is declared on every agent with ``sender="broker"``: its authorization is not
+the policy's to decide (``agents.authz.broker_only``): it is accepted from the mesh's broker and
+from nobody else, whatever a policy says, so no policy can lock its own updates out or let anyone
+else replace it. The same policy text again only restarts the policy's age; a new text is linted
+and its examples checked, and a refused one leaves the active policy in force.
 """
 
 from __future__ import annotations

@@ -1,14 +1,15 @@
 """Alerts: monitor agents post hard state changes to the broker, which keeps the recent ones.
 
 ``mesh.alert`` is declared here and mixed into the broker; ``mesh.alerts`` lists what was kept, for
-operators and for the chat issue, which will also subscribe with :meth:`AlertsMixin.on_alert` to
-show each one in the operators' room. The poster is the caller's JID as the server stamped it,
+operators; the chat bot's operators' room subscribes with :meth:`AlertsMixin.on_alert` to show each
+one there (broker/room.py). The poster is the caller's JID as the server stamped it,
 never a field of the alert.
 
 Who may post: every live agent in the broker's directory that the mesh file configures as a
 monitor (a monitor agent reporting on its own host is not an operator, and the mesh file's admins
-are not the right list for it); anyone else is up to the mesh's authorizer, as for every other op.
-The kind is the broker's configuration (its roster), never what the agent advertises.
+are not the right list for it); anyone else is up to the mesh's policy, as for every other op. The
+declaration says so (``sender_kinds=("monitor",)``) and the broker's sender rule checks it; the kind
+is the broker's configuration (its roster), never what the agent advertises.
 """
 
 from __future__ import annotations
@@ -18,11 +19,10 @@ import logging
 import time
 from collections import deque
 from dataclasses import asdict, dataclass
-from typing import Annotated, Any, Callable, Literal, Sequence
+from typing import Annotated, Any, Callable, Literal
 
 from agents.agent import Call
-from agents.authz import Authorizer, Decision
-from agents.ops import Arg, OpSpec, op
+from agents.ops import Arg, op
 
 log = logging.getLogger(__name__)
 
@@ -45,19 +45,6 @@ class Alert:
 ALERTING_KIND = "monitor"
 
 
-class AgentsMayAlert:
-    """Admit ``mesh.alert`` from live monitor agents; ask the mesh's authorizer about everything else."""
-
-    def __init__(self, inner: Authorizer, monitors: Callable[[], set[str]]) -> None:
-        self.inner = inner
-        self.monitors = monitors
-
-    def decide(self, caller: str, spec: OpSpec, resources: Sequence[str]) -> Decision:
-        if spec.name == "mesh.alert" and caller.lower() in self.monitors():
-            return Decision(True, "live monitor agents of the mesh may post alerts")
-        return self.inner.decide(caller, spec, resources)
-
-
 class AlertsMixin:
     """Mixed into the broker before ``Agent``: declares the alert ops and keeps recent alerts."""
 
@@ -66,21 +53,12 @@ class AlertsMixin:
         self.alerts: deque[Alert] = deque(maxlen=RECENT_ALERTS)
         self._alert_seq = itertools.count(1)
         self._alert_listeners: list[Callable[[Alert], Any]] = []
-        self.authorizer = AgentsMayAlert(self.authorizer, self._live_monitors)  # type: ignore[has-type]
-
-    def _live_monitors(self) -> set[str]:
-        """Bare JIDs of the listed agents the broker's configuration (its roster) says are monitors."""
-        directory, roster = getattr(self, "directory", None), getattr(self, "roster", {})
-        if directory is None:
-            return set()
-        live = {e.jid.split("/", 1)[0].lower() for e in directory.entries()}
-        return {bare for bare in live if (a := roster.get(bare)) is not None and a.kind == ALERTING_KIND}
 
     def on_alert(self, listener: Callable[[Alert], Any]) -> None:
         """Call ``listener`` with each new alert (the operator chat shows them)."""
         self._alert_listeners.append(listener)
 
-    @op("mesh.alert", effect="change", deadline=5)
+    @op("mesh.alert", effect="change", deadline=5, sender_kinds=(ALERTING_KIND,))
     async def alert(self, call: Call,
                     check: Annotated[str, Arg("the check whose state changed", pattern=r"[^\x00-\x1f]{1,128}")],
                     host: Annotated[str, Arg("the host it checks", pattern=r"[^\x00-\x1f]{1,255}")],

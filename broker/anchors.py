@@ -11,7 +11,8 @@ was cut; one whose record differs from its anchor was rewritten.
 
 Who may anchor: a live agent in the directory that the mesh file names, for its own log only (the
 anchor is filed under the sender's bare JID as the server stamped it, never an argument), never on
-someone's behalf. The first anchor for a sequence number stands: one that names another hash for it
+someone's behalf (the op's declaration says so, ``sender="live agent"``, and the broker's sender
+rule checks it). The first anchor for a sequence number stands: one that names another hash for it
 is refused and logged, as it means the log was rewritten (or its state directory replaced). Who may
 read anchors: whoever the mesh's policy lets run ``mesh.audit.anchors`` (by default the admins).
 """
@@ -22,13 +23,12 @@ import logging
 import sqlite3
 import time
 from pathlib import Path
-from typing import Annotated, Any, Sequence
+from typing import Annotated, Any
 
 from agents.agent import ANCHOR_OP, Call
 from agents.db import Store, open_read_only
-from agents.authz import Authorizer, Decision
-from agents.errors import BadArguments, Denied
-from agents.ops import Arg, OpSpec, op
+from agents.errors import BadArguments
+from agents.ops import Arg, op
 
 log = logging.getLogger(__name__)
 
@@ -104,22 +104,6 @@ def read_anchors(path: str | Path, agent: str) -> list[tuple[int, str, float]]:
         db.close()
 
 
-class AgentsMayAnchor:
-    """Admit ``mesh.audit.anchor`` from live agents the mesh file names; ask the inner authorizer about
-    everything else."""
-
-    def __init__(self, inner: Authorizer, agents: Any) -> None:
-        self.inner = inner
-        self.agents = agents
-
-    def decide(self, caller: str, spec: OpSpec, resources: Sequence[str]) -> Decision:
-        if spec.name == ANCHOR_OP:
-            if caller.lower() in self.agents():
-                return Decision(True, "live agents of the mesh anchor their own audit logs")
-            return Decision(False, f"{caller} is not a live agent of this mesh; only those anchor audit logs")
-        return self.inner.decide(caller, spec, resources)
-
-
 class AnchorsMixin:
     """Mixed into the broker before ``Agent``: the anchor ops and their store."""
 
@@ -129,30 +113,18 @@ class AnchorsMixin:
         super().__init__(*args, **kwargs)
         shared = self.shared_dir  # type: ignore[attr-defined]
         self.anchors = AnchorStore(shared / "audit-anchors.sqlite" if shared else None)
-        self.authorizer = AgentsMayAnchor(self.authorizer, self._live_agents)  # type: ignore[has-type]
-
-    def _live_agents(self) -> set[str]:
-        """Bare JIDs (lowercased) of the directory's live agents that the mesh file names."""
-        directory, roster = getattr(self, "directory", None), getattr(self, "roster", {})
-        if directory is None:
-            return set()
-        return {bare for e in directory.entries() if (bare := e.jid.split("/", 1)[0].lower()) in roster}
 
     async def stop(self) -> None:
         await super().stop()  # type: ignore[misc]
         await self.anchors.aclose()
 
-    @op(ANCHOR_OP, effect="change", deadline=5)
+    @op(ANCHOR_OP, effect="change", deadline=5, sender="live agent")
     async def audit_anchor(self, call: Call,
                            seq: Annotated[int, Arg("the sequence number of the last record of the sender's"
                                                    " audit log", min=1)],
                            hash: Annotated[str, Arg("that record's keyed hash (64 hex digits)",
                                                     pattern=HASH_PATTERN)]) -> dict:
         """(For agents.) Anchor the head of the sender's own audit log at the broker."""
-        if call.via:
-            raise Denied(f"{ANCHOR_OP} is never sent on someone's behalf")
-        if call.caller.lower() not in self._live_agents():
-            raise Denied(f"{call.caller} is not a live agent of this mesh; only those anchor audit logs")
         refusal = await self.anchors.add(call.caller, seq, hash)
         if refusal is not None:
             log.warning("refused an audit anchor from %s: %s", call.caller, refusal)

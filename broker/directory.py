@@ -8,8 +8,9 @@ each agent's resources, their ancestors and their descendants.
 Who may be filed at all is configuration's to say, not the agent's: the broker's roster holds one
 ``Admission`` per bare JID (from the mesh file's ``agents:``), and an advertisement is admitted only
 if its kind is the configured one and its resources are among the configured ones
-(``Admission.refusal``). The caches here are keyed by strings any account can invent (caps hashes),
-so they are bounded (``BoundedMap``).
+(``Admission.refusal``). The same roster says who may send the ops only agents send the broker
+(``sent_by_agents``, one of the broker's authorization rules). The caches here are keyed by strings
+any account can invent (caps hashes), so they are bounded (``BoundedMap``).
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any, Generic, Iterable, Iterator, Mapping, TypeVar
 
+from agents.authz import Decision, Request
+from agents.ops import OpSpec
 from agents.resources import related
 
 K = TypeVar("K")
@@ -167,6 +170,11 @@ class Directory:
     def entries(self) -> list[Entry]:
         return sorted(self._agents.values(), key=lambda e: e.jid)
 
+    def lists(self, bare: str) -> bool:
+        """Whether an agent of the account ``bare`` (a bare JID) is listed now."""
+        bare = bare.lower()
+        return any(jid.split("/", 1)[0].lower() == bare for jid in self._agents)
+
     def discover(self, op: str | None, resources: Iterable[str] = ()) -> list[Entry]:
         """Agents offering ``op`` (any op if None) that hold one of ``resources`` or a relative of
         it; every agent offering the op when no resources are given."""
@@ -180,3 +188,34 @@ class Directory:
                 continue
             found.append(entry)
         return found
+
+
+def sent_by_agents(request: Request, spec: OpSpec, roster: Mapping[str, Admission],
+                   directory: Directory) -> Decision | None:
+    """The broker's rule for the ops agents send it, as their declarations say (``OpSpec.sender``,
+    ``sender_kinds``): only an agent the mesh file configures (``roster``, by lowercased bare JID; of
+    those kinds; listed in ``directory`` now for a "live agent"), for itself, and for an op declared
+    with ``own_resources``, on resources the mesh file configures for it. An op anyone may send,
+    declared with ``sender_kinds``, lets live agents of those kinds in and leaves everyone else to
+    the policy.
+    None for every other op."""
+    exclusive = spec.sender in ("agent", "live agent")
+    if not exclusive and not spec.sender_kinds:
+        return None
+    if exclusive and request.via:
+        return Decision(False, f"{spec.name} is never sent on someone's behalf")
+    caller, live = request.caller, spec.sender != "agent"
+    who = " ".join(w for w in ("live" if live else "", "/".join(spec.sender_kinds)) if w)
+    admission = roster.get(caller.lower())
+    admitted = admission is not None and (not spec.sender_kinds or admission.kind in spec.sender_kinds) \
+        and (not live or directory.lists(caller))
+    if not exclusive:
+        return Decision(True, f"{who} agents of the mesh may send {spec.name}") if admitted else None
+    if admission is None or not admitted:
+        return Decision(False, f"{caller} may not send {spec.name}: only the {who} agents the mesh file"
+                               " configures do", f"{who} agents only")
+    if spec.own_resources and not (request.resources and set(request.resources) <= set(admission.resources)):
+        return Decision(False, f"{caller} may not send {spec.name} on {' '.join(request.resources)}: the mesh"
+                               f" file does not configure it to {spec.own_resources}",
+                        f"{who} agents, for their own resources")
+    return Decision(True, f"a configured agent sending {spec.name} for itself", f"{who} agents")

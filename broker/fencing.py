@@ -25,9 +25,10 @@ itself (workflow steps they request, approvals they give). Which identities belo
 broker's configuration: the mesh file's settings of the fencing agent (``identities:``), as the
 roster holds them, never what an event says.
 
-Who may post: an account the broker's roster admits as kind ``fencing``, for a node its configured
-settings give it to fence, and nobody else, whatever the policy says: a forged "off" would lock a
-node's identities out, a forged "on" would let a fenced node's zombie write again.
+Who may post: an account the broker's roster admits as kind ``fencing``, for a node the mesh file
+configures it to fence, and nobody else, whatever the policy says (the op's declaration says so:
+``sender="agent"``, ``sender_kinds=("fencing",)``; the broker's sender rule checks it): a forged
+"off" would lock a node's identities out, a forged "on" would let a fenced node's zombie write again.
 
 Reconciling: when a fencing agent joins the directory (which includes every agent after the broker
 restarts), the broker reads its ledger (``fence.ledger``, which the agent serves to its broker
@@ -43,11 +44,11 @@ import json
 import logging
 import time
 from pathlib import Path
-from typing import Annotated, Any, Callable, Literal, Sequence
+from typing import Annotated, Any, Callable, Literal
 
 from agents.agent import Call
 from agents.db import open_db
-from agents.authz import Authorizer, Decision, decide
+from agents.authz import Decision, Request
 from agents.errors import OpError, Outcome
 from agents.fenced import INSTALL_OP, Fenced, FencedIdentities, encode_entries
 # The settings' own readers (as broker/service.py uses them): no device checks on the broker's machine.
@@ -64,8 +65,6 @@ LEDGER_OP = "fence.ledger"  # served by fencing agents to their broker (agents/f
 FENCING_KIND = "fencing"
 EVENT_ID = r"[A-Za-z0-9_.:-]{1,64}"
 RECENT_EVENTS = 1000
-#: Broker ops a fenced identity may not use either: approving or taking a step is acting.
-BROKER_ACTS = frozenset({"workflow.approve", "workflow.perform"})
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS fence_events (seq INTEGER PRIMARY KEY, at REAL NOT NULL, agent TEXT NOT NULL,
@@ -191,51 +190,23 @@ class FenceLedger:
         return [{"seq": seq, "agent": agent, **json.loads(body)} for seq, agent, body in reversed(rows)]
 
 
-class FencersMayAnnounce:
-    """Admit ``mesh.fence.event`` from the accounts the roster admits as fencing agents, for the nodes
-    their configured settings give them to fence, from nobody else; ask the inner authorizer about
-    every other op."""
+class FencedNow:
+    """The broker's fenced-identity rule: as every agent's (``Agent.not_while_fenced``), with the
+    ledger the broker's instances share read first when another instance has written to it (one
+    cheap PRAGMA per decision otherwise). The workflow engine decides each step, approval and
+    performer with the broker's rules too, so a fenced identity may not request a step that changes
+    state, nor approve or take one (both change state); reads stay allowed."""
 
-    def __init__(self, inner: Authorizer, fencers: Callable[[str], dict[str, tuple[str, ...]] | None]) -> None:
-        self.inner = inner
-        self.fencers = fencers  # bare JID -> its configured nodes (configured_nodes), None if not a fencer
+    def __init__(self, ledger: FenceLedger, fenced: FencedIdentities) -> None:
+        self.ledger, self.fenced = ledger, fenced
 
-    def decide(self, caller: str, spec: OpSpec, resources: Sequence[str]) -> Decision:
-        if spec.name != EVENT_OP:
-            return decide(self.inner, caller, spec, resources)
-        held = self.fencers(caller)
-        if held is None:
-            return Decision(False, f"{caller} may not announce fencing events: only the fencing agents the mesh"
-                                   " file configures do", "fencing agents only")
-        if not resources or not set(resources) <= set(held):
-            return Decision(False, f"{caller} may not announce fencing of {' '.join(resources)}: the mesh file"
-                                   " does not configure it to fence that node", "fencing agents only, for their own nodes")
-        return Decision(True, "a configured fencing agent announcing its own node", "fencing agents, own nodes")
+    def refresh(self) -> None:
+        if self.ledger.written_elsewhere():
+            self.fenced.install(self.ledger.fenced())
 
-
-class BrokerFenceGuard:
-    """The broker's own check: a fenced identity may not request workflow steps that change state
-    (the workflow engine decides each step for its requester through this authorizer, outside the
-    runtime's own check of requests), nor approve or take a step; reads stay allowed."""
-
-    def __init__(self, inner: Authorizer, fenced: FencedIdentities,
-                 refresh: Callable[[], None] = lambda: None) -> None:
-        self.inner = inner
-        self.fenced = fenced
-        self.refresh = refresh  # brings ``fenced`` up to date first (another instance may have fenced)
-
-    def decide(self, caller: str, spec: OpSpec, resources: Sequence[str]) -> Decision:
+    def __call__(self, request: Request, spec: OpSpec) -> Decision | None:
         self.refresh()
-        d = decide(self.inner, caller, spec, resources)
-        if d.allowed:
-            d = self.fenced.check(caller, spec) or d
-        if d.allowed and spec.name in BROKER_ACTS:
-            fenced = self.fenced.of(caller)
-            if fenced is not None:
-                return Decision(False, f"{caller} belongs to a fenced node: {fenced.describe()}; it may not"
-                                       f" {spec.name.split('.', 1)[1]} workflow steps until the node is unfenced",
-                                f"fenced node {fenced.cluster}/{fenced.node} epoch {fenced.epoch}")
-        return d
+        return self.fenced.check(request.caller, spec)
 
 
 class FencingMixin:
@@ -246,15 +217,8 @@ class FencingMixin:
         state: Path | None = self.shared_dir  # type: ignore[attr-defined]
         self.fence_ledger = FenceLedger(state / "fencing.sqlite" if state else ":memory:")
         self._fence_listeners: list[Callable[[dict[str, Any]], Any]] = []
-        self._fenced_from_ledger()
-        inner = FencersMayAnnounce(self.authorizer, self._fencing_agent)  # type: ignore[has-type]
-        self.authorizer = BrokerFenceGuard(inner, self.fenced, self._fenced_from_ledger)  # type: ignore[attr-defined]
-
-    def _fenced_from_ledger(self) -> None:
-        """The runtime's view of fenced identities, from the ledger the broker's instances share, when
-        it has changed (one cheap PRAGMA per decision otherwise)."""
-        if self.fence_ledger.written_elsewhere():
-            self.fenced.install(self.fence_ledger.fenced())  # type: ignore[attr-defined]
+        self.fenced_now = FencedNow(self.fence_ledger, self.fenced)  # type: ignore[attr-defined]
+        self.fenced_now.refresh()
 
     async def stop(self) -> None:
         await super().stop()  # type: ignore[misc]
@@ -274,7 +238,8 @@ class FencingMixin:
 
     # -- ops ------------------------------------------------------------------------------------
 
-    @op(EVENT_OP, effect="change", deadline=10, resources=(NODE_RESOURCE,))
+    @op(EVENT_OP, effect="change", deadline=10, resources=(NODE_RESOURCE,), sender="agent",
+        sender_kinds=(FENCING_KIND,), own_resources="fence that node")
     async def fence_event(self, call: Call,
                           id: Annotated[str, Arg("the agent's id for this event, the same on every resend",
                                                  pattern=EVENT_ID)],

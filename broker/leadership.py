@@ -2,7 +2,8 @@
 
 Every instance answers discovery and the other ops from its own directory (each hears every agent's
 presence: agents address the broker's bare JID, which the server delivers to all of its resources).
-Workflows are different: their steps must run once, so one instance at a time *leads*. It holds a
+Workflows are different: their steps must run once, so one instance at a time *leads* and serves
+the ops declared ``leader=True`` (``agents/ops.py``). It holds a
 lease, a row in a small SQLite database in the state directory the instances share, taken and renewed
 in ``BEGIN IMMEDIATE`` transactions; the other instances forward workflow ops to it (as the caller's
 delegate, so the leader decides and audits for the caller as usual).
@@ -20,7 +21,6 @@ its point of no return the leader checks that it still holds the lease.
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import logging
 import sqlite3
 import time
@@ -34,10 +34,6 @@ log = logging.getLogger(__name__)
 
 LEASE_TERM = 6.0  # seconds a lease lasts unless renewed
 RENEW_EVERY = LEASE_TERM / 3
-
-# Ops whose state must be single: served by the leading instance only.
-LEADER_OPS = frozenset({"workflow.run", "workflow.approve", "workflow.perform", "workflow.status",
-                        "workflow.list", "workflow.cancel"})
 
 
 # The lease file's schema versions (agents.db.migrate): the first is the schema it had before versions.
@@ -98,9 +94,6 @@ class LeadershipMixin:
         # A broker delegates to its siblings: a forwarded op is decided for the person who asked.
         self.delegates = self.delegates | {self.xmpp.boundjid.bare.lower()}  # type: ignore[attr-defined]
         self.xmpp.add_event_handler("disconnected", self._on_connection_lost)  # type: ignore[attr-defined]
-        ops = self.ops  # type: ignore[attr-defined]
-        for name in LEADER_OPS & ops.keys():
-            ops[name] = dataclasses.replace(ops[name], func=_led(name, ops[name].func))
 
     def on_elected(self) -> None:
         """This instance has just taken the lead."""
@@ -179,10 +172,3 @@ class LeadershipMixin:
             err = OpError(f"the leading broker instance {leader} answered {res.outcome.value}: {res.error}")
         raise err
 
-
-def _led(name: str, func: Callable[..., Any]) -> Callable[..., Any]:
-    """An op implementation that runs on the leading instance only."""
-    async def serve(self: Any, call: Any, **args: Any) -> Any:
-        answer = await self.forward_to_leader(name, call, args)
-        return await func(self, call, **args) if answer is None else answer.result
-    return serve

@@ -77,14 +77,11 @@ LEFT_BECAUSE = {  # XEP-0045 status codes on the bot's own unavailable presence
 
 def room_members(*authorizers: Any) -> set[str]:
     """Bare JIDs that belong in the ops room: the admins and the people a policy names, found in
-    ``authorizers`` and whatever they wrap (agent kinds and the broker wrap the mesh's authorizer)."""
+    ``authorizers`` (each the policy an actor decides with, ``Agent.authorizer``)."""
     found: set[str] = set()
     for authorizer in authorizers:
-        seen = authorizer
-        while seen is not None:
-            if isinstance(seen, AdminsOnly):
-                found |= set(seen.admins)
-            seen = getattr(seen, "inner", None)
+        if isinstance(authorizer, AdminsOnly):
+            found |= set(authorizer.admins)
         policy = policy_of(authorizer)
         if policy is not None and policy.gate.policy is not None:
             found |= {jid.lower() for jid in policy.gate.policy.members}

@@ -29,7 +29,8 @@ from slixmpp.exceptions import IqError, IqTimeout
 
 from agents.agent import AGENT_FORM, Agent, Call, info_op
 from agents.db import open_db
-from agents.ops import OP_FEATURE_PREFIX, Arg, op
+from agents.authz import Decision, Request
+from agents.ops import OP_FEATURE_PREFIX, Arg, OpSpec, op
 from agents.resources import check as check_resource, BadResource
 from agents.errors import BadArguments
 from agents.kinds import distribution_kinds
@@ -39,7 +40,7 @@ from .anchors import AnchorsMixin
 from .descriptions import OpDescriptions
 from .fencing import FencingMixin
 from agents.ratelimit import RateLimit
-from .directory import Admission, BoundedMap, Capabilities, Directory
+from .directory import Admission, BoundedMap, Capabilities, Directory, sent_by_agents
 from .leadership import LeadershipMixin
 from .policy import PolicyDistribution
 from .volumes import VolumesMixin
@@ -99,6 +100,31 @@ class Broker(FencingMixin, WorkflowMixin, LeadershipMixin, AlertsMixin, StorageN
         self.xmpp.del_event_handler("presence_unavailable", self._on_broker_presence)
         self.xmpp.add_event_handler("presence_available", self._on_available)
         self.xmpp.add_event_handler("presence_unavailable", self._on_unavailable)
+        # What authorization walks for every request here and for every workflow step, approval and
+        # performer (agents/authz.py): the broker-only ops; anyone but the agents the mesh file
+        # configures refused the ops only they send; the fenced-identity guard, reading the ledger
+        # the instances share; those agents admitted to those ops without a grant; then the policy.
+        self.rules = [self.sent_by_broker, self.refuse_other_senders, self.fenced_now, self.admit_agent_senders,
+                      self.by_policy]
+
+    def refuse_other_senders(self, request: Request, spec: OpSpec) -> Decision | None:
+        """Refuses whoever may not send an op only the mesh file's agents send (directory.sent_by_agents)."""
+        decision = sent_by_agents(request, spec, self.roster, self.directory)
+        return decision if decision is not None and not decision.allowed else None
+
+    def admit_agent_senders(self, request: Request, spec: OpSpec) -> Decision | None:
+        """Admits those agents to those ops, whatever the policy says (directory.sent_by_agents)."""
+        decision = sent_by_agents(request, spec, self.roster, self.directory)
+        return decision if decision is not None and decision.allowed else None
+
+    async def perform(self, spec: OpSpec, call: Call, args: dict[str, Any]) -> Any:
+        """An op declared ``leader=True`` runs on the leading instance: this one, or the leader's
+        answer, asked for on the caller's behalf (broker/leadership.py)."""
+        if spec.leader:
+            answer = await self.forward_to_leader(spec.name, call, args)
+            if answer is not None:
+                return answer.result
+        return await spec.func(self, call, **args)
 
     async def on_session(self) -> None:
         # A new session (not a resumed one): the server has forgotten our directed presences.

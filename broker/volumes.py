@@ -10,44 +10,25 @@ the directory (``Directory.locate``), and they go when the entry goes. Locations
 every agent still authorizes each request it receives itself, over the resources the request names.
 
 Who may report: a live agent in the directory that the mesh file configures as a storage agent (its
-roster kind, never what it advertises), for its own entries only, never on someone's behalf.
+roster kind, never what it advertises), for its own entries only, never on someone's behalf: the
+op's declaration says so (``sender="live agent"``) and the broker's sender rule checks it.
 """
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Sequence
+from typing import Annotated
 
 from agents.agent import Call
-from agents.authz import Authorizer, Decision
 from agents.errors import BadArguments, Denied
-from agents.ops import Arg, OpSpec, op
+from agents.ops import Arg, op
 from agents.storage.locations import MAX_REPORTED, REPORT_OP, volume_path
 from agents.storage.names import NAME_PATTERN
 
 REPORTING_KIND = "storage"
 
 
-class StorageMayReport:
-    """Admit ``mesh.volumes`` from live storage agents; ask the inner authorizer about everything else."""
-
-    def __init__(self, inner: Authorizer, reporters: Any) -> None:
-        self.inner = inner
-        self.reporters = reporters
-
-    def decide(self, caller: str, spec: OpSpec, resources: Sequence[str]) -> Decision:
-        if spec.name == REPORT_OP:
-            if caller.lower() in self.reporters():
-                return Decision(True, "live storage agents of the mesh report the volumes they hold")
-            return Decision(False, f"{caller} is not a live storage agent of this mesh; only those report volumes")
-        return self.inner.decide(caller, spec, resources)
-
-
 class VolumesMixin:
-    """Mixed into the broker before ``Agent``: the ``mesh.volumes`` op and its admission rule."""
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.authorizer = StorageMayReport(self.authorizer, self._live_storage)  # type: ignore[has-type]
+    """Mixed into the broker before ``Agent``: the ``mesh.volumes`` op."""
 
     def _listed(self, bare: str) -> list[str]:
         """Full JIDs of the directory's entries for one account whose configured kind is storage."""
@@ -58,21 +39,12 @@ class VolumesMixin:
         return [e.jid for e in self.directory.entries()  # type: ignore[attr-defined]
                 if e.jid.split("/", 1)[0].lower() == bare.lower()]
 
-    def _live_storage(self) -> set[str]:
-        directory = getattr(self, "directory", None)
-        if directory is None:
-            return set()
-        live = {e.jid.split("/", 1)[0].lower() for e in directory.entries()}
-        return {bare for bare in live if self._listed(bare)}
-
-    @op(REPORT_OP, effect="change", deadline=5)
+    @op(REPORT_OP, effect="change", deadline=5, sender="live agent", sender_kinds=(REPORTING_KIND,))
     async def volumes_report(self, call: Call,
                              volumes: Annotated[list[str], Arg("every volume, clone and replica the reporting"
                                                                " storage agent holds", pattern=NAME_PATTERN)] = ()
                              ) -> dict:
         """(For storage agents.) Report the volumes this agent holds; replaces its previous report."""
-        if call.via:
-            raise Denied(f"{REPORT_OP} is never sent on someone's behalf")
         if len(volumes) > MAX_REPORTED:
             raise BadArguments(f"a report may name at most {MAX_REPORTED} volumes, got {len(volumes)}",
                                argument="volumes")

@@ -28,8 +28,9 @@ Who may do what:
 - the runtime's gate decides each workflow op as usual (``workflow.run`` on ``/workflow/NAME``, the
   others on no resource, so a role needs a grant without ``on:`` to use them);
 - every step is decided for the requester (or the ``hold`` step's performer) with the broker's
-  authorizer, on the step's op and resources, when the run starts (a run any of whose steps the
-  requester may not run is refused, and nothing runs) and again just before the step runs;
+  rules (``Broker.rules``: the fenced-identity guard, then the policy), on the step's op and
+  resources, when the run starts (a run any of whose steps the requester may not run is refused,
+  and nothing runs) and again just before the step runs;
 - approving is the right to ``workflow.approve`` on ``/workflow/NAME/STEP``: a grant without ``on:``
   lets a role approve everything, and a deny with ``on:`` takes particular steps away.
 
@@ -55,7 +56,7 @@ from pathlib import Path
 from typing import Annotated, Any, Callable
 
 from agents.agent import Call
-from agents.authz import Decision, decide
+from agents.authz import Decision, Request
 from agents.errors import BadArguments, Denied, Outcome
 from agents.ops import Arg, OpSpec, op
 from agents.pairs import parse_pairs
@@ -152,7 +153,7 @@ class WorkflowMixin:
 
     # -- ops --------------------------------------------------------------------------------------
 
-    @op("workflow.list", effect="read", deadline=10)
+    @op("workflow.list", effect="read", deadline=10, leader=True)
     async def workflow_list(self, call: Call,
                             state: Annotated[str, Arg("only instances in this state (running, waiting, done,"
                                                       " failed, cancelled)", pattern=r"[a-z]*")] = "",
@@ -164,7 +165,7 @@ class WorkflowMixin:
                 "broken": [{"file": f, "error": e} for f, e in bad.items()],
                 "instances": self.workflow_store.instances(state, limit)}
 
-    @op("workflow.run", effect="change", deadline=60, resources=("/workflow/{workflow}",))
+    @op("workflow.run", effect="change", deadline=60, resources=("/workflow/{workflow}",), leader=True)
     async def workflow_run(self, call: Call,
                            workflow: Annotated[str, Arg("the workflow to run", pattern=_NAME)],
                            param: Annotated[list[str], Arg("a parameter as name=value; repeat the name for"
@@ -193,7 +194,7 @@ class WorkflowMixin:
         await self._settle(iid, wait)
         return self._status(iid)
 
-    @op("workflow.approve", effect="change", deadline=60)
+    @op("workflow.approve", effect="change", deadline=60, leader=True)
     async def workflow_approve(self, call: Call,
                                instance: Annotated[str, Arg("the instance id", pattern=_INSTANCE)],
                                step: Annotated[str, Arg("the step to approve", pattern=_STEP)],
@@ -214,7 +215,7 @@ class WorkflowMixin:
         await self._settle(instance, wait)
         return self._status(instance)
 
-    @op("workflow.perform", effect="change", deadline=60)
+    @op("workflow.perform", effect="change", deadline=60, leader=True)
     async def workflow_perform(self, call: Call,
                                instance: Annotated[str, Arg("the instance id", pattern=_INSTANCE)],
                                step: Annotated[str, Arg("the held step to perform", pattern=_STEP)],
@@ -240,7 +241,7 @@ class WorkflowMixin:
         await self._settle(instance, wait)
         return self._status(instance)
 
-    @op("workflow.status", effect="read", deadline=10)
+    @op("workflow.status", effect="read", deadline=10, leader=True)
     async def workflow_status(self, call: Call,
                               instance: Annotated[str, Arg("the instance id", pattern=_INSTANCE)],
                               wait: Annotated[float, Arg("seconds to wait for it to finish or stop at an"
@@ -253,7 +254,7 @@ class WorkflowMixin:
                 await asyncio.wait({task}, timeout=wait)
         return self._status(instance)
 
-    @op("workflow.cancel", effect="change", deadline=10)
+    @op("workflow.cancel", effect="change", deadline=10, leader=True)
     async def workflow_cancel(self, call: Call,
                               instance: Annotated[str, Arg("the instance id", pattern=_INSTANCE)]) -> dict:
         """Stop a workflow instance before its next step (a step already sent still ends)."""
@@ -421,14 +422,13 @@ class WorkflowMixin:
     # -- decisions ---------------------------------------------------------------------------------
 
     def _decide_step(self, who: str, step: Step) -> Decision:
-        return decide(self.authorizer, who, step_spec(step, self._installed_spec(step.op)),  # type: ignore[attr-defined]
-                      step.on)
+        return self.authorize(Request(who, step.on), step_spec(step, self._installed_spec(step.op)))  # type: ignore[attr-defined]
 
     def _may_approve(self, workflow: str, step: Step) -> Callable[[str], bool]:
         """Whether someone may approve this step now: asked afresh each time, so a revocation counts."""
         spec = self.ops["workflow.approve"]  # type: ignore[attr-defined]
         resource = [f"/workflow/{workflow}/{step.base}"]
-        return lambda jid: decide(self.authorizer, jid, spec, resource).allowed  # type: ignore[attr-defined]
+        return lambda jid: self.authorize(Request(jid, resource), spec).allowed  # type: ignore[attr-defined]
 
     def _audit(self, rid: str, caller: str, op_name: str, resources: list[str], args: dict[str, Any],
                allowed: bool, rule: str, version: int = 0) -> None:

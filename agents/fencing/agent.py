@@ -20,9 +20,9 @@ not answer delays nobody's fence), so by the time a caller hears "off" the broke
 The agent also keeps the last verified outcome per node (its ledger), which the broker reads with
 ``fence.ledger`` (from the broker only) when the agent joins.
 
-Authorization: the mesh's authorizer decides as for every op, wrapped in the agent's own rules:
-a person's manual fence needs approval where the settings say so (guard.py), and identities of
-fenced nodes may not run ops that change state (agents/fenced.py, as on every agent).
+Authorization: the agent walks the rules every agent walks (agents/authz.py) with one of its own
+before the policy's: a person's manual fence needs approval where the settings say so (guard.py);
+identities of fenced nodes may not run ops that change state (agents/fenced.py, as on every agent).
 """
 
 from __future__ import annotations
@@ -37,7 +37,6 @@ from typing import Annotated, Any
 
 from ..actor import Backoff
 from ..agent import Agent, Call, info_op
-from ..authz import current_via
 from ..config import ConfigError
 from ..errors import BadArguments, OpError, OpTimeout, Outcome
 from ..ops import Arg, op
@@ -89,7 +88,9 @@ class FencingAgent(Agent):
         self.fencing = fencing
         self.power = PowerController(fencing.registry) if fencing.registry else None
         self.events: collections.deque[dict[str, Any]] = collections.deque(maxlen=EVENTS_KEPT)
-        self.authorizer = ApprovalGuard(self.authorizer, fencing, current_via.get, lambda: self.broker)
+        # Its own rule comes before the others: a person's manual fence needs approval (guard.py).
+        self.rules = [self.sent_by_broker, ApprovalGuard(fencing, lambda: self.broker), self.not_while_fenced,
+                      self.by_policy]
         self.outbox = FenceOutbox(self.state_dir / "fencing.sqlite" if self.state_dir else None)
         self._acked: dict[str, asyncio.Future[None]] = {}  # event id -> done when the broker took it
         self._wake: asyncio.Event | None = None  # set when there is something to send or a broker to try
@@ -116,19 +117,22 @@ class FencingAgent(Agent):
 
     # -- ops ------------------------------------------------------------------------------------
 
-    @op("fence.off", effect="destructive", deadline=OP_DEADLINE, resources=(NODE_RESOURCE,))
+    @op("fence.off", effect="destructive", deadline=OP_DEADLINE, resources=(NODE_RESOURCE,),
+        approval="fence-node")
     async def off(self, call: Call, cluster: Cluster, node: Node) -> dict:
         """Power a node off; ok only when the device's status confirms OFF.
 
         Levels are tried in order; concurrent requests for the node share one device action."""
         return await self._power(call, "off", cluster, node)
 
-    @op("fence.on", effect="destructive", deadline=OP_DEADLINE, resources=(NODE_RESOURCE,))
+    @op("fence.on", effect="destructive", deadline=OP_DEADLINE, resources=(NODE_RESOURCE,),
+        approval="fence-node-on")
     async def on(self, call: Call, cluster: Cluster, node: Node) -> dict:
         """Power a node on (unfence); ok only when the device's status confirms ON."""
         return await self._power(call, "on", cluster, node)
 
-    @op("fence.reboot", effect="destructive", deadline=OP_DEADLINE, resources=(NODE_RESOURCE,))
+    @op("fence.reboot", effect="destructive", deadline=OP_DEADLINE, resources=(NODE_RESOURCE,),
+        approval="fence-node-reboot")
     async def reboot(self, call: Call, cluster: Cluster, node: Node) -> dict:
         """Power a node off (verified), then on; ok once off is verified.
 

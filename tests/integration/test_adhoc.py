@@ -120,7 +120,7 @@ async def adhoc(mesh, tmp_path):
     authz = PolicyAuthorizer()
     assert authz.load(policy(mesh.operator[0], helper[0], bot_jid)).ok
     broker = await mesh.broker(delegates=[bot_jid])
-    broker.authorizer.inner = authz
+    broker.authorizer = authz
     agent = await mesh.agent(SampleAgent, broker, ["/host/a"], authorizer=authz, delegates=[bot_jid])
     bot = ChatBot(bot_jid, bot_pw, mesh.endpoint, broker=str(broker.jid), authorizer=authz,
                   ops={**catalogue(), **ops_of(SampleAgent)}, rate=RateLimit(burst=50, rate=50))

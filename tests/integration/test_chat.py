@@ -60,7 +60,7 @@ async def chat(mesh, tmp_path):
          "destructive": True}]}))
     # The bot holds no role: its identity grants nothing. Agents and the broker take its `for`.
     broker = await mesh.broker(delegates=[bot_jid], settings={"workflows": str(tmp_path / "workflows")})
-    broker.authorizer.inner = authz
+    broker.authorizer = authz
     agent = await mesh.agent(SampleAgent, broker, ["/host/a"], authorizer=authz, delegates=[bot_jid])
     ops = {**catalogue(), **ops_of(SampleAgent)}
     (tmp_path / "bot").mkdir()

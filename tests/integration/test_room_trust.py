@@ -229,7 +229,7 @@ async def test_members_follow_the_policy(mesh):
     authz = PolicyAuthorizer()
     assert authz.load(policy(first[0])).ok
     broker = await mesh.broker()
-    broker.authorizer.inner = authz  # the broker's policy, as policy.reload installs it
+    broker.authorizer = authz  # the broker's policy, as policy.reload installs it
     bot_jid, bot_pw = mesh.account("bot")
     bot = ChatBot(bot_jid, bot_pw, mesh.endpoint, broker=str(broker.jid), authorizer=authz)
     room_jid = f"ops-{uuid.uuid4().hex[:8]}@rooms.{DOMAIN}"

@@ -8,16 +8,18 @@ import json
 
 import pytest
 
-from agents.authz import AdminsOnly, Decision
+from agents.agent import Agent
+from agents.authz import AdminsOnly, Decision, Request, authorize, broker_only
 from agents.errors import BadArguments
+from agents.fenced import INSTALL_OP, Fenced, FencedIdentities, encode_entries, parse_entries
+from agents.fencing.agent import FencingAgent
 from agents.fencing.devices import FencingConfigError
-from broker.fencing import BrokerFenceGuard
-from agents.fenced import (Fenced, FencedIdentities, authorize_install, encode_entries,
-                                   parse_entries)
 from agents.fencing.guard import ApprovalGuard
 from agents.fencing.settings import FencingSettings, configured_nodes
-from agents.ops import OpSpec
-from broker.fencing import FenceLedger, FencersMayAnnounce
+from agents.ops import OpSpec, ops_of
+from broker.directory import Admission, Directory, sent_by_agents
+from broker.fencing import EVENT_OP, FencedNow, FenceLedger
+from broker.service import Broker
 
 
 async def _noop(*_a, **_k):
@@ -28,6 +30,12 @@ def spec(name: str, destructive: bool = True, effect: str | None = None) -> OpSp
     effect = effect or ("destructive" if destructive else "read")
     return OpSpec(name=name, summary=name, description="", params=(), effect=effect, deadline=5,
                   progress=False, resources=(), func=_noop)
+
+
+def policy_rule(*admins: str):
+    """The last rule of every list: the mesh's policy, here its admins."""
+    policy = AdminsOnly(admins)
+    return lambda request, op: policy.decide(request.caller, op, request.resources)
 
 
 def outcome(action: str, ok: bool = True, node: str = "n1", at: float = 100.0, **kw) -> dict:
@@ -108,15 +116,20 @@ def test_entries_travel_as_json_and_bad_ones_are_named():
 
 
 def test_only_the_agents_broker_pushes_epochs_whatever_the_policy_says():
-    assert authorize_install("broker@x.test", "broker@x.test").allowed
-    assert not authorize_install("root@x.test", "broker@x.test").allowed
-    assert not authorize_install("broker@x.test", None).allowed
+    install = ops_of(Agent)[INSTALL_OP]  # declared sender="broker"
+    assert install.sender == "broker"
+    assert broker_only(Request("broker@x.test", []), install, "broker@x.test").allowed
+    assert not broker_only(Request("root@x.test", []), install, "broker@x.test").allowed
+    assert not broker_only(Request("broker@x.test", []), install, None).allowed
+    assert not broker_only(Request("broker@x.test", [], via="bot@x.test"), install, "broker@x.test").allowed
 
 
-def test_the_brokers_guard_asks_the_policy_first_and_then_the_epochs():
-    guard = BrokerFenceGuard(AdminsOnly(["db1@x.test"]), fenced_db1())
-    assert "was fenced at" in guard.decide("db1@x.test", spec("sample.toggle"), []).reason
-    assert "only the mesh file's admins" in guard.decide("db2@x.test", spec("sample.toggle"), []).reason
+def test_the_brokers_rules_refuse_a_fenced_identity_and_leave_the_rest_to_the_policy():
+    ledger = FenceLedger(":memory:")
+    ledger.record("f@x.test", outcome("off"))  # node n1 (identity db1) is fenced
+    rules = [FencedNow(ledger, FencedIdentities()), policy_rule("db1@x.test")]
+    assert "was fenced at" in authorize(rules, Request("db1@x.test", []), spec("sample.toggle")).reason
+    assert "only the mesh file's admins" in authorize(rules, Request("db2@x.test", []), spec("sample.toggle")).reason
 
 
 SETTINGS = {"clusters": {"c1": ["n1"], "c2": ["n2"]},
@@ -127,23 +140,32 @@ SETTINGS = {"clusters": {"c1": ["n1"], "c2": ["n2"]},
             "approval": {"c1": {"fencers": ["fence-c1@x.test"]}}}
 
 
-def approval_guard(via: str = "") -> ApprovalGuard:
-    return ApprovalGuard(AdminsOnly(["alice@x.test", "fence-c1@x.test"]), FencingSettings.from_settings(SETTINGS),
-                         lambda: via, lambda: "broker@x.test")
+FENCE_OPS = ops_of(FencingAgent)
+
+
+def decide_fence(caller: str, op: str, resources: list[str], via: str = "") -> Decision:
+    """The fencing agent's approval rule, then the policy (its admins), as the agent walks them."""
+    rules = [ApprovalGuard(FencingSettings.from_settings(SETTINGS), lambda: "broker@x.test"),
+             policy_rule("alice@x.test", "fence-c1@x.test")]
+    return authorize(rules, Request(caller, resources, via), FENCE_OPS[op])
 
 
 def test_a_persons_manual_fence_needs_approval_where_the_cluster_asks_for_it():
     n1, n2 = ["/cluster/c1/node/n1"], ["/cluster/c2/node/n2"]
-    d = approval_guard().decide("alice@x.test", spec("fence.off"), n1)
+    d = decide_fence("alice@x.test", "fence.off", n1)
     assert not d.allowed and "workflow=fence-node param=cluster=c1 param=node=n1" in d.reason
-    assert approval_guard().decide("alice@x.test", spec("fence.off"), n2).allowed  # c2 asks for none
-    assert approval_guard().decide("alice@x.test", spec("fence.status", False), n1).allowed  # a read
-    assert approval_guard().decide("fence-c1@x.test", spec("fence.reboot"), n1).allowed  # c1's own fencer
-    assert approval_guard(via="broker@x.test").decide("alice@x.test", spec("fence.on"), n1).allowed
+    assert decide_fence("alice@x.test", "fence.off", n2).allowed  # c2 asks for none
+    assert decide_fence("alice@x.test", "fence.status", n1).allowed  # a read
+    assert decide_fence("fence-c1@x.test", "fence.reboot", n1).allowed  # c1's own fencer
+    assert decide_fence("alice@x.test", "fence.on", n1, via="broker@x.test").allowed
     # Another delegate (the chat bot) relays the person's own command: still needs approval.
-    assert not approval_guard(via="bot@x.test").decide("alice@x.test", spec("fence.off"), n1).allowed
+    assert not decide_fence("alice@x.test", "fence.off", n1, via="bot@x.test").allowed
     # The policy still decides after the rule: the broker's word does not make a stranger allowed.
-    assert not approval_guard(via="broker@x.test").decide("eve@x.test", spec("fence.off"), n1).allowed
+    assert not decide_fence("eve@x.test", "fence.off", n1, via="broker@x.test").allowed
+    # Each power op names the workflow that asks for it with approval.
+    assert {op: FENCE_OPS[op].approval for op in ("fence.off", "fence.on", "fence.reboot")} == {
+        "fence.off": "fence-node", "fence.on": "fence-node-on", "fence.reboot": "fence-node-reboot"}
+    assert not FENCE_OPS["fence.status"].approval and not FENCE_OPS["fence.list"].approval
 
 
 def test_fencing_settings_name_what_is_wrong():
@@ -158,13 +180,18 @@ def test_fencing_settings_name_what_is_wrong():
 
 
 def test_only_a_configured_fencing_agent_announces_and_only_for_its_nodes():
-    gate = FencersMayAnnounce(AdminsOnly(["root@x.test"]), lambda caller: {"/cluster/c1/node/n1": ("db1@x.test",)}
-                              if caller.lower() == "f@x.test" else None)
-    event = spec("mesh.fence.event", False)
-    assert gate.decide("F@x.test", event, ["/cluster/c1/node/n1"]).allowed
-    assert not gate.decide("f@x.test", event, ["/cluster/c1/node/n2"]).allowed
-    assert not gate.decide("root@x.test", event, ["/cluster/c1/node/n1"]).allowed  # admins cannot forge one
-    assert gate.decide("root@x.test", spec("mesh.fence.epochs", False), []) == Decision(
+    roster = {"f@x.test": Admission("fencing", ("/cluster/c1/node/n1",)),
+              "m@x.test": Admission("monitor", ("/cluster/c1/node/n1",))}
+    rules = [lambda request, op: sent_by_agents(request, op, roster, Directory()), policy_rule("root@x.test")]
+    broker_ops = ops_of(Broker)
+    event = broker_ops[EVENT_OP]
+    assert authorize(rules, Request("F@x.test", ["/cluster/c1/node/n1"]), event).allowed
+    assert not authorize(rules, Request("f@x.test", ["/cluster/c1/node/n2"]), event).allowed
+    # Admins cannot forge one.
+    assert not authorize(rules, Request("root@x.test", ["/cluster/c1/node/n1"]), event).allowed
+    assert not authorize(rules, Request("m@x.test", ["/cluster/c1/node/n1"]), event).allowed  # another kind
+    assert not authorize(rules, Request("f@x.test", ["/cluster/c1/node/n1"], via="broker@x.test"), event).allowed
+    assert authorize(rules, Request("root@x.test", []), broker_ops["mesh.fence.epochs"]) == Decision(
         True, "caller is a mesh admin", "mesh admins")
 
 
@@ -173,18 +200,14 @@ def test_a_fencing_recorded_by_another_broker_instance_reaches_this_ones_decisio
     mine, other = FenceLedger(tmp_path / "fencing.sqlite"), FenceLedger(tmp_path / "fencing.sqlite")
     view = FencedIdentities()
 
-    def refresh() -> None:
-        if mine.written_elsewhere():
-            view.install(mine.fenced())
-
-    guard = BrokerFenceGuard(AdminsOnly(["db1@x.test"]), view, refresh)
-    assert guard.decide("db1@x.test", spec("workflow.run"), []).allowed
+    rules = [FencedNow(mine, view), policy_rule("db1@x.test")]
+    assert authorize(rules, Request("db1@x.test", []), spec("workflow.run")).allowed
     assert not mine.written_elsewhere()  # nothing new: no re-read on the next decision
     other.record("f@x.test", outcome("off"))
-    denied = guard.decide("db1@x.test", spec("workflow.run"), [])
+    denied = authorize(rules, Request("db1@x.test", []), spec("workflow.run"))
     assert not denied.allowed and "fenced node" in denied.reason
     other.record("f@x.test", outcome("on", at=200.0))
-    assert guard.decide("db1@x.test", spec("workflow.run"), []).allowed
+    assert authorize(rules, Request("db1@x.test", []), spec("workflow.run")).allowed
 
 
 def test_an_event_is_recorded_once_per_agent_and_id():
