@@ -12,7 +12,7 @@ For a 20-rule and a 10,000-rule policy (1,000 users in 50 roles, roles inheritin
    caller a member of it) vs off (a hook that allows everything), in alternating batches so that
    both see the same machine; and, for information, gate on with the agent's audit log written.
 
-Targets (issue 3): warm <= 5 us, cold at 10,000 rules <= 1 ms, round trip gate on <= 1.05x off.
+Targets: warm <= 5 us, cold at 10,000 rules <= 1 ms, round trip gate on <= 1.05x off.
 
 Usage::
 

@@ -10,7 +10,7 @@ share the agent's event loop) sends bursts of 5,000 requests in one write each.
 
 Two floods are measured:
 
-- from an account the mesh file does not name (any account of the server): the target, issue's
+- from an account the mesh file does not name (any account of the server): the target is
   "another sender's p99 stays within 2x of its quiet value"; each burst lasts until it is answered
   or ``--round-seconds`` have passed (the server reads such an account slowly, so most of a burst is
   still unread when its round ends and the flooder's connection is closed at the end);

@@ -7,7 +7,7 @@ which cluster each node it can fence belongs to.
       fencing:                           # the device registry (see devices.py)
         devices: {...}
         levels: {node1: [[pdu1]], ...}
-      identities:                        # who belongs to each node (fencing epochs, see epochs.py)
+      identities:                        # who belongs to each node (fencing epochs: agents/fenced.py)
         node1: [db1@vertebra.test]
       approval:                          # clusters whose manual fences need a second person
         c1: {fencers: [fence-c1@vertebra.test]}   # its own fencing identities fence at once

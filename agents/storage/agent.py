@@ -1,4 +1,4 @@
-"""The storage agent: serves volumes, snapshots and writable clones from one driver (see the storage issue).
+"""The storage agent: serves volumes, snapshots and writable clones from one driver.
 
 The driver comes from the agent's settings in the mesh file (checked in settings.py)::
 

@@ -1,4 +1,4 @@
-"""Self-service clones with guard rails (issue 14): who owns a clone, how many clones and bytes an owner
+"""Self-service clones with guard rails: who owns a clone, how many clones and bytes an owner
 may hold, when a clone expires, and the space report.
 
 Settings (the storage agent's ``clones`` mapping; every key optional)::

@@ -1,4 +1,4 @@
-"""Self-service clones with guard rails on a real Prosody, a real broker and a real storage agent (issue 14):
+"""Self-service clones with guard rails on a real Prosody, a real broker and a real storage agent:
 a clone belongs to whoever asked, one policy rule (/volume/*/owner/{caller}) lets each developer manage only
 their own, quotas refuse with a clear error, storage.report shows space per owner, and a clone past its
 expiry is destroyed with an audit record and a notice at the broker (which the ops room shows)."""

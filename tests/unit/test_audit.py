@@ -181,7 +181,7 @@ def test_canonical_is_stable():
     assert audit.canonical({"b": 1, "a": [1, "é"]}) == '{"a":[1,"\\u00e9"],"b":1}'
 
 
-# -- keyed chain, anchors, durable decisions, refusals, private files (issue 12) ----------------------
+# -- keyed chain, anchors, durable decisions, refusals, private files ---------------------------------
 
 def rehash(path, key: bytes | None, start: int = 1, stop: int = 1 << 62) -> None:
     """Recompute every hash from record ``start`` (to ``stop``), as someone who edited the log would."""

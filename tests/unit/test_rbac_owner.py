@@ -1,4 +1,4 @@
-"""The {caller} pattern segment (issue 14): one rule lets every developer manage their own clones and
+"""The {caller} pattern segment: one rule lets every developer manage their own clones and
 nobody else's, identically in the gate's index and in casbin."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The storage agent's clones settings and the rules they make (issue 14): errors name the key and say what
+"""The storage agent's clones settings and the rules they make: errors name the key and say what
 to write; expiry and quota refusals say what was wrong and what to do."""
 
 from __future__ import annotations
