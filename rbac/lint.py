@@ -26,7 +26,7 @@ from __future__ import annotations
 import hashlib
 import re
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 from . import source
 from .ops import BadOpPattern, check_op_pattern, is_op_name
@@ -170,8 +170,8 @@ class _Lint:
                                 self.err(pline, f"role {name!r} inherits {parent!r} twice")
                             parents.append(parent)
             out[name] = tuple(parents)
-        for name, parents in out.items():
-            for parent in parents:
+        for name, inherited in out.items():
+            for parent in inherited:
                 if parent not in out:
                     self.err(raw.at(name), f"role {name!r} inherits unknown role {parent!r}"
                                            + _did_you_mean(parent, out))
@@ -325,7 +325,7 @@ class _Lint:
 GRANTS, DENIES = "grants", "denies"
 
 
-def _closest(word: str, choices: set[str]) -> str | None:
+def _closest(word: str, choices: Iterable[str]) -> str | None:
     import difflib
     lowered = {c.lower(): c for c in choices}
     if word.lower() in lowered:
@@ -334,6 +334,6 @@ def _closest(word: str, choices: set[str]) -> str | None:
     return lowered[found[0]] if found else None
 
 
-def _did_you_mean(word: str, choices: set[str]) -> str:
+def _did_you_mean(word: str, choices: Iterable[str]) -> str:
     hint = _closest(word, choices)
     return f" (did you mean {hint!r}?)" if hint else ""

@@ -16,6 +16,7 @@ from .ops import is_op_name, match_op
 from .paths import BadPath, check_path, match_pattern
 
 ALLOW, DENY = "allow", "deny"
+_NO_RESOURCE: tuple[str | None, ...] = (None,)  # what a request that addresses no resource is checked on
 
 
 @dataclass(frozen=True)
@@ -109,7 +110,7 @@ class Policy:
         denies = [r for r in rules if r.effect == DENY]
         grants = [r for r in rules if r.effect == ALLOW]
         granted_by: Rule | None = None
-        for resource in (resources or [None]):
+        for resource in (resources or _NO_RESOURCE):
             for rule in denies:
                 if rule.matches(op, resource, site, caller):
                     return Verdict(False, rule.label)
