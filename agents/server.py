@@ -162,6 +162,18 @@ class PrivateNode:
     ``port``, ``dir``, ``cert_path``, ``key_path`` and ``_lock_path``, and define ``_running_pid``."""
 
     noun = "server"  # what messages call it
+    home: Path
+    domain: str
+    host: str
+    port: int
+    dir: Path
+    cert_path: Path
+    key_path: Path
+    _lock_path: Path
+
+    def _running_pid(self) -> int | None:
+        """The server's pid if it runs (a stale pidfile is removed), else None."""
+        raise NotImplementedError
 
     def _terminate(self, pid: int, timeout: float, name: str) -> None:
         """SIGTERM (both servers stop gracefully on it), SIGKILL if still there after ``timeout``."""
