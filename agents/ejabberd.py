@@ -146,9 +146,9 @@ class PrivateEjabberd(PrivateNode):
                             ("component_port", component_port)):
             if value is not None and (not isinstance(value, int) or not 0 < value < 65536):
                 raise ServerError(f"invalid {name} {value!r}: use an integer between 1 and 65535")
-        for name, value in (("node_name", node_name), ("cluster_join", cluster_join)):
-            if value is not None and (not isinstance(value, str) or not _NODE_RE.match(value)):
-                raise ServerError(f"invalid {name} {value!r}: an Erlang node name is NAME@HOST, "
+        for name, node in (("node_name", node_name), ("cluster_join", cluster_join)):
+            if node is not None and (not isinstance(node, str) or not _NODE_RE.match(node)):
+                raise ServerError(f"invalid {name} {node!r}: an Erlang node name is NAME@HOST, "
                                   "for example vertebra1@10.0.0.1")
         if cookie is not None and (not cookie or not re.fullmatch(r"[A-Za-z0-9_.-]{1,255}", cookie)):
             raise ServerError("invalid Erlang cookie: use 1-255 letters, digits, '.', '_' or '-'")
@@ -371,11 +371,15 @@ class PrivateEjabberd(PrivateNode):
         ``c2s_shaper`` rule, here none for the accounts the mesh names and the read limit for the rest."""
         limit = self.read_limit
         if limit is None:
-            return {"read_limit_acl": "", "read_limit_shaper": "", "read_limit_rule": ""}
+            return {"read_limit_listener": "", "read_limit_acl": "", "read_limit_shaper": "", "read_limit_rule": ""}
         limit.check(self.domain)
         users = "".join(f'      - "{_yaml_quoted_body(jid)}"\n' for jid in sorted(set(limit.unlimited)))
-        return {"read_limit_acl": "  mesh_named:\n    user:\n" + users if users else "",
-                "read_limit_shaper": f"shaper:\n  unnamed: {limit.bytes_per_second}\n",
+        # The listener's shaper rule is matched before authentication (no JID yet: "unnamed") and again
+        # once the JID is known; a burst of two seconds lets every login's handshake through unslowed.
+        return {"read_limit_listener": "    shaper: c2s_shaper\n",
+                "read_limit_acl": "  mesh_named:\n    user:\n" + users if users else "",
+                "read_limit_shaper": (f"shaper:\n  unnamed:\n    rate: {limit.bytes_per_second}\n"
+                                      f"    burst_size: {2 * limit.bytes_per_second}\n"),
                 "read_limit_rule": "  c2s_shaper:\n" + ("    none: mesh_named\n" if users else "")
                                    + "    unnamed: all\n"}
 
@@ -528,6 +532,7 @@ class PrivateEjabberd(PrivateNode):
         return None
 
     def _check_ports_free(self) -> None:
+        assert self.dist_port is not None, "start() chooses the distribution port before it checks the ports"
         wanted = [(self.host, self.port, "client port"), (self._dist_address(), self.dist_port,
                                                           "Erlang distribution port")]
         if self.component_port is not None:
