@@ -28,6 +28,7 @@ message saying so.
 
 from __future__ import annotations
 
+import io
 import os
 import sqlite3
 import struct
@@ -35,7 +36,7 @@ import threading
 from collections import Counter, deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import BinaryIO, Iterable, Iterator, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import blake3
 import zstandard
@@ -70,9 +71,10 @@ CREATE INDEX IF NOT EXISTS segments_unreferenced ON segments(refs) WHERE refs <=
 """
 
 Row = tuple[bytes, int, int, int, int, int]     # id, pack, offset, stored length, z, raw size
+Buffer = bytes | bytearray | memoryview
 
 
-def _segments(buf: bytes, spans: list[tuple[int, int]]) -> zstandard.BufferWithSegments:
+def _segments(buf: Buffer, spans: list[tuple[int, int]]) -> zstandard.BufferWithSegments:
     return zstandard.BufferWithSegments(buf, struct.pack(f"<{2 * len(spans)}Q", *(v for s in spans for v in s)))
 
 
@@ -119,7 +121,8 @@ class ChunkStore:
         self.packs.close()
 
     # writing ----------------------------------------------------------------------------------------------
-    def put_file(self, f: BinaryIO, block_size: int, batch_bytes: int) -> Iterator[tuple[int, list[bytes]]]:
+    def put_file(self, f: io.RawIOBase | io.BufferedIOBase, block_size: int,
+                 batch_bytes: int) -> Iterator[tuple[int, list[bytes]]]:
         """Read what is left of file `f` in batches of `batch_bytes`, cut each into blocks of `block_size`
         (the last may be shorter), hash them, and queue those not yet stored for the writer; yield each
         batch's length and block ids. The read buffers are reused once the writer is done with them (fresh
@@ -205,7 +208,7 @@ class ChunkStore:
                 self._inflight.update(new)
             self._submit(self._append_stored, todo)
 
-    def _submit(self, fn, *args) -> None:  # type: ignore[no-untyped-def]
+    def _submit(self, fn: Callable[..., None], *args: Any) -> None:
         while self._jobs and (self._jobs[0].done() or len(self._jobs) >= _MAX_JOBS):
             self._jobs.popleft().result()
         self._jobs.append(self._writer.submit(fn, *args))
@@ -244,7 +247,7 @@ class ChunkStore:
             for j, k in enumerate(again):
                 best = full[j] if probe is None or len(full[j]) <= len(probe[k]) else probe[k]
                 packed[k] = best.tobytes()
-        records = []
+        records: list[tuple[bytes, int, int, bytes | memoryview]] = []
         raw = 0
         for (cid, (off, n)), data in zip(todo, packed):
             # Incompressible pages (already-compressed data, encrypted tablespaces) are kept raw.
@@ -256,7 +259,7 @@ class ChunkStore:
         self._last_raw = raw * 2 > len(todo)
         self._append_stored(records)
 
-    def _sample_compresses(self, buf: bytes, todo: list[tuple[bytes, tuple[int, int]]]) -> bool:
+    def _sample_compresses(self, buf: Buffer, todo: list[tuple[bytes, tuple[int, int]]]) -> bool:
         """Whether any of an evenly spread sample of the batch's blocks shrinks by at least 1/16 at the
         probe level (the sampling btrfs's compression heuristic does before it compresses an extent)."""
         sample = [span for _, span in todo[::_SAMPLE_STRIDE]]

@@ -17,6 +17,7 @@ made from, or that is being sent on, cannot be destroyed and stays until a later
 from __future__ import annotations
 
 import asyncio
+import builtins  # PackageHost.list hides the type in its class: annotations there say builtins.list
 import time
 from pathlib import Path
 from typing import Any, Iterator
@@ -173,7 +174,7 @@ class PackageHost:
         self.state.drop_package(package)
         return {"destroyed": package}
 
-    def _snapshots(self, package: str) -> list[dict[str, Any]]:
+    def _snapshots(self, package: str) -> builtins.list[dict[str, Any]]:
         if not any(v.name == package for v in self.driver.list_volumes()):
             return []
         return [{"name": s.name, "guid": s.guid, "created": s.created, "logical_bytes": s.logical_bytes,

@@ -34,7 +34,7 @@ import sqlite3
 import struct
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import Iterable, Iterator, Sequence
+from typing import Any, Iterable, Iterator, Sequence
 
 from agents.storage.driver import StorageError
 
@@ -54,7 +54,7 @@ CREATE TABLE IF NOT EXISTS packs(
 """
 
 
-def _sync_file_range():  # type: ignore[no-untyped-def]
+def _sync_file_range() -> Any:
     """libc's sync_file_range (Linux), used only as a hint to start writeback; None elsewhere."""
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
@@ -345,6 +345,7 @@ class PackFiles:
         flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
         if self._direct:
             fd = os.open(self._path(pid), flags | os.O_DIRECT, 0o600)
+            assert self._io is not None, "direct writes have their I/O thread"
             self._stage = _Stage(fd, len(MAGIC), MAGIC, self._io)
             self._stage.dirty = True
         else:
@@ -499,6 +500,7 @@ class PackFiles:
                 f.seek(size - size % _ALIGN)
                 tail = f.read(size % _ALIGN)
             self._writer = os.open(path, os.O_WRONLY | os.O_CLOEXEC | os.O_DIRECT)
+            assert self._io is not None, "direct writes have their I/O thread"
             self._stage = _Stage(self._writer, size, tail, self._io)
         else:
             self._writer = os.open(path, os.O_WRONLY | os.O_CLOEXEC)

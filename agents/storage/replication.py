@@ -20,6 +20,8 @@ next run (schedule, resume, restart) carries on from it.
 from __future__ import annotations
 
 import asyncio
+import builtins  # Replicator.list hides the type in its class: annotations there say builtins.list
+import functools
 import logging
 import time
 import uuid
@@ -188,8 +190,7 @@ class Replicator:
                                           "snapshot": snap, "tls": a.tls})
                 if any(s["name"] == snap for s in offer["snapshots"]):
                     break               # published before an interruption: only the bookkeeping is left
-                self._choose_base(a, offer)
-                base = a.pending["base"]
+                base = self._choose_base(a, offer)
                 if total is None:
                     total = await asyncio.to_thread(self._estimate, a.volume, snap, base)
                 meter = _Meter(int(offer["held"]), total)
@@ -203,7 +204,7 @@ class Replicator:
                         await self._report(a, meter.report(snap, base))
 
                 result = await send(offer["host"], int(offer["port"]), offer["transfer"], offer["token"],
-                                    lambda base=base: self.driver.send(a.volume, snap, base),
+                                    functools.partial(self.driver.send, a.volume, snap, base),
                                     throttle=self._throttle(a), on_bytes=on_bytes,
                                     ssl_context=client_context(offer["cert"]) if a.tls else None)
                 total = result.total_bytes
@@ -224,15 +225,19 @@ class Replicator:
                                f"the update stays pending and resumes on the next run", code="failed")
         return await self._finish(a, sent, total, resumed, attempts, tries, time.monotonic() - started)
 
-    def _choose_base(self, a: Action, offer: dict[str, Any]) -> None:
+    def _choose_base(self, a: Action, offer: dict[str, Any]) -> str | None:
+        """The snapshot the update is sent against (None: a full stream), recorded in the action."""
+        pending = a.pending
+        assert pending is not None, "only an update under way chooses a base"
         held = {s["guid"] for s in offer["snapshots"]}
-        base = a.pending["base"]
-        if a.pending["decided"] and (base is None or self._guid(a.volume, base) in held):
-            return
+        base = pending["base"]
+        if pending["decided"] and (base is None or self._guid(a.volume, base) in held):
+            return base
         candidates = [s for s in self.driver.list_snapshots(a.volume)
-                      if s.name.startswith(f"{a.id}-") and s.name != a.pending["snap"] and s.guid in held]
-        a.pending = dict(a.pending, base=candidates[-1].name if candidates else None, decided=True)
+                      if s.name.startswith(f"{a.id}-") and s.name != pending["snap"] and s.guid in held]
+        a.pending = dict(pending, base=candidates[-1].name if candidates else None, decided=True)
         self._set(a.id, pending=a.pending)
+        return a.pending["base"]
 
     def _guid(self, volume: str, snap: str) -> str | None:
         return next((s.guid for s in self.driver.list_snapshots(volume) if s.name == snap), None)
@@ -245,7 +250,7 @@ class Replicator:
         return sum(len(piece) for piece in self.driver.send(volume, snap, base))
 
     async def _finish(self, a: Action, sent: int, total: int | None, resumed: int | None, attempts: int,
-                      tries: list[dict[str, int]], seconds: float) -> dict[str, Any]:
+                      tries: builtins.list[dict[str, int]], seconds: float) -> dict[str, Any]:
         pending = a.pending or {}
         snap = pending.get("snap")
         last = {"snapshot": snap, "base": pending.get("base"), "stream_bytes": total, "sent_bytes": sent,
@@ -260,10 +265,10 @@ class Replicator:
                     await asyncio.to_thread(self.driver.destroy_snapshot, a.volume, old)
                 except StorageError:
                     pass        # a clone made from it keeps it; it is simply not pruned
-        await self._report(a, {"phase": "done", **a.last})
+        await self._report(a, {"phase": "done", **last})
         return a.to_wire()
 
-    def _own_snapshots(self, a: Action) -> list[str]:
+    def _own_snapshots(self, a: Action) -> builtins.list[str]:
         return [s.name for s in self.driver.list_snapshots(a.volume) if s.name.startswith(f"{a.id}-")]
 
     # schedule -----------------------------------------------------------------------------------------
