@@ -37,11 +37,13 @@ from . import config as meshconf
 from .errors import BadArguments, CallInterrupted, ConnectError, Outcome
 from .report import EXIT_USAGE, CallReport, TargetResult
 from .gateway import Gateway
+from .ops import OpSpec
 from .session import mesh_call
 from .pairs import parse_pairs
 from . import kinds
 
 EXIT_UNREACHABLE = 5
+DESCRIBE_TIMEOUT = 5.0  # seconds to learn an op's arguments from the mesh before a call
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -195,7 +197,11 @@ def _policy_check(path: str) -> int:
 # -- audit -----------------------------------------------------------------------------------------
 
 def cmd_workflow(mesh: meshconf.MeshConfig, ns: argparse.Namespace) -> int:
-    spec = kinds.catalogue()[f"workflow.{ns.action}"]
+    started = time.monotonic()
+    spec, described = _describe(mesh, f"workflow.{ns.action}", ns.timeout)
+    if spec is None:
+        _print_report(described, ns.json)
+        return described.exit_code
     positional = [w for w in ns.words if "=" not in w]
     pairs = [w for w in ns.words if "=" in w]
     if ns.action == "run":
@@ -208,7 +214,7 @@ def cmd_workflow(mesh: meshconf.MeshConfig, ns: argparse.Namespace) -> int:
     except BadArguments as exc:
         print(f"vertebra: {exc} (see `vertebra help {spec.name}`)", file=sys.stderr)
         return EXIT_USAGE
-    report = _call_broker(mesh, spec.name, args, ns.timeout)
+    report = _call_broker(mesh, spec.name, args, _left(ns.timeout, started))
     if report.ok and not ns.json:
         print(json.dumps(report.results[0].result, indent=2, default=str))
     else:
@@ -313,12 +319,27 @@ def _full_jid(mesh: meshconf.MeshConfig, target: str) -> str:
     return target
 
 
+def _describe(mesh: meshconf.MeshConfig, op: str, timeout: float) -> tuple[OpSpec | None, CallReport]:
+    """The op as the broker or a live agent describes it (``mesh.describe``), and the report of asking:
+    how the CLI knows an op's arguments without importing any kind's code."""
+    from .describe import spec_of
+
+    report = _call_broker(mesh, "mesh.describe", {"op": op}, min(DESCRIBE_TIMEOUT, timeout / 2))
+    return (spec_of(report.results[0].result) if report.ok else None), report
+
+
+def _left(timeout: float, started: float) -> float:
+    """What is left of a command's ``timeout`` after what it spent since ``started`` (never nothing)."""
+    return max(timeout - (time.monotonic() - started), min(timeout, 1.0))
+
+
 def cmd_call(mesh: meshconf.MeshConfig, ns: argparse.Namespace) -> int:
-    spec = kinds.catalogue().get(ns.op)
+    started = time.monotonic()
+    spec, _ = _describe(mesh, ns.op, ns.timeout)
     try:
         if spec is not None:
             args = spec.parse_pairs(ns.pairs)
-        else:  # an op this installation does not know: the agent validates it
+        else:  # an op no live agent describes (or the broker did not answer): the agent validates it
             args = parse_pairs(ns.pairs, ns.op)
         on = [meshconf.paths.check(r) for r in ns.on]
         if spec is not None and spec.address and not on and not ns.to:
@@ -334,7 +355,7 @@ def cmd_call(mesh: meshconf.MeshConfig, ns: argparse.Namespace) -> int:
         print(f"{target}: progress {seq}: {_show(payload)}", file=sys.stderr)
 
     scope = ns.scope or (spec.scope if spec is not None else "all")
-    report = _run_call(mesh, ns.op, args, ns.timeout, on=on, scope=scope,
+    report = _run_call(mesh, ns.op, args, _left(ns.timeout, started), on=on, scope=scope,
                        to=[_full_jid(mesh, t) for t in ns.to], progress=progress)
     _print_report(report, ns.json)
     return report.exit_code

@@ -182,14 +182,18 @@ async def test_chat_bot_beside_the_broker_describes_the_live_agents_ops(mesh_hom
             await me.stop()
 
 
-def test_help_loads_no_kind_code(mesh_home):
-    home = mesh_home(AGENTS)
-    probe = ("import sys, agents.cli; agents.cli.main(sys.argv[1:]);"
-             " print(sorted(m for m in sys.modules if m.split('.')[0] in ('blake3', 'zstandard', 'casbin', 'broker')"
-             " or m.startswith(('agents.storage', 'agents.fencing', 'agents.monitor'))))")
-    out = subprocess.run([sys.executable, "-c", probe, "--home", str(home), "help", "storage.info", "--timeout", "2"],
-                         cwd=ROOT, capture_output=True, text=True, timeout=60, check=False)
-    assert out.stdout.strip().splitlines()[-1] == "[]", out.stdout + out.stderr
+@pytest.mark.parametrize("command", [["help", "storage.info"], ["call", "storage.info"],
+                                     ["workflow", "list"]])
+def test_help_call_and_workflow_load_no_kind_code(running_mesh, command):
+    home, _cfg = running_mesh
+    probe = ("import sys, agents.cli; code = agents.cli.main(sys.argv[1:]);"
+             " print(code, sorted(m for m in sys.modules if m.split('.')[0] in ('blake3', 'zstandard', 'casbin',"
+             " 'broker') or m.startswith(('agents.storage', 'agents.fencing', 'agents.monitor'))))")
+    out = subprocess.run([sys.executable, "-c", probe, "--home", str(home), *command], cwd=ROOT, capture_output=True,
+                         text=True, timeout=60, check=False)
+    code, loaded = out.stdout.strip().splitlines()[-1].split(" ", 1)
+    assert loaded == "[]", out.stdout + out.stderr
+    assert code == "0", out.stdout + out.stderr
 
 
 def test_bad_mesh_file_names_the_field(tmp_path):
