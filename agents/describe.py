@@ -8,7 +8,7 @@ per argument, its XEP-0004 type (``list-single`` with options for a choice, ``te
 op's own facts (effect, deadline, progress, resources, address, scope, sender) are hidden fields
 named ``op#FACT``, which no argument name can take; the form's title is the op's name, its
 instructions the summary and description. disco#items on the node ``urn:vertebra:ops`` lists every
-op the agent serves, named by its summary. docs/protocol.md (section 4.5) is the contract.
+op the agent serves, named by its summary. docs/protocol.md (section 4.7) is the contract.
 
 What is described is what :meth:`agents.ops.OpSpec.describe` returns, and :func:`spec_of` turns
 it back into an :class:`~agents.ops.OpSpec` that validates, parses ``key=value`` words and prints help
