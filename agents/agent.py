@@ -127,6 +127,7 @@ class Agent(Actor):
         self.rules: list[Rule] = [self.sent_by_broker, self.not_while_fenced, self.by_policy]
         self.settings = settings or {}
         self.ops: dict[str, OpSpec] = ops_of(type(self))
+        self._parts: dict[str, Any] = {}  # op name -> the component that serves it (``serve_part``)
         # Private like the audit log (it names every caller and op): 0600 in a 0700 directory (agents.db).
         self._requests = RequestLog(state_dir / "requests.sqlite" if state_dir else None)
         # Requests are served fairly per sender and refused over a sender's rate or queue (intake.py).
@@ -479,9 +480,17 @@ class Agent(Actor):
         self._audit_end(call.rid, call.caller, spec.name, error.condition, started)
         raise error
 
+    def serve_part(self, part: Any) -> Any:
+        """Serve the ops ``part`` declares (an instance of one of the classes in the kind's
+        ``components``, which ``ops_of`` already counts among this agent's ops) with ``part`` as their
+        self; returns ``part``."""
+        for name in ops_of(type(part)):
+            self._parts[name] = part
+        return part
+
     async def perform(self, spec: OpSpec, call: Call, args: dict[str, Any]) -> Any:
-        """Run an admitted op's implementation here."""
-        return await spec.func(self, call, **args)
+        """Run an admitted op's implementation, on the component that serves it or on the agent."""
+        return await spec.func(self._parts.get(spec.name, self), call, **args)
 
     async def _run_job(self, spec: OpSpec, call: Call, args: dict[str, Any], answer: Answer,
                        key: tuple[str, str], fp: str) -> None:

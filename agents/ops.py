@@ -299,8 +299,11 @@ def op(name: str, *, effect: Effect = "change", deadline: float = 30.0, progress
 
 
 def ops_of(cls: type) -> dict[str, OpSpec]:
-    """The ops a class declares (its own and inherited), by name."""
+    """The ops a class declares (its own and inherited), and those of the components it is made of
+    (the classes in its ``components``, each declaring ops of its own), by name."""
     found: dict[str, OpSpec] = {}
+    for part in getattr(cls, "components", ()):
+        found.update(ops_of(part))
     for klass in reversed(cls.__mro__):
         for attr in vars(klass).values():
             spec = getattr(attr, "__vertebra_op__", None)

@@ -1,9 +1,9 @@
 """Alerts: monitor agents post hard state changes to the broker, which keeps the recent ones.
 
-``mesh.alert`` is declared here and mixed into the broker; ``mesh.alerts`` lists what was kept, for
-operators; the chat bot's operators' room subscribes with :meth:`AlertsMixin.on_alert` to show each
-one there (broker/room.py). The poster is the caller's JID as the server stamped it,
-never a field of the alert.
+``mesh.alert`` is declared here, in a component of the broker; ``mesh.alerts`` lists what was kept,
+for operators; the chat bot's operators' room subscribes with :meth:`Alerts.on_alert` to show each
+one there (broker/room.py). The poster is the caller's JID as the server stamped it, never a field
+of the alert.
 
 Who may post: every live agent in the broker's directory that the mesh file configures as a
 monitor (a monitor agent reporting on its own host is not an operator, and the mesh file's admins
@@ -45,12 +45,11 @@ class Alert:
 ALERTING_KIND = "monitor"
 
 
-class AlertsMixin:
-    """Mixed into the broker before ``Agent``: declares the alert ops and keeps recent alerts."""
+class Alerts:
+    """A component of the broker (broker/service.py): the alert ops and the recent alerts."""
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.alerts: deque[Alert] = deque(maxlen=RECENT_ALERTS)
+    def __init__(self) -> None:
+        self.recent: deque[Alert] = deque(maxlen=RECENT_ALERTS)
         self._alert_seq = itertools.count(1)
         self._alert_listeners: list[Callable[[Alert], Any]] = []
 
@@ -68,7 +67,7 @@ class AlertsMixin:
                     text: Annotated[str, Arg("the check's short text", pattern=r"[^\x00]{0,1024}")] = "") -> dict:
         """Post a check's hard state change; the broker keeps it and tells operators."""
         alert = Alert(next(self._alert_seq), time.time(), call.caller, check, host, state, previous, text)
-        self.alerts.append(alert)
+        self.recent.append(alert)
         log.info("alert %d from %s: %s on %s %s -> %s", alert.seq, alert.source, check, host, previous or "-", state)
         for listener in list(self._alert_listeners):
             try:
@@ -83,5 +82,5 @@ class AlertsMixin:
                             limit: Annotated[int, Arg("at most this many, newest last", min=1,
                                                       max=RECENT_ALERTS)] = 50) -> list:
         """The recent alerts the broker keeps, oldest first."""
-        found = [asdict(a) for a in self.alerts if a.seq > since]
+        found = [asdict(a) for a in self.recent if a.seq > since]
         return found[-limit:]

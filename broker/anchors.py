@@ -23,7 +23,7 @@ import logging
 import sqlite3
 import time
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated
 
 from agents.agent import ANCHOR_OP, Call
 from agents.db import Store, open_read_only
@@ -104,19 +104,14 @@ def read_anchors(path: str | Path, agent: str) -> list[tuple[int, str, float]]:
         db.close()
 
 
-class AnchorsMixin:
-    """Mixed into the broker before ``Agent``: the anchor ops and their store."""
+class Anchors:
+    """A component of the broker (broker/service.py): the anchor ops and their store."""
 
-    read_anchors = staticmethod(read_anchors)  # `vertebra audit verify --anchors`, through the broker kind
+    def __init__(self, shared_dir: Path | None) -> None:
+        self.store = AnchorStore(shared_dir / "audit-anchors.sqlite" if shared_dir else None)
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        shared = self.shared_dir  # type: ignore[attr-defined]
-        self.anchors = AnchorStore(shared / "audit-anchors.sqlite" if shared else None)
-
-    async def stop(self) -> None:
-        await super().stop()  # type: ignore[misc]
-        await self.anchors.aclose()
+    async def aclose(self) -> None:
+        await self.store.aclose()
 
     @op(ANCHOR_OP, effect="change", deadline=5, sender="live agent")
     async def audit_anchor(self, call: Call,
@@ -125,7 +120,7 @@ class AnchorsMixin:
                            hash: Annotated[str, Arg("that record's keyed hash (64 hex digits)",
                                                     pattern=HASH_PATTERN)]) -> dict:
         """(For agents.) Anchor the head of the sender's own audit log at the broker."""
-        refusal = await self.anchors.add(call.caller, seq, hash)
+        refusal = await self.store.add(call.caller, seq, hash)
         if refusal is not None:
             log.warning("refused an audit anchor from %s: %s", call.caller, refusal)
             raise BadArguments(f"{refusal}; run `vertebra audit verify` on that agent's machine", argument="hash")
@@ -137,5 +132,5 @@ class AnchorsMixin:
                             after: Annotated[int, Arg("only anchors after this sequence number", min=0)] = 0
                             ) -> dict:
         """The anchors an agent's audit log has at this broker, oldest first, a page at a time."""
-        page = await self.anchors.of(agent, after, PAGE + 1)
+        page = await self.store.of(agent, after, PAGE + 1)
         return {"agent": agent.lower(), "anchors": [list(a) for a in page[:PAGE]], "more": len(page) > PAGE}

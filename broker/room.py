@@ -18,7 +18,7 @@ with rooms unlocked at creation) and keeps it closed to everyone else:
 
 Every post says where it comes from:
 
-- monitor hard state changes, from the broker's alerts (``AlertsMixin.on_alert``; hysteresis is
+- monitor hard state changes, from the broker's alerts (``Alerts.on_alert``; hysteresis is
   the monitor's: only hard states are alerts), with the monitor agent that posted them;
 - approval requests of workflow instances, with their requester and the command that approves them;
 - fencing events the broker accepted, with the fencing agent and who asked it; fencing attempts and
@@ -328,11 +328,9 @@ class OpsRoom:
         """Post the broker's alerts and fencing events as they come, and its workflow instances
         waiting for approval; keep the members in step with its policy (the broker and the bot in
         one process, as `vertebra broker` runs them)."""
-        broker.on_alert(self.alert)
-        if hasattr(broker, "on_fence_event"):
-            broker.on_fence_event(self.fence_event)
-        if hasattr(broker, "on_storage_notice"):
-            broker.on_storage_notice(self.storage_notice)
+        broker.alerts.on_alert(self.alert)
+        broker.on_fence_event(self.fence_event)
+        broker.storage_notices.on_storage_notice(self.storage_notice)
         # The broker's policy only: policy.reload replaces it there, and the bot's own copy (read at
         # start) would go on naming people the new policy dropped.
         self._authorizers = [getattr(broker, "authorizer", None)]

@@ -35,16 +35,16 @@ from agents.resources import check as check_resource, BadResource
 from agents.errors import BadArguments
 from agents.kinds import distribution_kinds
 
-from .alerts import AlertsMixin
-from .anchors import AnchorsMixin
+from .alerts import Alerts
+from .anchors import Anchors, read_anchors
 from .descriptions import OpDescriptions
 from .fencing import FencingMixin
 from agents.ratelimit import RateLimit
 from .directory import Admission, BoundedMap, Capabilities, Directory, sent_by_agents
 from .leadership import LeadershipMixin
 from .policy import PolicyDistribution
-from .volumes import VolumesMixin
-from .storage_notices import StorageNoticesMixin
+from .volumes import Volumes
+from .storage_notices import StorageNotices
 from .workflows import WorkflowMixin
 
 log = logging.getLogger(__name__)
@@ -67,13 +67,14 @@ REFUSAL_MEMORY = 600.0  # seconds an account's refusal is not logged again at WA
 HELLO_AGAIN = 3.0  # seconds after a new session until the second hello to agents not yet listed
 
 
-class Broker(FencingMixin, WorkflowMixin, LeadershipMixin, AlertsMixin, StorageNoticesMixin, VolumesMixin,
-             AnchorsMixin, PolicyDistribution, OpDescriptions,
-             Agent):
+class Broker(FencingMixin, WorkflowMixin, LeadershipMixin, PolicyDistribution, OpDescriptions, Agent):
     kind = "broker"
     resource = "broker"
+    # The parts the broker is made of, each a plain class declaring its own ops (made in __init__).
+    components = (Alerts, StorageNotices, Volumes, Anchors)
 
     info = info_op("mesh")
+    read_anchors = staticmethod(read_anchors)  # `vertebra audit verify --anchors`, through the broker kind
 
     def __init__(self, *args: Any, shared_dir: Path | None = None, **kwargs: Any) -> None:
         # Set first: the mixins open their stores in it. One instance per cluster node each has a
@@ -106,6 +107,14 @@ class Broker(FencingMixin, WorkflowMixin, LeadershipMixin, AlertsMixin, StorageN
         # the instances share; those agents admitted to those ops without a grant; then the policy.
         self.rules = [self.sent_by_broker, self.refuse_other_senders, self.fenced_now, self.admit_agent_senders,
                       self.by_policy]
+        self.alerts = self.serve_part(Alerts())
+        self.storage_notices = self.serve_part(StorageNotices())
+        self.volumes = self.serve_part(Volumes(self.directory, self.roster))
+        self.anchors = self.serve_part(Anchors(self.shared_dir))
+
+    async def stop(self) -> None:
+        await super().stop()
+        await self.anchors.aclose()
 
     def refuse_other_senders(self, request: Request, spec: OpSpec) -> Decision | None:
         """Refuses whoever may not send an op only the mesh file's agents send (directory.sent_by_agents)."""
@@ -124,7 +133,7 @@ class Broker(FencingMixin, WorkflowMixin, LeadershipMixin, AlertsMixin, StorageN
             answer = await self.forward_to_leader(spec.name, call, args)
             if answer is not None:
                 return answer.result
-        return await spec.func(self, call, **args)
+        return await super().perform(spec, call, args)
 
     async def on_session(self) -> None:
         # A new session (not a resumed one): the server has forgotten our directed presences.

@@ -4,7 +4,7 @@
 A live storage agent of the mesh (its configured kind, as for mesh.volumes; the op's declaration says so
 and the broker's sender rule checks it) sends ``mesh.storage.notice``;
 the broker keeps the recent ones (``mesh.storage.notices``) and hands each to its listeners, which is how
-the ops room shows them (``StorageNoticesMixin.on_storage_notice``). It is separate from mesh.alert, which
+the ops room shows them (``StorageNotices.on_storage_notice``). It is separate from mesh.alert, which
 only monitors may send: a notice is not a check's state.
 """
 
@@ -37,12 +37,11 @@ class StorageNotice:
     text: str
 
 
-class StorageNoticesMixin:
-    """Mixed into the broker before ``Agent``: the notice ops and the recent notices."""
+class StorageNotices:
+    """A component of the broker (broker/service.py): the notice ops and the recent notices."""
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.storage_notices: deque[StorageNotice] = deque(maxlen=RECENT_NOTICES)
+    def __init__(self) -> None:
+        self.recent: deque[StorageNotice] = deque(maxlen=RECENT_NOTICES)
         self._notice_seq = itertools.count(1)
         self._notice_listeners: list[Callable[[StorageNotice], Any]] = []
 
@@ -58,7 +57,7 @@ class StorageNoticesMixin:
                                                        pattern=r"[^\x00-\x20]{1,255}")]) -> dict:
         """(For storage agents.) Post a notice about a clone to the operators, e.g. its coming expiry."""
         notice = StorageNotice(next(self._notice_seq), time.time(), call.caller, clone, owner, text)
-        self.storage_notices.append(notice)
+        self.recent.append(notice)
         log.warning("storage notice %d from %s: %s", notice.seq, notice.source, text)
         for listener in list(self._notice_listeners):
             try:
@@ -72,4 +71,4 @@ class StorageNoticesMixin:
                                      since: Annotated[int, Arg("only notices after this sequence number",
                                                                min=0)] = 0) -> list:
         """The recent storage notices the broker keeps, oldest first."""
-        return [asdict(n) for n in self.storage_notices if n.seq > since]
+        return [asdict(n) for n in self.recent if n.seq > since]

@@ -16,7 +16,7 @@ op's declaration says so (``sender="live agent"``) and the broker's sender rule 
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Mapping
 
 from agents.agent import Call
 from agents.errors import BadArguments, Denied
@@ -24,20 +24,25 @@ from agents.ops import Arg, op
 from agents.storage.locations import MAX_REPORTED, REPORT_OP, volume_path
 from agents.storage.names import NAME_PATTERN
 
+from .directory import Admission, Directory
+
 REPORTING_KIND = "storage"
 
 
-class VolumesMixin:
-    """Mixed into the broker before ``Agent``: the ``mesh.volumes`` op."""
+class Volumes:
+    """A component of the broker (broker/service.py): the ``mesh.volumes`` op, filing what storage
+    agents report in the broker's directory."""
+
+    def __init__(self, directory: Directory, roster: Mapping[str, Admission]) -> None:
+        self.directory = directory
+        self.roster = roster  # the broker's: who the mesh file configures, by lowercased bare JID
 
     def _listed(self, bare: str) -> list[str]:
         """Full JIDs of the directory's entries for one account whose configured kind is storage."""
-        roster = getattr(self, "roster", {})
-        admission = roster.get(bare.lower())
+        admission = self.roster.get(bare.lower())
         if admission is None or admission.kind != REPORTING_KIND:
             return []
-        return [e.jid for e in self.directory.entries()  # type: ignore[attr-defined]
-                if e.jid.split("/", 1)[0].lower() == bare.lower()]
+        return [e.jid for e in self.directory.entries() if e.jid.split("/", 1)[0].lower() == bare.lower()]
 
     @op(REPORT_OP, effect="change", deadline=5, sender="live agent", sender_kinds=(REPORTING_KIND,))
     async def volumes_report(self, call: Call,
@@ -53,5 +58,5 @@ class VolumesMixin:
             raise Denied(f"{call.caller} is not a live storage agent of this mesh; only those report volumes")
         paths = frozenset(volume_path(v) for v in volumes)
         for jid in jids:
-            self.directory.locate(jid, paths)  # type: ignore[attr-defined]
+            self.directory.locate(jid, paths)
         return {"located": len(paths)}

@@ -183,7 +183,7 @@ async def test_an_impostor_with_a_valid_hash_is_not_listed_asked_or_pushed_anyth
         alert = {"check": "disk", "host": "node1", "state": "CRITICAL"}
         reply = await impostor.raw.iq(str(broker.jid), impostor.raw.op_xml("mesh.alert", alert))
         assert reply.get("type") == "error" and app_condition(reply) == "denied"
-        assert list(broker.alerts) == []
+        assert list(broker.alerts.recent) == []
     finally:
         await impostor.close()
 
@@ -241,7 +241,7 @@ async def test_a_configured_agent_claiming_more_than_its_configuration_is_refuse
     # A listed agent that is not a configured monitor may not post alerts either.
     alert = await subset.request(str(broker.jid), "mesh.alert", {"check": "c", "host": "h", "state": "OK"},
                                  timeout=10)
-    assert alert.outcome is Outcome.DENIED and list(broker.alerts) == []
+    assert alert.outcome is Outcome.DENIED and list(broker.alerts.recent) == []
 
 
 async def test_kinds_the_broker_does_not_know_are_refused(mesh, caplog):

@@ -34,7 +34,7 @@ class QuickAnchors(SampleAgent):
 
 
 async def _anchors(broker, agent) -> list[Anchor]:
-    return [Anchor(*a) for a in await broker.anchors.of(agent.jid.bare, 0, 10_000)]
+    return [Anchor(*a) for a in await broker.anchors.store.of(agent.jid.bare, 0, 10_000)]
 
 
 async def _head_anchored(broker, agent, seq: int) -> bool:
@@ -132,15 +132,15 @@ async def test_only_live_agents_of_the_mesh_anchor_and_a_contradicting_anchor_is
         assert app_condition(reply) == "denied"
     finally:
         await raw.close()
-    assert await broker.anchors.of(stranger[0]) == []
-    assert all(a[0] != 99 for a in await broker.anchors.of(agent.jid.bare))
+    assert await broker.anchors.store.of(stranger[0]) == []
+    assert all(a[0] != 99 for a in await broker.anchors.store.of(agent.jid.bare))
 
     # The agent itself, contradicting an anchor it sent before (its log rewritten): refused, first one stands.
     first = await agent.request(str(broker.jid), "mesh.audit.anchor", {"seq": 1000, "hash": digest}, timeout=5)
     assert first.outcome.value == "ok", first.error
     other = await agent.request(str(broker.jid), "mesh.audit.anchor", {"seq": 1000, "hash": "cd" * 32}, timeout=5)
     assert other.outcome.value != "ok" and "anchored with another hash" in other.error
-    assert (1000, digest) in [(s, h) for s, h, _ in await broker.anchors.of(agent.jid.bare)]
+    assert (1000, digest) in [(s, h) for s, h, _ in await broker.anchors.store.of(agent.jid.bare)]
 
 
 # -- a destructive op's decision is on disk before the op starts -----------------------------------

@@ -64,7 +64,7 @@ async def test_room_gets_a_line_when_a_scheduled_check_goes_critical_and_when_it
     # and the broker lists the monitor, so its alerts are admitted.
     await until(lambda: tracker.hard is State.OK, what="the check's first hard state")
     await until(lambda: broker.directory.discover("monitor.check", []), what="the monitor in the directory")
-    assert seen == [] and not broker.alerts
+    assert seen == [] and not broker.alerts.recent
 
     heartbeat.unlink()
     critical = f"CRITICAL: heartbeat on files1 (was OK): FILE_AGE CRITICAL: File not found - {heartbeat}" \
@@ -81,7 +81,7 @@ async def test_room_gets_a_line_when_a_scheduled_check_goes_critical_and_when_it
     assert lines[0] == critical
     assert f"{heartbeat} is " in lines[1] and "seconds old" in lines[1]
     # What the room shows came from the monitor's own schedule, through the broker's alerts.
-    assert [(a.source, a.check, a.host, a.previous, a.state) for a in broker.alerts] == [
+    assert [(a.source, a.check, a.host, a.previous, a.state) for a in broker.alerts.recent] == [
         (monitor.jid.bare, "heartbeat", "files1", "OK", "CRITICAL"),
         (monitor.jid.bare, "heartbeat", "files1", "CRITICAL", "OK")]
     assert monitor.alerts_posted == 2

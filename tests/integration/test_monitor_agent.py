@@ -142,11 +142,11 @@ async def test_scheduled_check_alerts_the_broker_on_hard_changes_and_bridges_res
                                                                         "repeats": 2}}}))
     await until(lambda: bridge.bridge.written >= 2, what="published results written by the bridge")
     state_file.write_text("2")
-    await until(lambda: any(a.state == "CRITICAL" for a in broker.alerts), what="a CRITICAL alert")
+    await until(lambda: any(a.state == "CRITICAL" for a in broker.alerts.recent), what="a CRITICAL alert")
     state_file.write_text("0")
-    await until(lambda: any(a.state == "OK" for a in broker.alerts), what="a recovery alert")
+    await until(lambda: any(a.state == "OK" for a in broker.alerts.recent), what="a recovery alert")
 
-    alerts = [(a.previous, a.state, a.check, a.host, a.source) for a in broker.alerts]
+    alerts = [(a.previous, a.state, a.check, a.host, a.source) for a in broker.alerts.recent]
     assert alerts[:2] == [("OK", "CRITICAL", "flip", "web1", pub_jid), ("CRITICAL", "OK", "flip", "web1", pub_jid)]
     client = await mesh.client(broker)
     listed = await client.call("mesh.alerts", {}, to=[str(broker.jid)], timeout=5)

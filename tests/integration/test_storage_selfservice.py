@@ -129,10 +129,10 @@ async def test_an_expired_clone_is_destroyed_with_an_audit_record_and_a_broker_n
                       clone="dev-short", expires_in=2)
     assert made.outcome is Outcome.OK, made.error
     # The notice of the destruction is sent last, after the clone is gone and the audit record written.
-    await until(lambda: any("expired and was destroyed" in n.text for n in broker.storage_notices), timeout=30,
+    await until(lambda: any("expired and was destroyed" in n.text for n in broker.storage_notices.recent), timeout=30,
                 what="the destroyed notice at the broker")
     assert "dev-short" not in agent.driver.volume_names()
-    texts = [n.text for n in broker.storage_notices]
+    texts = [n.text for n in broker.storage_notices.recent]
     assert any("dev-short" in t and "expires in" in t for t in texts), texts   # warned before
     agent.audit.flush()
     await agent.audit.written()  # written on the log's own thread
