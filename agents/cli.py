@@ -169,9 +169,9 @@ def cmd_help(mesh: meshconf.MeshConfig, ns: argparse.Namespace) -> int:
             print(f"vertebra: no op named {ns.op!r} is offered by the broker or a live agent; `vertebra help`"
                   " lists those that are", file=sys.stderr)
             return EXIT_USAGE
-        print(f"vertebra: help comes from the running mesh, and the broker did not answer ({result.outcome.value}:"
-              f" {result.error}); start the mesh (`vertebra up`), or read the ops in docs/protocol.md",
-              file=sys.stderr)
+        print(f"vertebra: help comes from the running mesh, and the broker did not give it"
+              f" ({result.outcome.value}: {result.error}); start the mesh (`vertebra up`), ask for mesh.describe"
+              " if it was denied, or read the ops in docs/protocol.md", file=sys.stderr)
         return report.exit_code
     answer = report.results[0].result
     if ns.op:
@@ -335,7 +335,11 @@ def _left(timeout: float, started: float) -> float:
 
 def cmd_call(mesh: meshconf.MeshConfig, ns: argparse.Namespace) -> int:
     started = time.monotonic()
-    spec, _ = _describe(mesh, ns.op, ns.timeout)
+    spec, described = _describe(mesh, ns.op, ns.timeout)
+    if spec is None and described.results and described.results[0].outcome is Outcome.DENIED:
+        print(f"vertebra: warning: you may not read {ns.op}'s description (mesh.describe), so its arguments"
+              " go unchecked to the agent, and an op that says where it goes is sent to every agent offering"
+              " it unless --on says where: ask for mesh.describe where you have mesh.discover", file=sys.stderr)
     try:
         if spec is not None:
             args = spec.parse_pairs(ns.pairs)

@@ -104,6 +104,7 @@ def test_gateway_socket_is_owner_only_and_keeps_the_callers_identity(running_mes
     denied = vertebra(home, "--mesh", str(home / "intruder.yaml"), "call", "storage.info", "--json")
     assert denied.returncode == 3, denied.stdout + denied.stderr
     assert json.loads(denied.stdout)["results"][0]["outcome"] == "denied"
+    assert "may not read storage.info's description" in denied.stderr  # nor its description: said, not silent
 
 
 def test_direct_login_when_no_gateway_runs(running_mesh, tmp_path):
