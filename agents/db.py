@@ -22,7 +22,7 @@ import sqlite3
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 T = TypeVar("T")
 
@@ -72,7 +72,8 @@ class SchemaTooNew(sqlite3.DatabaseError):
 
 
 def open_db(path: str | Path | None, migrations: Sequence[str], *, synchronous: str = "NORMAL",
-            busy_timeout: float = BUSY_TIMEOUT, private: bool = True, isolation_level: str | None = None,
+            busy_timeout: float = BUSY_TIMEOUT, private: bool = True,
+            isolation_level: Literal["DEFERRED", "IMMEDIATE", "EXCLUSIVE"] | None = None,
             row_factory: Callable[[sqlite3.Cursor, tuple[Any, ...]], Any] | None = None) -> sqlite3.Connection:
     """Open the SQLite file at ``path`` (None: a database in memory) in autocommit mode, WAL, with
     ``synchronous`` (``FULL`` where a commit must survive a power cut, not only a crash), and bring

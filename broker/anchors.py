@@ -98,7 +98,7 @@ def read_anchors(path: str | Path, agent: str) -> list[tuple[int, str, float]]:
         raise FileNotFoundError(f"no anchor database at {path}")
     db = open_read_only(path)
     try:
-        return [tuple(r) for r in db.execute(  # type: ignore[misc]
+        return [tuple(r) for r in db.execute(
             "SELECT seq, hash, at FROM anchors WHERE agent = ? ORDER BY seq", (agent.lower(),))]
     finally:
         db.close()
