@@ -20,7 +20,7 @@ import time
 import uuid
 from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import slixmpp
 from slixmpp import Iq, Message
@@ -91,7 +91,7 @@ class _Stream(slixmpp.ClientXMPP):
     objects (the Vertebra plugin's ``incoming``, through the hook slixmpp leaves for this)."""
 
     def incoming_filter(self, xml: Any) -> Any:
-        return self.plugin["vertebra"].incoming(xml)
+        return cast(Any, self.plugin)["vertebra"].incoming(xml)  # slixmpp's type names its own plugins only
 
 
 @dataclass(frozen=True)
@@ -131,7 +131,7 @@ class Actor:
         self.xmpp.register_plugin("xep_0199", {"keepalive": True, "interval": 30, "timeout": 10})
         # After XEP-0198, whose input filter counts every stanza before Vertebra's takes its own.
         self.xmpp.register_plugin(protocol.XEP_Vertebra.name)
-        self.vertebra: protocol.XEP_Vertebra = self.xmpp.plugin[protocol.XEP_Vertebra.name]
+        self.vertebra: protocol.XEP_Vertebra = cast(Any, self.xmpp.plugin)[protocol.XEP_Vertebra.name]
         self._tasks: set[asyncio.Task[Any]] = set()  # every task this actor started; stop() cancels them
         self._reconnect: asyncio.Task[None] | None = None
         self._stopping = False

@@ -87,7 +87,7 @@ class RequestLog:
         seen = self._seen.get(key)  # the same request may have started while the disk was read
         if seen is None and row is not None:
             fut: asyncio.Future[Answer] = asyncio.get_running_loop().create_future()
-            fut.set_result(Answer(payload=row[1]) if row[2] is None else Answer(error=error_for(row[2], row[3])))
+            fut.set_result(Answer(payload=row[1]) if row[2] is None else Answer(error=error_for(row[2], row[3] or "")))
             seen = self._seen[key] = Seen(row[0], fut, time.monotonic())
         return seen
 

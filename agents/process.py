@@ -312,6 +312,11 @@ def _kill_abandoned(spawning: Future[subprocess.Popen[bytes]]) -> None:
     _spawner().submit(proc.wait)  # reaped on a spawn thread, never on the event loop
 
 
+def _resolve(gone: asyncio.Future[None]) -> None:
+    if not gone.done():
+        gone.set_result(None)
+
+
 async def _members_gone(loop: asyncio.AbstractEventLoop, group: int, timeout: float) -> None:
     """Wait until no process of ``group`` runs any more (zombies count as gone), at most ``timeout``."""
     waiting: list[asyncio.Future[None]] = []
@@ -324,7 +329,7 @@ async def _members_gone(loop: asyncio.AbstractEventLoop, group: int, timeout: fl
                 continue
             fds.append(fd)
             gone = loop.create_future()
-            loop.add_reader(fd, lambda f=gone: f.done() or f.set_result(None))
+            loop.add_reader(fd, _resolve, gone)
             waiting.append(gone)
         if waiting:
             await asyncio.wait(waiting, timeout=timeout)

@@ -140,7 +140,7 @@ def _unique_keys(pairs: list[tuple[Any, Any]]) -> dict[Any, Any]:
 def _check_depth(obj: Any) -> None:
     level: list[Any] = [obj]
     for _ in range(MAX_DEPTH + 1):
-        nxt = []
+        nxt: list[Any] = []
         for item in level:
             if isinstance(item, dict):
                 nxt.extend(item.keys())
@@ -167,8 +167,9 @@ def parse_deadline(text: str) -> float | None:
 
 def error_reply(iq: Iq, error: OpError) -> Iq:
     """Build the stanza error answering ``iq`` for ``error``, with its application condition."""
-    reply = iq.stream.make_iq_error(iq["id"], type=error.stanza_type, condition=error.stanza_condition,
-                                    text=error.text[:1000], ito=iq["from"])
+    xmpp: Any = iq.stream  # the client the request came in on
+    reply = xmpp.make_iq_error(iq["id"], type=error.stanza_type, condition=error.stanza_condition,
+                               text=error.text[:1000], ito=iq["from"])
     reply["error"].xml.append(ET.Element(f"{{{NS}}}{error.condition}"))
     return reply
 

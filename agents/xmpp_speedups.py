@@ -50,5 +50,5 @@ def escape(text: str, use_cdata: bool = False) -> str:
 
 def install() -> None:
     """Put the replacements in place (idempotent). ``agents.actor`` calls it on import."""
-    _sasl.SCRAM.Hi = scram_hi
-    _tostring.escape = escape
+    _sasl.SCRAM.Hi = scram_hi  # type: ignore[method-assign]
+    _tostring.escape = escape  # type: ignore[attr-defined]

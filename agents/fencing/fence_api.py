@@ -336,7 +336,7 @@ def metadata_xml(*, name: str, shortdesc: str, longdesc: str, vendor_url: str,
             attrs["obsoletes"] = p.obsoletes
         el = ET.SubElement(params_el, "parameter", attrs)
         ET.SubElement(el, "getopt", {"mixed": p.getopt_text(table)})
-        content = {"type": p.type}
+        content: dict[str, str] = {"type": p.type}
         if p.default is not None:
             content["default"] = p.default
         content_el = ET.SubElement(el, "content", content)

@@ -34,6 +34,7 @@ TYPE_CHECKING = False  # typing itself costs a fencing start milliseconds; annot
 if TYPE_CHECKING:
     from collections.abc import Callable, Generator, Mapping, Sequence
     from pathlib import Path
+    from typing import Any
 
     from agents.config import MeshConfig
     from agents.fencing import fence_api
@@ -178,7 +179,7 @@ def conversation(action: str, node: str | None, options: Mapping[str, str]
     return _exit_code(action, node, report)
 
 
-def _drive(conv: Generator, ask: Callable[..., dict]) -> int:
+def _drive(conv: Generator[Any, Any, int], ask: Callable[..., dict]) -> int:
     try:
         request = next(conv)
         while True:

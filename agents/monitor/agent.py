@@ -67,7 +67,8 @@ class MonitorAgent(Agent):
     async def check(self, call: Call,
                     check: Annotated[str, Arg("a check this agent offers (see monitor.list)")],
                     args: Annotated[list[str], Arg("NAME=VALUE for an argument the check declares;"
-                                                   " repeat for several")] = ()) -> dict:
+                                                   " repeat for several")] = (),  # type: ignore[assignment]
+                    ) -> dict:
         """Run one named check and return its state, text, long text, perfdata and duration.
 
         Arguments travel as NAME=VALUE words, the same words check_vertebra's -a and the CLI take;
@@ -114,12 +115,13 @@ class MonitorAgent(Agent):
 
     async def _alert(self, entry: ScheduledCheck, result: CheckResult, change: StateChange) -> None:
         """Post a hard state change to the broker; a lost alert is logged, the schedule goes on."""
-        if not self.broker:
+        broker = self.broker_jid
+        if broker is None:  # a mesh without a broker: nobody to tell
             return
         args = {"check": entry.name, "host": self.host, "state": change.state.name,
                 "previous": change.previous.name if change.previous is not None else "",
                 "text": result.text[:1024]}
-        posted = await self.request(self.broker_jid, "mesh.alert", args, timeout=ALERT_TIMEOUT)
+        posted = await self.request(broker, "mesh.alert", args, timeout=ALERT_TIMEOUT)
         if posted.outcome is not Outcome.OK:
             log.warning("alert %s %s→%s not posted: %s: %s", entry.name, args["previous"], args["state"],
                         posted.outcome.value, posted.error)

@@ -25,10 +25,10 @@ import os
 import random
 import stat
 import time
-from typing import Any
+from typing import Any, ClassVar
 
 from slixmpp import Message
-from slixmpp.xmlstream import ElementBase, register_stanza_plugin
+from slixmpp.xmlstream import ElementBase, StanzaBase, register_stanza_plugin
 from slixmpp.xmlstream.handler import Callback
 from slixmpp.xmlstream.matcher import StanzaPath
 
@@ -51,7 +51,7 @@ class ResultElement(ElementBase):
     name = "result"
     namespace = NS
     plugin_attrib = "vertebra_monitor_result"
-    interfaces: set[str] = set()
+    interfaces: ClassVar[set[str]] = set()
 
 
 register_stanza_plugin(Message, ResultElement)
@@ -211,7 +211,7 @@ class NagiosBridge:
         actor.xmpp.register_handler(Callback("vertebra monitor result", StanzaPath("message/vertebra_monitor_result"),
                                              self._on_result))
 
-    def _on_result(self, msg: Message) -> None:
+    def _on_result(self, msg: StanzaBase) -> None:  # a message: the handler's path matches no other stanza
         asyncio.get_running_loop().create_task(self.receive(msg["from"].bare, msg["vertebra_monitor_result"].xml.text))
 
     async def receive(self, sender: str, text: str | None) -> bool:

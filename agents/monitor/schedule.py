@@ -63,7 +63,7 @@ class StateTracker:
         return StateChange(previous, state)
 
 
-def next_delay(interval: float, jitter: float, rng: random.Random = random._inst) -> float:  # type: ignore[attr-defined]
+def next_delay(interval: float, jitter: float, rng: random.Random = random._inst) -> float:
     """The wait before the next run: ``interval`` ± ``jitter`` of it, so agents started together
     do not run their checks in lockstep."""
     return max(0.0, interval * (1.0 + rng.uniform(-jitter, jitter)))
