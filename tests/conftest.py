@@ -159,6 +159,16 @@ def server(servers: list[Any]) -> Any:
     return servers[0]
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _no_mounts_left(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """Storage agents keep their overlay clones mounted when they stop (a restart must not pull a clone
+    from under the program using it); the session takes down what its tests left under its temporary
+    directory, so no mount outlives it and no later cleanup removes files through one."""
+    yield
+    from agents.storage.overlay import unmount_all_under
+    unmount_all_under(tmp_path_factory.getbasetemp().resolve())
+
+
 @pytest.fixture
 async def mesh(servers: list[Any], tmp_path: Path) -> AsyncIterator[Mesh]:
     m = ClusterMesh(servers, tmp_path) if len(servers) > 1 else Mesh(servers[0], tmp_path)

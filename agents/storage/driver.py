@@ -35,6 +35,7 @@ CAP_INCREMENTAL = "incremental"
 CAP_ATOMIC_SNAPSHOT = "atomic-snapshot"      # point-in-time even while writers run
 CAP_DIFF = "diff"                            # diff(volume, a, b) between two snapshots
 CAP_REFLINK_CLONES = "reflink-clones"        # clones share extents with the store
+CAP_OVERLAY_CLONES = "overlay-clones"        # clones are overlay mounts over a shared read-only base
 CAP_SPACE_EXACT = "space-exact"              # used bytes are exclusive bytes, not an estimate
 CAP_ROOTLESS = "rootless"
 

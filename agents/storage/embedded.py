@@ -1,6 +1,7 @@
 """The embedded storage driver, the default: volumes are plain directories on any filesystem, snapshots are
-manifests over a content-addressed chunk store (chunkstore.py), clones are directories materialized from a
-manifest, and send/receive move only the chunks the other side lacks. No root needed.
+manifests over a content-addressed chunk store (chunkstore.py), clones share their snapshot's tree
+(reflinks or an overlay mount, below), and send/receive move only the chunks the other side lacks. No root
+needed (without it, clones on a filesystem without reflinks are full copies).
 
 Files are cut into fixed 8 KiB blocks. Databases rewrite their pages in place (PostgreSQL's page is 8 KiB,
 InnoDB's 16 KiB is two blocks, both multiples of the 4 KiB OS page), so an 8 KiB grid aligned to the
@@ -8,21 +9,33 @@ file start turns a rewritten page into exactly one new block; content-defined ch
 rewrite over a 16-64 KiB chunk (FIELD-NOTES: 5.4 MB stored at 8 KiB fixed vs 24.7 MB at CDC 16 KiB for the
 same 1 % change). Smaller blocks would only double the id overhead (32 bytes per block).
 
-Clones and space. Where the state directory's filesystem has reflinks (btrfs, XFS with reflink=1, bcachefs:
-the FICLONE ioctl works), the first clone of a snapshot materializes its tree once as a read-only base under
-bases/<snapshot id>, and every clone, refresh and rollback from that snapshot is a tree of reflinks to it:
-files share their extents until a program writes them, and the filesystem copies only the written blocks,
-so a clone of any size adds only its directory entries. The base goes with its snapshot.
+Clones and space. The first clone of a snapshot materializes its tree as a read-only base under bases/
+(named after the snapshot's guid; the snapshot's full size, once), and every clone, refresh and rollback
+from that snapshot shares it:
 
-On a filesystem without reflinks (ext4, the common default) a clone is a full, independent copy, and
-storage.volume.list says so (shared_bytes 0, used_method naming the reason). That is a deliberate choice,
-not an oversight. Sharing there would need a layer between the program and the disk: a FUSE filesystem
-or an overlay mount (privileges, a mount to restore after every restart, and copy-up of a whole file on its
-first write, so a database gains nothing). A hard-link farm with copy-on-first-write is not safe: a
-program that opens a file O_RDWR (SQLite, PostgreSQL, any masking hook) writes into the shared inode
-itself, silently changing the snapshot's base and every other clone; nothing runs between its open() and
-its write() to break the link. So on ext4, put the state directory on a reflink filesystem (or use the
-btrfs driver) to get clones that share space.
+- Where the state directory's filesystem has reflinks (btrfs, XFS with reflink=1, bcachefs: the FICLONE
+  ioctl works), a clone is a tree of reflinks to the base: files share their extents until a program writes
+  them, and the filesystem copies only the written blocks.
+- Without reflinks (ext4, the common default), a clone is an overlay mount at its path: the base as the
+  lower layer, and a layer of its own under layers/ (upper for what is written to it, work for the overlay)
+  as the upper. A clone of any size adds only its empty layer; a file is copied up whole the first time a
+  program opens it for writing, so a database clone grows by the files it touches. The overlays table
+  records each clone's layer and base; at start the driver mounts every clone again (after a reboot none
+  is mounted) and takes down mounts no committed row explains, and it unmounts on destroy, refresh and
+  rollback (lazily only when a program still has the clone open). The agent keeps clones mounted when it
+  stops, so a restart never pulls a clone from under a program. Mounting needs CAP_SYS_ADMIN, so an agent
+  running as root; the mounts live in the agent's mount namespace.
+- Where neither works (no reflinks and overlay mounts refused, e.g. an agent not running as root), there
+  is no base: a clone is a full, independent copy, and storage.volume.list says so (shared_bytes 0,
+  sharing_method naming why and what to do).
+
+A base stays while a snapshot with its guid or an overlay clone over it exists (a clone rolled back to a
+snapshot that is later destroyed keeps that snapshot's base). A hard-link farm with copy-on-first-write
+would not be safe instead: a program that opens a file O_RDWR (SQLite, PostgreSQL, any masking hook)
+writes into the shared inode itself, changing the base and every other clone; the overlay copies the file
+up at open(), before the first write. Layers and bases are created aside and renamed in, rows are
+committed with the catalog change they belong to, and unreferenced layers and bases are removed only after
+that commit, so a crash (kill -9) at any point leaves a state the next start recovers from.
 
 A snapshot reads the live directory file by file; it is point-in-time only if writers are quiesced (the
 database stopped or in backup mode). Use the btrfs driver when an atomic snapshot of a running writer is
@@ -33,6 +46,8 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import hashlib
+import logging
 import os
 import shutil
 import stat
@@ -45,6 +60,7 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator
 
 from agents.storage import driver as d
+from agents.storage import overlay
 from agents.storage.chunkstore import SEGMENT_IDS, ChunkStore, split_ids
 from agents.storage.catalog import CatalogDriver
 from agents.storage.driver import SnapshotInfo, StorageError
@@ -63,6 +79,8 @@ _FIEMAP_EXTENT = struct.Struct("=QQQQQIIII")
 _FIEMAP_EXTENT_LAST, _FIEMAP_EXTENT_SHARED = 0x1, 0x2000
 _FIEMAP_BATCH = 128
 
+log = logging.getLogger(__name__)
+
 # The volumes table is the catalog's; snapshots carry an integer id that keys their manifest entries.
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS snapshots(
@@ -72,6 +90,9 @@ CREATE TABLE IF NOT EXISTS entries(
     snap INTEGER NOT NULL, path TEXT NOT NULL, kind TEXT NOT NULL, mode INTEGER NOT NULL,
     uid INTEGER NOT NULL, gid INTEGER NOT NULL, size INTEGER NOT NULL, mtime_ns INTEGER NOT NULL,
     target TEXT, segs BLOB NOT NULL, PRIMARY KEY(snap, path)) WITHOUT ROWID;
+-- Clones that are overlay mounts: the directory under layers/ holding the clone's own writes (upper) and
+-- the overlay's scratch (work), and the read-only tree under bases/ it lies over. A row goes with its clone.
+CREATE TABLE IF NOT EXISTS overlays(name TEXT PRIMARY KEY, layer TEXT NOT NULL, base TEXT NOT NULL);
 """
 
 
@@ -131,7 +152,7 @@ class EmbeddedDriver(CatalogDriver):
     def __init__(self, root: str | os.PathLike[str]) -> None:
         self.root = Path(root).resolve()
         try:
-            for sub in ("volumes", "tmp", "bases"):
+            for sub in ("volumes", "tmp", "bases", "layers"):
                 (self.root / sub).mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise StorageError(f"cannot create the embedded store at {self.root}: {exc.strerror}; "
@@ -141,17 +162,26 @@ class EmbeddedDriver(CatalogDriver):
         self.db.execute("PRAGMA journal_mode = WAL")
         self.db.execute("PRAGMA synchronous = NORMAL")
         self.store = ChunkStore(self.db, self.root / "packs")
+        self._base_sizes: dict[str, int] = {}     # bases never change once built: measured once each
         # Leftovers of a crash mid-clone or mid-receive: scratch trees and unreferenced chunks (the packs
-        # were already cut back to what the index committed).
+        # were already cut back to what the index committed). A probe's mount a crash left there goes
+        # first, so that removing the scratch trees never reaches through a mount.
+        overlay.unmount_all_under(self.root / "tmp")
         for leftover in (self.root / "tmp").iterdir():
             _remove_tree(leftover)
         self.store.gc()
         self.reflinks = _has_reflinks(self.root / "tmp")
-        # Bases whose snapshot is gone (a crash between dropping the snapshot and removing its base).
-        live_ids = {str(r[0]) for r in self.db.execute("SELECT id FROM snapshots")}
-        for base in (self.root / "bases").iterdir():
-            if base.name not in live_ids:
-                _remove_tree(base)
+        # Without reflinks, clones are overlay mounts where this process may mount them; the reason it may
+        # not is kept for the sharing explanation.
+        self.overlay_options: tuple[str, ...] = ()
+        self.overlays = False
+        self.no_overlay_reason = "reflinks are used instead"
+        if not self.reflinks:
+            reason, self.overlay_options = overlay.probe(self.root / "tmp")
+            self.overlays = reason is None
+            self.no_overlay_reason = reason or ""
+        self._restore_overlays()
+        self._collect_trees()
 
     def close(self) -> None:
         with self._lock:
@@ -161,7 +191,8 @@ class EmbeddedDriver(CatalogDriver):
     def capabilities(self) -> set[str]:
         return {d.CAP_VOLUMES, d.CAP_SNAPSHOTS, d.CAP_CLONES, d.CAP_ROLLBACK, d.CAP_REFRESH, d.CAP_SEND,
                 d.CAP_RECEIVE, d.CAP_INCREMENTAL, d.CAP_DIFF, d.CAP_ROOTLESS} \
-            | ({d.CAP_REFLINK_CLONES} if self.reflinks else set())
+            | ({d.CAP_REFLINK_CLONES} if self.reflinks else set()) \
+            | ({d.CAP_OVERLAY_CLONES} if self.overlays else set())
 
     def store_stats(self) -> dict[str, int]:
         """Chunks held, their logical bytes and the bytes they take after compression and dedupe."""
@@ -173,22 +204,39 @@ class EmbeddedDriver(CatalogDriver):
         (self.root / "volumes" / name).mkdir(mode=0o755)
 
     def _make_clone_tree(self, volume: str, snap: str, clone_name: str) -> None:
-        tree = self._writable_tree(self._snapshot_row(volume, snap)[0])
-        os.rename(tree, self.root / "volumes" / clone_name)
+        snap_id = self._snapshot_row(volume, snap)[0]
+        if self.overlays:
+            self._overlay_tree(clone_name, snap_id)     # its row commits with the clone's own
+            return
+        os.rename(self._writable_tree(snap_id), self.root / "volumes" / clone_name)
 
     def _writable_tree(self, snap_id: int) -> Path:
         """A fresh scratch tree holding the snapshot: reflinks to its base where the filesystem can share
         extents, a full copy from the chunk store where it cannot."""
         if not self.reflinks:
             return self._materialize(snap_id)
-        base = self.root / "bases" / str(snap_id)
+        return self._materialize(snap_id, reflink_from=self.root / "bases" / self._base_for(snap_id))
+
+    def _base_for(self, snap_id: int) -> str:
+        """The name under bases/ of the snapshot's read-only tree, built from the chunk store if it is not
+        there yet. Named after the snapshot's guid, which no other snapshot's tree ever has (a rowid may be
+        reused once its snapshot is gone, while an overlay clone still lies over the old base)."""
+        (guid,) = self.db.execute("SELECT guid FROM snapshots WHERE id = ?", (snap_id,)).fetchone()
+        name = _base_name(guid)
+        base = self.root / "bases" / name
         if not base.exists():
             # Built aside and renamed in: a crash leaves a scratch tree (removed at start), never half a base.
             os.rename(self._materialize(snap_id), base)
-        return self._materialize(snap_id, reflink_from=base)
+        return name
 
     def _replace_tree(self, name: str, volume: str, snap: str) -> None:
-        tree = self._writable_tree(self._snapshot_row(volume, snap)[0])
+        snap_id = self._snapshot_row(volume, snap)[0]
+        if self._overlay_row(name) is not None or (self.overlays and self._volume_row(name)[1] == "clone"):
+            self._overlay_tree(name, snap_id)
+            self.db.commit()
+            self._collect_trees()       # the layer it had, and a base no snapshot or clone needs any more
+            return
+        tree = self._writable_tree(snap_id)
         live = self.root / "volumes" / name
         old = self._scratch("old")
         os.rename(live, old)
@@ -197,19 +245,164 @@ class EmbeddedDriver(CatalogDriver):
 
     def _remove_volume_data(self, name: str) -> None:
         live = self.root / "volumes" / name
+        if self._overlay_row(name) is not None:
+            # The layer stays until the clone's row is gone (committed by the caller, then collected): a
+            # crash before that commit leaves a clone whose mount the next start re-establishes.
+            self._unmount(name)
+            if not os.path.ismount(live):
+                _remove_tree(live)
+            self.db.execute("DELETE FROM overlays WHERE name = ?", (name,))
+            return
         if live.exists():
             # Move aside first so a crash never leaves a half-deleted tree under a valid name.
             scratch = self._scratch("destroy")
             os.rename(live, scratch)
             _remove_tree(scratch)
 
+    def _destroy(self, name: str) -> None:
+        super()._destroy(name)
+        self._collect_trees()
+
+    # overlay clones ------------------------------------------------------------------------------------
+    def _overlay_row(self, name: str) -> tuple[str, str] | None:
+        """(layer, base) of a clone that is an overlay mount, else None."""
+        row = self.db.execute("SELECT layer, base FROM overlays WHERE name = ?", (name,)).fetchone()
+        return None if row is None else (row[0], row[1])
+
+    def _overlay_tree(self, name: str, snap_id: int) -> None:
+        """Make `name` an overlay mount over the snapshot's base with a fresh, empty layer of its own: a new
+        clone, or a clone refreshed or rolled back (its old layer, whatever was written to it, goes). The
+        row is written, not committed: the caller commits it with the rest of the change."""
+        if not self.overlays:
+            raise StorageError(f"{name!r} is an overlay mount and this agent cannot mount overlays now "
+                               f"({self.no_overlay_reason}); run the agent as it ran when the clone was made",
+                               code="environment")
+        base = self._base_for(snap_id)
+        layer = self._new_layer()
+        live = self.root / "volumes" / name
+        old = self._overlay_row(name)
+        aside: Path | None = None
+        try:
+            if old is not None:
+                self._unmount(name)
+            elif live.exists():         # a full copy made before overlays were possible here
+                aside = self._scratch("old")
+                os.rename(live, aside)
+            try:
+                self._mount(name, layer, base)
+            except OSError as exc:
+                if old is not None:
+                    self._mount(name, *old)
+                elif aside is not None:
+                    live.rmdir()
+                    os.rename(aside, live)
+                    aside = None
+                else:
+                    live.rmdir()
+                raise StorageError(f"cannot mount the overlay for {name!r}: {exc.strerror or exc}; nothing "
+                                   f"changed", code="environment") from None
+        except BaseException:
+            _remove_tree(self.root / "layers" / layer)
+            raise
+        self.db.execute("INSERT OR REPLACE INTO overlays(name, layer, base) VALUES (?, ?, ?)", (name, layer, base))
+        if aside is not None:
+            _remove_tree(aside)
+
+    def _new_layer(self) -> str:
+        """A fresh layer directory (upper for the clone's writes, work for the overlay) under layers/."""
+        name = uuid.uuid4().hex
+        scratch = self._scratch("layer")
+        (scratch / "upper").mkdir(parents=True)
+        (scratch / "work").mkdir()
+        os.rename(scratch, self.root / "layers" / name)
+        return name
+
+    def _mount(self, name: str, layer: str, base: str) -> None:
+        live = self.root / "volumes" / name
+        live.mkdir(exist_ok=True)
+        overlay.mount_overlay(self.root / "bases" / base, self.root / "layers" / layer / "upper",
+                              self.root / "layers" / layer / "work", live, self.overlay_options)
+
+    def _unmount(self, name: str) -> None:
+        live = self.root / "volumes" / name
+        try:
+            busy = overlay.unmount(live)
+        except OSError as exc:
+            raise StorageError(f"cannot unmount the overlay of {name!r}: {exc.strerror or exc}; run the agent "
+                               f"as root, as when the clone was made", code="environment") from None
+        if busy:
+            log.warning("clone %s was in use and was detached lazily: programs with files open in it keep "
+                        "the old tree until they close them; stop them before destroying, refreshing or "
+                        "rolling back a clone", name)
+
+    def _restore_overlays(self) -> None:
+        """At start: every overlay clone mounted as its row says (after a reboot nothing is; after a crash
+        mid-refresh the new layer may be mounted while the row still names the old one), and mounts under
+        volumes/ that no row explains (a crash mid-create) taken down."""
+        rows = {r[0]: (r[1], r[2]) for r in self.db.execute("SELECT name, layer, base FROM overlays")}
+        volumes = self.root / "volumes"
+        mounted = set()
+        for m in overlay.mounts_under(volumes):
+            row = rows.get(m.mountpoint.name) if m.mountpoint.parent == volumes else None
+            upper = str(self.root / "layers" / row[0] / "upper") if row else None
+            if m.fstype == "overlay" and upper is not None and m.options.get("upperdir") == upper:
+                mounted.add(m.mountpoint.name)
+                continue
+            overlay.unmount(m.mountpoint)
+        # Empty directories no volume row names: the mountpoint (or a new volume's tree) of a creation that
+        # a crash cut short before it committed.
+        known = {r[0] for r in self.db.execute("SELECT name FROM volumes")}
+        for tree in volumes.iterdir():
+            if tree.name not in known and not os.path.ismount(tree):
+                try:
+                    tree.rmdir()
+                except OSError:
+                    pass
+        for name, (layer, base) in rows.items():
+            if name in mounted:
+                continue
+            try:
+                self._mount(name, layer, base)
+            except OSError as exc:
+                log.error("cannot mount overlay clone %s again (%s); %s. It stays empty until the agent "
+                          "restarts with the privilege to mount it", name, exc.strerror or exc,
+                          self.no_overlay_reason or "check the kernel log")
+
+    def _collect_trees(self) -> None:
+        """Remove layers no clone uses and bases that neither a snapshot nor an overlay clone needs."""
+        layers = {r[0] for r in self.db.execute("SELECT layer FROM overlays")}
+        bases = {r[0] for r in self.db.execute("SELECT base FROM overlays")} \
+            | {_base_name(r[0]) for r in self.db.execute("SELECT guid FROM snapshots")}
+        for where, keep in (("layers", layers), ("bases", bases)):
+            for tree in (self.root / where).iterdir():
+                if tree.name not in keep:
+                    # Aside first: a crash leaves a scratch tree, never half a layer or base.
+                    scratch = self._scratch(where)
+                    os.rename(tree, scratch)
+                    _remove_tree(scratch)
+                    self._base_sizes.pop(tree.name, None)
+
+    def _base_bytes(self, base: str) -> int:
+        if base not in self._base_sizes:
+            self._base_sizes[base] = _allocated_bytes(self.root / "bases" / base)
+        return self._base_sizes[base]
+
+    # space ---------------------------------------------------------------------------------------------
     def _space(self, live: Path) -> tuple[int, str]:
+        row = self._overlay_row(live.name)
+        if row is not None:
+            return _allocated_bytes(self.root / "layers" / row[0]), (
+                "du of the clone's overlay layer: what it holds of its own; its snapshot's base is shared")
         return _allocated_bytes(live), ("du: blocks allocated by the writable tree; snapshots share the "
                                         "chunk store (store_stats)")
 
     def _sharing(self, live: Path) -> tuple[int, int]:
-        """(exclusive, shared) bytes of a writable tree, from the extents the filesystem reports (FIEMAP):
-        shared extents are reflinked with a snapshot's base or another clone."""
+        """(exclusive, shared) bytes of a writable tree: for an overlay clone its own layer and the base it
+        lies over; with reflinks, from the extents the filesystem reports (FIEMAP): shared extents are
+        reflinked with a snapshot's base or another clone."""
+        row = self._overlay_row(live.name)
+        if row is not None:
+            return _allocated_bytes(self.root / "layers" / row[0]), self._base_bytes(row[1])
         if not self.reflinks:
             return _allocated_bytes(live), 0
         exclusive = shared = 0
@@ -229,8 +422,14 @@ class EmbeddedDriver(CatalogDriver):
         if self.reflinks:
             return ("fiemap: clones are reflinks to their snapshot's base; shared_bytes are extents the "
                     "filesystem still shares, exclusive_bytes were written since")
-        return ("du: this filesystem has no reflinks, so every clone is a full copy (shared_bytes 0); put "
-                "the state directory on btrfs or XFS (reflink=1) for clones that share space")
+        if self.overlays:
+            return ("overlay: this filesystem has no reflinks, so each clone is an overlay mount over its "
+                    "snapshot's read-only base; shared_bytes is the base (shared by every clone of that "
+                    "snapshot), exclusive_bytes the clone's own layer (files it created, and each file it "
+                    "wrote, copied whole on its first write); volumes are plain directories (du)")
+        return (f"du: this filesystem has no reflinks and overlay mounts are not possible here "
+                f"({self.no_overlay_reason}), so every clone is a full copy (shared_bytes 0); run the agent "
+                f"as root for overlay clones, or put the state directory on btrfs or XFS (reflink=1)")
 
     def _snapshot_sharing(self, volume: str, snap: str) -> tuple[int, int]:
         """Stored (compressed) bytes of the chunks only this snapshot holds, and of those it shares with
@@ -240,17 +439,20 @@ class EmbeddedDriver(CatalogDriver):
         for (segs,) in self.db.execute("SELECT segs FROM entries WHERE snap = ?", (snap_id,)):
             counts.update(split_ids(segs))
         exclusive, shared = self.store.sharing(counts)
-        base = self.root / "bases" / str(snap_id)
-        return exclusive + (_allocated_bytes(base) if base.exists() else 0), shared
+        return exclusive + self._snapshot_base_bytes(snap_id), shared
+
+    def _snapshot_base_bytes(self, snap_id: int) -> int:
+        (guid,) = self.db.execute("SELECT guid FROM snapshots WHERE id = ?", (snap_id,)).fetchone()
+        base = _base_name(guid)
+        return self._base_bytes(base) if (self.root / "bases" / base).exists() else 0
 
     def snapshot_space(self, volume: str, snap: str) -> dict[str, int]:
         """A snapshot's bytes: logical size, and the base tree its clones share (0 until the first clone,
-        and always 0 without reflinks). Its chunks are shared with every other snapshot in the store."""
+        and always 0 where clones are full copies). Its chunks are shared with every other snapshot."""
         with self._lock:
             snap_id, _, _ = self._snapshot_row(volume, snap)
             logical = self.db.execute("SELECT logical_bytes FROM snapshots WHERE id = ?", (snap_id,)).fetchone()[0]
-            base = self.root / "bases" / str(snap_id)
-            return {"logical_bytes": logical, "base_bytes": _allocated_bytes(base) if base.exists() else 0}
+            return {"logical_bytes": logical, "base_bytes": self._snapshot_base_bytes(snap_id)}
 
     def _capture(self, volume: str, snap: str) -> None:
         try:
@@ -265,16 +467,12 @@ class EmbeddedDriver(CatalogDriver):
         for (segs,) in self.db.execute("SELECT segs FROM entries WHERE snap = ?", (snap_id,)).fetchall():
             self.store.ref_segments(segs, -1)
         self.db.execute("DELETE FROM entries WHERE snap = ?", (snap_id,))
-        base = self.root / "bases" / str(snap_id)
-        if base.exists():
-            # Aside first: a crash leaves a scratch tree, never a base under a name a new snapshot reuses.
-            scratch = self._scratch("base")
-            os.rename(base, scratch)
-            _remove_tree(scratch)
+        # Its base goes once the row is gone and no overlay clone lies over it (destroy_snapshot collects).
 
     def destroy_snapshot(self, volume: str, snap: str) -> None:
         with self._lock:
             super().destroy_snapshot(volume, snap)
+            self._collect_trees()
             self.store.gc()
 
     # snapshots ----------------------------------------------------------------------------------------
@@ -594,6 +792,12 @@ class _FileBuilder:
 
 def _blocks(size: int) -> int:
     return (size + BLOCK_SIZE - 1) // BLOCK_SIZE
+
+
+def _base_name(guid: str) -> str:
+    """A base's directory name from its snapshot's guid (a received guid is the sender's text: hashed, so
+    it is always a plain name)."""
+    return hashlib.sha256(guid.encode("utf-8", "surrogateescape")).hexdigest()[:32]
 
 
 def _allocated_bytes(top: Path) -> int:

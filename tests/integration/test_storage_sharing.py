@@ -1,17 +1,27 @@
-"""Clones that share space, or say they don't (issue 14): the embedded driver on a reflink filesystem (a
-loop-mounted btrfs image) makes clones that share the snapshot's extents, stay ordinary writable files, and
-report exclusive and shared bytes; on the ext4 state directory a clone says it shares nothing."""
+"""Clones that share space, or say they don't: the embedded driver on a reflink filesystem (a loop-mounted
+btrfs image) makes clones that share the snapshot's extents, stay ordinary writable files, and report
+exclusive and shared bytes; on the ext4 state directory, as root, a clone is an overlay mount over its
+snapshot's base that adds only what is written to it, is mounted again after a restart and unmounted on
+destroy; run without the privilege to mount, a clone is a full copy and says why."""
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import sqlite3
 import subprocess
+import sys
+import tempfile
+from pathlib import Path
 
 import pytest
 
+from agents.storage import overlay
+from agents.storage.agent import StorageAgent
 from agents.storage.embedded import EmbeddedDriver
 from test_storage_contract import _btrfs_unavailable, _loop_btrfs
+from test_storage_ops import Caller
 
 MiB = 1 << 20
 
@@ -79,18 +89,157 @@ def test_embedded_clone_on_reflink_filesystem_shares_extents_and_stays_writable(
         driver.close()
 
 
-def test_embedded_clone_on_ext4_says_it_shares_nothing(tmp_path):
-    driver = EmbeddedDriver(tmp_path / "store")
+def _overlay_driver(root: Path) -> EmbeddedDriver:
+    """An embedded driver whose clones are overlay mounts (root, no reflinks), or the test is skipped."""
+    driver = EmbeddedDriver(root)
+    if "overlay-clones" not in driver.capabilities():
+        driver.close()
+        pytest.skip(f"clones here are not overlay mounts: {driver._sharing_method()}")
+    return driver
+
+
+def _one_fs_bytes(top: Path) -> int:
+    """Blocks allocated under top on top's own filesystem, as `du -x` counts them: the overlay mounts of
+    clones are not entered (what they show is their base and layer, counted where those live)."""
+    dev = os.lstat(top).st_dev
+    total = 0
+    for dirpath, dirnames, filenames in os.walk(top):
+        dirnames[:] = [n for n in dirnames if os.lstat(os.path.join(dirpath, n)).st_dev == dev]
+        for name in dirnames + filenames:
+            total += os.lstat(os.path.join(dirpath, name)).st_blocks * 512
+    return total
+
+
+def _rows(path: Path) -> int:
+    """Rows the clone's UPDATE wrote; read-only, since opening a file for writing copies it up whole."""
+    con = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
     try:
-        if "reflink-clones" in driver.capabilities():
-            pytest.skip("this temporary directory has reflinks; the ext4 case needs a filesystem without")
-        _volume_with_data(driver, 2 * MiB)
-        info = driver.clone("db", "s1", "dev1")
-        assert info.shared_bytes == 0 and info.exclusive_bytes >= 2 * MiB
-        assert "no reflinks" in info.sharing_method
-        assert not (tmp_path / "store" / "bases").exists() or not list((tmp_path / "store" / "bases").iterdir())
+        return con.execute("SELECT count(*) FROM t WHERE x = -1").fetchone()[0]
+    finally:
+        con.close()
+
+
+def test_embedded_clone_on_ext4_is_an_overlay_over_its_snapshots_base(tmp_path):
+    root = tmp_path / "store"
+    driver = _overlay_driver(root)
+    try:
+        _volume_with_data(driver, 64 * MiB)
+        first_before = _one_fs_bytes(root)
+        driver.clone("db", "s1", "dev1")            # the first clone of a snapshot builds its base, once
+        assert _one_fs_bytes(root) - first_before >= 64 * MiB
+        before = _one_fs_bytes(root)
+        info = driver.clone("db", "s1", "dev2")
+        added = _one_fs_bytes(root) - before
+        assert added < 0.01 * 64 * MiB, f"a second clone added {added} bytes"
+        assert os.path.ismount(driver.path("dev2"))
+        assert info.shared_bytes >= 64 * MiB and info.exclusive_bytes < MiB, info
+        assert "overlay" in info.sharing_method
+        # A program writes into the clone in place; the snapshot and the other clone do not change.
+        con = sqlite3.connect(driver.path("dev2") / "app.db")
+        con.execute("UPDATE t SET x = -1")
+        con.commit()
+        con.close()
+        with open(driver.path("dev2") / "data.bin", "r+b") as f:     # copied up whole on its first write
+            f.write(b"written")
+        assert _rows(driver.path("dev1") / "app.db") == 0
+        driver.clone("db", "s1", "again")
+        assert _rows(driver.path("again") / "app.db") == 0
+        assert (driver.path("again") / "data.bin").read_bytes()[:7] != b"written"
+        dev2 = {v.name: v for v in driver.list_volumes()}["dev2"]
+        assert dev2.exclusive_bytes >= 64 * MiB and dev2.shared_bytes >= 64 * MiB, dev2
+        # A snapshot of the written clone reads through the mount: the whole tree, with the writes.
+        driver.snapshot("dev2", "w")
+        assert {s.name: s for s in driver.list_snapshots("dev2")}["w"].logical_bytes >= 64 * MiB
+        driver.clone("dev2", "w", "dev3")
+        assert _rows(driver.path("dev3") / "app.db") == 1000
+        assert (driver.path("dev3") / "data.bin").read_bytes()[:7] == b"written"
+        # Rollback and refresh give the clone a fresh layer over the chosen snapshot's base.
+        (driver.path("dev2") / "scratch").write_text("lost on rollback")
+        driver.rollback("dev2", "w")
+        assert not (driver.path("dev2") / "scratch").exists() and _rows(driver.path("dev2") / "app.db") == 1000
+        driver.refresh_clone("dev1", "s1")
+        assert os.path.ismount(driver.path("dev1")) and _rows(driver.path("dev1") / "app.db") == 0
+        # The base of dev2@w stays while dev2 lies over it, even once that snapshot is gone.
+        driver.destroy_clone("dev3")
+        driver.destroy_snapshot("dev2", "w")
+        assert _rows(driver.path("dev2") / "app.db") == 1000
+        # Destroy unmounts and frees what the clone wrote.
+        with open(driver.path("dev2") / "data.bin", "r+b") as f:
+            f.write(b"again")
+        before = _one_fs_bytes(root)
+        live = driver.path("dev2")
+        driver.destroy_clone("dev2")
+        assert not live.exists() and not os.path.ismount(live)
+        assert before - _one_fs_bytes(root) >= 2 * 64 * MiB       # its copied-up file and its own base
+        for name in ("dev1", "again"):
+            driver.destroy_clone(name)
+        driver.destroy_snapshot("db", "s1")
+        for sub in ("bases", "layers"):
+            assert list((root / sub).iterdir()) == [], sub
+        assert overlay.mounts_under(root) == []
     finally:
         driver.close()
+
+
+def test_overlay_clones_are_mounted_again_after_a_reboot_and_a_crash_leaves_nothing_behind(tmp_path):
+    root = tmp_path / "store"
+    driver = _overlay_driver(root)
+    _volume_with_data(driver, MiB)
+    driver.clone("db", "s1", "kept")
+    driver.clone("db", "s1", "rebooted")
+    (driver.path("rebooted") / "note").write_text("still here")
+    driver.clone("db", "s1", "half-made")
+    # A crash before the catalog committed "half-made": its mount and layer exist, its rows do not.
+    driver.db.execute("DELETE FROM overlays WHERE name = 'half-made'")
+    driver.db.execute("DELETE FROM volumes WHERE name = 'half-made'")
+    driver.db.commit()
+    driver.close()
+    overlay.unmount(root / "volumes" / "rebooted")      # as after a reboot
+    again = EmbeddedDriver(root)
+    try:
+        assert {v.name for v in again.list_volumes()} == {"db", "kept", "rebooted"}
+        for name in ("kept", "rebooted"):
+            assert os.path.ismount(again.path(name)) and _rows(again.path(name) / "app.db") == 0
+        assert (again.path("rebooted") / "note").read_text() == "still here"
+        assert {m.mountpoint.name for m in overlay.mounts_under(root)} == {"kept", "rebooted"}
+        assert not (root / "volumes" / "half-made").exists() and len(list((root / "layers").iterdir())) == 2
+        # Opening the store again while its clones are mounted keeps the mounts it finds right.
+        EmbeddedDriver(root).close()
+        assert {m.mountpoint.name for m in overlay.mounts_under(root)} == {"kept", "rebooted"}
+    finally:
+        again.close()
+
+
+def test_an_agent_that_may_not_mount_makes_full_copies_and_says_why(tmp_path):
+    """The same driver run as an unprivileged user (setpriv drops root): clones are full copies, and the
+    sharing explanation says overlays were refused and what to do."""
+    if os.geteuid() != 0 or shutil.which("setpriv") is None:
+        pytest.skip("needs root and setpriv to run the driver as another user")
+    top = Path(tempfile.mkdtemp(prefix="vertebra-unprivileged-"))
+    try:
+        os.chown(top, 65534, 65534)
+        script = (
+            "import os, sys, json\n"
+            f"sys.path.insert(0, {str(Path(__file__).resolve().parents[2])!r})\n"
+            "from agents.storage.embedded import EmbeddedDriver\n"
+            f"d = EmbeddedDriver({str(top / 'store')!r})\n"
+            "d.create_volume('db')\n"
+            "(d.path('db') / 'data.bin').write_bytes(os.urandom(2 << 20))\n"
+            "d.snapshot('db', 's1')\n"
+            "i = d.clone('db', 's1', 'dev1')\n"
+            "print(json.dumps([sorted(d.capabilities()), i.exclusive_bytes, i.shared_bytes, i.sharing_method]))\n"
+        )
+        done = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", sys.executable, "-c",
+                               script], capture_output=True, text=True, timeout=120, cwd=top)
+        assert done.returncode == 0, done.stderr
+        caps, exclusive, shared, method = json.loads(done.stdout)
+        if "reflink-clones" in caps:
+            pytest.skip("this temporary directory has reflinks; the full-copy case needs a filesystem without")
+        assert "overlay-clones" not in caps
+        assert shared == 0 and exclusive >= 2 * MiB
+        assert "no reflinks" in method and "overlay" in method and "root" in method, method
+    finally:
+        shutil.rmtree(top, ignore_errors=True)
 
 
 def test_embedded_snapshots_report_exclusive_and_shared_bytes(tmp_path):
@@ -108,3 +257,124 @@ def test_embedded_snapshots_report_exclusive_and_shared_bytes(tmp_path):
             assert snaps[name].exclusive_bytes < 256 * 1024, snaps[name]   # the page, and sqlite's own
     finally:
         driver.close()
+
+
+async def test_overlay_clones_through_the_agent_share_space_survive_a_restart_and_free_on_destroy(mesh, tmp_path):
+    """The real agent on its default state directory (ext4 here): a clone of a 64 MiB volume adds under 1%
+    once the snapshot's base exists, storage.volume.list reports each clone's exclusive and shared bytes,
+    a restart mounts the clones again with their data, and destroy unmounts and frees."""
+    jid, pw = mesh.account("storage")
+    state = tmp_path / "state"
+    state.mkdir()
+
+    def agent() -> StorageAgent:
+        return StorageAgent(jid, pw, mesh.endpoint, resources=["/site/a"], authorizer=mesh.admins, settings={},
+                            state_dir=state)
+
+    src = await mesh.start(agent())
+    if "overlay-clones" not in src.driver.capabilities():
+        pytest.skip(f"clones here are not overlay mounts: {src.driver._sharing_method()}")
+    call = Caller(await mesh.client(), src)
+    assert "overlay-clones" in (await call.ok("storage.info"))["capabilities"]
+    live = Path((await call.ok("storage.volume.create", volume="db"))["path"])
+    (live / "data.bin").write_bytes(os.urandom(64 * MiB))
+    con = sqlite3.connect(live / "app.db")
+    con.execute("CREATE TABLE t(x)")
+    con.executemany("INSERT INTO t VALUES (?)", [(i,) for i in range(1000)])
+    con.commit()
+    con.close()
+    await call.ok("storage.snapshot.create", volume="db", snapshot="s1")
+    alice = Path((await call.ok("storage.clone.create", volume="db", snapshot="s1", clone="alice"))["path"])
+    before = _one_fs_bytes(state)
+    bob = Path((await call.ok("storage.clone.create", volume="db", snapshot="s1", clone="bob"))["path"])
+    added = _one_fs_bytes(state) - before
+    assert added < 0.01 * 64 * MiB, f"a clone of a 64 MiB volume added {added} bytes to the state directory"
+
+    con = sqlite3.connect(bob / "app.db")
+    con.execute("UPDATE t SET x = -1")
+    con.commit()
+    con.close()
+    assert _rows(alice / "app.db") == 0 and _rows(bob / "app.db") == 1000
+    listed = {v["name"]: v for v in await call.ok("storage.volume.list")}
+    for name in ("alice", "bob"):
+        assert listed[name]["shared_bytes"] >= 64 * MiB and "overlay" in listed[name]["sharing_method"]
+    assert listed["alice"]["exclusive_bytes"] < MiB
+    assert listed["bob"]["exclusive_bytes"] > listed["alice"]["exclusive_bytes"]     # its copied-up app.db
+    (snap,) = await call.ok("storage.snapshot.list", volume="db")
+    assert snap["exclusive_bytes"] >= 64 * MiB and sorted(snap["clones"]) == ["alice", "bob"]
+
+    # Restart: bob's mount is gone as after a reboot, alice's is still there; both serve their data after.
+    await src.stop()
+    mesh.actors.remove(src)
+    overlay.unmount(bob)
+    assert not os.path.ismount(bob)
+    src = await mesh.start(agent())
+    call = Caller(await mesh.client(), src)
+    assert os.path.ismount(alice) and os.path.ismount(bob)
+    assert _rows(alice / "app.db") == 0 and _rows(bob / "app.db") == 1000
+
+    before = _one_fs_bytes(state)
+    with open(bob / "data.bin", "r+b") as f:     # copied up whole: bob now holds 64 MiB of its own
+        f.write(b"bob")
+    grown = _one_fs_bytes(state)
+    assert grown - before >= 0.95 * 64 * MiB
+    assert (await call.ok("storage.clone.destroy", clone="bob")) == {"destroyed": "bob"}
+    assert not os.path.ismount(bob) and not bob.exists()
+    assert grown - _one_fs_bytes(state) >= 0.95 * 64 * MiB     # the catalog may grow meanwhile
+    await call.ok("storage.clone.destroy", clone="alice")
+    assert overlay.mounts_under(state) == []
+
+
+_CHURN = """
+import sys
+sys.path.insert(0, {repo!r})
+from agents.storage.embedded import EmbeddedDriver
+d = EmbeddedDriver({root!r})
+names = sorted(v.name for v in d.list_volumes() if v.kind == "clone")
+i = 0
+while True:
+    i += 1
+    name = f"c{{i % 4}}"
+    if name in names:
+        d.refresh_clone(name, "s1") if i % 3 else d.destroy_clone(name)
+        if not i % 3:
+            names.remove(name)
+    else:
+        d.clone("db", "s1", name)
+        names.append(name)
+    (d.path(names[0]) / f"w{{i}}").write_text("x")
+    print(i, flush=True)
+"""
+
+
+def test_a_killed_driver_leaves_nothing_the_next_start_cannot_recover(tmp_path):
+    """kill -9 in the middle of creating, refreshing and destroying overlay clones, three times: each time
+    the store opens with every clone it lists mounted over its base and readable, and no mount, layer or
+    base that nothing names."""
+    root = tmp_path / "store"
+    driver = _overlay_driver(root)
+    _volume_with_data(driver, MiB)
+    driver.close()
+    script = _CHURN.format(repo=str(Path(__file__).resolve().parents[2]), root=str(root))
+    for round_ in range(3):
+        proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+        try:
+            for _ in range(5 + 7 * round_):         # kill at a different step each round
+                assert proc.stdout.readline(), "the churn script stopped on its own"
+        finally:
+            proc.kill()
+            proc.wait()
+            proc.stdout.close()
+        again = EmbeddedDriver(root)
+        try:
+            rows = {r[0]: r[1] for r in again.db.execute("SELECT name, layer FROM overlays")}
+            clones = {v.name for v in again.list_volumes() if v.kind == "clone"}
+            assert set(rows) == clones
+            assert {m.mountpoint.name for m in overlay.mounts_under(root)} == clones
+            for name in clones:
+                assert _rows(again.path(name) / "app.db") == 0
+            assert {p.name for p in (root / "layers").iterdir()} == set(rows.values())
+            assert len(list((root / "bases").iterdir())) <= 1 and list((root / "tmp").iterdir()) == []
+            assert sorted(p.name for p in (root / "volumes").iterdir()) == sorted(clones | {"db"})
+        finally:
+            again.close()
