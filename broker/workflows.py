@@ -48,6 +48,7 @@ writes ``caller=broker, for=requester`` in its audit records. Nobody else can cl
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import logging
 import time
@@ -169,7 +170,7 @@ class WorkflowMixin:
     async def workflow_run(self, call: Call,
                            workflow: Annotated[str, Arg("the workflow to run", pattern=_NAME)],
                            param: Annotated[list[str], Arg("a parameter as name=value; repeat the name for"
-                                                           " each item of a list parameter")] = (),
+                                                           " each item of a list parameter")] = (),  # type: ignore[assignment]
                            wait: Annotated[float, _WAIT] = 10.0) -> dict:
         """Start a workflow as the caller, and report its status."""
         good, bad = self.workflow_definitions()
@@ -200,7 +201,7 @@ class WorkflowMixin:
                                step: Annotated[str, Arg("the step to approve", pattern=_STEP)],
                                wait: Annotated[float, _WAIT] = 10.0) -> dict:
         """Approve a step of a workflow instance as the caller."""
-        inst, s = self._find(instance, step)
+        inst, s = self._find_step(instance, step)
         verdict = check_approval(self.workflow_store.history(instance), _rule(s), call.caller)
         allowed = verdict.ok and self._may_approve(inst["workflow"], s)(call.caller)
         reason = verdict.reason if not verdict.ok else (
@@ -221,7 +222,7 @@ class WorkflowMixin:
                                step: Annotated[str, Arg("the held step to perform", pattern=_STEP)],
                                wait: Annotated[float, _WAIT] = 10.0) -> dict:
         """Take a held step of a workflow instance: it runs on the caller's behalf."""
-        inst, s = self._find(instance, step)
+        inst, s = self._find_step(instance, step)
         if not s.hold:
             raise BadArguments(f"step {s.name} is not held: it runs on its own as {inst['requester']}",
                                argument="step")
@@ -258,7 +259,7 @@ class WorkflowMixin:
     async def workflow_cancel(self, call: Call,
                               instance: Annotated[str, Arg("the instance id", pattern=_INSTANCE)]) -> dict:
         """Stop a workflow instance before its next step (a step already sent still ends)."""
-        inst, _ = self._find(instance)
+        inst = self._find(instance)
         if inst["state"] in FINISHED:
             raise BadArguments(f"instance {instance} is already {inst['state']}", argument="instance")
         self.workflow_store.set_instance(instance, "cancelled", f"cancelled by {call.caller}")
@@ -273,9 +274,12 @@ class WorkflowMixin:
             return task
         task = asyncio.get_running_loop().create_task(self._run(iid))
         self._runners[iid] = task
-        task.add_done_callback(lambda t, iid=iid: self._runners.pop(iid, None) if self._runners.get(iid) is t
-                               else None)
+        task.add_done_callback(functools.partial(self._runner_done, iid))
         return task
+
+    def _runner_done(self, iid: str, task: asyncio.Task[None]) -> None:
+        if self._runners.get(iid) is task:  # not a newer runner of the same instance
+            del self._runners[iid]
 
     async def _settle(self, iid: str, wait: float) -> None:
         """Kick the instance and wait, at most ``wait`` seconds, until it finishes or waits."""
@@ -289,7 +293,7 @@ class WorkflowMixin:
             while True:
                 self._dirty.discard(iid)
                 state, error = await self._advance(iid)
-                if store.instance(iid)["state"] == "cancelled":
+                if self._find(iid)["state"] == "cancelled":
                     return
                 store.set_instance(iid, state, error)
                 if state != "waiting" or iid not in self._dirty:
@@ -315,7 +319,7 @@ class WorkflowMixin:
             waiting = [reason for state, reason in ends if state == "waiting"]
             if waiting:
                 return "waiting", "; ".join(waiting)
-            if self.workflow_store.instance(iid)["state"] == "cancelled":
+            if self._find(iid)["state"] == "cancelled":
                 return "cancelled", ""
         return "done", ""
 
@@ -326,7 +330,7 @@ class WorkflowMixin:
         if row["state"] in ("ok", "failed"):
             return row["state"], row["reason"]
         if row["state"] != "running":
-            if store.instance(iid)["state"] == "cancelled":
+            if self._find(iid)["state"] == "cancelled":
                 return "waiting", "cancelled"
             ready = await self._admit_step(inst, step, row)
             if ready is not None:
@@ -438,13 +442,15 @@ class WorkflowMixin:
 
     # -- reading ---------------------------------------------------------------------------------------
 
-    def _find(self, iid: str, step: str | None = None) -> tuple[dict[str, Any], Step | None]:
+    def _find(self, iid: str) -> dict[str, Any]:
         inst = self.workflow_store.instance(iid)
         if inst is None:
             raise BadArguments(f"no workflow instance {iid} (workflow.list shows the recent ones)",
                                argument="instance")
-        if step is None:
-            return inst, None
+        return inst
+
+    def _find_step(self, iid: str, step: str) -> tuple[dict[str, Any], Step]:
+        inst = self._find(iid)
         found = Plan.from_json(inst["plan"]).step(step)
         if found is None:
             names = ", ".join(s.name for s in Plan.from_json(inst["plan"]).steps())
@@ -455,7 +461,7 @@ class WorkflowMixin:
 
     def _status(self, iid: str) -> dict[str, Any]:
         store = self.workflow_store
-        inst = store.instance(iid)
+        inst = self._find(iid)
         rows, history = store.steps(iid), store.history(iid)
         steps = []
         for n, stage in enumerate(Plan.from_json(inst["plan"]).stages, 1):
