@@ -20,27 +20,27 @@ path, the state directory and the mesh-file parser's own file, so an edited mesh
 parsed again; the password itself is read every time. Anything else (``-h``, ``-V``, ``-t 10:CRITICAL``, odd
 spellings, usage errors, no gateway) goes the full way, with the same answers.
 
-Each shortcut is kept by a measurement (this machine, loaded; 30 interleaved runs through a live
-gateway, or 60 fresh interpreters for one import): a check through the lean path took 43 ms median, the
-full path 130 ms; the full parser alone (argparse and the ranges module its ``-t`` type reads) adds
-17-19 ms to a start, the mesh file's parser 80 ms, ``agents.resources`` 3-4 ms; check_vertebra's p50 is
-0.46x check_nrpe's against a target of 0.5x (bench/checks.py). Tests hold the lean command-line
-reading to the full parser and the lean resource check to the path rules, case by case.
+Each shortcut is kept by a measurement (a loaded 2-core machine; 30 interleaved runs through a live
+gateway, or 60 fresh interpreters for one import): a check through the lean path took 43 ms median,
+the full path 130 ms; the full parser (argparse) instead of the lean reading adds 5 ms to a start,
+the mesh file's parser 80 ms, ``agents.resources`` 3-4 ms; check_vertebra's p50 is 0.46x
+check_nrpe's against a target of 0.5x (bench/checks.py). Tests hold the lean command-line reading to
+the full parser and the lean resource check to the path rules, case by case. The check states come
+from ``agents.monitor.states``, as the range rules' do.
 """
 
 from __future__ import annotations
 
 import os
 import sys
+from agents.monitor.states import State
+
 TYPE_CHECKING = False  # typing itself costs a plugin start milliseconds; annotations are strings here
 if TYPE_CHECKING:
     import argparse
     from typing import Any, NoReturn, Sequence
 
-    from agents.monitor.ranges import State
-
-UNKNOWN = 3  # State.UNKNOWN, without loading the ranges module on the lean path
-_STATE_NAMES = ("OK", "WARNING", "CRITICAL", "UNKNOWN")
+UNKNOWN = State.UNKNOWN
 PROG = "check_vertebra"
 GRACE = 5.0  # beyond -t, for the program's own last-resort guard
 CACHE_NAME = "check_vertebra.cache"
@@ -53,8 +53,6 @@ class _Usage(Exception):
 
 def _timeout(text: str) -> tuple[float, "State"]:
     import argparse
-
-    from agents.monitor.ranges import State
 
     seconds, _, state = text.partition(":")
     try:
@@ -73,7 +71,6 @@ def _parser() -> "argparse.ArgumentParser":
     import argparse
 
     from agents import __version__
-    from agents.monitor.ranges import State
 
     class _Parser(argparse.ArgumentParser):
         # A plugin's usage errors are UNKNOWN (3), not argparse's 2.
@@ -116,7 +113,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _full_main(words: list[str]) -> int:
-    from agents.monitor.ranges import State
 
     parser = _parser()
     try:
@@ -253,7 +249,7 @@ def _identity(o: dict[str, Any], home: str) -> tuple[str, str] | None:
 # -- answers -------------------------------------------------------------------------------------
 
 def _problem(outcome: str, where: str, error: str | None, state: int) -> tuple[str, int]:
-    return f"{_STATE_NAMES[state]} - {PROG}: {outcome} on {where}: {error or 'no detail'}", state
+    return f"{State(state).name} - {PROG}: {outcome} on {where}: {error or 'no detail'}", state
 
 
 def _one(report: dict[str, Any], target: str, timeout_state: int) -> tuple[str, int]:
@@ -270,7 +266,6 @@ def _one(report: dict[str, Any], target: str, timeout_state: int) -> tuple[str, 
                         else UNKNOWN)
     code = res["result"]["code"]
     if isinstance(code, bool) or not isinstance(code, int) or not 0 <= code <= 3:
-        from agents.monitor.ranges import State
 
         code = int(State.parse(code))
     return str(res["result"]["output"]), code
@@ -279,7 +274,6 @@ def _one(report: dict[str, Any], target: str, timeout_state: int) -> tuple[str, 
 def _aggregate(report: Any, target: str) -> tuple[str, "State"]:
     from agents.errors import Outcome
     from agents.monitor.aggregate import aggregate
-    from agents.monitor.ranges import State
 
     if not report.results or all(r.outcome is Outcome.NOT_DISCOVERED for r in report.results):
         output, code = _problem("not-discovered", target, f"no monitor agent offers monitor.check under {target}",
@@ -296,7 +290,6 @@ def _run(ns: "argparse.Namespace") -> tuple[str, "State"]:
 
     from agents import config as meshconf, resources
     from agents.errors import ConnectError
-    from agents.monitor.ranges import State
     from agents.session import mesh_call
 
     seconds, timeout_state = ns.timeout

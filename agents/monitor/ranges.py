@@ -1,4 +1,5 @@
-"""Check states and Nagios threshold ranges, the one place these rules live.
+"""Nagios threshold ranges, the one place their rules live, and the check states (``State``, from
+``states``, kept apart so that check_vertebra's lean path reads them without loading this module).
 
 Ranges follow the Monitoring Plugins guidelines: ``[@]start:end`` with both ends inclusive; ``10``
 means 0..10, ``10:`` means 10..infinity, ``~:10`` means -infinity..10, and a range alerts when the
@@ -8,59 +9,14 @@ The monitor agent and ``check_vertebra`` both evaluate thresholds through this m
 
 from __future__ import annotations
 
-import enum
 import math
 import re
-from collections.abc import Iterable
 from dataclasses import dataclass
+
+from .states import State
 
 __all__ = ["State", "Range", "parse_range", "evaluate", "format_number"]
 
-
-class State(enum.IntEnum):
-    """A check state; the value is the plugin exit code that means it."""
-
-    OK = 0
-    WARNING = 1
-    CRITICAL = 2
-    UNKNOWN = 3
-
-    @classmethod
-    def parse(cls, text: str | int) -> State:
-        """Read a state from a name (any case, ``ok``/``warn``/``crit`` accepted) or a code 0-3."""
-        if isinstance(text, bool):
-            raise ValueError(f"not a check state: {text!r}")
-        if isinstance(text, int):
-            try:
-                return cls(text)
-            except ValueError:
-                raise ValueError(f"not a check state: {text!r} (expected 0-3)") from None
-        key = str(text).strip().upper()
-        if key.isdigit():
-            return cls.parse(int(key))
-        key = _STATE_ALIASES.get(key, key)
-        try:
-            return cls[key]
-        except KeyError:
-            raise ValueError(
-                f"not a check state: {text!r} (expected OK, WARNING, CRITICAL, UNKNOWN or 0-3)"
-            ) from None
-
-    @classmethod
-    def worst(cls, states: Iterable[State | int]) -> State:
-        """The most severe of ``states``: CRITICAL > WARNING > UNKNOWN > OK.
-
-        This is the Monitoring Plugins ``max_state_alt`` order: an UNKNOWN must not hide a
-        WARNING or CRITICAL elsewhere, but it still outranks OK. Raises ValueError when empty.
-        """
-        found = [cls(s) for s in states]
-        if not found:
-            raise ValueError("worst state of no states is undefined")
-        return max(found, key=_SEVERITY.__getitem__)
-
-
-_STATE_ALIASES = {"WARN": "WARNING", "CRIT": "CRITICAL"}
-_SEVERITY = {State.OK: 0, State.UNKNOWN: 1, State.WARNING: 2, State.CRITICAL: 3}
 
 # A decimal number as plugins print it; no inf/nan words, which Python's float() would accept.
 _NUMBER = r"[-+]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][-+]?\d+)?"

@@ -156,3 +156,19 @@ def test_lean_resource_check_agrees_on_every_character() -> None:
             except resources.BadResource:
                 canonical = False
             assert cv.plain_resource(path) is canonical, repr(path)
+
+
+def test_the_lean_path_reads_states_without_the_range_parser() -> None:
+    """One State (agents.monitor.states), which ranges re-exports; the lean path loads only that."""
+    import subprocess
+    import sys
+
+    from agents.monitor import ranges, states
+
+    assert ranges.State is states.State and cv.UNKNOWN is State.UNKNOWN
+    probe = ("import sys; from agents.monitor import check_vertebra as cv;"
+             " cv.lean_args(['-H', 'h', '-c', 'c']); cv._problem('timeout', 'h', None, 2);"
+             " print(sorted(m for m in ('agents.monitor.ranges', 'argparse', 'asyncio', 're') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True,
+                         cwd=Path(__file__).resolve().parents[2])
+    assert out.stdout.strip() == "[]", out.stdout + out.stderr
