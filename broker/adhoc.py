@@ -74,7 +74,7 @@ class AdHoc:
         register_stanza_plugin(Iq, Command)
         register_stanza_plugin(Command, Form)
         xmpp.register_handler(CoroutineCallback("vertebra ad-hoc", StanzaPath("iq@type=set/command"),
-                                                self._on_command))
+                                                self._on_command))  # type: ignore[arg-type]  # iqs only
         disco = xmpp.plugin["xep_0030"]
         disco.add_feature(NS)
         # Keyed by our full JID: the resource is fixed ("bot"), so it is known before binding.
@@ -99,7 +99,7 @@ class AdHoc:
             await self.bot.refresh_ops(who)  # the ops offered now, as the broker and the agents describe them
         for spec in self.bot.ops.values():
             if who and self.may_run(who, spec):
-                items.add_item(str(self.bot.jid), node=spec.name, name=f"{spec.name}: {spec.summary}")
+                items.add_item(self.bot.jid, node=spec.name, name=f"{spec.name}: {spec.summary}")
         return items
 
     # -- executing --------------------------------------------------------------------------------
@@ -123,9 +123,10 @@ class AdHoc:
             session.values = {p.name: p.default for p in spec.params if p.default not in (None, [], ())}
             self.sessions[session.id] = session
             return self._reply(iq, session, "executing", form=self.form(spec, session.values))
-        session = self.sessions.get(sid)
-        if session is None or session.owner != str(caller) or session.spec.name != cmd["node"]:
+        found = self.sessions.get(sid)
+        if found is None or found.owner != str(caller) or found.spec.name != cmd["node"]:
             raise XMPPError("bad-request", f"no session {sid!r} of yours for {cmd['node']!r}", etype="modify")
+        session = found
         session.touched = time.monotonic()
         if action == "cancel":
             if session.job is not None:
@@ -165,7 +166,7 @@ class AdHoc:
             job.changed.clear()
             try:
                 await asyncio.wait_for(job.changed.wait(), WAIT_FOR_PROGRESS)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 pass
         if job.state == "running":
             return self._reply(iq, session, "executing", form=_job_form(job), actions=("next",))

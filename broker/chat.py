@@ -250,7 +250,7 @@ class ChatBot(Actor):
         self.spawn(self.handle(sender, body))
 
     def say(self, to: JID | str, text: str) -> None:
-        self.xmpp.send_message(mto=to, mbody=text, mtype="chat")
+        self.xmpp.send_message(mto=JID(to), mbody=text, mtype="chat")
 
     async def handle(self, sender: JID, body: str) -> None:
         """Run one command line from ``sender`` and answer it."""
@@ -542,7 +542,8 @@ class ChatBot(Actor):
         if spec.name in self.broker_ops:
             return [(self.broker, [])]
         if self.directory is not None:  # in the broker's process: its directory, without a round trip
-            entries = [{"jid": e.jid, "resources": list(e.caps.resources)} for e in self.directory.discover(spec.name, on)]
+            entries = [{"jid": e.jid, "resources": list(e.caps.resources)}
+                       for e in self.directory.discover(spec.name, on)]
             found = TargetResult(self.broker, Outcome.OK, result=entries)
         else:
             found = await self.request(self.broker, "mesh.discover", {"op": spec.name, "resources": on},

@@ -47,7 +47,7 @@ class Volumes:
     @op(REPORT_OP, effect="change", deadline=5, sender="live agent", sender_kinds=(REPORTING_KIND,))
     async def volumes_report(self, call: Call,
                              volumes: Annotated[list[str], Arg("every volume, clone and replica the reporting"
-                                                               " storage agent holds", pattern=NAME_PATTERN)] = ()
+                                                               " storage agent holds", pattern=NAME_PATTERN)] = (),  # type: ignore[assignment]
                              ) -> dict:
         """(For storage agents.) Report the volumes this agent holds; replaces its previous report."""
         if len(volumes) > MAX_REPORTED:
