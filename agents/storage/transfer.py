@@ -26,6 +26,7 @@ import os
 import secrets
 import ssl
 import struct
+import threading
 import time
 from collections.abc import Awaitable, Callable, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -270,6 +271,7 @@ async def send(host: str, port: int, transfer: str, token: str, stream: Callable
     inbox for a new token and call again to resume."""
     throttle = throttle or Throttle()
     reader, writer = await asyncio.open_connection(host, port, ssl=ssl_context)
+    pieces: _Pieces | None = None
     try:
         writer.write(encode_frame({"t": "hello", "transfer": transfer, "token": token}))
         await writer.drain()
@@ -285,6 +287,8 @@ async def send(host: str, port: int, transfer: str, token: str, stream: Callable
         if prefix.digest() != have["blake3"]:
             # The stream differs from what the inbox holds (a regenerated btrfs send, say): start over.
             writer.write(encode_frame({"t": "restart"}))
+            await _close(pieces)
+            pieces = None
             pieces = _Pieces(stream())
             resumed = 0
         offset, sent = resumed, 0
@@ -307,6 +311,16 @@ async def send(host: str, port: int, transfer: str, token: str, stream: Callable
         return SendResult(offset, sent, resumed)
     finally:
         writer.close()
+        if pieces is not None:
+            await _close(pieces)
+
+
+async def _close(pieces: _Pieces) -> None:
+    """Close the stream now, on every way out (done, cut, refused, cancelled): a driver's send holds its
+    snapshots and may run a child (`btrfs send`) until its generator is closed, and leaving that to the
+    garbage collector kept both alive long after the connection was gone. The close runs in a thread, after
+    any piece a worker thread is still reading, and is shielded so that a second cancellation cannot skip it."""
+    await asyncio.shield(asyncio.to_thread(pieces.close))
 
 
 class _Pieces:
@@ -316,8 +330,21 @@ class _Pieces:
         self._source: Iterator[bytes] = iter(source)
         self._buf = b""
         self.digest = blake3.blake3()
+        # Pieces are read in worker threads; a cancelled read goes on in its thread, and close waits for it
+        # (a generator cannot be closed while it runs).
+        self._reading = threading.Lock()
+
+    def close(self) -> None:
+        with self._reading:
+            close = getattr(self._source, "close", None)
+            if close is not None:
+                close()
 
     def next(self, size: int) -> bytes:
+        with self._reading:
+            return self._next(size)
+
+    def _next(self, size: int) -> bytes:
         while len(self._buf) < size:
             piece = next(self._source, None)
             if piece is None:
