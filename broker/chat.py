@@ -587,6 +587,10 @@ class RemoteDescriptions:
 
     def __init__(self, bot: ChatBot) -> None:
         self.bot = bot
+        # Descriptions asked for, kept while the listing (names and summaries) stays the same: one
+        # request per command then, not one per op.
+        self._listed: tuple[tuple[str, str], ...] = ()
+        self._described: dict[str, dict[str, Any]] = {}
 
     async def _ask(self, operator: str, op: str) -> Any:
         answer = await self.bot.request(self.bot.broker, "mesh.describe", {"op": op}, timeout=self.TIMEOUT,
@@ -596,10 +600,16 @@ class RemoteDescriptions:
         return answer.result
 
     async def op_summaries(self, operator: str) -> list[dict[str, Any]]:
-        return await self._ask(operator, "")
+        listed = await self._ask(operator, "")
+        key = tuple((str(o["name"]), str(o["summary"])) for o in listed)
+        if key != self._listed:
+            self._listed, self._described = key, {}
+        return listed
 
     async def op_description(self, name: str, operator: str) -> dict[str, Any]:
-        return await self._ask(operator, name)
+        if name not in self._described:
+            self._described[name] = await self._ask(operator, name)
+        return self._described[name]
 
 
 class BrokerDescriptions:
