@@ -1,7 +1,7 @@
 """Fencing on the broker: every fencing attempt and outcome is announced here, and fencing epochs live here.
 
 Fencing agents post each attempt and outcome with ``mesh.fence.event``; the broker keeps them (on
-disk), calls the listeners registered with :meth:`FencingMixin.on_fence_event` (the operators'
+disk), calls the listeners registered with :meth:`Fencing.on_fence_event` (the operators'
 chat room shows them), and keeps each node's fencing epochs:
 
 - a verified off (``fence.off`` ok) opens a new epoch for the node, numbered one more than its last;
@@ -209,20 +209,21 @@ class FencedNow:
         return self.fenced.check(request.caller, spec)
 
 
-class FencingMixin:
-    """Mixed into the broker before ``Agent``: the fencing event ops, the epochs and their pushes."""
+class Fencing:
+    """A component of the broker (broker/service.py): the fencing event ops, the ledger of events
+    and epochs, the broker's fenced-identity rule (``fenced_now``) and the pushes of open epochs,
+    sent through ``broker``."""
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        state: Path | None = self.shared_dir  # type: ignore[attr-defined]
-        self.fence_ledger = FenceLedger(state / "fencing.sqlite" if state else ":memory:")
+    def __init__(self, broker: Any) -> None:
+        self.broker = broker
+        state: Path | None = broker.shared_dir
+        self.ledger = FenceLedger(state / "fencing.sqlite" if state else ":memory:")
         self._fence_listeners: list[Callable[[dict[str, Any]], Any]] = []
-        self.fenced_now = FencedNow(self.fence_ledger, self.fenced)  # type: ignore[attr-defined]
+        self.fenced_now = FencedNow(self.ledger, broker.fenced)
         self.fenced_now.refresh()
 
-    async def stop(self) -> None:
-        await super().stop()  # type: ignore[misc]
-        self.fence_ledger.close()
+    def close(self) -> None:
+        self.ledger.close()
 
     def on_fence_event(self, listener: Callable[[dict[str, Any]], Any]) -> None:
         """Call ``listener`` with each fencing event as the broker keeps it (the chat room shows them)."""
@@ -231,7 +232,7 @@ class FencingMixin:
     def _fencing_agent(self, caller: str) -> dict[str, tuple[str, ...]] | None:
         """The nodes (resource paths, with their identities) the mesh file configures the account
         ``caller`` to fence, or None if the roster does not admit it as a fencing agent."""
-        admission = getattr(self, "roster", {}).get(caller.split("/", 1)[0].lower())
+        admission = self.broker.roster.get(caller.split("/", 1)[0].lower())
         if admission is None or admission.kind != FENCING_KIND:
             return None
         return configured_nodes(admission.settings)
@@ -272,8 +273,8 @@ class FencingMixin:
         body = {**args, "identities": list(identities), "at": args["at"] or time.time(), "received": time.time()}
         if reconciled:
             body["reconciled"] = True
-        seq, change, new = self.fence_ledger.record(agent, body)
-        opened = self.fence_ledger.open_epoch(args["cluster"], args["node"])
+        seq, change, new = self.ledger.record(agent, body)
+        opened = self.ledger.open_epoch(args["cluster"], args["node"])
         answer = {"seq": seq, "change": change, "fenced": opened is not None,
                   "epoch": opened.epoch if opened else None, "duplicate": not new}
         if not new:
@@ -283,8 +284,8 @@ class FencingMixin:
         log.info("fencing %s from %s%s: %s %s/%s ok=%s%s", args["event"], agent, " (from its ledger)" if reconciled
                  else "", args["action"], args["cluster"], args["node"], args["ok"], f" -> {change}" if change else "")
         if change is not None:
-            self.fenced.install(self.fence_ledger.fenced())  # type: ignore[attr-defined]
-            self._spawn(self.push_fenced())  # type: ignore[attr-defined]
+            self.broker.fenced.install(self.ledger.fenced())
+            self.broker.spawn(self.push_fenced())
         for listener in list(self._fence_listeners):
             try:
                 listener(dict(body))
@@ -301,12 +302,12 @@ class FencingMixin:
         nodes = self._fencing_agent(bare)
         if not nodes:
             return 0
-        res = await self.request(jid, LEDGER_OP, {}, timeout=10.0)  # type: ignore[attr-defined]
+        res = await self.broker.request(jid, LEDGER_OP, {}, timeout=10.0)
         if res.outcome is not Outcome.OK or not isinstance(res.result, dict):
             log.warning("could not read the fencing ledger of %s (%s: %s); its events arrive as it resends them",
                         jid, res.outcome.value, res.error)
             return 0
-        spec = self.ops[EVENT_OP]  # type: ignore[attr-defined]
+        spec = self.broker.ops[EVENT_OP]
         new = 0
         for raw in res.result.get("entries", [])[:len(nodes) * 4]:
             try:
@@ -333,38 +334,35 @@ class FencingMixin:
                            limit: Annotated[int, Arg("at most this many, newest last", min=1,
                                                      max=RECENT_EVENTS)] = 50) -> list:
         """The fencing attempts and outcomes the broker keeps, oldest first."""
-        return self.fence_ledger.events(since, limit)
+        return self.ledger.events(since, limit)
 
     @op("mesh.fence.epochs", effect="read", deadline=5)
     async def fence_epochs(self, call: Call,
                            cluster: Annotated[str, Arg("only this cluster (default: all)")] = "",
                            node: Annotated[str, Arg("only this node (default: all)")] = "") -> dict:
         """Which nodes are fenced now, and every node's fencing epochs."""
-        return {"fenced": [f.to_dict() for f in self.fence_ledger.fenced()
+        return {"fenced": [f.to_dict() for f in self.ledger.fenced()
                            if cluster in ("", f.cluster) and node in ("", f.node)],
-                "epochs": self.fence_ledger.epochs(cluster, node)}
+                "epochs": self.ledger.epochs(cluster, node)}
 
     # -- pushes ---------------------------------------------------------------------------------
 
     def _takers(self) -> list[str]:
-        return [e.jid for e in self.directory.entries() if INSTALL_OP in e.caps.ops]  # type: ignore[attr-defined]
+        return [e.jid for e in self.broker.directory.entries() if INSTALL_OP in e.caps.ops]
 
     async def push_fenced(self, targets: list[str] | None = None) -> dict[str, str]:
         """Push the open epochs; returns each target's error ("" when it took them)."""
         targets = self._takers() if targets is None else targets
-        return await push(self, targets, INSTALL_OP, {"fenced": encode_entries(self.fence_ledger.fenced())},
+        return await push(self.broker, targets, INSTALL_OP, {"fenced": encode_entries(self.ledger.fenced())},
                           "the fenced nodes")
 
-    def policy_on_join(self, jid: str) -> None:
-        """A newly listed agent gets the fenced nodes at once (and the policy, by the next mixin); a
-        fencing agent's ledger is reconciled (after a broker restart, every agent joins again)."""
-        parent = getattr(super(), "policy_on_join", None)
-        if parent is not None:
-            parent(jid)
+    def on_join(self, jid: str) -> None:
+        """A newly listed agent gets the fenced nodes at once; a fencing agent's ledger is reconciled
+        (after a broker restart, every agent joins again)."""
         if self._fencing_agent(jid):
-            self._spawn(self._reconcile_quietly(jid))  # type: ignore[attr-defined]
+            self.broker.spawn(self._reconcile_quietly(jid))
         if jid in self._takers():
-            self._spawn(self.push_fenced([jid]))  # type: ignore[attr-defined]
+            self.broker.spawn(self.push_fenced([jid]))
 
     async def _reconcile_quietly(self, jid: str) -> None:
         try:

@@ -39,14 +39,17 @@ async def push(broker: Any, targets: list[str], op_name: str, args: dict[str, An
 
 
 class PolicyDistribution:
-    """Broker mixin: the ``policy.reload`` op and the pushes."""
+    """A component of the broker (broker/service.py): the ``policy.reload`` op and the pushes, sent
+    through ``broker``, whose authorizer is the policy (replaced, at times, while it runs)."""
 
-    _policy_text: str | None = None
-    _policy_issued: float = 0.0
-    _repusher: asyncio.Task[None] | None = None
+    def __init__(self, broker: Any) -> None:
+        self.broker = broker
+        self._policy_text: str | None = None
+        self._policy_issued = 0.0
+        self._repusher: asyncio.Task[None] | None = None
 
     def _policy_authorizer(self) -> PolicyAuthorizer | None:
-        return policy_of(self.authorizer)
+        return policy_of(self.broker.authorizer)
 
     @op("policy.reload", effect="destructive", deadline=60)
     async def policy_reload(self, call: Call) -> dict:
@@ -67,11 +70,13 @@ class PolicyDistribution:
         self._policy_text, self._policy_issued = text, time.time()
         pushed = await self.push_policy()
         out = {"version": result.version, "agents": len(pushed), "failed": {j: e for j, e in pushed.items() if e}}
-        if call.via != self.jid.bare:
+        broker = self.broker
+        if call.via != broker.jid.bare:
             # The broker's other instances (one per cluster node) reload too, or their re-pushes would
             # bring the old version back; asked for the same person, so they decide as here.
-            answers = await asyncio.gather(*(self.request(j, "policy.reload", {}, behalf=call.caller, timeout=PUSH_TIMEOUT)
-                                             for j in sorted(self.siblings)))
+            answers = await asyncio.gather(*(broker.request(j, "policy.reload", {}, behalf=call.caller,
+                                                            timeout=PUSH_TIMEOUT)
+                                             for j in sorted(broker.siblings)))
             out["instances"] = {r.target: "ok" if r.outcome.value == "ok" else f"{r.outcome.value}: {r.error}"
                                 for r in answers}
         return out
@@ -89,15 +94,15 @@ class PolicyDistribution:
         if current is None:
             return {}
         text, issued = current
-        targets = targets if targets is not None else [e.jid for e in self.directory.entries()]
-        return await push(self, targets, INSTALL_OP, {"text": text, "issued_at": issued}, "the policy")
+        targets = targets if targets is not None else [e.jid for e in self.broker.directory.entries()]
+        return await push(self.broker, targets, INSTALL_OP, {"text": text, "issued_at": issued}, "the policy")
 
-    def policy_on_join(self, jid: str) -> None:
+    def on_join(self, jid: str) -> None:
         """A newly listed agent gets the current policy at once."""
         if self._current_policy() is not None:
-            self._spawn(self.push_policy([jid]))
+            self.broker.spawn(self.push_policy([jid]))
         if self._repusher is None:
-            self._repusher = asyncio.get_running_loop().create_task(self._repush_forever())
+            self._repusher = self.broker.spawn(self._repush_forever(), name="policy re-push")
 
     async def _repush_forever(self) -> None:
         while True:

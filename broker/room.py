@@ -329,7 +329,7 @@ class OpsRoom:
         waiting for approval; keep the members in step with its policy (the broker and the bot in
         one process, as `vertebra broker` runs them)."""
         broker.alerts.on_alert(self.alert)
-        broker.on_fence_event(self.fence_event)
+        broker.fencing.on_fence_event(self.fence_event)
         broker.storage_notices.on_storage_notice(self.storage_notice)
         # The broker's policy only: policy.reload replaces it there, and the bot's own copy (read at
         # start) would go on naming people the new policy dropped.

@@ -38,7 +38,7 @@ from agents.kinds import distribution_kinds
 from .alerts import Alerts
 from .anchors import Anchors, read_anchors
 from .descriptions import OpDescriptions
-from .fencing import FencingMixin
+from .fencing import Fencing
 from agents.ratelimit import RateLimit
 from .directory import Admission, BoundedMap, Capabilities, Directory, sent_by_agents
 from .leadership import LeadershipMixin
@@ -67,11 +67,11 @@ REFUSAL_MEMORY = 600.0  # seconds an account's refusal is not logged again at WA
 HELLO_AGAIN = 3.0  # seconds after a new session until the second hello to agents not yet listed
 
 
-class Broker(FencingMixin, WorkflowMixin, LeadershipMixin, PolicyDistribution, OpDescriptions, Agent):
+class Broker(WorkflowMixin, LeadershipMixin, OpDescriptions, Agent):
     kind = "broker"
     resource = "broker"
     # The parts the broker is made of, each a plain class declaring its own ops (made in __init__).
-    components = (Alerts, StorageNotices, Volumes, Anchors)
+    components = (Alerts, StorageNotices, Volumes, Anchors, Fencing, PolicyDistribution)
 
     info = info_op("mesh")
     read_anchors = staticmethod(read_anchors)  # `vertebra audit verify --anchors`, through the broker kind
@@ -105,8 +105,10 @@ class Broker(FencingMixin, WorkflowMixin, LeadershipMixin, PolicyDistribution, O
         # performer (agents/authz.py): the broker-only ops; anyone but the agents the mesh file
         # configures refused the ops only they send; the fenced-identity guard, reading the ledger
         # the instances share; those agents admitted to those ops without a grant; then the policy.
-        self.rules = [self.sent_by_broker, self.refuse_other_senders, self.fenced_now, self.admit_agent_senders,
-                      self.by_policy]
+        self.fencing = self.serve_part(Fencing(self))
+        self.policy = self.serve_part(PolicyDistribution(self))
+        self.rules = [self.sent_by_broker, self.refuse_other_senders, self.fencing.fenced_now,
+                      self.admit_agent_senders, self.by_policy]
         self.alerts = self.serve_part(Alerts())
         self.storage_notices = self.serve_part(StorageNotices())
         self.volumes = self.serve_part(Volumes(self.directory, self.roster))
@@ -115,6 +117,13 @@ class Broker(FencingMixin, WorkflowMixin, LeadershipMixin, PolicyDistribution, O
     async def stop(self) -> None:
         await super().stop()
         await self.anchors.aclose()
+        self.fencing.close()
+
+    def on_join(self, jid: str) -> None:
+        """A newly listed agent gets the policy and the fenced nodes at once; a fencing agent's
+        ledger is read."""
+        self.policy.on_join(jid)
+        self.fencing.on_join(jid)
 
     def refuse_other_senders(self, request: Request, spec: OpSpec) -> Decision | None:
         """Refuses whoever may not send an op only the mesh file's agents send (directory.sent_by_agents)."""
@@ -242,7 +251,7 @@ class Broker(FencingMixin, WorkflowMixin, LeadershipMixin, PolicyDistribution, O
             # Our presence back acknowledges the agent (it stops repeating its own) and makes the
             # server tell the agent when this broker goes.
             self.presence(jid)
-            self.policy_on_join(jid)
+            self.on_join(jid)
         self._refused.pop(bare)
         self._known.add(pres["from"].bare)
 

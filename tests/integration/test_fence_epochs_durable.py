@@ -55,11 +55,11 @@ async def fence_while_the_broker_is_down(mesh, tmp_path: Path) -> tuple[FencingW
 async def test_a_node_fenced_while_the_broker_was_down_shows_fenced_after_it_restarts(mesh, tmp_path: Path):
     world, db1 = await fence_while_the_broker_is_down(mesh, tmp_path)
     await world.start_broker()  # same account, same state dir: a restart
-    await until(lambda: world.broker.fence_ledger.fenced(), timeout=30, what="the epoch recorded after the restart")
+    await until(lambda: world.broker.fencing.ledger.fenced(), timeout=30, what="the epoch recorded after the restart")
     assert await fenced_nodes(world) == [("node1", 1, [db1])]
     await until(lambda: outbox_empty(world), what="the outbox emptied by the broker's acknowledgement")
     # Delivered once each, however they got there.
-    assert [(e["event"], e["action"]) for e in world.broker.fence_ledger.events()] == [
+    assert [(e["event"], e["action"]) for e in world.broker.fencing.ledger.events()] == [
         ("attempt", "off"), ("outcome", "off")]
 
 
@@ -68,11 +68,11 @@ async def test_the_outbox_outlives_the_fencing_agent_too(mesh, tmp_path: Path):
     await world.stop(world.fencer)  # its memory is gone; its state dir stays
     await world.start_broker()
     await world.start_fencer()
-    await until(lambda: len(world.broker.fence_ledger.events()) == 2, timeout=30,
+    await until(lambda: len(world.broker.fencing.ledger.events()) == 2, timeout=30,
                 what="both events resent by the restarted agent")
     assert await fenced_nodes(world) == [("node1", 1, [db1])]
     # The attempt is only in the outbox (the ledger keeps verified outcomes): it came from there.
-    assert [e["event"] for e in world.broker.fence_ledger.events()] == ["attempt", "outcome"]
+    assert [e["event"] for e in world.broker.fencing.ledger.events()] == ["attempt", "outcome"]
     await until(lambda: outbox_empty(world), what="the outbox emptied")
 
 
@@ -83,12 +83,12 @@ async def test_a_lost_outbox_is_recovered_from_the_agents_ledger(mesh, tmp_path:
         db.execute("DELETE FROM outbox")
     await world.start_broker()
     await world.start_fencer()
-    await until(lambda: world.broker.fence_ledger.fenced(), timeout=30, what="the epoch reconciled from the ledger")
+    await until(lambda: world.broker.fencing.ledger.fenced(), timeout=30, what="the epoch reconciled from the ledger")
     assert await fenced_nodes(world) == [("node1", 1, [db1])]
-    (event,) = world.broker.fence_ledger.events()
+    (event,) = world.broker.fencing.ledger.events()
     assert (event["event"], event["action"], event["ok"], event.get("reconciled")) == ("outcome", "off", True, True)
     # Asking again (another join) finds nothing new.
-    assert await world.broker.reconcile_fencing(str(world.fencer.jid)) == 0
+    assert await world.broker.fencing.reconcile_fencing(str(world.fencer.jid)) == 0
 
 
 async def test_an_unfence_missed_while_the_broker_was_down_ends_the_epoch_and_no_older_off_reopens_it(mesh, tmp_path):
@@ -100,24 +100,25 @@ async def test_an_unfence_missed_while_the_broker_was_down_ends_the_epoch_and_no
     client = await mesh.client()
     node1 = {"cluster": "c1", "node": "node1"}
     assert (await client.request(str(world.fencer.jid), "fence.off", node1, timeout=30)).outcome is Outcome.OK
-    await until(lambda: world.broker.fence_ledger.fenced(), what="the epoch opened")
+    await until(lambda: world.broker.fencing.ledger.fenced(), what="the epoch opened")
     await world.stop(world.broker)
     on = await client.request(str(world.fencer.jid), "fence.on", node1, timeout=30)
     assert on.outcome is Outcome.OK and world.state["node1"].read_text() == "on", on.error
     await world.start_broker()
-    await until(lambda: not world.broker.fence_ledger.fenced() and outbox_empty(world), timeout=30,
+    await until(lambda: not world.broker.fencing.ledger.fenced() and outbox_empty(world), timeout=30,
                 what="the verified on recorded after the restart")
     assert await fenced_nodes(world) == []
-    (epoch,) = world.broker.fence_ledger.epochs()
+    (epoch,) = world.broker.fencing.ledger.epochs()
     assert epoch["epoch"] == 1 and epoch["unfenced_by"] == world.fencer_account[0]
     # An older off arriving late under a new id (as another agent's older report would; older than
     # the on by more than the clock-skew allowance): it is kept as an event and opens nothing.
-    (off,) = [e for e in world.broker.fence_ledger.events() if e["event"] == "outcome" and e["action"] == "off"]
+    (off,) = [e for e in world.broker.fencing.ledger.events() if e["event"] == "outcome" and e["action"] == "off"]
     late = {k: off[k] for k in ("event", "action", "cluster", "node", "requester", "request", "ok", "state",
                                 "message", "on_error", "at")}
-    answer = world.broker._take_event(world.fencer_account[0], {**late, "id": "late-resend", "at": off["at"] - 10})
+    answer = world.broker.fencing._take_event(world.fencer_account[0],
+                                              {**late, "id": "late-resend", "at": off["at"] - 10})
     assert answer["change"] is None and not answer["fenced"]
-    assert len(world.broker.fence_ledger.epochs()) == 1
+    assert len(world.broker.fencing.ledger.epochs()) == 1
 
 
 async def test_an_event_the_broker_refuses_holds_up_no_other(mesh, tmp_path: Path):
@@ -134,7 +135,7 @@ async def test_an_event_the_broker_refuses_holds_up_no_other(mesh, tmp_path: Pat
     assert off.outcome is Outcome.OK, off.error
     await until(lambda: pending_ids(world, ["not-mine"]), timeout=20,
                 what="node1's events delivered past the refused one")
-    assert [f.node for f in world.broker.fence_ledger.fenced()] == ["node1"]
+    assert [f.node for f in world.broker.fencing.ledger.fenced()] == ["node1"]
 
 
 def test_the_issues_case_with_real_processes(mesh_home, tmp_path: Path):

@@ -72,13 +72,13 @@ async def test_an_impostor_can_neither_open_an_epoch_nor_close_a_real_one(mesh, 
         for raw in impostors:  # the admin too: no policy makes an account a fencing agent
             denied(await post(raw, broker, forged("off")), "only the fencing agents the mesh file configures")
         assert (await epochs(world)) == {"fenced": [], "epochs": []}
-        assert broker.fence_ledger.events() == []
+        assert broker.fencing.ledger.events() == []
 
         # A real, verified fence opens epoch 1 with the configured identities ...
         client = world.client
         off = await client.request(str(world.fencer.jid), "fence.off", {"cluster": "c1", "node": "node1"}, timeout=30)
         assert off.outcome is Outcome.OK and world.state["node1"].read_text() == "off", off.error
-        await until(lambda: broker.fence_ledger.fenced(), what="the epoch opened")
+        await until(lambda: broker.fencing.ledger.fenced(), what="the epoch opened")
         before = await epochs(world)
         (fenced,) = before["fenced"]
         assert (fenced["node"], fenced["epoch"], fenced["identities"]) == ("node1", 1, [db1[0]])
@@ -89,7 +89,7 @@ async def test_an_impostor_can_neither_open_an_epoch_nor_close_a_real_one(mesh, 
         for raw in impostors:
             denied(await post(raw, broker, forged("on")), "only the fencing agents the mesh file configures")
         assert await epochs(world) == before
-        assert [e["agent"] for e in broker.fence_ledger.events()] == [world.fencer_account[0]] * 2
+        assert [e["agent"] for e in broker.fencing.ledger.events()] == [world.fencer_account[0]] * 2
     finally:
         for raw in impostors:
             await raw.close()
@@ -123,7 +123,7 @@ async def test_a_fencing_agents_event_names_no_identities_and_only_its_own_nodes
         again = await post(raw, broker, forged("off"))
         status, result = outcome_of(again)
         assert status == "ok" and result["duplicate"] and result["change"] is None and result["epoch"] == 1
-        assert len(broker.fence_ledger.events()) == 1
+        assert len(broker.fencing.ledger.events()) == 1
         assert [e["epoch"] for e in (await epochs(world))["epochs"]] == [1]
     finally:
         await raw.close()
@@ -141,12 +141,12 @@ async def test_only_the_broker_may_read_a_fencing_agents_ledger(mesh, tmp_path: 
     client = world.client
     assert (await client.request(str(world.fencer.jid), "fence.off", {"cluster": "c1", "node": "node2"},
                                  timeout=30)).outcome is Outcome.OK
-    await until(lambda: world.broker.fence_ledger.fenced(), what="the epoch opened")
+    await until(lambda: world.broker.fencing.ledger.fenced(), what="the epoch opened")
     res = await world.broker.request(str(world.fencer.jid), "fence.ledger", {}, timeout=10)
     assert res.outcome is Outcome.OK and [(e["node"], e["action"], e["ok"]) for e in res.result["entries"]] == [
         ("node2", "off", True)]
-    assert await world.broker.reconcile_fencing(str(world.fencer.jid)) == 0
-    assert len(world.broker.fence_ledger.events()) == 2  # the attempt and the outcome, once each
+    assert await world.broker.fencing.reconcile_fencing(str(world.fencer.jid)) == 0
+    assert len(world.broker.fencing.ledger.events()) == 2  # the attempt and the outcome, once each
 
 
 async def test_a_ledger_counts_only_from_a_configured_fencing_agent_for_its_own_nodes(mesh, tmp_path: Path):
@@ -154,7 +154,7 @@ async def test_a_ledger_counts_only_from_a_configured_fencing_agent_for_its_own_
     broker, client = world.broker, world.client
     assert (await client.request(str(world.fencer.jid), "fence.off", {"cluster": "c1", "node": "node1"},
                                  timeout=30)).outcome is Outcome.OK
-    await until(lambda: broker.fence_ledger.fenced(), what="the epoch opened")
+    await until(lambda: broker.fencing.ledger.fenced(), what="the epoch opened")
     before = await epochs(world)
 
     # An agent of another kind is never asked for a ledger at all.
@@ -162,7 +162,7 @@ async def test_a_ledger_counts_only_from_a_configured_fencing_agent_for_its_own_
     broker.admit(monitor[0], "monitor", ["/host/mon"])
     raw = await login(mesh, monitor, near=broker)
     try:
-        assert await broker.reconcile_fencing(raw.jid) == 0
+        assert await broker.fencing.reconcile_fencing(raw.jid) == 0
         assert not [e for e in raw.inbox if e.tag == f"{{{NS_CLIENT}}}iq"]
     finally:
         await raw.close()
@@ -174,7 +174,7 @@ async def test_a_ledger_counts_only_from_a_configured_fencing_agent_for_its_own_
                                            "identities": {}})
     raw = await login(mesh, other, near=broker)
     try:
-        asking = asyncio.ensure_future(broker.reconcile_fencing(raw.jid))
+        asking = asyncio.ensure_future(broker.fencing.reconcile_fencing(raw.jid))
         request = await raw.next(lambda e: e.tag == f"{{{NS_CLIENT}}}iq" and e.get("type") == "set")
         lie = {"entries": [forged("on"), {**forged("on", node="node3", cluster="c2"), "ok": False}]}
         await raw.send(f"<iq type='result' id='{request.get('id')}' to='{request.get('from')}'>"

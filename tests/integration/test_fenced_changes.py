@@ -14,15 +14,12 @@ from agents.authz import PolicyAuthorizer
 from agents.errors import Outcome
 from agents.fencing.agent import FencingAgent
 from agents.storage.agent import StorageAgent
-from broker.fencing import FencingMixin
 from broker.service import Broker
 from conftest import DOMAIN, until
 from fence_mesh import dummy_device
 from rawxmpp import NS_CLIENT, NS_VERTEBRA, RawXMPP, decode_payload
 from sample_agent import SampleAgent
 
-# The broker as the lead wires it (FencingMixin among its bases), or with it added for this test.
-FencingBroker = Broker if issubclass(Broker, FencingMixin) else type("FencingBroker", (FencingMixin, Broker), {})
 
 
 def policy(admin: str, fencer: str, db1: str) -> str:
@@ -64,7 +61,7 @@ async def test_a_fenced_nodes_identities_may_read_but_change_nothing(mesh, tmp_p
 
     bjid, bpw = mesh.account("broker")
     (tmp_path / "broker-state").mkdir()
-    broker = await mesh.start(FencingBroker(bjid, bpw, mesh.endpoint, authorizer=authorizer(),
+    broker = await mesh.start(Broker(bjid, bpw, mesh.endpoint, authorizer=authorizer(),
                                             state_dir=tmp_path / "broker-state"))
     node1 = tmp_path / "node1.state"
     node1.write_text("on")

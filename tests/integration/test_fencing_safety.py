@@ -21,14 +21,11 @@ from agents import audit
 from agents.authz import PolicyAuthorizer
 from agents.errors import Outcome
 from agents.fencing.agent import FencingAgent
-from broker.fencing import FencingMixin
 from broker.service import Broker
 from conftest import ROOT, until
 from fence_mesh import dummy_device
 from sample_agent import SampleAgent
 
-# The broker as the lead wires it (FencingMixin among its bases), or with it added for this test.
-FencingBroker = Broker if issubclass(Broker, FencingMixin) else type("FencingBroker", (FencingMixin, Broker), {})
 GuardedSample = SampleAgent  # every agent refuses fenced identities' destructive ops
 
 
@@ -79,10 +76,10 @@ class World:
         jid, pw = self.accounts["broker"]
         bstate = self.tmp / "broker-state"
         bstate.mkdir()
-        self.broker = await self.mesh.start(FencingBroker(
+        self.broker = await self.mesh.start(Broker(
             jid, pw, self.mesh.endpoint, authorizer=self.authorizer(), state_dir=bstate,
             settings={"workflows": str(ROOT / "deploy" / "workflows")}))
-        self.broker.on_fence_event(self.events.append)
+        self.broker.fencing.on_fence_event(self.events.append)
         settings = {
             "clusters": {"c1": ["node1"], "c2": ["node2"]},
             "fencing": {"devices": {"pdu1": dummy_device(self.state["node1"]),
@@ -248,7 +245,7 @@ async def test_only_a_fencing_agent_may_announce_and_only_its_own_nodes(world):
     res = await world.fencer.request(str(world.broker.jid), "mesh.fence.event", {**fake, "node": "node9"},
                                      timeout=10)
     refused(res, "does not configure it to fence that node")
-    assert world.events == [] and world.broker.fence_ledger.events() == []
+    assert world.events == [] and world.broker.fencing.ledger.events() == []
 
 
 async def test_a_restarted_broker_still_knows_the_fenced_node_and_tells_agents_that_join(world):
@@ -256,7 +253,7 @@ async def test_a_restarted_broker_still_knows_the_fenced_node_and_tells_agents_t
     await world.mesh.stop_all()  # the whole mesh goes down, the broker's state stays on disk
     world.clients.clear()
     jid, pw = world.accounts["broker"]
-    broker = await world.mesh.start(FencingBroker(jid, pw, world.mesh.endpoint, authorizer=world.authorizer(),
+    broker = await world.mesh.start(Broker(jid, pw, world.mesh.endpoint, authorizer=world.authorizer(),
                                                   state_dir=world.tmp / "broker-state"))
     sample = await world.mesh.agent(GuardedSample, broker, ["/host/db3"], authorizer=world.authorizer())
     await until(lambda: sample.fenced.of(world.jids["db1"]), what="the open epoch pushed to a joining agent")
