@@ -24,7 +24,7 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Any, Sequence
+from typing import Annotated, Any, Callable, Sequence
 
 from slixmpp import Iq, Presence
 
@@ -76,7 +76,7 @@ MAX_ADDRESSED = 64  # resources one request may address
 _TOO_MANY = ResourceConstraint("too many requests from you; retry later")
 
 
-def info_op(kind: str):
+def info_op(kind: str) -> Callable[..., Any]:
     """The ``KIND.info`` op every agent kind serves: who it is and what it holds."""
 
     @op(f"{kind}.info", effect="read", deadline=5)
@@ -106,7 +106,7 @@ class Agent(Actor):
         # The caps plugin adds caps to presence through an async output filter, which slixmpp runs in a
         # task of its own for every stanza sent (each reply paid several loop turns for it); the agent
         # puts caps on the few presences it sends itself instead (``presence``).
-        self.xmpp.del_filter("out", self.xmpp.plugin["xep_0115"]._filter_add_caps)
+        self.xmpp.del_filter("out", self.xmpp.plugin["xep_0115"]._filter_add_caps)  # type: ignore[arg-type]
         # Nor does it read anyone's caps (the broker keeps its directory from presence itself): slixmpp
         # would disco-query every new hash any sender puts in a presence and keep each answer, and
         # each sender's hash, for as long as the agent runs.
@@ -144,13 +144,13 @@ class Agent(Actor):
     # changed (what records since the last anchor a truncation can take unnoticed; README, audit).
     audit_anchor_interval = 30.0
 
-    async def _flush_audit(self) -> None:
+    async def _flush_audit(self, audit: AuditLog) -> None:
         # Denials held back by the per-sender rate limit are written as one summary now and then, and
         # the head is anchored at the brokers (broker/anchors.py) so the log cannot be cut unnoticed.
         while True:
             await asyncio.sleep(self.audit_anchor_interval)
             try:
-                self.audit.flush()
+                audit.flush()
                 await self._anchor_audit()
             except Exception:  # a disk or broker fault this time: the next round tries again
                 log.exception("flushing or anchoring the audit log failed")
@@ -239,7 +239,7 @@ class Agent(Actor):
         self._caps_ver = await caps.get_verstring(self.jid)
         self.presence()  # available, so a broker's hello to our bare JID reaches us
         if self.audit is not None and self._audit_flusher is None:
-            self._audit_flusher = self.spawn(self._flush_audit(), name=f"audit flusher {self.name}")
+            self._audit_flusher = self.spawn(self._flush_audit(self.audit), name=f"audit flusher {self.name}")
         self._brokers.clear()
         self._start_announcing()
 
@@ -467,7 +467,7 @@ class Agent(Actor):
             async with asyncio.timeout(timeout):  # unlike wait_for, no second task per request
                 result = await self.perform(spec, call, args)
             payload = protocol.encode(result, what=f"the result of {spec.name}")
-        except asyncio.TimeoutError:
+        except TimeoutError:
             error: OpError = OpTimeout(f"{spec.name} did not finish within {timeout:.3g}s and was stopped")
         except OpError as exc:
             error = exc
@@ -498,6 +498,7 @@ class Agent(Actor):
             end = ("ok", "", await self._execute(spec, call, args))
         except OpError as exc:
             end = (exc.outcome.value, exc.condition, protocol.encode(exc.text[:4000]))
+        assert answer.job_end is not None, "a long op's answer carries its job's end"
         answer.job_end.set_result(end)
         if spec.destructive:
             await self._requests.finish_job(key, fp, end)
@@ -505,6 +506,7 @@ class Agent(Actor):
 
     async def _send_outcome_when_done(self, answer: Answer, to: str, rid: str) -> None:
         """A repeated request for a long op gets the job's one outcome too, once there is one."""
+        assert answer.job_end is not None, "a long op's answer carries its job's end"
         self._send_outcome(await asyncio.shield(answer.job_end), to, answer.job, rid)
 
     def _send_outcome(self, end: tuple[str, str, str], to: str, job: str, rid: str) -> None:

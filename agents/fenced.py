@@ -25,7 +25,7 @@ from __future__ import annotations
 import json
 import time
 from dataclasses import asdict, dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Annotated, Any, Iterable, Mapping
 
 from .authz import Decision
@@ -48,7 +48,7 @@ class Fenced:
     identities: tuple[str, ...]  # bare JIDs that belong to the node
 
     def describe(self) -> str:
-        when = datetime.fromtimestamp(self.fenced_at, timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+        when = datetime.fromtimestamp(self.fenced_at, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
         return (f"node {self.node} of cluster {self.cluster} was fenced at {when} (epoch {self.epoch},"
                 f" by {self.fenced_by} for {self.requester})")
 

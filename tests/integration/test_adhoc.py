@@ -147,7 +147,8 @@ async def test_a_typed_form_then_a_valid_submission_returns_the_result(adhoc, me
     first, done = out["echo"]
     form = first["form"]
     assert first["status"] == "executing" and first["form_type"] == "form"
-    assert form["text"]["required"] and form["text"]["type"] == "text-single" and "what to send back" in form["text"]["desc"]
+    assert form["text"]["required"] and form["text"]["type"] == "text-single"
+    assert "what to send back" in form["text"]["desc"]
     assert form["mode"]["type"] == "list-single" and form["mode"]["options"] == ["plain", "upper"]
     assert form["mode"]["values"] == ["plain"] and form["times"]["values"] == ["1"] and not form["times"]["required"]
     assert done["status"] == "completed" and done["notes"] == [["info", "sample.echo: 1 ok"]]

@@ -198,7 +198,8 @@ async def test_approve_and_deny_from_chat_record_the_operator_not_the_bot(chat, 
     bot, broker, agent, me, _ = chat
     runs = []
     for _ in range(2):  # the requester starts two runs; two-person rule: someone else must approve
-        res = await me.requester.request(str(broker.jid), "workflow.run", {"workflow": "guarded", "wait": 5}, timeout=10)
+        res = await me.requester.request(str(broker.jid), "workflow.run", {"workflow": "guarded", "wait": 5},
+                                         timeout=10)
         assert res.result["state"] == "waiting", res
         runs.append(res.result["instance"])
     listed = await me.ask("workflows", "workflow guarded")

@@ -48,8 +48,10 @@ async def join(client: RawXMPP, room: str, nick: str) -> ElementTree.Element:
 
 def condition(el: ElementTree.Element) -> str:
     error = el.find("{jabber:client}error")
-    return next((c.tag.split("}", 1)[1] for c in error if c.tag.startswith(f"{{{STANZAS}}}") and c.tag.split("}")[1] != "text"), "") \
-        if error is not None else ""
+    if error is None:
+        return ""
+    return next((c.tag.split("}", 1)[1] for c in error
+                 if c.tag.startswith(f"{{{STANZAS}}}") and c.tag.split("}")[1] != "text"), "")
 
 
 async def ops_room(mesh, **kw):
