@@ -24,6 +24,7 @@ from typing import Any, Iterator
 
 import blake3
 
+from agents.storage import driver as d
 from agents.storage.driver import StorageDriver, StorageError
 from agents.storage.inbox_tls import server_context
 from agents.storage.replication_state import Package, ReplicationState
@@ -82,8 +83,10 @@ class PackageHost:
 
     # ops --------------------------------------------------------------------------------------------
     async def offer(self, caller: str, package: str, action: str, source_volume: str, snapshot: str,
-                    tls: bool) -> dict[str, Any]:
-        """Open (or reopen) the transfer of `snapshot` into `package` for `caller`."""
+                    tls: bool, driver: str = "") -> dict[str, Any]:
+        """Open (or reopen) the transfer of `snapshot` into `package` for `caller`. A stream this store
+        cannot take (`driver`: the source's driver) is refused here, before any byte is sent."""
+        self.check_receivable(driver)
         owned = self.state.package(package)
         if owned is None:
             if any(v.name == package for v in await asyncio.to_thread(self.driver.list_volumes)):
@@ -99,6 +102,19 @@ class PackageHost:
         return {"host": self.advertise, "port": inbox.port, "transfer": transfer,
                 "token": inbox.offer(transfer), "held": inbox.held(transfer), "snapshots": held,
                 "cert": self._cert_pem if tls else None}
+
+    def check_receivable(self, driver: str) -> None:
+        """Refuse (code unsupported, saying what would work) a stream from `driver` that this store can
+        never receive: each driver receives only its own driver's streams. An empty name is not checked."""
+        mine = self.driver.name
+        if d.CAP_RECEIVE not in self.driver.capabilities():
+            raise StorageError(f"this agent's {mine} store cannot receive replication streams; replicate to a "
+                               f"storage agent whose driver can", code="unsupported")
+        if driver and driver != mine:
+            raise StorageError(f"this agent's store uses the {mine} driver, which cannot receive a stream sent "
+                               f"by the {driver} driver (a store receives only its own driver's streams); "
+                               f"nothing was sent: replicate to a storage agent that uses the {driver} driver",
+                               code="unsupported")
 
     async def commit(self, caller: str, package: str, snapshot: str) -> dict[str, Any]:
         """Publish the complete spool of `snapshot` as package@snapshot (idempotent)."""

@@ -44,6 +44,12 @@ _CONTROL_TIMEOUT = 30.0
 _COMMIT_TIMEOUT = 3600.0    # publishing a large snapshot on the target takes as long as the data
 
 
+# Refusals that another attempt cannot change; of them, the target's `unsupported` (it cannot take this
+# stream at all) also pauses the action, since every later run would be refused the same way.
+_NOT_RETRIED = ("invalid", "not_found", "exists", "denied", "unsupported")
+_PAUSES = ("unsupported",)
+
+
 class Paused(StorageError):
     def __init__(self, action: str) -> None:
         super().__init__(f"replication action {action} was paused; storage.replication.resume continues it "
@@ -168,6 +174,14 @@ class Replicator:
             return await self._transfer(a)
         except asyncio.CancelledError:
             raise           # paused or stopping: the pending update is kept as it is
+        except StorageError as exc:
+            if exc.code not in _PAUSES:
+                self._set(action_id, state="error", error=str(exc))
+                raise
+            reason = (f"{exc}; the action is paused, as every run would be refused the same way "
+                      f"(storage.replication.resume tries again once that has changed)")
+            self._set(action_id, state="paused", paused=True, error=reason)
+            raise StorageError(reason, code=exc.code) from None
         except Exception as exc:
             self._set(action_id, state="error", error=str(exc))
             raise
@@ -187,7 +201,7 @@ class Replicator:
             try:
                 offer = await self._call(a.target, "storage.package.receive",
                                          {"package": a.package, "action": a.id, "source_volume": a.volume,
-                                          "snapshot": snap, "tls": a.tls})
+                                          "snapshot": snap, "tls": a.tls, "driver": self.driver.name})
                 if any(s["name"] == snap for s in offer["snapshots"]):
                     break               # published before an interruption: only the bookkeeping is left
                 base = self._choose_base(a, offer)
@@ -215,7 +229,7 @@ class Replicator:
                 error = None
                 break
             except (StorageError, OSError, asyncio.IncompleteReadError) as exc:
-                if isinstance(exc, StorageError) and exc.code in ("invalid", "not_found", "exists", "denied"):
+                if isinstance(exc, StorageError) and exc.code in _NOT_RETRIED:
                     raise
                 error = exc
                 log.info("replication %s: attempt %d failed: %s", a.id, attempts, exc)
@@ -297,8 +311,10 @@ class Replicator:
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
-                failures += 1
                 log.warning("replication %s: %s", action_id, exc)
+                if self.state.action(action_id).paused:
+                    return          # refused for good: the reason is in the action, the schedule waits
+                failures += 1
                 await asyncio.sleep(min(300.0, 2.0 ** failures))
             if a.continuous:
                 await asyncio.sleep(1.0)    # back to back, but never a busy loop on an idle volume
@@ -320,7 +336,7 @@ class Replicator:
         if res.outcome is Outcome.OK:
             return res.result
         code = {Outcome.DENIED: "denied"}.get(res.outcome, "failed")
-        if res.error and res.error.startswith(("not-found", "exists")):
+        if res.error and res.error.startswith(("not-found", "exists", "unsupported", "no-space")):
             code = res.error.split(":", 1)[0].replace("-", "_")
         raise StorageError(f"{op} on {target}: {res.outcome.value}: {res.error}", code=code)
 

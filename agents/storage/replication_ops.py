@@ -144,9 +144,12 @@ class ReplicationOps:
     async def package_receive(self, call: Call, package: Package,
                               action: ActionId, source_volume: Volume,
                               snapshot: Annotated[str, Arg("snapshot to receive", pattern=NAME_PATTERN)],
-                              tls: bool = True) -> dict:
+                              tls: bool = True,
+                              driver: Annotated[str, Arg("the source's storage driver; a stream this agent's "
+                                                         "driver cannot receive is refused at once")] = "") -> dict:
         """(For source agents.) Open an inbox for one snapshot: address, one-time token, what is held."""
-        return await self._guard(self.packages.offer(call.caller, package, action, source_volume, snapshot, tls))
+        return await self._guard(self.packages.offer(call.caller, package, action, source_volume, snapshot, tls,
+                                                     driver))
 
     @op("storage.package.commit", effect="change", deadline=_DATA_DEADLINE, resources=("/volume/{package}",))
     async def package_commit(self, call: Call, package: Package,

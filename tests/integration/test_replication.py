@@ -35,10 +35,13 @@ class Sites:
         assert tree_digest(Path(made["path"])) == tree_digest(live)
 
 
-async def sites(mesh, tmp_path, driver: str = "embedded", roots: tuple[Path, Path] | None = None) -> Sites:
+async def sites(mesh, tmp_path, driver: str | tuple[str, str] = "embedded",
+                roots: tuple[Path, Path] | None = None) -> Sites:
+    """Two sites of one driver, or of (source driver, target driver)."""
     roots = roots or (tmp_path / "a", tmp_path / "b")
-    src = await mesh.agent(StorageAgent, None, ["/site/a"], settings={"driver": driver, "root": str(roots[0])})
-    dst = await mesh.agent(StorageAgent, None, ["/site/b"], settings={"driver": driver, "root": str(roots[1])},
+    drivers = (driver, driver) if isinstance(driver, str) else driver
+    src = await mesh.agent(StorageAgent, None, ["/site/a"], settings={"driver": drivers[0], "root": str(roots[0])})
+    dst = await mesh.agent(StorageAgent, None, ["/site/b"], settings={"driver": drivers[1], "root": str(roots[1])},
                            authorizer=AdminsOnly([mesh.operator[0], str(src.jid.bare)]))
     client = await mesh.client()
     return Sites(src, dst, Caller(client, src), Caller(client, dst))
