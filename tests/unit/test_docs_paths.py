@@ -143,3 +143,21 @@ def test_no_issue_numbers_in_docs() -> None:
     found = [f"{_where(doc, line)}: {m.group(0)!r}"
              for doc in _docs() for line, text in _doc_lines(doc) for m in DOC_ISSUE.finditer(text)]
     assert not found, "issue numbers in the documentation:\n" + "\n".join(found)
+
+
+def _layout() -> list[str]:
+    """The code block of the README's "How it fits together"."""
+    text = (ROOT / "README.md").read_text()
+    section = text.split("## How it fits together", 1)[1]
+    return section.split("```", 2)[1].splitlines()
+
+
+def test_readme_layout_matches_agents() -> None:
+    """Every module the README's layout lists under agents/ exists there, and every module of agents/
+    is listed: someone new finds each one, and what it is for, in one place."""
+    listed = {m.group(1) for line in _layout() if (m := re.match(r"  ([\w]+\.py) ", line))}
+    present = {p.name for p in (ROOT / "agents").glob("*.py")} - {"__init__.py"}
+    assert not listed - present, f"the README's layout lists modules agents/ does not have: {sorted(listed - present)}"
+    assert not present - listed, f"modules of agents/ the README's layout does not list: {sorted(present - listed)}"
+    for kind in ("storage", "fencing", "monitor"):
+        assert any(f"{kind}/" in line for line in _layout()), f"the README's layout does not name agents/{kind}/"
