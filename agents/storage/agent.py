@@ -110,7 +110,7 @@ class StorageAgent(VolumeLocations, ReplicationOps, Agent):
 
     def describe(self) -> dict[str, Any]:
         return {**super().describe(), "driver": self.driver.name,
-                "capabilities": sorted(self.driver.capabilities())}
+                "capabilities": sorted(self.driver.capabilities()), "clone_sharing": self.driver.clone_sharing()}
 
     async def _drive(self, fn: Callable[..., T], *args: Any) -> T:
         """Run one driver call in a worker thread; a StorageError becomes the OpError that says why."""

@@ -93,6 +93,9 @@ class CatalogDriver(StorageDriver):
     def _sharing_method(self) -> str:
         return "not measured: every byte counted as exclusive"
 
+    def clone_sharing(self) -> str:
+        return self._sharing_method()
+
     # listing ------------------------------------------------------------------------------------------
     def list_volumes(self) -> list[VolumeInfo]:
         with self._lock:

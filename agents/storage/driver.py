@@ -77,6 +77,11 @@ class StorageDriver(abc.ABC):
     @abc.abstractmethod
     def capabilities(self) -> set[str]: ...
 
+    def clone_sharing(self) -> str:
+        """How this driver's clones share space with their snapshot here, or why they cannot and what to
+        do (storage.info shows it)."""
+        return ""
+
     @abc.abstractmethod
     def create_volume(self, name: str) -> VolumeInfo: ...
 

@@ -227,6 +227,7 @@ def test_an_agent_that_may_not_mount_makes_full_copies_and_says_why(tmp_path):
             "(d.path('db') / 'data.bin').write_bytes(os.urandom(2 << 20))\n"
             "d.snapshot('db', 's1')\n"
             "i = d.clone('db', 's1', 'dev1')\n"
+            "assert d.clone_sharing() == i.sharing_method\n"
             "print(json.dumps([sorted(d.capabilities()), i.exclusive_bytes, i.shared_bytes, i.sharing_method]))\n"
         )
         done = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", sys.executable, "-c",
@@ -275,7 +276,8 @@ async def test_overlay_clones_through_the_agent_share_space_survive_a_restart_an
     if "overlay-clones" not in src.driver.capabilities():
         pytest.skip(f"clones here are not overlay mounts: {src.driver._sharing_method()}")
     call = Caller(await mesh.client(), src)
-    assert "overlay-clones" in (await call.ok("storage.info"))["capabilities"]
+    info = await call.ok("storage.info")
+    assert "overlay-clones" in info["capabilities"] and info["clone_sharing"].startswith("overlay:")
     live = Path((await call.ok("storage.volume.create", volume="db"))["path"])
     (live / "data.bin").write_bytes(os.urandom(64 * MiB))
     con = sqlite3.connect(live / "app.db")
