@@ -10,6 +10,7 @@
     vertebra policy reload           the broker re-reads the mesh's policy file and pushes it to every agent
     vertebra workflow run|approve|perform|status|list|cancel ...   the broker's durable workflows
     vertebra audit verify|show       check the agents' audit logs against the broker's anchors, or read them
+    vertebra account list|add|remove|passwd [NAME]   the accounts of the mesh file's people and services
 
 Exit codes of `call` and `agents`: 0 every target ok; 1 some target failed; 2 bad command line or
 arguments (nothing was sent); 3 denied; 4 timeout; 5 unreachable (an agent, the broker or the
@@ -152,7 +153,76 @@ def _parser() -> argparse.ArgumentParser:
     where.add_argument("--no-anchors", action="store_true",
                        help="verify: check the chains alone (a cut or a rewrite with the key goes unnoticed)")
     aud.add_argument("--timeout", type=_seconds, default=30.0, help="verify: seconds to wait for the broker")
+    acc = sub.add_parser("account", help="list, add, remove or rotate the password of the mesh file's accounts",
+                         description="The mesh file names people and services (people:, services:) besides its"
+                                     " actors; each has an account on the private server with a random password"
+                                     " in HOME/secrets/NAME.password (0600).")
+    acc.add_argument("action", choices=("list", "add", "remove", "passwd"))
+    acc.add_argument("name", nargs="?", help="add, remove: a person or service of the mesh file; passwd: any of"
+                                             " its accounts")
     return p
+
+
+# -- accounts ------------------------------------------------------------------------------------
+
+def _account_kinds(mesh: meshconf.MeshConfig) -> dict[str, tuple[str, str | None]]:
+    """Every account of the mesh file: its kind and the Unix user mapped to it."""
+    kinds_of: dict[str, tuple[str, str | None]] = {mesh.broker: ("broker", None), mesh.operator: ("operator", None)}
+    kinds_of.update({a.name: (f"agent ({a.kind})", None) for a in mesh.agents})
+    if mesh.chat:
+        kinds_of[mesh.chat.account] = ("chat bot", None)
+    kinds_of.update({i.name: (i.kind, i.unix_user) for i in mesh.identities})
+    return kinds_of
+
+
+def cmd_account(mesh: meshconf.MeshConfig, ns: argparse.Namespace) -> int:
+    from .identities import replace_password
+    from .server import ServerError
+
+    server = _server(mesh)
+    kinds_of = _account_kinds(mesh)
+    if ns.action == "list":
+        rows = [("NAME", "KIND", "UNIX USER", "ACCOUNT")]
+        for name, (kind, user) in kinds_of.items():
+            try:
+                exists = "exists" if server.has_account(name) else "missing"
+            except ServerError:
+                exists = "unknown (server not running)"
+            rows.append((mesh.jid(name), kind, user or "-", exists))
+        widths = [max(len(r[i]) for r in rows) for i in range(3)]
+        for row in rows:
+            print("  ".join(cell.ljust(w) for cell, w in zip(row, widths)) + "  " + row[3])
+        return 0
+    if not ns.name:
+        print(f"vertebra: account {ns.action} needs the NAME of an account", file=sys.stderr)
+        return EXIT_USAGE
+    name = ns.name
+    if (ns.action == "passwd" and name not in kinds_of) or (ns.action != "passwd" and mesh.identity(name) is None):
+        what = "an account" if ns.action == "passwd" else "a person or service"
+        print(f"vertebra: {name} is not {what} of the mesh file {mesh.path}: add it under people: or services:"
+              " there first (an account the mesh file does not name is not trusted: the gateway maps no Unix user"
+              " to it and the server reads it at the limited rate)", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        if ns.action == "add":
+            server.register_many(mesh.ensure_passwords([name]))
+            print(f"{mesh.jid(name)}: account ready; its password is in {mesh.password_file(name)}")
+        elif ns.action == "remove":
+            existed = server.unregister(name)
+            mesh.password_file(name).unlink(missing_ok=True)
+            print(f"{mesh.jid(name)}: {'account removed' if existed else 'had no account'}; it is still listed in"
+                  f" {mesh.path}, so `vertebra server start` creates it again unless you remove it there too")
+        else:
+            password = meshconf.new_password()
+            server.register_many({name: password})  # the server first: a file never holds a password it refuses
+            replace_password(mesh.password_file(name), password)
+            note = ("" if kinds_of[name][0] in ("operator", "person", "service")
+                    else f"; restart the {kinds_of[name][0]}: it logs in again with the password it read at its start")
+            print(f"{mesh.jid(name)}: new password in {mesh.password_file(name)}{note}")
+    except ServerError as exc:
+        print(f"vertebra: {exc}", file=sys.stderr)
+        return 1
+    return 0
 
 
 # -- help ----------------------------------------------------------------------------------------
@@ -390,7 +460,7 @@ def _print_report(report: CallReport, as_json: bool) -> None:
         print(json.dumps({"results": [r.to_dict() for r in report.results]}, indent=2, default=str))
         return
     if report.op == "storage.report" and all(r.outcome is Outcome.OK for r in report.results):
-        from .storage.selfservice import report_tables  # tables per owner, source and clone (issue 14)
+        from .storage.selfservice import report_tables  # tables per owner, source and clone
         for r in report.results:
             print(f"{r.target}\n{report_tables(r.result)}\n")
         return
@@ -703,7 +773,7 @@ def _stop_children(children: list[subprocess.Popen[bytes]]) -> None:
 
 COMMANDS = {"server": cmd_server, "up": cmd_up, "broker": cmd_broker, "agent": cmd_agent,
             "agents": cmd_agents, "call": cmd_call, "audit": cmd_audit, "policy": cmd_policy_reload,
-            "workflow": cmd_workflow, "help": cmd_help}
+            "workflow": cmd_workflow, "help": cmd_help, "account": cmd_account}
 
 if __name__ == "__main__":
     sys.exit(main())

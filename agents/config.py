@@ -85,6 +85,17 @@ class AgentConfig:
 
 
 @dataclass(frozen=True)
+class Identity:
+    """A person or service the mesh file names (``people:``, ``services:``): its account is
+    ``name@domain``, and ``unix_user`` is the local Unix user whose programs the gateway lets call
+    as this identity without a password (agents/gateway.py)."""
+
+    name: str
+    kind: str  # "person" or "service"
+    unix_user: str | None = None
+
+
+@dataclass(frozen=True)
 class ChatConfig:
     """The operators' chat bot: its account, the ops room it posts to, and its per-sender rate limit."""
 
@@ -109,6 +120,7 @@ class MeshConfig:
     policy_max_age: int | None = None  # seconds after which destructive ops need a fresher policy
     workflows: Path = Path("workflows")  # the broker's workflow definitions, one YAML file each
     chat: ChatConfig | None = None  # the operators' chat bot, run in the broker's process
+    identities: tuple[Identity, ...] = ()  # the people and services besides the actors (people:, services:)
     document: Any = field(default=None, repr=False, compare=False)  # the file as read, for its lines
 
     def check_settings(self, names: Collection[str] | None = None) -> None:
@@ -159,7 +171,17 @@ class MeshConfig:
 
     @property
     def accounts(self) -> list[str]:
-        return [self.broker, self.operator] + [a.name for a in self.agents] + ([self.chat.account] if self.chat else [])
+        """Every account the mesh file names: its actors, the operator and its people and services."""
+        return ([self.broker, self.operator] + [a.name for a in self.agents]
+                + ([self.chat.account] if self.chat else []) + [i.name for i in self.identities])
+
+    def identity(self, name: str) -> Identity | None:
+        """The person or service named ``name`` in the mesh file, or None."""
+        return next((i for i in self.identities if i.name == name), None)
+
+    def identity_of_user(self, unix_user: str) -> Identity | None:
+        """The identity the mesh file maps the local Unix user ``unix_user`` to, or None."""
+        return next((i for i in self.identities if i.unix_user == unix_user), None)
 
     def read_limit(self) -> "ReadLimit | None":
         """How fast the server reads accounts this file does not name: everyone it names (the mesh's
@@ -207,16 +229,17 @@ class MeshConfig:
             raise ConfigError(f"no password for {account} at {path}: run `vertebra server start` to create"
                               " the mesh's accounts") from None
 
-    def ensure_passwords(self) -> dict[str, str]:
-        """Create a random password file (0600) for every account that has none; return them all."""
+    def ensure_passwords(self, accounts: Collection[str] | None = None) -> dict[str, str]:
+        """Create a random password file (0600) for every account (default: every account of the mesh
+        file) that has none; return them all."""
         out = {}
-        for account in self.accounts:
+        for account in self.accounts if accounts is None else accounts:
             path = self.password_file(account)
             if not path.exists():
                 path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
                 fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
                 with os.fdopen(fd, "w") as f:
-                    f.write(secrets.token_urlsafe(24))
+                    f.write(new_password())
             out[account] = self.password(account)
         return out
 
@@ -228,6 +251,11 @@ class MeshConfig:
             raise ConfigError(f"no server certificate at {cert}: start the server first (`vertebra server start`)")
         return Endpoint.pinned(self.server.host, self.server.port, self.server.domain, str(cert),
                                alternates=self.server.nodes)
+
+
+def new_password() -> str:
+    """A random password for a generated account."""
+    return secrets.token_urlsafe(24)
 
 
 def load(path: str | os.PathLike[str] | None = None, home: str | os.PathLike[str] | None = None,
@@ -254,7 +282,7 @@ def parse(data: Any, path: Path, home: Path) -> MeshConfig:
     """Check a mesh file's document (lines known when it came from :func:`schema.read`)."""
     where = Fields(path, document=data)
     root = where.mapping(data, "", {"server", "broker", "operator", "admins", "agents", "passwords", "policy",
-                                    "site", "policy_max_age", "workflows", "chat"})
+                                    "site", "policy_max_age", "workflows", "chat", "people", "services"})
     srv = where.mapping(root.get("server", {}), "server", {"domain", "host", "port", "nodes", "engine", "node_name",
                                                             "dist_port", "epmd_port", "cluster_join", "read_limit",
                                                             "full_speed"})
@@ -318,6 +346,7 @@ def parse(data: Any, path: Path, home: Path) -> MeshConfig:
     dupes = sorted({n for n in names if names.count(n) > 1})
     if dupes:
         raise where.error("agents", f"account names must be unique; {', '.join(dupes)} used twice")
+    identities = _identities(where, root, names)
     if sum(a.gateway for a in agents) > 1:
         raise where.error("agents", "at most one agent per mesh file may serve the gateway")
     pw = where.mapping(root.get("passwords", {}), "passwords", None)
@@ -348,7 +377,43 @@ def parse(data: Any, path: Path, home: Path) -> MeshConfig:
     return MeshConfig(path=path, home=home, server=server, broker=broker, operator=operator, admins=admins,
                       agents=tuple(agents), password_files=password_files, policy=policy, site=site,
                       policy_max_age=max_age, workflows=_path(root.get("workflows"), path) or home / "workflows",
-                      chat=chat, document=data)
+                      chat=chat, identities=identities, document=data)
+
+
+_UNIX_USER = r"[a-z_][a-z0-9_-]{0,31}"
+IDENTITY_SECTIONS = {"people": "person", "services": "service"}
+
+
+def _identities(where: "Fields", root: dict[str, Any], actors: list[str]) -> tuple[Identity, ...]:
+    """The ``people:`` and ``services:`` of a mesh file: each a name, or ``{name, unix_user}``. Their
+    names must differ from each other and from the actors' accounts, and no Unix user may stand for
+    two identities (the gateway could not tell which one its programs call as)."""
+    out: list[Identity] = []
+    fields: dict[str, str] = {}  # name or unix user -> the field that named it first
+    for section, kind in IDENTITY_SECTIONS.items():
+        for i, raw in enumerate(where.sequence(root.get(section) or [], section)):
+            f = f"{section}[{i}]"
+            entry = where.mapping(raw, f, {"name", "unix_user"}) if isinstance(raw, dict) else {"name": raw}
+            if "name" not in entry:
+                raise where.error(f, f"each entry of {section} needs a name (an account name, or"
+                                     " {name: NAME, unix_user: USER})")
+            name = where.name(entry["name"], f"{f}.name" if isinstance(raw, dict) else f)
+            if name in actors:
+                raise where.error(f, f"{name} is already an account of this mesh file (the broker, the operator,"
+                                     " an agent or the chat bot); give the identity a name of its own")
+            if name in fields:
+                raise where.error(f, f"{name} is listed twice (first at {fields[name]}); list each identity once")
+            fields[name] = f
+            user = entry.get("unix_user")
+            if user is not None:
+                user = where.string(user, f"{f}.unix_user", _UNIX_USER, "a local Unix user name such as nagios")
+                if "user:" + user in fields:
+                    raise where.error(f"{f}.unix_user", f"Unix user {user} already stands for"
+                                                        f" {fields['user:' + user]}; one Unix user maps to one"
+                                                        " identity")
+                fields["user:" + user] = f"{name} ({f})"
+            out.append(Identity(name=name, kind=kind, unix_user=user))
+    return tuple(out)
 
 
 def _requests(where: "Fields", value: Any, f: str) -> IntakeLimits:

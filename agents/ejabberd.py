@@ -339,6 +339,30 @@ class PrivateEjabberd(PrivateNode):
             raise ServerError(f"registering accounts on ejabberd node {self.node_name} failed: "
                               + ("; ".join(failures[:5]) or out.strip()[-500:] or f"exit {proc.returncode}"))
 
+    def has_account(self, user: str) -> bool:
+        """Whether the account ``user@domain`` exists (asks the running node)."""
+        _check_user(user)
+        self._require_running("looking up accounts")
+        try:
+            self.ctl("check_account", user, self.domain, timeout=60.0)
+        except ServerError as exc:
+            if "(exit 1)" in str(exc):  # ejabberdctl's answer for an account that does not exist
+                return False
+            raise
+        return True
+
+    def unregister(self, user: str) -> bool:
+        """Remove the account ``user@domain`` from the cluster (False if there was none)."""
+        if not self.has_account(user):
+            return False
+        self.ctl("unregister", user, self.domain, timeout=60.0)
+        return True
+
+    def _require_running(self, doing: str) -> None:
+        if self._running_pid() is None:
+            raise ServerError(f"the ejabberd node {self.node_name} is not running: start it before "
+                              f"{doing} (`vertebra server start`)")
+
     # -- internals: files -------------------------------------------------------------------------
 
     def _render_config(self) -> str:

@@ -372,6 +372,24 @@ class PrivateServer(PrivateNode):
             for _ in pool.map(lambda item: self._write_account(store, *item), items):
                 pass
 
+    def _account_file(self, user: str) -> Path:
+        return self.data_dir / _path_encode(self.domain) / "accounts" / f"{_path_encode(user)}.dat"
+
+    def has_account(self, user: str) -> bool:
+        """Whether the account ``user@domain`` exists; works whether or not the server runs."""
+        _check_user(user)
+        return self._account_file(user).exists()
+
+    def unregister(self, user: str) -> bool:
+        """Remove the account ``user@domain`` (False if there was none): no later login succeeds;
+        a session already logged in lasts until it ends."""
+        _check_user(user)
+        try:
+            self._account_file(user).unlink()
+        except FileNotFoundError:
+            return False
+        return True
+
     # -- internals --------------------------------------------------------------------------------
 
     def _write_account(self, store: Path, user: str, password: str) -> None:
