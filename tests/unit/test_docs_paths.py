@@ -10,6 +10,7 @@ documentation: none may appear in a docstring or comment.
 
 from __future__ import annotations
 
+import ast
 import importlib
 import io
 import os
@@ -143,6 +144,36 @@ def test_no_issue_numbers_in_docs() -> None:
     found = [f"{_where(doc, line)}: {m.group(0)!r}"
              for doc in _docs() for line, text in _doc_lines(doc) for m in DOC_ISSUE.finditer(text)]
     assert not found, "issue numbers in the documentation:\n" + "\n".join(found)
+
+
+ROLE = re.compile(r":(?:class|meth|func|attr|exc|data):`~?([\w.]+)`")
+
+
+def _defined_names() -> set[str]:
+    """Every class, function, method, module and assigned name or attribute of the code."""
+    names = set()
+    for source in _python_files():
+        names.add(source.stem)
+        for node in ast.walk(ast.parse(source.read_text())):
+            if isinstance(node, (ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+                names.add(node.name)
+            elif isinstance(node, ast.Name) and isinstance(node.ctx, ast.Store):
+                names.add(node.id)
+            elif isinstance(node, ast.Attribute) and isinstance(node.ctx, ast.Store):
+                names.add(node.attr)
+            elif isinstance(node, ast.arg):
+                names.add(node.arg)  # a dataclass field or a constructor's keyword
+    return names | {"agents", "broker", "rbac"}
+
+
+def test_cross_references_name_what_exists() -> None:
+    """A docstring's cross-references (the class, meth, func, attr and exc roles) name a class,
+    function or attribute that exists: a renamed or removed one leaves them pointing nowhere."""
+    names = _defined_names()
+    missing = [f"{_where(source, line, text, m.start())} refers to {m.group(1)}"
+               for source, line, text in _all_texts(prose_only=True) for m in ROLE.finditer(text)
+               if not set(m.group(1).split(".")) <= names]
+    assert not missing, "cross-references to names the code does not define:\n" + "\n".join(missing)
 
 
 def _layout() -> list[str]:
