@@ -30,5 +30,8 @@ run: install
 bench: install
 	$(PYTHON) bench/run.py
 
+# The demo's storage agent (run as root) keeps its clones mounted after it stops: unmounted first, so that
+# rm never reaches through a mount.
 clean:
+	-[ ! -x $(PYTHON) ] || [ ! -d .vertebra ] || $(PYTHON) -c 'import pathlib, agents.storage.overlay as o; o.unmount_all_under(pathlib.Path(".vertebra").resolve())'
 	rm -rf $(VENV) .vertebra

@@ -380,3 +380,23 @@ def test_a_killed_driver_leaves_nothing_the_next_start_cannot_recover(tmp_path):
             assert sorted(p.name for p in (root / "volumes").iterdir()) == sorted(clones | {"db"})
         finally:
             again.close()
+
+
+def test_a_clone_in_use_is_detached_lazily_on_destroy_and_its_program_keeps_its_file(tmp_path, caplog):
+    """A program still holds a file open in the clone: destroy cannot unmount it at once, so it detaches it
+    (the last resort), says so, and the program keeps reading the tree it had until it closes it."""
+    root = tmp_path / "store"
+    driver = _overlay_driver(root)
+    try:
+        _volume_with_data(driver, MiB)
+        driver.clone("db", "s1", "busy")
+        live = driver.path("busy")
+        (live / "note").write_text("mine")
+        with open(live / "note") as held:
+            driver.destroy_clone("busy")
+            assert not live.exists() and overlay.mounts_under(root) == []
+            assert "detached lazily" in caplog.text
+            assert held.read() == "mine"
+        assert "busy" not in {v.name for v in driver.list_volumes()}
+    finally:
+        driver.close()
