@@ -80,31 +80,27 @@ class Deposed(Exception):
     """This instance lost the lead (or its session) while running a workflow step."""
 
 
-class LeadershipMixin:
-    """Mixed into the broker before the workflow mixin: the lease, its renewal, forwarding to the
-    leader, and the hooks the workflow runner calls (``on_elected``, ``on_deposed``)."""
+class Leadership:
+    """A component of the broker (broker/service.py): the lease, its renewal, forwarding to the
+    leader, and telling the workflow engine when this instance is elected or deposed (the
+    ``elected`` and ``deposed`` callables it is given)."""
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        shared: Path | None = self.shared_dir  # type: ignore[attr-defined]
-        self.lease = Lease(shared / "leader.sqlite" if shared else None, str(self.xmpp.boundjid))  # type: ignore[attr-defined]
+    def __init__(self, broker: Any, elected: Callable[[], None], deposed: Callable[[], None]) -> None:
+        self.broker = broker
+        self.on_elected, self.on_deposed = elected, deposed
+        shared: Path | None = broker.shared_dir
+        self.lease = Lease(shared / "leader.sqlite" if shared else None, str(broker.xmpp.boundjid))
         self.leading = False
         self.siblings: set[str] = set()  # the other live instances (full JIDs), from their presence
         self._renewer: asyncio.Task[None] | None = None
         # A broker delegates to its siblings: a forwarded op is decided for the person who asked.
-        self.delegates = self.delegates | {self.xmpp.boundjid.bare.lower()}  # type: ignore[attr-defined]
-        self.xmpp.add_event_handler("disconnected", self._on_connection_lost)  # type: ignore[attr-defined]
-
-    def on_elected(self) -> None:
-        """This instance has just taken the lead."""
-
-    def on_deposed(self) -> None:
-        """This instance has just lost the lead: stop what only the leader may do."""
+        broker.delegates = broker.delegates | {broker.xmpp.boundjid.bare.lower()}
+        broker.xmpp.add_event_handler("disconnected", self._on_connection_lost)
 
     def lead(self, gone: str = "") -> bool:
         """Take or renew the lead if this instance may; True while it leads."""
         was = self.leading
-        self.leading = self.online and self.lease.take(gone)  # type: ignore[attr-defined]
+        self.leading = self.broker.online and self.lease.take(gone)
         if self.leading and not was:
             log.info("%s leads the workflows", self.lease.holder)
             self.on_elected()
@@ -122,7 +118,7 @@ class LeadershipMixin:
     def start_leading(self) -> None:
         """Called with each new session: take part in the election."""
         if self._renewer is None or self._renewer.done():
-            self._renewer = asyncio.get_running_loop().create_task(self._renew_forever())
+            self._renewer = self.broker.spawn(self._renew_forever(), name="workflow lease renewal")
         self.lead()
 
     async def _renew_forever(self) -> None:
@@ -160,8 +156,7 @@ class LeadershipMixin:
         if leader is None:  # released between the two reads: the next renewal settles it
             raise OpError("no broker instance leads the workflows at this moment; try again in a few seconds")
         budget = call.deadline - asyncio.get_running_loop().time()
-        res = await self.request(leader, name, args, timeout=budget,  # type: ignore[attr-defined]
-                                 behalf=call.caller)
+        res = await self.broker.request(leader, name, args, timeout=budget, behalf=call.caller)
         if res.outcome is Outcome.OK:
             return res
         if res.outcome is Outcome.UNREACHABLE and self.lead(gone=leader):

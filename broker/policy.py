@@ -76,7 +76,7 @@ class PolicyDistribution:
             # bring the old version back; asked for the same person, so they decide as here.
             answers = await asyncio.gather(*(broker.request(j, "policy.reload", {}, behalf=call.caller,
                                                             timeout=PUSH_TIMEOUT)
-                                             for j in sorted(broker.siblings)))
+                                             for j in sorted(broker.leadership.siblings)))
             out["instances"] = {r.target: "ok" if r.outcome.value == "ok" else f"{r.outcome.value}: {r.error}"
                                 for r in answers}
         return out

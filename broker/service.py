@@ -41,11 +41,11 @@ from .descriptions import OpDescriptions
 from .fencing import Fencing
 from agents.ratelimit import RateLimit
 from .directory import Admission, BoundedMap, Capabilities, Directory, sent_by_agents
-from .leadership import LeadershipMixin
+from .leadership import Leadership
 from .policy import PolicyDistribution
 from .volumes import Volumes
 from .storage_notices import StorageNotices
-from .workflows import WorkflowMixin
+from .workflows import WorkflowEngine
 
 log = logging.getLogger(__name__)
 
@@ -67,17 +67,17 @@ REFUSAL_MEMORY = 600.0  # seconds an account's refusal is not logged again at WA
 HELLO_AGAIN = 3.0  # seconds after a new session until the second hello to agents not yet listed
 
 
-class Broker(WorkflowMixin, LeadershipMixin, OpDescriptions, Agent):
+class Broker(OpDescriptions, Agent):
     kind = "broker"
     resource = "broker"
     # The parts the broker is made of, each a plain class declaring its own ops (made in __init__).
-    components = (Alerts, StorageNotices, Volumes, Anchors, Fencing, PolicyDistribution)
+    components = (Alerts, StorageNotices, Volumes, Anchors, Fencing, PolicyDistribution, WorkflowEngine)
 
     info = info_op("mesh")
     read_anchors = staticmethod(read_anchors)  # `vertebra audit verify --anchors`, through the broker kind
 
     def __init__(self, *args: Any, shared_dir: Path | None = None, **kwargs: Any) -> None:
-        # Set first: the mixins open their stores in it. One instance per cluster node each has a
+        # Set first: the components open their stores in it. One instance per cluster node each has a
         # state_dir of its own (audit log, request log) and all share shared_dir (workflows, leases).
         self._shared_dir = shared_dir
         super().__init__(*args, **kwargs)
@@ -105,6 +105,10 @@ class Broker(WorkflowMixin, LeadershipMixin, OpDescriptions, Agent):
         # performer (agents/authz.py): the broker-only ops; anyone but the agents the mesh file
         # configures refused the ops only they send; the fenced-identity guard, reading the ledger
         # the instances share; those agents admitted to those ops without a grant; then the policy.
+        self.workflows = self.serve_part(WorkflowEngine(self))
+        # Which instance leads (one per cluster node): the workflow engine runs while this one does.
+        self.leadership = Leadership(self, elected=self.workflows.on_elected, deposed=self.workflows.on_deposed)
+        self.workflows.leadership = self.leadership
         self.fencing = self.serve_part(Fencing(self))
         self.policy = self.serve_part(PolicyDistribution(self))
         self.rules = [self.sent_by_broker, self.refuse_other_senders, self.fencing.fenced_now,
@@ -115,9 +119,11 @@ class Broker(WorkflowMixin, LeadershipMixin, OpDescriptions, Agent):
         self.anchors = self.serve_part(Anchors(self.shared_dir))
 
     async def stop(self) -> None:
+        await self.workflows.halt()
         await super().stop()
         await self.anchors.aclose()
         self.fencing.close()
+        self.workflows.close()
 
     def on_join(self, jid: str) -> None:
         """A newly listed agent gets the policy and the fenced nodes at once; a fencing agent's
@@ -139,7 +145,7 @@ class Broker(WorkflowMixin, LeadershipMixin, OpDescriptions, Agent):
         """An op declared ``leader=True`` runs on the leading instance: this one, or the leader's
         answer, asked for on the caller's behalf (broker/leadership.py)."""
         if spec.leader:
-            answer = await self.forward_to_leader(spec.name, call, args)
+            answer = await self.leadership.forward_to_leader(spec.name, call, args)
             if answer is not None:
                 return answer.result
         return await super().perform(spec, call, args)
@@ -156,7 +162,7 @@ class Broker(WorkflowMixin, LeadershipMixin, OpDescriptions, Agent):
         # Another instance of this broker may be learning an agent that announced itself just before
         # this one came online (and so never reached it): a second hello a little later finds it.
         asyncio.get_running_loop().call_later(HELLO_AGAIN, self._hello_known, True)
-        self.start_leading()
+        self.leadership.start_leading()
 
     def _hello_known(self, unlisted_only: bool = False) -> None:
         """Directed presence to every admitted agent any instance of this broker has seen; each
@@ -221,7 +227,7 @@ class Broker(WorkflowMixin, LeadershipMixin, OpDescriptions, Agent):
         ver = pres["caps"]["ver"]
         if pres["from"].bare == self.jid.bare:
             if jid != str(self.jid):
-                self.sibling_seen(jid, available=True)
+                self.leadership.sibling_seen(jid, available=True)
             return
         if not ver:
             return
@@ -270,7 +276,7 @@ class Broker(WorkflowMixin, LeadershipMixin, OpDescriptions, Agent):
     def _on_unavailable(self, pres: Presence) -> None:
         jid = str(pres["from"])
         if pres["from"].bare == self.jid.bare and jid != str(self.jid):
-            self.sibling_seen(jid, available=False)
+            self.leadership.sibling_seen(jid, available=False)
             return
         self._present.discard(jid)
         if self.directory.remove(jid):

@@ -1,7 +1,7 @@
 """The workflow engine: the broker runs declarative workflows, durably, under role constraints.
 
-Mixed into the broker (``class Broker(WorkflowMixin, AlertsMixin, Agent)``), it serves these ops,
-so `vertebra call workflow.run --to broker workflow=NAME param=node=3` and the operator chat work
+A component of the broker (``WorkflowEngine``, in ``Broker.components``), it serves these ops, so
+`vertebra call workflow.run --to broker workflow=NAME param=node=3` and the operator chat work
 without more code:
 
 - ``workflow.list``     the definitions (``*.yaml`` in the broker's ``settings["workflows"]``
@@ -98,12 +98,15 @@ def step_rid(instance: str, step: str) -> str:
     return rid if len(rid) <= 128 else f"wf-{instance}-{hashlib.sha256(step.encode()).hexdigest()}"
 
 
-class WorkflowMixin:
-    """Mixed into the broker before ``Agent``: workflow ops, the runner, and resuming after a restart."""
+class WorkflowEngine:
+    """A component of the broker (broker/service.py): workflow ops, the runner, and resuming after a
+    restart. It sends steps, decides and audits through ``broker``, and runs while this instance
+    leads (``leadership``, which calls ``on_elected`` and ``on_deposed``)."""
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        state: Path | None = self.shared_dir  # type: ignore[attr-defined]
+    def __init__(self, broker: Any) -> None:
+        self.broker = broker
+        self.leadership: Any = None  # set by the broker once its leadership is made (it needs our hooks)
+        state: Path | None = broker.shared_dir
         self.workflow_store = WorkflowStore(state / "workflows.sqlite" if state else None)
         self.rate_limits = RateLimits(state / "rates.sqlite" if state else ":memory:")
         self._runners: dict[str, asyncio.Task[None]] = {}
@@ -124,11 +127,13 @@ class WorkflowMixin:
         for task in self._runners.values():
             task.cancel()
 
-    async def stop(self) -> None:
+    async def halt(self) -> None:
+        """Stop leading and let every runner end (before the broker stops)."""
         runners = [t for t in self._runners.values() if not t.done()]
-        self.stop_leading()  # type: ignore[attr-defined]
+        self.leadership.stop_leading()
         await asyncio.gather(*runners, return_exceptions=True)
-        await super().stop()  # type: ignore[misc]
+
+    def close(self) -> None:
         self.workflow_store.close()
         self.rate_limits.close()
 
@@ -136,7 +141,7 @@ class WorkflowMixin:
 
     def workflow_definitions(self) -> tuple[dict[str, Workflow], dict[str, str]]:
         """The definitions in the configured directory (good ones by name, bad files with errors)."""
-        where = self.settings.get("workflows")  # type: ignore[attr-defined]
+        where = self.broker.settings.get("workflows")
         if not where or not Path(where).is_dir():
             return {}, {}
         return load_dir(where)
@@ -272,7 +277,7 @@ class WorkflowMixin:
         if task is not None and not task.done():
             self._dirty.add(iid)  # the busy runner looks again before it rests
             return task
-        task = asyncio.get_running_loop().create_task(self._run(iid))
+        task = self.broker.spawn(self._run(iid), name=f"workflow instance {iid}")
         self._runners[iid] = task
         task.add_done_callback(functools.partial(self._runner_done, iid))
         return task
@@ -369,7 +374,7 @@ class WorkflowMixin:
             if not taken.ok:
                 return self._fail_step(inst, step, performer, taken.reason, "denied")
             store.set_step(iid, step.name, rate_taken=1)
-        if not self.lead():  # type: ignore[attr-defined]
+        if not self.leadership.lead():
             raise Deposed  # the point of no return is the leader's alone
         store.start_step(iid, step.name, performer, target)
         self._audit(rid, performer, step.op, step.on, step.args, True,
@@ -383,7 +388,7 @@ class WorkflowMixin:
         loop = asyncio.get_running_loop()
         end = loop.time() + min(DISCOVER_WAIT, step.timeout)
         while True:
-            entries = self.directory.discover(step.op, step.on)  # type: ignore[attr-defined]
+            entries = self.broker.directory.discover(step.op, step.on)
             if entries or loop.time() > end:
                 return entries[0].jid if entries else None
             await asyncio.sleep(0.2)
@@ -394,9 +399,9 @@ class WorkflowMixin:
         started = time.monotonic()
         for attempt in range(step.retries + 1):
             store.set_step(iid, step.name, attempts=row["attempts"] + attempt + 1)
-            res = await self.request(row["target"], step.op, step.args, on=step.on,  # type: ignore[attr-defined]
+            res = await self.broker.request(row["target"], step.op, step.args, on=step.on,
                                      timeout=step.timeout, rid=rid, behalf=row["performer"] or inst["requester"])
-            if not (self.leading and self.online):  # type: ignore[attr-defined]
+            if not (self.leadership.leading and self.broker.online):
                 raise Deposed  # an outcome seen while losing the lead or the session is not recorded
             if res.outcome not in (Outcome.TIMEOUT, Outcome.UNREACHABLE) or attempt == step.retries:
                 break
@@ -406,8 +411,8 @@ class WorkflowMixin:
         reason = "" if ok else f"step {step.name}: {res.outcome.value}: {res.error}"
         store.set_step(iid, step.name, state="ok" if ok else "failed", outcome=res.outcome.value,
                        result=res.result, reason=reason, ended=time.time())
-        if self.audit is not None:  # type: ignore[attr-defined]
-            self.audit.ended(rid=rid, caller=row["performer"], op=step.op,  # type: ignore[attr-defined]
+        if self.broker.audit is not None:
+            self.broker.audit.ended(rid=rid, caller=row["performer"], op=step.op,
                              outcome=res.outcome.value, duration=time.monotonic() - started)
         log.info("workflow instance %s step %s: %s", iid, step.name, res.outcome.value)
         return ("ok", "") if ok else ("failed", reason)
@@ -426,18 +431,18 @@ class WorkflowMixin:
     # -- decisions ---------------------------------------------------------------------------------
 
     def _decide_step(self, who: str, step: Step) -> Decision:
-        return self.authorize(Request(who, step.on), step_spec(step, self._installed_spec(step.op)))  # type: ignore[attr-defined]
+        return self.broker.authorize(Request(who, step.on), step_spec(step, self._installed_spec(step.op)))
 
     def _may_approve(self, workflow: str, step: Step) -> Callable[[str], bool]:
         """Whether someone may approve this step now: asked afresh each time, so a revocation counts."""
-        spec = self.ops["workflow.approve"]  # type: ignore[attr-defined]
+        spec = self.broker.ops["workflow.approve"]
         resource = [f"/workflow/{workflow}/{step.base}"]
-        return lambda jid: self.authorize(Request(jid, resource), spec).allowed  # type: ignore[attr-defined]
+        return lambda jid: self.broker.authorize(Request(jid, resource), spec).allowed
 
     def _audit(self, rid: str, caller: str, op_name: str, resources: list[str], args: dict[str, Any],
                allowed: bool, rule: str, version: int = 0) -> None:
-        if self.audit is not None:  # type: ignore[attr-defined]
-            self.audit.decided(rid=rid, caller=caller, op=op_name, resources=resources,  # type: ignore[attr-defined]
+        if self.broker.audit is not None:
+            self.broker.audit.decided(rid=rid, caller=caller, op=op_name, resources=resources,
                                args=args, secret=(), allowed=allowed, rule=rule, version=version)
 
     # -- reading ---------------------------------------------------------------------------------------

@@ -114,7 +114,7 @@ async def world(nodes: list[Any], tmp_path_factory: pytest.TempPathFactory) -> A
     w = World(nodes, tmp_path_factory.mktemp("brokers-world"))
     # The instance by node 2 starts first, so it leads: the node about to be lost has the leader.
     w.b2 = await w.broker(1)
-    await until(lambda: w.b2.leading, what="the first broker instance to lead")
+    await until(lambda: w.b2.leadership.leading, what="the first broker instance to lead")
     w.b1 = await w.broker(0)
     w.a = await w.agent(GatedAgent, "a", 0)
     w.b = await w.agent(SampleAgent, "b", 1)
@@ -138,7 +138,7 @@ async def test_each_instance_answers_for_the_whole_mesh(world: World) -> None:
     assert world.b1.server_address == (world.nodes[0].host, world.nodes[0].port)
     assert world.b2.server_address == (world.nodes[1].host, world.nodes[1].port)
     assert world.b.server_address == world.b2.server_address  # agents b and c are on node 2
-    assert world.b1.siblings == {str(world.b2.jid)} and world.b2.siblings == {str(world.b1.jid)}
+    assert world.b1.leadership.siblings == {str(world.b2.jid)} and world.b2.leadership.siblings == {str(world.b1.jid)}
     for client, broker in ((world.c1, world.b1), (world.c2, world.b2)):
         found = await client.discover("sample.echo", [], timeout=10)
         assert found.outcome is Outcome.OK and found.target == str(broker.jid)
@@ -153,7 +153,7 @@ async def test_scatter_gather_from_node1_reaches_agents_on_node2(world: World) -
 
 
 async def test_workflow_ops_asked_of_any_instance_are_served_by_the_leader(world: World) -> None:
-    assert world.b2.leading and not world.b1.leading
+    assert world.b2.leadership.leading and not world.b1.leadership.leading
     listing = await world.c1.request(str(world.b1.jid), "workflow.list", {}, timeout=20)
     assert listing.outcome is Outcome.OK, listing.error
     assert [w["name"] for w in listing.result["workflows"]] == ["relay"]
@@ -188,8 +188,8 @@ async def test_losing_a_node_moves_its_agents_and_the_lead_without_repeating_a_s
     node1 = (world.nodes[0].host, world.nodes[0].port)
     await until(lambda: b.online and c.online and b.server_address == node1 == c.server_address, timeout=40,
                 what="node 2's agents to reconnect to node 1")
-    await until(lambda: world.b1.leading, timeout=30, what="the instance on node 1 to take the lead")
-    assert not world.b2.leading and not world.b2.online
+    await until(lambda: world.b1.leadership.leading, timeout=30, what="the instance on node 1 to take the lead")
+    assert not world.b2.leadership.leading and not world.b2.online
     found = await world.c1.discover("sample.echo", ["/host/b", "/host/c"], timeout=10)
     assert found.outcome is Outcome.OK and sorted(e["jid"] for e in found.result) == jids(b, c)
     report = await world.c1.call("sample.echo", {"text": "back"}, on=["/host/b", "/host/c"], timeout=20)
