@@ -25,12 +25,12 @@ import logging
 import time
 import uuid
 from pathlib import Path
-from typing import Annotated, Any, Callable, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any, Callable, TypeVar
 
 from ..agent import Agent, Call, info_op
 from ..errors import BadArguments, Outcome
 from ..ops import Arg, op
-from .driver import SnapshotInfo, StorageDriver, StorageError, VolumeInfo
+from .driver import SnapshotInfo, StorageError, VolumeInfo
 from .faults import op_error
 from .locations import VolumeLocations
 from .masking import mask_clone
@@ -38,6 +38,9 @@ from .names import NAME_PATTERN
 from .replication_ops import ReplicationOps
 from .selfservice import owner_resources, space_report
 from .settings import DRIVERS, SettingsError, StorageSettings, parse_settings
+
+if TYPE_CHECKING:
+    from .catalog import CatalogDriver
 
 T = TypeVar("T")
 
@@ -56,7 +59,7 @@ Snapshot = Annotated[str, Arg(f"snapshot name ({_RULE})", pattern=NAME_PATTERN)]
 Clone = Annotated[str, Arg(f"clone name ({_RULE})", pattern=NAME_PATTERN)]
 
 
-def open_driver(settings: dict[str, Any] | StorageSettings, state_dir: Path | None) -> StorageDriver:
+def open_driver(settings: dict[str, Any] | StorageSettings, state_dir: Path | None) -> CatalogDriver:
     """The driver the settings ask for, opened on its root. Raises SettingsError or StorageError."""
     if not isinstance(settings, StorageSettings):
         settings = parse_settings(settings)

@@ -57,7 +57,7 @@ import uuid
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Iterable, Iterator, overload
 
 from agents.storage import driver as d
 from agents.storage import overlay
@@ -132,6 +132,10 @@ def _name_out(name: str | None) -> str | bytes | None:
     return name
 
 
+@overload
+def _name_in(name: str | bytes) -> str: ...
+@overload
+def _name_in(name: None) -> None: ...
 def _name_in(name: str | bytes | None) -> str | None:
     """The inverse of _name_out: raw bytes back to the OS's str form (surrogateescape)."""
     return os.fsdecode(name) if isinstance(name, bytes) else name
@@ -636,6 +640,7 @@ class EmbeddedDriver(CatalogDriver):
                               "VALUES (?, ?, ?, ?, ?)",
                               (volume, snap, guid, time.time(), sum(e.size for e in entries if e.kind == "f")))
         snap_id = cur.lastrowid
+        assert snap_id is not None  # an INSERT sets it
         self.db.executemany("INSERT INTO entries VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                             [e.row(snap_id) for e in entries])
         for e in entries:

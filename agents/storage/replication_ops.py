@@ -24,7 +24,7 @@ from .replication import Replicator
 from .replication_state import ReplicationState
 
 if TYPE_CHECKING:
-    from .driver import StorageDriver
+    from .catalog import CatalogDriver
 
 _DATA_DEADLINE = 3600.0
 _RULE = "1-64 of A-Z a-z 0-9 _ . -, starting with a letter or digit, no '..'"
@@ -38,7 +38,7 @@ Rate = Annotated[float, Arg("bandwidth limit in bytes per second; 0 for none", m
 class ReplicationOps:
     """Replication ops; the class mixing this in provides driver, state_dir, settings, request, _drive."""
 
-    driver: "StorageDriver"
+    driver: "CatalogDriver"
     replicator: Replicator
     packages: PackageHost
 
@@ -96,7 +96,7 @@ class ReplicationOps:
                         rate: Rate = 0.0) -> dict:
         """Create a replication action from a volume to a package on another storage agent, and run its
         first (full) update, reporting bytes, rate and ETA."""
-        await self._drive(self.driver.list_snapshots, volume)     # the volume must exist   # type: ignore[attr-defined]
+        await self._drive(self.driver.list_snapshots, volume)  # type: ignore[attr-defined]  # the volume must exist
         try:
             action = self.replicator.create(volume, target, package, interval, continuous, tls, rate or None)
         except StorageError as exc:
