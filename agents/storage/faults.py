@@ -31,12 +31,13 @@ StorageFailed = _kind("storage-failed", "undefined-condition")
 HookFailed = _kind("hook-failed", "undefined-condition")
 QuotaExceeded = _kind("quota-exceeded", "not-allowed")  # an owner's clone count or bytes would go over
 NotMasked = _kind("not-masked", "not-allowed")   # a masked-only clone asked of a snapshot no mask produced
+NoSpace = _kind("no-space", "resource-constraint", "wait")   # the filesystem is full; nothing was published
 
 _BY_CODE: dict[str, type[OpError]] = {
     "invalid": BadArguments, "not_found": NotFound, "exists": Exists, "has_dependants": HasDependants,
     "busy": Busy, "corrupt": Corrupt, "unsupported": Unsupported, "environment": Environment,
     "failed": StorageFailed, "hook_failed": HookFailed, "not_masked": NotMasked,
-    "quota": QuotaExceeded,
+    "quota": QuotaExceeded, "no_space": NoSpace,
 }
 
 

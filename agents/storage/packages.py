@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import asyncio
 import builtins  # PackageHost.list hides the type in its class: annotations there say builtins.list
+import contextlib
+import errno
 import time
 from pathlib import Path
 from typing import Any, Iterator
@@ -32,6 +34,17 @@ from agents.storage.stream import peek_header
 from agents.storage.transfer import Inbox
 
 _READ = 1 << 20
+
+
+NO_SPACE = "No space left on device; nothing was published"
+
+
+def no_space(exc: BaseException) -> bool:
+    """Whether a receive failed for want of space: the store's own OSError (ENOSPC), or a driver's tool
+    that said so (`btrfs receive` reports it in its message)."""
+    if isinstance(exc, OSError):
+        return exc.errno == errno.ENOSPC
+    return isinstance(exc, StorageError) and ("No space left on device" in str(exc) or exc.code == "no_space")
 
 
 def transfer_id(package: str, snapshot: str) -> str:
@@ -131,10 +144,15 @@ class PackageHost:
             raise StorageError(f"the stream of {package}@{snapshot} is not complete here; resume the transfer",
                                code="busy")
         try:
-            info = await asyncio.to_thread(self.driver.receive, package, snapshot, _pieces(inbox.spool(transfer)))
-        except StorageError as exc:
-            if exc.code == "corrupt":      # a whole but bad spool would fail forever: make the next try fresh
-                inbox.discard(transfer)
+            with contextlib.closing(_pieces(inbox.spool(transfer))) as pieces:
+                info = await asyncio.to_thread(self.driver.receive, package, snapshot, pieces)
+        except (StorageError, OSError) as exc:
+            if no_space(exc):       # the spool stays: once there is room the next update publishes it
+                raise StorageError(f"{NO_SPACE} (the store is full while receiving {package}@{snapshot}): "
+                                   f"free space or grow the filesystem, and the next update publishes the "
+                                   f"stream already received here", code="no_space") from None
+            if isinstance(exc, StorageError) and exc.code in ("corrupt", "unsupported"):
+                inbox.discard(transfer)     # a whole but bad spool would fail forever: make the next try fresh
             raise
         inbox.discard(transfer)
         pruned = await asyncio.to_thread(self.prune, package)

@@ -44,9 +44,10 @@ _CONTROL_TIMEOUT = 30.0
 _COMMIT_TIMEOUT = 3600.0    # publishing a large snapshot on the target takes as long as the data
 
 
-# Refusals that another attempt cannot change; of them, the target's `unsupported` (it cannot take this
-# stream at all) also pauses the action, since every later run would be refused the same way.
-_NOT_RETRIED = ("invalid", "not_found", "exists", "denied", "unsupported")
+# Refusals that another attempt at once cannot change (a full target waits for the next run); of them,
+# the target's `unsupported` (it cannot take this stream at all) also pauses the action, since every later
+# run would be refused the same way.
+_NOT_RETRIED = ("invalid", "not_found", "exists", "denied", "unsupported", "no_space")
 _PAUSES = ("unsupported",)
 
 
