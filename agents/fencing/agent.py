@@ -101,6 +101,7 @@ class FencingAgent(Agent):
         if self._sender is None or self._sender.done():
             self._wake = asyncio.Event()
             self._sender = self.spawn(self._send_outbox(), name=f"fencing outbox sender {self.name}")
+        assert self._wake is not None  # made with the sender
         self._wake.set()  # a new session: what is still in the outbox goes now
 
     def _on_broker_presence(self, pres: Any) -> None:
@@ -225,10 +226,11 @@ class FencingAgent(Agent):
             failed = False
             while self.online and not failed:
                 pending = await self.outbox.pending()
-                if not pending:
+                broker = self.broker_jid
+                if not pending or broker is None:  # None: the mesh file names no broker now; the events wait
                     break
                 for event in pending:
-                    res = await self.request(self.broker_jid, EVENT_OP, _event_args(event), timeout=POST_TIMEOUT,
+                    res = await self.request(broker, EVENT_OP, _event_args(event), timeout=POST_TIMEOUT,
                                              rid=f"fence-event-{event['id']}")
                     if res.outcome is Outcome.OK:
                         await self.outbox.delivered(event["id"])
