@@ -619,10 +619,10 @@ class BrokerDescriptions:
         self.broker = broker
 
     async def op_summaries(self, operator: str) -> list[dict[str, Any]]:
-        return await self.broker.op_summaries()
+        return await self.broker.descriptions.op_summaries()
 
     async def op_description(self, name: str, operator: str) -> dict[str, Any]:
-        return await self.broker.op_description(name)
+        return await self.broker.descriptions.op_description(name)
 
 
 async def start_beside_broker(mesh: Any, broker: Any, instance: int) -> ChatBot | None:

@@ -27,14 +27,13 @@ DESCRIBE_TIMEOUT = 4.0  # seconds one agent has to answer a disco query; mesh.de
 
 
 class OpDescriptions:
-    """``mesh.describe``, and the descriptions learned from agents, cached per caps hash."""
+    """A component of the broker (broker/service.py): ``mesh.describe``, and the descriptions
+    learned from agents, cached per caps hash."""
 
-    directory: Any
-    ops: dict[str, Any]
-    xmpp: Any
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
+    def __init__(self, broker: Any) -> None:
+        self.directory = broker.directory
+        self.ops: dict[str, Any] = broker.ops  # the broker's own, described from their declarations
+        self.xmpp = broker.xmpp
         # Keyed by the directory's capabilities, one per caps hash (bounded as the directory's cache).
         self._descriptions: BoundedMap[tuple[Capabilities, str], dict[str, Any]] = BoundedMap(CAPS_CACHE)
         self._summaries: BoundedMap[Capabilities, dict[str, str]] = BoundedMap(CAPS_CACHE)

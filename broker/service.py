@@ -15,6 +15,13 @@ advertisement that is not admitted (an account the mesh file does not name, anot
 broker does not know, resources beyond the configured ones) is not listed, acknowledged, recorded
 or pushed anything. An account the roster does not name costs no disco query at all; the caches
 and the queries a configured account can cause are bounded, whatever hashes it invents.
+
+The rest of the broker is a set of components, plain classes each declaring its own ops, listed in
+``Broker.components`` and made in ``Broker.__init__`` with what each needs: the workflow engine
+(broker/workflows.py) and which instance leads it (broker/leadership.py), the fence ledger
+(broker/fencing.py), policy push (broker/policy.py), op descriptions (broker/descriptions.py),
+alerts, storage notices, volume reports and audit anchors. ``Broker.rules`` lists, in order, what
+authorization walks here.
 """
 
 from __future__ import annotations
@@ -67,11 +74,12 @@ REFUSAL_MEMORY = 600.0  # seconds an account's refusal is not logged again at WA
 HELLO_AGAIN = 3.0  # seconds after a new session until the second hello to agents not yet listed
 
 
-class Broker(OpDescriptions, Agent):
+class Broker(Agent):
     kind = "broker"
     resource = "broker"
     # The parts the broker is made of, each a plain class declaring its own ops (made in __init__).
-    components = (Alerts, StorageNotices, Volumes, Anchors, Fencing, PolicyDistribution, WorkflowEngine)
+    components = (Alerts, StorageNotices, Volumes, Anchors, Fencing, PolicyDistribution, WorkflowEngine,
+                  OpDescriptions)
 
     info = info_op("mesh")
     read_anchors = staticmethod(read_anchors)  # `vertebra audit verify --anchors`, through the broker kind
@@ -101,22 +109,24 @@ class Broker(OpDescriptions, Agent):
         self.xmpp.del_event_handler("presence_unavailable", self._on_broker_presence)
         self.xmpp.add_event_handler("presence_available", self._on_available)
         self.xmpp.add_event_handler("presence_unavailable", self._on_unavailable)
-        # What authorization walks for every request here and for every workflow step, approval and
-        # performer (agents/authz.py): the broker-only ops; anyone but the agents the mesh file
-        # configures refused the ops only they send; the fenced-identity guard, reading the ledger
-        # the instances share; those agents admitted to those ops without a grant; then the policy.
+        # The components, each serving the ops it declares (Broker.components) with what it is given.
         self.workflows = self.serve_part(WorkflowEngine(self))
         # Which instance leads (one per cluster node): the workflow engine runs while this one does.
         self.leadership = Leadership(self, elected=self.workflows.on_elected, deposed=self.workflows.on_deposed)
         self.workflows.leadership = self.leadership
         self.fencing = self.serve_part(Fencing(self))
         self.policy = self.serve_part(PolicyDistribution(self))
-        self.rules = [self.sent_by_broker, self.refuse_other_senders, self.fencing.fenced_now,
-                      self.admit_agent_senders, self.by_policy]
+        self.descriptions = self.serve_part(OpDescriptions(self))
         self.alerts = self.serve_part(Alerts())
         self.storage_notices = self.serve_part(StorageNotices())
         self.volumes = self.serve_part(Volumes(self.directory, self.roster))
         self.anchors = self.serve_part(Anchors(self.shared_dir))
+        # What authorization walks for every request here and for every workflow step, approval and
+        # performer (agents/authz.py): the broker-only ops; anyone but the agents the mesh file
+        # configures refused the ops only they send; the fenced-identity guard, reading the ledger
+        # the instances share; those agents admitted to those ops without a grant; then the policy.
+        self.rules = [self.sent_by_broker, self.refuse_other_senders, self.fencing.fenced_now,
+                      self.admit_agent_senders, self.by_policy]
 
     async def stop(self) -> None:
         await self.workflows.halt()
