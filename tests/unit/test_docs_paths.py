@@ -1,11 +1,13 @@
-"""Docs true to the tree: every file the documentation, a docstring or a comment cites exists.
+"""Docs true to the tree: every file, module or name the documentation, a docstring or a comment
+cites exists.
 
 Read: docs/*.md, README.md, bench/README.md, and every Python file under agents/, broker/, rbac/,
-bench/ and tests/ (its strings, docstrings included, and its comments). Three kinds of citation are
-checked: a path from the top of the repository (``agents/ops.py``, ``deploy/workflows/*.yaml``), a
-bare file name (``devices.py``: some file of the repository has that name), and a dotted module name
-(``agents.authz``, ``broker.fencing.FencingMixin``: the module exists). Issue numbers are history, not
-documentation: none may appear in a docstring or comment.
+bench/ and tests/ (its strings, docstrings included, and its comments); for paths also the Makefile,
+pyproject.toml, .ci/run and every file under deploy/. Checked: a path from the top of the repository
+(``agents/ops.py``, ``deploy/workflows/*.yaml``); a bare file name (``devices.py``: some file of the
+repository has that name); a dotted module name (``agents.authz.broker_only``: the module exists); a
+docstring's cross-reference to a class, function or attribute; and the README's layout against the
+modules of agents/. Issue numbers are history, not documentation: none may appear.
 """
 
 from __future__ import annotations
@@ -50,6 +52,12 @@ def _docs() -> list[Path]:
     return sorted([*(ROOT / "docs").glob("*.md"), ROOT / "README.md", ROOT / "bench" / "README.md"])
 
 
+def _setup_files() -> list[Path]:
+    """What sets the project up and runs it: their comments and messages name files too."""
+    deploy = [p for p in (ROOT / "deploy").rglob("*") if p.is_file() and not NOT_THE_TREE & set(p.parts)]
+    return sorted([ROOT / "Makefile", ROOT / "pyproject.toml", ROOT / ".ci" / "run", *deploy])
+
+
 def _prose(path: Path) -> Iterator[tuple[int, str]]:
     """(line, text) of a Python file's comments and of its strings that are docstrings or stand alone."""
     tokens = list(tokenize.generate_tokens(io.StringIO(path.read_text()).readline))
@@ -70,7 +78,7 @@ def _strings(path: Path) -> Iterator[tuple[int, str]]:
 
 
 def _doc_lines(path: Path) -> Iterator[tuple[int, str]]:
-    yield from enumerate(path.read_text().splitlines(), start=1)
+    yield from enumerate(path.read_text(errors="replace").splitlines(), start=1)
 
 
 def _where(path: Path, line: int, text: str = "", at: int = 0) -> str:
@@ -79,7 +87,7 @@ def _where(path: Path, line: int, text: str = "", at: int = 0) -> str:
 
 
 def _all_texts(prose_only: bool) -> Iterator[tuple[Path, int, str]]:
-    for doc in _docs():
+    for doc in _docs() if prose_only else [*_docs(), *_setup_files()]:
         for line, text in _doc_lines(doc):
             yield doc, line, text
     for source in _python_files():
@@ -142,7 +150,7 @@ def test_no_issue_numbers_in_docstrings_or_comments() -> None:
 
 def test_no_issue_numbers_in_docs() -> None:
     found = [f"{_where(doc, line)}: {m.group(0)!r}"
-             for doc in _docs() for line, text in _doc_lines(doc) for m in DOC_ISSUE.finditer(text)]
+             for doc in [*_docs(), *_setup_files()] for line, text in _doc_lines(doc) for m in DOC_ISSUE.finditer(text)]
     assert not found, "issue numbers in the documentation:\n" + "\n".join(found)
 
 
