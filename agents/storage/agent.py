@@ -261,11 +261,12 @@ class StorageAgent(VolumeLocations, ReplicationOps, Agent):
     @op("storage.report", effect="read")
     async def report(self, call: Call) -> dict:
         """Space per owner, per source snapshot and per clone (exclusive and shared bytes), with each
-        clone's last activity and expiry, and this agent's clone limits."""
+        clone's last activity and expiry, this agent's clone limits, and what replication spools hold."""
         def build() -> dict[str, Any]:
             return space_report(self.driver.list_volumes(), self._leases())
         out = await self._drive(build)
         out["limits"] = dataclasses.asdict(self.clone_rules)
+        out["spool"] = await asyncio.to_thread(self.packages.spool_usage)
         return out
 
     # self-service -------------------------------------------------------------------------------------

@@ -6,7 +6,9 @@ transfer id, a one-time token and, with TLS, the certificate to pin. The transfe
 the package and snapshot, never taken from the sender, so one source cannot touch another's spool. After
 the stream is whole, `commit` (storage.package.commit) hands the spool to the driver's receive, which
 publishes the snapshot all or nothing. Spools live in the state directory, so a restarted target resumes
-from what it already holds.
+from what it already holds. Nothing is left behind: a spool goes when it is published, when the commit refuses
+it for good (corrupt, unsupported), when its package is destroyed, and when nobody has written it for the
+resume window (a week); storage.report shows what the spools hold.
 
 Retention: with the storage setting `keep_received: N`, each successful commit prunes the package down to
 its newest N received snapshots. The newest is always kept (it is the base of the next incremental update),
@@ -37,6 +39,7 @@ _READ = 1 << 20
 
 
 NO_SPACE = "No space left on device; nothing was published"
+RESUME_WINDOW = 7 * 86400.0     # an incomplete spool not written for this long is removed: a week of outage
 
 
 def no_space(exc: BaseException) -> bool:
@@ -61,11 +64,13 @@ class PackageHost:
     """Packages and inboxes of one target agent."""
 
     def __init__(self, driver: StorageDriver, state: ReplicationState, directory: Path, *,
-                 host: str = "127.0.0.1", advertise: str | None = None, keep: int | None = None) -> None:
+                 host: str = "127.0.0.1", advertise: str | None = None, keep: int | None = None,
+                 resume_window: float = RESUME_WINDOW) -> None:
         if keep is not None and keep < 1:
             raise ValueError("keep must be at least 1: the newest snapshot is the next update's base")
         self.driver = driver
         self.keep = keep            # received snapshots kept per package; None: all
+        self.resume_window = resume_window      # seconds an unwritten spool is kept for its sender to resume
         self.state = state
         self.directory = directory
         self.host = host
@@ -74,6 +79,7 @@ class PackageHost:
         self.inboxes: dict[bool, Inbox] = {}
         self._cert_pem = ""
         self._opening = asyncio.Lock()
+        self.sweep()        # what went stale while the agent was down
 
     async def stop(self) -> None:
         for inbox in self.inboxes.values():
@@ -111,6 +117,8 @@ class PackageHost:
                                f"choose another package name", code="exists")
         held = await asyncio.to_thread(self._snapshots, package)
         transfer = transfer_id(package, snapshot)
+        await asyncio.to_thread(self.sweep)
+        self.state.add_transfer(transfer, package, snapshot, time.time())
         inbox = await self._inbox(tls)
         return {"host": self.advertise, "port": inbox.port, "transfer": transfer,
                 "token": inbox.offer(transfer), "held": inbox.held(transfer), "snapshots": held,
@@ -152,9 +160,9 @@ class PackageHost:
                                    f"free space or grow the filesystem, and the next update publishes the "
                                    f"stream already received here", code="no_space") from None
             if isinstance(exc, StorageError) and exc.code in ("corrupt", "unsupported"):
-                inbox.discard(transfer)     # a whole but bad spool would fail forever: make the next try fresh
+                self._drop_transfer(transfer)   # a whole but bad spool would fail forever: the next try is fresh
             raise
-        inbox.discard(transfer)
+        self._drop_transfer(transfer)
         pruned = await asyncio.to_thread(self.prune, package)
         return {"name": info.name, "guid": info.guid, "logical_bytes": info.logical_bytes, "pruned": pruned}
 
@@ -205,8 +213,69 @@ class PackageHost:
             self.driver.destroy_snapshot(package, snap["name"])
         if any(v.name == package for v in self.driver.list_volumes()):
             self.driver.destroy_volume(package)
+        # Its spools could only ever be published into it: they go with it.
+        for transfer, (owner, _snap) in self.state.transfers().items():
+            if owner == package:
+                self._drop_transfer(transfer)
         self.state.drop_package(package)
         return {"destroyed": package}
+
+    # spools -------------------------------------------------------------------------------------------
+    def _drop_transfer(self, transfer: str) -> None:
+        """Forget a transfer: cut its connections, remove its spool (whichever inbox, if any, has it open)."""
+        for inbox in self.inboxes.values():
+            inbox.discard(transfer)
+        (self.directory / "spool" / f"{transfer}.part").unlink(missing_ok=True)
+        self.state.drop_transfer(transfer)
+
+    def sweep(self) -> list[str]:
+        """Remove the spools that can no longer be resumed: those of a package that is gone, and those not
+        written for longer than the resume window. Return the transfer ids removed."""
+        known = self.state.transfers()
+        packages = {p.name for p in self.state.packages()}
+        cutoff = time.time() - self.resume_window
+        removed = []
+        for transfer, (package, _snap) in known.items():
+            if package not in packages:
+                self._drop_transfer(transfer)
+                removed.append(transfer)
+        for part in self._spool_files():
+            transfer = part.name.removesuffix(".part")
+            if transfer in removed or self._open(transfer):
+                continue
+            try:
+                stale = part.stat().st_mtime < cutoff
+            except FileNotFoundError:
+                continue
+            if stale:
+                self._drop_transfer(transfer)
+                removed.append(transfer)
+        return removed
+
+    def spool_usage(self) -> dict[str, Any]:
+        """What the spools hold: bytes in all, and per transfer its package, snapshot, bytes and idle time."""
+        known = self.state.transfers()
+        now = time.time()
+        transfers = []
+        for part in self._spool_files():
+            try:
+                st = part.stat()
+            except FileNotFoundError:
+                continue
+            transfer = part.name.removesuffix(".part")
+            package, snapshot = known.get(transfer, (None, None))
+            transfers.append({"transfer": transfer, "package": package, "snapshot": snapshot,
+                              "bytes": st.st_size, "idle_seconds": round(now - st.st_mtime)})
+        return {"bytes": sum(t["bytes"] for t in transfers), "resume_window": self.resume_window,
+                "transfers": sorted(transfers, key=lambda t: (t["package"] or "", t["transfer"]))}
+
+    def _spool_files(self) -> builtins.list[Path]:
+        spool = self.directory / "spool"
+        return sorted(spool.glob("*.part")) if spool.is_dir() else []
+
+    def _open(self, transfer: str) -> bool:
+        """Whether a connection is writing this transfer's spool now."""
+        return any(inbox.connected(transfer) for inbox in self.inboxes.values())
 
     def _snapshots(self, package: str) -> builtins.list[dict[str, Any]]:
         if not any(v.name == package for v in self.driver.list_volumes()):

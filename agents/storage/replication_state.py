@@ -1,7 +1,8 @@
 """Durable replication state in the agent's state directory (one SQLite file): the actions this agent
-replicates as a source, and the packages it holds as a target. Everything a restarted agent needs to carry
-on lives here: an action's schedule, throttle, pause flag, the last snapshot both sides hold, and the update
-in flight (its snapshot, base and transfer id), so that a resumed update regenerates the very same stream.
+replicates as a source, and the packages (with the transfers spooling into them) it holds as a target.
+Everything a restarted agent needs to carry on lives here: an action's schedule, throttle, pause flag, the
+last snapshot both sides hold, and the update in flight (its snapshot, base and transfer id), so that a
+resumed update regenerates the very same stream.
 """
 
 from __future__ import annotations
@@ -23,6 +24,8 @@ CREATE TABLE IF NOT EXISTS actions(
 CREATE TABLE IF NOT EXISTS packages(
     name TEXT PRIMARY KEY, action TEXT NOT NULL, source TEXT NOT NULL, source_volume TEXT NOT NULL,
     created REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS transfers(
+    id TEXT PRIMARY KEY, package TEXT NOT NULL, snapshot TEXT NOT NULL, opened REAL NOT NULL);
 """
 
 
@@ -135,4 +138,17 @@ class ReplicationState:
 
     def drop_package(self, name: str) -> None:
         self.db.execute("DELETE FROM packages WHERE name = ?", (name,))
+        self.db.commit()
+
+    # transfers (the target's spools: which package and snapshot each one is for) ---------------------
+    def add_transfer(self, transfer: str, package: str, snapshot: str, opened: float) -> None:
+        self.db.execute("INSERT OR IGNORE INTO transfers VALUES (?, ?, ?, ?)", (transfer, package, snapshot, opened))
+        self.db.commit()
+
+    def transfers(self) -> dict[str, tuple[str, str]]:
+        """(package, snapshot) by transfer id."""
+        return {r[0]: (r[1], r[2]) for r in self.db.execute("SELECT id, package, snapshot FROM transfers")}
+
+    def drop_transfer(self, transfer: str) -> None:
+        self.db.execute("DELETE FROM transfers WHERE id = ?", (transfer,))
         self.db.commit()

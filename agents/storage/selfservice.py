@@ -124,7 +124,7 @@ def space_report(volumes: list[VolumeInfo], leases: dict[str, dict[str, Any]], n
 
 
 def report_tables(report: dict[str, Any]) -> str:
-    """storage.report as the CLI shows it: one table per owner, per source, per clone."""
+    """storage.report as the CLI shows it: one table per owner, per source, per clone, and the spools."""
     def when(t: float | None) -> str:
         return "-" if t is None else time.strftime("%Y-%m-%d %H:%M", time.localtime(t))
 
@@ -146,4 +146,8 @@ def report_tables(report: dict[str, Any]) -> str:
     lines += table("per clone", ["CLONE", "OWNER", "SOURCE", "EXCL_MIB", "SHARED_MIB", "LAST_ACTIVITY", "EXPIRES"],
                    [[c["clone"], c["owner"], c["source"], mib(c["exclusive_bytes"]), mib(c["shared_bytes"]),
                      when(c["last_activity"]), when(c["expires"])] for c in report.get("clones", [])])
+    spool = report.get("spool") or {}
+    lines += table("replication spool", ["PACKAGE", "SNAPSHOT", "MIB", "IDLE_S"],
+                   [[t["package"] or "-", t["snapshot"] or "-", mib(t["bytes"]), str(t["idle_seconds"])]
+                    for t in spool.get("transfers", [])])
     return "\n".join(lines).rstrip()

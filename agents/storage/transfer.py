@@ -124,10 +124,12 @@ class Inbox:
         self.port = 0
         self._ssl = ssl_context
         self._server: asyncio.base_events.Server | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._transfers: dict[str, _Transfer] = {}
         self._received: dict[str, int] = {}     # bytes appended per transfer, kept after discard
 
     async def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
         self._server = await asyncio.start_server(self._serve, self.host, 0, ssl=self._ssl)
         self.port = self._server.sockets[0].getsockname()[1]
 
@@ -165,6 +167,11 @@ class Inbox:
         """Bytes appended to the spool of `transfer` by every connection of this process."""
         return self._received.get(transfer, 0)
 
+    def connected(self, transfer: str) -> bool:
+        """Whether a connection of `transfer` is open now."""
+        entry = self._transfers.get(transfer)
+        return entry is not None and bool(entry.writers)
+
     def cut(self, transfer: str) -> int:
         """Abort the open connections of `transfer` (as a network fault would); return how many."""
         entry = self._transfers.get(transfer)
@@ -174,10 +181,13 @@ class Inbox:
         return len(writers)
 
     def discard(self, transfer: str) -> None:
+        """Forget `transfer`: cut its connections and remove its spool. Callable from a worker thread (a
+        package destroyed by a driver call): the connections are cut on the event loop they belong to."""
         entry = self._transfers.pop(transfer, None)
         if entry is not None:
             for writer in list(entry.writers):
-                writer.transport.abort()
+                if self._loop is not None:
+                    self._loop.call_soon_threadsafe(writer.transport.abort)
             entry.spool.unlink(missing_ok=True)
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
