@@ -578,7 +578,7 @@ class ScaleBench:
 
         if not ejabberd_installed():
             raise SystemExit("ejabberd is not installed: run `apt-get install -y ejabberd`")
-        count = max(2, math.ceil(max(self.args.sizes) / SESSIONS_PER_NODE))
+        count = self.args.nodes or max(2, math.ceil(max(self.args.sizes) / SESSIONS_PER_NODE))
         epmd = rt.free_port()  # a private epmd, never the machine's own on 4369
         first = PrivateEjabberd(self.home, DOMAIN, port=rt.free_port(), node_name="scale1@127.0.0.1",
                                 epmd_port=epmd)
@@ -590,7 +590,7 @@ class ScaleBench:
             node.start(timeout=120)
         print(f"{count}-node ejabberd cluster on 127.0.0.1 ports {', '.join(str(n.port) for n in self.nodes)}"
               f" ({time.monotonic() - t:.1f}s), home {self.home}", flush=True)
-        if count > 2:
+        if count > 2 and not self.args.nodes:
             self.notes.append(f"{count} ejabberd nodes, not 2: this container's hard limit of"
                               f" {resource.getrlimit(resource.RLIMIT_NOFILE)[1]:,} open files per process"
                               f" (not raisable here) caps a node below that many sessions")
@@ -838,6 +838,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="smoke run: N = 2,000")
     parser.add_argument("--agents", default="10000,20000,50000", help="comma-separated sizes")
+    parser.add_argument("--nodes", type=int, default=0,
+                        help=f"ejabberd nodes (default: 2, or as many as hold {SESSIONS_PER_NODE:,} sessions each)")
     parser.add_argument("--per-worker", type=int, default=PER_WORKER, help="simulated agents per process")
     parser.add_argument("--login-concurrency", type=int, default=64, help="logins in flight per process")
     parser.add_argument("--time-limit", type=float, default=3600, help="abort the whole run after this many s")
