@@ -68,6 +68,7 @@ from agents.storage.names import validate_name
 from agents.storage.stream import read_frames, write_stream
 
 BLOCK_SIZE = 8192
+_ZEROS = bytes(BLOCK_SIZE)
 _READ_BYTES = 128 * BLOCK_SIZE      # 1 MiB: one index lookup and one writer batch each (finer batches
                                     # pipeline better: measured 1 MiB > 2 MiB > 4 MiB > 8 MiB)
 _PATCH_BATCH = 4096           # changed block positions per patch frame
@@ -98,7 +99,8 @@ CREATE TABLE IF NOT EXISTS overlays(name TEXT PRIMARY KEY, layer TEXT NOT NULL, 
 
 @dataclass(frozen=True)
 class Entry:
-    """One manifest line. kind: 'f' file, 'd' directory, 'l' symlink. segs: concatenated segment ids."""
+    """One manifest line. kind: 'f' file, 'd' directory, 'l' symlink, 'h' another name (hard link) of the
+    file whose path is `target`. segs: concatenated segment ids."""
     path: str
     kind: str
     mode: int
@@ -649,6 +651,8 @@ class EmbeddedDriver(CatalogDriver):
         self.store.commit()     # the packs are made durable before the index that names them commits
 
     def _ingest(self, top: Path) -> Iterator[Entry]:
+        # A file with more than one name is stored once; its other names are 'h' entries naming the first.
+        first_name: dict[tuple[int, int], str] = {}
         for dirpath, dirnames, filenames in os.walk(top):
             dirnames.sort()
             for name in sorted(dirnames) + sorted(filenames):
@@ -661,7 +665,12 @@ class EmbeddedDriver(CatalogDriver):
                 elif stat.S_ISLNK(st.st_mode):
                     yield Entry(rel, "l", 0o777, st.st_uid, st.st_gid, 0, st.st_mtime_ns, os.readlink(full),
                                 b"")
+                elif stat.S_ISREG(st.st_mode) and st.st_nlink > 1 and (st.st_dev, st.st_ino) in first_name:
+                    yield Entry(rel, "h", stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid, st.st_size,
+                                st.st_mtime_ns, first_name[(st.st_dev, st.st_ino)], b"")
                 elif stat.S_ISREG(st.st_mode):
+                    if st.st_nlink > 1:
+                        first_name[(st.st_dev, st.st_ino)] = rel
                     segs, size = self._ingest_file(full)
                     yield Entry(rel, "f", stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid, size,
                                 st.st_mtime_ns, None, segs)
@@ -689,11 +698,14 @@ class EmbeddedDriver(CatalogDriver):
         snapshot's base tree), files are reflinks to the base's files instead of copies."""
         tree = self._scratch("tree")
         tree.mkdir()
-        entries = sorted(self._entries(snap_id).values(), key=lambda e: e.path)
+        by_path = self._entries(snap_id)
+        entries = sorted(by_path.values(), key=lambda e: e.path)
         as_root = os.geteuid() == 0
         try:
             for e in entries:
                 target = tree / e.path
+                if e.kind == "h":
+                    continue            # linked below, once every file it may name exists
                 if e.kind == "d":
                     target.mkdir(mode=0o700)
                 elif e.kind == "l":
@@ -706,6 +718,13 @@ class EmbeddedDriver(CatalogDriver):
                     os.lchown(target, e.uid, e.gid)
                 if e.kind == "f":
                     os.chmod(target, e.mode)
+            for e in entries:
+                if e.kind == "h":
+                    first = by_path.get(e.target or "")
+                    if first is None or first.kind != "f":
+                        raise StorageError(f"snapshot entry {e.path!r} is a hard link to {e.target!r}, which is "
+                                           f"not a file of the snapshot; the store is damaged", code="corrupt")
+                    os.link(tree / first.path, tree / e.path)
             # Directory modes and times last, deepest first: a read-only directory could not be filled,
             # and writing into a directory bumps its mtime.
             for e in reversed(entries):
@@ -721,7 +740,18 @@ class EmbeddedDriver(CatalogDriver):
         ids = self.store.chunk_ids(e.segs)
         with open(target, "wb", buffering=0) as f:
             for i in range(0, len(ids), 128):
-                f.write(b"".join(self.store.get_blocks(ids[i:i + 128])))
+                run: list[bytes] = []       # data blocks in a row, written at once
+                for block in self.store.get_blocks(ids[i:i + 128]):
+                    if block == _ZEROS[:len(block)]:
+                        if run:
+                            f.write(b"".join(run))
+                            run = []
+                        f.seek(len(block), os.SEEK_CUR)     # zeros stay a hole: a sparse file stays sparse
+                    else:
+                        run.append(block)
+                if run:
+                    f.write(b"".join(run))
+            f.truncate(f.tell())        # a file that ends in a hole gets its length
             if f.tell() != e.size:
                 raise StorageError(f"snapshot file {e.path!r} rebuilt to {f.tell()} bytes, expected {e.size}; "
                                    f"the store is damaged", code="corrupt")
