@@ -24,7 +24,7 @@ import contextlib
 import errno
 import time
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Generator
 
 import blake3
 
@@ -54,7 +54,7 @@ def transfer_id(package: str, snapshot: str) -> str:
     return "t" + blake3.blake3(f"{package}/{snapshot}".encode()).hexdigest()[:40]
 
 
-def _pieces(path: Path) -> Iterator[bytes]:
+def _pieces(path: Path) -> Generator[bytes, None, None]:
     with open(path, "rb") as f:
         while block := f.read(_READ):
             yield block
@@ -228,7 +228,7 @@ class PackageHost:
         (self.directory / "spool" / f"{transfer}.part").unlink(missing_ok=True)
         self.state.drop_transfer(transfer)
 
-    def sweep(self) -> list[str]:
+    def sweep(self) -> builtins.list[str]:
         """Remove the spools that can no longer be resumed: those of a package that is gone, and those not
         written for longer than the resume window. Return the transfer ids removed."""
         known = self.state.transfers()
