@@ -561,7 +561,7 @@ async def serve(mesh: meshconf.MeshConfig, name: str, instance: int = 1) -> None
     # What else runs in this actor's process (the chat bot beside the broker): its kind registers it.
     companions = [c for start in kinds.companions(actor.kind) if (c := await start(mesh, actor, instance))]
     if name != mesh.broker and mesh.agent(name).gateway:
-        gateway = Gateway(mesh.gateway_socket, mesh.endpoint(), mesh.broker_jids)
+        gateway = Gateway(mesh.gateway_socket, mesh.endpoint(), mesh.broker_jids, mesh=mesh)
         await gateway.start()
     logging.getLogger("vertebra").info("%s online as %s", name, actor.jid)
     await stop.wait()

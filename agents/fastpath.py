@@ -9,7 +9,8 @@ from a small cache, ``HOME/run/PROGRAM.cache``. This module is that cache, share
 The cache is keyed by the mesh file's exact bytes, its path, the state directory and the mesh-file
 parser's own file (``agents/config.py``), so an edited mesh file or parser is always parsed again.
 It is used only when it is the caller's own file and nobody else may write it; it is
-written (atomically, mode 0600) only into a run directory that is the caller's alone. The password
+written (atomically, mode 0600) only into a run directory that is the caller's and nobody else may
+write into. The password
 itself is never cached: it is read every time. Each program has its own cache file (the name is the
 caller's): they may be run by different users or with different mesh files, and neither should
 keep replacing the other's entry.
@@ -30,16 +31,30 @@ CACHE_VERSION = 1
 MAX_CACHED_MESH = 256 * 1024
 
 
-def identity(mesh_path: str, home: str, account: str | None, cache_name: str) -> tuple[str, str] | None:
+def identity(mesh_path: str, home: str, account: str | None,
+             cache_name: str) -> tuple[str, str] | tuple[None, None] | None:
     """The caller's JID and password for ``account`` (default: the mesh file's operator), from the
-    cache ``HOME/run/cache_name`` or, when it does not match, the mesh file. None when the mesh file
-    does not load, a policy file it names is missing or the password cannot be read: the caller's
+    cache ``HOME/run/cache_name`` or, when it does not match, the mesh file. ``(None, None)`` when this
+    user may not read the mesh file or the password (a service's Unix user, such as nagios): the gateway
+    then knows the caller by its uid, and the request carries no password; so also, without reading
+    anything, for a user who is neither root nor the gateway's own (the socket's owner), whom the gateway
+    knows only by uid whatever the request says (agents/identities.py). None when the mesh file
+    does not load, a policy file it names is missing or the password is missing: the caller's
     full path then says what is wrong, as loading the mesh does."""
+    uid = os.getuid()
+    if uid != 0:
+        try:
+            if os.stat(os.path.join(home, "run", "gateway.sock")).st_uid != uid:
+                return None, None
+        except OSError:
+            pass
     if not os.path.isabs(mesh_path):
         mesh_path = os.path.join(os.getcwd(), mesh_path)
     try:
         with open(mesh_path, "rb") as f:
             data = f.read(MAX_CACHED_MESH + 1)
+    except PermissionError:
+        return None, None
     except OSError:
         return None
     cache = os.path.join(home, "run", cache_name)
@@ -64,6 +79,8 @@ def identity(mesh_path: str, home: str, account: str | None, cache_name: str) ->
     try:
         with open(password_file) as f:
             password = f.read().strip()
+    except PermissionError:
+        return None, None
     except OSError:
         return None
     return f"{account}@{entry['domain']}", password
@@ -107,14 +124,15 @@ def read_cache(path: str, key: dict[str, Any]) -> dict[str, Any] | None:
 
 
 def write_cache(path: str, content: dict[str, Any]) -> None:
-    """Replace the cache atomically; quietly nothing when the run directory is not ours alone."""
+    """Replace the cache atomically; quietly nothing when the run directory is not ours, or others may
+    write into it (the gateway's group may enter it: the cache is 0600 and names no secret)."""
     from .gateway import pack
 
     folder = os.path.dirname(path)
     tmp = f"{path}.{os.getpid()}.tmp"
     try:
         st = os.stat(folder)
-        if st.st_uid != os.getuid() or st.st_mode & 0o077:
+        if st.st_uid != os.getuid() or st.st_mode & 0o022:
             return
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
         with os.fdopen(fd, "wb") as f:

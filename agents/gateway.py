@@ -1,14 +1,21 @@
 """The local gateway: short-lived programs reach the mesh through a long-lived agent's Unix socket.
 
 A login costs tens of milliseconds of SCRAM; `check_vertebra`, `fence_vertebra` and the CLI run for
-less than that. So one agent per host listens on a Unix socket (mode 0600 in a 0700 directory:
-only its own user, or root, can connect) and keeps one logged-in client session per identity that
-has used it. A program presents its own JID and password; the first call logs that identity in,
-later calls reuse the session. Calls still go out as the caller's own JID, so authorization and
-audit see who asked, not the gateway.
+less than that. So one agent per host listens on a Unix socket and keeps one logged-in client session
+per identity that has used it; the first call logs that identity in, later calls reuse the session.
+Calls go out as the caller's own identity, so authorization and audit see who asked, not the gateway.
+
+Who the caller is, the gateway reads from the socket itself (SO_PEERCRED: the caller's uid), by the
+rule of agents/identities.py: root and the gateway's own user present a JID and password, or name an
+identity of the mesh file (``"as": NAME``, whose password file the gateway reads), or are the
+operator when they name nobody; a Unix user the mesh file maps (``unix_user`` of a person or service)
+calls as that identity with no password of its own; anyone else is refused with a sentence. The
+socket is 0660 in a 0750 directory of group ``vertebra`` when that group exists (the installer makes
+it; add ``nagios`` to it), else 0600 in a 0700 directory: only the gateway's user and root.
 
 Frames on the socket are a 4-byte big-endian length and a msgpack map. Request:
-``{"jid", "password", "call": {"op", "args", "on", "scope", "to", "timeout", "deadline", "rid"}}``;
+``{"jid", "password", "as", "call": {"op", "args", "on", "scope", "to", "timeout", "deadline", "rid"}}``
+(``jid`` and ``password`` together or not at all, ``as`` optional);
 answers: zero or more ``{"progress": [target, seq, payload]}`` then one ``{"report": CallReport}``
 or ``{"error": sentence}``. ``deadline`` (optional) is the program's own end as Unix time in
 seconds, which ``call_via_gateway`` and ``call_via_gateway_blocking`` set: a gateway that reads the
@@ -49,6 +56,7 @@ if TYPE_CHECKING:
 
     from .actor import Endpoint
     from .client import Client
+    from .config import MeshConfig
     from .report import CallReport, ProgressFn
 
 
@@ -56,12 +64,17 @@ MAX_REQUEST = 256 * 1024  # a call: op, arguments, targets
 MAX_ANSWER = 256 * 1024 * 1024  # a report may carry a result from each of thousands of targets
 IDLE_SESSION = 300.0  # seconds an unused identity's session is kept
 MAX_HOLDERS = 4096  # remembered (caller, op, resource) -> agent entries; the oldest go first
+GROUP = "vertebra"  # members may connect to the socket (as the identity the mesh file maps them to)
 # How a target's refusal before running reads in a TargetResult ("CONDITION: text", agents.actor).
 _REFUSED = tuple(f"{cls.condition}: " for cls in (BadArguments, UnknownOp))
 
 
 class GatewayUnavailable(Exception):
     """No gateway answers at the socket; the caller should log in directly."""
+
+
+class GatewayRefused(ConnectError):
+    """The gateway will not call for this caller (or not as the identity it named); nothing was sent."""
 
 
 async def _read(reader: asyncio.StreamReader, limit: int) -> Any:
@@ -204,8 +217,15 @@ def _unpack(data: bytes, i: int) -> tuple[Any, int]:
 
 
 class Gateway:
-    def __init__(self, path: Path, endpoint: "Endpoint", broker: str | Sequence[str]) -> None:
+    """The gateway socket at ``path``; with ``mesh`` (the mesh file it serves), callers are known by uid
+    (see the module's docstring), without it only by the JID and password they present."""
+
+    def __init__(self, path: Path, endpoint: "Endpoint", broker: str | Sequence[str],
+                 mesh: "MeshConfig | None" = None) -> None:
+        from .identities import Callers
+
         self.path, self.endpoint, self.broker = path, endpoint, broker
+        self.callers = Callers(mesh) if mesh is not None else None
         self._sessions: dict[str, tuple[bytes, "Client", float]] = {}
         # (caller JID, op, resource) -> the agent that last answered ok for it, oldest first
         self._holders: dict[tuple[str, str, str], str] = {}
@@ -226,7 +246,43 @@ class Gateway:
         finally:
             os.umask(old)
         os.chmod(self.path, 0o600)
+        if self.callers is not None:
+            self._open_to_group()
         self._reaper = asyncio.get_running_loop().create_task(self._reap())
+
+    def _open_to_group(self) -> None:
+        """Let the ``vertebra`` group reach the socket (0660, its directory 0750), when that group exists
+        and this process may give its files to it; the state directory gets the group's search bit
+        when nobody else may enter it. Otherwise the socket stays the gateway's user's and root's."""
+        import grp
+        import logging
+
+        log = logging.getLogger("vertebra.gateway")
+        try:
+            gid = grp.getgrnam(GROUP).gr_gid
+        except KeyError:
+            return
+        run, home = self.path.parent, self.path.parent.parent
+        try:
+            os.chown(run, -1, gid)
+            os.chown(self.path, -1, gid)
+        except PermissionError:
+            log.warning("the gateway cannot give %s to group %s (it runs as uid %d, not in that group): only its"
+                        " own user and root may call through it", run, GROUP, os.getuid())
+            return
+        os.chmod(self.path, 0o660)
+        os.chmod(run, 0o750)
+        st = home.stat()
+        if not st.st_mode & 0o001 and not (st.st_gid == gid and st.st_mode & 0o010) and st.st_uid == os.getuid():
+            os.chown(home, -1, gid)  # search only: its files keep their own, private modes
+            os.chmod(home, (st.st_mode & 0o7777) | 0o010)
+        for folder in [home, *home.parents]:
+            st = folder.stat()
+            if not (st.st_mode & 0o001 or (st.st_gid == gid and st.st_mode & 0o010)):
+                log.warning("members of group %s cannot reach the gateway socket %s: %s is mode %o; let them"
+                            " in with `chgrp %s %s && chmod g+x %s`", GROUP, self.path, folder,
+                            st.st_mode & 0o777, GROUP, folder, folder)
+                break
 
     async def stop(self) -> None:
         if self._reaper:
@@ -264,16 +320,21 @@ class Gateway:
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         import asyncio
 
+        from .identities import CallerRefused
+
         try:
             req = await _read(reader, MAX_REQUEST)
             call = req["call"]
-            client = await self._session(str(req["jid"]), str(req["password"]))
+            jid, password = self._credentials(writer, req)
+            client = await self._session(jid, password)
 
             def progress(target: str, seq: int, payload: Any) -> None:
                 writer.write(_frame({"progress": [target, seq, payload]}))
 
-            report = await self._call(str(req["jid"]), client, call, progress)
+            report = await self._call(jid, client, call, progress)
             writer.write(_frame({"report": report.to_dict()}))
+        except CallerRefused as exc:
+            writer.write(_frame({"error": str(exc), "refused": True}))
         except ConnectError as exc:
             writer.write(_frame({"error": str(exc)}))
         except (KeyError, TypeError, ValueError) as exc:
@@ -286,6 +347,21 @@ class Gateway:
                 writer.close()
             except ConnectionError:
                 pass
+
+    def _credentials(self, writer: asyncio.StreamWriter, req: dict[str, Any]) -> tuple[str, str]:
+        """Who the request is from, by the caller's uid and what it names (agents/identities.py)."""
+        import socket
+
+        from .identities import CallerRefused
+
+        if self.callers is None:  # no mesh file: the caller's own JID and password, as presented
+            if req.get("jid") is None or req.get("password") is None:
+                raise CallerRefused("this gateway knows no mesh file, so a call must present a JID and password")
+            return str(req["jid"]), str(req["password"])
+        sock = writer.get_extra_info("socket")
+        creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+        _pid, uid, _gid = struct.unpack("3i", creds)
+        return self.callers.credentials(uid, req)
 
     async def _call(self, jid: str, client: "Client", call: dict[str, Any], progress: "ProgressFn") -> "CallReport":
         """Make ``call`` as ``jid``: straight to the agent that last answered it, if the gateway
@@ -348,6 +424,23 @@ class Gateway:
                 del self._locks[jid]
 
 
+def _request(jid: str | None, password: str | None, call: dict[str, Any], as_identity: str | None) -> dict[str, Any]:
+    """The request frame: the caller's JID and password when it has them, else none (the gateway knows
+    the caller by uid), and the identity it asks to call as, if any."""
+    request: dict[str, Any] = {"call": _with_deadline(call)}
+    if jid is not None and password is not None:
+        request.update(jid=jid, password=password)
+    if as_identity is not None:
+        request["as"] = as_identity
+    return request
+
+
+def _failure(msg: dict[str, Any]) -> ConnectError:
+    """The error an answer without a report stands for: refused (nothing was sent) or failed."""
+    text = str(msg.get("error", "gateway gave no answer"))
+    return GatewayRefused(text) if msg.get("refused") else ConnectError(text)
+
+
 def _with_deadline(call: dict[str, Any]) -> dict[str, Any]:
     """The call with the caller's end as a clock time (the gateway is on this host: one clock)."""
     if call.get("deadline") is not None:
@@ -355,9 +448,11 @@ def _with_deadline(call: dict[str, Any]) -> dict[str, Any]:
     return {**call, "deadline": time.time() + float(call.get("timeout", 30.0))}
 
 
-async def call_via_gateway(path: Path, jid: str, password: str, call: dict[str, Any],
-                           progress: ProgressFn | None = None) -> CallReport:
-    """Make a call through the gateway at ``path``; GatewayUnavailable if none answers there."""
+async def call_via_gateway(path: Path, jid: str | None, password: str | None, call: dict[str, Any],
+                           progress: ProgressFn | None = None, *, as_identity: str | None = None) -> CallReport:
+    """Make a call through the gateway at ``path`` as ``jid`` (with its password), or, without them, as
+    the gateway knows the caller's Unix user (``as_identity``: as that identity of the mesh file);
+    GatewayUnavailable if none answers there, GatewayRefused if it will not call for this caller."""
     import asyncio
 
     from .report import CallReport
@@ -367,7 +462,7 @@ async def call_via_gateway(path: Path, jid: str, password: str, call: dict[str, 
     except (FileNotFoundError, ConnectionRefusedError, PermissionError) as exc:
         raise GatewayUnavailable(f"no gateway at {path}: {exc.strerror}") from None
     try:
-        writer.write(_frame({"jid": jid, "password": password, "call": _with_deadline(call)}))
+        writer.write(_frame(_request(jid, password, call, as_identity)))
         # The call's own budget bounds the gateway; the extra seconds cover a first login.
         async with asyncio.timeout(float(call.get("timeout", 30.0)) + 20.0):
             while True:
@@ -378,7 +473,7 @@ async def call_via_gateway(path: Path, jid: str, password: str, call: dict[str, 
                 elif "report" in msg:
                     return CallReport.from_dict(msg["report"])
                 else:
-                    raise ConnectError(msg.get("error", "gateway gave no answer"))
+                    raise _failure(msg)
     except (asyncio.IncompleteReadError, ConnectionError, ValueError) as exc:
         # Not GatewayUnavailable: the call may have gone out, and falling back would send it again.
         raise CallInterrupted(f"the gateway at {path} failed during the call ({exc.__class__.__name__});"
@@ -387,11 +482,13 @@ async def call_via_gateway(path: Path, jid: str, password: str, call: dict[str, 
         writer.close()
 
 
-def call_via_gateway_blocking(path: Path | str, jid: str, password: str, call: dict[str, Any], *,
-                              limit: float | None = None) -> dict[str, Any]:
+def call_via_gateway_blocking(path: Path | str, jid: str | None, password: str | None, call: dict[str, Any], *,
+                              limit: float | None = None, as_identity: str | None = None) -> dict[str, Any]:
     """``call_via_gateway`` without an event loop, for short programs: the report as the plain
-    mapping ``CallReport.to_dict`` gives (progress reports are read and dropped). Raises
-    GatewayUnavailable if no gateway answers at ``path``, ConnectError if it fails during the call
+    mapping ``CallReport.to_dict`` gives (progress reports are read and dropped). Without ``jid`` and
+    ``password`` the gateway knows the caller by its Unix user (``as_identity``: as that identity).
+    Raises GatewayUnavailable if no gateway answers at ``path``, GatewayRefused if it will not call
+    for this caller, ConnectError if it fails during the call
     (the op may have run: do not fall back to a login then), TimeoutError past the same bound as
     ``call_via_gateway`` (the call's timeout plus 20 s for a first login), or past ``limit``
     seconds if that is given."""
@@ -425,7 +522,7 @@ def call_via_gateway_blocking(path: Path | str, jid: str, password: str, call: d
             return b"".join(chunks)
 
         try:
-            request = pack({"jid": jid, "password": password, "call": _with_deadline(call)})
+            request = pack(_request(jid, password, call, as_identity))
             sock.sendall(struct.pack(">I", len(request)) + request)
             while True:
                 (size,) = struct.unpack(">I", read_exactly(4))
@@ -436,7 +533,7 @@ def call_via_gateway_blocking(path: Path | str, jid: str, password: str, call: d
                     continue
                 if "report" in msg:
                     return msg["report"]
-                raise ConnectError(msg.get("error", "gateway gave no answer"))
+                raise _failure(msg)
         except (ConnectionError, ValueError) as exc:
             # Not GatewayUnavailable: the call may have gone out, and falling back would send it again.
             raise CallInterrupted(f"the gateway at {path} failed during the call ({exc.__class__.__name__});"

@@ -74,6 +74,9 @@ class Callers:
                                         f" {name!r} is none; add it under people: or services: there first")
                 return mesh.jid(name), self._password(name)
             if frame.get("jid") is not None:
+                if frame.get("password") is None:
+                    raise CallerRefused(f"a call as {frame['jid']} must present its password, or name a person or"
+                                        " service of the mesh file with \"as\" instead")
                 return str(frame["jid"]), str(frame["password"])
             return mesh.jid(mesh.operator), self._password(mesh.operator)
         user = user_name(uid)

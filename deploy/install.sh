@@ -2,7 +2,7 @@
 # Set up everything Vertebra needs on a Debian 12 machine, from nothing: the Debian packages of the
 # real parts (Prosody, check plugins, fence agents, Pacemaker, btrfs tools) and the project's virtualenv.
 # Idempotent: a second run checks and returns in well under a second. Run from anywhere; needs root
-# (or sudo) only when a Debian package is missing.
+# (or sudo) only when a Debian package or the group vertebra (the gateway socket's) is missing.
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -104,10 +104,24 @@ install_packages() {
     done
 }
 
+install_group() {
+    # Members of this group may connect to the local gateway socket (agents/gateway.py), each as the
+    # identity the mesh file maps its Unix user to: add the users of programs that call the mesh,
+    # e.g. `usermod -aG vertebra nagios` (docs/nagios.md).
+    if getent group vertebra >/dev/null; then
+        say "group vertebra present"
+        return
+    fi
+    as_root groupadd --system vertebra
+    say "group vertebra created (add the users whose programs call the mesh: usermod -aG vertebra nagios)"
+}
+
 install_venv() {
     if [ ! -x "$VENV/bin/python" ]; then
         say "creating $VENV"
-        python3 -m venv "$VENV"
+        # Debian's interpreter, not whichever python3 comes first on PATH (a pyenv one under /root, say):
+        # Nagios runs check_vertebra as user nagios, which must be able to execute the venv's python.
+        /usr/bin/python3 -m venv "$VENV"
     fi
     # Newer project metadata or a newer way of installing it (this script): install again.
     if [ ! -e "$STAMP" ] || [ "$ROOT/pyproject.toml" -nt "$STAMP" ] || [ "$ROOT/deploy/install.sh" -nt "$STAMP" ]; then
@@ -122,5 +136,6 @@ install_venv() {
 }
 
 install_packages
+install_group
 install_venv
 say "done"

@@ -3,7 +3,7 @@
 Pacemaker (or any RHCS-style cluster manager) runs it like any `fence_*` program: `key=value` lines on
 stdin, or command-line options. `metadata` and `validate-all` are answered here; off, on, reboot,
 status, list and monitor go to the mesh through `perform`: the mesh file in `vertebra_home`, the
-local gateway (else a direct login) as `account`, a fencing agent that can fence the node on
+local gateway (else a direct login) as `identity` or `account`, a fencing agent that can fence the node on
 /cluster/{cluster}/node/{node}. It finishes inside the `timeout` parameter (default 50 s, inside
 Pacemaker's 60 s) and fails rather than run out of time; off/on/reboot exit 0 only when the mesh
 confirms the new power state.
@@ -72,6 +72,8 @@ def parameters() -> tuple[fence_api.Parameter, ...]:
                   value_hint="dir"),
         Parameter("account", "Mesh account to fence as (default: the mesh file's operator); its "
                   "password is read from the state directory", value_hint="name"),
+        Parameter("identity", "Person or service of the mesh file to fence as (e.g. fence-c1), instead of "
+                  "account: the local gateway reads its password", value_hint="name"),
         Parameter("timeout", "Seconds to wait for the mesh before reporting failure",
                   type="second", default=DEFAULT_TIMEOUT, value_hint="seconds"),
         Parameter("verbose", "Verbose mode", type="boolean", short="v"),
@@ -147,7 +149,9 @@ def validate(request: fence_api.FenceRequest) -> list[str]:
     value = request.options.get("vertebra_home")
     if value is not None and not os.path.isabs(value):
         problems.append(f"vertebra_home={value!r} must be an absolute path")
-    for key in ("cluster", "account"):
+    if request.options.get("identity") and request.options.get("account"):
+        problems.append("identity= and account= both name who to fence as: give one of them")
+    for key in ("cluster", "account", "identity"):
         value = request.options.get(key)
         if value is not None and not re.fullmatch(SEGMENT, value):
             problems.append(f"{key}={value!r} is not a valid name (letters, digits and _ . : @ + -)")
@@ -202,7 +206,7 @@ async def perform(action: str, node: str | None, options: Mapping[str, str], sta
     start = time.monotonic() if started is None else started
     end = start + float(options.get("timeout", DEFAULT_TIMEOUT)) - ANSWER_MARGIN
     mesh = load_mesh(options)
-    account = options.get("account") or None
+    account = options.get("identity") or options.get("account") or None
 
     conv = conversation(action, node, options)
     try:
@@ -302,7 +306,8 @@ def usage() -> str:
 
 # -- the lean path -------------------------------------------------------------------------------
 
-_LEAN_KEYS = frozenset({"action", "plug", "port", "nodename", "cluster", "vertebra_home", "account", "timeout"})
+_LEAN_KEYS = frozenset({"action", "plug", "port", "nodename", "cluster", "vertebra_home", "account", "identity",
+                        "timeout"})
 
 
 def lean_request(argv: Sequence[str], stdin_text: str | None) -> tuple[str, str | None, dict[str, str]] | None:
@@ -345,7 +350,9 @@ def lean_request(argv: Sequence[str], stdin_text: str | None) -> tuple[str, str 
     home = pairs.get("vertebra_home", os.environ.get("VERTEBRA_HOME") or "/")
     if not os.path.isabs(home):
         return None
-    names = [pairs[k] for k in ("cluster", "account") if k in pairs] + ([node] if node is not None else [])
+    if pairs.get("identity") and pairs.get("account"):
+        return None
+    names = [pairs[k] for k in ("cluster", "account", "identity") if k in pairs] + ([node] if node is not None else [])
     if not all(re.fullmatch(SEGMENT, n) for n in names):
         return None
     return action, node, pairs
@@ -363,7 +370,10 @@ def _lean_run(action: str, node: str | None, options: dict[str, str], started: f
     mesh_path = os.path.join(home, "mesh.yaml")
     if not os.path.exists(socket_path) or not os.path.isfile(mesh_path):
         return None
-    identity = fastpath.identity(mesh_path, home, options.get("account") or None, CACHE_NAME)
+    # identity=NAME: the gateway calls as that identity of the mesh file and reads its password itself.
+    as_identity = options.get("identity") or None
+    identity = (None, None) if as_identity else fastpath.identity(mesh_path, home, options.get("account") or None,
+                                                                  CACHE_NAME)
     if identity is None:
         return None
     from agents.gateway import GatewayUnavailable, call_via_gateway_blocking
@@ -378,7 +388,7 @@ def _lean_run(action: str, node: str | None, options: dict[str, str], started: f
         call = {"op": op, "args": args, "on": on, "scope": scope, "to": [], "timeout": remaining, "rid": None}
         # The hard bound is the timeout itself, as the full path's wait_for: a failure, not a kill.
         return call_via_gateway_blocking(socket_path, identity[0], identity[1], call,
-                                         limit=started + timeout - now)
+                                         limit=started + timeout - now, as_identity=as_identity)
 
     try:
         return _checked(action, timeout, lambda: _drive(conversation(action, node, options), ask))

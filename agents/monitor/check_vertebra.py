@@ -190,7 +190,7 @@ def _lean_run(o: dict[str, Any]) -> tuple[str, int] | None:
     """Run the call through the gateway; None when the full path must do it (no gateway, a mesh
     file that does not load, a password missing: the full path says what is wrong)."""
     from agents.errors import ConnectError
-    from agents.gateway import GatewayUnavailable, call_via_gateway_blocking
+    from agents.gateway import GatewayRefused, GatewayUnavailable, call_via_gateway_blocking
 
     home = _home(o.get("home"))
     socket_path = os.path.join(home, "run", "gateway.sock")
@@ -206,9 +206,13 @@ def _lean_run(o: dict[str, Any]) -> tuple[str, int] | None:
     call = {"op": "monitor.check", "args": {"check": o["check"], "args": o["arg"]}, "on": [target],
             "scope": "one" if "hostname" in o else "all", "to": [], "timeout": seconds, "rid": None}
     try:
-        report = call_via_gateway_blocking(socket_path, identity[0], identity[1], call, limit=seconds + GRACE)
+        # Without a password of its own (nagios), the gateway knows the caller by its Unix user.
+        report = call_via_gateway_blocking(socket_path, identity[0], identity[1], call, limit=seconds + GRACE,
+                                           as_identity=o.get("account") if identity[1] is None else None)
     except GatewayUnavailable:
         return None  # nothing was sent: the full path logs in directly
+    except GatewayRefused as exc:
+        return f"UNKNOWN - {PROG}: {exc}", UNKNOWN
     except (ConnectError, OSError, TimeoutError) as exc:
         return f"UNKNOWN - {PROG}: mesh unreachable: {exc}", UNKNOWN
     if "resource" in o:
@@ -290,6 +294,7 @@ def _run(ns: "argparse.Namespace") -> tuple[str, "State"]:
 
     from agents import config as meshconf, resources
     from agents.errors import ConnectError
+    from agents.gateway import GatewayRefused
     from agents.session import mesh_call
 
     seconds, timeout_state = ns.timeout
@@ -305,6 +310,8 @@ def _run(ns: "argparse.Namespace") -> tuple[str, "State"]:
                                    scope="one" if ns.hostname else "all", timeout=seconds, account=ns.account)
     try:
         report = asyncio.run(call())
+    except GatewayRefused as exc:
+        return f"UNKNOWN - {PROG}: {exc}", State.UNKNOWN
     except (ConnectError, OSError, TimeoutError, meshconf.ConfigError) as exc:
         return f"UNKNOWN - {PROG}: mesh unreachable: {exc}", State.UNKNOWN
 

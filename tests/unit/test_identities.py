@@ -68,3 +68,48 @@ def test_errors_name_the_line_and_field(tmp_path, section, line, message):
         load(tmp_path, "server: {domain: example.test}\nagents: [{name: mon1, kind: monitor}]\n" + section)
     assert str(err.value).startswith(f"{tmp_path / 'mesh.yaml'}:{line}: "), str(err.value)
     assert message in str(err.value)
+
+
+def _uid_of(user: str) -> int:
+    import pwd
+
+    try:
+        return pwd.getpwnam(user).pw_uid
+    except KeyError:
+        pytest.skip(f"no Unix user {user} here")
+
+
+def test_the_gateway_knows_callers_by_uid(tmp_path):
+    from agents.identities import CallerRefused, Callers
+
+    mesh = load(tmp_path, MESH.replace("unix_user: bob", "unix_user: nobody"))
+    passwords = mesh.ensure_passwords()
+    callers = Callers(mesh)
+    root = 0
+    # root: the operator when it names nobody, any account it names with "as", or the JID it presents.
+    assert callers.credentials(root, {}) == ("operator@example.test", passwords["operator"])
+    assert callers.credentials(root, {"as": "fence-c1"}) == ("fence-c1@example.test", passwords["fence-c1"])
+    assert callers.credentials(root, {"jid": "x@example.test", "password": "pw"}) == ("x@example.test", "pw")
+    with pytest.raises(CallerRefused, match="'mallory' is none; add it under people: or services:"):
+        callers.credentials(root, {"as": "mallory"})
+    with pytest.raises(CallerRefused, match="must present its password"):
+        callers.credentials(root, {"jid": "x@example.test"})
+    # A mapped user is its identity, with no password of its own; it may name itself, nobody else.
+    nobody = _uid_of("nobody")
+    assert callers.credentials(nobody, {}) == ("bob@example.test", passwords["bob"])
+    assert callers.credentials(nobody, {"as": "bob"}) == ("bob@example.test", passwords["bob"])
+    with pytest.raises(CallerRefused, match="Unix user nobody calls through the gateway as bob@example.test only"):
+        callers.credentials(nobody, {"jid": "operator@example.test", "password": passwords["operator"]})
+    with pytest.raises(CallerRefused, match="not as alice"):
+        callers.credentials(nobody, {"as": "alice"})
+
+
+def test_the_gateway_refuses_an_unmapped_user_saying_how_to_map_it(tmp_path):
+    from agents.identities import CallerRefused, Callers
+
+    mesh = load(tmp_path, MESH.replace("unix_user: nagios", "unix_user: nagios-x"))
+    uid = _uid_of("nobody")
+    with pytest.raises(CallerRefused) as err:
+        Callers(mesh).credentials(uid, {"jid": "operator@example.test", "password": "guess"})
+    assert str(err.value).startswith(f"the gateway refuses Unix user nobody (uid {uid}): the mesh file")
+    assert "add one under people: or services: with unix_user: nobody" in str(err.value)
