@@ -243,8 +243,9 @@ def plain_resource(path: str) -> bool:
     return True
 
 
-def _identity(o: dict[str, Any], home: str) -> tuple[str, str] | None:
-    """The caller's JID and password, from the cache or, when it does not match, the mesh file."""
+def _identity(o: dict[str, Any], home: str) -> tuple[str, str] | tuple[None, None] | None:
+    """The caller's JID and password, from the cache or, when it does not match, the mesh file;
+    (None, None) when the gateway is to know the caller by its Unix user (``fastpath.identity``)."""
     from agents import fastpath
 
     return fastpath.identity(o.get("mesh") or os.path.join(home, "mesh.yaml"), home, o.get("account"), CACHE_NAME)
