@@ -25,7 +25,7 @@ import hashlib
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Protocol, Sequence
+from typing import Any, Callable, Iterable, NamedTuple, Protocol, Sequence
 
 from rbac import Gate, LoadResult
 
@@ -34,9 +34,9 @@ from .ops import OpSpec
 log = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
-class Request:
-    """What the rules know of the request being decided."""
+class Request(NamedTuple):
+    """What the rules know of the request being decided (a named tuple: made for every request, and
+    a frozen dataclass costs three times as much to make)."""
 
     caller: str  # bare JID of whom it is decided for: its sender, or whom a delegate sends it for
     resources: Sequence[str]  # the canonical resources it acts on
