@@ -36,7 +36,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import Counter, OrderedDict
-from typing import Any, Callable, Hashable
+from typing import Any, Callable, Hashable, Literal
 from xml.etree import ElementTree
 
 from slixmpp import JID
@@ -256,7 +256,8 @@ class OpsRoom:
 
     def members(self) -> set[str]:
         """Who belongs in the room now: the admins and the people the policy names, not the bot."""
-        return (self.admins | room_members(*[a for a in self._authorizers if a is not None])) - {self.actor.jid.bare.lower()}
+        people = self.admins | room_members(*[a for a in self._authorizers if a is not None])
+        return people - {self.actor.jid.bare.lower()}
 
     async def sync_members(self) -> None:
         """Give member affiliation to whoever belongs and take it from anyone else (owners and
@@ -264,8 +265,10 @@ class OpsRoom:
         wanted = self.members()
         if wanted == self._members:
             return
-        current = {str(j).lower() for j in await self.muc.get_affiliation_list(self.room, "member", timeout=JOIN_TIMEOUT)}
-        changes = [(j, "member") for j in sorted(wanted - current)] + [(j, "none") for j in sorted(current - wanted)]
+        listed = await self.muc.get_affiliation_list(self.room, "member", timeout=JOIN_TIMEOUT)
+        current = {str(j).lower() for j in listed}
+        changes: list[tuple[str, Literal["member", "none"]]] = \
+            [(j, "member") for j in sorted(wanted - current)] + [(j, "none") for j in sorted(current - wanted)]
         for jid, affiliation in changes:  # one item per IQ: Prosody reads only the first of a list
             await self.muc.set_affiliation(self.room, affiliation, jid=JID(jid), timeout=JOIN_TIMEOUT)
         if changes:

@@ -215,7 +215,8 @@ class Broker(Agent):
     async def discover(self, call: Call,
                        op: Annotated[str, Arg("only agents offering this op (all ops if empty)")] = "",
                        resources: Annotated[list[str], Arg("only agents holding these resources,"
-                                                           " their ancestors or descendants")] = ()) -> list:
+                                                           " their ancestors or descendants")] = (),  # type: ignore[assignment]
+                       ) -> list:
         """Find the live agents that offer an op on resources."""
         try:
             wanted = [check_resource(r) for r in resources]
@@ -332,7 +333,9 @@ class Broker(Agent):
     async def _query(self, jid: str, node: str, ver: str, hash_name: str) -> Capabilities | None:
         plugin = self.xmpp.plugin["xep_0115"]
         try:
-            iq = await self.xmpp.plugin["xep_0030"].get_info(jid=jid, node=f"{node}#{ver}", timeout=DISCO_TIMEOUT)
+            # A str, as slixmpp's code takes it (its annotation says JID): its own JID is answered locally.
+            iq = await self.xmpp.plugin["xep_0030"].get_info(jid=jid, node=f"{node}#{ver}",  # type: ignore[arg-type]
+                                                             timeout=DISCO_TIMEOUT)
         except (IqError, IqTimeout) as exc:
             log.warning("disco#info of %s failed: %s", jid, exc)
             return None
