@@ -447,6 +447,8 @@ async def run_broker(cfg: dict[str, Any], emit: Any, commands: asyncio.Queue) ->
                             Endpoint(cfg["host"], cfg["port"], DOMAIN, ctx), authorizer=AdminsOnly(cfg["admins"]))
     for user in cfg["agents"]:  # as a mesh file's agents: would name them (no resources)
         broker.admit(f"{user}@{DOMAIN}", KIND, ())
+    broker.xmpp.plugin["xep_0199"].timeout = cfg["ping_timeout"]
+    logging.getLogger("agents.actor").setLevel(logging.INFO)  # its reconnects, with the reason
     await broker.start(timeout=60)
     profile: cProfile.Profile | None = None
     try:
@@ -578,13 +580,15 @@ class ScaleBench:
 
         if not ejabberd_installed():
             raise SystemExit("ejabberd is not installed: run `apt-get install -y ejabberd`")
+        self.render_with_ack_queue()
         count = self.args.nodes or max(2, math.ceil(max(self.args.sizes) / SESSIONS_PER_NODE))
         epmd = rt.free_port()  # a private epmd, never the machine's own on 4369
         first = PrivateEjabberd(self.home, DOMAIN, port=rt.free_port(), node_name="scale1@127.0.0.1",
-                                epmd_port=epmd)
+                                epmd_port=epmd, log_level=self.args.ejabberd_log)
         self.nodes = [first] + [
             PrivateEjabberd(self.home, DOMAIN, port=rt.free_port(), node_name=f"scale{i}@127.0.0.1", epmd_port=epmd,
-                            cluster_join=first.node_name, tls_from=first.dir) for i in range(2, count + 1)]
+                            cluster_join=first.node_name, tls_from=first.dir, log_level=self.args.ejabberd_log)
+            for i in range(2, count + 1)]
         t = time.monotonic()
         for node in self.nodes:
             node.start(timeout=120)
@@ -594,6 +598,27 @@ class ScaleBench:
             self.notes.append(f"{count} ejabberd nodes, not 2: this container's hard limit of"
                               f" {resource.getrlimit(resource.RLIMIT_NOFILE)[1]:,} open files per process"
                               f" (not raisable here) caps a node below that many sessions")
+
+    def render_with_ack_queue(self) -> None:
+        """Every node's config with mod_stream_mgmt's max_ack_queue set (``--ack-queue``)."""
+        from agents.ejabberd import PrivateEjabberd
+
+        render = PrivateEjabberd._render_config
+        queue = self.args.ack_queue
+
+        def rendered(node: Any) -> str:
+            text = render(node)
+            if "  mod_stream_mgmt:\n" not in text:
+                raise RuntimeError("deploy/ejabberd.yml.in no longer configures mod_stream_mgmt as this benchmark"
+                                   " expects: update render_with_ack_queue")
+            return text.replace("  mod_stream_mgmt:\n", f"  mod_stream_mgmt:\n    max_ack_queue: {queue}\n", 1)
+        PrivateEjabberd._render_config = rendered  # type: ignore[method-assign]
+        if queue != "5000":
+            self.notes.append(
+                f"the nodes run with mod_stream_mgmt max_ack_queue: {queue} (ejabberd's default, and the product"
+                " config's, is 5,000): at the default a session that is sent more than 5,000 stanzas it has not"
+                " yet acknowledged is closed for policy-violation (\"Too many unacked stanzas\"), which cut the"
+                " broker (10,000 agents' presences) and the caller (6,000 answers) here; --ack-queue 5000 shows it")
 
     def stop_cluster(self) -> None:
         for node in reversed(self.nodes):
@@ -703,12 +728,17 @@ class ScaleBench:
         self.broker_jid = f"{BROKER_USER}@{DOMAIN}/broker"
         self.broker = Child("broker", "--broker", {
             "host": first.host, "port": first.port, "cert": str(first.cert_path), "agents": users,
-            "password": accounts[BROKER_USER], "admins": [self.client_jid]}, self.home)
+            "password": accounts[BROKER_USER], "admins": [self.client_jid], "ping_timeout": args.ping_timeout},
+            self.home)
         await self.broker.spawn()
         await self.broker.wait_ready(90)
         endpoint = Endpoint(first.host, first.port, DOMAIN, first.ssl_context())
         self.client = Client(self.client_jid, accounts[CALLER_USER], endpoint, broker=self.broker_jid)
+        self.client.xmpp.plugin["xep_0199"].timeout = args.ping_timeout
         await self.client.start(timeout=30)
+        if args.ping_timeout != 10:
+            self.notes.append(f"the broker's and the caller's keepalive ping timeout is {args.ping_timeout:g} s here,"
+                              " not the runtime's 10 s")
 
         online: list[str] = []
         for n in sizes:
@@ -807,6 +837,8 @@ class ScaleBench:
                           f" {up:.1f}s); all {n:,} agents back and listed {back:.1f}s after the nodes were up,"
                           f" {total:.1f}s after the restart began")
         self.rows[-1]["storm: listed again (s)"] = f"{back:.1f}"
+        self.notes.append(f"the broker had {(await self.broker_status())['sessions']} XMPP sessions in the whole run"
+                          " (each new one clears its directory): one at the start, one after the restart")
 
     async def close(self) -> None:
         async def quietly(aw: Any, timeout: float) -> None:
@@ -842,6 +874,11 @@ def main(argv: list[str] | None = None) -> int:
                         help=f"ejabberd nodes (default: 2, or as many as hold {SESSIONS_PER_NODE:,} sessions each)")
     parser.add_argument("--per-worker", type=int, default=PER_WORKER, help="simulated agents per process")
     parser.add_argument("--login-concurrency", type=int, default=64, help="logins in flight per process")
+    parser.add_argument("--ping-timeout", type=float, default=10.0,
+                        help="the broker's and the caller's keepalive ping timeout, s (the runtime's is 10)")
+    parser.add_argument("--ack-queue", default="infinity",
+                        help="the nodes' mod_stream_mgmt max_ack_queue (ejabberd's default: 5000)")
+    parser.add_argument("--ejabberd-log", default="warning", help="the nodes' log level (info says why sessions end)")
     parser.add_argument("--time-limit", type=float, default=3600, help="abort the whole run after this many s")
     parser.add_argument("--keep", action="store_true", help="keep the temporary home (logs) afterwards")
     parser.add_argument("--pool", action="store_true", help=argparse.SUPPRESS)
