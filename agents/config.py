@@ -1,4 +1,5 @@
-"""The mesh file: one YAML document that says which server, broker, agents and admins make a mesh.
+"""The mesh file: one YAML document that says which server, broker, agents and admins make a mesh, and
+which people and services (``people:``, ``services:``) have accounts on it.
 
 Every error names the file, the line, the field and what was expected (agents/schema.py), e.g.
 ``mesh.yaml:12: agents[1].resources[0]: resource 'host' must be an absolute path such as /host/db1``.
