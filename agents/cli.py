@@ -4,7 +4,7 @@
     vertebra server start|stop|status
     vertebra broker | agent NAME     run one actor in the foreground
     vertebra agents [--json]         the live agents, their ops and resources
-    vertebra call OP [--on RESOURCE ...] [--scope all|one] [--to JID ...] [--timeout S] [--json] key=value ...
+    vertebra call OP [--on RESOURCE ...] [--scope all|one] [--to JID ...] [--timeout S] [--json|--yaml] key=value ...
     vertebra help [OP]               an op's arguments, as a live agent offering it describes them
     vertebra policy check FILE       lint an authorization policy and check its examples, offline
     vertebra policy reload           the broker re-reads the mesh's policy file and pushes it to every agent
@@ -38,7 +38,8 @@ from . import config as meshconf
 from .errors import BadArguments, CallInterrupted, ConnectError, Outcome
 from .report import EXIT_USAGE, CallReport, TargetResult
 from .gateway import Gateway
-from .ops import OpSpec
+from .ops import OpSpec, Result
+from .render import render
 from .session import mesh_call
 from .pairs import parse_pairs
 from . import kinds
@@ -124,6 +125,7 @@ def _parser() -> argparse.ArgumentParser:
                       help="send to these agents directly, without discovery (repeatable)")
     call.add_argument("--timeout", type=_seconds, default=30.0, help="seconds for the whole call (default 30)")
     call.add_argument("--json", action="store_true", help="print the results as JSON")
+    call.add_argument("--yaml", action="store_true", help="print the results as YAML")
     hlp = sub.add_parser("help", help="show an op's arguments, or list every op (asks the running mesh)")
     hlp.add_argument("op", nargs="?")
     hlp.add_argument("--timeout", type=_seconds, default=10.0)
@@ -139,6 +141,7 @@ def _parser() -> argparse.ArgumentParser:
     wf.add_argument("words", nargs="*", metavar="WORD", help="e.g. run masked-copy source=db; approve ID STEP")
     wf.add_argument("--timeout", type=_seconds, default=90.0)
     wf.add_argument("--json", action="store_true")
+    wf.add_argument("--yaml", action="store_true")
     aud = sub.add_parser("audit", help="verify or show the audit logs of this machine's agents")
     aud.add_argument("action", choices=("verify", "show"))
     aud.add_argument("--agent", action="append", default=[], metavar="NAME",
@@ -284,11 +287,9 @@ def cmd_workflow(mesh: meshconf.MeshConfig, ns: argparse.Namespace) -> int:
     except BadArguments as exc:
         print(f"vertebra: {exc} (see `vertebra help {spec.name}`)", file=sys.stderr)
         return EXIT_USAGE
+    sent = time.monotonic()
     report = _call_broker(mesh, spec.name, args, _left(ns.timeout, started))
-    if report.ok and not ns.json:
-        print(json.dumps(report.results[0].result, indent=2, default=str))
-    else:
-        _print_report(report, ns.json)
+    _print_report(report, ns.json, spec.result, time.monotonic() - sent, as_yaml=ns.yaml)
     return report.exit_code
 
 
@@ -429,9 +430,11 @@ def cmd_call(mesh: meshconf.MeshConfig, ns: argparse.Namespace) -> int:
         print(f"{target}: progress {seq}: {_show(payload)}", file=sys.stderr)
 
     scope = ns.scope or (spec.scope if spec is not None else "all")
+    sent = time.monotonic()
     report = _run_call(mesh, ns.op, args, _left(ns.timeout, started), on=on, scope=scope,
                        to=[_full_jid(mesh, t) for t in ns.to], progress=progress)
-    _print_report(report, ns.json)
+    _print_report(report, ns.json, spec.result if spec is not None else None, time.monotonic() - sent,
+                  as_yaml=ns.yaml)
     return report.exit_code
 
 
@@ -455,22 +458,27 @@ def _show(value: Any) -> str:
     return value if isinstance(value, str) else json.dumps(value, sort_keys=True, default=str)
 
 
-def _print_report(report: CallReport, as_json: bool) -> None:
-    if as_json:
-        print(json.dumps({"results": [r.to_dict() for r in report.results]}, indent=2, default=str))
+def _print_report(report: CallReport, as_json: bool, result: Result | None = None, elapsed: float | None = None,
+                  *, as_yaml: bool = False) -> None:
+    """The report as JSON or YAML when asked, else as people read it: the op's declared ``result``
+    fields as a table or a block per target, the failures, and a summary line (agents/render.py)."""
+    if as_json or as_yaml:
+        data = {"results": [r.to_dict() for r in report.results]}
+        if as_json:
+            print(json.dumps(data, indent=2, default=str))
+        else:
+            import yaml  # only for --yaml
+
+            # Plain types first (a result may hold what only JSON's default=str can write).
+            print(yaml.safe_dump(json.loads(json.dumps(data, default=str)), sort_keys=False, allow_unicode=True),
+                  end="")
         return
     if report.op == "storage.report" and all(r.outcome is Outcome.OK for r in report.results):
         from .storage.selfservice import report_tables  # tables per owner, source and clone
         for r in report.results:
             print(f"{r.target}\n{report_tables(r.result)}\n")
         return
-    width = max([len(r.target) for r in report.results] + [6])
-    print(f"{'TARGET':<{width}}  {'OUTCOME':<14}  RESULT")
-    for r in report.results:
-        detail = _show(r.result) if r.outcome is Outcome.OK else (r.error or "")
-        print(f"{r.target:<{width}}  {r.outcome.value:<14}  {detail}")
-    counts = ", ".join(f"{n} {o}" for o, n in report.counts().items()) or "no targets"
-    print(f"{report.op}: {counts}")
+    print(render(report, result, elapsed))
 
 
 # -- running actors --------------------------------------------------------------------------------

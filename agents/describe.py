@@ -6,7 +6,8 @@ per argument, its XEP-0004 type (``list-single`` with options for a choice, ``te
 ``list-multi`` for a list, ``boolean``, ``text-private`` for a secret), ``required``, its help as
 ``desc`` and its default as value, with XEP-0122 validation for the datatype, range and pattern. The
 op's own facts (effect, deadline, progress, resources, address, scope, sender) are hidden fields
-named ``op#FACT``, which no argument name can take; the form's title is the op's name, its
+named ``op#FACT``, which no argument name can take (``op#result``, what the op answers for people
+to read, is its fields and summary as one JSON text); the form's title is the op's name, its
 instructions the summary and description. disco#items on the node ``urn:vertebra:ops`` lists every
 op the agent serves, named by its summary. docs/protocol.md (section 4.7) is the contract.
 
@@ -18,11 +19,12 @@ agent's code, and the ops it serves are in its caps hash, so a reader caches the
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable, Mapping
 from typing import Any
 
 from .errors import BadArguments, UnknownOp
-from .ops import OpSpec, Param
+from .ops import OpSpec, Param, Result
 
 OP_NODE_PREFIX = "urn:vertebra:op#"  # disco#info node of one op: this prefix and the op's name
 OPS_NODE = "urn:vertebra:ops"  # disco#items node listing every op served
@@ -76,6 +78,9 @@ def form_of(xmpp: Any, spec: OpSpec) -> Any:
             continue
         form.add_field(var=_FACT + fact, ftype="hidden",
                        value=[str(v) for v in value] if isinstance(value, list) else _text(value))
+    if spec.result is not None:
+        form.add_field(var=_FACT + "result", ftype="hidden",
+                       value=json.dumps(described["result"], separators=(",", ":")))
     for p in spec.params:
         field = form.add_field(var=p.name, ftype=_field_type(p), label=p.name, desc=p.help, required=p.required,
                                options=[{"label": str(c), "value": _text(c)} for c in p.choices or ()] or None)
@@ -129,7 +134,8 @@ def description_of(form: Any) -> dict[str, Any]:
         "effect": fact("effect") or "change", "deadline": float(fact("deadline") or 30.0),
         "progress": fact("progress") == "true", "address": fact("address"),
         "resources": _values(facts["resources"]) if "resources" in facts else [],
-        "scope": fact("scope") or "all", "sender": fact("sender") or "anyone"}
+        "scope": fact("scope") or "all", "sender": fact("sender") or "anyone",
+        "result": json.loads(fact("result")) if fact("result") else None}
     out["destructive"] = out["effect"] == "destructive"
     params = []
     for var in fields:
@@ -189,7 +195,8 @@ def spec_of(description: Mapping[str, Any]) -> OpSpec:
                       deadline=float(description["deadline"]), progress=bool(description["progress"]),
                       resources=tuple(description.get("resources") or ()), func=_unserved,
                       address=description.get("address"), scope=description.get("scope") or "all",
-                      sender=description.get("sender") or "anyone")
+                      sender=description.get("sender") or "anyone",
+                      result=Result.from_description(description.get("result")))
     except (KeyError, TypeError, ValueError) as exc:
         raise BadArguments(f"an op description that cannot be read: {exc!r}") from None
 

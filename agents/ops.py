@@ -25,6 +25,15 @@ validation (``OpSpec.validate``), the disco feature it advertises (``OpSpec.feat
 chat's ``key=value`` parsing (``OpSpec.parse_pairs``), help text (``OpSpec.help_text``) and a
 JSON-able description for forms and documentation (``OpSpec.describe``). Nothing about an op is
 written twice.
+
+What an op answers is declared with it too, for people to read (``agents/render.py``)::
+
+    @op("storage.volume.list", effect="read",
+        result=Result(Field("name", "Volume"), Field("used_bytes", "Used", "bytes"), ...))
+
+A result that is a list is shown as a table with these columns, a map as a block of labelled lines;
+``Result(..., summary="state")`` makes the summary line count that field's values (a check's OK,
+WARNING, CRITICAL) instead of "ok".
 """
 
 from __future__ import annotations
@@ -134,6 +143,76 @@ class Param:
         return value
 
 
+#: How a result field is shown: as text; a byte count in human units; an epoch time as local ISO
+#: time; seconds as a duration; a check state (OK, WARNING, CRITICAL, UNKNOWN); a list of values;
+#: a list of maps as a table of ``columns``.
+Display = Literal["text", "bytes", "time", "duration", "state", "list", "table"]
+DISPLAYS: tuple[str, ...] = typing.get_args(Display)
+
+
+@dataclass(frozen=True)
+class Field:
+    """One field of an op's result, as people see it: its key, its label and how it is shown."""
+
+    name: str
+    label: str = ""  # the column or line heading; the name when empty
+    display: Display = "text"
+    columns: tuple["Field", ...] = ()  # with display "table": the columns of each row
+
+    def __post_init__(self) -> None:
+        if self.display not in DISPLAYS:
+            raise ValueError(f"result field {self.name!r}: display must be one of {', '.join(DISPLAYS)},"
+                             f" got {self.display!r}")
+        if self.columns and self.display != "table":
+            raise ValueError(f"result field {self.name!r}: only a display='table' field has columns")
+
+    @property
+    def heading(self) -> str:
+        return self.label or self.name
+
+    def describe(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"name": self.name, "label": self.label, "display": self.display}
+        if self.columns:
+            out["columns"] = [c.describe() for c in self.columns]
+        return out
+
+    @classmethod
+    def from_description(cls, data: Mapping[str, Any]) -> "Field":
+        return cls(str(data["name"]), str(data.get("label") or ""), data.get("display") or "text",
+                   tuple(cls.from_description(c) for c in data.get("columns") or ()))
+
+
+class Result:
+    """What an op answers, for people: its fields (a list result is a table of them, a map a block)
+    and ``summary``, the field whose values the summary line counts instead of "ok"."""
+
+    __slots__ = ("fields", "summary")
+
+    def __init__(self, *fields: Field, summary: str = "") -> None:
+        if summary and summary not in {f.name for f in fields}:
+            raise ValueError(f"result summary {summary!r} must be one of the declared fields")
+        self.fields: tuple[Field, ...] = fields
+        self.summary = summary
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Result) and (self.fields, self.summary) == (other.fields, other.summary)
+
+    def __hash__(self) -> int:
+        return hash((self.fields, self.summary))
+
+    def __repr__(self) -> str:
+        return f"Result{(*self.fields,)!r}" + (f" summary={self.summary!r}" if self.summary else "")
+
+    def describe(self) -> dict[str, Any]:
+        return {"fields": [f.describe() for f in self.fields], "summary": self.summary}
+
+    @classmethod
+    def from_description(cls, data: Mapping[str, Any] | None) -> "Result | None":
+        if not data:
+            return None
+        return cls(*(Field.from_description(f) for f in data.get("fields") or ()), summary=data.get("summary") or "")
+
+
 @dataclass(frozen=True)
 class OpSpec:
     """Everything the mesh knows about one op, derived from its declaration."""
@@ -169,6 +248,8 @@ class OpSpec:
     # Where the agent's settings ask for it, a person's direct call is refused: it runs as a step of
     # this workflow, which two others approve (agents/fencing/guard.py). "" when it needs no approval.
     approval: str = ""
+    # What it answers, for people to read (agents/render.py); None: shown as labelled lines of its keys.
+    result: Result | None = None
 
     @property
     def destructive(self) -> bool:
@@ -225,7 +306,7 @@ class OpSpec:
             "name": self.name, "summary": self.summary, "description": self.description,
             "effect": self.effect, "destructive": self.destructive, "deadline": self.deadline,
             "progress": self.progress, "resources": list(self.resources), "address": self.address, "scope": self.scope,
-            "sender": self.sender,
+            "sender": self.sender, "result": self.result.describe() if self.result else None,
             "params": [{"name": p.name, "type": p.kind, "many": p.many, "required": p.required,
                         "default": None if p.secret else p.default, "help": p.help,
                         "choices": list(p.choices) if p.choices else None, "pattern": p.pattern,
@@ -262,7 +343,7 @@ _EFFECT_WORDS = {"read": "read-only", "change": "changes state", "destructive": 
 def op(name: str, *, effect: Effect = "change", deadline: float = 30.0, progress: bool = False,
        resources: Sequence[str] = (), address: str | None = None, scope: Literal["all", "one"] = "all",
        destructive: bool | None = None, sender: Sender = "anyone", sender_kinds: Sequence[str] = (),
-       own_resources: str = "", leader: bool = False, approval: str = ""
+       own_resources: str = "", leader: bool = False, approval: str = "", result: Result | None = None
        ) -> Callable[[Callable[..., Awaitable[Any]]], Callable[..., Awaitable[Any]]]:
     """Declare a method as an op. Its docstring's first line is the summary; its typed keyword
     parameters after ``call`` are the arguments."""
@@ -292,7 +373,7 @@ def op(name: str, *, effect: Effect = "change", deadline: float = 30.0, progress
             params=tuple(_params_of(name, func)), effect=effect, deadline=float(deadline),
             progress=progress, resources=tuple(resources), func=func, address=address, scope=scope,
             sender=sender, sender_kinds=tuple(sender_kinds), own_resources=own_resources, leader=leader,
-            approval=approval)
+            approval=approval, result=result)
         return func
 
     return decorate

@@ -37,7 +37,7 @@ from slixmpp.exceptions import IqError, IqTimeout
 from agents.agent import AGENT_FORM, Agent, Call, info_op
 from agents.db import open_db
 from agents.authz import Decision, Request
-from agents.ops import OP_FEATURE_PREFIX, Arg, OpSpec, op
+from agents.ops import OP_FEATURE_PREFIX, Arg, Field, OpSpec, Result, op
 from agents.resources import check as check_resource, BadResource
 from agents.errors import BadArguments
 from agents.kinds import distribution_kinds
@@ -71,6 +71,9 @@ QUERIES_PER_SENDER = 2
 QUERY_BURST, QUERY_RATE = 10, 0.2
 MAX_VER, MAX_NODE = 128, 512  # characters; a sha-512 hash in base64 has 88
 REFUSAL_MEMORY = 600.0  # seconds an account's refusal is not logged again at WARNING
+# What people are shown of a live agent (mesh.agents) and of one found (mesh.discover): a table row.
+_AGENT = Result(Field("jid", "agent"), Field("kind"), Field("resources", display="list"), Field("ops", display="list"))
+_FOUND = Result(Field("jid", "agent"), Field("resources", display="list"))
 HELLO_AGAIN = 3.0  # seconds after a new session until the second hello to agents not yet listed
 
 
@@ -211,7 +214,7 @@ class Broker(Agent):
 
     # -- the ops the broker serves ------------------------------------------------------------
 
-    @op("mesh.discover", effect="read", deadline=5)
+    @op("mesh.discover", effect="read", deadline=5, result=_FOUND)
     async def discover(self, call: Call,
                        op: Annotated[str, Arg("only agents offering this op (all ops if empty)")] = "",
                        resources: Annotated[list[str], Arg("only agents holding these resources,"
@@ -226,7 +229,7 @@ class Broker(Agent):
         return [{"jid": e.jid, "resources": self.directory.held(e, wanted)}
                 for e in self.directory.discover(op or None, wanted)]
 
-    @op("mesh.agents", effect="read", deadline=5)
+    @op("mesh.agents", effect="read", deadline=5, result=_AGENT)
     async def agents(self, call: Call) -> list:
         """List every live agent with its kind, ops and resources."""
         return [e.to_dict() for e in self.directory.entries()]

@@ -59,7 +59,7 @@ from typing import Annotated, Any, Callable
 from agents.agent import Call
 from agents.authz import Decision, Request
 from agents.errors import BadArguments, Denied, Outcome
-from agents.ops import Arg, OpSpec, op
+from agents.ops import Arg, Field, OpSpec, Result, op
 from agents.pairs import parse_pairs
 
 from .constraints import APPROVED, RateLimits, StepRule, check_approval, check_perform
@@ -73,6 +73,20 @@ DISCOVER_WAIT = 30.0  # seconds a step waits for an agent offering its op to be 
 RETRY_PAUSE = 1.0  # seconds between attempts of a step whose outcome was timeout or unreachable
 _NAME = r"[a-z][a-z0-9_-]{0,62}"
 _INSTANCE = r"[0-9a-f]{12}"
+# What people are shown of an instance (a block, its steps a table) and of the listing (tables).
+_STATUS = Result(
+    Field("instance"), Field("workflow"), Field("requester"), Field("params"), Field("state"), Field("error"),
+    Field("created", display="time"), Field("updated", display="time"),
+    Field("steps", display="table", columns=(
+        Field("stage"), Field("name", "step"), Field("op"), Field("state"), Field("approved_by", "approved by"),
+        Field("target"), Field("outcome"), Field("reason"))))
+_LISTING = Result(
+    Field("workflows", display="table", columns=(Field("name", "workflow"), Field("params"),
+                                                 Field("description"))),
+    Field("broken", display="table", columns=(Field("file"), Field("error"))),
+    Field("instances", display="table", columns=(
+        Field("id", "instance"), Field("workflow"), Field("state"), Field("requester"),
+        Field("created", display="time"), Field("updated", display="time"), Field("error"))))
 _STEP = r"[a-z][a-z0-9_-]{0,62}(:[A-Za-z0-9_][A-Za-z0-9_.:@+-]{0,127})?"
 _WAIT = Arg("seconds to wait for the instance to finish or stop at an approval (0: return at once)",
             min=0, max=50)
@@ -159,7 +173,7 @@ class WorkflowEngine:
 
     # -- ops --------------------------------------------------------------------------------------
 
-    @op("workflow.list", effect="read", deadline=10, leader=True)
+    @op("workflow.list", effect="read", deadline=10, leader=True, result=_LISTING)
     async def workflow_list(self, call: Call,
                             state: Annotated[str, Arg("only instances in this state (running, waiting, done,"
                                                       " failed, cancelled)", pattern=r"[a-z]*")] = "",
@@ -171,7 +185,8 @@ class WorkflowEngine:
                 "broken": [{"file": f, "error": e} for f, e in bad.items()],
                 "instances": self.workflow_store.instances(state, limit)}
 
-    @op("workflow.run", effect="change", deadline=60, resources=("/workflow/{workflow}",), leader=True)
+    @op("workflow.run", effect="change", deadline=60, resources=("/workflow/{workflow}",), leader=True,
+        result=_STATUS)
     async def workflow_run(self, call: Call,
                            workflow: Annotated[str, Arg("the workflow to run", pattern=_NAME)],
                            param: Annotated[list[str], Arg("a parameter as name=value; repeat the name for"
@@ -200,7 +215,7 @@ class WorkflowEngine:
         await self._settle(iid, wait)
         return self._status(iid)
 
-    @op("workflow.approve", effect="change", deadline=60, leader=True)
+    @op("workflow.approve", effect="change", deadline=60, leader=True, result=_STATUS)
     async def workflow_approve(self, call: Call,
                                instance: Annotated[str, Arg("the instance id", pattern=_INSTANCE)],
                                step: Annotated[str, Arg("the step to approve", pattern=_STEP)],
@@ -221,7 +236,7 @@ class WorkflowEngine:
         await self._settle(instance, wait)
         return self._status(instance)
 
-    @op("workflow.perform", effect="change", deadline=60, leader=True)
+    @op("workflow.perform", effect="change", deadline=60, leader=True, result=_STATUS)
     async def workflow_perform(self, call: Call,
                                instance: Annotated[str, Arg("the instance id", pattern=_INSTANCE)],
                                step: Annotated[str, Arg("the held step to perform", pattern=_STEP)],
@@ -247,7 +262,7 @@ class WorkflowEngine:
         await self._settle(instance, wait)
         return self._status(instance)
 
-    @op("workflow.status", effect="read", deadline=10, leader=True)
+    @op("workflow.status", effect="read", deadline=10, leader=True, result=_STATUS)
     async def workflow_status(self, call: Call,
                               instance: Annotated[str, Arg("the instance id", pattern=_INSTANCE)],
                               wait: Annotated[float, Arg("seconds to wait for it to finish or stop at an"
@@ -260,7 +275,7 @@ class WorkflowEngine:
                 await asyncio.wait({task}, timeout=wait)
         return self._status(instance)
 
-    @op("workflow.cancel", effect="change", deadline=10, leader=True)
+    @op("workflow.cancel", effect="change", deadline=10, leader=True, result=_STATUS)
     async def workflow_cancel(self, call: Call,
                               instance: Annotated[str, Arg("the instance id", pattern=_INSTANCE)]) -> dict:
         """Stop a workflow instance before its next step (a step already sent still ends)."""

@@ -39,7 +39,7 @@ from ..actor import Backoff
 from ..agent import Agent, Call, info_op
 from ..config import ConfigError
 from ..errors import BadArguments, OpError, OpTimeout, Outcome
-from ..ops import Arg, op
+from ..ops import Arg, Field, Result, op
 from .devices import FencingConfigError
 from .driver import KILL_GRACE
 from .guard import ApprovalGuard
@@ -60,6 +60,12 @@ ANSWER_MARGIN = KILL_GRACE + 1.0
 JOIN_MARGIN = 0.2
 EVENTS_KEPT = 1000
 EVENT_OP = "mesh.fence.event"
+# What people are shown of a power action or a status: the node's power state, then each device tried.
+_POWER = Result(Field("cluster"), Field("node"), Field("action"), Field("state", "power"), Field("ok"),
+                Field("devices", display="list"), Field("message"), Field("on_error", "on error"),
+                Field("attempts", display="table", columns=(
+                    Field("device"), Field("action"), Field("ok"), Field("exit_code", "exit"),
+                    Field("timed_out", "timed out"), Field("duration", display="duration"), Field("detail"))))
 LEDGER_OP = "fence.ledger"
 #: How long an op waits for the broker to take its outcome before answering anyway.
 ANNOUNCE_WAIT = 3.0
@@ -119,7 +125,7 @@ class FencingAgent(Agent):
     # -- ops ------------------------------------------------------------------------------------
 
     @op("fence.off", effect="destructive", deadline=OP_DEADLINE, resources=(NODE_RESOURCE,),
-        approval="fence-node")
+        approval="fence-node", result=_POWER)
     async def off(self, call: Call, cluster: Cluster, node: Node) -> dict:
         """Power a node off; ok only when the device's status confirms OFF.
 
@@ -127,13 +133,13 @@ class FencingAgent(Agent):
         return await self._power(call, "off", cluster, node)
 
     @op("fence.on", effect="destructive", deadline=OP_DEADLINE, resources=(NODE_RESOURCE,),
-        approval="fence-node-on")
+        approval="fence-node-on", result=_POWER)
     async def on(self, call: Call, cluster: Cluster, node: Node) -> dict:
         """Power a node on (unfence); ok only when the device's status confirms ON."""
         return await self._power(call, "on", cluster, node)
 
     @op("fence.reboot", effect="destructive", deadline=OP_DEADLINE, resources=(NODE_RESOURCE,),
-        approval="fence-node-reboot")
+        approval="fence-node-reboot", result=_POWER)
     async def reboot(self, call: Call, cluster: Cluster, node: Node) -> dict:
         """Power a node off (verified), then on; ok once off is verified.
 
@@ -141,12 +147,12 @@ class FencingAgent(Agent):
         on_error."""
         return await self._power(call, "reboot", cluster, node)
 
-    @op("fence.status", effect="read", deadline=OP_DEADLINE, resources=(NODE_RESOURCE,))
+    @op("fence.status", effect="read", deadline=OP_DEADLINE, resources=(NODE_RESOURCE,), result=_POWER)
     async def status(self, call: Call, cluster: Cluster, node: Node) -> dict:
         """A node's power state (on or off) as its fence device reports it; failed when unknown."""
         return await self._power(call, "status", cluster, node)
 
-    @op("fence.list", effect="read", deadline=5)
+    @op("fence.list", effect="read", deadline=5, result=Result(Field("clusters")))
     async def list_nodes(self, call: Call,
                    cluster: Annotated[str, Arg("only nodes of this cluster (default: all)")] = "") -> dict:
         """The nodes this agent can fence, by cluster."""

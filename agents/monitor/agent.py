@@ -22,7 +22,7 @@ from agents.monitor.ranges import State
 from agents.monitor.runner import CheckResult, PluginPool
 from agents.monitor.schedule import Scheduler, StateChange, StateTracker
 from agents.monitor.settings import ScheduledCheck, parse_settings
-from agents.ops import Arg, op
+from agents.ops import Arg, Field, Result, op
 from agents import pairs
 
 log = logging.getLogger(__name__)
@@ -63,7 +63,12 @@ class MonitorAgent(Agent):
 
     # -- ops -------------------------------------------------------------------------------------
 
-    @op("monitor.check", effect="read", deadline=120)
+    @op("monitor.check", effect="read", deadline=120, result=Result(
+        Field("check"), Field("host"), Field("state", display="state"), Field("text"), Field("long_text", "details"),
+        Field("duration", display="duration"),
+        Field("metrics", display="table", columns=(Field("label", "metric"), Field("value"), Field("uom", "unit"),
+                                                   Field("warn"), Field("crit"), Field("min"), Field("max"))),
+        summary="state"))
     async def check(self, call: Call,
                     check: Annotated[str, Arg("a check this agent offers (see monitor.list)")],
                     args: Annotated[list[str], Arg("NAME=VALUE for an argument the check declares;"
@@ -87,7 +92,12 @@ class MonitorAgent(Agent):
                                      timeout_state=spec.timeout_state, kill_grace=KILL_GRACE)
         return self.describe_result(check, result)
 
-    @op("monitor.list", effect="read", deadline=5)
+    @op("monitor.list", effect="read", deadline=5, result=Result(
+        Field("host"),
+        Field("checks", display="table", columns=(Field("name", "check"), Field("timeout", display="duration"),
+                                                  Field("arguments"), Field("description"))),
+        Field("schedule", display="table", columns=(Field("name"), Field("check"),
+                                                    Field("interval", display="duration"), Field("repeats")))))
     async def list_checks(self, call: Call) -> dict:
         """The checks this agent offers, with the arguments a caller may set, and its schedule."""
         return {"host": self.host, "checks": [self.checks[n].describe() for n in sorted(self.checks)],

@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Annotated, Any, Callable, TypeVar
 
 from ..agent import Agent, Call, info_op
 from ..errors import BadArguments, Outcome
-from ..ops import Arg, op
+from ..ops import Arg, Field, Result, op
 from .driver import SnapshotInfo, StorageError, VolumeInfo
 from .faults import op_error
 from .locations import VolumeLocations
@@ -53,6 +53,16 @@ _DATA_DEADLINE = 3600.0   # ops that copy or capture a whole tree: as long as th
 # A call that addresses nothing itself goes to the agent holding the volume it names (locations.py),
 # and a volume is created on one agent, not on every agent offering the op.
 _AT_VOLUME, _AT_CLONE = "/volume/{volume}", "/volume/{clone}"
+
+# What people are shown of a volume and of a snapshot (a list of them as a table, one as a block).
+_VOLUME = Result(Field("name", "volume"), Field("kind"), Field("used_bytes", "used", "bytes"),
+                 Field("exclusive_bytes", "exclusive", "bytes"), Field("shared_bytes", "shared", "bytes"),
+                 Field("origin"), Field("snapshots", display="list"), Field("owner"),
+                 Field("expires", display="time"))
+_SNAPSHOT = Result(Field("volume"), Field("name", "snapshot"), Field("created", display="time"),
+                   Field("logical_bytes", "size", "bytes"), Field("exclusive_bytes", "exclusive", "bytes"),
+                   Field("clones", display="list"))
+_DESTROYED = Result(Field("destroyed"))
 
 Volume = Annotated[str, Arg(f"volume name ({_RULE})", pattern=NAME_PATTERN)]
 Snapshot = Annotated[str, Arg(f"snapshot name ({_RULE})", pattern=NAME_PATTERN)]
@@ -125,18 +135,18 @@ class StorageAgent(VolumeLocations, ReplicationOps, Agent):
     info = info_op("storage")
 
     # volumes ------------------------------------------------------------------------------------------
-    @op("storage.volume.create", effect="change", resources=("/volume/{volume}",), scope="one")
+    @op("storage.volume.create", effect="change", resources=("/volume/{volume}",), scope="one", result=_VOLUME)
     async def volume_create(self, call: Call, volume: Volume) -> dict:
         """Create an empty volume (a directory tree, e.g. a database's data directory)."""
         return await self._drive(lambda: self._volume(self.driver.create_volume(volume)))
 
-    @op("storage.volume.list", effect="read")
+    @op("storage.volume.list", effect="read", result=_VOLUME)
     async def volume_list(self, call: Call) -> list:
         """List volumes, clones and replicas with the space each uses and how it was measured."""
         return await self._drive(lambda: [self._volume(v) for v in self.driver.list_volumes()])
 
     @op("storage.volume.destroy", effect="destructive", deadline=600, resources=("/volume/{volume}",),
-        address=_AT_VOLUME)
+        address=_AT_VOLUME, result=_DESTROYED)
     async def volume_destroy(self, call: Call, volume: Volume) -> dict:
         """Destroy a volume and its data; refused while it has snapshots, which it names."""
         await self._drive(self.driver.destroy_volume, volume)
@@ -144,7 +154,7 @@ class StorageAgent(VolumeLocations, ReplicationOps, Agent):
 
     # snapshots ----------------------------------------------------------------------------------------
     @op("storage.snapshot.create", effect="change", deadline=_DATA_DEADLINE, progress=True,
-        resources=("/volume/{volume}",), address=_AT_VOLUME)
+        resources=("/volume/{volume}",), address=_AT_VOLUME, result=_SNAPSHOT)
     async def snapshot_create(self, call: Call, volume: Volume, snapshot: Snapshot) -> dict:
         """Take a read-only snapshot of a volume or clone.
 
@@ -155,13 +165,14 @@ class StorageAgent(VolumeLocations, ReplicationOps, Agent):
         await self._drive(self.driver.touch_lease, volume)
         return result
 
-    @op("storage.snapshot.list", effect="read", resources=("/volume/{volume}",), address=_AT_VOLUME)
+    @op("storage.snapshot.list", effect="read", resources=("/volume/{volume}",), address=_AT_VOLUME,
+        result=_SNAPSHOT)
     async def snapshot_list(self, call: Call, volume: Volume) -> list:
         """List a volume's snapshots, oldest first, with the clones made from each."""
         return [_snapshot(s) for s in await self._drive(self.driver.list_snapshots, volume)]
 
     @op("storage.snapshot.destroy", effect="destructive", deadline=600, resources=("/volume/{volume}",),
-        address=_AT_VOLUME)
+        address=_AT_VOLUME, result=_DESTROYED)
     async def snapshot_destroy(self, call: Call, volume: Volume, snapshot: Snapshot) -> dict:
         """Destroy a snapshot; refused while clones made from it exist, which it names."""
         await self._drive(self.driver.destroy_snapshot, volume, snapshot)
@@ -169,7 +180,7 @@ class StorageAgent(VolumeLocations, ReplicationOps, Agent):
 
     # clones -------------------------------------------------------------------------------------------
     @op("storage.clone.create", effect="change", deadline=_DATA_DEADLINE, progress=True,
-        resources=("/volume/{volume}", "/volume/{clone}"), address=_AT_VOLUME)
+        resources=("/volume/{volume}", "/volume/{clone}"), address=_AT_VOLUME, result=_VOLUME)
     async def clone_create(self, call: Call, volume: Volume, snapshot: Snapshot, clone: Clone,
                            masked_only: Annotated[bool, Arg("refuse unless a successful storage.mask produced "
                                                             "volume@snapshot (what masked copies use)")] = False,
@@ -225,7 +236,7 @@ class StorageAgent(VolumeLocations, ReplicationOps, Agent):
             self._masking_now.discard(clone)
 
     @op("storage.clone.refresh", effect="destructive", deadline=_DATA_DEADLINE, progress=True,
-        resources=("/volume/{clone}",), address=_AT_CLONE)
+        resources=("/volume/{clone}",), address=_AT_CLONE, result=_VOLUME)
     async def clone_refresh(self, call: Call, clone: Clone,
                             snapshot: Annotated[str, Arg("snapshot of the volume the clone was made from "
                                                          "(usually a newer one)", pattern=NAME_PATTERN)]) -> dict:
@@ -236,7 +247,7 @@ class StorageAgent(VolumeLocations, ReplicationOps, Agent):
         return result
 
     @op("storage.clone.rollback", effect="destructive", deadline=_DATA_DEADLINE, progress=True,
-        resources=("/volume/{clone}",), address=_AT_CLONE)
+        resources=("/volume/{clone}",), address=_AT_CLONE, result=_VOLUME)
     async def clone_rollback(self, call: Call, clone: Clone,
                              snapshot: Annotated[str, Arg("one of the clone's own snapshots",
                                                           pattern=NAME_PATTERN)]) -> dict:
@@ -251,7 +262,7 @@ class StorageAgent(VolumeLocations, ReplicationOps, Agent):
         return await self._drive(lambda: self._volume(self._find(clone)))
 
     @op("storage.clone.destroy", effect="destructive", deadline=600, resources=("/volume/{clone}",),
-        address=_AT_CLONE)
+        address=_AT_CLONE, result=_DESTROYED)
     async def clone_destroy(self, call: Call, clone: Clone) -> dict:
         """Destroy a clone; refused while it has snapshots of its own, which it names."""
         await self._drive(self.driver.destroy_clone, clone)

@@ -49,7 +49,8 @@ def test_call_json_and_exit_codes(running_mesh):
     assert results[0]["outcome"] == "ok" and results[0]["result"]["kind"] == "storage"
 
     both = vertebra(home, "call", "monitor.info", "--on", "/host/cli")
-    assert both.returncode == 0 and " ok " in both.stdout and "monitor.info: 1 ok" in both.stdout
+    assert both.returncode == 0 and both.stdout.startswith("mon")
+    assert "\nmonitor.info: 1 of 1 ok in " in both.stdout
 
     nowhere = vertebra(home, "call", "storage.info", "--on", "/host/elsewhere", "--json")
     assert nowhere.returncode == 6
@@ -69,6 +70,35 @@ def test_call_json_and_exit_codes(running_mesh):
     gone = vertebra(home, "call", "storage.info", "--to", "nobody-here", "--json")
     assert gone.returncode == 5
     assert json.loads(gone.stdout)["results"][0]["outcome"] == "unreachable"
+
+
+def test_results_read_as_tables_and_blocks_with_a_summary_line(running_mesh):
+    """What an op declares of its result (published with its description) is how the CLI prints it:
+    a list as a table of the declared columns, a map as labelled lines, and a summary line; a check's
+    state is counted as such; --json and --yaml carry the whole result."""
+    home, _cfg = running_mesh
+    made = vertebra(home, "call", "storage.volume.create", "volume=db")
+    assert made.returncode == 0, made.stdout + made.stderr
+    assert "  volume:    db" in made.stdout.splitlines() and "storage.volume.create: 1 of 1 ok in " in made.stdout
+    listed = vertebra(home, "call", "storage.volume.list")
+    assert listed.returncode == 0, listed.stdout + listed.stderr
+    lines = listed.stdout.splitlines()
+    assert lines[0].split()[:4] == ["VOLUME", "KIND", "USED", "EXCLUSIVE"], listed.stdout
+    assert lines[1].split()[:2] == ["db", "volume"] and lines[1].split()[3] in ("B", "KiB"), listed.stdout
+    assert lines[-1].startswith("storage.volume.list: 1 of 1 ok in ") and "{" not in listed.stdout
+    as_yaml = yaml.safe_load(vertebra(home, "call", "storage.volume.list", "--yaml").stdout)
+    assert [v["name"] for v in as_yaml["results"][0]["result"]] == ["db"]
+
+    check = vertebra(home, "call", "monitor.check", "--on", "/host/cli", "check=dummy", "args=state=2",
+                     "args=text=disk on fire")
+    assert check.returncode == 0, check.stdout + check.stderr  # the call worked: the check's state is its answer
+    assert "  state:    CRITICAL" in check.stdout.splitlines() and "disk on fire" in check.stdout
+    last = check.stdout.splitlines()[-1]
+    assert last.startswith("monitor.check: 1 of 1 CRITICAL in ") and " ok" not in last
+
+    checks = vertebra(home, "call", "monitor.list", "--on", "/host/cli")
+    assert checks.returncode == 0 and "  checks:" in checks.stdout.splitlines(), checks.stdout
+    assert max(map(len, checks.stdout.splitlines())) < 400, checks.stdout  # not one line of JSON
 
 
 def test_options_and_pairs_mix_in_any_order_and_timeouts_must_be_positive(running_mesh):

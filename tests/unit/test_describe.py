@@ -55,3 +55,14 @@ def test_agents_never_import_the_broker():
             offenders += [f"{path.relative_to(ROOT)}:{node.lineno} imports {n}" for n in names
                           if n == "broker" or n.startswith("broker.")]
     assert not offenders, "\n".join(offenders)
+
+
+def test_result_fields_travel_with_the_description(xmpp):
+    """What an op answers (its fields, their display, a table's columns, the summary field) is read back
+    as declared, so the CLI and the chat bot render results without the kind's code."""
+    spec = OPS["monitor.check"]
+    again = spec_of(description_of(Form(xml=ET.fromstring(str(form_of(xmpp, spec))))))
+    assert again.result == spec.result and again.result.summary == "state"
+    metrics = next(f for f in again.result.fields if f.name == "metrics")
+    assert metrics.display == "table" and [c.name for c in metrics.columns][:3] == ["label", "value", "uom"]
+    assert spec_of(description_of(Form(xml=ET.fromstring(str(form_of(xmpp, OPS["sample.echo"])))))).result is None
