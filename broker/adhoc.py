@@ -152,8 +152,9 @@ class AdHoc:
         if not spec.progress:
             report = await self.bot.relay(operator, spec, args, on)
             self.sessions.pop(session.id, None)
-            return self._reply(iq, session, "completed", form=_result_form(spec, format_report(report)),
-                               note=("info" if report.ok else "error", f"{spec.name}: {summarize(report)}"))
+            return self._reply(iq, session, "completed", form=_result_form(spec, format_report(report, spec.result)),
+                               note=("info" if report.ok else "error",
+                                     f"{spec.name}: {summarize(report, spec.result)}"))
         job = session.job = self.bot.new_job(operator, spec, on)
         job.task = self.bot.spawn(self.bot.run_job(job, args))
         return self._reply(iq, session, "executing", form=_job_form(job), actions=("next",),
@@ -172,10 +173,10 @@ class AdHoc:
             return self._reply(iq, session, "executing", form=_job_form(job), actions=("next",))
         self.sessions.pop(session.id, None)
         report = job.report
-        text = format_report(report) if report is not None else f"job {job.id} was {job.state}"
+        text = job.text()
         return self._reply(iq, session, "completed", form=_result_form(session.spec, text),
                            note=("info" if report is not None and report.ok else "error",
-                                 f"{session.spec.name}: {summarize(report) if report else job.state}"))
+                                 f"{session.spec.name}: {summarize(report, job.result) if report else job.state}"))
 
     def _invalid(self, iq: Iq, session: Session, argument: str, text: str) -> None:
         """The form again, as submitted, with the error in a note and on the field it concerns."""

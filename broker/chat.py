@@ -24,6 +24,10 @@ subject of every decision; the bot's own identity grants nothing:
 Group-chat messages and private messages from room occupants are never commands; each sender has
 a token-bucket rate limit. Long ops (declared ``progress=True``) answer with a job id, then stream
 progress (coalesced, at most one message a second) and the result.
+
+Results read as the CLI prints them (agents/render.py, from the result fields the op's description
+declares): a table or a block per target, then a summary line. Nothing is cut: an answer longer than
+``PAGE`` characters goes out as several messages, each headed ``[page N/M]``.
 """
 
 from __future__ import annotations
@@ -50,8 +54,9 @@ from agents.authz import Authorizer, decide
 from agents.client import not_discovered
 from agents.describe import spec_of
 from agents.errors import BadArguments, OpError, Outcome
-from agents.ops import OpSpec
+from agents.ops import OpSpec, Result
 from agents.ratelimit import RateLimit  # the token bucket per sender, shared with agents' intake
+from agents.render import render
 from agents.report import CallReport, TargetResult
 
 log = logging.getLogger(__name__)
@@ -61,6 +66,7 @@ MUC_USER = "{http://jabber.org/protocol/muc#user}x"
 MAX_BODY = 2000  # characters of a command; anything longer is not typed by a person
 PROGRESS_EVERY = 1.0  # seconds between progress messages of one job (the rest are coalesced)
 KEEP_JOBS = 200
+PAGE = 12000  # characters of one message (every client shows that much); a longer answer is paged
 _INSTANCE = re.compile(r"[0-9a-f]{12}\Z")
 
 Say = Callable[[str], None]
@@ -82,6 +88,8 @@ class Job:
     state: str = "running"  # running | done | cancelled
     progress: list[str] = field(default_factory=list)  # the latest reports, newest last
     report: CallReport | None = None
+    result: Result | None = None  # what the op declares of its result, for showing it
+    finished: float | None = None
     task: asyncio.Task[Any] | None = None
     changed: asyncio.Event = field(default_factory=asyncio.Event)
 
@@ -91,9 +99,16 @@ class Job:
     def summary(self) -> str:
         where = f" on {' '.join(self.on)}" if self.on else ""
         if self.report is not None:
-            return f"job {self.id}: {self.op}{where}: {self.state}, {summarize(self.report)}"
+            return f"job {self.id}: {self.op}{where}: {self.state}, {summarize(self.report, self.result)}"
         last = f", last progress: {self.progress[-1]}" if self.progress else ""
         return f"job {self.id}: {self.op}{where}: {self.state} for {time.time() - self.started:.0f}s{last}"
+
+    def text(self) -> str:
+        """Its report as people read it, or what became of it."""
+        if self.report is None:
+            return f"job {self.id} was {self.state}"
+        elapsed = None if self.finished is None else self.finished - self.started
+        return format_report(self.report, self.result, elapsed)
 
 
 def parse_call(words: Sequence[str], ops: Mapping[str, OpSpec]) -> tuple[OpSpec, list[str], dict[str, Any]]:
@@ -150,7 +165,7 @@ def help_for(spec: OpSpec) -> str:
 
 
 def show(value: Any, limit: int = 300) -> str:
-    """A result on one line, cut to ``limit`` characters."""
+    """A progress report on one line, cut to ``limit`` characters (results are never cut: see render)."""
     text = value if isinstance(value, str) else json.dumps(value, separators=(",", ":"), default=str)
     return text if len(text) <= limit else text[:limit - 3] + "..."
 
@@ -160,19 +175,47 @@ def short(target: str) -> str:
     return target.split("@", 1)[0] if "@" in target else target
 
 
-def summarize(report: CallReport) -> str:
-    counts = report.counts()
+def summarize(report: CallReport, result: Result | None = None) -> str:
+    """Outcomes counted (``2 ok, 1 timeout``); with a result declaring a summary field, the ok answers
+    are counted by its value instead (``1 CRITICAL``)."""
+    counts: dict[str, int] = {}
+    for r in report.results:
+        label = r.outcome.value
+        if (r.outcome is Outcome.OK and result is not None and result.summary and isinstance(r.result, Mapping)
+                and r.result.get(result.summary) is not None):
+            label = str(r.result[result.summary])
+        counts[label] = counts.get(label, 0) + 1
     return ", ".join(f"{n} {o}" for o, n in counts.items()) if counts else "no targets"
 
 
-def format_report(report: CallReport) -> str:
-    """A line per target with its outcome, then a summary."""
-    lines = []
-    for r in report.results:
-        detail = show(r.result) if r.outcome is Outcome.OK else (r.error or "")
-        lines.append(f"{r.outcome.value}: {short(r.target)}: {detail}".rstrip(": "))
-    lines.append(f"{report.op}: {summarize(report)}")
-    return "\n".join(lines)
+def format_report(report: CallReport, result: Result | None = None, elapsed: float | None = None) -> str:
+    """The answers as the op declares them (a table, or a block per target), the failures, a summary
+    line: the text the CLI prints (agents/render.py)."""
+    return render(report, result, elapsed)
+
+
+def pages(text: str, size: int = PAGE) -> list[str]:
+    """``text`` in messages of at most ``size`` characters, split between lines where it can be,
+    each headed ``[page N/M]`` when there are several."""
+    if len(text) <= size:
+        return [text]
+    size -= 20  # room for the heading
+    chunks: list[str] = []
+    current = ""
+    for line in text.splitlines(keepends=True):
+        while len(line) > size:  # a line longer than a page: cut it where it must be
+            if current:
+                chunks.append(current)
+                current = ""
+            chunks.append(line[:size])
+            line = line[size:]
+        if len(current) + len(line) > size:
+            chunks.append(current)
+            current = ""
+        current += line
+    if current:
+        chunks.append(current)
+    return [f"[page {n}/{len(chunks)}]\n{chunk.rstrip(chr(10))}" for n, chunk in enumerate(chunks, 1)]
 
 
 class ChatBot(Actor):
@@ -250,7 +293,8 @@ class ChatBot(Actor):
         self.spawn(self.handle(sender, body))
 
     def say(self, to: JID | str, text: str) -> None:
-        self.xmpp.send_message(mto=JID(to), mbody=text, mtype="chat")
+        for page in pages(text):  # in order: one stream carries them all
+            self.xmpp.send_message(mto=JID(to), mbody=page, mtype="chat")
 
     async def handle(self, sender: JID, body: str) -> None:
         """Run one command line from ``sender`` and answer it."""
@@ -328,7 +372,7 @@ class ChatBot(Actor):
         report = await self.relay(sender.bare, self.ops["mesh.agents"], {}, [])
         res = report.results[0] if report.results else None
         if res is None or res.outcome is not Outcome.OK:
-            return say(format_report(report))
+            return say(format_report(report, self.ops["mesh.agents"].result))
         lines = [f"{short(a['jid'])} ({a['kind']}): {' '.join(a['resources']) or 'no resources'};"
                  f" {len(a['ops'])} ops" for a in res.result]
         lines.append(f"{len(res.result)} live agents")
@@ -340,7 +384,7 @@ class ChatBot(Actor):
         if not spec.progress:
             job.task = asyncio.current_task()
             await self.run_job(job, args)
-            return say(format_report(job.report) if job.report else f"job {job.id} was cancelled")
+            return say(job.text())
         # A long op: a job id at once, then progress as it comes, then the result.
         say(f"job {job.id} started: {spec.name}{' on ' + ' '.join(on) if on else ''}."
             f" `job {job.id}` shows it, `cancel {job.id}` stops following it")
@@ -371,7 +415,7 @@ class ChatBot(Actor):
         for handle in flusher:
             handle.cancel()
         if job.report is not None:
-            self.say(to, f"job {job.id} finished:\n{format_report(job.report)}")
+            self.say(to, f"job {job.id} finished:\n{job.text()}")
 
     async def cmd_jobs(self, sender: JID, words: list[str], say: Say) -> None:
         mine = [j for j in self.jobs.values() if j.owner == sender.bare][-10:]
@@ -383,7 +427,7 @@ class ChatBot(Actor):
         if job.progress:
             text += "\nprogress: " + "; ".join(job.progress[-5:])
         if job.report is not None:
-            text += "\n" + format_report(job.report)
+            text += "\n" + job.text()
         return say(text)
 
     async def cmd_cancel(self, sender: JID, words: list[str], say: Say) -> None:
@@ -401,7 +445,7 @@ class ChatBot(Actor):
         report = await self.relay(sender.bare, self.ops["workflow.list"], {"limit": 10}, [])
         res = report.results[0] if report.results else None
         if res is None or res.outcome is not Outcome.OK:
-            return say(format_report(report))
+            return say(format_report(report, self.ops["workflow.list"].result))
         lines = [f"workflow {w['name']}: {w.get('description') or ''}".rstrip(": ") for w in res.result["workflows"]]
         lines += [f"broken: {b['file']}: {b['error']}" for b in res.result["broken"]]
         lines += [f"instance {i['id']}: {i['workflow']} {i['state']} (by {i['requester']})"
@@ -427,7 +471,7 @@ class ChatBot(Actor):
         report = await self.relay(sender.bare, self.ops["workflow.status"], {"instance": instance}, [])
         res = report.results[0] if report.results else None
         if res is None or res.outcome is not Outcome.OK:
-            raise Usage(format_report(report))
+            raise Usage(format_report(report, self.ops["workflow.status"].result))
         waiting = [s["name"] for s in res.result["steps"] if s["state"] == "waiting"]
         if len(waiting) != 1:
             names = ", ".join(waiting) or "none"
@@ -439,7 +483,9 @@ class ChatBot(Actor):
         spec = self.ops[op_name]
         report = await self.relay(sender.bare, spec, spec.validate(args), [])
         res = report.results[0] if report.results else None
-        say(describe(res.result) if res is not None and res.outcome is Outcome.OK else format_report(report))
+        if res is not None and res.outcome is Outcome.OK:
+            return say(describe(res.result))
+        return say(format_report(report, spec.result))
 
     def _own_job(self, sender: JID, words: list[str], command: str) -> Job:
         if not words:
@@ -452,7 +498,7 @@ class ChatBot(Actor):
     # -- jobs ----------------------------------------------------------------------------------------
 
     def new_job(self, owner: str, spec: OpSpec, on: list[str]) -> Job:
-        job = Job(str(next(self._job_ids)), owner, spec.name, on)
+        job = Job(str(next(self._job_ids)), owner, spec.name, on, result=spec.result)
         self.jobs[job.id] = job
         while len(self.jobs) > KEEP_JOBS:
             self.jobs.popitem(last=False)
@@ -469,7 +515,7 @@ class ChatBot(Actor):
 
         try:
             job.report = await self.relay(job.owner, self.ops[job.op], args, job.on, progress=progress)
-            job.state = "done"
+            job.state, job.finished = "done", time.time()
         except asyncio.CancelledError:
             job.state = "cancelled"
             raise

@@ -88,7 +88,7 @@ async def test_without_ops_given_the_bot_offers_what_the_broker_and_live_agents_
     assert one == help_for(ops_of(SampleAgent)["sample.echo"])  # from the agent's disco node, as declared
     listing = await me.ask("help", "commands:")
     assert "sample.echo" in listing and "mesh.agents" in listing and "storage.snapshot.create" not in listing
-    assert "HELLO" in await me.ask("call sample.echo text=hello mode=upper", "sample.echo: 1 ok")
+    assert "HELLO" in await me.ask("call sample.echo text=hello mode=upper", "sample.echo: 1 of 1 ok")
     assert "live agents" in await me.ask("agents", "live agents")  # a broker op, sent to the broker
     assert "did you mean sample.echo" in await me.ask("call sample.ecko text=hi", "no op")
 
@@ -106,13 +106,29 @@ async def test_typos_get_suggestions_and_bad_arguments_are_named(chat):
 
 async def test_call_answers_a_line_per_target_and_a_summary(chat):
     bot, _, agent, me, _ = chat
-    text = await me.ask('call sample.echo on /host/a text="hello there" mode=upper', "sample.echo: 1 ok")
-    assert text.splitlines()[0].startswith("ok: sample") and "HELLO THERE" in text
+    text = await me.ask('call sample.echo on /host/a text="hello there" mode=upper', "sample.echo: 1 of 1 ok")
+    lines = text.splitlines()  # the target, its result as labelled lines, the summary
+    assert lines[0].startswith("sample") and lines[0].endswith(":") and "  text:      HELLO THERE" in lines
+    assert lines[-1].startswith("sample.echo: 1 of 1 ok in ")
     # The agent ran it for the operator, not for the bot, and its audit log says both.
-    assert f'"caller":"{me.client.jid.bare}"' in text
+    assert f"  caller:    {me.client.jid.bare}" in lines
     record = [r for r in audit.show(agent.state_dir / "audit.sqlite", op="sample.echo") if r["kind"] == "decided"][-1]
     assert record["caller"] == me.client.jid.bare and f"sent by {bot.jid.bare}" in record["rule"]
     assert "not-discovered" in await me.ask("call sample.echo on /host/zzz text=x", "not-discovered")
+
+
+async def test_results_are_never_cut_and_long_ones_are_paged(chat):
+    _, _, _, me, _ = chat
+    word = "abcdefghij" * 40  # 400 characters: more than results used to be cut at
+    text = await me.ask(f"call sample.echo text={word}", "sample.echo: 1 of 1 ok")
+    assert f"  text:      {word}" in text.splitlines() and "..." not in text
+    start = len(me.got)
+    me.send(f"call sample.echo text={word * 4}{word[:300]} times=10")  # 19,000 characters: more than a page
+    await until(lambda: any("sample.echo: 1 of 1 ok" in b for b in me.got[start:]), 10, "the last page")
+    got = me.got[start:]
+    assert len(got) >= 2 and [b.split("\n", 1)[0] for b in got] == [f"[page {n}/{len(got)}]"
+                                                                   for n in range(1, len(got) + 1)]
+    assert (word * 4 + word[:300]) * 10 in "".join(b.split("\n", 1)[1] for b in got)
 
 
 async def test_agents_and_workflows(chat):
@@ -128,12 +144,12 @@ async def test_long_op_answers_with_a_job_then_progress_then_the_result(chat):
     job = started.split()[1]
     done = await until(lambda: next((b for b in me.got if b.startswith(f"job {job} finished")), None), 10,
                        "the result")
-    assert "sample.steps: 1 ok" in done and '"done":3' in done
+    assert "sample.steps: 1 of 1 ok" in done and "  done: 3" in done.splitlines()
     assert any(b.startswith(f"job {job}: ") and "#1" in b for b in me.got), me.got  # progress came first
     listed = await me.ask("jobs", f"job {job}: sample.steps")
     assert "done, 1 ok" in listed
     detail = await me.ask(f"job {job}", "progress:")
-    assert '"step":3' in detail and "ok: sample" in detail
+    assert '"step":3' in detail and "sample.steps: 1 of 1 ok" in detail
 
 
 async def test_cancel_a_job_and_jobs_are_private(chat):
@@ -149,13 +165,13 @@ async def test_cancel_a_job_and_jobs_are_private(chat):
 async def test_an_unauthorized_op_is_denied_for_the_operator_and_audited(chat, tmp_path):
     bot, _, agent, _, helper = chat
     text = await helper.ask("call sample.count", "denied")
-    assert "helper" in text and "sample.count" in text and "sample.count: 1 denied" in text
+    assert "helper" in text and "sample.count" in text and "sample.count: 1 of 1 denied" in text
     assert agent.runs == 0  # nothing was sent: the bot's own (broad) rights granted nothing
     records = audit.show(tmp_path / "bot" / "audit.sqlite", op="sample.count")
     assert [(r["caller"], r["decision"]) for r in records] == [(helper_jid(helper), "deny")]
     assert "via chat bot" in records[0]["rule"]
     # What the helper may do still works, and is audited under the helper too.
-    await helper.ask("call sample.echo text=hi", "sample.echo: 1 ok")
+    await helper.ask("call sample.echo text=hi", "sample.echo: 1 of 1 ok")
     allowed = audit.show(tmp_path / "bot" / "audit.sqlite", op="sample.echo")
     assert {r["caller"] for r in allowed} == {helper_jid(helper)}
     assert audit.verify(tmp_path / "bot" / "audit.sqlite").ok
@@ -169,7 +185,7 @@ async def test_group_chat_messages_are_never_commands(chat, mesh):
     bot, _, agent, me, _ = chat
     me.send("call sample.count", mtype="groupchat")
     # A later direct command is answered; the group-chat one before it never ran.
-    await me.ask("call sample.echo text=after", "sample.echo: 1 ok")
+    await me.ask("call sample.echo text=after", "sample.echo: 1 of 1 ok")
     assert agent.runs == 0
     assert not any("sample.count" in b for b in me.got)
 
@@ -190,7 +206,7 @@ async def test_an_agent_that_does_not_delegate_to_the_bot_denies_instead_of_trus
     bot, broker, agent, me, _ = chat
     other = await mesh.agent(SampleAgent, broker, ["/host/b"], authorizer=agent.authorizer)
     await until(lambda: len(broker.directory.discover("sample.count", [])) == 2, what="two agents")
-    text = await me.ask("call sample.count on /host/b", "sample.count: 1 denied")
+    text = await me.ask("call sample.count on /host/b", "sample.count: 1 of 1 denied")
     assert "may not act on behalf of" in text and other.runs == 0
 
 

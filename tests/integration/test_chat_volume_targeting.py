@@ -37,9 +37,9 @@ def holders(stores, volume: str) -> list[StorageAgent]:
 
 async def test_create_goes_to_one_store_and_calls_on_the_volume_reach_it(scene):
     broker, stores, me = scene
-    await me.ask("call storage.volume.create volume=db", "storage.volume.create: 1 ok")
+    await me.ask("call storage.volume.create volume=db", "storage.volume.create: 1 of 1 ok")
     (owner,) = holders(stores, "db")
     await until(lambda: broker.directory.discover("storage.snapshot.create", ["/volume/db"]), what="db located")
-    text = await me.ask("call storage.snapshot.create volume=db snapshot=s1", "storage.snapshot.create: 1 ok")
+    text = await me.ask("call storage.snapshot.create volume=db snapshot=s1", "storage.snapshot.create: 1 of 1 ok")
     assert owner.jid.user in text
     assert [s.name for s in owner.driver.list_snapshots("db")] == ["s1"]

@@ -96,3 +96,14 @@ def test_a_plain_result_stays_on_its_targets_line():
     report = CallReport("sample.echo", [TargetResult("a@x/agent", Outcome.OK, "HELLO"),
                                         TargetResult("a@x/other", Outcome.OK, "HI")])
     assert render(report).splitlines() == ["a@x/agent: HELLO", "a@x/other: HI", "sample.echo: 2 of 2 ok"]
+
+
+def test_the_chat_bot_pages_a_long_answer_instead_of_cutting_it():
+    from broker.chat import pages
+
+    assert pages("short") == ["short"]
+    text = "\n".join(f"line {n} " + "x" * 50 for n in range(100)) + "\n" + "y" * 250
+    sent = pages(text, size=200)
+    assert all(len(p) <= 200 for p in sent) and len(sent) > 30
+    assert [p.split("\n", 1)[0] for p in sent] == [f"[page {n}/{len(sent)}]" for n in range(1, len(sent) + 1)]
+    assert "\n".join(p.split("\n", 1)[1] for p in sent).replace("\n", "") == text.replace("\n", "")
