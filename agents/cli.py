@@ -473,11 +473,6 @@ def _print_report(report: CallReport, as_json: bool, result: Result | None = Non
             print(yaml.safe_dump(json.loads(json.dumps(data, default=str)), sort_keys=False, allow_unicode=True),
                   end="")
         return
-    if report.op == "storage.report" and all(r.outcome is Outcome.OK for r in report.results):
-        from .storage.selfservice import report_tables  # tables per owner, source and clone
-        for r in report.results:
-            print(f"{r.target}\n{report_tables(r.result)}\n")
-        return
     print(render(report, result, elapsed))
 
 

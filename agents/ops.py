@@ -154,7 +154,7 @@ DISPLAYS: tuple[str, ...] = typing.get_args(Display)
 class Field:
     """One field of an op's result, as people see it: its key, its label and how it is shown."""
 
-    name: str
+    name: str  # its key in the result; a dotted name reaches into nested maps ("spool.transfers")
     label: str = ""  # the column or line heading; the name when empty
     display: Display = "text"
     columns: tuple["Field", ...] = ()  # with display "table": the columns of each row

@@ -140,7 +140,7 @@ def block(value: Any, fields: Sequence[Field] = ()) -> list[str]:
         width = max((len(f.heading) for f in declared), default=0) + 1
         lines = []
         for f in declared:
-            item = value.get(f.name)
+            item = _get(value, f.name)
             if f.display == "table" or (not fields and _nested(item)):
                 lines.append(f"{f.heading}:")
                 if isinstance(item, (list, tuple)) and f.display == "table":
@@ -163,6 +163,15 @@ def block(value: Any, fields: Sequence[Field] = ()) -> list[str]:
         return lines or ["(none)"]
     text = show(value)
     return text.splitlines() or [text]
+
+
+def _get(value: Mapping[str, Any], name: str) -> Any:
+    """``value[name]``; a dotted name reaches into nested maps (``spool.transfers``)."""
+    if name in value or "." not in name:
+        return value.get(name)
+    for key in name.split("."):
+        value = value.get(key) if isinstance(value, Mapping) else None
+    return value
 
 
 def _nested(value: Any) -> bool:

@@ -63,6 +63,16 @@ _SNAPSHOT = Result(Field("volume"), Field("name", "snapshot"), Field("created", 
                    Field("logical_bytes", "size", "bytes"), Field("exclusive_bytes", "exclusive", "bytes"),
                    Field("clones", display="list"))
 _DESTROYED = Result(Field("destroyed"))
+_SPACE = (Field("clones"), Field("exclusive_bytes", "exclusive", "bytes"), Field("shared_bytes", "shared", "bytes"),
+          Field("last_activity", "last activity", "time"))
+_REPORT = Result(
+    Field("owners", "per owner", "table", columns=(Field("owner"), *_SPACE)),
+    Field("sources", "per source", "table", columns=(Field("source"), *_SPACE)),
+    Field("clones", "per clone", "table", columns=(
+        Field("clone"), Field("owner"), Field("source"), *_SPACE[1:], Field("expires", display="time"))),
+    Field("spool.transfers", "replication spool", "table", columns=(
+        Field("package"), Field("snapshot"), Field("bytes", "size", "bytes"),
+        Field("idle_seconds", "idle", "duration"))))
 
 Volume = Annotated[str, Arg(f"volume name ({_RULE})", pattern=NAME_PATTERN)]
 Snapshot = Annotated[str, Arg(f"snapshot name ({_RULE})", pattern=NAME_PATTERN)]
@@ -269,7 +279,7 @@ class StorageAgent(VolumeLocations, ReplicationOps, Agent):
         self._owners.pop(clone, None)
         return {"destroyed": clone}
 
-    @op("storage.report", effect="read")
+    @op("storage.report", effect="read", result=_REPORT)
     async def report(self, call: Call) -> dict:
         """Space per owner, per source snapshot and per clone (exclusive and shared bytes), with each
         clone's last activity and expiry, this agent's clone limits, and what replication spools hold."""

@@ -121,33 +121,3 @@ def space_report(volumes: list[VolumeInfo], leases: dict[str, dict[str, Any]], n
     return {"clones": sorted(clones, key=lambda c: c["clone"]),
             "owners": [{"owner": k, **v} for k, v in sorted(owners.items())],
             "sources": [{"source": k, **v} for k, v in sorted(sources.items())]}
-
-
-def report_tables(report: dict[str, Any]) -> str:
-    """storage.report as the CLI shows it: one table per owner, per source, per clone, and the spools."""
-    def when(t: float | None) -> str:
-        return "-" if t is None else time.strftime("%Y-%m-%d %H:%M", time.localtime(t))
-
-    def mib(n: int) -> str:
-        return f"{n / (1 << 20):.1f}"
-
-    def table(title: str, head: list[str], rows: list[list[str]]) -> list[str]:
-        widths = [max([len(h)] + [len(r[i]) for r in rows]) for i, h in enumerate(head)]
-        out = [title, "  ".join(h.ljust(w) for h, w in zip(head, widths))]
-        out += ["  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows] or ["(none)"]
-        return out + [""]
-
-    lines = table("per owner", ["OWNER", "CLONES", "EXCL_MIB", "SHARED_MIB", "LAST_ACTIVITY"],
-                  [[o["owner"], str(o["clones"]), mib(o["exclusive_bytes"]), mib(o["shared_bytes"]),
-                    when(o["last_activity"])] for o in report.get("owners", [])])
-    lines += table("per source", ["SOURCE", "CLONES", "EXCL_MIB", "SHARED_MIB", "LAST_ACTIVITY"],
-                   [[o["source"], str(o["clones"]), mib(o["exclusive_bytes"]), mib(o["shared_bytes"]),
-                     when(o["last_activity"])] for o in report.get("sources", [])])
-    lines += table("per clone", ["CLONE", "OWNER", "SOURCE", "EXCL_MIB", "SHARED_MIB", "LAST_ACTIVITY", "EXPIRES"],
-                   [[c["clone"], c["owner"], c["source"], mib(c["exclusive_bytes"]), mib(c["shared_bytes"]),
-                     when(c["last_activity"]), when(c["expires"])] for c in report.get("clones", [])])
-    spool = report.get("spool") or {}
-    lines += table("replication spool", ["PACKAGE", "SNAPSHOT", "MIB", "IDLE_S"],
-                   [[t["package"] or "-", t["snapshot"] or "-", mib(t["bytes"]), str(t["idle_seconds"])]
-                    for t in spool.get("transfers", [])])
-    return "\n".join(lines).rstrip()

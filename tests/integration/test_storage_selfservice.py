@@ -14,6 +14,7 @@ from agents.authz import PolicyAuthorizer
 from agents.cli import _print_report
 from agents.report import CallReport, TargetResult
 from agents.errors import Outcome
+from agents.ops import ops_of
 from agents.storage.agent import StorageAgent
 from conftest import until
 
@@ -117,9 +118,11 @@ async def test_quota_exceeded_is_refused_with_a_clear_error(world, capsys):
     assert [c["clone"] for c in report.result["clones"]] == ["dev-a1"]
     assert report.result["sources"][0]["source"] == "prod@s1"
     # The CLI shows it as tables (what `vertebra call storage.report` prints).
-    _print_report(CallReport("storage.report", [TargetResult(str(agent.jid), Outcome.OK, report.result)]), False)
+    declared = ops_of(type(agent))["storage.report"].result  # as the op's description publishes it
+    _print_report(CallReport("storage.report", [TargetResult(str(agent.jid), Outcome.OK, report.result)]), False,
+                  declared)
     shown = capsys.readouterr().out.splitlines()
-    assert "per owner" in shown and "per source" in shown and "per clone" in shown
+    assert "  per owner:" in shown and "  per source:" in shown and "  per clone:" in shown
     assert any(line.split()[:3] == ["dev-a1", alice, "prod@s1"] for line in shown), shown
 
 

@@ -107,3 +107,10 @@ def test_the_chat_bot_pages_a_long_answer_instead_of_cutting_it():
     assert all(len(p) <= 200 for p in sent) and len(sent) > 30
     assert [p.split("\n", 1)[0] for p in sent] == [f"[page {n}/{len(sent)}]" for n in range(1, len(sent) + 1)]
     assert "\n".join(p.split("\n", 1)[1] for p in sent).replace("\n", "") == text.replace("\n", "")
+
+
+def test_a_dotted_field_reaches_into_nested_maps():
+    spool = Result(Field("spool.transfers", "replication spool", "table",
+                         columns=(Field("package"), Field("bytes", "size", "bytes"))))
+    lines = block({"spool": {"bytes": 2048, "transfers": [{"package": "p1", "bytes": 2048}]}}, spool.fields)
+    assert lines[0] == "replication spool:" and lines[2].split() == ["p1", "2", "KiB"]
