@@ -5,9 +5,10 @@ with an XEP-0004 form (``FORM_TYPE`` ``urn:vertebra:op``) that is the op's argum
 per argument, its XEP-0004 type (``list-single`` with options for a choice, ``text-multi`` or
 ``list-multi`` for a list, ``boolean``, ``text-private`` for a secret), ``required``, its help as
 ``desc`` and its default as value, with XEP-0122 validation for the datatype, range and pattern. The
-op's own facts (effect, deadline, progress, resources, address, scope, sender) are hidden fields
-named ``op#FACT``, which no argument name can take (``op#result``, what the op answers for people
-to read, is its fields and summary as one JSON text); the form's title is the op's name, its
+op's own facts (effect, deadline, progress, resources, address, scope, sender, announce: the ops
+room's topic for it) are hidden fields named ``op#FACT``, which no argument name can take
+(``op#result``, what the op answers for people to read, is its fields and summary as one JSON text);
+the form's title is the op's name, its
 instructions the summary and description. disco#items on the node ``urn:vertebra:ops`` lists every
 op the agent serves, named by its summary. docs/protocol.md (section 4.7) is the contract.
 
@@ -33,7 +34,7 @@ OP_FORM = "urn:vertebra:op"  # FORM_TYPE of an op's description
 # XEP-0122 datatypes of each argument kind, both ways.
 _DATATYPES = {"string": "xs:string", "integer": "xs:integer", "number": "xs:double", "boolean": "xs:boolean"}
 _KINDS = {v: k for k, v in _DATATYPES.items()}
-_FACTS = ("effect", "deadline", "progress", "resources", "address", "scope", "sender")
+_FACTS = ("effect", "deadline", "progress", "resources", "address", "scope", "sender", "announce")
 _FACT = "op#"  # prefix of the hidden fields holding the op's facts ("#" is never in an argument name)
 
 
@@ -74,7 +75,7 @@ def form_of(xmpp: Any, spec: OpSpec) -> Any:
     described = spec.describe()
     for fact in _FACTS:
         value = described[fact]
-        if value is None or value == []:
+        if value is None or value == [] or value == "":
             continue
         form.add_field(var=_FACT + fact, ftype="hidden",
                        value=[str(v) for v in value] if isinstance(value, list) else _text(value))
@@ -134,7 +135,7 @@ def description_of(form: Any) -> dict[str, Any]:
         "effect": fact("effect") or "change", "deadline": float(fact("deadline") or 30.0),
         "progress": fact("progress") == "true", "address": fact("address"),
         "resources": _values(facts["resources"]) if "resources" in facts else [],
-        "scope": fact("scope") or "all", "sender": fact("sender") or "anyone",
+        "scope": fact("scope") or "all", "sender": fact("sender") or "anyone", "announce": fact("announce") or "",
         "result": json.loads(fact("result")) if fact("result") else None}
     out["destructive"] = out["effect"] == "destructive"
     params = []
@@ -195,7 +196,7 @@ def spec_of(description: Mapping[str, Any]) -> OpSpec:
                       deadline=float(description["deadline"]), progress=bool(description["progress"]),
                       resources=tuple(description.get("resources") or ()), func=_unserved,
                       address=description.get("address"), scope=description.get("scope") or "all",
-                      sender=description.get("sender") or "anyone",
+                      sender=description.get("sender") or "anyone", announce=description.get("announce") or "",
                       result=Result.from_description(description.get("result")))
     except (KeyError, TypeError, ValueError) as exc:
         raise BadArguments(f"an op description that cannot be read: {exc!r}") from None

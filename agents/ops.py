@@ -250,6 +250,9 @@ class OpSpec:
     approval: str = ""
     # What it answers, for people to read (agents/render.py); None: shown as labelled lines of its keys.
     result: Result | None = None
+    # The ops room's topic for a person's call of it relayed by the chat bot ("fencing": every outcome is
+    # told; "replication": its failures); the room (broker/room.py) says what each topic tells. "": none.
+    announce: str = ""
 
     @property
     def destructive(self) -> bool:
@@ -306,7 +309,8 @@ class OpSpec:
             "name": self.name, "summary": self.summary, "description": self.description,
             "effect": self.effect, "destructive": self.destructive, "deadline": self.deadline,
             "progress": self.progress, "resources": list(self.resources), "address": self.address, "scope": self.scope,
-            "sender": self.sender, "result": self.result.describe() if self.result else None,
+            "sender": self.sender, "announce": self.announce,
+            "result": self.result.describe() if self.result else None,
             "params": [{"name": p.name, "type": p.kind, "many": p.many, "required": p.required,
                         "default": None if p.secret else p.default, "help": p.help,
                         "choices": list(p.choices) if p.choices else None, "pattern": p.pattern,
@@ -343,8 +347,8 @@ _EFFECT_WORDS = {"read": "read-only", "change": "changes state", "destructive": 
 def op(name: str, *, effect: Effect = "change", deadline: float = 30.0, progress: bool = False,
        resources: Sequence[str] = (), address: str | None = None, scope: Literal["all", "one"] = "all",
        destructive: bool | None = None, sender: Sender = "anyone", sender_kinds: Sequence[str] = (),
-       own_resources: str = "", leader: bool = False, approval: str = "", result: Result | None = None
-       ) -> Callable[[Callable[..., Awaitable[Any]]], Callable[..., Awaitable[Any]]]:
+       own_resources: str = "", leader: bool = False, approval: str = "", result: Result | None = None,
+       announce: str = "") -> Callable[[Callable[..., Awaitable[Any]]], Callable[..., Awaitable[Any]]]:
     """Declare a method as an op. Its docstring's first line is the summary; its typed keyword
     parameters after ``call`` are the arguments."""
     if not _OP_NAME.match(name):
@@ -359,6 +363,8 @@ def op(name: str, *, effect: Effect = "change", deadline: float = 30.0, progress
         raise ValueError(f"op {name}: sender must be one of {', '.join(map(repr, SENDERS))}, got {sender!r}")
     if sender == "broker" and sender_kinds:
         raise ValueError(f"op {name}: an op only the broker sends has no sender_kinds")
+    if announce and not re.fullmatch(r"[a-z]+", announce):
+        raise ValueError(f"op {name}: announce names an ops room topic in lowercase letters, got {announce!r}")
     if own_resources and (sender not in ("agent", "live agent") or not resources):
         raise ValueError(f"op {name}: own_resources limits an op on resources that agents send"
                          " (sender='agent' or 'live agent', and resources=...)")
@@ -373,7 +379,7 @@ def op(name: str, *, effect: Effect = "change", deadline: float = 30.0, progress
             params=tuple(_params_of(name, func)), effect=effect, deadline=float(deadline),
             progress=progress, resources=tuple(resources), func=func, address=address, scope=scope,
             sender=sender, sender_kinds=tuple(sender_kinds), own_resources=own_resources, leader=leader,
-            approval=approval, result=result)
+            approval=approval, result=result, announce=announce)
         return func
 
     return decorate

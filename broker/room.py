@@ -22,7 +22,8 @@ Every post says where it comes from:
   the monitor's: only hard states are alerts), with the monitor agent that posted them;
 - approval requests of workflow instances, with their requester and the command that approves them;
 - fencing events the broker accepted, with the fencing agent and who asked it; fencing attempts and
-  outcomes relayed by the bot, with the operator, and any ``fence.*`` or replication failure;
+  outcomes relayed by the bot, with the operator, and replication failures (for the ops whose
+  declaration says ``announce="fencing"`` or ``"replication"``);
 
 Posting is rate-limited and coalesced (:class:`Coalescer`): at most one message per interval; within
 an interval a newer line for the same subject (a check on a host, an instance's step) replaces the
@@ -312,15 +313,15 @@ class OpsRoom:
         self.coalescer.post(("fence-event", event.get("agent"), event.get("id")), what, "fencing")
 
     def relayed(self, operator: str, spec: OpSpec, report: CallReport) -> None:
-        """Hook for ``ChatBot.relayed``: fencing attempts and outcomes, replication failures."""
-        fencing = spec.name.startswith("fence.") and spec.name not in ("fence.list", "fence.info")
+        """Hook for ``ChatBot.relayed``: fencing attempts and outcomes, replication failures, for the ops
+        whose declaration names the topic (``announce``, carried by their description)."""
         failed = [r for r in report.results if r.outcome is not Outcome.OK]
-        if fencing:
+        if spec.announce == "fencing":
             lines = "; ".join(f"{short(r.target)} {r.outcome.value}" + (f" ({r.error})" if r.error else "")
                               for r in report.results)
             self.coalescer.post(("fence", spec.name, operator, id(report)),
                                 f"fencing: {spec.name} by {operator}: {summarize(report)}: {lines}", "fencing")
-        elif spec.name.startswith("storage.replication") and failed:
+        elif spec.announce == "replication" and failed:
             self.coalescer.post(("replication", spec.name, id(report)),
                                 f"replication failed: {spec.name} by {operator}: "
                                 + "; ".join(f"{short(r.target)}: {r.error}" for r in failed), "replication")

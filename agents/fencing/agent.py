@@ -125,7 +125,7 @@ class FencingAgent(Agent):
     # -- ops ------------------------------------------------------------------------------------
 
     @op("fence.off", effect="destructive", deadline=OP_DEADLINE, resources=(NODE_RESOURCE,),
-        approval="fence-node", result=_POWER)
+        approval="fence-node", result=_POWER, announce="fencing")
     async def off(self, call: Call, cluster: Cluster, node: Node) -> dict:
         """Power a node off; ok only when the device's status confirms OFF.
 
@@ -133,13 +133,13 @@ class FencingAgent(Agent):
         return await self._power(call, "off", cluster, node)
 
     @op("fence.on", effect="destructive", deadline=OP_DEADLINE, resources=(NODE_RESOURCE,),
-        approval="fence-node-on", result=_POWER)
+        approval="fence-node-on", result=_POWER, announce="fencing")
     async def on(self, call: Call, cluster: Cluster, node: Node) -> dict:
         """Power a node on (unfence); ok only when the device's status confirms ON."""
         return await self._power(call, "on", cluster, node)
 
     @op("fence.reboot", effect="destructive", deadline=OP_DEADLINE, resources=(NODE_RESOURCE,),
-        approval="fence-node-reboot", result=_POWER)
+        approval="fence-node-reboot", result=_POWER, announce="fencing")
     async def reboot(self, call: Call, cluster: Cluster, node: Node) -> dict:
         """Power a node off (verified), then on; ok once off is verified.
 
@@ -147,7 +147,8 @@ class FencingAgent(Agent):
         on_error."""
         return await self._power(call, "reboot", cluster, node)
 
-    @op("fence.status", effect="read", deadline=OP_DEADLINE, resources=(NODE_RESOURCE,), result=_POWER)
+    @op("fence.status", effect="read", deadline=OP_DEADLINE, resources=(NODE_RESOURCE,), result=_POWER,
+        announce="fencing")
     async def status(self, call: Call, cluster: Cluster, node: Node) -> dict:
         """A node's power state (on or off) as its fence device reports it; failed when unknown."""
         return await self._power(call, "status", cluster, node)

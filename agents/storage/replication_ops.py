@@ -104,32 +104,32 @@ class ReplicationOps:
         self.replicator.schedule(action.id)
         return await self._wait_update(call, action.id)
 
-    @op("storage.replication.update", effect="change", deadline=_DATA_DEADLINE, progress=True)
+    @op("storage.replication.update", effect="change", deadline=_DATA_DEADLINE, progress=True, announce="replication")
     async def replication_update(self, call: Call, action: ActionId) -> dict:
         """Run one update of an action now (or join the one running): snapshot, send incrementally, publish."""
         return await self._wait_update(call, action)
 
-    @op("storage.replication.list", effect="read")
+    @op("storage.replication.list", effect="read", announce="replication")
     async def replication_list(self, call: Call) -> list:
         """List replication actions: target, package, schedule, throttle, state, last update, live progress."""
         return self.replicator.list()
 
-    @op("storage.replication.pause", effect="change")
+    @op("storage.replication.pause", effect="change", announce="replication")
     async def replication_pause(self, call: Call, action: ActionId) -> dict:
         """Pause an action: a running transfer stops where it is and resumes from there later."""
         return (await self._guard(self.replicator.pause(action))).to_wire()
 
-    @op("storage.replication.resume", effect="change")
+    @op("storage.replication.resume", effect="change", announce="replication")
     async def replication_resume(self, call: Call, action: ActionId) -> dict:
         """Resume a paused action: an interrupted update continues, then the schedule runs again."""
         return (await self._guard(self._async(self.replicator.resume, action))).to_wire()
 
-    @op("storage.replication.throttle", effect="change")
+    @op("storage.replication.throttle", effect="change", announce="replication")
     async def replication_throttle(self, call: Call, action: ActionId, rate: Rate) -> dict:
         """Change an action's bandwidth limit; a running transfer paces to it at once."""
         return (await self._guard(self._async(self.replicator.throttle, action, rate or None))).to_wire()
 
-    @op("storage.replication.destroy", effect="destructive", deadline=600)
+    @op("storage.replication.destroy", effect="destructive", deadline=600, announce="replication")
     async def replication_destroy(self, call: Call, action: ActionId) -> dict:
         """Destroy an action and its snapshots on the source; its package on the target stays."""
         return await self._guard(self.replicator.destroy(action))
