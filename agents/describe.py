@@ -6,7 +6,7 @@ per argument, its XEP-0004 type (``list-single`` with options for a choice, ``te
 ``list-multi`` for a list, ``boolean``, ``text-private`` for a secret), ``required``, its help as
 ``desc`` and its default as value, with XEP-0122 validation for the datatype, range and pattern. The
 op's own facts (effect, deadline, progress, resources, address, scope, sender, announce: the ops
-room's topic for it) are hidden fields named ``op#FACT``, which no argument name can take
+room's topic for it, makes, removes, rereads) are hidden fields named ``op#FACT``, which no argument name can take
 (``op#result``, what the op answers for people to read, is its fields and summary as one JSON text);
 the form's title is the op's name, its
 instructions the summary and description. disco#items on the node ``urn:vertebra:ops`` lists every
@@ -34,7 +34,8 @@ OP_FORM = "urn:vertebra:op"  # FORM_TYPE of an op's description
 # XEP-0122 datatypes of each argument kind, both ways.
 _DATATYPES = {"string": "xs:string", "integer": "xs:integer", "number": "xs:double", "boolean": "xs:boolean"}
 _KINDS = {v: k for k, v in _DATATYPES.items()}
-_FACTS = ("effect", "deadline", "progress", "resources", "address", "scope", "sender", "announce")
+_FACTS = ("effect", "deadline", "progress", "resources", "address", "scope", "sender", "announce", "makes",
+          "removes", "rereads")
 _FACT = "op#"  # prefix of the hidden fields holding the op's facts ("#" is never in an argument name)
 
 
@@ -136,6 +137,7 @@ def description_of(form: Any) -> dict[str, Any]:
         "progress": fact("progress") == "true", "address": fact("address"),
         "resources": _values(facts["resources"]) if "resources" in facts else [],
         "scope": fact("scope") or "all", "sender": fact("sender") or "anyone", "announce": fact("announce") or "",
+        "makes": fact("makes") or "", "removes": fact("removes") or "", "rereads": fact("rereads") or "",
         "result": json.loads(fact("result")) if fact("result") else None}
     out["destructive"] = out["effect"] == "destructive"
     params = []
@@ -197,6 +199,8 @@ def spec_of(description: Mapping[str, Any]) -> OpSpec:
                       resources=tuple(description.get("resources") or ()), func=_unserved,
                       address=description.get("address"), scope=description.get("scope") or "all",
                       sender=description.get("sender") or "anyone", announce=description.get("announce") or "",
+                      makes=description.get("makes") or "", removes=description.get("removes") or "",
+                      rereads=description.get("rereads") or "",
                       result=Result.from_description(description.get("result")))
     except (KeyError, TypeError, ValueError) as exc:
         raise BadArguments(f"an op description that cannot be read: {exc!r}") from None

@@ -253,6 +253,12 @@ class OpSpec:
     # The ops room's topic for a person's call of it relayed by the chat bot ("fencing": every outcome is
     # told; "replication": its failures); the room (broker/room.py) says what each topic tells. "": none.
     announce: str = ""
+    # Resources it makes or removes when it succeeds (one of its ``resources`` templates, "/volume/{clone}"),
+    # and a path under which resources may have come or gone whatever its outcome, so the agent reads them
+    # again ("/volume"): how an agent keeps what it holds current (agents/storage/locations.py).
+    makes: str = ""
+    removes: str = ""
+    rereads: str = ""
 
     @property
     def destructive(self) -> bool:
@@ -309,7 +315,8 @@ class OpSpec:
             "name": self.name, "summary": self.summary, "description": self.description,
             "effect": self.effect, "destructive": self.destructive, "deadline": self.deadline,
             "progress": self.progress, "resources": list(self.resources), "address": self.address, "scope": self.scope,
-            "sender": self.sender, "announce": self.announce,
+            "sender": self.sender, "announce": self.announce, "makes": self.makes, "removes": self.removes,
+            "rereads": self.rereads,
             "result": self.result.describe() if self.result else None,
             "params": [{"name": p.name, "type": p.kind, "many": p.many, "required": p.required,
                         "default": None if p.secret else p.default, "help": p.help,
@@ -348,7 +355,8 @@ def op(name: str, *, effect: Effect = "change", deadline: float = 30.0, progress
        resources: Sequence[str] = (), address: str | None = None, scope: Literal["all", "one"] = "all",
        destructive: bool | None = None, sender: Sender = "anyone", sender_kinds: Sequence[str] = (),
        own_resources: str = "", leader: bool = False, approval: str = "", result: Result | None = None,
-       announce: str = "") -> Callable[[Callable[..., Awaitable[Any]]], Callable[..., Awaitable[Any]]]:
+       announce: str = "", makes: str = "", removes: str = "", rereads: str = ""
+       ) -> Callable[[Callable[..., Awaitable[Any]]], Callable[..., Awaitable[Any]]]:
     """Declare a method as an op. Its docstring's first line is the summary; its typed keyword
     parameters after ``call`` are the arguments."""
     if not _OP_NAME.match(name):
@@ -365,6 +373,11 @@ def op(name: str, *, effect: Effect = "change", deadline: float = 30.0, progress
         raise ValueError(f"op {name}: an op only the broker sends has no sender_kinds")
     if announce and not re.fullmatch(r"[a-z]+", announce):
         raise ValueError(f"op {name}: announce names an ops room topic in lowercase letters, got {announce!r}")
+    for fact, template in (("makes", makes), ("removes", removes)):
+        if template and template not in resources:
+            raise ValueError(f"op {name}: {fact}={template!r} must be one of its resources ({', '.join(resources)})")
+    if rereads and not rereads.startswith("/"):
+        raise ValueError(f"op {name}: rereads is a resource path such as '/volume', got {rereads!r}")
     if own_resources and (sender not in ("agent", "live agent") or not resources):
         raise ValueError(f"op {name}: own_resources limits an op on resources that agents send"
                          " (sender='agent' or 'live agent', and resources=...)")
@@ -379,7 +392,7 @@ def op(name: str, *, effect: Effect = "change", deadline: float = 30.0, progress
             params=tuple(_params_of(name, func)), effect=effect, deadline=float(deadline),
             progress=progress, resources=tuple(resources), func=func, address=address, scope=scope,
             sender=sender, sender_kinds=tuple(sender_kinds), own_resources=own_resources, leader=leader,
-            approval=approval, result=result, announce=announce)
+            approval=approval, result=result, announce=announce, makes=makes, removes=removes, rereads=rereads)
         return func
 
     return decorate

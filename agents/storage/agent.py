@@ -145,7 +145,8 @@ class StorageAgent(VolumeLocations, ReplicationOps, Agent):
     info = info_op("storage")
 
     # volumes ------------------------------------------------------------------------------------------
-    @op("storage.volume.create", effect="change", resources=("/volume/{volume}",), scope="one", result=_VOLUME)
+    @op("storage.volume.create", effect="change", resources=(_AT_VOLUME,), scope="one", result=_VOLUME,
+        makes=_AT_VOLUME)
     async def volume_create(self, call: Call, volume: Volume) -> dict:
         """Create an empty volume (a directory tree, e.g. a database's data directory)."""
         return await self._drive(lambda: self._volume(self.driver.create_volume(volume)))
@@ -156,7 +157,7 @@ class StorageAgent(VolumeLocations, ReplicationOps, Agent):
         return await self._drive(lambda: [self._volume(v) for v in self.driver.list_volumes()])
 
     @op("storage.volume.destroy", effect="destructive", deadline=600, resources=("/volume/{volume}",),
-        address=_AT_VOLUME, result=_DESTROYED)
+        address=_AT_VOLUME, result=_DESTROYED, removes=_AT_VOLUME)
     async def volume_destroy(self, call: Call, volume: Volume) -> dict:
         """Destroy a volume and its data; refused while it has snapshots, which it names."""
         await self._drive(self.driver.destroy_volume, volume)
@@ -190,7 +191,7 @@ class StorageAgent(VolumeLocations, ReplicationOps, Agent):
 
     # clones -------------------------------------------------------------------------------------------
     @op("storage.clone.create", effect="change", deadline=_DATA_DEADLINE, progress=True,
-        resources=("/volume/{volume}", "/volume/{clone}"), address=_AT_VOLUME, result=_VOLUME)
+        resources=("/volume/{volume}", "/volume/{clone}"), address=_AT_VOLUME, result=_VOLUME, makes=_AT_CLONE)
     async def clone_create(self, call: Call, volume: Volume, snapshot: Snapshot, clone: Clone,
                            masked_only: Annotated[bool, Arg("refuse unless a successful storage.mask produced "
                                                             "volume@snapshot (what masked copies use)")] = False,
@@ -272,7 +273,7 @@ class StorageAgent(VolumeLocations, ReplicationOps, Agent):
         return await self._drive(lambda: self._volume(self._find(clone)))
 
     @op("storage.clone.destroy", effect="destructive", deadline=600, resources=("/volume/{clone}",),
-        address=_AT_CLONE, result=_DESTROYED)
+        address=_AT_CLONE, result=_DESTROYED, removes=_AT_CLONE)
     async def clone_destroy(self, call: Call, clone: Clone) -> dict:
         """Destroy a clone; refused while it has snapshots of its own, which it names."""
         await self._drive(self.driver.destroy_clone, clone)

@@ -32,13 +32,16 @@ REPORT_OP = "mesh.volumes"
 MAX_REPORTED = 2000
 REPORT_TIMEOUT = 5.0    # seconds one report to one broker may take
 CHANGE_WAIT = 3.0       # seconds an op that changed the volumes waits for its brokers to know
-# Ops after which the set of volumes may differ (a clone and a received replica are volumes too): those
-# whose argument names the volume they made or removed, when they succeed, and those that make or remove
-# replicas, after which the catalog is read again.
-ADDS = {"storage.volume.create": "volume", "storage.clone.create": "clone"}
-REMOVES = {"storage.volume.destroy": "volume", "storage.clone.destroy": "clone"}
-REREADS = frozenset({"storage.package.receive", "storage.package.commit", "storage.package.destroy"})
-CHANGES_VOLUMES = frozenset(ADDS) | frozenset(REMOVES) | REREADS
+# The ops after which the set of volumes may differ (a clone and a received replica are volumes too) say
+# so on their declaration: the volume they make or remove when they succeed (makes="/volume/{clone}"),
+# or rereads="/volume" for those that make or remove replicas, after which the catalog is read again.
+VOLUMES = "/volume"
+
+
+def _volume_of(template: str, args: dict[str, Any]) -> str:
+    """The volume name a declared ``/volume/{arg}`` template gives with these arguments ("" for none)."""
+    prefix = VOLUMES + "/"
+    return template.format(**args)[len(prefix):] if template.startswith(prefix) else ""
 
 
 def volume_path(name: str) -> str:
@@ -142,11 +145,12 @@ class VolumeLocations:
         finally:
             # From the op's own arguments where they say it, so a long op of another caller holding the
             # driver's lock does not hold this answer back too.
-            if ok and spec.name in ADDS:
-                await self._volumes_changed(self._volume_names | {args[ADDS[spec.name]]})
-            elif ok and spec.name in REMOVES:
-                await self._volumes_changed(self._volume_names - {args[REMOVES[spec.name]]})
-            elif spec.name in REREADS:
+            made, removed = _volume_of(spec.makes, args), _volume_of(spec.removes, args)
+            if ok and made:
+                await self._volumes_changed(self._volume_names | {made})
+            elif ok and removed:
+                await self._volumes_changed(self._volume_names - {removed})
+            elif spec.rereads == VOLUMES:
                 await self._volumes_changed(frozenset(
                     await asyncio.to_thread(self.driver.volume_names)))  # type: ignore[attr-defined]
 

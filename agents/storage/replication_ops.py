@@ -140,7 +140,7 @@ class ReplicationOps:
         """List the packages this agent holds: source agent and volume, action, snapshots."""
         return await self._drive(self.packages.list)  # type: ignore[attr-defined]
 
-    @op("storage.package.receive", effect="change", resources=("/volume/{package}",))
+    @op("storage.package.receive", effect="change", resources=("/volume/{package}",), rereads="/volume")
     async def package_receive(self, call: Call, package: Package,
                               action: ActionId, source_volume: Volume,
                               snapshot: Annotated[str, Arg("snapshot to receive", pattern=NAME_PATTERN)],
@@ -151,14 +151,16 @@ class ReplicationOps:
         return await self._guard(self.packages.offer(call.caller, package, action, source_volume, snapshot, tls,
                                                      driver))
 
-    @op("storage.package.commit", effect="change", deadline=_DATA_DEADLINE, resources=("/volume/{package}",))
+    @op("storage.package.commit", effect="change", deadline=_DATA_DEADLINE, resources=("/volume/{package}",),
+        rereads="/volume")
     async def package_commit(self, call: Call, package: Package,
                              snapshot: Annotated[str, Arg("snapshot whose stream is complete",
                                                           pattern=NAME_PATTERN)]) -> dict:
         """(For source agents.) Publish a completely received snapshot into its package, all or nothing."""
         return await self._guard(self.packages.commit(call.caller, package, snapshot))
 
-    @op("storage.package.destroy", effect="destructive", deadline=600, resources=("/volume/{package}",))
+    @op("storage.package.destroy", effect="destructive", deadline=600, resources=("/volume/{package}",),
+        rereads="/volume")
     async def package_destroy(self, call: Call, package: Package) -> dict:
         """Destroy a package and its snapshots; refused while clones made from them exist, which it names."""
         return await self._drive(self.packages.destroy, package)  # type: ignore[attr-defined]
