@@ -7,7 +7,7 @@ from typing import Annotated, Literal
 import pytest
 
 from agents.errors import BadArguments
-from agents.ops import OP_FEATURE_PREFIX, Arg, op, ops_of
+from agents.ops import OP_FEATURE_PREFIX, Arg, Field, Result, op, ops_of
 
 
 class Kind:
@@ -131,3 +131,23 @@ def test_every_installed_op_declares_what_it_does():
             assert spec.effect == "read", name
         if last in {"destroy", "rollback", "refresh", "off", "on", "reboot"}:
             assert spec.effect == "destructive", name
+
+
+def test_result_fields_and_the_volume_facts_are_checked_when_declared():
+    declared = Result(Field("name", "volume"), Field("state", display="state"), summary="state")
+    assert declared.describe() == {"fields": [{"name": "name", "label": "volume", "display": "text"},
+                                              {"name": "state", "label": "", "display": "state"}],
+                                   "summary": "state"}
+    assert Result.from_description(declared.describe()) == declared and Result.from_description(None) is None
+    with pytest.raises(ValueError, match="display must be one of"):
+        Field("size", display="megabytes")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="only a display='table' field has columns"):
+        Field("rows", columns=(Field("a"),))
+    with pytest.raises(ValueError, match="summary 'state' must be one of the declared fields"):
+        Result(Field("name"), summary="state")
+    with pytest.raises(ValueError, match="makes='/volume/{clone}' must be one of its resources"):
+        op("x.make", resources=("/volume/{volume}",), makes="/volume/{clone}")
+    with pytest.raises(ValueError, match="rereads is a resource path"):
+        op("x.read", rereads="volume")
+    with pytest.raises(ValueError, match="announce names an ops room topic"):
+        op("x.tell", announce="Fencing!")
