@@ -141,7 +141,9 @@ def block(value: Any, fields: Sequence[Field] = ()) -> list[str]:
         lines = []
         for f in declared:
             item = _get(value, f.name)
-            if f.display == "table" or (not fields and _nested(item)):
+            # A table, a nested value of an undeclared result, or a map (a workflow's parameters, a fencing
+            # agent's nodes by cluster) goes on lines of its own under its label.
+            if f.display == "table" or (not fields and _nested(item)) or (isinstance(item, Mapping) and item):
                 lines.append(f"{f.heading}:")
                 if isinstance(item, (list, tuple)) and f.display == "table":
                     rows = [r for r in item if isinstance(r, Mapping)]

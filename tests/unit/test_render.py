@@ -114,3 +114,8 @@ def test_a_dotted_field_reaches_into_nested_maps():
                          columns=(Field("package"), Field("bytes", "size", "bytes"))))
     lines = block({"spool": {"bytes": 2048, "transfers": [{"package": "p1", "bytes": 2048}]}}, spool.fields)
     assert lines[0] == "replication spool:" and lines[2].split() == ["p1", "2", "KiB"]
+
+
+def test_a_declared_map_goes_on_lines_of_its_own():
+    lines = block({"clusters": {"c1": ["node1", "node2"], "c2": ["node3"]}}, (Field("clusters"),))
+    assert lines == ["clusters:", "  c1: node1, node2", "  c2: node3"]
