@@ -171,9 +171,10 @@ def _get(value: Mapping[str, Any], name: str) -> Any:
     """``value[name]``; a dotted name reaches into nested maps (``spool.transfers``)."""
     if name in value or "." not in name:
         return value.get(name)
+    found: Any = value
     for key in name.split("."):
-        value = value.get(key) if isinstance(value, Mapping) else None
-    return value
+        found = found.get(key) if isinstance(found, Mapping) else None
+    return found
 
 
 def _nested(value: Any) -> bool:
