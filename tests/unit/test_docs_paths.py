@@ -30,6 +30,7 @@ NOT_THE_TREE = {".git", ".venv", ".vertebra", "__pycache__", ".pytest_cache", ".
 # Cited on purpose though not in the repository: what running something makes.
 MADE_BY_RUNNING = {
     "bench/results/summary.json",  # `make bench` writes it
+    "bench/results",  # the directory every benchmark writes its verdicts to (ignored by git)
 }
 NAMES_MADE_BY_RUNNING = {
     "mesh.yaml",  # the state directory's mesh file, created from deploy/mesh.example.yaml
