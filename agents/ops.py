@@ -338,6 +338,8 @@ class OpSpec:
             lines.append(f"without --on, goes to the agent holding {self.address}")
         elif self.scope == "one":
             lines.append("without --scope, goes to one agent that offers it")
+        if self.result is not None and self.result.fields:
+            lines.append("answers: " + ", ".join(f.heading for f in self.result.fields))
         lines += ["", "arguments:" if self.params else "arguments: none"]
         width = max((len(p.name) + len(p.type_name) for p in self.params), default=0) + 1
         for p in self.params:

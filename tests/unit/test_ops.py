@@ -139,6 +139,12 @@ def test_result_fields_and_the_volume_facts_are_checked_when_declared():
                                               {"name": "state", "label": "", "display": "state"}],
                                    "summary": "state"}
     assert Result.from_description(declared.describe()) == declared and Result.from_description(None) is None
+
+    @op("x.show", effect="read", result=declared)
+    async def show(self, call):
+        "Show things."
+
+    assert "answers: volume, state" in show.__vertebra_op__.help_text().splitlines()
     with pytest.raises(ValueError, match="display must be one of"):
         Field("size", display="megabytes")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="only a display='table' field has columns"):
