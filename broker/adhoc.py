@@ -13,7 +13,7 @@ so a new op is a new command with no code here:
   an optional ``on`` field for the resources to address;
 - a submission is validated by the declaration; a bad one comes back as the same form, the values
   kept, an error note naming the argument and that field's label marked;
-- a quick op completes with a note and a result form (a line per target); a long op
+- a quick op completes with a note and a result form (the lines the CLI prints); a long op
   (``progress=True``) stays executing: each ``next`` shows the progress so far, ``cancel`` stops
   it, and the session completes with the result.
 
