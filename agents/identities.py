@@ -32,16 +32,10 @@ class CallerRefused(Exception):
 
 def replace_password(path: Path, password: str) -> None:
     """Write ``password`` to ``path`` (mode 0600) at once: a reader sees the old file or the new one."""
+    from .server import write_private
+
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(password)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    write_private(path, password)
 
 
 def user_name(uid: int) -> str:

@@ -43,6 +43,20 @@ _ALNUM = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ01234567
 _children: dict[int, subprocess.Popen] = {}
 
 
+def write_private(path: Path, text: str) -> None:
+    """Write ``text`` to ``path``, mode 0600, at once: written beside it, then renamed over it, so a
+    reader (Prosody, a program reading a password) sees the old file or the new one, never half."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}~")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
 class ServerError(Exception):
     """The private server could not do what was asked; the message says why and what to do."""
 
@@ -211,16 +225,7 @@ class PrivateNode:
 
     @staticmethod
     def _write_private(path: Path, text: str) -> None:
-        # Write then rename, so Prosody never reads half a file.
-        tmp = path.with_name(path.name + f".{os.getpid()}.{uuid.uuid4().hex[:8]}~")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        try:
-            with os.fdopen(fd, "w") as f:
-                f.write(text)
-            os.replace(tmp, path)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
+        write_private(path, text)
 
     @contextmanager
     def _locked(self) -> Iterator[None]:
