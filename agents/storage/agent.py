@@ -1,17 +1,7 @@
 """The storage agent: serves volumes, snapshots and writable clones from one driver.
 
-The driver comes from the agent's settings in the mesh file (checked in settings.py)::
-
-    settings:
-      driver: embedded      # or btrfs (root and a mounted btrfs filesystem needed)
-      root: /srv/vertebra   # where the driver keeps its data; default: <agent state dir>/storage
-      inbox_host: 0.0.0.0   # where replication inboxes listen; default 127.0.0.1
-      inbox_advertise: db2.example.net   # the address sources are told; default inbox_host
-      keep_received: 7      # per package, keep the newest 7 received snapshots; default: keep all
-      masking:              # hooks storage.mask may run (agents/storage/masking.py); never the caller's
-        hooks: {demo: {argv: [masking/sqlite-mask, app.db, mask-demo.sql], timeout: 60}}
-      clones:               # self-service limits (agents/storage/selfservice.py): per_owner, bytes_per_owner,
-        per_owner: 3        # max_expiry, warn_before, sweep_every
+The driver, its root, the replication inbox, masking hooks and self-service clone limits come from the
+agent's ``settings:`` in the mesh file, read and checked in settings.py (its docstring shows them all).
 
 Every op names what it acts on as /volume/NAME resources (a clone is a volume too), so a policy can give a
 developer their own clone and nothing else. Driver calls block on disk, so they run in a worker thread.
