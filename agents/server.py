@@ -365,20 +365,22 @@ class PrivateServer(PrivateNode):
             _check_password(user, password)
         if not accounts:
             return
-        store = self.data_dir / _path_encode(self.domain) / "accounts"
-        store.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self._accounts_dir().mkdir(parents=True, exist_ok=True, mode=0o700)
         items = list(accounts.items())
         if len(items) < 8:
             for user, password in items:
-                self._write_account(store, user, password)
+                self._write_account(user, password)
             return
         # hashlib.pbkdf2_hmac releases the GIL, so threads use every core.
         with ThreadPoolExecutor(max_workers=os.cpu_count() or 2) as pool:
-            for _ in pool.map(lambda item: self._write_account(store, *item), items):
+            for _ in pool.map(lambda item: self._write_account(*item), items):
                 pass
 
+    def _accounts_dir(self) -> Path:
+        return self.data_dir / _path_encode(self.domain) / "accounts"
+
     def _account_file(self, user: str) -> Path:
-        return self.data_dir / _path_encode(self.domain) / "accounts" / f"{_path_encode(user)}.dat"
+        return self._accounts_dir() / f"{_path_encode(user)}.dat"
 
     def has_account(self, user: str) -> bool:
         """Whether the account ``user@domain`` exists; works whether or not the server runs."""
@@ -397,7 +399,7 @@ class PrivateServer(PrivateNode):
 
     # -- internals --------------------------------------------------------------------------------
 
-    def _write_account(self, store: Path, user: str, password: str) -> None:
+    def _write_account(self, user: str, password: str) -> None:
         salt = str(uuid.uuid4())
         stored_key, server_key = _scram_sha1_keys(password, salt, ITERATIONS)
         # The same Lua table shape mod_auth_internal_hashed stores via util.datamanager.
@@ -409,7 +411,7 @@ class PrivateServer(PrivateNode):
             f'\t["stored_key"] = "{stored_key}";\n'
             "};\n"
         )
-        self._write_private(store / f"{_path_encode(user)}.dat", text)
+        self._write_private(self._account_file(user), text)
 
     def _render_config(self) -> str:
         template = Template(find_template().read_text())
