@@ -192,7 +192,8 @@ class MeshConfig:
         if not self.server.read_limit:
             return None
         named = [self.jid(a) for a in self.accounts] + list(self.admins) + list(self.server.full_speed)
-        return ReadLimit(self.server.read_limit, tuple(sorted({j.lower() for j in named})))
+        here = "@" + self.server.domain  # an account of another server never logs in to this one
+        return ReadLimit(self.server.read_limit, tuple(sorted({j.lower() for j in named if j.lower().endswith(here)})))
 
     @property
     def delegates(self) -> list[str]:
