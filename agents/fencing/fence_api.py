@@ -21,13 +21,13 @@ from enum import IntEnum
 from typing import Literal
 
 # The API's plain constants live in names.py (fence_vertebra's lean path reads them without this module).
-from .names import ACTIONS, EXIT_FAILURE, EXIT_STATUS_OFF, EXIT_SUCCESS, NODE_KEYS, STATUS_EXIT
+from .names import ACTIONS, EXIT_FAILURE, EXIT_STATUS_OFF, EXIT_SUCCESS, KEY_RE, NODE_KEYS, STATUS_EXIT, StdinError
+from .names import read_stdin
 from .names import TARGET_ACTIONS as TARGET_ACTIONS
 
 # Keys only the caller of a fence agent may set: the driver refuses them in device parameters.
 RESERVED_KEYS: frozenset[str] = frozenset({"action", "option", *NODE_KEYS})
 
-_KEY_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*$")
 _TRUE = frozenset({"1", "yes", "on", "true"})
 _FALSE = frozenset({"0", "no", "off", "false"})
 
@@ -91,7 +91,7 @@ class Parameter:
     value_hint: str = "value"          # shown in the getopt text: --name=[hint]
 
     def __post_init__(self) -> None:
-        if not _KEY_RE.match(self.name):
+        if not KEY_RE.match(self.name):
             raise ValueError(f"parameter name {self.name!r} is not a valid key")
         if self.short is not None and len(self.short) != 1:
             raise ValueError(f"parameter {self.name}: short option must be one letter")
@@ -124,41 +124,14 @@ def _by_name(parameters: Iterable[Parameter]) -> dict[str, Parameter]:
 # Reading and writing key=value lines
 
 def parse_stdin(text: str) -> dict[str, str]:
-    """Parse the Fence Agent API's stdin: one `key=value` per line, `#` comments, blank lines.
-
-    Keys are normalised to underscores (`status-file` and `status_file` are one key, as in
-    fencing.py) and one pair of surrounding double quotes is removed from a value. Lines the API
-    does not allow are errors rather than being skipped: a skipped `action = off` line would leave
-    the caller guessing what was asked.
-    """
-    pairs: dict[str, str] = {}
-    for number, raw in enumerate(text.splitlines(), start=1):
-        line = raw.strip()
-        if not line or line.startswith("#"):
-            continue
-        if "=" not in line:
-            raise FenceApiError(f"stdin line {number}: expected key=value, got {line!r}")
-        key, value = line.split("=", 1)
-        if key != key.rstrip() or value != value.lstrip():
-            raise FenceApiError(
-                f"stdin line {number}: no spaces are allowed around '=' in the Fence Agent API "
-                f"(write {key.strip()}=...)")
-        if not _KEY_RE.match(key):
-            raise FenceApiError(f"stdin line {number}: {key!r} is not a valid parameter name")
-        if len(value) >= 2 and value[0] == value[-1] == '"':
-            value = value[1:-1]
-        key = key.replace("-", "_")
-        if key in pairs and pairs[key] != value:
-            raise FenceApiError(
-                f"stdin line {number}: {key} is given twice with different values "
-                f"({_shown(key, pairs[key])} and {_shown(key, value)}); give it once")
-        pairs[key] = value
-    return pairs
-
-
-def _shown(key: str, value: str) -> str:
-    # Errors may be logged: never echo what could be a password.
-    return "<hidden>" if "passw" in key.lower() or "secret" in key.lower() else repr(value)
+    """Parse the Fence Agent API's stdin (names.read_stdin: one `key=value` per line, `#` comments,
+    blank lines, keys normalised to underscores, one pair of surrounding quotes removed). Lines the API
+    does not allow are errors rather than being skipped: a skipped `action = off` line would leave the
+    caller guessing what was asked."""
+    try:
+        return read_stdin(text)
+    except StdinError as exc:
+        raise FenceApiError(str(exc)) from None
 
 
 def format_stdin(pairs: Mapping[str, str]) -> str:
@@ -169,7 +142,7 @@ def format_stdin(pairs: Mapping[str, str]) -> str:
     """
     lines = []
     for key, value in pairs.items():
-        if not _KEY_RE.match(key):
+        if not KEY_RE.match(key):
             raise FenceApiError(f"{key!r} is not a valid fence agent parameter name")
         if any(c in value for c in "\r\n\0"):
             raise FenceApiError(

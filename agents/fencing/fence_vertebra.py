@@ -27,7 +27,9 @@ from agents.fencing.names import (
     SEGMENT,
     STATUS_EXIT,
     TARGET_ACTIONS,
+    StdinError,
     node_resource,
+    read_stdin,
 )
 
 TYPE_CHECKING = False  # typing itself costs a fencing start milliseconds; annotations are strings here
@@ -319,20 +321,13 @@ def lean_request(argv: Sequence[str], stdin_text: str | None) -> tuple[str, str 
 
     if argv:
         return None
-    pairs: dict[str, str] = {}
-    for raw in (stdin_text or "").splitlines():
-        line = raw.strip()
-        if not line or line.startswith("#"):
-            continue
-        key, sep, value = line.partition("=")
-        if not sep or key != key.rstrip() or value != value.lstrip():
-            return None
-        if len(value) >= 2 and value[0] == value[-1] == '"':
-            value = value[1:-1]
-        key = key.replace("-", "_")
-        if key not in _LEAN_KEYS or key in pairs:
-            return None
-        pairs[key] = value
+    try:
+        pairs = read_stdin(stdin_text or "")  # the full path's reader (names.py): one way to read stdin
+    except StdinError:
+        return None
+    lines = sum(1 for raw in (stdin_text or "").splitlines() if raw.strip() and not raw.strip().startswith("#"))
+    if len(pairs) != lines or not pairs.keys() <= _LEAN_KEYS:  # a key given twice: the full path says so
+        return None
     action = pairs.pop("action", "").strip().lower()
     if action not in HOT_ACTIONS:
         return None

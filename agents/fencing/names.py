@@ -4,6 +4,8 @@ resource path segment a name must be, a node's resource path, and the plain cons
 fence_vertebra, which needs only these on its lean path, does not load them (``fence_api`` costs a
 fence_vertebra start about 15 ms, half of it)."""
 
+import re
+
 #: A cluster or node name must be one resource path segment (see agents/resources.py).
 SEGMENT = r"[A-Za-z0-9_][A-Za-z0-9_.:@+-]{0,127}"
 NODE_RESOURCE = "/cluster/{cluster}/node/{node}"
@@ -26,3 +28,44 @@ STATUS_EXIT = {"on": EXIT_SUCCESS, "off": EXIT_STATUS_OFF}  # what status exits 
 
 def node_resource(cluster: str, node: str) -> str:
     return NODE_RESOURCE.format(cluster=cluster, node=node)
+
+
+#: A parameter name of the Fence Agent API.
+KEY_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*$")
+
+
+class StdinError(ValueError):
+    """A fence agent's stdin the API does not allow; the message names the line and what to write."""
+
+
+def read_stdin(text: str) -> dict[str, str]:
+    """The Fence Agent API's stdin: one `key=value` per line, `#` comments and blank lines skipped.
+    Keys are normalised to underscores (`status-file` and `status_file` are one key, as in
+    fencing.py) and one pair of surrounding double quotes is removed from a value. A line without
+    `=`, spaces around `=`, a bad key, or a key given twice with different values raises StdinError."""
+    pairs: dict[str, str] = {}
+    for number, raw in enumerate(text.splitlines(), start=1):
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        if "=" not in line:
+            raise StdinError(f"stdin line {number}: expected key=value, got {line!r}")
+        key, value = line.split("=", 1)
+        if key != key.rstrip() or value != value.lstrip():
+            raise StdinError(f"stdin line {number}: no spaces are allowed around '=' in the Fence Agent API "
+                             f"(write {key.strip()}=...)")
+        if not KEY_RE.match(key):
+            raise StdinError(f"stdin line {number}: {key!r} is not a valid parameter name")
+        if len(value) >= 2 and value[0] == value[-1] == '"':
+            value = value[1:-1]
+        key = key.replace("-", "_")
+        if key in pairs and pairs[key] != value:
+            raise StdinError(f"stdin line {number}: {key} is given twice with different values "
+                             f"({_shown(key, pairs[key])} and {_shown(key, value)}); give it once")
+        pairs[key] = value
+    return pairs
+
+
+def _shown(key: str, value: str) -> str:
+    # Errors may be logged: never echo what could be a password.
+    return "<hidden>" if "passw" in key.lower() or "secret" in key.lower() else repr(value)
