@@ -24,8 +24,6 @@ from .errors import Outcome
 from .ops import Field, Result
 from .report import CallReport
 
-# Check states by their plugin exit code, for a state sent as a number.
-_STATES = {0: "OK", 1: "WARNING", 2: "CRITICAL", 3: "UNKNOWN"}
 _BYTE_UNITS = ("B", "KiB", "MiB", "GiB", "TiB", "PiB", "EiB")
 _NONE = "-"  # what an absent value is shown as
 
@@ -74,7 +72,12 @@ def duration(value: Any) -> str:
 def check_state(value: Any) -> str:
     """A check state by name, whether sent as its name or its exit code."""
     if isinstance(value, int) and not isinstance(value, bool):
-        return _STATES.get(value, str(value))
+        from .monitor.states import State  # the one table of check states (standard library only)
+
+        try:
+            return State(value).name
+        except ValueError:
+            return str(value)
     return _text(value).upper()
 
 
@@ -186,8 +189,9 @@ def _nested(value: Any) -> bool:
 
 # -- a whole report --------------------------------------------------------------------------------
 
-def summary_line(report: CallReport, result: Result | None = None, elapsed: float | None = None) -> str:
-    """``OP: 3 of 3 ok in 41 ms``; a result's ``summary`` field counts instead of ok (``1 of 1 CRITICAL``)."""
+def outcome_counts(report: CallReport, result: Result | None = None) -> dict[str, int]:
+    """Targets by outcome (``{"ok": 2, "timeout": 1}``); a result's ``summary`` field counts the ok
+    answers by its shown value instead (``{"CRITICAL": 1}``)."""
     counts: dict[str, int] = {}
     for r in report.results:
         label = r.outcome.value
@@ -196,6 +200,12 @@ def summary_line(report: CallReport, result: Result | None = None, elapsed: floa
             display = next(f.display for f in result.fields if f.name == result.summary)
             label = show(r.result[result.summary], display)
         counts[label] = counts.get(label, 0) + 1
+    return counts
+
+
+def summary_line(report: CallReport, result: Result | None = None, elapsed: float | None = None) -> str:
+    """``OP: 3 of 3 ok in 41 ms``; a result's ``summary`` field counts instead of ok (``1 of 1 CRITICAL``)."""
+    counts = outcome_counts(report, result)
     total = len(report.results)
     text = ", ".join(f"{n} of {total} {label}" for label, n in counts.items()) or "no targets"
     return f"{report.op}: {text}" + (f" in {duration(elapsed)}" if elapsed is not None else "")

@@ -56,7 +56,7 @@ from agents.describe import spec_of
 from agents.errors import BadArguments, OpError, Outcome
 from agents.ops import OpSpec, Result
 from agents.ratelimit import RateLimit  # the token bucket per sender, shared with agents' intake
-from agents.render import render
+from agents.render import outcome_counts, render
 from agents.report import CallReport, TargetResult
 
 log = logging.getLogger(__name__)
@@ -178,13 +178,7 @@ def short(target: str) -> str:
 def summarize(report: CallReport, result: Result | None = None) -> str:
     """Outcomes counted (``2 ok, 1 timeout``); with a result declaring a summary field, the ok answers
     are counted by its value instead (``1 CRITICAL``)."""
-    counts: dict[str, int] = {}
-    for r in report.results:
-        label = r.outcome.value
-        if (r.outcome is Outcome.OK and result is not None and result.summary and isinstance(r.result, Mapping)
-                and r.result.get(result.summary) is not None):
-            label = str(r.result[result.summary])
-        counts[label] = counts.get(label, 0) + 1
+    counts = outcome_counts(report, result)
     return ", ".join(f"{n} {o}" for o, n in counts.items()) if counts else "no targets"
 
 
