@@ -3,11 +3,9 @@ clean environment, through a real mesh whose monitor agent serves the gateway. T
 caller by its uid: nagios needs no password, its calls are audited as its own identity, the policy
 grants it checks only, and a user the mesh file does not map is refused with a sentence.
 
-The interpreter: the project's venv is made from whichever Python made it. On this development machine
-that is pyenv's under /root (mode 0700), which user nagios cannot execute; deploy/install.sh makes the
-venv from Debian's /usr/bin/python3, which it can. So the test uses the venv's python when nagios can
-execute it, else /usr/bin/python3 with PYTHONPATH naming the repository and the venv's site-packages
-(the same CPython 3.11, so the same cp311 compiled modules)."""
+The interpreter: user nagios must reach the venv and the code. A checkout or venv out of its reach
+(a private directory such as `mktemp -d` makes, or a venv made from pyenv's Python under /root) is
+copied to a readable place and run with Debian's /usr/bin/python3: tests/readable_python.py."""
 
 from __future__ import annotations
 
@@ -17,7 +15,6 @@ import os
 import pwd
 import shutil
 import subprocess
-import sysconfig
 import tempfile
 import time
 from pathlib import Path
@@ -25,10 +22,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import DOMAIN, ROOT, running, vertebra
+from conftest import DOMAIN, running, vertebra
+from readable_python import python_for_others
 
 DUMMY = "/usr/lib/nagios/plugins/check_dummy"
-VENV_PYTHON = ROOT / ".venv" / "bin" / "python"
 GROUP = "vertebra"
 
 
@@ -53,11 +50,8 @@ def _as(user: str, *argv: str, extra_env: dict[str, str] | None = None) -> subpr
 
 
 def _python_for(user: str) -> tuple[str, dict[str, str]]:
-    """The interpreter ``user`` can run Vertebra with, and the environment it needs (module docstring)."""
-    if _as(user, str(VENV_PYTHON), "-c", "import agents").returncode == 0:
-        return str(VENV_PYTHON), {}
-    site = sysconfig.get_paths(vars={"base": str(ROOT / ".venv"), "platbase": str(ROOT / ".venv")})["purelib"]
-    return "/usr/bin/python3", {"PYTHONPATH": f"{ROOT}:{site}"}
+    """The interpreter ``user`` can run Vertebra with, and the environment it needs (tests/readable_python.py)."""
+    return python_for_others()
 
 
 @pytest.fixture(scope="module")

@@ -22,6 +22,7 @@ from agents.storage.agent import StorageAgent
 from agents.storage.embedded import EmbeddedDriver
 from test_storage_contract import _btrfs_unavailable, _loop_btrfs
 from test_storage_ops import Caller
+from readable_python import python_for_others
 
 MiB = 1 << 20
 
@@ -230,8 +231,10 @@ def test_an_agent_that_may_not_mount_makes_full_copies_and_says_why(tmp_path):
             "assert d.clone_sharing() == i.sharing_method\n"
             "print(json.dumps([sorted(d.capabilities()), i.exclusive_bytes, i.shared_bytes, i.sharing_method]))\n"
         )
-        done = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", sys.executable, "-c",
-                               script], capture_output=True, text=True, timeout=120, cwd=top)
+        python, env = python_for_others()  # the checkout may be out of user nobody's reach
+        done = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", python, "-c",
+                               script], capture_output=True, text=True, timeout=120, cwd=top,
+                              env={**os.environ, **env})
         assert done.returncode == 0, done.stderr
         caps, exclusive, shared, method = json.loads(done.stdout)
         if "reflink-clones" in caps:
