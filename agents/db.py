@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import os
 import sqlite3
+import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -65,6 +66,8 @@ def _tighten(path: Path, mode: int) -> None:
             os.chmod(path, mode)
     except PermissionError:  # not ours (a shared directory): the files in it still are private
         pass
+    except FileNotFoundError:  # a -wal file the last other connection removed as it closed
+        pass
 
 
 class SchemaTooNew(sqlite3.DatabaseError):
@@ -90,7 +93,7 @@ def open_db(path: str | Path | None, migrations: Sequence[str], *, synchronous: 
         if row_factory is not None:
             db.row_factory = row_factory
         if path is not None:
-            db.execute("PRAGMA journal_mode=WAL")
+            _enter_wal(db, busy_timeout)
             db.execute(f"PRAGMA synchronous={synchronous}")
         migrate(db, migrations, str(path or ":memory:"))
         db.isolation_level = isolation_level
@@ -98,6 +101,23 @@ def open_db(path: str | Path | None, migrations: Sequence[str], *, synchronous: 
         db.close()
         raise
     return db
+
+
+def _enter_wal(db: sqlite3.Connection, busy_timeout: float) -> None:
+    """Put the file in WAL mode. Switching the journal mode takes a lock for which SQLite does not
+    call the busy handler, so two processes opening a new file at once (a second broker instance)
+    can get "database is locked" at once; retry until the busy timeout, as the handler would."""
+    deadline = time.monotonic() + busy_timeout
+    delay = 0.005
+    while True:
+        try:
+            db.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as error:
+            if "locked" not in str(error) or time.monotonic() >= deadline:
+                raise
+        time.sleep(delay)
+        delay = min(delay * 2, 0.1)
 
 
 def open_read_only(path: str | Path) -> sqlite3.Connection:
