@@ -23,6 +23,7 @@ PACKAGES=(
     nagios-nrpe-server nagios-nrpe-plugin   # NRPE, the baseline bench/checks.py measures against
     ejabberd                   # the clustered XMPP server for scale-out (agents/ejabberd.py)
     sqlite3                    # the demo masking hook (deploy/masking/sqlite-mask) runs SQL over a clone
+    etcd-server                # brokers on several machines share state through etcd (broker/state_etcd.py)
 )
 # More packages for one machine or job: VERTEBRA_EXTRA_PACKAGES="pkg1 pkg2".
 read -r -a EXTRA <<< "${VERTEBRA_EXTRA_PACKAGES:-}"
@@ -91,7 +92,10 @@ install_packages() {
     # System services we just installed must not come up on boot either: the mesh runs its own
     # Prosody or ejabberd nodes, and the tests and benchmarks start Nagios and NRPE as plain processes.
     local pair package service
-    for pair in prosody:prosody nagios4-core:nagios4 nagios-nrpe-server:nagios-nrpe-server ejabberd:ejabberd; do
+    # etcd's package starts a single-member etcd on 2379 that the mesh never uses: the operator runs
+    # the cluster (deploy/etcd/), and the tests run a private one (tests/etcd_cluster.py).
+    for pair in prosody:prosody nagios4-core:nagios4 nagios-nrpe-server:nagios-nrpe-server ejabberd:ejabberd \
+            etcd-server:etcd; do
         package="${pair%%:*}" service="${pair#*:}"
         printf '%s\n' "${missing[@]}" | grep -qx "$package" || continue
         if [ -d /run/systemd/system ] && command -v systemctl >/dev/null 2>&1; then
@@ -125,10 +129,10 @@ install_venv() {
     fi
     # Newer project metadata or a newer way of installing it (this script): install again.
     if [ ! -e "$STAMP" ] || [ "$ROOT/pyproject.toml" -nt "$STAMP" ] || [ "$ROOT/deploy/install.sh" -nt "$STAMP" ]; then
-        say "installing vertebra and its test dependencies into $VENV"
+        say "installing vertebra, its etcd client and its test dependencies into $VENV"
         # compat: a path entry, not an import hook that every program (check_vertebra from Nagios,
         # fence_vertebra from Pacemaker) would pay ~8 ms to load at start.
-        "$VENV/bin/python" -m pip install -q -e "$ROOT[test]" --config-settings editable_mode=compat
+        "$VENV/bin/python" -m pip install -q -e "$ROOT[test,etcd]" --config-settings editable_mode=compat
         touch "$STAMP"
     else
         say "virtualenv up to date"
