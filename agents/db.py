@@ -56,6 +56,8 @@ def private_dir(path: str | Path) -> Path:
     """A directory only this user may enter (0700): made so, or tightened if it is not."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True, mode=0o700)
+    if path.stat().st_mode & 0o1000:  # sticky: shared by everyone, as /tmp; 0700 would lock them all out
+        return path
     _tighten(path, 0o700)
     return path
 

@@ -4,13 +4,14 @@ statements run on the store's own thread, never the event loop's."""
 from __future__ import annotations
 
 import multiprocessing
+import os
 import sqlite3
 import threading
 
 import pytest
 
 from agents import db as dbmod
-from agents.db import SchemaTooNew, Store, open_db
+from agents.db import SchemaTooNew, Store, open_db, private_file
 
 V1 = """
 CREATE TABLE IF NOT EXISTS items (name TEXT PRIMARY KEY, note TEXT NOT NULL DEFAULT 'a;b');
@@ -116,3 +117,18 @@ def test_processes_opening_a_new_file_at_once_all_get_it(tmp_path):
         for round_ in range(15):
             path = tmp_path / f"shared{round_}.sqlite"
             assert pool.map(_open_and_close, [path] * 6) == ["ok"] * 6
+
+
+def test_a_shared_sticky_directory_is_never_tightened(tmp_path):
+    """A database or log put straight into /tmp must not make /tmp 0700: every other user (nagios
+    running plugins there) would be locked out."""
+    shared = tmp_path / "tmp"
+    shared.mkdir()
+    os.chmod(shared, 0o1777)
+    private_file(shared / "audit.db")
+    assert shared.stat().st_mode & 0o7777 == 0o1777
+    assert (shared / "audit.db").stat().st_mode & 0o777 == 0o600
+    own = tmp_path / "own"
+    own.mkdir(mode=0o755)
+    private_file(own / "audit.db")
+    assert own.stat().st_mode & 0o777 == 0o700
