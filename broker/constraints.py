@@ -13,12 +13,13 @@ Pure logic over :class:`Event` lists plus the SQLite counter; nothing here talks
 
 from __future__ import annotations
 
+import sqlite3
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
-from agents.db import open_db
+from agents.db import Store
 
 REQUESTED, APPROVED, PERFORMED = "requested", "approved", "performed"
 
@@ -122,31 +123,37 @@ class RateLimits:
 
     Each use is a row; ``take`` counts the rows inside the window and inserts one in the same
     IMMEDIATE transaction, so concurrent takers (threads, processes, brokers sharing the file) are
-    serialized by SQLite and the (N+1)th is refused however the requests race.
+    serialized by SQLite and the (N+1)th is refused however the requests race. The statements run
+    on the file's own thread (``agents.db.Store``): ``take`` is awaited, as another backend's would be.
     """
 
     def __init__(self, path: str | Path, clock: Callable[[], float] = time.time) -> None:
         self.clock = clock
-        self.db = open_db(path, _RATE_MIGRATIONS)
+        self.store = Store(path, _RATE_MIGRATIONS, name="rate limits")
 
-    def take(self, key: str, limit: int, period: float, who: str) -> Verdict:
-        now = self.clock()
-        cur = self.db.cursor()
-        cur.execute("BEGIN IMMEDIATE")
-        try:
-            (used,) = cur.execute("SELECT count(*) FROM uses WHERE key = ? AND at > ?", (key, now - period)
-                                  ).fetchone()
-            if used >= limit:
-                cur.execute("ROLLBACK")
-                return Verdict(False, f"rate limit: {key} already used {used} times in the last {period:g}s"
-                                      f" (at most {limit})")
-            cur.execute("INSERT INTO uses (key, at, who) VALUES (?, ?, ?)", (key, now, who))
-            cur.execute("DELETE FROM uses WHERE at < ?", (now - 7 * 86400,))  # keep a week for review
-            cur.execute("COMMIT")
-        except BaseException:
-            cur.execute("ROLLBACK")
-            raise
-        return Verdict(True, f"rate limit: use {used + 1} of {limit} in {period:g}s")
+    async def take(self, key: str, limit: int, period: float, who: str) -> Verdict:
+        """Count one use of ``key`` if fewer than ``limit`` were counted in the last ``period`` seconds."""
+        return await self.store.run(_take, key, limit, period, who, self.clock())
+
+    async def aclose(self) -> None:
+        await self.store.aclose()
 
     def close(self) -> None:
-        self.db.close()
+        self.store.close()
+
+
+def _take(db: sqlite3.Connection, key: str, limit: int, period: float, who: str, now: float) -> Verdict:
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        (used,) = db.execute("SELECT count(*) FROM uses WHERE key = ? AND at > ?", (key, now - period)).fetchone()
+        if used >= limit:
+            db.execute("ROLLBACK")
+            return Verdict(False, f"rate limit: {key} already used {used} times in the last {period:g}s"
+                                  f" (at most {limit})")
+        db.execute("INSERT INTO uses (key, at, who) VALUES (?, ?, ?)", (key, now, who))
+        db.execute("DELETE FROM uses WHERE at < ?", (now - 7 * 86400,))  # keep a week for review
+        db.execute("COMMIT")
+    except BaseException:
+        db.execute("ROLLBACK")
+        raise
+    return Verdict(True, f"rate limit: use {used + 1} of {limit} in {period:g}s")

@@ -349,8 +349,8 @@ class OpsRoom:
             except Exception as exc:
                 log.warning("ops room %s: could not update its members (%s); trying again", self.room, _explain(exc))
             try:
-                for inst in broker.workflows.workflow_store.instances("waiting", 50):
-                    status = broker.workflows._status(inst["id"])
+                for inst in await broker.workflows.workflow_store.instances("waiting", 50):
+                    status = await broker.workflows._status(inst["id"])
                     for s in status["steps"]:
                         if s["state"] == "waiting" and s["needs_approvals"]:
                             self.approval(status["instance"], status["workflow"], s["name"],

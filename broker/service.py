@@ -136,7 +136,7 @@ class Broker(Agent):
         await super().stop()
         await self.anchors.aclose()
         self.fencing.close()
-        self.workflows.close()
+        await self.workflows.aclose()
 
     def on_join(self, jid: str) -> None:
         """A newly listed agent gets the policy and the fenced nodes at once; a fencing agent's

@@ -9,6 +9,10 @@ with the first outcome instead of running it again), or finished (it is never se
 
 The history (``requested``, ``approved``, ``performed`` events) is what
 :mod:`broker.constraints` checks separation of duty, the two-person rule and binding of duty over.
+
+The engine sees the state through :class:`WorkflowState`, whose methods are all awaited: the SQLite
+store runs its statements on a thread of its own, and a store on another backend answers the same
+methods.
 """
 
 from __future__ import annotations
@@ -16,10 +20,12 @@ from __future__ import annotations
 import json
 import sqlite3
 import time
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Protocol
 
-from agents.db import open_db
+from agents.db import Store
 
 from .constraints import PERFORMED, REQUESTED, Event
 
@@ -47,98 +53,178 @@ CREATE INDEX IF NOT EXISTS events_instance ON events (instance, seq);
 _MIGRATIONS = [_SCHEMA]
 
 
+class WorkflowState(Protocol):
+    """What the workflow engine needs of a store of workflow state, every method awaited (a store
+    never makes the event loop wait for its disk or its network). :class:`WorkflowStore` keeps it in
+    SQLite; another backend (a distributed key-value store) implements the same methods.
+
+    Rows are plain dicts: an instance has ``id, workflow, requester, params, plan, state, error,
+    created, updated``; a step has ``instance, step, state, performer, target, rate_taken, attempts,
+    outcome, result, reason, started, ended``."""
+
+    async def create(self, iid: str, workflow: str, requester: str, params: dict[str, Any], plan: list,
+                     steps: Iterable[str]) -> None: ...
+    async def instance(self, iid: str) -> dict[str, Any] | None: ...
+    async def instances(self, state: str = "", limit: int = 50) -> list[dict[str, Any]]: ...
+    async def unfinished(self) -> list[str]: ...
+    async def set_instance(self, iid: str, state: str, error: str = "") -> None: ...
+    async def step(self, iid: str, step: str) -> dict[str, Any]: ...
+    async def steps(self, iid: str) -> dict[str, dict[str, Any]]: ...
+    async def set_step(self, iid: str, step: str, **fields: Any) -> None: ...
+    async def start_step(self, iid: str, step: str, performer: str, target: str) -> None: ...
+    async def add_event(self, iid: str, kind: str, step: str, actor: str) -> None: ...
+    async def history(self, iid: str) -> list[Event]: ...
+    async def aclose(self) -> None: ...
+
+
+# The columns set_step may change (the others are the step's identity).
+STEP_FIELDS = frozenset({"state", "performer", "target", "rate_taken", "attempts", "outcome", "result", "reason",
+                         "started", "ended"})
+
+
 class WorkflowStore:
+    """:class:`WorkflowState` in one SQLite file, every statement on the file's own thread
+    (``agents.db.Store``)."""
+
     def __init__(self, path: Path | None) -> None:
         # A step marked running must be on disk before its request leaves: FULL, not NORMAL.
-        self.db = open_db(path, _MIGRATIONS, synchronous="FULL", row_factory=sqlite3.Row)
+        self.store = Store(path, _MIGRATIONS, name="workflows", synchronous="FULL", row_factory=sqlite3.Row)
+
+    async def aclose(self) -> None:
+        await self.store.aclose()
 
     def close(self) -> None:
-        self.db.close()
-
-    def _tx(self) -> "_Tx":
-        return _Tx(self.db)
+        self.store.close()
 
     # -- instances -----------------------------------------------------------------------------
 
-    def create(self, iid: str, workflow: str, requester: str, params: dict[str, Any], plan: list,
-               steps: Iterable[str]) -> None:
+    async def create(self, iid: str, workflow: str, requester: str, params: dict[str, Any], plan: list,
+                     steps: Iterable[str]) -> None:
         """A new instance, every step pending and requested by the requester, in one transaction."""
-        now = time.time()
-        with self._tx():
-            self.db.execute("INSERT INTO instances VALUES (?, ?, ?, ?, ?, 'running', '', ?, ?)",
-                            (iid, workflow, requester, json.dumps(params), json.dumps(plan), now, now))
-            for step in steps:
-                self.db.execute("INSERT INTO steps (instance, step, state) VALUES (?, ?, 'pending')", (iid, step))
-                self.db.execute("INSERT INTO events (instance, kind, step, actor, at) VALUES (?, ?, ?, ?, ?)",
-                                (iid, REQUESTED, step, requester, now))
+        await self.store.run(_create, iid, workflow, requester, json.dumps(params), json.dumps(plan), list(steps))
 
-    def instance(self, iid: str) -> dict[str, Any] | None:
-        row = self.db.execute("SELECT * FROM instances WHERE id = ?", (iid,)).fetchone()
-        if row is None:
-            return None
-        out = dict(row)
-        out["params"], out["plan"] = json.loads(out["params"]), json.loads(out["plan"])
-        return out
+    async def instance(self, iid: str) -> dict[str, Any] | None:
+        return await self.store.run(_instance, iid)
 
-    def instances(self, state: str = "", limit: int = 50) -> list[dict[str, Any]]:
-        sql = "SELECT id, workflow, requester, state, error, created, updated FROM instances"
-        rows = self.db.execute(sql + (" WHERE state = ?" if state else "") + " ORDER BY created DESC LIMIT ?",
-                               ((state,) if state else ()) + (limit,))
-        return [dict(r) for r in rows]
+    async def instances(self, state: str = "", limit: int = 50) -> list[dict[str, Any]]:
+        return await self.store.run(_instances, state, limit)
 
-    def unfinished(self) -> list[str]:
-        return [r[0] for r in self.db.execute(
-            f"SELECT id FROM instances WHERE state NOT IN ({','.join('?' * len(FINISHED))}) ORDER BY created",
-            FINISHED)]
+    async def unfinished(self) -> list[str]:
+        return await self.store.run(_unfinished)
 
-    def set_instance(self, iid: str, state: str, error: str = "") -> None:
-        self.db.execute("UPDATE instances SET state = ?, error = ?, updated = ? WHERE id = ?",
-                        (state, error, time.time(), iid))
+    async def set_instance(self, iid: str, state: str, error: str = "") -> None:
+        await self.store.run(_set_instance, iid, state, error)
 
     # -- steps and history ---------------------------------------------------------------------
 
-    def step(self, iid: str, step: str) -> dict[str, Any]:
-        row = self.db.execute("SELECT * FROM steps WHERE instance = ? AND step = ?", (iid, step)).fetchone()
-        out = dict(row)
-        out["result"] = json.loads(out["result"])
-        return out
+    async def step(self, iid: str, step: str) -> dict[str, Any]:
+        return await self.store.run(_step, iid, step)
 
-    def steps(self, iid: str) -> dict[str, dict[str, Any]]:
-        rows = self.db.execute("SELECT * FROM steps WHERE instance = ?", (iid,))
-        return {r["step"]: dict(r, result=json.loads(r["result"])) for r in rows}
+    async def steps(self, iid: str) -> dict[str, dict[str, Any]]:
+        return await self.store.run(_steps, iid)
 
-    def set_step(self, iid: str, step: str, **fields: Any) -> None:
+    async def set_step(self, iid: str, step: str, **fields: Any) -> None:
+        unknown = set(fields) - STEP_FIELDS
+        if unknown:  # column names go into the statement: only the known ones
+            raise ValueError(f"a step has no field {', '.join(sorted(unknown))}")
         if "result" in fields:
             fields["result"] = json.dumps(fields["result"], default=str)
-        cols = ", ".join(f"{k} = ?" for k in fields)
-        self.db.execute(f"UPDATE steps SET {cols} WHERE instance = ? AND step = ?", (*fields.values(), iid, step))
+        await self.store.run(_set_step, iid, step, fields)
 
-    def start_step(self, iid: str, step: str, performer: str, target: str) -> None:
+    async def start_step(self, iid: str, step: str, performer: str, target: str) -> None:
         """The point of no return: the performed event and the running state, written together."""
-        now = time.time()
-        with self._tx():
-            self.db.execute("INSERT INTO events (instance, kind, step, actor, at) VALUES (?, ?, ?, ?, ?)",
-                            (iid, PERFORMED, step, performer, now))
-            self.db.execute("UPDATE steps SET state = 'running', performer = ?, target = ?, started = ?,"
-                            " reason = '' WHERE instance = ? AND step = ?", (performer, target, now, iid, step))
+        await self.store.run(_start_step, iid, step, performer, target)
 
-    def add_event(self, iid: str, kind: str, step: str, actor: str) -> None:
-        self.db.execute("INSERT INTO events (instance, kind, step, actor, at) VALUES (?, ?, ?, ?, ?)",
-                        (iid, kind, step, actor, time.time()))
+    async def add_event(self, iid: str, kind: str, step: str, actor: str) -> None:
+        await self.store.run(_add_event, iid, kind, step, actor)
 
-    def history(self, iid: str) -> list[Event]:
-        return [Event(r["kind"], r["step"], r["actor"], r["at"]) for r in self.db.execute(
-            "SELECT kind, step, actor, at FROM events WHERE instance = ? ORDER BY seq", (iid,))]
+    async def history(self, iid: str) -> list[Event]:
+        return await self.store.run(_history, iid)
 
 
-class _Tx:
+# -- the statements, each run on the store's thread ------------------------------------------------
+
+def _create(db: sqlite3.Connection, iid: str, workflow: str, requester: str, params: str, plan: str,
+            steps: list[str]) -> None:
+    now = time.time()
+    with _transaction(db):
+        db.execute("INSERT INTO instances VALUES (?, ?, ?, ?, ?, 'running', '', ?, ?)",
+                   (iid, workflow, requester, params, plan, now, now))
+        for step in steps:
+            db.execute("INSERT INTO steps (instance, step, state) VALUES (?, ?, 'pending')", (iid, step))
+            db.execute("INSERT INTO events (instance, kind, step, actor, at) VALUES (?, ?, ?, ?, ?)",
+                       (iid, REQUESTED, step, requester, now))
+
+
+def _instance(db: sqlite3.Connection, iid: str) -> dict[str, Any] | None:
+    row = db.execute("SELECT * FROM instances WHERE id = ?", (iid,)).fetchone()
+    if row is None:
+        return None
+    out = dict(row)
+    out["params"], out["plan"] = json.loads(out["params"]), json.loads(out["plan"])
+    return out
+
+
+def _instances(db: sqlite3.Connection, state: str, limit: int) -> list[dict[str, Any]]:
+    sql = "SELECT id, workflow, requester, state, error, created, updated FROM instances"
+    rows = db.execute(sql + (" WHERE state = ?" if state else "") + " ORDER BY created DESC LIMIT ?",
+                      ((state,) if state else ()) + (limit,))
+    return [dict(r) for r in rows]
+
+
+def _unfinished(db: sqlite3.Connection) -> list[str]:
+    return [r[0] for r in db.execute(
+        f"SELECT id FROM instances WHERE state NOT IN ({','.join('?' * len(FINISHED))}) ORDER BY created",
+        FINISHED)]
+
+
+def _set_instance(db: sqlite3.Connection, iid: str, state: str, error: str) -> None:
+    db.execute("UPDATE instances SET state = ?, error = ?, updated = ? WHERE id = ?", (state, error, time.time(), iid))
+
+
+def _step(db: sqlite3.Connection, iid: str, step: str) -> dict[str, Any]:
+    row = db.execute("SELECT * FROM steps WHERE instance = ? AND step = ?", (iid, step)).fetchone()
+    out = dict(row)
+    out["result"] = json.loads(out["result"])
+    return out
+
+
+def _steps(db: sqlite3.Connection, iid: str) -> dict[str, dict[str, Any]]:
+    rows = db.execute("SELECT * FROM steps WHERE instance = ?", (iid,))
+    return {r["step"]: dict(r, result=json.loads(r["result"])) for r in rows}
+
+
+def _set_step(db: sqlite3.Connection, iid: str, step: str, fields: dict[str, Any]) -> None:
+    cols = ", ".join(f"{k} = ?" for k in fields)
+    db.execute(f"UPDATE steps SET {cols} WHERE instance = ? AND step = ?", (*fields.values(), iid, step))
+
+
+def _start_step(db: sqlite3.Connection, iid: str, step: str, performer: str, target: str) -> None:
+    now = time.time()
+    with _transaction(db):
+        db.execute("INSERT INTO events (instance, kind, step, actor, at) VALUES (?, ?, ?, ?, ?)",
+                   (iid, PERFORMED, step, performer, now))
+        db.execute("UPDATE steps SET state = 'running', performer = ?, target = ?, started = ?,"
+                   " reason = '' WHERE instance = ? AND step = ?", (performer, target, now, iid, step))
+
+
+def _add_event(db: sqlite3.Connection, iid: str, kind: str, step: str, actor: str) -> None:
+    db.execute("INSERT INTO events (instance, kind, step, actor, at) VALUES (?, ?, ?, ?, ?)",
+               (iid, kind, step, actor, time.time()))
+
+
+def _history(db: sqlite3.Connection, iid: str) -> list[Event]:
+    return [Event(r["kind"], r["step"], r["actor"], r["at"]) for r in db.execute(
+        "SELECT kind, step, actor, at FROM events WHERE instance = ? ORDER BY seq", (iid,))]
+
+
+@contextmanager
+def _transaction(db: sqlite3.Connection) -> Iterator[None]:
     """BEGIN IMMEDIATE ... COMMIT, or ROLLBACK on any error."""
-
-    def __init__(self, db: sqlite3.Connection) -> None:
-        self.db = db
-
-    def __enter__(self) -> None:
-        self.db.execute("BEGIN IMMEDIATE")
-
-    def __exit__(self, exc_type: Any, *_: Any) -> None:
-        self.db.execute("ROLLBACK" if exc_type else "COMMIT")
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        yield
+    except BaseException:
+        db.execute("ROLLBACK")
+        raise
+    db.execute("COMMIT")

@@ -65,7 +65,7 @@ from agents.pairs import parse_pairs
 from .constraints import APPROVED, RateLimits, StepRule, check_approval, check_perform
 from .workflow_spec import Plan, Step, Workflow, WorkflowError, load_dir
 from .leadership import Deposed
-from .workflow_store import FINISHED, WorkflowStore
+from .workflow_store import FINISHED, WorkflowState, WorkflowStore
 
 log = logging.getLogger(__name__)
 
@@ -121,35 +121,44 @@ class WorkflowEngine:
         self.broker = broker
         self.leadership: Any = None  # set by the broker once its leadership is made (it needs our hooks)
         state: Path | None = broker.shared_dir
-        self.workflow_store = WorkflowStore(state / "workflows.sqlite" if state else None)
+        self.workflow_store: WorkflowState = WorkflowStore(state / "workflows.sqlite" if state else None)
         self.rate_limits = RateLimits(state / "rates.sqlite" if state else ":memory:")
         self._runners: dict[str, asyncio.Task[None]] = {}
         self._dirty: set[str] = set()  # instances that changed while their runner was busy
         self._installed: dict[str, OpSpec] | None = None
+        self._resuming: asyncio.Task[None] | None = None
+        # Held from reading an instance's state to writing what that reading decided (an approval, a
+        # performer, a cancellation, the runner's new instance state): the store is awaited in
+        # between, and two such decisions on the same instance must not both see the old state.
+        self._deciding = asyncio.Lock()
 
     # -- lifecycle ------------------------------------------------------------------------------
 
     def on_elected(self) -> None:
         """Leading now (see broker.leadership): resume every unfinished instance."""
-        for iid in self.workflow_store.unfinished():
+        self._resuming = self.broker.spawn(self._resume(), name="resuming workflow instances")
+
+    async def _resume(self) -> None:
+        for iid in await self.workflow_store.unfinished():
             log.info("resuming workflow instance %s", iid)
             self._kick(iid)
 
     def on_deposed(self) -> None:
         # Cancelled, never failed: a step in flight stays `running` on disk, for the next leader to
         # resend with its rid.
-        for task in self._runners.values():
-            task.cancel()
+        for task in [self._resuming, *self._runners.values()]:
+            if task is not None:
+                task.cancel()
 
     async def halt(self) -> None:
         """Stop leading and let every runner end (before the broker stops)."""
-        runners = [t for t in self._runners.values() if not t.done()]
+        runners = [t for t in [self._resuming, *self._runners.values()] if t is not None and not t.done()]
         self.leadership.stop_leading()
         await asyncio.gather(*runners, return_exceptions=True)
 
-    def close(self) -> None:
-        self.workflow_store.close()
-        self.rate_limits.close()
+    async def aclose(self) -> None:
+        await self.workflow_store.aclose()
+        await self.rate_limits.aclose()
 
     # -- definitions ----------------------------------------------------------------------------
 
@@ -183,7 +192,7 @@ class WorkflowEngine:
         good, bad = self.workflow_definitions()
         return {"workflows": [wf.describe() for wf in good.values()],
                 "broken": [{"file": f, "error": e} for f, e in bad.items()],
-                "instances": self.workflow_store.instances(state, limit)}
+                "instances": await self.workflow_store.instances(state, limit)}
 
     @op("workflow.run", effect="change", deadline=60, resources=("/workflow/{workflow}",), leader=True,
         result=_STATUS)
@@ -209,11 +218,11 @@ class WorkflowEngine:
             if not d.allowed:
                 raise Denied(f"workflow {workflow}: step {step.name}: {d.reason}")
         iid = uuid.uuid4().hex[:12]
-        self.workflow_store.create(iid, workflow, call.caller, wf.bind(_pairs(wf, param)), plan.to_json(),
+        await self.workflow_store.create(iid, workflow, call.caller, wf.bind(_pairs(wf, param)), plan.to_json(),
                                    [s.name for s in plan.steps()])
         log.info("workflow %s instance %s requested by %s", workflow, iid, call.caller)
         await self._settle(iid, wait)
-        return self._status(iid)
+        return await self._status(iid)
 
     @op("workflow.approve", effect="change", deadline=60, leader=True, result=_STATUS)
     async def workflow_approve(self, call: Call,
@@ -221,20 +230,21 @@ class WorkflowEngine:
                                step: Annotated[str, Arg("the step to approve", pattern=_STEP)],
                                wait: Annotated[float, _WAIT] = 10.0) -> dict:
         """Approve a step of a workflow instance as the caller."""
-        inst, s = self._find_step(instance, step)
-        verdict = check_approval(self.workflow_store.history(instance), _rule(s), call.caller)
-        allowed = verdict.ok and self._may_approve(inst["workflow"], s)(call.caller)
-        reason = verdict.reason if not verdict.ok else (
-            "approval accepted" if allowed else
-            f"{call.caller} may not approve step {s.base} of workflow {inst['workflow']}")
-        self._audit(call.rid, call.caller, "workflow.approve", [f"/workflow/{inst['workflow']}/{s.base}"],
-                    {"instance": instance, "step": step}, allowed, f"workflow constraint: {reason}")
-        if not allowed:
-            raise Denied(reason)
-        self.workflow_store.add_event(instance, APPROVED, s.name, call.caller)
+        async with self._deciding:
+            inst, s = await self._find_step(instance, step)
+            verdict = check_approval(await self.workflow_store.history(instance), _rule(s), call.caller)
+            allowed = verdict.ok and self._may_approve(inst["workflow"], s)(call.caller)
+            reason = verdict.reason if not verdict.ok else (
+                "approval accepted" if allowed else
+                f"{call.caller} may not approve step {s.base} of workflow {inst['workflow']}")
+            self._audit(call.rid, call.caller, "workflow.approve", [f"/workflow/{inst['workflow']}/{s.base}"],
+                        {"instance": instance, "step": step}, allowed, f"workflow constraint: {reason}")
+            if not allowed:
+                raise Denied(reason)
+            await self.workflow_store.add_event(instance, APPROVED, s.name, call.caller)
         log.info("workflow instance %s step %s approved by %s", instance, s.name, call.caller)
         await self._settle(instance, wait)
-        return self._status(instance)
+        return await self._status(instance)
 
     @op("workflow.perform", effect="change", deadline=60, leader=True, result=_STATUS)
     async def workflow_perform(self, call: Call,
@@ -242,25 +252,27 @@ class WorkflowEngine:
                                step: Annotated[str, Arg("the held step to perform", pattern=_STEP)],
                                wait: Annotated[float, _WAIT] = 10.0) -> dict:
         """Take a held step of a workflow instance: it runs on the caller's behalf."""
-        inst, s = self._find_step(instance, step)
-        if not s.hold:
-            raise BadArguments(f"step {s.name} is not held: it runs on its own as {inst['requester']}",
-                               argument="step")
-        row = self.workflow_store.step(instance, s.name)
-        if row["performer"]:
-            raise Denied(f"step {s.name} is already taken by {row['performer']}")
-        verdict = check_perform(self.workflow_store.history(instance), StepRule(s.name, bound_to=s.bound_to),
-                                call.caller, lambda _jid: True)
-        d = self._decide_step(call.caller, s)
-        allowed = verdict.ok and d.allowed
-        reason = verdict.reason if not verdict.ok else d.reason
-        self._audit(call.rid, call.caller, s.op, s.on, s.args, allowed,
-                    f"workflow {inst['workflow']} step {s.name} taken: {reason}")
-        if not allowed:
-            raise Denied(reason)
-        self.workflow_store.set_step(instance, s.name, performer=call.caller)
+        store = self.workflow_store
+        async with self._deciding:
+            inst, s = await self._find_step(instance, step)
+            if not s.hold:
+                raise BadArguments(f"step {s.name} is not held: it runs on its own as {inst['requester']}",
+                                   argument="step")
+            row = await store.step(instance, s.name)
+            if row["performer"]:
+                raise Denied(f"step {s.name} is already taken by {row['performer']}")
+            verdict = check_perform(await store.history(instance), StepRule(s.name, bound_to=s.bound_to),
+                                    call.caller, lambda _jid: True)
+            d = self._decide_step(call.caller, s)
+            allowed = verdict.ok and d.allowed
+            reason = verdict.reason if not verdict.ok else d.reason
+            self._audit(call.rid, call.caller, s.op, s.on, s.args, allowed,
+                        f"workflow {inst['workflow']} step {s.name} taken: {reason}")
+            if not allowed:
+                raise Denied(reason)
+            await store.set_step(instance, s.name, performer=call.caller)
         await self._settle(instance, wait)
-        return self._status(instance)
+        return await self._status(instance)
 
     @op("workflow.status", effect="read", deadline=10, leader=True, result=_STATUS)
     async def workflow_status(self, call: Call,
@@ -268,22 +280,23 @@ class WorkflowEngine:
                               wait: Annotated[float, Arg("seconds to wait for it to finish or stop at an"
                                                          " approval first", min=0, max=8)] = 0.0) -> dict:
         """One workflow instance: its steps, approvals, outcomes and what it waits for."""
-        self._find(instance)
+        await self._find(instance)
         if wait:
             task = self._runners.get(instance)
             if task is not None and not task.done():
                 await asyncio.wait({task}, timeout=wait)
-        return self._status(instance)
+        return await self._status(instance)
 
     @op("workflow.cancel", effect="change", deadline=10, leader=True, result=_STATUS)
     async def workflow_cancel(self, call: Call,
                               instance: Annotated[str, Arg("the instance id", pattern=_INSTANCE)]) -> dict:
         """Stop a workflow instance before its next step (a step already sent still ends)."""
-        inst = self._find(instance)
-        if inst["state"] in FINISHED:
-            raise BadArguments(f"instance {instance} is already {inst['state']}", argument="instance")
-        self.workflow_store.set_instance(instance, "cancelled", f"cancelled by {call.caller}")
-        return self._status(instance)
+        async with self._deciding:
+            inst = await self._find(instance)
+            if inst["state"] in FINISHED:
+                raise BadArguments(f"instance {instance} is already {inst['state']}", argument="instance")
+            await self.workflow_store.set_instance(instance, "cancelled", f"cancelled by {call.caller}")
+        return await self._status(instance)
 
     # -- running ---------------------------------------------------------------------------------
 
@@ -313,9 +326,10 @@ class WorkflowEngine:
             while True:
                 self._dirty.discard(iid)
                 state, error = await self._advance(iid)
-                if self._find(iid)["state"] == "cancelled":
-                    return
-                store.set_instance(iid, state, error)
+                async with self._deciding:
+                    if (await self._find(iid))["state"] == "cancelled":
+                        return
+                    await store.set_instance(iid, state, error)
                 if state != "waiting" or iid not in self._dirty:
                     return
         except asyncio.CancelledError:
@@ -324,11 +338,11 @@ class WorkflowEngine:
             log.info("workflow instance %s left to the next leading broker instance", iid)
         except Exception as exc:  # a fault of the engine ends the instance rather than looping on it
             log.exception("workflow instance %s failed in the engine", iid)
-            store.set_instance(iid, "failed", f"engine error: {exc.__class__.__name__}: {exc}")
+            await store.set_instance(iid, "failed", f"engine error: {exc.__class__.__name__}: {exc}")
 
     async def _advance(self, iid: str) -> tuple[str, str]:
         """Run stages in order until one fails or waits; return the instance's new state and error."""
-        inst = self.workflow_store.instance(iid)
+        inst = await self.workflow_store.instance(iid)
         if inst is None or inst["state"] in FINISHED:
             return (inst or {}).get("state", "failed"), (inst or {}).get("error", "")
         for stage in Plan.from_json(inst["plan"]).stages:
@@ -339,23 +353,23 @@ class WorkflowEngine:
             waiting = [reason for state, reason in ends if state == "waiting"]
             if waiting:
                 return "waiting", "; ".join(waiting)
-            if self._find(iid)["state"] == "cancelled":
+            if (await self._find(iid))["state"] == "cancelled":
                 return "cancelled", ""
         return "done", ""
 
     async def _run_step(self, inst: dict[str, Any], step: Step) -> tuple[str, str]:
         """Bring one step to ok, failed or waiting; returns (state, reason)."""
         store, iid = self.workflow_store, inst["id"]
-        row = store.step(iid, step.name)
+        row = await store.step(iid, step.name)
         if row["state"] in ("ok", "failed"):
             return row["state"], row["reason"]
         if row["state"] != "running":
-            if self._find(iid)["state"] == "cancelled":
+            if (await self._find(iid))["state"] == "cancelled":
                 return "waiting", "cancelled"
             ready = await self._admit_step(inst, step, row)
             if ready is not None:
                 return ready
-            row = store.step(iid, step.name)
+            row = await store.step(iid, step.name)
         return await self._send_step(inst, step, row)
 
     async def _admit_step(self, inst: dict[str, Any], step: Step, row: dict[str, Any]) -> tuple[str, str] | None:
@@ -364,34 +378,34 @@ class WorkflowEngine:
         store, iid = self.workflow_store, inst["id"]
         if step.hold and not row["performer"]:
             reason = f"step {step.name} is held until someone performs it (workflow.perform)"
-            store.set_step(iid, step.name, state="held", reason=reason)
+            await store.set_step(iid, step.name, state="held", reason=reason)
             return "waiting", reason
         performer = row["performer"] or inst["requester"]
-        history = store.history(iid)
+        history = await store.history(iid)
         verdict = check_perform(history, StepRule(step.name, bound_to=step.bound_to), performer, lambda _j: True)
         if verdict.ok:
             verdict = check_perform(history, _rule(step), performer, self._may_approve(inst["workflow"], step))
             if not verdict.ok:  # only approvals are missing: wait for more
-                store.set_step(iid, step.name, state="waiting", reason=verdict.reason)
+                await store.set_step(iid, step.name, state="waiting", reason=verdict.reason)
                 return "waiting", verdict.reason
         rid = step_rid(iid, step.name)
         d = self._decide_step(performer, step) if verdict.ok else Decision(False, verdict.reason)
         if not d.allowed:
-            return self._fail_step(inst, step, performer, d.reason, "denied")
+            return await self._fail_step(inst, step, performer, d.reason, "denied")
         target = await self._target(step)
         if target is None:
             on = f" on {' '.join(step.on)}" if step.on else ""
-            return self._fail_step(inst, step, performer, f"no live agent offers {step.op}{on}",
+            return await self._fail_step(inst, step, performer, f"no live agent offers {step.op}{on}",
                                    Outcome.NOT_DISCOVERED.value)
         if step.rate and not row["rate_taken"]:
-            taken = self.rate_limits.take(step.rate["key"], step.rate["limit"], step.rate["per"],
+            taken = await self.rate_limits.take(step.rate["key"], step.rate["limit"], step.rate["per"],
                                           f"{performer} {iid}/{step.name}")
             if not taken.ok:
-                return self._fail_step(inst, step, performer, taken.reason, "denied")
-            store.set_step(iid, step.name, rate_taken=1)
+                return await self._fail_step(inst, step, performer, taken.reason, "denied")
+            await store.set_step(iid, step.name, rate_taken=1)
         if not self.leadership.lead():
             raise Deposed  # the point of no return is the leader's alone
-        store.start_step(iid, step.name, performer, target)
+        await store.start_step(iid, step.name, performer, target)
         self._audit(rid, performer, step.op, step.on, step.args, True,
                     f"workflow {inst['workflow']} instance {iid} step {step.name}, sent by the broker on"
                     f" behalf of {performer}: {d.rule or d.reason}", version=d.version)
@@ -413,7 +427,7 @@ class WorkflowEngine:
         store, iid, rid = self.workflow_store, inst["id"], step_rid(inst["id"], step.name)
         started = time.monotonic()
         for attempt in range(step.retries + 1):
-            store.set_step(iid, step.name, attempts=row["attempts"] + attempt + 1)
+            await store.set_step(iid, step.name, attempts=row["attempts"] + attempt + 1)
             res = await self.broker.request(row["target"], step.op, step.args, on=step.on,
                                      timeout=step.timeout, rid=rid, behalf=row["performer"] or inst["requester"])
             if not (self.leadership.leading and self.broker.online):
@@ -424,7 +438,7 @@ class WorkflowEngine:
             await asyncio.sleep(RETRY_PAUSE)
         ok = res.outcome is Outcome.OK
         reason = "" if ok else f"step {step.name}: {res.outcome.value}: {res.error}"
-        store.set_step(iid, step.name, state="ok" if ok else "failed", outcome=res.outcome.value,
+        await store.set_step(iid, step.name, state="ok" if ok else "failed", outcome=res.outcome.value,
                        result=res.result, reason=reason, ended=time.time())
         if self.broker.audit is not None:
             self.broker.audit.ended(rid=rid, caller=row["performer"], op=step.op,
@@ -432,11 +446,11 @@ class WorkflowEngine:
         log.info("workflow instance %s step %s: %s", iid, step.name, res.outcome.value)
         return ("ok", "") if ok else ("failed", reason)
 
-    def _fail_step(self, inst: dict[str, Any], step: Step, performer: str, reason: str, outcome: str
+    async def _fail_step(self, inst: dict[str, Any], step: Step, performer: str, reason: str, outcome: str
                    ) -> tuple[str, str]:
         """A step refused before it was sent: nothing ran. Refusals by a rule are audited."""
         text = f"step {step.name}: {reason}"
-        self.workflow_store.set_step(inst["id"], step.name, state="failed", outcome=outcome, reason=text,
+        await self.workflow_store.set_step(inst["id"], step.name, state="failed", outcome=outcome, reason=text,
                                      ended=time.time())
         if outcome == "denied":
             self._audit(step_rid(inst["id"], step.name), performer, step.op, step.on, step.args, False,
@@ -462,15 +476,15 @@ class WorkflowEngine:
 
     # -- reading ---------------------------------------------------------------------------------------
 
-    def _find(self, iid: str) -> dict[str, Any]:
-        inst = self.workflow_store.instance(iid)
+    async def _find(self, iid: str) -> dict[str, Any]:
+        inst = await self.workflow_store.instance(iid)
         if inst is None:
             raise BadArguments(f"no workflow instance {iid} (workflow.list shows the recent ones)",
                                argument="instance")
         return inst
 
-    def _find_step(self, iid: str, step: str) -> tuple[dict[str, Any], Step]:
-        inst = self._find(iid)
+    async def _find_step(self, iid: str, step: str) -> tuple[dict[str, Any], Step]:
+        inst = await self._find(iid)
         found = Plan.from_json(inst["plan"]).step(step)
         if found is None:
             names = ", ".join(s.name for s in Plan.from_json(inst["plan"]).steps())
@@ -479,10 +493,10 @@ class WorkflowEngine:
             raise BadArguments(f"instance {iid} is already {inst['state']}", argument="instance")
         return inst, found
 
-    def _status(self, iid: str) -> dict[str, Any]:
+    async def _status(self, iid: str) -> dict[str, Any]:
         store = self.workflow_store
-        inst = self._find(iid)
-        rows, history = store.steps(iid), store.history(iid)
+        inst = await self._find(iid)
+        rows, history = await store.steps(iid), await store.history(iid)
         steps = []
         for n, stage in enumerate(Plan.from_json(inst["plan"]).stages, 1):
             for s in stage:

@@ -222,8 +222,8 @@ async def test_approve_and_deny_from_chat_record_the_operator_not_the_bot(chat, 
     assert f"instance {runs[0]}: guarded waiting" in listed
     text = await me.ask(f"approve {runs[0]}", "approved toggle")
     assert f"it has 1 ({me.client.jid.bare})" in text  # two-person rule: one more approver needed
-    status = broker.workflows._status(runs[0])
+    status = await broker.workflows._status(runs[0])
     assert status["steps"][0]["approved_by"] == [me.client.jid.bare]  # the operator, never the bot
     assert not (tmp_path / "toggled").exists()
     assert "is cancelled" in await me.ask(f"deny {runs[1]}", "denied: workflow instance")
-    assert broker.workflows._status(runs[1])["state"] == "cancelled"
+    assert (await broker.workflows._status(runs[1]))["state"] == "cancelled"

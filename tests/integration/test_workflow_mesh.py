@@ -287,8 +287,10 @@ async def test_broker_restart_resumes_without_repeating_a_finished_step(world, t
     await until(lambda: lines(gated) == ["gated"], what="the agent to finish the gated step")
 
     await world.start_broker()  # same account, same state directory
-    await until(lambda: world.broker.workflows.workflow_store.instance(iid)["state"] == "done", timeout=30,
-                what="the resumed instance to finish")
+    async def finished() -> bool:
+        return (await world.broker.workflows.workflow_store.instance(iid))["state"] == "done"
+
+    await until(finished, timeout=30, what="the resumed instance to finish")
     status = await world.ok("operator", "workflow.status", instance=iid)
     assert status["state"] == "done", status
     # "first" did not run again, "gated" was answered from the agent's record of its first run.

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import multiprocessing
 
 from broker.constraints import (APPROVED, PERFORMED, REQUESTED, Event, RateLimits, StepRule, check_approval,
@@ -67,20 +68,20 @@ class Clock:
         return self.now
 
 
-def test_rate_limit_counts_within_the_period(tmp_path):
+async def test_rate_limit_counts_within_the_period(tmp_path):
     clock = Clock()
     limits = RateLimits(tmp_path / "rates.db", clock)
-    assert [limits.take("fence:/cluster/c1", 2, 3600, "a").ok for _ in range(3)] == [True, True, False]
+    assert [(await limits.take("fence:/cluster/c1", 2, 3600, "a")).ok for _ in range(3)] == [True, True, False]
     clock.now += 3601
-    assert limits.take("fence:/cluster/c1", 2, 3600, "a").ok
-    assert limits.take("fence:/cluster/c2", 2, 3600, "a").ok  # another key, another count
-    limits.close()
+    assert (await limits.take("fence:/cluster/c1", 2, 3600, "a")).ok
+    assert (await limits.take("fence:/cluster/c2", 2, 3600, "a")).ok  # another key, another count
+    await limits.aclose()
 
 
 def _race(path: str, start, results) -> None:
     limits = RateLimits(path)
     start.wait()
-    results.put(limits.take("fence", 3, 3600, "racer").ok)
+    results.put(asyncio.run(limits.take("fence", 3, 3600, "racer")).ok)
     limits.close()
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 
 import pytest
@@ -98,19 +99,34 @@ def test_a_broken_file_is_reported_and_the_others_still_load(tmp_path):
     assert set(good) == {"good"} and "unknown key 'typo'" in bad["bad.yaml"]
 
 
-def test_store_keeps_state_and_history_across_reopening(tmp_path):
+async def test_store_keeps_state_and_history_across_reopening(tmp_path):
     path = tmp_path / "workflows.sqlite"
     store = WorkflowStore(path)
-    store.create("abc", "w", "alice", {"n": "1"}, [[{"name": "s"}]], ["s", "t"])
-    store.add_event("abc", APPROVED, "s", "bob")
-    store.start_step("abc", "s", "alice", "agent@x/agent")
-    store.close()
+    await store.create("abc", "w", "alice", {"n": "1"}, [[{"name": "s"}]], ["s", "t"])
+    await store.add_event("abc", APPROVED, "s", "bob")
+    await store.start_step("abc", "s", "alice", "agent@x/agent")
+    await store.aclose()
     store = WorkflowStore(path)
-    assert store.unfinished() == ["abc"] and store.instance("abc")["params"] == {"n": "1"}
-    assert store.step("abc", "s")["state"] == "running" and store.step("abc", "s")["target"] == "agent@x/agent"
-    kinds = [(e.kind, e.step, e.actor) for e in store.history("abc")]
+    assert await store.unfinished() == ["abc"] and (await store.instance("abc"))["params"] == {"n": "1"}
+    step = await store.step("abc", "s")
+    assert step["state"] == "running" and step["target"] == "agent@x/agent"
+    kinds = [(e.kind, e.step, e.actor) for e in await store.history("abc")]
     assert kinds == [(REQUESTED, "s", "alice"), (REQUESTED, "t", "alice"), (APPROVED, "s", "bob"),
                      (PERFORMED, "s", "alice")]
-    store.set_instance("abc", "done")
-    assert store.unfinished() == [] and store.instances()[0]["state"] == "done"
-    store.close()
+    await store.set_instance("abc", "done")
+    assert await store.unfinished() == [] and (await store.instances())[0]["state"] == "done"
+    await store.aclose()
+
+
+async def test_store_runs_its_statements_off_the_event_loop(tmp_path):
+    """Every statement runs on the store's own thread: the event loop's thread never touches the file."""
+    store = WorkflowStore(tmp_path / "workflows.sqlite")
+    loop_thread, threads = threading.get_ident(), set()
+    store.store.db.set_trace_callback(lambda _sql: threads.add(threading.get_ident()))
+    await store.create("abc", "w", "alice", {}, [[{"name": "s"}]], ["s"])
+    await store.set_step("abc", "s", attempts=1, result={"x": 1})
+    assert (await store.step("abc", "s"))["result"] == {"x": 1}
+    assert threads and loop_thread not in threads
+    with pytest.raises(ValueError, match="no field instance"):
+        await store.set_step("abc", "s", instance="other")
+    await store.aclose()
