@@ -2,8 +2,11 @@
 
 Pacemaker (or any RHCS-style cluster manager) runs it like any `fence_*` program: `key=value` lines on
 stdin, or command-line options. `metadata` and `validate-all` are answered here; off, on, reboot,
-status, list and monitor go to the mesh through `perform`: the mesh file in `vertebra_home`, the
-local gateway (else a direct login) as `identity` or `account`, a fencing agent that can fence the node on
+status, list and monitor go to the mesh through `perform`: the mesh file in `vertebra_home` (else
+$VERTEBRA_HOME, else /etc/vertebra/mesh.yaml with its state in /var/lib/vertebra:
+``agents.home.site_paths``; never the working directory, and never a state directory, mesh file or
+socket others could have written: ``agents.home.check_safe``), the local gateway (else a direct
+login) as `identity` or `account`, a fencing agent that can fence the node on
 /cluster/{cluster}/node/{node}. It finishes inside the `timeout` parameter (default 50 s, inside
 Pacemaker's 60 s) and fails rather than run out of time; off/on/reboot exit 0 only when the mesh
 confirms the new power state.
@@ -44,7 +47,6 @@ if TYPE_CHECKING:
 NAME = "fence_vertebra"
 DEFAULT_TIMEOUT = "50"
 MAX_TIMEOUT = 600.0
-DEFAULT_HOME = "/var/lib/vertebra"
 # Kept back from the timeout so the mesh's own answer (even a timeout) arrives before we give up.
 ANSWER_MARGIN = 1.0
 CACHE_NAME = "fence_vertebra.cache"  # HOME/run/CACHE_NAME: see agents/fastpath.py
@@ -70,7 +72,8 @@ def parameters() -> tuple[fence_api.Parameter, ...]:
         Parameter("cluster", "Name of the cluster this fencing request acts for",
                   value_hint="name"),
         Parameter("vertebra_home",
-                  "Vertebra state directory (default: $VERTEBRA_HOME, then /var/lib/vertebra)",
+                  "Vertebra state directory, holding mesh.yaml (default: $VERTEBRA_HOME, then /var/lib/vertebra"
+                  " with the mesh file /etc/vertebra/mesh.yaml)",
                   value_hint="dir"),
         Parameter("account", "Mesh account to fence as (default: the mesh file's operator); its "
                   "password is read from the state directory", value_hint="name"),
@@ -109,16 +112,25 @@ def metadata() -> str:
     )
 
 
-def _home(options: Mapping[str, str]) -> str:
-    from agents.home import state_home  # the rule `vertebra` finds it by, with this program's default
+def site(options: Mapping[str, str]) -> tuple[Path, Path]:
+    """The state directory and mesh file (``agents.home.site_paths``); UnsafePath when either, or the
+    gateway socket in it, could have been written by someone other than root and its owner."""
+    from agents.home import check_safe, site_paths
 
-    return str(state_home(options.get("vertebra_home"), DEFAULT_HOME))
+    home, mesh = site_paths(options.get("vertebra_home") or None)
+    for path, what in ((home, "state directory"), (mesh, "mesh file"),
+                       (home / "run" / "gateway.sock", "gateway socket")):
+        try:
+            check_safe(path, what)
+        except FileNotFoundError:
+            pass  # what is missing, load_mesh names
+    return home, mesh
 
 
 def vertebra_home(options: Mapping[str, str]) -> Path:
-    from pathlib import Path
+    from agents.home import site_paths
 
-    return Path(_home(options))
+    return site_paths(options.get("vertebra_home") or None)[0]
 
 
 def load_mesh(options: Mapping[str, str]) -> MeshConfig:
@@ -126,9 +138,12 @@ def load_mesh(options: Mapping[str, str]) -> MeshConfig:
     # The mesh runtime (slixmpp and all) loads only when the mesh is asked: metadata and
     # validate-all, which Pacemaker runs often, stay quick.
     from agents import config
+    from agents.home import UnsafePath
 
-    home = vertebra_home(options)
-    path = home / "mesh.yaml"
+    try:
+        home, path = site(options)
+    except UnsafePath as error:
+        raise MeshUnavailableError(str(error)) from None
     if not path.is_file():
         raise MeshUnavailableError(f"no mesh file at {path}: set vertebra_home= (or $VERTEBRA_HOME) to"
                                    " the Vertebra state directory of this host")
@@ -359,10 +374,14 @@ def _lean_run(action: str, node: str | None, options: dict[str, str], started: f
     None only while no destructive request has gone out: the first request of a node action is a
     read-only fence.list."""
     from agents import fastpath
+    from agents.home import UnsafePath
 
-    home = _home(options)
+    try:
+        home_dir, mesh_file = site(options)
+    except UnsafePath:
+        return None  # the full path refuses it, with the reason
+    home, mesh_path = str(home_dir), str(mesh_file)
     socket_path = os.path.join(home, "run", "gateway.sock")
-    mesh_path = os.path.join(home, "mesh.yaml")
     if not os.path.exists(socket_path) or not os.path.isfile(mesh_path):
         return None
     # identity=NAME: the gateway calls as that identity of the mesh file and reads its password itself.

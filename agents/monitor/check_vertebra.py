@@ -8,8 +8,11 @@ exiting with its state. ``-R`` runs it on every agent under a resource and print
 (worst state, ``2 OK, 1 CRITICAL (db2)``, each host's line, all perfdata). Mesh problems (no
 agent, denied, timeout, unreachable) are UNKNOWN with a line that says which; a timeout may be
 given another state with ``-t 10:CRITICAL``. ``-h`` and ``-V`` exit 3, as the Monitoring Plugins
-guidelines want. The mesh is found as the `vertebra` CLI finds it (--home, $VERTEBRA_HOME,
-./.vertebra) and reached through the local gateway, or a direct login when none runs.
+guidelines want. The mesh is found by ``agents.home.site_paths``: ``--home``, else ``$VERTEBRA_HOME``,
+else the system location (/etc/vertebra/mesh.yaml, state in /var/lib/vertebra), never the working
+directory (Nagios runs plugins in /tmp, where anyone may put a ``.vertebra``); a state directory, mesh
+file or socket others could have written is refused (``agents.home.check_safe``). The mesh is reached
+through the local gateway, or a direct login when none runs.
 
 Nagios starts this program for every check, so its start is most of its cost. The common command
 lines (``-H``/``-R``, ``-c``, ``-a``, ``-t SECONDS``, ``--home``, ``--mesh``, ``--account``) take a
@@ -90,8 +93,9 @@ def _parser() -> "argparse.ArgumentParser":
     p.add_argument("-t", "--timeout", type=_timeout, default=(DEFAULT_TIMEOUT, State.UNKNOWN),
                    metavar="SECONDS[:STATE]",
                    help="give up after SECONDS (default 30); the state for a timeout (default UNKNOWN)")
-    p.add_argument("--home", help="mesh state directory (default: $VERTEBRA_HOME, else ./.vertebra)")
-    p.add_argument("--mesh", help="mesh file (default: HOME/mesh.yaml)")
+    p.add_argument("--home", help="mesh state directory (default: $VERTEBRA_HOME, else /var/lib/vertebra)")
+    p.add_argument("--mesh", help="mesh file (default: HOME/mesh.yaml, or /etc/vertebra/mesh.yaml when no"
+                                  " state directory is named)")
     p.add_argument("--account", help="account to call as (default: the mesh file's operator)")
     p.add_argument("-h", "--help", action="store_true", help="show this help and exit (3)")
     p.add_argument("-V", "--version", action="version", version=f"{PROG} v{__version__} (vertebra)")
@@ -179,11 +183,19 @@ def lean_args(words: Sequence[str]) -> dict[str, Any] | None:
     return out
 
 
-def _home(home: str | None) -> str:
-    """The state directory, found as `vertebra` finds it, without loading the config module."""
-    from agents.home import state_home
+def _site(home: str | None, mesh: str | None) -> tuple[str, str]:
+    """The state directory and mesh file (``agents.home.site_paths``), each refused (UnsafePath) when
+    others could have written it, as is the gateway socket in it."""
+    from agents.home import check_safe, site_paths
 
-    return str(state_home(home))
+    found, mesh_file = site_paths(home, mesh)
+    for path, what in ((found, "state directory"), (mesh_file, "mesh file"),
+                       (found / "run" / "gateway.sock", "gateway socket")):
+        try:
+            check_safe(path, what)
+        except FileNotFoundError:
+            pass  # what is missing, the full path names
+    return str(found), str(mesh_file)
 
 
 def _lean_run(o: dict[str, Any]) -> tuple[str, int] | None:
@@ -191,15 +203,19 @@ def _lean_run(o: dict[str, Any]) -> tuple[str, int] | None:
     file that does not load, a password missing: the full path says what is wrong)."""
     from agents.errors import ConnectError
     from agents.gateway import GatewayRefused, GatewayUnavailable, call_via_gateway_blocking
+    from agents.home import UnsafePath
 
-    home = _home(o.get("home"))
+    try:
+        home, mesh = _site(o.get("home"), o.get("mesh"))
+    except UnsafePath as exc:
+        return f"UNKNOWN - {PROG}: {exc}", UNKNOWN
     socket_path = os.path.join(home, "run", "gateway.sock")
     if not os.path.exists(socket_path):
         return None
     target = f"/host/{o['hostname']}" if "hostname" in o else o["resource"]
     if not plain_resource(target):
         return None  # the full path checks it and says what is wrong
-    identity = _identity(o, home)
+    identity = _identity(o, home, mesh)
     if identity is None:
         return None
     seconds = o["timeout"]
@@ -243,12 +259,12 @@ def plain_resource(path: str) -> bool:
     return True
 
 
-def _identity(o: dict[str, Any], home: str) -> tuple[str, str] | tuple[None, None] | None:
+def _identity(o: dict[str, Any], home: str, mesh: str) -> tuple[str, str] | tuple[None, None] | None:
     """The caller's JID and password, from the cache or, when it does not match, the mesh file;
     (None, None) when the gateway is to know the caller by its Unix user (``fastpath.identity``)."""
     from agents import fastpath
 
-    return fastpath.identity(o.get("mesh") or os.path.join(home, "mesh.yaml"), home, o.get("account"), CACHE_NAME)
+    return fastpath.identity(mesh, home, o.get("account"), CACHE_NAME)
 
 
 # -- answers -------------------------------------------------------------------------------------
@@ -296,11 +312,19 @@ def _run(ns: "argparse.Namespace") -> tuple[str, "State"]:
     from agents import config as meshconf, resources
     from agents.errors import ConnectError
     from agents.gateway import GatewayRefused
+    from agents.home import UnsafePath
     from agents.session import mesh_call
 
     seconds, timeout_state = ns.timeout
     try:
-        mesh = meshconf.load(ns.mesh, ns.home)
+        home, mesh_file = _site(ns.home, ns.mesh)
+    except UnsafePath as exc:
+        return f"UNKNOWN - {PROG}: {exc}", State.UNKNOWN
+    if not os.path.isfile(mesh_file):
+        return (f"UNKNOWN - {PROG}: no mesh file at {mesh_file}: give --home (the state directory) or --mesh, or"
+                f" set $VERTEBRA_HOME; {PROG} never looks in the working directory"), State.UNKNOWN
+    try:
+        mesh = meshconf.load(mesh_file, home)
         target = resources.check(f"/host/{ns.hostname}" if ns.hostname else ns.resource)
     except (meshconf.ConfigError, resources.BadResource) as exc:
         return f"UNKNOWN - {PROG}: {exc}", State.UNKNOWN

@@ -114,7 +114,7 @@ def test_nagios_checks_without_a_password_and_is_audited_as_itself(site):
     home, mesh = site
     nagios = mesh.identities[0].name
     ok = check_vertebra("nagios", home, "-H", "web1", "-c", "ok")
-    assert (ok.returncode, ok.stdout.strip()) == (0, "OK: fine"), ok.stderr
+    assert (ok.returncode, ok.stdout.strip()) == (0, "OK: fine"), ok.stdout + ok.stderr
     crit = check_vertebra("nagios", home, "-H", "web1", "-c", "crit", "-t", "20")
     assert (crit.returncode, crit.stdout.strip()) == (2, "CRITICAL: broken"), crit.stderr
     # The full path too (a timeout state sends it there): it reads the mesh file, not a password.

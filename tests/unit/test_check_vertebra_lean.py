@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from agents import config as meshconf, fastpath
+from agents.home import UnsafePath
 from agents.monitor import check_vertebra as cv
 from agents.monitor.ranges import State
 
@@ -57,13 +58,16 @@ def test_other_spellings_go_the_full_way(argv: list[str]) -> None:
     assert cv.lean_args(argv) is None
 
 
-def test_home_is_found_as_the_mesh_config_finds_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_home_is_found_as_programs_others_start_find_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)
+    (tmp_path / ".vertebra").mkdir()
     monkeypatch.delenv("VERTEBRA_HOME", raising=False)
-    assert Path(cv._home(None)) == meshconf.default_home(None)
-    assert Path(cv._home("rel/h")) == meshconf.default_home("rel/h")
+    assert cv._site(None, None) == ("/var/lib/vertebra", "/etc/vertebra/mesh.yaml")  # never ./.vertebra
+    assert cv._site(None, None) != (str(meshconf.default_home(None)), str(meshconf.default_home(None) / "mesh.yaml"))
     monkeypatch.setenv("VERTEBRA_HOME", str(tmp_path / "env"))
-    assert Path(cv._home(None)) == meshconf.default_home(None)
+    assert cv._site(None, None) == (str(tmp_path / "env"), str(tmp_path / "env" / "mesh.yaml"))
+    with pytest.raises(UnsafePath, match="not an absolute path"):
+        cv._site("rel/h", None)
 
 
 def _home(tmp_path: Path, domain: str, operator: str = "operator") -> Path:
@@ -76,30 +80,34 @@ def _home(tmp_path: Path, domain: str, operator: str = "operator") -> Path:
     return home
 
 
+def _identity(options: dict[str, str], home: Path) -> tuple[str, str] | tuple[None, None] | None:
+    return cv._identity(options, str(home), str(home / "mesh.yaml"))
+
+
 def test_identity_follows_every_edit_of_the_mesh_file(tmp_path: Path) -> None:
     home = _home(tmp_path, "one.test")
-    assert cv._identity({}, str(home)) == ("operator@one.test", "pw-operator")
+    assert _identity({}, home) == ("operator@one.test", "pw-operator")
     cache = home / "run" / cv.CACHE_NAME
     assert stat.S_IMODE(cache.stat().st_mode) == 0o600
-    assert cv._identity({}, str(home)) == ("operator@one.test", "pw-operator")  # from the cache
+    assert _identity({}, home) == ("operator@one.test", "pw-operator")  # from the cache
     # Same length, same second: only the content differs, and that is what the cache is keyed by.
     _home(tmp_path, "two.test", "operatoz")
-    assert cv._identity({}, str(home)) == ("operatoz@two.test", "pw-operatoz")
-    assert cv._identity({"account": "operator"}, str(home)) == ("operator@two.test", "pw-operator")
+    assert _identity({}, home) == ("operatoz@two.test", "pw-operatoz")
+    assert _identity({"account": "operator"}, home) == ("operator@two.test", "pw-operator")
 
 
 def test_password_is_read_every_time(tmp_path: Path) -> None:
     home = _home(tmp_path, "one.test")
-    assert cv._identity({}, str(home)) == ("operator@one.test", "pw-operator")
+    assert _identity({}, home) == ("operator@one.test", "pw-operator")
     (home / "secrets" / "operator.password").write_text("rotated\n")
-    assert cv._identity({}, str(home)) == ("operator@one.test", "rotated")
+    assert _identity({}, home) == ("operator@one.test", "rotated")
     (home / "secrets" / "operator.password").unlink()
-    assert cv._identity({}, str(home)) is None  # the full path says which password is missing
+    assert _identity({}, home) is None  # the full path says which password is missing
 
 
 def test_a_cache_anyone_else_could_write_is_ignored(tmp_path: Path) -> None:
     home = _home(tmp_path, "one.test")
-    cv._identity({}, str(home))
+    _identity({}, home)
     cache = home / "run" / cv.CACHE_NAME
     key = {"v": fastpath.CACHE_VERSION, "parser": fastpath.parser_stamp(), "mesh": str(home / "mesh.yaml"),
            "home": str(home), "bytes": (home / "mesh.yaml").read_bytes()}
@@ -113,7 +121,7 @@ def test_a_cache_anyone_else_could_write_is_ignored(tmp_path: Path) -> None:
 def test_a_mesh_file_that_does_not_load_goes_the_full_way(tmp_path: Path) -> None:
     home = _home(tmp_path, "one.test")
     (home / "mesh.yaml").write_text("server: [unclosed\n")
-    assert cv._identity({}, str(home)) is None
+    assert _identity({}, home) is None
     assert not (home / "run" / cv.CACHE_NAME).exists()
 
 
