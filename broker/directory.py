@@ -11,18 +11,28 @@ if its kind is the configured one and its resources are among the configured one
 (``Admission.refusal``). The same roster says who may send the ops only agents send the broker
 (``sent_by_agents``, one of the broker's authorization rules). The caches here are keyed by strings
 any account can invent (caps hashes), so they are bounded (``BoundedMap``).
+
+Which agents any instance of the broker has ever listed is kept on disk (``KnownAgents``), so that a
+restarted broker can greet them before they announce themselves again.
 """
 
 from __future__ import annotations
 
+import logging
+import sqlite3
 from collections import OrderedDict
+from concurrent.futures import Future
 from dataclasses import dataclass, field
+from pathlib import Path
 from types import MappingProxyType
-from typing import Any, Generic, Iterable, Iterator, Mapping, TypeVar
+from typing import Any, Generic, Iterable, Iterator, Mapping, Protocol, TypeVar
 
 from agents.authz import Decision, Request
+from agents.db import Store
 from agents.ops import OpSpec
 from agents.resources import related
+
+log = logging.getLogger(__name__)
 
 K = TypeVar("K")
 V = TypeVar("V")
@@ -219,3 +229,49 @@ def sent_by_agents(request: Request, spec: OpSpec, roster: Mapping[str, Admissio
                                f" file does not configure it to {spec.own_resources}",
                         f"{who} agents, for their own resources")
     return Decision(True, f"a configured agent sending {spec.name} for itself", f"{who} agents")
+
+
+class KnownAgentsState(Protocol):
+    """The bare JIDs of agents any instance of the broker has listed, shared by the instances.
+    ``add`` hands the write over and returns at once (it is called for every available presence);
+    ``all`` is awaited, as a store on another backend would be."""
+
+    def add(self, jid: str) -> None: ...
+    async def all(self) -> list[str]: ...
+    async def aclose(self) -> None: ...
+
+
+class KnownAgents:
+    """:class:`KnownAgentsState` in SQLite, on the file's own thread (``agents.db.Store``): the
+    broker's instances share the file."""
+
+    def __init__(self, path: Path | None) -> None:
+        self.store = Store(path, ["CREATE TABLE IF NOT EXISTS known_agents (jid TEXT PRIMARY KEY)"],
+                           name="known agents")
+        self._written: set[str] = set()  # already on disk: not written again at each presence
+
+    def add(self, jid: str) -> None:
+        if jid not in self._written:
+            self._written.add(jid)
+            self.store.submit(_add_known, jid).add_done_callback(_log_failure)
+
+    async def all(self) -> list[str]:
+        """Read afresh: the broker's other instances add to the same table."""
+        self._written = set(await self.store.run(_all_known))
+        return sorted(self._written)
+
+    async def aclose(self) -> None:
+        await self.store.aclose()
+
+
+def _add_known(db: sqlite3.Connection, jid: str) -> None:
+    db.execute("INSERT OR IGNORE INTO known_agents VALUES (?)", (jid,))
+
+
+def _all_known(db: sqlite3.Connection) -> list[str]:
+    return [row[0] for row in db.execute("SELECT jid FROM known_agents")]
+
+
+def _log_failure(done: Future[None]) -> None:
+    if not done.cancelled() and done.exception() is not None:
+        log.warning("could not remember a known agent: %s", done.exception())

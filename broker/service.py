@@ -35,7 +35,6 @@ from slixmpp import Presence
 from slixmpp.exceptions import IqError, IqTimeout
 
 from agents.agent import AGENT_FORM, Agent, Call, info_op
-from agents.db import open_db
 from agents.authz import Decision, Request
 from agents.ops import OP_FEATURE_PREFIX, Arg, Field, OpSpec, Result, op
 from agents.resources import check as check_resource, BadResource
@@ -47,7 +46,7 @@ from .anchors import Anchors, read_anchors
 from .descriptions import OpDescriptions
 from .fencing import Fencing
 from agents.ratelimit import RateLimit
-from .directory import Admission, BoundedMap, Capabilities, Directory, sent_by_agents
+from .directory import Admission, BoundedMap, Capabilities, Directory, KnownAgents, KnownAgentsState, sent_by_agents
 from .leadership import Leadership
 from .policy import PolicyDistribution
 from .volumes import Volumes
@@ -104,7 +103,7 @@ class Broker(Agent):
         # an account announcing another's hash and failing its query cannot get that one ignored.
         self._bad_caps: BoundedMap[tuple[str, str], float] = BoundedMap(BAD_CAPS_CACHE)
         self._refused: BoundedMap[str, tuple[str, float]] = BoundedMap(BAD_CAPS_CACHE)  # bare -> last warning
-        self._known = _KnownAgents(self.shared_dir / "broker.sqlite" if self.shared_dir else None)
+        self._known: KnownAgentsState = KnownAgents(self.shared_dir / "broker.sqlite" if self.shared_dir else None)
         caps = self.xmpp.plugin["xep_0115"]
         # slixmpp's caps plugin would also query every new hash; the directory does that itself.
         self.xmpp.del_event_handler("entity_caps", caps._process_caps)
@@ -135,6 +134,7 @@ class Broker(Agent):
         await self.workflows.halt()
         await super().stop()
         await self.anchors.aclose()
+        await self._known.aclose()
         self.fencing.close()
         await self.workflows.aclose()
 
@@ -171,19 +171,20 @@ class Broker(Agent):
         await caps.update_caps(broadcast=False)
         self._caps_ver = await caps.get_verstring(self.jid)
         self.presence()  # available, so presence sent to our bare JID reaches us
-        self._hello_known()
+        await self._hello_known()
         # Another instance of this broker may be learning an agent that announced itself just before
         # this one came online (and so never reached it): a second hello a little later finds it.
-        asyncio.get_running_loop().call_later(HELLO_AGAIN, self._hello_known, True)
+        asyncio.get_running_loop().call_later(HELLO_AGAIN, lambda: self.spawn(self._hello_known(True),
+                                                                             name="second hello to agents"))
         self.leadership.start_leading()
 
-    def _hello_known(self, unlisted_only: bool = False) -> None:
+    async def _hello_known(self, unlisted_only: bool = False) -> None:
         """Directed presence to every admitted agent any instance of this broker has seen; each
         answers with its own, which lists it here."""
         if not self.online and unlisted_only:
             return  # stopped or lost in the meantime: the next session says hello again anyway
         listed = {e.jid.split("/")[0].lower() for e in self.directory.entries()} if unlisted_only else set()
-        for bare in self._known.all():
+        for bare in await self._known.all():
             if bare.lower() in self.roster and bare.lower() not in listed:
                 self.presence(bare)
 
@@ -373,22 +374,3 @@ def _values(value: Any) -> list[str]:
     if value is None:
         return []
     return value.splitlines() if isinstance(value, str) else [str(v) for v in value]
-
-
-class _KnownAgents:
-    """The bare JIDs of agents seen before, kept on disk so a restarted broker can greet them."""
-
-    def __init__(self, path: Path | None) -> None:
-        # WAL (agents.db.open_db): the broker's instances share it.
-        self._db = open_db(path, ["CREATE TABLE IF NOT EXISTS known_agents (jid TEXT PRIMARY KEY)"])
-        self._cache = {row[0] for row in self._db.execute("SELECT jid FROM known_agents")}
-
-    def add(self, jid: str) -> None:
-        if jid not in self._cache:
-            self._cache.add(jid)
-            self._db.execute("INSERT OR IGNORE INTO known_agents VALUES (?)", (jid,))
-
-    def all(self) -> list[str]:
-        """Read afresh: the broker's other instances add to the same table."""
-        self._cache = {row[0] for row in self._db.execute("SELECT jid FROM known_agents")}
-        return sorted(self._cache)

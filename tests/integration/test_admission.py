@@ -174,7 +174,7 @@ async def test_an_impostor_with_a_valid_hash_is_not_listed_asked_or_pushed_anyth
         assert impostor.ops == [] and impostor.disco == []
         assert impostor.presences_from(broker.jid.bare) == []
         assert str(impostor.raw.jid) not in {e.jid for e in broker.directory.entries()}
-        assert impostor.raw.jid.split("/")[0] not in broker._known.all()
+        assert impostor.raw.jid.split("/")[0] not in await broker._known.all()
         # The broker's log says whom it refused and why.
         message = (await until(lambda: refusals(caplog, impostor.raw.jid), what="the refusal logged"))[0]
         assert "names no agent with this account" in message
