@@ -13,10 +13,10 @@ REPO = Path(__file__).resolve().parents[2]
 SCHEMA = "/usr/share/cluster/relaxng/metadata.rng"
 
 
-def fence_vertebra(*argv: str, stdin: str = "", env: dict | None = None):
+def fence_vertebra(*argv: str, stdin: str = "", env: dict | None = None, cwd: Path = REPO):
     return subprocess.run(
         [sys.executable, "-m", "agents.fencing.fence_vertebra", *argv],
-        input=stdin, capture_output=True, text=True, timeout=30, cwd=REPO,
+        input=stdin, capture_output=True, text=True, timeout=30, cwd=cwd,
         env={**os.environ, "PYTHONPATH": str(REPO), **(env or {})})
 
 
@@ -123,3 +123,30 @@ def test_stonith_admin_reads_metadata_and_validates(tmp_path):
     assert codes[0] == "rc=0" and codes[1] == "rc=0" and codes[2] != "rc=0", out
     assert "Validation of fence_dummy succeeded" in out
     assert "not a valid time in seconds" in out
+
+
+def test_power_actions_never_use_the_working_directory(tmp_path):
+    (tmp_path / ".vertebra").mkdir()
+    (tmp_path / ".vertebra" / "mesh.yaml").write_text("operator: operator\n")
+    env = {k: v for k, v in os.environ.items() if k != "VERTEBRA_HOME"}
+    done = subprocess.run([sys.executable, "-m", "agents.fencing.fence_vertebra"], input="action=off\nport=node1\n",
+                          capture_output=True, text=True, timeout=30, cwd=tmp_path,
+                          env={**env, "PYTHONPATH": str(REPO)})
+    assert done.returncode == 1
+    assert "no mesh file at /etc/vertebra/mesh.yaml" in done.stderr, done.stderr
+
+
+def test_power_actions_refuse_a_state_directory_others_may_write(tmp_path):
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / "mesh.yaml").write_text("operator: operator\n")
+    os.chmod(home, 0o775)
+    done = fence_vertebra(stdin=f"action=off\nport=node1\ncluster=c1\nvertebra_home={home}\n")
+    assert done.returncode == 1
+    assert (f"Failed: refusing the state directory {home}: it is writable by its group (mode 0775); only root and"
+            f" its owner may write it (chmod go-w {home})") in done.stderr, done.stderr
+    os.chmod(home, 0o755)
+    os.chmod(home / "mesh.yaml", 0o666)
+    done = fence_vertebra(stdin=f"action=status\nport=node1\ncluster=c1\nvertebra_home={home}\n")
+    assert done.returncode == 1
+    assert f"Failed: refusing the mesh file {home}/mesh.yaml: it is writable by its group and everyone" in done.stderr

@@ -14,6 +14,7 @@ import json
 import os
 import pwd
 import shutil
+import socket
 import subprocess
 import tempfile
 import time
@@ -42,11 +43,12 @@ pytestmark = pytest.mark.skipif(
     reason="needs root, the nagios user (nagios4-core), check_dummy (monitoring-plugins-basic) and runuser")
 
 
-def _as(user: str, *argv: str, extra_env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+def _as(user: str, *argv: str, extra_env: dict[str, str] | None = None,
+        cwd: str | Path = "/tmp") -> subprocess.CompletedProcess[str]:
     """``argv`` as ``user`` with the group vertebra, from /tmp, in a clean environment: as Nagios runs a plugin."""
     env = ["PATH=/usr/bin:/bin", *(f"{k}={v}" for k, v in (extra_env or {}).items())]
     return subprocess.run(["runuser", "-u", user, "-G", GROUP, "--", "env", "-i", *env, *argv],
-                          capture_output=True, text=True, timeout=90, cwd="/tmp")
+                          capture_output=True, text=True, timeout=90, cwd=cwd)
 
 
 def _python_for(user: str) -> tuple[str, dict[str, str]]:
@@ -152,3 +154,82 @@ def test_an_unmapped_user_is_refused_with_a_sentence(site):
     line = refused.stdout.strip()
     assert line.startswith("UNKNOWN - check_vertebra: the gateway refuses Unix user nobody"), line
     assert "add one under people: or services: with unix_user: nobody" in line
+
+
+@pytest.fixture
+def hostile():
+    """What any local user can do to Nagios's working directory: a ``.vertebra`` of their own (here
+    nobody's) with a mesh file and a fake gateway socket anyone may connect to, in a directory that is
+    to nagios what /tmp is (root's, sticky, writable by all). Yields it and the fake socket's listener,
+    which must never see a connection."""
+    tmp = Path(tempfile.mkdtemp(prefix="vgi-tmp-", dir="/tmp"))
+    os.chmod(tmp, 0o1777)
+    home = tmp / ".vertebra"
+    (home / "run").mkdir(parents=True)
+    (home / "mesh.yaml").write_text("server: {domain: evil.test}\noperator: operator\n")
+    nobody = pwd.getpwnam("nobody")
+    listener = socket.socket(socket.AF_UNIX)
+    try:
+        listener.bind(str(home / "run" / "gateway.sock"))
+        listener.listen(8)
+        listener.setblocking(False)
+        os.chmod(home / "run" / "gateway.sock", 0o777)
+        for path in (home, home / "run", home / "mesh.yaml", home / "run" / "gateway.sock"):
+            os.chown(path, nobody.pw_uid, nobody.pw_gid)
+        yield tmp, home, listener
+    finally:
+        listener.close()
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _never_connected(listener: socket.socket) -> bool:
+    try:
+        listener.accept()[0].close()
+    except BlockingIOError:
+        return True
+    return False
+
+
+def test_a_state_directory_another_user_left_in_tmp_is_never_used(hostile):
+    tmp, home, listener = hostile
+    python, env = _python_for("nagios")
+    # From that directory, with nothing named: the system location, never ./.vertebra.
+    found = _as("nagios", python, "-m", "agents.monitor.check_vertebra", "-H", "web1", "-c", "ok", extra_env=env,
+                cwd=tmp)
+    assert found.returncode == 3, found.stdout + found.stderr
+    assert found.stdout.strip() == ("UNKNOWN - check_vertebra: no mesh file at /etc/vertebra/mesh.yaml: give --home"
+                                    " (the state directory) or --mesh, or set $VERTEBRA_HOME; check_vertebra never"
+                                    " looks in the working directory"), found.stdout + found.stderr
+    # Named outright (a careless $VERTEBRA_HOME): refused, with the reason.
+    named = _as("nagios", python, "-m", "agents.monitor.check_vertebra", "-H", "web1", "-c", "ok",
+                extra_env={**env, "VERTEBRA_HOME": str(home)}, cwd=tmp)
+    assert named.returncode == 3, named.stdout + named.stderr
+    assert named.stdout.strip() == (
+        f"UNKNOWN - check_vertebra: refusing the state directory {home}: {home} is owned by nobody"
+        f" (uid {pwd.getpwnam('nobody').pw_uid}) in {tmp}, where anyone may create files; use a state directory"
+        " owned by root or by the user running this program, outside such a directory"), named.stdout
+    assert _never_connected(listener)
+
+
+def test_a_state_directory_or_mesh_file_others_may_write_is_refused(site):
+    home, _ = site
+    mode = home.stat().st_mode & 0o7777
+    os.chmod(home, mode | 0o020)
+    try:
+        refused = check_vertebra("nagios", home, "-H", "web1", "-c", "ok")
+    finally:
+        os.chmod(home, mode)
+    assert refused.returncode == 3, refused.stdout + refused.stderr
+    assert refused.stdout.strip() == (f"UNKNOWN - check_vertebra: refusing the state directory {home}: it is writable"
+                                      f" by its group (mode {mode | 0o020:04o}); only root and its owner may write it"
+                                      f" (chmod go-w {home})")
+    mesh_mode = (home / "mesh.yaml").stat().st_mode & 0o7777
+    os.chmod(home / "mesh.yaml", 0o646)
+    try:
+        refused = check_vertebra("nagios", home, "-H", "web1", "-c", "ok", "-t", "20:CRITICAL")  # the full path
+    finally:
+        os.chmod(home / "mesh.yaml", mesh_mode)
+    assert refused.returncode == 3
+    assert f"refusing the mesh file {home}/mesh.yaml: it is writable by everyone (mode 0646)" in refused.stdout
+    ok = check_vertebra("nagios", home, "-H", "web1", "-c", "ok")
+    assert (ok.returncode, ok.stdout.strip()) == (0, "OK: fine"), ok.stdout + ok.stderr
