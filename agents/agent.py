@@ -306,7 +306,7 @@ class Agent(Actor):
         key, fp = (caller, rid), fingerprint(req["name"], req["on"], req["for"], req.xml.text or "")
         spec = self.ops.get(req["name"])
         seen = self._requests.get(key)
-        if seen is None and spec is not None and spec.destructive:  # kept on disk across restarts too
+        if seen is None and spec is not None and spec.changes_state:  # kept on disk across restarts too
             seen = await self._requests.recall(key)
         repeat = seen is not None
         if seen is None:
@@ -314,9 +314,9 @@ class Agent(Actor):
             try:
                 answer = await self._admit_and_run(iq, caller, rid, key, fp)
                 if isinstance(answer.error, Expired):  # never started: a retry under this rid, in time, may run
-                    self._requests.abandon(key, seen, answer.error)
+                    self._requests.abandon(key, seen, answer.error, ran=False)
                 else:
-                    await self._requests.finish(key, seen, answer, durable=bool(spec and spec.destructive))
+                    await self._requests.finish(key, seen, answer, durable=bool(spec and spec.changes_state))
             finally:
                 if not seen.answer.done():
                     self._requests.abandon(key, seen, InternalError(f"request {rid} was interrupted"))
@@ -350,6 +350,8 @@ class Agent(Actor):
             spec, call, args = self._admit(iq, caller, rid, decided)
             if spec.destructive and self.audit is not None:
                 await self.audit.written()  # its decision is on disk before the op starts (audit.py)
+            if spec.changes_state and not spec.progress:  # a repeat after a crash mid-run: interrupted, not run
+                await self._requests.started(key, fp, spec.name, self.name)
         except OpError as exc:  # refused before running: the decision record says it all, or a refusal's
             log.info("refused rid=%s caller=%s op=%s: %s", rid, caller, name, exc.text)
             if not decided:
@@ -500,7 +502,7 @@ class Agent(Actor):
             end = (exc.outcome.value, exc.condition, protocol.encode(exc.text[:4000]))
         assert answer.job_end is not None, "a long op's answer carries its job's end"
         answer.job_end.set_result(end)
-        if spec.destructive:
+        if spec.changes_state:
             await self._requests.finish_job(key, fp, end)
         self._send_outcome(end, call._reply_to, call._job, call.rid)
 

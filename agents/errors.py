@@ -80,6 +80,14 @@ class InternalError(OpError):
     condition, stanza_condition, stanza_type = "internal", "internal-server-error", "cancel"
 
 
+class Interrupted(OpError):
+    """An admitted request for an op that changes state, cut off before its outcome was recorded (its agent
+    stopped or was killed while running it): it may or may not have taken effect, and a repeat of its rid
+    gets this answer instead of running it again (agents/idempotency.py)."""
+
+    condition, stanza_condition, stanza_type = "interrupted", "undefined-condition", "cancel"
+
+
 class ResourceConstraint(OpError):
     """A request refused unread because its sender is over its rate or has too many waiting (intake.py)."""
 
@@ -88,7 +96,7 @@ class ResourceConstraint(OpError):
 
 _BY_CONDITION = {cls.condition: cls for cls in
                  (OpError, BadArguments, BadPayload, TooLarge, UnknownOp, Denied, OpTimeout, InternalError,
-                  ResourceConstraint)}
+                  Interrupted, ResourceConstraint)}
 
 # Stanza errors the server itself returns when the addressee is gone before a request reached it.
 # Not recipient-unavailable: Prosody bounces with it the stanzas a dropped session had received but

@@ -3,16 +3,24 @@ runs twice.
 
 A request id is scoped to its caller's bare JID and bound to what it asked for (op, addressed
 resources and arguments): the same id for a different request is refused. Outcomes are kept in
-memory for ``WINDOW`` seconds (at most ``ENTRIES``); the outcomes of destructive ops that were admitted
-(authorized and started) are also written to SQLite in the agent's state directory, so a retry after
-the agent restarted does not power a node off twice. A request never admitted (denied, undecodable,
+memory for ``WINDOW`` seconds (at most ``ENTRIES``); the outcomes of admitted (authorized and started)
+requests for ops that change state (effect ``change`` or ``destructive``) are also written to SQLite in
+the agent's state directory and kept there for ``DURABLE_WINDOW``, so a retry after the agent restarted
+neither powers a node off twice nor fails with ``exists`` on the volume its first run made. Reads are
+kept in memory only: running one again changes nothing. A request never admitted (denied, undecodable,
 unknown op, bad arguments; one refused by the intake is not even seen here) ran nothing, so its retry
 after a restart has nothing to repeat: it leaves no row on disk, and a flood of them cannot fill the
 disk. A request still running is never forgotten: a repeat waits for its outcome.
 
-The file is read and written on its own thread (``agents.db.Store``), never on the event loop: a
-destructive request is looked up on disk with :meth:`RequestLog.recall`, and its outcome is on disk
-when the awaitable :meth:`RequestLog.finish` returns, before the agent answers.
+Before a quick op that changes state runs, :meth:`RequestLog.started` puts a row on disk that already
+says ``interrupted``; its outcome replaces it. So an agent killed between running the op and recording
+how it ended answers a repeat after its restart with ``interrupted`` (it may or may not have taken
+effect; look, and use a new id to run it again) rather than running it a second time.
+
+The file is read and written on its own thread (``agents.db.Store``), never on the event loop: such a
+request is looked up on disk with :meth:`RequestLog.recall`, and its outcome is on disk when the
+awaitable :meth:`RequestLog.finish` returns, before the agent answers (a repeat waiting in memory gets it
+only then too).
 """
 
 from __future__ import annotations
@@ -28,17 +36,20 @@ from pathlib import Path
 
 from . import protocol
 from .db import Store
-from .errors import OpError, error_for
+from .errors import Interrupted, OpError, error_for
 
 log = logging.getLogger(__name__)
 
 WINDOW = 600.0  # seconds a finished request's outcome is kept for repeats
 ENTRIES = 20_000
-DURABLE_WINDOW = 24 * 3600.0  # destructive outcomes on disk: long enough for any sane retry
+DURABLE_WINDOW = 24 * 3600.0  # outcomes of ops that change state, on disk: long enough for any sane retry
+PRUNE_EVERY = 600.0  # seconds between deletions of rows older than DURABLE_WINDOW while the agent runs
 
-# The request log's schema versions (agents.db.migrate): the first is the schema it had before versions.
+# The request log's schema versions (agents.db.migrate): the first is the schema it had before versions;
+# the second lets the rows past the window be found without reading them all, now that every change keeps one.
 _MIGRATIONS = [("CREATE TABLE IF NOT EXISTS outcomes (caller TEXT, rid TEXT, fingerprint TEXT, payload TEXT,"
-                " condition TEXT, text TEXT, at REAL, PRIMARY KEY (caller, rid))")]
+                " condition TEXT, text TEXT, at REAL, PRIMARY KEY (caller, rid))"),
+               "CREATE INDEX IF NOT EXISTS outcomes_at ON outcomes (at)"]
 
 
 @dataclass
@@ -68,9 +79,10 @@ class RequestLog:
     def __init__(self, path: Path | None = None) -> None:
         self._seen: OrderedDict[tuple[str, str], Seen] = OrderedDict()
         self._store: Store | None = None
+        self._pruned = time.monotonic()
         if path is not None:
-            # FULL: a destructive op's outcome, once answered, must outlive a power cut too, or its
-            # retry after one would run the op again.
+            # FULL: an outcome, once answered, must outlive a power cut too, or a retry after one would
+            # run the op again.
             self._store = Store(path, _MIGRATIONS, name=f"requests {Path(path).name}", synchronous="FULL")
             self._store.submit(_forget_before, time.time() - DURABLE_WINDOW)
 
@@ -79,17 +91,26 @@ class RequestLog:
         return self._seen.get(key)
 
     async def recall(self, key: tuple[str, str]) -> Seen | None:
-        """The request seen under ``key``, in memory or on disk (where destructive ops are kept)."""
+        """The request seen under ``key``, in memory or on disk (where ops that change state are kept)."""
         seen = self._seen.get(key)
         if seen is not None or self._store is None:
             return seen
-        row = await self._store.run(_outcome_of, key)
+        row = await self._store.run(_outcome_of, key, time.time() - DURABLE_WINDOW)
         seen = self._seen.get(key)  # the same request may have started while the disk was read
         if seen is None and row is not None:
             fut: asyncio.Future[Answer] = asyncio.get_running_loop().create_future()
-            fut.set_result(Answer(payload=row[1]) if row[2] is None else Answer(error=error_for(row[2], row[3] or "")))
+            fut.set_result(Answer(payload=row[1]) if row[2] is None else Answer(error=_recorded_error(row[2], row[3])))
             seen = self._seen[key] = Seen(row[0], fut, time.monotonic())
         return seen
+
+    async def started(self, key: tuple[str, str], fp: str, op: str, agent: str) -> None:
+        """Put on disk, before an admitted quick op that changes state runs, that it was started: until
+        its outcome replaces the row, a repeat after a restart is told it was interrupted, not run again."""
+        if self._store is not None:
+            text = (f"{op} was started under request id {key[1]}, but {agent} stopped before it recorded how it"
+                    " ended, so it may or may not have taken effect; it is not run again under this id. Look at"
+                    " what it changes, then send it with a new request id if it is still wanted")
+            await self._keep((*key, fp, "", Interrupted.condition, text, time.time()))
 
     def start(self, key: tuple[str, str], fp: str) -> Seen:
         seen = self._seen[key] = Seen(fp, asyncio.get_running_loop().create_future())
@@ -97,7 +118,11 @@ class RequestLog:
 
     async def finish(self, key: tuple[str, str], seen: Seen, answer: Answer, durable: bool) -> None:
         """Give the request its answer (repeats waiting on it get it too); with ``durable``, an admitted
-        quick op's outcome is on disk when this returns."""
+        quick op's outcome is on disk first, before anyone is answered."""
+        if durable and answer.admitted and self._store is not None and not answer.job:
+            err = answer.error
+            await self._keep((*key, seen.fingerprint, answer.payload, err.condition if err else None,
+                              err.text if err else None, time.time()))
         seen.answer.set_result(answer)
         self._seen.move_to_end(key)
         if answer.job_end is not None and not answer.job_end.done():
@@ -106,10 +131,6 @@ class RequestLog:
         else:
             seen.at = time.monotonic()
         self._forget_old()
-        if durable and answer.admitted and self._store is not None and not answer.job:
-            err = answer.error
-            await self._keep((*key, seen.fingerprint, answer.payload, err.condition if err else None,
-                              err.text if err else None, time.time()))
 
     def _ended(self, key: tuple[str, str], seen: Seen) -> None:
         seen.at = time.monotonic()
@@ -117,7 +138,7 @@ class RequestLog:
             self._seen.move_to_end(key)
 
     async def finish_job(self, key: tuple[str, str], fp: str, end: tuple[str, str, str]) -> None:
-        """Record a destructive long op's final outcome, once its job has ended."""
+        """Record the final outcome of a long op that changes state, once its job has ended."""
         if self._store is not None:
             status, condition, payload = end
             await self._keep((*key, fp, payload if status == "ok" else "", None if status == "ok" else condition,
@@ -125,16 +146,24 @@ class RequestLog:
 
     async def _keep(self, row: tuple[object, ...]) -> None:
         assert self._store is not None
+        if time.monotonic() - self._pruned > PRUNE_EVERY:  # the window holds while the agent runs, too
+            self._pruned = time.monotonic()
+            self._store.submit(_forget_before, time.time() - DURABLE_WINDOW)
         try:
             await self._store.run(_keep_outcome, row)
         except sqlite3.Error:  # the answer still goes out; only a retry after a restart could run it again
             log.exception("could not keep the outcome of request %s from %s on disk", row[1], row[0])
 
-    def abandon(self, key: tuple[str, str], seen: Seen, error: OpError) -> None:
-        """The run died without an outcome: fail any repeat waiting on it, and forget the id."""
+    def abandon(self, key: tuple[str, str], seen: Seen, error: OpError, *, ran: bool = True) -> None:
+        """The run died without an outcome: fail any repeat waiting on it, and forget the id. A request
+        that certainly never ran (``ran`` false: it expired before it began) leaves nothing on disk
+        either, so a retry under its id, in time, may run it; one that may have run keeps the row that
+        says it was interrupted."""
         if not seen.answer.done():
             seen.answer.set_result(Answer(error=error))
         self._seen.pop(key, None)
+        if not ran and self._store is not None:
+            self._store.submit(_forget, key)  # before any later read of it: the store runs work in order
 
     def _forget_old(self) -> None:
         # Entries are in the order they finished (finish moves them to the end); a running one met at
@@ -164,9 +193,24 @@ def _forget_before(db: sqlite3.Connection, horizon: float) -> None:
     db.execute("DELETE FROM outcomes WHERE at < ?", (horizon,))
 
 
-def _outcome_of(db: sqlite3.Connection, key: tuple[str, str]) -> tuple[str, str, str | None, str | None] | None:
-    return db.execute("SELECT fingerprint, payload, condition, text FROM outcomes WHERE caller = ? AND rid = ?",
-                      key).fetchone()
+def _forget(db: sqlite3.Connection, key: tuple[str, str]) -> None:
+    db.execute("DELETE FROM outcomes WHERE caller = ? AND rid = ?", key)
+
+
+def _outcome_of(db: sqlite3.Connection, key: tuple[str, str], horizon: float
+                ) -> tuple[str, str, str | None, str | None] | None:
+    return db.execute("SELECT fingerprint, payload, condition, text FROM outcomes WHERE caller = ? AND rid = ?"
+                      " AND at >= ?", (*key, horizon)).fetchone()
+
+
+def _recorded_error(condition: str, text: str | None) -> OpError:
+    """The error a request ended in, rebuilt from its record: with the condition it was answered with,
+    also one this module does not know (a storage agent's ``exists``), which would otherwise come back as
+    a plain ``failed``."""
+    error = error_for(condition, text or "")
+    if error.condition != condition:
+        error.condition = condition
+    return error
 
 
 def _keep_outcome(db: sqlite3.Connection, row: tuple[object, ...]) -> None:
