@@ -15,6 +15,7 @@ from agents.report import CallReport, TargetResult
 from agents.errors import Outcome
 from agents.monitor import perfdata as perfdata_grammar
 from agents.monitor.ranges import State
+from agents.monitor.states import plain_text
 
 __all__ = ["HostState", "Aggregate", "aggregate"]
 
@@ -60,12 +61,13 @@ class Aggregate:
         return perfdata_grammar.format(items)
 
     def render(self) -> str:
-        """Plugin output: worst state and summary, the per-host lines as long output, all perfdata."""
-        first = f"{self.worst.name} - {self.summary()}"
+        """Plugin output: worst state and summary, the per-host lines as long output, all perfdata (after
+        the only ``|``: a bar in a host's name or text is written as ``states.BAR_IN_TEXT``)."""
+        first = plain_text(f"{self.worst.name} - {self.summary()}")
         perf = self.perfdata()
         if perf:
-            first += f" | {perf}"
-        lines = [f"{h.host}: {h.state.name}: {h.text}" for h in sorted(self.hosts, key=lambda h: h.host)]
+            first += f"|{perf}"
+        lines = [plain_text(f"{h.host}: {h.state.name}: {h.text}") for h in sorted(self.hosts, key=lambda h: h.host)]
         return "\n".join([first, *lines])
 
 

@@ -36,7 +36,7 @@ from __future__ import annotations
 
 import os
 import sys
-from agents.monitor.states import State
+from agents.monitor.states import State, plain_text
 
 TYPE_CHECKING = False  # typing itself costs a plugin start milliseconds; annotations are strings here
 if TYPE_CHECKING:
@@ -109,7 +109,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         try:
             answer = _lean_run(lean)
         except Exception as exc:  # whatever broke, a plugin answers UNKNOWN with one line
-            answer = f"UNKNOWN - {PROG}: {exc.__class__.__name__}: {exc}", UNKNOWN
+            answer = _unknown(f"{exc.__class__.__name__}: {exc}")
         if answer is not None:
             print(answer[0])
             return answer[1]
@@ -122,20 +122,21 @@ def _full_main(words: list[str]) -> int:
     try:
         ns = parser.parse_args(words)
     except _Usage as exc:
-        print(f"{PROG}: {exc}\n{parser.format_usage().strip()}")
+        print(plain_text(f"{PROG}: {exc}\n{parser.format_usage().strip()}"))
         return UNKNOWN
     except SystemExit:  # -V printed the version
         return UNKNOWN
     if ns.help:
-        parser.print_help(sys.stdout)
+        print(plain_text(parser.format_help()), end="")
         return UNKNOWN
     if not ns.check or not (ns.hostname or ns.resource):
-        print(f"{PROG}: -c CHECK and one of -H HOST or -R RESOURCE are required\n{parser.format_usage().strip()}")
+        print(plain_text(f"{PROG}: -c CHECK and one of -H HOST or -R RESOURCE are required\n"
+                         f"{parser.format_usage().strip()}"))
         return UNKNOWN
     try:
         output, state = _run(ns)
     except Exception as exc:  # whatever broke, a plugin answers UNKNOWN with one line
-        output, state = f"UNKNOWN - {PROG}: {exc.__class__.__name__}: {exc}", State.UNKNOWN
+        output, state = _unknown(f"{exc.__class__.__name__}: {exc}")
     print(output)
     return int(state)
 
@@ -208,7 +209,7 @@ def _lean_run(o: dict[str, Any]) -> tuple[str, int] | None:
     try:
         home, mesh = _site(o.get("home"), o.get("mesh"))
     except UnsafePath as exc:
-        return f"UNKNOWN - {PROG}: {exc}", UNKNOWN
+        return _unknown(str(exc))
     socket_path = os.path.join(home, "run", "gateway.sock")
     if not os.path.exists(socket_path):
         return None
@@ -228,9 +229,9 @@ def _lean_run(o: dict[str, Any]) -> tuple[str, int] | None:
     except GatewayUnavailable:
         return None  # nothing was sent: the full path logs in directly
     except GatewayRefused as exc:
-        return f"UNKNOWN - {PROG}: {exc}", UNKNOWN
+        return _unknown(str(exc))
     except (ConnectError, OSError, TimeoutError) as exc:
-        return f"UNKNOWN - {PROG}: mesh unreachable: {exc}", UNKNOWN
+        return _unknown(f"mesh unreachable: {exc}")
     if "resource" in o:
         from agents.report import CallReport
 
@@ -269,8 +270,13 @@ def _identity(o: dict[str, Any], home: str, mesh: str) -> tuple[str, str] | tupl
 
 # -- answers -------------------------------------------------------------------------------------
 
+def _unknown(message: str) -> tuple[str, "State"]:
+    """check_vertebra's own UNKNOWN line; a bar in it (a caller's value echoed back) is not perfdata."""
+    return plain_text(f"UNKNOWN - {PROG}: {message}"), UNKNOWN
+
+
 def _problem(outcome: str, where: str, error: str | None, state: int) -> tuple[str, int]:
-    return f"{State(state).name} - {PROG}: {outcome} on {where}: {error or 'no detail'}", state
+    return plain_text(f"{State(state).name} - {PROG}: {outcome} on {where}: {error or 'no detail'}"), state
 
 
 def _one(report: dict[str, Any], target: str, timeout_state: int) -> tuple[str, int]:
@@ -319,15 +325,15 @@ def _run(ns: "argparse.Namespace") -> tuple[str, "State"]:
     try:
         home, mesh_file = _site(ns.home, ns.mesh)
     except UnsafePath as exc:
-        return f"UNKNOWN - {PROG}: {exc}", State.UNKNOWN
+        return _unknown(str(exc))
     if not os.path.isfile(mesh_file):
-        return (f"UNKNOWN - {PROG}: no mesh file at {mesh_file}: give --home (the state directory) or --mesh, or"
-                f" set $VERTEBRA_HOME; {PROG} never looks in the working directory"), State.UNKNOWN
+        return _unknown(f"no mesh file at {mesh_file}: give --home (the state directory) or --mesh, or set"
+                        f" $VERTEBRA_HOME; {PROG} never looks in the working directory")
     try:
         mesh = meshconf.load(mesh_file, home)
         target = resources.check(f"/host/{ns.hostname}" if ns.hostname else ns.resource)
     except (meshconf.ConfigError, resources.BadResource) as exc:
-        return f"UNKNOWN - {PROG}: {exc}", State.UNKNOWN
+        return _unknown(str(exc))
 
     async def call():  # type: ignore[no-untyped-def]
         async with asyncio.timeout(seconds + GRACE):
@@ -336,9 +342,9 @@ def _run(ns: "argparse.Namespace") -> tuple[str, "State"]:
     try:
         report = asyncio.run(call())
     except GatewayRefused as exc:
-        return f"UNKNOWN - {PROG}: {exc}", State.UNKNOWN
+        return _unknown(str(exc))
     except (ConnectError, OSError, TimeoutError, meshconf.ConfigError) as exc:
-        return f"UNKNOWN - {PROG}: mesh unreachable: {exc}", State.UNKNOWN
+        return _unknown(f"mesh unreachable: {exc}")
 
     if ns.resource:
         return _aggregate(report, target)

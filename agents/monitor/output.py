@@ -4,6 +4,9 @@ The first line splits at its first ``|`` into the short text and perfdata. Follo
 output until a line containing ``|``: its part before the bar ends the long output, and its part
 after the bar, with every later line, is perfdata. Short text and perfdata are stripped of spaces,
 tabs and line ends; long output is kept as written (Nagios 4 ``parse_check_output``).
+
+Written back (``PluginOutput.render``), the bar follows the text with no space before it, and a bar
+inside the text or long output is written as ``states.BAR_IN_TEXT``: only perfdata follows a ``|``.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from agents.monitor import perfdata as perfdata_grammar
+from agents.monitor.states import plain_text
 
 __all__ = ["PluginOutput", "parse_output"]
 
@@ -32,8 +36,9 @@ class PluginOutput:
 
     def render(self) -> str:
         """Plugin output that parses back to this object, for relaying a result as a plugin."""
-        first = f"{self.text} | {self.perfdata}" if self.perfdata else self.text
-        return f"{first}\n{self.long_text}" if self.long_text else first
+        text, long_text = plain_text(self.text), plain_text(self.long_text)
+        first = f"{text}|{self.perfdata}" if self.perfdata else text
+        return f"{first}\n{long_text}" if long_text else first
 
 
 def parse_output(output: str) -> PluginOutput:

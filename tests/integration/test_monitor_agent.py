@@ -115,7 +115,7 @@ async def test_aggregate_across_hosts_gives_counts_worst_state_and_all_perfdata(
     assert agg.counts == {"OK": 2, "WARNING": 0, "CRITICAL": 1, "UNKNOWN": 0}
     assert agg.summary() == "2 OK, 1 CRITICAL (db2)"
     first, *lines = agg.render().split("\n")
-    assert first == ("CRITICAL - 2 OK, 1 CRITICAL (db2) | db1:conns=5;10;20;0 db2:conns=5;10;20;0"
+    assert first == ("CRITICAL - 2 OK, 1 CRITICAL (db2)|db1:conns=5;10;20;0 db2:conns=5;10;20;0"
                      " db3:conns=5;10;20;0")
     assert lines == ["db1: OK: OK: fine", "db2: CRITICAL: CRITICAL: down", "db3: OK: OK: fine"]
 
@@ -154,7 +154,7 @@ async def test_scheduled_check_alerts_the_broker_on_hard_changes_and_bridges_res
 
     lines = command_file.read_text().splitlines()
     assert lines and all(";web1;Flip Service;" in line and "PROCESS_SERVICE_CHECK_RESULT" in line for line in lines)
-    assert any(line.endswith(";2;state 2 | v=2") for line in lines)
+    assert any(line.endswith(";2;state 2|v=2") for line in lines)
     assert publisher.alerts_posted >= 2 and bridge.bridge.dropped == 0
 
 

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from agents.monitor.output import parse_output
 from conftest import running
 from nagios_instance import NAGIOS, Nagios, command, host, service
 
@@ -108,11 +109,11 @@ def test_nagios_runs_check_vertebra_and_receives_bridged_results(running_mesh):
 def test_check_vertebra_exit_codes_aggregate_and_mesh_problems(running_mesh, tmp_path):
     home, _ = running_mesh
     one = check_vertebra(home, "-H", "web1", "-c", "svc")
-    assert (one.returncode, one.stdout) == (1, "WARNING: slow | latency=0.5s;0.3;1;0\n")
+    assert (one.returncode, one.stdout) == (1, "WARNING: slow|latency=0.5s;0.3;1;0\n")
 
     many = check_vertebra(home, "-R", "/cluster/e2e", "-c", "svc")
     assert many.returncode == 1, many.stdout
-    assert many.stdout.splitlines()[0] == ("WARNING - 1 OK, 1 WARNING (web1) | web1:latency=0.5s;0.3;1;0"
+    assert many.stdout.splitlines()[0] == ("WARNING - 1 OK, 1 WARNING (web1)|web1:latency=0.5s;0.3;1;0"
                                            " web2:latency=0.1s;0.3;1;0")
 
     nobody = check_vertebra(home, "-H", "nosuchhost", "-c", "svc", "-t", "5")
@@ -121,12 +122,22 @@ def test_check_vertebra_exit_codes_aggregate_and_mesh_problems(running_mesh, tmp
     bad = check_vertebra(home, "-H", "web1", "-c", "svc", "-a", "evil=1")
     assert bad.returncode == 3 and "does not take argument(s) 'evil'" in bad.stdout
 
+    # A caller's value with a bar, echoed back in the answer, and the usage text: nothing follows a bar
+    # but perfdata (here none), and there is no space before one.
+    for args in (["-H", "web1", "-c", "no|such"], ["-H", "web1", "-c", "svc", "-a", "evil=a|b"],
+                 ["-H", "web|1", "-c", "svc"], ["-R", "/cluster/e2e", "-c", "no|such"], ["-h"], ["-H", "web1"]):
+        done = check_vertebra(home, *args)
+        assert done.returncode == 3, (args, done.stdout)
+        assert parse_output(done.stdout).perfdata == "" and "|" not in done.stdout, (args, done.stdout)
+        if "no|such" in args or "web|1" in args:  # the value is echoed in the answer, its bar written as ¦
+            assert "no\u00a6such" in done.stdout or "web\u00a61" in done.stdout, (args, done.stdout)
+
     # No gateway socket in this copy of the state directory: check_vertebra logs in directly.
     direct = tmp_path / "direct"
     shutil.copytree(home, direct, ignore=shutil.ignore_patterns("run", "state", "*.log"))
     assert not (direct / "run").exists()
     alone = check_vertebra(direct, "-H", "web1", "-c", "svc")
-    assert (alone.returncode, alone.stdout) == (1, "WARNING: slow | latency=0.5s;0.3;1;0\n")
+    assert (alone.returncode, alone.stdout) == (1, "WARNING: slow|latency=0.5s;0.3;1;0\n")
 
     # An account the mesh does not admit (the bridge agent's own): denied, and said so.
     bridge = yaml.safe_load((home / "mesh.yaml").read_text())["agents"][2]["name"]

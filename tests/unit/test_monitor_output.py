@@ -2,7 +2,9 @@
 
 import pytest
 
+from agents.monitor.aggregate import Aggregate, HostState
 from agents.monitor.output import PluginOutput, parse_output
+from agents.monitor.states import State
 
 # (plugin command, exact stdout from golden/nagios-plugins.txt, expected split)
 GOLDEN = [
@@ -132,3 +134,23 @@ def test_leading_bars_are_skipped_like_strtok() -> None:
 def test_carriage_returns_are_stripped_from_text_and_perfdata() -> None:
     out = parse_output("OK done |a=1\r\n")
     assert out == PluginOutput("OK done", "", "a=1")
+
+
+def test_render_writes_no_space_before_the_bar_and_nothing_but_perfdata_after_it() -> None:
+    assert PluginOutput("OK: fine", "", "a=1").render() == "OK: fine|a=1"
+    made = PluginOutput("CRITICAL: check 'x|y' failed", "caller said a|b\nand c", "a=1")
+    assert made.render() == "CRITICAL: check 'x\u00a6y' failed|a=1\ncaller said a\u00a6b\nand c"
+    back = parse_output(made.render())
+    assert (back.text, back.long_text, back.perfdata) == ("CRITICAL: check 'x\u00a6y' failed",
+                                                         "caller said a\u00a6b\nand c", "a=1")
+    assert parse_output(PluginOutput("UNKNOWN: a|b").render()).perfdata == ""
+
+
+def test_an_aggregate_keeps_host_text_out_of_its_perfdata() -> None:
+    hosts = (HostState("db1", State.OK, "OK: fine", "conns=5"),
+             HostState("db|2", State.UNKNOWN, "denied: check 'x|y' may not run"))
+    out = Aggregate(hosts).render()
+    assert out.split("\n") == ["UNKNOWN - 1 OK, 1 UNKNOWN (db\u00a62)|db1:conns=5", "db1: OK: OK: fine",
+                               "db\u00a62: UNKNOWN: denied: check 'x\u00a6y' may not run"]
+    parsed = parse_output(out)
+    assert parsed.perfdata == "db1:conns=5" and not parsed.metrics.errors
