@@ -19,7 +19,7 @@ from typing import Any, Sequence
 
 from .actor import Actor, Endpoint, Timeouts
 from .errors import Outcome
-from .report import CallReport, ProgressFn, TargetResult
+from .report import AnsweredFn, CallReport, ProgressFn, TargetResult
 from .resources import related
 
 
@@ -44,9 +44,10 @@ class Client(Actor):
 
     async def call(self, op: str, args: dict[str, Any], *, on: Sequence[str] = (), scope: str = "all",
                    to: Sequence[str] = (), timeout: float = 30.0, progress: ProgressFn | None = None,
-                   rid: str | None = None) -> CallReport:
+                   rid: str | None = None, answered: AnsweredFn | None = None) -> CallReport:
         """Call ``op`` on every target (scope all) or on one that accepts (scope one). Give ``rid`` to
-        retry an earlier call: agents that saw it return its first outcome instead of running again."""
+        retry an earlier call: agents that saw it return its first outcome instead of running again.
+        ``answered`` hears how many targets of a scope-all call have answered, as each answer comes."""
         loop = asyncio.get_running_loop()
         end = loop.time() + timeout
         report = CallReport(op)
@@ -74,10 +75,20 @@ class Client(Actor):
                     report.results = [r for r in report.results if r.outcome is Outcome.NOT_DISCOVERED] + [res]
                     break
         else:
-            report.results += await asyncio.gather(*(
-                self.request(t, op, args, on=scoped.get(t, on), timeout=end - loop.time(), rid=rid,
-                             progress=progress)
-                for t in targets))
+            answers = 0
+
+            async def one(target: str) -> TargetResult:
+                nonlocal answers
+                res = await self.request(target, op, args, on=scoped.get(target, on), timeout=end - loop.time(),
+                                         rid=rid, progress=progress)
+                answers += 1
+                if answered is not None:
+                    answered(answers, len(targets))
+                return res
+
+            if answered is not None:
+                answered(0, len(targets))
+            report.results += await asyncio.gather(*(one(t) for t in targets))
         return report
 
 

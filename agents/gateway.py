@@ -14,10 +14,11 @@ socket is 0660 in a 0750 directory of group ``vertebra`` when that group exists 
 it; add ``nagios`` to it), else 0600 in a 0700 directory: only the gateway's user and root.
 
 Frames on the socket are a 4-byte big-endian length and a msgpack map. Request:
-``{"jid", "password", "as", "call": {"op", "args", "on", "scope", "to", "timeout", "deadline", "rid"}}``
-(``jid`` and ``password`` together or not at all, ``as`` optional);
-answers: zero or more ``{"progress": [target, seq, payload]}`` then one ``{"report": CallReport}``
-or ``{"error": sentence}``. ``deadline`` (optional) is the program's own end as Unix time in
+``{"jid", "password", "as", "call": {"op", "args", "on", "scope", "to", "timeout", "deadline", "rid", "tally"}}``
+(``jid`` and ``password`` together or not at all, ``as`` and ``tally`` optional);
+answers: zero or more ``{"progress": [target, seq, payload]}`` (and, when the call asks with ``tally``,
+``{"answered": [answered, targets]}`` as a scope-all call's answers come) then one
+``{"report": CallReport}`` or ``{"error": sentence}``. ``deadline`` (optional) is the program's own end as Unix time in
 seconds, which ``call_via_gateway`` and ``call_via_gateway_blocking`` set: a gateway that reads the
 call late (it was stopped, or busy) then sends the requests with only the time the program has left,
 and sends nothing once it has none, so the mesh never starts what the program gave up on.
@@ -57,7 +58,7 @@ if TYPE_CHECKING:
     from .actor import Endpoint
     from .client import Client
     from .config import MeshConfig
-    from .report import CallReport, ProgressFn
+    from .report import AnsweredFn, CallReport, ProgressFn
 
 
 MAX_REQUEST = 256 * 1024  # a call: op, arguments, targets
@@ -331,7 +332,10 @@ class Gateway:
             def progress(target: str, seq: int, payload: Any) -> None:
                 writer.write(_frame({"progress": [target, seq, payload]}))
 
-            report = await self._call(jid, client, call, progress)
+            def answered(done: int, targets: int) -> None:
+                writer.write(_frame({"answered": [done, targets]}))
+
+            report = await self._call(jid, client, call, progress, answered if call.get("tally") else None)
             writer.write(_frame({"report": report.to_dict()}))
         except CallerRefused as exc:
             writer.write(_frame({"error": str(exc), "refused": True}))
@@ -363,7 +367,8 @@ class Gateway:
         _pid, uid, _gid = struct.unpack("3i", creds)
         return self.callers.credentials(uid, req)
 
-    async def _call(self, jid: str, client: "Client", call: dict[str, Any], progress: "ProgressFn") -> "CallReport":
+    async def _call(self, jid: str, client: "Client", call: dict[str, Any], progress: "ProgressFn",
+                    answered: "AnsweredFn | None" = None) -> "CallReport":
         """Make ``call`` as ``jid``: straight to the agent that last answered it, if the gateway
         remembers one (see the module's docstring), else through discovery."""
         import asyncio
@@ -400,7 +405,8 @@ class Gateway:
             timeout -= loop.time() - started
             if timeout <= 0:
                 return report
-        report = await client.call(op, args, on=on, scope=scope, to=to, timeout=timeout, progress=progress, rid=rid)
+        report = await client.call(op, args, on=on, scope=scope, to=to, timeout=timeout, progress=progress, rid=rid,
+                                   answered=answered)
         if key is not None and len(report.results) == 1 and report.results[0].outcome is Outcome.OK:
             self._holders.pop(key, None)
             self._holders[key] = report.results[0].target
@@ -449,7 +455,8 @@ def _with_deadline(call: dict[str, Any]) -> dict[str, Any]:
 
 
 async def call_via_gateway(path: Path, jid: str | None, password: str | None, call: dict[str, Any],
-                           progress: ProgressFn | None = None, *, as_identity: str | None = None) -> CallReport:
+                           progress: ProgressFn | None = None, *, as_identity: str | None = None,
+                           answered: AnsweredFn | None = None) -> CallReport:
     """Make a call through the gateway at ``path`` as ``jid`` (with its password), or, without them, as
     the gateway knows the caller's Unix user (``as_identity``: as that identity of the mesh file);
     GatewayUnavailable if none answers there, GatewayRefused if it will not call for this caller."""
@@ -461,6 +468,8 @@ async def call_via_gateway(path: Path, jid: str | None, password: str | None, ca
         reader, writer = await asyncio.open_unix_connection(str(path))
     except (FileNotFoundError, ConnectionRefusedError, PermissionError) as exc:
         raise GatewayUnavailable(f"no gateway at {path}: {exc.strerror}") from None
+    if answered is not None:
+        call = {**call, "tally": True}
     try:
         writer.write(_frame(_request(jid, password, call, as_identity)))
         # The call's own budget bounds the gateway; the extra seconds cover a first login.
@@ -470,6 +479,9 @@ async def call_via_gateway(path: Path, jid: str | None, password: str | None, ca
                 if "progress" in msg:
                     if progress:
                         progress(*msg["progress"])
+                elif "answered" in msg:
+                    if answered:
+                        answered(*msg["answered"])
                 elif "report" in msg:
                     return CallReport.from_dict(msg["report"])
                 else:

@@ -12,6 +12,8 @@ from typing import Any, Callable
 from .errors import Outcome
 
 ProgressFn = Callable[[str, int, Any], None]
+#: How many of a call's targets have answered, of how many: (answered, targets).
+AnsweredFn = Callable[[int, int], None]
 
 #: Exit codes of `vertebra call` (and the gateway's reports), worst first.
 EXIT_CODES = {Outcome.OK: 0, Outcome.FAILED: 1, Outcome.DENIED: 3, Outcome.TIMEOUT: 4,

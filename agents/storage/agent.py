@@ -10,6 +10,7 @@ developer their own clone and nothing else. Driver calls block on disk, so they 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import dataclasses
 import logging
 import time
@@ -39,6 +40,7 @@ NOTICE_OP = "mesh.storage.notice"   # the broker op that posts a storage notice 
 log = logging.getLogger(__name__)
 _RULE = "1-64 of A-Z a-z 0-9 _ . -, starting with a letter or digit, no '..'"
 _DATA_DEADLINE = 3600.0   # ops that copy or capture a whole tree: as long as the data takes
+_REPORT_EVERY = 0.5       # seconds between byte counts of one op: enough to watch, few enough for XMPP
 
 # A call that addresses nothing itself goes to the agent holding the volume it names (locations.py),
 # and a volume is created on one agent, not on every agent offering the op.
@@ -84,6 +86,35 @@ def open_driver(settings: dict[str, Any] | StorageSettings, state_dir: Path | No
         return BtrfsDriver(root)
     from .embedded import EmbeddedDriver
     return EmbeddedDriver(root)
+
+
+class _ByteReports:
+    """A driver call's byte counts (its ``progress`` callback, called in the driver's worker thread) as
+    the op's progress reports: ``payload`` with bytes, total, rate (bytes a second) and eta (seconds
+    left): the first at once, then at most every ``_REPORT_EVERY`` seconds, and the one that reaches
+    the total always."""
+
+    def __init__(self, call: Call, payload: dict[str, Any]) -> None:
+        self.call, self.payload = call, payload
+        self.loop = asyncio.get_running_loop()
+        self.start, self.last = time.monotonic(), float("-inf")
+        self.sent: list[concurrent.futures.Future[None]] = []
+
+    def __call__(self, done: int, total: int) -> None:
+        now = time.monotonic()
+        if done != total and now - self.last < _REPORT_EVERY:
+            return
+        self.last = now
+        elapsed = now - self.start
+        rate = done / elapsed if elapsed > 0 else None
+        eta = max(0.0, (total - done) / rate) if rate else None
+        report = dict(self.payload, bytes=done, total=total, rate=round(rate) if rate is not None else None,
+                      eta=round(eta, 1) if eta is not None else None)
+        self.sent.append(asyncio.run_coroutine_threadsafe(self.call.progress(report), self.loop))
+
+    async def flushed(self) -> None:
+        """Every report sent before the op answers (a report after its outcome would be dropped)."""
+        await asyncio.gather(*(asyncio.wrap_future(f) for f in self.sent))
 
 
 class StorageAgent(VolumeLocations, ReplicationOps, Agent):
@@ -161,8 +192,13 @@ class StorageAgent(VolumeLocations, ReplicationOps, Agent):
 
         With the embedded driver the tree is read file by file: stop or quiesce writers first. The btrfs
         driver's snapshot is atomic."""
-        await call.progress({"phase": "capturing", "volume": volume})
-        result = _snapshot(await self._drive(self.driver.snapshot, volume, snapshot))
+        phase = {"phase": "capturing", "volume": volume}
+        await call.progress(phase)
+        reports = _ByteReports(call, phase)
+        try:
+            result = _snapshot(await self._drive(lambda: self.driver.snapshot(volume, snapshot, progress=reports)))
+        finally:
+            await reports.flushed()
         await self._drive(self.driver.touch_lease, volume)
         return result
 
@@ -192,7 +228,9 @@ class StorageAgent(VolumeLocations, ReplicationOps, Agent):
 
         With masked_only=true the clone is made only from a snapshot that a successful masking hook
         produced (storage.mask records which), so a developer never gets unmasked data by mistake."""
-        await call.progress({"phase": "cloning", "from": f"{volume}@{snapshot}", "clone": clone})
+        phase = {"phase": "cloning", "from": f"{volume}@{snapshot}", "clone": clone}
+        await call.progress(phase)
+        reports = _ByteReports(call, phase)
 
         def create() -> dict[str, Any]:
             # The clone belongs to whoever asked (the person, when a broker relays for them); its owner's
@@ -200,11 +238,14 @@ class StorageAgent(VolumeLocations, ReplicationOps, Agent):
             expires = self.clone_rules.expiry(expires_in, time.time())
             owned = [v for v in self.driver.list_volumes() if self._owners.get(v.name) == call.caller]
             self.clone_rules.check_quota(call.caller, owned, self._clone_cost(volume, snapshot))
-            info = self.driver.clone(volume, snapshot, clone, masked_only)
+            info = self.driver.clone(volume, snapshot, clone, masked_only, progress=reports)
             self.driver.set_lease(clone, call.caller, expires)
             self._owners[clone] = call.caller
             return self._volume(dataclasses.replace(info, owner=call.caller, expires=expires))
-        return await self._drive(create)
+        try:
+            return await self._drive(create)
+        finally:
+            await reports.flushed()
 
     @op("storage.mask", effect="change", deadline=_DATA_DEADLINE, progress=True, resources=("/volume/{clone}",),
         address=_AT_CLONE)
@@ -242,8 +283,14 @@ class StorageAgent(VolumeLocations, ReplicationOps, Agent):
                             snapshot: Annotated[str, Arg("snapshot of the volume the clone was made from "
                                                          "(usually a newer one)", pattern=NAME_PATTERN)]) -> dict:
         """Replace a clone's contents with another snapshot of its origin volume; local changes are lost."""
-        await call.progress({"phase": "refreshing", "clone": clone, "snapshot": snapshot})
-        result = await self._drive(lambda: self._volume(self.driver.refresh_clone(clone, snapshot)))
+        phase = {"phase": "refreshing", "clone": clone, "snapshot": snapshot}
+        await call.progress(phase)
+        reports = _ByteReports(call, phase)
+        try:
+            result = await self._drive(lambda: self._volume(self.driver.refresh_clone(clone, snapshot,
+                                                                                      progress=reports)))
+        finally:
+            await reports.flushed()
         await self._drive(self.driver.touch_lease, clone)
         return result
 
@@ -257,8 +304,13 @@ class StorageAgent(VolumeLocations, ReplicationOps, Agent):
         if kind != "clone":
             raise BadArguments(f"{clone!r} is a {kind}, not a clone; storage.clone.rollback rewinds clones "
                                f"only", argument="clone")
-        await call.progress({"phase": "rolling back", "clone": clone, "snapshot": snapshot})
-        await self._drive(self.driver.rollback, clone, snapshot)
+        phase = {"phase": "rolling back", "clone": clone, "snapshot": snapshot}
+        await call.progress(phase)
+        reports = _ByteReports(call, phase)
+        try:
+            await self._drive(lambda: self.driver.rollback(clone, snapshot, progress=reports))
+        finally:
+            await reports.flushed()
         await self._drive(self.driver.touch_lease, clone)
         return await self._drive(lambda: self._volume(self._find(clone)))
 

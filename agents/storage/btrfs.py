@@ -24,7 +24,7 @@ import blake3
 
 from agents.storage import driver as d
 from agents.storage.catalog import CatalogDriver
-from agents.storage.driver import SnapshotInfo, StorageError
+from agents.storage.driver import BytesProgress, SnapshotInfo, StorageError
 from agents.storage.names import validate_name
 from agents.storage.stream import cdc_pieces, read_frames, write_stream
 
@@ -83,11 +83,11 @@ class BtrfsDriver(CatalogDriver):
     def _make_volume_tree(self, name: str) -> None:
         _run(["btrfs", "subvolume", "create", str(self.root / "volumes" / name)])
 
-    def _make_clone_tree(self, volume: str, snap: str, clone_name: str) -> None:
+    def _make_clone_tree(self, volume: str, snap: str, clone_name: str, progress: BytesProgress | None) -> None:
         _run(["btrfs", "subvolume", "snapshot", str(self._snapshot_path(volume, snap)),
               str(self.root / "volumes" / clone_name)])
 
-    def _replace_tree(self, name: str, volume: str, snap: str) -> None:
+    def _replace_tree(self, name: str, volume: str, snap: str, progress: BytesProgress | None) -> None:
         fresh = self.root / "tmp" / f"fresh-{uuid.uuid4().hex}"
         old = self.root / "tmp" / f"old-{uuid.uuid4().hex}"
         _run(["btrfs", "subvolume", "snapshot", str(self._snapshot_path(volume, snap)), str(fresh)])
@@ -104,7 +104,7 @@ class BtrfsDriver(CatalogDriver):
         if snapdir.exists():
             self._delete_any(snapdir)
 
-    def _capture(self, volume: str, snap: str) -> None:
+    def _capture(self, volume: str, snap: str, progress: BytesProgress | None) -> None:
         target = self.root / "snapshots" / volume / snap / "tree"
         target.parent.mkdir(parents=True)
         try:

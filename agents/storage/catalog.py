@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator
 
 from agents.db import open_db
-from agents.storage.driver import SnapshotInfo, StorageDriver, StorageError, VolumeInfo
+from agents.storage.driver import BytesProgress, SnapshotInfo, StorageDriver, StorageError, VolumeInfo
 from agents.storage.names import validate_name
 
 VOLUMES_SCHEMA = """
@@ -63,20 +63,22 @@ class CatalogDriver(StorageDriver):
         """Create the empty writable tree of a new volume."""
 
     @abc.abstractmethod
-    def _make_clone_tree(self, volume: str, snap: str, clone_name: str) -> None:
-        """Create the writable tree of a new clone from `volume@snap`."""
+    def _make_clone_tree(self, volume: str, snap: str, clone_name: str, progress: BytesProgress | None) -> None:
+        """Create the writable tree of a new clone from `volume@snap`, telling ``progress`` what it copies."""
 
     @abc.abstractmethod
-    def _replace_tree(self, name: str, volume: str, snap: str) -> None:
-        """Replace the writable tree of `name` with the contents of `volume@snap`."""
+    def _replace_tree(self, name: str, volume: str, snap: str, progress: BytesProgress | None) -> None:
+        """Replace the writable tree of `name` with the contents of `volume@snap`, telling ``progress`` what
+        it copies."""
 
     @abc.abstractmethod
     def _remove_volume_data(self, name: str) -> None:
         """Remove the writable tree (and any leftover snapshot directories) of a volume being destroyed."""
 
     @abc.abstractmethod
-    def _capture(self, volume: str, snap: str) -> None:
-        """Capture the volume's tree as `volume@snap` and record it (the checks are done)."""
+    def _capture(self, volume: str, snap: str, progress: BytesProgress | None) -> None:
+        """Capture the volume's tree as `volume@snap` and record it (the checks are done), telling
+        ``progress`` what it reads."""
 
     @abc.abstractmethod
     def _drop_snapshot(self, volume: str, snap: str) -> None:
@@ -123,7 +125,8 @@ class CatalogDriver(StorageDriver):
             self._record_volume(name, "volume")
             return self._volume_info(name)
 
-    def clone(self, volume: str, snap: str, clone_name: str, masked_only: bool = False) -> VolumeInfo:
+    def clone(self, volume: str, snap: str, clone_name: str, masked_only: bool = False, *,
+              progress: BytesProgress | None = None) -> VolumeInfo:
         """A writable clone of volume@snap; with masked_only, refused unless a successful masking hook
         produced that snapshot (mark_masked)."""
         validate_name(clone_name, "clone name")
@@ -134,7 +137,7 @@ class CatalogDriver(StorageDriver):
                                    f"masked clone is made from it; mask a clone with storage.mask and clone "
                                    f"the snapshot that takes", code="not_masked")
             self._refuse_existing(clone_name)
-            self._make_clone_tree(volume, snap, clone_name)
+            self._make_clone_tree(volume, snap, clone_name, progress)
             self._record_volume(clone_name, "clone", (volume, snap))
             return self._volume_info(clone_name)
 
@@ -162,15 +165,15 @@ class CatalogDriver(StorageDriver):
         self.db.execute("DELETE FROM clone_leases WHERE name = ?", (name,))
         self.db.commit()
 
-    def rollback(self, volume: str, snap: str) -> None:
+    def rollback(self, volume: str, snap: str, *, progress: BytesProgress | None = None) -> None:
         with self._lock:
             if self._volume_row(volume)[1] == "replica":
                 raise StorageError(f"{volume!r} is a replica and has no tree to roll back; clone one of its "
                                    f"snapshots instead", code="invalid")
             self._snapshot_row(volume, snap)
-            self._replace_tree(volume, volume, snap)
+            self._replace_tree(volume, volume, snap, progress)
 
-    def refresh_clone(self, clone: str, snap: str) -> VolumeInfo:
+    def refresh_clone(self, clone: str, snap: str, *, progress: BytesProgress | None = None) -> VolumeInfo:
         with self._lock:
             row = self._volume_row(clone)
             if row[1] != "clone":
@@ -181,20 +184,20 @@ class CatalogDriver(StorageDriver):
                 raise StorageError(f"{clone!r} is a masked copy of {row[2]}@{row[3]}, and {row[2]}@{snap} was "
                                    f"not produced by a successful masking hook; refresh it to a masked "
                                    f"snapshot (storage.mask takes them)", code="not_masked")
-            self._replace_tree(clone, row[2], snap)
+            self._replace_tree(clone, row[2], snap, progress)
             self.db.execute("UPDATE volumes SET origin_snap = ? WHERE name = ?", (snap, clone))
             self.db.commit()
             return self._volume_info(clone)
 
     # snapshots ----------------------------------------------------------------------------------------
-    def snapshot(self, volume: str, snap: str) -> SnapshotInfo:
+    def snapshot(self, volume: str, snap: str, *, progress: BytesProgress | None = None) -> SnapshotInfo:
         validate_name(snap, "snapshot name")
         with self._lock:
             if self._volume_row(volume)[1] == "replica":
                 raise StorageError(f"{volume!r} is a replica; its snapshots come only from receive",
                                    code="invalid")
             self._refuse_existing_snapshot(volume, snap)
-            self._capture(volume, snap)
+            self._capture(volume, snap, progress)
             return self._snapshot_info(volume, snap)
 
     def destroy_snapshot(self, volume: str, snap: str) -> None:

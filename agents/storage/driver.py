@@ -2,7 +2,9 @@
 writable clones, rollback, refresh, send/receive as a framed stream, and the capabilities a driver offers.
 
 Methods are synchronous; the storage agent runs them in a worker thread. Every failure is a StorageError
-whose message says what went wrong and what to do, and a failed call changes nothing visible.
+whose message says what went wrong and what to do, and a failed call changes nothing visible. The calls
+that may copy data (snapshot, clone, rollback, refresh) take an optional ``progress`` callback, called
+in that thread as bytes are read or written; a driver whose call copies nothing (btrfs) never calls it.
 """
 
 from __future__ import annotations
@@ -10,7 +12,10 @@ from __future__ import annotations
 import abc
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Callable, Iterable, Iterator
+
+#: Called by a driver call as it goes: the bytes it has handled so far, of the bytes it will handle.
+BytesProgress = Callable[[int, int], None]
 
 
 class StorageError(Exception):
@@ -97,7 +102,7 @@ class StorageDriver(abc.ABC):
         """The writable directory of a volume or clone."""
 
     @abc.abstractmethod
-    def snapshot(self, volume: str, snap: str) -> SnapshotInfo:
+    def snapshot(self, volume: str, snap: str, *, progress: BytesProgress | None = None) -> SnapshotInfo:
         """Capture the volume's tree as a read-only snapshot."""
 
     @abc.abstractmethod
@@ -108,15 +113,15 @@ class StorageDriver(abc.ABC):
         """Refuses (code has_dependants) while clones were made from it, naming them."""
 
     @abc.abstractmethod
-    def clone(self, volume: str, snap: str, clone_name: str) -> VolumeInfo:
+    def clone(self, volume: str, snap: str, clone_name: str, *, progress: BytesProgress | None = None) -> VolumeInfo:
         """A writable, independent directory tree starting from `volume@snap`."""
 
     @abc.abstractmethod
-    def rollback(self, volume: str, snap: str) -> None:
+    def rollback(self, volume: str, snap: str, *, progress: BytesProgress | None = None) -> None:
         """Replace the volume's (or clone's) tree with one of its own snapshots."""
 
     @abc.abstractmethod
-    def refresh_clone(self, clone: str, snap: str) -> VolumeInfo:
+    def refresh_clone(self, clone: str, snap: str, *, progress: BytesProgress | None = None) -> VolumeInfo:
         """Replace a clone's tree with `snap` of the volume it was cloned from (newer or the same)."""
 
     @abc.abstractmethod

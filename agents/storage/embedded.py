@@ -209,21 +209,22 @@ class EmbeddedDriver(CatalogDriver):
     def _make_volume_tree(self, name: str) -> None:
         (self.root / "volumes" / name).mkdir(mode=0o755)
 
-    def _make_clone_tree(self, volume: str, snap: str, clone_name: str) -> None:
+    def _make_clone_tree(self, volume: str, snap: str, clone_name: str, progress: d.BytesProgress | None) -> None:
         snap_id = self._snapshot_row(volume, snap)[0]
         if self.overlays:
-            self._overlay_tree(clone_name, snap_id)     # its row commits with the clone's own
+            self._overlay_tree(clone_name, snap_id, progress)     # its row commits with the clone's own
             return
-        os.rename(self._writable_tree(snap_id), self.root / "volumes" / clone_name)
+        os.rename(self._writable_tree(snap_id, progress), self.root / "volumes" / clone_name)
 
-    def _writable_tree(self, snap_id: int) -> Path:
+    def _writable_tree(self, snap_id: int, progress: d.BytesProgress | None = None) -> Path:
         """A fresh scratch tree holding the snapshot: reflinks to its base where the filesystem can share
-        extents, a full copy from the chunk store where it cannot."""
+        extents, a full copy from the chunk store where it cannot. ``progress`` hears of the bytes copied
+        (building the base, where there is none yet; the reflinks copy nothing)."""
         if not self.reflinks:
-            return self._materialize(snap_id)
-        return self._materialize(snap_id, reflink_from=self.root / "bases" / self._base_for(snap_id))
+            return self._materialize(snap_id, progress=progress)
+        return self._materialize(snap_id, reflink_from=self.root / "bases" / self._base_for(snap_id, progress))
 
-    def _base_for(self, snap_id: int) -> str:
+    def _base_for(self, snap_id: int, progress: d.BytesProgress | None = None) -> str:
         """The name under bases/ of the snapshot's read-only tree, built from the chunk store if it is not
         there yet. Named after the snapshot's guid, which no other snapshot's tree ever has (a rowid may be
         reused once its snapshot is gone, while an overlay clone still lies over the old base)."""
@@ -232,17 +233,17 @@ class EmbeddedDriver(CatalogDriver):
         base = self.root / "bases" / name
         if not base.exists():
             # Built aside and renamed in: a crash leaves a scratch tree (removed at start), never half a base.
-            os.rename(self._materialize(snap_id), base)
+            os.rename(self._materialize(snap_id, progress=progress), base)
         return name
 
-    def _replace_tree(self, name: str, volume: str, snap: str) -> None:
+    def _replace_tree(self, name: str, volume: str, snap: str, progress: d.BytesProgress | None) -> None:
         snap_id = self._snapshot_row(volume, snap)[0]
         if self._overlay_row(name) is not None or (self.overlays and self._volume_row(name)[1] == "clone"):
-            self._overlay_tree(name, snap_id)
+            self._overlay_tree(name, snap_id, progress)
             self.db.commit()
             self._collect_trees()       # the layer it had, and a base no snapshot or clone needs any more
             return
-        tree = self._writable_tree(snap_id)
+        tree = self._writable_tree(snap_id, progress)
         live = self.root / "volumes" / name
         old = self._scratch("old")
         os.rename(live, old)
@@ -275,7 +276,7 @@ class EmbeddedDriver(CatalogDriver):
         row = self.db.execute("SELECT layer, base FROM overlays WHERE name = ?", (name,)).fetchone()
         return None if row is None else (row[0], row[1])
 
-    def _overlay_tree(self, name: str, snap_id: int) -> None:
+    def _overlay_tree(self, name: str, snap_id: int, progress: d.BytesProgress | None = None) -> None:
         """Make `name` an overlay mount over the snapshot's base with a fresh, empty layer of its own: a new
         clone, or a clone refreshed or rolled back (its old layer, whatever was written to it, goes). The
         row is written, not committed: the caller commits it with the rest of the change."""
@@ -283,7 +284,7 @@ class EmbeddedDriver(CatalogDriver):
             raise StorageError(f"{name!r} is an overlay mount and this agent cannot mount overlays now "
                                f"({self.no_overlay_reason}); run the agent as it ran when the clone was made",
                                code="environment")
-        base = self._base_for(snap_id)
+        base = self._base_for(snap_id, progress)
         layer = self._new_layer()
         live = self.root / "volumes" / name
         old = self._overlay_row(name)
@@ -460,9 +461,12 @@ class EmbeddedDriver(CatalogDriver):
             logical = self.db.execute("SELECT logical_bytes FROM snapshots WHERE id = ?", (snap_id,)).fetchone()[0]
             return {"logical_bytes": logical, "base_bytes": self._snapshot_base_bytes(snap_id)}
 
-    def _capture(self, volume: str, snap: str) -> None:
+    def _capture(self, volume: str, snap: str, progress: d.BytesProgress | None) -> None:
+        top = self.root / "volumes" / volume
+        # The total is counted first (a walk of the metadata alone) only for a caller who watches.
+        tally = _Tally(progress, _tree_bytes(top) if progress is not None else 0)
         try:
-            entries = list(self._ingest(self.root / "volumes" / volume))
+            entries = list(self._ingest(top, tally))
             self._publish(volume, snap, uuid.uuid4().hex, entries)
         except BaseException:
             self.store.abort()      # the transaction and every pack byte written for it
@@ -650,7 +654,7 @@ class EmbeddedDriver(CatalogDriver):
                 self.store.ref_segments(e.segs, +1)
         self.store.commit()     # the packs are made durable before the index that names them commits
 
-    def _ingest(self, top: Path) -> Iterator[Entry]:
+    def _ingest(self, top: Path, tally: _Tally | None = None) -> Iterator[Entry]:
         # A file with more than one name is stored once; its other names are 'h' entries naming the first.
         first_name: dict[tuple[int, int], str] = {}
         for dirpath, dirnames, filenames in os.walk(top):
@@ -671,12 +675,12 @@ class EmbeddedDriver(CatalogDriver):
                 elif stat.S_ISREG(st.st_mode):
                     if st.st_nlink > 1:
                         first_name[(st.st_dev, st.st_ino)] = rel
-                    segs, size = self._ingest_file(full)
+                    segs, size = self._ingest_file(full, tally)
                     yield Entry(rel, "f", stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid, size,
                                 st.st_mtime_ns, None, segs)
                 # Sockets, fifos and device nodes are runtime state, not data: they are not captured.
 
-    def _ingest_file(self, full: str) -> tuple[bytes, int]:
+    def _ingest_file(self, full: str, tally: _Tally | None = None) -> tuple[bytes, int]:
         # Segments are recorded as soon as they are full, so the store learns each chunk's references
         # while the chunk is still on its way to the pack, and a huge file's ids never pile up in memory.
         ids: list[bytes] = []
@@ -685,6 +689,8 @@ class EmbeddedDriver(CatalogDriver):
         with open(full, "rb", buffering=0) as f:
             for n, batch in self.store.put_file(f, BLOCK_SIZE, _READ_BYTES):
                 size += n
+                if tally is not None:
+                    tally.add(n)
                 ids.extend(batch)
                 if len(ids) >= SEGMENT_IDS:
                     full_segments = len(ids) - len(ids) % SEGMENT_IDS
@@ -693,13 +699,16 @@ class EmbeddedDriver(CatalogDriver):
         segs.append(self.store.put_segments(ids))
         return b"".join(segs), size
 
-    def _materialize(self, snap_id: int, reflink_from: Path | None = None) -> Path:
+    def _materialize(self, snap_id: int, reflink_from: Path | None = None,
+                     progress: d.BytesProgress | None = None) -> Path:
         """Write a snapshot's tree into a fresh scratch directory and return it; with reflink_from (the
-        snapshot's base tree), files are reflinks to the base's files instead of copies."""
+        snapshot's base tree), files are reflinks to the base's files instead of copies. ``progress``
+        hears of the file bytes written, of the snapshot's file bytes in all."""
         tree = self._scratch("tree")
         tree.mkdir()
         by_path = self._entries(snap_id)
         entries = sorted(by_path.values(), key=lambda e: e.path)
+        tally = _Tally(progress, sum(e.size for e in entries if e.kind == "f"))
         as_root = os.geteuid() == 0
         try:
             for e in entries:
@@ -712,8 +721,9 @@ class EmbeddedDriver(CatalogDriver):
                     os.symlink(e.target or "", target)
                 elif reflink_from is not None:
                     _reflink(reflink_from / e.path, target)
+                    tally.add(e.size)
                 else:
-                    self._write_file(target, e)
+                    self._write_file(target, e, tally)
                 if as_root:
                     os.lchown(target, e.uid, e.gid)
                 if e.kind == "f":
@@ -736,11 +746,12 @@ class EmbeddedDriver(CatalogDriver):
             raise
         return tree
 
-    def _write_file(self, target: Path, e: Entry) -> None:
+    def _write_file(self, target: Path, e: Entry, tally: _Tally | None = None) -> None:
         ids = self.store.chunk_ids(e.segs)
         with open(target, "wb", buffering=0) as f:
             for i in range(0, len(ids), 128):
                 run: list[bytes] = []       # data blocks in a row, written at once
+                before = f.tell()
                 for block in self.store.get_blocks(ids[i:i + 128]):
                     if block == _ZEROS[:len(block)]:
                         if run:
@@ -751,6 +762,8 @@ class EmbeddedDriver(CatalogDriver):
                         run.append(block)
                 if run:
                     f.write(b"".join(run))
+                if tally is not None:
+                    tally.add(f.tell() - before)
             f.truncate(f.tell())        # a file that ends in a hole gets its length
             if f.tell() != e.size:
                 raise StorageError(f"snapshot file {e.path!r} rebuilt to {f.tell()} bytes, expected {e.size}; "
@@ -841,6 +854,31 @@ def _allocated_bytes(top: Path) -> int:
         for name in dirnames + filenames:
             total += os.lstat(os.path.join(dirpath, name)).st_blocks * 512
     return total + os.lstat(top).st_blocks * 512
+
+
+class _Tally:
+    """The bytes a driver call has read or written so far, of ``total``, told to its progress callback."""
+
+    def __init__(self, progress: d.BytesProgress | None, total: int) -> None:
+        self.progress, self.total, self.done = progress, total, 0
+
+    def add(self, n: int) -> None:
+        if self.progress is not None and n:
+            self.done += n
+            self.progress(self.done, self.total)
+
+
+def _tree_bytes(top: Path) -> int:
+    """The bytes of the regular files under ``top`` (a file with several names once): what a snapshot reads."""
+    seen: set[tuple[int, int]] = set()
+    total = 0
+    for dirpath, _dirnames, filenames in os.walk(top):
+        for name in filenames:
+            st = os.lstat(os.path.join(dirpath, name))
+            if stat.S_ISREG(st.st_mode) and (st.st_nlink == 1 or (st.st_dev, st.st_ino) not in seen):
+                seen.add((st.st_dev, st.st_ino))
+                total += st.st_size
+    return total
 
 
 def _reflink(source: Path, target: Path) -> None:

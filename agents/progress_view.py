@@ -1,0 +1,212 @@
+"""A call's progress as people watch it: a bar redrawn in place on a terminal, plain lines elsewhere.
+
+Long ops report progress (``<progress>`` messages, docs/protocol.md); a report that carries ``bytes``
+(and, where the agent knows it, ``total``) is shown with its rate and the time left:
+
+    storage1  capturing volume=db  [########------------]  41%  11.2 MiB of 27.3 MiB  4.1 MiB/s  ETA 4 s
+
+A call to many agents also shows how many have answered ("3 of 40 answered"). On a terminal the lines
+are redrawn in place, at most every ``REDRAW_EVERY`` seconds (a new phase or a first byte count at
+once), and wiped when the call ends, before the result is printed. Anywhere else (a pipe, a log file,
+CI) each report is one plain line, at most one a second per target; a report that starts a new phase
+or reaches its total is always printed, and the last report of each target is printed at the end if
+it was held back, so a log always ends with where each target got to. The answer count is printed
+there only for a call still waiting after a second (the result's summary line counts the rest).
+
+An agent's own ``rate`` and ``eta`` are shown when it sends them (replication does); otherwise they
+are worked out here from the bytes reported and the time between reports. Only the standard library
+and agents/render.py are used, so a call's start-up stays light.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, TextIO
+
+from .render import duration, human_bytes
+
+PLAIN_EVERY = 1.0      # seconds between plain lines of one target (phase changes and ends always print)
+REDRAW_EVERY = 0.1     # seconds between redraws of the bar on a terminal
+MAX_BAR_LINES = 8      # targets shown at once on a terminal; the rest are counted on one line
+_BAR_WIDTH = 20
+_BYTE_KEYS = ("bytes", "total", "rate", "eta")
+
+
+@dataclass
+class _Target:
+    """What one target last reported, and what was shown of it."""
+    payload: Any = None
+    first: tuple[float, int] | None = None   # (when, bytes) of its first report with bytes: the rate's origin
+    now: float = 0.0
+    shown_at: float = -1e9                   # when its last plain line was printed
+    shown: Any = None                        # the payload of that line
+    phase: Any = None                        # the phase of its last report
+
+
+class ProgressView:
+    """Shows the progress reports and the answer count of one call on ``stream``.
+
+    ``report`` and ``answered`` have the signatures the client calls back with (agents/report.py
+    ``ProgressFn``); ``close`` ends the display and must be called before the result is printed."""
+
+    def __init__(self, stream: TextIO, *, terminal: bool = False,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.stream, self.terminal, self.clock = stream, terminal, clock
+        self._targets: dict[str, _Target] = {}
+        self._answered: tuple[int, int] | None = None
+        self._started = clock()
+        self._answered_at: float | None = None    # when the last plain "answered" line was printed
+        self._drawn = 0              # lines of the bar now on the screen
+        self._drawn_at = -1e9
+
+    @classmethod
+    def for_stream(cls, stream: TextIO) -> "ProgressView":
+        """A view on ``stream``: the redrawn bar when it is a terminal, plain lines otherwise."""
+        isatty = getattr(stream, "isatty", None)
+        return cls(stream, terminal=bool(isatty and isatty()))
+
+    # -- what the call reports --------------------------------------------------------------------------
+
+    def report(self, target: str, seq: int, payload: Any) -> None:
+        """One progress report of ``target`` (its ``seq``-th)."""
+        now = self.clock()
+        t = self._targets.setdefault(target, _Target())
+        done = _number(payload.get("bytes")) if isinstance(payload, dict) else None
+        phase = payload.get("phase") if isinstance(payload, dict) else None
+        news = t.payload is None or phase != t.phase or (done is not None and t.first is None)
+        if done is not None and (t.first is None or done < t.first[1]):
+            t.first = (now, int(done))   # the first count, or a transfer that started over
+        t.payload, t.now, t.phase = payload, now, phase
+        if self.terminal:
+            self._redraw(now, force=news)
+            return
+        finished = isinstance(payload, dict) and done is not None and done == _number(payload.get("total"))
+        if news or finished or now - t.shown_at >= PLAIN_EVERY:
+            self._plain(target, t, now)
+
+    def answered(self, done: int, total: int) -> None:
+        """``done`` of the call's ``total`` targets have answered."""
+        previous, self._answered = self._answered, (done, total)
+        now = self.clock()
+        if self.terminal:
+            self._redraw(now, force=previous is None or done == total)
+        elif total > 1 and now - self._started >= PLAIN_EVERY and (
+                (self._answered_at is None and done < total) or (self._answered_at is not None and (
+                    done == total or now - self._answered_at >= PLAIN_EVERY))):
+            self._answered_at = now
+            self._write(f"{done} of {total} answered\n")
+
+    def close(self) -> None:
+        """The call has ended: wipe the bar, or print each target's last report if it was held back."""
+        if self.terminal:
+            self._wipe()
+            return
+        for target, t in self._targets.items():
+            if t.shown is not t.payload:
+                self._plain(target, t, self.clock())
+
+    # -- plain lines ------------------------------------------------------------------------------------
+
+    def _plain(self, target: str, t: _Target, now: float) -> None:
+        t.shown, t.shown_at = t.payload, now
+        self._write(f"{_short(target)}: {describe(t.payload, _rate(t), plain=True)}\n")
+
+    # -- the bar ----------------------------------------------------------------------------------------
+
+    def _redraw(self, now: float, force: bool = False) -> None:
+        if not force and now - self._drawn_at < REDRAW_EVERY:
+            return
+        self._drawn_at = now
+        width = shutil.get_terminal_size((100, 24)).columns - 1
+        lines = []
+        targets = list(self._targets.items())
+        for target, t in targets[-MAX_BAR_LINES:]:
+            lines.append(f"{_short(target)}  {describe(t.payload, _rate(t))}")
+        if len(targets) > MAX_BAR_LINES:
+            lines.insert(0, f"... and {len(targets) - MAX_BAR_LINES} more reporting")
+        if self._answered is not None and self._answered[1] > 1:
+            done, total = self._answered
+            lines.append(f"{bar(done, total)}  {done} of {total} answered")
+        self._wipe()
+        self._write("".join(line[:width] + "\n" for line in lines))
+        self._drawn = len(lines)
+
+    def _wipe(self) -> None:
+        if self._drawn:
+            # Up to the first line of the bar, then clear from there to the end of the screen.
+            self._write(f"\x1b[{self._drawn}F\x1b[J")
+            self._drawn = 0
+
+    def _write(self, text: str) -> None:
+        try:
+            self.stream.write(text)
+            self.stream.flush()
+        except (BrokenPipeError, ValueError):  # the reader went away: progress is not worth failing for
+            pass
+
+
+def describe(payload: Any, rate: tuple[float | None, float | None] = (None, None), *, plain: bool = False) -> str:
+    """One report as words: its phase and other fields, then bytes done (of the total), the rate and the
+    time left; on a terminal (``plain`` false) with a bar when the total is known. ``rate`` is (bytes
+    a second, seconds left) as worked out here, used where the report does not carry its own."""
+    if not isinstance(payload, dict):
+        return str(payload)
+    words = [str(payload["phase"])] if payload.get("phase") else []
+    words += [f"{k}={_value(v)}" for k, v in payload.items() if k != "phase" and k not in _BYTE_KEYS
+              and v is not None]
+    done, total = _number(payload.get("bytes")), _number(payload.get("total"))
+    if done is None:
+        return " ".join(words)
+    speed = _number(payload.get("rate"))
+    eta = _number(payload.get("eta")) if "eta" in payload else None
+    if speed is None:
+        speed = rate[0]
+    if eta is None and "eta" not in payload:
+        eta = rate[1] if total is not None else None
+    amounts = [human_bytes(done) + (f" of {human_bytes(total)}" if total else "")]
+    if total and not plain:
+        amounts.insert(0, f"{bar(done, total)} {min(100, int(100 * done / total))}%")
+    elif total:
+        amounts[0] += f" ({min(100, int(100 * done / total))}%)"
+    if speed is not None:
+        amounts.append(f"{human_bytes(speed)}/s")
+    if total and done < total:
+        amounts.append("ETA unknown" if eta is None else "ETA <1 s" if eta < 1 else f"ETA {duration(eta)}")
+    head = " ".join(words)
+    if plain:
+        return f"{head}: {', '.join(amounts)}" if head else ", ".join(amounts)
+    return "  ".join([head, *amounts] if head else amounts)
+
+
+def bar(done: float, total: float, width: int = _BAR_WIDTH) -> str:
+    """``[#####---------------]``: ``done`` of ``total``."""
+    filled = 0 if total <= 0 else max(0, min(width, int(width * done / total)))
+    return "[" + "#" * filled + "-" * (width - filled) + "]"
+
+
+def _rate(t: _Target) -> tuple[float | None, float | None]:
+    """Bytes a second since the target's first count, and the seconds left at that rate."""
+    if t.first is None or not isinstance(t.payload, dict):
+        return None, None
+    done, total = _number(t.payload.get("bytes")), _number(t.payload.get("total"))
+    elapsed = t.now - t.first[0]
+    if done is None or elapsed <= 0:
+        return None, None
+    speed = (done - t.first[1]) / elapsed
+    left = (total - done) / speed if total is not None and speed > 0 else None
+    return speed, left
+
+
+def _number(value: Any) -> float | None:
+    return value if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
+
+def _value(value: Any) -> str:
+    return ",".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value)
+
+
+def _short(target: str) -> str:
+    """A target by its account (``storage1``), as the result's lines name it."""
+    return target.split("@", 1)[0] if "@" in target else target
