@@ -31,6 +31,7 @@ import signal
 import subprocess
 import sys
 import time
+import uuid
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -92,6 +93,15 @@ def _seconds(text: str) -> float:
     return value
 
 
+def _request_id(text: str) -> str:
+    """A --request-id: what an agent takes as a request's id (1-128 characters), without spaces or control
+    characters, so that it can be copied from the line that printed it."""
+    if not 1 <= len(text) <= 128 or not text.isprintable() or any(c.isspace() for c in text):
+        raise argparse.ArgumentTypeError(f"must be 1 to 128 characters without spaces, such as the id an earlier"
+                                         f" call printed; got {text[:140]!r}")
+    return text
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="vertebra", description="An agent mesh for managing infrastructure over XMPP.",
                                 epilog=__doc__.split("\n\n", 2)[2],
@@ -126,6 +136,11 @@ def _parser() -> argparse.ArgumentParser:
     call.add_argument("--timeout", type=_seconds, default=30.0, help="seconds for the whole call (default 30)")
     call.add_argument("--json", action="store_true", help="print the results as JSON")
     call.add_argument("--yaml", action="store_true", help="print the results as YAML")
+    call.add_argument("--request-id", type=_request_id, metavar="ID",
+                      help="the request's id (default: a new one). The id of an earlier call retries it safely:"
+                           " an agent that saw it answers with its first outcome and does not run it again,"
+                           " also after a restart (for 24 hours). An op that changes state prints the id it used"
+                           " on stderr")
     hlp = sub.add_parser("help", help="show an op's arguments, or list every op (asks the running mesh)")
     hlp.add_argument("op", nargs="?")
     hlp.add_argument("--timeout", type=_seconds, default=10.0)
@@ -430,9 +445,13 @@ def cmd_call(mesh: meshconf.MeshConfig, ns: argparse.Namespace) -> int:
         print(f"{target}: progress {seq}: {_show(payload)}", file=sys.stderr)
 
     scope = ns.scope or (spec.scope if spec is not None else "all")
+    rid = ns.request_id or uuid.uuid4().hex
+    if spec is None or spec.changes_state:  # before sending: a call that hangs or is cut off can be retried too
+        print(f"vertebra: request id {rid}; to retry this call without running it twice, give --request-id {rid}",
+              file=sys.stderr)
     sent = time.monotonic()
     report = _run_call(mesh, ns.op, args, _left(ns.timeout, started), on=on, scope=scope,
-                       to=[_full_jid(mesh, t) for t in ns.to], progress=progress)
+                       to=[_full_jid(mesh, t) for t in ns.to], progress=progress, rid=rid)
     _print_report(report, ns.json, spec.result if spec is not None else None, time.monotonic() - sent,
                   as_yaml=ns.yaml)
     return report.exit_code

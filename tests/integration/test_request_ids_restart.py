@@ -3,12 +3,15 @@ storage agent process killed with SIGKILL on the real server: a repeat of a crea
 after the kill gets the first outcome instead of running again (today's `failed: exists`); an agent killed
 between recording an outcome and sending it answers the repeat with that outcome; one killed between
 running the op and recording it answers `interrupted`, and never runs it twice; and a workflow whose
-agent died between a step's execution and its answer finishes instead of failing on a step that ran."""
+agent died between a step's execution and its answer finishes instead of failing on a step that ran; and
+`vertebra call` prints the id it used and takes it back with --request-id."""
 
 from __future__ import annotations
 
 import asyncio
+import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -21,7 +24,7 @@ import yaml
 
 from agents.errors import Outcome
 from broker.workflow_store import FINISHED
-from conftest import ROOT, until
+from conftest import ROOT, running, until, vertebra
 from test_storage_contract import btrfs_mounts  # noqa: F401  (the loop-mounted filesystem fixture)
 
 CREATE, CLONE, DESTROY = "storage.volume.create", "storage.clone.create", "storage.volume.destroy"
@@ -212,3 +215,29 @@ async def test_a_workflow_step_that_ran_before_its_agent_died_is_not_failed(mesh
         assert create["attempts"] >= 2 and create["result"]["name"] == "db"
     finally:
         agent.close()
+
+
+def test_the_command_line_retries_under_the_request_id_it_printed(mesh_home):
+    """`vertebra call` says which request id it used for an op that changes state, and takes it back with
+    --request-id: the retry is answered with the first outcome (a new id would have failed `exists`), and
+    --json stays parseable. A malformed id is refused before anything is sent."""
+    home = mesh_home([{"name": "store", "kind": "storage", "resources": ["/host/rid"]}])
+    with running(home):
+        made = vertebra(home, "call", "storage.volume.create", "volume=db", "--json")
+        assert made.returncode == 0, made.stdout + made.stderr
+        first = json.loads(made.stdout)["results"][0]
+        (rid,) = re.findall(r"give --request-id (\S+)", made.stderr)
+        again = vertebra(home, "call", "storage.volume.create", "volume=db", "--json", "--request-id", rid)
+        assert again.returncode == 0, again.stdout + again.stderr
+        assert json.loads(again.stdout)["results"][0] == first
+        assert f"request id {rid};" in again.stderr
+        fresh = vertebra(home, "call", "storage.volume.create", "volume=db", "--json")
+        assert fresh.returncode != 0 and "exists" in fresh.stdout
+        # A read needs no retry: no id line.
+        listed = vertebra(home, "call", "storage.volume.list")
+        assert listed.returncode == 0 and "request id" not in listed.stderr
+        for bad in ("", "has space", "x" * 129):
+            refused = vertebra(home, "call", "storage.volume.create", "volume=other", "--request-id", bad)
+            assert refused.returncode == 2 and "--request-id" in refused.stderr, refused.stderr
+        assert [v["name"] for v in json.loads(vertebra(home, "call", "storage.volume.list", "--json").stdout)[
+            "results"][0]["result"]] == ["db"]
