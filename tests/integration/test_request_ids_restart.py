@@ -217,12 +217,18 @@ async def test_a_workflow_step_that_ran_before_its_agent_died_is_not_failed(mesh
         agent.close()
 
 
-def test_the_command_line_retries_under_the_request_id_it_printed(mesh_home):
+@pytest.mark.parametrize("gateway", [False, True], ids=["direct", "through-the-gateway"])
+def test_the_command_line_retries_under_the_request_id_it_printed(mesh_home, gateway):
     """`vertebra call` says which request id it used for an op that changes state, and takes it back with
     --request-id: the retry is answered with the first outcome (a new id would have failed `exists`), and
-    --json stays parseable. A malformed id is refused before anything is sent."""
-    home = mesh_home([{"name": "store", "kind": "storage", "resources": ["/host/rid"]}])
-    with running(home):
+    --json stays parseable. The same through the local gateway, which the command line uses when one runs.
+    A malformed id is refused before anything is sent."""
+    agents = [{"name": "store", "kind": "storage", "resources": ["/host/rid"]}]
+    if gateway:
+        agents.append({"name": "mon", "kind": "monitor", "resources": ["/host/rid"], "gateway": True})
+    home = mesh_home(agents)
+    with running(home, expect_agents=len(agents)):
+        assert (home / "run" / "gateway.sock").exists() == gateway
         made = vertebra(home, "call", "storage.volume.create", "volume=db", "--json")
         assert made.returncode == 0, made.stdout + made.stderr
         first = json.loads(made.stdout)["results"][0]
