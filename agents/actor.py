@@ -280,11 +280,12 @@ class Actor:
 
     async def request(self, target: str, op: str, args: dict[str, Any], *, on: Sequence[str] = (),
                       timeout: float, rid: str | None = None, progress: ProgressFn | None = None,
-                      behalf: str | None = None) -> TargetResult:
+                      behalf: str | None = None, term: int | None = None) -> TargetResult:
         """Send one request to one agent and wait for its one outcome, at most ``timeout`` seconds.
 
         ``behalf`` names the person this actor acts for (the broker running a workflow step, the chat
-        bot relaying an operator); agents honour it only from the delegates they are configured with."""
+        bot relaying an operator); agents honour it only from the delegates they are configured with.
+        ``term``: the leading broker instance's fencing token, on the workflow steps it sends."""
         if not timeout > 0:  # a request sent now would reach its agent already expired, or be run late
             return TargetResult(target, Outcome.TIMEOUT, error=f"no time was left to send {op}; nothing was sent")
         loop = asyncio.get_running_loop()
@@ -302,6 +303,8 @@ class Actor:
             req["on"] = " ".join(on)
         if behalf:
             req["for"] = behalf
+        if term is not None:
+            req["term"] = str(term)
         try:
             req.xml.text = protocol.encode(args, what=f"the arguments of {op}")
         except OpError as exc:  # nothing was sent: this target's failure, not the whole call's

@@ -33,7 +33,7 @@ from .actor import Actor, Backoff, Endpoint
 from .audit import AuditLog
 from .authz import AdminsOnly, Authorizer, Decision, Request, Rule, authorize, broker_only
 from .errors import (BadArguments, BadPayload, Denied, Expired, InternalError, OpError, OpTimeout, Outcome,
-                     ResourceConstraint, TooLarge, UnknownOp)
+                     ResourceConstraint, StaleTerm, TooLarge, UnknownOp)
 from .idempotency import Answer, RequestLog, fingerprint
 from .intake import FairIntake, IntakeLimits
 from .ops import Arg, OpSpec, op, ops_of
@@ -121,6 +121,9 @@ class Agent(Actor):
         # Who may send requests on someone else's behalf (``for``): the broker, running workflow steps,
         # and any configured delegate such as the operators' chat bot. Nobody else can claim a ``for``.
         self.delegates = frozenset(d.lower() for d in (*delegates, *([broker] if broker else [])))
+        # The newest leader's term (fencing token) each sender has stamped on a workflow step: a step
+        # with an older one comes from a broker instance that has been deposed (broker/leadership.py).
+        self._terms: dict[str, int] = {}
         self.authorizer = authorizer or AdminsOnly(())  # the policy: the last of the rules below
         # What authorization walks for every request, in order (agents/authz.py); a kind with a rule
         # of its own puts it before the policy's.
@@ -303,6 +306,12 @@ class Agent(Actor):
             self._audit_refusal(iq, caller, rid or "", error)
             self.xmpp.send(protocol.error_reply(iq, error))
             return
+        try:  # before the request log: a repeat from the current leader counts, one from a deposed one is refused
+            self._check_term(caller, req["term"])
+        except OpError as refusal:
+            self._audit_refusal(iq, caller, rid, refusal)
+            self.xmpp.send(protocol.error_reply(iq, refusal))
+            return
         key, fp = (caller, rid), fingerprint(req["name"], req["on"], req["for"], req.xml.text or "")
         spec = self.ops.get(req["name"])
         seen = self._requests.get(key)
@@ -425,6 +434,19 @@ class Agent(Actor):
         if self.audit is not None:
             self.audit.refused(rid=rid, caller=sender, op=req["name"] or "", condition=error.condition,
                                reason=error.text, behalf=req["for"] or "")
+
+    def _check_term(self, sender: str, term: str) -> None:
+        """Refuse a step stamped with an older leader's term than the newest this sender has sent."""
+        if not term:
+            return
+        if not re.fullmatch(r"[1-9][0-9]{0,18}", term):
+            raise BadPayload(f"'term' must be the leading broker instance's term, a positive decimal integer,"
+                             f" got {term[:40]!r}")
+        newest = self._terms.get(sender.lower(), 0)
+        if int(term) < newest:
+            raise StaleTerm(f"this step comes from a broker instance whose lead has ended (term {term}; the"
+                            f" current leader's is {newest} or later): only the leading instance's steps run")
+        self._terms[sender.lower()] = int(term)
 
     def _subject(self, sender: str, behalf: str) -> tuple[str, str]:
         """(delegate, subject): whom a request is decided and audited for. A ``for`` is honoured from

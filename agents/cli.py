@@ -550,7 +550,8 @@ def build_actor(mesh: meshconf.MeshConfig, name: str, instance: int = 1) -> Any:
         broker_class: Any = kinds.agent_class("broker")  # its own arguments and admit(), beyond an Agent's
         broker = broker_class(mesh.jid(name), mesh.password(name), mesh.endpoint().starting_at(instance - 1),
                               resource=resources[instance - 1], authorizer=authorizer,
-                              state_dir=_state_dir(mesh, own), shared_dir=_state_dir(mesh, name), name=name,
+                              state_dir=_state_dir(mesh, own), shared_dir=_state_dir(mesh, name),
+                              state=mesh.broker_state, name=name,
                               settings={"workflows": str(mesh.workflows)}, delegates=mesh.delegates)
         # The mesh file, not what an account advertises, says who is an agent of the mesh.
         for bare, agent in mesh.roster().items():

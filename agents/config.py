@@ -107,6 +107,20 @@ class ChatConfig:
 
 
 @dataclass(frozen=True)
+class StateConfig:
+    """Where the broker's instances keep the state they share, when that is not SQLite in the broker's
+    state directory (one machine): an etcd cluster (broker/state_etcd.py), with TLS and credentials."""
+
+    endpoints: tuple[str, ...]  # HOST:PORT of each etcd member's client URL
+    prefix: str = "/vertebra"  # every key the broker writes is under it (one cluster can serve several meshes)
+    ca: Path | None = None  # TLS: the CA that signed the members' certificates (TLS is on when given)
+    cert: Path | None = None  # TLS client certificate and key, when the members require one
+    key: Path | None = None
+    user: str | None = None  # etcd user, with its password in password_file
+    password_file: Path | None = None
+
+
+@dataclass(frozen=True)
 class MeshConfig:
     path: Path
     home: Path
@@ -122,6 +136,7 @@ class MeshConfig:
     workflows: Path = Path("workflows")  # the broker's workflow definitions, one YAML file each
     chat: ChatConfig | None = None  # the operators' chat bot, run in the broker's process
     identities: tuple[Identity, ...] = ()  # the people and services besides the actors (people:, services:)
+    broker_state: StateConfig | None = None  # the broker's state: on etcd; None: SQLite (one machine)
     document: Any = field(default=None, repr=False, compare=False)  # the file as read, for its lines
 
     def check_settings(self, names: Collection[str] | None = None) -> None:
@@ -319,7 +334,13 @@ def parse(data: Any, path: Path, home: Path) -> MeshConfig:
             raise where.error(f"server.full_speed[{i}]", f"{jid} is not an account of {server.domain}, whose"
                                                          " server is the only one this setting configures")
     server = replace(server, full_speed=full_speed)
-    broker = where.name(root.get("broker", "broker"), "broker")
+    broker_state = None
+    if isinstance(root.get("broker"), dict):  # broker: {name:, state:, tls:, user:, password_file:}
+        b = where.mapping(root["broker"], "broker", {"name", "state", "tls", "user", "password_file"})
+        broker = where.name(b.get("name", "broker"), "broker.name")
+        broker_state = _broker_state(where, b, path)
+    else:
+        broker = where.name(root.get("broker", "broker"), "broker")
     operator = where.name(root.get("operator", "operator"), "operator")
     admins = tuple(where.bare_jid(a, f"admins[{i}]", server.domain)
                    for i, a in enumerate(where.sequence(root.get("admins", [operator]), "admins")))
@@ -379,7 +400,7 @@ def parse(data: Any, path: Path, home: Path) -> MeshConfig:
     return MeshConfig(path=path, home=home, server=server, broker=broker, operator=operator, admins=admins,
                       agents=tuple(agents), password_files=password_files, policy=policy, site=site,
                       policy_max_age=max_age, workflows=_path(root.get("workflows"), path) or home / "workflows",
-                      chat=chat, identities=identities, document=data)
+                      chat=chat, identities=identities, broker_state=broker_state, document=data)
 
 
 _UNIX_USER = r"[a-z_][a-z0-9_-]{0,31}"
@@ -428,6 +449,38 @@ def _requests(where: "Fields", value: Any, f: str) -> IntakeLimits:
                                                        f"{f}.requests.per_second", 1, 1_000_000)),
                         queued=where.integer(r.get("queued", d.queued), f"{f}.requests.queued", 1, 1_000_000),
                         running=where.integer(r.get("running", d.running), f"{f}.requests.running", 1, 10_000))
+
+
+def _broker_state(where: Fields, b: dict[str, Any], path: Path) -> StateConfig | None:
+    """The broker's ``state``: ``sqlite`` (the default: files in the broker's state directory, one machine)
+    or ``etcd://HOST:PORT,HOST:PORT,.../PREFIX``; ``tls`` and ``user`` apply to etcd."""
+    url = where.string(b.get("state", "sqlite"), "broker.state", r"sqlite|etcd://[^/\s]+(/\S*)?",
+                       "sqlite or etcd://HOST:PORT,HOST:PORT,... (every etcd member's client address)")
+    if url == "sqlite":
+        for key in ("tls", "user", "password_file"):
+            if key in b:
+                raise where.error(f"broker.{key}", f"broker.{key} applies to state on etcd only; broker.state is"
+                                                   " sqlite")
+        return None
+    members, _, prefix = url.removeprefix("etcd://").partition("/")
+    endpoints = tuple(f"{h}:{p}" for h, p in (where.address(m, "broker.state") for m in members.split(",")))
+    tls = where.mapping(b.get("tls", {}), "broker.tls", {"ca", "cert", "key"})
+    files = {k: _path(tls.get(k), path) for k in ("ca", "cert", "key")}
+    for k, file in files.items():
+        if file is not None and not file.is_file():
+            raise where.error(f"broker.tls.{k}", f"no file at {file}")
+    if (files["cert"] is None) != (files["key"] is None) or (files["cert"] and files["ca"] is None):
+        raise where.error("broker.tls", "give ca alone (server certificates only) or ca, cert and key (client"
+                                        " certificates too)")
+    user = None if b.get("user") is None else where.name(b["user"], "broker.user")
+    password_file = _path(b.get("password_file"), path)
+    if (user is None) != (password_file is None):
+        raise where.error("broker.user", "give broker.user and broker.password_file together (etcd's"
+                                         " authentication needs both)")
+    if password_file is not None and not password_file.is_file():
+        raise where.error("broker.password_file", f"no file at {password_file}")
+    return StateConfig(endpoints=endpoints, prefix="/" + prefix.strip("/") if prefix.strip("/") else "/vertebra",
+                       ca=files["ca"], cert=files["cert"], key=files["key"], user=user, password_file=password_file)
 
 
 def _path(value: Any, mesh: Path) -> Path | None:

@@ -76,6 +76,12 @@ class Expired(OpTimeout):
     plain ``timeout``; the agent does not remember it under its rid, so a retry with time left runs."""
 
 
+class StaleTerm(Denied):
+    """A workflow step from a broker instance whose lead has ended: the agent has seen a newer term (the
+    leader's fencing token) from that broker. On the wire a plain ``denied``; the agent does not remember
+    it under its rid, so the same step sent by the current leader still runs."""
+
+
 class InternalError(OpError):
     condition, stanza_condition, stanza_type = "internal", "internal-server-error", "cancel"
 

@@ -45,16 +45,17 @@ _DEADLINE = re.compile(r"[1-9][0-9]{0,15}")
 
 
 class OpRequest(ElementBase):
-    """``<op name rid timeout deadline on for>`` — a request to run an op; the text is the arguments,
+    """``<op name rid timeout deadline on for term>`` — a request to run an op; the text is the arguments,
     ``on`` the space-separated resources the caller addressed, ``for`` the bare JID a delegate acts
     for. ``timeout`` is the caller's remaining budget in milliseconds, ``deadline`` the same moment as
     the sender's wall clock (Unix time in milliseconds), so a request held up on the way is not
-    started late (docs/protocol.md section 9)."""
+    started late (docs/protocol.md section 9). ``term`` is the fencing token of the leading broker
+    instance that sends a workflow step (section 6)."""
 
     name = "op"
     namespace = NS
     plugin_attrib = "vertebra_op"
-    interfaces = {"name", "rid", "timeout", "deadline", "on", "for"}
+    interfaces = {"name", "rid", "timeout", "deadline", "on", "for", "term"}
 
 
 class Outcome(ElementBase):

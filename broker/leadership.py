@@ -3,19 +3,28 @@
 Every instance answers discovery and the other ops from its own directory (each hears every agent's
 presence: agents address the broker's bare JID, which the server delivers to all of its resources).
 Workflows are different: their steps must run once, so one instance at a time *leads* and serves
-the ops declared ``leader=True`` (``agents/ops.py``). It holds a
-lease, a row in a small SQLite database in the state directory the instances share, taken and renewed
-in ``BEGIN IMMEDIATE`` transactions; the other instances forward workflow ops to it (as the caller's
-delegate, so the leader decides and audits for the caller as usual).
+the ops declared ``leader=True`` (``agents/ops.py``). It holds a lease in the store the instances
+share: on one machine a row in a small SQLite database in their shared state directory, taken and
+renewed in ``BEGIN IMMEDIATE`` transactions; across machines an etcd election (the mesh file's
+``state`` under ``broker``, broker/state_etcd.py). The other instances forward workflow ops to the leader (as
+the caller's delegate, so the leader decides and audits for the caller as usual).
+
+Each lead has a *term*, a number that only grows from one leader to the next (etcd: the create
+revision of the leader's election key; SQLite: a counter in the lease row). The leader stamps it on
+every workflow step it sends (``term``, docs/protocol.md section 6), and an agent refuses a step
+whose term is older than the newest it has seen from the broker: a deposed leader that has not yet
+noticed cannot act after its successor has.
 
 An instance leads only while it has a session with the XMPP service: it gives the lease up the
 moment its connection drops, so another takes over within one renewal period; an instance whose
-process or machine dies stops renewing, and the lease expires after ``LEASE_TERM`` (at once when
-the server tells the others that the holder's session ended). The new leader resumes every
+process or machine dies (or stalls) stops renewing, and the lease expires after ``LEASE_TERM`` (at
+once when the server tells the others that the holder's session ended). An instance counts itself
+leader only until its last renewal, measured from when it was asked for on this machine's monotonic
+clock, would have run out: a renewal that stalls cannot outlive the lease. The new leader resumes every
 unfinished instance from the shared store: a step that was in flight is sent again under its
 request id, and the agent answers with the first run's outcome instead of running it again
 (``agents.idempotency``), so no step runs twice when a leader dies mid-step. Before a step passes
-its point of no return the leader checks that it still holds the lease.
+its point of no return the leader renews the lease and checks that it still leads.
 """
 
 from __future__ import annotations
@@ -25,7 +34,7 @@ import logging
 import sqlite3
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Protocol
 
 from agents.db import open_db
 from agents.errors import OpError, Outcome, error_for
@@ -38,42 +47,79 @@ RENEW_EVERY = LEASE_TERM / 3
 
 # The lease file's schema versions (agents.db.migrate): the first is the schema it had before versions.
 _LEASE_MIGRATIONS = ["CREATE TABLE IF NOT EXISTS lease (name TEXT PRIMARY KEY, holder TEXT NOT NULL,"
-                     " expires REAL NOT NULL)"]
+                     " expires REAL NOT NULL)",
+                     # The term: one more each time the lease passes to a holder (or back after a gap).
+                     "ALTER TABLE lease ADD COLUMN term INTEGER NOT NULL DEFAULT 0"]
+
+
+class LeaseStore(Protocol):
+    """The workflow lead in the store the instances share: SQLite (``Lease``) or etcd (``EtcdLease``)."""
+
+    holder: str
+    valid_until: float  # time.monotonic() after which the lead may have passed to another instance
+    errors: tuple[type[BaseException], ...]  # what a store that is unreachable or broken raises
+
+    async def take(self, gone: str = "") -> int | None: ...
+    async def current(self) -> str | None: ...
+    async def release(self) -> None: ...
+    async def aclose(self) -> None: ...
 
 
 class Lease:
     """One named lease in a SQLite file that every instance opens (or in memory, for one instance)."""
 
+    errors: tuple[type[BaseException], ...] = (sqlite3.Error,)
+
     def __init__(self, path: Path | None, holder: str, term: float = LEASE_TERM,
                  clock: Callable[[], float] = time.time) -> None:
         self.holder, self.term, self._clock = holder, term, clock
+        self.valid_until = 0.0
         self._db = open_db(path, _LEASE_MIGRATIONS)
 
-    def take(self, gone: str = "") -> bool:
-        """Take or renew the lease; True while this holder has it. It is taken only when it is free,
-        expired, already ours, or held by ``gone`` (an instance the server said has left)."""
-        now = self._clock()
+    async def take(self, gone: str = "") -> int | None:
+        """Take or renew the lease; its term while this holder has it, else None. It is taken only
+        when it is free, expired, already ours, or held by ``gone`` (an instance the server said has
+        left)."""
+        asked, now = time.monotonic(), self._clock()
         self._db.execute("BEGIN IMMEDIATE")
         try:
-            row = self._db.execute("SELECT holder, expires FROM lease WHERE name = 'workflows'").fetchone()
+            row = self._db.execute("SELECT holder, expires, term FROM lease WHERE name = 'workflows'").fetchone()
             mine = row is None or row[0] in (self.holder, gone) or row[1] < now
+            term = None
             if mine:
-                self._db.execute("INSERT OR REPLACE INTO lease VALUES ('workflows', ?, ?)",
-                                 (self.holder, now + self.term))
+                # The same term only while this holder's lease runs on without a gap.
+                kept = row is not None and row[0] == self.holder and row[1] >= now
+                term = row[2] if kept else (row[2] if row else 0) + 1
+                self._db.execute("INSERT OR REPLACE INTO lease (name, holder, expires, term)"
+                                 " VALUES ('workflows', ?, ?, ?)", (self.holder, now + self.term, term))
         finally:
             self._db.execute("COMMIT")
-        return mine
+        if term is not None:
+            self.valid_until = asked + self.term
+        return term
 
-    def current(self) -> str | None:
+    async def current(self) -> str | None:
         """The holder of an unexpired lease, if any."""
         row = self._db.execute("SELECT holder, expires FROM lease WHERE name = 'workflows'").fetchone()
         return row[0] if row is not None and row[1] >= self._clock() else None
 
-    def release(self) -> None:
-        self._db.execute("DELETE FROM lease WHERE name = 'workflows' AND holder = ?", (self.holder,))
+    async def release(self) -> None:
+        # Expired rather than deleted: the row keeps the term, so the next holder's is higher.
+        self.valid_until = 0.0
+        self._db.execute("UPDATE lease SET expires = 0 WHERE name = 'workflows' AND holder = ?", (self.holder,))
 
-    def close(self) -> None:
+    async def aclose(self) -> None:
         self._db.close()
+
+
+def open_lease(broker: Any, holder: str) -> LeaseStore:
+    """The lease in the store the mesh file names for the broker (``state``), else in SQLite."""
+    if broker.state_config is not None:
+        from .state_etcd import EtcdLease  # the etcd client only where the mesh uses etcd
+
+        return EtcdLease(broker.state_config, holder, LEASE_TERM)
+    shared: Path | None = broker.shared_dir
+    return Lease(shared / "leader.sqlite" if shared else None, holder)
 
 
 class Deposed(Exception):
@@ -88,47 +134,68 @@ class Leadership:
     def __init__(self, broker: Any, elected: Callable[[], None], deposed: Callable[[], None]) -> None:
         self.broker = broker
         self.on_elected, self.on_deposed = elected, deposed
-        shared: Path | None = broker.shared_dir
-        self.lease = Lease(shared / "leader.sqlite" if shared else None, str(broker.xmpp.boundjid))
-        self.leading = False
+        self.lease = open_lease(broker, str(broker.xmpp.boundjid))
+        self.term: int | None = None  # this instance's term while it leads (stamped on every step)
         self.siblings: set[str] = set()  # the other live instances (full JIDs), from their presence
         self._renewer: asyncio.Task[None] | None = None
+        self._renewing = asyncio.Lock()  # one conversation with the store at a time
         # A broker delegates to its siblings: a forwarded op is decided for the person who asked.
         broker.delegates = broker.delegates | {broker.xmpp.boundjid.bare.lower()}
         broker.xmpp.add_event_handler("disconnected", self._on_connection_lost)
 
-    def lead(self, gone: str = "") -> bool:
+    @property
+    def leading(self) -> bool:
+        """Whether this instance leads now: it took the lease, has its session, and its last renewal
+        cannot have run out yet (however long the next one takes)."""
+        return (self.term is not None and self.broker.online
+                and time.monotonic() < self.lease.valid_until)
+
+    async def lead(self, gone: str = "") -> bool:
         """Take or renew the lead if this instance may; True while it leads."""
-        was = self.leading
-        self.leading = self.broker.online and self.lease.take(gone)
-        if self.leading and not was:
-            log.info("%s leads the workflows", self.lease.holder)
-            self.on_elected()
-        elif was and not self.leading:
-            log.warning("%s no longer leads the workflows", self.lease.holder)
-            self.on_deposed()
-        return self.leading
+        async with self._renewing:
+            was = self.term
+            # A lead whose renewal ran out has ended, even if the same term is renewed now: its steps
+            # stopped (Deposed) when it ran out, and are resumed as by a new leader.
+            lapsed = was is not None and time.monotonic() >= self.lease.valid_until
+            term = None
+            if self.broker.online:
+                try:
+                    term = await self.lease.take(gone)
+                except self.lease.errors as exc:  # an unreachable or busy store must not end the renewals
+                    log.warning("workflow lease renewal failed: %s", exc)
+            self.term = term if self.broker.online else None
+            changed = was != self.term or lapsed
+            if was is not None and changed:
+                log.warning("%s no longer leads the workflows (term %s)", self.lease.holder, was)
+                self.on_deposed()
+            if self.term is not None and changed:
+                log.info("%s leads the workflows (term %s)", self.lease.holder, self.term)
+                self.on_elected()
+            return self.leading
 
     def _step_down(self) -> None:
-        if self.leading:
-            self.leading = False
+        if self.term is not None:
+            self.term = None
             self.on_deposed()
-        self.lease.release()
+        self.broker.spawn(self._release(), name="giving up the workflow lease")
+
+    async def _release(self) -> None:
+        async with self._renewing:
+            if self.term is None:  # not retaken meanwhile
+                try:
+                    await self.lease.release()
+                except self.lease.errors as exc:
+                    log.warning("could not give up the workflow lease at once (it expires on its own): %s", exc)
 
     def start_leading(self) -> None:
         """Called with each new session: take part in the election."""
         if self._renewer is None or self._renewer.done():
             self._renewer = self.broker.spawn(self._renew_forever(), name="workflow lease renewal")
-        self.lead()
 
     async def _renew_forever(self) -> None:
         while True:
+            await self.lead()
             await asyncio.sleep(RENEW_EVERY)
-            try:
-                self.lead()
-            except sqlite3.Error as exc:  # a busy or broken store must not end the renewals
-                log.warning("lease renewal failed: %s", exc)
-                self._step_down()
 
     def _on_connection_lost(self, _event: Any) -> None:
         # Without a session this instance can send no step and hear no outcome: let another lead now.
@@ -139,31 +206,53 @@ class Leadership:
             self.siblings.add(jid)
             return
         self.siblings.discard(jid)
-        if self.lease.current() == jid:  # the server says the leader's session ended: take over now
-            self.lead(gone=jid)
+        self.broker.spawn(self._take_over_from(jid), name="taking over the workflow lead")
 
-    def stop_leading(self) -> None:
+    async def _take_over_from(self, jid: str) -> None:
+        try:
+            if await self.lease.current() == jid:  # the server says the leader's session ended: take over now
+                await self.lead(gone=jid)
+        except self.lease.errors as exc:
+            log.warning("could not check the workflow lease: %s", exc)
+
+    async def stop_leading(self) -> None:
         if self._renewer is not None:
             self._renewer.cancel()
-        self._step_down()
+        async with self._renewing:
+            if self.term is not None:
+                self.term = None
+                self.on_deposed()
+            try:
+                await self.lease.release()
+            except self.lease.errors as exc:
+                log.warning("could not give up the workflow lease at once (it expires on its own): %s", exc)
+
+    async def aclose(self) -> None:
+        """Close the store's connection (when the broker stops)."""
+        try:
+            await self.lease.aclose()
+        except self.lease.errors as exc:
+            log.warning("closing the workflow lease store: %s", exc)
 
     async def forward_to_leader(self, name: str, call: Any, args: dict[str, Any]) -> Any:
         """Where a leader-only op is served: None when here (this instance leads, or has just taken
         the free lead), else the leader's answer, asked for on the caller's behalf."""
-        if self.lead():
+        if self.leading or await self.lead():
             return None
-        leader = self.lease.current()
+        try:
+            leader = await self.lease.current()
+        except self.lease.errors as exc:
+            raise OpError(f"the broker's shared state cannot be read ({exc}); try again in a few seconds") from None
         if leader is None:  # released between the two reads: the next renewal settles it
             raise OpError("no broker instance leads the workflows at this moment; try again in a few seconds")
         budget = call.deadline - asyncio.get_running_loop().time()
         res = await self.broker.request(leader, name, args, timeout=budget, behalf=call.caller)
         if res.outcome is Outcome.OK:
             return res
-        if res.outcome is Outcome.UNREACHABLE and self.lead(gone=leader):
+        if res.outcome is Outcome.UNREACHABLE and await self.lead(gone=leader):
             return None  # the leader had gone, and this instance has taken over
         condition, _, text = (res.error or "").partition(": ")
         err = error_for(condition, text or condition)
         if type(err) is OpError:  # no application condition: say where it failed
             err = OpError(f"the leading broker instance {leader} answered {res.outcome.value}: {res.error}")
         raise err
-

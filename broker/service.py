@@ -35,6 +35,7 @@ from slixmpp import Presence
 from slixmpp.exceptions import IqError, IqTimeout
 
 from agents.agent import AGENT_FORM, Agent, Call, info_op
+from agents.config import StateConfig
 from agents.authz import Decision, Request
 from agents.ops import OP_FEATURE_PREFIX, Arg, Field, OpSpec, Result, op
 from agents.resources import check as check_resource, BadResource
@@ -86,10 +87,13 @@ class Broker(Agent):
     info = info_op("mesh")
     read_anchors = staticmethod(read_anchors)  # `vertebra audit verify --anchors`, through the broker kind
 
-    def __init__(self, *args: Any, shared_dir: Path | None = None, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, shared_dir: Path | None = None, state: StateConfig | None = None,
+                 **kwargs: Any) -> None:
         # Set first: the components open their stores in it. One instance per cluster node each has a
-        # state_dir of its own (audit log, request log) and all share shared_dir (workflows, leases).
+        # state_dir of its own (audit log, request log) and all share shared_dir (workflows, leases),
+        # or, on several machines, the etcd cluster ``state`` names (``state`` under the mesh file's ``broker``).
         self._shared_dir = shared_dir
+        self.state_config = state
         super().__init__(*args, **kwargs)
         self.directory = Directory()
         # Who may be listed, by lowercased bare JID: the mesh file's agents (``admit``).
@@ -133,6 +137,7 @@ class Broker(Agent):
     async def stop(self) -> None:
         await self.workflows.halt()
         await super().stop()
+        await self.leadership.aclose()
         await self.anchors.aclose()
         await self._known.aclose()
         self.fencing.close()

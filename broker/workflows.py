@@ -153,7 +153,7 @@ class WorkflowEngine:
     async def halt(self) -> None:
         """Stop leading and let every runner end (before the broker stops)."""
         runners = [t for t in [self._resuming, *self._runners.values()] if t is not None and not t.done()]
-        self.leadership.stop_leading()
+        await self.leadership.stop_leading()
         await asyncio.gather(*runners, return_exceptions=True)
 
     async def aclose(self) -> None:
@@ -403,7 +403,7 @@ class WorkflowEngine:
             if not taken.ok:
                 return await self._fail_step(inst, step, performer, taken.reason, "denied")
             await store.set_step(iid, step.name, rate_taken=1)
-        if not self.leadership.lead():
+        if not await self.leadership.lead():
             raise Deposed  # the point of no return is the leader's alone
         await store.start_step(iid, step.name, performer, target)
         self._audit(rid, performer, step.op, step.on, step.args, True,
@@ -428,8 +428,11 @@ class WorkflowEngine:
         started = time.monotonic()
         for attempt in range(step.retries + 1):
             await store.set_step(iid, step.name, attempts=row["attempts"] + attempt + 1)
+            if not self.leadership.leading:
+                raise Deposed  # every step goes out stamped with the term of a lead still held
             res = await self.broker.request(row["target"], step.op, step.args, on=step.on,
-                                     timeout=step.timeout, rid=rid, behalf=row["performer"] or inst["requester"])
+                                     timeout=step.timeout, rid=rid, behalf=row["performer"] or inst["requester"],
+                                     term=self.leadership.term)
             if not (self.leadership.leading and self.broker.online):
                 raise Deposed  # an outcome seen while losing the lead or the session is not recorded
             if res.outcome not in (Outcome.TIMEOUT, Outcome.UNREACHABLE) or attempt == step.retries:

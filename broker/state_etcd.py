@@ -1,0 +1,165 @@
+"""The broker's shared state on etcd, for broker instances on several machines.
+
+SQLite in a shared directory serves instances on one machine; across machines the instances share
+an etcd cluster instead (the mesh file's ``broker: {state: etcd://host:port,...}``). This module holds
+the connection (every member's address, TLS and credentials) and the workflow lead as an etcd
+election: each instance keeps a key under the election prefix, attached to an etcd lease it renews,
+and the key created first leads. The leader's key's create revision is its *term*: it only grows
+from one leader to the next, so the leader stamps it on every workflow step as a fencing token
+(docs/protocol.md, section 6) and agents refuse a step from an older term.
+
+Imported only when the mesh file names etcd: the aetcd client and gRPC stay out of every other
+program's start-up.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import time
+from typing import Any
+
+import aetcd
+import grpc
+from aetcd import rpc, watcher
+
+from agents.config import StateConfig
+
+log = logging.getLogger(__name__)
+
+CALL_TIMEOUT = 2.0  # seconds one etcd call may take; a member without quorum must not hold up the lead
+
+
+class EtcdClient(aetcd.Client):
+    """aetcd's client on a channel to every member of the cluster (the next member takes over when
+    one fails), with TLS and user credentials when the mesh file gives them."""
+
+    def __init__(self, config: StateConfig) -> None:
+        password = config.password_file.read_text().strip() if config.password_file else None
+        super().__init__(username=config.user, password=password, timeout=CALL_TIMEOUT)
+        self.config = config
+
+    def _target(self) -> str:
+        """One gRPC target naming every member by address: gRPC spreads calls over those it can reach."""
+        addresses = []
+        for endpoint in self.config.endpoints:
+            host, _, port = endpoint.rpartition(":")
+            for info in socket.getaddrinfo(host.strip("[]"), int(port), type=socket.SOCK_STREAM):
+                addr = str(info[4][0])
+                addresses.append(f"[{addr}]:{port}" if ":" in addr else f"{addr}:{port}")
+        scheme = "ipv6" if all(a.startswith("[") for a in addresses) else "ipv4"
+        if scheme == "ipv4":
+            addresses = [a for a in addresses if not a.startswith("[")]
+        return f"{scheme}:{','.join(dict.fromkeys(addresses))}"
+
+    def _channel(self) -> grpc.aio.Channel:
+        options: list[tuple[str, Any]] = [("grpc.lb_policy_name", "round_robin"),
+                                          ("grpc.initial_reconnect_backoff_ms", 200),
+                                          ("grpc.max_reconnect_backoff_ms", 2000)]
+        cfg = self.config
+        if cfg.ca is None:
+            return grpc.aio.insecure_channel(self._target(), options=options)
+        # The certificates name the members' host names: check them against the first one given.
+        options.append(("grpc.default_authority", cfg.endpoints[0].rpartition(":")[0].strip("[]")))
+        creds = grpc.ssl_channel_credentials(
+            root_certificates=cfg.ca.read_bytes(),
+            private_key=cfg.key.read_bytes() if cfg.key else None,
+            certificate_chain=cfg.cert.read_bytes() if cfg.cert else None)
+        return grpc.aio.secure_channel(self._target(), creds, options=options)
+
+    async def connect(self) -> None:
+        """Open the channel (aetcd's own opens one to a single member, without TLS)."""
+        if self._connected.is_set():
+            return
+        self.channel = self._channel()
+        if self._username is not None:
+            auth = rpc.AuthStub(self.channel)
+            reply = await auth.Authenticate(rpc.AuthenticateRequest(name=self._username, password=self._password),
+                                            timeout=self._timeout)
+            self.metadata = (("token", reply.token),)
+        self.kvstub = rpc.KVStub(self.channel)
+        self.clusterstub = rpc.ClusterStub(self.channel)
+        self.leasestub = rpc.LeaseStub(self.channel)
+        self.maintenancestub = rpc.MaintenanceStub(self.channel)
+        self._watcher = watcher.Watcher(rpc.WatchStub(self.channel), timeout=self._timeout,
+                                              metadata=self.metadata)
+        self._connected.set()
+
+
+class EtcdLease:
+    """The workflow lead as an etcd election among the broker's instances (the same methods as the
+    SQLite lease in broker/leadership.py)."""
+
+    # What an unreachable cluster or member raises: aetcd's errors, and gRPC's where aetcd lets them through.
+    errors: tuple[type[BaseException], ...] = (aetcd.exceptions.ClientError, grpc.RpcError, OSError)
+
+    def __init__(self, config: StateConfig, holder: str, term: float) -> None:
+        self.holder, self.ttl = holder, max(2, round(term))
+        self.client = EtcdClient(config)
+        self.prefix = f"{config.prefix.rstrip('/')}/workflow-leader/".encode()
+        self._lease_id: int | None = None
+        self._key = b""
+        self.valid_until = 0.0  # time.monotonic() after which the lead may have passed to another
+
+    async def _join(self) -> None:
+        """Put this instance's key under the prefix, attached to its lease (unless it is there)."""
+        tx = self.client.transactions
+        await self.client.transaction(compare=[tx.create(self._key) == 0],
+                                      success=[tx.put(self._key, self.holder.encode(), self._lease_id)], failure=[])
+
+    async def _renew(self) -> bool:
+        """Keep the lease alive; False when etcd has already let it expire."""
+        assert self._lease_id is not None
+        reply = await self.client.refresh_lease(self._lease_id)
+        return reply is not None and reply.TTL > 0
+
+    async def _candidates(self) -> list[Any]:
+        """Every instance's election key, the first created (the leader's) first."""
+        found = await self.client.get_prefix(self.prefix, sort_order="ascend", sort_target="create")
+        return list(found)
+
+    async def take(self, gone: str = "") -> int | None:
+        """Renew this instance's place in the election (joining it when it has none) and return its
+        term while it leads, else None. ``gone``: an instance the XMPP server says has left, whose
+        key is removed rather than waiting for its lease to run out."""
+        sent = time.monotonic()
+        if self._lease_id is None or not await self._renew():
+            self._lease_id = (await self.client.lease(self.ttl)).id
+            self._key = self.prefix + b"%016x" % self._lease_id
+        candidates = await self._candidates()
+        if not any(c.key == self._key for c in candidates):  # new, or removed as gone: join (again)
+            await self._join()
+            candidates = await self._candidates()
+        if gone and candidates and candidates[0].value.decode() == gone and candidates[0].key != self._key:
+            tx = self.client.transactions
+            first = candidates[0]
+            # Only that very key: if it was renewed into a new one meanwhile, the holder is back.
+            await self.client.transaction(compare=[tx.mod(first.key) == first.mod_revision],
+                                          success=[tx.delete(first.key)], failure=[])
+            candidates = await self._candidates()
+        if not candidates or candidates[0].key != self._key:
+            return None
+        self.valid_until = sent + self.ttl  # etcd counts the lease from no earlier than this request
+        return int(candidates[0].create_revision)
+
+    async def leader(self) -> tuple[str, int] | None:
+        """The leading instance and its term, if any instance is in the election."""
+        candidates = await self._candidates()
+        return (candidates[0].value.decode(), int(candidates[0].create_revision)) if candidates else None
+
+    async def current(self) -> str | None:
+        found = await self.leader()
+        return found[0] if found else None
+
+    async def release(self) -> None:
+        """Leave the election at once (the lease's key goes with it)."""
+        lease_id, self._lease_id, self.valid_until = self._lease_id, None, 0.0
+        if lease_id is not None:
+            try:
+                await self.client.revoke_lease(lease_id)
+            except aetcd.exceptions.ClientError as exc:  # it expires on its own within its TTL
+                log.warning("could not give up the workflow lead in etcd at once: %s", exc)
+
+    async def aclose(self) -> None:
+        await self.release()
+        await self.client.close()

@@ -1,0 +1,161 @@
+"""A private etcd cluster for tests: three members on loopback, run from a state directory.
+
+Like the private Prosody (agents/server.py), it never touches the machine's own etcd (port 2379):
+every member gets free client and peer ports, its data directory and its log under ``home``, and
+runs in a process group of its own. Every member is stopped on every way out: ``stop()``, leaving
+the ``with`` block, and, should the test process end without either, at exit.
+"""
+
+from __future__ import annotations
+
+import atexit
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+# Every member this process started and has not stopped: killed at exit whatever happened.
+_running: dict[int, subprocess.Popen[bytes]] = {}
+
+
+def _kill_left_over() -> None:
+    for proc in list(_running.values()):
+        _end(proc, signal.SIGKILL, 5)
+
+
+atexit.register(_kill_left_over)
+
+
+def _free_port(host: str) -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+def _end(proc: subprocess.Popen[bytes], sig: int, timeout: float) -> None:
+    """Signal the member's process group (a suspended member is woken so TERM can end it)."""
+    for each in (sig, signal.SIGCONT):
+        try:
+            os.killpg(proc.pid, each)
+        except ProcessLookupError:
+            break
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        proc.wait()
+    _running.pop(proc.pid, None)
+
+
+class EtcdError(Exception):
+    pass
+
+
+class Member:
+    """One etcd member: its name, ports, data directory and, while it runs, its process."""
+
+    def __init__(self, name: str, host: str, home: Path) -> None:
+        self.name, self.host = name, host
+        self.client_port, self.peer_port = _free_port(host), _free_port(host)
+        self.data_dir, self.log_path = home / f"{name}.data", home / f"{name}.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def endpoint(self) -> str:
+        return f"{self.host}:{self.client_port}"
+
+    @property
+    def peer_url(self) -> str:
+        return f"http://{self.host}:{self.peer_port}"
+
+    def healthy(self) -> bool:
+        """Whether the member answers and its cluster has a leader (etcd's /health)."""
+        try:
+            with urllib.request.urlopen(f"http://{self.endpoint}/health", timeout=2) as reply:
+                return json.load(reply).get("health") == "true"
+        except (OSError, urllib.error.URLError, ValueError):
+            return False
+
+
+class PrivateEtcd:
+    """A three-member (or ``size``-member) etcd cluster on loopback, its state in ``home``."""
+
+    def __init__(self, home: Path, size: int = 3, host: str = "127.0.0.1") -> None:
+        self.home, self.host = home, host
+        self.members = [Member(f"m{n}", host, home) for n in range(1, size + 1)]
+
+    @property
+    def endpoints(self) -> list[str]:
+        return [m.endpoint for m in self.members]
+
+    @property
+    def url(self) -> str:
+        """What the mesh file's ``broker: {state: ...}`` names for this cluster."""
+        return "etcd://" + ",".join(self.endpoints)
+
+    def start(self, timeout: float = 30.0) -> None:
+        etcd = shutil.which("etcd")
+        if etcd is None:
+            raise EtcdError("the 'etcd' program is not installed: run `make install` (or `apt-get install"
+                            " etcd-server` as root)")
+        self.home.mkdir(parents=True, exist_ok=True)
+        initial = ",".join(f"{m.name}={m.peer_url}" for m in self.members)
+        token = f"vertebra-test-{os.getpid()}-{id(self)}"  # members of another test's cluster never join ours
+        for member in self.members:
+            self._spawn(etcd, member, initial, token)
+        deadline = time.monotonic() + timeout
+        while not all(m.healthy() for m in self.members):
+            for member in self.members:
+                if member.proc is not None and member.proc.poll() is not None:
+                    self.stop()
+                    raise EtcdError(f"etcd member {member.name} exited with status {member.proc.returncode} while"
+                                    f" starting; see {member.log_path}")
+            if time.monotonic() > deadline:
+                self.stop()
+                raise EtcdError(f"the etcd cluster in {self.home} had no leader within {timeout:g} s; see the"
+                                " members' logs there")
+            time.sleep(0.1)
+
+    def _spawn(self, etcd: str, member: Member, initial: str, token: str) -> None:
+        client = f"http://{member.endpoint}"
+        args = [etcd, "--name", member.name, "--data-dir", str(member.data_dir),
+                "--listen-client-urls", client, "--advertise-client-urls", client,
+                "--listen-peer-urls", member.peer_url, "--initial-advertise-peer-urls", member.peer_url,
+                "--initial-cluster", initial, "--initial-cluster-token", token,
+                "--initial-cluster-state", "new", "--logger", "zap", "--log-level", "warn"]
+        # A new cluster only: a member left from an earlier start would carry the old ports.
+        shutil.rmtree(member.data_dir, ignore_errors=True)
+        with open(member.log_path, "ab") as log:
+            member.proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
+                                           start_new_session=True, env={"PATH": os.environ.get("PATH", "")})
+        _running[member.proc.pid] = member.proc
+
+    def kill(self, n: int) -> None:
+        """Member ``n`` dies at once, as when its machine goes away."""
+        proc = self.members[n].proc
+        if proc is not None:
+            _end(proc, signal.SIGKILL, 5)
+            self.members[n].proc = None
+
+    def stop(self) -> None:
+        for member in self.members:
+            if member.proc is not None:
+                _end(member.proc, signal.SIGTERM, 10)
+                member.proc = None
+
+    def __enter__(self) -> PrivateEtcd:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.stop()
