@@ -12,14 +12,18 @@ Inside: ``mesh.yaml``; ``server/`` (the private server); ``secrets/`` (generated
 ``state/NAME/`` (each actor's databases and logs of decisions); ``logs/`` (what `vertebra up` started);
 ``run/`` (the gateway socket, and the lock a running `vertebra up` holds).
 
-Only the standard library here: the short-lived programs Nagios and Pacemaker run import it.
+Only the standard library here, and not pathlib where those programs need it (it costs a start 5 ms):
+the short-lived programs Nagios and Pacemaker run import it.
 """
 
 from __future__ import annotations
 
 import os
 import stat
-from pathlib import Path
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from pathlib import Path
 
 ENV = "VERTEBRA_HOME"
 DEFAULT = ".vertebra"
@@ -33,6 +37,8 @@ class UnsafePath(Exception):
 
 def state_home(given: str | os.PathLike[str] | None = None, default: str = DEFAULT) -> Path:
     """The state directory, absolute: ``given``, else ``$VERTEBRA_HOME``, else ``default``."""
+    from pathlib import Path
+
     return Path(given or os.environ.get(ENV) or default).absolute()
 
 
@@ -41,7 +47,7 @@ def actor_state(home: Path, name: str) -> Path:
     return home / "state" / name
 
 
-def site_paths(home: str | None = None, mesh: str | None = None) -> tuple[Path, Path]:
+def site_paths(home: str | None = None, mesh: str | None = None) -> tuple[str, str]:
     """(state directory, mesh file) for a program others start: ``home``, else ``$VERTEBRA_HOME``, else
     /var/lib/vertebra; ``mesh``, else HOME/mesh.yaml when a state directory was named, else
     /etc/vertebra/mesh.yaml. Never the working directory: every path must be absolute (UnsafePath)."""
@@ -50,8 +56,8 @@ def site_paths(home: str | None = None, mesh: str | None = None) -> tuple[Path, 
         if value and not os.path.isabs(value):
             raise UnsafePath(f"{what} {value} is not an absolute path: a program that others start runs from"
                              " any directory, so give the full path")
-    found = Path(named or SYSTEM_HOME)
-    return found, Path(mesh) if mesh else (found / "mesh.yaml" if named else Path(SYSTEM_MESH))
+    found = named or SYSTEM_HOME
+    return found, mesh or (os.path.join(found, "mesh.yaml") if named else SYSTEM_MESH)
 
 
 def check_safe(path: str | os.PathLike[str], what: str) -> None:

@@ -112,14 +112,14 @@ def metadata() -> str:
     )
 
 
-def site(options: Mapping[str, str]) -> tuple[Path, Path]:
+def site(options: Mapping[str, str]) -> tuple[str, str]:
     """The state directory and mesh file (``agents.home.site_paths``); UnsafePath when either, or the
     gateway socket in it, could have been written by someone other than root and its owner."""
     from agents.home import check_safe, site_paths
 
     home, mesh = site_paths(options.get("vertebra_home") or None)
     for path, what in ((home, "state directory"), (mesh, "mesh file"),
-                       (home / "run" / "gateway.sock", "gateway socket")):
+                       (os.path.join(home, "run", "gateway.sock"), "gateway socket")):
         try:
             check_safe(path, what)
         except FileNotFoundError:
@@ -128,9 +128,11 @@ def site(options: Mapping[str, str]) -> tuple[Path, Path]:
 
 
 def vertebra_home(options: Mapping[str, str]) -> Path:
+    from pathlib import Path
+
     from agents.home import site_paths
 
-    return site_paths(options.get("vertebra_home") or None)[0]
+    return Path(site_paths(options.get("vertebra_home") or None)[0])
 
 
 def load_mesh(options: Mapping[str, str]) -> MeshConfig:
@@ -144,7 +146,7 @@ def load_mesh(options: Mapping[str, str]) -> MeshConfig:
         home, path = site(options)
     except UnsafePath as error:
         raise MeshUnavailableError(str(error)) from None
-    if not path.is_file():
+    if not os.path.isfile(path):
         raise MeshUnavailableError(f"no mesh file at {path}: set vertebra_home= (or $VERTEBRA_HOME) to"
                                    " the Vertebra state directory of this host")
     try:
@@ -377,10 +379,9 @@ def _lean_run(action: str, node: str | None, options: dict[str, str], started: f
     from agents.home import UnsafePath
 
     try:
-        home_dir, mesh_file = site(options)
+        home, mesh_path = site(options)
     except UnsafePath:
         return None  # the full path refuses it, with the reason
-    home, mesh_path = str(home_dir), str(mesh_file)
     socket_path = os.path.join(home, "run", "gateway.sock")
     if not os.path.exists(socket_path) or not os.path.isfile(mesh_path):
         return None

@@ -191,12 +191,12 @@ def _site(home: str | None, mesh: str | None) -> tuple[str, str]:
 
     found, mesh_file = site_paths(home, mesh)
     for path, what in ((found, "state directory"), (mesh_file, "mesh file"),
-                       (found / "run" / "gateway.sock", "gateway socket")):
+                       (os.path.join(found, "run", "gateway.sock"), "gateway socket")):
         try:
             check_safe(path, what)
         except FileNotFoundError:
             pass  # what is missing, the full path names
-    return str(found), str(mesh_file)
+    return found, mesh_file
 
 
 def _lean_run(o: dict[str, Any]) -> tuple[str, int] | None:

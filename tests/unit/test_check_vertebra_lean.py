@@ -167,7 +167,8 @@ def test_lean_resource_check_agrees_on_every_character() -> None:
 
 
 def test_the_lean_path_reads_states_without_the_range_parser() -> None:
-    """One State (agents.monitor.states), which ranges re-exports; the lean path loads only that."""
+    """One State (agents.monitor.states), which ranges re-exports; the lean path loads only that, and
+    finds and checks the state directory without pathlib (5 ms of a start)."""
     import subprocess
     import sys
 
@@ -175,8 +176,9 @@ def test_the_lean_path_reads_states_without_the_range_parser() -> None:
 
     assert ranges.State is states.State and cv.UNKNOWN is State.UNKNOWN
     probe = ("import sys; from agents.monitor import check_vertebra as cv;"
-             " cv.lean_args(['-H', 'h', '-c', 'c']); cv._problem('timeout', 'h', None, 2);"
-             " print(sorted(m for m in ('agents.monitor.ranges', 'argparse', 'asyncio', 're') if m in sys.modules))")
+             " cv.lean_args(['-H', 'h', '-c', 'c']); cv._problem('timeout', 'h', None, 2); cv._site('/usr', None);"
+             " print(sorted(m for m in ('agents.monitor.ranges', 'argparse', 'asyncio', 're', 'pathlib')"
+             " if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True,
                          cwd=Path(__file__).resolve().parents[2])
     assert out.stdout.strip() == "[]", out.stdout + out.stderr

@@ -31,15 +31,14 @@ def test_programs_others_start_never_use_the_working_directory(monkeypatch, tmp_
     (tmp_path / ".vertebra").mkdir()
     (tmp_path / ".vertebra" / "mesh.yaml").write_text("operator: operator\n")
     monkeypatch.delenv("VERTEBRA_HOME", raising=False)
-    system = (Path(SYSTEM_HOME), Path(SYSTEM_MESH))
-    assert site_paths() == system == (Path("/var/lib/vertebra"), Path("/etc/vertebra/mesh.yaml"))
+    assert site_paths() == (SYSTEM_HOME, SYSTEM_MESH) == ("/var/lib/vertebra", "/etc/vertebra/mesh.yaml")
     assert fence_vertebra.vertebra_home({}) == Path(SYSTEM_HOME)
     assert check_vertebra._site(None, None) == (SYSTEM_HOME, SYSTEM_MESH)
     monkeypatch.setenv("VERTEBRA_HOME", str(tmp_path / "env"))
-    assert site_paths() == (tmp_path / "env", tmp_path / "env" / "mesh.yaml")
+    assert site_paths() == (str(tmp_path / "env"), str(tmp_path / "env" / "mesh.yaml"))
     assert fence_vertebra.vertebra_home({}) == tmp_path / "env"
-    assert site_paths("/srv/v") == (Path("/srv/v"), Path("/srv/v/mesh.yaml"))
-    assert site_paths("/srv/v", "/etc/m.yaml") == (Path("/srv/v"), Path("/etc/m.yaml"))
+    assert site_paths("/srv/v") == ("/srv/v", "/srv/v/mesh.yaml")
+    assert site_paths("/srv/v", "/etc/m.yaml") == ("/srv/v", "/etc/m.yaml")
     assert fence_vertebra.vertebra_home({"vertebra_home": "/srv/v"}) == Path("/srv/v")
 
 
