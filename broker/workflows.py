@@ -20,8 +20,10 @@ is about to run (approvals re-checked then: an approver revoked in between no lo
 Durability: a step becomes ``running`` on disk before its request leaves, and its request id is
 derived from (instance, step). After a restart the broker resumes every unfinished instance; a
 finished step is never sent again, and a step that was in flight is sent again with the same
-request id, so the agent answers with the first outcome instead of running it twice (agents keep
-destructive outcomes on disk for a day; see ``agents.idempotency``).
+request id, so the agent answers with the first outcome instead of running it twice, also when the
+agent restarted between running the step and answering it (agents keep the outcome of every op that
+changes state on disk for a day, and answer ``interrupted`` for one cut off before it was recorded;
+see ``agents.idempotency``).
 
 Who may do what:
 
