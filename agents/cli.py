@@ -8,7 +8,7 @@
     vertebra help [OP]               an op's arguments, as a live agent offering it describes them
     vertebra policy check FILE       lint an authorization policy and check its examples, offline
     vertebra policy reload           the broker re-reads the mesh's policy file and pushes it to every agent
-    vertebra workflow run|approve|perform|status|list|cancel ...   the broker's durable workflows
+    vertebra workflow run|approve|perform|status|list|cancel ... [--follow]   the broker's durable workflows
     vertebra audit verify|show       check the agents' audit logs against the broker's anchors, or read them
     vertebra account list|add|remove|passwd [NAME]   the accounts of the mesh file's people and services
 
@@ -40,6 +40,7 @@ from .errors import BadArguments, CallInterrupted, ConnectError, Outcome
 from .report import EXIT_USAGE, CallReport, TargetResult
 from .gateway import Gateway
 from .ops import OpSpec, Result
+from .progress_view import WORKFLOW_ENDS, ProgressView, follow_workflow
 from .render import render
 from .session import mesh_call
 from .pairs import parse_pairs
@@ -157,6 +158,9 @@ def _parser() -> argparse.ArgumentParser:
     wf.add_argument("--timeout", type=_seconds, default=90.0)
     wf.add_argument("--json", action="store_true")
     wf.add_argument("--yaml", action="store_true")
+    wf.add_argument("--follow", action="store_true",
+                    help="with status, run, approve or perform: then follow the instance step by step until it"
+                         " ends (exit 0 done, 1 failed or cancelled); Ctrl-C stops following, not the workflow")
     aud = sub.add_parser("audit", help="verify or show the audit logs of this machine's agents")
     aud.add_argument("action", choices=("verify", "show"))
     aud.add_argument("--agent", action="append", default=[], metavar="NAME",
@@ -302,9 +306,24 @@ def cmd_workflow(mesh: meshconf.MeshConfig, ns: argparse.Namespace) -> int:
     except BadArguments as exc:
         print(f"vertebra: {exc} (see `vertebra help {spec.name}`)", file=sys.stderr)
         return EXIT_USAGE
+    if ns.follow and ns.action not in ("run", "approve", "perform", "status"):
+        print("vertebra: --follow follows one instance: give it to workflow status, run, approve or perform",
+              file=sys.stderr)
+        return EXIT_USAGE
     sent = time.monotonic()
     report = _call_broker(mesh, spec.name, args, _left(ns.timeout, started))
+    if ns.follow and report.ok:
+        iid = report.results[0].result["instance"]
+        followed = follow_workflow(report.results[0].result, lambda wait: _call_broker(
+            mesh, "workflow.status", {"instance": iid, "wait": wait}, wait + ns.timeout), sys.stderr)
+        if isinstance(followed, CallReport):
+            report = followed
+        else:
+            report.results[0].result = followed
     _print_report(report, ns.json, spec.result, time.monotonic() - sent, as_yaml=ns.yaml)
+    if report.ok and (ns.follow or ns.action in ("run", "approve", "perform")):
+        # A workflow that failed (or was cancelled) did not do what was asked, though the op answered.
+        return WORKFLOW_ENDS.get(report.results[0].result.get("state"), 0)
     return report.exit_code
 
 
@@ -441,17 +460,20 @@ def cmd_call(mesh: meshconf.MeshConfig, ns: argparse.Namespace) -> int:
             print(f"(see `vertebra help {spec.name}`)", file=sys.stderr)
         return EXIT_USAGE
 
-    def progress(target: str, seq: int, payload: Any) -> None:
-        print(f"{target}: progress {seq}: {_show(payload)}", file=sys.stderr)
-
+    # Progress on stderr, so stdout holds the result alone: a bar on a terminal, plain lines elsewhere.
+    view = ProgressView.for_stream(sys.stderr)
     scope = ns.scope or (spec.scope if spec is not None else "all")
     rid = ns.request_id or uuid.uuid4().hex
     if spec is None or spec.changes_state:  # before sending: a call that hangs or is cut off can be retried too
         print(f"vertebra: request id {rid}; to retry this call without running it twice, give --request-id {rid}",
               file=sys.stderr)
     sent = time.monotonic()
-    report = _run_call(mesh, ns.op, args, _left(ns.timeout, started), on=on, scope=scope,
-                       to=[_full_jid(mesh, t) for t in ns.to], progress=progress, rid=rid)
+    try:
+        report = _run_call(mesh, ns.op, args, _left(ns.timeout, started), on=on, scope=scope,
+                           to=[_full_jid(mesh, t) for t in ns.to], progress=view.report, answered=view.answered,
+                           rid=rid)
+    finally:
+        view.close()
     _print_report(report, ns.json, spec.result if spec is not None else None, time.monotonic() - sent,
                   as_yaml=ns.yaml)
     return report.exit_code
@@ -471,10 +493,6 @@ def cmd_agents(mesh: meshconf.MeshConfig, ns: argparse.Namespace) -> int:
     else:
         _print_report(report, ns.json)
     return report.exit_code
-
-
-def _show(value: Any) -> str:
-    return value if isinstance(value, str) else json.dumps(value, sort_keys=True, default=str)
 
 
 def _print_report(report: CallReport, as_json: bool, result: Result | None = None, elapsed: float | None = None,

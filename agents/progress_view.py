@@ -13,8 +13,11 @@ or reaches its total is always printed, and the last report of each target is pr
 it was held back, so a log always ends with where each target got to. The answer count is printed
 there only for a call still waiting after a second (the result's summary line counts the rest).
 
-An agent's own ``rate`` and ``eta`` are shown when it sends them (replication does); otherwise they
-are worked out here from the bytes reported and the time between reports. Only the standard library
+An agent's own ``rate`` and ``eta`` are shown when it sends them (the storage agent does); otherwise
+they are worked out here from the bytes reported and the time between reports.
+
+A workflow instance is followed (``follow_workflow``) step by step until it ends: a line for each
+change of a step or of the instance. Only the standard library
 and agents/render.py are used, so a call's start-up stays light.
 """
 
@@ -26,6 +29,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, TextIO
 
 from .render import duration, human_bytes
+from .report import CallReport
 
 PLAIN_EVERY = 1.0      # seconds between plain lines of one target (phase changes and ends always print)
 REDRAW_EVERY = 0.1     # seconds between redraws of the bar on a terminal
@@ -210,3 +214,74 @@ def _value(value: Any) -> str:
 def _short(target: str) -> str:
     """A target by its account (``storage1``), as the result's lines name it."""
     return target.split("@", 1)[0] if "@" in target else target
+
+
+# -- following a workflow instance -------------------------------------------------------------------
+
+#: A workflow instance's states that never change again, and the exit code each ends a follower with.
+WORKFLOW_ENDS = {"done": 0, "failed": 1, "cancelled": 1}
+FOLLOW_FIRST = 0.5     # seconds the broker may hold a status request, after a change
+FOLLOW_MOST = 8.0      # ... and at most (what workflow.status's wait allows), while nothing changes
+
+
+def follow_workflow(status: dict[str, Any], fetch: Callable[[float], CallReport], stream: TextIO, *,
+                    sleep: Callable[[float], None] = time.sleep,
+                    clock: Callable[[], float] = time.monotonic) -> dict[str, Any] | CallReport:
+    """Follow a workflow instance from its ``status`` until it ends, writing a line on ``stream`` for each
+    change of a step or of the instance; return its last status (in one of ``WORKFLOW_ENDS``), or the
+    report of a status request that failed.
+
+    The broker announces no step changes, so this asks: ``fetch(wait)`` is a ``workflow.status`` request
+    whose ``wait`` lets the broker hold the answer until the instance stops running (it ends, or waits
+    for people) or ``wait`` seconds pass. After a change the next request waits ``FOLLOW_FIRST``; while
+    nothing changes the wait doubles up to ``FOLLOW_MOST``, and an answer that came at once (the instance
+    waits for an approval) is followed by a pause of the rest of the wait, so nothing is asked in a loop."""
+    seen: dict[str, tuple[Any, ...]] = {}
+    wait, rest = FOLLOW_FIRST, 0.0
+    while True:
+        changed = _print_changes(status, seen, stream)
+        if status.get("state") in WORKFLOW_ENDS:
+            return status
+        if changed:
+            wait = FOLLOW_FIRST
+        else:
+            if rest > 0:
+                sleep(rest)
+            wait = min(wait * 2, FOLLOW_MOST)
+        asked = clock()
+        report = fetch(wait)
+        if not report.ok:
+            return report
+        status = report.results[0].result
+        rest = wait - (clock() - asked)
+
+
+def _print_changes(status: dict[str, Any], seen: dict[str, tuple[Any, ...]], stream: TextIO) -> bool:
+    """A line for the instance and for each step whose state (or what it waits for) differs from ``seen``."""
+    lines = []
+    now = time.strftime("%H:%M:%S")
+    for step in status.get("steps") or ():
+        key: tuple[Any, ...] = (step.get("state"), step.get("target"), step.get("outcome"), step.get("reason"),
+                                len(step.get("approved_by") or ()))
+        if seen.get("step " + step["name"]) != key:
+            seen["step " + step["name"]] = key
+            words = f"{now}  step {step['name']} ({step.get('op')}): {step.get('state')}"
+            if step.get("target"):
+                words += f" on {_short(str(step['target']))}"
+            if step.get("approved_by"):
+                words += f", approved by {', '.join(map(_short, step['approved_by']))}"
+            if step.get("reason") and step.get("state") != "ok":
+                words += f": {step['reason']}"
+            lines.append(words)
+    key = (status.get("state"), status.get("error"))
+    if seen.get("instance") != key:
+        seen["instance"] = key
+        lines.append(f"{now}  instance {status.get('instance')} ({status.get('workflow')}): {status.get('state')}"
+                     + (f": {status['error']}" if status.get("error") else ""))
+    if lines:
+        try:
+            stream.write("".join(line + "\n" for line in lines))
+            stream.flush()
+        except (BrokenPipeError, ValueError):
+            pass
+    return bool(lines)

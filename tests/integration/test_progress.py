@@ -8,9 +8,11 @@ from __future__ import annotations
 import errno
 import json
 import os
+import queue
 import re
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -39,7 +41,7 @@ def test_a_pipe_gets_plain_lines_ending_with_the_byte_counts(mesh_with_data):
     home = mesh_with_data
     snap = vertebra(home, "call", "storage.snapshot.create", "volume=db", "snapshot=s1")
     assert snap.returncode == 0, snap.stdout + snap.stderr
-    lines = snap.stderr.splitlines()
+    lines = [line for line in snap.stderr.splitlines() if not line.startswith("vertebra: request id ")]
     holder = lines[0].split(":")[0] if lines else ""  # the agent the volume was created on
     assert holder.startswith(("pstore", "pother")) and all(line.startswith(holder + ": ") for line in lines), \
         snap.stderr
@@ -98,3 +100,105 @@ def test_a_terminal_gets_a_bar_with_bytes_rate_and_time_left(mesh_with_data):
     assert code == 0, out + shown
     assert re.search(r"\[-+\]  0 of 2 answered", shown) and "2 of 2 answered" in shown, repr(shown)
     assert "storage.volume.list: 2 of 2 ok" in out
+
+
+COPY_WORKFLOW = """
+name: copy
+description: Snapshot a volume, then (once someone performs it) clone a snapshot of it.
+params:
+  volume: {help: "the volume"}
+  snapshot: {help: "the new snapshot"}
+  source: {help: "the snapshot to clone"}
+steps:
+  - name: snapshot
+    op: storage.snapshot.create
+    on: ["/volume/{volume}"]
+    args: {volume: "{volume}", snapshot: "{snapshot}"}
+  - name: clone
+    op: storage.clone.create
+    on: ["/volume/{volume}"]
+    args: {volume: "{volume}", snapshot: "{source}", clone: "{volume}-{snapshot}"}
+    hold: true
+"""
+
+
+class _Follower:
+    """`vertebra workflow status ID --follow` running in the background; its stderr read line by line."""
+
+    def __init__(self, home: Path, iid: str) -> None:
+        self.proc = subprocess.Popen([sys.executable, "-m", "agents.cli", "--home", str(home), "workflow", "status",
+                                      iid, "--follow"], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                     text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+        self.lines: queue.Queue[str] = queue.Queue()
+        self.said: list[str] = []
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        assert self.proc.stderr is not None
+        for line in self.proc.stderr:
+            self.lines.put(line)
+        self.lines.put("")
+
+    def until(self, pattern: str) -> None:
+        """Wait (at most a minute) for a line of the follower matching ``pattern``."""
+        while True:
+            line = self.lines.get(timeout=60)
+            assert line, f"the follower ended before saying {pattern!r}:\n" + "".join(self.said)
+            self.said.append(line)
+            if re.search(pattern, line):
+                return
+
+    def end(self) -> tuple[int, str, str]:
+        """Its exit code, stdout and everything it said on stderr."""
+        try:
+            self.proc.wait(timeout=60)
+        finally:
+            if self.proc.poll() is None:  # a follower that does not end is a failure, and is not left behind
+                self.proc.kill()
+                self.proc.wait()
+        assert self.proc.stdout is not None
+        out = self.proc.stdout.read()  # stderr is the reader thread's alone
+        while (line := self.lines.get(timeout=60)):
+            self.said.append(line)
+        return self.proc.returncode, out, "".join(self.said)
+
+
+def test_workflow_status_follow_shows_each_step_until_the_end(mesh_with_data):
+    """A follower started while the instance waits at a held step sees it wait, then sees the step run
+    once it is performed, and ends with the instance: 0 when done, 1 when it failed."""
+    home = mesh_with_data
+    (home / "workflows").mkdir(exist_ok=True)
+    (home / "workflows" / "copy.yaml").write_text(COPY_WORKFLOW)
+
+    run = vertebra(home, "workflow", "run", "copy", "volume=db", "snapshot=w1", "source=w1", "--json")
+    assert run.returncode == 0, run.stdout + run.stderr  # waiting for a performer is not a failure
+    iid = json.loads(run.stdout)["results"][0]["result"]["instance"]
+    follower = _Follower(home, iid)
+    follower.until(rf"instance {iid} \(copy\): waiting: step clone is held")
+    performed = vertebra(home, "workflow", "perform", iid, "clone")
+    assert performed.returncode == 0, performed.stdout + performed.stderr
+    code, out, said = follower.end()
+    assert code == 0, out + said
+    assert re.search(r"step snapshot \(storage\.snapshot\.create\): ok on p(store|other)\d*$", said, re.M), said
+    assert re.search(r"step clone \(storage\.clone\.create\): held: step clone is held", said, re.M), said
+    assert re.search(r"step clone \(storage\.clone\.create\): ok on p(store|other)\d*$", said, re.M), said
+    assert said.rstrip().endswith(f"instance {iid} (copy): done"), said
+    assert re.search(r"^  state: +done$", out, re.M), out  # then the instance, as status shows it
+
+    # A step that fails ends the follower non-zero, naming the step and why; so does `workflow perform`.
+    run = vertebra(home, "workflow", "run", "copy", "volume=db", "snapshot=w2", "source=nosuch", "--json")
+    assert run.returncode == 0, run.stdout + run.stderr
+    iid = json.loads(run.stdout)["results"][0]["result"]["instance"]
+    follower = _Follower(home, iid)
+    follower.until(rf"instance {iid} \(copy\): waiting")
+    performed = vertebra(home, "workflow", "perform", iid, "clone")
+    assert performed.returncode == 1 and re.search(r"^  state: +failed$", performed.stdout, re.M), \
+        performed.stdout + performed.stderr
+    code, out, said = follower.end()
+    assert code == 1, out + said
+    assert re.search(r"step clone \(storage\.clone\.create\): failed on p(store|other)\d*: .*nosuch", said, re.M), said
+    assert re.search(rf"instance {iid} \(copy\): failed: ", said), said
+    assert re.search(r"^  state: +failed$", out, re.M), out
+
+    listed = vertebra(home, "workflow", "list", "--follow")
+    assert listed.returncode == 2 and "--follow follows one instance" in listed.stderr
