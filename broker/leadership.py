@@ -163,6 +163,8 @@ class Leadership:
                     term = await self.lease.take(gone)
                 except self.lease.errors as exc:  # an unreachable or busy store must not end the renewals
                     log.warning("workflow lease renewal failed: %s", exc)
+                    # The lead stands until the last renewal that went through could have run out.
+                    term = was if not lapsed and time.monotonic() < self.lease.valid_until else None
             self.term = term if self.broker.online else None
             changed = was != self.term or lapsed
             if was is not None and changed:

@@ -147,6 +147,15 @@ class PrivateEtcd:
             _end(proc, signal.SIGKILL, 5)
             self.members[n].proc = None
 
+    def wait_healthy(self, timeout: float = 30.0) -> None:
+        """Wait until every running member answers with a leader (after one was killed, the others
+        may first have to elect a new one)."""
+        deadline = time.monotonic() + timeout
+        while not all(m.healthy() for m in self.members if m.proc is not None):
+            if time.monotonic() > deadline:
+                raise EtcdError(f"the etcd cluster in {self.home} had no leader within {timeout:g} s")
+            time.sleep(0.1)
+
     def stop(self) -> None:
         for member in self.members:
             if member.proc is not None:
