@@ -1,5 +1,7 @@
 """A real Nagios 4 (Debian nagios4-core) for tests: a tiny config in a directory, run as a plain
-foreground process, its status read from status.dat. Never the system service."""
+foreground process, its status read from status.dat. Never the system service. Started as root, it
+drops to ``user``/``group`` (``nagios_user``/``nagios_group``), as the service does, and runs its
+plugins as that user."""
 
 from __future__ import annotations
 
@@ -95,6 +97,13 @@ class Nagios:
         self.config = directory / "nagios.cfg"
         self.config.write_text(_MAIN.format(d=directory, user=user, group=group))
         (directory / "objects.cfg").write_text(_BASE + objects)
+        if user != "root":  # Nagios drops to that user at start, and writes its files there as it
+            import grp
+            import pwd
+
+            uid, gid = pwd.getpwnam(user).pw_uid, grp.getgrnam(group).gr_gid
+            for path in (directory, directory / "checkresults", directory / "tmp"):
+                os.chown(path, uid, gid)
         self.command_file = directory / "nagios.cmd"
         self.proc: subprocess.Popen[bytes] | None = None
 

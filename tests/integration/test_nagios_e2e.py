@@ -1,13 +1,24 @@
 """End to end with a real Nagios 4: an active service whose command is check_vertebra reaches a
 monitor agent through the mesh, and passive services receive a scheduled result through the
 bridge, once by the external command file and once by the check result spool directory. Broker and
-agents run as their own processes, as `vertebra agent` runs them."""
+agents run as their own processes, as `vertebra agent` runs them.
+
+Nagios runs as a site runs it: started as root, it drops to user ``nagios`` (its group here is
+``vertebra``, which may reach the gateway socket, as ``usermod -aG vertebra nagios`` gives it on a
+site) and runs check_vertebra as nagios, with an interpreter and code nagios can read
+(tests/readable_python.py). The gateway knows nagios by its uid and calls as the mesh file's nagios
+service identity, which the policy lets run checks only; the audit shows its calls under that name.
+The state directory lives outside pytest's root-only temporary tree, where nagios can reach it."""
 
 from __future__ import annotations
 
+import grp
+import os
+import pwd
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -15,14 +26,28 @@ import pytest
 import yaml
 
 from agents.monitor.output import parse_output
-from conftest import running
+from conftest import DOMAIN, running, vertebra
 from nagios_instance import NAGIOS, Nagios, command, host, service
+from readable_python import python_for_others
 
 DUMMY = "/usr/lib/nagios/plugins/check_dummy"
 CHECK_VERTEBRA = Path(sys.executable).with_name("check_vertebra")
 
-pytestmark = pytest.mark.skipif(not (Path(NAGIOS).exists() and Path(DUMMY).exists() and CHECK_VERTEBRA.exists()),
-                                reason="needs nagios4-core, monitoring-plugins-basic and the installed check_vertebra")
+GROUP = "vertebra"
+
+
+def _user(name: str) -> bool:
+    try:
+        pwd.getpwnam(name)
+    except KeyError:
+        return False
+    return True
+
+
+pytestmark = pytest.mark.skipif(
+    not (Path(NAGIOS).exists() and Path(DUMMY).exists() and CHECK_VERTEBRA.exists()) or os.geteuid() != 0
+    or not _user("nagios"),
+    reason="needs root, nagios4-core (and its user nagios), monitoring-plugins-basic and the installed check_vertebra")
 
 
 def _agents(command_file: Path, spool: Path) -> list[dict]:
@@ -43,20 +68,46 @@ def _agents(command_file: Path, spool: Path) -> list[dict]:
 
 
 @pytest.fixture
-def running_mesh(mesh_home, tmp_path):
-    nagios_dir = tmp_path / "nagios"
-    nagios_dir.mkdir()
-    (nagios_dir / "checkresults").mkdir()
-    home = mesh_home(_agents(nagios_dir / "nagios.cmd", nagios_dir / "checkresults"))
-    cfg = yaml.safe_load((home / "mesh.yaml").read_text())
-    mon, pub, bridge, spool = (a["name"] for a in cfg["agents"])
-    # Names get a per-test suffix: wire the publisher to the bridges now that all are known.
-    cfg["agents"][1]["settings"]["publish_to"] = [bridge, spool]
-    cfg["agents"][2]["settings"]["nagios"]["hosts"] = {pub: "web1"}
-    cfg["agents"][3]["settings"]["nagios"]["hosts"] = {pub: "web1"}
-    (home / "mesh.yaml").write_text(yaml.safe_dump(cfg))
-    with running(home, expect_agents=4):
-        yield home, nagios_dir
+def running_mesh(mesh_home, server):
+    """The mesh in a state directory nagios can reach (/tmp), Nagios's own directory nagios's; yields both
+    and the nagios service identity's JID."""
+    try:
+        gid = grp.getgrnam(GROUP).gr_gid
+    except KeyError:  # as deploy/install.sh makes it
+        subprocess.run(["groupadd", "--system", GROUP], check=True)
+        gid = grp.getgrnam(GROUP).gr_gid
+    nagios_user = pwd.getpwnam("nagios")
+    site = Path(tempfile.mkdtemp(prefix="vne-", dir="/tmp"))
+    try:
+        nagios_dir = site / "nagios"
+        (nagios_dir / "checkresults").mkdir(parents=True)
+        os.chown(nagios_dir / "checkresults", nagios_user.pw_uid, gid)
+        made = mesh_home(_agents(nagios_dir / "nagios.cmd", nagios_dir / "checkresults"))
+        home = site / "home"
+        shutil.copytree(made, home)
+        os.chmod(site, 0o755)
+        cfg = yaml.safe_load((home / "mesh.yaml").read_text())
+        mon, pub, bridge, spool = (a["name"] for a in cfg["agents"])
+        # Names get a per-test suffix: wire the publisher to the bridges now that all are known.
+        cfg["agents"][1]["settings"]["publish_to"] = [bridge, spool]
+        cfg["agents"][2]["settings"]["nagios"]["hosts"] = {pub: "web1"}
+        cfg["agents"][3]["settings"]["nagios"]["hosts"] = {pub: "web1"}
+        nagios = f"nagios-{cfg['operator'].removeprefix('operator')}"
+        cfg["services"] = [{"name": nagios, "unix_user": "nagios"}]
+        cfg["policy"] = "policy.yaml"
+        (home / "policy.yaml").write_text(yaml.safe_dump({  # the example policy's grant for Nagios
+            "roles": {"admin": {}, "nagios": {}},
+            "members": {"admin": [f"{cfg['operator']}@{DOMAIN}"], "nagios": [f"{nagios}@{DOMAIN}"]},
+            "grants": [{"role": "admin", "ops": ["**"]},
+                       {"role": "nagios", "ops": ["mesh.discover", "monitor.check"]}]}))
+        (home / "mesh.yaml").write_text(yaml.safe_dump(cfg))
+        from agents import config
+
+        server.register_many(config.load(home / "mesh.yaml", home).ensure_passwords())
+        with running(home, expect_agents=4):
+            yield home, nagios_dir, f"{nagios}@{DOMAIN}"
+    finally:
+        shutil.rmtree(site, ignore_errors=True)
 
 
 def check_vertebra(home: Path, *args: str) -> subprocess.CompletedProcess[str]:
@@ -65,13 +116,15 @@ def check_vertebra(home: Path, *args: str) -> subprocess.CompletedProcess[str]:
 
 
 def test_nagios_runs_check_vertebra_and_receives_bridged_results(running_mesh):
-    home, nagios_dir = running_mesh
-    objects = (command("check_vertebra", f"{CHECK_VERTEBRA} --home {home} -H $HOSTNAME$ -c $ARG1$ -t 20")
+    home, nagios_dir, nagios_jid = running_mesh
+    python, env = python_for_others()
+    run = " ".join(["/usr/bin/env", *(f"{k}={v}" for k, v in env.items()), python, "-m",
+                    "agents.monitor.check_vertebra"])
+    objects = (command("check_vertebra", f"{run} --home {home} -H $HOSTNAME$ -c $ARG1$ -t 20")
                + host("web1") + service("web1", "Mesh Service", "check_vertebra!svc")
                + service("web1", "Passive Check", "host-up", active=False)
                + service("web1", "Spooled Check", "host-up", active=False))
-    # As root: the project's interpreter lives under /root, which the nagios user cannot enter.
-    nagios = Nagios(nagios_dir, objects)
+    nagios = Nagios(nagios_dir, objects, user="nagios", group=GROUP)
     nagios.verify()
     nagios.start()
     try:
@@ -86,6 +139,9 @@ def test_nagios_runs_check_vertebra_and_receives_bridged_results(running_mesh):
             time.sleep(0.2)
         else:
             pytest.fail(f"nagios recorded no results: {nagios.services()}\n{nagios.log()}")
+        assert nagios.proc is not None
+        uids = next(line for line in Path(f"/proc/{nagios.proc.pid}/status").read_text().splitlines()
+                    if line.startswith("Uid:")).split()[1:]
     finally:
         nagios.stop()
     assert active["current_state"] == "1", active
@@ -104,10 +160,14 @@ def test_nagios_runs_check_vertebra_and_receives_bridged_results(running_mesh):
     # Nagios took the files it read away, with their markers; none is left half-written.
     left = [p.name for p in (nagios_dir / "checkresults").iterdir()]
     assert all(name.startswith("c") and len(name) in (7, 10) for name in left), left
+    # Nagios ran as nagios, and its checks went out as the nagios identity, not the operator.
+    assert set(uids) == {str(pwd.getpwnam("nagios").pw_uid)}, uids
+    audited = vertebra(home, "audit", "show", "--caller", nagios_jid, "--op", "monitor.check")
+    assert "monitor.check" in audited.stdout, audited.stdout + audited.stderr
 
 
 def test_check_vertebra_exit_codes_aggregate_and_mesh_problems(running_mesh, tmp_path):
-    home, _ = running_mesh
+    home, _, _ = running_mesh
     one = check_vertebra(home, "-H", "web1", "-c", "svc")
     assert (one.returncode, one.stdout) == (1, "WARNING: slow|latency=0.5s;0.3;1;0\n")
 
