@@ -23,8 +23,39 @@ from .report import AnsweredFn, CallReport, ProgressFn, TargetResult
 from .resources import related
 
 
+# Agents per discovery answer: 1,000 entries of long JIDs with a few resources each fit one payload
+# (docs/protocol.md 3.2); a page that does not is asked for again in halves.
+DISCOVER_PAGE = 1000
+
+
+async def discover_all(actor: Actor, broker: str, op: str, on: Sequence[str], timeout: float, *,
+                       page: int = DISCOVER_PAGE, behalf: str | None = None) -> TargetResult:
+    """Every live agent the broker finds offering ``op`` on ``on``, asked for a page at a time
+    (``mesh.discover``'s ``limit`` and ``after``, docs/protocol.md 5.1) within one ``timeout``: a mesh
+    of 50,000 agents does not fit one answer. The answer is one result holding every page's agents,
+    or the first page's failure."""
+    loop = asyncio.get_running_loop()
+    end = loop.time() + timeout
+    agents: list[dict[str, Any]] = []
+    after = ""
+    while True:
+        args = {"op": op, "resources": list(on), "limit": page, "after": after}
+        found = await actor.request(broker, "mesh.discover", args, timeout=end - loop.time(), behalf=behalf)
+        if found.outcome is not Outcome.OK:
+            if page > 1 and (found.error or "").startswith("too-large:"):
+                page //= 2  # this page's agents hold many resources: ask for fewer at a time
+                continue
+            return found
+        agents += found.result
+        if len(found.result) < page:  # a short page is the last
+            return TargetResult(found.target, Outcome.OK, result=agents)
+        after = found.result[-1]["jid"]
+
+
 class Client(Actor):
     """An actor that calls ops. Each client logs in with its own resource so several may run at once."""
+
+    discover_page = DISCOVER_PAGE  # agents asked for per discovery answer (``discover_all``)
 
     def __init__(self, jid: str, password: str, endpoint: Endpoint, *, broker: str | Sequence[str],
                  timeouts: Timeouts = Timeouts()) -> None:
@@ -37,7 +68,7 @@ class Client(Actor):
         """Ask the broker who offers ``op`` on ``on``: its first instance that is connected answers."""
         found = TargetResult("", Outcome.UNREACHABLE, error="no broker is configured")
         for broker in self.brokers:
-            found = await self.request(broker, "mesh.discover", {"op": op, "resources": list(on)}, timeout=timeout)
+            found = await discover_all(self, broker, op, on, timeout, page=self.discover_page)
             if found.outcome is not Outcome.UNREACHABLE:
                 break
         return found

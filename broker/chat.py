@@ -51,7 +51,7 @@ from agents import resources as paths
 from agents.actor import Actor, Endpoint, Timeouts
 from agents.audit import AuditLog
 from agents.authz import Authorizer, decide
-from agents.client import not_discovered
+from agents.client import discover_all, not_discovered
 from agents.describe import spec_of
 from agents.errors import BadArguments, OpError, Outcome
 from agents.ops import OpSpec, Result
@@ -586,8 +586,7 @@ class ChatBot(Actor):
                        for e in self.directory.discover(spec.name, on)]
             found = TargetResult(self.broker, Outcome.OK, result=entries)
         else:
-            found = await self.request(self.broker, "mesh.discover", {"op": spec.name, "resources": on},
-                                       timeout=timeout, behalf=operator)
+            found = await discover_all(self, self.broker, spec.name, on, timeout, behalf=operator)
         if found.outcome is not Outcome.OK:
             found.error = f"discovery through the broker failed: {found.error}"
             report.results.append(found)

@@ -39,7 +39,8 @@ from agents.config import StateConfig
 from agents.authz import Decision, Request
 from agents.ops import OP_FEATURE_PREFIX, Arg, Field, OpSpec, Result, op
 from agents.resources import check as check_resource, BadResource
-from agents.errors import BadArguments
+from agents import protocol
+from agents.errors import BadArguments, TooLarge
 from agents.kinds import distribution_kinds
 
 from .alerts import Alerts
@@ -74,6 +75,9 @@ REFUSAL_MEMORY = 600.0  # seconds an account's refusal is not logged again at WA
 # What people are shown of a live agent (mesh.agents) and of one found (mesh.discover): a table row.
 _AGENT = Result(Field("jid", "agent"), Field("kind"), Field("resources", display="list"), Field("ops", display="list"))
 _FOUND = Result(Field("jid", "agent"), Field("resources", display="list"))
+# Up to this many agents an unpaged discovery answer is not measured before it is sent: 1,000 of the
+# longest JIDs with a few resources each still fit one payload (docs/protocol.md 3.2).
+DISCOVER_UNPAGED = 1000
 HELLO_AGAIN = 3.0  # seconds after a new session until the second hello to agents not yet listed
 
 
@@ -225,15 +229,27 @@ class Broker(Agent):
                        op: Annotated[str, Arg("only agents offering this op (all ops if empty)")] = "",
                        resources: Annotated[list[str], Arg("only agents holding these resources,"
                                                            " their ancestors or descendants")] = (),  # type: ignore[assignment]
+                       after: Annotated[str, Arg("a page: only agents whose JID sorts after this one (the last"
+                                                 " of the page before)")] = "",
+                       limit: Annotated[int, Arg("a page: at most this many agents (0: all of them)", min=0,
+                                                 max=protocol.MAX_ITEMS)] = 0,
                        ) -> list:
         """Find the live agents that offer an op on resources."""
         try:
             wanted = [check_resource(r) for r in resources]
         except BadResource as exc:
             raise BadArguments(str(exc), argument="resources") from None
-        # Only what a caller needs to address and scope each target: a thousand agents must fit one answer.
-        return [{"jid": e.jid, "resources": self.directory.held(e, wanted)}
-                for e in self.directory.discover(op or None, wanted)]
+        # Only what a caller needs to address and scope each target, in JID order; a page that is
+        # shorter than ``limit`` is the last (docs/protocol.md 5.1).
+        found = [{"jid": e.jid, "resources": self.directory.held(e, wanted)}
+                 for e in self.directory.discover(op or None, wanted, after=after, limit=limit)]
+        if not limit and len(found) > DISCOVER_UNPAGED:
+            try:
+                protocol.encode(found)
+            except TooLarge as exc:
+                raise TooLarge(f"{len(found):,} agents match, more than one answer holds ({exc}): ask for them"
+                               " a page at a time (limit, and after = the last JID of the page before)") from None
+        return found
 
     @op("mesh.agents", effect="read", deadline=5, result=_AGENT)
     async def agents(self, call: Call) -> list:
