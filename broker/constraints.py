@@ -4,9 +4,10 @@ casbin answers "may this role run this op"; these answer questions about who did
 the same instance (the Bertino-Ferrari-Atluri model): separation of duty (the requester of a step
 may not approve it), the two-person rule for destructive steps (two distinct approvers, neither the
 requester), binding of duty (the same person performs two named steps), and rate limits (at most N
-of an op per period, counted atomically in SQLite so two brokers or two racing requests cannot
-both take the last slot). Approvals are re-checked when the step runs: an approver who has since
-lost the right to approve no longer counts.
+of an op per period, counted atomically in SQLite, or on etcd with compare-and-swap
+(broker/state_etcd.py), so two brokers or two racing requests cannot both take the last slot).
+Approvals are re-checked when the step runs: an approver who has since lost the right to approve no
+longer counts.
 
 Pure logic over :class:`Event` lists plus the SQLite counter; nothing here talks to the mesh.
 """
@@ -142,18 +143,27 @@ class RateLimits:
         self.store.close()
 
 
+def rate_verdict(key: str, used: int, limit: int, period: float) -> Verdict:
+    """Whether one more use of ``key`` fits, ``used`` uses having been counted in the last ``period``
+    seconds (every store of the rate limits decides with this)."""
+    if used >= limit:
+        return Verdict(False, f"rate limit: {key} already used {used} times in the last {period:g}s"
+                              f" (at most {limit})")
+    return Verdict(True, f"rate limit: use {used + 1} of {limit} in {period:g}s")
+
+
 def _take(db: sqlite3.Connection, key: str, limit: int, period: float, who: str, now: float) -> Verdict:
     db.execute("BEGIN IMMEDIATE")
     try:
         (used,) = db.execute("SELECT count(*) FROM uses WHERE key = ? AND at > ?", (key, now - period)).fetchone()
-        if used >= limit:
+        verdict = rate_verdict(key, used, limit, period)
+        if not verdict.ok:
             db.execute("ROLLBACK")
-            return Verdict(False, f"rate limit: {key} already used {used} times in the last {period:g}s"
-                                  f" (at most {limit})")
+            return verdict
         db.execute("INSERT INTO uses (key, at, who) VALUES (?, ?, ?)", (key, now, who))
         db.execute("DELETE FROM uses WHERE at < ?", (now - 7 * 86400,))  # keep a week for review
         db.execute("COMMIT")
     except BaseException:
         db.execute("ROLLBACK")
         raise
-    return Verdict(True, f"rate limit: use {used + 1} of {limit} in {period:g}s")
+    return verdict

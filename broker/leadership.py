@@ -39,6 +39,8 @@ from typing import Any, Callable, Protocol
 from agents.db import open_db
 from agents.errors import OpError, Outcome, error_for
 
+from . import shared_state
+
 log = logging.getLogger(__name__)
 
 LEASE_TERM = 6.0  # seconds a lease lasts unless renewed
@@ -112,16 +114,6 @@ class Lease:
         self._db.close()
 
 
-def open_lease(broker: Any, holder: str) -> LeaseStore:
-    """The lease in the store the mesh file names for the broker (``state``), else in SQLite."""
-    if broker.state_config is not None:
-        from .state_etcd import EtcdLease  # the etcd client only where the mesh uses etcd
-
-        return EtcdLease(broker.state_config, holder, LEASE_TERM)
-    shared: Path | None = broker.shared_dir
-    return Lease(shared / "leader.sqlite" if shared else None, holder)
-
-
 class Deposed(Exception):
     """This instance lost the lead (or its session) while running a workflow step."""
 
@@ -134,7 +126,7 @@ class Leadership:
     def __init__(self, broker: Any, elected: Callable[[], None], deposed: Callable[[], None]) -> None:
         self.broker = broker
         self.on_elected, self.on_deposed = elected, deposed
-        self.lease = open_lease(broker, str(broker.xmpp.boundjid))
+        self.lease = shared_state.lease(broker, str(broker.xmpp.boundjid), LEASE_TERM)
         self.term: int | None = None  # this instance's term while it leads (stamped on every step)
         self.siblings: set[str] = set()  # the other live instances (full JIDs), from their presence
         self._renewer: asyncio.Task[None] | None = None

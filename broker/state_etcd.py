@@ -14,20 +14,25 @@ program's start-up.
 
 from __future__ import annotations
 
+import json
 import logging
 import socket
 import time
-from typing import Any
+from typing import Any, Callable
 
 import aetcd
 import grpc
 from aetcd import rpc, watcher
 
 from agents.config import StateConfig
+from agents.errors import OpError
+
+from .constraints import Verdict, rate_verdict
 
 log = logging.getLogger(__name__)
 
 CALL_TIMEOUT = 2.0  # seconds one etcd call may take; a member without quorum must not hold up the lead
+SWAP_ATTEMPTS = 50  # compare-and-swap rounds before a change that keeps losing races gives up
 
 
 class EtcdClient(aetcd.Client):
@@ -162,4 +167,37 @@ class EtcdLease:
 
     async def aclose(self) -> None:
         await self.release()
+        await self.client.close()
+
+
+class EtcdRateLimits:
+    """The workflow rate limits (``RateLimits`` in broker/constraints.py) on etcd: one key per limited
+    key, holding the uses inside the window, changed by compare-and-swap on the key's revision, so two
+    instances taking the last slot at once cannot both have it (the loser reads again and is refused).
+    Windows are measured with the instances' wall clocks, as in SQLite."""
+
+    def __init__(self, config: StateConfig, clock: Callable[[], float] = time.time) -> None:
+        self.client, self.clock = EtcdClient(config), clock
+        self.prefix = f"{config.prefix.rstrip('/')}/rate-limits/"
+
+    async def take(self, key: str, limit: int, period: float, who: str) -> Verdict:
+        """Count one use of ``key`` if fewer than ``limit`` were counted in the last ``period`` seconds."""
+        name = (self.prefix + key).encode()
+        tx = self.client.transactions
+        for _ in range(SWAP_ATTEMPTS):
+            now = self.clock()
+            found = await self.client.get(name)
+            uses = [u for u in json.loads(found.value) if u[0] > now - period] if found else []
+            verdict = rate_verdict(key, len(uses), limit, period)
+            if not verdict.ok:
+                return verdict
+            unchanged = tx.mod(name) == found.mod_revision if found else tx.create(name) == 0
+            swapped, _ = await self.client.transaction(
+                compare=[unchanged], success=[tx.put(name, json.dumps(uses + [[now, who]]).encode())], failure=[])
+            if swapped:
+                return verdict
+        raise OpError(f"the rate limit {key} changed under {SWAP_ATTEMPTS} attempts in a row to count a use;"
+                      " try again in a moment")
+
+    async def aclose(self) -> None:
         await self.client.close()

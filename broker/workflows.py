@@ -64,7 +64,8 @@ from agents.errors import BadArguments, Denied, Outcome
 from agents.ops import Arg, Field, OpSpec, Result, op
 from agents.pairs import parse_pairs
 
-from .constraints import APPROVED, RateLimits, StepRule, check_approval, check_perform
+from . import shared_state
+from .constraints import APPROVED, StepRule, check_approval, check_perform
 from .workflow_spec import Plan, Step, Workflow, WorkflowError, load_dir
 from .leadership import Deposed
 from .workflow_store import FINISHED, WorkflowState, WorkflowStore
@@ -124,7 +125,7 @@ class WorkflowEngine:
         self.leadership: Any = None  # set by the broker once its leadership is made (it needs our hooks)
         state: Path | None = broker.shared_dir
         self.workflow_store: WorkflowState = WorkflowStore(state / "workflows.sqlite" if state else None)
-        self.rate_limits = RateLimits(state / "rates.sqlite" if state else ":memory:")
+        self.rate_limits = shared_state.rate_limits(broker)  # SQLite in ``state``, or etcd
         self._runners: dict[str, asyncio.Task[None]] = {}
         self._dirty: set[str] = set()  # instances that changed while their runner was busy
         self._installed: dict[str, OpSpec] | None = None

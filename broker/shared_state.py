@@ -1,0 +1,41 @@
+"""Where the broker's instances keep what they share, chosen once at start from the mesh file.
+
+By default SQLite files in the broker's shared state directory (instances on one machine); with
+``state: etcd://...`` under the mesh file's ``broker``, an etcd cluster (instances on several
+machines, broker/state_etcd.py). Each function gives the component the same interface either way;
+the etcd client is imported only when the mesh names etcd.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from .constraints import RateLimits
+
+if TYPE_CHECKING:
+    from .leadership import LeaseStore
+
+LEASE_FILE, RATES_FILE = "leader.sqlite", "rates.sqlite"
+
+
+def lease(broker: Any, holder: str, term: float) -> LeaseStore:
+    """The workflow lead's lease, held as ``holder`` for ``term`` seconds at a time."""
+    if broker.state_config is not None:
+        from .state_etcd import EtcdLease
+
+        return EtcdLease(broker.state_config, holder, term)
+    from .leadership import Lease
+
+    shared: Path | None = broker.shared_dir
+    return Lease(shared / LEASE_FILE if shared else None, holder, term)
+
+
+def rate_limits(broker: Any) -> Any:
+    """The workflow steps' rate limits (``take``, ``aclose``)."""
+    if broker.state_config is not None:
+        from .state_etcd import EtcdRateLimits
+
+        return EtcdRateLimits(broker.state_config)
+    shared: Path | None = broker.shared_dir
+    return RateLimits(shared / RATES_FILE if shared else ":memory:")
