@@ -20,7 +20,8 @@ effect; look, and use a new id to run it again) rather than running it a second 
 The file is read and written on its own thread (``agents.db.Store``), never on the event loop: such a
 request is looked up on disk with :meth:`RequestLog.recall`, and its outcome is on disk when the
 awaitable :meth:`RequestLog.finish` returns, before the agent answers (a repeat waiting in memory gets it
-only then too).
+only then too). Rows handed over while the thread is busy writing go to disk together, in one
+transaction and one sync, so many requests at once do not wait for a sync each.
 """
 
 from __future__ import annotations
@@ -80,6 +81,9 @@ class RequestLog:
         self._seen: OrderedDict[tuple[str, str], Seen] = OrderedDict()
         self._store: Store | None = None
         self._pruned = time.monotonic()
+        # Rows waiting for the next transaction, each with the future its writer awaits (group commit).
+        self._waiting: list[tuple[tuple[object, ...], asyncio.Future[None]]] = []
+        self._writer: asyncio.Task[None] | None = None
         if path is not None:
             # FULL: an outcome, once answered, must outlive a power cut too, or a retry after one would
             # run the op again.
@@ -145,14 +149,28 @@ class RequestLog:
                               None if status == "ok" else str(protocol.decode(payload)), time.time()))
 
     async def _keep(self, row: tuple[object, ...]) -> None:
+        """Put ``row`` on disk; returns once it is synced (with the rows handed over meanwhile)."""
+        written: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiting.append((row, written))
+        if self._writer is None or self._writer.done():
+            self._writer = asyncio.ensure_future(self._write_waiting())
+        await asyncio.shield(written)  # a cancelled request does not take the others' write with it
+
+    async def _write_waiting(self) -> None:
         assert self._store is not None
-        if time.monotonic() - self._pruned > PRUNE_EVERY:  # the window holds while the agent runs, too
-            self._pruned = time.monotonic()
-            self._store.submit(_forget_before, time.time() - DURABLE_WINDOW)
-        try:
-            await self._store.run(_keep_outcome, row)
-        except sqlite3.Error:  # the answer still goes out; only a retry after a restart could run it again
-            log.exception("could not keep the outcome of request %s from %s on disk", row[1], row[0])
+        while self._waiting:
+            batch, self._waiting = self._waiting, []
+            if time.monotonic() - self._pruned > PRUNE_EVERY:  # the window holds while the agent runs, too
+                self._pruned = time.monotonic()
+                self._store.submit(_forget_before, time.time() - DURABLE_WINDOW)
+            try:
+                await self._store.run(_keep_outcomes, [row for row, _ in batch])
+            except sqlite3.Error:  # the answers still go out; only a retry after a restart could run them again
+                log.exception("could not keep the outcomes of %d requests on disk (the first: %s from %s)",
+                              len(batch), batch[0][0][1], batch[0][0][0])
+            for _, written in batch:
+                if not written.done():
+                    written.set_result(None)
 
     def abandon(self, key: tuple[str, str], seen: Seen, error: OpError, *, ran: bool = True) -> None:
         """The run died without an outcome: fail any repeat waiting on it, and forget the id. A request
@@ -185,6 +203,8 @@ class RequestLog:
 
     async def aclose(self) -> None:
         """:meth:`close` without holding up the event loop."""
+        if self._writer is not None:
+            await asyncio.gather(self._writer, return_exceptions=True)  # what was handed over is written
         if self._store is not None:
             await self._store.aclose()
 
@@ -213,5 +233,11 @@ def _recorded_error(condition: str, text: str | None) -> OpError:
     return error
 
 
-def _keep_outcome(db: sqlite3.Connection, row: tuple[object, ...]) -> None:
-    db.execute("INSERT OR REPLACE INTO outcomes VALUES (?, ?, ?, ?, ?, ?, ?)", row)
+def _keep_outcomes(db: sqlite3.Connection, rows: list[tuple[object, ...]]) -> None:
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        db.executemany("INSERT OR REPLACE INTO outcomes VALUES (?, ?, ?, ?, ?, ?, ?)", rows)
+    except BaseException:
+        db.execute("ROLLBACK")
+        raise
+    db.execute("COMMIT")

@@ -3,6 +3,7 @@ for how long, and what it never answers with."""
 
 from __future__ import annotations
 
+import asyncio
 import sqlite3
 import time
 
@@ -90,5 +91,28 @@ async def test_the_window_is_kept_while_the_agent_runs(tmp_path, monkeypatch):
     db = sqlite3.connect(path)
     try:
         assert [r[0] for r in db.execute("SELECT rid FROM outcomes")] == ["rid-1"]
+    finally:
+        db.close()
+
+
+async def test_rows_handed_over_together_are_written_in_one_transaction(tmp_path, monkeypatch):
+    """Many requests ending at once wait for one sync between them, not one each, and all are on disk."""
+    transactions: list[int] = []
+    keep = idempotency._keep_outcomes
+
+    def counted(db, rows):
+        transactions.append(len(rows))
+        keep(db, rows)
+
+    monkeypatch.setattr(idempotency, "_keep_outcomes", counted)
+    path = tmp_path / "r.sqlite"
+    log = RequestLog(path)
+    await asyncio.gather(*(log._keep(("operator@vertebra.test", f"rid-{i}", "fp", "", None, None, time.time()))
+                           for i in range(200)))
+    assert sum(transactions) == 200 and len(transactions) < 200, transactions
+    await log.aclose()
+    db = sqlite3.connect(path)
+    try:
+        assert db.execute("SELECT COUNT(*) FROM outcomes").fetchone()[0] == 200
     finally:
         db.close()
