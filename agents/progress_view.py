@@ -168,9 +168,9 @@ def describe(payload: Any, rate: tuple[float | None, float | None] = (None, None
     if not isinstance(payload, dict):
         return str(payload)
     words = [str(payload["phase"])] if payload.get("phase") else []
-    words += [f"{k}={_value(v)}" for k, v in payload.items() if k != "phase" and k not in _BYTE_KEYS
-              and v is not None]
     done, total = _number(payload.get("bytes")), _number(payload.get("total"))
+    words += [f"{k}={_value(k, v)}" for k, v in payload.items() if k != "phase" and v is not None
+              and not (done is not None and k in _BYTE_KEYS) and not _nested(v)]
     if done is None:
         return " ".join(words)
     speed = _number(payload.get("rate"))
@@ -225,8 +225,18 @@ def _number(value: Any) -> float | None:
     return value if isinstance(value, (int, float)) and not isinstance(value, bool) else None
 
 
-def _value(value: Any) -> str:
+def _value(key: str, value: Any) -> str:
+    """A report's value as a word: byte counts in units, seconds as a duration, lists joined by commas."""
+    if _number(value) is not None and (key.endswith("bytes") or key in ("rate", "seconds", "eta")):
+        return {"rate": f"{human_bytes(value)}/s", "seconds": duration(value), "eta": duration(value)}.get(
+            key, human_bytes(value))
     return ",".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value)
+
+
+def _nested(value: Any) -> bool:
+    """Maps, and lists holding maps or lists: detail for the result, not for a line of progress."""
+    return isinstance(value, dict) or (isinstance(value, (list, tuple))
+                                       and any(isinstance(v, (dict, list, tuple)) for v in value))
 
 
 def _short(target: str) -> str:

@@ -346,11 +346,12 @@ class Replicator:
 
 
 class _Meter:
-    """Bytes, rate and ETA of one transfer attempt."""
+    """Bytes, rate and ETA of one transfer attempt: reported with its first bytes, then every
+    ``_REPORT_EVERY`` seconds (so even a short transfer shows its byte count)."""
 
     def __init__(self, held: int, total: int | None) -> None:
         self.done, self.total, self.sent = held, total, 0
-        self.start = self.last = time.monotonic()
+        self.start, self.last = time.monotonic(), float("-inf")
 
     def add(self, n: int) -> None:
         self.done += n

@@ -77,6 +77,10 @@ async def full_then_incremental(s: Sites) -> None:
     first = res.result
     assert first["tls"] is True and first["last"]["base"] is None and first["pending"] is None
     assert any(p.get("phase") == "done" for p in reports), reports
+    # The stream's byte count as it goes (of its length where the driver knows it: embedded, not btrfs).
+    sending = [p for p in reports if p.get("phase") == "sending"]
+    assert sending and sending[0]["bytes"] > 0 and sending[0]["rate"] is not None, reports
+    assert all((p["total"] is None) == (s.src.driver.name == "btrfs") for p in sending), reports
     package = first["package"]
     await s.clone_matches(package, first["last_snap"], live, "check1")
 

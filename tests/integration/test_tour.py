@@ -57,7 +57,9 @@ def transcript() -> list[tuple[str, str]]:
 
 
 def run(command: str, env: dict[str, str]) -> str:
-    program, *args = shlex.split(command)
+    """What ``command`` prints, stdout and stderr as one; `$PWD/.vertebra` (the state directory of
+    `make run`, in the directory it runs in) is this run's state directory."""
+    program, *args = shlex.split(command.replace("$PWD/.vertebra", env["VERTEBRA_HOME"]))
     done = subprocess.run([sys.executable, "-m", PROGRAMS[program], *args], cwd=ROOT, env=env, timeout=120,
                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     return done.stdout

@@ -144,3 +144,13 @@ def test_following_ends_with_a_status_request_that_fails():
     got = follow_workflow(_status("running", ("snap", "running")), lambda wait: failed, io.StringIO(),
                           sleep=lambda s: None)
     assert got is failed
+
+
+def test_a_report_without_a_byte_count_reads_as_words_in_units():
+    # Replication's last report: its own sizes and seconds in units, the per-connection detail left out.
+    done = {"phase": "done", "snapshot": "r1-000001", "base": None, "stream_bytes": 6 * MIB + 512,
+            "sent_bytes": 6 * MIB + 512, "resumed_from": 0, "attempts": 1,
+            "connections": [{"resumed_from": 0, "sent_bytes": 6 * MIB + 512}], "seconds": 1.5, "rate": 4 * MIB,
+            "action": "r1"}
+    assert describe(done, plain=True) == ("done snapshot=r1-000001 stream_bytes=6 MiB sent_bytes=6 MiB"
+                                          " resumed_from=0 attempts=1 seconds=1.5 s rate=4 MiB/s action=r1")
