@@ -12,11 +12,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .constraints import RateLimits
+from .workflow_store import WorkflowState, WorkflowStore
 
 if TYPE_CHECKING:
     from .leadership import LeaseStore
 
-LEASE_FILE, RATES_FILE = "leader.sqlite", "rates.sqlite"
+LEASE_FILE, RATES_FILE, WORKFLOWS_FILE = "leader.sqlite", "rates.sqlite", "workflows.sqlite"
 
 
 def lease(broker: Any, holder: str, term: float) -> LeaseStore:
@@ -39,3 +40,13 @@ def rate_limits(broker: Any) -> Any:
         return EtcdRateLimits(broker.state_config)
     shared: Path | None = broker.shared_dir
     return RateLimits(shared / RATES_FILE if shared else ":memory:")
+
+
+def workflow_store(broker: Any) -> WorkflowState:
+    """The workflow instances, their steps and their history."""
+    if broker.state_config is not None:
+        from .state_etcd import EtcdWorkflowStore
+
+        return EtcdWorkflowStore(broker.state_config)
+    shared: Path | None = broker.shared_dir
+    return WorkflowStore(shared / WORKFLOWS_FILE if shared else None)

@@ -18,6 +18,8 @@ import json
 import logging
 import socket
 import time
+import uuid
+from collections.abc import Iterable
 from typing import Any, Callable
 
 import aetcd
@@ -27,7 +29,8 @@ from aetcd import rpc, watcher
 from agents.config import StateConfig
 from agents.errors import OpError
 
-from .constraints import Verdict, rate_verdict
+from .constraints import PERFORMED, REQUESTED, Event, Verdict, rate_verdict
+from .workflow_store import FINISHED, STEP_FIELDS
 
 log = logging.getLogger(__name__)
 
@@ -201,3 +204,123 @@ class EtcdRateLimits:
 
     async def aclose(self) -> None:
         await self.client.close()
+
+
+class EtcdWorkflowStore:
+    """The workflow state (``WorkflowState`` in broker/workflow_store.py) on etcd. Each instance, each
+    step and each history event is one key holding JSON; what the SQLite store writes in one
+    transaction (a new instance with its steps and events; a step's start with its ``performed``
+    event) is one etcd transaction, and a change to an instance or a step is a compare-and-swap on
+    its revision, so two writers never lose each other's change."""
+
+    MAX_TXN_OPS = 128  # etcd's default --max-txn-ops
+
+    def __init__(self, config: StateConfig) -> None:
+        self.client = EtcdClient(config)
+        self.prefix = f"{config.prefix.rstrip('/')}/workflows/"
+
+    def _key(self, *parts: str) -> bytes:
+        return (self.prefix + "/".join(parts)).encode()
+
+    def _event(self, iid: str, n: int, kind: str, step: str, actor: str, at: float) -> Any:
+        # Events of one transaction share a revision: the key's counter orders them within it.
+        key = self._key("e", iid, f"{n:05d}-{uuid.uuid4().hex}")
+        return self.client.transactions.put(key, json.dumps([kind, step, actor, at]).encode())
+
+    async def _txn(self, compare: list[Any], success: list[Any]) -> bool:
+        succeeded, _ = await self.client.transaction(compare=compare, success=success, failure=[])
+        return bool(succeeded)
+
+    async def _update(self, key: bytes, change: Callable[[dict[str, Any]], None], extra: Iterable[Any] = ()) -> None:
+        """Read the JSON at ``key``, change it, write it back if nobody wrote it meanwhile (else again)."""
+        tx = self.client.transactions
+        for _ in range(SWAP_ATTEMPTS):
+            found = await self.client.get(key)
+            if found is None:
+                raise KeyError(f"no workflow record {key.decode()}")
+            row = json.loads(found.value)
+            change(row)
+            if await self._txn([tx.mod(key) == found.mod_revision], [tx.put(key, json.dumps(row).encode()), *extra]):
+                return
+        raise OpError(f"the workflow record {key.decode()} kept changing under {SWAP_ATTEMPTS} attempts to write it;"
+                      " try again in a moment")
+
+    async def aclose(self) -> None:
+        await self.client.close()
+
+    # -- instances -----------------------------------------------------------------------------
+
+    async def create(self, iid: str, workflow: str, requester: str, params: dict[str, Any], plan: list,
+                     steps: Iterable[str]) -> None:
+        """A new instance, every step pending and requested by the requester, in one transaction."""
+        steps, now, tx = list(steps), time.time(), self.client.transactions
+        if 1 + 2 * len(steps) > self.MAX_TXN_OPS:
+            raise OpError(f"a workflow of {len(steps)} steps is more than one etcd transaction holds (at most"
+                          f" {(self.MAX_TXN_OPS - 1) // 2} steps); split it into smaller workflows")
+        instance = {"id": iid, "workflow": workflow, "requester": requester, "params": params, "plan": plan,
+                    "state": "running", "error": "", "created": now, "updated": now}
+        puts = [tx.put(self._key("i", iid), json.dumps(instance).encode())]
+        for n, step in enumerate(steps):
+            row = {"instance": iid, "step": step, "state": "pending", "performer": "", "target": "",
+                   "rate_taken": 0, "attempts": 0, "outcome": "", "result": None, "reason": "", "started": None,
+                   "ended": None}
+            puts += [tx.put(self._key("s", iid, step), json.dumps(row).encode()),
+                     self._event(iid, n, REQUESTED, step, requester, now)]
+        if not await self._txn([tx.create(self._key("i", iid)) == 0], puts):
+            raise OpError(f"a workflow instance {iid} exists already")
+
+    async def instance(self, iid: str) -> dict[str, Any] | None:
+        found = await self.client.get(self._key("i", iid))
+        return json.loads(found.value) if found else None
+
+    async def _all(self) -> list[dict[str, Any]]:
+        return [json.loads(kv.value) for kv in await self.client.get_prefix(self._key("i", ""))]
+
+    async def instances(self, state: str = "", limit: int = 50) -> list[dict[str, Any]]:
+        rows = sorted((r for r in await self._all() if not state or r["state"] == state),
+                      key=lambda r: r["created"], reverse=True)[:limit]
+        keep = ("id", "workflow", "requester", "state", "error", "created", "updated")
+        return [{k: r[k] for k in keep} for r in rows]
+
+    async def unfinished(self) -> list[str]:
+        rows = sorted((r for r in await self._all() if r["state"] not in FINISHED), key=lambda r: r["created"])
+        return [r["id"] for r in rows]
+
+    async def set_instance(self, iid: str, state: str, error: str = "") -> None:
+        await self._update(self._key("i", iid), lambda r: r.update(state=state, error=error, updated=time.time()))
+
+    # -- steps and history ---------------------------------------------------------------------
+
+    async def step(self, iid: str, step: str) -> dict[str, Any]:
+        found = await self.client.get(self._key("s", iid, step))
+        if found is None:
+            raise KeyError(f"workflow instance {iid} has no step {step}")
+        return dict(json.loads(found.value))
+
+    async def steps(self, iid: str) -> dict[str, dict[str, Any]]:
+        rows = [json.loads(kv.value) for kv in await self.client.get_prefix(self._key("s", iid, ""))]
+        return {r["step"]: r for r in rows}
+
+    async def set_step(self, iid: str, step: str, **fields: Any) -> None:
+        unknown = set(fields) - STEP_FIELDS
+        if unknown:
+            raise ValueError(f"a step has no field {', '.join(sorted(unknown))}")
+        if "result" in fields:  # as the SQLite store keeps it: what JSON makes of it
+            fields["result"] = json.loads(json.dumps(fields["result"], default=str))
+        await self._update(self._key("s", iid, step), lambda r: r.update(fields))
+
+    async def start_step(self, iid: str, step: str, performer: str, target: str) -> None:
+        """The point of no return: the performed event and the running state, in one transaction."""
+        now = time.time()
+        await self._update(self._key("s", iid, step),
+                           lambda r: r.update(state="running", performer=performer, target=target, started=now,
+                                              reason=""),
+                           extra=[self._event(iid, 0, PERFORMED, step, performer, now)])
+
+    async def add_event(self, iid: str, kind: str, step: str, actor: str) -> None:
+        await self._txn([], [self._event(iid, 0, kind, step, actor, time.time())])
+
+    async def history(self, iid: str) -> list[Event]:
+        found = list(await self.client.get_prefix(self._key("e", iid, "")))
+        found.sort(key=lambda kv: (kv.create_revision, kv.key))
+        return [Event(*json.loads(kv.value)) for kv in found]

@@ -68,7 +68,7 @@ from . import shared_state
 from .constraints import APPROVED, StepRule, check_approval, check_perform
 from .workflow_spec import Plan, Step, Workflow, WorkflowError, load_dir
 from .leadership import Deposed
-from .workflow_store import FINISHED, WorkflowState, WorkflowStore
+from .workflow_store import FINISHED, WorkflowState
 
 log = logging.getLogger(__name__)
 
@@ -123,9 +123,9 @@ class WorkflowEngine:
     def __init__(self, broker: Any) -> None:
         self.broker = broker
         self.leadership: Any = None  # set by the broker once its leadership is made (it needs our hooks)
-        state: Path | None = broker.shared_dir
-        self.workflow_store: WorkflowState = WorkflowStore(state / "workflows.sqlite" if state else None)
-        self.rate_limits = shared_state.rate_limits(broker)  # SQLite in ``state``, or etcd
+        # SQLite files in the shared state directory, or etcd (the mesh file's broker state).
+        self.workflow_store: WorkflowState = shared_state.workflow_store(broker)
+        self.rate_limits = shared_state.rate_limits(broker)
         self._runners: dict[str, asyncio.Task[None]] = {}
         self._dirty: set[str] = set()  # instances that changed while their runner was busy
         self._installed: dict[str, OpSpec] | None = None

@@ -1,7 +1,8 @@
 """The workflow lead on etcd (broker/state_etcd.py) and the term every step carries.
 
 A private three-member etcd on loopback (tests/etcd_cluster.py) stands in for the cluster the
-broker's instances share across machines. The election is checked on its own (terms only grow, a
+broker's instances share across machines: it holds the lead, the workflow instances and the rate
+limits. The election is checked on its own (terms only grow, a
 member may die, an instance the server says has gone is replaced at once), then two broker instances
 run a workflow: the leader, in a process of its own, is suspended (SIGSTOP) while a step is in flight,
 the other takes over and finishes the workflow without running the step again, and a step stamped
@@ -152,6 +153,8 @@ async def test_a_suspended_leader_is_replaced_and_its_late_step_is_refused(
         steps = {s["name"]: s for s in res["steps"]}
         assert res["state"] == "done", res
         assert agent.gated_runs == 1 and steps["gated"]["result"] == 1 and agent.runs == 2
+        # The instance, its steps and the lead lived in etcd: nothing in the shared directory.
+        assert not {"workflows.sqlite", "leader.sqlite", "rates.sqlite"} & {p.name for p in shared.iterdir()}
 
         # A step the old leader sends late, stamped with its term, is refused: nothing runs.
         late = await second.request(str(agent.jid), "sample.count", {}, on=["/host/a"], timeout=10,

@@ -1,6 +1,7 @@
 """The broker's shared state on a real three-member etcd (broker/state_etcd.py), beside the lead:
 the rate limits of workflow steps, counted by compare-and-swap so that instances racing for the
-last slot cannot both have it, and chosen from the mesh file's broker state (broker/shared_state.py)."""
+last slot cannot both have it; the workflow store, which answers as the SQLite one does and loses no
+write to a race; and the choice of store from the mesh file's broker state (broker/shared_state.py)."""
 
 from __future__ import annotations
 
@@ -13,12 +14,13 @@ import pytest
 
 from agents.config import StateConfig
 from broker import shared_state
-from broker.constraints import RateLimits
+from broker.constraints import APPROVED, RateLimits
+from broker.workflow_store import WorkflowStore
 from etcd_cluster import PrivateEtcd
 
 pytest.importorskip("aetcd", reason="the etcd client is the optional extra 'etcd': make install installs it")
 
-from broker.state_etcd import EtcdLease, EtcdRateLimits  # noqa: E402  (after the check above)
+from broker.state_etcd import EtcdLease, EtcdRateLimits, EtcdWorkflowStore  # noqa: E402  (after the check above)
 
 
 class Clock:
@@ -74,3 +76,62 @@ async def test_the_mesh_file_s_state_chooses_the_store(etcd: PrivateEtcd, tmp_pa
     finally:
         await limits.aclose()
         await lease.aclose()
+
+
+async def _workflow_story(store: Any) -> dict[str, Any]:
+    """The same writes on a store, and what it then answers (times left out: each store takes its own)."""
+    await store.create("i1", "patch", "alice@x", {"node": "n1"}, [["a"], ["b"]], ["a", "b"])
+    await store.create("i2", "patch", "alice@x", {}, [["a"]], ["a"])
+    await store.set_step("i1", "a", state="held", reason="held until someone performs it")
+    await store.add_event("i1", APPROVED, "a", "bob@x")
+    await store.start_step("i1", "a", "carol@x", "agent@x/agent")
+    await store.set_step("i1", "a", state="ok", outcome="ok", result={"n": 1, "at": {"x"}}, attempts=1)
+    await store.set_instance("i2", "done")
+    await store.set_instance("i1", "waiting", "step b waits for approvals")
+    untimed = ("created", "updated", "started", "ended")
+
+    def strip(row: dict[str, Any]) -> dict[str, Any]:
+        return {k: v for k, v in row.items() if k not in untimed}
+
+    return {"instance": strip(await store.instance("i1") or {}), "none": await store.instance("nope"),
+            "instances": [strip(r) for r in await store.instances()],
+            "done": [r["id"] for r in await store.instances(state="done")], "unfinished": await store.unfinished(),
+            "steps": {k: strip(v) for k, v in (await store.steps("i1")).items()},
+            "step": strip(await store.step("i1", "a")),
+            "history": [(e.kind, e.step, e.actor) for e in await store.history("i1")]}
+
+
+async def test_the_workflow_store_on_etcd_answers_as_the_sqlite_one(etcd: PrivateEtcd, tmp_path: Path) -> None:
+    sqlite_store = WorkflowStore(tmp_path / "workflows.sqlite")
+    etcd_store = EtcdWorkflowStore(StateConfig(endpoints=tuple(etcd.endpoints), prefix="/workflow-test"))
+    try:
+        on_sqlite, on_etcd = await _workflow_story(sqlite_store), await _workflow_story(etcd_store)
+        assert on_etcd == on_sqlite
+        assert on_etcd["step"]["state"] == "ok" and on_etcd["step"]["performer"] == "carol@x"
+        assert on_etcd["history"] == [("requested", "a", "alice@x"), ("requested", "b", "alice@x"),
+                                      ("approved", "a", "bob@x"), ("performed", "a", "carol@x")]
+        assert on_etcd["unfinished"] == ["i1"] and on_etcd["done"] == ["i2"]
+    finally:
+        await sqlite_store.aclose()
+        await etcd_store.aclose()
+
+
+async def test_racing_writers_of_one_step_lose_nothing(etcd: PrivateEtcd) -> None:
+    cfg = StateConfig(endpoints=tuple(etcd.endpoints), prefix="/workflow-race")
+    one, two = EtcdWorkflowStore(cfg), EtcdWorkflowStore(cfg)
+    try:
+        await one.create("r1", "patch", "alice@x", {}, [["a"]], ["a"])
+        with pytest.raises(Exception, match="exists already"):
+            await two.create("r1", "patch", "mallory@x", {}, [["a"]], ["a"])
+        # Six changes to six fields of the same step at once, from two writers: each read-modify-write
+        # that loses a race reads again, so every change is there in the end.
+        changes = {"attempts": 3, "rate_taken": 1, "outcome": "ok", "reason": "why", "target": "a@x/agent",
+                   "performer": "carol@x"}
+        await asyncio.gather(*(store.set_step("r1", "a", **{field: value})
+                               for store, (field, value) in zip((one, two) * 3, changes.items())))
+        row = await two.step("r1", "a")
+        assert {k: row[k] for k in changes} == changes and row["state"] == "pending"
+        assert (await one.instance("r1") or {})["requester"] == "alice@x"
+    finally:
+        await one.aclose()
+        await two.aclose()
