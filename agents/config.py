@@ -25,7 +25,7 @@ if TYPE_CHECKING:
 
 from . import resources as paths
 from . import schema
-from .home import actor_state, state_home
+from .home import UnsafePath, actor_state, check_safe, state_home
 from .intake import IntakeLimits
 from .schema import SchemaError
 
@@ -279,16 +279,28 @@ def load(path: str | os.PathLike[str] | None = None, home: str | os.PathLike[str
          check_settings: bool | Collection[str] = False) -> MeshConfig:
     """Load and validate a mesh file (default: HOME/mesh.yaml, created from the example if missing);
     with ``check_settings``, also the settings of every agent (True) or of the agents named, which
-    must be the ones that run on this machine (:meth:`MeshConfig.check_settings`)."""
+    must be the ones that run on this machine (:meth:`MeshConfig.check_settings`). A state directory
+    or mesh file that someone other than root and its owner could have written is refused
+    (agents/home.py ``check_safe``, as sshd's StrictModes)."""
     home_dir = default_home(home)
     if path is None:
         path = home_dir / "mesh.yaml"
         if not path.exists():
-            home_dir.mkdir(parents=True, exist_ok=True)
+            if not home_dir.exists():
+                home_dir.mkdir(parents=True)
+                os.chmod(home_dir, 0o755)  # whatever the umask: a group-writable one would be refused
             path.write_text(EXAMPLE.read_text())
+            os.chmod(path, 0o644)
     path = Path(path)
     if not path.exists():
         raise ConfigError("no such mesh file", source=path)
+    for checked, what in ((home_dir, "state directory"), (path, "mesh file")):
+        try:
+            check_safe(checked, what)
+        except FileNotFoundError:
+            pass  # a state directory not made yet: `vertebra server start` and `up` make it
+        except UnsafePath as exc:
+            raise ConfigError(str(exc)) from None
     mesh = parse(schema.read(path, ConfigError), path, home_dir)
     if check_settings:
         mesh.check_settings(None if check_settings is True else check_settings)

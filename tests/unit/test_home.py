@@ -135,3 +135,29 @@ def test_a_state_directory_another_user_made_in_tmp_is_refused(private):
     os.chown(hostile, nobody, -1)
     with pytest.raises(UnsafePath, match=f"{hostile} above it is owned by nobody .* who could replace it"):
         check_safe(inner, "state directory")
+
+
+def test_the_vertebra_command_refuses_what_others_could_write_too(private):
+    home = private / "home"
+    home.mkdir(mode=0o755)
+    (home / "mesh.yaml").write_text("operator: operator\n")
+    os.chmod(home / "mesh.yaml", 0o644)
+    assert config.load(None, home).operator == "operator"
+    os.chmod(home / "mesh.yaml", 0o666)
+    with pytest.raises(config.ConfigError, match=f"refusing the mesh file {home}/mesh.yaml: it is writable by its"
+                                                 " group and everyone"):
+        config.load(None, home)
+    os.chmod(home / "mesh.yaml", 0o644)
+    os.chmod(home, 0o775)
+    with pytest.raises(config.ConfigError, match=f"refusing the state directory {home}: it is writable by its group"):
+        config.load(None, home)
+
+
+def test_a_new_state_directory_is_made_safe_whatever_the_umask(private):
+    old = os.umask(0o002)  # a site whose users share files with their group by default
+    try:
+        mesh = config.load(None, private / "fresh")
+    finally:
+        os.umask(old)
+    assert (private / "fresh").stat().st_mode & 0o777 == 0o755
+    assert mesh.path.stat().st_mode & 0o777 == 0o644
