@@ -285,9 +285,12 @@ class Agent(Actor):
         if pres["type"] == "unavailable":
             self._brokers.discard(broker)
             self._start_announcing()  # to be known again as soon as a broker returns
-        elif broker not in self._brokers:
-            # A broker we had not heard from: it acknowledged us, or it (re)started and says hello.
-            # Either way one presence back makes sure it has our current caps.
+        elif broker not in self._brokers or not pres["to"].resource:
+            # A broker we had not heard from (it acknowledged us, or it started and says hello), or a
+            # hello, which a broker sends our bare JID from a new session whose directory is empty:
+            # one presence back lists us there with our current caps. A hello is answered even from
+            # a full JID already seen, since a broker that lost its session comes back under the same
+            # one, and the server need not have told us it went (docs/protocol.md 4.4).
             self._brokers.add(broker)
             self.presence(broker)
 

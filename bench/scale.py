@@ -330,8 +330,9 @@ class SimAgent:
                 self.brokers.discard(sender)
                 if not self.brokers:
                     self.announce()
-            elif el.get("type") is None and sender not in self.brokers:
-                self.brokers.add(sender)  # the broker's acknowledgement or hello: answer it (4.4)
+            elif el.get("type") is None and (sender not in self.brokers or "/" not in el.get("to", "/")):
+                # A new broker's acknowledgement, or any hello (to the bare JID): answer it (4.4).
+                self.brokers.add(sender)
                 self.send(f"<presence to={quoteattr(sender)}>{self.pool.caps}</presence>")
                 if self.announcing is not None:
                     self.announcing.cancel()

@@ -1,0 +1,43 @@
+"""A broker that lost its session comes back under the same full JID, and every agent is listed again.
+
+A busy broker that misses its keepalive reconnects at once (slixmpp aborts the connection and logs in
+again as ``broker@DOMAIN/broker``), and its new session starts with an empty directory and greets
+every known agent at its bare JID (docs/protocol.md 4.5). Whether the server told an agent, in
+between, that the old session went depends on the server and on timing: with 50,000 agents on
+ejabberd many were never told, took the greeting for a broker they had already answered, and stayed
+unlisted. An agent answers every greeting (4.4), seen broker or not.
+"""
+
+from __future__ import annotations
+
+from conftest import until
+from sample_agent import SampleAgent
+
+
+async def test_agents_answer_a_broker_that_greets_again_under_a_full_jid_they_know(mesh):
+    broker = await mesh.broker()
+    agents = [await mesh.agent(SampleAgent, broker, [f"/host/r{i}"]) for i in range(3)]
+    await until(lambda: len(broker.directory) == 3, what="three agents listed")
+    jid = str(broker.jid)
+    assert all(a._brokers == {jid} for a in agents)
+
+    # The broker's side of a new session under the same full JID, with no unavailable presence in
+    # between: its directory is empty and it says hello to every agent it knows.
+    broker.directory.clear()
+    broker._present.clear()
+    broker._hello_known()
+    await until(lambda: len(broker.directory) == 3, what="every agent listed again after the hello")
+    assert all(a._brokers == {jid} for a in agents)  # still the one broker, acknowledged again
+
+
+async def test_agents_are_listed_again_when_the_broker_reconnects_after_a_missed_keepalive(mesh):
+    broker = await mesh.broker()
+    agents = [await mesh.agent(SampleAgent, broker, [f"/host/k{i}"]) for i in range(3)]
+    await until(lambda: len(broker.directory) == 3, what="three agents listed")
+    sessions: list[str] = []
+    broker.on_event("session_start", lambda _e: sessions.append("new"))
+    # What slixmpp's keepalive does when its ping is not answered in time: abort and log in again.
+    broker.xmpp.reconnect(0.0, "Ping timeout after 10s")
+    await until(lambda: sessions, timeout=20, what="the broker's new session")
+    await until(lambda: len(broker.directory) == 3, timeout=20, what="every agent listed again")
+    assert sorted(e.jid for e in broker.directory.entries()) == sorted(str(a.jid) for a in agents)
