@@ -4,9 +4,10 @@
 own `vertebra` defaults to ``./.vertebra`` (``make run`` keeps a mesh in the checkout). Programs that
 others start, check_vertebra (Nagios runs it from /tmp) and fence_vertebra (Pacemaker), never look in
 the working directory: their default is the system location (``site_paths``), the mesh file
-``/etc/vertebra/mesh.yaml`` with its state in ``/var/lib/vertebra``; and they refuse a state directory,
-mesh file or gateway socket that someone other than root and its owner could have written
-(``check_safe``, as sshd's StrictModes refuses a writable home).
+``/etc/vertebra/mesh.yaml`` with its state in ``/var/lib/vertebra``. Every program (`vertebra` when it
+loads the mesh file, these two also for the gateway socket) refuses a state directory, mesh file or
+socket that someone other than root and its owner could have written (``check_safe``, as sshd's
+StrictModes refuses a writable home).
 
 Inside: ``mesh.yaml``; ``server/`` (the private server); ``secrets/`` (generated passwords);
 ``state/NAME/`` (each actor's databases and logs of decisions); ``logs/`` (what `vertebra up` started);
