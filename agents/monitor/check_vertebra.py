@@ -26,8 +26,10 @@ spellings, usage errors, no gateway) goes the full way, with the same answers.
 Each shortcut is kept by a measurement (a loaded 2-core machine; 30 interleaved runs through a live
 gateway, or 60 fresh interpreters for one import): a check through the lean path took 43 ms median,
 the full path 130 ms; the full parser (argparse) instead of the lean reading adds 5 ms to a start,
-the mesh file's parser 80 ms, ``agents.resources`` 3-4 ms; check_vertebra's p50 is 0.46x
-check_nrpe's against a target of 0.5x (bench/checks.py). Tests hold the lean command-line reading to
+the mesh file's parser 80 ms, ``agents.resources`` 3-4 ms, pathlib 5 ms. Run as Nagios runs it (user
+nagios, through the gateway as its own identity), check_vertebra's p50 was 0.37-0.47x check_nrpe's
+(TLS) at load 1.1-2.5, against a target of 0.5x (bench/checks.py); of its ~23 ms, the interpreter's
+start is ~15 ms, imports ~4 ms, the call ~5 ms. Tests hold the lean command-line reading to
 the full parser and the lean resource check to the path rules, case by case. The check states come
 from ``agents.monitor.states``, as the range rules' do.
 """
