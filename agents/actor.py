@@ -23,11 +23,12 @@ from dataclasses import dataclass
 from typing import Any, TypeVar, cast
 
 import slixmpp
-from slixmpp import Iq, Message
+from slixmpp.exceptions import IqError, IqTimeout
+from slixmpp import Iq, Presence
 
 from . import protocol, xmpp_speedups
 from .errors import UNREACHABLE_CONDITIONS, ConnectError, OpError, Outcome, error_for
-from .report import ProgressFn, TargetResult
+from .report import JobEventFn, ProgressFn, TargetResult
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -90,14 +91,23 @@ class _Stream(slixmpp.ClientXMPP):
     """slixmpp's client, with stanzas nested too deep refused before slixmpp turns them into stanza
     objects (the Vertebra plugin's ``incoming``, through the hook slixmpp leaves for this)."""
 
+    last_received = 0.0  # loop time of the last data read from the server (the keepalive's proof of life)
+
     def incoming_filter(self, xml: Any) -> Any:
         return cast(Any, self.plugin)["vertebra"].incoming(xml)  # slixmpp's type names its own plugins only
+
+    def data_received(self, data: bytes | str) -> None:
+        self.last_received = self.loop.time()
+        super().data_received(data)
 
 
 @dataclass(frozen=True)
 class Timeouts:
     discover: float = 5.0  # asking the broker who offers an op
     reply_margin: float = 0.25  # kept back from the agent's budget for its answer to travel
+    # How long a caller waits for an agent that went offline while running its job to come back (a
+    # restart) before it reports the target unreachable; never beyond the call's own budget.
+    offline_grace: float = 30.0
 
 
 class Actor:
@@ -129,6 +139,7 @@ class Actor:
         # Ask the server for an ack every 50 stanzas, not every 5: each request is its own packet.
         self.xmpp.register_plugin("xep_0198", {"window": 50})
         self.xmpp.register_plugin("xep_0199", {"keepalive": True, "interval": 30, "timeout": 10})
+        cast(Any, self.xmpp.plugin["xep_0199"])._keepalive = self._keepalive  # see _keepalive
         # After XEP-0198, whose input filter counts every stanza before Vertebra's takes its own.
         self.xmpp.register_plugin(protocol.XEP_Vertebra.name)
         self.vertebra: protocol.XEP_Vertebra = cast(Any, self.xmpp.plugin)[protocol.XEP_Vertebra.name]
@@ -239,6 +250,24 @@ class Actor:
         log.info("%s: %s; reconnecting in %.2fs", self.xmpp.boundjid, why, delay)
         self._reconnect = self.spawn(self._reconnect_after(delay), name=f"reconnect {self.xmpp.boundjid}")
 
+    async def _keepalive(self, _event: Any = None) -> None:
+        """slixmpp's keepalive (XEP-0199 ping every ``interval``, reconnect when it is not answered in
+        ``timeout``), except that a connection which delivered anything while the ping was out is
+        alive: a busy actor (a broker reading the presences of thousands of agents) reads its ping's
+        answer late, behind what came first, and reconnecting would cost it its session."""
+        ping = self.xmpp.plugin["xep_0199"]
+        sent = self.xmpp.loop.time()
+        try:
+            await ping.ping(self.xmpp.boundjid.host, timeout=ping.timeout)
+        except IqTimeout:
+            if self.xmpp.last_received > sent:
+                log.info("%s: the keepalive ping was not answered within %gs, but the server kept sending;"
+                         " the connection is kept", self.xmpp.boundjid, ping.timeout)
+                return
+            self.xmpp.reconnect(0.0, f"Ping timeout after {ping.timeout:g}s")
+        except IqError:
+            pass  # an answer, if an error: the server is there
+
     async def _reconnect_after(self, delay: float) -> None:
         await asyncio.sleep(delay)
         if not self._stopping and self.xmpp.transport is None:
@@ -255,8 +284,9 @@ class Actor:
         finally:
             self.vertebra.forget_reply(iq["id"])
 
-    def watch_job(self, agent: str, rid: str) -> asyncio.Queue[Message]:
-        """Queue for the progress and outcome messages of request ``rid``, accepted only from ``agent``."""
+    def watch_job(self, agent: str, rid: str) -> asyncio.Queue[Any]:
+        """Queue for the progress and outcome messages of request ``rid``, accepted only from ``agent``,
+        and for the presences ``agent`` sends meanwhile."""
         return self.vertebra.watch_job(agent, rid)
 
     def unwatch_job(self, agent: str, rid: str) -> None:
@@ -280,8 +310,13 @@ class Actor:
 
     async def request(self, target: str, op: str, args: dict[str, Any], *, on: Sequence[str] = (),
                       timeout: float, rid: str | None = None, progress: ProgressFn | None = None,
-                      behalf: str | None = None, term: int | None = None) -> TargetResult:
+                      behalf: str | None = None, term: int | None = None,
+                      job_events: JobEventFn | None = None) -> TargetResult:
         """Send one request to one agent and wait for its one outcome, at most ``timeout`` seconds.
+
+        A long op's job is watched through the agent's presence: when the agent goes offline,
+        ``job_events`` hears it at once, and the request waits ``Timeouts.offline_grace`` for it to
+        come back (a restart) before it ends ``unreachable``, naming the job.
 
         ``behalf`` names the person this actor acts for (the broker running a workflow step, the chat
         bot relaying an operator); agents honour it only from the delegates they are configured with.
@@ -323,14 +358,38 @@ class Actor:
                 return _from_error(target, reply)
             if reply.xml.find(f"{{{protocol.NS}}}accepted") is None:
                 return _from_outcome(target, reply["vertebra_outcome"])
+            job = reply["vertebra_accepted"]["job"]
+            def notice(event: str) -> None:
+                if job_events is not None:
+                    job_events(target, job, event)
+
+            notice("accepted")
+            offline_since: float | None = None  # the agent's session ended while its job ran
             while True:
+                give_up = end if offline_since is None else min(end, offline_since + self.timeouts.offline_grace)
                 try:
-                    msg = await asyncio.wait_for(jobs.get(), max(0.0, end - loop.time()))
+                    msg = await asyncio.wait_for(jobs.get(), max(0.0, give_up - loop.time()))
                 except TimeoutError:
-                    return TargetResult(target, Outcome.TIMEOUT,
-                                        error=f"accepted, but no outcome within {timeout:g}s")
+                    if offline_since is not None:
+                        return TargetResult(target, Outcome.UNREACHABLE, job=job, error=(
+                            f"the agent went offline while running job {job} and did not come back within"
+                            f" {loop.time() - offline_since:.0f}s; the job may have done part of its work"))
+                    return TargetResult(target, Outcome.TIMEOUT, job=job,
+                                        error=f"accepted as job {job}, but no outcome within {timeout:g}s")
+                if isinstance(msg, Presence):
+                    # Directed to us when the job was accepted: the server sends the unavailable
+                    # presence the moment the agent's session ends (docs/protocol.md 7.2).
+                    if msg["type"] == "unavailable" and offline_since is None:
+                        offline_since = loop.time()
+                        notice("offline")
+                    elif msg["type"] == "available" and offline_since is not None:
+                        offline_since = None
+                        notice("back")
+                    continue
                 if msg.xml.find(f"{{{protocol.NS}}}outcome") is not None:
-                    return _from_outcome(target, msg["vertebra_outcome"])
+                    result = _from_outcome(target, msg["vertebra_outcome"])
+                    result.job = job
+                    return result
                 if progress is not None:
                     p = msg["vertebra_progress"]
                     try:

@@ -18,8 +18,10 @@ An op's whole path through an agent, in order:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import re
+import sqlite3
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -27,6 +29,7 @@ from pathlib import Path
 from typing import Annotated, Any, Callable, Sequence
 
 from slixmpp import Iq, Presence
+from slixmpp.xmlstream import ET
 
 from . import __version__, describe, fenced, policy_sync, protocol, resources as paths
 from .actor import Actor, Backoff, Endpoint
@@ -36,6 +39,7 @@ from .errors import (BadArguments, BadPayload, Denied, Expired, InternalError, O
                      ResourceConstraint, StaleTerm, TooLarge, UnknownOp)
 from .idempotency import Answer, RequestLog, fingerprint
 from .intake import FairIntake, IntakeLimits
+from .jobs import RETENTION, Job, JobStore
 from .ops import Arg, OpSpec, op, ops_of
 
 log = logging.getLogger(__name__)
@@ -43,6 +47,7 @@ audit_log = logging.getLogger("vertebra.audit")
 
 AGENT_FORM = "urn:vertebra:1#agent"
 ANCHOR_OP = "mesh.audit.anchor"  # an agent's audit head, sent to its brokers (broker/anchors.py)
+JOB_STATUS_OP = "job.status"
 
 
 @dataclass
@@ -111,6 +116,11 @@ class Agent(Actor):
         # would disco-query every new hash any sender puts in a presence and keep each answer, and
         # each sender's hash, for as long as the agent runs.
         self.xmpp.remove_handler("Entity Capabilities")
+        # No stream resumption for agents: a session that could be resumed hibernates on the server after
+        # a crash (20 s here), and only then does the server send the agent's unavailable presence, to
+        # the broker and to every caller waiting on one of its jobs. Without it they learn at once; a
+        # network blip costs a new session, which re-announces the agent (docs/protocol.md 2.2).
+        self.xmpp.plugin["xep_0198"].allow_resume = False
         self._caps_ver: str | None = None
         self.state_dir = state_dir  # where this agent keeps durable state, if it has any
         self.fenced = fenced.FencedIdentities()  # identities of nodes fenced now, as the broker pushes them
@@ -127,12 +137,19 @@ class Agent(Actor):
         self.authorizer = authorizer or AdminsOnly(())  # the policy: the last of the rules below
         # What authorization walks for every request, in order (agents/authz.py); a kind with a rule
         # of its own puts it before the policy's.
-        self.rules: list[Rule] = [self.sent_by_broker, self.not_while_fenced, self.by_policy]
+        self.rules: list[Rule] = [self.sent_by_broker, self.not_while_fenced, self.asks_about_a_job, self.by_policy]
         self.settings = settings or {}
         self.ops: dict[str, OpSpec] = ops_of(type(self))
         self._parts: dict[str, Any] = {}  # op name -> the component that serves it (``serve_part``)
         # Private like the audit log (it names every caller and op): 0600 in a 0700 directory (agents.db).
         self._requests = RequestLog(state_dir / "requests.sqlite" if state_dir else None)
+        # The long ops it accepted, until their outcome reached the caller (agents/jobs.py).
+        self.jobs = JobStore(state_dir / "jobs.sqlite" if state_dir else None)
+        self._running_jobs: dict[str, tuple[Job, asyncio.Future[None]]] = {}  # job id -> (job, its end)
+        self._delivering: set[str] = set()  # job ids whose outcome is being sent until a receipt comes
+        for job in self.jobs.interrupt_running(self.name):  # sent with the other outcomes on the first session
+            log.warning("job %s (%s for %s) was cut off when %s stopped: reporting it interrupted", job.job, job.op,
+                        job.caller, self.name)
         # Requests are served fairly per sender and refused over a sender's rate or queue (intake.py).
         self.intake: FairIntake[Iq] = FairIntake(self._serve, requests or IntakeLimits(), spawn=self.spawn)
         self._brokers: set[str] = set()  # full JIDs of brokers that have seen us this session
@@ -188,6 +205,7 @@ class Agent(Actor):
                 log.warning("could not anchor the audit log's head on shutdown", exc_info=True)
         await super().stop()
         await self._requests.aclose()
+        await self.jobs.aclose()
         if self.audit is not None:
             await self.audit.aclose()
 
@@ -199,6 +217,24 @@ class Agent(Actor):
         """Install the authorization policy this agent's broker pushes (accepted from the broker only)."""
         return policy_sync.install(self.authorizer, text, issued_at)
 
+    @op(JOB_STATUS_OP, effect="read", deadline=600)
+    async def job_status(self, call: Call, job: Annotated[str, Arg("the job id the agent's <accepted> named")],
+                         wait: Annotated[float, Arg("seconds to wait for a running job to end", min=0, max=600)] = 0
+                         ) -> dict:
+        """A long op's job: running, or how it ended (answered to its caller, or to whom the policy allows)."""
+        found = await self.jobs.get(job)
+        if found is None or (found.caller != call.caller and not self.by_policy(
+                Request(call.caller, call.resources, call.via), self.ops[JOB_STATUS_OP]).allowed):
+            raise OpError(f"{self.name} has no job {job} of yours: jobs are kept {RETENTION / 3600:g} hours after"
+                          " they end, and shown to their caller or to whom the policy lets run job.status")
+        running = self._running_jobs.get(job)
+        if running is not None and wait > 0:
+            left = call.deadline - asyncio.get_running_loop().time() - 0.5  # time for the answer to travel
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.shield(running[1]), max(0.0, min(wait, left)))
+            found = await self.jobs.get(job) or found
+        return found.describe()
+
     # -- the rules authorization walks (``self.rules``) -----------------------------------------
 
     def sent_by_broker(self, request: Request, spec: OpSpec) -> Decision | None:
@@ -208,6 +244,14 @@ class Agent(Actor):
     def not_while_fenced(self, request: Request, spec: OpSpec) -> Decision | None:
         """A fenced node's identities run no op that changes state (see fenced.py)."""
         return self.fenced.check(request.caller, spec)
+
+    def asks_about_a_job(self, request: Request, spec: OpSpec) -> Decision | None:
+        """Anyone may ask about a job: ``job.status`` itself tells only the job's caller, or whom the
+        policy allows to run it."""
+        if spec.name == JOB_STATUS_OP:
+            return Decision(True, "anyone may ask about a job; it is shown to its caller or to whom the policy"
+                                  " allows")
+        return None
 
     def by_policy(self, request: Request, spec: OpSpec) -> Decision:
         """The mesh's policy (or its admins, without one) decides."""
@@ -245,6 +289,7 @@ class Agent(Actor):
             self._audit_flusher = self.spawn(self._flush_audit(self.audit), name=f"audit flusher {self.name}")
         self._brokers.clear()
         self._start_announcing()
+        self.spawn(self._jobs_on_session(), name=f"jobs of {self.name}")
 
     def presence(self, to: str | None = None) -> None:
         """Send available presence (to ``to``, else broadcast) carrying this agent's caps hash."""
@@ -377,6 +422,19 @@ class Agent(Actor):
             return Answer(error=error)
         if spec.progress:
             call._reply_to, call._job = str(iq["from"]), uuid.uuid4().hex
+            req = iq["vertebra_op"]
+            job = Job(call._job, spec.name, call.caller, caller, call._reply_to, rid, fp, time.time(),
+                      protocol.parse_deadline(req["deadline"]) or time.time() + _budget(req["timeout"], spec.deadline))
+            try:  # on disk before it is accepted: after a crash it is reported, never forgotten
+                await self.jobs.accepted(job)
+            except sqlite3.Error as exc:
+                log.exception("could not record job %s", job.job)
+                return Answer(error=InternalError(f"{spec.name} was not started: its job could not be recorded"
+                                                  f" ({exc})"))
+            self._running_jobs[job.job] = (job, asyncio.get_running_loop().create_future())
+            # Directed presence (RFC 6121 4.6): the server sends the caller our unavailable presence
+            # the moment this session ends, so a caller waiting on the job learns it at once.
+            self.presence(call._reply_to)
             answer = Answer(job=call._job, job_end=asyncio.get_running_loop().create_future(), admitted=True)
             self._spawn(self._run_job(spec, call, args, answer, key, fp))
             return answer
@@ -529,7 +587,50 @@ class Agent(Actor):
         answer.job_end.set_result(end)
         if spec.changes_state:
             await self._requests.finish_job(key, fp, end)
-        self._send_outcome(end, call._reply_to, call._job, call.rid)
+        job, ended = self._running_jobs.pop(call._job)
+        try:
+            await self.jobs.ended(job, end)
+        except sqlite3.Error:  # the outcome still goes out; only a restart before it arrives would lose it
+            log.exception("could not record the end of job %s", job.job)
+        ended.set_result(None)
+        await self._deliver(job)
+
+    async def _jobs_on_session(self) -> None:
+        """On each new session: direct presence again to the callers of running jobs (the server forgot
+        the old session's), and send every outcome not yet acknowledged (those of jobs a previous run
+        of this agent left running too: ended as interrupted when it started)."""
+        for job, _end in self._running_jobs.values():
+            self.presence(job.reply_to)
+        for job in await self.jobs.undelivered():
+            if job.job not in self._delivering:
+                self.spawn(self._deliver(job), name=f"outcome of job {job.job}")
+
+    async def _deliver(self, job: Job) -> None:
+        """Send a job's outcome until the caller's XEP-0184 receipt says it arrived, the server bounces
+        it (the caller's session is gone), or the caller's deadline has passed: an outcome lost while
+        the server restarted is sent again. ``job.status`` still has it afterwards."""
+        msg_id = outcome_id(job.job, job.rid)
+        backoff = Backoff(base=1.0, cap=15.0)
+        self._delivering.add(job.job)
+        try:
+            while (left := job.deadline - time.time()) > 0:
+                arrived = self.vertebra.expect_receipt(msg_id)
+                if self.online:
+                    self.presence(job.reply_to)  # one more: a caller that came back learns we are here
+                    self._send_outcome(job.end, job.reply_to, job.job, job.rid)
+                try:
+                    received = await asyncio.wait_for(asyncio.shield(arrived), min(backoff.next(), left))
+                except TimeoutError:
+                    continue
+                if received:
+                    await self.jobs.delivered(job)
+                else:
+                    log.info("the outcome of job %s was bounced: %s is gone; job.status keeps it", job.job,
+                             job.reply_to)
+                return
+        finally:
+            self._delivering.discard(job.job)
+            self.vertebra.forget_receipt(msg_id)
 
     async def _send_outcome_when_done(self, answer: Answer, to: str, rid: str) -> None:
         """A repeated request for a long op gets the job's one outcome too, once there is one."""
@@ -538,6 +639,9 @@ class Agent(Actor):
 
     def _send_outcome(self, end: tuple[str, str, str], to: str, job: str, rid: str) -> None:
         msg = self.xmpp.make_message(mto=to)
+        # The same id on every resend, with a request for an XEP-0184 receipt, which answers to it.
+        msg["id"] = outcome_id(job, rid)
+        ET.SubElement(msg.xml, f"{{{protocol.RECEIPTS}}}request")
         outcome = msg["vertebra_outcome"]
         outcome["job"], outcome["rid"], outcome["status"] = job, rid, end[0]
         if end[1]:
@@ -554,6 +658,11 @@ class Agent(Actor):
                        duration)
         if self.audit is not None:
             self.audit.ended(rid=rid, caller=caller, op=op_name, outcome=outcome, duration=duration)
+
+
+def outcome_id(job: str, rid: str) -> str:
+    """The message id of a job's outcome for one request of it (a repeat gets its own)."""
+    return f"outcome-{job}-{rid}"
 
 
 def _budget(text: str, default: float) -> float:

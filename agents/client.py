@@ -19,7 +19,7 @@ from typing import Any, Sequence
 
 from .actor import Actor, Endpoint, Timeouts
 from .errors import Outcome
-from .report import AnsweredFn, CallReport, ProgressFn, TargetResult
+from .report import AnsweredFn, CallReport, JobEventFn, ProgressFn, TargetResult
 from .resources import related
 
 
@@ -75,10 +75,12 @@ class Client(Actor):
 
     async def call(self, op: str, args: dict[str, Any], *, on: Sequence[str] = (), scope: str = "all",
                    to: Sequence[str] = (), timeout: float = 30.0, progress: ProgressFn | None = None,
-                   rid: str | None = None, answered: AnsweredFn | None = None) -> CallReport:
+                   rid: str | None = None, answered: AnsweredFn | None = None,
+                   job_events: JobEventFn | None = None) -> CallReport:
         """Call ``op`` on every target (scope all) or on one that accepts (scope one). Give ``rid`` to
         retry an earlier call: agents that saw it return its first outcome instead of running again.
-        ``answered`` hears how many targets of a scope-all call have answered, as each answer comes."""
+        ``answered`` hears how many targets of a scope-all call have answered, as each answer comes;
+        ``job_events`` what becomes of the jobs of a long op (``Actor.request``)."""
         loop = asyncio.get_running_loop()
         end = loop.time() + timeout
         report = CallReport(op)
@@ -99,10 +101,11 @@ class Client(Actor):
             random.shuffle(targets)
             for target in targets:
                 res = await self.request(target, op, args, on=scoped.get(target, on), timeout=end - loop.time(),
-                                         rid=rid, progress=progress)
+                                         rid=rid, progress=progress, job_events=job_events)
                 report.results.append(res)
-                # Only a target that certainly did not run the op may be passed over for the next.
-                if res.outcome not in (Outcome.DENIED, Outcome.UNREACHABLE):
+                # Only a target that certainly did not run the op may be passed over for the next (one
+                # that went offline with the job it had accepted may have done part of it).
+                if res.outcome not in (Outcome.DENIED, Outcome.UNREACHABLE) or res.job:
                     report.results = [r for r in report.results if r.outcome is Outcome.NOT_DISCOVERED] + [res]
                     break
         else:
@@ -111,7 +114,7 @@ class Client(Actor):
             async def one(target: str) -> TargetResult:
                 nonlocal answers
                 res = await self.request(target, op, args, on=scoped.get(target, on), timeout=end - loop.time(),
-                                         rid=rid, progress=progress)
+                                         rid=rid, progress=progress, job_events=job_events)
                 answers += 1
                 if answered is not None:
                     answered(answers, len(targets))

@@ -14,10 +14,11 @@ socket is 0660 in a 0750 directory of group ``vertebra`` when that group exists 
 it; add ``nagios`` to it), else 0600 in a 0700 directory: only the gateway's user and root.
 
 Frames on the socket are a 4-byte big-endian length and a msgpack map. Request:
-``{"jid", "password", "as", "call": {"op", "args", "on", "scope", "to", "timeout", "deadline", "rid", "tally"}}``
-(``jid`` and ``password`` together or not at all, ``as`` and ``tally`` optional);
+``{"jid", "password", "as", "call": {"op", "args", "on", "scope", "to", "timeout", "deadline", "rid", "tally",
+"jobs"}}`` (``jid`` and ``password`` together or not at all, ``as``, ``tally`` and ``jobs`` optional);
 answers: zero or more ``{"progress": [target, seq, payload]}`` (and, when the call asks with ``tally``,
-``{"answered": [answered, targets]}`` as a scope-all call's answers come) then one
+``{"answered": [answered, targets]}`` as a scope-all call's answers come; with ``jobs``,
+``{"job": [target, job, event]}`` as a long op's job is accepted, its agent goes offline or comes back) then one
 ``{"report": CallReport}`` or ``{"error": sentence}``. ``deadline`` (optional) is the program's own end as Unix time in
 seconds, which ``call_via_gateway`` and ``call_via_gateway_blocking`` set: a gateway that reads the
 call late (it was stopped, or busy) then sends the requests with only the time the program has left,
@@ -58,7 +59,7 @@ if TYPE_CHECKING:
     from .actor import Endpoint
     from .client import Client
     from .config import MeshConfig
-    from .report import AnsweredFn, CallReport, ProgressFn
+    from .report import AnsweredFn, CallReport, JobEventFn, ProgressFn
 
 
 MAX_REQUEST = 256 * 1024  # a call: op, arguments, targets
@@ -335,7 +336,11 @@ class Gateway:
             def answered(done: int, targets: int) -> None:
                 writer.write(_frame({"answered": [done, targets]}))
 
-            report = await self._call(jid, client, call, progress, answered if call.get("tally") else None)
+            def job_event(target: str, job: str, event: str) -> None:
+                writer.write(_frame({"job": [target, job, event]}))
+
+            report = await self._call(jid, client, call, progress, answered if call.get("tally") else None,
+                                      job_event if call.get("jobs") else None)
             writer.write(_frame({"report": report.to_dict()}))
         except CallerRefused as exc:
             writer.write(_frame({"error": str(exc), "refused": True}))
@@ -368,7 +373,7 @@ class Gateway:
         return self.callers.credentials(uid, req)
 
     async def _call(self, jid: str, client: "Client", call: dict[str, Any], progress: "ProgressFn",
-                    answered: "AnsweredFn | None" = None) -> "CallReport":
+                    answered: "AnsweredFn | None" = None, job_events: "JobEventFn | None" = None) -> "CallReport":
         """Make ``call`` as ``jid``: straight to the agent that last answered it, if the gateway
         remembers one (see the module's docstring), else through discovery."""
         import asyncio
@@ -392,21 +397,21 @@ class Gateway:
             loop = asyncio.get_running_loop()
             started = loop.time()
             report = await client.call(op, args, on=on, scope="one", to=[holder], timeout=timeout, progress=progress,
-                                       rid=rid)
+                                       rid=rid, job_events=job_events)
             last = report.results[-1] if report.results else None
             if last is not None and last.outcome is Outcome.OK:
                 return report
             self._holders.pop(key, None)
             # Only where it certainly did not run may the call go on to another holder, as in Client.call;
             # and refused as not its to run: an agent that no longer holds the resource or offers the op.
-            if last is None or not (last.outcome in (Outcome.UNREACHABLE, Outcome.DENIED)
+            if last is None or last.job or not (last.outcome in (Outcome.UNREACHABLE, Outcome.DENIED)
                                     or (last.outcome is Outcome.FAILED and (last.error or "").startswith(_REFUSED))):
                 return report
             timeout -= loop.time() - started
             if timeout <= 0:
                 return report
         report = await client.call(op, args, on=on, scope=scope, to=to, timeout=timeout, progress=progress, rid=rid,
-                                   answered=answered)
+                                   answered=answered, job_events=job_events)
         if key is not None and len(report.results) == 1 and report.results[0].outcome is Outcome.OK:
             self._holders.pop(key, None)
             self._holders[key] = report.results[0].target
@@ -456,7 +461,7 @@ def _with_deadline(call: dict[str, Any]) -> dict[str, Any]:
 
 async def call_via_gateway(path: Path, jid: str | None, password: str | None, call: dict[str, Any],
                            progress: ProgressFn | None = None, *, as_identity: str | None = None,
-                           answered: AnsweredFn | None = None) -> CallReport:
+                           answered: AnsweredFn | None = None, job_events: JobEventFn | None = None) -> CallReport:
     """Make a call through the gateway at ``path`` as ``jid`` (with its password), or, without them, as
     the gateway knows the caller's Unix user (``as_identity``: as that identity of the mesh file);
     GatewayUnavailable if none answers there, GatewayRefused if it will not call for this caller."""
@@ -470,6 +475,8 @@ async def call_via_gateway(path: Path, jid: str | None, password: str | None, ca
         raise GatewayUnavailable(f"no gateway at {path}: {exc.strerror}") from None
     if answered is not None:
         call = {**call, "tally": True}
+    if job_events is not None:
+        call = {**call, "jobs": True}
     try:
         writer.write(_frame(_request(jid, password, call, as_identity)))
         # The call's own budget bounds the gateway; the extra seconds cover a first login.
@@ -482,6 +489,9 @@ async def call_via_gateway(path: Path, jid: str | None, password: str | None, ca
                 elif "answered" in msg:
                     if answered:
                         answered(*msg["answered"])
+                elif "job" in msg:
+                    if job_events:
+                        job_events(*msg["job"])
                 elif "report" in msg:
                     return CallReport.from_dict(msg["report"])
                 else:

@@ -193,7 +193,12 @@ _OVER_DEEP = f"{{{NS}#internal}}over-deep"
 _IQ = "{jabber:client}iq"
 _MESSAGE = "{jabber:client}message"
 _OP = f"{{{NS}}}op"
+_PRESENCE = "{jabber:client}presence"
 _JOB_TAGS = {f"{{{NS}}}progress", f"{{{NS}}}outcome"}
+_OUTCOME = f"{{{NS}}}outcome"
+RECEIPTS = "urn:xmpp:receipts"  # XEP-0184: an outcome message asks for one; its receipt says it arrived
+_RECEIPT_REQUEST = f"{{{RECEIPTS}}}request"
+_RECEIPT = f"{{{RECEIPTS}}}received"
 
 
 def nested_deeper_than(xml: Any, limit: int) -> bool:
@@ -231,7 +236,10 @@ class XEP_Vertebra(BasePlugin):
         register_stanza_plugin(Message, Outcome)
         register_stanza_plugin(Message, Progress)
         self.pending: dict[str, tuple[asyncio.Future[Iq], str]] = {}  # IQ id -> (reply, addressee)
-        self.jobs: dict[tuple[str, str], asyncio.Queue[Message]] = {}  # (agent, rid) -> its reports
+        # (agent, rid) -> the queue of its progress and outcome messages, and of the agent's presence
+        self.jobs: dict[tuple[str, str], asyncio.Queue[Any]] = {}
+        self._watched: dict[str, set[str]] = {}  # agent full JID -> rids watched there
+        self.receipts: dict[str, asyncio.Future[bool]] = {}  # outcome message id -> arrived (True) or bounced
         self.features: tuple[str, ...] = ()  # the disco features of the ops served
         self._serve_op: Callable[[Iq], None] | None = None
         self.xmpp.add_filter("in", self._dispatch)
@@ -292,14 +300,34 @@ class XEP_Vertebra(BasePlugin):
                 else:
                     fut.set_exception(error)
 
-    def watch_job(self, agent: str, rid: str) -> asyncio.Queue[Message]:
-        """Queue for the progress and outcome messages of request ``rid``, accepted only from ``agent``."""
-        queue: asyncio.Queue[Message] = asyncio.Queue()
+    def watch_job(self, agent: str, rid: str) -> asyncio.Queue[Any]:
+        """Queue for the progress and outcome messages of request ``rid``, accepted only from ``agent``,
+        and for every presence ``agent`` sends us meanwhile (the agent directs its presence to whoever
+        waits on its jobs, so that the server tells them when its session ends)."""
+        queue: asyncio.Queue[Any] = asyncio.Queue()
         self.jobs[(agent, rid)] = queue
+        self._watched.setdefault(agent, set()).add(rid)
         return queue
 
     def unwatch_job(self, agent: str, rid: str) -> None:
         self.jobs.pop((agent, rid), None)
+        rids = self._watched.get(agent)
+        if rids is not None:
+            rids.discard(rid)
+            if not rids:
+                del self._watched[agent]
+
+    def expect_receipt(self, msg_id: str) -> asyncio.Future[bool]:
+        """The future that says whether the message ``msg_id`` arrived (its XEP-0184 receipt: True) or
+        was bounced by the server (False: its addressee is gone). The caller removes it with
+        :meth:`forget_receipt`."""
+        fut = self.receipts.get(msg_id)
+        if fut is None or fut.done():
+            fut = self.receipts[msg_id] = asyncio.get_running_loop().create_future()
+        return fut
+
+    def forget_receipt(self, msg_id: str) -> None:
+        self.receipts.pop(msg_id, None)
 
     def _dispatch(self, stanza: Any) -> Any:
         xml = stanza.xml
@@ -313,10 +341,30 @@ class XEP_Vertebra(BasePlugin):
             if kind == "set" and self._serve_op is not None and xml.find(_OP) is not None:
                 self._serve_op(stanza)
                 return None
-        elif xml.tag == _MESSAGE and any(child.tag in _JOB_TAGS for child in xml):
-            self._on_job_message(stanza)
-            return None
+        elif xml.tag == _MESSAGE:
+            if self.receipts and self._on_receipt_or_bounce(xml):
+                return None
+            if any(child.tag in _JOB_TAGS for child in xml):
+                self._on_job_message(stanza)
+                return None
+        elif xml.tag == _PRESENCE and xml.get("from") in self._watched:
+            for rid in self._watched[xml.get("from")]:
+                self.jobs[(xml.get("from"), rid)].put_nowait(stanza)
         return stanza
+
+    def _on_receipt_or_bounce(self, xml: Any) -> bool:
+        receipt = xml.find(_RECEIPT)
+        if receipt is not None:
+            fut = self.receipts.get(receipt.get("id", ""))
+            arrived = True
+        elif xml.get("type") == "error":
+            fut = self.receipts.get(xml.get("id", ""))
+            arrived = False
+        else:
+            return False
+        if fut is not None and not fut.done():
+            fut.set_result(arrived)
+        return fut is not None
 
     def _on_reply(self, iq: Iq) -> None:
         fut, to = self.pending[iq["id"]]
@@ -326,6 +374,13 @@ class XEP_Vertebra(BasePlugin):
 
     def _on_job_message(self, msg: Message) -> None:
         sender = str(msg["from"])
+        if msg.xml.find(_RECEIPT_REQUEST) is not None and msg.xml.find(_OUTCOME) is not None \
+                and msg.xml.get("type") != "error":
+            # Acknowledged whether or not anyone still waits for it: it arrived, so the agent may stop
+            # sending it again (XEP-0184).
+            ack = self.xmpp.make_message(mto=sender)
+            ET.SubElement(ack.xml, _RECEIPT, id=msg["id"])
+            ack.send()
         for child in msg.xml:
             if child.tag in _JOB_TAGS:
                 # Keyed by sender too: only the agent that accepted the request may report on it.

@@ -12,6 +12,9 @@ from typing import Any, Callable
 from .errors import Outcome
 
 ProgressFn = Callable[[str, int, Any], None]
+#: What becomes of a long op's job as its caller sees it: (target, job id, event), the event being
+#: ``accepted``, ``offline`` (the agent's session ended while the job ran) or ``back``.
+JobEventFn = Callable[[str, str, str], None]
 #: How many of a call's targets have answered, of how many: (answered, targets).
 AnsweredFn = Callable[[int, int], None]
 
@@ -28,10 +31,13 @@ class TargetResult:
     outcome: Outcome
     result: Any = None
     error: str | None = None
+    job: str = ""  # the job id, when the target accepted the request as a long op
 
     def to_dict(self) -> dict[str, Any]:
-        return {"target": self.target, "outcome": self.outcome.value, "result": self.result,
-                "error": self.error}
+        out = {"target": self.target, "outcome": self.outcome.value, "result": self.result, "error": self.error}
+        if self.job:
+            out["job"] = self.job
+        return out
 
 
 @dataclass
@@ -61,5 +67,5 @@ class CallReport:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "CallReport":
-        return cls(data["op"], [TargetResult(r["target"], Outcome(r["outcome"]), r.get("result"), r.get("error"))
-                                for r in data["results"]])
+        return cls(data["op"], [TargetResult(r["target"], Outcome(r["outcome"]), r.get("result"), r.get("error"),
+                                             r.get("job", "")) for r in data["results"]])

@@ -13,7 +13,7 @@ from .gateway import GatewayUnavailable, call_via_gateway
 
 if TYPE_CHECKING:
     from .config import MeshConfig
-    from .report import AnsweredFn, CallReport, ProgressFn
+    from .report import AnsweredFn, CallReport, JobEventFn, ProgressFn
 
 LOGIN_TIMEOUT = 10.0
 
@@ -21,7 +21,8 @@ LOGIN_TIMEOUT = 10.0
 async def mesh_call(mesh: MeshConfig, op: str, args: dict[str, Any], *, on: Sequence[str] = (),
                     scope: str = "all", to: Sequence[str] = (), timeout: float = 30.0,
                     progress: ProgressFn | None = None, account: str | None = None,
-                    rid: str | None = None, answered: AnsweredFn | None = None) -> CallReport:
+                    rid: str | None = None, answered: AnsweredFn | None = None,
+                    job_events: JobEventFn | None = None) -> CallReport:
     """Call ``op`` as ``account`` (default: the mesh file's operator); ``rid`` retries an earlier call.
     A caller that may not read that account's password (a service's Unix user) calls through the
     gateway without one: the gateway knows it by its uid and calls as the identity the mesh file maps
@@ -36,7 +37,8 @@ async def mesh_call(mesh: MeshConfig, op: str, args: dict[str, Any], *, on: Sequ
     call = {"op": op, "args": args, "on": list(on), "scope": scope, "to": list(to), "timeout": timeout, "rid": rid}
     try:
         return await call_via_gateway(mesh.gateway_socket, jid if password is not None else None, password, call,
-                                      progress, as_identity=named if password is None else None, answered=answered)
+                                      progress, as_identity=named if password is None else None, answered=answered,
+                                      job_events=job_events)
     except GatewayUnavailable:
         if unreadable is not None:
             from .config import ConfigError
@@ -52,6 +54,6 @@ async def mesh_call(mesh: MeshConfig, op: str, args: dict[str, Any], *, on: Sequ
     await client.start(timeout=min(LOGIN_TIMEOUT, timeout))
     try:
         return await client.call(op, args, on=on, scope=scope, to=to, timeout=timeout, progress=progress, rid=rid,
-                                 answered=answered)
+                                 answered=answered, job_events=job_events)
     finally:
         await client.stop()

@@ -64,10 +64,19 @@ class SampleAgent(Agent):
             await asyncio.sleep(0.02)
         return {"done": steps}
 
+    @op("sample.wait", effect="change", deadline=300, progress=True)
+    async def wait(self, call: Call, seconds: float) -> str:
+        """A long op that reports once, then waits (for tests that cut it off)."""
+        await call.progress({"waiting": seconds})
+        await asyncio.sleep(seconds)
+        return "waited"
+
 
 if __name__ == "__main__":
-    # Run one sample agent as its own process: python sample_agent.py JID PASSWORD PORT CERT BROKER ADMIN RESOURCE
+    # Run one sample agent as its own process:
+    #     python sample_agent.py JID PASSWORD PORT CERT BROKER ADMIN RESOURCE [STATE_DIR]
     import sys
+    from pathlib import Path
 
     from agents.actor import Endpoint
     from agents.authz import AdminsOnly
@@ -76,7 +85,8 @@ if __name__ == "__main__":
 
     async def main() -> None:
         agent = SampleAgent(jid, password, Endpoint.pinned("127.0.0.1", int(port), "vertebra.test", cert),
-                            resources=[resource], broker=broker, authorizer=AdminsOnly([admin]))
+                            resources=[resource], broker=broker, authorizer=AdminsOnly([admin]),
+                            state_dir=Path(sys.argv[8]) if len(sys.argv) > 8 else None)
         await agent.start()
         print("ready", flush=True)
         await asyncio.Event().wait()

@@ -83,11 +83,12 @@ async def test_deep_stanzas_do_not_take_the_chat_bot_down(mesh, tmp_path):
 
 
 async def test_backoff_starts_again_after_each_resumed_session(mesh):
-    """The agent's TCP connection is cut again and again; each time XEP-0198 resumes the session the
+    """An actor's TCP connection is cut again and again; each time XEP-0198 resumes the session the
     backoff is back at its first step, so drops do not add up to ever longer outages. (A cut the
     server has not noticed yet ends in a new session instead, which never tested the fix: the test
-    goes on until three resumes were seen.)"""
-    agent = await mesh.agent(SampleAgent, None, ["/host/a"])
+    goes on until three resumes were seen.) A client, since agents do not ask for resumption
+    (docs/protocol.md 2.2)."""
+    agent = await mesh.client()
     sessions: list[str] = []
     agent.on_event("session_resumed", lambda _event: sessions.append("resumed"))
     agent.on_event("session_start", lambda _event: sessions.append("new"))

@@ -1,0 +1,133 @@
+"""A caller waiting on a long op's job is never left in silence: a real sample agent process, on the real
+server, is killed with SIGKILL while its job runs. The caller hears at once that the agent went offline
+(the agent's directed presence, whose unavailable the server sends when the agent's session ends: agents
+do not ask for stream resumption, so no hibernation delays it), ends `unreachable` if the agent does not
+come back, and gets the job's `interrupted` outcome if it does; `job.status` and `vertebra job wait`
+reattach to the job by its id from another session."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import signal
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from agents.actor import Timeouts
+from agents.client import Client
+from agents.errors import Outcome
+from conftest import ROOT, until
+
+
+class SampleProcess:
+    """A sample agent (tests/sample_agent.py) in a process of its own, under one account and one state
+    directory however often it is killed and started again."""
+
+    def __init__(self, mesh: Any, state: Path, jid: str | None = None, password: str | None = None,
+                 admin: str | None = None) -> None:
+        self.mesh = mesh
+        self.jid, self.password = (jid, password) if jid else mesh.account("sample")
+        self.admin = admin or mesh.operator[0]
+        self.target = f"{self.jid}/agent"
+        self.state = state
+        self.proc: subprocess.Popen[str] | None = None
+
+    async def start(self) -> None:
+        server = self.mesh.server
+        self.proc = subprocess.Popen(
+            [sys.executable, str(ROOT / "tests" / "sample_agent.py"), self.jid, self.password, str(server.port),
+             str(server.cert_path), "", self.admin, "/host/sample", str(self.state)],
+            cwd=ROOT, stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+        line = await asyncio.wait_for(asyncio.to_thread(self.proc.stdout.readline), 60)  # type: ignore[union-attr]
+        assert line.strip() == "ready", f"the sample agent did not come up (exit {self.proc.poll()})"
+
+    async def kill(self) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGKILL)
+        await asyncio.to_thread(self.proc.wait)
+
+    def close(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+
+@pytest.fixture
+async def sample(mesh, tmp_path):
+    agent = SampleProcess(mesh, tmp_path / "sample-state")
+    yield agent
+    agent.close()
+
+
+class Notices:
+    """What the caller's runtime says about the job (``job_events``)."""
+
+    def __init__(self) -> None:
+        self.events: list[str] = []
+        self.job = ""
+
+    def __call__(self, target: str, job: str, event: str) -> None:
+        self.events.append(event)
+        self.job = job
+
+
+async def client_with(mesh: Any, timeouts: Timeouts) -> Client:
+    jid, pw = mesh.operator
+    return await mesh.start(Client(jid, pw, mesh.endpoint, broker="", timeouts=timeouts))
+
+
+async def test_a_caller_hears_at_once_that_the_agent_went_offline_mid_job(mesh, sample):
+    """Killed and not started again: the call ends unreachable, naming the job, long before its budget
+    (120 s) is spent; before agents stopped asking for resumption it ended `timeout` at 120 s."""
+    await sample.start()
+    client = await client_with(mesh, Timeouts(offline_grace=3.0))
+    notices = Notices()
+    call = asyncio.create_task(client.request(sample.target, "sample.wait", {"seconds": 300}, timeout=120,
+                                              job_events=notices))
+    await until(lambda: "accepted" in notices.events, timeout=30, what="the job to be accepted")
+    await sample.kill()
+    await until(lambda: "offline" in notices.events, timeout=60, what="the caller to hear the agent went offline")
+    res = await call
+    assert res.outcome is Outcome.UNREACHABLE, res
+    assert res.job == notices.job and notices.job in res.error and "went offline" in res.error, res
+
+
+async def test_a_restarted_agent_reports_the_cut_off_job_interrupted(mesh, sample):
+    """Killed and started again within the caller's grace: the caller keeps waiting and gets the job's
+    outcome, `interrupted`; the agent keeps the job, and tells its caller about it by id (job.status)."""
+    await sample.start()
+    client = await client_with(mesh, Timeouts(offline_grace=90.0))
+    notices = Notices()
+    call = asyncio.create_task(client.request(sample.target, "sample.wait", {"seconds": 300}, timeout=120,
+                                              job_events=notices))
+    await until(lambda: "accepted" in notices.events, timeout=30, what="the job to be accepted")
+    await sample.kill()
+    await until(lambda: "offline" in notices.events, timeout=60, what="the caller to hear the agent went offline")
+    await sample.start()
+    res = await asyncio.wait_for(call, 100)
+    assert res.outcome is Outcome.FAILED and res.error.startswith("interrupted:"), res
+    assert res.job == notices.job and notices.events[:2] == ["accepted", "offline"], notices.events
+
+    async def status() -> Any:
+        answer = await client.request(sample.target, "job.status", {"job": res.job}, timeout=10)
+        assert answer.outcome is Outcome.OK, answer
+        return answer.result
+
+    # The caller's receipt reaches the agent after the outcome reached the caller.
+    shown = await until(lambda: _delivered(status()), timeout=30, what="the outcome's receipt")
+    assert shown["state"] == "ended" and shown["condition"] == "interrupted" and shown["op"] == "sample.wait"
+    assert re.search("stopped while running sample.wait", shown["error"]), shown
+
+    stranger = await mesh.client(account=mesh.account("stranger"))
+    other = await stranger.request(sample.target, "job.status", {"job": res.job}, timeout=10)
+    assert other.outcome is Outcome.FAILED and "no job" in other.error, other
+
+
+async def _delivered(status: Any) -> Any:
+    shown = await status
+    return shown if shown["delivered"] else None
