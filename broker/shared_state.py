@@ -47,6 +47,14 @@ def workflow_store(broker: Any) -> WorkflowState:
     if broker.state_config is not None:
         from .state_etcd import EtcdWorkflowStore
 
-        return EtcdWorkflowStore(broker.state_config)
+        # Every write is conditional on the lead this instance holds (once the leadership exists).
+        def lead() -> tuple[bytes, int] | None:
+            leadership = getattr(broker, "leadership", None)
+            if leadership is None or leadership.term is None:
+                return None
+            fencing = getattr(leadership.lease, "fencing", None)
+            return fencing() if fencing is not None else None
+
+        return EtcdWorkflowStore(broker.state_config, lead)
     shared: Path | None = broker.shared_dir
     return WorkflowStore(shared / WORKFLOWS_FILE if shared else None)

@@ -30,6 +30,7 @@ from agents.config import StateConfig
 from agents.errors import OpError
 
 from .constraints import PERFORMED, REQUESTED, Event, Verdict, rate_verdict
+from .leadership import Deposed
 from .workflow_store import FINISHED, STEP_FIELDS
 
 log = logging.getLogger(__name__)
@@ -107,6 +108,7 @@ class EtcdLease:
         self.prefix = f"{config.prefix.rstrip('/')}/workflow-leader/".encode()
         self._lease_id: int | None = None
         self._key = b""
+        self._term: int | None = None
         self.valid_until = 0.0  # time.monotonic() after which the lead may have passed to another
 
     async def _join(self) -> None:
@@ -146,9 +148,16 @@ class EtcdLease:
                                           success=[tx.delete(first.key)], failure=[])
             candidates = await self._candidates()
         if not candidates or candidates[0].key != self._key:
+            self._term = None
             return None
         self.valid_until = sent + self.ttl  # etcd counts the lease from no earlier than this request
-        return int(candidates[0].create_revision)
+        self._term = int(candidates[0].create_revision)
+        return self._term
+
+    def fencing(self) -> tuple[bytes, int] | None:
+        """This instance's election key and the term it last led with (the guard of its writes,
+        EtcdWorkflowStore: etcd refuses them once that key is gone), else None."""
+        return (self._key, self._term) if self._term is not None else None
 
     async def leader(self) -> tuple[str, int] | None:
         """The leading instance and its term, if any instance is in the election."""
@@ -161,7 +170,7 @@ class EtcdLease:
 
     async def release(self) -> None:
         """Leave the election at once (the lease's key goes with it)."""
-        lease_id, self._lease_id, self.valid_until = self._lease_id, None, 0.0
+        lease_id, self._lease_id, self.valid_until, self._term = self._lease_id, None, 0.0, None
         if lease_id is not None:
             try:
                 await self.client.revoke_lease(lease_id)
@@ -206,17 +215,28 @@ class EtcdRateLimits:
         await self.client.close()
 
 
+class LeadLost(OpError, Deposed):
+    """A write of the workflow state refused by etcd because the instance making it no longer leads:
+    its election key is gone (its lease ran out while it stalled, or it was cut off). The engine stops
+    as when it notices the loss itself (``Deposed``); an op answers with this sentence."""
+
+
 class EtcdWorkflowStore:
     """The workflow state (``WorkflowState`` in broker/workflow_store.py) on etcd. Each instance, each
     step and each history event is one key holding JSON; what the SQLite store writes in one
     transaction (a new instance with its steps and events; a step's start with its ``performed``
     event) is one etcd transaction, and a change to an instance or a step is a compare-and-swap on
-    its revision, so two writers never lose each other's change."""
+    its revision, so two writers never lose each other's change.
+
+    ``lead`` gives the writer's election key and term while it leads (broker/leadership.py): every
+    write is then also conditional on that key still being the one created at that term, so a leader
+    deposed without noticing (stalled past its lease) cannot change the state its successor runs."""
 
     MAX_TXN_OPS = 128  # etcd's default --max-txn-ops
 
-    def __init__(self, config: StateConfig) -> None:
-        self.client = EtcdClient(config)
+    def __init__(self, config: StateConfig,
+                 lead: Callable[[], tuple[bytes, int] | None] = lambda: None) -> None:
+        self.client, self.lead = EtcdClient(config), lead
         self.prefix = f"{config.prefix.rstrip('/')}/workflows/"
 
     def _key(self, *parts: str) -> bytes:
@@ -228,7 +248,16 @@ class EtcdWorkflowStore:
         return self.client.transactions.put(key, json.dumps([kind, step, actor, at]).encode())
 
     async def _txn(self, compare: list[Any], success: list[Any]) -> bool:
-        succeeded, _ = await self.client.transaction(compare=compare, success=success, failure=[])
+        """One transaction, guarded by the writer's lead when it has one; False when ``compare`` failed,
+        LeadLost when the lead did."""
+        tx, lead = self.client.transactions, self.lead()
+        guard = [tx.create(lead[0]) == lead[1]] if lead else []
+        succeeded, _ = await self.client.transaction(compare=[*compare, *guard], success=success, failure=[])
+        if not succeeded and lead:
+            held = await self.client.get(lead[0])
+            if held is None or held.create_revision != lead[1]:
+                raise LeadLost(f"this broker instance's lead (term {lead[1]}) has ended, so it may no longer change"
+                               " the workflows; the instance that leads now carries on. Try again")
         return bool(succeeded)
 
     async def _update(self, key: bytes, change: Callable[[dict[str, Any]], None], extra: Iterable[Any] = ()) -> None:

@@ -16,11 +16,13 @@ from agents.config import StateConfig
 from broker import shared_state
 from broker.constraints import APPROVED, RateLimits
 from broker.workflow_store import WorkflowStore
+from conftest import until
 from etcd_cluster import PrivateEtcd
 
 pytest.importorskip("aetcd", reason="the etcd client is the optional extra 'etcd': make install installs it")
 
-from broker.state_etcd import EtcdLease, EtcdRateLimits, EtcdWorkflowStore  # noqa: E402  (after the check above)
+from broker.leadership import Deposed  # noqa: E402
+from broker.state_etcd import EtcdLease, EtcdRateLimits, EtcdWorkflowStore, LeadLost  # noqa: E402
 
 
 class Clock:
@@ -135,3 +137,31 @@ async def test_racing_writers_of_one_step_lose_nothing(etcd: PrivateEtcd) -> Non
     finally:
         await one.aclose()
         await two.aclose()
+
+
+async def test_a_leader_deposed_without_noticing_cannot_change_the_workflows(etcd: PrivateEtcd) -> None:
+    cfg = StateConfig(endpoints=tuple(etcd.endpoints), prefix="/workflow-fenced")
+    old, new = EtcdLease(cfg, "b@x/broker", term=2), EtcdLease(cfg, "b@x/broker-2", term=2)
+    mine = EtcdWorkflowStore(cfg, lead=old.fencing)
+    theirs = EtcdWorkflowStore(cfg, lead=new.fencing)
+    try:
+        assert await old.take() is not None
+        await mine.create("f1", "patch", "alice@x", {}, [["a"]], ["a"])  # written under its lead
+        await mine.set_step("f1", "a", attempts=1)
+        # It stalls (no renewal): its lease runs out in etcd and the other instance leads.
+        await until(new.take, timeout=20, what="the other instance to lead once the first stopped renewing")
+        with pytest.raises(LeadLost, match="lead .* has ended") as refused:
+            await mine.set_step("f1", "a", attempts=2, state="ok")
+        assert isinstance(refused.value, Deposed)  # the engine stops as when it notices itself
+        with pytest.raises(LeadLost):
+            await mine.create("f2", "patch", "alice@x", {}, [["a"]], ["a"])
+        with pytest.raises(LeadLost):
+            await mine.start_step("f1", "a", "carol@x", "agent@x/agent")
+        row = await theirs.step("f1", "a")
+        assert (row["attempts"], row["state"]) == (1, "pending") and await theirs.instance("f2") is None
+        assert [e.kind for e in await theirs.history("f1")] == ["requested"]
+        await theirs.set_step("f1", "a", attempts=2)  # the leader's own writes go through
+        assert (await mine.step("f1", "a"))["attempts"] == 2
+    finally:
+        for closing in (mine, theirs, old, new):
+            await closing.aclose()
