@@ -42,12 +42,13 @@ from __future__ import annotations
 
 import json
 import logging
+import sqlite3
 import time
 from pathlib import Path
-from typing import Annotated, Any, Callable, Literal
+from typing import Annotated, Any, Callable, Literal, Protocol
 
 from agents.agent import Call
-from agents.db import open_db
+from agents.db import Store, open_db
 from agents.authz import Decision, Request
 from agents.errors import OpError, Outcome
 from agents.fenced import INSTALL_OP, Fenced, FencedIdentities, encode_entries
@@ -77,117 +78,189 @@ CREATE TABLE IF NOT EXISTS epochs (
 """
 
 
+class FenceLedgerState(Protocol):
+    """What the broker needs of a store of fencing events and epochs, shared by its instances. The
+    reads and the recording are awaited; ``written_elsewhere`` and ``fenced_now`` answer at once,
+    for the fenced-identity rule, which decides synchronously (``FencedNow``)."""
+
+    async def record(self, agent: str, event: dict[str, Any]) -> tuple[int, str | None, bool]: ...
+    async def open_epoch(self, cluster: str, node: str) -> Fenced | None: ...
+    async def fenced(self) -> list[Fenced]: ...
+    async def epochs(self, cluster: str = "", node: str = "") -> list[dict[str, Any]]: ...
+    async def events(self, since: int = 0, limit: int = 50) -> list[dict[str, Any]]: ...
+    def written_elsewhere(self) -> bool: ...
+    def fenced_now(self) -> list[Fenced]: ...
+    async def aclose(self) -> None: ...
+
+
 class FenceLedger:
-    """The events and epochs, in SQLite so a restarted broker still knows which nodes are fenced."""
+    """:class:`FenceLedgerState` in SQLite, so a restarted broker still knows which nodes are fenced.
+
+    Recording and the awaited reads run on the file's own thread (``agents.db.Store``). The one
+    exception is what the synchronous fenced-identity rule asks for every decision: whether another
+    instance has written (``PRAGMA data_version`` on a read connection of its own, answered from
+    the WAL's shared memory), and only then a re-read of the open epochs (a WAL read never waits
+    for a writer). The open epochs recorded here are kept in memory as each recording leaves them."""
 
     def __init__(self, path: str | Path) -> None:
         # Shared by a broker's instances (one per cluster node): WAL, and each record one transaction.
-        self.db = open_db(path, [_SCHEMA])
-        columns = {row[1] for row in self.db.execute("PRAGMA table_info(fence_events)")}
-        if "event_id" not in columns:  # a ledger written before events had ids
-            self.db.execute("ALTER TABLE fence_events ADD COLUMN event_id TEXT")
-        # One record per event however often its agent resends it.
-        self.db.execute("CREATE UNIQUE INDEX IF NOT EXISTS fence_event_once ON fence_events (agent, event_id)")
+        self.store = Store(path, [_SCHEMA], name="fence ledger")
+        self.store.call(_add_event_ids)
+        self._fenced: list[Fenced] = self.store.call(_fenced)
+        # Another instance can only write to a file: in memory, nothing is written elsewhere.
+        in_memory = path is None or str(path) == ":memory:"
+        self._probe = None if in_memory else open_db(path, [_SCHEMA])
         self._seen_version: int | None = None
+        self._local_change = True  # the first decision installs what the ledger held at start
+
+    async def aclose(self) -> None:
+        await self.store.aclose()
+        if self._probe is not None:
+            self._probe.close()
 
     def close(self) -> None:
-        self.db.close()
+        self.store.close()
+        if self._probe is not None:
+            self._probe.close()
 
     def written_elsewhere(self) -> bool:
-        """Whether another connection (another instance of the broker) has written since the last ask."""
-        (version,) = self.db.execute("PRAGMA data_version").fetchone()
-        changed, self._seen_version = version != self._seen_version, version
+        """Whether the open epochs may have changed since the last ask: another connection (another
+        instance of the broker) has written, or a recording here has."""
+        changed, self._local_change = self._local_change, False
+        if self._probe is not None:
+            (version,) = self._probe.execute("PRAGMA data_version").fetchone()
+            if version != self._seen_version:
+                self._seen_version = version
+                self._fenced = _fenced(self._probe)
+                changed = True
         return changed
 
-    def recorded(self, agent: str, event_id: str) -> int | None:
-        """The sequence number of the agent's event ``event_id``, if it is recorded."""
-        row = self.db.execute("SELECT seq FROM fence_events WHERE agent = ? AND event_id = ?",
-                              (agent.lower(), event_id)).fetchone()
-        return row[0] if row else None
+    def fenced_now(self) -> list[Fenced]:
+        """The open epochs as last read (see :meth:`written_elsewhere`), without waiting."""
+        return list(self._fenced)
 
-    def record(self, agent: str, event: dict[str, Any]) -> tuple[int, str | None, bool]:
+    async def record(self, agent: str, event: dict[str, Any]) -> tuple[int, str | None, bool]:
         """Keep an event (once per agent and ``event["id"]``) and apply it to the node's epochs;
         returns its sequence number, the change (``fenced``, ``unfenced``, ``rebooted`` or None)
         and whether it was new (False: a resend of one recorded before, which changes nothing)."""
-        self.db.execute("BEGIN IMMEDIATE")
-        try:
-            out = self._record(agent, event)
-        except BaseException:
-            self.db.execute("ROLLBACK")
-            raise
-        self.db.execute("COMMIT")
-        return out
+        seq, change, new, fenced = await self.store.run(_record, agent, event)
+        if change is not None:
+            # Another instance may have written since: the next decision reads the file again.
+            self._fenced, self._local_change, self._seen_version = fenced, True, None
+        return seq, change, new
 
-    def _record(self, agent: str, event: dict[str, Any]) -> tuple[int, str | None, bool]:
-        agent = agent.lower()
-        event_id = event.get("id") or None
-        if event_id is not None and (seq := self.recorded(agent, event_id)) is not None:
-            return seq, None, False
-        cur = self.db.execute("INSERT INTO fence_events (at, agent, body, event_id) VALUES (?, ?, ?, ?)",
-                              (event["at"], agent, json.dumps(event, sort_keys=True), event_id))
-        seq = int(cur.lastrowid or 0)
-        if event["event"] != "outcome" or not event["ok"]:
-            return seq, None, True
-        cluster, node, action = event["cluster"], event["node"], event["action"]
-        # Older than what the node's epochs already say (a late resend, another agent's older report):
-        # the newer verified state stands. Times are the agents' clocks; an off within the clock-skew
-        # allowance of the last change still counts, since erring that way keeps a node fenced.
-        slack = CLOCK_SKEW_ALLOWANCE if action in ("off", "reboot") else 0.0
-        if event["at"] < self._last_change(cluster, node) - slack:
-            return seq, None, True
-        opened = self.open_epoch(cluster, node)
-        if action in ("off", "reboot") and opened is None:
-            self._open(agent, event)
-            if action == "reboot" and not event.get("on_error"):
-                self._close(cluster, node, agent, event["at"])
-                return seq, "rebooted", True
-            return seq, "fenced", True
-        if action == "on" and opened is not None and event.get("state") == "on":
-            self._close(cluster, node, agent, event["at"])
-            return seq, "unfenced", True
-        return seq, None, True
-
-    def _last_change(self, cluster: str, node: str) -> float:
-        """When the node's epochs last changed (its latest fence or unfence), 0 if never."""
-        (last,) = self.db.execute("SELECT max(max(fenced_at, coalesce(unfenced_at, 0))) FROM epochs"
-                                  " WHERE cluster = ? AND node = ?", (cluster, node)).fetchone()
-        return float(last or 0.0)
-
-    def _open(self, agent: str, event: dict[str, Any]) -> None:
-        (last,) = self.db.execute("SELECT coalesce(max(epoch), 0) FROM epochs WHERE cluster = ? AND node = ?",
-                                  (event["cluster"], event["node"])).fetchone()
-        self.db.execute("INSERT INTO epochs (cluster, node, epoch, fenced_at, fenced_by, requester, identities)"
-                        " VALUES (?, ?, ?, ?, ?, ?, ?)",
-                        (event["cluster"], event["node"], last + 1, event["at"], agent, event["requester"],
-                         json.dumps(sorted({j.lower() for j in event.get("identities", ())}))))
-
-    def _close(self, cluster: str, node: str, agent: str, at: float) -> None:
-        self.db.execute("UPDATE epochs SET unfenced_at = ?, unfenced_by = ? WHERE cluster = ? AND node = ?"
-                        " AND unfenced_at IS NULL", (at, agent, cluster, node))
-
-    def open_epoch(self, cluster: str, node: str) -> Fenced | None:
-        found = [f for f in self.fenced() if f.cluster == cluster and f.node == node]
+    async def open_epoch(self, cluster: str, node: str) -> Fenced | None:
+        found = [f for f in await self.fenced() if f.cluster == cluster and f.node == node]
         return found[0] if found else None
 
-    def fenced(self) -> list[Fenced]:
+    async def fenced(self) -> list[Fenced]:
         """Every open epoch: the nodes fenced now."""
-        rows = self.db.execute("SELECT cluster, node, epoch, fenced_at, fenced_by, requester, identities"
-                               " FROM epochs WHERE unfenced_at IS NULL ORDER BY cluster, node").fetchall()
-        return [Fenced(c, n, e, at, by, req, tuple(json.loads(ids))) for c, n, e, at, by, req, ids in rows]
+        return await self.store.run(_fenced)
 
-    def epochs(self, cluster: str = "", node: str = "") -> list[dict[str, Any]]:
-        rows = self.db.execute("SELECT cluster, node, epoch, fenced_at, fenced_by, requester, identities,"
-                               " unfenced_at, unfenced_by FROM epochs WHERE (? = '' OR cluster = ?)"
-                               " AND (? = '' OR node = ?) ORDER BY cluster, node, epoch",
-                               (cluster, cluster, node, node)).fetchall()
-        keys = ("cluster", "node", "epoch", "fenced_at", "fenced_by", "requester", "identities", "unfenced_at",
-                "unfenced_by")
-        return [{**dict(zip(keys, r)), "identities": json.loads(r[6])} for r in rows]
+    async def epochs(self, cluster: str = "", node: str = "") -> list[dict[str, Any]]:
+        return await self.store.run(_epochs, cluster, node)
 
-    def events(self, since: int = 0, limit: int = 50) -> list[dict[str, Any]]:
-        rows = self.db.execute("SELECT seq, agent, body FROM fence_events WHERE seq > ? ORDER BY seq DESC LIMIT ?",
-                               (since, limit)).fetchall()
-        return [{"seq": seq, "agent": agent, **json.loads(body)} for seq, agent, body in reversed(rows)]
+    async def events(self, since: int = 0, limit: int = 50) -> list[dict[str, Any]]:
+        return await self.store.run(_events, since, limit)
+
+
+# -- the ledger's statements, each run on its store's thread ----------------------------------------
+
+def _add_event_ids(db: sqlite3.Connection) -> None:
+    columns = {row[1] for row in db.execute("PRAGMA table_info(fence_events)")}
+    if "event_id" not in columns:  # a ledger written before events had ids
+        db.execute("ALTER TABLE fence_events ADD COLUMN event_id TEXT")
+    # One record per event however often its agent resends it.
+    db.execute("CREATE UNIQUE INDEX IF NOT EXISTS fence_event_once ON fence_events (agent, event_id)")
+
+
+def _record(db: sqlite3.Connection, agent: str, event: dict[str, Any]
+            ) -> tuple[int, str | None, bool, list[Fenced]]:
+    """One event in one transaction; also returns the open epochs it leaves."""
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        seq, change, new = _apply(db, agent, event)
+        fenced = _fenced(db)
+    except BaseException:
+        db.execute("ROLLBACK")
+        raise
+    db.execute("COMMIT")
+    return seq, change, new, fenced
+
+
+def _apply(db: sqlite3.Connection, agent: str, event: dict[str, Any]) -> tuple[int, str | None, bool]:
+    agent = agent.lower()
+    event_id = event.get("id") or None
+    if event_id is not None:
+        row = db.execute("SELECT seq FROM fence_events WHERE agent = ? AND event_id = ?", (agent, event_id)).fetchone()
+        if row is not None:
+            return row[0], None, False
+    cur = db.execute("INSERT INTO fence_events (at, agent, body, event_id) VALUES (?, ?, ?, ?)",
+                     (event["at"], agent, json.dumps(event, sort_keys=True), event_id))
+    seq = int(cur.lastrowid or 0)
+    if event["event"] != "outcome" or not event["ok"]:
+        return seq, None, True
+    cluster, node, action = event["cluster"], event["node"], event["action"]
+    # Older than what the node's epochs already say (a late resend, another agent's older report):
+    # the newer verified state stands. Times are the agents' clocks; an off within the clock-skew
+    # allowance of the last change still counts, since erring that way keeps a node fenced.
+    slack = CLOCK_SKEW_ALLOWANCE if action in ("off", "reboot") else 0.0
+    if event["at"] < _last_change(db, cluster, node) - slack:
+        return seq, None, True
+    opened = any(f.cluster == cluster and f.node == node for f in _fenced(db))
+    if action in ("off", "reboot") and not opened:
+        _open(db, agent, event)
+        if action == "reboot" and not event.get("on_error"):
+            _close(db, cluster, node, agent, event["at"])
+            return seq, "rebooted", True
+        return seq, "fenced", True
+    if action == "on" and opened and event.get("state") == "on":
+        _close(db, cluster, node, agent, event["at"])
+        return seq, "unfenced", True
+    return seq, None, True
+
+
+def _last_change(db: sqlite3.Connection, cluster: str, node: str) -> float:
+    """When the node's epochs last changed (its latest fence or unfence), 0 if never."""
+    (last,) = db.execute("SELECT max(max(fenced_at, coalesce(unfenced_at, 0))) FROM epochs"
+                         " WHERE cluster = ? AND node = ?", (cluster, node)).fetchone()
+    return float(last or 0.0)
+
+
+def _open(db: sqlite3.Connection, agent: str, event: dict[str, Any]) -> None:
+    (last,) = db.execute("SELECT coalesce(max(epoch), 0) FROM epochs WHERE cluster = ? AND node = ?",
+                         (event["cluster"], event["node"])).fetchone()
+    db.execute("INSERT INTO epochs (cluster, node, epoch, fenced_at, fenced_by, requester, identities)"
+               " VALUES (?, ?, ?, ?, ?, ?, ?)",
+               (event["cluster"], event["node"], last + 1, event["at"], agent, event["requester"],
+                json.dumps(sorted({j.lower() for j in event.get("identities", ())}))))
+
+
+def _close(db: sqlite3.Connection, cluster: str, node: str, agent: str, at: float) -> None:
+    db.execute("UPDATE epochs SET unfenced_at = ?, unfenced_by = ? WHERE cluster = ? AND node = ?"
+               " AND unfenced_at IS NULL", (at, agent, cluster, node))
+
+
+def _fenced(db: sqlite3.Connection) -> list[Fenced]:
+    rows = db.execute("SELECT cluster, node, epoch, fenced_at, fenced_by, requester, identities"
+                      " FROM epochs WHERE unfenced_at IS NULL ORDER BY cluster, node").fetchall()
+    return [Fenced(c, n, e, at, by, req, tuple(json.loads(ids))) for c, n, e, at, by, req, ids in rows]
+
+
+def _epochs(db: sqlite3.Connection, cluster: str, node: str) -> list[dict[str, Any]]:
+    rows = db.execute("SELECT cluster, node, epoch, fenced_at, fenced_by, requester, identities,"
+                      " unfenced_at, unfenced_by FROM epochs WHERE (? = '' OR cluster = ?)"
+                      " AND (? = '' OR node = ?) ORDER BY cluster, node, epoch",
+                      (cluster, cluster, node, node)).fetchall()
+    keys = ("cluster", "node", "epoch", "fenced_at", "fenced_by", "requester", "identities", "unfenced_at",
+            "unfenced_by")
+    return [{**dict(zip(keys, r)), "identities": json.loads(r[6])} for r in rows]
+
+
+def _events(db: sqlite3.Connection, since: int, limit: int) -> list[dict[str, Any]]:
+    rows = db.execute("SELECT seq, agent, body FROM fence_events WHERE seq > ? ORDER BY seq DESC LIMIT ?",
+                      (since, limit)).fetchall()
+    return [{"seq": seq, "agent": agent, **json.loads(body)} for seq, agent, body in reversed(rows)]
 
 
 class FencedNow:
@@ -197,12 +270,12 @@ class FencedNow:
     performer with the broker's rules too, so a fenced identity may not request a step that changes
     state, nor approve or take one (both change state); reads stay allowed."""
 
-    def __init__(self, ledger: FenceLedger, fenced: FencedIdentities) -> None:
+    def __init__(self, ledger: FenceLedgerState, fenced: FencedIdentities) -> None:
         self.ledger, self.fenced = ledger, fenced
 
     def refresh(self) -> None:
         if self.ledger.written_elsewhere():
-            self.fenced.install(self.ledger.fenced())
+            self.fenced.install(self.ledger.fenced_now())
 
     def __call__(self, request: Request, spec: OpSpec) -> Decision | None:
         self.refresh()
@@ -217,13 +290,13 @@ class Fencing:
     def __init__(self, broker: Any) -> None:
         self.broker = broker
         state: Path | None = broker.shared_dir
-        self.ledger = FenceLedger(state / "fencing.sqlite" if state else ":memory:")
+        self.ledger: FenceLedgerState = FenceLedger(state / "fencing.sqlite" if state else ":memory:")
         self._fence_listeners: list[Callable[[dict[str, Any]], Any]] = []
         self.fenced_now = FencedNow(self.ledger, broker.fenced)
         self.fenced_now.refresh()
 
-    def close(self) -> None:
-        self.ledger.close()
+    async def aclose(self) -> None:
+        await self.ledger.aclose()
 
     def on_fence_event(self, listener: Callable[[dict[str, Any]], Any]) -> None:
         """Call ``listener`` with each fencing event as the broker keeps it (the chat room shows them)."""
@@ -262,9 +335,9 @@ class Fencing:
         args = {"id": id, "event": event, "action": action, "cluster": cluster, "node": node,
                 "requester": requester, "request": request, "ok": ok, "state": state, "message": message,
                 "on_error": on_error, "at": at}
-        return self._take_event(call.caller, args)
+        return await self._take_event(call.caller, args)
 
-    def _take_event(self, agent: str, args: dict[str, Any], reconciled: bool = False) -> dict[str, Any]:
+    async def _take_event(self, agent: str, args: dict[str, Any], reconciled: bool = False) -> dict[str, Any]:
         """Record one fencing event of a configured fencing agent (posted, or read from its ledger),
         apply it to the epochs, push and tell the listeners when it is new."""
         nodes = self._fencing_agent(agent) or {}
@@ -273,8 +346,8 @@ class Fencing:
         body = {**args, "identities": list(identities), "at": args["at"] or time.time(), "received": time.time()}
         if reconciled:
             body["reconciled"] = True
-        seq, change, new = self.ledger.record(agent, body)
-        opened = self.ledger.open_epoch(args["cluster"], args["node"])
+        seq, change, new = await self.ledger.record(agent, body)
+        opened = await self.ledger.open_epoch(args["cluster"], args["node"])
         answer = {"seq": seq, "change": change, "fenced": opened is not None,
                   "epoch": opened.epoch if opened else None, "duplicate": not new}
         if not new:
@@ -284,7 +357,7 @@ class Fencing:
         log.info("fencing %s from %s%s: %s %s/%s ok=%s%s", args["event"], agent, " (from its ledger)" if reconciled
                  else "", args["action"], args["cluster"], args["node"], args["ok"], f" -> {change}" if change else "")
         if change is not None:
-            self.broker.fenced.install(self.ledger.fenced())
+            self.broker.fenced.install(self.ledger.fenced_now())
             self.broker.spawn(self.push_fenced())
         for listener in list(self._fence_listeners):
             try:
@@ -321,7 +394,7 @@ class Fencing:
                 continue
             if args["event"] != "outcome" or not args["ok"]:
                 continue  # only a verified state counts
-            if not self._take_event(bare, args, reconciled=True)["duplicate"]:
+            if not (await self._take_event(bare, args, reconciled=True))["duplicate"]:
                 new += 1
         if new:
             log.warning("recorded %d fencing outcome(s) of %s from its ledger that the broker had not received",
@@ -334,16 +407,16 @@ class Fencing:
                            limit: Annotated[int, Arg("at most this many, newest last", min=1,
                                                      max=RECENT_EVENTS)] = 50) -> list:
         """The fencing attempts and outcomes the broker keeps, oldest first."""
-        return self.ledger.events(since, limit)
+        return await self.ledger.events(since, limit)
 
     @op("mesh.fence.epochs", effect="read", deadline=5)
     async def fence_epochs(self, call: Call,
                            cluster: Annotated[str, Arg("only this cluster (default: all)")] = "",
                            node: Annotated[str, Arg("only this node (default: all)")] = "") -> dict:
         """Which nodes are fenced now, and every node's fencing epochs."""
-        return {"fenced": [f.to_dict() for f in self.ledger.fenced()
+        return {"fenced": [f.to_dict() for f in await self.ledger.fenced()
                            if cluster in ("", f.cluster) and node in ("", f.node)],
-                "epochs": self.ledger.epochs(cluster, node)}
+                "epochs": await self.ledger.epochs(cluster, node)}
 
     # -- pushes ---------------------------------------------------------------------------------
 
@@ -353,7 +426,7 @@ class Fencing:
     async def push_fenced(self, targets: list[str] | None = None) -> dict[str, str]:
         """Push the open epochs; returns each target's error ("" when it took them)."""
         targets = self._takers() if targets is None else targets
-        return await push(self.broker, targets, INSTALL_OP, {"fenced": encode_entries(self.ledger.fenced())},
+        return await push(self.broker, targets, INSTALL_OP, {"fenced": encode_entries(await self.ledger.fenced())},
                           "the fenced nodes")
 
     def on_join(self, jid: str) -> None:

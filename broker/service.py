@@ -144,7 +144,7 @@ class Broker(Agent):
         await self.leadership.aclose()
         await self.anchors.aclose()
         await self._known.aclose()
-        self.fencing.close()
+        await self.fencing.aclose()
         await self.workflows.aclose()
 
     def on_join(self, jid: str) -> None:

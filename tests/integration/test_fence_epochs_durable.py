@@ -33,6 +33,14 @@ async def outbox_empty(world: FencingWorld) -> bool:
     return not await world.fencer.outbox.pending()
 
 
+async def events_recorded(world: FencingWorld, count: int) -> bool:
+    return len(await world.broker.fencing.ledger.events()) == count
+
+
+async def unfenced_and_outbox_empty(world: FencingWorld) -> bool:
+    return not await world.broker.fencing.ledger.fenced() and await outbox_empty(world)
+
+
 async def pending_ids(world: FencingWorld, expected: list[str]) -> bool:
     return [e["id"] for e in await world.fencer.outbox.pending()] == expected
 
@@ -59,7 +67,7 @@ async def test_a_node_fenced_while_the_broker_was_down_shows_fenced_after_it_res
     assert await fenced_nodes(world) == [("node1", 1, [db1])]
     await until(lambda: outbox_empty(world), what="the outbox emptied by the broker's acknowledgement")
     # Delivered once each, however they got there.
-    assert [(e["event"], e["action"]) for e in world.broker.fencing.ledger.events()] == [
+    assert [(e["event"], e["action"]) for e in await world.broker.fencing.ledger.events()] == [
         ("attempt", "off"), ("outcome", "off")]
 
 
@@ -68,11 +76,11 @@ async def test_the_outbox_outlives_the_fencing_agent_too(mesh, tmp_path: Path):
     await world.stop(world.fencer)  # its memory is gone; its state dir stays
     await world.start_broker()
     await world.start_fencer()
-    await until(lambda: len(world.broker.fencing.ledger.events()) == 2, timeout=30,
+    await until(lambda: events_recorded(world, 2), timeout=30,
                 what="both events resent by the restarted agent")
     assert await fenced_nodes(world) == [("node1", 1, [db1])]
     # The attempt is only in the outbox (the ledger keeps verified outcomes): it came from there.
-    assert [e["event"] for e in world.broker.fencing.ledger.events()] == ["attempt", "outcome"]
+    assert [e["event"] for e in await world.broker.fencing.ledger.events()] == ["attempt", "outcome"]
     await until(lambda: outbox_empty(world), what="the outbox emptied")
 
 
@@ -85,7 +93,7 @@ async def test_a_lost_outbox_is_recovered_from_the_agents_ledger(mesh, tmp_path:
     await world.start_fencer()
     await until(lambda: world.broker.fencing.ledger.fenced(), timeout=30, what="the epoch reconciled from the ledger")
     assert await fenced_nodes(world) == [("node1", 1, [db1])]
-    (event,) = world.broker.fencing.ledger.events()
+    (event,) = await world.broker.fencing.ledger.events()
     assert (event["event"], event["action"], event["ok"], event.get("reconciled")) == ("outcome", "off", True, True)
     # Asking again (another join) finds nothing new.
     assert await world.broker.fencing.reconcile_fencing(str(world.fencer.jid)) == 0
@@ -105,20 +113,20 @@ async def test_an_unfence_missed_while_the_broker_was_down_ends_the_epoch_and_no
     on = await client.request(str(world.fencer.jid), "fence.on", node1, timeout=30)
     assert on.outcome is Outcome.OK and world.state["node1"].read_text() == "on", on.error
     await world.start_broker()
-    await until(lambda: not world.broker.fencing.ledger.fenced() and outbox_empty(world), timeout=30,
+    await until(lambda: unfenced_and_outbox_empty(world), timeout=30,
                 what="the verified on recorded after the restart")
     assert await fenced_nodes(world) == []
-    (epoch,) = world.broker.fencing.ledger.epochs()
+    (epoch,) = await world.broker.fencing.ledger.epochs()
     assert epoch["epoch"] == 1 and epoch["unfenced_by"] == world.fencer_account[0]
     # An older off arriving late under a new id (as another agent's older report would; older than
     # the on by more than the clock-skew allowance): it is kept as an event and opens nothing.
-    (off,) = [e for e in world.broker.fencing.ledger.events() if e["event"] == "outcome" and e["action"] == "off"]
+    (off,) = [e for e in await world.broker.fencing.ledger.events() if e["event"] == "outcome" and e["action"] == "off"]
     late = {k: off[k] for k in ("event", "action", "cluster", "node", "requester", "request", "ok", "state",
                                 "message", "on_error", "at")}
-    answer = world.broker.fencing._take_event(world.fencer_account[0],
-                                              {**late, "id": "late-resend", "at": off["at"] - 10})
+    answer = await world.broker.fencing._take_event(world.fencer_account[0],
+                                                    {**late, "id": "late-resend", "at": off["at"] - 10})
     assert answer["change"] is None and not answer["fenced"]
-    assert len(world.broker.fencing.ledger.epochs()) == 1
+    assert len(await world.broker.fencing.ledger.epochs()) == 1
 
 
 async def test_an_event_the_broker_refuses_holds_up_no_other(mesh, tmp_path: Path):
@@ -135,7 +143,7 @@ async def test_an_event_the_broker_refuses_holds_up_no_other(mesh, tmp_path: Pat
     assert off.outcome is Outcome.OK, off.error
     await until(lambda: pending_ids(world, ["not-mine"]), timeout=20,
                 what="node1's events delivered past the refused one")
-    assert [f.node for f in world.broker.fencing.ledger.fenced()] == ["node1"]
+    assert [f.node for f in await world.broker.fencing.ledger.fenced()] == ["node1"]
 
 
 def test_the_issues_case_with_real_processes(mesh_home, tmp_path: Path):

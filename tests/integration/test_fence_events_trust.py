@@ -72,7 +72,7 @@ async def test_an_impostor_can_neither_open_an_epoch_nor_close_a_real_one(mesh, 
         for raw in impostors:  # the admin too: no policy makes an account a fencing agent
             denied(await post(raw, broker, forged("off")), "only the fencing agents the mesh file configures")
         assert (await epochs(world)) == {"fenced": [], "epochs": []}
-        assert broker.fencing.ledger.events() == []
+        assert await broker.fencing.ledger.events() == []
 
         # A real, verified fence opens epoch 1 with the configured identities ...
         client = world.client
@@ -89,7 +89,7 @@ async def test_an_impostor_can_neither_open_an_epoch_nor_close_a_real_one(mesh, 
         for raw in impostors:
             denied(await post(raw, broker, forged("on")), "only the fencing agents the mesh file configures")
         assert await epochs(world) == before
-        assert [e["agent"] for e in broker.fencing.ledger.events()] == [world.fencer_account[0]] * 2
+        assert [e["agent"] for e in await broker.fencing.ledger.events()] == [world.fencer_account[0]] * 2
     finally:
         for raw in impostors:
             await raw.close()
@@ -123,7 +123,7 @@ async def test_a_fencing_agents_event_names_no_identities_and_only_its_own_nodes
         again = await post(raw, broker, forged("off"))
         status, result = outcome_of(again)
         assert status == "ok" and result["duplicate"] and result["change"] is None and result["epoch"] == 1
-        assert len(broker.fencing.ledger.events()) == 1
+        assert len(await broker.fencing.ledger.events()) == 1
         assert [e["epoch"] for e in (await epochs(world))["epochs"]] == [1]
     finally:
         await raw.close()
@@ -146,7 +146,7 @@ async def test_only_the_broker_may_read_a_fencing_agents_ledger(mesh, tmp_path: 
     assert res.outcome is Outcome.OK and [(e["node"], e["action"], e["ok"]) for e in res.result["entries"]] == [
         ("node2", "off", True)]
     assert await world.broker.fencing.reconcile_fencing(str(world.fencer.jid)) == 0
-    assert len(world.broker.fencing.ledger.events()) == 2  # the attempt and the outcome, once each
+    assert len(await world.broker.fencing.ledger.events()) == 2  # the attempt and the outcome, once each
 
 
 async def test_a_ledger_counts_only_from_a_configured_fencing_agent_for_its_own_nodes(mesh, tmp_path: Path):

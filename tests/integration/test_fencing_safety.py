@@ -245,7 +245,7 @@ async def test_only_a_fencing_agent_may_announce_and_only_its_own_nodes(world):
     res = await world.fencer.request(str(world.broker.jid), "mesh.fence.event", {**fake, "node": "node9"},
                                      timeout=10)
     refused(res, "does not configure it to fence that node")
-    assert world.events == [] and world.broker.fencing.ledger.events() == []
+    assert world.events == [] and await world.broker.fencing.ledger.events() == []
 
 
 async def test_a_restarted_broker_still_knows_the_fenced_node_and_tells_agents_that_join(world):

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import threading
 
+from broker.constraints import RateLimits
 from broker.directory import KnownAgents
+from broker.fencing import FenceLedger
 
 
 async def test_known_agents_are_shared_and_kept_off_the_event_loop(tmp_path):
@@ -25,3 +27,20 @@ async def test_known_agents_are_shared_and_kept_off_the_event_loop(tmp_path):
     again = KnownAgents(path)  # a restarted broker greets them
     assert await again.all() == ["a@example.net", "b@example.net"]
     await again.aclose()
+
+
+async def test_rate_limits_and_the_fence_ledger_write_off_the_event_loop(tmp_path):
+    limits, ledger = RateLimits(tmp_path / "rates.sqlite"), FenceLedger(tmp_path / "fencing.sqlite")
+    loop_thread, threads = threading.get_ident(), set()
+    for db in (limits.store.db, ledger.store.db):
+        db.set_trace_callback(lambda _sql: threads.add(threading.get_ident()))
+    assert (await limits.take("fence", 1, 60, "alice")).ok and not (await limits.take("fence", 1, 60, "bob")).ok
+    event = {"event": "outcome", "action": "off", "cluster": "c1", "node": "n1", "ok": True, "at": 100.0,
+             "state": "off", "requester": "pcmk@x.test", "identities": ["db1@x.test"], "id": "e1"}
+    assert await ledger.record("f@x.test", event) == (1, "fenced", True)
+    assert [f.node for f in await ledger.fenced()] == ["n1"] and len(await ledger.events()) == 1
+    assert threads and loop_thread not in threads
+    # What the synchronous fenced-identity rule reads (answered at once): the epoch recorded here.
+    assert ledger.written_elsewhere() and [f.node for f in ledger.fenced_now()] == ["n1"]
+    await limits.aclose()
+    await ledger.aclose()

@@ -44,38 +44,38 @@ def outcome(action: str, ok: bool = True, node: str = "n1", at: float = 100.0, *
             "identities": ["DB1@x.test"], **kw}
 
 
-def test_a_verified_off_opens_an_epoch_and_a_verified_on_ends_it():
+async def test_a_verified_off_opens_an_epoch_and_a_verified_on_ends_it():
     ledger = FenceLedger(":memory:")
-    assert ledger.record("f@x.test", outcome("off", ok=False))[1] is None  # a failure proves nothing
-    assert ledger.record("f@x.test", {**outcome("off"), "event": "attempt"})[1] is None
-    assert ledger.fenced() == []
-    assert ledger.record("f@x.test", outcome("off"))[1] == "fenced"
-    (f,) = ledger.fenced()
+    assert (await ledger.record("f@x.test", outcome("off", ok=False)))[1] is None  # a failure proves nothing
+    assert (await ledger.record("f@x.test", {**outcome("off"), "event": "attempt"}))[1] is None
+    assert await ledger.fenced() == []
+    assert (await ledger.record("f@x.test", outcome("off")))[1] == "fenced"
+    (f,) = await ledger.fenced()
     assert (f.node, f.epoch, f.fenced_at, f.fenced_by, f.identities) == ("n1", 1, 100.0, "f@x.test", ("db1@x.test",))
-    assert ledger.record("f@x.test", outcome("off", at=150.0))[1] is None  # still the same fencing period
-    assert ledger.fenced()[0].fenced_at == 100.0
-    assert ledger.record("f@x.test", outcome("on", at=200.0))[1] == "unfenced"
-    assert ledger.fenced() == []
-    assert ledger.record("f@x.test", outcome("off", at=300.0))[1] == "fenced"
-    assert [e["epoch"] for e in ledger.epochs()] == [1, 2]  # numbers only grow
-    assert ledger.epochs()[0]["unfenced_at"] == 200.0
-    assert len(ledger.events()) == 6
+    assert (await ledger.record("f@x.test", outcome("off", at=150.0)))[1] is None  # still the same fencing period
+    assert (await ledger.fenced())[0].fenced_at == 100.0
+    assert (await ledger.record("f@x.test", outcome("on", at=200.0)))[1] == "unfenced"
+    assert await ledger.fenced() == []
+    assert (await ledger.record("f@x.test", outcome("off", at=300.0)))[1] == "fenced"
+    assert [e["epoch"] for e in await ledger.epochs()] == [1, 2]  # numbers only grow
+    assert (await ledger.epochs())[0]["unfenced_at"] == 200.0
+    assert len(await ledger.events()) == 6
 
 
-def test_a_reboot_is_an_epoch_that_ends_at_once_unless_power_stayed_off():
+async def test_a_reboot_is_an_epoch_that_ends_at_once_unless_power_stayed_off():
     ledger = FenceLedger(":memory:")
-    assert ledger.record("f@x.test", outcome("reboot"))[1] == "rebooted"
-    assert ledger.fenced() == [] and ledger.epochs()[0]["epoch"] == 1
-    assert ledger.record("f@x.test", outcome("reboot", on_error="power did not come back"))[1] == "fenced"
-    assert ledger.fenced()[0].epoch == 2
+    assert (await ledger.record("f@x.test", outcome("reboot")))[1] == "rebooted"
+    assert await ledger.fenced() == [] and (await ledger.epochs())[0]["epoch"] == 1
+    assert (await ledger.record("f@x.test", outcome("reboot", on_error="power did not come back")))[1] == "fenced"
+    assert (await ledger.fenced())[0].epoch == 2
 
 
-def test_epochs_survive_a_restart(tmp_path):
+async def test_epochs_survive_a_restart(tmp_path):
     path = tmp_path / "fencing.sqlite"
     ledger = FenceLedger(path)
-    ledger.record("f@x.test", outcome("off"))
-    ledger.close()
-    assert [f.node for f in FenceLedger(path).fenced()] == ["n1"]
+    await ledger.record("f@x.test", outcome("off"))
+    await ledger.aclose()
+    assert [f.node for f in await FenceLedger(path).fenced()] == ["n1"]
 
 
 def fenced_db1() -> FencedIdentities:
@@ -124,9 +124,9 @@ def test_only_the_agents_broker_pushes_epochs_whatever_the_policy_says():
     assert not broker_only(Request("broker@x.test", [], via="bot@x.test"), install, "broker@x.test").allowed
 
 
-def test_the_brokers_rules_refuse_a_fenced_identity_and_leave_the_rest_to_the_policy():
+async def test_the_brokers_rules_refuse_a_fenced_identity_and_leave_the_rest_to_the_policy():
     ledger = FenceLedger(":memory:")
-    ledger.record("f@x.test", outcome("off"))  # node n1 (identity db1) is fenced
+    await ledger.record("f@x.test", outcome("off"))  # node n1 (identity db1) is fenced
     rules = [FencedNow(ledger, FencedIdentities()), policy_rule("db1@x.test")]
     assert "was fenced at" in authorize(rules, Request("db1@x.test", []), spec("sample.toggle")).reason
     assert "only the mesh file's admins" in authorize(rules, Request("db2@x.test", []), spec("sample.toggle")).reason
@@ -195,7 +195,7 @@ def test_only_a_configured_fencing_agent_announces_and_only_for_its_nodes():
         True, "caller is a mesh admin", "mesh admins")
 
 
-def test_a_fencing_recorded_by_another_broker_instance_reaches_this_ones_decisions(tmp_path):
+async def test_a_fencing_recorded_by_another_broker_instance_reaches_this_ones_decisions(tmp_path):
     # Two instances of one broker share the ledger file; each decides with its own view.
     mine, other = FenceLedger(tmp_path / "fencing.sqlite"), FenceLedger(tmp_path / "fencing.sqlite")
     view = FencedIdentities()
@@ -203,31 +203,31 @@ def test_a_fencing_recorded_by_another_broker_instance_reaches_this_ones_decisio
     rules = [FencedNow(mine, view), policy_rule("db1@x.test")]
     assert authorize(rules, Request("db1@x.test", []), spec("workflow.run")).allowed
     assert not mine.written_elsewhere()  # nothing new: no re-read on the next decision
-    other.record("f@x.test", outcome("off"))
+    await other.record("f@x.test", outcome("off"))
     denied = authorize(rules, Request("db1@x.test", []), spec("workflow.run"))
     assert not denied.allowed and "fenced node" in denied.reason
-    other.record("f@x.test", outcome("on", at=200.0))
+    await other.record("f@x.test", outcome("on", at=200.0))
     assert authorize(rules, Request("db1@x.test", []), spec("workflow.run")).allowed
 
 
-def test_an_event_is_recorded_once_per_agent_and_id():
+async def test_an_event_is_recorded_once_per_agent_and_id():
     ledger = FenceLedger(":memory:")
-    assert ledger.record("f@x.test", outcome("off", id="e1")) == (1, "fenced", True)
-    assert ledger.record("F@x.test", outcome("off", id="e1")) == (1, None, False)  # a resend
-    assert ledger.record("g@x.test", outcome("off", id="e1"))[2]  # another agent's e1 is another event
-    assert [e["epoch"] for e in ledger.epochs()] == [1] and len(ledger.events()) == 2
+    assert await ledger.record("f@x.test", outcome("off", id="e1")) == (1, "fenced", True)
+    assert await ledger.record("F@x.test", outcome("off", id="e1")) == (1, None, False)  # a resend
+    assert (await ledger.record("g@x.test", outcome("off", id="e1")))[2]  # another agent's e1 is another event
+    assert [e["epoch"] for e in await ledger.epochs()] == [1] and len(await ledger.events()) == 2
 
 
-def test_an_outcome_older_than_the_nodes_last_change_changes_nothing():
+async def test_an_outcome_older_than_the_nodes_last_change_changes_nothing():
     ledger = FenceLedger(":memory:")
-    ledger.record("f@x.test", outcome("off", at=100.0))
-    ledger.record("f@x.test", outcome("on", at=200.0))
-    assert ledger.record("f@x.test", outcome("off", at=150.0))[1] is None  # late: the on stands
-    assert ledger.fenced() == []
-    ledger.record("f@x.test", outcome("off", at=300.0))
-    assert ledger.record("f@x.test", outcome("on", at=250.0))[1] is None  # late: the off stands
-    assert ledger.record("f@x.test", outcome("on", at=400.0, state="unknown"))[1] is None  # not verified on
-    assert [f.epoch for f in ledger.fenced()] == [2]
+    await ledger.record("f@x.test", outcome("off", at=100.0))
+    await ledger.record("f@x.test", outcome("on", at=200.0))
+    assert (await ledger.record("f@x.test", outcome("off", at=150.0)))[1] is None  # late: the on stands
+    assert await ledger.fenced() == []
+    await ledger.record("f@x.test", outcome("off", at=300.0))
+    assert (await ledger.record("f@x.test", outcome("on", at=250.0)))[1] is None  # late: the off stands
+    assert (await ledger.record("f@x.test", outcome("on", at=400.0, state="unknown")))[1] is None  # not verified on
+    assert [f.epoch for f in await ledger.fenced()] == [2]
 
 
 def test_a_nodes_identities_come_from_the_agents_configured_settings():
