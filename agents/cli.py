@@ -9,6 +9,7 @@
     vertebra policy check FILE       lint an authorization policy and check its examples, offline
     vertebra policy reload           the broker re-reads the mesh's policy file and pushes it to every agent
     vertebra workflow run|approve|perform|status|list|cancel ... [--follow]   the broker's durable workflows
+    vertebra job show|wait ID [--to AGENT]   a long op's job by the id `call` printed: how it stands, or its end
     vertebra audit verify|show       check the agents' audit logs against the broker's anchors, or read them
     vertebra account list|add|remove|passwd [NAME]   the accounts of the mesh file's people and services
 
@@ -142,6 +143,16 @@ def _parser() -> argparse.ArgumentParser:
                            " an agent that saw it answers with its first outcome and does not run it again,"
                            " also after a restart (for 24 hours). An op that changes state prints the id it used"
                            " on stderr")
+    job = sub.add_parser("job", help="a long op's job by its id, from any terminal: show how it stands, or wait"
+                                     " for its end (exit code as call's, from how it ended)")
+    job.add_argument("action", choices=("show", "wait"))
+    job.add_argument("job", metavar="ID", help="the job id `vertebra call` printed when the agent accepted the call")
+    job.add_argument("--to", action="append", default=[], metavar="AGENT",
+                     help="the agent running it (default: ask every agent)")
+    job.add_argument("--timeout", type=_seconds, default=None,
+                     help="seconds to wait for its end (wait; default 3600), or for the answer (show; default 10)")
+    job.add_argument("--json", action="store_true")
+    job.add_argument("--yaml", action="store_true")
     hlp = sub.add_parser("help", help="show an op's arguments, or list every op (asks the running mesh)")
     hlp.add_argument("op", nargs="?")
     hlp.add_argument("--timeout", type=_seconds, default=10.0)
@@ -314,8 +325,8 @@ def cmd_workflow(mesh: meshconf.MeshConfig, ns: argparse.Namespace) -> int:
     report = _call_broker(mesh, spec.name, args, _left(ns.timeout, started))
     if ns.follow and report.ok:
         iid = report.results[0].result["instance"]
-        followed = follow_workflow(report.results[0].result, lambda wait: _call_broker(
-            mesh, "workflow.status", {"instance": iid, "wait": wait}, wait + ns.timeout), sys.stderr)
+        followed = follow_workflow(report.results[0].result, lambda wait, since: _call_broker(
+            mesh, "workflow.status", {"instance": iid, "wait": wait, "since": since}, wait + ns.timeout), sys.stderr)
         if isinstance(followed, CallReport):
             report = followed
         else:
@@ -471,12 +482,60 @@ def cmd_call(mesh: meshconf.MeshConfig, ns: argparse.Namespace) -> int:
     try:
         report = _run_call(mesh, ns.op, args, _left(ns.timeout, started), on=on, scope=scope,
                            to=[_full_jid(mesh, t) for t in ns.to], progress=view.report, answered=view.answered,
-                           rid=rid)
+                           rid=rid, job_events=_print_job_event)
     finally:
         view.close()
     _print_report(report, ns.json, spec.result if spec is not None else None, time.monotonic() - sent,
                   as_yaml=ns.yaml)
     return report.exit_code
+
+
+def _print_job_event(target: str, job: str, event: str) -> None:
+    """What becomes of a long op's job, on stderr as it happens (stdout keeps the result alone)."""
+    agent = target.split("/", 1)[0]
+    line = {"accepted": f"{target} accepted the call as job {job}; from another terminal:"
+                        f" vertebra job wait {job} --to {agent}",
+            "offline": f"unreachable: the agent went offline while running job {job} ({target}); waiting a while for"
+                       " it to come back",
+            "back": f"{target} is back; waiting for the outcome of job {job}"}.get(event, f"job {job}: {event}")
+    print(f"vertebra: {line}", file=sys.stderr, flush=True)
+
+
+def cmd_job(mesh: meshconf.MeshConfig, ns: argparse.Namespace) -> int:
+    """`job show|wait ID`: ask the agent running the job (``--to``, else every agent) with ``job.status``;
+    wait asks again, each time waiting there for the end, until the job ended or the timeout is spent, and
+    rides out the agent's restart (unreachable, it asks again)."""
+    from .agent import JOB_STATUS_OP
+    from .errors import error_for
+    from .report import EXIT_CODES
+
+    timeout = ns.timeout or (3600.0 if ns.action == "wait" else 10.0)
+    end = time.monotonic() + timeout
+    to = [_full_jid(mesh, t) for t in ns.to]
+    pause = 0.5
+    while True:
+        left = end - time.monotonic()
+        wait = max(0.0, min(left - 5.0, 590.0)) if ns.action == "wait" else 0.0
+        report = _run_call(mesh, JOB_STATUS_OP, {"job": ns.job, "wait": round(wait, 1)}, wait + min(left, 10.0),
+                           to=to)
+        found = [r for r in report.results if r.outcome is Outcome.OK]
+        if found and (ns.action == "show" or found[0].result["state"] == "ended"):
+            break
+        gone = any(r.outcome in (Outcome.UNREACHABLE, Outcome.TIMEOUT) for r in report.results)
+        if time.monotonic() >= end or not (found or gone) or ns.action == "show":
+            if not found:
+                print(f"vertebra: no agent told how job {ns.job} stands", file=sys.stderr)
+            _print_report(report, ns.json, as_yaml=ns.yaml)
+            return report.exit_code or EXIT_CODES[Outcome.TIMEOUT]
+        if not found:  # its agent is away (restarting?): ask again shortly
+            time.sleep(min(pause, max(0.0, end - time.monotonic())))
+            pause = min(pause * 2, 5.0)
+    report.results = found[:1]
+    _print_report(report, ns.json, as_yaml=ns.yaml)
+    status = found[0].result
+    if status["state"] != "ended" or status["status"] == "ok":
+        return 0
+    return EXIT_CODES[error_for(status["condition"], "").outcome]
 
 
 def cmd_agents(mesh: meshconf.MeshConfig, ns: argparse.Namespace) -> int:
@@ -814,7 +873,7 @@ def _stop_children(children: list[subprocess.Popen[bytes]]) -> None:
 
 COMMANDS = {"server": cmd_server, "up": cmd_up, "broker": cmd_broker, "agent": cmd_agent,
             "agents": cmd_agents, "call": cmd_call, "audit": cmd_audit, "policy": cmd_policy_reload,
-            "workflow": cmd_workflow, "help": cmd_help, "account": cmd_account}
+            "workflow": cmd_workflow, "help": cmd_help, "account": cmd_account, "job": cmd_job}
 
 if __name__ == "__main__":
     sys.exit(main())

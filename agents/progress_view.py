@@ -252,32 +252,32 @@ FOLLOW_FIRST = 0.5     # seconds the broker may hold a status request, after a c
 FOLLOW_MOST = 8.0      # ... and at most (what workflow.status's wait allows), while nothing changes
 
 
-def follow_workflow(status: dict[str, Any], fetch: Callable[[float], CallReport], stream: TextIO, *,
+def follow_workflow(status: dict[str, Any], fetch: Callable[[float, str], CallReport], stream: TextIO, *,
                     sleep: Callable[[float], None] = time.sleep,
                     clock: Callable[[], float] = time.monotonic) -> dict[str, Any] | CallReport:
     """Follow a workflow instance from its ``status`` until it ends, writing a line on ``stream`` for each
     change of a step or of the instance; return its last status (in one of ``WORKFLOW_ENDS``), or the
     report of a status request that failed.
 
-    The broker announces no step changes, so this asks: ``fetch(wait)`` is a ``workflow.status`` request
-    whose ``wait`` lets the broker hold the answer until the instance stops running (it ends, or waits
-    for people) or ``wait`` seconds pass. After a change the next request waits ``FOLLOW_FIRST``; while
-    nothing changes the wait doubles up to ``FOLLOW_MOST``, and an answer that came at once (the instance
-    waits for an approval) is followed by a pause of the rest of the wait, so nothing is asked in a loop."""
+    ``fetch(wait, since)`` is a ``workflow.status`` request. The broker announces each change of an
+    instance: given ``since`` (the status's ``changes`` digest) it answers at the instance's next change,
+    or after ``wait`` seconds (``FOLLOW_MOST``), so each step shows as it happens. A status without a
+    digest (a broker that does not announce changes) is asked again with backoff: after a change the
+    next request waits ``FOLLOW_FIRST`` (the broker holds it until the instance stops running), while
+    nothing changes the wait doubles up to ``FOLLOW_MOST``. Either way an answer that came at once with
+    nothing new is followed by a pause of the rest of its wait, so nothing is asked in a loop."""
     seen: dict[str, tuple[Any, ...]] = {}
     wait, rest = FOLLOW_FIRST, 0.0
     while True:
         changed = _print_changes(status, seen, stream)
         if status.get("state") in WORKFLOW_ENDS:
             return status
-        if changed:
-            wait = FOLLOW_FIRST
-        else:
-            if rest > 0:
-                sleep(rest)
-            wait = min(wait * 2, FOLLOW_MOST)
+        if not changed and rest > 0:
+            sleep(rest)
+        since = str(status.get("changes") or "")
+        wait = FOLLOW_MOST if since else FOLLOW_FIRST if changed else min(wait * 2, FOLLOW_MOST)
         asked = clock()
-        report = fetch(wait)
+        report = fetch(wait, since)
         if not report.ok:
             return report
         status = report.results[0].result

@@ -11,6 +11,8 @@ without more code:
 - ``workflow.approve``  approve a step as the caller (separation of duty, no approving twice);
 - ``workflow.perform``  take a ``hold:`` step as the caller, who becomes its performer (binding of duty);
 - ``workflow.status``   one instance: each step's state, approvers, outcome and what it waits for;
+                        with ``wait`` and ``since`` (its ``changes`` digest) at the instance's next
+                        change, which the store announces (:mod:`broker.workflow_changes`);
 - ``workflow.cancel``   stop an instance before its next step.
 
 Definitions are parsed in :mod:`broker.workflow_spec`; state lives in :mod:`broker.workflow_store`;
@@ -68,6 +70,7 @@ from . import shared_state
 from .constraints import APPROVED, StepRule, check_approval, check_perform
 from .workflow_spec import Plan, Step, Workflow, WorkflowError, load_dir
 from .leadership import Deposed
+from .workflow_changes import AnnouncingStore, Changes, digest
 from .workflow_store import FINISHED, WorkflowState
 
 log = logging.getLogger(__name__)
@@ -124,7 +127,9 @@ class WorkflowEngine:
         self.broker = broker
         self.leadership: Any = None  # set by the broker once its leadership is made (it needs our hooks)
         # SQLite files in the shared state directory, or etcd (the mesh file's broker state).
-        self.workflow_store: WorkflowState = shared_state.workflow_store(broker)
+        # Every write to an instance is announced, so workflow.status can answer at its next change.
+        self.changes = Changes()
+        self.workflow_store: WorkflowState = AnnouncingStore(shared_state.workflow_store(broker), self.changes)
         self.rate_limits = shared_state.rate_limits(broker)
         self._runners: dict[str, asyncio.Task[None]] = {}
         self._dirty: set[str] = set()  # instances that changed while their runner was busy
@@ -281,9 +286,27 @@ class WorkflowEngine:
     async def workflow_status(self, call: Call,
                               instance: Annotated[str, Arg("the instance id", pattern=_INSTANCE)],
                               wait: Annotated[float, Arg("seconds to wait for it to finish or stop at an"
-                                                         " approval first", min=0, max=8)] = 0.0) -> dict:
+                                                         " approval first (with since: for its next change)",
+                                                         min=0, max=8)] = 0.0,
+                              since: Annotated[str, Arg("the changes digest of the status the caller has: with"
+                                                        " wait, answer once the instance differs from it",
+                                                        pattern="([0-9a-f]{16})?")] = "") -> dict:
         """One workflow instance: its steps, approvals, outcomes and what it waits for."""
         await self._find(instance)
+        if wait and since:
+            # Watched before it is read, so a change between the reading and the wait is not missed.
+            end = asyncio.get_running_loop().time() + wait
+            with self.changes.watching(instance) as changed:
+                while True:
+                    changed.clear()  # before reading: a change while it is read wakes the wait below
+                    status = await self._status(instance)
+                    left = end - asyncio.get_running_loop().time()
+                    if status["changes"] != since or status["state"] in FINISHED or left <= 0:
+                        return status
+                    try:
+                        await asyncio.wait_for(changed.wait(), left)
+                    except TimeoutError:
+                        pass
         if wait:
             task = self._runners.get(instance)
             if task is not None and not task.done():
@@ -513,9 +536,10 @@ class WorkflowEngine:
                               "hold": s.hold, "performer": r["performer"], "target": r["target"],
                               "outcome": r["outcome"], "result": r["result"], "reason": r["reason"],
                               "attempts": r["attempts"], "rid": step_rid(iid, s.name)})
-        return {"instance": iid, "workflow": inst["workflow"], "requester": inst["requester"],
-                "params": inst["params"], "state": inst["state"], "error": inst["error"],
-                "created": inst["created"], "updated": inst["updated"], "steps": steps}
+        status = {"instance": iid, "workflow": inst["workflow"], "requester": inst["requester"],
+                  "params": inst["params"], "state": inst["state"], "error": inst["error"],
+                  "created": inst["created"], "updated": inst["updated"], "steps": steps}
+        return dict(status, changes=digest(status))  # what a follower passes back as since
 
 
 def _rule(step: Step) -> StepRule:

@@ -119,7 +119,8 @@ def test_a_workflow_is_followed_step_by_step_with_waits_that_back_off():
                _status("done", ("snap", "ok"), ("clone", "ok"))]
     waits, pauses, clock = [], [], Clock()
 
-    def fetch(wait: float) -> CallReport:
+    def fetch(wait: float, since: str) -> CallReport:
+        assert since == ""  # a broker that gives no digest: asked again with backoff
         waits.append(wait)
         return CallReport("workflow.status", [TargetResult("broker", Outcome.OK, answers.pop(0))])
 
@@ -139,9 +140,27 @@ def test_a_workflow_is_followed_step_by_step_with_waits_that_back_off():
     assert FOLLOW_MOST >= 2 * FOLLOW_FIRST
 
 
+def test_a_broker_that_announces_changes_is_asked_for_the_next_one():
+    answers = [dict(_status("running", ("snap", "ok"), ("clone", "running")), changes="b" * 16),
+               dict(_status("running", ("snap", "ok"), ("clone", "running")), changes="b" * 16),  # its wait ran out
+               dict(_status("done", ("snap", "ok"), ("clone", "ok")), changes="c" * 16)]
+    asked, pauses, clock = [], [], Clock()
+
+    def fetch(wait: float, since: str) -> CallReport:
+        asked.append((wait, since))
+        clock.now += wait if len(asked) == 2 else 0.01  # the broker held the second request its whole wait
+        return CallReport("workflow.status", [TargetResult("broker", Outcome.OK, answers.pop(0))])
+
+    first = dict(_status("running", ("snap", "running"), ("clone", "pending")), changes="a" * 16)
+    final = follow_workflow(first, fetch, io.StringIO(), sleep=pauses.append, clock=clock)
+    assert final["state"] == "done"
+    assert asked == [(FOLLOW_MOST, "a" * 16), (FOLLOW_MOST, "b" * 16), (FOLLOW_MOST, "b" * 16)]
+    assert pauses == []  # each answer came with a change, or after the whole wait
+
+
 def test_following_ends_with_a_status_request_that_fails():
     failed = CallReport("workflow.status", [TargetResult("broker", Outcome.UNREACHABLE, error="gone")])
-    got = follow_workflow(_status("running", ("snap", "running")), lambda wait: failed, io.StringIO(),
+    got = follow_workflow(_status("running", ("snap", "running")), lambda wait, since: failed, io.StringIO(),
                           sleep=lambda s: None)
     assert got is failed
 
