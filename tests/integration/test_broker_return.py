@@ -5,11 +5,16 @@ again as ``broker@DOMAIN/broker``), and its new session starts with an empty dir
 every known agent at its bare JID (docs/protocol.md 4.5). Whether the server told an agent, in
 between, that the old session went depends on the server and on timing: with 50,000 agents on
 ejabberd many were never told, took the greeting for a broker they had already answered, and stayed
-unlisted. An agent answers every greeting (4.4), seen broker or not.
+unlisted. An agent answers every greeting (4.4), seen broker or not. And the keepalive that made the
+broker reconnect counts anything the server sent meanwhile as a sign of life (``Actor._keepalive``).
 """
 
 from __future__ import annotations
 
+import asyncio
+import logging
+
+from agents.client import Client
 from conftest import until
 from sample_agent import SampleAgent
 
@@ -41,3 +46,47 @@ async def test_agents_are_listed_again_when_the_broker_reconnects_after_a_missed
     await until(lambda: sessions, timeout=20, what="the broker's new session")
     await until(lambda: len(broker.directory) == 3, timeout=20, what="every agent listed again")
     assert sorted(e.jid for e in broker.directory.entries()) == sorted(str(a.jid) for a in agents)
+
+
+async def test_a_busy_actor_keeps_its_session_while_anything_arrives_and_reconnects_when_nothing_does(mesh, caplog):
+    """The keepalive ping's answer held back (as behind a backlog of thousands of presences) does not
+    cost a session that keeps receiving; a connection that receives nothing at all is still given up."""
+    caplog.set_level(logging.INFO, logger="agents.actor")
+    jid, password = mesh.account("busy")
+    busy = Client(jid, password, mesh.endpoint, broker="")
+    ping = busy.xmpp.plugin["xep_0199"]
+    ping.interval, ping.timeout = 1, 1  # instead of 30 and 10
+    held_back: list[str] = []
+
+    def hold_back_ping_answers(stanza):
+        if stanza.name == "iq" and stanza["type"] == "result" and str(stanza["from"]) == busy.jid.host \
+                and len(stanza.xml) == 0:
+            held_back.append(stanza["id"])
+            return None
+        return stanza
+
+    busy.xmpp.add_filter("in", hold_back_ping_answers)
+    sessions: list[str] = []
+    busy.on_event("session_start", lambda _e: sessions.append("new"))
+    busy.on_event("disconnected", lambda _e: sessions.append("lost"))
+    await mesh.start(busy)
+    sender = await mesh.client()
+
+    async def keep_sending() -> None:
+        while True:
+            sender.xmpp.send_message(mto=str(busy.jid), mbody="traffic")
+            await asyncio.sleep(0.05)
+
+    def kept() -> int:
+        return sum("connection is kept" in r.getMessage() for r in caplog.records)
+
+    traffic = asyncio.get_running_loop().create_task(keep_sending())
+    try:
+        await until(lambda: kept() >= 3, timeout=30, what="three unanswered keepalive pings")
+        assert sessions == ["new"] and busy.online
+    finally:
+        traffic.cancel()
+    # A connection that delivers nothing at all (not even the late answer): given up, as before.
+    busy.xmpp.transport.pause_reading()
+    await until(lambda: "lost" in sessions, timeout=30, what="a reconnection once nothing arrives")
+    await until(lambda: busy.online, timeout=30, what="the busy actor back")
