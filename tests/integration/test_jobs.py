@@ -8,6 +8,7 @@ reattach to the job by its id from another session."""
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import re
 import signal
@@ -131,3 +132,56 @@ async def test_a_restarted_agent_reports_the_cut_off_job_interrupted(mesh, sampl
 async def _delivered(status: Any) -> Any:
     shown = await status
     return shown if shown["delivered"] else None
+
+
+def vertebra_popen(home: Path, *args: str) -> subprocess.Popen[str]:
+    """The real `vertebra` command line, running on while the test goes on."""
+    return subprocess.Popen([sys.executable, "-m", "agents.cli", "--home", str(home), *args], cwd=ROOT, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={**os.environ, "PYTHONPATH": str(ROOT)})
+
+
+async def line_matching(stream: Any, pattern: str, seen: list[str], timeout: float = 60) -> re.Match[str]:
+    """Read ``stream`` until a line matches ``pattern`` (every line read goes to ``seen``)."""
+    async def read() -> re.Match[str]:
+        while line := await asyncio.to_thread(stream.readline):
+            seen.append(line)
+            if found := re.search(pattern, line):
+                return found
+        raise AssertionError(f"no line matched {pattern!r} in:\n{''.join(seen)}")
+    return await asyncio.wait_for(read(), timeout)
+
+
+async def test_vertebra_job_wait_reattaches_from_another_terminal(mesh, mesh_home, tmp_path):
+    """`vertebra call` prints the job id on `accepted` and that the agent went offline when it is killed;
+    `vertebra job wait ID`, started from another terminal, rides out the agent's restart; both end with the
+    job's outcome, interrupted, as does `vertebra job show ID` afterwards."""
+    from agents import config
+
+    home = mesh_home([{"name": "sample", "kind": "monitor", "resources": ["/host/sample"]}])
+    cfg = config.load(home / "mesh.yaml", home)
+    name = cfg.agents[0].name
+    sample = SampleProcess(mesh, tmp_path / "sample-state", cfg.jid(name), cfg.password(name), cfg.jid(cfg.operator))
+    try:
+        await sample.start()
+        call = vertebra_popen(home, "call", "sample.wait", "seconds=300", "--to", name, "--timeout", "120")
+        said: list[str] = []
+        accepted = r"accepted the call as job (\w+); .*vertebra job wait \1 --to"
+        job = (await line_matching(call.stderr, accepted, said))[1]
+        waiter = vertebra_popen(home, "job", "wait", job, "--to", name, "--timeout", "120")
+        await sample.kill()
+        await line_matching(call.stderr, f"unreachable: the agent went offline while running job {job}", said)
+        await sample.start()
+        for proc in (call, waiter):
+            out, err = await asyncio.to_thread(proc.communicate, timeout=100)
+            assert proc.returncode == 1, (proc.args, out, err, said)
+            assert "interrupted" in out and "stopped while running sample.wait" in out, (out, err)
+        shown = vertebra_popen(home, "job", "show", job, "--to", name, "--json")
+        out, err = await asyncio.to_thread(shown.communicate, timeout=60)
+        status = json.loads(out)["results"][0]["result"]
+        assert shown.returncode == 1 and status["state"] == "ended" and status["condition"] == "interrupted", out
+    finally:
+        for proc in [p for p in locals().values() if isinstance(p, subprocess.Popen)]:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        sample.close()
