@@ -12,10 +12,12 @@ unknown op, bad arguments; one refused by the intake is not even seen here) ran 
 after a restart has nothing to repeat: it leaves no row on disk, and a flood of them cannot fill the
 disk. A request still running is never forgotten: a repeat waits for its outcome.
 
-Before a quick op that changes state runs, :meth:`RequestLog.started` puts a row on disk that already
-says ``interrupted``; its outcome replaces it. So an agent killed between running the op and recording
-how it ended answers a repeat after its restart with ``interrupted`` (it may or may not have taken
-effect; look, and use a new id to run it again) rather than running it a second time.
+Before an op that changes state runs (a long op: before its job is accepted), :meth:`RequestLog.started`
+puts a row on disk that already says ``interrupted``; its outcome replaces it. So an agent killed between
+running the op and recording how it ended answers a repeat after its restart with ``interrupted`` (it may
+or may not have taken effect; look, and use a new id to run it again) rather than running it a second
+time. A request that turns out never to have started (it expired first, or its job could not be
+recorded) has that row removed again.
 
 The file is read and written on its own thread (``agents.db.Store``), never on the event loop: such a
 request is looked up on disk with :meth:`RequestLog.recall`, and its outcome is on disk when the
@@ -69,6 +71,7 @@ class Seen:
     fingerprint: str
     answer: asyncio.Future[Answer]
     at: float = field(default=float("inf"))  # when it ended; running requests are never forgotten
+    started: bool = False  # its "interrupted" row is on disk (RequestLog.started)
 
 
 def fingerprint(op: str, on: str, behalf: str, payload: str) -> str:
@@ -108,8 +111,11 @@ class RequestLog:
         return seen
 
     async def started(self, key: tuple[str, str], fp: str, op: str, agent: str) -> None:
-        """Put on disk, before an admitted quick op that changes state runs, that it was started: until
-        its outcome replaces the row, a repeat after a restart is told it was interrupted, not run again."""
+        """Put on disk, before an admitted op that changes state runs, that it was started: until its
+        outcome replaces the row, a repeat after a restart is told it was interrupted, not run again."""
+        seen = self._seen.get(key)
+        if seen is not None:
+            seen.started = True
         if self._store is not None:
             text = (f"{op} was started under request id {key[1]}, but {agent} stopped before it recorded how it"
                     " ended, so it may or may not have taken effect; it is not run again under this id. Look at"
@@ -122,11 +128,14 @@ class RequestLog:
 
     async def finish(self, key: tuple[str, str], seen: Seen, answer: Answer, durable: bool) -> None:
         """Give the request its answer (repeats waiting on it get it too); with ``durable``, an admitted
-        quick op's outcome is on disk first, before anyone is answered."""
+        quick op's outcome is on disk first, before anyone is answered. One that was not admitted after
+        all (its long op's job could not be recorded) ran nothing, and leaves no row either."""
         if durable and answer.admitted and self._store is not None and not answer.job:
             err = answer.error
             await self._keep((*key, seen.fingerprint, answer.payload, err.condition if err else None,
                               err.text if err else None, time.time()))
+        elif not answer.admitted and seen.started and self._store is not None:
+            self._store.submit(_forget, key)
         seen.answer.set_result(answer)
         self._seen.move_to_end(key)
         if answer.job_end is not None and not answer.job_end.done():
@@ -180,7 +189,7 @@ class RequestLog:
         if not seen.answer.done():
             seen.answer.set_result(Answer(error=error))
         self._seen.pop(key, None)
-        if not ran and self._store is not None:
+        if not ran and seen.started and self._store is not None:
             self._store.submit(_forget, key)  # before any later read of it: the store runs work in order
 
     def _forget_old(self) -> None:
