@@ -19,9 +19,13 @@ from typing import Any
 
 import pytest
 
+from sample_agent import SampleAgent
+
 from agents.actor import Timeouts
+from agents.agent import Call
 from agents.client import Client
 from agents.errors import Outcome
+from agents.ops import op
 from conftest import ROOT, until
 
 
@@ -63,6 +67,18 @@ async def sample(mesh, tmp_path):
     agent = SampleProcess(mesh, tmp_path / "sample-state")
     yield agent
     agent.close()
+
+
+class HeldAgent(SampleAgent):
+    """A sample agent with a long op that ends when the test says so (``release``)."""
+
+    release: asyncio.Event
+
+    @op("sample.held", effect="change", deadline=60, progress=True)
+    async def held(self, call: Call) -> str:
+        """A long op that ends when the test says so."""
+        await self.release.wait()
+        return "released"
 
 
 class Notices:
@@ -185,3 +201,31 @@ async def test_vertebra_job_wait_reattaches_from_another_terminal(mesh, mesh_hom
                 proc.kill()
                 proc.wait()
         sample.close()
+
+
+async def test_an_outcome_that_could_not_be_sent_reaches_the_caller_when_the_agent_is_back(mesh):
+    """The job ends while its agent's connection is down: the outcome is sent once the agent has a session
+    again (with its presence, so the caller hears it is back), and the caller's receipt marks it delivered."""
+    agent = await mesh.agent(HeldAgent, None, ["/host/held"])
+    agent.release = asyncio.Event()
+    client = await client_with(mesh, Timeouts(offline_grace=60.0))
+    notices = Notices()
+    call = asyncio.create_task(client.request(str(agent.jid), "sample.held", {}, timeout=90, job_events=notices))
+    await until(lambda: "accepted" in notices.events, what="the job to be accepted")
+    agent._reconnect_later = lambda why: None  # stays away until the test connects it again
+    agent.xmpp.transport.abort()
+    await until(lambda: "offline" in notices.events, what="the caller to hear the agent went offline")
+    agent.release.set()
+    await until(lambda: notices.job in agent._delivering, what="the outcome waiting to be sent")
+    del agent._reconnect_later
+    agent.xmpp.connect(*agent.server_address)
+    res = await asyncio.wait_for(call, 60)
+    assert res.outcome is Outcome.OK and res.result == "released", res
+    assert notices.events == ["accepted", "offline", "back"], notices.events
+    job = await until(lambda: _delivered_job(agent, notices.job), what="the caller's receipt")
+    assert job.state == "ended" and job.status == "ok"
+
+
+async def _delivered_job(agent: Any, job_id: str) -> Any:
+    job = await agent.jobs.get(job_id)
+    return job if job is not None and job.delivered else None
