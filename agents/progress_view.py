@@ -267,12 +267,14 @@ def follow_workflow(status: dict[str, Any], fetch: Callable[[float, str], CallRe
     nothing changes the wait doubles up to ``FOLLOW_MOST``. Either way an answer that came at once with
     nothing new is followed by a pause of the rest of its wait, so nothing is asked in a loop."""
     seen: dict[str, tuple[Any, ...]] = {}
-    wait, rest = FOLLOW_FIRST, 0.0
+    wait, rest, since = FOLLOW_FIRST, 0.0, ""
     while True:
         changed = _print_changes(status, seen, stream)
         if status.get("state") in WORKFLOW_ENDS:
             return status
-        if not changed and rest > 0:
+        # Something changed that no line shows (a performer taken, the time it was updated): ask again now.
+        moved = changed or str(status.get("changes") or "") != since
+        if not moved and rest > 0:
             sleep(rest)
         since = str(status.get("changes") or "")
         wait = FOLLOW_MOST if since else FOLLOW_FIRST if changed else min(wait * 2, FOLLOW_MOST)

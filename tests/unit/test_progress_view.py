@@ -143,7 +143,8 @@ def test_a_workflow_is_followed_step_by_step_with_waits_that_back_off():
 def test_a_broker_that_announces_changes_is_asked_for_the_next_one():
     answers = [dict(_status("running", ("snap", "ok"), ("clone", "running")), changes="b" * 16),
                dict(_status("running", ("snap", "ok"), ("clone", "running")), changes="b" * 16),  # its wait ran out
-               dict(_status("done", ("snap", "ok"), ("clone", "ok")), changes="c" * 16)]
+               dict(_status("running", ("snap", "ok"), ("clone", "running")), changes="c" * 16),  # unseen change
+               dict(_status("done", ("snap", "ok"), ("clone", "ok")), changes="d" * 16)]
     asked, pauses, clock = [], [], Clock()
 
     def fetch(wait: float, since: str) -> CallReport:
@@ -154,8 +155,9 @@ def test_a_broker_that_announces_changes_is_asked_for_the_next_one():
     first = dict(_status("running", ("snap", "running"), ("clone", "pending")), changes="a" * 16)
     final = follow_workflow(first, fetch, io.StringIO(), sleep=pauses.append, clock=clock)
     assert final["state"] == "done"
-    assert asked == [(FOLLOW_MOST, "a" * 16), (FOLLOW_MOST, "b" * 16), (FOLLOW_MOST, "b" * 16)]
-    assert pauses == []  # each answer came with a change, or after the whole wait
+    assert asked == [(FOLLOW_MOST, "a" * 16), (FOLLOW_MOST, "b" * 16), (FOLLOW_MOST, "b" * 16),
+                     (FOLLOW_MOST, "c" * 16)]
+    assert pauses == []  # each answer came with a change (shown or not), or after the whole wait
 
 
 def test_following_ends_with_a_status_request_that_fails():
