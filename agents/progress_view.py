@@ -75,9 +75,6 @@ class ProgressView:
 
     def report(self, target: str, seq: int, payload: Any) -> None:
         """One progress report of ``target`` (its ``seq``-th)."""
-        if seq == 0 and isinstance(payload, dict) and "job" in payload and "event" in payload:
-            self._note(f"{_short(target)}: {_job_notice(payload)}")
-            return
         now = self.clock()
         t = self._targets.setdefault(target, _Target())
         done = _number(payload.get("bytes")) if isinstance(payload, dict) else None
@@ -114,8 +111,9 @@ class ProgressView:
             if t.shown is not t.payload:
                 self._plain(target, t, self.clock())
 
-    def _note(self, line: str) -> None:
-        """A line that stays (above the bar on a terminal): what the caller's runtime says of a job."""
+    def note(self, line: str) -> None:
+        """A line that stays, written above the bar on a terminal (a line written past the view would be
+        taken for part of the bar and half wiped): what the command says while the call runs."""
         self._wipe()
         self._write(line + "\n")
         if self.terminal:
@@ -192,14 +190,6 @@ def describe(payload: Any, rate: tuple[float | None, float | None] = (None, None
     if plain:
         return f"{head}: {', '.join(amounts)}" if head else ", ".join(amounts)
     return "  ".join([head, *amounts] if head else amounts)
-
-
-def _job_notice(payload: dict[str, Any]) -> str:
-    """What the caller's own runtime reports of a long op's job (seq 0; agents report from 1 on)."""
-    job, event = payload["job"], payload["event"]
-    return {"accepted": f"accepted as job {job}",
-            "offline": f"went offline while running job {job}; waiting for it to come back",
-            "back": f"is back; job {job} goes on"}.get(event, f"job {job}: {event}")
 
 
 def bar(done: float, total: float, width: int = _BAR_WIDTH) -> str:

@@ -1,6 +1,6 @@
 """How the command line shows progress (agents/progress_view.py), on a clock the test moves: plain lines
 at most one a second per target with phase changes, totals and the last report always shown; a bar
-redrawn in place on a terminal; answer counts; the runtime's job notices; and a workflow followed step
+redrawn in place on a terminal; answer counts; notes that stay above the bar; and a workflow followed step
 by step with its waits backing off."""
 
 from __future__ import annotations
@@ -92,17 +92,16 @@ def test_answer_counts_in_a_pipe_only_for_a_call_still_waiting_after_a_second():
     assert out.getvalue().splitlines() == ["2 of 5 answered", "5 of 5 answered"]
 
 
-def test_the_runtimes_job_notices_are_lines_that_stay():
+def test_notes_are_lines_that_stay_above_the_bar():
     out, clock = io.StringIO(), Clock()
     view = ProgressView(out, terminal=True, clock=clock)
     view.report("s1@d/agent", 1, {"phase": "cloning", "bytes": MIB, "total": 4 * MIB})
-    view.report("s1@d/agent", 0, {"job": "ab12", "event": "offline"})
-    shown = out.getvalue()
-    # Wiped, the notice written, the bar drawn again below it.
-    assert "\x1b[1F\x1b[Js1: went offline while running job ab12; waiting for it to come back\ns1  cloning" in shown
+    view.note("vertebra: s1 accepted the call as job ab12")
+    # Wiped, the note written, the bar drawn again below it.
+    assert "\x1b[1F\x1b[Jvertebra: s1 accepted the call as job ab12\ns1  cloning" in out.getvalue()
     plain = io.StringIO()
-    ProgressView(plain, clock=clock).report("s1@d/agent", 0, {"job": "ab12", "event": "accepted"})
-    assert plain.getvalue() == "s1: accepted as job ab12\n"
+    ProgressView(plain, clock=clock).note("vertebra: s1 is back")
+    assert plain.getvalue() == "vertebra: s1 is back\n"
 
 
 def _status(state: str, *steps: tuple[str, str], error: str = "") -> dict:
