@@ -31,7 +31,7 @@ from typing import Annotated, Any, Callable, Sequence
 from slixmpp import Iq, Presence
 from slixmpp.xmlstream import ET
 
-from . import __version__, describe, fenced, policy_sync, protocol, resources as paths
+from . import __version__, caps, describe, fenced, policy_sync, protocol, resources as paths
 from .actor import Actor, Backoff, Endpoint
 from .audit import AuditLog
 from .authz import AdminsOnly, Authorizer, Decision, Request, Rule, authorize, broker_only
@@ -104,18 +104,11 @@ class Agent(Actor):
                  state_dir: Path | None = None, delegates: Sequence[str] = (), resource: str | None = None,
                  requests: IntakeLimits | None = None) -> None:
         super().__init__(jid, password, endpoint, resource=resource)
-        # Advertising needs forms (XEP-0004, XEP-0128) and caps (XEP-0115); clients do without them
-        # and so without their handlers and filters on every stanza.
-        for plugin in ("xep_0004", "xep_0128", "xep_0115"):
+        # Advertising needs forms (XEP-0004, XEP-0128); clients do without them and so without their
+        # handlers on every stanza. Caps (XEP-0115) are agents/caps.py's, not slixmpp's plugin: the agent
+        # puts its hash on the few presences it sends itself and reads nobody's.
+        for plugin in ("xep_0004", "xep_0128"):
             self.xmpp.register_plugin(plugin)
-        # The caps plugin adds caps to presence through an async output filter, which slixmpp runs in a
-        # task of its own for every stanza sent (each reply paid several loop turns for it); the agent
-        # puts caps on the few presences it sends itself instead (``presence``).
-        self.xmpp.del_filter("out", self.xmpp.plugin["xep_0115"]._filter_add_caps)  # type: ignore[arg-type]
-        # Nor does it read anyone's caps (the broker keeps its directory from presence itself): slixmpp
-        # would disco-query every new hash any sender puts in a presence and keep each answer, and
-        # each sender's hash, for as long as the agent runs.
-        self.xmpp.remove_handler("Entity Capabilities")
         # No stream resumption for agents: a session that could be resumed hibernates on the server after
         # a crash (20 s here), and only then does the server send the agent's unavailable presence, to
         # the broker and to every caller waiting on one of its jobs. Without it they learn at once; a
@@ -274,16 +267,14 @@ class Agent(Actor):
         form = self.xmpp.plugin["xep_0004"].make_form(ftype="result")
         form.add_field(var="FORM_TYPE", ftype="hidden", value=AGENT_FORM)
         form.add_field(var="kind", ftype="text-single", value=self.kind)
-        if self.resources:  # an empty field is hashed differently by slixmpp than XEP-0115 says
+        if self.resources:  # never empty: older brokers hash an empty field otherwise than XEP-0115 says
             form.add_field(var="resources", ftype="text-multi", value=list(self.resources))
         self.xmpp.plugin["xep_0128"].add_extended_info(data=form)
         describe.publish(self.xmpp, self.ops)  # each op's arguments and facts on a disco node of its own
 
     async def on_session(self) -> None:
         # The caps hash covers features and the form, so agents alike share one disco query.
-        caps = self.xmpp.plugin["xep_0115"]
-        await caps.update_caps(broadcast=False)
-        self._caps_ver = await caps.get_verstring(self.jid)
+        self._caps_ver = await caps.advertise(self.xmpp)
         self.presence()  # available, so a broker's hello to our bare JID reaches us
         if self.audit is not None and self._audit_flusher is None:
             self._audit_flusher = self.spawn(self._flush_audit(self.audit), name=f"audit flusher {self.name}")
@@ -295,8 +286,7 @@ class Agent(Actor):
         """Send available presence (to ``to``, else broadcast) carrying this agent's caps hash."""
         pres = self.xmpp.make_presence(pto=to)
         if self._caps_ver:
-            caps = self.xmpp.plugin["xep_0115"]
-            pres["caps"]["node"], pres["caps"]["hash"], pres["caps"]["ver"] = caps.caps_node, caps.hash, self._caps_ver
+            caps.stamp(pres, self._caps_ver)
         pres.send()
 
     def _start_announcing(self) -> None:

@@ -34,6 +34,7 @@ from typing import Annotated, Any, Iterable, Mapping
 from slixmpp import Presence
 from slixmpp.exceptions import IqError, IqTimeout
 
+from agents import caps as entity_caps
 from agents.agent import AGENT_FORM, Agent, Call, info_op
 from agents.config import StateConfig
 from agents.authz import Decision, Request
@@ -58,9 +59,6 @@ from .workflows import WorkflowEngine
 log = logging.getLogger(__name__)
 
 DISCO_TIMEOUT = 10.0
-# The hash functions caps are checked with: XEP-0115 names more, but slixmpp's caps plugin computes
-# only sha-1 (and md5, which is refused), so a sha-256 hash could never be verified here.
-CAPS_HASHES = {"sha-1"}
 BAD_CAPS_MEMORY = 60.0  # seconds a caps hash that failed to verify is not asked about again
 # What one announcement may cost, however many hashes an account invents: the broker remembers at
 # most BAD_CAPS_CACHE bad hashes and asks about at most LEARNING_LIMIT hashes at once, at most
@@ -112,9 +110,6 @@ class Broker(Agent):
         self._bad_caps: BoundedMap[tuple[str, str], float] = BoundedMap(BAD_CAPS_CACHE)
         self._refused: BoundedMap[str, tuple[str, float]] = BoundedMap(BAD_CAPS_CACHE)  # bare -> last warning
         self._known: KnownAgentsState = KnownAgents(self.shared_dir / "broker.sqlite" if self.shared_dir else None)
-        caps = self.xmpp.plugin["xep_0115"]
-        # slixmpp's caps plugin would also query every new hash; the directory does that itself.
-        self.xmpp.del_event_handler("entity_caps", caps._process_caps)
         self.xmpp.del_event_handler("presence_available", self._on_broker_presence)
         self.xmpp.del_event_handler("presence_unavailable", self._on_broker_presence)
         self.xmpp.add_event_handler("presence_available", self._on_available)
@@ -176,9 +171,7 @@ class Broker(Agent):
         # A new session (not a resumed one): the server has forgotten our directed presences.
         self.directory.clear()
         self._present.clear()
-        caps = self.xmpp.plugin["xep_0115"]
-        await caps.update_caps(broadcast=False)
-        self._caps_ver = await caps.get_verstring(self.jid)
+        self._caps_ver = await entity_caps.advertise(self.xmpp)
         self.presence()  # available, so presence sent to our bare JID reaches us
         await self._hello_known()
         # Another instance of this broker may be learning an agent that announced itself just before
@@ -356,7 +349,6 @@ class Broker(Agent):
         return caps
 
     async def _query(self, jid: str, node: str, ver: str, hash_name: str) -> Capabilities | None:
-        plugin = self.xmpp.plugin["xep_0115"]
         try:
             # A str, as slixmpp's code takes it (its annotation says JID): its own JID is answered locally.
             iq = await self.xmpp.plugin["xep_0030"].get_info(jid=jid, node=f"{node}#{ver}",  # type: ignore[arg-type]
@@ -365,7 +357,7 @@ class Broker(Agent):
             log.warning("disco#info of %s failed: %s", jid, exc)
             return None
         info = iq["disco_info"]
-        if hash_name not in CAPS_HASHES or plugin.generate_verstring(info, hash_name) != ver:
+        if entity_caps.verstring(info, hash_name) != ver:  # None for a hash name it does not take
             log.warning("%s presented caps %s that do not match its disco#info; ignored", jid, ver)
             return None
         form_class = self.xmpp.plugin["xep_0004"].stanza.Form

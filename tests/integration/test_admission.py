@@ -22,6 +22,7 @@ from xml.sax.saxutils import escape, quoteattr
 import pytest
 import yaml
 
+from agents import caps
 from agents.authz import PolicyAuthorizer
 from agents.errors import Outcome
 from agents.fencing.agent import FencingAgent
@@ -145,7 +146,7 @@ async def test_an_impostor_with_a_valid_hash_is_not_listed_asked_or_pushed_anyth
     # Another account claims to be a fencing agent for the same node, with a hash of its own, then
     # replays the real agent's hash (which the broker has already learnt).
     impostor = await Impostor.login(mesh, "fencing", list(fencer.resources))
-    real_node = fencer.xmpp.plugin["xep_0115"].caps_node
+    real_node = caps.NODE
     try:
         await impostor.raw.presence(broker.jid.bare, impostor.caps())
         await impostor.raw.presence(broker.jid.bare, impostor.caps(fencer._caps_ver, real_node))
@@ -184,6 +185,30 @@ async def test_an_impostor_with_a_valid_hash_is_not_listed_asked_or_pushed_anyth
         reply = await impostor.raw.iq(str(broker.jid), impostor.raw.op_xml("mesh.alert", alert))
         assert reply.get("type") == "error" and app_condition(reply) == "denied"
         assert list(broker.alerts.recent) == []
+    finally:
+        await impostor.close()
+
+
+async def test_an_agent_reads_nobodys_caps_and_states_its_own(mesh):
+    """An agent asks nobody about the caps hash in a presence (no disco#info to strangers, nothing
+    cached); its own presences carry its hash, which its disco#info on the caps node verifies."""
+    broker = await mesh.broker()
+    agent = await mesh.agent(SampleAgent, broker, ["/host/plain"])
+    await until(lambda: len(broker.directory) == 1, what="the agent listed (its caps verified)")
+    impostor = await Impostor.login(mesh, "sample", ["/host/plain"], ops=("sample.toggle",))
+    try:
+        for n in range(3):  # new hashes, to its bare and full JID
+            await impostor.raw.presence(str(agent.jid), impostor.caps(ver=f"{n}{impostor.ver[1:]}"))
+            await impostor.raw.presence(agent.jid.bare, impostor.caps(ver=f"x{n}{impostor.ver[2:]}"))
+        # Answered after the presences were read: a query they caused would have been sent before.
+        for _ in range(2):
+            reply = await impostor.raw.iq(str(agent.jid), "<ping xmlns='urn:xmpp:ping'/>", type="get")
+            assert reply.get("type") == "result"
+        assert impostor.disco == []
+        node = f"{caps.NODE}#{agent._caps_ver}"
+        answer = await impostor.raw.iq(str(agent.jid), f"<query xmlns='{NS_DISCO}' node='{node}'/>", type="get")
+        features = [f.get("var") for f in answer.iter(f"{{{NS_DISCO}}}feature")]
+        assert NS_CAPS in features and "urn:vertebra:op:sample.toggle" in features
     finally:
         await impostor.close()
 
