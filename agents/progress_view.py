@@ -36,6 +36,7 @@ REDRAW_EVERY = 0.1     # seconds between redraws of the bar on a terminal
 MAX_BAR_LINES = 8      # targets shown at once on a terminal; the rest are counted on one line
 _BAR_WIDTH = 20
 _BYTE_KEYS = ("bytes", "total", "rate", "eta")
+_SECONDS = ("seconds", "eta", "deadline", "timeout")  # keys whose numbers are seconds
 
 
 @dataclass
@@ -217,9 +218,12 @@ def _number(value: Any) -> float | None:
 
 def _value(key: str, value: Any) -> str:
     """A report's value as a word: byte counts in units, seconds as a duration, lists joined by commas."""
-    if _number(value) is not None and (key.endswith("bytes") or key in ("rate", "seconds", "eta")):
-        return {"rate": f"{human_bytes(value)}/s", "seconds": duration(value), "eta": duration(value)}.get(
-            key, human_bytes(value))
+    if _number(value) is not None and key in _SECONDS:
+        return duration(value)
+    if _number(value) is not None and (key.endswith("bytes") or key == "rate"):
+        return f"{human_bytes(value)}/s" if key == "rate" else human_bytes(value)
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
     return ",".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value)
 
 

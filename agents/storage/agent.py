@@ -271,7 +271,12 @@ class StorageAgent(VolumeLocations, ReplicationOps, Agent):
         try:
             await call.progress({"phase": "masking", "clone": clone, "hook": chosen.name,
                                  "deadline": chosen.timeout})
-            return await mask_clone(self.driver, clone, snapshot, chosen)
+            # Then the masked snapshot's byte counts (a phase of their own), once the hook succeeded.
+            reports = _ByteReports(call, {"phase": "capturing", "clone": clone, "snapshot": snapshot})
+            try:
+                return await mask_clone(self.driver, clone, snapshot, chosen, reports)
+            finally:
+                await reports.flushed()
         except StorageError as exc:
             raise op_error(exc) from None
         finally:

@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from agents.schema import Fields
-from agents.storage.driver import StorageError
+from agents.storage.driver import BytesProgress, StorageError
 from agents.storage.hooks import DEFAULT_OUTPUT_CAP, check_hook, run_hook
 from agents.storage.names import NAME_PATTERN
 from agents.storage.settings import SettingsError
@@ -126,9 +126,11 @@ def masking_from_settings(value: Any, where: Fields | None = None) -> Masking:
     return Masking(hooks, default)
 
 
-async def mask_clone(driver: Any, clone: str, snapshot: str, hook: MaskingHook) -> dict[str, Any]:
+async def mask_clone(driver: Any, clone: str, snapshot: str, hook: MaskingHook,
+                     progress: BytesProgress | None = None) -> dict[str, Any]:
     """Run `hook` in `clone`, then snapshot it as clone@snapshot and record it masked (see the module
-    docstring). Returns how the hook ended; raises StorageError (code hook_failed) if it failed."""
+    docstring); ``progress`` hears the bytes that snapshot reads. Returns how the hook ended; raises
+    StorageError (code hook_failed) if it failed."""
     info = next((v for v in await _thread(driver.list_volumes) if v.name == clone), None)
     if info is None:
         raise StorageError(f"no clone named {clone!r}; make one with storage.clone.create", code="not_found")
@@ -153,7 +155,7 @@ async def mask_clone(driver: Any, clone: str, snapshot: str, hook: MaskingHook) 
                      f"storage.clone.destroy or mask it again")
         raise StorageError(f"masking {clone} with hook {hook.name} failed, no masked snapshot was taken and "
                            f"{after}: {result.describe()}", code="hook_failed")
-    await _thread(driver.snapshot, clone, snapshot)
+    await asyncio.to_thread(lambda: driver.snapshot(clone, snapshot, progress=progress))
     await _thread(driver.mark_masked, clone, snapshot, hook.name)
     return {"clone": clone, "snapshot": snapshot, "masked": f"{clone}@{snapshot}",
             "masked_from": "@".join(info.origin) if info.origin else None, **ran}

@@ -20,8 +20,10 @@ import yaml
 from conftest import ROOT, running, vertebra
 
 MIB = 1024 * 1024
-AGENTS = [{"name": "pstore", "kind": "storage", "resources": ["/host/progress"], "gateway": True},
-          {"name": "pother", "kind": "storage", "resources": ["/host/progress-other"]}]
+NOOP_HOOK = {"masking": {"hooks": {"noop": {"argv": ["/bin/true"], "timeout": 30}}}}
+AGENTS = [{"name": "pstore", "kind": "storage", "resources": ["/host/progress"], "gateway": True,
+           "settings": NOOP_HOOK},
+          {"name": "pother", "kind": "storage", "resources": ["/host/progress-other"], "settings": NOOP_HOOK}]
 
 
 @pytest.fixture
@@ -63,6 +65,14 @@ def test_a_pipe_gets_plain_lines_ending_with_the_byte_counts(mesh_with_data):
     assert len(cloning) == 1 or re.fullmatch(
         rf"{holder}: cloning from=db@s1 clone=dev: 6 MiB of 6 MiB \(100%\), [\d.]+ [KMG]?i?B/s", cloning[-1]), \
         clone.stderr
+
+    # Masking: the hook's phase, then the bytes of the masked snapshot it takes, to their total.
+    mask = vertebra(home, "call", "storage.mask", "clone=dev", "snapshot=masked", "hook=noop")
+    assert mask.returncode == 0, mask.stdout + mask.stderr
+    lines = [line for line in mask.stderr.splitlines() if not line.startswith("vertebra: ")]
+    assert lines[0] == f"{holder}: masking clone=dev hook=noop deadline=30 s", mask.stderr
+    assert re.fullmatch(rf"{holder}: capturing clone=dev snapshot=masked: ([\d.]+ MiB) of \1 \(100%\), .*/s",
+                        lines[-1]), mask.stderr
 
 
 def _under_a_terminal(home: Path, *args: str) -> tuple[int, str, str]:
