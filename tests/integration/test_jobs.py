@@ -21,12 +21,14 @@ import pytest
 
 from sample_agent import SampleAgent
 
-from agents.actor import Timeouts
+from agents.actor import Endpoint, Timeouts
 from agents.agent import Call
+from agents.authz import AdminsOnly
 from agents.client import Client
 from agents.errors import Outcome
 from agents.ops import op
-from conftest import ROOT, until
+from agents.server import PrivateServer
+from conftest import DOMAIN, ON_EJABBERD, ROOT, free_port, until
 
 
 class SampleProcess:
@@ -229,3 +231,38 @@ async def test_an_outcome_that_could_not_be_sent_reaches_the_caller_when_the_age
 async def _delivered_job(agent: Any, job_id: str) -> Any:
     job = await agent.jobs.get(job_id)
     return job if job is not None and job.delivered else None
+
+
+@pytest.mark.skipif(ON_EJABBERD, reason="kills a private Prosody of its own")
+async def test_an_outcome_in_flight_when_the_server_is_killed_is_sent_again(tmp_path):
+    """The XMPP server is killed with SIGKILL as the job ends, so its outcome goes nowhere (or into a dead
+    connection); once the server is back and both have new sessions, the agent sends it again, and the
+    caller, still waiting, gets it, and acknowledges it."""
+    server = PrivateServer(tmp_path / "server", domain=DOMAIN, port=free_port())
+    server.start()
+    actors: list[Any] = []
+    try:
+        server.register_many({"held": "h-pw", "op": "o-pw"})
+        endpoint = Endpoint(server.host, server.port, DOMAIN, server.ssl_context())
+        agent = HeldAgent(f"held@{DOMAIN}", "h-pw", endpoint, resources=["/host/held"],
+                          authorizer=AdminsOnly([f"op@{DOMAIN}"]), state_dir=tmp_path / "held")
+        agent.release = asyncio.Event()
+        client = Client(f"op@{DOMAIN}", "o-pw", endpoint, broker="", timeouts=Timeouts(offline_grace=60.0))
+        for actor in (agent, client):
+            await actor.start()
+            actors.append(actor)
+        notices = Notices()
+        call = asyncio.create_task(client.request(str(agent.jid), "sample.held", {}, timeout=90,
+                                                  job_events=notices))
+        await until(lambda: "accepted" in notices.events, what="the job to be accepted")
+        os.kill(int(server.pidfile.read_text()), signal.SIGKILL)
+        agent.release.set()
+        await until(lambda: not agent.online and not client.online, what="both to lose the server")
+        server.start()
+        res = await asyncio.wait_for(call, 80)
+        assert res.outcome is Outcome.OK and res.result == "released", res
+        assert (await until(lambda: _delivered_job(agent, notices.job), timeout=30, what="the receipt")).status == "ok"
+    finally:
+        for actor in actors:
+            await actor.stop()
+        server.stop()
