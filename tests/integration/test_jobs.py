@@ -266,3 +266,29 @@ async def test_an_outcome_in_flight_when_the_server_is_killed_is_sent_again(tmp_
         for actor in actors:
             await actor.stop()
         server.stop()
+
+
+async def test_a_storage_agent_killed_during_a_snapshot_reports_it_interrupted(mesh, tmp_path):
+    """A real storage agent (embedded driver) killed with SIGKILL once a snapshot's implementation has run,
+    before its job ended: the caller hears it went offline, and after the restart gets `interrupted`."""
+    from test_request_ids_restart import AgentProcess
+
+    agent = AgentProcess(mesh, tmp_path, ("embedded", tmp_path / "store"))
+    try:
+        await agent.start()
+        client = await client_with(mesh, Timeouts(offline_grace=90.0))
+        made = await client.request(agent.target, "storage.volume.create", {"volume": "v"}, timeout=30)
+        assert made.outcome is Outcome.OK, made
+        await agent.kill()
+        await agent.start("--die-after-running", "storage.snapshot.create")
+        notices = Notices()
+        call = asyncio.create_task(client.request(agent.target, "storage.snapshot.create",
+                                                  {"volume": "v", "snapshot": "s"}, timeout=120, job_events=notices))
+        await agent.killed()
+        await until(lambda: "offline" in notices.events, timeout=60, what="the caller to hear the agent went offline")
+        await agent.start()
+        res = await asyncio.wait_for(call, 100)
+        assert res.outcome is Outcome.FAILED and res.error.startswith("interrupted:"), res
+        assert "stopped while running storage.snapshot.create" in res.error and res.job == notices.job, res
+    finally:
+        agent.close()
