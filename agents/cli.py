@@ -478,11 +478,14 @@ def cmd_call(mesh: meshconf.MeshConfig, ns: argparse.Namespace) -> int:
     if spec is None or spec.changes_state:  # before sending: a call that hangs or is cut off can be retried too
         print(f"vertebra: request id {rid}; to retry this call without running it twice, give --request-id {rid}",
               file=sys.stderr)
+    def job_event(target: str, job: str, event: str) -> None:
+        view.note(_job_event_line(target, job, event))
+
     sent = time.monotonic()
     try:
         report = _run_call(mesh, ns.op, args, _left(ns.timeout, started), on=on, scope=scope,
                            to=[_full_jid(mesh, t) for t in ns.to], progress=view.report, answered=view.answered,
-                           rid=rid, job_events=_print_job_event)
+                           rid=rid, job_events=job_event)
     finally:
         view.close()
     _print_report(report, ns.json, spec.result if spec is not None else None, time.monotonic() - sent,
@@ -490,15 +493,15 @@ def cmd_call(mesh: meshconf.MeshConfig, ns: argparse.Namespace) -> int:
     return report.exit_code
 
 
-def _print_job_event(target: str, job: str, event: str) -> None:
-    """What becomes of a long op's job, on stderr as it happens (stdout keeps the result alone)."""
+def _job_event_line(target: str, job: str, event: str) -> str:
+    """What becomes of a long op's job, as the command says it on stderr (stdout keeps the result alone)."""
     agent = target.split("/", 1)[0]
     line = {"accepted": f"{target} accepted the call as job {job}; from another terminal:"
                         f" vertebra job wait {job} --to {agent}",
             "offline": f"unreachable: the agent went offline while running job {job} ({target}); waiting a while for"
                        " it to come back",
             "back": f"{target} is back; waiting for the outcome of job {job}"}.get(event, f"job {job}: {event}")
-    print(f"vertebra: {line}", file=sys.stderr, flush=True)
+    return f"vertebra: {line}"
 
 
 def cmd_job(mesh: meshconf.MeshConfig, ns: argparse.Namespace) -> int:
