@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import logging
-import socket
 import time
 import uuid
 from collections.abc import Iterable
@@ -40,48 +39,38 @@ SWAP_ATTEMPTS = 50  # compare-and-swap rounds before a change that keeps losing 
 
 
 class EtcdClient(aetcd.Client):
-    """aetcd's client on a channel to every member of the cluster (the next member takes over when
-    one fails), with TLS and user credentials when the mesh file gives them."""
+    """aetcd's client on one member of the cluster at a time, moving to the next member when a call
+    to the current one fails or times out (a member that died, or one cut off from the others that
+    cannot answer), with TLS and user credentials when the mesh file gives them.
+
+    A call that only reads, or that is safe to repeat (a lease's grant, renewal or revocation), is
+    tried once on each member before it fails; a transaction whose answer did not come may have been
+    applied, so it is not repeated: its caller reads again, as after losing a compare-and-swap."""
 
     def __init__(self, config: StateConfig) -> None:
         password = config.password_file.read_text().strip() if config.password_file else None
         super().__init__(username=config.user, password=password, timeout=CALL_TIMEOUT)
         self.config = config
+        self._member = 0  # index in config.endpoints of the member in use
 
-    def _target(self) -> str:
-        """One gRPC target naming every member by address: gRPC spreads calls over those it can reach."""
-        addresses = []
-        for endpoint in self.config.endpoints:
-            host, _, port = endpoint.rpartition(":")
-            for info in socket.getaddrinfo(host.strip("[]"), int(port), type=socket.SOCK_STREAM):
-                addr = str(info[4][0])
-                addresses.append(f"[{addr}]:{port}" if ":" in addr else f"{addr}:{port}")
-        scheme = "ipv6" if all(a.startswith("[") for a in addresses) else "ipv4"
-        if scheme == "ipv4":
-            addresses = [a for a in addresses if not a.startswith("[")]
-        return f"{scheme}:{','.join(dict.fromkeys(addresses))}"
-
-    def _channel(self) -> grpc.aio.Channel:
-        options: list[tuple[str, Any]] = [("grpc.lb_policy_name", "round_robin"),
-                                          ("grpc.initial_reconnect_backoff_ms", 200),
+    def _channel(self, endpoint: str) -> grpc.aio.Channel:
+        options: list[tuple[str, Any]] = [("grpc.enable_http_proxy", 0), ("grpc.initial_reconnect_backoff_ms", 200),
                                           ("grpc.max_reconnect_backoff_ms", 2000)]
         cfg = self.config
         if cfg.ca is None:
-            return grpc.aio.insecure_channel(self._target(), options=options)
-        # The certificates name the members' host names: check them against the first one given.
-        options.append(("grpc.default_authority", cfg.endpoints[0].rpartition(":")[0].strip("[]")))
+            return grpc.aio.insecure_channel(endpoint, options=options)
         creds = grpc.ssl_channel_credentials(
             root_certificates=cfg.ca.read_bytes(),
             private_key=cfg.key.read_bytes() if cfg.key else None,
             certificate_chain=cfg.cert.read_bytes() if cfg.cert else None)
-        return grpc.aio.secure_channel(self._target(), creds, options=options)
+        return grpc.aio.secure_channel(endpoint, creds, options=options)
 
     async def connect(self) -> None:
-        """Open the channel (aetcd's own opens one to a single member, without TLS)."""
+        """Open a channel to the member in use (aetcd's own opens one to a fixed member, without TLS)."""
         if self._connected.is_set():
             return
-        self.channel = self._channel()
-        if self._username is not None:
+        self.channel = self._channel(self.config.endpoints[self._member])
+        if self._username is not None:  # a token of the member that issued it
             auth = rpc.AuthStub(self.channel)
             reply = await auth.Authenticate(rpc.AuthenticateRequest(name=self._username, password=self._password),
                                             timeout=self._timeout)
@@ -90,9 +79,49 @@ class EtcdClient(aetcd.Client):
         self.clusterstub = rpc.ClusterStub(self.channel)
         self.leasestub = rpc.LeaseStub(self.channel)
         self.maintenancestub = rpc.MaintenanceStub(self.channel)
-        self._watcher = watcher.Watcher(rpc.WatchStub(self.channel), timeout=self._timeout,
-                                              metadata=self.metadata)
+        self._watcher = watcher.Watcher(rpc.WatchStub(self.channel), timeout=self._timeout, metadata=self.metadata)
         self._connected.set()
+
+    async def _next_member(self, failed: Exception) -> None:
+        log.warning("etcd member %s failed (%s); moving to the next", self.config.endpoints[self._member], failed)
+        await self.close()
+        self._member = (self._member + 1) % len(self.config.endpoints)
+
+    async def _on_each_member(self, call: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        for left in range(len(self.config.endpoints) - 1, -1, -1):
+            try:
+                return await call(*args, **kwargs)
+            except UNREACHABLE as exc:
+                await self._next_member(exc)
+                if not left:
+                    raise
+        raise AssertionError("unreachable")
+
+    async def get(self, *args: Any, **kwargs: Any) -> Any:
+        return await self._on_each_member(super().get, *args, **kwargs)
+
+    async def get_prefix(self, *args: Any, **kwargs: Any) -> Any:
+        return await self._on_each_member(super().get_prefix, *args, **kwargs)
+
+    async def lease(self, *args: Any, **kwargs: Any) -> Any:
+        return await self._on_each_member(super().lease, *args, **kwargs)
+
+    async def refresh_lease(self, *args: Any, **kwargs: Any) -> Any:
+        return await self._on_each_member(super().refresh_lease, *args, **kwargs)
+
+    async def revoke_lease(self, *args: Any, **kwargs: Any) -> Any:
+        return await self._on_each_member(super().revoke_lease, *args, **kwargs)
+
+    async def transaction(self, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return await super().transaction(*args, **kwargs)
+        except UNREACHABLE as exc:
+            await self._next_member(exc)  # the next call goes elsewhere; this one may have been applied
+            raise
+
+
+# What a member that is down, or cut off from the others, answers (or fails to).
+UNREACHABLE = (aetcd.exceptions.ConnectionFailedError, aetcd.exceptions.ConnectionTimeoutError)
 
 
 class EtcdLease:
@@ -163,6 +192,10 @@ class EtcdLease:
         """The leading instance and its term, if any instance is in the election."""
         candidates = await self._candidates()
         return (candidates[0].value.decode(), int(candidates[0].create_revision)) if candidates else None
+
+    async def holders(self) -> list[str]:
+        """Every instance in the election, the leader first and the others in the order they follow."""
+        return [kv.value.decode() for kv in await self._candidates()]
 
     async def current(self) -> str | None:
         found = await self.leader()

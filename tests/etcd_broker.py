@@ -14,15 +14,16 @@ import ssl
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def spawn_broker(settings: dict[str, Any], path: Path) -> subprocess.Popen[str]:
-    """Start the instance ``settings`` describes (written to ``path``); returns once it is ready."""
+def spawn_broker(settings: dict[str, Any], path: Path, wrap: Sequence[str] = ()) -> subprocess.Popen[str]:
+    """Start the instance ``settings`` describes (written to ``path``), through ``wrap`` if given (on
+    a simulated host: ``ip netns exec NS``); returns once it is ready."""
     path.write_text(json.dumps(settings))
-    proc = subprocess.Popen([sys.executable, str(Path(__file__)), str(path)], cwd=ROOT, text=True,
+    proc = subprocess.Popen([*wrap, sys.executable, str(Path(__file__)), str(path)], cwd=ROOT, text=True,
                             stdout=subprocess.PIPE, stderr=open(path.with_suffix(".log"), "w"),
                             env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(ROOT)})
     assert proc.stdout is not None

@@ -19,7 +19,7 @@ import time
 import urllib.error
 import urllib.request
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 # Every member this process started and has not stopped: killed at exit whatever happened.
 _running: dict[int, subprocess.Popen[bytes]] = {}
@@ -31,6 +31,10 @@ def _kill_left_over() -> None:
 
 
 atexit.register(_kill_left_over)
+
+
+# Straight to the member, whatever proxy the environment names.
+_DIRECT = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
 
 def _free_port(host: str) -> int:
@@ -62,11 +66,12 @@ class EtcdError(Exception):
 
 
 class Member:
-    """One etcd member: its name, ports, data directory and, while it runs, its process."""
+    """One etcd member: its name, ports, data directory and, while it runs, its process. ``wrap``
+    runs it another way (``ip netns exec NS``: on a simulated host, whose ports are all its own)."""
 
-    def __init__(self, name: str, host: str, home: Path) -> None:
-        self.name, self.host = name, host
-        self.client_port, self.peer_port = _free_port(host), _free_port(host)
+    def __init__(self, name: str, host: str, home: Path, wrap: Sequence[str] = ()) -> None:
+        self.name, self.host, self.wrap = name, host, list(wrap)
+        self.client_port, self.peer_port = (2379, 2380) if wrap else (_free_port(host), _free_port(host))
         self.data_dir, self.log_path = home / f"{name}.data", home / f"{name}.log"
         self.proc: subprocess.Popen[bytes] | None = None
 
@@ -81,18 +86,23 @@ class Member:
     def healthy(self) -> bool:
         """Whether the member answers and its cluster has a leader (etcd's /health)."""
         try:
-            with urllib.request.urlopen(f"http://{self.endpoint}/health", timeout=2) as reply:
+            with _DIRECT.open(f"http://{self.endpoint}/health", timeout=2) as reply:
                 return json.load(reply).get("health") == "true"
         except (OSError, urllib.error.URLError, ValueError):
             return False
 
 
 class PrivateEtcd:
-    """A three-member (or ``size``-member) etcd cluster on loopback, its state in ``home``."""
+    """A three-member (or ``size``-member) etcd cluster on loopback, its state in ``home``; or one
+    member on each of ``hosts``, each started through its ``wraps`` entry (simulated hosts)."""
 
-    def __init__(self, home: Path, size: int = 3, host: str = "127.0.0.1") -> None:
-        self.home, self.host = home, host
-        self.members = [Member(f"m{n}", host, home) for n in range(1, size + 1)]
+    def __init__(self, home: Path, size: int = 3, host: str = "127.0.0.1", hosts: Sequence[str] = (),
+                 wraps: Sequence[Sequence[str]] = ()) -> None:
+        self.home = home
+        if hosts:
+            self.members = [Member(f"m{n}", h, home, w) for n, (h, w) in enumerate(zip(hosts, wraps), 1)]
+        else:
+            self.members = [Member(f"m{n}", host, home) for n in range(1, size + 1)]
 
     @property
     def endpoints(self) -> list[str]:
@@ -136,7 +146,7 @@ class PrivateEtcd:
         # A new cluster only: a member left from an earlier start would carry the old ports.
         shutil.rmtree(member.data_dir, ignore_errors=True)
         with open(member.log_path, "ab") as log:
-            member.proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
+            member.proc = subprocess.Popen([*member.wrap, *args], stdin=subprocess.DEVNULL, stdout=log, stderr=log,
                                            start_new_session=True, env={"PATH": os.environ.get("PATH", "")})
         _running[member.proc.pid] = member.proc
 

@@ -22,43 +22,16 @@ import pytest
 import yaml
 
 from agents import audit
-from agents.agent import Call
 from agents.config import StateConfig
 from agents.errors import Outcome
-from agents.ops import op
 from conftest import DOMAIN, until
 from etcd_broker import spawn_broker
 from etcd_cluster import PrivateEtcd
-from sample_agent import SampleAgent
+from gated_agent import RELAY, GatedAgent
 
 pytest.importorskip("aetcd", reason="the etcd client is the optional extra 'etcd': make install installs it")
 
 from broker.state_etcd import EtcdLease  # noqa: E402  (after the check above)
-
-WORKFLOW = {"name": "relay", "steps": [
-    {"name": "first", "op": "sample.count", "on": ["/host/a"]},
-    {"name": "gated", "op": "sample.gated", "on": ["/host/a"]},
-    {"name": "last", "op": "sample.count", "on": ["/host/a"]}]}
-
-
-class GatedAgent(SampleAgent):
-    """``sample.gated`` holds until the test lets it finish, so the leader can be suspended while the
-    step is certainly in flight."""
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.entered = asyncio.Event()
-        self.release = asyncio.Event()
-        self.gated_runs = 0
-
-    @op("sample.gated", effect="change", deadline=60)
-    async def gated(self, call: Call) -> int:
-        """Wait for the test, then answer how often this ran."""
-        self.gated_runs += 1
-        self.entered.set()
-        await self.release.wait()
-        return self.gated_runs
-
 
 @pytest.fixture(scope="module")
 def etcd(tmp_path_factory: pytest.TempPathFactory) -> Any:
@@ -101,7 +74,7 @@ async def test_a_suspended_leader_is_replaced_and_its_late_step_is_refused(
     operator = mesh.operator[0]
     workflows = tmp_path / "workflows"
     workflows.mkdir()
-    (workflows / "relay.yaml").write_text(yaml.safe_dump(WORKFLOW))
+    (workflows / "relay.yaml").write_text(yaml.safe_dump(RELAY))
     shared = tmp_path / "shared"
     shared.mkdir()
     agent_jid, agent_pw = mesh.account("gated")
