@@ -139,7 +139,7 @@ class Agent(Actor):
         # The long ops it accepted, until their outcome reached the caller (agents/jobs.py).
         self.jobs = JobStore(state_dir / "jobs.sqlite" if state_dir else None)
         self._running_jobs: dict[str, tuple[Job, asyncio.Future[None]]] = {}  # job id -> (job, its end)
-        self._delivering: set[str] = set()  # job ids whose outcome is being sent until a receipt comes
+        self._delivering: dict[str, str] = {}  # job id -> caller, of outcomes sent until a receipt comes
         for job in self.jobs.interrupt_running(self.name):  # sent with the other outcomes on the first session
             log.warning("job %s (%s for %s) was cut off when %s stopped: reporting it interrupted", job.job, job.op,
                         job.caller, self.name)
@@ -601,7 +601,7 @@ class Agent(Actor):
         the server restarted is sent again. ``job.status`` still has it afterwards."""
         msg_id = outcome_id(job.job, job.rid)
         backoff = Backoff(base=1.0, cap=15.0)
-        self._delivering.add(job.job)
+        self._delivering[job.job] = job.reply_to
         try:
             while (left := job.deadline - time.time()) > 0:
                 arrived = self.vertebra.expect_receipt(msg_id)
@@ -619,8 +619,18 @@ class Agent(Actor):
                              job.reply_to)
                 return
         finally:
-            self._delivering.discard(job.job)
+            del self._delivering[job.job]
             self.vertebra.forget_receipt(msg_id)
+            if self.online and not self._jobs_for(job.reply_to):
+                # Directed unavailable presence takes the caller off the server's list of whom to tell
+                # when we go (RFC 6121 4.6.3), which would otherwise grow with every caller for as long
+                # as this session lasts.
+                self.xmpp.make_presence(pto=job.reply_to, ptype="unavailable").send()
+
+    def _jobs_for(self, reply_to: str) -> bool:
+        """Whether a job of ``reply_to``'s still runs here, or its outcome is still on its way."""
+        return reply_to in self._delivering.values() or any(j.reply_to == reply_to for j, _ in
+                                                            self._running_jobs.values())
 
     async def _send_outcome_when_done(self, answer: Answer, to: str, rid: str) -> None:
         """A repeated request for a long op gets the job's one outcome too, once there is one."""
