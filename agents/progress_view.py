@@ -250,8 +250,9 @@ def follow_workflow(status: dict[str, Any], fetch: Callable[[float, str], CallRe
                     sleep: Callable[[float], None] = time.sleep,
                     clock: Callable[[], float] = time.monotonic) -> dict[str, Any] | CallReport:
     """Follow a workflow instance from its ``status`` until it ends, writing a line on ``stream`` for each
-    change of a step or of the instance; return its last status (in one of ``WORKFLOW_ENDS``), or the
-    report of a status request that failed.
+    change of a step or of the instance, and a running step's progress as a call's (a bar on a terminal,
+    plain lines elsewhere: ``ProgressView``); return its last status (in one of ``WORKFLOW_ENDS``), or
+    the report of a status request that failed.
 
     ``fetch(wait, since)`` is a ``workflow.status`` request. The broker announces each change of an
     instance: given ``since`` (the status's ``changes`` digest) it answers at the instance's next change,
@@ -260,52 +261,63 @@ def follow_workflow(status: dict[str, Any], fetch: Callable[[float, str], CallRe
     next request waits ``FOLLOW_FIRST`` (the broker holds it until the instance stops running), while
     nothing changes the wait doubles up to ``FOLLOW_MOST``. Either way an answer that came at once with
     nothing new is followed by a pause of the rest of its wait, so nothing is asked in a loop."""
-    seen: dict[str, tuple[Any, ...]] = {}
+    view = ProgressView.for_stream(stream)
+    seen: dict[str, Any] = {}
     wait, rest, since = FOLLOW_FIRST, 0.0, ""
-    while True:
-        changed = _print_changes(status, seen, stream)
-        if status.get("state") in WORKFLOW_ENDS:
-            return status
-        # Something changed that no line shows (a performer taken, the time it was updated): ask again now.
-        moved = changed or str(status.get("changes") or "") != since
-        if not moved and rest > 0:
-            sleep(rest)
-        since = str(status.get("changes") or "")
-        wait = FOLLOW_MOST if since else FOLLOW_FIRST if changed else min(wait * 2, FOLLOW_MOST)
-        asked = clock()
-        report = fetch(wait, since)
-        if not report.ok:
-            return report
-        status = report.results[0].result
-        rest = wait - (clock() - asked)
+    try:
+        while True:
+            changed = _show_changes(status, seen, view)
+            if status.get("state") in WORKFLOW_ENDS:
+                return status
+            # Something changed that no line shows (a performer taken, the time it was updated): ask now.
+            moved = changed or str(status.get("changes") or "") != since
+            if not moved and rest > 0:
+                sleep(rest)
+            since = str(status.get("changes") or "")
+            wait = FOLLOW_MOST if since else FOLLOW_FIRST if changed else min(wait * 2, FOLLOW_MOST)
+            asked = clock()
+            report = fetch(wait, since)
+            if not report.ok:
+                return report
+            status = report.results[0].result
+            rest = wait - (clock() - asked)
+    finally:
+        view.close()
 
 
-def _print_changes(status: dict[str, Any], seen: dict[str, tuple[Any, ...]], stream: TextIO) -> bool:
-    """A line for the instance and for each step whose state (or what it waits for) differs from ``seen``."""
-    lines = []
+def _show_changes(status: dict[str, Any], seen: dict[str, Any], view: ProgressView) -> bool:
+    """For each step, its new progress report to ``view``, and a line when its state (or what it waits
+    for) differs from ``seen``; then a line for the instance if it changed. Whether anything did."""
+    changed = False
     now = time.strftime("%H:%M:%S")
     for step in status.get("steps") or ():
+        name = step["name"]
+        progress = step.get("progress")
+        news = progress is not None and seen.get("progress " + name) != progress
+        if news:
+            seen["progress " + name] = progress
+            changed = True
+        if news and step.get("state") in ("ok", "failed"):  # where it got to, then how it ended
+            view.report(f"step {name}", 0, progress)
         key: tuple[Any, ...] = (step.get("state"), step.get("target"), step.get("outcome"), step.get("reason"),
                                 len(step.get("approved_by") or ()))
-        if seen.get("step " + step["name"]) != key:
-            seen["step " + step["name"]] = key
-            words = f"{now}  step {step['name']} ({step.get('op')}): {step.get('state')}"
+        if seen.get("step " + name) != key:
+            seen["step " + name] = key
+            words = f"{now}  step {name} ({step.get('op')}): {step.get('state')}"
             if step.get("target"):
                 words += f" on {_short(str(step['target']))}"
             if step.get("approved_by"):
                 words += f", approved by {', '.join(map(_short, step['approved_by']))}"
             if step.get("reason") and step.get("state") != "ok":
                 words += f": {step['reason']}"
-            lines.append(words)
+            view.note(words)
+            changed = True
+        if news and step.get("state") not in ("ok", "failed"):  # running: its line, then how far it is
+            view.report(f"step {name}", 0, progress)
     key = (status.get("state"), status.get("error"))
     if seen.get("instance") != key:
         seen["instance"] = key
-        lines.append(f"{now}  instance {status.get('instance')} ({status.get('workflow')}): {status.get('state')}"
-                     + (f": {status['error']}" if status.get("error") else ""))
-    if lines:
-        try:
-            stream.write("".join(line + "\n" for line in lines))
-            stream.flush()
-        except (BrokenPipeError, ValueError):
-            pass
-    return bool(lines)
+        view.note(f"{now}  instance {status.get('instance')} ({status.get('workflow')}): {status.get('state')}"
+                  + (f": {status['error']}" if status.get("error") else ""))
+        changed = True
+    return changed

@@ -5,6 +5,9 @@ The engine's store (``WorkflowState``) is wrapped by :class:`AnnouncingStore`: e
 instance in :class:`Changes`. ``workflow.status`` with ``wait`` and ``since`` (the ``changes`` digest of
 the status the caller already has) answers as soon as the instance differs from it, so
 `vertebra workflow status ID --follow` shows each step as it happens with one request per change.
+
+A running step's progress reports (bytes of a snapshot or a clone) are kept too, the last one of each of
+the newest ``PROGRESS_KEPT`` steps, in memory: the status shows it with its step, and each is a change.
 """
 
 from __future__ import annotations
@@ -13,17 +16,35 @@ import asyncio
 import contextlib
 import hashlib
 import json
+from collections import OrderedDict
 from typing import Any, Iterable, Iterator
 
 from .constraints import Event
 from .workflow_store import WorkflowState
 
 
+PROGRESS_KEPT = 1000  # steps whose last progress report is kept for the status, newest first
+
+
 class Changes:
-    """Who waits for which instance; only waiters are kept (nothing grows with the instances)."""
+    """Who waits for which instance (only waiters are kept), and the last progress report of the newest
+    steps (at most ``PROGRESS_KEPT``): nothing grows with the instances."""
 
     def __init__(self) -> None:
         self._waiters: dict[str, set[asyncio.Event]] = {}
+        self._progress: OrderedDict[str, Any] = OrderedDict()  # by step rid, the newest last
+
+    def step_progress(self, iid: str, rid: str, _target: str, _seq: int, payload: Any) -> None:
+        """A progress report of the step ``rid`` of instance ``iid`` (an ``Actor.request`` progress callback)."""
+        self._progress[rid] = payload
+        self._progress.move_to_end(rid)
+        while len(self._progress) > PROGRESS_KEPT:
+            self._progress.popitem(last=False)
+        self.changed(iid)
+
+    def last_progress(self, rid: str) -> Any:
+        """The step's last progress report, if it sent one lately (None otherwise)."""
+        return self._progress.get(rid)
 
     def changed(self, iid: str) -> None:
         for waiter in self._waiters.get(iid, ()):

@@ -458,7 +458,8 @@ class WorkflowEngine:
                 raise Deposed  # every step goes out stamped with the term of a lead still held
             res = await self.broker.request(row["target"], step.op, step.args, on=step.on,
                                      timeout=step.timeout, rid=rid, behalf=row["performer"] or inst["requester"],
-                                     term=self.leadership.term)
+                                     term=self.leadership.term,
+                                     progress=functools.partial(self.changes.step_progress, iid, rid))
             if not (self.leadership.leading and self.broker.online):
                 raise Deposed  # an outcome seen while losing the lead or the session is not recorded
             if res.outcome not in (Outcome.TIMEOUT, Outcome.UNREACHABLE) or attempt == step.retries:
@@ -535,7 +536,8 @@ class WorkflowEngine:
                               "approved_by": [e.actor for e in history if e.kind == APPROVED and e.step == s.name],
                               "hold": s.hold, "performer": r["performer"], "target": r["target"],
                               "outcome": r["outcome"], "result": r["result"], "reason": r["reason"],
-                              "attempts": r["attempts"], "rid": step_rid(iid, s.name)})
+                              "attempts": r["attempts"], "rid": step_rid(iid, s.name),
+                              "progress": self.changes.last_progress(step_rid(iid, s.name))})
         status = {"instance": iid, "workflow": inst["workflow"], "requester": inst["requester"],
                   "params": inst["params"], "state": inst["state"], "error": inst["error"],
                   "created": inst["created"], "updated": inst["updated"], "steps": steps}

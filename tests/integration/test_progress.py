@@ -120,7 +120,7 @@ def test_a_terminal_gets_a_bar_with_bytes_rate_and_time_left(mesh_with_data):
 
 COPY_WORKFLOW = """
 name: copy
-description: Snapshot a volume, then (once someone performs it) clone a snapshot of it.
+description: Snapshot a volume (once someone performs it), then clone a snapshot of it.
 params:
   volume: {help: "the volume"}
   snapshot: {help: "the new snapshot"}
@@ -130,11 +130,11 @@ steps:
     op: storage.snapshot.create
     on: ["/volume/{volume}"]
     args: {volume: "{volume}", snapshot: "{snapshot}"}
+    hold: true
   - name: clone
     op: storage.clone.create
     on: ["/volume/{volume}"]
     args: {volume: "{volume}", snapshot: "{source}", clone: "{volume}-{snapshot}"}
-    hold: true
 """
 
 
@@ -181,7 +181,8 @@ class _Follower:
 
 def test_workflow_status_follow_shows_each_step_until_the_end(mesh_with_data):
     """A follower started while the instance waits at a held step sees it wait, then sees the step run
-    once it is performed, and ends with the instance: 0 when done, 1 when it failed."""
+    once it is performed, with the bytes its agent reports, and ends with the instance: 0 when done, 1
+    when it failed."""
     home = mesh_with_data
     (home / "workflows").mkdir(exist_ok=True)
     (home / "workflows" / "copy.yaml").write_text(COPY_WORKFLOW)
@@ -190,7 +191,7 @@ def test_workflow_status_follow_shows_each_step_until_the_end(mesh_with_data):
     assert run.returncode == 0, run.stdout + run.stderr  # waiting for a performer is not a failure
     iid = json.loads(run.stdout)["results"][0]["result"]["instance"]
     follower = _Follower(home, iid)
-    follower.until(rf"instance {iid} \(copy\): waiting: step clone is held")
+    follower.until(rf"instance {iid} \(copy\): waiting: step snapshot is held")
     # The broker announces changes: a status request given the digest of what the caller has is held
     # until the instance changes (here: performed), well before its wait of 8 s would let it go.
     broker = yaml.safe_load((home / "mesh.yaml").read_text())["broker"]
@@ -200,15 +201,18 @@ def test_workflow_status_follow_shows_each_step_until_the_end(mesh_with_data):
                                 "--to", broker, f"instance={iid}", "wait=8", f"since={since}", "--json",
                                 "--timeout", "6"], cwd=ROOT, stdout=subprocess.PIPE, text=True,
                                env={**os.environ, "PYTHONPATH": str(ROOT)})
-    performed = vertebra(home, "workflow", "perform", iid, "clone")
+    performed = vertebra(home, "workflow", "perform", iid, "snapshot")
     assert performed.returncode == 0, performed.stdout + performed.stderr
     watched, _ = watcher.communicate(timeout=60)
     assert watcher.returncode == 0, watched
     assert json.loads(watched)["results"][0]["result"]["changes"] != since
     code, out, said = follower.end()
     assert code == 0, out + said
+    assert re.search(r"step snapshot \(storage\.snapshot\.create\): held: step snapshot is held", said, re.M), said
+    # The step's own progress, relayed by the broker: the bytes its snapshot read, to their total.
+    assert re.search(r"^step snapshot: capturing volume=db: 6 MiB of 6 MiB \(100%\), [\d.]+ [KMG]?i?B/s$", said,
+                     re.M), said
     assert re.search(r"step snapshot \(storage\.snapshot\.create\): ok on p(store|other)\d*$", said, re.M), said
-    assert re.search(r"step clone \(storage\.clone\.create\): held: step clone is held", said, re.M), said
     assert re.search(r"step clone \(storage\.clone\.create\): ok on p(store|other)\d*$", said, re.M), said
     assert said.rstrip().endswith(f"instance {iid} (copy): done"), said
     assert re.search(r"^  state: +done$", out, re.M), out  # then the instance, as status shows it
@@ -219,7 +223,7 @@ def test_workflow_status_follow_shows_each_step_until_the_end(mesh_with_data):
     iid = json.loads(run.stdout)["results"][0]["result"]["instance"]
     follower = _Follower(home, iid)
     follower.until(rf"instance {iid} \(copy\): waiting")
-    performed = vertebra(home, "workflow", "perform", iid, "clone")
+    performed = vertebra(home, "workflow", "perform", iid, "snapshot")
     assert performed.returncode == 1 and re.search(r"^  state: +failed$", performed.stdout, re.M), \
         performed.stdout + performed.stderr
     code, out, said = follower.end()

@@ -174,3 +174,18 @@ def test_a_report_without_a_byte_count_reads_as_words_in_units():
             "action": "r1"}
     assert describe(done, plain=True) == ("done snapshot=r1-000001 stream_bytes=6 MiB sent_bytes=6 MiB"
                                           " resumed_from=0 attempts=1 seconds=1.5 s rate=4 MiB/s action=r1")
+
+
+def test_a_followed_steps_progress_shows_under_its_line():
+    running = _status("running", ("snap", "running"))
+    running["steps"][0]["progress"] = {"phase": "capturing", "volume": "db", "bytes": MIB, "total": 2 * MIB}
+    done = _status("done", ("snap", "ok"))
+    done["steps"][0]["progress"] = {"phase": "capturing", "volume": "db", "bytes": 2 * MIB, "total": 2 * MIB}
+    out = io.StringIO()
+    follow_workflow(running, lambda wait, since: CallReport("workflow.status", [
+        TargetResult("broker", Outcome.OK, done)]), out, sleep=lambda s: None)
+    said = [line.split("  ", 1)[-1] for line in out.getvalue().splitlines()]
+    assert said[0] == "step snap (storage.snapshot.create): running"
+    assert said[1].startswith("step snap: capturing volume=db: 1 MiB of 2 MiB (50%)")
+    assert said[3].startswith("step snap: capturing volume=db: 2 MiB of 2 MiB (100%)")
+    assert said[4] == "step snap (storage.snapshot.create): ok on st1" and said[-1] == "instance i1 (copy): done"
