@@ -5,7 +5,8 @@
    embedded driver on the default ext4 state directory (clones are overlay mounts over the snapshot's base
    when the bench runs as root), and the embedded driver on a reflink filesystem (a loop-mounted btrfs
    image); targets: time ratio <= 1.5, bytes a clone adds <= 1% of the volume. The first clone
-   of a snapshot, which builds the embedded driver's base for it once, is reported apart;
+   of a snapshot is reported apart, and so are the snapshot's time and the bytes it adds (the embedded
+   driver makes the base its clones share as it takes the snapshot: on ext4 a second copy of the data);
 2. embedded snapshot ingest MB/s vs a bare read + 8 KiB cut + BLAKE3 loop over the same cached file, in
    alternating rounds on fresh stores, median ratio (>= 0.3x);
 3. bytes an incremental update sends after rewriting 1% of a file's pages in place vs bytes changed (<= 1.05);
@@ -98,23 +99,29 @@ def free_bytes(where: Path) -> int:
 
 
 def bench_clone(label: str, drv, where: Path, small_mib: int, big_mib: int, clones: int) -> None:
-    """Median clone time and the bytes one clone adds, small vs big volume, on one driver. The first clone
-    of a snapshot is made before timing: the embedded driver builds the snapshot's shared base then, once
-    (its cost is printed). The timed clones alternate between the two volumes, so that neither size gets
-    the quieter moments of a shared machine."""
+    """Median clone time and the bytes one clone adds, small vs big volume, on one driver. The snapshot and
+    the first clone of it are measured apart and printed: where the embedded driver cannot reflink, the
+    snapshot writes the base its clones share (a second copy of the data), and that cost is shown where it
+    is paid. The timed clones alternate between the two volumes, so that neither size gets the quieter
+    moments of a shared machine."""
     sizes = {"small": small_mib, "big": big_mib}
     for name, mib in sizes.items():
         drv.create_volume(name)
         write_random(drv.path(name) / "data", mib * MiB)
-        drv.snapshot(name, "s")
+        before = free_bytes(where)
+        took = timed(drv.snapshot, name, "s")
+        snap_added = before - free_bytes(where)
+        (snap,) = drv.list_snapshots(name)
+        print(f"INFO  {label} snapshot of {mib} MiB: {took:.2f} s ({mib / took:.0f} MiB/s), adds "
+              f"{snap_added / MiB:.1f} MiB = {snap_added / (mib * MiB):.0%} of the volume; storage.info says "
+              f"{snap.exclusive_bytes / MiB:.1f} MiB exclusive, {snap.shared_bytes / MiB:.1f} MiB shared", flush=True)
         before = free_bytes(where)
         first = timed(drv.clone, name, "s", f"{name}-c0")
         first_added = before - free_bytes(where)
-        print(f"      {label}: first clone of {mib} MiB {first:.2f} s, "
-              f"{first_added / MiB:.1f} MiB (snapshot base, if any, included)", flush=True)
+        print(f"INFO  {label} first clone of {mib} MiB: {first:.2f} s, adds {first_added / MiB:.1f} MiB", flush=True)
         if name == "big":
-            # The first clone of a snapshot is a clone too: where it builds a full base, a developer's
-            # first copy costs the whole volume, and that is what this row says.
+            # The first clone of a snapshot is a clone too: where it built a full base, a developer's
+            # first copy would cost the whole volume, and this row would say so.
             share = first_added / (mib * MiB)
             report(f"{label} first clone of a snapshot, space", f"adds {first_added / MiB:.1f} MiB = {share:.2%} of"
                    f" the {mib} MiB volume in {first:.2f} s (target <= 1%)", share <= 0.01, f"{share:.2%}", "<= 1%")

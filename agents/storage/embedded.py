@@ -9,9 +9,24 @@ file start turns a rewritten page into exactly one new block; content-defined ch
 rewrite over a 16-64 KiB chunk (FIELD-NOTES: 5.4 MB stored at 8 KiB fixed vs 24.7 MB at CDC 16 KiB for the
 same 1 % change). Smaller blocks would only double the id overhead (32 bytes per block).
 
-Clones and space. The first clone of a snapshot materializes its tree as a read-only base under bases/
-(named after the snapshot's guid; the snapshot's full size, once), and every clone, refresh and rollback
-from that snapshot shares it:
+Clones and space. A snapshot has a read-only base under bases/ (named after its guid) that every clone,
+refresh and rollback from it shares. Where clones can share it (reflinks or overlays, below), the snapshot
+makes its base while it captures, in the same pass that reads the volume into the chunk store, so no clone
+ever pays for it:
+
+- with reflinks, each file is first reflinked into the base (no data copied) and the chunk store reads the
+  reflink, which no writer can touch: the base and the chunks hold the same bytes, and the base costs only
+  what the volume later overwrites;
+- without reflinks, the bytes read are also written into the base (blocks of zeros stay holes) and synced
+  before the snapshot commits. That is a second, uncompressed copy beside the chunk store, owned by the
+  snapshot and reported as its exclusive bytes (storage.snapshot.list). A file that is the same as in the
+  volume's latest snapshot that has a base, or in the snapshot a clone was made from (same content,
+  mode, owner and mtime), is hard-linked to that base's file instead: bases never change, so sharing an
+  inode between them is safe, and a snapshot of a volume or masked clone that changed a few files costs
+  those files. Such a file shows more than one link inside a clone.
+
+Snapshots received from another agent, and those taken where clones cannot share, get their base from the
+chunk store when they are first cloned.
 
 - Where the state directory's filesystem has reflinks (btrfs, XFS with reflink=1, bcachefs: the FICLONE
   ioctl works), a clone is a tree of reflinks to the base: files share their extents until a program writes
@@ -47,6 +62,7 @@ from __future__ import annotations
 import errno
 import fcntl
 import hashlib
+import io
 import logging
 import os
 import shutil
@@ -54,10 +70,13 @@ import stat
 import struct
 import time
 import uuid
-from collections import Counter
+from collections import Counter, deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Iterator, overload
+
+import blake3
 
 from agents.storage import driver as d
 from agents.storage import overlay
@@ -69,6 +88,7 @@ from agents.storage.stream import read_frames, write_stream
 
 BLOCK_SIZE = 8192
 _ZEROS = bytes(BLOCK_SIZE)
+_ZERO_ID = blake3.blake3(_ZEROS).digest()   # a block's id in the chunk store (ChunkStore.put_file)
 _READ_BYTES = 128 * BLOCK_SIZE      # 1 MiB: one index lookup and one writer batch each (finer batches
                                     # pipeline better: measured 1 MiB > 2 MiB > 4 MiB > 8 MiB)
 _PATCH_BATCH = 4096           # changed block positions per patch frame
@@ -390,8 +410,9 @@ class EmbeddedDriver(CatalogDriver):
                     self._base_sizes.pop(tree.name, None)
 
     def _base_bytes(self, base: str) -> int:
+        """The bytes a base takes (each file once, whatever its names)."""
         if base not in self._base_sizes:
-            self._base_sizes[base] = _allocated_bytes(self.root / "bases" / base)
+            self._base_sizes[base] = sum(_inode_split(self.root / "bases" / base))
         return self._base_sizes[base]
 
     # space ---------------------------------------------------------------------------------------------
@@ -412,18 +433,7 @@ class EmbeddedDriver(CatalogDriver):
             return _allocated_bytes(self.root / "layers" / row[0]), self._base_bytes(row[1])
         if not self.reflinks:
             return _allocated_bytes(live), 0
-        exclusive = shared = 0
-        for dirpath, dirnames, filenames in os.walk(live):
-            for name in filenames:
-                full = os.path.join(dirpath, name)
-                if os.path.islink(full) or not os.path.isfile(full):
-                    continue
-                own, common = _file_extents(full)
-                exclusive += own
-                shared += common
-            for name in dirnames:
-                exclusive += os.lstat(os.path.join(dirpath, name)).st_blocks * 512
-        return exclusive, shared
+        return _extent_split(live)
 
     def _sharing_method(self) -> str:
         if self.reflinks:
@@ -440,37 +450,87 @@ class EmbeddedDriver(CatalogDriver):
 
     def _snapshot_sharing(self, volume: str, snap: str) -> tuple[int, int]:
         """Stored (compressed) bytes of the chunks only this snapshot holds, and of those it shares with
-        other snapshots; its base tree, if clones made one, counts as exclusive."""
+        other snapshots, plus its base's (_base_split): what destroying it would free, and what would stay."""
         snap_id = self._snapshot_row(volume, snap)[0]
         counts: Counter[bytes] = Counter()
         for (segs,) in self.db.execute("SELECT segs FROM entries WHERE snap = ?", (snap_id,)):
             counts.update(split_ids(segs))
         exclusive, shared = self.store.sharing(counts)
-        return exclusive + self._snapshot_base_bytes(snap_id), shared
+        base_exclusive, base_shared = self._base_split(self._snapshot_base(snap_id))
+        return exclusive + base_exclusive, shared + base_shared
 
-    def _snapshot_base_bytes(self, snap_id: int) -> int:
+    def _snapshot_base(self, snap_id: int) -> str | None:
+        """The name under bases/ of the snapshot's base, None while it has none."""
         (guid,) = self.db.execute("SELECT guid FROM snapshots WHERE id = ?", (snap_id,)).fetchone()
         base = _base_name(guid)
-        return self._base_bytes(base) if (self.root / "bases" / base).exists() else 0
+        return base if (self.root / "bases" / base).exists() else None
+
+    def _base_split(self, base: str | None) -> tuple[int, int]:
+        """(exclusive, shared) bytes of a base. With reflinks, extents the filesystem still shares (with the
+        volume it was captured from, clones, other bases) are shared; without, a file hard-linked from
+        another base is shared (counted once, here and there alike). Measured each time: the split changes
+        as volumes are written and other bases come and go."""
+        if base is None:
+            return 0, 0
+        top = self.root / "bases" / base
+        return _extent_split(top) if self.reflinks else _inode_split(top)
 
     def snapshot_space(self, volume: str, snap: str) -> dict[str, int]:
-        """A snapshot's bytes: logical size, and the base tree its clones share (0 until the first clone,
-        and always 0 where clones are full copies). Its chunks are shared with every other snapshot."""
+        """A snapshot's bytes: logical size, and the base tree its clones share (made as the snapshot is
+        taken where clones can share it; 0 where clones are full copies, or for a received snapshot until
+        its first clone)."""
         with self._lock:
             snap_id, _, _ = self._snapshot_row(volume, snap)
             logical = self.db.execute("SELECT logical_bytes FROM snapshots WHERE id = ?", (snap_id,)).fetchone()[0]
-            return {"logical_bytes": logical, "base_bytes": self._snapshot_base_bytes(snap_id)}
+            base = self._snapshot_base(snap_id)
+            return {"logical_bytes": logical, "base_bytes": self._base_bytes(base) if base else 0}
 
     def _capture(self, volume: str, snap: str, progress: d.BytesProgress | None) -> None:
         top = self.root / "volumes" / volume
         # The total is counted first (a walk of the metadata alone) only for a caller who watches.
         tally = _Tally(progress, _tree_bytes(top) if progress is not None else 0)
+        guid = uuid.uuid4().hex
+        # The base is built aside and renamed in before the snapshot's row commits: a crash before the
+        # rename leaves a scratch tree (removed at start), one after it a base no row names (collected at
+        # start), and no clone is ever made over a base whose snapshot did not commit.
+        base = self._scratch("base") if self.reflinks or self.overlays else None
         try:
-            entries = list(self._ingest(top, tally))
-            self._publish(volume, snap, uuid.uuid4().hex, entries)
+            if base is not None:
+                base.mkdir()
+            entries = list(self._ingest(top, tally, base, self._reusable_files(volume) if base else {}))
+            if base is not None:
+                _settle_tree(base, entries)
+                os.rename(base, self.root / "bases" / _base_name(guid))
+                base = None
+            self._publish(volume, snap, guid, entries)
         except BaseException:
             self.store.abort()      # the transaction and every pack byte written for it
+            if base is not None:
+                _remove_tree(base)
+            self._collect_trees()   # a base renamed in for a snapshot that did not commit
             raise
+
+    def _reusable_files(self, volume: str) -> dict[str, tuple[Entry, Path]]:
+        """Files a new base may hard-link instead of copying, by path: those of the volume's latest snapshot
+        that has a base, and (for a clone) of the snapshot it was made from, with the base holding each.
+        Only without reflinks: with them a copy shares its extents anyway."""
+        if self.reflinks:
+            return {}
+        _, kind, origin_volume, origin_snap = self._volume_row(volume)
+        own = self.db.execute("SELECT id, guid FROM snapshots WHERE volume = ? ORDER BY id DESC",
+                              (volume,)).fetchall()
+        latest = next((r for r in own if (self.root / "bases" / _base_name(r[1])).is_dir()), None)
+        origin = self.db.execute("SELECT id, guid FROM snapshots WHERE volume = ? AND name = ?",
+                                 (origin_volume, origin_snap)).fetchone() if kind == "clone" else None
+        reusable: dict[str, tuple[Entry, Path]] = {}
+        for row in (latest, origin):
+            base = self.root / "bases" / _base_name(row[1]) if row else None
+            if row is None or base is None or not base.is_dir():
+                continue
+            for path, e in self._entries(row[0]).items():
+                if e.kind == "f":
+                    reusable.setdefault(path, (e, base))
+        return reusable
 
     def _drop_snapshot(self, volume: str, snap: str) -> None:
         snap_id = self._snapshot_row(volume, snap)[0]
@@ -654,7 +714,21 @@ class EmbeddedDriver(CatalogDriver):
                 self.store.ref_segments(e.segs, +1)
         self.store.commit()     # the packs are made durable before the index that names them commits
 
-    def _ingest(self, top: Path, tally: _Tally | None = None) -> Iterator[Entry]:
+    def _ingest(self, top: Path, tally: _Tally | None = None, base: Path | None = None,
+                reusable: dict[str, tuple[Entry, Path]] | None = None) -> Iterator[Entry]:
+        """The manifest entries of the tree under ``top``, its files stored in the chunk store as they are
+        read. With ``base`` (an empty directory), the same tree is made there too, in the same pass: files
+        as reflinks (read back for the store) or as copies of the bytes read, or as hard links to the
+        matching file of ``reusable`` (see _reusable_files). Modes and times are set by _settle_tree."""
+        copier = _Copier() if base is not None and not self.reflinks else None
+        try:
+            yield from self._walk_ingest(top, tally, base, reusable or {}, copier)
+        finally:
+            if copier is not None:
+                copier.close()
+
+    def _walk_ingest(self, top: Path, tally: _Tally | None, base: Path | None,
+                     reusable: dict[str, tuple[Entry, Path]], copier: _Copier | None) -> Iterator[Entry]:
         # A file with more than one name is stored once; its other names are 'h' entries naming the first.
         first_name: dict[tuple[int, int], str] = {}
         for dirpath, dirnames, filenames in os.walk(top):
@@ -662,32 +736,65 @@ class EmbeddedDriver(CatalogDriver):
             for name in sorted(dirnames) + sorted(filenames):
                 full = os.path.join(dirpath, name)
                 rel = os.path.relpath(full, top)
+                copy = base / rel if base is not None else None
                 st = os.lstat(full)
                 if stat.S_ISDIR(st.st_mode):
+                    if copy is not None:
+                        copy.mkdir(mode=0o700)
                     yield Entry(rel, "d", stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid, 0, st.st_mtime_ns,
                                 None, b"")
                 elif stat.S_ISLNK(st.st_mode):
-                    yield Entry(rel, "l", 0o777, st.st_uid, st.st_gid, 0, st.st_mtime_ns, os.readlink(full),
-                                b"")
+                    link = os.readlink(full)
+                    if copy is not None:
+                        os.symlink(link, copy)
+                    yield Entry(rel, "l", 0o777, st.st_uid, st.st_gid, 0, st.st_mtime_ns, link, b"")
                 elif stat.S_ISREG(st.st_mode) and st.st_nlink > 1 and (st.st_dev, st.st_ino) in first_name:
+                    first = first_name[(st.st_dev, st.st_ino)]
+                    if base is not None and copy is not None:
+                        os.link(base / first, copy)
                     yield Entry(rel, "h", stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid, st.st_size,
-                                st.st_mtime_ns, first_name[(st.st_dev, st.st_ino)], b"")
+                                st.st_mtime_ns, first, b"")
                 elif stat.S_ISREG(st.st_mode):
                     if st.st_nlink > 1:
                         first_name[(st.st_dev, st.st_ino)] = rel
-                    segs, size = self._ingest_file(full, tally)
-                    yield Entry(rel, "f", stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid, size,
-                                st.st_mtime_ns, None, segs)
+                    fd = copier.open(copy) if copier is not None and copy is not None else None
+                    try:
+                        segs, size = self._ingest_file(full, tally, copy, copier, fd)
+                    except BaseException:
+                        if copier is not None and fd is not None:
+                            copier.abandon(fd)
+                        raise
+                    entry = Entry(rel, "f", stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid, size,
+                                  st.st_mtime_ns, None, segs)
+                    if copier is not None and copy is not None and fd is not None:
+                        same = reusable.get(rel)
+                        reuse = same is not None and same[0] == entry
+                        copier.close_file(fd, size, sync=not reuse)
+                        if same is not None and reuse:
+                            copy.unlink()           # never synced: the page cache drops it unwritten
+                            os.link(same[1] / rel, copy)
+                    yield entry
                 # Sockets, fifos and device nodes are runtime state, not data: they are not captured.
 
-    def _ingest_file(self, full: str, tally: _Tally | None = None) -> tuple[bytes, int]:
+    def _ingest_file(self, full: str, tally: _Tally | None = None, copy: Path | None = None,
+                     copier: _Copier | None = None, fd: int | None = None) -> tuple[bytes, int]:
+        """Store one file's blocks and return its segment ids and size. With ``copy`` and reflinks, the file
+        is first reflinked there and the reflink is read instead (so the copy and the store agree whatever a
+        writer does meanwhile); with ``copier`` and ``fd`` (the copy opened by it), the bytes read are also
+        written there."""
         # Segments are recorded as soon as they are full, so the store learns each chunk's references
         # while the chunk is still on its way to the pack, and a huge file's ids never pile up in memory.
         ids: list[bytes] = []
         segs: list[bytes] = []
         size = 0
+        if copy is not None and self.reflinks:
+            _reflink(Path(full), copy)
+            full = str(copy)
         with open(full, "rb", buffering=0) as f:
-            for n, batch in self.store.put_file(f, BLOCK_SIZE, _READ_BYTES):
+            tee = _Tee(f) if copier is not None else None
+            for n, batch in self.store.put_file(tee or f, BLOCK_SIZE, _READ_BYTES):
+                if copier is not None and tee is not None and fd is not None:
+                    copier.write(fd, size, tee.last, batch)
                 size += n
                 if tally is not None:
                     tally.add(n)
@@ -709,7 +816,6 @@ class EmbeddedDriver(CatalogDriver):
         by_path = self._entries(snap_id)
         entries = sorted(by_path.values(), key=lambda e: e.path)
         tally = _Tally(progress, sum(e.size for e in entries if e.kind == "f"))
-        as_root = os.geteuid() == 0
         try:
             for e in entries:
                 target = tree / e.path
@@ -724,10 +830,6 @@ class EmbeddedDriver(CatalogDriver):
                     tally.add(e.size)
                 else:
                     self._write_file(target, e, tally)
-                if as_root:
-                    os.lchown(target, e.uid, e.gid)
-                if e.kind == "f":
-                    os.chmod(target, e.mode)
             for e in entries:
                 if e.kind == "h":
                     first = by_path.get(e.target or "")
@@ -735,12 +837,7 @@ class EmbeddedDriver(CatalogDriver):
                         raise StorageError(f"snapshot entry {e.path!r} is a hard link to {e.target!r}, which is "
                                            f"not a file of the snapshot; the store is damaged", code="corrupt")
                     os.link(tree / first.path, tree / e.path)
-            # Directory modes and times last, deepest first: a read-only directory could not be filled,
-            # and writing into a directory bumps its mtime.
-            for e in reversed(entries):
-                if e.kind == "d":
-                    os.chmod(tree / e.path, e.mode)
-                os.utime(tree / e.path, ns=(e.mtime_ns, e.mtime_ns), follow_symlinks=False)
+            _settle_tree(tree, entries)
         except BaseException:
             _remove_tree(tree)
             raise
@@ -842,6 +939,116 @@ def _blocks(size: int) -> int:
     return (size + BLOCK_SIZE - 1) // BLOCK_SIZE
 
 
+def _settle_tree(tree: Path, entries: Iterable[Entry]) -> None:
+    """Give a tree made from manifest entries their owners (as root), modes and times; directories last,
+    deepest first: a read-only directory could not be filled, and writing into a directory bumps its mtime."""
+    ordered = sorted(entries, key=lambda e: e.path)
+    as_root = os.geteuid() == 0
+    for e in ordered:
+        if e.kind == "h":
+            continue                    # the same inode as the file it names
+        if as_root:
+            os.lchown(tree / e.path, e.uid, e.gid)
+        if e.kind == "f":
+            os.chmod(tree / e.path, e.mode)     # after lchown, which clears set-user-ID bits
+    for e in reversed(ordered):
+        if e.kind == "d":
+            os.chmod(tree / e.path, e.mode)
+        os.utime(tree / e.path, ns=(e.mtime_ns, e.mtime_ns), follow_symlinks=False)
+
+
+class _Tee(io.RawIOBase):
+    """A file read through, keeping a view of the bytes of the last read so they can be written elsewhere
+    too (valid until the next read)."""
+
+    def __init__(self, f: io.RawIOBase | io.BufferedIOBase) -> None:
+        super().__init__()
+        self.f = f
+        self.last = memoryview(b"")
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buf: Any) -> int:
+        n = self.f.readinto(buf) or 0
+        self.last = memoryview(buf)[:n]
+        return n
+
+
+class _Copier:
+    """Writes the copies of a base's files on a thread of its own, so that copying overlaps reading and
+    hashing; at most a few batches wait (each one a copy of the bytes read, since the read buffer is
+    reused). Errors (a full disk) surface at the next call or at close."""
+
+    _WAITING = 8
+
+    def __init__(self) -> None:
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="base-copy")
+        self._jobs: deque[Future[None]] = deque()
+
+    def open(self, path: Path) -> int:
+        return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+
+    def write(self, fd: int, offset: int, data: memoryview, ids: list[bytes]) -> None:
+        self._submit(_write_blocks, fd, offset, bytes(data), ids)
+
+    def close_file(self, fd: int, size: int, sync: bool) -> None:
+        self._submit(_finish_copy, fd, size, sync)
+
+    def abandon(self, fd: int) -> None:
+        """Close a copy that will not be finished (after the writes already queued for it)."""
+        self._jobs.append(self._pool.submit(os.close, fd))
+
+    def _submit(self, fn: Any, *args: Any) -> None:
+        while len(self._jobs) >= self._WAITING or (self._jobs and self._jobs[0].done()):
+            self._jobs.popleft().result()
+        self._jobs.append(self._pool.submit(fn, *args))
+
+    def close(self) -> None:
+        """Wait for every copy; the first error is raised once every job has ended."""
+        error: BaseException | None = None
+        while self._jobs:
+            try:
+                self._jobs.popleft().result()
+            except BaseException as exc:        # noqa: BLE001 - kept for after the others are done
+                error = error or exc
+        self._pool.shutdown(wait=True)
+        if error is not None:
+            raise error
+
+
+def _write_blocks(fd: int, offset: int, data: bytes, ids: list[bytes]) -> None:
+    """Write one batch of blocks (with their ids) at offset, skipping whole blocks of zeros so that they
+    stay holes (as in a file rebuilt from the store)."""
+    view = memoryview(data)
+    if _ZERO_ID not in ids:
+        _pwrite_all(fd, view, offset)
+        return
+    run: int | None = None          # first block of the run of data blocks being gathered
+    for j, cid in enumerate([*ids, _ZERO_ID]):       # a sentinel ends the last run
+        if cid != _ZERO_ID:
+            run = j if run is None else run
+        elif run is not None:
+            _pwrite_all(fd, view[run * BLOCK_SIZE:j * BLOCK_SIZE], offset + run * BLOCK_SIZE)
+            run = None
+
+
+def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
+    while data:
+        n = os.pwrite(fd, data, offset)
+        data, offset = data[n:], offset + n
+
+
+def _finish_copy(fd: int, size: int, sync: bool) -> None:
+    """Give a copy its length (it may end in a hole), make it durable unless it is to be dropped, close it."""
+    try:
+        os.ftruncate(fd, size)
+        if sync:
+            os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def _base_name(guid: str) -> str:
     """A base's directory name from its snapshot's guid (a received guid is the sender's text: hashed, so
     it is always a plain name)."""
@@ -901,6 +1108,45 @@ def _has_reflinks(scratch_dir: Path) -> bool:
     finally:
         for p in (probe, probe.with_suffix(".clone")):
             p.unlink(missing_ok=True)
+
+
+def _extent_split(top: Path) -> tuple[int, int]:
+    """(exclusive, shared) bytes of a tree's files by their extents (FIEMAP); directories are exclusive."""
+    exclusive = shared = 0
+    for dirpath, dirnames, filenames in os.walk(top):
+        for name in filenames:
+            full = os.path.join(dirpath, name)
+            if os.path.islink(full) or not os.path.isfile(full):
+                continue
+            own, common = _file_extents(full)
+            exclusive += own
+            shared += common
+        for name in dirnames:
+            exclusive += os.lstat(os.path.join(dirpath, name)).st_blocks * 512
+    return exclusive, shared
+
+
+def _inode_split(top: Path) -> tuple[int, int]:
+    """(exclusive, shared) blocks of a tree, each file once: a file with names outside the tree (a hard
+    link from another base) is shared."""
+    names: Counter[tuple[int, int]] = Counter()
+    files: dict[tuple[int, int], os.stat_result] = {}
+    exclusive = os.lstat(top).st_blocks * 512
+    for dirpath, dirnames, filenames in os.walk(top):
+        for name in dirnames + filenames:
+            st = os.lstat(os.path.join(dirpath, name))
+            if stat.S_ISREG(st.st_mode):
+                names[(st.st_dev, st.st_ino)] += 1
+                files[(st.st_dev, st.st_ino)] = st
+            else:
+                exclusive += st.st_blocks * 512
+    shared = 0
+    for key, st in files.items():
+        if st.st_nlink > names[key]:
+            shared += st.st_blocks * 512
+        else:
+            exclusive += st.st_blocks * 512
+    return exclusive, shared
 
 
 def _file_extents(path: str) -> tuple[int, int]:
