@@ -1,10 +1,10 @@
 """Request ids hold across restarts for every op that changes state, on both storage drivers, with a real
 storage agent process killed with SIGKILL on the real server: a repeat of a create, a clone or a destroy
-after the kill gets the first outcome instead of running again (today's `failed: exists`); an agent killed
-between recording an outcome and sending it answers the repeat with that outcome; one killed between
-running the op and recording it answers `interrupted`, and never runs it twice; and a workflow whose
-agent died between a step's execution and its answer finishes instead of failing on a step that ran; and
-`vertebra call` prints the id it used and takes it back with --request-id."""
+after the kill gets the first outcome instead of running again (it used to fail `exists` or `not-found`);
+an agent killed between recording an outcome and sending it answers the repeat with that outcome; one
+killed between running the op and recording it answers `interrupted`, and never runs it twice; a
+workflow whose agent died between a step's execution and its answer finishes instead of failing on a
+step that ran. And `vertebra call` prints the id it used and takes it back with --request-id."""
 
 from __future__ import annotations
 
