@@ -1,0 +1,53 @@
+"""The agent's job store (agents/jobs.py) on a real SQLite file: a job still running when the store is
+opened again was cut off and is ended as interrupted; an ended job is kept for the retention window and
+deleted at the next start after it; only ended, undelivered jobs whose caller still waits are sent again."""
+
+from __future__ import annotations
+
+import time
+
+from agents import protocol
+from agents.jobs import RETENTION, Job, JobStore
+
+
+def job(job_id: str, **kw: object) -> Job:
+    fields: dict = dict(op="sample.wait", caller="op@d", sender="op@d", reply_to="op@d/client-1", rid=f"r-{job_id}",
+                        fingerprint="f", accepted_at=time.time(), deadline=time.time() + 60)
+    fields.update(kw)
+    return Job(job_id, **fields)
+
+
+async def test_a_running_job_is_interrupted_when_the_store_opens_again(tmp_path):
+    store = JobStore(tmp_path / "jobs.sqlite")
+    await store.accepted(job("cut"))
+    await store.accepted(job("done"))
+    await store.ended(job("done"), ("ok", "", protocol.encode("fine")))
+    await store.aclose()
+
+    again = JobStore(tmp_path / "jobs.sqlite")
+    assert [j.job for j in again.interrupt_running("sample1")] == ["cut"]
+    cut = await again.get("cut")
+    assert cut is not None and cut.state == "ended" and (cut.status, cut.condition) == ("failed", "interrupted")
+    assert "sample1 stopped while running sample.wait as job cut" in cut.describe()["error"]
+    assert sorted(j.job for j in await again.undelivered()) == ["cut", "done"]
+    await again.delivered(cut)
+    assert [j.job for j in await again.undelivered()] == ["done"]
+    assert again.interrupt_running("sample1") == []
+    await again.aclose()
+
+
+async def test_ended_jobs_are_kept_for_the_window_and_callers_past_their_deadline_are_not_sent_to(tmp_path):
+    store = JobStore(tmp_path / "jobs.sqlite")
+    old, recent, late = job("old"), job("recent"), job("late", deadline=time.time() - 1)
+    for each in (old, recent, late):
+        await store.accepted(each)
+        await store.ended(each, ("ok", "", protocol.encode(None)))
+    old.ended_at = time.time() - RETENTION - 60
+    await store.accepted(old)  # rewritten with its end a day and a minute ago
+    assert sorted(j.job for j in await store.undelivered()) == ["old", "recent"]
+    await store.aclose()
+
+    again = JobStore(tmp_path / "jobs.sqlite")
+    assert await again.get("old") is None
+    assert (await again.get("recent")) is not None and (await again.get("late")) is not None
+    await again.aclose()
