@@ -14,6 +14,7 @@ import re
 import signal
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -292,3 +293,27 @@ async def test_a_storage_agent_killed_during_a_snapshot_reports_it_interrupted(m
         assert "stopped while running storage.snapshot.create" in res.error and res.job == notices.job, res
     finally:
         agent.close()
+
+
+async def test_through_the_local_gateway_the_program_hears_of_the_job_and_gets_its_outcome(mesh, sample):
+    """A program calling through the gateway gets the job events as frames (accepted, offline, back) and
+    the job id in its report, across a kill -9 and restart of the agent."""
+    from agents.gateway import Gateway, call_via_gateway
+
+    await sample.start()
+    gw = Gateway(Path(tempfile.mkdtemp(prefix="vgw-")) / "run" / "gateway.sock", mesh.endpoint, "")
+    await gw.start()
+    try:
+        notices = Notices()
+        call = asyncio.create_task(call_via_gateway(
+            gw.path, *mesh.operator, {"op": "sample.wait", "args": {"seconds": 300}, "to": [sample.target],
+                                      "timeout": 120.0}, job_events=notices))
+        await until(lambda: "accepted" in notices.events, timeout=30, what="the job to be accepted")
+        await sample.kill()
+        await until(lambda: "offline" in notices.events, timeout=60, what="the program to hear the agent went offline")
+        await sample.start()
+        report = await asyncio.wait_for(call, 100)
+        [res] = report.results
+        assert res.outcome is Outcome.FAILED and res.error.startswith("interrupted:") and res.job == notices.job, res
+    finally:
+        await gw.stop()
