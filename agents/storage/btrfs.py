@@ -104,7 +104,7 @@ class BtrfsDriver(CatalogDriver):
         if snapdir.exists():
             self._delete_any(snapdir)
 
-    def _capture(self, volume: str, snap: str, progress: BytesProgress | None) -> None:
+    def _capture(self, volume: str, snap: str, progress: BytesProgress | None, for_clones: bool = True) -> None:
         target = self.root / "snapshots" / volume / snap / "tree"
         target.parent.mkdir(parents=True)
         try:

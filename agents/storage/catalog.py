@@ -76,9 +76,9 @@ class CatalogDriver(StorageDriver):
         """Remove the writable tree (and any leftover snapshot directories) of a volume being destroyed."""
 
     @abc.abstractmethod
-    def _capture(self, volume: str, snap: str, progress: BytesProgress | None) -> None:
+    def _capture(self, volume: str, snap: str, progress: BytesProgress | None, for_clones: bool = True) -> None:
         """Capture the volume's tree as `volume@snap` and record it (the checks are done), telling
-        ``progress`` what it reads."""
+        ``progress`` what it reads; ``for_clones`` as for snapshot()."""
 
     @abc.abstractmethod
     def _drop_snapshot(self, volume: str, snap: str) -> None:
@@ -190,14 +190,15 @@ class CatalogDriver(StorageDriver):
             return self._volume_info(clone)
 
     # snapshots ----------------------------------------------------------------------------------------
-    def snapshot(self, volume: str, snap: str, *, progress: BytesProgress | None = None) -> SnapshotInfo:
+    def snapshot(self, volume: str, snap: str, *, progress: BytesProgress | None = None,
+                 for_clones: bool = True) -> SnapshotInfo:
         validate_name(snap, "snapshot name")
         with self._lock:
             if self._volume_row(volume)[1] == "replica":
                 raise StorageError(f"{volume!r} is a replica; its snapshots come only from receive",
                                    code="invalid")
             self._refuse_existing_snapshot(volume, snap)
-            self._capture(volume, snap, progress)
+            self._capture(volume, snap, progress, for_clones)
             return self._snapshot_info(volume, snap)
 
     def destroy_snapshot(self, volume: str, snap: str) -> None:

@@ -102,8 +102,11 @@ class StorageDriver(abc.ABC):
         """The writable directory of a volume or clone."""
 
     @abc.abstractmethod
-    def snapshot(self, volume: str, snap: str, *, progress: BytesProgress | None = None) -> SnapshotInfo:
-        """Capture the volume's tree as a read-only snapshot."""
+    def snapshot(self, volume: str, snap: str, *, progress: BytesProgress | None = None,
+                 for_clones: bool = True) -> SnapshotInfo:
+        """Capture the volume's tree as a read-only snapshot. ``for_clones=False`` says it is taken for
+        replication only: a driver that prepares what clones share as it captures may skip that (a clone
+        of it is still possible, and pays for it then)."""
 
     @abc.abstractmethod
     def list_snapshots(self, volume: str) -> list[SnapshotInfo]: ...

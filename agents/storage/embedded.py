@@ -25,8 +25,8 @@ ever pays for it:
   inode between them is safe, and a snapshot of a volume or masked clone that changed a few files costs
   those files. Such a file shows more than one link inside a clone.
 
-Snapshots received from another agent, and those taken where clones cannot share, get their base from the
-chunk store when they are first cloned.
+Snapshots taken to be sent (replication says for_clones=False), received from another agent, or taken where
+clones cannot share, get their base from the chunk store when they are first cloned.
 
 - Where the state directory's filesystem has reflinks (btrfs, XFS with reflink=1, bcachefs: the FICLONE
   ioctl works), a clone is a tree of reflinks to the base: files share their extents until a program writes
@@ -485,7 +485,7 @@ class EmbeddedDriver(CatalogDriver):
             base = self._snapshot_base(snap_id)
             return {"logical_bytes": logical, "base_bytes": self._base_bytes(base) if base else 0}
 
-    def _capture(self, volume: str, snap: str, progress: d.BytesProgress | None) -> None:
+    def _capture(self, volume: str, snap: str, progress: d.BytesProgress | None, for_clones: bool = True) -> None:
         top = self.root / "volumes" / volume
         # The total is counted first (a walk of the metadata alone) only for a caller who watches.
         tally = _Tally(progress, _tree_bytes(top) if progress is not None else 0)
@@ -493,7 +493,7 @@ class EmbeddedDriver(CatalogDriver):
         # The base is built aside and renamed in before the snapshot's row commits: a crash before the
         # rename leaves a scratch tree (removed at start), one after it a base no row names (collected at
         # start), and no clone is ever made over a base whose snapshot did not commit.
-        base = self._scratch("base") if self.reflinks or self.overlays else None
+        base = self._scratch("base") if for_clones and (self.reflinks or self.overlays) else None
         try:
             if base is not None:
                 base.mkdir()

@@ -170,7 +170,8 @@ class Replicator:
                 seq = a.seq + 1
                 snap = f"{a.id}-{seq:06d}"
                 await self._report(a, {"phase": "snapshot", "snapshot": snap})
-                await asyncio.to_thread(self.driver.snapshot, a.volume, snap)
+                # Taken to be sent: the embedded driver need not make a base for clones of it.
+                await asyncio.to_thread(lambda: self.driver.snapshot(a.volume, snap, for_clones=False))
                 a = self._set(action_id, seq=seq, pending={"snap": snap, "base": None, "decided": False})
             return await self._transfer(a)
         except asyncio.CancelledError:

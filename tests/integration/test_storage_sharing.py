@@ -536,3 +536,18 @@ def test_a_snapshot_killed_mid_capture_leaves_no_base_a_later_clone_uses(tmp_pat
         again.destroy_clone("dev")
     finally:
         again.close()
+
+
+def test_a_snapshot_for_replication_only_makes_no_base_and_its_first_clone_makes_it(tmp_path):
+    driver = EmbeddedDriver(tmp_path / "store")
+    try:
+        _volume_with_data(driver, MiB)                     # db@s1, for clones: its base is made
+        driver.snapshot("db", "sent", for_clones=False)
+        base = driver._snapshot_base(driver._snapshot_row("db", "sent")[0])
+        assert base is None and driver.snapshot_space("db", "sent")["base_bytes"] == 0
+        driver.clone("db", "sent", "dev")
+        assert (driver.path("dev") / "data.bin").read_bytes() == (driver.path("db") / "data.bin").read_bytes()
+        shares = driver.reflinks or driver.overlays
+        assert (driver.snapshot_space("db", "sent")["base_bytes"] >= MiB) == bool(shares)
+    finally:
+        driver.close()
