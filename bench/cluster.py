@@ -10,7 +10,9 @@ Measured, with the caller (a Vertebra Client) always on node 1:
    the other node, and spread half and half over both nodes — median wall time, ratio to all-local;
 3. how many agents each node held (ejabberd's own count of sessions on that node) and memory per
    agent on the server: the growth of each node's ejabberd RSS (beam.smp) from before the agents
-   logged in to after, divided by the agents on that node.
+   logged in to after, divided by the agents on that node;
+4. the broker's shared state (bench/cluster_state.py): workflow step latency and throughput on etcd
+   vs SQLite (ratios), and how long a new leader takes over when the leader hangs or stops.
 
 Agents run in worker processes (many agents per event loop), bench/roundtrip.py's workers; each
 worker logs all its agents in to one node, so where an agent lives is known.
@@ -48,6 +50,7 @@ for p in (ROOT, ROOT / "bench"):
     if str(p) not in sys.path:
         sys.path.insert(0, str(p))
 
+import cluster_state  # noqa: E402  (the broker's shared state on etcd vs SQLite)
 import roundtrip as rt  # noqa: E402  (its worker processes, BenchAgent and helpers)
 import verdicts  # noqa: E402
 from agents.actor import Endpoint  # noqa: E402
@@ -302,6 +305,9 @@ def main(argv: list[str] | None = None) -> int:
             w.kill()
         bench.stop_cluster()
     bench.table()
+    # The broker's shared state: workflow steps on etcd vs SQLite, and leader failover on etcd.
+    print("\n=== the broker's shared state (bench/cluster_state.py)")
+    ok = cluster_state.run(quick=args.quick) and ok
     verdicts.save()
     print(f"\n{'done' if ok else 'FAILED'} ({time.monotonic() - t:.0f}s)")
     return 0 if ok else 1
