@@ -632,7 +632,7 @@ def build_actor(mesh: meshconf.MeshConfig, name: str, instance: int = 1) -> Any:
                               resource=resources[instance - 1], authorizer=authorizer,
                               state_dir=_state_dir(mesh, own), shared_dir=_state_dir(mesh, name),
                               state=mesh.broker_state, name=name,
-                              settings={"workflows": str(mesh.workflows)}, delegates=mesh.delegates)
+                              settings=mesh.broker_settings(), delegates=mesh.delegates)
         # The mesh file, not what an account advertises, says who is an agent of the mesh.
         for bare, agent in mesh.roster().items():
             broker.admit(bare, agent.kind, agent.resources, agent.settings)

@@ -9,7 +9,6 @@ everything a mesh writes: the private server, generated passwords, the agents' s
 
 from __future__ import annotations
 
-import importlib
 import os
 import re
 from collections.abc import Collection
@@ -23,20 +22,13 @@ if TYPE_CHECKING:
     from .authz import Authorizer
     from .server import ReadLimit
 
+from . import kinds
 from . import resources as paths
 from . import schema
 from .home import UnsafePath, actor_state, check_safe, state_home
 from .intake import IntakeLimits
 from .schema import SchemaError
 
-KINDS = ("storage", "fencing", "monitor")
-# Each kind's settings parser (module:function, imported only when settings are checked): what loading the
-# mesh file checks an agent's ``settings:`` with, the same parser the agent builds its settings with.
-SETTINGS_PARSERS = {
-    "storage": "agents.storage.settings:parse_settings",
-    "fencing": "agents.fencing.settings:parse_settings",
-    "monitor": "agents.monitor.settings:parse_settings",
-}
 _NAME = re.compile(r"^[a-z][a-z0-9._-]{0,62}$")
 EXAMPLE = Path(__file__).resolve().parents[1] / "deploy" / "mesh.example.yaml"
 
@@ -140,21 +132,31 @@ class MeshConfig:
     document: Any = field(default=None, repr=False, compare=False)  # the file as read, for its lines
 
     def check_settings(self, names: Collection[str] | None = None) -> None:
-        """Check the ``settings:`` of the agents named (default: every agent) with their kind's parser,
-        as each agent will at its start; ConfigError names the file, the line and the field. The
-        parsers check this machine too (hook programs, fence agents, secret files): check only the
-        agents that run here."""
+        """Check the ``settings:`` of the agents named (default: every agent, and the broker's workflow
+        files) with their kind's check (agents/kinds.py ``settings_check``), as each actor will at its
+        start; the error names the file, the line and the field. The checks look at this machine too
+        (hook programs, fence agents, secret files): check only the actors that run here."""
         where = Fields(self.path, document=self.document)
+        if names is None or self.broker in names:
+            check_broker = kinds.settings_check(kinds.BROKER)
+            if check_broker is not None:
+                try:
+                    check_broker(self.broker_settings(), where)
+                except SchemaError as exc:  # it names the file it read (a workflow file), line and field
+                    raise ConfigError(str(exc)) from None
         for i, agent in enumerate(self.agents):
-            if (names is None or agent.name in names) and agent.kind in SETTINGS_PARSERS:
-                module, _, function = SETTINGS_PARSERS[agent.kind].partition(":")
-                parse_settings = getattr(importlib.import_module(module), function)
+            parse_settings = kinds.settings_check(agent.kind) if names is None or agent.name in names else None
+            if parse_settings is not None:
                 try:
                     parse_settings(agent.settings, where.within(f"agents[{i}].settings"))
                 except SchemaError as exc:  # raised on its own, not through `where`: place it in the file
                     if isinstance(exc, ConfigError) and exc.source == str(self.path):
                         raise
                     raise exc.located(where.within(f"agents[{i}].settings")) from None
+
+    def broker_settings(self) -> dict[str, Any]:
+        """The broker's settings, which the mesh file gives at its top level (``workflows:``)."""
+        return {"workflows": str(self.workflows)}
 
     def authorizer(self) -> "Authorizer":
         """The authorization hook every actor of this mesh enforces with."""
@@ -363,8 +365,8 @@ def parse(data: Any, path: Path, home: Path) -> MeshConfig:
         if "name" not in a or "kind" not in a:
             raise where.error(f, "each agent needs a name and a kind")
         kind = a["kind"]
-        if kind not in KINDS:
-            raise where.error(f"{f}.kind", f"expected one of {', '.join(KINDS)}, got {kind!r}")
+        if kind not in kinds.agent_kinds():
+            raise where.error(f"{f}.kind", f"expected one of {', '.join(kinds.agent_kinds())}, got {kind!r}")
         res = []
         for j, r in enumerate(where.sequence(a.get("resources", []), f"{f}.resources")):
             try:

@@ -35,6 +35,27 @@ def distribution_kinds() -> tuple[str, ...]:
     return tuple(_registered())
 
 
+#: The kind the mesh file's ``broker:`` runs; every other installed kind is one its ``agents:`` may name.
+BROKER = "broker"
+
+
+def agent_kinds() -> tuple[str, ...]:
+    """The kinds a mesh file's ``agents:`` may name: every installed kind but the broker."""
+    return tuple(kind for kind in _registered() if kind != BROKER)
+
+
+SETTINGS = "vertebra.settings"
+
+
+def settings_check(kind: str) -> Callable[..., Any] | None:
+    """How loading the mesh file checks the settings of an actor of ``kind`` (an entry point in the
+    group ``vertebra.settings`` named after the kind, imported now): called as ``check(settings,
+    fields)``, the same parser the actor builds its settings with, raising a SchemaError that names the
+    field. None when the kind has none."""
+    found = [ep.load() for ep in importlib.metadata.entry_points(group=SETTINGS, name=kind)]
+    return found[0] if found else None
+
+
 def agent_class(kind: str) -> type[Agent]:
     """The class that runs ``kind``, imported now."""
     try:

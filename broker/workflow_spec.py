@@ -260,6 +260,21 @@ def load_dir(directory: str | Path) -> tuple[dict[str, Workflow], dict[str, str]
     return good, bad
 
 
+def check_settings(settings: Mapping[str, Any], fields: Any = None) -> dict[str, Workflow]:
+    """The broker's settings as loading the mesh file checks them (the broker kind's entry point in
+    ``vertebra.settings``, agents/kinds.py): every workflow file in the ``workflows`` directory must
+    load, so that a broken one stops `vertebra up` naming its file, line and field, rather than only
+    being listed as broken by ``workflow.list`` once the broker runs. Returns the definitions by name."""
+    directory = settings.get("workflows")
+    if not directory or not Path(directory).is_dir():
+        return {}
+    good, bad = load_dir(directory)
+    if bad:
+        raise WorkflowError(f"the broker's workflow files ({directory}) must all load; fix or remove"
+                            f" {'this one' if len(bad) == 1 else 'these'}: {'; '.join(bad.values())}")
+    return good
+
+
 def parse(data: Any, source: str = "<workflow>") -> Workflow:
     """Check a definition and return it; every error names the file and the field."""
     where = _Where(source, data)

@@ -238,4 +238,4 @@ def test_bad_mesh_file_names_the_field(tmp_path):
     (tmp_path / "mesh.yaml").write_text("agents:\n  - name: a1\n    kind: toaster\n")
     out = vertebra(tmp_path, "agents")
     assert out.returncode == 2
-    assert "agents[0].kind: expected one of storage, fencing, monitor, got 'toaster'" in out.stderr
+    assert "agents[0].kind: expected one of fencing, monitor, storage, got 'toaster'" in out.stderr

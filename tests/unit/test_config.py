@@ -28,7 +28,7 @@ def test_example_mesh_file_is_valid(tmp_path):
     ({"servr": {}}, "top level: unknown key 'servr'"),
     ({"server": {"port": 70000}}, "server.port: expected an integer from 1 to 65535, got 70000"),
     ({"server": {"domain": "Bad Domain"}}, "server.domain: expected a lowercase DNS name"),
-    ({"agents": [{"name": "a", "kind": "toaster"}]}, "agents[0].kind: expected one of storage, fencing, monitor"),
+    ({"agents": [{"name": "a", "kind": "toaster"}]}, "agents[0].kind: expected one of fencing, monitor, storage"),
     ({"agents": [{"name": "a", "kind": "storage", "resources": ["host"]}]},
      "agents[0].resources[0]: resource 'host' must be an absolute path"),
     ({"agents": [{"name": "A b", "kind": "storage"}]}, "agents[0].name: expected an account name"),

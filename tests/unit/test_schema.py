@@ -132,3 +132,29 @@ def test_an_error_raised_on_its_own_is_placed_in_the_file(tmp_path):
     fencing = FencingConfigError(["settings.x: unknown key"]).located(where)
     assert isinstance(fencing, FencingConfigError) and fencing.problems == ["settings.x: unknown key"]
     assert str(fencing).startswith(f"{path}:11: agents[1].settings: invalid fencing configuration")
+
+
+def test_the_brokers_workflow_files_are_checked_with_the_mesh_file(tmp_path):
+    flows = tmp_path / "workflows"  # the mesh file's default workflows: directory
+    flows.mkdir()
+    (flows / "good.yaml").write_text("name: good\nsteps:\n  - {name: s, op: x.y}\n")
+    config.load(mesh_file(tmp_path, MESH), tmp_path, check_settings=True)
+    (flows / "bad.yaml").write_text("name: bad\nsteps:\n  - name: s\n    op: x.y\n    typo: 1\n")
+    text = load_error(tmp_path, MESH)
+    assert f"the broker's workflow files ({flows}) must all load" in text, text
+    assert "bad.yaml:5: steps[0]: unknown key 'typo'" in text, text
+    config.load(mesh_file(tmp_path, MESH), tmp_path, check_settings=["m1"])  # the broker does not run here
+    config.load(mesh_file(tmp_path, MESH), tmp_path)  # `vertebra call` checks no settings
+
+
+def test_the_kinds_and_their_settings_checks_are_the_installed_entry_points():
+    from agents import kinds
+    from agents.fencing.settings import parse_settings as fencing
+    from agents.monitor.settings import parse_settings as monitor
+    from agents.storage.settings import parse_settings as storage
+    from broker.workflow_spec import check_settings as broker
+
+    assert kinds.agent_kinds() == ("fencing", "monitor", "storage")  # every installed kind but the broker
+    checks = {kind: kinds.settings_check(kind) for kind in (kinds.BROKER, *kinds.agent_kinds())}
+    assert checks == {"broker": broker, "fencing": fencing, "monitor": monitor, "storage": storage}
+    assert kinds.settings_check("toaster") is None
