@@ -49,7 +49,8 @@ from .anchors import Anchors, read_anchors
 from .descriptions import OpDescriptions
 from .fencing import Fencing
 from agents.ratelimit import RateLimit
-from .directory import Admission, BoundedMap, Capabilities, Directory, KnownAgents, KnownAgentsState, sent_by_agents
+from . import shared_state
+from .directory import Admission, BoundedMap, Capabilities, Directory, KnownAgentsState, sent_by_agents
 from .leadership import Leadership
 from .policy import PolicyDistribution
 from .volumes import Volumes
@@ -109,7 +110,7 @@ class Broker(Agent):
         # an account announcing another's hash and failing its query cannot get that one ignored.
         self._bad_caps: BoundedMap[tuple[str, str], float] = BoundedMap(BAD_CAPS_CACHE)
         self._refused: BoundedMap[str, tuple[str, float]] = BoundedMap(BAD_CAPS_CACHE)  # bare -> last warning
-        self._known: KnownAgentsState = KnownAgents(self.shared_dir / "broker.sqlite" if self.shared_dir else None)
+        self._known: KnownAgentsState = shared_state.known_agents(self)  # SQLite in shared_dir, or etcd
         self.xmpp.del_event_handler("presence_available", self._on_broker_presence)
         self.xmpp.del_event_handler("presence_unavailable", self._on_broker_presence)
         self.xmpp.add_event_handler("presence_available", self._on_available)

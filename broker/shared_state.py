@@ -12,12 +12,15 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .constraints import RateLimits
+from .directory import KnownAgents, KnownAgentsState
 from .workflow_store import WorkflowState, WorkflowStore
 
 if TYPE_CHECKING:
     from .leadership import LeaseStore
 
+# The SQLite files in the shared state directory.
 LEASE_FILE, RATES_FILE, WORKFLOWS_FILE = "leader.sqlite", "rates.sqlite", "workflows.sqlite"
+KNOWN_FILE = "broker.sqlite"
 
 
 def lease(broker: Any, holder: str, term: float) -> LeaseStore:
@@ -58,3 +61,13 @@ def workflow_store(broker: Any) -> WorkflowState:
         return EtcdWorkflowStore(broker.state_config, lead)
     shared: Path | None = broker.shared_dir
     return WorkflowStore(shared / WORKFLOWS_FILE if shared else None)
+
+
+def known_agents(broker: Any) -> KnownAgentsState:
+    """The agents any instance of the broker has listed (greeted again after a restart)."""
+    if broker.state_config is not None:
+        from .state_etcd import EtcdKnownAgents
+
+        return EtcdKnownAgents(broker.state_config)
+    shared: Path | None = broker.shared_dir
+    return KnownAgents(shared / KNOWN_FILE if shared else None)

@@ -14,6 +14,7 @@ program's start-up.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import time
@@ -46,6 +47,9 @@ class EtcdClient(aetcd.Client):
     A call that only reads, or that is safe to repeat (a lease's grant, renewal or revocation), is
     tried once on each member before it fails; a transaction whose answer did not come may have been
     applied, so it is not repeated: its caller reads again, as after losing a compare-and-swap."""
+
+    # What a cluster that cannot be reached, or a broken call, raises.
+    errors: tuple[type[BaseException], ...] = (aetcd.exceptions.ClientError, grpc.RpcError, OSError)
 
     def __init__(self, config: StateConfig) -> None:
         password = config.password_file.read_text().strip() if config.password_file else None
@@ -112,6 +116,9 @@ class EtcdClient(aetcd.Client):
     async def revoke_lease(self, *args: Any, **kwargs: Any) -> Any:
         return await self._on_each_member(super().revoke_lease, *args, **kwargs)
 
+    async def put(self, *args: Any, **kwargs: Any) -> Any:  # only ever of a value that may be written twice
+        return await self._on_each_member(super().put, *args, **kwargs)
+
     async def transaction(self, *args: Any, **kwargs: Any) -> Any:
         try:
             return await super().transaction(*args, **kwargs)
@@ -128,8 +135,7 @@ class EtcdLease:
     """The workflow lead as an etcd election among the broker's instances (the same methods as the
     SQLite lease in broker/leadership.py)."""
 
-    # What an unreachable cluster or member raises: aetcd's errors, and gRPC's where aetcd lets them through.
-    errors: tuple[type[BaseException], ...] = (aetcd.exceptions.ClientError, grpc.RpcError, OSError)
+    errors = EtcdClient.errors
 
     def __init__(self, config: StateConfig, holder: str, term: float) -> None:
         self.holder, self.ttl = holder, max(2, round(term))
@@ -386,3 +392,39 @@ class EtcdWorkflowStore:
         found = list(await self.client.get_prefix(self._key("e", iid, "")))
         found.sort(key=lambda kv: (kv.create_revision, kv.key))
         return [Event(*json.loads(kv.value)) for kv in found]
+
+
+class EtcdKnownAgents:
+    """The agents any instance has listed (``KnownAgentsState`` in broker/directory.py) on etcd: one
+    key per bare JID, written in the background (``add`` is called for every available presence)."""
+
+    def __init__(self, config: StateConfig) -> None:
+        self.client = EtcdClient(config)
+        self.prefix = f"{config.prefix.rstrip('/')}/known-agents/"
+        self._written: set[str] = set()
+        self._writing: set[asyncio.Task[None]] = set()
+
+    def add(self, jid: str) -> None:
+        if jid not in self._written:
+            self._written.add(jid)
+            task = asyncio.get_running_loop().create_task(self._put(jid))
+            self._writing.add(task)
+            task.add_done_callback(self._writing.discard)
+
+    async def _put(self, jid: str) -> None:
+        try:
+            await self.client.put((self.prefix + jid).encode(), b"")
+        except EtcdClient.errors as exc:
+            self._written.discard(jid)  # written at its next presence
+            log.warning("could not remember the known agent %s in etcd: %s", jid, exc)
+
+    async def all(self) -> list[str]:
+        """Read afresh: the broker's other instances add to the same keys."""
+        found = await self.client.get_prefix(self.prefix.encode(), keys_only=True)
+        self._written = {kv.key.decode()[len(self.prefix):] for kv in found}
+        return sorted(self._written)
+
+    async def aclose(self) -> None:
+        if self._writing:
+            await asyncio.gather(*self._writing, return_exceptions=True)
+        await self.client.close()

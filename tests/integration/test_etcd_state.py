@@ -22,7 +22,8 @@ from etcd_cluster import PrivateEtcd
 pytest.importorskip("aetcd", reason="the etcd client is the optional extra 'etcd': make install installs it")
 
 from broker.leadership import Deposed  # noqa: E402
-from broker.state_etcd import EtcdLease, EtcdRateLimits, EtcdWorkflowStore, LeadLost  # noqa: E402
+from broker.state_etcd import (EtcdKnownAgents, EtcdLease, EtcdRateLimits, EtcdWorkflowStore,  # noqa: E402
+                               LeadLost)
 
 
 class Clock:
@@ -165,3 +166,27 @@ async def test_a_leader_deposed_without_noticing_cannot_change_the_workflows(etc
     finally:
         for closing in (mine, theirs, old, new):
             await closing.aclose()
+
+
+async def test_known_agents_are_shared_through_etcd(etcd: PrivateEtcd) -> None:
+    cfg = StateConfig(endpoints=tuple(etcd.endpoints), prefix="/known-test")
+    mine, other = EtcdKnownAgents(cfg), EtcdKnownAgents(cfg)  # two instances of a broker
+    try:
+        mine.add("a@example.net")
+        mine.add("a@example.net")  # seen again: nothing new
+        other.add("b@example.net")
+        await until(lambda: _all_are(mine, ["a@example.net", "b@example.net"]), timeout=10,
+                    what="both instances' agents in etcd")
+        assert await other.all() == ["a@example.net", "b@example.net"]
+    finally:
+        await mine.aclose()
+        await other.aclose()
+    again = EtcdKnownAgents(cfg)  # a restarted broker greets them
+    try:
+        assert await again.all() == ["a@example.net", "b@example.net"]
+    finally:
+        await again.aclose()
+
+
+async def _all_are(known: EtcdKnownAgents, jids: list[str]) -> bool:
+    return await known.all() == jids
