@@ -621,11 +621,14 @@ class Agent(Actor):
         finally:
             del self._delivering[job.job]
             self.vertebra.forget_receipt(msg_id)
-            if self.online and not self._jobs_for(job.reply_to):
+            if self.online and not self._jobs_for(job.reply_to) and not self._is_broker(job.reply_to):
                 # Directed unavailable presence takes the caller off the server's list of whom to tell
                 # when we go (RFC 6121 4.6.3), which would otherwise grow with every caller for as long
-                # as this session lasts.
+                # as this session lasts. Never to a broker: it lists us by our presence.
                 self.xmpp.make_presence(pto=job.reply_to, ptype="unavailable").send()
+
+    def _is_broker(self, jid: str) -> bool:
+        return jid in self._brokers or (bool(self.broker) and jid.split("/", 1)[0] == self.broker)
 
     def _jobs_for(self, reply_to: str) -> bool:
         """Whether a job of ``reply_to``'s still runs here, or its outcome is still on its way."""
