@@ -321,6 +321,8 @@ def cmd_workflow(mesh: meshconf.MeshConfig, ns: argparse.Namespace) -> int:
         print("vertebra: --follow follows one instance: give it to workflow status, run, approve or perform",
               file=sys.stderr)
         return EXIT_USAGE
+    if ns.follow and ns.action != "status" and any(p.name == "wait" for p in spec.params):
+        args["wait"] = 0.0  # the follower shows what happens from here on: no silent wait first
     sent = time.monotonic()
     report = _call_broker(mesh, spec.name, args, _left(ns.timeout, started))
     if ns.follow and report.ok:

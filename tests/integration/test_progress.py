@@ -139,11 +139,11 @@ steps:
 
 
 class _Follower:
-    """`vertebra workflow status ID --follow` running in the background; its stderr read line by line."""
+    """`vertebra workflow ACTION WORD... --follow` running in the background; its stderr read line by line."""
 
-    def __init__(self, home: Path, iid: str) -> None:
-        self.proc = subprocess.Popen([sys.executable, "-m", "agents.cli", "--home", str(home), "workflow", "status",
-                                      iid, "--follow"], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    def __init__(self, home: Path, *words: str) -> None:
+        self.proc = subprocess.Popen([sys.executable, "-m", "agents.cli", "--home", str(home), "workflow", *words,
+                                      "--follow"], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                      text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
         self.lines: queue.Queue[str] = queue.Queue()
         self.said: list[str] = []
@@ -190,7 +190,7 @@ def test_workflow_status_follow_shows_each_step_until_the_end(mesh_with_data):
     run = vertebra(home, "workflow", "run", "copy", "volume=db", "snapshot=w1", "source=w1", "--json")
     assert run.returncode == 0, run.stdout + run.stderr  # waiting for a performer is not a failure
     iid = json.loads(run.stdout)["results"][0]["result"]["instance"]
-    follower = _Follower(home, iid)
+    follower = _Follower(home, "status", iid)
     follower.until(rf"instance {iid} \(copy\): waiting: step snapshot is held")
     # The broker announces changes: a status request given the digest of what the caller has is held
     # until the instance changes (here: performed), well before its wait of 8 s would let it go.
@@ -218,11 +218,10 @@ def test_workflow_status_follow_shows_each_step_until_the_end(mesh_with_data):
     assert re.search(r"^  state: +done$", out, re.M), out  # then the instance, as status shows it
 
     # A step that fails ends the follower non-zero, naming the step and why; so does `workflow perform`.
-    run = vertebra(home, "workflow", "run", "copy", "volume=db", "snapshot=w2", "source=nosuch", "--json")
-    assert run.returncode == 0, run.stdout + run.stderr
-    iid = json.loads(run.stdout)["results"][0]["result"]["instance"]
-    follower = _Follower(home, iid)
-    follower.until(rf"instance {iid} \(copy\): waiting")
+    # This time the run itself follows (`workflow run ... --follow`).
+    follower = _Follower(home, "run", "copy", "volume=db", "snapshot=w2", "source=nosuch")
+    follower.until(r"instance [0-9a-f]{12} \(copy\): waiting")
+    iid = re.search(r"instance ([0-9a-f]{12}) \(copy\)", "".join(follower.said))[1]
     performed = vertebra(home, "workflow", "perform", iid, "snapshot")
     assert performed.returncode == 1 and re.search(r"^  state: +failed$", performed.stdout, re.M), \
         performed.stdout + performed.stderr
