@@ -31,7 +31,6 @@ import pwd
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -45,6 +44,7 @@ if str(ROOT) not in sys.path:
 sys.path.insert(1, str(ROOT / "tests"))
 
 import verdicts  # noqa: E402
+from roundtrip import free_port  # noqa: E402
 from readable_python import python_for_others  # noqa: E402
 from agents import config as meshconf  # noqa: E402
 from agents.cli import start_server, _server  # noqa: E402
@@ -76,12 +76,6 @@ def check_vertebra_argv(home: Path) -> dict:
             compileall.compile_dir(str(Path(entry, "agents")), quiet=1)
     code = "import sys; from agents.monitor.check_vertebra import main; sys.exit(main())"
     return as_nagios([python, "-c", code, "--home", str(home), "-H", "bench", "-c", "dummy"], env)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def timed(how: dict, runs: int, expect: int) -> list[float]:

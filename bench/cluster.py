@@ -123,17 +123,11 @@ class ClusterBench:
         nworkers = max(1, math.ceil(len(users) / self.args.per_worker))
         chunks = [users[i::nworkers] for i in range(nworkers)]
         start_timeout = 60 + 0.25 * max(len(c) for c in chunks)
-        made = []
-        for chunk in chunks:
-            w = rt.Worker(f"worker{len(self.workers)}", {
-                "host": node.host, "port": node.port, "domain": DOMAIN, "cert": str(self.nodes[0].cert_path),
-                "admins": [self.client_jid], "broker": None, "agents": chunk, "bare": [],
-                "concurrency": self.args.login_concurrency, "start_timeout": start_timeout,
-            }, self.home)
-            self.workers.append(w)
-            made.append(w)
-            await w.spawn()
-        await asyncio.gather(*(w.wait_ready(start_timeout + 15) for w in made))
+        made = await rt.start_workers(self.workers, [{
+            "host": node.host, "port": node.port, "domain": DOMAIN, "cert": str(self.nodes[0].cert_path),
+            "admins": [self.client_jid], "broker": None, "agents": chunk, "bare": [],
+            "concurrency": self.args.login_concurrency, "start_timeout": start_timeout,
+        } for chunk in chunks], self.home)
         return [j for w in made for j in w.ready["jids"]]
 
     async def request_rt(self, to: str, n: int) -> None:
@@ -253,26 +247,17 @@ class ClusterBench:
                           f" agents and caller on the same machine")
 
     async def close(self) -> None:
-        async def quietly(aw: Any, timeout: float) -> None:
-            with contextlib.suppress(BaseException):
-                await asyncio.wait_for(aw, timeout)
-        await asyncio.gather(*(quietly(w.stop(), 25) for w in self.workers), return_exceptions=True)
+        await rt.stop_workers(self.workers)
+        if self.client is not None:
+            await rt.quietly(self.client.stop(), 5)
+
+    def cleanup_sync(self) -> None:
         for w in self.workers:
             w.kill()
-        if self.client is not None:
-            await quietly(self.client.stop(), 5)
+        self.stop_cluster()
 
     def table(self) -> None:
-        head = ("measurement", "baseline (caller's node)", "measured", "ratio")
-        rows = [head] + self.rows
-        widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
-        print()
-        for k, r in enumerate(rows):
-            print("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))))
-            if k == 0:
-                print("  ".join("-" * w for w in widths))
-        for note in self.notes:
-            print(f"- {note}")
+        verdicts.print_table(("measurement", "baseline (caller's node)", "measured", "ratio"), self.rows, self.notes)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -286,24 +271,8 @@ def main(argv: list[str] | None = None) -> int:
     rt.raise_nofile()
     verdicts.begin()
     bench = ClusterBench(args)
-    ok = False
     t = time.monotonic()
-    try:
-        bench.start_cluster()
-        asyncio.run(rt.coordinator(bench))
-        ok = True
-    except (KeyboardInterrupt, asyncio.CancelledError):
-        print("\ninterrupted; cleaning up", file=sys.stderr)
-    except BaseException as exc:
-        print(f"\nbenchmark failed: {exc.__class__.__name__}: {exc}", file=sys.stderr)
-        for w in bench.workers:
-            tail = w.tail()
-            if tail:
-                print(f"{w.name} log:{tail}", file=sys.stderr)
-    finally:
-        for w in bench.workers:
-            w.kill()
-        bench.stop_cluster()
+    ok = rt.drive(bench, lambda: bench.workers, start=bench.start_cluster)
     bench.table()
     # The broker's shared state: workflow steps on etcd vs SQLite, and leader failover on etcd.
     print("\n=== the broker's shared state (bench/cluster_state.py)")

@@ -184,14 +184,7 @@ class StateBench:
         return results[0], results[1]
 
     def table(self) -> None:
-        head = ("measurement", "SQLite", "etcd", "ratio")
-        rows = [head] + self.rows
-        widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
-        print()
-        for k, r in enumerate(rows):
-            print("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))))
-            if k == 0:
-                print("  ".join("-" * w for w in widths))
+        verdicts.print_table(("measurement", "SQLite", "etcd", "ratio"), self.rows)
 
 
 async def _leads(observer: Any, resource: str) -> bool:

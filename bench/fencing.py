@@ -23,7 +23,6 @@ import asyncio
 import json
 import os
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -36,6 +35,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 import verdicts  # noqa: E402
+from roundtrip import free_port  # noqa: E402
 import yaml  # noqa: E402
 
 from agents import config  # noqa: E402
@@ -45,12 +45,6 @@ from agents.session import mesh_call  # noqa: E402
 DOMAIN = "vertebra.test"
 TARGET_ADDED_MS = 100.0
 ENV = {**os.environ, "PYTHONPATH": str(ROOT)}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def p50(samples: list[float]) -> float:

@@ -34,7 +34,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
-import shutil
 import sys
 import tempfile
 import time
@@ -236,13 +235,7 @@ class Flood:
                 pass
 
     def cleanup_sync(self) -> None:
-        if self.server is not None:
-            try:
-                self.server.stop(timeout=10)
-            except Exception as exc:
-                print(f"warning: stopping the private server: {exc}", file=sys.stderr)
-        if self.home is not None and not self.args.keep:
-            shutil.rmtree(self.home, ignore_errors=True)
+        rt.stop_server(self.server, self.home, self.args.keep)
 
 
 def main(argv: list[str] | None = None) -> int:

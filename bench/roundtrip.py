@@ -48,7 +48,7 @@ import tempfile
 import time
 import uuid
 from pathlib import Path
-from typing import Annotated, Any, Callable
+from typing import Annotated, Any, Awaitable, Callable
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
@@ -574,20 +574,13 @@ class Bench:
                             ) -> list[Worker]:
         chunks = [users[i::nworkers] for i in range(nworkers)]
         start_timeout = 60 + 0.25 * max(len(c) for c in chunks)
-        made = []
-        for i, chunk in enumerate(chunks):
-            w = Worker(f"worker{len(self.workers)}", {
-                "host": self.server.host, "port": self.server.port, "domain": DOMAIN,
-                "cert": str(self.server.cert_path), "admins": [self.client_jid], "broker": self.broker_jid,
-                "delegates": [self.bot_jid],
-                "agents": chunk, "bare": bare if i == 0 and bare else [],
-                "concurrency": self.args.login_concurrency, "start_timeout": start_timeout,
-            }, self.home)
-            self.workers.append(w)
-            made.append(w)
-            await w.spawn()
-        await asyncio.gather(*(w.wait_ready(start_timeout + 15) for w in made))
-        return made
+        return await start_workers(self.workers, [{
+            "host": self.server.host, "port": self.server.port, "domain": DOMAIN,
+            "cert": str(self.server.cert_path), "admins": [self.client_jid], "broker": self.broker_jid,
+            "delegates": [self.bot_jid],
+            "agents": chunk, "bare": bare if i == 0 and bare else [],
+            "concurrency": self.args.login_concurrency, "start_timeout": start_timeout,
+        } for i, chunk in enumerate(chunks)], self.home)
 
     async def wait_directory(self, n: int, timeout: float) -> None:
         end = time.monotonic() + timeout
@@ -705,12 +698,7 @@ class Bench:
                 f" Prosody {prosody_rss / 1024:,.0f} MiB")
 
     async def close(self) -> None:
-        async def quietly(aw: Any, timeout: float) -> None:
-            with contextlib.suppress(BaseException):
-                await asyncio.wait_for(aw, timeout)
-        await asyncio.gather(*(quietly(w.stop(), 25) for w in self.workers), return_exceptions=True)
-        for w in self.workers:
-            w.kill()
+        await stop_workers(self.workers)
         if self.client is not None:
             await quietly(self.client.stop(), 5)
         if self.bot is not None:
@@ -723,32 +711,80 @@ class Bench:
     def cleanup_sync(self) -> None:
         for w in self.workers:
             w.kill()
-        if self.server is not None:
-            try:
-                self.server.stop(timeout=10)
-            except Exception as exc:
-                print(f"warning: stopping the private server: {exc}", file=sys.stderr)
-        if self.home is not None and not self.args.keep:
-            shutil.rmtree(self.home, ignore_errors=True)
+        stop_server(self.server, self.home, self.args.keep)
 
     def table(self) -> bool:
-        head = ("measurement", "bare", "vertebra", "ratio", "target", "")
-        rows = [head] + self.rows
-        widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
-        print()
-        for k, r in enumerate(rows):
-            print("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))))
-            if k == 0:
-                print("  ".join("-" * w for w in widths))
-        for note in self.notes:
-            print(f"- {note}")
+        verdicts.print_table(("measurement", "bare", "vertebra", "ratio", "target", ""), self.rows, self.notes)
         return all(r[5] != "FAIL" for r in self.rows)
 
 
 def free_port() -> int:
+    """A TCP port free on the loopback now (every bench's private servers and nodes)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+async def start_workers(workers: list[Worker], configs: list[dict[str, Any]], log_dir: Path) -> list[Worker]:
+    """A worker process per config (named after how many ``workers`` there are; each is added to
+    them), started one after the other and then waited for until each is ready (its config's
+    ``start_timeout``, and 15 s more)."""
+    made = []
+    for cfg in configs:
+        w = Worker(f"worker{len(workers)}", cfg, log_dir)
+        workers.append(w)
+        made.append(w)
+        await w.spawn()
+    await asyncio.gather(*(w.wait_ready(cfg["start_timeout"] + 15) for w, cfg in zip(made, configs)))
+    return made
+
+
+async def quietly(aw: Awaitable[Any], timeout: float) -> None:
+    """Await ``aw`` for at most ``timeout`` s, whatever it raises: closing a benchmark goes on."""
+    with contextlib.suppress(BaseException):
+        await asyncio.wait_for(aw, timeout)
+
+
+async def stop_workers(workers: list[Any], grace: float = 20.0, timeout: float = 25.0) -> None:
+    """Ask every worker process to stop (``grace`` s each to end by itself, all at once, waited for
+    ``timeout`` s at most), then kill what is left."""
+    await asyncio.gather(*(quietly(w.stop(grace), timeout) for w in workers), return_exceptions=True)
+    for w in workers:
+        w.kill()
+
+
+def stop_server(server: Any, home: Path | None, keep: bool) -> None:
+    """Stop a bench's private server (saying so when it would not stop) and remove its temporary home
+    unless it is to be kept."""
+    if server is not None:
+        try:
+            server.stop(timeout=10)
+        except Exception as exc:
+            print(f"warning: stopping the private server: {exc}", file=sys.stderr)
+    if home is not None and not keep:
+        shutil.rmtree(home, ignore_errors=True)
+
+
+def drive(bench: Any, processes: Callable[[], list[Any]], start: Callable[[], None] | None = None) -> bool:
+    """Run a benchmark: ``start`` it (its servers), run it through :func:`coordinator`, and whatever
+    happens, ``bench.cleanup_sync()``. An interruption or a failure is said on stderr, a failure with
+    the end of the log of each of ``processes()``. True when it ran to its end."""
+    try:
+        if start is not None:
+            start()
+        asyncio.run(coordinator(bench))
+        return True
+    except (KeyboardInterrupt, asyncio.CancelledError):
+        print("\ninterrupted; cleaning up", file=sys.stderr)
+    except BaseException as exc:
+        print(f"\nbenchmark failed: {exc.__class__.__name__}: {exc}", file=sys.stderr)
+        for w in processes():
+            tail = w.tail()
+            if tail:
+                print(f"{w.name} log:{tail}", file=sys.stderr)
+    finally:
+        bench.cleanup_sync()
+    return False
 
 
 async def coordinator(bench: Any) -> None:
@@ -792,24 +828,10 @@ def main(argv: list[str] | None = None) -> int:
     raise_nofile()
     verdicts.begin()
     bench = Bench(args)
-    ok = False
     t = time.monotonic()
-    try:
-        asyncio.run(coordinator(bench))
-        ok = bench.table()
-    except (KeyboardInterrupt, asyncio.CancelledError):
-        print("\ninterrupted; cleaning up", file=sys.stderr)
-        bench.table()
-    except BaseException as exc:
-        print(f"\nbenchmark failed: {exc.__class__.__name__}: {exc}", file=sys.stderr)
-        bench.table()
-        for w in bench.workers:
-            tail = w.tail()
-            if tail:
-                print(f"{w.name} log:{tail}", file=sys.stderr)
-    finally:
-        bench.cleanup_sync()
-        verdicts.save()
+    ran = drive(bench, lambda: bench.workers)
+    ok = bench.table() and ran
+    verdicts.save()
     print(f"\n{'all targets met' if ok else 'NOT all targets met'} ({time.monotonic() - t:.0f}s)")
     return 0 if ok else 1
 

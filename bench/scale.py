@@ -863,20 +863,19 @@ class ScaleBench:
         self.notes.append(f"the broker had {(await self.broker_status())['sessions']} XMPP sessions in the whole run"
                           " (each new one clears its directory): one at the start, one after the restart")
 
-    async def close(self) -> None:
-        async def quietly(aw: Any, timeout: float) -> None:
-            with contextlib.suppress(BaseException):
-                await asyncio.wait_for(aw, timeout)
-        if self.client is not None:
-            await quietly(self.client.stop(), 5)
-        children = self.workers + ([self.broker] if self.broker else [])
-        await asyncio.gather(*(quietly(w.stop(30), 40) for w in children), return_exceptions=True)
-        for w in children:
-            w.kill()
+    def children(self) -> list[Any]:
+        """The processes this bench started: the simulated agents' pools and the broker."""
+        return self.workers + ([self.broker] if self.broker else [])
 
-    def kill_children(self) -> None:
-        for w in self.workers + ([self.broker] if self.broker else []):
+    async def close(self) -> None:
+        if self.client is not None:
+            await rt.quietly(self.client.stop(), 5)
+        await rt.stop_workers(self.children(), grace=30, timeout=40)
+
+    def cleanup_sync(self) -> None:
+        for w in self.children():
             w.kill()
+        self.stop_cluster()
 
     def table(self) -> None:
         if not self.rows:
@@ -921,23 +920,8 @@ def main(argv: list[str] | None = None) -> int:
     rt.raise_nofile()
     verdicts.begin()
     bench = ScaleBench(args)
-    ok = False
     t = time.monotonic()
-    try:
-        bench.start_cluster()
-        asyncio.run(rt.coordinator(bench))
-        ok = True
-    except (KeyboardInterrupt, asyncio.CancelledError):
-        print("\ninterrupted; cleaning up", file=sys.stderr)
-    except BaseException as exc:
-        print(f"\nbenchmark failed: {exc.__class__.__name__}: {exc}", file=sys.stderr)
-        for w in bench.workers + ([bench.broker] if bench.broker else []):
-            tail = w.tail()
-            if tail:
-                print(f"{w.name} log:{tail}", file=sys.stderr)
-    finally:
-        bench.kill_children()
-        bench.stop_cluster()
+    ok = rt.drive(bench, bench.children, start=bench.start_cluster)
     bench.table()
     verdicts.save()
     print(f"\n{'done' if ok else 'FAILED'} ({time.monotonic() - t:.0f}s)")

@@ -13,6 +13,7 @@ import json
 import os
 import sys
 import time
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 RESULTS_DIR = Path(__file__).resolve().with_name("results")
@@ -57,3 +58,17 @@ def save(benchmark: str | None = None) -> Path:
 
 def all_met() -> bool:
     return bool(_targets) and all(t["status"] == "MET" for t in _targets)
+
+
+def print_table(head: Sequence[str], rows: Iterable[Sequence[str]], notes: Iterable[str] = ()) -> None:
+    """A benchmark's own table, as each prints it: after a blank line, the head underlined, then a row
+    a line (the first column left-aligned, the figures right-aligned), then each note as ``- note``."""
+    table = [tuple(head), *(tuple(r) for r in rows)]
+    widths = [max(len(r[i]) for r in table) for i in range(len(head))]
+    print()
+    for k, r in enumerate(table):
+        print("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))))
+        if k == 0:
+            print("  ".join("-" * w for w in widths))
+    for note in notes:
+        print(f"- {note}")
