@@ -282,7 +282,7 @@ class Actor:
             self.xmpp.send(iq)
             return await asyncio.wait_for(fut, timeout)
         finally:
-            self.vertebra.forget_reply(iq["id"])
+            self.vertebra.forget_reply(iq.xml.get("id", ""))
 
     def watch_job(self, agent: str, rid: str) -> asyncio.Queue[Any]:
         """Queue for the progress and outcome messages of request ``rid``, accepted only from ``agent``,
@@ -326,24 +326,22 @@ class Actor:
         loop = asyncio.get_running_loop()
         end = loop.time() + timeout
         rid = rid or uuid.uuid4().hex
-        iq = self.xmpp.make_iq_set(ito=target)
-        req = iq["vertebra_op"]
-        req["name"], req["rid"] = op, rid
         budget_ms = max(1, int((timeout - self.timeouts.reply_margin) * 1000))
-        req["timeout"] = str(budget_ms)
         # The same moment on our wall clock: an agent that gets the request only after it (stopped,
         # or the request held up on the way) never starts it (docs/protocol.md section 9).
-        req["deadline"] = str(int(time.time() * 1000) + budget_ms)
+        attrs = {"name": op, "rid": rid, "timeout": str(budget_ms),
+                 "deadline": str(int(time.time() * 1000) + budget_ms)}
         if on:
-            req["on"] = " ".join(on)
+            attrs["on"] = " ".join(on)
         if behalf:
-            req["for"] = behalf
+            attrs["for"] = behalf
         if term is not None:
-            req["term"] = str(term)
+            attrs["term"] = str(term)
         try:
-            req.xml.text = protocol.encode(args, what=f"the arguments of {op}")
+            text = protocol.encode(args, what=f"the arguments of {op}")
         except OpError as exc:  # nothing was sent: this target's failure, not the whole call's
             return TargetResult(target, exc.outcome, error=f"{exc.condition}: {exc.text}")
+        iq = protocol.request(self.xmpp, target, attrs, text)
         jobs = self.watch_job(target, rid)  # before sending: progress may follow the ack at once
         try:
             try:
@@ -354,11 +352,12 @@ class Actor:
                 # The request may have arrived and run: that is not "unreachable", which would let
                 # scope one try the next target.
                 return TargetResult(target, Outcome.TIMEOUT, error=f"{exc} before an answer came; the op may have run")
-            if reply["type"] == "error":
+            if reply.xml.get("type") == "error":
                 return _from_error(target, reply)
-            if reply.xml.find(f"{{{protocol.NS}}}accepted") is None:
-                return _from_outcome(target, reply["vertebra_outcome"])
-            job = reply["vertebra_accepted"]["job"]
+            accepted = reply.xml.find(_ACCEPTED)
+            if accepted is None:
+                return _from_outcome(target, reply.xml.find(_OUTCOME))
+            job = accepted.get("job", "")
             def notice(event: str) -> None:
                 if job_events is not None:
                     job_events(target, job, event)
@@ -386,8 +385,9 @@ class Actor:
                         offline_since = None
                         notice("back")
                     continue
-                if msg.xml.find(f"{{{protocol.NS}}}outcome") is not None:
-                    result = _from_outcome(target, msg["vertebra_outcome"])
+                outcome = msg.xml.find(_OUTCOME)
+                if outcome is not None:
+                    result = _from_outcome(target, outcome)
                     result.job = job
                     return result
                 if progress is not None:
@@ -414,12 +414,16 @@ def _from_error(target: str, reply: Iq) -> TargetResult:
     return TargetResult(target, error_for(condition, text).outcome, error=f"{condition}: {text}")
 
 
+_OUTCOME, _ACCEPTED = f"{{{protocol.NS}}}outcome", f"{{{protocol.NS}}}accepted"
+
+
 def _from_outcome(target: str, outcome: Any) -> TargetResult:
+    """The result an ``<outcome>`` element (of a reply or a job's message; None if absent) stands for."""
     try:
-        payload = protocol.decode(outcome.xml.text)
+        payload = protocol.decode(outcome.text)
     except Exception as exc:  # an agent's malformed answer is that agent's failure, not ours
         return TargetResult(target, Outcome.FAILED, error=f"unreadable outcome: {exc}")
-    if outcome["status"] == "ok":
+    if outcome.get("status") == "ok":
         return TargetResult(target, Outcome.OK, result=payload)
-    condition = outcome["condition"] or "failed"
+    condition = outcome.get("condition") or "failed"
     return TargetResult(target, error_for(condition, str(payload)).outcome, error=f"{condition}: {payload}")

@@ -337,21 +337,21 @@ class Agent(Actor):
             self.xmpp.send(protocol.error_reply(iq, _TOO_MANY))
 
     async def _serve(self, iq: Iq) -> None:
-        req = iq["vertebra_op"]
-        caller, rid = iq["from"].bare, req["rid"]
+        req = protocol.op_of(iq)  # its attributes read directly (protocol.request explains why)
+        caller, rid = iq["from"].bare, req.get("rid", "")
         if not rid or len(rid) > 128:
             error = BadPayload("request has no valid rid (1-128 characters)")
             self._audit_refusal(iq, caller, rid or "", error)
             self.xmpp.send(protocol.error_reply(iq, error))
             return
         try:  # before the request log: a repeat from the current leader counts, one from a deposed one is refused
-            self._check_term(caller, req["term"])
+            self._check_term(caller, req.get("term", ""))
         except OpError as refusal:
             self._audit_refusal(iq, caller, rid, refusal)
             self.xmpp.send(protocol.error_reply(iq, refusal))
             return
-        key, fp = (caller, rid), fingerprint(req["name"], req["on"], req["for"], req.xml.text or "")
-        spec = self.ops.get(req["name"])
+        key, fp = (caller, rid), fingerprint(req.get("name", ""), req.get("on", ""), req.get("for", ""), req.text or "")
+        spec = self.ops.get(req.get("name", ""))
         seen = self._requests.get(key)
         if seen is None and spec is not None and spec.changes_state:  # kept on disk across restarts too
             seen = await self._requests.recall(key)
@@ -382,16 +382,12 @@ class Agent(Actor):
         if answer.error is not None:
             return protocol.error_reply(iq, answer.error)
         # Not iq.reply(clear=True): that deep-copies the whole request, payload and all, only to clear it.
-        reply = self.xmpp.make_iq_result(iq["id"], ito=iq["from"])
         if answer.job:
-            reply["vertebra_accepted"]["job"] = answer.job
-        else:
-            reply["vertebra_outcome"]["status"] = "ok"
-            reply["vertebra_outcome"].xml.text = answer.payload
-        return reply
+            return protocol.result(iq, "accepted", {"job": answer.job})
+        return protocol.result(iq, "outcome", {"status": "ok"}, answer.payload)
 
     async def _admit_and_run(self, iq: Iq, caller: str, rid: str, key: tuple[str, str], fp: str) -> Answer:
-        name = iq["vertebra_op"]["name"]
+        name = protocol.op_of(iq).get("name", "")
         decided: list[str] = []  # _admit notes here once the decision is recorded
         try:
             spec, call, args = self._admit(iq, caller, rid, decided)
@@ -412,9 +408,10 @@ class Agent(Actor):
             return Answer(error=error)
         if spec.progress:
             call._reply_to, call._job = str(iq["from"]), uuid.uuid4().hex
-            req = iq["vertebra_op"]
+            req = protocol.op_of(iq)
             job = Job(call._job, spec.name, call.caller, caller, call._reply_to, rid, fp, time.time(),
-                      protocol.parse_deadline(req["deadline"]) or time.time() + _budget(req["timeout"], spec.deadline))
+                      protocol.parse_deadline(req.get("deadline", ""))
+                      or time.time() + _budget(req.get("timeout", ""), spec.deadline))
             try:  # on disk before it is accepted: after a crash it is reported, never forgotten
                 await self.jobs.accepted(job)
             except sqlite3.Error as exc:
@@ -438,17 +435,17 @@ class Agent(Actor):
         """Decode, validate and authorize a request; raises the OpError that refuses it. Once the
         decision is in the audit log, the op's name is added to ``decided`` (a refusal before that is
         audited by the caller)."""
-        req = iq["vertebra_op"]
-        if len(req.xml):
+        req = protocol.op_of(iq)
+        if len(req):
             raise BadPayload("the <op/> element must hold only its base64 payload, no child elements")
-        deadline = protocol.parse_deadline(req["deadline"])  # wall clock, seconds; None from older senders
-        spec = self.ops.get(req["name"])
+        deadline = protocol.parse_deadline(req.get("deadline", ""))  # wall clock, seconds; None from older senders
+        spec = self.ops.get(req.get("name", ""))
         if spec is None:
-            raise UnknownOp(f"{req['name']!r} is not an op of {self.kind} agent {self.name};"
+            raise UnknownOp(f"{req.get('name', '')!r} is not an op of {self.kind} agent {self.name};"
                             f" it offers {', '.join(sorted(self.ops))}")
-        args = spec.validate(protocol.decode(req.xml.text) or {})
-        resources = self._resources_of(spec, args, req["on"].split())
-        via, caller = self._subject(caller, req["for"])
+        args = spec.validate(protocol.decode(req.text) or {})
+        resources = self._resources_of(spec, args, req.get("on", "").split())
+        via, caller = self._subject(caller, req.get("for", ""))
         decision = self.authorize(Request(caller, resources, via), spec)
         audit_log.info("decide rid=%s caller=%s op=%s resources=%s allowed=%s reason=%s",
                        rid, caller, spec.name, resources, decision.allowed, decision.reason)
@@ -464,7 +461,7 @@ class Agent(Actor):
             decided.append(spec.name)
         if not decision.allowed:
             raise Denied(decision.reason)
-        timeout = min(spec.deadline, _budget(req["timeout"], spec.deadline))
+        timeout = min(spec.deadline, _budget(req.get("timeout", ""), spec.deadline))
         if deadline is not None:  # the caller's own end, whatever held the request up on the way
             left = deadline + protocol.CLOCK_SKEW_ALLOWANCE - time.time()
             if left <= 0:
