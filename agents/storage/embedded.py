@@ -66,6 +66,7 @@ import fcntl
 import hashlib
 import io
 import logging
+import mmap
 import os
 import shutil
 import stat
@@ -91,6 +92,7 @@ from agents.storage.stream import read_frames, write_stream
 BLOCK_SIZE = 8192
 _ZEROS = bytes(BLOCK_SIZE)
 _ZERO_ID = blake3.blake3(_ZEROS).digest()   # a block's id in the chunk store (ChunkStore.put_file)
+_ALIGN = 4096                       # direct writes: offsets, lengths and buffer addresses are multiples
 _READ_BYTES = 128 * BLOCK_SIZE      # 1 MiB: one index lookup and one writer batch each (finer batches
                                     # pipeline better: measured 1 MiB > 2 MiB > 4 MiB > 8 MiB)
 _PATCH_BATCH = 4096           # changed block positions per patch frame
@@ -726,7 +728,7 @@ class EmbeddedDriver(CatalogDriver):
         read. With ``base`` (an empty directory), the same tree is made there too, in the same pass: files
         as reflinks (read back for the store) or as copies of the bytes read, or as hard links to the
         matching file of ``reusable`` (see _reusable_files). Modes and times are set by _settle_tree."""
-        copier = _Copier() if base is not None and not self.reflinks else None
+        copier = _Copier(self.root / "tmp") if base is not None and not self.reflinks else None
         try:
             yield from self._walk_ingest(top, tally, base, reusable or {}, copier)
         finally:
@@ -763,24 +765,41 @@ class EmbeddedDriver(CatalogDriver):
                 elif stat.S_ISREG(st.st_mode):
                     if st.st_nlink > 1:
                         first_name[(st.st_dev, st.st_ino)] = rel
-                    fd = copier.open(copy) if copier is not None and copy is not None else None
-                    try:
-                        segs, size = self._ingest_file(full, tally, copy, copier, fd)
-                    except BaseException:
-                        if copier is not None and fd is not None:
-                            copier.abandon(fd)
-                        raise
-                    entry = Entry(rel, "f", stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid, size,
-                                  st.st_mtime_ns, None, segs)
-                    if copier is not None and copy is not None and fd is not None:
-                        same = reusable.get(rel)
-                        reuse = same is not None and same[0] == entry
-                        copier.close_file(fd, size)
-                        if same is not None and reuse:
-                            copy.unlink()           # not synced yet: the page cache drops it unwritten
-                            os.link(same[1] / rel, copy)
+                    entry = self._ingest_entry(full, rel, st, tally, copy, copier, reusable.get(rel))
+                    if copier is not None and copy is not None and entry is None:
+                        # Its size and mtime said unchanged, so it was not copied, but its content changed:
+                        # read it again, copying this time (the store and the copy from the same read).
+                        entry = self._ingest_entry(full, rel, st, None, copy, copier, None)
+                    assert entry is not None
                     yield entry
                 # Sockets, fifos and device nodes are runtime state, not data: they are not captured.
+
+    def _ingest_entry(self, full: str, rel: str, st: os.stat_result, tally: _Tally | None, copy: Path | None,
+                      copier: _Copier | None, same: tuple[Entry, Path] | None) -> Entry | None:
+        """Store one regular file and return its entry; with ``copier``, also make it at ``copy`` in the
+        base: a copy written as it is read or, when its size, mtime, mode and owner match ``same`` (an
+        earlier base's file), a hard link to that file once its content proves equal too; None when it
+        does not (nothing was made at ``copy``: read it again without ``same``)."""
+        mode = stat.S_IMODE(st.st_mode)
+        likely_same = same is not None and (same[0].size, same[0].mtime_ns, same[0].mode, same[0].uid,
+                                            same[0].gid) == (st.st_size, st.st_mtime_ns, mode, st.st_uid, st.st_gid)
+        fd = copier.open(copy) if copier is not None and copy is not None and not likely_same else None
+        try:
+            segs, size = self._ingest_file(full, tally, copy, copier, fd)
+        except BaseException:
+            if copier is not None and fd is not None:
+                copier.abandon(fd)
+            raise
+        entry = Entry(rel, "f", mode, st.st_uid, st.st_gid, size, st.st_mtime_ns, None, segs)
+        if copier is None or copy is None:
+            return entry
+        if fd is not None:
+            copier.close_file(fd, size)
+            return entry
+        if same is not None and same[0] == entry:
+            os.link(same[1] / rel, copy)
+            return entry
+        return None
 
     def _ingest_file(self, full: str, tally: _Tally | None = None, copy: Path | None = None,
                      copier: _Copier | None = None, fd: int | None = None) -> tuple[bytes, int]:
@@ -983,20 +1002,45 @@ class _Tee(io.RawIOBase):
 
 class _Copier:
     """Writes the copies of a base's files on a thread of its own, so that copying overlaps reading and
-    hashing; at most a few batches wait (each one a copy of the bytes read, since the read buffer is
-    reused). Errors (a full disk) surface at the next call or at close."""
+    hashing; at most a few batches wait, each one a copy of the bytes read (the read buffer is reused).
+    Where the filesystem takes them, the writes are direct (O_DIRECT, from page-aligned buffers): they
+    skip the page cache, whose buffered writes cost the snapshot about as much again on a busy machine
+    (measured: 128 MiB buffered 0.03-0.34 s, direct 0.07-0.08 s with the data on disk), and leave the
+    final sync nothing of the base to write. Errors (a full disk) surface at the next call or at close."""
 
     _WAITING = 8
 
-    def __init__(self) -> None:
+    def __init__(self, probe_dir: Path) -> None:
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="base-copy")
         self._jobs: deque[Future[None]] = deque()
+        self._direct = _direct_writes_work(probe_dir)
+        self._spare: list[mmap.mmap] = []       # aligned buffers back from the thread (list ops are atomic)
+        self._buffers: list[mmap.mmap] = []     # every one made, closed at the end
 
     def open(self, path: Path) -> int:
-        return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | (os.O_DIRECT if self._direct else 0)
+        return os.open(path, flags, 0o600)
 
     def write(self, fd: int, offset: int, data: memoryview, ids: list[bytes]) -> None:
-        self._submit(_write_blocks, fd, offset, bytes(data), ids)
+        if not self._direct:
+            self._submit(_write_blocks, fd, offset, memoryview(bytes(data)), ids)
+            return
+        n = len(data)
+        padded = -(-n // _ALIGN) * _ALIGN       # the tail is written whole; close_file truncates it
+        buf = self._spare.pop() if self._spare else None
+        if buf is None or len(buf) < padded:
+            buf = mmap.mmap(-1, max(padded, _READ_BYTES))
+            self._buffers.append(buf)
+        buf[:n] = data
+        buf[n:padded] = bytes(padded - n)
+
+        def write_then_return() -> None:
+            try:
+                _write_blocks(fd, offset, memoryview(buf)[:padded], ids)
+            finally:
+                self._spare.append(buf)
+
+        self._submit(write_then_return)
 
     def close_file(self, fd: int, size: int) -> None:
         self._submit(_finish_copy, fd, size)
@@ -1019,14 +1063,33 @@ class _Copier:
             except BaseException as exc:        # noqa: BLE001 - kept for after the others are done
                 error = error or exc
         self._pool.shutdown(wait=True)
+        for buf in self._buffers:
+            buf.close()
         if error is not None:
             raise error
 
 
-def _write_blocks(fd: int, offset: int, data: bytes, ids: list[bytes]) -> None:
+def _direct_writes_work(where: Path) -> bool:
+    """Whether the filesystem of ``where`` takes direct, _ALIGN-aligned writes (tmpfs, for one, does not)."""
+    probe = where / f"direct-probe-{uuid.uuid4().hex}"
+    try:
+        fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_DIRECT, 0o600)
+    except OSError:
+        return False
+    try:
+        with mmap.mmap(-1, _ALIGN) as block:
+            return os.pwrite(fd, block, 0) == _ALIGN
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
+        probe.unlink(missing_ok=True)
+
+
+def _write_blocks(fd: int, offset: int, view: memoryview, ids: list[bytes]) -> None:
     """Write one batch of blocks (with their ids) at offset, skipping whole blocks of zeros so that they
-    stay holes (as in a file rebuilt from the store)."""
-    view = memoryview(data)
+    stay holes (as in a file rebuilt from the store). Runs start and end on block boundaries (the last may
+    end at the view's end), so direct writes stay aligned."""
     if _ZERO_ID not in ids:
         _pwrite_all(fd, view, offset)
         return

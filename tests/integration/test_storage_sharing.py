@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from agents.storage import overlay
+from agents.storage import embedded, overlay
 from agents.storage.agent import StorageAgent
 from agents.storage.embedded import EmbeddedDriver
 from test_storage_contract import _btrfs_unavailable, _loop_btrfs
@@ -587,5 +587,69 @@ def test_a_snapshot_of_a_clone_that_changed_one_file_costs_that_file(tmp_path):
         driver.destroy_snapshot("db", "s1")
         assert before - _one_fs_bytes(root) >= 64 * MiB       # the base, its data.bin no longer linked elsewhere
         assert list((root / "bases").iterdir()) == []
+    finally:
+        driver.close()
+
+
+def _tree(top: Path) -> dict[str, tuple[str, int, bytes]]:
+    """Every name under top: its kind, mode and content (a symlink's target)."""
+    found = {}
+    for dirpath, dirnames, filenames in os.walk(top):
+        for name in dirnames + filenames:
+            full = Path(dirpath) / name
+            st = os.lstat(full)
+            kind = "l" if full.is_symlink() else "d" if full.is_dir() else "f"
+            body = os.readlink(full).encode() if kind == "l" else full.read_bytes() if kind == "f" else b""
+            found[str(full.relative_to(top))] = (kind, st.st_mode & 0o7777, body)
+    return found
+
+
+@pytest.mark.parametrize("writes", ["direct", "buffered"])
+def test_the_base_a_snapshot_makes_holds_what_its_chunks_hold(tmp_path, writes, monkeypatch):
+    """Holes, a tail that is not a whole block, an empty file, hard links, symlinks and modes, in the base
+    a snapshot makes (with direct writes, and with buffered ones as where the filesystem refuses direct
+    I/O) and in a tree rebuilt from its chunks alike; a file changed with its size and mtime put back is
+    still copied, not linked from the older base."""
+    if writes == "buffered":
+        monkeypatch.setattr(embedded, "_direct_writes_work", lambda where: False)
+    driver = EmbeddedDriver(tmp_path / "store")
+    try:
+        if not driver.reflinks and not driver.overlays:
+            pytest.skip(f"no base is made at capture here: {driver.clone_sharing()}")
+        driver.create_volume("db")
+        live = driver.path("db")
+        with open(live / "sparse", "wb") as f:
+            f.write(os.urandom(20000))
+            f.seek(5 * MiB)
+            f.write(os.urandom(3 * MiB + 123))
+            f.seek(12 * MiB)
+            f.write(b"end")
+        (live / "empty").write_bytes(b"")
+        (live / "sub").mkdir(mode=0o750)
+        (live / "sub" / "same").write_bytes(os.urandom(MiB))
+        os.link(live / "sub" / "same", live / "twin")
+        os.symlink("sub/same", live / "link")
+        os.chmod(live / "empty", 0o600)
+        driver.snapshot("db", "s1")
+        before = _tree(live)
+        st = os.stat(live / "sub" / "same")
+        with open(live / "sub" / "same", "r+b") as f:          # rewritten in place, size and mtime put back
+            f.write(b"changed")
+        os.utime(live / "sub" / "same", ns=(st.st_atime_ns, st.st_mtime_ns))
+        driver.snapshot("db", "s2")
+        after = _tree(live)
+        assert before != after
+        for snap, expected in (("s1", before), ("s2", after)):
+            clone = driver.path(driver.clone("db", snap, f"c-{snap}").name)
+            assert _tree(clone) == expected, snap
+            rebuilt = driver._materialize(driver._snapshot_row("db", snap)[0])
+            try:
+                assert _tree(rebuilt) == expected, snap
+            finally:
+                shutil.rmtree(rebuilt)
+            assert os.stat(clone / "sub" / "same").st_ino == os.stat(clone / "twin").st_ino
+            assert os.stat(clone / "sparse").st_blocks * 512 < 5 * MiB       # the holes stayed holes
+        for snap in ("s1", "s2"):
+            driver.destroy_clone(f"c-{snap}")
     finally:
         driver.close()
