@@ -57,6 +57,7 @@ from agents.fencing.settings import NODE_RESOURCE, SEGMENT, configured_nodes, no
 from agents.ops import Arg, OpSpec, op
 from agents.protocol import CLOCK_SKEW_ALLOWANCE
 
+from . import shared_state
 from .policy import push
 
 log = logging.getLogger(__name__)
@@ -200,24 +201,34 @@ def _apply(db: sqlite3.Connection, agent: str, event: dict[str, Any]) -> tuple[i
     seq = int(cur.lastrowid or 0)
     if event["event"] != "outcome" or not event["ok"]:
         return seq, None, True
-    cluster, node, action = event["cluster"], event["node"], event["action"]
+    cluster, node = event["cluster"], event["node"]
+    opened = any(f.cluster == cluster and f.node == node for f in _fenced(db))
+    change = epoch_change(event, _last_change(db, cluster, node), opened)
+    if change in ("fenced", "rebooted"):
+        _open(db, agent, event)
+    if change in ("rebooted", "unfenced"):
+        _close(db, cluster, node, agent, event["at"])
+    return seq, change, True
+
+
+def epoch_change(event: dict[str, Any], last_change: float, opened: bool) -> str | None:
+    """What a recorded event does to its node's epochs, given when they last changed and whether one
+    is open (every store of the ledger decides with this): ``fenced`` (a new epoch opens), ``rebooted``
+    (one opens and ends at once), ``unfenced`` (the open one ends) or None."""
+    if event["event"] != "outcome" or not event["ok"]:
+        return None
+    action = event["action"]
     # Older than what the node's epochs already say (a late resend, another agent's older report):
     # the newer verified state stands. Times are the agents' clocks; an off within the clock-skew
     # allowance of the last change still counts, since erring that way keeps a node fenced.
     slack = CLOCK_SKEW_ALLOWANCE if action in ("off", "reboot") else 0.0
-    if event["at"] < _last_change(db, cluster, node) - slack:
-        return seq, None, True
-    opened = any(f.cluster == cluster and f.node == node for f in _fenced(db))
+    if event["at"] < last_change - slack:
+        return None
     if action in ("off", "reboot") and not opened:
-        _open(db, agent, event)
-        if action == "reboot" and not event.get("on_error"):
-            _close(db, cluster, node, agent, event["at"])
-            return seq, "rebooted", True
-        return seq, "fenced", True
+        return "rebooted" if action == "reboot" and not event.get("on_error") else "fenced"
     if action == "on" and opened and event.get("state") == "on":
-        _close(db, cluster, node, agent, event["at"])
-        return seq, "unfenced", True
-    return seq, None, True
+        return "unfenced"
+    return None
 
 
 def _last_change(db: sqlite3.Connection, cluster: str, node: str) -> float:
@@ -289,8 +300,8 @@ class Fencing:
 
     def __init__(self, broker: Any) -> None:
         self.broker = broker
-        state: Path | None = broker.shared_dir
-        self.ledger: FenceLedgerState = FenceLedger(state / "fencing.sqlite" if state else ":memory:")
+        # SQLite in the shared state directory, or etcd (the mesh file's broker state).
+        self.ledger: FenceLedgerState = shared_state.fence_ledger(broker)
         self._fence_listeners: list[Callable[[dict[str, Any]], Any]] = []
         self.fenced_now = FencedNow(self.ledger, broker.fenced)
         self.fenced_now.refresh()

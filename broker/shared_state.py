@@ -16,11 +16,12 @@ from .directory import KnownAgents, KnownAgentsState
 from .workflow_store import WorkflowState, WorkflowStore
 
 if TYPE_CHECKING:
+    from .fencing import FenceLedgerState
     from .leadership import LeaseStore
 
 # The SQLite files in the shared state directory.
 LEASE_FILE, RATES_FILE, WORKFLOWS_FILE = "leader.sqlite", "rates.sqlite", "workflows.sqlite"
-KNOWN_FILE = "broker.sqlite"
+KNOWN_FILE, FENCING_FILE = "broker.sqlite", "fencing.sqlite"
 
 
 def lease(broker: Any, holder: str, term: float) -> LeaseStore:
@@ -71,3 +72,15 @@ def known_agents(broker: Any) -> KnownAgentsState:
         return EtcdKnownAgents(broker.state_config)
     shared: Path | None = broker.shared_dir
     return KnownAgents(shared / KNOWN_FILE if shared else None)
+
+
+def fence_ledger(broker: Any) -> FenceLedgerState:
+    """The fencing events and each node's fencing epochs."""
+    if broker.state_config is not None:
+        from .state_etcd import EtcdFenceLedger
+
+        return EtcdFenceLedger(broker.state_config)
+    from .fencing import FenceLedger
+
+    shared: Path | None = broker.shared_dir
+    return FenceLedger(shared / FENCING_FILE if shared else ":memory:")

@@ -28,8 +28,10 @@ from aetcd import rpc, watcher
 
 from agents.config import StateConfig
 from agents.errors import OpError
+from agents.fenced import Fenced
 
 from .constraints import PERFORMED, REQUESTED, Event, Verdict, rate_verdict
+from .fencing import epoch_change
 from .leadership import Deposed
 from .workflow_store import FINISHED, STEP_FIELDS
 
@@ -428,3 +430,150 @@ class EtcdKnownAgents:
         if self._writing:
             await asyncio.gather(*self._writing, return_exceptions=True)
         await self.client.close()
+
+
+class EtcdFenceLedger:
+    """The fencing events and epochs (``FenceLedgerState`` in broker/fencing.py) on etcd, deciding what
+    an event does with the same ``epoch_change`` as the SQLite ledger.
+
+    Keys under ``<prefix>/fencing/``: ``seq`` (the last event's number), ``events/<seq>``, ``ids/<agent>/
+    <event id>`` (each event once however often it is resent) and ``epochs/<cluster>/<node>`` (a node's
+    epochs, oldest first). An event is recorded in one transaction that compares the revisions of
+    ``seq`` and of the node's epochs it read: two instances recording at once never reuse a number nor
+    lose an epoch; the loser reads again. The fenced-identity rule asks ``written_elsewhere`` and
+    ``fenced_now`` without waiting: a task of the ledger reads the open epochs again each second when
+    etcd's revision of them has moved (another instance recorded), and at once after a recording here."""
+
+    POLL = 1.0  # seconds between looks for epochs another instance recorded
+
+    def __init__(self, config: StateConfig) -> None:
+        self.client = EtcdClient(config)
+        self.prefix = f"{config.prefix.rstrip('/')}/fencing/"
+        self._fenced: list[Fenced] = []
+        self._changed = True  # the first decision installs what the ledger holds (once read)
+        self._seen_revision = -1
+        self._watcher: asyncio.Task[None] | None = None
+
+    def _key(self, *parts: str) -> bytes:
+        return (self.prefix + "/".join(parts)).encode()
+
+    # -- what the synchronous rule reads --------------------------------------------------------------
+
+    def written_elsewhere(self) -> bool:
+        self._watch()
+        changed, self._changed = self._changed, False
+        return changed
+
+    def fenced_now(self) -> list[Fenced]:
+        self._watch()
+        return list(self._fenced)
+
+    def _watch(self) -> None:
+        if self._watcher is None or self._watcher.done():
+            try:
+                self._watcher = asyncio.get_running_loop().create_task(self._follow(), name="fence ledger on etcd")
+            except RuntimeError:  # no event loop yet: the first decision inside one starts it
+                pass
+
+    async def _follow(self) -> None:
+        while True:
+            try:
+                await self._reread()
+            except EtcdClient.errors as exc:
+                log.warning("could not read the fencing epochs from etcd: %s", exc)
+            await asyncio.sleep(self.POLL)
+
+    async def _reread(self) -> None:
+        nodes = list(await self.client.get_prefix(self._key("epochs", "")))
+        revision = max((kv.mod_revision for kv in nodes), default=0)
+        if revision != self._seen_revision:
+            self._seen_revision = revision
+            self._fenced, self._changed = _open_epochs(nodes), True
+
+    # -- recording ----------------------------------------------------------------------------------
+
+    async def record(self, agent: str, event: dict[str, Any]) -> tuple[int, str | None, bool]:
+        agent, event_id = agent.lower(), event.get("id") or None
+        tx = self.client.transactions
+        outcome = event["event"] == "outcome" and event["ok"]
+        for _ in range(SWAP_ATTEMPTS):
+            if event_id is not None:
+                known = await self.client.get(self._key("ids", agent, event_id))
+                if known is not None:
+                    return int(known.value), None, False
+            seq_key = self._key("seq")
+            counter = await self.client.get(seq_key)
+            seq = (int(counter.value) if counter else 0) + 1
+            compare = [tx.mod(seq_key) == counter.mod_revision if counter else tx.create(seq_key) == 0]
+            puts = [tx.put(seq_key, str(seq).encode()),
+                    tx.put(self._key("events", f"{seq:012d}"),
+                           json.dumps({"seq": seq, "agent": agent, **event}, sort_keys=True).encode())]
+            if event_id is not None:
+                compare.append(tx.create(self._key("ids", agent, event_id)) == 0)
+                puts.append(tx.put(self._key("ids", agent, event_id), str(seq).encode()))
+            change = None
+            if outcome:
+                node_key = self._key("epochs", event["cluster"], event["node"])
+                found = await self.client.get(node_key)
+                epochs = json.loads(found.value) if found else []
+                last = max((max(e["fenced_at"], e["unfenced_at"] or 0) for e in epochs), default=0.0)
+                change = epoch_change(event, last, any(e["unfenced_at"] is None for e in epochs))
+                if change is not None:
+                    _apply_change(epochs, change, agent, event)
+                    compare.append(tx.mod(node_key) == found.mod_revision if found else tx.create(node_key) == 0)
+                    puts.append(tx.put(node_key, json.dumps(epochs).encode()))
+            if await self._txn(compare, puts):
+                if change is not None:
+                    await self._reread()  # the rule sees this instance's own change at its next decision
+                return seq, change, True
+        raise OpError(f"the fencing ledger kept changing under {SWAP_ATTEMPTS} attempts to record an event from"
+                      f" {agent}; it will be sent again")
+
+    async def _txn(self, compare: list[Any], success: list[Any]) -> bool:
+        succeeded, _ = await self.client.transaction(compare=compare, success=success, failure=[])
+        return bool(succeeded)
+
+    # -- reading ------------------------------------------------------------------------------------
+
+    async def open_epoch(self, cluster: str, node: str) -> Fenced | None:
+        found = [f for f in await self.fenced() if f.cluster == cluster and f.node == node]
+        return found[0] if found else None
+
+    async def fenced(self) -> list[Fenced]:
+        return _open_epochs(list(await self.client.get_prefix(self._key("epochs", ""))))
+
+    async def epochs(self, cluster: str = "", node: str = "") -> list[dict[str, Any]]:
+        rows = [e for kv in await self.client.get_prefix(self._key("epochs", "")) for e in json.loads(kv.value)
+                if (not cluster or e["cluster"] == cluster) and (not node or e["node"] == node)]
+        return sorted(rows, key=lambda e: (e["cluster"], e["node"], e["epoch"]))
+
+    async def events(self, since: int = 0, limit: int = 50) -> list[dict[str, Any]]:
+        found = [json.loads(kv.value) for kv in await self.client.get_prefix(self._key("events", ""))]
+        newer = sorted((e for e in found if e["seq"] > since), key=lambda e: e["seq"])
+        return newer[-limit:] if limit else []
+
+    async def aclose(self) -> None:
+        if self._watcher is not None:
+            self._watcher.cancel()
+            await asyncio.gather(self._watcher, return_exceptions=True)
+        await self.client.close()
+
+
+def _apply_change(epochs: list[dict[str, Any]], change: str, agent: str, event: dict[str, Any]) -> None:
+    """Open and/or end the node's epoch as ``change`` (from ``epoch_change``) says, in ``epochs``."""
+    if change in ("fenced", "rebooted"):
+        epochs.append({"cluster": event["cluster"], "node": event["node"],
+                       "epoch": max((e["epoch"] for e in epochs), default=0) + 1, "fenced_at": event["at"],
+                       "fenced_by": agent, "requester": event["requester"],
+                       "identities": sorted({j.lower() for j in event.get("identities", ())}),
+                       "unfenced_at": None, "unfenced_by": None})
+    if change in ("rebooted", "unfenced"):
+        for e in epochs:
+            if e["unfenced_at"] is None:
+                e["unfenced_at"], e["unfenced_by"] = event["at"], agent
+
+
+def _open_epochs(nodes: list[Any]) -> list[Fenced]:
+    open_ = [e for kv in nodes for e in json.loads(kv.value) if e["unfenced_at"] is None]
+    return [Fenced(e["cluster"], e["node"], e["epoch"], e["fenced_at"], e["fenced_by"], e["requester"],
+                   tuple(e["identities"])) for e in sorted(open_, key=lambda e: (e["cluster"], e["node"]))]

@@ -126,8 +126,9 @@ async def test_a_suspended_leader_is_replaced_and_its_late_step_is_refused(
         steps = {s["name"]: s for s in res["steps"]}
         assert res["state"] == "done", res
         assert agent.gated_runs == 1 and steps["gated"]["result"] == 1 and agent.runs == 2
-        # The instance, its steps, the lead and the known agents lived in etcd, not in the shared directory.
-        assert not ({"workflows.sqlite", "leader.sqlite", "rates.sqlite", "broker.sqlite"}
+        # The instance, its steps, the lead, the known agents and the fence ledger lived in etcd, not in
+        # the shared directory.
+        assert not ({"workflows.sqlite", "leader.sqlite", "rates.sqlite", "broker.sqlite", "fencing.sqlite"}
                     & {p.name for p in shared.iterdir()})
 
         # A step the old leader sends late, stamped with its term, is refused: nothing runs.

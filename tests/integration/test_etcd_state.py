@@ -22,8 +22,9 @@ from etcd_cluster import PrivateEtcd
 pytest.importorskip("aetcd", reason="the etcd client is the optional extra 'etcd': make install installs it")
 
 from broker.leadership import Deposed  # noqa: E402
-from broker.state_etcd import (EtcdKnownAgents, EtcdLease, EtcdRateLimits, EtcdWorkflowStore,  # noqa: E402
-                               LeadLost)
+from broker.fencing import FenceLedger  # noqa: E402
+from broker.state_etcd import (EtcdFenceLedger, EtcdKnownAgents, EtcdLease, EtcdRateLimits,  # noqa: E402
+                               EtcdWorkflowStore, LeadLost)
 
 
 class Clock:
@@ -190,3 +191,59 @@ async def test_known_agents_are_shared_through_etcd(etcd: PrivateEtcd) -> None:
 
 async def _all_are(known: EtcdKnownAgents, jids: list[str]) -> bool:
     return await known.all() == jids
+
+
+def _fence_event(kind: str, action: str, node: str, at: float, event_id: str, **more: Any) -> dict[str, Any]:
+    return {"event": kind, "action": action, "cluster": "c1", "node": node, "ok": True, "at": at,
+            "requester": "pcmk@x.test", "identities": ["DB1@x.test"], "id": event_id, **more}
+
+
+async def _fencing_story(ledger: Any) -> dict[str, Any]:
+    """The same events recorded in a ledger, and what it then answers."""
+    recorded = [await ledger.record("F@x.test", event) for event in (
+        _fence_event("attempt", "off", "n1", 90.0, "a1"),
+        _fence_event("outcome", "off", "n1", 100.0, "o1", state="off"),
+        _fence_event("outcome", "off", "n1", 100.0, "o1", state="off"),  # resent: recorded once
+        _fence_event("outcome", "on", "n1", 200.0, "o2", state="on"),
+        _fence_event("outcome", "reboot", "n1", 300.0, "o3", state="on"),
+        _fence_event("outcome", "off", "n1", 150.0, "o4", state="off"),  # older than the last change
+        _fence_event("outcome", "off", "n2", 400.0, "o5", state="off"),
+        _fence_event("outcome", "off", "n2", 401.0, "o6", ok=False))]
+    return {"recorded": recorded, "epochs": await ledger.epochs(), "n1": await ledger.epochs("c1", "n1"),
+            "fenced": await ledger.fenced(), "open": await ledger.open_epoch("c1", "n2"),
+            "none": await ledger.open_epoch("c1", "n1"), "events": await ledger.events(),
+            "page": await ledger.events(since=3, limit=2)}
+
+
+async def test_the_fence_ledger_on_etcd_answers_as_the_sqlite_one(etcd: PrivateEtcd, tmp_path: Path) -> None:
+    sqlite_ledger = FenceLedger(tmp_path / "fencing.sqlite")
+    etcd_ledger = EtcdFenceLedger(StateConfig(endpoints=tuple(etcd.endpoints), prefix="/fencing-test"))
+    try:
+        on_sqlite, on_etcd = await _fencing_story(sqlite_ledger), await _fencing_story(etcd_ledger)
+        assert on_etcd == on_sqlite
+        assert on_etcd["recorded"] == [(1, None, True), (2, "fenced", True), (2, None, False), (3, "unfenced", True),
+                                       (4, "rebooted", True), (5, None, True), (6, "fenced", True), (7, None, True)]
+        assert [(f.node, f.epoch, f.identities) for f in on_etcd["fenced"]] == [("n2", 1, ("db1@x.test",))]
+        assert [e["seq"] for e in on_etcd["page"]] == [6, 7]  # the latest two after 3
+    finally:
+        await sqlite_ledger.aclose()
+        await etcd_ledger.aclose()
+
+
+async def test_instances_share_the_fence_ledger_and_never_reuse_a_number(etcd: PrivateEtcd) -> None:
+    cfg = StateConfig(endpoints=tuple(etcd.endpoints), prefix="/fencing-shared")
+    one, two = EtcdFenceLedger(cfg), EtcdFenceLedger(cfg)
+    try:
+        assert two.written_elsewhere() is True and two.fenced_now() == []  # the first decision installs it
+        recorded = await asyncio.gather(*(ledger.record("f@x.test", _fence_event("attempt", "off", "n9", n, f"r{n}"))
+                                          for n in range(10) for ledger in (one, two) if n % 2 == (ledger is two)))
+        assert sorted(seq for seq, _, _ in recorded) == list(range(1, 11))
+        await until(lambda: not two.written_elsewhere(), timeout=10, what="the other instance to settle")
+        assert (await one.record("f@x.test", _fence_event("outcome", "off", "n9", 50.0, "off9", state="off")))[1] \
+            == "fenced"
+        # The other instance's synchronous rule learns of it without being told.
+        await until(two.written_elsewhere, timeout=10, what="the other instance to see the new epoch")
+        assert [(f.node, f.identities) for f in two.fenced_now()] == [("n9", ("db1@x.test",))]
+    finally:
+        await one.aclose()
+        await two.aclose()
