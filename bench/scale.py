@@ -66,7 +66,7 @@ from typing import Any
 from xml.sax.saxutils import quoteattr
 
 ROOT = Path(__file__).resolve().parents[1]
-for p in (ROOT, ROOT / "bench"):
+for p in (ROOT, ROOT / "bench", ROOT / "tests"):
     if str(p) not in sys.path:
         sys.path.insert(0, str(p))
 
@@ -74,6 +74,7 @@ import msgpack  # noqa: E402
 
 import roundtrip as rt  # noqa: E402  (Worker plumbing, rss_kib, raise_nofile, coordinator)
 import verdicts  # noqa: E402
+from rawxmpp import scram_final, scram_keys  # noqa: E402  (the tests' raw client's SCRAM)
 
 DOMAIN = rt.DOMAIN
 OP = rt.OP
@@ -275,15 +276,10 @@ class SimAgent:
         if challenge.tag != f"{{{NS_SASL}}}challenge":
             raise StreamClosed(f"SASL: expected a challenge, got {challenge.tag}")
         server_first = base64.b64decode(challenge.text or "").decode()
-        fields = dict(item.split("=", 1) for item in server_first.split(","))
-        if not fields["r"].startswith(nonce):
-            raise StreamClosed("SASL: the server nonce does not extend ours")
-        client_key, stored_key = self.pool.keys(fields["s"], int(fields["i"]))
-        without_proof = f"c=biws,r={fields['r']}"
-        message = f"{bare},{server_first},{without_proof}".encode()
-        signature = hmac.new(stored_key, message, "sha1").digest()
-        proof = base64.b64encode(bytes(a ^ b for a, b in zip(client_key, signature))).decode()
-        final = f"{without_proof},p={proof}"
+        try:
+            final = scram_final(bare, server_first, nonce, self.pool.keys)
+        except ValueError as exc:
+            raise StreamClosed(f"SASL: {exc}") from None
         self.send(f"<response xmlns='{NS_SASL}'>{base64.b64encode(final.encode()).decode()}</response>")
         if (await self.element()).tag != f"{{{NS_SASL}}}success":
             raise StreamClosed(f"SASL failed for {self.user}")
@@ -372,9 +368,7 @@ class SimPool:
     def keys(self, salt: str, iterations: int) -> tuple[bytes, bytes]:
         """(ClientKey, StoredKey) for the shared password and this salt: derived once."""
         if (salt, iterations) not in self._keys:
-            salted = hashlib.pbkdf2_hmac("sha1", SIM_PASSWORD.encode(), base64.b64decode(salt), iterations)
-            client_key = hmac.new(salted, b"Client Key", "sha1").digest()
-            self._keys[(salt, iterations)] = (client_key, hashlib.sha1(client_key).digest())
+            self._keys[(salt, iterations)] = scram_keys(SIM_PASSWORD, salt, iterations)
         return self._keys[(salt, iterations)]
 
     def logged_in(self, agent: SimAgent) -> None:

@@ -40,6 +40,28 @@ def decode_payload(text: str | None) -> Any:
     return msgpack.unpackb(base64.b64decode(text), raw=False) if text else None
 
 
+def scram_keys(password: str, salt: str, iterations: int) -> tuple[bytes, bytes]:
+    """RFC 5802's ClientKey and StoredKey for ``password``, the server's salt (base64) and iterations."""
+    salted = hashlib.pbkdf2_hmac("sha1", password.encode(), base64.b64decode(salt), iterations)
+    client_key = hmac.new(salted, b"Client Key", "sha1").digest()
+    return client_key, hashlib.sha1(client_key).digest()
+
+
+def scram_final(client_first_bare: str, server_first: str, nonce: str,
+                keys: Callable[[str, int], tuple[bytes, bytes]]) -> str:
+    """The SCRAM-SHA-1 client-final-message (RFC 5802, no channel binding) answering ``server_first``;
+    ``keys(salt, iterations)`` gives (ClientKey, StoredKey). ValueError when the server's nonce does not
+    extend ``nonce``. Shared with bench/scale.py's simulated agents."""
+    fields = dict(item.split("=", 1) for item in server_first.split(","))
+    if not fields["r"].startswith(nonce):
+        raise ValueError("the server nonce does not extend ours")
+    client_key, stored_key = keys(fields["s"], int(fields["i"]))
+    without_proof = f"c=biws,r={fields['r']}"
+    signature = hmac.new(stored_key, f"{client_first_bare},{server_first},{without_proof}".encode(), "sha1").digest()
+    proof = base64.b64encode(bytes(a ^ b for a, b in zip(client_key, signature))).decode()
+    return f"{without_proof},p={proof}"
+
+
 class XMPPError(Exception):
     pass
 
@@ -109,16 +131,10 @@ class RawXMPP:
         if challenge.tag != f"{{{NS_SASL}}}challenge":
             raise XMPPError(f"SASL: expected a challenge, got {challenge.tag}")
         server_first = base64.b64decode(challenge.text or "").decode()
-        fields = dict(item.split("=", 1) for item in server_first.split(","))
-        if not fields["r"].startswith(nonce):
-            raise XMPPError("SASL: server nonce does not extend ours")
-        salted = hashlib.pbkdf2_hmac("sha1", password.encode(), base64.b64decode(fields["s"]), int(fields["i"]))
-        client_key = hmac.new(salted, b"Client Key", "sha1").digest()
-        without_proof = f"c=biws,r={fields['r']}"
-        message = f"{bare},{server_first},{without_proof}".encode()
-        signature = hmac.new(hashlib.sha1(client_key).digest(), message, "sha1").digest()
-        proof = base64.b64encode(bytes(a ^ b for a, b in zip(client_key, signature))).decode()
-        final = f"{without_proof},p={proof}"
+        try:
+            final = scram_final(bare, server_first, nonce, lambda salt, i: scram_keys(password, salt, i))
+        except ValueError as exc:
+            raise XMPPError(f"SASL: {exc}") from None
         self._write(f"<response xmlns='{NS_SASL}'>{base64.b64encode(final.encode()).decode()}</response>")
         outcome = await self._read_element()
         if outcome.tag != f"{{{NS_SASL}}}success":
