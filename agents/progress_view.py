@@ -23,7 +23,7 @@ and agents/render.py are used, so a call's start-up stays light.
 
 from __future__ import annotations
 
-import shutil
+import os
 import time
 from dataclasses import dataclass
 from typing import Any, Callable, TextIO
@@ -132,7 +132,7 @@ class ProgressView:
         if not force and now - self._drawn_at < REDRAW_EVERY:
             return
         self._drawn_at = now
-        width = shutil.get_terminal_size((100, 24)).columns - 1
+        width = self._columns() - 1  # a line that wraps would take two lines the wipe does not count
         lines = []
         targets = list(self._targets.items())
         for target, t in targets[-MAX_BAR_LINES:]:
@@ -145,6 +145,17 @@ class ProgressView:
         self._wipe()
         self._write("".join(line[:width] + "\n" for line in lines))
         self._drawn = len(lines)
+
+    def _columns(self) -> int:
+        """The terminal's width: $COLUMNS if set, else the stream's own terminal's (stdout may be a file
+        while stderr is the terminal), else 100."""
+        columns = os.environ.get("COLUMNS", "")
+        if columns.isdigit() and int(columns) > 0:
+            return int(columns)
+        try:
+            return os.get_terminal_size(self.stream.fileno()).columns or 100
+        except (AttributeError, OSError, ValueError):
+            return 100
 
     def _wipe(self) -> None:
         if self._drawn:

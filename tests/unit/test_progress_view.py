@@ -189,3 +189,13 @@ def test_a_followed_steps_progress_shows_under_its_line():
     assert said[1].startswith("step snap: capturing volume=db: 1 MiB of 2 MiB (50%)")
     assert said[3].startswith("step snap: capturing volume=db: 2 MiB of 2 MiB (100%)")
     assert said[4] == "step snap (storage.snapshot.create): ok on st1" and said[-1] == "instance i1 (copy): done"
+
+
+def test_bar_lines_are_cut_to_the_terminal_so_none_wraps(monkeypatch):
+    monkeypatch.setenv("COLUMNS", "40")
+    out = io.StringIO()
+    view = ProgressView(out, terminal=True, clock=Clock())
+    view.report("storage1@d/agent", 1, {"phase": "capturing", "volume": "a-long-volume-name", "bytes": MIB,
+                                         "total": 8 * MIB, "rate": MIB, "eta": 7})
+    drawn = [line for line in re.split(r"\x1b\[\d*F\x1b\[J", out.getvalue()) if line]
+    assert drawn and all(len(line) <= 39 for chunk in drawn for line in chunk.splitlines()), drawn
