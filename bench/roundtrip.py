@@ -5,7 +5,7 @@ Measured, each time against a bare slixmpp baseline on the same server:
 
 1. sequential round trips: a tiny custom IQ-get answered by a plain slixmpp Callback, vs a
    Vertebra op (Client.request to an Agent's one-argument op: validation, msgpack, the
-   authorization hook and dedup all run) — p50, p95, ratio of p50s (target <= 1.3x);
+   authorization hook, dedup and the audit log all run) — p50, p95, ratio of p50s (target <= 1.3x);
 2. throughput with 100 requests in flight (target >= 0.7x bare), and at the same load each side's
    p99/p50 and p99.9/p50: Vertebra's over bare's (target p99 <= 1.1x; p99.9 for information);
 3. a text command through the operators' chat bot: a plain slixmpp client account sends
@@ -231,9 +231,14 @@ async def worker_main() -> None:
     async def start_agent(user: str) -> None:
         # One caller drives every measurement: its per-sender rate (2,000/s by default, which the
         # throughput phase outruns) would measure the limit, not the path. Queue and running bounds stay.
+        # The round-trip agent keeps its audit log and request log, as every deployed agent does
+        # (state): the figures include them. The fan-out's many agents go without.
+        state_dir = Path(cfg["state"]) / user if cfg.get("state") else None
+        if state_dir is not None:
+            state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         agent = BenchAgent(f"{user}@{cfg['domain']}", PASSWORD_PREFIX + user, endpoint,
                            broker=cfg["broker"], authorizer=authorizer, delegates=cfg.get("delegates", ()),
-                           requests=UNLIMITED_RATE)
+                           requests=UNLIMITED_RATE, state_dir=state_dir)
         answer_bare_pings(agent.xmpp)
         async with gate:
             await agent.start(timeout=60)
@@ -571,7 +576,7 @@ class Bench:
     # -- set-up and tear-down ------------------------------------------------------------------
 
     async def spawn_workers(self, users: list[str], nworkers: int, bare: list[str] | None = None,
-                            ) -> list[Worker]:
+                            state: Path | None = None) -> list[Worker]:
         chunks = [users[i::nworkers] for i in range(nworkers)]
         start_timeout = 60 + 0.25 * max(len(c) for c in chunks)
         return await start_workers(self.workers, [{
@@ -580,6 +585,7 @@ class Bench:
             "delegates": [self.bot_jid],
             "agents": chunk, "bare": bare if i == 0 and bare else [],
             "concurrency": self.args.login_concurrency, "start_timeout": start_timeout,
+            "state": str(state) if state else None,
         } for i, chunk in enumerate(chunks)], self.home)
 
     async def wait_directory(self, n: int, timeout: float) -> None:
@@ -645,7 +651,7 @@ class Bench:
 
         # 1 and 2: one responder of each kind, alone in a worker process of their own.
         print("\n[1,2] one caller, one responder", flush=True)
-        (pair,) = await self.spawn_workers(["echo"], 1, bare=["plain"])
+        (pair,) = await self.spawn_workers(["echo"], 1, bare=["plain"], state=self.home / "agents")
         bare_to, vert_to = pair.ready["bare"][0], pair.ready["jids"][0]
         await self.sequential(bare_to, vert_to)
         await self.throughput(bare_to, vert_to)
