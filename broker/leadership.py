@@ -212,6 +212,7 @@ class Leadership:
     async def stop_leading(self) -> None:
         if self._renewer is not None:
             self._renewer.cancel()
+            await asyncio.gather(self._renewer, return_exceptions=True)  # ended: start_leading may start anew
         async with self._renewing:
             if self.term is not None:
                 self.term = None

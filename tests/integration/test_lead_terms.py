@@ -1,0 +1,74 @@
+"""The leader's term on workflow steps with the default store (SQLite in the shared state directory):
+every step carries the term of the lead that sent it, a new lead has a higher one, and an agent
+refuses a step with a term older than the newest it has seen from the broker (``denied``, audited),
+and a term that is not a positive integer (``bad-payload``)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import yaml
+
+from agents import audit
+from agents.errors import Outcome
+from conftest import DOMAIN, until
+from rawxmpp import RawXMPP, app_condition
+from sample_agent import SampleAgent
+
+ONE_STEP = {"name": "one", "steps": [{"name": "count", "op": "sample.count", "on": ["/host/t1"]}]}
+
+
+async def _run(client: Any, broker: Any) -> dict[str, Any]:
+    res = await client.request(str(broker.jid), "workflow.run", {"workflow": "one", "wait": 20}, timeout=30)
+    assert res.outcome is Outcome.OK and res.result["state"] == "done", res.error or res.result
+    return res.result
+
+
+async def test_steps_carry_the_lead_s_term_and_an_older_term_is_refused(mesh, tmp_path) -> None:
+    workflows = tmp_path / "workflows"
+    workflows.mkdir()
+    (workflows / "one.yaml").write_text(yaml.safe_dump(ONE_STEP))
+    broker = await mesh.broker(state_dir=tmp_path / "broker", settings={"workflows": str(workflows)})
+    agent = await mesh.agent(SampleAgent, broker, ["/host/t1"])
+    client = await mesh.client(broker)
+    await until(lambda: broker.leadership.leading and len(broker.directory) == 1, timeout=20,
+                what="the broker leading, with the agent listed")
+    bare = broker.jid.bare.lower()
+    first = broker.leadership.term
+    await _run(client, broker)
+    assert first is not None and agent._terms[bare] == first and agent.runs == 1
+
+    # The lead is given up and taken again: a new lead, a higher term on its steps.
+    await broker.leadership.stop_leading()
+    broker.leadership.start_leading()
+    await until(lambda: broker.leadership.leading, timeout=20, what="the broker to lead again")
+    second = broker.leadership.term
+    assert second is not None and second > first
+    await _run(client, broker)
+    assert agent._terms[bare] == second and agent.runs == 2
+
+    # A step stamped with the first lead's term, sent late: refused, nothing runs, audited.
+    late = await broker.request(str(agent.jid), "sample.count", {}, on=["/host/t1"], timeout=10,
+                                rid="late-step", behalf=mesh.operator[0], term=first)
+    assert late.outcome is Outcome.DENIED and "lead has ended" in (late.error or "") and agent.runs == 2
+    agent.audit.flush()
+    refused = [r for r in audit.show(agent.state_dir / "audit.sqlite") if r["rid"] == "late-step"]
+    assert [(r["kind"], r["condition"]) for r in refused] == [("refused", "denied")]
+    # Not remembered under its rid: the current leader's step under the same rid runs.
+    now = await broker.request(str(agent.jid), "sample.count", {}, on=["/host/t1"], timeout=10,
+                               rid="late-step", behalf=mesh.operator[0], term=second)
+    assert now.outcome is Outcome.OK and agent.runs == 3
+
+    # A term that is not a positive decimal integer is a malformed request.
+    raw = await RawXMPP.login(mesh.server.host, mesh.server.port, DOMAIN, str(broker.jid.bare), _password(mesh, broker),
+                              ssl_context=mesh.server.ssl_context())
+    try:
+        bad = await raw.iq(str(agent.jid), raw.op_xml("sample.count", {}, rid="bad-term", timeout_ms=5000,
+                                                      for_=mesh.operator[0], attrs={"term": "-3"}))
+        assert app_condition(bad) == "bad-payload" and agent.runs == 3
+    finally:
+        await raw.close()
+
+
+def _password(mesh: Any, broker: Any) -> str:
+    return f"pw-{broker.jid.user}"  # Mesh.account's password for the account it made
