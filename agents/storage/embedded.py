@@ -442,13 +442,16 @@ class EmbeddedDriver(CatalogDriver):
 
     def _sharing_method(self) -> str:
         if self.reflinks:
-            return ("fiemap: clones are reflinks to their snapshot's base; shared_bytes are extents the "
-                    "filesystem still shares, exclusive_bytes were written since")
+            return ("fiemap: clones are reflinks to their snapshot's base, which the snapshot reflinked from "
+                    "the volume as it was taken; shared_bytes are extents the filesystem still shares, "
+                    "exclusive_bytes were written since")
         if self.overlays:
             return ("overlay: this filesystem has no reflinks, so each clone is an overlay mount over its "
                     "snapshot's read-only base; shared_bytes is the base (shared by every clone of that "
                     "snapshot), exclusive_bytes the clone's own layer (files it created, and each file it "
-                    "wrote, copied whole on its first write); volumes are plain directories (du)")
+                    "wrote, copied whole on its first write); volumes are plain directories (du); a snapshot "
+                    "writes its base as it is taken (files unchanged since the volume's previous base are "
+                    "linked to it) and counts it in its own exclusive and shared bytes")
         return (f"du: this filesystem has no reflinks and overlay mounts are not possible here "
                 f"({self.no_overlay_reason}), so every clone is a full copy (shared_bytes 0); run the agent "
                 f"as root for overlay clones, or put the state directory on btrfs or XFS (reflink=1)")
