@@ -37,8 +37,8 @@ class SampleProcess:
     directory however often it is killed and started again."""
 
     def __init__(self, mesh: Any, state: Path, jid: str | None = None, password: str | None = None,
-                 admin: str | None = None) -> None:
-        self.mesh = mesh
+                 admin: str | None = None, broker: str = "") -> None:
+        self.mesh, self.broker = mesh, broker
         self.jid, self.password = (jid, password) if jid else mesh.account("sample")
         self.admin = admin or mesh.operator[0]
         self.target = f"{self.jid}/agent"
@@ -49,7 +49,7 @@ class SampleProcess:
         server = self.mesh.server
         self.proc = subprocess.Popen(
             [sys.executable, str(ROOT / "tests" / "sample_agent.py"), self.jid, self.password, str(server.port),
-             str(server.cert_path), "", self.admin, "/host/sample", str(self.state)],
+             str(server.cert_path), self.broker, self.admin, "/host/sample", str(self.state)],
             cwd=ROOT, stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
         line = await asyncio.wait_for(asyncio.to_thread(self.proc.stdout.readline), 60)  # type: ignore[union-attr]
         assert line.strip() == "ready", f"the sample agent did not come up (exit {self.proc.poll()})"
@@ -173,13 +173,19 @@ async def line_matching(stream: Any, pattern: str, seen: list[str], timeout: flo
 async def test_vertebra_job_wait_reattaches_from_another_terminal(mesh, mesh_home, tmp_path):
     """`vertebra call` prints the job id on `accepted` and that the agent went offline when it is killed;
     `vertebra job wait ID`, started from another terminal, rides out the agent's restart; both end with the
-    job's outcome, interrupted, as does `vertebra job show ID` afterwards."""
+    job's outcome, interrupted, as does `vertebra job show ID` afterwards, also without being told the
+    agent (it asks every agent the broker lists)."""
     from agents import config
+    from broker.service import Broker
 
     home = mesh_home([{"name": "sample", "kind": "monitor", "resources": ["/host/sample"]}])
     cfg = config.load(home / "mesh.yaml", home)
     name = cfg.agents[0].name
-    sample = SampleProcess(mesh, tmp_path / "sample-state", cfg.jid(name), cfg.password(name), cfg.jid(cfg.operator))
+    broker = await mesh.start(Broker(cfg.jid(cfg.broker), cfg.password(cfg.broker), mesh.endpoint,
+                                     authorizer=AdminsOnly([cfg.jid(cfg.operator)]), state_dir=tmp_path / "broker"))
+    broker.admit(cfg.jid(name), "sample", ["/host/sample"])
+    sample = SampleProcess(mesh, tmp_path / "sample-state", cfg.jid(name), cfg.password(name), cfg.jid(cfg.operator),
+                           broker=broker.jid.bare)
     try:
         await sample.start()
         call = vertebra_popen(home, "call", "sample.wait", "seconds=300", "--to", name, "--timeout", "120")
@@ -194,10 +200,12 @@ async def test_vertebra_job_wait_reattaches_from_another_terminal(mesh, mesh_hom
             out, err = await asyncio.to_thread(proc.communicate, timeout=100)
             assert proc.returncode == 1, (proc.args, out, err, said)
             assert "interrupted" in out and "stopped while running sample.wait" in out, (out, err)
-        shown = vertebra_popen(home, "job", "show", job, "--to", name, "--json")
-        out, err = await asyncio.to_thread(shown.communicate, timeout=60)
-        status = json.loads(out)["results"][0]["result"]
-        assert shown.returncode == 1 and status["state"] == "ended" and status["condition"] == "interrupted", out
+        await until(lambda: len(broker.directory) == 1, timeout=30, what="the restarted agent listed")
+        for where in (["--to", name], []):
+            shown = vertebra_popen(home, "job", "show", job, *where, "--json")
+            out, err = await asyncio.to_thread(shown.communicate, timeout=60)
+            [status] = [r["result"] for r in json.loads(out)["results"]]
+            assert shown.returncode == 1 and status["state"] == "ended" and status["condition"] == "interrupted", out
     finally:
         for proc in [p for p in locals().values() if isinstance(p, subprocess.Popen)]:
             if proc.poll() is None:
