@@ -133,6 +133,19 @@ class EtcdClient(aetcd.Client):
 UNREACHABLE = (aetcd.exceptions.ConnectionFailedError, aetcd.exceptions.ConnectionTimeoutError)
 
 
+async def _on_a_live_member(client: EtcdClient, compare: list[Any], success: list[Any]) -> bool:
+    """A transaction that is safe to send again (its puts are of the same keys and values, and its
+    compares fail once it has been applied), tried on each member until one answers."""
+    for left in range(len(client.config.endpoints) - 1, -1, -1):
+        try:
+            succeeded, _ = await client.transaction(compare=compare, success=success, failure=[])
+            return bool(succeeded)
+        except UNREACHABLE:
+            if not left:
+                raise
+    raise AssertionError("unreachable")
+
+
 class EtcdLease:
     """The workflow lead as an etcd election among the broker's instances (the same methods as the
     SQLite lease in broker/leadership.py)."""
@@ -245,8 +258,14 @@ class EtcdRateLimits:
             if not verdict.ok:
                 return verdict
             unchanged = tx.mod(name) == found.mod_revision if found else tx.create(name) == 0
-            swapped, _ = await self.client.transaction(
-                compare=[unchanged], success=[tx.put(name, json.dumps(uses + [[now, who]]).encode())], failure=[])
+            try:
+                swapped, _ = await self.client.transaction(
+                    compare=[unchanged], success=[tx.put(name, json.dumps(uses + [[now, who]]).encode())], failure=[])
+            except UNREACHABLE:  # no answer: it may have been applied; the next member says
+                again = await self.client.get(name)
+                if again is not None and [now, who] in json.loads(again.value):
+                    return verdict
+                continue
             if swapped:
                 return verdict
         raise OpError(f"the rate limit {key} changed under {SWAP_ATTEMPTS} attempts in a row to count a use;"
@@ -293,7 +312,7 @@ class EtcdWorkflowStore:
         LeadLost when the lead did."""
         tx, lead = self.client.transactions, self.lead()
         guard = [tx.create(lead[0]) == lead[1]] if lead else []
-        succeeded, _ = await self.client.transaction(compare=[*compare, *guard], success=success, failure=[])
+        succeeded = await _on_a_live_member(self.client, [*compare, *guard], success)
         if not succeeded and lead:
             held = await self.client.get(lead[0])
             if held is None or held.create_revision != lead[1]:
@@ -337,7 +356,8 @@ class EtcdWorkflowStore:
             puts += [tx.put(self._key("s", iid, step), json.dumps(row).encode()),
                      self._event(iid, n, REQUESTED, step, requester, now)]
         if not await self._txn([tx.create(self._key("i", iid)) == 0], puts):
-            raise OpError(f"a workflow instance {iid} exists already")
+            if await self.instance(iid) != json.loads(json.dumps(instance)):  # not this very create, retried
+                raise OpError(f"a workflow instance {iid} exists already")
 
     async def instance(self, iid: str) -> dict[str, Any] | None:
         found = await self.client.get(self._key("i", iid))
@@ -496,10 +516,13 @@ class EtcdFenceLedger:
         agent, event_id = agent.lower(), event.get("id") or None
         tx = self.client.transactions
         outcome = event["event"] == "outcome" and event["ok"]
+        sent: tuple[int, str | None] | None = None  # a transaction whose answer was lost: (seq, change)
         for _ in range(SWAP_ATTEMPTS):
             if event_id is not None:
                 known = await self.client.get(self._key("ids", agent, event_id))
                 if known is not None:
+                    if sent is not None and int(known.value) == sent[0]:
+                        return sent[0], sent[1], True  # it was applied: this is its first recording
                     return int(known.value), None, False
             seq_key = self._key("seq")
             counter = await self.client.get(seq_key)
@@ -522,7 +545,12 @@ class EtcdFenceLedger:
                     _apply_change(epochs, change, agent, event)
                     compare.append(tx.mod(node_key) == found.mod_revision if found else tx.create(node_key) == 0)
                     puts.append(tx.put(node_key, json.dumps(epochs).encode()))
-            if await self._txn(compare, puts):
+            try:
+                applied = await self._txn(compare, puts)
+            except UNREACHABLE:  # no answer: it may have been applied; read again on the next member
+                sent = (seq, change)
+                continue
+            if applied:
                 if change is not None:
                     await self._reread()  # the rule sees this instance's own change at its next decision
                 return seq, change, True

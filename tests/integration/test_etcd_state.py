@@ -247,3 +247,29 @@ async def test_instances_share_the_fence_ledger_and_never_reuse_a_number(etcd: P
     finally:
         await one.aclose()
         await two.aclose()
+
+
+async def test_the_member_in_use_dying_loses_no_write(etcd: PrivateEtcd) -> None:
+    """Last in this file: it kills a member of the module's cluster."""
+    cfg = StateConfig(endpoints=tuple(etcd.endpoints), prefix="/member-dies")
+    store, limits, ledger = EtcdWorkflowStore(cfg), EtcdRateLimits(cfg), EtcdFenceLedger(cfg)
+    try:
+        await store.create("d1", "patch", "alice@x", {}, [["a"]], ["a"])
+        assert (await limits.take("k", 2, 60, "a@x")).ok and await ledger.events() == []
+        in_use = {store.client._member, limits.client._member, ledger.client._member}
+        assert len(in_use) == 1  # every client starts on the first member given
+        etcd.kill(in_use.pop())
+        await asyncio.to_thread(etcd.wait_healthy)
+        # Each next call finds its member gone and carries on with another: nothing is lost or doubled.
+        await store.start_step("d1", "a", "carol@x", "agent@x/agent")
+        await store.set_step("d1", "a", state="ok", outcome="ok", attempts=1)
+        verdict = await limits.take("k", 2, 60, "b@x")
+        recorded = await ledger.record("f@x.test", _fence_event("outcome", "off", "n1", 10.0, "e1", state="off"))
+        assert verdict.reason == "rate limit: use 2 of 2 in 60s" and recorded == (1, "fenced", True)
+        row = await store.step("d1", "a")
+        assert (row["state"], row["performer"], row["attempts"]) == ("ok", "carol@x", 1)
+        assert [e.kind for e in await store.history("d1")] == ["requested", "performed"]
+        assert not (await limits.take("k", 2, 60, "c@x")).ok
+    finally:
+        for closing in (store, limits, ledger):
+            await closing.aclose()
