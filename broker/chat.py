@@ -55,6 +55,7 @@ from agents.client import discover_all, not_discovered
 from agents.describe import spec_of
 from agents.errors import BadArguments, OpError, Outcome
 from agents.ops import OpSpec, Result
+from agents.progress_view import describe
 from agents.ratelimit import RateLimit  # the token bucket per sender, shared with agents' intake
 from agents.render import outcome_counts, render
 from agents.report import CallReport, TargetResult
@@ -165,8 +166,10 @@ def help_for(spec: OpSpec) -> str:
 
 
 def show(value: Any, limit: int = 300) -> str:
-    """A progress report on one line, cut to ``limit`` characters (results are never cut: see render)."""
-    text = value if isinstance(value, str) else json.dumps(value, separators=(",", ":"), default=str)
+    """A progress report on one line as the command line writes it in a pipe (``capturing volume=db:
+    3 MiB of 6 MiB (50%), 4 MiB/s, ETA 1 s``), cut to ``limit`` characters (results are never cut)."""
+    text = describe(value, plain=True) if isinstance(value, dict) else value if isinstance(value, str) \
+        else json.dumps(value, separators=(",", ":"), default=str)
     return text if len(text) <= limit else text[:limit - 3] + "..."
 
 

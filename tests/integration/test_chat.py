@@ -149,7 +149,7 @@ async def test_long_op_answers_with_a_job_then_progress_then_the_result(chat):
     listed = await me.ask("jobs", f"job {job}: sample.steps")
     assert "done, 1 ok" in listed
     detail = await me.ask(f"job {job}", "progress:")
-    assert '"step":3' in detail and "sample.steps: 1 of 1 ok" in detail
+    assert "step=3 of=3" in detail and "sample.steps: 1 of 1 ok" in detail  # as the command line writes it
 
 
 async def test_cancel_a_job_and_jobs_are_private(chat):
