@@ -34,11 +34,16 @@ def _corrupt(message: str) -> StorageError:
 
 
 def encode_frame(frame: dict[str, Any]) -> bytes:
+    return b"".join(_frame_parts(frame))
+
+
+def _frame_parts(frame: dict[str, Any]) -> tuple[bytes, bytes]:
+    """The frame's length prefix and body, apart: joining them would copy the body once more."""
     body = msgpack.packb(frame, use_bin_type=True)
     if len(body) > MAX_FRAME_BYTES:
         raise StorageError(f"stream frame of type {frame.get('t')!r} is {len(body)} bytes, more than "
                            f"{MAX_FRAME_BYTES}; this is a bug in the sender", code="failed")
-    return _LEN.pack(len(body)) + body
+    return _LEN.pack(len(body)), body
 
 
 def write_stream(header: dict[str, Any], frames: Iterable[dict[str, Any]]) -> Iterator[bytes]:
@@ -50,17 +55,19 @@ def write_stream(header: dict[str, Any], frames: Iterable[dict[str, Any]]) -> It
     pending_len = 0
     head = dict(header, t="header", format=FORMAT, version=VERSION)
     for frame in _chain([head], frames):
-        data = encode_frame(frame)
-        digest.update(data)
+        prefix, body = _frame_parts(frame)
         count += 1
-        total += len(data)
-        pending.append(data)
-        pending_len += len(data)
+        total += len(prefix) + len(body)
+        pending += (prefix, body)
+        pending_len += len(prefix) + len(body)
         if pending_len >= PIECE_BYTES:
-            yield b"".join(pending)
+            piece = b"".join(pending)
+            digest.update(piece)            # one call per piece: the same bytes, far fewer calls
+            yield piece
             pending, pending_len = [], 0
-    pending.append(encode_frame({"t": "end", "frames": count, "bytes": total, "blake3": digest.digest()}))
-    yield b"".join(pending)
+    piece = b"".join(pending)
+    digest.update(piece)
+    yield piece + encode_frame({"t": "end", "frames": count, "bytes": total, "blake3": digest.digest()})
 
 
 def _chain(first: Iterable[dict[str, Any]], rest: Iterable[dict[str, Any]]) -> Iterator[dict[str, Any]]:
@@ -103,13 +110,18 @@ def read_frames(data: Iterable[bytes], expect_driver: str | None = None) -> Iter
                            f"more than the {MAX_FRAME_BYTES} limit")
         if not fill(_LEN.size + length):
             raise _corrupt(f"replication stream truncated inside frame {count} at byte {consumed}")
-        raw = bytes(buf[pos:pos + _LEN.size + length])
-        pos += len(raw)
-        try:
-            frame = msgpack.unpackb(raw[_LEN.size:], raw=False)
-        except Exception as exc:  # msgpack raises several unrelated types for garbage
-            raise _corrupt(f"replication stream corrupt: frame {count} at byte {consumed} is not "
-                           f"msgpack ({exc})") from None
+        size = _LEN.size + length
+        # A view of the frame in the buffer, not a copy (msgpack copies what it returns anyway), let go
+        # before the buffer next changes: a bytearray with a live view cannot be resized.
+        with memoryview(buf)[pos:pos + size] as raw:
+            try:
+                frame = msgpack.unpackb(raw[_LEN.size:], raw=False)
+            except Exception as exc:  # msgpack raises several unrelated types for garbage
+                raise _corrupt(f"replication stream corrupt: frame {count} at byte {consumed} is not "
+                               f"msgpack ({exc})") from None
+            if not (isinstance(frame, dict) and frame.get("t") == "end"):
+                digest.update(raw)          # every byte before the end frame
+        pos += size
         if count == 0:
             _check_header(frame, expect_driver)
         if not isinstance(frame, dict) or not isinstance(frame.get("t"), str):
@@ -124,8 +136,7 @@ def read_frames(data: Iterable[bytes], expect_driver: str | None = None) -> Iter
             if fill(1):
                 raise _corrupt("replication stream has data after its end frame")
             return
-        digest.update(raw)
-        consumed += len(raw)
+        consumed += size
         count += 1
         yield frame
 

@@ -42,8 +42,35 @@ from agents.storage.stream import encode_frame
 
 _LEN = struct.Struct(">I")
 _MAX_FRAME = 16 * 1024 * 1024
-_DATA_BYTES = 256 * 1024          # bytes per data frame
+_DATA_BYTES = 1 << 20             # most bytes per data frame
+# A source piece at least this long travels as it is (no copy); shorter ones are joined up to _DATA_BYTES.
+_WHOLE_PIECE = 64 * 1024
 _HASH_READ = 1 << 20
+# Both ends buffer a few frames: the sender's socket is still being fed while its next piece is read, and
+# the receiver's reader does not stop and restart the socket for every frame (asyncio's default is 64 KiB).
+_STREAM_LIMIT = 4 * _DATA_BYTES
+_WRITE_HIGH = 4 * _DATA_BYTES
+
+# A data frame is the msgpack map {"t": "data", "off": <uint64>, "d": <bin32>}, written as this fixed head
+# and then the data itself, so the data is never copied into a frame; any msgpack reader reads it.
+_DATA_HEAD = struct.Struct(">13sQ3sI")
+_DATA_KEYS = (b"\x83\xa1t\xa4data\xa3off\xcf", b"\xa1d\xc6")
+_DATA_BODY_HEAD = _DATA_HEAD.size
+
+
+def _data_frame_head(offset: int, nbytes: int) -> bytes:
+    return _LEN.pack(_DATA_HEAD.size + nbytes) + _DATA_HEAD.pack(_DATA_KEYS[0], offset, _DATA_KEYS[1], nbytes)
+
+
+def _parse_data(body: bytes) -> tuple[int, memoryview] | None:
+    """(offset, data) of a data frame in the fixed layout above, the data a view of `body` (no copy); None
+    for any other frame, which msgpack then reads."""
+    if len(body) < _DATA_BODY_HEAD or not body.startswith(_DATA_KEYS[0]):
+        return None
+    _, offset, d_key, nbytes = _DATA_HEAD.unpack_from(body)
+    if d_key != _DATA_KEYS[1] or nbytes != len(body) - _DATA_BODY_HEAD:
+        return None
+    return offset, memoryview(body)[_DATA_BODY_HEAD:]
 
 
 IDLE_TIMEOUT = 60.0               # a silent peer is dropped, so a half-open connection cannot hold a transfer
@@ -55,7 +82,11 @@ async def _read_frame(reader: asyncio.StreamReader) -> dict[str, Any]:
         (length,) = _LEN.unpack(head)
         if length > _MAX_FRAME:
             raise StorageError(f"transfer peer sent a {length}-byte frame, over the limit", code="corrupt")
-        frame = msgpack.unpackb(await asyncio.wait_for(reader.readexactly(length), IDLE_TIMEOUT), raw=False)
+        body = await asyncio.wait_for(reader.readexactly(length), IDLE_TIMEOUT)
+        data = _parse_data(body)
+        if data is not None:
+            return {"t": "data", "off": data[0], "d": data[1]}
+        frame = msgpack.unpackb(body, raw=False)
     except asyncio.IncompleteReadError:
         raise StorageError("transfer connection closed mid-frame; resume the transfer", code="failed") from None
     except TimeoutError:
@@ -130,7 +161,7 @@ class Inbox:
 
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()
-        self._server = await asyncio.start_server(self._serve, self.host, 0, ssl=self._ssl)
+        self._server = await asyncio.start_server(self._serve, self.host, 0, ssl=self._ssl, limit=_STREAM_LIMIT)
         self.port = self._server.sockets[0].getsockname()[1]
 
     async def stop(self) -> None:
@@ -280,7 +311,8 @@ async def send(host: str, port: int, transfer: str, token: str, stream: Callable
     skipping what it already holds. Raises StorageError or OSError when the connection fails: ask the
     inbox for a new token and call again to resume."""
     throttle = throttle or Throttle()
-    reader, writer = await asyncio.open_connection(host, port, ssl=ssl_context)
+    reader, writer = await asyncio.open_connection(host, port, ssl=ssl_context, limit=_STREAM_LIMIT)
+    writer.transport.set_write_buffer_limits(high=_WRITE_HIGH)
     pieces: _Pieces | None = None
     try:
         writer.write(encode_frame({"t": "hello", "transfer": transfer, "token": token}))
@@ -302,9 +334,10 @@ async def send(host: str, port: int, transfer: str, token: str, stream: Callable
             pieces = _Pieces(stream())
             resumed = 0
         offset, sent = resumed, 0
-        while (data := await asyncio.to_thread(pieces.next, _DATA_BYTES)):
+        while data := await asyncio.to_thread(pieces.next, _DATA_BYTES):
             await throttle.pace(len(data))
-            writer.write(encode_frame({"t": "data", "off": offset, "d": data}))
+            writer.write(_data_frame_head(offset, len(data)))
+            writer.write(data)
             await writer.drain()
             offset += len(data)
             sent += len(data)
@@ -334,11 +367,12 @@ async def _close(pieces: _Pieces) -> None:
 
 
 class _Pieces:
-    """A byte stream re-cut into pieces of a chosen size, hashing everything it hands out or skips."""
+    """A byte stream re-cut into pieces of at most a chosen size, hashing everything it hands out or skips.
+    A source piece is handed out as a view of itself, not copied; only short ones are joined."""
 
     def __init__(self, source: Iterable[bytes]) -> None:
         self._source: Iterator[bytes] = iter(source)
-        self._buf = b""
+        self._rest = memoryview(b"")          # what is left of the source piece being handed out
         self.digest = blake3.blake3()
         # Pieces are read in worker threads; a cancelled read goes on in its thread, and close waits for it
         # (a generator cannot be closed while it runs).
@@ -350,17 +384,28 @@ class _Pieces:
             if close is not None:
                 close()
 
-    def next(self, size: int) -> bytes:
+    def next(self, size: int) -> memoryview:
         with self._reading:
             return self._next(size)
 
-    def _next(self, size: int) -> bytes:
-        while len(self._buf) < size:
-            piece = next(self._source, None)
-            if piece is None:
+    def _next(self, size: int) -> memoryview:
+        parts: list[memoryview] = []
+        have = 0
+        while have < size:
+            if not self._rest:
+                piece = next(self._source, None)
+                if piece is None:
+                    break
+                self._rest = memoryview(piece)
+                continue
+            take = self._rest[:size - have]
+            self._rest = self._rest[len(take):]
+            if not parts and len(take) >= _WHOLE_PIECE:
+                parts.append(take)
                 break
-            self._buf += piece
-        out, self._buf = self._buf[:size], self._buf[size:]
+            parts.append(take)
+            have += len(take)
+        out = parts[0] if len(parts) == 1 else memoryview(b"".join(parts))
         self.digest.update(out)
         return out
 
