@@ -187,7 +187,12 @@ class StorageAgent(VolumeLocations, ReplicationOps, Agent):
     # snapshots ----------------------------------------------------------------------------------------
     @op("storage.snapshot.create", effect="change", deadline=_DATA_DEADLINE, progress=True,
         resources=("/volume/{volume}",), address=_AT_VOLUME, result=_SNAPSHOT)
-    async def snapshot_create(self, call: Call, volume: Volume, snapshot: Snapshot) -> dict:
+    async def snapshot_create(self, call: Call, volume: Volume, snapshot: Snapshot,
+                              for_clones: Annotated[bool, Arg("make what clones of it share now (the embedded "
+                                                              "driver's base: on ext4 a second copy of the "
+                                                              "changed files); false for a snapshot kept only to "
+                                                              "roll back or send, whose first clone then pays "
+                                                              "for it")] = True) -> dict:
         """Take a read-only snapshot of a volume or clone.
 
         With the embedded driver the tree is read file by file: stop or quiesce writers first. The btrfs
@@ -196,7 +201,8 @@ class StorageAgent(VolumeLocations, ReplicationOps, Agent):
         await call.progress(phase)
         reports = _ByteReports(call, phase)
         try:
-            result = _snapshot(await self._drive(lambda: self.driver.snapshot(volume, snapshot, progress=reports)))
+            result = _snapshot(await self._drive(lambda: self.driver.snapshot(volume, snapshot, progress=reports,
+                                                                              for_clones=for_clones)))
         finally:
             await reports.flushed()
         await self._drive(self.driver.touch_lease, volume)

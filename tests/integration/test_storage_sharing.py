@@ -652,3 +652,29 @@ def test_the_base_a_snapshot_makes_holds_what_its_chunks_hold(tmp_path, writes, 
             driver.destroy_clone(f"c-{snap}")
     finally:
         driver.close()
+
+
+async def test_a_snapshot_not_for_clones_through_the_agent_makes_no_base(mesh, tmp_path):
+    """storage.snapshot.create for_clones=false on the default state directory: the snapshot is its chunks
+    only (about the volume, not twice it on ext4), a later snapshot for clones makes the base and says so,
+    and a for_clones that is not a boolean is refused with nothing made."""
+    jid, pw = mesh.account("storage")
+    state = tmp_path / "state"
+    state.mkdir()
+    src = await mesh.start(StorageAgent(jid, pw, mesh.endpoint, resources=["/site/a"], authorizer=mesh.admins,
+                                        settings={}, state_dir=state))
+    if not src.driver.capabilities() & {"overlay-clones", "reflink-clones"}:
+        pytest.skip(f"no base is made at capture here: {src.driver.clone_sharing()}")
+    call = Caller(await mesh.client(), src)
+    live = Path((await call.ok("storage.volume.create", volume="db"))["path"])
+    (live / "data.bin").write_bytes(os.urandom(16 * MiB))
+    outcome, error = await call.fails("storage.snapshot.create", volume="db", snapshot="bad", for_clones="maybe")
+    assert "for_clones" in error, error
+    before = _one_fs_bytes(state)
+    kept = await call.ok("storage.snapshot.create", volume="db", snapshot="kept", for_clones=False)
+    added = _one_fs_bytes(state) - before
+    assert added < 1.2 * 16 * MiB and kept["exclusive_bytes"] < 1.2 * 16 * MiB, (added, kept)
+    assert not list((src.driver.root / "bases").iterdir())
+    cloned = await call.ok("storage.snapshot.create", volume="db", snapshot="for-clones")
+    assert cloned["exclusive_bytes"] >= 16 * MiB and cloned["shared_bytes"] >= 16 * MiB, cloned   # base; chunks
+    assert [s["name"] for s in await call.ok("storage.snapshot.list", volume="db")] == ["kept", "for-clones"]
