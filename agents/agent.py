@@ -11,7 +11,8 @@ An op's whole path through an agent, in order:
 5. authorize — the agent's rules (``Agent.rules``) are walked in order for the caller's bare JID as
    the server stamped it, the delegate that sent it and the resources it acts on (``authz``);
 6. execute — within the op's deadline; a long op answers at once with a job id and reports
-   sequence-numbered progress, then exactly one outcome;
+   sequence-numbered progress, then exactly one outcome, sent until the caller acknowledges it; its
+   job is kept on disk (``agents/jobs.py``), so one cut off by a crash is reported interrupted;
 7. audit — the decision and the outcome are written to the hash-chained log (``agents/audit.py``).
 """
 
