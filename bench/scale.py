@@ -11,8 +11,8 @@ so its memory and CPU are its own; the caller is the project's Client, in this p
 Measured at each size N (agents spread evenly over the nodes):
 
 1. the logins: time until the broker lists all N;
-2. ``mesh.discover`` latency with N advertised agents (for the echo op every agent offers, and for an
-   op none offers: the directory scan alone), and the broker's RSS;
+2. ``mesh.discover`` latency with N advertised agents, paged as the client pages it (for the echo op
+   every agent offers, and for an op none offers: the directory scan alone), and the broker's RSS;
 3. one call answered by all N: ``Client.call(op, args, to=[...all N])``, wall time (median of 3),
    the caller's CPU per answer (``time.process_time``), the server's CPU (beam.smp utime+stime of
    every node) and the agents' worker processes' CPU; and the same call with discovery through the
@@ -677,8 +677,11 @@ class ScaleBench:
         return sum(len(w.cfg["agents"]) for w in self.workers if w.cfg["port"] == node.port)
 
     async def discover_ms(self, op: str) -> tuple[float, str]:
+        """One discovery as the client makes it: a page at a time (agents/client.py discover_all)."""
+        from agents.client import discover_all
+
         t = time.perf_counter()
-        res = await self.client.request(self.broker_jid, "mesh.discover", {"op": op}, timeout=30)
+        res = await discover_all(self.client, self.broker_jid, op, [], timeout=30)
         ms = (time.perf_counter() - t) * 1e3
         what = f"{len(res.result):,} agents" if res.outcome.value == "ok" else f"{res.outcome.value}: {res.error}"
         return ms, what
