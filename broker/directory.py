@@ -22,7 +22,7 @@ from __future__ import annotations
 import logging
 import sqlite3
 from bisect import bisect_right, insort
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -144,6 +144,9 @@ class Directory:
         # The same JIDs, sorted: answers are in JID order, and a page starts after a JID by bisection
         # instead of sorting 50,000 entries for every page.
         self._order: list[str] = []
+        # Lowercased bare JID -> how many of its full JIDs are listed: whether an account is listed is
+        # asked for every op a live agent sends the broker, which a scan would make O(agents) each.
+        self._accounts: Counter[str] = Counter()
         # full JID -> where it holds volumes (/volume/NAME), as a listed storage agent reports them
         # (broker/volumes.py): routing only, never part of what admission checks
         self._located: dict[str, frozenset[str]] = {}
@@ -157,6 +160,7 @@ class Directory:
         old = self._agents.get(jid)
         if old is None:
             insort(self._order, jid)
+            self._accounts[_account(jid)] += 1
         self._agents[jid] = entry
         return old != entry
 
@@ -165,6 +169,7 @@ class Directory:
         fresh presence says who is still there."""
         self._agents.clear()
         self._order.clear()
+        self._accounts.clear()
         self._located.clear()
 
     def remove(self, jid: str) -> bool:
@@ -172,6 +177,10 @@ class Directory:
         if self._agents.pop(jid, None) is None:
             return False
         del self._order[bisect_right(self._order, jid) - 1]
+        account = _account(jid)
+        self._accounts[account] -= 1
+        if not self._accounts[account]:
+            del self._accounts[account]
         return True
 
     def locate(self, jid: str, resources: frozenset[str]) -> None:
@@ -193,8 +202,7 @@ class Directory:
 
     def lists(self, bare: str) -> bool:
         """Whether an agent of the account ``bare`` (a bare JID) is listed now."""
-        bare = bare.lower()
-        return any(jid.split("/", 1)[0].lower() == bare for jid in self._agents)
+        return self._accounts.get(bare.lower(), 0) > 0
 
     def discover(self, op: str | None, resources: Iterable[str] = (), *, after: str = "",
                  limit: int = 0) -> list[Entry]:
@@ -215,6 +223,11 @@ class Directory:
             if len(found) == limit:
                 break
         return found
+
+
+def _account(jid: str) -> str:
+    """The lowercased bare JID of a full JID."""
+    return jid.split("/", 1)[0].lower()
 
 
 def sent_by_agents(request: Request, spec: OpSpec, roster: Mapping[str, Admission],
