@@ -62,6 +62,7 @@ class LeaseStore(Protocol):
     errors: tuple[type[BaseException], ...]  # what a store that is unreachable or broken raises
 
     async def take(self, gone: str = "") -> int | None: ...
+    async def wait_for_change(self, timeout: float) -> None: ...
     async def current(self) -> str | None: ...
     async def release(self) -> None: ...
     async def aclose(self) -> None: ...
@@ -99,6 +100,9 @@ class Lease:
         if term is not None:
             self.valid_until = asked + self.term
         return term
+
+    async def wait_for_change(self, timeout: float) -> None:
+        await asyncio.sleep(timeout)  # a file tells no one of its changes: the next renewal reads it
 
     async def current(self) -> str | None:
         """The holder of an unexpired lease, if any."""
@@ -189,7 +193,7 @@ class Leadership:
     async def _renew_forever(self) -> None:
         while True:
             await self.lead()
-            await asyncio.sleep(RENEW_EVERY)
+            await self.lease.wait_for_change(RENEW_EVERY)  # or sooner, where the store says it changed
 
     def _on_connection_lost(self, _event: Any) -> None:
         # Without a session this instance can send no step and hear no outcome: let another lead now.

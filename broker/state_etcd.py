@@ -159,6 +159,7 @@ class EtcdLease:
         self._lease_id: int | None = None
         self._key = b""
         self._term: int | None = None
+        self._revision = 0  # etcd's revision when the election was last read
         self.valid_until = 0.0  # time.monotonic() after which the lead may have passed to another
 
     async def _join(self) -> None:
@@ -176,7 +177,21 @@ class EtcdLease:
     async def _candidates(self) -> list[Any]:
         """Every instance's election key, the first created (the leader's) first."""
         found = await self.client.get_prefix(self.prefix, sort_order="ascend", sort_target="create")
+        self._revision = found.header.revision
         return list(found)
+
+    async def wait_for_change(self, timeout: float) -> None:
+        """Return when an instance joins or leaves the election since it was last read (a leader that
+        gives up its lead is followed at once, not at the next renewal), or after ``timeout``."""
+        watch = self.client.watch_prefix_once(self.prefix, timeout=timeout,
+                                              start_revision=self._revision + 1 if self._revision else None)
+        try:  # bounded even where setting the watch up hangs (a member cut off from the others)
+            await asyncio.wait_for(watch, timeout + CALL_TIMEOUT)
+        except (aetcd.exceptions.WatchTimeoutError, TimeoutError):
+            pass
+        except self.errors as exc:  # no watch (a member moving, a compacted revision): the renewal comes anyway
+            log.debug("watching the election: %s", exc)
+            await asyncio.sleep(timeout)
 
     async def take(self, gone: str = "") -> int | None:
         """Renew this instance's place in the election (joining it when it has none) and return its
