@@ -1,12 +1,20 @@
 """The broker's shared state on etcd, for broker instances on several machines.
 
 SQLite in a shared directory serves instances on one machine; across machines the instances share
-an etcd cluster instead (the mesh file's ``broker: {state: etcd://host:port,...}``). This module holds
-the connection (every member's address, TLS and credentials) and the workflow lead as an etcd
-election: each instance keeps a key under the election prefix, attached to an etcd lease it renews,
-and the key created first leads. The leader's key's create revision is its *term*: it only grows
-from one leader to the next, so the leader stamps it on every workflow step as a fencing token
-(docs/protocol.md, section 6) and agents refuse a step from an older term.
+an etcd cluster instead (the mesh file's ``broker: {state: etcd://host:port,...}``; which store each
+part uses is chosen in broker/shared_state.py). This module holds:
+
+- the connection (``EtcdClient``): one member at a time, the next when a call fails, TLS and
+  credentials as the mesh file gives them;
+- the workflow lead as an etcd election (``EtcdLease``): each instance keeps a key under the election
+  prefix, attached to an etcd lease it renews, and the key created first leads. The leader's key's
+  create revision is its *term*: it only grows from one leader to the next, so the leader stamps it
+  on every workflow step as a fencing token (docs/protocol.md, section 6), agents refuse a step from
+  an older term, and etcd refuses the leader's workflow writes once its key is gone;
+- the same interfaces as the SQLite stores, each change a transaction that compares the revisions it
+  read (compare-and-swap), never read-then-write: the workflows (``EtcdWorkflowStore``), their rate
+  limits (``EtcdRateLimits``), the fence ledger (``EtcdFenceLedger``) and the known agents
+  (``EtcdKnownAgents``). Each decides with the same functions as its SQLite twin.
 
 Imported only when the mesh file names etcd: the aetcd client and gRPC stay out of every other
 program's start-up.
