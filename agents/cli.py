@@ -81,6 +81,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_USAGE
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:
+        # The reader stopped reading (`| head`): not an error to report. Python would complain again
+        # when it flushes stdout at exit, so stdout goes nowhere from here.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 128 + signal.SIGPIPE
 
 
 def _seconds(text: str) -> float:
@@ -93,6 +98,27 @@ def _seconds(text: str) -> float:
     if not math.isfinite(value) or value <= 0:
         raise argparse.ArgumentTypeError(f"must be a number of seconds above 0, got {text!r}")
     return value
+
+
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+
+
+def _moment(text: str) -> float:
+    """An --since/--until: epoch seconds, ISO 8601 (UTC without a zone), or a time ago such as 10m, 2h, 3d."""
+    from datetime import UTC, datetime
+
+    words = text.strip()
+    try:
+        if words[-1:].lower() in _UNITS and words[:-1].replace(".", "", 1).isdigit():
+            return time.time() - float(words[:-1]) * _UNITS[words[-1].lower()]
+        try:
+            return float(words)
+        except ValueError:
+            moment = datetime.fromisoformat(words)
+            return (moment if moment.tzinfo else moment.replace(tzinfo=UTC)).timestamp()
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a time ago (30s, 10m, 2h, 3d, 1w), epoch seconds or ISO 8601"
+                                         f" such as 2026-01-31T14:00:00, got {text!r}") from None
 
 
 def _request_id(text: str) -> str:
@@ -178,8 +204,10 @@ def _parser() -> argparse.ArgumentParser:
                      help="only this agent's log (repeatable; default: every log under HOME/state)")
     aud.add_argument("--caller", help="show: only this caller's records (bare JID)")
     aud.add_argument("--op", help="show: only this op's records")
-    aud.add_argument("--since", help="show: from this time (epoch seconds or ISO 8601)")
-    aud.add_argument("--until", help="show: until this time")
+    aud.add_argument("--since", type=_moment, metavar="TIME",
+                     help="show: from this time: a time ago (10m, 2h, 3d), epoch seconds or ISO 8601 (UTC unless"
+                          " it names a zone)")
+    aud.add_argument("--until", type=_moment, metavar="TIME", help="show: until this time (as --since)")
     where = aud.add_mutually_exclusive_group()
     where.add_argument("--anchors", metavar="PATH", help="verify: read the anchors from this broker anchor database"
                        " (HOME/state/BROKER/audit-anchors.sqlite) instead of asking the broker")
@@ -352,6 +380,12 @@ def cmd_audit(mesh: meshconf.MeshConfig, ns: argparse.Namespace) -> int:
     state = mesh.home / "state"
     logs = ([state / name / "audit.sqlite" for name in ns.agent] if ns.agent
             else sorted(state.glob("*/audit.sqlite")))
+    missing = [path.parent.name for path in logs if not path.exists()]
+    if missing:
+        have = ", ".join(sorted(p.parent.name for p in state.glob("*/audit.sqlite"))) or "none"
+        print(f"vertebra: no audit log for {', '.join(missing)} under {state} (the logs there: {have});"
+              " --agent takes an actor's name as the mesh file gives it", file=sys.stderr)
+        return EXIT_USAGE
     if not logs:
         print(f"vertebra: no audit logs under {state}", file=sys.stderr)
         return EXIT_USAGE

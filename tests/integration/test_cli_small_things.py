@@ -1,0 +1,79 @@
+"""The small things a new user hits with the `vertebra` command line, each as that user meets it: the
+real command line, in its own process, against a state directory (and, where it asks the mesh, the
+broker and agents running as processes on the test server)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+import yaml
+from conftest import ROOT
+
+from agents.audit import AuditLog
+
+AGENTS = [{"name": "store", "kind": "storage", "resources": ["/host/small", "/pool/small"]}]
+
+
+def audit_home(mesh_home, records_ago: dict[str, float]):
+    """A state directory whose agent `store...` has an audit log with one request per rid, recorded
+    that many seconds ago."""
+    home = mesh_home(AGENTS)
+    agent = yaml.safe_load((home / "mesh.yaml").read_text())["agents"][0]["name"]
+    now = time.time()
+    clock = {"at": now}
+    log = AuditLog(home / "state" / agent / "audit.sqlite", clock=lambda: clock["at"])
+    for rid, ago in sorted(records_ago.items(), key=lambda item: -item[1]):
+        clock["at"] = now - ago
+        log.decided(rid=rid, caller="alice@x.test", op="storage.info", resources=[], args={}, secret=(),
+                    allowed=True, rule="mesh admins", version=0)
+    log.db.close()
+    return home, agent
+
+
+def cli(home, *args: str, shell_tail: str = "") -> subprocess.CompletedProcess[str]:
+    command = [sys.executable, "-m", "agents.cli", "--home", str(home), *args]
+    if shell_tail:  # through a shell, so a pipe ends where it does for a user
+        import shlex
+        return subprocess.run(" ".join(map(shlex.quote, command)) + " " + shell_tail, shell=True, cwd=ROOT,
+                              capture_output=True, text=True, timeout=60, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    return subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=60,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+
+
+@pytest.mark.parametrize("since, shown", [("10m", ["new"]), ("3h", ["new", "old"]), ("2H", ["new"]),
+                                          ("90s", ["new"]), ("1d", ["new", "old", "older"])])
+def test_audit_show_since_takes_a_time_ago(mesh_home, since, shown):
+    home, agent = audit_home(mesh_home, {"new": 60, "old": 3 * 3600 - 600, "older": 5 * 3600})
+    out = cli(home, "audit", "show", "--agent", agent, "--since", since)
+    assert out.returncode == 0, out.stderr
+    assert [rid for rid in ("new", "old", "older") if f"rid {rid})" in out.stdout] == shown
+
+
+def test_audit_show_since_takes_what_its_help_says(mesh_home):
+    home, agent = audit_home(mesh_home, {"new": 60, "old": 7200})
+    hour_ago = time.time() - 3600
+    iso = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(hour_ago))
+    for since in (str(int(hour_ago)), iso, iso + "+00:00"):
+        out = cli(home, "audit", "show", "--agent", agent, "--since", since)
+        assert out.returncode == 0 and "Traceback" not in out.stderr, out.stderr
+        assert "rid new)" in out.stdout and "rid old)" not in out.stdout, since
+    out = cli(home, "audit", "show", "--agent", agent, "--until", "30m")
+    assert "rid old)" in out.stdout and "rid new)" not in out.stdout
+    assert "a time ago (10m, 2h, 3d)" in cli(home, "audit", "--help").stdout
+    bad = cli(home, "audit", "show", "--since", "yesterday")
+    assert bad.returncode == 2 and "Traceback" not in bad.stderr
+    assert "--since: expected a time ago (30s, 10m, 2h, 3d, 1w), epoch seconds or ISO 8601" in bad.stderr
+
+
+def test_audit_show_of_an_unknown_agent_or_into_head_gives_no_traceback(mesh_home):
+    home, agent = audit_home(mesh_home, {f"r{i}": 10 for i in range(3000)})  # more than a pipe's buffer
+    out = cli(home, "audit", "show", "--agent", "nosuch")
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    assert f"no audit log for nosuch under {home / 'state'} (the logs there: {agent})" in out.stderr
+    piped = cli(home, "audit", "show", shell_tail="| head -2")
+    assert piped.stdout.splitlines()[0] == f"== {agent}" and len(piped.stdout.splitlines()) == 2
+    assert piped.stderr == ""
