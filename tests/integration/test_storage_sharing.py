@@ -2,10 +2,14 @@
 btrfs image) makes clones that share the snapshot's extents, stay ordinary writable files, and report
 exclusive and shared bytes; on the ext4 state directory, as root, a clone is an overlay mount over its
 snapshot's base that adds only what is written to it, is mounted again after a restart and unmounted on
-destroy; run without the privilege to mount, a clone is a full copy and says why."""
+destroy; run without the privilege to mount, a clone is a full copy and says why. The snapshot makes the
+base as it is taken (reflinks, or a copy written in the same pass as the chunk ingest), so the first clone
+adds under 1% too; the snapshot reports the base's bytes, keeps it while clones lie over it, frees it on
+destroy, and a kill -9 mid-capture (of the driver or of the storage agent's process) leaves no base behind."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import shutil
@@ -14,13 +18,18 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
+from agents.actor import Timeouts
+from agents.client import Client
+from agents.errors import Outcome
 from agents.storage import embedded, overlay
 from agents.storage.agent import StorageAgent
 from agents.storage.embedded import EmbeddedDriver
 from test_storage_contract import _btrfs_unavailable, _loop_btrfs
+from conftest import until
 from test_storage_ops import Caller
 from readable_python import python_for_others
 
@@ -678,3 +687,89 @@ async def test_a_snapshot_not_for_clones_through_the_agent_makes_no_base(mesh, t
     cloned = await call.ok("storage.snapshot.create", volume="db", snapshot="for-clones")
     assert cloned["exclusive_bytes"] >= 16 * MiB and cloned["shared_bytes"] >= 16 * MiB, cloned   # base; chunks
     assert [s["name"] for s in await call.ok("storage.snapshot.list", volume="db")] == ["kept", "for-clones"]
+
+
+_STORAGE_AGENT = """
+import asyncio, sys
+from pathlib import Path
+from agents.actor import Endpoint
+from agents.authz import AdminsOnly
+from agents.storage.agent import StorageAgent
+jid, password, port, cert, admin, state = sys.argv[1:7]
+
+async def main():
+    agent = StorageAgent(jid, password, Endpoint.pinned("127.0.0.1", int(port), "vertebra.test", cert),
+                         resources=["/site/a"], broker="", authorizer=AdminsOnly([admin]), settings={},
+                         state_dir=Path(state))
+    await agent.start()
+    print("ready", flush=True)
+    await asyncio.Event().wait()
+
+asyncio.run(main())
+"""
+
+
+async def test_a_storage_agent_killed_mid_capture_leaves_no_base_a_later_clone_uses(mesh, tmp_path):
+    """The storage agent in a process of its own is killed (SIGKILL) while storage.snapshot.create writes
+    the snapshot's base: started again, it lists no such snapshot and keeps no half base, and a snapshot
+    taken then gets a whole base that its clone shows, adding under 1% for the clone."""
+    jid, pw = mesh.account("storage")
+    state = tmp_path / "state"
+    state.mkdir()
+    root = state / "storage"
+    procs: list[subprocess.Popen[str]] = []
+
+    async def start() -> None:
+        proc = subprocess.Popen([sys.executable, "-c", _STORAGE_AGENT, jid, pw, str(mesh.server.port),
+                                 str(mesh.server.cert_path), mesh.operator[0], str(state)],
+                                cwd=Path(__file__).resolve().parents[2], stdout=subprocess.PIPE, text=True,
+                                env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])})
+        procs.append(proc)
+        line = await asyncio.wait_for(asyncio.to_thread(proc.stdout.readline), 60)  # type: ignore[union-attr]
+        assert line.strip() == "ready", f"the storage agent did not come up (exit {proc.poll()})"
+
+    try:
+        await start()
+        # A short grace after the agent goes offline: the killed call ends at once, not when the agent is back.
+        client = await mesh.start(Client(*mesh.operator, mesh.endpoint, broker="",
+                                         timeouts=Timeouts(offline_grace=1.0)))
+        call = Caller(client, SimpleNamespace(jid=f"{jid}/agent"))   # what Caller needs of an agent: its JID
+        if not {"overlay-clones", "reflink-clones"} & set((await call.ok("storage.info"))["capabilities"]):
+            pytest.skip("no base is made at capture here")
+        live = Path((await call.ok("storage.volume.create", volume="db"))["path"])
+        for i in range(64):
+            (live / f"part{i:02}").write_bytes(os.urandom(2 * MiB))
+        expected = {p.name: p.read_bytes() for p in live.iterdir()}
+        await call.ok("storage.snapshot.create", volume="db", snapshot="s1")
+        bases = {p.name for p in (root / "bases").iterdir()}
+        snapshot = asyncio.create_task(call.client.call("storage.snapshot.create", {"volume": "db",
+                                                                                    "snapshot": "s2"},
+                                                        to=[call.target], timeout=60))
+
+        def base_half_written() -> bool:
+            scratch = [p for p in (root / "tmp").glob("base-*")]
+            return bool(scratch) and len(list(scratch[0].iterdir())) >= 2
+        # The files of s2 are read again (not linked from s1's base: their mtimes moved), so it copies.
+        for i in range(64):
+            os.utime(live / f"part{i:02}")
+        await until(base_half_written, timeout=60, what="the snapshot to be writing its base")
+        procs[-1].kill()
+        procs[-1].wait()
+        report = await snapshot
+        assert report.results[0].outcome is not Outcome.OK
+        assert {p.name for p in (root / "bases").iterdir()} == bases       # nothing renamed in
+        await start()
+        assert [s["name"] for s in await call.ok("storage.snapshot.list", volume="db")] == ["s1"]
+        assert list((root / "tmp").iterdir()) == [] and {p.name for p in (root / "bases").iterdir()} == bases
+        await call.ok("storage.snapshot.create", volume="db", snapshot="s2")
+        before = _one_fs_bytes(state)
+        clone = Path((await call.ok("storage.clone.create", volume="db", snapshot="s2", clone="dev"))["path"])
+        assert _one_fs_bytes(state) - before < 0.01 * 128 * MiB
+        assert {p.name: p.read_bytes() for p in clone.iterdir()} == expected
+        await call.ok("storage.clone.destroy", clone="dev")
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+            proc.stdout.close()   # type: ignore[union-attr]
