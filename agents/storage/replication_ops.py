@@ -83,8 +83,9 @@ class ReplicationOps:
     # source -------------------------------------------------------------------------------------------
     @op("storage.replicate", effect="change", deadline=_DATA_DEADLINE, progress=True, resources=("/volume/{volume}",))
     async def replicate(self, call: Call, volume: Volume,
-                        target: Annotated[str, Arg("JID of the target storage agent",
-                                                   pattern=r"[^\s/@]+@[^\s/@]+(/\S+)?")],
+                        target: Annotated[str, Arg("the target storage agent: its name in the mesh file"
+                                                   " (storage2, on this agent's domain) or its JID",
+                                                   pattern=r"[^\s/@]+(@[^\s/@]+)?(/\S+)?")],
                         package: Annotated[str, Arg(f"package name on the target (default: "
                                                     f"<volume>.<action id>; {_RULE})",
                                                     pattern=f"|{NAME_PATTERN}")] = "",
@@ -97,6 +98,8 @@ class ReplicationOps:
         """Create a replication action from a volume to a package on another storage agent, and run its
         first (full) update, reporting bytes, rate and ETA."""
         await self._drive(self.driver.list_snapshots, volume)  # type: ignore[attr-defined]  # the volume must exist
+        if "@" not in target.split("/")[0]:  # a name, as `vertebra call --to` takes one: an agent of this mesh
+            target = f"{target}@{self.jid.domain}"
         try:
             action = self.replicator.create(volume, target, package, interval, continuous, tls, rate or None)
         except StorageError as exc:

@@ -4,6 +4,7 @@ broker and agents running as processes on the test server)."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -11,7 +12,7 @@ import time
 
 import pytest
 import yaml
-from conftest import ROOT
+from conftest import ROOT, running, vertebra
 
 from agents.audit import AuditLog
 
@@ -77,3 +78,23 @@ def test_audit_show_of_an_unknown_agent_or_into_head_gives_no_traceback(mesh_hom
     piped = cli(home, "audit", "show", shell_tail="| head -2")
     assert piped.stdout.splitlines()[0] == f"== {agent}" and len(piped.stdout.splitlines()) == 2
     assert piped.stderr == ""
+
+
+def test_storage_replicate_takes_the_targets_short_name_as_call_to_does(mesh_home):
+    home = mesh_home([{"name": "src", "kind": "storage", "resources": ["/host/src", "/pool/src"]},
+                      {"name": "dst", "kind": "storage", "resources": ["/host/dst", "/pool/dst"]}])
+    cfg = yaml.safe_load((home / "mesh.yaml").read_text())
+    src, dst = (a["name"] for a in cfg["agents"])
+    cfg["admins"].append(src)  # the source sends the target its snapshot (a policy would grant just that)
+    (home / "mesh.yaml").write_text(yaml.safe_dump(cfg))
+    with running(home, expect_agents=2):
+        made = vertebra(home, "call", "storage.volume.create", "volume=db", "--to", src)
+        assert made.returncode == 0, made.stderr
+        out = vertebra(home, "call", "storage.replicate", "volume=db", f"target={dst}", "package=db-copy",
+                       "--to", src, "--json")
+        assert out.returncode == 0, out.stdout + out.stderr
+        (result,) = json.loads(out.stdout)["results"]
+        assert result["result"]["target"].startswith(f"{dst}@{cfg['server']['domain']}")
+        packages = vertebra(home, "call", "storage.package.list", "--to", dst, "--json")
+        assert [p["package"] for p in json.loads(packages.stdout)["results"][0]["result"]] == ["db-copy"]
+        assert "its name in the mesh file" in vertebra(home, "help", "storage.replicate").stdout
