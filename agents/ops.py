@@ -183,34 +183,39 @@ class Field:
 
 
 class Result:
-    """What an op answers, for people: its fields (a list result is a table of them, a map a block)
-    and ``summary``, the field whose values the summary line counts instead of "ok"."""
+    """What an op answers, for people: its fields (a list result is a table of them, a map a block),
+    ``summary``, the field whose values the summary line counts instead of "ok", and ``empty``, what
+    an empty list reads as ("no alerts")."""
 
-    __slots__ = ("fields", "summary")
+    __slots__ = ("fields", "summary", "empty")
 
-    def __init__(self, *fields: Field, summary: str = "") -> None:
+    def __init__(self, *fields: Field, summary: str = "", empty: str = "") -> None:
         if summary and summary not in {f.name for f in fields}:
             raise ValueError(f"result summary {summary!r} must be one of the declared fields")
         self.fields: tuple[Field, ...] = fields
         self.summary = summary
+        self.empty = empty
 
     def __eq__(self, other: object) -> bool:
-        return isinstance(other, Result) and (self.fields, self.summary) == (other.fields, other.summary)
+        return isinstance(other, Result) and ((self.fields, self.summary, self.empty)
+                                              == (other.fields, other.summary, other.empty))
 
     def __hash__(self) -> int:
-        return hash((self.fields, self.summary))
+        return hash((self.fields, self.summary, self.empty))
 
     def __repr__(self) -> str:
         return f"Result{(*self.fields,)!r}" + (f" summary={self.summary!r}" if self.summary else "")
 
     def describe(self) -> dict[str, Any]:
-        return {"fields": [f.describe() for f in self.fields], "summary": self.summary}
+        out = {"fields": [f.describe() for f in self.fields], "summary": self.summary}
+        return out | ({"empty": self.empty} if self.empty else {})
 
     @classmethod
     def from_description(cls, data: Mapping[str, Any] | None) -> "Result | None":
         if not data:
             return None
-        return cls(*(Field.from_description(f) for f in data.get("fields") or ()), summary=data.get("summary") or "")
+        return cls(*(Field.from_description(f) for f in data.get("fields") or ()), summary=data.get("summary") or "",
+                   empty=str(data.get("empty") or ""))
 
 
 @dataclass(frozen=True)

@@ -221,11 +221,11 @@ def render(report: CallReport, result: Result | None = None, elapsed: float | No
         rows = [dict(row, **({"\0target": names[r.target]} if len(answered) > 1 else {}))
                 for r in answered for row in r.result if isinstance(row, Mapping)]
         columns = ([Field("\0target", "target")] if len(answered) > 1 else []) + list(fields)
-        lines += table(rows, columns) if rows else ["(none)"]
+        lines += table(rows, columns) if rows else [(result.empty if result is not None else "") or "(none)"]
     else:
         for r in answered:
-            inner = block(r.result, fields)
-            if len(inner) == 1 and not isinstance(r.result, (Mapping, list, tuple)) or not inner:
+            inner = block(r.result, fields) if r.result != [] else [(result.empty if result else "") or "(none)"]
+            if r.result == [] or len(inner) == 1 and not isinstance(r.result, (Mapping, list, tuple)) or not inner:
                 lines.append(f"{names[r.target]}: {inner[0] if inner else _NONE}")
             else:
                 lines += [f"{names[r.target]}:"] + ["  " + line for line in inner]

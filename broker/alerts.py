@@ -22,7 +22,7 @@ from dataclasses import asdict, dataclass
 from typing import Annotated, Any, Callable, Literal
 
 from agents.agent import Call
-from agents.ops import Arg, op
+from agents.ops import Arg, Field, Result, op
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +76,9 @@ class Alerts:
                 log.exception("alert listener failed")
         return {"seq": alert.seq}
 
-    @op("mesh.alerts", effect="read", deadline=5)
+    @op("mesh.alerts", effect="read", deadline=5, result=Result(
+        Field("seq", "#"), Field("at", "time", "time"), Field("host"), Field("check"), Field("state", display="state"),
+        Field("previous", "was", "state"), Field("source", "from"), Field("text"), empty="no alerts"))
     async def recent_alerts(self, call: Call,
                             since: Annotated[int, Arg("only alerts after this sequence number", min=0)] = 0,
                             limit: Annotated[int, Arg("at most this many, newest last", min=1,

@@ -119,3 +119,12 @@ def test_a_dotted_field_reaches_into_nested_maps():
 def test_a_declared_map_goes_on_lines_of_its_own():
     lines = block({"clusters": {"c1": ["node1", "node2"], "c2": ["node3"]}}, (Field("clusters"),))
     assert lines == ["clusters:", "  c1: node1, node2", "  c2: node3"]
+
+
+def test_an_empty_list_reads_as_a_sentence_not_a_dash():
+    empty = CallReport("mesh.alerts", [TargetResult("broker@x.test/broker", Outcome.OK, result=[])])
+    alerts = Result(Field("check"), Field("state", display="state"), empty="no alerts")
+    assert render(empty, alerts).splitlines()[0] == "no alerts"
+    assert Result.from_description(alerts.describe()) == alerts  # what help and chat learn from the mesh
+    assert render(empty, VOLUMES).splitlines()[0] == "(none)"
+    assert render(empty).splitlines()[0] == "broker: (none)"  # an op that declares nothing
