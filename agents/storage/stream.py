@@ -16,7 +16,6 @@ from typing import Any, Iterable, Iterator
 
 import blake3
 import msgpack
-from pyfastcdc.cy import FastCDC  # the compiled chunker; the package's pure-Python fallback is too slow
 
 from agents.storage.driver import StorageError
 
@@ -175,13 +174,3 @@ def _check_header(frame: Any, expect_driver: str | None) -> None:
     if expect_driver is not None and frame.get("driver") != expect_driver:
         raise StorageError(f"this stream was sent by the {frame.get('driver')!r} driver and can only be "
                            f"received by the same driver, not {expect_driver!r}", code="unsupported")
-
-
-def cdc_pieces(reader: Any, avg_size: int = 64 * 1024) -> Iterator[tuple[bytes, bytes]]:
-    """Cut a byte stream (a file object with read/readinto) into content-defined pieces with the compiled
-    FastCDC, yielding (blake3 id, data). Used for opaque streams such as `btrfs send` output, where a
-    content id per piece lets a resumed transfer skip pieces the receiver already holds."""
-    cutter = FastCDC(avg_size=avg_size)
-    for chunk in cutter.cut_stream(reader):
-        data = bytes(chunk.data)
-        yield blake3.blake3(data).digest(), data

@@ -273,7 +273,7 @@ class Inbox:
                     self._received[transfer] = self._received.get(transfer, 0) + len(frame["d"])
                 elif frame["t"] == "done":
                     out.flush()
-                    os.fsync(out.fileno())
+                    await asyncio.to_thread(os.fsync, out.fileno())     # seconds, for a large spool
                     if frame.get("bytes") != held or frame.get("blake3") != digest.digest():
                         out.truncate(0)
                         raise StorageError("transfer checksum mismatch over the whole stream; the spool was "

@@ -1,12 +1,11 @@
 """The replication stream framing: round trip, and refusal of truncated, corrupted or foreign streams."""
 
-import io
 import os
 
 import pytest
 
 from agents.storage.driver import StorageError
-from agents.storage.stream import cdc_pieces, read_frames, write_stream
+from agents.storage.stream import read_frames, write_stream
 
 
 def _stream(n=50):
@@ -60,13 +59,3 @@ def test_wrong_driver_refused():
     _, data = _stream(1)
     with pytest.raises(StorageError, match="sent by the 'test' driver"):
         list(read_frames([data], expect_driver="btrfs"))
-
-
-def test_cdc_pieces_reassemble_and_are_content_defined():
-    data = os.urandom(1 << 20)
-    pieces = list(cdc_pieces(io.BytesIO(data), avg_size=16384))
-    assert b"".join(p for _, p in pieces) == data
-    assert len(pieces) > 10
-    # An insertion near the front shifts every later byte; content-defined cuts realign after it.
-    shifted = list(cdc_pieces(io.BytesIO(b"inserted" + data), avg_size=16384))
-    assert len({i for i, _ in pieces} & {i for i, _ in shifted}) >= len(pieces) - 3
