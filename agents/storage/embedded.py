@@ -514,11 +514,17 @@ class EmbeddedDriver(CatalogDriver):
                 os.rename(base, self.root / "bases" / _base_name(guid))
                 base = None
             self._publish(volume, snap, guid, entries)
-        except BaseException:
+        except BaseException as exc:
             self.store.abort()      # the transaction and every pack byte written for it
             if base is not None:
                 _remove_tree(base)
             self._collect_trees()   # a base renamed in for a snapshot that did not commit
+            if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
+                extra = (" and the base its clones share (a second copy of the changed files here; "
+                         "storage.snapshot.create for_clones=false skips it)") if for_clones and self.overlays else ""
+                raise StorageError(f"the filesystem holding the store at {self.root} is full: No space left on "
+                                   f"device; the snapshot needs room for its new chunks{extra}. Nothing was "
+                                   f"published; free space and take it again", code="no_space") from None
             raise
 
     def _reusable_files(self, volume: str) -> dict[str, tuple[Entry, Path]]:
@@ -1018,7 +1024,6 @@ class _Copier:
         self._jobs: deque[Future[None]] = deque()
         self._direct = _direct_writes_work(probe_dir)
         self._spare: list[mmap.mmap] = []       # aligned buffers back from the thread (list ops are atomic)
-        self._buffers: list[mmap.mmap] = []     # every one made, closed at the end
 
     def open(self, path: Path) -> int:
         flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | (os.O_DIRECT if self._direct else 0)
@@ -1032,8 +1037,7 @@ class _Copier:
         padded = -(-n // _ALIGN) * _ALIGN       # the tail is written whole; close_file truncates it
         buf = self._spare.pop() if self._spare else None
         if buf is None or len(buf) < padded:
-            buf = mmap.mmap(-1, max(padded, _READ_BYTES))
-            self._buffers.append(buf)
+            buf = mmap.mmap(-1, max(padded, _READ_BYTES))     # unmapped once nothing refers to it
         buf[:n] = data
         buf[n:padded] = bytes(padded - n)
 
@@ -1066,8 +1070,6 @@ class _Copier:
             except BaseException as exc:        # noqa: BLE001 - kept for after the others are done
                 error = error or exc
         self._pool.shutdown(wait=True)
-        for buf in self._buffers:
-            buf.close()
         if error is not None:
             raise error
 

@@ -773,3 +773,44 @@ async def test_a_storage_agent_killed_mid_capture_leaves_no_base_a_later_clone_u
                 proc.kill()
                 proc.wait()
             proc.stdout.close()   # type: ignore[union-attr]
+
+
+async def test_a_snapshot_that_fills_the_disk_says_no_space_and_leaves_nothing(mesh, tmp_path):
+    """The store on a small ext4 filesystem (a loop-mounted image) with room for the volume's chunks but not
+    for the base as well: storage.snapshot.create says no-space, names the way out, and leaves no snapshot,
+    base or scratch tree; the same snapshot with for_clones=false then fits."""
+    if os.geteuid() != 0 or shutil.which("mkfs.ext4") is None:
+        pytest.skip("needs root and mkfs.ext4 for a loop-mounted ext4 image")
+    image, mnt = tmp_path / "small.img", tmp_path / "small"
+    with open(image, "wb") as f:
+        f.truncate(128 * MiB)
+    subprocess.run(["mkfs.ext4", "-q", "-F", str(image)], check=True, capture_output=True)
+    mnt.mkdir()
+    subprocess.run(["mount", "-o", "loop", str(image), str(mnt)], check=True, capture_output=True)
+    src = None
+    try:
+        jid, pw = mesh.account("storage")
+        state = tmp_path / "state"
+        state.mkdir()
+        src = await mesh.start(StorageAgent(jid, pw, mesh.endpoint, resources=["/site/a"], authorizer=mesh.admins,
+                                            settings={"root": str(mnt / "store")}, state_dir=state))
+        if "overlay-clones" not in src.driver.capabilities():
+            pytest.skip(f"no base is written at capture here: {src.driver.clone_sharing()}")
+        call = Caller(await mesh.client(), src)
+        live = Path((await call.ok("storage.volume.create", volume="db"))["path"])
+        st = os.statvfs(mnt)
+        size = int(st.f_bavail * st.f_frsize / 2.6) // MiB * MiB     # room for two copies, not three
+        (live / "data.bin").write_bytes(os.urandom(size))
+        outcome, error = await call.fails("storage.snapshot.create", volume="db", snapshot="s1")
+        assert error.startswith("no-space") and "for_clones=false" in error and "Nothing was published" in error, error
+        assert await call.ok("storage.snapshot.list", volume="db") == []
+        root = mnt / "store"
+        assert list((root / "bases").iterdir()) == [] and list((root / "tmp").iterdir()) == []
+        snap = await call.ok("storage.snapshot.create", volume="db", snapshot="s1", for_clones=False)
+        assert snap["logical_bytes"] == size
+    finally:
+        if src is not None:                 # before the unmount: the agent holds its catalog open there
+            await src.stop()
+            mesh.actors.remove(src)
+        overlay.unmount_all_under(mnt)
+        subprocess.run(["umount", str(mnt)], check=False, capture_output=True)
