@@ -14,6 +14,8 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -24,7 +26,7 @@ import yaml
 from agents import audit
 from agents.config import StateConfig
 from agents.errors import Outcome
-from conftest import DOMAIN, until
+from conftest import DOMAIN, ROOT, until
 from etcd_broker import spawn_broker
 from etcd_cluster import PrivateEtcd
 from gated_agent import RELAY, GatedAgent
@@ -165,3 +167,30 @@ async def _finished(client: Any, broker: Any, iid: str) -> dict[str, Any] | None
     res = await client.request(str(broker.jid), "workflow.status", {"instance": iid, "wait": 1}, timeout=10)
     assert res.outcome is Outcome.OK, res.error
     return res.result if res.result["state"] in ("done", "failed") else None
+
+
+async def test_the_mesh_file_s_broker_state_puts_vertebra_broker_on_etcd(etcd: PrivateEtcd, mesh_home: Any) -> None:
+    home = mesh_home([])
+    mesh = yaml.safe_load((home / "mesh.yaml").read_text())
+    name = mesh["broker"]
+    mesh["broker"] = {"name": name, "state": f"{etcd.url}/from-the-mesh-file"}
+    (home / "mesh.yaml").write_text(yaml.safe_dump(mesh))
+    log = (home / "broker.log").open("w")
+    proc = subprocess.Popen([sys.executable, "-m", "agents.cli", "--home", str(home), "broker"], cwd=ROOT,
+                            stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    observer = EtcdLease(state(etcd, "/from-the-mesh-file"), "observer", term=6)
+    try:
+        found = await until(observer.leader, timeout=30, what="`vertebra broker` to lead in etcd")
+        assert found[0] == f"{name}@{DOMAIN}/broker"
+        proc.send_signal(signal.SIGTERM)
+        assert await asyncio.to_thread(proc.wait, 30) == 0
+        assert await observer.holders() == []  # it gave the lead up as it stopped
+        # Its workflows' store was etcd too: nothing of it in the broker's state directory (which it used).
+        assert (home / "state" / name / "audit.sqlite").is_file()
+        assert not list((home / "state").rglob("workflows.sqlite"))
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        log.close()
+        await observer.aclose()
