@@ -24,12 +24,20 @@ LEASE_FILE, RATES_FILE, WORKFLOWS_FILE = "leader.sqlite", "rates.sqlite", "workf
 KNOWN_FILE, FENCING_FILE = "broker.sqlite", "fencing.sqlite"
 
 
+def _etcd() -> Any:
+    """broker/state_etcd.py, imported only now: the etcd client is an optional extra."""
+    try:
+        from . import state_etcd
+    except ImportError as exc:
+        raise ValueError(f"the mesh file keeps the broker's state on etcd, but the etcd client cannot be loaded"
+                         f" ({exc}): install it with `make install`, or pip install 'vertebra[etcd]'") from None
+    return state_etcd
+
+
 def lease(broker: Any, holder: str, term: float) -> LeaseStore:
     """The workflow lead's lease, held as ``holder`` for ``term`` seconds at a time."""
     if broker.state_config is not None:
-        from .state_etcd import EtcdLease
-
-        return EtcdLease(broker.state_config, holder, term)
+        return _etcd().EtcdLease(broker.state_config, holder, term)
     from .leadership import Lease
 
     shared: Path | None = broker.shared_dir
@@ -39,9 +47,7 @@ def lease(broker: Any, holder: str, term: float) -> LeaseStore:
 def rate_limits(broker: Any) -> Any:
     """The workflow steps' rate limits (``take``, ``aclose``)."""
     if broker.state_config is not None:
-        from .state_etcd import EtcdRateLimits
-
-        return EtcdRateLimits(broker.state_config)
+        return _etcd().EtcdRateLimits(broker.state_config)
     shared: Path | None = broker.shared_dir
     return RateLimits(shared / RATES_FILE if shared else ":memory:")
 
@@ -49,8 +55,6 @@ def rate_limits(broker: Any) -> Any:
 def workflow_store(broker: Any) -> WorkflowState:
     """The workflow instances, their steps and their history."""
     if broker.state_config is not None:
-        from .state_etcd import EtcdWorkflowStore
-
         # Every write is conditional on the lead this instance holds (once the leadership exists).
         def lead() -> tuple[bytes, int] | None:
             leadership = getattr(broker, "leadership", None)
@@ -59,7 +63,7 @@ def workflow_store(broker: Any) -> WorkflowState:
             fencing = getattr(leadership.lease, "fencing", None)
             return fencing() if fencing is not None else None
 
-        return EtcdWorkflowStore(broker.state_config, lead)
+        return _etcd().EtcdWorkflowStore(broker.state_config, lead)
     shared: Path | None = broker.shared_dir
     return WorkflowStore(shared / WORKFLOWS_FILE if shared else None)
 
@@ -67,9 +71,7 @@ def workflow_store(broker: Any) -> WorkflowState:
 def known_agents(broker: Any) -> KnownAgentsState:
     """The agents any instance of the broker has listed (greeted again after a restart)."""
     if broker.state_config is not None:
-        from .state_etcd import EtcdKnownAgents
-
-        return EtcdKnownAgents(broker.state_config)
+        return _etcd().EtcdKnownAgents(broker.state_config)
     shared: Path | None = broker.shared_dir
     return KnownAgents(shared / KNOWN_FILE if shared else None)
 
@@ -77,9 +79,7 @@ def known_agents(broker: Any) -> KnownAgentsState:
 def fence_ledger(broker: Any) -> FenceLedgerState:
     """The fencing events and each node's fencing epochs."""
     if broker.state_config is not None:
-        from .state_etcd import EtcdFenceLedger
-
-        return EtcdFenceLedger(broker.state_config)
+        return _etcd().EtcdFenceLedger(broker.state_config)
     from .fencing import FenceLedger
 
     shared: Path | None = broker.shared_dir

@@ -250,7 +250,7 @@ async def test_instances_share_the_fence_ledger_and_never_reuse_a_number(etcd: P
 
 
 async def test_the_member_in_use_dying_loses_no_write(etcd: PrivateEtcd) -> None:
-    """Last in this file: it kills a member of the module's cluster."""
+    """After every other test on the module's cluster: it kills one of its members."""
     cfg = StateConfig(endpoints=tuple(etcd.endpoints), prefix="/member-dies")
     store, limits, ledger = EtcdWorkflowStore(cfg), EtcdRateLimits(cfg), EtcdFenceLedger(cfg)
     try:
@@ -273,3 +273,14 @@ async def test_the_member_in_use_dying_loses_no_write(etcd: PrivateEtcd) -> None
     finally:
         for closing in (store, limits, ledger):
             await closing.aclose()
+
+
+def test_without_the_etcd_client_the_error_says_how_to_install_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    import sys
+
+    monkeypatch.setitem(sys.modules, "aetcd", None)  # as if the optional extra were not installed
+    monkeypatch.delitem(sys.modules, "broker.state_etcd", raising=False)
+    monkeypatch.delattr("broker.state_etcd", raising=False)
+    broker = SimpleNamespace(state_config=StateConfig(endpoints=("h:2379",)), shared_dir=None)
+    with pytest.raises(ValueError, match=r"etcd client cannot be loaded .*make install.*vertebra\[etcd\]"):
+        shared_state.workflow_store(broker)
