@@ -165,8 +165,10 @@ class FencingAgent(Agent):
     @op(LEDGER_OP, effect="read", deadline=5, sender="broker")
     async def ledger(self, call: Call) -> dict:
         """The last verified outcome per node, as posted (this agent's broker only: it reconciles its
-        fencing epochs from it when the agent joins)."""
-        return {"entries": [_event_args(e) for e in await self.outbox.ledger()]}
+        fencing epochs from it when the agent joins). An outcome the outbox still holds is left out: the
+        outbox delivers it after the events before it (its attempt), which reconciling it first would
+        put after it in the broker's record."""
+        return {"entries": [_event_args(e) for e in await self.outbox.ledger(delivered_only=True)]}
 
     # -- doing it -------------------------------------------------------------------------------
 

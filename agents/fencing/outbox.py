@@ -71,9 +71,13 @@ class FenceOutbox:
         """The broker acknowledged it: it is not sent again."""
         await self.store.run(lambda db: db.execute("DELETE FROM outbox WHERE id = ?", (event_id,)))
 
-    async def ledger(self) -> list[dict[str, Any]]:
-        """The last verified outcome per node, by cluster and node."""
-        rows = await self.store.run(lambda db: db.execute("SELECT body FROM ledger ORDER BY cluster, node").fetchall())
+    async def ledger(self, delivered_only: bool = False) -> list[dict[str, Any]]:
+        """The last verified outcome per node, by cluster and node; with ``delivered_only``, only those
+        the outbox no longer holds (one it holds reaches the broker through it, after the events
+        before it)."""
+        where = " WHERE id NOT IN (SELECT id FROM outbox)" if delivered_only else ""
+        rows = await self.store.run(lambda db: db.execute(f"SELECT body FROM ledger{where} ORDER BY cluster, node"
+                                                          ).fetchall())
         return [json.loads(body) for (body,) in rows]
 
 

@@ -44,6 +44,10 @@ def denied(reply: ET.Element, *words: str) -> None:
         assert w in text, text
 
 
+async def _outbox_empty(world: FencingWorld) -> bool:
+    return not await world.fencer.outbox.pending()
+
+
 async def epochs(world: FencingWorld) -> dict:
     """mesh.fence.epochs as an operator sees it."""
     res = await world.client.request(str(world.broker.jid), "mesh.fence.epochs", {}, timeout=10)
@@ -142,6 +146,7 @@ async def test_only_the_broker_may_read_a_fencing_agents_ledger(mesh, tmp_path: 
     assert (await client.request(str(world.fencer.jid), "fence.off", {"cluster": "c1", "node": "node2"},
                                  timeout=30)).outcome is Outcome.OK
     await until(lambda: world.broker.fencing.ledger.fenced(), what="the epoch opened")
+    await until(lambda: _outbox_empty(world), what="the agent to hear the broker took its events")
     res = await world.broker.request(str(world.fencer.jid), "fence.ledger", {}, timeout=10)
     assert res.outcome is Outcome.OK and [(e["node"], e["action"], e["ok"]) for e in res.result["entries"]] == [
         ("node2", "off", True)]

@@ -234,3 +234,21 @@ def test_a_nodes_identities_come_from_the_agents_configured_settings():
     assert configured_nodes(SETTINGS) == {"/cluster/c1/node/n1": ("db1@x.test",), "/cluster/c2/node/n2": ()}
     assert configured_nodes({**SETTINGS, "identities": {"n9": ["x@x.test"]}}) == {}  # does not validate
     assert configured_nodes({}) == {} and configured_nodes(None) == {}
+
+
+async def test_an_agents_ledger_leaves_out_an_outcome_its_outbox_still_holds(tmp_path):
+    """What its broker reconciles from: an outcome still to be delivered comes through the outbox, after
+    its attempt, so the ledger the broker reads leaves it out until the broker has taken it."""
+    from agents.fencing.outbox import FenceOutbox
+
+    outbox = FenceOutbox(tmp_path / "fencing.sqlite")
+    attempt = {**outcome("off", id="a1"), "event": "attempt"}
+    off = outcome("off", id="o1")
+    await outbox.keep(attempt)
+    await outbox.keep(off)
+    assert [e["id"] for e in await outbox.ledger()] == ["o1"]
+    assert await outbox.ledger(delivered_only=True) == []
+    await outbox.delivered("a1")
+    await outbox.delivered("o1")
+    assert [e["id"] for e in await outbox.ledger(delivered_only=True)] == ["o1"]
+    await outbox.store.aclose()
