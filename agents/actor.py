@@ -147,6 +147,8 @@ class Actor:
         self._reconnect: asyncio.Task[None] | None = None
         self._stopping = False
         self._online = asyncio.Event()
+        self._gave_up = asyncio.Event()  # start(once=True) found no server accepting connections
+        self._refused: set[tuple[str, int]] | None = None
         self._auth_failed: str | None = None
         self.on_event("session_start", self._on_session_start)
         self.on_event("session_resumed", self._on_session_resumed)
@@ -162,16 +164,27 @@ class Actor:
     def online(self) -> bool:
         return self._online.is_set()
 
-    async def start(self, timeout: float = 15.0) -> None:
-        """Connect and wait for a session. Raises ConnectError saying what failed."""
+    async def start(self, timeout: float = 15.0, *, once: bool = False) -> None:
+        """Connect and wait for a session. Raises ConnectError saying what failed. ``once``: a program
+        that runs one call gives up as soon as every server refused the connection (a stopped server
+        answers at once; waiting out the timeout would only keep its user waiting), where an agent
+        keeps trying until the timeout."""
         self._stopping = False
+        self._refused = set() if once else None
         self.xmpp.connect(*self._addresses[self._address])
+        online = asyncio.ensure_future(self._online.wait())
+        gave_up = asyncio.ensure_future(self._gave_up.wait())
         try:
-            await asyncio.wait_for(self._online.wait(), timeout)
-        except TimeoutError:
+            await asyncio.wait((online, gave_up), timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            online.cancel()
+            gave_up.cancel()
+        if not self._online.is_set():
+            where = " or ".join(f"{h}:{p}" for h, p in self._addresses)
             reason = self._auth_failed or (
-                f"no session with {' or '.join(f'{h}:{p}' for h, p in self._addresses)} within {timeout:g}s"
-                " (is the server running? `vertebra server status`)")
+                f"no server accepts connections at {where} (is it running? `vertebra server status`)"
+                if self._gave_up.is_set() else
+                f"no session with {where} within {timeout:g}s (is the server running? `vertebra server status`)")
             await self.stop()
             raise ConnectError(f"{self.xmpp.boundjid.bare}: {reason}") from None
 
@@ -231,6 +244,7 @@ class Actor:
     def _on_failed_auth(self, _event: Any) -> None:
         self._auth_failed = "login refused (not-authorized): check the account's password file"
         self._stopping = True  # retrying a wrong password only locks the account out
+        self._gave_up.set()
 
     def _on_disconnected(self, _event: Any) -> None:
         self._online.clear()
@@ -241,6 +255,12 @@ class Actor:
         # slixmpp would try the same address again after its own fixed schedule; instead the actor
         # ends that attempt and tries the endpoint's next server after a jittered backoff.
         self.xmpp.cancel_connection_attempt()
+        if self._refused is not None and not self._online.is_set():  # start(once=True): each server once
+            self._refused.add(self.server_address)
+            if len(self._refused) >= len(set(self._addresses)):
+                self._stopping = True
+                self._gave_up.set()
+                return
         self._reconnect_later("could not connect")
 
     def _reconnect_later(self, why: str) -> None:

@@ -51,7 +51,7 @@ async def mesh_call(mesh: MeshConfig, op: str, args: dict[str, Any], *, on: Sequ
     from .client import Client  # the XMPP stack loads only when there is no gateway to use
 
     client = Client(jid, password, mesh.endpoint(), broker=mesh.broker_jids)
-    await client.start(timeout=min(LOGIN_TIMEOUT, timeout))
+    await client.start(timeout=min(LOGIN_TIMEOUT, timeout), once=True)
     try:
         return await client.call(op, args, on=on, scope=scope, to=to, timeout=timeout, progress=progress, rid=rid,
                                  answered=answered, job_events=job_events)

@@ -12,7 +12,7 @@ import time
 
 import pytest
 import yaml
-from conftest import ROOT, running, vertebra
+from conftest import ROOT, free_port, running, vertebra
 
 from agents.audit import AuditLog
 
@@ -98,3 +98,17 @@ def test_storage_replicate_takes_the_targets_short_name_as_call_to_does(mesh_hom
         packages = vertebra(home, "call", "storage.package.list", "--to", dst, "--json")
         assert [p["package"] for p in json.loads(packages.stdout)["results"][0]["result"]] == ["db-copy"]
         assert "its name in the mesh file" in vertebra(home, "help", "storage.replicate").stdout
+
+
+def test_a_stopped_server_is_said_at_once_not_after_the_login_timeout(mesh_home):
+    home = mesh_home(AGENTS)
+    cfg = yaml.safe_load((home / "mesh.yaml").read_text())
+    cfg["server"]["port"] = free_port()  # nothing listens there: the connection is refused
+    (home / "mesh.yaml").write_text(yaml.safe_dump(cfg))
+    for command in (["agents"], ["call", "storage.info"], ["help"]):
+        out = vertebra(home, *command)
+        assert out.returncode == 5, out.stdout + out.stderr
+        # Refused, so it gave up there: not "no session ... within 10s" after waiting the login timeout out.
+        assert f"no server accepts connections at {cfg['server']['host']}:{cfg['server']['port']}" in (
+            out.stdout + out.stderr)
+        assert "within" not in out.stdout + out.stderr
