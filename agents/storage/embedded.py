@@ -26,7 +26,9 @@ ever pays for it:
   those files. Such a file shows more than one link inside a clone.
 
 Snapshots taken to be sent (replication says for_clones=False), received from another agent, or taken where
-clones cannot share, get their base from the chunk store when they are first cloned.
+clones cannot share, get their base from the chunk store when they are first cloned; a file equal to one of
+an earlier base of the volume is linked (or reflinked) from it then, so a received update costs its first
+clone what changed.
 
 - Where the state directory's filesystem has reflinks (btrfs, XFS with reflink=1, bcachefs: the FICLONE
   ioctl works), a clone is a tree of reflinks to the base: files share their extents until a program writes
@@ -258,7 +260,12 @@ class EmbeddedDriver(CatalogDriver):
         base = self.root / "bases" / name
         if not base.exists():
             # Built aside and renamed in: a crash leaves a scratch tree (removed at start), never half a base.
-            os.rename(self._materialize(snap_id, progress=progress), base)
+            # A file equal to one of another base of the volume (or of the snapshot it was cloned from) is
+            # linked or reflinked from there: only what changed is written.
+            (volume,) = self.db.execute("SELECT volume FROM snapshots WHERE id = ?", (snap_id,)).fetchone()
+            tree = self._materialize(snap_id, progress=progress, share_from=self._reusable_files(volume))
+            _syncfs(tree)
+            os.rename(tree, base)
         return name
 
     def _replace_tree(self, name: str, volume: str, snap: str, progress: d.BytesProgress | None) -> None:
@@ -505,7 +512,9 @@ class EmbeddedDriver(CatalogDriver):
         try:
             if base is not None:
                 base.mkdir()
-            entries = list(self._ingest(top, tally, base, self._reusable_files(volume) if base else {}))
+            # With reflinks the capture reflinks every file anyway: nothing to look up.
+            reusable = self._reusable_files(volume) if base and not self.reflinks else {}
+            entries = list(self._ingest(top, tally, base, reusable))
             if base is not None:
                 _settle_tree(base, entries)
                 # Its bytes are durable before its name (a name a crash loses only means the first clone
@@ -528,11 +537,8 @@ class EmbeddedDriver(CatalogDriver):
             raise
 
     def _reusable_files(self, volume: str) -> dict[str, tuple[Entry, Path]]:
-        """Files a new base may hard-link instead of copying, by path: those of the volume's latest snapshot
-        that has a base, and (for a clone) of the snapshot it was made from, with the base holding each.
-        Only without reflinks: with them a copy shares its extents anyway."""
-        if self.reflinks:
-            return {}
+        """Files a new base may share instead of copying, by path: those of the volume's latest snapshot that
+        has a base, and (for a clone) of the snapshot it was made from, with the base holding each."""
         _, kind, origin_volume, origin_snap = self._volume_row(volume)
         own = self.db.execute("SELECT id, guid FROM snapshots WHERE volume = ? ORDER BY id DESC",
                               (volume,)).fetchall()
@@ -841,10 +847,13 @@ class EmbeddedDriver(CatalogDriver):
         return b"".join(segs), size
 
     def _materialize(self, snap_id: int, reflink_from: Path | None = None,
-                     progress: d.BytesProgress | None = None) -> Path:
+                     progress: d.BytesProgress | None = None,
+                     share_from: dict[str, tuple[Entry, Path]] | None = None) -> Path:
         """Write a snapshot's tree into a fresh scratch directory and return it; with reflink_from (the
-        snapshot's base tree), files are reflinks to the base's files instead of copies. ``progress``
-        hears of the file bytes written, of the snapshot's file bytes in all."""
+        snapshot's base tree), files are reflinks to the base's files instead of copies. With share_from
+        (only for a base, which nothing writes), a file equal to one there is a reflink of it, or without
+        reflinks another name of it. ``progress`` hears of the file bytes written, of the snapshot's file
+        bytes in all."""
         tree = self._scratch("tree")
         tree.mkdir()
         by_path = self._entries(snap_id)
@@ -861,6 +870,13 @@ class EmbeddedDriver(CatalogDriver):
                     os.symlink(e.target or "", target)
                 elif reflink_from is not None:
                     _reflink(reflink_from / e.path, target)
+                    tally.add(e.size)
+                elif share_from and share_from.get(e.path, (None,))[0] == e:
+                    source = share_from[e.path][1] / e.path
+                    if self.reflinks:
+                        _reflink(source, target)
+                    else:
+                        os.link(source, target)
                     tally.add(e.size)
                 else:
                     self._write_file(target, e, tally)

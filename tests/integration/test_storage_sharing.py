@@ -814,3 +814,37 @@ async def test_a_snapshot_that_fills_the_disk_says_no_space_and_leaves_nothing(m
             mesh.actors.remove(src)
         overlay.unmount_all_under(mnt)
         subprocess.run(["umount", str(mnt)], check=False, capture_output=True)
+
+
+def test_a_base_built_at_first_clone_shares_the_files_an_earlier_base_holds(tmp_path):
+    """Snapshots that got no base as they were taken (for_clones=false, or received from another agent)
+    get one at their first clone, and it links (or reflinks) every file equal to one of an earlier base of
+    the volume: the first clone of a received update that changed a small table adds far less than the
+    volume, and holds the update."""
+    source = EmbeddedDriver(tmp_path / "source")
+    replica = EmbeddedDriver(tmp_path / "replica")
+    try:
+        if not replica.overlays:            # the du-like count below is for hard links, not shared extents
+            pytest.skip(f"clones here are not overlay mounts: {replica.clone_sharing()}")
+        _volume_with_data(source, 64 * MiB)
+        con = sqlite3.connect(source.path("db") / "app.db")
+        con.execute("UPDATE t SET x = -1")
+        con.commit()
+        con.close()
+        source.snapshot("db", "s2", for_clones=False)
+        replica.receive("db", "s1", source.send("db", "s1"))
+        replica.receive("db", "s2", source.send("db", "s2", "s1"))
+        replica.clone("db", "s1", "first")                # builds s1's base from the chunks: the volume's size
+        for driver, snap in ((replica, "s2"), (source, "s2")):
+            root = driver.root
+            before = _one_fs_bytes(root)
+            clone = driver.path(driver.clone("db", snap, "dev").name)
+            added = _one_fs_bytes(root) - before
+            assert added < 0.05 * 64 * MiB, f"the first clone of {snap} on {root.name} added {added} bytes"
+            assert _rows(clone / "app.db") == 1000
+            assert (clone / "data.bin").read_bytes() == (source.path("db") / "data.bin").read_bytes()
+            driver.destroy_clone("dev")
+        replica.destroy_clone("first")
+    finally:
+        source.close()
+        replica.close()
