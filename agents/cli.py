@@ -16,7 +16,7 @@
 Exit codes of `call` and `agents`: 0 every target ok; 1 some target failed; 2 bad command line or
 arguments (nothing was sent); 3 denied; 4 timeout; 5 unreachable (an agent, the broker or the
 server); 6 not discovered (no live agent offers the op there). With several outcomes the highest
-code wins.
+code wins. `server status`: 0 running, 7 stopped.
 """
 
 from __future__ import annotations
@@ -613,10 +613,16 @@ def _print_report(report: CallReport, as_json: bool, result: Result | None = Non
 
 # -- running actors --------------------------------------------------------------------------------
 
+EXIT_SERVER_STOPPED = 7  # `server status`: no server runs (not a code of the call table)
+ENGINE_FILE = "server-engine"  # under HOME/run: the engine of the server started there and not yet stopped
+
+
 def _server(mesh: meshconf.MeshConfig, engine: str | None = None, cluster_join: str | None = None) -> Any:
-    """This machine's private XMPP server: Prosody, or an ejabberd node (possibly joining a cluster)."""
+    """This machine's private XMPP server: Prosody, or an ejabberd node (possibly joining a cluster); the
+    engine given, else the one the state directory's running server was started with (`server start
+    --engine`), else the mesh file's."""
     s = mesh.server
-    if (engine or s.engine) == "ejabberd":
+    if (engine or _started_engine(mesh.home) or s.engine) == "ejabberd":
         from .ejabberd import PrivateEjabberd
         return PrivateEjabberd(mesh.home, domain=s.domain, host=s.host, port=s.port, node_name=s.node_name,
                                dist_port=s.dist_port, epmd_port=s.epmd_port,
@@ -625,10 +631,22 @@ def _server(mesh: meshconf.MeshConfig, engine: str | None = None, cluster_join: 
     return PrivateServer(mesh.home, domain=s.domain, host=s.host, port=s.port, read_limit=mesh.read_limit())
 
 
+def _started_engine(home: Path) -> str | None:
+    try:
+        engine = (home / "run" / ENGINE_FILE).read_text().strip()
+    except OSError:
+        return None
+    return engine if engine in ("prosody", "ejabberd") else None
+
+
 def start_server(mesh: meshconf.MeshConfig, server: Any = None) -> Any:
-    """Start the private server (if it is not running) and make sure every account exists."""
+    """Start the private server (if it is not running) and make sure every account exists; the state
+    directory remembers its engine, so that `server status|stop` find it whatever the mesh file says."""
+    from .db import private_dir
+
     server = server or _server(mesh)
     server.start()
+    (private_dir(mesh.home / "run") / ENGINE_FILE).write_text(server.status()["engine"] + "\n")
     server.register_many(mesh.ensure_passwords())
     return server
 
@@ -643,10 +661,16 @@ def cmd_server(mesh: meshconf.MeshConfig, ns: argparse.Namespace) -> int:
                   f"{mesh.server.port} for {mesh.server.domain} (state in {server.dir})")
         elif ns.action == "stop":
             print("stopped" if server.stop() else "was not running")
+            (mesh.home / "run" / ENGINE_FILE).unlink(missing_ok=True)
         else:
             st = server.status()
-            print(f"{'running' if st['running'] else 'stopped'}: {st}")
-            return 0 if st["running"] else 3
+            what = f"private {st['engine'].capitalize()}" + (f" node {st['node']}" if st.get("node") else "")
+            if not st["running"]:
+                print(f"stopped: no {what} runs for {mesh.home} (`vertebra server start` or `vertebra up` starts"
+                      " it)")
+                return EXIT_SERVER_STOPPED
+            print(f"running: {what} (pid {st['pid']}) on {st['host']}:{st['port']} for {st['domain']},"
+                  f" state in {server.dir}")
     except ServerError as exc:
         print(f"vertebra: {exc}", file=sys.stderr)
         return 1
@@ -787,6 +811,7 @@ def cmd_up(mesh: meshconf.MeshConfig, ns: argparse.Namespace) -> int:
         _stop_children(children)
         if not was_running:
             server.stop()
+            (mesh.home / "run" / ENGINE_FILE).unlink(missing_ok=True)
     return 1 if failed else 0
 
 

@@ -112,3 +112,31 @@ def test_a_stopped_server_is_said_at_once_not_after_the_login_timeout(mesh_home)
         assert f"no server accepts connections at {cfg['server']['host']}:{cfg['server']['port']}" in (
             out.stdout + out.stderr)
         assert "within" not in out.stdout + out.stderr
+
+
+def test_server_status_and_stop_find_an_ejabberd_node_started_with_engine_and_speak_words(tmp_path):
+    from agents.ejabberd import ejabberd_installed
+
+    if not ejabberd_installed():
+        pytest.skip("ejabberd is not installed: run `apt-get install -y ejabberd`")
+    home = tmp_path / "home"
+    home.mkdir()
+    # The mesh file says nothing of the engine (Prosody); the node is started with --engine ejabberd.
+    mesh = {"server": {"domain": "vertebra.test", "host": "127.0.0.1", "port": free_port(),
+                       "node_name": f"small{os.getpid()}@127.0.0.1"},
+            "broker": "broker", "operator": "operator", "admins": ["operator"], "agents": []}
+    (home / "mesh.yaml").write_text(yaml.safe_dump(mesh))
+    started = vertebra(home, "server", "start", "--engine", "ejabberd", timeout=120)
+    try:
+        assert started.returncode == 0, started.stderr
+        status = vertebra(home, "server", "status")
+        assert status.returncode == 0, status.stdout + status.stderr
+        assert status.stdout.startswith(f"running: private Ejabberd node {mesh['server']['node_name']} (pid ")
+        assert "{" not in status.stdout  # words, not a Python dict
+        stopped = vertebra(home, "server", "stop", timeout=120)
+        assert stopped.returncode == 0 and stopped.stdout.strip() == "stopped", stopped.stdout + stopped.stderr
+    finally:
+        vertebra(home, "server", "stop", "--engine", "ejabberd", timeout=120)
+    after = vertebra(home, "server", "status")
+    # Not 3 or 5 (denied, unreachable in the call table): a script tells "stopped" from a call's outcome.
+    assert after.returncode == 7 and after.stdout.startswith(f"stopped: no private Prosody runs for {home}")
