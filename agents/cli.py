@@ -38,7 +38,7 @@ from typing import Any, Sequence
 
 from . import config as meshconf
 from .errors import BadArguments, CallInterrupted, ConnectError, Outcome
-from .report import EXIT_USAGE, CallReport, TargetResult
+from .report import EXIT_CODES, EXIT_USAGE, CallReport, TargetResult
 from .gateway import Gateway
 from .ops import OpSpec, Result
 from .progress_view import WORKFLOW_ENDS, ProgressView, follow_workflow
@@ -296,9 +296,8 @@ def cmd_help(mesh: meshconf.MeshConfig, ns: argparse.Namespace) -> int:
     report = _call_broker(mesh, "mesh.describe", {"op": ns.op or ""}, ns.timeout)
     if not report.ok:
         result = report.results[0]
-        if ns.op and result.outcome is Outcome.FAILED and repr(ns.op) in (result.error or ""):
-            print(f"vertebra: no op named {ns.op!r} is offered by the broker or a live agent; `vertebra help`"
-                  " lists those that are", file=sys.stderr)
+        if ns.op and _no_such_op(ns.op, report):
+            print(_unknown_op(mesh, ns.op, ns.timeout), file=sys.stderr)
             return EXIT_USAGE
         print(f"vertebra: help comes from the running mesh, and the broker did not give it"
               f" ({result.outcome.value}: {result.error}); start the mesh (`vertebra up`), ask for mesh.describe"
@@ -306,7 +305,11 @@ def cmd_help(mesh: meshconf.MeshConfig, ns: argparse.Namespace) -> int:
         return report.exit_code
     answer = report.results[0].result
     if ns.op:
-        print(spec_of(answer).help_text())
+        text = spec_of(answer).help_text()
+        if answer.get("broker"):  # the broker's own op: not found by discovery, sent to the broker
+            text = text.replace(f"vertebra call {ns.op} [--on RESOURCE ...]",
+                                f"vertebra call {ns.op} --to {mesh.broker}")
+        print(text)
         return 0
     width = max((len(o["name"]) for o in answer), default=0)
     for o in answer:
@@ -480,6 +483,26 @@ def _describe(mesh: meshconf.MeshConfig, op: str, timeout: float) -> tuple[OpSpe
     return (spec_of(report.results[0].result) if report.ok else None), report
 
 
+def _no_such_op(op: str, described: CallReport) -> bool:
+    """Whether the broker answered ``mesh.describe`` that nothing offers ``op``."""
+    result = described.results[0] if described.results else None
+    return result is not None and result.outcome is Outcome.FAILED and repr(op) in (result.error or "")
+
+
+def _unknown_op(mesh: meshconf.MeshConfig, op: str, timeout: float) -> str:
+    """What to tell someone who named an op nothing offers: the offered ops it is close to, if any."""
+    import difflib
+
+    listing = _call_broker(mesh, "mesh.describe", {"op": ""}, min(DESCRIBE_TIMEOUT, timeout))
+    names = [o["name"] for o in listing.results[0].result] if listing.ok else []
+    scored = sorted(((difflib.SequenceMatcher(None, op, name).ratio(), name) for name in names), reverse=True)
+    # The closest, and those about as close (fence.of: fence.off or fence.on), not every name that is a bit alike.
+    close = [name for score, name in scored[:3] if score >= max(0.6, scored[0][0] - 0.1)]
+    hint = f"; did you mean {' or '.join(close)}?" if close else ""
+    return (f"vertebra: no op named {op!r} is offered by the broker or a live agent{hint} (`vertebra help` lists"
+            " those that are)")
+
+
 def _left(timeout: float, started: float) -> float:
     """What is left of a command's ``timeout`` after what it spent since ``started`` (never nothing)."""
     return max(timeout - (time.monotonic() - started), min(timeout, 1.0))
@@ -492,6 +515,13 @@ def cmd_call(mesh: meshconf.MeshConfig, ns: argparse.Namespace) -> int:
         print(f"vertebra: warning: you may not read {ns.op}'s description (mesh.describe), so its arguments"
               " go unchecked to the agent, and an op that says where it goes is sent to every agent offering"
               " it unless --on says where: ask for mesh.describe where you have mesh.discover", file=sys.stderr)
+    if spec is None and not ns.to and _no_such_op(ns.op, described):
+        print(_unknown_op(mesh, ns.op, ns.timeout), file=sys.stderr)
+        return EXIT_CODES[Outcome.NOT_DISCOVERED]
+    to = [_full_jid(mesh, t) for t in ns.to]
+    if spec is not None and not ns.on and not to and described.results[0].result.get("broker"):
+        to = mesh.broker_jids  # the broker's own op (mesh.alerts): its instances, not discovery
+        ns.scope = ns.scope or "one"  # any one of them answers for the broker
     try:
         if spec is not None:
             args = spec.parse_pairs(ns.pairs)
@@ -520,7 +550,7 @@ def cmd_call(mesh: meshconf.MeshConfig, ns: argparse.Namespace) -> int:
     sent = time.monotonic()
     try:
         report = _run_call(mesh, ns.op, args, _left(ns.timeout, started), on=on, scope=scope,
-                           to=[_full_jid(mesh, t) for t in ns.to], progress=view.report, answered=view.answered,
+                           to=to, progress=view.report, answered=view.answered,
                            rid=rid, job_events=job_event)
     finally:
         view.close()

@@ -49,8 +49,8 @@ class OpDescriptions:
 
     async def op_description(self, name: str) -> dict[str, Any]:
         """The description of ``name`` (as ``OpSpec.describe()``) from the broker or a live agent offering it."""
-        if name in self.ops:
-            return self.ops[name].describe()
+        if name in self.ops:  # marked as in the listing: sent to the broker, not found by discovery
+            return {**self.ops[name].describe(), "broker": True}
         entries = self.directory.discover(name)
         if not entries:
             raise UnknownOp(f"no live agent offers an op named {name!r}; `mesh.describe` with no op lists"

@@ -140,3 +140,38 @@ def test_server_status_and_stop_find_an_ejabberd_node_started_with_engine_and_sp
     after = vertebra(home, "server", "status")
     # Not 3 or 5 (denied, unreachable in the call table): a script tells "stopped" from a call's outcome.
     assert after.returncode == 7 and after.stdout.startswith(f"stopped: no private Prosody runs for {home}")
+
+
+@pytest.fixture
+def small_mesh(mesh_home):
+    home = mesh_home(AGENTS)
+    with running(home, expect_agents=1) as cfg:
+        yield home, cfg
+
+
+def test_a_misspelled_op_gets_did_you_mean_and_nothing_is_sent(small_mesh):
+    home, _ = small_mesh
+    out = vertebra(home, "call", "storage.infoo")
+    assert out.returncode == 6  # not discovered, as when the call finds no agent
+    assert ("vertebra: no op named 'storage.infoo' is offered by the broker or a live agent; did you mean"
+            " storage.info?") in out.stderr
+    assert "request id" not in out.stderr  # nothing was sent, so there is nothing to retry
+    helped = vertebra(home, "help", "storage.snapshot.creat")
+    assert helped.returncode == 2 and "did you mean storage.snapshot.create?" in helped.stderr
+    far = vertebra(home, "help", "toaster.toast")
+    assert far.returncode == 2 and "did you mean" not in far.stderr and "`vertebra help` lists" in far.stderr
+
+
+def test_a_broker_op_says_and_goes_to_the_broker(small_mesh):
+    home, cfg = small_mesh
+    helped = vertebra(home, "help", "mesh.alerts")
+    assert helped.stdout.splitlines()[-1] == f"usage: vertebra call mesh.alerts --to {cfg['broker']}"
+    assert "usage: vertebra call storage.volume.create [--on RESOURCE ...]" in vertebra(
+        home, "help", "storage.volume.create").stdout
+    # Without --to it still reaches the broker (discovery finds agents, and the broker is not one).
+    out = vertebra(home, "call", "mesh.alerts")
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert out.stdout.splitlines() == ["no alerts", out.stdout.splitlines()[-1]]
+    assert out.stdout.splitlines()[-1].startswith("mesh.alerts: 1 of 1 ok in ")
+    direct = vertebra(home, "call", "mesh.alerts", "--to", cfg["broker"])
+    assert direct.returncode == 0 and direct.stdout.startswith("no alerts\n")
