@@ -22,6 +22,7 @@ The plan (this module is its first, tested part: the transfer between two endpoi
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import secrets
 import ssl
@@ -309,8 +310,50 @@ async def send(host: str, port: int, transfer: str, token: str, stream: Callable
                on_bytes: Callable[[int], Awaitable[None] | None] | None = None) -> SendResult:
     """Send the stream `stream()` yields (a driver's send; called anew on each attempt) to an inbox,
     skipping what it already holds. Raises StorageError or OSError when the connection fails: ask the
-    inbox for a new token and call again to resume."""
-    throttle = throttle or Throttle()
+    inbox for a new token and call again to resume.
+
+    The connection runs on an event loop of its own in a worker thread: encrypting and writing the stream
+    (OpenSSL releases the GIL) then keeps neither the caller's loop nor an inbox on it waiting, and the
+    caller's loop stays free for its other traffic. `on_bytes` is still called on the caller's loop.
+    Cancelling the call cancels the connection and returns once the stream is closed."""
+    caller = asyncio.get_running_loop()
+    report = None
+    if on_bytes is not None:
+        async def on_callers_loop(n: int) -> None:
+            maybe = on_bytes(n)
+            if maybe is not None:
+                await maybe
+
+        async def report(n: int) -> None:
+            await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(on_callers_loop(n), caller))
+
+    own: dict[str, Any] = {}
+
+    async def connection() -> SendResult:
+        own["loop"], own["task"] = asyncio.get_running_loop(), asyncio.current_task()
+        if own.get("cancelled"):
+            raise asyncio.CancelledError
+        return await _send(host, port, transfer, token, stream, throttle or Throttle(), ssl_context, report)
+
+    running = asyncio.ensure_future(asyncio.to_thread(asyncio.run, connection()))
+    try:
+        return await asyncio.shield(running)
+    except asyncio.CancelledError:
+        own["cancelled"] = True
+        if "task" in own:
+            with contextlib.suppress(RuntimeError):     # its loop closed already: nothing left to cancel
+                own["loop"].call_soon_threadsafe(own["task"].cancel)
+        while not running.done():       # the connection's clean-up (closing the stream) ends before this call
+            try:
+                await asyncio.shield(running)
+            except BaseException:
+                pass
+        raise
+
+
+async def _send(host: str, port: int, transfer: str, token: str, stream: Callable[[], Iterable[bytes]],
+                throttle: Throttle, ssl_context: ssl.SSLContext | None,
+                on_bytes: Callable[[int], Awaitable[None]] | None) -> SendResult:
     reader, writer = await asyncio.open_connection(host, port, ssl=ssl_context, limit=_STREAM_LIMIT)
     writer.transport.set_write_buffer_limits(high=_WRITE_HIGH)
     pieces: _Pieces | None = None
@@ -342,9 +385,7 @@ async def send(host: str, port: int, transfer: str, token: str, stream: Callable
             offset += len(data)
             sent += len(data)
             if on_bytes is not None:
-                maybe = on_bytes(len(data))
-                if maybe is not None:
-                    await maybe
+                await on_bytes(len(data))
         writer.write(encode_frame({"t": "done", "bytes": offset, "blake3": pieces.digest.digest()}))
         await writer.drain()
         answer = await _read_frame(reader)
