@@ -135,8 +135,10 @@ class Param:
             if not isinstance(value, str):
                 raise BadArguments(f"{expected}, got {value!r}", argument=self.name)
             if self.pattern and not re.fullmatch(self.pattern, value):
-                raise BadArguments(f"argument {self.name!r} must match {self.pattern}, got {value!r}",
-                                   argument=self.name)
+                # In words, as the argument's help gives its rule (a storage name's characters and length):
+                # a regular expression is no explanation to a person.
+                raise BadArguments(f"argument {self.name!r} must match the form it takes, got {value!r}"
+                                   + (f": {self.help}" if self.help else ""), argument=self.name)
         if self.choices is not None and value not in self.choices:
             raise BadArguments(f"argument {self.name!r} must be one of {', '.join(map(str, self.choices))};"
                                f" got {value!r}", argument=self.name)

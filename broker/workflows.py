@@ -79,6 +79,7 @@ DISCOVER_WAIT = 30.0  # seconds a step waits for an agent offering its op to be 
 RETRY_PAUSE = 1.0  # seconds between attempts of a step whose outcome was timeout or unreachable
 _NAME = r"[a-z][a-z0-9_-]{0,62}"
 _INSTANCE = r"[0-9a-f]{12}"
+_INSTANCE_ARG = Arg("the instance id: 12 hex digits, as workflow run printed it", pattern=_INSTANCE)
 # What people are shown of an instance (a block, its steps a table) and of the listing (tables).
 _STATUS = Result(
     Field("instance"), Field("workflow"), Field("requester"), Field("params"), Field("state"), Field("error"),
@@ -234,7 +235,7 @@ class WorkflowEngine:
 
     @op("workflow.approve", effect="change", deadline=60, leader=True, result=_STATUS)
     async def workflow_approve(self, call: Call,
-                               instance: Annotated[str, Arg("the instance id", pattern=_INSTANCE)],
+                               instance: Annotated[str, _INSTANCE_ARG],
                                step: Annotated[str, Arg("the step to approve", pattern=_STEP)],
                                wait: Annotated[float, _WAIT] = 10.0) -> dict:
         """Approve a step of a workflow instance as the caller."""
@@ -256,7 +257,7 @@ class WorkflowEngine:
 
     @op("workflow.perform", effect="change", deadline=60, leader=True, result=_STATUS)
     async def workflow_perform(self, call: Call,
-                               instance: Annotated[str, Arg("the instance id", pattern=_INSTANCE)],
+                               instance: Annotated[str, _INSTANCE_ARG],
                                step: Annotated[str, Arg("the held step to perform", pattern=_STEP)],
                                wait: Annotated[float, _WAIT] = 10.0) -> dict:
         """Take a held step of a workflow instance: it runs on the caller's behalf."""
@@ -284,7 +285,7 @@ class WorkflowEngine:
 
     @op("workflow.status", effect="read", deadline=10, leader=True, result=_STATUS)
     async def workflow_status(self, call: Call,
-                              instance: Annotated[str, Arg("the instance id", pattern=_INSTANCE)],
+                              instance: Annotated[str, _INSTANCE_ARG],
                               wait: Annotated[float, Arg("seconds to wait for it to finish or stop at an"
                                                          " approval first (with since: for its next change)",
                                                          min=0, max=8)] = 0.0,
@@ -315,7 +316,7 @@ class WorkflowEngine:
 
     @op("workflow.cancel", effect="change", deadline=10, leader=True, result=_STATUS)
     async def workflow_cancel(self, call: Call,
-                              instance: Annotated[str, Arg("the instance id", pattern=_INSTANCE)]) -> dict:
+                              instance: Annotated[str, _INSTANCE_ARG]) -> dict:
         """Stop a workflow instance before its next step (a step already sent still ends)."""
         async with self._deciding:
             inst = await self._find(instance)

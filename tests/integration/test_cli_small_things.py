@@ -175,3 +175,15 @@ def test_a_broker_op_says_and_goes_to_the_broker(small_mesh):
     assert out.stdout.splitlines()[-1].startswith("mesh.alerts: 1 of 1 ok in ")
     direct = vertebra(home, "call", "mesh.alerts", "--to", cfg["broker"])
     assert direct.returncode == 0 and direct.stdout.startswith("no alerts\n")
+
+
+def test_a_value_out_of_its_form_is_told_in_words_not_as_a_regular_expression(small_mesh):
+    home, _ = small_mesh
+    out = vertebra(home, "call", "storage.volume.create", "volume=bad name!")
+    assert out.returncode == 2
+    assert ("argument 'volume' must match the form it takes, got 'bad name!': volume name (1-64 of A-Z a-z 0-9"
+            " _ . -, starting with a letter or digit, no '..')") in out.stderr
+    assert "[A-Za-z" not in out.stderr and "(?!" not in out.stderr
+    instance = vertebra(home, "workflow", "status", "not-an-id")
+    assert instance.returncode == 2 and "got 'not-an-id': the instance id: 12 hex digits" in instance.stderr
+    assert "[0-9a-f]" not in instance.stderr
