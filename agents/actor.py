@@ -148,7 +148,7 @@ class Actor:
         self._stopping = False
         self._online = asyncio.Event()
         self._gave_up = asyncio.Event()  # start(once=True) found no server accepting connections
-        self._refused: set[tuple[str, int]] | None = None
+        self._refused_servers: set[tuple[str, int]] | None = None
         self._auth_failed: str | None = None
         self.on_event("session_start", self._on_session_start)
         self.on_event("session_resumed", self._on_session_resumed)
@@ -170,7 +170,7 @@ class Actor:
         answers at once; waiting out the timeout would only keep its user waiting), where an agent
         keeps trying until the timeout."""
         self._stopping = False
-        self._refused = set() if once else None
+        self._refused_servers = set() if once else None
         self.xmpp.connect(*self._addresses[self._address])
         online = asyncio.ensure_future(self._online.wait())
         gave_up = asyncio.ensure_future(self._gave_up.wait())
@@ -255,9 +255,9 @@ class Actor:
         # slixmpp would try the same address again after its own fixed schedule; instead the actor
         # ends that attempt and tries the endpoint's next server after a jittered backoff.
         self.xmpp.cancel_connection_attempt()
-        if self._refused is not None and not self._online.is_set():  # start(once=True): each server once
-            self._refused.add(self.server_address)
-            if len(self._refused) >= len(set(self._addresses)):
+        if self._refused_servers is not None and not self._online.is_set():  # start(once=True): each server once
+            self._refused_servers.add(self.server_address)
+            if len(self._refused_servers) >= len(set(self._addresses)):
                 self._stopping = True
                 self._gave_up.set()
                 return
