@@ -23,9 +23,10 @@ test: lint
 test-ejabberd: install
 	VERTEBRA_TEST_ENGINE=ejabberd $(PYTHON) -m pytest -q tests/integration
 
-# Broker instances on three simulated hosts (network namespaces), each with an etcd member: the leader's
-# host is partitioned mid-workflow, healed, and an etcd member killed. Needs root (or CAP_NET_ADMIN and
-# CAP_SYS_ADMIN); skipped, saying so, where namespaces are not permitted. CI runs it after `test`.
+# Broker instances on three simulated hosts (network namespaces), each with an ejabberd node and an etcd
+# member: the leader's host is partitioned mid-workflow, healed, and an etcd member killed. Needs root
+# (or CAP_NET_ADMIN and CAP_SYS_ADMIN); skipped, saying so, where namespaces are not permitted. CI runs
+# it after `test`.
 test-cluster: install
 	$(PYTHON) -m pytest -q tests/cluster
 

@@ -8,14 +8,21 @@ Everything is removed on ``remove()``, on leaving the ``with`` block, and at exi
 
 Needs the right to make namespaces (root, or CAP_SYS_ADMIN and CAP_NET_ADMIN): ``permitted()`` says
 whether this process has it.
+
+``EjabberdNode`` runs one node of an ejabberd cluster on a host: this file, run as a program inside the
+host's namespace, starts the node (agents/ejabberd.py) and does what the test writes to its stdin
+(``register`` accounts, ``stop``); it stops the node when its stdin closes, however the test ends.
 """
 
 from __future__ import annotations
 
 import atexit
+import json
 import os
 import shutil
 import subprocess
+import sys
+from pathlib import Path
 from typing import Any
 
 _made: list[SimulatedHosts] = []
@@ -96,3 +103,77 @@ class SimulatedHosts:
 def _remove_left_over() -> None:
     for hosts in list(_made):
         hosts.remove()
+
+
+class EjabberdNode:
+    """Node ``n`` (0-based) of an ejabberd cluster on ``hosts``, listening on the host's address, port
+    5222; node 0 is the first, the others join it and serve its certificate. State under ``home``."""
+
+    PORT = 5222
+
+    def __init__(self, hosts: SimulatedHosts, n: int, home: Path) -> None:
+        self.hosts, self.n, self.home = hosts, n, home
+        self.address = hosts.addresses[n]
+        self.proc: subprocess.Popen[str] | None = None
+
+    @property
+    def cert_path(self) -> Path:
+        return self.home / "ejabberd-v1" / "cert.pem"  # the first node's: every node serves it
+
+    def start(self) -> None:
+        log = open(self.home / f"node{self.n + 1}.log", "w")
+        self.proc = subprocess.Popen([*self.hosts.wrap(self.n), sys.executable, str(Path(__file__)), "ejabberd",
+                                      str(self.home), str(self.n + 1), self.address, self.hosts.addresses[0]],
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log, text=True,
+                                     env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
+        self._expect("ready", f"ejabberd node {self.n + 1} did not start; see {log.name}")
+
+    def register(self, accounts: dict[str, str]) -> None:
+        self._say(f"register {json.dumps(accounts)}")
+        self._expect("ok", "registering the accounts failed")
+
+    def stop(self) -> None:
+        if self.proc is None:
+            return
+        try:
+            self._say("stop")
+            self.proc.wait(60)
+        except (OSError, subprocess.TimeoutExpired):
+            self.proc.kill()
+            self.proc.wait()
+        self.proc = None
+
+    def _say(self, line: str) -> None:
+        assert self.proc is not None and self.proc.stdin is not None
+        self.proc.stdin.write(line + "\n")
+        self.proc.stdin.flush()
+
+    def _expect(self, word: str, error: str) -> None:
+        assert self.proc is not None and self.proc.stdout is not None
+        if self.proc.stdout.readline().strip() != word:
+            self.stop()
+            raise RuntimeError(error)
+
+
+def _run_ejabberd_node(home: Path, n: int, address: str, first: str) -> None:
+    from agents.ejabberd import PrivateEjabberd
+
+    node = PrivateEjabberd(home, "vertebra.test", host=address, port=EjabberdNode.PORT, node_name=f"v{n}@{address}",
+                           epmd_port=4369, dist_port=4370, cluster_join=None if n == 1 else f"v1@{first}",
+                           tls_from=None if n == 1 else home / "ejabberd-v1")
+    node.start(timeout=90)
+    try:
+        print("ready", flush=True)
+        for line in sys.stdin:
+            command, _, argument = line.strip().partition(" ")
+            if command == "register":
+                node.register_many(json.loads(argument))
+                print("ok", flush=True)
+            elif command == "stop":
+                break
+    finally:
+        node.stop()
+
+
+if __name__ == "__main__" and sys.argv[1:2] == ["ejabberd"]:
+    _run_ejabberd_node(Path(sys.argv[2]), int(sys.argv[3]), sys.argv[4], sys.argv[5])

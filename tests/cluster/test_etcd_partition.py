@@ -1,8 +1,9 @@
 """Broker instances on three simulated hosts sharing their state through etcd, and a partition.
 
-Three network namespaces on one bridge (tests/sim_hosts.py) each run an etcd member and a broker
-instance, with nothing shared on disk: each instance has its own state directory. The XMPP server,
-the agent and the operator's client are on the bridge's side. Then:
+Three network namespaces on one bridge (tests/sim_hosts.py) each run a node of an ejabberd cluster,
+an etcd member and a broker instance connected to its own host's node, with nothing shared on disk:
+each instance has its own state directory. The agent and the operator's client are on the bridge's
+side, connected to the node of a host that is not the leader's. Then:
 
 - the leader's host is cut off (link down) while a workflow's gated step is in flight: another
   instance takes the lead with a newer term and finishes the workflow, the gated step having run
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import signal
+import ssl
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -30,12 +32,11 @@ from agents.authz import AdminsOnly
 from agents.client import Client
 from agents.config import StateConfig
 from agents.errors import Outcome
-from agents.server import PrivateServer
-from conftest import DOMAIN, free_port, until
+from conftest import DOMAIN, until
 from etcd_broker import spawn_broker
 from etcd_cluster import PrivateEtcd
 from gated_agent import RELAY, GatedAgent
-from sim_hosts import SimulatedHosts, permitted
+from sim_hosts import EjabberdNode, SimulatedHosts, permitted
 
 pytest.importorskip("aetcd", reason="the etcd client is the optional extra 'etcd': make install installs it")
 
@@ -64,14 +65,17 @@ async def test_partitioning_the_leader_s_host(tmp_path: Path) -> None:
     hosts = SimulatedHosts(3)
     hosts.create()
     etcd = PrivateEtcd(tmp_path / "etcd", hosts=hosts.addresses, wraps=[hosts.wrap(n) for n in range(3)])
-    server = PrivateServer(tmp_path / "xmpp", domain=DOMAIN, host=hosts.bridge_address, port=free_port())
+    (tmp_path / "xmpp").mkdir()
+    nodes = [EjabberdNode(hosts, n, tmp_path / "xmpp") for n in range(3)]
     brokers: list[subprocess.Popen[str]] = []
     actors: list[Any] = []
     observer = None
     try:
         await asyncio.to_thread(etcd.start)
-        await asyncio.to_thread(server.start)
-        server.register_many({"broker": "pw-broker", "operator": "pw-operator", "gated": "pw-gated"})
+        for node in nodes:  # in order: each joins the first
+            await asyncio.to_thread(node.start)
+        await asyncio.to_thread(nodes[0].register, {"broker": "pw-broker", "operator": "pw-operator",
+                                                    "gated": "pw-gated"})
         broker_bare, operator, agent_jid = f"broker@{DOMAIN}", f"operator@{DOMAIN}", f"gated@{DOMAIN}"
         workflows = tmp_path / "workflows"
         workflows.mkdir()
@@ -80,8 +84,8 @@ async def test_partitioning_the_leader_s_host(tmp_path: Path) -> None:
         for n in range(3):
             home = tmp_path / f"host{n + 1}"  # each host's own disk: nothing shared but etcd
             home.mkdir()
-            settings = {"jid": broker_bare, "password": "pw-broker", "host": hosts.bridge_address,
-                        "port": server.port, "domain": DOMAIN, "cert": str(server.cert_path),
+            settings = {"jid": broker_bare, "password": "pw-broker", "host": nodes[n].address,
+                        "port": EjabberdNode.PORT, "domain": DOMAIN, "cert": str(nodes[0].cert_path),
                         "resource": f"broker-{n + 1}", "state_dir": str(home / "own"),
                         "shared_dir": str(home / "shared"), "etcd": list(state.endpoints), "prefix": state.prefix,
                         "admins": [operator], "workflows": str(workflows),
@@ -89,20 +93,22 @@ async def test_partitioning_the_leader_s_host(tmp_path: Path) -> None:
             (home / "own").mkdir()
             (home / "shared").mkdir()
             brokers.append(await asyncio.to_thread(spawn_broker, settings, home / "broker.json", hosts.wrap(n)))
-        endpoint = Endpoint(server.host, server.port, DOMAIN, server.ssl_context())
+        instances = [f"{broker_bare}/broker-{n + 1}" for n in range(3)]
+        observer = EtcdLease(state, "observer", term=6)
+        leader, old_term = await until(observer.leader, timeout=30, what="a broker instance to lead")
+        lost = instances.index(leader)
+        others = [i for i in instances if i != leader]
+        # The agent and the client on the node of a host that stays: the leader's host is the one cut off.
+        ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(nodes[0].cert_path))
+        endpoint = Endpoint(nodes[(lost + 1) % 3].address, EjabberdNode.PORT, DOMAIN, ctx)
         (tmp_path / "agent").mkdir()
         agent = GatedAgent(agent_jid, "pw-gated", endpoint, resources=["/host/a"], broker=broker_bare,
                            state_dir=tmp_path / "agent", authorizer=AdminsOnly([operator]))
         await agent.start(timeout=30)
         actors.append(agent)
-        instances = [f"{broker_bare}/broker-{n + 1}" for n in range(3)]
         client = Client(operator, "pw-operator", endpoint, broker=instances)
         await client.start(timeout=30)
         actors.append(client)
-        observer = EtcdLease(state, "observer", term=6)
-        leader, old_term = await until(observer.leader, timeout=30, what="a broker instance to lead")
-        lost = instances.index(leader)
-        others = [i for i in instances if i != leader]
 
         # A workflow asked of another instance runs on the leader; its gated step is in flight.
         started = await client.request(others[0], "workflow.run", {"workflow": "relay", "wait": 0}, timeout=30)
@@ -155,7 +161,8 @@ async def test_partitioning_the_leader_s_host(tmp_path: Path) -> None:
             except subprocess.TimeoutExpired:
                 proc.kill()
                 await asyncio.to_thread(proc.wait)
-        await asyncio.to_thread(server.stop)
+        for node in reversed(nodes):
+            await asyncio.to_thread(node.stop)
         await asyncio.to_thread(etcd.stop)
         hosts.remove()
 
