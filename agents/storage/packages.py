@@ -162,6 +162,8 @@ class PackageHost:
             if isinstance(exc, StorageError) and exc.code in ("corrupt", "unsupported"):
                 self._drop_transfer(transfer)   # a whole but bad spool would fail forever: the next try is fresh
             raise
+        # Removing a spool of gigabytes takes the filesystem a while: not on the event loop.
+        await asyncio.to_thread(inbox.spool(transfer).unlink, missing_ok=True)
         self._drop_transfer(transfer)
         pruned = await asyncio.to_thread(self.prune, package)
         return {"name": info.name, "guid": info.guid, "logical_bytes": info.logical_bytes, "pruned": pruned}
