@@ -147,6 +147,7 @@ class Agent(Actor):
         # Requests are served fairly per sender and refused over a sender's rate or queue (intake.py).
         self.intake: FairIntake[Iq] = FairIntake(self._serve, requests or IntakeLimits(), spawn=self.spawn)
         self._brokers: set[str] = set()  # full JIDs of brokers that have seen us this session
+        self._broker_sessions: dict[str, str] = {}  # broker full JID -> its session we last answered
         self._announcer: asyncio.Task[None] | None = None
         self._audit_flusher: asyncio.Task[None] | None = None
         self._anchored: dict[str, int] = {}  # broker full JID -> audit sequence it holds as our anchor
@@ -280,6 +281,7 @@ class Agent(Actor):
         if self.audit is not None and self._audit_flusher is None:
             self._audit_flusher = self.spawn(self._flush_audit(self.audit), name=f"audit flusher {self.name}")
         self._brokers.clear()
+        self._broker_sessions.clear()
         self._start_announcing()
         self.spawn(self._jobs_on_session(), name=f"jobs of {self.name}")
 
@@ -288,7 +290,11 @@ class Agent(Actor):
         pres = self.xmpp.make_presence(pto=to)
         if self._caps_ver:
             caps.stamp(pres, self._caps_ver)
+        self._stamp_presence(pres)
         pres.send()
+
+    def _stamp_presence(self, pres: Presence) -> None:
+        """Anything else every presence of this actor carries (the broker's: its session, 4.5)."""
 
     def _start_announcing(self) -> None:
         if self.broker and (self._announcer is None or self._announcer.done()):
@@ -320,14 +326,20 @@ class Agent(Actor):
         broker = str(pres["from"])
         if pres["type"] == "unavailable":
             self._brokers.discard(broker)
+            self._broker_sessions.pop(broker, None)
             self._start_announcing()  # to be known again as soon as a broker returns
-        elif broker not in self._brokers or not pres["to"].resource:
-            # A broker we had not heard from (it acknowledged us, or it started and says hello), or a
-            # hello, which a broker sends our bare JID from a new session whose directory is empty:
-            # one presence back lists us there with our current caps. A hello is answered even from
-            # a full JID already seen, since a broker that lost its session comes back under the same
-            # one, and the server need not have told us it went (docs/protocol.md 4.4).
+            return
+        marker = pres.xml.find(protocol.BROKER_SESSION)
+        session = marker.get("id", "") if marker is not None else ""
+        # A broker we had not heard from (it acknowledged us, or it started and says hello), or one we
+        # had, from a session we have not answered: a broker that lost its session comes back under
+        # the same full JID with an empty directory, and the server need not have told us it went
+        # (docs/protocol.md 4.4). A hello to our bare JID (as Prosody delivers it) is such a session
+        # too. One presence back lists us there with our current caps.
+        if broker not in self._brokers or not pres["to"].resource \
+                or self._broker_sessions.get(broker, session) != session:
             self._brokers.add(broker)
+            self._broker_sessions[broker] = session
             self.presence(broker)
 
     # -- receive, deduplicate, validate, authorize, execute ------------------------------------

@@ -225,6 +225,8 @@ _OP = f"{{{NS}}}op"
 _PRESENCE = "{jabber:client}presence"
 _JOB_TAGS = {f"{{{NS}}}progress", f"{{{NS}}}outcome"}
 _OUTCOME = f"{{{NS}}}outcome"
+#: ``<session id>`` in every presence a broker sends: a new id per broker session (docs/protocol.md 4.5).
+BROKER_SESSION = f"{{{NS}}}session"
 RECEIPTS = "urn:xmpp:receipts"  # XEP-0184: an outcome message asks for one; its receipt says it arrived
 _RECEIPT_REQUEST = f"{{{RECEIPTS}}}request"
 _RECEIPT = f"{{{RECEIPTS}}}received"

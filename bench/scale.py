@@ -103,6 +103,7 @@ AGENT_FORM = "urn:vertebra:1#agent"
 CAPS_NODE = "https://vertebra.invalid/bench-simulated-agent"
 IQ, PRESENCE = f"{{{NS_CLIENT}}}iq", f"{{{NS_CLIENT}}}presence"
 OP_TAG, INFO_TAG, PING_TAG = f"{{{NS_VERTEBRA}}}op", f"{{{NS_DISCO_INFO}}}query", f"{{{NS_PING}}}ping"
+BROKER_SESSION = f"{{{NS_VERTEBRA}}}session"  # in every presence a broker sends (docs/protocol.md 4.5)
 
 
 # -- what every simulated agent advertises (docs/protocol.md 4.1-4.3) ----------------------------------
@@ -164,7 +165,7 @@ class SimAgent:
         self.parser: ET.XMLPullParser | None = None
         self.root: ET.Element | None = None
         self.depth = 0
-        self.brokers: set[str] = set()
+        self.brokers: dict[str, str] = {}  # broker full JID -> its session (docs/protocol.md 4.4)
         self.announcing: asyncio.Task[None] | None = None
         self.online = False
         self.logins = 0
@@ -323,12 +324,16 @@ class SimAgent:
             if sender.split("/", 1)[0] != self.pool.broker or "/" not in sender:
                 return
             if el.get("type") == "unavailable":
-                self.brokers.discard(sender)
+                self.brokers.pop(sender, None)
                 if not self.brokers:
                     self.announce()
-            elif el.get("type") is None and (sender not in self.brokers or "/" not in el.get("to", "/")):
-                # A new broker's acknowledgement, or any hello (to the bare JID): answer it (4.4).
-                self.brokers.add(sender)
+                return
+            marker = el.find(BROKER_SESSION)
+            session = marker.get("id", "") if marker is not None else ""
+            if el.get("type") is None and (sender not in self.brokers or "/" not in el.get("to", "/")
+                                           or self.brokers[sender] != session):
+                # A broker, or a broker session, not answered yet; or a hello to the bare JID (4.4).
+                self.brokers[sender] = session
                 self.send(f"<presence to={quoteattr(sender)}>{self.pool.caps}</presence>")
                 if self.announcing is not None:
                     self.announcing.cancel()

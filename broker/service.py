@@ -28,10 +28,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import uuid
 from pathlib import Path
 from typing import Annotated, Any, Iterable, Mapping
 
 from slixmpp import Presence
+from slixmpp.xmlstream import ET
 from slixmpp.exceptions import IqError, IqTimeout
 
 from agents import caps as entity_caps
@@ -103,6 +105,7 @@ class Broker(Agent):
         self.roster: dict[str, Admission] = {}
         self._admitted_kinds: set[str] = set()
         self._present: set[str] = set()
+        self._session = ""  # this session's id, which every presence it sends carries (on_session)
         self._learning: dict[str, asyncio.Future[Capabilities | None]] = {}  # at most LEARNING_LIMIT
         self._querying: dict[str, int] = {}  # bare JID -> disco queries in flight for it
         self._query_budget = RateLimit(burst=QUERY_BURST, rate=QUERY_RATE, max_senders=BAD_CAPS_CACHE)
@@ -172,6 +175,9 @@ class Broker(Agent):
         # A new session (not a resumed one): the server has forgotten our directed presences.
         self.directory.clear()
         self._present.clear()
+        # Every presence of this session says which session it is (``_stamp_presence``), so an agent
+        # that answered the one before answers this one's hello, whatever the server told it between.
+        self._session = uuid.uuid4().hex
         self._caps_ver = await entity_caps.advertise(self.xmpp)
         self.presence()  # available, so presence sent to our bare JID reaches us
         await self._hello_known()
@@ -180,6 +186,9 @@ class Broker(Agent):
         asyncio.get_running_loop().call_later(HELLO_AGAIN, lambda: self.spawn(self._hello_known(True),
                                                                              name="second hello to agents"))
         self.leadership.start_leading()
+
+    def _stamp_presence(self, pres: Presence) -> None:
+        ET.SubElement(pres.xml, protocol.BROKER_SESSION, {"id": self._session})
 
     async def _hello_known(self, unlisted_only: bool = False) -> None:
         """Directed presence to every admitted agent any instance of this broker has seen; each

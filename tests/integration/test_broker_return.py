@@ -5,7 +5,8 @@ again as ``broker@DOMAIN/broker``), and its new session starts with an empty dir
 every known agent at its bare JID (docs/protocol.md 4.5). Whether the server told an agent, in
 between, that the old session went depends on the server and on timing: with 50,000 agents on
 ejabberd many were never told, took the greeting for a broker they had already answered, and stayed
-unlisted. An agent answers every greeting (4.4), seen broker or not. And the keepalive that made the
+unlisted. Every presence of a broker names its session, and an agent answers a session it has not
+answered (4.4), seen full JID or not. And the keepalive that made the
 broker reconnect counts anything the server sent meanwhile as a sign of life (``Actor._keepalive``).
 """
 
@@ -13,26 +14,48 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import uuid
 
 from agents.client import Client
 from conftest import until
 from sample_agent import SampleAgent
 
 
-async def test_agents_answer_a_broker_that_greets_again_under_a_full_jid_they_know(mesh):
-    broker = await mesh.broker()
+async def test_agents_answer_a_broker_that_greets_again_under_a_full_jid_they_know(mesh, tmp_path):
+    broker = await mesh.broker(state_dir=tmp_path / "broker")  # where it records the agents it greets
+    hellos: list[bool] = []
+    hello_known = broker._hello_known
+
+    async def counted_hello(unlisted_only: bool = False) -> None:
+        await hello_known(unlisted_only)
+        hellos.append(unlisted_only)
+
+    broker._hello_known = counted_hello
     agents = [await mesh.agent(SampleAgent, broker, [f"/host/r{i}"]) for i in range(3)]
     await until(lambda: len(broker.directory) == 3, what="three agents listed")
     jid = str(broker.jid)
     assert all(a._brokers == {jid} for a in agents)
+    # The start's second hello (to agents still unlisted, a few seconds in) is over: only the
+    # presences below can list the agents again.
+    await until(lambda: True in hellos, what="the broker's second hello")
 
-    # The broker's side of a new session under the same full JID, with no unavailable presence in
-    # between: its directory is empty and it says hello to every agent it knows.
-    broker.directory.clear()
-    broker._present.clear()
-    broker._hello_known()
+    def new_session() -> None:
+        # The broker's side of a new session under the same full JID, with no unavailable presence
+        # in between: its directory is empty and its presences carry a new session (on_session).
+        broker.directory.clear()
+        broker._present.clear()
+        broker._session = uuid.uuid4().hex
+
+    # Its hello at each agent's full JID, as ejabberd delivers a presence sent to a bare JID.
+    new_session()
+    for agent in agents:
+        broker.presence(str(agent.jid))
     await until(lambda: len(broker.directory) == 3, what="every agent listed again after the hello")
     assert all(a._brokers == {jid} for a in agents)  # still the one broker, acknowledged again
+    # Its hello to the agents' bare JIDs, as it sends it.
+    new_session()
+    await broker._hello_known()
+    await until(lambda: len(broker.directory) == 3, what="every agent listed again after the second hello")
 
 
 async def test_agents_are_listed_again_when_the_broker_reconnects_after_a_missed_keepalive(mesh):
