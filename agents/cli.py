@@ -611,10 +611,13 @@ def cmd_agents(mesh: meshconf.MeshConfig, ns: argparse.Namespace) -> int:
     report = _call_broker(mesh, "mesh.agents", {}, ns.timeout)
     if report.ok and not ns.json:
         agents = report.results[0].result
+        # The ops offered to people (`vertebra help`'s listing), not those agents send one another.
+        listing = _call_broker(mesh, "mesh.describe", {"op": ""}, min(DESCRIBE_TIMEOUT, ns.timeout))
+        offered = {o["name"] for o in listing.results[0].result} if listing.ok else None
         for a in agents:
             print(f"{a['jid']}  ({a['kind']})")
             print(f"    resources: {' '.join(a['resources']) or '-'}")
-            print(f"    ops:       {' '.join(a['ops'])}")
+            print(f"    ops:       {' '.join(o for o in a['ops'] if offered is None or o in offered)}")
         print(f"{len(agents)} live agent{'s' * (len(agents) != 1)}")
     elif report.ok:
         print(json.dumps({"agents": report.results[0].result}, indent=2))

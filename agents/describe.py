@@ -60,8 +60,9 @@ def publish(xmpp: Any, ops: Mapping[str, OpSpec]) -> None:
             info.add_identity("automation", "command-node", spec.name)
             info.append(form_of(xmpp, spec))
             disco.set_info(jid=me, node=op_node(spec.name), info=info)
+        # The listing offers people the ops for them; each op, internal ones too, is described on its node.
         disco.set_items(jid=me, node=OPS_NODE,
-                        items={(me, op_node(spec.name), spec.summary) for spec in ops.values()})
+                        items={(me, op_node(spec.name), spec.summary) for spec in ops.values() if not spec.internal})
 
     xmpp.add_event_handler("session_bind", on_bind)
     if xmpp.session_bind_event.is_set():

@@ -266,6 +266,15 @@ class OpSpec:
     makes: str = ""
     removes: str = ""
     rereads: str = ""
+    # Sent by agents to one another, whoever the policy lets send it (a source agent opening the target's
+    # inbox): not offered to people, as an op only the broker or agents may send is not (``internal``).
+    for_agents: bool = False
+
+    @property
+    def internal(self) -> bool:
+        """Whether the op is for the mesh's own actors, not people: `vertebra help`, `vertebra agents` and
+        the chat bot do not offer it (a person the policy allows may still call it)."""
+        return self.for_agents or self.sender != "anyone"
 
     @property
     def destructive(self) -> bool:
@@ -364,7 +373,7 @@ def op(name: str, *, effect: Effect = "change", deadline: float = 30.0, progress
        resources: Sequence[str] = (), address: str | None = None, scope: Literal["all", "one"] = "all",
        destructive: bool | None = None, sender: Sender = "anyone", sender_kinds: Sequence[str] = (),
        own_resources: str = "", leader: bool = False, approval: str = "", result: Result | None = None,
-       announce: str = "", makes: str = "", removes: str = "", rereads: str = ""
+       announce: str = "", makes: str = "", removes: str = "", rereads: str = "", for_agents: bool = False
        ) -> Callable[[Callable[..., Awaitable[Any]]], Callable[..., Awaitable[Any]]]:
     """Declare a method as an op. Its docstring's first line is the summary; its typed keyword
     parameters after ``call`` are the arguments."""
@@ -401,7 +410,8 @@ def op(name: str, *, effect: Effect = "change", deadline: float = 30.0, progress
             params=tuple(_params_of(name, func)), effect=effect, deadline=float(deadline),
             progress=progress, resources=tuple(resources), func=func, address=address, scope=scope,
             sender=sender, sender_kinds=tuple(sender_kinds), own_resources=own_resources, leader=leader,
-            approval=approval, result=result, announce=announce, makes=makes, removes=removes, rereads=rereads)
+            approval=approval, result=result, announce=announce, makes=makes, removes=removes, rereads=rereads,
+            for_agents=for_agents)
         return func
 
     return decorate

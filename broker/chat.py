@@ -371,7 +371,7 @@ class ChatBot(Actor):
         if res is None or res.outcome is not Outcome.OK:
             return say(format_report(report, self.ops["mesh.agents"].result))
         lines = [f"{short(a['jid'])} ({a['kind']}): {' '.join(a['resources']) or 'no resources'};"
-                 f" {len(a['ops'])} ops" for a in res.result]
+                 f" {len([o for o in a['ops'] if o in self.ops])} ops" for a in res.result]  # those offered to people
         lines.append(f"{len(res.result)} live agents")
         return say("\n".join(lines))
 

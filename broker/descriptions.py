@@ -71,7 +71,7 @@ class OpDescriptions:
     async def op_summaries(self) -> list[dict[str, Any]]:
         """Every op the broker and the live agents offer, with its summary, sorted by name; the
         broker's own are marked ``"broker": true`` (sent to the broker, not found by discovery)."""
-        out = {name: spec.summary for name, spec in self.ops.items()}
+        out = {name: spec.summary for name, spec in self.ops.items() if not spec.internal}
         by_caps: dict[Capabilities, list[str]] = {}
         for entry in self.directory.entries():
             by_caps.setdefault(entry.caps, []).append(entry.jid)

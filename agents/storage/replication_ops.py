@@ -143,7 +143,8 @@ class ReplicationOps:
         """List the packages this agent holds: source agent and volume, action, snapshots."""
         return await self._drive(self.packages.list)  # type: ignore[attr-defined]
 
-    @op("storage.package.receive", effect="change", resources=("/volume/{package}",), rereads="/volume")
+    @op("storage.package.receive", effect="change", resources=("/volume/{package}",), rereads="/volume",
+        for_agents=True)
     async def package_receive(self, call: Call, package: Package,
                               action: ActionId, source_volume: Volume,
                               snapshot: Annotated[str, Arg("snapshot to receive", pattern=NAME_PATTERN)],
@@ -155,7 +156,7 @@ class ReplicationOps:
                                                      driver))
 
     @op("storage.package.commit", effect="change", deadline=_DATA_DEADLINE, resources=("/volume/{package}",),
-        rereads="/volume")
+        rereads="/volume", for_agents=True)
     async def package_commit(self, call: Call, package: Package,
                              snapshot: Annotated[str, Arg("snapshot whose stream is complete",
                                                           pattern=NAME_PATTERN)]) -> dict:

@@ -12,9 +12,12 @@ import time
 
 import pytest
 import yaml
-from conftest import ROOT, free_port, running, vertebra
+from conftest import ROOT, free_port, running, until, vertebra
+
+from agents import config
 
 from agents.audit import AuditLog
+from agents.client import Client
 
 AGENTS = [{"name": "store", "kind": "storage", "resources": ["/host/small", "/pool/small"]}]
 
@@ -187,3 +190,43 @@ def test_a_value_out_of_its_form_is_told_in_words_not_as_a_regular_expression(sm
     instance = vertebra(home, "workflow", "status", "not-an-id")
     assert instance.returncode == 2 and "got 'not-an-id': the instance id: 12 hex digits" in instance.stderr
     assert "[0-9a-f]" not in instance.stderr
+
+
+INTERNAL = ("policy.install", "fenced.install", "storage.package.receive", "storage.package.commit", "mesh.volumes",
+            "mesh.audit.anchor", "mesh.storage.notice", "mesh.fence.event", "fence.ledger")
+
+
+def test_ops_the_mesh_sends_itself_are_not_offered_to_people(small_mesh):
+    home, _ = small_mesh
+    listed = vertebra(home, "agents")
+    assert listed.returncode == 0 and "storage.volume.create" in listed.stdout and "job.status" in listed.stdout
+    helped = vertebra(home, "help")
+    assert helped.returncode == 0 and "storage.volume.create" in helped.stdout
+    names = {line.split()[0] for line in helped.stdout.splitlines()}
+    for internal in INTERNAL:
+        assert internal not in listed.stdout.split() and internal not in names, internal
+    # Still described when asked by name (an operator tracing a replication reads what the source sent).
+    described = vertebra(home, "help", "storage.package.receive")
+    assert described.returncode == 0 and described.stdout.startswith("storage.package.receive - ")
+
+
+async def test_the_chat_bot_does_not_offer_them_either(mesh_home, server):
+    home = mesh_home(AGENTS)
+    cfg = yaml.safe_load((home / "mesh.yaml").read_text())
+    cfg["chat"] = {"account": "bot" + cfg["broker"].removeprefix("broker")}
+    (home / "mesh.yaml").write_text(yaml.safe_dump(cfg))
+    mesh = config.load(home / "mesh.yaml", home)
+    server.register_many(mesh.ensure_passwords())
+    with running(home, expect_agents=1):
+        me = Client(mesh.jid(mesh.operator), mesh.password(mesh.operator), mesh.endpoint(), broker=mesh.broker_jids)
+        got: list[str] = []
+        me.on_event("message", lambda m: got.append(m["body"]) if m["body"] else None)
+        await me.start(timeout=10)
+        try:
+            me.xmpp.send_message(mto=mesh.jid(mesh.chat.account), mbody="help", mtype="chat")
+            listing = await until(lambda: next((b for b in got if "commands:" in b), None), 20, "the bot's list")
+            assert "storage.volume.create" in listing
+            for internal in INTERNAL:
+                assert f" {internal} " not in listing, internal
+        finally:
+            await me.stop()
