@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -230,3 +231,30 @@ async def test_the_chat_bot_does_not_offer_them_either(mesh_home, server):
                 assert f" {internal} " not in listing, internal
         finally:
             await me.stop()
+
+
+FAILING_WORKFLOW = """
+name: clone-missing
+description: Clone a snapshot the volume does not have (it fails at once).
+params:
+  volume: {help: "the volume"}
+steps:
+  - name: clone
+    op: storage.clone.create
+    on: ["/volume/{volume}"]
+    args: {volume: "{volume}", snapshot: "nosuch", clone: "{volume}-copy"}
+"""
+
+
+def test_workflow_run_of_a_workflow_that_fails_exits_non_zero(mesh_home):
+    home = mesh_home(AGENTS)
+    (home / "workflows").mkdir()
+    (home / "workflows" / "clone-missing.yaml").write_text(FAILING_WORKFLOW)
+    with running(home, expect_agents=1):
+        made = vertebra(home, "call", "storage.volume.create", "volume=db")
+        assert made.returncode == 0, made.stderr
+        run = vertebra(home, "workflow", "run", "clone-missing", "volume=db")
+        # The op answered (the broker ran it), but the workflow did not do what was asked.
+        assert run.returncode == 1, run.stdout + run.stderr
+        assert re.search(r"^  state: +failed$", run.stdout, re.M), run.stdout
+        assert "nosuch" in run.stdout
