@@ -36,7 +36,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Protocol
 
-from agents.db import open_db
+from agents.db import Store
 from agents.errors import OpError, Outcome, error_for
 
 from . import shared_state
@@ -69,7 +69,10 @@ class LeaseStore(Protocol):
 
 
 class Lease:
-    """One named lease in a SQLite file that every instance opens (or in memory, for one instance)."""
+    """One named lease in a SQLite file that every instance opens (or in memory, for one instance).
+    Its statements run on the file's own thread (``agents.db.Store``): a renewal that waits for a busy
+    file never holds up the event loop, and the instance stops counting itself leader when its last
+    renewal could have run out, whether or not the next one has come back."""
 
     errors: tuple[type[BaseException], ...] = (sqlite3.Error,)
 
@@ -77,26 +80,14 @@ class Lease:
                  clock: Callable[[], float] = time.time) -> None:
         self.holder, self.term, self._clock = holder, term, clock
         self.valid_until = 0.0
-        self._db = open_db(path, _LEASE_MIGRATIONS)
+        self.store = Store(path, _LEASE_MIGRATIONS, name="workflow lease")
 
     async def take(self, gone: str = "") -> int | None:
         """Take or renew the lease; its term while this holder has it, else None. It is taken only
         when it is free, expired, already ours, or held by ``gone`` (an instance the server said has
         left)."""
-        asked, now = time.monotonic(), self._clock()
-        self._db.execute("BEGIN IMMEDIATE")
-        try:
-            row = self._db.execute("SELECT holder, expires, term FROM lease WHERE name = 'workflows'").fetchone()
-            mine = row is None or row[0] in (self.holder, gone) or row[1] < now
-            term = None
-            if mine:
-                # The same term only while this holder's lease runs on without a gap.
-                kept = row is not None and row[0] == self.holder and row[1] >= now
-                term = row[2] if kept else (row[2] if row else 0) + 1
-                self._db.execute("INSERT OR REPLACE INTO lease (name, holder, expires, term)"
-                                 " VALUES ('workflows', ?, ?, ?)", (self.holder, now + self.term, term))
-        finally:
-            self._db.execute("COMMIT")
+        asked = time.monotonic()
+        term = await self.store.run(_take, self.holder, gone, self._clock(), self.term)
         if term is not None:
             self.valid_until = asked + self.term
         return term
@@ -106,16 +97,44 @@ class Lease:
 
     async def current(self) -> str | None:
         """The holder of an unexpired lease, if any."""
-        row = self._db.execute("SELECT holder, expires FROM lease WHERE name = 'workflows'").fetchone()
-        return row[0] if row is not None and row[1] >= self._clock() else None
+        return await self.store.run(_current, self._clock())
 
     async def release(self) -> None:
-        # Expired rather than deleted: the row keeps the term, so the next holder's is higher.
         self.valid_until = 0.0
-        self._db.execute("UPDATE lease SET expires = 0 WHERE name = 'workflows' AND holder = ?", (self.holder,))
+        await self.store.run(_release, self.holder)
 
     async def aclose(self) -> None:
-        self._db.close()
+        await self.store.aclose()
+
+
+# -- the lease's statements, each run on its store's thread ------------------------------------------
+
+def _take(db: sqlite3.Connection, holder: str, gone: str, now: float, length: float) -> int | None:
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        row = db.execute("SELECT holder, expires, term FROM lease WHERE name = 'workflows'").fetchone()
+        term = None
+        if row is None or row[0] in (holder, gone) or row[1] < now:
+            # The same term only while this holder's lease runs on without a gap.
+            kept = row is not None and row[0] == holder and row[1] >= now
+            term = row[2] if kept else (row[2] if row else 0) + 1
+            db.execute("INSERT OR REPLACE INTO lease (name, holder, expires, term) VALUES ('workflows', ?, ?, ?)",
+                       (holder, now + length, term))
+    except BaseException:
+        db.execute("ROLLBACK")
+        raise
+    db.execute("COMMIT")
+    return term
+
+
+def _current(db: sqlite3.Connection, now: float) -> str | None:
+    row = db.execute("SELECT holder, expires FROM lease WHERE name = 'workflows'").fetchone()
+    return row[0] if row is not None and row[1] >= now else None
+
+
+def _release(db: sqlite3.Connection, holder: str) -> None:
+    # Expired rather than deleted: the row keeps the term, so the next holder's is higher.
+    db.execute("UPDATE lease SET expires = 0 WHERE name = 'workflows' AND holder = ?", (holder,))
 
 
 class Deposed(Exception):

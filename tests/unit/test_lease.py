@@ -78,3 +78,15 @@ async def test_a_holder_counts_on_its_lease_only_as_long_as_it_was_asked_for(tmp
     before = time.monotonic()
     assert await one.take()
     assert before + 6 <= one.valid_until <= time.monotonic() + 6
+
+
+async def test_the_lease_s_statements_run_off_the_event_loop(tmp_path):
+    import threading
+
+    one, _ = pair(tmp_path, Clock())
+    loop_thread, threads = threading.get_ident(), set()
+    one.store.db.set_trace_callback(lambda _sql: threads.add(threading.get_ident()))
+    assert await one.take() and await one.current() == "b@x/broker"
+    await one.release()
+    assert threads and loop_thread not in threads
+    await one.aclose()
