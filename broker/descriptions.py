@@ -49,8 +49,10 @@ class OpDescriptions:
 
     async def op_description(self, name: str) -> dict[str, Any]:
         """The description of ``name`` (as ``OpSpec.describe()``) from the broker or a live agent offering it."""
-        if name in self.ops:  # marked as in the listing: sent to the broker, not found by discovery
-            return {**self.ops[name].describe(), "broker": True}
+        if name in self.ops:
+            # Marked when only the broker serves it (mesh.alerts): sent to the broker, as discovery finds
+            # agents alone; an op agents serve too (job.status) goes to them as before.
+            return self.ops[name].describe() | ({} if self.directory.discover(name) else {"broker": True})
         entries = self.directory.discover(name)
         if not entries:
             raise UnknownOp(f"no live agent offers an op named {name!r}; `mesh.describe` with no op lists"

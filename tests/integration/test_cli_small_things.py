@@ -179,6 +179,11 @@ def test_a_broker_op_says_and_goes_to_the_broker(small_mesh):
     assert out.stdout.splitlines()[-1].startswith("mesh.alerts: 1 of 1 ok in ")
     direct = vertebra(home, "call", "mesh.alerts", "--to", cfg["broker"])
     assert direct.returncode == 0 and direct.stdout.startswith("no alerts\n")
+    # An op the agents serve as well as the broker goes to the agents, as discovery finds them.
+    agent = cfg["agents"][0]["name"]
+    assert "[--on RESOURCE ...]" in vertebra(home, "help", "job.status").stdout
+    job = vertebra(home, "call", "job.status", "job=nosuch", "--json")
+    assert [r["target"].split("@")[0] for r in json.loads(job.stdout)["results"]] == [agent], job.stdout
 
 
 def test_a_value_out_of_its_form_is_told_in_words_not_as_a_regular_expression(small_mesh):
