@@ -147,6 +147,9 @@ class Directory:
         # Lowercased bare JID -> how many of its full JIDs are listed: whether an account is listed is
         # asked for every op a live agent sends the broker, which a scan would make O(agents) each.
         self._accounts: Counter[str] = Counter()
+        # Op -> how many listed agents offer it: discovery of an op nobody offers answers at once
+        # instead of scanning every entry (25 ms at 50,000 agents).
+        self._offering: Counter[str] = Counter()
         # full JID -> where it holds volumes (/volume/NAME), as a listed storage agent reports them
         # (broker/volumes.py): routing only, never part of what admission checks
         self._located: dict[str, frozenset[str]] = {}
@@ -161,6 +164,9 @@ class Directory:
         if old is None:
             insort(self._order, jid)
             self._accounts[_account(jid)] += 1
+        else:
+            self._offering.subtract(old.caps.ops)
+        self._offering.update(caps.ops)
         self._agents[jid] = entry
         return old != entry
 
@@ -170,12 +176,15 @@ class Directory:
         self._agents.clear()
         self._order.clear()
         self._accounts.clear()
+        self._offering.clear()
         self._located.clear()
 
     def remove(self, jid: str) -> bool:
         self._located.pop(jid, None)
-        if self._agents.pop(jid, None) is None:
+        entry = self._agents.pop(jid, None)
+        if entry is None:
             return False
+        self._offering.subtract(entry.caps.ops)
         del self._order[bisect_right(self._order, jid) - 1]
         account = _account(jid)
         self._accounts[account] -= 1
@@ -211,6 +220,8 @@ class Directory:
         JID sorts after ``after``, and at most ``limit`` of them when ``limit`` is positive (a page)."""
         wanted = list(resources)
         found: list[Entry] = []
+        if op is not None and self._offering[op] <= 0:
+            return found
         start = bisect_right(self._order, after) if after else 0
         for jid in self._order[start:] if start else self._order:
             entry = self._agents[jid]

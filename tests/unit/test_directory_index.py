@@ -50,3 +50,20 @@ def test_listed_accounts_are_counted_per_bare_jid():
     d.add("mon2@x/agent", ECHO)
     d.clear()
     assert not d.lists("mon2@x")
+
+
+def test_ops_offered_are_counted_as_agents_come_change_and_go():
+    d = Directory()
+    assert d.discover("sample.echo") == []
+    d.add("a@x/agent", ECHO)
+    d.add("b@x/agent", ECHO)
+    assert jids(d.discover("sample.echo")) == ["a@x/agent", "b@x/agent"] and d.discover("sample.count") == []
+    d.add("a@x/agent", OTHER)  # its advertisement changed: it offers the other op now
+    assert jids(d.discover("sample.echo")) == ["b@x/agent"] and jids(d.discover("sample.count")) == ["a@x/agent"]
+    d.remove("b@x/agent")
+    assert d.discover("sample.echo") == [] and jids(d.discover(None)) == ["a@x/agent"]
+    d.add("b@x/agent", ECHO)
+    assert jids(d.discover("sample.echo")) == ["b@x/agent"]
+    d.clear()
+    d.add("c@x/agent", OTHER)
+    assert d.discover("sample.echo") == [] and jids(d.discover("sample.count")) == ["c@x/agent"]
