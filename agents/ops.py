@@ -128,9 +128,9 @@ class Param:
                 raise BadArguments(f"{expected}, got {value!r}", argument=self.name)
             value = int(value) if kind == "integer" else float(value)
             if (self.min is not None and value < self.min) or (self.max is not None and value > self.max):
-                raise BadArguments(
-                    f"argument {self.name!r} must be between {self.min} and {self.max}, got {value}",
-                    argument=self.name)
+                bound = (f"between {self.min:g} and {self.max:g}" if self.min is not None and self.max is not None
+                         else f"at least {self.min:g}" if self.min is not None else f"at most {self.max:g}")
+                raise BadArguments(f"argument {self.name!r} must be {bound}, got {value}", argument=self.name)
         else:
             if not isinstance(value, str):
                 raise BadArguments(f"{expected}, got {value!r}", argument=self.name)

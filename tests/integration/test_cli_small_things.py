@@ -196,6 +196,9 @@ def test_a_value_out_of_its_form_is_told_in_words_not_as_a_regular_expression(sm
     instance = vertebra(home, "workflow", "status", "not-an-id")
     assert instance.returncode == 2 and "got 'not-an-id': the instance id: 12 hex digits" in instance.stderr
     assert "[0-9a-f]" not in instance.stderr
+    # A bound on one side only reads as such, not "between 0 and None".
+    since = vertebra(home, "call", "mesh.alerts", "since=-1")
+    assert since.returncode == 2 and "argument 'since' must be at least 0, got -1" in since.stderr
 
 
 INTERNAL = ("policy.install", "fenced.install", "storage.package.receive", "storage.package.commit", "mesh.volumes",
