@@ -231,7 +231,9 @@ def render(report: CallReport, result: Result | None = None, elapsed: float | No
                 lines += [f"{names[r.target]}:"] + ["  " + line for line in inner]
     for r in report.results:
         if r.outcome is not Outcome.OK:
-            lines.append(f"{names[r.target]}: {r.outcome.value}" + (f": {r.error}" if r.error else ""))
+            # An error sent with a condition that is the outcome's own name ("failed: ...") says it once.
+            error = (r.error or "").removeprefix(f"{r.outcome.value}: ")
+            lines.append(f"{names[r.target]}: {r.outcome.value}" + (f": {error}" if error else ""))
     lines.append(summary_line(report, result, elapsed))
     return "\n".join(lines)
 

@@ -128,3 +128,10 @@ def test_an_empty_list_reads_as_a_sentence_not_a_dash():
     assert Result.from_description(alerts.describe()) == alerts  # what help and chat learn from the mesh
     assert render(empty, VOLUMES).splitlines()[0] == "(none)"
     assert render(empty).splitlines()[0] == "broker: (none)"  # an op that declares nothing
+
+
+def test_a_failure_whose_condition_is_failed_says_it_once():
+    report = CallReport("job.status", [TargetResult("s1@x.test/agent", Outcome.FAILED, error="failed: s1 has no job j"),
+                                       TargetResult("s2@x.test/agent", Outcome.FAILED, error="bad-argument: no such")])
+    lines = render(report).splitlines()
+    assert lines[:2] == ["s1: failed: s1 has no job j", "s2: failed: bad-argument: no such"]
