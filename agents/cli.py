@@ -484,9 +484,11 @@ def _describe(mesh: meshconf.MeshConfig, op: str, timeout: float) -> tuple[OpSpe
 
 
 def _no_such_op(op: str, described: CallReport) -> bool:
-    """Whether the broker answered ``mesh.describe`` that nothing offers ``op``."""
+    """Whether the broker answered ``mesh.describe`` that nothing offers ``op`` (not that the agents
+    offering it did not describe it in time: then the call still goes out)."""
     result = described.results[0] if described.results else None
-    return result is not None and result.outcome is Outcome.FAILED and repr(op) in (result.error or "")
+    return (result is not None and result.outcome is Outcome.FAILED
+            and f"offers an op named {op!r}" in (result.error or ""))
 
 
 def _unknown_op(mesh: meshconf.MeshConfig, op: str, timeout: float) -> str:
