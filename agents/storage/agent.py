@@ -135,8 +135,8 @@ class StorageAgent(VolumeLocations, ReplicationOps, Agent):
         self._open_replication(self.state_dir, self.settings)
         self._open_locations()      # its volumes, told to its brokers (locations.py)
 
-    async def start(self, timeout: float = 15.0) -> None:
-        await super().start(timeout)
+    async def start(self, timeout: float = 15.0, *, once: bool = False) -> None:
+        await super().start(timeout, once=once)
         self._start_locations()
         self.replicator.start()     # actions carry on: schedules, and updates an interruption left pending
         self._sweeper = asyncio.create_task(self._sweep_expired(), name="storage-expiry")

@@ -99,7 +99,7 @@ class ReplicationOps:
         first (full) update, reporting bytes, rate and ETA."""
         await self._drive(self.driver.list_snapshots, volume)  # type: ignore[attr-defined]  # the volume must exist
         if "@" not in target.split("/")[0]:  # a name, as `vertebra call --to` takes one: an agent of this mesh
-            target = f"{target}@{self.jid.domain}"
+            target = f"{target}@{self.jid.domain}"  # type: ignore[attr-defined]  # the Actor's
         try:
             action = self.replicator.create(volume, target, package, interval, continuous, tls, rate or None)
         except StorageError as exc:
