@@ -89,12 +89,13 @@ from agents.storage.chunkstore import SEGMENT_IDS, ChunkStore, split_ids
 from agents.storage.catalog import CatalogDriver
 from agents.storage.driver import SnapshotInfo, StorageError
 from agents.storage.names import validate_name
+from agents.storage.packs import ALIGN, direct_writes_work
 from agents.storage.stream import read_frames, write_stream
 
 BLOCK_SIZE = 8192
 _ZEROS = bytes(BLOCK_SIZE)
 _ZERO_ID = blake3.blake3(_ZEROS).digest()   # a block's id in the chunk store (ChunkStore.put_file)
-_ALIGN = 4096                       # direct writes: offsets, lengths and buffer addresses are multiples
+_ALIGN = ALIGN                      # direct writes: offsets, lengths and buffer addresses are multiples
 _READ_BYTES = 128 * BLOCK_SIZE      # 1 MiB: one index lookup and one writer batch each (finer batches
                                     # pipeline better: measured 1 MiB > 2 MiB > 4 MiB > 8 MiB)
 _PATCH_BATCH = 4096           # changed block positions per patch frame
@@ -1038,7 +1039,7 @@ class _Copier:
     def __init__(self, probe_dir: Path) -> None:
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="base-copy")
         self._jobs: deque[Future[None]] = deque()
-        self._direct = _direct_writes_work(probe_dir)
+        self._direct = direct_writes_work(probe_dir)
         self._spare: list[mmap.mmap] = []       # aligned buffers back from the thread (list ops are atomic)
 
     def open(self, path: Path) -> int:
@@ -1088,23 +1089,6 @@ class _Copier:
         self._pool.shutdown(wait=True)
         if error is not None:
             raise error
-
-
-def _direct_writes_work(where: Path) -> bool:
-    """Whether the filesystem of ``where`` takes direct, _ALIGN-aligned writes (tmpfs, for one, does not)."""
-    probe = where / f"direct-probe-{uuid.uuid4().hex}"
-    try:
-        fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_DIRECT, 0o600)
-    except OSError:
-        return False
-    try:
-        with mmap.mmap(-1, _ALIGN) as block:
-            return os.pwrite(fd, block, 0) == _ALIGN
-    except OSError:
-        return False
-    finally:
-        os.close(fd)
-        probe.unlink(missing_ok=True)
 
 
 def _write_blocks(fd: int, offset: int, view: memoryview, ids: list[bytes]) -> None:

@@ -32,6 +32,7 @@ import mmap
 import os
 import sqlite3
 import struct
+import uuid
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence
@@ -43,7 +44,7 @@ HEADER = struct.Struct(">32sBII")       # chunk id, zstd flag, raw size, stored 
 PACK_BYTES = 256 << 20                  # a pack is closed for appends once it reaches this size
 _HINT_BYTES = 32 << 20                  # writeback window of the active pack (see _writeback)
 _SPAN_BYTES = 8 << 20                   # longest single read when fetching adjacent records
-_ALIGN = 4096                           # direct I/O: offsets, lengths and buffer addresses are multiples
+ALIGN = 4096                           # direct I/O: offsets, lengths and buffer addresses are multiples
 _STAGE_BYTES = 8 << 20                  # direct I/O: each staging buffer of the active pack
 _STAGE_BUFFERS = 3                      # direct I/O: buffers in rotation (all but one may be in flight)
 DIRECT = hasattr(os, "O_DIRECT") and hasattr(os, "memfd_create")   # try direct appends (tests switch it off)
@@ -87,7 +88,7 @@ class _Stage:
         self.bufs: list[mmap.mmap] = []
         self.fds: list[int] = []                # the memory files behind bufs
         self.writes: list[Future[None] | None] = [None] * _STAGE_BUFFERS     # each buffer's write in flight
-        self.start = size - len(tail)           # file offset of buf[0], a multiple of _ALIGN
+        self.start = size - len(tail)           # file offset of buf[0], a multiple of ALIGN
         self.used = len(tail)                   # bytes in buf
         self.tail = tail                        # buf[:used] while parked
         self.dirty = False                      # the file does not show every byte appended yet
@@ -128,7 +129,7 @@ class _Stage:
             return
         self.write(final=False)
         if self.used + n > len(self.buf):
-            size = (self.used + n + _ALIGN - 1) // _ALIGN * _ALIGN
+            size = (self.used + n + ALIGN - 1) // ALIGN * ALIGN
             bigger = self._buffer(size)
             bigger[:self.used] = self.buf[:self.used]
             self.buf.close()
@@ -140,7 +141,7 @@ class _Stage:
         """Start writing the whole blocks; final: wait for every write, then write the partial last block
         padded and cut the file back."""
         self.unpark()
-        full = self.used - self.used % _ALIGN
+        full = self.used - self.used % ALIGN
         if not final:
             if full:
                 other = (self.cur + 1) % len(self.bufs)
@@ -156,7 +157,7 @@ class _Stage:
         for k in range(len(self.writes)):
             self._wait(k)
         if self.used:
-            length = full + _ALIGN if self.used > full else full
+            length = full + ALIGN if self.used > full else full
             self.buf[self.used:length] = bytes(length - self.used)
             _write_fully(self.fd, self.buf, length, self.start)
             if length > self.used:
@@ -212,7 +213,7 @@ class PackFiles:
         self._kicked = self._dropped = 0            # active pack: writeback started / cache dropped up to
         self._stage: _Stage | None = None           # the active pack's direct appends, if direct
         self.damaged: dict[int, str] = {}
-        self._direct = DIRECT and self._direct_works()
+        self._direct = DIRECT and direct_writes_work(self.dir)
         self._io = ThreadPoolExecutor(1, thread_name_prefix="pack-io") if self._direct else None
         self.recover()
 
@@ -497,8 +498,8 @@ class PackFiles:
         path = self._path(pid)
         if self._direct:
             with open(path, "rb") as f:                  # the partial last block, to stage again
-                f.seek(size - size % _ALIGN)
-                tail = f.read(size % _ALIGN)
+                f.seek(size - size % ALIGN)
+                tail = f.read(size % ALIGN)
             self._writer = os.open(path, os.O_WRONLY | os.O_CLOEXEC | os.O_DIRECT)
             assert self._io is not None, "direct writes have their I/O thread"
             self._stage = _Stage(self._writer, size, tail, self._io)
@@ -524,22 +525,6 @@ class PackFiles:
             os.close(self._writer)
         self._writer, self._active, self._size = None, None, 0
 
-    def _direct_works(self) -> bool:
-        """Whether this directory's filesystem takes direct, _ALIGN-aligned writes (tmpfs, for one, does not)."""
-        probe = self.dir / ".direct-probe"
-        try:
-            fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC | os.O_DIRECT, 0o600)
-        except OSError:
-            return False
-        try:
-            with mmap.mmap(-1, _ALIGN) as block:
-                return os.pwrite(fd, block, 0) == _ALIGN
-        except OSError:
-            return False
-        finally:
-            os.close(fd)
-            probe.unlink(missing_ok=True)
-
     def _close_readers(self) -> None:
         for fd in self._readers.values():
             os.close(fd)
@@ -556,3 +541,21 @@ class PackFiles:
 def _pack_id(path: Path) -> int | None:
     stem, dot, ext = path.name.partition(".")
     return int(stem) if ext == "pack" and stem.isdigit() else None
+
+
+def direct_writes_work(where: Path) -> bool:
+    """Whether the filesystem of the directory ``where`` takes direct, ALIGN-aligned writes (tmpfs, for
+    one, does not): probed with one block written to a file that is removed again."""
+    probe = where / f".direct-probe-{uuid.uuid4().hex}"
+    try:
+        fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC | os.O_DIRECT, 0o600)
+    except OSError:
+        return False
+    try:
+        with mmap.mmap(-1, ALIGN) as block:
+            return os.pwrite(fd, block, 0) == ALIGN
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
+        probe.unlink(missing_ok=True)

@@ -619,7 +619,7 @@ def test_the_base_a_snapshot_makes_holds_what_its_chunks_hold(tmp_path, writes, 
     I/O) and in a tree rebuilt from its chunks alike; a file changed with its size and mtime put back is
     still copied, not linked from the older base."""
     if writes == "buffered":
-        monkeypatch.setattr(embedded, "_direct_writes_work", lambda where: False)
+        monkeypatch.setattr(embedded, "direct_writes_work", lambda where: False)
     driver = EmbeddedDriver(tmp_path / "store")
     try:
         if not driver.reflinks and not driver.overlays:
