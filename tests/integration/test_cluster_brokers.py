@@ -19,38 +19,15 @@ import pytest
 import yaml
 
 from agents.actor import Endpoint
-from agents.agent import Call
 from agents.authz import AdminsOnly, PolicyAuthorizer, policy_of
 from agents.client import Client
 from agents.errors import Outcome
-from agents.ops import op
 from broker.service import Broker
 from conftest import DOMAIN, ejabberd_cluster, until
+from gated_agent import RELAY, GatedAgent
 from sample_agent import SampleAgent
 
-WORKFLOW = {"name": "relay", "steps": [
-    {"name": "first", "op": "sample.count", "on": ["/host/a"]},
-    {"name": "gated", "op": "sample.gated", "on": ["/host/a"]},
-    {"name": "last", "op": "sample.count", "on": ["/host/a"]}]}
-
-
-class GatedAgent(SampleAgent):
-    """``sample.gated`` holds until the test lets it finish, so a node can be lost while the step is
-    certainly in flight."""
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.entered = asyncio.Event()
-        self.release = asyncio.Event()
-        self.gated_runs = 0
-
-    @op("sample.gated", effect="change", deadline=60)
-    async def gated(self, call: Call) -> int:
-        """Wait for the test, then answer how often this ran."""
-        self.gated_runs += 1
-        self.entered.set()
-        await self.release.wait()
-        return self.gated_runs
+WORKFLOW = RELAY
 
 
 class World:
