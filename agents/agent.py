@@ -41,6 +41,7 @@ from .errors import (BadArguments, BadPayload, Denied, Expired, InternalError, O
 from .idempotency import Answer, RequestLog, fingerprint
 from .intake import FairIntake, IntakeLimits
 from .jobs import RETENTION, Job, JobStore
+from .lead_terms import LeadTerms
 from .ops import Arg, OpSpec, op, ops_of
 
 log = logging.getLogger(__name__)
@@ -127,7 +128,8 @@ class Agent(Actor):
         self.delegates = frozenset(d.lower() for d in (*delegates, *([broker] if broker else [])))
         # The newest leader's term (fencing token) each sender has stamped on a workflow step: a step
         # with an older one comes from a broker instance that has been deposed (broker/leadership.py).
-        self._terms: dict[str, int] = {}
+        # Kept in the state directory: a restart must not forget it (agents/lead_terms.py).
+        self._terms = LeadTerms(state_dir / "terms.sqlite" if state_dir else None)
         self.authorizer = authorizer or AdminsOnly(())  # the policy: the last of the rules below
         # What authorization walks for every request, in order (agents/authz.py); a kind with a rule
         # of its own puts it before the policy's.
@@ -201,6 +203,7 @@ class Agent(Actor):
         await super().stop()
         await self._requests.aclose()
         await self.jobs.aclose()
+        await self._terms.aclose()
         if self.audit is not None:
             await self.audit.aclose()
 
@@ -358,7 +361,7 @@ class Agent(Actor):
             self.xmpp.send(protocol.error_reply(iq, error))
             return
         try:  # before the request log: a repeat from the current leader counts, one from a deposed one is refused
-            self._check_term(caller, req.get("term", ""))
+            await self._check_term(caller, req.get("term", ""))
         except OpError as refusal:
             self._audit_refusal(iq, caller, rid, refusal)
             self.xmpp.send(protocol.error_reply(iq, refusal))
@@ -496,18 +499,24 @@ class Agent(Actor):
             self.audit.refused(rid=rid, caller=sender, op=req["name"] or "", condition=error.condition,
                                reason=error.text, behalf=req["for"] or "")
 
-    def _check_term(self, sender: str, term: str) -> None:
-        """Refuse a step stamped with an older leader's term than the newest this sender has sent."""
+    async def _check_term(self, sender: str, term: str) -> None:
+        """Refuse a step stamped with an older leader's term than the newest this sender has sent; a
+        newer term is on disk before the step runs."""
         if not term:
             return
         if not re.fullmatch(r"[1-9][0-9]{0,18}", term):
             raise BadPayload(f"'term' must be the leading broker instance's term, a positive decimal integer,"
                              f" got {term[:40]!r}")
-        newest = self._terms.get(sender.lower(), 0)
-        if int(term) < newest:
+        try:
+            admitted = await self._terms.admit(sender, int(term))
+        except (sqlite3.Error, OSError) as error:  # not on disk: a restart could forget it, so nothing runs
+            log.error("could not keep %s's term %s in the state directory: %s", sender, term, error)
+            raise InternalError("this agent could not record the leader's term in its state directory;"
+                                " see its log") from error
+        if not admitted:
             raise StaleTerm(f"this step comes from a broker instance whose lead has ended (term {term}; the"
-                            f" current leader's is {newest} or later): only the leading instance's steps run")
-        self._terms[sender.lower()] = int(term)
+                            f" current leader's is {self._terms.newest(sender)} or later): only the leading"
+                            " instance's steps run")
 
     def _subject(self, sender: str, behalf: str) -> tuple[str, str]:
         """(delegate, subject): whom a request is decided and audited for. A ``for`` is honoured from

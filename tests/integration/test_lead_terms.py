@@ -72,3 +72,45 @@ async def test_steps_carry_the_lead_s_term_and_an_older_term_is_refused(mesh, tm
 
 def _password(mesh: Any, broker: Any) -> str:
     return f"pw-{broker.jid.user}"  # Mesh.account's password for the account it made
+
+
+async def test_an_older_term_is_still_refused_after_the_agent_restarts(mesh, tmp_path) -> None:
+    """The newest term is kept in the agent's state directory: a deposed leader's late step that reaches
+    the agent after a restart is refused as it would have been before."""
+    workflows = tmp_path / "workflows"
+    workflows.mkdir()
+    (workflows / "one.yaml").write_text(yaml.safe_dump(ONE_STEP))
+    broker = await mesh.broker(state_dir=tmp_path / "broker", settings={"workflows": str(workflows)})
+    agent = await mesh.agent(SampleAgent, broker, ["/host/t1"])
+    client = await mesh.client(broker)
+    await until(lambda: broker.leadership.leading and len(broker.directory) == 1, timeout=20,
+                what="the broker leading, with the agent listed")
+    first = broker.leadership.term
+    await broker.leadership.stop_leading()
+    broker.leadership.start_leading()
+    await until(lambda: broker.leadership.leading, timeout=20, what="the broker to lead again")
+    second = broker.leadership.term
+    assert first is not None and second is not None and second > first
+    await _run(client, broker)  # the new lead's step: the agent's newest term is the second
+    assert agent.runs == 1
+
+    # The agent stops and starts again from the same state directory, as after a crash or an upgrade.
+    await agent.stop()
+    mesh.actors.remove(agent)
+    again = await mesh.start(SampleAgent(str(agent.jid.bare), _password(mesh, agent), mesh.endpoint,
+                                         resources=["/host/t1"], broker=broker.jid.bare, authorizer=mesh.admins,
+                                         state_dir=agent.state_dir))
+    await until(lambda: [e.jid for e in broker.directory.entries()] == [str(again.jid)], timeout=20,
+                what="the restarted agent listed under its new session")
+    assert again._terms.newest(str(broker.jid.bare)) == second  # read back from the state directory
+
+    # The first lead's step, sent late, reaches the restarted agent first: refused, nothing runs, audited.
+    late = await broker.request(str(again.jid), "sample.count", {}, on=["/host/t1"], timeout=10,
+                                rid="late-after-restart", behalf=mesh.operator[0], term=first)
+    assert late.outcome is Outcome.DENIED and "lead has ended" in (late.error or "") and again.runs == 0
+    again.audit.flush()
+    refused = [r for r in audit.show(again.state_dir / "audit.sqlite") if r["rid"] == "late-after-restart"]
+    assert [(r["kind"], r["condition"]) for r in refused] == [("refused", "denied")]
+    # The current lead's steps still run.
+    await _run(client, broker)
+    assert again.runs == 1
