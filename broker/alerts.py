@@ -14,15 +14,15 @@ is the broker's configuration (its roster), never what the agent advertises.
 
 from __future__ import annotations
 
-import itertools
 import logging
 import time
-from collections import deque
 from dataclasses import asdict, dataclass
 from typing import Annotated, Any, Callable, Literal
 
 from agents.agent import Call
 from agents.ops import Arg, Field, Result, op
+
+from .recent import Recent
 
 log = logging.getLogger(__name__)
 
@@ -49,13 +49,11 @@ class Alerts:
     """A component of the broker (broker/service.py): the alert ops and the recent alerts."""
 
     def __init__(self) -> None:
-        self.recent: deque[Alert] = deque(maxlen=RECENT_ALERTS)
-        self._alert_seq = itertools.count(1)
-        self._alert_listeners: list[Callable[[Alert], Any]] = []
+        self.recent: Recent[Alert] = Recent("alert", keep=RECENT_ALERTS)
 
     def on_alert(self, listener: Callable[[Alert], Any]) -> None:
         """Call ``listener`` with each new alert (the operator chat shows them)."""
-        self._alert_listeners.append(listener)
+        self.recent.listen(listener)
 
     @op("mesh.alert", effect="change", deadline=5, sender_kinds=(ALERTING_KIND,))
     async def alert(self, call: Call,
@@ -66,14 +64,9 @@ class Alerts:
                                                  pattern=r"(OK|WARNING|CRITICAL|UNKNOWN)?")] = "",
                     text: Annotated[str, Arg("the check's short text", pattern=r"[^\x00]{0,1024}")] = "") -> dict:
         """Post a check's hard state change; the broker keeps it and tells operators."""
-        alert = Alert(next(self._alert_seq), time.time(), call.caller, check, host, state, previous, text)
-        self.recent.append(alert)
+        alert = Alert(self.recent.next_seq(), time.time(), call.caller, check, host, state, previous, text)
         log.info("alert %d from %s: %s on %s %s -> %s", alert.seq, alert.source, check, host, previous or "-", state)
-        for listener in list(self._alert_listeners):
-            try:
-                listener(alert)
-            except Exception:  # a broken listener must not lose the alert for the others
-                log.exception("alert listener failed")
+        self.recent.add(alert)
         return {"seq": alert.seq}
 
     @op("mesh.alerts", effect="read", deadline=5, result=Result(
@@ -84,5 +77,5 @@ class Alerts:
                             limit: Annotated[int, Arg("at most this many, newest last", min=1,
                                                       max=RECENT_ALERTS)] = 50) -> list:
         """The recent alerts the broker keeps, oldest first."""
-        found = [asdict(a) for a in self.recent if a.seq > since]
+        found = [asdict(a) for a in self.recent.after(since)]
         return found[-limit:]

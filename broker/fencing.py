@@ -59,6 +59,7 @@ from agents.protocol import CLOCK_SKEW_ALLOWANCE
 
 from . import shared_state
 from .policy import push
+from .recent import Recent
 
 log = logging.getLogger(__name__)
 
@@ -302,7 +303,8 @@ class Fencing:
         self.broker = broker
         # SQLite in the shared state directory, or etcd (the mesh file's broker state).
         self.ledger: FenceLedgerState = shared_state.fence_ledger(broker)
-        self._fence_listeners: list[Callable[[dict[str, Any]], Any]] = []
+        # Only told to listeners: the ledger keeps the events.
+        self._events: Recent[dict[str, Any]] = Recent("fencing event")
         self.fenced_now = FencedNow(self.ledger, broker.fenced)
         self.fenced_now.refresh()
 
@@ -311,7 +313,7 @@ class Fencing:
 
     def on_fence_event(self, listener: Callable[[dict[str, Any]], Any]) -> None:
         """Call ``listener`` with each fencing event as the broker keeps it (the chat room shows them)."""
-        self._fence_listeners.append(listener)
+        self._events.listen(listener)
 
     def _fencing_agent(self, caller: str) -> dict[str, tuple[str, ...]] | None:
         """The nodes (resource paths, with their identities) the mesh file configures the account
@@ -370,11 +372,7 @@ class Fencing:
         if change is not None:
             self.broker.fenced.install(self.ledger.fenced_now())
             self.broker.spawn(self.push_fenced())
-        for listener in list(self._fence_listeners):
-            try:
-                listener(dict(body))
-            except Exception:  # one broken listener must not lose the event for the others
-                log.exception("fencing event listener failed")
+        self._events.add(dict(body))
         return answer
 
     async def reconcile_fencing(self, jid: str) -> int:

@@ -10,16 +10,16 @@ only monitors may send: a notice is not a check's state.
 
 from __future__ import annotations
 
-import itertools
 import logging
 import time
-from collections import deque
 from dataclasses import asdict, dataclass
 from typing import Annotated, Any, Callable
 
 from agents.agent import Call
 from agents.ops import Arg, op
 from agents.storage.names import NAME_PATTERN
+
+from .recent import Recent
 
 log = logging.getLogger(__name__)
 
@@ -41,13 +41,11 @@ class StorageNotices:
     """A component of the broker (broker/service.py): the notice ops and the recent notices."""
 
     def __init__(self) -> None:
-        self.recent: deque[StorageNotice] = deque(maxlen=RECENT_NOTICES)
-        self._notice_seq = itertools.count(1)
-        self._notice_listeners: list[Callable[[StorageNotice], Any]] = []
+        self.recent: Recent[StorageNotice] = Recent("storage notice", keep=RECENT_NOTICES)
 
     def on_storage_notice(self, listener: Callable[[StorageNotice], Any]) -> None:
         """Call ``listener`` with each new storage notice (the ops room shows them)."""
-        self._notice_listeners.append(listener)
+        self.recent.listen(listener)
 
     @op(NOTICE_OP, effect="change", deadline=5, sender="live agent", sender_kinds=("storage",))
     async def storage_notice(self, call: Call,
@@ -56,14 +54,9 @@ class StorageNotices:
                              owner: Annotated[str, Arg("the clone's owner (bare JID)",
                                                        pattern=r"[^\x00-\x20]{1,255}")]) -> dict:
         """(For storage agents.) Post a notice about a clone to the operators, e.g. its coming expiry."""
-        notice = StorageNotice(next(self._notice_seq), time.time(), call.caller, clone, owner, text)
-        self.recent.append(notice)
+        notice = StorageNotice(self.recent.next_seq(), time.time(), call.caller, clone, owner, text)
         log.warning("storage notice %d from %s: %s", notice.seq, notice.source, text)
-        for listener in list(self._notice_listeners):
-            try:
-                listener(notice)
-            except Exception:  # a broken listener must not lose the notice for the others
-                log.exception("storage notice listener failed")
+        self.recent.add(notice)
         return {"seq": notice.seq}
 
     @op("mesh.storage.notices", effect="read", deadline=5)
@@ -71,4 +64,4 @@ class StorageNotices:
                                      since: Annotated[int, Arg("only notices after this sequence number",
                                                                min=0)] = 0) -> list:
         """The recent storage notices the broker keeps, oldest first."""
-        return [asdict(n) for n in self.recent if n.seq > since]
+        return [asdict(n) for n in self.recent.after(since)]
