@@ -2,14 +2,15 @@
 
 Three network namespaces on one bridge (tests/sim_hosts.py) each run a node of an ejabberd cluster,
 an etcd member and a broker instance connected to its own host's node, with nothing shared on disk:
-each instance has its own state directory. The agent and the operator's client are on the bridge's
-side, connected to the node of a host that is not the leader's. Then:
+each instance has its own state directory. An agent runs on the leader's host and one on another
+host, each in a process of its own connected to its host's node (tests/agent_process.py); the
+operator's client is on the bridge's side, connected to the node of a host that stays. Then:
 
 - the leader's host is cut off (link down) while a workflow's gated step is in flight: another
   instance takes the lead with a newer term and finishes the workflow, the gated step having run
   exactly once, and a step stamped with the old leader's term is refused by the agent;
-- the partition heals: the old leader rejoins as a follower (one leader, no split brain), and the next
-  workflow runs each step once;
+- the partition heals: the old leader rejoins as a follower (one leader, no split brain), the next
+  workflow runs each step once, and the agent on the healed host answers again;
 - an etcd member dies: the next workflow still runs.
 
 Run by ``make test-cluster`` (CI runs it); skipped, saying why, where namespaces are not permitted.
@@ -27,15 +28,15 @@ from typing import Any
 import pytest
 import yaml
 
+from agent_process import AgentProcess, spawn_agent
 from agents.actor import Endpoint
-from agents.authz import AdminsOnly
 from agents.client import Client
 from agents.config import StateConfig
 from agents.errors import Outcome
 from conftest import DOMAIN, until
 from etcd_broker import spawn_broker
 from etcd_cluster import PrivateEtcd
-from gated_agent import RELAY, GatedAgent
+from gated_agent import RELAY
 from sim_hosts import EjabberdNode, SimulatedHosts, permitted
 
 pytest.importorskip("aetcd", reason="the etcd client is the optional extra 'etcd': make install installs it")
@@ -69,14 +70,16 @@ async def test_partitioning_the_leader_s_host(tmp_path: Path) -> None:
     nodes = [EjabberdNode(hosts, n, tmp_path / "xmpp") for n in range(3)]
     brokers: list[subprocess.Popen[str]] = []
     actors: list[Any] = []
+    agents: list[AgentProcess] = []
     observer = None
     try:
         await asyncio.to_thread(etcd.start)
         for node in nodes:  # in order: each joins the first
             await asyncio.to_thread(node.start)
         await asyncio.to_thread(nodes[0].register, {"broker": "pw-broker", "operator": "pw-operator",
-                                                    "gated": "pw-gated"})
+                                                    "gated": "pw-gated", "bystander": "pw-bystander"})
         broker_bare, operator, agent_jid = f"broker@{DOMAIN}", f"operator@{DOMAIN}", f"gated@{DOMAIN}"
+        bystander_jid = f"bystander@{DOMAIN}"
         workflows = tmp_path / "workflows"
         workflows.mkdir()
         (workflows / "relay.yaml").write_text(yaml.safe_dump(RELAY))
@@ -89,7 +92,7 @@ async def test_partitioning_the_leader_s_host(tmp_path: Path) -> None:
                         "resource": f"broker-{n + 1}", "state_dir": str(home / "own"),
                         "shared_dir": str(home / "shared"), "etcd": list(state.endpoints), "prefix": state.prefix,
                         "admins": [operator], "workflows": str(workflows),
-                        "admit": [[agent_jid, "sample", ["/host/a"]]]}
+                        "admit": [[agent_jid, "sample", ["/host/a"]], [bystander_jid, "sample", ["/host/b"]]]}
             (home / "own").mkdir()
             (home / "shared").mkdir()
             brokers.append(await asyncio.to_thread(spawn_broker, settings, home / "broker.json", hosts.wrap(n)))
@@ -98,59 +101,70 @@ async def test_partitioning_the_leader_s_host(tmp_path: Path) -> None:
         leader, old_term = await until(observer.leader, timeout=30, what="a broker instance to lead")
         lost = instances.index(leader)
         others = [i for i in instances if i != leader]
-        # The agent and the client on the node of a host that stays: the leader's host is the one cut off.
+        # The gated agent on a host that stays, the bystander on the leader's host (the one cut off), each
+        # on its own host's node; the client on the bridge's side, on the node of the host that stays.
+        stays = (lost + 1) % 3
+        for jid, password, resource, n in ((agent_jid, "pw-gated", "/host/a", stays),
+                                           (bystander_jid, "pw-bystander", "/host/b", lost)):
+            home = tmp_path / f"host{n + 1}" / jid.split("@")[0]
+            home.mkdir()
+            agents.append(await asyncio.to_thread(spawn_agent, {
+                "jid": jid, "password": password, "host": nodes[n].address, "port": EjabberdNode.PORT,
+                "domain": DOMAIN, "cert": str(nodes[0].cert_path), "resources": [resource],
+                "broker": broker_bare, "admins": [operator], "state_dir": str(home / "state")},
+                home / "agent.json", hosts.wrap(n)))
+        agent, bystander = agents
         ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(nodes[0].cert_path))
-        endpoint = Endpoint(nodes[(lost + 1) % 3].address, EjabberdNode.PORT, DOMAIN, ctx)
-        (tmp_path / "agent").mkdir()
-        agent = GatedAgent(agent_jid, "pw-gated", endpoint, resources=["/host/a"], broker=broker_bare,
-                           state_dir=tmp_path / "agent", authorizer=AdminsOnly([operator]))
-        await agent.start(timeout=30)
-        actors.append(agent)
+        endpoint = Endpoint(nodes[stays].address, EjabberdNode.PORT, DOMAIN, ctx)
         client = Client(operator, "pw-operator", endpoint, broker=instances)
         await client.start(timeout=30)
         actors.append(client)
+        assert await _answers(client, bystander_jid), "the agent on the leader's host did not answer"
 
         # A workflow asked of another instance runs on the leader; its gated step is in flight.
         started = await client.request(others[0], "workflow.run", {"workflow": "relay", "wait": 0}, timeout=30)
         assert started.outcome is Outcome.OK, started.error
         iid = started.result["instance"]
-        await until(agent.entered.is_set, timeout=30, what="the gated step to reach the agent")
-        assert agent.runs == 1
+        await until(lambda: _state_is(agent, entered=True), timeout=30, what="the gated step to reach the agent")
+        assert (await agent.state())["runs"] == 1
 
         hosts.partition(lost)  # the leader's host is cut off, connections and all
         new_leader, new_term = await until(
             lambda: _led_by_another(observer, leader), timeout=40, what="another instance to take the lead")
         assert new_term > old_term and new_leader in others
         # The new leader resends the gated step under its rid and its term: the run in flight answers it.
-        await until(lambda: agent._terms.get(broker_bare) == new_term, timeout=30,
+        await until(lambda: _state_is(agent, term=new_term), timeout=30,
                     what="the new leader's step to reach the agent")
-        agent.release.set()
+        await agent.release()
         status = await until(lambda: _status(client, new_leader, iid), timeout=40, what="the workflow to finish")
         steps = {s["name"]: s for s in status["steps"]}
         assert status["state"] == "done", status
-        assert agent.gated_runs == 1 and steps["gated"]["result"] == 1 and agent.runs == 2
+        assert await _state_is(agent, gated_runs=1, runs=2) and steps["gated"]["result"] == 1
 
         # A step from the cut-off leader, stamped with its term, is refused once the new term is seen.
         stale = Client(broker_bare, "pw-broker", endpoint, broker="")
         await stale.start(timeout=30)
         actors.append(stale)
-        late = await stale.request(str(agent.jid), "sample.count", {}, on=["/host/a"], timeout=10,
+        late = await stale.request(f"{agent_jid}/agent", "sample.count", {}, on=["/host/a"], timeout=10,
                                    rid="late-from-the-cut-off-leader", behalf=operator, term=old_term)
-        assert late.outcome is Outcome.DENIED and agent.runs == 2, late.error
+        assert late.outcome is Outcome.DENIED and await _state_is(agent, runs=2), late.error
 
         hosts.heal(lost)  # it comes back: one leader still, the old one follows
         await until(lambda: _holders_are(observer, 3), timeout=40, what="the old leader to rejoin the election")
         assert (await observer.holders())[0] == new_leader
+        await until(lambda: _answers(client, bystander_jid), timeout=40, what="the agent on the healed host to answer")
         again = await _run_workflow(client, new_leader)
-        assert again["state"] == "done" and agent.gated_runs == 2 and agent.runs == 4  # each step once
+        assert again["state"] == "done" and await _state_is(agent, gated_runs=2, runs=4)  # each step once
 
         etcd.kill(lost)  # an etcd member dies: nothing stops
         after = await _run_workflow(client, new_leader)
-        assert after["state"] == "done" and agent.gated_runs == 3 and agent.runs == 6
+        assert after["state"] == "done" and await _state_is(agent, gated_runs=3, runs=6)
         assert (await observer.current()) == new_leader
     finally:
         for actor in reversed(actors):
             await actor.stop()
+        for process in agents:
+            await asyncio.to_thread(process.stop)
         if observer is not None:
             await observer.aclose()
         for proc in brokers:
@@ -173,6 +187,18 @@ async def _led_by_another(observer: EtcdLease, old: str) -> tuple[str, int] | No
     except observer.errors:  # the member asked may be the cut-off one: ask again
         return None
     return found if found is not None and found[0] != old else None
+
+
+async def _answers(client: Client, jid: str) -> bool:
+    """Whether the agent ``jid`` (on its own host) runs a step the client sends it over the cluster."""
+    res = await client.request(f"{jid}/agent", "sample.count", {}, on=["/host/b"], timeout=5)
+    return res.outcome is Outcome.OK
+
+
+async def _state_is(agent: AgentProcess, **expected: Any) -> bool:
+    """Whether the agent's counters and newest term are as ``expected``."""
+    state = await agent.state()
+    return all(state[key] == value for key, value in expected.items())
 
 
 async def _holders_are(observer: EtcdLease, count: int) -> bool:
