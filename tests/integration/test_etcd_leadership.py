@@ -121,7 +121,7 @@ async def test_a_suspended_leader_is_replaced_and_its_late_step_is_refused(
         assert new_term is not None and new_term > old_term
         # The new leader resends the step in flight under its rid and its own term: answered from the
         # first run, never run again, once it ends.
-        await until(lambda: agent._terms.get(broker_jid.lower()) == new_term, timeout=20,
+        await until(lambda: agent._terms.newest(broker_jid) == new_term, timeout=20,
                     what="the new leader's step to reach the agent")
         agent.release.set()
         res = await until(lambda: _finished(client, second, iid), timeout=30, what="the workflow to finish")
