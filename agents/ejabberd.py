@@ -525,18 +525,8 @@ class PrivateEjabberd(PrivateNode):
         return env
 
     def _running_pid(self) -> int | None:
-        try:
-            text = self.pidfile.read_text().strip()
-        except FileNotFoundError:
-            return self._adopt_orphan()
-        try:
-            pid = int(text)
-        except ValueError:
-            pid = 0
-        if pid > 0 and _pid_alive(pid) and self._is_ours(pid):
-            return pid
-        self.pidfile.unlink(missing_ok=True)
-        return self._adopt_orphan()
+        # A node whose pidfile is lost or stale may still run: find it by its command line.
+        return super()._running_pid() or self._adopt_orphan()
 
     def _is_ours(self, pid: int) -> bool:
         argv = _cmdline(pid)

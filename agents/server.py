@@ -173,7 +173,7 @@ class PrivateNode:
     """What every private XMPP server this project runs has, Prosody here or an ejabberd node
     (``agents.ejabberd``): a self-signed certificate naming the domain, which clients pin; a lock that
     serializes start and stop between processes; a status. Subclasses set ``home``, ``domain``, ``host``,
-    ``port``, ``dir``, ``cert_path``, ``key_path`` and ``_lock_path``, and define ``_running_pid``."""
+    ``port``, ``dir``, ``cert_path``, ``key_path``, ``pidfile`` and ``_lock_path``, and define ``_is_ours``."""
 
     noun = "server"  # what messages call it
     home: Path
@@ -183,10 +183,27 @@ class PrivateNode:
     dir: Path
     cert_path: Path
     key_path: Path
+    pidfile: Path
     _lock_path: Path
 
     def _running_pid(self) -> int | None:
-        """The server's pid if it runs (a stale pidfile is removed), else None."""
+        """The pid of this instance's server as its pidfile names it, or None; removes a pidfile left
+        by a dead process (or one that is not this server: the pid was reused)."""
+        try:
+            text = self.pidfile.read_text().strip()
+        except FileNotFoundError:
+            return None
+        try:
+            pid = int(text)
+        except ValueError:
+            pid = 0
+        if pid > 0 and _pid_alive(pid) and self._is_ours(pid):
+            return pid
+        self.pidfile.unlink(missing_ok=True)
+        return None
+
+    def _is_ours(self, pid: int) -> bool:
+        """Whether process ``pid`` is this instance's server."""
         raise NotImplementedError
 
     def _terminate(self, pid: int, timeout: float, name: str) -> None:
@@ -449,21 +466,6 @@ class PrivateServer(PrivateNode):
                     "-- the mesh's own people, services and actors are read at full speed.\n"
                     f'limits = {{ c2s = {{ rate = "{limit.bytes_per_second // 1000}kb/s" }} }}\n'
                     f"unlimited_jids = {{ {names} }}\n")}
-
-    def _running_pid(self) -> int | None:
-        """The pid of this instance's Prosody, or None; removes a pidfile left by a dead process."""
-        try:
-            text = self.pidfile.read_text().strip()
-        except FileNotFoundError:
-            return None
-        try:
-            pid = int(text)
-        except ValueError:
-            pid = 0
-        if pid > 0 and _pid_alive(pid) and self._is_ours(pid):
-            return pid
-        self.pidfile.unlink(missing_ok=True)
-        return None
 
     def _adopt_orphan(self) -> int | None:
         """Find this instance's Prosody when its pidfile was lost, and write the pidfile again.
