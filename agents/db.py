@@ -21,6 +21,7 @@ import os
 import sqlite3
 import time
 from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Literal, TypeVar
@@ -131,13 +132,26 @@ def open_read_only(path: str | Path) -> sqlite3.Connection:
     return sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True, timeout=BUSY_TIMEOUT)
 
 
+@contextmanager
+def transaction(db: sqlite3.Connection) -> Iterator[None]:
+    """A write transaction on ``db`` (opened by :func:`open_db`, so in autocommit mode): ``BEGIN
+    IMMEDIATE`` takes the write lock at once (a reader upgrading later could fail with busy), then
+    ``COMMIT``, or ``ROLLBACK`` on any error, which propagates."""
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        yield
+    except BaseException:
+        db.execute("ROLLBACK")
+        raise
+    db.execute("COMMIT")
+
+
 def migrate(db: sqlite3.Connection, migrations: Sequence[str], what: str = "the database") -> int:
     """Apply the migrations ``db`` has not had yet, each in one transaction with its version number;
     returns the version it is at. Another process migrating the same file at once waits for the lock
     and then finds the work done."""
     for target in range(1, len(migrations) + 1):
-        db.execute("BEGIN IMMEDIATE")
-        try:
+        with transaction(db):
             version = db.execute("PRAGMA user_version").fetchone()[0]
             if version > len(migrations):
                 raise SchemaTooNew(f"{what} has schema version {version}, but this Vertebra knows only up to"
@@ -147,10 +161,6 @@ def migrate(db: sqlite3.Connection, migrations: Sequence[str], what: str = "the 
                 for statement in _statements(migrations[target - 1]):
                     db.execute(statement)
                 db.execute(f"PRAGMA user_version = {target}")
-        except BaseException:
-            db.execute("ROLLBACK")
-            raise
-        db.execute("COMMIT")
     version = db.execute("PRAGMA user_version").fetchone()[0]
     if version > len(migrations):
         raise SchemaTooNew(f"{what} has schema version {version}, but this Vertebra knows only up to"

@@ -48,7 +48,7 @@ from pathlib import Path
 from typing import Annotated, Any, Callable, Literal, Protocol
 
 from agents.agent import Call
-from agents.db import Store, open_db
+from agents.db import Store, open_db, transaction
 from agents.authz import Decision, Request
 from agents.errors import OpError, Outcome
 from agents.fenced import INSTALL_OP, Fenced, FencedIdentities, encode_entries
@@ -179,14 +179,9 @@ def _add_event_ids(db: sqlite3.Connection) -> None:
 def _record(db: sqlite3.Connection, agent: str, event: dict[str, Any]
             ) -> tuple[int, str | None, bool, list[Fenced]]:
     """One event in one transaction; also returns the open epochs it leaves."""
-    db.execute("BEGIN IMMEDIATE")
-    try:
+    with transaction(db):
         seq, change, new = _apply(db, agent, event)
         fenced = _fenced(db)
-    except BaseException:
-        db.execute("ROLLBACK")
-        raise
-    db.execute("COMMIT")
     return seq, change, new, fenced
 
 

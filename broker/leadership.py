@@ -36,7 +36,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Protocol
 
-from agents.db import Store
+from agents.db import Store, transaction
 from agents.errors import OpError, Outcome, error_for
 
 from . import shared_state
@@ -110,8 +110,7 @@ class Lease:
 # -- the lease's statements, each run on its store's thread ------------------------------------------
 
 def _take(db: sqlite3.Connection, holder: str, gone: str, now: float, length: float) -> int | None:
-    db.execute("BEGIN IMMEDIATE")
-    try:
+    with transaction(db):
         row = db.execute("SELECT holder, expires, term FROM lease WHERE name = 'workflows'").fetchone()
         term = None
         if row is None or row[0] in (holder, gone) or row[1] < now:
@@ -120,10 +119,6 @@ def _take(db: sqlite3.Connection, holder: str, gone: str, now: float, length: fl
             term = row[2] if kept else (row[2] if row else 0) + 1
             db.execute("INSERT OR REPLACE INTO lease (name, holder, expires, term) VALUES ('workflows', ?, ?, ?)",
                        (holder, now + length, term))
-    except BaseException:
-        db.execute("ROLLBACK")
-        raise
-    db.execute("COMMIT")
     return term
 
 

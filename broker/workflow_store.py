@@ -20,12 +20,11 @@ from __future__ import annotations
 import json
 import sqlite3
 import time
-from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, Protocol
 
-from agents.db import Store
+from agents.db import Store, transaction
 
 from .constraints import PERFORMED, REQUESTED, Event
 
@@ -147,7 +146,7 @@ class WorkflowStore:
 def _create(db: sqlite3.Connection, iid: str, workflow: str, requester: str, params: str, plan: str,
             steps: list[str]) -> None:
     now = time.time()
-    with _transaction(db):
+    with transaction(db):
         db.execute("INSERT INTO instances VALUES (?, ?, ?, ?, ?, 'running', '', ?, ?)",
                    (iid, workflow, requester, params, plan, now, now))
         for step in steps:
@@ -201,7 +200,7 @@ def _set_step(db: sqlite3.Connection, iid: str, step: str, fields: dict[str, Any
 
 def _start_step(db: sqlite3.Connection, iid: str, step: str, performer: str, target: str) -> None:
     now = time.time()
-    with _transaction(db):
+    with transaction(db):
         db.execute("INSERT INTO events (instance, kind, step, actor, at) VALUES (?, ?, ?, ?, ?)",
                    (iid, PERFORMED, step, performer, now))
         db.execute("UPDATE steps SET state = 'running', performer = ?, target = ?, started = ?,"
@@ -216,15 +215,3 @@ def _add_event(db: sqlite3.Connection, iid: str, kind: str, step: str, actor: st
 def _history(db: sqlite3.Connection, iid: str) -> list[Event]:
     return [Event(r["kind"], r["step"], r["actor"], r["at"]) for r in db.execute(
         "SELECT kind, step, actor, at FROM events WHERE instance = ? ORDER BY seq", (iid,))]
-
-
-@contextmanager
-def _transaction(db: sqlite3.Connection) -> Iterator[None]:
-    """BEGIN IMMEDIATE ... COMMIT, or ROLLBACK on any error."""
-    db.execute("BEGIN IMMEDIATE")
-    try:
-        yield
-    except BaseException:
-        db.execute("ROLLBACK")
-        raise
-    db.execute("COMMIT")

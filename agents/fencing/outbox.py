@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ..db import Store
+from ..db import Store, transaction
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS outbox (n INTEGER PRIMARY KEY, id TEXT NOT NULL UNIQUE, body TEXT NOT NULL,
@@ -83,17 +83,12 @@ class FenceOutbox:
 
 def _keep(db: sqlite3.Connection, event: dict[str, Any]) -> None:
     body = json.dumps(event, sort_keys=True)
-    db.execute("BEGIN IMMEDIATE")
-    try:
+    with transaction(db):
         db.execute("INSERT OR IGNORE INTO outbox (id, body, created) VALUES (?, ?, ?)",
                    (event["id"], body, time.time()))
         if event["event"] == "outcome" and event.get("ok") and event["action"] in LEDGER_ACTIONS:
             db.execute("INSERT OR REPLACE INTO ledger (cluster, node, id, body) VALUES (?, ?, ?, ?)",
                        (event["cluster"], event["node"], event["id"], body))
-    except BaseException:
-        db.execute("ROLLBACK")
-        raise
-    db.execute("COMMIT")
 
 
 def _tried(db: sqlite3.Connection, event_id: str) -> int:
