@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import logging
 import re
 import sqlite3
@@ -27,7 +28,7 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Any, Callable, Sequence
+from typing import Annotated, Any, Awaitable, Callable, Sequence
 
 from slixmpp import Iq, Presence
 from slixmpp.xmlstream import ET
@@ -65,6 +66,7 @@ class Call:
     _reply_to: str = ""
     _job: str = ""
     _seq: int = field(default=0)
+    _follows: Awaitable[Any] | None = None  # a job followed after a restart: the work it still waits on
 
     async def progress(self, payload: Any) -> None:
         """Report progress to the caller (long ops only; ignored for quick ones)."""
@@ -77,6 +79,12 @@ class Call:
         msg["vertebra_progress"]["seq"] = str(self._seq)
         msg["vertebra_progress"].xml.text = protocol.encode(payload, what="a progress report")
         msg.send()
+
+    async def follows(self, work: str) -> None:
+        """Name, on the job's record, the durable work this long op waits on and that carries on by
+        itself after a restart (``Agent.follow_job`` finds it again by this name); ignored for quick ops."""
+        if self._job in self.agent._running_jobs:
+            await self.agent.jobs.follows(self.agent._running_jobs[self._job][0], work)
 
 
 MAX_ADDRESSED = 64  # resources one request may address
@@ -142,10 +150,9 @@ class Agent(Actor):
         # The long ops it accepted, until their outcome reached the caller (agents/jobs.py).
         self.jobs = JobStore(state_dir / "jobs.sqlite" if state_dir else None)
         self._running_jobs: dict[str, tuple[Job, asyncio.Future[None]]] = {}  # job id -> (job, its end)
-        self._delivering: dict[str, str] = {}  # job id -> caller, of outcomes sent until a receipt comes
-        for job in self.jobs.interrupt_running(self.name):  # sent with the other outcomes on the first session
-            log.warning("job %s (%s for %s) was cut off when %s stopped: reporting it interrupted", job.job, job.op,
-                        job.caller, self.name)
+        self._delivering: dict[str, str] = {}  # job id (or "job caller") -> caller, of outcomes sent until a receipt
+        self._attached: dict[str, set[str]] = {}  # job id -> callers that repeated its request while it runs
+        self._jobs_recovered = False  # the jobs a previous run left running are followed or interrupted once
         # Requests are served fairly per sender and refused over a sender's rate or queue (intake.py).
         self.intake: FairIntake[Iq] = FairIntake(self._serve, requests or IntakeLimits(), spawn=self.spawn)
         self._brokers: set[str] = set()  # full JIDs of brokers that have seen us this session
@@ -286,6 +293,9 @@ class Agent(Actor):
         self._brokers.clear()
         self._broker_sessions.clear()
         self._start_announcing()
+        if not self._jobs_recovered:  # on the first session, when the kind's work (follow_job) can reach peers
+            self._jobs_recovered = True
+            self._recover_jobs()
         self.spawn(self._jobs_on_session(), name=f"jobs of {self.name}")
 
     def presence(self, to: str | None = None) -> None:
@@ -392,7 +402,9 @@ class Agent(Actor):
         answer = await asyncio.shield(seen.answer)
         self.xmpp.send(self._reply(iq, answer))
         if answer.job and repeat:
-            self._spawn(self._send_outcome_when_done(answer, str(iq["from"]), rid))
+            deadline = protocol.parse_deadline(req.get("deadline", "")) or time.time() + _budget(
+                req.get("timeout", ""), self.ops[req.get("name", "")].deadline)
+            self._spawn(self._attach(answer, str(iq["from"]), rid, deadline))
 
     def _reply(self, iq: Iq, answer: Answer) -> Iq:
         if answer.error is not None:
@@ -583,7 +595,10 @@ class Agent(Actor):
         return part
 
     async def perform(self, spec: OpSpec, call: Call, args: dict[str, Any]) -> Any:
-        """Run an admitted op's implementation, on the component that serves it or on the agent."""
+        """Run an admitted op's implementation, on the component that serves it or on the agent (or, for
+        a job followed after a restart, await the work it waits on)."""
+        if call._follows is not None:
+            return await call._follows
         return await spec.func(self._parts.get(spec.name, self), call, **args)
 
     async def _run_job(self, spec: OpSpec, call: Call, args: dict[str, Any], answer: Answer,
@@ -604,23 +619,60 @@ class Agent(Actor):
         ended.set_result(None)
         await self._deliver(job)
 
+    def follow_job(self, job: Job, call: Call) -> Awaitable[Any] | None:
+        """After a restart, for a job the previous run left running that named its work (``Call.follows``):
+        the awaitable that ends with the op's result as that work, resumed by the kind, goes on (``call``
+        reports its progress), or None when it cannot go on: the job is then reported interrupted.
+        Kinds whose work resumes after a restart override this."""
+        return None
+
+    def _recover_jobs(self) -> None:
+        """Follow again each job a previous run left running whose work carries on (``follow_job``): it
+        stays running, a repeat of its request attaches to it, and its real outcome is delivered; end
+        the others as interrupted (sent with the other outcomes by ``_jobs_on_session``)."""
+        loop = asyncio.get_running_loop()
+        for job in self.jobs.left_running():
+            spec = self.ops.get(job.op)
+            call = Call(self, job.caller, job.rid, [], loop.time() + max(0.0, job.deadline - time.time()),
+                        _reply_to=job.reply_to, _job=job.job)
+            work = self.follow_job(job, call) if spec is not None and job.work else None
+            if work is None:
+                self.jobs.interrupt(job, self.name)
+                log.warning("job %s (%s for %s) was cut off when %s stopped: reporting it interrupted", job.job,
+                            job.op, job.caller, self.name)
+                continue
+            assert spec is not None
+            log.info("job %s (%s for %s) follows %s, resumed after %s restarted", job.job, job.op, job.caller,
+                     job.work, self.name)
+            answer = Answer(job=job.job, job_end=loop.create_future(), admitted=True)
+            key = (job.sender, job.rid)
+            self._requests.follow(key, job.fingerprint, answer)
+            self._running_jobs[job.job] = (job, loop.create_future())
+            call._follows = work
+            self._spawn(self._run_job(spec, call, {}, answer, key, job.fingerprint))
+
     async def _jobs_on_session(self) -> None:
         """On each new session: direct presence again to the callers of running jobs (the server forgot
         the old session's), and send every outcome not yet acknowledged (those of jobs a previous run
         of this agent left running too: ended as interrupted when it started)."""
         for job, _end in self._running_jobs.values():
             self.presence(job.reply_to)
+            for attached in self._attached.get(job.job, ()):
+                self.presence(attached)
         for job in await self.jobs.undelivered():
             if job.job not in self._delivering:
                 self.spawn(self._deliver(job), name=f"outcome of job {job.job}")
 
-    async def _deliver(self, job: Job) -> None:
+    async def _deliver(self, job: Job, *, attached: bool = False) -> None:
         """Send a job's outcome until the caller's XEP-0184 receipt says it arrived, the server bounces
         it (the caller's session is gone), or the caller's deadline has passed: an outcome lost while
-        the server restarted is sent again. ``job.status`` still has it afterwards."""
-        msg_id = outcome_id(job.job, job.rid)
+        the server restarted is sent again. ``job.status`` still has it afterwards. ``attached``: to a
+        caller that repeated the job's request (``job`` then stands for its copy: its address, deadline
+        and the job's outcome), whose receipt is not the job's own."""
+        msg_id = outcome_id(job.job, job.rid, job.reply_to)
         backoff = Backoff(base=1.0, cap=15.0)
-        self._delivering[job.job] = job.reply_to
+        delivering = f"{job.job} {job.reply_to}" if attached else job.job
+        self._delivering[delivering] = job.reply_to
         try:
             while (left := job.deadline - time.time()) > 0:
                 arrived = self.vertebra.expect_receipt(msg_id)
@@ -631,14 +683,14 @@ class Agent(Actor):
                     received = await asyncio.wait_for(asyncio.shield(arrived), min(backoff.next(), left))
                 except TimeoutError:
                     continue
-                if received:
+                if received and not attached:
                     await self.jobs.delivered(job)
                 else:
                     log.info("the outcome of job %s was bounced: %s is gone; job.status keeps it", job.job,
                              job.reply_to)
                 return
         finally:
-            del self._delivering[job.job]
+            del self._delivering[delivering]
             self.vertebra.forget_receipt(msg_id)
             if self.online and not self._jobs_for(job.reply_to) and not self._is_broker(job.reply_to):
                 # Directed unavailable presence takes the caller off the server's list of whom to tell
@@ -654,15 +706,29 @@ class Agent(Actor):
         return reply_to in self._delivering.values() or any(j.reply_to == reply_to for j, _ in
                                                             self._running_jobs.values())
 
-    async def _send_outcome_when_done(self, answer: Answer, to: str, rid: str) -> None:
-        """A repeated request for a long op gets the job's one outcome too, once there is one."""
+    async def _attach(self, answer: Answer, to: str, rid: str, deadline: float) -> None:
+        """A caller that repeated a long op's request is attached to its job like the first: directed
+        presence while it runs (so it hears at once if this agent goes offline), then the job's one
+        outcome, sent until its receipt comes or ``deadline`` (Unix time) has passed."""
         assert answer.job_end is not None, "a long op's answer carries its job's end"
-        self._send_outcome(await asyncio.shield(answer.job_end), to, answer.job, rid)
+        if not answer.job_end.done():
+            callers = self._attached.setdefault(answer.job, set())
+            callers.add(to)
+            self.presence(to)
+            try:
+                await asyncio.shield(answer.job_end)
+            finally:
+                callers.discard(to)
+                if not callers:
+                    self._attached.pop(answer.job, None)
+        status, condition, payload = await asyncio.shield(answer.job_end)  # its record may not say so yet
+        job = Job(answer.job, "", "", "", to, rid, "", time.time(), deadline, "ended", status, condition, payload)
+        await self._deliver(job, attached=True)
 
     def _send_outcome(self, end: tuple[str, str, str], to: str, job: str, rid: str) -> None:
         msg = self.xmpp.make_message(mto=to)
         # The same id on every resend, with a request for an XEP-0184 receipt, which answers to it.
-        msg["id"] = outcome_id(job, rid)
+        msg["id"] = outcome_id(job, rid, to)
         ET.SubElement(msg.xml, f"{{{protocol.RECEIPTS}}}request")
         outcome = msg["vertebra_outcome"]
         outcome["job"], outcome["rid"], outcome["status"] = job, rid, end[0]
@@ -682,9 +748,10 @@ class Agent(Actor):
             self.audit.ended(rid=rid, caller=caller, op=op_name, outcome=outcome, duration=duration)
 
 
-def outcome_id(job: str, rid: str) -> str:
-    """The message id of a job's outcome for one request of it (a repeat gets its own)."""
-    return f"outcome-{job}-{rid}"
+def outcome_id(job: str, rid: str, to: str) -> str:
+    """The message id of a job's outcome for one caller of it (a repeat from another session gets its own,
+    so each caller's receipt answers for its own copy)."""
+    return f"outcome-{job}-{rid}-{hashlib.sha256(to.encode()).hexdigest()[:12]}"
 
 
 def _budget(text: str, default: float) -> float:

@@ -145,6 +145,16 @@ class RequestLog:
             seen.at = time.monotonic()
         self._forget_old()
 
+    def follow(self, key: tuple[str, str], fp: str, answer: Answer) -> None:
+        """After a restart: the request under ``key`` is a job the agent follows again (its work resumed),
+        so a repeat attaches to the job instead of being told the ``interrupted`` its row says until the
+        job's outcome replaces it (:meth:`finish_job`)."""
+        seen = self.start(key, fp)
+        seen.started = True
+        seen.answer.set_result(answer)
+        assert answer.job_end is not None, "a job's answer carries its end"
+        answer.job_end.add_done_callback(lambda _f: self._ended(key, seen))
+
     def _ended(self, key: tuple[str, str], seen: Seen) -> None:
         seen.at = time.monotonic()
         if key in self._seen:

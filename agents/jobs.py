@@ -4,8 +4,10 @@ A job is written when its ``<accepted>`` is sent (who asked, for which op, under
 where the outcome goes and until when that caller waits) and again when it ends (its outcome), and
 once more when the caller's XEP-0184 receipt says the outcome arrived. After a crash or a kill the
 agent finds the jobs that were still running: their coroutines are gone, so each is ended as
-``interrupted`` and its outcome sent like any other. Ended jobs are kept ``RETENTION`` seconds, for
-``job.status`` and for outcomes still on their way (docs/protocol.md 7.5).
+``interrupted`` and its outcome sent like any other, unless the job waits on work that carries on by
+itself after a restart (``Job.work``: a replication update the replicator resumes), which the agent
+follows again, so the job keeps running and ends with that work's real outcome. Ended jobs are kept
+``RETENTION`` seconds, for ``job.status`` and for outcomes still on their way (docs/protocol.md 7.5).
 
 The file is read and written on its own thread (``agents.db.Store``), never on the event loop.
 """
@@ -27,7 +29,8 @@ RETENTION = 24 * 3600.0  # seconds an ended job is kept, as an op's durable outc
 _MIGRATIONS = [
     "CREATE TABLE jobs (job TEXT PRIMARY KEY, op TEXT, caller TEXT, sender TEXT, reply_to TEXT, rid TEXT,"
     " fingerprint TEXT, accepted_at REAL, deadline REAL, state TEXT, status TEXT, condition TEXT, payload TEXT,"
-    " ended_at REAL, delivered INTEGER)"
+    " ended_at REAL, delivered INTEGER)",
+    "ALTER TABLE jobs ADD COLUMN work TEXT NOT NULL DEFAULT ''",
 ]
 
 
@@ -52,6 +55,9 @@ class Job:
     payload: str = ""  # base64 msgpack: the result, or the error sentence
     ended_at: float | None = None
     delivered: bool = False  # the caller's receipt for the outcome came back
+    # The durable work the job waits on, named by the op ("replication r1a2b3c4d"): a restarted agent
+    # that resumes it follows it again (Agent.follow_job) instead of reporting the job interrupted.
+    work: str = ""
 
     @property
     def end(self) -> tuple[str, str, str]:
@@ -91,20 +97,25 @@ class JobStore:
         job.delivered = True
         await self._store.run(_put, job)
 
+    async def follows(self, job: Job, work: str) -> None:
+        job.work = work
+        await self._store.run(_put, job)
+
     async def get(self, job_id: str) -> Job | None:
         return await self._store.run(_get, job_id)
 
-    def interrupt_running(self, agent: str) -> list[Job]:
-        """End as ``interrupted`` every job still marked running, and return them: the process that ran
-        them is gone. Called once as the agent starts, before it can accept a job (so it waits here)."""
-        jobs = self._store.call(_running)
-        for job in jobs:
-            text = (f"{agent} stopped while running {job.op} as job {job.job}; it may have done part of its work."
-                    " Look at what it changes, then run it again with a new request id if it is still wanted")
-            job.state, job.ended_at = "ended", time.time()
-            job.status, job.condition, job.payload = "failed", Interrupted.condition, protocol.encode(text)
-            self._store.call(_put, job)
-        return jobs
+    def left_running(self) -> list[Job]:
+        """The jobs still marked running: the process that ran them is gone. Read once as the agent
+        starts, before it can accept a job (so it waits here)."""
+        return self._store.call(_running)
+
+    def interrupt(self, job: Job, agent: str) -> None:
+        """End as ``interrupted`` a job the previous run left running, whose work cannot go on."""
+        text = (f"{agent} stopped while running {job.op} as job {job.job}; it may have done part of its work."
+                " Look at what it changes, then run it again with a new request id if it is still wanted")
+        job.state, job.ended_at = "ended", time.time()
+        job.status, job.condition, job.payload = "failed", Interrupted.condition, protocol.encode(text)
+        self._store.call(_put, job)
 
     async def undelivered(self) -> list[Job]:
         """Ended jobs whose outcome no receipt has confirmed yet, and whose caller still waits."""

@@ -12,9 +12,10 @@ from __future__ import annotations
 
 import asyncio
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any, Awaitable
 
 from ..agent import Call
+from ..jobs import Job
 from ..ops import Arg, op
 from .driver import StorageError
 from .faults import op_error
@@ -27,6 +28,7 @@ if TYPE_CHECKING:
     from .catalog import CatalogDriver
 
 _DATA_DEADLINE = 3600.0
+_FOLLOWS = "replication "  # a job's work (jobs.Job.work): the update of the action named after it
 _RULE = "1-64 of A-Z a-z 0-9 _ . -, starting with a letter or digit, no '..'"
 
 Volume = Annotated[str, Arg(f"source volume name ({_RULE})", pattern=NAME_PATTERN)]
@@ -71,6 +73,8 @@ class ReplicationOps:
             task = self.replicator.update(action_id, report)
         except StorageError as exc:
             raise op_error(exc) from None
+        # The update is durable (the replicator resumes it at start): a restart follows it, not interrupts.
+        await call.follows(f"{_FOLLOWS}{action_id}")
         try:
             return await self._guard(asyncio.shield(task))
         except asyncio.CancelledError:
@@ -79,6 +83,23 @@ class ReplicationOps:
                                             f"the update; storage.replication.resume continues it",
                                             code="busy")) from None
             raise
+
+    def follow_job(self, job: Job, call: Call) -> Awaitable[Any] | None:
+        """A replication job cut off by a restart follows its action's update, which the replicator
+        resumes; it cannot when the action is gone or paused (the job is then reported interrupted). An
+        update that was published before the stop ends the job with the action as it is now."""
+        if not job.work.startswith(_FOLLOWS):
+            return None
+        action_id = job.work[len(_FOLLOWS):]
+        try:
+            action = self.replication_state.action(action_id)
+        except StorageError:
+            return None
+        if action.paused:
+            return None
+        if action.pending is None and action.last_end is not None and action.last_end >= job.accepted_at:
+            return self._async(action.to_wire)
+        return self._wait_update(call, action_id)
 
     # source -------------------------------------------------------------------------------------------
     @op("storage.replicate", effect="change", deadline=_DATA_DEADLINE, progress=True, resources=("/volume/{volume}",))

@@ -48,11 +48,12 @@ class AgentProcess:
         self.target = f"{self.jid}/agent"
         self.state = tmp_path / "agent-state"
         self.broker = broker
+        self.admin = mesh.operator[0]  # whom the agent admits
         self.proc: subprocess.Popen[str] | None = None
 
     async def start(self, *flags: str) -> None:
         argv = [sys.executable, str(ROOT / "tests" / "storage_agent_process.py"), self.jid, self.password,
-                str(self.mesh.server.port), str(self.mesh.server.cert_path), self.mesh.operator[0], self.driver,
+                str(self.mesh.server.port), str(self.mesh.server.cert_path), self.admin, self.driver,
                 str(self.root), str(self.state), *(["--broker", self.broker.jid.bare] if self.broker else []), *flags]
         self.proc = subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.PIPE, text=True,
                                      env={**os.environ, "PYTHONPATH": str(ROOT)})
