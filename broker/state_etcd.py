@@ -56,7 +56,12 @@ class EtcdClient(aetcd.Client):
 
     A call that only reads, or that is safe to repeat (a lease's grant, renewal or revocation), is
     tried once on each member before it fails; a transaction whose answer did not come may have been
-    applied, so it is not repeated: its caller reads again, as after losing a compare-and-swap."""
+    applied, so it is not repeated: its caller reads again, as after losing a compare-and-swap.
+
+    etcd's auth tokens do not last (a simple token lapses after five minutes unused, a member forgets
+    a user's tokens when its password changes and all of them when it restarts), and aetcd logs in only
+    as it connects. A call refused for its token logs in again, reading the password file anew, and is
+    sent once more: etcd refuses such a call before applying anything, transactions included."""
 
     # What a cluster that cannot be reached, or a broken call, raises.
     errors: tuple[type[BaseException], ...] = (aetcd.exceptions.ClientError, grpc.RpcError, OSError)
@@ -101,10 +106,37 @@ class EtcdClient(aetcd.Client):
         await self.close()
         self._member = (self._member + 1) % len(self.config.endpoints)
 
+    async def _logged_in(self, call: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """``call``, and once more after logging in again if the member no longer knows the token."""
+        metadata = self.metadata
+        try:
+            return await call(*args, **kwargs)
+        except aetcd.exceptions.UnauthenticatedError as exc:
+            if self._username is None:
+                raise
+            if self.metadata is metadata:  # not logged in again meanwhile by a call that failed alike
+                log.info("etcd member %s no longer knows this broker's token (%s); logging in again",
+                         self.config.endpoints[self._member], exc)
+                await self._log_in()
+            return await call(*args, **kwargs)
+
+    async def _log_in(self) -> None:
+        """A new token for calls on the current channel, and a watcher that sends it."""
+        if self.config.password_file is not None:  # a password changed since the start is the one to use
+            self._password = self.config.password_file.read_text().strip()
+        reply = await rpc.AuthStub(self.channel).Authenticate(  # a wrong password: a grpc.RpcError, in errors
+            rpc.AuthenticateRequest(name=self._username, password=self._password), timeout=self._timeout)
+        self.metadata = (("token", reply.token),)
+        # The watcher's stream carries the token it was made with: a new one for the watches to come.
+        old, self._watcher = self._watcher, watcher.Watcher(rpc.WatchStub(self.channel), timeout=self._timeout,
+                                                            metadata=self.metadata)
+        if old is not None:
+            await old.shutdown()
+
     async def _on_each_member(self, call: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         for left in range(len(self.config.endpoints) - 1, -1, -1):
             try:
-                return await call(*args, **kwargs)
+                return await self._logged_in(call, *args, **kwargs)
             except UNREACHABLE as exc:
                 await self._next_member(exc)
                 if not left:
@@ -131,7 +163,7 @@ class EtcdClient(aetcd.Client):
 
     async def transaction(self, *args: Any, **kwargs: Any) -> Any:
         try:
-            return await super().transaction(*args, **kwargs)
+            return await self._logged_in(super().transaction, *args, **kwargs)
         except UNREACHABLE as exc:
             await self._next_member(exc)  # the next call goes elsewhere; this one may have been applied
             raise

@@ -4,6 +4,10 @@ Like the private Prosody (agents/server.py), it never touches the machine's own 
 every member gets free client and peer ports, its data directory and its log under ``home``, and
 runs in a process group of its own. Every member is stopped on every way out: ``stop()``, leaving
 the ``with`` block, and, should the test process end without either, at exit.
+
+With ``tls=True`` the members serve their clients over TLS only and require a client certificate,
+both signed by a CA made for the cluster (Debian's openssl): ``ca``, ``client_cert`` and
+``client_key`` are what a broker's mesh file names under ``broker: {tls: ...}``.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ import os
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import time
 import urllib.error
@@ -65,12 +70,40 @@ class EtcdError(Exception):
     pass
 
 
+def _make_certificates(directory: Path, addresses: Sequence[str]) -> None:
+    """A CA, a server certificate for ``addresses`` (and localhost) and a client certificate it signed,
+    in ``directory``. The client certificate's name is no etcd user: with authentication on, a request
+    is only allowed by the user and password the client logs in with."""
+    openssl = shutil.which("openssl")
+    if openssl is None:
+        raise EtcdError("the 'openssl' program is not installed: `apt-get install openssl` as root")
+    directory.mkdir(parents=True, exist_ok=True)
+    key = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
+
+    def run(*args: str) -> None:
+        done = subprocess.run([openssl, *args], cwd=directory, capture_output=True, text=True)
+        if done.returncode != 0:
+            raise EtcdError(f"openssl {args[0]} failed: {done.stderr.strip()}")
+
+    run("req", "-x509", *key, "-keyout", "ca-key.pem", "-out", "ca.pem", "-days", "2",
+        "-subj", "/CN=vertebra test etcd CA", "-addext", "basicConstraints=critical,CA:TRUE",
+        "-addext", "keyUsage=critical,keyCertSign,cRLSign")
+    names = ",".join(["DNS:localhost", *(f"IP:{a}" for a in dict.fromkeys(addresses))])
+    for name, usage, extra in (("server", "serverAuth", f"subjectAltName={names}"),
+                               ("client", "clientAuth", "subjectAltName=DNS:vertebra-test-client")):
+        run("req", *key, "-keyout", f"{name}-key.pem", "-out", f"{name}.csr", "-subj", f"/CN=vertebra-test-{name}",
+            "-addext", extra, "-addext", f"extendedKeyUsage={usage}")
+        run("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.pem", "-CAkey", "ca-key.pem", "-CAcreateserial",
+            "-out", f"{name}.pem", "-days", "2", "-copy_extensions", "copy")
+
+
 class Member:
     """One etcd member: its name, ports, data directory and, while it runs, its process. ``wrap``
     runs it another way (``ip netns exec NS``: on a simulated host, whose ports are all its own)."""
 
-    def __init__(self, name: str, host: str, home: Path, wrap: Sequence[str] = ()) -> None:
-        self.name, self.host, self.wrap = name, host, list(wrap)
+    def __init__(self, name: str, host: str, home: Path, wrap: Sequence[str] = (),
+                 tls: ssl.SSLContext | None = None) -> None:
+        self.name, self.host, self.wrap, self.tls = name, host, list(wrap), tls
         self.client_port, self.peer_port = (2379, 2380) if wrap else (_free_port(host), _free_port(host))
         self.data_dir, self.log_path = home / f"{name}.data", home / f"{name}.log"
         self.proc: subprocess.Popen[bytes] | None = None
@@ -80,13 +113,19 @@ class Member:
         return f"{self.host}:{self.client_port}"
 
     @property
+    def client_url(self) -> str:
+        return f"{'https' if self.tls else 'http'}://{self.endpoint}"
+
+    @property
     def peer_url(self) -> str:
         return f"http://{self.host}:{self.peer_port}"
 
     def healthy(self) -> bool:
         """Whether the member answers and its cluster has a leader (etcd's /health)."""
         try:
-            with _DIRECT.open(f"http://{self.endpoint}/health", timeout=2) as reply:
+            opener = _DIRECT if self.tls is None else urllib.request.build_opener(
+                urllib.request.ProxyHandler({}), urllib.request.HTTPSHandler(context=self.tls))
+            with opener.open(f"{self.client_url}/health", timeout=2) as reply:
                 return json.load(reply).get("health") == "true"
         except (OSError, urllib.error.URLError, ValueError):
             return False
@@ -97,12 +136,21 @@ class PrivateEtcd:
     member on each of ``hosts``, each started through its ``wraps`` entry (simulated hosts)."""
 
     def __init__(self, home: Path, size: int = 3, host: str = "127.0.0.1", hosts: Sequence[str] = (),
-                 wraps: Sequence[Sequence[str]] = ()) -> None:
+                 wraps: Sequence[Sequence[str]] = (), tls: bool = False) -> None:
         self.home = home
+        tls_dir = home / "tls"
+        self.ca, self.client_cert, self.client_key = (tls_dir / "ca.pem", tls_dir / "client.pem",
+                                                      tls_dir / "client-key.pem")
+        self.tls = tls
+        context = None
+        if tls:
+            _make_certificates(tls_dir, [host, *hosts])
+            context = ssl.create_default_context(cafile=str(self.ca))
+            context.load_cert_chain(self.client_cert, self.client_key)
         if hosts:
-            self.members = [Member(f"m{n}", h, home, w) for n, (h, w) in enumerate(zip(hosts, wraps), 1)]
+            self.members = [Member(f"m{n}", h, home, w, context) for n, (h, w) in enumerate(zip(hosts, wraps), 1)]
         else:
-            self.members = [Member(f"m{n}", host, home) for n in range(1, size + 1)]
+            self.members = [Member(f"m{n}", host, home, tls=context) for n in range(1, size + 1)]
 
     @property
     def endpoints(self) -> list[str]:
@@ -137,12 +185,16 @@ class PrivateEtcd:
             time.sleep(0.1)
 
     def _spawn(self, etcd: str, member: Member, initial: str, token: str) -> None:
-        client = f"http://{member.endpoint}"
+        client = member.client_url
         args = [etcd, "--name", member.name, "--data-dir", str(member.data_dir),
                 "--listen-client-urls", client, "--advertise-client-urls", client,
                 "--listen-peer-urls", member.peer_url, "--initial-advertise-peer-urls", member.peer_url,
                 "--initial-cluster", initial, "--initial-cluster-token", token,
                 "--initial-cluster-state", "new", "--logger", "zap", "--log-level", "warn"]
+        if self.tls:
+            tls_dir = self.ca.parent
+            args += ["--client-cert-auth", "--trusted-ca-file", str(self.ca),
+                     "--cert-file", str(tls_dir / "server.pem"), "--key-file", str(tls_dir / "server-key.pem")]
         # A new cluster only: a member left from an earlier start would carry the old ports.
         shutil.rmtree(member.data_dir, ignore_errors=True)
         with open(member.log_path, "ab") as log:
