@@ -17,9 +17,9 @@ lint: install
 test: lint
 	$(PYTHON) -m pytest -q tests/ --ignore=tests/cluster
 
-# Every integration test with the session's mesh on a two-node ejabberd cluster on loopback (actors
-# spread over both nodes), plus the private-node and cluster tests themselves (those also run in `test`).
-# CI runs it after `test` (.ci/run).
+# The integration tests that use the session's XMPP service, again with it on a two-node ejabberd
+# cluster on loopback (actors spread over both nodes); the others start a server of their own, or
+# none, and have run in `test` (tests/conftest.py leaves them out here). CI runs it after `test` (.ci/run).
 test-ejabberd: install
 	VERTEBRA_TEST_ENGINE=ejabberd $(PYTHON) -m pytest -q tests/integration
 

@@ -6,7 +6,8 @@ per test with fresh names, so tests do not see each other's agents.
 With VERTEBRA_TEST_ENGINE=ejabberd (``make test-ejabberd``) the session runs a two-node ejabberd
 cluster on loopback instead: ``server`` is the first node (accounts registered through it are known
 to both), and the ``mesh`` fixture's actors take turns on which node they connect to first, each
-with the other node as its alternate, so ops, discovery and pushes cross the cluster.
+with the other node as its alternate, so ops, discovery and pushes cross the cluster. Only the tests
+that use the session's servers run then (pytest_collection_modifyitems).
 """
 
 from __future__ import annotations
@@ -138,6 +139,18 @@ def ejabberd_cluster(home: Path, prefix: str = "suite") -> Iterator[list[Any]]:
     finally:
         second.stop()
         first.stop()
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """On ejabberd (``make test-ejabberd``) only the tests that use the session's servers run again:
+    the others start a server of their own or none, so the Prosody run has already run them as they
+    are, and running them twice only costs CI time."""
+    if ENGINE != "ejabberd":
+        return
+    again = [item for item in items if "servers" in getattr(item, "fixturenames", ())]
+    if len(again) < len(items):
+        config.hook.pytest_deselected(items=[item for item in items if item not in again])
+        items[:] = again
 
 
 @pytest.fixture(scope="session")
