@@ -12,7 +12,8 @@ An op's whole path through an agent, in order:
    the server stamped it, the delegate that sent it and the resources it acts on (``authz``);
 6. execute — within the op's deadline; a long op answers at once with a job id and reports
    sequence-numbered progress, then exactly one outcome, sent until the caller acknowledges it; its
-   job is kept on disk (``agents/jobs.py``), so one cut off by a crash is reported interrupted;
+   job is kept on disk (``agents/jobs.py``), so one cut off by a crash is followed to its end (its
+   work resumed, ``follow_job``) or reported interrupted;
 7. audit — the decision and the outcome are written to the hash-chained log (``agents/audit.py``).
 """
 
@@ -711,6 +712,8 @@ class Agent(Actor):
         presence while it runs (so it hears at once if this agent goes offline), then the job's one
         outcome, sent until its receipt comes or ``deadline`` (Unix time) has passed."""
         assert answer.job_end is not None, "a long op's answer carries its job's end"
+        if any(job.job == answer.job and job.reply_to == to for job, _ in self._running_jobs.values()):
+            return  # the job's own caller, from the same session: the job's own delivery reaches it
         if not answer.job_end.done():
             callers = self._attached.setdefault(answer.job, set())
             callers.add(to)

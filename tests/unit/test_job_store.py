@@ -1,6 +1,7 @@
 """The agent's job store (agents/jobs.py) on a real SQLite file: a job still running when the store is
-opened again was cut off and is ended as interrupted; an ended job is kept for the retention window and
-deleted at the next start after it; only ended, undelivered jobs whose caller still waits are sent again."""
+opened again was cut off and is found (to be followed, or ended as interrupted, once), with the work it
+named; an ended job is kept for the retention window and deleted at the next start after it; only ended,
+undelivered jobs whose caller still waits are sent again."""
 
 from __future__ import annotations
 
@@ -25,14 +26,29 @@ async def test_a_running_job_is_interrupted_when_the_store_opens_again(tmp_path)
     await store.aclose()
 
     again = JobStore(tmp_path / "jobs.sqlite")
-    assert [j.job for j in again.interrupt_running("sample1")] == ["cut"]
+    left = again.left_running()
+    assert [j.job for j in left] == ["cut"]
+    again.interrupt(left[0], "sample1")
     cut = await again.get("cut")
     assert cut is not None and cut.state == "ended" and (cut.status, cut.condition) == ("failed", "interrupted")
     assert "sample1 stopped while running sample.wait as job cut" in cut.describe()["error"]
     assert sorted(j.job for j in await again.undelivered()) == ["cut", "done"]
     await again.delivered(cut)
     assert [j.job for j in await again.undelivered()] == ["done"]
-    assert again.interrupt_running("sample1") == []
+    assert again.left_running() == []
+    await again.aclose()
+
+
+async def test_the_work_a_job_follows_is_found_again_after_the_store_opens_again(tmp_path):
+    store = JobStore(tmp_path / "jobs.sqlite")
+    running = job("replicating")
+    await store.accepted(running)
+    await store.follows(running, "replication r0123abcd")
+    await store.aclose()
+
+    again = JobStore(tmp_path / "jobs.sqlite")
+    [left] = again.left_running()
+    assert (left.job, left.state, left.work) == ("replicating", "running", "replication r0123abcd")
     await again.aclose()
 
 
