@@ -316,3 +316,21 @@ def test_private_file_tightens_what_exists(tmp_path):
     os.chmod(f, 0o644)
     audit.private_file(f)
     assert (f.stat().st_mode & 0o777) == 0o600 and (d.stat().st_mode & 0o777) == 0o700
+
+
+@pytest.mark.parametrize("key_len", [16, 32, 64, 65, 200])
+def test_the_keyed_hasher_is_hmac_sha256_of_prev_and_body(key_len):
+    """The hasher a log keeps (its key's HMAC state, copied per record) gives the chain's hash:
+    HMAC-SHA256 of "prev\\nbody" under the key, for keys shorter and longer than SHA-256's block."""
+    import hashlib
+    import hmac
+    import secrets
+
+    key = secrets.token_bytes(key_len)
+    keyed = audit.chain_hasher(key)
+    for prev, body in [(audit.GENESIS, '{"seq":1}'), ("ab" * 32, '{"seq":2,"text":"\\u00e9"}'), ("", "")]:
+        expected = hmac.new(key, f"{prev}\n{body}".encode(), hashlib.sha256).hexdigest()
+        assert keyed(prev, body) == expected == audit.chain_hash(prev, body, key)
+        # Used again, the hasher starts from the key's state, not from the last record's.
+        assert keyed(prev, body) == expected
+    assert audit.chain_hasher()("p", "b") == hashlib.sha256(b"p\nb").hexdigest() == audit.chain_hash("p", "b")
