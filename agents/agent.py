@@ -153,7 +153,15 @@ class Agent(Actor):
         self._running_jobs: dict[str, tuple[Job, asyncio.Future[None]]] = {}  # job id -> (job, its end)
         self._delivering: dict[str, str] = {}  # job id (or "job caller") -> caller, of outcomes sent until a receipt
         self._attached: dict[str, set[str]] = {}  # job id -> callers that repeated its request while it runs
-        self._jobs_recovered = False  # the jobs a previous run left running are followed or interrupted once
+        # Jobs a previous run left running: those whose work may go on are followed (or interrupted) on the
+        # first session, when the kind's work can reach its peers (follow_job); the others end now, sent
+        # with the other outcomes on the first session.
+        self._left_running: list[Job] | None = []
+        for job in self.jobs.left_running():
+            if job.work:
+                self._left_running.append(job)
+            else:
+                self._interrupt(job)
         # Requests are served fairly per sender and refused over a sender's rate or queue (intake.py).
         self.intake: FairIntake[Iq] = FairIntake(self._serve, requests or IntakeLimits(), spawn=self.spawn)
         self._brokers: set[str] = set()  # full JIDs of brokers that have seen us this session
@@ -294,9 +302,9 @@ class Agent(Actor):
         self._brokers.clear()
         self._broker_sessions.clear()
         self._start_announcing()
-        if not self._jobs_recovered:  # on the first session, when the kind's work (follow_job) can reach peers
-            self._jobs_recovered = True
-            self._recover_jobs()
+        if self._left_running is not None:
+            self._recover_jobs(self._left_running)
+            self._left_running = None
         self.spawn(self._jobs_on_session(), name=f"jobs of {self.name}")
 
     def presence(self, to: str | None = None) -> None:
@@ -627,20 +635,23 @@ class Agent(Actor):
         Kinds whose work resumes after a restart override this."""
         return None
 
-    def _recover_jobs(self) -> None:
+    def _interrupt(self, job: Job) -> None:
+        self.jobs.interrupt(job, self.name)
+        log.warning("job %s (%s for %s) was cut off when %s stopped: reporting it interrupted", job.job, job.op,
+                    job.caller, self.name)
+
+    def _recover_jobs(self, jobs: list[Job]) -> None:
         """Follow again each job a previous run left running whose work carries on (``follow_job``): it
         stays running, a repeat of its request attaches to it, and its real outcome is delivered; end
         the others as interrupted (sent with the other outcomes by ``_jobs_on_session``)."""
         loop = asyncio.get_running_loop()
-        for job in self.jobs.left_running():
+        for job in jobs:
             spec = self.ops.get(job.op)
             call = Call(self, job.caller, job.rid, [], loop.time() + max(0.0, job.deadline - time.time()),
                         _reply_to=job.reply_to, _job=job.job)
-            work = self.follow_job(job, call) if spec is not None and job.work else None
+            work = self.follow_job(job, call) if spec is not None else None
             if work is None:
-                self.jobs.interrupt(job, self.name)
-                log.warning("job %s (%s for %s) was cut off when %s stopped: reporting it interrupted", job.job,
-                            job.op, job.caller, self.name)
+                self._interrupt(job)
                 continue
             assert spec is not None
             log.info("job %s (%s for %s) follows %s, resumed after %s restarted", job.job, job.op, job.caller,
