@@ -11,6 +11,7 @@ state.sqlite (what btrfs does not record: kinds, clone origins, replication guid
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import os
 import shutil
@@ -65,6 +66,7 @@ def _run(argv: list[str]) -> str:
 
 class BtrfsDriver(CatalogDriver):
     name = "btrfs"
+    receives_as_it_arrives = True
 
     def __init__(self, root: str | os.PathLike[str]) -> None:
         self.root = Path(root).resolve()
@@ -171,21 +173,28 @@ class BtrfsDriver(CatalogDriver):
     def receive(self, volume: str, snap: str, stream: Iterable[bytes]) -> SnapshotInfo:
         validate_name(volume, "volume name")
         validate_name(snap, "snapshot name")
+        # The driver's lock is held to check, and to publish, not while the stream flows: a receive may follow
+        # a transfer as it arrives (throttled, for hours), and every other call of the driver needs the lock.
+        # The stream goes into a staging directory of its own that nothing else touches.
         with self._lock:
             self._refuse_existing_snapshot(volume, snap)
             staging = self.root / "snapshots" / volume / f".recv-{uuid.uuid4().hex}"
             staging.mkdir(parents=True)
-            try:
-                return self._receive(volume, snap, stream, staging)
-            finally:
+        try:
+            return self._receive(volume, snap, stream, staging)
+        finally:
+            with self._lock:
                 self._delete_any(staging)
                 if not self.db.execute("SELECT 1 FROM volumes WHERE name = ?", (volume,)).fetchone():
-                    shutil.rmtree(staging.parent, ignore_errors=True)   # a failed first receive
+                    # A failed first receive; only if empty: another receive into the same name may be staging
+                    with contextlib.suppress(OSError):
+                        staging.parent.rmdir()
 
     def _receive(self, volume: str, snap: str, stream: Iterable[bytes], staging: Path) -> SnapshotInfo:
         frames = read_frames(stream, expect_driver=self.name)
         header = next(frames)
-        self._receive_base(volume, header)
+        with self._lock:
+            self._receive_base(volume, header)
         argv = ["btrfs", "receive", str(staging)]
         with tempfile.TemporaryFile() as errors:
             proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=errors, stderr=errors)
@@ -222,10 +231,13 @@ class BtrfsDriver(CatalogDriver):
                                f"was published", code="failed")
         if received[0].name != "tree":
             os.rename(received[0], staging / "tree")      # same parent: allowed for a read-only subvolume
-        self._ensure_replica(volume)
-        os.rename(staging, self.root / "snapshots" / volume / snap)    # the publish: one rename
-        self._record_snapshot(volume, snap, header["to_guid"], self.root / "snapshots" / volume / snap / "tree")
-        return self._snapshot_info(volume, snap)
+        with self._lock:
+            self._refuse_existing_snapshot(volume, snap)    # again: the lock was let go while receiving
+            self._ensure_replica(volume)
+            os.rename(staging, self.root / "snapshots" / volume / snap)    # the publish: one rename
+            self._record_snapshot(volume, snap, header["to_guid"],
+                                  self.root / "snapshots" / volume / snap / "tree")
+            return self._snapshot_info(volume, snap)
 
     # internals ----------------------------------------------------------------------------------------
     def _record_snapshot(self, volume: str, snap: str, guid: str, target: Path) -> None:

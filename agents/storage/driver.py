@@ -78,6 +78,10 @@ class StorageDriver(abc.ABC):
     """What every storage driver offers. Names are validated by agents.storage.names."""
 
     name: str = "abstract"
+    # Whether `receive` may be fed a stream while it is still arriving (a transfer that takes hours, throttled):
+    # the driver then holds no lock others need while the stream flows and leaves nothing behind if the stream
+    # fails part way. A target overlaps such a receive with the transfer instead of starting it at the end.
+    receives_as_it_arrives: bool = False
 
     @abc.abstractmethod
     def capabilities(self) -> set[str]: ...

@@ -5,10 +5,14 @@ A source opens a transfer with `offer` (over XMPP: the storage.package.receive o
 transfer id, a one-time token and, with TLS, the certificate to pin. The transfer id is derived here from
 the package and snapshot, never taken from the sender, so one source cannot touch another's spool. After
 the stream is whole, `commit` (storage.package.commit) hands the spool to the driver's receive, which
-publishes the snapshot all or nothing. Spools live in the state directory, so a restarted target resumes
-from what it already holds. Nothing is left behind: a spool goes when it is published, when the commit refuses
-it for good (corrupt, unsupported), when its package is destroyed, and when nobody has written it for the
-resume window (a week); storage.report shows what the spools hold.
+publishes the snapshot all or nothing. A driver that can receive a stream while it arrives (btrfs) is fed
+each connection's spool as it grows, from its first byte, so its receive runs alongside the transfer
+instead of after it; it still publishes only once the inbox has verified the whole stream, and a connection
+that fails aborts it (nothing published, nothing left behind): the resumed connection's receive starts
+again from the spool's first byte, and `commit` waits for it. Spools live in the state directory, so a
+restarted target resumes from what it already holds. Nothing is left behind: a spool goes when it is
+published, when the commit refuses it for good (corrupt, unsupported), when its package is destroyed, and
+when nobody has written it for the resume window (a week); storage.report shows what the spools hold.
 
 Retention: with the storage setting `keep_received: N`, each successful commit prunes the package down to
 its newest N received snapshots. The newest is always kept (it is the base of the next incremental update),
@@ -22,9 +26,11 @@ import asyncio
 import builtins  # PackageHost.list hides the type in its class: annotations there say builtins.list
 import contextlib
 import errno
+import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Generator
+from typing import Any, Callable, Generator, NoReturn, TypeVar
 
 import blake3
 
@@ -33,9 +39,11 @@ from agents.storage.driver import StorageDriver, StorageError
 from agents.storage.inbox_tls import server_context
 from agents.storage.replication_state import Package, ReplicationState
 from agents.storage.stream import peek_header
-from agents.storage.transfer import Inbox
+from agents.storage.transfer import Inbox, SpoolTail
 
 _READ = 1 << 20
+_STOP_WAIT = 30.0       # seconds a stopping host waits for the receives it aborted to clean up
+_T = TypeVar("_T")
 
 
 NO_SPACE = "No space left on device; nothing was published"
@@ -60,6 +68,39 @@ def _pieces(path: Path) -> Generator[bytes, None, None]:
             yield block
 
 
+async def _in_own_thread(fn: Callable[..., _T], *args: Any) -> _T:
+    """fn(*args) in a thread of its own: a receive following a transfer lasts as long as the transfer
+    (hours, throttled), which must not take one of the few threads of the loop's default pool."""
+    loop = asyncio.get_running_loop()
+    outcome: asyncio.Future[_T] = loop.create_future()
+
+    def settle(result: Any, exc: BaseException | None) -> None:
+        if not outcome.done():
+            if exc is not None:
+                outcome.set_exception(exc)
+            else:
+                outcome.set_result(result)
+
+    def run() -> None:
+        try:
+            result, exc = fn(*args), None
+        except BaseException as caught:  # handed to the awaiting task, which decides
+            result, exc = None, caught
+        with contextlib.suppress(RuntimeError):     # the loop is gone: nobody waits any more
+            loop.call_soon_threadsafe(settle, result, exc)
+
+    threading.Thread(target=run, name="vertebra-receive", daemon=True).start()
+    return await outcome
+
+
+@dataclass
+class _Following:
+    """A driver's receive fed from one connection's spool as it arrives."""
+    tail: SpoolTail
+    task: asyncio.Future[d.SnapshotInfo]
+    ended: threading.Event      # set once the receive has returned or cleaned up after itself
+
+
 class PackageHost:
     """Packages and inboxes of one target agent."""
 
@@ -79,12 +120,19 @@ class PackageHost:
         self.inboxes: dict[bool, Inbox] = {}
         self._cert_pem = ""
         self._opening = asyncio.Lock()
+        self._following: dict[str, _Following] = {}      # per transfer, the newest connection's receive
         self.sweep()        # what went stale while the agent was down
 
     async def stop(self) -> None:
         for inbox in self.inboxes.values():
             await inbox.stop()
         self.inboxes.clear()
+        for following in self._following.values():
+            following.tail.abort("the agent is stopping")
+        tasks = [f.task for f in self._following.values()]
+        self._following.clear()
+        if tasks:       # each removes its half-received snapshot and ends its `btrfs receive`
+            await asyncio.wait(tasks, timeout=_STOP_WAIT)
 
     async def _inbox(self, tls: bool) -> Inbox:
         async with self._opening:
@@ -93,6 +141,8 @@ class PackageHost:
                 if tls:
                     ctx, self._cert_pem = await asyncio.to_thread(server_context, self.directory)
                 inbox = Inbox(self.directory / "spool", self.host, ssl_context=ctx)
+                if self.driver.receives_as_it_arrives:
+                    inbox.on_stream = self._follow
                 await inbox.start()
                 self.inboxes[tls] = inbox
             return self.inboxes[tls]
@@ -142,31 +192,95 @@ class PackageHost:
         owned = self.state.package(package)
         if owned is None or owned.source != caller:
             raise StorageError(f"no package {package!r} of {caller} here", code="not_found")
-        held = await asyncio.to_thread(self._snapshots, package)
-        done = [s for s in held if s["name"] == snapshot]
-        if done:
-            return done[0]
         transfer = transfer_id(package, snapshot)
-        inbox = self._find(transfer)
-        if inbox is None:
-            raise StorageError(f"the stream of {package}@{snapshot} is not complete here; resume the transfer",
-                               code="busy")
-        try:
-            with contextlib.closing(_pieces(inbox.spool(transfer))) as pieces:
-                info = await asyncio.to_thread(self.driver.receive, package, snapshot, pieces)
-        except (StorageError, OSError) as exc:
-            if no_space(exc):       # the spool stays: once there is room the next update publishes it
-                raise StorageError(f"{NO_SPACE} (the store is full while receiving {package}@{snapshot}): "
-                                   f"free space or grow the filesystem, and the next update publishes the "
-                                   f"stream already received here", code="no_space") from None
-            if isinstance(exc, StorageError) and exc.code in ("corrupt", "unsupported"):
-                self._drop_transfer(transfer)   # a whole but bad spool would fail forever: the next try is fresh
-            raise
+        info = await self._followed(package, snapshot, transfer)
+        if info is None:
+            held = await asyncio.to_thread(self._snapshots, package)
+            done = [s for s in held if s["name"] == snapshot]
+            if done:
+                return done[0]
+            inbox = self._find(transfer)
+            if inbox is None:
+                raise StorageError(f"the stream of {package}@{snapshot} is not complete here; resume the "
+                                   f"transfer", code="busy")
+            try:
+                with contextlib.closing(_pieces(inbox.spool(transfer))) as pieces:
+                    info = await asyncio.to_thread(self.driver.receive, package, snapshot, pieces)
+            except (StorageError, OSError) as exc:
+                self._receive_failed(package, snapshot, transfer, exc)
         # Removing a spool of gigabytes takes the filesystem a while: not on the event loop.
-        await asyncio.to_thread(inbox.spool(transfer).unlink, missing_ok=True)
+        await asyncio.to_thread((self.directory / "spool" / f"{transfer}.part").unlink, missing_ok=True)
         self._drop_transfer(transfer)
         pruned = await asyncio.to_thread(self.prune, package)
         return {"name": info.name, "guid": info.guid, "logical_bytes": info.logical_bytes, "pruned": pruned}
+
+    def _receive_failed(self, package: str, snapshot: str, transfer: str, exc: BaseException) -> NoReturn:
+        if no_space(exc):       # the spool stays: once there is room the next update publishes it
+            raise StorageError(f"{NO_SPACE} (the store is full while receiving {package}@{snapshot}): "
+                               f"free space or grow the filesystem, and the next update publishes the "
+                               f"stream already received here", code="no_space") from None
+        if isinstance(exc, StorageError) and exc.code in ("corrupt", "unsupported"):
+            self._drop_transfer(transfer)   # a whole but bad spool would fail forever: the next try is fresh
+        raise exc
+
+    # receiving while the stream arrives -----------------------------------------------------------------
+    def _follow(self, transfer: str, tail: SpoolTail) -> None:
+        """A connection started appending to the spool of `transfer`: receive it as it arrives."""
+        known = self.state.transfers().get(transfer)
+        if known is None:
+            return          # not offered by this host: commit will say so
+        package, snapshot = known
+        before = self._following.get(transfer)
+        ended = threading.Event()
+        task = asyncio.ensure_future(self._receive_following(package, snapshot, tail, before, ended))
+        # Its failure is the commit's to report; one nobody asks about (a cut connection) is not an error.
+        task.add_done_callback(lambda t: t.cancelled() or t.exception())
+        self._following[transfer] = _Following(tail, task, ended)
+
+    async def _receive_following(self, package: str, snapshot: str, tail: SpoolTail,
+                                 before: _Following | None, ended: threading.Event) -> d.SnapshotInfo:
+        def receive() -> d.SnapshotInfo:
+            try:
+                with contextlib.closing(tail.pieces()) as pieces:
+                    return self.driver.receive(package, snapshot, pieces)
+            finally:
+                ended.set()
+
+        try:
+            if before is not None:
+                # The cut connection's receive is being aborted; one receive of a transfer at a time.
+                before.tail.abort("a new connection resumed it")
+                await asyncio.wait([before.task])
+        except BaseException:
+            ended.set()     # it never started
+            raise
+        return await _in_own_thread(receive)
+
+    def _abort_following(self, transfers: builtins.list[str], why: str) -> None:
+        """Abort the receives following `transfers` and wait until each has removed what it received (from a
+        worker thread: the receives clean up in threads of their own)."""
+        aborted = [f for t, f in builtins.list(self._following.items()) if t in transfers]
+        for following in aborted:
+            following.tail.abort(why)
+        for following in aborted:
+            following.ended.wait(_STOP_WAIT)
+
+    async def _followed(self, package: str, snapshot: str, transfer: str) -> d.SnapshotInfo | None:
+        """The snapshot the receive following `transfer` published, once it has; None when no receive
+        followed it or its connection failed (then the spool, whole or not, decides). Its own failure is
+        the commit's, as a receive from the spool would have failed."""
+        following = self._following.get(transfer)
+        if following is None:
+            return None
+        try:
+            return await asyncio.shield(following.task)
+        except (StorageError, OSError) as exc:
+            if following.tail.aborted:
+                return None
+            self._receive_failed(package, snapshot, transfer, exc)
+        finally:
+            if following.task.done() and self._following.get(transfer) is following:
+                del self._following[transfer]
 
     def prune(self, package: str) -> list[str]:
         """Destroy the package's received snapshots older than its newest `keep` (see the module docstring);
@@ -211,6 +325,9 @@ class PackageHost:
         """Destroy a package's snapshots and replica; refused (naming them) while clones depend on it."""
         if self.state.package(package) is None:
             raise StorageError(f"no package {package!r}; storage.package.list shows them", code="not_found")
+        # A receive still running into it holds no lock: it is stopped, and its half snapshot gone, first.
+        self._abort_following([t for t, (owner, _snap) in self.state.transfers().items() if owner == package],
+                              f"its package {package} is being destroyed")
         for snap in self._snapshots(package):
             self.driver.destroy_snapshot(package, snap["name"])
         if any(v.name == package for v in self.driver.list_volumes()):
@@ -227,6 +344,7 @@ class PackageHost:
         """Forget a transfer: cut its connections, remove its spool (whichever inbox, if any, has it open)."""
         for inbox in self.inboxes.values():
             inbox.discard(transfer)
+        self._following.pop(transfer, None)     # its receive fails with the cut connection
         (self.directory / "spool" / f"{transfer}.part").unlink(missing_ok=True)
         self.state.drop_transfer(transfer)
 

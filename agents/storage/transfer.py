@@ -11,8 +11,9 @@ The plan (this module is its first, tested part: the transfer between two endpoi
    the sender regenerates its stream, checks that its first bytes hash the same (else the inbox starts
    over), skips them, and sends only the rest as data frames, then a done frame with the total length and
    digest. Nothing already received is sent again; the inbox confirms only a complete, matching spool.
-3. Atomic publish. The inbox spools to a private file; only a complete spool is handed to the driver's
-   receive, which itself publishes all or nothing (and verifies the stream's own end-to-end checksum).
+3. Atomic publish. The inbox spools to a private file; the driver's receive publishes all or nothing (and
+   verifies the stream's own end-to-end checksum) from a complete spool, or, for a driver that can, from
+   a SpoolTail following the spool as it is written, which ends only once the inbox verified the stream.
 4. Throttle. The sender paces data through a Throttle whose rate can be changed at any moment (the
    `storage.replication.throttle` op will call set_rate on the running action).
 5. Built on this: packages.py (the target's packages and inboxes), replication.py (the source's actions,
@@ -29,7 +30,7 @@ import ssl
 import struct
 import threading
 import time
-from collections.abc import Awaitable, Callable, Iterable, Iterator
+from collections.abc import Awaitable, Callable, Generator, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -134,6 +135,62 @@ class Throttle:
             await asyncio.sleep(delay)
 
 
+class SpoolTail:
+    """One connection's spool read back from its first byte while the connection appends to it, for a
+    consumer in another thread (a driver's receive overlapping the transfer). `pieces` yields the spool's
+    bytes as they are written and ends normally only once the inbox has verified the whole stream (its
+    length and BLAKE3); if the connection fails first, iteration raises StorageError, so a receive fed from
+    it never publishes a stream that did not arrive whole. Written on the event loop, read in a thread."""
+
+    def __init__(self, path: Path, size: int) -> None:
+        self.path = path
+        self._size = size               # bytes of the spool written and flushed so far
+        self._end: bool | str = False   # True: verified whole; a string: why the connection failed
+        self._cond = threading.Condition()
+
+    @property
+    def aborted(self) -> bool:
+        with self._cond:
+            return isinstance(self._end, str)
+
+    def grew(self, size: int) -> None:
+        with self._cond:
+            self._size = size
+            self._cond.notify_all()
+
+    def finish(self) -> None:
+        with self._cond:
+            if self._end is False:
+                self._end = True
+            self._cond.notify_all()
+
+    def abort(self, why: str) -> None:
+        with self._cond:
+            if self._end is False:
+                self._end = why
+            self._cond.notify_all()
+
+    def pieces(self) -> Generator[bytes, None, None]:
+        pos = 0
+        with open(self.path, "rb") as f:
+            while True:
+                with self._cond:
+                    while pos >= self._size and self._end is False:
+                        self._cond.wait()
+                    if isinstance(self._end, str):
+                        raise StorageError(f"the transfer was interrupted ({self._end}); nothing was "
+                                           f"published, resume the transfer", code="failed")
+                    size, whole = self._size, self._end is True
+                if pos >= size and whole:
+                    return
+                block = f.read(min(_HASH_READ, size - pos))
+                if not block:       # the spool was cut short under us: only a failing connection does that
+                    raise StorageError("the spool shrank while it was being received; nothing was published, "
+                                       "resume the transfer", code="failed")
+                pos += len(block)
+                yield block
+
+
 @dataclass
 class _Transfer:
     spool: Path
@@ -159,6 +216,9 @@ class Inbox:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._transfers: dict[str, _Transfer] = {}
         self._received: dict[str, int] = {}     # bytes appended per transfer, kept after discard
+        # Called on the event loop with (transfer, tail) when a connection starts appending to a spool it
+        # will finish: a receive can then follow the stream as it arrives instead of after its end.
+        self.on_stream: Callable[[str, SpoolTail], None] | None = None
 
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()
@@ -257,34 +317,53 @@ class Inbox:
         held, digest = await asyncio.to_thread(_hash_file, entry.spool)
         writer.write(encode_frame({"t": "have", "bytes": held, "blake3": digest.digest()}))
         await writer.drain()
-        with open(entry.spool, "ab") as out:
-            while True:
-                frame = await _read_frame(reader)
-                if frame["t"] == "restart":       # the sender's stream does not extend what we hold
-                    out.truncate(0)
-                    out.seek(0)
-                    digest, held = blake3.blake3(), 0
-                elif frame["t"] == "data":
-                    if frame.get("off") != held:
-                        raise StorageError(f"transfer data at offset {frame.get('off')} but {held} bytes are "
-                                           f"held; resume the transfer", code="corrupt")
-                    out.write(frame["d"])
-                    digest.update(frame["d"])
-                    held += len(frame["d"])
-                    self._received[transfer] = self._received.get(transfer, 0) + len(frame["d"])
-                elif frame["t"] == "done":
-                    out.flush()
-                    await asyncio.to_thread(os.fsync, out.fileno())     # seconds, for a large spool
-                    if frame.get("bytes") != held or frame.get("blake3") != digest.digest():
+        tail: SpoolTail | None = None
+        try:
+            with open(entry.spool, "ab") as out:
+                while True:
+                    frame = await _read_frame(reader)
+                    if frame["t"] == "restart":       # the sender's stream does not extend what we hold
                         out.truncate(0)
-                        raise StorageError("transfer checksum mismatch over the whole stream; the spool was "
-                                           "dropped, send it again", code="corrupt")
-                    break
-                else:
-                    raise StorageError(f"transfer peer sent an unknown frame {frame['t']!r}", code="unsupported")
-        entry.complete.set()
-        writer.write(encode_frame({"t": "ok", "bytes": held}))
-        await writer.drain()
+                        out.seek(0)
+                        digest, held = blake3.blake3(), 0
+                        continue
+                    if tail is None and self.on_stream is not None and frame["t"] in ("data", "done"):
+                        # From here the spool only grows (a restart comes before any data).
+                        tail = SpoolTail(entry.spool, held)
+                        self.on_stream(transfer, tail)
+                    if frame["t"] == "data":
+                        if frame.get("off") != held:
+                            raise StorageError(f"transfer data at offset {frame.get('off')} but {held} bytes "
+                                               f"are held; resume the transfer", code="corrupt")
+                        out.write(frame["d"])
+                        digest.update(frame["d"])
+                        held += len(frame["d"])
+                        self._received[transfer] = self._received.get(transfer, 0) + len(frame["d"])
+                        if tail is not None:
+                            out.flush()             # a MiB frame is written through anyway: no extra copy
+                            tail.grew(held)
+                    elif frame["t"] == "done":
+                        out.flush()
+                        await asyncio.to_thread(os.fsync, out.fileno())     # seconds, for a large spool
+                        if frame.get("bytes") != held or frame.get("blake3") != digest.digest():
+                            if tail is not None:
+                                tail.abort("its checksum did not match")
+                            out.truncate(0)
+                            raise StorageError("transfer checksum mismatch over the whole stream; the spool "
+                                               "was dropped, send it again", code="corrupt")
+                        break
+                    else:
+                        raise StorageError(f"transfer peer sent an unknown frame {frame['t']!r}",
+                                           code="unsupported")
+            entry.complete.set()
+            writer.write(encode_frame({"t": "ok", "bytes": held}))
+            await writer.drain()
+        except BaseException as exc:
+            if tail is not None:
+                tail.abort(str(exc) or type(exc).__name__)
+            raise
+        if tail is not None:
+            tail.finish()       # verified, and the sender told: a receive following the stream may publish
 
 
 def _hash_file(path: Path) -> tuple[int, Any]:
