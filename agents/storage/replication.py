@@ -206,7 +206,7 @@ class Replicator:
                                           "snapshot": snap, "tls": a.tls, "driver": self.driver.name})
                 if any(s["name"] == snap for s in offer["snapshots"]):
                     break               # published before an interruption: only the bookkeeping is left
-                base = self._choose_base(a, offer)
+                base = await self._choose_base(a, offer)
                 if total is None:
                     total = await asyncio.to_thread(self._estimate, a.volume, snap, base)
                 meter = _Meter(int(offer["held"]), total)
@@ -241,22 +241,24 @@ class Replicator:
                                f"the update stays pending and resumes on the next run", code="failed")
         return await self._finish(a, sent, total, resumed, attempts, tries, time.monotonic() - started)
 
-    def _choose_base(self, a: Action, offer: dict[str, Any]) -> str | None:
+    async def _choose_base(self, a: Action, offer: dict[str, Any]) -> str | None:
         """The snapshot the update is sent against (None: a full stream), recorded in the action."""
         pending = a.pending
         assert pending is not None, "only an update under way chooses a base"
         held = {s["guid"] for s in offer["snapshots"]}
         base = pending["base"]
-        if pending["decided"] and (base is None or self._guid(a.volume, base) in held):
+        if pending["decided"] and base is None:
             return base
-        candidates = [s for s in self.driver.list_snapshots(a.volume)
+        # The catalog in a worker thread: listing snapshots takes the driver's lock (which a long clone
+        # holds) and measures each snapshot's sharing (a statement per chunk in the embedded store).
+        snapshots = await asyncio.to_thread(self.driver.list_snapshots, a.volume)
+        if pending["decided"] and next((s.guid for s in snapshots if s.name == base), None) in held:
+            return base
+        candidates = [s for s in snapshots
                       if s.name.startswith(f"{a.id}-") and s.name != pending["snap"] and s.guid in held]
         a.pending = dict(pending, base=candidates[-1].name if candidates else None, decided=True)
         self._set(a.id, pending=a.pending)
         return a.pending["base"]
-
-    def _guid(self, volume: str, snap: str) -> str | None:
-        return next((s.guid for s in self.driver.list_snapshots(volume) if s.name == snap), None)
 
     def _estimate(self, volume: str, snap: str, base: str | None) -> int | None:
         """The stream's length, for the ETA. Counting the embedded driver's stream reads the chunk store
