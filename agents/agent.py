@@ -409,10 +409,16 @@ class Agent(Actor):
             self.xmpp.send(protocol.error_reply(iq, error))
             return
         answer = await asyncio.shield(seen.answer)
-        self.xmpp.send(self._reply(iq, answer))
-        if answer.job and repeat:
+        attach = answer.job and repeat and not self._own_caller(answer.job, str(iq["from"]))
+        if attach:  # on disk before its <accepted>, as a job is: its outcome reaches it after a restart too
             deadline = protocol.parse_deadline(req.get("deadline", "")) or time.time() + _budget(
                 req.get("timeout", ""), self.ops[req.get("name", "")].deadline)
+            try:
+                await self.jobs.attach(answer.job, str(iq["from"]), rid, deadline)
+            except sqlite3.Error:
+                log.exception("could not record that %s repeated the request of job %s", iq["from"], answer.job)
+        self.xmpp.send(self._reply(iq, answer))
+        if attach:
             self._spawn(self._attach(answer, str(iq["from"]), rid, deadline))
 
     def _reply(self, iq: Iq, answer: Answer) -> Iq:
@@ -662,6 +668,12 @@ class Agent(Actor):
             self._running_jobs[job.job] = (job, loop.create_future())
             call._follows = work
             self._spawn(self._run_job(spec, call, {}, answer, key, job.fingerprint))
+            self._spawn(self._reattach(answer))
+
+    async def _reattach(self, answer: Answer) -> None:
+        """Attach again the callers that repeated a followed job's request before the restart."""
+        for to, rid, deadline in await self.jobs.attached(answer.job):
+            self._spawn(self._attach(answer, to, rid, deadline))
 
     async def _jobs_on_session(self) -> None:
         """On each new session: direct presence again to the callers of running jobs (the server forgot
@@ -674,6 +686,9 @@ class Agent(Actor):
         for job in await self.jobs.undelivered():
             if job.job not in self._delivering:
                 self.spawn(self._deliver(job), name=f"outcome of job {job.job}")
+        for copy in await self.jobs.attached_undelivered():  # to callers that repeated the request
+            if f"{copy.job} {copy.reply_to}" not in self._delivering:
+                self.spawn(self._deliver(copy, attached=True), name=f"outcome of job {copy.job} to {copy.reply_to}")
 
     async def _deliver(self, job: Job, *, attached: bool = False) -> None:
         """Send a job's outcome until the caller's XEP-0184 receipt says it arrived, the server bounces
@@ -695,7 +710,9 @@ class Agent(Actor):
                     received = await asyncio.wait_for(asyncio.shield(arrived), min(backoff.next(), left))
                 except TimeoutError:
                     continue
-                if received and not attached:
+                if received and attached:
+                    await self.jobs.attached_delivered(job.job, job.reply_to)
+                elif received:
                     await self.jobs.delivered(job)
                 else:
                     log.info("the outcome of job %s was bounced: %s is gone; job.status keeps it", job.job,
@@ -718,13 +735,16 @@ class Agent(Actor):
         return reply_to in self._delivering.values() or any(j.reply_to == reply_to for j, _ in
                                                             self._running_jobs.values())
 
+    def _own_caller(self, job_id: str, to: str) -> bool:
+        """Whether ``to`` is the session a running job answers already (its own delivery reaches it)."""
+        return any(job.job == job_id and job.reply_to == to for job, _ in self._running_jobs.values())
+
     async def _attach(self, answer: Answer, to: str, rid: str, deadline: float) -> None:
-        """A caller that repeated a long op's request is attached to its job like the first: directed
-        presence while it runs (so it hears at once if this agent goes offline), then the job's one
-        outcome, sent until its receipt comes or ``deadline`` (Unix time) has passed."""
+        """A caller that repeated a long op's request is attached to its job like the first (its record
+        says so, ``JobStore.attach``, so a restart finds it again): directed presence while it runs (so it
+        hears at once if this agent goes offline), then the job's one outcome, sent until its receipt
+        comes or ``deadline`` (Unix time) has passed."""
         assert answer.job_end is not None, "a long op's answer carries its job's end"
-        if any(job.job == answer.job and job.reply_to == to for job, _ in self._running_jobs.values()):
-            return  # the job's own caller, from the same session: the job's own delivery reaches it
         if not answer.job_end.done():
             callers = self._attached.setdefault(answer.job, set())
             callers.add(to)

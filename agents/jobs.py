@@ -31,6 +31,9 @@ _MIGRATIONS = [
     " fingerprint TEXT, accepted_at REAL, deadline REAL, state TEXT, status TEXT, condition TEXT, payload TEXT,"
     " ended_at REAL, delivered INTEGER)",
     "ALTER TABLE jobs ADD COLUMN work TEXT NOT NULL DEFAULT ''",
+    # Callers that repeated a job's request (another session of the same account), sent its outcome too.
+    "CREATE TABLE attached (job TEXT, reply_to TEXT, rid TEXT, deadline REAL, delivered INTEGER NOT NULL DEFAULT 0,"
+    " PRIMARY KEY (job, reply_to))",
 ]
 
 
@@ -101,6 +104,22 @@ class JobStore:
         job.work = work
         await self._store.run(_put, job)
 
+    async def attach(self, job: str, reply_to: str, rid: str, deadline: float) -> None:
+        """``reply_to`` repeated the job's request: its outcome goes there too, also after a restart."""
+        await self._store.run(_attach, job, reply_to, rid, deadline)
+
+    async def attached(self, job: str) -> list[tuple[str, str, float]]:
+        """(reply_to, rid, deadline) of the callers attached to ``job`` that still wait for its outcome."""
+        return await self._store.run(_attached, job, time.time())
+
+    async def attached_undelivered(self) -> list[Job]:
+        """For each ended job's attached caller still waiting for the outcome without a receipt: a copy of
+        the job addressed to that caller (its reply_to, rid and deadline)."""
+        return await self._store.run(_attached_undelivered, time.time())
+
+    async def attached_delivered(self, job: str, reply_to: str) -> None:
+        await self._store.run(_attached_delivered, job, reply_to)
+
     async def get(self, job_id: str) -> Job | None:
         return await self._store.run(_get, job_id)
 
@@ -153,5 +172,27 @@ def _undelivered(db: sqlite3.Connection, now: float) -> list[Job]:
                                         " AND deadline > ?", (now,))]
 
 
+def _attach(db: sqlite3.Connection, job: str, reply_to: str, rid: str, deadline: float) -> None:
+    db.execute("INSERT OR REPLACE INTO attached (job, reply_to, rid, deadline) VALUES (?, ?, ?, ?)",
+               (job, reply_to, rid, deadline))
+
+
+def _attached(db: sqlite3.Connection, job: str, now: float) -> list[tuple[str, str, float]]:
+    return list(db.execute("SELECT reply_to, rid, deadline FROM attached WHERE job = ? AND NOT delivered"
+                           " AND deadline > ?", (job, now)))
+
+
+def _attached_undelivered(db: sqlite3.Connection, now: float) -> list[Job]:
+    columns = ", ".join(f"a.{f.name}" if f.name in ("reply_to", "rid", "deadline") else f"j.{f.name}"
+                        for f in fields(Job))
+    return [_row(r) for r in db.execute(f"SELECT {columns} FROM jobs j JOIN attached a ON a.job = j.job"
+                                        " WHERE j.state = 'ended' AND NOT a.delivered AND a.deadline > ?", (now,))]
+
+
+def _attached_delivered(db: sqlite3.Connection, job: str, reply_to: str) -> None:
+    db.execute("UPDATE attached SET delivered = 1 WHERE job = ? AND reply_to = ?", (job, reply_to))
+
+
 def _forget_before(db: sqlite3.Connection, horizon: float) -> None:
     db.execute("DELETE FROM jobs WHERE state = 'ended' AND ended_at < ?", (horizon,))
+    db.execute("DELETE FROM attached WHERE job NOT IN (SELECT job FROM jobs)")

@@ -5,7 +5,8 @@ long --timeout, and an in-process request) and `vertebra job wait` from another 
 completed update, whose snapshot on the target holds the source's files. On both storage drivers.
 
 And a caller that repeats a running job's request id is attached to the job like the first: it hears at
-once that the agent went offline, and gets the outcome sent to it once the agent is back."""
+once that the agent went offline, and gets the outcome sent to it once the agent is back, also when the
+agent process was killed and started again."""
 
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ from agents.errors import Outcome
 from agents.storage.agent import StorageAgent
 from conftest import until
 from test_jobs import HeldAgent, Notices, client_with, line_matching, vertebra_popen
+from test_jobs import sample  # noqa: F401  (the sample agent process fixture)
 from test_request_ids_restart import AgentProcess
 from test_storage_contract import btrfs_mounts  # noqa: F401  (the loop-mounted filesystem fixture)
 from test_storage_ops import tree_digest
@@ -145,3 +147,26 @@ async def test_a_repeat_of_a_running_jobs_request_is_attached_to_the_job(mesh):
         assert res.outcome is Outcome.OK and res.result == "released" and res.job == notices.job, res
     assert repeated.events == ["accepted", "offline", "back"], repeated.events
     await until(lambda: not agent._delivering, what="both callers' receipts")
+
+
+async def test_a_session_attached_by_a_repeat_gets_the_outcome_after_the_agent_restarts(mesh, sample):  # noqa: F811
+    """The attachment is on the agent's disk: a sample agent process killed with SIGKILL while the job runs
+    and started again sends its `interrupted` outcome to the repeating session as to the first."""
+    await sample.start()
+    first = await client_with(mesh, Timeouts(offline_grace=90.0))
+    repeater = await client_with(mesh, Timeouts(offline_grace=90.0))
+    notices, repeated = Notices(), Notices()
+    calls = [asyncio.create_task(first.request(sample.target, "sample.wait", {"seconds": 300}, timeout=120,
+                                               rid="wait-1", job_events=notices))]
+    await until(lambda: "accepted" in notices.events, timeout=30, what="the job to be accepted")
+    calls.append(asyncio.create_task(repeater.request(sample.target, "sample.wait", {"seconds": 300}, timeout=120,
+                                                      rid="wait-1", job_events=repeated)))
+    await until(lambda: "accepted" in repeated.events, timeout=30, what="the repeat to be told of the job")
+    await sample.kill()
+    await until(lambda: "offline" in repeated.events, timeout=60, what="the repeating session to hear it went")
+    await sample.start()
+    for call in calls:
+        res = await asyncio.wait_for(call, 100)
+        assert res.outcome is Outcome.FAILED and res.error.startswith("interrupted:"), res
+        assert res.job == notices.job and "stopped while running sample.wait" in res.error, res
+    assert repeated.events == ["accepted", "offline", "back"], repeated.events

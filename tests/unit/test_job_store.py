@@ -67,3 +67,21 @@ async def test_ended_jobs_are_kept_for_the_window_and_callers_past_their_deadlin
     assert await again.get("old") is None
     assert (await again.get("recent")) is not None and (await again.get("late")) is not None
     await again.aclose()
+
+
+async def test_a_caller_attached_by_a_repeat_is_sent_the_outcome_until_its_receipt(tmp_path):
+    store = JobStore(tmp_path / "jobs.sqlite")
+    running = job("shared")
+    await store.accepted(running)
+    deadline = time.time() + 60
+    await store.attach("shared", "op@d/client-2", "r-shared", deadline)
+    await store.attach("shared", "op@d/client-3", "r-shared", time.time() - 1)  # stopped waiting
+    assert await store.attached("shared") == [("op@d/client-2", "r-shared", deadline)]
+    assert await store.attached_undelivered() == []  # still running: nothing to send yet
+    await store.ended(running, ("ok", "", protocol.encode("fine")))
+    [copy] = await store.attached_undelivered()
+    assert (copy.job, copy.reply_to, copy.status, copy.describe()["result"]) == ("shared", "op@d/client-2", "ok",
+                                                                                  "fine")
+    await store.attached_delivered("shared", "op@d/client-2")
+    assert await store.attached_undelivered() == [] and await store.attached("shared") == []
+    await store.aclose()
