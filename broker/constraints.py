@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
-from agents.db import Store
+from agents.db import Store, transaction
 
 REQUESTED, APPROVED, PERFORMED = "requested", "approved", "performed"
 
@@ -153,17 +153,10 @@ def rate_verdict(key: str, used: int, limit: int, period: float) -> Verdict:
 
 
 def _take(db: sqlite3.Connection, key: str, limit: int, period: float, who: str, now: float) -> Verdict:
-    db.execute("BEGIN IMMEDIATE")
-    try:
+    with transaction(db):
         (used,) = db.execute("SELECT count(*) FROM uses WHERE key = ? AND at > ?", (key, now - period)).fetchone()
         verdict = rate_verdict(key, used, limit, period)
-        if not verdict.ok:
-            db.execute("ROLLBACK")
-            return verdict
-        db.execute("INSERT INTO uses (key, at, who) VALUES (?, ?, ?)", (key, now, who))
-        db.execute("DELETE FROM uses WHERE at < ?", (now - 7 * 86400,))  # keep a week for review
-        db.execute("COMMIT")
-    except BaseException:
-        db.execute("ROLLBACK")
-        raise
+        if verdict.ok:
+            db.execute("INSERT INTO uses (key, at, who) VALUES (?, ?, ?)", (key, now, who))
+            db.execute("DELETE FROM uses WHERE at < ?", (now - 7 * 86400,))  # keep a week for review
     return verdict
