@@ -57,7 +57,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from .db import Store, open_read_only, private_file
+from .db import Store, open_read_only, private_file, transaction
 from .ratelimit import TokenBucket
 
 log = logging.getLogger(__name__)
@@ -329,21 +329,17 @@ class AuditLog:
         if sync:  # this commit reaches the disk itself, not only the OS (a power cut keeps it too)
             db.execute("PRAGMA synchronous=FULL")
         cur = db.cursor()
-        cur.execute("BEGIN IMMEDIATE")  # other writers of the same file wait: one chain, no forks
         try:
-            row = cur.execute("SELECT seq, hash FROM records ORDER BY seq DESC LIMIT 1").fetchone()
-            seq, prev = (row[0], row[1]) if row else (0, GENESIS)
-            for now, kind, caller, op, fields in pending:
-                seq += 1
-                body = canonical({**fields, "seq": seq, "at": now, "kind": kind, "caller": caller, "op": op})
-                digest = self._chain_hash(prev, body)
-                cur.execute("INSERT INTO records (seq, at, kind, caller, op, body, prev, hash)"
-                            " VALUES (?, ?, ?, ?, ?, ?, ?, ?)", (seq, now, kind, caller, op, body, prev, digest))
-                prev = digest
-            cur.execute("COMMIT")
-        except BaseException:
-            cur.execute("ROLLBACK")
-            raise
+            with transaction(db):  # BEGIN IMMEDIATE: other writers of the same file wait: one chain, no forks
+                row = cur.execute("SELECT seq, hash FROM records ORDER BY seq DESC LIMIT 1").fetchone()
+                seq, prev = (row[0], row[1]) if row else (0, GENESIS)
+                for now, kind, caller, op, fields in pending:
+                    seq += 1
+                    body = canonical({**fields, "seq": seq, "at": now, "kind": kind, "caller": caller, "op": op})
+                    digest = self._chain_hash(prev, body)
+                    cur.execute("INSERT INTO records (seq, at, kind, caller, op, body, prev, hash)"
+                                " VALUES (?, ?, ?, ?, ?, ?, ?, ?)", (seq, now, kind, caller, op, body, prev, digest))
+                    prev = digest
         finally:
             if sync:
                 db.execute("PRAGMA synchronous=NORMAL")
