@@ -38,7 +38,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import protocol
-from .db import Store
+from .db import Store, transaction
 from .errors import Interrupted, OpError, error_for
 
 log = logging.getLogger(__name__)
@@ -253,10 +253,5 @@ def _recorded_error(condition: str, text: str | None) -> OpError:
 
 
 def _keep_outcomes(db: sqlite3.Connection, rows: list[tuple[object, ...]]) -> None:
-    db.execute("BEGIN IMMEDIATE")
-    try:
+    with transaction(db):
         db.executemany("INSERT OR REPLACE INTO outcomes VALUES (?, ?, ?, ?, ?, ?, ?)", rows)
-    except BaseException:
-        db.execute("ROLLBACK")
-        raise
-    db.execute("COMMIT")
