@@ -101,14 +101,20 @@ async def test_agents_anchor_their_heads_and_verify_names_a_cut_and_a_rewrite(me
     assert code == 1 and "TAMPERED" in text
 
     # An edit with every later hash recomputed, by someone without the key: the keyed chain breaks.
+    # The record edited is the first decision to allow after the first record (which records come
+    # first depends on timing; the first one rewritten would leave no keyed record at all).
+    with sqlite3.connect(log) as db:
+        edited = db.execute("SELECT min(seq) FROM records WHERE seq > 1 AND body LIKE"
+                            " '%\"decision\":\"allow\"%'").fetchone()[0]
+    assert edited is not None and edited < last_seq, "a decision to allow, before the head"
     unkeyed = _copy_log(log, tmp_path / "unkeyed")
-    _rewrite(unkeyed, 3, key=None)
+    _rewrite(unkeyed, edited, key=None)
     result = audit.verify(unkeyed)
-    assert not result.ok and result.bad_seq == 3 and "under the log's key" in result.message
+    assert not result.ok and result.bad_seq == edited and "under the log's key" in result.message
 
     # The same with the key: the chain holds, the broker's anchors do not.
     keyed = _copy_log(log, tmp_path / "keyed")
-    _rewrite(keyed, 3, key=load_key(keyed.with_suffix(".key")))
+    _rewrite(keyed, edited, key=load_key(keyed.with_suffix(".key")))
     assert audit.verify(keyed).ok
     result = audit.verify(keyed, anchors=anchors)
     assert not result.ok and "rewritten" in result.message, result
