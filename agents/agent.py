@@ -411,8 +411,7 @@ class Agent(Actor):
         answer = await asyncio.shield(seen.answer)
         attach = answer.job and repeat and not self._own_caller(answer.job, str(iq["from"]))
         if attach:  # on disk before its <accepted>, as a job is: its outcome reaches it after a restart too
-            deadline = protocol.parse_deadline(req.get("deadline", "")) or time.time() + _budget(
-                req.get("timeout", ""), self.ops[req.get("name", "")].deadline)
+            deadline = _caller_deadline(req, self.ops[req.get("name", "")].deadline)
             try:
                 await self.jobs.attach(answer.job, str(iq["from"]), rid, deadline)
             except sqlite3.Error:
@@ -453,8 +452,7 @@ class Agent(Actor):
             call._reply_to, call._job = str(iq["from"]), uuid.uuid4().hex
             req = protocol.op_of(iq)
             job = Job(call._job, spec.name, call.caller, caller, call._reply_to, rid, fp, time.time(),
-                      protocol.parse_deadline(req.get("deadline", ""))
-                      or time.time() + _budget(req.get("timeout", ""), spec.deadline))
+                      _caller_deadline(req, spec.deadline))
             try:  # on disk before it is accepted: after a crash it is reported, never forgotten
                 await self.jobs.accepted(job)
             except sqlite3.Error as exc:
@@ -786,6 +784,13 @@ def outcome_id(job: str, rid: str, to: str) -> str:
     """The message id of a job's outcome for one caller of it (a repeat from another session gets its own,
     so each caller's receipt answers for its own copy)."""
     return f"outcome-{job}-{rid}-{hashlib.sha256(to.encode()).hexdigest()[:12]}"
+
+
+def _caller_deadline(req: Any, default: float) -> float:
+    """When the caller stops waiting, wall clock: the request's ``deadline``, else now plus its
+    ``timeout`` (older senders), else plus the op's ``default``; what a job keeps to know how long to
+    resend its outcome."""
+    return protocol.parse_deadline(req.get("deadline", "")) or time.time() + _budget(req.get("timeout", ""), default)
 
 
 def _budget(text: str, default: float) -> float:
