@@ -138,13 +138,16 @@ class Actor:
         self.xmpp.register_plugin("xep_0030")
         # Ask the server for an ack every 50 stanzas, not every 5: each request is its own packet.
         self.xmpp.register_plugin("xep_0198", {"window": 50})
-        self.xmpp.register_plugin("xep_0199", {"keepalive": True, "interval": 30, "timeout": 10})
-        cast(Any, self.xmpp.plugin["xep_0199"])._keepalive = self._keepalive  # see _keepalive
+        # slixmpp's own keepalive is off: the actor runs its own (_keepalive), which forgives a late
+        # answer while the server keeps sending. The plugin still answers pings and holds the
+        # interval and timeout (30 s and 10 s), which the keepalive reads at each round.
+        self.xmpp.register_plugin("xep_0199", {"keepalive": False, "interval": 30, "timeout": 10})
         # After XEP-0198, whose input filter counts every stanza before Vertebra's takes its own.
         self.xmpp.register_plugin(protocol.XEP_Vertebra.name)
         self.vertebra: protocol.XEP_Vertebra = cast(Any, self.xmpp.plugin)[protocol.XEP_Vertebra.name]
         self._tasks: set[asyncio.Task[Any]] = set()  # every task this actor started; stop() cancels them
         self._reconnect: asyncio.Task[None] | None = None
+        self._keepalive_task: asyncio.Task[None] | None = None
         self._stopping = False
         self._online = asyncio.Event()
         self._gave_up = asyncio.Event()  # start(once=True) found no server accepting connections
@@ -171,6 +174,8 @@ class Actor:
         keeps trying until the timeout."""
         self._stopping = False
         self._refused_servers = set() if once else None
+        if self._keepalive_task is None or self._keepalive_task.done():
+            self._keepalive_task = self.spawn(self._keepalive(), name=f"keepalive {self.xmpp.boundjid.bare}")
         self.xmpp.connect(*self._addresses[self._address])
         online = asyncio.ensure_future(self._online.wait())
         gave_up = asyncio.ensure_future(self._gave_up.wait())
@@ -270,23 +275,28 @@ class Actor:
         log.info("%s: %s; reconnecting in %.2fs", self.xmpp.boundjid, why, delay)
         self._reconnect = self.spawn(self._reconnect_after(delay), name=f"reconnect {self.xmpp.boundjid}")
 
-    async def _keepalive(self, _event: Any = None) -> None:
-        """slixmpp's keepalive (XEP-0199 ping every ``interval``, reconnect when it is not answered in
-        ``timeout``), except that a connection which delivered anything while the ping was out is
-        alive: a busy actor (a broker reading the presences of thousands of agents) reads its ping's
-        answer late, behind what came first, and reconnecting would cost it its session."""
-        ping = self.xmpp.plugin["xep_0199"]
-        sent = self.xmpp.loop.time()
-        try:
-            await ping.ping(self.xmpp.boundjid.host, timeout=ping.timeout)
-        except IqTimeout:
-            if self.xmpp.last_received > sent:
-                log.info("%s: the keepalive ping was not answered within %gs, but the server kept sending;"
-                         " the connection is kept", self.xmpp.boundjid, ping.timeout)
-                return
-            self.xmpp.reconnect(0.0, f"Ping timeout after {ping.timeout:g}s")
-        except IqError:
-            pass  # an answer, if an error: the server is there
+    async def _keepalive(self) -> None:
+        """XEP-0199 keepalive for as long as the actor runs: every ``interval`` while online, ping the
+        server and reconnect when the answer does not come within ``timeout``, except that a
+        connection which delivered anything while the ping was out is alive: a busy actor (a broker
+        reading the presences of thousands of agents) reads its ping's answer late, behind what came
+        first, and reconnecting would cost it its session."""
+        ping = cast(Any, self.xmpp.plugin["xep_0199"])
+        while True:
+            await asyncio.sleep(ping.interval)
+            if not self._online.is_set():
+                continue  # between sessions: the reconnection has its own timeouts
+            sent = self.xmpp.loop.time()
+            try:
+                await ping.ping(self.xmpp.boundjid.host, timeout=ping.timeout)
+            except IqTimeout:
+                if self.xmpp.last_received > sent:
+                    log.info("%s: the keepalive ping was not answered within %gs, but the server kept sending;"
+                             " the connection is kept", self.xmpp.boundjid, ping.timeout)
+                elif self._online.is_set():
+                    self.xmpp.reconnect(0.0, f"Ping timeout after {ping.timeout:g}s")
+            except IqError:
+                pass  # an answer, if an error: the server is there
 
     async def _reconnect_after(self, delay: float) -> None:
         await asyncio.sleep(delay)
