@@ -15,8 +15,7 @@ itself is never cached: it is read every time. Each program has its own cache fi
 caller's): they may be run by different users or with different mesh files, and neither should
 keep replacing the other's entry.
 
-This module must stay cheap to import: os and, only when the cache is read or written, the
-gateway's standard-library msgpack codec.
+This module must stay cheap to import: os and, only when the cache is read or written, msgpack.
 """
 
 from __future__ import annotations
@@ -97,7 +96,7 @@ def parser_stamp() -> list[int]:
 
 def read_cache(path: str, key: dict[str, Any]) -> dict[str, Any] | None:
     """The cached entry if the cache at ``path`` is ours, untouched by others and keyed by ``key``."""
-    from .gateway import unpack  # msgpack in the standard library: importing msgpack costs ~3 ms
+    import msgpack
 
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
@@ -109,8 +108,8 @@ def read_cache(path: str, key: dict[str, Any]) -> dict[str, Any] | None:
             return None  # only a cache of our own that nobody else could have written
         with os.fdopen(fd, "rb") as f:
             fd = -1
-            cached = unpack(f.read())
-    except (OSError, ValueError):
+            cached = msgpack.unpackb(f.read(), raw=False)
+    except (OSError, ValueError, TypeError):  # msgpack's errors for a malformed file are ValueErrors
         return None
     finally:
         if fd >= 0:
@@ -126,7 +125,7 @@ def read_cache(path: str, key: dict[str, Any]) -> dict[str, Any] | None:
 def write_cache(path: str, content: dict[str, Any]) -> None:
     """Replace the cache atomically; quietly nothing when the run directory is not ours, or others may
     write into it (the gateway's group may enter it: the cache is 0600 and names no secret)."""
-    from .gateway import pack
+    import msgpack
 
     folder = os.path.dirname(path)
     tmp = f"{path}.{os.getpid()}.tmp"
@@ -136,7 +135,7 @@ def write_cache(path: str, content: dict[str, Any]) -> None:
             return
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
         with os.fdopen(fd, "wb") as f:
-            f.write(pack(content))
+            f.write(msgpack.packb(content, use_bin_type=True))
         os.replace(tmp, path)
     except OSError:
         try:

@@ -25,10 +25,9 @@ call late (it was stopped, or busy) then sends the requests with only the time t
 and sends nothing once it has none, so the mesh never starts what the program gave up on.
 
 Callers that only need the socket may use ``call_via_gateway_blocking``: a plain socket, no event
-loop, and the standard library only: its frames are read and written by the small msgpack codec
-below (``pack``/``unpack``, the subset the gateway's frames use), not the msgpack package. This module
-imports asyncio, msgpack and the report types only where it uses them, so a short program
-(check_vertebra) that calls through the gateway does not pay tens of milliseconds to load them.
+loop, and msgpack for the frames. This module imports asyncio and the report types only where it
+uses them, so a short program (check_vertebra) that calls through the gateway does not pay tens of
+milliseconds to load them.
 
 The gateway remembers, per caller, op and resource, which agent answered a call of scope ``one`` on
 one resource (``-H HOST`` of check_vertebra, fence_vertebra's target), and sends the next such call
@@ -93,129 +92,6 @@ def _frame(obj: Any) -> bytes:
 
     data = msgpack.packb(obj, use_bin_type=True)
     return struct.pack(">I", len(data)) + data
-
-
-# -- the standard library's msgpack, for short programs -------------------------------------------
-# Kept by measurement: importing msgpack adds 2-3 ms to a short program's start (60 interleaved fresh
-# interpreters, min and p25 over the lean path's own imports, whose start is about 17-22 ms), and
-# check_vertebra's p50 is 0.46x check_nrpe's against bench/checks.py's target of 0.5x: about that margin.
-# Tests hold this codec to msgpack's own, both ways.
-
-def pack(obj: Any) -> bytes:
-    """``obj`` (None, bool, int, float, str, bytes, list/tuple, dict) as msgpack, as
-    ``msgpack.packb(obj, use_bin_type=True)`` reads back; TypeError for anything else."""
-    out: list[bytes] = []
-    _pack(obj, out)
-    return b"".join(out)
-
-
-def _pack(obj: Any, out: list[bytes]) -> None:
-    if obj is None:
-        out.append(b"\xc0")
-    elif obj is True or obj is False:
-        out.append(b"\xc3" if obj else b"\xc2")
-    elif isinstance(obj, int):
-        if 0 <= obj < 0x80:
-            out.append(bytes((obj,)))
-        elif -32 <= obj < 0:
-            out.append(struct.pack(">b", obj))
-        elif 0 <= obj < 1 << 64:
-            out.append(b"\xcf" + struct.pack(">Q", obj))
-        elif -(1 << 63) <= obj < 0:
-            out.append(b"\xd3" + struct.pack(">q", obj))
-        else:
-            raise OverflowError(f"integer {obj} does not fit msgpack's 64 bits")
-    elif isinstance(obj, float):
-        out.append(b"\xcb" + struct.pack(">d", obj))
-    elif isinstance(obj, str):
-        data = obj.encode("utf-8")
-        n = len(data)
-        out.append(bytes((0xA0 | n,)) if n < 32 else b"\xd9" + bytes((n,)) if n < 0x100
-                   else b"\xda" + struct.pack(">H", n) if n < 0x10000 else b"\xdb" + struct.pack(">I", n))
-        out.append(data)
-    elif isinstance(obj, (bytes, bytearray, memoryview)):
-        data = bytes(obj)
-        n = len(data)
-        out.append(b"\xc4" + bytes((n,)) if n < 0x100 else b"\xc5" + struct.pack(">H", n) if n < 0x10000
-                   else b"\xc6" + struct.pack(">I", n))
-        out.append(data)
-    elif isinstance(obj, (list, tuple)):
-        n = len(obj)
-        out.append(bytes((0x90 | n,)) if n < 16 else b"\xdc" + struct.pack(">H", n) if n < 0x10000
-                   else b"\xdd" + struct.pack(">I", n))
-        for item in obj:
-            _pack(item, out)
-    elif isinstance(obj, dict):
-        n = len(obj)
-        out.append(bytes((0x80 | n,)) if n < 16 else b"\xde" + struct.pack(">H", n) if n < 0x10000
-                   else b"\xdf" + struct.pack(">I", n))
-        for key, value in obj.items():
-            _pack(key, out)
-            _pack(value, out)
-    else:
-        raise TypeError(f"cannot pack {type(obj).__name__}")
-
-
-_CONSTANTS = {0xC0: None, 0xC2: False, 0xC3: True}
-# first byte -> (struct format, size) of a fixed-size scalar
-_SCALARS = {0xCA: (">f", 4), 0xCB: (">d", 8), 0xCC: (">B", 1), 0xCD: (">H", 2), 0xCE: (">I", 4),
-            0xCF: (">Q", 8), 0xD0: (">b", 1), 0xD1: (">h", 2), 0xD2: (">i", 4), 0xD3: (">q", 8)}
-# first byte -> (kind, struct format of the length, its size) of a sized item
-_SIZED = {0xC4: ("bin", ">B", 1), 0xC5: ("bin", ">H", 2), 0xC6: ("bin", ">I", 4),
-          0xD9: ("str", ">B", 1), 0xDA: ("str", ">H", 2), 0xDB: ("str", ">I", 4),
-          0xDC: ("array", ">H", 2), 0xDD: ("array", ">I", 4), 0xDE: ("map", ">H", 2), 0xDF: ("map", ">I", 4)}
-
-
-def unpack(data: bytes) -> Any:
-    """One msgpack object that fills ``data``, as ``msgpack.unpackb(data, raw=False)`` gives it
-    (map keys must be text or bytes; extension types are refused); ValueError if malformed."""
-    try:
-        obj, end = _unpack(data, 0)
-    except (IndexError, struct.error, UnicodeDecodeError, RecursionError) as exc:
-        raise ValueError(f"malformed msgpack ({exc.__class__.__name__})") from None
-    if end != len(data):
-        raise ValueError(f"malformed msgpack: {len(data) - end} bytes after the object")
-    return obj
-
-
-def _unpack(data: bytes, i: int) -> tuple[Any, int]:
-    b = data[i]
-    i += 1
-    if b < 0x80:
-        return b, i
-    if b >= 0xE0:
-        return b - 0x100, i
-    if b < 0xC0:
-        kind, n = ("map", b & 0x0F) if b < 0x90 else ("array", b & 0x0F) if b < 0xA0 else ("str", b & 0x1F)
-    elif b in _CONSTANTS:
-        return _CONSTANTS[b], i
-    elif b in _SCALARS:
-        fmt, size = _SCALARS[b]
-        return struct.unpack_from(fmt, data, i)[0], i + size
-    elif b in _SIZED:
-        kind, fmt, size = _SIZED[b]
-        (n,) = struct.unpack_from(fmt, data, i)
-        i += size
-    else:
-        raise ValueError(f"msgpack type byte 0x{b:02x} is not supported here")
-    if kind == "str" or kind == "bin":
-        if i + n > len(data):
-            raise IndexError("truncated")
-        chunk = data[i:i + n]
-        return (chunk.decode("utf-8") if kind == "str" else bytes(chunk)), i + n
-    if kind == "array":
-        items = []
-        for _ in range(n):
-            item, i = _unpack(data, i)
-            items.append(item)
-        return items, i
-    mapping: dict[Any, Any] = {}
-    for _ in range(n):
-        key, i = _unpack(data, i)
-        if not isinstance(key, (str, bytes)):
-            raise ValueError(f"msgpack map key of type {type(key).__name__}")
-        mapping[key], i = _unpack(data, i)
-    return mapping, i
 
 
 class Gateway:
@@ -518,6 +394,8 @@ def call_via_gateway_blocking(path: Path | str, jid: str | None, password: str |
     # import to a program that needs only connect, sendall and recv.
     import _socket
 
+    import msgpack
+
     sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
     try:
         try:
@@ -544,13 +422,12 @@ def call_via_gateway_blocking(path: Path | str, jid: str | None, password: str |
             return b"".join(chunks)
 
         try:
-            request = pack(_request(jid, password, call, as_identity))
-            sock.sendall(struct.pack(">I", len(request)) + request)
+            sock.sendall(_frame(_request(jid, password, call, as_identity)))
             while True:
                 (size,) = struct.unpack(">I", read_exactly(4))
                 if size > MAX_ANSWER:
                     raise ValueError(f"gateway frame of {size} bytes exceeds {MAX_ANSWER}")
-                msg = unpack(read_exactly(size))
+                msg = msgpack.unpackb(read_exactly(size), raw=False)
                 if "progress" in msg:
                     continue
                 if "report" in msg:
