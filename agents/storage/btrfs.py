@@ -276,15 +276,21 @@ class BtrfsDriver(CatalogDriver):
                               check=False)
         return done.returncode == 0
 
-    def _space(self, live: Path) -> tuple[int, str]:
+    @staticmethod
+    def _qgroup(live: Path) -> tuple[int, int] | None:
+        """(referenced, exclusive) bytes of the subvolume's own qgroup, or None without quotas."""
         done = subprocess.run(["btrfs", "qgroup", "show", "--raw", "-f", str(live)], capture_output=True,
                               text=True, check=False)
         if done.returncode == 0:
             for line in done.stdout.splitlines():
                 parts = line.split()
                 if parts and parts[0].startswith("0/"):
-                    return int(parts[2]), ("qgroup-exclusive: bytes only this subvolume holds, as of the last "
-                                            "transaction commit")
+                    return int(parts[1]), int(parts[2])
+        return None
+
+    def _space(self, live: Path) -> tuple[int, str]:
+        if (qgroup := self._qgroup(live)) is not None:
+            return qgroup[1], "qgroup-exclusive: bytes only this subvolume holds, as of the last transaction commit"
         total = sum(os.lstat(os.path.join(dp, n)).st_blocks * 512
                     for dp, dns, fns in os.walk(live) for n in dns + fns)
         return total, ("du: allocated blocks, extents shared with snapshots counted in full (enable btrfs "
@@ -292,13 +298,9 @@ class BtrfsDriver(CatalogDriver):
 
     def _sharing(self, live: Path) -> tuple[int, int]:
         """(exclusive, shared) from the subvolume's qgroup: shared = referenced - exclusive."""
-        done = subprocess.run(["btrfs", "qgroup", "show", "--raw", "-f", str(live)], capture_output=True,
-                              text=True, check=False)
-        if done.returncode == 0:
-            for line in done.stdout.splitlines():
-                parts = line.split()
-                if parts and parts[0].startswith("0/"):
-                    return int(parts[2]), max(0, int(parts[1]) - int(parts[2]))
+        if (qgroup := self._qgroup(live)) is not None:
+            referenced, exclusive = qgroup
+            return exclusive, max(0, referenced - exclusive)
         return self._space(live)[0], 0
 
     def _snapshot_sharing(self, volume: str, snap: str) -> tuple[int, int]:
