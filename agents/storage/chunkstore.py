@@ -55,6 +55,13 @@ _QUERY_BATCH = 500          # stays under SQLite's host-parameter limit on every
 # the outer loop (one index probe per id, never a scan of the chunks).
 _LOOKUP = ("WITH RECURSIVE k(i) AS (VALUES(0) UNION ALL SELECT i + 1 FROM k WHERE i + 1 < ?2) "
            "SELECT c.id FROM k CROSS JOIN chunks c ON c.id = substr(?1, k.i * 32 + 1, 32)")
+# The same walk over distinct ids that the given segment references reach ?3 times each: the stored bytes of
+# those whose every reference is among them (exclusive) and of the rest (shared), summed inside SQLite.
+_SPLIT = ("WITH RECURSIVE k(i) AS (VALUES(0) UNION ALL SELECT i + 1 FROM k WHERE i + 1 < ?2) "
+          "SELECT coalesce(sum(CASE WHEN c.refs <= ?3 THEN c.len ELSE 0 END), 0), "
+          "coalesce(sum(CASE WHEN c.refs > ?3 THEN c.len ELSE 0 END), 0) "
+          "FROM k CROSS JOIN chunks c ON c.id = substr(?1, k.i * 32 + 1, 32)")
+_SPLIT_BATCH = 1 << 15      # ids per _SPLIT statement (a 1 MiB blob)
 _MAX_JOBS = 4               # batches queued for the writer (each holds one read buffer, 1 MiB on ingest)
 _ROW_BATCH = 4096           # index rows inserted together
 _STORED_BATCH = 4 << 20     # received chunks handed to the writer together
@@ -436,15 +443,18 @@ class ChunkStore:
                 if row[1] <= n:
                     own_segments.append(sid)
                     chunk_counts.update(ids)
-            exclusive = shared = 0
+            # One statement per batch of chunks with the same count of own references, not one lookup per
+            # chunk: the per-chunk round trips through the sqlite3 module were most of a snapshot's answer.
+            by_own: dict[int, list[bytes]] = {}
             for cid, own in chunk_counts.items():
-                row = self.db.execute("SELECT len, refs FROM chunks WHERE id = ?", (cid,)).fetchone()
-                if row is None:
-                    continue
-                if own >= row[1]:
-                    exclusive += row[0]
-                else:
-                    shared += row[0]
+                by_own.setdefault(own, []).append(cid)
+            exclusive = shared = 0
+            for own, ids in by_own.items():
+                for i in range(0, len(ids), _SPLIT_BATCH):
+                    part = ids[i:i + _SPLIT_BATCH]
+                    mine, common = self.db.execute(_SPLIT, (b"".join(part), len(part), own)).fetchone()
+                    exclusive += mine
+                    shared += common
         return exclusive, shared
 
     # accounting and collection --------------------------------------------------------------------------
