@@ -138,7 +138,7 @@ class StorageAgent(VolumeLocations, ReplicationOps, Agent):
     async def start(self, timeout: float = 15.0, *, once: bool = False) -> None:
         await super().start(timeout, once=once)
         self._start_locations()
-        self.replicator.start()     # actions carry on: schedules, and updates an interruption left pending
+        await self._start_replication()     # stale spools swept; actions carry on (replication_ops.py)
         self._sweeper = asyncio.create_task(self._sweep_expired(), name="storage-expiry")
 
     async def stop(self) -> None:

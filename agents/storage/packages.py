@@ -121,7 +121,9 @@ class PackageHost:
         self._cert_pem = ""
         self._opening = asyncio.Lock()
         self._following: dict[str, _Following] = {}      # per transfer, the newest connection's receive
-        self.sweep()        # what went stale while the agent was down
+
+    async def start(self) -> None:
+        await self.sweep()      # what went stale while the agent was down
 
     async def stop(self) -> None:
         for inbox in self.inboxes.values():
@@ -161,14 +163,14 @@ class PackageHost:
             if any(v.name == package for v in await asyncio.to_thread(self.driver.list_volumes)):
                 raise StorageError(f"{package!r} already exists on this agent and is not a package; choose "
                                    f"another package name", code="exists")
-            self.state.add_package(Package(package, action, caller, source_volume, time.time()))
+            await self.state.add_package(Package(package, action, caller, source_volume, time.time()))
         elif owned.source != caller or owned.action != action:
             raise StorageError(f"package {package!r} belongs to action {owned.action} of {owned.source}; "
                                f"choose another package name", code="exists")
         held = await asyncio.to_thread(self._snapshots, package)
         transfer = transfer_id(package, snapshot)
-        await asyncio.to_thread(self.sweep)
-        self.state.add_transfer(transfer, package, snapshot, time.time())
+        await self.sweep()
+        await self.state.add_transfer(transfer, package, snapshot, time.time())
         inbox = await self._inbox(tls)
         return {"host": self.advertise, "port": inbox.port, "transfer": transfer,
                 "token": inbox.offer(transfer), "held": inbox.held(transfer), "snapshots": held,
@@ -207,20 +209,18 @@ class PackageHost:
                 with contextlib.closing(_pieces(inbox.spool(transfer))) as pieces:
                     info = await asyncio.to_thread(self.driver.receive, package, snapshot, pieces)
             except (StorageError, OSError) as exc:
-                self._receive_failed(package, snapshot, transfer, exc)
-        # Removing a spool of gigabytes takes the filesystem a while: not on the event loop.
-        await asyncio.to_thread((self.directory / "spool" / f"{transfer}.part").unlink, missing_ok=True)
-        self._drop_transfer(transfer)
+                await self._receive_failed(package, snapshot, transfer, exc)
+        await self._drop_transfer(transfer)
         pruned = await asyncio.to_thread(self.prune, package)
         return {"name": info.name, "guid": info.guid, "logical_bytes": info.logical_bytes, "pruned": pruned}
 
-    def _receive_failed(self, package: str, snapshot: str, transfer: str, exc: BaseException) -> NoReturn:
+    async def _receive_failed(self, package: str, snapshot: str, transfer: str, exc: BaseException) -> NoReturn:
         if no_space(exc):       # the spool stays: once there is room the next update publishes it
             raise StorageError(f"{NO_SPACE} (the store is full while receiving {package}@{snapshot}): "
                                f"free space or grow the filesystem, and the next update publishes the "
                                f"stream already received here", code="no_space") from None
         if isinstance(exc, StorageError) and exc.code in ("corrupt", "unsupported"):
-            self._drop_transfer(transfer)   # a whole but bad spool would fail forever: the next try is fresh
+            await self._drop_transfer(transfer)     # a whole but bad spool would fail forever: the next try is fresh
         raise exc
 
     # receiving while the stream arrives -----------------------------------------------------------------
@@ -277,7 +277,7 @@ class PackageHost:
         except (StorageError, OSError) as exc:
             if following.tail.aborted:
                 return None
-            self._receive_failed(package, snapshot, transfer, exc)
+            await self._receive_failed(package, snapshot, transfer, exc)
         finally:
             if following.task.done() and self._following.get(transfer) is following:
                 del self._following[transfer]
@@ -321,10 +321,21 @@ class PackageHost:
                         "latest": snaps[-1]["name"] if snaps else None})
         return out
 
-    def destroy(self, package: str) -> dict[str, Any]:
+    async def destroy(self, package: str) -> dict[str, Any]:
         """Destroy a package's snapshots and replica; refused (naming them) while clones depend on it."""
         if self.state.package(package) is None:
             raise StorageError(f"no package {package!r}; storage.package.list shows them", code="not_found")
+        await asyncio.to_thread(self._destroy_replica, package)
+        # Its spools could only ever be published into it: they go with it.
+        for transfer, (owner, _snap) in self.state.transfers().items():
+            if owner == package:
+                await self._drop_transfer(transfer)
+        await self.state.drop_package(package)
+        return {"destroyed": package}
+
+    def _destroy_replica(self, package: str) -> None:
+        """The driver's part of destroying a package, in a worker thread (its calls take the driver's lock,
+        and aborted receives are waited for)."""
         # A receive still running into it holds no lock: it is stopped, and its half snapshot gone, first.
         self._abort_following([t for t, (owner, _snap) in self.state.transfers().items() if owner == package],
                               f"its package {package} is being destroyed")
@@ -332,23 +343,21 @@ class PackageHost:
             self.driver.destroy_snapshot(package, snap["name"])
         if any(v.name == package for v in self.driver.list_volumes()):
             self.driver.destroy_volume(package)
-        # Its spools could only ever be published into it: they go with it.
-        for transfer, (owner, _snap) in self.state.transfers().items():
-            if owner == package:
-                self._drop_transfer(transfer)
-        self.state.drop_package(package)
-        return {"destroyed": package}
 
     # spools -------------------------------------------------------------------------------------------
-    def _drop_transfer(self, transfer: str) -> None:
+    async def _drop_transfer(self, transfer: str) -> None:
         """Forget a transfer: cut its connections, remove its spool (whichever inbox, if any, has it open)."""
-        for inbox in self.inboxes.values():
-            inbox.discard(transfer)
+        # Removing a spool of gigabytes takes the filesystem a while: not on the event loop.
+        await asyncio.to_thread(self._remove_spool, transfer)
         self._following.pop(transfer, None)     # its receive fails with the cut connection
-        (self.directory / "spool" / f"{transfer}.part").unlink(missing_ok=True)
-        self.state.drop_transfer(transfer)
+        await self.state.drop_transfer(transfer)
 
-    def sweep(self) -> builtins.list[str]:
+    def _remove_spool(self, transfer: str) -> None:
+        for inbox in builtins.list(self.inboxes.values()):
+            inbox.discard(transfer)
+        (self.directory / "spool" / f"{transfer}.part").unlink(missing_ok=True)
+
+    async def sweep(self) -> builtins.list[str]:
         """Remove the spools that can no longer be resumed: those of a package that is gone, and those not
         written for longer than the resume window. Return the transfer ids removed."""
         known = self.state.transfers()
@@ -357,20 +366,25 @@ class PackageHost:
         removed = []
         for transfer, (package, _snap) in known.items():
             if package not in packages:
-                self._drop_transfer(transfer)
+                await self._drop_transfer(transfer)
                 removed.append(transfer)
-        for part in self._spool_files():
-            transfer = part.name.removesuffix(".part")
+        for transfer, written in await asyncio.to_thread(self._spools_written):
             if transfer in removed or self._open(transfer):
                 continue
-            try:
-                stale = part.stat().st_mtime < cutoff
-            except FileNotFoundError:
-                continue
-            if stale:
-                self._drop_transfer(transfer)
+            if written < cutoff:
+                await self._drop_transfer(transfer)
                 removed.append(transfer)
         return removed
+
+    def _spools_written(self) -> builtins.list[tuple[str, float]]:
+        """Each spool's transfer id and when it was last written (the directory read in a worker thread)."""
+        written = []
+        for part in self._spool_files():
+            try:
+                written.append((part.name.removesuffix(".part"), part.stat().st_mtime))
+            except FileNotFoundError:
+                continue
+        return written
 
     def spool_usage(self) -> dict[str, Any]:
         """What the spools hold: bytes in all, and per transfer its package, snapshot, bytes and idle time."""

@@ -88,13 +88,13 @@ class Replicator:
         self._updates.clear()
 
     # actions ------------------------------------------------------------------------------------------
-    def create(self, volume: str, target: str, package: str, interval: float, continuous: bool, tls: bool,
-               rate: float | None) -> Action:
+    async def create(self, volume: str, target: str, package: str, interval: float, continuous: bool, tls: bool,
+                     rate: float | None) -> Action:
         action_id = "r" + uuid.uuid4().hex[:8]
         a = Action(id=action_id, volume=volume, target=self._full_jid(target),
                    package=package or f"{volume[:54]}.{action_id}", interval=interval, continuous=continuous,
                    tls=tls, rate=rate, created=time.time())
-        self.state.add_action(a)
+        await self.state.add_action(a)
         return a
 
     def schedule(self, action_id: str) -> None:
@@ -104,22 +104,23 @@ class Replicator:
         return [dict(a.to_wire(), progress=self.live.get(a.id)) for a in self.state.actions()]
 
     async def pause(self, action_id: str) -> Action:
-        self._set(action_id, paused=True, state="paused")
-        for tasks in (self._loops, self._updates):
-            task = tasks.pop(action_id, None)
-            if task is not None:
-                task.cancel()
-                await asyncio.gather(task, return_exceptions=True)
+        self.state.action(action_id)        # an unknown action is refused before anything stops
+        # Cancelled before the pause is written: a running update changes its action no more after that.
+        stopping = [t for t in (self._loops.pop(action_id, None), self._updates.pop(action_id, None)) if t]
+        for task in stopping:
+            task.cancel()
+        await self._set(action_id, paused=True, state="paused")
+        await asyncio.gather(*stopping, return_exceptions=True)
         self.live.pop(action_id, None)
         return self.state.action(action_id)
 
-    def resume(self, action_id: str) -> Action:
-        a = self._set(action_id, paused=False, state="idle")
+    async def resume(self, action_id: str) -> Action:
+        a = await self._set(action_id, paused=False, state="idle")
         self._start_loop(action_id)
         return a
 
-    def throttle(self, action_id: str, rate: float | None) -> Action:
-        a = self._set(action_id, rate=rate)
+    async def throttle(self, action_id: str, rate: float | None) -> Action:
+        a = await self._set(action_id, rate=rate)
         self._throttle(a).set_rate(rate)        # a running transfer paces to the new rate at once
         return a
 
@@ -134,7 +135,7 @@ class Replicator:
                 if exc.code != "has_dependants":
                     raise
                 kept.append(f"{a.volume}@{snap}")
-        self.state.drop_action(action_id)
+        await self.state.drop_action(action_id)
         self._throttles.pop(action_id, None)
         return {"destroyed": action_id, "package": a.package, "target": a.target, "kept_snapshots": kept}
 
@@ -154,17 +155,13 @@ class Replicator:
             task.add_done_callback(lambda _t: listeners.remove(progress))
         return task
 
-    def _set(self, action_id: str, **changes: Any) -> Action:
-        """Change some fields of an action and commit, rereading it first: ops (throttle, pause) change
-        other fields of the same row while an update runs."""
-        a = self.state.action(action_id)
-        for key, value in changes.items():
-            setattr(a, key, value)
-        self.state.save(a)
-        return a
+    async def _set(self, action_id: str, **changes: Any) -> Action:
+        """Change some fields of an action and commit, to the action as last committed: ops (throttle,
+        pause) change other fields of the same row while an update runs."""
+        return await self.state.change_action(action_id, **changes)
 
     async def _update(self, action_id: str) -> dict[str, Any]:
-        a = self._set(action_id, state="running", error=None)
+        a = await self._set(action_id, state="running", error=None)
         try:
             if a.pending is None:
                 seq = a.seq + 1
@@ -172,20 +169,20 @@ class Replicator:
                 await self._report(a, {"phase": "snapshot", "snapshot": snap})
                 # Taken to be sent: the embedded driver need not make a base for clones of it.
                 await asyncio.to_thread(lambda: self.driver.snapshot(a.volume, snap, for_clones=False))
-                a = self._set(action_id, seq=seq, pending={"snap": snap, "base": None, "decided": False})
+                a = await self._set(action_id, seq=seq, pending={"snap": snap, "base": None, "decided": False})
             return await self._transfer(a)
         except asyncio.CancelledError:
             raise           # paused or stopping: the pending update is kept as it is
         except StorageError as exc:
             if exc.code not in _PAUSES:
-                self._set(action_id, state="error", error=str(exc))
+                await self._set(action_id, state="error", error=str(exc))
                 raise
             reason = (f"{exc}; the action is paused, as every run would be refused the same way "
                       f"(storage.replication.resume tries again once that has changed)")
-            self._set(action_id, state="paused", paused=True, error=reason)
+            await self._set(action_id, state="paused", paused=True, error=reason)
             raise StorageError(reason, code=exc.code) from None
         except Exception as exc:
-            self._set(action_id, state="error", error=str(exc))
+            await self._set(action_id, state="error", error=str(exc))
             raise
         finally:
             self.live.pop(action_id, None)
@@ -257,7 +254,7 @@ class Replicator:
         candidates = [s for s in snapshots
                       if s.name.startswith(f"{a.id}-") and s.name != pending["snap"] and s.guid in held]
         a.pending = dict(pending, base=candidates[-1].name if candidates else None, decided=True)
-        self._set(a.id, pending=a.pending)
+        await self._set(a.id, pending=a.pending)
         return a.pending["base"]
 
     def _estimate(self, volume: str, snap: str, base: str | None) -> int | None:
@@ -274,7 +271,7 @@ class Replicator:
         last = {"snapshot": snap, "base": pending.get("base"), "stream_bytes": total, "sent_bytes": sent,
                 "resumed_from": resumed or 0, "attempts": attempts, "connections": tries, "seconds": round(seconds, 3),
                 "rate": round(sent / seconds) if seconds > 0 else None}
-        a = self._set(a.id, last=last, last_snap=snap, last_end=time.time(), pending=None, state="idle",
+        a = await self._set(a.id, last=last, last_snap=snap, last_end=time.time(), pending=None, state="idle",
                       error=None)
         # Only the newest common snapshot is needed as the next base; older ones of this action go.
         for old in await asyncio.to_thread(self._own_snapshots, a):

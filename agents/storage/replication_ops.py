@@ -47,17 +47,27 @@ class ReplicationOps:
     def _open_replication(self, state_dir: Path | None, settings: dict[str, Any]) -> None:
         directory = Path(state_dir) / "replication" if state_dir else self.driver.root / "replication"
         self.replication_state = ReplicationState(directory / "replication.sqlite")
-        self.packages = PackageHost(self.driver, self.replication_state, directory,
-                                    host=settings.get("inbox_host", "127.0.0.1"),
-                                    advertise=settings.get("inbox_advertise"),
-                                    keep=settings.get("keep_received"))
-        self.replicator = Replicator(self.driver, self.replication_state, self.request,  # type: ignore[attr-defined]
-                                     own_resource=self.resource)  # type: ignore[attr-defined]
+        try:
+            self.packages = PackageHost(self.driver, self.replication_state, directory,
+                                        host=settings.get("inbox_host", "127.0.0.1"),
+                                        advertise=settings.get("inbox_advertise"),
+                                        keep=settings.get("keep_received"))
+            self.replicator = Replicator(self.driver, self.replication_state, self.request,  # type: ignore[attr-defined]
+                                         own_resource=self.resource)  # type: ignore[attr-defined]
+        except BaseException:   # a bad setting (keep_received): no store thread outlives an agent never started
+            self.replication_state.close()
+            raise
+
+    async def _start_replication(self) -> None:
+        await self.packages.start()
+        self.replicator.start()     # actions carry on: schedules, and updates an interruption left pending
 
     async def _close_replication(self) -> None:
-        await self.replicator.stop()
-        await self.packages.stop()
-        self.replication_state.close()
+        try:
+            await self.replicator.stop()
+            await self.packages.stop()
+        finally:
+            await self.replication_state.aclose()
 
     async def _guard(self, coro: Any) -> Any:
         try:
@@ -122,7 +132,7 @@ class ReplicationOps:
         if "@" not in target.split("/")[0]:  # a name, as `vertebra call --to` takes one: an agent of this mesh
             target = f"{target}@{self.jid.domain}"  # type: ignore[attr-defined]  # the Actor's
         try:
-            action = self.replicator.create(volume, target, package, interval, continuous, tls, rate or None)
+            action = await self.replicator.create(volume, target, package, interval, continuous, tls, rate or None)
         except StorageError as exc:
             raise op_error(exc) from None
         self.replicator.schedule(action.id)
@@ -146,12 +156,12 @@ class ReplicationOps:
     @op("storage.replication.resume", effect="change", announce="replication")
     async def replication_resume(self, call: Call, action: ActionId) -> dict:
         """Resume a paused action: an interrupted update continues, then the schedule runs again."""
-        return (await self._guard(self._async(self.replicator.resume, action))).to_wire()
+        return (await self._guard(self.replicator.resume(action))).to_wire()
 
     @op("storage.replication.throttle", effect="change", announce="replication")
     async def replication_throttle(self, call: Call, action: ActionId, rate: Rate) -> dict:
         """Change an action's bandwidth limit; a running transfer paces to it at once."""
-        return (await self._guard(self._async(self.replicator.throttle, action, rate or None))).to_wire()
+        return (await self._guard(self.replicator.throttle(action, rate or None))).to_wire()
 
     @op("storage.replication.destroy", effect="destructive", deadline=600, announce="replication")
     async def replication_destroy(self, call: Call, action: ActionId) -> dict:
@@ -188,7 +198,7 @@ class ReplicationOps:
         rereads="/volume")
     async def package_destroy(self, call: Call, package: Package) -> dict:
         """Destroy a package and its snapshots; refused while clones made from them exist, which it names."""
-        return await self._drive(self.packages.destroy, package)  # type: ignore[attr-defined]
+        return await self._guard(self.packages.destroy(package))
 
     @staticmethod
     async def _async(fn: Any, *args: Any) -> Any:

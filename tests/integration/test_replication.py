@@ -240,7 +240,7 @@ async def test_a_restarted_source_agent_finishes_the_pending_update(mesh, tmp_pa
     assert res.outcome is not Outcome.OK
 
     restarted = await mesh.start(source())
-    restarted.replicator.throttle(action["id"], None)
+    await restarted.replicator.throttle(action["id"], None)
     (after,) = await until(lambda: [a for a in restarted.replicator.list() if a["last_snap"]],
                            timeout=30, what="the pending update finished after the restart")
     last = after["last"]
