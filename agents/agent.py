@@ -11,28 +11,24 @@ An op's whole path through an agent, in order:
 5. authorize — the agent's rules (``Agent.rules``) are walked in order for the caller's bare JID as
    the server stamped it, the delegate that sent it and the resources it acts on (``authz``);
 6. execute — within the op's deadline; a long op answers at once with a job id and reports
-   sequence-numbered progress, then exactly one outcome, sent until the caller acknowledges it; its
-   job is kept on disk (``agents/jobs.py``), so one cut off by a crash is followed to its end (its
-   work resumed, ``follow_job``) or reported interrupted;
+   sequence-numbered progress, then exactly one outcome, sent until the caller acknowledges it: the
+   job's life is the agent's ``jobs`` component's (``agents/jobs.py``), which keeps it on disk, so one
+   cut off by a crash is followed to its end (its work resumed, ``follow_job``) or reported interrupted;
 7. audit — the decision and the outcome are written to the hash-chained log (``agents/audit.py``).
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import hashlib
 import logging
 import re
 import sqlite3
 import time
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, Awaitable, Callable, Sequence
 
 from slixmpp import Iq, Presence
-from slixmpp.xmlstream import ET
 
 from . import __version__, caps, describe, fenced, policy_sync, protocol, resources as paths
 from .actor import Actor, Backoff, Endpoint
@@ -42,7 +38,7 @@ from .errors import (BadArguments, BadPayload, Denied, Expired, InternalError, O
                      ResourceConstraint, StaleTerm, TooLarge, UnknownOp)
 from .idempotency import Answer, RequestLog, fingerprint
 from .intake import FairIntake, IntakeLimits
-from .jobs import RETENTION, Job, JobStore
+from .jobs import RETENTION, Job, Jobs
 from .lead_terms import LeadTerms
 from .ops import Arg, OpSpec, op, ops_of
 
@@ -74,18 +70,12 @@ class Call:
         if not self._job:
             return
         self._seq += 1
-        msg = self.agent.xmpp.make_message(mto=self._reply_to)
-        msg["vertebra_progress"]["job"] = self._job
-        msg["vertebra_progress"]["rid"] = self.rid
-        msg["vertebra_progress"]["seq"] = str(self._seq)
-        msg["vertebra_progress"].xml.text = protocol.encode(payload, what="a progress report")
-        msg.send()
+        self.agent.jobs.send_progress(self, self._seq, payload)
 
     async def follows(self, work: str) -> None:
         """Name, on the job's record, the durable work this long op waits on and that carries on by
         itself after a restart (``Agent.follow_job`` finds it again by this name); ignored for quick ops."""
-        if self._job in self.agent._running_jobs:
-            await self.agent.jobs.follows(self.agent._running_jobs[self._job][0], work)
+        await self.agent.jobs.follows(self._job, work)
 
 
 MAX_ADDRESSED = 64  # resources one request may address
@@ -148,20 +138,8 @@ class Agent(Actor):
         self._parts: dict[str, Any] = {}  # op name -> the component that serves it (``serve_part``)
         # Private like the audit log (it names every caller and op): 0600 in a 0700 directory (agents.db).
         self._requests = RequestLog(state_dir / "requests.sqlite" if state_dir else None)
-        # The long ops it accepted, until their outcome reached the caller (agents/jobs.py).
-        self.jobs = JobStore(state_dir / "jobs.sqlite" if state_dir else None)
-        self._running_jobs: dict[str, tuple[Job, asyncio.Future[None]]] = {}  # job id -> (job, its end)
-        self._delivering: dict[str, str] = {}  # job id (or "job caller") -> caller, of outcomes sent until a receipt
-        self._attached: dict[str, set[str]] = {}  # job id -> callers that repeated its request while it runs
-        # Jobs a previous run left running: those whose work may go on are followed (or interrupted) on the
-        # first session, when the kind's work can reach its peers (follow_job); the others end now, sent
-        # with the other outcomes on the first session.
-        self._left_running: list[Job] | None = []
-        for job in self.jobs.left_running():
-            if job.work:
-                self._left_running.append(job)
-            else:
-                self._interrupt(job)
+        # The long ops it accepts, from their <accepted> until their outcome reached the caller (agents/jobs.py).
+        self.jobs = Jobs(self, state_dir / "jobs.sqlite" if state_dir else None, self._requests)
         # Requests are served fairly per sender and refused over a sender's rate or queue (intake.py).
         self.intake: FairIntake[Iq] = FairIntake(self._serve, requests or IntakeLimits(), spawn=self.spawn)
         self._brokers: set[str] = set()  # full JIDs of brokers that have seen us this session
@@ -241,11 +219,9 @@ class Agent(Actor):
                 Request(call.caller, call.resources, call.via), self.ops[JOB_STATUS_OP]).allowed):
             raise OpError(f"{self.name} has no job {job} of yours: jobs are kept {RETENTION / 3600:g} hours after"
                           " they end, and shown to their caller or to whom the policy lets run job.status")
-        running = self._running_jobs.get(job)
-        if running is not None and wait > 0:
+        if job in self.jobs.running and wait > 0:
             left = call.deadline - asyncio.get_running_loop().time() - 0.5  # time for the answer to travel
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(asyncio.shield(running[1]), max(0.0, min(wait, left)))
+            await self.jobs.wait(job, max(0.0, min(wait, left)))
             found = await self.jobs.get(job) or found
         return found.describe()
 
@@ -302,10 +278,7 @@ class Agent(Actor):
         self._brokers.clear()
         self._broker_sessions.clear()
         self._start_announcing()
-        if self._left_running is not None:
-            self._recover_jobs(self._left_running)
-            self._left_running = None
-        self.spawn(self._jobs_on_session(), name=f"jobs of {self.name}")
+        self.jobs.on_session()
 
     def presence(self, to: str | None = None) -> None:
         """Send available presence (to ``to``, else broadcast) carrying this agent's caps hash."""
@@ -409,16 +382,10 @@ class Agent(Actor):
             self.xmpp.send(protocol.error_reply(iq, error))
             return
         answer = await asyncio.shield(seen.answer)
-        attach = answer.job and repeat and not self._own_caller(answer.job, str(iq["from"]))
-        if attach:  # on disk before its <accepted>, as a job is: its outcome reaches it after a restart too
-            deadline = _caller_deadline(req, self.ops[req.get("name", "")].deadline)
-            try:
-                await self.jobs.attach(answer.job, str(iq["from"]), rid, deadline)
-            except sqlite3.Error:
-                log.exception("could not record that %s repeated the request of job %s", iq["from"], answer.job)
+        if answer.job and repeat:  # attached to the running job, on its record before this <accepted>
+            await self.jobs.repeated(answer, str(iq["from"]), rid,
+                                     _caller_deadline(req, self.ops[req.get("name", "")].deadline))
         self.xmpp.send(self._reply(iq, answer))
-        if attach:
-            self._spawn(self._attach(answer, str(iq["from"]), rid, deadline))
 
     def _reply(self, iq: Iq, answer: Answer) -> Iq:
         if answer.error is not None:
@@ -448,24 +415,9 @@ class Agent(Actor):
             if not decided:
                 self._audit_refusal(iq, caller, rid, error)
             return Answer(error=error)
-        if spec.progress:
-            call._reply_to, call._job = str(iq["from"]), uuid.uuid4().hex
-            req = protocol.op_of(iq)
-            job = Job(call._job, spec.name, call.caller, caller, call._reply_to, rid, fp, time.time(),
-                      _caller_deadline(req, spec.deadline))
-            try:  # on disk before it is accepted: after a crash it is reported, never forgotten
-                await self.jobs.accepted(job)
-            except sqlite3.Error as exc:
-                log.exception("could not record job %s", job.job)
-                return Answer(error=InternalError(f"{spec.name} was not started: its job could not be recorded"
-                                                  f" ({exc})"))
-            self._running_jobs[job.job] = (job, asyncio.get_running_loop().create_future())
-            # Directed presence (RFC 6121 4.6): the server sends the caller our unavailable presence
-            # the moment this session ends, so a caller waiting on the job learns it at once.
-            self.presence(call._reply_to)
-            answer = Answer(job=call._job, job_end=asyncio.get_running_loop().create_future(), admitted=True)
-            self._spawn(self._run_job(spec, call, args, answer, key, fp))
-            return answer
+        if spec.progress:  # a long op: accepted as a job, which reports its outcome later (agents/jobs.py)
+            return await self.jobs.accept(spec, call, args, str(iq["from"]), key, fp,
+                                          _caller_deadline(protocol.op_of(iq), spec.deadline))
         try:  # admitted: its outcome, whatever it is, may be kept durably (idempotency.py)
             return Answer(payload=await self._execute(spec, call, args), admitted=True)
         except OpError as exc:
@@ -614,24 +566,6 @@ class Agent(Actor):
             return await call._follows
         return await spec.func(self._parts.get(spec.name, self), call, **args)
 
-    async def _run_job(self, spec: OpSpec, call: Call, args: dict[str, Any], answer: Answer,
-                       key: tuple[str, str], fp: str) -> None:
-        try:
-            end = ("ok", "", await self._execute(spec, call, args))
-        except OpError as exc:
-            end = (exc.outcome.value, exc.condition, protocol.encode(exc.text[:4000]))
-        assert answer.job_end is not None, "a long op's answer carries its job's end"
-        answer.job_end.set_result(end)
-        if spec.changes_state:
-            await self._requests.finish_job(key, fp, end)
-        job, ended = self._running_jobs.pop(call._job)
-        try:
-            await self.jobs.ended(job, end)
-        except sqlite3.Error:  # the outcome still goes out; only a restart before it arrives would lose it
-            log.exception("could not record the end of job %s", job.job)
-        ended.set_result(None)
-        await self._deliver(job)
-
     def follow_job(self, job: Job, call: Call) -> Awaitable[Any] | None:
         """After a restart, for a job the previous run left running that named its work (``Call.follows``):
         the awaitable that ends with the op's result as that work, resumed by the kind, goes on (``call``
@@ -639,138 +573,9 @@ class Agent(Actor):
         Kinds whose work resumes after a restart override this."""
         return None
 
-    def _interrupt(self, job: Job) -> None:
-        self.jobs.interrupt(job, self.name)
-        log.warning("job %s (%s for %s) was cut off when %s stopped: reporting it interrupted", job.job, job.op,
-                    job.caller, self.name)
-
-    def _recover_jobs(self, jobs: list[Job]) -> None:
-        """Follow again each job a previous run left running whose work carries on (``follow_job``): it
-        stays running, a repeat of its request attaches to it, and its real outcome is delivered; end
-        the others as interrupted (sent with the other outcomes by ``_jobs_on_session``)."""
-        loop = asyncio.get_running_loop()
-        for job in jobs:
-            spec = self.ops.get(job.op)
-            call = Call(self, job.caller, job.rid, [], loop.time() + max(0.0, job.deadline - time.time()),
-                        _reply_to=job.reply_to, _job=job.job)
-            work = self.follow_job(job, call) if spec is not None else None
-            if work is None:
-                self._interrupt(job)
-                continue
-            assert spec is not None
-            log.info("job %s (%s for %s) follows %s, resumed after %s restarted", job.job, job.op, job.caller,
-                     job.work, self.name)
-            answer = Answer(job=job.job, job_end=loop.create_future(), admitted=True)
-            key = (job.sender, job.rid)
-            self._requests.follow(key, job.fingerprint, answer)
-            self._running_jobs[job.job] = (job, loop.create_future())
-            call._follows = work
-            self._spawn(self._run_job(spec, call, {}, answer, key, job.fingerprint))
-            self._spawn(self._reattach(answer))
-
-    async def _reattach(self, answer: Answer) -> None:
-        """Attach again the callers that repeated a followed job's request before the restart."""
-        for to, rid, deadline in await self.jobs.attached(answer.job):
-            self._spawn(self._attach(answer, to, rid, deadline))
-
-    async def _jobs_on_session(self) -> None:
-        """On each new session: direct presence again to the callers of running jobs (the server forgot
-        the old session's), and send every outcome not yet acknowledged (those of jobs a previous run
-        of this agent left running too: ended as interrupted when it started)."""
-        for job, _end in self._running_jobs.values():
-            self.presence(job.reply_to)
-            for attached in self._attached.get(job.job, ()):
-                self.presence(attached)
-        for job in await self.jobs.undelivered():
-            if job.job not in self._delivering:
-                self.spawn(self._deliver(job), name=f"outcome of job {job.job}")
-        for copy in await self.jobs.attached_undelivered():  # to callers that repeated the request
-            if f"{copy.job} {copy.reply_to}" not in self._delivering:
-                self.spawn(self._deliver(copy, attached=True), name=f"outcome of job {copy.job} to {copy.reply_to}")
-
-    async def _deliver(self, job: Job, *, attached: bool = False) -> None:
-        """Send a job's outcome until the caller's XEP-0184 receipt says it arrived, the server bounces
-        it (the caller's session is gone), or the caller's deadline has passed: an outcome lost while
-        the server restarted is sent again. ``job.status`` still has it afterwards. ``attached``: to a
-        caller that repeated the job's request (``job`` then stands for its copy: its address, deadline
-        and the job's outcome), whose receipt is not the job's own."""
-        msg_id = outcome_id(job.job, job.rid, job.reply_to)
-        backoff = Backoff(base=1.0, cap=15.0)
-        delivering = f"{job.job} {job.reply_to}" if attached else job.job
-        self._delivering[delivering] = job.reply_to
-        try:
-            while (left := job.deadline - time.time()) > 0:
-                arrived = self.vertebra.expect_receipt(msg_id)
-                if self.online:
-                    self.presence(job.reply_to)  # one more: a caller that came back learns we are here
-                    self._send_outcome(job.end, job.reply_to, job.job, job.rid)
-                try:
-                    received = await asyncio.wait_for(asyncio.shield(arrived), min(backoff.next(), left))
-                except TimeoutError:
-                    continue
-                if received and attached:
-                    await self.jobs.attached_delivered(job.job, job.reply_to)
-                elif received:
-                    await self.jobs.delivered(job)
-                else:
-                    log.info("the outcome of job %s was bounced: %s is gone; job.status keeps it", job.job,
-                             job.reply_to)
-                return
-        finally:
-            del self._delivering[delivering]
-            self.vertebra.forget_receipt(msg_id)
-            if self.online and not self._jobs_for(job.reply_to) and not self._is_broker(job.reply_to):
-                # Directed unavailable presence takes the caller off the server's list of whom to tell
-                # when we go (RFC 6121 4.6.3), which would otherwise grow with every caller for as long
-                # as this session lasts. Never to a broker: it lists us by our presence.
-                self.xmpp.make_presence(pto=job.reply_to, ptype="unavailable").send()
-
-    def _is_broker(self, jid: str) -> bool:
+    def is_broker(self, jid: str) -> bool:
+        """Whether ``jid`` is this agent's broker (one that has seen it, or any session of its account)."""
         return jid in self._brokers or (bool(self.broker) and jid.split("/", 1)[0] == self.broker)
-
-    def _jobs_for(self, reply_to: str) -> bool:
-        """Whether a job of ``reply_to``'s still runs here, or its outcome is still on its way."""
-        return reply_to in self._delivering.values() or any(j.reply_to == reply_to for j, _ in
-                                                            self._running_jobs.values())
-
-    def _own_caller(self, job_id: str, to: str) -> bool:
-        """Whether ``to`` is the session a running job answers already (its own delivery reaches it)."""
-        return any(job.job == job_id and job.reply_to == to for job, _ in self._running_jobs.values())
-
-    async def _attach(self, answer: Answer, to: str, rid: str, deadline: float) -> None:
-        """A caller that repeated a long op's request is attached to its job like the first (its record
-        says so, ``JobStore.attach``, so a restart finds it again): directed presence while it runs (so it
-        hears at once if this agent goes offline), then the job's one outcome, sent until its receipt
-        comes or ``deadline`` (Unix time) has passed."""
-        assert answer.job_end is not None, "a long op's answer carries its job's end"
-        if not answer.job_end.done():
-            callers = self._attached.setdefault(answer.job, set())
-            callers.add(to)
-            self.presence(to)
-            try:
-                await asyncio.shield(answer.job_end)
-            finally:
-                callers.discard(to)
-                if not callers:
-                    self._attached.pop(answer.job, None)
-        status, condition, payload = await asyncio.shield(answer.job_end)  # its record may not say so yet
-        job = Job(answer.job, "", "", "", to, rid, "", time.time(), deadline, "ended", status, condition, payload)
-        await self._deliver(job, attached=True)
-
-    def _send_outcome(self, end: tuple[str, str, str], to: str, job: str, rid: str) -> None:
-        msg = self.xmpp.make_message(mto=to)
-        # The same id on every resend, with a request for an XEP-0184 receipt, which answers to it.
-        msg["id"] = outcome_id(job, rid, to)
-        ET.SubElement(msg.xml, f"{{{protocol.RECEIPTS}}}request")
-        outcome = msg["vertebra_outcome"]
-        outcome["job"], outcome["rid"], outcome["status"] = job, rid, end[0]
-        if end[1]:
-            outcome["condition"] = end[1]
-        outcome.xml.text = end[2]
-        msg.send()
-
-    def _spawn(self, coro: Any) -> None:
-        self.spawn(coro)
 
     def _audit_end(self, rid: str, caller: str, op_name: str, outcome: str, started: float) -> None:
         duration = time.monotonic() - started
@@ -778,12 +583,6 @@ class Agent(Actor):
                        duration)
         if self.audit is not None:
             self.audit.ended(rid=rid, caller=caller, op=op_name, outcome=outcome, duration=duration)
-
-
-def outcome_id(job: str, rid: str, to: str) -> str:
-    """The message id of a job's outcome for one caller of it (a repeat from another session gets its own,
-    so each caller's receipt answers for its own copy)."""
-    return f"outcome-{job}-{rid}-{hashlib.sha256(to.encode()).hexdigest()[:12]}"
 
 
 def _caller_deadline(req: Any, default: float) -> float:

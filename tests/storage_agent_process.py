@@ -40,6 +40,14 @@ class DyingStorageAgent(StorageAgent):
         super().__init__(*args, **kwargs)
         self.after_running, self.before_answering = after_running, before_answering
         self.answers_to_die_on: set[str] = set()  # rids of long ops whose outcome message is the kill point
+        send_outcome = self.jobs.send_outcome
+
+        def send_outcome_or_die(end: tuple[str, str, str], to: str, job: str, rid: str) -> None:
+            if rid in self.answers_to_die_on:
+                die()
+            send_outcome(end, to, job, rid)
+
+        self.jobs.send_outcome = send_outcome_or_die  # type: ignore[method-assign]
 
     async def perform(self, spec: Any, call: Any, args: dict[str, Any]) -> Any:
         result = await super().perform(spec, call, args)
@@ -53,11 +61,6 @@ class DyingStorageAgent(StorageAgent):
         if iq["vertebra_op"]["name"] == self.before_answering and not answer.job:
             die()
         return super()._reply(iq, answer)
-
-    def _send_outcome(self, end: tuple[str, str, str], to: str, job: str, rid: str) -> None:
-        if rid in self.answers_to_die_on:
-            die()
-        super()._send_outcome(end, to, job, rid)
 
 
 def main() -> None:

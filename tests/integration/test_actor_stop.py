@@ -11,8 +11,9 @@ from sample_agent import SampleAgent
 
 
 def started_by(actor) -> list[asyncio.Task]:
-    """The event loop's unfinished tasks whose coroutine is a method of ``actor`` or of its intake."""
-    owners = [owner for owner in (actor, getattr(actor, "intake", None)) if owner is not None]
+    """The event loop's unfinished tasks whose coroutine is a method of ``actor``, its intake or its jobs."""
+    owners = [owner for owner in (actor, getattr(actor, "intake", None), getattr(actor, "jobs", None))
+              if owner is not None]
     return [t for t in asyncio.all_tasks() if not t.done()
             and getattr(t.get_coro(), "cr_frame", None) is not None
             and t.get_coro().cr_frame.f_locals.get("self") in owners]
@@ -27,7 +28,7 @@ async def test_stop_cancels_every_task_the_actor_started(mesh):
     calls = [asyncio.ensure_future(client.request(str(agent.jid), "sample.sleep", {"seconds": 60}, timeout=60)),
              asyncio.ensure_future(client.request(str(agent.jid), "sample.steps", {"steps": 10_000}, timeout=60))]
     try:
-        await until(lambda: agent.intake.tasks and any("_run_job" in repr(t.get_coro()) for t in agent._tasks),
+        await until(lambda: agent.intake.tasks and any("Jobs._run" in repr(t.get_coro()) for t in agent._tasks),
                     what="the sleeping request being served and the long op's job running")
         await until(lambda: agent._announcer is not None and agent._audit_flusher is not None,
                     what="the announcer and the audit flusher running")

@@ -227,7 +227,7 @@ async def test_an_outcome_that_could_not_be_sent_reaches_the_caller_when_the_age
     agent.xmpp.transport.abort()
     await until(lambda: "offline" in notices.events, what="the caller to hear the agent went offline")
     agent.release.set()
-    await until(lambda: notices.job in agent._delivering, what="the outcome waiting to be sent")
+    await until(lambda: notices.job in agent.jobs.delivering, what="the outcome waiting to be sent")
     del agent._reconnect_later
     agent.xmpp.connect(*agent.server_address)
     res = await asyncio.wait_for(call, 60)

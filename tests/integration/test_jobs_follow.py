@@ -139,14 +139,14 @@ async def test_a_repeat_of_a_running_jobs_request_is_attached_to_the_job(mesh):
     agent.xmpp.transport.abort()
     await until(lambda: "offline" in repeated.events, what="the repeating session to hear the agent went offline")
     agent.release.set()
-    await until(lambda: notices.job in agent._delivering, what="the outcome waiting to be sent")
+    await until(lambda: notices.job in agent.jobs.delivering, what="the outcome waiting to be sent")
     del agent._reconnect_later
     agent.xmpp.connect(*agent.server_address)
     for call in calls:
         res = await asyncio.wait_for(call, 60)
         assert res.outcome is Outcome.OK and res.result == "released" and res.job == notices.job, res
     assert repeated.events == ["accepted", "offline", "back"], repeated.events
-    await until(lambda: not agent._delivering, what="both callers' receipts")
+    await until(lambda: not agent.jobs.delivering, what="both callers' receipts")
 
 
 async def test_a_session_attached_by_a_repeat_gets_the_outcome_after_the_agent_restarts(mesh, sample):  # noqa: F811
