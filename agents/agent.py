@@ -315,6 +315,10 @@ class Agent(Actor):
             return None
         return next(iter(sorted(self._brokers)), f"{self.broker}/broker")
 
+    def is_broker(self, jid: str) -> bool:
+        """Whether ``jid`` is this agent's broker (one that has seen it, or any session of its account)."""
+        return jid in self._brokers or (bool(self.broker) and jid.split("/", 1)[0] == self.broker)
+
     def _on_broker_presence(self, pres: Presence) -> None:
         if not self.broker or pres["from"].bare != self.broker:
             return
@@ -572,10 +576,6 @@ class Agent(Actor):
         reports its progress), or None when it cannot go on: the job is then reported interrupted.
         Kinds whose work resumes after a restart override this."""
         return None
-
-    def is_broker(self, jid: str) -> bool:
-        """Whether ``jid`` is this agent's broker (one that has seen it, or any session of its account)."""
-        return jid in self._brokers or (bool(self.broker) and jid.split("/", 1)[0] == self.broker)
 
     def _audit_end(self, rid: str, caller: str, op_name: str, outcome: str, started: float) -> None:
         duration = time.monotonic() - started
