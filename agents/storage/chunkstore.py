@@ -7,12 +7,14 @@ became mostly dead.
 Two levels keep snapshots of large files cheap: a file's chunk list is cut into segments, and a segment
 whose pages did not change is shared by every snapshot that contains it.
 
-Ingest is a two-stage pipeline. The caller's thread reads, hashes, looks each batch's ids up in the index
-(one statement per batch) and records segments; one writer thread compresses the new blocks (zstd releases
+Ingest is a two-stage pipeline. The caller's thread reads, hashes and records segments; one writer thread
+looks each batch's ids up in the index (one statement per batch), compresses the new blocks (zstd releases
 the GIL), appends them to the active pack and inserts their index rows, all in the caller's open
 transaction. SQLite, zstd and the pack writes run without the GIL, so the writer's work overlaps the
-caller's hashing; a lock serializes the two threads' use of the connection. `commit()` drains the writer,
-fdatasyncs the packs and only then commits, so no index row ever names bytes that are not durable;
+caller's hashing; a lock serializes the two threads' use of the connection, and the caller needs it only
+once per segment (a lookup in the caller's thread waited for the writer's inserts on every batch).
+`commit()` drains the writer, fdatasyncs the packs and only then commits, so no index row ever names bytes
+that are not durable;
 `abort()` rolls the transaction back and cuts the packs back to their committed length, so an interrupted
 snapshot or receive leaves nothing.
 
@@ -112,10 +114,13 @@ class ChunkStore:
         self._jobs: deque[Future[None]] = deque()
         # The writer inserts the index rows of what it wrote itself, into the caller's open transaction
         # (SQLite works without the GIL, so this overlaps the caller's hashing). _db_lock serializes the two
-        # threads' use of the connection and guards the next three fields.
+        # threads' use of the connection and guards _rows, _written and _refs; _inflight has a lock of its own
+        # (taken after _db_lock where both are), so that queueing a batch never waits for an insert.
         self._db_lock = threading.Lock()
-        self._inflight: set[bytes] = set()        # ids handed to the writer, not yet in the index
+        self._inflight_lock = threading.Lock()
+        self._inflight: set[bytes] = set()        # ids handed to the writer, neither found indexed nor inserted
         self._rows: list[Row] = []                # written, waiting to be inserted
+        self._written: set[bytes] = set()         # their ids
         self._refs: Counter[bytes] = Counter()    # chunk references from new segments, not yet applied
         self._stored: dict[bytes, tuple[int, int, bytes]] = {}   # received, not yet handed to the writer
         self._stored_bytes = 0
@@ -170,22 +175,11 @@ class ChunkStore:
 
     def _queue(self, buf: bytes | bytearray | memoryview, ids: list[bytes], spans: list[tuple[int, int]],
                reuse: bytearray | None = None) -> None:
-        with self._db_lock:
-            new = self._unknown_locked(ids)
-            self._inflight.update(new)
-        if not new:
-            if reuse is not None:
-                self._buffers.append(reuse)
-            return
-        if len(new) == len(ids):                # all new and distinct: the usual case for new data
-            todo = list(zip(ids, spans))
-        else:
-            todo = []
-            for cid, span in zip(ids, spans):
-                if cid in new:
-                    new.discard(cid)
-                    todo.append((cid, span))
-        self._submit(self._compress_and_append, buf, todo, reuse)
+        """Hand a batch to the writer, which keeps the blocks the store lacks. Its ids count as stored from
+        here on (missing() and the writer's own lookups see them in flight)."""
+        with self._inflight_lock:
+            self._inflight.update(ids)
+        self._submit(self._compress_and_append, buf, ids, spans, reuse)
 
     def put_stored(self, cid: bytes, z: int, data: bytes) -> None:
         """Store a chunk as it came off a stream, after checking that its content matches its id."""
@@ -211,7 +205,7 @@ class ChunkStore:
         self._stored.clear()
         self._stored_bytes = 0
         if todo:
-            with self._db_lock:
+            with self._inflight_lock:
                 self._inflight.update(new)
             self._submit(self._append_stored, todo)
 
@@ -221,16 +215,41 @@ class ChunkStore:
         self._jobs.append(self._writer.submit(fn, *args))
 
     # the writer thread
-    def _compress_and_append(self, buf: bytes | bytearray | memoryview, todo: list[tuple[bytes, tuple[int, int]]],
-                             reuse: bytearray | None = None) -> None:
-        """Compress a batch of blocks (spans of `buf`) with zstd's multi-frame API, one call per level, so
-        the GIL is released once per batch rather than once per block; then append them. `reuse`, the read
-        buffer behind `buf`, goes back to the pool afterwards (the packs hold copies by then)."""
+    def _compress_and_append(self, buf: bytes | bytearray | memoryview, ids: list[bytes],
+                             spans: list[tuple[int, int]], reuse: bytearray | None = None) -> None:
+        """Keep the blocks of a batch (spans of `buf`) that are neither indexed nor written already, each
+        once; compress them with zstd's multi-frame API, one call per level, so the GIL is released once per
+        batch rather than once per block; then append them. `reuse`, the read buffer behind `buf`, goes back
+        to the pool afterwards (the packs hold copies by then)."""
         try:
-            self._compress_and_append_batch(buf, todo)
+            todo = self._new_blocks(ids, spans)
+            if todo:
+                self._compress_and_append_batch(buf, todo)
         finally:
             if reuse is not None:
                 self._buffers.append(reuse)
+
+    def _new_blocks(self, ids: list[bytes], spans: list[tuple[int, int]]) -> list[tuple[bytes, tuple[int, int]]]:
+        """The writer's dedupe of one batch: (id, span) of each block to write, first occurrences only. Ids
+        found indexed leave _inflight (the index answers for them now); those written but not yet inserted
+        stay in it until their rows are."""
+        with self._db_lock:
+            written = self._written
+            todo = {c for c in ids if c not in written}
+            if todo:
+                indexed = {r[0] for r in self.db.execute(_LOOKUP, (b"".join(todo), len(todo)))}
+                if indexed:
+                    todo -= indexed
+                    with self._inflight_lock:
+                        self._inflight.difference_update(indexed)
+        if len(todo) == len(ids):                # all new and distinct: the usual case for new data
+            return list(zip(ids, spans))
+        out = []
+        for cid, span in zip(ids, spans):
+            if cid in todo:
+                todo.discard(cid)
+                out.append((cid, span))
+        return out
 
     def _compress_and_append_batch(self, buf: bytes | bytearray | memoryview,
                                    todo: list[tuple[bytes, tuple[int, int]]]) -> None:
@@ -278,6 +297,7 @@ class ChunkStore:
         rows = [(cid, pack, off, len(data), z, size) for (cid, z, size, data), (pack, off) in zip(records, locs)]
         with self._db_lock:
             self._rows.extend(rows)
+            self._written.update(r[0] for r in rows)
             if len(self._rows) >= _ROW_BATCH:
                 self._insert_rows()
 
@@ -301,8 +321,10 @@ class ChunkStore:
         # In id order: neighbouring keys land on the same B-tree pages (ids are uniformly random).
         self.db.executemany("INSERT INTO chunks(id, pack, off, len, z, size, refs) VALUES (?, ?, ?, ?, ?, ?, ?)",
                             sorted((*r, refs.pop(r[0], 0)) for r in self._rows))
-        self._inflight.difference_update(r[0] for r in self._rows)
+        with self._inflight_lock:
+            self._inflight.difference_update(self._written)
         self._rows = []
+        self._written = set()
 
     def flush(self) -> None:
         """Everything queued in the index (inside the open transaction), with its references; afterwards the
@@ -330,6 +352,7 @@ class ChunkStore:
         """Drop everything since the last commit: the transaction, and the pack bytes written for it."""
         self._drain(raise_errors=False)
         self._rows, self._refs, self._stored, self._stored_bytes = [], Counter(), {}, 0
+        self._written = set()
         self._inflight.clear()
         self.db.rollback()
         self.packs.recover()
@@ -341,7 +364,8 @@ class ChunkStore:
             return self._unknown_locked(ids)
 
     def _unknown_locked(self, ids: Iterable[bytes]) -> set[bytes]:
-        todo = {c for c in ids if c not in self._inflight}
+        with self._inflight_lock:
+            todo = {c for c in ids if c not in self._inflight}
         if not todo:
             return todo
         return todo - {r[0] for r in self.db.execute(_LOOKUP, (b"".join(todo), len(todo)))}
