@@ -151,40 +151,6 @@ class Agent(Actor):
         self.xmpp.add_event_handler("presence_unavailable", self._on_broker_presence)
         self._advertise_features()
 
-    # Seconds between the audit log's flushes, each followed by sending its head to the brokers when it
-    # changed (what records since the last anchor a truncation can take unnoticed; README, audit).
-    audit_anchor_interval = 30.0
-
-    async def _flush_audit(self, audit: AuditLog) -> None:
-        # Denials held back by the per-sender rate limit are written as one summary now and then, and
-        # the head is anchored at the brokers (broker/anchors.py) so the log cannot be cut unnoticed.
-        while True:
-            await asyncio.sleep(self.audit_anchor_interval)
-            try:
-                audit.flush()
-                await self._anchor_audit()
-            except Exception:  # a disk or broker fault this time: the next round tries again
-                log.exception("flushing or anchoring the audit log failed")
-
-    async def _anchor_audit(self, timeout: float = 5.0) -> None:
-        """Send the audit log's head (sequence, keyed hash) to each broker that has seen this agent
-        and does not have it yet; one that fails is tried again next time."""
-        if self.audit is None or not self.broker:
-            return
-        seq, digest = await self.audit.current_head()
-        brokers = [b for b in sorted(self._brokers) if self._anchored.get(b) != seq]
-        if not seq or not brokers:
-            return
-        results = await asyncio.gather(*(self.request(b, ANCHOR_OP, {"seq": seq, "hash": digest}, timeout=timeout)
-                                         for b in brokers), return_exceptions=True)
-        for broker, res in zip(brokers, results):
-            if not isinstance(res, BaseException) and res.outcome is Outcome.OK:
-                self._anchored[broker] = seq
-            else:
-                log.warning("could not anchor the audit log's head (record %d) at %s: %s; trying again in %gs",
-                            seq, broker, res if isinstance(res, BaseException) else f"{res.outcome.value}: {res.error}",
-                            self.audit_anchor_interval)
-
     async def stop(self) -> None:
         if self._audit_flusher is not None:
             self._audit_flusher.cancel()
@@ -200,6 +166,8 @@ class Agent(Actor):
         await self._terms.aclose()
         if self.audit is not None:
             await self.audit.aclose()
+
+    # -- the ops every agent serves ------------------------------------------------------------
 
     fenced_install = fenced.install_op()
 
@@ -224,32 +192,6 @@ class Agent(Actor):
             await self.jobs.wait(job, max(0.0, min(wait, left)))
             found = await self.jobs.get(job) or found
         return found.describe()
-
-    # -- the rules authorization walks (``self.rules``) -----------------------------------------
-
-    def sent_by_broker(self, request: Request, spec: OpSpec) -> Decision | None:
-        """An op only the broker sends (``sender="broker"``) is its broker's alone."""
-        return broker_only(request, spec, self.broker)
-
-    def not_while_fenced(self, request: Request, spec: OpSpec) -> Decision | None:
-        """A fenced node's identities run no op that changes state (see fenced.py)."""
-        return self.fenced.check(request.caller, spec)
-
-    def asks_about_a_job(self, request: Request, spec: OpSpec) -> Decision | None:
-        """Anyone may ask about a job: ``job.status`` itself tells only the job's caller, or whom the
-        policy allows to run it."""
-        if spec.name == JOB_STATUS_OP:
-            return Decision(True, "anyone may ask about a job; it is shown to its caller or to whom the policy"
-                                  " allows")
-        return None
-
-    def by_policy(self, request: Request, spec: OpSpec) -> Decision:
-        """The mesh's policy (or its admins, without one) decides."""
-        return self.authorizer.decide(request.caller, spec, request.resources)
-
-    def authorize(self, request: Request, spec: OpSpec) -> Decision:
-        """Walk this agent's rules for ``request`` (any failure denies)."""
-        return authorize(self.rules, request, spec)
 
     def describe(self) -> dict[str, Any]:
         return {"name": self.name, "jid": str(self.jid), "kind": self.kind, "version": __version__,
@@ -290,6 +232,8 @@ class Agent(Actor):
 
     def _stamp_presence(self, pres: Presence) -> None:
         """Anything else every presence of this actor carries (the broker's: its session, 4.5)."""
+
+    # -- discover: the broker and this agent find each other -----------------------------------
 
     def _start_announcing(self) -> None:
         if self.broker and (self._announcer is None or self._announcer.done()):
@@ -341,7 +285,7 @@ class Agent(Actor):
             self._broker_sessions[broker] = session
             self.presence(broker)
 
-    # -- receive, deduplicate, validate, authorize, execute ------------------------------------
+    # -- receive, deduplicate, validate --------------------------------------------------------
 
     def _on_op(self, iq: Iq) -> None:
         # Refused unread: no decode, no audit record, no request-log entry; the answer is all it costs.
@@ -470,16 +414,6 @@ class Agent(Actor):
             timeout = min(timeout, left)
         return spec, Call(self, caller, rid, resources, asyncio.get_running_loop().time() + timeout, via), args
 
-    def _audit_refusal(self, iq: Iq, sender: str, rid: str, error: OpError) -> None:
-        """Audit a request refused before any decision (rate-limited per sender like denials): a forged
-        ``for``, a payload that does not decode, an unknown op, bad arguments."""
-        req = iq["vertebra_op"]
-        audit_log.info("refused rid=%s sender=%s op=%.200s for=%.200s condition=%s", rid, sender, req["name"],
-                       req["for"], error.condition)
-        if self.audit is not None:
-            self.audit.refused(rid=rid, caller=sender, op=req["name"] or "", condition=error.condition,
-                               reason=error.text, behalf=req["for"] or "")
-
     async def _check_term(self, sender: str, term: str) -> None:
         """Refuse a step stamped with an older leader's term than the newest this sender has sent; a
         newer term is on disk before the step runs."""
@@ -529,6 +463,34 @@ class Agent(Actor):
                                f" {' '.join(self.resources) or 'no resources'}")
         return narrowed + named or list(self.resources)
 
+    # -- authorize: the rules walked for every request (``self.rules``) ------------------------
+
+    def sent_by_broker(self, request: Request, spec: OpSpec) -> Decision | None:
+        """An op only the broker sends (``sender="broker"``) is its broker's alone."""
+        return broker_only(request, spec, self.broker)
+
+    def not_while_fenced(self, request: Request, spec: OpSpec) -> Decision | None:
+        """A fenced node's identities run no op that changes state (see fenced.py)."""
+        return self.fenced.check(request.caller, spec)
+
+    def asks_about_a_job(self, request: Request, spec: OpSpec) -> Decision | None:
+        """Anyone may ask about a job: ``job.status`` itself tells only the job's caller, or whom the
+        policy allows to run it."""
+        if spec.name == JOB_STATUS_OP:
+            return Decision(True, "anyone may ask about a job; it is shown to its caller or to whom the policy"
+                                  " allows")
+        return None
+
+    def by_policy(self, request: Request, spec: OpSpec) -> Decision:
+        """The mesh's policy (or its admins, without one) decides."""
+        return self.authorizer.decide(request.caller, spec, request.resources)
+
+    def authorize(self, request: Request, spec: OpSpec) -> Decision:
+        """Walk this agent's rules for ``request`` (any failure denies)."""
+        return authorize(self.rules, request, spec)
+
+    # -- execute -------------------------------------------------------------------------------
+
     async def _execute(self, spec: OpSpec, call: Call, args: dict[str, Any]) -> str:
         """Run the op within the call's deadline and return its encoded result; every ending is
         audited, and every failure (a result too large to send included) is an OpError."""
@@ -577,12 +539,58 @@ class Agent(Actor):
         Kinds whose work resumes after a restart override this."""
         return None
 
+    # -- audit ---------------------------------------------------------------------------------
+
+    def _audit_refusal(self, iq: Iq, sender: str, rid: str, error: OpError) -> None:
+        """Audit a request refused before any decision (rate-limited per sender like denials): a forged
+        ``for``, a payload that does not decode, an unknown op, bad arguments."""
+        req = iq["vertebra_op"]
+        audit_log.info("refused rid=%s sender=%s op=%.200s for=%.200s condition=%s", rid, sender, req["name"],
+                       req["for"], error.condition)
+        if self.audit is not None:
+            self.audit.refused(rid=rid, caller=sender, op=req["name"] or "", condition=error.condition,
+                               reason=error.text, behalf=req["for"] or "")
+
     def _audit_end(self, rid: str, caller: str, op_name: str, outcome: str, started: float) -> None:
         duration = time.monotonic() - started
         audit_log.info("end rid=%s caller=%s op=%s outcome=%s duration=%.3fs", rid, caller, op_name, outcome,
                        duration)
         if self.audit is not None:
             self.audit.ended(rid=rid, caller=caller, op=op_name, outcome=outcome, duration=duration)
+
+    # Seconds between the audit log's flushes, each followed by sending its head to the brokers when it
+    # changed (what records since the last anchor a truncation can take unnoticed; README, audit).
+    audit_anchor_interval = 30.0
+
+    async def _flush_audit(self, audit: AuditLog) -> None:
+        # Denials held back by the per-sender rate limit are written as one summary now and then, and
+        # the head is anchored at the brokers (broker/anchors.py) so the log cannot be cut unnoticed.
+        while True:
+            await asyncio.sleep(self.audit_anchor_interval)
+            try:
+                audit.flush()
+                await self._anchor_audit()
+            except Exception:  # a disk or broker fault this time: the next round tries again
+                log.exception("flushing or anchoring the audit log failed")
+
+    async def _anchor_audit(self, timeout: float = 5.0) -> None:
+        """Send the audit log's head (sequence, keyed hash) to each broker that has seen this agent
+        and does not have it yet; one that fails is tried again next time."""
+        if self.audit is None or not self.broker:
+            return
+        seq, digest = await self.audit.current_head()
+        brokers = [b for b in sorted(self._brokers) if self._anchored.get(b) != seq]
+        if not seq or not brokers:
+            return
+        results = await asyncio.gather(*(self.request(b, ANCHOR_OP, {"seq": seq, "hash": digest}, timeout=timeout)
+                                         for b in brokers), return_exceptions=True)
+        for broker, res in zip(brokers, results):
+            if not isinstance(res, BaseException) and res.outcome is Outcome.OK:
+                self._anchored[broker] = seq
+            else:
+                log.warning("could not anchor the audit log's head (record %d) at %s: %s; trying again in %gs",
+                            seq, broker, res if isinstance(res, BaseException) else f"{res.outcome.value}: {res.error}",
+                            self.audit_anchor_interval)
 
 
 def _caller_deadline(req: Any, default: float) -> float:
