@@ -316,9 +316,10 @@ class Jobs:
     async def repeated(self, answer: Answer, to: str, rid: str, deadline: float) -> None:
         """``to`` repeated the request of the job ``answer`` names, under ``rid``, and waits until
         ``deadline`` (Unix time). Unless it is the session the job answers already (its own delivery
-        reaches it), it is attached to the job like the first caller: on the job's record before its
-        ``<accepted>`` is sent (call this first), as a job is, so its outcome reaches it after a restart
-        too (``JobStore.attach``); then the outcome is sent to it as well."""
+        reaches it), it is attached to the job like the first caller: on the job's record when this
+        returns, so send its ``<accepted>`` only then (a job is on disk before its own is sent, too) and
+        its outcome reaches it after a restart as well (``JobStore.attach``); then the outcome is sent
+        to it until its own receipt comes."""
         if any(job.job == answer.job and job.reply_to == to for job, _ in self.running.values()):
             return
         try:
