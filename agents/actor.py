@@ -16,18 +16,16 @@ import dataclasses
 import logging
 import random
 import ssl
-import time
-import uuid
 from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar, cast
 
 import slixmpp
 from slixmpp.exceptions import IqError, IqTimeout
-from slixmpp import Iq, Presence
+from slixmpp import Iq
 
-from . import protocol, xmpp_speedups
-from .errors import UNREACHABLE_CONDITIONS, ConnectError, OpError, Outcome, error_for
+from . import fanout, protocol, xmpp_speedups
+from .errors import ConnectError
 from .report import JobEventFn, ProgressFn, TargetResult
 
 log = logging.getLogger(__name__)
@@ -99,6 +97,20 @@ class _Stream(slixmpp.ClientXMPP):
     def data_received(self, data: bytes | str) -> None:
         self.last_received = self.loop.time()
         super().data_received(data)
+
+    def _spawn_event(self, xml: Any) -> None:
+        # slixmpp's own, but for the answers to this actor's requests: those are taken off the raw
+        # element (and counted for XEP-0198) before any stanza object is built of them (agents/fanout.py).
+        vertebra = cast(Any, self.plugin)["vertebra"]
+        xml = vertebra.incoming(xml)
+        if vertebra.take_reply(xml):
+            return
+        try:
+            stanza = self._build_stanza(xml)
+        except Exception as exc:
+            log.exception("Unable to parse stanza: %s,\n%s", exc, xml)
+            return
+        self.recv_stanza(stanza)
 
 
 @dataclass(frozen=True)
@@ -310,14 +322,15 @@ class Actor:
         fut = self.vertebra.expect_reply(iq)
         try:
             self.xmpp.send(iq)
-            return await asyncio.wait_for(fut, timeout)
+            return Iq(self.xmpp, xml=await asyncio.wait_for(fut, timeout))
         finally:
             self.vertebra.forget_reply(iq.xml.get("id", ""))
 
     def watch_job(self, agent: str, rid: str) -> asyncio.Queue[Any]:
         """Queue for the progress and outcome messages of request ``rid``, accepted only from ``agent``,
         and for the presences ``agent`` sends meanwhile."""
-        return self.vertebra.watch_job(agent, rid)
+        self.vertebra.watch_job(agent, rid)
+        return self.vertebra.job_queue(agent, rid)
 
     def unwatch_job(self, agent: str, rid: str) -> None:
         self.vertebra.unwatch_job(agent, rid)
@@ -351,109 +364,6 @@ class Actor:
         ``behalf`` names the person this actor acts for (the broker running a workflow step, the chat
         bot relaying an operator); agents honour it only from the delegates they are configured with.
         ``term``: the leading broker instance's fencing token, on the workflow steps it sends."""
-        if not timeout > 0:  # a request sent now would reach its agent already expired, or be run late
-            return TargetResult(target, Outcome.TIMEOUT, error=f"no time was left to send {op}; nothing was sent")
-        loop = asyncio.get_running_loop()
-        end = loop.time() + timeout
-        rid = rid or uuid.uuid4().hex
-        budget_ms = max(1, int((timeout - self.timeouts.reply_margin) * 1000))
-        # The same moment on our wall clock: an agent that gets the request only after it (stopped,
-        # or the request held up on the way) never starts it (docs/protocol.md section 9).
-        attrs = {"name": op, "rid": rid, "timeout": str(budget_ms),
-                 "deadline": str(int(time.time() * 1000) + budget_ms)}
-        if on:
-            attrs["on"] = " ".join(on)
-        if behalf:
-            attrs["for"] = behalf
-        if term is not None:
-            attrs["term"] = str(term)
-        try:
-            text = protocol.encode(args, what=f"the arguments of {op}")
-        except OpError as exc:  # nothing was sent: this target's failure, not the whole call's
-            return TargetResult(target, exc.outcome, error=f"{exc.condition}: {exc.text}")
-        iq = protocol.request(self.xmpp, target, attrs, text)
-        jobs = self.watch_job(target, rid)  # before sending: progress may follow the ack at once
-        try:
-            try:
-                reply = await self.send_iq(iq, max(0.0, end - loop.time()))
-            except TimeoutError:
-                return TargetResult(target, Outcome.TIMEOUT, error=f"no answer within {timeout:g}s")
-            except ConnectionError as exc:
-                # The request may have arrived and run: that is not "unreachable", which would let
-                # scope one try the next target.
-                return TargetResult(target, Outcome.TIMEOUT, error=f"{exc} before an answer came; the op may have run")
-            if reply.xml.get("type") == "error":
-                return _from_error(target, reply)
-            accepted = reply.xml.find(_ACCEPTED)
-            if accepted is None:
-                return _from_outcome(target, reply.xml.find(_OUTCOME))
-            job = accepted.get("job", "")
-            def notice(event: str) -> None:
-                if job_events is not None:
-                    job_events(target, job, event)
-
-            notice("accepted")
-            offline_since: float | None = None  # the agent's session ended while its job ran
-            while True:
-                give_up = end if offline_since is None else min(end, offline_since + self.timeouts.offline_grace)
-                try:
-                    msg = await asyncio.wait_for(jobs.get(), max(0.0, give_up - loop.time()))
-                except TimeoutError:
-                    if offline_since is not None:
-                        return TargetResult(target, Outcome.UNREACHABLE, job=job, error=(
-                            f"the agent went offline while running job {job} and did not come back within"
-                            f" {loop.time() - offline_since:.0f}s; the job may have done part of its work"))
-                    return TargetResult(target, Outcome.TIMEOUT, job=job,
-                                        error=f"accepted as job {job}, but no outcome within {timeout:g}s")
-                if isinstance(msg, Presence):
-                    # Directed to us when the job was accepted: the server sends the unavailable
-                    # presence the moment the agent's session ends (docs/protocol.md 7.2).
-                    if msg["type"] == "unavailable" and offline_since is None:
-                        offline_since = loop.time()
-                        notice("offline")
-                    elif msg["type"] == "available" and offline_since is not None:
-                        offline_since = None
-                        notice("back")
-                    continue
-                outcome = msg.xml.find(_OUTCOME)
-                if outcome is not None:
-                    result = _from_outcome(target, outcome)
-                    result.job = job
-                    return result
-                if progress is not None:
-                    p = msg["vertebra_progress"]
-                    try:
-                        progress(target, int(p["seq"] or 0), protocol.decode(p.xml.text))
-                    except (ValueError, OpError):  # a garbled report is skipped; the outcome still counts
-                        pass
-        finally:
-            self.unwatch_job(target, rid)
-
-
-def _from_error(target: str, reply: Iq) -> TargetResult:
-    err = reply["error"]
-    condition = protocol.app_condition(reply)
-    text = err["text"] or err["condition"]
-    if condition is None and err["condition"] in UNREACHABLE_CONDITIONS:
-        return TargetResult(target, Outcome.UNREACHABLE, error=f"{target} is not connected ({err['condition']})")
-    if condition is None and err["condition"] == "recipient-unavailable":
-        return TargetResult(target, Outcome.TIMEOUT, error=f"{target} went away before answering; the op may"
-                                                           " have run (recipient-unavailable)")
-    if condition is None:
-        return TargetResult(target, Outcome.FAILED, error=f"{err['condition']}: {text}")
-    return TargetResult(target, error_for(condition, text).outcome, error=f"{condition}: {text}")
-
-
-_OUTCOME, _ACCEPTED = f"{{{protocol.NS}}}outcome", f"{{{protocol.NS}}}accepted"
-
-
-def _from_outcome(target: str, outcome: Any) -> TargetResult:
-    """The result an ``<outcome>`` element (of a reply or a job's message; None if absent) stands for."""
-    try:
-        payload = protocol.decode(outcome.text)
-    except Exception as exc:  # an agent's malformed answer is that agent's failure, not ours
-        return TargetResult(target, Outcome.FAILED, error=f"unreadable outcome: {exc}")
-    if outcome.get("status") == "ok":
-        return TargetResult(target, Outcome.OK, result=payload)
-    condition = outcome.get("condition") or "failed"
-    return TargetResult(target, error_for(condition, str(payload)).outcome, error=f"{condition}: {payload}")
+        results = await fanout.request_all(self, (target,), op, args, on=on, timeout=timeout, rid=rid,
+                                           progress=progress, behalf=behalf, term=term, job_events=job_events)
+        return results[0]

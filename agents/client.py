@@ -1,5 +1,6 @@
-"""Calling ops on many agents: discover the targets through the broker, send to each (one
-``Actor.request`` per target), and report for each target exactly one named outcome.
+"""Calling ops on many agents: discover the targets through the broker, send to each (scope all: one
+batch of requests, ``fanout.request_all``; scope one: ``Actor.request`` to one target after another),
+and report for each target exactly one named outcome.
 
 Nothing here waits without a deadline. A call has one budget (``timeout``); discovery gets at most
 ``Timeouts.discover`` of it; the rest is each request's (see ``Actor.request``); a target that has not
@@ -17,6 +18,7 @@ import random
 import uuid
 from typing import Any, Sequence
 
+from . import fanout
 from .actor import Actor, Endpoint, Timeouts
 from .errors import Outcome
 from .report import AnsweredFn, CallReport, JobEventFn, ProgressFn, TargetResult
@@ -111,18 +113,18 @@ class Client(Actor):
         else:
             answers = 0
 
-            async def one(target: str) -> TargetResult:
+            def heard(_result: TargetResult) -> None:
                 nonlocal answers
-                res = await self.request(target, op, args, on=scoped.get(target, on), timeout=end - loop.time(),
-                                         rid=rid, progress=progress, job_events=job_events)
                 answers += 1
                 if answered is not None:
                     answered(answers, len(targets))
-                return res
 
             if answered is not None:
                 answered(0, len(targets))
-            report.results += await asyncio.gather(*(one(t) for t in targets))
+            # One batch for every target (agents/fanout.py): the same request as each would get alone.
+            report.results += await fanout.request_all(
+                self, targets, op, args, on_each=[scoped.get(t, on) for t in targets], timeout=end - loop.time(),
+                rid=rid, progress=progress, job_events=job_events, answered=heard if answered is not None else None)
         return report
 
 

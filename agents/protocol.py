@@ -24,6 +24,7 @@ import msgpack
 from slixmpp import JID, Iq, Message
 from slixmpp.jid import InvalidJID
 from slixmpp.plugins import BasePlugin, register_plugin
+from slixmpp.plugins.xep_0198.stream_management import MAX_SEQ
 from slixmpp.xmlstream import ElementBase, ET, register_stanza_plugin
 
 from .errors import BadPayload, OpError, TooLarge
@@ -173,9 +174,9 @@ def parse_deadline(text: str) -> float | None:
 # made 35 interface reads, 12 writes and 5 Iq set-ups that way: the largest share of Vertebra's own
 # instructions per op (bench/README.md). slixmpp still sends what is built here (XEP-0198 counts it).
 
-def request(xmpp: Any, to: str, attrs: dict[str, str], text: str) -> Iq:
-    """The IQ-set carrying ``<op ATTRS>TEXT</op>`` to ``to``, with a new id."""
-    xml = ET.Element(_IQ, {"type": "set", "id": xmpp.new_id(), "to": to})
+def request(xmpp: Any, to: str, attrs: dict[str, str], text: str, iq_id: str | None = None) -> Iq:
+    """The IQ-set carrying ``<op ATTRS>TEXT</op>`` to ``to``, with id ``iq_id`` (default: a new one)."""
+    xml = ET.Element(_IQ, {"type": "set", "id": iq_id or xmpp.new_id(), "to": to})
     ET.SubElement(xml, _OP, attrs).text = text
     return Iq(xmpp, xml=xml)
 
@@ -276,9 +277,13 @@ class XEP_Vertebra(BasePlugin):
         register_stanza_plugin(Iq, Accepted)
         register_stanza_plugin(Message, Outcome)
         register_stanza_plugin(Message, Progress)
-        self.pending: dict[str, tuple[asyncio.Future[Iq], str]] = {}  # IQ id -> (reply, addressee)
-        # (agent, rid) -> the queue of its progress and outcome messages, and of the agent's presence
-        self.jobs: dict[tuple[str, str], asyncio.Queue[Any]] = {}
+        # IQ id -> (who waits, the index of the addressee in its ``targets``): a call of agents.fanout,
+        # or a _Reply for one IQ of send_iq's
+        self.pending: dict[str, tuple[Any, int]] = {}
+        # (agent, rid) -> the queue of its progress and outcome messages, and of the agent's presence:
+        # a plain _Inbox until a job is accepted (most requests are quick; an asyncio.Queue per target
+        # would cost a call to 50,000 agents more than its list)
+        self.jobs: dict[tuple[str, str], asyncio.Queue[Any] | _Inbox] = {}
         self._watched: dict[str, set[str]] = {}  # agent full JID -> rids watched there
         self.receipts: dict[str, asyncio.Future[bool]] = {}  # outcome message id -> arrived (True) or bounced
         self.features: tuple[str, ...] = ()  # the disco features of the ops served
@@ -322,30 +327,60 @@ class XEP_Vertebra(BasePlugin):
         stand_in.append(type(xml)(_OVER_DEEP))
         return stand_in
 
-    def expect_reply(self, iq: Iq) -> asyncio.Future[Iq]:
-        """The future the reply to ``iq`` will be set on; only its addressee may answer it. The caller
-        removes it with :meth:`forget_reply` whatever happens."""
-        fut: asyncio.Future[Iq] = asyncio.get_running_loop().create_future()
-        self.pending[iq.xml.get("id", "")] = (fut, iq.xml.get("to", ""))
-        return fut
+    def expect_reply(self, iq: Iq) -> asyncio.Future[Any]:
+        """The future the reply to ``iq`` will be set on (its raw element); only its addressee may answer
+        it. The caller removes it with :meth:`forget_reply` whatever happens."""
+        waiter = _Reply(iq.xml.get("to", ""))
+        self.pending[iq.xml.get("id", "")] = (waiter, 0)
+        return waiter.fut
 
     def forget_reply(self, iq_id: str) -> None:
         self.pending.pop(iq_id, None)
 
     def fail_pending(self, error: BaseException | None) -> None:
         """End every request still waiting for its reply: with ``error``, or cancelled when None."""
-        for fut, _to in self.pending.values():
-            if not fut.done():
-                if error is None:
-                    fut.cancel()
-                else:
-                    fut.set_exception(error)
+        for waiter, index in list(self.pending.values()):
+            waiter.failed(index, error)
 
-    def watch_job(self, agent: str, rid: str) -> asyncio.Queue[Any]:
-        """Queue for the progress and outcome messages of request ``rid``, accepted only from ``agent``,
-        and for every presence ``agent`` sends us meanwhile (the agent directs its presence to whoever
-        waits on its jobs, so that the server tells them when its session ends)."""
+    def take_reply(self, xml: Any, count: bool = True) -> bool:
+        """Hand the IQ result or error ``xml`` to the request waiting for it, straight from the element
+        the parser produced (the actor's stream calls this before slixmpp builds a stanza object of
+        it); False when it answers no pending request. ``count``: count it as handled for XEP-0198, as
+        its input filter would have (it never sees a stanza taken here)."""
+        if xml.tag != _IQ:
+            return False
+        iq_id = xml.get("id")
+        entry = self.pending.get(iq_id)
+        if entry is None or xml.get("type") not in ("result", "error") or (len(xml) and xml[-1].tag == _OVER_DEEP):
+            return False
+        if count:
+            sm = self.xmpp.plugin.get("xep_0198", None)
+            if sm is not None and sm.enabled_in:
+                sm.handled = (sm.handled + 1) % MAX_SEQ
+        waiter, index = entry
+        # Only the addressee (or the server bouncing on its behalf, which uses the same address) answers:
+        # the address as sent, or as the server prepared it (case, and the like).
+        if _same_address(xml.get("from", ""), waiter.targets[index]):
+            del self.pending[iq_id]
+            waiter.reply(index, xml)
+        return True
+
+    def watch_job(self, agent: str, rid: str) -> None:
+        """Keep the progress and outcome messages of request ``rid``, accepted only from ``agent``, and
+        every presence ``agent`` sends us meanwhile (the agent directs its presence to whoever waits on
+        its jobs, so that the server tells them when its session ends), until :meth:`job_queue` is asked
+        for them or :meth:`unwatch_job`."""
+        self.jobs[(agent, rid)] = _Inbox()
+        self._watched.setdefault(agent, set()).add(rid)
+
+    def job_queue(self, agent: str, rid: str) -> asyncio.Queue[Any]:
+        """The queue of what :meth:`watch_job` keeps for ``(agent, rid)``, with what arrived so far."""
+        kept = self.jobs.get((agent, rid))
+        if isinstance(kept, asyncio.Queue):
+            return kept
         queue: asyncio.Queue[Any] = asyncio.Queue()
+        for item in kept or ():
+            queue.put_nowait(item)
         self.jobs[(agent, rid)] = queue
         self._watched.setdefault(agent, set()).add(rid)
         return queue
@@ -376,8 +411,7 @@ class XEP_Vertebra(BasePlugin):
             return None
         if xml.tag == _IQ:
             kind = xml.get("type")
-            if kind in ("result", "error") and xml.get("id") in self.pending:
-                self._on_reply(stanza)
+            if kind in ("result", "error") and self.take_reply(xml, count=False):  # a stream of another kind
                 return None
             if kind == "set" and self._serve_op is not None and xml.find(_OP) is not None:
                 self._serve_op(stanza)
@@ -407,13 +441,6 @@ class XEP_Vertebra(BasePlugin):
             fut.set_result(arrived)
         return fut is not None
 
-    def _on_reply(self, iq: Iq) -> None:
-        fut, to = self.pending[iq.xml.get("id", "")]
-        # Only the addressee (or the server bouncing on its behalf, which uses the same address) answers:
-        # the address as sent, or as the server prepared it (case, and the like).
-        if _same_address(iq.xml.get("from", ""), to) and not fut.done():
-            fut.set_result(iq)
-
     def _on_job_message(self, msg: Message) -> None:
         sender = str(msg["from"])
         if msg.xml.find(_RECEIPT_REQUEST) is not None and msg.xml.find(_OUTCOME) is not None \
@@ -430,6 +457,33 @@ class XEP_Vertebra(BasePlugin):
                 if queue is not None:
                     queue.put_nowait(msg)
                 return
+
+
+class _Inbox(list[Any]):
+    """What arrives for a watched request before anyone asks for its queue (a job's acceptance)."""
+
+    put_nowait = list.append
+
+
+class _Reply:
+    """The one reply ``send_iq`` waits for, as ``pending`` holds it."""
+
+    __slots__ = ("fut", "targets")
+
+    def __init__(self, to: str) -> None:
+        self.fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self.targets = (to,)
+
+    def reply(self, _index: int, xml: Any) -> None:
+        if not self.fut.done():
+            self.fut.set_result(xml)
+
+    def failed(self, _index: int, error: BaseException | None) -> None:
+        if not self.fut.done():
+            if error is None:
+                self.fut.cancel()
+            else:
+                self.fut.set_exception(error)
 
 
 register_plugin(XEP_Vertebra)
