@@ -8,7 +8,7 @@ answered when the budget is spent ends as ``timeout``.
 
 A call's targets are what discovery returned (the broker lists only agents its mesh file admits) or
 what ``to`` names, nothing else; each answer is taken only from the target the request was sent to
-(``Actor._on_reply`` and ``watch_job`` key replies and job reports by addressee).
+(``XEP_Vertebra.take_reply`` and ``watch_job`` key replies and job reports by addressee).
 """
 
 from __future__ import annotations

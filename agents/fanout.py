@@ -235,7 +235,7 @@ class Fanout:
             pending = vertebra.pending
             for i, iq_id in enumerate(self.ids):
                 pending.pop(iq_id, None)
-                if i not in self.followed:
+                if self.results[i] is None and i not in self.followed:  # the others are unwatched already
                     vertebra.unwatch_job(self.targets[i], rid)
             for task in self.followed.values():
                 task.cancel()  # only still running when this call was cancelled
@@ -243,10 +243,15 @@ class Fanout:
     def _set(self, i: int, result: TargetResult) -> None:
         if self.results[i] is not None:
             return
+        self.vertebra.unwatch_job(self.targets[i], self.rid)
         self.results[i] = result
         self.left -= 1
         if self.answered is not None:
-            self.answered(result)
+            try:
+                self.answered(result)
+            except Exception as exc:  # the caller's fault ends its call, never the stream it came in on
+                if not self.done.done():
+                    self.done.set_exception(exc)
         if not self.left and not self.done.done():
             self.done.set_result(None)
 
@@ -263,7 +268,6 @@ class Fanout:
                 self._follow(i, accepted.get("job", ""))
                 return
             result = from_outcome(target, xml.find(_OUTCOME))
-        self.vertebra.unwatch_job(target, self.rid)
         self._set(i, result)
 
     def failed(self, i: int, error: BaseException | None) -> None:
@@ -292,14 +296,13 @@ class Fanout:
         self.followed[i] = task
 
         def finished(task: asyncio.Task[TargetResult]) -> None:
-            self.vertebra.unwatch_job(target, self.rid)
-            if task.cancelled():
+            exc = None if task.cancelled() else task.exception()
+            if task.cancelled() or exc is not None:
+                self.vertebra.unwatch_job(target, self.rid)
+                if exc is not None and not self.done.done():  # a callback's fault ends the call, as it always did
+                    self.done.set_exception(exc)
                 return
-            exc = task.exception()
-            if exc is None:
-                self._set(i, task.result())
-            elif not self.done.done():  # a callback's fault ends the call, as it always did
-                self.done.set_exception(exc)
+            self._set(i, task.result())
 
         task.add_done_callback(finished)
 
