@@ -708,8 +708,20 @@ class ScaleBench:
             # that never reached the caller.
             sent = await self.agents_answered() - sent0
             errors.append(f"the agents sent {sent:,} answers, the caller got {counts.get('ok', 0):,}")
+            errors.append(await self.server_received())
         return {"wall": wall, "cpu": cpu, "server": srv, "agents": agents, "ok": counts.get("ok", 0),
                 "counts": ", ".join(f"{k} {v:,}" for k, v in sorted(counts.items())), "errors": "; ".join(errors)}
+
+    async def server_received(self) -> str:
+        """Whether the caller's server acknowledges (XEP-0198) every stanza the caller sent it."""
+        assert self.client is not None
+        sm = self.client.xmpp.plugin["xep_0198"]
+        sm.request_ack()
+        end = time.monotonic() + 10
+        while sm.last_ack != sm.seq and time.monotonic() < end:
+            await asyncio.sleep(0.05)
+        return ("the server acknowledged every stanza the caller sent" if sm.last_ack == sm.seq else
+                f"the server acknowledged stanzas up to {sm.last_ack} of {sm.seq} within 10 s")
 
     async def agents_answered(self) -> int:
         """How many op requests the simulated agents have answered so far, all workers together."""
