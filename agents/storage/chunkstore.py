@@ -456,22 +456,22 @@ class ChunkStore:
         """(exclusive, shared) stored bytes of the chunks a set of segment references reaches: a chunk is
         exclusive when every reference to it comes from segments these references alone hold."""
         with self._db_lock:
-            own_segments = []
-            chunk_counts: Counter[bytes] = Counter()
+            own_ids: list[bytes] = []           # of the segments these references alone hold, with repeats
+            other_ids: list[bytes] = []         # of the segments others hold too
             for sid, n in segment_counts.items():
                 row = self.db.execute("SELECT ids, refs FROM segments WHERE id = ?", (sid,)).fetchone()
-                if row is None:
-                    continue
-                ids = split_ids(row[0])
-                chunk_counts.update(dict.fromkeys(ids, 0))
-                if row[1] <= n:
-                    own_segments.append(sid)
-                    chunk_counts.update(ids)
+                if row is not None:
+                    (own_ids if row[1] <= n else other_ids).extend(split_ids(row[0]))
             # One statement per batch of chunks with the same count of own references, not one lookup per
             # chunk: the per-chunk round trips through the sqlite3 module were most of a snapshot's answer.
+            own_counts = Counter(own_ids)
             by_own: dict[int, list[bytes]] = {}
-            for cid, own in chunk_counts.items():
-                by_own.setdefault(own, []).append(cid)
+            if len(own_counts) == len(own_ids):
+                by_own[1] = list(own_counts)    # each chunk in one own segment: the usual case, no loop
+            else:
+                for cid, own in own_counts.items():
+                    by_own.setdefault(own, []).append(cid)
+            by_own[0] = [cid for cid in dict.fromkeys(other_ids) if cid not in own_counts]
             exclusive = shared = 0
             for own, ids in by_own.items():
                 for i in range(0, len(ids), _SPLIT_BATCH):
