@@ -709,8 +709,24 @@ class ScaleBench:
             sent = await self.agents_answered() - sent0
             errors.append(f"the agents sent {sent:,} answers, the caller got {counts.get('ok', 0):,}")
             errors.append(await self.server_received())
+            errors.append(self.where_unanswered([r.target for r in report.results if r.outcome.value != "ok"]))
         return {"wall": wall, "cpu": cpu, "server": srv, "agents": agents, "ok": counts.get("ok", 0),
                 "counts": ", ".join(f"{k} {v:,}" for k, v in sorted(counts.items())), "errors": "; ".join(errors)}
+
+    def where_unanswered(self, targets: list[str]) -> str:
+        """Which node and which worker process the unanswered targets are logged in to."""
+        users = {t.split("@", 1)[0] for t in targets}
+        caller_port = self.nodes[0].port  # the caller logs in to the first node
+        by_node: dict[str, int] = {}
+        by_worker: dict[str, int] = {}
+        for w in self.workers:
+            lost = len(users.intersection(w.cfg["agents"]))
+            if lost:
+                node = "the caller's node" if w.cfg["port"] == caller_port else f"node :{w.cfg['port']}"
+                by_node[node] = by_node.get(node, 0) + lost
+                by_worker[w.name] = lost
+        return (f"unanswered targets by node: {by_node}; by worker process (of {self.args.per_worker:,}"
+                f" agents each): {by_worker}")
 
     async def server_received(self) -> str:
         """Whether the caller's server acknowledges (XEP-0198) every stanza the caller sent it."""
@@ -803,7 +819,10 @@ class ScaleBench:
                   f" {statistics.median(absent):,.1f} ms; broker RSS {st['rss_kib'] / 1024:,.0f} MiB",
                   flush=True)
 
-            await self.one_call(online, n)  # warm-up: first contact with each agent
+            warm = await self.one_call(online, n)  # warm-up: first contact with each agent
+            if warm["ok"] < n:
+                print(f"  warm-up call to all {n:,}: {warm['wall']:.2f}s, {warm['counts']}; {warm['errors']}",
+                      flush=True)
             runs = []
             for _ in range(3):
                 r = await self.one_call(online, n)
