@@ -421,7 +421,11 @@ class PrivateEjabberd(PrivateNode):
             f"CONTRIB_MODULES_PATH={self.dir / 'modules'}",
             f"CONTRIB_MODULES_CONF_DIR={self.dir / 'modules.d'}",
             "EJABBERD_BYPASS_WARNINGS=true",
-            'ERL_OPTIONS="-env ERL_CRASH_DUMP_BYTES 0"',
+            # +zdbbl: 128 MiB of distribution buffer per node pair before a send counts as busy (Erlang's
+            # default is 1 MiB). ejabberd routes a stanza to a session on another node with
+            # erlang:send(..., [nosuspend]), which drops it when the buffer is busy: a call to 20,000 agents
+            # lost hundreds of requests to the other node's sessions without a trace (bench/README.md).
+            'ERL_OPTIONS="-env ERL_CRASH_DUMP_BYTES 0 +zdbbl 131072"',
         ]
         if _is_ip(self.node_host):
             lines.append(f"INET_DIST_INTERFACE={self.node_host}")
