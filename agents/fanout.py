@@ -15,8 +15,8 @@ What goes on the wire is what slixmpp would have written (docs/protocol.md 3), a
 each request as slixmpp's own send path does: :func:`write_stanzas` does its counting (``seq``, the
 ``unacked_queue`` a resumed stream resends, the ack request every ``window`` stanzas), and the
 answers are counted as handled on the way in. Both stand in for slixmpp code of one release range;
-``ORIGINALS`` records a hash of each function whose behaviour they repeat, and
-``tests/unit/test_fanout.py`` fails when an upgrade changes one. When anything else would see an
+``xmpp_speedups.ORIGINALS`` records a hash of each function whose behaviour they repeat, and
+``tests/unit/test_xmpp_speedups.py`` fails when an upgrade changes one. When anything else would see an
 outgoing stanza (another filter registered, stanzas still queued ahead, no session), the requests
 take slixmpp's own path, one stanza object each, as before.
 """
@@ -35,39 +35,13 @@ from slixmpp.plugins.xep_0198.stream_management import MAX_SEQ
 from . import protocol
 from .errors import UNREACHABLE_CONDITIONS, OpError, Outcome, error_for
 from .report import JobEventFn, ProgressFn, TargetResult
-
-#: SHA-256 of ``inspect.getsource`` of the slixmpp functions whose work this module repeats or whose
-#: hooks it relies on, in the release range of ``xmpp_speedups.SLIXMPP_RANGE``.
-ORIGINALS = {
-    # write_stanzas counts outgoing stanzas as this filter does
-    "slixmpp.plugins.xep_0198.stream_management.XEP_0198._handle_outgoing":
-        "8bb062fc6301c50fd4e95400c13e9618a7ee9be222eac5abcd5d4a1c1051b150",
-    # take_reply counts incoming stanzas as this filter does
-    "slixmpp.plugins.xep_0198.stream_management.XEP_0198._handle_incoming":
-        "0f984a00061958860b96fafbd53c777cfb748dfbf1fab8eb96d9283f871d18c5",
-    # the actor's stream takes replies off the raw element in its own copy of this method
-    "slixmpp.xmlstream.xmlstream.XMLStream._spawn_event":
-        "32ff8007eafb24e31bfe5f59528b6d74d32b6f6d3d99d8685f022c38f19658b4",
-    # what slixmpp's send path does with a stanza object (filters, then tostring and send_raw)
-    "slixmpp.xmlstream.xmlstream.XMLStream.run_filters":
-        "4c60fe00f01f5fb326ccb242d62cef99d14682f3868cfcdeef50a1b4bee658e1",
-    # the one 'out' filter a stream has besides XEP-0198's: it looks at presences only
-    "slixmpp.roster.multi.Roster._save_last_status":
-        "243f2a48c1f7445f331331181ffb25fa843bafb1a4db977aa75c18db9cf7a01c",
-}
+from .xmpp_speedups import escape
 
 # Outgoing filters that never touch an IQ (so a request written without them is written as slixmpp
 # would); any other filter sends the requests through slixmpp's own path.
 _IQ_NEUTRAL_OUT_FILTERS = {"Roster._save_last_status"}
 
 _OUTCOME, _ACCEPTED = f"{{{protocol.NS}}}outcome", f"{{{protocol.NS}}}accepted"
-_XML_ESCAPES = str.maketrans({"&": "&amp;", "<": "&lt;", ">": "&gt;", "'": "&apos;", '"': "&quot;"})
-
-
-def escape(text: str) -> str:
-    """XML escaping of text and attribute values, as slixmpp's ``tostring`` does it."""
-    return text.translate(_XML_ESCAPES)
-
 
 def _filters(xmpp: Any) -> dict[str, list[Any]]:
     filters: dict[str, list[Any]] = xmpp._XMLStream__filters  # slixmpp keeps them private
