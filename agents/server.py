@@ -189,9 +189,8 @@ class PrivateNode:
     def _running_pid(self) -> int | None:
         """The pid of this instance's server as its pidfile names it, or None; removes a pidfile left
         by a dead process (or one that is not this server: the pid was reused)."""
-        try:
-            text = self.pidfile.read_text().strip()
-        except FileNotFoundError:
+        text = self._read_pidfile()
+        if text is None:
             return None
         try:
             pid = int(text)
@@ -201,6 +200,20 @@ class PrivateNode:
             return pid
         self.pidfile.unlink(missing_ok=True)
         return None
+
+    def _read_pidfile(self) -> str | None:
+        """The pidfile's text, or None if there is none. Prosody's mod_posix truncates the file and then
+        writes its pid, so an empty file is read again for a moment before it counts as stale:
+        unlinking it in that window would lose a live server's pidfile."""
+        deadline = time.monotonic() + 0.5
+        while True:
+            try:
+                text = self.pidfile.read_text().strip()
+            except FileNotFoundError:
+                return None
+            if text or time.monotonic() > deadline:
+                return text
+            time.sleep(0.005)
 
     def _is_ours(self, pid: int) -> bool:
         """Whether process ``pid`` is this instance's server."""
@@ -540,9 +553,12 @@ class PrivateServer(PrivateNode):
                     f"last lines of {self.log_path}:\n" + self._log_tail(start_offset)
                 )
             time.sleep(0.02)
-        # mod_posix writes the pidfile during start-up; write it ourselves if it has not yet, so
-        # status() and stop() work from the moment start() returns.
-        if not self.pidfile.is_file():
+        # mod_posix writes the pidfile during start-up, possibly after the port accepts. Wait for it,
+        # so that it does not truncate the file under a status() later; write it ourselves only if it
+        # never comes, so status() and stop() work from the moment start() returns.
+        while self._read_pidfile() != str(proc.pid) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        if self._read_pidfile() != str(proc.pid):
             self._write_private(self.pidfile, f"{proc.pid}\n")
 
     def _kill_failed(self, proc: subprocess.Popen) -> None:
