@@ -212,8 +212,14 @@ class Store:
         return self._thread.submit(fn, self.db, *args)
 
     async def run(self, fn: Callable[..., T], *args: Any) -> T:
-        """``fn(db, *args)`` on the store's thread, awaited: the event loop goes on meanwhile."""
-        return await asyncio.wrap_future(self.submit(fn, *args))
+        """``fn(db, *args)`` on the store's thread, awaited: the event loop goes on meanwhile. A caller
+        cancelled while it waits (a request whose deadline passed, a paused update) does not take the
+        work back: it runs all the same, as a change is either made or refused, never lost because
+        its caller stopped listening. Its error, if any, is still retrieved so nothing is logged as
+        never seen."""
+        done = asyncio.wrap_future(self.submit(fn, *args))
+        done.add_done_callback(lambda f: f.cancelled() or f.exception())
+        return await asyncio.shield(done)
 
     def call(self, fn: Callable[..., T], *args: Any) -> T:
         """``fn(db, *args)`` on the store's thread, waited for here (not from a running event loop)."""

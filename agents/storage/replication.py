@@ -109,18 +109,18 @@ class Replicator:
         stopping = [t for t in (self._loops.pop(action_id, None), self._updates.pop(action_id, None)) if t]
         for task in stopping:
             task.cancel()
-        await self._set(action_id, paused=True, state="paused")
+        await self.state.change_action(action_id, paused=True, state="paused")
         await asyncio.gather(*stopping, return_exceptions=True)
         self.live.pop(action_id, None)
         return self.state.action(action_id)
 
     async def resume(self, action_id: str) -> Action:
-        a = await self._set(action_id, paused=False, state="idle")
+        a = await self.state.change_action(action_id, paused=False, state="idle")
         self._start_loop(action_id)
         return a
 
     async def throttle(self, action_id: str, rate: float | None) -> Action:
-        a = await self._set(action_id, rate=rate)
+        a = await self.state.change_action(action_id, rate=rate)
         self._throttle(a).set_rate(rate)        # a running transfer paces to the new rate at once
         return a
 
@@ -155,13 +155,8 @@ class Replicator:
             task.add_done_callback(lambda _t: listeners.remove(progress))
         return task
 
-    async def _set(self, action_id: str, **changes: Any) -> Action:
-        """Change some fields of an action and commit, to the action as last committed: ops (throttle,
-        pause) change other fields of the same row while an update runs."""
-        return await self.state.change_action(action_id, **changes)
-
     async def _update(self, action_id: str) -> dict[str, Any]:
-        a = await self._set(action_id, state="running", error=None)
+        a = await self.state.change_action(action_id, state="running", error=None)
         try:
             if a.pending is None:
                 seq = a.seq + 1
@@ -169,20 +164,21 @@ class Replicator:
                 await self._report(a, {"phase": "snapshot", "snapshot": snap})
                 # Taken to be sent: the embedded driver need not make a base for clones of it.
                 await asyncio.to_thread(lambda: self.driver.snapshot(a.volume, snap, for_clones=False))
-                a = await self._set(action_id, seq=seq, pending={"snap": snap, "base": None, "decided": False})
+                a = await self.state.change_action(
+                    action_id, seq=seq, pending={"snap": snap, "base": None, "decided": False})
             return await self._transfer(a)
         except asyncio.CancelledError:
             raise           # paused or stopping: the pending update is kept as it is
         except StorageError as exc:
             if exc.code not in _PAUSES:
-                await self._set(action_id, state="error", error=str(exc))
+                await self.state.change_action(action_id, state="error", error=str(exc))
                 raise
             reason = (f"{exc}; the action is paused, as every run would be refused the same way "
                       f"(storage.replication.resume tries again once that has changed)")
-            await self._set(action_id, state="paused", paused=True, error=reason)
+            await self.state.change_action(action_id, state="paused", paused=True, error=reason)
             raise StorageError(reason, code=exc.code) from None
         except Exception as exc:
-            await self._set(action_id, state="error", error=str(exc))
+            await self.state.change_action(action_id, state="error", error=str(exc))
             raise
         finally:
             self.live.pop(action_id, None)
@@ -254,7 +250,7 @@ class Replicator:
         candidates = [s for s in snapshots
                       if s.name.startswith(f"{a.id}-") and s.name != pending["snap"] and s.guid in held]
         a.pending = dict(pending, base=candidates[-1].name if candidates else None, decided=True)
-        await self._set(a.id, pending=a.pending)
+        await self.state.change_action(a.id, pending=a.pending)
         return a.pending["base"]
 
     def _estimate(self, volume: str, snap: str, base: str | None) -> int | None:
@@ -271,8 +267,8 @@ class Replicator:
         last = {"snapshot": snap, "base": pending.get("base"), "stream_bytes": total, "sent_bytes": sent,
                 "resumed_from": resumed or 0, "attempts": attempts, "connections": tries, "seconds": round(seconds, 3),
                 "rate": round(sent / seconds) if seconds > 0 else None}
-        a = await self._set(a.id, last=last, last_snap=snap, last_end=time.time(), pending=None, state="idle",
-                      error=None)
+        a = await self.state.change_action(a.id, last=last, last_snap=snap, last_end=time.time(), pending=None,
+                                           state="idle", error=None)
         # Only the newest common snapshot is needed as the next base; older ones of this action go.
         for old in await asyncio.to_thread(self._own_snapshots, a):
             if old != snap:

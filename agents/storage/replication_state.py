@@ -14,18 +14,16 @@ place, by the store's thread after each commit, so a reader in any thread sees o
 
 from __future__ import annotations
 
-import asyncio
 import copy
 import json
 import sqlite3
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Any, Callable, TypeVar
+from typing import Any
 
 from agents.db import Store, transaction
 from agents.storage.driver import StorageError
 
-T = TypeVar("T")
 
 # Each migration is idempotent: files written before schema versions (user_version 0) already hold
 # the tables of the first, and files at version 1 written before transfers were recorded lack the second.
@@ -103,14 +101,6 @@ class ReplicationState:
     async def aclose(self) -> None:
         await self.store.aclose()
 
-    async def _commit(self, fn: Callable[..., T], *args: Any) -> T:
-        """``fn(db, *args)`` on the store's thread, awaited. A caller cancelled meanwhile (a paused update)
-        does not take its change back: it is committed whole (and read back) all the same, as a change
-        is either made or refused, never half made."""
-        done = asyncio.wrap_future(self.store.submit(fn, *args))
-        done.add_done_callback(lambda f: f.cancelled() or f.exception())    # seen even if nobody waits now
-        return await asyncio.shield(done)
-
     # actions ----------------------------------------------------------------------------------------
     def action(self, action_id: str) -> Action:
         found = self._actions.get(action_id)
@@ -123,16 +113,16 @@ class ReplicationState:
         return [copy.deepcopy(a) for a in sorted(self._actions.values(), key=lambda a: a.created)]
 
     async def add_action(self, a: Action) -> None:
-        await self._commit(self._add_action, copy.deepcopy(a))
+        await self.store.run(self._add_action, copy.deepcopy(a))
 
     async def change_action(self, action_id: str, **changes: Any) -> Action:
         """Change some fields of an action and commit. The change is made on the store's thread to the
         action as last committed, so changes made at once by different ops (a throttle while an update
         runs) each keep the other's."""
-        return copy.deepcopy(await self._commit(self._change_action, action_id, changes))
+        return copy.deepcopy(await self.store.run(self._change_action, action_id, changes))
 
     async def drop_action(self, action_id: str) -> None:
-        await self._commit(self._drop_action, action_id)
+        await self.store.run(self._drop_action, action_id)
 
     def _add_action(self, db: sqlite3.Connection, a: Action) -> None:
         if any(o.package == a.package and o.target == a.target for o in self._actions.values()):
@@ -164,10 +154,10 @@ class ReplicationState:
         return sorted(self._packages.values(), key=lambda p: p.name)
 
     async def add_package(self, p: Package) -> None:
-        await self._commit(self._add_package, p)
+        await self.store.run(self._add_package, p)
 
     async def drop_package(self, name: str) -> None:
-        await self._commit(self._drop_package, name)
+        await self.store.run(self._drop_package, name)
 
     def _add_package(self, db: sqlite3.Connection, p: Package) -> None:
         db.execute("INSERT INTO packages VALUES (?, ?, ?, ?, ?)", (p.name, p.action, p.source, p.source_volume,
@@ -184,10 +174,10 @@ class ReplicationState:
         return dict(self._transfers)
 
     async def add_transfer(self, transfer: str, package: str, snapshot: str, opened: float) -> None:
-        await self._commit(self._add_transfer, transfer, package, snapshot, opened)
+        await self.store.run(self._add_transfer, transfer, package, snapshot, opened)
 
     async def drop_transfer(self, transfer: str) -> None:
-        await self._commit(self._drop_transfer, transfer)
+        await self.store.run(self._drop_transfer, transfer)
 
     def _add_transfer(self, db: sqlite3.Connection, transfer: str, package: str, snapshot: str,
                       opened: float) -> None:

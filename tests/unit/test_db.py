@@ -3,6 +3,7 @@ statements run on the store's own thread, never the event loop's."""
 
 from __future__ import annotations
 
+import asyncio
 import multiprocessing
 import os
 import sqlite3
@@ -100,6 +101,25 @@ async def test_a_store_runs_statements_on_its_own_thread_in_order(tmp_path):
         await store.aclose()
     with pytest.raises(sqlite3.ProgrammingError, match="closed"):
         store.submit(lambda db: None)
+
+
+async def test_a_write_queued_behind_a_slow_one_is_made_even_if_its_caller_is_cancelled(tmp_path):
+    store = Store(tmp_path / "store.sqlite", [V1], name="test")
+    release = threading.Event()
+    try:
+        slow = store.submit(lambda db: release.wait(10))
+        writing = asyncio.ensure_future(store.run(lambda db: db.execute("INSERT INTO items (name) VALUES ('kept')")))
+        await asyncio.sleep(0)                     # the write is queued behind the slow one
+        writing.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await writing
+        release.set()
+        slow.result(10)
+        names = await store.run(lambda db: [r[0] for r in db.execute("SELECT name FROM items")])
+        assert names == ["kept"]
+    finally:
+        release.set()
+        await store.aclose()
 
 
 def _open_and_close(path):
