@@ -60,14 +60,15 @@ class Call:
     resources: list[str]
     deadline: float  # loop time by which the op must end
     via: str = ""  # the delegate (broker, chat bot) that sent it on the caller's behalf, if any
-    _reply_to: str = ""
-    _job: str = ""
+    # Set by the job life cycle (agents/jobs.py) for a long op; empty for a quick one.
+    job: str = ""  # the job's id, named in its progress and outcome messages
+    reply_to: str = ""  # the full JID progress goes to
+    waits_on: Awaitable[Any] | None = None  # a job followed after a restart: the work it still waits on
     _seq: int = field(default=0)
-    _follows: Awaitable[Any] | None = None  # a job followed after a restart: the work it still waits on
 
     async def progress(self, payload: Any) -> None:
         """Report progress to the caller (long ops only; ignored for quick ones)."""
-        if not self._job:
+        if not self.job:
             return
         self._seq += 1
         self.agent.jobs.send_progress(self, self._seq, payload)
@@ -75,7 +76,7 @@ class Call:
     async def follows(self, work: str) -> None:
         """Name, on the job's record, the durable work this long op waits on and that carries on by
         itself after a restart (``Agent.follow_job`` finds it again by this name); ignored for quick ops."""
-        await self.agent.jobs.follows(self._job, work)
+        await self.agent.jobs.follows(self.job, work)
 
 
 MAX_ADDRESSED = 64  # resources one request may address
@@ -332,7 +333,7 @@ class Agent(Actor):
         answer = await asyncio.shield(seen.answer)
         if answer.job and repeat:  # attached to the running job, on its record before this <accepted>
             await self.jobs.repeated(answer, str(iq["from"]), rid,
-                                     _caller_deadline(req, self.ops[req.get("name", "")].deadline))
+                                     protocol.caller_deadline(req, self.ops[req.get("name", "")].deadline))
         self.xmpp.send(self._reply(iq, answer))
 
     def _reply(self, iq: Iq, answer: Answer) -> Iq:
@@ -365,9 +366,9 @@ class Agent(Actor):
             return Answer(error=error)
         if spec.progress:  # a long op: accepted as a job, which reports its outcome later (agents/jobs.py)
             return await self.jobs.accept(spec, call, args, str(iq["from"]), key, fp,
-                                          _caller_deadline(protocol.op_of(iq), spec.deadline))
+                                          protocol.caller_deadline(protocol.op_of(iq), spec.deadline))
         try:  # admitted: its outcome, whatever it is, may be kept durably (idempotency.py)
-            return Answer(payload=await self._execute(spec, call, args), admitted=True)
+            return Answer(payload=await self.execute(spec, call, args), admitted=True)
         except OpError as exc:
             return Answer(error=exc, admitted=not isinstance(exc, Expired))
 
@@ -402,7 +403,7 @@ class Agent(Actor):
             decided.append(spec.name)
         if not decision.allowed:
             raise Denied(decision.reason)
-        timeout = min(spec.deadline, _budget(req.get("timeout", ""), spec.deadline))
+        timeout = min(spec.deadline, protocol.budget(req.get("timeout", ""), spec.deadline))
         if deadline is not None:  # the caller's own end, whatever held the request up on the way
             left = deadline + protocol.CLOCK_SKEW_ALLOWANCE - time.time()
             if left <= 0:
@@ -491,7 +492,7 @@ class Agent(Actor):
 
     # -- execute -------------------------------------------------------------------------------
 
-    async def _execute(self, spec: OpSpec, call: Call, args: dict[str, Any]) -> str:
+    async def execute(self, spec: OpSpec, call: Call, args: dict[str, Any]) -> str:
         """Run the op within the call's deadline and return its encoded result; every ending is
         audited, and every failure (a result too large to send included) is an OpError."""
         started = time.monotonic()
@@ -528,8 +529,8 @@ class Agent(Actor):
     async def perform(self, spec: OpSpec, call: Call, args: dict[str, Any]) -> Any:
         """Run an admitted op's implementation, on the component that serves it or on the agent (or, for
         a job followed after a restart, await the work it waits on)."""
-        if call._follows is not None:
-            return await call._follows
+        if call.waits_on is not None:
+            return await call.waits_on
         return await spec.func(self._parts.get(spec.name, self), call, **args)
 
     def follow_job(self, job: Job, call: Call) -> Awaitable[Any] | None:
@@ -591,19 +592,3 @@ class Agent(Actor):
                 log.warning("could not anchor the audit log's head (record %d) at %s: %s; trying again in %gs",
                             seq, broker, res if isinstance(res, BaseException) else f"{res.outcome.value}: {res.error}",
                             self.audit_anchor_interval)
-
-
-def _caller_deadline(req: Any, default: float) -> float:
-    """When the caller stops waiting, wall clock: the request's ``deadline``, else now plus its
-    ``timeout`` (older senders), else plus the op's ``default``; what a job keeps to know how long to
-    resend its outcome."""
-    return protocol.parse_deadline(req.get("deadline", "")) or time.time() + _budget(req.get("timeout", ""), default)
-
-
-def _budget(text: str, default: float) -> float:
-    """The caller's remaining time in seconds, from the request's ``timeout`` (milliseconds)."""
-    try:
-        value = int(text) / 1000.0
-    except (TypeError, ValueError):
-        return default
-    return value if value > 0 else default

@@ -204,8 +204,8 @@ class Jobs:
         """Accept an admitted long op as a job for ``reply_to`` (the caller's full JID), which waits until
         ``deadline`` (Unix time): on disk first, then run; the answer names the job, or says why it was not
         started. ``key`` and ``fp`` are its request's in the request log."""
-        call._reply_to, call._job = reply_to, uuid.uuid4().hex
-        job = Job(call._job, spec.name, call.caller, key[0], reply_to, call.rid, fp, time.time(), deadline)
+        call.reply_to, call.job = reply_to, uuid.uuid4().hex
+        job = Job(call.job, spec.name, call.caller, key[0], reply_to, call.rid, fp, time.time(), deadline)
         try:  # on disk before it is accepted: after a crash it is reported, never forgotten
             await self.store.accepted(job)
         except sqlite3.Error as exc:
@@ -222,8 +222,8 @@ class Jobs:
 
     def send_progress(self, call: Call, seq: int, payload: Any) -> None:
         """Report the progress of ``call``'s job to its caller, as its ``seq``-th report."""
-        msg = self.agent.xmpp.make_message(mto=call._reply_to)
-        msg["vertebra_progress"]["job"] = call._job
+        msg = self.agent.xmpp.make_message(mto=call.reply_to)
+        msg["vertebra_progress"]["job"] = call.job
         msg["vertebra_progress"]["rid"] = call.rid
         msg["vertebra_progress"]["seq"] = str(seq)
         msg["vertebra_progress"].xml.text = protocol.encode(payload, what="a progress report")
@@ -237,14 +237,14 @@ class Jobs:
     async def _run(self, spec: OpSpec, call: Call, args: dict[str, Any], answer: Answer,
                    key: tuple[str, str], fp: str) -> None:
         try:
-            end = ("ok", "", await self.agent._execute(spec, call, args))
+            end = ("ok", "", await self.agent.execute(spec, call, args))
         except OpError as exc:
             end = (exc.outcome.value, exc.condition, protocol.encode(exc.text[:4000]))
         assert answer.job_end is not None, "a long op's answer carries its job's end"
         answer.job_end.set_result(end)
         if spec.changes_state:
             await self.requests.finish_job(key, fp, end)
-        job, ended = self.running.pop(call._job)
+        job, ended = self.running.pop(call.job)
         try:
             await self.store.ended(job, end)
         except sqlite3.Error:  # the outcome still goes out; only a restart before it arrives would lose it
@@ -276,7 +276,7 @@ class Jobs:
         for job in jobs:
             spec = self.agent.ops.get(job.op)
             call = Call(self.agent, job.caller, job.rid, [], loop.time() + max(0.0, job.deadline - time.time()),
-                        _reply_to=job.reply_to, _job=job.job)
+                        reply_to=job.reply_to, job=job.job)
             work = self.agent.follow_job(job, call) if spec is not None else None
             if work is None:
                 self._interrupt(job)
@@ -288,7 +288,7 @@ class Jobs:
             key = (job.sender, job.rid)
             self.requests.follow(key, job.fingerprint, answer)
             self.running[job.job] = (job, loop.create_future())
-            call._follows = work
+            call.waits_on = work
             self.agent.spawn(self._run(spec, call, {}, answer, key, job.fingerprint))
             self.agent.spawn(self._reattach(answer))
 

@@ -18,6 +18,7 @@ import base64
 import binascii
 import logging
 import re
+import time
 from typing import Any, Callable, Iterable
 
 import msgpack
@@ -166,6 +167,22 @@ def parse_deadline(text: str) -> float | None:
         raise BadPayload(f"'deadline' must be the sender's wall-clock time in milliseconds since 1970 as a"
                          f" positive decimal integer, got {text[:40]!r}")
     return int(text) / 1000.0
+
+
+def caller_deadline(req: Any, default: float) -> float:
+    """When the caller stops waiting, wall clock: the request's ``deadline``, else now plus its
+    ``timeout`` (older senders), else plus the op's ``default``; what a job keeps to know how long to
+    resend its outcome."""
+    return parse_deadline(req.get("deadline", "")) or time.time() + budget(req.get("timeout", ""), default)
+
+
+def budget(text: str, default: float) -> float:
+    """The caller's remaining time in seconds, from the request's ``timeout`` (milliseconds)."""
+    try:
+        value = int(text) / 1000.0
+    except (TypeError, ValueError):
+        return default
+    return value if value > 0 else default
 
 
 # The stanzas of an op's round trip are built and read as elements, not through slixmpp's stanza

@@ -136,10 +136,10 @@ class VolumeLocations:
             log.info("brokers not told of volume change %d within %ss; the report goes on in the background",
                      version, CHANGE_WAIT)
 
-    async def _execute(self, spec: OpSpec, call: Call, args: dict[str, Any]) -> str:
+    async def execute(self, spec: OpSpec, call: Call, args: dict[str, Any]) -> str:
         ok = False
         try:
-            result = await super()._execute(spec, call, args)  # type: ignore[misc]
+            result = await super().execute(spec, call, args)  # type: ignore[misc]
             ok = True
             return result
         finally:
