@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import socket
 import subprocess
 import sys
 import time
@@ -107,9 +108,18 @@ def test_storage_replicate_takes_the_targets_short_name_as_call_to_does(mesh_hom
 def test_a_stopped_server_is_said_at_once_not_after_the_login_timeout(mesh_home):
     home = mesh_home(AGENTS)
     cfg = yaml.safe_load((home / "mesh.yaml").read_text())
-    cfg["server"]["port"] = free_port()  # nothing listens there: the connection is refused
+    # A port held bound but never listening: connecting is refused, and no server started meanwhile by
+    # a test running beside this one (the two engines' suites run at once in CI) can take it.
+    held = socket.socket()
+    held.bind((cfg["server"]["host"], 0))
+    cfg["server"]["port"] = held.getsockname()[1]
     cfg["server"].pop("nodes", None)  # on the ejabberd cluster, no other node to fall back on either
     (home / "mesh.yaml").write_text(yaml.safe_dump(cfg))
+    with held:
+        _refused_at_once(home, cfg)
+
+
+def _refused_at_once(home, cfg) -> None:
     for command in (["agents"], ["call", "storage.info"], ["help"]):
         out = vertebra(home, *command)
         assert out.returncode == 5, out.stdout + out.stderr
