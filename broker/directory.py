@@ -209,6 +209,12 @@ class Directory:
     def entries(self) -> list[Entry]:
         return [self._agents[jid] for jid in self._order]
 
+    def offers(self, jid: str, op: str) -> bool:
+        """Whether the agent listed under the full JID ``jid`` offers ``op``: a look-up, for what runs
+        at every agent's listing (a scan of the entries there costs a login storm O(agents²))."""
+        entry = self._agents.get(jid)
+        return entry is not None and op in entry.caps.ops
+
     def lists(self, bare: str) -> bool:
         """Whether an agent of the account ``bare`` (a bare JID) is listed now."""
         return self._accounts.get(bare.lower(), 0) > 0

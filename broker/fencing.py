@@ -438,7 +438,7 @@ class Fencing:
         (after a broker restart, every agent joins again)."""
         if self._fencing_agent(jid):
             self.broker.spawn(self._reconcile_quietly(jid))
-        if jid in self._takers():
+        if self.broker.directory.offers(jid, INSTALL_OP):
             self.broker.spawn(self.push_fenced([jid]))
 
     async def _reconcile_quietly(self, jid: str) -> None:
