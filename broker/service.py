@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Annotated, Any, Iterable, Mapping
 
 from slixmpp import Presence
-from slixmpp.xmlstream import ET
+from slixmpp.xmlstream import ET, tostring
 from slixmpp.exceptions import IqError, IqTimeout
 
 from agents import caps as entity_caps
@@ -42,9 +42,10 @@ from agents.config import StateConfig
 from agents.authz import Decision, Request
 from agents.ops import OP_FEATURE_PREFIX, Arg, Field, OpSpec, Result, op
 from agents.resources import check as check_resource, BadResource
-from agents import protocol
+from agents import fanout, protocol
 from agents.errors import BadArguments, TooLarge
 from agents.kinds import distribution_kinds
+from agents.xmpp_speedups import escape
 
 from .alerts import Alerts
 from .anchors import Anchors, read_anchors
@@ -80,6 +81,10 @@ _FOUND = Result(Field("jid", "agent"), Field("resources", display="list"))
 # longest JIDs with a few resources each still fit one payload (docs/protocol.md 3.2).
 DISCOVER_UNPAGED = 1000
 HELLO_AGAIN = 3.0  # seconds after a new session until the second hello to agents not yet listed
+# Presences written in one transport write, between which the broker reads what came in: a hello to
+# 50,000 agents sent at once kept it from reading for tens of seconds (bench/README.md, the storm).
+PRESENCE_BATCH = 1000
+_TO, _ID = "vertebra-presence-to", "vertebra-presence-id"  # placeholders of the presence template
 
 
 class Broker(Agent):
@@ -106,6 +111,7 @@ class Broker(Agent):
         self._admitted_kinds: set[str] = set()
         self._present: set[str] = set()
         self._session = ""  # this session's id, which every presence it sends carries (on_session)
+        self._acks: list[str] = []  # agents newly listed in this turn of the loop: acknowledged in one write
         self._learning: dict[str, asyncio.Future[Capabilities | None]] = {}  # at most LEARNING_LIMIT
         self._querying: dict[str, int] = {}  # bare JID -> disco queries in flight for it
         self._query_budget = RateLimit(burst=QUERY_BURST, rate=QUERY_RATE, max_senders=BAD_CAPS_CACHE)
@@ -116,6 +122,7 @@ class Broker(Agent):
         self._known: KnownAgentsState = shared_state.known_agents(self)  # SQLite in shared_dir, or etcd
         self.xmpp.del_event_handler("presence_available", self._on_broker_presence)
         self.xmpp.del_event_handler("presence_unavailable", self._on_broker_presence)
+        # A plain function: an announcement whose caps are known is filed at once, without a task of its own.
         self.xmpp.add_event_handler("presence_available", self._on_available)
         self.xmpp.add_event_handler("presence_unavailable", self._on_unavailable)
         # The components, each serving the ops it declares (Broker.components) with what it is given.
@@ -175,6 +182,7 @@ class Broker(Agent):
         # A new session (not a resumed one): the server has forgotten our directed presences.
         self.directory.clear()
         self._present.clear()
+        self._acks.clear()
         # Every presence of this session says which session it is (``_stamp_presence``), so an agent
         # that answered the one before answers this one's hello, whatever the server told it between.
         self._session = uuid.uuid4().hex
@@ -195,10 +203,45 @@ class Broker(Agent):
         answers with its own, which lists it here."""
         if not self.online and unlisted_only:
             return  # stopped or lost in the meantime: the next session says hello again anyway
-        listed = {e.jid.split("/")[0].lower() for e in self.directory.entries()} if unlisted_only else set()
-        for bare in await self._known.all():
-            if bare.lower() in self.roster and bare.lower() not in listed:
-                self.presence(bare)
+        known = await self._known.all()
+        await self._send_presences([bare for bare in known if bare.lower() in self.roster
+                                    and not (unlisted_only and self.directory.lists(bare))])
+
+    async def _send_presences(self, jids: list[str]) -> None:
+        """This session's presence to each of ``jids``, PRESENCE_BATCH to a write, the loop reading what
+        came in between."""
+        for start in range(0, len(jids), PRESENCE_BATCH):
+            if start:
+                await asyncio.sleep(0)
+            self._write_presences(jids[start:start + PRESENCE_BATCH])
+
+    def _write_presences(self, jids: list[str]) -> None:
+        """This session's presence to each of ``jids`` in one write, as slixmpp would write each (agents.fanout
+        counts them for XEP-0198), or through slixmpp one by one when that cannot be done now."""
+        if not jids:
+            return
+        pres = self.xmpp.make_presence(pto=_TO)
+        pres["id"] = _ID
+        if self._caps_ver:
+            entity_caps.stamp(pres, self._caps_ver)
+        self._stamp_presence(pres)
+        head, rest = tostring(pres.xml, xmlns=self.xmpp.default_ns, stream=self.xmpp, top_level=True).split(_TO)
+        middle, tail = rest.split(_ID)  # slixmpp writes ``to`` before ``id``
+        prefix = uuid.uuid4().hex
+        texts = [f"{head}{escape(jid)}{middle}{prefix}.{i}{tail}" for i, jid in enumerate(jids)]
+        if not fanout.write_stanzas(self.xmpp, texts):
+            for jid in jids:
+                self.presence(jid)
+
+    def _acknowledge(self, jid: str) -> None:
+        """Our presence back to a newly listed agent, written with the others of this turn of the loop."""
+        self._acks.append(jid)
+        if len(self._acks) == 1:
+            asyncio.get_running_loop().call_soon(self._flush_acks)
+
+    def _flush_acks(self) -> None:
+        jids, self._acks = self._acks, []
+        self._write_presences(jids)
 
     def admit(self, bare_jid: str, kind: str, resources: Iterable[str],
               settings: Mapping[str, Any] | None = None) -> Admission:
@@ -261,7 +304,7 @@ class Broker(Agent):
 
     # -- presence and caps -------------------------------------------------------------------
 
-    async def _on_available(self, pres: Presence) -> None:
+    def _on_available(self, pres: Presence) -> None:
         jid = str(pres["from"])
         ver = pres["caps"]["ver"]
         if pres["from"].bare == self.jid.bare:
@@ -283,9 +326,21 @@ class Broker(Agent):
                                     " characters)")
             return
         self._present.add(jid)
-        caps = self.directory.caps.get(ver) or await self._learn(jid, bare, node, ver, pres["caps"]["hash"])
-        if caps is None or jid not in self._present:
-            return
+        caps = self.directory.caps.get(ver)
+        if caps is not None:
+            self._file(jid, bare, admission, caps)
+        else:
+            self.spawn(self._learn_and_file(jid, bare, admission, node, ver, pres["caps"]["hash"]),
+                       name=f"learning the caps of {jid}")
+
+    async def _learn_and_file(self, jid: str, bare: str, admission: Admission, node: str, ver: str,
+                              hash_name: str) -> None:
+        caps = await self._learn(jid, bare, node, ver, hash_name)
+        if caps is not None and jid in self._present:  # still there once its caps are known
+            self._file(jid, bare, admission, caps)
+
+    def _file(self, jid: str, bare: str, admission: Admission, caps: Capabilities) -> None:
+        """List an agent whose advertisement ``caps`` stands for, if its admission allows."""
         refusal = admission.refusal(caps, self.known_kinds)
         if refusal is not None:
             if self.directory.remove(jid):
@@ -295,10 +350,10 @@ class Broker(Agent):
         if self.directory.add(jid, caps):
             # Our presence back acknowledges the agent (it stops repeating its own) and makes the
             # server tell the agent when this broker goes.
-            self.presence(jid)
+            self._acknowledge(jid)
             self.on_join(jid)
         self._refused.pop(bare)
-        self._known.add(pres["from"].bare)
+        self._known.add(jid.split("/", 1)[0])
 
     def _refuse(self, jid: str, bare: str, why: str) -> None:
         """Log a refused advertisement: at WARNING the first time (and when the reason changes or
