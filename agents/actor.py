@@ -166,6 +166,7 @@ class Actor:
         self._refused_servers: set[tuple[str, int]] | None = None
         self._auth_failed: str | None = None
         self.on_event("session_start", self._on_session_start)
+        self.xmpp.add_event_handler("sm_enabled", self._on_sm_enabled)
         self.on_event("session_resumed", self._on_session_resumed)
         self.on_event("disconnected", self._on_disconnected)
         self.on_event("connection_failed", self._on_connection_failed)
@@ -251,6 +252,15 @@ class Actor:
         self.backoff.reset()
         await self.on_session()
         self._online.set()
+
+    def _on_sm_enabled(self, _event: Any) -> None:
+        # XEP-0198 on a new stream (not a resumed one) counts from zero on the server's side, but
+        # slixmpp (1.8) clears only its queue of unacknowledged stanzas when it enables it again after
+        # a reconnect: its count of stanzas sent and of the server's last ack stayed the old stream's,
+        # so every ack after a reconnect looked inconsistent (logged as an error each time) and dropped
+        # stanzas from that queue not yet acknowledged. What it sent since the <enable/> is that queue.
+        sm = cast(Any, self.xmpp.plugin["xep_0198"])
+        sm.seq, sm.last_ack = len(sm.unacked_queue), 0
 
     def _on_session_resumed(self, _event: Any) -> None:
         # Back in business: the next drop starts again from the shortest wait, instead of each drop

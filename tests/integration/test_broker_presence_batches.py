@@ -1,0 +1,75 @@
+"""The broker's greetings and acknowledgements, written many presences to a write, on the real server.
+
+A broker greets every agent it knows at each new session and acknowledges each agent it lists; at
+50,000 agents these went out one slixmpp stanza object at a time through a send queue that does not
+yield, and the broker read nothing for tens of seconds. They are now written as text, a batch of
+``PRESENCE_BATCH`` to a transport write, each counted for XEP-0198 (agents.fanout.write_stanzas).
+The batch is made small here so that a handful of agents spans several writes.
+
+The server's XEP-0198 count of what the broker sent must equal the broker's own, also after a
+reconnect that started a new stream: slixmpp kept the old stream's count there (``Actor._on_sm_enabled``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+
+import broker.service as service
+from conftest import until
+from sample_agent import SampleAgent
+
+
+async def test_greetings_and_acknowledgements_written_in_batches_list_every_agent_again(mesh, tmp_path,
+                                                                                    monkeypatch):
+    monkeypatch.setattr(service, "PRESENCE_BATCH", 3)
+    # For each batch: how many presences, whether written in one write, whether a greeting (addressed
+    # to bare JIDs; an acknowledgement goes to the agent's full JID).
+    writes: list[tuple[int, bool, bool]] = []
+    write_stanzas = service.fanout.write_stanzas
+
+    def counted(xmpp, stanzas):
+        written = write_stanzas(xmpp, stanzas)
+        greeting = all("/" not in re.search(r' to="([^"]*)"', text).group(1) for text in stanzas)
+        writes.append((len(stanzas), written, greeting))
+        return written
+
+    monkeypatch.setattr(service.fanout, "write_stanzas", counted)
+    broker = await mesh.broker(state_dir=tmp_path / "broker")  # where it records the agents it greets
+    agents = await asyncio.gather(*(mesh.agent(SampleAgent, broker, [f"/host/b{i}"]) for i in range(8)))
+    await until(lambda: len(broker.directory) == 8, what="eight agents listed")
+    jid = str(broker.jid)
+    # Every agent got the broker's acknowledgement, of this session: it stopped announcing.
+    await until(lambda: all(a._broker_sessions.get(jid) == broker._session for a in agents),
+                what="every agent acknowledged by the broker's session")
+    await until(lambda: all(a._announcer is None or a._announcer.done() for a in agents),
+                what="every agent done announcing")
+    assert any(written and not greeting for _n, written, greeting in writes), \
+        f"no acknowledgement written as text: {writes}"
+
+    async def server_counted_everything() -> None:
+        # The server's count of what the broker sent equals the broker's own (XEP-0198): a presence
+        # written as text and not counted would leave the server ahead ("inconsistent sequence numbers").
+        sm = broker.xmpp.plugin["xep_0198"]
+        sm.request_ack()
+        await until(lambda: sm.last_ack == sm.seq, what=f"the server's ack {sm.last_ack} to reach {sm.seq}")
+
+    await server_counted_everything()
+
+    # A new session (as after a missed keepalive): the greeting goes to all eight in writes of at most
+    # three, and every agent answers it and is listed and acknowledged again.
+    writes.clear()
+    sessions: list[str] = []
+    broker.on_event("session_start", lambda _e: sessions.append("new"))
+    old_session = broker._session
+    broker.xmpp.reconnect(0.0, "Ping timeout after 10s")
+    await until(lambda: sessions, timeout=20, what="the broker's new session")
+    await until(lambda: len(broker.directory) == 8, timeout=20, what="every agent listed again")
+    assert sorted(e.jid for e in broker.directory.entries()) == sorted(str(a.jid) for a in agents)
+    assert broker._session != old_session
+    await until(lambda: all(a._broker_sessions.get(jid) == broker._session for a in agents),
+                what="every agent answering the new session")
+    greetings = [n for n, written, greeting in writes if written and greeting]
+    assert len(greetings) >= 3 and max(greetings) <= 3, f"not a greeting in writes of three: {writes}"
+    assert sum(greetings) >= 8, f"the greeting did not reach all eight: {writes}"
+    await server_counted_everything()
