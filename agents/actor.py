@@ -316,6 +316,9 @@ class Actor:
                     log.info("%s: the keepalive ping was not answered within %gs, but the server kept sending;"
                              " the connection is kept", self.xmpp.boundjid, ping.timeout)
                 elif self._online.is_set():
+                    # Said at WARNING: a new session costs a broker its directory (it greets every agent again).
+                    log.warning("%s: the keepalive ping was not answered within %gs and nothing arrived meanwhile;"
+                                " reconnecting", self.xmpp.boundjid, ping.timeout)
                     self.xmpp.reconnect(0.0, f"Ping timeout after {ping.timeout:g}s")
             except IqError:
                 pass  # an answer, if an error: the server is there

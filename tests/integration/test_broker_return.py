@@ -112,4 +112,5 @@ async def test_a_busy_actor_keeps_its_session_while_anything_arrives_and_reconne
     # A connection that delivers nothing at all (not even the late answer): given up, as before.
     busy.xmpp.transport.pause_reading()
     await until(lambda: "lost" in sessions, timeout=30, what="a reconnection once nothing arrives")
+    assert any(r.levelno == logging.WARNING and "nothing arrived meanwhile" in r.getMessage() for r in caplog.records)
     await until(lambda: busy.online, timeout=30, what="the busy actor back")
