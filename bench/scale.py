@@ -384,7 +384,9 @@ class SimPool:
 
     def status(self) -> dict[str, Any]:
         return {"online": sum(a.online for a in self.agents), "agents": len(self.agents),
-                "failures": self.failures, "last_failure": self.last_failure, "answered": self.answered}
+                "failures": self.failures, "last_failure": self.last_failure, "answered": self.answered,
+                # online and holding a broker session they answered or were acknowledged by (4.4)
+                "seen": sum(a.online and bool(a.brokers) for a in self.agents)}
 
 
 async def pool_main() -> None:
@@ -452,6 +454,15 @@ async def run_broker(cfg: dict[str, Any], emit: Any, commands: asyncio.Queue) ->
     logging.getLogger("slixmpp.plugins.xep_0199.ping").setLevel(logging.DEBUG)  # a keepalive that timed out
     await broker.start(timeout=60)
     profile: cProfile.Profile | None = None
+    stall = [0.0]  # the longest the broker's loop went without running a timer, since the last status
+
+    async def watch_stalls() -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            before = loop.time()
+            await asyncio.sleep(0.1)
+            stall[0] = max(stall[0], loop.time() - before - 0.1)
+    watching = asyncio.get_running_loop().create_task(watch_stalls())
     try:
         emit(event="ready", jid=str(broker.jid), pid=os.getpid(), rss_kib=rt.rss_kib())
         while True:
@@ -460,7 +471,8 @@ async def run_broker(cfg: dict[str, Any], emit: Any, commands: asyncio.Queue) ->
                 return
             if cmd == "status":
                 emit(event="status", listed=len(broker.directory), sessions=CountingBroker.sessions,
-                     rss_kib=rt.rss_kib())
+                     rss_kib=rt.rss_kib(), stall=stall[0])
+                stall[0] = 0.0
             elif cmd == "profile":
                 profile = cProfile.Profile()
                 profile.enable()
@@ -472,6 +484,7 @@ async def run_broker(cfg: dict[str, Any], emit: Any, commands: asyncio.Queue) ->
                 profile = None
                 emit(event="profiled")
     finally:
+        watching.cancel()
         with contextlib.suppress(Exception):
             await asyncio.wait_for(broker.stop(), 10)
 
@@ -656,9 +669,11 @@ class ScaleBench:
                 raise RuntimeError(f"the broker lists {st['listed']:,} of {n:,} agents after {timeout:g}s")
             if time.monotonic() - last > 15:
                 last = time.monotonic()
-                online = sum([(await w.ask("status"))["online"] for w in self.workers])
-                print(f"    {time.monotonic() - t:5.0f}s: {online:,} agents online, broker lists {st['listed']:,}",
-                      flush=True)
+                pools = [await w.ask("status") for w in self.workers]
+                online, seen = sum(p["online"] for p in pools), sum(p["seen"] for p in pools)
+                print(f"    {time.monotonic() - t:5.0f}s: {online:,} agents online ({seen:,} answered by a broker),"
+                      f" broker lists {st['listed']:,} (session {st['sessions']}, loop stalled up to"
+                      f" {st['stall']:.1f}s)", flush=True)
             await asyncio.sleep(0.5)
 
     async def spawn(self, users: list[str]) -> list[str]:
