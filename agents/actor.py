@@ -30,6 +30,7 @@ from .report import JobEventFn, ProgressFn, TargetResult
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+_PRESENCE = "{jabber:client}presence"
 
 
 xmpp_speedups.install()  # SCRAM and XML escaping in C (see that module)
@@ -90,6 +91,9 @@ class _Stream(slixmpp.ClientXMPP):
     objects (the Vertebra plugin's ``incoming``, through the hook slixmpp leaves for this)."""
 
     last_received = 0.0  # loop time of the last data read from the server (the keepalive's proof of life)
+    # Takes a presence off the raw element and returns True, having counted it for XEP-0198, or
+    # returns False to leave it to slixmpp: the broker's, for the presences of thousands of agents.
+    take_presence: Callable[[Any], bool] | None = None
 
     def incoming_filter(self, xml: Any) -> Any:
         return cast(Any, self.plugin)["vertebra"].incoming(xml)  # slixmpp's type names its own plugins only
@@ -103,7 +107,8 @@ class _Stream(slixmpp.ClientXMPP):
         # element (and counted for XEP-0198) before any stanza object is built of them (agents/fanout.py).
         vertebra = cast(Any, self.plugin)["vertebra"]
         xml = vertebra.incoming(xml)
-        if vertebra.take_reply(xml):
+        if vertebra.take_reply(xml) or (self.take_presence is not None and xml.tag == _PRESENCE
+                                        and self.take_presence(xml)):
             return
         try:
             stanza = self._build_stanza(xml)

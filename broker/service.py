@@ -32,7 +32,8 @@ import uuid
 from pathlib import Path
 from typing import Annotated, Any, Iterable, Mapping
 
-from slixmpp import Presence
+from slixmpp import JID, Presence
+from slixmpp.plugins.xep_0198.stream_management import MAX_SEQ
 from slixmpp.xmlstream import ET, tostring
 from slixmpp.exceptions import IqError, IqTimeout
 
@@ -85,6 +86,7 @@ HELLO_AGAIN = 3.0  # seconds after a new session until the second hello to agent
 # 50,000 agents sent at once kept it from reading for tens of seconds (bench/README.md, the storm).
 PRESENCE_BATCH = 1000
 _TO, _ID = "vertebra-presence-to", "vertebra-presence-id"  # placeholders of the presence template
+_CAPS = f"{{{entity_caps.NAMESPACE}}}c"
 
 
 class Broker(Agent):
@@ -125,6 +127,7 @@ class Broker(Agent):
         # A plain function: an announcement whose caps are known is filed at once, without a task of its own.
         self.xmpp.add_event_handler("presence_available", self._on_available)
         self.xmpp.add_event_handler("presence_unavailable", self._on_unavailable)
+        self.xmpp.take_presence = self._take_presence
         # The components, each serving the ops it declares (Broker.components) with what it is given.
         self.workflows = self.serve_part(WorkflowEngine(self))
         # Which instance leads (one per cluster node): the workflow engine runs while this one does.
@@ -304,6 +307,36 @@ class Broker(Agent):
 
     # -- presence and caps -------------------------------------------------------------------
 
+    def _take_presence(self, xml: Any) -> bool:
+        """An admitted agent's presence, read off the element the parser produced and counted for
+        XEP-0198 as slixmpp's input filter would count it: in a login storm the broker reads one or two
+        per agent, and slixmpp's stanza object, roster and handler matching cost ~3 times what filing
+        one does (bench/README.md). False, for slixmpp's own path: anything else (a caps hash to learn,
+        a refusal to log, a sibling broker instance, an agent whose job a workflow watches)."""
+        sender, kind = xml.get("from", ""), xml.get("type")
+        if kind not in (None, "unavailable") or sender in self.vertebra._watched:
+            return False
+        bare, _, resource = sender.partition("/")
+        admission = self.roster.get(bare.lower())
+        if admission is None or not resource or bare.lower() == self.jid.bare.lower():
+            return False
+        jid = str(JID(sender))  # as slixmpp writes it (prepared), the directory's key
+        if kind is None:
+            c = xml.find(_CAPS)
+            caps = self.directory.caps.get(c.get("ver")) if c is not None and c.get("ver") else None
+            if caps is None or len(c.get("node", "")) > MAX_NODE:  # type: ignore[union-attr]
+                return False
+            self._present.add(jid)
+            self._file(jid, jid.split("/", 1)[0].lower(), admission, caps)
+        elif len(xml):  # the server's own says nothing more; a stanza too deep is dropped the slow way
+            return False
+        else:
+            self._gone(jid)
+        sm = self.xmpp.plugin.get("xep_0198", None)
+        if sm is not None and sm.enabled_in:
+            sm.handled = (sm.handled + 1) % MAX_SEQ
+        return True
+
     def _on_available(self, pres: Presence) -> None:
         jid = str(pres["from"])
         ver = pres["caps"]["ver"]
@@ -372,6 +405,9 @@ class Broker(Agent):
         if pres["from"].bare == self.jid.bare and jid != str(self.jid):
             self.leadership.sibling_seen(jid, available=False)
             return
+        self._gone(jid)
+
+    def _gone(self, jid: str) -> None:
         self._present.discard(jid)
         if self.directory.remove(jid):
             log.info("agent %s left the directory", jid)

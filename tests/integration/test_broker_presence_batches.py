@@ -63,13 +63,67 @@ async def test_greetings_and_acknowledgements_written_in_batches_list_every_agen
     broker.on_event("session_start", lambda _e: sessions.append("new"))
     old_session = broker._session
     broker.xmpp.reconnect(0.0, "Ping timeout after 10s")
-    await until(lambda: sessions, timeout=20, what="the broker's new session")
+    await until(lambda: sessions and broker._session != old_session, timeout=20, what="the broker's new session")
     await until(lambda: len(broker.directory) == 8, timeout=20, what="every agent listed again")
     assert sorted(e.jid for e in broker.directory.entries()) == sorted(str(a.jid) for a in agents)
-    assert broker._session != old_session
     await until(lambda: all(a._broker_sessions.get(jid) == broker._session for a in agents),
                 what="every agent answering the new session")
     greetings = [n for n, written, greeting in writes if written and greeting]
     assert len(greetings) >= 3 and max(greetings) <= 3, f"not a greeting in writes of three: {writes}"
     assert sum(greetings) >= 8, f"the greeting did not reach all eight: {writes}"
     await server_counted_everything()
+
+
+async def test_agents_presences_are_filed_off_the_raw_element_and_counted_once(mesh, tmp_path):
+    """An admitted agent's presence whose caps hash is known is filed (or, unavailable, removed)
+    without slixmpp's stanza object (``Broker._take_presence``), and every stanza the broker read is
+    counted for XEP-0198 exactly once, taken that way or not."""
+    broker = await mesh.broker(state_dir=tmp_path / "broker")
+    received: list[int] = [0]  # presences, messages and IQs read since XEP-0198 was enabled
+    spawn_event = broker.xmpp._spawn_event
+
+    def counting(xml):
+        if xml.tag.rpartition("}")[2] in ("presence", "message", "iq"):
+            received[0] += 1
+        spawn_event(xml)
+
+    broker.xmpp._spawn_event = counting
+    taken: list[str] = []
+    take_presence = broker.xmpp.take_presence
+
+    def counted(xml):
+        took = take_presence(xml)
+        if took:
+            taken.append(xml.get("type") or "available")
+        return took
+
+    broker.xmpp.take_presence = counted
+    sessions: list[str] = []
+    broker.on_event("session_start", lambda _e: sessions.append("new"))
+    broker.xmpp.add_event_handler("sm_enabled", lambda _e: received.__setitem__(0, 0))
+    # The same resources, so one caps hash: the first announcement is learned by disco#info (the slow
+    # path), and the others are filed off the raw element.
+    agents = await asyncio.gather(*(mesh.agent(SampleAgent, broker, ["/host/same"]) for _ in range(6)))
+    await until(lambda: len(broker.directory) == 6, what="six agents listed")
+
+    # A new session: every agent answers the hello, and each answer is filed off the raw element.
+    taken.clear()
+    old_session = broker._session
+    broker.xmpp.reconnect(0.0, "Ping timeout after 10s")
+    await until(lambda: sessions and broker._session != old_session, timeout=20, what="the broker's new session")
+    await until(lambda: len(broker.directory) == 6, timeout=20, what="every agent listed again")
+    assert taken.count("available") >= 6, taken
+    assert sorted(e.jid for e in broker.directory.entries()) == sorted(str(a.jid) for a in agents)
+
+    # Two agents go: the server's unavailable presences take them out of the directory the same way.
+    await asyncio.gather(agents[0].stop(), agents[1].stop())
+    await until(lambda: len(broker.directory) == 4, what="the two stopped agents gone")
+    assert taken.count("unavailable") >= 2, taken  # the agent's own, and the server's as its session ends
+    assert str(agents[0].jid) not in {e.jid for e in broker.directory.entries()}
+
+    # XEP-0198: the broker says it handled exactly what it read (too few, and the server keeps resending
+    # them on a resumption; too many, and it ends the stream), and the server goes on with the session.
+    sm = broker.xmpp.plugin["xep_0198"]
+    assert sm.handled == received[0], (sm.handled, received[0])
+    found = await (await mesh.client(broker)).discover("sample.echo", [], timeout=10)
+    assert len(found.result) == 4 and sessions == ["new"]
