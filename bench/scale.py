@@ -900,6 +900,11 @@ class ScaleBench:
             await asyncio.to_thread(node.start, 180)
         up = time.monotonic() - t
         print(f"  nodes down after {down:.1f}s, accepting clients again after {up:.1f}s", flush=True)
+        # Who spent the CPU while the agents came back: which of the server, the agents' logins and
+        # the broker is the limit (the restarted nodes are new processes: counted from here).
+        workers = [w.proc.pid for w in self.workers if w.proc is not None]
+        broker_pid = self.broker.proc.pid if self.broker.proc is not None else 0
+        cpu0 = (self.server_cpu(), sum(cpu_seconds(p) for p in workers), cpu_seconds(broker_pid))
         try:
             back = await self.wait_listed(n, self.args.storm_timeout, sessions=before)
         except (RuntimeError, TimeoutError) as exc:  # a broker too busy to answer is a result too
@@ -911,6 +916,11 @@ class ScaleBench:
             (RESULTS / f"scale-broker-storm-{n}.txt").write_text(top_of(bpath))
             return
         total = up + back
+        srv, ag, br = (b - a for a, b in zip(cpu0, (self.server_cpu(), sum(cpu_seconds(p) for p in workers),
+                                                   cpu_seconds(broker_pid))))
+        print(f"  CPU from the nodes being up to all listed ({back:.0f}s, {os.cpu_count()} cores): ejabberd"
+              f" {srv:.0f}s, simulated agents {ag:.0f}s, broker {br:.0f}s (profiled)", flush=True)
+        self.rows[-1]["storm CPU: server, agents, broker (s)"] = f"{srv:.0f}, {ag:.0f}, {br:.0f}"
         await self.broker.ask(f"profiled {bpath}", timeout=120)
         (RESULTS / f"scale-broker-storm-{n}.txt").write_text(top_of(bpath))
         print(f"  all {n:,} listed again {back:.1f}s after the nodes were up ({total:.1f}s after the restart began)",
