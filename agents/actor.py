@@ -171,7 +171,7 @@ class Actor:
         self._refused_servers: set[tuple[str, int]] | None = None
         self._auth_failed: str | None = None
         self.on_event("session_start", self._on_session_start)
-        self.xmpp.add_event_handler("sm_enabled", self._on_sm_enabled)
+        self.xmpp.add_event_handler("session_bind", self._on_session_bind)
         self.on_event("session_resumed", self._on_session_resumed)
         self.on_event("disconnected", self._on_disconnected)
         self.on_event("connection_failed", self._on_connection_failed)
@@ -258,14 +258,15 @@ class Actor:
         await self.on_session()
         self._online.set()
 
-    def _on_sm_enabled(self, _event: Any) -> None:
-        # XEP-0198 on a new stream (not a resumed one) counts from zero on the server's side, but
-        # slixmpp (1.8) clears only its queue of unacknowledged stanzas when it enables it again after
-        # a reconnect: its count of stanzas sent and of the server's last ack stayed the old stream's,
-        # so every ack after a reconnect looked inconsistent (logged as an error each time) and dropped
-        # stanzas from that queue not yet acknowledged. What it sent since the <enable/> is that queue.
+    def _on_session_bind(self, _event: Any) -> None:
+        # A new session (a resumed one binds no resource): XEP-0198 on it counts from zero on the
+        # server's side, from its <enable/>, but slixmpp (1.8) clears only its queue of unacknowledged
+        # stanzas when it enables it again after a reconnect: its count of stanzas sent and of the
+        # server's last ack stayed the old stream's, so every ack after a reconnect looked inconsistent
+        # (logged as an error each time) and dropped stanzas not yet acknowledged from that queue.
+        # Reset before the <enable/> (the session may start, and send, before it is answered).
         sm = cast(Any, self.xmpp.plugin["xep_0198"])
-        sm.seq, sm.last_ack = len(sm.unacked_queue), 0
+        sm.seq, sm.last_ack = 0, 0
 
     def _on_session_resumed(self, _event: Any) -> None:
         # Back in business: the next drop starts again from the shortest wait, instead of each drop

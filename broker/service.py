@@ -81,10 +81,15 @@ _FOUND = Result(Field("jid", "agent"), Field("resources", display="list"))
 # Up to this many agents an unpaged discovery answer is not measured before it is sent: 1,000 of the
 # longest JIDs with a few resources each still fit one payload (docs/protocol.md 3.2).
 DISCOVER_UNPAGED = 1000
-HELLO_AGAIN = 3.0  # seconds after a new session until the second hello to agents not yet listed
+HELLO_AGAIN = 3.0  # seconds after the hello until the second hello to agents not yet listed
 # Presences written in one transport write, between which the broker reads what came in: a hello to
 # 50,000 agents sent at once kept it from reading for tens of seconds (bench/README.md, the storm).
+# The next batch waits until the server has acknowledged (XEP-0198) all but the last one, at most
+# ACK_WAIT seconds: the server's process for the broker's session routes what the broker sends
+# before it delivers anything to it, and 50,000 presences written at once kept it from answering
+# the broker's keepalive ping, or reading its acks, for over 10 s (ejabberd, 3 nodes).
 PRESENCE_BATCH = 1000
+ACK_WAIT = 30.0
 _TO, _ID = "vertebra-presence-to", "vertebra-presence-id"  # placeholders of the presence template
 _CAPS = f"{{{entity_caps.NAMESPACE}}}c"
 
@@ -114,6 +119,7 @@ class Broker(Agent):
         self._present: set[str] = set()
         self._session = ""  # this session's id, which every presence it sends carries (on_session)
         self._acks: list[str] = []  # agents newly listed in this turn of the loop: acknowledged in one write
+        self._greeting: asyncio.Task[None] | None = None  # this session's hello to the agents it knows
         self._learning: dict[str, asyncio.Future[Capabilities | None]] = {}  # at most LEARNING_LIMIT
         self._querying: dict[str, int] = {}  # bare JID -> disco queries in flight for it
         self._query_budget = RateLimit(burst=QUERY_BURST, rate=QUERY_RATE, max_senders=BAD_CAPS_CACHE)
@@ -191,12 +197,19 @@ class Broker(Agent):
         self._session = uuid.uuid4().hex
         self._caps_ver = await entity_caps.advertise(self.xmpp)
         self.presence()  # available, so presence sent to our bare JID reaches us
+        # The greeting takes as long as the server takes to route it (_send_presences): not part of
+        # starting the session. One greeting at a time: a new session's replaces the last one's.
+        if self._greeting is not None:
+            self._greeting.cancel()
+        self._greeting = self.spawn(self._greet(), name="hello to agents")
+        self.leadership.start_leading()
+
+    async def _greet(self) -> None:
         await self._hello_known()
         # Another instance of this broker may be learning an agent that announced itself just before
         # this one came online (and so never reached it): a second hello a little later finds it.
-        asyncio.get_running_loop().call_later(HELLO_AGAIN, lambda: self.spawn(self._hello_known(True),
-                                                                             name="second hello to agents"))
-        self.leadership.start_leading()
+        await asyncio.sleep(HELLO_AGAIN)
+        await self._hello_known(True)
 
     def _stamp_presence(self, pres: Presence) -> None:
         ET.SubElement(pres.xml, protocol.BROKER_SESSION, {"id": self._session})
@@ -212,11 +225,22 @@ class Broker(Agent):
 
     async def _send_presences(self, jids: list[str]) -> None:
         """This session's presence to each of ``jids``, PRESENCE_BATCH to a write, the loop reading what
-        came in between."""
+        came in between, and each batch written once the server has acknowledged the one before the
+        last (an ack asked for after each)."""
+        sm = self.xmpp.plugin.get("xep_0198", None)
+        loop = asyncio.get_running_loop()
+        marks: list[int] = []  # our XEP-0198 count after each batch
         for start in range(0, len(jids), PRESENCE_BATCH):
-            if start:
-                await asyncio.sleep(0)
+            await asyncio.sleep(0)
+            if len(marks) >= 2 and sm is not None:
+                end = loop.time() + ACK_WAIT
+                while sm.enabled_out and self.xmpp.transport is not None and loop.time() < end \
+                        and 0 < (marks[-2] - sm.last_ack) % MAX_SEQ < MAX_SEQ // 2:  # not acknowledged yet
+                    await asyncio.sleep(0.02)
             self._write_presences(jids[start:start + PRESENCE_BATCH])
+            if sm is not None and sm.enabled_out:
+                marks.append(sm.seq)
+                sm.request_ack()
 
     def _write_presences(self, jids: list[str]) -> None:
         """This session's presence to each of ``jids`` in one write, as slixmpp would write each (agents.fanout
