@@ -962,7 +962,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ping-timeout", type=float, default=10.0,
                         help="the broker's and the caller's keepalive ping timeout, s (default: the runtime's)")
     parser.add_argument("--step", type=int, default=5_000, help="agents started at once, at most")
-    parser.add_argument("--storm-timeout", type=float, default=300.0,
+    parser.add_argument("--storm-timeout", type=float, default=600.0,
                         help="how long to wait for every agent to be listed again after the restart, s")
     parser.add_argument("--no-storm", action="store_true",
                         help="skip the login storm after the largest N (measures the calls only)")
