@@ -32,7 +32,7 @@ import uuid
 from pathlib import Path
 from typing import Annotated, Any, Iterable, Mapping
 
-from slixmpp import JID, Presence
+from slixmpp import JID, InvalidJID, Presence
 from slixmpp.plugins.xep_0198.stream_management import MAX_SEQ
 from slixmpp.xmlstream import ET, tostring
 from slixmpp.exceptions import IqError, IqTimeout
@@ -232,6 +232,8 @@ class Broker(Agent):
         marks: list[int] = []  # our XEP-0198 count after each batch
         for start in range(0, len(jids), PRESENCE_BATCH):
             await asyncio.sleep(0)
+            if self.xmpp.transport is None:
+                return  # the connection went: the next session greets them all again
             if len(marks) >= 2 and sm is not None:
                 end = loop.time() + ACK_WAIT
                 while sm.enabled_out and self.xmpp.transport is not None and loop.time() < end \
@@ -344,7 +346,10 @@ class Broker(Agent):
         admission = self.roster.get(bare.lower())
         if admission is None or not resource or bare.lower() == self.jid.bare.lower():
             return False
-        jid = str(JID(sender))  # as slixmpp writes it (prepared), the directory's key
+        try:
+            jid = str(JID(sender))  # as slixmpp writes it (prepared), the directory's key
+        except InvalidJID:
+            return False
         if kind is None:
             c = xml.find(_CAPS)
             caps = self.directory.caps.get(c.get("ver")) if c is not None and c.get("ver") else None
