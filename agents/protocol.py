@@ -402,6 +402,10 @@ class XEP_Vertebra(BasePlugin):
         self._watched.setdefault(agent, set()).add(rid)
         return queue
 
+    def watches(self, agent: str) -> bool:
+        """Whether a job of ``agent`` (a full JID) is watched, so its presences are kept too."""
+        return agent in self._watched
+
     def unwatch_job(self, agent: str, rid: str) -> None:
         self.jobs.pop((agent, rid), None)
         rids = self._watched.get(agent)

@@ -340,7 +340,7 @@ class Broker(Agent):
         one does (bench/README.md). False, for slixmpp's own path: anything else (a caps hash to learn,
         a refusal to log, a sibling broker instance, an agent whose job a workflow watches)."""
         sender, kind = xml.get("from", ""), xml.get("type")
-        if kind not in (None, "unavailable") or sender in self.vertebra._watched:
+        if kind not in (None, "unavailable") or self.vertebra.watches(sender):
             return False
         bare, _, resource = sender.partition("/")
         admission = self.roster.get(bare.lower())
@@ -352,8 +352,10 @@ class Broker(Agent):
             return False
         if kind is None:
             c = xml.find(_CAPS)
-            caps = self.directory.caps.get(c.get("ver")) if c is not None and c.get("ver") else None
-            if caps is None or len(c.get("node", "")) > MAX_NODE:  # type: ignore[union-attr]
+            if c is None or len(c.get("node", "")) > MAX_NODE:
+                return False
+            caps = self.directory.caps.get(c.get("ver") or "")
+            if caps is None:
                 return False
             self._present.add(jid)
             self._file(jid, jid.split("/", 1)[0].lower(), admission, caps)
