@@ -278,9 +278,13 @@ class Agent(Actor):
         # A broker we had not heard from (it acknowledged us, or it started and says hello), or one we
         # had, from a session we have not answered: a broker that lost its session comes back under
         # the same full JID with an empty directory, and the server need not have told us it went
-        # (docs/protocol.md 4.4). A hello to our bare JID (as Prosody delivers it) is such a session
-        # too. One presence back lists us there with our current caps.
-        if broker not in self._brokers or not pres["to"].resource \
+        # (docs/protocol.md 4.4). Every hello is answered, the same session's second one included: it
+        # goes only to agents that broker has not listed (our answer to its first was lost, or came
+        # while it could not file it). A hello to our bare JID is one too (older brokers did not say
+        # so; Prosody delivers it to the bare JID, ejabberd to the full one). One presence back lists
+        # us there with our current caps.
+        hello = marker is not None and marker.get("hello") == "1"
+        if hello or broker not in self._brokers or not pres["to"].resource \
                 or self._broker_sessions.get(broker, session) != session:
             self._brokers.add(broker)
             self._broker_sessions[broker] = session

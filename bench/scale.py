@@ -330,9 +330,10 @@ class SimAgent:
                 return
             marker = el.find(BROKER_SESSION)
             session = marker.get("id", "") if marker is not None else ""
-            if el.get("type") is None and (sender not in self.brokers or "/" not in el.get("to", "/")
+            hello = marker is not None and marker.get("hello") == "1"
+            if el.get("type") is None and (hello or sender not in self.brokers or "/" not in el.get("to", "/")
                                            or self.brokers[sender] != session):
-                # A broker, or a broker session, not answered yet; or a hello to the bare JID (4.4).
+                # A broker, or a broker session, not answered yet; or a hello (4.4).
                 self.brokers[sender] = session
                 self.send(f"<presence to={quoteattr(sender)}>{self.pool.caps}</presence>")
                 if self.announcing is not None:

@@ -211,8 +211,10 @@ class Broker(Agent):
         await asyncio.sleep(HELLO_AGAIN)
         await self._hello_known(True)
 
-    def _stamp_presence(self, pres: Presence) -> None:
-        ET.SubElement(pres.xml, protocol.BROKER_SESSION, {"id": self._session})
+    def _stamp_presence(self, pres: Presence, hello: bool = False) -> None:
+        # A hello says so (4.5): the agent answers every hello, but not the acknowledgement of its answer,
+        # whatever address the server delivered either to.
+        ET.SubElement(pres.xml, protocol.BROKER_SESSION, {"id": self._session, **({"hello": "1"} if hello else {})})
 
     async def _hello_known(self, unlisted_only: bool = False) -> None:
         """Directed presence to every admitted agent any instance of this broker has seen; each
@@ -239,28 +241,33 @@ class Broker(Agent):
                 while sm.enabled_out and self.xmpp.transport is not None and loop.time() < end \
                         and 0 < (marks[-2] - sm.last_ack) % MAX_SEQ < MAX_SEQ // 2:  # not acknowledged yet
                     await asyncio.sleep(0.02)
-            self._write_presences(jids[start:start + PRESENCE_BATCH])
+            self._write_presences(jids[start:start + PRESENCE_BATCH], hello=True)
             if sm is not None and sm.enabled_out:
                 marks.append(sm.seq)
                 sm.request_ack()
 
-    def _write_presences(self, jids: list[str]) -> None:
-        """This session's presence to each of ``jids`` in one write, as slixmpp would write each (agents.fanout
-        counts them for XEP-0198), or through slixmpp one by one when that cannot be done now."""
+    def _write_presences(self, jids: list[str], hello: bool = False) -> None:
+        """This session's presence (a hello, or an acknowledgement) to each of ``jids`` in one write, as
+        slixmpp would write each (agents.fanout counts them for XEP-0198), or through slixmpp one by one
+        when that cannot be done now."""
         if not jids:
             return
-        pres = self.xmpp.make_presence(pto=_TO)
+        pres = self._session_presence(_TO, hello)
         pres["id"] = _ID
-        if self._caps_ver:
-            entity_caps.stamp(pres, self._caps_ver)
-        self._stamp_presence(pres)
         head, rest = tostring(pres.xml, xmlns=self.xmpp.default_ns, stream=self.xmpp, top_level=True).split(_TO)
         middle, tail = rest.split(_ID)  # slixmpp writes ``to`` before ``id``
         prefix = uuid.uuid4().hex
         texts = [f"{head}{escape(jid)}{middle}{prefix}.{i}{tail}" for i, jid in enumerate(jids)]
         if not fanout.write_stanzas(self.xmpp, texts):
             for jid in jids:
-                self.presence(jid)
+                self._session_presence(jid, hello).send()
+
+    def _session_presence(self, to: str, hello: bool) -> Presence:
+        pres = self.xmpp.make_presence(pto=to)
+        if self._caps_ver:
+            entity_caps.stamp(pres, self._caps_ver)
+        self._stamp_presence(pres, hello)
+        return pres
 
     def _acknowledge(self, jid: str) -> None:
         """Our presence back to a newly listed agent, written with the others of this turn of the loop."""

@@ -143,3 +143,31 @@ async def test_agents_presences_are_filed_off_the_raw_element_and_counted_once(m
     assert sm.handled == received[0], (sm.handled, received[0])
     found = await (await mesh.client(broker)).discover("sample.echo", [], timeout=10)
     assert len(found.result) == 4 and sessions == ["new"]
+
+
+async def test_a_second_hello_of_the_same_session_lists_an_agent_whose_answer_was_lost(mesh, tmp_path):
+    # The second hello goes to the known agents the broker has not listed. One whose answer to the
+    # first was lost (or came while the broker could not file it) has already answered this session;
+    # it answers the second all the same, because a hello says it is one, to whatever address the
+    # server delivered it (ejabberd delivers a hello to the agent's full JID, like an acknowledgement).
+    broker = await mesh.broker(state_dir=tmp_path / "broker")
+    agent = await mesh.agent(SampleAgent, broker, ["/host/lost"])
+    full = str(agent.jid)
+    await until(lambda: broker.directory.lists(full.split("/")[0]), what="the agent listed")
+    await until(lambda: agent._broker_sessions.get(str(broker.jid)) == broker._session,
+                what="the agent answering this session")
+    await until(lambda: agent._announcer is None or agent._announcer.done(), what="the agent done announcing")
+    # The session's own greeting (its second hello, to bare JIDs, a few seconds in) is over.
+    await until(lambda: broker._greeting is not None and broker._greeting.done(), what="the greeting over")
+    assert broker.directory.remove(full)  # its answer, as if lost: not listed, though it answered
+    broker._write_presences([full], hello=True)  # addressed to its full JID, as ejabberd delivers it
+    await until(lambda: broker.directory.lists(full.split("/")[0]), what="the agent listed again")
+    # An acknowledgement of the same session, to the same address, is not answered: no loop.
+    answered: list[str] = []
+    broker.xmpp.add_event_handler("presence_available",
+                                  lambda p: answered.append(str(p["from"])) if str(p["from"]) == full else None)
+    assert broker.directory.remove(full)
+    broker._write_presences([full])
+    # The agent reads in order: an answer to the acknowledgement would reach the broker before this pong.
+    await broker.xmpp.plugin["xep_0199"].ping(full, timeout=10)
+    assert answered == [] and not broker.directory.lists(full.split("/")[0])
