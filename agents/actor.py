@@ -260,7 +260,7 @@ class Actor:
 
     def _on_session_bind(self, _event: Any) -> None:
         # A new session (a resumed one binds no resource): XEP-0198 on it counts from zero on the
-        # server's side, from its <enable/>, but slixmpp (1.8) clears only its queue of unacknowledged
+        # server's side, from its <enable/>, but slixmpp (1.17) clears only its queue of unacknowledged
         # stanzas when it enables it again after a reconnect: its count of stanzas sent and of the
         # server's last ack stayed the old stream's, so every ack after a reconnect looked inconsistent
         # (logged as an error each time) and dropped stanzas not yet acknowledged from that queue.

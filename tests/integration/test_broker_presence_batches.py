@@ -7,7 +7,7 @@ yield, and the broker read nothing for tens of seconds. They are now written as 
 The batch is made small here so that a handful of agents spans several writes.
 
 The server's XEP-0198 count of what the broker sent must equal the broker's own, also after a
-reconnect that started a new stream: slixmpp kept the old stream's count there (``Actor._on_sm_enabled``).
+reconnect that started a new stream: slixmpp kept the old stream's count there (``Actor._on_session_bind`` resets it).
 """
 
 from __future__ import annotations
