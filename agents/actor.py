@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from typing import Any, TypeVar, cast
 
 import slixmpp
+from slixmpp.plugins.xep_0198.stream_management import MAX_SEQ
 from slixmpp.exceptions import IqError, IqTimeout
 from slixmpp import Iq
 
@@ -91,8 +92,8 @@ class _Stream(slixmpp.ClientXMPP):
     objects (the Vertebra plugin's ``incoming``, through the hook slixmpp leaves for this)."""
 
     last_received = 0.0  # loop time of the last data read from the server (the keepalive's proof of life)
-    # Takes a presence off the raw element and returns True, having counted it for XEP-0198, or
-    # returns False to leave it to slixmpp: the broker's, for the presences of thousands of agents.
+    # Takes a presence off the raw element and returns True, or returns False to leave it to slixmpp:
+    # the broker's, for the presences of thousands of agents.
     take_presence: Callable[[Any], bool] | None = None
 
     def incoming_filter(self, xml: Any) -> Any:
@@ -103,12 +104,17 @@ class _Stream(slixmpp.ClientXMPP):
         super().data_received(data)
 
     def _spawn_event(self, xml: Any) -> None:
-        # slixmpp's own, but for the answers to this actor's requests: those are taken off the raw
-        # element (and counted for XEP-0198) before any stanza object is built of them (agents/fanout.py).
+        # slixmpp's own, but for the answers to this actor's requests (agents/fanout.py) and the
+        # presences take_presence files: those are taken off the raw element before any stanza object
+        # is built of them, and counted for XEP-0198 here, as its input filter (which never sees them)
+        # would have counted them.
         vertebra = cast(Any, self.plugin)["vertebra"]
         xml = vertebra.incoming(xml)
         if vertebra.take_reply(xml) or (self.take_presence is not None and xml.tag == _PRESENCE
                                         and self.take_presence(xml)):
+            sm = cast(Any, self.plugin).get("xep_0198", None)
+            if sm is not None and sm.enabled_in:
+                sm.handled = (sm.handled + 1) % MAX_SEQ
             return
         try:
             stanza = self._build_stanza(xml)

@@ -25,7 +25,6 @@ import msgpack
 from slixmpp import JID, Iq, Message
 from slixmpp.jid import InvalidJID
 from slixmpp.plugins import BasePlugin, register_plugin
-from slixmpp.plugins.xep_0198.stream_management import MAX_SEQ
 from slixmpp.xmlstream import ElementBase, ET, register_stanza_plugin
 
 from .errors import BadPayload, OpError, TooLarge
@@ -359,21 +358,16 @@ class XEP_Vertebra(BasePlugin):
         for waiter, index in list(self.pending.values()):
             waiter.failed(index, error)
 
-    def take_reply(self, xml: Any, count: bool = True) -> bool:
+    def take_reply(self, xml: Any) -> bool:
         """Hand the IQ result or error ``xml`` to the request waiting for it, straight from the element
         the parser produced (the actor's stream calls this before slixmpp builds a stanza object of
-        it); False when it answers no pending request. ``count``: count it as handled for XEP-0198, as
-        its input filter would have (it never sees a stanza taken here)."""
+        it, and counts what it takes for XEP-0198); False when it answers no pending request."""
         if xml.tag != _IQ:
             return False
         iq_id = xml.get("id")
         entry = self.pending.get(iq_id)
         if entry is None or xml.get("type") not in ("result", "error") or (len(xml) and xml[-1].tag == _OVER_DEEP):
             return False
-        if count:
-            sm = self.xmpp.plugin.get("xep_0198", None)
-            if sm is not None and sm.enabled_in:
-                sm.handled = (sm.handled + 1) % MAX_SEQ
         waiter, index = entry
         # Only the addressee (or the server bouncing on its behalf, which uses the same address) answers:
         # the address as sent, or as the server prepared it (case, and the like).
@@ -432,7 +426,7 @@ class XEP_Vertebra(BasePlugin):
             return None
         if xml.tag == _IQ:
             kind = xml.get("type")
-            if kind in ("result", "error") and self.take_reply(xml, count=False):  # a stream of another kind
+            if kind in ("result", "error") and self.take_reply(xml):  # a stream of another kind
                 return None
             if kind == "set" and self._serve_op is not None and xml.find(_OP) is not None:
                 self._serve_op(stanza)

@@ -39,7 +39,7 @@ ORIGINALS = {
     # agents/fanout.py's write_stanzas counts outgoing stanzas as this filter does
     "slixmpp.plugins.xep_0198.stream_management.XEP_0198._handle_outgoing":
         "8bb062fc6301c50fd4e95400c13e9618a7ee9be222eac5abcd5d4a1c1051b150",
-    # XEP_Vertebra.take_reply counts incoming stanzas as this filter does
+    # the actor's stream counts the stanzas it takes off the raw element as this filter does
     "slixmpp.plugins.xep_0198.stream_management.XEP_0198._handle_incoming":
         "0f984a00061958860b96fafbd53c777cfb748dfbf1fab8eb96d9283f871d18c5",
     # the actor's stream takes replies off the raw element in its own copy of this method

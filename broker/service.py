@@ -341,8 +341,8 @@ class Broker(Agent):
     # -- presence and caps -------------------------------------------------------------------
 
     def _take_presence(self, xml: Any) -> bool:
-        """An admitted agent's presence, read off the element the parser produced and counted for
-        XEP-0198 as slixmpp's input filter would count it: in a login storm the broker reads one or two
+        """An admitted agent's presence, read off the element the parser produced (the actor's stream
+        counts it for XEP-0198): in a login storm the broker reads one or two
         per agent, and slixmpp's stanza object, roster and handler matching cost ~3 times what filing
         one does (bench/README.md). False, for slixmpp's own path: anything else (a caps hash to learn,
         a refusal to log, a sibling broker instance, an agent whose job a workflow watches)."""
@@ -370,9 +370,6 @@ class Broker(Agent):
             return False
         else:
             self._gone(jid)
-        sm = self.xmpp.plugin.get("xep_0198", None)
-        if sm is not None and sm.enabled_in:
-            sm.handled = (sm.handled + 1) % MAX_SEQ
         return True
 
     def _on_available(self, pres: Presence) -> None:
