@@ -56,7 +56,12 @@ from .chat import short, summarize
 log = logging.getLogger(__name__)
 
 APPROVAL_POLL = 2.0  # seconds between looks for workflow instances waiting for approval (and policy changes)
-JOIN_TIMEOUT = 20.0  # seconds to wait for the room to answer a join, a form or an affiliation change
+JOIN_TIMEOUT = 20.0  # seconds to wait for the room to answer a form or an affiliation change
+# A join gets a shorter wait, then is sent again (with the backoff below): ejabberd drops, without an
+# error, a join that reaches a room still shutting down, as one does when the bot joins again the moment
+# it hears the room was destroyed. Joining twice is harmless; waiting JOIN_TIMEOUT for an answer that
+# will never come is not.
+JOIN_ANSWER = 5.0
 REJOIN_BACKOFF = (1.0, 2.0, 5.0, 10.0, 30.0)  # seconds between failed attempts to get back in
 MAX_UNSENT = 50  # messages kept while the bot is out of the room (the newest; the coalescer sums up storms)
 
@@ -223,7 +228,7 @@ class OpsRoom:
             self._back_in()
 
     async def _join_and_configure(self) -> None:
-        await self.muc.join_muc_wait(self.room, self.nick, maxstanzas=0, timeout=JOIN_TIMEOUT)
+        await self.muc.join_muc_wait(self.room, self.nick, maxstanzas=0, timeout=JOIN_ANSWER)
         # The owner form every time: a room the bot created a moment ago is open until it is sent,
         # and one that outlived a restart may have been changed by another owner.
         form = await self.muc.get_room_config(self.room, timeout=JOIN_TIMEOUT)

@@ -137,7 +137,8 @@ async def test_the_bot_rebuilds_a_destroyed_room_and_posts_say_who_they_come_fro
     member = mesh.account("member")
     broker, bot, room, room_jid = await ops_room(mesh, admins=[member[0]])
     await bot.xmpp.plugin["xep_0045"].destroy(JID(room_jid), "test: the room is gone")
-    await until(lambda: room.joins >= 2, timeout=20, what="the bot back in a room it configured again")
+    # ejabberd may drop the first join (sent while the room shuts down): the bot joins again after JOIN_ANSWER.
+    await until(lambda: room.joins >= 2, timeout=40, what="the bot back in a room it configured again")
     # Configured again: members only.
     outsider = await raw(mesh, mesh.account("outsider"))
     insider = await raw(mesh, member)
