@@ -159,6 +159,15 @@ async def test_the_bot_rebuilds_a_destroyed_room_and_posts_say_who_they_come_fro
         await insider.close()
 
 
+async def test_joining_again_while_in_the_room_gets_the_bot_in(mesh):
+    """A join whose answer came late is sent again (JOIN_ANSWER) while the room already has the bot in: both
+    servers answer the second join as a whole one (the bot's presence and the subject), so the retry is safe."""
+    broker, bot, room, room_jid = await ops_room(mesh)
+    room._lost("test: the bot believes it is out while the room has it in")
+    await until(lambda: room.joins >= 2, timeout=30, what="the bot counted in again")
+    assert room.nick in bot.xmpp.plugin["xep_0045"].get_roster(JID(room_jid))
+
+
 async def test_approvals_still_waiting_after_a_broker_restart_are_announced_again(mesh, tmp_path):
     (tmp_path / "workflows").mkdir()
     (tmp_path / "workflows" / "guarded.yaml").write_text(yaml.safe_dump({"name": "guarded", "steps": [
