@@ -121,6 +121,13 @@ install_group() {
 }
 
 install_venv() {
+    # A venv made earlier from another interpreter (a pyenv one under /root, say) is made again: user
+    # nagios could not run its python at all, and Debian's is what the project is tested with.
+    made_from=$(sed -n 's/^home = //p' "$VENV/pyvenv.cfg" 2>/dev/null || true)
+    if [ -x "$VENV/bin/python" ] && [ "$made_from" != /usr/bin ]; then
+        say "$VENV was made from ${made_from:-an unknown python}, not Debian's /usr/bin/python3: making it again"
+        rm -rf "$VENV"
+    fi
     if [ ! -x "$VENV/bin/python" ]; then
         say "creating $VENV"
         # Debian's interpreter, not whichever python3 comes first on PATH (a pyenv one under /root, say):
