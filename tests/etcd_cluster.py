@@ -161,12 +161,31 @@ class PrivateEtcd:
         """What the mesh file's ``broker: {state: ...}`` names for this cluster."""
         return "etcd://" + ",".join(self.endpoints)
 
-    def start(self, timeout: float = 30.0) -> None:
+    def start(self, timeout: float = 30.0, attempts: int = 3) -> None:
+        """Start every member and wait for a leader. A loopback port chosen free can be taken before etcd
+        binds it (by the other suite's servers, or as the local end of any connection on the machine):
+        a member that exits saying so makes the whole cluster start again on new ports."""
         etcd = shutil.which("etcd")
         if etcd is None:
             raise EtcdError("the 'etcd' program is not installed: run `make install` (or `apt-get install"
                             " etcd-server` as root)")
         self.home.mkdir(parents=True, exist_ok=True)
+        for attempt in range(1, attempts + 1):
+            outcome = self._start_once(etcd, timeout)
+            if outcome is None:
+                return
+            failed, status, said = outcome
+            taken = "address already in use" in said
+            if not taken or failed.wrap or attempt == attempts:
+                raise EtcdError(f"etcd member {failed.name} exited with status {status} while starting"
+                                f"{' (its port was taken)' if taken else ''}; see {failed.log_path}")
+            for member in self.members:
+                member.client_port, member.peer_port = _free_port(member.host), _free_port(member.host)
+
+    def _start_once(self, etcd: str, timeout: float) -> tuple[Member, int | None, str] | None:
+        """Start the members and wait for a leader; the member that exited meanwhile (the cluster
+        stopped), its exit status and what it logged this time; or None once every member is healthy."""
+        logged = {m.name: m.log_path.stat().st_size if m.log_path.exists() else 0 for m in self.members}
         initial = ",".join(f"{m.name}={m.peer_url}" for m in self.members)
         token = f"vertebra-test-{os.getpid()}-{id(self)}"  # members of another test's cluster never join ours
         for member in self.members:
@@ -175,14 +194,17 @@ class PrivateEtcd:
         while not all(m.healthy() for m in self.members):
             for member in self.members:
                 if member.proc is not None and member.proc.poll() is not None:
+                    status = member.proc.returncode
                     self.stop()
-                    raise EtcdError(f"etcd member {member.name} exited with status {member.proc.returncode} while"
-                                    f" starting; see {member.log_path}")
+                    with open(member.log_path, "rb") as log:
+                        log.seek(logged[member.name])
+                        return member, status, log.read().decode(errors="replace")
             if time.monotonic() > deadline:
                 self.stop()
                 raise EtcdError(f"the etcd cluster in {self.home} had no leader within {timeout:g} s; see the"
                                 " members' logs there")
             time.sleep(0.1)
+        return None
 
     def _spawn(self, etcd: str, member: Member, initial: str, token: str) -> None:
         client = member.client_url
