@@ -225,11 +225,16 @@ class Agent(Actor):
 
     def presence(self, to: str | None = None) -> None:
         """Send available presence (to ``to``, else broadcast) carrying this agent's caps hash."""
+        self._available(to).send()
+
+    def _available(self, to: str | None = None) -> Presence:
+        """This actor's available presence to ``to`` (else a broadcast): its caps hash, and what
+        _stamp_presence adds."""
         pres = self.xmpp.make_presence(pto=to)
         if self._caps_ver:
             caps.stamp(pres, self._caps_ver)
         self._stamp_presence(pres)
-        pres.send()
+        return pres
 
     def _stamp_presence(self, pres: Presence) -> None:
         """Anything else every presence of this actor carries (the broker's: its session, 4.5)."""

@@ -211,10 +211,8 @@ class Broker(Agent):
         await asyncio.sleep(HELLO_AGAIN)
         await self._hello_known(True)
 
-    def _stamp_presence(self, pres: Presence, hello: bool = False) -> None:
-        # A hello says so (4.5): the agent answers every hello, but not the acknowledgement of its answer,
-        # whatever address the server delivered either to.
-        ET.SubElement(pres.xml, protocol.BROKER_SESSION, {"id": self._session, **({"hello": "1"} if hello else {})})
+    def _stamp_presence(self, pres: Presence) -> None:
+        ET.SubElement(pres.xml, protocol.BROKER_SESSION, {"id": self._session})
 
     async def _hello_known(self, unlisted_only: bool = False) -> None:
         """Directed presence to every admitted agent any instance of this broker has seen; each
@@ -263,10 +261,12 @@ class Broker(Agent):
                 self._session_presence(jid, hello).send()
 
     def _session_presence(self, to: str, hello: bool) -> Presence:
-        pres = self.xmpp.make_presence(pto=to)
-        if self._caps_ver:
-            entity_caps.stamp(pres, self._caps_ver)
-        self._stamp_presence(pres, hello)
+        pres = self._available(to)
+        if hello:
+            # A hello says so (4.5): the agent answers every hello, but not the acknowledgement of its
+            # answer, whatever address the server delivered either to.
+            for marker in pres.xml.iter(protocol.BROKER_SESSION):  # the one _stamp_presence added
+                marker.set("hello", "1")
         return pres
 
     def _acknowledge(self, jid: str) -> None:
