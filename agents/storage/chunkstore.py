@@ -31,11 +31,13 @@ message saying so.
 from __future__ import annotations
 
 import io
+import mmap
 import os
 import sqlite3
 import struct
 import threading
 from collections import Counter, deque
+from itertools import chain, repeat
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Sequence
@@ -63,6 +65,14 @@ _SPLIT = ("WITH RECURSIVE k(i) AS (VALUES(0) UNION ALL SELECT i + 1 FROM k WHERE
           "SELECT coalesce(sum(CASE WHEN c.refs <= ?3 THEN c.len ELSE 0 END), 0), "
           "coalesce(sum(CASE WHEN c.refs > ?3 THEN c.len ELSE 0 END), 0) "
           "FROM k CROSS JOIN chunks c ON c.id = substr(?1, k.i * 32 + 1, 32)")
+# Index rows inserted by one statement, which runs without the GIL from start to end (executemany gives it up
+# and takes it back for every row, and each time the caller's hashing thread has to wait to get it again).
+# The ids come as one blob, the numbers as fixed-width decimals in another: SQLite has no function that reads
+# an integer out of a blob, and substr of a blob is O(1) where substr of text scans it from the start.
+_ROW_FORMAT = "%010d" * 6
+_INSERT = ("WITH RECURSIVE k(i) AS (VALUES(0) UNION ALL SELECT i + 1 FROM k WHERE i + 1 < ?3) "
+           "INSERT INTO chunks(id, pack, off, len, z, size, refs) SELECT substr(?1, i * 32 + 1, 32), "
+           + ", ".join(f"CAST(substr(?2, i * 60 + {1 + 10 * k}, 10) AS INTEGER)" for k in range(6)) + " FROM k")
 _SPLIT_BATCH = 1 << 15      # ids per _SPLIT statement (a 1 MiB blob)
 _MAX_JOBS = 4               # batches queued for the writer (each holds one read buffer, 1 MiB on ingest)
 _ROW_BATCH = 4096           # index rows inserted together
@@ -85,6 +95,26 @@ Buffer = bytes | bytearray | memoryview
 
 def _segments(buf: Buffer, spans: list[tuple[int, int]]) -> zstandard.BufferWithSegments:
     return zstandard.BufferWithSegments(buf, struct.pack(f"<{2 * len(spans)}Q", *(v for s in spans for v in s)))
+
+
+# A second consumer of put_file's batches, called with the read buffer, the batch's length in it, its block
+# ids, and a function to call (from any thread, perhaps after it returned) once it is done with the buffer.
+Tee = Callable[[mmap.mmap, int, list[bytes], Callable[[], None]], None]
+
+
+class _Lease:
+    """A read buffer held by the writer and perhaps a tee: back in the pool once each has let go."""
+
+    def __init__(self, pool: list[mmap.mmap], buf: mmap.mmap, holders: int) -> None:
+        self._pool, self._buf, self._holders = pool, buf, holders
+        self._lock = threading.Lock()
+
+    def release(self) -> None:
+        with self._lock:
+            self._holders -= 1
+            last = self._holders == 0
+        if last:
+            self._pool.append(self._buf)
 
 
 def split_ids(blob: bytes) -> list[bytes]:
@@ -124,7 +154,7 @@ class ChunkStore:
         self._refs: Counter[bytes] = Counter()    # chunk references from new segments, not yet applied
         self._stored: dict[bytes, tuple[int, int, bytes]] = {}   # received, not yet handed to the writer
         self._stored_bytes = 0
-        self._buffers: list[bytearray] = []       # read buffers of put_file to reuse (list ops are atomic)
+        self._buffers: list[mmap.mmap] = []       # read buffers of put_file to reuse (list ops are atomic)
         self._span_lists: dict[tuple[int, int], list[tuple[int, int]]] = {}
 
     def close(self) -> None:
@@ -133,24 +163,28 @@ class ChunkStore:
         self.packs.close()
 
     # writing ----------------------------------------------------------------------------------------------
-    def put_file(self, f: io.RawIOBase | io.BufferedIOBase, block_size: int,
-                 batch_bytes: int) -> Iterator[tuple[int, list[bytes]]]:
+    def put_file(self, f: io.RawIOBase | io.BufferedIOBase, block_size: int, batch_bytes: int,
+                 tee: Tee | None = None) -> Iterator[tuple[int, list[bytes]]]:
         """Read what is left of file `f` in batches of `batch_bytes`, cut each into blocks of `block_size`
         (the last may be shorter), hash them, and queue those not yet stored for the writer; yield each
-        batch's length and block ids. The read buffers are reused once the writer is done with them (fresh
-        buffers cost a page fault per 4 KiB). Nothing is durable or visible before commit()."""
+        batch's length and block ids. With `tee`, each batch is also handed to it, from the same read (see
+        Tee). The read buffers are page-aligned (a tee may write them with direct I/O) and reused once the
+        writer and the tee are done with them (fresh buffers cost a page fault per 4 KiB). Nothing is
+        durable or visible before commit()."""
         while True:
-            buf = self._buffers.pop() if self._buffers else bytearray(batch_bytes)
-            if len(buf) != batch_bytes:
-                buf = bytearray(batch_bytes)
+            buf = self._buffers.pop() if self._buffers else None
+            if buf is None or len(buf) != batch_bytes:
+                buf = mmap.mmap(-1, batch_bytes)
             n = f.readinto(buf)
             if not n:
                 self._buffers.append(buf)
                 return
-            data = buf if n == len(buf) else memoryview(buf)[:n]
-            view = memoryview(data)
+            view = memoryview(buf)[:n]
             ids = [blake3.blake3(view[i:i + block_size]).digest() for i in range(0, n, block_size)]
-            self._queue(data, ids, self._spans(n, block_size), buf)
+            lease = _Lease(self._buffers, buf, 2 if tee is not None else 1)
+            self._queue(view, ids, self._spans(n, block_size), lease)
+            if tee is not None:
+                tee(buf, n, ids, lease.release)
             yield n, ids
 
     def _spans(self, n: int, block_size: int) -> list[tuple[int, int]]:
@@ -173,13 +207,13 @@ class ChunkStore:
         self._queue(b"".join(blocks), ids, spans)
         return ids
 
-    def _queue(self, buf: bytes | bytearray | memoryview, ids: list[bytes], spans: list[tuple[int, int]],
-               reuse: bytearray | None = None) -> None:
+    def _queue(self, buf: Buffer, ids: list[bytes], spans: list[tuple[int, int]],
+               lease: _Lease | None = None) -> None:
         """Hand a batch to the writer, which keeps the blocks the store lacks. Its ids count as stored from
         here on (missing() and the writer's own lookups see them in flight)."""
         with self._inflight_lock:
             self._inflight.update(ids)
-        self._submit(self._compress_and_append, buf, ids, spans, reuse)
+        self._submit(self._compress_and_append, buf, ids, spans, lease)
 
     def put_stored(self, cid: bytes, z: int, data: bytes) -> None:
         """Store a chunk as it came off a stream, after checking that its content matches its id."""
@@ -215,19 +249,19 @@ class ChunkStore:
         self._jobs.append(self._writer.submit(fn, *args))
 
     # the writer thread
-    def _compress_and_append(self, buf: bytes | bytearray | memoryview, ids: list[bytes],
-                             spans: list[tuple[int, int]], reuse: bytearray | None = None) -> None:
+    def _compress_and_append(self, buf: Buffer, ids: list[bytes], spans: list[tuple[int, int]],
+                             lease: _Lease | None = None) -> None:
         """Keep the blocks of a batch (spans of `buf`) that are neither indexed nor written already, each
         once; compress them with zstd's multi-frame API, one call per level, so the GIL is released once per
-        batch rather than once per block; then append them. `reuse`, the read buffer behind `buf`, goes back
-        to the pool afterwards (the packs hold copies by then)."""
+        batch rather than once per block; then append them. The writer's hold on the read buffer behind
+        `buf` ends afterwards (the packs hold copies by then)."""
         try:
             todo = self._new_blocks(ids, spans)
             if todo:
                 self._compress_and_append_batch(buf, todo)
         finally:
-            if reuse is not None:
-                self._buffers.append(reuse)
+            if lease is not None:
+                lease.release()
 
     def _new_blocks(self, ids: list[bytes], spans: list[tuple[int, int]]) -> list[tuple[bytes, tuple[int, int]]]:
         """The writer's dedupe of one batch: (id, span) of each block to write, first occurrences only. Ids
@@ -319,10 +353,11 @@ class ChunkStore:
         _db_lock held). A row leaves _inflight only once inserted, so a lookup never misses a chunk."""
         if not self._rows:
             return
-        refs = self._refs
         # In id order: neighbouring keys land on the same B-tree pages (ids are uniformly random).
-        self.db.executemany("INSERT INTO chunks(id, pack, off, len, z, size, refs) VALUES (?, ?, ?, ?, ?, ?, ?)",
-                            sorted((*r, refs.pop(r[0], 0)) for r in self._rows))
+        ids, packs, offsets, lens, zs, sizes = zip(*sorted(self._rows))
+        refs = map(self._refs.pop, ids, repeat(0))
+        numbers = tuple(chain.from_iterable(zip(packs, offsets, lens, zs, sizes, refs)))
+        self.db.execute(_INSERT, (b"".join(ids), (_ROW_FORMAT * len(ids) % numbers).encode(), len(ids)))
         with self._inflight_lock:
             self._inflight.difference_update(self._written)
         self._rows = []

@@ -4,6 +4,7 @@ what no commit covers, reads check every record, and packs roll over at their si
 
 from __future__ import annotations
 
+import ctypes
 import os
 import sqlite3
 
@@ -274,3 +275,42 @@ def test_put_file_reads_every_batch_into_reused_buffers(tmp_path):
     finally:
         store.close()
         db.close()
+
+
+def test_put_file_hands_each_batch_to_a_tee_that_keeps_its_buffer_until_done(tmp_path):
+    """A tee sees every batch's bytes from the same read as the store, in page-aligned buffers (a base copy
+    writes them with direct I/O), and no buffer is read into again while the tee still holds it."""
+    db, store = open_store(tmp_path)
+    try:
+        batch = 16 * BLOCK
+        data = os.urandom(5 * batch + BLOCK + 7)
+        path = tmp_path / "file"
+        path.write_bytes(data)
+        seen: list[bytes] = []
+        held: list = []
+        buffers: set[int] = set()
+
+        def tee(buf, n, ids, done):
+            assert ctypes_address(buf) % packs_mod.ALIGN == 0
+            assert id(buf) not in buffers, "a buffer the tee still holds was read into again"
+            buffers.add(id(buf))
+            seen.append(bytes(buf[:n]))
+            held.append((buf, done))
+
+        with open(path, "rb", buffering=0) as f:
+            ids = [c for _, batch_ids in store.put_file(f, BLOCK, batch, tee) for c in batch_ids]
+        assert b"".join(seen) == data
+        store.put_segments(ids)
+        store.commit()
+        assert store._buffers == [] or all(id(b) not in buffers for b in store._buffers)
+        for _, done in held:
+            done()
+        assert {id(b) for b in store._buffers} >= buffers     # each back in the pool once the tee let go
+        assert b"".join(store.get_blocks(ids)) == data
+    finally:
+        store.close()
+        db.close()
+
+
+def ctypes_address(buf) -> int:
+    return ctypes.addressof(ctypes.c_char.from_buffer(buf))
