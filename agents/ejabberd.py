@@ -44,6 +44,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from string import Template
 
+from .ports import free_port
 from .server import (
     ITERATIONS,
     PrivateNode,
@@ -107,13 +108,6 @@ def _port_free(host: str, port: int) -> OSError | None:
         except OSError as exc:
             return exc
     return None
-
-
-def _free_port(host: str) -> int:
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
 
 
 def ejabberd_installed() -> bool:
@@ -213,7 +207,7 @@ class PrivateEjabberd(PrivateNode):
                     "stop it first (`vertebra server stop`) and start again"
                 )
             if self.dist_port is None:
-                self.dist_port = _free_port(self._dist_address())
+                self.dist_port = free_port(self._dist_address())
             self._check_ports_free()
             self._ensure_cert()
             self._ensure_cookie()

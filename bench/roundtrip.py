@@ -40,7 +40,6 @@ import os
 import resource
 import shutil
 import signal
-import socket
 import ssl
 import statistics
 import sys
@@ -68,6 +67,7 @@ from agents.authz import AdminsOnly  # noqa: E402
 from agents.errors import Outcome  # noqa: E402
 from agents.intake import IntakeLimits  # noqa: E402
 from agents.ops import Arg, op  # noqa: E402
+from agents.ports import free_port  # noqa: E402  (the other benches import it from here)
 
 DOMAIN = "vertebra.test"
 BENCH_NS = "urn:vertebra:bench:0"
@@ -722,13 +722,6 @@ class Bench:
     def table(self) -> bool:
         verdicts.print_table(("measurement", "bare", "vertebra", "ratio", "target", ""), self.rows, self.notes)
         return all(r[5] != "FAIL" for r in self.rows)
-
-
-def free_port() -> int:
-    """A TCP port free on the loopback now (every bench's private servers and nodes)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 async def start_workers(workers: list[Worker], configs: list[dict[str, Any]], log_dir: Path) -> list[Worker]:

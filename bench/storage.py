@@ -32,7 +32,6 @@ import mmap
 import os
 import random
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -49,6 +48,7 @@ from agents.actor import Endpoint  # noqa: E402
 from agents.authz import AdminsOnly  # noqa: E402
 from agents.client import Client  # noqa: E402
 from agents.errors import Outcome  # noqa: E402
+from agents.ports import free_port  # noqa: E402
 from agents.server import PrivateServer  # noqa: E402
 from agents.storage import overlay  # noqa: E402
 from agents.storage.agent import StorageAgent  # noqa: E402
@@ -250,11 +250,8 @@ class Mesh:
     """A private Prosody, two storage agents and a client."""
 
     def __init__(self, home: Path) -> None:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
         self.home = home
-        self.server = PrivateServer(home / "server-home", domain=DOMAIN, port=port)
+        self.server = PrivateServer(home / "server-home", domain=DOMAIN, port=free_port())
         self.actors: list = []
 
     async def start(self, roots: tuple[Path, Path], driver: str) -> tuple[StorageAgent, StorageAgent, Client]:

@@ -19,7 +19,6 @@ import itertools
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -36,6 +35,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 from agents.actor import Endpoint  # noqa: E402
 from agents.authz import AdminsOnly  # noqa: E402
 from agents.client import Client  # noqa: E402
+from agents.ports import free_port  # noqa: E402,F401  (the tests import it from here)
 from agents.server import PrivateServer  # noqa: E402
 from broker.service import Broker  # noqa: E402
 
@@ -45,12 +45,6 @@ if ENGINE not in ("prosody", "ejabberd"):
     raise RuntimeError(f"VERTEBRA_TEST_ENGINE={ENGINE!r}: use prosody (the default) or ejabberd")
 ON_EJABBERD = ENGINE == "ejabberd"
 _names = itertools.count(1)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Mesh:

@@ -17,7 +17,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import ssl
 import subprocess
 import time
@@ -25,6 +24,8 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 from typing import Any, Sequence
+
+from agents.ports import free_port
 
 # Every member this process started and has not stopped: killed at exit whatever happened.
 _running: dict[int, subprocess.Popen[bytes]] = {}
@@ -40,12 +41,6 @@ atexit.register(_kill_left_over)
 
 # Straight to the member, whatever proxy the environment names.
 _DIRECT = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-
-
-def _free_port(host: str) -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
 
 
 def _end(proc: subprocess.Popen[bytes], sig: int, timeout: float) -> None:
@@ -104,7 +99,7 @@ class Member:
     def __init__(self, name: str, host: str, home: Path, wrap: Sequence[str] = (),
                  tls: ssl.SSLContext | None = None) -> None:
         self.name, self.host, self.wrap, self.tls = name, host, list(wrap), tls
-        self.client_port, self.peer_port = (2379, 2380) if wrap else (_free_port(host), _free_port(host))
+        self.client_port, self.peer_port = (2379, 2380) if wrap else (free_port(host), free_port(host))
         self.data_dir, self.log_path = home / f"{name}.data", home / f"{name}.log"
         self.proc: subprocess.Popen[bytes] | None = None
 
@@ -180,7 +175,7 @@ class PrivateEtcd:
                 raise EtcdError(f"etcd member {failed.name} exited with status {status} while starting"
                                 f"{' (its port was taken)' if taken else ''}; see {failed.log_path}")
             for member in self.members:
-                member.client_port, member.peer_port = _free_port(member.host), _free_port(member.host)
+                member.client_port, member.peer_port = free_port(member.host), free_port(member.host)
 
     def _start_once(self, etcd: str, timeout: float) -> tuple[Member, int | None, str] | None:
         """Start the members and wait for a leader; the member that exited meanwhile (the cluster

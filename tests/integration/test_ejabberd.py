@@ -24,6 +24,7 @@ from agents.authz import AdminsOnly
 from agents.client import Client
 from agents.ejabberd import PrivateEjabberd, ejabberd_installed
 from agents.errors import Outcome
+from agents.ports import free_port
 from agents.server import ServerError
 from sample_agent import SampleAgent
 
@@ -38,12 +39,6 @@ def _need_ejabberd() -> None:
     if os.environ.get("CI", "").lower() in ("true", "1", "yes"):
         pytest.fail(f"CI must run the ejabberd tests, but {reason}", pytrace=False)
     pytest.skip(reason)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _pid_exists(pid: int) -> bool:
@@ -94,7 +89,7 @@ def _endpoint(node: PrivateEjabberd) -> Endpoint:
 
 @pytest.fixture
 def node(tmp_path: Path) -> Iterator[PrivateEjabberd]:
-    n = PrivateEjabberd(tmp_path / "home", DOMAIN, port=_free_port(), node_name="solo@127.0.0.1")
+    n = PrivateEjabberd(tmp_path / "home", DOMAIN, port=free_port(), node_name="solo@127.0.0.1")
     yield n
     n.stop()
 
@@ -102,7 +97,7 @@ def node(tmp_path: Path) -> Iterator[PrivateEjabberd]:
 @pytest.fixture(scope="module")
 def solo(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PrivateEjabberd]:
     """One running node shared by the tests that only add accounts and log in."""
-    n = PrivateEjabberd(tmp_path_factory.mktemp("solo"), DOMAIN, port=_free_port(), node_name="shared@127.0.0.1")
+    n = PrivateEjabberd(tmp_path_factory.mktemp("solo"), DOMAIN, port=free_port(), node_name="shared@127.0.0.1")
     n.start()
     yield n
     n.stop()
@@ -137,7 +132,7 @@ async def test_client_logs_in_over_pinned_tls_with_scram_only(solo: PrivateEjabb
     # PLAIN is not offered, even over TLS.
     assert await _login(node, "alice", "correct horse", mech="PLAIN") is False
     # A context that trusts another certificate for the same domain refuses this node.
-    other = PrivateEjabberd(tmp_path / "other", DOMAIN, port=_free_port(), node_name="other@127.0.0.1")
+    other = PrivateEjabberd(tmp_path / "other", DOMAIN, port=free_port(), node_name="other@127.0.0.1")
     other.dir.mkdir(parents=True)
     other._ensure_cert()
     assert await _login(node, "alice", "correct horse", ctx=other.ssl_context()) is False
@@ -203,7 +198,7 @@ def test_stop_leaves_no_process_and_second_start_is_harmless(node: PrivateEjabbe
 
 def test_start_with_different_config_while_running_is_refused(node: PrivateEjabberd) -> None:
     node.start()
-    moved = PrivateEjabberd(node.home, DOMAIN, port=_free_port(), node_name=node.node_name)
+    moved = PrivateEjabberd(node.home, DOMAIN, port=free_port(), node_name=node.node_name)
     with pytest.raises(ServerError, match="different config"):
         moved.start()
     assert node.status()["running"] is True
@@ -261,9 +256,9 @@ def test_bad_arguments_are_rejected_with_a_reason(tmp_path: Path) -> None:
 
 
 def _cluster(home: Path) -> tuple[PrivateEjabberd, PrivateEjabberd]:
-    epmd = _free_port()  # a private epmd: the machine's own (port 4369) is never touched
-    first = PrivateEjabberd(home, DOMAIN, port=_free_port(), node_name="node1@127.0.0.1", epmd_port=epmd)
-    second = PrivateEjabberd(home, DOMAIN, port=_free_port(), node_name="node2@127.0.0.1", epmd_port=epmd,
+    epmd = free_port()  # a private epmd: the machine's own (port 4369) is never touched
+    first = PrivateEjabberd(home, DOMAIN, port=free_port(), node_name="node1@127.0.0.1", epmd_port=epmd)
+    second = PrivateEjabberd(home, DOMAIN, port=free_port(), node_name="node2@127.0.0.1", epmd_port=epmd,
                              cluster_join=first.node_name, tls_from=first.dir)
     return first, second
 

@@ -13,13 +13,8 @@ from pathlib import Path
 import pytest
 import slixmpp
 
+from agents.ports import free_port
 from agents.server import PrivateServer, ServerError
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _pid_exists(pid: int) -> bool:
@@ -32,7 +27,7 @@ def _pid_exists(pid: int) -> bool:
 
 @pytest.fixture
 def server(tmp_path: Path) -> Iterator[PrivateServer]:
-    srv = PrivateServer(tmp_path / "home", port=_free_port())
+    srv = PrivateServer(tmp_path / "home", port=free_port())
     yield srv
     srv.stop()
 
@@ -121,7 +116,7 @@ async def test_accounts_written_while_stopped_survive_start(server: PrivateServe
 
 async def test_pinned_context_rejects_another_server(server: PrivateServer, tmp_path: Path) -> None:
     server.start()
-    other = PrivateServer(tmp_path / "other", port=_free_port())
+    other = PrivateServer(tmp_path / "other", port=free_port())
     other.start()
     try:
         other.register("dave", "pw")
@@ -159,7 +154,7 @@ def test_open_file_limit_is_raised_for_many_clients(server: PrivateServer) -> No
 
 def test_start_with_different_config_while_running_is_refused(server: PrivateServer) -> None:
     server.start()
-    moved = PrivateServer(server.home, port=_free_port())
+    moved = PrivateServer(server.home, port=free_port())
     with pytest.raises(ServerError, match="different config"):
         moved.start()
 
@@ -203,7 +198,7 @@ def test_pidfile_of_unrelated_process_is_not_trusted(server: PrivateServer) -> N
 def test_bad_input_is_rejected_with_a_reason(tmp_path: Path) -> None:
     with pytest.raises(ServerError, match="invalid XMPP domain"):
         PrivateServer(tmp_path, domain="Not A Domain")
-    srv = PrivateServer(tmp_path, port=_free_port())
+    srv = PrivateServer(tmp_path, port=free_port())
     with pytest.raises(ServerError, match="invalid account name"):
         srv.register("Alice@x", "pw")
     with pytest.raises(ServerError, match="invalid password"):
@@ -234,7 +229,7 @@ def test_lost_pidfile_is_recovered_so_the_server_can_be_stopped(server: PrivateS
 
 
 async def test_home_with_awkward_characters(tmp_path: Path) -> None:
-    srv = PrivateServer(tmp_path / 'my "mesh" \\ home', port=_free_port())
+    srv = PrivateServer(tmp_path / 'my "mesh" \\ home', port=free_port())
     try:
         srv.start()
         srv.register("erin", "pw")

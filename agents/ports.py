@@ -1,0 +1,49 @@
+"""Choosing a local TCP port for a server this project starts itself (an ejabberd node's Erlang distribution
+port here; private Prosody and ejabberd nodes, epmd and etcd in the tests and benchmarks): one that is free
+now and that no outgoing connection can take before the server binds it.
+
+Binding port 0 and closing the socket finds a free port in the kernel's ephemeral range, the range every
+outgoing connection draws its local port from, so in the moment before the server binds it any connect()
+on the machine may take it (seen in CI: an etcd member exited with "bind: address already in use" while
+the other test suite ran beside it). A port below that range is never handed out that way.
+"""
+
+from __future__ import annotations
+
+import random
+import socket
+from pathlib import Path
+
+_EPHEMERAL_RANGE = Path("/proc/sys/net/ipv4/ip_local_port_range")
+_LINUX_DEFAULT = (32768, 60999)
+LOWEST = 10000          # below it are the ports of services people run by hand
+_TRIES = 100
+
+
+def ephemeral_range() -> tuple[int, int]:
+    """The kernel's range for the local ports of outgoing connections (Linux's default where unreadable)."""
+    try:
+        low, high = (int(v) for v in _EPHEMERAL_RANGE.read_text().split())
+    except (OSError, ValueError):
+        return _LINUX_DEFAULT
+    return low, high
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port on ``host`` free now, chosen at random below the ephemeral range (random, so two test runs
+    side by side rarely try the same one). Falls back to the kernel's choice only on a machine whose
+    ephemeral range leaves no room below it."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    low, _ = ephemeral_range()
+    if low > LOWEST:
+        for _ in range(_TRIES):
+            port = random.randrange(LOWEST, low)
+            with socket.socket(family, socket.SOCK_STREAM) as s:
+                try:
+                    s.bind((host, port))    # no SO_REUSEADDR: a port with a connection in TIME_WAIT is skipped
+                except OSError:
+                    continue
+                return port
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
