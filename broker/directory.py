@@ -283,6 +283,8 @@ class KnownAgentsState(Protocol):
     ``add`` hands the write over and returns at once (it is called for every available presence);
     ``all`` is awaited, as a store on another backend would be."""
 
+    errors: tuple[type[BaseException], ...]     # what ``all`` raises while the store cannot answer
+
     def add(self, jid: str) -> None: ...
     async def all(self) -> list[str]: ...
     async def aclose(self) -> None: ...
@@ -291,6 +293,8 @@ class KnownAgentsState(Protocol):
 class KnownAgents:
     """:class:`KnownAgentsState` in SQLite, on the file's own thread (``agents.db.Store``): the
     broker's instances share the file."""
+
+    errors: tuple[type[BaseException], ...] = (sqlite3.Error, OSError)    # a shared file out of reach
 
     def __init__(self, path: Path | None) -> None:
         self.store = Store(path, ["CREATE TABLE IF NOT EXISTS known_agents (jid TEXT PRIMARY KEY)"],

@@ -475,6 +475,8 @@ class EtcdKnownAgents:
     """The agents any instance has listed (``KnownAgentsState`` in broker/directory.py) on etcd: one
     key per bare JID, written in the background (``add`` is called for every available presence)."""
 
+    errors = EtcdClient.errors
+
     def __init__(self, config: StateConfig) -> None:
         self.client = EtcdClient(config)
         self.prefix = f"{config.prefix.rstrip('/')}/known-agents/"
