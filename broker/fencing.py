@@ -94,6 +94,8 @@ class FenceLedgerState(Protocol):
     def fenced_now(self) -> list[Fenced]: ...
     async def aclose(self) -> None: ...
 
+    errors: tuple[type[BaseException], ...]     # what the awaited calls raise while the store cannot answer
+
 
 class FenceLedger:
     """:class:`FenceLedgerState` in SQLite, so a restarted broker still knows which nodes are fenced.
@@ -103,6 +105,8 @@ class FenceLedger:
     instance has written (``PRAGMA data_version`` on a read connection of its own, answered from
     the WAL's shared memory), and only then a re-read of the open epochs (a WAL read never waits
     for a writer). The open epochs recorded here are kept in memory as each recording leaves them."""
+
+    errors: tuple[type[BaseException], ...] = (sqlite3.Error, OSError)    # a shared file out of reach
 
     def __init__(self, path: str | Path) -> None:
         # Shared by a broker's instances (one per cluster node): WAL, and each record one transaction.
@@ -366,7 +370,7 @@ class Fencing:
                  else "", args["action"], args["cluster"], args["node"], args["ok"], f" -> {change}" if change else "")
         if change is not None:
             self.broker.fenced.install(self.ledger.fenced_now())
-            self.broker.spawn(self.push_fenced())
+            self.broker.spawn(self._push_fenced_when_answered())
         self._events.add(dict(body))
         return answer
 
@@ -439,7 +443,13 @@ class Fencing:
         if self._fencing_agent(jid):
             self.broker.spawn(self._reconcile_quietly(jid))
         if self.broker.directory.offers(jid, INSTALL_OP):
-            self.broker.spawn(self.push_fenced([jid]))
+            self.broker.spawn(self._push_fenced_when_answered([jid]))
+
+    async def _push_fenced_when_answered(self, targets: list[str] | None = None) -> None:
+        """push_fenced on the broker's own account, the ledger asked again while it cannot answer: an agent
+        that joins while etcd is out of reach still learns the fenced nodes once it is back."""
+        await shared_state.until_answered(self.broker, lambda: self.push_fenced(targets), self.ledger.errors,
+                                          "pushing the fenced nodes")
 
     async def _reconcile_quietly(self, jid: str) -> None:
         try:

@@ -38,7 +38,6 @@ from slixmpp.xmlstream import ET, tostring
 from slixmpp.exceptions import IqError, IqTimeout
 
 from agents import caps as entity_caps
-from agents.actor import Backoff
 from agents.agent import AGENT_FORM, Agent, Call, info_op
 from agents.config import StateConfig
 from agents.authz import Decision, Request
@@ -83,7 +82,6 @@ _FOUND = Result(Field("jid", "agent"), Field("resources", display="list"))
 # longest JIDs with a few resources each still fit one payload (docs/protocol.md 3.2).
 DISCOVER_UNPAGED = 1000
 HELLO_AGAIN = 3.0  # seconds after the hello until the second hello to agents not yet listed
-KNOWN_RETRY_CAP = 30.0  # longest wait between two asks for the known agents while the shared state is out of reach
 # Presences written in one transport write, between which the broker reads what came in: a hello to
 # 50,000 agents sent at once kept it from reading for tens of seconds (bench/README.md, the storm).
 # The next batch waits until the server has acknowledged (XEP-0198) all but the last one, at most
@@ -221,27 +219,14 @@ class Broker(Agent):
         answers with its own, which lists it here."""
         if not self.online and unlisted_only:
             return  # stopped or lost in the meantime: the next session says hello again anyway
-        known = await self._known_agents()
+        # While the shared state cannot answer (etcd out of reach as the session starts), the agents that
+        # were online before this session are not greeted, so not listed: asked again until it can.
+        known = await shared_state.until_answered(self, self._known.all, self._known.errors,
+                                                  "greeting the agents this broker's instances know")
         if known is None:
             return
         await self._send_presences([bare for bare in known if bare.lower() in self.roster
                                     and not (unlisted_only and self.directory.lists(bare))])
-
-    async def _known_agents(self) -> list[str] | None:
-        """The agents any instance of this broker has listed. While the shared state cannot answer (etcd
-        out of reach as the session starts), asked again with backoff for as long as the broker runs:
-        until then the agents that were online before this session are not greeted, so not listed. None
-        once the connection is gone (the next session greets them)."""
-        backoff = Backoff(base=0.5, cap=KNOWN_RETRY_CAP)
-        while self.online_or_starting:
-            try:
-                return await self._known.all()
-            except self._known.errors as exc:
-                wait = backoff.next()
-                log.warning("cannot read the agents known to this broker's instances (%s): the agents online "
-                            "before this session stay unlisted until it can; asking again in %.1f s", exc, wait)
-            await asyncio.sleep(wait)
-        return None
 
     async def _send_presences(self, jids: list[str]) -> None:
         """This session's presence to each of ``jids``, PRESENCE_BATCH to a write, the loop reading what

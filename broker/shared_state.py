@@ -8,8 +8,12 @@ the etcd client is imported only when the mesh names etcd.
 
 from __future__ import annotations
 
+import asyncio
+import logging
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Awaitable, Callable, TypeVar
+
+from agents.actor import Backoff
 
 from .constraints import RateLimits
 from .directory import KnownAgents, KnownAgentsState
@@ -19,9 +23,33 @@ if TYPE_CHECKING:
     from .fencing import FenceLedgerState
     from .leadership import LeaseStore
 
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+RETRY_CAP = 30.0  # longest wait between two asks while the shared state cannot answer
+
 # The SQLite files in the shared state directory.
 LEASE_FILE, RATES_FILE, WORKFLOWS_FILE = "leader.sqlite", "rates.sqlite", "workflows.sqlite"
 KNOWN_FILE, FENCING_FILE = "broker.sqlite", "fencing.sqlite"
+
+
+async def until_answered(broker: Any, ask: Callable[[], Awaitable[T]], errors: tuple[type[BaseException], ...],
+                         what: str) -> T | None:
+    """What ``ask()`` returns, asked again with backoff (0.5 s, doubling to RETRY_CAP) while the shared
+    state cannot answer (etcd down or cut off, a shared file out of reach: ``errors``), with a warning
+    saying ``what`` waits each time; None once the broker's connection is gone (its next session asks
+    again). For work a broker does on its own, where nobody waits to be told it failed: the greeting
+    of the agents it knows, the fenced nodes pushed to an agent that joins."""
+    backoff = Backoff(base=0.5, cap=RETRY_CAP)
+    while broker.online_or_starting:
+        try:
+            return await ask()
+        except errors as exc:
+            wait = backoff.next()
+            log.warning("the broker's shared state cannot answer (%s): %s waits; asking again in %.1f s",
+                        exc, what, wait)
+        await asyncio.sleep(wait)
+    return None
 
 
 def _etcd() -> Any:

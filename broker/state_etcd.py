@@ -110,7 +110,7 @@ class EtcdClient(aetcd.Client):
         """``call``, and once more after logging in again if the member no longer knows the token."""
         metadata = self.metadata
         try:
-            return await call(*args, **kwargs)
+            return await _on_channel(call, *args, **kwargs)
         except aetcd.exceptions.UnauthenticatedError as exc:
             if self._username is None:
                 raise
@@ -118,7 +118,7 @@ class EtcdClient(aetcd.Client):
                 log.info("etcd member %s no longer knows this broker's token (%s); logging in again",
                          self.config.endpoints[self._member], exc)
                 await self._log_in()
-            return await call(*args, **kwargs)
+            return await _on_channel(call, *args, **kwargs)
 
     async def _log_in(self) -> None:
         """A new token for calls on the current channel, and a watcher that sends it."""
@@ -137,6 +137,9 @@ class EtcdClient(aetcd.Client):
         for left in range(len(self.config.endpoints) - 1, -1, -1):
             try:
                 return await self._logged_in(call, *args, **kwargs)
+            except ChannelClosed:
+                if not left:  # the call that closed it has moved on to the next member already
+                    raise
             except UNREACHABLE as exc:
                 await self._next_member(exc)
                 if not left:
@@ -164,6 +167,8 @@ class EtcdClient(aetcd.Client):
     async def transaction(self, *args: Any, **kwargs: Any) -> Any:
         try:
             return await self._logged_in(super().transaction, *args, **kwargs)
+        except ChannelClosed:
+            raise  # may have been applied; the call that closed the channel has moved on already
         except UNREACHABLE as exc:
             await self._next_member(exc)  # the next call goes elsewhere; this one may have been applied
             raise
@@ -171,6 +176,25 @@ class EtcdClient(aetcd.Client):
 
 # What a member that is down, or cut off from the others, answers (or fails to).
 UNREACHABLE = (aetcd.exceptions.ConnectionFailedError, aetcd.exceptions.ConnectionTimeoutError)
+
+
+class ChannelClosed(aetcd.exceptions.ConnectionFailedError):
+    """A call whose channel another call on the same client closed, moving to the next member."""
+
+
+async def _on_channel(call: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    """``call``, failing as unreachable (ChannelClosed) where grpc cancelled it because its channel was
+    closed: grpc cancels every call in flight on a channel it closes, so when one call finds the member
+    down and moves on, the others on the client (the fence ledger's poll beside a push, say) would end
+    with a CancelledError nobody asked for, and whatever awaited them would stop as if cancelled."""
+    try:
+        return await call(*args, **kwargs)
+    except asyncio.CancelledError:
+        task = asyncio.current_task()
+        if task is None or task.cancelling():
+            raise  # a real cancellation of this task
+        raise ChannelClosed("the call's channel to the etcd member was closed under it (another call moved"
+                            " to the next member)") from None
 
 
 async def _on_a_live_member(client: EtcdClient, compare: list[Any], success: list[Any]) -> bool:
@@ -522,6 +546,7 @@ class EtcdFenceLedger:
     etcd's revision of them has moved (another instance recorded), and at once after a recording here."""
 
     POLL = 1.0  # seconds between looks for epochs another instance recorded
+    errors = EtcdClient.errors
 
     def __init__(self, config: StateConfig) -> None:
         self.client = EtcdClient(config)
