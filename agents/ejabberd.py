@@ -37,14 +37,13 @@ import re
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from string import Template
 
-from .ports import free_port
+from .ports import bind_error, free_port
 from .server import (
     ITERATIONS,
     PrivateNode,
@@ -97,17 +96,6 @@ def _is_ip(text: str) -> bool:
     except ValueError:
         return False
     return True
-
-
-def _port_free(host: str, port: int) -> OSError | None:
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            s.bind((host, port))
-        except OSError as exc:
-            return exc
-    return None
 
 
 def ejabberd_installed() -> bool:
@@ -550,7 +538,7 @@ class PrivateEjabberd(PrivateNode):
         if self.component_port is not None:
             wanted.append((self.host, self.component_port, "component port"))
         for host, port, what in wanted:
-            exc = _port_free(host, port)
+            exc = bind_error(host, port)
             if exc is None:
                 continue
             if exc.errno == errno.EADDRINUSE:

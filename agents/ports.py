@@ -1,6 +1,7 @@
-"""Choosing a local TCP port for a server this project starts itself (an ejabberd node's Erlang distribution
-port here; private Prosody and ejabberd nodes, epmd and etcd in the tests and benchmarks): one that is free
-now and that no outgoing connection can take before the server binds it.
+"""Checking and choosing local TCP ports for the servers this project starts itself. Checking: whether a
+private Prosody's or ejabberd node's port can be bound, before the server is started on it. Choosing (an
+ejabberd node's Erlang distribution port here; private Prosody and ejabberd nodes, epmd and etcd in the
+tests and benchmarks): a port free now that no outgoing connection can take before the server binds it.
 
 Binding port 0 and closing the socket finds a free port in the kernel's ephemeral range, the range every
 outgoing connection draws its local port from, so in the moment before the server binds it any connect()
@@ -29,6 +30,20 @@ def ephemeral_range() -> tuple[int, int]:
     return low, high
 
 
+def bind_error(host: str, port: int, reuse_address: bool = True) -> OSError | None:
+    """Why a TCP socket cannot bind ``host:port`` now; None when it can. With ``reuse_address``, as the
+    servers bind (a port whose old connections linger in TIME_WAIT counts as free)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        if reuse_address:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError as exc:
+            return exc
+    return None
+
+
 def free_port(host: str = "127.0.0.1") -> int:
     """A TCP port on ``host`` free now, chosen at random below the ephemeral range (random, so two test runs
     side by side rarely try the same one). Falls back to the kernel's choice only on a machine whose
@@ -38,11 +53,7 @@ def free_port(host: str = "127.0.0.1") -> int:
     if low > LOWEST:
         for _ in range(_TRIES):
             port = random.randrange(LOWEST, low)
-            with socket.socket(family, socket.SOCK_STREAM) as s:
-                try:
-                    s.bind((host, port))    # no SO_REUSEADDR: a port with a connection in TIME_WAIT is skipped
-                except OSError:
-                    continue
+            if bind_error(host, port, reuse_address=False) is None:   # a port still in TIME_WAIT is passed over
                 return port
     with socket.socket(family, socket.SOCK_STREAM) as s:
         s.bind((host, 0))

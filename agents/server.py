@@ -30,6 +30,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from string import Template
 
+from .ports import bind_error
+
 TEMPLATE_NAME = "prosody.cfg.lua.in"
 # RFC 5802's minimum; also set as Prosody's default_iteration_count in the template.
 ITERATIONS = 4096
@@ -507,19 +509,16 @@ class PrivateServer(PrivateNode):
 
     def _check_port_free(self) -> None:
         # Prosody only logs a failed bind and keeps running, so find out before starting it.
-        family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
-        with socket.socket(family, socket.SOCK_STREAM) as s:
-            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            try:
-                s.bind((self.host, self.port))
-            except OSError as exc:
-                if exc.errno == errno.EADDRINUSE:
-                    raise ServerError(
-                        f"port {self.port} on {self.host} is already in use by another program; "
-                        "stop it or choose another port for the private server"
-                    ) from exc
-                raise ServerError(f"cannot listen on {self.host}:{self.port}: {exc.strerror}; "
-                                  "choose a local address and a free port") from exc
+        exc = bind_error(self.host, self.port)
+        if exc is None:
+            return
+        if exc.errno == errno.EADDRINUSE:
+            raise ServerError(
+                f"port {self.port} on {self.host} is already in use by another program; "
+                "stop it or choose another port for the private server"
+            ) from exc
+        raise ServerError(f"cannot listen on {self.host}:{self.port}: {exc.strerror}; "
+                          "choose a local address and a free port") from exc
 
     def _spawn(self, prosody: str, timeout: float) -> None:
         self.pidfile.unlink(missing_ok=True)

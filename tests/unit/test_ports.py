@@ -3,6 +3,7 @@ connection can take it before the server that asked for it binds it."""
 
 from __future__ import annotations
 
+import errno
 import itertools
 import socket
 
@@ -47,3 +48,13 @@ def test_the_range_is_read_from_the_kernel(tmp_path, monkeypatch) -> None:
     assert ports.ephemeral_range() == (40000, 50000)
     monkeypatch.setattr(ports, "_EPHEMERAL_RANGE", tmp_path / "missing")
     assert ports.ephemeral_range() == (32768, 60999)
+
+
+def test_bind_error_says_why_a_port_cannot_be_bound() -> None:
+    with socket.socket() as squatter:
+        squatter.bind(("127.0.0.1", 0))
+        squatter.listen()
+        taken = squatter.getsockname()[1]
+        exc = ports.bind_error("127.0.0.1", taken)
+        assert exc is not None and exc.errno == errno.EADDRINUSE
+    assert ports.bind_error("127.0.0.1", taken) is None
