@@ -182,13 +182,26 @@ class ChannelClosed(aetcd.exceptions.ConnectionFailedError):
     """A call whose channel another call on the same client closed, moving to the next member."""
 
 
+# etcd's own timeout of a request it could not get through its cluster in time (a member catching up after
+# a partition heals, an election): Go's context error, which reaches the client without a grpc status code.
+_SERVER_TIMEOUT = "context deadline exceeded"
+
+
 async def _on_channel(call: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-    """``call``, failing as unreachable (ChannelClosed) where grpc cancelled it because its channel was
-    closed: grpc cancels every call in flight on a channel it closes, so when one call finds the member
-    down and moves on, the others on the client (the fence ledger's poll beside a push, say) would end
-    with a CancelledError nobody asked for, and whatever awaited them would stop as if cancelled."""
+    """``call``, failing as unreachable where the member could not answer it:
+
+    - where etcd timed the request out itself, as a ConnectionTimeoutError (it may have been applied, like
+      a call whose answer did not come), not as an unclassified ClientError that callers do not retry;
+    - where grpc cancelled it because its channel was closed, as ChannelClosed: grpc cancels every call in
+      flight on a channel it closes, so when one call finds the member down and moves on, the others on
+      the client (the fence ledger's poll beside a push, say) would end with a CancelledError nobody asked
+      for, and whatever awaited them would stop as if cancelled."""
     try:
         return await call(*args, **kwargs)
+    except aetcd.exceptions.ClientError as exc:
+        if type(exc) is aetcd.exceptions.ClientError and _SERVER_TIMEOUT in str(exc):
+            raise aetcd.exceptions.ConnectionTimeoutError(str(exc)) from exc
+        raise
     except asyncio.CancelledError:
         task = asyncio.current_task()
         if task is None or task.cancelling():
