@@ -37,6 +37,7 @@ import sqlite3
 import struct
 import threading
 from collections import Counter, deque
+from dataclasses import dataclass, field
 from itertools import chain, repeat
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -58,7 +59,7 @@ _QUERY_BATCH = 500          # stays under SQLite's host-parameter limit on every
 # Many ids looked up in one statement, passed as one blob of concatenated ids; CROSS JOIN keeps the id list
 # the outer loop (one index probe per id, never a scan of the chunks).
 _LOOKUP = ("WITH RECURSIVE k(i) AS (VALUES(0) UNION ALL SELECT i + 1 FROM k WHERE i + 1 < ?2) "
-           "SELECT c.id FROM k CROSS JOIN chunks c ON c.id = substr(?1, k.i * 32 + 1, 32)")
+           "SELECT c.id, c.pack, c.off FROM k CROSS JOIN chunks c ON c.id = substr(?1, k.i * 32 + 1, 32)")
 # The same walk over distinct ids that the given segment references reach ?3 times each: the stored bytes of
 # those whose every reference is among them (exclusive) and of the rest (shared), summed inside SQLite.
 _SPLIT = ("WITH RECURSIVE k(i) AS (VALUES(0) UNION ALL SELECT i + 1 FROM k WHERE i + 1 < ?2) "
@@ -117,6 +118,26 @@ class _Lease:
             self._pool.append(self._buf)
 
 
+@dataclass
+class _Tally:
+    """What one transaction added to the store: enough for sharing() to answer for the snapshot it captured
+    without a lookup per chunk, when every chunk that snapshot reaches is one this transaction inserted."""
+
+    start: tuple[int, int]          # (pack, offset) of its first append: a row before it is older
+    chunk_bytes: int = 0            # stored bytes of the chunk rows it inserted
+    put: int = 0                    # block ids it passed through the writer's dedupe (an ingest)
+    found_older: int = 0            # of those, ids an older transaction had stored
+    segment_ids: int = 0            # ids in the segments it inserted
+    segments: set[bytes] = field(default_factory=set)      # the segments it inserted
+
+    def all_new(self, segment_counts: Counter[bytes]) -> bool:
+        """Whether the chunks these segment references reach are all this transaction's: it inserted each of
+        the segments and nothing else, every id in them went through the dedupe in it, and none was found
+        stored before. Each such chunk's references then all come from these segments."""
+        return (self.found_older == 0 and self.put == self.segment_ids
+                and len(segment_counts) == len(self.segments) and all(s in self.segments for s in segment_counts))
+
+
 def split_ids(blob: bytes) -> list[bytes]:
     return [blob[i:i + ID_BYTES] for i in range(0, len(blob), ID_BYTES)]
 
@@ -156,6 +177,8 @@ class ChunkStore:
         self._stored_bytes = 0
         self._buffers: list[mmap.mmap] = []       # read buffers of put_file to reuse (list ops are atomic)
         self._span_lists: dict[tuple[int, int], list[tuple[int, int]]] = {}
+        self._txn = _Tally(self.packs.position())          # the open transaction's
+        self._committed: _Tally | None = None     # the last commit's, while nothing has been written since
 
     def close(self) -> None:
         self._drain(raise_errors=False)
@@ -211,6 +234,8 @@ class ChunkStore:
                lease: _Lease | None = None) -> None:
         """Hand a batch to the writer, which keeps the blocks the store lacks. Its ids count as stored from
         here on (missing() and the writer's own lookups see them in flight)."""
+        self._committed = None
+        self._txn.put += len(ids)
         with self._inflight_lock:
             self._inflight.update(ids)
         self._submit(self._compress_and_append, buf, ids, spans, lease)
@@ -225,6 +250,7 @@ class ChunkStore:
         if blake3.blake3(raw).digest() != cid:
             raise StorageError(f"replication stream corrupt: chunk {cid.hex()[:16]} does not match its "
                                f"id; nothing was published, send the stream again", code="corrupt")
+        self._committed = None
         if cid not in self._stored:
             self._stored[cid] = (z, len(raw), data)
             self._stored_bytes += len(data)
@@ -271,8 +297,11 @@ class ChunkStore:
             written = self._written
             todo = {c for c in ids if c not in written}
             if todo:
-                indexed = {r[0] for r in self.db.execute(_LOOKUP, (b"".join(todo), len(todo)))}
+                found = self.db.execute(_LOOKUP, (b"".join(todo), len(todo))).fetchall()
+                indexed = {r[0] for r in found}
                 if indexed:
+                    start = self._txn.start
+                    self._txn.found_older += sum(1 for _, pack, off in found if (pack, off) < start)
                     todo -= indexed
                     with self._inflight_lock:
                         self._inflight.difference_update(indexed)
@@ -355,6 +384,7 @@ class ChunkStore:
             return
         # In id order: neighbouring keys land on the same B-tree pages (ids are uniformly random).
         ids, packs, offsets, lens, zs, sizes = zip(*sorted(self._rows))
+        self._txn.chunk_bytes += sum(lens)
         refs = map(self._refs.pop, ids, repeat(0))
         numbers = tuple(chain.from_iterable(zip(packs, offsets, lens, zs, sizes, refs)))
         self.db.execute(_INSERT, (b"".join(ids), (_ROW_FORMAT * len(ids) % numbers).encode(), len(ids)))
@@ -384,6 +414,7 @@ class ChunkStore:
         if self.packs.dirty():
             self.packs.sync()
         self.db.commit()
+        self._committed, self._txn = self._txn, _Tally(self.packs.position())
 
     def abort(self) -> None:
         """Drop everything since the last commit: the transaction, and the pack bytes written for it."""
@@ -393,6 +424,7 @@ class ChunkStore:
         self._inflight.clear()
         self.db.rollback()
         self.packs.recover()
+        self._committed, self._txn = None, _Tally(self.packs.position())
 
     # reading ----------------------------------------------------------------------------------------------
     def _unknown(self, ids: Iterable[bytes]) -> set[bytes]:
@@ -463,9 +495,12 @@ class ChunkStore:
             blob = b"".join(part)
             sid = blake3.blake3(blob).digest()
             with self._db_lock:
+                self._committed = None
                 cur = self.db.execute("INSERT OR IGNORE INTO segments(id, ids) VALUES (?, ?)", (sid, blob))
                 if cur.rowcount == 1:
                     self._refs.update(part)      # applied as the chunks' rows are inserted, or at commit
+                    self._txn.segments.add(sid)
+                    self._txn.segment_ids += len(part)
             seg_ids.append(sid)
         return b"".join(seg_ids)
 
@@ -481,17 +516,24 @@ class ChunkStore:
         return ids
 
     def ref_segments(self, segs: bytes, delta: int) -> None:
+        self._committed = None
         counts = Counter(split_ids(segs))
         self.db.executemany("UPDATE segments SET refs = refs + ? WHERE id = ?",
                             [(n * delta, sid) for sid, n in counts.items()])
 
     def _add_chunk_refs(self, counts: Counter[bytes], delta: int) -> None:
+        self._committed = None
         self.db.executemany("UPDATE chunks SET refs = refs + ? WHERE id = ?",
                             [(n * delta, cid) for cid, n in counts.items()])
 
     def sharing(self, segment_counts: Counter[bytes]) -> tuple[int, int]:
         """(exclusive, shared) stored bytes of the chunks a set of segment references reaches: a chunk is
         exclusive when every reference to it comes from segments these references alone hold."""
+        if self._committed is not None and self._committed.all_new(segment_counts):
+            # The snapshot the last commit captured, nothing written since, all its chunks new in that commit:
+            # each is referenced by its segments alone, so all are exclusive (what a first snapshot of a
+            # volume is, whatever its size; otherwise one index lookup per chunk, below).
+            return self._committed.chunk_bytes, 0
         with self._db_lock:
             own_ids: list[bytes] = []           # of the segments these references alone hold, with repeats
             other_ids: list[bytes] = []         # of the segments others hold too

@@ -357,6 +357,10 @@ class PackFiles:
         self._created = True
         self._kicked = self._dropped = 0
 
+    def position(self) -> tuple[int, int]:
+        """(pack, offset) where the next append will go: every record appended from now on is at or after it."""
+        return (self._active, self._size) if self._active is not None else (self._next_id, len(MAGIC))
+
     def seal(self) -> None:
         """Stop appending to the active pack (the next append starts a new one)."""
         self._close_writer()

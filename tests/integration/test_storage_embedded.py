@@ -4,9 +4,11 @@ per-chunk verification on receive, and surviving a restart."""
 from __future__ import annotations
 
 import os
+from collections import Counter
 
 import pytest
 
+from agents.storage.chunkstore import split_ids
 from agents.storage.driver import StorageError
 from agents.storage.embedded import BLOCK_SIZE, EmbeddedDriver
 from agents.storage.stream import write_stream
@@ -161,3 +163,81 @@ def test_names_that_are_not_utf8(store, tmp_path):
         assert tree(os.fsencode(reopened.path("c2"))) == expected2
     finally:
         reopened.close()
+
+
+def _sharing_both_ways(drv: EmbeddedDriver, volume: str, snap: str) -> tuple[bool, tuple[int, int], tuple[int, int]]:
+    """Whether the chunk store may answer a snapshot's sharing from its last commit, that answer, and the
+    answer of the lookup per chunk."""
+    (snap_id,) = drv.db.execute("SELECT id FROM snapshots WHERE volume = ? AND name = ?", (volume, snap)).fetchone()
+    counts: Counter[bytes] = Counter()
+    for (segs,) in drv.db.execute("SELECT segs FROM entries WHERE snap = ?", (snap_id,)):
+        counts.update(split_ids(segs))
+    committed = drv.store._committed
+    shortcut = committed is not None and committed.all_new(counts)
+    quick = drv.store.sharing(counts)
+    drv.store._committed = None
+    return shortcut, quick, drv.store.sharing(counts)
+
+
+def test_a_snapshot_of_new_chunks_answers_its_sharing_without_a_lookup_per_chunk(store, tmp_path):
+    """A snapshot whose chunks its own commit inserted takes its exclusive bytes from that commit; the answer is
+    the one the lookup per chunk gives, and the shortcut is not taken where a chunk was stored before (the same
+    pages in new segments, a receive, an unchanged segment)."""
+    store.create_volume("db")
+    pages = [os.urandom(BLOCK_SIZE) for _ in range(5000)]
+    # Repeats within one batch of index rows and across batches (4,096 rows go in at a time), and zero pages.
+    layout = pages + [pages[1]] * 3 + [pages[4500]] * 2 + [bytes(BLOCK_SIZE)] * 50 + pages[:10]
+    (store.path("db") / "table").write_bytes(b"".join(layout))
+    (store.path("db") / "empty").write_bytes(b"")
+    info = store.snapshot("db", "s1", for_clones=False)
+    shortcut, quick, looked_up = _sharing_both_ways(store, "db", "s1")
+    assert shortcut and quick == looked_up and looked_up[1] == 0, (quick, looked_up)
+    assert (info.exclusive_bytes, info.shared_bytes) == looked_up
+    assert looked_up[0] >= 5000 * BLOCK_SIZE, looked_up
+
+    # The same pages in another order: new segments, but every chunk was stored before, so all are shared.
+    store.create_volume("copy")
+    (store.path("copy") / "table").write_bytes(b"".join(reversed(pages)))
+    info = store.snapshot("copy", "s1", for_clones=False)
+    shortcut, quick, looked_up = _sharing_both_ways(store, "copy", "s1")
+    assert not shortcut and quick == looked_up == (info.exclusive_bytes, info.shared_bytes)
+    assert looked_up[0] == 0 and looked_up[1] >= 5000 * BLOCK_SIZE, looked_up
+
+    # A few pages changed: unchanged segments are the earlier snapshot's.
+    with open(store.path("db") / "table", "r+b") as f:
+        f.seek(BLOCK_SIZE * 7)
+        f.write(os.urandom(BLOCK_SIZE))
+    store.snapshot("db", "s2", for_clones=False)
+    shortcut, quick, looked_up = _sharing_both_ways(store, "db", "s2")
+    assert not shortcut and quick == looked_up and looked_up[1] > 0, looked_up
+
+    # A received snapshot: its chunks came off the stream, not through the dedupe of an ingest (here the
+    # receiving store holds most of them already, from another volume).
+    other = EmbeddedDriver(tmp_path / "other")
+    try:
+        other.receive("copy", "s1", store.send("copy", "s1"))
+        other.receive("db", "s1", store.send("db", "s1"))
+        shortcut, quick, looked_up = _sharing_both_ways(other, "db", "s1")
+        assert not shortcut and quick == looked_up and looked_up[1] >= 5000 * BLOCK_SIZE, looked_up
+    finally:
+        other.close()
+
+    # Anything written after the commit ends the shortcut: destroying another snapshot moves references.
+    store.create_volume("fresh")
+    (store.path("fresh") / "f").write_bytes(os.urandom(BLOCK_SIZE * 20))
+    store.snapshot("fresh", "s1", for_clones=False)
+    store.destroy_snapshot("db", "s2")
+    shortcut, quick, looked_up = _sharing_both_ways(store, "fresh", "s1")
+    assert not shortcut and quick == looked_up == (20 * BLOCK_SIZE, 0), looked_up
+
+    # Segments the same transaction inserted that the snapshot does not reference (a file read again because
+    # it changed while it was read): their references make the chunks they share with it shared.
+    store.create_volume("reread")
+    (store.path("reread") / "f").write_bytes(os.urandom(BLOCK_SIZE * 20))
+    with open(store.path("reread") / "f", "rb") as f:
+        first_read = [cid for _, batch in store.store.put_file(f, BLOCK_SIZE, 1 << 20) for cid in batch]
+    store.store.put_segments(first_read[:10])
+    store.store.put_segments(first_read[10:])
+    store.snapshot("reread", "s1", for_clones=False)
+    shortcut, quick, looked_up = _sharing_both_ways(store, "reread", "s1")
+    assert not shortcut and quick == looked_up == (0, 20 * BLOCK_SIZE), looked_up
