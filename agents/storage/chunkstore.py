@@ -74,6 +74,9 @@ _ROW_FORMAT = "%010d" * 6
 _INSERT = ("WITH RECURSIVE k(i) AS (VALUES(0) UNION ALL SELECT i + 1 FROM k WHERE i + 1 < ?3) "
            "INSERT INTO chunks(id, pack, off, len, z, size, refs) SELECT substr(?1, i * 32 + 1, 32), "
            + ", ".join(f"CAST(substr(?2, i * 60 + {1 + 10 * k}, 10) AS INTEGER)" for k in range(6)) + " FROM k")
+# The stored bytes of distinct chunks (a segment's, kept in segments.bytes once known: they never change).
+_BYTES = ("WITH RECURSIVE k(i) AS (VALUES(0) UNION ALL SELECT i + 1 FROM k WHERE i + 1 < ?2) "
+          "SELECT coalesce(sum(c.len), 0) FROM k CROSS JOIN chunks c ON c.id = substr(?1, k.i * 32 + 1, 32)")
 _SPLIT_BATCH = 1 << 15      # ids per _SPLIT statement (a 1 MiB blob)
 _MAX_JOBS = 4               # batches queued for the writer (each holds one read buffer, 1 MiB on ingest)
 _ROW_BATCH = 4096           # index rows inserted together
@@ -85,7 +88,7 @@ CREATE TABLE IF NOT EXISTS chunks(
     id BLOB PRIMARY KEY, pack INTEGER NOT NULL, off INTEGER NOT NULL, len INTEGER NOT NULL,
     z INTEGER NOT NULL, size INTEGER NOT NULL, refs INTEGER NOT NULL DEFAULT 0) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS segments(
-    id BLOB PRIMARY KEY, ids BLOB NOT NULL, refs INTEGER NOT NULL DEFAULT 0);
+    id BLOB PRIMARY KEY, ids BLOB NOT NULL, refs INTEGER NOT NULL DEFAULT 0, bytes INTEGER);
 CREATE INDEX IF NOT EXISTS chunks_unreferenced ON chunks(refs) WHERE refs <= 0;
 CREATE INDEX IF NOT EXISTS segments_unreferenced ON segments(refs) WHERE refs <= 0;
 """
@@ -126,7 +129,7 @@ class _Tally:
     start: tuple[int, int]          # (pack, offset) of its first append: a row before it is older
     chunk_bytes: int = 0            # stored bytes of the chunk rows it inserted
     put: int = 0                    # block ids it passed through the writer's dedupe (an ingest)
-    found_older: int = 0            # of those, ids an older transaction had stored
+    found_older: bool = False       # whether one of them was stored by an older transaction
     segment_ids: int = 0            # ids in the segments it inserted
     segments: set[bytes] = field(default_factory=set)      # the segments it inserted
 
@@ -134,7 +137,7 @@ class _Tally:
         """Whether the chunks these segment references reach are all this transaction's: it inserted each of
         the segments and nothing else, every id in them went through the dedupe in it, and none was found
         stored before. Each such chunk's references then all come from these segments."""
-        return (self.found_older == 0 and self.put == self.segment_ids
+        return (not self.found_older and self.put == self.segment_ids
                 and len(segment_counts) == len(self.segments) and all(s in self.segments for s in segment_counts))
 
 
@@ -154,6 +157,9 @@ class ChunkStore:
                                f"that kept chunk data inside SQLite; it is not migrated. Move it aside and "
                                f"let a new store be created (replicate back what it held)", code="environment")
         self.db.executescript(_SCHEMA)
+        if "bytes" not in [r[1] for r in self.db.execute("PRAGMA table_info(segments)")]:
+            self.db.execute("ALTER TABLE segments ADD COLUMN bytes INTEGER")   # a store from before it (NULL: not
+            self.db.commit()                                                   # known yet, counted when needed)
         row = self.db.execute("PRAGMA database_list").fetchone()
         self._path_hint = str(Path(row[2])) if row and row[2] else "(memory)"
         self.packs = PackFiles(pack_dir, db)
@@ -300,8 +306,9 @@ class ChunkStore:
                 found = self.db.execute(_LOOKUP, (b"".join(todo), len(todo))).fetchall()
                 indexed = {r[0] for r in found}
                 if indexed:
-                    start = self._txn.start
-                    self._txn.found_older += sum(1 for _, pack, off in found if (pack, off) < start)
+                    if not self._txn.found_older:
+                        start = self._txn.start
+                        self._txn.found_older = any((pack, off) < start for _, pack, off in found)
                     todo -= indexed
                     with self._inflight_lock:
                         self._inflight.difference_update(indexed)
@@ -527,8 +534,12 @@ class ChunkStore:
                             [(n * delta, cid) for cid, n in counts.items()])
 
     def sharing(self, segment_counts: Counter[bytes]) -> tuple[int, int]:
-        """(exclusive, shared) stored bytes of the chunks a set of segment references reaches: a chunk is
-        exclusive when every reference to it comes from segments these references alone hold."""
+        """(exclusive, shared) stored bytes of the chunks a set of segment references reaches. A chunk of the
+        segments these references alone hold is exclusive when every reference to it comes from them, and
+        shared otherwise; a segment others hold too adds its stored bytes to shared whole, from segments.bytes
+        (counted once per segment, so a chunk repeated in two such segments counts twice). A snapshot's
+        answer and a listing then cost a lookup per chunk only for what changed since the snapshots it
+        shares segments with, not for the whole volume each time."""
         if self._committed is not None and self._committed.all_new(segment_counts):
             # The snapshot the last commit captured, nothing written since, all its chunks new in that commit:
             # each is referenced by its segments alone, so all are exclusive (what a first snapshot of a
@@ -536,11 +547,20 @@ class ChunkStore:
             return self._committed.chunk_bytes, 0
         with self._db_lock:
             own_ids: list[bytes] = []           # of the segments these references alone hold, with repeats
-            other_ids: list[bytes] = []         # of the segments others hold too
+            shared = 0
+            uncounted: list[tuple[bytes, bytes]] = []   # segments others hold too whose bytes are not known yet
             for sid, n in segment_counts.items():
-                row = self.db.execute("SELECT ids, refs FROM segments WHERE id = ?", (sid,)).fetchone()
-                if row is not None:
-                    (own_ids if row[1] <= n else other_ids).extend(split_ids(row[0]))
+                row = self.db.execute("SELECT ids, refs, bytes FROM segments WHERE id = ?", (sid,)).fetchone()
+                if row is None:
+                    continue
+                if row[1] <= n:
+                    own_ids.extend(split_ids(row[0]))
+                elif row[2] is not None:
+                    shared += row[2]
+                else:
+                    uncounted.append((sid, row[0]))
+            if uncounted:
+                shared += self._count_segments(uncounted)
             # One statement per batch of chunks with the same count of own references, not one lookup per
             # chunk: the per-chunk round trips through the sqlite3 module were most of a snapshot's answer.
             own_counts = Counter(own_ids)
@@ -550,8 +570,7 @@ class ChunkStore:
             else:
                 for cid, own in own_counts.items():
                     by_own.setdefault(own, []).append(cid)
-            by_own[0] = [cid for cid in dict.fromkeys(other_ids) if cid not in own_counts]
-            exclusive = shared = 0
+            exclusive = 0
             for own, ids in by_own.items():
                 for i in range(0, len(ids), _SPLIT_BATCH):
                     part = ids[i:i + _SPLIT_BATCH]
@@ -559,6 +578,20 @@ class ChunkStore:
                     exclusive += mine
                     shared += common
         return exclusive, shared
+
+    def _count_segments(self, segments: list[tuple[bytes, bytes]]) -> int:
+        """Sum the stored bytes of each (id, ids) segment's distinct chunks and keep them in segments.bytes
+        (committed here unless a transaction is open, which then carries them)."""
+        was_open = self.db.in_transaction
+        total = 0
+        for sid, blob in segments:
+            distinct = set(split_ids(blob))
+            (n,) = self.db.execute(_BYTES, (b"".join(distinct), len(distinct))).fetchone()
+            self.db.execute("UPDATE segments SET bytes = ? WHERE id = ?", (n, sid))
+            total += n
+        if not was_open:
+            self.db.commit()
+        return total
 
     # accounting and collection --------------------------------------------------------------------------
     def gc(self) -> int:

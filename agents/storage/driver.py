@@ -71,7 +71,8 @@ class SnapshotInfo:
     logical_bytes: int        # sum of file sizes in the snapshot
     clones: tuple[str, ...] = field(default_factory=tuple)
     exclusive_bytes: int = 0  # stored bytes only this snapshot holds: what destroying it would free
-    shared_bytes: int = 0     # stored bytes it shares with other snapshots (and, with btrfs, the live tree)
+    shared_bytes: int = 0     # stored bytes it shares with other snapshots (and, with btrfs, the live tree;
+                              # embedded: whole shared segments, so a chunk repeated in two counts twice)
 
 
 class StorageDriver(abc.ABC):

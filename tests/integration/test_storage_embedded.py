@@ -4,6 +4,7 @@ per-chunk verification on receive, and surviving a restart."""
 from __future__ import annotations
 
 import os
+import sqlite3
 from collections import Counter
 
 import pytest
@@ -241,3 +242,59 @@ def test_a_snapshot_of_new_chunks_answers_its_sharing_without_a_lookup_per_chunk
     store.snapshot("reread", "s1", for_clones=False)
     shortcut, quick, looked_up = _sharing_both_ways(store, "reread", "s1")
     assert not shortcut and quick == looked_up == (0, 20 * BLOCK_SIZE), looked_up
+
+
+def _sharing_chunk_by_chunk(drv: EmbeddedDriver, volume: str, snap: str) -> tuple[int, int]:
+    """A snapshot's (exclusive, shared) bytes counted chunk by chunk, as the definition reads."""
+    (snap_id,) = drv.db.execute("SELECT id FROM snapshots WHERE volume = ? AND name = ?", (volume, snap)).fetchone()
+    counts: Counter[bytes] = Counter()
+    for (segs,) in drv.db.execute("SELECT segs FROM entries WHERE snap = ?", (snap_id,)):
+        counts.update(split_ids(segs))
+    own: Counter[bytes] = Counter()
+    reached: set[bytes] = set()
+    for sid, n in counts.items():
+        ids, refs = drv.db.execute("SELECT ids, refs FROM segments WHERE id = ?", (sid,)).fetchone()
+        reached.update(split_ids(ids))
+        if refs <= n:
+            own.update(split_ids(ids))
+    exclusive = shared = 0
+    for cid in reached:
+        length, refs = drv.db.execute("SELECT len, refs FROM chunks WHERE id = ?", (cid,)).fetchone()
+        if refs <= own[cid]:
+            exclusive += length
+        else:
+            shared += length
+    return exclusive, shared
+
+
+def test_segments_shared_with_other_snapshots_are_counted_once_and_kept(store, tmp_path):
+    """An incremental snapshot's shared bytes come from the byte counts of the segments it shares, counted
+    the first time they are needed and kept (a store from before the column gets it); the figures are the
+    ones counting chunk by chunk gives."""
+    store.create_volume("db")
+    (store.path("db") / "table").write_bytes(os.urandom(BLOCK_SIZE * 3000))     # 3 segments
+    store.snapshot("db", "s1", for_clones=False)
+    with open(store.path("db") / "table", "r+b") as f:
+        f.seek(BLOCK_SIZE * 5)
+        f.write(os.urandom(BLOCK_SIZE))
+    info = store.snapshot("db", "s2", for_clones=False)
+    expected = _sharing_chunk_by_chunk(store, "db", "s2")
+    assert (info.exclusive_bytes, info.shared_bytes) == expected and expected[1] >= 1900 * BLOCK_SIZE, expected
+    counted = store.db.execute("SELECT count(*), sum(bytes) FROM segments WHERE bytes IS NOT NULL").fetchone()
+    assert counted == (2, 3000 * BLOCK_SIZE - 1024 * BLOCK_SIZE), counted   # the two unchanged segments
+    listed = {s.name: (s.exclusive_bytes, s.shared_bytes) for s in store.list_snapshots("db")}
+    assert listed == {"s1": _sharing_chunk_by_chunk(store, "db", "s1"), "s2": expected}, listed
+    store.close()
+
+    # A store from before segments.bytes: the column is added, empty, and filled as figures are asked for.
+    db = sqlite3.connect(tmp_path / "store" / "store.sqlite")
+    db.execute("ALTER TABLE segments DROP COLUMN bytes")
+    db.commit()
+    db.close()
+    again = EmbeddedDriver(tmp_path / "store")
+    try:
+        assert again.db.execute("SELECT count(*) FROM segments WHERE bytes IS NOT NULL").fetchone() == (0,)
+        listed_again = {s.name: (s.exclusive_bytes, s.shared_bytes) for s in again.list_snapshots("db")}
+        assert listed_again == listed, listed_again
+    finally:
+        again.close()
