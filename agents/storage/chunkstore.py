@@ -41,7 +41,7 @@ from dataclasses import dataclass, field
 from itertools import chain, repeat
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import blake3
 import zstandard
@@ -184,6 +184,8 @@ class ChunkStore:
         self._buffers: list[mmap.mmap] = []       # read buffers of put_file to reuse (list ops are atomic)
         self._span_lists: dict[tuple[int, int], list[tuple[int, int]]] = {}
         self._txn = _Tally(self.packs.position())          # the open transaction's
+        # Whether an earlier transaction left segments: in a store without, put_file holds no batch back.
+        self._has_segments = self.db.execute("SELECT 1 FROM segments LIMIT 1").fetchone() is not None
         self._committed: _Tally | None = None     # the last commit's, while nothing has been written since
 
     def close(self) -> None:
@@ -193,28 +195,73 @@ class ChunkStore:
 
     # writing ----------------------------------------------------------------------------------------------
     def put_file(self, f: io.RawIOBase | io.BufferedIOBase, block_size: int, batch_bytes: int,
-                 tee: Tee | None = None) -> Iterator[tuple[int, list[bytes]]]:
-        """Read what is left of file `f` in batches of `batch_bytes`, cut each into blocks of `block_size`
-        (the last may be shorter), hash them, and queue those not yet stored for the writer; yield each
-        batch's length and block ids. With `tee`, each batch is also handed to it, from the same read (see
-        Tee). The read buffers are page-aligned (a tee may write them with direct I/O) and reused once the
-        writer and the tee are done with them (fresh buffers cost a page fault per 4 KiB). Nothing is
-        durable or visible before commit()."""
-        while True:
-            buf = self._buffers.pop() if self._buffers else None
-            if buf is None or len(buf) != batch_bytes:
-                buf = mmap.mmap(-1, batch_bytes)
-            n = f.readinto(buf)
-            if not n:
-                self._buffers.append(buf)
-                return
-            view = memoryview(buf)[:n]
-            ids = [blake3.blake3(view[i:i + block_size]).digest() for i in range(0, n, block_size)]
-            lease = _Lease(self._buffers, buf, 2 if tee is not None else 1)
-            self._queue(view, ids, self._spans(n, block_size), lease)
-            if tee is not None:
-                tee(buf, n, ids, lease.release)
-            yield n, ids
+                 tee: Tee | None = None, progress: Callable[[int], None] | None = None) -> tuple[bytes, int]:
+        """Store what is left of file `f`: read in batches of `batch_bytes`, cut into blocks of `block_size`
+        (the last may be shorter), hashed, and grouped into segments of SEGMENT_IDS ids recorded as they
+        fill; return the concatenated segment ids and the bytes read (`progress` hears each batch's length).
+        With `tee`, each batch is also handed to it, from the same read (see Tee). The read buffers are
+        page-aligned (a tee may write them with direct I/O) and reused once the writer and the tee are done
+        with them (fresh buffers cost a page fault per 4 KiB). Nothing is durable or visible before commit().
+
+        A segment the store holds already has every one of its chunks stored, so its blocks need no lookup:
+        while a file's segments keep being known ones, each segment's batches wait until it is complete and
+        go to the writer only if it is new. A snapshot of a volume that changed little then looks up one
+        segment per 8 MiB instead of each 8 KiB block. After a new segment, and in a store that held no
+        segment when the transaction began, batches go to the writer as they are read: new data usually
+        goes on."""
+        segs: list[bytes] = []
+        filling: list[bytes] = []               # ids of the segment being filled
+        held: list[tuple[memoryview, list[bytes], list[tuple[int, int]], _Lease]] = []
+        hold = self._has_segments
+        size = 0
+        try:
+            while True:
+                buf = self._buffers.pop() if self._buffers else None
+                if buf is None or len(buf) != batch_bytes:
+                    buf = mmap.mmap(-1, batch_bytes)
+                n = f.readinto(buf)
+                if not n:
+                    self._buffers.append(buf)
+                    break
+                view = memoryview(buf)[:n]
+                ids = [blake3.blake3(view[i:i + block_size]).digest() for i in range(0, n, block_size)]
+                lease = _Lease(self._buffers, buf, 2 if tee is not None else 1)
+                if tee is not None:
+                    tee(buf, n, ids, lease.release)
+                if hold:
+                    held.append((view, ids, self._spans(n, block_size), lease))
+                else:
+                    self._queue(view, ids, self._spans(n, block_size), lease)
+                size += n
+                if progress is not None:
+                    progress(n)
+                filling.extend(ids)
+                while len(filling) >= SEGMENT_IDS:
+                    sid, new = self._put_segment(filling[:SEGMENT_IDS])
+                    segs.append(sid)
+                    del filling[:SEGMENT_IDS]
+                    # A held batch that runs into the next segment is sent: that segment is not known yet.
+                    self._let_held_go(held, write=new or bool(filling))
+                    hold = not new
+        except BaseException:
+            self._let_held_go(held, write=False)      # their writer's hold on the read buffers
+            raise
+        if filling:
+            sid, new = self._put_segment(filling)
+            segs.append(sid)
+            self._let_held_go(held, write=new)
+        return b"".join(segs), size
+
+    def _let_held_go(self, held: list[tuple[memoryview, list[bytes], list[tuple[int, int]], _Lease]],
+                     write: bool) -> None:
+        """Send the held batches to the writer, or let go of them (their segment is stored already); each
+        leaves `held` as it goes, so that after an error only those not handed on are let go."""
+        while held:
+            view, ids, spans, lease = held.pop(0)
+            if write:
+                self._queue(view, ids, spans, lease)
+            else:
+                lease.release()
 
     def _spans(self, n: int, block_size: int) -> list[tuple[int, int]]:
         """(offset, length) of each block of an n-byte buffer; the same list (read only) for every full batch."""
@@ -421,6 +468,7 @@ class ChunkStore:
         if self.packs.dirty():
             self.packs.sync()
         self.db.commit()
+        self._has_segments = self._has_segments or bool(self._txn.segments)
         self._committed, self._txn = self._txn, _Tally(self.packs.position())
 
     def abort(self) -> None:
@@ -496,20 +544,20 @@ class ChunkStore:
     def put_segments(self, ids: Sequence[bytes]) -> bytes:
         """Group a file's chunk ids into segments; return the concatenated segment ids. The chunks must
         have been put (they may still be on their way to the writer)."""
-        seg_ids = []
-        for i in range(0, len(ids), SEGMENT_IDS):
-            part = ids[i:i + SEGMENT_IDS]
-            blob = b"".join(part)
-            sid = blake3.blake3(blob).digest()
-            with self._db_lock:
-                self._committed = None
-                cur = self.db.execute("INSERT OR IGNORE INTO segments(id, ids) VALUES (?, ?)", (sid, blob))
-                if cur.rowcount == 1:
-                    self._refs.update(part)      # applied as the chunks' rows are inserted, or at commit
-                    self._txn.segments.add(sid)
-                    self._txn.segment_ids += len(part)
-            seg_ids.append(sid)
-        return b"".join(seg_ids)
+        return b"".join(self._put_segment(ids[i:i + SEGMENT_IDS])[0] for i in range(0, len(ids), SEGMENT_IDS))
+
+    def _put_segment(self, ids: Sequence[bytes]) -> tuple[bytes, bool]:
+        """Record one segment; return its id and whether it is new (a known one's chunks are all stored)."""
+        blob = b"".join(ids)
+        sid = blake3.blake3(blob).digest()
+        with self._db_lock:
+            self._committed = None
+            new = self.db.execute("INSERT OR IGNORE INTO segments(id, ids) VALUES (?, ?)", (sid, blob)).rowcount == 1
+            if new:
+                self._refs.update(ids)          # applied as the chunks' rows are inserted, or at commit
+                self._txn.segments.add(sid)
+                self._txn.segment_ids += len(ids)
+        return sid, new
 
     def chunk_ids(self, segs: bytes) -> list[bytes]:
         ids: list[bytes] = []

@@ -822,27 +822,12 @@ class EmbeddedDriver(CatalogDriver):
         is first reflinked there and the reflink is read instead (so the copy and the store agree whatever a
         writer does meanwhile); with ``copier`` and ``fd`` (the copy opened by it), the bytes read are also
         written there."""
-        # Segments are recorded as soon as they are full, so the store learns each chunk's references
-        # while the chunk is still on its way to the pack, and a huge file's ids never pile up in memory.
-        ids: list[bytes] = []
-        segs: list[bytes] = []
-        size = 0
         if copy is not None and self.reflinks:
             _reflink(Path(full), copy)
             full = str(copy)
         with open(full, "rb", buffering=0) as f:
             tee = copier.tee(fd) if copier is not None and fd is not None else None
-            for n, batch in self.store.put_file(f, BLOCK_SIZE, _READ_BYTES, tee):
-                size += n
-                if tally is not None:
-                    tally.add(n)
-                ids.extend(batch)
-                if len(ids) >= SEGMENT_IDS:
-                    full_segments = len(ids) - len(ids) % SEGMENT_IDS
-                    segs.append(self.store.put_segments(ids[:full_segments]))
-                    del ids[:full_segments]
-        segs.append(self.store.put_segments(ids))
-        return b"".join(segs), size
+            return self.store.put_file(f, BLOCK_SIZE, _READ_BYTES, tee, tally.add if tally is not None else None)
 
     def _materialize(self, snap_id: int, reflink_from: Path | None = None,
                      progress: d.BytesProgress | None = None,

@@ -235,8 +235,8 @@ def test_a_snapshot_of_new_chunks_answers_its_sharing_without_a_lookup_per_chunk
     # it changed while it was read): their references make the chunks they share with it shared.
     store.create_volume("reread")
     (store.path("reread") / "f").write_bytes(os.urandom(BLOCK_SIZE * 20))
-    with open(store.path("reread") / "f", "rb") as f:
-        first_read = [cid for _, batch in store.store.put_file(f, BLOCK_SIZE, 1 << 20) for cid in batch]
+    data = (store.path("reread") / "f").read_bytes()
+    first_read = store.store.put_blocks([data[i:i + BLOCK_SIZE] for i in range(0, len(data), BLOCK_SIZE)])
     store.store.put_segments(first_read[:10])
     store.store.put_segments(first_read[10:])
     store.snapshot("reread", "s1", for_clones=False)

@@ -12,7 +12,7 @@ import blake3
 import pytest
 
 from agents.storage import packs as packs_mod
-from agents.storage.chunkstore import ChunkStore
+from agents.storage.chunkstore import SEGMENT_IDS, ChunkStore
 from agents.storage.driver import StorageError
 from agents.storage.packs import HEADER, MAGIC, PackFiles
 
@@ -261,14 +261,12 @@ def test_put_file_reads_every_batch_into_reused_buffers(tmp_path):
         data = first + first + os.urandom(batch) + os.urandom(3 * BLOCK + 5)   # batch 2 repeats batch 1
         path = tmp_path / "file"
         path.write_bytes(data)
-        got, sizes = [], []
+        sizes: list[int] = []
         with open(path, "rb", buffering=0) as f:
-            for n, ids in store.put_file(f, BLOCK, batch):
-                sizes.append(n)
-                got.extend(ids)
-        assert sizes == [batch, batch, batch, 3 * BLOCK + 5]
+            segs, size = store.put_file(f, BLOCK, batch, progress=sizes.append)
+        assert sizes == [batch, batch, batch, 3 * BLOCK + 5] and size == len(data)
+        got = store.chunk_ids(segs)
         assert got == [blake3.blake3(data[i:i + BLOCK]).digest() for i in range(0, len(data), BLOCK)]
-        store.put_segments(got)
         store.commit()
         assert b"".join(store.get_blocks(got)) == data
         assert len(store._buffers) >= 1
@@ -298,15 +296,52 @@ def test_put_file_hands_each_batch_to_a_tee_that_keeps_its_buffer_until_done(tmp
             held.append((buf, done))
 
         with open(path, "rb", buffering=0) as f:
-            ids = [c for _, batch_ids in store.put_file(f, BLOCK, batch, tee) for c in batch_ids]
+            segs, _ = store.put_file(f, BLOCK, batch, tee)
         assert b"".join(seen) == data
-        store.put_segments(ids)
+        ids = store.chunk_ids(segs)
         store.commit()
         assert store._buffers == [] or all(id(b) not in buffers for b in store._buffers)
         for _, done in held:
             done()
         assert {id(b) for b in store._buffers} >= buffers     # each back in the pool once the tee let go
         assert b"".join(store.get_blocks(ids)) == data
+    finally:
+        store.close()
+        db.close()
+
+
+def test_put_file_writes_no_block_of_a_segment_the_store_holds(tmp_path):
+    """Blocks go to the writer's lookup only for segments the store does not hold: a file stored again
+    unchanged sends none; one changed block sends its segment and the next (read before it is known),
+    not the rest. Every version reads back whole, and a tee still sees every byte."""
+    db, store = open_store(tmp_path)
+    try:
+        batch = 64 * BLOCK
+        data = bytearray(os.urandom(3 * SEGMENT_IDS * BLOCK + 5 * BLOCK))    # 3 segments and a short one
+        path = tmp_path / "file"
+
+        def put(content: bytes) -> tuple[bytes, int, bytes]:
+            path.write_bytes(content)
+            seen: list[bytes] = []
+
+            def tee(buf, n, ids, done):
+                seen.append(bytes(buf[:n]))
+                done()
+            with open(path, "rb", buffering=0) as f:
+                segs, size = store.put_file(f, BLOCK, batch, tee)
+            sent = store._txn.put
+            store.commit()
+            assert size == len(content) and b"".join(store.get_blocks(store.chunk_ids(segs))) == content
+            return segs, sent, b"".join(seen)
+
+        first, sent, seen = put(bytes(data))
+        assert sent == len(data) // BLOCK and seen == data
+        again, sent, seen = put(bytes(data))
+        assert again == first and sent == 0 and seen == data
+        data[SEGMENT_IDS * BLOCK + 7] ^= 1                                 # one byte of the second segment
+        changed, sent, seen = put(bytes(data))
+        assert sent == 2 * SEGMENT_IDS and seen == data
+        assert [changed[i:i + 32] == first[i:i + 32] for i in range(0, len(first), 32)] == [True, False, True, True]
     finally:
         store.close()
         db.close()
