@@ -594,12 +594,13 @@ class PrivateEjabberd(PrivateNode):
 
     def _spawn(self, timeout: float) -> None:
         self.pidfile.unlink(missing_ok=True)
+        _raise_nofile_limit()       # inherited (agents/server.py says why not in a preexec_fn)
         with open(self.console_log, "ab") as log:
             start_offset = log.tell()
             proc = subprocess.Popen(
                 [str(self.ctl_path), *self._ctl_options(), "foreground"],
                 cwd=self.dir, env=self._env(), stdin=subprocess.DEVNULL, stdout=log, stderr=log,
-                start_new_session=True, preexec_fn=_raise_nofile_limit,
+                start_new_session=True,
             )
         _children[str(self.dir)] = proc
         try:

@@ -526,12 +526,13 @@ class PrivateServer(PrivateNode):
         # The log names every account that logs in, and from where: not for other local users.
         fd = os.open(self.log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
         os.fchmod(fd, 0o600)
+        _raise_nofile_limit()       # here, inherited: see there why not in the child
         with open(fd, "ab") as log:
             start_offset = log.tell()
             proc = subprocess.Popen(
                 [prosody, "--config", str(self.config_path), "-F"],
                 cwd=self.dir, env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
-                start_new_session=True, preexec_fn=_raise_nofile_limit,
+                start_new_session=True,
             )
         _children[proc.pid] = proc
         deadline = time.monotonic() + timeout
@@ -596,7 +597,12 @@ class PrivateServer(PrivateNode):
 
 
 def _raise_nofile_limit() -> None:
-    # Each client is a file descriptor; the usual soft limit of 1024 stops the 1000-agent benchmark.
+    """Raise this process's soft limit of open files to its hard limit, before a server is spawned: each
+    client is a file descriptor, and the usual soft limit of 1024 stops the 1000-agent benchmark. Raised
+    here for the child to inherit, not in a preexec_fn: with one, the forked child runs the at-fork
+    handlers Python libraries registered before it execs, and gRPC's (the etcd client's) restarts its
+    poller there, which close_fds then breaks: the child aborts (seen as a Prosody that "exited with status
+    -6 while starting"). Without one, subprocess forks (vfork) and execs with no Python run in between."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if hard == resource.RLIM_INFINITY or soft < hard:
         try:

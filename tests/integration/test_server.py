@@ -7,6 +7,7 @@ import os
 import socket
 import ssl
 import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -236,3 +237,31 @@ async def test_home_with_awkward_characters(tmp_path: Path) -> None:
         assert await _login(srv, "erin", "pw") is True
     finally:
         srv.stop()
+
+
+def test_no_python_runs_in_the_forked_child_before_prosody(tmp_path: Path) -> None:
+    """Python code run in the child between fork and exec (at-fork handlers of libraries, such as gRPC's for
+    the etcd client) can abort it there: the start must fork and exec with none run. An at-fork handler that
+    writes to a pipe tells whether any ran."""
+    script = f"""
+import os, sys
+sys.path.insert(0, {str(Path(__file__).resolve().parents[2])!r})
+from agents.ports import free_port
+from agents.server import PrivateServer
+r, w = os.pipe()
+os.register_at_fork(after_in_child=lambda: os.write(w, b"x"))
+srv = PrivateServer({str(tmp_path / "home")!r}, port=free_port())
+srv.start()
+try:
+    os.set_blocking(r, False)
+    try:
+        ran = os.read(r, 64)
+    except BlockingIOError:
+        ran = b""
+    print(f"handlers run in children: {{len(ran)}}")
+finally:
+    srv.stop()
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "handlers run in children: 0", done.stdout + done.stderr
