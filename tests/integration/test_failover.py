@@ -19,15 +19,15 @@ from sample_agent import SampleAgent
 
 async def test_actor_moves_to_another_node_when_its_own_goes_away(tmp_path):
     first = PrivateServer(tmp_path / "a", domain=DOMAIN, port=free_port())
-    first.start()
-    # The second node serves the same domain with the same certificate, as cluster nodes do.
-    (tmp_path / "b" / "server").mkdir(parents=True)
-    for name in ("cert.pem", "key.pem"):
-        shutil.copy(first.dir / name, tmp_path / "b" / "server" / name)
     second = PrivateServer(tmp_path / "b", domain=DOMAIN, port=free_port())
-    second.start()
     actors = []
-    try:
+    try:    # both stopped whatever fails, the second's start included
+        first.start()
+        # The second node serves the same domain with the same certificate, as cluster nodes do.
+        (tmp_path / "b" / "server").mkdir(parents=True)
+        for name in ("cert.pem", "key.pem"):
+            shutil.copy(first.dir / name, tmp_path / "b" / "server" / name)
+        second.start()
         for server in (first, second):
             server.register_many({"agent": "a-pw", "op": "o-pw"})
         endpoint = Endpoint(first.host, first.port, DOMAIN, first.ssl_context(),
