@@ -607,15 +607,17 @@ class ChunkStore:
             shared = 0
             uncounted: list[tuple[bytes, bytes]] = []   # segments others hold too whose bytes are not known yet
             for sid, n in segment_counts.items():
-                row = self.db.execute("SELECT ids, refs, bytes FROM segments WHERE id = ?", (sid,)).fetchone()
+                row = self.db.execute("SELECT refs, bytes FROM segments WHERE id = ?", (sid,)).fetchone()
                 if row is None:
                     continue
-                if row[1] <= n:
-                    own_ids.extend(split_ids(row[0]))
-                elif row[2] is not None:
-                    shared += row[2]
+                if row[0] > n and row[1] is not None:
+                    shared += row[1]        # the usual case for most of a volume: its ids are not needed
+                    continue
+                (blob,) = self.db.execute("SELECT ids FROM segments WHERE id = ?", (sid,)).fetchone()
+                if row[0] <= n:
+                    own_ids.extend(split_ids(blob))
                 else:
-                    uncounted.append((sid, row[0]))
+                    uncounted.append((sid, blob))
             if uncounted:
                 shared += self._count_segments(uncounted)
             # One statement per batch of chunks with the same count of own references, not one lookup per
