@@ -132,6 +132,7 @@ class _Tally:
     chunk_bytes: int = 0            # stored bytes of the chunk rows it inserted
     put: int = 0                    # block ids it passed through the writer's dedupe (an ingest)
     found_older: bool = False       # whether one of them was stored by an older transaction
+    received: bool = False          # whether chunks came off a stream (put_stored), around the dedupe
     segment_ids: int = 0            # ids in the segments it inserted
     segments: set[bytes] = field(default_factory=set)      # the segments it inserted
 
@@ -139,7 +140,7 @@ class _Tally:
         """Whether the chunks these segment references reach are all this transaction's: it inserted each of
         the segments and nothing else, every id in them went through the dedupe in it, and none was found
         stored before. Each such chunk's references then all come from these segments."""
-        return (not self.found_older and self.put == self.segment_ids
+        return (not self.found_older and not self.received and self.put == self.segment_ids
                 and len(segment_counts) == len(self.segments) and all(s in self.segments for s in segment_counts))
 
 
@@ -306,6 +307,7 @@ class ChunkStore:
             raise StorageError(f"replication stream corrupt: chunk {cid.hex()[:16]} does not match its "
                                f"id; nothing was published, send the stream again", code="corrupt")
         self._committed = None
+        self._txn.received = True
         if cid not in self._stored:
             self._stored[cid] = (z, len(raw), data)
             self._stored_bytes += len(data)

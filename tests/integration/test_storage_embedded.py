@@ -223,6 +223,19 @@ def test_a_snapshot_of_new_chunks_answers_its_sharing_without_a_lookup_per_chunk
     finally:
         other.close()
 
+    # Chunks off a stream in a transaction that also put blocks no segment names: the counts could match.
+    store.create_volume("small")
+    (store.path("small") / "f").write_bytes(os.urandom(BLOCK_SIZE * 20))
+    store.snapshot("small", "s1", for_clones=False)
+    third = EmbeddedDriver(tmp_path / "third")
+    try:
+        third.store.put_blocks([os.urandom(BLOCK_SIZE) for _ in range(20)])
+        third.receive("small", "s1", store.send("small", "s1"))
+        shortcut, quick, looked_up = _sharing_both_ways(third, "small", "s1")
+        assert not shortcut and quick == looked_up == (20 * BLOCK_SIZE, 0), looked_up
+    finally:
+        third.close()
+
     # Anything written after the commit ends the shortcut: destroying another snapshot moves references.
     store.create_volume("fresh")
     (store.path("fresh") / "f").write_bytes(os.urandom(BLOCK_SIZE * 20))
