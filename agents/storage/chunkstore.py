@@ -41,7 +41,7 @@ from dataclasses import dataclass, field
 from itertools import chain, repeat
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import blake3
 import zstandard
@@ -56,30 +56,33 @@ PROBE_LEVEL = -1            # the early-abort probe: ~3x faster than level 3 on 
 _SAMPLE_STRIDE = 16         # after a batch that did not compress, probe every 16th block of the next first
 _SAMPLE_MIN = 64            # batches smaller than this are probed whole
 _QUERY_BATCH = 500          # stays under SQLite's host-parameter limit on every version
-# Many ids looked up in one statement, passed as one blob of concatenated ids; CROSS JOIN keeps the id list
-# the outer loop (one index probe per id, never a scan of the chunks).
-_LOOKUP = ("WITH RECURSIVE k(i) AS (VALUES(0) UNION ALL SELECT i + 1 FROM k WHERE i + 1 < ?2) "
-           "SELECT c.id, c.pack, c.off FROM k CROSS JOIN chunks c ON c.id = substr(?1, k.i * 32 + 1, 32)")
+
+
+def _each_id(count: str) -> str:
+    """The walk every statement over many ids starts with: k.i from 0 to the parameter ``count`` (the number of
+    ids), the ids passed as one blob of concatenated ids in ?1 (substr of a blob is O(1)). CROSS JOIN after it
+    keeps the id list the outer loop: one index probe per id, never a scan of the chunks."""
+    return f"WITH RECURSIVE k(i) AS (VALUES(0) UNION ALL SELECT i + 1 FROM k WHERE i + 1 < {count}) "
+
+
+_ID = "substr(?1, k.i * 32 + 1, 32)"
+# Many ids looked up in one statement.
+_LOOKUP = _each_id("?2") + f"SELECT c.id, c.pack, c.off FROM k CROSS JOIN chunks c ON c.id = {_ID}"
 # The same walk over distinct ids that the given segment references reach ?3 times each: the stored bytes of
 # those whose every reference is among them (exclusive) and of the rest (shared), summed inside SQLite.
-_SPLIT = ("WITH RECURSIVE k(i) AS (VALUES(0) UNION ALL SELECT i + 1 FROM k WHERE i + 1 < ?2) "
-          "SELECT coalesce(sum(CASE WHEN c.refs <= ?3 THEN c.len ELSE 0 END), 0), "
+_SPLIT = (_each_id("?2") + "SELECT coalesce(sum(CASE WHEN c.refs <= ?3 THEN c.len ELSE 0 END), 0), "
           "coalesce(sum(CASE WHEN c.refs > ?3 THEN c.len ELSE 0 END), 0) "
-          "FROM k CROSS JOIN chunks c ON c.id = substr(?1, k.i * 32 + 1, 32)")
+          f"FROM k CROSS JOIN chunks c ON c.id = {_ID}")
 # Index rows inserted by one statement, which runs without the GIL from start to end (executemany gives it up
 # and takes it back for every row, and each time the caller's hashing thread has to wait to get it again).
-# The ids come as one blob, the numbers as fixed-width decimals in another: SQLite has no function that reads
-# an integer out of a blob, and substr of a blob is O(1) where substr of text scans it from the start.
+# The numbers come as fixed-width decimals in a second blob: SQLite has no function that reads an integer out
+# of a blob, and substr of text scans it from the start.
 _ROW_FORMAT = "%010d" * 6
-_INSERT = ("WITH RECURSIVE k(i) AS (VALUES(0) UNION ALL SELECT i + 1 FROM k WHERE i + 1 < ?3) "
-           "INSERT INTO chunks(id, pack, off, len, z, size, refs) SELECT substr(?1, i * 32 + 1, 32), "
+_INSERT = (_each_id("?3") + f"INSERT INTO chunks(id, pack, off, len, z, size, refs) SELECT {_ID}, "
            + ", ".join(f"CAST(substr(?2, i * 60 + {1 + 10 * k}, 10) AS INTEGER)" for k in range(6)) + " FROM k")
-# The stored bytes of distinct chunks (a segment's, kept in segments.bytes once known: they never change).
-_BYTES = ("WITH RECURSIVE k(i) AS (VALUES(0) UNION ALL SELECT i + 1 FROM k WHERE i + 1 < ?2) "
-          "SELECT coalesce(sum(c.len), 0) FROM k CROSS JOIN chunks c ON c.id = substr(?1, k.i * 32 + 1, 32)")
-_ADD_REFS = ("WITH RECURSIVE k(i) AS (VALUES(0) UNION ALL SELECT i + 1 FROM k WHERE i + 1 < ?2) "
-             "UPDATE chunks SET refs = refs + ?3 WHERE id IN (SELECT substr(?1, k.i * 32 + 1, 32) FROM k)")
-_SPLIT_BATCH = 1 << 15      # ids per _SPLIT statement (a 1 MiB blob)
+# ?3 more references for each of the ids (distinct), likewise without the GIL.
+_ADD_REFS = _each_id("?2") + f"UPDATE chunks SET refs = refs + ?3 WHERE id IN (SELECT {_ID} FROM k)"
+_SPLIT_BATCH = 1 << 15      # ids per _SPLIT or _ADD_REFS statement (a 1 MiB blob)
 _MAX_JOBS = 4               # batches queued for the writer (each holds one read buffer, 1 MiB on ingest)
 _ROW_BATCH = 4096           # index rows inserted together
 _STORED_BATCH = 4 << 20     # received chunks handed to the writer together
@@ -142,6 +145,19 @@ class _Tally:
         stored before. Each such chunk's references then all come from these segments."""
         return (not self.found_older and not self.received and self.put == self.segment_ids
                 and len(segment_counts) == len(self.segments) and all(s in self.segments for s in segment_counts))
+
+
+def _by_count(counts: Counter[bytes]) -> Iterator[tuple[int, list[bytes]]]:
+    """The ids of ``counts`` grouped by their count, in batches of at most _SPLIT_BATCH: one statement each."""
+    groups: dict[int, list[bytes]] = {}
+    if len(counts) == counts.total():
+        groups[1] = list(counts)            # each id once: the usual case, no loop in Python
+    else:
+        for cid, n in counts.items():
+            groups.setdefault(n, []).append(cid)
+    for n, ids in groups.items():
+        for i in range(0, len(ids), _SPLIT_BATCH):
+            yield n, ids[i:i + _SPLIT_BATCH]
 
 
 def split_ids(blob: bytes) -> list[bytes]:
@@ -584,13 +600,8 @@ class ChunkStore:
         """Add ``n * delta`` to each chunk's references, n its count: one statement per batch of chunks with
         the same count (executemany gave the GIL up and took it back for every row, and took twice as long)."""
         self._committed = None
-        by_count: dict[int, list[bytes]] = {}
-        for cid, n in counts.items():
-            by_count.setdefault(n, []).append(cid)
-        for n, ids in by_count.items():
-            for i in range(0, len(ids), _SPLIT_BATCH):
-                part = ids[i:i + _SPLIT_BATCH]
-                self.db.execute(_ADD_REFS, (b"".join(part), len(part), n * delta))
+        for n, part in _by_count(counts):
+            self.db.execute(_ADD_REFS, (b"".join(part), len(part), n * delta))
 
     def sharing(self, segment_counts: Counter[bytes]) -> tuple[int, int]:
         """(exclusive, shared) stored bytes of the chunks a set of segment references reaches. A chunk of the
@@ -624,20 +635,11 @@ class ChunkStore:
                 shared += self._count_segments(uncounted)
             # One statement per batch of chunks with the same count of own references, not one lookup per
             # chunk: the per-chunk round trips through the sqlite3 module were most of a snapshot's answer.
-            own_counts = Counter(own_ids)
-            by_own: dict[int, list[bytes]] = {}
-            if len(own_counts) == len(own_ids):
-                by_own[1] = list(own_counts)    # each chunk in one own segment: the usual case, no loop
-            else:
-                for cid, own in own_counts.items():
-                    by_own.setdefault(own, []).append(cid)
             exclusive = 0
-            for own, ids in by_own.items():
-                for i in range(0, len(ids), _SPLIT_BATCH):
-                    part = ids[i:i + _SPLIT_BATCH]
-                    mine, common = self.db.execute(_SPLIT, (b"".join(part), len(part), own)).fetchone()
-                    exclusive += mine
-                    shared += common
+            for own, part in _by_count(Counter(own_ids)):
+                mine, common = self.db.execute(_SPLIT, (b"".join(part), len(part), own)).fetchone()
+                exclusive += mine
+                shared += common
         return exclusive, shared
 
     def _count_segments(self, segments: list[tuple[bytes, bytes]]) -> int:
@@ -647,7 +649,7 @@ class ChunkStore:
         total = 0
         for sid, blob in segments:
             distinct = set(split_ids(blob))
-            (n,) = self.db.execute(_BYTES, (b"".join(distinct), len(distinct))).fetchone()
+            n = sum(self.db.execute(_SPLIT, (b"".join(distinct), len(distinct), 0)).fetchone())   # both parts
             self.db.execute("UPDATE segments SET bytes = ? WHERE id = ?", (n, sid))
             total += n
         if not was_open:

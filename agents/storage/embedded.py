@@ -467,12 +467,16 @@ class EmbeddedDriver(CatalogDriver):
         """Stored (compressed) bytes of the chunks only this snapshot holds, and of those it shares with
         other snapshots, plus its base's (_base_split): what destroying it would free, and what would stay."""
         snap_id = self._snapshot_row(volume, snap)[0]
+        exclusive, shared = self.store.sharing(self._segment_counts(snap_id))
+        base_exclusive, base_shared = self._base_split(self._snapshot_base(snap_id))
+        return exclusive + base_exclusive, shared + base_shared
+
+    def _segment_counts(self, snap_id: int) -> Counter[bytes]:
+        """How many times the snapshot's files name each segment."""
         counts: Counter[bytes] = Counter()
         for (segs,) in self.db.execute("SELECT segs FROM entries WHERE snap = ?", (snap_id,)):
             counts.update(split_ids(segs))
-        exclusive, shared = self.store.sharing(counts)
-        base_exclusive, base_shared = self._base_split(self._snapshot_base(snap_id))
-        return exclusive + base_exclusive, shared + base_shared
+        return counts
 
     def _snapshot_base(self, snap_id: int) -> str | None:
         """The name under bases/ of the snapshot's base, None while it has none."""

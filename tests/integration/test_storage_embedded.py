@@ -169,10 +169,7 @@ def test_names_that_are_not_utf8(store, tmp_path):
 def _sharing_both_ways(drv: EmbeddedDriver, volume: str, snap: str) -> tuple[bool, tuple[int, int], tuple[int, int]]:
     """Whether the chunk store may answer a snapshot's sharing from its last commit, that answer, and the
     answer of the lookup per chunk."""
-    (snap_id,) = drv.db.execute("SELECT id FROM snapshots WHERE volume = ? AND name = ?", (volume, snap)).fetchone()
-    counts: Counter[bytes] = Counter()
-    for (segs,) in drv.db.execute("SELECT segs FROM entries WHERE snap = ?", (snap_id,)):
-        counts.update(split_ids(segs))
+    counts = drv._segment_counts(drv._snapshot_row(volume, snap)[0])
     committed = drv.store._committed
     shortcut = committed is not None and committed.all_new(counts)
     quick = drv.store.sharing(counts)
@@ -259,10 +256,7 @@ def test_a_snapshot_of_new_chunks_answers_its_sharing_without_a_lookup_per_chunk
 
 def _sharing_chunk_by_chunk(drv: EmbeddedDriver, volume: str, snap: str) -> tuple[int, int]:
     """A snapshot's (exclusive, shared) bytes counted chunk by chunk, as the definition reads."""
-    (snap_id,) = drv.db.execute("SELECT id FROM snapshots WHERE volume = ? AND name = ?", (volume, snap)).fetchone()
-    counts: Counter[bytes] = Counter()
-    for (segs,) in drv.db.execute("SELECT segs FROM entries WHERE snap = ?", (snap_id,)):
-        counts.update(split_ids(segs))
+    counts = drv._segment_counts(drv._snapshot_row(volume, snap)[0])
     own: Counter[bytes] = Counter()
     reached: set[bytes] = set()
     for sid, n in counts.items():
