@@ -22,6 +22,8 @@ from collections.abc import Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
+from agents import spawn
+
 __all__ = [
     "CLEAN_PATH",
     "DEFAULT_KILL_GRACE",
@@ -176,11 +178,11 @@ async def _run_watched(args: list[str], environment: dict[str, str], timeout: fl
     loop = asyncio.get_running_loop()
     started = time.monotonic()
     ends = _Pipes(stdin, merge_stderr)
-    # The spawn runs on a thread of its own: Popen waits (without the GIL) until the program has
-    # exec'd, about a millisecond in which the loop goes on serving other requests.
+    # The spawn runs on a thread of its own: it waits (without the GIL, agents/spawn.py) until the
+    # program has exec'd, in which time the loop goes on serving other requests.
     spawning = _spawner().submit(_spawn, args, ends.child_ends(), environment, cwd)
     try:
-        proc = await asyncio.wrap_future(spawning, loop=loop)
+        pid = await asyncio.wrap_future(spawning, loop=loop)
     except OSError:
         ends.close_ours()
         raise
@@ -191,8 +193,8 @@ async def _run_watched(args: list[str], environment: dict[str, str], timeout: fl
         else:
             spawning.add_done_callback(_kill_abandoned)
         raise
-    group = proc.pid  # start_new_session made the program the leader of a new group
-    watched = _Watched(loop, proc, ends, output_cap)
+    group = pid  # the program leads a session and process group of its own
+    watched = _Watched(loop, pid, ends, output_cap)
     timed_out = False
     try:
         try:
@@ -291,25 +293,32 @@ def _spawner() -> ThreadPoolExecutor:
 
 
 def _spawn(args: list[str], child_ends: tuple[int | None, int, int], environment: dict[str, str],
-           cwd: str) -> subprocess.Popen[bytes]:
-    """Start the program (on a spawn thread) as the leader of a new process group; the child's pipe
-    ends are the child's alone afterwards."""
+           cwd: str) -> int:
+    """Start the program (on a spawn thread) as the leader of a new session and process group and return
+    its pid; the child's pipe ends are the child's alone afterwards. posix_spawn where the C library has
+    what it needs (agents/spawn.py), else subprocess, which gives the child the same."""
     stdin_fd, out_w, err_w = child_ends
     try:
-        return subprocess.Popen(args, stdin=subprocess.DEVNULL if stdin_fd is None else stdin_fd, stdout=out_w,
+        pid = spawn.spawn(args, stdin_fd, out_w, err_w, environment, cwd)
+        if pid is not None:
+            return pid
+        proc = subprocess.Popen(args, stdin=subprocess.DEVNULL if stdin_fd is None else stdin_fd, stdout=out_w,
                                 stderr=err_w, env=environment, cwd=cwd, start_new_session=True, close_fds=True)
+        # The run waits for it (and reaps it only after the group's KILL: _Watched); Popen must not.
+        proc.returncode = 0
+        return proc.pid
     finally:
         for fd in {out_w, err_w} | ({stdin_fd} if stdin_fd is not None else set()):
             os.close(fd)
 
 
-def _kill_abandoned(spawning: Future[subprocess.Popen[bytes]]) -> None:
+def _kill_abandoned(spawning: Future[int]) -> None:
     """A program whose run was cancelled while it was being started: kill its group and reap it."""
     if spawning.cancelled() or spawning.exception() is not None:
         return
-    proc = spawning.result()
-    signal_group(proc.pid, signal.SIGKILL)
-    _spawner().submit(proc.wait)  # reaped on a spawn thread, never on the event loop
+    pid = spawning.result()
+    signal_group(pid, signal.SIGKILL)
+    _spawner().submit(os.waitpid, pid, 0)  # reaped on a spawn thread, never on the event loop
 
 
 def _resolve(gone: asyncio.Future[None]) -> None:
@@ -362,9 +371,8 @@ def _group_members(group: int) -> list[int]:
 class _Watched:
     """One running program: its capped output, its stdin still to write, and its exit, seen from the loop."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, proc: subprocess.Popen[bytes], ends: _Pipes,
-                 cap: int) -> None:
-        self.loop, self.proc, self.ends, self.cap = loop, proc, ends, cap
+    def __init__(self, loop: asyncio.AbstractEventLoop, pid: int, ends: _Pipes, cap: int) -> None:
+        self.loop, self.pid, self.ends, self.cap = loop, pid, ends, cap
         self.kept = {fd: bytearray() for fd in (ends.out_r, ends.err_r) if fd >= 0}
         self.dropped = dict.fromkeys(self.kept, 0)
         self.pidfd = -1
@@ -379,7 +387,7 @@ class _Watched:
             self.loop.add_reader(fd, self._readable, fd)
         if self.ends.in_w >= 0:
             self.loop.add_writer(self.ends.in_w, self._writable)
-        self.pidfd = os.pidfd_open(self.proc.pid)
+        self.pidfd = os.pidfd_open(self.pid)
         self.loop.add_reader(self.pidfd, self._exited)
 
     def _one_done(self) -> None:
@@ -423,7 +431,7 @@ class _Watched:
         self.loop.remove_reader(self.pidfd)
         try:
             # WNOWAIT: read the status but leave the zombie, which holds the group id, until close().
-            info = os.waitid(os.P_PID, self.proc.pid, os.WEXITED | os.WNOWAIT)
+            info = os.waitid(os.P_PID, self.pid, os.WEXITED | os.WNOWAIT)
         except ChildProcessError:  # reaped by someone else: the status is lost
             info = None
         if info is not None:
@@ -458,9 +466,6 @@ class _Watched:
 
     def _reap(self, *, block: bool) -> None:
         try:
-            pid, status = os.waitpid(self.proc.pid, 0 if block else os.WNOHANG)
+            os.waitpid(self.pid, 0 if block else os.WNOHANG)
         except ChildProcessError:
-            pid, status = self.proc.pid, 0
-        if pid:
-            # Popen must not wait for (or signal) a pid that may already belong to someone else.
-            self.proc.returncode = os.waitstatus_to_exitcode(status) if status else 0
+            pass

@@ -1,19 +1,32 @@
 """The process runner (agents/process.py) against real programs: small /bin/sh scripts written here and
-the Debian monitoring plugins. Deadlines and cancellation must leave nothing of the group running."""
+the Debian monitoring plugins. Deadlines and cancellation must leave nothing of the group running.
+
+Every test runs twice: with the programs started by posix_spawn (agents/spawn.py, what Debian 12's glibc
+gives) and by subprocess (the fallback where the C library lacks it): the child must get the same."""
 
 from __future__ import annotations
 
 import asyncio
 import os
+import signal
 import stat
 from pathlib import Path
 
 import pytest
 
-from agents import process
+from agents import process, spawn
 from agents.process import CLEAN_PATH, CommandError, clean_environment
 
 DUMMY = "/usr/lib/nagios/plugins/check_dummy"
+
+
+@pytest.fixture(autouse=True, params=["posix_spawn", "subprocess"])
+def starter(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    if request.param == "subprocess":
+        monkeypatch.setattr(spawn, "_LIBC", None)
+    else:
+        assert spawn._LIBC is not None, "Debian 12's glibc (2.36) has every posix_spawn action agents/spawn.py uses"
+    return request.param
 
 
 def script(tmp_path: Path, name: str, body: str) -> str:
@@ -105,6 +118,39 @@ async def test_the_program_leads_a_process_group_and_session_of_its_own(tmp_path
     ran = await process.run([path], env=clean_environment(), timeout=10)
     pid, pgid, sid = (int(x) for x in ran.stdout.split())
     assert pid == pgid == sid != os.getpgid(0)
+
+
+async def test_the_program_gets_no_descriptor_of_ours_and_default_signals() -> None:
+    # An inheritable descriptor of the caller's (as a library might leave one) must not reach the program,
+    # nor Python's ignored SIGPIPE and SIGXFSZ (ignored signals survive exec), nor any blocked signal.
+    leaked = os.open("/etc/hostname", os.O_RDONLY)
+    os.set_inheritable(leaked, True)
+    try:
+        fds = await process.run(["/bin/ls", "/proc/self/fd"], env=clean_environment(), timeout=10, stdin=b"x")
+        status = await process.run(["/bin/grep", "^Sig", "/proc/self/status"], env=clean_environment(), timeout=10)
+    finally:
+        os.close(leaked)
+    assert {int(x) for x in fds.stdout.split()} == {0, 1, 2, 3}, fds.stdout  # 3: the directory ls reads
+    fields = dict(line.split(":") for line in status.stdout.decode().splitlines())
+    assert int(fields["SigBlk"], 16) == 0
+    ignored = int(fields["SigIgn"], 16)
+    for sig in (signal.SIGPIPE, signal.SIGXFSZ, signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        assert not ignored & (1 << (sig - 1)), f"{sig.name} ignored in the program"
+
+
+async def test_standard_descriptors_numbered_below_three_reach_the_program(tmp_path: Path) -> None:
+    # A process started with its stdio closed gets pipes numbered 0-2: each must still land where it belongs.
+    saved = [os.dup(fd) for fd in (0, 1, 2)]
+    try:
+        for fd in (0, 1, 2):
+            os.close(fd)
+        path = script(tmp_path, "echo", 'read line; echo "out $line"; echo "err $line" >&2\n')
+        ran = await process.run([path], env=clean_environment(), timeout=10, stdin=b"hello\n")
+    finally:
+        for fd, copy in enumerate(saved):
+            os.dup2(copy, fd)
+            os.close(copy)
+    assert (ran.exit_code, ran.stdout, ran.stderr) == (0, b"out hello\n", b"err hello\n")
 
 
 async def test_cancelling_the_awaiting_task_kills_the_group(tmp_path: Path) -> None:
