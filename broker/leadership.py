@@ -30,6 +30,7 @@ its point of no return the leader renews the lease and checks that it still lead
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import sqlite3
 import time
@@ -53,6 +54,18 @@ _LEASE_MIGRATIONS = ["CREATE TABLE IF NOT EXISTS lease (name TEXT PRIMARY KEY, h
                      # The term: one more each time the lease passes to a holder (or back after a gap).
                      "ALTER TABLE lease ADD COLUMN term INTEGER NOT NULL DEFAULT 0"]
 
+
+
+_FORWARDED = "fw-"
+
+
+def request_origin(call: Any, broker: str) -> str:
+    """A digest of whom a request is for and the request id its caller gave it: the same whether the caller
+    asked this instance (of the broker whose bare JID is ``broker``) or another one that forwarded it
+    (under the request id ``fw-`` and this digest)."""
+    if call.via and call.via.lower() == broker.lower() and call.rid.startswith(_FORWARDED):
+        return call.rid[len(_FORWARDED):]
+    return hashlib.sha256(f"{call.caller}\0{call.rid}".encode()).hexdigest()
 
 class LeaseStore(Protocol):
     """The workflow lead in the store the instances share: SQLite (``Lease``) or etcd (``EtcdLease``)."""
@@ -259,7 +272,10 @@ class Leadership:
         if leader is None:  # released between the two reads: the next renewal settles it
             raise OpError("no broker instance leads the workflows at this moment; try again in a few seconds")
         budget = call.deadline - asyncio.get_running_loop().time()
-        res = await self.broker.request(leader, name, args, timeout=budget, behalf=call.caller)
+        # A retry through any instance is the same request to the leader, which answers it from its
+        # request log instead of running it again.
+        res = await self.broker.request(leader, name, args, timeout=budget, behalf=call.caller,
+                                        rid=_FORWARDED + request_origin(call, str(self.broker.jid.bare)))
         if res.outcome is Outcome.OK:
             return res
         if res.outcome is Outcome.UNREACHABLE and await self.lead(gone=leader):

@@ -54,9 +54,9 @@ from __future__ import annotations
 import asyncio
 import functools
 import hashlib
+import json
 import logging
 import time
-import uuid
 from pathlib import Path
 from typing import Annotated, Any, Callable
 
@@ -69,7 +69,7 @@ from agents.pairs import parse_pairs
 from . import shared_state
 from .constraints import APPROVED, StepRule, check_approval, check_perform
 from .workflow_spec import Plan, Step, Workflow, WorkflowError, load_dir
-from .leadership import Deposed
+from .leadership import Deposed, request_origin
 from .workflow_changes import AnnouncingStore, Changes, digest
 from .workflow_store import FINISHED, WorkflowState
 
@@ -226,10 +226,17 @@ class WorkflowEngine:
             d = self._decide_step(call.caller, step)
             if not d.allowed:
                 raise Denied(f"workflow {workflow}: step {step.name}: {d.reason}")
-        iid = uuid.uuid4().hex[:12]
-        await self.workflow_store.create(iid, workflow, call.caller, wf.bind(_pairs(wf, param)), plan.to_json(),
-                                   [s.name for s in plan.steps()])
-        log.info("workflow %s instance %s requested by %s", workflow, iid, call.caller)
+        # Made from whom it runs for and the request id that asked for it: a retry under that request id
+        # finds this instance, whichever broker instance it reaches and whichever leads by then.
+        iid, params = request_origin(call, str(self.broker.jid.bare))[:12], wf.bind(_pairs(wf, param))
+        earlier = await self.workflow_store.instance(iid)
+        if earlier is None:
+            await self.workflow_store.create(iid, workflow, call.caller, params, plan.to_json(),
+                                             [s.name for s in plan.steps()])
+            log.info("workflow %s instance %s requested by %s", workflow, iid, call.caller)
+        elif (earlier["workflow"], earlier["params"]) != (workflow, json.loads(json.dumps(params))):
+            raise BadArguments(f"this request id already started workflow {earlier['workflow']} (instance {iid})"
+                               " with other parameters; send this one with a new request id")
         await self._settle(iid, wait)
         return await self._status(iid)
 
