@@ -130,6 +130,22 @@ def _request_id(text: str) -> str:
     return text
 
 
+_REQUEST_ID_HELP = ("the request's id (default: a new one). The id of an earlier call retries it safely: an agent"
+                    " (or the broker, whichever of its instances is asked) that saw it answers with its first"
+                    " outcome and does not run it again, also after a restart (for 24 hours). An op that changes"
+                    " state prints the id it used on stderr")
+
+
+def _announce_rid(spec: OpSpec | None, given: str | None) -> str:
+    """The request id to send under; for an op that changes state (or one not described) it is printed
+    before the request leaves, so a call that hangs or is cut off can be retried too."""
+    rid = given or uuid.uuid4().hex
+    if spec is None or spec.changes_state:
+        print(f"vertebra: request id {rid}; to retry this call without running it twice, give --request-id {rid}",
+              file=sys.stderr)
+    return rid
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="vertebra", description="An agent mesh for managing infrastructure over XMPP.",
                                 epilog=__doc__.split("\n\n", 2)[2],
@@ -164,11 +180,7 @@ def _parser() -> argparse.ArgumentParser:
     call.add_argument("--timeout", type=_seconds, default=30.0, help="seconds for the whole call (default 30)")
     call.add_argument("--json", action="store_true", help="print the results as JSON")
     call.add_argument("--yaml", action="store_true", help="print the results as YAML")
-    call.add_argument("--request-id", type=_request_id, metavar="ID",
-                      help="the request's id (default: a new one). The id of an earlier call retries it safely:"
-                           " an agent that saw it answers with its first outcome and does not run it again,"
-                           " also after a restart (for 24 hours). An op that changes state prints the id it used"
-                           " on stderr")
+    call.add_argument("--request-id", type=_request_id, metavar="ID", help=_REQUEST_ID_HELP)
     job = sub.add_parser("job", help="a long op's job by its id, from any terminal: show how it stands, or wait"
                                      " for its end (exit code as call's, from how it ended)")
     job.add_argument("action", choices=("show", "wait"))
@@ -193,6 +205,7 @@ def _parser() -> argparse.ArgumentParser:
     wf.add_argument("action", choices=("run", "approve", "perform", "status", "list", "cancel"))
     wf.add_argument("words", nargs="*", metavar="WORD", help="e.g. run masked-copy source=db; approve ID STEP")
     wf.add_argument("--timeout", type=_seconds, default=90.0)
+    wf.add_argument("--request-id", type=_request_id, metavar="ID", help=_REQUEST_ID_HELP)
     wf.add_argument("--json", action="store_true")
     wf.add_argument("--yaml", action="store_true")
     wf.add_argument("--follow", action="store_true",
@@ -354,8 +367,9 @@ def cmd_workflow(mesh: meshconf.MeshConfig, ns: argparse.Namespace) -> int:
         return EXIT_USAGE
     if ns.follow and ns.action != "status" and any(p.name == "wait" for p in spec.params):
         args["wait"] = 0.0  # the follower shows what happens from here on: no silent wait first
+    rid = _announce_rid(spec, ns.request_id)
     sent = time.monotonic()
-    report = _call_broker(mesh, spec.name, args, _left(ns.timeout, started))
+    report = _call_broker(mesh, spec.name, args, _left(ns.timeout, started), rid=rid)
     if ns.follow and report.ok:
         iid = report.results[0].result["instance"]
         followed = follow_workflow(report.results[0].result, lambda wait, since: _call_broker(
@@ -460,9 +474,10 @@ def _run_call(mesh: meshconf.MeshConfig, op: str, args: dict[str, Any], timeout:
         return CallReport(op, [TargetResult(mesh.server.host, Outcome.UNREACHABLE, error=f"mesh unreachable: {exc}")])
 
 
-def _call_broker(mesh: meshconf.MeshConfig, op: str, args: dict[str, Any], timeout: float) -> CallReport:
+def _call_broker(mesh: meshconf.MeshConfig, op: str, args: dict[str, Any], timeout: float,
+                 rid: str | None = None) -> CallReport:
     """An op of the broker itself: any of its instances will do (workflows go on to the leading one)."""
-    return _run_call(mesh, op, args, timeout, to=mesh.broker_jids, scope="one")
+    return _run_call(mesh, op, args, timeout, to=mesh.broker_jids, scope="one", rid=rid)
 
 
 def _full_jid(mesh: meshconf.MeshConfig, target: str) -> str:
@@ -542,10 +557,7 @@ def cmd_call(mesh: meshconf.MeshConfig, ns: argparse.Namespace) -> int:
     # Progress on stderr, so stdout holds the result alone: a bar on a terminal, plain lines elsewhere.
     view = ProgressView.for_stream(sys.stderr)
     scope = ns.scope or (spec.scope if spec is not None else "all")
-    rid = ns.request_id or uuid.uuid4().hex
-    if spec is None or spec.changes_state:  # before sending: a call that hangs or is cut off can be retried too
-        print(f"vertebra: request id {rid}; to retry this call without running it twice, give --request-id {rid}",
-              file=sys.stderr)
+    rid = _announce_rid(spec, ns.request_id)
     def job_event(target: str, job: str, event: str) -> None:
         view.note(_job_event_line(target, job, event))
 

@@ -277,3 +277,12 @@ def test_workflow_run_of_a_workflow_that_fails_exits_non_zero(mesh_home):
         assert run.returncode == 1, run.stdout + run.stderr
         assert re.search(r"^  state: +failed$", run.stdout, re.M), run.stdout
         assert "nosuch" in run.stdout
+        # Its request id, printed before it was sent, retries it: the same instance answers, none starts.
+        rid = re.search(r"^vertebra: request id (\S+); to retry this call", run.stderr, re.M)
+        assert rid, run.stderr
+        first = re.search(r"^  instance: +(\S+)$", run.stdout, re.M)
+        again = vertebra(home, "workflow", "run", "clone-missing", "volume=db", "--request-id", rid[1], "--json")
+        assert again.returncode == 1, again.stdout + again.stderr
+        assert first and json.loads(again.stdout)["results"][0]["result"]["instance"] == first[1], again.stdout
+        listed = vertebra(home, "workflow", "list", "--json")
+        assert len(json.loads(listed.stdout)["results"][0]["result"]["instances"]) == 1, listed.stdout
