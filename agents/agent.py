@@ -203,7 +203,10 @@ class Agent(Actor):
     def _advertise_features(self) -> None:
         disco = self.xmpp.plugin["xep_0030"]
         disco.add_identity(category="automation", itype="rpc", name=f"vertebra {self.kind} agent")
-        self.vertebra.serve(self._on_op, [spec.feature for spec in self.ops.values()])  # features at session bind
+        features = [spec.feature for spec in self.ops.values()]
+        if fenced.INSTALL_OP in self.ops:
+            features.append(fenced.ORDERED)
+        self.vertebra.serve(self._on_op, features)  # features at session bind
         form = self.xmpp.plugin["xep_0004"].make_form(ftype="result")
         form.add_field(var="FORM_TYPE", ftype="hidden", value=AGENT_FORM)
         form.add_field(var="kind", ftype="text-single", value=self.kind)

@@ -12,7 +12,13 @@ How agents learn it: the broker pushes the whole list of open epochs with the ``
 op, to every agent that offers it, whenever an epoch opens or ends and to each agent as it joins.
 Like ``policy.install``, the op is accepted from the agent's own broker only, whatever a policy
 says: nobody else can fence or unfence identities. A push replaces the whole list, so a missed
-push is repaired by the next one.
+push is repaired by the next one. Pushes can pass each other (two read the ledger, the later read is
+sent first; or two broker instances push at once), so each says which state of the ledger it is:
+``ledger`` (the ledger's id) and ``version`` (the number of its newest event when it was read). An
+agent ignores a list older than the one it has from the same ledger, so a node fenced a moment ago is
+never unfenced by a list read before. It advertises that it does so with the disco feature
+``ORDERED``; the broker sends the two arguments only to agents that advertise it (an agent of an
+earlier version refuses arguments it does not know, and a refused push would leave it unfenced).
 
 The runtime (``agents/agent.py``) declares ``fenced.install`` on every agent (``sender="broker"``)
 and :meth:`FencedIdentities.check` is one of the rules authorization walks (``agents/authz.py``),
@@ -33,6 +39,7 @@ from .errors import BadArguments
 from .ops import Arg, OpSpec, op
 
 INSTALL_OP = "fenced.install"
+ORDERED = "urn:vertebra:fenced:ordered"   # fenced.install takes ledger and version, and ignores older lists
 
 
 @dataclass(frozen=True)
@@ -74,9 +81,16 @@ class FencedIdentities:
         self._by_identity: dict[str, Fenced] = {}
         self.entries: tuple[Fenced, ...] = ()
         self.installed_at: float | None = None  # when the broker last told us (None: never)
+        self.ledger, self.version = "", 0       # which state of which ledger the list is (none said: "", 0)
 
-    def install(self, entries: Iterable[Fenced]) -> None:
-        """Replace what we know with the broker's whole list."""
+    def install(self, entries: Iterable[Fenced], ledger: str = "", version: int = 0) -> bool:
+        """Replace what we know with the broker's whole list, unless it is from an older state of the
+        same ledger than the list we have (then False, and nothing changes). A list that says no state
+        (an older broker's) is always taken."""
+        if ledger and ledger == self.ledger and version < self.version:
+            return False
+        if ledger:
+            self.ledger, self.version = ledger, version
         self.entries = tuple(entries)
         by_identity: dict[str, Fenced] = {}
         for f in self.entries:
@@ -86,6 +100,7 @@ class FencedIdentities:
                     by_identity[jid] = f
         self._by_identity = by_identity
         self.installed_at = time.time()
+        return True
 
     def of(self, caller: str) -> Fenced | None:
         return self._by_identity.get(caller.lower())
@@ -127,10 +142,16 @@ def install_op() -> Any:
     async def fenced_install(self: Any, call: Any,
                              fenced: Annotated[str, Arg("every open fencing epoch, as a JSON list of"
                                                         " {cluster, node, epoch, fenced_at, fenced_by,"
-                                                        " requester, identities}")] = "[]") -> dict:
+                                                        " requester, identities}")] = "[]",
+                             ledger: Annotated[str, Arg("the id of the broker's fencing ledger the list was read"
+                                                        " from", pattern=r"[A-Za-z0-9-]{0,64}")] = "",
+                             version: Annotated[int, Arg("the number of the ledger's newest event when the list"
+                                                         " was read: an older list than the one installed from"
+                                                         " the same ledger is ignored", min=0)] = 0) -> dict:
         """Take the broker's list of fenced nodes (accepted from this agent's broker only)."""
         entries = parse_entries(fenced)
-        self.fenced.install(entries)
-        return {"fenced": len(entries), "identities": sum(len(f.identities) for f in entries)}
+        taken = self.fenced.install(entries, ledger, version)
+        return {"fenced": len(entries), "identities": sum(len(f.identities) for f in entries), "taken": taken,
+                "version": self.fenced.version}
 
     return fenced_install

@@ -124,6 +124,7 @@ class Capabilities:
     kind: str
     ops: frozenset[str]
     resources: tuple[str, ...]
+    features: frozenset[str] = frozenset()  # its other disco features (agents.fenced.ORDERED)
 
 
 @dataclass(frozen=True)
@@ -214,6 +215,11 @@ class Directory:
         at every agent's listing (a scan of the entries there costs a login storm O(agents²))."""
         entry = self._agents.get(jid)
         return entry is not None and op in entry.caps.ops
+
+    def has_feature(self, jid: str, feature: str) -> bool:
+        """Whether the agent listed under the full JID ``jid`` advertises ``feature``."""
+        entry = self._agents.get(jid)
+        return entry is not None and feature in entry.caps.features
 
     def lists(self, bare: str) -> bool:
         """Whether an agent of the account ``bare`` (a bare JID) is listed now."""

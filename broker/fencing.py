@@ -40,10 +40,12 @@ count; an "on" ends an epoch only as a verified on newer than the off that opene
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import sqlite3
 import time
+import uuid
 from pathlib import Path
 from typing import Annotated, Any, Callable, Literal, Protocol
 
@@ -51,7 +53,7 @@ from agents.agent import Call
 from agents.db import Store, open_db, transaction
 from agents.authz import Decision, Request
 from agents.errors import OpError, Outcome
-from agents.fenced import INSTALL_OP, Fenced, FencedIdentities, encode_entries
+from agents.fenced import INSTALL_OP, ORDERED, Fenced, FencedIdentities, encode_entries
 # The settings' own readers (as broker/service.py uses them): no device checks on the broker's machine.
 from agents.fencing.settings import NODE_RESOURCE, SEGMENT, configured_nodes, node_resource
 from agents.ops import Arg, OpSpec, op
@@ -88,6 +90,7 @@ class FenceLedgerState(Protocol):
     async def record(self, agent: str, event: dict[str, Any]) -> tuple[int, str | None, bool]: ...
     async def open_epoch(self, cluster: str, node: str) -> Fenced | None: ...
     async def fenced(self) -> list[Fenced]: ...
+    async def fenced_state(self) -> tuple[str, int, list[Fenced]]: ...
     async def epochs(self, cluster: str = "", node: str = "") -> list[dict[str, Any]]: ...
     async def events(self, since: int = 0, limit: int = 50) -> list[dict[str, Any]]: ...
     def written_elsewhere(self) -> bool: ...
@@ -112,6 +115,7 @@ class FenceLedger:
         # Shared by a broker's instances (one per cluster node): WAL, and each record one transaction.
         self.store = Store(path, [_SCHEMA], name="fence ledger")
         self.store.call(_add_event_ids)
+        self.id: str = self.store.call(_ledger_id)
         self._fenced: list[Fenced] = self.store.call(_fenced)
         # Another instance can only write to a file: in memory, nothing is written elsewhere.
         in_memory = path is None or str(path) == ":memory:"
@@ -162,6 +166,12 @@ class FenceLedger:
     async def fenced(self) -> list[Fenced]:
         """Every open epoch: the nodes fenced now."""
         return await self.store.run(_fenced)
+
+    async def fenced_state(self) -> tuple[str, int, list[Fenced]]:
+        """The open epochs, with the ledger's id and the number of its newest event when they were read
+        (one snapshot): which state of the ledger a push of them is (agents/fenced.py)."""
+        seq, fenced = await self.store.run(_fenced_state)
+        return self.id, seq, fenced
 
     async def epochs(self, cluster: str = "", node: str = "") -> list[dict[str, Any]]:
         return await self.store.run(_epochs, cluster, node)
@@ -250,6 +260,25 @@ def _open(db: sqlite3.Connection, agent: str, event: dict[str, Any]) -> None:
 def _close(db: sqlite3.Connection, cluster: str, node: str, agent: str, at: float) -> None:
     db.execute("UPDATE epochs SET unfenced_at = ?, unfenced_by = ? WHERE cluster = ? AND node = ?"
                " AND unfenced_at IS NULL", (at, agent, cluster, node))
+
+
+def _ledger_id(db: sqlite3.Connection) -> str:
+    """The ledger's id, made when it is first opened: a ledger made anew (its file lost) numbers its events
+    from 1 again, and agents must not take its lists for older ones."""
+    with transaction(db):
+        db.execute("CREATE TABLE IF NOT EXISTS ledger (one INTEGER PRIMARY KEY CHECK (one = 1), id TEXT NOT NULL)")
+        db.execute("INSERT OR IGNORE INTO ledger VALUES (1, ?)", (uuid.uuid4().hex,))
+        (ledger,) = db.execute("SELECT id FROM ledger").fetchone()
+    return str(ledger)
+
+
+def _fenced_state(db: sqlite3.Connection) -> tuple[int, list[Fenced]]:
+    db.execute("BEGIN")  # deferred: one read snapshot for both
+    try:
+        (seq,) = db.execute("SELECT coalesce(max(seq), 0) FROM fence_events").fetchone()
+        return int(seq), _fenced(db)
+    finally:
+        db.execute("COMMIT")
 
 
 def _fenced(db: sqlite3.Connection) -> list[Fenced]:
@@ -432,10 +461,18 @@ class Fencing:
         return [e.jid for e in self.broker.directory.entries() if INSTALL_OP in e.caps.ops]
 
     async def push_fenced(self, targets: list[str] | None = None) -> dict[str, str]:
-        """Push the open epochs; returns each target's error ("" when it took them)."""
+        """Push the open epochs; returns each target's error ("" when it took them). Agents that advertise
+        ``ORDERED`` are told which state of the ledger the list is, so a list read earlier and arriving later
+        is ignored; the others get the list alone (an argument they do not know would fail the push)."""
         targets = self._takers() if targets is None else targets
-        return await push(self.broker, targets, INSTALL_OP, {"fenced": encode_entries(await self.ledger.fenced())},
-                          "the fenced nodes")
+        ledger, version, entries = await self.ledger.fenced_state()
+        plain = {"fenced": encode_entries(entries)}
+        ordered = [t for t in targets if self.broker.directory.has_feature(t, ORDERED)]
+        others = sorted(set(targets) - set(ordered))
+        done = await asyncio.gather(
+            push(self.broker, ordered, INSTALL_OP, {**plain, "ledger": ledger, "version": version}, "the fenced nodes"),
+            push(self.broker, others, INSTALL_OP, plain, "the fenced nodes"))
+        return {**done[0], **done[1]}
 
     def on_join(self, jid: str) -> None:
         """A newly listed agent gets the fenced nodes at once; a fencing agent's ledger is reconciled

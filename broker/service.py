@@ -507,9 +507,12 @@ class Broker(Agent):
         if form is None:
             return None  # not a Vertebra agent
         values = form.get_values()
-        ops = frozenset(f[len(OP_FEATURE_PREFIX):] for f in info["features"] if f.startswith(OP_FEATURE_PREFIX))
+        features = frozenset(info["features"])
+        ops = frozenset(f[len(OP_FEATURE_PREFIX):] for f in features if f.startswith(OP_FEATURE_PREFIX))
         return Capabilities(kind=str(values.get("kind") or "agent"), ops=ops,
-                            resources=tuple(_values(values.get("resources"))))
+                            resources=tuple(_values(values.get("resources"))),
+                            features=frozenset(f for f in features if f.startswith("urn:vertebra:")
+                                               and not f.startswith(OP_FEATURE_PREFIX)))
 
 
 def _advertised_resources(kind: str, resources: Iterable[str], settings: Mapping[str, Any]) -> list[str]:

@@ -665,6 +665,23 @@ class EtcdFenceLedger:
     async def fenced(self) -> list[Fenced]:
         return _open_epochs(list(await self.client.get_prefix(self._key("epochs", ""))))
 
+    async def fenced_state(self) -> tuple[str, int, list[Fenced]]:
+        """The open epochs, with the ledger's id (``id``, made by the first instance that asks) and the
+        number of its newest event when they were read: the number read again after the epochs, until
+        it has not moved (an event and its epoch change are one transaction)."""
+        key = self._key("id")
+        await self._txn([self.client.transactions.create(key) == 0],
+                        [self.client.transactions.put(key, uuid.uuid4().hex.encode())])
+        ledger = await self.client.get(key)
+        before = await self.client.get(self._key("seq"))
+        for _ in range(SWAP_ATTEMPTS):
+            fenced = await self.fenced()
+            after = await self.client.get(self._key("seq"))
+            if (before and before.value) == (after and after.value):
+                return (ledger.value.decode() if ledger else ""), int(after.value) if after else 0, fenced
+            before = after
+        raise OSError(f"the fencing ledger on etcd changed {SWAP_ATTEMPTS} times while it was read; try again")
+
     async def epochs(self, cluster: str = "", node: str = "") -> list[dict[str, Any]]:
         rows = [e for kv in await self.client.get_prefix(self._key("epochs", "")) for e in json.loads(kv.value)
                 if (not cluster or e["cluster"] == cluster) and (not node or e["node"] == node)]

@@ -212,7 +212,8 @@ async def _fencing_story(ledger: Any) -> dict[str, Any]:
     return {"recorded": recorded, "epochs": await ledger.epochs(), "n1": await ledger.epochs("c1", "n1"),
             "fenced": await ledger.fenced(), "open": await ledger.open_epoch("c1", "n2"),
             "none": await ledger.open_epoch("c1", "n1"), "events": await ledger.events(),
-            "page": await ledger.events(since=3, limit=2)}
+            "page": await ledger.events(since=3, limit=2),
+            "state": (await ledger.fenced_state())[1:]}  # the ledger's id aside: each has its own
 
 
 async def test_the_fence_ledger_on_etcd_answers_as_the_sqlite_one(etcd: PrivateEtcd, tmp_path: Path) -> None:
@@ -225,6 +226,7 @@ async def test_the_fence_ledger_on_etcd_answers_as_the_sqlite_one(etcd: PrivateE
                                        (4, "rebooted", True), (5, None, True), (6, "fenced", True), (7, None, True)]
         assert [(f.node, f.epoch, f.identities) for f in on_etcd["fenced"]] == [("n2", 1, ("db1@x.test",))]
         assert [e["seq"] for e in on_etcd["page"]] == [6, 7]  # the latest two after 3
+        assert on_etcd["state"] == (7, on_etcd["fenced"])  # the open epochs as of the newest event
     finally:
         await sqlite_ledger.aclose()
         await etcd_ledger.aclose()
@@ -244,6 +246,8 @@ async def test_instances_share_the_fence_ledger_and_never_reuse_a_number(etcd: P
         # The other instance's synchronous rule learns of it without being told.
         await until(two.written_elsewhere, timeout=10, what="the other instance to see the new epoch")
         assert [(f.node, f.identities) for f in two.fenced_now()] == [("n9", ("db1@x.test",))]
+        # Which state of the ledger a push is: the same id and number whichever instance reads it.
+        assert (await one.fenced_state())[:2] == (await two.fenced_state())[:2] == ((await one.fenced_state())[0], 11)
     finally:
         await one.aclose()
         await two.aclose()

@@ -42,5 +42,13 @@ async def test_rate_limits_and_the_fence_ledger_write_off_the_event_loop(tmp_pat
     assert threads and loop_thread not in threads
     # What the synchronous fenced-identity rule reads (answered at once): the epoch recorded here.
     assert ledger.written_elsewhere() and [f.node for f in ledger.fenced_now()] == ["n1"]
+    # Which state of the ledger a push is: its id (kept in the file, so another instance and a restart
+    # read the same) and the newest event's number; a ledger made anew has another id.
+    other = FenceLedger(tmp_path / "fencing.sqlite")
+    assert await ledger.fenced_state() == (other.id, 1, await ledger.fenced())
+    anew = FenceLedger(tmp_path / "anew.sqlite")
+    assert anew.id not in ("", ledger.id)
+    await anew.aclose()
+    await other.aclose()
     await limits.aclose()
     await ledger.aclose()
