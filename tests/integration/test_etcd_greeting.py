@@ -60,7 +60,8 @@ async def test_the_broker_greets_the_known_agents_once_etcd_answers(mesh: Any, t
                                              broker=jid, state_dir=tmp_path / "agent", authorizer=mesh.admins))
         installs: list[Any] = []            # the fenced nodes pushed to the agent since it joined
         take = agent.fenced.install
-        monkeypatch.setattr(agent.fenced, "install", lambda entries: (installs.append(entries), take(entries)))
+        monkeypatch.setattr(agent.fenced, "install",
+                            lambda entries, *state: (installs.append(entries), take(entries, *state))[1])
         hellos: list[str] = []
         agent.xmpp.add_event_handler("presence_available",
                                      lambda p: hellos.append(str(p["from"])) if _is_hello(p) else None)
