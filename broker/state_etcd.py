@@ -568,6 +568,7 @@ class EtcdFenceLedger:
         self._changed = True  # the first decision installs what the ledger holds (once read)
         self._seen_revision = -1
         self._watcher: asyncio.Task[None] | None = None
+        self._id = ""           # the ledger's id (fenced_state)
 
     def _key(self, *parts: str) -> bytes:
         return (self.prefix + "/".join(parts)).encode()
@@ -669,16 +670,18 @@ class EtcdFenceLedger:
         """The open epochs, with the ledger's id (``id``, made by the first instance that asks) and the
         number of its newest event when they were read: the number read again after the epochs, until
         it has not moved (an event and its epoch change are one transaction)."""
-        key = self._key("id")
-        await self._txn([self.client.transactions.create(key) == 0],
-                        [self.client.transactions.put(key, uuid.uuid4().hex.encode())])
-        ledger = await self.client.get(key)
+        if not self._id:        # asked of etcd once: it never changes while the prefix lives
+            key = self._key("id")
+            await self._txn([self.client.transactions.create(key) == 0],
+                            [self.client.transactions.put(key, uuid.uuid4().hex.encode())])
+            found = await self.client.get(key)
+            self._id = found.value.decode() if found else ""
         before = await self.client.get(self._key("seq"))
         for _ in range(SWAP_ATTEMPTS):
             fenced = await self.fenced()
             after = await self.client.get(self._key("seq"))
             if (before and before.value) == (after and after.value):
-                return (ledger.value.decode() if ledger else ""), int(after.value) if after else 0, fenced
+                return self._id, int(after.value) if after else 0, fenced
             before = after
         raise OSError(f"the fencing ledger on etcd changed {SWAP_ATTEMPTS} times while it was read; try again")
 

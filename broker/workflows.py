@@ -234,7 +234,7 @@ class WorkflowEngine:
             await self.workflow_store.create(iid, workflow, call.caller, params, plan.to_json(),
                                              [s.name for s in plan.steps()])
             log.info("workflow %s instance %s requested by %s", workflow, iid, call.caller)
-        elif (earlier["workflow"], earlier["params"]) != (workflow, json.loads(json.dumps(params))):
+        elif (earlier["workflow"], earlier["params"]) != (workflow, json.loads(json.dumps(params))):  # as stored
             raise BadArguments(f"this request id already started workflow {earlier['workflow']} (instance {iid})"
                                " with other parameters; send this one with a new request id")
         await self._settle(iid, wait)
