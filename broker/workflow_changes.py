@@ -105,9 +105,10 @@ class AnnouncingStore:
         await self.store.set_step(iid, step, **fields)
         self.changes.changed(iid)
 
-    async def start_step(self, iid: str, step: str, performer: str, target: str) -> None:
-        await self.store.start_step(iid, step, performer, target)
+    async def start_step(self, iid: str, step: str, performer: str, target: str) -> dict[str, Any]:
+        row = await self.store.start_step(iid, step, performer, target)
         self.changes.changed(iid)
+        return row
 
     async def add_event(self, iid: str, kind: str, step: str, actor: str) -> None:
         await self.store.add_event(iid, kind, step, actor)

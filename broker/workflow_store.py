@@ -70,7 +70,7 @@ class WorkflowState(Protocol):
     async def step(self, iid: str, step: str) -> dict[str, Any]: ...
     async def steps(self, iid: str) -> dict[str, dict[str, Any]]: ...
     async def set_step(self, iid: str, step: str, **fields: Any) -> None: ...
-    async def start_step(self, iid: str, step: str, performer: str, target: str) -> None: ...
+    async def start_step(self, iid: str, step: str, performer: str, target: str) -> dict[str, Any]: ...
     async def add_event(self, iid: str, kind: str, step: str, actor: str) -> None: ...
     async def history(self, iid: str) -> list[Event]: ...
     async def aclose(self) -> None: ...
@@ -130,9 +130,10 @@ class WorkflowStore:
             fields["result"] = json.dumps(fields["result"], default=str)
         await self.store.run(_set_step, iid, step, fields)
 
-    async def start_step(self, iid: str, step: str, performer: str, target: str) -> None:
-        """The point of no return: the performed event and the running state, written together."""
-        await self.store.run(_start_step, iid, step, performer, target)
+    async def start_step(self, iid: str, step: str, performer: str, target: str) -> dict[str, Any]:
+        """The point of no return: the performed event and the running state, written together; the
+        step's row as written."""
+        return await self.store.run(_start_step, iid, step, performer, target)
 
     async def add_event(self, iid: str, kind: str, step: str, actor: str) -> None:
         await self.store.run(_add_event, iid, kind, step, actor)
@@ -198,13 +199,14 @@ def _set_step(db: sqlite3.Connection, iid: str, step: str, fields: dict[str, Any
     db.execute(f"UPDATE steps SET {cols} WHERE instance = ? AND step = ?", (*fields.values(), iid, step))
 
 
-def _start_step(db: sqlite3.Connection, iid: str, step: str, performer: str, target: str) -> None:
+def _start_step(db: sqlite3.Connection, iid: str, step: str, performer: str, target: str) -> dict[str, Any]:
     now = time.time()
     with transaction(db):
         db.execute("INSERT INTO events (instance, kind, step, actor, at) VALUES (?, ?, ?, ?, ?)",
                    (iid, PERFORMED, step, performer, now))
         db.execute("UPDATE steps SET state = 'running', performer = ?, target = ?, started = ?,"
                    " reason = '' WHERE instance = ? AND step = ?", (performer, target, now, iid, step))
+        return _step(db, iid, step)
 
 
 def _add_event(db: sqlite3.Connection, iid: str, kind: str, step: str, actor: str) -> None:

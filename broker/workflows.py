@@ -400,14 +400,15 @@ class WorkflowEngine:
         if row["state"] != "running":
             if (await self._find(iid))["state"] == "cancelled":
                 return "waiting", "cancelled"
-            ready = await self._admit_step(inst, step, row)
-            if ready is not None:
-                return ready
-            row = await store.step(iid, step.name)
+            admitted = await self._admit_step(inst, step, row)
+            if isinstance(admitted, tuple):
+                return admitted
+            row = admitted
         return await self._send_step(inst, step, row)
 
-    async def _admit_step(self, inst: dict[str, Any], step: Step, row: dict[str, Any]) -> tuple[str, str] | None:
-        """Constraints, authorization and rate limit for a step about to run; None when it may run
+    async def _admit_step(self, inst: dict[str, Any], step: Step, row: dict[str, Any]
+                          ) -> tuple[str, str] | dict[str, Any]:
+        """Constraints, authorization and rate limit for a step about to run; when it may run, its row
         (it is then `running` on disk, with its target), else the step's new state and why."""
         store, iid = self.workflow_store, inst["id"]
         if step.hold and not row["performer"]:
@@ -439,11 +440,11 @@ class WorkflowEngine:
             await store.set_step(iid, step.name, rate_taken=1)
         if not await self.leadership.lead():
             raise Deposed  # the point of no return is the leader's alone
-        await store.start_step(iid, step.name, performer, target)
+        running = await store.start_step(iid, step.name, performer, target)
         self._audit(rid, performer, step.op, step.on, step.args, True,
                     f"workflow {inst['workflow']} instance {iid} step {step.name}, sent by the broker on"
                     f" behalf of {performer}: {d.rule or d.reason}", version=d.version)
-        return None
+        return running
 
     async def _target(self, step: Step) -> str | None:
         """A live agent offering the step's op on its resources; waits a while for one, since a

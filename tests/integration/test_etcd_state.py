@@ -141,6 +141,38 @@ async def test_racing_writers_of_one_step_lose_nothing(etcd: PrivateEtcd) -> Non
         await two.aclose()
 
 
+async def test_a_record_written_last_here_is_changed_without_a_read_and_loses_no_other_write(
+        etcd: PrivateEtcd) -> None:
+    cfg = StateConfig(endpoints=tuple(etcd.endpoints), prefix="/workflow-written")
+    one, two = EtcdWorkflowStore(cfg), EtcdWorkflowStore(cfg)
+    reads: list[bytes] = []
+    get = one.client.get
+
+    async def counted_get(key: bytes, *args: Any, **kwargs: Any) -> Any:
+        reads.append(key)
+        return await get(key, *args, **kwargs)
+
+    one.client.get = counted_get  # type: ignore[method-assign]
+    try:
+        await one.create("w1", "patch", "alice@x", {}, [["a"]], ["a"])
+        # Each change starts from this instance's own last write of the record, the create included.
+        await one.start_step("w1", "a", "carol@x", "agent@x/agent")
+        await one.set_step("w1", "a", attempts=1)
+        await one.set_instance("w1", "running")
+        assert reads == []
+        # Another instance writes the record: the change made here next finds its own write stale,
+        # reads the record again, and keeps the other's change.
+        await two.set_step("w1", "a", reason="two's note")
+        await one.set_step("w1", "a", state="ok", outcome="ok")
+        assert len(reads) == 1
+        row = await two.step("w1", "a")
+        assert (row["attempts"], row["state"], row["performer"], row["reason"]) == (1, "ok", "carol@x", "two's note")
+        assert [e.kind for e in await two.history("w1")] == ["requested", "performed"]
+    finally:
+        await one.aclose()
+        await two.aclose()
+
+
 async def test_a_leader_deposed_without_noticing_cannot_change_the_workflows(etcd: PrivateEtcd) -> None:
     cfg = StateConfig(endpoints=tuple(etcd.endpoints), prefix="/workflow-fenced")
     old, new = EtcdLease(cfg, "b@x/broker", term=2), EtcdLease(cfg, "b@x/broker-2", term=2)
