@@ -13,6 +13,7 @@ both signed by a CA made for the cluster (Debian's openssl): ``ca``, ``client_ce
 from __future__ import annotations
 
 import atexit
+import http.client
 import json
 import os
 import shutil
@@ -116,13 +117,15 @@ class Member:
         return f"http://{self.host}:{self.peer_port}"
 
     def healthy(self) -> bool:
-        """Whether the member answers and its cluster has a leader (etcd's /health)."""
+        """Whether the member answers and its cluster has a leader (etcd's /health). Not when another
+        server answers on its port instead (one that took the port first, and speaks no HTTP): the member
+        then exits, and start() moves the cluster to other ports."""
         try:
             opener = _DIRECT if self.tls is None else urllib.request.build_opener(
                 urllib.request.ProxyHandler({}), urllib.request.HTTPSHandler(context=self.tls))
             with opener.open(f"{self.client_url}/health", timeout=2) as reply:
                 return json.load(reply).get("health") == "true"
-        except (OSError, urllib.error.URLError, ValueError):
+        except (OSError, urllib.error.URLError, http.client.HTTPException, ValueError):
             return False
 
 
