@@ -387,8 +387,8 @@ class EtcdWorkflowStore:
 
     A record this instance wrote last is changed again without reading it first: the value and
     revision its write left are kept (``_written``), and the compare-and-swap proves them current or
-    sends the change back to read. A step's run changes its record three times; each read saved is a
-    round trip to the cluster (measured: a tenth of an etcd step's time)."""
+    sends the change back to read. A step's run changes its record three times, and reads were most of
+    an etcd step's time (bench/README.md has the figures)."""
 
     MAX_TXN_OPS = 128  # etcd's default --max-txn-ops
     WRITTEN_KEPT = 4096  # records whose last write is remembered (a few per step of a running instance)
@@ -527,9 +527,9 @@ class EtcdWorkflowStore:
         step's record as written."""
         now = time.time()
         return await self._update(self._key("s", iid, step),
-                           lambda r: r.update(state="running", performer=performer, target=target, started=now,
-                                              reason=""),
-                           extra=[self._event(iid, 0, PERFORMED, step, performer, now)])
+                                  lambda r: r.update(state="running", performer=performer, target=target,
+                                                     started=now, reason=""),
+                                  extra=[self._event(iid, 0, PERFORMED, step, performer, now)])
 
     async def add_event(self, iid: str, kind: str, step: str, actor: str) -> None:
         await self._txn([], [self._event(iid, 0, kind, step, actor, time.time())])
