@@ -827,12 +827,12 @@ def cmd_up(mesh: meshconf.MeshConfig, ns: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, signal.default_int_handler)
     signal.signal(signal.SIGINT, signal.default_int_handler)
     children: list[subprocess.Popen[bytes]] = []
+    names: dict[int, str] = {}  # pid -> actor
     failed = False
     base = [sys.executable, "-m", "agents.cli", "--home", str(mesh.home), "--mesh", str(mesh.path), "-v"]
     try:
         brokers = [(mesh.broker if n == 1 else f"{mesh.broker}-{n}", ["broker", "--instance", str(n)])
                    for n in range(1, len(mesh.broker_resources) + 1)]
-        names = {}
         for name, cmd in brokers + [(a.name, ["agent", a.name]) for a in mesh.agents]:
             with open(private_file(logs / f"{name}.log"), "ab") as log_file:
                 children.append(subprocess.Popen(base + cmd, stdout=log_file, stderr=subprocess.STDOUT,
@@ -855,7 +855,7 @@ def cmd_up(mesh: meshconf.MeshConfig, ns: argparse.Namespace) -> int:
         pass
     finally:
         print("vertebra: stopping...", file=sys.stderr)
-        _stop_children(children)
+        _stop_children(children, names)
         if not was_running:
             server.stop()
             (mesh.home / "run" / ENGINE_FILE).unlink(missing_ok=True)
@@ -970,14 +970,23 @@ def _die_with_parent() -> None:
     ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
-def _stop_children(children: list[subprocess.Popen[bytes]]) -> None:
+STOP_GRACE = 10.0  # seconds the actors have, together, to stop after TERM before they are killed
+
+
+def _stop_children(children: list[subprocess.Popen[bytes]], names: dict[int, str]) -> None:
+    """TERM every actor, then KILL, and name on stderr, each one still running STOP_GRACE seconds after
+    the TERM. One deadline for all: a mesh whose every actor hangs stops in STOP_GRACE, not STOP_GRACE
+    per actor one after another."""
     for c in children:
         if c.poll() is None:
             c.terminate()
+    deadline = time.monotonic() + STOP_GRACE
     for c in children:
         try:
-            c.wait(timeout=10)
+            c.wait(timeout=max(0.0, deadline - time.monotonic()))
         except subprocess.TimeoutExpired:
+            print(f"vertebra: {names.get(c.pid, c.pid)} did not stop within {STOP_GRACE:g} s of TERM; killed it"
+                  f" (its log may say why)", file=sys.stderr)
             c.kill()
             c.wait()
 

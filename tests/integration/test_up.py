@@ -3,10 +3,13 @@ mistake stops it before anything starts, and a second `up` on the same state dir
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import yaml
 
+from agents import cli
 from conftest import ROOT, free_port, vertebra, vertebra_up
 
 
@@ -78,3 +81,23 @@ def test_an_agent_that_dies_at_start_makes_up_fail_with_its_log(tmp_path):
     assert f"{storage['name']} exited" in up.stderr and "/proc/vertebra-cannot-be-made" in up.stderr, up.stderr
     assert "mesh is up" not in up.stdout
     assert _processes_mentioning(str(home)) == []
+
+
+def test_stopping_kills_every_actor_that_ignores_term_by_one_deadline_and_names_it(monkeypatch, capsys):
+    # Actors that hang on TERM: each is killed once the one deadline has passed, and named on stderr.
+    monkeypatch.setattr(cli, "STOP_GRACE", 0.5)
+    ignore_term = ("import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); print(flush=True);"
+                   " time.sleep(120)")
+    stubborn = [subprocess.Popen([sys.executable, "-c", ignore_term], stdout=subprocess.PIPE) for _ in range(3)]
+    polite = subprocess.Popen([sys.executable, "-c", "import time; print(flush=True); time.sleep(120)"],
+                              stdout=subprocess.PIPE)
+    children = [*stubborn, polite]
+    for c in children:
+        assert c.stdout is not None and c.stdout.readline() == b"\n"   # its handler is in place
+    names = {c.pid: f"actor{n}" for n, c in enumerate(children)}
+    cli._stop_children(children, names)
+    assert [c.returncode for c in children] == [-9, -9, -9, -15]
+    said = capsys.readouterr().err
+    for n in range(3):
+        assert f"vertebra: actor{n} did not stop within 0.5 s of TERM; killed it" in said
+    assert "actor3" not in said
