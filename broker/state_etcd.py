@@ -224,6 +224,13 @@ async def _on_a_live_member(client: EtcdClient, compare: list[Any], success: lis
     raise AssertionError("unreachable")
 
 
+def _read_back_revision(responses: list[Any]) -> int:
+    """The mod revision of the key a transaction's last operation read back (a get after its puts): the
+    revision those puts were written at."""
+    _value, kv = responses[-1][0]
+    return int(kv.mod_revision)
+
+
 class EtcdLease:
     """The workflow lead as an etcd election among the broker's instances (the same methods as the
     SQLite lease in broker/leadership.py)."""
@@ -439,7 +446,7 @@ class EtcdWorkflowStore:
             # The record read back in the same transaction: its new revision, for the next change.
             done = await self._txn([tx.mod(key) == known[0]], [tx.put(key, value), *extra, tx.get(key)])
             if done is not None:
-                self._remember(key, done[-1][0][1].mod_revision, value)
+                self._remember(key, _read_back_revision(done), value)
                 return row
             known = None
         raise OpError(f"the workflow record {key.decode()} kept changing under {SWAP_ATTEMPTS} attempts to write it;"
@@ -476,7 +483,7 @@ class EtcdWorkflowStore:
         done = await self._txn([tx.create(self._key("i", iid)) == 0],
                                [*(tx.put(k, v) for k, v in records.items()), *events, tx.get(self._key("i", iid))])
         if done is not None:
-            revision = done[-1][0][1].mod_revision
+            revision = _read_back_revision(done)
             for key, value in records.items():
                 self._remember(key, revision, value)
         elif await self.instance(iid) != json.loads(json.dumps(instance)):  # not this very create, retried
