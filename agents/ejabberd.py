@@ -121,7 +121,7 @@ class PrivateEjabberd(PrivateNode):
                  epmd_port: int | None = None, cluster_join: str | None = None, cookie: str | None = None,
                  tls_from: Path | None = None, component_port: int | None = None,
                  components: dict[str, str] | None = None, log_level: str = "warning",
-                 read_limit: ReadLimit | None = None):
+                 read_limit: ReadLimit | None = None, schedulers: int | None = None):
         if not isinstance(domain, str) or not _DOMAIN_RE.match(domain):
             raise ServerError(f"invalid XMPP domain {domain!r}: use a lowercase DNS name such as 'vertebra.test'")
         for name, value in (("port", port), ("dist_port", dist_port), ("epmd_port", epmd_port),
@@ -136,6 +136,8 @@ class PrivateEjabberd(PrivateNode):
             raise ServerError("invalid Erlang cookie: use 1-255 letters, digits, '.', '_' or '-'")
         if components and component_port is None:
             raise ServerError("components need a component_port to listen on")
+        if schedulers is not None and (not isinstance(schedulers, int) or schedulers < 1):
+            raise ServerError(f"invalid schedulers {schedulers!r}: use a positive integer, or None for one per core")
         self.home = Path(home).resolve()
         if _UNSAFE_PATH.search(str(self.home)):
             raise ServerError(f"ejabberdctl cannot handle spaces, quotes or '$' in paths: choose a state "
@@ -153,6 +155,10 @@ class PrivateEjabberd(PrivateNode):
         self.components = dict(components or {})
         self.log_level = log_level
         self.read_limit = read_limit  # None: every account is read at full speed (a test node)
+        # Erlang's schedulers (and dirty CPU schedulers) for this node; None: one per core, Erlang's
+        # default, right for a node with a machine of its own. Nodes sharing one machine's cores (the
+        # scale benchmark's cluster) each take their share instead of all contending for every core.
+        self.schedulers = schedulers
         self.dir = self.home / f"ejabberd-{node_name.split('@', 1)[0]}"
         self.config_path = self.dir / "ejabberd.yml"
         self.ctl_config_path = self.dir / "ejabberdctl.cfg"
@@ -407,7 +413,7 @@ class PrivateEjabberd(PrivateNode):
             # default is 1 MiB). ejabberd routes a stanza to a session on another node with
             # erlang:send(..., [nosuspend]), which drops it when the buffer is busy: a call to 20,000 agents
             # lost hundreds of requests to the other node's sessions without a trace (bench/README.md).
-            'ERL_OPTIONS="-env ERL_CRASH_DUMP_BYTES 0 +zdbbl 131072"',
+            f'ERL_OPTIONS="-env ERL_CRASH_DUMP_BYTES 0 +zdbbl 131072{self._scheduler_options()}"',
         ]
         if _is_ip(self.node_host):
             lines.append(f"INET_DIST_INTERFACE={self.node_host}")
@@ -427,6 +433,10 @@ class PrivateEjabberd(PrivateNode):
                 "esac",
             ]
         return "\n".join(lines) + "\n"
+
+    def _scheduler_options(self) -> str:
+        n = self.schedulers
+        return "" if n is None else f" +S {n}:{n} +SDcpu {n}:{n}"
 
     def _recorded_dist_port(self) -> int | None:
         try:

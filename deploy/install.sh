@@ -136,10 +136,10 @@ install_venv() {
     fi
     # Newer project metadata or a newer way of installing it (this script): install again.
     if [ ! -e "$STAMP" ] || [ "$ROOT/pyproject.toml" -nt "$STAMP" ] || [ "$ROOT/deploy/install.sh" -nt "$STAMP" ]; then
-        say "installing vertebra, its etcd client and its test dependencies into $VENV"
+        say "installing vertebra, its etcd client and its test and benchmark dependencies into $VENV"
         # compat: a path entry, not an import hook that every program (check_vertebra from Nagios,
         # fence_vertebra from Pacemaker) would pay ~8 ms to load at start.
-        "$VENV/bin/python" -m pip install -q -e "$ROOT[test,etcd]" --config-settings editable_mode=compat
+        "$VENV/bin/python" -m pip install -q -e "$ROOT[test,etcd,bench]" --config-settings editable_mode=compat
         touch "$STAMP"
     else
         say "virtualenv up to date"

@@ -243,6 +243,20 @@ def test_missing_ejabberd_says_how_to_install(node: PrivateEjabberd, monkeypatch
         node.start()
 
 
+def _scheduler_threads(pid: int) -> list[str]:
+    names = [(t / "comm").read_text().strip() for t in Path(f"/proc/{pid}/task").iterdir()]
+    return sorted(n for n in names if re.fullmatch(r"\d+_scheduler", n))
+
+
+def test_a_node_given_its_share_of_schedulers_runs_that_many(tmp_path: Path) -> None:
+    shared = PrivateEjabberd(tmp_path, DOMAIN, port=free_port(), node_name="shares@127.0.0.1", schedulers=1)
+    shared.start()
+    try:
+        assert _scheduler_threads(shared.status()["pid"]) == ["1_scheduler"]
+    finally:
+        shared.stop()
+
+
 def test_bad_arguments_are_rejected_with_a_reason(tmp_path: Path) -> None:
     with pytest.raises(ServerError, match="invalid XMPP domain"):
         PrivateEjabberd(tmp_path, "Not A Domain")
@@ -250,6 +264,8 @@ def test_bad_arguments_are_rejected_with_a_reason(tmp_path: Path) -> None:
         PrivateEjabberd(tmp_path, DOMAIN, node_name="no-host")
     with pytest.raises(ServerError, match="spaces"):
         PrivateEjabberd(tmp_path / "my mesh", DOMAIN)
+    with pytest.raises(ServerError, match="invalid schedulers 0"):
+        PrivateEjabberd(tmp_path, DOMAIN, schedulers=0)
 
 
 # -- two nodes, one cluster -----------------------------------------------------------------------
