@@ -597,7 +597,7 @@ class ScaleBench:
         epmd = rt.free_port()  # a private epmd, never the machine's own on 4369
         # The nodes share this machine's cores, as in the field each would have a machine's: each gets
         # its share of schedulers. With one per core each, three nodes on two cores spent ~10% more CPU
-        # per call (measured at 20,000: 4.73 s of server CPU a call, against 4.32 s with one each).
+        # per call (measured at 20,000: 4.73 s of server CPU a call, against 4.36 s with one each).
         schedulers = max(1, (os.cpu_count() or 1) // count)
         first = PrivateEjabberd(self.home, DOMAIN, port=rt.free_port(), node_name="scale1@127.0.0.1",
                                 epmd_port=epmd, log_level=self.args.ejabberd_log, schedulers=schedulers)
