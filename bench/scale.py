@@ -984,7 +984,7 @@ def main(argv: list[str] | None = None) -> int:
         with contextlib.suppress(KeyboardInterrupt):
             if args.pool:
                 # The simulated agents share the server's cores, which in the field they would not: on
-                # uvloop's TLS they take ~25% less CPU per answer than on asyncio's (bench/README.md).
+                # uvloop's TLS they take ~17-25% less CPU per answer than on asyncio's (bench/README.md).
                 uvloop.run(pool_main())
             else:
                 asyncio.run(broker_main())
