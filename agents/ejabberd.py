@@ -193,7 +193,10 @@ class PrivateEjabberd(PrivateNode):
             config = self._render_config()
             pid = self._running_pid()
             if pid is not None:
-                if self.config_path.is_file() and self.config_path.read_text() == config:
+                # Both files: the VM's options (its schedulers, say) are in ejabberdctl's, not ejabberd's.
+                if (self.config_path.is_file() and self.config_path.read_text() == config
+                        and self.ctl_config_path.is_file()
+                        and self.ctl_config_path.read_text() == self._render_ctl_config()):
                     self._join_if_needed(timeout)
                     return
                 raise ServerError(

@@ -201,6 +201,10 @@ def test_start_with_different_config_while_running_is_refused(node: PrivateEjabb
     moved = PrivateEjabberd(node.home, DOMAIN, port=free_port(), node_name=node.node_name)
     with pytest.raises(ServerError, match="different config"):
         moved.start()
+    # The same ejabberd.yml, but other options for the Erlang VM that runs it.
+    rescheduled = PrivateEjabberd(node.home, DOMAIN, port=node.port, node_name=node.node_name, schedulers=1)
+    with pytest.raises(ServerError, match="different config"):
+        rescheduled.start()
     assert node.status()["running"] is True
 
 
