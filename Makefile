@@ -3,6 +3,11 @@
 
 VENV := .venv
 PYTHON := $(VENV)/bin/python
+# Test processes per run (pytest-xdist; 0 runs the tests in pytest's own process). The tests mostly wait
+# on sockets and child processes, so two share two cores well; each starts its own servers, and a test
+# file's tests stay together (--dist loadfile) so that its module fixtures start once.
+TEST_WORKERS ?= 2
+PYTEST := $(PYTHON) -m pytest -q -n $(TEST_WORKERS) --dist loadfile
 
 .PHONY: install lint test test-ejabberd test-cluster run bench clean
 
@@ -15,13 +20,13 @@ lint: install
 	$(VENV)/bin/mypy
 
 test: lint
-	$(PYTHON) -m pytest -q tests/ --ignore=tests/cluster
+	$(PYTEST) tests/ --ignore=tests/cluster
 
 # The integration tests that use the session's XMPP service, again with it on a two-node ejabberd
 # cluster on loopback (actors spread over both nodes); the others start a server of their own, or
 # none, and have run in `test` (tests/conftest.py leaves them out here). CI runs it after `test` (.ci/run).
 test-ejabberd: install
-	VERTEBRA_TEST_ENGINE=ejabberd $(PYTHON) -m pytest -q tests/integration
+	VERTEBRA_TEST_ENGINE=ejabberd $(PYTEST) tests/integration
 
 # Broker instances on three simulated hosts (network namespaces), each with an ejabberd node and an etcd
 # member: the leader's host is partitioned mid-workflow, healed, and an etcd member killed. Needs root

@@ -40,6 +40,12 @@ from agents.server import PrivateServer  # noqa: E402
 from broker.service import Broker  # noqa: E402
 
 DOMAIN = "vertebra.test"
+# pytest-xdist's test processes (make test runs two) start with SIGINT ignored, and an ignored signal
+# survives exec: where agents/process.py falls back to subprocess, every program the tests start would
+# ignore Ctrl-C, which an agent's never do (`vertebra serve` handles SIGINT, and exec resets a handled
+# signal to its default).
+if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 ENGINE = os.environ.get("VERTEBRA_TEST_ENGINE", "prosody").strip().lower() or "prosody"
 if ENGINE not in ("prosody", "ejabberd"):
     raise RuntimeError(f"VERTEBRA_TEST_ENGINE={ENGINE!r}: use prosody (the default) or ejabberd")
