@@ -4,7 +4,9 @@
 Each benchmark runs in a process of its own and writes its verdicts to ``bench/results/<name>.json``
 (bench/verdicts.py); one that fails or stops without a verdict shows as a MISS with its exit status,
 and the others still run. The summary, with the machine's cores and load average at the start, is
-printed and written to ``bench/results/summary.json``. Exit status 0 only when every target is met.
+printed and written to ``bench/results/summary.json``. Each benchmark starts once the load average the one
+before left has fallen under 1 (or after three minutes of waiting for it). Exit status 0 only when every
+target is met.
 
 Usage::
 
@@ -15,6 +17,7 @@ Usage::
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import time
@@ -29,11 +32,28 @@ BENCHMARKS = {"roundtrip": [], "authz": [], "flood": [], "checks": [], "fencing"
               "cluster": [], "scale": ["--agents", "50000", "--no-storm"]}
 
 
+# The longest a benchmark waits for the one before it to stop weighing on the load average.
+SETTLE_SECONDS = 180.0
+
+
+def settle() -> None:
+    """Wait (at most SETTLE_SECONDS) for the 1-minute load average to fall under verdicts.BUSY_LOAD: the
+    benchmark before leaves it high for a minute or so (and sometimes work behind it: a server stopping,
+    writeback), and each benchmark should start as it would alone on a quiet machine."""
+    started = time.monotonic()
+    while os.getloadavg()[0] >= verdicts.BUSY_LOAD and time.monotonic() - started < SETTLE_SECONDS:
+        time.sleep(5)
+    waited = time.monotonic() - started
+    if waited >= 5:
+        print(f"(waited {waited:.0f} s for the load average to fall: {os.getloadavg()[0]:.2f} now)", flush=True)
+
+
 def run(name: str) -> list[dict]:
     """Run one benchmark; its recorded targets, or one MISS row saying why there are none."""
     out = verdicts.RESULTS_DIR / f"{name}.json"
     out.unlink(missing_ok=True)
     print(f"\n=== bench/{name}.py", flush=True)
+    settle()
     started = time.monotonic()
     status = subprocess.call([sys.executable, str(BENCH / f"{name}.py"), *BENCHMARKS[name]], cwd=BENCH)
     elapsed = time.monotonic() - started
