@@ -55,10 +55,13 @@ async def test_agents_alike_cost_one_disco_query(mesh):
         return await original(*args)
 
     broker._query = counting
-    await mesh.agent(SampleAgent, broker, ["/rack/r1"])
+    first = await mesh.agent(SampleAgent, broker, ["/rack/r1"])
     await mesh.agent(SampleAgent, broker, ["/rack/r1"])
     await until(lambda: len(broker.directory) == 2, what="both agents")
-    assert len(queries) == 1
+    # Only the first agent is ever asked: the second is served from the cache. Usually once; the first
+    # was asked twice in one CI run on a loaded two-node ejabberd cluster (a query that ended without an
+    # answer is asked again when the agent repeats its presence), which does not cost the second a query.
+    assert queries and set(queries) == {str(first.xmpp.boundjid)}, queries
     assert len(broker.directory.caps) == 1
 
 
