@@ -17,9 +17,14 @@ ever pays for it:
 - with reflinks, each file is first reflinked into the base (no data copied) and the chunk store reads the
   reflink, which no writer can touch: the base and the chunks hold the same bytes, and the base costs only
   what the volume later overwrites;
-- without reflinks, the bytes read are also written into the base (blocks of zeros stay holes) and synced
-  before the snapshot commits. That is a second, uncompressed copy beside the chunk store, owned by the
-  snapshot and reported as its exclusive bytes (storage.snapshot.list). A file that is the same as in the
+- without reflinks, the bytes read are also written into the base (blocks of zeros stay holes) through
+  the page cache. The snapshot commits and answers once its chunks are durable; the base's bytes go to
+  disk after that, on a thread of the driver's, and the base is named under bases/ once they are there (a
+  clone, a refresh or a rollback from it, and the volume's next snapshot, wait for that; a list shows it
+  meanwhile). A snapshot thus waits for one copy of its bytes on disk, not two. A crash before the base is
+  named loses only the base: the first clone builds it again from the chunk store. The base is a second,
+  uncompressed copy beside the chunk store, owned by the snapshot and reported as its exclusive bytes
+  (storage.snapshot.list). A file that is the same as in the
   volume's latest snapshot that has a base, or in the snapshot a clone was made from (same content,
   mode, owner and mtime), is hard-linked to that base's file instead: bases never change, so sharing an
   inode between them is safe, and a snapshot of a volume or masked clone that changed a few files costs
@@ -88,13 +93,11 @@ from agents.storage.chunkstore import SEGMENT_IDS, ChunkStore, Tee, split_ids
 from agents.storage.catalog import CatalogDriver
 from agents.storage.driver import SnapshotInfo, StorageError
 from agents.storage.names import validate_name
-from agents.storage.packs import ALIGN, direct_writes_work
 from agents.storage.stream import read_frames, write_stream
 
 BLOCK_SIZE = 8192
 _ZEROS = bytes(BLOCK_SIZE)
 _ZERO_ID = blake3.blake3(_ZEROS).digest()   # a block's id in the chunk store (ChunkStore.put_file)
-_ALIGN = ALIGN                      # direct writes: offsets, lengths and buffer addresses are multiples
 _READ_BYTES = 128 * BLOCK_SIZE      # 1 MiB: one index lookup and one writer batch each (finer batches
                                     # pipeline better: measured 1 MiB > 2 MiB > 4 MiB > 8 MiB)
 _PATCH_BATCH = 4096           # changed block positions per patch frame
@@ -196,6 +199,9 @@ class EmbeddedDriver(CatalogDriver):
         self.db.execute("PRAGMA synchronous = NORMAL")
         self.store = ChunkStore(self.db, self.root / "packs")
         self._base_sizes: dict[str, int] = {}     # bases never change once built: measured once each
+        # Bases whose bytes are still going to disk (_settle_later), by name: their scratch tree and the job.
+        self._settling: dict[str, tuple[Path, Future[None]]] = {}
+        self._settler: ThreadPoolExecutor | None = None
         # Leftovers of a crash mid-clone or mid-receive: scratch trees and unreferenced chunks (the packs
         # were already cut back to what the index committed). A probe's mount a crash left there goes
         # first, so that removing the scratch trees never reaches through a mount.
@@ -218,6 +224,10 @@ class EmbeddedDriver(CatalogDriver):
 
     def close(self) -> None:
         with self._lock:
+            self._settle_all()
+            if self._settler is not None:
+                self._settler.shutdown(wait=True)
+                self._settler = None
             self.store.close()
             super().close()
 
@@ -257,6 +267,7 @@ class EmbeddedDriver(CatalogDriver):
         reused once its snapshot is gone, while an overlay clone still lies over the old base)."""
         (guid,) = self.db.execute("SELECT guid FROM snapshots WHERE id = ?", (snap_id,)).fetchone()
         name = _base_name(guid)
+        self._settled(name)
         base = self.root / "bases" / name
         if not base.exists():
             # Built aside and renamed in: a crash leaves a scratch tree (removed at start), never half a base.
@@ -408,7 +419,9 @@ class EmbeddedDriver(CatalogDriver):
                           self.no_overlay_reason or "check the kernel log")
 
     def _collect_trees(self) -> None:
-        """Remove layers no clone uses and bases that neither a snapshot nor an overlay clone needs."""
+        """Remove layers no clone uses and bases that neither a snapshot nor an overlay clone needs (a base
+        still settling is waited for: it may be one of them)."""
+        self._settle_all()
         layers = {r[0] for r in self.db.execute("SELECT layer FROM overlays")}
         bases = {r[0] for r in self.db.execute("SELECT base FROM overlays")} \
             | {_base_name(r[0]) for r in self.db.execute("SELECT guid FROM snapshots")}
@@ -424,8 +437,50 @@ class EmbeddedDriver(CatalogDriver):
     def _base_bytes(self, base: str) -> int:
         """The bytes a base takes (each file once, whatever its names)."""
         if base not in self._base_sizes:
-            self._base_sizes[base] = sum(_inode_split(self.root / "bases" / base))
+            self._base_sizes[base] = sum(_inode_split(self._base_path(base)))
         return self._base_sizes[base]
+
+    # bases settling: written through the page cache, on disk after the snapshot answered -----------------
+    def _settle_later(self, tree: Path, name: str) -> None:
+        """Have the base built at ``tree`` (a scratch tree) synced to disk on the driver's settling thread:
+        its snapshot has committed, and answers without waiting for that. It is named bases/``name`` once
+        synced, by the next driver call that looks (_settled, under the driver's lock, so that no walk of
+        the tree ever sees it move)."""
+        if self._settler is None:
+            self._settler = ThreadPoolExecutor(1, thread_name_prefix="base-settle")
+        self._settling[name] = (tree, self._settler.submit(_syncfs, tree))
+
+    def _base_path(self, name: str) -> Path:
+        """Where the base ``name`` is now: its scratch tree while it settles, else under bases/."""
+        self._settle_synced()
+        settling = self._settling.get(name)
+        return settling[0] if settling is not None else self.root / "bases" / name
+
+    def _settled(self, name: str) -> None:
+        """Wait for the base ``name`` to be on disk, if it is settling, and name it. One that could not be
+        made durable is removed, so that no clone is made over bytes a crash could still lose: its
+        snapshot's first clone builds it again from the chunk store."""
+        settling = self._settling.pop(name, None)
+        if settling is None:
+            return
+        tree, synced = settling
+        try:
+            synced.result()
+        except OSError as exc:
+            _remove_tree(tree)
+            log.warning("the base of a snapshot could not be written to disk (%s); its first clone builds it "
+                        "again from the chunk store", exc)
+            return
+        os.rename(tree, self.root / "bases" / name)
+
+    def _settle_synced(self) -> None:
+        """Name every settling base whose sync has ended."""
+        for name in [n for n, (_, synced) in self._settling.items() if synced.done()]:
+            self._settled(name)
+
+    def _settle_all(self) -> None:
+        for name in list(self._settling):
+            self._settled(name)
 
     # space ---------------------------------------------------------------------------------------------
     def _space(self, live: Path) -> tuple[int, str]:
@@ -482,7 +537,7 @@ class EmbeddedDriver(CatalogDriver):
         """The name under bases/ of the snapshot's base, None while it has none."""
         (guid,) = self.db.execute("SELECT guid FROM snapshots WHERE id = ?", (snap_id,)).fetchone()
         base = _base_name(guid)
-        return base if (self.root / "bases" / base).exists() else None
+        return base if self._base_path(base).exists() else None
 
     def _base_split(self, base: str | None) -> tuple[int, int]:
         """(exclusive, shared) bytes of a base. With reflinks, extents the filesystem still shares (with the
@@ -491,7 +546,7 @@ class EmbeddedDriver(CatalogDriver):
         as volumes are written and other bases come and go."""
         if base is None:
             return 0, 0
-        top = self.root / "bases" / base
+        top = self._base_path(base)
         return _extent_split(top) if self.reflinks else _inode_split(top)
 
     def snapshot_space(self, volume: str, snap: str) -> dict[str, int]:
@@ -509,9 +564,11 @@ class EmbeddedDriver(CatalogDriver):
         # The total is counted first (a walk of the metadata alone) only for a caller who watches.
         tally = _Tally(progress, _tree_bytes(top) if progress is not None else 0)
         guid = uuid.uuid4().hex
-        # The base is built aside and renamed in before the snapshot's row commits: a crash before the
-        # rename leaves a scratch tree (removed at start), one after it a base no row names (collected at
-        # start), and no clone is ever made over a base whose snapshot did not commit.
+        # The base is built aside and renamed in once its bytes are durable: before the snapshot's row
+        # commits with reflinks (the reflinks are metadata, synced at once), after it without (the bytes
+        # settle after the answer, _settle_later). A crash before the rename leaves a scratch tree (removed
+        # at start), one after it a base no row names if the row did not commit (collected at start), and
+        # no clone is ever made over a base whose snapshot did not commit.
         base = self._scratch("base") if for_clones and (self.reflinks or self.overlays) else None
         try:
             if base is not None:
@@ -521,12 +578,17 @@ class EmbeddedDriver(CatalogDriver):
             entries = list(self._ingest(top, tally, base, reusable))
             if base is not None:
                 _settle_tree(base, entries)
-                # Its bytes are durable before its name (a name a crash loses only means the first clone
-                # builds the base again from the chunk store).
-                _syncfs(base)
-                os.rename(base, self.root / "bases" / _base_name(guid))
-                base = None
+                if self.reflinks:
+                    # Its bytes are durable before its name (a name a crash loses only means the first
+                    # clone builds the base again from the chunk store).
+                    _syncfs(base)
+                    os.rename(base, self.root / "bases" / _base_name(guid))
+                    base = None
             self._publish(volume, snap, guid, entries)
+            if base is not None:
+                self._settle_later(base, _base_name(guid))
+                base = None
+            self._settle_synced()
         except BaseException as exc:
             self.store.abort()      # the transaction and every pack byte written for it
             if base is not None:
@@ -543,6 +605,7 @@ class EmbeddedDriver(CatalogDriver):
     def _reusable_files(self, volume: str) -> dict[str, tuple[Entry, Path]]:
         """Files a new base may share instead of copying, by path: those of the volume's latest snapshot that
         has a base, and (for a clone) of the snapshot it was made from, with the base holding each."""
+        self._settle_all()          # the latest base may still be settling: it is linked from under bases/
         _, kind, origin_volume, origin_snap = self._volume_row(volume)
         own = self.db.execute("SELECT id, guid FROM snapshots WHERE volume = ? ORDER BY id DESC",
                               (volume,)).fetchall()
@@ -747,7 +810,7 @@ class EmbeddedDriver(CatalogDriver):
         read. With ``base`` (an empty directory), the same tree is made there too, in the same pass: files
         as reflinks (read back for the store) or as copies of the bytes read, or as hard links to the
         matching file of ``reusable`` (see _reusable_files). Modes and times are set by _settle_tree."""
-        copier = _Copier(self.root / "tmp") if base is not None and not self.reflinks else None
+        copier = _Copier() if base is not None and not self.reflinks else None
         try:
             yield from self._walk_ingest(top, tally, base, reusable or {}, copier)
         finally:
@@ -997,22 +1060,20 @@ def _settle_tree(tree: Path, entries: Iterable[Entry]) -> None:
 class _Copier:
     """Writes the copies of a base's files on a thread of its own, so that copying overlaps reading and
     hashing, straight from the chunk store's read buffers (put_file's tee: no copy of the bytes in between);
-    at most a few batches wait. Where the filesystem takes them, the writes are direct (O_DIRECT; the read
-    buffers are page-aligned): they skip the page cache, whose buffered writes cost the snapshot about as
-    much again on a busy machine (measured: 128 MiB buffered 0.03-0.34 s, direct 0.07-0.08 s with the data
-    on disk), and leave the final sync nothing of the base to write. Errors (a full disk) surface at the next
-    call or at close."""
+    at most a few batches wait. The writes go through the page cache: the base reaches the disk after the
+    snapshot has answered (EmbeddedDriver._settle_later). Direct writes, which an earlier version made, held
+    the snapshot until the device had both copies: on a disk that writes 256 MiB in 0.65 s, a snapshot of
+    256 MiB ran at 0.08x the bare read+hash loop with them and 0.12-0.13x without (bench/README.md). Errors
+    (a full disk) surface at the next call or at close."""
 
     _WAITING = 8
 
-    def __init__(self, probe_dir: Path) -> None:
+    def __init__(self) -> None:
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="base-copy")
         self._jobs: deque[Future[None]] = deque()
-        self._direct = direct_writes_work(probe_dir)
 
     def open(self, path: Path) -> int:
-        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | (os.O_DIRECT if self._direct else 0)
-        return os.open(path, flags, 0o600)
+        return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
 
     def tee(self, fd: int) -> Tee:
         """A tee for ChunkStore.put_file that writes a file's batches, one after another, to its copy open at
@@ -1021,16 +1082,11 @@ class _Copier:
 
         def write_next(buf: mmap.mmap, n: int, ids: list[bytes], done: Callable[[], None]) -> None:
             nonlocal offset
-            at, length, offset = offset, n, offset + n
-            if self._direct and n % _ALIGN:
-                # A direct write is whole blocks: the tail goes out padded with zeros (the buffer has room,
-                # its length being a multiple of the block) and close_file cuts the file back.
-                length = -(-n // _ALIGN) * _ALIGN
-                buf[n:length] = bytes(length - n)
+            at, offset = offset, offset + n
 
             def write_then_let_go() -> None:
                 try:
-                    _write_blocks(fd, at, memoryview(buf)[:length], ids)
+                    _write_blocks(fd, at, memoryview(buf)[:n], ids)
                 finally:
                     done()
 
@@ -1068,8 +1124,7 @@ class _Copier:
 
 def _write_blocks(fd: int, offset: int, view: memoryview, ids: list[bytes]) -> None:
     """Write one batch of blocks (with their ids) at offset, skipping whole blocks of zeros so that they
-    stay holes (as in a file rebuilt from the store). Runs start and end on block boundaries (the last may
-    end at the view's end), so direct writes stay aligned."""
+    stay holes (as in a file rebuilt from the store)."""
     if _ZERO_ID not in ids:
         _pwrite_all(fd, view, offset)
         return
