@@ -534,7 +534,8 @@ class EmbeddedDriver(CatalogDriver):
         return counts
 
     def _snapshot_base(self, snap_id: int) -> str | None:
-        """The name under bases/ of the snapshot's base, None while it has none."""
+        """The name of the snapshot's base (under bases/, or still settling: _base_path says where), None
+        while it has none."""
         (guid,) = self.db.execute("SELECT guid FROM snapshots WHERE id = ?", (snap_id,)).fetchone()
         base = _base_name(guid)
         return base if self._base_path(base).exists() else None
