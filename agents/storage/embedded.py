@@ -17,18 +17,18 @@ ever pays for it:
 - with reflinks, each file is first reflinked into the base (no data copied) and the chunk store reads the
   reflink, which no writer can touch: the base and the chunks hold the same bytes, and the base costs only
   what the volume later overwrites;
-- without reflinks, the bytes read are also written into the base (blocks of zeros stay holes) through
-  the page cache. The snapshot commits and answers once its chunks are durable; the base's bytes go to
-  disk after that, on a thread of the driver's, and the base is named under bases/ once they are there (a
-  clone, a refresh or a rollback from it, and the volume's next snapshot, wait for that; a list shows it
-  meanwhile). A snapshot thus waits for one copy of its bytes on disk, not two. A crash before the base is
-  named loses only the base: the first clone builds it again from the chunk store. The base is a second,
-  uncompressed copy beside the chunk store, owned by the snapshot and reported as its exclusive bytes
-  (storage.snapshot.list). A file that is the same as in the
-  volume's latest snapshot that has a base, or in the snapshot a clone was made from (same content,
-  mode, owner and mtime), is hard-linked to that base's file instead: bases never change, so sharing an
-  inode between them is safe, and a snapshot of a volume or masked clone that changed a few files costs
-  those files. Such a file shows more than one link inside a clone.
+- without reflinks, the bytes read are also written into the base (blocks of zeros stay holes): direct
+  while the device keeps up, through the page cache when it falls behind (_Copier). The snapshot commits
+  and answers once its chunks are durable; the base is synced after that, on a thread of the driver's,
+  and named under bases/ once its bytes are on disk (a clone, a refresh or a rollback from it, and the
+  volume's next snapshot, wait for that; a list shows it meanwhile). A slow device thus holds a snapshot
+  for one copy of its bytes, not two. A crash before the base is named loses only the base: the first
+  clone builds it again from the chunk store. The base is a second, uncompressed copy beside the chunk
+  store, owned by the snapshot and reported as its exclusive bytes (storage.snapshot.list). A file that is
+  the same as in the volume's latest snapshot that has a base, or in the snapshot a clone was made from
+  (same content, mode, owner and mtime), is hard-linked to that base's file instead: bases never change,
+  so sharing an inode between them is safe, and a snapshot of a volume or masked clone that changed a few
+  files costs those files. Such a file shows more than one link inside a clone.
 
 Snapshots taken to be sent (replication says for_clones=False), received from another agent, or taken where
 clones cannot share, get their base from the chunk store when they are first cloned; a file equal to one of
@@ -93,6 +93,7 @@ from agents.storage.chunkstore import SEGMENT_IDS, ChunkStore, Tee, split_ids
 from agents.storage.catalog import CatalogDriver
 from agents.storage.driver import SnapshotInfo, StorageError
 from agents.storage.names import validate_name
+from agents.storage.packs import ALIGN, direct_writes_work
 from agents.storage.stream import read_frames, write_stream
 
 BLOCK_SIZE = 8192
@@ -440,7 +441,7 @@ class EmbeddedDriver(CatalogDriver):
             self._base_sizes[base] = sum(_inode_split(self._base_path(base)))
         return self._base_sizes[base]
 
-    # bases settling: written through the page cache, on disk after the snapshot answered -----------------
+    # bases settling: synced after the snapshot answered ----------------------------------------------------
     def _settle_later(self, tree: Path, name: str) -> None:
         """Have the base built at ``tree`` (a scratch tree) synced to disk on the driver's settling thread:
         its snapshot has committed, and answers without waiting for that. It is named bases/``name`` once
@@ -811,7 +812,7 @@ class EmbeddedDriver(CatalogDriver):
         read. With ``base`` (an empty directory), the same tree is made there too, in the same pass: files
         as reflinks (read back for the store) or as copies of the bytes read, or as hard links to the
         matching file of ``reusable`` (see _reusable_files). Modes and times are set by _settle_tree."""
-        copier = _Copier() if base is not None and not self.reflinks else None
+        copier = _Copier(base) if base is not None and not self.reflinks else None
         try:
             yield from self._walk_ingest(top, tally, base, reusable or {}, copier)
         finally:
@@ -1061,17 +1062,26 @@ def _settle_tree(tree: Path, entries: Iterable[Entry]) -> None:
 class _Copier:
     """Writes the copies of a base's files on a thread of its own, so that copying overlaps reading and
     hashing, straight from the chunk store's read buffers (put_file's tee: no copy of the bytes in between);
-    at most a few batches wait. The writes go through the page cache: the base reaches the disk after the
-    snapshot has answered (EmbeddedDriver._settle_later). Direct writes, which an earlier version made, held
-    the snapshot until the device had both copies: on a disk that writes 256 MiB in 0.65 s, a snapshot of
-    256 MiB ran at 0.08x the bare read+hash loop with them and 0.12-0.13x without (bench/README.md). Errors
-    (a full disk) surface at the next call or at close."""
+    at most a few batches wait. The base is synced after the snapshot has answered
+    (EmbeddedDriver._settle_later); errors (a full disk) surface at the next call or at close.
 
-    _WAITING = 8
+    Each batch is written direct (O_DIRECT, around the page cache) while the copy keeps up, and through the
+    page cache once batches wait behind it. Neither way is cheaper everywhere (bench/README.md): a direct
+    write costs no CPU but waits for the device, so on a slow disk direct copies held the snapshot until the
+    device had both copies (0.08x the bare read+hash loop, against 0.12-0.13x buffered); a buffered write
+    costs a copy into freshly allocated page-cache pages, which on a machine that hands freed memory back to
+    its host cost more than the whole snapshot without a base (0.17x buffered, 0.27-0.30x direct). A
+    backlog is the device falling behind: the page cache then takes what it cannot."""
 
-    def __init__(self) -> None:
+    _WAITING = 8            # batches queued before the reader waits
+    _BEHIND = 2             # batches queued behind a write that send it through the page cache
+
+    def __init__(self, probe_dir: Path) -> None:
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="base-copy")
         self._jobs: deque[Future[None]] = deque()
+        self._direct = direct_writes_work(probe_dir)
+        self._queued = 0        # batches handed over (the reader's count) ...
+        self._started = 0       # ... and begun (the copy thread's): one writer each, so no lock
 
     def open(self, path: Path) -> int:
         return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
@@ -1086,11 +1096,16 @@ class _Copier:
             at, offset = offset, offset + n
 
             def write_then_let_go() -> None:
+                self._started += 1
                 try:
+                    # A direct write is whole pages: a file's unaligned tail goes through the page cache.
+                    direct = self._direct and n % ALIGN == 0 and self._queued - self._started < self._BEHIND
+                    _set_direct(fd, direct)
                     _write_blocks(fd, at, memoryview(buf)[:n], ids)
                 finally:
                     done()
 
+            self._queued += 1
             try:
                 self._submit(write_then_let_go)
             except BaseException:       # an earlier write failed: this one never runs
@@ -1136,6 +1151,14 @@ def _write_blocks(fd: int, offset: int, view: memoryview, ids: list[bytes]) -> N
         elif run is not None:
             _pwrite_all(fd, view[run * BLOCK_SIZE:j * BLOCK_SIZE], offset + run * BLOCK_SIZE)
             run = None
+
+
+def _set_direct(fd: int, direct: bool) -> None:
+    """Switch an open file's writes to direct I/O or back (Linux lets O_DIRECT change on an open file)."""
+    flags = fcntl.fcntl(fd, fcntl.F_GETFL)
+    wanted = flags | os.O_DIRECT if direct else flags & ~os.O_DIRECT
+    if wanted != flags:
+        fcntl.fcntl(fd, fcntl.F_SETFL, wanted)
 
 
 def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:

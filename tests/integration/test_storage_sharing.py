@@ -25,9 +25,10 @@ import pytest
 from agents.actor import Timeouts
 from agents.client import Client
 from agents.errors import Outcome
-from agents.storage import overlay
+from agents.storage import embedded, overlay
 from agents.storage.agent import StorageAgent
 from agents.storage.embedded import EmbeddedDriver
+from agents.storage.packs import direct_writes_work
 from test_storage_contract import _btrfs_unavailable, _loop_btrfs
 from conftest import until
 from test_storage_ops import Caller
@@ -358,6 +359,7 @@ _CHURN = """
 import sys
 sys.path.insert(0, {repo!r})
 from agents.storage.embedded import EmbeddedDriver
+from agents.storage.packs import direct_writes_work
 d = EmbeddedDriver({root!r})
 names = sorted(v.name for v in d.list_volumes() if v.kind == "clone")
 i = 0
@@ -621,10 +623,22 @@ def _tree(top: Path) -> dict[str, tuple[str, int, bytes]]:
     return found
 
 
-def test_the_base_a_snapshot_makes_holds_what_its_chunks_hold(tmp_path):
+@pytest.mark.parametrize("writes", ["direct", "page cache", "alternating"])
+def test_the_base_a_snapshot_makes_holds_what_its_chunks_hold(tmp_path, monkeypatch, writes):
     """Holes, a tail that is not a whole block, an empty file, hard links, symlinks and modes, in the base
     a snapshot makes and in a tree rebuilt from its chunks alike; a file changed with its size and mtime
-    put back is still copied, not linked from the older base."""
+    put back is still copied, not linked from the older base. Without reflinks the base's batches are
+    written direct, through the page cache, or (as when the device falls behind) each way in turn."""
+    modes: list[bool] = []
+    set_direct = embedded._set_direct
+
+    def recorded(fd: int, direct: bool) -> None:
+        direct = direct and (writes != "alternating" or len(modes) % 2 == 0)
+        modes.append(direct)
+        set_direct(fd, direct)
+
+    monkeypatch.setattr(embedded, "_set_direct", recorded)
+    monkeypatch.setattr(embedded._Copier, "_BEHIND", 0 if writes == "page cache" else 1 << 30)
     driver = EmbeddedDriver(tmp_path / "store")
     try:
         if not driver.reflinks and not driver.overlays:
@@ -664,6 +678,9 @@ def test_the_base_a_snapshot_makes_holds_what_its_chunks_hold(tmp_path):
             assert os.stat(clone / "sparse").st_blocks * 512 < 5 * MiB       # the holes stayed holes
         for snap in ("s1", "s2"):
             driver.destroy_clone(f"c-{snap}")
+        if not driver.reflinks:         # a tail that is not whole pages is never direct
+            assert False in modes
+            assert (True in modes) == (writes != "page cache" and direct_writes_work(tmp_path))
     finally:
         driver.close()
 
