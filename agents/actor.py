@@ -131,6 +131,10 @@ class Timeouts:
     # How long a caller waits for an agent that went offline while running its job to come back (a
     # restart) before it reports the target unreachable; never beyond the call's own budget.
     offline_grace: float = 30.0
+    # How long a target may leave a request unanswered before the caller pings it (XEP-0199), and again
+    # after each such wait: a ping the server answers with an error means its session ended with the
+    # request in it (agents/fanout.py, Fanout._probe).
+    straggler_ping: float = 1.0
 
 
 class Actor:

@@ -11,6 +11,14 @@ element the parser produced (``XEP_Vertebra.take_reply``), before slixmpp builds
 one future waits for the whole call instead of a task per target. A long op's accepted job is then
 followed by a task of its own (``follow_job``), as one request always did.
 
+A target that dies while it runs a quick op never answers, and the server does not always say so: Prosody
+bounces the request (``recipient-unavailable``) when the dead session had not acknowledged it, ejabberd asks
+for an acknowledgement after every stanza and so has nothing to bounce. The caller therefore pings
+(XEP-0199, which every actor answers) the targets that leave a request unanswered for
+``Timeouts.straggler_ping`` seconds; the server's error for one whose session is gone ends its wait then,
+not at the deadline. A call to many pings only once at most ``_PROBE_MAX`` are left: before that its
+stragglers are mostly just slow, and the pings would add to their load.
+
 What goes on the wire is what slixmpp would have written (docs/protocol.md 3), and XEP-0198 counts
 each request as slixmpp's own send path does: :func:`write_stanzas` does its counting (``seq``, the
 ``unacked_queue`` a resumed stream resends, the ack request every ``window`` stanzas), and the
@@ -29,7 +37,8 @@ import uuid
 from collections.abc import Sequence
 from typing import Any
 
-from slixmpp import Iq, Presence
+from slixmpp import JID, Iq, Presence
+from slixmpp.exceptions import IqError, IqTimeout
 from slixmpp.plugins.xep_0198.stream_management import MAX_SEQ
 
 from . import protocol
@@ -173,6 +182,9 @@ def serialise_requests(ids: Sequence[str], targets: Sequence[str], base: dict[st
     return stanzas, attrs_each
 
 
+_PROBE_MAX = 100     # stragglers a call pings at a time (see the module docstring)
+
+
 class Fanout:
     """The requests of one call in flight: one IQ per target, registered in the protocol plugin's
     ``pending`` by id as ``(self, index)``, so that the plugin hands each answer here by index."""
@@ -187,6 +199,8 @@ class Fanout:
         self.followed: dict[int, asyncio.Task[TargetResult]] = {}  # accepted long ops, by target index
         self.done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self.ids: list[str] = []
+        self.pings: dict[int, asyncio.Task[None]] = {}  # by target index, while out
+        self.probe: asyncio.TimerHandle | None = None   # the next round of pings (_probe)
 
     async def run(self, base: dict[str, str], behalf: str | None, term: int | None, text: str,
                   ons: Sequence[Sequence[str]]) -> list[TargetResult]:
@@ -199,7 +213,9 @@ class Fanout:
             pending[self.ids[i]] = (self, i)
             # Before sending: a job's progress and presence may follow its acceptance at once.
             vertebra.watch_job(target, rid)
-        timer = asyncio.get_running_loop().call_at(self.end, self._expire)
+        loop = asyncio.get_running_loop()
+        timer = loop.call_at(self.end, self._expire)
+        self.probe = loop.call_later(self.actor.timeouts.straggler_ping, self._probe)
         try:
             if not write_stanzas(xmpp, stanzas):
                 for i, target in enumerate(self.targets):
@@ -210,6 +226,10 @@ class Fanout:
             return self.results  # type: ignore[return-value]  # every entry is set once done
         finally:
             timer.cancel()
+            if self.probe is not None:
+                self.probe.cancel()
+            for ping in self.pings.values():
+                ping.cancel()
             pending = vertebra.pending
             for i, iq_id in enumerate(self.ids):
                 pending.pop(iq_id, None)
@@ -265,6 +285,36 @@ class Fanout:
             if result is None and i not in self.followed:
                 self._set(i, TargetResult(self.targets[i], Outcome.TIMEOUT,
                                           error=f"no answer within {self.timeout:g}s"))
+
+    def _probe(self) -> None:
+        """Ping the targets still silent (see the module docstring), and come back after another wait."""
+        loop = asyncio.get_running_loop()
+        # Full JIDs only: the server itself answers a ping to a bare JID.
+        silent = [i for i, result in enumerate(self.results)
+                  if result is None and i not in self.followed and i not in self.pings and "/" in self.targets[i]]
+        if len(silent) <= _PROBE_MAX:
+            for i in silent:
+                self.pings[i] = loop.create_task(self._ping(i))
+        wait = self.actor.timeouts.straggler_ping
+        if loop.time() + wait < self.end:
+            self.probe = loop.call_later(wait, self._probe)
+
+    async def _ping(self, i: int) -> None:
+        target, left = self.targets[i], self.end - asyncio.get_running_loop().time()
+        try:
+            await self.actor.xmpp.plugin["xep_0199"].send_ping(JID(target), timeout=max(0.1, left))
+        except IqError as exc:
+            # The server's answer for a full JID with no session (RFC 6121 8.5.3.2.1), or a bounce: the
+            # request had reached that session, so it may have run (docs/protocol.md 11.1, row 3a).
+            condition = exc.iq["error"]["condition"]
+            if condition in UNREACHABLE_CONDITIONS or condition == "recipient-unavailable":
+                self._set(i, TargetResult(target, Outcome.TIMEOUT, error=(
+                    f"{target} went away before answering (a ping found its session gone: {condition}); "
+                    "the op may have run")))
+        except IqTimeout:
+            pass            # no word either way: the deadline decides
+        finally:
+            self.pings.pop(i, None)
 
     def _follow(self, i: int, job: str) -> None:
         target = self.targets[i]

@@ -140,6 +140,17 @@ async def test_a_repeat_after_a_kill_gets_the_first_outcome(agent, mesh):
     assert other.outcome is Outcome.FAILED and "already used for a different request" in other.error
 
 
+async def test_a_quick_ops_caller_hears_at_once_that_its_agent_died(agent, mesh):
+    """An agent killed while it runs a quick op: its caller, who would wait two minutes, is told that the
+    agent went away (Prosody bounces the request; ejabberd, which had it acknowledged, does not, and the
+    caller's ping of the silent agent finds its session gone), not left to its timeout."""
+    await agent.start("--die-before-answering", CREATE)
+    client = await mesh.client()
+    res = await ask(client, agent, CREATE, "make-v", timeout=120, volume="v")
+    assert res.outcome is Outcome.TIMEOUT and "went away before answering" in res.error, res
+    await agent.killed()
+
+
 async def test_killed_between_recording_and_answering_the_repeat_gets_the_outcome(agent, mesh):
     """The kill falls after the op ran and its outcome was recorded, before the caller was answered: for a
     create, a destroy and a clone (a long op, whose answer is its job's outcome message)."""
