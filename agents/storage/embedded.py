@@ -1070,7 +1070,7 @@ class _Copier:
     write costs no CPU but waits for the device, so on a slow disk direct copies held the snapshot until the
     device had both copies (0.08x the bare read+hash loop, against 0.12-0.13x buffered); a buffered write
     costs a copy into freshly allocated page-cache pages, which on a machine that hands freed memory back to
-    its host cost more than the whole snapshot without a base (0.17x buffered, 0.27-0.30x direct). A
+    its host cost as much CPU as the rest of the snapshot (0.17x buffered there, 0.19-0.26x as now). A
     backlog is the device falling behind: the page cache then takes what it cannot."""
 
     _WAITING = 8            # batches queued before the reader waits
