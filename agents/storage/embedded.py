@@ -216,10 +216,13 @@ class EmbeddedDriver(CatalogDriver):
         self.overlay_options: tuple[str, ...] = ()
         self.overlays = False
         self.no_overlay_reason = "reflinks are used instead"
+        # Without reflinks, a base's files are copies, written direct where the filesystem takes it (_Copier).
+        self._direct_bases = False
         if not self.reflinks:
             reason, self.overlay_options = overlay.probe(self.root / "tmp")
             self.overlays = reason is None
             self.no_overlay_reason = reason or ""
+            self._direct_bases = direct_writes_work(self.root / "tmp")
         self._restore_overlays()
         self._collect_trees()
 
@@ -812,7 +815,7 @@ class EmbeddedDriver(CatalogDriver):
         read. With ``base`` (an empty directory), the same tree is made there too, in the same pass: files
         as reflinks (read back for the store) or as copies of the bytes read, or as hard links to the
         matching file of ``reusable`` (see _reusable_files). Modes and times are set by _settle_tree."""
-        copier = _Copier(base) if base is not None and not self.reflinks else None
+        copier = _Copier(self._direct_bases) if base is not None and not self.reflinks else None
         try:
             yield from self._walk_ingest(top, tally, base, reusable or {}, copier)
         finally:
@@ -1076,10 +1079,10 @@ class _Copier:
     _WAITING = 8            # batches queued before the reader waits
     _BEHIND = 2             # batches queued behind a write that send it through the page cache
 
-    def __init__(self, probe_dir: Path) -> None:
+    def __init__(self, direct: bool) -> None:
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="base-copy")
         self._jobs: deque[Future[None]] = deque()
-        self._direct = direct_writes_work(probe_dir)
+        self._direct = direct           # whether the filesystem takes direct writes at all
         self._queued = 0        # batches handed over (the reader's count) ...
         self._started = 0       # ... and begun (the copy thread's): one writer each, so no lock
 
