@@ -12,12 +12,13 @@ one future waits for the whole call instead of a task per target. A long op's ac
 followed by a task of its own (``follow_job``), as one request always did.
 
 A target that dies while it runs a quick op never answers, and the server does not always say so: Prosody
-bounces the request (``recipient-unavailable``) when the dead session had not acknowledged it, ejabberd asks
-for an acknowledgement after every stanza and so has nothing to bounce. The caller therefore pings
-(XEP-0199, which every actor answers) the targets that leave a request unanswered for
-``Timeouts.straggler_ping`` seconds; the server's error for one whose session is gone ends its wait then,
-not at the deadline. A call to many pings only once at most ``_PROBE_MAX`` are left: before that its
-stragglers are mostly just slow, and the pings would add to their load.
+bounces the request (``recipient-unavailable``) when the dead session had not acknowledged it; ejabberd
+bounced nothing in the same test (tests/integration/test_request_ids_restart.py), presumably because the
+session had acknowledged it. The caller therefore pings (XEP-0199, which every actor answers) the targets
+that leave a request unanswered for ``Timeouts.straggler_ping`` seconds; the server's error for one whose
+session is gone ends its wait then, not at the deadline. A call to many pings only once at most
+``_PROBE_MAX`` are left: before that its stragglers are mostly just slow, and the pings would add to their
+load.
 
 What goes on the wire is what slixmpp would have written (docs/protocol.md 3), and XEP-0198 counts
 each request as slixmpp's own send path does: :func:`write_stanzas` does its counting (``seq``, the
