@@ -12,6 +12,11 @@ unknown op, bad arguments; one refused by the intake is not even seen here) ran 
 after a restart has nothing to repeat: it leaves no row on disk, and a flood of them cannot fill the
 disk. A request still running is never forgotten: a repeat waits for its outcome.
 
+A quick op's outcome, once given, is kept as a plain tuple of strings (and its error, if it failed)
+rather than the objects it was served with. The cyclic garbage collector does not track such tuples, so
+a window full of outcomes costs it nothing; kept as objects, the 20,000 of a busy agent were most of
+what every full collection walked, a pause of some 50 ms on the event loop each time (bench/README.md).
+
 Before an op that changes state runs (a long op: before its job is accepted), :meth:`RequestLog.started`
 puts a row on disk that already says ``interrupted``; its outcome replaces it. So an agent killed between
 running the op and recording how it ended answers a repeat after its restart with ``interrupted`` (it may
@@ -81,7 +86,8 @@ def fingerprint(op: str, on: str, behalf: str, payload: str) -> str:
 
 class RequestLog:
     def __init__(self, path: Path | None = None) -> None:
-        self._seen: OrderedDict[tuple[str, str], Seen] = OrderedDict()
+        # A running request (or job) as its Seen; a finished quick op as (fingerprint, payload, error, ended at).
+        self._seen: OrderedDict[tuple[str, str], Seen | tuple[str, str, OpError | None, float]] = OrderedDict()
         self._store: Store | None = None
         self._pruned = time.monotonic()
         # Rows waiting for the next transaction, each with the future its writer awaits (group commit).
@@ -95,26 +101,31 @@ class RequestLog:
 
     def get(self, key: tuple[str, str]) -> Seen | None:
         """The request seen under ``key`` in this run (in memory)."""
-        return self._seen.get(key)
+        seen = self._seen.get(key)
+        if type(seen) is tuple:  # a finished quick op's outcome, kept compact (the module docstring says why)
+            fp, payload, error, at = seen
+            fut: asyncio.Future[Answer] = asyncio.get_running_loop().create_future()
+            fut.set_result(Answer(payload=payload, error=error))
+            return Seen(fp, fut, at)
+        return seen
 
     async def recall(self, key: tuple[str, str]) -> Seen | None:
         """The request seen under ``key``, in memory or on disk (where ops that change state are kept)."""
-        seen = self._seen.get(key)
+        seen = self.get(key)
         if seen is not None or self._store is None:
             return seen
         row = await self._store.run(_outcome_of, key, time.time() - DURABLE_WINDOW)
-        seen = self._seen.get(key)  # the same request may have started while the disk was read
-        if seen is None and row is not None:
-            fut: asyncio.Future[Answer] = asyncio.get_running_loop().create_future()
-            fut.set_result(Answer(payload=row[1]) if row[2] is None else Answer(error=_recorded_error(row[2], row[3])))
-            seen = self._seen[key] = Seen(row[0], fut, time.monotonic())
-        return seen
+        if key not in self._seen and row is not None:  # the same request may have started while the disk was read
+            fp, payload, condition, text = row
+            self._seen[key] = (fp, payload, None if condition is None else _recorded_error(condition, text),
+                               time.monotonic())
+        return self.get(key)
 
     async def started(self, key: tuple[str, str], fp: str, op: str, agent: str) -> None:
         """Put on disk, before an admitted op that changes state runs, that it was started: until its
         outcome replaces the row, a repeat after a restart is told it was interrupted, not run again."""
         seen = self._seen.get(key)
-        if seen is not None:
+        if isinstance(seen, Seen):
             seen.started = True
         if self._store is not None:
             text = (f"{op} was started under request id {key[1]}, but {agent} stopped before it recorded how it"
@@ -141,8 +152,12 @@ class RequestLog:
         if answer.job_end is not None and not answer.job_end.done():
             # A long op is running until its job ends, however long that takes: never forgotten before.
             answer.job_end.add_done_callback(lambda _f: self._ended(key, seen))
-        else:
+        elif answer.job:
             seen.at = time.monotonic()
+        elif self._seen.get(key) is seen:
+            if answer.error is not None:  # its frames are of no use to a repeat, and would be kept alive with it
+                answer.error.__traceback__ = None
+            self._seen[key] = (seen.fingerprint, answer.payload, answer.error, time.monotonic())
         self._forget_old()
 
     def follow(self, key: tuple[str, str], fp: str, answer: Answer) -> None:
@@ -208,9 +223,10 @@ class RequestLog:
         horizon = time.monotonic() - WINDOW
         for _ in range(len(self._seen)):
             key, oldest = next(iter(self._seen.items()))
-            if oldest.at == float("inf"):
+            at = oldest[-1] if type(oldest) is tuple else oldest.at
+            if at == float("inf"):
                 self._seen.move_to_end(key)
-            elif oldest.at > horizon and len(self._seen) <= ENTRIES:
+            elif at > horizon and len(self._seen) <= ENTRIES:
                 return
             else:
                 del self._seen[key]

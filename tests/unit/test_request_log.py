@@ -4,6 +4,7 @@ for how long, and what it never answers with."""
 from __future__ import annotations
 
 import asyncio
+import gc
 import sqlite3
 import time
 
@@ -116,3 +117,27 @@ async def test_rows_handed_over_together_are_written_in_one_transaction(tmp_path
         assert db.execute("SELECT COUNT(*) FROM outcomes").fetchone()[0] == 200
     finally:
         db.close()
+
+
+async def test_a_finished_outcome_is_kept_where_the_garbage_collector_does_not_walk():
+    """In memory, a quick op's outcome answers a repeat as it answered the first request, and is kept as
+    an untracked tuple: a window of 20,000 of them would otherwise be walked by every full collection."""
+    log = RequestLog()
+    ok_key, failed_key = ("operator@vertebra.test", "ok"), ("operator@vertebra.test", "failed")
+    seen = log.start(ok_key, "fp-ok")
+    await log.finish(ok_key, seen, Answer(payload="result", admitted=True), durable=False)
+    seen = log.start(failed_key, "fp-failed")
+    try:
+        raise BadArguments("no such volume")
+    except BadArguments as exc:
+        error = exc
+    await log.finish(failed_key, seen, Answer(error=error, admitted=True), durable=False)
+
+    gc.collect()  # tuples of strings and numbers are untracked when a collection first meets them
+    assert not gc.is_tracked(log._seen[ok_key])
+    again = log.get(ok_key)
+    assert again.fingerprint == "fp-ok" and again.answer.result().payload == "result"
+    again = log.get(failed_key)
+    assert again.fingerprint == "fp-failed" and again.answer.result().error is error
+    assert error.__traceback__ is None  # the failed run's frames are not kept alive with its outcome
+    await log.aclose()
