@@ -102,7 +102,7 @@ class RequestLog:
     def get(self, key: tuple[str, str]) -> Seen | None:
         """The request seen under ``key`` in this run (in memory)."""
         seen = self._seen.get(key)
-        if type(seen) is tuple:  # a finished quick op's outcome, kept compact (the module docstring says why)
+        if isinstance(seen, tuple):  # a finished quick op's outcome, kept compact (the module docstring says why)
             fp, payload, error, at = seen
             fut: asyncio.Future[Answer] = asyncio.get_running_loop().create_future()
             fut.set_result(Answer(payload=payload, error=error))
@@ -223,7 +223,7 @@ class RequestLog:
         horizon = time.monotonic() - WINDOW
         for _ in range(len(self._seen)):
             key, oldest = next(iter(self._seen.items()))
-            at = oldest[-1] if type(oldest) is tuple else oldest.at
+            at = oldest[-1] if isinstance(oldest, tuple) else oldest.at
             if at == float("inf"):
                 self._seen.move_to_end(key)
             elif at > horizon and len(self._seen) <= ENTRIES:
