@@ -106,11 +106,17 @@ def from_error(target: str, reply: Iq) -> TargetResult:
     if condition is None and err["condition"] in UNREACHABLE_CONDITIONS:
         return TargetResult(target, Outcome.UNREACHABLE, error=f"{target} is not connected ({err['condition']})")
     if condition is None and err["condition"] == "recipient-unavailable":
-        return TargetResult(target, Outcome.TIMEOUT, error=f"{target} went away before answering; the op may"
-                                                           " have run (recipient-unavailable)")
+        return went_away(target, "recipient-unavailable")
     if condition is None:
         return TargetResult(target, Outcome.FAILED, error=f"{err['condition']}: {text}")
     return TargetResult(target, error_for(condition, text).outcome, error=f"{condition}: {text}")
+
+
+def went_away(target: str, why: str) -> TargetResult:
+    """A target whose session ended with the request in it, unanswered: it may have run, so the outcome is
+    ``timeout``, never ``unreachable`` (docs/protocol.md 11.1, rows 3a and 5a)."""
+    return TargetResult(target, Outcome.TIMEOUT, error=f"{target} went away before answering; the op may have run"
+                                                       f" ({why})")
 
 
 def from_outcome(target: str, outcome: Any) -> TargetResult:
@@ -309,9 +315,7 @@ class Fanout:
             # request had reached that session, so it may have run (docs/protocol.md 11.1, row 3a).
             condition = exc.iq["error"]["condition"]
             if condition in UNREACHABLE_CONDITIONS or condition == "recipient-unavailable":
-                self._set(i, TargetResult(target, Outcome.TIMEOUT, error=(
-                    f"{target} went away before answering (a ping found its session gone: {condition}); "
-                    "the op may have run")))
+                self._set(i, went_away(target, f"a ping found its session gone: {condition}"))
         except IqTimeout:
             pass            # no word either way: the deadline decides
         finally:

@@ -359,7 +359,6 @@ _CHURN = """
 import sys
 sys.path.insert(0, {repo!r})
 from agents.storage.embedded import EmbeddedDriver
-from agents.storage.packs import direct_writes_work
 d = EmbeddedDriver({root!r})
 names = sorted(v.name for v in d.list_volumes() if v.kind == "clone")
 i = 0
