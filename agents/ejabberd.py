@@ -294,7 +294,8 @@ class PrivateEjabberd(PrivateNode):
 
     def register_many(self, accounts: dict[str, str], timeout: float = 300.0) -> None:
         """Create or update many accounts at once, through this running node (the accounts are then
-        known to every node of its cluster). One Erlang VM for the whole batch."""
+        known to every node of its cluster, and on disk on each when this returns). One Erlang VM for the
+        whole batch."""
         for user, password in accounts.items():
             _check_user(user)
             _check_password(user, password)
@@ -315,20 +316,12 @@ class PrivateEjabberd(PrivateNode):
             for user, stored, server, salt in keyed:
                 f.write(f'{{<<"{user}">>, <<"{stored}">>, <<"{server}">>, <<"{salt}">>}}.\n')
         script = _REGISTER_SCRIPT.substitute(node=self.node_name, domain=self.domain, iterations=ITERATIONS,
-                                             file=_erl_string(str(batch)))
+                                             file=_erl_string(str(batch)), sync=_SYNC)
         try:
-            proc = subprocess.run(self._erl_client_argv("reg", script), env=self._client_env(), cwd=self.dir,
-                                  capture_output=True, text=True, timeout=timeout)
-        except subprocess.TimeoutExpired as exc:
-            raise ServerError(f"registering {len(accounts)} accounts on {self.node_name} did not finish "
-                              f"within {timeout:g} s") from exc
+            self._run_accounts_script("reg", script, f"registering {len(accounts)} accounts", ("registered ",),
+                                      timeout)
         finally:
             batch.unlink(missing_ok=True)
-        out = proc.stdout + proc.stderr
-        if proc.returncode != 0 or "registered " not in out:
-            failures = [line for line in out.splitlines() if line.startswith(("FAIL", "NODEDOWN"))]
-            raise ServerError(f"registering accounts on ejabberd node {self.node_name} failed: "
-                              + ("; ".join(failures[:5]) or out.strip()[-500:] or f"exit {proc.returncode}"))
 
     def has_account(self, user: str) -> bool:
         """Whether the account ``user@domain`` exists (asks the running node)."""
@@ -343,11 +336,29 @@ class PrivateEjabberd(PrivateNode):
         return True
 
     def unregister(self, user: str) -> bool:
-        """Remove the account ``user@domain`` from the cluster (False if there was none)."""
-        if not self.has_account(user):
-            return False
-        self.ctl("unregister", user, self.domain, timeout=60.0)
-        return True
+        """Remove the account ``user@domain`` from the cluster (False if there was none); on disk on every
+        node when this returns."""
+        _check_user(user)
+        self._require_running("removing accounts")
+        script = _UNREGISTER_SCRIPT.substitute(node=self.node_name, domain=self.domain, user=user, sync=_SYNC)
+        out = self._run_accounts_script("unreg", script, f"removing the account {user}", ("removed", "absent"),
+                                        60.0)
+        return "removed" in out.split()
+
+    def _run_accounts_script(self, tag: str, script: str, doing: str, done: tuple[str, ...], timeout: float) -> str:
+        """Run one of the account scripts below against this node; its output, or ServerError saying what
+        failed (a script that ends well prints one of ``done``)."""
+        try:
+            proc = subprocess.run(self._erl_client_argv(tag, script), env=self._client_env(), cwd=self.dir,
+                                  capture_output=True, text=True, timeout=timeout)
+        except subprocess.TimeoutExpired as exc:
+            raise ServerError(f"{doing} on {self.node_name} did not finish within {timeout:g} s") from exc
+        out = proc.stdout + proc.stderr
+        if proc.returncode != 0 or not any(word in out for word in done):
+            failures = [line for line in out.splitlines() if line.startswith(("FAIL", "NODEDOWN", "UNSYNCED"))]
+            raise ServerError(f"{doing} on ejabberd node {self.node_name} failed: "
+                              + ("; ".join(failures[:5]) or out.strip()[-500:] or f"exit {proc.returncode}"))
+        return out
 
     def _require_running(self, doing: str) -> None:
         if self._running_pid() is None:
@@ -739,6 +750,35 @@ Pids = [spawn_link(fun() -> Self ! {self(), [E || E <- lists:map(Put, C), E =/= 
         || C <- Chunks(Accounts, [])],
 Failed = lists:append([receive {Pid, F} -> F end || Pid <- Pids]),
 [io:format("FAIL ~s ~p~n", [U, R]) || {U, R} <- Failed],
+${sync}
 io:format("registered ~b of ~b~n", [length(Accounts) - length(Failed), length(Accounts)]),
-halt(case Failed of [] -> 0; _ -> 1 end).
+halt(case Failed ++ Unsynced of [] -> 0; _ -> 1 end).
 """)
+
+# Runs in a hidden Erlang node: removes the account ${user} if it exists, and prints whether it did.
+_UNREGISTER_SCRIPT = Template(r"""
+Node = '${node}',
+Host = <<"${domain}">>,
+case net_adm:ping(Node) of pong -> ok; pang -> io:format("NODEDOWN ~s~n", [Node]), halt(3) end,
+Failed = case rpc:call(Node, ejabberd_auth, user_exists, [<<"${user}">>, Host], 60000) of
+    false -> io:format("absent~n"), [];
+    true -> case rpc:call(Node, ejabberd_auth, remove_user, [<<"${user}">>, Host], 60000) of
+                ok -> io:format("removed~n"), [];
+                R -> io:format("FAIL ${user} ~p~n", [R]), [R]
+            end;
+    R -> io:format("FAIL ${user} ~p~n", [R]), [R]
+end,
+${sync}
+halt(case Failed ++ Unsynced of [] -> 0; _ -> 1 end).
+""")
+
+# The end of both scripts: Mnesia logs a change to its tables on disk only after a delay (its log is
+# written in batches), so a node killed within seconds of a change loses it: an account just added, or
+# one just removed, which would then let a revoked identity in again. Every node of the cluster (each
+# keeps its own copy of the accounts) writes its log out before the script says it is done.
+_SYNC = r"""Synced = case rpc:call(Node, mnesia, system_info, [running_db_nodes], 30000) of
+    DbNodes when is_list(DbNodes) -> [{N, rpc:call(N, mnesia, sync_log, [], 60000)} || N <- DbNodes];
+    Other -> [{Node, Other}]
+end,
+Unsynced = [{N, R} || {N, R} <- Synced, R =/= ok],
+[io:format("UNSYNCED ~s ~p~n", [N, R]) || {N, R} <- Unsynced],"""

@@ -142,12 +142,14 @@ def ejabberd_cluster(home: Path, prefix: str = "suite") -> Iterator[list[Any]]:
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """On ejabberd (``make test-ejabberd``) only the tests that use the session's servers run again:
-    the others start a server of their own or none, so the Prosody run has already run them as they
-    are, and running them twice only costs CI time."""
+    """On ejabberd (``make test-ejabberd``) only the tests that use the session's servers run again, and
+    those marked ``each_engine`` (they start a server of the engine under test themselves): the others
+    start a Prosody of their own or none, so the Prosody run has already run them as they are, and
+    running them twice only costs CI time."""
     if ENGINE != "ejabberd":
         return
-    again = [item for item in items if "servers" in getattr(item, "fixturenames", ())]
+    again = [item for item in items if "servers" in getattr(item, "fixturenames", ())
+             or item.get_closest_marker("each_engine") is not None]
     if len(again) < len(items):
         config.hook.pytest_deselected(items=[item for item in items if item not in again])
         items[:] = again

@@ -242,6 +242,7 @@ async def _delivered_job(agent: Any, job_id: str) -> Any:
     return job if job is not None and job.delivered else None
 
 
+@pytest.mark.each_engine
 async def test_an_outcome_in_flight_when_the_server_is_killed_is_sent_again(tmp_path):
     """The XMPP server (a private one of this test's, of the engine under test) is killed with SIGKILL as
     the job ends, so its outcome goes nowhere (or into a dead connection); once the server is back and
@@ -257,9 +258,6 @@ async def test_an_outcome_in_flight_when_the_server_is_killed_is_sent_again(tmp_
     actors: list[Any] = []
     try:
         server.register_many({"held": "h-pw", "op": "o-pw"})
-        if ON_EJABBERD:  # a kill -9 seconds after registering would lose the accounts Mnesia has not written
-            server.stop()
-            server.start()
         endpoint = Endpoint(server.host, server.port, DOMAIN, server.ssl_context())
         agent = HeldAgent(f"held@{DOMAIN}", "h-pw", endpoint, resources=["/host/held"],
                           authorizer=AdminsOnly([f"op@{DOMAIN}"]), state_dir=tmp_path / "held")
