@@ -10,42 +10,21 @@ import os
 from pathlib import Path
 
 import pytest
-import slixmpp
 import yaml
 
 from agents import cli
 from agents import config as meshconf
 from agents.ejabberd import ejabberd_installed
 from conftest import free_port, vertebra
+from login_probe import can_log_in
 
 ENGINES = ["prosody", pytest.param("ejabberd", marks=pytest.mark.skipif(
     not ejabberd_installed() and os.environ.get("CI", "").lower() not in ("true", "1", "yes"),
     reason="ejabberd is not installed: run `apt-get install -y ejabberd`"))]
 
 
-async def _login(server, jid: str, password: str) -> bool:
-    """Log in over STARTTLS with SCRAM-SHA-1, pinning the server's certificate; True on success."""
-    client = slixmpp.ClientXMPP(f"{jid}/test", password, sasl_mech="SCRAM-SHA-1")
-    client.ssl_context = server.ssl_context()
-    client.enable_direct_tls, client.enable_starttls, client.enable_plaintext = False, True, False
-    outcome: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
-
-    def settle(value: bool) -> None:
-        if not outcome.done():
-            outcome.set_result(value)
-
-    client.add_event_handler("session_start", lambda _: settle(True))
-    for event in ("failed_all_auth", "disconnected", "connection_failed"):
-        client.add_event_handler(event, lambda _: settle(False))
-    client.connect(host=server.host, port=server.port)
-    try:
-        return await asyncio.wait_for(outcome, 20)
-    finally:
-        await client.disconnect()
-
-
 def login(server, jid: str, password: str) -> bool:
-    return asyncio.run(_login(server, jid, password))
+    return asyncio.run(can_log_in(server, jid, password))
 
 
 @pytest.fixture(params=ENGINES)

@@ -12,14 +12,12 @@ import os
 import re
 import signal
 import socket
-import ssl
 import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import slixmpp
 
 from agents.actor import Endpoint
 from agents.authz import AdminsOnly
@@ -28,6 +26,7 @@ from agents.ejabberd import PrivateEjabberd, ejabberd_installed
 from agents.errors import Outcome
 from agents.ports import bind_error, free_port
 from agents.server import ServerError
+from login_probe import can_log_in
 from sample_agent import SampleAgent
 
 DOMAIN = "vertebra.test"
@@ -55,31 +54,6 @@ def _epmd_answers(port: int) -> bool:
     env = {k: v for k, v in os.environ.items() if not k.startswith("ERL_")}
     env["ERL_EPMD_PORT"] = str(port)
     return subprocess.run(["epmd", "-names"], env=env, capture_output=True).returncode == 0
-
-
-async def _login(node: PrivateEjabberd, user: str, password: str, ctx: ssl.SSLContext | None = None,
-                 mech: str = "SCRAM-SHA-1") -> bool:
-    """Log in over STARTTLS with ``mech``, pinning the node's certificate; True on success."""
-    client = slixmpp.ClientXMPP(f"{user}@{node.domain}/test", password, sasl_mech=mech)
-    client.ssl_context = ctx or node.ssl_context()
-    client.enable_direct_tls = False
-    client.enable_starttls = True
-    client.enable_plaintext = False
-    outcome: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
-
-    def settle(value: bool) -> None:
-        if not outcome.done():
-            outcome.set_result(value)
-
-    client.add_event_handler("session_start", lambda _: settle(True))
-    client.add_event_handler("failed_all_auth", lambda _: settle(False))
-    client.add_event_handler("disconnected", lambda _: settle(False))
-    client.add_event_handler("connection_failed", lambda _: settle(False))
-    client.connect(host=node.host, port=node.port)
-    try:
-        return await asyncio.wait_for(outcome, 20)
-    finally:
-        await client.disconnect()
 
 
 def _endpoint(node: PrivateEjabberd) -> Endpoint:
@@ -129,15 +103,15 @@ def test_node_starts_on_loopback_with_private_files(node: PrivateEjabberd) -> No
 async def test_client_logs_in_over_pinned_tls_with_scram_only(solo: PrivateEjabberd, tmp_path: Path) -> None:
     node = solo
     node.register("alice", "correct horse")
-    assert await _login(node, "alice", "correct horse") is True
-    assert await _login(node, "alice", "battery staple") is False
+    assert await can_log_in(node, "alice", "correct horse") is True
+    assert await can_log_in(node, "alice", "battery staple") is False
     # PLAIN is not offered, even over TLS.
-    assert await _login(node, "alice", "correct horse", mech="PLAIN") is False
+    assert await can_log_in(node, "alice", "correct horse", mech="PLAIN") is False
     # A context that trusts another certificate for the same domain refuses this node.
     other = PrivateEjabberd(tmp_path / "other", DOMAIN, port=free_port(), node_name="other@127.0.0.1")
     other.dir.mkdir(parents=True)
     other._ensure_cert()
-    assert await _login(node, "alice", "correct horse", ctx=other.ssl_context()) is False
+    assert await can_log_in(node, "alice", "correct horse", ctx=other.ssl_context()) is False
 
 
 async def test_vertebra_client_and_agent_on_one_node(solo: PrivateEjabberd, tmp_path: Path) -> None:
@@ -170,9 +144,9 @@ async def test_register_many_creates_and_updates_accounts(solo: PrivateEjabberd)
     users = node.ctl("registered_users", DOMAIN).split()
     assert "bob" in users and sorted(u for u in users if u.startswith("agent-")) == \
         [f"agent-{i:04d}" for i in range(300)]
-    assert await _login(node, "bob", "second") is True
-    assert await _login(node, "bob", "first") is False
-    assert await _login(node, "agent-0299", "pw-299") is True
+    assert await can_log_in(node, "bob", "second") is True
+    assert await can_log_in(node, "bob", "first") is False
+    assert await can_log_in(node, "agent-0299", "pw-299") is True
 
 
 async def test_account_changes_survive_a_kill_9_right_after_them(node: PrivateEjabberd) -> None:
@@ -197,8 +171,8 @@ async def test_account_changes_survive_a_kill_9_right_after_them(node: PrivateEj
     assert node.unregister("revoked") is True
     kill_and_start()
     assert not node.has_account("revoked")
-    assert await _login(node, "kept", "pw-2") is True
-    assert await _login(node, "kept", "pw-1") is False
+    assert await can_log_in(node, "kept", "pw-2") is True
+    assert await can_log_in(node, "kept", "pw-1") is False
 
 
 def test_register_needs_a_running_node_and_valid_names(node: PrivateEjabberd) -> None:
@@ -337,10 +311,10 @@ async def test_account_registered_once_logs_in_on_both_nodes(cluster: tuple[Priv
     first.register("dora", "pw-dora")
     second.register("emil", "pw-emil")
     for node in (first, second):
-        assert await _login(node, "dora", "pw-dora") is True
-        assert await _login(node, "emil", "pw-emil") is True
+        assert await can_log_in(node, "dora", "pw-dora") is True
+        assert await can_log_in(node, "emil", "pw-emil") is True
     # One pinned certificate serves the whole cluster.
-    assert await _login(second, "dora", "pw-dora", ctx=first.ssl_context()) is True
+    assert await can_log_in(second, "dora", "pw-dora", ctx=first.ssl_context()) is True
 
 
 async def test_op_from_a_client_on_node1_reaches_an_agent_on_node2(
@@ -383,7 +357,7 @@ async def test_a_lost_node_leaves_the_other_serving_and_rejoins(tmp_path: Path) 
         # Node 1 alone: it knows it is alone, still takes new accounts, logins and ops.
         assert first.cluster_nodes() == ["node1@127.0.0.1"]
         first.register("late", "pw-late")
-        assert await _login(first, "late", "pw-late") is True
+        assert await can_log_in(first, "late", "pw-late") is True
         await agent.start()
         try:
             await client.start()
@@ -397,13 +371,13 @@ async def test_a_lost_node_leaves_the_other_serving_and_rejoins(tmp_path: Path) 
         # Node 2 comes back as a member (no second join) and knows the account made while it was away.
         await asyncio.to_thread(second.start)
         assert second.cluster_nodes() == ["node1@127.0.0.1", "node2@127.0.0.1"]
-        assert await _login(second, "late", "pw-late") is True
+        assert await can_log_in(second, "late", "pw-late") is True
         # Lose node 1 instead; then node 2, the last to stop, starts alone as a member: no join attempt.
         assert await asyncio.to_thread(first.stop) is True
         assert await asyncio.to_thread(second.stop) is True
         await asyncio.to_thread(second.start)
         assert second.cluster_nodes() == ["node2@127.0.0.1"]
-        assert await _login(second, "late", "pw-late") is True
+        assert await can_log_in(second, "late", "pw-late") is True
     finally:
         await asyncio.to_thread(second.stop)
         await asyncio.to_thread(first.stop)

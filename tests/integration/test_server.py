@@ -2,20 +2,18 @@
 
 from __future__ import annotations
 
-import asyncio
 import os
 import socket
-import ssl
 import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import slixmpp
 
 from agents.ports import free_port
 from agents.server import PrivateServer, ServerError
+from login_probe import can_log_in
 
 
 def _pid_exists(pid: int) -> bool:
@@ -31,30 +29,6 @@ def server(tmp_path: Path) -> Iterator[PrivateServer]:
     srv = PrivateServer(tmp_path / "home", port=free_port())
     yield srv
     srv.stop()
-
-
-async def _login(srv: PrivateServer, user: str, password: str, ctx: ssl.SSLContext | None = None) -> bool:
-    """Log in over STARTTLS with SCRAM-SHA-1, pinning the server's certificate; True on success."""
-    client = slixmpp.ClientXMPP(f"{user}@{srv.domain}/test", password, sasl_mech="SCRAM-SHA-1")
-    client.ssl_context = ctx or srv.ssl_context()
-    client.enable_direct_tls = False
-    client.enable_starttls = True
-    client.enable_plaintext = False
-    outcome: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
-
-    def settle(value: bool) -> None:
-        if not outcome.done():
-            outcome.set_result(value)
-
-    client.add_event_handler("session_start", lambda _: settle(True))
-    client.add_event_handler("failed_all_auth", lambda _: settle(False))
-    client.add_event_handler("disconnected", lambda _: settle(False))
-    client.add_event_handler("connection_failed", lambda _: settle(False))
-    client.connect(host=srv.host, port=srv.port)
-    try:
-        return await asyncio.wait_for(outcome, 20)
-    finally:
-        await client.disconnect()
 
 
 def test_start_reports_running_and_writes_private_files(server: PrivateServer) -> None:
@@ -95,8 +69,8 @@ def test_certificate_names_the_domain(server: PrivateServer) -> None:
 async def test_registered_account_logs_in_and_wrong_password_fails(server: PrivateServer) -> None:
     server.start()
     server.register("alice", "correct horse")
-    assert await _login(server, "alice", "correct horse") is True
-    assert await _login(server, "alice", "battery staple") is False
+    assert await can_log_in(server, "alice", "correct horse") is True
+    assert await can_log_in(server, "alice", "battery staple") is False
 
 
 async def test_register_updates_password_and_many_accounts_work(server: PrivateServer) -> None:
@@ -104,15 +78,15 @@ async def test_register_updates_password_and_many_accounts_work(server: PrivateS
     server.register("bob", "first")
     server.register("bob", "second")
     server.register_many({f"agent-{i:04d}": f"pw-{i}" for i in range(200)})
-    assert await _login(server, "bob", "second") is True
-    assert await _login(server, "bob", "first") is False
-    assert await _login(server, "agent-0199", "pw-199") is True
+    assert await can_log_in(server, "bob", "second") is True
+    assert await can_log_in(server, "bob", "first") is False
+    assert await can_log_in(server, "agent-0199", "pw-199") is True
 
 
 async def test_accounts_written_while_stopped_survive_start(server: PrivateServer) -> None:
     server.register("carol", "pw")
     server.start()
-    assert await _login(server, "carol", "pw") is True
+    assert await can_log_in(server, "carol", "pw") is True
 
 
 async def test_pinned_context_rejects_another_server(server: PrivateServer, tmp_path: Path) -> None:
@@ -121,9 +95,9 @@ async def test_pinned_context_rejects_another_server(server: PrivateServer, tmp_
     other.start()
     try:
         other.register("dave", "pw")
-        assert await _login(other, "dave", "pw") is True
+        assert await can_log_in(other, "dave", "pw") is True
         # Same domain, same account, but a certificate this server's context does not trust.
-        assert await _login(other, "dave", "pw", ctx=server.ssl_context()) is False
+        assert await can_log_in(other, "dave", "pw", ctx=server.ssl_context()) is False
     finally:
         other.stop()
 
@@ -234,7 +208,7 @@ async def test_home_with_awkward_characters(tmp_path: Path) -> None:
     try:
         srv.start()
         srv.register("erin", "pw")
-        assert await _login(srv, "erin", "pw") is True
+        assert await can_log_in(srv, "erin", "pw") is True
     finally:
         srv.stop()
 
