@@ -610,13 +610,16 @@ class EmbeddedDriver(CatalogDriver):
     def _reusable_files(self, volume: str) -> dict[str, tuple[Entry, Path]]:
         """Files a new base may share instead of copying, by path: those of the volume's latest snapshot that
         has a base, and (for a clone) of the snapshot it was made from, with the base holding each."""
-        self._settle_all()          # the latest base may still be settling: it is linked from under bases/
         _, kind, origin_volume, origin_snap = self._volume_row(volume)
         own = self.db.execute("SELECT id, guid FROM snapshots WHERE volume = ? ORDER BY id DESC",
                               (volume,)).fetchall()
-        latest = next((r for r in own if (self.root / "bases" / _base_name(r[1])).is_dir()), None)
         origin = self.db.execute("SELECT id, guid FROM snapshots WHERE volume = ? AND name = ?",
                                  (origin_volume, origin_snap)).fetchone() if kind == "clone" else None
+        # The volume's latest base, or its origin's, may still be settling (its files are linked from under
+        # bases/): wait for those, not for the bases of other volumes, whose syncs are none of this one's.
+        for _, guid in own + ([origin] if origin else []):
+            self._settled(_base_name(guid))
+        latest = next((r for r in own if (self.root / "bases" / _base_name(r[1])).is_dir()), None)
         reusable: dict[str, tuple[Entry, Path]] = {}
         for row in (latest, origin):
             base = self.root / "bases" / _base_name(row[1]) if row else None

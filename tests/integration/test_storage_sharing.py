@@ -17,6 +17,7 @@ import sqlite3
 import subprocess
 import sys
 import tempfile
+import threading
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -106,6 +107,39 @@ def _overlay_driver(root: Path) -> EmbeddedDriver:
         driver.close()
         pytest.skip(f"clones here are not overlay mounts: {driver._sharing_method()}")
     return driver
+
+
+def test_a_snapshot_waits_for_no_other_volumes_base_to_reach_the_disk(tmp_path, monkeypatch):
+    """A base settles (is synced to disk) after its snapshot answered; the same volume's next snapshot
+    waits for it, as it links that base's files. Another volume's snapshot does not: here the first
+    volume's base never finishes its sync until the test lets it, and the second volume's snapshot
+    still ends."""
+    driver = _overlay_driver(tmp_path / "store")
+    release = threading.Event()
+    real_syncfs = embedded._syncfs
+    held: list[Path] = []
+
+    def slow_syncfs(where: Path) -> None:
+        if not held:                    # the first base's sync: a device that takes its time
+            held.append(where)
+            release.wait(60)
+        real_syncfs(where)
+
+    monkeypatch.setattr(embedded, "_syncfs", slow_syncfs)
+    try:
+        for name in ("a", "b"):
+            driver.create_volume(name)
+            (driver.path(name) / "data").write_bytes(os.urandom(256 * 1024))
+        driver.snapshot("a", "s1")
+        snapshot_b = threading.Thread(target=driver.snapshot, args=("b", "s1"), daemon=True)
+        snapshot_b.start()
+        snapshot_b.join(30)
+        assert held, "the first base was not synced on the settling thread"
+        assert not snapshot_b.is_alive(), "b's snapshot waited for a's base to be synced"
+        assert [s.name for s in driver.list_snapshots("b")] == ["s1"]
+    finally:
+        release.set()
+        driver.close()
 
 
 def _one_fs_bytes(top: Path) -> int:
