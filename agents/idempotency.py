@@ -155,8 +155,7 @@ class RequestLog:
         elif answer.job:
             seen.at = time.monotonic()
         elif self._seen.get(key) is seen:
-            if answer.error is not None:  # its frames are of no use to a repeat, and would be kept alive with it
-                answer.error.__traceback__ = None
+            _drop_frames(answer.error)
             self._seen[key] = (seen.fingerprint, answer.payload, answer.error, time.monotonic())
         self._forget_old()
 
@@ -271,3 +270,17 @@ def _recorded_error(condition: str, text: str | None) -> OpError:
 def _keep_outcomes(db: sqlite3.Connection, rows: list[tuple[object, ...]]) -> None:
     with transaction(db):
         db.executemany("INSERT OR REPLACE INTO outcomes VALUES (?, ?, ?, ?, ?, ?, ?)", rows)
+
+
+def _drop_frames(error: BaseException | None) -> None:
+    """Clear the tracebacks of ``error`` and of the exceptions it was raised from or while handling: their
+    frames (and every local of each, a read buffer say) are of no use to a repeat, and a kept outcome
+    would keep them alive. The chain itself, and each message, stay."""
+    todo, seen = [error], set()
+    while todo:
+        e = todo.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        e.__traceback__ = None
+        todo += [e.__cause__, e.__context__, *getattr(e, "exceptions", ())]   # an ExceptionGroup's too

@@ -128,7 +128,10 @@ async def test_a_finished_outcome_is_kept_where_the_garbage_collector_does_not_w
     await log.finish(ok_key, seen, Answer(payload="result", admitted=True), durable=False)
     seen = log.start(failed_key, "fp-failed")
     try:
-        raise BadArguments("no such volume")
+        try:
+            raise FileNotFoundError("/srv/volumes/v1")
+        except FileNotFoundError as cause:
+            raise BadArguments("no such volume") from cause
     except BadArguments as exc:
         error = exc
     await log.finish(failed_key, seen, Answer(error=error, admitted=True), durable=False)
@@ -139,5 +142,8 @@ async def test_a_finished_outcome_is_kept_where_the_garbage_collector_does_not_w
     assert again.fingerprint == "fp-ok" and again.answer.result().payload == "result"
     again = log.get(failed_key)
     assert again.fingerprint == "fp-failed" and again.answer.result().error is error
-    assert error.__traceback__ is None  # the failed run's frames are not kept alive with its outcome
+    # The failed run's frames are not kept alive with its outcome, nor those of the error it came from,
+    # whose message stays.
+    assert error.__traceback__ is None and error.__cause__.__traceback__ is None
+    assert str(error.__cause__) == "/srv/volumes/v1"
     await log.aclose()
