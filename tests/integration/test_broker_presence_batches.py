@@ -121,6 +121,12 @@ async def test_agents_presences_are_filed_off_the_raw_element_and_counted_once(m
     # path), and the others are filed off the raw element.
     agents = await asyncio.gather(*(mesh.agent(SampleAgent, broker, ["/host/same"]) for _ in range(6)))
     await until(lambda: len(broker.directory) == 6, what="six agents listed")
+    # Each listed agent is pushed the fenced nodes; while that request is out, the broker watches the
+    # agent's job, and a watched agent's presence goes slixmpp's way on purpose (the caller sees it). A
+    # push still out across the reconnect would send some answers below that way: let them all end.
+    await until(lambda: all(a.fenced.installed_at is not None for a in agents), what="the fenced nodes pushed")
+    await until(lambda: not any(broker.vertebra.watches(str(a.jid)) for a in agents),
+                what="the broker's pushes answered")
 
     # A new session: every agent answers the hello, and each answer is filed off the raw element.
     taken.clear()
