@@ -202,6 +202,7 @@ class EmbeddedDriver(CatalogDriver):
         self._base_sizes: dict[str, int] = {}     # bases never change once built: measured once each
         # Bases whose bytes are still going to disk (_settle_later), by name: their scratch tree and the job.
         self._settling: dict[str, tuple[Path, Future[None]]] = {}
+        self._unwanted: set[str] = set()          # of those, the ones no snapshot or clone needs any more
         self._settler: ThreadPoolExecutor | None = None
         # Leftovers of a crash mid-clone or mid-receive: scratch trees and unreferenced chunks (the packs
         # were already cut back to what the index committed). A probe's mount a crash left there goes
@@ -423,12 +424,14 @@ class EmbeddedDriver(CatalogDriver):
                           self.no_overlay_reason or "check the kernel log")
 
     def _collect_trees(self) -> None:
-        """Remove layers no clone uses and bases that neither a snapshot nor an overlay clone needs (a base
-        still settling is waited for: it may be one of them)."""
-        self._settle_all()
+        """Remove layers no clone uses and bases that neither a snapshot nor an overlay clone needs. A base
+        still settling is not waited for (a slow device's sync of one volume's base holds up no other
+        volume's destroy or clone): one no longer needed is removed once synced instead of named."""
+        self._settle_synced()
         layers = {r[0] for r in self.db.execute("SELECT layer FROM overlays")}
         bases = {r[0] for r in self.db.execute("SELECT base FROM overlays")} \
             | {_base_name(r[0]) for r in self.db.execute("SELECT guid FROM snapshots")}
+        self._unwanted = set(self._settling) - bases
         for where, keep in (("layers", layers), ("bases", bases)):
             for tree in (self.root / where).iterdir():
                 if tree.name not in keep:
@@ -471,9 +474,14 @@ class EmbeddedDriver(CatalogDriver):
         try:
             synced.result()
         except OSError as exc:
+            self._unwanted.discard(name)
             _remove_tree(tree)
             log.warning("the base of a snapshot could not be written to disk (%s); its first clone builds it "
                         "again from the chunk store", exc)
+            return
+        if name in self._unwanted:      # its snapshot went while it settled (_collect_trees)
+            self._unwanted.discard(name)
+            _remove_tree(tree)
             return
         os.rename(tree, self.root / "bases" / name)
 

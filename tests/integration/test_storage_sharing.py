@@ -142,6 +142,38 @@ def test_a_snapshot_waits_for_no_other_volumes_base_to_reach_the_disk(tmp_path, 
         driver.close()
 
 
+
+def test_a_destroy_waits_for_no_base_to_reach_the_disk_and_a_base_whose_snapshot_went_is_removed(
+        tmp_path, monkeypatch):
+    """Destroying a snapshot collects the bases nobody needs; it does not wait for the bases still being
+    synced (one volume's slow device holds up no other's destroy), and a base whose snapshot went while
+    it settled is removed once synced, never named under bases/."""
+    driver = _overlay_driver(tmp_path / "store")
+    release = threading.Event()
+    real_syncfs = embedded._syncfs
+
+    def slow_syncfs(where: Path) -> None:
+        release.wait(60)                # every base's sync waits: a device that takes its time
+        real_syncfs(where)
+
+    monkeypatch.setattr(embedded, "_syncfs", slow_syncfs)
+    try:
+        for name in ("a", "b"):
+            driver.create_volume(name)
+            (driver.path(name) / "data").write_bytes(os.urandom(256 * 1024))
+            driver.snapshot(name, "s1")
+        destroys = threading.Thread(target=lambda: [driver.destroy_snapshot(v, "s1") for v in ("b", "a")],
+                                    daemon=True)
+        destroys.start()
+        destroys.join(30)
+        assert not destroys.is_alive(), "a destroy waited for a base to be synced"
+        assert driver.list_snapshots("a") == [] and driver.list_snapshots("b") == []
+    finally:
+        release.set()
+        driver.close()
+    assert list((tmp_path / "store" / "bases").iterdir()) == [], "a base of a destroyed snapshot was kept"
+
+
 def _one_fs_bytes(top: Path) -> int:
     """Blocks allocated under top on top's own filesystem, as `du -x` counts them: the overlay mounts of
     clones are not entered (what they show is their base and layer, counted where those live)."""
