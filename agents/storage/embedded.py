@@ -1128,7 +1128,13 @@ class _Copier:
         return write_next
 
     def close_file(self, fd: int, size: int) -> None:
-        self._submit(_finish_copy, fd, size)
+        try:
+            self._submit(_finish_copy, fd, size)
+        except BaseException:
+            # An earlier write's error (a full disk) surfaced here, before this job was handed over: the
+            # copy is closed all the same, or its blocks stay allocated after the failed base is removed.
+            self.abandon(fd)
+            raise
 
     def abandon(self, fd: int) -> None:
         """Close a copy that will not be finished (after the writes already queued for it)."""

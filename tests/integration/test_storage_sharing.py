@@ -10,7 +10,10 @@ destroy, and a kill -9 mid-capture (of the driver or of the storage agent's proc
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import errno
 import json
+import mmap
 import os
 import shutil
 import sqlite3
@@ -748,6 +751,43 @@ def test_the_base_a_snapshot_makes_holds_what_its_chunks_hold(tmp_path, monkeypa
             assert (True in modes) == (writes != "page cache" and direct_writes_work(tmp_path))
     finally:
         driver.close()
+
+
+
+def test_a_base_copy_whose_write_filled_the_disk_is_closed_and_its_space_given_back(tmp_path):
+    """The base's copy thread fills the disk (a real 1 MiB tmpfs); the error surfaces as the reader ends
+    the file. The copy is closed all the same, so once the failed base is removed its blocks are free again
+    (a copy left open kept them: the same snapshot taken without a base then found the disk still full)."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root to mount a tmpfs")
+    small = tmp_path / "small"
+    small.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(small)], check=True, capture_output=True)
+    fd = -1
+    try:
+        total = os.statvfs(small).f_bfree
+        copier = embedded._Copier(direct=False)
+        fd = copier.open(small / "copy")
+        write = copier.tee(fd)
+        batch = mmap.mmap(-1, 512 * 1024)
+        batch.write(os.urandom(len(batch)))
+        ids = [b"x" * 32] * (len(batch) // embedded.BLOCK_SIZE)
+        written = threading.Semaphore(0)
+        for _ in range(4):             # 2 MiB into 1 MiB: the later writes fail
+            write(batch, len(batch), ids, written.release)
+        for _ in range(4):
+            assert written.acquire(timeout=30), "a write of the copy never ended"
+        with pytest.raises(OSError) as raised:
+            copier.close_file(fd, 4 * len(batch))
+        assert raised.value.errno == errno.ENOSPC
+        with pytest.raises(OSError):
+            copier.close()
+        os.unlink(small / "copy")
+        assert os.statvfs(small).f_bfree == total, "the removed copy's blocks are still held by an open file"
+    finally:
+        with contextlib.suppress(OSError):
+            os.close(fd)               # only still open where the copier leaked it
+        subprocess.run(["umount", "-l", str(small)], check=False, capture_output=True)
 
 
 async def test_a_snapshot_not_for_clones_through_the_agent_makes_no_base(mesh, tmp_path):
