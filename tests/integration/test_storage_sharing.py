@@ -112,27 +112,40 @@ def _overlay_driver(root: Path) -> EmbeddedDriver:
     return driver
 
 
+def _hold_base_syncs(monkeypatch, only_first: bool) -> tuple[threading.Event, list[Path]]:
+    """Make the settling thread's base syncs wait until the returned event is set, as a device that takes
+    its time would: the first sync only, or every one. The list gets each tree whose sync was held."""
+    release = threading.Event()
+    held: list[Path] = []
+    real_syncfs = embedded._syncfs
+
+    def slow_syncfs(where: Path) -> None:
+        if not (only_first and held):
+            held.append(where)
+            release.wait(60)
+        real_syncfs(where)
+
+    monkeypatch.setattr(embedded, "_syncfs", slow_syncfs)
+    return release, held
+
+
+def _two_volumes(driver: EmbeddedDriver, snapshot: bool) -> None:
+    for name in ("a", "b"):
+        driver.create_volume(name)
+        (driver.path(name) / "data").write_bytes(os.urandom(256 * 1024))
+        if snapshot:
+            driver.snapshot(name, "s1")
+
+
 def test_a_snapshot_waits_for_no_other_volumes_base_to_reach_the_disk(tmp_path, monkeypatch):
     """A base settles (is synced to disk) after its snapshot answered; the same volume's next snapshot
     waits for it, as it links that base's files. Another volume's snapshot does not: here the first
     volume's base never finishes its sync until the test lets it, and the second volume's snapshot
     still ends."""
     driver = _overlay_driver(tmp_path / "store")
-    release = threading.Event()
-    real_syncfs = embedded._syncfs
-    held: list[Path] = []
-
-    def slow_syncfs(where: Path) -> None:
-        if not held:                    # the first base's sync: a device that takes its time
-            held.append(where)
-            release.wait(60)
-        real_syncfs(where)
-
-    monkeypatch.setattr(embedded, "_syncfs", slow_syncfs)
+    release, held = _hold_base_syncs(monkeypatch, only_first=True)
     try:
-        for name in ("a", "b"):
-            driver.create_volume(name)
-            (driver.path(name) / "data").write_bytes(os.urandom(256 * 1024))
+        _two_volumes(driver, snapshot=False)
         driver.snapshot("a", "s1")
         snapshot_b = threading.Thread(target=driver.snapshot, args=("b", "s1"), daemon=True)
         snapshot_b.start()
@@ -145,30 +158,20 @@ def test_a_snapshot_waits_for_no_other_volumes_base_to_reach_the_disk(tmp_path, 
         driver.close()
 
 
-
 def test_a_destroy_waits_for_no_base_to_reach_the_disk_and_a_base_whose_snapshot_went_is_removed(
         tmp_path, monkeypatch):
     """Destroying a snapshot collects the bases nobody needs; it does not wait for the bases still being
     synced (one volume's slow device holds up no other's destroy), and a base whose snapshot went while
     it settled is removed once synced, never named under bases/."""
     driver = _overlay_driver(tmp_path / "store")
-    release = threading.Event()
-    real_syncfs = embedded._syncfs
-
-    def slow_syncfs(where: Path) -> None:
-        release.wait(60)                # every base's sync waits: a device that takes its time
-        real_syncfs(where)
-
-    monkeypatch.setattr(embedded, "_syncfs", slow_syncfs)
+    release, held = _hold_base_syncs(monkeypatch, only_first=False)
     try:
-        for name in ("a", "b"):
-            driver.create_volume(name)
-            (driver.path(name) / "data").write_bytes(os.urandom(256 * 1024))
-            driver.snapshot(name, "s1")
+        _two_volumes(driver, snapshot=True)
         destroys = threading.Thread(target=lambda: [driver.destroy_snapshot(v, "s1") for v in ("b", "a")],
                                     daemon=True)
         destroys.start()
         destroys.join(30)
+        assert held, "no base was synced on the settling thread"
         assert not destroys.is_alive(), "a destroy waited for a base to be synced"
         assert driver.list_snapshots("a") == [] and driver.list_snapshots("b") == []
     finally:
