@@ -471,16 +471,16 @@ class EmbeddedDriver(CatalogDriver):
         if settling is None:
             return
         tree, synced = settling
+        unwanted = name in self._unwanted      # its snapshot went while it settled (_collect_trees)
+        self._unwanted.discard(name)
         try:
             synced.result()
         except OSError as exc:
-            self._unwanted.discard(name)
             _remove_tree(tree)
             log.warning("the base of a snapshot could not be written to disk (%s); its first clone builds it "
                         "again from the chunk store", exc)
             return
-        if name in self._unwanted:      # its snapshot went while it settled (_collect_trees)
-            self._unwanted.discard(name)
+        if unwanted:
             _remove_tree(tree)
             return
         os.rename(tree, self.root / "bases" / name)
