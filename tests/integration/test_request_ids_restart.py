@@ -52,9 +52,11 @@ class AgentProcess:
         self.proc: subprocess.Popen[str] | None = None
 
     async def start(self, *flags: str) -> None:
-        argv = [sys.executable, str(ROOT / "tests" / "storage_agent_process.py"), self.jid, self.password,
+        # The options first, then "--": a generated password may start with "-" (one in 64 do).
+        argv = [sys.executable, str(ROOT / "tests" / "storage_agent_process.py"),
+                *(["--broker", self.broker.jid.bare] if self.broker else []), *flags, "--", self.jid, self.password,
                 str(self.mesh.server.port), str(self.mesh.server.cert_path), self.admin, self.driver,
-                str(self.root), str(self.state), *(["--broker", self.broker.jid.bare] if self.broker else []), *flags]
+                str(self.root), str(self.state)]
         self.proc = subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.PIPE, text=True,
                                      env={**os.environ, "PYTHONPATH": str(ROOT)})
         line = await asyncio.wait_for(asyncio.to_thread(self.proc.stdout.readline), 60)  # type: ignore[union-attr]
