@@ -673,9 +673,11 @@ def _server(mesh: meshconf.MeshConfig, engine: str | None = None, cluster_join: 
         from .ejabberd import PrivateEjabberd
         return PrivateEjabberd(mesh.home, domain=s.domain, host=s.host, port=s.port, node_name=s.node_name,
                                dist_port=s.dist_port, epmd_port=s.epmd_port,
-                               cluster_join=cluster_join or s.cluster_join, read_limit=mesh.read_limit())
+                               cluster_join=cluster_join or s.cluster_join, read_limit=mesh.read_limit(),
+                               room_creators=mesh.room_creators)
     from .server import PrivateServer
-    return PrivateServer(mesh.home, domain=s.domain, host=s.host, port=s.port, read_limit=mesh.read_limit())
+    return PrivateServer(mesh.home, domain=s.domain, host=s.host, port=s.port, read_limit=mesh.read_limit(),
+                         room_creators=mesh.room_creators)
 
 
 def _started_engine(home: Path) -> str | None:

@@ -213,6 +213,17 @@ class MeshConfig:
         return ReadLimit(self.server.read_limit, tuple(sorted({j.lower() for j in named if j.lower().endswith(here)})))
 
     @property
+    def room_creators(self) -> tuple[str, ...]:
+        """Who alone may create rooms on the private server's room service: the chat bot, when its ops
+        room is there (an account that created that room first would own it and keep the bot out of it).
+        None named: any account of the server may."""
+        if self.chat is None or self.chat.room is None:
+            return ()
+        if self.chat.room.partition("@")[2].lower() != f"rooms.{self.server.domain}":
+            return ()
+        return (self.jid(self.chat.account).lower(),)
+
+    @property
     def delegates(self) -> list[str]:
         """Who may send requests on a person's behalf besides the broker: the chat bot."""
         return [self.jid(self.chat.account)] if self.chat else []

@@ -39,6 +39,7 @@ import shutil
 import signal
 import subprocess
 import time
+from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from string import Template
@@ -56,6 +57,7 @@ from .server import (
     _pid_alive,
     _raise_nofile_limit,
     find_template,
+    room_creators_checked,
 )
 
 TEMPLATE_NAME = "ejabberd.yml.in"
@@ -121,7 +123,8 @@ class PrivateEjabberd(PrivateNode):
                  epmd_port: int | None = None, cluster_join: str | None = None, cookie: str | None = None,
                  tls_from: Path | None = None, component_port: int | None = None,
                  components: dict[str, str] | None = None, log_level: str = "warning",
-                 read_limit: ReadLimit | None = None, schedulers: int | None = None):
+                 read_limit: ReadLimit | None = None, schedulers: int | None = None,
+                 room_creators: Iterable[str] = ()):
         if not isinstance(domain, str) or not _DOMAIN_RE.match(domain):
             raise ServerError(f"invalid XMPP domain {domain!r}: use a lowercase DNS name such as 'vertebra.test'")
         for name, value in (("port", port), ("dist_port", dist_port), ("epmd_port", epmd_port),
@@ -155,6 +158,7 @@ class PrivateEjabberd(PrivateNode):
         self.components = dict(components or {})
         self.log_level = log_level
         self.read_limit = read_limit  # None: every account is read at full speed (a test node)
+        self.room_creators = room_creators_checked(room_creators, domain)  # none: any local account
         # Erlang's schedulers (and dirty CPU schedulers) for this node; None: one per core, Erlang's
         # default, right for a node with a machine of its own. Nodes sharing one machine's cores (the
         # scale benchmark's cluster) each take their share instead of all contending for every core.
@@ -387,10 +391,20 @@ class PrivateEjabberd(PrivateNode):
                 key=_yaml_quoted_body(self.key_path),
                 log_level=self.log_level,
                 component_listener=component,
+                **self._room_creation(),
                 **self._read_limits(),
             )
         except (KeyError, ValueError) as exc:
             raise ServerError(f"the config template {_find_template()} has an unknown placeholder: {exc}") from exc
+
+    def _room_creation(self) -> dict[str, str]:
+        """The template's lines saying who may create rooms on the room service: the room creators
+        alone, or any local account when none is named."""
+        if not self.room_creators:
+            return {"room_creators_acl": "", "room_creation_rule": "    allow: local\n"}
+        users = "".join(f'      - "{jid}"\n' for jid in self.room_creators)
+        return {"room_creators_acl": "  room_creators:\n    user:\n" + users,
+                "room_creation_rule": "    allow: room_creators\n"}
 
     def _read_limits(self) -> dict[str, str]:
         """The template's shaper lines: after authentication ejabberd shapes each session by the

@@ -23,7 +23,7 @@ import ssl
 import subprocess
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -86,6 +86,19 @@ class ReadLimit:
             _check_user(user)
             if at != domain:
                 raise ServerError(f"cannot exempt {jid} from the read limit: it is not an account of {domain}")
+
+
+def room_creators_checked(creators: Iterable[str], domain: str) -> tuple[str, ...]:
+    """The accounts alone allowed to create rooms on the server's room service (rooms.DOMAIN), checked:
+    each an account of ``domain``. None given: every account of the server may (a test server)."""
+    checked = []
+    for jid in creators:
+        user, _, at = str(jid).lower().partition("@")
+        _check_user(user)
+        if at != domain:
+            raise ServerError(f"cannot let {jid} create rooms: it is not an account of {domain}")
+        checked.append(f"{user}@{at}")
+    return tuple(sorted(set(checked)))
 
 
 def find_template(name: str = TEMPLATE_NAME) -> Path:
@@ -318,11 +331,12 @@ class PrivateServer(PrivateNode):
     """One private Prosody instance; everything it owns lives under ``home/"server"``."""
 
     def __init__(self, home: Path, domain: str = "vertebra.test", host: str = "127.0.0.1", port: int = 5322,
-                 read_limit: ReadLimit | None = None):
+                 read_limit: ReadLimit | None = None, room_creators: Iterable[str] = ()):
         if not isinstance(domain, str) or not _DOMAIN_RE.match(domain):
             raise ServerError(f"invalid XMPP domain {domain!r}: use a lowercase DNS name such as 'vertebra.test'")
         if not isinstance(port, int) or not 0 < port < 65536:
             raise ServerError(f"invalid port {port!r}: use an integer between 1 and 65535")
+        self.room_creators = room_creators_checked(room_creators, domain)
         self.home = Path(home).resolve()
         self.domain = domain
         self.host = host
@@ -459,10 +473,20 @@ class PrivateServer(PrivateNode):
                 cert=_lua_quoted_body(self.cert_path),
                 key=_lua_quoted_body(self.key_path),
                 domain=self.domain,
+                room_creation=self._room_creation(),
                 **self._read_limits(),
             )
         except (KeyError, ValueError) as exc:
             raise ServerError(f"the config template {find_template()} has an unknown placeholder: {exc}") from exc
+
+    def _room_creation(self) -> str:
+        """The room service's lines saying who may create rooms: the room creators alone (made the
+        service's admins, which Prosody's mod_muc lets create rooms and makes owners of every room), or
+        every account of this server when none is named."""
+        if not self.room_creators:
+            return 'restrict_room_creation = "local"'
+        names = ", ".join(f'"{jid}"' for jid in self.room_creators)
+        return f"admins = {{ {names} }}\n    restrict_room_creation = true"
 
     def _read_limits(self) -> dict[str, str]:
         """The template's mod_limits lines: nothing without a read limit."""
