@@ -51,6 +51,7 @@ if ENGINE not in ("prosody", "ejabberd"):
     raise RuntimeError(f"VERTEBRA_TEST_ENGINE={ENGINE!r}: use prosody (the default) or ejabberd")
 ON_EJABBERD = ENGINE == "ejabberd"
 _names = itertools.count(1)
+START_TIMEOUT = 60.0  # seconds for an actor of a test's mesh to get its session (Mesh.start)
 
 
 class Mesh:
@@ -90,7 +91,9 @@ class Mesh:
         return await self.start(Client(jid, pw, self.endpoint, broker=str(broker.jid) if broker else ""))
 
     async def start(self, actor: Any) -> Any:
-        await actor.start()
+        # Far beyond a login's usual second: a loaded CI machine running both suites side by side once
+        # took over 15 s (the product's default) to give one of 23 agents logging in at once a session.
+        await actor.start(timeout=START_TIMEOUT)
         self.actors.append(actor)
         return actor
 
