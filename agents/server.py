@@ -82,23 +82,25 @@ class ReadLimit:
             raise ServerError(f"invalid read limit {self.bytes_per_second!r}: use a whole number of bytes per second,"
                               " at least 1000")
         for jid in self.unlimited:
-            user, _, at = jid.partition("@")
-            _check_user(user)
-            if at != domain:
-                raise ServerError(f"cannot exempt {jid} from the read limit: it is not an account of {domain}")
+            _check_account(jid, domain, "exempt {jid} from the read limit")
+
+
+def _check_account(jid: str, domain: str, doing: str) -> None:
+    """Raise ServerError unless ``jid`` is a valid account of ``domain``; ``doing`` (with ``{jid}``) says
+    what the server was asked to do for it."""
+    user, _, at = jid.partition("@")
+    _check_user(user)
+    if at != domain:
+        raise ServerError(f"cannot {doing.format(jid=jid)}: it is not an account of {domain}")
 
 
 def room_creators_checked(creators: Iterable[str], domain: str) -> tuple[str, ...]:
     """The accounts alone allowed to create rooms on the server's room service (rooms.DOMAIN), checked:
     each an account of ``domain``. None given: every account of the server may (a test server)."""
-    checked = []
-    for jid in creators:
-        user, _, at = str(jid).lower().partition("@")
-        _check_user(user)
-        if at != domain:
-            raise ServerError(f"cannot let {jid} create rooms: it is not an account of {domain}")
-        checked.append(f"{user}@{at}")
-    return tuple(sorted(set(checked)))
+    checked = {str(jid).lower() for jid in creators}
+    for jid in checked:
+        _check_account(jid, domain, "let {jid} create rooms")
+    return tuple(sorted(checked))
 
 
 def find_template(name: str = TEMPLATE_NAME) -> Path:

@@ -756,7 +756,6 @@ def test_the_base_a_snapshot_makes_holds_what_its_chunks_hold(tmp_path, monkeypa
         driver.close()
 
 
-
 def test_a_base_copy_whose_write_filled_the_disk_is_closed_and_its_space_given_back(tmp_path):
     """The base's copy thread fills the disk (a real 1 MiB tmpfs); the error surfaces as the reader ends
     the file. The copy is closed all the same, so once the failed base is removed its blocks are free again
