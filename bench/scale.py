@@ -19,7 +19,10 @@ Measured at each size N (agents spread evenly over the nodes):
    every node) and the agents' worker processes' CPU; and the same call with discovery through the
    broker (``scope="all"``, no ``to``), once, with what it returned;
 
-and at the largest N only: the login storm after restarting every ejabberd node (time until the
+and at the largest N only: with ``--one-to-many``, the server's CPU per answer when the requests are
+sent as N IQs and when they are sent as XEP-0033 multicast messages (one stanza to the server's
+mod_multicast service naming up to 4,000 agents, which the server copies to each), both from a raw
+client, alternated; the login storm after restarting every ejabberd node (time until the
 broker lists all N again), and a cProfile of the caller (one call) and of the broker (during the
 storm and the discovery calls), written to bench/results/ (ignored by git).
 
@@ -32,6 +35,7 @@ Usage::
     python bench/scale.py                 # N = 10,000, 20,000 and 50,000
     python bench/scale.py --quick         # smoke run: N = 2,000
     python bench/scale.py --agents 1000,2000
+    python bench/scale.py --agents 20000 --no-storm --one-to-many
 
 Every node, their epmd, the broker process, every worker and the temporary home are removed at
 the end, also on Ctrl-C or error; every wait has a timeout.
@@ -61,6 +65,7 @@ import statistics
 import sys
 import tempfile
 import time
+import uuid
 import xml.etree.ElementTree as ET
 from pathlib import Path
 from typing import Any
@@ -85,6 +90,9 @@ SIM_PASSWORD = "bench-pw-simulated-agent"
 SIM_RESOURCE = "sim"
 BROKER_USER = "broker"
 CALLER_USER = "bench"
+PROBE_USER = "bench-raw"   # --one-to-many's raw client
+MULTICAST = f"multicast.{DOMAIN}"
+PER_MULTICAST = 4_000      # addressees per XEP-0033 stanza: ~200 KiB, under the nodes' max_stanza_size
 FIXED_SALT = b"vertebra-bench-salt"
 # The container's hard RLIMIT_NOFILE is 20,000 and cannot be raised: one ejabberd node holds fewer
 # sessions than that, so larger sizes get more nodes.
@@ -103,7 +111,7 @@ NS_CAPS = "http://jabber.org/protocol/caps"
 NS_PING = "urn:xmpp:ping"
 AGENT_FORM = "urn:vertebra:1#agent"
 CAPS_NODE = "https://vertebra.invalid/bench-simulated-agent"
-IQ, PRESENCE = f"{{{NS_CLIENT}}}iq", f"{{{NS_CLIENT}}}presence"
+IQ, PRESENCE, MESSAGE = f"{{{NS_CLIENT}}}iq", f"{{{NS_CLIENT}}}presence", f"{{{NS_CLIENT}}}message"
 OP_TAG, INFO_TAG, PING_TAG = f"{{{NS_VERTEBRA}}}op", f"{{{NS_DISCO_INFO}}}query", f"{{{NS_PING}}}ping"
 BROKER_SESSION = f"{{{NS_VERTEBRA}}}session"  # in every presence a broker sends (docs/protocol.md 4.5)
 
@@ -307,10 +315,7 @@ class SimAgent:
             child = el[0] if len(el) else None
             head = f"<iq type='result' id={quoteattr(el.get('id', ''))} to={quoteattr(el.get('from', ''))}>"
             if child is not None and child.tag == OP_TAG and kind == "set":
-                args = msgpack.unpackb(base64.b64decode(child.text or ""), raw=False) if child.text else {}
-                result = base64.b64encode(msgpack.packb(args.get("n"), use_bin_type=True)).decode()
-                self.pool.answered += 1
-                self.send(f"{head}<outcome xmlns='{NS_VERTEBRA}' status='ok'>{result}</outcome></iq>")
+                self.answer(head, child)
             elif child is not None and child.tag == INFO_TAG and kind == "get":
                 node = child.get("node")
                 at = f" node={quoteattr(node)}" if node else ""
@@ -321,6 +326,10 @@ class SimAgent:
                 self.send(f"<iq type='error' id={quoteattr(el.get('id', ''))} to={quoteattr(el.get('from', ''))}>"
                           "<error type='cancel'><service-unavailable xmlns='urn:ietf:params:xml:ns:xmpp-stanzas'/>"
                           "</error></iq>")
+        elif el.tag == MESSAGE and (child := el.find(OP_TAG)) is not None:
+            # A request the server fanned out (XEP-0033, --one-to-many): answered as the IQ would be.
+            self.answer(f"<iq type='result' id={quoteattr(el.get('id', ''))} to={quoteattr(el.get('from', ''))}>",
+                        child)
         elif el.tag == PRESENCE:
             sender = el.get("from", "")
             if sender.split("/", 1)[0] != self.pool.broker or "/" not in sender:
@@ -340,6 +349,13 @@ class SimAgent:
                 self.send(f"<presence to={quoteattr(sender)}>{self.pool.caps}</presence>")
                 if self.announcing is not None:
                     self.announcing.cancel()
+
+    def answer(self, head: str, op: ET.Element) -> None:
+        """The echo op's answer: the IQ result opened by ``head``, with the argument ``n`` as its result."""
+        args = msgpack.unpackb(base64.b64decode(op.text or ""), raw=False) if op.text else {}
+        result = base64.b64encode(msgpack.packb(args.get("n"), use_bin_type=True)).decode()
+        self.pool.answered += 1
+        self.send(f"{head}<outcome xmlns='{NS_VERTEBRA}' status='ok'>{result}</outcome></iq>")
 
     def announce(self) -> None:
         if self.announcing is None or self.announcing.done():
@@ -593,6 +609,9 @@ class ScaleBench:
         if not ejabberd_installed():
             raise SystemExit("ejabberd is not installed: run `apt-get install -y ejabberd`")
         self.render_with_ack_queue()
+        if self.args.one_to_many:  # XEP-0033 for the measurement; the product does not load it
+            self.edit_config("  mod_disco: {}\n", f"  mod_disco: {{}}\n  mod_multicast:\n    host: \"{MULTICAST}\"\n"
+                             "    limits:\n      local:\n        message: infinite\n")
         count = self.args.nodes or max(2, math.ceil(max(self.args.sizes) / SESSIONS_PER_NODE))
         epmd = rt.free_port()  # a private epmd, never the machine's own on 4369
         # The nodes share this machine's cores, as in the field each would have a machine's: each gets
@@ -617,23 +636,29 @@ class ScaleBench:
                               f" {resource.getrlimit(resource.RLIMIT_NOFILE)[1]:,} open files per process"
                               f" (not raisable here) caps a node below that many sessions")
 
-    def render_with_ack_queue(self) -> None:
-        """Every node's config with mod_stream_mgmt's max_ack_queue set to ``--ack-queue``, when given
-        (the product's deploy/ejabberd.yml.in sets it to infinity)."""
+    @staticmethod
+    def edit_config(line: str, replacement: str) -> None:
+        """Every node's config rendered with its first ``line`` replaced (the product's deploy/ejabberd.yml.in
+        otherwise)."""
         from agents.ejabberd import PrivateEjabberd
 
-        queue = self.args.ack_queue
-        if queue is None:
-            return
         render = PrivateEjabberd._render_config
 
         def rendered(node: Any) -> str:
             text = render(node)
-            if "    max_ack_queue: infinity\n" not in text:
-                raise RuntimeError("deploy/ejabberd.yml.in no longer sets mod_stream_mgmt's max_ack_queue as this"
-                                   " benchmark expects: update render_with_ack_queue")
-            return text.replace("    max_ack_queue: infinity\n", f"    max_ack_queue: {queue}\n", 1)
+            if line not in text:
+                raise RuntimeError(f"deploy/ejabberd.yml.in no longer has the line {line!r} that this benchmark"
+                                   " edits: update bench/scale.py")
+            return text.replace(line, replacement, 1)
         PrivateEjabberd._render_config = rendered  # type: ignore[method-assign]
+
+    def render_with_ack_queue(self) -> None:
+        """Every node's config with mod_stream_mgmt's max_ack_queue set to ``--ack-queue``, when given
+        (the product's deploy/ejabberd.yml.in sets it to infinity)."""
+        queue = self.args.ack_queue
+        if queue is None:
+            return
+        self.edit_config("    max_ack_queue: infinity\n", f"    max_ack_queue: {queue}\n")
         self.notes.append(
             f"the nodes run with mod_stream_mgmt max_ack_queue: {queue} (the product's config: infinity;"
             " ejabberd's default: 5,000, at which a session sent more than 5,000 stanzas it has not yet"
@@ -776,6 +801,8 @@ class ScaleBench:
         ejabberd._scram_sha1 = fixed_salt_scram
         accounts = {BROKER_USER: rt.PASSWORD_PREFIX + BROKER_USER, CALLER_USER: rt.PASSWORD_PREFIX + CALLER_USER}
         accounts.update({u: SIM_PASSWORD for u in users})
+        if args.one_to_many:
+            accounts[PROBE_USER] = SIM_PASSWORD
         t = time.monotonic()
         items = list(accounts.items())
         for i in range(0, len(items), 10_000):
@@ -861,9 +888,74 @@ class ScaleBench:
                 verdicts.record(f"one call answered by {n:,} agents (measured, to=[...])",
                                 f"{mid['wall'] * 1e3:,.0f} ms", "<= 10,000 ms, measured",
                                 n >= 50_000 and mid["ok"] == n and mid["wall"] <= 10.0)
+                if self.args.one_to_many:
+                    await self.one_to_many(online, n)
                 await self.profile_caller(online, n)
                 if not self.args.no_storm:
                     await self.storm(n)
+
+    async def one_to_many(self, online: list[str], n: int) -> None:
+        """The server's CPU per answer with the requests sent as ``n`` IQs and as XEP-0033 multicast
+        messages, from one raw client (the same op element, the same answers: IQ results), alternated."""
+        first = self.nodes[0]
+        pool = SimPool({"cert": str(first.cert_path), "ver": caps_ver(), "concurrency": 1, "agents": [],
+                        "host": first.host, "port": first.port})
+        me = SimAgent(pool, PROBE_USER, first.host, first.port)
+        await asyncio.wait_for(me.login(), 60)
+        assert me.reader is not None and me.writer is not None and me.parser is not None
+        answers = [0]
+
+        async def read() -> None:
+            assert me.reader is not None and me.parser is not None
+            while data := await me.reader.read(1 << 18):
+                me.parser.feed(data)
+                answers[0] += sum(el.tag == IQ and el.get("type") == "result" for el in me.stanzas())
+        reading = asyncio.get_running_loop().create_task(read())
+        workers = [w.proc.pid for w in self.workers if w.proc is not None]
+        text = base64.b64encode(msgpack.packb({"n": 1})).decode()
+
+        async def call(multicast: bool) -> tuple[float, float, float]:
+            assert me.writer is not None
+            rid = uuid.uuid4().hex
+            op = (f'<op xmlns="{NS_VERTEBRA}" name="{OP}" rid="{rid}" timeout="60000"'
+                  f' deadline="{int(time.time() * 1000) + 60000}">{text}</op>')
+            answers[0] = 0
+            srv0, ag0 = self.server_cpu(), sum(cpu_seconds(p) for p in workers)
+            t = time.perf_counter()
+            step = PER_MULTICAST if multicast else 1_000
+            for i in range(0, n, step):
+                part = online[i:i + step]
+                if multicast:
+                    addresses = "".join(f"<address type='bcc' jid={quoteattr(j)}/>" for j in part)
+                    me.send(f"<message to='{MULTICAST}' id='{rid}-{i}'><addresses"
+                            f" xmlns='http://jabber.org/protocol/address'>{addresses}</addresses>{op}</message>")
+                else:
+                    me.send("".join(f'<iq type="set" id="{rid}-{i + k}" to={quoteattr(j)}>{op}</iq>'
+                                    for k, j in enumerate(part)))
+                await me.writer.drain()
+            end = t + max(60.0, n / 250)
+            while answers[0] < n and time.perf_counter() < end:
+                await asyncio.sleep(0.005)
+            wall = time.perf_counter() - t
+            if answers[0] < n:
+                raise RuntimeError(f"--one-to-many: {answers[0]:,} of {n:,} answered"
+                                   f" ({'multicast' if multicast else 'IQs'})")
+            await asyncio.sleep(1.0)  # the server's CPU for the last answers' acknowledgements too
+            return wall, self.server_cpu() - srv0, sum(cpu_seconds(p) for p in workers) - ag0
+
+        try:
+            got: dict[bool, list[tuple[float, float, float]]] = {False: [], True: []}
+            for multicast in (False, True) * 4:
+                got[multicast].append(await call(multicast))
+        finally:
+            reading.cancel()
+            me.writer.close()
+        for multicast, name in ((False, "N IQs"), (True, "XEP-0033 multicast")):
+            wall, srv, ag = (statistics.median(r[k] for r in got[multicast]) for k in range(3))
+            line = (f"requests as {name}: call {wall * 1e3:,.0f} ms, server CPU {srv:.2f} s"
+                    f" ({srv / n * 1e6:,.0f} us an answer), agents' CPU {ag:.2f} s (medians of 4)")
+            print(f"  {line}", flush=True)
+            self.notes.append(f"at {n:,}, from a raw client: {line}")
 
     async def profile_caller(self, online: list[str], n: int) -> None:
         RESULTS.mkdir(exist_ok=True)
@@ -973,6 +1065,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ack-queue", default=None,
                         help="the nodes' mod_stream_mgmt max_ack_queue instead of the product's infinity"
                              " (ejabberd's default: 5000)")
+    parser.add_argument("--one-to-many", action="store_true",
+                        help="at the largest N, the server's CPU with the requests as N IQs and as XEP-0033"
+                             " multicast (loads mod_multicast on the nodes)")
     parser.add_argument("--ejabberd-log", default="warning", help="the nodes' log level (info says why sessions end)")
     parser.add_argument("--time-limit", type=float, default=3600, help="abort the whole run after this many s")
     parser.add_argument("--keep", action="store_true", help="keep the temporary home (logs) afterwards")
