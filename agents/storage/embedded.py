@@ -1120,30 +1120,26 @@ class _Copier:
                     done()
 
             self._queued += 1
-            try:
-                self._submit(write_then_let_go)
-            except BaseException:       # an earlier write failed: this one never runs
-                done()
-                raise
+            self._submit(write_then_let_go)
         return write_next
 
     def close_file(self, fd: int, size: int) -> None:
-        try:
-            self._submit(_finish_copy, fd, size)
-        except BaseException:
-            # An earlier write's error (a full disk) surfaced here, before this job was handed over: the
-            # copy is closed all the same, or its blocks stay allocated after the failed base is removed.
-            self.abandon(fd)
-            raise
+        self._submit(_finish_copy, fd, size)
 
     def abandon(self, fd: int) -> None:
         """Close a copy that will not be finished (after the writes already queued for it)."""
         self._jobs.append(self._pool.submit(os.close, fd))
 
     def _submit(self, fn: Any, *args: Any) -> None:
-        while len(self._jobs) >= self._WAITING or (self._jobs and self._jobs[0].done()):
-            self._jobs.popleft().result()
+        """Hand a job over, then raise the error of a finished one that failed (a full disk), if any. The job
+        is handed over first so that what it would do (let go of a read buffer, close a copy) is done in
+        any case: a job never run left a copy open, and its blocks allocated after the failed base was
+        removed."""
         self._jobs.append(self._pool.submit(fn, *args))
+        while len(self._jobs) > self._WAITING or self._jobs[0].done():
+            self._jobs.popleft().result()
+            if not self._jobs:
+                return
 
     def close(self) -> None:
         """Wait for every copy; the first error is raised once every job has ended."""
