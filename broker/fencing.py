@@ -461,11 +461,17 @@ class Fencing:
         return [e.jid for e in self.broker.directory.entries() if INSTALL_OP in e.caps.ops]
 
     async def push_fenced(self, targets: list[str] | None = None) -> dict[str, str]:
-        """Push the open epochs; returns each target's error ("" when it took them). Agents that advertise
+        """Push the open epochs; returns each target's error ("" when it took them; nothing when the broker's
+        session changed while the ledger was read, see below). Agents that advertise
         ``ORDERED`` are told which state of the ledger the list is, so a list read earlier and arriving later
         is ignored; the others get the list alone (an argument they do not know would fail the push)."""
         targets = self._takers() if targets is None else targets
+        session = self.broker.session
         ledger, version, entries = await self.ledger.fenced_state()
+        if self.broker.session != session:
+            # A new session began while the ledger was read: each agent it lists is pushed the list then
+            # (on_join). This one was for the session before, so it is not sent in this one.
+            return {}
         plain = {"fenced": encode_entries(entries)}
         ordered = [t for t in targets if self.broker.directory.has_feature(t, ORDERED)]
         others = sorted(set(targets) - set(ordered))

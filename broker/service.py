@@ -187,6 +187,11 @@ class Broker(Agent):
                 return answer.result
         return await super().perform(spec, call, args)
 
+    @property
+    def session(self) -> str:
+        """This session's id: a new one with each new session, which also clears the directory."""
+        return self._session
+
     async def on_session(self) -> None:
         # A new session (not a resumed one): the server has forgotten our directed presences.
         self.directory.clear()

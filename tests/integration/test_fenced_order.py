@@ -6,6 +6,7 @@ list alone (it would refuse the two arguments) and is fenced like the others."""
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -75,3 +76,33 @@ async def test_an_older_list_of_fenced_nodes_never_replaces_a_newer_one(mesh: An
     assert on.outcome is Outcome.OK, on.error
     await until(lambda: not any(a.fenced.of(db1) for a in (fencing, sample, earlier)), what="the unfence pushed")
     assert sample.fenced.version > version
+
+
+async def test_a_list_read_for_the_brokers_session_before_is_not_sent_in_the_next(mesh: Any, tmp_path: Path) -> None:
+    """The broker reads the ledger for a push; a new session begins (its keepalive failed, say) before the
+    read ends. Each agent the new session lists gets the list read for it, and the one read before is not
+    sent: the new session did not ask for it."""
+    broker = await mesh.broker(state_dir=tmp_path / "broker")
+    sample = await mesh.agent(SampleAgent, broker, ["/host/s1"])
+    await until(lambda: sample.fenced.installed_at is not None, what="the fenced nodes pushed at the listing")
+    await until(lambda: not broker.vertebra.watches(str(sample.jid)), what="the push answered")
+    ledger = broker.fencing.ledger
+    read, reads, gate = ledger.fenced_state, [], asyncio.Event()
+
+    async def held() -> Any:
+        reads.append(broker.session)
+        await gate.wait()
+        return await read()
+
+    ledger.fenced_state = held
+    stale = asyncio.ensure_future(broker.fencing.push_fenced())
+    await until(lambda: reads, what="the ledger read for the first session")
+    old = broker.session
+    broker.xmpp.reconnect(0.0, "Ping timeout after 10s")
+    await until(lambda: broker.session != old and len(broker.directory) == 1, timeout=20,
+                what="the agent listed in the broker's new session")
+    await until(lambda: len(reads) == 2, what="the ledger read for the new session's listing")
+    pushed_before = sample.fenced.installed_at
+    gate.set()
+    assert await stale == {}, "the list read for the session before was sent in the new one"
+    await until(lambda: sample.fenced.installed_at != pushed_before, what="the new session's push taken")
