@@ -47,7 +47,7 @@ async def test_greetings_and_acknowledgements_written_in_batches_list_every_agen
     await until(lambda: len(broker.directory) == 8, what="eight agents listed")
     jid = str(broker.jid)
     # Every agent got the broker's acknowledgement, of this session: it stopped announcing.
-    await until(lambda: all(a._broker_sessions.get(jid) == broker._session for a in agents),
+    await until(lambda: all(a._broker_sessions.get(jid) == broker.session for a in agents),
                 what="every agent acknowledged by the broker's session")
     await until(lambda: all(a._announcer is None or a._announcer.done() for a in agents),
                 what="every agent done announcing")
@@ -69,12 +69,12 @@ async def test_greetings_and_acknowledgements_written_in_batches_list_every_agen
     paced.clear()
     sessions: list[str] = []
     broker.on_event("session_start", lambda _e: sessions.append("new"))
-    old_session = broker._session
+    old_session = broker.session
     broker.xmpp.reconnect(0.0, "Ping timeout after 10s")
-    await until(lambda: sessions and broker._session != old_session, timeout=20, what="the broker's new session")
+    await until(lambda: sessions and broker.session != old_session, timeout=20, what="the broker's new session")
     await until(lambda: len(broker.directory) == 8, timeout=20, what="every agent listed again")
     assert sorted(e.jid for e in broker.directory.entries()) == sorted(str(a.jid) for a in agents)
-    await until(lambda: all(a._broker_sessions.get(jid) == broker._session for a in agents),
+    await until(lambda: all(a._broker_sessions.get(jid) == broker.session for a in agents),
                 what="every agent answering the new session")
 
     def greetings() -> list[int]:
@@ -130,9 +130,9 @@ async def test_agents_presences_are_filed_off_the_raw_element_and_counted_once(m
 
     # A new session: every agent answers the hello, and each answer is filed off the raw element.
     taken.clear()
-    old_session = broker._session
+    old_session = broker.session
     broker.xmpp.reconnect(0.0, "Ping timeout after 10s")
-    await until(lambda: sessions and broker._session != old_session, timeout=20, what="the broker's new session")
+    await until(lambda: sessions and broker.session != old_session, timeout=20, what="the broker's new session")
     await until(lambda: len(broker.directory) == 6, timeout=20, what="every agent listed again")
     assert taken.count("available") >= 6, taken
     assert sorted(e.jid for e in broker.directory.entries()) == sorted(str(a.jid) for a in agents)
@@ -160,7 +160,7 @@ async def test_a_second_hello_of_the_same_session_lists_an_agent_whose_answer_wa
     agent = await mesh.agent(SampleAgent, broker, ["/host/lost"])
     full = str(agent.jid)
     await until(lambda: broker.directory.lists(full.split("/")[0]), what="the agent listed")
-    await until(lambda: agent._broker_sessions.get(str(broker.jid)) == broker._session,
+    await until(lambda: agent._broker_sessions.get(str(broker.jid)) == broker.session,
                 what="the agent answering this session")
     await until(lambda: agent._announcer is None or agent._announcer.done(), what="the agent done announcing")
     # The session's own greeting (its second hello, to bare JIDs, a few seconds in) is over.
