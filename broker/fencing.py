@@ -460,17 +460,18 @@ class Fencing:
     def _takers(self) -> list[str]:
         return [e.jid for e in self.broker.directory.entries() if INSTALL_OP in e.caps.ops]
 
-    async def push_fenced(self, targets: list[str] | None = None) -> dict[str, str]:
-        """Push the open epochs; returns each target's error ("" when it took them; nothing when the broker's
-        session changed while the ledger was read, see below). Agents that advertise
+    async def push_fenced(self, targets: list[str] | None = None, session: str | None = None) -> dict[str, str]:
+        """Push the open epochs; returns each target's error ("" when it took them). Agents that advertise
         ``ORDERED`` are told which state of the ledger the list is, so a list read earlier and arriving later
-        is ignored; the others get the list alone (an argument they do not know would fail the push)."""
+        is ignored; the others get the list alone (an argument they do not know would fail the push).
+        ``session`` is the broker session the push is for (by default the current one): once another has
+        begun, nothing is sent, and nothing returned."""
+        session = self.broker.session if session is None else session
         targets = self._takers() if targets is None else targets
-        session = self.broker.session
         ledger, version, entries = await self.ledger.fenced_state()
         if self.broker.session != session:
-            # A new session began while the ledger was read: each agent it lists is pushed the list then
-            # (on_join). This one was for the session before, so it is not sent in this one.
+            # A new session began (perhaps while the ledger was read): each agent it lists is pushed the
+            # list then (on_join). This one was for the session before, so it is not sent in this one.
             return {}
         plain = {"fenced": encode_entries(entries)}
         ordered = [t for t in targets if self.broker.directory.has_feature(t, ORDERED)]
@@ -486,13 +487,13 @@ class Fencing:
         if self._fencing_agent(jid):
             self.broker.spawn(self._reconcile_quietly(jid))
         if self.broker.directory.offers(jid, INSTALL_OP):
-            self.broker.spawn(self._push_fenced_when_answered([jid]))
+            self.broker.spawn(self._push_fenced_when_answered([jid], self.broker.session))
 
-    async def _push_fenced_when_answered(self, targets: list[str] | None = None) -> None:
+    async def _push_fenced_when_answered(self, targets: list[str] | None = None, session: str | None = None) -> None:
         """push_fenced on the broker's own account, the ledger asked again while it cannot answer: an agent
         that joins while etcd is out of reach still learns the fenced nodes once it is back."""
-        await shared_state.until_answered(self.broker, lambda: self.push_fenced(targets), self.ledger.errors,
-                                          "pushing the fenced nodes")
+        await shared_state.until_answered(self.broker, lambda: self.push_fenced(targets, session),
+                                          self.ledger.errors, "pushing the fenced nodes")
 
     async def _reconcile_quietly(self, jid: str) -> None:
         try:

@@ -81,7 +81,7 @@ async def test_an_older_list_of_fenced_nodes_never_replaces_a_newer_one(mesh: An
 async def test_a_list_read_for_the_brokers_session_before_is_not_sent_in_the_next(mesh: Any, tmp_path: Path) -> None:
     """The broker reads the ledger for a push; a new session begins (its keepalive failed, say) before the
     read ends. Each agent the new session lists gets the list read for it, and the one read before is not
-    sent: the new session did not ask for it."""
+    sent: the new session did not ask for it. Nor is a push for an agent the session before listed."""
     broker = await mesh.broker(state_dir=tmp_path / "broker")
     sample = await mesh.agent(SampleAgent, broker, ["/host/s1"])
     await until(lambda: sample.fenced.installed_at is not None, what="the fenced nodes pushed at the listing")
@@ -106,3 +106,7 @@ async def test_a_list_read_for_the_brokers_session_before_is_not_sent_in_the_nex
     gate.set()
     assert await stale == {}, "the list read for the session before was sent in the new one"
     await until(lambda: sample.fenced.installed_at != pushed_before, timeout=30, what="the new session's push taken")
+    # A listing's push that starts only after the next session began (its task ran late) is not sent either.
+    ledger.fenced_state = read
+    assert await broker.fencing.push_fenced([str(sample.jid)], session=old) == {}
+    assert (await broker.fencing.push_fenced([str(sample.jid)]))[str(sample.jid)] == ""
