@@ -464,21 +464,18 @@ class Fencing:
         """Push the open epochs; returns each target's error ("" when it took them). Agents that advertise
         ``ORDERED`` are told which state of the ledger the list is, so a list read earlier and arriving later
         is ignored; the others get the list alone (an argument they do not know would fail the push).
-        ``session`` is the broker session the push is for (by default the current one): once another has
-        begun, nothing is sent, and nothing returned."""
+        ``session`` is the broker session the push is for, by default the one the ledger is read in (see
+        ``push``: a read that outlives its session is not sent in the next)."""
         session = self.broker.session if session is None else session
         targets = self._takers() if targets is None else targets
         ledger, version, entries = await self.ledger.fenced_state()
-        if self.broker.session != session:
-            # A new session began (perhaps while the ledger was read): each agent it lists is pushed the
-            # list then (on_join). This one was for the session before, so it is not sent in this one.
-            return {}
         plain = {"fenced": encode_entries(entries)}
         ordered = [t for t in targets if self.broker.directory.has_feature(t, ORDERED)]
         others = sorted(set(targets) - set(ordered))
         done = await asyncio.gather(
-            push(self.broker, ordered, INSTALL_OP, {**plain, "ledger": ledger, "version": version}, "the fenced nodes"),
-            push(self.broker, others, INSTALL_OP, plain, "the fenced nodes"))
+            push(self.broker, ordered, INSTALL_OP, {**plain, "ledger": ledger, "version": version}, "the fenced nodes",
+                 session),
+            push(self.broker, others, INSTALL_OP, plain, "the fenced nodes", session))
         return {**done[0], **done[1]}
 
     def on_join(self, jid: str) -> None:

@@ -28,8 +28,14 @@ PUSH_TIMEOUT = 10.0
 REPUSH_INTERVAL = 60.0  # seconds between confirmations; keep it well under any agent's max age
 
 
-async def push(broker: Any, targets: list[str], op_name: str, args: dict[str, Any], what: str) -> dict[str, str]:
-    """Send one install op to every target at once; returns each target's error ("" when it took it)."""
+async def push(broker: Any, targets: list[str], op_name: str, args: dict[str, Any], what: str,
+               session: str | None = None) -> dict[str, str]:
+    """Send one install op to every target at once; returns each target's error ("" when it took it).
+    ``session`` is the broker session the push was decided in (a listing's, or one whose state was read
+    for it): once another session has begun, nothing is sent and nothing returned, as each agent that
+    session lists is pushed then (on_join), with what is read for it."""
+    if session is not None and broker.session != session:
+        return {}
     results = await asyncio.gather(*(broker.request(jid, op_name, args, timeout=PUSH_TIMEOUT) for jid in targets))
     out = {r.target: ("" if r.outcome.value == "ok" else str(r.error)) for r in results}
     for jid, error in out.items():
@@ -88,19 +94,21 @@ class PolicyDistribution:
             self._policy_issued = time.time()
         return (self._policy_text, self._policy_issued) if self._policy_text is not None else None
 
-    async def push_policy(self, targets: list[str] | None = None) -> dict[str, str]:
-        """Push the current policy; returns each target's error ("" when it installed it)."""
+    async def push_policy(self, targets: list[str] | None = None, session: str | None = None) -> dict[str, str]:
+        """Push the current policy; returns each target's error ("" when it installed it). ``session``: see
+        ``push``."""
         current = self._current_policy()
         if current is None:
             return {}
         text, issued = current
         targets = targets if targets is not None else [e.jid for e in self.broker.directory.entries()]
-        return await push(self.broker, targets, INSTALL_OP, {"text": text, "issued_at": issued}, "the policy")
+        return await push(self.broker, targets, INSTALL_OP, {"text": text, "issued_at": issued}, "the policy",
+                          session)
 
     def on_join(self, jid: str) -> None:
         """A newly listed agent gets the current policy at once."""
         if self._current_policy() is not None:
-            self.broker.spawn(self.push_policy([jid]))
+            self.broker.spawn(self.push_policy([jid], self.broker.session))
         if self._repusher is None:
             self._repusher = self.broker.spawn(self._repush_forever(), name="policy re-push")
 
