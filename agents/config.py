@@ -219,7 +219,9 @@ class MeshConfig:
         None named: any account of the server may."""
         if self.chat is None or self.chat.room is None:
             return ()
-        if self.chat.room.partition("@")[2].lower() != f"rooms.{self.server.domain}":
+        from .server import room_service
+
+        if self.chat.room.partition("@")[2].lower() != room_service(self.server.domain):
             return ()
         return (self.jid(self.chat.account).lower(),)
 

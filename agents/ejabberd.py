@@ -58,6 +58,7 @@ from .server import (
     _raise_nofile_limit,
     find_template,
     room_creators_checked,
+    room_service,
 )
 
 TEMPLATE_NAME = "ejabberd.yml.in"
@@ -385,6 +386,7 @@ class PrivateEjabberd(PrivateNode):
         try:
             return template.substitute(
                 domain=self.domain,
+                room_service=room_service(self.domain),
                 host=_yaml_quoted_body(self.host),
                 port=self.port,
                 cert=_yaml_quoted_body(self.cert_path),

@@ -94,8 +94,14 @@ def _check_account(jid: str, domain: str, doing: str) -> None:
         raise ServerError(f"cannot {doing.format(jid=jid)}: it is not an account of {domain}")
 
 
+def room_service(domain: str) -> str:
+    """The private server's XEP-0045 room service, where the operators' ops room lives: both engines'
+    templates serve it under this name, and the mesh file's checks and the chat bot know it by it."""
+    return f"rooms.{domain}"
+
+
 def room_creators_checked(creators: Iterable[str], domain: str) -> tuple[str, ...]:
-    """The accounts alone allowed to create rooms on the server's room service (rooms.DOMAIN), checked:
+    """The accounts alone allowed to create rooms on the server's room service (room_service()), checked:
     each an account of ``domain``. None given: every account of the server may (a test server)."""
     checked = {str(jid).lower() for jid in creators}
     for jid in checked:
@@ -475,6 +481,7 @@ class PrivateServer(PrivateNode):
                 cert=_lua_quoted_body(self.cert_path),
                 key=_lua_quoted_body(self.key_path),
                 domain=self.domain,
+                room_service=room_service(self.domain),
                 room_creation=self._room_creation(),
                 **self._read_limits(),
             )

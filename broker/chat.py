@@ -57,6 +57,7 @@ from agents.errors import BadArguments, OpError, Outcome
 from agents.ops import OpSpec, Result
 from agents.progress_view import describe
 from agents.ratelimit import RateLimit  # the token bucket per sender, shared with agents' intake
+from agents.server import room_service
 from agents.render import outcome_counts, render
 from agents.report import CallReport, TargetResult
 
@@ -245,7 +246,7 @@ class ChatBot(Actor):
         self.audit = AuditLog(state_dir / "audit.sqlite", write_behind=0.05) if state_dir else None
         self.rate = rate or RateLimit()
         domain = JID(jid).domain
-        self.muc_domains = frozenset(muc_domains or (f"rooms.{domain}", f"conference.{domain}"))
+        self.muc_domains = frozenset(muc_domains or (room_service(domain), f"conference.{domain}"))
         self.jobs: OrderedDict[str, Job] = OrderedDict()
         self._job_ids = iter(range(1, 1 << 62))
         # Room hooks (fencing events): each is called after a relay; a coroutine one returns runs as the bot's task.
