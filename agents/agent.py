@@ -60,6 +60,9 @@ class Call:
     resources: list[str]
     deadline: float  # loop time by which the op must end
     via: str = ""  # the delegate (broker, chat bot) that sent it on the caller's behalf, if any
+    # Where the op was passed on to be served, for this end's audit record: (that agent's JID, the request id
+    # it was sent under), as a broker instance forwards a workflow op to the leading one.
+    passed_to: tuple[str, str] | None = None
     # Set by the job life cycle (agents/jobs.py) for a long op; empty for a quick one.
     job: str = ""  # the job's id, named in its progress and outcome messages
     reply_to: str = ""  # the full JID progress goes to
@@ -525,9 +528,9 @@ class Agent(Actor):
             log.exception("op %s failed", spec.name)
             error = InternalError(f"{spec.name} failed unexpectedly: {exc.__class__.__name__}: {exc}")
         else:
-            self._audit_end(call.rid, call.caller, spec.name, "ok", started)
+            self._audit_end(call.rid, call.caller, spec.name, "ok", started, call.passed_to)
             return payload
-        self._audit_end(call.rid, call.caller, spec.name, error.condition, started)
+        self._audit_end(call.rid, call.caller, spec.name, error.condition, started, call.passed_to)
         raise error
 
     def serve_part(self, part: Any) -> Any:
@@ -564,12 +567,14 @@ class Agent(Actor):
             self.audit.refused(rid=rid, caller=sender, op=req["name"] or "", condition=error.condition,
                                reason=error.text, behalf=req["for"] or "")
 
-    def _audit_end(self, rid: str, caller: str, op_name: str, outcome: str, started: float) -> None:
+    def _audit_end(self, rid: str, caller: str, op_name: str, outcome: str, started: float,
+                   passed_to: tuple[str, str] | None = None) -> None:
         duration = time.monotonic() - started
-        audit_log.info("end rid=%s caller=%s op=%s outcome=%s duration=%.3fs", rid, caller, op_name, outcome,
-                       duration)
+        audit_log.info("end rid=%s caller=%s op=%s outcome=%s duration=%.3fs%s", rid, caller, op_name, outcome,
+                       duration, f" passed to {passed_to[0]} as rid={passed_to[1]}" if passed_to else "")
         if self.audit is not None:
-            self.audit.ended(rid=rid, caller=caller, op=op_name, outcome=outcome, duration=duration)
+            self.audit.ended(rid=rid, caller=caller, op=op_name, outcome=outcome, duration=duration,
+                             passed_to=passed_to)
 
     # Seconds between the audit log's flushes, each followed by sending its head to the brokers when it
     # changed (what records since the last anchor a truncation can take unnoticed; README, audit).

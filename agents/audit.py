@@ -17,15 +17,16 @@ on every request's path and needs nothing beyond the standard library. What the 
 holds another hash there (a rewrite). A log written before keys existed keeps its unkeyed records and
 continues keyed; :func:`verify` accepts unkeyed records only before the first keyed one, and warns.
 
-Records of a request: ``decided`` (time, rid, caller, op, canonical resources, a hash of the
-arguments with secret parameters redacted, decision, the rule that decided, policy version) and
-``ended`` (outcome, duration); a request refused before any decision could be made (a ``for`` from
-someone who is not a delegate, a payload that does not decode, an unknown op, bad arguments) has one
-``refused`` record (sender, op name as sent, condition, reason). A denied request has only its
-``decided`` record. The ``decided`` record of a destructive op is committed (and synced) before the
-op starts; the others are written in small batches (``write_behind``). Every write runs on the
-log's own thread (``agents.db.Store``), never on the event loop: whoever must know a record is on
-disk before going on awaits :meth:`AuditLog.written`.
+Records of a request: ``decided`` (time, rid, caller, op, canonical resources, a hash of the arguments
+with secret parameters redacted, decision, the rule that decided, policy version) and ``ended``
+(outcome, duration; for a request another agent served, as a broker instance forwards a workflow op to
+the leading one, that agent and the request id its own log has); a request refused before any decision
+could be made (a ``for`` from someone who is not a delegate, a payload that does not decode, an unknown
+op, bad arguments) has one ``refused`` record (sender, op name as sent, condition, reason). A denied
+request has only its ``decided`` record. The ``decided`` record of a destructive op is committed (and
+synced) before the op starts; the others are written in small batches (``write_behind``). Every write
+runs on the log's own thread (``agents.db.Store``), never on the event loop: whoever must know a record
+is on disk before going on awaits :meth:`AuditLog.written`.
 
 Denials are rate-limited per sender (a token bucket: ``denial_burst`` at once, then
 ``denials_per_minute``) and overall, so a flood of refused requests cannot fill the disk. What
@@ -264,11 +265,17 @@ class AuditLog:
         self._append("refused", caller, op, fields)
         return True
 
-    def ended(self, *, rid: str, caller: str, op: str, outcome: str, duration: float) -> None:
-        """Record how an allowed request ended. A denial's decided record already says it all."""
+    def ended(self, *, rid: str, caller: str, op: str, outcome: str, duration: float,
+              passed_to: tuple[str, str] | None = None) -> None:
+        """Record how an allowed request ended. A denial's decided record already says it all. ``passed_to``:
+        the agent that served it instead and the request id it was sent there under, which that agent's
+        own log names it by (a broker instance forwarding a workflow op to the leading one)."""
         if outcome == "denied":
             return
-        self._append("ended", caller, op, {"rid": rid, "outcome": outcome, "duration": round(duration, 6)})
+        fields: dict[str, Any] = {"rid": rid, "outcome": outcome, "duration": round(duration, 6)}
+        if passed_to is not None:
+            fields["passed_to"], fields["passed_rid"] = passed_to
+        self._append("ended", caller, op, fields)
 
     def flush(self) -> Future[None] | None:
         """Hand the summaries of every denial still held back and every record not yet written to the
@@ -557,7 +564,8 @@ def format_record(rec: Mapping[str, Any]) -> str:
         return (f"{head} {' '.join(rec['resources']) or '-'} {rec['decision'].upper()} by {rec['rule']}"
                 f" (policy v{rec['policy_version']}, rid {rec['rid']})")
     if rec["kind"] == "ended":
-        return f"{head} {rec['outcome']} in {rec['duration']:.3f}s (rid {rec['rid']})"
+        passed = f"; served by {rec['passed_to']} as rid {rec['passed_rid']}" if rec.get("passed_to") else ""
+        return f"{head} {rec['outcome']} in {rec['duration']:.3f}s (rid {rec['rid']}{passed})"
     if rec["kind"] == "keyed":
         return f"{head} the log is keyed from here on (records before {rec.get('unkeyed_before')} are not)"
     if rec["kind"] == "refused":

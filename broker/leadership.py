@@ -7,7 +7,8 @@ the ops declared ``leader=True`` (``agents/ops.py``). It holds a lease in the st
 share: on one machine a row in a small SQLite database in their shared state directory, taken and
 renewed in ``BEGIN IMMEDIATE`` transactions; across machines an etcd election (the mesh file's
 ``state`` under ``broker``, broker/state_etcd.py). The other instances forward workflow ops to the leader (as
-the caller's delegate, so the leader decides and audits for the caller as usual).
+the caller's delegate, so the leader decides and audits for the caller as usual, under a request id of
+its own: the forwarding instance's ``ended`` record names the leader and that id).
 
 Each lead has a *term*, a number that only grows from one leader to the next (etcd: the create
 revision of the leader's election key; SQLite: a counter in the lease row). The leader stamps it on
@@ -274,11 +275,13 @@ class Leadership:
         budget = call.deadline - asyncio.get_running_loop().time()
         # A retry through any instance is the same request to the leader, which answers it from its
         # request log instead of running it again.
-        res = await self.broker.request(leader, name, args, timeout=budget, behalf=call.caller,
-                                        rid=_FORWARDED + request_origin(call, str(self.broker.jid.bare)))
+        rid = _FORWARDED + request_origin(call, str(self.broker.jid.bare))
+        call.passed_to = (leader, rid)  # this instance's audit record then names the leader's
+        res = await self.broker.request(leader, name, args, timeout=budget, behalf=call.caller, rid=rid)
         if res.outcome is Outcome.OK:
             return res
         if res.outcome is Outcome.UNREACHABLE and await self.lead(gone=leader):
+            call.passed_to = None
             return None  # the leader had gone, and this instance has taken over
         condition, _, text = (res.error or "").partition(": ")
         err = error_for(condition, text or condition)

@@ -9,6 +9,7 @@ from typing import Any
 
 import yaml
 
+from agents import audit
 from agents.errors import Outcome
 from broker.service import Broker
 from conftest import until
@@ -49,6 +50,21 @@ async def test_a_retried_workflow_run_starts_one_instance_whoever_is_asked(mesh:
     assert asked.outcome is Outcome.OK and asked.result["state"] == "done", asked.error or asked.result
     iid = asked.result["instance"]
     assert agent.runs == 1
+    # Each instance's audit log has the request, and the forwarding one's says under which request id the
+    # leader's has it: the leader decided it for the caller, under that id.
+    assert first.audit is not None and second.audit is not None
+    for log in (first.audit, second.audit):
+        log.flush()
+        await log.written()
+    caller, leader_jid = str(client.jid.bare), str(first.xmpp.boundjid)
+    ended = [r for r in audit.show(second.audit.path, op="workflow.run")
+             if r["kind"] == "ended" and r["rid"] == "run-once"]
+    assert [(r["caller"], r["outcome"], r.get("passed_to")) for r in ended] == [(caller, "ok", leader_jid)]
+    passed_rid = ended[0]["passed_rid"]
+    decided = [r for r in audit.show(first.audit.path, op="workflow.run", caller=caller)
+               if r["kind"] == "decided"]
+    assert [r["rid"] for r in decided] == [passed_rid] and passed_rid.startswith("fw-")
+    assert f"served by {leader_jid} as rid {passed_rid}" in audit.format_record(ended[0])
 
     # The answer was lost, say, and the client retries: of the leader itself (which never saw this request
     # from the client, only from the other instance), then of a new instance with an empty request log.
