@@ -160,6 +160,11 @@ def fixed_salt_scram(password: str) -> tuple[str, str, str]:
 # -- the simulated agent ----------------------------------------------------------------------------------
 
 
+def reply_head(el: ET.Element, kind: str = "result") -> str:
+    """The opening tag of the IQ that answers the stanza ``el``."""
+    return f"<iq type='{kind}' id={quoteattr(el.get('id', ''))} to={quoteattr(el.get('from', ''))}>"
+
+
 class StreamClosed(Exception):
     pass
 
@@ -313,7 +318,7 @@ class SimAgent:
             if kind not in ("get", "set"):
                 return
             child = el[0] if len(el) else None
-            head = f"<iq type='result' id={quoteattr(el.get('id', ''))} to={quoteattr(el.get('from', ''))}>"
+            head = reply_head(el)
             if child is not None and child.tag == OP_TAG and kind == "set":
                 self.answer(head, child)
             elif child is not None and child.tag == INFO_TAG and kind == "get":
@@ -323,13 +328,11 @@ class SimAgent:
             elif child is not None and child.tag == PING_TAG:
                 self.send(f"{head[:-1]}/>")
             else:
-                self.send(f"<iq type='error' id={quoteattr(el.get('id', ''))} to={quoteattr(el.get('from', ''))}>"
-                          "<error type='cancel'><service-unavailable xmlns='urn:ietf:params:xml:ns:xmpp-stanzas'/>"
-                          "</error></iq>")
+                self.send(f"{reply_head(el, 'error')}<error type='cancel'>"
+                          "<service-unavailable xmlns='urn:ietf:params:xml:ns:xmpp-stanzas'/></error></iq>")
         elif el.tag == MESSAGE and (child := el.find(OP_TAG)) is not None:
             # A request the server fanned out (XEP-0033, --one-to-many): answered as the IQ would be.
-            self.answer(f"<iq type='result' id={quoteattr(el.get('id', ''))} to={quoteattr(el.get('from', ''))}>",
-                        child)
+            self.answer(reply_head(el), child)
         elif el.tag == PRESENCE:
             sender = el.get("from", "")
             if sender.split("/", 1)[0] != self.pool.broker or "/" not in sender:

@@ -57,9 +57,9 @@ from agents.errors import BadArguments, OpError, Outcome
 from agents.ops import OpSpec, Result
 from agents.progress_view import describe
 from agents.ratelimit import RateLimit  # the token bucket per sender, shared with agents' intake
-from agents.server import room_service
 from agents.render import outcome_counts, render
 from agents.report import CallReport, TargetResult
+from agents.server import room_service
 
 log = logging.getLogger(__name__)
 audit_log = logging.getLogger("vertebra.audit")

@@ -1136,10 +1136,8 @@ class _Copier:
         any case: a job never run left a copy open, and its blocks allocated after the failed base was
         removed."""
         self._jobs.append(self._pool.submit(fn, *args))
-        while len(self._jobs) > self._WAITING or self._jobs[0].done():
+        while self._jobs and (len(self._jobs) > self._WAITING or self._jobs[0].done()):
             self._jobs.popleft().result()
-            if not self._jobs:
-                return
 
     def close(self) -> None:
         """Wait for every copy; the first error is raised once every job has ended."""
