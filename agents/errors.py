@@ -9,6 +9,9 @@ from __future__ import annotations
 
 from enum import Enum
 
+# The errors of the way to the mesh live apart, where a short program can have them without enum.
+from .connect_errors import CallInterrupted as CallInterrupted, ConnectError as ConnectError
+
 
 class Outcome(str, Enum):
     """The one named state every target of a call ends in."""
@@ -19,14 +22,6 @@ class Outcome(str, Enum):
     TIMEOUT = "timeout"
     UNREACHABLE = "unreachable"
     NOT_DISCOVERED = "not-discovered"
-
-
-class ConnectError(Exception):
-    """No session with the mesh could be had; the message says why and what to check."""
-
-
-class CallInterrupted(ConnectError):
-    """The way to the mesh broke during a call: the op may have run (a timeout, not unreachable)."""
 
 
 class OpError(Exception):

@@ -24,10 +24,10 @@ seconds, which ``call_via_gateway`` and ``call_via_gateway_blocking`` set: a gat
 call late (it was stopped, or busy) then sends the requests with only the time the program has left,
 and sends nothing once it has none, so the mesh never starts what the program gave up on.
 
-Callers that only need the socket may use ``call_via_gateway_blocking``: a plain socket, no event
-loop, and msgpack for the frames. This module imports asyncio and the report types only where it
-uses them, so a short program (check_vertebra) that calls through the gateway does not pay tens of
-milliseconds to load them.
+Callers that only need the socket may use ``call_via_gateway_blocking`` (agents/gateway_client.py,
+re-exported here): a plain socket, no event loop, and nothing heavy to import. This module imports
+asyncio and the report types only where it uses them, so a short program (check_vertebra) that
+calls through the gateway does not pay tens of milliseconds to load them.
 
 The gateway remembers, per caller, op and resource, which agent answered a call of scope ``one`` on
 one resource (``-H HOST`` of check_vertebra, fence_vertebra's target), and sends the next such call
@@ -48,6 +48,9 @@ import struct
 import time
 
 from .errors import BadArguments, CallInterrupted, ConnectError, Outcome, UnknownOp
+# The client's side of the socket, for short programs; re-exported here, where callers have found it.
+from .gateway_client import MAX_ANSWER, GatewayRefused as GatewayRefused, GatewayUnavailable as GatewayUnavailable
+from .gateway_client import call_via_gateway_blocking as call_via_gateway_blocking, failure, request
 
 TYPE_CHECKING = False  # typing costs short programs milliseconds; annotations are strings here
 if TYPE_CHECKING:
@@ -62,20 +65,11 @@ if TYPE_CHECKING:
 
 
 MAX_REQUEST = 256 * 1024  # a call: op, arguments, targets
-MAX_ANSWER = 256 * 1024 * 1024  # a report may carry a result from each of thousands of targets
 IDLE_SESSION = 300.0  # seconds an unused identity's session is kept
 MAX_HOLDERS = 4096  # remembered (caller, op, resource) -> agent entries; the oldest go first
 GROUP = "vertebra"  # members may connect to the socket (as the identity the mesh file maps them to)
 # How a target's refusal before running reads in a TargetResult ("CONDITION: text", agents.actor).
 _REFUSED = tuple(f"{cls.condition}: " for cls in (BadArguments, UnknownOp))
-
-
-class GatewayUnavailable(Exception):
-    """No gateway answers at the socket; the caller should log in directly."""
-
-
-class GatewayRefused(ConnectError):
-    """The gateway will not call for this caller (or not as the identity it named); nothing was sent."""
 
 
 async def _read(reader: asyncio.StreamReader, limit: int) -> Any:
@@ -311,30 +305,6 @@ class Gateway:
                 del self._locks[jid]
 
 
-def _request(jid: str | None, password: str | None, call: dict[str, Any], as_identity: str | None) -> dict[str, Any]:
-    """The request frame: the caller's JID and password when it has them, else none (the gateway knows
-    the caller by uid), and the identity it asks to call as, if any."""
-    request: dict[str, Any] = {"call": _with_deadline(call)}
-    if jid is not None and password is not None:
-        request.update(jid=jid, password=password)
-    if as_identity is not None:
-        request["as"] = as_identity
-    return request
-
-
-def _failure(msg: dict[str, Any]) -> ConnectError:
-    """The error an answer without a report stands for: refused (nothing was sent) or failed."""
-    text = str(msg.get("error", "gateway gave no answer"))
-    return GatewayRefused(text) if msg.get("refused") else ConnectError(text)
-
-
-def _with_deadline(call: dict[str, Any]) -> dict[str, Any]:
-    """The call with the caller's end as a clock time (the gateway is on this host: one clock)."""
-    if call.get("deadline") is not None:
-        return call
-    return {**call, "deadline": time.time() + float(call.get("timeout", 30.0))}
-
-
 async def call_via_gateway(path: Path, jid: str | None, password: str | None, call: dict[str, Any],
                            progress: ProgressFn | None = None, *, as_identity: str | None = None,
                            answered: AnsweredFn | None = None, job_events: JobEventFn | None = None) -> CallReport:
@@ -354,7 +324,7 @@ async def call_via_gateway(path: Path, jid: str | None, password: str | None, ca
     if job_events is not None:
         call = {**call, "jobs": True}
     try:
-        writer.write(_frame(_request(jid, password, call, as_identity)))
+        writer.write(_frame(request(jid, password, call, as_identity)))
         # The call's own budget bounds the gateway; the extra seconds cover a first login.
         async with asyncio.timeout(float(call.get("timeout", 30.0)) + 20.0):
             while True:
@@ -371,71 +341,10 @@ async def call_via_gateway(path: Path, jid: str | None, password: str | None, ca
                 elif "report" in msg:
                     return CallReport.from_dict(msg["report"])
                 else:
-                    raise _failure(msg)
+                    raise failure(msg)
     except (asyncio.IncompleteReadError, ConnectionError, ValueError) as exc:
         # Not GatewayUnavailable: the call may have gone out, and falling back would send it again.
         raise CallInterrupted(f"the gateway at {path} failed during the call ({exc.__class__.__name__});"
                               " the op may have run") from None
     finally:
         writer.close()
-
-
-def call_via_gateway_blocking(path: Path | str, jid: str | None, password: str | None, call: dict[str, Any], *,
-                              limit: float | None = None, as_identity: str | None = None) -> dict[str, Any]:
-    """``call_via_gateway`` without an event loop, for short programs: the report as the plain
-    mapping ``CallReport.to_dict`` gives (progress reports are read and dropped). Without ``jid`` and
-    ``password`` the gateway knows the caller by its Unix user (``as_identity``: as that identity).
-    Raises GatewayUnavailable if no gateway answers at ``path``, GatewayRefused if it will not call
-    for this caller, ConnectError if it fails during the call
-    (the op may have run: do not fall back to a login then), TimeoutError past the same bound as
-    ``call_via_gateway`` (the call's timeout plus 20 s for a first login), or past ``limit``
-    seconds if that is given."""
-    # _socket, the socket module's own core: the module adds enum, selectors and milliseconds of
-    # import to a program that needs only connect, sendall and recv.
-    import _socket
-
-    import msgpack
-
-    sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
-    try:
-        try:
-            sock.connect(str(path))
-        except (FileNotFoundError, ConnectionRefusedError, PermissionError) as exc:
-            raise GatewayUnavailable(f"no gateway at {path}: {exc.strerror}") from None
-        deadline = time.monotonic() + (float(call.get("timeout", 30.0)) + 20.0 if limit is None else limit)
-
-        def read_exactly(size: int) -> bytes:
-            chunks, got = [], 0
-            while got < size:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    raise TimeoutError(f"the gateway at {path} gave no answer in time")
-                sock.settimeout(left)
-                try:
-                    chunk = sock.recv(min(size - got, 1 << 20))
-                except TimeoutError:  # socket.timeout
-                    raise TimeoutError(f"the gateway at {path} gave no answer in time") from None
-                if not chunk:
-                    raise ConnectionResetError("the gateway closed the connection")
-                chunks.append(chunk)
-                got += len(chunk)
-            return b"".join(chunks)
-
-        try:
-            sock.sendall(_frame(_request(jid, password, call, as_identity)))
-            while True:
-                (size,) = struct.unpack(">I", read_exactly(4))
-                if size > MAX_ANSWER:
-                    raise ValueError(f"gateway frame of {size} bytes exceeds {MAX_ANSWER}")
-                msg = msgpack.unpackb(read_exactly(size), raw=False)
-                if "progress" in msg:
-                    continue
-                if "report" in msg:
-                    return msg["report"]
-                raise _failure(msg)
-        except (ConnectionError, ValueError) as exc:
-            # Not GatewayUnavailable: the call may have gone out, and falling back would send it again.
-            raise CallInterrupted(f"the gateway at {path} failed during the call ({exc.__class__.__name__});"
-                                  " the op may have run") from None
-    finally:
-        sock.close()

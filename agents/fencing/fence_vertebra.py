@@ -391,7 +391,7 @@ def _lean_run(action: str, node: str | None, options: dict[str, str], started: f
                                                                   CACHE_NAME)
     if identity is None:
         return None
-    from agents.gateway import GatewayUnavailable, call_via_gateway_blocking
+    from agents.gateway_client import GatewayUnavailable, call_via_gateway_blocking
 
     timeout = float(options.get("timeout", DEFAULT_TIMEOUT))
 
@@ -413,7 +413,7 @@ def _lean_run(action: str, node: str | None, options: dict[str, str], started: f
 
 def _checked(action: str, timeout: float, carry_out: Callable[[], int]) -> int:
     """Run an action; every failure to get an answer is an error line and exit 1 (never "fenced")."""
-    from agents.gateway import GatewayUnavailable
+    from agents.gateway_client import GatewayUnavailable
 
     try:
         code = carry_out()

@@ -38,14 +38,15 @@ from __future__ import annotations
 
 import os
 import sys
-from agents.monitor.states import State, plain_text
+from agents.monitor.exit_codes import NAMES, UNKNOWN, plain_text
 
 TYPE_CHECKING = False  # typing itself costs a plugin start milliseconds; annotations are strings here
 if TYPE_CHECKING:
     import argparse
     from typing import Any, NoReturn, Sequence
 
-UNKNOWN = State.UNKNOWN
+    from agents.monitor.states import State
+
 PROG = "check_vertebra"
 GRACE = 5.0  # beyond -t, for the program's own last-resort guard
 CACHE_NAME = "check_vertebra.cache"
@@ -58,6 +59,8 @@ class _Usage(Exception):
 
 def _timeout(text: str) -> tuple[float, "State"]:
     import argparse
+
+    from agents.monitor.states import State
 
     seconds, _, state = text.partition(":")
     try:
@@ -76,6 +79,7 @@ def _parser() -> "argparse.ArgumentParser":
     import argparse
 
     from agents import __version__
+    from agents.monitor.states import State
 
     class _Parser(argparse.ArgumentParser):
         # A plugin's usage errors are UNKNOWN (3), not argparse's 2.
@@ -140,7 +144,7 @@ def _full_main(words: list[str]) -> int:
     except Exception as exc:  # whatever broke, a plugin answers UNKNOWN with one line
         output, state = _unknown(f"{exc.__class__.__name__}: {exc}")
     print(output)
-    return int(state)
+    return state
 
 
 # -- the lean path -------------------------------------------------------------------------------
@@ -204,8 +208,8 @@ def _site(home: str | None, mesh: str | None) -> tuple[str, str]:
 def _lean_run(o: dict[str, Any]) -> tuple[str, int] | None:
     """Run the call through the gateway; None when the full path must do it (no gateway, a mesh
     file that does not load, a password missing: the full path says what is wrong)."""
-    from agents.errors import ConnectError
-    from agents.gateway import GatewayRefused, GatewayUnavailable, call_via_gateway_blocking
+    from agents.connect_errors import ConnectError
+    from agents.gateway_client import GatewayRefused, GatewayUnavailable, call_via_gateway_blocking
     from agents.home import UnsafePath
 
     try:
@@ -237,8 +241,7 @@ def _lean_run(o: dict[str, Any]) -> tuple[str, int] | None:
     if "resource" in o:
         from agents.report import CallReport
 
-        output, state = _aggregate(CallReport.from_dict(report), target)
-        return output, int(state)
+        return _aggregate(CallReport.from_dict(report), target)
     return _one(report, target, UNKNOWN)
 
 
@@ -272,13 +275,13 @@ def _identity(o: dict[str, Any], home: str, mesh: str) -> tuple[str, str] | tupl
 
 # -- answers -------------------------------------------------------------------------------------
 
-def _unknown(message: str) -> tuple[str, "State"]:
+def _unknown(message: str) -> tuple[str, int]:
     """check_vertebra's own UNKNOWN line; a bar in it (a caller's value echoed back) is not perfdata."""
     return plain_text(f"UNKNOWN - {PROG}: {message}"), UNKNOWN
 
 
 def _problem(outcome: str, where: str, error: str | None, state: int) -> tuple[str, int]:
-    return plain_text(f"{State(state).name} - {PROG}: {outcome} on {where}: {error or 'no detail'}"), state
+    return plain_text(f"{NAMES[state]} - {PROG}: {outcome} on {where}: {error or 'no detail'}"), state
 
 
 def _one(report: dict[str, Any], target: str, timeout_state: int) -> tuple[str, int]:
@@ -295,26 +298,25 @@ def _one(report: dict[str, Any], target: str, timeout_state: int) -> tuple[str, 
                         else UNKNOWN)
     code = res["result"]["code"]
     if isinstance(code, bool) or not isinstance(code, int) or not 0 <= code <= 3:
+        from agents.monitor.states import State
 
         code = int(State.parse(code))
     return str(res["result"]["output"]), code
 
 
-def _aggregate(report: Any, target: str) -> tuple[str, "State"]:
+def _aggregate(report: Any, target: str) -> tuple[str, int]:
     from agents.errors import Outcome
     from agents.monitor.aggregate import aggregate
 
     if not report.results or all(r.outcome is Outcome.NOT_DISCOVERED for r in report.results):
-        output, code = _problem("not-discovered", target, f"no monitor agent offers monitor.check under {target}",
-                                UNKNOWN)
-        return output, State(code)
+        return _problem("not-discovered", target, f"no monitor agent offers monitor.check under {target}", UNKNOWN)
     agg = aggregate(report)
-    return agg.render(), agg.worst
+    return agg.render(), int(agg.worst)
 
 
 # -- the full path -------------------------------------------------------------------------------
 
-def _run(ns: "argparse.Namespace") -> tuple[str, "State"]:
+def _run(ns: "argparse.Namespace") -> tuple[str, int]:
     import asyncio
 
     from agents import config as meshconf, resources
@@ -350,8 +352,7 @@ def _run(ns: "argparse.Namespace") -> tuple[str, "State"]:
 
     if ns.resource:
         return _aggregate(report, target)
-    output, code = _one(report.to_dict(), target, int(timeout_state))
-    return output, State(code)
+    return _one(report.to_dict(), target, int(timeout_state))
 
 
 if __name__ == "__main__":

@@ -1,14 +1,17 @@
 """Check states: OK, WARNING, CRITICAL, UNKNOWN, their exit codes, names and order of severity; and
-``plain_text``, which keeps text Vertebra writes as plugin output from being read as perfdata.
+``plain_text`` (from ``exit_codes``, where a plugin's lean path has it without enum), which keeps text
+Vertebra writes as plugin output from being read as perfdata.
 
-Apart from the threshold ranges (``ranges``, which re-exports ``State``) so that check_vertebra's lean
-path, which needs only these, does not pay for the range parser (about 9 ms of a start).
+Apart from the threshold ranges (``ranges``, which re-exports ``State``), whose parser costs a program
+about 9 ms to import.
 """
 
 from __future__ import annotations
 
 import enum
 from collections.abc import Iterable
+
+from agents.monitor.exit_codes import BAR_IN_TEXT as BAR_IN_TEXT, plain_text as plain_text
 
 
 class State(enum.IntEnum):
@@ -51,17 +54,6 @@ class State(enum.IntEnum):
         if not found:
             raise ValueError("worst state of no states is undefined")
         return max(found, key=_SEVERITY.__getitem__)
-
-
-# Nagios reads everything after a line's first "|" as perfdata. Text that is not a plugin's own output
-# (a caller's value echoed in an error, usage text, a host's line in an aggregate) has each bar written
-# as U+00A6 BROKEN BAR, which reads the same and splits nothing.
-BAR_IN_TEXT = "\u00a6"
-
-
-def plain_text(text: str) -> str:
-    """``text`` as plugin output text that Nagios keeps whole: no ``|``, which would start perfdata."""
-    return text.replace("|", BAR_IN_TEXT)
 
 
 _STATE_ALIASES = {"WARN": "WARNING", "CRIT": "CRITICAL"}

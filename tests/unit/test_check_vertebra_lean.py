@@ -166,19 +166,26 @@ def test_lean_resource_check_agrees_on_every_character() -> None:
             assert cv.plain_resource(path) is canonical, repr(path)
 
 
-def test_the_lean_path_reads_states_without_the_range_parser() -> None:
-    """One State (agents.monitor.states), which ranges re-exports; the lean path loads only that, and
-    finds and checks the state directory without pathlib (5 ms of a start)."""
+def test_the_lean_path_loads_neither_enum_nor_the_msgpack_library() -> None:
+    """The lean path writes its states from agents.monitor.exit_codes (the names agree with State's) and
+    its frames with agents.lean_msgpack; it finds and checks the state directory without pathlib.
+    Each of enum, msgpack, the range parser, argparse, asyncio, re and pathlib costs a start
+    milliseconds."""
     import subprocess
     import sys
 
-    from agents.monitor import ranges, states
+    from agents.monitor import exit_codes, ranges, states
 
-    assert ranges.State is states.State and cv.UNKNOWN is State.UNKNOWN
-    probe = ("import sys; from agents.monitor import check_vertebra as cv;"
+    assert ranges.State is states.State and cv.UNKNOWN == State.UNKNOWN
+    assert exit_codes.NAMES == tuple(s.name for s in State) and [s.value for s in State] == [0, 1, 2, 3]
+    assert states.plain_text is exit_codes.plain_text
+    probe = ("import sys; from agents.monitor import check_vertebra as cv; from agents import fastpath, gateway_client;"
              " cv.lean_args(['-H', 'h', '-c', 'c']); cv._problem('timeout', 'h', None, 2); cv._site('/usr', None);"
-             " print(sorted(m for m in ('agents.monitor.ranges', 'argparse', 'asyncio', 're', 'pathlib')"
-             " if m in sys.modules))")
+             " cv._one({'results': [{'target': 'm@x/a', 'outcome': 'ok', 'result': {'output': 'OK', 'code': 0}}]}, 'h', 3);"
+             " f = gateway_client.frame(gateway_client.request(None, None, {'op': 'monitor.check', 'timeout': 1.5}, None));"
+             " gateway_client.unpack(f[4:]);"
+             " print(sorted(m for m in ('agents.monitor.ranges', 'argparse', 'asyncio', 're', 'pathlib', 'enum',"
+             " 'msgpack', 'datetime', 'agents.errors', 'agents.monitor.states') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True,
                          cwd=Path(__file__).resolve().parents[2])
     assert out.stdout.strip() == "[]", out.stdout + out.stderr
