@@ -21,8 +21,8 @@ from enum import IntEnum
 from typing import Literal
 
 # The API's plain constants live in names.py (fence_vertebra's lean path reads them without this module).
-from .names import ACTIONS, EXIT_FAILURE, EXIT_STATUS_OFF, EXIT_SUCCESS, KEY_RE, NODE_KEYS, STATUS_EXIT, StdinError
-from .names import read_stdin
+from .names import ACTIONS, EXIT_FAILURE, EXIT_STATUS_OFF, EXIT_SUCCESS, NODE_KEYS, STATUS_EXIT, StdinError
+from .names import is_key, read_stdin
 from .names import TARGET_ACTIONS as TARGET_ACTIONS
 
 # Keys only the caller of a fence agent may set: the driver refuses them in device parameters.
@@ -91,7 +91,7 @@ class Parameter:
     value_hint: str = "value"          # shown in the getopt text: --name=[hint]
 
     def __post_init__(self) -> None:
-        if not KEY_RE.match(self.name):
+        if not is_key(self.name):
             raise ValueError(f"parameter name {self.name!r} is not a valid key")
         if self.short is not None and len(self.short) != 1:
             raise ValueError(f"parameter {self.name}: short option must be one letter")
@@ -142,7 +142,7 @@ def format_stdin(pairs: Mapping[str, str]) -> str:
     """
     lines = []
     for key, value in pairs.items():
-        if not KEY_RE.match(key):
+        if not is_key(key):
             raise FenceApiError(f"{key!r} is not a valid fence agent parameter name")
         if any(c in value for c in "\r\n\0"):
             raise FenceApiError(

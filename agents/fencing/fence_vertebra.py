@@ -27,10 +27,10 @@ from agents.fencing.names import (
     EXIT_FAILURE as FAILURE,
     EXIT_SUCCESS as SUCCESS,
     NODE_KEYS,
-    SEGMENT,
     STATUS_EXIT,
     TARGET_ACTIONS,
     StdinError,
+    is_segment,
     node_resource,
     read_stdin,
 )
@@ -157,8 +157,6 @@ def load_mesh(options: Mapping[str, str]) -> MeshConfig:
 
 def validate(request: fence_api.FenceRequest) -> list[str]:
     """Problems with a request's options; empty when it could be carried out."""
-    import re
-
     from agents.fencing import fence_api
 
     problems = fence_api.check_values(request.options, parameters())
@@ -172,9 +170,9 @@ def validate(request: fence_api.FenceRequest) -> list[str]:
         problems.append("identity= and account= both name who to fence as: give one of them")
     for key in ("cluster", "account", "identity"):
         value = request.options.get(key)
-        if value is not None and not re.fullmatch(SEGMENT, value):
+        if value is not None and not is_segment(value):
             problems.append(f"{key}={value!r} is not a valid name (letters, digits and _ . : @ + -)")
-    if request.node is not None and not re.fullmatch(SEGMENT, request.node):
+    if request.node is not None and not is_segment(request.node):
         problems.append(f"node {request.node!r} is not a valid node name (letters, digits and _ . : @ + -)")
     home = os.environ.get("VERTEBRA_HOME")
     if "vertebra_home" not in request.options and home and not os.path.isabs(home):
@@ -334,8 +332,6 @@ def lean_request(argv: Sequence[str], stdin_text: str | None) -> tuple[str, str 
     them: stdin only, each known key once, no deprecated or unknown key, a hot action and values the
     full path would accept without a word. Anything else is None, and the full path takes it (with
     its warnings, errors and all)."""
-    import re
-
     if argv:
         return None
     try:
@@ -365,7 +361,7 @@ def lean_request(argv: Sequence[str], stdin_text: str | None) -> tuple[str, str 
     if pairs.get("identity") and pairs.get("account"):
         return None
     names = [pairs[k] for k in ("cluster", "account", "identity") if k in pairs] + ([node] if node is not None else [])
-    if not all(re.fullmatch(SEGMENT, n) for n in names):
+    if not all(is_segment(n) for n in names):
         return None
     return action, node, pairs
 

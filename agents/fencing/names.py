@@ -4,9 +4,10 @@ resource path segment a name must be, a node's resource path, and the plain cons
 fence_vertebra, which needs only these on its lean path, does not load them (``fence_api`` costs a
 fence_vertebra start about 15 ms, half of it)."""
 
-import re
+from agents.plain_names import is_key as is_key, is_segment as is_segment
 
-#: A cluster or node name must be one resource path segment (see agents/resources.py).
+#: A cluster or node name must be one resource path segment (see agents/resources.py): this pattern,
+#: which op declarations advertise, or ``is_segment``, which checks it without ``re``.
 SEGMENT = r"[A-Za-z0-9_][A-Za-z0-9_.:@+-]{0,127}"
 NODE_RESOURCE = "/cluster/{cluster}/node/{node}"
 
@@ -30,10 +31,6 @@ def node_resource(cluster: str, node: str) -> str:
     return NODE_RESOURCE.format(cluster=cluster, node=node)
 
 
-#: A parameter name of the Fence Agent API.
-KEY_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*$")
-
-
 class StdinError(ValueError):
     """A fence agent's stdin the API does not allow; the message names the line and what to write."""
 
@@ -54,7 +51,7 @@ def read_stdin(text: str) -> dict[str, str]:
         if key != key.rstrip() or value != value.lstrip():
             raise StdinError(f"stdin line {number}: no spaces are allowed around '=' in the Fence Agent API "
                              f"(write {key.strip()}=...)")
-        if not KEY_RE.match(key):
+        if not is_key(key):
             raise StdinError(f"stdin line {number}: {key!r} is not a valid parameter name")
         if len(value) >= 2 and value[0] == value[-1] == '"':
             value = value[1:-1]

@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from agents.fencing.devices import DeviceRegistry, FencingConfigError
-from agents.fencing.names import NODE_RESOURCE, SEGMENT, node_resource
+from agents.fencing.names import NODE_RESOURCE, SEGMENT, is_segment, node_resource
 from agents.schema import Fields
 
 log = logging.getLogger(__name__)
@@ -83,7 +83,7 @@ class FencingSettings:
             registry = None
         nodes = registry.nodes() if registry else []
         for node in nodes:
-            if not re.fullmatch(SEGMENT, node):
+            if not is_segment(node):
                 problems.append(f"levels.{node}: a node name must be letters, digits and _ . : @ + -"
                                 " (it becomes part of the resource path /cluster/CLUSTER/node/NODE)")
         clusters = _clusters(settings, nodes, problems)
@@ -157,7 +157,7 @@ def _clusters(settings: Mapping[str, Any], nodes: list[str], problems: list[str]
                         " (cluster -> nodes), not both")
         return {}
     if single is not None:
-        if not isinstance(single, str) or not re.fullmatch(SEGMENT, single):
+        if not isinstance(single, str) or not is_segment(single):
             problems.append(f"settings.cluster: expected a cluster name (letters, digits and _ . : @ + -),"
                             f" got {single!r}")
             return {}
@@ -173,7 +173,7 @@ def _clusters(settings: Mapping[str, Any], nodes: list[str], problems: list[str]
     out: dict[str, str] = {}
     for cluster, members in many.items():
         where = f"settings.clusters.{cluster}"
-        if not isinstance(cluster, str) or not re.fullmatch(SEGMENT, cluster):
+        if not isinstance(cluster, str) or not is_segment(cluster):
             problems.append(f"{where}: a cluster name must be letters, digits and _ . : @ + -")
             continue
         if not isinstance(members, list) or not members:

@@ -13,6 +13,7 @@ from agents import config as meshconf, fastpath
 from agents.home import UnsafePath
 from agents.monitor import check_vertebra as cv
 from agents.monitor.ranges import State
+from agents.plain_names import is_resource
 
 LEAN = [
     ["-H", "db1", "-c", "load"],
@@ -151,7 +152,7 @@ def test_lean_resource_check_agrees_with_the_path_rules(path: str) -> None:
         canonical = True
     except resources.BadResource:
         canonical = False
-    assert cv.plain_resource(path) is canonical
+    assert is_resource(path) is canonical
 
 
 def test_lean_resource_check_agrees_on_every_character() -> None:
@@ -163,7 +164,7 @@ def test_lean_resource_check_agrees_on_every_character() -> None:
                 canonical = resources.check(path) == path
             except resources.BadResource:
                 canonical = False
-            assert cv.plain_resource(path) is canonical, repr(path)
+            assert is_resource(path) is canonical, repr(path)
 
 
 def test_the_lean_path_loads_neither_enum_nor_the_msgpack_library() -> None:
@@ -179,11 +180,10 @@ def test_the_lean_path_loads_neither_enum_nor_the_msgpack_library() -> None:
     assert ranges.State is states.State and cv.UNKNOWN == State.UNKNOWN
     assert exit_codes.NAMES == tuple(s.name for s in State) and [s.value for s in State] == [0, 1, 2, 3]
     assert states.plain_text is exit_codes.plain_text
-    probe = ("import sys; from agents.monitor import check_vertebra as cv; from agents import fastpath, gateway_client;"
+    probe = ("import sys; from agents.monitor import check_vertebra as cv; from agents import gateway_client as g;"
              " cv.lean_args(['-H', 'h', '-c', 'c']); cv._problem('timeout', 'h', None, 2); cv._site('/usr', None);"
-             " cv._one({'results': [{'target': 'm@x/a', 'outcome': 'ok', 'result': {'output': 'OK', 'code': 0}}]}, 'h', 3);"
-             " f = gateway_client.frame(gateway_client.request(None, None, {'op': 'monitor.check', 'timeout': 1.5}, None));"
-             " gateway_client.unpack(f[4:]);"
+             " cv._one({'results': [{'target': 'm@x/a', 'outcome': 'ok', 'result': {'output': 'OK', 'code': 0}}]},"
+             " 'h', 3); g.unpack(g.frame(g.request(None, None, {'op': 'monitor.check', 'timeout': 1.5}, None))[4:]);"
              " print(sorted(m for m in ('agents.monitor.ranges', 'argparse', 'asyncio', 're', 'pathlib', 'enum',"
              " 'msgpack', 'datetime', 'agents.errors', 'agents.monitor.states') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True,

@@ -159,9 +159,29 @@ def test_no_gateway_means_the_full_path_and_its_message(tmp_path: Path) -> None:
     assert f"no mesh file at {tmp_path}/mesh.yaml" in done.stderr
 
 
-def test_importing_it_loads_neither_asyncio_nor_the_device_registry() -> None:
-    code = ("import sys, agents.fencing.fence_vertebra as fv; fv.lean_request([], 'action=off\\nport=n\\n');"
+def test_the_lean_path_loads_neither_asyncio_nor_the_device_registry_nor_re_enum_or_msgpack() -> None:
+    """Each costs a start milliseconds, and Pacemaker starts fence_vertebra for every action."""
+    code = ("import sys, agents.fencing.fence_vertebra as fv; from agents import gateway_client as g;"
+            " fv.lean_request([], 'action=off\\nport=n\\ncluster=c1\\n');"
+            " g.unpack(g.frame(g.request(None, None, {'op': 'fence.off', 'timeout': 2.5}, None))[4:]);"
             " bad = {'asyncio', 'yaml', 'agents.fencing.devices', 'agents.fencing.settings',"
-            " 'agents.fencing.fence_api'} & set(sys.modules); print(sorted(bad))")
+            " 'agents.fencing.fence_api', 're', 'enum', 'msgpack', 'agents.errors'} & set(sys.modules);"
+            " print(sorted(bad))")
     done = subprocess.run([sys.executable, "-c", code], text=True, capture_output=True, timeout=60)
     assert done.stdout.strip() == "[]", done.stderr
+
+
+def test_names_and_keys_are_checked_as_the_patterns_say() -> None:
+    """agents.plain_names checks without re what the advertised segment pattern and the Fence Agent
+    API's key rule say, for every character."""
+    import re
+
+    from agents.fencing.names import SEGMENT
+    from agents.plain_names import is_key, is_segment
+
+    key_rule = r"[A-Za-z0-9][A-Za-z0-9_-]*"
+    words = ["", "a" * 128, "a" * 129, "n1", "_x", "-x", "x-", "a.b:c@d+e-f", "node 1", "n\n", "é"]
+    words += [f"{c}" for c in map(chr, range(0x180))] + [f"a{c}b" for c in map(chr, range(0x180))]
+    for word in words:
+        assert is_segment(word) is bool(re.fullmatch(SEGMENT, word)), repr(word)
+        assert is_key(word) is bool(re.fullmatch(key_rule, word)), repr(word)
