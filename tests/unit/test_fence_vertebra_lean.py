@@ -148,6 +148,12 @@ def test_its_own_identity_cache(tmp_path: Path) -> None:
     assert got == ("pcmk@one.test", "pw")
     assert stat.S_IMODE((home / "run" / fv.CACHE_NAME).stat().st_mode) == 0o600
     assert fv.CACHE_NAME != "check_vertebra.cache"
+    # Read back from the cache (the mesh file's parser is not loaded), without the msgpack library.
+    code = ("import sys; from agents import fastpath;"
+            f" got = fastpath.identity({str(home / 'mesh.yaml')!r}, {str(home)!r}, 'pcmk', {fv.CACHE_NAME!r});"
+            " print(got, sorted({'msgpack', 'yaml', 'agents.config'} & set(sys.modules)))")
+    done = subprocess.run([sys.executable, "-c", code], text=True, capture_output=True, timeout=60)
+    assert done.stdout.strip() == "('pcmk@one.test', 'pw') []", done.stderr
 
 
 def test_no_gateway_means_the_full_path_and_its_message(tmp_path: Path) -> None:

@@ -91,3 +91,13 @@ def test_refuses_what_it_cannot_pack() -> None:
         lean_msgpack.packb(2**64)
     with pytest.raises(ValueError):
         lean_msgpack.packb("\ud800")
+
+
+def test_gateway_frames_over_the_lean_size_are_read_by_the_library() -> None:
+    from agents import gateway_client
+
+    big = {"report": {"results": [{"target": f"mon{i}@x.test/agent", "outcome": "ok"} for i in range(5000)]}}
+    data = msgpack.packb(big, use_bin_type=True)
+    assert len(data) > gateway_client.LEAN_FRAME
+    assert gateway_client.unpack(data) == big
+    assert gateway_client.unpack(gateway_client.frame({"x": [1.5, None]})[4:]) == {"x": [1.5, None]}
