@@ -82,6 +82,8 @@ async def _read(reader: asyncio.StreamReader, limit: int) -> Any:
 
 
 def _frame(obj: Any) -> bytes:
+    """A frame packed by the msgpack library: the gateway's answers may be reports from thousands of
+    targets (short programs pack their small requests with ``gateway_client.frame``)."""
     import msgpack
 
     data = msgpack.packb(obj, use_bin_type=True)
