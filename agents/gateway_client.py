@@ -14,6 +14,7 @@ from __future__ import annotations
 import time
 
 from .connect_errors import CallInterrupted, ConnectError
+from .lean_msgpack import packb, unpackb
 
 TYPE_CHECKING = False  # typing costs short programs milliseconds; annotations are strings here
 if TYPE_CHECKING:
@@ -36,8 +37,6 @@ class GatewayRefused(ConnectError):
 
 def frame(obj: Any) -> bytes:
     """``obj`` as one frame: a 4-byte big-endian length, then msgpack."""
-    from .lean_msgpack import packb
-
     data = packb(obj)
     return len(data).to_bytes(4, "big") + data
 
@@ -45,8 +44,6 @@ def frame(obj: Any) -> bytes:
 def unpack(data: bytes) -> Any:
     """A frame's msgpack, as ``msgpack.unpackb(data, raw=False)`` reads it."""
     if len(data) <= LEAN_FRAME:
-        from .lean_msgpack import unpackb
-
         return unpackb(data)
     import msgpack
 
@@ -75,7 +72,6 @@ def with_deadline(call: dict[str, Any]) -> dict[str, Any]:
     if call.get("deadline") is not None:
         return call
     return {**call, "deadline": time.time() + float(call.get("timeout", 30.0))}
-
 
 
 def call_via_gateway_blocking(path: Path | str, jid: str | None, password: str | None, call: dict[str, Any], *,

@@ -125,8 +125,10 @@ class _Reader:
     def read(self, at: int, depth: int) -> tuple[Any, int]:
         if depth > MAX_DEPTH:
             raise ValueError("msgpack data nested too deeply")
-        raw, at = self.take(at, 1)
-        b = raw[0]
+        if at >= len(self.data):
+            raise ValueError("msgpack data ends inside an object")
+        b = self.data[at]
+        at += 1
         if b < 0x80:
             return b, at
         if b >= 0xE0:
