@@ -27,6 +27,7 @@ from typing import Any, AsyncIterator, Callable, Iterator
 
 import pytest
 import yaml
+from slixmpp.exceptions import IqError, IqTimeout
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -125,6 +126,36 @@ class ClusterMesh(Mesh):
     @endpoint.setter
     def endpoint(self, value: Endpoint) -> None:
         pass  # Mesh.__init__'s single endpoint: the nodes' endpoints above take its place
+
+    async def start(self, actor: Any) -> Any:
+        await super().start(actor)
+        if isinstance(actor, Actor):
+            await self._seen_across_nodes(actor)
+        return actor
+
+    async def _seen_across_nodes(self, new: Actor, timeout: float = 10.0) -> None:
+        """Return once ``new`` and every running actor on another node have pinged each other.
+
+        ejabberd writes a session to mnesia on the node it logged in to and copies it to the other
+        nodes asynchronously (a dirty write): an IQ sent from the other node just after the login can
+        find no session there and bounce as service-unavailable. A loaded CI machine once showed it: a
+        client on the second node asked an agent that had just logged in to the first one and was told
+        it was not connected. A test's mesh starts the way an operator would after a while of running.
+        Gives up quietly after ``timeout``: the test then says what did not work."""
+        others = [a for a in self.actors
+                  if isinstance(a, Actor) and a is not new and a.online and a.server_address != new.server_address]
+        deadline = asyncio.get_running_loop().time() + timeout
+        for one, two in [(o, new) for o in others] + [(new, o) for o in others]:
+            while asyncio.get_running_loop().time() < deadline:
+                try:
+                    await one.xmpp.plugin["xep_0199"].ping(str(two.jid), timeout=2)
+                    break
+                except IqError as e:  # an answer from the actor itself, whatever it says, is what we wait for
+                    if e.iq["error"]["condition"] != "service-unavailable":
+                        break
+                except IqTimeout:
+                    pass
+                await asyncio.sleep(0.02)
 
 
 def ejabberd_cluster(home: Path, prefix: str = "suite") -> Iterator[list[Any]]:
