@@ -65,6 +65,9 @@ log = logging.getLogger(__name__)
 
 DISCO_TIMEOUT = 10.0
 BAD_CAPS_MEMORY = 60.0  # seconds a caps hash that failed to verify is not asked about again
+# What a server answers for a full JID with no session (Prosody and ejabberd: service-unavailable). Not
+# item-not-found, which an agent answers for a caps node it does not have: that hash is bad.
+NO_SESSION = frozenset({"service-unavailable", "recipient-unavailable"})
 # What one announcement may cost, however many hashes an account invents: the broker remembers at
 # most BAD_CAPS_CACHE bad hashes and asks about at most LEARNING_LIMIT hashes at once, at most
 # QUERIES_PER_SENDER of them for one account, which gets QUERY_BURST queries and then one every
@@ -479,9 +482,14 @@ class Broker(Agent):
         fut: asyncio.Future[Capabilities | None] = asyncio.get_running_loop().create_future()
         self._learning[ver] = fut
         self._querying[bare] = self._querying.get(bare, 0) + 1
-        caps = None
+        caps: Capabilities | None = None
         try:
             caps = await self._query(jid, node, ver, hash_name)
+        except _NotThere as exc:
+            log.info("disco#info of %s not delivered (%s); asked again at its next announcement", jid, exc)
+        else:
+            if caps is None:
+                self._bad_caps[(bare, ver)] = now + BAD_CAPS_MEMORY
         finally:
             del self._learning[ver]
             self._querying[bare] -= 1
@@ -490,16 +498,25 @@ class Broker(Agent):
             fut.set_result(caps)
         if caps is not None:
             self.directory.caps[ver] = caps
-        else:
-            self._bad_caps[(bare, ver)] = now + BAD_CAPS_MEMORY
         return caps
 
     async def _query(self, jid: str, node: str, ver: str, hash_name: str) -> Capabilities | None:
+        """The capabilities ``jid``'s disco#info proves for ``ver``, or None when they are not proved
+        (remembered as bad). Raises _NotThere when the server found no session to deliver the query
+        to: that says nothing of the hash. On an ejabberd cluster a new session reaches the other
+        nodes' tables a moment after its presence can reach a broker there, and the query then
+        bounces; remembered as bad, the agent would go unlisted for BAD_CAPS_MEMORY, where its next
+        announcement (within a second) is asked about again, within the query budget."""
         try:
             # A str, as slixmpp's code takes it (its annotation says JID): its own JID is answered locally.
             iq = await self.xmpp.plugin["xep_0030"].get_info(jid=jid, node=f"{node}#{ver}",  # type: ignore[arg-type]
                                                              timeout=DISCO_TIMEOUT)
-        except (IqError, IqTimeout) as exc:
+        except IqError as exc:
+            if exc.iq["error"]["condition"] in NO_SESSION:
+                raise _NotThere(exc.iq["error"]["condition"]) from None
+            log.warning("disco#info of %s failed: %s", jid, exc)
+            return None
+        except IqTimeout as exc:
             log.warning("disco#info of %s failed: %s", jid, exc)
             return None
         info = iq["disco_info"]
@@ -518,6 +535,10 @@ class Broker(Agent):
                             resources=tuple(_values(values.get("resources"))),
                             features=frozenset(f for f in features if f.startswith("urn:vertebra:")
                                                and not f.startswith(OP_FEATURE_PREFIX)))
+
+
+class _NotThere(Exception):
+    """The server had no session to deliver a disco#info query to (its error condition)."""
 
 
 def _advertised_resources(kind: str, resources: Iterable[str], settings: Mapping[str, Any]) -> list[str]:

@@ -65,6 +65,7 @@ class Impostor:
         self.ver = caps_ver(self.identity, self.features, self.form)
         self.ops: list[ET.Element] = []  # every request that reached it
         self.disco: list[ET.Element] = []  # every disco#info query that reached it
+        self.bounce = 0  # how many disco#info queries to answer as a server with no session for it would
         self._task = asyncio.get_running_loop().create_task(self._serve())
 
     @classmethod
@@ -100,7 +101,12 @@ class Impostor:
                 return
             to, iq_id = quoteattr(iq.get("from", "")), quoteattr(iq.get("id", ""))
             query = iq.find(f"{{{NS_DISCO}}}query")
-            if query is not None:
+            if query is not None and self.bounce:
+                self.bounce -= 1
+                self.disco.append(iq)
+                await self.raw.send(f"<iq type='error' to={to} id={iq_id}><error type='cancel'><service-unavailable"
+                                    " xmlns='urn:ietf:params:xml:ns:xmpp-stanzas'/></error></iq>")
+            elif query is not None:
                 self.disco.append(iq)
                 await self.raw.send(f"<iq type='result' to={to} id={iq_id}>{self.info_xml(query.get('node', ''))}</iq>")
             else:
@@ -281,6 +287,33 @@ async def test_kinds_the_broker_does_not_know_are_refused(mesh, caplog):
         assert "'teleporter'" in message and "does not know" in message
         assert len(impostor.disco) == 1  # a configured account's hash is learnt, once
         assert len(broker.directory) == 0 and impostor.presences_from(broker.jid.bare) == []
+    finally:
+        await impostor.close()
+
+
+async def test_a_query_the_server_could_not_deliver_is_asked_again_at_the_next_announcement(mesh):
+    # On an ejabberd cluster the broker's disco#info to an agent that has just logged in to another node
+    # can bounce as service-unavailable (that node's session has not reached the broker's node yet).
+    # Remembered as a bad hash, the agent would stay unlisted for a minute.
+    broker = await mesh.broker()
+    impostor = await Impostor.login(mesh, "sample", ["/host/late"], ops=("sample.echo",), prefix="sample")
+    try:
+        broker.admit(impostor.raw.jid.split("/")[0], SampleAgent.kind, ["/host/late"])
+        impostor.bounce = 1
+        await impostor.raw.presence(broker.jid.bare, impostor.caps())
+        await until(lambda: len(impostor.disco) == 1 and not broker._learning, what="the first query bounced")
+        assert len(broker.directory) == 0
+        await impostor.raw.presence(broker.jid.bare, impostor.caps())  # its next announcement
+        await until(lambda: len(broker.directory) == 1, what="the agent listed at its next announcement")
+        assert len(impostor.disco) == 2
+        # A hash its own answer does not prove is still remembered as bad: asked about once.
+        bad = impostor.caps(ver=base64.b64encode(b"not what it answers").decode())
+        await impostor.raw.presence(broker.jid.bare, bad)
+        await until(lambda: len(impostor.disco) == 3 and not broker._learning, what="the bad hash's query answered")
+        await impostor.raw.presence(broker.jid.bare, bad)
+        for _ in range(2):  # answered after the presence was read: a query it caused would have come first
+            await impostor.raw.iq(str(broker.jid), "<ping xmlns='urn:xmpp:ping'/>", type="get")
+        assert len(impostor.disco) == 3
     finally:
         await impostor.close()
 
