@@ -511,12 +511,9 @@ class Broker(Agent):
             # A str, as slixmpp's code takes it (its annotation says JID): its own JID is answered locally.
             iq = await self.xmpp.plugin["xep_0030"].get_info(jid=jid, node=f"{node}#{ver}",  # type: ignore[arg-type]
                                                              timeout=DISCO_TIMEOUT)
-        except IqError as exc:
-            if exc.iq["error"]["condition"] in NO_SESSION:
+        except (IqError, IqTimeout) as exc:
+            if isinstance(exc, IqError) and exc.iq["error"]["condition"] in NO_SESSION:
                 raise _NotThere(exc.iq["error"]["condition"]) from None
-            log.warning("disco#info of %s failed: %s", jid, exc)
-            return None
-        except IqTimeout as exc:
             log.warning("disco#info of %s failed: %s", jid, exc)
             return None
         info = iq["disco_info"]
