@@ -1,24 +1,15 @@
-"""Resource paths, their segments and Fence Agent API keys checked without ``re``.
+"""Resource paths and Fence Agent API keys checked without ``re``.
 
 check_vertebra and fence_vertebra are started for every check and every fencing action, and ``re``
-(with the enum it loads) costs such a start ~4 ms. The rules themselves live in rbac.paths (a segment is
-a letter, digit or _, then up to 127 of those or . : @ + -; at most MAX_SEGMENTS segments) and in the
-Fence Agent API (a key is a letter or digit, then letters, digits, _ and -); tests hold these
-functions to them character by character.
+(with the enum it loads) costs such a start ~4 ms. A path's segments follow rbac.segments, the one
+place that rule lives; a key follows the Fence Agent API (a letter or digit, then letters, digits, _
+and -), which tests hold ``is_key`` to character by character.
 """
 
-_SEGMENT_FIRST = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_")
-_SEGMENT_REST = _SEGMENT_FIRST | frozenset(".:@+-")
-_KEY_FIRST = _SEGMENT_FIRST - {"_"}
-_KEY_REST = _SEGMENT_FIRST | {"-"}
-MAX_SEGMENTS = 16
-MAX_SEGMENT = 128
+from rbac.segments import FIRST as _WORD, MAX_SEGMENTS, is_segment
 
-
-def is_segment(name: str) -> bool:
-    """Whether ``name`` is one resource path segment (a cluster, node or account name is one)."""
-    return (0 < len(name) <= MAX_SEGMENT and name[0] in _SEGMENT_FIRST
-            and _SEGMENT_REST.issuperset(name))
+_KEY_FIRST = _WORD - {"_"}
+_KEY_REST = _WORD | {"-"}
 
 
 def is_resource(path: str) -> bool:

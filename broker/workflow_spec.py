@@ -41,11 +41,13 @@ from typing import Any, Callable, Mapping
 
 from agents import resources as paths
 from agents import schema
+from rbac import segments
 
-_NAME = re.compile(r"[a-z][a-z0-9_-]{0,62}\Z")
+NAME_PATTERN = r"[a-z][a-z0-9_-]{0,62}"  # a workflow's, a parameter's or a step's name
+_NAME = re.compile(NAME_PATTERN + r"\Z")
 _OP = re.compile(r"[a-z][a-z0-9_]*(\.[a-z][a-z0-9_]*)+\Z")
 _PLACEHOLDER = re.compile(r"\{([a-z_][a-z0-9_]*)\}")
-SEGMENT_PATTERN = r"[A-Za-z0-9_][A-Za-z0-9_.:@+-]{0,127}"  # what a resource path segment may hold
+SEGMENT_PATTERN = segments.PATTERN  # what a resource path segment may hold
 
 _TOP_KEYS = {"name", "description", "params", "steps"}
 _PARAM_KEYS = {"help", "default", "list", "pattern"}

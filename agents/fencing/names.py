@@ -4,11 +4,12 @@ resource path segment a name must be, a node's resource path, and the plain cons
 fence_vertebra, which needs only these on its lean path, does not load them (``fence_api`` costs a
 fence_vertebra start about 15 ms, half of it)."""
 
-from agents.plain_names import is_key as is_key, is_segment as is_segment
+from agents.plain_names import is_key as is_key
+from rbac.segments import PATTERN, is_segment as is_segment
 
-#: A cluster or node name must be one resource path segment (see agents/resources.py): this pattern,
-#: which op declarations advertise, or ``is_segment``, which checks it without ``re``.
-SEGMENT = r"[A-Za-z0-9_][A-Za-z0-9_.:@+-]{0,127}"
+#: A cluster or node name must be one resource path segment (rbac.segments): SEGMENT is the pattern
+#: op declarations advertise, ``is_segment`` checks it without ``re``.
+SEGMENT = PATTERN
 NODE_RESOURCE = "/cluster/{cluster}/node/{node}"
 
 

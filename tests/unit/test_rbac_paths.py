@@ -16,6 +16,22 @@ def test_bad_paths_are_refused(bad):
         check_path(bad)
 
 
+def test_the_segment_rule_says_the_same_as_a_pattern_and_as_character_sets():
+    """rbac.segments writes the rule twice, side by side: the pattern op declarations advertise and
+    the sets is_segment checks without re. Held to each other for every character, and to the
+    fencing settings' pattern."""
+    import re
+
+    from agents.fencing.names import SEGMENT
+    from rbac import segments
+
+    assert SEGMENT == segments.PATTERN
+    words = ["", "a" * 128, "a" * 129, "n1", "_x", "-x", "x-", "a.b:c@d+e-f", "node 1", "n\n", "é"]
+    words += [f"{c}" for c in map(chr, range(0x180))] + [f"a{c}b" for c in map(chr, range(0x180))]
+    for word in words:
+        assert segments.is_segment(word) is bool(re.fullmatch(segments.PATTERN, word, re.ASCII)), repr(word)
+
+
 def test_canonical_paths_pass_unchanged():
     assert check_path("/cluster/c1/node/3") == "/cluster/c1/node/3"
     assert check_path("/host/db1.example:5432") == "/host/db1.example:5432"
