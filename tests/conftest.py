@@ -38,7 +38,7 @@ from agents.authz import AdminsOnly  # noqa: E402
 from agents.client import Client  # noqa: E402
 from agents.ports import free_port  # noqa: E402,F401  (the tests import it from here)
 from agents.server import PrivateServer  # noqa: E402
-from broker.service import Broker  # noqa: E402
+from broker.service import NO_SESSION, Broker  # noqa: E402
 
 DOMAIN = "vertebra.test"
 # pytest-xdist's test processes (make test runs two) start with SIGINT ignored, and an ignored signal
@@ -151,7 +151,7 @@ class ClusterMesh(Mesh):
                     await one.xmpp.plugin["xep_0199"].ping(str(two.jid), timeout=2)
                     break
                 except IqError as e:  # an answer from the actor itself, whatever it says, is what we wait for
-                    if e.iq["error"]["condition"] != "service-unavailable":
+                    if e.iq["error"]["condition"] not in NO_SESSION:
                         break
                 except IqTimeout:
                     pass
