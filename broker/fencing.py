@@ -55,9 +55,10 @@ from agents.authz import Decision, Request
 from agents.errors import OpError, Outcome
 from agents.fenced import INSTALL_OP, ORDERED, Fenced, FencedIdentities, encode_entries
 # The settings' own readers (as broker/service.py uses them): no device checks on the broker's machine.
-from agents.fencing.settings import NODE_RESOURCE, SEGMENT, configured_nodes, node_resource
+from agents.fencing.settings import NODE_RESOURCE, configured_nodes, node_resource
 from agents.ops import Arg, OpSpec, op
 from agents.protocol import CLOCK_SKEW_ALLOWANCE
+from rbac import segments
 
 from . import shared_state
 from .policy import push
@@ -360,8 +361,8 @@ class Fencing:
                                                  pattern=EVENT_ID)],
                           event: Annotated[Literal["attempt", "outcome"], Arg("what happened")],
                           action: Annotated[Literal["off", "on", "reboot", "status"], Arg("the power action")],
-                          cluster: Annotated[str, Arg("the node's cluster", pattern=SEGMENT)],
-                          node: Annotated[str, Arg("the node", pattern=SEGMENT)],
+                          cluster: Annotated[str, Arg("the node's cluster", pattern=segments.PATTERN)],
+                          node: Annotated[str, Arg("the node", pattern=segments.PATTERN)],
                           requester: Annotated[str, Arg("who asked the fencing agent")] = "",
                           request: Annotated[str, Arg("the request id the fencing agent served")] = "",
                           ok: Annotated[bool, Arg("outcome: whether the action was verified")] = False,

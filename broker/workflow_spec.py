@@ -47,7 +47,6 @@ NAME_PATTERN = r"[a-z][a-z0-9_-]{0,62}"  # a workflow's, a parameter's or a step
 _NAME = re.compile(NAME_PATTERN + r"\Z")
 _OP = re.compile(r"[a-z][a-z0-9_]*(\.[a-z][a-z0-9_]*)+\Z")
 _PLACEHOLDER = re.compile(r"\{([a-z_][a-z0-9_]*)\}")
-SEGMENT_PATTERN = segments.PATTERN  # what a resource path segment may hold
 
 _TOP_KEYS = {"name", "description", "params", "steps"}
 _PARAM_KEYS = {"help", "default", "list", "pattern"}
@@ -67,7 +66,7 @@ class ParamSpec:
     help: str = ""
     default: Any = None  # None: required
     many: bool = False
-    pattern: str = SEGMENT_PATTERN
+    pattern: str = segments.PATTERN
 
     def check(self, value: Any) -> Any:
         values = value if isinstance(value, list) else [value]
@@ -304,7 +303,7 @@ def _param(where: "_Where", name: str, raw: Any) -> ParamSpec:
     if not _NAME.match(name) or "-" in name:
         raise where.error(f, "a parameter name is lowercase letters, digits and _")
     p = where.mapping(raw, f, _PARAM_KEYS)
-    pattern = p.get("pattern", SEGMENT_PATTERN)
+    pattern = p.get("pattern", segments.PATTERN)
     try:
         re.compile(pattern)
     except (re.error, TypeError) as exc:

@@ -65,10 +65,11 @@ from agents.authz import Decision, Request
 from agents.errors import BadArguments, Denied, Outcome
 from agents.ops import Arg, Field, OpSpec, Result, op
 from agents.pairs import parse_pairs
+from rbac import segments
 
 from . import shared_state
 from .constraints import APPROVED, StepRule, check_approval, check_perform
-from .workflow_spec import NAME_PATTERN, SEGMENT_PATTERN, Plan, Step, Workflow, WorkflowError, load_dir
+from .workflow_spec import NAME_PATTERN, Plan, Step, Workflow, WorkflowError, load_dir
 from .leadership import Deposed, request_origin
 from .workflow_changes import AnnouncingStore, Changes, digest
 from .workflow_store import FINISHED, WorkflowState
@@ -94,7 +95,7 @@ _LISTING = Result(
     Field("instances", display="table", columns=(
         Field("id", "instance"), Field("workflow"), Field("state"), Field("requester"),
         Field("created", display="time"), Field("updated", display="time"), Field("error"))))
-_STEP = rf"{NAME_PATTERN}(:{SEGMENT_PATTERN})?"  # a step, or one of a for_each step's, "name:item"
+_STEP = rf"{NAME_PATTERN}(:{segments.PATTERN})?"  # a step, or one of a for_each step's, "name:item"
 _WAIT = Arg("seconds to wait for the instance to finish or stop at an approval (0: return at once)",
             min=0, max=50)
 

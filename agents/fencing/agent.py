@@ -35,6 +35,8 @@ import time
 import uuid
 from typing import Annotated, Any
 
+from rbac import segments
+
 from ..actor import Backoff
 from ..agent import Agent, Call, info_op
 from ..config import ConfigError
@@ -45,7 +47,7 @@ from .driver import KILL_GRACE
 from .guard import ApprovalGuard
 from .outbox import FenceOutbox
 from .power import PowerController, PowerOutcome, StillInFlight
-from .settings import NODE_RESOURCE, SEGMENT, FencingSettings
+from .settings import NODE_RESOURCE, FencingSettings
 
 events_log = logging.getLogger("vertebra.fencing.events")
 
@@ -72,8 +74,8 @@ ANNOUNCE_WAIT = 3.0
 #: Seconds one post of an event waits for the broker's answer.
 POST_TIMEOUT = 5.0
 
-Node = Annotated[str, Arg("the node to act on, as the fencing settings name it", pattern=SEGMENT)]
-Cluster = Annotated[str, Arg("the cluster the node belongs to", pattern=SEGMENT)]
+Node = Annotated[str, Arg("the node to act on, as the fencing settings name it", pattern=segments.PATTERN)]
+Cluster = Annotated[str, Arg("the cluster the node belongs to", pattern=segments.PATTERN)]
 
 
 class FencingAgent(Agent):

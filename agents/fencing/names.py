@@ -5,11 +5,10 @@ fence_vertebra, which needs only these on its lean path, does not load them (``f
 fence_vertebra start about 15 ms, half of it)."""
 
 from agents.plain_names import is_key as is_key
-from rbac.segments import PATTERN, is_segment as is_segment
+from rbac.segments import is_segment as is_segment
 
-#: A cluster or node name must be one resource path segment (rbac.segments): SEGMENT is the pattern
-#: op declarations advertise, ``is_segment`` checks it without ``re``.
-SEGMENT = PATTERN
+# A cluster or node name must be one resource path segment: op declarations advertise
+# rbac.segments.PATTERN, ``is_segment`` checks it without ``re``.
 NODE_RESOURCE = "/cluster/{cluster}/node/{node}"
 
 

@@ -34,12 +34,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from agents.fencing.devices import DeviceRegistry, FencingConfigError
-from agents.fencing.names import NODE_RESOURCE, SEGMENT, is_segment, node_resource
+from agents.fencing.names import NODE_RESOURCE, is_segment, node_resource
 from agents.schema import Fields
 
 log = logging.getLogger(__name__)
 
-__all__ = ["NODE_RESOURCE", "SEGMENT", "FencingSettings", "node_resource", "parse_settings"]
+__all__ = ["NODE_RESOURCE", "FencingSettings", "node_resource", "parse_settings"]
 
 _KEYS = frozenset({"cluster", "clusters", "fencing", "identities", "approval"})
 _JID = re.compile(r"[^@/\s]{1,1023}@[^@/\s]{1,1023}")
