@@ -9,7 +9,7 @@ PYTHON := $(VENV)/bin/python
 TEST_WORKERS ?= 2
 PYTEST := $(PYTHON) -m pytest -q -n $(TEST_WORKERS) --dist loadfile
 
-.PHONY: install lint test test-ejabberd test-cluster run bench clean
+.PHONY: install lint test test-prosody test-ejabberd test-cluster run bench clean
 
 install:
 	deploy/install.sh
@@ -19,19 +19,33 @@ lint: install
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/mypy
 
+# Every test, in three parts that each run whatever an earlier one found (the exit status is theirs
+# together). The suite on Prosody and the integration tests again on a two-node ejabberd cluster run
+# side by side: each starts its own servers on free ports, and both mostly wait on sockets, so together
+# they take about as long as the longer one; the ejabberd part's output is printed when it ends. Then
+# the cluster tests. Each part is also a target of its own.
 test: lint
+	@log=$$(mktemp); status=0; \
+	$(MAKE) --no-print-directory test-ejabberd >"$$log" 2>&1 & ejabberd=$$!; \
+	$(MAKE) --no-print-directory test-prosody || status=1; \
+	wait $$ejabberd || status=1; \
+	echo "=== make test-ejabberd"; cat "$$log"; rm -f "$$log"; \
+	$(MAKE) --no-print-directory test-cluster || status=1; \
+	exit $$status
+
+# The unit tests, and the integration tests on a private Prosody.
+test-prosody: install
 	$(PYTEST) tests/ --ignore=tests/cluster
 
 # The integration tests that use the session's XMPP service, again with it on a two-node ejabberd
 # cluster on loopback (actors spread over both nodes); the others start a server of their own, or
-# none, and have run in `test` (tests/conftest.py leaves them out here). CI runs it after `test` (.ci/run).
+# none, and run in `test-prosody` only (tests/conftest.py leaves them out here).
 test-ejabberd: install
 	VERTEBRA_TEST_ENGINE=ejabberd $(PYTEST) tests/integration
 
 # Broker instances on three simulated hosts (network namespaces), each with an ejabberd node and an etcd
 # member: the leader's host is partitioned mid-workflow, healed, and an etcd member killed. Needs root
-# (or CAP_NET_ADMIN and CAP_SYS_ADMIN); skipped, saying so, where namespaces are not permitted. CI runs
-# it after `test`.
+# (or CAP_NET_ADMIN and CAP_SYS_ADMIN); skipped, saying so, where namespaces are not permitted.
 test-cluster: install
 	$(PYTHON) -m pytest -q tests/cluster
 
