@@ -244,6 +244,20 @@ async def until(predicate: Callable[[], Any], timeout: float = 10.0, what: str =
         await asyncio.sleep(0.05)
 
 
+async def server_acknowledged(sm: Any, timeout: float = 10.0) -> None:
+    """Wait until the server's XEP-0198 count of our stanzas matches ours, asking for it at every poll:
+    an answer counts only what was sent before its request, and slixmpp asks again only every fifth
+    stanza, so one request can leave the count behind a stanza sent just after it for good. A server
+    that failed to count a stanza never catches up."""
+    def caught_up() -> bool:
+        if sm.last_ack == sm.seq and not sm.unacked_queue:
+            return True
+        sm.request_ack()
+        return False
+    await until(caught_up, timeout=timeout, what=f"the server to acknowledge all {sm.seq} stanzas sent "
+                f"(it had {sm.last_ack} when the wait began)")
+
+
 @pytest.fixture
 def mesh_home(server: PrivateServer, servers: list[Any], tmp_path: Path) -> Callable[..., Path]:
     """A state directory with a mesh file for this server, for CLI and subprocess tests."""

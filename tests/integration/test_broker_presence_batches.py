@@ -16,7 +16,7 @@ import asyncio
 import re
 
 import broker.service as service
-from conftest import until
+from conftest import server_acknowledged, until
 from sample_agent import SampleAgent
 
 
@@ -57,9 +57,7 @@ async def test_greetings_and_acknowledgements_written_in_batches_list_every_agen
     async def server_counted_everything() -> None:
         # The server's count of what the broker sent equals the broker's own (XEP-0198): a presence
         # written as text and not counted would leave the server ahead ("inconsistent sequence numbers").
-        sm = broker.xmpp.plugin["xep_0198"]
-        sm.request_ack()
-        await until(lambda: sm.last_ack == sm.seq, what=f"the server's ack {sm.last_ack} to reach {sm.seq}")
+        await server_acknowledged(broker.xmpp.plugin["xep_0198"])
 
     await server_counted_everything()
 

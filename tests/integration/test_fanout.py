@@ -9,17 +9,10 @@ import logging
 from typing import Any
 
 from agents.errors import Outcome
-from conftest import until
+from conftest import server_acknowledged, until
 from sample_agent import SampleAgent
 
 AGENTS = 50
-
-
-async def acknowledged(sm: Any) -> None:
-    """Ask the server for its count of our stanzas and wait until it matches ours."""
-    sm.request_ack()
-    await until(lambda: sm.last_ack == sm.seq and not sm.unacked_queue, timeout=10,
-                what=f"the server to acknowledge all {sm.seq} stanzas sent")
 
 
 async def test_a_call_to_many_agents_is_answered_by_each_and_the_stream_resumes_after(mesh, caplog):
@@ -59,7 +52,7 @@ async def test_a_call_to_many_agents_is_answered_by_each_and_the_stream_resumes_
     batches = [w for w in writes if w.count("<iq ") == len(targets)]
     assert len(batches) == 1, [w[:200] for w in writes]
     assert sm.seq - seq_before == len(targets)
-    await acknowledged(sm)
+    await server_acknowledged(sm)
 
     # Cut the connection as a network fault would, until the server resumes the stream (a cut it has
     # not noticed yet ends in a new session instead; see test_stanza_limits).
@@ -91,7 +84,7 @@ async def test_a_call_to_many_agents_is_answered_by_each_and_the_stream_resumes_
     again = await client.call("sample.echo", {"text": "again"}, to=targets[:-1], timeout=20)
     assert [r.outcome for r in again.results] == [Outcome.OK] * AGENTS, [r for r in again.results if r.error]
     assert all(r.result["text"] == "again" for r in again.results)
-    await acknowledged(sm)
+    await server_acknowledged(sm)
     # Had the answers taken off the raw XML not been counted as handled, the server would have sent
     # them again on resumption (before the second call's answers), and they would arrive here.
     assert strays == []
