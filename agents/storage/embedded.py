@@ -1079,16 +1079,18 @@ class _Copier:
     at most a few batches wait. The base is synced after the snapshot has answered
     (EmbeddedDriver._settle_later); errors (a full disk) surface at the next call or at close.
 
-    Each batch is written direct (O_DIRECT, around the page cache) while the copy keeps up, and through the
-    page cache once batches wait behind it. Neither way is cheaper everywhere (bench/README.md): a direct
-    write costs no CPU but waits for the device, so on a slow disk direct copies held the snapshot until the
-    device had both copies (0.08x the bare read+hash loop, against 0.12-0.13x buffered); a buffered write
-    costs a copy into freshly allocated page-cache pages, which on a machine that hands freed memory back to
-    its host cost as much CPU as the rest of the snapshot (0.17x buffered there, 0.19-0.26x as now). A
-    backlog is the device falling behind: the page cache then takes what it cannot."""
+    Each batch is written direct (O_DIRECT, around the page cache) while the copy keeps up. Once batches
+    wait behind it, each goes the way that took less time per byte lately. Neither way is cheaper
+    everywhere (bench/README.md): a direct write costs no CPU but waits for the device, so on a slow disk
+    direct copies held the snapshot until the device had both copies (0.08x the bare read+hash loop, against
+    0.12-0.13x buffered); a buffered write costs a copy into freshly allocated page-cache pages, which on a
+    machine that hands freed memory back to its host took 2.4-3 ms a MiB against 1.1-1.3 ms direct, so that
+    a copy sent to the page cache whenever it fell behind fell further behind and stayed there (snapshots of
+    700-840 ms against 370-430 ms direct)."""
 
     _WAITING = 8            # batches queued before the reader waits
-    _BEHIND = 2             # batches queued behind a write that send it through the page cache
+    _BEHIND = 2             # batches queued behind a write that make the copy choose by cost
+    _RETRY = 16             # behind, every 16th batch goes the costlier way again (costs move)
 
     def __init__(self, direct: bool) -> None:
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="base-copy")
@@ -1096,6 +1098,8 @@ class _Copier:
         self._direct = direct           # whether the filesystem takes direct writes at all
         self._queued = 0        # batches handed over (the reader's count) ...
         self._started = 0       # ... and begun (the copy thread's): one writer each, so no lock
+        self._cost: dict[bool, float] = {}     # seconds per byte each way took lately (True: direct)
+        self._choices = 0       # batches that waited behind a write, so that chose by cost
 
     def open(self, path: Path) -> int:
         return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
@@ -1112,16 +1116,28 @@ class _Copier:
             def write_then_let_go() -> None:
                 self._started += 1
                 try:
-                    # A direct write is whole pages: a file's unaligned tail goes through the page cache.
-                    direct = self._direct and n % ALIGN == 0 and self._queued - self._started < self._BEHIND
+                    direct = self._way(n)
                     _set_direct(fd, direct)
+                    start = time.perf_counter()
                     _write_blocks(fd, at, memoryview(buf)[:n], ids)
+                    spent = (time.perf_counter() - start) / n
+                    last = self._cost.get(direct)
+                    self._cost[direct] = spent if last is None else last + (spent - last) / 4
                 finally:
                     done()
 
             self._queued += 1
             self._submit(write_then_let_go)
         return write_next
+
+    def _way(self, n: int) -> bool:
+        """Whether the next batch (n bytes) is written direct (the copy thread's)."""
+        if not self._direct or n % ALIGN:
+            return False        # a direct write is whole pages: a file's unaligned tail goes through the page cache
+        if self._queued - self._started < self._BEHIND:
+            return True
+        self._choices += 1
+        return _direct_when_behind(self._cost, self._choices % self._RETRY == 0)
 
     def close_file(self, fd: int, size: int) -> None:
         self._submit(_finish_copy, fd, size)
@@ -1150,6 +1166,14 @@ class _Copier:
         self._pool.shutdown(wait=True)
         if error is not None:
             raise error
+
+
+def _direct_when_behind(cost: dict[bool, float], retry: bool) -> bool:
+    """With batches waiting behind the copy: direct if that took less time per byte lately (``cost``, True
+    for direct), the page cache if it has not been tried yet, and with ``retry`` the other way."""
+    if False not in cost or True not in cost:
+        return False in cost            # try the way not measured yet
+    return (cost[True] < cost[False]) != retry
 
 
 def _write_blocks(fd: int, offset: int, view: memoryview, ids: list[bytes]) -> None:
