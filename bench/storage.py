@@ -233,8 +233,8 @@ def bench_ingest(work: Path, mib: int, rounds: int) -> None:
     ratio = statistics.median(ratios)
     each = ", ".join(f"{snap:.0f} vs {b:.0f} MB/s ({r:.2f}x)" for (snap, b), r in zip(rates, ratios))
     base = ("and writes the base clones share, a second copy here: direct while the device keeps up, else "
-            "through the page cache, synced after the answer" if made_base else "no base: clones here cannot "
-            "share one")
+            "direct or through the page cache, whichever costs less, synced after the answer" if made_base
+            else "no base: clones here cannot share one")
     report("embedded ingest", f"snapshot vs bare read+cut+hash of {mib} MiB, {rounds} rounds: {each}; median "
            f"{ratio:.2f}x (target >= 0.3x; the store also probes for compressibility, writes packs, indexes in "
            f"SQLite and fsyncs, {base})", ratio >= 0.3, f"{ratio:.2f}x", ">= 0.3x")
