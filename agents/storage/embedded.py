@@ -1119,10 +1119,11 @@ class _Copier:
                     direct = self._way(n)
                     _set_direct(fd, direct)
                     start = time.perf_counter()
-                    _write_blocks(fd, at, memoryview(buf)[:n], ids)
-                    spent = (time.perf_counter() - start) / n
-                    last = self._cost.get(direct)
-                    self._cost[direct] = spent if last is None else last + (spent - last) / 4
+                    written = _write_blocks(fd, at, memoryview(buf)[:n], ids)
+                    if written:         # a batch of holes says nothing of what a way costs
+                        spent = (time.perf_counter() - start) / written
+                        last = self._cost.get(direct)
+                        self._cost[direct] = spent if last is None else last + (spent - last) / 4
                 finally:
                     done()
 
@@ -1176,19 +1177,23 @@ def _direct_when_behind(cost: dict[bool, float], retry: bool) -> bool:
     return (cost[True] < cost[False]) != retry
 
 
-def _write_blocks(fd: int, offset: int, view: memoryview, ids: list[bytes]) -> None:
+def _write_blocks(fd: int, offset: int, view: memoryview, ids: list[bytes]) -> int:
     """Write one batch of blocks (with their ids) at offset, skipping whole blocks of zeros so that they
-    stay holes (as in a file rebuilt from the store)."""
+    stay holes (as in a file rebuilt from the store); return the bytes written."""
     if _ZERO_ID not in ids:
         _pwrite_all(fd, view, offset)
-        return
+        return len(view)
+    written = 0
     run: int | None = None          # first block of the run of data blocks being gathered
     for j, cid in enumerate([*ids, _ZERO_ID]):       # a sentinel ends the last run
         if cid != _ZERO_ID:
             run = j if run is None else run
         elif run is not None:
-            _pwrite_all(fd, view[run * BLOCK_SIZE:j * BLOCK_SIZE], offset + run * BLOCK_SIZE)
+            data = view[run * BLOCK_SIZE:j * BLOCK_SIZE]
+            _pwrite_all(fd, data, offset + run * BLOCK_SIZE)
+            written += len(data)
             run = None
+    return written
 
 
 def _set_direct(fd: int, direct: bool) -> None:

@@ -3,6 +3,8 @@ up; once batches wait behind it, the way that cost less per byte lately, now and
 
 from __future__ import annotations
 
+import mmap
+
 from agents.storage import embedded
 from agents.storage.embedded import _Copier, _direct_when_behind
 from agents.storage.packs import ALIGN
@@ -61,3 +63,25 @@ def test_behind_with_a_slow_device_the_page_cache_takes_the_copy():
         assert ways.count(True) == 64 // embedded._Copier._RETRY
     finally:
         copier.close()
+
+
+def test_a_batch_of_holes_costs_neither_way_anything(tmp_path):
+    """Blocks of zeros stay holes, so their batch writes nothing: it must not make its way look free."""
+    copier = _Copier(direct=False)
+    buf = mmap.mmap(-1, BATCH)
+    fd = copier.open(tmp_path / "copy")
+    write = copier.tee(fd)
+    blocks = BATCH // embedded.BLOCK_SIZE
+    write(buf, BATCH, [embedded._ZERO_ID] * blocks, lambda: None)
+    copier.close_file(fd, BATCH)
+    copier.close()
+    assert copier._cost == {}
+    assert (tmp_path / "copy").stat().st_blocks == 0
+
+    copier = _Copier(direct=False)
+    buf.write(b"\1" * BATCH)
+    fd = copier.open(tmp_path / "data")
+    copier.tee(fd)(buf, BATCH, [b"x" * 32] * blocks, lambda: None)
+    copier.close_file(fd, BATCH)
+    copier.close()
+    assert set(copier._cost) == {False} and copier._cost[False] > 0
