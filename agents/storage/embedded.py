@@ -19,16 +19,17 @@ ever pays for it:
   what the volume later overwrites;
 - without reflinks, the bytes read are also written into the base (blocks of zeros stay holes): direct
   while the device keeps up; once it falls behind, direct or through the page cache, whichever cost less
-  lately (_Copier). The snapshot commits and answers once its chunks are durable; the base is synced
-  after that, on a thread of the driver's, and named under bases/ once its bytes are on disk (a clone, a
-  refresh or a rollback from it, and the volume's next snapshot, wait for that; a list shows it
-  meanwhile). A slow device thus holds a snapshot for one copy of its bytes, not two. A crash before the base
-  is named loses only the base: the first clone builds it again from the chunk store. The base is a second,
-  uncompressed copy beside the chunk store, owned by the snapshot and reported as its exclusive bytes
-  (storage.snapshot.list). A file that is the same as in the volume's latest snapshot that has a base, or in
-  the snapshot a clone was made from (same content, mode, owner and mtime), is hard-linked to that base's file
-  instead: bases never change, so sharing an inode between them is safe, and a snapshot of a volume or masked
-  clone that changed a few files costs those files. Such a file shows more than one link inside a clone.
+  lately (_Copier). The snapshot commits and answers once its chunks are durable; the base is synced after
+  that, on a thread of the driver's, and named under bases/ once its bytes are on disk (a clone, a refresh
+  or a rollback from it, and the volume's next snapshot, wait for that; a list shows it meanwhile). A slow
+  device thus holds a snapshot for one copy of its bytes, not two. A crash before the base is named loses
+  only the base: the first clone builds it again from the chunk store. The base is a second, uncompressed
+  copy beside the chunk store, owned by the snapshot and reported as its exclusive bytes
+  (storage.snapshot.list). A file that is the same as in the volume's latest snapshot that has a base, or
+  in the snapshot a clone was made from (same content, mode, owner and mtime), is hard-linked to that
+  base's file instead: bases never change, so sharing an inode between them is safe, and a snapshot of a
+  volume or masked clone that changed a few files costs those files. Such a file shows more than one link
+  inside a clone.
 
 Snapshots taken to be sent (replication says for_clones=False), received from another agent, or taken where
 clones cannot share, get their base from the chunk store when they are first cloned; a file equal to one of
